@@ -1,0 +1,183 @@
+"""VAR's multi-scale residual VQVAE tokenizer (`vae_ch160v4096z32`), its config, patch schedules and loader.
+
+Shape legend: B batch, H/W image size, C = Cvae latent channels, h/w latent size (H / downsample),
+pn one scale's side, l = pn*pn tokens of one scale, L = sum of l over scales, V vocab.
+"""
+import dataclasses
+import itertools
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from models.quantizer import MultiScaleQuantizer, PatchNums
+from models.vae_nets import Decoder, Encoder
+from utils.hub import resolve_checkpoint
+from utils.state_dict import load_state_dict_checked
+
+logger = logging.getLogger(__name__)
+
+VAE_REPO_ID = "FoundationVision/var"
+VAE_FILENAME = "vae_ch160v4096z32.pth"
+
+PATCH_NUMS: dict[int, tuple[int, ...]] = {
+    256: (1, 2, 3, 4, 5, 6, 8, 10, 13, 16),
+    512: (1, 2, 3, 4, 6, 9, 13, 18, 24, 32),
+}
+
+
+def parse_patch_nums(spec: str | int | Sequence[int]) -> tuple[int, ...]:
+    """Patch schedule from a preset resolution (256, "512") or explicit sides ("1_2_3_4", (1, 2, 4))."""
+    usage = (f"expected a preset resolution ({', '.join(map(str, PATCH_NUMS))}) or increasing side lengths "
+             f"joined by '_', e.g. '1_2_3_4_5_6_8_10_13_16'")
+    if isinstance(spec, str):
+        spec = spec.strip()
+        if "_" not in spec:
+            if not spec.isdigit():
+                raise ValueError(f"bad patch schedule {spec!r}: {usage}")
+            spec = int(spec)
+        else:
+            try:
+                spec = [int(s) for s in spec.split("_")]
+            except ValueError:
+                raise ValueError(f"bad patch schedule {spec!r}: {usage}") from None
+    if isinstance(spec, int):
+        if spec not in PATCH_NUMS:
+            raise ValueError(f"no patch schedule preset for resolution {spec}: {usage}")
+        return PATCH_NUMS[spec]
+    pns = tuple(spec)
+    if not pns or not all(isinstance(p, int) and p > 0 for p in pns) or any(a >= b for a, b in itertools.pairwise(pns)):
+        raise ValueError(f"bad patch schedule {spec!r}: {usage}")
+    return pns
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Config and model
+# ----------------------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class VQVAEConfig:
+    """Constructor arguments of VQVAE; checkpoints store `dataclasses.asdict(vae.config)`."""
+    vocab_size: int = 4096
+    z_channels: int = 32
+    ch: int = 160
+    ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4)
+    dropout: float = 0.0
+    beta: float = 0.25
+    quant_conv_ks: int = 3
+    quant_resi: float = 0.5
+    share_quant_resi: int = 4
+    v_patch_nums: tuple[int, ...] = PATCH_NUMS[256]
+    test_mode: bool = True
+
+    def __post_init__(self):  # lists come back from JSON / YAML
+        self.ch_mult = tuple(self.ch_mult)
+        self.v_patch_nums = parse_patch_nums(self.v_patch_nums)
+
+
+class VQVAE(nn.Module):
+    """Encoder -> quant_conv -> multi-scale residual quantizer -> post_quant_conv -> decoder.
+
+    Downsample factor 2**(len(ch_mult)-1); the last patch size must equal image size / downsample.
+    `test_mode=True` (inference, as when M-VAR trains) puts the model in eval mode and freezes all parameters.
+    """
+
+    def __init__(self, *, vocab_size: int = 4096, z_channels: int = 32, ch: int = 160,
+                 ch_mult: Sequence[int] = (1, 1, 2, 2, 4), dropout: float = 0.0, beta: float = 0.25,
+                 quant_conv_ks: int = 3, quant_resi: float = 0.5, share_quant_resi: int = 4,
+                 v_patch_nums: str | Sequence[int] = PATCH_NUMS[256], test_mode: bool = True):
+        super().__init__()
+        self.config = VQVAEConfig(
+            vocab_size=vocab_size, z_channels=z_channels, ch=ch, ch_mult=tuple(ch_mult), dropout=dropout, beta=beta,
+            quant_conv_ks=quant_conv_ks, quant_resi=quant_resi, share_quant_resi=share_quant_resi,
+            v_patch_nums=v_patch_nums, test_mode=test_mode,
+        )
+        self.V = self.vocab_size = vocab_size
+        self.Cvae = z_channels
+        self.v_patch_nums = self.config.v_patch_nums
+        self.downsample = 2 ** (len(ch_mult) - 1)
+        self.test_mode = test_mode
+
+        self.encoder = Encoder(ch=ch, ch_mult=ch_mult, z_channels=z_channels, num_res_blocks=2, dropout=dropout)
+        self.decoder = Decoder(ch=ch, ch_mult=ch_mult, z_channels=z_channels, num_res_blocks=3, dropout=dropout)
+        self.quantize = MultiScaleQuantizer(vocab_size, z_channels, self.v_patch_nums, beta=beta,
+                                            quant_resi=quant_resi, share_quant_resi=share_quant_resi)
+        pad = quant_conv_ks // 2
+        self.quant_conv = nn.Conv2d(z_channels, z_channels, quant_conv_ks, stride=1, padding=pad)
+        self.post_quant_conv = nn.Conv2d(z_channels, z_channels, quant_conv_ks, stride=1, padding=pad)
+
+        if test_mode:
+            self.eval()
+            self.requires_grad_(False)
+
+    @classmethod
+    def from_config(cls, cfg: VQVAEConfig | dict[str, Any], **overrides: Any) -> "VQVAE":
+        """Build from a VQVAEConfig or its asdict() form; `overrides` replace single fields."""
+        fields = dataclasses.asdict(cfg) if isinstance(cfg, VQVAEConfig) else dict(cfg)
+        return cls(**{**fields, **overrides})
+
+    # ---------------------------------------------------------------- training
+    def forward(self, inp_B3HW: torch.Tensor, ret_usages: bool = False
+                ) -> tuple[torch.Tensor, list[float] | None, torch.Tensor]:
+        """VQVAE training step -> (reconstruction (B, 3, H, W), per-scale code usage % or None, vq_loss)."""
+        f_hat, usages, vq_loss = self.quantize(self.quant_conv(self.encoder(inp_B3HW)), ret_usages=ret_usages)
+        return self.decoder(self.post_quant_conv(f_hat)), usages, vq_loss
+
+    # ---------------------------------------------------------------- images <-> tokens
+    def img_to_f(self, inp_B3HW: torch.Tensor) -> torch.Tensor:
+        """Continuous latent (B, C, h, w) before quantization."""
+        return self.quant_conv(self.encoder(inp_B3HW))
+
+    def fhat_to_img(self, f_hat: torch.Tensor) -> torch.Tensor:
+        """Decode f_hat (B, C, h, w) to an image in [-1, 1]."""
+        return self.decoder(self.post_quant_conv(f_hat)).clamp_(-1, 1)
+
+    def img_to_idxBl(self, inp_B3HW: torch.Tensor, v_patch_nums: PatchNums | None = None) -> list[torch.Tensor]:
+        """Multi-scale token indices: one (B, pn*pn) LongTensor per scale, row-major, small to large."""
+        return self.quantize.f_to_idxBl_or_fhat(self.img_to_f(inp_B3HW), to_fhat=False, v_patch_nums=v_patch_nums)
+
+    def idxBl_to_img(self, ms_idx_Bl: list[torch.Tensor], same_shape: bool, last_one: bool = False
+                     ) -> list[torch.Tensor] | torch.Tensor:
+        """Images from square token maps: cumulative per scale (all full size if same_shape), or only the last."""
+        ms_h_BChw = []
+        for idx_Bl in ms_idx_Bl:
+            pn = round(idx_Bl.shape[1] ** 0.5)
+            ms_h_BChw.append(self.quantize.idxBl_to_h(idx_Bl, pn, pn))
+        f_hats = self.quantize.embed_to_fhat(ms_h_BChw, all_to_max_scale=same_shape, last_one=last_one)
+        return self.fhat_to_img(f_hats) if last_one else [self.fhat_to_img(f) for f in f_hats]
+
+    def img_to_reconstructed_img(self, inp_B3HW: torch.Tensor, v_patch_nums: PatchNums | None = None,
+                                 last_one: bool = False) -> list[torch.Tensor] | torch.Tensor:
+        """Reconstructions from the cumulative f_hat after each scale (or only the full one)."""
+        f_hats = self.quantize.f_to_idxBl_or_fhat(self.img_to_f(inp_B3HW), to_fhat=True, v_patch_nums=v_patch_nums)
+        return self.fhat_to_img(f_hats[-1]) if last_one else [self.fhat_to_img(f) for f in f_hats]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------------------------------
+
+def load_vae(path: str | os.PathLike | None = None, device: str | torch.device = "cpu", flag: str = "--vae_ckpt",
+             **vae_kwargs: Any) -> VQVAE:
+    """Load the tokenizer with strict key checking.
+
+    `path` None resolves VAR's `vae_ch160v4096z32.pth` from the Hugging Face cache (see utils.hub). The file is
+    either a plain state dict (VAR's release; built with VQVAE defaults) or {"config": asdict(cfg), "model": sd}.
+    `vae_kwargs` override config fields (e.g. v_patch_nums; a different scale count keeps our usage buffer).
+    The result is frozen in eval mode (test_mode=True) unless `test_mode=False` is passed.
+    """
+    ckpt_path = resolve_checkpoint(path, VAE_REPO_ID, VAE_FILENAME, flag=flag)
+    obj = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    if isinstance(obj, dict) and "config" in obj and "model" in obj:
+        config, state_dict = dict(obj["config"]), obj["model"]
+    else:
+        config, state_dict = {}, obj
+    vae = VQVAE.from_config({**config, "test_mode": True, **vae_kwargs})
+    state_dict = dict(state_dict)
+    vae.quantize.keep_own_ema_if_rescaled(state_dict, prefix="quantize.")
+    load_state_dict_checked(vae, state_dict, what=f"tokenizer checkpoint {ckpt_path} ({flag})")
+    logger.info("loaded tokenizer from %s (%.2fM params)", ckpt_path, sum(p.numel() for p in vae.parameters()) / 1e6)
+    return vae.to(device)

@@ -1,0 +1,308 @@
+"""Multi-scale VQVAE tokenizer: VAR layout, quantizer round trips, training loss, loading."""
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models.tokenizer import PATCH_NUMS, VQVAE, VQVAEConfig, load_vae, parse_patch_nums
+from utils.state_dict import StateDictMismatchError, load_state_dict_checked
+
+TINY = {"vocab_size": 32, "z_channels": 8, "ch": 32, "ch_mult": (1, 2), "v_patch_nums": (1, 2, 4, 8)}  # 16 px: 8x8 latent
+
+
+def n_params(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+@pytest.fixture
+def tiny() -> VQVAE:
+    vae = VQVAE(**TINY, test_mode=False)
+    vae.quantize.embedding.weight.data.normal_(0, 0.5)  # codes at the latents' scale, so scales use many codes
+    return vae
+
+
+@pytest.fixture
+def images() -> torch.Tensor:
+    return torch.rand(2, 3, 16, 16) * 2 - 1
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Full-size layout (meta device: no memory, no init cost)
+# ----------------------------------------------------------------------------------------------------------------------
+
+def test_full_size_layout_matches_var_checkpoint():
+    with torch.device("meta"):
+        vae = VQVAE()
+    sd = vae.state_dict()
+    assert len(sd) == 324
+    assert n_params(vae) == 108_948_355
+    assert n_params(vae.encoder) == 44_107_872
+    assert n_params(vae.decoder) == 64_653_923
+    assert n_params(vae.quantize) == 168_064
+    assert (vae.Cvae, vae.V, vae.vocab_size, vae.downsample) == (32, 4096, 4096, 16)
+
+    shapes = {
+        "encoder.conv_in.weight": (160, 3, 3, 3),
+        "encoder.down.0.block.1.conv2.weight": (160, 160, 3, 3),
+        "encoder.down.2.block.0.nin_shortcut.weight": (320, 160, 1, 1),
+        "encoder.down.4.block.0.nin_shortcut.weight": (640, 320, 1, 1),
+        "encoder.down.3.downsample.conv.weight": (320, 320, 3, 3),
+        "encoder.down.4.attn.1.qkv.weight": (1920, 640, 1, 1),
+        "encoder.down.4.attn.0.proj_out.bias": (640,),
+        "encoder.mid.attn_1.norm.weight": (640,),
+        "encoder.mid.block_2.norm1.bias": (640,),
+        "encoder.conv_out.weight": (32, 640, 3, 3),
+        "decoder.conv_in.weight": (640, 32, 3, 3),
+        "decoder.up.4.block.2.conv1.weight": (640, 640, 3, 3),
+        "decoder.up.4.attn.2.qkv.bias": (1920,),
+        "decoder.up.3.block.0.nin_shortcut.weight": (320, 640, 1, 1),
+        "decoder.up.1.block.0.nin_shortcut.weight": (160, 320, 1, 1),
+        "decoder.up.1.upsample.conv.weight": (160, 160, 3, 3),
+        "decoder.conv_out.weight": (3, 160, 3, 3),
+        "quant_conv.weight": (32, 32, 3, 3),
+        "post_quant_conv.bias": (32,),
+        "quantize.embedding.weight": (4096, 32),
+        "quantize.quant_resi.qresi_ls.3.weight": (32, 32, 3, 3),
+        "quantize.ema_vocab_hit_SV": (10, 4096),
+    }
+    for key, shape in shapes.items():
+        assert tuple(sd[key].shape) == shape, key
+
+    def count(prefix: str, infix: str = "") -> int:
+        return sum(k.startswith(prefix) and infix in k for k in sd)
+
+    # encoder: conv_in 2 + 10 blocks*8 + nin 4 + downsample 8 + attn 12 + mid 22 + out 4; decoder: 15 blocks
+    assert count("encoder.") == 132 and count("decoder.") == 178 and count("quantize.") == 10
+    assert count("encoder.down.", ".attn.") == 12 and count("decoder.up.", ".attn.") == 18
+    assert count("encoder.down.", "nin_shortcut") == 4 and count("decoder.up.", "nin_shortcut") == 4
+    assert {k.split(".")[2] for k in sd if ".downsample." in k} == {"0", "1", "2", "3"}
+    assert {k.split(".")[2] for k in sd if ".upsample." in k} == {"1", "2", "3", "4"}
+    assert not any(k.startswith(("decoder.up.0.upsample", "encoder.down.4.downsample")) for k in sd)
+
+
+def test_test_mode_freezes_and_evals():
+    vae = VQVAE(**TINY)
+    assert not vae.training and not any(p.requires_grad for p in vae.parameters())
+    vae = VQVAE(**TINY, test_mode=False)
+    assert vae.training and all(p.requires_grad for p in vae.parameters())
+
+
+def test_phi_schedule_matches_var_ticks():
+    q = VQVAE(**{**TINY, "v_patch_nums": PATCH_NUMS[256][:8]}).quantize  # 4 partially shared phis
+    with torch.device("meta"):
+        q10 = VQVAE().quantize
+    assert [list(q10.quant_resi.qresi_ls).index(q10.phi(si, 10)) for si in range(10)] == [0, 0, 1, 1, 1, 2, 2, 3, 3, 3]
+    assert len(q.quant_resi.qresi_ls) == 4
+    shared = VQVAE(**TINY, share_quant_resi=1).quantize
+    assert {id(shared.phi(si, 4)) for si in range(4)} == {id(shared.quant_resi.qresi)}
+    per_scale = VQVAE(**TINY, share_quant_resi=0).quantize
+    assert [per_scale.phi(si, 4) for si in range(4)] == list(per_scale.quant_resi._modules.values())
+    assert "quantize.quant_resi.3.weight" in VQVAE(**TINY, share_quant_resi=0).state_dict()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Quantizer round trips on a tiny tokenizer
+# ----------------------------------------------------------------------------------------------------------------------
+
+def test_shapes_per_scale(tiny, images):
+    with torch.no_grad():
+        idx_Bl = tiny.img_to_idxBl(images)
+        assert [tuple(i.shape) for i in idx_Bl] == [(2, 1), (2, 4), (2, 16), (2, 64)]
+        assert all(i.dtype == torch.long and 0 <= i.min() and i.max() < 32 for i in idx_Bl)
+        var_in = tiny.quantize.idxBl_to_var_input(idx_Bl)
+        assert var_in.shape == (2, 4 + 16 + 64, 8) and var_in.dtype == torch.float32
+        imgs = tiny.idxBl_to_img(idx_Bl, same_shape=True)
+        assert [tuple(x.shape) for x in imgs] == [(2, 3, 16, 16)] * 4
+        small = tiny.idxBl_to_img(idx_Bl, same_shape=False)
+        assert [tuple(x.shape) for x in small] == [(2, 3, 2 * pn, 2 * pn) for pn in (1, 2, 4, 8)]
+        last = tiny.idxBl_to_img(idx_Bl, same_shape=True, last_one=True)
+        assert torch.equal(last, imgs[-1]) and last.abs().max() <= 1
+        recon = tiny.img_to_reconstructed_img(images)
+        assert len(recon) == 4 and torch.equal(recon[-1], tiny.img_to_reconstructed_img(images, last_one=True))
+        assert torch.equal(recon[-1], imgs[-1])
+
+
+def test_indices_are_nearest_codes_of_the_residual(tiny, images):
+    with torch.no_grad():
+        f = tiny.img_to_f(images)
+        idx_Bl = tiny.img_to_idxBl(images)
+        codes = tiny.quantize.embedding.weight
+        first_NC = F.adaptive_avg_pool2d(f, 1).flatten(1)  # scale 1x1: the mean latent
+        assert torch.equal(idx_Bl[0][:, 0], torch.cdist(first_NC, codes).argmin(1))
+        f_hats = tiny.quantize.f_to_idxBl_or_fhat(f, to_fhat=True)
+        last_rest_NC = (f - f_hats[-2]).permute(0, 2, 3, 1).reshape(-1, 8)
+        assert torch.equal(idx_Bl[-1].flatten(), torch.cdist(last_rest_NC, codes).argmin(1))
+        assert len(set(torch.cat(idx_Bl, 1).flatten().tolist())) > 8  # a real code book, not a collapsed one
+
+
+def test_var_input_equals_downsampled_encoder_fhat(tiny, images):
+    pns = tiny.v_patch_nums
+    with torch.no_grad():
+        f = tiny.img_to_f(images)
+        idx_Bl = tiny.quantize.f_to_idxBl_or_fhat(f, to_fhat=False)
+        f_hats = tiny.quantize.f_to_idxBl_or_fhat(f, to_fhat=True)
+        var_in = tiny.quantize.idxBl_to_var_input(idx_Bl)
+        expected = torch.cat([F.interpolate(f_hats[si], size=(pns[si + 1],) * 2, mode="area").flatten(2).transpose(1, 2)
+                              for si in range(len(pns) - 1)], dim=1)
+    torch.testing.assert_close(var_in, expected, rtol=0, atol=1e-6)
+
+
+def test_autoregressive_rebuild_equals_encoder_fhat(tiny, images):
+    q, pns = tiny.quantize, tiny.v_patch_nums
+    with torch.no_grad():
+        f = tiny.img_to_f(images)
+        idx_Bl = q.f_to_idxBl_or_fhat(f, to_fhat=False)
+        f_hats = q.f_to_idxBl_or_fhat(f, to_fhat=True)
+        var_in = q.idxBl_to_var_input(idx_Bl)
+        f_hat, inputs = torch.zeros_like(f), []
+        for si, pn in enumerate(pns):
+            before = f_hat.clone()
+            f_hat, next_BChw = q.get_next_autoregressive_input(si, len(pns), f_hat, q.idxBl_to_h(idx_Bl[si], pn, pn))
+            assert not torch.equal(before, f_hat)
+            if si < len(pns) - 1:
+                inputs.append(next_BChw.flatten(2).transpose(1, 2))
+            else:
+                assert next_BChw is f_hat
+    torch.testing.assert_close(f_hat, f_hats[-1], rtol=0, atol=1e-6)
+    torch.testing.assert_close(torch.cat(inputs, 1), var_in, rtol=0, atol=1e-6)
+
+
+def test_patch_nums_must_end_at_latent_size(tiny, images):
+    with pytest.raises(ValueError, match="latent size"):
+        tiny.img_to_idxBl(images, v_patch_nums=(1, 2, 4))
+    assert [i.shape[1] for i in tiny.img_to_idxBl(images, v_patch_nums=(1, 3, 8))] == [1, 9, 64]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Training forward: loss, straight-through gradients, usage tracking
+# ----------------------------------------------------------------------------------------------------------------------
+
+def test_training_forward_loss_and_gradients(tiny, images):
+    rec, usages, vq_loss = tiny(images, ret_usages=True)
+    assert len(usages) == 4
+    assert rec.shape == images.shape and torch.isfinite(vq_loss)
+    with torch.no_grad():
+        f = tiny.img_to_f(images)
+        f_hats = tiny.quantize.f_to_idxBl_or_fhat(f, to_fhat=True)
+        expected = sum(F.mse_loss(fh, f) for fh in f_hats) * (1 + tiny.quantize.beta) / len(f_hats)
+        torch.testing.assert_close(rec, tiny.decoder(tiny.post_quant_conv(f_hats[-1])), rtol=0, atol=1e-5)
+    torch.testing.assert_close(vq_loss, expected, rtol=1e-5, atol=0)
+
+    (F.mse_loss(rec, images) + vq_loss).backward()
+    for name in ("encoder.conv_in.weight", "quant_conv.weight", "decoder.conv_out.weight", "post_quant_conv.weight",
+                 "quantize.embedding.weight", "quantize.quant_resi.qresi_ls.0.weight"):
+        grad = tiny.get_parameter(name).grad
+        assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0, name
+
+
+def test_straight_through_passes_decoder_grad_to_encoder(tiny, images):
+    rec, _, _ = tiny(images)
+    rec.sum().backward()  # no vq loss: the encoder gets gradient only through the straight-through estimator
+    assert tiny.encoder.conv_in.weight.grad.abs().sum() > 0
+    assert tiny.quantize.embedding.weight.grad is None or tiny.quantize.embedding.weight.grad.abs().sum() == 0
+
+
+def test_usage_tracking(tiny, images):
+    reduced = []
+
+    def fake_all_reduce(hits_SV: torch.Tensor) -> None:  # pretend a second rank saw the same batch
+        reduced.append(hits_SV.shape)
+        hits_SV.mul_(2)
+
+    tiny.quantize.hit_reducer = fake_all_reduce
+    with torch.no_grad():
+        idx_Bl = tiny.img_to_idxBl(images)
+        _, usages, _ = tiny(images, ret_usages=True)
+    assert reduced == [(4, 32)]
+    hits_SV = torch.stack([2 * i.flatten().bincount(minlength=32).float() for i in idx_Bl])
+    assert torch.equal(tiny.quantize.ema_vocab_hit_SV, hits_SV)  # first step copies
+    margin = 2 * 2 * 64 / 32 * 0.08
+    assert usages == pytest.approx((hits_SV >= margin).float().mean(1).mul(100).tolist())
+    assert usages[0] == pytest.approx(100 / 32 * len(idx_Bl[0].unique()))
+    with torch.no_grad():
+        tiny(images)
+    torch.testing.assert_close(tiny.quantize.ema_vocab_hit_SV, hits_SV)  # same batch: EMA fixed point
+    tiny.eval()
+    before = tiny.quantize.ema_vocab_hit_SV.clone()
+    with torch.no_grad():
+        tiny(images[:1])
+    assert torch.equal(tiny.quantize.ema_vocab_hit_SV, before)  # eval does not update the statistics
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Config, patch schedules, checkpoints
+# ----------------------------------------------------------------------------------------------------------------------
+
+def test_parse_patch_nums():
+    assert parse_patch_nums("256") == (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+    assert parse_patch_nums(512) == (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
+    assert sum(p * p for p in parse_patch_nums(256)) == 680 and sum(p * p for p in parse_patch_nums(512)) == 2240
+    assert parse_patch_nums("1_2_3_4") == (1, 2, 3, 4)
+    assert parse_patch_nums([1, 2, 4]) == (1, 2, 4)
+    for bad in ("300", 128, "1_3_2", "1__2", "a_b", "", "1,2,3", (0, 1), (2, 2)):
+        with pytest.raises(ValueError, match="patch schedule"):
+            parse_patch_nums(bad)
+
+
+def test_config_roundtrip():
+    vae = VQVAE(**TINY)
+    stored = dataclasses.asdict(vae.config)
+    stored["ch_mult"], stored["v_patch_nums"] = list(stored["ch_mult"]), "1_2_4_8"  # as after JSON/YAML
+    rebuilt = VQVAE.from_config(stored)
+    assert rebuilt.config == vae.config == VQVAEConfig(**{**TINY, "test_mode": True})
+    assert VQVAE.from_config(vae.config, v_patch_nums=(1, 8)).v_patch_nums == (1, 8)
+
+
+def test_save_load_identical_outputs(tiny, images, tmp_path):
+    tiny(images)  # fill the usage statistics
+    tiny.eval()
+    path = tmp_path / "vae.pth"
+    torch.save({"config": dataclasses.asdict(tiny.config), "model": tiny.state_dict()}, path)
+    loaded = load_vae(path)
+    assert loaded.config == dataclasses.replace(tiny.config, test_mode=True)
+    assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(tiny.img_to_idxBl(images), loaded.img_to_idxBl(images)))
+        assert torch.equal(tiny.img_to_reconstructed_img(images, last_one=True),
+                           loaded.img_to_reconstructed_img(images, last_one=True))
+    for key, value in tiny.state_dict().items():
+        assert torch.equal(value, loaded.state_dict()[key]), key
+    assert load_vae(path, test_mode=False).training
+
+    torch.save(tiny.state_dict(), tmp_path / "plain.pth")  # VAR's format: a bare state dict
+    assert torch.equal(load_vae(tmp_path / "plain.pth", **TINY).quantize.embedding.weight,
+                       tiny.quantize.embedding.weight)
+
+
+def test_usage_buffer_with_other_scale_count_keeps_ours(tiny, tmp_path):
+    sd = tiny.state_dict()
+    sd["quantize.ema_vocab_hit_SV"] = torch.ones(10, 32)
+    other = VQVAE(**TINY)
+    other.load_state_dict(sd)  # plain strict load
+    assert torch.equal(other.quantize.ema_vocab_hit_SV, torch.zeros(4, 32))
+    torch.save(sd, tmp_path / "ten_scales.pth")
+    loaded = load_vae(tmp_path / "ten_scales.pth", **TINY)
+    assert loaded.quantize.ema_vocab_hit_SV.shape == (4, 32)
+    assert torch.equal(loaded.quantize.embedding.weight, tiny.quantize.embedding.weight)
+
+
+def test_mismatched_checkpoint_names_the_keys(tiny, tmp_path):
+    sd = tiny.state_dict()
+    sd["quant_conv.weight"] = torch.zeros(8, 8, 1, 1)
+    del sd["decoder.conv_out.bias"]
+    sd["decoder.extra.weight"] = torch.zeros(1)
+    torch.save(sd, tmp_path / "bad.pth")
+    with pytest.raises(StateDictMismatchError) as err:
+        load_vae(tmp_path / "bad.pth", flag="--vae", **TINY)
+    msg = str(err.value)
+    assert "decoder.conv_out.bias" in msg and "decoder.extra.weight" in msg and "--vae" in msg
+    assert "quant_conv.weight: file (8, 8, 1, 1) vs model (8, 8, 3, 3)" in msg
+
+    wrapped = {f"module.{k}": v for k, v in tiny.state_dict().items()}
+    with pytest.raises(StateDictMismatchError, match="DDP/compiled wrapper"):
+        load_state_dict_checked(VQVAE(**TINY), wrapped, what="tokenizer")
+    target = VQVAE(**TINY)
+    dropped = load_state_dict_checked(target, {k: v for k, v in tiny.state_dict().items() if "ema" not in k},
+                                      ignore=("quantize.ema_*",))
+    assert dropped == [] and torch.equal(target.quant_conv.weight, tiny.quant_conv.weight)
