@@ -196,6 +196,31 @@ def test_training_forward_loss_and_gradients(tiny, images):
         assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0, name
 
 
+def test_quantizer_commitment_and_straight_through_gradients(tiny):
+    q = tiny.quantize
+    f = (torch.randn(2, 8, 8, 8) * 0.5).requires_grad_()
+    with torch.no_grad():
+        f_hats = q.f_to_idxBl_or_fhat(f, to_fhat=True)
+    f_hat, _, vq_loss = q(f)
+    assert torch.equal(f_hat, f_hats[-1] - f.detach() + f.detach())  # forward value: the quantized latent
+    (grad_f,) = torch.autograd.grad(vq_loss, f, retain_graph=True)
+    commitment = sum(2 * (f.detach() - fh) / f.numel() for fh in f_hats) * q.beta / len(f_hats)
+    torch.testing.assert_close(grad_f, commitment)  # only the beta term reaches the encoder side
+    weights = torch.randn_like(f)
+    (grad_st,) = torch.autograd.grad((f_hat * weights).sum(), f)
+    assert torch.equal(grad_st, weights)  # straight-through: identity gradient
+
+
+def test_phi_formula():
+    phi = VQVAE(**TINY).quantize.phi(0, 4)
+    with torch.no_grad():
+        phi.weight.zero_()
+        phi.weight[range(8), range(8), 1, 1] = 3.0  # conv = 3 * identity + 1
+        phi.bias.fill_(1.0)
+        h = torch.randn(1, 8, 4, 4)
+        torch.testing.assert_close(phi(h), 0.5 * h + 0.5 * (3 * h + 1))
+
+
 def test_straight_through_passes_decoder_grad_to_encoder(tiny, images):
     rec, _, _ = tiny(images)
     rec.sum().backward()  # no vq loss: the encoder gets gradient only through the straight-through estimator
