@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from models.tokenizer import PATCH_NUMS, VQVAE, VQVAEConfig, load_vae, parse_patch_nums
 from utils.state_dict import StateDictMismatchError, load_state_dict_checked
 
-TINY = {"vocab_size": 32, "z_channels": 8, "ch": 32, "ch_mult": (1, 2), "v_patch_nums": (1, 2, 4, 8)}  # 16 px: 8x8 latent
+TINY = {"vocab_size": 32, "z_channels": 8, "ch": 32, "ch_mult": (1, 2), "v_patch_nums": (1, 2, 4, 8)}  # 16 px images
 
 
 def n_params(module: torch.nn.Module) -> int:
