@@ -165,14 +165,15 @@ def load_vae(path: str | os.PathLike | None = None, device: str | torch.device =
     """Load the tokenizer with strict key checking.
 
     `path` None resolves VAR's `vae_ch160v4096z32.pth` from the Hugging Face cache (see utils.hub). The file is
-    either a plain state dict (VAR's release; built with VQVAE defaults) or {"config": asdict(cfg), "model": sd}.
+    either a plain state dict (VAR's release; built with VQVAE defaults) or one of our checkpoints holding
+    {"vae_config": asdict(cfg), "vae": sd} (tokenizer training, and M-VAR checkpoints that embed their tokenizer).
     `vae_kwargs` override config fields (e.g. v_patch_nums; a different scale count keeps our usage buffer).
     The result is frozen in eval mode (test_mode=True) unless `test_mode=False` is passed.
     """
     ckpt_path = resolve_checkpoint(path, VAE_REPO_ID, VAE_FILENAME, flag=flag)
     obj = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    if isinstance(obj, dict) and "config" in obj and "model" in obj:
-        config, state_dict = dict(obj["config"]), obj["model"]
+    if isinstance(obj, dict) and "vae_config" in obj and "vae" in obj:
+        config, state_dict = dict(obj["vae_config"]), obj["vae"]
     else:
         config, state_dict = {}, obj
     vae = VQVAE.from_config({**config, "test_mode": True, **vae_kwargs})

@@ -104,7 +104,7 @@ def test_online_miss_downloads_once(monkeypatch, tmp_path):
 def test_load_vae_from_hf_cache(offline_cache, tmp_path):
     vae = VQVAE(vocab_size=16, z_channels=8, ch=32, ch_mult=(1, 2), v_patch_nums=(1, 2, 4))
     path = tmp_path / "vae.pth"
-    torch.save({"config": dataclasses.asdict(vae.config), "model": vae.state_dict()}, path)
+    torch.save({"vae_config": dataclasses.asdict(vae.config), "vae": vae.state_dict()}, path)
     put_in_hf_cache(offline_cache, VAE_REPO_ID, VAE_FILENAME, path.read_bytes())
     loaded = load_vae()
     assert torch.equal(loaded.quantize.embedding.weight, vae.quantize.embedding.weight)

@@ -283,7 +283,7 @@ def test_save_load_identical_outputs(tiny, images, tmp_path):
     tiny(images)  # fill the usage statistics
     tiny.eval()
     path = tmp_path / "vae.pth"
-    torch.save({"config": dataclasses.asdict(tiny.config), "model": tiny.state_dict()}, path)
+    torch.save({"vae_config": dataclasses.asdict(tiny.config), "vae": tiny.state_dict()}, path)
     loaded = load_vae(path)
     assert loaded.config == dataclasses.replace(tiny.config, test_mode=True)
     assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())

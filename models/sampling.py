@@ -1,0 +1,47 @@
+"""Token sampling primitives for scale-wise generation: top-k / top-p filtering and seeded Gumbel-softmax.
+
+Shapes: B batch, l tokens of the current scale, V vocabulary size.
+"""
+from typing import Optional
+
+import torch
+
+
+def filter_top_k_top_p_(logits_BlV: torch.Tensor, top_k: int = 0, top_p: float = 0.0) -> torch.Tensor:
+    """Set to -inf (in place) every logit outside the top-k and outside the top-p nucleus; returns `logits_BlV`.
+
+    top_k <= 0 and top_p <= 0 disable the respective filter. The nucleus is the smallest set of tokens, taken in
+    order of decreasing probability, whose mass reaches `top_p`; the most likely token is always kept.
+    """
+    V = logits_BlV.shape[-1]
+    if 0 < top_k < V:
+        kth_largest = logits_BlV.topk(top_k, dim=-1, largest=True, sorted=False).values.amin(dim=-1, keepdim=True)
+        logits_BlV.masked_fill_(logits_BlV < kth_largest, float("-inf"))
+    if 0.0 < top_p < 1.0:
+        sorted_logits, sorted_idx = logits_BlV.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs  # mass of strictly more likely tokens
+        remove_sorted = mass_before >= top_p  # token 0 has mass_before 0, so it is always kept
+        remove = torch.zeros_like(remove_sorted).scatter_(-1, sorted_idx, remove_sorted)
+        logits_BlV.masked_fill_(remove, float("-inf"))
+    return logits_BlV
+
+
+def sample_with_top_k_top_p_(
+    logits_BlV: torch.Tensor, top_k: int = 0, top_p: float = 0.0,
+    rng: Optional[torch.Generator] = None, num_samples: int = 1,
+) -> torch.Tensor:
+    """Filter the logits in place (see `filter_top_k_top_p_`) and draw `num_samples` tokens: returns (B, l, n)."""
+    B, l, V = logits_BlV.shape
+    filter_top_k_top_p_(logits_BlV, top_k, top_p)
+    probs = logits_BlV.softmax(dim=-1).view(-1, V)
+    replacement = num_samples > 1
+    return torch.multinomial(probs, num_samples=num_samples, replacement=replacement, generator=rng).view(B, l, -1)
+
+
+def gumbel_softmax_with_rng(
+    logits: torch.Tensor, tau: float = 1.0, dim: int = -1, rng: Optional[torch.Generator] = None,
+) -> torch.Tensor:
+    """Soft Gumbel-softmax sample (like `F.gumbel_softmax(hard=False)`) whose noise comes from `rng`."""
+    gumbels = -torch.empty_like(logits, memory_format=torch.legacy_contiguous_format).exponential_(generator=rng).log()
+    return ((logits + gumbels) / tau).softmax(dim)
