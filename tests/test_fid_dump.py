@@ -1,0 +1,123 @@
+"""FID dump: sharding without gaps or duplicates, resumption, and the npz OpenAI's evaluator reads."""
+import zipfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from utils.fid_dump import (DumpPlan, check_or_write_settings, chunk_seed, dump_shard, fid_folder_name,
+                            missing_indices, open_npz_array, pack_npz, png_path, read_npz_header)
+
+HW = (8, 6)
+
+
+def fake_generate(calls=None):
+    """Images that encode (class, seed) so tests can check what was generated where."""
+    def generate(label_B, g_seed):
+        if calls is not None:
+            calls.append((label_B.copy(), g_seed))
+        imgs = np.zeros((len(label_B), *HW, 3), dtype=np.uint8)
+        imgs[..., 0] = label_B[:, None, None]
+        imgs[..., 1] = g_seed % 251
+        imgs[..., 2] = np.arange(len(label_B))[:, None, None]  # position in the batch
+        return imgs
+    return generate
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 5])
+@pytest.mark.parametrize("bs", [1, 4, 7])
+def test_shards_cover_every_index_once(world_size, bs):
+    plan = DumpPlan(num_classes=7, num_per_class=5, batch_size=bs)
+    owned = [i for r in range(world_size) for c in plan.chunks_of_rank(r, world_size) for i in plan.chunk_indices(c)]
+    assert sorted(owned) == list(range(35))  # none missing, none twice
+    assert plan.labels(range(35)).tolist() == [i // 5 for i in range(35)]
+
+
+@pytest.mark.parametrize("world_size", [1, 3])
+def test_dump_is_independent_of_world_size(tmp_path, world_size):
+    plan = DumpPlan(num_classes=3, num_per_class=4, batch_size=5)
+    folder = tmp_path / f"w{world_size}"
+    written = sum(dump_shard(folder, plan, 7, fake_generate(), r, world_size) for r in range(world_size))
+    assert written == 12 and missing_indices(folder, 12) == []
+    assert sorted(p.name for p in folder.iterdir()) == [f"{i:06d}.png" for i in range(12)]
+    for i in range(12):  # class from the index, seed from the chunk, position inside the chunk
+        px = np.asarray(Image.open(png_path(folder, i)))[0, 0]
+        assert px.tolist() == [i // 4, chunk_seed(7, i // 5) % 251, i % 5]
+
+
+def test_resume_fills_gaps_and_replaces_corrupt_pngs(tmp_path):
+    plan = DumpPlan(num_classes=2, num_per_class=6, batch_size=4)
+    dump_shard(tmp_path, plan, 0, fake_generate())
+    reference = {i: png_path(tmp_path, i).read_bytes() for i in range(12)}
+    png_path(tmp_path, 1).unlink()
+    png_path(tmp_path, 9).write_bytes(reference[9][:40])  # truncated: exists but does not decode
+    assert missing_indices(tmp_path, 12) == [1, 9]
+    before = {i: png_path(tmp_path, i).stat().st_mtime_ns for i in range(12) if i not in (1, 9)}
+    calls = []
+    assert dump_shard(tmp_path, plan, 0, fake_generate(calls)) == 2
+    assert [c[0].tolist() for c in calls] == [[0, 0, 0, 0], [1, 1, 1, 1]]  # only the chunks with a gap
+    assert {i: png_path(tmp_path, i).read_bytes() for i in range(12)} == reference
+    assert all(png_path(tmp_path, i).stat().st_mtime_ns == t for i, t in before.items())  # untouched
+    assert dump_shard(tmp_path, plan, 0, fake_generate(calls)) == 0 and len(calls) == 2
+
+
+def test_wrong_image_size_is_regenerated(tmp_path):
+    plan = DumpPlan(num_classes=1, num_per_class=2, batch_size=2)
+    Image.new("RGB", (3, 3)).save(png_path(tmp_path, 0))
+    assert dump_shard(tmp_path, plan, 0, fake_generate(), image_hw=HW) == 2
+
+
+def test_generate_output_is_checked(tmp_path):
+    plan = DumpPlan(num_classes=1, num_per_class=2, batch_size=2)
+    with pytest.raises(ValueError, match="uint8"):
+        dump_shard(tmp_path, plan, 0, lambda labels, seed: np.zeros((2, 4, 4, 3), np.float32))
+
+
+def test_npz_is_what_the_openai_evaluator_reads(tmp_path):
+    folder = tmp_path / "d2-cfg1.5-topk900-topp0.96-seed0-n3"
+    plan = DumpPlan(num_classes=2, num_per_class=3, batch_size=4)
+    dump_shard(folder, plan, 0, fake_generate())
+    npz = pack_npz(folder, plan.total)
+    assert npz == tmp_path / (folder.name + ".npz")
+    with np.load(npz) as f:  # guided-diffusion evaluator: np.load(path)["arr_0"], uint8 NHWC
+        assert f.files == ["arr_0"]
+        arr = f["arr_0"]
+    assert arr.dtype == np.uint8 and arr.shape == (6, *HW, 3)
+    for i in range(6):
+        assert np.array_equal(arr[i], np.asarray(Image.open(png_path(folder, i))))
+    with zipfile.ZipFile(npz) as zf:  # its streaming reader needs a stored (uncompressed) arr_0.npy member
+        assert [(z.filename, z.compress_type) for z in zf.infolist()] == [("arr_0.npy", zipfile.ZIP_STORED)]
+    assert read_npz_header(npz) == ((6, *HW, 3), np.uint8)
+    assert np.array_equal(open_npz_array(npz), arr)
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_pack_refuses_gaps_and_mixed_sizes(tmp_path):
+    plan = DumpPlan(num_classes=1, num_per_class=3, batch_size=3)
+    dump_shard(tmp_path / "f", plan, 0, fake_generate())
+    png_path(tmp_path / "f", 2).unlink()
+    with pytest.raises(FileNotFoundError, match="000002.png"):
+        pack_npz(tmp_path / "f", 3)
+    Image.new("RGB", (4, 4)).save(png_path(tmp_path / "f", 2))
+    with pytest.raises(ValueError, match="000002.png has shape"):
+        pack_npz(tmp_path / "f", 3)
+    assert not (tmp_path / "f.npz").exists() and not list(tmp_path.glob("*.tmp"))
+
+
+def test_settings_must_match_on_resume(tmp_path):
+    settings = dict(ckpt="d2.pth", cfg=1.5, top_k=900, top_p=0.96, more_smooth=False, seed=0, num_classes=2,
+                    num_per_class=3, batch_size=4, precision="fp32")
+    check_or_write_settings(tmp_path, settings)
+    check_or_write_settings(tmp_path, {**settings, "world_size": 8})  # not an image setting
+    with pytest.raises(ValueError, match="cfg"):
+        check_or_write_settings(tmp_path, {**settings, "cfg": 2.0})
+
+
+def test_folder_name_encodes_settings():
+    assert fid_folder_name("/x/d16.pth", 1.5, 900, 0.96, 0) == "d16-cfg1.5-topk900-topp0.96-seed0-n50"
+    assert fid_folder_name("ck.pth", 4, 0, 0.0, 3, more_smooth=True, num_per_class=2).endswith("-n2-smooth")
+
+
+def test_chunk_seeds_are_distinct():
+    seeds = {chunk_seed(s, c) for s in range(3) for c in range(1000)}
+    assert len(seeds) == 3000 and all(0 <= s < 2 ** 31 for s in seeds)

