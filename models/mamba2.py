@@ -1,0 +1,397 @@
+"""Mamba2 mixer: a drop-in for `mamba_ssm.Mamba2` (same parameter names, shapes and init) with a pure-PyTorch path.
+
+The pure-PyTorch path runs everywhere (CPU tests, training without the CUDA extensions): a causal depthwise conv and
+the chunked SSD algorithm (matmuls inside chunks, one small matrix product across chunks, no loop over tokens).
+On CUDA, `backend="auto"` uses mamba_ssm's Triton kernels when they import (see `requirements-cuda.txt`).
+A `Mamba2State` carries the conv window and the SSM state so a sequence can be fed in pieces (one scale at a time)
+with the same outputs as a single pass over the whole sequence.
+
+Shape legend: B batch, L sequence length (l: a piece of it), D d_model, H SSM heads, P head dim, G groups,
+N d_state, Dc conv channels (d_ssm + 2*G*N), K conv width, c chunks, Q chunk length.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import logging
+import math
+import os
+import sys
+import types
+from dataclasses import dataclass
+from typing import Callable, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+BACKEND_ENV = "MVAR_MAMBA_BACKEND"
+BACKENDS = ("auto", "torch", "mamba_ssm")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pure-PyTorch building blocks
+# ---------------------------------------------------------------------------------------------------------------
+def ssd_chunk_scan(
+    x_BLHP: torch.Tensor,
+    dt_BLH: torch.Tensor,
+    A_H: torch.Tensor,
+    B_BLGN: torch.Tensor,
+    C_BLGN: torch.Tensor,
+    chunk_size: int,
+    D: Optional[torch.Tensor] = None,
+    initial_state_BHPN: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Chunked SSD scan of h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T, y_t = C_t h_t + D x_t.
+
+    `dt_BLH` is the final step size (softplus and bias already applied), `A_H` is negative, `D` is (H,) or (H, P).
+    Heads are split evenly over the G groups of B and C. Computes in float32 at least (float64 stays float64).
+    Returns (y_BLHP in the compute dtype, final state (B, H, P, N)).
+    """
+    Bsz, L, H, P = x_BLHP.shape
+    G, N = B_BLGN.shape[-2:]
+    Hg = H // G
+    cdt = torch.promote_types(x_BLHP.dtype, torch.float32)
+    x, dt, B, C = (t.to(cdt) for t in (x_BLHP, dt_BLH, B_BLGN, C_BLGN))
+    Q = min(chunk_size, L)
+    pad = (-L) % Q
+    if pad:  # dt = 0 on padding: no decay and no input, so the final state is unchanged
+        x, B, C = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (x, B, C))
+        dt = F.pad(dt, (0, 0, 0, pad))
+    c = (L + pad) // Q
+
+    dA_cs_BcHQ = torch.cumsum((dt * A_H.to(cdt)).view(Bsz, c, Q, H), dim=2).transpose(2, 3)
+    xdt_BcGhQP = (x * dt.unsqueeze(-1)).view(Bsz, c, Q, G, Hg, P).permute(0, 1, 3, 4, 2, 5)
+    B_BcGQN = B.view(Bsz, c, Q, G, N).transpose(2, 3)
+    C_BcGQN = C.view(Bsz, c, Q, G, N).transpose(2, 3)
+
+    # 1. within chunks: y_l += sum_{s<=l} (C_l . B_s) exp(cs_l - cs_s) dt_s x_s
+    causal_QQ = torch.ones(Q, Q, dtype=torch.bool, device=x.device).tril()
+    seg_BcHQQ = (dA_cs_BcHQ.unsqueeze(-1) - dA_cs_BcHQ.unsqueeze(-2)).masked_fill(~causal_QQ, -math.inf)
+    CB_BcGQQ = C_BcGQN @ B_BcGQN.transpose(-1, -2)
+    scores_BcGhQQ = CB_BcGQQ.unsqueeze(3) * seg_BcHQQ.exp().view(Bsz, c, G, Hg, Q, Q)
+    y_BcGhQP = scores_BcGhQQ @ xdt_BcGhQP
+
+    # 2. state contributed by each chunk, decayed to the chunk's end
+    decay_to_end_BcHQ = (dA_cs_BcHQ[..., -1:] - dA_cs_BcHQ).exp()
+    xdt_decayed = xdt_BcGhQP * decay_to_end_BcHQ.view(Bsz, c, G, Hg, Q, 1)
+    states_BcGhPN = xdt_decayed.transpose(-1, -2) @ B_BcGQN.unsqueeze(3)
+
+    # 3. across chunks: state entering chunk k = sum_{j<=k} exp(T_k - T_j) s_j over [initial, chunk 0, ..., c-1]
+    if initial_state_BHPN is None:
+        init_B1HPN = states_BcGhPN.new_zeros(Bsz, 1, H, P, N)
+    else:
+        init_B1HPN = initial_state_BHPN.to(cdt).reshape(Bsz, 1, H, P, N)
+    all_states = torch.cat([init_B1HPN, states_BcGhPN.reshape(Bsz, c, H, P, N)], dim=1)  # (B, c+1, H, P, N)
+    T_BHz = F.pad(torch.cumsum(dA_cs_BcHQ[..., -1], dim=1), (0, 0, 1, 0)).transpose(1, 2)  # (B, H, c+1)
+    causal_zz = torch.ones(c + 1, c + 1, dtype=torch.bool, device=x.device).tril()
+    chunk_decay_BHzz = (T_BHz.unsqueeze(-1) - T_BHz.unsqueeze(-2)).masked_fill(~causal_zz, -math.inf).exp()
+    passed_BHzX = chunk_decay_BHzz @ all_states.transpose(1, 2).reshape(Bsz, H, c + 1, P * N)
+    passed_BzHPN = passed_BHzX.view(Bsz, H, c + 1, P, N).transpose(1, 2)
+    entering_BcGhNP = passed_BzHPN[:, :-1].reshape(Bsz, c, G, Hg, P, N).transpose(-1, -2)
+    final_BHPN = passed_BzHPN[:, -1]
+
+    # 4. output from the state entering each chunk, decayed to each position
+    y_off_BcGhQP = (C_BcGQN.unsqueeze(3) @ entering_BcGhNP) * dA_cs_BcHQ.exp().view(Bsz, c, G, Hg, Q, 1)
+    y_BLHP = (y_BcGhQP + y_off_BcGhQP).permute(0, 1, 4, 2, 3, 5).reshape(Bsz, c * Q, H, P)[:, :L]
+    if D is not None:
+        y_BLHP = y_BLHP + x[:, :L] * (D.to(cdt).view(H, -1))
+    return y_BLHP, final_BHPN
+
+
+def gated_rms_norm(
+    y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float, group_size: int, norm_before_gate: bool,
+) -> torch.Tensor:
+    """RMSNorm over groups of `group_size` channels, gated by silu(z) before (default in Mamba2) or after the norm.
+
+    Computes in float32 at least; returns z's dtype (the activations' dtype).
+    """
+    out_dtype, cdt = z.dtype, torch.promote_types(y.dtype, torch.float32)
+    y, z = y.to(cdt), z.to(cdt)
+    if not norm_before_gate:
+        y = y * F.silu(z)
+    y_grouped = y.unflatten(-1, (-1, group_size))
+    y = (y_grouped * torch.rsqrt(y_grouped.square().mean(-1, keepdim=True) + eps)).flatten(-2) * weight.to(cdt)
+    if norm_before_gate:
+        y = y * F.silu(z)
+    return y.to(out_dtype)
+
+
+class RMSNormGated(nn.Module):
+    """Gated RMSNorm with mamba_ssm's parameter layout (`weight` only)."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-5, group_size: Optional[int] = None,
+                 norm_before_gate: bool = True, device=None, dtype=None):
+        super().__init__()
+        self.eps = eps
+        self.group_size = hidden_size if group_size is None else group_size
+        self.norm_before_gate = norm_before_gate
+        self.weight = nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype))
+
+    def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return gated_rms_norm(y, z, self.weight, self.eps, self.group_size, self.norm_before_gate)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}, group_size={self.group_size}, " \
+               f"norm_before_gate={self.norm_before_gate}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Optional mamba_ssm / causal_conv1d kernels
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MambaKernels:
+    """Entry points of the optional CUDA/Triton kernels (None where a package did not import)."""
+
+    chunk_scan: Callable  # mamba_ssm.ops.triton.ssd_combined.mamba_chunk_scan_combined
+    rmsnorm_fn: Optional[Callable]  # mamba_ssm.ops.triton.layernorm_gated.rmsnorm_fn
+    causal_conv1d_fn: Optional[Callable]  # causal_conv1d.causal_conv1d_fn
+
+
+def _import_mamba_submodule(name: str) -> types.ModuleType:
+    """Import `mamba_ssm.<...>` even when `mamba_ssm/__init__.py` fails.
+
+    The package init imports `selective_scan_cuda`, absent from wheels built without CUDA extensions, although the
+    Triton submodules we need work. On failure we retry with a bare package object standing in for `mamba_ssm`
+    (its __path__ only, the init not run), then remove that stand-in so a later `import mamba_ssm` by anyone else
+    fails with its own original error instead of getting a half-built package.
+    """
+    try:
+        return importlib.import_module(name)
+    except Exception as package_err:  # noqa: BLE001 - any failure of the package init: retry without it
+        spec = importlib.util.find_spec("mamba_ssm") if "mamba_ssm" not in sys.modules else None
+        if spec is None or not spec.submodule_search_locations:
+            raise
+        stub = types.ModuleType("mamba_ssm")
+        stub.__path__ = list(spec.submodule_search_locations)
+        sys.modules["mamba_ssm"] = stub
+        try:
+            return importlib.import_module(name)
+        except Exception as err:
+            raise err from package_err
+        finally:
+            if sys.modules.get("mamba_ssm") is stub:
+                del sys.modules["mamba_ssm"]
+
+
+@functools.lru_cache(maxsize=None)
+def load_kernels() -> Tuple[Optional[MambaKernels], str]:
+    """Import the optional kernels once. Returns (kernels or None, a short description of what happened)."""
+    try:
+        chunk_scan = _import_mamba_submodule("mamba_ssm.ops.triton.ssd_combined").mamba_chunk_scan_combined
+    except Exception as err:  # noqa: BLE001 - the kernels are optional, any failure means "not available"
+        return None, f"mamba_ssm Triton kernels unavailable ({type(err).__name__}: {err})"
+    try:
+        rmsnorm_fn = _import_mamba_submodule("mamba_ssm.ops.triton.layernorm_gated").rmsnorm_fn
+    except Exception:  # noqa: BLE001
+        rmsnorm_fn = None
+    try:
+        causal_conv1d_fn = importlib.import_module("causal_conv1d").causal_conv1d_fn
+    except Exception:  # noqa: BLE001
+        causal_conv1d_fn = None
+    note = "mamba_ssm kernels loaded (gated norm: {}, causal_conv1d: {})".format(
+        "triton" if rmsnorm_fn else "torch", "yes" if causal_conv1d_fn else "no (torch conv)")
+    return MambaKernels(chunk_scan, rmsnorm_fn, causal_conv1d_fn), note
+
+
+def _is_kernel_device(t: torch.Tensor) -> bool:
+    """Whether the kernels can run on `t`'s device (a function so tests can pretend on CPU)."""
+    return t.is_cuda
+
+
+@functools.lru_cache(maxsize=None)
+def _log_backend_once(message: str) -> None:
+    logger.info(message)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The mixer
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class Mamba2State:
+    """Recurrent state of one Mamba2 layer for a batch: the last K-1 conv inputs and the SSM state.
+
+    conv_state: (B, Dc, K-1), oldest input first. ssm_state: (B, H, P, N). Both are updated in place by
+    `Mamba2.forward` (detached: no gradient flows through the carried state). Plain tensors, so batch indexing
+    or repetition is `Mamba2State(s.conv_state[idx], s.ssm_state[idx])`.
+    """
+
+    conv_state: torch.Tensor
+    ssm_state: torch.Tensor
+
+
+class Mamba2(nn.Module):
+    """The Mamba2 mixer of mamba_ssm 2.3.2 (parameters, init and maths) with a portable PyTorch path.
+
+    Unsupported mamba_ssm options: d_ssm != None (the extra gated-MLP channels) and tensor parallelism.
+    `backend`: "auto" (env MVAR_MAMBA_BACKEND overrides it; mamba_ssm kernels for CUDA inputs when they import,
+    else PyTorch), "torch", or "mamba_ssm" (raises if the kernels are missing or the input is not on CUDA).
+    The mamba_ssm path is NOT YET RUN ON GPU: only its dispatch is tested (on CPU, with fake kernels).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 128,
+        d_conv: int = 4,
+        conv_init: Optional[float] = None,
+        expand: int = 2,
+        headdim: int = 64,
+        d_ssm: Optional[int] = None,
+        ngroups: int = 1,
+        A_init_range: Tuple[float, float] = (1, 16),
+        D_has_hdim: bool = False,
+        rmsnorm: bool = True,
+        norm_before_gate: bool = False,
+        dt_min: float = 0.001,
+        dt_max: float = 0.1,
+        dt_init_floor: float = 1e-4,
+        dt_limit: Tuple[float, float] = (0.0, float("inf")),
+        bias: bool = False,
+        conv_bias: bool = True,
+        chunk_size: int = 256,
+        layer_idx: Optional[int] = None,
+        device=None,
+        dtype=None,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        if d_ssm is not None and d_ssm != expand * d_model:
+            raise ValueError(f"Mamba2: d_ssm={d_ssm} (SSM on part of the channels) is not supported; use d_ssm=None")
+        if backend not in BACKENDS:
+            raise ValueError(f"Mamba2: backend={backend!r}, expected one of {BACKENDS}")
+        self.d_model, self.d_state, self.d_conv, self.expand = d_model, d_state, d_conv, expand
+        self.d_inner = self.d_ssm = expand * d_model
+        if self.d_ssm % headdim or ngroups < 1:
+            raise ValueError(f"Mamba2: expand*d_model={self.d_ssm} must be a multiple of headdim={headdim}")
+        self.headdim, self.nheads, self.ngroups = headdim, self.d_ssm // headdim, ngroups
+        if self.nheads % ngroups:
+            raise ValueError(f"Mamba2: nheads={self.nheads} must be a multiple of ngroups={ngroups}")
+        self.D_has_hdim, self.rmsnorm, self.norm_before_gate = D_has_hdim, rmsnorm, norm_before_gate
+        self.dt_limit = tuple(dt_limit)
+        self.chunk_size, self.layer_idx, self.backend = chunk_size, layer_idx, backend
+        self.active_backend: Optional[str] = None  # what the last forward used, for extra_repr
+
+        self.in_proj = nn.Linear(d_model, 2 * self.d_inner + 2 * ngroups * d_state + self.nheads, bias=bias, **factory)
+        self.conv_dim = self.d_ssm + 2 * ngroups * d_state
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, d_conv, groups=self.conv_dim, padding=d_conv - 1,
+                                bias=conv_bias, **factory)
+        if conv_init is not None:
+            nn.init.uniform_(self.conv1d.weight, -conv_init, conv_init)
+
+        dt = torch.exp(torch.rand(self.nheads, **factory) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        dt = dt.clamp(min=dt_init_floor)
+        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+        self.dt_bias._no_weight_decay = True
+        if not 0 < A_init_range[0] <= A_init_range[1]:
+            raise ValueError(f"Mamba2: A_init_range={A_init_range} must satisfy 0 < low <= high")
+        A = torch.empty(self.nheads, dtype=torch.float32, device=device).uniform_(*A_init_range)
+        self.A_log = nn.Parameter(torch.log(A).to(dtype=dtype))
+        self.A_log._no_weight_decay = True
+        self.D = nn.Parameter(torch.ones(self.d_ssm if D_has_hdim else self.nheads, device=device))
+        self.D._no_weight_decay = True
+        if rmsnorm:
+            self.norm = RMSNormGated(self.d_ssm, eps=1e-5, group_size=self.d_ssm // ngroups,
+                                     norm_before_gate=norm_before_gate, **factory)
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory)
+
+    # ---- public API --------------------------------------------------------------------------------------------
+    def allocate_state(self, batch_size: int, device=None, dtype=None) -> Mamba2State:
+        """Zero state for `batch_size` sequences (device/dtype default to the parameters'; SSM state >= float32)."""
+        device = self.out_proj.weight.device if device is None else device
+        dtype = self.in_proj.weight.dtype if dtype is None else dtype
+        K1 = self.d_conv - 1
+        return Mamba2State(
+            conv_state=torch.zeros(batch_size, self.conv_dim, K1, device=device, dtype=dtype),
+            ssm_state=torch.zeros(batch_size, self.nheads, self.headdim, self.d_state, device=device,
+                                  dtype=torch.promote_types(dtype, torch.float32)),
+        )
+
+    def forward(self, u_BlD: torch.Tensor, state: Optional[Mamba2State] = None) -> torch.Tensor:
+        """(B, l, D) -> (B, l, D). With `state`, continue from it and update it in place."""
+        kernels = self._resolve_backend(u_BlD)
+        Bsz, l, _ = u_BlD.shape
+        zxbcdt = self.in_proj(u_BlD)
+        z_Bld, xBC_Bld, dt_BlH = torch.split(zxbcdt, [self.d_ssm, self.conv_dim, self.nheads], dim=-1)
+        if kernels is not None and kernels.causal_conv1d_fn is not None and state is None:
+            xBC_Bld = kernels.causal_conv1d_fn(xBC_Bld.transpose(1, 2), self.conv1d.weight.squeeze(1),
+                                               self.conv1d.bias, activation="silu").transpose(1, 2)
+        else:
+            xBC_Bld = self._causal_conv(xBC_Bld, state)
+        x_Bld, B_BlGN, C_BlGN = torch.split(xBC_Bld, [self.d_ssm, self.ngroups * self.d_state,
+                                                      self.ngroups * self.d_state], dim=-1)
+        x_BlHP = x_Bld.unflatten(-1, (self.nheads, self.headdim))
+        B_BlGN = B_BlGN.unflatten(-1, (self.ngroups, self.d_state))
+        C_BlGN = C_BlGN.unflatten(-1, (self.ngroups, self.d_state))
+        cdt = torch.promote_types(u_BlD.dtype, torch.float32)  # float64 stays float64 (tests)
+        A_H = -torch.exp(self.A_log.to(cdt))
+        D = self.D.view(self.nheads, self.headdim) if self.D_has_hdim else self.D
+        initial = None if state is None else state.ssm_state
+        if kernels is None:
+            dt_BlH = F.softplus(dt_BlH.to(cdt) + self.dt_bias.to(cdt))
+            if self.dt_limit != (0.0, float("inf")):
+                dt_BlH = dt_BlH.clamp(*self.dt_limit)
+            y_BlHP, final = ssd_chunk_scan(x_BlHP, dt_BlH, A_H, B_BlGN, C_BlGN, self.chunk_size, D, initial)
+            if not self.rmsnorm:
+                y_BlHP = y_BlHP * F.silu(z_Bld.unflatten(-1, (self.nheads, self.headdim)).to(y_BlHP.dtype))
+        else:  # not yet run on GPU
+            out = kernels.chunk_scan(
+                x_BlHP, dt_BlH, A_H, B_BlGN, C_BlGN, self.chunk_size, D=D,
+                z=None if self.rmsnorm else z_Bld.unflatten(-1, (self.nheads, self.headdim)),
+                dt_bias=self.dt_bias, dt_softplus=True, dt_limit=self.dt_limit, initial_states=initial,
+                return_final_states=state is not None,
+            )
+            y_BlHP, final = out if state is not None else (out, None)
+        if state is not None:
+            state.ssm_state.copy_(final.detach())
+        y_Bld = y_BlHP.reshape(Bsz, l, self.d_ssm)
+        if self.rmsnorm:
+            if kernels is not None and kernels.rmsnorm_fn is not None:
+                y_Bld = kernels.rmsnorm_fn(y_Bld, self.norm.weight, None, z=z_Bld, eps=self.norm.eps,
+                                           group_size=self.norm.group_size, norm_before_gate=self.norm_before_gate)
+            else:
+                y_Bld = self.norm(y_Bld, z_Bld)
+        return self.out_proj(y_Bld.to(z_Bld.dtype))
+
+    def extra_repr(self) -> str:
+        return (f"d_model={self.d_model}, d_state={self.d_state}, d_conv={self.d_conv}, expand={self.expand}, "
+                f"headdim={self.headdim}, nheads={self.nheads}, ngroups={self.ngroups}, chunk_size={self.chunk_size}, "
+                f"backend={self.backend} (active: {self.active_backend or 'not run yet'})")
+
+    # ---- helpers -----------------------------------------------------------------------------------------------
+    def _causal_conv(self, xBC_Bld: torch.Tensor, state: Optional[Mamba2State]) -> torch.Tensor:
+        """Depthwise causal conv + SiLU over (B, l, Dc); starts from and updates `state.conv_state` if given."""
+        K1 = self.d_conv - 1
+        x_BDl = xBC_Bld.transpose(1, 2)
+        if state is None:
+            x_BDk = F.pad(x_BDl, (K1, 0))
+        else:
+            x_BDk = torch.cat([state.conv_state.to(x_BDl.dtype), x_BDl], dim=-1)
+            state.conv_state.copy_(x_BDk[..., x_BDk.shape[-1] - K1:].detach())
+        y_BDl = F.conv1d(x_BDk, self.conv1d.weight, self.conv1d.bias, groups=self.conv_dim)
+        return F.silu(y_BDl).transpose(1, 2)
+
+    def _resolve_backend(self, u: torch.Tensor) -> Optional[MambaKernels]:
+        """Kernels to use for input `u`, or None for the PyTorch path (logged once per distinct outcome)."""
+        choice = self.backend
+        if choice == "auto":
+            choice = os.environ.get(BACKEND_ENV, "") or "auto"
+            if choice not in BACKENDS:
+                raise ValueError(f"{BACKEND_ENV}={choice!r}: expected one of {BACKENDS} (or unset)")
+        kernels, note = (None, "not requested") if choice == "torch" else load_kernels()
+        if choice == "mamba_ssm":
+            if kernels is None:
+                raise RuntimeError(f"Mamba2 backend 'mamba_ssm' requested (backend= or {BACKEND_ENV}) but {note}. "
+                                   "Install requirements-cuda.txt on a CUDA machine, or use backend='torch'.")
+            if not _is_kernel_device(u):
+                raise RuntimeError(f"Mamba2 backend 'mamba_ssm' needs CUDA inputs, got device {u.device}; "
+                                   "use backend='torch' or 'auto'.")
+        elif kernels is not None and not _is_kernel_device(u):
+            kernels, note = None, f"input on {u.device.type}"
+        self.active_backend = "torch" if kernels is None else "mamba_ssm"
+        _log_backend_once(f"Mamba2 backend: {self.active_backend} (requested {choice}; {note})")
+        return kernels
