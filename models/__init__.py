@@ -1,0 +1,40 @@
+"""Models: the multi-scale VQVAE tokenizer and the M-VAR transformer, plus the VAR-style builder."""
+from collections.abc import Sequence
+
+import torch
+
+from models.mvar import MVAR, MVAR_models, MVARConfig, PATCH_NUMS_256
+from models.tokenizer import VQVAE
+
+__all__ = ["MVAR", "MVARConfig", "MVAR_models", "VQVAE", "build_vae_mvar"]
+
+
+def build_vae_mvar(
+    device, patch_nums: Sequence[int] = PATCH_NUMS_256,
+    V: int = 4096, Cvae: int = 32, ch: int = 160, share_quant_resi: int = 4,
+    num_classes: int = 1000, depth: int = 16, shared_aln: bool = False, attn_l2_norm: bool = True,
+    flash_if_available: bool = True, fused_if_available: bool = True,
+    init_adaln: float = 0.5, init_adaln_gamma: float = 1e-5, init_head: float = 0.02, init_std: float = -1,
+    arch: str = "mvar", ch_mult: Sequence[int] = (1, 1, 2, 2, 4), embed_dim: int | None = None,
+    num_heads: int | None = None, gamma_rows: str = "official", **config_overrides,
+) -> tuple[VQVAE, MVAR]:
+    """Build the tokenizer (frozen, eval) and an initialised M-VAR on `device`, mirroring VAR's `build_vae_var`.
+
+    flash_if_available / fused_if_available: False forces the portable PyTorch paths (SDPA attention and the
+    pure-PyTorch Mamba2), like forcing `attn_backend="sdpa"`, `mamba_backend="torch"`.
+    """
+    patch_nums = tuple(patch_nums)
+    vae = VQVAE(vocab_size=V, z_channels=Cvae, ch=ch, ch_mult=tuple(ch_mult), test_mode=True,
+                share_quant_resi=share_quant_resi, v_patch_nums=patch_nums).to(device)
+    config_overrides.setdefault("attn_backend", "auto" if flash_if_available else "sdpa")
+    config_overrides.setdefault("mamba_backend", "auto" if fused_if_available else "torch")
+    config = MVARConfig(
+        depth=depth, num_classes=num_classes, V=V, Cvae=Cvae, patch_nums=patch_nums, arch=arch,
+        embed_dim=embed_dim, num_heads=num_heads, shared_aln=shared_aln, attn_l2_norm=attn_l2_norm,
+        **config_overrides,
+    )
+    mvar = MVAR(config, vae=vae).to(device)
+    if torch.device(device).type != "meta":
+        mvar.init_weights(init_adaln=init_adaln, init_adaln_gamma=init_adaln_gamma, init_head=init_head,
+                          init_std=init_std, gamma_rows=gamma_rows)
+    return vae, mvar

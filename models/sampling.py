@@ -2,7 +2,6 @@
 
 Shapes: B batch, l tokens of the current scale, V vocabulary size.
 """
-from typing import Optional
 
 import torch
 
@@ -29,18 +28,18 @@ def filter_top_k_top_p_(logits_BlV: torch.Tensor, top_k: int = 0, top_p: float =
 
 def sample_with_top_k_top_p_(
     logits_BlV: torch.Tensor, top_k: int = 0, top_p: float = 0.0,
-    rng: Optional[torch.Generator] = None, num_samples: int = 1,
+    rng: torch.Generator | None = None, num_samples: int = 1,
 ) -> torch.Tensor:
     """Filter the logits in place (see `filter_top_k_top_p_`) and draw `num_samples` tokens: returns (B, l, n)."""
-    B, l, V = logits_BlV.shape
+    B, n_tok, V = logits_BlV.shape
     filter_top_k_top_p_(logits_BlV, top_k, top_p)
     probs = logits_BlV.softmax(dim=-1).view(-1, V)
     replacement = num_samples > 1
-    return torch.multinomial(probs, num_samples=num_samples, replacement=replacement, generator=rng).view(B, l, -1)
+    return torch.multinomial(probs, num_samples=num_samples, replacement=replacement, generator=rng).view(B, n_tok, -1)
 
 
 def gumbel_softmax_with_rng(
-    logits: torch.Tensor, tau: float = 1.0, dim: int = -1, rng: Optional[torch.Generator] = None,
+    logits: torch.Tensor, tau: float = 1.0, dim: int = -1, rng: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Soft Gumbel-softmax sample (like `F.gumbel_softmax(hard=False)`) whose noise comes from `rng`."""
     gumbels = -torch.empty_like(logits, memory_format=torch.legacy_contiguous_format).exponential_(generator=rng).log()

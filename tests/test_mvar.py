@@ -1,0 +1,229 @@
+"""M-VAR transformer: parameter counts and names, causality, gradients, cached sampling == teacher forcing."""
+import dataclasses
+
+import pytest
+import torch
+
+import models.mvar as mvar_module
+from models import MVAR, MVARConfig, build_vae_mvar
+
+TINY_PN = (1, 2, 3, 4)
+
+
+def build_tiny(arch="mvar", **kw):
+    torch.manual_seed(0)
+    kw.setdefault("init_adaln_gamma", 0.5)  # large gammas so every branch visibly matters
+    vae, mvar = build_vae_mvar(
+        "cpu", patch_nums=TINY_PN, V=64, Cvae=8, ch=32, ch_mult=(1, 2), num_classes=10, depth=2, embed_dim=64,
+        num_heads=2, arch=arch, flash_if_available=False, fused_if_available=False, d_state=16,
+        drop_path_rate=0.0, **kw,
+    )
+    return vae, mvar
+
+
+def teacher_input(vae, mvar, B=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    idx_Bl = [torch.randint(0, mvar.V, (B, pn * pn), generator=g) for pn in mvar.patch_nums]
+    label_B = torch.randint(0, mvar.num_classes, (B,), generator=g)
+    return label_B, idx_Bl, vae.quantize.idxBl_to_var_input(idx_Bl)
+
+
+# ---- sizes and names (meta device: no memory) ------------------------------------------------------------------
+SPEC_COUNTS = {  # SPEC section 2 table
+    ("mvar", 12): 198.44e6, ("mvar", 16): 464.16e6, ("mvar", 20): 900.53e6, ("mvar", 24): 1.550e9,
+    ("mvar", 30): 3.017e9, ("mvar", 32): 3.659e9, ("var", 16): 310.28e6,
+}
+
+
+def exact_count(arch: str, depth: int) -> int:
+    """SPEC's per-block arithmetic (attention, Mamba2, FFN, adaLN) plus the embeddings and head."""
+    C, H = 64 * depth, depth
+    attn, ffn = 4 * C * C + 3 * C + H, 8 * C * C + 5 * C
+    mamba = 6 * C * C + C * C // 32 + 140 * C + 3 * C // 32 + 640
+    block = attn + mamba + ffn + 9 * C * C + 9 * C if arch == "mvar" else attn + ffn + 6 * C * C + 6 * C
+    return depth * block + 2 * C * C + 5823 * C + 4096
+
+
+@pytest.mark.parametrize("arch,depth", sorted(SPEC_COUNTS))
+def test_parameter_counts_match_spec(arch, depth):
+    with torch.device("meta"):
+        mvar = MVAR(MVARConfig(depth=depth, arch=arch))
+    n = sum(p.numel() for p in mvar.parameters())
+    assert n == exact_count(arch, depth)
+    assert round(n / SPEC_COUNTS[arch, depth], 3) == 1.0
+
+
+def test_state_dict_names_match_official_checkpoint():
+    with torch.device("meta"):
+        mvar = MVAR(MVARConfig(depth=16))
+    keys = set(mvar.state_dict())
+    top = {"pos_start", "pos_1LC", "word_embed.weight", "word_embed.bias", "class_emb.weight", "lvl_embed.weight",
+           "head_nm.ada_lin.1.weight", "head_nm.ada_lin.1.bias", "head.weight", "head.bias"}
+    per_block = {
+        "attn.scale_mul_1H11", "attn.q_bias", "attn.v_bias", "attn.zero_k_bias", "attn.mat_qkv.weight",
+        "attn.proj.weight", "attn.proj.bias", "mamba.in_proj.weight", "mamba.conv1d.weight", "mamba.conv1d.bias",
+        "mamba.dt_bias", "mamba.A_log", "mamba.D", "mamba.norm.weight", "mamba.out_proj.weight",
+        "ffn.fc1.weight", "ffn.fc1.bias", "ffn.fc2.weight", "ffn.fc2.bias", "ada_lin.1.weight", "ada_lin.1.bias",
+    }
+    expected = top | {f"blocks.{i}.{k}" for i in range(16) for k in per_block}
+    assert keys == expected
+    sd = mvar.state_dict()
+    C = 1024
+    assert sd["blocks.0.mamba.in_proj.weight"].shape == (2 * 2 * C + 2 * 64 + C // 32, C)
+    assert sd["blocks.0.mamba.conv1d.weight"].shape == (2 * C + 128, 1, 4)
+    assert sd["blocks.0.ada_lin.1.weight"].shape == (9 * C, C)
+    assert sd["pos_1LC"].shape == (1, 680, C)
+
+
+def test_var_arch_has_vars_layout_and_512px_schedule():
+    with torch.device("meta"):
+        var = MVAR(MVARConfig(depth=16, arch="var"))
+        m512 = MVAR(MVARConfig(depth=24, patch_nums=(1, 2, 3, 4, 6, 9, 13, 18, 24, 32)))
+    assert not any(".mamba." in k for k in var.state_dict())
+    assert var.state_dict()["blocks.0.ada_lin.1.weight"].shape == (6 * 1024, 1024)
+    assert m512.L == 2240 and m512.pos_1LC.shape == (1, 2240, 1536)
+
+
+@pytest.mark.parametrize("arch,branches", [("mvar", 3), ("var", 2), ("intra", 2), ("mamba", 2)])
+def test_shared_adaln_has_one_chunk_triple_per_branch(arch, branches):
+    with torch.device("meta"):
+        mvar = MVAR(MVARConfig(depth=2, embed_dim=64, num_heads=1, arch=arch, shared_aln=True))
+    assert mvar.shared_ada_lin[1].weight.shape == (3 * branches * 64, 64)
+    assert mvar.blocks[0].ada_gss.shape == (1, 1, 3 * branches, 64)
+    assert not hasattr(mvar.blocks[0], "ada_lin")
+
+
+# ---- behaviour of a tiny model --------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ["mvar", "var", "intra", "mamba"])
+@pytest.mark.parametrize("shared_aln", [False, True])
+def test_forward_shapes_and_gradients_reach_every_parameter(arch, shared_aln):
+    vae, mvar = build_tiny(arch, shared_aln=shared_aln, cond_drop_rate=0.0)
+    label_B, idx_Bl, x_BLCv = teacher_input(vae, mvar)
+    mvar.train()
+    logits_BLV = mvar(label_B, x_BLCv)
+    assert logits_BLV.shape == (3, mvar.L, mvar.V) and logits_BLV.dtype == torch.float32
+    loss = torch.nn.functional.cross_entropy(logits_BLV.flatten(0, 1), torch.cat(idx_Bl, 1).flatten())
+    loss.backward()
+    for name, p in mvar.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, f"no gradient reaches {name}"
+
+
+@pytest.mark.parametrize("arch", ["mvar", "var", "intra", "mamba"])
+def test_scale_never_depends_on_later_scales(arch):
+    vae, mvar = build_tiny(arch)
+    mvar.eval()
+    label_B, _, x_BLCv = teacher_input(vae, mvar)
+    ref = mvar(label_B, x_BLCv)
+    for si in range(1, len(TINY_PN)):
+        bg = mvar.begin_ends[si][0]  # first token of scale si; teacher input index = bg - first_l
+        x2 = x_BLCv.clone()
+        x2[:, bg - mvar.first_l:] += torch.randn_like(x2[:, bg - mvar.first_l:])
+        out = mvar(label_B, x2)
+        torch.testing.assert_close(out[:, :bg], ref[:, :bg], rtol=0, atol=1e-6)
+        assert (out[:, bg:] - ref[:, bg:]).abs().max() > 1e-4  # and later scales do see it
+
+
+def test_progressive_training_truncates_to_scale():
+    vae, mvar = build_tiny()
+    mvar.eval()
+    label_B, _, x_BLCv = teacher_input(vae, mvar)
+    full = mvar(label_B, x_BLCv)
+    for si in range(len(TINY_PN)):
+        mvar.prog_si = si
+        out = mvar(label_B, x_BLCv)
+        ed = mvar.begin_ends[si][1]
+        assert out.shape[1] == ed
+        torch.testing.assert_close(out, full[:, :ed], rtol=1e-5, atol=1e-5)
+
+
+def test_cond_dropout_only_in_train_mode():
+    vae, mvar = build_tiny(cond_drop_rate=1.0)
+    label_B, _, x_BLCv = teacher_input(vae, mvar)
+    mvar.eval()
+    a = mvar(label_B, x_BLCv)
+    b = mvar(torch.full_like(label_B, mvar.num_classes), x_BLCv)
+    assert (a - b).abs().max() > 1e-4
+    mvar.train()
+    torch.testing.assert_close(mvar(label_B, x_BLCv), b)
+
+
+def test_init_gamma_rows():
+    _, official = build_tiny(init_adaln_gamma=1e-5)
+    _, fixed = build_tiny(init_adaln_gamma=1e-5, gamma_rows="all")
+    C = 64
+    w_off, w_all = official.blocks[0].ada_lin[1].weight, fixed.blocks[0].ada_lin[1].weight
+    assert w_off[: 2 * C].abs().max() < 1e-5 and w_off[2 * C: 3 * C].abs().max() > 1e-3  # gamma3 gets aln
+    assert w_all[: 3 * C].abs().max() < 1e-5 and w_all[3 * C:].abs().max() > 1e-3
+    assert abs(official.head.weight.std().item() / (0.02 * (1 / (3 * C)) ** 0.5) - 1) < 0.1  # head *= 0.02
+
+
+def record_sampling(monkeypatch):
+    """Wrap the token sampler to record (logits, chosen tokens) per scale."""
+    calls = []
+    original = mvar_module.sample_with_top_k_top_p_
+
+    def recording(logits_BlV, **kw):
+        logits = logits_BlV.clone()
+        idx = original(logits_BlV, **kw)
+        calls.append((logits, idx[:, :, 0]))
+        return idx
+
+    monkeypatch.setattr(mvar_module, "sample_with_top_k_top_p_", recording)
+    return calls
+
+
+@pytest.mark.parametrize("arch", ["mvar", "var", "intra", "mamba"])
+def test_cached_sampling_logits_equal_teacher_forcing(monkeypatch, arch):
+    vae, mvar = build_tiny(arch)
+    mvar.eval()
+    calls = record_sampling(monkeypatch)
+    label_B = torch.tensor([1, 7])
+    img = mvar.autoregressive_infer_cfg(2, label_B, g_seed=3, cfg=0.0, top_k=0, top_p=0.0)
+    assert img.shape == (2, 3, 8, 8) and 0 <= img.min() and img.max() <= 1
+    idx_Bl = [idx for _, idx in calls]
+    logits_sampled = torch.cat([logits for logits, _ in calls], dim=1)
+    logits_tf = mvar(label_B, vae.quantize.idxBl_to_var_input(idx_Bl))
+    torch.testing.assert_close(logits_sampled, logits_tf, rtol=1e-4, atol=1e-4)
+
+
+def test_cached_sampling_equals_prefix_recompute(monkeypatch):
+    vae, mvar = build_tiny()
+    mvar.eval()
+    calls = record_sampling(monkeypatch)
+    kw = dict(B=2, label_B=torch.tensor([0, 5]), g_seed=11, cfg=1.5, top_k=20, top_p=0.9)
+    img_cached = mvar.autoregressive_infer_cfg(**kw, use_cache=True)
+    n = len(calls)
+    img_ref = mvar.autoregressive_infer_cfg(**kw, use_cache=False)
+    for (l1, i1), (l2, i2) in zip(calls[:n], calls[n:], strict=True):
+        torch.testing.assert_close(l1, l2, rtol=1e-4, atol=1e-4)
+        assert torch.equal(i1, i2)
+    torch.testing.assert_close(img_cached, img_ref)
+
+
+def test_sampling_is_deterministic_given_seed_and_smooth_mode_runs():
+    vae, mvar = build_tiny()
+    a = mvar.autoregressive_infer_cfg(3, None, g_seed=5, cfg=2.0, top_k=10, top_p=0.8)
+    b = mvar.autoregressive_infer_cfg(3, None, g_seed=5, cfg=2.0, top_k=10, top_p=0.8)
+    assert torch.equal(a, b)
+    c = mvar.autoregressive_infer_cfg(3, 2, g_seed=5, more_smooth=True)
+    assert c.shape == a.shape and torch.isfinite(c).all()
+
+
+def test_config_roundtrip_and_state_dict_reload_give_identical_logits(tmp_path):
+    vae, mvar = build_tiny()
+    mvar.eval()
+    label_B, _, x_BLCv = teacher_input(vae, mvar)
+    path = tmp_path / "m.pth"
+    torch.save({"config": dataclasses.asdict(mvar.config), "model": mvar.state_dict()}, path)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    clone = MVAR(MVARConfig(**ckpt["config"]))
+    clone.load_state_dict(ckpt["model"], strict=True)
+    clone.eval()
+    assert torch.equal(clone(label_B, x_BLCv), mvar(label_B, x_BLCv))
+
+
+def test_bad_config_is_a_clear_error():
+    with pytest.raises(ValueError, match="arch"):
+        MVARConfig(arch="transformer")
+    with pytest.raises(ValueError, match="divisible"):
+        MVARConfig(depth=2, embed_dim=100, num_heads=3)
