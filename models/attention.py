@@ -1,0 +1,313 @@
+"""Scale-wise attention: M-VAR's intra-scale attention and VAR's block-causal global attention, with kernel backends.
+
+`ScaleAttention` is the attention of every block (VAR's parameter names, so VAR / M-VAR checkpoints load).
+mode "intra": bidirectional attention restricted to the tokens of each scale (M-VAR); cost sum(pn^4) per sample.
+mode "causal": VAR's global attention, full within a scale and causal across scales; cost L^2 per sample.
+
+The intra-scale kernel has interchangeable backends giving the same numbers (`intra_scale_attention`):
+    flash_attn    `flash_attn.flash_attn_varlen_func` (CUDA, fp16/bf16; every scale of every sample is a sequence)
+    torch_varlen  `torch.nn.attention.varlen.varlen_attn` (CUDA, fp16/bf16, no attention dropout)
+    sdpa          `F.scaled_dot_product_attention` per scale, small scales packed into one call (anywhere)
+    auto          the first of the above that can run (env var MVAR_ATTN_BACKEND overrides the choice)
+
+Shape legend: B batch, L tokens of the scales present (680 for all scales at 256 px), l tokens of one scale
+(pn*pn), H heads, c head dim, C = H*c, K number of scales, T = B*L packed tokens.
+"""
+import functools
+import inspect
+import logging
+import math
+import os
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+BACKEND_ENV = "MVAR_ATTN_BACKEND"
+BACKENDS = ("auto", "flash_attn", "torch_varlen", "sdpa")
+MODES = ("intra", "causal")
+# sdpa backend: consecutive scales are packed into one masked call while their total stays within this many
+# tokens (1+4+9+16+25+36 = 91 at 256 px). One call per scale costs more in launches than the few wasted scores.
+SDPA_PACK_TOKENS = 128
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Kernel loading and backend resolution
+# ---------------------------------------------------------------------------------------------------------------
+@functools.cache
+def _flash_attn_varlen_func() -> Callable | None:
+    """`flash_attn.flash_attn_varlen_func`, or None when flash-attn is not installed or does not import."""
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except Exception as e:  # ImportError, or an OSError/RuntimeError from a wheel built for another torch/CUDA
+        logger.debug("flash_attn unavailable: %s", e)
+        return None
+    return flash_attn_varlen_func
+
+
+@functools.cache
+def _torch_varlen_attn() -> Callable | None:
+    """`torch.nn.attention.varlen.varlen_attn`, or None on a torch without it."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+@functools.cache
+def _varlen_attn_takes_scale(fn: Callable) -> bool:
+    try:
+        return "scale" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def backend_unavailable_reason(
+    backend: str, device: torch.device, dtype: torch.dtype, dropout_p: float = 0.0,
+) -> str | None:
+    """Why `backend` cannot run intra-scale attention on tensors of this device/dtype (None: it can)."""
+    if backend == "sdpa":
+        return None
+    if backend not in ("flash_attn", "torch_varlen"):
+        raise ValueError(f"attention backend {backend!r}: expected one of {BACKENDS}")
+    if device.type != "cuda":
+        return f"{backend} needs CUDA tensors, got device {device.type!r}"
+    if dtype not in _HALF_DTYPES:
+        return f"{backend} needs float16/bfloat16 q/k/v (train with --fp16=1 or 2), got {dtype}"
+    if backend == "flash_attn" and _flash_attn_varlen_func() is None:
+        return "flash_attn is not importable (pip install flash-attn --no-build-isolation)"
+    if backend == "torch_varlen":
+        if _torch_varlen_attn() is None:
+            return f"torch {torch.__version__} has no torch.nn.attention.varlen.varlen_attn"
+        if dropout_p > 0:
+            return "torch_varlen has no attention dropout (attn_drop_rate must be 0)"
+    return None
+
+
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, dropout_p: float = 0.0) -> str:
+    """The backend that will run: `backend`, or for "auto" $MVAR_ATTN_BACKEND or the fastest available one.
+
+    A forced backend that cannot run raises a ValueError saying why. Each resolution is logged once.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"attention backend {backend!r}: expected one of {BACKENDS}")
+    source = "backend"
+    if backend == "auto" and os.environ.get(BACKEND_ENV):
+        backend, source = os.environ[BACKEND_ENV], BACKEND_ENV
+        if backend not in BACKENDS:
+            raise ValueError(f"{source}={backend!r}: expected one of {BACKENDS}")
+    return _resolve(backend, source, device.type, dtype, dropout_p > 0)
+
+
+@functools.cache
+def _resolve(backend: str, source: str, device_type: str, dtype: torch.dtype, with_dropout: bool) -> str:
+    device, dropout_p = torch.device(device_type), 1.0 if with_dropout else 0.0
+    if backend == "auto":
+        name = next(n for n in BACKENDS[1:] if backend_unavailable_reason(n, device, dtype, dropout_p) is None)
+    else:
+        reason = backend_unavailable_reason(backend, device, dtype, dropout_p)
+        if reason is not None:
+            raise ValueError(f"{source}={backend!r} cannot run here: {reason}. Use 'auto' or 'sdpa'.")
+        name = backend
+    logger.info("intra-scale attention backend: %s (%s=%s, %s, %s)", name, source, backend, device_type, dtype)
+    return name
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Kernels; q/k/v are (B, L, H, c), outputs (B, L, H, c)
+# ---------------------------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=64)
+def _cu_seqlens(seg_lens: tuple[int, ...], batch_size: int, device: torch.device) -> torch.Tensor:
+    """int32 (B*K+1,) start offsets of every scale of every sample in the packed (B*L) token axis."""
+    lens = torch.tensor(seg_lens * batch_size, dtype=torch.int32)
+    return F.pad(lens.cumsum(0, dtype=torch.int32), (1, 0)).to(device)
+
+
+def _intra_flash_attn(q, k, v, seg_lens, softmax_scale, dropout_p):
+    """flash-attn varlen: one sequence per (sample, scale). Not yet run on GPU (dispatch tested on CPU)."""
+    B, L, H, c = q.shape
+    cu = _cu_seqlens(seg_lens, B, q.device)
+    max_l = max(seg_lens)
+    o_THc = _flash_attn_varlen_func()(
+        q.reshape(B * L, H, c), k.reshape(B * L, H, c), v.reshape(B * L, H, c), cu, cu, max_l, max_l,
+        dropout_p=dropout_p, softmax_scale=softmax_scale,
+    )
+    return o_THc.view(B, L, H, c)
+
+
+def _intra_torch_varlen(q, k, v, seg_lens, softmax_scale, dropout_p):
+    """torch varlen_attn: as flash-attn, positional arguments only (keywords changed between torch releases).
+
+    Where the installed torch has no `scale` argument the scale is folded into q (its default is 1/sqrt(c)).
+    Not yet run on GPU (dispatch tested on CPU).
+    """
+    if dropout_p > 0:
+        raise ValueError("torch_varlen has no attention dropout (attn_drop_rate must be 0)")
+    B, L, H, c = q.shape
+    cu = _cu_seqlens(seg_lens, B, q.device)
+    max_l = max(seg_lens)
+    fn = _torch_varlen_attn()
+    q_THc, k_THc, v_THc = q.reshape(B * L, H, c), k.reshape(B * L, H, c), v.reshape(B * L, H, c)
+    if _varlen_attn_takes_scale(fn):
+        o_THc = fn(q_THc, k_THc, v_THc, cu, cu, max_l, max_l, scale=softmax_scale)
+    else:
+        o_THc = fn(q_THc * (softmax_scale * math.sqrt(c)), k_THc, v_THc, cu, cu, max_l, max_l)
+    return o_THc.view(B, L, H, c)
+
+
+def _pack_groups(seg_lens: tuple[int, ...]) -> tuple[tuple[int, int, tuple[int, ...]], ...]:
+    """Consecutive scales packed while their total is <= SDPA_PACK_TOKENS: (start, end, lens) per group."""
+    groups, start, lens = [], 0, []
+    for n in seg_lens:
+        if lens and sum(lens) + n > SDPA_PACK_TOKENS:
+            groups.append((start, start + sum(lens), tuple(lens)))
+            start, lens = start + sum(lens), []
+        lens.append(n)
+    groups.append((start, start + sum(lens), tuple(lens)))
+    return tuple(groups)
+
+
+@functools.lru_cache(maxsize=64)
+def _block_diagonal_mask(lens: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """bool (l, l), True where query and key are in the same scale."""
+    lvl = torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens))
+    return (lvl[:, None] == lvl[None, :]).to(device)
+
+
+def _intra_sdpa(q, k, v, seg_lens, softmax_scale, dropout_p):
+    """SDPA per scale ((B, H, l, c) each, no mask), the small scales packed into one block-diagonal call."""
+    q_BHLc, k_BHLc, v_BHLc = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    outs = []
+    for s, e, lens in _pack_groups(seg_lens):
+        mask = _block_diagonal_mask(lens, q.device) if len(lens) > 1 else None
+        outs.append(F.scaled_dot_product_attention(
+            q_BHLc[:, :, s:e], k_BHLc[:, :, s:e], v_BHLc[:, :, s:e], attn_mask=mask, dropout_p=dropout_p,
+            scale=softmax_scale,
+        ))
+    o_BHLc = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+    return o_BHLc.transpose(1, 2)
+
+
+_INTRA_KERNELS = {"flash_attn": _intra_flash_attn, "torch_varlen": _intra_torch_varlen, "sdpa": _intra_sdpa}
+
+
+def _check_segments(q: torch.Tensor, seg_lens: Sequence[int]) -> tuple[int, ...]:
+    seg_lens = tuple(int(n) for n in seg_lens)
+    if sum(seg_lens) != q.shape[1] or min(seg_lens, default=0) < 1:
+        raise ValueError(f"seg_lens={seg_lens} must be positive and sum to the sequence length {q.shape[1]}")
+    return seg_lens
+
+
+def intra_scale_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg_lens: Sequence[int], softmax_scale: float,
+    dropout_p: float = 0.0, backend: str = "auto",
+) -> torch.Tensor:
+    """Bidirectional attention within each scale: token i of scale s attends to the tokens of scale s only.
+
+    q/k/v (B, L, H, c) with L = sum(seg_lens); returns (B, L, H, c). `backend` as in the module docstring.
+    """
+    seg_lens = _check_segments(q, seg_lens)
+    name = resolve_backend(backend, q.device, q.dtype, dropout_p)
+    return _INTRA_KERNELS[name](q, k, v, seg_lens, softmax_scale, dropout_p)
+
+
+@functools.lru_cache(maxsize=16)
+def block_causal_mask(seg_lens: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Additive (L, L) mask: 0 where the key's scale is <= the query's scale, -inf elsewhere (VAR's mask)."""
+    lvl = torch.repeat_interleave(torch.arange(len(seg_lens)), torch.tensor(seg_lens))
+    allowed = lvl[None, :] <= lvl[:, None]
+    return torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, float("-inf")).to(device)
+
+
+def block_causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg_lens: Sequence[int], softmax_scale: float,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """VAR's global attention: SDPA over all L tokens with the block-causal mask. q/k/v/out (B, L, H, c)."""
+    seg_lens = _check_segments(q, seg_lens)
+    mask_LL = block_causal_mask(seg_lens, q.device, q.dtype)
+    o_BHLc = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask_LL, dropout_p=dropout_p,
+        scale=softmax_scale,
+    )
+    return o_BHLc.transpose(1, 2)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Module
+# ---------------------------------------------------------------------------------------------------------------
+class ScaleAttention(nn.Module):
+    """Multi-head self-attention over a multi-scale token sequence (VAR's parameter names and init).
+
+    With `attn_l2_norm`, q and k are L2-normalised per head and q is multiplied by exp(min(scale_mul_1H11, log 100))
+    (a learned per-head temperature, init 4), softmax scale 1; otherwise the softmax scale is 0.25/sqrt(c).
+    """
+
+    def __init__(
+        self, embed_dim: int, num_heads: int, attn_l2_norm: bool = True, attn_drop: float = 0.0,
+        proj_drop: float = 0.0, mode: str = "intra", backend: str = "auto",
+    ):
+        super().__init__()
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim={embed_dim} is not divisible by num_heads={num_heads}")
+        if mode not in MODES:
+            raise ValueError(f"attention mode {mode!r}: expected one of {MODES}")
+        if backend not in BACKENDS:
+            raise ValueError(f"attention backend {backend!r}: expected one of {BACKENDS}")
+        self.num_heads, self.head_dim = num_heads, embed_dim // num_heads
+        self.mode, self.backend, self.attn_l2_norm = mode, backend, attn_l2_norm
+        if attn_l2_norm:
+            self.scale = 1.0
+            self.scale_mul_1H11 = nn.Parameter(torch.full((1, num_heads, 1, 1), 4.0).log())
+            self.max_scale_mul = math.log(100)
+        else:
+            self.scale = 0.25 / math.sqrt(self.head_dim)
+        self.mat_qkv = nn.Linear(embed_dim, 3 * embed_dim, bias=False)
+        self.q_bias, self.v_bias = nn.Parameter(torch.zeros(embed_dim)), nn.Parameter(torch.zeros(embed_dim))
+        self.register_buffer("zero_k_bias", torch.zeros(embed_dim))
+        self.proj = nn.Linear(embed_dim, embed_dim)
+        self.proj_drop = nn.Dropout(proj_drop) if proj_drop > 0 else nn.Identity()
+        self.attn_drop = attn_drop
+        self.caching, self.cached_k, self.cached_v = False, None, None  # causal-mode sampling only
+        self.last_backend: str | None = None
+
+    def kv_caching(self, enable: bool) -> None:
+        """Causal mode: start (or stop) caching k/v across calls for sampling; either way the cache is emptied."""
+        if enable and self.mode != "causal":
+            raise ValueError("kv_caching is for mode='causal'; intra-scale attention needs no cache")
+        self.caching, self.cached_k, self.cached_v = enable, None, None
+
+    def forward(self, x_BLC: torch.Tensor, seg_lens: Sequence[int]) -> torch.Tensor:
+        """`seg_lens`: token count (pn*pn) of each scale in `x_BLC`, summing to L."""
+        B, L, C = x_BLC.shape
+        bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
+        qkv = F.linear(x_BLC, self.mat_qkv.weight, bias).view(B, L, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.unbind(dim=2)  # (B, L, H, c) each
+        if self.attn_l2_norm:
+            scale_mul_11H1 = self.scale_mul_1H11.clamp_max(self.max_scale_mul).exp().transpose(1, 2)
+            q = F.normalize(q, dim=-1).mul(scale_mul_11H1).to(qkv.dtype)
+            k = F.normalize(k, dim=-1).to(qkv.dtype)
+        dropout_p = self.attn_drop if self.training else 0.0
+        if self.mode == "intra":
+            self.last_backend = resolve_backend(self.backend, q.device, q.dtype, dropout_p)
+            o = intra_scale_attention(q, k, v, seg_lens, self.scale, dropout_p, self.last_backend)
+        elif self.caching:  # sampling: this call's scale attends to every cached token (all earlier scales)
+            self.cached_k = k if self.cached_k is None else torch.cat((self.cached_k, k), dim=1)
+            self.cached_v = v if self.cached_v is None else torch.cat((self.cached_v, v), dim=1)
+            o = F.scaled_dot_product_attention(
+                q.transpose(1, 2), self.cached_k.transpose(1, 2), self.cached_v.transpose(1, 2),
+                dropout_p=dropout_p, scale=self.scale,
+            ).transpose(1, 2)
+        else:
+            o = block_causal_attention(q, k, v, seg_lens, self.scale, dropout_p)
+        return self.proj_drop(self.proj(o.reshape(B, L, C)))
+
+    def extra_repr(self) -> str:
+        kernel = "block-causal sdpa" if self.mode == "causal" else f"{self.backend} (last run: {self.last_backend})"
+        return (f"mode={self.mode}, heads={self.num_heads}, attn_l2_norm={self.attn_l2_norm}, kernel={kernel}, "
+                f"attn_drop={self.attn_drop:g}")
