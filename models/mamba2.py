@@ -30,6 +30,9 @@ logger = logging.getLogger(__name__)
 
 BACKEND_ENV = "MVAR_MAMBA_BACKEND"
 BACKENDS = ("auto", "torch", "mamba_ssm")
+# The PyTorch path scans in chunks of min(chunk_size, this): same maths, and on CPU (C=1024, L=680) chunks of 64
+# make forward+backward ~1.45x faster than 256, because the (Q, Q) intra-chunk tensors shrink with Q.
+TORCH_CHUNK_SIZE = 64
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -331,11 +334,14 @@ class Mamba2(nn.Module):
         A_H = -torch.exp(self.A_log.to(cdt))
         D = self.D.view(self.nheads, self.headdim) if self.D_has_hdim else self.D
         initial = None if state is None else state.ssm_state
+        if initial is not None and torch.is_grad_enabled():
+            initial = initial.clone()  # a kernel may save it for backward; the state is overwritten below
         if kernels is None:
             dt_BlH = F.softplus(dt_BlH.to(cdt) + self.dt_bias.to(cdt))
             if self.dt_limit != (0.0, float("inf")):
                 dt_BlH = dt_BlH.clamp(*self.dt_limit)
-            y_BlHP, final = ssd_chunk_scan(x_BlHP, dt_BlH, A_H, B_BlGN, C_BlGN, self.chunk_size, D, initial)
+            y_BlHP, final = ssd_chunk_scan(x_BlHP, dt_BlH, A_H, B_BlGN, C_BlGN,
+                                           min(self.chunk_size, TORCH_CHUNK_SIZE), D, initial)
             if not self.rmsnorm:
                 y_BlHP = y_BlHP * F.silu(z_Bld.unflatten(-1, (self.nheads, self.headdim)).to(y_BlHP.dtype))
         else:  # not yet run on GPU
