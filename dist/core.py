@@ -1,0 +1,112 @@
+"""Process-group setup from torchrun's environment, rank queries and small collectives.
+
+Without torchrun (no WORLD_SIZE in the environment) everything runs as a single process and the collectives
+below are no-ops, so the same training code runs on a laptop CPU and on many GPU nodes.
+"""
+import datetime
+import logging
+import os
+from typing import Any, List
+
+import torch
+import torch.distributed as tdist
+
+logger = logging.getLogger(__name__)
+
+TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def initialize(backend: str = "auto", timeout_min: float = 30.0) -> torch.device:
+    """Join the process group described by torchrun's environment and return this process's device.
+
+    backend "auto" picks NCCL when CUDA is available and gloo otherwise. LOCAL_RANK selects the GPU, so nodes
+    may hold different numbers of GPUs. Without WORLD_SIZE (a plain `python train.py`) nothing is initialised.
+    """
+    use_cuda = torch.cuda.is_available()
+    if "WORLD_SIZE" not in os.environ:
+        return torch.device("cuda", 0) if use_cuda else torch.device("cpu")
+    missing = [v for v in TORCHRUN_VARS if v not in os.environ]
+    if missing:
+        raise RuntimeError(f"WORLD_SIZE is set but {missing} are not: launch with torchrun (or set all of "
+                           f"{TORCHRUN_VARS})")
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if use_cuda:
+        if local_rank >= torch.cuda.device_count():
+            raise RuntimeError(f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} GPUs are visible: "
+                               f"lower --nproc_per_node")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if backend == "auto":
+        backend = "nccl" if use_cuda else "gloo"
+    if not tdist.is_initialized():
+        tdist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_min),
+                                 device_id=device if backend == "nccl" else None)
+    logger.debug("rank %d/%d (local %d) on %s with %s", get_rank(), get_world_size(), local_rank, device, backend)
+    return device
+
+
+def finalize() -> None:
+    """Leave the process group (safe to call when none was joined)."""
+    if tdist.is_initialized():
+        tdist.destroy_process_group()
+
+
+def initialized() -> bool:
+    return tdist.is_available() and tdist.is_initialized()
+
+
+def get_rank() -> int:
+    return tdist.get_rank() if initialized() else 0
+
+
+def get_world_size() -> int:
+    return tdist.get_world_size() if initialized() else 1
+
+
+def get_local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0)) if initialized() else 0
+
+
+def is_main_process() -> bool:
+    """True on global rank 0, the process that logs and writes files."""
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    if initialized():
+        tdist.barrier()
+
+
+def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    """Mean of `t` over all ranks, in place (returns `t`)."""
+    if initialized():
+        tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
+        t.div_(get_world_size())
+    return t
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum of `t` over all ranks, in place (returns `t`)."""
+    if initialized():
+        tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
+    return t
+
+
+def all_gather_object(obj: Any) -> List[Any]:
+    """Every rank's `obj`, in rank order (a one-element list without a process group)."""
+    if not initialized():
+        return [obj]
+    out: List[Any] = [None] * get_world_size()
+    tdist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank `src`'s `obj` on every rank."""
+    if not initialized():
+        return obj
+    box = [obj]
+    tdist.broadcast_object_list(box, src=src)
+    return box[0]

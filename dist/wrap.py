@@ -1,0 +1,93 @@
+"""Model wrapping for data parallelism (DDP, or FSDP2 `fully_shard`) and the one `unwrap_model` helper."""
+import contextlib
+from typing import ContextManager, Dict, Optional
+
+import torch
+from torch import nn
+
+from dist.core import initialized
+
+
+def wrap_model(model: nn.Module, device: torch.device, fsdp: bool = False) -> nn.Module:
+    """DDP (or FSDP2 with `fsdp`) when a process group exists; the model itself for a single process.
+
+    FSDP2 shards every block, then the root module, in place (`fully_shard` returns the same module object).
+    """
+    if not initialized():
+        return model
+    if fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        for block in getattr(model, "blocks", ()):
+            fully_shard(block)
+        return fully_shard(model)
+    device_ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False,
+                                               find_unused_parameters=False)
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The plain module under DDP and/or torch.compile wrappers (in any order)."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):  # torch.compile's OptimizedModule
+            model = model._orig_mod
+        else:
+            return model
+
+
+def is_fsdp(model: nn.Module) -> bool:
+    """True when `model` was sharded with FSDP2's `fully_shard`."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover (old torch)
+        return False
+    return isinstance(unwrap_model(model), FSDPModule)
+
+
+def grad_sync(model: nn.Module, enabled: bool) -> ContextManager:
+    """Context for one micro-step: with `enabled` False, gradients stay local (DDP `no_sync`, FSDP2's
+    `set_requires_gradient_sync(False)`); the final micro-step of an accumulation window syncs."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        return contextlib.nullcontext() if enabled else model.no_sync()
+    if is_fsdp(model):
+        unwrap_model(model).set_requires_gradient_sync(enabled)
+    return contextlib.nullcontext()
+
+
+def full_model_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """The unsharded state dict on every rank (names without DDP/compile prefixes)."""
+    if is_fsdp(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(unwrap_model(model), options=StateDictOptions(full_state_dict=True,
+                                                                                   cpu_offload=True))
+    return unwrap_model(model).state_dict()
+
+
+def full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> Dict:
+    """The optimizer state, unsharded under FSDP2."""
+    if is_fsdp(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(unwrap_model(model), optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return optimizer.state_dict()
+
+
+def load_full_state(model: nn.Module, model_sd: Dict[str, torch.Tensor], optimizer: Optional[torch.optim.Optimizer],
+                    optim_sd: Optional[Dict]) -> None:
+    """Load full (unsharded) model / optimizer states into a plain, DDP or FSDP2 model; strict."""
+    if is_fsdp(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, \
+            set_optimizer_state_dict
+
+        opts = StateDictOptions(full_state_dict=True, strict=True)
+        set_model_state_dict(unwrap_model(model), model_sd, options=opts)
+        if optimizer is not None and optim_sd is not None:
+            set_optimizer_state_dict(unwrap_model(model), optimizer, optim_sd, options=opts)
+        return
+    unwrap_model(model).load_state_dict(model_sd, strict=True)
+    if optimizer is not None and optim_sd is not None:
+        optimizer.load_state_dict(optim_sd)

@@ -1,0 +1,147 @@
+"""Command-line flags of train.py: VAR's names and defaults (the official launch commands run unchanged), plus
+M-VAR and robustness extras. `finalize_args` derives the values VAR computes at start-up (per-rank batch, lr, ...).
+"""
+import argparse
+import math
+from typing import List, Optional
+
+from models.tokenizer import parse_patch_nums
+
+ARCHS = ("mvar", "var", "intra", "mamba")
+
+
+def str2bool(v: str) -> bool:
+    """Boolean flag values as VAR's launch commands write them: 1/0, true/false, yes/no, on/off."""
+    s = str(v).strip().lower()
+    if s in ("1", "true", "yes", "on", "y", "t"):
+        return True
+    if s in ("0", "false", "no", "off", "n", "f"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (1/0, true/false), got {v!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Train M-VAR (or the VAR / ablation baselines) on an ImageFolder.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
+    b = dict(type=str2bool, nargs="?", const=True)  # `--hflip`, `--hflip=1`, `--hflip=false` all work
+
+    g = p.add_argument_group("data")
+    g.add_argument("--data_path", default="", help="ImageFolder root with train/ and val/ class sub-folders; "
+                   "empty = the embedded data set named by --dataset")
+    g.add_argument("--dataset", default="mnist", help="embedded data set used when --data_path is empty "
+                   "(utils.embedded_data: mnist, imagenet20)")
+    g.add_argument("--pn", default="1_2_3_4_5_6_8_10_13_16", help="patch schedule: 256, 512 or sides joined by '_'; "
+                   "image size = last side * tokenizer downsample")
+    g.add_argument("--mid_reso", type=float, default=1.125, help="resize the shorter side to mid_reso*reso before "
+                   "cropping")
+    g.add_argument("--hflip", default=False, **b, help="random horizontal flip")
+    g.add_argument("--workers", type=int, default=0, help="data-loader processes per rank (0: load in the main "
+                   "process, VAR's default; use 8-12 per GPU for ImageNet)")
+    g.add_argument("--num_classes", type=int, default=0, help="class count of the model; 0 = the data set's")
+
+    g = p.add_argument_group("model")
+    g.add_argument("--depth", type=int, default=16, help="number of blocks; width 64*depth, depth heads")
+    g.add_argument("--arch", default="mvar", choices=ARCHS, help="block type: mvar (intra-scale attn + Mamba2), "
+                   "var (block-causal attn), intra (intra-scale attn only), mamba (Mamba2 only)")
+    g.add_argument("--embed_dim", type=int, default=None, help="width override (default 64*depth)")
+    g.add_argument("--num_heads", type=int, default=None, help="attention heads override (default embed_dim/64)")
+    g.add_argument("--saln", default=False, **b, help="shared adaLN across blocks")
+    g.add_argument("--anorm", default=True, **b, help="L2-normalised attention (attn_l2_norm)")
+    g.add_argument("--fuse", default=True, **b, help="fast kernels when available (flash-attn, mamba_ssm); "
+                   "0 forces the portable PyTorch paths")
+    g.add_argument("--drop_path_rate", type=float, default=-1.0, help="stochastic depth of the last block; "
+                   "<0 = 0.1*depth/24")
+    g.add_argument("--cond_drop_rate", type=float, default=0.1, help="probability of dropping the class label "
+                   "(classifier-free guidance) in training")
+    g.add_argument("--vae_ckpt", default=None, help="tokenizer checkpoint (VAR's vae_ch160v4096z32.pth or ours); "
+                   "default: the official file from the Hugging Face cache (offline-first)")
+    g.add_argument("--init_from", default=None, help="initialise the model weights from this checkpoint (ours or "
+                   "official M-VAR/VAR); optimizer and schedule start fresh")
+    g.add_argument("--tfast", type=int, default=0, choices=(0, 1, 2, 3), help="torch.compile the model: "
+                   "0 off, 1 reduce-overhead, 2 max-autotune, 3 default")
+    g.add_argument("--vfast", type=int, default=0, choices=(0, 1, 2, 3), help="torch.compile the tokenizer "
+                   "encoder (same modes as --tfast)")
+
+    g = p.add_argument_group("initialisation (VAR's init_weights)")
+    g.add_argument("--ini", type=float, default=-1.0, help="init std of linear/embedding weights; <0 = sqrt(1/(3C))")
+    g.add_argument("--hd", type=float, default=0.02, help="head weight multiplier")
+    g.add_argument("--aln", type=float, default=0.5, help="adaLN scale/shift weight multiplier")
+    g.add_argument("--alng", type=float, default=1e-5, help="adaLN gamma weight multiplier")
+    g.add_argument("--alng_rows", default="official", choices=("official", "all"), help="which adaLN gammas get "
+                   "--alng: official = the first two (as the official M-VAR code), all = every gamma")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--bs", type=int, default=768, help="global batch size per optimizer step (all ranks, all "
+                   "--ac micro-steps)")
+    g.add_argument("--ac", type=int, default=1, help="gradient accumulation micro-steps per optimizer step")
+    g.add_argument("--ep", type=int, default=250, help="training epochs")
+    g.add_argument("--tblr", type=float, default=1e-4, help="base lr; peak lr = ac*tblr*(bs/ac)/256")
+    g.add_argument("--tlr", type=float, default=None, help="peak lr override (default from --tblr)")
+    g.add_argument("--twd", type=float, default=0.05, help="initial weight decay")
+    g.add_argument("--twde", type=float, default=0.0, help="final weight decay (0 = --twd), half-cosine")
+    g.add_argument("--wp", type=float, default=0.0, help="warm-up epochs (0 = ep/50)")
+    g.add_argument("--wp0", type=float, default=0.005, help="lr ratio at the start of warm-up")
+    g.add_argument("--wpe", type=float, default=0.01, help="lr ratio at the end of training")
+    g.add_argument("--sche", default="lin0", help="lr schedule after warm-up: lin0, lin, lin00, cos, exp, lin<T>")
+    g.add_argument("--opt", default="adamw", choices=("adamw", "adam"), help="optimizer (both are AdamW, betas "
+                   "(0.9, 0.95), as VAR)")
+    g.add_argument("--afuse", default=True, **b, help="fused AdamW when the device supports it")
+    g.add_argument("--tclip", type=float, default=2.0, help="gradient-norm clip; <=0 disables (norm still logged)")
+    g.add_argument("--ls", type=float, default=0.0, help="label smoothing of the token cross-entropy")
+    g.add_argument("--fp16", type=int, default=0, choices=(0, 1, 2), help="0 fp32, 1 fp16 + GradScaler, 2 bf16")
+    g.add_argument("--tf32", default=True, **b, help="TensorFloat32 matmuls/convs on CUDA")
+    g.add_argument("--fsdp", default=False, **b, help="shard with FSDP2 fully_shard instead of DDP (d30+)")
+    g.add_argument("--max_nonfinite", type=int, default=20, help="stop after this many non-finite (skipped) "
+                   "steps in a row")
+
+    g = p.add_argument_group("progressive training")
+    g.add_argument("--pg", type=float, default=0.0, help=">0: progressive training over the first pg fraction of "
+                   "iterations (sets --sche=lin<pg>)")
+    g.add_argument("--pg0", type=int, default=4, help="first progressive stage: index of the last trained scale")
+    g.add_argument("--pgwp", type=float, default=0.0, help="warm-up epochs of each new stage's loss weight "
+                   "(0 = ep/300)")
+
+    g = p.add_argument_group("run, logging, checkpoints")
+    g.add_argument("--seed", type=int, default=None, help="seed (default: drawn at start and saved for resume)")
+    g.add_argument("--local_out_dir_path", default="local_output", help="output folder: checkpoints, log.txt, "
+                   "TensorBoard; auto-resume looks here")
+    g.add_argument("--resume", default=None, help="resume from this checkpoint instead of the output folder's")
+    g.add_argument("--save_every", type=int, default=0, help="also checkpoint every this many iterations (0 = only "
+                   "at epoch end and by --save_every_min)")
+    g.add_argument("--save_every_min", type=float, default=30.0, help="also checkpoint when this many minutes "
+                   "passed since the last save (0 = off)")
+    g.add_argument("--val_every", type=int, default=10, help="validate (and update ar-ckpt-best) every this many "
+                   "epochs and at the end")
+    g.add_argument("--log_every", type=int, default=50, help="log line every this many iterations")
+    g.add_argument("--sample_every", type=int, default=10, help="sample grid to TensorBoard every this many epochs "
+                   "(0 = off)")
+    g.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # old launchers
+    return p
+
+
+def finalize_args(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
+    """Derived settings, as VAR computes them: per-rank micro-batch, peak lr, schedule defaults, patch_nums."""
+    for name in ("bs", "ac", "ep"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name}={getattr(args, name)}: expected a positive integer")
+    args.patch_nums = parse_patch_nums(args.pn)
+    args.batch_size = max(1, round(args.bs / args.ac / world_size))  # per rank, per micro-step
+    args.glb_batch_size = args.batch_size * world_size  # per micro-step
+    args.bs_effective = args.glb_batch_size * args.ac  # per optimizer step; differs from --bs after rounding
+    args.tlr = args.tlr if args.tlr is not None else args.ac * args.tblr * args.glb_batch_size / 256
+    args.twde = args.twde or args.twd
+    args.wp = args.wp or args.ep / 50
+    args.pgwp = args.pgwp or args.ep / 300
+    if args.pg > 0:
+        args.sche = f"lin{args.pg:g}"
+    if args.pg > 0 and not 0 <= args.pg0 < len(args.patch_nums):
+        raise ValueError(f"--pg0={args.pg0}: expected a scale index in [0, {len(args.patch_nums) - 1}]")
+    args.workers = max(0, args.workers)
+    if not math.isfinite(args.tblr) or args.tblr <= 0:
+        raise ValueError(f"--tblr={args.tblr}: expected a positive learning rate")
+    return args
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    """Parse flags (not yet finalized: that needs the world size)."""
+    return build_parser().parse_args(argv)

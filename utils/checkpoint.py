@@ -1,0 +1,97 @@
+"""Training checkpoints: atomic writes that keep the previous file, auto-resume lookup, RNG state capture.
+
+Files in the output folder: `ar-ckpt-last.pth` (newest), `ar-ckpt-prev.pth` (the one before it, kept so a
+damaged newest file never leaves a run without a good checkpoint) and `ar-ckpt-best.pth` (lowest val loss).
+"""
+import logging
+import os
+import random
+from pathlib import Path
+from typing import Any, Dict, Optional, Union
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+LAST, PREV, BEST = "ar-ckpt-last.pth", "ar-ckpt-prev.pth", "ar-ckpt-best.pth"
+PathLike = Union[str, os.PathLike]
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read or does not fit this run; the message names the file."""
+
+
+def save_atomic(obj: Any, path: PathLike, keep_previous: Optional[PathLike] = None) -> Path:
+    """torch.save to a temporary file in the same folder, fsync, then rename over `path`.
+
+    With `keep_previous`, an existing `path` is first renamed to that name, so a good older file always
+    survives. A kill at any moment leaves either the old or the new file complete, never a partial one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if keep_previous is not None and path.exists():
+            os.replace(path, keep_previous)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return path
+
+
+def load_checkpoint(path: PathLike) -> Dict[str, Any]:
+    """Read a checkpoint on the CPU (weights_only, memory-mapped so the ranks of a node share the pages);
+    CheckpointError naming the file if it is unreadable."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # truncated, zero-filled, not a torch file, ...
+        raise CheckpointError(f"checkpoint {path} is unreadable ({type(e).__name__}: {e})") from e
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"checkpoint {path} holds a {type(ckpt).__name__}, expected a dict")
+    return ckpt
+
+
+def find_resume_checkpoint(out_dir: PathLike) -> Optional[Path]:
+    """The newest checkpoint in `out_dir` to auto-resume from: ar-ckpt-last.pth, else ar-ckpt-prev.pth (left
+    alone if a run died between the two renames of `save_atomic`), else None."""
+    for name in (LAST, PREV):
+        p = Path(out_dir) / name
+        if p.is_file():
+            return p
+    return None
+
+
+# ---- RNG states -------------------------------------------------------------------------------------------------
+def get_rng_state() -> Dict[str, Any]:
+    """torch (CPU and current CUDA device), Python and NumPy generator states, in weights_only-loadable types."""
+    mt, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": (mt, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    """Restore what `get_rng_state` captured."""
+    torch.set_rng_state(state["torch"])
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    mt, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((mt, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])

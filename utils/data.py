@@ -1,0 +1,194 @@
+"""Training data: ImageFolder (or an embedded data set) with VAR's transforms, and a resumable distributed sampler.
+
+Augmentation is a pure function of (seed, epoch, position in the epoch): the sampler hands each item its own seed
+and `SeededDataset` runs the transform under that seed. So the images a run sees do not depend on the number of
+ranks or workers, and a run resumed mid-epoch continues with exactly the images it would have seen.
+"""
+import logging
+import os
+from pathlib import Path
+from typing import Callable, Iterator, List, Optional, Tuple
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision.datasets import ImageFolder
+from torchvision.transforms import InterpolationMode, transforms
+
+logger = logging.getLogger(__name__)
+
+MAX_CONSECUTIVE_BAD = 100  # give up if this many images in a row are unreadable: the data set itself is broken
+
+
+def normalize_01_into_pm1(x: torch.Tensor) -> torch.Tensor:
+    """[0, 1] -> [-1, 1]."""
+    return x.add(x).add_(-1)
+
+
+def build_transforms(reso: int, mid_reso: float = 1.125, hflip: bool = False) -> Tuple[Callable, Callable]:
+    """VAR's transforms: resize the shorter side to round(mid_reso*reso) (LANCZOS), then a random (train) or
+    center (val) reso x reso crop, optional horizontal flip (train), values in [-1, 1]."""
+    mid = round(mid_reso * reso)
+    train = [transforms.Resize(mid, interpolation=InterpolationMode.LANCZOS), transforms.RandomCrop((reso, reso)),
+             transforms.ToTensor(), normalize_01_into_pm1]
+    val = [transforms.Resize(mid, interpolation=InterpolationMode.LANCZOS), transforms.CenterCrop((reso, reso)),
+           transforms.ToTensor(), normalize_01_into_pm1]
+    if hflip:
+        train.insert(0, transforms.RandomHorizontalFlip())
+    return transforms.Compose(train), transforms.Compose(val)
+
+
+def _load_rgb(path: str) -> Image.Image:
+    with open(path, "rb") as f:
+        return Image.open(f).convert("RGB")
+
+
+class SafeImageFolder(ImageFolder):
+    """ImageFolder that skips unreadable or truncated images: one warning per bad file (naming it, with the count
+    so far in this process), and the next readable image in index order is returned in its place."""
+
+    def __init__(self, root: str, transform: Optional[Callable] = None, flag: str = "--data_path"):
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"{flag}: folder {root} does not exist (expected an ImageFolder with one "
+                                    f"sub-folder per class)")
+        try:
+            super().__init__(root, transform=transform, loader=_load_rgb)
+        except FileNotFoundError as e:  # no class folders / no images
+            raise FileNotFoundError(f"{flag}: {root} holds no images in class sub-folders ({e})") from e
+        self.bad_paths: set = set()
+
+    def __getitem__(self, index: int):
+        for attempt in range(MAX_CONSECUTIVE_BAD):
+            i = (index + attempt) % len(self.samples)
+            path, target = self.samples[i]
+            if path in self.bad_paths:
+                continue
+            try:
+                img = self.loader(path)
+            except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for broken / truncated files
+                self.bad_paths.add(path)
+                logger.warning("skipping unreadable image %s (%s: %s); %d skipped so far in this process",
+                               path, type(e).__name__, e, len(self.bad_paths))
+                continue
+            return (self.transform(img) if self.transform is not None else img), target
+        raise RuntimeError(f"{MAX_CONSECUTIVE_BAD} unreadable images in a row from index {index} in {self.root}: "
+                           f"check the data set")
+
+
+class SeededDataset(Dataset):
+    """Wraps a data set whose transform draws from torch's global RNG; item (index, seed) runs it under `seed`
+    (in a forked RNG, so the caller's generator is untouched)."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: Tuple[int, int]):
+        index, seed = item
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.dataset[index]
+
+
+def build_datasets(data_path: str, dataset: str, reso: int, mid_reso: float = 1.125,
+                   hflip: bool = False) -> Tuple[int, Dataset, Dataset]:
+    """(num_classes, train set, val set): `data_path`/train and /val ImageFolders, or with an empty `data_path`
+    the embedded data set `dataset` (utils.embedded_data) through the same transforms."""
+    train_tf, val_tf = build_transforms(reso, mid_reso, hflip)
+    if data_path:
+        train_set = SafeImageFolder(str(Path(data_path) / "train"), train_tf)
+        val_set = SafeImageFolder(str(Path(data_path) / "val"), val_tf)
+        if train_set.classes != val_set.classes:
+            raise ValueError(f"--data_path={data_path}: train/ and val/ have different class folders "
+                             f"({len(train_set.classes)} vs {len(val_set.classes)})")
+    else:
+        from utils.embedded_data import build_embedded_dataset
+
+        train_set = build_embedded_dataset(dataset, "train", train_tf)
+        val_set = build_embedded_dataset(dataset, "val", val_tf)
+    if len(train_set) == 0 or len(val_set) == 0:
+        raise ValueError(f"empty data set: {len(train_set)} train / {len(val_set)} val images "
+                         f"(--data_path={data_path!r}, --dataset={dataset!r})")
+    return len(train_set.classes), train_set, val_set
+
+
+# ---- samplers ---------------------------------------------------------------------------------------------------
+def sample_seed(seed: int, epoch: int, pos: int) -> int:
+    """Augmentation seed of the item at position `pos` of epoch `epoch` (deterministic, < 2**63)."""
+    return ((seed * 1_000_003 + epoch) * 1_000_003 + pos) % (2**63)
+
+
+class DistributedBatchSampler(Sampler[List[Tuple[int, int]]]):
+    """Resumable batch sampler that every rank agrees on.
+
+    Epoch e shuffles all indices with a generator seeded by (seed, e) (same on every rank), pads the tail with the
+    first indices to whole global batches (VAR's fill_last), and global batch i is positions [i*G, (i+1)*G); rank r
+    takes its r-th slice of it. So the set of images in each global batch is independent of the world size.
+    Items are (index, augmentation seed). `set_epoch(e, start_it)` starts the next iteration at batch `start_it`.
+    """
+
+    def __init__(self, dataset_len: int, glb_batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 shuffle: bool = True):
+        if glb_batch_size % world_size:
+            raise ValueError(f"global batch {glb_batch_size} is not divisible by the world size {world_size}")
+        self.dataset_len, self.glb_batch_size, self.rank, self.world_size = dataset_len, glb_batch_size, rank, \
+            world_size
+        self.batch_size = glb_batch_size // world_size
+        self.seed, self.shuffle = seed, shuffle
+        self.iters_per_epoch = (dataset_len + glb_batch_size - 1) // glb_batch_size
+        self.epoch, self.start_it = 0, 0
+
+    def set_epoch(self, epoch: int, start_it: int = 0) -> None:
+        if not 0 <= start_it <= self.iters_per_epoch:
+            raise ValueError(f"start_it={start_it} outside [0, {self.iters_per_epoch}]")
+        self.epoch, self.start_it = epoch, start_it
+
+    def epoch_indices(self, epoch: int) -> torch.Tensor:
+        """All positions of epoch `epoch` (length iters_per_epoch * glb_batch_size)."""
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            idx = torch.randperm(self.dataset_len, generator=g)
+        else:
+            idx = torch.arange(self.dataset_len)
+        total = self.iters_per_epoch * self.glb_batch_size
+        while idx.numel() < total:  # pad (more than once only for tiny data sets)
+            idx = torch.cat((idx, idx[: total - idx.numel()]))
+        return idx
+
+    def __iter__(self) -> Iterator[List[Tuple[int, int]]]:
+        idx = self.epoch_indices(self.epoch).tolist()
+        for it in range(self.start_it, self.iters_per_epoch):
+            begin = it * self.glb_batch_size + self.rank * self.batch_size
+            yield [(idx[p], sample_seed(self.seed, self.epoch, p)) for p in range(begin, begin + self.batch_size)]
+
+    def __len__(self) -> int:
+        return self.iters_per_epoch - self.start_it
+
+
+class EvalDistributedSampler(Sampler[int]):
+    """Contiguous, non-overlapping slices of the data set per rank (no padding: metrics are summed with counts)."""
+
+    def __init__(self, dataset_len: int, rank: int = 0, world_size: int = 1):
+        bounds = torch.linspace(0, dataset_len, world_size + 1).round().long().tolist()
+        self.indices = list(range(bounds[rank], bounds[rank + 1]))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def build_loaders(train_set: Dataset, val_set: Dataset, batch_size: int, workers: int, rank: int, world_size: int,
+                  seed: int, pin_memory: bool = False) -> Tuple[DataLoader, DataLoader, DistributedBatchSampler]:
+    """Train loader over `DistributedBatchSampler` (per-rank `batch_size`) and a val loader (1.5x batch)."""
+    sampler = DistributedBatchSampler(len(train_set), batch_size * world_size, rank, world_size, seed)
+    # an explicit generator keeps DataLoader from drawing its base seed from the global RNG (exact resume)
+    common = dict(num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0,
+                  generator=torch.Generator().manual_seed(seed))
+    train_loader = DataLoader(SeededDataset(train_set), batch_sampler=sampler, **common)
+    val_loader = DataLoader(val_set, batch_size=max(1, round(batch_size * 1.5)), shuffle=False, drop_last=False,
+                            sampler=EvalDistributedSampler(len(val_set), rank, world_size), **common)
+    return train_loader, val_loader, sampler

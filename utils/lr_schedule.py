@@ -1,0 +1,101 @@
+"""VAR's learning-rate, weight-decay and progressive-training schedules, as pure functions of the iteration.
+
+Iterations count loader steps (micro-batches with `--ac` > 1), as in VAR. `max_it` = epochs * iterations per epoch.
+"""
+import math
+from typing import Tuple
+
+import torch
+
+SCHEDULES = ("lin0", "lin", "lin00", "cos", "exp", "lin<T> (e.g. lin0.5)")
+
+
+def lr_factor(sche: str, it: int, wp_it: float, max_it: int, wp0: float = 0.005, wpe: float = 0.01) -> float:
+    """Multiplier of the peak lr at iteration `it`.
+
+    Warm-up: linear from `wp0` to 1 over round(wp_it) iterations. Then, with p in [0, 1] the fraction of the
+    post-warm-up iterations done:
+      lin0   hold 1 for p < 0.05, then linear to `wpe` (VAR's default)
+      lin    the same with a 15% hold
+      lin00  linear from 1 to `wpe`, no hold
+      cos    half cosine from 1 to `wpe`
+      exp    hold 15%, then exponential decay to `wpe`
+      lin<T> (T a float, set by progressive training `--pg`): linear from 1 to a midpoint over p < T, then
+             linear to `wpe`.
+    """
+    wp_it = round(wp_it)
+    if it < wp_it:
+        return wp0 + (1 - wp0) * it / wp_it
+    p = (it - wp_it) / max(max_it - 1 - wp_it, 1)
+    rest = 1 - p
+    if sche == "cos":
+        return wpe + (1 - wpe) * (0.5 + 0.5 * math.cos(math.pi * p))
+    if sche in ("lin", "lin0", "exp"):
+        hold = 0.05 if sche == "lin0" else 0.15
+        if p < hold:
+            return 1.0
+        if sche == "exp":
+            return math.exp((p - hold) / (1 - hold) * math.log(wpe))
+        return wpe + (1 - wpe) * rest / (1 - hold)
+    if sche == "lin00":
+        return wpe + (1 - wpe) * rest
+    if sche.startswith("lin"):
+        try:
+            T = float(sche[3:])
+        except ValueError:
+            raise ValueError(f"--sche={sche!r}: expected one of {SCHEDULES}") from None
+        mid = (1 + wpe + (1 - wpe) * (1 - T)) / 2
+        if p < T:
+            return 1 + (mid - 1) * p / T
+        return wpe + (mid - wpe) * rest / (1 - T)
+    raise ValueError(f"--sche={sche!r}: expected one of {SCHEDULES}")
+
+
+def wd_at(it: int, max_it: int, twd: float, twde: float) -> float:
+    """Weight decay: half cosine from `twd` at it=0 to `twde` at the last iteration."""
+    p = it / max(max_it - 1, 1)
+    return twde + (twd - twde) * (0.5 + 0.5 * math.cos(math.pi * p))
+
+
+def set_lr_wd(optimizer: torch.optim.Optimizer, lr: float, wd: float) -> None:
+    """Write lr and wd into every param group, scaled by the group's `lr_sc` / `wd_sc` (no-decay groups: 0)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_sc", 1.0)
+        group["weight_decay"] = wd * group.get("wd_sc", 1.0)
+
+
+def prog_si_at(it: int, wp_it: float, max_it: int, pg: float, pg0: int, num_scales: int) -> int:
+    """Progressive training stage: the last trained scale at iteration `it` (-1 = all scales, no `--pg`).
+
+    Scale `pg0` through warm-up, then rising linearly to the last scale at `pg` * max_it.
+    """
+    if pg <= 0:
+        return -1
+    if it <= wp_it:
+        return pg0
+    if it >= max_it * pg:
+        return num_scales - 1
+    progress = min(max((it - wp_it) / (max_it * pg - wp_it), 0.0), 1.0)
+    return pg0 + round(progress * (num_scales - 1 - pg0))
+
+
+def prog_state(it: int, wp_it: float, max_it: int, pg: float, pg0: int, num_scales: int,
+               pgwp_it: float) -> Tuple[int, float]:
+    """(prog_si, prog_wp) at iteration `it`: the stage (-1 = all scales) and the loss weight of its newest scale.
+
+    prog_wp ramps from 1/pgwp_it to 1 over `pgwp_it` iterations after each stage change (floor 0.01), and is 1 in
+    the first stage (covered by the lr warm-up). The stage start is found by bisection, so no counter needs saving.
+    """
+    si = prog_si_at(it, wp_it, max_it, pg, pg0, num_scales)
+    if si < 0 or si == num_scales - 1:  # the last stage trains all scales with full weight
+        return -1, 1.0
+    lo, hi = 0, it  # first iteration of stage `si`: prog_si_at is non-decreasing in it
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if prog_si_at(mid, wp_it, max_it, pg, pg0, num_scales) >= si:
+            hi = mid
+        else:
+            lo = mid + 1
+    first_stage = prog_si_at(0, wp_it, max_it, pg, pg0, num_scales) == si
+    prog_wp = 1.0 if first_stage else max(min((it - lo + 1) / max(pgwp_it, 1e-8), 1.0), 0.01)
+    return si, prog_wp
