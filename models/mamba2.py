@@ -19,8 +19,8 @@ import math
 import os
 import sys
 import types
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -45,9 +45,9 @@ def ssd_chunk_scan(
     B_BLGN: torch.Tensor,
     C_BLGN: torch.Tensor,
     chunk_size: int,
-    D: Optional[torch.Tensor] = None,
-    initial_state_BHPN: Optional[torch.Tensor] = None,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+    D: torch.Tensor | None = None,
+    initial_state_BHPN: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunked SSD scan of h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T, y_t = C_t h_t + D x_t.
 
     `dt_BLH` is the final step size (softplus and bias already applied), `A_H` is negative, `D` is (H,) or (H, P).
@@ -126,7 +126,7 @@ def gated_rms_norm(
 class RMSNormGated(nn.Module):
     """Gated RMSNorm with mamba_ssm's parameter layout (`weight` only)."""
 
-    def __init__(self, hidden_size: int, eps: float = 1e-5, group_size: Optional[int] = None,
+    def __init__(self, hidden_size: int, eps: float = 1e-5, group_size: int | None = None,
                  norm_before_gate: bool = True, device=None, dtype=None):
         super().__init__()
         self.eps = eps
@@ -150,8 +150,8 @@ class MambaKernels:
     """Entry points of the optional CUDA/Triton kernels (None where a package did not import)."""
 
     chunk_scan: Callable  # mamba_ssm.ops.triton.ssd_combined.mamba_chunk_scan_combined
-    rmsnorm_fn: Optional[Callable]  # mamba_ssm.ops.triton.layernorm_gated.rmsnorm_fn
-    causal_conv1d_fn: Optional[Callable]  # causal_conv1d.causal_conv1d_fn
+    rmsnorm_fn: Callable | None  # mamba_ssm.ops.triton.layernorm_gated.rmsnorm_fn
+    causal_conv1d_fn: Callable | None  # causal_conv1d.causal_conv1d_fn
 
 
 def _import_mamba_submodule(name: str) -> types.ModuleType:
@@ -164,7 +164,7 @@ def _import_mamba_submodule(name: str) -> types.ModuleType:
     """
     try:
         return importlib.import_module(name)
-    except Exception as package_err:  # noqa: BLE001 - any failure of the package init: retry without it
+    except Exception as package_err:  # any failure of the package init: retry without it
         spec = importlib.util.find_spec("mamba_ssm") if "mamba_ssm" not in sys.modules else None
         if spec is None or not spec.submodule_search_locations:
             raise
@@ -180,20 +180,20 @@ def _import_mamba_submodule(name: str) -> types.ModuleType:
                 del sys.modules["mamba_ssm"]
 
 
-@functools.lru_cache(maxsize=None)
-def load_kernels() -> Tuple[Optional[MambaKernels], str]:
+@functools.cache
+def load_kernels() -> tuple[MambaKernels | None, str]:
     """Import the optional kernels once. Returns (kernels or None, a short description of what happened)."""
     try:
         chunk_scan = _import_mamba_submodule("mamba_ssm.ops.triton.ssd_combined").mamba_chunk_scan_combined
-    except Exception as err:  # noqa: BLE001 - the kernels are optional, any failure means "not available"
+    except Exception as err:  # the kernels are optional, any failure means "not available"
         return None, f"mamba_ssm Triton kernels unavailable ({type(err).__name__}: {err})"
     try:
         rmsnorm_fn = _import_mamba_submodule("mamba_ssm.ops.triton.layernorm_gated").rmsnorm_fn
-    except Exception:  # noqa: BLE001
+    except Exception:  # optional: fall back to torch
         rmsnorm_fn = None
     try:
         causal_conv1d_fn = importlib.import_module("causal_conv1d").causal_conv1d_fn
-    except Exception:  # noqa: BLE001
+    except Exception:  # optional: fall back to torch
         causal_conv1d_fn = None
     note = "mamba_ssm kernels loaded (gated norm: {}, causal_conv1d: {})".format(
         "triton" if rmsnorm_fn else "torch", "yes" if causal_conv1d_fn else "no (torch conv)")
@@ -205,7 +205,7 @@ def _is_kernel_device(t: torch.Tensor) -> bool:
     return t.is_cuda
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _log_backend_once(message: str) -> None:
     logger.info(message)
 
@@ -233,6 +233,8 @@ class Mamba2(nn.Module):
     `backend`: "auto" (env MVAR_MAMBA_BACKEND overrides it; mamba_ssm kernels for CUDA inputs when they import,
     else PyTorch), "torch", or "mamba_ssm" (raises if the kernels are missing or the input is not on CUDA).
     The mamba_ssm path is NOT YET RUN ON GPU: only its dispatch is tested (on CPU, with fake kernels).
+    `chunk_size` is the kernel's chunk length; the PyTorch path uses min(chunk_size, TORCH_CHUNK_SIZE) (same maths).
+    Defaults are mamba_ssm's (d_state=128): M-VAR passes d_state=64, d_conv=4, expand=2.
     """
 
     def __init__(
@@ -240,23 +242,23 @@ class Mamba2(nn.Module):
         d_model: int,
         d_state: int = 128,
         d_conv: int = 4,
-        conv_init: Optional[float] = None,
+        conv_init: float | None = None,
         expand: int = 2,
         headdim: int = 64,
-        d_ssm: Optional[int] = None,
+        d_ssm: int | None = None,
         ngroups: int = 1,
-        A_init_range: Tuple[float, float] = (1, 16),
+        A_init_range: tuple[float, float] = (1, 16),
         D_has_hdim: bool = False,
         rmsnorm: bool = True,
         norm_before_gate: bool = False,
         dt_min: float = 0.001,
         dt_max: float = 0.1,
         dt_init_floor: float = 1e-4,
-        dt_limit: Tuple[float, float] = (0.0, float("inf")),
+        dt_limit: tuple[float, float] = (0.0, float("inf")),
         bias: bool = False,
         conv_bias: bool = True,
         chunk_size: int = 256,
-        layer_idx: Optional[int] = None,
+        layer_idx: int | None = None,
         device=None,
         dtype=None,
         backend: str = "auto",
@@ -269,15 +271,15 @@ class Mamba2(nn.Module):
             raise ValueError(f"Mamba2: backend={backend!r}, expected one of {BACKENDS}")
         self.d_model, self.d_state, self.d_conv, self.expand = d_model, d_state, d_conv, expand
         self.d_inner = self.d_ssm = expand * d_model
-        if self.d_ssm % headdim or ngroups < 1:
+        if self.d_ssm % headdim:
             raise ValueError(f"Mamba2: expand*d_model={self.d_ssm} must be a multiple of headdim={headdim}")
         self.headdim, self.nheads, self.ngroups = headdim, self.d_ssm // headdim, ngroups
-        if self.nheads % ngroups:
+        if ngroups < 1 or self.nheads % ngroups:
             raise ValueError(f"Mamba2: nheads={self.nheads} must be a multiple of ngroups={ngroups}")
         self.D_has_hdim, self.rmsnorm, self.norm_before_gate = D_has_hdim, rmsnorm, norm_before_gate
         self.dt_limit = tuple(dt_limit)
         self.chunk_size, self.layer_idx, self.backend = chunk_size, layer_idx, backend
-        self.active_backend: Optional[str] = None  # what the last forward used, for extra_repr
+        self.active_backend: str | None = None  # what the last forward used, for extra_repr
 
         self.in_proj = nn.Linear(d_model, 2 * self.d_inner + 2 * ngroups * d_state + self.nheads, bias=bias, **factory)
         self.conv_dim = self.d_ssm + 2 * ngroups * d_state
@@ -314,10 +316,10 @@ class Mamba2(nn.Module):
                                   dtype=torch.promote_types(dtype, torch.float32)),
         )
 
-    def forward(self, u_BlD: torch.Tensor, state: Optional[Mamba2State] = None) -> torch.Tensor:
+    def forward(self, u_BlD: torch.Tensor, state: Mamba2State | None = None) -> torch.Tensor:
         """(B, l, D) -> (B, l, D). With `state`, continue from it and update it in place."""
         kernels = self._resolve_backend(u_BlD)
-        Bsz, l, _ = u_BlD.shape
+        Bsz, seqlen, _ = u_BlD.shape
         zxbcdt = self.in_proj(u_BlD)
         z_Bld, xBC_Bld, dt_BlH = torch.split(zxbcdt, [self.d_ssm, self.conv_dim, self.nheads], dim=-1)
         if kernels is not None and kernels.causal_conv1d_fn is not None and state is None:
@@ -354,7 +356,7 @@ class Mamba2(nn.Module):
             y_BlHP, final = out if state is not None else (out, None)
         if state is not None:
             state.ssm_state.copy_(final.detach())
-        y_Bld = y_BlHP.reshape(Bsz, l, self.d_ssm)
+        y_Bld = y_BlHP.reshape(Bsz, seqlen, self.d_ssm)
         if self.rmsnorm:
             if kernels is not None and kernels.rmsnorm_fn is not None:
                 y_Bld = kernels.rmsnorm_fn(y_Bld, self.norm.weight, None, z=z_Bld, eps=self.norm.eps,
@@ -369,7 +371,7 @@ class Mamba2(nn.Module):
                 f"backend={self.backend} (active: {self.active_backend or 'not run yet'})")
 
     # ---- helpers -----------------------------------------------------------------------------------------------
-    def _causal_conv(self, xBC_Bld: torch.Tensor, state: Optional[Mamba2State]) -> torch.Tensor:
+    def _causal_conv(self, xBC_Bld: torch.Tensor, state: Mamba2State | None) -> torch.Tensor:
         """Depthwise causal conv + SiLU over (B, l, Dc); starts from and updates `state.conv_state` if given."""
         K1 = self.d_conv - 1
         x_BDl = xBC_Bld.transpose(1, 2)
@@ -381,7 +383,7 @@ class Mamba2(nn.Module):
         y_BDl = F.conv1d(x_BDk, self.conv1d.weight, self.conv1d.bias, groups=self.conv_dim)
         return F.silu(y_BDl).transpose(1, 2)
 
-    def _resolve_backend(self, u: torch.Tensor) -> Optional[MambaKernels]:
+    def _resolve_backend(self, u: torch.Tensor) -> MambaKernels | None:
         """Kernels to use for input `u`, or None for the PyTorch path (logged once per distinct outcome)."""
         choice = self.backend
         if choice == "auto":

@@ -7,7 +7,7 @@ import argparse
 import logging
 import statistics
 import time
-from typing import Callable, List
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -21,7 +21,7 @@ def build_ffn(C: int) -> nn.Module:
 
 def time_ms(fn: Callable[[], None], device: torch.device, warmup: int, iters: int) -> float:
     """Median wall time of `fn` in milliseconds (synchronising CUDA around each call)."""
-    times: List[float] = []
+    times: list[float] = []
     for i in range(warmup + iters):
         if device.type == "cuda":
             torch.cuda.synchronize(device)

@@ -14,7 +14,7 @@ SMALL = dict(d_model=32, d_state=16, d_conv=4, expand=2, headdim=8, ngroups=2, c
 
 
 def naive_scan(x, dt, A, B, C, D, h0=None):
-    """h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T, y_t = C_t h_t + D x_t, one token at a time (heads split over groups)."""
+    """h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T, y_t = C_t h_t + D x_t, token by token (heads split over groups)."""
     Bsz, L, H, P = x.shape
     G, N = B.shape[-2:]
     B_h, C_h = B.repeat_interleave(H // G, dim=2), C.repeat_interleave(H // G, dim=2)  # (B, L, H, N)
