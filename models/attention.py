@@ -141,13 +141,11 @@ def _intra_flash_attn(q, k, v, seg_lens, softmax_scale, dropout_p):
 
 
 def _intra_torch_varlen(q, k, v, seg_lens, softmax_scale, dropout_p):
-    """torch varlen_attn: as flash-attn, positional arguments only (keywords changed between torch releases).
-
-    Where the installed torch has no `scale` argument the scale is folded into q (its default is 1/sqrt(c)).
+    """torch varlen_attn, packed as for flash-attn. The seven tensor/length arguments go by position (their
+    keywords changed between torch releases); `scale` by keyword where the installed torch takes it (2.14 does),
+    else it is folded into q (the default scale is 1/sqrt(c)). Attention dropout is refused at resolution.
     Not yet run on GPU (dispatch tested on CPU).
     """
-    if dropout_p > 0:
-        raise ValueError("torch_varlen has no attention dropout (attn_drop_rate must be 0)")
     B, L, H, c = q.shape
     cu = _cu_seqlens(seg_lens, B, q.device)
     max_l = max(seg_lens)
@@ -160,6 +158,7 @@ def _intra_torch_varlen(q, k, v, seg_lens, softmax_scale, dropout_p):
     return o_THc.view(B, L, H, c)
 
 
+@functools.lru_cache(maxsize=64)
 def _pack_groups(seg_lens: tuple[int, ...]) -> tuple[tuple[int, int, tuple[int, ...]], ...]:
     """Consecutive scales packed while their total is <= SDPA_PACK_TOKENS: (start, end, lens) per group."""
     groups, start, lens = [], 0, []
@@ -246,6 +245,8 @@ class ScaleAttention(nn.Module):
 
     With `attn_l2_norm`, q and k are L2-normalised per head and q is multiplied by exp(min(scale_mul_1H11, log 100))
     (a learned per-head temperature, init 4), softmax scale 1; otherwise the softmax scale is 0.25/sqrt(c).
+    `backend` picks the intra-scale kernel; mode "causal" always runs SDPA with the block-causal mask (as VAR's
+    training path), and with `kv_caching(True)` attends from the current scale to every cached token.
     """
 
     def __init__(
