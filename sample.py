@@ -22,7 +22,7 @@ import torch
 
 import dist
 from models.loading import config_from_state_dict, load_mvar, read_checkpoint, resolve_mvar_checkpoint
-from models.mvar import MVAR, MVARConfig
+from models.mvar import ARCH_BRANCHES, MVAR, MVARConfig
 from models.tokenizer import load_vae
 from utils.fid_dump import (DumpPlan, check_or_write_settings, chunk_seed, dump_shard, fid_folder_name,
                             missing_indices, pack_npz)
@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt", default=None, help="M-VAR checkpoint: ours ({config, model, ...}) or an official file")
     p.add_argument("--depth", type=int, default=None,
                    help="without --ckpt: use the official d{depth}.pth; with --ckpt: the depth it must have")
-    p.add_argument("--arch", default=None, choices=("mvar", "var", "attn", "mamba"),
+    p.add_argument("--arch", default=None, choices=sorted(ARCH_BRANCHES),
                    help="the architecture --ckpt must have (checked before sampling)")
     p.add_argument("--vae_ckpt", default=None, help="tokenizer file (default: the one embedded in --ckpt, else "
                                                     "VAR's vae_ch160v4096z32.pth from the Hugging Face cache)")

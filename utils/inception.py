@@ -103,7 +103,9 @@ class InceptionFeatures(torch.nn.Module):
 
     @torch.no_grad()
     def forward(self, imgs_BHW3: np.ndarray | torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        x_B3HW = torch.as_tensor(imgs_BHW3).to(self.device).permute(0, 3, 1, 2).float()
+        if isinstance(imgs_BHW3, np.ndarray):  # copy: memory-mapped npz slices are read-only
+            imgs_BHW3 = torch.from_numpy(np.array(imgs_BHW3))
+        x_B3HW = imgs_BHW3.to(self.device).permute(0, 3, 1, 2).float()
         if self.resizes_itself:
             feats_BD = self.net(x_B3HW, return_features=True)
         else:
