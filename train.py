@@ -163,7 +163,7 @@ def main(args: argparse.Namespace) -> None:
         args.seed = ckpt["args"]["seed"]
     if args.seed is None:
         args.seed = dist.broadcast_object(random.SystemRandom().randrange(2**31) if dist.is_main_process() else None)
-    seed_everything(args.seed, rank, world)
+    torch.manual_seed(args.seed)  # the same initial weights for any world size
 
     # tokenizer (frozen, fp32) -> image size; data; model
     vae = load_vae(args.vae_ckpt, device, v_patch_nums=args.patch_nums)
@@ -173,6 +173,7 @@ def main(args: argparse.Namespace) -> None:
     train_loader, val_loader, sampler = build_loaders(train_set, val_set, args.batch_size, args.workers, rank,
                                                       world, args.seed, pin_memory=device.type == "cuda")
     mvar = build_model(args, vae, num_classes, device)
+    seed_everything(args.seed, rank, world)
     logger.info("%d train / %d val images at %dpx, %d classes; model %s: %.2fM params", len(train_set),
                 len(val_set), reso, num_classes, mvar.extra_repr(), sum(p.numel() for p in mvar.parameters()) / 1e6)
     if args.vfast:

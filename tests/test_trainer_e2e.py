@@ -1,0 +1,141 @@
+"""train.py end to end on a tiny tokenizer/model/ImageFolder (CPU): torchrun DDP == one process, SIGKILL + resume
+is bit-identical, corrupt and incompatible checkpoints are clear errors that keep the previous file."""
+import dataclasses
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from models.tokenizer import VQVAE
+from utils.checkpoint import LAST, PREV
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+TINY = ["--pn=1_2_4", "--depth=2", "--embed_dim=64", "--num_heads=2", "--fuse=0", "--bs=4", "--ep=2",
+        "--log_every=1", "--workers=0", "--seed=3", "--tblr=1e-1", "--sample_every=0", "--val_every=1"]
+LOSS_RE = re.compile(r"ep (\d+)/\d+ it (\d+)/\d+ \| loss ([0-9.]+)")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny tokenizer checkpoint (downsample 2 -> 8 px images) and an ImageFolder of 3 classes."""
+    root = tmp_path_factory.mktemp("train_e2e")
+    torch.manual_seed(0)
+    vae = VQVAE(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 2), v_patch_nums=(1, 2, 4))
+    torch.save({"vae_config": dataclasses.asdict(vae.config), "vae": vae.state_dict()}, root / "vae.pth")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 8), ("val", 2)):
+        for c in range(3):
+            d = root / "data" / split / f"class{c}"
+            d.mkdir(parents=True)
+            for i in range(n):
+                base = rng.integers(0, 255, (1, 1, 3)) * np.ones((10, 12, 1))  # per-image colour + noise
+                img = np.clip(base + rng.normal(0, 30, (10, 12, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(img).save(d / f"{i}.png")
+    return root
+
+
+def train_cmd(setup: Path, out: Path, *extra: str, nproc: int = 1):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
+        if nproc > 1 else [sys.executable]
+    return [*launcher, str(REPO / "train.py"), f"--data_path={setup / 'data'}", f"--vae_ckpt={setup / 'vae.pth'}",
+            f"--local_out_dir_path={out}", *TINY, *extra]
+
+
+def run_train(setup: Path, out: Path, *extra: str, nproc: int = 1, check: bool = True):
+    proc = subprocess.run(train_cmd(setup, out, *extra, nproc=nproc), env=ENV, cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def logged_losses(text: str):
+    return {(int(e), int(i)): float(v) for e, i, v in LOSS_RE.findall(text)}
+
+
+def model_state(path: Path):
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+def max_abs_diff(a, b) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+
+
+@pytest.fixture(scope="module")
+def reference_run(setup):
+    """Uninterrupted single-process run with the model's own randomness on (cond dropout, drop path, hflip)."""
+    out = setup / "ref"
+    proc = run_train(setup, out, "--save_every=2", "--hflip=1", "--drop_path_rate=0.1")
+    return out, proc.stdout
+
+
+def test_ddp_two_ranks_equal_one_process(setup):
+    """torchrun --nproc_per_node=2 (gloo) with the same global batch: same losses and final weights as one process.
+    Cond dropout and drop path are off: their random draws are per rank by design."""
+    flags = ("--cond_drop_rate=0", "--drop_path_rate=0", "--hflip=1")
+    single = run_train(setup, setup / "single", *flags)
+    ddp = run_train(setup, setup / "ddp", *flags, nproc=2)
+    loss_1, loss_2 = logged_losses(single.stdout), logged_losses(ddp.stdout)
+    assert len(loss_1) == 12 and loss_1.keys() == loss_2.keys()
+    assert max(abs(loss_1[k] - loss_2[k]) for k in loss_1) < 1e-4  # logged with 4 decimals
+    diff = max_abs_diff(model_state(setup / "single" / LAST), model_state(setup / "ddp" / LAST))
+    assert diff < 1e-5, diff
+    moved = max_abs_diff(model_state(setup / "single" / LAST), model_state(setup / "single" / PREV))
+    assert moved > 1e-3  # the weights did change over the last epoch, so the comparison means something
+
+
+def test_sigkill_mid_epoch_then_resume_is_bit_identical(setup, reference_run):
+    ref_out, ref_log = reference_run
+    out = setup / "killed"
+    cmd = train_cmd(setup, out, "--save_every=2", "--hflip=1", "--drop_path_rate=0.1")
+    proc = subprocess.Popen(cmd, env=ENV, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in proc.stdout:  # kill right after the first mid-epoch checkpoint
+            if "saved checkpoint" in line and "iter 2)" in line:
+                proc.send_signal(signal.SIGKILL)
+                break
+    finally:
+        proc.wait(timeout=120)
+    assert proc.returncode == -signal.SIGKILL
+    resumed = run_train(setup, out, "--save_every=2", "--hflip=1", "--drop_path_rate=0.1")
+    position = re.search(r"resumed from .* at epoch (\d+), iteration (\d+)", resumed.stdout)
+    assert position and int(position.group(2)) > 0, resumed.stdout[-2000:]  # resumed mid-epoch
+    ref, got = model_state(ref_out / LAST), model_state(out / LAST)
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
+    ref_opt = torch.load(ref_out / LAST, weights_only=True)["trainer"]["optimizer"]["state"]
+    got_opt = torch.load(out / LAST, weights_only=True)["trainer"]["optimizer"]["state"]
+    assert all(torch.equal(ref_opt[i]["exp_avg_sq"], got_opt[i]["exp_avg_sq"]) for i in ref_opt)
+    ref_losses, got_losses = logged_losses(ref_log), logged_losses(resumed.stdout)
+    assert got_losses and all(ref_losses[k] == v for k, v in got_losses.items())
+
+
+def test_corrupt_checkpoint_is_an_error_naming_it_and_previous_is_kept(setup, reference_run):
+    ref_out, _ = reference_run
+    out = setup / "corrupt"
+    shutil.copytree(ref_out, out)
+    (out / LAST).write_bytes((out / LAST).read_bytes()[:1000])  # truncated
+    prev_bytes = (out / PREV).read_bytes()
+    proc = run_train(setup, out, "--ep=3", check=False)
+    assert proc.returncode != 0
+    assert f"checkpoint {out / LAST} is unreadable" in proc.stderr
+    assert (out / PREV).read_bytes() == prev_bytes
+    assert "epoch" in torch.load(out / PREV, weights_only=True)
+
+
+def test_incompatible_checkpoint_names_file_and_field(setup, reference_run):
+    ref_out, _ = reference_run
+    out = setup / "incompatible"
+    shutil.copytree(ref_out, out)
+    proc = run_train(setup, out, "--depth=3", check=False)
+    assert proc.returncode != 0
+    assert f"checkpoint {out / LAST} is incompatible" in proc.stderr and "model depth" in proc.stderr
