@@ -296,7 +296,8 @@ class ScaleAttention(nn.Module):
         dropout_p = self.attn_drop if self.training else 0.0
         if self.mode == "intra":
             self.last_backend = resolve_backend(self.backend, q.device, q.dtype, dropout_p)
-            o = intra_scale_attention(q, k, v, seg_lens, self.scale, dropout_p, self.last_backend)
+            kernel = _INTRA_KERNELS[self.last_backend]
+            o = kernel(q, k, v, _check_segments(q, seg_lens), self.scale, dropout_p)
         elif self.caching:  # sampling: this call's scale attends to every cached token (all earlier scales)
             self.cached_k = k if self.cached_k is None else torch.cat((self.cached_k, k), dim=1)
             self.cached_v = v if self.cached_v is None else torch.cat((self.cached_v, v), dim=1)

@@ -195,7 +195,7 @@ def main(args: argparse.Namespace) -> None:
     if "cuda" in devices and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is visible")
     load, cores = os.getloadavg()[0], os.cpu_count() or 1
-    if "cpu" in devices and load > cores:
+    if "cpu" in devices and load > cores and torch.get_num_threads() > 1:
         logging.getLogger(__name__).warning(
             "load average %.1f on %d cores: CPU timings are distorted (threads wait at every parallel region; "
             "many small kernels suffer most); --threads 1 gives steadier numbers", load, cores)
