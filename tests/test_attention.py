@@ -38,14 +38,14 @@ def dense_reference(q, k, v, allowed_LL, scale):
     return torch.einsum("bhlm,bmhc->blhc", s_BHLL.softmax(-1), v)
 
 
-def assert_fwd_bwd_equal(fn, ref, inputs, atol):
+def assert_fwd_bwd_equal(fn, ref, inputs, atol, rtol=0.0):
     out = fn(*inputs)
     grads = torch.autograd.grad(out, inputs, torch.ones_like(out))
     ref_out = ref(*inputs)
     ref_grads = torch.autograd.grad(ref_out, inputs, torch.ones_like(ref_out))
-    torch.testing.assert_close(out, ref_out, atol=atol, rtol=0)
+    torch.testing.assert_close(out, ref_out, atol=atol, rtol=rtol)
     for g, rg in zip(grads, ref_grads, strict=True):
-        torch.testing.assert_close(g, rg, atol=atol, rtol=0)
+        torch.testing.assert_close(g, rg, atol=atol, rtol=rtol)
 
 
 # ---- kernels vs dense references ---------------------------------------------------------------------------------
@@ -298,7 +298,8 @@ def test_gpu_varlen_backends_match_sdpa_bf16(backend, seg_lens):
     inputs = qkv(2, sum(seg_lens), 4, 64, dtype=torch.bfloat16, device="cuda")
     assert_fwd_bwd_equal(
         lambda q, k, v: intra_scale_attention(q, k, v, seg_lens, 0.125, backend=backend),
-        lambda q, k, v: intra_scale_attention(q, k, v, seg_lens, 0.125, backend="sdpa"), inputs, atol=3e-2,
+        lambda q, k, v: intra_scale_attention(q, k, v, seg_lens, 0.125, backend="sdpa"), inputs,
+        atol=2e-2, rtol=2e-2,
     )
 
 
@@ -323,4 +324,4 @@ def test_gpu_scale_attention_autocast_bf16_auto_matches_sdpa():
         out_auto = layer(x, SEG_256)
         layer.backend = "sdpa"
         out_sdpa = layer(x, SEG_256)
-    torch.testing.assert_close(out_auto.float(), out_sdpa.float(), atol=3e-2, rtol=0)
+    torch.testing.assert_close(out_auto.float(), out_sdpa.float(), atol=2e-2, rtol=2e-2)
