@@ -124,7 +124,7 @@ def bench_attn(device: torch.device, args: argparse.Namespace) -> str:
         return run
 
     res = measure({
-        "kernel intra": (lambda: intra_scale_attention(*qkv, seg_lens, scale, backend=backend), qkv),
+        "kernel intra": (lambda: intra_scale_attention(*qkv, seg_lens, scale, backend=args.attn_backend), qkv),
         "kernel global": (lambda: block_causal_attention(*qkv, seg_lens, scale), qkv),
     }, device, args)
     res |= measure({"layer intra": (layer_run("intra"), [x_BLC]), "layer global": (layer_run("causal"), [x_BLC])},
