@@ -67,7 +67,7 @@ def time_call(fn, repeats: int, device: torch.device) -> float:
     return statistics.median(times)
 
 
-def run(args: argparse.Namespace) -> str:
+def measure(args: argparse.Namespace) -> Dict:
     device = torch.device(args.device)
     patch_nums = parse_patch_nums(args.pn)
     amp_dtype = torch.bfloat16 if args.bf16 else None
@@ -101,12 +101,17 @@ def run(args: argparse.Namespace) -> str:
     with torch.inference_mode():
         decode = time_call(lambda: vae.fhat_to_img(f_hat), args.repeats, device) / args.bs
 
-    ref = rows[1]["s_per_img"]
     cached, recompute = images[rows[0]["name"]], images[rows[1]["name"]]
+    return {"rows": rows, "decode_s_per_img": decode, "max_diff_cached_vs_recompute":
+            (cached - recompute).abs().max().item(), "L": sum(p * p for p in patch_nums)}
+
+
+def format_table(args: argparse.Namespace, result: Dict) -> str:
+    rows, ref = result["rows"], result["rows"][1]["s_per_img"]
     lines = [
-        f"Sampling, depth {args.depth}, patch_nums {args.pn} (L={sum(p * p for p in patch_nums)}), batch {args.bs} "
-        f"(x2 for guidance), cfg {args.cfg}, {device.type}{' bf16' if args.bf16 else ' fp32'}, "
-        f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads",
+        f"Sampling, depth {args.depth}, patch_nums {args.pn} (L={result['L']}), batch {args.bs} (x2 for guidance), "
+        f"cfg {args.cfg}, {args.device}{' bf16' if args.bf16 else ' fp32'}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} CPU threads",
         "",
         "| sampler | C | params | Mamba tokens / block | attention tokens / block | attention scores / block "
         "| s / image | speed-up vs recompute |",
@@ -115,12 +120,13 @@ def run(args: argparse.Namespace) -> str:
     for r in rows:
         lines.append(f"| {r['name']} | {r['C']} | {r['params'] / 1e6:.1f}M | {r['tokens']['mamba']} | "
                      f"{r['tokens']['attn']} | {r['scores']} | {r['s_per_img']:.4f} | {ref / r['s_per_img']:.2f}x |")
-    lines.append(f"| tokenizer decode only (ch={args.vae_ch}) | | | | | | {decode:.4f} | |")
-    lines += ["", f"max |image difference| cached vs recompute, same seed: {(cached - recompute).abs().max().item():.2e}"]
+    lines.append(f"| tokenizer decode only (ch={args.vae_ch}) | | | | | | {result['decode_s_per_img']:.4f} | |")
+    lines += ["", "max |image difference| cached vs recompute, same seed: "
+              f"{result['max_diff_cached_vs_recompute']:.2e}"]
     return "\n".join(lines)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> str:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--depth", type=int, default=4)
     p.add_argument("--pn", default="256", help="patch schedule: 256, 512 or 1_2_3_...")
@@ -135,9 +141,13 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     p.add_argument("--portable", action="store_true", help="force SDPA attention and the PyTorch Mamba2 scan")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=None, help="also write the table to this markdown file")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> str:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    table = run(args)
+    table = format_table(args, measure(args))
     print(table)
     if args.out:
         Path(args.out).write_text(table + "\n")
