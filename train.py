@@ -145,7 +145,7 @@ def main(args: argparse.Namespace) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
     dist.barrier()
     setup_logging(rank, out_dir)
-    writer = is_checkpoint_writer(out_dir)
+    writer = is_checkpoint_writer(out_dir) and (rank == 0 or not args.fsdp)  # FSDP2 gathers states on rank 0
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(args.tf32)
     logger.info("world size %d, device %s; per-rank batch %d, global micro-batch %d, %d accumulation step(s), "

