@@ -1,0 +1,176 @@
+"""Trainer.train_step and friends on a tiny tokenizer + model (CPU): loss, no-decay groups, accumulation,
+progressive training, non-finite steps, AMP, validation, checkpoint files."""
+import copy
+import logging
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models.mvar import MVAR, MVARConfig
+from models.tokenizer import VQVAE
+from trainer import NonFiniteError, Trainer, build_optimizer, param_groups
+from utils.checkpoint import CheckpointError, find_resume_checkpoint, get_rng_state, load_checkpoint, save_atomic, \
+    set_rng_state
+
+PN = (1, 2, 4)
+CPU = torch.device("cpu")
+
+
+def tiny(cond_drop_rate=0.0, arch="mvar", **trainer_kw):
+    torch.manual_seed(0)
+    vae = VQVAE(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 2), v_patch_nums=PN)
+    cfg = MVARConfig(depth=2, embed_dim=64, num_heads=2, num_classes=4, V=64, Cvae=8, patch_nums=PN, arch=arch,
+                     d_state=16, drop_path_rate=0.0, cond_drop_rate=cond_drop_rate, attn_backend="sdpa",
+                     mamba_backend="torch")
+    mvar = MVAR(cfg, vae=vae)
+    mvar.init_weights(init_adaln_gamma=0.1)
+    return Trainer(vae, mvar, build_optimizer(mvar, lr=1e-3), CPU, **trainer_kw)
+
+
+def batch(B=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(B, 3, 8, 8, generator=g) * 2 - 1, torch.randint(0, 4, (B,), generator=g)
+
+
+def test_no_weight_decay_groups_follow_var():
+    tr = tiny()
+    names = {id(p): n for n, p in tr.mvar.named_parameters()}
+    decay, no_decay = ({names[id(p)] for p in g["params"]} for g in param_groups(tr.mvar))
+    for n in ("pos_start", "pos_1LC", "lvl_embed.weight", "blocks.0.attn.scale_mul_1H11", "blocks.0.attn.q_bias",
+              "blocks.0.mamba.A_log", "blocks.0.mamba.D", "blocks.0.mamba.dt_bias", "blocks.0.ffn.fc1.bias",
+              "head.bias"):
+        assert n in no_decay, n
+    for n in ("blocks.0.attn.mat_qkv.weight", "blocks.0.mamba.in_proj.weight", "blocks.0.ffn.fc1.weight",
+              "word_embed.weight", "head.weight", "blocks.0.ada_lin.1.weight"):
+        assert n in decay, n
+    opt = tr.optimizer
+    assert opt.defaults["betas"] == (0.9, 0.95) and [g["wd_sc"] for g in opt.param_groups] == [1.0, 0.0]
+
+
+def test_loss_is_uniform_token_cross_entropy():
+    tr = tiny()
+    logits_BLV, gt_BL = torch.randn(3, 21, 64), torch.randint(0, 64, (3, 21))
+    assert torch.allclose(tr.token_loss(logits_BLV, gt_BL, -1, 1.0), F.cross_entropy(logits_BLV.flatten(0, 1),
+                                                                                      gt_BL.flatten()))
+    tr.label_smooth = 0.1
+    ref = F.cross_entropy(logits_BLV.flatten(0, 1), gt_BL.flatten(), label_smoothing=0.1)
+    assert torch.allclose(tr.token_loss(logits_BLV, gt_BL, -1, 1.0), ref)
+    # progressive: first 5 tokens (scales 1, 2), the newest scale weighted by prog_wp, weights still 1/L
+    tr.label_smooth = 0.0
+    ce_BL = F.cross_entropy(logits_BLV[:, :5].flatten(0, 1), gt_BL[:, :5].flatten(), reduction="none").view(3, 5)
+    ref = (ce_BL[:, :1].sum(1) + 0.25 * ce_BL[:, 1:5].sum(1)).mean() / 21
+    assert torch.allclose(tr.token_loss(logits_BLV[:, :5], gt_BL, 1, 0.25), ref)
+
+
+def test_loss_goes_down_on_a_fixed_batch():
+    tr = tiny()
+    inp, label = batch(8)
+    losses = [tr.train_step(inp, label).loss.item() for _ in range(25)]
+    assert losses[-1] < losses[0] - 0.5, losses
+
+
+def test_progressive_step_trains_only_the_first_scales():
+    tr = tiny()
+    res = tr.train_step(*batch(), prog_si=1, prog_wp=0.5)
+    assert res.logits_BLV.shape == (4, 5, 64) and tr.mvar.prog_si == -1
+    assert res.grad_norm is not None and math.isfinite(res.grad_norm)
+
+
+def test_accumulation_equals_one_big_step():
+    inp, label = batch(8)
+    big, acc = tiny(), tiny(ac=2)
+    big.train_step(inp, label)
+    acc.train_step(inp[:4], label[:4], stepping=False)
+    res = acc.train_step(inp[4:], label[4:], stepping=True)
+    assert res.grad_norm is not None
+    for (n, p), q in zip(big.mvar.named_parameters(), acc.mvar.parameters()):
+        assert torch.allclose(p, q, atol=1e-6), n
+
+
+def test_clip_logs_pre_clip_norm_and_clips():
+    tr = tiny(tclip=1e-3)
+    before = copy.deepcopy(tr.mvar.state_dict())
+    grads = {}
+    for n, p in tr.mvar.named_parameters():
+        p.register_hook(lambda g, n=n: grads.__setitem__(n, g.clone()))
+    res = tr.train_step(*batch())
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads.values()])).item()
+    assert res.grad_norm == pytest.approx(norm, rel=1e-5) and res.grad_norm > 1e-3
+    assert any(not torch.equal(before[k], v) for k, v in tr.mvar.state_dict().items())
+
+
+def test_non_finite_steps_are_skipped_then_stop_the_run(caplog):
+    tr = tiny(max_nonfinite=2)
+    inp, label = batch()
+    with torch.no_grad():
+        tr.mvar.head.bias[0] = float("nan")
+    before = {k: v.clone() for k, v in tr.mvar.state_dict().items()}
+    with caplog.at_level(logging.WARNING, logger="trainer"):
+        res = tr.train_step(inp, label)
+    assert res.skipped and tr.nonfinite_in_a_row == 1 and "skipped" in caplog.text
+    assert all(torch.equal(before[k], v) for k, v in tr.mvar.state_dict().items() if k != "head.bias")
+    with pytest.raises(NonFiniteError, match="--max_nonfinite=2"):
+        tr.train_step(inp, label)
+
+
+@pytest.mark.parametrize("fp16", [1, 2])
+def test_mixed_precision_steps(fp16):
+    tr = tiny(fp16=fp16)
+    res = tr.train_step(*batch())
+    assert math.isfinite(res.loss.item()) and res.logits_BLV.dtype == torch.float32
+    assert (res.loss_scale == 2.0**11) if fp16 == 1 else res.loss_scale is None
+    assert (tr.scaler is not None) == (fp16 == 1)
+
+
+def test_evaluate_reports_per_scale_metrics_with_cond_dropout_off():
+    tr = tiny(cond_drop_rate=1.0)  # in train mode every label would be dropped
+    loader = [batch(4, seed=1), batch(2, seed=2)]
+    a, b = tr.evaluate(loader, resos=(2, 4, 8)), tr.evaluate(loader, resos=(2, 4, 8))
+    assert a == b and a["n"] == 6 and tr.mvar.training
+    assert set(a) >= {"vL_2", "vL_4", "vL_8", "vacc_8", "vL_mean", "vacc_tail"}
+    assert a["vL_tail"] == a["vL_8"] and 0 < a["vL_mean"] < 10
+    labels_seen = []
+    handle = tr.mvar.class_emb.register_forward_hook(lambda m, i, o: labels_seen.append(i[0].clone()))
+    tr.evaluate(loader[:1], resos=(2, 4, 8))
+    handle.remove()
+    assert torch.equal(labels_seen[0], loader[0][1])  # no label replaced by the null class
+
+
+def test_trainer_state_round_trip_gives_identical_next_step():
+    tr = tiny(fp16=1)
+    inp, label = batch()
+    tr.train_step(inp, label)
+    state = copy.deepcopy(tr.state_dict())
+    other = tiny(fp16=1)
+    other.load_state_dict(state)
+    a, b = tr.train_step(inp, label), other.train_step(inp, label)
+    assert a.loss.item() == b.loss.item()
+    assert all(torch.equal(p, q) for p, q in zip(tr.mvar.parameters(), other.mvar.parameters()))
+
+
+def test_atomic_save_keeps_previous_and_bad_files_are_named(tmp_path):
+    last, prev = tmp_path / "ar-ckpt-last.pth", tmp_path / "ar-ckpt-prev.pth"
+    save_atomic({"v": 1}, last, keep_previous=prev)
+    save_atomic({"v": 2}, last, keep_previous=prev)
+    assert load_checkpoint(last)["v"] == 2 and load_checkpoint(prev)["v"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([prev.name, last.name])  # no temp files left
+    assert find_resume_checkpoint(tmp_path) == last
+    last.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="ar-ckpt-last.pth is unreadable"):
+        load_checkpoint(last)
+    last.unlink()
+    assert find_resume_checkpoint(tmp_path) == prev
+
+
+def test_rng_state_round_trip_through_a_checkpoint(tmp_path):
+    import random
+
+    import numpy as np
+    torch.manual_seed(1), random.seed(1), np.random.seed(1)
+    save_atomic({"rng": get_rng_state()}, tmp_path / "r.pth")
+    expected = (torch.rand(3), random.random(), np.random.rand())
+    set_rng_state(load_checkpoint(tmp_path / "r.pth")["rng"])
+    got = (torch.rand(3), random.random(), np.random.rand())
+    assert torch.equal(expected[0], got[0]) and expected[1:] == got[1:]
