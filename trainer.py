@@ -114,6 +114,11 @@ class Trainer:
         the update (and zeroes the gradients); `max_nonfinite` such steps in a row raise NonFiniteError.
         """
         gt_BL, x_BLCv = self.tokenize(inp_B3HW)
+        return self.step_tokens(gt_BL, x_BLCv, label_B, stepping, prog_si, prog_wp)
+
+    def step_tokens(self, gt_BL: torch.Tensor, x_BLCv: torch.Tensor, label_B: torch.Tensor, stepping: bool = True,
+                    prog_si: int = -1, prog_wp: float = 1.0) -> StepResult:
+        """`train_step` after tokenization: targets gt_BL (B, L) and teacher input x_BLCv (B, L - 1, Cv)."""
         self.mvar.prog_si = prog_si
         try:
             with dist.grad_sync(self.model, stepping):

@@ -1,0 +1,4 @@
+#!/usr/bin/env bash
+# M-VAR-d16, 256 px: the official recipe (M-VAR README).
+# Usage: NNODES=.. NODE_RANK=.. MASTER_ADDR=.. bash scripts/train_d16.sh --data_path=/path/to/imagenet [more flags]
+exec "$(dirname "$0")/torchrun.sh" --depth=16 --bs=768 --ep=200 --fp16=1 --alng=1e-3 --wpe=0.1 "$@"
