@@ -1,0 +1,96 @@
+"""Tokenizer training (scripts/train_tokenizer.py): loss decreases, dead codes are re-initialised, GAN terms
+update the discriminator, and the checkpoint loads through models.loading.load_vae and resumes."""
+import dataclasses
+import functools
+
+import pytest
+import torch
+
+from models.loading import load_vae
+from scripts.train_tokenizer import TokenizerTrainer, build_parser, build_vae, main, quantizer_residuals
+from utils.data import build_datasets
+from utils.vq_losses import build_perceptual_loss
+
+TINY = ["--reso=8", "--ch=32", "--ch_mult=1_2", "--z_channels=8", "--vocab_size=64", "--pn=1_2_4", "--bs=16",
+        "--mid_reso=1.0", "--reinit_every=0", "--lr=3e-3", "--wp=0"]
+
+
+def tiny_args(*extra: str):
+    return build_parser().parse_args(TINY + list(extra))
+
+
+@functools.cache
+def mnist_batch(n: int = 16) -> torch.Tensor:
+    _, train_set, _ = build_datasets("", "mnist", reso=8, mid_reso=1.0)
+    return torch.stack([train_set[i * 4500 // n][0] for i in range(n)])  # digits of every class
+
+
+def test_reconstruction_loss_goes_down():
+    args = tiny_args("--steps=30")
+    trainer = TokenizerTrainer(build_vae(args), args, torch.device("cpu"))
+    img = mnist_batch()
+    first = trainer.train_step(img)
+    for _ in range(28):
+        trainer.train_step(img)
+    last = trainer.train_step(img, ret_usages=True)
+    assert last["l1"] < 0.6 * first["l1"], (first, last)
+    assert last["loss"] < first["loss"]
+    assert len(last["usage"]) == 3 and all(0 <= u <= 100 for u in last["usage"])
+
+
+def test_dead_codes_take_residual_vectors():
+    args = tiny_args("--steps=10")
+    trainer = TokenizerTrainer(build_vae(args), args, torch.device("cpu"))
+    img = mnist_batch()
+    trainer.train_step(img)  # fills the usage EMA and the Adam state
+    quantize = trainer.vae.quantize
+    dead_before = quantize.ema_vocab_hit_SV.sum(0) == 0
+    assert dead_before.any()
+    old_W = quantize.embedding.weight.detach().clone()
+    rows = quantizer_residuals(trainer.vae.eval(), img)  # what the re-init draws from (before it changes f_hat)
+    trainer.vae.train()
+    n = trainer.reinit_dead_codes(img, tokens_per_step=16 * (1 + 4 + 16))
+    assert n == int(dead_before.sum())
+    new_W = quantize.embedding.weight.detach()
+    assert torch.equal(new_W[~dead_before], old_W[~dead_before])
+    # each new code sits next to one of the residuals the quantizer matches
+    nearest = torch.cdist(new_W[dead_before], rows).min(dim=1).values
+    assert (nearest < 0.01 * rows.norm(dim=1).mean()).all()
+    assert trainer.opt.state[quantize.embedding.weight]["exp_avg"][dead_before].abs().sum() == 0
+
+
+def test_gan_term_updates_discriminator():
+    args = tiny_args("--steps=2", "--w_gan=0.1", "--disc_ch=16", "--disc_layers=1")
+    trainer = TokenizerTrainer(build_vae(args), args, torch.device("cpu"))
+    before = [p.detach().clone() for p in trainer.disc.parameters()]
+    out = trainer.train_step(mnist_batch(8))
+    assert {"g", "d"} <= out.keys()
+    assert any(not torch.equal(b, p) for b, p in zip(before, trainer.disc.parameters()))
+
+
+def test_perceptual_term_reports_why_it_is_unavailable():
+    module, why = build_perceptual_loss(torch.device("cpu"))
+    if module is None:
+        assert "lpips" in why.lower() or "vgg16" in why.lower()
+    else:
+        assert why == ""
+
+
+def test_bad_resolution_names_the_flag():
+    with pytest.raises(ValueError, match="--reso=16"):
+        build_vae(tiny_args("--reso=16"))
+
+
+def test_main_writes_a_loadable_checkpoint_and_resumes(tmp_path):
+    args = tiny_args("--steps=3", "--log_every=2", "--save_every=2", f"--out_dir={tmp_path}")
+    ckpt_path = main(args)
+    vae = load_vae(ckpt_path)
+    assert vae.v_patch_nums == (1, 2, 4) and vae.vocab_size == 64 and not vae.training
+    assert dataclasses.asdict(vae.config)["ch_mult"] == (1, 2)
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    assert ckpt["step"] == 3
+    idx = vae.img_to_idxBl(mnist_batch(2))
+    assert [t.shape for t in idx] == [(2, 1), (2, 4), (2, 16)]
+    # a second run in the same folder resumes at step 3 and trains to --steps
+    main(tiny_args("--steps=4", f"--out_dir={tmp_path}"))
+    assert torch.load(ckpt_path, weights_only=True)["step"] == 4

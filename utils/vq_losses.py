@@ -1,0 +1,66 @@
+"""Optional loss terms of tokenizer training: a PatchGAN discriminator with hinge losses, and LPIPS when its
+weights are available offline.
+
+Shape legend: B batch, H/W image size; images are in [-1, 1].
+"""
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+# torchvision's VGG16 file that `lpips.LPIPS(net="vgg")` loads through torch.hub (it downloads it when absent).
+VGG16_FILE = "vgg16-397923af.pth"
+
+
+class PatchDiscriminator(nn.Module):
+    """PatchGAN (pix2pix) discriminator: stride-2 4x4 convs, GroupNorm (batch-size independent, DDP-safe),
+    LeakyReLU 0.2; outputs one real/fake logit per overlapping patch, (B, 1, h, w)."""
+
+    def __init__(self, in_channels: int = 3, ch: int = 64, n_layers: int = 3):
+        super().__init__()
+        layers: list[nn.Module] = [nn.Conv2d(in_channels, ch, 4, stride=2, padding=1), nn.LeakyReLU(0.2, True)]
+        c_in = ch
+        for i in range(1, n_layers + 1):
+            c_out = ch * min(2 ** i, 8)
+            stride = 2 if i < n_layers else 1
+            layers += [nn.Conv2d(c_in, c_out, 4, stride=stride, padding=1, bias=False),
+                       nn.GroupNorm(min(32, c_out // 4), c_out), nn.LeakyReLU(0.2, True)]
+            c_in = c_out
+        layers.append(nn.Conv2d(c_in, 1, 4, stride=1, padding=1))
+        self.main = nn.Sequential(*layers)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, 0.0, 0.02)
+
+    def forward(self, img_B3HW: torch.Tensor) -> torch.Tensor:
+        return self.main(img_B3HW)
+
+
+def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    """Discriminator hinge loss: mean(relu(1 - D(real))) + mean(relu(1 + D(fake))), halved."""
+    return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
+
+
+def hinge_g_loss(logits_fake: torch.Tensor) -> torch.Tensor:
+    """Generator side of the hinge GAN: -mean(D(fake))."""
+    return -logits_fake.mean()
+
+
+def build_perceptual_loss(device: torch.device) -> tuple[nn.Module | None, str]:
+    """(LPIPS-VGG module, "") when usable offline, else (None, why not).
+
+    The `lpips` package ships its linear-layer weights, but the VGG16 backbone comes from torchvision through
+    torch.hub, which downloads it when it is not cached: offline runs therefore need that file in the cache.
+    """
+    try:
+        import lpips
+    except ImportError:
+        return None, "the lpips package is not installed (pip install lpips)"
+    vgg = Path(torch.hub.get_dir()) / "checkpoints" / VGG16_FILE
+    if not vgg.is_file():
+        return None, f"torchvision's VGG16 weights are not cached at {vgg} (lpips would download them)"
+    return lpips.LPIPS(net="vgg", verbose=False).to(device).eval().requires_grad_(False), ""
