@@ -15,7 +15,6 @@ or pass it to train.py / sample.py as --vae_ckpt); a run restarted with the same
 import argparse
 import dataclasses
 import logging
-import math
 import sys
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file fr
 
 from dist.core import all_reduce_mean, all_reduce_sum, barrier, finalize, get_rank, get_world_size, initialize, \
     initialized  # noqa: E402
-from dist.wrap import unwrap_model, wrap_model  # noqa: E402
+from dist.wrap import wrap_model  # noqa: E402
 from models.quantizer import USAGE_MARGIN  # noqa: E402
 from models.tokenizer import VQVAE, parse_patch_nums  # noqa: E402
 from utils.args import str2bool  # noqa: E402

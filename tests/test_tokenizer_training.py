@@ -65,7 +65,7 @@ def test_gan_term_updates_discriminator():
     before = [p.detach().clone() for p in trainer.disc.parameters()]
     out = trainer.train_step(mnist_batch(8))
     assert {"g", "d"} <= out.keys()
-    assert any(not torch.equal(b, p) for b, p in zip(before, trainer.disc.parameters()))
+    assert any(not torch.equal(b, p) for b, p in zip(before, trainer.disc.parameters(), strict=True))
 
 
 def test_perceptual_term_reports_why_it_is_unavailable():
