@@ -15,7 +15,7 @@ import random
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -75,7 +75,7 @@ def is_checkpoint_writer(out_dir: Path) -> bool:
     return dist.get_local_rank() == 0 and not shared
 
 
-def check_resumable(ckpt: Dict[str, Any], path: Path, config: MVARConfig, vae: VQVAE, glb_batch_size: int) -> None:
+def check_resumable(ckpt: dict[str, Any], path: Path, config: MVARConfig, vae: VQVAE, glb_batch_size: int) -> None:
     """Raise CheckpointError naming `path` when the checkpoint does not belong to this run's setup."""
     missing = [k for k in ("config", "model", "vae_config", "trainer", "epoch", "iter", "args", "rng") if k not in ckpt]
     if missing:

@@ -6,7 +6,7 @@ import logging
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +27,7 @@ class NonFiniteError(RuntimeError):
     """Too many optimizer steps in a row had a non-finite loss or gradient."""
 
 
-def param_groups(model: nn.Module) -> List[Dict]:
+def param_groups(model: nn.Module) -> list[dict]:
     """Decay / no-decay groups as VAR: no decay on 1-D params, biases, NO_WD_KEYS and params flagged
     `_no_weight_decay` (Mamba2's A_log, D, dt_bias). Groups carry `wd_sc` read by `set_lr_wd`."""
     decay, no_decay = [], []
@@ -57,8 +57,8 @@ class StepResult:
     loss: torch.Tensor  # the optimised loss (smoothed, weighted), scalar
     logits_BLV: torch.Tensor  # detached
     gt_BL: torch.Tensor
-    grad_norm: Optional[float] = None  # pre-clip global norm, set on stepping micro-steps
-    loss_scale: Optional[float] = None  # fp16 GradScaler scale after the step
+    grad_norm: float | None = None  # pre-clip global norm, set on stepping micro-steps
+    loss_scale: float | None = None  # fp16 GradScaler scale after the step
     skipped: bool = False  # the optimizer step was skipped (non-finite loss/grad)
 
 
@@ -88,7 +88,7 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     @torch.no_grad()
-    def tokenize(self, inp_B3HW: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def tokenize(self, inp_B3HW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Images in [-1, 1] -> (targets gt_BL, teacher-forcing input x_BLCv_wo_first_l), fp32, no autocast."""
         with torch.autocast(self.device.type, enabled=False):
             gt_idx_Bl = self.vae.img_to_idxBl(inp_B3HW.float())
@@ -162,7 +162,7 @@ class Trainer:
                                  f"is intact; lower --tblr, raise --tclip or use --fp16=2 (bf16).")
 
     # ---- metrics ------------------------------------------------------------------------------------------------
-    def scale_metrics(self, logits_BLV: torch.Tensor, gt_BL: torch.Tensor, resos: Sequence[int]) -> Dict[str, float]:
+    def scale_metrics(self, logits_BLV: torch.Tensor, gt_BL: torch.Tensor, resos: Sequence[int]) -> dict[str, float]:
         """Batch metrics all-reduced over ranks: Lm/Accm (all tokens present), Lt/Acct (last scale, when present),
         L_{reso}/acc_{reso} per scale and the share of the vocabulary predicted (vocab_usage, %)."""
         B, Lp, V = logits_BLV.shape
@@ -176,7 +176,7 @@ class Trainer:
             names += [f"L_{resos[si]}", f"acc_{resos[si]}"]
             vals += [ce_BL[:, bg:ed].mean(), hit_BL[:, bg:ed].mean() * 100]
         stats = dist.all_reduce_mean(torch.stack(vals))
-        out = dict(zip(names, stats.tolist()))
+        out = dict(zip(names, stats.tolist(), strict=True))
         if Lp == self.mvar.L:
             out["Lt"], out["Acct"] = out[f"L_{resos[-1]}"], out[f"acc_{resos[-1]}"]
         counts_V = dist.all_reduce_sum(logits_BLV.argmax(-1).flatten().bincount(minlength=V).float())
@@ -184,7 +184,7 @@ class Trainer:
         return out
 
     @torch.no_grad()
-    def evaluate(self, loader, resos: Sequence[int]) -> Dict[str, float]:
+    def evaluate(self, loader, resos: Sequence[int]) -> dict[str, float]:
         """Validation over `loader` (cond dropout off: eval mode): mean loss / accuracy overall, on the last
         scale and per scale, averaged over all samples of all ranks."""
         was_training = self.mvar.training
@@ -215,14 +215,14 @@ class Trainer:
         return out
 
     # ---- state ----------------------------------------------------------------------------------------------------
-    def state_dict(self) -> Dict:
+    def state_dict(self) -> dict:
         """Full (unsharded) model and optimizer states, plus the scaler; collective under FSDP2."""
         return {"model": dist.full_model_state_dict(self.model),
                 "optimizer": dist.full_optimizer_state_dict(self.model, self.optimizer),
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                 "nonfinite_in_a_row": self.nonfinite_in_a_row}
 
-    def load_state_dict(self, state: Dict) -> None:
+    def load_state_dict(self, state: dict) -> None:
         dist.load_full_state(self.model, state["model"], self.optimizer, state["optimizer"])
         if self.scaler is not None and state.get("scaler") is not None:
             self.scaler.load_state_dict(state["scaler"])

@@ -6,7 +6,7 @@ below are no-ops, so the same training code runs on a laptop CPU and on many GPU
 import datetime
 import logging
 import os
-from typing import Any, List
+from typing import Any
 
 import torch
 import torch.distributed as tdist
@@ -94,11 +94,11 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def all_gather_object(obj: Any) -> List[Any]:
+def all_gather_object(obj: Any) -> list[Any]:
     """Every rank's `obj`, in rank order (a one-element list without a process group)."""
     if not initialized():
         return [obj]
-    out: List[Any] = [None] * get_world_size()
+    out: list[Any] = [None] * get_world_size()
     tdist.all_gather_object(out, obj)
     return out
 

@@ -1,6 +1,5 @@
 """Model wrapping for data parallelism (DDP, or FSDP2 `fully_shard`) and the one `unwrap_model` helper."""
 import contextlib
-from typing import ContextManager, Dict, Optional
 
 import torch
 from torch import nn
@@ -45,7 +44,7 @@ def is_fsdp(model: nn.Module) -> bool:
     return isinstance(unwrap_model(model), FSDPModule)
 
 
-def grad_sync(model: nn.Module, enabled: bool) -> ContextManager:
+def grad_sync(model: nn.Module, enabled: bool) -> contextlib.AbstractContextManager:
     """Context for one micro-step: with `enabled` False, gradients stay local (DDP `no_sync`, FSDP2's
     `set_requires_gradient_sync(False)`); the final micro-step of an accumulation window syncs."""
     if isinstance(model, nn.parallel.DistributedDataParallel):
@@ -55,7 +54,7 @@ def grad_sync(model: nn.Module, enabled: bool) -> ContextManager:
     return contextlib.nullcontext()
 
 
-def full_model_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
+def full_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The unsharded state dict (names without DDP/compile prefixes). Collective under FSDP2, where only rank 0
     receives it (on the CPU) and other ranks get an empty dict."""
     if is_fsdp(model):
@@ -66,7 +65,7 @@ def full_model_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
     return unwrap_model(model).state_dict()
 
 
-def full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> Dict:
+def full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     """The optimizer state; under FSDP2 unsharded on rank 0 only (collective), as `full_model_state_dict`."""
     if is_fsdp(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
@@ -76,8 +75,8 @@ def full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer
     return optimizer.state_dict()
 
 
-def load_full_state(model: nn.Module, model_sd: Dict[str, torch.Tensor], optimizer: Optional[torch.optim.Optimizer],
-                    optim_sd: Optional[Dict]) -> None:
+def load_full_state(model: nn.Module, model_sd: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer | None,
+                    optim_sd: dict | None) -> None:
     """Load full (unsharded) model / optimizer states into a plain, DDP or FSDP2 model; strict."""
     if is_fsdp(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, \

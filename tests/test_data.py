@@ -52,7 +52,7 @@ def test_sampler_global_batches_do_not_depend_on_world_size():
     for ep in (0, 3):
         for s in (one, *ranks):
             s.set_epoch(ep)
-        for b1, *bs in zip(one, *ranks):
+        for b1, *bs in zip(one, *ranks, strict=True):
             assert b1 == [item for b in bs for item in b]
 
 

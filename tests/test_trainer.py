@@ -85,7 +85,7 @@ def test_accumulation_equals_one_big_step():
     acc.train_step(inp[:4], label[:4], stepping=False)
     res = acc.train_step(inp[4:], label[4:], stepping=True)
     assert res.grad_norm is not None
-    for (n, p), q in zip(big.mvar.named_parameters(), acc.mvar.parameters()):
+    for (n, p), q in zip(big.mvar.named_parameters(), acc.mvar.parameters(), strict=True):
         assert torch.allclose(p, q, atol=1e-6), n
 
 
@@ -147,7 +147,7 @@ def test_trainer_state_round_trip_gives_identical_next_step():
     other.load_state_dict(state)
     a, b = tr.train_step(inp, label), other.train_step(inp, label)
     assert a.loss.item() == b.loss.item()
-    assert all(torch.equal(p, q) for p, q in zip(tr.mvar.parameters(), other.mvar.parameters()))
+    assert all(torch.equal(p, q) for p, q in zip(tr.mvar.parameters(), other.mvar.parameters(), strict=True))
 
 
 def test_atomic_save_keeps_previous_and_bad_files_are_named(tmp_path):

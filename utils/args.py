@@ -3,7 +3,6 @@ M-VAR and robustness extras. `finalize_args` derives the values VAR computes at 
 """
 import argparse
 import math
-from typing import List, Optional
 
 from models.tokenizer import parse_patch_nums
 
@@ -142,6 +141,6 @@ def finalize_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
     return args
 
 
-def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse flags (not yet finalized: that needs the world size)."""
     return build_parser().parse_args(argv)

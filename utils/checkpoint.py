@@ -7,7 +7,7 @@ import logging
 import os
 import random
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -15,14 +15,14 @@ import torch
 logger = logging.getLogger(__name__)
 
 LAST, PREV, BEST = "ar-ckpt-last.pth", "ar-ckpt-prev.pth", "ar-ckpt-best.pth"
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read or does not fit this run; the message names the file."""
 
 
-def save_atomic(obj: Any, path: PathLike, keep_previous: Optional[PathLike] = None) -> Path:
+def save_atomic(obj: Any, path: PathLike, keep_previous: PathLike | None = None) -> Path:
     """torch.save to a temporary file in the same folder, fsync, then rename over `path`.
 
     With `keep_previous`, an existing `path` is first renamed to that name, so a good older file always
@@ -50,7 +50,7 @@ def save_atomic(obj: Any, path: PathLike, keep_previous: Optional[PathLike] = No
     return path
 
 
-def load_checkpoint(path: PathLike) -> Dict[str, Any]:
+def load_checkpoint(path: PathLike) -> dict[str, Any]:
     """Read a checkpoint on the CPU (weights_only, memory-mapped so the ranks of a node share the pages);
     CheckpointError naming the file if it is unreadable."""
     try:
@@ -62,7 +62,7 @@ def load_checkpoint(path: PathLike) -> Dict[str, Any]:
     return ckpt
 
 
-def find_resume_checkpoint(out_dir: PathLike) -> Optional[Path]:
+def find_resume_checkpoint(out_dir: PathLike) -> Path | None:
     """The newest checkpoint in `out_dir` to auto-resume from: ar-ckpt-last.pth, else ar-ckpt-prev.pth (left
     alone if a run died between the two renames of `save_atomic`), else None."""
     for name in (LAST, PREV):
@@ -73,7 +73,7 @@ def find_resume_checkpoint(out_dir: PathLike) -> Optional[Path]:
 
 
 # ---- RNG states -------------------------------------------------------------------------------------------------
-def get_rng_state() -> Dict[str, Any]:
+def get_rng_state() -> dict[str, Any]:
     """torch (CPU and current CUDA device), Python and NumPy generator states, in weights_only-loadable types."""
     mt, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
@@ -86,7 +86,7 @@ def get_rng_state() -> Dict[str, Any]:
     return state
 
 
-def set_rng_state(state: Dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any]) -> None:
     """Restore what `get_rng_state` captured."""
     torch.set_rng_state(state["torch"])
     py = state["python"]

@@ -7,7 +7,7 @@ ranks or workers, and a run resumed mid-epoch continues with exactly the images 
 import logging
 import os
 from pathlib import Path
-from typing import Callable, Iterator, List, Optional, Tuple
+from collections.abc import Callable, Iterator
 
 import torch
 from PIL import Image
@@ -25,7 +25,7 @@ def normalize_01_into_pm1(x: torch.Tensor) -> torch.Tensor:
     return x.add(x).add_(-1)
 
 
-def build_transforms(reso: int, mid_reso: float = 1.125, hflip: bool = False) -> Tuple[Callable, Callable]:
+def build_transforms(reso: int, mid_reso: float = 1.125, hflip: bool = False) -> tuple[Callable, Callable]:
     """VAR's transforms: resize the shorter side to round(mid_reso*reso) (LANCZOS), then a random (train) or
     center (val) reso x reso crop, optional horizontal flip (train), values in [-1, 1]."""
     mid = round(mid_reso * reso)
@@ -47,7 +47,7 @@ class SafeImageFolder(ImageFolder):
     """ImageFolder that skips unreadable or truncated images: one warning per bad file (naming it, with the count
     so far in this process), and the next readable image in index order is returned in its place."""
 
-    def __init__(self, root: str, transform: Optional[Callable] = None, flag: str = "--data_path"):
+    def __init__(self, root: str, transform: Callable | None = None, flag: str = "--data_path"):
         if not os.path.isdir(root):
             raise FileNotFoundError(f"{flag}: folder {root} does not exist (expected an ImageFolder with one "
                                     f"sub-folder per class)")
@@ -85,7 +85,7 @@ class SeededDataset(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, item: Tuple[int, int]):
+    def __getitem__(self, item: tuple[int, int]):
         index, seed = item
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -93,7 +93,7 @@ class SeededDataset(Dataset):
 
 
 def build_datasets(data_path: str, dataset: str, reso: int, mid_reso: float = 1.125,
-                   hflip: bool = False) -> Tuple[int, Dataset, Dataset]:
+                   hflip: bool = False) -> tuple[int, Dataset, Dataset]:
     """(num_classes, train set, val set): `data_path`/train and /val ImageFolders, or with an empty `data_path`
     the embedded data set `dataset` (utils.embedded_data) through the same transforms."""
     train_tf, val_tf = build_transforms(reso, mid_reso, hflip)
@@ -120,7 +120,7 @@ def sample_seed(seed: int, epoch: int, pos: int) -> int:
     return ((seed * 1_000_003 + epoch) * 1_000_003 + pos) % (2**63)
 
 
-class DistributedBatchSampler(Sampler[List[Tuple[int, int]]]):
+class DistributedBatchSampler(Sampler[list[tuple[int, int]]]):
     """Resumable batch sampler that every rank agrees on.
 
     Epoch e shuffles all indices with a generator seeded by (seed, e) (same on every rank), pads the tail with the
@@ -157,7 +157,7 @@ class DistributedBatchSampler(Sampler[List[Tuple[int, int]]]):
             idx = torch.cat((idx, idx[: total - idx.numel()]))
         return idx
 
-    def __iter__(self) -> Iterator[List[Tuple[int, int]]]:
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         idx = self.epoch_indices(self.epoch).tolist()
         for it in range(self.start_it, self.iters_per_epoch):
             begin = it * self.glb_batch_size + self.rank * self.batch_size
@@ -182,7 +182,7 @@ class EvalDistributedSampler(Sampler[int]):
 
 
 def build_loaders(train_set: Dataset, val_set: Dataset, batch_size: int, workers: int, rank: int, world_size: int,
-                  seed: int, pin_memory: bool = False) -> Tuple[DataLoader, DataLoader, DistributedBatchSampler]:
+                  seed: int, pin_memory: bool = False) -> tuple[DataLoader, DataLoader, DistributedBatchSampler]:
     """Train loader over `DistributedBatchSampler` (per-rank `batch_size`) and a val loader (1.5x batch)."""
     sampler = DistributedBatchSampler(len(train_set), batch_size * world_size, rank, world_size, seed)
     # an explicit generator keeps DataLoader from drawing its base seed from the global RNG (exact resume)

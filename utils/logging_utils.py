@@ -3,14 +3,13 @@ scalars and images from rank 0 only."""
 import logging
 import sys
 from pathlib import Path
-from typing import Dict, Optional, Union
 
 import torch
 
 LOG_FORMAT = "[%(asctime)s %(levelname)s %(name)s] %(message)s"
 
 
-def setup_logging(rank: int, out_dir: Optional[Path] = None, level: int = logging.INFO) -> None:
+def setup_logging(rank: int, out_dir: Path | None = None, level: int = logging.INFO) -> None:
     """Configure the root logger for this process (called once by train.py, never at import)."""
     handlers = [logging.StreamHandler(sys.stdout)]
     if rank == 0 and out_dir is not None:
@@ -24,7 +23,7 @@ def setup_logging(rank: int, out_dir: Optional[Path] = None, level: int = loggin
 class TBLogger:
     """SummaryWriter on rank 0, a no-op elsewhere (or when tensorboard is not installed)."""
 
-    def __init__(self, log_dir: Optional[Path], enabled: bool):
+    def __init__(self, log_dir: Path | None, enabled: bool):
         self.writer = None
         if enabled and log_dir is not None:
             try:
@@ -57,15 +56,15 @@ class Averager:
     """Running means of named scalars (floats or device tensors: no sync) since the last `pop()`."""
 
     def __init__(self):
-        self.sums: Dict[str, Union[float, torch.Tensor]] = {}
-        self.counts: Dict[str, int] = {}
+        self.sums: dict[str, float | torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
 
-    def update(self, **values: Union[float, torch.Tensor]) -> None:
+    def update(self, **values: float | torch.Tensor) -> None:
         for k, v in values.items():
             self.sums[k] = self.sums.get(k, 0.0) + v
             self.counts[k] = self.counts.get(k, 0) + 1
 
-    def pop(self) -> Dict[str, Union[float, torch.Tensor]]:
+    def pop(self) -> dict[str, float | torch.Tensor]:
         out = {k: self.sums[k] / self.counts[k] for k in self.sums}
         self.sums, self.counts = {}, {}
         return out

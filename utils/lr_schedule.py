@@ -3,7 +3,6 @@
 Iterations count loader steps (micro-batches with `--ac` > 1), as in VAR. `max_it` = epochs * iterations per epoch.
 """
 import math
-from typing import Tuple
 
 import torch
 
@@ -80,7 +79,7 @@ def prog_si_at(it: int, wp_it: float, max_it: int, pg: float, pg0: int, num_scal
 
 
 def prog_state(it: int, wp_it: float, max_it: int, pg: float, pg0: int, num_scales: int,
-               pgwp_it: float) -> Tuple[int, float]:
+               pgwp_it: float) -> tuple[int, float]:
     """(prog_si, prog_wp) at iteration `it`: the stage (-1 = all scales) and the loss weight of its newest scale.
 
     prog_wp ramps from 1/pgwp_it to 1 over `pgwp_it` iterations after each stage change (floor 0.01), and is 1 in
