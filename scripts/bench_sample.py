@@ -47,8 +47,8 @@ def attention_scores(mvar: MVAR) -> int:
     """Query-key pairs per sequence and head: within each scale (intra-scale) or against the KV cache (VAR)."""
     ends = [end for _, end in mvar.begin_ends]
     if mvar.config.arch == "var":
-        return sum(l * e for l, e in zip(mvar.seg_lens, ends))
-    return sum(l * l for l in mvar.seg_lens) if "attn" in mvar.config.branches else 0
+        return sum(n * e for n, e in zip(mvar.seg_lens, ends))
+    return sum(n * n for n in mvar.seg_lens) if "attn" in mvar.config.branches else 0
 
 
 def timed(fn, device: torch.device):
