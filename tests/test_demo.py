@@ -1,0 +1,32 @@
+"""The demo, shortened (--quick): tokenizer -> M-VAR (train.py) -> sample grid -> class-consistency score."""
+import json
+
+import numpy as np
+import torch
+from PIL import Image
+
+from models.loading import load_mvar, load_vae
+from scripts.demo import build_parser, main
+
+
+def test_quick_demo_end_to_end(tmp_path):
+    summary = main(build_parser().parse_args(["--quick", f"--out_dir={tmp_path}", "--grid_cols=3"]))
+
+    assert json.loads((tmp_path / "summary.json").read_text()) == summary
+    # the grid: 10 rows (digits) x 3 columns of 32 px images with 2 px padding
+    grid = np.asarray(Image.open(summary["grid"]))
+    assert grid.shape == (2 + 10 * 34, 2 + 3 * 34, 3)
+    assert grid[2:34, 2:34].std() > 0  # a picture, not a blank tile
+
+    assert summary["n_generated"] == 10 * 4
+    assert 0 <= summary["class_consistency"] <= 1 and len(summary["per_class_consistency"]) == 10
+    # the classifier learns real digits even in one epoch (chance is 10%)
+    assert summary["classifier_val_acc_real"] > 0.6
+
+    # the M-VAR checkpoint carries the tokenizer that was trained in stage 1, and both load
+    vae = load_vae(summary["tokenizer_ckpt"])
+    embedded = load_vae(summary["mvar_ckpt"])
+    for k, v in vae.state_dict().items():
+        assert torch.equal(v, embedded.state_dict()[k]), k
+    mvar = load_mvar(summary["mvar_ckpt"], vae=embedded)
+    assert mvar.patch_nums == (1, 2, 3, 4) and mvar.num_classes == 10
