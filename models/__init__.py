@@ -3,14 +3,14 @@ from collections.abc import Sequence
 
 import torch
 
-from models.mvar import MVAR, MVAR_models, MVARConfig, PATCH_NUMS_256
-from models.tokenizer import VQVAE
+from models.mvar import MVAR, MVAR_models, MVARConfig
+from models.tokenizer import PATCH_NUMS, VQVAE
 
 __all__ = ["MVAR", "MVARConfig", "MVAR_models", "VQVAE", "build_vae_mvar"]
 
 
 def build_vae_mvar(
-    device, patch_nums: Sequence[int] = PATCH_NUMS_256,
+    device: str | torch.device, patch_nums: Sequence[int] = PATCH_NUMS[256],
     V: int = 4096, Cvae: int = 32, ch: int = 160, share_quant_resi: int = 4,
     num_classes: int = 1000, depth: int = 16, shared_aln: bool = False, attn_l2_norm: bool = True,
     flash_if_available: bool = True, fused_if_available: bool = True,

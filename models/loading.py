@@ -6,28 +6,33 @@ read off the tensor shapes. They also carry derived buffers (`lvl_1L`, `attn_bia
 """
 import dataclasses
 import logging
+import math
 from pathlib import Path
 from typing import Any
 from collections.abc import Sequence
 
 import torch
 
-from models.mvar import MVAR, MVARConfig, PATCH_NUMS_256
-from models.tokenizer import VQVAE, load_vae  # noqa: F401  (re-exported: the one tokenizer loader)
+from models.mvar import MVAR, MVARConfig
+from models.tokenizer import PATCH_NUMS, VQVAE, load_vae  # noqa: F401  (re-exported: the one tokenizer loader)
 from utils.hub import resolve_checkpoint
 from utils.state_dict import load_state_dict_checked
 
 logger = logging.getLogger(__name__)
 
 MVAR_REPO = "OliverRen/M-VAR"
-PATCH_NUMS_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
 DERIVED_KEYS = ("lvl_1L", "attn_bias_for_masking", "blocks.*.attn.patch_nums")  # fnmatch patterns
 
 
 def config_from_state_dict(
     state_dict: dict[str, torch.Tensor], patch_nums: Sequence[int] | None = None, **overrides,
 ) -> MVARConfig:
-    """Infer the MVARConfig of a raw (official) state dict from its tensor shapes."""
+    """Infer the MVARConfig of a raw (official) state dict from its tensor shapes.
+
+    The patch schedule comes from `patch_nums`, else the official `blocks.0.attn.patch_nums` buffer, else L
+    (256 or 512 px presets). Weights with attention and no Mamba load as `arch="var"`: an `intra` ablation has the
+    same keys, so pass `arch="intra"` for those.
+    """
     missing = [k for k in ("pos_start", "pos_1LC", "head.weight", "word_embed.weight", "class_emb.weight")
                if k not in state_dict]
     if missing:
@@ -38,8 +43,11 @@ def config_from_state_dict(
     has_mamba = "blocks.0.mamba.A_log" in state_dict
     arch = "mvar" if has_attn and has_mamba else ("mamba" if has_mamba else "var")
     L = state_dict["pos_1LC"].shape[1]
+    stored = state_dict.get("blocks.0.attn.patch_nums")  # official M-VAR files: the pn*pn of every scale
+    if patch_nums is None and stored is not None:
+        patch_nums = tuple(math.isqrt(int(n)) for n in stored.tolist())
     if patch_nums is None:
-        by_len = {sum(p * p for p in pn): pn for pn in (PATCH_NUMS_256, PATCH_NUMS_512)}
+        by_len = {sum(p * p for p in pn): pn for pn in PATCH_NUMS.values()}
         if L not in by_len:
             raise ValueError(f"checkpoint has L={L} tokens: pass the patch schedule explicitly (--pn=1_2_...)")
         patch_nums = by_len[L]

@@ -12,7 +12,6 @@ Architectures (`MVARConfig.arch`, the paper's Table 6 ablation):
     mamba  Mamba2 over all scales -> FFN, 6C adaLN (no attention)
 """
 import itertools
-import logging
 import math
 from dataclasses import dataclass
 from collections.abc import Sequence
@@ -24,10 +23,8 @@ from torchvision.ops import stochastic_depth
 from models.attention import ScaleAttention
 from models.mamba2 import Mamba2, Mamba2State
 from models.sampling import gumbel_softmax_with_rng, sample_with_top_k_top_p_
+from models.tokenizer import PATCH_NUMS
 
-logger = logging.getLogger(__name__)
-
-PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 ARCH_BRANCHES = {  # residual branches of one block, in order
     "mvar": ("attn", "mamba", "ffn"),
     "var": ("attn", "ffn"),
@@ -48,10 +45,10 @@ class MVARConfig:
     num_classes: int = 1000
     V: int = 4096
     Cvae: int = 32
-    patch_nums: tuple[int, ...] = PATCH_NUMS_256
+    patch_nums: tuple[int, ...] = PATCH_NUMS[256]
     arch: str = "mvar"
     embed_dim: int | None = None  # None -> 64 * depth
-    num_heads: int | None = None  # None -> depth (head_dim 64)
+    num_heads: int | None = None  # None -> embed_dim // 64 (= depth by default: head_dim 64)
     mlp_ratio: float = 4.0
     drop_rate: float = 0.0
     attn_drop_rate: float = 0.0
@@ -270,7 +267,7 @@ class MVAR(nn.Module):
 
     def run_blocks(
         self, x_BLC: torch.Tensor, cond_BD: torch.Tensor, seg_lens: Sequence[int],
-        mamba_states: Sequence | None = None,
+        mamba_states: Sequence[Mamba2State | MambaPrefixCache | None] | None = None,
     ) -> torch.Tensor:
         """All blocks on `x_BLC` (tokens of the scales `seg_lens`), then the head: logits (B, L, V) in fp32."""
         cond_BD_or_gss = self.shared_ada_lin(cond_BD)
@@ -302,7 +299,7 @@ class MVAR(nn.Module):
         return self.run_blocks(x_BLC, cond_BD, seg_lens)
 
     # ---- sampling ----------------------------------------------------------------------------------------------
-    def begin_inference(self, batch_size: int, use_cache: bool = True) -> list:
+    def begin_inference(self, batch_size: int, use_cache: bool = True) -> list[Mamba2State | MambaPrefixCache | None]:
         """Reset per-block inference state: Mamba2 states (or prefix caches) and VAR's KV caches."""
         states = []
         for block in self.blocks:
@@ -363,8 +360,10 @@ class MVAR(nn.Module):
                 logits_BlV = self.run_blocks(next_BlC, cond_BD, (pn * pn,), states)
                 t = cfg * ratio
                 logits_BlV = (1 + t) * logits_BlV[:B] - t * logits_BlV[B:]
+                # as the official code, tokens are always drawn (this filters logits_BlV in place and advances
+                # rng); smoothing then mixes code vectors with a Gumbel-softmax over the filtered logits
+                idx_Bl = sample_with_top_k_top_p_(logits_BlV, top_k=top_k, top_p=top_p, rng=rng)[:, :, 0]
                 if not more_smooth:
-                    idx_Bl = sample_with_top_k_top_p_(logits_BlV, top_k=top_k, top_p=top_p, rng=rng)[:, :, 0]
                     h_BlCv = quant.embedding(idx_Bl)
                 else:
                     tau = max(0.27 * (1 - ratio * 0.95), 0.005)
@@ -392,6 +391,8 @@ class MVAR(nn.Module):
         """
         if gamma_rows not in GAMMA_ROWS:
             raise ValueError(f"gamma_rows={gamma_rows!r}: expected one of {GAMMA_ROWS}")
+        if conv_std <= 0:
+            raise ValueError(f"conv_std={conv_std}: expected a positive std for the conv weights")
         if init_std < 0:
             init_std = (1 / self.C / 3) ** 0.5
         for m in self.modules():

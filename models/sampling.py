@@ -16,13 +16,13 @@ def filter_top_k_top_p_(logits_BlV: torch.Tensor, top_k: int = 0, top_p: float =
     if 0 < top_k < V:
         kth_largest = logits_BlV.topk(top_k, dim=-1, largest=True, sorted=False).values.amin(dim=-1, keepdim=True)
         logits_BlV.masked_fill_(logits_BlV < kth_largest, float("-inf"))
-    if 0.0 < top_p < 1.0:
-        sorted_logits, sorted_idx = logits_BlV.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
-        mass_before = probs.cumsum(dim=-1) - probs  # mass of strictly more likely tokens
-        remove_sorted = mass_before >= top_p  # token 0 has mass_before 0, so it is always kept
-        remove = torch.zeros_like(remove_sorted).scatter_(-1, sorted_idx, remove_sorted)
-        logits_BlV.masked_fill_(remove, float("-inf"))
+    if 0.0 < top_p < 1.0:  # VAR's formulation (same rounding and tie order, hence the same samples)
+        sorted_logits, sorted_idx = logits_BlV.sort(dim=-1, descending=False)
+        # ascending order: drop a token while the mass of it and all less likely tokens stays <= 1 - top_p
+        drop_sorted = sorted_logits.softmax(dim=-1).cumsum_(dim=-1) <= (1 - top_p)
+        drop_sorted[..., -1:] = False  # the most likely token always stays
+        drop = torch.zeros_like(drop_sorted).scatter_(-1, sorted_idx, drop_sorted)
+        logits_BlV.masked_fill_(drop, float("-inf"))
     return logits_BlV
 
 

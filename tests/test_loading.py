@@ -55,6 +55,8 @@ def test_unknown_schedule_and_garbage_files_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="--pn"):
         config_from_state_dict(sd)
     assert config_from_state_dict(sd, patch_nums=(1, 2, 3)).patch_nums == (1, 2, 3)
+    official = {**sd, "blocks.0.attn.patch_nums": torch.tensor([1, 4, 9], dtype=torch.int32)}
+    assert config_from_state_dict(official).patch_nums == (1, 2, 3)  # read off the official buffer
     bad = tmp_path / "bad.pth"
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(RuntimeError, match="bad.pth"):

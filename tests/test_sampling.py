@@ -1,0 +1,42 @@
+"""Top-k / top-p filtering and seeded sampling primitives."""
+import math
+
+import torch
+
+from models.sampling import filter_top_k_top_p_, gumbel_softmax_with_rng, sample_with_top_k_top_p_
+
+
+def test_top_k_keeps_the_k_largest():
+    logits = torch.tensor([[[0.0, 3.0, 1.0, 2.0, -1.0]]])
+    out = filter_top_k_top_p_(logits.clone(), top_k=2)
+    assert torch.equal(torch.isfinite(out), torch.tensor([[[False, True, False, True, False]]]))
+    assert torch.equal(filter_top_k_top_p_(logits.clone(), top_k=0), logits)  # 0 disables
+
+
+def test_top_p_keeps_the_smallest_nucleus_reaching_p():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    logits = probs.log().view(1, 1, 4)
+    kept = lambda p: torch.isfinite(filter_top_k_top_p_(logits.clone(), top_p=p)).view(-1).tolist()  # noqa: E731
+    assert kept(0.4) == [True, False, False, False]  # the top token alone reaches 0.4
+    assert kept(0.7) == [True, True, False, False]  # 0.5 < 0.7 <= 0.8
+    assert kept(0.9) == [True, True, True, False]  # 0.8 < 0.9 <= 0.95
+    assert kept(0.99) == [True, True, True, True]
+    assert kept(1e-6) == [True, False, False, False]  # the most likely token always stays
+
+
+def test_sampling_respects_the_filters_and_the_generator():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 50, 100, generator=g)
+    a = sample_with_top_k_top_p_(logits.clone(), top_k=5, rng=torch.Generator().manual_seed(1))
+    b = sample_with_top_k_top_p_(logits.clone(), top_k=5, rng=torch.Generator().manual_seed(1))
+    assert a.shape == (4, 50, 1) and torch.equal(a, b)
+    top5 = logits.topk(5, dim=-1).indices
+    assert (top5 == a).any(dim=-1).all()
+
+
+def test_gumbel_softmax_is_a_seeded_distribution():
+    logits = torch.randn(3, 7, 11)
+    a = gumbel_softmax_with_rng(logits, tau=0.5, rng=torch.Generator().manual_seed(2))
+    b = gumbel_softmax_with_rng(logits, tau=0.5, rng=torch.Generator().manual_seed(2))
+    assert torch.equal(a, b)
+    assert math.isclose(a.sum(-1).mean().item(), 1.0, rel_tol=1e-5) and (a >= 0).all()
