@@ -127,7 +127,8 @@ class RMSNormGated(nn.Module):
     """Gated RMSNorm with mamba_ssm's parameter layout (`weight` only)."""
 
     def __init__(self, hidden_size: int, eps: float = 1e-5, group_size: int | None = None,
-                 norm_before_gate: bool = True, device=None, dtype=None):
+                 norm_before_gate: bool = True, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None):
         super().__init__()
         self.eps = eps
         self.group_size = hidden_size if group_size is None else group_size
@@ -259,8 +260,8 @@ class Mamba2(nn.Module):
         conv_bias: bool = True,
         chunk_size: int = 256,
         layer_idx: int | None = None,
-        device=None,
-        dtype=None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
         backend: str = "auto",
     ):
         super().__init__()
@@ -305,7 +306,8 @@ class Mamba2(nn.Module):
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory)
 
     # ---- public API --------------------------------------------------------------------------------------------
-    def allocate_state(self, batch_size: int, device=None, dtype=None) -> Mamba2State:
+    def allocate_state(self, batch_size: int, device: torch.device | str | None = None,
+                       dtype: torch.dtype | None = None) -> Mamba2State:
         """Zero state for `batch_size` sequences (device/dtype default to the parameters'; SSM state >= float32)."""
         device = self.out_proj.weight.device if device is None else device
         dtype = self.in_proj.weight.dtype if dtype is None else dtype
