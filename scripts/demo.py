@@ -41,9 +41,9 @@ MVAR_FLAGS = [f"--pn={PN}", "--alng=1e-3", "--sample_every=0", "--save_every_min
               "--workers=0"]
 # stage settings: full demo, and --quick (checks the pipeline end to end; the pictures are not meant to be good)
 PRESETS = {
-    "full": dict(tok=["--steps=300", "--bs=64", "--log_every=50"],
-                 mvar=["--depth=2", "--embed_dim=128", "--bs=64", "--ep=5", "--tlr=1e-3", "--log_every=35",
-                       "--val_every=5"],
+    "full": dict(tok=["--steps=600", "--bs=64", "--log_every=50"],
+                 mvar=["--depth=2", "--embed_dim=128", "--bs=64", "--ep=8", "--tlr=1e-3", "--log_every=35",
+                       "--val_every=8"],
                  clf_epochs=4, per_class=50),
     "quick": dict(tok=["--steps=8", "--bs=32", "--log_every=4"],
                   mvar=["--depth=1", "--embed_dim=64", "--bs=256", "--ep=1", "--tlr=1e-3", "--log_every=9",
