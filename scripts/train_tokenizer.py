@@ -124,6 +124,18 @@ def quantizer_residuals(vae: VQVAE, img_B3HW: torch.Tensor) -> torch.Tensor:
     return torch.cat(rows)
 
 
+def freeze_unused_phis(vae: VQVAE) -> None:
+    """Freeze the phi convs that no scale selects (e.g. 4 shared convs for 3 scales): they never get a gradient,
+    which DDP (find_unused_parameters=False) would otherwise reject."""
+    SN = len(vae.v_patch_nums)
+    used = {id(vae.quantize.phi(si, SN)) for si in range(SN)}
+    unused = [m for m in vae.quantize.quant_resi.modules() if isinstance(m, nn.Conv2d) and id(m) not in used]
+    for m in unused:
+        m.requires_grad_(False)
+    if unused:
+        logger.info("%d of the phi convs serve none of the %d scales: frozen", len(unused), SN)
+
+
 class TokenizerTrainer:
     """Optimisers, loss terms and one training step; `vae_ddp` is the (possibly DDP-wrapped) VQVAE."""
 
@@ -132,6 +144,7 @@ class TokenizerTrainer:
         self.vae = vae.to(device).train()
         if initialized():
             self.vae.quantize.hit_reducer = all_reduce_sum
+        freeze_unused_phis(self.vae)
         self.vae_ddp = wrap_model(self.vae, device)
         self.opt = torch.optim.AdamW(self.vae.parameters(), lr=args.lr, betas=(0.5, 0.9), weight_decay=args.wd)
         self.percep = None
@@ -171,8 +184,8 @@ class TokenizerTrainer:
             out["percep"] = percep.item()
         gan_on = self.disc is not None and self.step >= a.gan_start
         if gan_on:
-            self.disc.requires_grad_(False)
-            g_loss = hinge_g_loss(self.disc_ddp(rec_B3HW))
+            self.disc.requires_grad_(False)  # the generator term needs no discriminator gradients (nor DDP sync)
+            g_loss = hinge_g_loss(self.disc(rec_B3HW))
             loss = loss + a.w_gan * g_loss
             out["g"] = g_loss.item()
         self.opt.zero_grad(set_to_none=True)
@@ -287,13 +300,13 @@ def main(args: argparse.Namespace) -> Path:
             log_now = (trainer.step + 1) % args.log_every == 0 or trainer.step + 1 == args.steps
             out = trainer.train_step(img_B3HW, ret_usages=log_now)
             if log_now:
-                loss = all_reduce_mean(torch.tensor([out["loss"], out["l1"], out["vq"]], device=device)).tolist()
+                names = [k for k in ("loss", "l1", "vq", "percep", "g", "d") if k in out]
+                means = all_reduce_mean(torch.tensor([out[k] for k in names], device=device)).tolist()
                 speed = (trainer.step - last_log_step) / (time.time() - t0)
                 t0, last_log_step = time.time(), trainer.step
-                extras = "".join(f" {k} {out[k]:.4f}" for k in ("percep", "g", "d") if k in out)
-                logger.info("step %d/%d loss %.4f l1 %.4f vq %.4f%s lr %.2e | usage%% per scale %s | reinit %d "
-                            "| %.2f it/s", trainer.step, args.steps, *loss, extras, out["lr"],
-                            [round(u, 1) for u in out["usage"]], out.get("reinit", 0), speed)
+                logger.info("step %d/%d %s lr %.2e | usage%% per scale %s | reinit %d | %.2f it/s", trainer.step,
+                            args.steps, " ".join(f"{k} {v:.4f}" for k, v in zip(names, means, strict=True)),
+                            out["lr"], [round(u, 1) for u in out["usage"]], out.get("reinit", 0), speed)
             if trainer.step % args.save_every == 0 or trainer.step == args.steps:
                 if rank == 0:
                     save_atomic(trainer.state_dict(), last, keep_previous=out_dir / PREV)

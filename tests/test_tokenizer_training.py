@@ -2,6 +2,11 @@
 update the discriminator, and the checkpoint loads through models.loading.load_vae and resumes."""
 import dataclasses
 import functools
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +16,7 @@ from scripts.train_tokenizer import TokenizerTrainer, build_parser, build_vae, m
 from utils.data import build_datasets
 from utils.vq_losses import build_perceptual_loss
 
+STEP_RE = re.compile(r"step \d+/\d+ loss ([\d.]+) l1 ([\d.]+) vq ([\d.]+) g ([-\d.]+) d ([\d.]+)")
 TINY = ["--reso=8", "--ch=32", "--ch_mult=1_2", "--z_channels=8", "--vocab_size=64", "--pn=1_2_4", "--bs=16",
         "--mid_reso=1.0", "--reinit_every=0", "--lr=3e-3", "--wp=0"]
 
@@ -94,3 +100,27 @@ def test_main_writes_a_loadable_checkpoint_and_resumes(tmp_path):
     # a second run in the same folder resumes at step 3 and trains to --steps
     main(tiny_args("--steps=4", f"--out_dir={tmp_path}"))
     assert torch.load(ckpt_path, weights_only=True)["step"] == 4
+
+
+def test_torchrun_two_processes_match_one(tmp_path):
+    """DDP (2 ranks x 8 images, gloo) takes the same steps as one process with the global batch of 16."""
+    repo = Path(__file__).resolve().parents[1]
+    flags = TINY + ["--steps=3", "--log_every=1", "--w_gan=0.1", "--disc_ch=16", "--disc_layers=1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    logs = {}
+    for name, launcher in (("ddp", ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]),
+                           ("one", [])):
+        proc = subprocess.run([sys.executable, *launcher, str(repo / "scripts/train_tokenizer.py"), *flags,
+                               f"--out_dir={tmp_path / name}"], env=env, cwd=repo, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        logs[name] = [[float(v) for v in m] for m in STEP_RE.findall(proc.stdout + proc.stderr)]
+    assert len(logs["one"]) == 3
+    torch.testing.assert_close(logs["ddp"], logs["one"], atol=2e-3, rtol=0)  # all-reduced loss, l1, vq, g, d
+    ddp, one = (torch.load(tmp_path / d / "tokenizer-last.pth", weights_only=True) for d in ("ddp", "one"))
+    for part in ("vae", "disc"):
+        diffs = torch.cat([(ddp[part][k] - v).abs().flatten() for k, v in one[part].items()
+                           if k != "quantize.ema_vocab_hit_SV"])  # hit counts differ where float noise flips a tie
+        # Adam turns float-level gradient noise on near-zero gradients into lr-sized steps for a few elements;
+        # unsynchronised gradients would move most elements by ~lr (3e-3)
+        assert diffs.max() < 1e-3 and (diffs > 1e-4).float().mean() < 1e-3, (part, diffs.max())
