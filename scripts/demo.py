@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     p.add_argument("--quick", action="store_true", help="shortened run (about a minute): checks the pipeline")
-    p.add_argument("--out_dir", default="local_output/demo", help="output folder (reused by a re-run)")
+    p.add_argument("--out_dir", default=None, help="output folder, reused by a re-run; none = local_output/demo "
+                   "(local_output/demo-quick with --quick)")
     p.add_argument("--cfg", type=float, default=1.5, help="classifier-free guidance of the samples")
     p.add_argument("--grid_cols", type=int, default=10, help="samples per class shown in the grid")
     p.add_argument("--seed", type=int, default=0, help="seed of every stage")
@@ -79,7 +80,7 @@ class Stages:
 
 def main(args: argparse.Namespace) -> dict:
     """Run the demo; returns the summary that is also written to out_dir/summary.json."""
-    out = Path(args.out_dir)
+    out = Path(args.out_dir or ("local_output/demo-quick" if args.quick else "local_output/demo"))
     preset = PRESETS["quick" if args.quick else "full"]
     setup_logging(0, out)
     stages = Stages(4)
