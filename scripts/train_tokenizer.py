@@ -195,7 +195,8 @@ class TokenizerTrainer:
         self.opt.step()
         if gan_on:
             self.disc.requires_grad_(True)
-            d_loss = hinge_d_loss(self.disc_ddp(img_B3HW), self.disc_ddp(rec_B3HW.detach()))
+            logits = self.disc_ddp(torch.cat([img_B3HW, rec_B3HW.detach()]))  # one pass: GroupNorm is per image
+            d_loss = hinge_d_loss(*logits.chunk(2))
             self.disc_opt.zero_grad(set_to_none=True)
             d_loss.backward()
             self.disc_opt.step()
