@@ -16,7 +16,8 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -31,7 +32,7 @@ from utils.image_grid import save_folder, save_grid, to_uint8_BHW3
 
 logger = logging.getLogger("sample")
 
-PRESETS: Dict[str, Dict[str, Any]] = {
+PRESETS: dict[str, dict[str, Any]] = {
     "fid": {"cfg": 1.5, "top_p": 0.96, "top_k": 900, "more_smooth": False},  # the paper's FID settings
 }
 DEMO_CLASSES = (207, 360, 387, 974, 88, 979, 417, 279)  # VAR's demo classes (ImageNet ids)
@@ -72,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse, apply the preset (explicit flags override it) and check every flag that needs no checkpoint."""
     parser = build_parser()
     preset = parser.parse_known_args(argv)[0].preset
@@ -121,7 +122,7 @@ def check_against_config(args: argparse.Namespace, config: MVARConfig, ckpt: str
 # ---------------------------------------------------------------------------------------------------------------
 # Loading and generation
 # ---------------------------------------------------------------------------------------------------------------
-def load_checked(args: argparse.Namespace, device: torch.device) -> Tuple[MVAR, Path]:
+def load_checked(args: argparse.Namespace, device: torch.device) -> tuple[MVAR, Path]:
     """Resolve and read the checkpoint, check it against the flags, then build the model and its tokenizer."""
     if args.ckpt is None:
         ckpt_path = resolve_mvar_checkpoint(None, args.depth)
@@ -167,7 +168,7 @@ def sample_pictures(args: argparse.Namespace, generate) -> Path:
 
     classes = list(args.classes if args.classes is not None else DEMO_CLASSES)
     labels = np.repeat(np.asarray(classes, dtype=np.int64), args.num_per_class)  # class-major: one row per class
-    batches: List[np.ndarray] = []
+    batches: list[np.ndarray] = []
     for c, start in enumerate(tqdm(range(0, len(labels), args.bs), desc="sampling", unit="batch")):
         batches.append(generate(labels[start:start + args.bs], chunk_seed(args.seed, c)))
     imgs_BHW3 = np.concatenate(batches)
@@ -181,7 +182,7 @@ def sample_pictures(args: argparse.Namespace, generate) -> Path:
 
 
 def sample_fid(args: argparse.Namespace, mvar: MVAR, ckpt_path: Path, generate, rank: int, world_size: int
-               ) -> Optional[Path]:
+               ) -> Path | None:
     """Every rank dumps its share; rank 0 then packs the npz and writes the settings JSON beside it."""
     folder = Path(args.fid_dir) / fid_folder_name(str(ckpt_path), args.cfg, args.top_k, args.top_p, args.seed,
                                                   args.more_smooth, args.fid_num_per_class)
@@ -216,7 +217,7 @@ def sample_fid(args: argparse.Namespace, mvar: MVAR, ckpt_path: Path, generate, 
 # ---------------------------------------------------------------------------------------------------------------
 # Entry point (torchrun or a single process)
 # ---------------------------------------------------------------------------------------------------------------
-def main(argv: Optional[Sequence[str]] = None) -> Optional[Path]:
+def main(argv: Sequence[str] | None = None) -> Path | None:
     args = parse_args(argv)
     device = dist.initialize()
     device = torch.device(args.device) if args.device is not None else device

@@ -14,7 +14,7 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Dict, Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -25,7 +25,7 @@ from models.tokenizer import parse_patch_nums  # noqa: E402
 logger = logging.getLogger("bench_sample")
 
 
-def count_block_tokens(mvar: MVAR, use_cache: bool, cfg: float) -> Dict[str, int]:
+def count_block_tokens(mvar: MVAR, use_cache: bool, cfg: float) -> dict[str, int]:
     """Tokens entering block 0's Mamba2 and attention during one B=1 generation (per sequence)."""
     counts = {"mamba": 0, "attn": 0}
     block = mvar.blocks[0]
@@ -47,7 +47,7 @@ def attention_scores(mvar: MVAR) -> int:
     """Query-key pairs per sequence and head: within each scale (intra-scale) or against the KV cache (VAR)."""
     ends = [end for _, end in mvar.begin_ends]
     if mvar.config.arch == "var":
-        return sum(n * e for n, e in zip(mvar.seg_lens, ends))
+        return sum(n * e for n, e in zip(mvar.seg_lens, ends, strict=True))
     return sum(n * n for n in mvar.seg_lens) if "attn" in mvar.config.branches else 0
 
 
@@ -62,7 +62,7 @@ def timed(fn, device: torch.device):
     return time.perf_counter() - t0, out
 
 
-def measure(args: argparse.Namespace) -> Dict:
+def measure(args: argparse.Namespace) -> dict:
     """Build the three samplers, warm each up, then time them in turns (`repeats` rounds, so load from other
     processes hits all alike) and keep each one's fastest round."""
     device = torch.device(args.device)
@@ -98,7 +98,7 @@ def measure(args: argparse.Namespace) -> Dict:
     images = [sample().float() for sample in samplers]  # warm-up, and the images for the parity check
     decode_s = float("inf")
     for _ in range(args.repeats):
-        for row, sample in zip(rows, samplers):
+        for row, sample in zip(rows, samplers, strict=True):
             row["s_per_img"] = min(row["s_per_img"], timed(sample, device)[0] / args.bs)
         decode_s = min(decode_s, timed(decode, device)[0] / args.bs)
     for row in rows:
@@ -107,7 +107,7 @@ def measure(args: argparse.Namespace) -> Dict:
             (images[0] - images[1]).abs().max().item(), "L": sum(p * p for p in patch_nums)}
 
 
-def format_table(args: argparse.Namespace, result: Dict) -> str:
+def format_table(args: argparse.Namespace, result: dict) -> str:
     rows, ref = result["rows"], result["rows"][1]["s_per_img"]
     lines = [
         f"Sampling, depth {args.depth}, patch_nums {args.pn} (L={result['L']}), batch {args.bs} (x2 for guidance), "
@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Optional[Sequence[str]] = None) -> str:
+def main(argv: Sequence[str] | None = None) -> str:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     table = format_table(args, measure(args))

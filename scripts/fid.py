@@ -18,7 +18,7 @@ import logging
 import math
 import sys
 from pathlib import Path
-from typing import Dict, Iterator, Optional, Sequence, Tuple
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -35,7 +35,7 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg")
 # ---------------------------------------------------------------------------------------------------------------
 # Metrics on features
 # ---------------------------------------------------------------------------------------------------------------
-def feature_stats(feats_ND: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+def feature_stats(feats_ND: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mean (D,) and unbiased covariance (D, D) in float64."""
     feats_ND = np.asarray(feats_ND, dtype=np.float64)
     if feats_ND.ndim != 2 or feats_ND.shape[0] < 2:
@@ -83,7 +83,7 @@ def _sq_dists(a_ND: torch.Tensor, b_MD: torch.Tensor) -> torch.Tensor:
     return d.clamp_(min=0)
 
 
-def manifold_radii(feats_ND: np.ndarray, k: int = 3, clamp_percentile: Optional[float] = 5.0,
+def manifold_radii(feats_ND: np.ndarray, k: int = 3, clamp_percentile: float | None = 5.0,
                    device: str = "cpu", batch: int = 10000) -> torch.Tensor:
     """Squared distance of each point to its k-th nearest other point; radii above the (100 - clamp)
     percentile are set to 0 (those points then cover nothing), as in OpenAI's evaluator."""
@@ -105,8 +105,8 @@ def _coverage(points_ND: torch.Tensor, centers_MD: torch.Tensor, radii_M: torch.
 
 
 def precision_recall(ref_feats: np.ndarray, sample_feats: np.ndarray, k: int = 3,
-                     clamp_percentile: Optional[float] = 5.0, device: str = "cpu",
-                     batch: int = 10000) -> Tuple[float, float]:
+                     clamp_percentile: float | None = 5.0, device: str = "cpu",
+                     batch: int = 10000) -> tuple[float, float]:
     """Precision: share of samples inside the reference manifold; recall: share of references inside the
     sample manifold (manifold = union of k-NN balls)."""
     ref = torch.as_tensor(ref_feats, dtype=torch.float32, device=device)
@@ -119,7 +119,7 @@ def precision_recall(ref_feats: np.ndarray, sample_feats: np.ndarray, k: int = 3
 # ---------------------------------------------------------------------------------------------------------------
 # Image sources
 # ---------------------------------------------------------------------------------------------------------------
-def image_batches(source: Path, batch_size: int) -> Tuple[int, Iterator[np.ndarray]]:
+def image_batches(source: Path, batch_size: int) -> tuple[int, Iterator[np.ndarray]]:
     """(count, iterator of uint8 (b, H, W, 3) batches) for an npz (`arr_0`) or a folder of images."""
     source = Path(source)
     if source.is_dir():
@@ -139,7 +139,7 @@ def image_batches(source: Path, batch_size: int) -> Tuple[int, Iterator[np.ndarr
     return len(arr), (np.ascontiguousarray(arr[i:i + batch_size]) for i in range(0, len(arr), batch_size))
 
 
-def load_reference(path: Path) -> Dict[str, np.ndarray]:
+def load_reference(path: Path) -> dict[str, np.ndarray]:
     """Keys present among `mu`, `sigma` (float64) and `arr_0` (memory-mapped images) of a reference npz."""
     with np.load(path) as f:
         keys = set(f.files)
@@ -156,14 +156,14 @@ def load_reference(path: Path) -> Dict[str, np.ndarray]:
 # ---------------------------------------------------------------------------------------------------------------
 # CLI
 # ---------------------------------------------------------------------------------------------------------------
-def evaluate(sample: Path, ref: Path, inception_path: Optional[str], batch_size: int, device: str,
-             k: int = 3, with_pr: bool = True) -> Dict[str, float]:
+def evaluate(sample: Path, ref: Path, inception_path: str | None, batch_size: int, device: str,
+             k: int = 3, with_pr: bool = True) -> dict[str, float]:
     reference = load_reference(ref)  # validate both inputs before the slow parts
     n, batches = image_batches(sample, batch_size)
     net = load_inception(inception_path, device)
     logger.info("features of %d sample images", n)
     feats, probs = net.extract(batches)
-    results: Dict[str, float] = {"num_samples": n}
+    results: dict[str, float] = {"num_samples": n}
     ref_feats = None
     if "arr_0" in reference and (with_pr or "mu" not in reference):
         logger.info("features of %d reference images", len(reference["arr_0"]))
@@ -180,7 +180,7 @@ def evaluate(sample: Path, ref: Path, inception_path: Optional[str], batch_size:
     return results
 
 
-def main(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:
+def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sample", required=True, help="npz with arr_0 uint8 (N,H,W,3), or a folder of images")
     parser.add_argument("--ref", required=True, help="reference npz (mu/sigma and/or arr_0), ADM format")

@@ -288,7 +288,8 @@ def test_save_load_identical_outputs(tiny, images, tmp_path):
     assert loaded.config == dataclasses.replace(tiny.config, test_mode=True)
     assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
     with torch.no_grad():
-        assert all(torch.equal(a, b) for a, b in zip(tiny.img_to_idxBl(images), loaded.img_to_idxBl(images)))
+        pairs = zip(tiny.img_to_idxBl(images), loaded.img_to_idxBl(images), strict=True)
+        assert all(torch.equal(a, b) for a, b in pairs)
         assert torch.equal(tiny.img_to_reconstructed_img(images, last_one=True),
                            loaded.img_to_reconstructed_img(images, last_one=True))
     for key, value in tiny.state_dict().items():

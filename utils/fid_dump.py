@@ -20,7 +20,8 @@ import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any
+from collections.abc import Callable, Iterable
 
 import numpy as np
 from PIL import Image
@@ -78,7 +79,7 @@ def png_path(folder: Path, idx: int) -> Path:
     return Path(folder) / f"{idx:06d}.png"
 
 
-def png_is_valid(path: Path, image_hw: Optional[Tuple[int, int]] = None) -> bool:
+def png_is_valid(path: Path, image_hw: tuple[int, int] | None = None) -> bool:
     """True if `path` exists and fully decodes as an RGB image (of size `image_hw` when given)."""
     if not path.is_file():
         return False
@@ -105,7 +106,7 @@ def fid_folder_name(ckpt: str, cfg: float, top_k: int, top_p: float, seed: int, 
     return name + ("-smooth" if more_smooth else "")
 
 
-def check_or_write_settings(folder: Path, settings: Dict[str, Any]) -> None:
+def check_or_write_settings(folder: Path, settings: dict[str, Any]) -> None:
     """Record the settings in `folder/settings.json`, or check a resumed dump was started with the same ones."""
     path = Path(folder) / SETTINGS_NAME
     if path.is_file():
@@ -121,7 +122,7 @@ def check_or_write_settings(folder: Path, settings: Dict[str, Any]) -> None:
 
 
 def dump_shard(folder: Path, plan: DumpPlan, seed: int, generate: GenerateFn, rank: int = 0, world_size: int = 1,
-               image_hw: Optional[Tuple[int, int]] = None, progress: bool = False) -> int:
+               image_hw: tuple[int, int] | None = None, progress: bool = False) -> int:
     """Generate this rank's missing or undecodable PNGs; returns how many files were written."""
     from tqdm import tqdm
 
@@ -145,12 +146,12 @@ def dump_shard(folder: Path, plan: DumpPlan, seed: int, generate: GenerateFn, ra
     return written
 
 
-def missing_indices(folder: Path, total: int, image_hw: Optional[Tuple[int, int]] = None) -> List[int]:
+def missing_indices(folder: Path, total: int, image_hw: tuple[int, int] | None = None) -> list[int]:
     """Indices in [0, total) whose PNG is absent or does not decode."""
     return [i for i in range(total) if not png_is_valid(png_path(folder, i), image_hw)]
 
 
-def pack_npz(folder: Path, total: int, npz_path: Optional[Path] = None) -> Path:
+def pack_npz(folder: Path, total: int, npz_path: Path | None = None) -> Path:
     """Pack `{0..total-1:06d}.png` into `npz_path` (default `{folder}.npz`) with key `arr_0`, uint8 (N, H, W, 3).
 
     Goes through a memory-mapped `.npy` beside the npz; every image must have the first one's shape.
@@ -192,14 +193,14 @@ def pack_npz(folder: Path, total: int, npz_path: Optional[Path] = None) -> Path:
     return npz_path
 
 
-def read_npz_header(npz_path: Path, key: str = "arr_0") -> Tuple[Tuple[int, ...], np.dtype]:
+def read_npz_header(npz_path: Path, key: str = "arr_0") -> tuple[tuple[int, ...], np.dtype]:
     """Shape and dtype of one array in an `.npz`, read from its header only (no data loaded)."""
     with zipfile.ZipFile(npz_path) as zf, zf.open(f"{key}.npy") as f:
         shape, _, dtype = _read_npy_header(f)
     return tuple(shape), np.dtype(dtype)
 
 
-def _read_npy_header(f) -> Tuple[Tuple[int, ...], bool, np.dtype]:
+def _read_npy_header(f) -> tuple[tuple[int, ...], bool, np.dtype]:
     major, _ = np.lib.format.read_magic(f)
     read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
     return read_header(f)

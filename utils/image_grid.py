@@ -1,6 +1,6 @@
 """Image conversions and PNG output: a grid with one row per class, or a folder of single PNGs."""
 from pathlib import Path
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -31,6 +31,6 @@ def save_folder(imgs_BHW3: np.ndarray, folder: Path, names: Sequence[str]) -> Pa
         raise ValueError(f"{len(names)} names for {len(imgs_BHW3)} images")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    for img, name in zip(imgs_BHW3, names):
+    for img, name in zip(imgs_BHW3, names, strict=True):
         Image.fromarray(img).save(folder / f"{name}.png")
     return folder

@@ -14,7 +14,7 @@ import hashlib
 import importlib.util
 import logging
 from pathlib import Path
-from typing import Iterable, List, Optional, Tuple
+from collections.abc import Iterable
 
 import numpy as np
 import torch
@@ -31,7 +31,7 @@ FEATURE_DIM, NUM_LOGITS, INPUT_SIZE = 2048, 1008, 299
 def tf_resize_bilinear(x_B3HW: torch.Tensor, size: int = INPUT_SIZE) -> torch.Tensor:
     """TensorFlow-1 `resize_bilinear(align_corners=False)`: output pixel j samples input j * in/out (no half-pixel
     offset), neighbours clamped at the border. Float input, any range."""
-    def axis(n_in: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def axis(n_in: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         src = torch.arange(size, device=x_B3HW.device, dtype=torch.float64) * (n_in / size)
         lo = src.floor().long().clamp_(max=n_in - 1)
         hi = (lo + 1).clamp_(max=n_in - 1)
@@ -44,7 +44,7 @@ def tf_resize_bilinear(x_B3HW: torch.Tensor, size: int = INPUT_SIZE) -> torch.Te
     return rows[..., x0] * (1 - wx) + rows[..., x1] * wx
 
 
-def default_candidates() -> List[Tuple[str, Path]]:
+def default_candidates() -> list[tuple[str, Path]]:
     """(description, path) of every place searched when no explicit path is given, in order."""
     out = [("torch hub cache", Path(torch.hub.get_dir()) / "checkpoints" / HUB_FILENAME)]
     spec = importlib.util.find_spec(FID_HELPER_PACKAGE)  # locates the package without importing it
@@ -55,7 +55,7 @@ def default_candidates() -> List[Tuple[str, Path]]:
     return out
 
 
-def find_inception(path: Optional[str] = None, flag: str = "--inception") -> Path:
+def find_inception(path: str | None = None, flag: str = "--inception") -> Path:
     """The Inception TorchScript file to use; FileNotFoundError naming every expected location otherwise."""
     if path is not None:
         p = Path(path).expanduser()
@@ -102,7 +102,7 @@ class InceptionFeatures(torch.nn.Module):
         return self.fc_weight is not None
 
     @torch.no_grad()
-    def forward(self, imgs_BHW3: np.ndarray | torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def forward(self, imgs_BHW3: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         if isinstance(imgs_BHW3, np.ndarray):  # copy: memory-mapped npz slices are read-only
             imgs_BHW3 = torch.from_numpy(np.array(imgs_BHW3))
         x_B3HW = imgs_BHW3.to(self.device).permute(0, 3, 1, 2).float()
@@ -115,7 +115,7 @@ class InceptionFeatures(torch.nn.Module):
         probs_BK = F.softmax(feats_BD @ self.fc_weight.T, dim=-1) if self.has_logits else None
         return feats_BD.double().cpu(), None if probs_BK is None else probs_BK.double().cpu()
 
-    def extract(self, batches: Iterable[np.ndarray]) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    def extract(self, batches: Iterable[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
         """Run over uint8 (b, H, W, 3) batches; returns (features (N, 2048), probs (N, 1008) or None), float64."""
         feats, probs = [], []
         for batch in batches:
@@ -136,7 +136,7 @@ def _sha1(path: Path) -> str:
     return h.hexdigest()
 
 
-def load_inception(path: Optional[str] = None, device: torch.device | str = "cpu",
+def load_inception(path: str | None = None, device: torch.device | str = "cpu",
                    flag: str = "--inception") -> InceptionFeatures:
     """Find (see module docstring) and load the Inception feature extractor."""
     return InceptionFeatures(find_inception(path, flag), device)
