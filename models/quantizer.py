@@ -211,6 +211,13 @@ class MultiScaleQuantizer(nn.Module):
         self.ema_vocab_hit_SV.mul_(decay).add_(hits_SV, alpha=1 - decay)
         self._hit_steps += 1
 
+    def set_hit_steps(self, steps: int) -> None:
+        """Set how many training steps the usage EMA has seen (e.g. the step of a resumed run), which picks its
+        decay; without it a resumed run would restart the 0.9-decay warm-up."""
+        if steps < 0:
+            raise ValueError(f"steps must be >= 0, got {steps}")
+        self._hit_steps = int(steps)
+
     def usages(self, tokens_per_step: float) -> list[float]:
         """Percentage of codes per scale whose EMA hit count reaches USAGE_MARGIN of a uniform share."""
         margin = tokens_per_step / self.vocab_size * USAGE_MARGIN

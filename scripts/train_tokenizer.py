@@ -26,8 +26,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file from anywhere
 
-from dist.core import all_reduce_mean, all_reduce_sum, barrier, finalize, get_rank, get_world_size, initialize, \
-    initialized  # noqa: E402
+from dist.core import all_gather_object, all_reduce_mean, all_reduce_sum, barrier, finalize, get_rank, \
+    get_world_size, initialize, initialized  # noqa: E402
 from dist.wrap import wrap_model  # noqa: E402
 from models.quantizer import USAGE_MARGIN  # noqa: E402
 from models.tokenizer import VQVAE, parse_patch_nums  # noqa: E402
@@ -170,28 +170,29 @@ class TokenizerTrainer:
         return lr
 
     def train_step(self, img_B3HW: torch.Tensor, ret_usages: bool = False) -> dict[str, Any]:
-        """One update of the tokenizer (and of the discriminator when the GAN is on) -> logged values."""
+        """One update of the tokenizer (and of the discriminator when the GAN is on) -> logged values: losses as
+        detached 0-dim device tensors (no host sync; the caller converts them on log steps), "lr" a float."""
         a = self.args
         lr = self.set_lr()
         img_B3HW = img_B3HW.to(self.device, non_blocking=True)
         rec_B3HW, usages, vq_loss = self.vae_ddp(img_B3HW, ret_usages=ret_usages)
         l1, l2 = F.l1_loss(rec_B3HW, img_B3HW), F.mse_loss(rec_B3HW, img_B3HW)
         loss = a.w_l1 * l1 + a.w_l2 * l2 + a.w_vq * vq_loss
-        out: dict[str, Any] = {"l1": l1.item(), "l2": l2.item(), "vq": vq_loss.item(), "lr": lr}
+        out: dict[str, Any] = {"l1": l1.detach(), "l2": l2.detach(), "vq": vq_loss.detach(), "lr": lr}
         if self.percep is not None:
             percep = self.percep(rec_B3HW, img_B3HW).mean()
             loss = loss + a.w_percep * percep
-            out["percep"] = percep.item()
+            out["percep"] = percep.detach()
         gan_on = self.disc is not None and self.step >= a.gan_start
         if gan_on:
             self.disc.requires_grad_(False)  # the generator term needs no discriminator gradients (nor DDP sync)
             g_loss = hinge_g_loss(self.disc(rec_B3HW))
             loss = loss + a.w_gan * g_loss
-            out["g"] = g_loss.item()
+            out["g"] = g_loss.detach()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if a.clip > 0:
-            out["grad_norm"] = nn.utils.clip_grad_norm_(self.vae.parameters(), a.clip).item()
+            out["grad_norm"] = nn.utils.clip_grad_norm_(self.vae.parameters(), a.clip)
         self.opt.step()
         if gan_on:
             self.disc.requires_grad_(True)
@@ -200,8 +201,8 @@ class TokenizerTrainer:
             self.disc_opt.zero_grad(set_to_none=True)
             d_loss.backward()
             self.disc_opt.step()
-            out["d"] = d_loss.item()
-        out["loss"] = loss.item()
+            out["d"] = d_loss.detach()
+        out["loss"] = loss.detach()
         self.step += 1
         if a.reinit_every > 0 and self.step % a.reinit_every == 0:
             out["reinit"] = self.reinit_dead_codes(img_B3HW, tokens_per_step=img_B3HW.shape[0] * get_world_size()
@@ -235,9 +236,10 @@ class TokenizerTrainer:
         return n_dead
 
     def state_dict(self) -> dict[str, Any]:
+        """Everything a resume needs; collective (every rank's RNG state is gathered), so call it on all ranks."""
         ckpt = {"vae_config": dataclasses.asdict(self.vae.config), "vae": self.vae.state_dict(),
                 "optimizer": self.opt.state_dict(), "step": self.step, "args": vars(self.args),
-                "rng": get_rng_state()}
+                "rng": all_gather_object(get_rng_state())}
         if self.disc is not None:
             ckpt.update(disc=self.disc.state_dict(), disc_optimizer=self.disc_opt.state_dict())
         return ckpt
@@ -249,8 +251,13 @@ class TokenizerTrainer:
             self.disc.load_state_dict(ckpt["disc"], strict=True)
             self.disc_opt.load_state_dict(ckpt["disc_optimizer"])
         self.step = int(ckpt["step"])
-        self.vae.quantize._hit_steps = self.step
-        set_rng_state(ckpt["rng"])
+        self.vae.quantize.set_hit_steps(self.step)
+        rank, world = get_rank(), get_world_size()
+        if len(ckpt["rng"]) == world:
+            set_rng_state(ckpt["rng"][rank])
+        else:
+            logger.warning("the checkpoint holds RNG states of %d ranks, this run has %d: not restoring them "
+                           "(the resumed run is not bit-exact)", len(ckpt["rng"]), world)
 
 
 @torch.no_grad()
@@ -302,15 +309,17 @@ def main(args: argparse.Namespace) -> Path:
             out = trainer.train_step(img_B3HW, ret_usages=log_now)
             if log_now:
                 names = [k for k in ("loss", "l1", "vq", "percep", "g", "d") if k in out]
-                means = all_reduce_mean(torch.tensor([out[k] for k in names], device=device)).tolist()
+                means = all_reduce_mean(torch.stack([out[k].float() for k in names])).tolist()  # the one sync
                 speed = (trainer.step - last_log_step) / (time.time() - t0)
                 t0, last_log_step = time.time(), trainer.step
                 logger.info("step %d/%d %s lr %.2e | usage%% per scale %s | reinit %d | %.2f it/s", trainer.step,
                             args.steps, " ".join(f"{k} {v:.4f}" for k, v in zip(names, means, strict=True)),
                             out["lr"], [round(u, 1) for u in out["usage"]], out.get("reinit", 0), speed)
             if trainer.step % args.save_every == 0 or trainer.step == args.steps:
+                ckpt = trainer.state_dict()  # every rank: it gathers the RNG states
                 if rank == 0:
-                    save_atomic(trainer.state_dict(), last, keep_previous=out_dir / PREV)
+                    save_atomic(ckpt, last, keep_previous=out_dir / PREV)
+                del ckpt
                 barrier()
             if trainer.step >= args.steps:
                 break

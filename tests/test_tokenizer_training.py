@@ -4,6 +4,7 @@ import dataclasses
 import functools
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -102,6 +103,35 @@ def test_main_writes_a_loadable_checkpoint_and_resumes(tmp_path):
     assert torch.load(ckpt_path, weights_only=True)["step"] == 4
 
 
+def test_resume_is_exact(tmp_path):
+    """Resuming from the step-6 checkpoint of a 12-step run ends exactly where that run ended, with dead-code re-init
+    (global RNG) and the usage EMA (its step count picks the decay) in play."""
+    args = ("--steps=12", "--reinit_every=1", "--log_every=4", "--save_every=6")
+    main(tiny_args(*args, f"--out_dir={tmp_path / 'once'}"))
+    (tmp_path / "twice").mkdir()
+    shutil.copy(tmp_path / "once" / "tokenizer-prev.pth", tmp_path / "twice" / "tokenizer-last.pth")  # step 6
+    main(tiny_args(*args, f"--out_dir={tmp_path / 'twice'}"))
+    once, twice = (torch.load(tmp_path / d / "tokenizer-last.pth", weights_only=True) for d in ("once", "twice"))
+    assert once["step"] == twice["step"] == 12 and len(once["rng"]) == 1
+    for k, v in once["vae"].items():
+        assert torch.equal(v, twice["vae"][k]), k
+
+
+def test_resume_restores_this_ranks_rng_or_warns(caplog):
+    args = tiny_args("--steps=2")
+    trainer = TokenizerTrainer(build_vae(args), args, torch.device("cpu"))
+    trainer.train_step(mnist_batch(8))
+    ckpt = trainer.state_dict()
+    expected = torch.rand(3)  # the draws right after the save
+    trainer.load_state_dict(ckpt)
+    assert torch.equal(torch.rand(3), expected)
+    before = torch.get_rng_state()
+    with caplog.at_level("WARNING", logger="train_tokenizer"):
+        trainer.load_state_dict({**ckpt, "rng": ckpt["rng"] * 2})  # saved by 2 ranks, resumed by 1
+    assert "RNG states of 2 ranks" in caplog.text
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 def test_torchrun_two_processes_match_one(tmp_path):
     """DDP (2 ranks x 8 images, gloo) takes the same steps as one process with the global batch of 16."""
     repo = Path(__file__).resolve().parents[1]
@@ -118,6 +148,8 @@ def test_torchrun_two_processes_match_one(tmp_path):
     assert len(logs["one"]) == 3
     torch.testing.assert_close(logs["ddp"], logs["one"], atol=2e-3, rtol=0)  # all-reduced loss, l1, vq, g, d
     ddp, one = (torch.load(tmp_path / d / "tokenizer-last.pth", weights_only=True) for d in ("ddp", "one"))
+    assert len(one["rng"]) == 1 and len(ddp["rng"]) == 2  # every rank's RNG state (seed + rank): both kept
+    assert not torch.equal(ddp["rng"][0]["torch"], ddp["rng"][1]["torch"])
     for part in ("vae", "disc"):
         diffs = torch.cat([(ddp[part][k] - v).abs().flatten() for k, v in one[part].items()
                            if k != "quantize.ema_vocab_hit_SV"])  # hit counts differ where float noise flips a tie
