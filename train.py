@@ -238,10 +238,13 @@ def main(args: argparse.Namespace) -> None:
                 t_log, n_img = time.time(), 0
                 if args.save_every_min > 0:  # rank 0's clock decides for everyone
                     save_pending |= dist.broadcast_object(time.time() - last_save >= 60 * args.save_every_min)
-            due = save_pending or (args.save_every > 0 and (g_it + 1) % args.save_every == 0)
-            if due and stepping and it + 1 < iters:
+            # a save due on a micro-step inside an accumulation window waits for the window's end
+            save_pending |= args.save_every > 0 and (g_it + 1) % args.save_every == 0
+            if save_pending and stepping and it + 1 < iters:
+                t_pause = time.time()
                 save_checkpoint(out_dir, writer, trainer, vae, args, ep, it + 1, best_val)
                 last_save, save_pending = time.time(), False
+                t_log += last_save - t_pause  # the save's time does not count against img/s
 
         # epoch end: validation, samples, checkpoint (resuming from it starts the next epoch)
         is_best = False
@@ -256,9 +259,21 @@ def main(args: argparse.Namespace) -> None:
                 and (args.fsdp or dist.is_main_process()):
             tb.image("samples", sample_grid(mvar, num_classes, seed=args.seed + ep), ep + 1)
         tb.flush()
-        if (ep + 1) * iters % args.ac == 0:  # a checkpoint never splits an accumulation window
+        # a checkpoint never splits an accumulation window, except the final one: its partial window is dropped
+        whole_window = (ep + 1) * iters % args.ac == 0
+        if ep + 1 == args.ep and not whole_window:
+            trainer.optimizer.zero_grad(set_to_none=True)
+            logger.warning("training ends inside an accumulation window: the last %d micro-step(s) were discarded "
+                           "(--ac=%d does not divide %d iterations)", (ep + 1) * iters % args.ac, args.ac,
+                           (ep + 1) * iters)
+        if whole_window or ep + 1 == args.ep:
             save_checkpoint(out_dir, writer, trainer, vae, args, ep + 1, 0, best_val, also_best=is_best)
             last_save, save_pending = time.time(), False
+        elif is_best:
+            logger.warning("ep %d has the best val loss so far but is not saved as %s: the epoch ends inside an "
+                           "accumulation window (choose --ac dividing the %d iterations per epoch)", ep + 1, BEST,
+                           iters)
+        t_log, n_img = time.time(), 0  # validation, sampling and saving do not count against img/s
     tb.close()
     logger.info("training finished: %d epochs, best val loss %.4f", args.ep, best_val)
 

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from models.tokenizer import VQVAE
-from utils.checkpoint import LAST, PREV
+from utils.checkpoint import BEST, LAST, PREV
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
@@ -146,3 +146,16 @@ def test_incompatible_checkpoint_names_file_and_field(setup, reference_run):
     proc = run_train(setup, out, "--depth=3", check=False)
     assert proc.returncode != 0
     assert f"checkpoint {out / LAST} is incompatible" in proc.stderr and "model depth" in proc.stderr
+
+
+def test_partial_accumulation_window_still_saves(setup):
+    """--ac=2 with 5 iterations: --save_every=3 falls on a non-stepping micro-step and is taken at the window's end
+    (iter 4); the run ends inside a window, whose micro-step is discarded, and still writes its final and best
+    checkpoints."""
+    out = setup / "partial_window"
+    proc = run_train(setup, out, "--bs=10", "--ac=2", "--ep=1", "--save_every=3")
+    assert "saved checkpoint" in proc.stdout and "(epoch 0, iter 4)" in proc.stdout, proc.stdout[-3000:]
+    assert "the last 1 micro-step(s) were discarded" in proc.stdout
+    last = torch.load(out / LAST, weights_only=True)
+    assert (last["epoch"], last["iter"]) == (1, 0)
+    assert (out / BEST).is_file()
