@@ -26,9 +26,9 @@ import dist
 from models.loading import config_from_state_dict, load_mvar, read_checkpoint, resolve_mvar_checkpoint
 from models.mvar import ARCH_BRANCHES, MVAR, MVARConfig
 from models.tokenizer import load_vae
-from utils.fid_dump import (DumpPlan, check_or_write_settings, chunk_seed, dump_shard, fid_folder_name,
-                            missing_indices, pack_npz)
+from utils.fid_dump import DumpPlan, check_or_write_settings, chunk_seed, dump_shard, fid_folder_name, pack_npz
 from utils.image_grid import save_folder, save_grid, to_uint8_BHW3
+from utils.logging_utils import setup_logging
 
 logger = logging.getLogger("sample")
 
@@ -122,8 +122,9 @@ def check_against_config(args: argparse.Namespace, config: MVARConfig, ckpt: str
 # ---------------------------------------------------------------------------------------------------------------
 # Loading and generation
 # ---------------------------------------------------------------------------------------------------------------
-def load_checked(args: argparse.Namespace, device: torch.device) -> tuple[MVAR, Path]:
-    """Resolve and read the checkpoint, check it against the flags, then build the model and its tokenizer."""
+def load_checked(args: argparse.Namespace, device: torch.device) -> tuple[MVAR, Path, str]:
+    """Resolve and read the checkpoint, check it against the flags, then build the model and its tokenizer
+    -> (model, checkpoint path, which tokenizer: the --vae_ckpt file name, 'embedded' or 'official')."""
     if args.ckpt is None:
         ckpt_path = resolve_mvar_checkpoint(None, args.depth)
     elif not Path(args.ckpt).is_file():
@@ -135,11 +136,12 @@ def load_checked(args: argparse.Namespace, device: torch.device) -> tuple[MVAR, 
     check_against_config(args, config, ckpt_path.name)
     embedded_vae = "vae" in ckpt and "vae_config" in ckpt
     if args.vae_ckpt is None and embedded_vae:
-        vae = load_vae(ckpt_path, device=device, flag="--ckpt")
+        vae, vae_id = load_vae(ckpt_path, device=device, flag="--ckpt"), "embedded"
     else:
         vae = load_vae(args.vae_ckpt, device=device, v_patch_nums=config.patch_nums)
+        vae_id = "official" if args.vae_ckpt is None else Path(args.vae_ckpt).name
     mvar = load_mvar(ckpt, device=device, vae=vae)
-    return mvar, ckpt_path
+    return mvar, ckpt_path, vae_id
 
 
 def make_generate(mvar: MVAR, args: argparse.Namespace, device: torch.device):
@@ -181,14 +183,14 @@ def sample_pictures(args: argparse.Namespace, generate) -> Path:
     return out
 
 
-def sample_fid(args: argparse.Namespace, mvar: MVAR, ckpt_path: Path, generate, rank: int, world_size: int
-               ) -> Path | None:
+def sample_fid(args: argparse.Namespace, mvar: MVAR, ckpt_path: Path, vae_id: str, generate, rank: int,
+               world_size: int) -> Path | None:
     """Every rank dumps its share; rank 0 then packs the npz and writes the settings JSON beside it."""
     folder = Path(args.fid_dir) / fid_folder_name(str(ckpt_path), args.cfg, args.top_k, args.top_p, args.seed,
                                                   args.more_smooth, args.fid_num_per_class)
     plan = DumpPlan(num_classes=mvar.num_classes, num_per_class=args.fid_num_per_class, batch_size=args.bs)
     image_hw = (mvar.patch_nums[-1] * mvar.vae.downsample,) * 2
-    settings = {"ckpt": ckpt_path.name, "cfg": args.cfg, "top_k": args.top_k, "top_p": args.top_p,
+    settings = {"ckpt": ckpt_path.name, "vae": vae_id, "cfg": args.cfg, "top_k": args.top_k, "top_p": args.top_p,
                 "more_smooth": args.more_smooth, "seed": args.seed, "num_classes": plan.num_classes,
                 "num_per_class": plan.num_per_class, "batch_size": plan.batch_size, "precision": precision_name(args)}
     if rank == 0:
@@ -203,10 +205,7 @@ def sample_fid(args: argparse.Namespace, mvar: MVAR, ckpt_path: Path, generate, 
     dist.barrier()
     if rank != 0:
         return None
-    missing = missing_indices(folder, plan.total, image_hw)
-    if missing:
-        raise RuntimeError(f"{len(missing)} PNGs missing after the dump (first: {missing[:5]}); rerun to fill them")
-    npz = pack_npz(folder, plan.total)
+    npz = pack_npz(folder, plan.total, image_hw=image_hw)  # raises, naming them, if PNGs are missing
     info = {**settings, "ckpt_path": str(ckpt_path.resolve()), "arch": mvar.config.arch, "depth": mvar.depth,
             "num_images": plan.total, "image_hw": list(image_hw), "npz": str(npz), "folder": str(folder),
             "torch": torch.__version__}
@@ -222,18 +221,17 @@ def main(argv: Sequence[str] | None = None) -> Path | None:
     device = dist.initialize()
     device = torch.device(args.device) if args.device is not None else device
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s")
+    setup_logging(rank)
     try:
         if world_size > 1 and not args.fid:
             raise SystemExit("several ranks only make sense with --fid (pictures are written by one process)")
         try:
-            mvar, ckpt_path = load_checked(args, device)
+            mvar, ckpt_path, vae_id = load_checked(args, device)
         except (ValueError, FileNotFoundError) as e:
             raise SystemExit(f"error: {e}") from e
         generate = make_generate(mvar, args, device)
         if args.fid:
-            return sample_fid(args, mvar, ckpt_path, generate, rank, world_size)
+            return sample_fid(args, mvar, ckpt_path, vae_id, generate, rank, world_size)
         return sample_pictures(args, generate)
     finally:
         dist.finalize()

@@ -96,8 +96,10 @@ def test_pack_refuses_gaps_and_mixed_sizes(tmp_path):
     plan = DumpPlan(num_classes=1, num_per_class=3, batch_size=3)
     dump_shard(tmp_path / "f", plan, 0, fake_generate())
     png_path(tmp_path / "f", 2).unlink()
-    with pytest.raises(FileNotFoundError, match="000002.png"):
+    with pytest.raises(FileNotFoundError, match=r"1 of the 3 PNGs .* \['000002.png'\]"):
         pack_npz(tmp_path / "f", 3)
+    with pytest.raises(ValueError, match="expected 5x5"):
+        pack_npz(tmp_path / "f", 3, image_hw=(5, 5))
     Image.new("RGB", (4, 4)).save(png_path(tmp_path / "f", 2))
     with pytest.raises(ValueError, match="000002.png has shape"):
         pack_npz(tmp_path / "f", 3)
@@ -105,12 +107,14 @@ def test_pack_refuses_gaps_and_mixed_sizes(tmp_path):
 
 
 def test_settings_must_match_on_resume(tmp_path):
-    settings = dict(ckpt="d2.pth", cfg=1.5, top_k=900, top_p=0.96, more_smooth=False, seed=0, num_classes=2,
-                    num_per_class=3, batch_size=4, precision="fp32")
+    settings = dict(ckpt="d2.pth", vae="embedded", cfg=1.5, top_k=900, top_p=0.96, more_smooth=False, seed=0,
+                    num_classes=2, num_per_class=3, batch_size=4, precision="fp32")
     check_or_write_settings(tmp_path, settings)
     check_or_write_settings(tmp_path, {**settings, "world_size": 8})  # not an image setting
     with pytest.raises(ValueError, match="cfg"):
         check_or_write_settings(tmp_path, {**settings, "cfg": 2.0})
+    with pytest.raises(ValueError, match="'vae': \\('embedded', 'vae_ch160v4096z32.pth'\\)"):
+        check_or_write_settings(tmp_path, {**settings, "vae": "vae_ch160v4096z32.pth"})
 
 
 def test_folder_name_encodes_settings():

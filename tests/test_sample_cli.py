@@ -10,6 +10,7 @@ from PIL import Image
 import sample
 from models import build_vae_mvar
 from models.loading import mvar_checkpoint
+from utils.fid_dump import pack_npz
 
 NUM_CLASSES, IMG = 10, 8  # patch_nums (1, 2, 3, 4) with a 2x tokenizer: 8x8 pixel images
 
@@ -106,6 +107,7 @@ def test_fid_dump_packs_npz_and_resumes(ckpt, tmp_path):
     assert arr.dtype == np.uint8 and arr.shape == (2 * NUM_CLASSES, IMG, IMG, 3)
     info = json.loads(npz.with_suffix(".json").read_text())
     assert info["num_images"] == 20 and info["cfg"] == 1.5 and info["top_p"] == 0.96 and info["batch_size"] == 8
+    assert info["vae"] == "embedded"
 
     (folder / "000005.png").unlink()
     (folder / "000013.png").write_bytes(b"not a png")
@@ -118,6 +120,12 @@ def test_fid_dump_packs_npz_and_resumes(ckpt, tmp_path):
 
     with pytest.raises(ValueError, match="other settings"):  # same folder name, other batching
         run(ckpt, *flags[:-4], "--bs", 4, "--fid_dir", tmp_path)
+    with pytest.raises(ValueError, match="'vae': \\('embedded', 'tiny.pth'\\)"):  # same folder, another tokenizer
+        run(ckpt, *flags, "--vae_ckpt", ckpt)
+
+    (folder / "000007.png").unlink()  # packing alone names what is missing
+    with pytest.raises(FileNotFoundError, match="1 of the 20 PNGs .* missing .*000007.png"):
+        pack_npz(folder, 20)
 
 
 def test_bench_counts_tokens_and_cached_sampling_matches_recompute():

@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 
 SETTINGS_NAME = "settings.json"
 # settings that change the images: a resumed dump must agree on all of them
-IMAGE_SETTINGS = ("ckpt", "cfg", "top_k", "top_p", "more_smooth", "seed", "num_classes", "num_per_class",
+IMAGE_SETTINGS = ("ckpt", "vae", "cfg", "top_k", "top_p", "more_smooth", "seed", "num_classes", "num_per_class",
                   "batch_size", "precision")
 
 # (label_B int64 array of class ids, g_seed) -> uint8 images (B, H, W, 3)
@@ -151,10 +151,12 @@ def missing_indices(folder: Path, total: int, image_hw: tuple[int, int] | None =
     return [i for i in range(total) if not png_is_valid(png_path(folder, i), image_hw)]
 
 
-def pack_npz(folder: Path, total: int, npz_path: Path | None = None) -> Path:
+def pack_npz(folder: Path, total: int, npz_path: Path | None = None, image_hw: tuple[int, int] | None = None
+             ) -> Path:
     """Pack `{0..total-1:06d}.png` into `npz_path` (default `{folder}.npz`) with key `arr_0`, uint8 (N, H, W, 3).
 
-    Goes through a memory-mapped `.npy` beside the npz; every image must have the first one's shape.
+    Goes through a memory-mapped `.npy` beside the npz; every image must have the first one's shape (and `image_hw`
+    when given). A missing or undecodable PNG raises FileNotFoundError saying how many are missing.
     """
     folder = Path(folder)
     npz_path = Path(npz_path) if npz_path is not None else folder.with_name(folder.name + ".npz")
@@ -162,9 +164,12 @@ def pack_npz(folder: Path, total: int, npz_path: Path | None = None) -> Path:
         raise ValueError(f"nothing to pack: total={total}")
     first = png_path(folder, 0)
     if not png_is_valid(first):
-        raise FileNotFoundError(f"{first} is missing or unreadable: finish the dump before packing")
+        _raise_missing(folder, total)
     with Image.open(first) as im:
         H, W = im.height, im.width
+    if image_hw is not None and (H, W) != tuple(image_hw):
+        raise ValueError(f"{first} is {H}x{W}, expected {image_hw[0]}x{image_hw[1]}: the folder holds another "
+                         "model's dump")
     npy_path = npz_path.with_suffix(".npy.tmp")
     arr = np.lib.format.open_memmap(npy_path, mode="w+", dtype=np.uint8, shape=(total, H, W, 3))
     try:
@@ -174,7 +179,7 @@ def pack_npz(folder: Path, total: int, npz_path: Path | None = None) -> Path:
                 with Image.open(p) as im:
                     img = np.asarray(im.convert("RGB"))
             except (OSError, ValueError) as e:
-                raise FileNotFoundError(f"{p} is missing or unreadable ({e}): rerun the dump to fill it") from e
+                _raise_missing(folder, total, e)
             if img.shape != (H, W, 3):
                 raise ValueError(f"{p} has shape {img.shape}, expected {(H, W, 3)} like {first.name}")
             arr[i] = img
@@ -191,6 +196,13 @@ def pack_npz(folder: Path, total: int, npz_path: Path | None = None) -> Path:
         raise RuntimeError(f"{npz_path}: wrote {dtype} {shape}, expected uint8 {(total, H, W, 3)}")
     logger.info("packed %d images into %s (arr_0: uint8 %s)", total, npz_path, shape)
     return npz_path
+
+
+def _raise_missing(folder: Path, total: int, cause: Exception | None = None) -> None:
+    missing = missing_indices(folder, total)
+    raise FileNotFoundError(f"{len(missing)} of the {total} PNGs in {folder} are missing or unreadable (first: "
+                            f"{[png_path(folder, i).name for i in missing[:5]]}): rerun the dump to fill them") \
+        from cause
 
 
 def read_npz_header(npz_path: Path, key: str = "arr_0") -> tuple[tuple[int, ...], np.dtype]:
