@@ -10,16 +10,21 @@ from dist.core import initialized
 def wrap_model(model: nn.Module, device: torch.device, fsdp: bool = False) -> nn.Module:
     """DDP (or FSDP2 with `fsdp`) when a process group exists; the model itself for a single process.
 
-    FSDP2 shards every block, then the root module, in place (`fully_shard` returns the same module object).
+    FSDP2 shards every block, then the root module, in place (`fully_shard` returns the same module object); the
+    model's `autoregressive_infer_cfg`, when it has one, gathers the parameters as `forward` does (collective: every
+    rank must call it).
     """
     if not initialized():
         return model
     if fsdp:
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
         for block in getattr(model, "blocks", ()):
             fully_shard(block)
-        return fully_shard(model)
+        model = fully_shard(model)
+        if hasattr(model, "autoregressive_infer_cfg"):
+            register_fsdp_forward_method(model, "autoregressive_infer_cfg")
+        return model
     device_ids = [device.index] if device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=False)
 

@@ -89,9 +89,12 @@ def single_run(setup):
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_two_ranks_equal_one_process(setup, single_run, mode):
-    """torchrun --nproc_per_node=2 (gloo, DDP or FSDP2) with the same global batch: same logged losses and final
-    weights as one process. Cond dropout and drop path are off: their random draws are per rank by design."""
-    multi = run_train(setup, setup / mode, *NO_MODEL_RNG, f"--fsdp={int(mode == 'fsdp')}", nproc=2)
+    """torchrun --nproc_per_node=2 (gloo, DDP or FSDP2, which also samples each epoch) with the same global batch:
+    same logged losses and final weights as one process. Cond dropout and drop path are off: their random draws
+    are per rank by design."""
+    # FSDP2 also samples after epoch 1 without validation first (whose forward would leave the root unsharded)
+    fsdp = ["--fsdp=1", "--sample_every=1", "--val_every=2"] if mode == "fsdp" else []
+    multi = run_train(setup, setup / mode, *NO_MODEL_RNG, *fsdp, nproc=2)
     loss_1, loss_2 = logged_losses(single_run), logged_losses(multi.stdout)
     assert len(loss_1) == 12 and loss_1.keys() == loss_2.keys()
     assert max(abs(loss_1[k] - loss_2[k]) for k in loss_1) < 1e-4  # logged with 4 decimals
