@@ -171,7 +171,8 @@ def main(args: argparse.Namespace) -> None:
     num_classes, train_set, val_set = build_datasets(args.data_path, args.dataset, reso, args.mid_reso, args.hflip)
     num_classes = args.num_classes or num_classes
     train_loader, val_loader, sampler = build_loaders(train_set, val_set, args.batch_size, args.workers, rank,
-                                                      world, args.seed, pin_memory=device.type == "cuda")
+                                                      world, args.seed, pin_memory=device.type == "cuda",
+                                                      pad_eval=args.fsdp)  # FSDP2: equal val batch counts
     mvar = build_model(args, vae, num_classes, device)
     seed_everything(args.seed, rank, world)
     logger.info("%d train / %d val images at %dpx, %d classes; model %s: %.2fM params", len(train_set),

@@ -186,13 +186,16 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, loader, resos: Sequence[int]) -> dict[str, float]:
         """Validation over `loader` (cond dropout off: eval mode): mean loss / accuracy overall, on the last
-        scale and per scale, averaged over all samples of all ranks."""
+        scale and per scale, averaged over all samples of all ranks. Batches are (images, labels) or
+        (images, labels, valid): items with valid False (padding, utils.data.PaddedEvalDataset) are not counted."""
         was_training = self.mvar.training
         self.mvar.eval()
         K = len(self.seg_lens)
         sums = torch.zeros(2 * K + 3, device=self.device, dtype=torch.float64)  # L, acc per scale; Lm, Accm, count
-        for inp_B3HW, label_B in loader:
+        for inp_B3HW, label_B, *valid in loader:
             inp_B3HW, label_B = inp_B3HW.to(self.device, non_blocking=True), label_B.to(self.device, non_blocking=True)
+            w_B = valid[0].to(self.device, torch.float64) if valid else torch.ones(len(label_B), device=self.device,
+                                                                                    dtype=torch.float64)
             gt_BL, x_BLCv = self.tokenize(inp_B3HW)
             with self.autocast():
                 logits_BLV = self.mvar(label_B, x_BLCv)
@@ -200,11 +203,11 @@ class Trainer:
             ce_BL = F.cross_entropy(logits_BLV.float().reshape(-1, V), gt_BL.reshape(-1), reduction="none").view(B, L)
             hit_BL = (logits_BLV.argmax(-1) == gt_BL).double()
             for si, (bg, ed) in enumerate(self.mvar.begin_ends):
-                sums[si] += ce_BL[:, bg:ed].double().mean(1).sum()
-                sums[K + si] += hit_BL[:, bg:ed].mean(1).sum() * 100
-            sums[2 * K] += ce_BL.double().mean(1).sum()
-            sums[2 * K + 1] += hit_BL.mean(1).sum() * 100
-            sums[2 * K + 2] += B
+                sums[si] += ce_BL[:, bg:ed].double().mean(1) @ w_B
+                sums[K + si] += hit_BL[:, bg:ed].mean(1) @ w_B * 100
+            sums[2 * K] += ce_BL.double().mean(1) @ w_B
+            sums[2 * K + 1] += hit_BL.mean(1) @ w_B * 100
+            sums[2 * K + 2] += w_B.sum()
         dist.all_reduce_sum(sums)
         self.mvar.train(was_training)
         n = max(sums[-1].item(), 1.0)

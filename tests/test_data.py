@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data import TensorDataset
 
-from utils.data import DistributedBatchSampler, EvalDistributedSampler, SafeImageFolder, SeededDataset, \
-    build_datasets, build_transforms
+from utils.data import DistributedBatchSampler, EvalDistributedSampler, PaddedEvalDataset, SafeImageFolder, \
+    SeededDataset, build_datasets, build_transforms
 
 
 def make_folder(root, classes=2, per_class=3, size=(20, 14)):
@@ -69,6 +70,15 @@ def test_sampler_resumes_mid_epoch():
 def test_eval_sampler_splits_without_overlap():
     parts = [list(EvalDistributedSampler(11, r, 3)) for r in range(3)]
     assert sorted(i for p in parts for i in p) == list(range(11))
+
+
+def test_padded_eval_sampler_gives_equal_slices_and_marks_the_padding():
+    ds = PaddedEvalDataset(TensorDataset(torch.arange(11.0), torch.arange(11)))
+    parts = [[ds[p] for p in EvalDistributedSampler(11, r, 3, pad=True)] for r in range(3)]
+    assert [len(p) for p in parts] == [4, 4, 4]
+    valid = [(x.item(), y.item()) for p in parts for x, y, ok in p if ok]
+    assert valid == [(float(i), i) for i in range(11)]
+    assert [(x.item(), ok) for x, _, ok in parts[2]] == [(8.0, True), (9.0, True), (10.0, True), (0.0, False)]
 
 
 def test_seeded_dataset_is_deterministic_and_leaves_global_rng_alone(tmp_path):

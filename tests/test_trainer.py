@@ -1,12 +1,20 @@
 """Trainer.train_step and friends on a tiny tokenizer + model (CPU): loss, no-decay groups, accumulation,
 progressive training, non-finite steps, AMP, validation, checkpoint files."""
 import copy
+import json
 import logging
 import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+
+from torch.utils.data import TensorDataset
 
 from models.mvar import MVAR, MVARConfig
 from models.tokenizer import VQVAE
@@ -14,8 +22,11 @@ from trainer import NonFiniteError, Trainer, build_optimizer, param_groups
 from utils.checkpoint import CheckpointError, find_resume_checkpoint, get_rng_state, load_checkpoint, save_atomic, \
     set_rng_state
 
+from utils.data import build_loaders
+
 PN = (1, 2, 4)
 CPU = torch.device("cpu")
+REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny(cond_drop_rate=0.0, arch="mvar", **trainer_kw):
@@ -174,3 +185,45 @@ def test_rng_state_round_trip_through_a_checkpoint(tmp_path):
     set_rng_state(load_checkpoint(tmp_path / "r.pth")["rng"])
     got = (torch.rand(3), random.random(), np.random.rand())
     assert torch.equal(expected[0], got[0]) and expected[1:] == got[1:]
+
+
+def val_set(n=7):
+    g = torch.Generator().manual_seed(5)
+    return TensorDataset(torch.rand(n, 3, 8, 8, generator=g) * 2 - 1, torch.randint(0, 4, (n,), generator=g))
+
+
+EVAL_WORKER = textwrap.dedent("""
+    import json, sys
+    import torch
+    import dist
+    from test_trainer import tiny, val_set
+    from trainer import Trainer
+    from utils.data import build_loaders
+
+    device = dist.initialize()
+    tr = tiny()
+    model = dist.wrap_model(tr.mvar, device, fsdp=True)  # every forward is a collective
+    tr = Trainer(tr.vae, model, tr.optimizer, device)
+    _, loader, _ = build_loaders(val_set(), val_set(), 2, 0, dist.get_rank(), 2, seed=0, pad_eval=True)
+    metrics = tr.evaluate(loader, resos=(2, 4, 8))
+    if dist.is_main_process():
+        json.dump(metrics, open(sys.argv[1], "w"))
+    dist.barrier()
+    dist.finalize()
+""")
+
+
+def test_fsdp_evaluate_on_two_ranks_with_odd_val_set_equals_one_process(tmp_path):
+    """7 val images on 2 FSDP2 ranks (batches of 3): padded to 4 + 4 so both ranks run 2 collective forwards, and
+    the padded image is not counted: the metrics equal one process's."""
+    _, loader, _ = build_loaders(val_set(), val_set(), 2, 0, 0, 1, seed=0)
+    ref = tiny().evaluate(loader, resos=(2, 4, 8))
+    script, out = tmp_path / "worker.py", tmp_path / "metrics.json"
+    script.write_text(EVAL_WORKER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script), str(out)], env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    got = json.loads(out.read_text())
+    assert ref["n"] == got["n"] == 7 and ref.keys() == got.keys()
+    assert all(math.isclose(ref[k], got[k], rel_tol=1e-5, abs_tol=1e-6) for k in ref), (ref, got)

@@ -168,11 +168,19 @@ class DistributedBatchSampler(Sampler[list[tuple[int, int]]]):
 
 
 class EvalDistributedSampler(Sampler[int]):
-    """Contiguous, non-overlapping slices of the data set per rank (no padding: metrics are summed with counts)."""
+    """Contiguous, non-overlapping slices of the data set per rank; metrics are summed with counts.
 
-    def __init__(self, dataset_len: int, rank: int = 0, world_size: int = 1):
-        bounds = torch.linspace(0, dataset_len, world_size + 1).round().long().tolist()
-        self.indices = list(range(bounds[rank], bounds[rank + 1]))
+    With `pad`, every rank gets the same number of positions (so the same number of batches: FSDP2 forwards are
+    collective); positions past the end wrap around and are marked invalid by `PaddedEvalDataset`.
+    """
+
+    def __init__(self, dataset_len: int, rank: int = 0, world_size: int = 1, pad: bool = False):
+        if pad:
+            per_rank = -(-dataset_len // world_size)
+            self.indices = list(range(rank * per_rank, (rank + 1) * per_rank))
+        else:
+            bounds = torch.linspace(0, dataset_len, world_size + 1).round().long().tolist()
+            self.indices = list(range(bounds[rank], bounds[rank + 1]))
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.indices)
@@ -181,14 +189,34 @@ class EvalDistributedSampler(Sampler[int]):
         return len(self.indices)
 
 
+class PaddedEvalDataset(Dataset):
+    """Position p -> (*dataset[p % len], p < len): the padded positions of `EvalDistributedSampler(pad=True)`
+    repeat real items with a False validity flag, which `Trainer.evaluate` uses as a zero weight."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, pos: int):
+        return (*self.dataset[pos % len(self.dataset)], pos < len(self.dataset))
+
+
 def build_loaders(train_set: Dataset, val_set: Dataset, batch_size: int, workers: int, rank: int, world_size: int,
-                  seed: int, pin_memory: bool = False) -> tuple[DataLoader, DataLoader, DistributedBatchSampler]:
-    """Train loader over `DistributedBatchSampler` (per-rank `batch_size`) and a val loader (1.5x batch)."""
+                  seed: int, pin_memory: bool = False,
+                  pad_eval: bool = False) -> tuple[DataLoader, DataLoader, DistributedBatchSampler]:
+    """Train loader over `DistributedBatchSampler` (per-rank `batch_size`) and a val loader (1.5x batch).
+
+    With `pad_eval` (needed under FSDP2) every rank runs the same number of val batches, which then are
+    (images, labels, valid) with padded items marked invalid; otherwise val batches are (images, labels).
+    """
     sampler = DistributedBatchSampler(len(train_set), batch_size * world_size, rank, world_size, seed)
     # an explicit generator keeps DataLoader from drawing its base seed from the global RNG (exact resume)
     common = dict(num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0,
                   generator=torch.Generator().manual_seed(seed))
     train_loader = DataLoader(SeededDataset(train_set), batch_sampler=sampler, **common)
-    val_loader = DataLoader(val_set, batch_size=max(1, round(batch_size * 1.5)), shuffle=False, drop_last=False,
-                            sampler=EvalDistributedSampler(len(val_set), rank, world_size), **common)
+    val_loader = DataLoader(PaddedEvalDataset(val_set) if pad_eval else val_set,
+                            batch_size=max(1, round(batch_size * 1.5)), shuffle=False, drop_last=False,
+                            sampler=EvalDistributedSampler(len(val_set), rank, world_size, pad=pad_eval), **common)
     return train_loader, val_loader, sampler
