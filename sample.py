@@ -23,9 +23,10 @@ import numpy as np
 import torch
 
 import dist
-from models.loading import config_from_state_dict, load_mvar, read_checkpoint, resolve_mvar_checkpoint
+from models.loading import config_from_state_dict, load_mvar, resolve_mvar_checkpoint
 from models.mvar import ARCH_BRANCHES, MVAR, MVARConfig
 from models.tokenizer import load_vae
+from utils.checkpoint import load_checkpoint
 from utils.fid_dump import DumpPlan, check_or_write_settings, chunk_seed, dump_shard, fid_folder_name, pack_npz
 from utils.image_grid import save_folder, save_grid, to_uint8_BHW3
 from utils.logging_utils import setup_logging
@@ -131,7 +132,7 @@ def load_checked(args: argparse.Namespace, device: torch.device) -> tuple[MVAR, 
         raise FileNotFoundError(f"--ckpt={args.ckpt}: no such file")
     else:
         ckpt_path = Path(args.ckpt)
-    ckpt = read_checkpoint(ckpt_path)
+    ckpt = load_checkpoint(ckpt_path, mmap=False)
     config = MVARConfig(**ckpt["config"]) if "config" in ckpt and "model" in ckpt else config_from_state_dict(ckpt)
     check_against_config(args, config, ckpt_path.name)
     embedded_vae = "vae" in ckpt and "vae_config" in ckpt

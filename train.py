@@ -22,7 +22,7 @@ import torch
 import torchvision.utils
 
 import dist
-from models.loading import DERIVED_KEYS, load_vae, read_checkpoint
+from models.loading import DERIVED_KEYS, load_vae
 from models.mvar import MVAR, MVARConfig
 from models.tokenizer import VQVAE, VQVAEConfig
 from trainer import Trainer, build_optimizer
@@ -54,7 +54,7 @@ def build_model(args: argparse.Namespace, vae: VQVAE, num_classes: int, device: 
     mvar.init_weights(init_adaln=args.aln, init_adaln_gamma=args.alng, init_head=args.hd, init_std=args.ini,
                       gamma_rows=args.alng_rows)
     if args.init_from:
-        ckpt = read_checkpoint(args.init_from)
+        ckpt = load_checkpoint(args.init_from, mmap=False)
         state = ckpt["model"] if "model" in ckpt and "config" in ckpt else ckpt
         load_state_dict_checked(mvar, state, ignore=DERIVED_KEYS, what=f"--init_from={args.init_from}")
         logger.info("initialised the weights from %s", args.init_from)

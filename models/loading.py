@@ -15,6 +15,7 @@ import torch
 
 from models.mvar import MVAR, MVARConfig
 from models.tokenizer import PATCH_NUMS, VQVAE, load_vae  # noqa: F401  (re-exported: the one tokenizer loader)
+from utils.checkpoint import load_checkpoint
 from utils.hub import resolve_checkpoint
 from utils.state_dict import load_state_dict_checked
 
@@ -70,14 +71,6 @@ def config_from_state_dict(
     return MVARConfig(**fields)
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """torch.load on CPU with a clear error for unreadable files."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, not a torch file, ...
-        raise RuntimeError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
-
-
 def load_mvar(
     src: str | Path | dict[str, Any], device: str | torch.device = "cpu", vae: VQVAE | None = None,
     patch_nums: Sequence[int] | None = None, **config_overrides,
@@ -87,7 +80,7 @@ def load_mvar(
     Accepts our checkpoints (a dict with "config" and "model", trainer checkpoints included) and official raw
     state dicts. `config_overrides` change non-weight settings (e.g. attn_backend, cond_drop_rate).
     """
-    ckpt = read_checkpoint(src) if isinstance(src, (str, Path)) else src
+    ckpt = load_checkpoint(src, mmap=False) if isinstance(src, (str, Path)) else src
     name = str(src) if isinstance(src, (str, Path)) else "state dict"
     if "config" in ckpt and "model" in ckpt:
         config = MVARConfig(**{**ckpt["config"], **config_overrides})

@@ -15,6 +15,7 @@ from torch import nn
 
 from models.quantizer import MultiScaleQuantizer, PatchNums
 from models.vae_nets import Decoder, Encoder
+from utils.checkpoint import load_checkpoint
 from utils.hub import resolve_checkpoint
 from utils.state_dict import load_state_dict_checked
 
@@ -171,7 +172,7 @@ def load_vae(path: str | os.PathLike | None = None, device: str | torch.device =
     The result is frozen in eval mode (test_mode=True) unless `test_mode=False` is passed.
     """
     ckpt_path = resolve_checkpoint(path, VAE_REPO_ID, VAE_FILENAME, flag=flag)
-    obj = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    obj = load_checkpoint(ckpt_path, mmap=False)
     if isinstance(obj, dict) and "vae_config" in obj and "vae" in obj:
         config, state_dict = dict(obj["vae_config"]), obj["vae"]
     else:

@@ -50,11 +50,11 @@ def save_atomic(obj: Any, path: PathLike, keep_previous: PathLike | None = None)
     return path
 
 
-def load_checkpoint(path: PathLike) -> dict[str, Any]:
-    """Read a checkpoint on the CPU (weights_only, memory-mapped so the ranks of a node share the pages);
-    CheckpointError naming the file if it is unreadable."""
+def load_checkpoint(path: PathLike, mmap: bool = True) -> dict[str, Any]:
+    """Read a checkpoint on the CPU (weights_only; by default memory-mapped so the ranks of a node share the
+    pages); CheckpointError naming the file if it is unreadable. `mmap=False` for files written elsewhere."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # truncated, zero-filled, not a torch file, ...
         raise CheckpointError(f"checkpoint {path} is unreadable ({type(e).__name__}: {e})") from e
     if not isinstance(ckpt, dict):
