@@ -192,6 +192,11 @@ class HybridBlock(nn.Module):
             x_BLC = x_BLC + stochastic_depth(h_BLC.mul(gamma), self.drop_path, "row", self.training)
         return x_BLC
 
+    @property
+    def uses_kv_cache(self) -> bool:
+        """VAR's block-causal attention needs its KV cache when sampling scale by scale."""
+        return hasattr(self, "attn") and self.attn.mode == "causal"
+
     def extra_repr(self) -> str:
         return f"branches={self.branches}, shared_aln={self.shared_aln}, drop_path={self.drop_path:g}"
 
@@ -303,7 +308,7 @@ class MVAR(nn.Module):
         """Reset per-block inference state: Mamba2 states (or prefix caches) and VAR's KV caches."""
         states = []
         for block in self.blocks:
-            if hasattr(block, "attn") and block.attn.mode == "causal":
+            if block.uses_kv_cache:
                 block.attn.kv_caching(True)
             if not hasattr(block, "mamba"):
                 states.append(None)
@@ -316,7 +321,7 @@ class MVAR(nn.Module):
 
     def end_inference(self) -> None:
         for block in self.blocks:
-            if hasattr(block, "attn") and block.attn.mode == "causal":
+            if block.uses_kv_cache:
                 block.attn.kv_caching(False)
 
     @torch.no_grad()
