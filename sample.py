@@ -223,20 +223,20 @@ def main(argv: Sequence[str] | None = None) -> Path | None:
     device = torch.device(args.device) if args.device is not None else device
     rank, world_size = dist.get_rank(), dist.get_world_size()
     setup_logging(rank)
+    if world_size > 1 and not args.fid:
+        raise SystemExit("several ranks only make sense with --fid (pictures are written by one process)")
     try:
-        if world_size > 1 and not args.fid:
-            raise SystemExit("several ranks only make sense with --fid (pictures are written by one process)")
-        try:
-            mvar, ckpt_path, vae_id = load_checked(args, device)
-        except (ValueError, FileNotFoundError) as e:
-            raise SystemExit(f"error: {e}") from e
-        generate = make_generate(mvar, args, device)
-        if args.fid:
-            return sample_fid(args, mvar, ckpt_path, vae_id, generate, rank, world_size)
-        return sample_pictures(args, generate)
-    finally:
-        dist.finalize()
+        mvar, ckpt_path, vae_id = load_checked(args, device)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from e
+    generate = make_generate(mvar, args, device)
+    if args.fid:
+        return sample_fid(args, mvar, ckpt_path, vae_id, generate, rank, world_size)
+    return sample_pictures(args, generate)
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:
+        dist.finalize()  # after main() has dropped the model (see dist.finalize)

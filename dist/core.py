@@ -4,6 +4,7 @@ Without torchrun (no WORLD_SIZE in the environment) everything runs as a single 
 below are no-ops, so the same training code runs on a laptop CPU and on many GPU nodes.
 """
 import datetime
+import gc
 import logging
 import os
 from typing import Any
@@ -48,8 +49,15 @@ def initialize(backend: str = "auto", timeout_min: float = 30.0) -> torch.device
 
 
 def finalize() -> None:
-    """Leave the process group (safe to call when none was joined)."""
+    """Leave the process group (safe to call when none was joined).
+
+    Call it once the models that use the group are out of scope (after `main()` returns). DDP/FSDP2 modules sit in
+    reference cycles, so they are collected here first: left to interpreter shutdown, gloo's worker threads may
+    free their tensors after Python is gone and the process dies with SIGABRT ("terminate called without an active
+    exception"), seen in about 1 in 20 two-rank FSDP2 runs before this.
+    """
     if tdist.is_initialized():
+        gc.collect()
         tdist.destroy_process_group()
 
 

@@ -326,9 +326,11 @@ def main(args: argparse.Namespace) -> Path:
     metrics = evaluate(trainer.vae, val_loader, device)
     logger.info("val reconstruction: L1 %.4f PSNR %.2f dB; checkpoint %s", metrics["val_l1"], metrics["val_psnr"],
                 last)
-    finalize()
     return last
 
 
 if __name__ == "__main__":
-    main(build_parser().parse_args())
+    try:
+        main(build_parser().parse_args())
+    finally:
+        finalize()  # after main() has dropped the model (see dist.finalize)

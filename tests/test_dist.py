@@ -18,41 +18,45 @@ WORKER = textwrap.dedent("""
     from torch import nn
     import dist
 
-    device = dist.initialize()
-    rank, world = dist.get_rank(), dist.get_world_size()
-    assert world == 2 and device.type == "cpu" and dist.initialized()
-    assert dist.all_reduce_mean(torch.tensor([float(rank)])).item() == 0.5
-    assert dist.all_reduce_sum(torch.tensor([1.0 + rank])).item() == 3.0
-    assert dist.all_gather_object({"r": rank}) == [{"r": 0}, {"r": 1}]
-    assert dist.broadcast_object("x" if rank == 0 else None) == "x"
+    def main():
+        device = dist.initialize()
+        rank, world = dist.get_rank(), dist.get_world_size()
+        assert world == 2 and device.type == "cpu" and dist.initialized()
+        assert dist.all_reduce_mean(torch.tensor([float(rank)])).item() == 0.5
+        assert dist.all_reduce_sum(torch.tensor([1.0 + rank])).item() == 3.0
+        assert dist.all_gather_object({"r": rank}) == [{"r": 0}, {"r": 1}]
+        assert dist.broadcast_object("x" if rank == 0 else None) == "x"
 
-    torch.manual_seed(rank)  # different weights per rank: DDP must broadcast rank 0's
-    model = dist.wrap_model(nn.Linear(3, 1, bias=False), device)
-    assert dist.unwrap_model(model) is model.module
-    w0 = dist.all_gather_object(model.module.weight.detach().clone())
-    assert torch.equal(w0[0], w0[1])
-    x = torch.full((1, 3), float(rank + 1))
-    with dist.grad_sync(model, enabled=False):  # micro-step: gradients stay local
-        model(x).sum().backward()
-    local = model.module.weight.grad.clone()
-    assert torch.equal(local, x)
-    model.module.weight.grad = None
-    with dist.grad_sync(model, enabled=True):  # final micro-step: averaged over ranks
-        model(x).sum().backward()
-    assert torch.allclose(model.module.weight.grad, torch.full((1, 3), 1.5))
+        torch.manual_seed(rank)  # different weights per rank: DDP must broadcast rank 0's
+        model = dist.wrap_model(nn.Linear(3, 1, bias=False), device)
+        assert dist.unwrap_model(model) is model.module
+        w0 = dist.all_gather_object(model.module.weight.detach().clone())
+        assert torch.equal(w0[0], w0[1])
+        x = torch.full((1, 3), float(rank + 1))
+        with dist.grad_sync(model, enabled=False):  # micro-step: gradients stay local
+            model(x).sum().backward()
+        local = model.module.weight.grad.clone()
+        assert torch.equal(local, x)
+        model.module.weight.grad = None
+        with dist.grad_sync(model, enabled=True):  # final micro-step: averaged over ranks
+            model(x).sum().backward()
+        assert torch.allclose(model.module.weight.grad, torch.full((1, 3), 1.5))
 
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
-    ref = {k: v.clone() for k, v in net.state_dict().items()}
-    sharded = dist.wrap_model(net, device, fsdp=True)
-    assert dist.is_fsdp(sharded)
-    full = dist.full_model_state_dict(sharded)  # gathered on rank 0 only
-    assert all(torch.equal(full[k], ref[k]) for k in ref) if rank == 0 else full == {}
-    dist.load_full_state(sharded, {k: v + 1 for k, v in ref.items()}, None, None)
-    full = dist.full_model_state_dict(sharded)
-    assert all(torch.equal(full[k], ref[k] + 1) for k in ref) if rank == 0 else full == {}
-    dist.barrier()
-    dist.finalize()
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+        ref = {k: v.clone() for k, v in net.state_dict().items()}
+        sharded = dist.wrap_model(net, device, fsdp=True)
+        assert dist.is_fsdp(sharded)
+        full = dist.full_model_state_dict(sharded)  # gathered on rank 0 only
+        assert all(torch.equal(full[k], ref[k]) for k in ref) if rank == 0 else full == {}
+        dist.load_full_state(sharded, {k: v + 1 for k, v in ref.items()}, None, None)
+        full = dist.full_model_state_dict(sharded)
+        assert all(torch.equal(full[k], ref[k] + 1) for k in ref) if rank == 0 else full == {}
+        dist.barrier()
+        return rank
+
+    rank = main()
+    dist.finalize()  # once the DDP/FSDP2 models are out of scope
     print("WORKER OK", rank)
 """)
 

@@ -200,16 +200,19 @@ EVAL_WORKER = textwrap.dedent("""
     from trainer import Trainer
     from utils.data import build_loaders
 
-    device = dist.initialize()
-    tr = tiny()
-    model = dist.wrap_model(tr.mvar, device, fsdp=True)  # every forward is a collective
-    tr = Trainer(tr.vae, model, tr.optimizer, device)
-    _, loader, _ = build_loaders(val_set(), val_set(), 2, 0, dist.get_rank(), 2, seed=0, pad_eval=True)
-    metrics = tr.evaluate(loader, resos=(2, 4, 8))
-    if dist.is_main_process():
-        json.dump(metrics, open(sys.argv[1], "w"))
-    dist.barrier()
-    dist.finalize()
+    def main():
+        device = dist.initialize()
+        tr = tiny()
+        model = dist.wrap_model(tr.mvar, device, fsdp=True)  # every forward is a collective
+        tr = Trainer(tr.vae, model, tr.optimizer, device)
+        _, loader, _ = build_loaders(val_set(), val_set(), 2, 0, dist.get_rank(), 2, seed=0, pad_eval=True)
+        metrics = tr.evaluate(loader, resos=(2, 4, 8))
+        if dist.is_main_process():
+            json.dump(metrics, open(sys.argv[1], "w"))
+        dist.barrier()
+
+    main()
+    dist.finalize()  # once the FSDP2 model is out of scope
 """)
 
 
