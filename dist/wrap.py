@@ -71,27 +71,25 @@ def full_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """The optimizer state; under FSDP2 unsharded on rank 0 only (collective), as `full_model_state_dict`."""
-    if is_fsdp(model):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    """The optimizer state keyed by parameter name, so DDP, FSDP2 and single-process checkpoints resume into each
+    other. Under FSDP2 it is unsharded on rank 0 only (collective), as `full_model_state_dict`."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-        return get_optimizer_state_dict(unwrap_model(model), optimizer,
-                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return optimizer.state_dict()
+    fsdp = is_fsdp(model)
+    return get_optimizer_state_dict(unwrap_model(model), optimizer,
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=fsdp))
 
 
 def load_full_state(model: nn.Module, model_sd: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer | None,
                     optim_sd: dict | None) -> None:
     """Load full (unsharded) model / optimizer states into a plain, DDP or FSDP2 model; strict."""
-    if is_fsdp(model):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, \
-            set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, \
+        set_optimizer_state_dict
 
-        opts = StateDictOptions(full_state_dict=True, strict=True)
+    opts = StateDictOptions(full_state_dict=True, strict=True)
+    if is_fsdp(model):
         set_model_state_dict(unwrap_model(model), model_sd, options=opts)
-        if optimizer is not None and optim_sd is not None:
-            set_optimizer_state_dict(unwrap_model(model), optimizer, optim_sd, options=opts)
-        return
-    unwrap_model(model).load_state_dict(model_sd, strict=True)
+    else:
+        unwrap_model(model).load_state_dict(model_sd, strict=True)
     if optimizer is not None and optim_sd is not None:
-        optimizer.load_state_dict(optim_sd)
+        set_optimizer_state_dict(unwrap_model(model), optimizer, optim_sd, options=opts)

@@ -52,6 +52,19 @@ WORKER = textwrap.dedent("""
         dist.load_full_state(sharded, {k: v + 1 for k, v in ref.items()}, None, None)
         full = dist.full_model_state_dict(sharded)
         assert all(torch.equal(full[k], ref[k] + 1) for k in ref) if rank == 0 else full == {}
+
+        plain = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))  # a single-process optimizer state moves to FSDP2
+        plain_opt = torch.optim.AdamW(plain.parameters(), lr=0.1)
+        plain(torch.ones(1, 4)).sum().backward()
+        plain_opt.step()
+        plain_sd = dist.full_optimizer_state_dict(plain, plain_opt)
+        assert set(plain_sd["state"]) == set(ref)  # keyed by parameter name
+        sharded_opt = torch.optim.AdamW(sharded.parameters(), lr=0.1)
+        dist.load_full_state(sharded, plain.state_dict(), sharded_opt, plain_sd)
+        back = dist.full_optimizer_state_dict(sharded, sharded_opt)
+        if rank == 0:
+            assert all(torch.equal(back["state"][k][m], plain_sd["state"][k][m]) for k in ref
+                       for m in ("exp_avg", "exp_avg_sq"))
         dist.barrier()
         return rank
 

@@ -87,21 +87,51 @@ def single_run(setup):
     return run_train(setup, setup / "single", *NO_MODEL_RNG).stdout
 
 
+@pytest.fixture(scope="module")
+def two_rank_run(setup):
+    """Runs train.py on 2 ranks (DDP or FSDP2) once per mode; returns (out_dir, stdout)."""
+    done = {}
+
+    def run(mode: str):
+        if mode not in done:
+            # FSDP2 also samples after epoch 1 without validation first (whose forward would leave the root unsharded)
+            fsdp = ["--fsdp=1", "--sample_every=1", "--val_every=2"] if mode == "fsdp" else []
+            done[mode] = setup / mode, run_train(setup, setup / mode, *NO_MODEL_RNG, *fsdp, nproc=2).stdout
+        return done[mode]
+    return run
+
+
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_two_ranks_equal_one_process(setup, single_run, mode):
+def test_two_ranks_equal_one_process(setup, single_run, two_rank_run, mode):
     """torchrun --nproc_per_node=2 (gloo, DDP or FSDP2, which also samples each epoch) with the same global batch:
     same logged losses and final weights as one process. Cond dropout and drop path are off: their random draws
     are per rank by design."""
-    # FSDP2 also samples after epoch 1 without validation first (whose forward would leave the root unsharded)
-    fsdp = ["--fsdp=1", "--sample_every=1", "--val_every=2"] if mode == "fsdp" else []
-    multi = run_train(setup, setup / mode, *NO_MODEL_RNG, *fsdp, nproc=2)
-    loss_1, loss_2 = logged_losses(single_run), logged_losses(multi.stdout)
+    out, log = two_rank_run(mode)
+    loss_1, loss_2 = logged_losses(single_run), logged_losses(log)
     assert len(loss_1) == 12 and loss_1.keys() == loss_2.keys()
     assert max(abs(loss_1[k] - loss_2[k]) for k in loss_1) < 1e-4  # logged with 4 decimals
-    diff = max_abs_diff(model_state(setup / "single" / LAST), model_state(setup / mode / LAST))
+    diff = max_abs_diff(model_state(setup / "single" / LAST), model_state(out / LAST))
     assert diff < 1e-5, diff
     moved = max_abs_diff(model_state(setup / "single" / LAST), model_state(setup / "single" / PREV))
     assert moved > 1e-3  # the weights did change over the last epoch, so the comparison means something
+
+
+@pytest.mark.parametrize("saved_by, resumed_by", [("fsdp", "single"), ("single", "fsdp")])
+def test_fsdp_and_single_process_checkpoints_resume_into_each_other(setup, single_run, two_rank_run, saved_by,
+                                                                   resumed_by):
+    """The epoch-1 checkpoint of an FSDP2 run resumes in one process (and the reverse); the second epoch then ends
+    where the uninterrupted single-process run ended, so model and AdamW moments were both carried over."""
+    src = two_rank_run("fsdp")[0] if saved_by == "fsdp" else setup / "single"
+    ckpt = torch.load(src / PREV, map_location="cpu", weights_only=True)
+    assert (ckpt["epoch"], ckpt["iter"]) == (1, 0)
+    out = setup / f"{saved_by}_to_{resumed_by}"
+    out.mkdir()
+    shutil.copy(src / PREV, out / LAST)
+    fsdp = ["--fsdp=1", "--val_every=2"] if resumed_by == "fsdp" else []
+    proc = run_train(setup, out, *NO_MODEL_RNG, *fsdp, nproc=2 if resumed_by == "fsdp" else 1)
+    assert "resumed from" in proc.stdout
+    diff = max_abs_diff(model_state(setup / "single" / LAST), model_state(out / LAST))
+    assert diff < 1e-5, diff
 
 
 def test_sigkill_mid_epoch_then_resume_is_bit_identical(setup, reference_run):
