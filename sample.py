@@ -24,6 +24,8 @@ import torch
 
 import dist
 from models.loading import config_from_state_dict, load_mvar, resolve_mvar_checkpoint
+from models.attention import BACKENDS as ATTN_BACKENDS, resolve_backend
+from models.mamba2 import BACKENDS as MAMBA_BACKENDS, resolve_kernels
 from models.mvar import ARCH_BRANCHES, MVAR, MVARConfig
 from models.tokenizer import load_vae
 from utils.checkpoint import load_checkpoint
@@ -67,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     amp.add_argument("--fp16", action="store_true", help="autocast to float16")
     amp.add_argument("--bf16", action="store_true", help="autocast to bfloat16")
     p.add_argument("--out", default="samples.png", help="a .png path (grid) or a folder (one PNG per image)")
+    p.add_argument("--attn_backend", default="auto", choices=ATTN_BACKENDS,
+                   help="intra-scale attention kernel (auto: $MVAR_ATTN_BACKEND, else the fastest available)")
+    p.add_argument("--mamba_backend", default="auto", choices=MAMBA_BACKENDS,
+                   help="Mamba2 kernel (auto: $MVAR_MAMBA_BACKEND, else mamba_ssm on CUDA when installed)")
     p.add_argument("--device", default=None, help="default: cuda (this rank's GPU) if available, else cpu")
     p.add_argument("--fid", action="store_true", help="FID dump of every class instead of pictures")
     p.add_argument("--fid_num_per_class", type=int, default=50, help="FID images per class")
@@ -120,6 +126,17 @@ def check_against_config(args: argparse.Namespace, config: MVARConfig, ckpt: str
         raise ValueError("; ".join(problems))
 
 
+def amp_dtype(args: argparse.Namespace) -> torch.dtype | None:
+    return torch.float16 if args.fp16 else torch.bfloat16 if args.bf16 else None
+
+
+def check_backends(args: argparse.Namespace, device: torch.device) -> None:
+    """A forced kernel (--attn_backend / --mamba_backend, or their env vars) that cannot run here: ValueError or
+    RuntimeError saying why, before anything is loaded."""
+    resolve_backend(args.attn_backend, device, amp_dtype(args) or torch.float32)
+    resolve_kernels(args.mamba_backend, device.type == "cuda", device)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Loading and generation
 # ---------------------------------------------------------------------------------------------------------------
@@ -141,17 +158,17 @@ def load_checked(args: argparse.Namespace, device: torch.device) -> tuple[MVAR, 
     else:
         vae = load_vae(args.vae_ckpt, device=device, v_patch_nums=config.patch_nums)
         vae_id = "official" if args.vae_ckpt is None else Path(args.vae_ckpt).name
-    mvar = load_mvar(ckpt, device=device, vae=vae)
+    mvar = load_mvar(ckpt, device=device, vae=vae, attn_backend=args.attn_backend, mamba_backend=args.mamba_backend)
     return mvar, ckpt_path, vae_id
 
 
 def make_generate(mvar: MVAR, args: argparse.Namespace, device: torch.device):
     """labels (B,) int64 numpy, g_seed -> uint8 images (B, H, W, 3)."""
-    amp_dtype = torch.float16 if args.fp16 else torch.bfloat16 if args.bf16 else None
+    dtype = amp_dtype(args)
 
     def generate(label_B: np.ndarray, g_seed: int) -> np.ndarray:
         label_B = torch.as_tensor(label_B, dtype=torch.long, device=device)
-        with torch.inference_mode(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             img_B3HW = mvar.autoregressive_infer_cfg(len(label_B), label_B, g_seed=g_seed, cfg=args.cfg,
                                                      top_k=args.top_k, top_p=args.top_p, more_smooth=args.more_smooth)
         return to_uint8_BHW3(img_B3HW)
@@ -226,8 +243,9 @@ def main(argv: Sequence[str] | None = None) -> Path | None:
     if world_size > 1 and not args.fid:
         raise SystemExit("several ranks only make sense with --fid (pictures are written by one process)")
     try:
+        check_backends(args, device)
         mvar, ckpt_path, vae_id = load_checked(args, device)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, RuntimeError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from e
     generate = make_generate(mvar, args, device)
     if args.fid:

@@ -23,7 +23,7 @@ import torchvision.utils
 
 import dist
 from models.loading import DERIVED_KEYS, load_vae
-from models.mvar import MVAR, MVARConfig
+from models.mvar import KERNEL_DEFAULTS, MVAR, MVARConfig
 from models.tokenizer import VQVAE, VQVAEConfig
 from trainer import Trainer, build_optimizer
 from utils.args import finalize_args, parse_args
@@ -82,8 +82,9 @@ def check_resumable(ckpt: dict[str, Any], path: Path, config: MVARConfig, vae: V
         raise CheckpointError(f"checkpoint {path} is not a training checkpoint (missing {missing}); use --init_from "
                               f"to start from its weights")
     problems = []
-    if MVARConfig(**ckpt["config"]) != config:
-        old, new = ckpt["config"], dataclasses.asdict(config)
+    # kernel backends (--fuse) may change between runs
+    old, new = {**ckpt["config"], **KERNEL_DEFAULTS}, {**dataclasses.asdict(config), **KERNEL_DEFAULTS}
+    if MVARConfig(**old) != MVARConfig(**new):
         problems += [f"model {k}: checkpoint {old.get(k)!r}, this run {v!r}" for k, v in new.items() if old.get(k) != v]
     if VQVAEConfig(**ckpt["vae_config"]) != vae.config:
         problems.append("the tokenizer config differs (--vae_ckpt)")

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from models.mvar import MVAR, MVARConfig
+from models.mvar import KERNEL_DEFAULTS, MVAR, MVARConfig
 from models.tokenizer import PATCH_NUMS, VQVAE, load_vae  # noqa: F401  (re-exported: the one tokenizer loader)
 from utils.checkpoint import load_checkpoint
 from utils.hub import resolve_checkpoint
@@ -78,12 +78,14 @@ def load_mvar(
     """Build an MVAR from a checkpoint path or an already loaded dict and load its weights strictly.
 
     Accepts our checkpoints (a dict with "config" and "model", trainer checkpoints included) and official raw
-    state dicts. `config_overrides` change non-weight settings (e.g. attn_backend, cond_drop_rate).
+    state dicts. `config_overrides` change non-weight settings (e.g. attn_backend, cond_drop_rate). The kernel
+    backends are never read from the checkpoint: they are "auto" (then $MVAR_ATTN_BACKEND / $MVAR_MAMBA_BACKEND)
+    unless overridden, so a model trained with the portable kernels runs the fused ones where they exist.
     """
     ckpt = load_checkpoint(src, mmap=False) if isinstance(src, (str, Path)) else src
     name = str(src) if isinstance(src, (str, Path)) else "state dict"
     if "config" in ckpt and "model" in ckpt:
-        config = MVARConfig(**{**ckpt["config"], **config_overrides})
+        config = MVARConfig(**{**ckpt["config"], **KERNEL_DEFAULTS, **config_overrides})
         state_dict = ckpt["model"]
     else:
         state_dict = ckpt

@@ -206,6 +206,30 @@ def _is_kernel_device(t: torch.Tensor) -> bool:
     return t.is_cuda
 
 
+def resolve_kernels(backend: str, on_kernel_device: bool, device: torch.device | str = "cuda",
+                    ) -> tuple[MambaKernels | None, str, str]:
+    """(kernels or None, "mamba_ssm" | "torch", why) for a requested backend ("auto" defers to $MVAR_MAMBA_BACKEND).
+    A forced "mamba_ssm" that cannot run raises, saying why; callers may check a flag before any work."""
+    choice = backend
+    if choice not in BACKENDS:
+        raise ValueError(f"Mamba2 backend {choice!r}: expected one of {BACKENDS}")
+    if choice == "auto":
+        choice = os.environ.get(BACKEND_ENV, "") or "auto"
+        if choice not in BACKENDS:
+            raise ValueError(f"{BACKEND_ENV}={choice!r}: expected one of {BACKENDS} (or unset)")
+    kernels, note = (None, "not requested") if choice == "torch" else load_kernels()
+    if choice == "mamba_ssm":
+        if kernels is None:
+            raise RuntimeError(f"Mamba2 backend 'mamba_ssm' requested (backend= or {BACKEND_ENV}) but {note}. "
+                               "Install requirements-cuda.txt on a CUDA machine, or use backend='torch'.")
+        if not on_kernel_device:
+            raise RuntimeError(f"Mamba2 backend 'mamba_ssm' needs CUDA inputs, got device {device}; "
+                               "use backend='torch' or 'auto'.")
+    elif kernels is not None and not on_kernel_device:
+        kernels, note = None, f"input on {device}"
+    return kernels, ("torch" if kernels is None else "mamba_ssm"), f"requested {choice}; {note}"
+
+
 @functools.cache
 def _log_backend_once(message: str) -> None:
     logger.info(message)
@@ -387,21 +411,6 @@ class Mamba2(nn.Module):
 
     def _resolve_backend(self, u: torch.Tensor) -> MambaKernels | None:
         """Kernels to use for input `u`, or None for the PyTorch path (logged once per distinct outcome)."""
-        choice = self.backend
-        if choice == "auto":
-            choice = os.environ.get(BACKEND_ENV, "") or "auto"
-            if choice not in BACKENDS:
-                raise ValueError(f"{BACKEND_ENV}={choice!r}: expected one of {BACKENDS} (or unset)")
-        kernels, note = (None, "not requested") if choice == "torch" else load_kernels()
-        if choice == "mamba_ssm":
-            if kernels is None:
-                raise RuntimeError(f"Mamba2 backend 'mamba_ssm' requested (backend= or {BACKEND_ENV}) but {note}. "
-                                   "Install requirements-cuda.txt on a CUDA machine, or use backend='torch'.")
-            if not _is_kernel_device(u):
-                raise RuntimeError(f"Mamba2 backend 'mamba_ssm' needs CUDA inputs, got device {u.device}; "
-                                   "use backend='torch' or 'auto'.")
-        elif kernels is not None and not _is_kernel_device(u):
-            kernels, note = None, f"input on {u.device.type}"
-        self.active_backend = "torch" if kernels is None else "mamba_ssm"
-        _log_backend_once(f"Mamba2 backend: {self.active_backend} (requested {choice}; {note})")
+        kernels, self.active_backend, note = resolve_kernels(self.backend, _is_kernel_device(u), u.device)
+        _log_backend_once(f"Mamba2 backend: {self.active_backend} ({note})")
         return kernels

@@ -32,6 +32,8 @@ ARCH_BRANCHES = {  # residual branches of one block, in order
     "mamba": ("mamba", "ffn"),
 }
 GAMMA_ROWS = ("official", "all")
+# Which kernels run, not what is computed: never taken from a checkpoint, so weights move freely between machines.
+KERNEL_DEFAULTS = {"attn_backend": "auto", "mamba_backend": "auto"}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -60,7 +62,7 @@ class MVARConfig:
     d_state: int = 64
     d_conv: int = 4
     expand: int = 2
-    attn_backend: str = "auto"
+    attn_backend: str = "auto"  # kernel choices (KERNEL_DEFAULTS): not part of the architecture
     mamba_backend: str = "auto"
 
     def __post_init__(self):

@@ -40,6 +40,20 @@ def test_our_checkpoint_roundtrip_through_a_file(tmp_path):
     assert torch.equal(loaded(label_B, x), src(label_B, x))
 
 
+def test_kernel_backends_are_not_taken_from_a_checkpoint(tmp_path, monkeypatch):
+    """A model trained on the portable kernels (TINY: sdpa / torch) loads with "auto", so it picks the fused ones
+    (or $MVAR_ATTN_BACKEND) where they exist; explicit overrides still win."""
+    src = MVAR(MVARConfig(**TINY, patch_nums=(1, 2, 3))).eval()
+    torch.save(mvar_checkpoint(src), tmp_path / "ckpt.pth")
+    loaded = load_mvar(tmp_path / "ckpt.pth")
+    assert (loaded.config.attn_backend, loaded.config.mamba_backend) == ("auto", "auto")
+    forced = load_mvar(tmp_path / "ckpt.pth", attn_backend="sdpa", mamba_backend="torch")
+    assert (forced.config.attn_backend, forced.config.mamba_backend) == ("sdpa", "torch")
+    monkeypatch.setenv("MVAR_ATTN_BACKEND", "flash_attn")  # "auto" defers to the environment, which is checked
+    with pytest.raises(ValueError, match="flash"):
+        loaded(torch.tensor([1]), torch.randn(1, src.L - 1, 8))
+
+
 def test_mismatched_checkpoint_names_the_first_bad_keys():
     sd = MVAR(MVARConfig(**TINY, patch_nums=(1, 2, 3))).state_dict()
     ckpt = {"config": {**TINY, "patch_nums": (1, 2, 3), "embed_dim": 128}, "model": sd}

@@ -84,6 +84,19 @@ def test_checkpoint_mismatch_fails_before_building(flags, message, ckpt, monkeyp
     assert not (tmp_path / "x.png").exists()
 
 
+@pytest.mark.parametrize("flags, message", [
+    (("--attn_backend", "flash_attn"), "flash_attn"),
+    (("--mamba_backend", "mamba_ssm"), "mamba_ssm"),
+])
+def test_forced_kernel_that_cannot_run_fails_before_loading(flags, message, tmp_path):
+    """On this CPU machine a forced CUDA kernel is an error naming it, before the checkpoint is looked at."""
+    if torch.cuda.is_available():
+        pytest.skip("the kernels may run on this machine")
+    with pytest.raises(SystemExit, match=message) as e:
+        sample.main(["--ckpt", str(tmp_path / "does-not-exist.pth"), "--device", "cpu", *flags])
+    assert "does-not-exist" not in str(e.value)
+
+
 def test_missing_official_checkpoint_says_where_to_put_it(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(SystemExit, match="(?s)d16.pth.*OliverRen/M-VAR.*--ckpt"):
