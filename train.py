@@ -152,12 +152,23 @@ def main(args: argparse.Namespace) -> None:
     logger.info("world size %d, device %s; per-rank batch %d, global micro-batch %d, %d accumulation step(s), "
                 "peak lr %.3g", world, device, args.batch_size, args.glb_batch_size, args.ac, args.tlr)
 
-    # resume: --resume, else the output folder's newest checkpoint; every rank must see the same decision
-    resume_path = Path(args.resume) if args.resume else find_resume_checkpoint(out_dir)
+    # resume: the output folder's newest checkpoint, else --resume; every rank must see the same decision. The
+    # folder wins so that a preempted job relaunched with the same command continues instead of starting over.
+    resume_path = find_resume_checkpoint(out_dir)
+    if resume_path is not None and args.resume:
+        logger.warning("--resume=%s ignored: %s has its own checkpoint %s", args.resume, out_dir, resume_path.name)
+    elif args.resume:
+        resume_path = Path(args.resume)
     if len({p is None for p in dist.all_gather_object(resume_path)}) > 1:
         raise CheckpointError(f"some ranks see a checkpoint to resume from and others do not ({out_dir}): put "
                               f"it on every node or pass --resume")
-    ckpt = load_checkpoint(resume_path) if resume_path is not None else None
+    try:
+        ckpt = load_checkpoint(resume_path) if resume_path is not None else None
+    except CheckpointError as e:
+        if resume_path == out_dir / LAST and (out_dir / PREV).is_file():
+            raise CheckpointError(f"{e}; the previous checkpoint {out_dir / PREV} is intact: move the bad file "
+                                  f"aside and re-run to resume from it") from e
+        raise
     if ckpt is not None and "args" in ckpt:
         if args.seed is not None and args.seed != ckpt["args"].get("seed"):
             logger.warning("--seed=%s ignored: resuming with the checkpoint's seed %s", args.seed, ckpt["args"]["seed"])
@@ -167,7 +178,16 @@ def main(args: argparse.Namespace) -> None:
     torch.manual_seed(args.seed)  # the same initial weights for any world size
 
     # tokenizer (frozen, fp32) -> image size; data; model
-    vae = load_vae(args.vae_ckpt, device, v_patch_nums=args.patch_nums)
+    try:
+        vae = load_vae(args.vae_ckpt, device, v_patch_nums=args.patch_nums)
+    except FileNotFoundError as e:
+        if args.vae_ckpt or args.data_path:
+            raise
+        raise FileNotFoundError(f"{e}\nFor the embedded data set, a small tokenizer of your own is enough: "
+                                "python scripts/train_tokenizer.py --reso=32 --ch=32 --ch_mult=1_1_2_2 "
+                                "--z_channels=16 --vocab_size=512 --pn=1_2_3_4 --out_dir=local_output/tokenizer, "
+                                "then --vae_ckpt=local_output/tokenizer/tokenizer-last.pth --pn=1_2_3_4 (make demo "
+                                "does both)") from e
     reso = args.patch_nums[-1] * vae.downsample
     num_classes, train_set, val_set = build_datasets(args.data_path, args.dataset, reso, args.mid_reso, args.hflip)
     num_classes = args.num_classes or num_classes

@@ -285,6 +285,9 @@ def main(args: argparse.Namespace) -> Path:
     torch.manual_seed(args.seed + rank)
     if args.bs % world:
         raise ValueError(f"--bs={args.bs} is not divisible by the {world} processes")
+    bad = [f"--{k}={getattr(args, k)}" for k in ("bs", "steps", "log_every", "save_every") if getattr(args, k) < 1]
+    if bad:
+        raise ValueError(f"{', '.join(bad)}: expected positive integers")
 
     num_classes, train_set, val_set = build_datasets(args.data_path, args.dataset, args.reso, args.mid_reso,
                                                      args.hflip)

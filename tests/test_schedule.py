@@ -105,6 +105,14 @@ def test_accumulation_and_progressive_derivations():
     assert args.sche == "lin0.5" and args.twde == 0.08 and args.patch_nums[-1] == 32
 
 
+@pytest.mark.parametrize("flag", ["--val_every=0", "--log_every=0", "--save_every=-1", "--sample_every=-2",
+                                  "--save_every_min=-1", "--ep=0"])
+def test_bad_periods_are_errors_at_start(flag):
+    """Caught before training, not by a ZeroDivisionError at the end of the first epoch."""
+    with pytest.raises(ValueError, match=flag.split("=")[0]):
+        finalize_args(parse_args([flag]), world_size=1)
+
+
 def test_boolean_flags_accept_vars_spellings():
     assert parse_args(["--hflip"]).hflip is True
     assert parse_args(["--hflip=1", "--saln=True", "--anorm=0"]).saln is True

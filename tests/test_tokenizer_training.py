@@ -88,6 +88,11 @@ def test_bad_resolution_names_the_flag():
         build_vae(tiny_args("--reso=16"))
 
 
+def test_zero_periods_are_errors_before_training(tmp_path):
+    with pytest.raises(ValueError, match="--save_every=0"):
+        main(tiny_args("--save_every=0", f"--out_dir={tmp_path}"))
+
+
 def test_main_writes_a_loadable_checkpoint_and_resumes(tmp_path):
     args = tiny_args("--steps=3", "--log_every=2", "--save_every=2", f"--out_dir={tmp_path}")
     ckpt_path = main(args)

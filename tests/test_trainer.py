@@ -106,9 +106,13 @@ def test_clip_logs_pre_clip_norm_and_clips():
     grads = {}
     for n, p in tr.mvar.named_parameters():
         p.register_hook(lambda g, n=n: grads.__setitem__(n, g.clone()))
+    seen = []  # the gradient norm the optimizer steps with
+    tr.optimizer.register_step_pre_hook(lambda opt, args, kwargs: seen.append(torch.linalg.vector_norm(
+        torch.stack([torch.linalg.vector_norm(p.grad) for g in opt.param_groups for p in g["params"]])).item()))
     res = tr.train_step(*batch())
     norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads.values()])).item()
-    assert res.grad_norm == pytest.approx(norm, rel=1e-5) and res.grad_norm > 1e-3
+    assert res.grad_norm == pytest.approx(norm, rel=1e-5) and res.grad_norm > 100 * 1e-3  # logged before clipping
+    assert seen == [pytest.approx(1e-3, rel=1e-4)]  # ... and clipped to tclip before the step
     assert any(not torch.equal(before[k], v) for k, v in tr.mvar.state_dict().items())
 
 

@@ -168,8 +168,58 @@ def test_corrupt_checkpoint_is_an_error_naming_it_and_previous_is_kept(setup, re
     proc = run_train(setup, out, "--ep=3", check=False)
     assert proc.returncode != 0
     assert f"checkpoint {out / LAST} is unreadable" in proc.stderr
+    assert f"the previous checkpoint {out / PREV} is intact" in proc.stderr  # the way out is in the message
     assert (out / PREV).read_bytes() == prev_bytes
     assert "epoch" in torch.load(out / PREV, weights_only=True)
+    (out / LAST).rename(out / "bad.pth")
+    proc = run_train(setup, out, "--ep=3", "--save_every=2", "--hflip=1", "--drop_path_rate=0.1")  # the run's flags
+    assert f"resumed from {out / PREV}" in proc.stdout
+
+
+def test_resume_flag_starts_a_run_and_a_relaunch_continues_from_the_folder(setup, single_run):
+    """--resume PATH seeds a new folder; relaunching the same command (say after preemption) continues from the
+    folder's own newer checkpoint, not from PATH again."""
+    out = setup / "resume_flag"
+    cmd = (f"--resume={setup / 'single' / PREV}", *NO_MODEL_RNG)
+    first = run_train(setup, out, *cmd)
+    assert f"resumed from {setup / 'single' / PREV} at epoch 1, iteration 0" in first.stdout
+    assert max_abs_diff(model_state(setup / "single" / LAST), model_state(out / LAST)) == 0
+    again = run_train(setup, out, *cmd, "--ep=3")
+    assert "ignored" in again.stderr + again.stdout and f"resumed from {out / LAST} at epoch 2" in again.stdout
+
+
+def tb_tags(folder: Path) -> dict[str, list[str]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(folder), size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    return acc.Tags()
+
+
+def test_init_from_loader_workers_progressive_training_and_tensorboard(setup, single_run):
+    """--init_from takes the weights only (epoch 0, a lower first loss than from scratch); --workers=1 and --pg
+    run through train.py; TensorBoard gets the per-scale, optimiser, speed and validation scalars and the sample
+    grid."""
+    first_scratch = logged_losses(single_run)[1, 1]
+    out = setup / "init_from"
+    proc = run_train(setup, out, f"--init_from={setup / 'single' / LAST}", "--workers=1", "--ep=1", *NO_MODEL_RNG,
+                     "--sample_every=1")
+    assert "initialised the weights from" in proc.stdout and "resumed" not in proc.stdout
+    assert logged_losses(proc.stdout)[1, 1] < first_scratch - 0.5
+    tags = tb_tags(out / "tb")
+    scalars = set(tags["scalars"])
+    for tag in ("train/loss", "train/grad_norm", "train/vocab_usage", "opt/lr", "opt/wd", "speed/images_per_s",
+                "speed/tokens_per_s", "val/vL_mean", *(f"train/{m}_{r}" for m in ("L", "acc") for r in (2, 4, 8))):
+        assert tag in scalars, (tag, sorted(scalars))
+    assert tags["images"], "no sample grid in TensorBoard"
+
+    pg = run_train(setup, setup / "progressive", "--pg=0.5", "--pg0=1", "--ep=2", *NO_MODEL_RNG)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(setup / "progressive" / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    stages = [e.value for e in acc.Scalars("opt/prog_si")]
+    assert stages[0] == 1 and stages[-1] == -1 and "loss" in pg.stdout  # grows from scale 1 to all scales
 
 
 def test_incompatible_checkpoint_names_file_and_field(setup, reference_run):
@@ -193,3 +243,11 @@ def test_partial_accumulation_window_still_saves(setup):
     last = torch.load(out / LAST, weights_only=True)
     assert (last["epoch"], last["iter"]) == (1, 0)
     assert (out / BEST).is_file()
+
+
+def test_embedded_data_without_tokenizer_points_at_tokenizer_training(tmp_path):
+    env = {**ENV, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    proc = subprocess.run([sys.executable, str(REPO / "train.py"), "--depth=2", f"--local_out_dir_path={tmp_path}"],
+                          env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "vae_ch160v4096z32.pth" in proc.stderr and "scripts/train_tokenizer.py" in proc.stderr

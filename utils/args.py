@@ -104,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None, help="seed (default: drawn at start and saved for resume)")
     g.add_argument("--local_out_dir_path", default="local_output", help="output folder: checkpoints, log.txt, "
                    "TensorBoard; auto-resume looks here")
-    g.add_argument("--resume", default=None, help="resume from this checkpoint instead of the output folder's")
+    g.add_argument("--resume", default=None, help="start from this checkpoint when the output folder has none yet "
+                   "(a relaunch then continues from the folder's own newer checkpoint)")
     g.add_argument("--save_every", type=int, default=0, help="also checkpoint every this many iterations (0 = only "
                    "at epoch end and by --save_every_min)")
     g.add_argument("--save_every_min", type=float, default=30.0, help="also checkpoint when this many minutes "
@@ -120,9 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def finalize_args(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
     """Derived settings, as VAR computes them: per-rank micro-batch, peak lr, schedule defaults, patch_nums."""
-    for name in ("bs", "ac", "ep"):
+    for name in ("bs", "ac", "ep", "val_every", "log_every"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name}={getattr(args, name)}: expected a positive integer")
+    for name in ("save_every", "save_every_min", "sample_every"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name}={getattr(args, name)}: expected >= 0 (0 = off)")
     args.patch_nums = parse_patch_nums(args.pn)
     args.batch_size = max(1, round(args.bs / args.ac / world_size))  # per rank, per micro-step
     args.glb_batch_size = args.batch_size * world_size  # per micro-step
