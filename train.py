@@ -45,7 +45,8 @@ def build_model(args: argparse.Namespace, vae: VQVAE, num_classes: int, device: 
     """A freshly initialised model (VAR's init) whose config comes from the flags and the tokenizer."""
     config = MVARConfig(
         depth=args.depth, num_classes=num_classes, V=vae.vocab_size, Cvae=vae.Cvae, patch_nums=args.patch_nums,
-        arch=args.arch, embed_dim=args.embed_dim, num_heads=args.num_heads, shared_aln=args.saln,
+        arch=args.arch, var_blocks=args.var_blocks, embed_dim=args.embed_dim, num_heads=args.num_heads,
+        shared_aln=args.saln,
         attn_l2_norm=args.anorm, drop_path_rate=None if args.drop_path_rate < 0 else args.drop_path_rate,
         cond_drop_rate=args.cond_drop_rate, attn_backend="auto" if args.fuse else "sdpa",
         mamba_backend="auto" if args.fuse else "torch",

@@ -40,9 +40,11 @@ def config_from_state_dict(
         raise KeyError(f"not an M-VAR/VAR state dict: missing {missing}")
     C = state_dict["pos_start"].shape[-1]
     depth = 1 + max(int(k.split(".")[1]) for k in state_dict if k.startswith("blocks."))
-    has_attn = "blocks.0.attn.mat_qkv.weight" in state_dict
-    has_mamba = "blocks.0.mamba.A_log" in state_dict
+    mamba_blocks = [i for i in range(depth) if f"blocks.{i}.mamba.A_log" in state_dict]
+    has_mamba = bool(mamba_blocks)
+    has_attn = f"blocks.{depth - 1}.attn.mat_qkv.weight" in state_dict
     arch = "mvar" if has_attn and has_mamba else ("mamba" if has_mamba else "var")
+    var_blocks = mamba_blocks[0] if has_mamba else 0  # leading VAR blocks of a var_blocks mix
     L = state_dict["pos_1LC"].shape[1]
     stored = state_dict.get("blocks.0.attn.patch_nums")  # official M-VAR files: the pn*pn of every scale
     if patch_nums is None and stored is not None:
@@ -57,13 +59,14 @@ def config_from_state_dict(
                          f"but the checkpoint has L={L}")
     scale_mul = state_dict.get("blocks.0.attn.scale_mul_1H11")
     if has_mamba:  # Mamba2 sizes: norm.weight is d_inner, conv1d spans x, B and C (d_inner + 2 * d_state)
-        d_inner = state_dict["blocks.0.mamba.norm.weight"].shape[0]
-        conv_w = state_dict["blocks.0.mamba.conv1d.weight"]
+        d_inner = state_dict[f"blocks.{var_blocks}.mamba.norm.weight"].shape[0]
+        conv_w = state_dict[f"blocks.{var_blocks}.mamba.conv1d.weight"]
         overrides = dict(expand=d_inner // C, d_state=(conv_w.shape[0] - d_inner) // 2, d_conv=conv_w.shape[-1],
                          **overrides)
     fields = dict(
         depth=depth, num_classes=state_dict["class_emb.weight"].shape[0] - 1, V=state_dict["head.weight"].shape[0],
-        Cvae=state_dict["word_embed.weight"].shape[1], patch_nums=tuple(patch_nums), arch=arch, embed_dim=C,
+        Cvae=state_dict["word_embed.weight"].shape[1], patch_nums=tuple(patch_nums), arch=arch,
+        var_blocks=var_blocks, embed_dim=C,
         num_heads=scale_mul.shape[1] if scale_mul is not None else C // 64,
         shared_aln="shared_ada_lin.1.weight" in state_dict, attn_l2_norm=scale_mul is not None,
     )

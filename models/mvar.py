@@ -10,6 +10,8 @@ Architectures (`MVARConfig.arch`, the paper's Table 6 ablation):
     var    block-causal global attention -> FFN, 6C adaLN (VAR's own layout: VAR checkpoints load)
     intra  intra-scale attention -> FFN, 6C adaLN (no inter-scale path)
     mamba  Mamba2 over all scales -> FFN, 6C adaLN (no attention)
+`var_blocks=K` keeps the first K blocks as VAR blocks and the rest `arch` (the paper's Figure 5, "from VAR to
+M-VAR": 0 = all M-VAR, depth = all VAR).
 """
 import itertools
 import math
@@ -49,6 +51,7 @@ class MVARConfig:
     Cvae: int = 32
     patch_nums: tuple[int, ...] = PATCH_NUMS[256]
     arch: str = "mvar"
+    var_blocks: int = 0  # the first var_blocks blocks are VAR blocks (block-causal attention + FFN, 6C adaLN)
     embed_dim: int | None = None  # None -> 64 * depth
     num_heads: int | None = None  # None -> embed_dim // 64 (= depth by default: head_dim 64)
     mlp_ratio: float = 4.0
@@ -77,10 +80,17 @@ class MVARConfig:
             raise ValueError(f"embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}")
         if self.drop_path_rate is None:
             self.drop_path_rate = 0.1 * self.depth / 24
+        if not 0 <= self.var_blocks <= self.depth:
+            raise ValueError(f"var_blocks={self.var_blocks}: expected 0..depth={self.depth}")
+        if self.shared_aln and len({len(self.block_branches(i)) for i in range(self.depth)}) > 1:
+            raise ValueError(f"shared_aln needs one adaLN layout for all blocks; var_blocks={self.var_blocks} mixes "
+                             f"VAR (6C) and {self.arch} ({3 * len(ARCH_BRANCHES[self.arch])}C) blocks")
 
-    @property
-    def branches(self) -> tuple[str, ...]:
-        return ARCH_BRANCHES[self.arch]
+    def block_arch(self, block_idx: int) -> str:
+        return "var" if block_idx < self.var_blocks else self.arch
+
+    def block_branches(self, block_idx: int) -> tuple[str, ...]:
+        return ARCH_BRANCHES[self.block_arch(block_idx)]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -149,14 +159,15 @@ class HybridBlock(nn.Module):
     def __init__(self, config: MVARConfig, block_idx: int, drop_path: float):
         super().__init__()
         C = config.embed_dim
-        self.block_idx, self.C, self.branches = block_idx, C, config.branches
+        arch = config.block_arch(block_idx)
+        self.block_idx, self.C, self.branches = block_idx, C, ARCH_BRANCHES[arch]
         self.n_chunks = 3 * len(self.branches)
         self.drop_path = drop_path
         self.shared_aln = config.shared_aln
         if "attn" in self.branches:
             self.attn = ScaleAttention(
                 C, config.num_heads, attn_l2_norm=config.attn_l2_norm, attn_drop=config.attn_drop_rate,
-                proj_drop=config.drop_rate, mode="causal" if config.arch == "var" else "intra",
+                proj_drop=config.drop_rate, mode="causal" if arch == "var" else "intra",
                 backend=config.attn_backend,
             )
         if "mamba" in self.branches:
@@ -242,7 +253,7 @@ class MVAR(nn.Module):
         self.register_buffer("lvl_1L", lvl_1L, persistent=False)
 
         # 2. blocks (drop path increases linearly over depth)
-        n_chunks = 3 * len(config.branches)
+        n_chunks = 3 * len(config.block_branches(0))  # one layout for all blocks under shared_aln
         self.shared_ada_lin = (
             nn.Sequential(nn.SiLU(inplace=False), SharedAdaLin(self.D, n_chunks * C, n_chunks))
             if config.shared_aln else nn.Identity()
@@ -439,7 +450,8 @@ class MVAR(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.config
-        return f"arch={c.arch}, depth={c.depth}, C={self.C}, heads={self.num_heads}, L={self.L}, " \
+        mix = f", var_blocks={c.var_blocks}" if c.var_blocks else ""
+        return f"arch={c.arch}{mix}, depth={c.depth}, C={self.C}, heads={self.num_heads}, L={self.L}, " \
                f"drop_path_rate={c.drop_path_rate:g}"
 
 

@@ -3,8 +3,9 @@
 Sections (`--only`): attn  intra-scale vs VAR's block-causal global attention, kernel alone and ScaleAttention layer
                      block one M-VAR block vs one VAR block (and, with --archs, the other ablation blocks)
 Each section measures its variants side by side in one run, at d16 shapes by default (B=2, L=680, C=1024, H=16).
-Peak memory: torch.cuda.max_memory_allocated on CUDA; on CPU the attention table counts score entries instead
-(analytic, B*H*sum(l^2) vs B*H*L^2), since PyTorch exposes no CPU allocator peak.
+Peak memory above what was allocated before: torch.cuda.max_memory_allocated on CUDA; on CPU, replayed from the
+profiler's per-op allocations and frees (torch.profiler, profile_memory=True; kineto prints two lines to stderr).
+The attention table also counts score entries (analytic, B*H*sum(l^2) vs B*H*L^2).
 
     python scripts/bench.py                                  # all sections, CPU (+ CUDA when available)
     python scripts/bench.py --only attn --device cpu --repeats 5 --threads 1
@@ -58,8 +59,8 @@ def passes(run: Callable[[], torch.Tensor], leaves: Sequence[torch.Tensor]) -> d
 def measure(
     variants: dict[str, tuple[Callable[[], torch.Tensor], Sequence[torch.Tensor]]], device: torch.device,
     args: argparse.Namespace,
-) -> dict[str, dict[str, tuple[float, float | None]]]:
-    """{variant: {pass: (median ms, peak MiB or None)}}. The variants take turns within every repeat, so load
+) -> dict[str, dict[str, tuple[float, float]]]:
+    """{variant: {pass: (median ms, peak MiB)}}. The variants take turns within every repeat, so load
     from other processes on a shared machine hits them alike."""
     fns = {name: passes(run, leaves) for name, (run, leaves) in variants.items()}
     times: dict[tuple[str, str], list[float]] = {(v, p): [] for v in fns for p in fns[v]}
@@ -74,16 +75,22 @@ def measure(
     return {v: {p: (statistics.median(times[(v, p)]), peak_mib(fns[v][p], device)) for p in fns[v]} for v in fns}
 
 
-def peak_mib(fn: Callable[[], None], device: torch.device) -> float | None:
-    """Peak CUDA memory allocated by `fn` above what was allocated before it (None on CPU)."""
-    if device.type != "cuda":
-        return None
-    sync(device)
-    base = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    fn()
-    sync(device)
-    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+def peak_mib(fn: Callable[[], None], device: torch.device) -> float:
+    """Peak memory allocated by `fn` above what was allocated before it."""
+    if device.type == "cuda":
+        sync(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        sync(device)
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    live = peak = 0  # replay every op's own allocations (+) and the frees (-) in time order
+    for event in sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start):
+        live += event.self_cpu_memory_usage
+        peak = max(peak, live)
+    return peak / 2**20
 
 
 def autocast(device: torch.device, dtype: torch.dtype):
@@ -96,10 +103,6 @@ def autocast(device: torch.device, dtype: torch.dtype):
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
-
-
-def fmt_mib(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.1f}"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -133,7 +136,7 @@ def bench_attn(device: torch.device, args: argparse.Namespace) -> str:
     for part in ("kernel", "layer"):
         for p in ("fwd", "fwd+bwd"):
             (ti, mi), (tg, mg) = res[f"{part} intra"][p], res[f"{part} global"][p]
-            mem = [fmt_mib(mi), fmt_mib(mg), "n/a" if mi is None else f"{mg / mi:.2f}x"]
+            mem = [f"{mi:.1f}", f"{mg:.1f}", f"{mg / mi:.2f}x"]
             rows.append([device.type, part, p, f"{ti:.2f}", f"{tg:.2f}", f"**{tg / ti:.2f}x**", *mem])
     headers = ["device", "what", "pass", f"intra ms ({backend})", "global ms (sdpa+mask)", "speed-up",
                "intra peak MiB", "global peak MiB", "memory ratio"]
@@ -177,7 +180,7 @@ def bench_block(device: torch.device, args: argparse.Namespace) -> str:
     for arch, block in blocks.items():
         (tf, mf), (tb, mb) = res[arch]["fwd"], res[arch]["fwd+bwd"]
         row = [device.type, arch, " + ".join(block.branches), f"{sum(p.numel() for p in block.parameters()) / 1e6:.2f}",
-               f"{tf:.1f}", f"{tb:.1f}", fmt_mib(mf), fmt_mib(mb)]
+               f"{tf:.1f}", f"{tb:.1f}", f"{mf:.1f}", f"{mb:.1f}"]
         if "var" in res:
             row += [f"{tf / res['var']['fwd'][0]:.2f}x", f"{tb / res['var']['fwd+bwd'][0]:.2f}x"]
         rows.append(row)

@@ -44,11 +44,12 @@ def count_block_tokens(mvar: MVAR, use_cache: bool, cfg: float) -> dict[str, int
 
 
 def attention_scores(mvar: MVAR) -> int:
-    """Query-key pairs per sequence and head: within each scale (intra-scale) or against the KV cache (VAR)."""
-    ends = [end for _, end in mvar.begin_ends]
-    if mvar.config.arch == "var":
-        return sum(n * e for n, e in zip(mvar.seg_lens, ends, strict=True))
-    return sum(n * n for n in mvar.seg_lens) if "attn" in mvar.config.branches else 0
+    """Query-key pairs per sequence and head in one `arch` block: within each scale (intra-scale) or against the
+    KV cache (VAR)."""
+    block = mvar.blocks[-1]
+    if block.uses_kv_cache:
+        return sum(n * end for n, (_, end) in zip(mvar.seg_lens, mvar.begin_ends, strict=True))
+    return sum(n * n for n in mvar.seg_lens) if "attn" in block.branches else 0
 
 
 def timed(fn, device: torch.device):

@@ -31,6 +31,14 @@ def test_official_raw_state_dict_loads_with_inferred_config(arch):
         assert torch.equal(loaded.state_dict()[k], v), k
 
 
+def test_var_blocks_mix_is_inferred_from_a_raw_state_dict():
+    src = MVAR(MVARConfig(**{**TINY, "depth": 3}, var_blocks=2, patch_nums=(1, 2, 3))).eval()
+    loaded = load_mvar(src.state_dict(), patch_nums=(1, 2, 3), attn_backend="sdpa", mamba_backend="torch")
+    assert (loaded.config.arch, loaded.config.var_blocks, loaded.config.d_state) == ("mvar", 2, 16)
+    label_B, x = torch.tensor([1, 2]), torch.randn(2, src.L - 1, 8)
+    assert torch.equal(loaded(label_B, x), src(label_B, x))
+
+
 def test_our_checkpoint_roundtrip_through_a_file(tmp_path):
     torch.manual_seed(0)
     src = MVAR(MVARConfig(**TINY, patch_nums=(1, 2, 3))).eval()

@@ -10,13 +10,17 @@ from models import MVAR, MVARConfig, build_vae_mvar
 TINY_PN = (1, 2, 3, 4)
 
 
+MIXES = {"var1+mvar": dict(arch="mvar", var_blocks=1)}  # the paper's Figure 5: block 0 VAR, block 1 M-VAR
+ARCHS = ["mvar", "var", "intra", "mamba", *MIXES]
+
+
 def build_tiny(arch="mvar", **kw):
     torch.manual_seed(0)
     kw.setdefault("init_adaln_gamma", 0.5)  # large gammas so every branch visibly matters
+    kw = {**MIXES.get(arch, {"arch": arch}), **kw}
     vae, mvar = build_vae_mvar(
         "cpu", patch_nums=TINY_PN, V=64, Cvae=8, ch=32, ch_mult=(1, 2), num_classes=10, depth=2, embed_dim=64,
-        num_heads=2, arch=arch, flash_if_available=False, fused_if_available=False, d_state=16,
-        drop_path_rate=0.0, **kw,
+        num_heads=2, flash_if_available=False, fused_if_available=False, d_state=16, drop_path_rate=0.0, **kw,
     )
     return vae, mvar
 
@@ -68,6 +72,22 @@ def test_other_sizes_follow_the_same_arithmetic(name, depth, C, paper):
     assert abs(n / paper - 1) < 0.04, n
 
 
+def test_var_blocks_mix_layouts_and_counts():
+    """--var_blocks=K: the first K blocks are VAR blocks (6C adaLN, block-causal attention, no Mamba)."""
+    with torch.device("meta"):
+        mixed = MVAR(MVARConfig(depth=16, var_blocks=4))
+    n = sum(p.numel() for p in mixed.parameters())
+    per_block = {a: (exact_count(a, 16) - exact_count(a, 1, 1024)) // 15 for a in ("mvar", "var")}  # d16 width
+    assert n == exact_count("mvar", 16) - 4 * (per_block["mvar"] - per_block["var"])
+    assert [b.uses_kv_cache for b in mixed.blocks] == [True] * 4 + [False] * 12
+    assert not hasattr(mixed.blocks[3], "mamba") and hasattr(mixed.blocks[4], "mamba")
+    assert mixed.blocks[3].ada_lin[1].out_features == 6 * 1024 and mixed.blocks[4].ada_lin[1].out_features == 9 * 1024
+    with pytest.raises(ValueError, match="var_blocks"):
+        MVARConfig(depth=4, var_blocks=5)
+    with pytest.raises(ValueError, match="shared_aln"):
+        MVARConfig(depth=4, var_blocks=2, shared_aln=True)
+
+
 def test_state_dict_names_match_official_checkpoint():
     with torch.device("meta"):
         mvar = MVAR(MVARConfig(depth=16))
@@ -109,8 +129,8 @@ def test_shared_adaln_has_one_chunk_triple_per_branch(arch, branches):
 
 
 # ---- behaviour of a tiny model --------------------------------------------------------------------------------
-@pytest.mark.parametrize("arch", ["mvar", "var", "intra", "mamba"])
-@pytest.mark.parametrize("shared_aln", [False, True])
+@pytest.mark.parametrize("arch, shared_aln", [(a, s) for s in (False, True) for a in ARCHS
+                                               if not (s and a in MIXES)])  # a mix has no single shared layout
 def test_forward_shapes_and_gradients_reach_every_parameter(arch, shared_aln):
     vae, mvar = build_tiny(arch, shared_aln=shared_aln, cond_drop_rate=0.0)
     label_B, idx_Bl, x_BLCv = teacher_input(vae, mvar)
@@ -123,7 +143,7 @@ def test_forward_shapes_and_gradients_reach_every_parameter(arch, shared_aln):
         assert p.grad is not None and p.grad.abs().sum() > 0, f"no gradient reaches {name}"
 
 
-@pytest.mark.parametrize("arch", ["mvar", "var", "intra", "mamba"])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_scale_never_depends_on_later_scales(arch):
     vae, mvar = build_tiny(arch)
     mvar.eval()
@@ -187,7 +207,7 @@ def record_sampling(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("arch", ["mvar", "var", "intra", "mamba"])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_cached_sampling_logits_equal_teacher_forcing(monkeypatch, arch):
     vae, mvar = build_tiny(arch)
     mvar.eval()

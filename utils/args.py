@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--depth", type=int, default=16, help="number of blocks; width 64*depth, depth heads")
     g.add_argument("--arch", default="mvar", choices=ARCHS, help="block type: mvar (intra-scale attn + Mamba2), "
                    "var (block-causal attn), intra (intra-scale attn only), mamba (Mamba2 only)")
+    g.add_argument("--var_blocks", type=int, default=0, help="keep the first N blocks as VAR blocks (block-causal "
+                   "attention + FFN), the rest --arch: the paper's Figure 5 'from VAR to M-VAR'")
     g.add_argument("--embed_dim", type=int, default=None, help="width override (default 64*depth)")
     g.add_argument("--num_heads", type=int, default=None, help="attention heads override (default embed_dim/64)")
     g.add_argument("--saln", default=False, **b, help="shared adaLN across blocks")
