@@ -244,8 +244,11 @@ def main(argv: Sequence[str] | None = None) -> Path | None:
         raise SystemExit("several ranks only make sense with --fid (pictures are written by one process)")
     try:
         check_backends(args, device)
+    except (ValueError, RuntimeError) as e:
+        raise SystemExit(f"error: {e}") from e
+    try:
         mvar, ckpt_path, vae_id = load_checked(args, device)
-    except (ValueError, RuntimeError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from e
     generate = make_generate(mvar, args, device)
     if args.fid:
@@ -254,7 +257,4 @@ def main(argv: Sequence[str] | None = None) -> Path | None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    finally:
-        dist.finalize()  # after main() has dropped the model (see dist.finalize)
+    dist.run_then_finalize(main)

@@ -160,9 +160,6 @@ def main(args: argparse.Namespace) -> None:
         logger.warning("--resume=%s ignored: %s has its own checkpoint %s", args.resume, out_dir, resume_path.name)
     elif args.resume:
         resume_path = Path(args.resume)
-    if len({p is None for p in dist.all_gather_object(resume_path)}) > 1:
-        raise CheckpointError(f"some ranks see a checkpoint to resume from and others do not ({out_dir}): put "
-                              f"it on every node or pass --resume")
     try:
         ckpt = load_checkpoint(resume_path) if resume_path is not None else None
     except CheckpointError as e:
@@ -170,6 +167,10 @@ def main(args: argparse.Namespace) -> None:
             raise CheckpointError(f"{e}; the previous checkpoint {out_dir / PREV} is intact: move the bad file "
                                   f"aside and re-run to resume from it") from e
         raise
+    positions = dist.all_gather_object(None if ckpt is None else (ckpt.get("epoch"), ckpt.get("iter")))
+    if len(set(positions)) > 1:  # e.g. nodes with their own output folders, some without a checkpoint
+        raise CheckpointError(f"the ranks would resume from different (epoch, iteration) points {positions} (None: "
+                              f"from scratch): put the same checkpoint in every node's {out_dir}")
     if ckpt is not None and "args" in ckpt:
         if args.seed is not None and args.seed != ckpt["args"].get("seed"):
             logger.warning("--seed=%s ignored: resuming with the checkpoint's seed %s", args.seed, ckpt["args"]["seed"])
@@ -302,7 +303,4 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    finally:
-        dist.finalize()
+    dist.run_then_finalize(main, parse_args())

@@ -7,13 +7,16 @@ import datetime
 import gc
 import logging
 import os
-from typing import Any
+import traceback
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as tdist
 
 logger = logging.getLogger(__name__)
 
+T = TypeVar("T")
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -51,14 +54,26 @@ def initialize(backend: str = "auto", timeout_min: float = 30.0) -> torch.device
 def finalize() -> None:
     """Leave the process group (safe to call when none was joined).
 
-    Call it once the models that use the group are out of scope (after `main()` returns). DDP/FSDP2 modules sit in
-    reference cycles, so they are collected here first: left to interpreter shutdown, gloo's worker threads may
-    free their tensors after Python is gone and the process dies with SIGABRT ("terminate called without an active
-    exception"), seen in about 1 in 20 two-rank FSDP2 runs before this.
+    Call it once the models that use the group are out of scope, after `main()` returns (`run_then_finalize`).
+    DDP/FSDP2 modules sit in reference cycles, so they are collected here first: left to interpreter shutdown,
+    gloo's worker threads may free their tensors after Python is gone and the process dies with SIGABRT
+    ("terminate called without an active exception"), seen in about 1 in 20 two-rank FSDP2 runs before this.
     """
     if tdist.is_initialized():
         gc.collect()
         tdist.destroy_process_group()
+
+
+def run_then_finalize(main: Callable[..., T], *args: Any) -> T:
+    """`main(*args)`, then `finalize()`. On an error the traceback's frames are cleared first (the printed
+    traceback keeps its lines), so the models held by main's locals are gone before the group is destroyed."""
+    try:
+        return main(*args)
+    except BaseException as e:
+        traceback.clear_frames(e.__traceback__)
+        raise
+    finally:
+        finalize()
 
 
 def initialized() -> bool:

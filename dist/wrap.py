@@ -70,19 +70,36 @@ def full_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return unwrap_model(model).state_dict()
 
 
+def _param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """Names of the optimizer's parameters in its own order (the indices of `optimizer.state_dict()`)."""
+    names = {p: n for n, p in unwrap_model(model).named_parameters()}
+    return [names[p] for group in optimizer.param_groups for p in group["params"]]
+
+
+def _rekey(optim_sd: dict, new_key: dict) -> dict:
+    """`optim_sd` with every parameter key k renamed to new_key[k]."""
+    return {"state": {new_key[k]: v for k, v in optim_sd["state"].items()},
+            "param_groups": [{**g, "params": [new_key[k] for k in g["params"]]} for g in optim_sd["param_groups"]]}
+
+
 def full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     """The optimizer state keyed by parameter name, so DDP, FSDP2 and single-process checkpoints resume into each
-    other. Under FSDP2 it is unsharded on rank 0 only (collective), as `full_model_state_dict`."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    other. Under FSDP2 it is unsharded on rank 0 only (collective), as `full_model_state_dict`.
 
-    fsdp = is_fsdp(model)
-    return get_optimizer_state_dict(unwrap_model(model), optimizer,
-                                    options=StateDictOptions(full_state_dict=True, cpu_offload=fsdp))
+    Only a sharded optimizer with state goes through torch.distributed.checkpoint: on an optimizer without state
+    (say the fp16 scaler skipped every step so far) it would run a fake step, leaving step=1 and zero moments."""
+    if is_fsdp(model) and optimizer.state:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(unwrap_model(model), optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return _rekey(optimizer.state_dict(), dict(enumerate(_param_names(model, optimizer))))
 
 
 def load_full_state(model: nn.Module, model_sd: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer | None,
                     optim_sd: dict | None) -> None:
-    """Load full (unsharded) model / optimizer states into a plain, DDP or FSDP2 model; strict."""
+    """Load full (unsharded) model / optimizer states into a plain, DDP or FSDP2 model; strict. The optimizer
+    state may be keyed by name (ours) or by index (plain `optimizer.state_dict()`, older checkpoints)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, \
         set_optimizer_state_dict
 
@@ -91,5 +108,22 @@ def load_full_state(model: nn.Module, model_sd: dict[str, torch.Tensor], optimiz
         set_model_state_dict(unwrap_model(model), model_sd, options=opts)
     else:
         unwrap_model(model).load_state_dict(model_sd, strict=True)
-    if optimizer is not None and optim_sd is not None:
+    if optimizer is None or optim_sd is None:
+        return
+    names = _param_names(model, optimizer)
+    saved = [k for g in optim_sd["param_groups"] for k in g["params"]]
+    if all(isinstance(k, int) for k in saved):  # index-keyed: positions in this optimizer's parameter order
+        optim_sd = _rekey(optim_sd, dict(zip(saved, names, strict=True)))
+    missing = set(names) - {k for g in optim_sd["param_groups"] for k in g["params"]}
+    if missing:
+        raise KeyError(f"the optimizer state has no entry for {sorted(missing)[:3]}")
+    if is_fsdp(model) and optim_sd["state"]:
         set_optimizer_state_dict(unwrap_model(model), optimizer, optim_sd, options=opts)
+        return
+    # the optimizer's own loader matches parameters by position: lay the saved groups out in this one's order
+    position, groups, start = {n: i for i, n in enumerate(names)}, [], 0
+    for saved_group, group in zip(optim_sd["param_groups"], optimizer.param_groups, strict=True):
+        groups.append({**saved_group, "params": list(range(start, start + len(group["params"])))})
+        start += len(group["params"])
+    optimizer.load_state_dict({"state": {position[n]: v for n, v in optim_sd["state"].items()},
+                               "param_groups": groups})

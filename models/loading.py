@@ -32,7 +32,8 @@ def config_from_state_dict(
 
     The patch schedule comes from `patch_nums`, else the official `blocks.0.attn.patch_nums` buffer, else L
     (256 or 512 px presets). Weights with attention and no Mamba load as `arch="var"`: an `intra` ablation has the
-    same keys, so pass `arch="intra"` for those.
+    same keys, so pass `arch="intra"` for those (and `var_blocks=K` for a VAR + intra mix, which the keys cannot
+    tell apart either; a VAR + mvar/mamba mix is inferred).
     """
     missing = [k for k in ("pos_start", "pos_1LC", "head.weight", "word_embed.weight", "class_emb.weight")
                if k not in state_dict]

@@ -26,8 +26,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file from anywhere
 
-from dist.core import all_gather_object, all_reduce_mean, all_reduce_sum, barrier, finalize, get_rank, \
-    get_world_size, initialize, initialized  # noqa: E402
+from dist.core import all_gather_object, all_reduce_mean, all_reduce_sum, barrier, get_rank, get_world_size, \
+    initialize, initialized, run_then_finalize  # noqa: E402
 from dist.wrap import wrap_model  # noqa: E402
 from models.quantizer import USAGE_MARGIN  # noqa: E402
 from models.tokenizer import VQVAE, parse_patch_nums  # noqa: E402
@@ -333,7 +333,4 @@ def main(args: argparse.Namespace) -> Path:
 
 
 if __name__ == "__main__":
-    try:
-        main(build_parser().parse_args())
-    finally:
-        finalize()  # after main() has dropped the model (see dist.finalize)
+    run_then_finalize(main, build_parser().parse_args())

@@ -108,3 +108,22 @@ def test_two_rank_gloo_collectives_ddp_and_fsdp(tmp_path):
                            str(script)], env=env, cwd=REPO, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("WORKER OK") == 2
+
+
+def test_run_then_finalize_frees_mains_locals_before_leaving_the_group_even_on_error(monkeypatch):
+    import weakref
+
+    import dist.core
+
+    refs, alive_at_finalize = [], []
+    monkeypatch.setattr(dist.core, "finalize", lambda: alive_at_finalize.append(refs[0]() is not None))
+
+    def main(x):
+        model = nn.Linear(2, 2)  # stands for the DDP/FSDP2 model that holds the process group
+        refs.append(weakref.ref(model))
+        raise ValueError(x)
+
+    with pytest.raises(ValueError, match="boom"):
+        dist.run_then_finalize(main, "boom")
+    assert alive_at_finalize == [False]
+    assert dist.run_then_finalize(lambda a, b: a + b, 1, 2) == 3 and len(alive_at_finalize) == 2

@@ -165,6 +165,24 @@ def test_trainer_state_round_trip_gives_identical_next_step():
     assert all(torch.equal(p, q) for p, q in zip(tr.mvar.parameters(), other.mvar.parameters(), strict=True))
 
 
+def test_optimizer_state_is_saved_by_name_without_side_effects_and_old_index_keys_load():
+    import dist
+
+    tr = tiny()
+    empty = dist.full_optimizer_state_dict(tr.mvar, tr.optimizer)
+    assert empty["state"] == {} and not tr.optimizer.state  # saving before any step must not create state
+    tr.train_step(*batch())
+    named = dist.full_optimizer_state_dict(tr.mvar, tr.optimizer)
+    names = [n for n, _ in tr.mvar.named_parameters()]
+    assert named["state"] and set(named["state"]) <= set(names)
+    for sd in (named, tr.optimizer.state_dict()):  # ours, and plain index-keyed (checkpoints before names)
+        other = tiny()
+        dist.load_full_state(other.mvar, tr.mvar.state_dict(), other.optimizer, copy.deepcopy(sd))
+        got = dist.full_optimizer_state_dict(other.mvar, other.optimizer)
+        assert all(torch.equal(got["state"][n]["exp_avg_sq"], named["state"][n]["exp_avg_sq"]) for n in named["state"])
+        assert got["param_groups"] == named["param_groups"]
+
+
 def test_atomic_save_keeps_previous_and_bad_files_are_named(tmp_path):
     last, prev = tmp_path / "ar-ckpt-last.pth", tmp_path / "ar-ckpt-prev.pth"
     save_atomic({"v": 1}, last, keep_previous=prev)
