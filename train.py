@@ -8,39 +8,48 @@ Without --data_path the embedded data set (--dataset, default mnist) is used. Th
 mid-epoch with the exact data order and RNG states.
 """
 import argparse
-import dataclasses
 import logging
 import math
-import random
 import time
-import uuid
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
 import torchvision.utils
 
 import dist
 from models.loading import DERIVED_KEYS, load_vae
-from models.mvar import KERNEL_DEFAULTS, MVAR, MVARConfig
-from models.tokenizer import VQVAE, VQVAEConfig
-from trainer import Trainer, build_optimizer
+from models.mvar import MVAR, MVARConfig
+from models.tokenizer import VQVAE
+from trainer import Trainer
 from utils.args import finalize_args, parse_args
-from utils.checkpoint import BEST, LAST, PREV, CheckpointError, find_resume_checkpoint, get_rng_state, \
-    load_checkpoint, save_atomic, set_rng_state
+from utils.checkpoint import load_checkpoint
 from utils.data import build_datasets, build_loaders
-from utils.logging_utils import Averager, TBLogger, setup_logging
-from utils.lr_schedule import lr_factor, prog_state, set_lr_wd, wd_at
+from utils.logging_utils import TBLogger, setup_logging
+from utils.lr_schedule import Schedule
 from utils.state_dict import load_state_dict_checked
+from utils.train_state import RunFolder, resolve_seed, seed_everything
 
 logger = logging.getLogger("train")
 COMPILE_MODES = {1: "reduce-overhead", 2: "max-autotune", 3: "default"}
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Helpers
+# Building
 # ----------------------------------------------------------------------------------------------------------------
+def load_tokenizer(args: argparse.Namespace, device: torch.device) -> VQVAE:
+    """The frozen tokenizer of --vae_ckpt (default: VAR's, from the Hugging Face cache)."""
+    try:
+        return load_vae(args.vae_ckpt, device, v_patch_nums=args.patch_nums)
+    except FileNotFoundError as e:
+        if args.vae_ckpt or args.data_path:
+            raise
+        raise FileNotFoundError(f"{e}\nFor the embedded data set, a small tokenizer of your own is enough: "
+                                "python scripts/train_tokenizer.py --reso=32 --ch=32 --ch_mult=1_1_2_2 "
+                                "--z_channels=16 --vocab_size=512 --pn=1_2_3_4 --out_dir=local_output/tokenizer, "
+                                "then --vae_ckpt=local_output/tokenizer/tokenizer-last.pth --pn=1_2_3_4 (make demo "
+                                "does both)") from e
+
+
 def build_model(args: argparse.Namespace, vae: VQVAE, num_classes: int, device: torch.device) -> MVAR:
     """A freshly initialised model (VAR's init) whose config comes from the flags and the tokenizer."""
     config = MVARConfig(
@@ -62,64 +71,83 @@ def build_model(args: argparse.Namespace, vae: VQVAE, num_classes: int, device: 
     return mvar
 
 
-def is_checkpoint_writer(out_dir: Path) -> bool:
-    """Rank 0 writes checkpoints; on other nodes, local rank 0 also writes when the output folder is not shared
-    (so every node can resume from its own copy)."""
-    token = dist.broadcast_object(uuid.uuid4().hex if dist.is_main_process() else None)
-    marker = out_dir / ".run_token"
-    if dist.is_main_process():
-        marker.write_text(token)
-    dist.barrier()
-    if dist.is_main_process():
-        return True
-    shared = marker.is_file() and marker.read_text() == token
-    return dist.get_local_rank() == 0 and not shared
+def build_schedule(args: argparse.Namespace, iters_per_epoch: int) -> Schedule:
+    """VAR's lr / wd / progressive schedules from the (finalized) flags; warm-ups are given in epochs."""
+    return Schedule(tlr=args.tlr, max_it=args.ep * iters_per_epoch, wp_it=args.wp * iters_per_epoch,
+                    sche=args.sche, wp0=args.wp0, wpe=args.wpe, twd=args.twd, twde=args.twde, pg=args.pg,
+                    pg0=args.pg0, num_scales=len(args.patch_nums), pgwp_it=args.pgwp * iters_per_epoch)
 
 
-def check_resumable(ckpt: dict[str, Any], path: Path, config: MVARConfig, vae: VQVAE, glb_batch_size: int) -> None:
-    """Raise CheckpointError naming `path` when the checkpoint does not belong to this run's setup."""
-    missing = [k for k in ("config", "model", "vae_config", "trainer", "epoch", "iter", "args", "rng") if k not in ckpt]
-    if missing:
-        raise CheckpointError(f"checkpoint {path} is not a training checkpoint (missing {missing}); use --init_from "
-                              f"to start from its weights")
-    problems = []
-    # kernel backends (--fuse) may change between runs
-    old, new = {**ckpt["config"], **KERNEL_DEFAULTS}, {**dataclasses.asdict(config), **KERNEL_DEFAULTS}
-    if MVARConfig(**old) != MVARConfig(**new):
-        problems += [f"model {k}: checkpoint {old.get(k)!r}, this run {v!r}" for k, v in new.items() if old.get(k) != v]
-    if VQVAEConfig(**ckpt["vae_config"]) != vae.config:
-        problems.append("the tokenizer config differs (--vae_ckpt)")
-    if ckpt["iter"] > 0 and ckpt["args"]["glb_batch_size"] != glb_batch_size:
-        problems.append(f"global micro-batch {ckpt['args']['glb_batch_size']} vs {glb_batch_size} (--bs/--ac): a "
-                        f"mid-epoch position needs the same batch")
-    if problems:
-        raise CheckpointError(f"checkpoint {path} is incompatible with this run: " + "; ".join(problems))
+# ----------------------------------------------------------------------------------------------------------------
+# Saving, logging, epoch end
+# ----------------------------------------------------------------------------------------------------------------
+class Checkpointer:
+    """train.py's saves: mid-epoch every --save_every iterations and every --save_every_min minutes (rank 0's
+    clock decides for everyone), at epoch end; a save due inside an accumulation window waits for its end."""
 
+    def __init__(self, folder: RunFolder, trainer: Trainer, args: argparse.Namespace):
+        self.folder, self.trainer, self.args = folder, trainer, args
+        self.last_save, self.pending = time.time(), False
 
-def save_checkpoint(out_dir: Path, writer: bool, trainer: Trainer, vae: VQVAE, args: argparse.Namespace,
-                    epoch: int, it: int, best_val: float, also_best: bool = False) -> None:
-    """Collective: every rank contributes its RNG state (and shards under FSDP2); writers save atomically.
-    (epoch, it) is the position of the next iteration to run."""
-    state = trainer.state_dict()
-    rng = dist.all_gather_object(get_rng_state())
-    if writer:
-        ckpt = {"config": dataclasses.asdict(trainer.mvar.config), "model": state.pop("model"),
-                "vae_config": dataclasses.asdict(vae.config), "vae": vae.state_dict(), "trainer": state,
-                "epoch": epoch, "iter": it, "args": vars(args), "rng": rng, "best_val": best_val}
+    def due(self, g_it: int, log_step: bool) -> bool:
+        """Whether a save is pending after iteration `g_it`; collective on log steps (the clock is rank 0's)."""
+        if log_step and self.args.save_every_min > 0:
+            self.pending |= dist.broadcast_object(time.time() - self.last_save >= 60 * self.args.save_every_min)
+        self.pending |= self.args.save_every > 0 and (g_it + 1) % self.args.save_every == 0
+        return self.pending
+
+    def save(self, epoch: int, it: int, best_val: float, best: bool = False) -> float:
+        """Collective save at position (epoch, it: the next iteration to run) -> the seconds it took."""
         t0 = time.time()
-        save_atomic(ckpt, out_dir / LAST, keep_previous=out_dir / PREV)
-        if also_best:
-            save_atomic(ckpt, out_dir / BEST)
-        logger.info("saved checkpoint %s (epoch %d, iter %d) in %.1fs", out_dir / LAST, epoch, it, time.time() - t0)
-    dist.barrier()
+        self.folder.save(self.trainer.checkpoint(epoch=epoch, iter=it, args=vars(self.args), best_val=best_val),
+                         best=best)
+        self.last_save, self.pending = time.time(), False
+        return self.last_save - t0
 
 
-def seed_everything(seed: int, rank: int, world_size: int) -> None:
-    """Different, reproducible streams per rank (seed * world + rank), as VAR."""
-    s = seed * world_size + rank
-    random.seed(s)
-    np.random.seed(s % 2**32)
-    torch.manual_seed(s)
+def log_progress(tb: TBLogger, metrics: dict[str, dict], args: argparse.Namespace, ep: int, it: int, iters: int,
+                 g_it: int) -> None:
+    """One log line and the TensorBoard scalars of `Trainer.pop_metrics`."""
+    stats, opt, speed = metrics["train/"], metrics["opt/"], metrics["speed/"]
+    logger.info("ep %d/%d it %d/%d | loss %.4f Lm %.4f Accm %.2f | lr %.3g wd %.3g gnorm %.3f%s | "
+                "%.1f img/s %.0f tok/s", ep + 1, args.ep, it + 1, iters, stats["loss"], stats["Lm"], stats["Accm"],
+                opt["lr"], opt["wd"], stats.get("grad_norm", float("nan")),
+                f" scale {opt['loss_scale']:g}" if opt["loss_scale"] is not None else "", speed["images_per_s"],
+                speed["tokens_per_s"])
+    for prefix, values in metrics.items():
+        tb.scalars(g_it, prefix, **values)
+
+
+def end_epoch(ep: int, iters: int, args: argparse.Namespace, trainer: Trainer, val_loader, tb: TBLogger,
+              saver: Checkpointer, num_classes: int, best_val: float) -> float:
+    """Validation, sample grid and checkpoint after epoch `ep` (resuming from it starts the next epoch) -> the
+    best val loss so far."""
+    is_best = False
+    if (ep + 1) % args.val_every == 0 or ep + 1 == args.ep:
+        val = trainer.evaluate(val_loader)
+        is_best = val["vL_mean"] < best_val
+        best_val = min(best_val, val["vL_mean"])
+        logger.info("ep %d val: L mean %.4f tail %.4f | acc mean %.2f tail %.2f (%d images)", ep + 1,
+                    val["vL_mean"], val["vL_tail"], val["vacc_mean"], val["vacc_tail"], val["n"])
+        tb.scalars(ep + 1, "val/", **val)
+    if args.sample_every > 0 and ((ep + 1) % args.sample_every == 0 or ep + 1 == args.ep) \
+            and (args.fsdp or dist.is_main_process()):
+        tb.image("samples", sample_grid(trainer.mvar, num_classes, seed=args.seed + ep), ep + 1)
+    tb.flush()
+    # a checkpoint never splits an accumulation window, except the final one: its partial window is dropped
+    whole_window = (ep + 1) * iters % args.ac == 0
+    if ep + 1 == args.ep and not whole_window:
+        trainer.discard_partial_window()
+        logger.warning("training ends inside an accumulation window: the last %d micro-step(s) were discarded "
+                       "(--ac=%d does not divide %d iterations)", (ep + 1) * iters % args.ac, args.ac,
+                       (ep + 1) * iters)
+    if whole_window or ep + 1 == args.ep:
+        saver.save(ep + 1, 0, best_val, best=is_best)
+    elif is_best:
+        logger.warning("ep %d has the best val loss so far but is not saved as %s: the epoch ends inside an "
+                       "accumulation window (choose --ac dividing the %d iterations per epoch)", ep + 1,
+                       saver.folder.best.name, iters)
+    return best_val
 
 
 @torch.no_grad()
@@ -142,54 +170,22 @@ def main(args: argparse.Namespace) -> None:
     device = dist.initialize()
     rank, world = dist.get_rank(), dist.get_world_size()
     args = finalize_args(args, world)
-    out_dir = Path(args.local_out_dir_path)
-    if dist.is_main_process():
-        out_dir.mkdir(parents=True, exist_ok=True)
-    dist.barrier()
-    setup_logging(rank, out_dir)
-    writer = is_checkpoint_writer(out_dir) and (rank == 0 or not args.fsdp)  # FSDP2 gathers states on rank 0
+    setup_logging(rank, Path(args.local_out_dir_path))
+    folder = RunFolder(args.local_out_dir_path, "ar-ckpt")
+    folder.open(rank0_state=args.fsdp)  # FSDP2 gathers the states on rank 0
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(args.tf32)
     logger.info("world size %d, device %s; per-rank batch %d, global micro-batch %d, %d accumulation step(s), "
                 "peak lr %.3g", world, device, args.batch_size, args.glb_batch_size, args.ac, args.tlr)
 
-    # resume: the output folder's newest checkpoint, else --resume; every rank must see the same decision. The
-    # folder wins so that a preempted job relaunched with the same command continues instead of starting over.
-    resume_path = find_resume_checkpoint(out_dir)
-    if resume_path is not None and args.resume:
-        logger.warning("--resume=%s ignored: %s has its own checkpoint %s", args.resume, out_dir, resume_path.name)
-    elif args.resume:
-        resume_path = Path(args.resume)
-    try:
-        ckpt = load_checkpoint(resume_path) if resume_path is not None else None
-    except CheckpointError as e:
-        if resume_path == out_dir / LAST and (out_dir / PREV).is_file():
-            raise CheckpointError(f"{e}; the previous checkpoint {out_dir / PREV} is intact: move the bad file "
-                                  f"aside and re-run to resume from it") from e
-        raise
-    positions = dist.all_gather_object(None if ckpt is None else (ckpt.get("epoch"), ckpt.get("iter")))
-    if len(set(positions)) > 1:  # e.g. nodes with their own output folders, some without a checkpoint
-        raise CheckpointError(f"the ranks would resume from different (epoch, iteration) points {positions} (None: "
-                              f"from scratch): put the same checkpoint in every node's {out_dir}")
-    if ckpt is not None and "args" in ckpt:
-        if args.seed is not None and args.seed != ckpt["args"].get("seed"):
-            logger.warning("--seed=%s ignored: resuming with the checkpoint's seed %s", args.seed, ckpt["args"]["seed"])
-        args.seed = ckpt["args"]["seed"]
-    if args.seed is None:
-        args.seed = dist.broadcast_object(random.SystemRandom().randrange(2**31) if dist.is_main_process() else None)
+    # resume: the output folder's newest checkpoint, else --resume. The folder wins so that a preempted job
+    # relaunched with the same command continues instead of starting over.
+    resume_path, ckpt = folder.load_resume(args.resume)
+    args.seed = resolve_seed(args.seed, ckpt)
     torch.manual_seed(args.seed)  # the same initial weights for any world size
 
-    # tokenizer (frozen, fp32) -> image size; data; model
-    try:
-        vae = load_vae(args.vae_ckpt, device, v_patch_nums=args.patch_nums)
-    except FileNotFoundError as e:
-        if args.vae_ckpt or args.data_path:
-            raise
-        raise FileNotFoundError(f"{e}\nFor the embedded data set, a small tokenizer of your own is enough: "
-                                "python scripts/train_tokenizer.py --reso=32 --ch=32 --ch_mult=1_1_2_2 "
-                                "--z_channels=16 --vocab_size=512 --pn=1_2_3_4 --out_dir=local_output/tokenizer, "
-                                "then --vae_ckpt=local_output/tokenizer/tokenizer-last.pth --pn=1_2_3_4 (make demo "
-                                "does both)") from e
+    # build: tokenizer (frozen, fp32) -> image size; data; model; trainer
+    vae = load_tokenizer(args, device)
     reso = args.patch_nums[-1] * vae.downsample
     num_classes, train_set, val_set = build_datasets(args.data_path, args.dataset, reso, args.mid_reso, args.hflip)
     num_classes = args.num_classes or num_classes
@@ -204,100 +200,30 @@ def main(args: argparse.Namespace) -> None:
         vae.encoder.compile(mode=COMPILE_MODES[args.vfast])
     if args.tfast:
         mvar.compile(mode=COMPILE_MODES[args.tfast])
-    model = dist.wrap_model(mvar, device, fsdp=args.fsdp)
-    trainer = Trainer(vae, model, build_optimizer(mvar, args.tlr, fused=args.afuse), device, fp16=args.fp16,
-                      tclip=args.tclip, label_smooth=args.ls, ac=args.ac, max_nonfinite=args.max_nonfinite)
-
-    start_ep, start_it, best_val = 0, 0, math.inf
-    if ckpt is not None:
-        check_resumable(ckpt, resume_path, mvar.config, vae, args.glb_batch_size)
-        try:
-            trainer.load_state_dict({**ckpt["trainer"], "model": ckpt["model"]})
-        except Exception as e:
-            raise CheckpointError(f"checkpoint {resume_path} cannot be loaded: {e}") from e
-        start_ep, start_it, best_val = ckpt["epoch"], ckpt["iter"], ckpt.get("best_val", math.inf)
-        if len(ckpt["rng"]) == world:
-            set_rng_state(ckpt["rng"][rank])
-        else:
-            logger.warning("checkpoint saved with %d ranks, running %d: RNG streams restart (not bit-exact)",
-                           len(ckpt["rng"]), world)
-        logger.info("resumed from %s at epoch %d, iteration %d", resume_path, start_ep, start_it)
-        del ckpt
-
-    tb = TBLogger(out_dir / "tb", enabled=dist.is_main_process())
     iters = sampler.iters_per_epoch
-    max_it, wp_it, pgwp_it = args.ep * iters, args.wp * iters, args.pgwp * iters
-    resos = [pn * vae.downsample for pn in args.patch_nums]
-    meter, t_log, n_img, last_save = Averager(), time.time(), 0, time.time()
-    save_pending = False
+    trainer = Trainer(vae, dist.wrap_model(mvar, device, fsdp=args.fsdp), device, lr=args.tlr, fused_adam=args.afuse,
+                      schedule=build_schedule(args, iters), fp16=args.fp16, tclip=args.tclip, label_smooth=args.ls,
+                      ac=args.ac, max_nonfinite=args.max_nonfinite)
+    start_ep, start_it, best_val = (0, 0, math.inf) if ckpt is None else \
+        trainer.resume(ckpt, resume_path, args.glb_batch_size)
+    del ckpt
+
+    # loop
+    tb, saver = TBLogger(folder.dir / "tb", enabled=dist.is_main_process()), Checkpointer(folder, trainer, args)
     for ep in range(start_ep, args.ep):
         sampler.set_epoch(ep, start_it if ep == start_ep else 0)
+        t_log = time.time()  # validation, sampling and saving do not count against img/s
         for it, (inp_B3HW, label_B) in enumerate(train_loader, start=sampler.start_it):
             g_it = ep * iters + it
-            lr = args.tlr * lr_factor(args.sche, g_it, wp_it, max_it, args.wp0, args.wpe)
-            wd = wd_at(g_it, max_it, args.twd, args.twde)
-            set_lr_wd(trainer.optimizer, lr, wd)
-            prog_si, prog_wp = prog_state(g_it, wp_it, max_it, args.pg, args.pg0, len(args.patch_nums), pgwp_it)
-            stepping = (g_it + 1) % args.ac == 0
-            res = trainer.train_step(inp_B3HW.to(device, non_blocking=True), label_B.to(device, non_blocking=True),
-                                     stepping=stepping, prog_si=prog_si, prog_wp=prog_wp)
-            n_img += args.glb_batch_size
-            meter.update(loss=res.loss)
-            if res.grad_norm is not None:
-                meter.update(grad_norm=res.grad_norm)
-
-            if (it + 1) % args.log_every == 0 or it + 1 == iters:
-                stats = meter.pop()
-                stats["loss"] = dist.all_reduce_mean(stats["loss"].float()).item()
-                stats.update(trainer.scale_metrics(res.logits_BLV, res.gt_BL, resos))
-                dt = time.time() - t_log
-                img_s, tok_s = n_img / dt, n_img * res.logits_BLV.shape[1] / dt
-                logger.info("ep %d/%d it %d/%d | loss %.4f Lm %.4f Accm %.2f | lr %.3g wd %.3g gnorm %.3f%s | "
-                            "%.1f img/s %.0f tok/s", ep + 1, args.ep, it + 1, iters, stats["loss"], stats["Lm"],
-                            stats["Accm"], lr, wd, stats.get("grad_norm", float("nan")),
-                            f" scale {res.loss_scale:g}" if res.loss_scale is not None else "", img_s, tok_s)
-                tb.scalars(g_it, "train/", **stats)
-                tb.scalars(g_it, "opt/", lr=lr, wd=wd, loss_scale=res.loss_scale, prog_si=prog_si, prog_wp=prog_wp)
-                tb.scalars(g_it, "speed/", images_per_s=img_s, tokens_per_s=tok_s)
-                t_log, n_img = time.time(), 0
-                if args.save_every_min > 0:  # rank 0's clock decides for everyone
-                    save_pending |= dist.broadcast_object(time.time() - last_save >= 60 * args.save_every_min)
-            # a save due on a micro-step inside an accumulation window waits for the window's end
-            save_pending |= args.save_every > 0 and (g_it + 1) % args.save_every == 0
-            if save_pending and stepping and it + 1 < iters:
-                t_pause = time.time()
-                save_checkpoint(out_dir, writer, trainer, vae, args, ep, it + 1, best_val)
-                last_save, save_pending = time.time(), False
-                t_log += last_save - t_pause  # the save's time does not count against img/s
-
-        # epoch end: validation, samples, checkpoint (resuming from it starts the next epoch)
-        is_best = False
-        if (ep + 1) % args.val_every == 0 or ep + 1 == args.ep:
-            val = trainer.evaluate(val_loader, resos)
-            is_best = val["vL_mean"] < best_val
-            best_val = min(best_val, val["vL_mean"])
-            logger.info("ep %d val: L mean %.4f tail %.4f | acc mean %.2f tail %.2f (%d images)", ep + 1,
-                        val["vL_mean"], val["vL_tail"], val["vacc_mean"], val["vacc_tail"], val["n"])
-            tb.scalars(ep + 1, "val/", **val)
-        if args.sample_every > 0 and ((ep + 1) % args.sample_every == 0 or ep + 1 == args.ep) \
-                and (args.fsdp or dist.is_main_process()):
-            tb.image("samples", sample_grid(mvar, num_classes, seed=args.seed + ep), ep + 1)
-        tb.flush()
-        # a checkpoint never splits an accumulation window, except the final one: its partial window is dropped
-        whole_window = (ep + 1) * iters % args.ac == 0
-        if ep + 1 == args.ep and not whole_window:
-            trainer.optimizer.zero_grad(set_to_none=True)
-            logger.warning("training ends inside an accumulation window: the last %d micro-step(s) were discarded "
-                           "(--ac=%d does not divide %d iterations)", (ep + 1) * iters % args.ac, args.ac,
-                           (ep + 1) * iters)
-        if whole_window or ep + 1 == args.ep:
-            save_checkpoint(out_dir, writer, trainer, vae, args, ep + 1, 0, best_val, also_best=is_best)
-            last_save, save_pending = time.time(), False
-        elif is_best:
-            logger.warning("ep %d has the best val loss so far but is not saved as %s: the epoch ends inside an "
-                           "accumulation window (choose --ac dividing the %d iterations per epoch)", ep + 1, BEST,
-                           iters)
-        t_log, n_img = time.time(), 0  # validation, sampling and saving do not count against img/s
+            res = trainer.step(inp_B3HW, label_B, g_it)
+            log_step = (it + 1) % args.log_every == 0 or it + 1 == iters
+            if log_step:
+                log_progress(tb, trainer.pop_metrics(time.time() - t_log), args, ep, it, iters, g_it)
+                t_log = time.time()
+            # mid-epoch save (every N iterations or minutes; the epoch end saves anyway), at a window's end
+            if saver.due(g_it, log_step) and res.stepped and it + 1 < iters:
+                t_log += saver.save(ep, it + 1, best_val)
+        best_val = end_epoch(ep, iters, args, trainer, val_loader, tb, saver, num_classes, best_val)
     tb.close()
     logger.info("training finished: %d epochs, best val loss %.4f", args.ep, best_val)
 

@@ -1,20 +1,28 @@
-"""One training step of M-VAR (VAR's recipe), validation per scale, and the optimizer with VAR's no-decay groups.
+"""M-VAR training (VAR's recipe): the optimizer with VAR's no-decay groups, the per-iteration schedule, one training
+step, the metrics it logs, validation per scale, and the checkpoint state.
 
 Shape legend: B batch, L tokens of all scales, V vocabulary, Cv tokenizer latent width.
 """
+import dataclasses
 import logging
 import math
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
-from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import dist
-from models.mvar import MVAR
-from models.tokenizer import VQVAE
+from models.mvar import KERNEL_DEFAULTS, MVAR, MVARConfig
+from models.tokenizer import VQVAE, VQVAEConfig
+from utils.checkpoint import CheckpointError
+from utils.logging_utils import Averager
+from utils.lr_schedule import Schedule, SchedulePoint, set_lr_wd
+from utils.train_state import gather_rng_states, restore_rng_states
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +51,13 @@ def param_groups(model: nn.Module) -> list[dict]:
                         {"params": no_decay, "wd_sc": 0.0, "lr_sc": 1.0}) if g["params"]]
 
 
+def token_ce(logits_BLV: torch.Tensor, gt_BL: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Per-token cross-entropy (B, L') in fp32 of logits over the first L' tokens against the targets `gt_BL`."""
+    B, Lp, V = logits_BLV.shape
+    return F.cross_entropy(logits_BLV.float().reshape(-1, V), gt_BL[:, :Lp].reshape(-1),
+                           label_smoothing=label_smoothing, reduction="none").view(B, Lp)
+
+
 def build_optimizer(model: nn.Module, lr: float, fused: bool = True) -> torch.optim.Optimizer:
     """AdamW(betas=(0.9, 0.95)), fused on CUDA when `fused`; lr and weight decay are set each step by the
     schedule (utils.lr_schedule.set_lr_wd)."""
@@ -60,20 +75,25 @@ class StepResult:
     grad_norm: float | None = None  # pre-clip global norm, set on stepping micro-steps
     loss_scale: float | None = None  # fp16 GradScaler scale after the step
     skipped: bool = False  # the optimizer step was skipped (non-finite loss/grad)
+    stepped: bool = False  # the micro-step ended an accumulation window (the optimizer stepped or skipped)
+    schedule: SchedulePoint | None = None  # set by `Trainer.step`
 
 
 class Trainer:
-    """Owns the frozen tokenizer, the (wrapped) model, the optimizer and the AMP scaler.
+    """Owns the frozen tokenizer, the (wrapped) model, the optimizer, the schedule and the AMP scaler.
 
     model: the model as called for training (DDP / FSDP2 / compiled); its plain module is `self.mvar`.
+    lr / fused_adam: the optimizer's (`build_optimizer`); `schedule` sets lr, wd and the progressive stage each
+    iteration in `step` (steps driven by `train_step` directly keep the lr given here).
     fp16: 0 fp32, 1 fp16 autocast + GradScaler, 2 bf16 autocast. The tokenizer always runs in fp32 outside autocast.
     """
 
-    def __init__(self, vae: VQVAE, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
-                 fp16: int = 0, tclip: float = 2.0, label_smooth: float = 0.0, ac: int = 1,
-                 max_nonfinite: int = 20):
-        self.vae, self.model, self.optimizer, self.device = vae, model, optimizer, device
+    def __init__(self, vae: VQVAE | None, model: nn.Module, device: torch.device, lr: float = 1e-4,
+                 fused_adam: bool = True, schedule: Schedule | None = None, fp16: int = 0, tclip: float = 2.0,
+                 label_smooth: float = 0.0, ac: int = 1, max_nonfinite: int = 20):
+        self.vae, self.model, self.device, self.schedule = vae, model, device, schedule
         self.mvar: MVAR = dist.unwrap_model(model)
+        self.optimizer = build_optimizer(self.mvar, lr, fused=fused_adam)
         self.amp_dtype = AMP_DTYPES[fp16]
         self.scaler = torch.amp.GradScaler(device.type, init_scale=2.0**11, growth_interval=1000) \
             if fp16 == 1 else None
@@ -81,6 +101,8 @@ class Trainer:
         self.nonfinite_in_a_row = 0
         self.params = [p for p in self.mvar.parameters() if p.requires_grad]
         self.seg_lens = [pn * pn for pn in self.mvar.patch_nums]
+        self.resos = [pn * vae.downsample for pn in self.mvar.patch_nums] if vae is not None else None
+        self.meter, self.last, self.n_img = Averager(), None, 0  # what `pop_metrics` reports
 
     def autocast(self):
         if self.amp_dtype is None:
@@ -97,14 +119,26 @@ class Trainer:
     def token_loss(self, logits_BLV: torch.Tensor, gt_BL: torch.Tensor, prog_si: int, prog_wp: float) -> torch.Tensor:
         """Cross-entropy per token with weight 1/L (VAR's loss), mean over the batch. In progressive training
         only the first scales are present and the newest one is weighted by `prog_wp`."""
-        B, Lp, V = logits_BLV.shape
-        ce_BL = F.cross_entropy(logits_BLV.reshape(-1, V), gt_BL[:, :Lp].reshape(-1),
-                                label_smoothing=self.label_smooth, reduction="none").view(B, Lp)
-        w_L = torch.full((Lp,), 1.0 / self.mvar.L, device=ce_BL.device)
+        ce_BL = token_ce(logits_BLV, gt_BL, self.label_smooth)
+        w_L = torch.full((ce_BL.shape[1],), 1.0 / self.mvar.L, device=ce_BL.device)
         if prog_si >= 0:
             bg, ed = self.mvar.begin_ends[prog_si]
             w_L[bg:ed] *= min(max(prog_wp, 0.0), 1.0)
         return ce_BL.mul(w_L).sum(dim=-1).mean()
+
+    def step(self, inp_B3HW: torch.Tensor, label_B: torch.Tensor, g_it: int) -> StepResult:
+        """The scheduled micro-step at global iteration `g_it`: lr, wd and progressive stage from the schedule, then
+        `train_step`, stepping the optimizer at the end of each accumulation window (--ac)."""
+        point = self.schedule.at(g_it)
+        set_lr_wd(self.optimizer, point.lr, point.wd)
+        res = self.train_step(inp_B3HW.to(self.device, non_blocking=True), label_B.to(self.device, non_blocking=True),
+                              stepping=(g_it + 1) % self.ac == 0, prog_si=point.prog_si, prog_wp=point.prog_wp)
+        res.schedule, self.last = point, res
+        self.n_img += len(label_B) * dist.get_world_size()
+        self.meter.update(loss=res.loss)
+        if res.grad_norm is not None:
+            self.meter.update(grad_norm=res.grad_norm)
+        return res
 
     def train_step(self, inp_B3HW: torch.Tensor, label_B: torch.Tensor, stepping: bool = True,
                    prog_si: int = -1, prog_wp: float = 1.0) -> StepResult:
@@ -119,17 +153,13 @@ class Trainer:
     def step_tokens(self, gt_BL: torch.Tensor, x_BLCv: torch.Tensor, label_B: torch.Tensor, stepping: bool = True,
                     prog_si: int = -1, prog_wp: float = 1.0) -> StepResult:
         """`train_step` after tokenization: targets gt_BL (B, L) and teacher input x_BLCv (B, L - 1, Cv)."""
-        self.mvar.prog_si = prog_si
-        try:
-            with dist.grad_sync(self.model, stepping):
-                with self.autocast():
-                    logits_BLV = self.model(label_B, x_BLCv)
-                loss = self.token_loss(logits_BLV.float(), gt_BL, prog_si, prog_wp)
-                scaled = loss / self.ac
-                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
-        finally:
-            self.mvar.prog_si = -1
-        result = StepResult(loss=loss.detach(), logits_BLV=logits_BLV.detach(), gt_BL=gt_BL)
+        with dist.grad_sync(self.model, stepping):
+            with self.autocast():
+                logits_BLV = self.model(label_B, x_BLCv, prog_si=prog_si)
+            loss = self.token_loss(logits_BLV.float(), gt_BL, prog_si, prog_wp)
+            scaled = loss / self.ac
+            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+        result = StepResult(loss=loss.detach(), logits_BLV=logits_BLV.detach(), gt_BL=gt_BL, stepped=stepping)
         if stepping:
             self.optimizer_step(result)
         return result
@@ -161,13 +191,29 @@ class Trainer:
                                  f"gradient (--max_nonfinite={self.max_nonfinite}): stopping. The last checkpoint "
                                  f"is intact; lower --tblr, raise --tclip or use --fp16=2 (bf16).")
 
+    def discard_partial_window(self) -> None:
+        """Drop the gradients of an accumulation window that will not be completed (the end of training)."""
+        self.optimizer.zero_grad(set_to_none=True)
+
     # ---- metrics ------------------------------------------------------------------------------------------------
-    def scale_metrics(self, logits_BLV: torch.Tensor, gt_BL: torch.Tensor, resos: Sequence[int]) -> dict[str, float]:
+    def pop_metrics(self, seconds: float) -> dict[str, dict[str, float | None]]:
+        """What `step` saw since the last call (`seconds` of training), all ranks: "train/" mean loss, grad norm and
+        the last batch's `scale_metrics`; "opt/" the last schedule point and loss scale; "speed/" images and
+        tokens per second."""
+        stats, res, point = self.meter.pop(), self.last, self.last.schedule
+        stats["loss"] = dist.all_reduce_mean(stats["loss"].float()).item()
+        stats.update(self.scale_metrics(res.logits_BLV, res.gt_BL))
+        speed = {"images_per_s": self.n_img / seconds, "tokens_per_s": self.n_img * res.logits_BLV.shape[1] / seconds}
+        self.n_img = 0
+        return {"train/": stats, "opt/": {"lr": point.lr, "wd": point.wd, "loss_scale": res.loss_scale,
+                                          "prog_si": point.prog_si, "prog_wp": point.prog_wp}, "speed/": speed}
+
+    def scale_metrics(self, logits_BLV: torch.Tensor, gt_BL: torch.Tensor) -> dict[str, float]:
         """Batch metrics all-reduced over ranks: Lm/Accm (all tokens present), Lt/Acct (last scale, when present),
         L_{reso}/acc_{reso} per scale and the share of the vocabulary predicted (vocab_usage, %)."""
         B, Lp, V = logits_BLV.shape
-        logits_BLV, gt_BL = logits_BLV.float(), gt_BL[:, :Lp]
-        ce_BL = F.cross_entropy(logits_BLV.reshape(-1, V), gt_BL.reshape(-1), reduction="none").view(B, Lp)
+        resos = self.resos
+        ce_BL, gt_BL = token_ce(logits_BLV, gt_BL), gt_BL[:, :Lp]
         hit_BL = (logits_BLV.argmax(-1) == gt_BL).float()
         names, vals = ["Lm", "Accm"], [ce_BL.mean(), hit_BL.mean() * 100]
         for si, (bg, ed) in enumerate(self.mvar.begin_ends):
@@ -184,10 +230,11 @@ class Trainer:
         return out
 
     @torch.no_grad()
-    def evaluate(self, loader, resos: Sequence[int]) -> dict[str, float]:
+    def evaluate(self, loader, resos: Sequence[int] | None = None) -> dict[str, float]:
         """Validation over `loader` (cond dropout off: eval mode): mean loss / accuracy overall, on the last
         scale and per scale, averaged over all samples of all ranks. Batches are (images, labels) or
         (images, labels, valid): items with valid False (padding, utils.data.PaddedEvalDataset) are not counted."""
+        resos = resos or self.resos
         was_training = self.mvar.training
         self.mvar.eval()
         K = len(self.seg_lens)
@@ -199,8 +246,7 @@ class Trainer:
             gt_BL, x_BLCv = self.tokenize(inp_B3HW)
             with self.autocast():
                 logits_BLV = self.mvar(label_B, x_BLCv)
-            B, L, V = logits_BLV.shape
-            ce_BL = F.cross_entropy(logits_BLV.float().reshape(-1, V), gt_BL.reshape(-1), reduction="none").view(B, L)
+            ce_BL = token_ce(logits_BLV, gt_BL)
             hit_BL = (logits_BLV.argmax(-1) == gt_BL).double()
             for si, (bg, ed) in enumerate(self.mvar.begin_ends):
                 sums[si] += ce_BL[:, bg:ed].double().mean(1) @ w_B
@@ -230,3 +276,44 @@ class Trainer:
         if self.scaler is not None and state.get("scaler") is not None:
             self.scaler.load_state_dict(state["scaler"])
         self.nonfinite_in_a_row = state.get("nonfinite_in_a_row", 0)
+
+    def checkpoint(self, **position: Any) -> dict[str, Any]:
+        """Everything a resume needs (collective: FSDP2 gathers, every rank's RNG state is gathered); `position`
+        (epoch, iter: the next iteration to run; args; best_val) is stored alongside."""
+        state = self.state_dict()
+        return {"config": dataclasses.asdict(self.mvar.config), "model": state.pop("model"),
+                "vae_config": dataclasses.asdict(self.vae.config), "vae": self.vae.state_dict(), "trainer": state,
+                "rng": gather_rng_states(), **position}
+
+    def resume(self, ckpt: dict[str, Any], path: Path, glb_batch_size: int) -> tuple[int, int, float]:
+        """Load a `checkpoint` of this run's setup (CheckpointError naming `path` otherwise) and restore this rank's
+        RNG state -> (epoch, iteration, best val loss) to continue from."""
+        self.check_resumable(ckpt, path, glb_batch_size)
+        try:
+            self.load_state_dict({**ckpt["trainer"], "model": ckpt["model"]})
+        except Exception as e:
+            raise CheckpointError(f"checkpoint {path} cannot be loaded: {e}") from e
+        restore_rng_states(ckpt["rng"])
+        logger.info("resumed from %s at epoch %d, iteration %d", path, ckpt["epoch"], ckpt["iter"])
+        return ckpt["epoch"], ckpt["iter"], ckpt.get("best_val", math.inf)
+
+    def check_resumable(self, ckpt: dict[str, Any], path: Path, glb_batch_size: int) -> None:
+        """Raise CheckpointError naming `path` when the checkpoint does not belong to this run's setup."""
+        missing = [k for k in ("config", "model", "vae_config", "trainer", "epoch", "iter", "args", "rng")
+                   if k not in ckpt]
+        if missing:
+            raise CheckpointError(f"checkpoint {path} is not a training checkpoint (missing {missing}); use "
+                                  f"--init_from to start from its weights")
+        problems = []
+        # kernel backends (--fuse) may change between runs
+        old, new = {**ckpt["config"], **KERNEL_DEFAULTS}, {**dataclasses.asdict(self.mvar.config), **KERNEL_DEFAULTS}
+        if MVARConfig(**old) != MVARConfig(**new):
+            problems += [f"model {k}: checkpoint {old.get(k)!r}, this run {v!r}" for k, v in new.items()
+                         if old.get(k) != v]
+        if VQVAEConfig(**ckpt["vae_config"]) != self.vae.config:
+            problems.append("the tokenizer config differs (--vae_ckpt)")
+        if ckpt["iter"] > 0 and ckpt["args"]["glb_batch_size"] != glb_batch_size:
+            problems.append(f"global micro-batch {ckpt['args']['glb_batch_size']} vs {glb_batch_size} (--bs/--ac): a "
+                            f"mid-epoch position needs the same batch")
+        if problems:
+            raise CheckpointError(f"checkpoint {path} is incompatible with this run: " + "; ".join(problems))

@@ -1,7 +1,7 @@
 """Distributed helpers: torchrun initialisation (NCCL / gloo / single process), rank queries, metric
 all-reduce, DDP / FSDP2 wrapping and `unwrap_model`."""
 from dist.core import (
-    all_gather_object, all_reduce_mean, all_reduce_sum, barrier, broadcast_object, finalize, get_local_rank,
+    all_gather_object, all_reduce_mean, all_reduce_sum, barrier, broadcast, broadcast_object, finalize, get_local_rank,
     get_rank, get_world_size, initialize, initialized, is_main_process, run_then_finalize,
 )
 from dist.wrap import (
@@ -9,7 +9,7 @@ from dist.wrap import (
 )
 
 __all__ = [
-    "all_gather_object", "all_reduce_mean", "all_reduce_sum", "barrier", "broadcast_object", "finalize",
+    "all_gather_object", "all_reduce_mean", "all_reduce_sum", "barrier", "broadcast", "broadcast_object", "finalize",
     "get_local_rank", "get_rank", "get_world_size", "initialize", "initialized", "is_main_process",
     "run_then_finalize",
     "full_model_state_dict", "full_optimizer_state_dict", "grad_sync", "is_fsdp", "load_full_state", "unwrap_model",

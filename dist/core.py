@@ -117,6 +117,13 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def broadcast(t: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """Rank `src`'s `t` on every rank, in place (returns `t`)."""
+    if initialized():
+        tdist.broadcast(t, src=src)
+    return t
+
+
 def all_gather_object(obj: Any) -> list[Any]:
     """Every rank's `obj`, in rank order (a one-element list without a process group)."""
     if not initialized():

@@ -228,7 +228,6 @@ class MVAR(nn.Module):
         self.num_heads, self.num_classes = config.num_heads, config.num_classes
         self.V, self.Cvae = config.V, config.Cvae
         self.cond_drop_rate = config.cond_drop_rate
-        self.prog_si = -1  # progressive training: -1 = all scales, else train on scales [0, prog_si]
 
         self.patch_nums = config.patch_nums
         self.seg_lens = tuple(pn * pn for pn in self.patch_nums)
@@ -294,14 +293,14 @@ class MVAR(nn.Module):
         return self.get_logits(x_BLC, cond_BD)
 
     # ---- training ----------------------------------------------------------------------------------------------
-    def forward(self, label_B: torch.LongTensor, x_BLCv_wo_first_l: torch.Tensor) -> torch.Tensor:
+    def forward(self, label_B: torch.LongTensor, x_BLCv_wo_first_l: torch.Tensor, prog_si: int = -1) -> torch.Tensor:
         """Teacher-forced pass. `x_BLCv_wo_first_l` (B, L-first_l, Cvae) from `idxBl_to_var_input`; returns
-        logits (B, L', V) in fp32, L' = L or the end of scale `prog_si` in progressive training.
+        logits (B, L', V) in fp32, L' = L, or the end of scale `prog_si` in progressive training (-1: all scales).
 
         Labels are replaced by the null class with probability `cond_drop_rate` in train mode only (the official
         code also drops them in eval mode, which makes validation metrics noisy).
         """
-        ed = self.begin_ends[self.prog_si][1] if self.prog_si >= 0 else self.L
+        ed = self.begin_ends[prog_si][1] if prog_si >= 0 else self.L
         B = label_B.shape[0]
         with torch.autocast(device_type=label_B.device.type, enabled=False):
             if self.training and self.cond_drop_rate > 0:
@@ -313,7 +312,7 @@ class MVAR(nn.Module):
             words_BLC = self.word_embed(x_BLCv_wo_first_l[:, : ed - self.first_l].float())
             x_BLC = torch.cat((sos_BlC, words_BLC), dim=1)
             x_BLC = x_BLC + self.lvl_embed(self.lvl_1L[:, :ed]) + self.pos_1LC[:, :ed]
-        seg_lens = self.seg_lens[: self.prog_si + 1] if self.prog_si >= 0 else self.seg_lens
+        seg_lens = self.seg_lens[: prog_si + 1] if prog_si >= 0 else self.seg_lens
         return self.run_blocks(x_BLC, cond_BD, seg_lens)
 
     # ---- sampling ----------------------------------------------------------------------------------------------

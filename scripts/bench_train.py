@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.mvar import MVAR, MVARConfig  # noqa: E402
 from models.tokenizer import parse_patch_nums  # noqa: E402
-from trainer import Trainer, build_optimizer  # noqa: E402
+from trainer import Trainer  # noqa: E402
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16/fp16 tensor-core peaks
 
@@ -37,7 +37,7 @@ def bench_arch(arch: str, args, device: torch.device) -> dict:
     mvar.init_weights()
     if args.tfast:
         mvar.compile()
-    trainer = Trainer(vae=None, model=mvar, optimizer=build_optimizer(mvar, 1e-4), device=device, fp16=args.fp16)
+    trainer = Trainer(vae=None, model=mvar, device=device, lr=1e-4, fp16=args.fp16)
     B, L = args.bs, mvar.L
     gt_BL = torch.randint(0, cfg.V, (B, L), device=device)
     x_BLCv = torch.randn(B, L - mvar.first_l, cfg.Cvae, device=device)

@@ -23,9 +23,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file from anywhere
 
+import tokenizer_trainer  # noqa: E402
 import train  # noqa: E402
 from models.loading import load_mvar, load_vae  # noqa: E402
-from scripts import train_tokenizer  # noqa: E402
 from utils.args import parse_args as parse_train_args  # noqa: E402
 from utils.checkpoint import LAST  # noqa: E402
 from utils.data import build_datasets  # noqa: E402
@@ -87,9 +87,9 @@ def main(args: argparse.Namespace) -> dict:
 
     stages.start("training the tokenizer (multi-scale VQVAE) on embedded MNIST")
     tok_dir = out / "tokenizer"
-    tok_args = train_tokenizer.build_parser().parse_args(
+    tok_args = tokenizer_trainer.build_parser().parse_args(
         TOKENIZER_FLAGS + preset["tok"] + [f"--out_dir={tok_dir}", f"--seed={args.seed}"])
-    tok_ckpt = train_tokenizer.main(tok_args)
+    tok_ckpt = tokenizer_trainer.train(tok_args)
 
     setup_logging(0, out)
     stages.start("training M-VAR on the tokenizer's codes (train.py)")

@@ -1,6 +1,62 @@
-"""Shared pytest fixtures: deterministic torch, few threads, GPU marker handling."""
+"""Shared pytest fixtures: deterministic torch, GPU marker handling, the tiny tokenizer + M-VAR the tests build,
+and launching scripts on one process or under torchrun.
+
+`tiny_mvar` and `run_torchrun` are fixtures; worker scripts started by a test import `build_tiny_mvar` from here
+(`run_torchrun` puts tests/ on their PYTHONPATH)."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+
+from models import MVAR, VQVAE, build_vae_mvar
+
+REPO = Path(__file__).resolve().parents[1]
+# a 2x tokenizer (V=64, Cvae=8: 8 px images at patch_nums 1_2_3_4) and a depth-2 M-VAR, portable kernels
+TINY_MVAR = dict(patch_nums=(1, 2, 3, 4), V=64, Cvae=8, ch=32, ch_mult=(1, 2), num_classes=10, depth=2,
+                 embed_dim=64, num_heads=2, d_state=16, drop_path_rate=0.0, init_adaln_gamma=0.5,
+                 flash_if_available=False, fused_if_available=False)
+SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+                  "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
+
+
+def build_tiny_mvar(**overrides) -> tuple[VQVAE, MVAR]:
+    """(tokenizer, M-VAR) on the CPU from seed 0: TINY_MVAR with `overrides` (any models.build_vae_mvar argument)."""
+    torch.manual_seed(0)
+    return build_vae_mvar("cpu", **{**TINY_MVAR, **overrides})
+
+
+def launch_cmd(script: str | Path, *args: str, nproc: int = 1) -> list[str]:
+    """The command running `script` with `args`: plain python for one process, else torchrun with `nproc` local
+    ranks (gloo on CPU)."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
+        if nproc > 1 else [sys.executable]
+    return [*launcher, str(script), *map(str, args)]
+
+
+def launch(script: str | Path, *args: str, nproc: int = 2, check: bool = True,
+           timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run `launch_cmd` from the repository root with one CPU thread per process; with `check`, a non-zero exit
+    fails the test showing the end of the output."""
+    proc = subprocess.run(launch_cmd(script, *args, nproc=nproc), env=SUBPROCESS_ENV, cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="session")
+def tiny_mvar():
+    """`build_tiny_mvar`: tiny_mvar(**overrides) -> (vae, mvar)."""
+    return build_tiny_mvar
+
+
+@pytest.fixture(scope="session")
+def run_torchrun():
+    """`launch`: run_torchrun(script, *args, nproc=2, check=True, timeout=300) -> CompletedProcess."""
+    return launch
 
 
 @pytest.fixture(autouse=True)

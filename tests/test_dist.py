@@ -1,17 +1,11 @@
 """dist/: single-process fallbacks, unwrap_model, and a 2-rank gloo run (collectives, DDP no_sync, FSDP2 state)."""
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
 import dist
-
-REPO = Path(__file__).resolve().parents[1]
 
 WORKER = textwrap.dedent("""
     import torch
@@ -26,6 +20,7 @@ WORKER = textwrap.dedent("""
         assert dist.all_reduce_sum(torch.tensor([1.0 + rank])).item() == 3.0
         assert dist.all_gather_object({"r": rank}) == [{"r": 0}, {"r": 1}]
         assert dist.broadcast_object("x" if rank == 0 else None) == "x"
+        assert dist.broadcast(torch.tensor([1.0 + rank])).item() == 1.0
 
         torch.manual_seed(rank)  # different weights per rank: DDP must broadcast rank 0's
         model = dist.wrap_model(nn.Linear(3, 1, bias=False), device)
@@ -100,13 +95,10 @@ def test_unwrap_model_removes_compile_wrapper():
     assert dist.unwrap_model(model) is model
 
 
-def test_two_rank_gloo_collectives_ddp_and_fsdp(tmp_path):
+def test_two_rank_gloo_collectives_ddp_and_fsdp(tmp_path, run_torchrun):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(script)], env=env, cwd=REPO, capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = run_torchrun(script, timeout=180)
     assert proc.stdout.count("WORKER OK") == 2
 
 

@@ -5,9 +5,10 @@ import pytest
 import torch
 
 import models.mvar as mvar_module
-from models import MVAR, MVARConfig, build_vae_mvar
+from conftest import TINY_MVAR, build_tiny_mvar
+from models import MVAR, MVARConfig
 
-TINY_PN = (1, 2, 3, 4)
+TINY_PN = TINY_MVAR["patch_nums"]
 
 
 MIXES = {"var1+mvar": dict(arch="mvar", var_blocks=1)}  # the paper's Figure 5: block 0 VAR, block 1 M-VAR
@@ -15,14 +16,8 @@ ARCHS = ["mvar", "var", "intra", "mamba", *MIXES]
 
 
 def build_tiny(arch="mvar", **kw):
-    torch.manual_seed(0)
-    kw.setdefault("init_adaln_gamma", 0.5)  # large gammas so every branch visibly matters
-    kw = {**MIXES.get(arch, {"arch": arch}), **kw}
-    vae, mvar = build_vae_mvar(
-        "cpu", patch_nums=TINY_PN, V=64, Cvae=8, ch=32, ch_mult=(1, 2), num_classes=10, depth=2, embed_dim=64,
-        num_heads=2, flash_if_available=False, fused_if_available=False, d_state=16, drop_path_rate=0.0, **kw,
-    )
-    return vae, mvar
+    """The shared tiny model (its init_adaln_gamma 0.5: large gammas, so every branch visibly matters)."""
+    return build_tiny_mvar(**MIXES.get(arch, {"arch": arch}), **kw)
 
 
 def teacher_input(vae, mvar, B=3, seed=0):
@@ -164,8 +159,7 @@ def test_progressive_training_truncates_to_scale():
     label_B, _, x_BLCv = teacher_input(vae, mvar)
     full = mvar(label_B, x_BLCv)
     for si in range(len(TINY_PN)):
-        mvar.prog_si = si
-        out = mvar(label_B, x_BLCv)
+        out = mvar(label_B, x_BLCv, prog_si=si)
         ed = mvar.begin_ends[si][1]
         assert out.shape[1] == ed
         torch.testing.assert_close(out, full[:, :ed], rtol=1e-5, atol=1e-5)

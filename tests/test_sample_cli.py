@@ -8,7 +8,6 @@ import torch
 from PIL import Image
 
 import sample
-from models import build_vae_mvar
 from models.loading import mvar_checkpoint
 from utils.fid_dump import pack_npz
 
@@ -16,13 +15,8 @@ NUM_CLASSES, IMG = 10, 8  # patch_nums (1, 2, 3, 4) with a 2x tokenizer: 8x8 pix
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    torch.manual_seed(0)
-    vae, mvar = build_vae_mvar(
-        "cpu", patch_nums=(1, 2, 3, 4), V=64, Cvae=8, ch=32, ch_mult=(1, 2), num_classes=NUM_CLASSES, depth=2,
-        embed_dim=64, num_heads=2, flash_if_available=False, fused_if_available=False, d_state=16,
-        init_adaln_gamma=0.5,
-    )
+def ckpt(tmp_path_factory, tiny_mvar):
+    vae, mvar = tiny_mvar(num_classes=NUM_CLASSES)
     path = tmp_path_factory.mktemp("ckpt") / "tiny.pth"
     torch.save(mvar_checkpoint(mvar, vae), path)
     return path

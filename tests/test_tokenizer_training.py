@@ -1,19 +1,16 @@
-"""Tokenizer training (scripts/train_tokenizer.py): loss decreases, dead codes are re-initialised, GAN terms
-update the discriminator, and the checkpoint loads through models.loading.load_vae and resumes."""
+"""Tokenizer training (tokenizer_trainer.py; CLI scripts/train_tokenizer.py): loss decreases, dead codes are
+re-initialised, GAN terms update the discriminator, and the checkpoint loads through models.loading.load_vae and
+resumes."""
 import dataclasses
 import functools
-import os
 import re
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from models.loading import load_vae
-from scripts.train_tokenizer import TokenizerTrainer, build_parser, build_vae, main, quantizer_residuals
+from tokenizer_trainer import TokenizerTrainer, build_parser, build_vae, quantizer_residuals, train
 from utils.data import build_datasets
 from utils.vq_losses import build_perceptual_loss
 
@@ -90,12 +87,12 @@ def test_bad_resolution_names_the_flag():
 
 def test_zero_periods_are_errors_before_training(tmp_path):
     with pytest.raises(ValueError, match="--save_every=0"):
-        main(tiny_args("--save_every=0", f"--out_dir={tmp_path}"))
+        train(tiny_args("--save_every=0", f"--out_dir={tmp_path}"))
 
 
 def test_main_writes_a_loadable_checkpoint_and_resumes(tmp_path):
     args = tiny_args("--steps=3", "--log_every=2", "--save_every=2", f"--out_dir={tmp_path}")
-    ckpt_path = main(args)
+    ckpt_path = train(args)
     vae = load_vae(ckpt_path)
     assert vae.v_patch_nums == (1, 2, 4) and vae.vocab_size == 64 and not vae.training
     assert dataclasses.asdict(vae.config)["ch_mult"] == (1, 2)
@@ -104,7 +101,7 @@ def test_main_writes_a_loadable_checkpoint_and_resumes(tmp_path):
     idx = vae.img_to_idxBl(mnist_batch(2))
     assert [t.shape for t in idx] == [(2, 1), (2, 4), (2, 16)]
     # a second run in the same folder resumes at step 3 and trains to --steps
-    main(tiny_args("--steps=4", f"--out_dir={tmp_path}"))
+    train(tiny_args("--steps=4", f"--out_dir={tmp_path}"))
     assert torch.load(ckpt_path, weights_only=True)["step"] == 4
 
 
@@ -112,10 +109,10 @@ def test_resume_is_exact(tmp_path):
     """Resuming from the step-6 checkpoint of a 12-step run ends exactly where that run ended, with dead-code re-init
     (global RNG) and the usage EMA (its step count picks the decay) in play."""
     args = ("--steps=12", "--reinit_every=1", "--log_every=4", "--save_every=6")
-    main(tiny_args(*args, f"--out_dir={tmp_path / 'once'}"))
+    train(tiny_args(*args, f"--out_dir={tmp_path / 'once'}"))
     (tmp_path / "twice").mkdir()
     shutil.copy(tmp_path / "once" / "tokenizer-prev.pth", tmp_path / "twice" / "tokenizer-last.pth")  # step 6
-    main(tiny_args(*args, f"--out_dir={tmp_path / 'twice'}"))
+    train(tiny_args(*args, f"--out_dir={tmp_path / 'twice'}"))
     once, twice = (torch.load(tmp_path / d / "tokenizer-last.pth", weights_only=True) for d in ("once", "twice"))
     assert once["step"] == twice["step"] == 12 and len(once["rng"]) == 1
     for k, v in once["vae"].items():
@@ -131,29 +128,23 @@ def test_resume_restores_this_ranks_rng_or_warns(caplog):
     trainer.load_state_dict(ckpt)
     assert torch.equal(torch.rand(3), expected)
     before = torch.get_rng_state()
-    with caplog.at_level("WARNING", logger="train_tokenizer"):
+    with caplog.at_level("WARNING", logger="utils.train_state"):
         trainer.load_state_dict({**ckpt, "rng": ckpt["rng"] * 2})  # saved by 2 ranks, resumed by 1
     assert "RNG states of 2 ranks" in caplog.text
     assert torch.equal(torch.get_rng_state(), before)
 
 
-def test_torchrun_two_processes_match_one(tmp_path):
+def test_torchrun_two_processes_match_one(tmp_path, run_torchrun):
     """DDP (2 ranks x 8 images, gloo) takes the same steps as one process with the global batch of 16."""
-    repo = Path(__file__).resolve().parents[1]
     flags = TINY + ["--steps=3", "--log_every=1", "--w_gan=0.1", "--disc_ch=16", "--disc_layers=1"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     logs = {}
-    for name, launcher in (("ddp", ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]),
-                           ("one", [])):
-        proc = subprocess.run([sys.executable, *launcher, str(repo / "scripts/train_tokenizer.py"), *flags,
-                               f"--out_dir={tmp_path / name}"], env=env, cwd=repo, capture_output=True, text=True,
-                              timeout=300)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for name, nproc in (("ddp", 2), ("one", 1)):
+        proc = run_torchrun("scripts/train_tokenizer.py", *flags, f"--out_dir={tmp_path / name}", nproc=nproc)
         logs[name] = [[float(v) for v in m] for m in STEP_RE.findall(proc.stdout + proc.stderr)]
     assert len(logs["one"]) == 3
     torch.testing.assert_close(logs["ddp"], logs["one"], atol=2e-3, rtol=0)  # all-reduced loss, l1, vq, g, d
     ddp, one = (torch.load(tmp_path / d / "tokenizer-last.pth", weights_only=True) for d in ("ddp", "one"))
-    assert len(one["rng"]) == 1 and len(ddp["rng"]) == 2  # every rank's RNG state (seed + rank): both kept
+    assert len(one["rng"]) == 1 and len(ddp["rng"]) == 2  # every rank's RNG state (seed * 2 + rank): both kept
     assert not torch.equal(ddp["rng"][0]["torch"], ddp["rng"][1]["torch"])
     for part in ("vae", "disc"):
         diffs = torch.cat([(ddp[part][k] - v).abs().flatten() for k, v in one[part].items()

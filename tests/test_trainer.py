@@ -1,14 +1,10 @@
-"""Trainer.train_step and friends on a tiny tokenizer + model (CPU): loss, no-decay groups, accumulation,
-progressive training, non-finite steps, AMP, validation, checkpoint files."""
+"""Trainer.train_step and friends on a tiny tokenizer + model (CPU): loss, no-decay groups, the scheduled step,
+accumulation, progressive training, non-finite steps, AMP, validation, trainer state."""
 import copy
 import json
 import logging
 import math
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,28 +12,19 @@ import torch.nn.functional as F
 
 from torch.utils.data import TensorDataset
 
-from models.mvar import MVAR, MVARConfig
-from models.tokenizer import VQVAE
-from trainer import NonFiniteError, Trainer, build_optimizer, param_groups
-from utils.checkpoint import CheckpointError, find_resume_checkpoint, get_rng_state, load_checkpoint, save_atomic, \
-    set_rng_state
-
+from conftest import build_tiny_mvar
+from trainer import NonFiniteError, Trainer, param_groups
 from utils.data import build_loaders
+from utils.lr_schedule import Schedule
 
 PN = (1, 2, 4)
 CPU = torch.device("cpu")
-REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny(cond_drop_rate=0.0, arch="mvar", **trainer_kw):
-    torch.manual_seed(0)
-    vae = VQVAE(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 2), v_patch_nums=PN)
-    cfg = MVARConfig(depth=2, embed_dim=64, num_heads=2, num_classes=4, V=64, Cvae=8, patch_nums=PN, arch=arch,
-                     d_state=16, drop_path_rate=0.0, cond_drop_rate=cond_drop_rate, attn_backend="sdpa",
-                     mamba_backend="torch")
-    mvar = MVAR(cfg, vae=vae)
-    mvar.init_weights(init_adaln_gamma=0.1)
-    return Trainer(vae, mvar, build_optimizer(mvar, lr=1e-3), CPU, **trainer_kw)
+    vae, mvar = build_tiny_mvar(patch_nums=PN, num_classes=4, init_adaln_gamma=0.1, cond_drop_rate=cond_drop_rate,
+                                arch=arch)
+    return Trainer(vae, mvar, CPU, lr=1e-3, **trainer_kw)
 
 
 def batch(B=4, seed=0):
@@ -85,8 +72,23 @@ def test_loss_goes_down_on_a_fixed_batch():
 def test_progressive_step_trains_only_the_first_scales():
     tr = tiny()
     res = tr.train_step(*batch(), prog_si=1, prog_wp=0.5)
-    assert res.logits_BLV.shape == (4, 5, 64) and tr.mvar.prog_si == -1
+    assert res.logits_BLV.shape == (4, 5, 64) and tr.train_step(*batch()).logits_BLV.shape == (4, 21, 64)
     assert res.grad_norm is not None and math.isfinite(res.grad_norm)
+
+
+def test_step_follows_the_schedule_steps_at_window_ends_and_reports_its_metrics():
+    sched = Schedule(tlr=1e-3, max_it=10, wp_it=2, pg=0.5, pg0=1, num_scales=len(PN), pgwp_it=1)
+    tr = tiny(ac=2, schedule=sched)
+    for g_it in range(4):
+        res, point = tr.step(*batch(), g_it), sched.at(g_it)
+        assert res.schedule == point and res.stepped == (g_it % 2 == 1) and (res.grad_norm is None) != res.stepped
+        assert [(g["lr"], g["weight_decay"]) for g in tr.optimizer.param_groups] == [(point.lr, point.wd),
+                                                                                     (point.lr, 0.0)]
+        assert res.logits_BLV.shape[1] == (tr.mvar.begin_ends[point.prog_si][1] if point.prog_si >= 0 else 21)
+    assert sched.at(0).prog_si == 1  # the progressive stage did reach the model
+    metrics = tr.pop_metrics(seconds=2.0)
+    assert metrics["opt/"]["lr"] == sched.at(3).lr and metrics["speed/"]["images_per_s"] == 4 * 4 / 2.0
+    assert set(metrics["train/"]) >= {"loss", "grad_norm", "Lm", "Accm", "vocab_usage"}
 
 
 def test_accumulation_equals_one_big_step():
@@ -183,32 +185,6 @@ def test_optimizer_state_is_saved_by_name_without_side_effects_and_old_index_key
         assert got["param_groups"] == named["param_groups"]
 
 
-def test_atomic_save_keeps_previous_and_bad_files_are_named(tmp_path):
-    last, prev = tmp_path / "ar-ckpt-last.pth", tmp_path / "ar-ckpt-prev.pth"
-    save_atomic({"v": 1}, last, keep_previous=prev)
-    save_atomic({"v": 2}, last, keep_previous=prev)
-    assert load_checkpoint(last)["v"] == 2 and load_checkpoint(prev)["v"] == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([prev.name, last.name])  # no temp files left
-    assert find_resume_checkpoint(tmp_path) == last
-    last.write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="ar-ckpt-last.pth is unreadable"):
-        load_checkpoint(last)
-    last.unlink()
-    assert find_resume_checkpoint(tmp_path) == prev
-
-
-def test_rng_state_round_trip_through_a_checkpoint(tmp_path):
-    import random
-
-    import numpy as np
-    torch.manual_seed(1), random.seed(1), np.random.seed(1)
-    save_atomic({"rng": get_rng_state()}, tmp_path / "r.pth")
-    expected = (torch.rand(3), random.random(), np.random.rand())
-    set_rng_state(load_checkpoint(tmp_path / "r.pth")["rng"])
-    got = (torch.rand(3), random.random(), np.random.rand())
-    assert torch.equal(expected[0], got[0]) and expected[1:] == got[1:]
-
-
 def val_set(n=7):
     g = torch.Generator().manual_seed(5)
     return TensorDataset(torch.rand(n, 3, 8, 8, generator=g) * 2 - 1, torch.randint(0, 4, (n,), generator=g))
@@ -221,12 +197,13 @@ EVAL_WORKER = textwrap.dedent("""
     from test_trainer import tiny, val_set
     from trainer import Trainer
     from utils.data import build_loaders
+from utils.lr_schedule import Schedule
 
     def main():
         device = dist.initialize()
         tr = tiny()
         model = dist.wrap_model(tr.mvar, device, fsdp=True)  # every forward is a collective
-        tr = Trainer(tr.vae, model, tr.optimizer, device)
+        tr = Trainer(tr.vae, model, device)
         _, loader, _ = build_loaders(val_set(), val_set(), 2, 0, dist.get_rank(), 2, seed=0, pad_eval=True)
         metrics = tr.evaluate(loader, resos=(2, 4, 8))
         if dist.is_main_process():
@@ -238,17 +215,14 @@ EVAL_WORKER = textwrap.dedent("""
 """)
 
 
-def test_fsdp_evaluate_on_two_ranks_with_odd_val_set_equals_one_process(tmp_path):
+def test_fsdp_evaluate_on_two_ranks_with_odd_val_set_equals_one_process(tmp_path, run_torchrun):
     """7 val images on 2 FSDP2 ranks (batches of 3): padded to 4 + 4 so both ranks run 2 collective forwards, and
     the padded image is not counted: the metrics equal one process's."""
     _, loader, _ = build_loaders(val_set(), val_set(), 2, 0, 0, 1, seed=0)
     ref = tiny().evaluate(loader, resos=(2, 4, 8))
     script, out = tmp_path / "worker.py", tmp_path / "metrics.json"
     script.write_text(EVAL_WORKER)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(script), str(out)], env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_torchrun(script, out, timeout=120)
     got = json.loads(out.read_text())
     assert ref["n"] == got["n"] == 7 and ref.keys() == got.keys()
     assert all(math.isclose(ref[k], got[k], rel_tol=1e-5, abs_tol=1e-6) for k in ref), (ref, got)

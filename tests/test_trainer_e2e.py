@@ -1,7 +1,6 @@
 """train.py end to end on a tiny tokenizer/model/ImageFolder (CPU): torchrun DDP == one process, SIGKILL + resume
 is bit-identical, corrupt and incompatible checkpoints are clear errors that keep the previous file."""
 import dataclasses
-import os
 import re
 import shutil
 import signal
@@ -14,11 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-from models.tokenizer import VQVAE
+from conftest import REPO, SUBPROCESS_ENV, build_tiny_mvar, launch, launch_cmd
 from utils.checkpoint import BEST, LAST, PREV
 
-REPO = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
 TINY = ["--pn=1_2_4", "--depth=2", "--embed_dim=64", "--num_heads=2", "--fuse=0", "--bs=4", "--ep=2",
         "--log_every=1", "--workers=0", "--seed=3", "--tblr=1e-1", "--sample_every=0", "--val_every=1"]
 LOSS_RE = re.compile(r"ep (\d+)/\d+ it (\d+)/\d+ \| loss ([0-9.]+)")
@@ -28,8 +25,7 @@ LOSS_RE = re.compile(r"ep (\d+)/\d+ it (\d+)/\d+ \| loss ([0-9.]+)")
 def setup(tmp_path_factory):
     """A tiny tokenizer checkpoint (downsample 2 -> 8 px images) and an ImageFolder of 3 classes."""
     root = tmp_path_factory.mktemp("train_e2e")
-    torch.manual_seed(0)
-    vae = VQVAE(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 2), v_patch_nums=(1, 2, 4))
+    vae, _ = build_tiny_mvar(patch_nums=(1, 2, 4))
     torch.save({"vae_config": dataclasses.asdict(vae.config), "vae": vae.state_dict()}, root / "vae.pth")
     rng = np.random.default_rng(0)
     for split, n in (("train", 8), ("val", 2)):
@@ -43,19 +39,13 @@ def setup(tmp_path_factory):
     return root
 
 
-def train_cmd(setup: Path, out: Path, *extra: str, nproc: int = 1):
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
-        if nproc > 1 else [sys.executable]
-    return [*launcher, str(REPO / "train.py"), f"--data_path={setup / 'data'}", f"--vae_ckpt={setup / 'vae.pth'}",
-            f"--local_out_dir_path={out}", *TINY, *extra]
+def train_flags(setup: Path, out: Path, *extra: str) -> list[str]:
+    return [f"--data_path={setup / 'data'}", f"--vae_ckpt={setup / 'vae.pth'}", f"--local_out_dir_path={out}", *TINY,
+            *extra]
 
 
 def run_train(setup: Path, out: Path, *extra: str, nproc: int = 1, check: bool = True):
-    proc = subprocess.run(train_cmd(setup, out, *extra, nproc=nproc), env=ENV, cwd=REPO, capture_output=True,
-                          text=True, timeout=300)
-    if check:
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
+    return launch(REPO / "train.py", *train_flags(setup, out, *extra), nproc=nproc, check=check)
 
 
 def logged_losses(text: str):
@@ -137,8 +127,9 @@ def test_fsdp_and_single_process_checkpoints_resume_into_each_other(setup, singl
 def test_sigkill_mid_epoch_then_resume_is_bit_identical(setup, reference_run):
     ref_out, ref_log = reference_run
     out = setup / "killed"
-    cmd = train_cmd(setup, out, "--save_every=2", "--hflip=1", "--drop_path_rate=0.1")
-    proc = subprocess.Popen(cmd, env=ENV, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    cmd = launch_cmd(REPO / "train.py", *train_flags(setup, out, "--save_every=2", "--hflip=1", "--drop_path_rate=0.1"))
+    proc = subprocess.Popen(cmd, env=SUBPROCESS_ENV, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
     try:
         for line in proc.stdout:  # kill right after the first mid-epoch checkpoint
             if "saved checkpoint" in line and "iter 2)" in line:
@@ -246,7 +237,7 @@ def test_partial_accumulation_window_still_saves(setup):
 
 
 def test_embedded_data_without_tokenizer_points_at_tokenizer_training(tmp_path):
-    env = {**ENV, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    env = {**SUBPROCESS_ENV, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     proc = subprocess.run([sys.executable, str(REPO / "train.py"), "--depth=2", f"--local_out_dir_path={tmp_path}"],
                           env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0

@@ -1,15 +1,15 @@
-"""Training checkpoints: atomic writes that keep the previous file, auto-resume lookup, RNG state capture.
+"""Checkpoint files: atomic writes that keep the previous file, safe reads with errors naming the file.
 
-Files in the output folder: `ar-ckpt-last.pth` (newest), `ar-ckpt-prev.pth` (the one before it, kept so a
-damaged newest file never leaves a run without a good checkpoint) and `ar-ckpt-best.pth` (lowest val loss).
+train.py's output folder holds `ar-ckpt-last.pth` (newest), `ar-ckpt-prev.pth` (the one before it, kept so a
+damaged newest file never leaves a run without a good checkpoint) and `ar-ckpt-best.pth` (lowest val loss); the
+rules for writing and resuming them are in utils.train_state.
 """
 import logging
 import os
-import random
+import re
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 logger = logging.getLogger(__name__)
@@ -22,6 +22,20 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read or does not fit this run; the message names the file."""
 
 
+def temp_path(path: Path, pid: int | None = None) -> Path:
+    """Where `save_atomic` writes `path` before renaming it: a hidden file named after it and the writer's pid."""
+    return path.with_name(f".{path.name}.tmp{os.getpid() if pid is None else pid}")
+
+
+def temp_file_pid(path: Path, names: tuple[str, ...]) -> int | None:
+    """The writer's pid if `path` is a `temp_path` of one of the file names `names`, else None."""
+    for name in names:
+        m = re.fullmatch(rf"\.{re.escape(name)}\.tmp(\d+)", path.name)
+        if m:
+            return int(m.group(1))
+    return None
+
+
 def save_atomic(obj: Any, path: PathLike, keep_previous: PathLike | None = None) -> Path:
     """torch.save to a temporary file in the same folder, fsync, then rename over `path`.
 
@@ -30,7 +44,7 @@ def save_atomic(obj: Any, path: PathLike, keep_previous: PathLike | None = None)
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = temp_path(path)
     try:
         with open(tmp, "wb") as f:
             torch.save(obj, f)
@@ -60,38 +74,3 @@ def load_checkpoint(path: PathLike, mmap: bool = True) -> dict[str, Any]:
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(ckpt).__name__}, expected a dict")
     return ckpt
-
-
-def find_resume_checkpoint(out_dir: PathLike) -> Path | None:
-    """The newest checkpoint in `out_dir` to auto-resume from: ar-ckpt-last.pth, else ar-ckpt-prev.pth (left
-    alone if a run died between the two renames of `save_atomic`), else None."""
-    for name in (LAST, PREV):
-        p = Path(out_dir) / name
-        if p.is_file():
-            return p
-    return None
-
-
-# ---- RNG states -------------------------------------------------------------------------------------------------
-def get_rng_state() -> dict[str, Any]:
-    """torch (CPU and current CUDA device), Python and NumPy generator states, in weights_only-loadable types."""
-    mt, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(),
-        "python": random.getstate(),
-        "numpy": (mt, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what `get_rng_state` captured."""
-    torch.set_rng_state(state["torch"])
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    mt, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((mt, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])

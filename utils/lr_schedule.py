@@ -3,6 +3,7 @@
 Iterations count loader steps (micro-batches with `--ac` > 1), as in VAR. `max_it` = epochs * iterations per epoch.
 """
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -98,3 +99,36 @@ def prog_state(it: int, wp_it: float, max_it: int, pg: float, pg0: int, num_scal
     first_stage = prog_si_at(0, wp_it, max_it, pg, pg0, num_scales) == si
     prog_wp = 1.0 if first_stage else max(min((it - lo + 1) / max(pgwp_it, 1e-8), 1.0), 0.01)
     return si, prog_wp
+
+
+@dataclass(frozen=True)
+class SchedulePoint:
+    """The schedule at one iteration: lr, weight decay and the progressive stage (-1 = all scales) with the loss
+    weight of its newest scale."""
+    lr: float
+    wd: float
+    prog_si: int = -1
+    prog_wp: float = 1.0
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """VAR's schedules as one object: peak lr `tlr` shaped by `lr_factor`, weight decay `wd_at`, progressive
+    training `prog_state` (off with pg = 0). Iterations are global loader steps."""
+    tlr: float
+    max_it: int
+    wp_it: float
+    sche: str = "lin0"
+    wp0: float = 0.005
+    wpe: float = 0.01
+    twd: float = 0.05
+    twde: float = 0.05
+    pg: float = 0.0
+    pg0: int = 4
+    num_scales: int = 10
+    pgwp_it: float = 0.0
+
+    def at(self, it: int) -> SchedulePoint:
+        prog_si, prog_wp = prog_state(it, self.wp_it, self.max_it, self.pg, self.pg0, self.num_scales, self.pgwp_it)
+        return SchedulePoint(lr=self.tlr * lr_factor(self.sche, it, self.wp_it, self.max_it, self.wp0, self.wpe),
+                             wd=wd_at(it, self.max_it, self.twd, self.twde), prog_si=prog_si, prog_wp=prog_wp)

@@ -1,0 +1,103 @@
+"""Checkpoint files and train state (utils.checkpoint, utils.train_state), shared by train.py and the tokenizer
+trainer: atomic saves that keep the previous file, one resume rule (last, else prev), stale temporary files of
+killed saves, RNG capture/restore and the seeding rule."""
+import os
+import random
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import utils.checkpoint
+from test_tokenizer_training import tiny_args
+from tokenizer_trainer import train as train_tokenizer
+from utils.checkpoint import CheckpointError, load_checkpoint, save_atomic, temp_path
+from utils.train_state import RunFolder, get_rng_state, seed_everything, set_rng_state
+
+
+def test_atomic_save_keeps_previous_and_bad_files_are_named(tmp_path):
+    folder = RunFolder(tmp_path, "ar-ckpt")
+    last, prev = tmp_path / "ar-ckpt-last.pth", tmp_path / "ar-ckpt-prev.pth"
+    save_atomic({"v": 1}, last, keep_previous=prev)
+    save_atomic({"v": 2}, last, keep_previous=prev)
+    assert load_checkpoint(last)["v"] == 2 and load_checkpoint(prev)["v"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([prev.name, last.name])  # no temp files left
+    assert folder.find_resume() == last
+    last.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="ar-ckpt-last.pth is unreadable"):
+        load_checkpoint(last)
+    last.unlink()
+    assert folder.find_resume() == prev
+
+
+def test_a_save_killed_between_its_two_renames_leaves_prev_to_resume_from(tmp_path, monkeypatch):
+    folder = RunFolder(tmp_path, "tokenizer")
+    folder.writer = True
+    folder.save({"step": 1})
+    real_replace, calls = os.replace, []
+
+    def killed_after_first_rename(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # stands for SIGKILL between `last -> prev` and `tmp -> last`
+        real_replace(src, dst)
+
+    monkeypatch.setattr(utils.checkpoint.os, "replace", killed_after_first_rename)
+    with pytest.raises(KeyboardInterrupt):
+        folder.save({"step": 2})
+    monkeypatch.undo()
+    assert not folder.last.exists() and folder.find_resume() == folder.prev
+    assert folder.load_resume() == (folder.prev, {"step": 1})
+
+
+def test_tokenizer_trainer_resumes_from_prev_when_last_is_missing(tmp_path):
+    """The state a kill between the two renames of a save leaves: only tokenizer-prev.pth. The re-run resumes from
+    it (before: it started from step 0 and overwrote it) and ends where an uninterrupted run ends."""
+    flags = ("--steps=4", "--save_every=2", "--log_every=2", "--reinit_every=1")
+    train_tokenizer(tiny_args(*flags, f"--out_dir={tmp_path / 'once'}"))
+    (tmp_path / "killed").mkdir()  # the step-4 save killed after renaming the step-2 file to -prev
+    shutil.copy(tmp_path / "once" / "tokenizer-prev.pth", tmp_path / "killed" / "tokenizer-prev.pth")
+    train_tokenizer(tiny_args(*flags, f"--out_dir={tmp_path / 'killed'}"))
+    log = (tmp_path / "killed" / "log.txt").read_text()
+    assert f"resumed from {tmp_path / 'killed' / 'tokenizer-prev.pth'} at step 2" in log
+    once, resumed = (load_checkpoint(tmp_path / d / "tokenizer-last.pth") for d in ("once", "killed"))
+    assert once["step"] == resumed["step"] == 4
+    assert all(torch.equal(v, resumed["vae"][k]) for k, v in once["vae"].items())
+
+
+def test_stale_temp_files_of_killed_saves_are_removed_at_start(tmp_path):
+    """Only hidden temporary files of this folder's checkpoints whose writer is gone; a live writer's temporary
+    file and every other file stay."""
+    dead_pid = 2**22 + 12345  # above the kernel's largest pid (2**22): no such process
+    stale = [temp_path(tmp_path / name, dead_pid) for name in ("tokenizer-last.pth", "tokenizer-best.pth")]
+    other_run = temp_path(tmp_path / "tokenizer-last.pth", os.getppid())  # a live process (our parent)
+    other_prefix = temp_path(tmp_path / "ar-ckpt-last.pth", dead_pid)  # another trainer's checkpoint name
+    kept = [other_run, other_prefix, tmp_path / "tokenizer-last.pth.tmp1",
+            tmp_path / ".tokenizer-last.pth.tmp12x", tmp_path / "notes.txt"]
+    for p in stale + kept:
+        p.write_bytes(b"x")
+    train_tokenizer(tiny_args("--steps=1", f"--out_dir={tmp_path}"))
+    assert not any(p.exists() for p in stale) and all(p.exists() for p in kept)
+    assert "removed 2 temporary file(s) of interrupted saves" in (tmp_path / "log.txt").read_text()
+    assert RunFolder(tmp_path, "ar-ckpt").remove_stale_temp_files() == [other_prefix]
+
+
+def test_rng_state_round_trip_through_a_checkpoint(tmp_path):
+    torch.manual_seed(1), random.seed(1), np.random.seed(1)
+    save_atomic({"rng": get_rng_state()}, tmp_path / "r.pth")
+    expected = (torch.rand(3), random.random(), np.random.rand())
+    set_rng_state(load_checkpoint(tmp_path / "r.pth")["rng"])
+    got = (torch.rand(3), random.random(), np.random.rand())
+    assert torch.equal(expected[0], got[0]) and expected[1:] == got[1:]
+
+
+def test_seed_rule_is_seed_times_world_plus_rank():
+    draws = {}
+    for rank, world in ((0, 1), (0, 2), (1, 2)):
+        seed_everything(3, rank, world)
+        draws[rank, world] = (torch.rand(2), random.random(), np.random.rand())
+    torch.manual_seed(3 * 2 + 1), random.seed(7), np.random.seed(7)
+    assert torch.equal(draws[1, 2][0], torch.rand(2)) and draws[1, 2][1:] == (random.random(), np.random.rand())
+    assert not torch.equal(draws[0, 2][0], draws[1, 2][0])  # ranks draw different streams
+    assert not torch.equal(draws[0, 1][0], draws[0, 2][0])  # ... and rank 0 of 2 is not one process's stream

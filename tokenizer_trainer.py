@@ -1,0 +1,318 @@
+"""Training of VAR's multi-scale residual VQVAE tokenizer (models.tokenizer.VQVAE, any size); the CLI is
+scripts/train_tokenizer.py.
+
+Loss = w_l1 * L1 + w_l2 * MSE (reconstruction) + w_vq * VAR's VQ loss (commitment + codebook, straight-through)
+       [+ w_percep * LPIPS] [+ w_gan * hinge GAN loss of a PatchGAN discriminator, from step --gan_start].
+Per-scale codebook usage is logged; every --reinit_every steps the codes no scale uses are re-initialised from
+the residuals the quantizer sees on the current batch. Runs on one process or under torchrun (DDP).
+
+The output folder holds `tokenizer-last.pth` ({"vae_config", "vae", ...}: load it with models.loading.load_vae,
+or pass it to train.py / sample.py as --vae_ckpt) and `tokenizer-prev.pth`; a run restarted with the same
+--out_dir resumes from them (utils.train_state: the same seeding, saving and resume rules as train.py).
+"""
+import argparse
+import dataclasses
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import dist
+from models.quantizer import USAGE_MARGIN
+from models.tokenizer import VQVAE, parse_patch_nums
+from utils.args import str2bool
+from utils.data import build_datasets, build_loaders
+from utils.logging_utils import setup_logging
+from utils.lr_schedule import lr_factor
+from utils.train_state import RunFolder, gather_rng_states, resolve_seed, restore_rng_states, seed_everything
+from utils.vq_losses import PatchDiscriminator, build_perceptual_loss, hinge_d_loss, hinge_g_loss
+
+logger = logging.getLogger(__name__)
+
+
+def int_list(s: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in s.split("_"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Train VAR's multi-scale VQVAE tokenizer.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
+    g = p.add_argument_group("data")
+    g.add_argument("--data_path", default="", help="ImageFolder root with train/ and val/; empty = --dataset")
+    g.add_argument("--dataset", default="mnist", help="embedded data set (utils.embedded_data: mnist, imagenet20)")
+    g.add_argument("--reso", type=int, default=32, help="image side in pixels")
+    g.add_argument("--mid_reso", type=float, default=1.125, help="resize the shorter side to mid_reso*reso, then "
+                   "random-crop reso")
+    g.add_argument("--hflip", type=str2bool, default=False, help="random horizontal flip")
+    g.add_argument("--workers", type=int, default=0, help="data-loader processes per rank")
+    g = p.add_argument_group("tokenizer (VQVAEConfig)")
+    g.add_argument("--vocab_size", type=int, default=512, help="codebook size V")
+    g.add_argument("--z_channels", type=int, default=16, help="latent channels Cvae")
+    g.add_argument("--ch", type=int, default=32, help="base width (a multiple of 32: GroupNorm groups)")
+    g.add_argument("--ch_mult", type=int_list, default=(1, 1, 2, 2), help="width multipliers per level, '_'-joined; "
+                   "downsample = 2**(levels-1)")
+    g.add_argument("--pn", default="1_2_3_4", help="patch schedule (256, 512 or sides joined by '_'); the last side "
+                   "must equal reso / downsample")
+    g.add_argument("--share_quant_resi", type=int, default=4, help="phi convs (0: one per scale, 1: shared)")
+    g.add_argument("--quant_resi", type=float, default=0.5, help="phi mixing ratio r")
+    g.add_argument("--beta", type=float, default=0.25, help="commitment weight inside the VQ loss")
+    g = p.add_argument_group("loss")
+    g.add_argument("--w_l1", type=float, default=1.0, help="L1 reconstruction weight")
+    g.add_argument("--w_l2", type=float, default=1.0, help="MSE reconstruction weight")
+    g.add_argument("--w_vq", type=float, default=1.0, help="VQ loss weight")
+    g.add_argument("--w_percep", type=float, default=0.0, help="LPIPS weight (skipped, with a warning, when LPIPS "
+                   "is not available offline)")
+    g.add_argument("--w_gan", type=float, default=0.0, help="generator hinge-loss weight (0: no discriminator)")
+    g.add_argument("--gan_start", type=int, default=0, help="step at which the GAN terms switch on")
+    g.add_argument("--disc_ch", type=int, default=64, help="PatchGAN base width")
+    g.add_argument("--disc_layers", type=int, default=3, help="PatchGAN stride-2 layers (fewer for tiny images)")
+    g.add_argument("--reinit_every", type=int, default=100, help="re-initialise dead codes every N steps (0: never)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--steps", type=int, default=1000, help="training iterations")
+    g.add_argument("--bs", type=int, default=64, help="global batch size")
+    g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (tokenizer and discriminator)")
+    g.add_argument("--wd", type=float, default=0.0, help="AdamW weight decay")
+    g.add_argument("--wp", type=float, default=0.02, help="warm-up, as a fraction of --steps")
+    g.add_argument("--sche", default="cos", help="lr schedule after warm-up (utils.lr_schedule)")
+    g.add_argument("--clip", type=float, default=2.0, help="gradient-norm clip (0: off)")
+    g = p.add_argument_group("run")
+    g.add_argument("--out_dir", default="local_output/tokenizer", help="checkpoint/log folder (auto-resume)")
+    g.add_argument("--log_every", type=int, default=50, help="log every N steps")
+    g.add_argument("--save_every", type=int, default=500, help="checkpoint every N steps (and at the end)")
+    g.add_argument("--seed", type=int, default=0, help="global seed (initial weights; then rank r of W "
+                   "uses seed * W + r)")
+    return p
+
+
+def build_vae(args: argparse.Namespace) -> VQVAE:
+    """A trainable VQVAE from the flags; checks that the patch schedule fits the resolution."""
+    vae = VQVAE(vocab_size=args.vocab_size, z_channels=args.z_channels, ch=args.ch, ch_mult=args.ch_mult,
+                beta=args.beta, quant_resi=args.quant_resi, share_quant_resi=args.share_quant_resi,
+                v_patch_nums=parse_patch_nums(args.pn), test_mode=False)
+    if args.reso != vae.v_patch_nums[-1] * vae.downsample:
+        raise ValueError(f"--reso={args.reso} but --pn ends at {vae.v_patch_nums[-1]} with downsample "
+                         f"{vae.downsample} (--ch_mult has {len(args.ch_mult)} levels): expected --reso="
+                         f"{vae.v_patch_nums[-1] * vae.downsample}")
+    return vae
+
+
+@torch.no_grad()
+def quantizer_residuals(vae: VQVAE, img_B3HW: torch.Tensor) -> torch.Tensor:
+    """The vectors the codebook is matched against, over all scales: rows of f - f_hat(previous scales),
+    area-downsampled to each scale (full size at the last) -> (N, Cvae)."""
+    f_BChw = vae.img_to_f(img_B3HW)
+    f_hats = vae.quantize.f_to_idxBl_or_fhat(f_BChw, to_fhat=True)
+    rows, prev = [], torch.zeros_like(f_BChw)
+    for si, pn in enumerate(vae.v_patch_nums):
+        rest_BChw = f_BChw - prev
+        if si < len(vae.v_patch_nums) - 1:
+            rest_BChw = F.interpolate(rest_BChw, size=(pn, pn), mode="area")
+        rows.append(rest_BChw.permute(0, 2, 3, 1).reshape(-1, vae.Cvae))
+        prev = f_hats[si]
+    return torch.cat(rows)
+
+
+def freeze_unused_phis(vae: VQVAE) -> None:
+    """Freeze the phi convs that no scale selects (e.g. 4 shared convs for 3 scales): they never get a gradient,
+    which DDP (find_unused_parameters=False) would otherwise reject."""
+    SN = len(vae.v_patch_nums)
+    used = {id(vae.quantize.phi(si, SN)) for si in range(SN)}
+    unused = [m for m in vae.quantize.quant_resi.modules() if isinstance(m, nn.Conv2d) and id(m) not in used]
+    for m in unused:
+        m.requires_grad_(False)
+    if unused:
+        logger.info("%d of the phi convs serve none of the %d scales: frozen", len(unused), SN)
+
+
+class TokenizerTrainer:
+    """Optimisers, loss terms and one training step; `vae_ddp` is the (possibly DDP-wrapped) VQVAE."""
+
+    def __init__(self, vae: VQVAE, args: argparse.Namespace, device: torch.device):
+        self.args, self.device = args, device
+        self.vae = vae.to(device).train()
+        if dist.initialized():
+            self.vae.quantize.hit_reducer = dist.all_reduce_sum
+        freeze_unused_phis(self.vae)
+        self.vae_ddp = dist.wrap_model(self.vae, device)
+        self.opt = torch.optim.AdamW(self.vae.parameters(), lr=args.lr, betas=(0.5, 0.9), weight_decay=args.wd)
+        self.percep = None
+        if args.w_percep > 0:
+            self.percep, why_not = build_perceptual_loss(device)
+            if self.percep is None:
+                logger.warning("--w_percep=%g but LPIPS is unavailable offline (%s): training without the "
+                               "perceptual term", args.w_percep, why_not)
+        self.disc = self.disc_ddp = self.disc_opt = None
+        if args.w_gan > 0:
+            self.disc = PatchDiscriminator(ch=args.disc_ch, n_layers=args.disc_layers).to(device).train()
+            self.disc_ddp = dist.wrap_model(self.disc, device)
+            self.disc_opt = torch.optim.AdamW(self.disc.parameters(), lr=args.lr, betas=(0.5, 0.9), weight_decay=0)
+        self.step = 0
+
+    def set_lr(self) -> float:
+        a = self.args
+        lr = a.lr * lr_factor(a.sche, self.step, a.wp * a.steps, a.steps, wp0=0.005, wpe=0.01)
+        for opt in (self.opt, self.disc_opt):
+            if opt is not None:
+                for group in opt.param_groups:
+                    group["lr"] = lr
+        return lr
+
+    def train_step(self, img_B3HW: torch.Tensor, ret_usages: bool = False) -> dict[str, Any]:
+        """One update of the tokenizer (and of the discriminator when the GAN is on) -> logged values: losses as
+        detached 0-dim device tensors (no host sync; the caller converts them on log steps), "lr" a float."""
+        a = self.args
+        lr = self.set_lr()
+        img_B3HW = img_B3HW.to(self.device, non_blocking=True)
+        rec_B3HW, usages, vq_loss = self.vae_ddp(img_B3HW, ret_usages=ret_usages)
+        l1, l2 = F.l1_loss(rec_B3HW, img_B3HW), F.mse_loss(rec_B3HW, img_B3HW)
+        loss = a.w_l1 * l1 + a.w_l2 * l2 + a.w_vq * vq_loss
+        out: dict[str, Any] = {"l1": l1.detach(), "l2": l2.detach(), "vq": vq_loss.detach(), "lr": lr}
+        if self.percep is not None:
+            percep = self.percep(rec_B3HW, img_B3HW).mean()
+            loss = loss + a.w_percep * percep
+            out["percep"] = percep.detach()
+        gan_on = self.disc is not None and self.step >= a.gan_start
+        if gan_on:
+            self.disc.requires_grad_(False)  # the generator term needs no discriminator gradients (nor DDP sync)
+            g_loss = hinge_g_loss(self.disc(rec_B3HW))
+            loss = loss + a.w_gan * g_loss
+            out["g"] = g_loss.detach()
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if a.clip > 0:
+            out["grad_norm"] = nn.utils.clip_grad_norm_(self.vae.parameters(), a.clip)
+        self.opt.step()
+        if gan_on:
+            self.disc.requires_grad_(True)
+            logits = self.disc_ddp(torch.cat([img_B3HW, rec_B3HW.detach()]))  # one pass: GroupNorm is per image
+            d_loss = hinge_d_loss(*logits.chunk(2))
+            self.disc_opt.zero_grad(set_to_none=True)
+            d_loss.backward()
+            self.disc_opt.step()
+            out["d"] = d_loss.detach()
+        out["loss"] = loss.detach()
+        self.step += 1
+        if a.reinit_every > 0 and self.step % a.reinit_every == 0:
+            out["reinit"] = self.reinit_dead_codes(img_B3HW, tokens_per_step=img_B3HW.shape[0] * dist.get_world_size()
+                                                   * sum(pn * pn for pn in self.vae.v_patch_nums))
+        if usages is not None:
+            out["usage"] = usages
+        return out
+
+    @torch.no_grad()
+    def reinit_dead_codes(self, img_B3HW: torch.Tensor, tokens_per_step: int) -> int:
+        """Codes whose usage EMA summed over scales is below VAR's usage margin get a random residual vector of
+        this batch (rank 0's, broadcast); their Adam moments are cleared. Returns how many were reset."""
+        quantize = self.vae.quantize
+        dead_V = quantize.ema_vocab_hit_SV.sum(0) < tokens_per_step / quantize.vocab_size * USAGE_MARGIN
+        n_dead = int(dead_V.sum())
+        if n_dead == 0:
+            return 0
+        was_training = self.vae.training
+        self.vae.eval()
+        rows_NC = quantizer_residuals(self.vae, img_B3HW)
+        self.vae.train(was_training)
+        pick = torch.randint(len(rows_NC), (n_dead,), device=rows_NC.device)
+        weight_VC = quantize.embedding.weight
+        weight_VC[dead_V] = rows_NC[pick] + 1e-3 * rows_NC.std() * torch.randn_like(rows_NC[pick])
+        dist.broadcast(weight_VC.data, src=0)
+        state = self.opt.state.get(weight_VC, {})
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in state:
+                state[key][dead_V] = 0
+        return n_dead
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resume needs; collective (every rank's RNG state is gathered), so call it on all ranks."""
+        ckpt = {"vae_config": dataclasses.asdict(self.vae.config), "vae": self.vae.state_dict(),
+                "optimizer": self.opt.state_dict(), "step": self.step, "args": vars(self.args),
+                "rng": gather_rng_states()}
+        if self.disc is not None:
+            ckpt.update(disc=self.disc.state_dict(), disc_optimizer=self.disc_opt.state_dict())
+        return ckpt
+
+    def load_state_dict(self, ckpt: dict[str, Any]) -> None:
+        self.vae.load_state_dict(ckpt["vae"], strict=True)
+        self.opt.load_state_dict(ckpt["optimizer"])
+        if self.disc is not None and "disc" in ckpt:
+            self.disc.load_state_dict(ckpt["disc"], strict=True)
+            self.disc_opt.load_state_dict(ckpt["disc_optimizer"])
+        self.step = int(ckpt["step"])
+        self.vae.quantize.set_hit_steps(self.step)
+        restore_rng_states(ckpt["rng"])
+
+
+@torch.no_grad()
+def evaluate(vae: VQVAE, loader, device: torch.device) -> dict[str, float]:
+    """Mean L1 and PSNR (images mapped to [0, 1]) of the full reconstruction over the val loader, all ranks."""
+    vae.eval()
+    sums = torch.zeros(3, device=device)  # l1 sum, psnr sum, count
+    for img_B3HW, _ in loader:
+        img_B3HW = img_B3HW.to(device)
+        rec_B3HW = vae.img_to_reconstructed_img(img_B3HW, last_one=True)
+        err_B = (rec_B3HW - img_B3HW).abs().mean(dim=(1, 2, 3))
+        mse_B = ((rec_B3HW - img_B3HW) / 2).square().mean(dim=(1, 2, 3)).clamp_min(1e-10)
+        sums += torch.stack([err_B.sum(), (-10 * mse_B.log10()).sum(), torch.tensor(len(err_B), device=device)])
+    vae.train()
+    dist.all_reduce_sum(sums)
+    return {"val_l1": (sums[0] / sums[2]).item(), "val_psnr": (sums[1] / sums[2]).item()}
+
+
+def train(args: argparse.Namespace) -> Path:
+    """Train, checkpoint to `args.out_dir`, and return the path of the final checkpoint."""
+    device = dist.initialize()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if args.bs % world:
+        raise ValueError(f"--bs={args.bs} is not divisible by the {world} processes")
+    bad = [f"--{k}={getattr(args, k)}" for k in ("bs", "steps", "log_every", "save_every") if getattr(args, k) < 1]
+    if bad:
+        raise ValueError(f"{', '.join(bad)}: expected positive integers")
+    setup_logging(rank, Path(args.out_dir))
+    folder = RunFolder(args.out_dir, "tokenizer")
+    folder.open()
+    resume_path, ckpt = folder.load_resume()
+    args.seed = resolve_seed(args.seed, ckpt)
+    torch.manual_seed(args.seed)  # the same initial weights for any world size
+
+    num_classes, train_set, val_set = build_datasets(args.data_path, args.dataset, args.reso, args.mid_reso,
+                                                     args.hflip)
+    train_loader, val_loader, sampler = build_loaders(train_set, val_set, args.bs // world, args.workers, rank,
+                                                      world, args.seed, pin_memory=device.type == "cuda")
+    trainer = TokenizerTrainer(build_vae(args), args, device)
+    seed_everything(args.seed, rank, world)
+    if ckpt is not None:
+        trainer.load_state_dict(ckpt)
+        logger.info("resumed from %s at step %d", resume_path, trainer.step)
+        del ckpt
+    n_params = sum(p.numel() for p in trainer.vae.parameters()) / 1e6
+    logger.info("tokenizer %.2fM params, config %s; %d train / %d val images (%d classes), %d steps of %d",
+                n_params, dataclasses.asdict(trainer.vae.config), len(train_set), len(val_set), num_classes,
+                args.steps, args.bs)
+
+    t0, last_log_step = time.time(), trainer.step
+    while trainer.step < args.steps:
+        epoch, start_it = divmod(trainer.step, sampler.iters_per_epoch)
+        sampler.set_epoch(epoch, start_it)
+        for img_B3HW, _ in train_loader:
+            log_now = (trainer.step + 1) % args.log_every == 0 or trainer.step + 1 == args.steps
+            out = trainer.train_step(img_B3HW, ret_usages=log_now)
+            if log_now:
+                names = [k for k in ("loss", "l1", "vq", "percep", "g", "d") if k in out]
+                means = dist.all_reduce_mean(torch.stack([out[k].float() for k in names])).tolist()  # the one sync
+                speed = (trainer.step - last_log_step) / (time.time() - t0)
+                t0, last_log_step = time.time(), trainer.step
+                logger.info("step %d/%d %s lr %.2e | usage%% per scale %s | reinit %d | %.2f it/s", trainer.step,
+                            args.steps, " ".join(f"{k} {v:.4f}" for k, v in zip(names, means, strict=True)),
+                            out["lr"], [round(u, 1) for u in out["usage"]], out.get("reinit", 0), speed)
+            if trainer.step % args.save_every == 0 or trainer.step == args.steps:
+                folder.save(trainer.state_dict())  # every rank: it gathers the RNG states
+            if trainer.step >= args.steps:
+                break
+    metrics = evaluate(trainer.vae, val_loader, device)
+    logger.info("val reconstruction: L1 %.4f PSNR %.2f dB; checkpoint %s", metrics["val_l1"], metrics["val_psnr"],
+                folder.last)
+    return folder.last
