@@ -23,7 +23,8 @@ import torchvision.utils
 
 import dist
 from models.loading import DERIVED_KEYS, load_vae
-from models.mvar import KERNEL_DEFAULTS, MVAR, MVARConfig
+from models import backends
+from models.mvar import MVAR, MVARConfig
 from models.tokenizer import VQVAE, VQVAEConfig
 from trainer import Trainer, build_optimizer
 from utils.args import finalize_args, parse_args
@@ -48,10 +49,10 @@ def build_model(args: argparse.Namespace, vae: VQVAE, num_classes: int, device: 
         arch=args.arch, var_blocks=args.var_blocks, embed_dim=args.embed_dim, num_heads=args.num_heads,
         shared_aln=args.saln,
         attn_l2_norm=args.anorm, drop_path_rate=None if args.drop_path_rate < 0 else args.drop_path_rate,
-        cond_drop_rate=args.cond_drop_rate, attn_backend="auto" if args.fuse else "sdpa",
-        mamba_backend="auto" if args.fuse else "torch",
+        cond_drop_rate=args.cond_drop_rate,
     )
-    mvar = MVAR(config, vae=vae).to(device)
+    attn_backend, mamba_backend = backends.from_flags(args.attn_backend, args.mamba_backend, fuse=args.fuse)
+    mvar = MVAR(config, vae=vae, attn_backend=attn_backend, mamba_backend=mamba_backend).to(device)
     mvar.init_weights(init_adaln=args.aln, init_adaln_gamma=args.alng, init_head=args.hd, init_std=args.ini,
                       gamma_rows=args.alng_rows)
     if args.init_from:
@@ -83,10 +84,8 @@ def check_resumable(ckpt: dict[str, Any], path: Path, config: MVARConfig, vae: V
         raise CheckpointError(f"checkpoint {path} is not a training checkpoint (missing {missing}); use --init_from "
                               f"to start from its weights")
     problems = []
-    # kernel backends (--fuse) may change between runs
-    old, new = {**ckpt["config"], **KERNEL_DEFAULTS}, {**dataclasses.asdict(config), **KERNEL_DEFAULTS}
-    if MVARConfig(**old) != MVARConfig(**new):
-        problems += [f"model {k}: checkpoint {old.get(k)!r}, this run {v!r}" for k, v in new.items() if old.get(k) != v]
+    old, new = dataclasses.asdict(MVARConfig.from_dict(ckpt["config"])), dataclasses.asdict(config)
+    problems += [f"model {k}: checkpoint {old[k]!r}, this run {v!r}" for k, v in new.items() if old[k] != v]
     if VQVAEConfig(**ckpt["vae_config"]) != vae.config:
         problems.append("the tokenizer config differs (--vae_ckpt)")
     if ckpt["iter"] > 0 and ckpt["args"]["glb_batch_size"] != glb_batch_size:

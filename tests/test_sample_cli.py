@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 import sample
-from models import build_vae_mvar
+from models import MVARConfig, build_vae_mvar
 from models.loading import mvar_checkpoint
 from utils.fid_dump import pack_npz
 
@@ -101,6 +101,15 @@ def test_missing_official_checkpoint_says_where_to_put_it(monkeypatch, tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(SystemExit, match="(?s)d16.pth.*OliverRen/M-VAR.*--ckpt"):
         sample.main(["--depth", "16", "--device", "cpu", "--out", str(tmp_path / "x.png")])
+
+
+def test_named_model_picks_the_official_file_and_is_checked_against_the_checkpoint(ckpt):
+    assert (sample.parse_args(["--model", "M-VAR-d16"]).depth, sample.parse_args(["--model", "VAR-d20"]).arch) \
+        == (16, "var")
+    config = MVARConfig(depth=16, embed_dim=1024)
+    sample.check_against_config(sample.parse_args(["--model", "M-VAR-d16", "--ckpt", "x.pth"]), MVARConfig(), "x")
+    with pytest.raises(ValueError, match="--model=M-VAR-W has embed_dim=768, but x.pth holds 1024"):
+        sample.check_against_config(sample.parse_args(["--model", "M-VAR-W", "--ckpt", "x.pth"]), config, "x.pth")
 
 
 def test_preset_sets_the_paper_fid_settings_and_flags_override():

@@ -33,9 +33,8 @@ def tiny(cond_drop_rate=0.0, arch="mvar", **trainer_kw):
     torch.manual_seed(0)
     vae = VQVAE(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 2), v_patch_nums=PN)
     cfg = MVARConfig(depth=2, embed_dim=64, num_heads=2, num_classes=4, V=64, Cvae=8, patch_nums=PN, arch=arch,
-                     d_state=16, drop_path_rate=0.0, cond_drop_rate=cond_drop_rate, attn_backend="sdpa",
-                     mamba_backend="torch")
-    mvar = MVAR(cfg, vae=vae)
+                     d_state=16, drop_path_rate=0.0, cond_drop_rate=cond_drop_rate)
+    mvar = MVAR(cfg, vae=vae, attn_backend="sdpa", mamba_backend="torch")
     mvar.init_weights(init_adaln_gamma=0.1)
     return Trainer(vae, mvar, build_optimizer(mvar, lr=1e-3), CPU, **trainer_kw)
 
