@@ -15,7 +15,6 @@ or pass it to train.py / sample.py as --vae_ckpt); a run restarted with the same
 import argparse
 import dataclasses
 import logging
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -24,19 +23,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file from anywhere
-
 from dist.core import all_gather_object, all_reduce_mean, all_reduce_sum, barrier, get_rank, get_world_size, \
-    initialize, initialized, run_then_finalize  # noqa: E402
-from dist.wrap import wrap_model  # noqa: E402
-from models.quantizer import USAGE_MARGIN  # noqa: E402
-from models.tokenizer import VQVAE, parse_patch_nums  # noqa: E402
-from utils.args import str2bool  # noqa: E402
-from utils.checkpoint import get_rng_state, load_checkpoint, save_atomic, set_rng_state  # noqa: E402
-from utils.data import build_datasets, build_loaders  # noqa: E402
-from utils.logging_utils import setup_logging  # noqa: E402
-from utils.lr_schedule import lr_factor  # noqa: E402
-from utils.vq_losses import PatchDiscriminator, build_perceptual_loss, hinge_d_loss, hinge_g_loss  # noqa: E402
+    initialize, initialized, run_then_finalize
+from dist.wrap import wrap_model
+from models.quantizer import USAGE_MARGIN
+from models.tokenizer import VQVAE, parse_patch_nums
+from utils.args import str2bool
+from utils.checkpoint import get_rng_state, load_checkpoint, save_atomic, set_rng_state
+from utils.data import build_datasets, build_loaders
+from utils.logging_utils import setup_logging
+from utils.lr_schedule import lr_factor
+from utils.vq_losses import PatchDiscriminator, build_perceptual_loss, hinge_d_loss, hinge_g_loss
 
 logger = logging.getLogger("train_tokenizer")
 

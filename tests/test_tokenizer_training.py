@@ -141,7 +141,7 @@ def test_torchrun_two_processes_match_one(tmp_path):
     """DDP (2 ranks x 8 images, gloo) takes the same steps as one process with the global batch of 16."""
     repo = Path(__file__).resolve().parents[1]
     flags = TINY + ["--steps=3", "--log_every=1", "--w_gan=0.1", "--disc_ch=16", "--disc_layers=1"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}  # the project, installed or not
     logs = {}
     for name, launcher in (("ddp", ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]),
                            ("one", [])):
