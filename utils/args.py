@@ -55,8 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "empty = the embedded data set named by --dataset")
     g.add_argument("--dataset", default="mnist", help="embedded data set used when --data_path is empty "
                    "(utils.embedded_data: mnist, imagenet20)")
-    g.add_argument("--pn", default="1_2_3_4_5_6_8_10_13_16", help="patch schedule: 256, 512 or sides joined by '_'; "
-                   "image size = last side * tokenizer downsample")
+    g.add_argument("--pn", default="256", help="patch schedule: 256 or 512 (VAR's presets, utils.registry) or sides "
+                   "joined by '_'; image size = last side * tokenizer downsample")
     g.add_argument("--mid_reso", type=float, default=1.125, help="resize the shorter side to mid_reso*reso before "
                    "cropping")
     g.add_argument("--hflip", default=False, **b, help="random horizontal flip")
