@@ -92,7 +92,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.model is not None:  # its depth and arch, where not given: the official file and the checks follow
         named = MVAR_models[args.model]
         args.depth = args.depth if args.depth is not None else named["depth"]
-        args.arch = args.arch if args.arch is not None else named.get("arch")
+        args.arch = args.arch if args.arch is not None else named.get("arch", MVARConfig.arch)
     if args.ckpt is None and args.depth is None:
         problems.append("pass --ckpt=PATH, or --depth=N for the official OliverRen/M-VAR d{N}.pth")
     if not 0.0 < args.top_p <= 1.0:

@@ -108,6 +108,8 @@ def test_named_model_picks_the_official_file_and_is_checked_against_the_checkpoi
         == (16, "var")
     config = MVARConfig(depth=16, embed_dim=1024)
     sample.check_against_config(sample.parse_args(["--model", "M-VAR-d16", "--ckpt", "x.pth"]), MVARConfig(), "x")
+    with pytest.raises(ValueError, match="--arch=mvar, but x.pth holds arch=var"):
+        sample.check_against_config(sample.parse_args(["--model", "M-VAR-d16"]), MVARConfig(arch="var"), "x.pth")
     with pytest.raises(ValueError, match="--model=M-VAR-W has embed_dim=768, but x.pth holds 1024"):
         sample.check_against_config(sample.parse_args(["--model", "M-VAR-W", "--ckpt", "x.pth"]), config, "x.pth")
 
