@@ -21,4 +21,4 @@ test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
 bench: $(VENV)/.installed
-	$(PY) scripts/bench.py
+	$(PY) scripts/bench.py --only attn block
