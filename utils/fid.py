@@ -203,7 +203,7 @@ def load_reference(path: Path) -> dict[str, np.ndarray]:
             with np.load(path, allow_pickle=False) as f:
                 out[k] = f[k].astype(np.float64)
     if ("mu" in out) != ("sigma" in out):
-        raise ValueError(f"{path}: has only one of mu/sigma")
+        raise ValueError(f"{path}: has only one of mu/sigma; expected both (pool3 statistics) or neither")
     if "mu" in out:
         D = FEATURE_DIM
         if out["mu"].shape != (D,) or out["sigma"].shape != (D, D):
