@@ -24,14 +24,17 @@ import torch
 
 import dist
 from models.loading import config_from_state_dict, load_mvar, resolve_mvar_checkpoint
-from models.attention import BACKENDS as ATTN_BACKENDS, resolve_backend
-from models.mamba2 import BACKENDS as MAMBA_BACKENDS, resolve_kernels
-from models.mvar import ARCH_BRANCHES, MVAR, MVARConfig
+from models.attention import resolve_backend
+from models.backends import BackendError
+from models.mamba2 import resolve_kernels
+from models.mvar import MVAR, MVARConfig
 from models.tokenizer import load_vae
+from utils.args import add_backend_flags, add_model_flag
 from utils.checkpoint import load_checkpoint
 from utils.fid_dump import DumpPlan, check_or_write_settings, chunk_seed, dump_shard, fid_folder_name, pack_npz
 from utils.image_grid import save_folder, save_grid, to_uint8_BHW3
 from utils.logging_utils import setup_logging
+from utils.registry import ARCH_BRANCHES, MVAR_models
 
 logger = logging.getLogger("sample")
 
@@ -49,8 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt", default=None, help="M-VAR checkpoint: ours ({config, model, ...}) or an official file")
     p.add_argument("--depth", type=int, default=None,
                    help="without --ckpt: use the official d{depth}.pth; with --ckpt: the depth it must have")
-    p.add_argument("--arch", default=None, choices=sorted(ARCH_BRANCHES),
+    p.add_argument("--arch", default=None, choices=list(ARCH_BRANCHES),
                    help="the architecture --ckpt must have (checked before sampling)")
+    add_model_flag(p)
     p.add_argument("--vae_ckpt", default=None, help="tokenizer file (default: the one embedded in --ckpt, else "
                                                     "VAR's vae_ch160v4096z32.pth from the Hugging Face cache)")
     p.add_argument("--preset", default=None, choices=sorted(PRESETS),
@@ -69,10 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     amp.add_argument("--fp16", action="store_true", help="autocast to float16")
     amp.add_argument("--bf16", action="store_true", help="autocast to bfloat16")
     p.add_argument("--out", default="samples.png", help="a .png path (grid) or a folder (one PNG per image)")
-    p.add_argument("--attn_backend", default="auto", choices=ATTN_BACKENDS,
-                   help="intra-scale attention kernel (auto: $MVAR_ATTN_BACKEND, else the fastest available)")
-    p.add_argument("--mamba_backend", default="auto", choices=MAMBA_BACKENDS,
-                   help="Mamba2 kernel (auto: $MVAR_MAMBA_BACKEND, else mamba_ssm on CUDA when installed)")
+    add_backend_flags(p)
     p.add_argument("--device", default=None, help="default: cuda (this rank's GPU) if available, else cpu")
     p.add_argument("--fid", action="store_true", help="FID dump of every class instead of pictures")
     p.add_argument("--fid_num_per_class", type=int, default=50, help="FID images per class")
@@ -88,6 +89,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.set_defaults(**PRESETS[preset])
     args = parser.parse_args(argv)
     problems = []
+    if args.model is not None:  # its depth and arch, where not given: the official file and the checks follow
+        named = MVAR_models[args.model]
+        args.depth = args.depth if args.depth is not None else named["depth"]
+        args.arch = args.arch if args.arch is not None else named.get("arch", MVARConfig.arch)
     if args.ckpt is None and args.depth is None:
         problems.append("pass --ckpt=PATH, or --depth=N for the official OliverRen/M-VAR d{N}.pth")
     if not 0.0 < args.top_p <= 1.0:
@@ -119,6 +124,9 @@ def check_against_config(args: argparse.Namespace, config: MVARConfig, ckpt: str
         problems.append(f"--depth={args.depth}, but {ckpt} holds a depth-{config.depth} model")
     if args.arch is not None and args.arch != config.arch:
         problems.append(f"--arch={args.arch}, but {ckpt} holds arch={config.arch}")
+    for field, value in MVAR_models[args.model].items() if args.model else ():
+        if field not in ("depth", "arch") and getattr(config, field) != value:
+            problems.append(f"--model={args.model} has {field}={value}, but {ckpt} holds {getattr(config, field)}")
     bad = [c for c in (args.classes or ()) if c >= config.num_classes]
     if bad:
         problems.append(f"--classes {bad} outside the model's classes [0, {config.num_classes - 1}]")
@@ -131,8 +139,8 @@ def amp_dtype(args: argparse.Namespace) -> torch.dtype | None:
 
 
 def check_backends(args: argparse.Namespace, device: torch.device) -> None:
-    """A forced kernel (--attn_backend / --mamba_backend, or their env vars) that cannot run here: ValueError or
-    RuntimeError saying why, before anything is loaded."""
+    """A forced kernel (--attn_backend / --mamba_backend, or their env vars) that cannot run here: a BackendError
+    saying why, before anything is loaded."""
     resolve_backend(args.attn_backend, device, amp_dtype(args) or torch.float32)
     resolve_kernels(args.mamba_backend, device.type == "cuda", device)
 
@@ -150,7 +158,8 @@ def load_checked(args: argparse.Namespace, device: torch.device) -> tuple[MVAR, 
     else:
         ckpt_path = Path(args.ckpt)
     ckpt = load_checkpoint(ckpt_path, mmap=False)
-    config = MVARConfig(**ckpt["config"]) if "config" in ckpt and "model" in ckpt else config_from_state_dict(ckpt)
+    ours = "config" in ckpt and "model" in ckpt
+    config = MVARConfig.from_dict(ckpt["config"]) if ours else config_from_state_dict(ckpt)
     check_against_config(args, config, ckpt_path.name)
     embedded_vae = "vae" in ckpt and "vae_config" in ckpt
     if args.vae_ckpt is None and embedded_vae:
@@ -244,7 +253,7 @@ def main(argv: Sequence[str] | None = None) -> Path | None:
         raise SystemExit("several ranks only make sense with --fid (pictures are written by one process)")
     try:
         check_backends(args, device)
-    except (ValueError, RuntimeError) as e:
+    except BackendError as e:
         raise SystemExit(f"error: {e}") from e
     try:
         mvar, ckpt_path, vae_id = load_checked(args, device)

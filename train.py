@@ -17,6 +17,7 @@ import torch
 import torchvision.utils
 
 import dist
+from models import backends
 from models.loading import DERIVED_KEYS, load_vae
 from models.mvar import MVAR, MVARConfig
 from models.tokenizer import VQVAE
@@ -57,10 +58,10 @@ def build_model(args: argparse.Namespace, vae: VQVAE, num_classes: int, device: 
         arch=args.arch, var_blocks=args.var_blocks, embed_dim=args.embed_dim, num_heads=args.num_heads,
         shared_aln=args.saln,
         attn_l2_norm=args.anorm, drop_path_rate=None if args.drop_path_rate < 0 else args.drop_path_rate,
-        cond_drop_rate=args.cond_drop_rate, attn_backend="auto" if args.fuse else "sdpa",
-        mamba_backend="auto" if args.fuse else "torch",
+        cond_drop_rate=args.cond_drop_rate,
     )
-    mvar = MVAR(config, vae=vae).to(device)
+    attn_backend, mamba_backend = backends.from_flags(args.attn_backend, args.mamba_backend, fuse=args.fuse)
+    mvar = MVAR(config, vae=vae, attn_backend=attn_backend, mamba_backend=mamba_backend).to(device)
     mvar.init_weights(init_adaln=args.aln, init_adaln_gamma=args.alng, init_head=args.hd, init_std=args.ini,
                       gamma_rows=args.alng_rows)
     if args.init_from:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import dist
-from models.mvar import KERNEL_DEFAULTS, MVAR, MVARConfig
+from models.mvar import MVAR, MVARConfig
 from models.tokenizer import VQVAE, VQVAEConfig
 from utils.checkpoint import CheckpointError
 from utils.logging_utils import Averager
@@ -305,11 +305,8 @@ class Trainer:
             raise CheckpointError(f"checkpoint {path} is not a training checkpoint (missing {missing}); use "
                                   f"--init_from to start from its weights")
         problems = []
-        # kernel backends (--fuse) may change between runs
-        old, new = {**ckpt["config"], **KERNEL_DEFAULTS}, {**dataclasses.asdict(self.mvar.config), **KERNEL_DEFAULTS}
-        if MVARConfig(**old) != MVARConfig(**new):
-            problems += [f"model {k}: checkpoint {old.get(k)!r}, this run {v!r}" for k, v in new.items()
-                         if old.get(k) != v]
+        old, new = dataclasses.asdict(MVARConfig.from_dict(ckpt["config"])), dataclasses.asdict(self.mvar.config)
+        problems += [f"model {k}: checkpoint {old[k]!r}, this run {v!r}" for k, v in new.items() if old[k] != v]
         if VQVAEConfig(**ckpt["vae_config"]) != self.vae.config:
             problems.append("the tokenizer config differs (--vae_ckpt)")
         if ckpt["iter"] > 0 and ckpt["args"]["glb_batch_size"] != glb_batch_size:

@@ -3,8 +3,10 @@ from collections.abc import Sequence
 
 import torch
 
-from models.mvar import MVAR, MVAR_models, MVARConfig
+from models.backends import ATTN, MAMBA
+from models.mvar import MVAR, MVARConfig
 from models.tokenizer import PATCH_NUMS, VQVAE
+from utils.registry import MVAR_models
 
 __all__ = ["MVAR", "MVARConfig", "MVAR_models", "VQVAE", "build_vae_mvar"]
 
@@ -20,20 +22,20 @@ def build_vae_mvar(
 ) -> tuple[VQVAE, MVAR]:
     """Build the tokenizer (frozen, eval) and an initialised M-VAR on `device`, mirroring VAR's `build_vae_var`.
 
-    flash_if_available / fused_if_available: False forces the portable PyTorch paths (SDPA attention and the
-    pure-PyTorch Mamba2), like forcing `attn_backend="sdpa"`, `mamba_backend="torch"`.
+    flash_if_available / fused_if_available (VAR's names): False forces the portable PyTorch kernels (SDPA
+    attention, the pure-PyTorch Mamba2); `attn_backend=` / `mamba_backend=` (models.backends) name one instead.
     """
     patch_nums = tuple(patch_nums)
     vae = VQVAE(vocab_size=V, z_channels=Cvae, ch=ch, ch_mult=tuple(ch_mult), test_mode=True,
                 share_quant_resi=share_quant_resi, v_patch_nums=patch_nums).to(device)
-    config_overrides.setdefault("attn_backend", "auto" if flash_if_available else "sdpa")
-    config_overrides.setdefault("mamba_backend", "auto" if fused_if_available else "torch")
+    attn_backend = config_overrides.pop("attn_backend", "auto" if flash_if_available else ATTN.portable)
+    mamba_backend = config_overrides.pop("mamba_backend", "auto" if fused_if_available else MAMBA.portable)
     config = MVARConfig(
         depth=depth, num_classes=num_classes, V=V, Cvae=Cvae, patch_nums=patch_nums, arch=arch,
         embed_dim=embed_dim, num_heads=num_heads, shared_aln=shared_aln, attn_l2_norm=attn_l2_norm,
         **config_overrides,
     )
-    mvar = MVAR(config, vae=vae).to(device)
+    mvar = MVAR(config, vae=vae, attn_backend=attn_backend, mamba_backend=mamba_backend).to(device)
     if torch.device(device).type != "meta":
         mvar.init_weights(init_adaln=init_adaln, init_adaln_gamma=init_adaln_gamma, init_head=init_head,
                           init_std=init_std, gamma_rows=gamma_rows)

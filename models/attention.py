@@ -9,6 +9,7 @@ The intra-scale kernel has interchangeable backends giving the same numbers (`in
     torch_varlen  `torch.nn.attention.varlen.varlen_attn` (CUDA, fp16/bf16, no attention dropout)
     sdpa          `F.scaled_dot_product_attention` per scale, small scales packed into one call (anywhere)
     auto          the first of the above that can run (env var MVAR_ATTN_BACKEND overrides the choice)
+Resolution, its env var and its error type are shared with Mamba2: `models.backends`.
 
 Shape legend: B batch, L tokens of the scales present (680 for all scales at 256 px), l tokens of one scale
 (pn*pn), H heads, c head dim, C = H*c, K number of scales, T = B*L packed tokens.
@@ -24,10 +25,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from models.backends import ATTN, BackendError, check_name, resolve
+
 logger = logging.getLogger(__name__)
 
-BACKEND_ENV = "MVAR_ATTN_BACKEND"
-BACKENDS = ("auto", "flash_attn", "torch_varlen", "sdpa")
 MODES = ("intra", "causal")
 # sdpa backend: consecutive scales are packed into one masked call while their total stays within this many
 # tokens (1+4+9+16+25+36 = 91 at 256 px). One call per scale costs more in launches than the few wasted scores.
@@ -73,8 +74,8 @@ def backend_unavailable_reason(
     """Why `backend` cannot run intra-scale attention on tensors of this device/dtype (None: it can)."""
     if backend == "sdpa":
         return None
-    if backend not in ("flash_attn", "torch_varlen"):
-        raise ValueError(f"attention backend {backend!r}: expected one of {BACKENDS}")
+    if backend not in ATTN.kernels:
+        raise BackendError(f"attention kernel {backend!r}: expected one of {ATTN.kernels}")
     if device.type != "cuda":
         return f"{backend} needs CUDA tensors, got device {device.type!r}"
     if dtype not in _HALF_DTYPES:
@@ -92,30 +93,17 @@ def backend_unavailable_reason(
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, dropout_p: float = 0.0) -> str:
     """The backend that will run: `backend`, or for "auto" $MVAR_ATTN_BACKEND or the fastest available one.
 
-    A forced backend that cannot run raises a ValueError saying why. Each resolution is logged once.
+    A forced backend that cannot run raises a `BackendError` saying why. Each resolution is logged once.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"attention backend {backend!r}: expected one of {BACKENDS}")
-    source = "backend"
-    if backend == "auto" and os.environ.get(BACKEND_ENV):
-        backend, source = os.environ[BACKEND_ENV], BACKEND_ENV
-        if backend not in BACKENDS:
-            raise ValueError(f"{source}={backend!r}: expected one of {BACKENDS}")
-    return _resolve(backend, source, device.type, dtype, dropout_p > 0)
+    env_value = os.environ.get(ATTN.env, "") if check_name(ATTN, backend) == "auto" else ""  # part of the cache key
+    return _resolve(backend, env_value, device.type, dtype, dropout_p > 0)
 
 
 @functools.cache
-def _resolve(backend: str, source: str, device_type: str, dtype: torch.dtype, with_dropout: bool) -> str:
+def _resolve(backend: str, env_value: str, device_type: str, dtype: torch.dtype, with_dropout: bool) -> str:
     device, dropout_p = torch.device(device_type), 1.0 if with_dropout else 0.0
-    if backend == "auto":
-        name = next(n for n in BACKENDS[1:] if backend_unavailable_reason(n, device, dtype, dropout_p) is None)
-    else:
-        reason = backend_unavailable_reason(backend, device, dtype, dropout_p)
-        if reason is not None:
-            raise ValueError(f"{source}={backend!r} cannot run here: {reason}. Use 'auto' or 'sdpa'.")
-        name = backend
-    logger.info("intra-scale attention backend: %s (%s=%s, %s, %s)", name, source, backend, device_type, dtype)
-    return name
+    return resolve(ATTN, backend, lambda n: backend_unavailable_reason(n, device, dtype, dropout_p),
+                   f"{device_type}, {dtype}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -258,8 +246,7 @@ class ScaleAttention(nn.Module):
             raise ValueError(f"embed_dim={embed_dim} is not divisible by num_heads={num_heads}")
         if mode not in MODES:
             raise ValueError(f"attention mode {mode!r}: expected one of {MODES}")
-        if backend not in BACKENDS:
-            raise ValueError(f"attention backend {backend!r}: expected one of {BACKENDS}")
+        check_name(ATTN, backend)
         self.num_heads, self.head_dim = num_heads, embed_dim // num_heads
         self.mode, self.backend, self.attn_l2_norm = mode, backend, attn_l2_norm
         if attn_l2_norm:

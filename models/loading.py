@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from models.mvar import KERNEL_DEFAULTS, MVAR, MVARConfig
+from models.mvar import MVAR, MVARConfig
 from models.tokenizer import PATCH_NUMS, VQVAE, load_vae  # noqa: F401  (re-exported: the one tokenizer loader)
 from utils.checkpoint import load_checkpoint
 from utils.hub import resolve_checkpoint
@@ -77,25 +77,26 @@ def config_from_state_dict(
 
 def load_mvar(
     src: str | Path | dict[str, Any], device: str | torch.device = "cpu", vae: VQVAE | None = None,
-    patch_nums: Sequence[int] | None = None, **config_overrides,
+    patch_nums: Sequence[int] | None = None, attn_backend: str = "auto", mamba_backend: str = "auto",
+    **config_overrides,
 ) -> MVAR:
     """Build an MVAR from a checkpoint path or an already loaded dict and load its weights strictly.
 
     Accepts our checkpoints (a dict with "config" and "model", trainer checkpoints included) and official raw
-    state dicts. `config_overrides` change non-weight settings (e.g. attn_backend, cond_drop_rate). The kernel
-    backends are never read from the checkpoint: they are "auto" (then $MVAR_ATTN_BACKEND / $MVAR_MAMBA_BACKEND)
-    unless overridden, so a model trained with the portable kernels runs the fused ones where they exist.
+    state dicts. `config_overrides` change non-weight settings (e.g. cond_drop_rate). The kernels are a run-time
+    choice (models.backends), never part of a checkpoint: "auto" (then $MVAR_ATTN_BACKEND / $MVAR_MAMBA_BACKEND)
+    unless given, so a model trained with the portable kernels runs the fused ones where they exist.
     """
     ckpt = load_checkpoint(src, mmap=False) if isinstance(src, (str, Path)) else src
     name = str(src) if isinstance(src, (str, Path)) else "state dict"
     if "config" in ckpt and "model" in ckpt:
-        config = MVARConfig(**{**ckpt["config"], **KERNEL_DEFAULTS, **config_overrides})
+        config = MVARConfig.from_dict(ckpt["config"], **config_overrides)
         state_dict = ckpt["model"]
     else:
         state_dict = ckpt
         config = config_from_state_dict(state_dict, patch_nums, **config_overrides)
     with torch.device(device):
-        mvar = MVAR(config, vae=vae)
+        mvar = MVAR(config, vae=vae, attn_backend=attn_backend, mamba_backend=mamba_backend)
     load_state_dict_checked(mvar, state_dict, ignore=DERIVED_KEYS, what=f"M-VAR checkpoint {name}")
     logger.info("loaded %s: arch=%s depth=%d C=%d L=%d", name, config.arch, config.depth, config.embed_dim, mvar.L)
     return mvar.eval()

@@ -2,7 +2,8 @@
 
 The pure-PyTorch path runs everywhere (CPU tests, training without the CUDA extensions): a causal depthwise conv and
 the chunked SSD algorithm (matmuls inside chunks, one small matrix product across chunks, no loop over tokens).
-On CUDA, `backend="auto"` uses mamba_ssm's Triton kernels when they import (see `requirements-cuda.txt`).
+On CUDA, `backend="auto"` uses mamba_ssm's Triton kernels when they import (see `requirements-cuda.txt`);
+the choice is resolved by `models.backends`, shared with the attention kernels.
 A `Mamba2State` carries the conv window and the SSM state so a sequence can be fed in pieces (one scale at a time)
 with the same outputs as a single pass over the whole sequence.
 
@@ -16,7 +17,6 @@ import importlib
 import importlib.util
 import logging
 import math
-import os
 import sys
 import types
 from collections.abc import Callable
@@ -26,10 +26,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from models.backends import MAMBA, check_name, resolve
+
 logger = logging.getLogger(__name__)
 
-BACKEND_ENV = "MVAR_MAMBA_BACKEND"
-BACKENDS = ("auto", "torch", "mamba_ssm")
 # The PyTorch path scans in chunks of min(chunk_size, this): same maths, and on CPU (C=1024, L=680) chunks of 64
 # make forward+backward ~1.45x faster than 256, because the (Q, Q) intra-chunk tensors shrink with Q.
 TORCH_CHUNK_SIZE = 64
@@ -198,6 +198,7 @@ def load_kernels() -> tuple[MambaKernels | None, str]:
         causal_conv1d_fn = None
     note = "mamba_ssm kernels loaded (gated norm: {}, causal_conv1d: {})".format(
         "triton" if rmsnorm_fn else "torch", "yes" if causal_conv1d_fn else "no (torch conv)")
+    logger.info(note)
     return MambaKernels(chunk_scan, rmsnorm_fn, causal_conv1d_fn), note
 
 
@@ -207,32 +208,20 @@ def _is_kernel_device(t: torch.Tensor) -> bool:
 
 
 def resolve_kernels(backend: str, on_kernel_device: bool, device: torch.device | str = "cuda",
-                    ) -> tuple[MambaKernels | None, str, str]:
-    """(kernels or None, "mamba_ssm" | "torch", why) for a requested backend ("auto" defers to $MVAR_MAMBA_BACKEND).
-    A forced "mamba_ssm" that cannot run raises, saying why; callers may check a flag before any work."""
-    choice = backend
-    if choice not in BACKENDS:
-        raise ValueError(f"Mamba2 backend {choice!r}: expected one of {BACKENDS}")
-    if choice == "auto":
-        choice = os.environ.get(BACKEND_ENV, "") or "auto"
-        if choice not in BACKENDS:
-            raise ValueError(f"{BACKEND_ENV}={choice!r}: expected one of {BACKENDS} (or unset)")
-    kernels, note = (None, "not requested") if choice == "torch" else load_kernels()
-    if choice == "mamba_ssm":
+                    ) -> tuple[MambaKernels | None, str]:
+    """(kernels or None, "mamba_ssm" | "torch") for a requested backend ("auto" defers to $MVAR_MAMBA_BACKEND).
+    A forced "mamba_ssm" that cannot run raises a `BackendError` saying why; callers may check a flag before any
+    work. Each outcome is logged once."""
+    def unavailable(name: str) -> str | None:
+        if name == "torch":
+            return None
+        kernels, note = load_kernels()
         if kernels is None:
-            raise RuntimeError(f"Mamba2 backend 'mamba_ssm' requested (backend= or {BACKEND_ENV}) but {note}. "
-                               "Install requirements-cuda.txt on a CUDA machine, or use backend='torch'.")
-        if not on_kernel_device:
-            raise RuntimeError(f"Mamba2 backend 'mamba_ssm' needs CUDA inputs, got device {device}; "
-                               "use backend='torch' or 'auto'.")
-    elif kernels is not None and not on_kernel_device:
-        kernels, note = None, f"input on {device}"
-    return kernels, ("torch" if kernels is None else "mamba_ssm"), f"requested {choice}; {note}"
+            return note
+        return None if on_kernel_device else f"needs CUDA inputs, got device {device}"
 
-
-@functools.cache
-def _log_backend_once(message: str) -> None:
-    logger.info(message)
+    name = resolve(MAMBA, backend, unavailable, f"input on {device}")
+    return (load_kernels()[0] if name == "mamba_ssm" else None), name
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -292,8 +281,7 @@ class Mamba2(nn.Module):
         factory = {"device": device, "dtype": dtype}
         if d_ssm is not None and d_ssm != expand * d_model:
             raise ValueError(f"Mamba2: d_ssm={d_ssm} (SSM on part of the channels) is not supported; use d_ssm=None")
-        if backend not in BACKENDS:
-            raise ValueError(f"Mamba2: backend={backend!r}, expected one of {BACKENDS}")
+        check_name(MAMBA, backend)
         self.d_model, self.d_state, self.d_conv, self.expand = d_model, d_state, d_conv, expand
         self.d_inner = self.d_ssm = expand * d_model
         if self.d_ssm % headdim:
@@ -411,6 +399,5 @@ class Mamba2(nn.Module):
 
     def _resolve_backend(self, u: torch.Tensor) -> MambaKernels | None:
         """Kernels to use for input `u`, or None for the PyTorch path (logged once per distinct outcome)."""
-        kernels, self.active_backend, note = resolve_kernels(self.backend, _is_kernel_device(u), u.device)
-        _log_backend_once(f"Mamba2 backend: {self.active_backend} ({note})")
+        kernels, self.active_backend = resolve_kernels(self.backend, _is_kernel_device(u), u.device)
         return kernels

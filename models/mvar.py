@@ -1,6 +1,7 @@
 """M-VAR: scale-wise autoregressive transformer with intra-scale attention and an inter-scale Mamba2 scan.
 
-Reads top to bottom: config -> FFN / adaLN helpers -> HybridBlock -> MVAR -> `MVAR_models` size registry.
+Reads top to bottom: config -> FFN / adaLN helpers -> HybridBlock -> MVAR. The architectures (`ARCH_BRANCHES`) and
+the size registry (`MVAR_models`, name -> MVARConfig fields) live in the leaf `utils.registry`, read by the CLIs.
 
 Shape legend: B batch, L tokens of all scales (680 at 256 px), l tokens of one scale (pn*pn), C width
 (64*depth), D condition width (= C), V vocabulary size, Cvae tokenizer latent width, K number of scales.
@@ -23,19 +24,14 @@ import torch.nn as nn
 from torchvision.ops import stochastic_depth
 
 from models.attention import ScaleAttention
+from models.backends import ATTN, MAMBA, check_name
 from models.mamba2 import Mamba2, Mamba2State
 from models.sampling import gumbel_softmax_with_rng, sample_with_top_k_top_p_
-from models.tokenizer import PATCH_NUMS
+from utils.registry import ARCH_BRANCHES, PATCH_NUMS
 
-ARCH_BRANCHES = {  # residual branches of one block, in order
-    "mvar": ("attn", "mamba", "ffn"),
-    "var": ("attn", "ffn"),
-    "intra": ("attn", "ffn"),
-    "mamba": ("mamba", "ffn"),
-}
 GAMMA_ROWS = ("official", "all")
-# Which kernels run, not what is computed: never taken from a checkpoint, so weights move freely between machines.
-KERNEL_DEFAULTS = {"attn_backend": "auto", "mamba_backend": "auto"}
+# Config keys of checkpoints written before the kernel choice left the config (models.backends): ignored on load.
+LEGACY_KERNEL_KEYS = ("attn_backend", "mamba_backend")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -65,8 +61,12 @@ class MVARConfig:
     d_state: int = 64
     d_conv: int = 4
     expand: int = 2
-    attn_backend: str = "auto"  # kernel choices (KERNEL_DEFAULTS): not part of the architecture
-    mamba_backend: str = "auto"
+
+    @classmethod
+    def from_dict(cls, stored: dict, **overrides) -> "MVARConfig":
+        """The config of a checkpoint (`dataclasses.asdict`), older ones included: their kernel choices
+        (`LEGACY_KERNEL_KEYS`) are dropped, any other unknown key is an error."""
+        return cls(**{k: v for k, v in {**stored, **overrides}.items() if k not in LEGACY_KERNEL_KEYS})
 
     def __post_init__(self):
         self.patch_nums = tuple(int(p) for p in self.patch_nums)
@@ -156,7 +156,8 @@ class HybridBlock(nn.Module):
     x += drop_path(gamma_i * branch_i(LN(x) * (1 + scale_i) + shift_i)).
     """
 
-    def __init__(self, config: MVARConfig, block_idx: int, drop_path: float):
+    def __init__(self, config: MVARConfig, block_idx: int, drop_path: float, attn_backend: str = "auto",
+                 mamba_backend: str = "auto"):
         super().__init__()
         C = config.embed_dim
         arch = config.block_arch(block_idx)
@@ -168,12 +169,12 @@ class HybridBlock(nn.Module):
             self.attn = ScaleAttention(
                 C, config.num_heads, attn_l2_norm=config.attn_l2_norm, attn_drop=config.attn_drop_rate,
                 proj_drop=config.drop_rate, mode="causal" if arch == "var" else "intra",
-                backend=config.attn_backend,
+                backend=attn_backend,
             )
         if "mamba" in self.branches:
             self.mamba = Mamba2(
                 d_model=C, d_state=config.d_state, d_conv=config.d_conv, expand=config.expand,
-                backend=config.mamba_backend,
+                backend=mamba_backend,
             )
         self.ffn = FFN(C, round(C * config.mlp_ratio), drop=config.drop_rate)
         self.ln_wo_grad = nn.LayerNorm(C, eps=config.norm_eps, elementwise_affine=False)
@@ -219,9 +220,11 @@ class HybridBlock(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------
 class MVAR(nn.Module):
     """Class-conditional next-scale prediction. `forward` is the teacher-forced training pass; sampling is
-    `autoregressive_infer_cfg` (needs the tokenizer: `MVAR(config, vae=vae)` or `attach_vae`)."""
+    `autoregressive_infer_cfg` (needs the tokenizer: `MVAR(config, vae=vae)` or `attach_vae`).
+    `attn_backend` / `mamba_backend` pick the kernels (models.backends); `set_backends` changes them later."""
 
-    def __init__(self, config: MVARConfig, vae: nn.Module | None = None):
+    def __init__(self, config: MVARConfig, vae: nn.Module | None = None, attn_backend: str = "auto",
+                 mamba_backend: str = "auto"):
         super().__init__()
         self.config = config
         self.depth, self.C, self.D = config.depth, config.embed_dim, config.embed_dim
@@ -258,7 +261,9 @@ class MVAR(nn.Module):
             if config.shared_aln else nn.Identity()
         )
         dpr = [config.drop_path_rate * i / max(config.depth - 1, 1) for i in range(config.depth)]
-        self.blocks = nn.ModuleList([HybridBlock(config, i, dpr[i]) for i in range(config.depth)])
+        self.blocks = nn.ModuleList([HybridBlock(config, i, dpr[i], attn_backend, mamba_backend)
+                                     for i in range(config.depth)])
+        self.attn_backend, self.mamba_backend = attn_backend, mamba_backend
 
         # 3. head
         self.head_nm = AdaLNBeforeHead(C, self.D, eps=config.norm_eps)
@@ -272,6 +277,16 @@ class MVAR(nn.Module):
             raise ValueError(f"tokenizer (V={vae.vocab_size}, Cvae={vae.Cvae}) does not match the model "
                              f"(V={self.V}, Cvae={self.Cvae})")
         self.vae_proxy = (vae,)
+
+    def set_backends(self, attn_backend: str | None = None, mamba_backend: str | None = None) -> None:
+        """Switch the kernels of every block (None keeps the current one); weights and outputs are unchanged."""
+        self.attn_backend = check_name(ATTN, attn_backend or self.attn_backend)
+        self.mamba_backend = check_name(MAMBA, mamba_backend or self.mamba_backend)
+        for block in self.blocks:
+            if hasattr(block, "attn"):
+                block.attn.backend = self.attn_backend
+            if hasattr(block, "mamba"):
+                block.mamba.backend = self.mamba_backend
 
     @property
     def vae(self) -> nn.Module:
@@ -452,13 +467,3 @@ class MVAR(nn.Module):
         mix = f", var_blocks={c.var_blocks}" if c.var_blocks else ""
         return f"arch={c.arch}{mix}, depth={c.depth}, C={self.C}, heads={self.num_heads}, L={self.L}, " \
                f"drop_path_rate={c.drop_path_rate:g}"
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Size registry: name -> MVARConfig overrides (scripts take `choices=list(MVAR_models)`)
-# ----------------------------------------------------------------------------------------------------------------
-MVAR_models = {
-    **{f"mvar-d{d}": dict(depth=d) for d in (12, 16, 20, 24, 30, 32)},
-    **{f"var-d{d}": dict(depth=d, arch="var") for d in (12, 16, 20, 24, 30)},
-    "mvar-d24-512": dict(depth=24, patch_nums=(1, 2, 3, 4, 6, 9, 13, 18, 24, 32)),
-}

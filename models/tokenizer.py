@@ -4,7 +4,6 @@ Shape legend: B batch, H/W image size, C = Cvae latent channels, h/w latent size
 pn one scale's side, l = pn*pn tokens of one scale, L = sum of l over scales, V vocab.
 """
 import dataclasses
-import itertools
 import logging
 import os
 from collections.abc import Sequence
@@ -17,43 +16,13 @@ from models.quantizer import MultiScaleQuantizer, PatchNums
 from models.vae_nets import Decoder, Encoder
 from utils.checkpoint import load_checkpoint
 from utils.hub import resolve_checkpoint
+from utils.registry import PATCH_NUMS, parse_patch_nums
 from utils.state_dict import load_state_dict_checked
 
 logger = logging.getLogger(__name__)
 
 VAE_REPO_ID = "FoundationVision/var"
 VAE_FILENAME = "vae_ch160v4096z32.pth"
-
-PATCH_NUMS: dict[int, tuple[int, ...]] = {
-    256: (1, 2, 3, 4, 5, 6, 8, 10, 13, 16),
-    512: (1, 2, 3, 4, 6, 9, 13, 18, 24, 32),
-}
-
-
-def parse_patch_nums(spec: str | int | Sequence[int]) -> tuple[int, ...]:
-    """Patch schedule from a preset resolution (256, "512") or explicit sides ("1_2_3_4", (1, 2, 4))."""
-    usage = (f"expected a preset resolution ({', '.join(map(str, PATCH_NUMS))}) or increasing side lengths "
-             f"joined by '_', e.g. '1_2_3_4_5_6_8_10_13_16'")
-    if isinstance(spec, str):
-        spec = spec.strip()
-        if "_" not in spec:
-            if not spec.isdigit():
-                raise ValueError(f"bad patch schedule {spec!r}: {usage}")
-            spec = int(spec)
-        else:
-            try:
-                spec = [int(s) for s in spec.split("_")]
-            except ValueError:
-                raise ValueError(f"bad patch schedule {spec!r}: {usage}") from None
-    if isinstance(spec, int):
-        if spec not in PATCH_NUMS:
-            raise ValueError(f"no patch schedule preset for resolution {spec}: {usage}")
-        return PATCH_NUMS[spec]
-    pns = tuple(spec)
-    if not pns or not all(isinstance(p, int) and p > 0 for p in pns) or any(a >= b for a, b in itertools.pairwise(pns)):
-        raise ValueError(f"bad patch schedule {spec!r}: {usage}")
-    return pns
-
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Config and model

@@ -1,119 +1,61 @@
-"""Speed bench of M-VAR's pieces against VAR's, printed as markdown tables (median of --repeats after warm-up).
+"""Speed of M-VAR against VAR, piece by piece and whole, printed as markdown tables.
 
-Sections (`--only`): attn  intra-scale vs VAR's block-causal global attention, kernel alone and ScaleAttention layer
-                     block one M-VAR block vs one VAR block (and, with --archs, the other ablation blocks)
-Each section measures its variants side by side in one run, at d16 shapes by default (B=2, L=680, C=1024, H=16).
-Peak memory above what was allocated before: torch.cuda.max_memory_allocated on CUDA; on CPU, replayed from the
-profiler's per-op allocations and frees (torch.profiler, profile_memory=True; kineto prints two lines to stderr).
-The attention table also counts score entries (analytic, B*H*sum(l^2) vs B*H*L^2).
+Sections (`--only`, default all):
+    attn    intra-scale vs VAR's block-causal global attention: kernel alone and ScaleAttention layer
+    block   one block of each --archs (M-VAR vs VAR by default)
+    mamba   one Mamba2 layer vs the FFN of the same block
+    train   a training step (forward, backward, clip, AdamW) on random tokens, tokenizer excluded: images/s, MFU
+    sample  sampling per image: Mamba2 state cached, the official prefix re-run, VAR's KV cache; tokens per block
+Shapes follow --depth (width 64*depth, depth heads) and --pn; timing, memory and tables come from utils.benchmark
+(variants alternated over rounds in one process, median). Weights are random: speed does not depend on them.
 
-    python scripts/bench.py                                  # all sections, CPU (+ CUDA when available)
-    python scripts/bench.py --only attn --device cpu --repeats 5 --threads 1
-    python scripts/bench.py --only block --device cuda --dtype bf16
+    python scripts/bench.py --only attn block mamba --device cpu --threads 1           # d16 pieces on a CPU
+    python scripts/bench.py --only train sample --depth 4 --device cpu --threads 1
+    python scripts/bench.py --device cuda --dtype bf16 --depth 16 --bs 32 --out docs/gpu.md
 """
 import argparse
-import contextlib
 import logging
-import os
-import statistics
-import sys
-import time
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Callable
 
 import torch
+from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python scripts/bench.py` from anywhere
+from models import build_vae_mvar
+from models.attention import ScaleAttention, block_causal_attention, intra_scale_attention, resolve_backend
+from models.mamba2 import Mamba2
+from models.mvar import FFN, MVAR, HybridBlock, MVARConfig
+from trainer import Trainer
+from utils import benchmark as bm
+from utils.args import add_backend_flags
+from utils.registry import ARCH_BRANCHES, parse_patch_nums
 
-from models.attention import ScaleAttention, block_causal_attention, intra_scale_attention, resolve_backend  # noqa: E402
-from models.mvar import HybridBlock, MVARConfig  # noqa: E402
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-PATCH_NUMS = {256: (1, 2, 3, 4, 5, 6, 8, 10, 13, 16), 512: (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)}
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Measuring
-# ---------------------------------------------------------------------------------------------------------------
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16/fp16 tensor-core peaks, for MFU
 
 
-def passes(run: Callable[[], torch.Tensor], leaves: Sequence[torch.Tensor]) -> dict[str, Callable[[], None]]:
-    """The two timed passes of `run`: forward without grad, and forward+backward (grads of `leaves` reset)."""
-
-    def fwd() -> None:
-        with torch.no_grad():
-            run()
-
-    def fwd_bwd() -> None:
-        out = run()
-        out.backward(torch.ones_like(out))
-        for t in leaves:
-            t.grad = None
-
-    return {"fwd": fwd, "fwd+bwd": fwd_bwd}
+def shape(args: argparse.Namespace) -> tuple[int, int, tuple[int, ...]]:
+    """(C, H, seg_lens) of --depth and --pn."""
+    return 64 * args.depth, args.depth, tuple(p * p for p in parse_patch_nums(args.pn))
 
 
-def measure(
-    variants: dict[str, tuple[Callable[[], torch.Tensor], Sequence[torch.Tensor]]], device: torch.device,
-    args: argparse.Namespace,
-) -> dict[str, dict[str, tuple[float, float]]]:
-    """{variant: {pass: (median ms, peak MiB)}}. The variants take turns within every repeat, so load
-    from other processes on a shared machine hits them alike."""
-    fns = {name: passes(run, leaves) for name, (run, leaves) in variants.items()}
-    times: dict[tuple[str, str], list[float]] = {(v, p): [] for v in fns for p in fns[v]}
-    for i in range(args.warmup + args.repeats):
-        for (v, p), ts in times.items():
-            sync(device)
-            t0 = time.perf_counter()
-            fns[v][p]()
-            sync(device)
-            if i >= args.warmup:
-                ts.append((time.perf_counter() - t0) * 1e3)
-    return {v: {p: (statistics.median(times[(v, p)]), peak_mib(fns[v][p], device)) for p in fns[v]} for v in fns}
-
-
-def peak_mib(fn: Callable[[], None], device: torch.device) -> float:
-    """Peak memory allocated by `fn` above what was allocated before it."""
-    if device.type == "cuda":
-        sync(device)
-        base = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        fn()
-        sync(device)
-        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    live = peak = 0  # replay every op's own allocations (+) and the frees (-) in time order
-    for event in sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start):
-        live += event.self_cpu_memory_usage
-        peak = max(peak, live)
-    return peak / 2**20
-
-
-def autocast(device: torch.device, dtype: torch.dtype):
-    """Mixed precision as in training (module weights stay fp32); nothing for fp32."""
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+def timed_with_memory(variants: dict[str, tuple[Callable[[], torch.Tensor], list[torch.Tensor]]],
+                      device: torch.device, args: argparse.Namespace) -> dict[str, dict[str, tuple[float, float]]]:
+    """{variant: {pass: (median ms, peak MiB)}} for the forward and forward+backward passes of each variant."""
+    fns = {(v, p): fn for v, (run, leaves) in variants.items() for p, fn in bm.passes(run, leaves).items()}
+    ms = bm.time_alternating(fns, device, args.warmup, args.repeats)
+    out: dict[str, dict[str, tuple[float, float]]] = {}
+    for (v, p), fn in fns.items():
+        out.setdefault(v, {})[p] = (ms[v, p], bm.peak_mib(fn, device))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Sections
+# Sections: each returns its markdown
 # ---------------------------------------------------------------------------------------------------------------
 def bench_attn(device: torch.device, args: argparse.Namespace) -> str:
     """Intra-scale attention (M-VAR) vs block-causal masked global attention (VAR): kernel and full layer."""
-    B, C, H, dtype = args.batch_size, args.width, args.heads, DTYPES[args.dtype]
-    seg_lens = tuple(pn * pn for pn in PATCH_NUMS[args.reso])
+    (C, H, seg_lens), B, dtype = shape(args), args.bs, bm.DTYPES[args.dtype]
     L, c, scale = sum(seg_lens), C // H, 1.0
-    backend = resolve_backend(args.attn_backend, device, dtype)
+    kernel = resolve_backend(args.attn_backend, device, dtype)
     torch.manual_seed(0)
     qkv = [torch.randn(B, L, H, c, device=device, dtype=dtype, requires_grad=True) for _ in range(3)]
     x_BLC = torch.randn(B, L, C, device=device, requires_grad=True)
@@ -122,107 +64,204 @@ def bench_attn(device: torch.device, args: argparse.Namespace) -> str:
 
     def layer_run(mode: str) -> Callable[[], torch.Tensor]:
         def run() -> torch.Tensor:
-            with autocast(device, dtype):
+            with bm.autocast(device, dtype):
                 return layers[mode](x_BLC, seg_lens)
         return run
 
-    res = measure({
+    res = timed_with_memory({
         "kernel intra": (lambda: intra_scale_attention(*qkv, seg_lens, scale, backend=args.attn_backend), qkv),
         "kernel global": (lambda: block_causal_attention(*qkv, seg_lens, scale), qkv),
+        "layer intra": (layer_run("intra"), [x_BLC]), "layer global": (layer_run("causal"), [x_BLC]),
     }, device, args)
-    res |= measure({"layer intra": (layer_run("intra"), [x_BLC]), "layer global": (layer_run("causal"), [x_BLC])},
-                   device, args)
     rows = []
     for part in ("kernel", "layer"):
         for p in ("fwd", "fwd+bwd"):
             (ti, mi), (tg, mg) = res[f"{part} intra"][p], res[f"{part} global"][p]
-            mem = [f"{mi:.1f}", f"{mg:.1f}", f"{mg / mi:.2f}x"]
-            rows.append([device.type, part, p, f"{ti:.2f}", f"{tg:.2f}", f"**{tg / ti:.2f}x**", *mem])
-    headers = ["device", "what", "pass", f"intra ms ({backend})", "global ms (sdpa+mask)", "speed-up",
+            rows.append([device.type, part, p, f"{ti:.2f}", f"{tg:.2f}", f"**{tg / ti:.2f}x**", f"{mi:.1f}",
+                         f"{mg:.1f}", f"{mg / mi:.2f}x"])
+    headers = ["device", "what", "pass", f"intra ms ({kernel})", "global ms (sdpa+mask)", "speed-up",
                "intra peak MiB", "global peak MiB", "memory ratio"]
     intra_scores, global_scores = B * H * sum(n * n for n in seg_lens), B * H * L * L
-    out = [f"### attn: B={B}, L={L} ({args.reso} px), C={C}, H={H}, {args.dtype}, {device.type}", "",
-           markdown_table(headers, rows), "",
-           f"Score entries (analytic, B*H*sum(l^2) vs B*H*L^2): intra {intra_scores:,} vs global {global_scores:,} "
-           f"({global_scores / intra_scores:.2f}x)."]
-    if device.type == "cpu":
-        fwd_x = res["kernel global"]["fwd"][0] / res["kernel intra"]["fwd"][0]
-        fb_x = res["kernel global"]["fwd+bwd"][0] / res["kernel intra"]["fwd+bwd"][0]
-        out.append(f"CPU targets (kernel): fwd >= 3x: {'met' if fwd_x >= 3 else 'NOT met'} ({fwd_x:.2f}x); "
-                   f"fwd+bwd >= 2x: {'met' if fb_x >= 2 else 'NOT met'} ({fb_x:.2f}x).")
-    return "\n".join(out)
+    return "\n".join([
+        f"### attn: B={B}, L={L}, C={C}, H={H}, {args.dtype}, {device.type}", "", bm.markdown_table(headers, rows), "",
+        f"Score entries (analytic, B*H*sum(l^2) vs B*H*L^2): intra {intra_scores:,} vs global {global_scores:,} "
+        f"({global_scores / intra_scores:.2f}x)."])
 
 
 def bench_block(device: torch.device, args: argparse.Namespace) -> str:
-    """One block of each architecture in `--archs` (M-VAR vs VAR by default), forward and forward+backward."""
-    B, C, dtype = args.batch_size, args.width, DTYPES[args.dtype]
-    seg_lens = tuple(pn * pn for pn in PATCH_NUMS[args.reso])
+    """One block of each architecture in --archs, forward and forward+backward."""
+    (C, H, seg_lens), B, dtype = shape(args), args.bs, bm.DTYPES[args.dtype]
     torch.manual_seed(0)
     x_BLC = torch.randn(B, sum(seg_lens), C, device=device, requires_grad=True)
     cond_BD = torch.randn(B, C, device=device)
-    blocks = {}
-    for arch in args.archs:
-        config = MVARConfig(depth=C // 64, embed_dim=C, num_heads=args.heads, arch=arch,
-                            patch_nums=PATCH_NUMS[args.reso], drop_path_rate=0.0, attn_backend=args.attn_backend)
-        blocks[arch] = HybridBlock(config, block_idx=0, drop_path=0.0).to(device)
+    blocks = {arch: HybridBlock(MVARConfig(depth=args.depth, arch=arch, patch_nums=parse_patch_nums(args.pn),
+                                           drop_path_rate=0.0), 0, 0.0, args.attn_backend,
+                                args.mamba_backend).to(device) for arch in args.archs}
 
     def block_run(block: HybridBlock) -> Callable[[], torch.Tensor]:
         def run() -> torch.Tensor:
-            with autocast(device, dtype):
+            with bm.autocast(device, dtype):
                 return block(x_BLC, cond_BD, seg_lens)
         return run
 
-    res = measure({arch: (block_run(block), [x_BLC]) for arch, block in blocks.items()}, device, args)
+    res = timed_with_memory({arch: (block_run(block), [x_BLC]) for arch, block in blocks.items()}, device, args)
+    ref = res.get("var")
     headers = ["device", "arch", "branches", "params M", "fwd ms", "fwd+bwd ms", "fwd peak MiB", "fwd+bwd peak MiB"]
-    if "var" in res:
-        headers += ["fwd vs var", "fwd+bwd vs var"]
+    headers += ["fwd vs var", "fwd+bwd vs var"] if ref else []
     rows = []
     for arch, block in blocks.items():
         (tf, mf), (tb, mb) = res[arch]["fwd"], res[arch]["fwd+bwd"]
         row = [device.type, arch, " + ".join(block.branches), f"{sum(p.numel() for p in block.parameters()) / 1e6:.2f}",
                f"{tf:.1f}", f"{tb:.1f}", f"{mf:.1f}", f"{mb:.1f}"]
-        if "var" in res:
-            row += [f"{tf / res['var']['fwd'][0]:.2f}x", f"{tb / res['var']['fwd+bwd'][0]:.2f}x"]
-        rows.append(row)
-    return "\n".join([f"### block: B={B}, L={sum(seg_lens)}, C={C}, H={args.heads}, {args.dtype}, {device.type}", "",
-                      markdown_table(headers, rows)])
+        rows.append(row + ([f"{tf / ref['fwd'][0]:.2f}x", f"{tb / ref['fwd+bwd'][0]:.2f}x"] if ref else []))
+    return "\n".join([f"### block: B={B}, L={sum(seg_lens)}, C={C}, H={H}, {args.dtype}, {device.type}", "",
+                      bm.markdown_table(headers, rows)])
 
 
-SECTIONS: dict[str, Callable[[torch.device, argparse.Namespace], str]] = {"attn": bench_attn, "block": bench_block}
+def bench_mamba(device: torch.device, args: argparse.Namespace) -> str:
+    """One Mamba2 layer (d_state 64, expand 2, as in M-VAR) vs the FFN (mlp_ratio 4) of the same width."""
+    (C, _, seg_lens), B, dtype = shape(args), args.bs, bm.DTYPES[args.dtype]
+    torch.manual_seed(0)
+    x_BLC = torch.randn(B, sum(seg_lens), C, device=device, requires_grad=True)
+    mamba = Mamba2(C, d_state=64, d_conv=4, expand=2, backend=args.mamba_backend).to(device)
+    ffn = FFN(C, 4 * C).to(device)
+
+    def run(module: nn.Module) -> Callable[[], torch.Tensor]:
+        def fn() -> torch.Tensor:
+            with bm.autocast(device, dtype):
+                return module(x_BLC)
+        return fn
+
+    res = timed_with_memory({"mamba": (run(mamba), [x_BLC]), "ffn": (run(ffn), [x_BLC])}, device, args)
+    names = {"mamba": f"Mamba2 ({mamba.active_backend})", "ffn": f"FFN {C}-{4 * C}-{C}"}
+    rows = [[device.type, names[m], f"{sum(p.numel() for p in mod.parameters()) / 1e6:.2f}",
+             *(f"{res[m][p][0]:.1f}" for p in ("fwd", "fwd+bwd")), *(f"{res[m][p][1]:.1f}" for p in ("fwd", "fwd+bwd"))]
+            for m, mod in (("mamba", mamba), ("ffn", ffn))]
+    ratio = [f"{res['mamba'][p][0] / res['ffn'][p][0]:.2f}x" for p in ("fwd", "fwd+bwd")]
+    rows.append([device.type, "ratio Mamba2 / FFN", "", *ratio, "", ""])
+    return "\n".join([f"### mamba: B={B}, L={sum(seg_lens)}, C={C}, {args.dtype}, {device.type}", "",
+                      bm.markdown_table(["device", "module", "params M", "fwd ms", "fwd+bwd ms", "fwd peak MiB",
+                                         "fwd+bwd peak MiB"], rows)])
 
 
-def main(args: argparse.Namespace) -> None:
+def bench_train(device: torch.device, args: argparse.Namespace) -> str:
+    """`Trainer.step_tokens` (forward, backward, clip, AdamW) of each --archs at --depth, on random tokens."""
+    B, steps, models = args.bs, {}, {}
+    fp16 = {"fp32": 0, "fp16": 1, "bf16": 2}[args.dtype]
+    for arch in args.archs:
+        torch.manual_seed(0)
+        mvar = MVAR(MVARConfig(depth=args.depth, patch_nums=parse_patch_nums(args.pn), arch=arch),
+                    attn_backend=args.attn_backend, mamba_backend=args.mamba_backend).to(device)
+        mvar.init_weights()
+        trainer = Trainer(vae=None, model=mvar, device=device, lr=1e-4, fp16=fp16)
+        gt_BL = torch.randint(0, mvar.V, (B, mvar.L), device=device)
+        x_BLCv = torch.randn(B, mvar.L - mvar.first_l, mvar.Cvae, device=device)
+        label_B = torch.randint(0, mvar.num_classes, (B,), device=device)
+        steps[arch] = lambda t=trainer, g=gt_BL, x=x_BLCv, y=label_B: t.step_tokens(g, x, y)
+        models[arch] = mvar
+    ms = bm.time_alternating(steps, device, args.warmup, args.repeats)
+    peak = next((v for k, v in PEAK_TFLOPS.items() if k in torch.cuda.get_device_name(device)), None) \
+        if device.type == "cuda" else None
+    rows = []
+    for arch, mvar in models.items():
+        s, tokens = ms[arch] / 1e3, B * mvar.L
+        non_emb = sum(p.numel() for n, p in mvar.named_parameters() if not n.startswith(("pos_", "class_emb", "lvl_")))
+        mfu = f"{6.0 * non_emb * tokens / s / (peak * 1e12) * 100:.1f}" if peak else "-"
+        rows.append([device.type, arch, f"{sum(p.numel() for p in mvar.parameters()) / 1e6:.1f}", f"{ms[arch]:.1f}",
+                     f"{B / s:.2f}", f"{tokens / s:.0f}", mfu])
+    return "\n".join([f"### train: depth {args.depth}, L={next(iter(models.values())).L}, batch {B}, {args.dtype}, "
+                      f"{device.type} (tokenizer excluded; MFU = 6 * non-embedding params * tokens / peak)", "",
+                      bm.markdown_table(["device", "arch", "params M", "ms / step", "images / s", "tokens / s",
+                                         "MFU %"], rows)])
+
+
+def bench_sample(device: torch.device, args: argparse.Namespace) -> str:
+    """Per image: M-VAR with the Mamba2 state carried scale to scale, M-VAR re-running Mamba over the prefix (the
+    official sampler), VAR with its KV cache, and the tokenizer decode alone; guidance doubles the batch."""
+    patch_nums, dtype, B = parse_patch_nums(args.pn), bm.DTYPES[args.dtype], args.bs
+    label_B = torch.arange(B, device=device) % 1000
+    variants, rows, images = {}, [], []
+    for arch, use_cache, name in (("mvar", True, "M-VAR, Mamba state cached"),
+                                  ("mvar", False, "M-VAR, prefix recompute (official)"),
+                                  ("var", True, "VAR, KV cache")):
+        torch.manual_seed(0)
+        vae, mvar = build_vae_mvar(device, patch_nums=patch_nums, V=args.V, ch=args.vae_ch, depth=args.depth,
+                                   arch=arch, attn_backend=args.attn_backend, mamba_backend=args.mamba_backend)
+        mvar.eval()
+
+        def sample(mvar=mvar, use_cache=use_cache) -> torch.Tensor:
+            with torch.inference_mode(), bm.autocast(device, dtype):
+                return mvar.autoregressive_infer_cfg(B, label_B, g_seed=0, cfg=args.cfg, top_k=args.top_k,
+                                                     top_p=args.top_p, use_cache=use_cache)
+
+        with torch.inference_mode():
+            tokens = bm.count_block_tokens(mvar, use_cache, args.cfg)
+            images.append(sample().float())
+        variants[name] = sample
+        rows.append([name, mvar.C, f"{sum(p.numel() for p in mvar.parameters()) / 1e6:.1f}M", tokens["mamba"],
+                     tokens["attn"], bm.attention_scores(mvar)])
+    f_hat = torch.randn(B, mvar.Cvae, patch_nums[-1], patch_nums[-1], device=device)
+    decode = f"tokenizer decode only (ch={args.vae_ch})"
+    variants[decode] = lambda: vae.fhat_to_img(f_hat)
+    with torch.inference_mode():
+        ms = bm.time_alternating(variants, device, args.warmup, args.repeats)
+    ref = ms["M-VAR, prefix recompute (official)"]
+    rows = [[*row, f"{ms[row[0]] / 1e3 / B:.4f}", f"{ref / ms[row[0]]:.2f}x"] for row in rows]
+    rows.append([decode, "", "", "", "", "", f"{ms[decode] / 1e3 / B:.4f}", ""])
+    headers = ["sampler", "C", "params", "Mamba tokens / block", "attention tokens / block",
+               "attention scores / block", "s / image", "speed-up vs recompute"]
+    return "\n".join([
+        f"### sample: depth {args.depth}, L={sum(p * p for p in patch_nums)}, batch {B} (x2 for guidance), cfg "
+        f"{args.cfg}, {args.dtype}, {device.type}", "", bm.markdown_table(headers, rows), "",
+        f"max |image difference| cached vs recompute, same seed: {(images[0] - images[1]).abs().max().item():.2e}"])
+
+
+SECTIONS: dict[str, Callable[[torch.device, argparse.Namespace], str]] = {
+    "attn": bench_attn, "block": bench_block, "mamba": bench_mamba, "train": bench_train, "sample": bench_sample}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", nargs="+", choices=list(SECTIONS), help="sections to run (default: all)")
+    bm.add_flags(p)
+    p.add_argument("--depth", type=int, default=16, help="width 64*depth and depth heads (16: C=1024, H=16)")
+    p.add_argument("--pn", default="256", help="patch schedule: 256, 512 or sides joined by '_'")
+    p.add_argument("--bs", type=int, default=2, help="batch size")
+    p.add_argument("--archs", nargs="+", default=["mvar", "var"], choices=list(ARCH_BRANCHES),
+                   help="block and train sections: the architectures to compare")
+    add_backend_flags(p)
+    g = p.add_argument_group("sample section")
+    g.add_argument("--V", type=int, default=4096, help="vocabulary size")
+    g.add_argument("--vae_ch", type=int, default=32, help="tokenizer width (160 = VAR's; 32 keeps decoding cheap)")
+    g.add_argument("--cfg", type=float, default=1.5)
+    g.add_argument("--top_k", type=int, default=900)
+    g.add_argument("--top_p", type=float, default=0.96)
+    return p
+
+
+def main(argv: list[str] | None = None) -> str:
+    args = build_parser().parse_args(argv)
+    for flag in ("depth", "bs", "repeats"):
+        if getattr(args, flag) < 1:
+            raise SystemExit(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
-    devices = [args.device] if args.device != "auto" else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    if "cuda" in devices and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is visible")
-    load, cores = os.getloadavg()[0], os.cpu_count() or 1
-    if "cpu" in devices and load > cores and torch.get_num_threads() > 1:
-        logging.getLogger(__name__).warning(
-            "load average %.1f on %d cores: CPU timings are distorted (threads wait at every parallel region; "
-            "many small kernels suffer most); --threads 1 gives steadier numbers", load, cores)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, median of {args.repeats} "
-          f"after {args.warmup} warm-up\n")
+    parts = [bm.preamble(args)]
+    print(parts[0] + "\n", flush=True)
     for name in args.only or list(SECTIONS):
-        for device in devices:
-            print(SECTIONS[name](torch.device(device), args) + "\n", flush=True)
+        for device in bm.devices(args):
+            parts.append(SECTIONS[name](device, args))
+            print(parts[-1] + "\n", flush=True)
+    text = "\n\n".join(parts) + "\n"
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+    return text
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", nargs="*", choices=list(SECTIONS), help="sections to run (default: all)")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cpu, + cuda if any")
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median reported)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed runs first")
-    parser.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="q/k/v dtype; autocast dtype for layers")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--width", type=int, default=1024, help="C (1024 = d16)")
-    parser.add_argument("--heads", type=int, default=16, help="H (16 = d16)")
-    parser.add_argument("--reso", type=int, default=256, choices=list(PATCH_NUMS), help="patch schedule")
-    parser.add_argument("--attn-backend", default="auto", choices=["auto", "flash_attn", "torch_varlen", "sdpa"])
-    parser.add_argument("--archs", nargs="+", default=["mvar", "var"], choices=["mvar", "var", "intra", "mamba"],
-                        help="block section: architectures to compare")
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    main(parser.parse_args())
+    main()

@@ -15,23 +15,20 @@ Re-running with the same --out_dir resumes or reuses finished stages (the traine
 import argparse
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file from anywhere
-
-import tokenizer_trainer  # noqa: E402
-import train  # noqa: E402
-from models.loading import load_mvar, load_vae  # noqa: E402
-from utils.args import parse_args as parse_train_args  # noqa: E402
-from utils.checkpoint import LAST  # noqa: E402
-from utils.data import build_datasets  # noqa: E402
-from utils.digit_classifier import accuracy, predict, train_classifier  # noqa: E402
-from utils.image_grid import save_grid, to_uint8_BHW3  # noqa: E402
-from utils.logging_utils import setup_logging  # noqa: E402
+import tokenizer_trainer
+import train
+from models.loading import load_mvar, load_vae
+from utils.args import parse_args as parse_train_args
+from utils.checkpoint import LAST
+from utils.data import build_datasets
+from utils.digit_classifier import accuracy, predict, train_classifier
+from utils.image_grid import save_grid, to_uint8_BHW3
+from utils.logging_utils import setup_logging
 
 logger = logging.getLogger("demo")
 

@@ -4,13 +4,8 @@
   torchrun --nproc_per_node=8 scripts/train_tokenizer.py --data_path=/data/imagenet --reso=256 \
       --ch=160 --ch_mult=1_1_2_2_4 --vocab_size=4096 --z_channels=32 --pn=256 --bs=256 --w_gan=0.1
 """
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file from anywhere
-
-from dist import run_then_finalize  # noqa: E402
-from tokenizer_trainer import build_parser, train  # noqa: E402
+from dist import run_then_finalize
+from tokenizer_trainer import build_parser, train
 
 if __name__ == "__main__":
     run_then_finalize(train, build_parser().parse_args())

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import models.attention as A
+from models import backends
 from models.attention import ScaleAttention, block_causal_attention, intra_scale_attention
 
 PN_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
@@ -16,8 +17,9 @@ SEG_512 = tuple(p * p for p in PN_512)
 
 @pytest.fixture(autouse=True)
 def _fresh_backend_resolution(monkeypatch):
-    monkeypatch.delenv(A.BACKEND_ENV, raising=False)
+    monkeypatch.delenv(backends.ATTN.env, raising=False)
     A._resolve.cache_clear()
+    backends._log_once.cache_clear()
     yield
     A._resolve.cache_clear()
 
@@ -114,11 +116,11 @@ def test_forced_flash_error_names_the_reason():
 
 def test_env_var_overrides_auto_only(monkeypatch):
     q, k, v = qkv(1, 5, 1, 8)
-    monkeypatch.setenv(A.BACKEND_ENV, "flash_attn")
-    with pytest.raises(ValueError, match=f"{A.BACKEND_ENV}='flash_attn' cannot run here"):
+    monkeypatch.setenv(backends.ATTN.env, "flash_attn")
+    with pytest.raises(ValueError, match=f"{backends.ATTN.env}='flash_attn' cannot run here"):
         intra_scale_attention(q, k, v, (1, 4), 1.0)
     assert intra_scale_attention(q, k, v, (1, 4), 1.0, backend="sdpa").shape == q.shape  # explicit choice wins
-    monkeypatch.setenv(A.BACKEND_ENV, "nope")
+    monkeypatch.setenv(backends.ATTN.env, "nope")
     with pytest.raises(ValueError, match="expected one of"):
         intra_scale_attention(q, k, v, (1, 4), 1.0)
 
@@ -193,7 +195,7 @@ def test_auto_prefers_flash_then_varlen_then_sdpa_and_logs_once(monkeypatch, cap
     assert A.resolve_backend("auto", cuda, torch.float32) == "sdpa"  # varlen kernels need fp16/bf16
     monkeypatch.setattr(A, "_flash_attn_varlen_func", lambda: object())
     monkeypatch.setattr(A, "_torch_varlen_attn", lambda: object())
-    with caplog.at_level(logging.INFO, logger=A.__name__):
+    with caplog.at_level(logging.INFO, logger=backends.__name__):
         assert A.resolve_backend("auto", cuda, half) == "flash_attn"
         assert A.resolve_backend("auto", cuda, half) == "flash_attn"
     assert sum("backend: flash_attn" in r.getMessage() for r in caplog.records) == 1

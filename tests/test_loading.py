@@ -5,8 +5,7 @@ import torch
 from models import MVAR, MVARConfig
 from models.loading import config_from_state_dict, load_mvar, mvar_checkpoint
 
-TINY = dict(depth=2, embed_dim=64, num_heads=2, V=64, Cvae=8, num_classes=10, d_state=16,
-            attn_backend="sdpa", mamba_backend="torch")
+TINY = dict(depth=2, embed_dim=64, num_heads=2, V=64, Cvae=8, num_classes=10, d_state=16)
 
 
 def official_style_state_dict(mvar: MVAR) -> dict:
@@ -49,17 +48,36 @@ def test_our_checkpoint_roundtrip_through_a_file(tmp_path):
 
 
 def test_kernel_backends_are_not_taken_from_a_checkpoint(tmp_path, monkeypatch):
-    """A model trained on the portable kernels (TINY: sdpa / torch) loads with "auto", so it picks the fused ones
-    (or $MVAR_ATTN_BACKEND) where they exist; explicit overrides still win."""
-    src = MVAR(MVARConfig(**TINY, patch_nums=(1, 2, 3))).eval()
-    torch.save(mvar_checkpoint(src), tmp_path / "ckpt.pth")
+    """Kernels are a run-time choice: checkpoints do not hold them (older ones that do still load, their choice
+    ignored); a load runs "auto" (then $MVAR_ATTN_BACKEND) unless told, and explicit choices win."""
+    src = MVAR(MVARConfig(**TINY, patch_nums=(1, 2, 3)), attn_backend="sdpa", mamba_backend="torch").eval()
+    ckpt = mvar_checkpoint(src)
+    assert not {"attn_backend", "mamba_backend"} & set(ckpt["config"])
+    ckpt["config"].update(attn_backend="sdpa", mamba_backend="torch")  # as checkpoints were written before
+    torch.save(ckpt, tmp_path / "ckpt.pth")
     loaded = load_mvar(tmp_path / "ckpt.pth")
-    assert (loaded.config.attn_backend, loaded.config.mamba_backend) == ("auto", "auto")
+    assert (loaded.attn_backend, loaded.mamba_backend) == ("auto", "auto")
+    assert {b.mamba.backend for b in loaded.blocks} == {"auto"}
     forced = load_mvar(tmp_path / "ckpt.pth", attn_backend="sdpa", mamba_backend="torch")
-    assert (forced.config.attn_backend, forced.config.mamba_backend) == ("sdpa", "torch")
+    assert (forced.attn_backend, forced.mamba_backend) == ("sdpa", "torch")
+    assert {b.attn.backend for b in forced.blocks} == {"sdpa"}
+    with pytest.raises(TypeError, match="bogus"):  # only the old kernel keys are dropped
+        MVARConfig.from_dict({**ckpt["config"], "bogus": 1})
     monkeypatch.setenv("MVAR_ATTN_BACKEND", "flash_attn")  # "auto" defers to the environment, which is checked
     with pytest.raises(ValueError, match="flash"):
         loaded(torch.tensor([1]), torch.randn(1, src.L - 1, 8))
+
+
+def test_set_backends_switches_every_block_and_keeps_the_logits():
+    torch.manual_seed(0)
+    mvar = MVAR(MVARConfig(**TINY, patch_nums=(1, 2, 3))).eval()
+    label, x = torch.tensor([1, 2]), torch.randn(2, mvar.L - 1, 8)
+    before = mvar(label, x)
+    mvar.set_backends(attn_backend="sdpa", mamba_backend="torch")
+    assert {(b.attn.backend, b.mamba.backend) for b in mvar.blocks} == {("sdpa", "torch")}
+    torch.testing.assert_close(mvar(label, x), before, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="attn_backend='xformers': expected one of"):
+        mvar.set_backends(attn_backend="xformers")
 
 
 def test_mismatched_checkpoint_names_the_first_bad_keys():

@@ -7,7 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from models import backends
 from models import mamba2 as m2
+from models.backends import BackendError
 from models.mamba2 import Mamba2, Mamba2State, ssd_chunk_scan
 
 SMALL = dict(d_model=32, d_state=16, d_conv=4, expand=2, headdim=8, ngroups=2, chunk_size=8, backend="torch")
@@ -221,7 +223,7 @@ class FakeKernels:
 def fake_cuda(monkeypatch):
     """Pretend CPU tensors are on CUDA and let each test install its fake kernels."""
     monkeypatch.setattr(m2, "_is_kernel_device", lambda t: True)
-    monkeypatch.delenv(m2.BACKEND_ENV, raising=False)
+    monkeypatch.delenv(backends.MAMBA.env, raising=False)
 
     def install(kernels):
         monkeypatch.setattr(m2, "load_kernels", lambda: (kernels, "fake kernels"))
@@ -260,38 +262,39 @@ def test_env_var_overrides_auto(fake_cuda, monkeypatch):
     m = Mamba2(**{**SMALL, "backend": "auto"})
     fake = FakeKernels(m)
     fake_cuda(fake.kernels())
-    monkeypatch.setenv(m2.BACKEND_ENV, "torch")
+    monkeypatch.setenv(backends.MAMBA.env, "torch")
     with torch.no_grad():
         m(torch.randn(1, 5, 32))
     assert fake.calls == [] and "active: torch" in repr(m)
-    monkeypatch.setenv(m2.BACKEND_ENV, "bogus")
-    with pytest.raises(ValueError, match=m2.BACKEND_ENV):
+    monkeypatch.setenv(backends.MAMBA.env, "bogus")
+    with pytest.raises(ValueError, match=backends.MAMBA.env):
         m(torch.randn(1, 5, 32))
 
 
 def test_forced_backend_errors(monkeypatch):
-    monkeypatch.delenv(m2.BACKEND_ENV, raising=False)
+    monkeypatch.delenv(backends.MAMBA.env, raising=False)
     m = Mamba2(**{**SMALL, "backend": "mamba_ssm"})
     monkeypatch.setattr(m2, "load_kernels", lambda: (None, "mamba_ssm Triton kernels unavailable (ImportError: x)"))
-    with pytest.raises(RuntimeError, match="requested .* unavailable .* backend='torch'"):
+    with pytest.raises(BackendError, match="mamba_backend='mamba_ssm' cannot run here: .* unavailable .* 'torch'"):
         m(torch.randn(1, 5, 32))
     monkeypatch.setattr(m2, "load_kernels", lambda: (FakeKernels(m).kernels(), "fake"))
-    with pytest.raises(RuntimeError, match="needs CUDA inputs, got device cpu"):
+    with pytest.raises(BackendError, match="needs CUDA inputs, got device cpu"):
         m(torch.randn(1, 5, 32))
     with pytest.raises(ValueError, match="backend='cuda'"):
         Mamba2(32, backend="cuda")
 
 
 def test_auto_on_cpu_uses_torch_and_logs(monkeypatch, caplog):
-    monkeypatch.delenv(m2.BACKEND_ENV, raising=False)
+    monkeypatch.delenv(backends.MAMBA.env, raising=False)
     monkeypatch.setattr(m2, "load_kernels", lambda: (FakeKernels(None).kernels(), "fake kernels"))
-    m2._log_backend_once.cache_clear()
+    backends._log_once.cache_clear()
     m = Mamba2(**{**SMALL, "backend": "auto"})
-    with caplog.at_level(logging.INFO, logger=m2.__name__), torch.no_grad():
+    with caplog.at_level(logging.INFO, logger=backends.__name__), torch.no_grad():
         m(torch.randn(1, 5, 32))
         m(torch.randn(1, 5, 32))
     assert "active: torch" in repr(m)
-    assert [r.getMessage() for r in caplog.records] == ["Mamba2 backend: torch (requested auto; input on cpu)"]
+    assert [r.getMessage() for r in caplog.records] == [
+        "Mamba2 backend: torch (requested auto; input on cpu; not mamba_ssm: needs CUDA inputs, got device cpu)"]
 
 
 def test_kernel_import_skips_broken_package_init(tmp_path, monkeypatch):

@@ -6,9 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from scripts.fid import (feature_stats, frechet_distance, image_batches, inception_score, load_reference,
-                         manifold_radii, precision_recall)
-from utils.inception import find_inception, load_inception, tf_resize_bilinear
+from PIL import Image
+
+import utils.fid
+from utils.fid import (evaluate, feature_stats, frechet_distance, image_batches, inception_score, load_reference,
+                       manifold_radii, precision_recall)
+from utils.inception import FEATURE_DIM, find_inception, load_inception, tf_resize_bilinear
 
 
 def _random_cov(rng: np.random.Generator, d: int) -> np.ndarray:
@@ -109,12 +112,91 @@ def test_image_sources_and_reference(tmp_path):
     np.savez(tmp_path / "s.npz", arr_0=imgs)
     n, batches = image_batches(tmp_path / "s.npz", 2)
     assert n == 5 and np.array_equal(np.concatenate(list(batches)), imgs)
-    np.savez(tmp_path / "ref.npz", mu=np.zeros(4, np.float32), sigma=np.eye(4, dtype=np.float32))
+    np.savez(tmp_path / "ref.npz", mu=np.zeros(FEATURE_DIM, np.float32), sigma=np.eye(FEATURE_DIM, dtype=np.float32))
     ref = load_reference(tmp_path / "ref.npz")
     assert set(ref) == {"mu", "sigma"} and ref["mu"].dtype == np.float64
     np.savez(tmp_path / "bad.npz", foo=np.zeros(3))
     with pytest.raises(ValueError, match="mu.*sigma.*arr_0"):
         load_reference(tmp_path / "bad.npz")
+
+
+# ---- every input checked before any feature is computed (issue 10, item 3) -------------------------------------
+@pytest.fixture
+def no_features(monkeypatch):
+    """evaluate() fails loudly if it gets as far as loading the Inception network."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the feature pass started before the inputs were checked")
+    monkeypatch.setattr(utils.fid, "load_inception", refuse)
+
+
+@pytest.fixture
+def good_inputs(tmp_path):
+    imgs = np.random.default_rng(0).integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
+    np.savez(tmp_path / "sample.npz", arr_0=imgs)
+    np.savez(tmp_path / "ref.npz", mu=np.zeros(FEATURE_DIM), sigma=np.eye(FEATURE_DIM), arr_0=imgs)
+    return tmp_path / "sample.npz", tmp_path / "ref.npz"
+
+
+def _evaluate(sample, ref):
+    return evaluate(sample, ref, None, batch_size=2, device="cpu")
+
+
+@pytest.mark.parametrize("which", ["sample", "ref"])
+def test_object_array_is_refused_naming_the_file(tmp_path, no_features, good_inputs, which):
+    """An object-dtype arr_0 used to reach the memory-mapped reader, which segfaulted (exit 139)."""
+    bad = tmp_path / "objects.npz"
+    objs = np.empty((4, 8, 8, 3), dtype=object)
+    objs[...] = 1
+    np.savez(bad, arr_0=objs, mu=np.zeros(FEATURE_DIM), sigma=np.eye(FEATURE_DIM))
+    sample, ref = (bad, good_inputs[1]) if which == "sample" else (good_inputs[0], bad)
+    with pytest.raises(ValueError, match=r"objects\.npz: `arr_0` is an object array .*expected uint8"):
+        _evaluate(sample, ref)
+
+
+@pytest.mark.parametrize("which", ["sample", "ref"])
+def test_float_images_are_refused_naming_the_file(tmp_path, no_features, good_inputs, which):
+    """Float reference images used to be scored silently (FID 558)."""
+    bad = tmp_path / "floats.npz"
+    np.savez(bad, arr_0=np.random.default_rng(0).random((4, 8, 8, 3), dtype=np.float32))
+    sample, ref = (bad, good_inputs[1]) if which == "sample" else (good_inputs[0], bad)
+    with pytest.raises(ValueError, match=r"floats\.npz: `arr_0` is float32; expected uint8"):
+        _evaluate(sample, ref)
+
+
+def test_statistics_of_another_width_fail_before_the_feature_pass(tmp_path, no_features, good_inputs):
+    np.savez(tmp_path / "narrow.npz", mu=np.zeros(64), sigma=np.eye(64))
+    with pytest.raises(ValueError, match=rf"narrow\.npz: mu \(64,\) and sigma \(64, 64\); expected \({FEATURE_DIM},\)"):
+        _evaluate(good_inputs[0], tmp_path / "narrow.npz")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_unreadable_png_is_named_before_the_feature_pass(tmp_path, no_features, good_inputs, damage):
+    folder = tmp_path / "pngs"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(folder / f"{i:06d}.png")
+    bad = folder / "000001.png"
+    data = bad.read_bytes()
+    bad.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"not a png at all")
+    with pytest.raises(ValueError, match=r"000001\.png: not a readable image"):
+        _evaluate(folder, good_inputs[1])
+
+
+def test_sixteen_bit_and_mixed_size_pngs_are_refused(tmp_path, no_features, good_inputs):
+    folder = tmp_path / "pngs"
+    folder.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(folder / "000000.png")
+    Image.fromarray(np.zeros((8, 9, 3), np.uint8)).save(folder / "000001.png")
+    with pytest.raises(ValueError, match=r"000001\.png: size \(9, 8\), but 000000\.png is \(8, 8\)"):
+        _evaluate(folder, good_inputs[1])
+    Image.fromarray(np.zeros((8, 8), np.uint16)).save(folder / "000001.png")
+    with pytest.raises(ValueError, match=r"000001\.png: image mode 'I;16'"):
+        _evaluate(folder, good_inputs[1])
+
+
+def test_valid_inputs_pass_the_checks_and_reach_the_feature_pass(no_features, good_inputs):
+    with pytest.raises(AssertionError, match="feature pass started"):
+        _evaluate(*good_inputs)
 
 
 def _inception_or_skip():

@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 import sample
+from models import MVARConfig
 from models.loading import mvar_checkpoint
 from utils.fid_dump import pack_npz
 
@@ -97,6 +98,17 @@ def test_missing_official_checkpoint_says_where_to_put_it(monkeypatch, tmp_path)
         sample.main(["--depth", "16", "--device", "cpu", "--out", str(tmp_path / "x.png")])
 
 
+def test_named_model_picks_the_official_file_and_is_checked_against_the_checkpoint(ckpt):
+    assert (sample.parse_args(["--model", "M-VAR-d16"]).depth, sample.parse_args(["--model", "VAR-d20"]).arch) \
+        == (16, "var")
+    config = MVARConfig(depth=16, embed_dim=1024)
+    sample.check_against_config(sample.parse_args(["--model", "M-VAR-d16", "--ckpt", "x.pth"]), MVARConfig(), "x")
+    with pytest.raises(ValueError, match="--arch=mvar, but x.pth holds arch=var"):
+        sample.check_against_config(sample.parse_args(["--model", "M-VAR-d16"]), MVARConfig(arch="var"), "x.pth")
+    with pytest.raises(ValueError, match="--model=M-VAR-W has embed_dim=768, but x.pth holds 1024"):
+        sample.check_against_config(sample.parse_args(["--model", "M-VAR-W", "--ckpt", "x.pth"]), config, "x.pth")
+
+
 def test_preset_sets_the_paper_fid_settings_and_flags_override():
     args = sample.parse_args(["--ckpt", "x.pth", "--preset", "fid"])
     assert (args.cfg, args.top_p, args.top_k, args.more_smooth) == (1.5, 0.96, 900, False)
@@ -133,17 +145,3 @@ def test_fid_dump_packs_npz_and_resumes(ckpt, tmp_path):
     (folder / "000007.png").unlink()  # packing alone names what is missing
     with pytest.raises(FileNotFoundError, match="1 of the 20 PNGs .* missing .*000007.png"):
         pack_npz(folder, 20)
-
-
-def test_bench_counts_tokens_and_cached_sampling_matches_recompute():
-    from scripts import bench_sample
-
-    args = bench_sample.build_parser().parse_args(
-        ["--depth", "1", "--pn", "1_2_3", "--V", "64", "--bs", "1", "--repeats", "1", "--device", "cpu", "--portable"])
-    result = bench_sample.measure(args)
-    rows = result["rows"]  # cached M-VAR, prefix-recompute M-VAR, VAR
-    assert [r["tokens"]["mamba"] for r in rows] == [14, 1 + 5 + 14, 0]  # L = 1 + 4 + 9
-    assert [r["tokens"]["attn"] for r in rows] == [14, 14, 14]
-    assert [r["scores"] for r in rows] == [1 + 16 + 81, 1 + 16 + 81, 1 * 1 + 4 * 5 + 9 * 14]
-    assert result["max_diff_cached_vs_recompute"] == 0.0
-    assert "| VAR, KV cache |" in bench_sample.format_table(args, result)

@@ -1,11 +1,14 @@
 """VAR's lr / wd / progressive schedules at chosen iterations, and the flag derivations of utils.args."""
+import ast
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
 from utils.args import build_parser, finalize_args, parse_args
 from utils.lr_schedule import lr_factor, prog_si_at, prog_state, set_lr_wd, wd_at
+from utils.registry import MVAR_models
 
 WP0, WPE = 0.005, 0.1
 
@@ -128,5 +131,34 @@ def test_every_flag_has_help_and_spec_defaults():
     d = vars(parse_args([]))
     spec = dict(depth=16, bs=768, ep=250, tblr=1e-4, twd=0.05, wp0=0.005, wpe=0.01, sche="lin0", tclip=2.0, ls=0.0,
                 fp16=0, ac=1, alng=1e-5, aln=0.5, hd=0.02, ini=-1.0, saln=False, anorm=True, pg=0.0, pg0=4,
-                hflip=False, mid_reso=1.125, tf32=True, opt="adamw", dataset="mnist", data_path="")
+                hflip=False, mid_reso=1.125, tf32=True, dataset="mnist", data_path="")
     assert {k: d[k] for k in spec} == spec
+
+
+def test_named_model_sets_the_size_flags_and_explicit_flags_win():
+    """DiT's --model habit over the registry (utils.registry.MVAR_models); the official flags keep working."""
+    assert build_parser()._option_string_actions["--model"].choices == list(MVAR_models)
+    w = parse_args(["--model=M-VAR-W"])
+    assert (w.depth, w.embed_dim, w.arch) == (16, 768, "mvar")
+    d = parse_args(["--model", "M-VAR-D"])
+    assert (d.depth, d.embed_dim) == (12, 1024)
+    v = parse_args(["--model=VAR-d16", "--depth=20"])
+    assert (v.depth, v.arch) == (20, "var")
+    assert parse_args(["--model=M-VAR-d24-512"]).pn == "1_2_3_4_6_9_13_18_24_32"
+    assert (parse_args(["--depth=24"]).depth, parse_args([]).model) == (24, None)
+    with pytest.raises(SystemExit):
+        parse_args(["--model=M-VAR-d17"])
+
+
+def test_dead_flags_are_gone():
+    with pytest.raises(SystemExit):
+        parse_args(["--opt=adamw"])  # was never read: AdamW is the only optimizer
+
+
+def test_utils_never_imports_models():
+    """utils/ is the bottom layer: patch schedules, architectures and sizes come from the leaf utils.registry."""
+    for path in sorted((Path(__file__).resolve().parents[1] / "utils").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            assert not [n for n in names if n.split(".")[0] in ("models", "trainer", "train", "sample")], path

@@ -1,12 +1,16 @@
 """Command-line flags of train.py: VAR's names and defaults (the official launch commands run unchanged), plus
 M-VAR and robustness extras. `finalize_args` derives the values VAR computes at start-up (per-rank batch, lr, ...).
+The choices come from `utils.registry` (architectures, model sizes, kernel backends, patch schedules).
 """
 import argparse
 import math
+from collections.abc import Sequence
 
-from models.tokenizer import parse_patch_nums
+from utils.registry import ARCH_BRANCHES, ATTN_KERNELS, MAMBA_KERNELS, MVAR_models, parse_patch_nums
 
-ARCHS = ("mvar", "var", "intra", "mamba")
+# MVARConfig field of a `--model` entry -> (train.py flag, its value)
+MODEL_FLAGS = {"depth": lambda v: ("depth", v), "arch": lambda v: ("arch", v), "embed_dim": lambda v: ("embed_dim", v),
+               "patch_nums": lambda v: ("pn", "_".join(map(str, v)))}
 
 
 def str2bool(v: str) -> bool:
@@ -19,6 +23,28 @@ def str2bool(v: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected a boolean (1/0, true/false), got {v!r}")
 
 
+def add_backend_flags(parser: argparse._ActionsContainer, default: str | None = "auto") -> None:
+    """--attn_backend / --mamba_backend, spelled the same in every CLI (resolved by models.backends)."""
+    parser.add_argument("--attn_backend", default=default, choices=("auto", *ATTN_KERNELS),
+                        help="intra-scale attention kernel (auto: $MVAR_ATTN_BACKEND, else the fastest that runs)")
+    parser.add_argument("--mamba_backend", default=default, choices=("auto", *MAMBA_KERNELS),
+                        help="Mamba2 kernel (auto: $MVAR_MAMBA_BACKEND, else mamba_ssm on CUDA when installed)")
+
+
+def add_model_flag(parser: argparse.ArgumentParser) -> None:
+    """DiT's `--model M-VAR-d16`: a named size from `MVAR_models`; it sets the defaults of the flags it names
+    (see `apply_model`), so the official flags keep working and explicit ones win."""
+    parser.add_argument("--model", default=None, choices=list(MVAR_models), help="a named size (sets --depth, "
+                        "--arch, --embed_dim, --pn defaults; explicit flags win): " + ", ".join(MVAR_models))
+
+
+def apply_model(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> None:
+    """Set the parser's defaults from the `--model` named in argv, if any."""
+    name = parser.parse_known_args(argv)[0].model
+    if name is not None:
+        parser.set_defaults(**dict(MODEL_FLAGS[field](v) for field, v in MVAR_models[name].items()))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Train M-VAR (or the VAR / ablation baselines) on an ImageFolder.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
@@ -29,8 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "empty = the embedded data set named by --dataset")
     g.add_argument("--dataset", default="mnist", help="embedded data set used when --data_path is empty "
                    "(utils.embedded_data: mnist, imagenet20)")
-    g.add_argument("--pn", default="1_2_3_4_5_6_8_10_13_16", help="patch schedule: 256, 512 or sides joined by '_'; "
-                   "image size = last side * tokenizer downsample")
+    g.add_argument("--pn", default="256", help="patch schedule: 256 or 512 (VAR's presets, utils.registry) or sides "
+                   "joined by '_'; image size = last side * tokenizer downsample")
     g.add_argument("--mid_reso", type=float, default=1.125, help="resize the shorter side to mid_reso*reso before "
                    "cropping")
     g.add_argument("--hflip", default=False, **b, help="random horizontal flip")
@@ -40,16 +66,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("model")
     g.add_argument("--depth", type=int, default=16, help="number of blocks; width 64*depth, depth heads")
-    g.add_argument("--arch", default="mvar", choices=ARCHS, help="block type: mvar (intra-scale attn + Mamba2), "
-                   "var (block-causal attn), intra (intra-scale attn only), mamba (Mamba2 only)")
+    add_model_flag(g)
+    g.add_argument("--arch", default="mvar", choices=list(ARCH_BRANCHES), help="block type: mvar (intra-scale "
+                   "attn + Mamba2), var (block-causal attn), intra (intra-scale attn only), mamba (Mamba2 only)")
     g.add_argument("--var_blocks", type=int, default=0, help="keep the first N blocks as VAR blocks (block-causal "
                    "attention + FFN), the rest --arch: the paper's Figure 5 'from VAR to M-VAR'")
     g.add_argument("--embed_dim", type=int, default=None, help="width override (default 64*depth)")
     g.add_argument("--num_heads", type=int, default=None, help="attention heads override (default embed_dim/64)")
     g.add_argument("--saln", default=False, **b, help="shared adaLN across blocks")
     g.add_argument("--anorm", default=True, **b, help="L2-normalised attention (attn_l2_norm)")
-    g.add_argument("--fuse", default=True, **b, help="fast kernels when available (flash-attn, mamba_ssm); "
-                   "0 forces the portable PyTorch paths")
+    g.add_argument("--fuse", default=True, **b, help="VAR's kernel switch: 1 = --attn_backend/--mamba_backend "
+                   "auto, 0 = the portable PyTorch kernels (sdpa, torch); explicit backend flags win")
+    add_backend_flags(g, default=None)
     g.add_argument("--drop_path_rate", type=float, default=-1.0, help="stochastic depth of the last block; "
                    "<0 = 0.1*depth/24")
     g.add_argument("--cond_drop_rate", type=float, default=0.1, help="probability of dropping the class label "
@@ -84,8 +112,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--wp0", type=float, default=0.005, help="lr ratio at the start of warm-up")
     g.add_argument("--wpe", type=float, default=0.01, help="lr ratio at the end of training")
     g.add_argument("--sche", default="lin0", help="lr schedule after warm-up: lin0, lin, lin00, cos, exp, lin<T>")
-    g.add_argument("--opt", default="adamw", choices=("adamw", "adam"), help="optimizer (both are AdamW, betas "
-                   "(0.9, 0.95), as VAR)")
     g.add_argument("--afuse", default=True, **b, help="fused AdamW when the device supports it")
     g.add_argument("--tclip", type=float, default=2.0, help="gradient-norm clip; <=0 disables (norm still logged)")
     g.add_argument("--ls", type=float, default=0.0, help="label smoothing of the token cross-entropy")
@@ -148,5 +174,7 @@ def finalize_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Parse flags (not yet finalized: that needs the world size)."""
-    return build_parser().parse_args(argv)
+    """Parse flags, `--model` applied (not yet finalized: that needs the world size)."""
+    parser = build_parser()
+    apply_model(parser, argv)
+    return parser.parse_args(argv)

@@ -1,0 +1,70 @@
+"""models.backends: one resolver, one error type and one flag spelling for the attention and Mamba2 kernels."""
+import logging
+
+import pytest
+import torch
+
+import sample
+from models import backends
+from models.attention import intra_scale_attention
+from models.backends import ATTN, MAMBA, BackendError
+from models.mamba2 import Mamba2
+from utils.args import parse_args as parse_train_args
+
+
+@pytest.fixture(autouse=True)
+def _no_env(monkeypatch):
+    for op in (ATTN, MAMBA):
+        monkeypatch.delenv(op.env, raising=False)
+    backends._log_once.cache_clear()
+
+
+def test_train_flags_fuse_is_vars_alias_and_explicit_backends_win():
+    def chosen(*flags):
+        a = parse_train_args(list(flags))
+        return backends.from_flags(a.attn_backend, a.mamba_backend, fuse=a.fuse)
+    assert chosen() == ("auto", "auto")
+    assert chosen("--fuse=0") == ("sdpa", "torch")
+    assert chosen("--fuse=0", "--mamba_backend=mamba_ssm") == ("sdpa", "mamba_ssm")
+    assert chosen("--attn_backend=torch_varlen") == ("torch_varlen", "auto")
+    with pytest.raises(SystemExit):
+        parse_train_args(["--attn_backend=xformers"])
+
+
+def test_every_cli_spells_the_flags_alike():
+    from utils.args import build_parser as train_parser
+    for parser in (train_parser(), sample.build_parser()):
+        for flag, op in (("--attn_backend", ATTN), ("--mamba_backend", MAMBA)):
+            assert parser._option_string_actions[flag].choices == op.choices
+
+
+def test_both_ops_fail_with_one_error_type_naming_the_source(monkeypatch):
+    q = torch.randn(1, 5, 1, 8)
+    with pytest.raises(BackendError, match="attn_backend='flash_attn' cannot run here: .*needs CUDA.* 'sdpa'"):
+        intra_scale_attention(q, q, q, (1, 4), 1.0, backend="flash_attn")
+    m = Mamba2(32, d_state=16, headdim=8, backend="mamba_ssm")
+    with pytest.raises(BackendError, match="mamba_backend='mamba_ssm' cannot run here: .* 'torch'"):
+        m(torch.randn(1, 5, 32))
+    monkeypatch.setenv(MAMBA.env, "cuda")
+    with pytest.raises(BackendError, match="MVAR_MAMBA_BACKEND='cuda': expected one of"):
+        Mamba2(32, d_state=16, headdim=8)(torch.randn(1, 5, 32))
+    with pytest.raises(BackendError, match="attn_backend='xformers': expected one of"):
+        backends.check_name(ATTN, "xformers")
+
+
+def test_resolution_prefers_kernels_in_order_and_logs_each_outcome_once(caplog):
+    why_not = {"flash_attn": "no flash here", "torch_varlen": None}
+    with caplog.at_level(logging.INFO, logger=backends.__name__):
+        for _ in range(3):
+            assert backends.resolve(ATTN, "auto", why_not.get, "cuda, torch.bfloat16") == "torch_varlen"
+        assert backends.resolve(ATTN, "sdpa", why_not.get, "cuda, torch.bfloat16") == "sdpa"
+    assert [r.getMessage() for r in caplog.records] == [
+        "intra-scale attention backend: torch_varlen (requested auto; cuda, torch.bfloat16; not flash_attn: no "
+        "flash here)",
+        "intra-scale attention backend: sdpa (requested attn_backend=sdpa; cuda, torch.bfloat16)"]
+
+
+def test_env_var_decides_auto_only(monkeypatch):
+    monkeypatch.setenv(ATTN.env, "sdpa")
+    assert backends.requested(ATTN, "auto") == ("sdpa", ATTN.env)
+    assert backends.requested(ATTN, "flash_attn") == ("flash_attn", "attn_backend")

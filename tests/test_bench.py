@@ -1,0 +1,56 @@
+"""The benchmark harness: its timing rule (utils.benchmark) and the sampling section run as a user runs it."""
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from utils import benchmark as bm
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_variants_take_turns_and_the_median_of_timed_rounds_counts(monkeypatch):
+    calls, clock = [], iter(range(1000))
+    monkeypatch.setattr(bm.time, "perf_counter", lambda: next(clock) * 0.001)  # every reading 1 ms later
+    durations = {"a": [50, 1, 3, 2], "b": [0, 7, 5, 9]}  # extra ms each call spends, per round
+
+    def fn(name):
+        def run():
+            calls.append(name)
+            for _ in range(durations[name][sum(c == name for c in calls) - 1]):
+                next(clock)
+        return run
+
+    ms = bm.time_alternating({"a": fn("a"), "b": fn("b")}, torch.device("cpu"), warmup=1, repeats=3)
+    assert calls == ["a", "b"] * 4  # alternated, round by round, warm-up round included
+    assert ms == pytest.approx({"a": 3.0, "b": 8.0})  # median of (1+1, 3+1, 2+1) and (7+1, 5+1, 9+1); warm-up dropped
+    with pytest.raises(ValueError, match="repeats=0"):
+        bm.time_alternating({"a": fn("a")}, torch.device("cpu"), warmup=0, repeats=0)
+
+
+def test_markdown_table():
+    assert bm.markdown_table(["a", "b"], [[1, "x"]]) == "| a | b |\n|---|---|\n| 1 | x |"
+
+
+def test_sample_section_counts_tokens_and_cached_sampling_matches_recompute(tmp_path):
+    """The harness as a user runs it; each block processes 14 tokens per sequence with the Mamba2 state carried
+    (L = 1 + 4 + 9), 1 + 5 + 14 re-running the prefix, and VAR's attention scores every key of the cache."""
+    out = tmp_path / "bench.md"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    subprocess.run([sys.executable, str(REPO / "scripts/bench.py"), "--only", "sample", "--depth", "1", "--pn",
+                    "1_2_3", "--V", "64", "--bs", "1", "--repeats", "1", "--warmup", "0", "--device", "cpu",
+                    "--attn_backend", "sdpa", "--mamba_backend", "torch", "--out", str(out)],
+                   env=env, check=True, capture_output=True, text=True, timeout=300)
+    table = out.read_text()
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines()
+            if line.startswith("| M-VAR") or line.startswith("| VAR")]
+    assert [r[0] for r in rows] == ["M-VAR, Mamba state cached", "M-VAR, prefix recompute (official)", "VAR, KV cache"]
+    assert [int(r[3]) for r in rows] == [14, 1 + 5 + 14, 0]  # Mamba tokens per block
+    assert [int(r[4]) for r in rows] == [14, 14, 14]  # attention tokens per block
+    assert [int(r[5]) for r in rows] == [1 + 16 + 81, 1 + 16 + 81, 1 * 1 + 4 * 5 + 9 * 14]
+    assert re.search(r"cached vs recompute, same seed: 0\.00e\+00", table)
+    assert "| VAR, KV cache |" in table and "median of 1 timed rounds" in table

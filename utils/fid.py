@@ -1,0 +1,247 @@
+"""FID, Inception Score and precision/recall of generated images against an ADM-format reference batch.
+
+The library behind `scripts/fid.py` (which only parses flags): `evaluate(sample, ref, ...)`.
+`sample`: an `.npz` whose `arr_0` is uint8 (N, H, W, 3), or a folder of PNG/JPEG files.
+`ref`: OpenAI's reference batch (`mu`, `sigma`, and `arr_0` images for precision/recall), or any npz with
+`mu`/`sigma` only (then no precision/recall), or with images `arr_0` only (statistics computed here).
+Every input is checked (`check_sample`, `load_reference`) before any feature is computed: object or float
+arrays, statistics of another width and unreadable images are errors naming the file and what was expected.
+Metrics follow OpenAI's guided-diffusion evaluator: FID from pool3 statistics, IS over splits of 5000 with the
+classifier's bias dropped (only with an Inception port that has the classifier, see utils/inception.py),
+improved precision/recall (Kynkaanniemi et al. 2019) with k=3 and radii above the 95th percentile dropped.
+Features come from a TorchScript port of the TF graph, so numbers can differ from the TF evaluator in the
+second decimal.
+"""
+import logging
+import math
+import zipfile
+from pathlib import Path
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+
+from utils.fid_dump import open_npz_array, read_npz_header
+from utils.inception import FEATURE_DIM, load_inception
+
+logger = logging.getLogger(__name__)
+IMAGE_EXTS = (".png", ".jpg", ".jpeg")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Metrics on features
+# ---------------------------------------------------------------------------------------------------------------
+def feature_stats(feats_ND: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean (D,) and unbiased covariance (D, D) in float64."""
+    feats_ND = np.asarray(feats_ND, dtype=np.float64)
+    if feats_ND.ndim != 2 or feats_ND.shape[0] < 2:
+        raise ValueError(f"need (N >= 2, D) features, got {feats_ND.shape}")
+    return feats_ND.mean(axis=0), np.cov(feats_ND, rowvar=False)
+
+
+def _psd_sqrt(sigma_DD: np.ndarray) -> np.ndarray:
+    w, V = np.linalg.eigh((sigma_DD + sigma_DD.T) / 2)
+    return (V * np.sqrt(np.clip(w, 0, None))) @ V.T
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2)), in float64.
+
+    tr((S1 S2)^(1/2)) = sum of sqrt(eigenvalues of S1^(1/2) S2 S1^(1/2)), a symmetric PSD matrix with the same
+    spectrum as S1 S2: no complex square roots (scipy.linalg.sqrtm's failure mode) and no eps retry needed.
+    """
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
+        raise ValueError(f"shape mismatch: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}")
+    root1 = _psd_sqrt(sigma1)
+    middle = root1 @ sigma2 @ root1
+    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((middle + middle.T) / 2), 0, None)).sum()
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
+
+
+def inception_score(probs_NK: np.ndarray, split_size: int = 5000) -> float:
+    """exp(E[KL(p(y|x) || p(y))]) per split of `split_size` samples, averaged over splits (as OpenAI's evaluator)."""
+    probs_NK = np.asarray(probs_NK, dtype=np.float64)
+    scores = []
+    for start in range(0, len(probs_NK), split_size):
+        part = probs_NK[start:start + split_size]
+        marginal = part.mean(axis=0, keepdims=True)
+        safe = np.where(part > 0, part, 1.0)  # 0 * log 0 = 0
+        kl = (part * (np.log(safe) - np.log(np.where(marginal > 0, marginal, 1.0)))).sum(axis=1).mean()
+        scores.append(math.exp(kl))
+    return float(np.mean(scores))
+
+
+def _sq_dists(a_ND: torch.Tensor, b_MD: torch.Tensor) -> torch.Tensor:
+    d = a_ND.pow(2).sum(1, keepdim=True) - 2 * a_ND @ b_MD.T + b_MD.pow(2).sum(1)[None]
+    return d.clamp_(min=0)
+
+
+def manifold_radii(feats_ND: np.ndarray, k: int = 3, clamp_percentile: float | None = 5.0,
+                   device: str = "cpu", batch: int = 10000) -> torch.Tensor:
+    """Squared distance of each point to its k-th nearest other point; radii above the (100 - clamp)
+    percentile are set to 0 (those points then cover nothing), as in OpenAI's evaluator."""
+    x = torch.as_tensor(feats_ND, dtype=torch.float32, device=device)
+    if len(x) <= k:
+        raise ValueError(f"need more than k={k} points for the k-NN radii, got {len(x)}")
+    radii = torch.cat([_sq_dists(x[i:i + batch], x).kthvalue(k + 1, dim=1).values  # +1: the point itself
+                       for i in range(0, len(x), batch)])
+    if clamp_percentile is not None:
+        limit = torch.quantile(radii.double(), 1 - clamp_percentile / 100).float()
+        radii[radii > limit] = 0
+    return radii
+
+
+def _coverage(points_ND: torch.Tensor, centers_MD: torch.Tensor, radii_M: torch.Tensor, batch: int) -> float:
+    inside = [(_sq_dists(points_ND[i:i + batch], centers_MD) <= radii_M[None]).any(dim=1)
+              for i in range(0, len(points_ND), batch)]
+    return torch.cat(inside).float().mean().item()
+
+
+def precision_recall(ref_feats: np.ndarray, sample_feats: np.ndarray, k: int = 3,
+                     clamp_percentile: float | None = 5.0, device: str = "cpu",
+                     batch: int = 10000) -> tuple[float, float]:
+    """Precision: share of samples inside the reference manifold; recall: share of references inside the
+    sample manifold (manifold = union of k-NN balls)."""
+    ref = torch.as_tensor(ref_feats, dtype=torch.float32, device=device)
+    smp = torch.as_tensor(sample_feats, dtype=torch.float32, device=device)
+    ref_radii = manifold_radii(ref_feats, k, clamp_percentile, device, batch)
+    smp_radii = manifold_radii(sample_feats, k, clamp_percentile, device, batch)
+    return _coverage(smp, ref, ref_radii, batch), _coverage(ref, smp, smp_radii, batch)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Inputs, checked before any feature is computed
+# ---------------------------------------------------------------------------------------------------------------
+IMAGE_MODES = ("1", "L", "P", "RGB", "RGBA", "CMYK", "YCbCr", "LA", "PA")  # 8-bit modes that convert to RGB
+
+
+def _npz_keys(path: Path) -> list[str]:
+    """Array names of an npz; a file that is not one is a ValueError naming it."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return [n[:-4] for n in zf.namelist() if n.endswith(".npy")]
+    except (zipfile.BadZipFile, OSError) as e:
+        raise ValueError(f"{path}: not a readable .npz file ({e})") from e
+
+
+def check_images_npz(path: Path, key: str = "arr_0") -> int:
+    """Number of images in `path`'s `key`, after checking from its header that it is uint8 (N >= 2, H, W, 3)."""
+    try:
+        shape, dtype = read_npz_header(path, key)
+    except (KeyError, ValueError, OSError) as e:
+        raise ValueError(f"{path}: cannot read the header of `{key}` ({e})") from e
+    if dtype.hasobject:
+        raise ValueError(f"{path}: `{key}` is an object array ({dtype}); expected uint8 images (N, H, W, 3) "
+                         f"(object arrays are refused: they hold pickled Python objects, not pixels)")
+    if dtype != np.uint8:
+        raise ValueError(f"{path}: `{key}` is {dtype}; expected uint8 images (N, H, W, 3) in [0, 255] "
+                         f"(float images must be scaled and converted first)")
+    if len(shape) != 4 or shape[-1] != 3 or shape[0] < 2:
+        raise ValueError(f"{path}: `{key}` has shape {shape}; expected uint8 (N >= 2, H, W, 3)")
+    return shape[0]
+
+
+def image_files(folder: Path) -> list[Path]:
+    """The images of `folder`, each checked first (header and integrity, not decoded): unreadable or truncated
+    files, 16-bit or float images and mixed sizes are errors naming the file."""
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS)
+    if len(files) < 2:
+        raise FileNotFoundError(f"{folder}: expected at least 2 {'/'.join(IMAGE_EXTS)} files, found {len(files)}")
+    size = None
+    for p in files:
+        try:
+            with Image.open(p) as im:
+                mode, im_size = im.mode, im.size
+                im.verify()  # the whole file (PNG: every chunk and its CRC) without decoding pixels
+        except (OSError, SyntaxError, ValueError) as e:
+            raise ValueError(f"{p}: not a readable image ({e})") from e
+        if mode not in IMAGE_MODES:
+            raise ValueError(f"{p}: image mode {mode!r}; expected 8-bit images (RGB, RGBA, L or P)")
+        if size is not None and im_size != size:
+            raise ValueError(f"{p}: size {im_size}, but {files[0].name} is {size}; expected one size for all")
+        size = im_size
+    return files
+
+
+def _read_rgb(p: Path) -> np.ndarray:
+    try:
+        with Image.open(p) as im:
+            return np.asarray(im.convert("RGB"))
+    except (OSError, SyntaxError, ValueError) as e:  # truncated data shows only when decoding
+        raise ValueError(f"{p}: not a readable image ({e})") from e
+
+
+def image_batches(source: Path, batch_size: int) -> tuple[int, Iterator[np.ndarray]]:
+    """(count, iterator of uint8 (b, H, W, 3) batches) for an npz (`arr_0`) or a folder of images, checked first."""
+    source = Path(source)
+    if source.is_dir():
+        files = image_files(source)
+        return len(files), (np.stack([_read_rgb(p) for p in files[i:i + batch_size]])
+                            for i in range(0, len(files), batch_size))
+    if "arr_0" not in _npz_keys(source):
+        raise ValueError(f"{source}: no `arr_0`; expected uint8 images (N, H, W, 3) in `arr_0`")
+    n = check_images_npz(source)
+    arr = open_npz_array(source, "arr_0")
+    return n, (np.ascontiguousarray(arr[i:i + batch_size]) for i in range(0, n, batch_size))
+
+
+def load_reference(path: Path) -> dict[str, np.ndarray]:
+    """Keys present among `mu` (D,), `sigma` (D, D) (float64, D = the Inception width) and `arr_0` (memory-mapped
+    uint8 images) of a reference npz, each checked."""
+    path = Path(path)
+    keys = set(_npz_keys(path))
+    out = {}
+    for k in ("mu", "sigma"):
+        if k in keys:
+            shape, dtype = read_npz_header(path, k)
+            if dtype.kind not in "fiu":
+                raise ValueError(f"{path}: `{k}` is {dtype}; expected float statistics")
+            with np.load(path, allow_pickle=False) as f:
+                out[k] = f[k].astype(np.float64)
+    if ("mu" in out) != ("sigma" in out):
+        raise ValueError(f"{path}: has only one of mu/sigma; expected both (pool3 statistics) or neither")
+    if "mu" in out:
+        D = FEATURE_DIM
+        if out["mu"].shape != (D,) or out["sigma"].shape != (D, D):
+            raise ValueError(f"{path}: mu {out['mu'].shape} and sigma {out['sigma'].shape}; expected ({D},) and "
+                             f"({D}, {D}), the Inception pool3 width")
+        if not (np.isfinite(out["mu"]).all() and np.isfinite(out["sigma"]).all()):
+            raise ValueError(f"{path}: mu/sigma hold NaN or Inf; expected finite statistics")
+    if "arr_0" in keys:
+        check_images_npz(path)
+        out["arr_0"] = open_npz_array(path, "arr_0")
+    if not out:
+        raise ValueError(f"{path}: expected `mu` and `sigma` and/or images `arr_0`, found {sorted(keys)}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------------------------------------------
+def evaluate(sample: Path, ref: Path, inception_path: str | None, batch_size: int, device: str,
+             k: int = 3, with_pr: bool = True) -> dict[str, float]:
+    """FID, IS (when the Inception port has its classifier) and precision/recall of `sample` against `ref`."""
+    reference = load_reference(ref)  # validate both inputs before the slow parts
+    n, batches = image_batches(sample, batch_size)
+    net = load_inception(inception_path, device)
+    logger.info("features of %d sample images", n)
+    feats, probs = net.extract(batches)
+    results: dict[str, float] = {"num_samples": n}
+    ref_feats = None
+    if "arr_0" in reference and (with_pr or "mu" not in reference):
+        logger.info("features of %d reference images", len(reference["arr_0"]))
+        ref_feats, _ = net.extract(np.ascontiguousarray(reference["arr_0"][i:i + batch_size])
+                                   for i in range(0, len(reference["arr_0"]), batch_size))
+    mu_ref, sigma_ref = (reference["mu"], reference["sigma"]) if "mu" in reference else feature_stats(ref_feats)
+    results["fid"] = frechet_distance(*feature_stats(feats), mu_ref, sigma_ref)
+    if probs is not None:
+        results["inception_score"] = inception_score(probs)
+    else:
+        logger.warning("Inception Score skipped: %s has no classifier layer (use inception-2015-12-05.pt)", net.path)
+    if with_pr and ref_feats is not None:
+        results["precision"], results["recall"] = precision_recall(ref_feats, feats, k=k, device=device)
+    return results
