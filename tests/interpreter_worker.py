@@ -181,7 +181,9 @@ def results(layer: torch.nn.Module, x: torch.Tensor, call: Callable, backward: b
     if backward:
         (y * torch.randn(y.shape, generator=torch.Generator().manual_seed(1))).sum().backward()
         out["grad:input"] = x.grad
-        out.update({f"grad:{n}": p.grad for n, p in layer.named_parameters()})
+        # a parameter the loss does not reach gets zeros, so it shows as an error of 1, not as a crash
+        out.update({f"grad:{n}": torch.zeros_like(p) if p.grad is None else p.grad
+                    for n, p in layer.named_parameters()})
     return out
 
 
