@@ -59,7 +59,7 @@ def stub_cuda_for_interpreter() -> None:
     torch.cuda.get_device_properties = lambda device=None: types.SimpleNamespace(multi_processor_count=4)
     prune = Autotuner.prune_configs
 
-    def cheapest_config(self, kwargs):  # benchmarking needs a GPU; the interpreter's result is config-independent
+    def cheapest_config(self, kwargs):  # benchmarking needs a GPU; configs differ only in rounding
         return [min(prune(self, kwargs), key=_block_elements)]
 
     Autotuner.prune_configs = cheapest_config
@@ -78,10 +78,10 @@ def let_cpu_tensors_reach_mamba_kernels() -> None:
 
 def let_cpu_tensors_reach_flash_attn() -> None:
     """flash-attn registers its ops for CUDA only: add its own Python implementation for CPU, lift our gate."""
-    import flash_attn.flash_attn_interface as fa
-
     if os.environ.get("FLASH_ATTENTION_TRITON_AMD_ENABLE") != "TRUE":
         raise SystemExit("set FLASH_ATTENTION_TRITON_AMD_ENABLE=TRUE (flash-attn picks its Triton kernels at import)")
+    import flash_attn.flash_attn_interface as fa
+
     for op in (fa._flash_attn_varlen_forward, fa._flash_attn_varlen_backward):
         op.register_kernel("cpu", op._init_fn)
     attn.backend_unavailable_reason = lambda *args, **kwargs: None  # our gate: CUDA and fp16/bf16 only
