@@ -17,7 +17,12 @@ $(VENV)/.installed: requirements.txt requirements-nodeps.txt pyproject.toml
 demo: $(VENV)/.installed
 	$(PY) scripts/demo.py
 
-test: $(VENV)/.installed
+# Pure-Python builds of mamba-ssm/flash-attn for tests/test_triton_interpreter.py (nothing compiled; cached in .whl/)
+.whl/site/.installed: requirements-cuda.txt scripts/interpreter_kernels.sh | $(VENV)/.installed
+	scripts/interpreter_kernels.sh $(PY) .whl/site
+	touch $@
+
+test: $(VENV)/.installed .whl/site/.installed
 	$(PY) -m pytest -q
 
 bench: $(VENV)/.installed

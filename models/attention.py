@@ -117,7 +117,8 @@ def _cu_seqlens(seg_lens: tuple[int, ...], batch_size: int, device: torch.device
 
 
 def _intra_flash_attn(q, k, v, seg_lens, softmax_scale, dropout_p):
-    """flash-attn varlen: one sequence per (sample, scale). Not yet run on GPU (dispatch tested on CPU)."""
+    """flash-attn varlen: one sequence per (sample, scale). Not yet run on GPU; run on CPU by flash-attn's Triton
+    implementation under Triton's interpreter (tests/test_triton_interpreter.py)."""
     B, L, H, c = q.shape
     cu = _cu_seqlens(seg_lens, B, q.device)
     max_l = max(seg_lens)

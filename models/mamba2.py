@@ -246,7 +246,8 @@ class Mamba2(nn.Module):
     Unsupported mamba_ssm options: d_ssm != None (the extra gated-MLP channels) and tensor parallelism.
     `backend`: "auto" (env MVAR_MAMBA_BACKEND overrides it; mamba_ssm kernels for CUDA inputs when they import,
     else PyTorch), "torch", or "mamba_ssm" (raises if the kernels are missing or the input is not on CUDA).
-    The mamba_ssm path is NOT YET RUN ON GPU: only its dispatch is tested (on CPU, with fake kernels).
+    The mamba_ssm path is NOT YET RUN ON GPU; its Triton kernels run on CPU under Triton's interpreter (fp32) in
+    tests/test_triton_interpreter.py, through `_is_kernel_device`.
     `chunk_size` is the kernel's chunk length; the PyTorch path uses min(chunk_size, TORCH_CHUNK_SIZE) (same maths).
     Defaults are mamba_ssm's (d_state=128): M-VAR passes d_state=64, d_conv=4, expand=2.
     """
@@ -360,7 +361,7 @@ class Mamba2(nn.Module):
                                            min(self.chunk_size, TORCH_CHUNK_SIZE), D, initial)
             if not self.rmsnorm:
                 y_BlHP = y_BlHP * F.silu(z_Bld.unflatten(-1, (self.nheads, self.headdim)).to(y_BlHP.dtype))
-        else:  # not yet run on GPU
+        else:  # not yet run on GPU (run on CPU under Triton's interpreter)
             out = kernels.chunk_scan(
                 x_BlHP, dt_BlH, A_H, B_BlGN, C_BlGN, self.chunk_size, D=D,
                 z=None if self.rmsnorm else z_Bld.unflatten(-1, (self.nheads, self.headdim)),
