@@ -43,7 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     g = p.add_argument_group("data")
     g.add_argument("--data_path", default="", help="ImageFolder root with train/ and val/; empty = --dataset")
-    g.add_argument("--dataset", default="mnist", help="embedded data set (utils.embedded_data: mnist, imagenet20)")
+    g.add_argument("--dataset", default="mnist", help="embedded data set (utils.embedded_data: mnist, imagenet20, "
+                   "fmnist)")
+    g.add_argument("--fmnist_dir", default="", help="Fashion-MNIST's IDX folder (see train.py --fmnist_dir)")
     g.add_argument("--reso", type=int, default=32, help="image side in pixels")
     g.add_argument("--mid_reso", type=float, default=1.125, help="resize the shorter side to mid_reso*reso, then "
                    "random-crop reso")
@@ -279,7 +281,7 @@ def train(args: argparse.Namespace) -> Path:
     torch.manual_seed(args.seed)  # the same initial weights for any world size
 
     num_classes, train_set, val_set = build_datasets(args.data_path, args.dataset, args.reso, args.mid_reso,
-                                                     args.hflip)
+                                                     args.hflip, args.fmnist_dir)
     train_loader, val_loader, sampler = build_loaders(train_set, val_set, args.bs // world, args.workers, rank,
                                                       world, args.seed, pin_memory=device.type == "cuda")
     trainer = TokenizerTrainer(build_vae(args), args, device)

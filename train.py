@@ -188,7 +188,8 @@ def main(args: argparse.Namespace) -> None:
     # build: tokenizer (frozen, fp32) -> image size; data; model; trainer
     vae = load_tokenizer(args, device)
     reso = args.patch_nums[-1] * vae.downsample
-    num_classes, train_set, val_set = build_datasets(args.data_path, args.dataset, reso, args.mid_reso, args.hflip)
+    num_classes, train_set, val_set = build_datasets(args.data_path, args.dataset, reso, args.mid_reso, args.hflip,
+                                                   args.fmnist_dir)
     num_classes = args.num_classes or num_classes
     train_loader, val_loader, sampler = build_loaders(train_set, val_set, args.batch_size, args.workers, rank,
                                                       world, args.seed, pin_memory=device.type == "cuda",

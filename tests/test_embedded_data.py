@@ -91,3 +91,53 @@ def test_packages_are_not_imported():
     repo = Path(__file__).resolve().parents[1]
     proc = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+needs_fmnist = pytest.mark.skipif(not Path(ed.FMNIST_DEFAULT_DIR).is_dir(),
+                                  reason="Fashion-MNIST absent: apt-get install dataset-fashion-mnist")
+
+
+@needs_fmnist
+def test_fashion_mnist_counts_shapes_labels(no_network):
+    train, val, full = (ed.build_embedded_dataset("fmnist", s) for s in ("train", "val", "all"))
+    assert (len(train), len(val), len(full)) == (60000, 10000, 70000)
+    assert full.classes[0] == "T-shirt/top" and full.classes[9] == "Ankle boot"
+    assert np.bincount(train.targets).tolist() == [6000] * 10 and np.bincount(val.targets).tolist() == [1000] * 10
+    images, labels = ed.load_fashion_mnist("val")
+    assert images.shape == (10000, 28, 28) and images.dtype == np.uint8 and not images.flags.writeable
+    assert labels[:5].tolist() == [9, 2, 1, 1, 6]  # the test file's first labels: boot, pullover, trouser x2, shirt
+    assert ed.load_fashion_mnist("val")[0] is images  # parsed once
+    img, label = val[0]
+    assert img.mode == "RGB" and img.size == (28, 28) and label == 9
+    assert np.array_equal(np.asarray(img)[..., 0], images[0])
+    # through train.py's transforms: 32 px, values in [-1, 1]
+    num_classes, train_set, val_set = build_datasets("", "fmnist", 32)
+    x, y = val_set[0]
+    assert num_classes == 10 and x.shape == (3, 32, 32) and y == 9 and -1 <= x.min() < x.max() <= 1
+
+
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    header = bytes([0, 0, 8, array.ndim]) + np.asarray(array.shape, dtype=">u4").tobytes()
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def test_fashion_mnist_from_a_folder_and_its_errors(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 6), ("val", 4)):
+        img_name, lbl_name = ed.FMNIST_FILES[split]
+        _write_idx(tmp_path / img_name, rng.integers(0, 256, (n, 28, 28)))
+        _write_idx(tmp_path / lbl_name, np.arange(n) % 10)
+    ds = ed.build_embedded_dataset("fmnist", "all", data_dir=str(tmp_path))
+    assert len(ds) == 10 and ds.targets == [0, 1, 2, 3, 4, 5, 0, 1, 2, 3]
+    monkeypatch.setenv("FMNIST_DIR", str(tmp_path))  # the environment variable is the second way
+    assert len(ed.build_embedded_dataset("fmnist", "val")) == 4
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist.*--fmnist_dir"):
+        ed.build_embedded_dataset("fmnist", "train", data_dir=str(empty))
+    (tmp_path / ed.FMNIST_FILES["val"][1]).write_bytes(b"\0\0\x08\x01\0\0\0\x09" + b"\0" * 4)  # says 9, holds 4
+    ed._read_fashion_mnist.cache_clear()
+    with pytest.raises(ValueError, match="header says"):
+        ed.build_embedded_dataset("fmnist", "val", data_dir=str(tmp_path))
+    ed._read_fashion_mnist.cache_clear()

@@ -54,7 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data_path", default="", help="ImageFolder root with train/ and val/ class sub-folders; "
                    "empty = the embedded data set named by --dataset")
     g.add_argument("--dataset", default="mnist", help="embedded data set used when --data_path is empty "
-                   "(utils.embedded_data: mnist, imagenet20)")
+                   "(utils.embedded_data: mnist, imagenet20, fmnist)")
+    g.add_argument("--fmnist_dir", default="", help="folder with Fashion-MNIST's four IDX files for "
+                   "--dataset=fmnist; empty = $FMNIST_DIR, else /usr/share/datasets/fashion-mnist (Debian's "
+                   "`apt-get install dataset-fashion-mnist`)")
     g.add_argument("--pn", default="256", help="patch schedule: 256 or 512 (VAR's presets, utils.registry) or sides "
                    "joined by '_'; image size = last side * tokenizer downsample")
     g.add_argument("--mid_reso", type=float, default=1.125, help="resize the shorter side to mid_reso*reso before "

@@ -92,10 +92,11 @@ class SeededDataset(Dataset):
             return self.dataset[index]
 
 
-def build_datasets(data_path: str, dataset: str, reso: int, mid_reso: float = 1.125,
-                   hflip: bool = False) -> tuple[int, Dataset, Dataset]:
+def build_datasets(data_path: str, dataset: str, reso: int, mid_reso: float = 1.125, hflip: bool = False,
+                   fmnist_dir: str | None = None) -> tuple[int, Dataset, Dataset]:
     """(num_classes, train set, val set): `data_path`/train and /val ImageFolders, or with an empty `data_path`
-    the embedded data set `dataset` (utils.embedded_data) through the same transforms."""
+    the embedded data set `dataset` (utils.embedded_data; Fashion-MNIST read from `fmnist_dir`) through the same
+    transforms."""
     train_tf, val_tf = build_transforms(reso, mid_reso, hflip)
     if data_path:
         train_set = SafeImageFolder(str(Path(data_path) / "train"), train_tf)
@@ -106,8 +107,8 @@ def build_datasets(data_path: str, dataset: str, reso: int, mid_reso: float = 1.
     else:
         from utils.embedded_data import build_embedded_dataset
 
-        train_set = build_embedded_dataset(dataset, "train", train_tf)
-        val_set = build_embedded_dataset(dataset, "val", val_tf)
+        train_set = build_embedded_dataset(dataset, "train", train_tf, fmnist_dir)
+        val_set = build_embedded_dataset(dataset, "val", val_tf, fmnist_dir)
     if len(train_set) == 0 or len(val_set) == 0:
         raise ValueError(f"empty data set: {len(train_set)} train / {len(val_set)} val images "
                          f"(--data_path={data_path!r}, --dataset={dataset!r})")
