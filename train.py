@@ -120,7 +120,7 @@ def log_progress(tb: TBLogger, metrics: dict[str, dict], args: argparse.Namespac
 
 
 def end_epoch(ep: int, iters: int, args: argparse.Namespace, trainer: Trainer, val_loader, tb: TBLogger,
-              saver: Checkpointer, num_classes: int, best_val: float) -> float:
+              saver: Checkpointer, mvar: MVAR, best_val: float) -> float:
     """Validation, sample grid and checkpoint after epoch `ep` (resuming from it starts the next epoch) -> the
     best val loss so far."""
     is_best = False
@@ -133,7 +133,7 @@ def end_epoch(ep: int, iters: int, args: argparse.Namespace, trainer: Trainer, v
         tb.scalars(ep + 1, "val/", **val)
     if args.sample_every > 0 and ((ep + 1) % args.sample_every == 0 or ep + 1 == args.ep) \
             and (args.fsdp or dist.is_main_process()):
-        tb.image("samples", sample_grid(trainer.mvar, num_classes, seed=args.seed + ep), ep + 1)
+        tb.image("samples", sample_grid(mvar, mvar.num_classes, seed=args.seed + ep), ep + 1)
     tb.flush()
     # a checkpoint never splits an accumulation window, except the final one: its partial window is dropped
     whole_window = (ep + 1) * iters % args.ac == 0
@@ -225,7 +225,7 @@ def main(args: argparse.Namespace) -> None:
             # mid-epoch save (every N iterations or minutes; the epoch end saves anyway), at a window's end
             if saver.due(g_it, log_step) and res.stepped and it + 1 < iters:
                 t_log += saver.save(ep, it + 1, best_val)
-        best_val = end_epoch(ep, iters, args, trainer, val_loader, tb, saver, num_classes, best_val)
+        best_val = end_epoch(ep, iters, args, trainer, val_loader, tb, saver, mvar, best_val)
     tb.close()
     logger.info("training finished: %d epochs, best val loss %.4f", args.ep, best_val)
 

@@ -197,7 +197,6 @@ EVAL_WORKER = textwrap.dedent("""
     from test_trainer import tiny, val_set
     from trainer import Trainer
     from utils.data import build_loaders
-from utils.lr_schedule import Schedule
 
     def main():
         device = dist.initialize()
