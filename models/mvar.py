@@ -347,7 +347,9 @@ class MVAR(nn.Module):
             self.rng = torch.Generator(device=device)
         return self.rng.manual_seed(g_seed)
 
-    def labels(self, B: int, label_B: int | torch.LongTensor | None, rng: torch.Generator | None) -> torch.LongTensor:
+    def sampling_labels(
+        self, B: int, label_B: int | torch.LongTensor | None, rng: torch.Generator | None,
+    ) -> torch.LongTensor:
         """Class ids (B,) on the model's device from a tensor, an int for all (negative = null class), or None
         (uniformly random classes drawn from `rng`)."""
         device = self.pos_1LC.device
@@ -373,7 +375,8 @@ class MVAR(nn.Module):
         a cache in the intra-scale archs; the `var` arch always uses VAR's KV cache.
         """
         rng = self.seeded_rng(g_seed)
-        f_hat, _ = self.sample_scales(self.labels(B, label_B, rng), rng, cfg, top_k, top_p, more_smooth, use_cache)
+        label_B = self.sampling_labels(B, label_B, rng)
+        f_hat, _ = self.sample_scales(label_B, rng, cfg, top_k, top_p, more_smooth, use_cache)
         return self.vae.fhat_to_img(f_hat).add_(1).mul_(0.5)
 
     @torch.no_grad()
@@ -396,8 +399,8 @@ class MVAR(nn.Module):
         B = img_B3HW.shape[0]
         known = editing.known_tokens(self.vae, img_B3HW, mask_B1HW, self.patch_nums)
         rng = self.seeded_rng(g_seed)
-        f_hat, ms_idx_Bl = self.sample_scales(self.labels(B, label_B, rng), rng, cfg, top_k, top_p, more_smooth,
-                                              use_cache, known)
+        label_B = self.sampling_labels(B, label_B, rng)
+        f_hat, ms_idx_Bl = self.sample_scales(label_B, rng, cfg, top_k, top_p, more_smooth, use_cache, known)
         img_B3HW = self.vae.fhat_to_img(f_hat).add_(1).mul_(0.5)
         if keep_unmasked:
             img_B3HW = editing.paste_unmasked(self.vae, known, img_B3HW, mask_B1HW)

@@ -70,6 +70,8 @@ def main(argv: list[str] | None = None) -> Path:
         ckpt_path = resolve_mvar_checkpoint(args.ckpt, args.depth or 0)
         ckpt = load_checkpoint(ckpt_path, mmap=False)
         ours = "config" in ckpt and "model" in ckpt
+        if ours and (args.arch or args.pn):
+            raise ValueError(f"--arch/--pn are for official files; {ckpt_path.name} carries its own config")
         patch_nums = parse_patch_nums(args.pn) if args.pn else None
         overrides = {"arch": args.arch} if args.arch else {}
         config = None if ours else config_from_state_dict(ckpt, patch_nums, **overrides)
