@@ -80,6 +80,16 @@ def test_tokens_outside_the_mask_never_change_whatever_the_seed():
     assert torch.equal(outs[2], mvar.autoregressive_edit_cfg(img, mask, 2, g_seed=2, cfg=2.0, top_p=0.9))
 
 
+def test_outpainting_keeps_the_center_and_its_tokens():
+    vae, mvar = build_tiny("var")
+    img, around = images(2), ~box_mask(IMG, IMG, (2, 2, 6, 6))  # regenerate everything but the center
+    out, tokens = mvar.autoregressive_edit_cfg(img, around, 5, g_seed=0, top_k=8, return_tokens=True)
+    recon = reconstruction(vae, img)
+    assert torch.equal(out[..., 2:6, 2:6], recon[..., 2:6, 2:6]) and not torch.equal(out, recon)
+    center = tokens[-1].view(2, 4, 4)[:, 1:3, 1:3]  # the 4x4 scale's cells of 2x2 px inside the center
+    assert torch.equal(center, vae.img_to_idxBl(img * 2 - 1)[-1].view(2, 4, 4)[:, 1:3, 1:3])
+
+
 @pytest.mark.parametrize("arch", ["mvar", "var1+mvar"])
 def test_full_mask_is_plain_sampling(arch):
     _, mvar = build_tiny(arch)
