@@ -1,8 +1,10 @@
 """Zero-shot editing: known tokens are the image's own at every scale and feed the model like generated ones,
 the unmasked region is the tokenizer's reconstruction, and in-painting follows the class it is given."""
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch.utils.data import TensorDataset
 
 from models import build_vae_mvar
@@ -11,6 +13,7 @@ from scripts import train_tokenizer
 from test_mvar import ARCHS, build_tiny, record_sampling
 from utils.data import build_datasets
 from utils.digit_classifier import predict, train_classifier
+from utils.edit_inputs import load_edit_inputs
 
 IMG = 8  # build_tiny: patch_nums (1, 2, 3, 4) and a 2x tokenizer
 
@@ -181,3 +184,17 @@ def test_inpainting_follows_the_class_it_is_given(digits):
     # the wrong class pulls the digit towards itself: far more often read as that class than when the own class
     # was asked for (which would be the case if the label were ignored)
     assert wrong_consistency > (own == wrong_B).float().mean().item() + 0.05
+
+
+def test_edit_inputs_from_a_mask_png_or_a_box(tmp_path):
+    Image.fromarray(np.full((12, 16, 3), 200, np.uint8)).save(tmp_path / "img.png")  # 16x12: resized, cropped
+    mask = np.zeros((12, 16), np.uint8)
+    mask[6:, :] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    img, from_png = load_edit_inputs(tmp_path / "img.png", IMG, mask_path=tmp_path / "mask.png")
+    _, from_box = load_edit_inputs(tmp_path / "img.png", IMG, box=(0, 6, 16, 12))
+    assert img.shape == (1, 3, IMG, IMG) and torch.allclose(img, torch.full_like(img, 200 / 255), atol=1e-3)
+    assert torch.equal(from_png, from_box) and from_png[0, 0, :, 0].tolist() == [False] * 4 + [True] * 4
+    Image.fromarray(mask[:8]).save(tmp_path / "small.png")
+    with pytest.raises(ValueError, match="the mask must have the image's size"):
+        load_edit_inputs(tmp_path / "img.png", IMG, mask_path=tmp_path / "small.png")
