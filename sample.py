@@ -9,6 +9,11 @@ FID dump (50 PNGs per class for every class, sharded over ranks, resumable), the
     python scripts/fid.py --sample samples/d16-cfg1.5-topk900-topp0.96-seed0-n50.npz \\
         --ref VIRTUAL_imagenet256_labeled.npz
 
+Zero-shot editing (in-/out-painting, class-conditional editing): a grid with one row per class, showing
+before | mask | --num_per_class edits:
+    python sample.py --ckpt out/ckpt.pth --edit digit.png --box 0,16,32,32 --classes 3 7 --out edit.png
+--ckpt also takes a Hub folder (scripts/export.py) or a Hugging Face repo id, read offline-first.
+
 The same flags and seed give the same images: batch c is drawn with a generator seeded from (seed, c).
 """
 import argparse
@@ -27,10 +32,12 @@ from models.loading import config_from_state_dict, load_mvar, resolve_mvar_check
 from models.attention import resolve_backend
 from models.backends import BackendError
 from models.mamba2 import resolve_kernels
+from models.hub import HubSource, MVARHF, is_hub_source, read_config
 from models.mvar import MVAR, MVARConfig
 from models.tokenizer import load_vae
 from utils.args import add_backend_flags, add_model_flag
 from utils.checkpoint import load_checkpoint
+from utils.edit_inputs import load_edit_inputs, parse_box
 from utils.fid_dump import DumpPlan, check_or_write_settings, chunk_seed, dump_shard, fid_folder_name, pack_npz
 from utils.image_grid import save_folder, save_grid, to_uint8_BHW3
 from utils.logging_utils import setup_logging
@@ -49,7 +56,8 @@ DEMO_CLASSES = (207, 360, 387, 974, 88, 979, 417, 279)  # VAR's demo classes (Im
 # ---------------------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", default=None, help="M-VAR checkpoint: ours ({config, model, ...}) or an official file")
+    p.add_argument("--ckpt", default=None, help="M-VAR checkpoint: ours ({config, model, ...}), an official file, "
+                   "a Hub folder (scripts/export.py) or a Hugging Face repo id")
     p.add_argument("--depth", type=int, default=None,
                    help="without --ckpt: use the official d{depth}.pth; with --ckpt: the depth it must have")
     p.add_argument("--arch", default=None, choices=list(ARCH_BRANCHES),
@@ -78,6 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fid", action="store_true", help="FID dump of every class instead of pictures")
     p.add_argument("--fid_num_per_class", type=int, default=50, help="FID images per class")
     p.add_argument("--fid_dir", default="samples", help="parent folder of the FID dump and its npz")
+    p.add_argument("--edit", default=None, metavar="IMAGE", help="zero-shot editing of this image: regenerate the "
+                   "--mask/--box region with each of --classes; --out gets rows of before | mask | edits")
+    p.add_argument("--mask", default=None, metavar="MASK.png", help="with --edit: non-black pixels are regenerated "
+                   "(same size as the image)")
+    p.add_argument("--box", default=None, metavar="x0,y0,x1,y1", help="with --edit: the pixel box to regenerate "
+                   "(in the image's pixels, ends exclusive)")
     return p
 
 
@@ -110,11 +124,30 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         problems.append("--classes is for pictures; --fid samples every class")
     if args.classes is not None and min(args.classes) < 0:
         problems.append(f"--classes must be >= 0, got {args.classes}")
+    problems += edit_flag_problems(args)
     if args.fid and args.more_smooth:
         logger.warning("--more_smooth is meant for pictures; the paper's FID uses --no-more_smooth")
     if problems:
         parser.error("\n  ".join(problems))
     return args
+
+
+def edit_flag_problems(args: argparse.Namespace) -> list[str]:
+    if args.edit is None:
+        return [f"--{f} is for --edit" for f in ("mask", "box") if getattr(args, f) is not None]
+    problems = [] if (args.mask is None) != (args.box is None) else ["--edit needs exactly one of --mask or --box"]
+    if args.fid or args.classes is None:
+        problems.append("--edit needs --classes (one row per class) and no --fid")
+    if Path(args.out).suffix.lower() != ".png":
+        problems.append(f"--edit writes one grid: --out must end in .png, got {args.out}")
+    problems += [f"--{f}={getattr(args, f)}: no such file" for f in ("edit", "mask")
+                 if getattr(args, f) is not None and not Path(getattr(args, f)).is_file()]
+    if args.box is not None:
+        try:
+            args.box = parse_box(args.box)
+        except ValueError as e:
+            problems.append(str(e))
+    return problems
 
 
 def check_against_config(args: argparse.Namespace, config: MVARConfig, ckpt: str) -> None:
@@ -151,6 +184,8 @@ def check_backends(args: argparse.Namespace, device: torch.device) -> None:
 def load_checked(args: argparse.Namespace, device: torch.device) -> tuple[MVAR, Path, str]:
     """Resolve and read the checkpoint, check it against the flags, then build the model and its tokenizer
     -> (model, checkpoint path, which tokenizer: the --vae_ckpt file name, 'embedded' or 'official')."""
+    if args.ckpt is not None and is_hub_source(args.ckpt):
+        return load_hub_checked(args, device)
     if args.ckpt is None:
         ckpt_path = resolve_mvar_checkpoint(None, args.depth)
     elif not Path(args.ckpt).is_file():
@@ -169,6 +204,17 @@ def load_checked(args: argparse.Namespace, device: torch.device) -> tuple[MVAR, 
         vae_id = "official" if args.vae_ckpt is None else Path(args.vae_ckpt).name
     mvar = load_mvar(ckpt, device=device, vae=vae, attn_backend=args.attn_backend, mamba_backend=args.mamba_backend)
     return mvar, ckpt_path, vae_id
+
+
+def load_hub_checked(args: argparse.Namespace, device: torch.device) -> tuple[MVAR, Path, str]:
+    """load_checked for a Hub folder or repo id: config.json is checked before the weights are read."""
+    source = HubSource(args.ckpt, flag="--ckpt")
+    config = read_config(source)
+    check_against_config(args, config, args.ckpt)
+    vae = None if args.vae_ckpt is None else load_vae(args.vae_ckpt, device=device, v_patch_nums=config.patch_nums)
+    mvar = MVARHF.from_pretrained(source, device=device, vae=vae, attn_backend=args.attn_backend,
+                                  mamba_backend=args.mamba_backend)
+    return mvar, Path(args.ckpt), "embedded" if vae is None else Path(args.vae_ckpt).name
 
 
 def make_generate(mvar: MVAR, args: argparse.Namespace, device: torch.device):
@@ -207,6 +253,22 @@ def sample_pictures(args: argparse.Namespace, generate) -> Path:
     else:
         save_folder(imgs_BHW3, out, [f"class{c:04d}_{k:03d}" for c in classes for k in range(args.num_per_class)])
     logger.info("wrote %d images (%d classes x %d) to %s", len(imgs_BHW3), len(classes), args.num_per_class, out)
+    return out
+
+
+def sample_edit(args: argparse.Namespace, mvar: MVAR, device: torch.device) -> Path:
+    """One row per class: the image as the model sees it, the mask, then --num_per_class edits."""
+    img_13HW, mask_11HW = load_edit_inputs(args.edit, mvar.patch_nums[-1] * mvar.vae.downsample, args.mask, args.box)
+    n, dtype = args.num_per_class, amp_dtype(args)
+    rows = []
+    for c, cls in enumerate(args.classes):
+        with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            edits = mvar.autoregressive_edit_cfg(img_13HW.expand(n, -1, -1, -1), mask_11HW, cls,
+                                                 g_seed=chunk_seed(args.seed, c), cfg=args.cfg, top_k=args.top_k,
+                                                 top_p=args.top_p, more_smooth=args.more_smooth)
+        rows.append(torch.cat([img_13HW, mask_11HW.float().expand(1, 3, -1, -1), edits.float().cpu()]))
+    out = save_grid(to_uint8_BHW3(torch.cat(rows)), Path(args.out), ncol=2 + n)
+    logger.info("wrote %s: %d rows (classes %s) of before | mask | %d edits", out, len(rows), args.classes, n)
     return out
 
 
@@ -259,6 +321,11 @@ def main(argv: Sequence[str] | None = None) -> Path | None:
         mvar, ckpt_path, vae_id = load_checked(args, device)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from e
+    if args.edit is not None:
+        try:
+            return sample_edit(args, mvar, device)
+        except (ValueError, FileNotFoundError) as e:
+            raise SystemExit(f"error: {e}") from e
     generate = make_generate(mvar, args, device)
     if args.fid:
         return sample_fid(args, mvar, ckpt_path, vae_id, generate, rank, world_size)

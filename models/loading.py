@@ -78,6 +78,7 @@ def config_from_state_dict(
 def load_mvar(
     src: str | Path | dict[str, Any], device: str | torch.device = "cpu", vae: VQVAE | None = None,
     patch_nums: Sequence[int] | None = None, attn_backend: str = "auto", mamba_backend: str = "auto",
+    model_cls: type[MVAR] = MVAR, name: str | None = None,
     **config_overrides,
 ) -> MVAR:
     """Build an MVAR from a checkpoint path or an already loaded dict and load its weights strictly.
@@ -86,9 +87,10 @@ def load_mvar(
     state dicts. `config_overrides` change non-weight settings (e.g. cond_drop_rate). The kernels are a run-time
     choice (models.backends), never part of a checkpoint: "auto" (then $MVAR_ATTN_BACKEND / $MVAR_MAMBA_BACKEND)
     unless given, so a model trained with the portable kernels runs the fused ones where they exist.
+    `model_cls`: an MVAR subclass to build (e.g. models.hub.MVARHF); `name`: what errors call the source.
     """
     ckpt = load_checkpoint(src, mmap=False) if isinstance(src, (str, Path)) else src
-    name = str(src) if isinstance(src, (str, Path)) else "state dict"
+    name = name or (str(src) if isinstance(src, (str, Path)) else "state dict")
     if "config" in ckpt and "model" in ckpt:
         config = MVARConfig.from_dict(ckpt["config"], **config_overrides)
         state_dict = ckpt["model"]
@@ -96,7 +98,7 @@ def load_mvar(
         state_dict = ckpt
         config = config_from_state_dict(state_dict, patch_nums, **config_overrides)
     with torch.device(device):
-        mvar = MVAR(config, vae=vae, attn_backend=attn_backend, mamba_backend=mamba_backend)
+        mvar = model_cls(config, vae=vae, attn_backend=attn_backend, mamba_backend=mamba_backend)
     load_state_dict_checked(mvar, state_dict, ignore=DERIVED_KEYS, what=f"M-VAR checkpoint {name}")
     logger.info("loaded %s: arch=%s depth=%d C=%d L=%d", name, config.arch, config.depth, config.embed_dim, mvar.L)
     return mvar.eval()

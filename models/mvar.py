@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 from torchvision.ops import stochastic_depth
 
+from models import editing
 from models.attention import ScaleAttention
 from models.backends import ATTN, MAMBA, check_name
 from models.mamba2 import Mamba2, Mamba2State
@@ -351,6 +352,28 @@ class MVAR(nn.Module):
             if block.uses_kv_cache:
                 block.attn.kv_caching(False)
 
+    def seeded_rng(self, g_seed: int | None) -> torch.Generator | None:
+        """The model's sampling generator on its device, seeded with `g_seed` (None: torch's global RNG)."""
+        if g_seed is None:
+            return None
+        device = self.pos_1LC.device
+        if self.rng is None or self.rng.device != device:
+            self.rng = torch.Generator(device=device)
+        return self.rng.manual_seed(g_seed)
+
+    def sampling_labels(
+        self, B: int, label_B: int | torch.LongTensor | None, rng: torch.Generator | None,
+    ) -> torch.LongTensor:
+        """Class ids (B,) on the model's device from a tensor, an int for all (negative = null class), or None
+        (uniformly random classes drawn from `rng`)."""
+        device = self.pos_1LC.device
+        if label_B is None:
+            uniform = torch.full((1, self.num_classes), 1.0 / self.num_classes, device=device)
+            return torch.multinomial(uniform, num_samples=B, replacement=True, generator=rng).view(B)
+        if isinstance(label_B, int):
+            return torch.full((B,), self.num_classes if label_B < 0 else label_B, device=device)
+        return label_B.to(device)
+
     @torch.no_grad()
     def autoregressive_infer_cfg(
         self, B: int, label_B: int | torch.LongTensor | None, g_seed: int | None = None,
@@ -365,26 +388,52 @@ class MVAR(nn.Module):
         at each scale like the official release (a reference: same numbers, slower). Attention never needs
         a cache in the intra-scale archs; the `var` arch always uses VAR's KV cache.
         """
-        device = self.pos_1LC.device
-        rng = None
-        if g_seed is not None:
-            if self.rng is None or self.rng.device != device:
-                self.rng = torch.Generator(device=device)
-            self.rng.manual_seed(g_seed)
-            rng = self.rng
-        if label_B is None:
-            uniform = torch.full((1, self.num_classes), 1.0 / self.num_classes, device=device)
-            label_B = torch.multinomial(uniform, num_samples=B, replacement=True, generator=rng).view(B)
-        elif isinstance(label_B, int):
-            label_B = torch.full((B,), self.num_classes if label_B < 0 else label_B, device=device)
-        label_B = label_B.to(device)
+        rng = self.seeded_rng(g_seed)
+        label_B = self.sampling_labels(B, label_B, rng)
+        f_hat, _ = self.sample_scales(label_B, rng, cfg, top_k, top_p, more_smooth, use_cache)
+        return self.vae.fhat_to_img(f_hat).add_(1).mul_(0.5)
 
-        vae, quant = self.vae, self.vae.quantize
+    @torch.no_grad()
+    def autoregressive_edit_cfg(
+        self, img_B3HW: torch.Tensor, mask: torch.Tensor, label_B: int | torch.LongTensor | None,
+        g_seed: int | None = None, cfg: float = 1.5, top_k: int = 0, top_p: float = 0.0, more_smooth: bool = False,
+        use_cache: bool = True, keep_unmasked: bool = True, return_tokens: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, list[torch.LongTensor]]:
+        """Zero-shot editing (in-/out-painting, class-conditional editing; see models/editing.py): regenerate the
+        masked region of images (B, 3, H, W) in [0, 1]; returns the edited images (B, 3, H, W) in [0, 1].
+
+        mask: True (or 1) = regenerate; (H, W), (1, 1, H, W) or (B, 1, H, W). At every scale the tokens whose cell
+        holds no masked pixel are the image's own; the others are sampled as in `autoregressive_infer_cfg`
+        (same label_B, g_seed, cfg, top_k, top_p, more_smooth, use_cache). keep_unmasked: paste the tokenizer's
+        reconstruction outside the mask (those pixels then equal it exactly); False returns the plain decode of
+        the edited tokens. return_tokens: also return the token ids of every scale, (B, pn*pn) each.
+        """
+        img_B3HW = img_B3HW.to(self.pos_1LC.device)
+        mask_B1HW = editing.check_edit_inputs(img_B3HW, mask, self.patch_nums[-1] * self.vae.downsample)
+        B = img_B3HW.shape[0]
+        known = editing.known_tokens(self.vae, img_B3HW, mask_B1HW, self.patch_nums)
+        rng = self.seeded_rng(g_seed)
+        label_B = self.sampling_labels(B, label_B, rng)
+        f_hat, ms_idx_Bl = self.sample_scales(label_B, rng, cfg, top_k, top_p, more_smooth, use_cache, known)
+        img_B3HW = self.vae.fhat_to_img(f_hat).add_(1).mul_(0.5)
+        if keep_unmasked:
+            img_B3HW = editing.paste_unmasked(self.vae, known, img_B3HW, mask_B1HW)
+        return (img_B3HW, ms_idx_Bl) if return_tokens else img_B3HW
+
+    def sample_scales(
+        self, label_B: torch.LongTensor, rng: torch.Generator | None, cfg: float, top_k: int, top_p: float,
+        more_smooth: bool, use_cache: bool, known: editing.KnownTokens | None = None,
+    ) -> tuple[torch.Tensor, list[torch.LongTensor]]:
+        """The scale-by-scale sampling loop -> (f_hat (B, Cvae, h, w), drawn token ids (B, pn*pn) per scale).
+        `known`: tokens that replace the drawn ones before they feed the next scale (editing)."""
+        B = label_B.shape[0]
+        quant = self.vae.quantize
         cond_BD = self.class_emb(torch.cat((label_B, torch.full_like(label_B, self.num_classes))))  # (2B, D)
         lvl_pos_1LC = self.lvl_embed(self.lvl_1L) + self.pos_1LC
         next_BlC = (cond_BD.unsqueeze(1).expand(2 * B, self.first_l, -1) + self.pos_start.expand(2 * B, -1, -1)
                     + lvl_pos_1LC[:, : self.first_l])
         f_hat = cond_BD.new_zeros(B, self.Cvae, self.patch_nums[-1], self.patch_nums[-1])
+        ms_idx_Bl = []
         states = self.begin_inference(2 * B, use_cache)
         try:
             for si, pn in enumerate(self.patch_nums):
@@ -395,12 +444,17 @@ class MVAR(nn.Module):
                 # as the official code, tokens are always drawn (this filters logits_BlV in place and advances
                 # rng); smoothing then mixes code vectors with a Gumbel-softmax over the filtered logits
                 idx_Bl = sample_with_top_k_top_p_(logits_BlV, top_k=top_k, top_p=top_p, rng=rng)[:, :, 0]
+                if known is not None:
+                    idx_Bl = known.merge_idx(si, idx_Bl)
+                ms_idx_Bl.append(idx_Bl)
                 if not more_smooth:
                     h_BlCv = quant.embedding(idx_Bl)
                 else:
                     tau = max(0.27 * (1 - ratio * 0.95), 0.005)
                     h_BlCv = gumbel_softmax_with_rng(logits_BlV.mul(1 + ratio), tau=tau, rng=rng) \
                         @ quant.embedding.weight.unsqueeze(0)
+                    if known is not None:
+                        h_BlCv = known.merge_codes(si, h_BlCv, quant.embedding(idx_Bl))
                 h_BCvhw = h_BlCv.transpose(1, 2).reshape(B, self.Cvae, pn, pn)
                 f_hat, next_BCvhw = quant.get_next_autoregressive_input(si, len(self.patch_nums), f_hat, h_BCvhw)
                 if si != self.num_stages_minus_1:
@@ -409,7 +463,7 @@ class MVAR(nn.Module):
                     next_BlC = (next_BlC + lvl_pos_1LC[:, bg:ed]).repeat(2, 1, 1)  # (2B, l, C) for guidance
         finally:
             self.end_inference()
-        return vae.fhat_to_img(f_hat).add_(1).mul_(0.5)
+        return f_hat, ms_idx_Bl
 
     # ---- init --------------------------------------------------------------------------------------------------
     def init_weights(

@@ -146,9 +146,16 @@ def load_vae(path: str | os.PathLike | None = None, device: str | torch.device =
         config, state_dict = dict(obj["vae_config"]), obj["vae"]
     else:
         config, state_dict = {}, obj
-    vae = VQVAE.from_config({**config, "test_mode": True, **vae_kwargs})
+    return vae_from_state_dict(config, state_dict, f"tokenizer checkpoint {ckpt_path} ({flag})", device, **vae_kwargs)
+
+
+def vae_from_state_dict(config: dict[str, Any], state_dict: dict[str, torch.Tensor], what: str,
+                        device: str | torch.device = "cpu", cls: type[VQVAE] = VQVAE, **vae_kwargs: Any) -> VQVAE:
+    """Build a tokenizer of class `cls` from its config fields (missing ones: VQVAE defaults) and load
+    `state_dict` strictly (errors name `what`); frozen in eval mode unless `test_mode=False` is passed."""
+    vae = cls.from_config({**config, "test_mode": True, **vae_kwargs})
     state_dict = dict(state_dict)
     vae.quantize.keep_own_ema_if_rescaled(state_dict, prefix="quantize.")
-    load_state_dict_checked(vae, state_dict, what=f"tokenizer checkpoint {ckpt_path} ({flag})")
-    logger.info("loaded tokenizer from %s (%.2fM params)", ckpt_path, sum(p.numel() for p in vae.parameters()) / 1e6)
+    load_state_dict_checked(vae, state_dict, what=what)
+    logger.info("loaded %s (%.2fM params)", what, sum(p.numel() for p in vae.parameters()) / 1e6)
     return vae.to(device)

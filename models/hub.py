@@ -1,0 +1,200 @@
+"""The Hugging Face Hub format: safetensors weights + config.json, through huggingface_hub's PyTorchModelHubMixin.
+
+`MVARHF` and `VQVAEHF` are MVAR and VQVAE with `save_pretrained` / `from_pretrained` / `push_to_hub`. A model
+folder (or Hub repo) samples on its own:
+
+    config.json                   MVARConfig fields (not the kernel choices: those are picked where it runs)
+    model.safetensors             M-VAR weights
+    tokenizer/config.json         VQVAEConfig fields
+    tokenizer/model.safetensors   tokenizer weights
+    README.md                     model card
+
+Loading is offline-first: a local folder; else the file in the Hugging Face cache; else, unless HF_HUB_OFFLINE
+is set, a download. A miss names the repo and the cache. Weights are read with safetensors (no pickle runs) and
+loaded strictly by the checked loaders of models/loading.py and models/tokenizer.py.
+"""
+import dataclasses
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from huggingface_hub import ModelCard, PyTorchModelHubMixin
+from huggingface_hub import constants as hf_constants
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from models.loading import load_mvar
+from models.mvar import MVAR, MVARConfig
+from models.tokenizer import VQVAE, vae_from_state_dict
+from utils.fid_dump import fid_folder_name
+from utils.hub import hf_offline, resolve_checkpoint
+
+CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_DIR = "config.json", "model.safetensors", "tokenizer"
+PAPER_URL = "https://arxiv.org/abs/2411.10433"
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+_CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Where the files come from
+# ----------------------------------------------------------------------------------------------------------------
+def is_hub_source(source: str | os.PathLike) -> bool:
+    """True for a model folder, or for a repo id ("org/name") that is not a local path nor a checkpoint name."""
+    path = Path(source)
+    if path.is_dir():
+        return True
+    text = str(source)
+    return not path.exists() and bool(_REPO_ID.fullmatch(text)) and not text.endswith(_CHECKPOINT_SUFFIXES)
+
+
+class HubSource:
+    """The files of a model folder or Hub repo; `flag` is what errors call it (e.g. "--ckpt")."""
+
+    def __init__(self, source: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
+                 flag: str = "--ckpt"):
+        self.source, self.cache_dir, self.flag = str(source), cache_dir, flag
+        self.folder = Path(source) if Path(source).is_dir() else None
+        if self.folder is None and not is_hub_source(source):
+            raise FileNotFoundError(f"{flag}={source}: neither a model folder nor a Hugging Face repo id (org/name)")
+
+    def file(self, name: str) -> Path:
+        """Local path of `name` (e.g. "tokenizer/config.json"): in the folder, or from the cache / a download."""
+        if self.folder is not None:
+            path = self.folder / name
+            if not path.is_file():
+                raise FileNotFoundError(f"{self.flag}={self.source}: the folder has no {name} (expected a folder "
+                                        f"written by save_pretrained or scripts/export.py)")
+            return path
+        try:
+            return resolve_checkpoint(None, self.source, name, self.flag, cache_dir=self.cache_dir)
+        except FileNotFoundError as e:
+            cache = Path(self.cache_dir) if self.cache_dir is not None else Path(hf_constants.HF_HUB_CACHE)
+            offline = " (HF_HUB_OFFLINE is set)" if hf_offline() else ""
+            raise FileNotFoundError(
+                f"{self.flag}={self.source}: no such local folder, and {name} of the Hugging Face repo "
+                f"{self.source} is neither in the cache at {cache} nor downloadable{offline}.\n"
+                f"On a machine with internet access run `hf download {self.source}` (copy the cache folder over "
+                f"if needed), or point {self.flag} at a folder written by scripts/export.py.") from e
+
+    def json(self, name: str) -> dict[str, Any]:
+        return json.loads(self.file(name).read_text())
+
+    def weights(self, name: str) -> dict[str, torch.Tensor]:
+        return load_file(self.file(name), device="cpu")
+
+    def __str__(self) -> str:
+        return self.source
+
+
+def save_weights(module: nn.Module, folder: Path, config: dict[str, Any]) -> None:
+    """config.json + model.safetensors of `module` into `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    state_dict = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
+    save_file(state_dict, folder / WEIGHTS_FILE, metadata={"format": "pt"})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tokenizer
+# ----------------------------------------------------------------------------------------------------------------
+class VQVAEHF(VQVAE, PyTorchModelHubMixin, library_name="mvar", paper_url=PAPER_URL,
+              tags=["vqvae", "image-tokenizer"]):
+    """VAR's multi-scale VQVAE in the Hub format (a folder with config.json + model.safetensors)."""
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        save_weights(self, save_directory, dataclasses.asdict(self.config))
+
+    @classmethod
+    def from_pretrained(cls, source: str | os.PathLike | HubSource, *, subfolder: str = "",
+                        device: str | torch.device = "cpu", cache_dir: str | os.PathLike | None = None,
+                        flag: str = "--vae_ckpt", **vae_kwargs: Any) -> "VQVAEHF":
+        """A tokenizer folder or repo id (`subfolder`: where in it, e.g. "tokenizer"); `vae_kwargs` override
+        config fields (e.g. v_patch_nums)."""
+        src = source if isinstance(source, HubSource) else HubSource(source, cache_dir, flag)
+        prefix = f"{subfolder}/" if subfolder else ""
+        return vae_from_state_dict(src.json(prefix + CONFIG_FILE), src.weights(prefix + WEIGHTS_FILE),
+                                   f"tokenizer {src} ({prefix + WEIGHTS_FILE})", device, cls=cls, **vae_kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# M-VAR
+# ----------------------------------------------------------------------------------------------------------------
+def read_config(source: str | os.PathLike | HubSource, cache_dir: str | os.PathLike | None = None,
+                flag: str = "--ckpt") -> MVARConfig:
+    """The MVARConfig of a model folder or repo id, without reading its weights."""
+    src = source if isinstance(source, HubSource) else HubSource(source, cache_dir, flag)
+    return MVARConfig.from_dict(src.json(CONFIG_FILE))
+
+
+class MVARHF(MVAR, PyTorchModelHubMixin, library_name="mvar", paper_url=PAPER_URL,
+             tags=["m-var", "image-generation", "class-conditional"]):
+    """MVAR in the Hub format; `save_pretrained` also writes the attached tokenizer into `tokenizer/`, and
+    `from_pretrained` attaches it again, so one folder or repo id samples."""
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        save_weights(self, save_directory, dataclasses.asdict(self.config))
+        if self.vae_proxy:
+            save_weights(self.vae, save_directory / TOKENIZER_DIR, dataclasses.asdict(self.vae.config))
+
+    @classmethod
+    def from_pretrained(cls, source: str | os.PathLike | HubSource, *, device: str | torch.device = "cpu",
+                        cache_dir: str | os.PathLike | None = None, vae: VQVAE | None = None, flag: str = "--ckpt",
+                        **config_overrides: Any) -> "MVARHF":
+        """A model folder or repo id -> the model in eval mode with its tokenizer attached (or `vae` when given).
+        `config_overrides` change non-weight settings (attn_backend, mamba_backend, ...)."""
+        src = source if isinstance(source, HubSource) else HubSource(source, cache_dir, flag)
+        config = src.json(CONFIG_FILE)
+        if vae is None:
+            vae = VQVAEHF.from_pretrained(src, subfolder=TOKENIZER_DIR, device=device,
+                                          v_patch_nums=config["patch_nums"])
+        ckpt = {"config": config, "model": src.weights(WEIGHTS_FILE)}
+        return load_mvar(ckpt, device=device, vae=vae, model_cls=cls, name=f"{src} ({WEIGHTS_FILE})",
+                         **config_overrides)
+
+    def generate_model_card(self, *args, **kwargs) -> ModelCard:
+        """README.md of the folder; kwargs: repo_id, training_data, metrics ({name: value}), source."""
+        return ModelCard(model_card_text(self, **kwargs))
+
+
+def model_card_text(mvar: MVAR, repo_id: str | None = None, training_data: str | None = None,
+                    metrics: dict[str, str] | None = None, source: str | None = None) -> str:
+    """A model card: architecture, parameter count, training data, metrics, and the commands that use it."""
+    c = mvar.config
+    name = repo_id or "path/to/this/folder"
+    reso = mvar.patch_nums[-1] * mvar.vae.downsample if mvar.vae_proxy else None
+    n_params = sum(p.numel() for p in mvar.parameters())
+    mix = f", first {c.var_blocks} blocks VAR" if c.var_blocks else ""
+    rows = [("architecture", f"`{c.arch}`{mix}, depth {c.depth}, width {c.embed_dim}, {c.num_heads} heads"),
+            ("parameters", f"{n_params / 1e6:.2f}M (transformer; the tokenizer is not counted)"),
+            ("classes", str(c.num_classes)), ("scales", "_".join(map(str, c.patch_nums))),
+            ("image size", f"{reso} px" if reso else "see the tokenizer"), ("codebook", f"{c.V} x {c.Cvae}"),
+            ("training data", training_data or "not recorded"), ("exported from", f"`{source}`" if source else "-")]
+    rows += [(k, str(v)) for k, v in (metrics or {}).items()]
+    table = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    classes = " ".join(str(i) for i in range(min(c.num_classes, 4)))
+    lines = [
+        "---", "library_name: mvar", "tags:", "- m-var", "- image-generation", "- class-conditional",
+        "- pytorch_model_hub_mixin", "---", "",
+        f"# M-VAR ({c.arch}, depth {c.depth})", "",
+        f"Class-conditional scale-wise autoregressive image generator ([M-VAR]({PAPER_URL})), in the safetensors "
+        "format of this repository's `models/hub.py`: `config.json` + `model.safetensors`, the tokenizer in "
+        "`tokenizer/`.", "",
+        "| | |", "|---|---|", table, "",
+        "## Use", "", "```bash",
+        f"python sample.py --ckpt {name} --classes {classes} --num_per_class 4 --cfg 1.5 --top_k 900 --top_p 0.96 "
+        "--out grid.png",
+        f"python sample.py --ckpt {name} --edit image.png --box 0,{(reso or 16) // 2},{reso or 16},{reso or 16} "
+        f"--classes {classes.split()[0]} --out edit.png",
+    ]
+    if c.num_classes == 1000 and reso in (256, 512):
+        ref = "VIRTUAL_imagenet256_labeled.npz" if reso == 256 else "VIRTUAL_imagenet512.npz"
+        lines += [f"torchrun --nproc_per_node=8 sample.py --ckpt {name} --fid --preset fid --fid_dir samples --bf16",
+                  f"python scripts/fid.py --sample samples/{fid_folder_name(name, 1.5, 900, 0.96, 0)}.npz --ref {ref}"]
+    lines += ["```", "", "In Python:", "", "```python", "from models.hub import MVARHF",
+              f"mvar = MVARHF.from_pretrained({name!r})",
+              "img_B3HW = mvar.autoregressive_infer_cfg(4, label_B=0, g_seed=0, cfg=1.5, top_k=900, top_p=0.96)",
+              "```", ""]
+    return "\n".join(lines)

@@ -1,0 +1,97 @@
+"""Export an M-VAR checkpoint to the Hugging Face Hub format: a folder with config.json, model.safetensors, the
+tokenizer in tokenizer/ and a model card (README.md). Loading the folder gives the same logits, bit for bit.
+
+    python scripts/export.py --ckpt local_output/ar-ckpt-best.pth --out hub/mvar-mnist    # our checkpoint
+    python scripts/export.py --ckpt d16.pth --vae_ckpt vae_ch160v4096z32.pth --out hub/mvar-d16   # official files
+    python scripts/export.py --depth 16 --out hub/mvar-d16          # official d16.pth + VAR's tokenizer, HF cache
+    python scripts/export.py --ckpt var_d16.pth --out hub/var-d16 --repo_id me/var-d16 --push   # and upload it
+
+Then: `python sample.py --ckpt hub/mvar-d16 ...`, or in Python `models.hub.MVARHF.from_pretrained("hub/mvar-d16")`.
+"""
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file from anywhere
+
+from models.hub import MVARHF  # noqa: E402
+from models.loading import config_from_state_dict, load_mvar, resolve_mvar_checkpoint  # noqa: E402
+from models.tokenizer import load_vae, parse_patch_nums  # noqa: E402
+from utils.checkpoint import load_checkpoint  # noqa: E402
+from utils.logging_utils import setup_logging  # noqa: E402
+
+logger = logging.getLogger("export")
+
+OFFICIAL_DATA = "ImageNet-1k train set (the official release)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", default=None, help="our checkpoint (train.py) or an official .pth (M-VAR d16.pth, VAR "
+                   "var_d16.pth, ...); none: the official d{--depth}.pth from the Hugging Face cache")
+    p.add_argument("--depth", type=int, default=None, help="without --ckpt: which official M-VAR file")
+    p.add_argument("--vae_ckpt", default=None, help="tokenizer (default: the one inside --ckpt, else VAR's "
+                   "vae_ch160v4096z32.pth from the Hugging Face cache)")
+    p.add_argument("--pn", default=None, help="patch schedule of an official file whose L is not a preset")
+    p.add_argument("--arch", default=None, choices=["intra"], help="official files: attention-only weights are read "
+                   "as VAR; pass intra for the intra-scale ablation (same keys)")
+    p.add_argument("--out", required=True, help="the folder to write")
+    p.add_argument("--repo_id", default=None, help="the Hub repo (org/name) named in the model card; with --push the "
+                   "one uploaded to")
+    p.add_argument("--push", action="store_true", help="also upload the folder to --repo_id (needs `hf auth login`)")
+    p.add_argument("--training_data", default=None, help="for the model card (default: from our checkpoint's "
+                   f"flags; '{OFFICIAL_DATA}' for official files)")
+    p.add_argument("--metric", action="append", default=[], metavar="NAME=VALUE",
+                   help="a measured metric for the model card, e.g. FID=3.07 (repeatable)")
+    return p
+
+
+def training_data(ckpt: dict) -> str:
+    """What a checkpoint says it was trained on: our train.py flags, else the official release."""
+    flags = ckpt.get("args")
+    if not isinstance(flags, dict):
+        return OFFICIAL_DATA
+    data = flags.get("data_path") or f"embedded `{flags.get('dataset')}` (utils/embedded_data.py)"
+    return f"{data}, {flags.get('ep')} epochs, batch {flags.get('bs')} (train.py)"
+
+
+def main(argv: list[str] | None = None) -> Path:
+    args = build_parser().parse_args(argv)
+    setup_logging(0)
+    if (args.ckpt is None) == (args.depth is None):
+        raise SystemExit("error: pass --ckpt=PATH, or --depth=N for the official OliverRen/M-VAR d{N}.pth")
+    if args.push and not args.repo_id:
+        raise SystemExit("error: --push needs --repo_id=org/name")
+    bad = [m for m in args.metric if "=" not in m]
+    if bad:
+        raise SystemExit(f"error: --metric {bad}: expected NAME=VALUE")
+    try:
+        ckpt_path = resolve_mvar_checkpoint(args.ckpt, args.depth or 0)
+        ckpt = load_checkpoint(ckpt_path, mmap=False)
+        ours = "config" in ckpt and "model" in ckpt
+        if ours and (args.arch or args.pn):
+            raise ValueError(f"--arch/--pn are for official files; {ckpt_path.name} carries its own config")
+        patch_nums = parse_patch_nums(args.pn) if args.pn else None
+        overrides = {"arch": args.arch} if args.arch else {}
+        config = None if ours else config_from_state_dict(ckpt, patch_nums, **overrides)
+        if args.vae_ckpt is None and "vae" in ckpt and "vae_config" in ckpt:
+            vae = load_vae(ckpt_path, flag="--ckpt")
+        else:
+            vae = load_vae(args.vae_ckpt, v_patch_nums=config.patch_nums if config else ckpt["config"]["patch_nums"])
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from e
+    mvar = load_mvar(ckpt, vae=vae, patch_nums=patch_nums, model_cls=MVARHF, name=str(ckpt_path), **overrides)
+    card = dict(repo_id=args.repo_id, training_data=args.training_data or training_data(ckpt),
+                metrics=dict(m.split("=", 1) for m in args.metric), source=ckpt_path.name)
+    out = Path(args.out)
+    mvar.save_pretrained(out, model_card_kwargs=card)
+    logger.info("wrote %s: %s", out, ", ".join(sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())))
+    if args.push:
+        url = mvar.push_to_hub(args.repo_id, model_card_kwargs=card)
+        logger.info("pushed to %s", url)
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,200 @@
+"""Zero-shot editing: known tokens are the image's own at every scale and feed the model like generated ones,
+the unmasked region is the tokenizer's reconstruction, and in-painting follows the class it is given."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import TensorDataset
+
+from models import build_vae_mvar
+from models.editing import box_mask, token_masks
+from scripts import train_tokenizer
+from test_mvar import ARCHS, build_tiny, record_sampling
+from utils.data import build_datasets
+from utils.digit_classifier import predict, train_classifier
+from utils.edit_inputs import load_edit_inputs
+
+IMG = 8  # build_tiny: patch_nums (1, 2, 3, 4) and a 2x tokenizer
+
+
+def images(B=3, seed=0):
+    return torch.rand(B, 3, IMG, IMG, generator=torch.Generator().manual_seed(seed))
+
+
+def reconstruction(vae, img_B3HW):
+    return vae.img_to_reconstructed_img(img_B3HW * 2 - 1, last_one=True).add(1).mul(0.5)
+
+
+def test_token_mask_rule_regenerates_every_cell_that_touches_the_mask():
+    mask = box_mask(IMG, IMG, (0, 5, IMG, IMG))  # rows 5..7 masked
+    known = token_masks(mask, (1, 2, 3, 4))
+    rows = [k.view(pn, pn)[:, 0].tolist() for k, pn in zip(known, (1, 2, 3, 4), strict=True)]
+    # cells span rows [0,8) | [0,4) [4,8) | [0,3) [2,6) [5,8) | [0,2) [2,4) [4,6) [6,8)
+    assert rows == [[False], [True, False], [True, False, False], [True, True, False, False]]
+    assert all(k.view(-1).tolist() == [True] * k.numel() for k in token_masks(mask & False, (1, 2, 3, 4)))
+
+
+@pytest.mark.parametrize("more_smooth", [False, True])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_empty_mask_gives_the_tokenizers_reconstruction(arch, more_smooth):
+    vae, mvar = build_tiny(arch)
+    img = images()
+    empty = torch.zeros(IMG, IMG, dtype=torch.bool)
+    out, tokens = mvar.autoregressive_edit_cfg(img, empty, 3, g_seed=0, cfg=1.5, top_k=5, more_smooth=more_smooth,
+                                               keep_unmasked=False, return_tokens=True)
+    for got, want in zip(tokens, vae.img_to_idxBl(img * 2 - 1), strict=True):
+        assert torch.equal(got, want)
+    torch.testing.assert_close(out, reconstruction(vae, img), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_known_tokens_feed_the_model_like_generated_ones(monkeypatch, arch):
+    """The logits drawn from at every scale equal a teacher-forced pass over the edited token maps: the known
+    tokens went into the Mamba2 states / KV caches exactly as if the model had generated them."""
+    vae, mvar = build_tiny(arch)
+    mvar.eval()  # no label dropout in the teacher-forced pass
+    calls = record_sampling(monkeypatch)
+    label_B = torch.tensor([1, 7])
+    _, tokens = mvar.autoregressive_edit_cfg(images(2), box_mask(IMG, IMG, (2, 3, 7, 8)), label_B, g_seed=3,
+                                             cfg=0.0, return_tokens=True)
+    logits_sampled = torch.cat([logits for logits, _ in calls], dim=1)
+    logits_tf = mvar(label_B, vae.quantize.idxBl_to_var_input(tokens))
+    torch.testing.assert_close(logits_sampled, logits_tf, rtol=1e-4, atol=1e-4)
+
+
+def test_tokens_outside_the_mask_never_change_whatever_the_seed():
+    vae, mvar = build_tiny()
+    img, mask = images(), box_mask(IMG, IMG, (0, 4, IMG, IMG))
+    own = vae.img_to_idxBl(img * 2 - 1)
+    known = token_masks(mask.expand(3, 1, IMG, IMG), mvar.patch_nums)
+    recon = reconstruction(vae, img)
+    outs, changed = [], torch.zeros(3, 1, IMG, IMG, dtype=torch.bool)
+    for seed in range(4):
+        out, tokens = mvar.autoregressive_edit_cfg(img, mask, 2, g_seed=seed, cfg=2.0, top_p=0.9,
+                                                   return_tokens=True)
+        for got, want, keep in zip(tokens, own, known, strict=True):
+            assert torch.equal(got[keep], want[keep])
+        assert torch.equal(out[..., :4, :], recon[..., :4, :])  # unmasked pixels: the reconstruction, exactly
+        changed |= (out != recon).any(1, keepdim=True)
+        outs.append(out)
+    assert changed[..., 4:, :].float().mean() > 0.5  # the masked region is regenerated...
+    assert not torch.equal(outs[0], outs[1])  # ...differently for each seed
+    assert torch.equal(outs[2], mvar.autoregressive_edit_cfg(img, mask, 2, g_seed=2, cfg=2.0, top_p=0.9))
+
+
+def test_outpainting_keeps_the_center_and_its_tokens():
+    vae, mvar = build_tiny("var")
+    img, around = images(2), ~box_mask(IMG, IMG, (2, 2, 6, 6))  # regenerate everything but the center
+    out, tokens = mvar.autoregressive_edit_cfg(img, around, 5, g_seed=0, top_k=8, return_tokens=True)
+    recon = reconstruction(vae, img)
+    assert torch.equal(out[..., 2:6, 2:6], recon[..., 2:6, 2:6]) and not torch.equal(out, recon)
+    center = tokens[-1].view(2, 4, 4)[:, 1:3, 1:3]  # the 4x4 scale's cells of 2x2 px inside the center
+    assert torch.equal(center, vae.img_to_idxBl(img * 2 - 1)[-1].view(2, 4, 4)[:, 1:3, 1:3])
+
+
+@pytest.mark.parametrize("arch", ["mvar", "var1+mvar"])
+def test_full_mask_is_plain_sampling(arch):
+    _, mvar = build_tiny(arch)
+    full = torch.ones(1, 1, IMG, IMG)
+    kw = dict(label_B=torch.tensor([4, 0]), g_seed=9, cfg=1.5, top_k=10, top_p=0.9)
+    edited = mvar.autoregressive_edit_cfg(images(2), full, **kw)
+    assert torch.equal(edited, mvar.autoregressive_infer_cfg(2, **kw))
+
+
+@pytest.mark.parametrize("img, mask, message", [
+    (torch.rand(2, 3, 16, 16), torch.zeros(16, 16), r"\(B, 3, 8, 8\)"),
+    (torch.rand(2, 3, IMG, IMG) * 2 - 1, torch.zeros(IMG, IMG), r"\[0, 1\]"),
+    (torch.rand(2, 3, IMG, IMG), torch.full((IMG, IMG), 0.5), "binary"),
+    (torch.rand(2, 3, IMG, IMG), torch.zeros(3, 1, IMG, IMG), "mask: expected"),
+])
+def test_bad_inputs_are_clear_errors(img, mask, message):
+    _, mvar = build_tiny()
+    with pytest.raises(ValueError, match=message):
+        mvar.autoregressive_edit_cfg(img, mask, 0)
+
+
+def test_box_outside_the_image_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"0 <= y0 < y1 <= 8"):
+        box_mask(IMG, IMG, (0, 6, 8, 9))
+
+
+# ---- a model that learned digits: in-painting follows the class it is given ---------------------------------
+DIGIT_PX, DIGIT_PN = 8, (1, 2, 3, 4)  # 8 px digits: a 2x tokenizer with a 4x4 latent (seconds to train on a CPU)
+
+
+def train_mvar_on_tokens(mvar, vae, img_B3HW, label_B, epochs=2, bs=64, lr=4e-3, seed=0):
+    """Teacher-forced cross-entropy on the tokenizer's codes, AdamW with a one-cycle schedule."""
+    with torch.no_grad():
+        idx_Bl = vae.img_to_idxBl(img_B3HW)
+        x_BLCv, gt_BL = vae.quantize.idxBl_to_var_input(idx_Bl), torch.cat(idx_Bl, dim=1)
+    steps = epochs * (len(label_B) // bs)
+    opt = torch.optim.AdamW(mvar.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    gen = torch.Generator().manual_seed(seed)
+    mvar.train()
+    for _ in range(epochs):
+        for b in torch.randperm(len(label_B), generator=gen)[: steps // epochs * bs].view(-1, bs):
+            logits_BLV = mvar(label_B[b], x_BLCv[b])
+            loss = F.cross_entropy(logits_BLV.flatten(0, 1), gt_BL[b].flatten())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    return mvar.eval()
+
+
+@pytest.fixture(scope="module")
+def digits():
+    """Tokenizer, M-VAR and classifier trained on the embedded digits at 8 px (about 40 s of one CPU thread)."""
+    torch.manual_seed(0)
+    _, train_set, val_set = build_datasets("", "mnist", DIGIT_PX, mid_reso=1.0)
+    x, y = torch.stack([im for im, _ in train_set]), torch.tensor(train_set.targets)
+    args = train_tokenizer.build_parser().parse_args(
+        [f"--reso={DIGIT_PX}", "--ch_mult=1_1", "--bs=32", "--steps=200", "--lr=3e-3", "--reinit_every=100"])
+    tok = train_tokenizer.TokenizerTrainer(train_tokenizer.build_vae(args), args, torch.device("cpu"))
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(args.steps):
+        tok.train_step(x[torch.randint(len(x), (args.bs,), generator=gen)])
+    vae, mvar = build_vae_mvar(
+        "cpu", patch_nums=DIGIT_PN, V=args.vocab_size, Cvae=args.z_channels, ch=args.ch, ch_mult=args.ch_mult,
+        num_classes=10, depth=1, embed_dim=128, flash_if_available=False, fused_if_available=False, d_state=16,
+        init_adaln_gamma=1e-3,
+    )
+    vae.load_state_dict(tok.vae.state_dict())
+    train_mvar_on_tokens(mvar, vae, x, y)
+    classifier = train_classifier(TensorDataset(x, y), 10, epochs=2)
+    val_x = torch.stack([im for im, _ in val_set]).add(1).mul(0.5)  # [0, 1]
+    return mvar, classifier, val_x[::4], torch.tensor(val_set.targets[::4])  # 125 digits, every class
+
+
+@pytest.mark.slow
+def test_inpainting_follows_the_class_it_is_given(digits):
+    mvar, classifier, img, true_B = digits
+    lower_half = box_mask(DIGIT_PX, DIGIT_PX, (0, DIGIT_PX // 2, DIGIT_PX, DIGIT_PX))
+    wrong_B = (true_B + 1 + torch.randint(9, true_B.shape, generator=torch.Generator().manual_seed(1))) % 10
+    kw = dict(g_seed=0, cfg=1.5, top_p=0.96)
+    own = predict(classifier, mvar.autoregressive_edit_cfg(img, lower_half, true_B, **kw) * 2 - 1)
+    wrong = predict(classifier, mvar.autoregressive_edit_cfg(img, lower_half, wrong_B, **kw) * 2 - 1)
+    own_consistency = (own == true_B).float().mean().item()
+    wrong_consistency = (wrong == wrong_B).float().mean().item()
+    print(f"class consistency: own class {own_consistency:.3f}, wrong class {wrong_consistency:.3f}")
+    assert own_consistency > 0.8
+    assert own_consistency - wrong_consistency > 0.5
+    # the wrong class pulls the digit towards itself: far more often read as that class than when the own class
+    # was asked for (which would be the case if the label were ignored)
+    assert wrong_consistency > (own == wrong_B).float().mean().item() + 0.05
+
+
+def test_edit_inputs_from_a_mask_png_or_a_box(tmp_path):
+    Image.fromarray(np.full((12, 16, 3), 200, np.uint8)).save(tmp_path / "img.png")  # 16x12: resized, cropped
+    mask = np.zeros((12, 16), np.uint8)
+    mask[6:, :] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    img, from_png = load_edit_inputs(tmp_path / "img.png", IMG, mask_path=tmp_path / "mask.png")
+    _, from_box = load_edit_inputs(tmp_path / "img.png", IMG, box=(0, 6, 16, 12))
+    assert img.shape == (1, 3, IMG, IMG) and torch.allclose(img, torch.full_like(img, 200 / 255), atol=1e-3)
+    assert torch.equal(from_png, from_box) and from_png[0, 0, :, 0].tolist() == [False] * 4 + [True] * 4
+    Image.fromarray(mask[:8]).save(tmp_path / "small.png")
+    with pytest.raises(ValueError, match="the mask must have the image's size"):
+        load_edit_inputs(tmp_path / "img.png", IMG, mask_path=tmp_path / "small.png")

@@ -1,0 +1,159 @@
+"""The Hub format (models/hub.py, scripts/export.py): safetensors round trips without pickle, a fake offline Hub
+cache, official-layout .pth -> folder with bit-identical logits, sample.py --ckpt on folders and repo ids."""
+import dataclasses
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from huggingface_hub import HfApi
+from PIL import Image
+
+import sample
+from models.hub import MVARHF, VQVAEHF, is_hub_source
+from models.loading import load_mvar, mvar_checkpoint
+from scripts import export
+import test_hub
+from test_hub import put_in_hf_cache
+from test_loading import official_style_state_dict
+from test_mvar import build_tiny, teacher_input
+
+REPO = "someone/mvar-tiny"
+offline_cache = test_hub.offline_cache  # the fixture: HF_HUB_OFFLINE=1, an empty hub cache under tmp_path
+
+
+def hub_model(arch="mvar"):
+    vae, mvar = build_tiny(arch)
+    return load_mvar(mvar_checkpoint(mvar, vae), vae=vae, model_cls=MVARHF), vae
+
+
+def assert_same_model(a, b):
+    label_B, _, x_BLCv = teacher_input(a.vae, a)
+    assert torch.equal(a(label_B, x_BLCv), b(label_B, x_BLCv))
+    for k, v in a.vae.state_dict().items():
+        assert torch.equal(v, b.vae.state_dict()[k]), k
+    assert torch.equal(a.autoregressive_infer_cfg(2, 3, g_seed=1, top_k=5),
+                       b.autoregressive_infer_cfg(2, 3, g_seed=1, top_k=5))
+
+
+@pytest.fixture
+def no_pickle(monkeypatch):
+    """Loading must not unpickle anything (safetensors only)."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a pickle was loaded")
+
+    for target, name in ((torch, "load"), (pickle, "load"), (pickle, "loads")):
+        monkeypatch.setattr(target, name, refuse)
+
+
+@pytest.mark.parametrize("arch", ["mvar", "var", "var1+mvar"])
+def test_save_load_round_trip_is_exact_and_unpickled(tmp_path, arch, no_pickle):
+    mvar, _ = hub_model(arch)
+    mvar.save_pretrained(tmp_path / "m")
+    files = sorted(str(p.relative_to(tmp_path / "m")) for p in (tmp_path / "m").rglob("*") if p.is_file())
+    assert files == ["README.md", "config.json", "model.safetensors", "tokenizer/config.json",
+                     "tokenizer/model.safetensors"]
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["arch"] == mvar.config.arch and "attn_backend" not in config  # kernels are picked at load
+    loaded = MVARHF.from_pretrained(tmp_path / "m")
+    assert isinstance(loaded, MVARHF) and isinstance(loaded.vae, VQVAEHF) and not loaded.training
+    assert_same_model(mvar.eval(), loaded)
+
+
+def test_strict_loading_names_the_bad_keys(tmp_path):
+    mvar, _ = hub_model()
+    mvar.save_pretrained(tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**config, "depth": 3}))
+    with pytest.raises(RuntimeError, match=r"model\.safetensors.*missing key.*blocks\.2"):
+        MVARHF.from_pretrained(tmp_path / "m")
+
+
+def put_folder_in_cache(folder, cache, repo_id):
+    for path in folder.rglob("*"):
+        if path.is_file():
+            put_in_hf_cache(cache, repo_id, str(path.relative_to(folder)), path.read_bytes())
+
+
+def test_repo_id_loads_offline_from_the_hub_cache(tmp_path, offline_cache):
+    mvar, _ = hub_model()
+    mvar.save_pretrained(tmp_path / "m")
+    put_folder_in_cache(tmp_path / "m", offline_cache, REPO)
+    assert is_hub_source(REPO) and not is_hub_source("someone/missing.pth")
+    assert_same_model(mvar.eval(), MVARHF.from_pretrained(REPO))
+
+    flags = ["--device", "cpu", "--classes", "1", "2", "--num_per_class", "2", "--top_k", "5", "--seed", "3"]
+    from_repo = sample.main(["--ckpt", REPO, *flags, "--out", str(tmp_path / "repo.png")])
+    from_folder = sample.main(["--ckpt", str(tmp_path / "m"), *flags, "--out", str(tmp_path / "folder.png")])
+    assert from_repo.read_bytes() == from_folder.read_bytes()
+
+
+def test_nothing_found_names_the_repo_and_the_cache(offline_cache):
+    with pytest.raises(FileNotFoundError) as err:
+        MVARHF.from_pretrained(REPO)
+    msg = str(err.value)
+    assert REPO in msg and str(offline_cache) in msg and "HF_HUB_OFFLINE" in msg and f"hf download {REPO}" in msg
+    with pytest.raises(SystemExit, match=rf"--ckpt={REPO}: no such local folder.*{offline_cache}"):
+        sample.main(["--ckpt", REPO, "--device", "cpu", "--classes", "1"])
+
+
+def test_official_pth_exports_to_a_folder_with_identical_logits(tmp_path, offline_cache):
+    _, mvar = build_tiny()
+    torch.save(official_style_state_dict(mvar), tmp_path / "d2.pth")  # what OliverRen/M-VAR ships: raw tensors
+    vae, _ = build_tiny()
+    # a tiny tokenizer needs its config beside it (VAR's raw vae_ch160v4096z32.pth is read with VQVAE defaults)
+    torch.save({"vae_config": dataclasses.asdict(vae.config), "vae": vae.state_dict()}, tmp_path / "vae.pth")
+    out = export.main(["--ckpt", str(tmp_path / "d2.pth"), "--vae_ckpt", str(tmp_path / "vae.pth"),
+                       "--out", str(tmp_path / "hub"), "--repo_id", REPO, "--metric", "FID=9.99"])
+    from_pth = load_mvar(tmp_path / "d2.pth", vae=vae)
+    assert_same_model(from_pth, MVARHF.from_pretrained(out))
+    card = (out / "README.md").read_text()
+    n_params = sum(p.numel() for p in mvar.parameters()) / 1e6
+    for text in ("`mvar`, depth 2, width 64, 2 heads", f"{n_params:.2f}M", "ImageNet-1k", "| FID | 9.99 |",
+                 f"python sample.py --ckpt {REPO} --classes", "`d2.pth`"):
+        assert text in card, text
+
+
+def test_our_checkpoint_exports_with_its_tokenizer_and_training_flags(tmp_path):
+    vae, mvar = build_tiny("mamba")
+    ckpt = {**mvar_checkpoint(mvar, vae), "args": {"data_path": "", "dataset": "mnist", "ep": 8, "bs": 64}}
+    torch.save(ckpt, tmp_path / "ar-ckpt-best.pth")
+    out = export.main(["--ckpt", str(tmp_path / "ar-ckpt-best.pth"), "--out", str(tmp_path / "hub")])
+    assert_same_model(load_mvar(tmp_path / "ar-ckpt-best.pth", vae=vae), MVARHF.from_pretrained(out))
+    assert "embedded `mnist` (utils/embedded_data.py), 8 epochs, batch 64" in (out / "README.md").read_text()
+
+
+def test_push_to_hub_uploads_the_saved_folder(monkeypatch):
+    mvar, _ = hub_model()
+    uploaded = {}
+
+    def upload_folder(self, *, repo_id, folder_path, **kwargs):
+        uploaded[repo_id] = sorted(p.name for p in folder_path.rglob("*") if p.is_file())
+        return f"https://huggingface.co/{repo_id}/commit/0"
+
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: type("R", (), {"repo_id": repo_id}))
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    assert mvar.push_to_hub(REPO).endswith("/commit/0")
+    assert uploaded == {REPO: ["README.md", "config.json", "config.json", "model.safetensors", "model.safetensors"]}
+
+
+def test_sample_edit_writes_before_mask_after_rows(tmp_path):
+    mvar, _ = hub_model()
+    mvar.save_pretrained(tmp_path / "m")
+    img = (np.random.default_rng(0).random((16, 16, 3)) * 255).astype(np.uint8)  # resized to the model's 8 px
+    Image.fromarray(img).save(tmp_path / "in.png")
+    out = sample.main(["--ckpt", str(tmp_path / "m"), "--device", "cpu", "--edit", str(tmp_path / "in.png"),
+                       "--box", "0,8,16,16", "--classes", "1", "2", "--num_per_class", "3",
+                       "--out", str(tmp_path / "edit.png")])
+    grid = np.asarray(Image.open(out))
+    assert grid.shape == (2 + 2 * 10, 2 + 5 * 10, 3)  # 2 rows x (before, mask, 3 edits) of 8 px, padding 2
+    cell = [[grid[2 + r * 10: 10 + r * 10, 2 + k * 10: 10 + k * 10] for k in range(5)] for r in range(2)]
+    assert np.array_equal(cell[0][0], cell[1][0])  # the same "before" in every row
+    assert (cell[0][1][:4] == 0).all() and (cell[0][1][4:] == 255).all()  # the mask: the lower half
+    for r in range(2):
+        for k in range(2, 5):
+            assert np.array_equal(cell[r][k][:4], cell[0][2][:4])  # the upper half is kept in every edit
+    assert not np.array_equal(cell[0][2][4:], cell[1][2][4:])  # the lower half follows the class / seed
+    with pytest.raises(SystemExit):
+        sample.main(["--ckpt", str(tmp_path / "m"), "--edit", str(tmp_path / "in.png"), "--classes", "1"])
