@@ -9,7 +9,7 @@ from torch.utils.data import TensorDataset
 
 from models import build_vae_mvar
 from models.editing import box_mask, token_masks
-from scripts import train_tokenizer
+import tokenizer_trainer
 from test_mvar import ARCHS, build_tiny, record_sampling
 from utils.data import build_datasets
 from utils.digit_classifier import predict, train_classifier
@@ -150,9 +150,9 @@ def digits():
     torch.manual_seed(0)
     _, train_set, val_set = build_datasets("", "mnist", DIGIT_PX, mid_reso=1.0)
     x, y = torch.stack([im for im, _ in train_set]), torch.tensor(train_set.targets)
-    args = train_tokenizer.build_parser().parse_args(
+    args = tokenizer_trainer.build_parser().parse_args(
         [f"--reso={DIGIT_PX}", "--ch_mult=1_1", "--bs=32", "--steps=200", "--lr=3e-3", "--reinit_every=100"])
-    tok = train_tokenizer.TokenizerTrainer(train_tokenizer.build_vae(args), args, torch.device("cpu"))
+    tok = tokenizer_trainer.TokenizerTrainer(tokenizer_trainer.build_vae(args), args, torch.device("cpu"))
     gen = torch.Generator().manual_seed(0)
     for _ in range(args.steps):
         tok.train_step(x[torch.randint(len(x), (args.bs,), generator=gen)])
