@@ -32,6 +32,7 @@ from utils.checkpoint import BEST, LAST, PREV, CheckpointError, find_resume_chec
 from utils.data import build_datasets, build_loaders
 from utils.logging_utils import Averager, TBLogger, setup_logging
 from utils.lr_schedule import lr_factor, prog_state, set_lr_wd, wd_at
+from utils.run_lock import lock_output_folder
 from utils.state_dict import load_state_dict_checked
 
 logger = logging.getLogger("train")
@@ -147,7 +148,9 @@ def main(args: argparse.Namespace) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
     dist.barrier()
     setup_logging(rank, out_dir)
-    writer = is_checkpoint_writer(out_dir) and (rank == 0 or not args.fsdp)  # FSDP2 gathers states on rank 0
+    node_writer = is_checkpoint_writer(out_dir)
+    lock_output_folder(out_dir, holder=node_writer)  # held until the process exits
+    writer = node_writer and (rank == 0 or not args.fsdp)  # FSDP2 gathers states on rank 0
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(args.tf32)
     logger.info("world size %d, device %s; per-rank batch %d, global micro-batch %d, %d accumulation step(s), "

@@ -33,6 +33,7 @@ from models.quantizer import USAGE_MARGIN  # noqa: E402
 from models.tokenizer import VQVAE, parse_patch_nums  # noqa: E402
 from utils.args import str2bool  # noqa: E402
 from utils.checkpoint import get_rng_state, load_checkpoint, save_atomic, set_rng_state  # noqa: E402
+from utils.run_lock import lock_output_folder  # noqa: E402
 from utils.data import build_datasets, build_loaders  # noqa: E402
 from utils.logging_utils import setup_logging  # noqa: E402
 from utils.lr_schedule import lr_factor  # noqa: E402
@@ -282,6 +283,7 @@ def main(args: argparse.Namespace) -> Path:
     rank, world = get_rank(), get_world_size()
     out_dir = Path(args.out_dir)
     setup_logging(rank, out_dir)
+    lock_output_folder(out_dir, holder=rank == 0)  # one live run per folder, held until the process exits
     torch.manual_seed(args.seed + rank)
     if args.bs % world:
         raise ValueError(f"--bs={args.bs} is not divisible by the {world} processes")
