@@ -32,6 +32,7 @@ from utils.checkpoint import BEST, LAST, PREV, CheckpointError, find_resume_chec
 from utils.data import build_datasets, build_loaders
 from utils.logging_utils import Averager, TBLogger, setup_logging
 from utils.lr_schedule import lr_factor, prog_state, set_lr_wd, wd_at
+from utils.preemption import Preemption
 from utils.run_lock import lock_output_folder
 from utils.state_dict import load_state_dict_checked
 
@@ -232,7 +233,7 @@ def main(args: argparse.Namespace) -> None:
     max_it, wp_it, pgwp_it = args.ep * iters, args.wp * iters, args.pgwp * iters
     resos = [pn * vae.downsample for pn in args.patch_nums]
     meter, t_log, n_img, last_save = Averager(), time.time(), 0, time.time()
-    save_pending = False
+    save_pending, preemption = False, Preemption()
     for ep in range(start_ep, args.ep):
         sampler.set_epoch(ep, start_it if ep == start_ep else 0)
         for it, (inp_B3HW, label_B) in enumerate(train_loader, start=sampler.start_it):
@@ -267,9 +268,12 @@ def main(args: argparse.Namespace) -> None:
                     save_pending |= dist.broadcast_object(time.time() - last_save >= 60 * args.save_every_min)
             # a save due on a micro-step inside an accumulation window waits for the window's end
             save_pending |= args.save_every > 0 and (g_it + 1) % args.save_every == 0
+            save_pending |= preemption.requested()  # collective: every rank stops after the same step
             if save_pending and stepping and it + 1 < iters:
                 t_pause = time.time()
                 save_checkpoint(out_dir, writer, trainer, vae, args, ep, it + 1, best_val)
+                if preemption.requested():
+                    preemption.exit(f"at epoch {ep}, iteration {it + 1}: checkpoint {out_dir / LAST} saved")
                 last_save, save_pending = time.time(), False
                 t_log += last_save - t_pause  # the save's time does not count against img/s
 
@@ -296,12 +300,15 @@ def main(args: argparse.Namespace) -> None:
         if whole_window or ep + 1 == args.ep:
             save_checkpoint(out_dir, writer, trainer, vae, args, ep + 1, 0, best_val, also_best=is_best)
             last_save, save_pending = time.time(), False
+            if preemption.requested() and ep + 1 < args.ep:
+                preemption.exit(f"after epoch {ep + 1}: checkpoint {out_dir / LAST} saved")
         elif is_best:
             logger.warning("ep %d has the best val loss so far but is not saved as %s: the epoch ends inside an "
                            "accumulation window (choose --ac dividing the %d iterations per epoch)", ep + 1, BEST,
                            iters)
         t_log, n_img = time.time(), 0  # validation, sampling and saving do not count against img/s
     tb.close()
+    preemption.close()
     logger.info("training finished: %d epochs, best val loss %.4f", args.ep, best_val)
 
 

@@ -33,6 +33,7 @@ from models.quantizer import USAGE_MARGIN  # noqa: E402
 from models.tokenizer import VQVAE, parse_patch_nums  # noqa: E402
 from utils.args import str2bool  # noqa: E402
 from utils.checkpoint import get_rng_state, load_checkpoint, save_atomic, set_rng_state  # noqa: E402
+from utils.preemption import Preemption  # noqa: E402
 from utils.run_lock import lock_output_folder  # noqa: E402
 from utils.data import build_datasets, build_loaders  # noqa: E402
 from utils.logging_utils import setup_logging  # noqa: E402
@@ -305,7 +306,7 @@ def main(args: argparse.Namespace) -> Path:
                 n_params, dataclasses.asdict(trainer.vae.config), len(train_set), len(val_set), num_classes,
                 args.steps, args.bs)
 
-    t0, last_log_step = time.time(), trainer.step
+    t0, last_log_step, preemption = time.time(), trainer.step, Preemption()
     while trainer.step < args.steps:
         epoch, start_it = divmod(trainer.step, sampler.iters_per_epoch)
         sampler.set_epoch(epoch, start_it)
@@ -320,14 +321,18 @@ def main(args: argparse.Namespace) -> Path:
                 logger.info("step %d/%d %s lr %.2e | usage%% per scale %s | reinit %d | %.2f it/s", trainer.step,
                             args.steps, " ".join(f"{k} {v:.4f}" for k, v in zip(names, means, strict=True)),
                             out["lr"], [round(u, 1) for u in out["usage"]], out.get("reinit", 0), speed)
-            if trainer.step % args.save_every == 0 or trainer.step == args.steps:
+            stop = preemption.requested()  # collective: every rank stops after the same step
+            if stop or trainer.step % args.save_every == 0 or trainer.step == args.steps:
                 ckpt = trainer.state_dict()  # every rank: it gathers the RNG states
                 if rank == 0:
                     save_atomic(ckpt, last, keep_previous=out_dir / PREV)
                 del ckpt
                 barrier()
+            if stop:
+                preemption.exit(f"at step {trainer.step}: checkpoint {last} saved")
             if trainer.step >= args.steps:
                 break
+    preemption.close()
     metrics = evaluate(trainer.vae, val_loader, device)
     logger.info("val reconstruction: L1 %.4f PSNR %.2f dB; checkpoint %s", metrics["val_l1"], metrics["val_psnr"],
                 last)
