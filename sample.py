@@ -1,6 +1,6 @@
 """Sample class-conditional images from an M-VAR (or VAR) checkpoint.
 
-Pictures (a grid with one row per class, or a folder when --out has no .png suffix):
+Pictures (a grid with one row per class, or a folder when --out has no image suffix such as .png or .jpg):
     python sample.py --ckpt out/ckpt.pth --classes 207 360 387 --num_per_class 4 --out grid.png
 Official weights (`OliverRen/M-VAR` d{depth}.pth and VAR's tokenizer, read from the Hugging Face cache first):
     python sample.py --depth 16 --classes 207 --out grid.png
