@@ -1,5 +1,6 @@
 """sample.py against careless input (issue 10): FID dumps bound to their weights, non-finite weights/outputs/flags,
 output paths (image suffixes, unwritable places), a tokenizer file as --ckpt, raw files that need --pn."""
+import json
 import math
 
 import numpy as np
@@ -44,6 +45,11 @@ def test_fid_dump_refuses_images_of_other_weights(ckpt, tmp_path):  # noqa: F811
     with pytest.raises(ValueError, match="other weights: the tokenizer weights differ"):
         run(c, *FID, "--fid_dir", out)
     assert run(a, *FID, "--fid_dir", out) == npz  # the same weights resume (a copy of A elsewhere would too)
+    settings = next(out.glob("*/settings.json"))
+    old = {k: v for k, v in json.loads(settings.read_text()).items() if not k.endswith("_weights")}
+    settings.write_text(json.dumps(old))  # a dump of a version that did not hash the weights
+    with pytest.raises(ValueError, match="recorded no weight hashes"):
+        run(a, *FID, "--fid_dir", out)
 
 
 def test_nan_cfg_is_a_flag_error(capsys):

@@ -130,6 +130,10 @@ def check_or_write_settings(folder: Path, settings: dict[str, Any]) -> None:
         old = json.loads(path.read_text())
         diff = {k: (old.get(k), settings.get(k)) for k in IMAGE_SETTINGS if old.get(k) != settings.get(k)}
         weights = [WEIGHT_SETTINGS[k] for k in WEIGHT_SETTINGS if k in diff]
+        if weights and all(old.get(k) is None for k in WEIGHT_SETTINGS):
+            raise ValueError(f"{folder} holds a dump that recorded no weight hashes (an older version): whether its "
+                             f"images come from these weights cannot be checked. Delete {folder} to start over, or "
+                             "choose another --fid_dir.")
         if weights:
             raise ValueError(f"{folder} holds a dump made from other weights: {' and '.join(weights)} differ "
                              f"(another checkpoint, or the same run trained further; {{name: (old, new)}}: {diff}). "
