@@ -223,7 +223,8 @@ def make_generate(mvar: MVAR, args: argparse.Namespace, device: torch.device):
                 if "probability tensor contains" not in str(e):
                     raise
                 raise NonFiniteValueError(f"the M-VAR logits became non-finite while sampling {batch}; the weights "
-                                          "are finite, so the activations overflowed (try fp32 or --bf16)") from e
+                                          f"are finite, so the activations or the guidance (--cfg={args.cfg:g}) "
+                                          "overflowed: try fp32, --bf16 or a smaller --cfg") from e
         check_finite_images(img_B3HW, f"the tokenizer decoder, for {batch},")
         return to_uint8_BHW3(img_B3HW)
 

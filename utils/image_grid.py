@@ -20,7 +20,8 @@ def is_image_file(path: Path) -> bool:
 
 
 def save_grid(imgs_BHW3: np.ndarray, path: Path, ncol: int, padding: int = 2) -> Path:
-    """Save uint8 images (B, H, W, 3) as one PNG, `ncol` per row (row r = images r*ncol ... r*ncol+ncol-1)."""
+    """Save uint8 images (B, H, W, 3) as one image (format from the suffix), `ncol` per row (row r = images
+    r*ncol ... r*ncol+ncol-1)."""
     if imgs_BHW3.dtype != np.uint8 or imgs_BHW3.ndim != 4:
         raise ValueError(f"expected uint8 (B, H, W, 3) images, got {imgs_BHW3.dtype} {imgs_BHW3.shape}")
     t_B3HW = torch.from_numpy(imgs_BHW3).permute(0, 3, 1, 2)
