@@ -37,6 +37,8 @@ def _process_start(pid: int) -> str | None:
 
 
 def _pid_alive(pid: int, start: str | None) -> bool:
+    if pid <= 0:  # a damaged lock file
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
