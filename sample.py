@@ -1,6 +1,6 @@
 """Sample class-conditional images from an M-VAR (or VAR) checkpoint.
 
-Pictures (a grid with one row per class, or a folder when --out has no .png suffix):
+Pictures (a grid with one row per class, or a folder when --out has no image suffix such as .png or .jpg):
     python sample.py --ckpt out/ckpt.pth --classes 207 360 387 --num_per_class 4 --out grid.png
 Official weights (`OliverRen/M-VAR` d{depth}.pth and VAR's tokenizer, read from the Hugging Face cache first):
     python sample.py --depth 16 --classes 207 --out grid.png
@@ -19,6 +19,8 @@ The same flags and seed give the same images: batch c is drawn with a generator 
 import argparse
 import json
 import logging
+import math
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -38,10 +40,12 @@ from models.tokenizer import load_vae
 from utils.args import add_backend_flags, add_model_flag
 from utils.checkpoint import load_checkpoint
 from utils.edit_inputs import load_edit_inputs, parse_box
-from utils.fid_dump import DumpPlan, check_or_write_settings, chunk_seed, dump_shard, fid_folder_name, pack_npz
-from utils.image_grid import save_folder, save_grid, to_uint8_BHW3
+from utils.fid_dump import DumpPlan, check_or_write_settings, chunk_seed, dump_shard, fid_folder_name, pack_npz, \
+    weights_digest
+from utils.finite import NonFiniteValueError, check_finite_images, check_finite_weights
+from utils.image_grid import is_image_file, save_folder, save_grid, to_uint8_BHW3
 from utils.logging_utils import setup_logging
-from utils.registry import ARCH_BRANCHES, MVAR_models
+from utils.registry import ARCH_BRANCHES, MVAR_models, parse_patch_nums
 
 logger = logging.getLogger("sample")
 
@@ -63,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", default=None, choices=list(ARCH_BRANCHES),
                    help="the architecture --ckpt must have (checked before sampling)")
     add_model_flag(p)
+    p.add_argument("--pn", default=None, help="patch schedule of an official file whose token count matches no "
+                   "preset: 256, 512 or sides joined by '_' (our checkpoints carry theirs)")
     p.add_argument("--vae_ckpt", default=None, help="tokenizer file (default: the one embedded in --ckpt, else "
                                                     "VAR's vae_ch160v4096z32.pth from the Hugging Face cache)")
     p.add_argument("--preset", default=None, choices=sorted(PRESETS),
@@ -80,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     amp = p.add_mutually_exclusive_group()
     amp.add_argument("--fp16", action="store_true", help="autocast to float16")
     amp.add_argument("--bf16", action="store_true", help="autocast to bfloat16")
-    p.add_argument("--out", default="samples.png", help="a .png path (grid) or a folder (one PNG per image)")
+    p.add_argument("--out", default="samples.png", help="an image path (.png, .jpg, ...: one grid) or a folder "
+                   "(one PNG per image)")
     add_backend_flags(p)
     p.add_argument("--device", default=None, help="default: cuda (this rank's GPU) if available, else cpu")
     p.add_argument("--fid", action="store_true", help="FID dump of every class instead of pictures")
@@ -111,8 +118,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         problems.append("pass --ckpt=PATH, or --depth=N for the official OliverRen/M-VAR d{N}.pth")
     if not 0.0 < args.top_p <= 1.0:
         problems.append(f"--top_p must be in (0, 1] (1 disables the nucleus filter), got {args.top_p}")
-    if args.cfg < 0:
-        problems.append(f"--cfg must be >= 0 (0: no guidance), got {args.cfg}")
+    if not math.isfinite(args.cfg) or args.cfg < 0:
+        problems.append(f"--cfg must be >= 0 and finite (0: no guidance), got {args.cfg}")
     for flag in ("top_k", "seed"):
         if getattr(args, flag) < 0:
             problems.append(f"--{flag} must be >= 0, got {getattr(args, flag)}")
@@ -125,6 +132,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.classes is not None and min(args.classes) < 0:
         problems.append(f"--classes must be >= 0, got {args.classes}")
     problems += edit_flag_problems(args)
+    if args.pn is not None:
+        try:
+            args.pn = parse_patch_nums(args.pn)
+        except ValueError as e:
+            problems.append(f"--pn: {e}")
     if args.fid and args.more_smooth:
         logger.warning("--more_smooth is meant for pictures; the paper's FID uses --no-more_smooth")
     if problems:
@@ -160,6 +172,9 @@ def check_against_config(args: argparse.Namespace, config: MVARConfig, ckpt: str
     for field, value in MVAR_models[args.model].items() if args.model else ():
         if field not in ("depth", "arch") and getattr(config, field) != value:
             problems.append(f"--model={args.model} has {field}={value}, but {ckpt} holds {getattr(config, field)}")
+    if args.pn is not None and tuple(args.pn) != tuple(config.patch_nums):
+        problems.append(f"--pn={'_'.join(map(str, args.pn))}, but {ckpt} holds patch_nums "
+                        f"{'_'.join(map(str, config.patch_nums))}")
     bad = [c for c in (args.classes or ()) if c >= config.num_classes]
     if bad:
         problems.append(f"--classes {bad} outside the model's classes [0, {config.num_classes - 1}]")
@@ -169,6 +184,25 @@ def check_against_config(args: argparse.Namespace, config: MVARConfig, ckpt: str
 
 def amp_dtype(args: argparse.Namespace) -> torch.dtype | None:
     return torch.float16 if args.fp16 else torch.bfloat16 if args.bf16 else None
+
+
+def check_writable(folder: Path, flag: str) -> None:
+    """Create `folder` and write a probe file there, so an unwritable output fails before any sampling."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise ValueError(f"{flag}: cannot write into {folder} ({e.strerror or e})") from e
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """The output folder of this mode must be writable."""
+    if args.fid:
+        check_writable(Path(args.fid_dir), f"--fid_dir={args.fid_dir}")
+    else:
+        out = Path(args.out)
+        check_writable(out.parent if is_image_file(out) else out, f"--out={args.out}")
 
 
 def check_backends(args: argparse.Namespace, device: torch.device) -> None:
@@ -193,8 +227,14 @@ def load_checked(args: argparse.Namespace, device: torch.device) -> tuple[MVAR, 
     else:
         ckpt_path = Path(args.ckpt)
     ckpt = load_checkpoint(ckpt_path, mmap=False)
-    ours = "config" in ckpt and "model" in ckpt
-    config = MVARConfig.from_dict(ckpt["config"]) if ours else config_from_state_dict(ckpt)
+    if "model" not in ckpt and "vae" in ckpt:
+        raise ValueError(f"--ckpt={ckpt_path} is a tokenizer checkpoint (no M-VAR weights): pass it as --vae_ckpt, "
+                         "and an M-VAR checkpoint as --ckpt")
+    try:
+        config = MVARConfig.from_dict(ckpt["config"]) if "config" in ckpt and "model" in ckpt \
+            else config_from_state_dict(ckpt, args.pn)
+    except KeyError as e:
+        raise ValueError(f"--ckpt={ckpt_path}: {e.args[0]}") from e
     check_against_config(args, config, ckpt_path.name)
     embedded_vae = "vae" in ckpt and "vae_config" in ckpt
     if args.vae_ckpt is None and embedded_vae:
@@ -202,7 +242,10 @@ def load_checked(args: argparse.Namespace, device: torch.device) -> tuple[MVAR, 
     else:
         vae = load_vae(args.vae_ckpt, device=device, v_patch_nums=config.patch_nums)
         vae_id = "official" if args.vae_ckpt is None else Path(args.vae_ckpt).name
-    mvar = load_mvar(ckpt, device=device, vae=vae, attn_backend=args.attn_backend, mamba_backend=args.mamba_backend)
+    mvar = load_mvar(ckpt, device=device, vae=vae, patch_nums=args.pn, attn_backend=args.attn_backend,
+                     mamba_backend=args.mamba_backend)
+    check_finite_weights(mvar, f"M-VAR checkpoint {ckpt_path}")
+    check_finite_weights(vae, f"tokenizer ({'embedded in --ckpt' if vae_id == 'embedded' else vae_id})")
     return mvar, ckpt_path, vae_id
 
 
@@ -214,18 +257,32 @@ def load_hub_checked(args: argparse.Namespace, device: torch.device) -> tuple[MV
     vae = None if args.vae_ckpt is None else load_vae(args.vae_ckpt, device=device, v_patch_nums=config.patch_nums)
     mvar = MVARHF.from_pretrained(source, device=device, vae=vae, attn_backend=args.attn_backend,
                                   mamba_backend=args.mamba_backend)
-    return mvar, Path(args.ckpt), "embedded" if vae is None else Path(args.vae_ckpt).name
+    vae_id = "embedded" if vae is None else Path(args.vae_ckpt).name
+    check_finite_weights(mvar, f"M-VAR {args.ckpt}")
+    check_finite_weights(mvar.vae, f"tokenizer ({'of ' + args.ckpt if vae is None else vae_id})")
+    return mvar, Path(args.ckpt), vae_id
 
 
 def make_generate(mvar: MVAR, args: argparse.Namespace, device: torch.device):
-    """labels (B,) int64 numpy, g_seed -> uint8 images (B, H, W, 3)."""
+    """labels (B,) int64 numpy, g_seed -> uint8 images (B, H, W, 3). The weights were checked finite at load, so a
+    non-finite batch means overflowing activations: NonFiniteValueError saying where, before anything is written."""
     dtype = amp_dtype(args)
 
     def generate(label_B: np.ndarray, g_seed: int) -> np.ndarray:
+        batch = f"classes {sorted(set(label_B.tolist()))} (seed {g_seed}, {precision_name(args)})"
         label_B = torch.as_tensor(label_B, dtype=torch.long, device=device)
         with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            img_B3HW = mvar.autoregressive_infer_cfg(len(label_B), label_B, g_seed=g_seed, cfg=args.cfg,
-                                                     top_k=args.top_k, top_p=args.top_p, more_smooth=args.more_smooth)
+            try:
+                img_B3HW = mvar.autoregressive_infer_cfg(len(label_B), label_B, g_seed=g_seed, cfg=args.cfg,
+                                                         top_k=args.top_k, top_p=args.top_p,
+                                                         more_smooth=args.more_smooth)
+            except RuntimeError as e:
+                if "probability tensor contains" not in str(e):
+                    raise
+                raise NonFiniteValueError(f"the M-VAR logits became non-finite while sampling {batch}; the weights "
+                                          f"are finite, so the activations or the guidance (--cfg={args.cfg:g}) "
+                                          "overflowed: try fp32, --bf16 or a smaller --cfg") from e
+        check_finite_images(img_B3HW, f"the tokenizer decoder, for {batch},")
         return to_uint8_BHW3(img_B3HW)
 
     return generate
@@ -248,7 +305,7 @@ def sample_pictures(args: argparse.Namespace, generate) -> Path:
         batches.append(generate(labels[start:start + args.bs], chunk_seed(args.seed, c)))
     imgs_BHW3 = np.concatenate(batches)
     out = Path(args.out)
-    if out.suffix.lower() == ".png":
+    if is_image_file(out):
         save_grid(imgs_BHW3, out, ncol=args.num_per_class)
     else:
         save_folder(imgs_BHW3, out, [f"class{c:04d}_{k:03d}" for c in classes for k in range(args.num_per_class)])
@@ -282,7 +339,9 @@ def sample_fid(args: argparse.Namespace, mvar: MVAR, ckpt_path: Path, vae_id: st
     settings = {"ckpt": ckpt_path.name, "vae": vae_id, "cfg": args.cfg, "top_k": args.top_k, "top_p": args.top_p,
                 "more_smooth": args.more_smooth, "seed": args.seed, "num_classes": plan.num_classes,
                 "num_per_class": plan.num_per_class, "batch_size": plan.batch_size, "precision": precision_name(args)}
-    if rank == 0:
+    if rank == 0:  # the images are bound to the weights they came from
+        settings.update(model_weights=weights_digest(mvar.state_dict()),
+                        vae_weights=weights_digest(mvar.vae.state_dict()))
         folder.mkdir(parents=True, exist_ok=True)
         check_or_write_settings(folder, settings)
         logger.info("FID dump: %d images (%d classes x %d) into %s over %d rank(s)", plan.total,
@@ -314,12 +373,13 @@ def main(argv: Sequence[str] | None = None) -> Path | None:
     if world_size > 1 and not args.fid:
         raise SystemExit("several ranks only make sense with --fid (pictures are written by one process)")
     try:
+        check_outputs(args)
         check_backends(args, device)
-    except BackendError as e:
+    except (BackendError, ValueError) as e:
         raise SystemExit(f"error: {e}") from e
     try:
         mvar, ckpt_path, vae_id = load_checked(args, device)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, NonFiniteValueError) as e:
         raise SystemExit(f"error: {e}") from e
     if args.edit is not None:
         try:
@@ -327,9 +387,12 @@ def main(argv: Sequence[str] | None = None) -> Path | None:
         except (ValueError, FileNotFoundError) as e:
             raise SystemExit(f"error: {e}") from e
     generate = make_generate(mvar, args, device)
-    if args.fid:
-        return sample_fid(args, mvar, ckpt_path, vae_id, generate, rank, world_size)
-    return sample_pictures(args, generate)
+    try:
+        if args.fid:
+            return sample_fid(args, mvar, ckpt_path, vae_id, generate, rank, world_size)
+        return sample_pictures(args, generate)
+    except NonFiniteValueError as e:
+        raise SystemExit(f"error: {e}") from e
 
 
 if __name__ == "__main__":

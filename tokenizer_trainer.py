@@ -28,6 +28,7 @@ from utils.args import str2bool
 from utils.data import build_datasets, build_loaders
 from utils.logging_utils import setup_logging
 from utils.lr_schedule import lr_factor
+from utils.preemption import Preemption
 from utils.train_state import RunFolder, gather_rng_states, resolve_seed, restore_rng_states, seed_everything
 from utils.vq_losses import PatchDiscriminator, build_perceptual_loss, hinge_d_loss, hinge_g_loss
 
@@ -295,7 +296,7 @@ def train(args: argparse.Namespace) -> Path:
                 n_params, dataclasses.asdict(trainer.vae.config), len(train_set), len(val_set), num_classes,
                 args.steps, args.bs)
 
-    t0, last_log_step = time.time(), trainer.step
+    t0, last_log_step, preemption = time.time(), trainer.step, Preemption()
     while trainer.step < args.steps:
         epoch, start_it = divmod(trainer.step, sampler.iters_per_epoch)
         sampler.set_epoch(epoch, start_it)
@@ -306,14 +307,18 @@ def train(args: argparse.Namespace) -> Path:
                 names = [k for k in ("loss", "l1", "vq", "percep", "g", "d") if k in out]
                 means = dist.all_reduce_mean(torch.stack([out[k].float() for k in names])).tolist()  # the one sync
                 speed = (trainer.step - last_log_step) / (time.time() - t0)
-                t0, last_log_step = time.time(), trainer.step
+                t0, last_log_step, preemption = time.time(), trainer.step, Preemption()
                 logger.info("step %d/%d %s lr %.2e | usage%% per scale %s | reinit %d | %.2f it/s", trainer.step,
                             args.steps, " ".join(f"{k} {v:.4f}" for k, v in zip(names, means, strict=True)),
                             out["lr"], [round(u, 1) for u in out["usage"]], out.get("reinit", 0), speed)
-            if trainer.step % args.save_every == 0 or trainer.step == args.steps:
+            stop = preemption.requested()  # collective: every rank stops after the same step
+            if stop or trainer.step % args.save_every == 0 or trainer.step == args.steps:
                 folder.save(trainer.state_dict())  # every rank: it gathers the RNG states
+            if stop and trainer.step < args.steps:
+                preemption.exit(f"at step {trainer.step}: checkpoint {folder.last} saved")
             if trainer.step >= args.steps:
                 break
+    preemption.close()
     metrics = evaluate(trainer.vae, val_loader, device)
     logger.info("val reconstruction: L1 %.4f PSNR %.2f dB; checkpoint %s", metrics["val_l1"], metrics["val_psnr"],
                 folder.last)

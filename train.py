@@ -27,6 +27,7 @@ from utils.checkpoint import load_checkpoint
 from utils.data import build_datasets, build_loaders
 from utils.logging_utils import TBLogger, setup_logging
 from utils.lr_schedule import Schedule
+from utils.preemption import Preemption
 from utils.state_dict import load_state_dict_checked
 from utils.train_state import RunFolder, resolve_seed, seed_everything
 
@@ -84,26 +85,36 @@ def build_schedule(args: argparse.Namespace, iters_per_epoch: int) -> Schedule:
 # ----------------------------------------------------------------------------------------------------------------
 class Checkpointer:
     """train.py's saves: mid-epoch every --save_every iterations and every --save_every_min minutes (rank 0's
-    clock decides for everyone), at epoch end; a save due inside an accumulation window waits for its end."""
+    clock decides for everyone), at epoch end, and on SIGTERM/SIGINT (then the process exits: utils.preemption);
+    a save due inside an accumulation window waits for its end."""
 
     def __init__(self, folder: RunFolder, trainer: Trainer, args: argparse.Namespace):
         self.folder, self.trainer, self.args = folder, trainer, args
         self.last_save, self.pending = time.time(), False
+        self.preemption = Preemption()
 
     def due(self, g_it: int, log_step: bool) -> bool:
-        """Whether a save is pending after iteration `g_it`; collective on log steps (the clock is rank 0's)."""
+        """Whether a save is pending after iteration `g_it`; collective (the clock is rank 0's, a signal any
+        rank's)."""
         if log_step and self.args.save_every_min > 0:
             self.pending |= dist.broadcast_object(time.time() - self.last_save >= 60 * self.args.save_every_min)
         self.pending |= self.args.save_every > 0 and (g_it + 1) % self.args.save_every == 0
+        self.pending |= self.preemption.requested()
         return self.pending
 
     def save(self, epoch: int, it: int, best_val: float, best: bool = False) -> float:
-        """Collective save at position (epoch, it: the next iteration to run) -> the seconds it took."""
+        """Collective save at position (epoch, it: the next iteration to run) -> the seconds it took; exits after
+        it when a signal asked to stop and training is not over."""
         t0 = time.time()
         self.folder.save(self.trainer.checkpoint(epoch=epoch, iter=it, args=vars(self.args), best_val=best_val),
                          best=best)
         self.last_save, self.pending = time.time(), False
+        if self.preemption.requested() and (epoch, it) < (self.args.ep, 0):
+            self.preemption.exit(f"at epoch {epoch}, iteration {it}: checkpoint {self.folder.last} saved")
         return self.last_save - t0
+
+    def close(self) -> None:
+        self.preemption.close()
 
 
 def log_progress(tb: TBLogger, metrics: dict[str, dict], args: argparse.Namespace, ep: int, it: int, iters: int,
@@ -227,6 +238,7 @@ def main(args: argparse.Namespace) -> None:
                 t_log += saver.save(ep, it + 1, best_val)
         best_val = end_epoch(ep, iters, args, trainer, val_loader, tb, saver, mvar, best_val)
     tb.close()
+    saver.close()
     logger.info("training finished: %d epochs, best val loss %.4f", args.ep, best_val)
 
 

@@ -7,8 +7,8 @@ import subprocess
 import pytest
 import torch
 
-from conftest import REPO, SUBPROCESS_ENV, launch_cmd
-from test_trainer_e2e import logged_losses, model_state, run_train, setup, train_flags  # noqa: F401
+from conftest import REPO, SUBPROCESS_ENV
+from test_trainer_e2e import logged_losses, model_state, run_train, setup, train_cmd  # noqa: F401
 from utils.checkpoint import LAST
 
 FP16 = ("--fp16=1", "--save_every=2")  # 2 epochs of 6 steps
@@ -33,8 +33,7 @@ def test_fp16_training_on_cpu_loss_finite_and_falling(fp16_run):
 def test_fp16_sigkill_then_resume_is_bit_identical(setup, fp16_run):  # noqa: F811
     ref_out, ref_log = fp16_run
     out = setup / "fp16_killed"
-    cmd = launch_cmd(REPO / "train.py", *train_flags(setup, out, *FP16))
-    proc = subprocess.Popen(cmd, env=SUBPROCESS_ENV, cwd=REPO, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(train_cmd(setup, out, *FP16), env=SUBPROCESS_ENV, cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
         for line in proc.stdout:  # kill right after the first mid-epoch checkpoint

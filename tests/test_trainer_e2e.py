@@ -44,6 +44,11 @@ def train_flags(setup: Path, out: Path, *extra: str) -> list[str]:
             *extra]
 
 
+def train_cmd(setup: Path, out: Path, *extra: str, nproc: int = 1) -> list[str]:
+    """The train.py command (plain python, or torchrun with `nproc` ranks) on the tiny set-up."""
+    return launch_cmd(REPO / "train.py", *train_flags(setup, out, *extra), nproc=nproc)
+
+
 def run_train(setup: Path, out: Path, *extra: str, nproc: int = 1, check: bool = True):
     return launch(REPO / "train.py", *train_flags(setup, out, *extra), nproc=nproc, check=check)
 

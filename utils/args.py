@@ -152,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def finalize_args(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
     """Derived settings, as VAR computes them: per-rank micro-batch, peak lr, schedule defaults, patch_nums."""
-    for name in ("bs", "ac", "ep", "val_every", "log_every"):
+    for name in ("bs", "ac", "ep", "val_every", "log_every", "depth"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name}={getattr(args, name)}: expected a positive integer")
     for name in ("save_every", "save_every_min", "sample_every"):
@@ -171,8 +171,9 @@ def finalize_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
     if args.pg > 0 and not 0 <= args.pg0 < len(args.patch_nums):
         raise ValueError(f"--pg0={args.pg0}: expected a scale index in [0, {len(args.patch_nums) - 1}]")
     args.workers = max(0, args.workers)
-    if not math.isfinite(args.tblr) or args.tblr <= 0:
-        raise ValueError(f"--tblr={args.tblr}: expected a positive learning rate")
+    for name in ("tblr", "tlr"):
+        if not math.isfinite(getattr(args, name)) or getattr(args, name) <= 0:
+            raise ValueError(f"--{name}={getattr(args, name)}: expected a positive learning rate")
     return args
 
 

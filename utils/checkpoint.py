@@ -4,9 +4,11 @@ train.py's output folder holds `ar-ckpt-last.pth` (newest), `ar-ckpt-prev.pth` (
 damaged newest file never leaves a run without a good checkpoint) and `ar-ckpt-best.pth` (lowest val loss); the
 rules for writing and resuming them are in utils.train_state.
 """
+import errno
 import logging
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +42,8 @@ def save_atomic(obj: Any, path: PathLike, keep_previous: PathLike | None = None)
     """torch.save to a temporary file in the same folder, fsync, then rename over `path`.
 
     With `keep_previous`, an existing `path` is first renamed to that name, so a good older file always
-    survives. A kill at any moment leaves either the old or the new file complete, never a partial one.
+    survives. A kill at any moment leaves either the old or the new file complete, never a partial one; a full
+    disk is a CheckpointError naming the folder, with the old files untouched.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -53,6 +56,12 @@ def save_atomic(obj: Any, path: PathLike, keep_previous: PathLike | None = None)
         if keep_previous is not None and path.exists():
             os.replace(path, keep_previous)
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        if not is_disk_full(e):
+            raise
+        raise CheckpointError(f"disk full: cannot write {path.name} into {path.parent} ({e}; "
+                              f"{shutil.disk_usage(path.parent).free / 2**20:.0f} MiB free). The previous checkpoint "
+                              f"there is kept: free some space and re-run to resume from it") from e
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -62,6 +71,14 @@ def save_atomic(obj: Any, path: PathLike, keep_previous: PathLike | None = None)
     finally:
         os.close(dir_fd)
     return path
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """ENOSPC/EDQUOT from a file object, or torch's zip writer failing mid-file (`inline_container.cc`), which
+    is how a full disk shows when torch writes the file itself."""
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    return "inline_container.cc" in str(e)
 
 
 def load_checkpoint(path: PathLike, mmap: bool = True) -> dict[str, Any]:

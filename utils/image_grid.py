@@ -13,8 +13,15 @@ def to_uint8_BHW3(img_B3HW: torch.Tensor) -> np.ndarray:
     return img_B3HW.float().clamp(0, 1).mul(255).add_(0.5).floor_().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
+def is_image_file(path: Path) -> bool:
+    """True when `path` ends in an image format PIL can write (.png, .jpg, .webp, ...), else it names a folder."""
+    fmt = Image.registered_extensions().get(Path(path).suffix.lower())
+    return fmt is not None and fmt in Image.SAVE
+
+
 def save_grid(imgs_BHW3: np.ndarray, path: Path, ncol: int, padding: int = 2) -> Path:
-    """Save uint8 images (B, H, W, 3) as one PNG, `ncol` per row (row r = images r*ncol ... r*ncol+ncol-1)."""
+    """Save uint8 images (B, H, W, 3) as one image (format from the suffix), `ncol` per row (row r = images
+    r*ncol ... r*ncol+ncol-1)."""
     if imgs_BHW3.dtype != np.uint8 or imgs_BHW3.ndim != 4:
         raise ValueError(f"expected uint8 (B, H, W, 3) images, got {imgs_BHW3.dtype} {imgs_BHW3.shape}")
     t_B3HW = torch.from_numpy(imgs_BHW3).permute(0, 3, 1, 2)

@@ -24,6 +24,7 @@ import torch
 
 import dist
 from utils.checkpoint import CheckpointError, load_checkpoint, save_atomic, temp_file_pid
+from utils.run_lock import RunLock, lock_output_folder
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +118,8 @@ def pid_alive(pid: int) -> bool:
 class RunFolder:
     """A run's output folder and its checkpoint files `<prefix>-last.pth`, `-prev.pth` and `-best.pth`.
 
-    `open` (collective) creates it, decides which ranks write and removes stale temporary files; `rank0_state`:
+    `open` (collective) creates it, takes its run lock (utils.run_lock), decides which ranks write and removes
+    stale temporary files; `rank0_state`:
     the saved state is complete on rank 0 only (FSDP2 gathers there), so only rank 0 writes.
     """
 
@@ -125,12 +127,15 @@ class RunFolder:
         self.dir = Path(out_dir)
         self.last, self.prev, self.best = (self.dir / f"{prefix}-{kind}.pth" for kind in ("last", "prev", "best"))
         self.writer = False
+        self.lock: RunLock | None = None
 
     def open(self, rank0_state: bool = False) -> None:
         if dist.is_main_process():
             self.dir.mkdir(parents=True, exist_ok=True)
         dist.barrier()
-        self.writer = is_checkpoint_writer(self.dir) and (dist.is_main_process() or not rank0_state)
+        node_writer = is_checkpoint_writer(self.dir)
+        self.lock = lock_output_folder(self.dir, holder=node_writer)  # one live run per folder, until exit
+        self.writer = node_writer and (dist.is_main_process() or not rank0_state)
         if self.writer:
             self.remove_stale_temp_files()
         dist.barrier()

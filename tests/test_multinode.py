@@ -1,0 +1,183 @@
+"""Two torchrun agents as two nodes (issue 10): `--nnodes=2`, c10d rendezvous on 127.0.0.1 (a free port), gloo,
+one process each, and a separate output folder per node as on nodes without a shared disk. Training equals one
+process with the same global batch; after a kill -9 of one node's worker both nodes resume; an elastic restart
+(`--max_restarts=1`) resumes from the checkpoint; the FID dump over two nodes equals one process's. All traffic
+stays on the loopback interface; every launch is bounded in time and its process group killed at the end."""
+import contextlib
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from test_sample_cli import ckpt  # noqa: F401  (the tiny M-VAR checkpoint fixture)
+from conftest import SUBPROCESS_ENV as ENV
+from test_trainer_e2e import (NO_MODEL_RNG, REPO, logged_losses, max_abs_diff, model_state,  # noqa: F401
+                              setup, single_run, train_cmd)
+from utils.checkpoint import LAST
+
+pytestmark = pytest.mark.slow
+# TORCH_DISABLE_SHARE_RDZV_TCP_STORE: with the rendezvous store shared across rounds (torch's default), the
+# workers of an elastic restart read the previous round's gloo addresses and hang connecting to dead peers
+LOOPBACK_ENV = {**ENV, "GLOO_SOCKET_IFNAME": "lo", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+TIMEOUT_S = 300
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class TwoNodes:
+    """Two torchrun agents (node_rank 0 and 1) started in their own sessions; `argv(node)` is each node's
+    script and flags. Output of node i goes to `logs[i]`."""
+
+    def __init__(self, tmp: Path, argv, max_restarts: int = 0):
+        port = free_port()
+        self.logs = [tmp / f"node{i}-{port}.log" for i in range(2)]
+        self.procs = []
+        for node in range(2):
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}",
+                   "--nproc_per_node=1", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
+                   f"--rdzv_id=test{port}", "--local_addr=127.0.0.1", f"--max_restarts={max_restarts}",
+                   "--monitor_interval=0.2", *argv(node)]
+            with open(self.logs[node], "w") as log:
+                self.procs.append(subprocess.Popen(cmd, env=LOOPBACK_ENV, cwd=REPO, stdout=log,
+                                                   stderr=subprocess.STDOUT, start_new_session=True))
+
+    def text(self) -> str:
+        return "".join(p.read_text() for p in self.logs)
+
+    def wait_for(self, pattern: str) -> None:
+        deadline = time.time() + TIMEOUT_S
+        while not re.search(pattern, self.text()):
+            if time.time() > deadline or all(p.poll() is not None for p in self.procs):
+                raise AssertionError(f"{pattern!r} never appeared:\n{self.text()[-4000:]}")
+            time.sleep(0.02)
+
+    def workers(self, node: int) -> list[int]:
+        agent = self.procs[node].pid
+        with contextlib.suppress(OSError):
+            return [int(p) for p in Path(f"/proc/{agent}/task/{agent}/children").read_text().split()]
+        return []
+
+    def kill_worker(self, node: int) -> None:
+        workers = self.workers(node)
+        assert len(workers) == 1, workers
+        os.kill(workers[0], signal.SIGKILL)
+
+    def wait(self) -> list[int]:
+        deadline = time.time() + TIMEOUT_S
+        for p in self.procs:
+            p.wait(timeout=max(1.0, deadline - time.time()))
+        return [p.returncode for p in self.procs]
+
+    def close(self) -> None:
+        """Kill what is left: the workers (torchrun starts each in its own session), then the agents."""
+        for node, p in enumerate(self.procs):
+            for pid in self.workers(node):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+
+
+@contextlib.contextmanager
+def two_nodes(tmp: Path, argv, max_restarts: int = 0):
+    nodes = TwoNodes(tmp, argv, max_restarts)
+    try:
+        yield nodes
+    finally:
+        nodes.close()
+
+
+def train_on_two_nodes(setup: Path, outs: list[Path], *extra: str):  # noqa: F811
+    """train.py's argv for node i (its own output folder); the global batch is the single-process run's."""
+    return lambda node: train_cmd(setup, outs[node], *NO_MODEL_RNG, *extra)[1:]
+
+
+def completed(setup: Path, outs: list[Path], *extra: str) -> str:  # noqa: F811
+    with two_nodes(setup, train_on_two_nodes(setup, outs, *extra)) as nodes:
+        codes = nodes.wait()
+        assert codes == [0, 0], nodes.text()[-4000:]
+        return nodes.text()
+
+
+@pytest.fixture(scope="module")
+def two_node_run(setup):  # noqa: F811
+    outs = [setup / f"two_nodes_{i}" for i in range(2)]
+    return outs, completed(setup, outs)
+
+
+def test_two_nodes_equal_one_process(setup, single_run, two_node_run):  # noqa: F811
+    outs, log = two_node_run
+    loss_1, loss_2 = logged_losses(single_run), logged_losses(log)
+    assert len(loss_1) == 12 and loss_1.keys() == loss_2.keys()
+    assert max(abs(loss_1[k] - loss_2[k]) for k in loss_1) < 1e-4
+    a, b = model_state(outs[0] / LAST), model_state(outs[1] / LAST)  # each node saved into its own folder
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert max_abs_diff(model_state(setup / "single" / LAST), a) < 1e-5
+
+
+def kill_one_worker_after_a_checkpoint(nodes: TwoNodes) -> None:
+    """--save_every=3: kill node 1's worker once iteration 4 is logged, two steps before the next save."""
+    nodes.wait_for(r"saved checkpoint .*\(epoch 0, iter 3\)")
+    nodes.wait_for(r"ep 1/2 it 4/6")
+    nodes.kill_worker(1)
+
+
+def test_both_nodes_resume_after_kill_9_of_one_nodes_worker(setup, two_node_run, tmp_path):  # noqa: F811
+    ref_outs, _ = two_node_run
+    outs = [setup / f"killed_node_{i}" for i in range(2)]
+    with two_nodes(tmp_path, train_on_two_nodes(setup, outs, "--save_every=3")) as nodes:
+        kill_one_worker_after_a_checkpoint(nodes)
+        assert all(c != 0 for c in nodes.wait())  # no restarts allowed: both agents give up
+    for out in outs:
+        saved = torch.load(out / LAST, weights_only=True)
+        assert (saved["epoch"], saved["iter"]) == (0, 3)
+    log = completed(setup, outs, "--save_every=3")
+    assert re.search(r"resumed from .* at epoch 0, iteration 3", log), log[-3000:]
+    ref = model_state(ref_outs[0] / LAST)
+    for out in outs:
+        got = model_state(out / LAST)
+        assert all(torch.equal(ref[k], got[k]) for k in ref)
+
+
+def test_elastic_restart_resumes_from_the_checkpoint(setup, two_node_run, tmp_path):  # noqa: F811
+    ref_outs, _ = two_node_run
+    outs = [setup / f"elastic_node_{i}" for i in range(2)]
+    with two_nodes(tmp_path, train_on_two_nodes(setup, outs, "--save_every=3"), max_restarts=1) as nodes:
+        kill_one_worker_after_a_checkpoint(nodes)
+        codes = nodes.wait()
+        log = nodes.text()
+    assert codes == [0, 0], log[-4000:]
+    assert re.search(r"resumed from .* at epoch 0, iteration 3", log), log[-3000:]
+    ref = model_state(ref_outs[0] / LAST)
+    for out in outs:
+        got = model_state(out / LAST)
+        assert all(torch.equal(ref[k], got[k]) for k in ref)
+
+
+def test_fid_dump_over_two_nodes_equals_one_process(ckpt, tmp_path):  # noqa: F811
+    """The dump folder is shared (as FID dumps are written to shared storage); rank 0 packs the npz."""
+    flags = ["--ckpt", str(ckpt), "--device", "cpu", "--fid", "--preset", "fid", "--top_k", "20",
+             "--fid_num_per_class", "3", "--bs", "4"]
+    one = subprocess.run([sys.executable, str(REPO / "sample.py"), *flags, "--fid_dir", str(tmp_path / "one")],
+                         env=ENV, cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert one.returncode == 0, one.stderr[-3000:]
+    with two_nodes(tmp_path, lambda node: [str(REPO / "sample.py"), *flags, "--fid_dir", str(tmp_path / "two")]) \
+            as nodes:
+        assert nodes.wait() == [0, 0], nodes.text()[-4000:]
+        assert "rank 0 wrote 16 new PNGs" in nodes.text()  # chunks 0, 2, 4, 6 of 4 images; rank 1 the rest
+    name = "tiny-cfg1.5-topk20-topp0.96-seed0-n3.npz"
+    with np.load(tmp_path / "one" / name) as a, np.load(tmp_path / "two" / name) as b:
+        assert a["arr_0"].shape == (30, 8, 8, 3) and np.array_equal(a["arr_0"], b["arr_0"])

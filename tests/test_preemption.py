@@ -1,0 +1,115 @@
+"""SIGTERM / SIGINT during training (issue 10): every rank finishes its step, a checkpoint is written collectively,
+the process exits with a clear line, and the same command resumes to the very weights of an uninterrupted run. A
+second signal exits at once."""
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from test_tokenizer_training import TINY as TOKENIZER_TINY
+from conftest import SUBPROCESS_ENV as ENV
+from test_trainer_e2e import (NO_MODEL_RNG, REPO, model_state, reference_run, run_train,  # noqa: F401
+                              setup, train_cmd, two_rank_run)
+from utils.checkpoint import LAST
+
+STOP_RE = re.compile(r"stopped by (SIG\w+) at epoch (\d+), iteration (\d+): checkpoint .* saved")
+
+
+def interrupt(cmd, trigger: str, sig: signal.Signals) -> tuple[subprocess.Popen, str]:
+    """Start `cmd`, send `sig` to it when a line contains `trigger`, return the process and its whole output."""
+    proc = subprocess.Popen(cmd, env=ENV, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if trigger in line:
+                proc.send_signal(sig)
+                break
+        lines += proc.stdout.readlines()
+    finally:
+        proc.wait(timeout=120)
+    return proc, "".join(lines)
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_saves_exits_and_resumes_bit_identically(setup, reference_run, sig):  # noqa: F811
+    ref_out, _ = reference_run
+    out = setup / f"preempted_{sig.name}"
+    flags = ("--save_every=2", "--hflip=1", "--drop_path_rate=0.1")  # the reference run's
+    proc, log = interrupt(train_cmd(setup, out, *flags), "ep 1/2 it 3/", sig)
+    assert proc.returncode == 128 + sig, log[-3000:]
+    stop = STOP_RE.search(log)
+    assert stop and stop.group(1) == sig.name, log[-3000:]
+    ckpt = torch.load(out / LAST, weights_only=True)
+    assert (ckpt["epoch"], ckpt["iter"]) == (int(stop.group(2)), int(stop.group(3))) and 3 <= ckpt["iter"] < 6
+    assert not (out / ".run.lock").exists()  # released on the way out
+    resumed = run_train(setup, out, *flags)
+    assert f"at epoch 0, iteration {ckpt['iter']}" in resumed.stdout
+    assert_same_weights(model_state(ref_out / LAST), model_state(out / LAST))
+
+
+def test_torchrun_two_ranks_stop_together_and_resume_bit_identically(setup, two_rank_run):  # noqa: F811
+    """SIGTERM to the torchrun agent (what Kubernetes or SLURM sends first): it forwards the signal to both
+    workers; both finish the same step and save; the relaunch ends on the uninterrupted 2-rank run's weights."""
+    ref_out, _ = two_rank_run("ddp")
+    out = setup / "preempted_ddp"
+    proc, log = interrupt(train_cmd(setup, out, *NO_MODEL_RNG, nproc=2), "ep 1/2 it 2/", signal.SIGTERM)
+    assert proc.returncode != 0
+    stop = STOP_RE.search(log)
+    assert stop and stop.group(1) == "SIGTERM", log[-3000:]
+    ckpt = torch.load(out / LAST, weights_only=True)
+    assert (ckpt["epoch"], ckpt["iter"]) == (int(stop.group(2)), int(stop.group(3))) and len(ckpt["rng"]) == 2
+    assert 0 < ckpt["iter"] < 6
+    resumed = run_train(setup, out, *NO_MODEL_RNG, nproc=2)
+    assert f"at epoch 0, iteration {ckpt['iter']}" in resumed.stdout
+    assert_same_weights(model_state(ref_out / LAST), model_state(out / LAST))
+
+
+def test_tokenizer_trainer_stops_on_sigterm_and_resumes_exactly(tmp_path):
+    cmd = [sys.executable, str(REPO / "scripts/train_tokenizer.py"), *TOKENIZER_TINY, "--steps=10", "--log_every=1",
+           "--save_every=100", "--reinit_every=2"]
+    once = subprocess.run([*cmd, f"--out_dir={tmp_path / 'once'}"], env=ENV, cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert once.returncode == 0, once.stderr[-2000:]
+    proc, log = interrupt([*cmd, f"--out_dir={tmp_path / 'twice'}"], "step 3/10", signal.SIGTERM)
+    assert proc.returncode == 128 + signal.SIGTERM, log[-3000:]
+    stopped = re.search(r"stopped by SIGTERM at step (\d+)", log)
+    assert stopped and 3 <= int(stopped.group(1)) < 10, log[-3000:]
+    again = subprocess.run([*cmd, f"--out_dir={tmp_path / 'twice'}"], env=ENV, cwd=REPO, capture_output=True,
+                           text=True, timeout=300)
+    assert again.returncode == 0 and f"at step {stopped.group(1)}" in again.stdout + again.stderr
+    a, b = (torch.load(tmp_path / d / "tokenizer-last.pth", weights_only=True)["vae"] for d in ("once", "twice"))
+    assert_same_weights(a, b)
+
+
+HANDLER = textwrap.dedent("""
+    import os, signal, sys, time
+    from utils import preemption
+    preemption.REPEAT_S = float(sys.argv[1])
+    p = preemption.Preemption()
+    os.kill(os.getpid(), signal.SIGTERM)
+    os.kill(os.getpid(), signal.SIGTERM)  # the same event twice (torchrun forwarding): still one request
+    print("requested", p.requested(), flush=True)
+    time.sleep(0.2)
+    os.kill(os.getpid(), signal.SIGINT)  # a second signal later: at once
+    time.sleep(5)
+    print("still alive", flush=True)
+""")
+
+
+def test_second_signal_exits_at_once():
+    proc = subprocess.run([sys.executable, "-c", HANDLER, "0.1"], env=ENV, cwd=REPO, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == -signal.SIGINT and "requested True" in proc.stdout and "still alive" not in proc.stdout
+    assert "SIGTERM received" in proc.stderr and "second SIGINT: exiting now" in proc.stderr
+    proc = subprocess.run([sys.executable, "-c", HANDLER, "60"], env=ENV, cwd=REPO, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0 and "still alive" in proc.stdout  # within REPEAT_S: one event

@@ -1,0 +1,120 @@
+"""Guards around a training run (issue 10): one live run per output folder, a full disk while saving, and flags
+that would train nothing."""
+import errno
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import SUBPROCESS_ENV as ENV
+from test_trainer_e2e import REPO, setup, train_cmd  # noqa: F401  (setup: the tiny data + tokenizer fixture)
+from utils import run_lock
+from utils.args import finalize_args, parse_args
+from utils.checkpoint import CheckpointError, save_atomic
+from utils.run_lock import LOCK_NAME, RunLock, RunLockError, read_owner
+
+
+@pytest.mark.parametrize("flag", ["--depth=0", "--tlr=0", "--tlr=nan", "--tblr=0"])
+def test_flags_that_train_nothing_are_refused(flag):
+    with pytest.raises(ValueError, match=flag.split("=")[0]):
+        finalize_args(parse_args([flag]), world_size=1)
+
+
+# ---- run lock ----------------------------------------------------------------------------------------------------
+def sleeper():
+    """A live process of this host that is not us."""
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+
+
+def write_lock(folder, host, pid, start=None, age_s=0.0):
+    path = folder / LOCK_NAME
+    path.write_text(json.dumps({"host": host, "pid": pid, "start": start, "since": "then"}))
+    os.utime(path, (time.time() - age_s,) * 2)
+    return path
+
+
+def test_live_owner_refuses_naming_it_and_releases_on_exit(tmp_path):
+    proc = sleeper()
+    try:
+        write_lock(tmp_path, socket.gethostname(), proc.pid, run_lock._process_start(proc.pid))
+        with pytest.raises(RunLockError, match=f"in use by a live run: host {socket.gethostname()}, pid {proc.pid}"):
+            RunLock(tmp_path).acquire()
+    finally:
+        proc.kill()
+        proc.wait()
+    lock = RunLock(tmp_path).acquire()  # the owner is dead now: stale, taken over
+    assert read_owner(tmp_path / LOCK_NAME)["pid"] == os.getpid()
+    lock.release()
+    assert not (tmp_path / LOCK_NAME).exists()
+
+
+def test_reused_pid_and_silent_remote_owner_are_stale(tmp_path):
+    if run_lock._process_start(os.getpid()) is None:
+        pytest.skip("no /proc: a reused pid cannot be told apart")
+    proc = sleeper()
+    try:  # same pid, another start time: the pid was reused by an unrelated process
+        write_lock(tmp_path, socket.gethostname(), proc.pid, start="1")
+        RunLock(tmp_path).acquire().release()
+    finally:
+        proc.kill()
+        proc.wait()
+    write_lock(tmp_path, "other-node", 1, age_s=10)
+    with pytest.raises(RunLockError, match="host other-node, pid 1"):
+        RunLock(tmp_path).acquire()
+    write_lock(tmp_path, "other-node", 1, age_s=run_lock.STALE_S + 1)  # no heartbeat: the node is gone
+    RunLock(tmp_path).acquire().release()
+
+
+def test_heartbeat_keeps_the_lock_fresh(tmp_path, monkeypatch):
+    monkeypatch.setattr(run_lock, "HEARTBEAT_S", 0.05)
+    lock = RunLock(tmp_path).acquire()
+    path = tmp_path / LOCK_NAME
+    os.utime(path, (0, 0))
+    time.sleep(0.5)
+    assert time.time() - path.stat().st_mtime < 5
+    lock.release()
+
+
+def test_second_training_run_in_a_live_folder_is_refused(setup, tmp_path):  # noqa: F811
+    """An orphan of a killed launcher still holds the folder: a relaunch must not write the same checkpoints."""
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = sleeper()
+    try:
+        write_lock(out, socket.gethostname(), proc.pid, run_lock._process_start(proc.pid))
+        run = subprocess.run(train_cmd(setup, out), env=ENV, cwd=REPO, capture_output=True, text=True, timeout=300)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert run.returncode != 0
+    assert f"in use by a live run: host {socket.gethostname()}, pid {proc.pid}" in run.stderr, run.stderr[-2000:]
+    assert not list(out.glob("*.pth"))
+
+
+# ---- disk full ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("failure", [OSError(errno.ENOSPC, "No space left on device"),
+                                     RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64")])
+def test_disk_full_while_saving_names_the_folder_and_keeps_the_previous_file(tmp_path, monkeypatch, failure):
+    path = tmp_path / "ar-ckpt-last.pth"
+    save_atomic({"step": 1}, path, keep_previous=tmp_path / "ar-ckpt-prev.pth")
+    before = path.read_bytes()
+
+    def full_disk(obj, f):
+        f.write(b"x" * 100)
+        raise failure
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(CheckpointError, match=f"disk full: cannot write ar-ckpt-last.pth into {tmp_path} .*kept"):
+        save_atomic({"step": 2}, path, keep_previous=tmp_path / "ar-ckpt-prev.pth")
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["ar-ckpt-last.pth"]
+
+
+def test_other_write_errors_are_not_called_disk_full(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch, "save", lambda obj, f: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
+    with pytest.raises(OSError, match="I/O error"):
+        save_atomic({}, tmp_path / "x.pth")

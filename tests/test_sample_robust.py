@@ -1,0 +1,147 @@
+"""sample.py against careless input (issue 10): FID dumps bound to their weights, non-finite weights/outputs/flags,
+output paths (image suffixes, unwritable places), a tokenizer file as --ckpt, raw files that need --pn."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import sample
+from models.tokenizer import VQVAE
+from test_sample_cli import ckpt, run  # noqa: F401  (ckpt: the tiny checkpoint fixture)
+
+FID = ("--fid", "--preset", "fid", "--top_k", 20, "--fid_num_per_class", 1, "--bs", 5)
+
+
+def variant(src, dst, edit):
+    """A copy of checkpoint `src` at `dst` with `edit(ckpt)` applied."""
+    ck = torch.load(src, weights_only=True)
+    edit(ck)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(ck, dst)
+    return dst
+
+
+def bump(key):
+    def edit(ck):
+        part, name = key.split(":")
+        ck[part][name] = ck[part][name] + 0.01
+    return edit
+
+
+def test_fid_dump_refuses_images_of_other_weights(ckpt, tmp_path):  # noqa: F811
+    """Run A and run B both save ar-ckpt-last.pth: the same --fid_dir folder name, other weights. Before the
+    weights were hashed, B's dump wrote 0 new PNGs and packed A's images."""
+    a = variant(ckpt, tmp_path / "A" / "ar-ckpt-last.pth", lambda ck: None)
+    b = variant(ckpt, tmp_path / "B" / "ar-ckpt-last.pth", bump("model:head.weight"))
+    c = variant(ckpt, tmp_path / "C" / "ar-ckpt-last.pth", bump("vae:decoder.conv_out.weight"))
+    out = tmp_path / "fid"
+    npz = run(a, *FID, "--fid_dir", out)
+    with pytest.raises(ValueError, match="other weights: the M-VAR weights differ") as e:
+        run(b, *FID, "--fid_dir", out)
+    assert "tokenizer" not in str(e.value).split("differ")[0]
+    with pytest.raises(ValueError, match="other weights: the tokenizer weights differ"):
+        run(c, *FID, "--fid_dir", out)
+    assert run(a, *FID, "--fid_dir", out) == npz  # the same weights resume (a copy of A elsewhere would too)
+    settings = next(out.glob("*/settings.json"))
+    old = {k: v for k, v in json.loads(settings.read_text()).items() if not k.endswith("_weights")}
+    settings.write_text(json.dumps(old))  # a dump of a version that did not hash the weights
+    with pytest.raises(ValueError, match="recorded no weight hashes"):
+        run(a, *FID, "--fid_dir", out)
+
+
+def test_nan_cfg_is_a_flag_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        sample.parse_args(["--ckpt", "x.pth", "--cfg", "nan"])
+    assert e.value.code == 2 and "--cfg must be >= 0 and finite" in capsys.readouterr().err
+
+
+def test_nan_weights_name_the_tensor_before_sampling(ckpt, tmp_path):  # noqa: F811
+    def poison(ck):
+        ck["model"]["head.weight"][0, 0] = math.nan
+    bad = variant(ckpt, tmp_path / "nan.pth", poison)
+    with pytest.raises(SystemExit, match=r"M-VAR checkpoint .*nan.pth has non-finite weights .*\['head.weight'\]"):
+        run(bad, "--classes", 1, "--out", tmp_path / "x.png")
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_non_finite_decoder_output_writes_no_image(ckpt, tmp_path, monkeypatch):  # noqa: F811
+    real = VQVAE.fhat_to_img
+    monkeypatch.setattr(VQVAE, "fhat_to_img", lambda self, f: real(self, f) * math.inf)
+    with pytest.raises(SystemExit, match=r"tokenizer decoder, for classes \[0, 1, 2, 3, 4\] .*non-finite pixels"):
+        run(ckpt, *FID, "--fid_dir", tmp_path)
+    assert not list(tmp_path.rglob("*.png")) and not list(tmp_path.glob("*.npz"))
+
+
+def test_overflowing_logits_say_where(ckpt, tmp_path, monkeypatch):  # noqa: F811
+    from models.mvar import MVAR
+
+    real = MVAR.run_blocks
+    monkeypatch.setattr(MVAR, "run_blocks", lambda self, *a: real(self, *a) * math.nan)
+    with pytest.raises(SystemExit, match="M-VAR logits became non-finite while sampling classes"):
+        run(ckpt, "--classes", 1, "--out", tmp_path / "x.png")
+
+
+@pytest.mark.parametrize("name, fmt", [("grid.jpg", "JPEG"), ("sub/grid.webp", "WEBP"), ("grid.PNG", "PNG")])
+def test_out_with_an_image_suffix_writes_that_image(ckpt, tmp_path, name, fmt):  # noqa: F811
+    out = run(ckpt, "--classes", 1, 2, "--num_per_class", 2, "--out", tmp_path / name)
+    assert out.is_file()
+    with Image.open(out) as im:
+        assert im.format == fmt and im.size == (2 * 10 + 2, 2 * 10 + 2)
+
+
+def test_unwritable_out_fails_before_sampling(ckpt, tmp_path, monkeypatch):  # noqa: F811
+    def must_not_run(*a, **k):
+        raise AssertionError("sampled before checking the output")
+
+    monkeypatch.setattr(sample, "load_checked", must_not_run)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit, match="--out=.*a_file/grid.png: cannot write into"):
+        run(ckpt, "--out", blocker / "grid.png")
+    with pytest.raises(SystemExit, match="--fid_dir=.*a_file: cannot write into"):
+        run(ckpt, "--fid", "--fid_dir", blocker)
+
+
+def test_read_only_out_fails_before_sampling(ckpt, tmp_path, monkeypatch):  # noqa: F811
+    import os
+
+    if os.geteuid() == 0:
+        pytest.skip("root writes into read-only folders")
+    monkeypatch.setattr(sample, "load_checked", lambda *a: pytest.fail("sampled before checking the output"))
+    ro = tmp_path / "ro"
+    ro.mkdir(mode=0o555)
+    with pytest.raises(SystemExit, match="cannot write into"):
+        run(ckpt, "--out", ro / "grid.png")
+
+
+def test_tokenizer_file_as_ckpt_is_a_clear_error(ckpt, tmp_path):  # noqa: F811
+    def to_tokenizer(ck):
+        for k in ("config", "model"):
+            del ck[k]
+    tok = variant(ckpt, tmp_path / "tokenizer-last.pth", to_tokenizer)
+    with pytest.raises(SystemExit, match="tokenizer-last.pth is a tokenizer checkpoint .*--vae_ckpt"):
+        run(tok, "--out", tmp_path / "x.png")
+    junk = tmp_path / "junk.pth"
+    torch.save({"w": torch.ones(1)}, junk)
+    with pytest.raises(SystemExit, match="junk.pth: not an M-VAR/VAR state dict"):
+        run(junk, "--out", tmp_path / "x.png")
+
+
+def test_raw_state_dict_of_a_custom_schedule_loads_with_pn(ckpt, tmp_path):  # noqa: F811
+    """A raw (official-style) file with L matching no preset: the error names --pn, and sample.py has that flag."""
+    ck = torch.load(ckpt, weights_only=True)
+    raw = tmp_path / "raw.pth"
+    torch.save(ck["model"], raw)
+    vae = tmp_path / "vae.pth"
+    torch.save({"vae_config": ck["vae_config"], "vae": ck["vae"]}, vae)
+    flags = ("--vae_ckpt", vae, "--classes", 1, "--num_per_class", 2, "--seed", 4)
+    with pytest.raises(SystemExit, match="pass the patch schedule explicitly \\(--pn=1_2_...\\)"):
+        run(raw, *flags, "--out", tmp_path / "x.png")
+    got = run(raw, *flags, "--pn", "1_2_3_4", "--out", tmp_path / "raw.png")
+    want = run(ckpt, *flags, "--out", tmp_path / "ours.png")
+    assert np.array_equal(np.asarray(Image.open(got)), np.asarray(Image.open(want)))
+    with pytest.raises(SystemExit, match="--pn=1_2_4, but ours.pth holds patch_nums 1_2_3_4"):
+        run(variant(ckpt, tmp_path / "ours.pth", lambda c: None), *flags, "--pn", "1_2_4", "--out", tmp_path / "y.png")

@@ -1,0 +1,135 @@
+"""One live run per output folder: a lock file naming its owner (host, pid), refreshed by a heartbeat.
+
+Two runs writing the same checkpoint files corrupt each other's resume point (e.g. orphan torchrun workers still
+training when the job is relaunched). The lock `.run.lock` is created exclusively; a second run is refused with
+the owner's host and pid. A lock is stale, and taken over with a warning, when its owner is on this host and its
+pid is gone (or now belongs to another process), or, for an owner on another host, when its heartbeat (the file's
+mtime, touched every `HEARTBEAT_S`) is older than `STALE_S` (a preempted node that vanished).
+"""
+import atexit
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import dist
+
+logger = logging.getLogger(__name__)
+
+LOCK_NAME = ".run.lock"
+HEARTBEAT_S, STALE_S = 30.0, 300.0
+
+
+class RunLockError(RuntimeError):
+    """The output folder is in use by another live run; the message names it."""
+
+
+def _process_start(pid: int) -> str | None:
+    """Start time of `pid` in clock ticks since boot (Linux /proc), to tell a reused pid from the owner."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _pid_alive(pid: int, start: str | None) -> bool:
+    if pid <= 0:  # a damaged lock file
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return start is None or _process_start(pid) in (None, start)
+
+
+class RunLock:
+    """Held by this process until `release()` (also at interpreter exit); `acquire` raises RunLockError."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.path = Path(folder) / LOCK_NAME
+        self.owner = {"host": socket.gethostname(), "pid": os.getpid(), "start": _process_start(os.getpid()),
+                      "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        self._stop = threading.Event()
+
+    def acquire(self) -> "RunLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(5):  # a stale lock removed by us (or a racing run) is retried
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                self._clear_if_stale()
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(self.owner, f)
+            threading.Thread(target=self._heartbeat, name="run-lock-heartbeat", daemon=True).start()
+            atexit.register(self.release)
+            return self
+        raise RunLockError(f"could not take the run lock {self.path}")
+
+    def _clear_if_stale(self) -> None:
+        owner = read_owner(self.path)
+        try:
+            age = time.time() - self.path.stat().st_mtime
+        except FileNotFoundError:
+            return  # released meanwhile: retry
+        if owner is None:  # being written (retry), or left empty by a crash long ago
+            if age > HEARTBEAT_S:
+                self.path.unlink(missing_ok=True)
+            time.sleep(0.1)
+            return
+        here = owner.get("host") == self.owner["host"]
+        if here and owner.get("pid") == self.owner["pid"]:  # an earlier main() of this very process
+            self.path.unlink(missing_ok=True)
+            return
+        if here and not _pid_alive(int(owner.get("pid", -1)), owner.get("start")) or not here and age > STALE_S:
+            logger.warning("taking over the stale run lock %s of %s pid %s (%s)", self.path, owner.get("host"),
+                           owner.get("pid"), "exited" if here else f"no heartbeat for {age:.0f}s")
+            self.path.unlink(missing_ok=True)
+            return
+        raise RunLockError(f"{self.path.parent} is in use by a live run: host {owner.get('host')}, pid "
+                           f"{owner.get('pid')}, since {owner.get('since')}. Stop that run (orphan torchrun workers "
+                           f"included) or choose another output folder; if it is dead, delete {self.path}")
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            try:
+                os.utime(self.path)
+            except OSError:
+                return
+
+    def release(self) -> None:
+        """Remove the lock if this process still owns it (idempotent)."""
+        self._stop.set()
+        if read_owner(self.path) == self.owner:
+            self.path.unlink(missing_ok=True)
+
+
+def lock_output_folder(folder: str | os.PathLike, holder: bool) -> RunLock | None:
+    """Collective: the `holder` ranks (those that write checkpoints into `folder`) take its lock; if any cannot,
+    every rank raises its RunLockError, so no rank is left waiting."""
+    lock, error = None, None
+    if holder:
+        try:
+            lock = RunLock(folder).acquire()
+        except RunLockError as e:
+            error = str(e)
+    errors = [e for e in dist.all_gather_object(error) if e is not None]
+    if errors:
+        if lock is not None:
+            lock.release()
+        raise RunLockError(errors[0])
+    return lock
+
+
+def read_owner(path: Path) -> dict[str, Any] | None:
+    """The owner recorded in a lock file, None if it is absent or not (yet) complete."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
