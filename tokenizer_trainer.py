@@ -307,7 +307,7 @@ def train(args: argparse.Namespace) -> Path:
                 names = [k for k in ("loss", "l1", "vq", "percep", "g", "d") if k in out]
                 means = dist.all_reduce_mean(torch.stack([out[k].float() for k in names])).tolist()  # the one sync
                 speed = (trainer.step - last_log_step) / (time.time() - t0)
-                t0, last_log_step, preemption = time.time(), trainer.step, Preemption()
+                t0, last_log_step = time.time(), trainer.step
                 logger.info("step %d/%d %s lr %.2e | usage%% per scale %s | reinit %d | %.2f it/s", trainer.step,
                             args.steps, " ".join(f"{k} {v:.4f}" for k, v in zip(names, means, strict=True)),
                             out["lr"], [round(u, 1) for u in out["usage"]], out.get("reinit", 0), speed)
