@@ -1,6 +1,7 @@
 """A newcomer's first run, on a CPU in minutes: embedded MNIST -> tokenizer -> M-VAR -> samples -> score.
 
-1. trains VAR's multi-scale VQVAE tokenizer on the 4,500 training digits (32 px, 4x4 latent, scales 1_2_3_4),
+1. trains VAR's multi-scale VQVAE tokenizer on the 4,500 training digits (32 px, 4x4 latent, scales 1_2_3_4;
+   8 px with --quick),
 2. trains a small M-VAR (intra-scale attention + Mamba2 blocks) on its tokens with train.py,
 3. samples every class and saves a grid (one row per class),
 4. trains a small CNN on the real training labels and reports the fraction of generated images it assigns to the
@@ -8,7 +9,8 @@
    validation digits.
 
     python scripts/demo.py            # the full demo (`make demo`), a few minutes on 2 CPU cores
-    python scripts/demo.py --quick    # a shortened run that checks the whole pipeline (tests use it)
+    python scripts/demo.py --quick    # the same pipeline on 8 px digits, about a minute of one CPU thread; it
+                                      # still learns them (tests use it)
 
 Re-running with the same --out_dir resumes or reuses finished stages (the trainers auto-resume).
 """
@@ -32,27 +34,32 @@ from utils.logging_utils import setup_logging
 
 logger = logging.getLogger("demo")
 
-RESO, PN = 32, "1_2_3_4"
-TOKENIZER_FLAGS = ["--reso=32", "--ch=32", "--ch_mult=1_1_2_2", "--z_channels=16", "--vocab_size=512", f"--pn={PN}"]
-MVAR_FLAGS = [f"--pn={PN}", "--alng=1e-3", "--sample_every=0", "--save_every_min=0",
-              "--workers=0"]
-# stage settings: full demo, and --quick (checks the pipeline end to end; the pictures are not meant to be good)
+# flags every preset shares; a preset adds its image size, patch schedule and stage lengths
+TOKENIZER_FLAGS = ["--ch=32", "--z_channels=16", "--vocab_size=512"]
+MVAR_FLAGS = ["--alng=1e-3", "--sample_every=0", "--save_every_min=0", "--workers=0"]
+# full demo: 32 px digits, an 8x tokenizer (4x4 latent); --quick: 8 px digits, a 2x tokenizer (the same 4x4 latent,
+# so the same token count), long enough to learn the digits in about a minute of one CPU thread. mid_reso: resize
+# to mid_reso*reso, then crop (1.0 at 8 px, where a one-pixel shift is an eighth of the digit)
 PRESETS = {
-    "full": dict(tok=["--steps=600", "--bs=64", "--log_every=50"],
+    "full": dict(reso=32, pn="1_2_3_4", mid_reso=1.125,
+                 tok=["--ch_mult=1_1_2_2", "--steps=600", "--bs=64", "--log_every=50"],
                  mvar=["--depth=2", "--embed_dim=128", "--bs=64", "--ep=8", "--tlr=1e-3", "--log_every=35",
                        "--val_every=8"],
                  clf_epochs=4, per_class=50),
-    "quick": dict(tok=["--steps=8", "--bs=32", "--log_every=4"],
-                  mvar=["--depth=1", "--embed_dim=64", "--bs=256", "--ep=1", "--tlr=1e-3", "--log_every=9",
-                        "--val_every=1"],
-                  clf_epochs=1, per_class=4),
+    "quick": dict(reso=8, pn="1_2_3_4", mid_reso=1.0,
+                  tok=["--ch_mult=1_1", "--steps=200", "--bs=32", "--lr=3e-3", "--reinit_every=100",
+                       "--log_every=50"],
+                  mvar=["--depth=1", "--embed_dim=128", "--bs=64", "--ep=2", "--tlr=4e-3", "--log_every=35",
+                        "--val_every=2"],
+                  clf_epochs=2, per_class=10),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
-    p.add_argument("--quick", action="store_true", help="shortened run (about a minute): checks the pipeline")
+    p.add_argument("--quick", action="store_true", help="8 px digits, shorter stages (about a minute of CPU): "
+                   "checks the whole pipeline, which still learns")
     p.add_argument("--out_dir", default=None, help="output folder, reused by a re-run; none = local_output/demo "
                    "(local_output/demo-quick with --quick)")
     p.add_argument("--cfg", type=float, default=1.5, help="classifier-free guidance of the samples")
@@ -84,14 +91,15 @@ def main(args: argparse.Namespace) -> dict:
 
     stages.start("training the tokenizer (multi-scale VQVAE) on embedded MNIST")
     tok_dir = out / "tokenizer"
-    tok_args = tokenizer_trainer.build_parser().parse_args(
-        TOKENIZER_FLAGS + preset["tok"] + [f"--out_dir={tok_dir}", f"--seed={args.seed}"])
+    data_flags = [f"--pn={preset['pn']}", f"--mid_reso={preset['mid_reso']}"]
+    tok_args = tokenizer_trainer.build_parser().parse_args(TOKENIZER_FLAGS + data_flags + preset["tok"] + [
+        f"--reso={preset['reso']}", f"--out_dir={tok_dir}", f"--seed={args.seed}"])
     tok_ckpt = tokenizer_trainer.train(tok_args)
 
     setup_logging(0, out)
     stages.start("training M-VAR on the tokenizer's codes (train.py)")
     mvar_dir = out / "mvar"
-    train.main(parse_train_args(MVAR_FLAGS + preset["mvar"] + [
+    train.main(parse_train_args(MVAR_FLAGS + data_flags + preset["mvar"] + [
         f"--vae_ckpt={tok_ckpt}", f"--local_out_dir_path={mvar_dir}", f"--seed={args.seed}"]))
     mvar_ckpt = mvar_dir / LAST
 
@@ -99,7 +107,7 @@ def main(args: argparse.Namespace) -> dict:
     stages.start("sampling every class")
     vae = load_vae(mvar_ckpt)
     mvar = load_mvar(mvar_ckpt, vae=vae)
-    num_classes, train_set, val_set = build_datasets("", "mnist", RESO, mid_reso=1.125)
+    num_classes, train_set, val_set = build_datasets("", "mnist", preset["reso"], preset["mid_reso"])
     per_class = max(preset["per_class"], args.grid_cols)
     label_B = torch.arange(num_classes).repeat_interleave(per_class)
     with torch.no_grad():

@@ -22,15 +22,6 @@ def test_quick_demo_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert f"class consistency: {100 * summary['class_consistency']:.1f}%" in proc.stdout
-    # the grid: 10 rows (digits) x 3 columns of 32 px images with 2 px padding
-    grid = np.asarray(Image.open(summary["grid"]))
-    assert grid.shape == (2 + 10 * 34, 2 + 3 * 34, 3)
-    assert grid[2:34, 2:34].std() > 0  # a picture, not a blank tile
-
-    assert summary["n_generated"] == 10 * 4
-    assert 0 <= summary["class_consistency"] <= 1 and len(summary["per_class_consistency"]) == 10
-    # the classifier learns real digits even in one epoch (chance is 10%)
-    assert summary["classifier_val_acc_real"] > 0.6
 
     # the M-VAR checkpoint carries the tokenizer that was trained in stage 1, and both load
     vae = load_vae(summary["tokenizer_ckpt"])
@@ -39,3 +30,18 @@ def test_quick_demo_end_to_end(tmp_path):
         assert torch.equal(v, embedded.state_dict()[k]), k
     mvar = load_mvar(summary["mvar_ckpt"], vae=embedded)
     assert mvar.patch_nums == (1, 2, 3, 4) and mvar.num_classes == 10
+
+    # the grid: 10 rows (digits) x 3 columns of px-sized images (8 px with --quick) with 2 px padding
+    px = mvar.patch_nums[-1] * vae.downsample
+    grid = np.asarray(Image.open(summary["grid"]))
+    assert px == 8 and grid.shape == (2 + 10 * (px + 2), 2 + 3 * (px + 2), 3)
+    assert grid[2:2 + px, 2:2 + px].std() > 0  # a picture, not a blank tile
+
+    assert summary["n_generated"] == 10 * 10
+    assert len(summary["per_class_consistency"]) == 10
+    # the classifier learns real digits even in a short run (chance is 10%)
+    assert summary["classifier_val_acc_real"] > 0.6
+    # the model learned the digits: measured 99%, 98% and 100% class consistency (seeds 0, 1, 2), where an
+    # untrained M-VAR with the same tokenizers and classifiers scores 9.5% on average (2-16% over 2 tokenizers x
+    # 5 initialisations x cfg 1.5 and 4)
+    assert summary["class_consistency"] > 0.6
