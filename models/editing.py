@@ -36,17 +36,6 @@ class KnownTokens:
         return torch.where(self.keep_Bl[si].unsqueeze(-1), known_h_BlC, h_BlC)
 
 
-def box_mask(height: int, width: int, box: Sequence[int]) -> torch.Tensor:
-    """A (1, 1, H, W) bool mask that is True inside the pixel box (x0, y0, x1, y1), ends exclusive."""
-    x0, y0, x1, y1 = (int(v) for v in box)
-    if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
-        raise ValueError(f"box {tuple(box)} (x0, y0, x1, y1) must satisfy 0 <= x0 < x1 <= {width} and "
-                         f"0 <= y0 < y1 <= {height} for a {width}x{height} image")
-    mask = torch.zeros(1, 1, height, width, dtype=torch.bool)
-    mask[..., y0:y1, x0:x1] = True
-    return mask
-
-
 def check_edit_inputs(img_B3HW: torch.Tensor, mask: torch.Tensor, image_size: int) -> torch.Tensor:
     """Check an image batch in [0, 1] and a binary mask; returns the mask as bool (B, 1, H, W)."""
     if img_B3HW.ndim != 4 or img_B3HW.shape[1] != 3 or img_B3HW.shape[-2:] != (image_size, image_size):

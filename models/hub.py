@@ -36,6 +36,7 @@ CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_DIR = "config.json", "model.safetensors", "
 PAPER_URL = "https://arxiv.org/abs/2411.10433"
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
+OFFICIAL_DATA = "ImageNet-1k train set (the official release)"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -157,6 +158,15 @@ class MVARHF(MVAR, PyTorchModelHubMixin, library_name="mvar", paper_url=PAPER_UR
     def generate_model_card(self, *args, **kwargs) -> ModelCard:
         """README.md of the folder; kwargs: repo_id, training_data, metrics ({name: value}), source."""
         return ModelCard(model_card_text(self, **kwargs))
+
+
+def training_data(ckpt: dict) -> str:
+    """What a checkpoint says it was trained on: our train.py flags, else the official release."""
+    flags = ckpt.get("args")
+    if not isinstance(flags, dict):
+        return OFFICIAL_DATA
+    data = flags.get("data_path") or f"embedded `{flags.get('dataset')}` (utils/embedded_data.py)"
+    return f"{data}, {flags.get('ep')} epochs, batch {flags.get('bs')} (train.py)"
 
 
 def model_card_text(mvar: MVAR, repo_id: str | None = None, training_data: str | None = None,

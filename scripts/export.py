@@ -10,21 +10,16 @@ Then: `python sample.py --ckpt hub/mvar-d16 ...`, or in Python `models.hub.MVARH
 """
 import argparse
 import logging
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file from anywhere
-
-from models.hub import MVARHF  # noqa: E402
-from models.loading import config_from_state_dict, load_mvar, resolve_mvar_checkpoint  # noqa: E402
-from models.tokenizer import load_vae, parse_patch_nums  # noqa: E402
-from utils.checkpoint import load_checkpoint  # noqa: E402
-from utils.logging_utils import setup_logging  # noqa: E402
+from models.hub import OFFICIAL_DATA, MVARHF, training_data
+from models.loading import config_from_state_dict, load_mvar, resolve_mvar_checkpoint
+from models.tokenizer import load_vae
+from utils.checkpoint import load_checkpoint
+from utils.logging_utils import setup_logging
+from utils.registry import parse_patch_nums
 
 logger = logging.getLogger("export")
-
-OFFICIAL_DATA = "ImageNet-1k train set (the official release)"
-
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -45,15 +40,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", action="append", default=[], metavar="NAME=VALUE",
                    help="a measured metric for the model card, e.g. FID=3.07 (repeatable)")
     return p
-
-
-def training_data(ckpt: dict) -> str:
-    """What a checkpoint says it was trained on: our train.py flags, else the official release."""
-    flags = ckpt.get("args")
-    if not isinstance(flags, dict):
-        return OFFICIAL_DATA
-    data = flags.get("data_path") or f"embedded `{flags.get('dataset')}` (utils/embedded_data.py)"
-    return f"{data}, {flags.get('ep')} epochs, batch {flags.get('bs')} (train.py)"
 
 
 def main(argv: list[str] | None = None) -> Path:

@@ -17,16 +17,13 @@ import dataclasses
 import json
 import math
 import os
-import sys
 import types
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import models.attention as attn  # noqa: E402
-import models.mamba2 as m2  # noqa: E402
+import models.attention as attn
+import models.mamba2 as m2
 
 # The scales of a tiny pyramid, fed one at a time as M-VAR's cached inference does.
 SEG_LENS = (1, 4, 9, 16)

@@ -8,12 +8,12 @@ from PIL import Image
 from torch.utils.data import TensorDataset
 
 from models import build_vae_mvar
-from models.editing import box_mask, token_masks
+from models.editing import token_masks
 import tokenizer_trainer
 from test_mvar import ARCHS, build_tiny, record_sampling
 from utils.data import build_datasets
 from utils.digit_classifier import predict, train_classifier
-from utils.edit_inputs import load_edit_inputs
+from utils.edit_inputs import box_mask, load_edit_inputs
 
 IMG = 8  # build_tiny: patch_nums (1, 2, 3, 4) and a 2x tokenizer
 

@@ -14,7 +14,16 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-from models.editing import box_mask
+
+def box_mask(height: int, width: int, box: Sequence[int]) -> torch.Tensor:
+    """A (1, 1, H, W) bool mask that is True inside the pixel box (x0, y0, x1, y1), ends exclusive."""
+    x0, y0, x1, y1 = (int(v) for v in box)
+    if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
+        raise ValueError(f"box {tuple(box)} (x0, y0, x1, y1) must satisfy 0 <= x0 < x1 <= {width} and "
+                         f"0 <= y0 < y1 <= {height} for a {width}x{height} image")
+    mask = torch.zeros(1, 1, height, width, dtype=torch.bool)
+    mask[..., y0:y1, x0:x1] = True
+    return mask
 
 
 def parse_box(text: str) -> tuple[int, int, int, int]:
