@@ -28,6 +28,7 @@ from models.attention import resolve_backend
 from models.backends import BackendError
 from models.mamba2 import resolve_kernels
 from models.mvar import MVAR, MVARConfig
+from models.precision import effective_amp_dtype
 from models.tokenizer import load_vae
 from utils.args import add_backend_flags, add_model_flag
 from utils.checkpoint import load_checkpoint
@@ -138,6 +139,12 @@ def amp_dtype(args: argparse.Namespace) -> torch.dtype | None:
     return torch.float16 if args.fp16 else torch.bfloat16 if args.bf16 else None
 
 
+def fall_back_to_fp32_where_slow(args: argparse.Namespace, device: torch.device) -> None:
+    """--bf16 on a CPU without bf16 instructions runs in fp32 (logged once), and the FID settings say so."""
+    if args.bf16 and effective_amp_dtype(device, torch.bfloat16) is None:
+        args.bf16 = False
+
+
 def check_backends(args: argparse.Namespace, device: torch.device) -> None:
     """A forced kernel (--attn_backend / --mamba_backend, or their env vars) that cannot run here: a BackendError
     saying why, before anything is loaded."""
@@ -172,12 +179,13 @@ def load_checked(args: argparse.Namespace, device: torch.device) -> tuple[MVAR, 
 
 
 def make_generate(mvar: MVAR, args: argparse.Namespace, device: torch.device):
-    """labels (B,) int64 numpy, g_seed -> uint8 images (B, H, W, 3)."""
+    """labels (B,) int64 numpy, g_seed -> uint8 images (B, H, W, 3). Under --fp16/--bf16 the Linear weights are
+    cast once per batch (`MVAR.inference_precision`), not on every call."""
     dtype = amp_dtype(args)
 
     def generate(label_B: np.ndarray, g_seed: int) -> np.ndarray:
         label_B = torch.as_tensor(label_B, dtype=torch.long, device=device)
-        with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        with torch.inference_mode(), mvar.inference_precision(dtype):
             img_B3HW = mvar.autoregressive_infer_cfg(len(label_B), label_B, g_seed=g_seed, cfg=args.cfg,
                                                      top_k=args.top_k, top_p=args.top_p, more_smooth=args.more_smooth)
         return to_uint8_BHW3(img_B3HW)
@@ -251,6 +259,7 @@ def main(argv: Sequence[str] | None = None) -> Path | None:
     setup_logging(rank)
     if world_size > 1 and not args.fid:
         raise SystemExit("several ranks only make sense with --fid (pictures are written by one process)")
+    fall_back_to_fp32_where_slow(args, device)
     try:
         check_backends(args, device)
     except BackendError as e:
