@@ -52,8 +52,20 @@ def ssd_chunk_scan(
 
     `dt_BLH` is the final step size (softplus and bias already applied), `A_H` is negative, `D` is (H,) or (H, P).
     Heads are split evenly over the G groups of B and C. Computes in float32 at least (float64 stays float64).
+    With `x_BLHP` in bf16/fp16 (Mamba2 under autocast) the products inside and out of chunks run in that dtype
+    while the decays, the state carried across chunks and the output stay in float32.
     Returns (y_BLHP in the compute dtype, final state (B, H, P, N)).
     """
+    with torch.autocast(x_BLHP.device.type, enabled=False):  # every cast below is explicit
+        return _ssd_chunk_scan(x_BLHP, dt_BLH, A_H, B_BLGN, C_BLGN, chunk_size, D, initial_state_BHPN,
+                               x_BLHP.dtype if x_BLHP.dtype in _LOW_DTYPES else None)
+
+
+_LOW_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def _ssd_chunk_scan(x_BLHP, dt_BLH, A_H, B_BLGN, C_BLGN, chunk_size, D, initial_state_BHPN, mm_dtype):
+    """`ssd_chunk_scan` with its intra-chunk, chunk-state and output products in `mm_dtype` (None: compute dtype)."""
     Bsz, L, H, P = x_BLHP.shape
     G, N = B_BLGN.shape[-2:]
     Hg = H // G
@@ -68,41 +80,66 @@ def ssd_chunk_scan(
 
     dA_cs_BcHQ = torch.cumsum((dt * A_H.to(cdt)).view(Bsz, c, Q, H), dim=2).transpose(2, 3)
     xdt_BcGhQP = (x * dt.unsqueeze(-1)).view(Bsz, c, Q, G, Hg, P).permute(0, 1, 3, 4, 2, 5)
-    B_BcGQN = B.view(Bsz, c, Q, G, N).transpose(2, 3)
-    C_BcGQN = C.view(Bsz, c, Q, G, N).transpose(2, 3)
+    mdt = mm_dtype or cdt  # B and C are cast once, for the three products that read them
+    B_BcGQN = B.view(Bsz, c, Q, G, N).transpose(2, 3).to(mdt)
+    C_BcGQN = C.view(Bsz, c, Q, G, N).transpose(2, 3).to(mdt)
 
     # 1. within chunks: y_l += sum_{s<=l} (C_l . B_s) exp(cs_l - cs_s) dt_s x_s
     causal_QQ = torch.ones(Q, Q, dtype=torch.bool, device=x.device).tril()
     seg_BcHQQ = (dA_cs_BcHQ.unsqueeze(-1) - dA_cs_BcHQ.unsqueeze(-2)).masked_fill(~causal_QQ, -math.inf)
-    CB_BcGQQ = C_BcGQN @ B_BcGQN.transpose(-1, -2)
+    CB_BcGQQ = (C_BcGQN @ B_BcGQN.transpose(-1, -2)).to(cdt)
     scores_BcGhQQ = CB_BcGQQ.unsqueeze(3) * seg_BcHQQ.exp().view(Bsz, c, G, Hg, Q, Q)
-    y_BcGhQP = scores_BcGhQQ @ xdt_BcGhQP
+    y_BcGhQP = (scores_BcGhQQ.to(mdt) @ xdt_BcGhQP.to(mdt)).to(cdt)
 
     # 2. state contributed by each chunk, decayed to the chunk's end
     decay_to_end_BcHQ = (dA_cs_BcHQ[..., -1:] - dA_cs_BcHQ).exp()
     xdt_decayed = xdt_BcGhQP * decay_to_end_BcHQ.view(Bsz, c, G, Hg, Q, 1)
-    states_BcGhPN = xdt_decayed.transpose(-1, -2) @ B_BcGQN.unsqueeze(3)
+    states_BcGhPN = (xdt_decayed.transpose(-1, -2).to(mdt) @ B_BcGQN.unsqueeze(3)).to(cdt)
 
-    # 3. across chunks: state entering chunk k = sum_{j<=k} exp(T_k - T_j) s_j over [initial, chunk 0, ..., c-1]
-    if initial_state_BHPN is None:
-        init_B1HPN = states_BcGhPN.new_zeros(Bsz, 1, H, P, N)
-    else:
-        init_B1HPN = initial_state_BHPN.to(cdt).reshape(Bsz, 1, H, P, N)
-    all_states = torch.cat([init_B1HPN, states_BcGhPN.reshape(Bsz, c, H, P, N)], dim=1)  # (B, c+1, H, P, N)
-    T_BHz = F.pad(torch.cumsum(dA_cs_BcHQ[..., -1], dim=1), (0, 0, 1, 0)).transpose(1, 2)  # (B, H, c+1)
-    causal_zz = torch.ones(c + 1, c + 1, dtype=torch.bool, device=x.device).tril()
-    chunk_decay_BHzz = (T_BHz.unsqueeze(-1) - T_BHz.unsqueeze(-2)).masked_fill(~causal_zz, -math.inf).exp()
-    passed_BHzX = chunk_decay_BHzz @ all_states.transpose(1, 2).reshape(Bsz, H, c + 1, P * N)
-    passed_BzHPN = passed_BHzX.view(Bsz, H, c + 1, P, N).transpose(1, 2)
-    entering_BcGhNP = passed_BzHPN[:, :-1].reshape(Bsz, c, G, Hg, P, N).transpose(-1, -2)
-    final_BHPN = passed_BzHPN[:, -1]
+    # 3. across chunks: the state entering each chunk (B, c, H, P, N) and the final state
+    init_BHPN = None if initial_state_BHPN is None else initial_state_BHPN.to(cdt).reshape(Bsz, H, P, N)
+    pass_states = _pass_states_matmul if mm_dtype is None else _pass_states_recurrent
+    entering_BcHPN, final_BHPN = pass_states(init_BHPN, states_BcGhPN.reshape(Bsz, c, H, P, N), dA_cs_BcHQ[..., -1])
+    entering_BcGhNP = entering_BcHPN.reshape(Bsz, c, G, Hg, P, N).transpose(-1, -2)
 
     # 4. output from the state entering each chunk, decayed to each position
-    y_off_BcGhQP = (C_BcGQN.unsqueeze(3) @ entering_BcGhNP) * dA_cs_BcHQ.exp().view(Bsz, c, G, Hg, Q, 1)
+    y_off_BcGhQP = (C_BcGQN.unsqueeze(3) @ entering_BcGhNP.to(mdt)).to(cdt) \
+        * dA_cs_BcHQ.exp().view(Bsz, c, G, Hg, Q, 1)
     y_BLHP = (y_BcGhQP + y_off_BcGhQP).permute(0, 1, 4, 2, 3, 5).reshape(Bsz, c * Q, H, P)[:, :L]
     if D is not None:
         y_BLHP = y_BLHP + x[:, :L] * (D.to(cdt).view(H, -1))
     return y_BLHP, final_BHPN
+
+
+def _pass_states_matmul(
+    init_BHPN: torch.Tensor | None, states_BcHPN: torch.Tensor, chunk_dA_BcH: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """State entering chunk k = sum_{j<=k} exp(T_k - T_j) s_j over [initial, chunk 0, ..., c-1], as one matmul
+    (T: cumulated chunk decays). Returns (entering (B, c, H, P, N), final (B, H, P, N))."""
+    Bsz, c, H, P, N = states_BcHPN.shape
+    init_B1HPN = states_BcHPN.new_zeros(Bsz, 1, H, P, N) if init_BHPN is None else init_BHPN.unsqueeze(1)
+    all_states = torch.cat([init_B1HPN, states_BcHPN], dim=1)  # (B, c+1, H, P, N)
+    T_BHz = F.pad(torch.cumsum(chunk_dA_BcH, dim=1), (0, 0, 1, 0)).transpose(1, 2)  # (B, H, c+1)
+    causal_zz = torch.ones(c + 1, c + 1, dtype=torch.bool, device=states_BcHPN.device).tril()
+    chunk_decay_BHzz = (T_BHz.unsqueeze(-1) - T_BHz.unsqueeze(-2)).masked_fill(~causal_zz, -math.inf).exp()
+    passed_BHzX = chunk_decay_BHzz @ all_states.transpose(1, 2).reshape(Bsz, H, c + 1, P * N)
+    passed_BzHPN = passed_BHzX.view(Bsz, H, c + 1, P, N).transpose(1, 2)
+    return passed_BzHPN[:, :-1], passed_BzHPN[:, -1]
+
+
+def _pass_states_recurrent(
+    init_BHPN: torch.Tensor | None, states_BcHPN: torch.Tensor, chunk_dA_BcH: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_pass_states_matmul` as a loop over the c chunks, h <- exp(dA_k) h + s_k: c elementwise passes instead of a
+    batched (c+1)-long matmul, which is slow on the CPU for the few chunks of a sampling step (10 ms for c = 1 at
+    B=2, H=32, P=N=64). Used by the low-precision scan (the float32 scan keeps the matmul's exact numbers)."""
+    decay_BcH11 = chunk_dA_BcH.exp()[..., None, None]
+    h_BHPN = torch.zeros_like(states_BcHPN[:, 0]) if init_BHPN is None else init_BHPN
+    entering = []
+    for k in range(states_BcHPN.shape[1]):
+        entering.append(h_BHPN)
+        h_BHPN = torch.addcmul(states_BcHPN[:, k], h_BHPN, decay_BcH11[:, k])
+    return torch.stack(entering, dim=1), h_BHPN
 
 
 def gated_rms_norm(
