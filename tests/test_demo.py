@@ -27,7 +27,9 @@ def test_quick_demo_end_to_end(tmp_path):
     assert grid.shape == (2 + 10 * 34, 2 + 3 * 34, 3)
     assert grid[2:34, 2:34].std() > 0  # a picture, not a blank tile
 
-    assert summary["n_generated"] == 10 * 4
+    assert summary["n_generated"] == 10 * 10
+    if summary["class_consistency_bf16"] is not None:  # bf16 sampling, same seed: within 2 points of fp32
+        assert abs(summary["class_consistency_bf16"] - summary["class_consistency"]) <= 0.02
     assert 0 <= summary["class_consistency"] <= 1 and len(summary["per_class_consistency"]) == 10
     # the classifier learns real digits even in one epoch (chance is 10%)
     assert summary["classifier_val_acc_real"] > 0.6
