@@ -81,3 +81,18 @@ def test_bf16_on_a_cpu_without_bf16_falls_back_to_fp32_with_one_log_line(monkeyp
 @pytest.mark.skipif(not precision.cpu_bf16_flags(), reason="this CPU has no bf16 instructions")
 def test_this_cpu_keeps_bf16():
     assert precision.effective_amp_dtype(torch.device("cpu"), BF16) is BF16
+
+
+@pytest.mark.skipif(not precision.cpu_bf16_flags(), reason="this CPU has no bf16 instructions")
+def test_sample_cli_bf16_writes_pictures_and_records_the_precision(tmp_path):
+    """`sample.py --bf16` end to end on the CPU: the FID dump's settings say bf16; pictures come out."""
+    from models.loading import mvar_checkpoint
+
+    vae, mvar = build_tiny_mvar()
+    ckpt = tmp_path / "tiny.pth"
+    torch.save(mvar_checkpoint(mvar, vae), ckpt)
+    flags = ["--ckpt", str(ckpt), "--device", "cpu", "--bf16", "--cfg", "1.5", "--top_k", "10"]
+    grid = sample.main([*flags, "--classes", "1", "2", "--num_per_class", "2", "--out", str(tmp_path / "g.png")])
+    assert grid.is_file()
+    npz = sample.main([*flags, "--fid", "--fid_num_per_class", "1", "--bs", "5", "--fid_dir", str(tmp_path / "fid")])
+    assert '"precision": "bf16"' in npz.with_suffix(".json").read_text()
