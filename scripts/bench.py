@@ -164,19 +164,27 @@ def bench_train(device: torch.device, args: argparse.Namespace) -> str:
         steps[arch] = lambda t=trainer, g=gt_BL, x=x_BLCv, y=label_B: t.step_tokens(g, x, y)
         models[arch] = mvar
     ms = bm.time_alternating(steps, device, args.warmup, args.repeats)
-    peak = next((v for k, v in PEAK_TFLOPS.items() if k in torch.cuda.get_device_name(device)), None) \
-        if device.type == "cuda" else None
+    if device.type == "cuda":
+        peak = next((v * 1e3 for k, v in PEAK_TFLOPS.items() if k in torch.cuda.get_device_name(device)), None)
+        peak_note = "the GPU's dense tensor-core peak"
+    else:  # this CPU's practical peaks, measured in the same run; the step's dtype is the reference
+        peaks = {name: bm.matmul_gflops(device, bm.DTYPES[name]) for name in ("fp32", "bf16")}
+        peak = peaks.get(args.dtype)
+        peak_note = "2048^3 matmuls measured in this run, " + ", ".join(f"{k} {v:.0f} GFLOP/s"
+                                                                        for k, v in peaks.items())
     rows = []
     for arch, mvar in models.items():
         s, tokens = ms[arch] / 1e3, B * mvar.L
         non_emb = sum(p.numel() for n, p in mvar.named_parameters() if not n.startswith(("pos_", "class_emb", "lvl_")))
-        mfu = f"{6.0 * non_emb * tokens / s / (peak * 1e12) * 100:.1f}" if peak else "-"
+        gflops = 6.0 * non_emb * tokens / s / 1e9
         rows.append([device.type, arch, f"{sum(p.numel() for p in mvar.parameters()) / 1e6:.1f}", f"{ms[arch]:.1f}",
-                     f"{B / s:.2f}", f"{tokens / s:.0f}", mfu])
+                     f"{B / s:.2f}", f"{tokens / s:.0f}", f"{gflops:.1f}",
+                     f"{gflops / peak * 100:.1f}" if peak else "-"])
     return "\n".join([f"### train: depth {args.depth}, L={next(iter(models.values())).L}, batch {B}, {args.dtype}, "
-                      f"{device.type} (tokenizer excluded; MFU = 6 * non-embedding params * tokens / peak)", "",
+                      f"{device.type} (tokenizer excluded; GFLOP/s = 6 * non-embedding params * tokens / s; peak: "
+                      f"{peak_note})", "",
                       bm.markdown_table(["device", "arch", "params M", "ms / step", "images / s", "tokens / s",
-                                         "MFU %"], rows)])
+                                         "GFLOP/s", "% of peak"], rows)])
 
 
 def bench_sample(device: torch.device, args: argparse.Namespace) -> str:

@@ -71,6 +71,14 @@ def time_alternating(fns: dict[str, Callable[[], object]], device: torch.device,
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
+def matmul_gflops(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 3) -> float:
+    """Achieved GFLOP/s of an n x n x n matmul in `dtype` (median of `repeats` after one warm-up): the practical
+    peak that throughput is compared with."""
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    ms = time_alternating({"mm": lambda: a @ b}, device, warmup=1, repeats=repeats)["mm"]
+    return 2 * n**3 / (ms / 1e3) / 1e9
+
+
 def peak_mib(fn: Callable[[], object], device: torch.device) -> float:
     """Peak memory allocated by one call of `fn` above what was allocated before it: torch.cuda's peak on CUDA;
     on the CPU replayed from torch.profiler's per-op allocations and frees in time order."""
