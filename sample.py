@@ -36,6 +36,7 @@ from models.backends import BackendError
 from models.mamba2 import resolve_kernels
 from models.hub import HubSource, MVARHF, is_hub_source, read_config
 from models.mvar import MVAR, MVARConfig
+from models.precision import effective_amp_dtype
 from models.tokenizer import load_vae
 from utils.args import add_backend_flags, add_model_flag
 from utils.checkpoint import load_checkpoint
@@ -205,6 +206,12 @@ def check_outputs(args: argparse.Namespace) -> None:
         check_writable(out.parent if is_image_file(out) else out, f"--out={args.out}")
 
 
+def fall_back_to_fp32_where_slow(args: argparse.Namespace, device: torch.device) -> None:
+    """--bf16 on a CPU without bf16 instructions runs in fp32 (logged once), and the FID settings say so."""
+    if args.bf16 and effective_amp_dtype(device, torch.bfloat16) is None:
+        args.bf16 = False
+
+
 def check_backends(args: argparse.Namespace, device: torch.device) -> None:
     """A forced kernel (--attn_backend / --mamba_backend, or their env vars) that cannot run here: a BackendError
     saying why, before anything is loaded."""
@@ -264,14 +271,16 @@ def load_hub_checked(args: argparse.Namespace, device: torch.device) -> tuple[MV
 
 
 def make_generate(mvar: MVAR, args: argparse.Namespace, device: torch.device):
-    """labels (B,) int64 numpy, g_seed -> uint8 images (B, H, W, 3). The weights were checked finite at load, so a
-    non-finite batch means overflowing activations: NonFiniteValueError saying where, before anything is written."""
+    """labels (B,) int64 numpy, g_seed -> uint8 images (B, H, W, 3). Under --fp16/--bf16 the Linear weights are
+    cast once per batch (`MVAR.inference_precision`), not on every call. The weights were checked finite at load,
+    so a non-finite batch means overflowing activations: NonFiniteValueError saying where, before anything is
+    written."""
     dtype = amp_dtype(args)
 
     def generate(label_B: np.ndarray, g_seed: int) -> np.ndarray:
         batch = f"classes {sorted(set(label_B.tolist()))} (seed {g_seed}, {precision_name(args)})"
         label_B = torch.as_tensor(label_B, dtype=torch.long, device=device)
-        with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        with torch.inference_mode(), mvar.inference_precision(dtype):
             try:
                 img_B3HW = mvar.autoregressive_infer_cfg(len(label_B), label_B, g_seed=g_seed, cfg=args.cfg,
                                                          top_k=args.top_k, top_p=args.top_p,
@@ -319,7 +328,7 @@ def sample_edit(args: argparse.Namespace, mvar: MVAR, device: torch.device) -> P
     n, dtype = args.num_per_class, amp_dtype(args)
     rows = []
     for c, cls in enumerate(args.classes):
-        with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        with torch.inference_mode(), mvar.inference_precision(dtype):
             edits = mvar.autoregressive_edit_cfg(img_13HW.expand(n, -1, -1, -1), mask_11HW, cls,
                                                  g_seed=chunk_seed(args.seed, c), cfg=args.cfg, top_k=args.top_k,
                                                  top_p=args.top_p, more_smooth=args.more_smooth)
@@ -372,6 +381,7 @@ def main(argv: Sequence[str] | None = None) -> Path | None:
     setup_logging(rank)
     if world_size > 1 and not args.fid:
         raise SystemExit("several ranks only make sense with --fid (pictures are written by one process)")
+    fall_back_to_fp32_where_slow(args, device)
     try:
         check_outputs(args)
         check_backends(args, device)

@@ -52,19 +52,36 @@ def ssd_chunk_scan(
 
     `dt_BLH` is the final step size (softplus and bias already applied), `A_H` is negative, `D` is (H,) or (H, P).
     Heads are split evenly over the G groups of B and C. Computes in float32 at least (float64 stays float64).
+    With `x_BLHP` in bf16/fp16 (Mamba2 under autocast) the products inside and out of chunks run in that dtype
+    while the decays, the state carried across chunks and the output stay in float32.
     Returns (y_BLHP in the compute dtype, final state (B, H, P, N)).
     """
-    Bsz, L, H, P = x_BLHP.shape
-    G, N = B_BLGN.shape[-2:]
-    Hg = H // G
-    cdt = torch.promote_types(x_BLHP.dtype, torch.float32)
-    x, dt, B, C = (t.to(cdt) for t in (x_BLHP, dt_BLH, B_BLGN, C_BLGN))
+    with torch.autocast(x_BLHP.device.type, enabled=False):  # every cast below is explicit
+        scan = _ssd_chunk_scan_low_precision if x_BLHP.dtype in _LOW_DTYPES else _ssd_chunk_scan_float
+        return scan(x_BLHP, dt_BLH, A_H, B_BLGN, C_BLGN, chunk_size, D, initial_state_BHPN)
+
+
+_LOW_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def _pad_to_chunks(x: torch.Tensor, dt: torch.Tensor, B: torch.Tensor, C: torch.Tensor, chunk_size: int):
+    """(x, dt, B, C padded along L to a multiple of Q, Q, c): chunk length Q = min(chunk_size, L), c chunks."""
+    L = x.shape[1]
     Q = min(chunk_size, L)
     pad = (-L) % Q
     if pad:  # dt = 0 on padding: no decay and no input, so the final state is unchanged
         x, B, C = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (x, B, C))
         dt = F.pad(dt, (0, 0, 0, pad))
-    c = (L + pad) // Q
+    return x, dt, B, C, Q, (L + pad) // Q
+
+
+def _ssd_chunk_scan_float(x_BLHP, dt_BLH, A_H, B_BLGN, C_BLGN, chunk_size, D, initial_state_BHPN):
+    """`ssd_chunk_scan` in float32 or float64: every step in the compute dtype."""
+    Bsz, L, H, P = x_BLHP.shape
+    G, N = B_BLGN.shape[-2:]
+    Hg = H // G
+    cdt = torch.promote_types(x_BLHP.dtype, torch.float32)
+    x, dt, B, C, Q, c = _pad_to_chunks(*(t.to(cdt) for t in (x_BLHP, dt_BLH, B_BLGN, C_BLGN)), chunk_size)
 
     dA_cs_BcHQ = torch.cumsum((dt * A_H.to(cdt)).view(Bsz, c, Q, H), dim=2).transpose(2, 3)
     xdt_BcGhQP = (x * dt.unsqueeze(-1)).view(Bsz, c, Q, G, Hg, P).permute(0, 1, 3, 4, 2, 5)
@@ -103,6 +120,57 @@ def ssd_chunk_scan(
     if D is not None:
         y_BLHP = y_BLHP + x[:, :L] * (D.to(cdt).view(H, -1))
     return y_BLHP, final_BHPN
+
+
+def _ssd_chunk_scan_low_precision(x_BLHP, dt_BLH, A_H, B_BLGN, C_BLGN, chunk_size, D, initial_state_BHPN):
+    """`ssd_chunk_scan` for bf16/fp16 x, B, C: the products in that dtype, the decays, the carried state and the
+    output in float32. Laid out for few passes over memory: every elementwise step writes its result in the layout
+    and dtype the next product reads, and the state is carried chunk by chunk (c small elementwise steps)."""
+    Bsz, L, H, P = x_BLHP.shape
+    G, N = B_BLGN.shape[-2:]
+    Hg, mdt, f32 = H // G, x_BLHP.dtype, torch.float32
+    x, dt, B, C, Q, c = _pad_to_chunks(x_BLHP, dt_BLH.to(f32), B_BLGN.to(mdt), C_BLGN.to(mdt), chunk_size)
+    dt_BcHQ = dt.view(Bsz, c, Q, H).transpose(2, 3)
+    dA_cs_BcHQ = torch.cumsum(dt_BcHQ * A_H.to(f32).view(H, 1), dim=-1)
+    xdt_BcHQP = _written(torch.mul, x.view(Bsz, c, Q, H, P).transpose(2, 3), dt_BcHQ.unsqueeze(-1), dtype=mdt)
+    B_BcGQN = B.view(Bsz, c, Q, G, N).transpose(2, 3)
+    C_BcGQN = C.view(Bsz, c, Q, G, N).transpose(2, 3)
+
+    # 1. within chunks: y_l += sum_{s<=l} (C_l . B_s) exp(cs_l - cs_s) dt_s x_s
+    causal_QQ = torch.ones(Q, Q, dtype=torch.bool, device=x.device).tril()
+    decay_BcGhQQ = (dA_cs_BcHQ.unsqueeze(-1) - dA_cs_BcHQ.unsqueeze(-2)).masked_fill_(~causal_QQ, -math.inf) \
+        .exp_().view(Bsz, c, G, Hg, Q, Q)
+    scores_BcGhQQ = _written(torch.mul, (C_BcGQN @ B_BcGQN.transpose(-1, -2)).unsqueeze(3), decay_BcGhQQ, dtype=mdt)
+    xdt_BcGhQP = xdt_BcHQP.view(Bsz, c, G, Hg, Q, P)
+    y_BcGhQP = scores_BcGhQQ @ xdt_BcGhQP
+
+    # 2. state contributed by each chunk, decayed to the chunk's end
+    decay_to_end_BcGhQ1 = (dA_cs_BcHQ[..., -1:] - dA_cs_BcHQ).exp_().view(Bsz, c, G, Hg, Q, 1)
+    xdt_decayed = _written(torch.mul, xdt_BcGhQP, decay_to_end_BcGhQ1, dtype=mdt)
+    states_BcGhPN = xdt_decayed.transpose(-1, -2) @ B_BcGQN.unsqueeze(3)
+
+    # 3.+4. carry the state from chunk to chunk in float32; each chunk reads the state entering it
+    decay_BcGh11 = dA_cs_BcHQ[..., -1].exp().view(Bsz, c, G, Hg, 1, 1)
+    h_BGhPN = x.new_zeros(Bsz, G, Hg, P, N, dtype=f32) if initial_state_BHPN is None else \
+        initial_state_BHPN.to(f32).reshape(Bsz, G, Hg, P, N)
+    y_off = []
+    for k in range(c):
+        y_off.append(C_BcGQN[:, k].unsqueeze(2) @ h_BGhPN.to(mdt).transpose(-1, -2))  # (B, G, Hg, Q, P)
+        h_BGhPN = torch.addcmul(states_BcGhPN[:, k], h_BGhPN, decay_BcGh11[:, k])
+    y_BcGhQP = torch.addcmul(y_BcGhQP, torch.stack(y_off, dim=1), dA_cs_BcHQ.exp().view(Bsz, c, G, Hg, Q, 1))
+
+    y_BcQHP = y_BcGhQP.view(Bsz, c, H, Q, P).transpose(2, 3)
+    if D is not None:  # + D x, written in (B, L, H, P) order
+        y_BcQHP = _written(torch.addcmul, y_BcQHP, x.view(Bsz, c, Q, H, P), D.to(f32).view(H, -1), dtype=f32)
+    return y_BcQHP.reshape(Bsz, c * Q, H, P)[:, :L], h_BGhPN.view(Bsz, H, P, N)
+
+
+def _written(op: Callable, *args: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """op(*args) as a new contiguous `dtype` tensor, written in one pass (`out=`) unless a gradient is needed."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in args):  # out= has no autograd
+        return op(*args).to(dtype).contiguous()
+    out = torch.empty(torch.broadcast_shapes(*(t.shape for t in args)), dtype=dtype, device=args[0].device)
+    return op(*args, out=out)
 
 
 def gated_rms_norm(

@@ -14,10 +14,11 @@ Architectures (`MVARConfig.arch`, the paper's Table 6 ablation):
 `var_blocks=K` keeps the first K blocks as VAR blocks and the rest `arch` (the paper's Figure 5, "from VAR to
 M-VAR": 0 = all M-VAR, depth = all VAR).
 """
+import contextlib
 import itertools
 import math
 from dataclasses import dataclass
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -27,6 +28,7 @@ from models import editing
 from models.attention import ScaleAttention
 from models.backends import ATTN, MAMBA, check_name
 from models.mamba2 import Mamba2, Mamba2State
+from models.precision import linear_weights_in
 from models.sampling import gumbel_softmax_with_rng, sample_with_top_k_top_p_
 from utils.registry import ARCH_BRANCHES, PATCH_NUMS
 
@@ -373,6 +375,15 @@ class MVAR(nn.Module):
         if isinstance(label_B, int):
             return torch.full((B,), self.num_classes if label_B < 0 else label_B, device=device)
         return label_B.to(device)
+
+    @contextlib.contextmanager
+    def inference_precision(self, dtype: torch.dtype | None) -> Iterator[None]:
+        """Sample in `dtype` (None: fp32): autocast, with the Linear weights cast to `dtype` once for the whole
+        block (`models.precision.linear_weights_in`) instead of on every call; the same numbers as plain autocast.
+        The residual stream, norms, Mamba2 scan and logits keep autocast's precision; the tokenizer is untouched."""
+        device_type = self.pos_1LC.device.type
+        with linear_weights_in(self, dtype), torch.autocast(device_type, dtype=dtype, enabled=dtype is not None):
+            yield
 
     @torch.no_grad()
     def autoregressive_infer_cfg(

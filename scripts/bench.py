@@ -6,14 +6,18 @@ Sections (`--only`, default all):
     mamba   one Mamba2 layer vs the FFN of the same block
     train   a training step (forward, backward, clip, AdamW) on random tokens, tokenizer excluded: images/s, MFU
     sample  sampling per image: Mamba2 state cached, the official prefix re-run, VAR's KV cache; tokens per block
+    paper   the paper's speed claims: M-VAR-d24 vs VAR-d30, M-VAR-D and M-VAR-d16 (also with the prefix re-run) vs
+            VAR-d16, fp32 and bf16, batch 1 and 8: time and model-FLOP ratios beside the paper's (CPU)
 Shapes follow --depth (width 64*depth, depth heads) and --pn; timing, memory and tables come from utils.benchmark
 (variants alternated over rounds in one process, median). Weights are random: speed does not depend on them.
 
     python scripts/bench.py --only attn block mamba --device cpu --threads 1           # d16 pieces on a CPU
     python scripts/bench.py --only train sample --depth 4 --device cpu --threads 1
     python scripts/bench.py --device cuda --dtype bf16 --depth 16 --bs 32 --out docs/gpu.md
+    python scripts/bench.py --only paper --device cpu --threads 1 --pn 1_2_3_4_5 --repeats 1 --warmup 1  # a quick look
 """
 import argparse
+import functools
 import logging
 from collections.abc import Callable
 
@@ -27,7 +31,7 @@ from models.mvar import FFN, MVAR, HybridBlock, MVARConfig
 from trainer import Trainer
 from utils import benchmark as bm
 from utils.args import add_backend_flags
-from utils.registry import ARCH_BRANCHES, parse_patch_nums
+from utils.registry import ARCH_BRANCHES, MVAR_models, parse_patch_nums
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16/fp16 tensor-core peaks, for MFU
 
@@ -160,19 +164,27 @@ def bench_train(device: torch.device, args: argparse.Namespace) -> str:
         steps[arch] = lambda t=trainer, g=gt_BL, x=x_BLCv, y=label_B: t.step_tokens(g, x, y)
         models[arch] = mvar
     ms = bm.time_alternating(steps, device, args.warmup, args.repeats)
-    peak = next((v for k, v in PEAK_TFLOPS.items() if k in torch.cuda.get_device_name(device)), None) \
-        if device.type == "cuda" else None
+    if device.type == "cuda":
+        peak = next((v * 1e3 for k, v in PEAK_TFLOPS.items() if k in torch.cuda.get_device_name(device)), None)
+        peak_note = "the GPU's dense tensor-core peak"
+    else:  # this CPU's practical peaks, measured in the same run; the step's dtype is the reference
+        peaks = {name: bm.matmul_gflops(device, bm.DTYPES[name]) for name in ("fp32", "bf16")}
+        peak = peaks.get(args.dtype)
+        peak_note = "2048^3 matmuls measured in this run, " + ", ".join(f"{k} {v:.0f} GFLOP/s"
+                                                                        for k, v in peaks.items())
     rows = []
     for arch, mvar in models.items():
         s, tokens = ms[arch] / 1e3, B * mvar.L
         non_emb = sum(p.numel() for n, p in mvar.named_parameters() if not n.startswith(("pos_", "class_emb", "lvl_")))
-        mfu = f"{6.0 * non_emb * tokens / s / (peak * 1e12) * 100:.1f}" if peak else "-"
+        gflops = 6.0 * non_emb * tokens / s / 1e9
         rows.append([device.type, arch, f"{sum(p.numel() for p in mvar.parameters()) / 1e6:.1f}", f"{ms[arch]:.1f}",
-                     f"{B / s:.2f}", f"{tokens / s:.0f}", mfu])
+                     f"{B / s:.2f}", f"{tokens / s:.0f}", f"{gflops:.1f}",
+                     f"{gflops / peak * 100:.1f}" if peak else "-"])
     return "\n".join([f"### train: depth {args.depth}, L={next(iter(models.values())).L}, batch {B}, {args.dtype}, "
-                      f"{device.type} (tokenizer excluded; MFU = 6 * non-embedding params * tokens / peak)", "",
+                      f"{device.type} (tokenizer excluded; GFLOP/s = 6 * non-embedding params * tokens / s; peak: "
+                      f"{peak_note})", "",
                       bm.markdown_table(["device", "arch", "params M", "ms / step", "images / s", "tokens / s",
-                                         "MFU %"], rows)])
+                                         "GFLOP/s", "% of peak"], rows)])
 
 
 def bench_sample(device: torch.device, args: argparse.Namespace) -> str:
@@ -216,8 +228,98 @@ def bench_sample(device: torch.device, args: argparse.Namespace) -> str:
         f"max |image difference| cached vs recompute, same seed: {(images[0] - images[1]).abs().max().item():.2e}"])
 
 
+# The paper's speed claims (Tables 2 and 5, relative inference time on one GPU): M-VAR variant, VAR variant, the
+# paper's time ratio. M-VAR-d16's 1.0 was timed with the official sampler, which re-runs Mamba over the prefix.
+PAPER_PAIRS: tuple[tuple[str, str, float], ...] = (
+    ("M-VAR-d24", "VAR-d30", 0.6 / 0.7), ("M-VAR-D", "VAR-d16", 0.7 / 0.9), ("M-VAR-d16", "VAR-d16", 1.0 / 0.9),
+    ("M-VAR-d16, prefix re-run (official)", "VAR-d16", 1.0 / 0.9))
+PREFIX_RERUN = ", prefix re-run (official)"
+
+
+def build_paper_model(name: str, patch_nums: tuple[int, ...], dtype: torch.dtype, args: argparse.Namespace) -> MVAR:
+    """A randomly initialised `MVAR_models[name]` for sampling, its Linear weights held in `dtype` as
+    `MVAR.inference_precision` holds them (cast here once, so fp32 copies do not double the memory), with a
+    tokenizer whose decode is skipped: the timings exclude it."""
+    torch.manual_seed(0)
+    vae, mvar = build_vae_mvar("cpu", patch_nums=patch_nums, ch=32, attn_backend=args.attn_backend,
+                               mamba_backend=args.mamba_backend, **MVAR_models[name.removesuffix(PREFIX_RERUN)])
+    vae.fhat_to_img = lambda f_hat: f_hat  # decode excluded (an instance attribute shadows the method)
+    for layer in mvar.modules():
+        if isinstance(layer, nn.Linear):
+            layer.to(dtype)
+    return mvar.eval()
+
+
+def time_paper_models(models: dict[str, MVAR], names: list[str], dtype: torch.dtype, B: int,
+                      args: argparse.Namespace) -> dict[str, tuple[float, float]]:
+    """{name: (s, model FLOPs) per generated image} for `names` (models' names, or one + PREFIX_RERUN) sampled in
+    turn at batch B; the FLOP count is the first warm-up round."""
+    label_B = torch.arange(B) % 1000
+
+    def sample(name: str) -> None:
+        mvar = models[name.removesuffix(PREFIX_RERUN)]
+        with torch.inference_mode(), mvar.inference_precision(None if dtype == torch.float32 else dtype):
+            mvar.autoregressive_infer_cfg(B, label_B, g_seed=0, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p,
+                                          use_cache=PREFIX_RERUN not in name)
+
+    runs = {n: functools.partial(sample, n) for n in names}
+    flops = {n: bm.model_flops(models[n.removesuffix(PREFIX_RERUN)], runs[n]) / B for n in names}
+    ms = bm.time_alternating(runs, torch.device("cpu"), max(args.warmup - 1, 0), args.repeats)
+    return {n: (ms[n] / 1e3 / B, flops[n]) for n in names}
+
+
+def bench_paper(device: torch.device, args: argparse.Namespace) -> str:
+    """The paper's pairs (PAPER_PAIRS), sampling with cfg, per generated image: time, model FLOPs (linear layers and
+    attention scores, `bm.model_flops`) and their ratios, for each --paper_dtypes and --paper_bs. The models of
+    one pair (both M-VAR-d16 samplers with VAR-d16) are alternated in one process; pairs run one after another."""
+    if device.type != "cpu":
+        return f"### paper: CPU only for now (skipped {device.type})"
+    patch_nums = parse_patch_nums(args.pn)
+    groups: dict[str, list[str]] = {}
+    for mvar_name, var_name, _ in PAPER_PAIRS:
+        if mvar_name in args.paper_pairs:
+            groups.setdefault(var_name, [var_name]).insert(-1, mvar_name)
+    results: dict[tuple[str, int, str], tuple[float, float]] = {}  # (dtype, batch, model) -> (s, FLOPs) per image
+    for dtype_name in args.paper_dtypes:
+        for names in groups.values():
+            models = {n: build_paper_model(n, patch_nums, bm.DTYPES[dtype_name], args)
+                      for n in names if PREFIX_RERUN not in n}
+            for B in args.paper_bs:
+                timed = time_paper_models(models, names, bm.DTYPES[dtype_name], B, args)
+                results.update({(dtype_name, B, n): v for n, v in timed.items()})
+                print(f"  paper, {dtype_name}, batch {B}: " + ", ".join(f"{n} {s:.2f} s/image"
+                                                                         for n, (s, _) in timed.items()), flush=True)
+            del models
+    return paper_tables(results, args, patch_nums)
+
+
+def paper_tables(results: dict[tuple[str, int, str], tuple[float, float]], args: argparse.Namespace,
+                 patch_nums: tuple[int, ...]) -> str:
+    """The per-model table (s / image, GFLOP / image, GFLOP/s) and the per-pair ratios beside the paper's."""
+    model_rows = [[d, B, n, f"{s:.3f}", f"{f / 1e9:.1f}", f"{f / s / 1e9:.1f}"]
+                  for (d, B, n), (s, f) in results.items()]
+    pair_rows = []
+    for (d, B, mvar_name), (t_m, f_m) in results.items():
+        pair = next(((v, paper) for m, v, paper in PAPER_PAIRS if m == mvar_name), None)
+        if pair is None or (d, B, pair[0]) not in results:
+            continue
+        t_v, f_v = results[d, B, pair[0]]
+        pair_rows.append([d, B, f"{mvar_name} / {pair[0]}", f"**{t_m / t_v:.2f}x**", f"{f_m / f_v:.2f}x",
+                          f"{t_m / t_v / (f_m / f_v):.2f}", f"{pair[1]:.2f}x"])
+    for (d, B, n), (t_bf16, _) in results.items():  # bf16 against fp32, for each model timed in both
+        if d == "bf16" and ("fp32", B, n) in results:
+            pair_rows.append(["bf16 / fp32", B, n, f"**{t_bf16 / results['fp32', B, n][0]:.2f}x**", "", "", ""])
+    return "\n".join([
+        f"### paper: sampling per generated image, cfg {args.cfg} (batch x2), patch_nums "
+        f"{'_'.join(map(str, patch_nums))} (L={sum(p * p for p in patch_nums)}), random weights, decode excluded, cpu",
+        "", bm.markdown_table(["dtype", "batch", "model", "s / image", "model GFLOP / image", "GFLOP/s"], model_rows),
+        "", bm.markdown_table(["dtype", "batch", "pair", "time ratio", "model-FLOP ratio",
+                               "time per FLOP, M-VAR / VAR", "paper's time ratio"], pair_rows)])
+
+
 SECTIONS: dict[str, Callable[[torch.device, argparse.Namespace], str]] = {
-    "attn": bench_attn, "block": bench_block, "mamba": bench_mamba, "train": bench_train, "sample": bench_sample}
+    "attn": bench_attn, "block": bench_block, "mamba": bench_mamba, "train": bench_train, "sample": bench_sample,
+    "paper": bench_paper}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -239,6 +341,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cfg", type=float, default=1.5)
     g.add_argument("--top_k", type=int, default=900)
     g.add_argument("--top_p", type=float, default=0.96)
+    g = p.add_argument_group("paper section (also reads --pn, --cfg, --top_k, --top_p, --repeats, --warmup)")
+    g.add_argument("--paper_pairs", nargs="+", default=[m for m, _, _ in PAPER_PAIRS],
+                   choices=[m for m, _, _ in PAPER_PAIRS], help="M-VAR variants to time (each against its VAR)")
+    g.add_argument("--paper_dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    g.add_argument("--paper_bs", nargs="+", type=int, default=[1, 8], help="images per sampling call")
     return p
 
 

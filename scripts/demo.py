@@ -25,6 +25,8 @@ import torch
 import tokenizer_trainer
 import train
 from models.loading import load_mvar, load_vae
+from models.mvar import MVAR
+from models.precision import effective_amp_dtype
 from utils.args import parse_args as parse_train_args
 from utils.checkpoint import LAST
 from utils.data import build_datasets
@@ -66,6 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid_cols", type=int, default=10, help="samples per class shown in the grid")
     p.add_argument("--seed", type=int, default=0, help="seed of every stage")
     return p
+
+
+def sample_digits(mvar: MVAR, label_B: torch.Tensor, args: argparse.Namespace,
+                  dtype: torch.dtype | None) -> torch.Tensor:
+    """Images (B, 3, H, W) in [0, 1] of the classes `label_B`, in fp32 (dtype None) or `dtype`."""
+    with torch.inference_mode(), mvar.inference_precision(dtype):
+        return mvar.autoregressive_infer_cfg(len(label_B), label_B, g_seed=args.seed, cfg=args.cfg, top_k=0,
+                                             top_p=0.96).float()
 
 
 class Stages:
@@ -110,9 +120,10 @@ def main(args: argparse.Namespace) -> dict:
     num_classes, train_set, val_set = build_datasets("", "mnist", preset["reso"], preset["mid_reso"])
     per_class = max(preset["per_class"], args.grid_cols)
     label_B = torch.arange(num_classes).repeat_interleave(per_class)
-    with torch.no_grad():
-        img_B3HW = mvar.autoregressive_infer_cfg(len(label_B), label_B, g_seed=args.seed, cfg=args.cfg, top_k=0,
-                                                 top_p=0.96)
+    img_B3HW = sample_digits(mvar, label_B, args, None)
+    # bf16 (where this CPU has bf16 instructions): the same seed, scored beside fp32 below
+    img_bf16_B3HW = sample_digits(mvar, label_B, args, torch.bfloat16) \
+        if effective_amp_dtype(torch.device("cpu"), torch.bfloat16) else None
     cols = min(args.grid_cols, per_class)
     shown = torch.arange(per_class)[:cols].repeat(num_classes) + torch.arange(num_classes).repeat_interleave(cols) \
         * per_class
@@ -128,9 +139,12 @@ def main(args: argparse.Namespace) -> dict:
     rec_acc = (predict(classifier, rec_img) == torch.tensor(val_set.targets)).float().mean().item()
     hit_B = (predict(classifier, img_B3HW * 2 - 1) == label_B).float()  # generated images are in [0, 1]
     consistency, per_digit = hit_B.mean().item(), hit_B.view(num_classes, per_class).mean(1)
+    consistency_bf16 = None if img_bf16_B3HW is None else \
+        (predict(classifier, img_bf16_B3HW * 2 - 1) == label_B).float().mean().item()
 
     summary = {
-        "class_consistency": consistency, "classifier_val_acc_real": real_acc,
+        "class_consistency": consistency, "class_consistency_bf16": consistency_bf16,
+        "classifier_val_acc_real": real_acc,
         "classifier_val_acc_reconstructed": rec_acc, "n_generated": len(label_B),
         "per_class_consistency": [round(v, 3) for v in per_digit.tolist()], "wall_time_s": round(stages.elapsed()),
         "grid": str(grid), "tokenizer_ckpt": str(tok_ckpt), "mvar_ckpt": str(mvar_ckpt), "quick": args.quick,
@@ -139,6 +153,8 @@ def main(args: argparse.Namespace) -> dict:
     logger.info("==== done in %.0fs", stages.elapsed())
     logger.info("class consistency: %.1f%% of %d generated digits are classified as the class asked for "
                 "(per digit %s)", 100 * consistency, len(label_B), summary["per_class_consistency"])
+    if consistency_bf16 is not None:
+        logger.info("sampled in bf16 with the same seed: class consistency %.1f%%", 100 * consistency_bf16)
     logger.info("the classifier: %.1f%% on real validation digits, %.1f%% on their tokenizer reconstructions",
                 100 * real_acc, 100 * rec_acc)
     logger.info("outputs: grid %s | M-VAR checkpoint %s | tokenizer %s | logs %s/log.txt, %s/log.txt | %s",

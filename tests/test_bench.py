@@ -54,3 +54,33 @@ def test_sample_section_counts_tokens_and_cached_sampling_matches_recompute(tmp_
     assert [int(r[5]) for r in rows] == [1 + 16 + 81, 1 + 16 + 81, 1 * 1 + 4 * 5 + 9 * 14]
     assert re.search(r"cached vs recompute, same seed: 0\.00e\+00", table)
     assert "| VAR, KV cache |" in table and "median of 1 timed rounds" in table
+
+
+def test_model_flops_count_linear_layers_and_attention_scores():
+    """2*in*out per token through each weight, 4*C per query-key pair: within each scale (intra), against the
+    cache (VAR sampling)."""
+    from models.attention import ScaleAttention
+
+    C, B = 64, 2
+    linear = 2 * C * 3 * C + 2 * C * C  # mat_qkv and proj, per token
+    intra = ScaleAttention(C, 2, mode="intra")
+    x = torch.randn(B, 5, C)
+    assert bm.model_flops(intra, lambda: intra(x, (1, 4))) == B * 5 * linear + 4 * C * B * (1 + 16)
+    var = ScaleAttention(C, 2, mode="causal")
+    var.kv_caching(True)
+    bm.model_flops(var, lambda: var(x[:, :1], (1,)))
+    assert bm.model_flops(var, lambda: var(x[:, 1:], (4,))) == B * 4 * linear + 4 * C * B * (4 * 5)
+
+
+def test_paper_tables_ratios():
+    sys.path.insert(0, str(REPO / "scripts"))
+    import bench
+
+    args = bench.build_parser().parse_args([])
+    results = {("bf16", 1, "M-VAR-d24"): (3.0, 6e9), ("bf16", 1, "VAR-d30"): (4.0, 8e9),
+               ("fp32", 1, "M-VAR-d24"): (9.0, 6e9), ("fp32", 1, "VAR-d30"): (10.0, 8e9)}
+    text = bench.paper_tables(results, args, (1, 2))
+    assert "| bf16 | 1 | M-VAR-d24 / VAR-d30 | **0.75x** | 0.75x | 1.00 | 0.86x |" in text
+    assert "| fp32 | 1 | M-VAR-d24 / VAR-d30 | **0.90x** | 0.75x | 1.20 | 0.86x |" in text
+    assert "| bf16 / fp32 | 1 | M-VAR-d24 | **0.33x** |" in text
+    assert "| bf16 | 1 | VAR-d30 | 4.000 | 8.0 | 2.0 |" in text

@@ -71,6 +71,14 @@ def time_alternating(fns: dict[str, Callable[[], object]], device: torch.device,
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
+def matmul_gflops(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 3) -> float:
+    """Achieved GFLOP/s of an n x n x n matmul in `dtype` (median of `repeats` after one warm-up): the practical
+    peak that throughput is compared with."""
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    ms = time_alternating({"mm": lambda: a @ b}, device, warmup=1, repeats=repeats)["mm"]
+    return 2 * n**3 / (ms / 1e3) / 1e9
+
+
 def peak_mib(fn: Callable[[], object], device: torch.device) -> float:
     """Peak memory allocated by one call of `fn` above what was allocated before it: torch.cuda's peak on CUDA;
     on the CPU replayed from torch.profiler's per-op allocations and frees in time order."""
@@ -146,3 +154,31 @@ def attention_scores(mvar: nn.Module) -> int:
     if block.uses_kv_cache:
         return sum(n * end for n, (_, end) in zip(mvar.seg_lens, mvar.begin_ends, strict=True))
     return sum(n * n for n in mvar.seg_lens) if "attn" in block.branches else 0
+
+
+def model_flops(mvar: nn.Module, run: Callable[[], object]) -> float:
+    """Model FLOPs of one call of `run`: the linear layers (every matrix product with a weight: aten mm/addmm, as
+    counted by torch's FlopCounterMode) plus the attention scores, 4*C per query-key pair (q.k and the weighted
+    sum of v). The Mamba2 scan, the convolutions and sampling are not counted (they are not model FLOPs)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    attention = 0
+
+    def count_pairs(module, args, _out):
+        nonlocal attention
+        B, L, C = args[0].shape
+        keys = module.cached_k.shape[1] if module.caching else None
+        pairs = L * keys if keys is not None else (
+            sum(n * n for n in args[1]) if module.mode == "intra" else L * L)  # mode "causal" without cache: masked
+        attention += 4 * C * B * pairs
+
+    attns = [m for m in mvar.modules() if type(m).__name__ == "ScaleAttention"]
+    hooks = [m.register_forward_hook(count_pairs) for m in attns]
+    try:
+        with FlopCounterMode(display=False) as counter:
+            run()
+    finally:
+        for h in hooks:
+            h.remove()
+    by_op = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+    return by_op.get("aten.mm", 0) + by_op.get("aten.addmm", 0) + attention
