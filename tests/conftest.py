@@ -4,6 +4,8 @@ and launching scripts on one process or under torchrun.
 `tiny_mvar` and `run_torchrun` are fixtures; worker scripts started by a test import `build_tiny_mvar` from here
 (`run_torchrun` puts tests/ on their PYTHONPATH)."""
 import os
+import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -45,6 +47,24 @@ def launch(script: str | Path, *args: str, nproc: int = 2, check: bool = True,
     if check:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
+
+
+def interrupt(cmd: list[str], trigger: str, sig: signal.Signals) -> tuple[subprocess.Popen, str]:
+    """Start `cmd` like `launch`, send `sig` to it at the first line matching the regex `trigger`; returns the
+    finished process and its whole output."""
+    proc = subprocess.Popen(cmd, env=SUBPROCESS_ENV, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if re.search(trigger, line):
+                proc.send_signal(sig)
+                break
+        lines += proc.stdout.readlines()
+    finally:
+        proc.wait(timeout=120)
+    return proc, "".join(lines)
 
 
 @pytest.fixture(scope="session")

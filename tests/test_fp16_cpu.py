@@ -2,13 +2,13 @@
 the loss stays finite and falls, the scaler state is checkpointed, and a SIGKILL + resume is bit-identical."""
 import math
 import signal
-import subprocess
 
 import pytest
 import torch
 
-from conftest import REPO, SUBPROCESS_ENV
-from test_trainer_e2e import logged_losses, model_state, run_train, setup, train_cmd  # noqa: F401
+from conftest import interrupt
+from test_trainer_e2e import (KILL_AFTER_FIRST_SAVE, logged_losses, model_state, run_train,  # noqa: F401
+                             setup, train_cmd)
 from utils.checkpoint import LAST
 
 FP16 = ("--fp16=1", "--save_every=2")  # 2 epochs of 6 steps
@@ -33,15 +33,7 @@ def test_fp16_training_on_cpu_loss_finite_and_falling(fp16_run):
 def test_fp16_sigkill_then_resume_is_bit_identical(setup, fp16_run):  # noqa: F811
     ref_out, ref_log = fp16_run
     out = setup / "fp16_killed"
-    proc = subprocess.Popen(train_cmd(setup, out, *FP16), env=SUBPROCESS_ENV, cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    try:
-        for line in proc.stdout:  # kill right after the first mid-epoch checkpoint
-            if "saved checkpoint" in line and "iter 2)" in line:
-                proc.send_signal(signal.SIGKILL)
-                break
-    finally:
-        proc.wait(timeout=120)
+    proc, _ = interrupt(train_cmd(setup, out, *FP16), KILL_AFTER_FIRST_SAVE, signal.SIGKILL)
     assert proc.returncode == -signal.SIGKILL
     resumed = run_train(setup, out, *FP16).stdout
     assert "resumed from" in resumed

@@ -12,27 +12,12 @@ import torch
 
 from test_tokenizer_training import TINY as TOKENIZER_TINY
 from conftest import SUBPROCESS_ENV as ENV
+from conftest import interrupt
 from test_trainer_e2e import (NO_MODEL_RNG, REPO, model_state, reference_run, run_train,  # noqa: F401
                               setup, train_cmd, two_rank_run)
 from utils.checkpoint import LAST
 
 STOP_RE = re.compile(r"stopped by (SIG\w+) at epoch (\d+), iteration (\d+): checkpoint .* saved")
-
-
-def interrupt(cmd, trigger: str, sig: signal.Signals) -> tuple[subprocess.Popen, str]:
-    """Start `cmd`, send `sig` to it when a line contains `trigger`, return the process and its whole output."""
-    proc = subprocess.Popen(cmd, env=ENV, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines = []
-    try:
-        for line in proc.stdout:
-            lines.append(line)
-            if trigger in line:
-                proc.send_signal(sig)
-                break
-        lines += proc.stdout.readlines()
-    finally:
-        proc.wait(timeout=120)
-    return proc, "".join(lines)
 
 
 def assert_same_weights(a, b):

@@ -13,11 +13,12 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, SUBPROCESS_ENV, build_tiny_mvar, launch, launch_cmd
+from conftest import REPO, SUBPROCESS_ENV, build_tiny_mvar, interrupt, launch, launch_cmd
 from utils.checkpoint import BEST, LAST, PREV
 
 TINY = ["--pn=1_2_4", "--depth=2", "--embed_dim=64", "--num_heads=2", "--fuse=0", "--bs=4", "--ep=2",
         "--log_every=1", "--workers=0", "--seed=3", "--tblr=1e-1", "--sample_every=0", "--val_every=1"]
+KILL_AFTER_FIRST_SAVE = r"saved checkpoint .*iter 2\)"  # right after the first mid-epoch checkpoint
 LOSS_RE = re.compile(r"ep (\d+)/\d+ it (\d+)/\d+ \| loss ([0-9.]+)")
 
 
@@ -132,16 +133,8 @@ def test_fsdp_and_single_process_checkpoints_resume_into_each_other(setup, singl
 def test_sigkill_mid_epoch_then_resume_is_bit_identical(setup, reference_run):
     ref_out, ref_log = reference_run
     out = setup / "killed"
-    cmd = launch_cmd(REPO / "train.py", *train_flags(setup, out, "--save_every=2", "--hflip=1", "--drop_path_rate=0.1"))
-    proc = subprocess.Popen(cmd, env=SUBPROCESS_ENV, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
-    try:
-        for line in proc.stdout:  # kill right after the first mid-epoch checkpoint
-            if "saved checkpoint" in line and "iter 2)" in line:
-                proc.send_signal(signal.SIGKILL)
-                break
-    finally:
-        proc.wait(timeout=120)
+    cmd = train_cmd(setup, out, "--save_every=2", "--hflip=1", "--drop_path_rate=0.1")
+    proc, _ = interrupt(cmd, KILL_AFTER_FIRST_SAVE, signal.SIGKILL)
     assert proc.returncode == -signal.SIGKILL
     resumed = run_train(setup, out, "--save_every=2", "--hflip=1", "--drop_path_rate=0.1")
     position = re.search(r"resumed from .* at epoch (\d+), iteration (\d+)", resumed.stdout)
