@@ -36,7 +36,8 @@ def _process_start(pid: int) -> str | None:
         return None
 
 
-def _pid_alive(pid: int, start: str | None) -> bool:
+def pid_alive(pid: int, start: str | None = None) -> bool:
+    """Whether process `pid` exists on this host (and, given its recorded `start`, is still the same process)."""
     if pid <= 0:  # a damaged lock file
         return False
     try:
@@ -87,7 +88,7 @@ class RunLock:
         if here and owner.get("pid") == self.owner["pid"]:  # an earlier main() of this very process
             self.path.unlink(missing_ok=True)
             return
-        if here and not _pid_alive(int(owner.get("pid", -1)), owner.get("start")) or not here and age > STALE_S:
+        if here and not pid_alive(int(owner.get("pid", -1)), owner.get("start")) or not here and age > STALE_S:
             logger.warning("taking over the stale run lock %s of %s pid %s (%s)", self.path, owner.get("host"),
                            owner.get("pid"), "exited" if here else f"no heartbeat for {age:.0f}s")
             self.path.unlink(missing_ok=True)

@@ -24,7 +24,7 @@ import torch
 
 import dist
 from utils.checkpoint import CheckpointError, load_checkpoint, save_atomic, temp_file_pid
-from utils.run_lock import RunLock, lock_output_folder
+from utils.run_lock import RunLock, lock_output_folder, pid_alive
 
 logger = logging.getLogger(__name__)
 
@@ -103,16 +103,6 @@ def is_checkpoint_writer(out_dir: Path) -> bool:
         return True
     shared = marker.is_file() and marker.read_text() == token
     return dist.get_local_rank() == 0 and not shared
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class RunFolder:
