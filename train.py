@@ -200,7 +200,7 @@ def main(args: argparse.Namespace) -> None:
     vae = load_tokenizer(args, device)
     reso = args.patch_nums[-1] * vae.downsample
     num_classes, train_set, val_set = build_datasets(args.data_path, args.dataset, reso, args.mid_reso, args.hflip,
-                                                   args.fmnist_dir)
+                                                   args.fmnist_dir, args.train_limit, args.val_limit)
     num_classes = args.num_classes or num_classes
     train_loader, val_loader, sampler = build_loaders(train_set, val_set, args.batch_size, args.workers, rank,
                                                       world, args.seed, pin_memory=device.type == "cuda",

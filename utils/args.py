@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--hflip", default=False, **b, help="random horizontal flip")
     g.add_argument("--workers", type=int, default=0, help="data-loader processes per rank (0: load in the main "
                    "process, VAR's default; use 8-12 per GPU for ImageNet)")
+    g.add_argument("--train_limit", type=int, default=0, help="train on the first N training images only (0 = all; "
+                   "short studies, scripts/study.py)")
+    g.add_argument("--val_limit", type=int, default=0, help="validate on the first N validation images only (0 = all)")
     g.add_argument("--num_classes", type=int, default=0, help="class count of the model; 0 = the data set's")
 
     g = p.add_argument_group("model")
@@ -155,7 +158,7 @@ def finalize_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
     for name in ("bs", "ac", "ep", "val_every", "log_every", "depth"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name}={getattr(args, name)}: expected a positive integer")
-    for name in ("save_every", "save_every_min", "sample_every"):
+    for name in ("save_every", "save_every_min", "sample_every", "train_limit", "val_limit"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name}={getattr(args, name)}: expected >= 0 (0 = off)")
     args.patch_nums = parse_patch_nums(args.pn)

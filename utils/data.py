@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from torchvision.datasets import ImageFolder
 from torchvision.transforms import InterpolationMode, transforms
 
@@ -93,10 +93,11 @@ class SeededDataset(Dataset):
 
 
 def build_datasets(data_path: str, dataset: str, reso: int, mid_reso: float = 1.125, hflip: bool = False,
-                   fmnist_dir: str | None = None) -> tuple[int, Dataset, Dataset]:
+                   fmnist_dir: str | None = None, train_limit: int = 0,
+                   val_limit: int = 0) -> tuple[int, Dataset, Dataset]:
     """(num_classes, train set, val set): `data_path`/train and /val ImageFolders, or with an empty `data_path`
     the embedded data set `dataset` (utils.embedded_data; Fashion-MNIST read from `fmnist_dir`) through the same
-    transforms."""
+    transforms. A positive `train_limit` / `val_limit` keeps only that many first images of the split."""
     train_tf, val_tf = build_transforms(reso, mid_reso, hflip)
     if data_path:
         train_set = SafeImageFolder(str(Path(data_path) / "train"), train_tf)
@@ -112,7 +113,12 @@ def build_datasets(data_path: str, dataset: str, reso: int, mid_reso: float = 1.
     if len(train_set) == 0 or len(val_set) == 0:
         raise ValueError(f"empty data set: {len(train_set)} train / {len(val_set)} val images "
                          f"(--data_path={data_path!r}, --dataset={dataset!r})")
-    return len(train_set.classes), train_set, val_set
+    num_classes = len(train_set.classes)
+    if train_limit > 0:
+        train_set = Subset(train_set, range(min(train_limit, len(train_set))))
+    if val_limit > 0:
+        val_set = Subset(val_set, range(min(val_limit, len(val_set))))
+    return num_classes, train_set, val_set
 
 
 # ---- samplers ---------------------------------------------------------------------------------------------------

@@ -28,8 +28,12 @@ class SmallCNN(nn.Module):
         self.features = nn.Sequential(*layers)
         self.head = nn.Linear(c_in, num_classes)
 
+    def embed(self, img_B3HW: torch.Tensor) -> torch.Tensor:
+        """Pooled features (B, 4ch) that the head classifies (the feature space of the study's Frechet distance)."""
+        return self.features(img_B3HW).mean(dim=(2, 3))
+
     def forward(self, img_B3HW: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(img_B3HW).mean(dim=(2, 3)))  # (B, num_classes)
+        return self.head(self.embed(img_B3HW))  # (B, num_classes)
 
 
 @torch.no_grad()

@@ -1,0 +1,224 @@
+"""The study's report (scripts/study.py): one markdown table, an automatic reading of it, and three PNG figures
+(loss curves per architecture, FD_clf per architecture with the seed spread, samples per architecture).
+
+Inputs, all under the study's work folder: plan.json, scores/<set>.json, runs/<run>/timing.json, the TensorBoard
+events of every run (runs/<run>/tb) and the image sets (sets/<set>.npz).
+"""
+import json
+import logging
+import statistics
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402 (the backend must be chosen first)
+import numpy as np  # noqa: E402
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
+
+logging.getLogger("tensorboard").setLevel(logging.WARNING)  # one INFO line per event file otherwise
+REFERENCE_ROWS = {"floor": "real training images (floor)", "ceiling": "tokenizer reconstructions (ceiling)"}
+SCORES = ("fd_clf", "is_clf", "precision", "recall", "consistency")
+
+
+def tb_scalars(run_dir: Path, tag: str) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, values) of a TensorBoard scalar; for a step logged twice (a resumed run) the last value."""
+    acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    if tag not in acc.Tags()["scalars"]:
+        return np.zeros(0), np.zeros(0)
+    by_step = {e.step: e.value for e in acc.Scalars(tag)}
+    steps = np.array(sorted(by_step))
+    return steps, np.array([by_step[s] for s in steps])
+
+
+def mean_spread(values: list[float]) -> str:
+    """'mean ± half the min-max range (n)' or the single value."""
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {(max(values) - min(values)) / 2:.2f}"
+
+
+def collect(out: Path, plan: dict) -> dict[str, dict]:
+    """Per row: the scores of each seed, timings, param/FLOP counts and loss curves."""
+    preset = plan["preset"]
+    rows = {}
+    for row, spec in plan["rows"].items():
+        runs = [r for r, run in plan["runs"].items() if run["row"] == row]
+        scores = [json.loads((out / "scores" / f"{r}.json").read_text()) for r in runs
+                  if (out / "scores" / f"{r}.json").is_file()]
+        timings = [json.loads((out / "runs" / r / "timing.json").read_text()) for r in runs
+                   if (out / "runs" / r / "timing.json").is_file()]
+        train_speed = [v for r in runs for v in tb_scalars(out / "runs" / r, "speed/images_per_s")[1][1:]]
+        curves = {r: dict(train=tb_scalars(out / "runs" / r, "train/Lm"), val=tb_scalars(out / "runs" / r,
+                                                                                         "val/vL_mean"))
+                  for r in runs}
+        rows[row] = dict(label=spec["label"], params=spec["params"], scores=scores, timings=timings,
+                         train_images_per_s=statistics.median(train_speed) if train_speed else float("nan"),
+                         curves=curves, images_per_step=preset["bs"], images_per_epoch=preset["train_limit"])
+    return rows
+
+
+def table(out: Path, rows: dict[str, dict], plan: dict) -> str:
+    preset = plan["preset"]
+    n_train = preset["train_limit"] * preset["ep"]
+    head = ["", "params (M)", "train GFLOP/img", "sample GFLOP/img", "train img/s", "train min", "sample img/s",
+            "FD_clf", f"FID (Inception, {preset['inception_n']})", "IS_clf", "precision", "recall",
+            "class consistency"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for key, label in REFERENCE_ROWS.items():
+        s = json.loads((out / "scores" / f"{key}.json").read_text())
+        lines.append(f"| {label} | | | | | | | {s['fd_clf']:.2f} | {s.get('fid_inception', float('nan')):.1f} | "
+                     f"{s['is_clf']:.2f} | {s['precision']:.3f} | {s['recall']:.3f} | {s['consistency']:.3f} |")
+    for r in rows.values():
+        sc, tm = r["scores"], r["timings"]
+        if not sc:
+            lines.append(f"| {r['label']} | {r['params'] / 1e6:.2f} | not finished |" + " |" * (len(head) - 3))
+            continue
+        col = {k: [s[k] for s in sc] for k in SCORES}
+        fid = [s["fid_inception"] for s in sc if "fid_inception" in s]
+        cells = [r["label"], f"{r['params'] / 1e6:.2f}", f"{tm[0]['train_flops_per_image'] / 1e9:.2f}",
+                 f"{tm[0]['sample_flops_per_image'] / 1e9:.2f}", f"{r['train_images_per_s']:.1f}",
+                 f"{n_train / r['train_images_per_s'] / 60:.1f}",
+                 f"{statistics.mean(t['sample_images_per_s'] for t in tm):.1f}", mean_spread(col["fd_clf"]),
+                 f"{fid[0]:.1f}" if fid else "-"] + [f"{statistics.mean(col[k]):.{2 if k == 'is_clf' else 3}f}"
+                                                     for k in SCORES[1:]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def reading(rows: dict[str, dict]) -> str:
+    """Sentences computed from the table: the ranking by FD_clf and each comparison the paper makes, with whether
+    the difference exceeds the seeds' spread."""
+    fd = {k: [s["fd_clf"] for s in r["scores"]] for k, r in rows.items() if r["scores"]}
+    if not fd:
+        return "No model finished yet."
+    ranked = sorted(fd, key=lambda k: statistics.mean(fd[k]))
+    out = ["Ranking by mean FD_clf (lower is better): " + ", ".join(
+        f"{rows[k]['label']} {statistics.mean(fd[k]):.2f}" for k in ranked) + "."]
+    for a, b, claim in (("mvar", "var", "Table 6: M-VAR better than VAR"),
+                        ("mvar", "intra", "Table 6: M-VAR better than intra-scale attention alone"),
+                        ("mvar", "mamba", "Table 6: M-VAR better than Mamba alone"),
+                        ("mvar-w", "var", "Table 5: M-VAR-W (VAR's params) better than VAR"),
+                        ("mvar-d", "var", "Table 5: M-VAR-D (VAR's params) better than VAR"),
+                        ("var-half", "var", "Figure 5: replacing VAR blocks by M-VAR blocks helps")):
+        if a not in fd or b not in fd:
+            continue
+        diff = statistics.mean(fd[a]) - statistics.mean(fd[b])
+        spread = (max(fd[a]) - min(fd[a]) + max(fd[b]) - min(fd[b])) / 2
+        verdict = "reproduced" if diff < 0 else "not reproduced"
+        sure = "larger" if abs(diff) > spread else "not larger"
+        out.append(f"- {claim}: {verdict} ({rows[a]['label']} {statistics.mean(fd[a]):.2f} vs {rows[b]['label']} "
+                   f"{statistics.mean(fd[b]):.2f}; the difference {diff:+.2f} is {sure} than the seeds' spread "
+                   f"{spread:.2f}).")
+    return "\n".join(out)
+
+
+def plot_losses(rows: dict[str, dict], path: Path) -> None:
+    fig, (ax_t, ax_v) = plt.subplots(1, 2, figsize=(11, 4))
+    for i, r in enumerate(rows.values()):
+        color = f"C{i}"
+        for j, c in enumerate(r["curves"].values()):
+            label = r["label"] if j == 0 else None
+            steps, vals = c["train"]
+            ax_t.plot(steps * r["images_per_step"], vals, color=color, alpha=0.8 if j == 0 else 0.4, label=label)
+            steps, vals = c["val"]
+            ax_v.plot(steps * r["images_per_epoch"], vals, "o-", color=color, alpha=0.8 if j == 0 else 0.4,
+                      label=label)
+    for ax, what in ((ax_t, "training"), (ax_v, "validation")):
+        ax.set_xlabel("training images")
+        ax.set_ylabel(f"{what} token cross-entropy (mean over scales)")
+        ax.grid(alpha=0.3)
+    ax_v.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_fd(out: Path, rows: dict[str, dict], path: Path) -> None:
+    done = [r for r in rows.values() if r["scores"]]
+    fig, ax = plt.subplots(figsize=(9, 3.8))
+    for i, r in enumerate(done):
+        vals = [s["fd_clf"] for s in r["scores"]]
+        ax.bar(i, statistics.mean(vals), color=f"C{i}", alpha=0.6)
+        ax.scatter([i] * len(vals), vals, color="k", s=12, zorder=3)
+    for key, style in (("floor", "--"), ("ceiling", ":")):
+        ax.axhline(json.loads((out / "scores" / f"{key}.json").read_text())["fd_clf"], color="gray", ls=style,
+                   label=REFERENCE_ROWS[key])
+    ax.set_xticks(range(len(done)), [r["label"] for r in done], rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel("FD_clf vs the test set (lower is better)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_samples(out: Path, plan: dict, path: Path, per_class: int = 8) -> None:
+    """One panel per set (first seed): one row per class, `per_class` images each."""
+    panels = [("ceiling", REFERENCE_ROWS["ceiling"])] + [
+        (run, plan["rows"][spec["row"]]["label"]) for run, spec in plan["runs"].items() if spec["seed"] == 0]
+    panels = [(k, label) for k, label in panels if (out / "sets" / f"{k}.npz").is_file()]
+    cols = 4
+    fig, axes = plt.subplots((len(panels) + cols - 1) // cols, cols, figsize=(3 * cols, 3.4 * ((len(panels) + 3)
+                                                                                                   // cols)))
+    for ax in np.atleast_1d(axes).ravel():
+        ax.axis("off")
+    for ax, (key, label) in zip(np.atleast_1d(axes).ravel(), panels, strict=False):
+        data = np.load(out / "sets" / f"{key}.npz")
+        imgs, labels = data["images"], data["labels"]
+        rows = [imgs[np.flatnonzero(labels == c)[:per_class]] for c in range(10)]
+        ax.imshow(np.concatenate([np.concatenate(list(r), axis=1) for r in rows], axis=0))
+        ax.set_title(label, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(out: Path, report_dir: Path, plan: dict, wall_s: float, command: str) -> Path:
+    """Write report_dir/study.md and its figures (study_*.png); returns the markdown's path."""
+    report_dir.mkdir(parents=True, exist_ok=True)
+    rows = collect(out, plan)
+    preset, s = plan["preset"], plan["sampling"]
+    plot_losses(rows, report_dir / "study_loss.png")
+    plot_fd(out, rows, report_dir / "study_fd.png")
+    plot_samples(out, plan, report_dir / "study_samples.png")
+    clf = json.loads((out / "classifier.json").read_text())
+    n_train = preset["train_limit"] * preset["ep"]
+    text = f"""# Study: the paper's ablations on Fashion-MNIST{" (quick mode)" if plan["quick"] else ""}
+
+Generated by `{command}` in {wall_s / 60:.0f} min of wall time (all stages, {preset["seeds"]} seed(s) per row).
+
+## Set-up
+- Data: Fashion-MNIST, {preset["reso"]} px; scores against the first {preset["real_n"]} test images.
+- Tokenizer: VAR's multi-scale VQVAE, vocabulary 512, scales {preset["pn"]} ({sum(int(p) ** 2 for p in
+    preset["pn"].split("_"))} tokens), trained once ({" ".join(preset["tok"])}).
+- Models: width {preset["width"]}, depth {preset["depth"]}, {preset["heads"]} attention heads unless the row says
+  otherwise; one recipe for all (train.py {" ".join(plan["train_flags"][:-1])}): **equal training images**
+  ({n_train:,}: {preset["ep"]} epochs over the first {preset["train_limit"]:,} training images, batch
+  {preset["bs"]}), bf16 autocast; the FLOPs and wall time of that budget are in the table.
+- Sampling: {preset["num_samples"]:,} images per model, cfg {s["cfg"]}, top-k {s["top_k"]} (900/4096 of the
+  vocabulary), top-p {s["top_p"]}, bf16.
+- Scores: FD_clf = Frechet distance in the pooled features of a small CNN trained on the real training labels
+  ({100 * clf["test_accuracy"]:.1f}% test accuracy); IS_clf its Inception-Score analogue (10 classes: at most
+  10); precision/recall (k = 3) in the same features; class consistency = share of images the CNN assigns to the
+  class asked for. FID (Inception) on {preset["inception_n"]} images per set against {preset["inception_n"]} test
+  images, first seed only (the 299 px Inception costs ~0.14 s per image on 2 CPU cores): small-sample FIDs are
+  biased upward, compare them only with each other.
+- Throughput: one CPU thread per job, two jobs at a time on a 2-core machine.
+
+## Results
+{table(out, rows, plan)}
+
+FD_clf: mean ± half the range over seeds.
+
+{reading(rows)}
+
+![losses](study_loss.png)
+
+![FD per architecture](study_fd.png)
+
+![samples](study_samples.png)
+"""
+    path = report_dir / "study.md"
+    path.write_text(text)
+    return path
