@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test bench
+.PHONY: demo test bench study
 
 $(VENV)/.installed: requirements.txt requirements-nodeps.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed .whl/site/.installed
 	$(PY) -m pytest -q
+
+# The paper's ablations on Fashion-MNIST (apt-get install dataset-fashion-mnist): ~1.5 h on 2 CPU cores
+study: $(VENV)/.installed
+	$(PY) scripts/study.py --report_dir docs
 
 bench: $(VENV)/.installed
 	$(PY) scripts/bench.py --only attn block

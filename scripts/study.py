@@ -4,11 +4,12 @@ Stages (each resumable: a re-run skips what is finished and continues what was i
 1. tokenizer: VAR's multi-scale VQVAE on the 60,000 training images (32 px, 8x8 latent, scales 1_2_3_4_5_6_8:
    L = 155 tokens, so intra-scale attention sees 27% of the global attention's score entries, 24% at 256 px);
 2. classifier: a small CNN on the real training labels (class consistency, and the feature space of FD_clf);
-3. jobs, `--jobs` at a time, one CPU thread each: the reference sets (the training set = the floor, its tokenizer
-   reconstructions = the ceiling) and every model x seed: train.py with one recipe and one budget (equal training
-   images), then `--num_samples` images with the paper's sampling settings (cfg 1.5, top-p 0.96, top-k 900/4096
-   of the vocabulary);
-4. scores against the 10,000 test images (utils.sample_metrics) and the report: a markdown table and PNG plots.
+3. reference sets, scored against the 10,000 test images (utils.sample_metrics): the training set (the floor)
+   and its tokenizer reconstructions (the ceiling any generator on this tokenizer can reach);
+4. one job per model x seed, `--jobs` at a time, one CPU thread each: train.py with one recipe and one budget
+   (equal training images), `--num_samples` images with the paper's sampling settings (cfg 1.5, top-p 0.96,
+   top-k 900/4096 of the vocabulary), their scores;
+5. the report: a markdown table, an automatic reading of it and PNG plots (utils.study_report).
 
     python scripts/study.py --report_dir docs          # the full study (about 1.5 h on 2 CPU cores)
     python scripts/study.py --quick                    # the same pipeline at 16 px in a few minutes (CI)
@@ -17,6 +18,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -33,11 +35,12 @@ from models.mvar import MVAR, MVARConfig
 from models.precision import effective_amp_dtype
 from utils import benchmark
 from utils.args import parse_args as parse_train_args
-from utils.checkpoint import LAST
+from utils.checkpoint import LAST, write_atomic
 from utils.data import build_datasets
 from utils.digit_classifier import SmallCNN, accuracy, train_classifier
+from utils.embedded_data import fashion_mnist_dir
 from utils.image_grid import to_uint8_BHW3
-from utils.inception import load_inception
+from utils.inception import find_inception, load_inception
 from utils.logging_utils import setup_logging
 from utils.registry import ARCH_BRANCHES
 from utils.sample_metrics import classifier_scores, classifier_view, inception_fid, inception_stats
@@ -55,10 +58,14 @@ PRESETS = {
                   depth=2, width=64, heads=1, train_limit=256, ep=2, bs=32, val_limit=64, num_samples=100,
                   real_n=500, inception_n=10, seeds=1),
 }
+TOKENIZER = dict(vocab_size=512, z_channels=16, ch=32)
 TRAIN_FLAGS = ["--dataset=fmnist", "--mid_reso=1.0", "--tlr=1e-3", "--alng=1e-3", "--fp16=2", "--sample_every=0",
                "--save_every_min=0", "--val_every=1", "--log_every=10", "--workers=0"]
 SAMPLING = dict(cfg=1.5, top_p=0.96, top_k_of_4096=900, more_smooth=False)  # the paper's FID settings
 SAMPLE_BATCH = 250
+BASE_SETTINGS = ("reso", "pn", "tok", "clf_epochs", "real_n", "inception_n")  # what --base must share
+ROWS = ("var", "intra", "mamba", "mvar", "mvar-w", "mvar-d", "var-half")  # study_rows' names, in report order
+OVERRIDES = ("seeds", "num_samples", "inception_n", "ep", "train_limit", "depth", "width")  # flags over the preset
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,14 +76,23 @@ def build_parser() -> argparse.ArgumentParser:
                    "(local_output/study-quick with --quick)")
     p.add_argument("--report_dir", default=None, help="where study.md and its PNGs go; none = OUT_DIR/report")
     p.add_argument("--jobs", type=int, default=2, help="training/sampling/scoring jobs at once, one CPU thread each")
-    p.add_argument("--seeds", type=int, default=None, help="seeds per row (default: the preset's)")
-    p.add_argument("--num_samples", type=int, default=None, help="generated images per model (default: the "
-                   "preset's; a multiple of 10)")
-    p.add_argument("--inception_n", type=int, default=None, help="images per set in the Inception FID (first seed "
-                   "only; 0 = skip; default: the preset's)")
+    p.add_argument("--base", default=None, help="reuse the tokenizer, classifier and reference sets of this finished "
+                   "study folder (same data, tokenizer and scoring settings): other rows or budgets on the same "
+                   "tokenizer, e.g. --base local_output/study --ep 12 --rows var mvar")
+    p.add_argument("--rows", nargs="+", default=None, choices=ROWS, help="train only these rows (default: all)")
+    g = p.add_argument_group("overrides of the preset (default: the preset's value)")
+    g.add_argument("--seeds", type=int, default=None, help="seeds per row")
+    g.add_argument("--num_samples", type=int, default=None, help="generated images per model (a multiple of 10)")
+    g.add_argument("--inception_n", type=int, default=None, help="images per set in the Inception FID (first seed "
+                   "only; 0 = skip)")
+    g.add_argument("--ep", type=int, default=None, help="training epochs over the --train_limit first images")
+    g.add_argument("--train_limit", type=int, default=None, help="training images per epoch")
+    g.add_argument("--depth", type=int, default=None, help="blocks of the VAR / M-VAR rows (M-VAR-D is shallower)")
+    g.add_argument("--width", type=int, default=None, help="width of the VAR / M-VAR rows (M-VAR-W is narrower; "
+                   "a multiple of 64)")
     p.add_argument("--fmnist_dir", default="", help="Fashion-MNIST's IDX folder (see train.py --fmnist_dir)")
     p.add_argument("--inception", default=None, help="Inception TorchScript file (default: utils.inception's search)")
-    p.add_argument("--job", default=None, help=argparse.SUPPRESS)  # internal: run one job of OUT_DIR/plan.json
+    p.add_argument("--job", default=None, help=argparse.SUPPRESS)  # internal: one run of OUT_DIR/plan.json
     return p
 
 
@@ -86,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
 def count_params(depth: int, width: int, heads: int, arch: str, V: int, pn: tuple[int, ...], var_blocks: int = 0
                  ) -> int:
     config = MVARConfig(depth=depth, embed_dim=width, num_heads=heads, arch=arch, var_blocks=var_blocks, V=V,
-                        Cvae=16, num_classes=10, patch_nums=pn)
+                        Cvae=TOKENIZER["z_channels"], num_classes=10, patch_nums=pn)
     with torch.device("meta"):
         return sum(p.numel() for p in MVAR(config).parameters())
 
@@ -95,9 +111,9 @@ def study_rows(depth: int, width: int, heads: int, V: int, pn: tuple[int, ...]) 
     """name -> {label, flags}: the paper's four block types at one size (Table 6), M-VAR narrower (W) or shallower
     (D) at VAR's parameter count (Table 5), and VAR with its second half replaced by M-VAR blocks (Figure 5)."""
     var_params = count_params(depth, width, heads, "var", V, pn)
-    widths = [w for w in range(32, width + 1, 32) if w % heads == 0]  # Mamba2 heads are 64 wide (d_inner = 2w)
+    widths = [w for w in range(32, width, 32) if w % heads == 0]  # narrower; Mamba2 heads are 64 wide (d_inner 2w)
     w_width = min(widths, key=lambda w: abs(count_params(depth, w, heads, "mvar", V, pn) - var_params))
-    d_depth = min(range(1, depth + 1), key=lambda d: abs(count_params(d, width, heads, "mvar", V, pn) - var_params))
+    d_depth = min(range(1, depth), key=lambda d: abs(count_params(d, width, heads, "mvar", V, pn) - var_params))
     size = dict(depth=depth, embed_dim=width)
     rows = {
         "var": dict(label="VAR", arch="var", **size),
@@ -117,54 +133,98 @@ def study_rows(depth: int, width: int, heads: int, V: int, pn: tuple[int, ...]) 
     return rows
 
 
-def make_plan(args: argparse.Namespace, out: Path, tok_ckpt: Path, V: int) -> dict:
+def study_preset(args: argparse.Namespace) -> dict:
+    """The preset with the flags that override it, checked (before any work starts)."""
     preset = dict(PRESETS["quick" if args.quick else "full"])
-    for key in ("seeds", "num_samples", "inception_n"):
+    for key in OVERRIDES:
         if getattr(args, key) is not None:
             preset[key] = getattr(args, key)
-    if preset["num_samples"] < 10 or preset["num_samples"] % 10:
-        raise ValueError(f"--num_samples={preset['num_samples']}: expected a positive multiple of 10 (classes)")
+    minimum = {"seeds": 1, "num_samples": 10, "inception_n": 0, "ep": 1, "train_limit": 1, "depth": 2, "width": 64}
+    bad = [f"--{k}={preset[k]} (expected >= {m})" for k, m in minimum.items() if preset[k] < m]
+    bad += [f"--{k}={preset[k]} (expected a multiple of {m})" for k, m in (("num_samples", 10), ("width", 64))
+            if preset[k] % m]
+    if bad:
+        raise ValueError("bad study settings: " + ", ".join(bad))
+    if args.jobs < 1:
+        raise ValueError(f"--jobs={args.jobs}: expected at least 1")
+    if preset["inception_n"] != 0 and not 2 <= preset["inception_n"] <= min(preset["real_n"], preset["num_samples"]):
+        raise ValueError(f"--inception_n={preset['inception_n']}: expected 0 (off) or 2 .. "
+                         f"{min(preset['real_n'], preset['num_samples'])} (the test images and samples there are)")
+    return preset
+
+
+def make_plan(args: argparse.Namespace) -> dict:
+    """What the results depend on (checked against a folder's plan.json before any work), without paths."""
+    preset = study_preset(args)
     pn = tuple(int(s) for s in preset["pn"].split("_"))
-    rows = study_rows(preset["depth"], preset["width"], preset["heads"], V, pn)
+    rows = study_rows(preset["depth"], preset["width"], preset["heads"], TOKENIZER["vocab_size"], pn)
+    rows = {name: row for name, row in rows.items() if name in (args.rows or ROWS)}
     runs = {f"{row}-s{seed}": dict(row=row, seed=seed) for seed in range(preset["seeds"]) for row in rows}
-    data = [f"--pn={preset['pn']}", f"--train_limit={preset['train_limit']}", f"--val_limit={preset['val_limit']}",
-            f"--ep={preset['ep']}", f"--bs={preset['bs']}", f"--vae_ckpt={tok_ckpt}"] + \
-        ([f"--fmnist_dir={args.fmnist_dir}"] if args.fmnist_dir else [])
-    return dict(preset=preset, rows=rows, runs=runs, train_flags=TRAIN_FLAGS + data, tokenizer=str(tok_ckpt),
-                sampling=dict(SAMPLING, top_k=round(SAMPLING["top_k_of_4096"] * V / 4096)), quick=args.quick,
-                fmnist_dir=args.fmnist_dir, inception=args.inception)
+    sampling = dict(SAMPLING, top_k=round(SAMPLING["top_k_of_4096"] * TOKENIZER["vocab_size"] / 4096))
+    return dict(preset=preset, rows=rows, runs=runs, sampling=sampling, quick=args.quick)
+
+
+def check_folder(out: Path, plan: dict) -> None:
+    """A folder holding a study made with other settings is refused (its files would be silently reused)."""
+    path = out / "plan.json"
+    if path.is_file():
+        old = json.loads(path.read_text())
+        differ = [k for k in plan if old.get(k) != json.loads(json.dumps(plan[k]))]
+        if differ:
+            raise ValueError(f"{out} holds a study made with other settings ({', '.join(differ)} differ): run with "
+                             f"its settings to resume it, or choose another --out_dir (or delete that folder)")
+
+
+def save_json(obj: dict, path: Path) -> None:
+    write_atomic(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
+
+
+def save_set(path: Path, **arrays: np.ndarray) -> None:
+    write_atomic(path, lambda f: np.savez(f, **arrays))
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Jobs (run as `study.py --out_dir OUT --job KIND:NAME` in a subprocess, one CPU thread)
+# Reference sets (in the driver) and model jobs (`study.py --out_dir OUT --job RUN` in a subprocess, one thread)
 # ----------------------------------------------------------------------------------------------------------------
 def real_images(plan: dict, split: str) -> tuple[np.ndarray, np.ndarray]:
     """The first `real_n` images of a Fashion-MNIST split as the models see them (resized, uint8) and labels."""
     preset = plan["preset"]
     _, train_set, val_set = build_datasets("", "fmnist", preset["reso"], 1.0, fmnist_dir=plan["fmnist_dir"] or None)
     ds = train_set if split == "train" else val_set
-    n = min(preset["real_n"], len(ds))
-    x_N3HW = torch.stack([ds[i][0] for i in range(n)])
-    return to_uint8_BHW3((x_N3HW + 1) / 2), np.array([ds[i][1] for i in range(n)])
+    items = [ds[i] for i in range(min(preset["real_n"], len(ds)))]
+    return to_uint8_BHW3((torch.stack([x for x, _ in items]) + 1) / 2), np.array([y for _, y in items])
 
 
-def job_reference(out: Path, plan: dict) -> None:
-    """The test set (what every set is scored against), the training set (floor) and its reconstructions
-    (ceiling), saved as image sets."""
+def reference_sets(out: Path, plan: dict) -> None:
+    """The test set (what every set is scored against; its Inception statistics), the training set (the floor) and
+    its tokenizer reconstructions (the ceiling), each saved and scored."""
     test, test_labels = real_images(plan, "val")
-    np.savez(out / "sets" / "test.npz", images=test, labels=test_labels)
+    save_set(out / "sets" / "test.npz", images=test, labels=test_labels)
+    n_inc = plan["preset"]["inception_n"]
+    if n_inc > 0:
+        mu, sigma = inception_stats(load_inception(plan["inception"]), test[:n_inc])
+        save_set(out / "sets" / "test_inception.npz", mu=mu, sigma=sigma)
     train_imgs, train_labels = real_images(plan, "train")
-    np.savez(out / "sets" / "floor.npz", images=train_imgs, labels=train_labels)
+    save_set(out / "sets" / "floor.npz", images=train_imgs, labels=train_labels)
     vae = load_vae(plan["tokenizer"])
     with torch.no_grad():
         rec = [to_uint8_BHW3(vae.img_to_reconstructed_img(torch.from_numpy(chunk).permute(0, 3, 1, 2).float()
                                                           / 127.5 - 1, last_one=True).add(1).div(2))
                for chunk in np.array_split(train_imgs, max(1, len(train_imgs) // 500))]
-    np.savez(out / "sets" / "ceiling.npz", images=np.concatenate(rec), labels=train_labels)
+    save_set(out / "sets" / "ceiling.npz", images=np.concatenate(rec), labels=train_labels)
+    for name in ("floor", "ceiling"):
+        score_set(out, plan, name, inception=True)
 
 
 def job_model(out: Path, plan: dict, name: str) -> None:
-    """Train one model x seed (train.py, auto-resuming), then sample `num_samples` images and time both."""
+    """One model x seed: train (train.py, auto-resuming), sample and score (each step skipped when done)."""
+    if not (out / "sets" / f"{name}.npz").is_file():
+        train_and_sample(out, plan, name)
+    score_set(out, plan, name, inception=plan["runs"][name]["seed"] == 0)
+
+
+def train_and_sample(out: Path, plan: dict, name: str) -> None:
+    """Train one model x seed, then sample `num_samples` images with the paper's settings; time both."""
     run, preset = plan["runs"][name], plan["preset"]
     row = plan["rows"][run["row"]]
     run_dir = out / "runs" / name
@@ -184,10 +244,9 @@ def job_model(out: Path, plan: dict, name: str) -> None:
                                                 top_k=s["top_k"], top_p=s["top_p"], more_smooth=s["more_smooth"])
             images.append(to_uint8_BHW3(img))
     sample_s = time.time() - t0
-    flops = model_flops(mvar, s)
-    np.savez(out / "sets" / f"{name}.npz", images=np.concatenate(images), labels=labels)
-    (run_dir / "timing.json").write_text(json.dumps(dict(
-        sample_images_per_s=n / sample_s, sample_precision=str(dtype or torch.float32), **flops), indent=2))
+    save_json(dict(sample_images_per_s=n / sample_s, sample_precision=str(dtype or torch.float32),
+                   **model_flops(mvar, s)), run_dir / "timing.json")
+    save_set(out / "sets" / f"{name}.npz", images=np.concatenate(images), labels=labels)  # last: marks it done
 
 
 def model_flops(mvar: MVAR, s: dict) -> dict[str, float]:
@@ -203,8 +262,8 @@ def model_flops(mvar: MVAR, s: dict) -> dict[str, float]:
     return dict(train_flops_per_image=3 * fwd, sample_flops_per_image=gen)
 
 
-def job_score(out: Path, plan: dict, name: str) -> None:
-    """Scores of one image set against the test set; the Inception FID only for seed 0 and the reference sets."""
+def score_set(out: Path, plan: dict, name: str, inception: bool) -> None:
+    """Scores of the image set `name` against the test set, with the Inception FID when `inception`."""
     classifier = SmallCNN(10)
     classifier.load_state_dict(torch.load(out / "classifier.pt", weights_only=True))
     test = np.load(out / "sets" / "test.npz")
@@ -212,23 +271,19 @@ def job_score(out: Path, plan: dict, name: str) -> None:
     scores = classifier_scores(classifier_view(classifier, sample["images"]), sample["labels"],
                                classifier_view(classifier, test["images"]))
     n_inc = plan["preset"]["inception_n"]
-    if n_inc > 0 and plan["runs"].get(name, {}).get("seed", 0) == 0:
-        inception = load_inception(plan["inception"])
-        ref_mu, ref_sigma = inception_stats(inception, test["images"][:n_inc])
-        scores["fid_inception"] = inception_fid(inception, spread_over_classes(sample["images"], n_inc), ref_mu,
-                                                ref_sigma)
+    if inception and n_inc > 0:
+        ref = np.load(out / "sets" / "test_inception.npz")
+        scores["fid_inception"] = inception_fid(load_inception(plan["inception"]),
+                                                spread_over_classes(sample["images"], n_inc), ref["mu"], ref["sigma"])
     bad = [k for k, v in scores.items() if not np.isfinite(v)]
     if bad:
         raise RuntimeError(f"{name}: non-finite scores {bad}: the image set {out / 'sets' / name}.npz is broken")
-    (out / "scores" / f"{name}.json").write_text(json.dumps(scores, indent=2))
+    save_json(scores, out / "scores" / f"{name}.json")
 
 
 def spread_over_classes(images: np.ndarray, n: int) -> np.ndarray:
     """`n` images taken evenly over a set (generated sets are sorted by class; real ones are shuffled)."""
     return images[np.linspace(0, len(images) - 1, n).round().astype(int)]
-
-
-JOBS = {"reference": job_reference, "model": job_model, "score": job_score}
 
 
 def relative_cost(row: dict) -> float:
@@ -239,7 +294,7 @@ def relative_cost(row: dict) -> float:
 
 def run_job_subprocess(out: Path, job: str) -> None:
     """One job in a fresh one-thread process, its output in OUT/logs/; a failure raises naming the log."""
-    log = out / "logs" / f"{job.replace(':', '_')}.log"
+    log = out / "logs" / f"{job}.log"
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     t0 = time.time()
     with open(log, "a") as f:
@@ -262,60 +317,92 @@ def run_parallel(out: Path, jobs: list[str], parallel: int) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # Driver
 # ----------------------------------------------------------------------------------------------------------------
-def prepare(args: argparse.Namespace, out: Path) -> dict:
-    """Tokenizer and classifier (in this process), then the plan; reuses what a previous run finished."""
-    preset = PRESETS["quick" if args.quick else "full"]
+def adopt_base(base: Path, out: Path, plan: dict) -> None:
+    """Copy another study folder's tokenizer pointer, classifier and reference sets (with their scores) into `out`,
+    so that `out` trains other model rows or budgets on the same tokenizer and scores them alike."""
+    base_plan_path = base / "plan.json"
+    if not (base / "scores" / "ceiling.json").is_file() or not base_plan_path.is_file():
+        raise FileNotFoundError(f"--base={base}: not a study folder whose reference sets are finished (no "
+                                f"plan.json or scores/ceiling.json)")
+    base_plan = json.loads(base_plan_path.read_text())
+    differ = [k for k in BASE_SETTINGS if base_plan["preset"][k] != plan["preset"][k]]
+    if differ:
+        raise ValueError(f"--base={base}: its study has other data/tokenizer/scoring settings ({', '.join(differ)})")
+    for name in ("classifier.pt", "classifier.json", *(f"sets/{n}.npz" for n in ("test", "test_inception", "floor",
+                                                                                  "ceiling")),
+                 "scores/floor.json", "scores/ceiling.json"):
+        if (base / name).is_file():
+            (out / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(base / name, out / name)
+    (out / "tokenizer").mkdir(parents=True, exist_ok=True)
+    save_json({"ckpt": str(Path(base_plan["tokenizer"]).resolve())}, out / "tokenizer" / "done.json")
+
+
+def prepare(args: argparse.Namespace, out: Path, plan: dict) -> tuple[dict, bool]:
+    """Tokenizer and classifier (in this process), then the plan with its paths, saved to plan.json; reuses what
+    a previous run finished. Returns (plan, whether anything was computed)."""
+    preset, worked = plan["preset"], False
     fmnist = [f"--fmnist_dir={args.fmnist_dir}"] if args.fmnist_dir else []
-    tok_args = tokenizer_trainer.build_parser().parse_args(preset["tok"] + fmnist + [
-        "--dataset=fmnist", f"--reso={preset['reso']}", "--mid_reso=1.0", f"--pn={preset['pn']}", "--vocab_size=512",
-        "--z_channels=16", "--ch=32", f"--out_dir={out / 'tokenizer'}", "--seed=0", "--log_every=50"])
-    tok_ckpt = tokenizer_trainer.train(tok_args)
-    setup_logging(0, out)
+    tok_done = out / "tokenizer" / "done.json"
+    if not tok_done.is_file():
+        tok_args = tokenizer_trainer.build_parser().parse_args(preset["tok"] + fmnist + [
+            "--dataset=fmnist", f"--reso={preset['reso']}", "--mid_reso=1.0", f"--pn={preset['pn']}",
+            *(f"--{k}={v}" for k, v in TOKENIZER.items()), f"--out_dir={out / 'tokenizer'}", "--seed=0",
+            "--log_every=50"])
+        save_json({"ckpt": str(tokenizer_trainer.train(tok_args))}, tok_done)
+        setup_logging(0, out)
+        worked = True
+    tok_ckpt = json.loads(tok_done.read_text())["ckpt"]
     clf_path = out / "classifier.pt"
     if not clf_path.is_file():
         _, train_set, val_set = build_datasets("", "fmnist", preset["reso"], 1.0, fmnist_dir=args.fmnist_dir or None)
         classifier = train_classifier(train_set, 10, epochs=preset["clf_epochs"], seed=0)
-        (out / "classifier.json").write_text(json.dumps({"test_accuracy": accuracy(classifier, val_set)}))
-        torch.save(classifier.state_dict(), clf_path)
-    plan = make_plan(args, out, tok_ckpt, tok_args.vocab_size)
-    plan_path = out / "plan.json"
-    if plan_path.is_file() and json.loads(plan_path.read_text()) != json.loads(json.dumps(plan)):
-        raise ValueError(f"{plan_path} was written with other settings; use another --out_dir or delete it")
-    plan_path.write_text(json.dumps(plan, indent=2))
-    return plan
+        save_json({"test_accuracy": accuracy(classifier, val_set)}, out / "classifier.json")
+        write_atomic(clf_path, lambda f: torch.save(classifier.state_dict(), f))
+        worked = True
+    data = [f"--pn={preset['pn']}", f"--train_limit={preset['train_limit']}", f"--val_limit={preset['val_limit']}",
+            f"--ep={preset['ep']}", f"--bs={preset['bs']}", f"--vae_ckpt={tok_ckpt}", *fmnist]
+    plan = dict(plan, train_flags=TRAIN_FLAGS + data, tokenizer=tok_ckpt, tokenizer_config=TOKENIZER,
+                fmnist_dir=args.fmnist_dir, inception=args.inception, jobs=args.jobs, base=args.base)
+    save_json(plan, out / "plan.json")
+    return plan, worked
 
 
 def main(args: argparse.Namespace) -> Path:
     """Run the study; returns the report's path."""
     out = Path(args.out_dir or ("local_output/study-quick" if args.quick else "local_output/study"))
-    for sub in ("sets", "scores", "runs", "logs"):
-        (out / sub).mkdir(parents=True, exist_ok=True)
     if args.job:
-        kind, _, name = args.job.partition(":")
         setup_logging(0, None)
         torch.set_num_threads(1)
-        JOBS[kind](out, json.loads((out / "plan.json").read_text()), *([name] if name else []))
+        job_model(out, json.loads((out / "plan.json").read_text()), args.job)
         return out
-    if args.jobs < 1:
-        raise ValueError(f"--jobs={args.jobs}: expected at least 1")
+    plan = make_plan(args)  # bad flags, missing data or weights, another study in the folder: refused here
+    if plan["preset"]["inception_n"]:
+        find_inception(args.inception)
+    fashion_mnist_dir(args.fmnist_dir or None)
+    check_folder(out, plan)
+    if args.base and not (out / "plan.json").is_file():
+        adopt_base(Path(args.base), out, plan)
+    for sub in ("sets", "scores", "runs", "logs"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
     setup_logging(0, out)
     t0 = time.time()
-    plan = prepare(args, out)
+    plan, worked = prepare(args, out, plan)
+    if not (out / "scores" / "ceiling.json").is_file():
+        reference_sets(out, plan)
+        worked = True
     order = sorted(plan["runs"], key=lambda r: (plan["runs"][r]["seed"], -relative_cost(plan["rows"][plan["runs"][r]
                                                                                                   ["row"]])))
-    todo = [f"model:{r}" for r in order if not (out / "sets" / f"{r}.npz").is_file()]
-    if not (out / "sets" / "ceiling.npz").is_file():
-        todo.insert(0, "reference")
+    todo = [r for r in order if not (out / "scores" / f"{r}.json").is_file()]
     run_parallel(out, todo, args.jobs)
-    sets = ["floor", "ceiling", *order]
-    run_parallel(out, [f"score:{s}" for s in sets if not (out / "scores" / f"{s}.json").is_file()], args.jobs)
-    wall = time.time() - t0
-    timing_path = out / "wall_time.json"  # summed over re-runs
+    timing_path = out / "wall_time.json"  # summed over the runs that computed something
     total = json.loads(timing_path.read_text())["seconds"] if timing_path.is_file() else 0.0
-    timing_path.write_text(json.dumps({"seconds": total + wall}))
-    report = write_report(out, Path(args.report_dir) if args.report_dir else out / "report", plan, total + wall,
+    if worked or todo:
+        total += time.time() - t0
+        save_json({"seconds": total}, timing_path)
+    report = write_report(out, Path(args.report_dir) if args.report_dir else out / "report", plan, total,
                           " ".join(["python scripts/study.py", *sys.argv[1:]]))
-    logger.info("study done in %.0f min; report %s", (total + wall) / 60, report)
+    logger.info("study done in %.0f min of computing; report %s", total / 60, report)
     return report
 
 

