@@ -2,11 +2,13 @@
 the ceiling, a re-run that redoes only an interrupted model (with the same scores), and a changed plan refused."""
 import json
 import math
+import re
 import subprocess
 import sys
 
 import pytest
 from conftest import REPO, SUBPROCESS_ENV
+from scripts import study
 from PIL import Image
 
 STUDY = REPO / "scripts" / "study.py"
@@ -103,15 +105,18 @@ def test_study_on_a_base_reuses_its_tokenizer_and_reference_rows(quick_study, tm
     assert f"study in `{quick_study}`" in report and "| M-VAR |" in report and "| Mamba2 only |" not in report
 
 
+def study_in_process(out, *flags: str):
+    return study.main(study.build_parser().parse_args(["--quick", f"--out_dir={out}", *flags]))
+
+
 @pytest.mark.parametrize("flag", ["--width=96", "--num_samples=15", "--seeds=0", "--inception_n=1", "--jobs=0"])
 def test_study_refuses_bad_settings_before_any_work(tmp_path, flag):
-    proc = run_study(tmp_path / "study", flag)
-    assert proc.returncode != 0 and flag in proc.stderr
+    with pytest.raises(ValueError, match=re.escape(flag)):
+        study_in_process(tmp_path / "study", flag)
     assert not (tmp_path / "study").exists()
 
 
 def test_quick_study_refuses_other_settings_in_the_same_folder(quick_study):
-    proc = run_study(quick_study, "--seeds=2")
-    assert proc.returncode != 0
-    assert "holds a study made with other settings (preset, runs differ)" in proc.stderr
+    with pytest.raises(ValueError, match=re.escape("holds a study made with other settings (preset, runs differ)")):
+        study_in_process(quick_study, "--seeds=2")
     assert not (quick_study / "runs" / "var-s1").exists()

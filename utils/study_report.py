@@ -53,9 +53,11 @@ def collect(out: Path, plan: dict) -> dict[str, dict]:
         runs = [r for r, run in plan["runs"].items() if run["row"] == row]
         scores = [json.loads((out / "scores" / f"{r}.json").read_text()) for r in runs
                   if (out / "scores" / f"{r}.json").is_file()]
-        timings = [json.loads((out / "runs" / r / "timing.json").read_text()) for r in runs
+        # throughput of the first seed's run (later seeds may share the machine with other work)
+        first = [r for r in runs if plan["runs"][r]["seed"] == 0]
+        timings = [json.loads((out / "runs" / r / "timing.json").read_text()) for r in first
                    if (out / "runs" / r / "timing.json").is_file()]
-        train_speed = [v for r in runs for v in tb_scalars(out / "runs" / r, "speed/images_per_s")[1][1:]]
+        train_speed = [v for r in first for v in tb_scalars(out / "runs" / r, "speed/images_per_s")[1][1:]]
         curves = {r: dict(train=tb_scalars(out / "runs" / r, "train/Lm"), val=tb_scalars(out / "runs" / r,
                                                                                          "val/vL_mean"))
                   for r in runs}
@@ -212,7 +214,7 @@ computed something), {preset["seeds"]} seed(s) per row.
   ({train_images(preset):,} = {preset["ep"]} epochs over the first {preset["train_limit"]:,} training images,
   batch {preset["bs"]}). FLOPs count the linear layers and attention scores (utils.benchmark.model_flops), not
   the Mamba2 scan or the convolutions, so they understate the Mamba2 rows; "train min" is the training images
-  over the median training throughput (validation excluded).
+  over the median training throughput (validation excluded). Throughputs are the first seed's runs.
 - Sampling: {preset["num_samples"]:,} images per model, cfg {s["cfg"]}, top-k {s["top_k"]} (900/4096 of the
   vocabulary), top-p {s["top_p"]}, precision {", ".join(precisions)}.
 - Scores: FD_clf = Frechet distance in the pooled features of a small CNN trained on the real training labels
