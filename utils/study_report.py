@@ -15,6 +15,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 (the backend must be chosen first)
 import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
 logging.getLogger("tensorboard").setLevel(logging.WARNING)  # one INFO line per event file otherwise
@@ -170,19 +171,21 @@ def plot_samples(out: Path, plan: dict, path: Path) -> None:
         (run, plan["rows"][spec["row"]]["label"]) for run, spec in plan["runs"].items() if spec["seed"] == 0]
     panels = [(k, label) for k, label in panels if (out / "sets" / f"{k}.npz").is_file()]
     cols = 4
-    fig, axes = plt.subplots((len(panels) + cols - 1) // cols, cols, figsize=(3 * cols, 3.4 * ((len(panels) + 3)
-                                                                                                   // cols)))
+    n_rows = (len(panels) + cols - 1) // cols
+    fig, axes = plt.subplots(n_rows, cols, figsize=(2.9 * cols, 3.7 * n_rows))
     for ax in np.atleast_1d(axes).ravel():
         ax.axis("off")
     for ax, (key, label) in zip(np.atleast_1d(axes).ravel(), panels, strict=False):
         data = np.load(out / "sets" / f"{key}.npz")
         imgs, labels = data["images"], data["labels"]
         rows = [imgs[np.flatnonzero(labels == c)[:per_class]] for c in range(10)]
-        ax.imshow(np.concatenate([np.concatenate(list(r), axis=1) for r in rows], axis=0))
+        ax.imshow(np.concatenate([np.concatenate(list(r), axis=1) for r in rows], axis=0), interpolation="nearest")
         ax.set_title(label, fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)  # about one figure pixel per image pixel
     plt.close(fig)
+    with Image.open(path) as im:  # the images are grey: an 8-bit grey PNG is a third of the RGB one
+        im.convert("L").save(path, optimize=True)
 
 
 def write_report(out: Path, report_dir: Path, plan: dict, wall_s: float, command: str) -> Path:
