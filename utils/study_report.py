@@ -170,9 +170,9 @@ def plot_samples(out: Path, plan: dict, path: Path) -> None:
     panels = [("ceiling", REFERENCE_ROWS["ceiling"])] + [
         (run, plan["rows"][spec["row"]]["label"]) for run, spec in plan["runs"].items() if spec["seed"] == 0]
     panels = [(k, label) for k, label in panels if (out / "sets" / f"{k}.npz").is_file()]
-    cols = 4
+    cols = min(4, len(panels))
     n_rows = (len(panels) + cols - 1) // cols
-    fig, axes = plt.subplots(n_rows, cols, figsize=(2.9 * cols, 3.7 * n_rows))
+    fig, axes = plt.subplots(n_rows, cols, figsize=(2.9 * cols, 3.8 * n_rows), squeeze=False)
     for ax in np.atleast_1d(axes).ravel():
         ax.axis("off")
     for ax, (key, label) in zip(np.atleast_1d(axes).ravel(), panels, strict=False):
