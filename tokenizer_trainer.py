@@ -52,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "random-crop reso")
     g.add_argument("--hflip", type=str2bool, default=False, help="random horizontal flip")
     g.add_argument("--workers", type=int, default=0, help="data-loader processes per rank")
+    g.add_argument("--val_limit", type=int, default=0, help="validate on the first N validation images only (0 = all)")
     g = p.add_argument_group("tokenizer (VQVAEConfig)")
     g.add_argument("--vocab_size", type=int, default=512, help="codebook size V")
     g.add_argument("--z_channels", type=int, default=16, help="latent channels Cvae")
@@ -282,7 +283,7 @@ def train(args: argparse.Namespace) -> Path:
     torch.manual_seed(args.seed)  # the same initial weights for any world size
 
     num_classes, train_set, val_set = build_datasets(args.data_path, args.dataset, args.reso, args.mid_reso,
-                                                     args.hflip, args.fmnist_dir)
+                                                     args.hflip, args.fmnist_dir, val_limit=args.val_limit)
     train_loader, val_loader, sampler = build_loaders(train_set, val_set, args.bs // world, args.workers, rank,
                                                       world, args.seed, pin_memory=device.type == "cuda")
     trainer = TokenizerTrainer(build_vae(args), args, device)

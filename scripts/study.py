@@ -54,7 +54,8 @@ PRESETS = {
                  depth=4, width=128, heads=2, train_limit=3200, ep=3, bs=64, val_limit=1000, num_samples=5000,
                  real_n=10000, inception_n=500, seeds=2),
     # the same pipeline at 16 px with tiny stages: checks it end to end (tests/test_study.py)
-    "quick": dict(reso=16, pn="1_2_3_4_5_6_8", tok=["--ch_mult=1_2", "--steps=40", "--bs=32"], clf_epochs=1,
+    "quick": dict(reso=16, pn="1_2_3_4_5_6_8", tok=["--ch_mult=1_2", "--steps=40", "--bs=32", "--val_limit=500"],
+                  clf_epochs=1,
                   depth=2, width=64, heads=1, train_limit=256, ep=2, bs=32, val_limit=64, num_samples=100,
                   real_n=500, inception_n=10, seeds=1),
 }

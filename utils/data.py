@@ -98,6 +98,8 @@ def build_datasets(data_path: str, dataset: str, reso: int, mid_reso: float = 1.
     """(num_classes, train set, val set): `data_path`/train and /val ImageFolders, or with an empty `data_path`
     the embedded data set `dataset` (utils.embedded_data; Fashion-MNIST read from `fmnist_dir`) through the same
     transforms. A positive `train_limit` / `val_limit` keeps only that many first images of the split."""
+    if train_limit < 0 or val_limit < 0:
+        raise ValueError(f"--train_limit={train_limit} --val_limit={val_limit}: expected >= 0 (0 = all images)")
     train_tf, val_tf = build_transforms(reso, mid_reso, hflip)
     if data_path:
         train_set = SafeImageFolder(str(Path(data_path) / "train"), train_tf)
