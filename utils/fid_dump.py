@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from utils.checkpoint import write_atomic
+
 logger = logging.getLogger(__name__)
 
 SETTINGS_NAME = "settings.json"
@@ -98,9 +100,7 @@ def png_is_valid(path: Path, image_hw: tuple[int, int] | None = None) -> bool:
 
 def save_png(img_HW3: np.ndarray, path: Path) -> None:
     """Write atomically: a temporary file renamed over `path`."""
-    tmp = path.with_name(path.name + ".tmp")
-    Image.fromarray(img_HW3).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    write_atomic(path, lambda f: Image.fromarray(img_HW3).save(f, format="PNG"))
 
 
 def fid_folder_name(ckpt: str, cfg: float, top_k: int, top_p: float, seed: int, more_smooth: bool = False,
@@ -142,9 +142,7 @@ def check_or_write_settings(folder: Path, settings: dict[str, Any]) -> None:
             raise ValueError(f"{folder} holds a dump made with other settings {{name: (old, new)}}: {diff}. "
                              "Resume with the same flags, or choose another output folder.")
         return
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(settings, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    write_atomic(path, lambda f: f.write(json.dumps(settings, indent=2, sort_keys=True).encode()))
 
 
 def dump_shard(folder: Path, plan: DumpPlan, seed: int, generate: GenerateFn, rank: int = 0, world_size: int = 1,
