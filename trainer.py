@@ -18,6 +18,7 @@ from torch import nn
 
 import dist
 from models.mvar import MVAR, MVARConfig
+from models.precision import effective_amp_dtype
 from models.tokenizer import VQVAE, VQVAEConfig
 from utils.checkpoint import CheckpointError
 from utils.logging_utils import Averager
@@ -85,7 +86,8 @@ class Trainer:
     model: the model as called for training (DDP / FSDP2 / compiled); its plain module is `self.mvar`.
     lr / fused_adam: the optimizer's (`build_optimizer`); `schedule` sets lr, wd and the progressive stage each
     iteration in `step` (steps driven by `train_step` directly keep the lr given here).
-    fp16: 0 fp32, 1 fp16 autocast + GradScaler, 2 bf16 autocast. The tokenizer always runs in fp32 outside autocast.
+    fp16: 0 fp32, 1 fp16 autocast + GradScaler, 2 bf16 autocast (fp32, with one log line, on a CPU without bf16
+    instructions, where bf16 is emulated and slower). The tokenizer always runs in fp32 outside autocast.
     """
 
     def __init__(self, vae: VQVAE | None, model: nn.Module, device: torch.device, lr: float = 1e-4,
@@ -94,7 +96,7 @@ class Trainer:
         self.vae, self.model, self.device, self.schedule = vae, model, device, schedule
         self.mvar: MVAR = dist.unwrap_model(model)
         self.optimizer = build_optimizer(self.mvar, lr, fused=fused_adam)
-        self.amp_dtype = AMP_DTYPES[fp16]
+        self.amp_dtype = effective_amp_dtype(device, AMP_DTYPES[fp16])  # bf16 on a CPU without it: fp32, logged
         self.scaler = torch.amp.GradScaler(device.type, init_scale=2.0**11, growth_interval=1000) \
             if fp16 == 1 else None
         self.tclip, self.label_smooth, self.ac, self.max_nonfinite = tclip, label_smooth, ac, max_nonfinite

@@ -7,6 +7,7 @@ import torch
 
 import models.precision as precision
 import sample
+from trainer import Trainer
 from conftest import build_tiny_mvar
 from test_mvar import record_sampling
 
@@ -76,6 +77,9 @@ def test_bf16_on_a_cpu_without_bf16_falls_back_to_fp32_with_one_log_line(monkeyp
     args = sample.parse_args(["--depth", "16", "--bf16"])
     sample.fall_back_to_fp32_where_slow(args, cpu)
     assert sample.amp_dtype(args) is None and sample.precision_name(args) == "fp32"
+    vae, mvar = build_tiny_mvar()  # training with --fp16=2 falls back alike; fp16 (1) is kept
+    assert Trainer(vae, mvar, cpu, fp16=2).amp_dtype is None
+    assert Trainer(vae, mvar, cpu, fp16=1).amp_dtype is torch.float16
 
 
 @pytest.mark.skipif(not precision.cpu_bf16_flags(), reason="this CPU has no bf16 instructions")
