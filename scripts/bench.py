@@ -4,7 +4,8 @@ Sections (`--only`, default all):
     attn    intra-scale vs VAR's block-causal global attention: kernel alone and ScaleAttention layer
     block   one block of each --archs (M-VAR vs VAR by default)
     mamba   one Mamba2 layer vs the FFN of the same block
-    train   a training step (forward, backward, clip, AdamW) on random tokens, tokenizer excluded: images/s, MFU
+    train   a training step (forward, backward, clip, AdamW) on random tokens, tokenizer excluded: images/s,
+            model GFLOP/s and % of peak, --train_dtypes side by side (bf16 speed-up over fp32)
     sample  sampling per image: Mamba2 state cached, the official prefix re-run, VAR's KV cache; tokens per block
     paper   the paper's speed claims: M-VAR-d24 vs VAR-d30, M-VAR-D and M-VAR-d16 (also with the prefix re-run) vs
             VAR-d16, fp32 and bf16, batch 1 and 8: time and model-FLOP ratios beside the paper's (CPU)
@@ -13,6 +14,8 @@ Shapes follow --depth (width 64*depth, depth heads) and --pn; timing, memory and
 
     python scripts/bench.py --only attn block mamba --device cpu --threads 1           # d16 pieces on a CPU
     python scripts/bench.py --only train sample --depth 4 --device cpu --threads 1
+    python scripts/bench.py --only train --depth 8 --device cpu --threads 1 --archs mvar var intra mamba \
+        --train_dtypes fp32 bf16                                                          # CPU training throughput
     python scripts/bench.py --device cuda --dtype bf16 --depth 16 --bs 32 --out docs/gpu.md
     python scripts/bench.py --only paper --device cpu --threads 1 --pn 1_2_3_4_5 --repeats 1 --warmup 1  # a quick look
 """
@@ -34,6 +37,7 @@ from utils.args import add_backend_flags
 from utils.registry import ARCH_BRANCHES, MVAR_models, parse_patch_nums
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16/fp16 tensor-core peaks, for MFU
+TRAIN_FP16 = {"fp32": 0, "fp16": 1, "bf16": 2}  # train.py --fp16 of each --train_dtypes
 
 
 def shape(args: argparse.Namespace) -> tuple[int, int, tuple[int, ...]]:
@@ -149,42 +153,50 @@ def bench_mamba(device: torch.device, args: argparse.Namespace) -> str:
 
 
 def bench_train(device: torch.device, args: argparse.Namespace) -> str:
-    """`Trainer.step_tokens` (forward, backward, clip, AdamW) of each --archs at --depth, on random tokens."""
-    B, steps, models = args.bs, {}, {}
-    fp16 = {"fp32": 0, "fp16": 1, "bf16": 2}[args.dtype]
+    """`Trainer.step_tokens` (forward, backward, clip, AdamW) of each --archs at --depth in each --train_dtypes, on
+    random tokens; all (arch, dtype) steps alternated in one process. Achieved model GFLOP/s (`bm.model_flops` of
+    one step) and its share of this device's peak in the step's dtype."""
+    B, steps, models, flops = args.bs, {}, {}, {}
+    dtypes = args.train_dtypes or [args.dtype]
     for arch in args.archs:
-        torch.manual_seed(0)
-        mvar = MVAR(MVARConfig(depth=args.depth, patch_nums=parse_patch_nums(args.pn), arch=arch),
-                    attn_backend=args.attn_backend, mamba_backend=args.mamba_backend).to(device)
-        mvar.init_weights()
-        trainer = Trainer(vae=None, model=mvar, device=device, lr=1e-4, fp16=fp16)
-        gt_BL = torch.randint(0, mvar.V, (B, mvar.L), device=device)
-        x_BLCv = torch.randn(B, mvar.L - mvar.first_l, mvar.Cvae, device=device)
-        label_B = torch.randint(0, mvar.num_classes, (B,), device=device)
-        steps[arch] = lambda t=trainer, g=gt_BL, x=x_BLCv, y=label_B: t.step_tokens(g, x, y)
-        models[arch] = mvar
+        for dtype_name in dtypes:
+            torch.manual_seed(0)
+            mvar = MVAR(MVARConfig(depth=args.depth, patch_nums=parse_patch_nums(args.pn), arch=arch),
+                        attn_backend=args.attn_backend, mamba_backend=args.mamba_backend).to(device)
+            mvar.init_weights()
+            trainer = Trainer(vae=None, model=mvar, device=device, lr=1e-4, fp16=TRAIN_FP16[dtype_name])
+            if dtype_name != "fp32" and trainer.amp_dtype is None:  # bf16 on a CPU without bf16 instructions
+                dtype_name += " (ran fp32)"
+            gt_BL = torch.randint(0, mvar.V, (B, mvar.L), device=device)
+            x_BLCv = torch.randn(B, mvar.L - mvar.first_l, mvar.Cvae, device=device)
+            label_B = torch.randint(0, mvar.num_classes, (B,), device=device)
+            step = functools.partial(trainer.step_tokens, gt_BL, x_BLCv, label_B)
+            flops[arch, dtype_name] = bm.model_flops(mvar, step, attention_passes=3)
+            steps[arch, dtype_name], models[arch, dtype_name] = step, mvar
     ms = bm.time_alternating(steps, device, args.warmup, args.repeats)
     if device.type == "cuda":
-        peak = next((v * 1e3 for k, v in PEAK_TFLOPS.items() if k in torch.cuda.get_device_name(device)), None)
-        peak_note = "the GPU's dense tensor-core peak"
-    else:  # this CPU's practical peaks, measured in the same run; the step's dtype is the reference
+        tc_peak = next((v * 1e3 for k, v in PEAK_TFLOPS.items() if k in torch.cuda.get_device_name(device)), None)
+        peaks = {name: tc_peak for name in dtypes if name != "fp32"}
+        peak_note = "the GPU's dense tensor-core peak (low-precision rows)"
+    else:  # this CPU's practical peaks, measured in the same run
         peaks = {name: bm.matmul_gflops(device, bm.DTYPES[name]) for name in ("fp32", "bf16")}
-        peak = peaks.get(args.dtype)
         peak_note = "2048^3 matmuls measured in this run, " + ", ".join(f"{k} {v:.0f} GFLOP/s"
                                                                         for k, v in peaks.items())
     rows = []
-    for arch, mvar in models.items():
-        s, tokens = ms[arch] / 1e3, B * mvar.L
-        non_emb = sum(p.numel() for n, p in mvar.named_parameters() if not n.startswith(("pos_", "class_emb", "lvl_")))
-        gflops = 6.0 * non_emb * tokens / s / 1e9
-        rows.append([device.type, arch, f"{sum(p.numel() for p in mvar.parameters()) / 1e6:.1f}", f"{ms[arch]:.1f}",
-                     f"{B / s:.2f}", f"{tokens / s:.0f}", f"{gflops:.1f}",
-                     f"{gflops / peak * 100:.1f}" if peak else "-"])
-    return "\n".join([f"### train: depth {args.depth}, L={next(iter(models.values())).L}, batch {B}, {args.dtype}, "
-                      f"{device.type} (tokenizer excluded; GFLOP/s = 6 * non-embedding params * tokens / s; peak: "
-                      f"{peak_note})", "",
-                      bm.markdown_table(["device", "arch", "params M", "ms / step", "images / s", "tokens / s",
-                                         "GFLOP/s", "% of peak"], rows)])
+    for (arch, dtype_name), mvar in models.items():
+        s, gflops = ms[arch, dtype_name] / 1e3, flops[arch, dtype_name] / 1e9
+        peak = peaks.get(dtype_name)
+        fp32_ms = ms.get((arch, "fp32")) if dtype_name in bm.DTYPES and dtype_name != "fp32" else None
+        rows.append([device.type, arch, dtype_name, f"{sum(p.numel() for p in mvar.parameters()) / 1e6:.1f}",
+                     f"{ms[arch, dtype_name]:.1f}", f"{B / s:.2f}", f"{gflops:.3g}", f"{gflops / s:.1f}",
+                     f"{gflops / s / peak * 100:.1f}" if peak else "-",
+                     f"**{fp32_ms / ms[arch, dtype_name]:.2f}x**" if fp32_ms else ""])
+    L = next(iter(models.values())).L
+    return "\n".join([f"### train: depth {args.depth}, L={L}, batch {B}, {device.type} (tokenizer excluded; model "
+                      f"GFLOP = linear layers forward and backward + attention scores x3, counted on one step; "
+                      f"peak: {peak_note})", "",
+                      bm.markdown_table(["device", "arch", "dtype", "params M", "ms / step", "images / s",
+                                         "model GFLOP / step", "GFLOP/s", "% of peak", "speed-up vs fp32"], rows)])
 
 
 def bench_sample(device: torch.device, args: argparse.Namespace) -> str:
@@ -335,6 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--archs", nargs="+", default=["mvar", "var"], choices=list(ARCH_BRANCHES),
                    help="block and train sections: the architectures to compare")
     add_backend_flags(p)
+    p.add_argument("--train_dtypes", nargs="+", choices=list(TRAIN_FP16), default=None,
+                   help="train section: precisions timed side by side (default: --dtype)")
     g = p.add_argument_group("sample section")
     g.add_argument("--V", type=int, default=4096, help="vocabulary size")
     g.add_argument("--vae_ch", type=int, default=32, help="tokenizer width (160 = VAR's; 32 keeps decoding cheap)")

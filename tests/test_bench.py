@@ -66,6 +66,8 @@ def test_model_flops_count_linear_layers_and_attention_scores():
     intra = ScaleAttention(C, 2, mode="intra")
     x = torch.randn(B, 5, C)
     assert bm.model_flops(intra, lambda: intra(x, (1, 4))) == B * 5 * linear + 4 * C * B * (1 + 16)
+    assert bm.model_flops(intra, lambda: intra(x, (1, 4)), attention_passes=3) == \
+        B * 5 * linear + 3 * 4 * C * B * (1 + 16)  # a training step counts the scores' backward twice
     var = ScaleAttention(C, 2, mode="causal")
     var.kv_caching(True)
     bm.model_flops(var, lambda: var(x[:, :1], (1,)))
@@ -84,3 +86,29 @@ def test_paper_tables_ratios():
     assert "| fp32 | 1 | M-VAR-d24 / VAR-d30 | **0.90x** | 0.75x | 1.20 | 0.86x |" in text
     assert "| bf16 / fp32 | 1 | M-VAR-d24 | **0.33x** |" in text
     assert "| bf16 | 1 | VAR-d30 | 4.000 | 8.0 | 2.0 |" in text
+
+
+def test_train_section_times_fp32_and_bf16_side_by_side(monkeypatch):
+    """One row per (arch, dtype), the same model FLOPs in both precisions (the counter sees the same matmuls),
+    M-VAR's step counted above VAR's (the Mamba2 projections), the speed-up only on the low-precision rows; bf16
+    on a CPU without bf16 instructions is labelled as the fp32 it ran."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    import bench
+
+    flags = ["--only", "train", "--depth", "1", "--pn", "1_2", "--archs", "mvar", "var", "--train_dtypes", "fp32",
+             "bf16", "--repeats", "1", "--warmup", "0", "--device", "cpu", "--attn_backend", "sdpa",
+             "--mamba_backend", "torch"]
+    monkeypatch.setattr(bm, "matmul_gflops", lambda device, dtype: 100.0)  # the peak is not what is tested
+    rows = {(r[1], r[2]): r for r in ([c.strip() for c in line.strip("|").split("|")]
+                                      for line in bench.main(flags).splitlines() if line.startswith("| cpu |"))}
+    assert set(rows) == {("mvar", "fp32"), ("mvar", "bf16"), ("var", "fp32"), ("var", "bf16")} or \
+        set(rows) == {("mvar", "fp32"), ("mvar", "bf16 (ran fp32)"), ("var", "fp32"), ("var", "bf16 (ran fp32)")}
+    gflop = {key: float(r[6]) for key, r in rows.items()}
+    assert gflop["mvar", "fp32"] > gflop["var", "fp32"] > 0
+    for arch in ("mvar", "var"):
+        low = next(k for k in rows if k[0] == arch and k[1] != "fp32")
+        assert gflop[arch, "fp32"] == gflop[low]
+        assert rows[arch, "fp32"][9] == "" and rows[low][9].endswith("x**") == (low[1] == "bf16")
+    monkeypatch.setattr("models.precision.cpu_bf16_flags", lambda: ())
+    labels = [line.split("|")[3].strip() for line in bench.main(flags).splitlines() if line.startswith("| cpu |")]
+    assert labels == ["fp32", "bf16 (ran fp32)"] * 2

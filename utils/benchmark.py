@@ -156,10 +156,12 @@ def attention_scores(mvar: nn.Module) -> int:
     return sum(n * n for n in mvar.seg_lens) if "attn" in block.branches else 0
 
 
-def model_flops(mvar: nn.Module, run: Callable[[], object]) -> float:
+def model_flops(mvar: nn.Module, run: Callable[[], object], attention_passes: int = 1) -> float:
     """Model FLOPs of one call of `run`: the linear layers (every matrix product with a weight: aten mm/addmm, as
-    counted by torch's FlopCounterMode) plus the attention scores, 4*C per query-key pair (q.k and the weighted
-    sum of v). The Mamba2 scan, the convolutions and sampling are not counted (they are not model FLOPs)."""
+    counted by torch's FlopCounterMode, backward included when `run` is a training step) plus the attention scores,
+    4*C per query-key pair (q.k and the weighted sum of v) times `attention_passes` (3 for a training step: the
+    backward costs twice the forward). The Mamba2 scan, the convolutions and sampling are not counted (they are not
+    model FLOPs)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     attention = 0
@@ -181,4 +183,4 @@ def model_flops(mvar: nn.Module, run: Callable[[], object]) -> float:
         for h in hooks:
             h.remove()
     by_op = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
-    return by_op.get("aten.mm", 0) + by_op.get("aten.addmm", 0) + attention
+    return by_op.get("aten.mm", 0) + by_op.get("aten.addmm", 0) + attention_passes * attention
