@@ -55,7 +55,7 @@ PRESETS = {
                  real_n=10000, inception_n=500, seeds=2),
     # the same pipeline at 16 px with tiny stages: checks it end to end (tests/test_study.py)
     "quick": dict(reso=16, pn="1_2_3_4_5_6_8", tok=["--ch_mult=1_2", "--steps=40", "--bs=32", "--val_limit=500"],
-                  clf_epochs=1,
+                  clf_epochs=2, clf_limit=10000,  # the classifier on the first 10,000 training images (full: all)
                   depth=2, width=64, heads=1, train_limit=256, ep=2, bs=32, val_limit=64, num_samples=100,
                   real_n=500, inception_n=10, seeds=1),
 }
@@ -64,7 +64,7 @@ TRAIN_FLAGS = ["--dataset=fmnist", "--mid_reso=1.0", "--tlr=1e-3", "--alng=1e-3"
                "--save_every_min=0", "--val_every=1", "--log_every=10", "--workers=0"]
 SAMPLING = dict(cfg=1.5, top_p=0.96, top_k_of_4096=900, more_smooth=False)  # the paper's FID settings
 SAMPLE_BATCH = 250
-BASE_SETTINGS = ("reso", "pn", "tok", "clf_epochs", "real_n", "inception_n")  # what --base must share
+BASE_SETTINGS = ("reso", "pn", "tok", "clf_epochs", "clf_limit", "real_n", "inception_n")  # what --base must share
 ROWS = ("var", "intra", "mamba", "mvar", "mvar-w", "mvar-d", "var-half")  # study_rows' names, in report order
 OVERRIDES = ("seeds", "num_samples", "inception_n", "ep", "train_limit", "depth", "width")  # flags over the preset
 
@@ -202,8 +202,9 @@ def reference_sets(out: Path, plan: dict) -> None:
     test, test_labels = real_images(plan, "val")
     save_set(out / "sets" / "test.npz", images=test, labels=test_labels)
     n_inc = plan["preset"]["inception_n"]
-    if n_inc > 0:
-        mu, sigma = inception_stats(load_inception(plan["inception"]), test[:n_inc])
+    inception = load_inception(plan["inception"]) if n_inc > 0 else None
+    if inception is not None:
+        mu, sigma = inception_stats(inception, test[:n_inc])
         save_set(out / "sets" / "test_inception.npz", mu=mu, sigma=sigma)
     train_imgs, train_labels = real_images(plan, "train")
     save_set(out / "sets" / "floor.npz", images=train_imgs, labels=train_labels)
@@ -214,7 +215,7 @@ def reference_sets(out: Path, plan: dict) -> None:
                for chunk in np.array_split(train_imgs, max(1, len(train_imgs) // 500))]
     save_set(out / "sets" / "ceiling.npz", images=np.concatenate(rec), labels=train_labels)
     for name in ("floor", "ceiling"):
-        score_set(out, plan, name, inception=True)
+        score_set(out, plan, name, inception=True, inception_net=inception)
 
 
 def job_model(out: Path, plan: dict, name: str) -> None:
@@ -263,8 +264,10 @@ def model_flops(mvar: MVAR, s: dict) -> dict[str, float]:
     return dict(train_flops_per_image=3 * fwd, sample_flops_per_image=gen)
 
 
-def score_set(out: Path, plan: dict, name: str, inception: bool) -> None:
-    """Scores of the image set `name` against the test set, with the Inception FID when `inception`."""
+def score_set(out: Path, plan: dict, name: str, inception: bool, inception_net: torch.nn.Module | None = None
+              ) -> None:
+    """Scores of the image set `name` against the test set, with the Inception FID when `inception` (with
+    `inception_net` if given, else loaded here)."""
     classifier = SmallCNN(10)
     classifier.load_state_dict(torch.load(out / "classifier.pt", weights_only=True))
     test = np.load(out / "sets" / "test.npz")
@@ -274,7 +277,7 @@ def score_set(out: Path, plan: dict, name: str, inception: bool) -> None:
     n_inc = plan["preset"]["inception_n"]
     if inception and n_inc > 0:
         ref = np.load(out / "sets" / "test_inception.npz")
-        scores["fid_inception"] = inception_fid(load_inception(plan["inception"]),
+        scores["fid_inception"] = inception_fid(inception_net or load_inception(plan["inception"]),
                                                 spread_over_classes(sample["images"], n_inc), ref["mu"], ref["sigma"])
     bad = [k for k, v in scores.items() if not np.isfinite(v)]
     if bad:
@@ -326,7 +329,7 @@ def adopt_base(base: Path, out: Path, plan: dict) -> None:
         raise FileNotFoundError(f"--base={base}: not a study folder whose reference sets are finished (no "
                                 f"plan.json or scores/ceiling.json)")
     base_plan = json.loads(base_plan_path.read_text())
-    differ = [k for k in BASE_SETTINGS if base_plan["preset"][k] != plan["preset"][k]]
+    differ = [k for k in BASE_SETTINGS if base_plan["preset"].get(k) != plan["preset"].get(k)]
     if differ:
         raise ValueError(f"--base={base}: its study has other data/tokenizer/scoring settings ({', '.join(differ)})")
     for name in ("classifier.pt", "classifier.json", *(f"sets/{n}.npz" for n in ("test", "test_inception", "floor",
@@ -356,7 +359,8 @@ def prepare(args: argparse.Namespace, out: Path, plan: dict) -> tuple[dict, bool
     tok_ckpt = json.loads(tok_done.read_text())["ckpt"]
     clf_path = out / "classifier.pt"
     if not clf_path.is_file():
-        _, train_set, val_set = build_datasets("", "fmnist", preset["reso"], 1.0, fmnist_dir=args.fmnist_dir or None)
+        _, train_set, val_set = build_datasets("", "fmnist", preset["reso"], 1.0, fmnist_dir=args.fmnist_dir or None,
+                                               train_limit=preset.get("clf_limit", 0))  # 0: all 60,000
         classifier = train_classifier(train_set, 10, epochs=preset["clf_epochs"], seed=0)
         save_json({"test_accuracy": accuracy(classifier, val_set)}, out / "classifier.json")
         write_atomic(clf_path, lambda f: torch.save(classifier.state_dict(), f))
