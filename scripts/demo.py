@@ -54,7 +54,7 @@ PRESETS = {
     "quick": dict(reso=8, pn="1_2_3_4", mid_reso=1.0,
                   tok=["--ch_mult=1_1", "--steps=200", "--bs=32", "--lr=3e-3", "--reinit_every=100",
                        "--log_every=50"],
-                  mvar=["--depth=1", "--embed_dim=128", "--bs=64", "--ep=2", "--tlr=4e-3", "--log_every=35",
+                  mvar=["--depth=1", "--embed_dim=128", "--bs=64", "--ep=2", "--tlr=4e-3", "--fp16=2", "--log_every=35",
                         "--val_every=2"],
                   clf_epochs=2, per_class=10),
 }
