@@ -145,24 +145,33 @@ def _ssd_chunk_scan_mixed(x_BLHP, dt_BLH, A_H, B_BLGN, C_BLGN, chunk_size, D, in
     xdt_BcGhQP = xdt_BcHQP.view(Bsz, c, G, Hg, Q, P)
     y_BcGhQP = scores_BcGhQQ @ xdt_BcGhQP
 
-    # 2. state contributed by each chunk, decayed to the chunk's end
+    # 2. state contributed by each chunk, decayed to the chunk's end: xdt written as (heads x P, Q) rows, so that
+    # one product per chunk and group serves every head of the group (B is not repeated per head)
     decay_to_end_BcGhQ1 = (dA_cs_BcHQ[..., -1:] - dA_cs_BcHQ).exp_().view(Bsz, c, G, Hg, Q, 1)
-    xdt_decayed = _written(torch.mul, xdt_BcGhQP, decay_to_end_BcGhQ1, dtype=mdt)
-    states_BcGhPN = xdt_decayed.transpose(-1, -2) @ B_BcGQN.unsqueeze(3)
+    xdt_decayed_BcGhPQ = _written(torch.mul, xdt_BcGhQP.transpose(-1, -2), decay_to_end_BcGhQ1.transpose(-1, -2),
+                                  dtype=mdt)
+    states_BcGhPN = (xdt_decayed_BcGhPQ.view(Bsz, c, G, Hg * P, Q) @ B_BcGQN).view(Bsz, c, G, Hg, P, N)
 
-    # 3.+4. carry the state from chunk to chunk in float32; each chunk reads the state entering it
+    # 3. carry the state from chunk to chunk in float32; 4. each chunk's output from the state entering it, one
+    # product per chunk and group for every head ((Q, N) x (N, heads x P): C is not repeated per head either)
     decay_BcGh11 = dA_cs_BcHQ[..., -1].exp().view(Bsz, c, G, Hg, 1, 1)
     h_BGhPN = x.new_zeros(Bsz, G, Hg, P, N, dtype=f32) if initial_state_BHPN is None else \
         initial_state_BHPN.to(f32).reshape(Bsz, G, Hg, P, N)
     y_off = []
     for k in range(c):
-        y_off.append(C_BcGQN[:, k].unsqueeze(2) @ h_BGhPN.to(mdt).transpose(-1, -2))  # (B, G, Hg, Q, P)
+        y_off.append(C_BcGQN[:, k] @ h_BGhPN.to(mdt).view(Bsz, G, Hg * P, N).transpose(-1, -2))  # (B, G, Q, Hg*P)
         h_BGhPN = torch.addcmul(states_BcGhPN[:, k], h_BGhPN, decay_BcGh11[:, k])
-    y_BcGhQP = torch.addcmul(y_BcGhQP, torch.stack(y_off, dim=1), dA_cs_BcHQ.exp().view(Bsz, c, G, Hg, Q, 1))
+    y_off_BcQGhP = torch.stack(y_off, dim=1).view(Bsz, c, G, Q, Hg, P).transpose(2, 3)
 
-    y_BcQHP = y_BcGhQP.view(Bsz, c, H, Q, P).transpose(2, 3)
-    if D is not None:  # + D x, written in (B, L, H, P) order
-        y_BcQHP = _written(torch.addcmul, y_BcQHP, x.view(Bsz, c, Q, H, P), D.to(f32).view(H, -1), dtype=f32)
+    # y = within-chunk part + decayed state part (+ D x), written once in (B, L, H, P) order
+    y_BcQGhP = _written(torch.addcmul, y_BcGhQP.permute(0, 1, 4, 2, 3, 5), y_off_BcQGhP,
+                        dA_cs_BcHQ.exp().view(Bsz, c, G, Hg, Q, 1).permute(0, 1, 4, 2, 3, 5), dtype=f32)
+    y_BcQHP = y_BcQGhP.view(Bsz, c, Q, H, P)
+    if D is not None:
+        D_HP = D.to(f32).view(H, -1)
+        x_BcQHP = x.view(Bsz, c, Q, H, P)
+        y_BcQHP = torch.addcmul(y_BcQHP, x_BcQHP, D_HP) if torch.is_grad_enabled() and y_BcQHP.requires_grad \
+            else y_BcQHP.addcmul_(x_BcQHP, D_HP)
     return y_BcQHP.reshape(Bsz, c * Q, H, P)[:, :L], h_BGhPN.view(Bsz, H, P, N)
 
 
