@@ -156,7 +156,7 @@ def _ssd_chunk_scan_mixed(x_BLHP, dt_BLH, A_H, B_BLGN, C_BLGN, chunk_size, D, in
     # product per chunk and group for every head ((Q, N) x (N, heads x P): C is not repeated per head either)
     decay_BcGh11 = dA_cs_BcHQ[..., -1].exp().view(Bsz, c, G, Hg, 1, 1)
     h_BGhPN = x.new_zeros(Bsz, G, Hg, P, N, dtype=f32) if initial_state_BHPN is None else \
-        initial_state_BHPN.to(f32).reshape(Bsz, G, Hg, P, N)
+        initial_state_BHPN.to(f32).reshape(Bsz, G, Hg, P, N).contiguous()  # viewed as (heads x P, N) rows below
     y_off = []
     for k in range(c):
         y_off.append(C_BcGQN[:, k] @ h_BGhPN.to(mdt).view(Bsz, G, Hg * P, N).transpose(-1, -2))  # (B, G, Q, Hg*P)

@@ -185,10 +185,11 @@ def bench_train(device: torch.device, args: argparse.Namespace) -> str:
     rows = []
     for (arch, dtype_name), mvar in models.items():
         s, gflops = ms[arch, dtype_name] / 1e3, flops[arch, dtype_name] / 1e9
-        peak = peaks.get(dtype_name)
+        peak = peaks.get(dtype_name if dtype_name in bm.DTYPES else "fp32")  # a fallback row ran fp32
         fp32_ms = ms.get((arch, "fp32")) if dtype_name in bm.DTYPES and dtype_name != "fp32" else None
         rows.append([device.type, arch, dtype_name, f"{sum(p.numel() for p in mvar.parameters()) / 1e6:.1f}",
-                     f"{ms[arch, dtype_name]:.1f}", f"{B / s:.2f}", f"{gflops:.3g}", f"{gflops / s:.1f}",
+                     f"{ms[arch, dtype_name]:.1f}", f"{B / s:.2f}",
+                     f"{gflops:.1f}" if gflops >= 10 else f"{gflops:.3g}", f"{gflops / s:.1f}",
                      f"{gflops / s / peak * 100:.1f}" if peak else "-",
                      f"**{fp32_ms / ms[arch, dtype_name]:.2f}x**" if fp32_ms else ""])
     L = next(iter(models.values())).L

@@ -3,7 +3,7 @@
 1. trains VAR's multi-scale VQVAE tokenizer on the 4,500 training digits (16 px, 4x4 latent, scales 1_2_3_4;
    8 px with --quick),
 2. trains a small M-VAR (intra-scale attention + Mamba2 blocks) on its tokens with train.py (bf16 autocast,
-   `--fp16=2`, where the CPU has bf16 instructions: 1.3-1.5x the images per second of fp32 here),
+   `--fp16=2`, where the CPU has bf16 instructions: 1.3-1.6x the images per second of fp32 here),
 3. samples every class and saves a grid (one row per class),
 4. trains a small CNN on the real training labels and reports the fraction of generated images it assigns to the
    class that was asked for (class consistency), next to its accuracy on real and on tokenizer-reconstructed
@@ -13,7 +13,8 @@
     python scripts/demo.py --quick    # the same pipeline on 8 px digits, about a minute of one CPU thread; it
                                       # still learns them (tests use it)
 
-Re-running with the same --out_dir resumes or reuses finished stages (the trainers auto-resume).
+Re-running with the same --out_dir resumes or reuses finished stages (the trainers auto-resume); a folder made with
+other settings (the other preset, an older version) is refused.
 """
 import argparse
 import json
@@ -95,10 +96,23 @@ class Stages:
         return time.time() - self.t0
 
 
+def check_folder(out: Path, preset: dict) -> None:
+    """Refuse a folder holding a demo made with other settings (the other preset, or an older version's): its
+    checkpoints would be resumed into models of another shape. Records the settings in a new folder."""
+    path, wanted = out / "demo_settings.json", json.loads(json.dumps(preset))
+    found = json.loads(path.read_text()) if path.is_file() else None
+    if found != wanted and (found is not None or (out / "tokenizer").exists()):
+        raise ValueError(f"{out} holds a demo made with other settings (another preset or an older version of this "
+                         f"script): delete that folder or choose another --out_dir")
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(wanted, indent=1))
+
+
 def main(args: argparse.Namespace) -> dict:
     """Run the demo; returns the summary that is also written to out_dir/summary.json."""
     out = Path(args.out_dir or ("local_output/demo-quick" if args.quick else "local_output/demo"))
     preset = PRESETS["quick" if args.quick else "full"]
+    check_folder(out, preset)
     setup_logging(0, out)
     stages = Stages(4)
 

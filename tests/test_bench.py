@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from models.mvar import MVAR, MVARConfig
 from utils import benchmark as bm
 
 REPO = Path(__file__).resolve().parents[1]
@@ -108,7 +109,19 @@ def test_train_section_times_fp32_and_bf16_side_by_side(monkeypatch):
     for arch in ("mvar", "var"):
         low = next(k for k in rows if k[0] == arch and k[1] != "fp32")
         assert gflop[arch, "fp32"] == gflop[low]
-        assert rows[arch, "fp32"][9] == "" and rows[low][9].endswith("x**") == (low[1] == "bf16")
+        # a step is ~3 forward passes (backward: input and weight gradients; the first layer's input needs none)
+        torch.manual_seed(0)
+        mvar = MVAR(MVARConfig(depth=1, patch_nums=(1, 2), arch=arch), attn_backend="sdpa", mamba_backend="torch")
+        x_BLCv = torch.randn(2, mvar.L - mvar.first_l, mvar.Cvae)
+        with torch.no_grad():
+            forward = bm.model_flops(mvar, lambda m=mvar, x=x_BLCv: m(torch.tensor([0, 1]), x)) / 1e9
+        assert 2.8 < gflop[arch, "fp32"] / forward <= 3.01, (arch, gflop[arch, "fp32"], forward)
+        assert rows[arch, "fp32"][9] == ""
+        if low[1] == "bf16":  # the speed-up is fp32's time over bf16's
+            speedup = float(rows[low][9].strip("*x"))
+            assert speedup == pytest.approx(float(rows[arch, "fp32"][4]) / float(rows[low][4]), abs=0.011)
+        else:
+            assert rows[low][9] == ""
     monkeypatch.setattr("models.precision.cpu_bf16_flags", lambda: ())
     labels = [line.split("|")[3].strip() for line in bench.main(flags).splitlines() if line.startswith("| cpu |")]
     assert labels == ["fp32", "bf16 (ran fp32)"] * 2

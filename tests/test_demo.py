@@ -6,10 +6,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
 from models.loading import load_mvar, load_vae
+from scripts import demo
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -48,3 +50,19 @@ def test_quick_demo_end_to_end(tmp_path):
     assert summary["class_consistency"] > 0.6
     if summary["class_consistency_bf16"] is not None:  # bf16 sampling, same seed: within 2 points of fp32
         assert abs(summary["class_consistency_bf16"] - summary["class_consistency"]) <= 0.02
+
+
+def test_a_folder_from_other_settings_is_refused_before_any_work(tmp_path):
+    """An older demo's folder (checkpoints, no settings file) or the other preset's is refused, and left as is; the
+    same settings are accepted (a re-run resumes)."""
+    old = tmp_path / "old"
+    (old / "tokenizer").mkdir(parents=True)
+    with pytest.raises(ValueError, match="other settings.*--out_dir"):
+        demo.main(demo.build_parser().parse_args([f"--out_dir={old}"]))
+    assert sorted(p.name for p in old.iterdir()) == ["tokenizer"]
+
+    quick = tmp_path / "quick"
+    demo.check_folder(quick, demo.PRESETS["quick"])
+    demo.check_folder(quick, demo.PRESETS["quick"])  # the same settings again: a re-run
+    with pytest.raises(ValueError, match="other settings"):
+        demo.main(demo.build_parser().parse_args([f"--out_dir={quick}"]))  # the full preset into a quick folder

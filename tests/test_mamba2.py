@@ -375,12 +375,13 @@ def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
 @pytest.mark.parametrize("chunk_size,G", [(8, 1), (64, 1), (8, 2)])
 def test_mixed_chunk_scan_matches_float64_recurrence(chunk_size, G, dtype, tol):
     """bf16 inputs (Mamba2 under autocast) or float32: products in that dtype, decays and state in float32, output
-    float32; one group of B/C for all heads (M-VAR's) or two."""
-    x, dt, A, B, C, D, h0 = (t.to(dtype).double() for t in scan_inputs(L=37, H=8, P=16, G=G, N=16))
+    float32; one group of B/C for all heads (M-VAR's) or two; P != N != heads per group, so a swapped view fails.
+    The initial state is given transposed in memory (a strided view), as a caller may hold it."""
+    x, dt, A, B, C, D, h0 = (t.to(dtype).double() for t in scan_inputs(L=37, H=6, P=8, G=G, N=12))
     y_ref, h_ref = naive_scan(x, dt, A, B, C, D, h0)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):  # the scan's casts are its own
         y, h = ssd_chunk_scan(x.to(dtype), dt.float(), A.float(), B.to(dtype), C.to(dtype), chunk_size,
-                              D.float(), h0.float())
+                              D.float(), h0.float().transpose(-1, -2).contiguous().transpose(-1, -2))
     assert y.dtype == h.dtype == torch.float32
     assert rel_err(y, y_ref) < tol and rel_err(h, h_ref) < tol
 
@@ -388,7 +389,7 @@ def test_mixed_chunk_scan_matches_float64_recurrence(chunk_size, G, dtype, tol):
 @MIXED_SCAN
 def test_mixed_scale_by_scale_state_carrying_matches_float64_recurrence(dtype, tol):
     """Sampling's use: one scale at a time (1, 4, 9, ... tokens) with the state carried in float32."""
-    x, dt, A, B, C, D, _ = (t.to(dtype).double() for t in scan_inputs(L=55, H=8, P=16, G=1, N=16))
+    x, dt, A, B, C, D, _ = (t.to(dtype).double() for t in scan_inputs(L=55, H=6, P=8, G=1, N=12))
     y_ref, h_ref = naive_scan(x, dt, A, B, C, D)
     h, ys, start = None, [], 0
     with torch.inference_mode():  # as when sampling: the out= writes
@@ -405,7 +406,7 @@ def test_mixed_scale_by_scale_state_carrying_matches_float64_recurrence(dtype, t
 @pytest.mark.parametrize("G", [1, 2])
 def test_mixed_chunk_scan_gradients_match_float64(G, dtype, tol):
     """Training (fp32, or under bf16 autocast): the scan's gradients (no out= path) against float64's."""
-    x, dt, A, B, C, D, h0 = (t.to(dtype).double() for t in scan_inputs(L=37, H=8, P=16, G=G, N=16))
+    x, dt, A, B, C, D, h0 = (t.to(dtype).double() for t in scan_inputs(L=37, H=6, P=8, G=G, N=12))
     g_y = torch.randn_like(x)
     leaves64 = [t.clone().requires_grad_() for t in (x, dt, B, C)]
     (ssd_chunk_scan(*leaves64[:2], A, *leaves64[2:], 16, D, h0)[0] * g_y).sum().backward()
