@@ -30,7 +30,7 @@ from models.loading import load_mvar, load_vae
 from models.mvar import MVAR
 from models.precision import effective_amp_dtype
 from utils.args import parse_args as parse_train_args
-from utils.checkpoint import LAST
+from utils.checkpoint import LAST, write_atomic
 from utils.data import build_datasets
 from utils.digit_classifier import accuracy, predict, train_classifier
 from utils.image_grid import save_grid, to_uint8_BHW3
@@ -104,8 +104,9 @@ def check_folder(out: Path, preset: dict) -> None:
     if found != wanted and (found is not None or (out / "tokenizer").exists()):
         raise ValueError(f"{out} holds a demo made with other settings (another preset or an older version of this "
                          f"script): delete that folder or choose another --out_dir")
-    out.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(wanted, indent=1))
+    if found is None:
+        out.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, lambda f: f.write(json.dumps(wanted, indent=1).encode()))
 
 
 def main(args: argparse.Namespace) -> dict:

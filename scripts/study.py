@@ -277,8 +277,9 @@ def score_set(out: Path, plan: dict, name: str, inception: bool, inception_net: 
     n_inc = plan["preset"]["inception_n"]
     if inception and n_inc > 0:
         ref = np.load(out / "sets" / "test_inception.npz")
-        scores["fid_inception"] = inception_fid(inception_net or load_inception(plan["inception"]),
-                                                spread_over_classes(sample["images"], n_inc), ref["mu"], ref["sigma"])
+        net = load_inception(plan["inception"]) if inception_net is None else inception_net
+        scores["fid_inception"] = inception_fid(net, spread_over_classes(sample["images"], n_inc), ref["mu"],
+                                                ref["sigma"])
     bad = [k for k, v in scores.items() if not np.isfinite(v)]
     if bad:
         raise RuntimeError(f"{name}: non-finite scores {bad}: the image set {out / 'sets' / name}.npz is broken")

@@ -173,9 +173,9 @@ def plot_samples(out: Path, plan: dict, path: Path) -> None:
     cols = min(4, len(panels))
     n_rows = (len(panels) + cols - 1) // cols
     fig, axes = plt.subplots(n_rows, cols, figsize=(2.9 * cols, 3.8 * n_rows), squeeze=False)
-    for ax in np.atleast_1d(axes).ravel():
+    for ax in axes.ravel():
         ax.axis("off")
-    for ax, (key, label) in zip(np.atleast_1d(axes).ravel(), panels, strict=False):
+    for ax, (key, label) in zip(axes.ravel(), panels, strict=False):
         data = np.load(out / "sets" / f"{key}.npz")
         imgs, labels = data["images"], data["labels"]
         rows = [imgs[np.flatnonzero(labels == c)[:per_class]] for c in range(10)]
