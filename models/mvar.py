@@ -466,7 +466,7 @@ class MVAR(nn.Module):
                         @ quant.embedding.weight.unsqueeze(0)
                     if known is not None:
                         h_BlCv = known.merge_codes(si, h_BlCv, quant.embedding(idx_Bl))
-                h_BCvhw = h_BlCv.transpose(1, 2).reshape(B, self.Cvae, pn, pn)
+                h_BCvhw = h_BlCv.transpose(1, 2).reshape(B, self.Cvae, pn, pn).contiguous()
                 f_hat, next_BCvhw = quant.get_next_autoregressive_input(si, len(self.patch_nums), f_hat, h_BCvhw)
                 if si != self.num_stages_minus_1:
                     bg, ed = self.begin_ends[si + 1]

@@ -45,7 +45,9 @@ def test_empty_mask_gives_the_tokenizers_reconstruction(arch, more_smooth):
                                                keep_unmasked=False, return_tokens=True)
     for got, want in zip(tokens, vae.img_to_idxBl(img * 2 - 1), strict=True):
         assert torch.equal(got, want)
-    torch.testing.assert_close(out, reconstruction(vae, img), rtol=0, atol=1e-6)
+    # the sampler's code maps are contiguous like idxBl_to_h's, so f_hat and its decoding run the same kernels on
+    # the same layouts as the tokenizer's own reconstruction: bit-identical on any CPU
+    assert torch.equal(out, reconstruction(vae, img))
 
 
 @pytest.mark.parametrize("arch", ARCHS)
