@@ -7,11 +7,14 @@ the fp32 tensors back on exit. Inside autocast a weight already in the autocast 
 numbers are exactly those of autocast with fp32 weights; only the per-call casts are gone.
 
 bf16 on a CPU without bf16 instructions (AVX512-BF16 or AMX-BF16) is emulated and slower than fp32:
-`effective_amp_dtype` then falls back to fp32 with one log line.
+`effective_amp_dtype` then falls back to fp32 with one log line. `MVAR_CPU_BF16=1` keeps bf16 on such a CPU
+(emulated: slower, same numerics; the tests use it so that bf16 is tested on every CPU), `MVAR_CPU_BF16=0` falls
+back on every CPU; unset (or `auto`), the CPU's flags decide.
 """
 import contextlib
 import functools
 import logging
+import os
 from collections.abc import Iterator
 
 import torch
@@ -20,6 +23,7 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of the x86 bf16 dot-product instructions
+CPU_BF16_ENV = "MVAR_CPU_BF16"  # 1: bf16 on any CPU (emulated without the flags), 0: fp32 on every CPU, auto: flags
 
 
 @functools.cache
@@ -33,9 +37,19 @@ def cpu_bf16_flags() -> tuple[str, ...]:
     return tuple(flag for flag in CPU_BF16_FLAGS if flag in flags)
 
 
+def cpu_runs_bf16() -> bool:
+    """Whether bf16 asked on the CPU runs in bf16: `MVAR_CPU_BF16` (1 / 0), else (auto) the CPU's bf16 flags."""
+    mode = os.environ.get(CPU_BF16_ENV, "auto").strip().lower()
+    if mode not in ("1", "0", "auto", ""):
+        raise ValueError(f"{CPU_BF16_ENV}={mode!r}: expected 1 (bf16 on any CPU, emulated where it has no bf16 "
+                         f"instructions), 0 (fp32 instead of bf16 on every CPU) or auto (by the CPU's flags)")
+    return mode == "1" if mode in ("1", "0") else bool(cpu_bf16_flags())
+
+
 def effective_amp_dtype(device: torch.device, dtype: torch.dtype | None) -> torch.dtype | None:
-    """`dtype` (None = fp32), or None where bf16 is asked on a CPU without bf16 instructions (logged once)."""
-    if dtype == torch.bfloat16 and device.type == "cpu" and not cpu_bf16_flags():
+    """`dtype` (None = fp32), or None where bf16 is asked on a CPU that does not run it (`cpu_runs_bf16`; logged
+    once)."""
+    if dtype == torch.bfloat16 and device.type == "cpu" and not cpu_runs_bf16():
         _log_fallback(torch.backends.cpu.get_cpu_capability())
         return None
     return dtype
@@ -43,8 +57,9 @@ def effective_amp_dtype(device: torch.device, dtype: torch.dtype | None) -> torc
 
 @functools.cache
 def _log_fallback(capability: str) -> None:
-    logger.warning("bf16 requested but this CPU (torch capability %s) has neither of %s: bf16 would be emulated "
-                   "and slower, running in fp32", capability, "/".join(CPU_BF16_FLAGS))
+    logger.warning("bf16 requested but this CPU (torch capability %s) has neither of %s (or %s=0): bf16 would be "
+                   "emulated and slower, running in fp32 (%s=1 keeps bf16)", capability, "/".join(CPU_BF16_FLAGS),
+                   CPU_BF16_ENV, CPU_BF16_ENV)
 
 
 @contextlib.contextmanager

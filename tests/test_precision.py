@@ -66,6 +66,7 @@ def test_bf16_sampling_logits_close_to_fp32_teacher_forcing(monkeypatch):
 
 def test_bf16_on_a_cpu_without_bf16_falls_back_to_fp32_with_one_log_line(monkeypatch, caplog, tmp_path):
     monkeypatch.setattr(precision, "cpu_bf16_flags", lambda: ())
+    monkeypatch.delenv(precision.CPU_BF16_ENV, raising=False)  # auto: the (faked) flags decide
     precision._log_fallback.cache_clear()
     cpu = torch.device("cpu")
     with caplog.at_level(logging.WARNING, logger="models.precision"):
@@ -83,13 +84,33 @@ def test_bf16_on_a_cpu_without_bf16_falls_back_to_fp32_with_one_log_line(monkeyp
 
 
 @pytest.mark.skipif(not precision.cpu_bf16_flags(), reason="this CPU has no bf16 instructions")
-def test_this_cpu_keeps_bf16():
+def test_this_cpu_keeps_bf16(monkeypatch):
+    monkeypatch.delenv(precision.CPU_BF16_ENV, raising=False)
     assert precision.effective_amp_dtype(torch.device("cpu"), BF16) is BF16
 
 
-@pytest.mark.skipif(not precision.cpu_bf16_flags(), reason="this CPU has no bf16 instructions")
-def test_sample_cli_bf16_writes_pictures_and_records_the_precision(tmp_path):
-    """`sample.py --bf16` end to end on the CPU: the FID dump's settings say bf16; pictures come out."""
+@pytest.mark.parametrize("flags", [(), ("avx512_bf16",)])
+def test_env_forces_bf16_or_fp32_whatever_the_cpu(monkeypatch, flags):
+    """MVAR_CPU_BF16=1 keeps bf16 (emulated on a CPU without the instructions: how the tests reach the bf16 paths
+    on every CPU), =0 falls back everywhere; a bad value is an error naming the variable."""
+    monkeypatch.setattr(precision, "cpu_bf16_flags", lambda: flags)
+    cpu = torch.device("cpu")
+    monkeypatch.setenv(precision.CPU_BF16_ENV, "1")
+    assert precision.effective_amp_dtype(cpu, BF16) is BF16
+    monkeypatch.setenv(precision.CPU_BF16_ENV, "0")
+    assert precision.effective_amp_dtype(cpu, BF16) is None
+    assert precision.effective_amp_dtype(torch.device("cuda"), BF16) is BF16  # GPUs unchanged
+    monkeypatch.setenv(precision.CPU_BF16_ENV, "auto")
+    assert precision.effective_amp_dtype(cpu, BF16) is (BF16 if flags else None)
+    monkeypatch.setenv(precision.CPU_BF16_ENV, "yes")
+    with pytest.raises(ValueError, match="MVAR_CPU_BF16='yes': expected 1"):
+        precision.effective_amp_dtype(cpu, BF16)
+
+
+def test_sample_cli_bf16_writes_pictures_and_records_the_precision(tmp_path, monkeypatch):
+    """`sample.py --bf16` end to end on the CPU (bf16 forced: emulated on a CPU without bf16 instructions): the FID
+    dump's settings say bf16; pictures come out."""
+    monkeypatch.setenv(precision.CPU_BF16_ENV, "1")
     from models.loading import mvar_checkpoint
 
     vae, mvar = build_tiny_mvar()
