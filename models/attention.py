@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.backends import ATTN, BackendError, check_name, resolve
+from utils import torch_features
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ def backend_unavailable_reason(
         return "flash_attn is not importable (pip install flash-attn --no-build-isolation)"
     if backend == "torch_varlen":
         if _torch_varlen_attn() is None:
-            return f"torch {torch.__version__} has no torch.nn.attention.varlen.varlen_attn"
+            return torch_features.missing("varlen_attn") or "torch.nn.attention.varlen.varlen_attn did not import"
         if dropout_p > 0:
             return "torch_varlen has no attention dropout (attn_drop_rate must be 0)"
     return None

@@ -16,6 +16,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from utils.markdown import markdown_table  # noqa: F401 (the sections call bm.markdown_table)
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TIMING_RULE = "variants alternated over rounds in one process; median of {repeats} timed rounds after {warmup} warm-up"
 
@@ -119,11 +121,6 @@ def passes(run: Callable[[], torch.Tensor], leaves: Sequence[torch.Tensor]) -> d
             t.grad = None
 
     return {"fwd": fwd, "fwd+bwd": fwd_bwd}
-
-
-def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,107 @@
+"""The GPU check's environment stage: the machine, the packages, the torch features, and which kernels resolve.
+
+    python scripts/gpu_env.py --out env.json [--dry-run]
+
+Prints what it finds and writes it as check lines (utils.check_results) plus the raw facts. Without --dry-run a
+missing CUDA device is a FAIL (the check was started on a GPU machine for nothing); with it, a SKIP.
+"""
+import argparse
+import importlib.metadata
+import importlib.util
+import os
+import platform
+import sys
+
+import torch
+
+from models import attention, mamba2
+from models.backends import ATTN, MAMBA
+from utils import torch_features
+from utils.check_results import CheckLine, any_failed, write_lines
+from utils.markdown import markdown_table
+
+PACKAGES = ("torch", "triton", "numpy", "einops", "mamba_ssm", "flash_attn", "causal_conv1d", "mlxtend", "pytest",
+            "tensorboard", "safetensors", "huggingface_hub")
+DISTRIBUTIONS = {"mamba_ssm": "mamba-ssm", "flash_attn": "flash-attn", "causal_conv1d": "causal-conv1d",
+                 "huggingface_hub": "huggingface-hub"}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def package_versions() -> dict[str, str]:
+    """{import name: installed version, or "absent"}, read without importing the packages."""
+    versions = {}
+    for name in PACKAGES:
+        if importlib.util.find_spec(name) is None:
+            versions[name] = "absent"
+            continue
+        try:
+            versions[name] = importlib.metadata.version(DISTRIBUTIONS.get(name, name))
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "present (no metadata)"
+    return versions
+
+
+def gpu_facts() -> dict[str, str]:
+    """Name, compute capability, memory and multiprocessors of GPU 0, or {} without CUDA."""
+    if not torch.cuda.is_available():
+        return {}
+    p = torch.cuda.get_device_properties(0)
+    return {"name": p.name, "capability": f"{p.major}.{p.minor}", "memory_GiB": f"{p.total_memory / 2**30:.1f}",
+            "multiprocessors": str(p.multi_processor_count), "cuda": str(torch.version.cuda),
+            "cudnn": str(torch.backends.cudnn.version()), "devices": str(torch.cuda.device_count())}
+
+
+def resolved_kernels(device: torch.device) -> list[list[str]]:
+    """[op, dtype, kernel "auto" picks, why each better kernel cannot run] for both ops on `device`."""
+    rows = []
+    for dtype_name, dtype in DTYPES.items():
+        reasons = [f"{k}: {attention.backend_unavailable_reason(k, device, dtype)}" for k in ATTN.kernels[:-1]]
+        rows.append([ATTN.label, dtype_name, attention.resolve_backend("auto", device, dtype),
+                     "; ".join(r for r in reasons if not r.endswith("None"))])
+    kernels, mamba_name = mamba2.resolve_kernels("auto", device.type == "cuda", device)
+    note = mamba2.load_kernels()[1]
+    rows.append([MAMBA.label, "any", mamba_name, note if kernels or device.type == "cuda" else
+                 f"mamba_ssm: needs CUDA inputs ({note})"])
+    return rows
+
+
+def check_lines(dry_run: bool, gpu: dict[str, str], versions: dict[str, str]) -> list[CheckLine]:
+    lines = [CheckLine("torch", "INFO", torch.__version__, note=f"Python {platform.python_version()}")]
+    if gpu:
+        lines.append(CheckLine("CUDA device", "PASS", f"{gpu['name']} ({gpu['memory_GiB']} GiB)"))
+    else:
+        lines.append(CheckLine("CUDA device", "SKIP" if dry_run else "FAIL", "none visible",
+                               note="dry run on the CPU" if dry_run else "this check needs a GPU"))
+    for key in torch_features.FEATURES:
+        why = torch_features.missing(key)
+        lines.append(CheckLine(f"torch feature {torch_features.FEATURES[key].name}", "INFO",
+                               "absent" if why else "present", note=why or ""))
+    for name in ("mamba_ssm", "flash_attn", "einops", "mlxtend"):  # what travels as wheels
+        lines.append(CheckLine(f"package {name}", "INFO", versions[name]))
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="JSON file for the check lines and the raw facts")
+    p.add_argument("--dry-run", action="store_true", help="on a CPU: no CUDA device is a SKIP, not a FAIL")
+    args = p.parse_args(argv)
+    versions, gpu = package_versions(), gpu_facts()
+    device = torch.device("cuda" if gpu else "cpu")
+    kernels = resolved_kernels(device)
+    features = torch_features.table()
+    print(f"python {sys.version.split()[0]} ({sys.executable}), {platform.platform()}, {os.cpu_count()} CPUs")
+    print("packages: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
+    print("GPU: " + (", ".join(f"{k} {v}" for k, v in gpu.items()) or "none"))
+    print(markdown_table(["op", "dtype", f"auto on {device.type}", "why not a faster kernel"], kernels))
+    print(markdown_table(["torch feature", "since torch", "needed by", "here"], features))
+    lines = check_lines(args.dry_run, gpu, versions)
+    for line in lines:
+        print(line.text())
+    write_lines(args.out, lines, packages=versions, gpu=gpu, kernels=kernels, torch_features=features,
+                python=sys.version.split()[0], cpus=os.cpu_count())
+    return 1 if any_failed(lines) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,181 @@
+"""The GPU check's numerics stage: the model, tokenizer and sampler on the device against the CPU fp32 reference.
+
+    python scripts/gpu_numerics.py --out numerics.json [--dry-run]
+
+One set of random weights (models.build_vae_mvar), copied to the device for every backend combination
+(attention x Mamba2, models.backends) and precision (fp32, bf16, fp16 autocast). Each combination is compared with
+the CPU fp32 run of the portable kernels on: teacher-forced logits, greedy sampled tokens (top_k=1, so no random
+stream is involved: CUDA and CPU generators draw different numbers) and the losses of a 20-step training run
+(trainer.Trainer, same batches). The tokenizer's indices are compared once per device. A kernel that cannot run
+there is a SKIP line saying why. --dry-run: tiny shapes on the CPU (the "device" is the CPU; CUDA kernels SKIP).
+"""
+import argparse
+import itertools
+import logging
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+from models import build_vae_mvar
+from models.attention import backend_unavailable_reason
+from models.backends import ATTN, MAMBA, BackendError
+from models.mamba2 import load_kernels
+from models.mvar import MVAR
+from models.tokenizer import VQVAE
+from trainer import Trainer
+from utils.check_results import CheckLine, any_failed, within, write_lines
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+FP16_FLAG = {"fp32": 0, "fp16": 1, "bf16": 2}  # Trainer(fp16=...)
+# Targets stated in issue 19 before any run: logits error relative to the reference's largest |logit|.
+LOGITS_TARGET = {"fp32": 1e-4, "bf16": 2e-2, "fp16": 2e-2}  # fp16 (10 mantissa bits) held to bf16's (7 bits) target
+TOKENS_TARGET = {"fp32": 0.95}  # share of equal greedy tokens; low precisions: reported, no target
+TOKENIZER_TARGET = 0.95  # share of equal tokenizer indices (fp32 on both sides)
+# Loss of a 20-step run, relative to the CPU's, worst step. Set here before the run: fp32 differs by summation
+# order only (grows slowly over steps); low precisions by rounding of every matmul.
+LOSS_TARGET = {"fp32": 1e-3, "bf16": 5e-2, "fp16": 5e-2}
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """The model and data sizes of one run."""
+
+    patch_nums: tuple[int, ...]
+    depth: int
+    embed_dim: int
+    V: int
+    vae_ch: int
+    ch_mult: tuple[int, ...]
+    batch: int
+    steps: int
+
+
+GPU_SHAPES = Shapes(patch_nums=(1, 2, 3, 4, 5, 6, 8, 10, 13, 16), depth=4, embed_dim=256, V=4096, vae_ch=32,
+                    ch_mult=(1, 1, 2, 2, 4), batch=4, steps=20)
+DRY_SHAPES = Shapes(patch_nums=(1, 2, 3), depth=1, embed_dim=32, V=32, vae_ch=32, ch_mult=(1, 2), batch=2, steps=3)
+
+
+def build(shapes: Shapes, device: str) -> tuple[VQVAE, MVAR]:
+    """Tokenizer and M-VAR from seed 0, dropouts off (their draws differ between devices)."""
+    torch.manual_seed(0)
+    return build_vae_mvar(device, patch_nums=shapes.patch_nums, V=shapes.V, Cvae=8, ch=shapes.vae_ch,
+                          ch_mult=shapes.ch_mult, num_classes=10, depth=shapes.depth, embed_dim=shapes.embed_dim,
+                          num_heads=max(shapes.embed_dim // 64, 1), d_state=16, drop_path_rate=0.0,
+                          cond_drop_rate=0.0, init_adaln_gamma=0.5, attn_backend=ATTN.portable,
+                          mamba_backend=MAMBA.portable)
+
+
+@dataclass
+class Outputs:
+    """What one run produces, on the CPU in fp32."""
+
+    logits: torch.Tensor
+    tokens: torch.Tensor
+    losses: list[float]
+
+
+def batches(shapes: Shapes, vae: VQVAE) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`steps` (images in [-1, 1], labels) batches from a fixed CPU generator."""
+    g = torch.Generator().manual_seed(1)
+    side = shapes.patch_nums[-1] * vae.downsample
+    return [(torch.rand(shapes.batch, 3, side, side, generator=g) * 2 - 1,
+             torch.randint(0, 10, (shapes.batch,), generator=g)) for _ in range(shapes.steps)]
+
+
+def run(vae: VQVAE, mvar: MVAR, data: list, device: torch.device, dtype_name: str) -> Outputs:
+    """Logits on the first batch, greedy tokens, then the training losses; `mvar` is trained in place."""
+    trainer = Trainer(vae, mvar, device, lr=3e-4, fp16=FP16_FLAG[dtype_name])
+    img, label = (t.to(device) for t in data[0])
+    gt_BL, x_BLCv = trainer.tokenize(img)
+    mvar.eval()
+    with torch.no_grad(), trainer.autocast():
+        logits = mvar(label, x_BLCv).float().cpu()
+    with torch.no_grad(), mvar.inference_precision(trainer.amp_dtype):
+        _, idx_Bl = mvar.sample_scales(label, None, cfg=1.5, top_k=1, top_p=0.0, more_smooth=False, use_cache=True)
+    mvar.train()
+    losses = [trainer.train_step(i.to(device), lb.to(device)).loss.item() for i, lb in data]
+    return Outputs(logits, torch.cat(idx_Bl, dim=1).cpu(), losses)
+
+
+def compare(name: str, dtype_name: str, ref: Outputs, got: Outputs) -> list[CheckLine]:
+    """The three lines of one combination against the reference."""
+    scale = ref.logits.abs().max().item()
+    logits_err = (got.logits - ref.logits).abs().max().item() / scale
+    agree = (got.tokens == ref.tokens).float().mean().item()
+    loss_err = max(abs(g - r) / abs(r) for g, r in zip(got.losses, ref.losses, strict=True))
+    return [within(f"{name} logits, max |error| / max |logit|", logits_err, LOGITS_TARGET[dtype_name]),
+            within(f"{name} greedy sampled tokens equal", agree, TOKENS_TARGET.get(dtype_name), at_least=True,
+                   fmt=".4f"),
+            within(f"{name} {len(ref.losses)}-step training losses, max relative error", loss_err,
+                   LOSS_TARGET[dtype_name], note=f"last loss {got.losses[-1]:.4f} vs {ref.losses[-1]:.4f}")]
+
+
+def unavailable(attn: str, mamba: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why the (attn, mamba) pair cannot run on `device` in `dtype` (None: it can)."""
+    reason = backend_unavailable_reason(attn, device, dtype)
+    if reason is None and mamba != MAMBA.portable:
+        if device.type != "cuda":
+            reason = "mamba_ssm: needs CUDA inputs"
+        elif load_kernels()[0] is None:
+            reason = load_kernels()[1]
+    return reason
+
+
+def tokenizer_line(vae_cpu: VQVAE, vae_dev: VQVAE, img: torch.Tensor, device: torch.device) -> CheckLine:
+    with torch.no_grad():
+        ref = torch.cat(vae_cpu.img_to_idxBl(img), dim=1)
+        got = torch.cat(vae_dev.img_to_idxBl(img.to(device)), dim=1).cpu()
+    return within(f"tokenizer on {device.type}: indices equal to the CPU's", (got == ref).float().mean().item(),
+                  TOKENIZER_TARGET, at_least=True, fmt=".4f")
+
+
+def check(shapes: Shapes, device: torch.device, dtypes: list[str]) -> tuple[list[CheckLine], dict]:
+    """Every line of the stage and the raw numbers ({combination: losses})."""
+    vae, ref_model = build(shapes, "cpu")
+    state = {k: v.clone() for k, v in ref_model.state_dict().items()}
+    data = batches(shapes, vae)
+    ref = run(vae, ref_model, data, torch.device("cpu"), "fp32")
+    vae_dev, _ = build(shapes, str(device))
+    lines = [tokenizer_line(vae, vae_dev, data[0][0], device)]
+    raw = {"reference": {"losses": ref.losses, "logits_max": ref.logits.abs().max().item()}, "shapes": vars(shapes)}
+    for attn, mamba, dtype_name in itertools.product(ATTN.kernels, MAMBA.kernels, dtypes):
+        name = f"{device.type} {attn}+{mamba} {dtype_name}"
+        reason = unavailable(attn, mamba, device, DTYPES[dtype_name])
+        if reason is not None:
+            lines.append(CheckLine(name, "SKIP", note=reason))
+            continue
+        _, model = build(shapes, str(device))
+        model.load_state_dict(state)
+        model.set_backends(attn, mamba)
+        t0 = time.perf_counter()
+        try:
+            got = run(vae_dev, model, data, device, dtype_name)
+        except (BackendError, RuntimeError) as err:  # a kernel that fails at run time is a finding, not a crash
+            lines.append(CheckLine(name, "FAIL", note=f"{type(err).__name__}: {str(err)[:300]}"))
+            continue
+        lines += compare(name, dtype_name, ref, got)
+        raw[name] = {"losses": got.losses, "seconds": round(time.perf_counter() - t0, 2)}
+        print("\n".join(line.text() for line in lines[-3:]), flush=True)
+    return lines, raw
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="JSON file for the check lines and the raw numbers")
+    p.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU")
+    p.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.dry_run else "cpu")
+    lines, raw = check(DRY_SHAPES if args.dry_run else GPU_SHAPES, device, args.dtypes)
+    if device.type == "cpu":
+        lines.insert(0, CheckLine("numerics device", "SKIP" if args.dry_run else "FAIL", "cpu",
+                                  note="dry run: the CPU against itself" if args.dry_run else "no CUDA device"))
+    write_lines(args.out, lines, **raw)
+    return 1 if any_failed(lines) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

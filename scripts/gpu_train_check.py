@@ -1,0 +1,184 @@
+"""The GPU check's training stage: train.py on the embedded MNIST with the GPU recipe, as a user would launch it.
+
+    python scripts/gpu_train_check.py --work DIR --out train.json [--dry-run] [--run_timeout 120]
+
+Runs, each a fresh train.py process on a random tokenizer written here (the loss still falls: the model learns the
+token statistics of real digits): --fp16=1 (fp16 + GradScaler) and --fp16=2 (bf16), loss finite and falling;
+--fp16=2 --tfast=1 (torch.compile); the bf16 run again, stopped by SIGTERM a third of the way in and relaunched:
+exit status 143, a checkpoint, and final weights bit-identical to the uninterrupted run (a second uninterrupted
+run says whether training itself is deterministic here); a world-size-1 torchrun launch (NCCL on a GPU, dist.core).
+--dry-run: a depth-1 model on 48 images on the CPU (bf16 may run as fp32 there, models.precision says so).
+"""
+import argparse
+import dataclasses
+import math
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from models.tokenizer import VQVAE
+from utils.check_results import CheckLine, any_failed, write_lines
+
+REPO = Path(__file__).resolve().parents[1]
+LOSS_RE = re.compile(r"ep (\d+)/\d+ it (\d+)/\d+ \| loss ([0-9.]+)")  # train.log_progress's line
+STOP_RE = re.compile(r"stopped by SIGTERM at epoch (\d+), iteration (\d+)")
+LAST = "ar-ckpt-last.pth"
+FALLING = 0.95  # the last quarter's mean loss below 95% of the first quarter's
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Sizes of the runs: model, batch, images, epochs, logging interval."""
+
+    depth: int
+    embed_dim: int
+    bs: int
+    train_limit: int  # 0: all 4,050 training digits
+    ep: int
+    log_every: int
+    on_gpu: bool
+
+
+GPU_RECIPE = Recipe(depth=4, embed_dim=256, bs=64, train_limit=0, ep=5, log_every=10, on_gpu=True)  # 5 x 63 = 315 steps
+DRY_RECIPE = Recipe(depth=1, embed_dim=32, bs=8, train_limit=48, ep=2, log_every=1, on_gpu=False)  # 12 steps
+
+
+def write_tokenizer(path: Path) -> None:
+    """A random 16 px tokenizer (downsample 4, 512 codes), in the checkpoint format train.py reads."""
+    torch.manual_seed(0)
+    vae = VQVAE(vocab_size=512, z_channels=16, ch=32, ch_mult=(1, 1, 2), test_mode=True, v_patch_nums=(1, 2, 3, 4))
+    torch.save({"vae_config": dataclasses.asdict(vae.config), "vae": vae.state_dict()}, path)
+
+
+def train_cmd(work: Path, out: str, recipe: Recipe, *extra: str, torchrun: bool = False) -> list[str]:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"] if torchrun \
+        else [sys.executable]
+    return [*launcher, str(REPO / "train.py"), f"--vae_ckpt={work / 'vae.pth'}", f"--local_out_dir_path={work / out}",
+            "--pn=1_2_3_4", "--mid_reso=1.125", f"--depth={recipe.depth}", f"--embed_dim={recipe.embed_dim}",
+            f"--bs={recipe.bs}", f"--ep={recipe.ep}", f"--train_limit={recipe.train_limit}", "--val_limit=64",
+            f"--log_every={recipe.log_every}", f"--val_every={recipe.ep}", "--sample_every=0", "--save_every_min=0",
+            "--workers=0", "--seed=0", "--tlr=3e-3", "--alng=1e-3", *extra]
+
+
+def run(cmd: list[str], timeout: float, stop_at_line: int = 0) -> tuple[int, str, float]:
+    """(exit status, output, seconds) of `cmd`; with `stop_at_line`, SIGTERM at that loss line. A run past
+    `timeout` is killed (status -9)."""
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines, seen = [], 0
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            seen += bool(LOSS_RE.search(line))
+            if stop_at_line and seen == stop_at_line:
+                proc.send_signal(signal.SIGTERM)
+                stop_at_line = 0
+            if time.monotonic() - t0 > timeout:
+                proc.kill()
+        proc.wait(timeout=max(timeout - (time.monotonic() - t0), 1))
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    return proc.returncode, "".join(lines), time.monotonic() - t0
+
+
+def losses(log: str) -> list[float]:
+    return [float(v) for _, _, v in LOSS_RE.findall(log)]
+
+
+def tail(log: str) -> str:
+    """The end of a run's output, on one line."""
+    return log[-300:].replace("\n", " / ")
+
+
+def falling_line(name: str, rc: int, log: str, seconds: float) -> CheckLine:
+    """PASS when the run ended well with finite losses whose last quarter is below FALLING x the first."""
+    values = losses(log)
+    if rc != 0 or len(values) < 4:
+        return CheckLine(name, "FAIL", f"exit {rc}, {len(values)} loss lines", note=tail(log))
+    q = max(len(values) // 4, 1)
+    first, last = sum(values[:q]) / q, sum(values[-q:]) / q
+    ok = all(math.isfinite(v) for v in values) and last < FALLING * first
+    skipped = log.count("optimizer step skipped")
+    return CheckLine(name, "PASS" if ok else "FAIL", f"loss {first:.3f} -> {last:.3f}", f"< {FALLING} x first",
+                     note=f"{len(values)} log lines, {skipped} skipped steps, {seconds:.0f} s")
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+def max_difference(a: Path, b: Path) -> float:
+    wa, wb = weights(a), weights(b)
+    return max((wa[k].double() - wb[k].double()).abs().max().item() for k in wa)
+
+
+def resume_lines(work: Path, recipe: Recipe, timeout: float, loss_lines: int) -> list[CheckLine]:
+    """SIGTERM a third of the way in (`loss_lines`: the uninterrupted bf16 run's), relaunch with torchrun (one
+    rank: NCCL on CUDA) and compare with that run; on a difference, a second uninterrupted run says whether
+    training itself is deterministic here."""
+    rc, log, _ = run(train_cmd(work, "resumed", recipe, "--fp16=2"), timeout, stop_at_line=max(loss_lines // 3, 2))
+    stop = STOP_RE.search(log)
+    lines = [CheckLine("SIGTERM: exit 143 and a checkpoint", "PASS" if rc == 128 + signal.SIGTERM and stop and
+                       (work / "resumed" / LAST).exists() else "FAIL", f"exit {rc}",
+                       note=stop.group(0) if stop else tail(log))]
+    rc, log, seconds = run(train_cmd(work, "resumed", recipe, "--fp16=2", torchrun=True), timeout)
+    device = re.search(r"world size 1, device (\S+);", log)
+    on_cpu = device is None or not device.group(1).startswith("cuda")
+    lines.append(CheckLine("relaunch with torchrun --nproc_per_node=1 (NCCL on CUDA, gloo on the CPU)",
+                           "PASS" if rc == 0 and "resumed from" in log and not (on_cpu and recipe.on_gpu) else "FAIL",
+                           f"exit {rc}, device {device.group(1) if device else '?'}",
+                           note=f"{seconds:.0f} s" if rc == 0 else tail(log)))
+    if rc != 0:
+        return lines
+    diff = max_difference(work / "bf16" / LAST, work / "resumed" / LAST)
+    note = ""
+    if diff != 0:
+        again_rc, again_log, _ = run(train_cmd(work, "bf16_again", recipe, "--fp16=2"), timeout)
+        control = max_difference(work / "bf16" / LAST, work / "bf16_again" / LAST) if again_rc == 0 else None
+        note = f"control run failed: {tail(again_log)}" if control is None else \
+            f"two uninterrupted runs differ by {control:.3g}" + (": not deterministic here" if control else "")
+    return [*lines, CheckLine("resumed weights bit-identical to the uninterrupted run", "PASS" if diff == 0 else "FAIL",
+                              f"max |difference| {diff:.3g}", "0", note)]
+
+
+def check(work: Path, dry_run: bool, timeout: float) -> list[CheckLine]:
+    recipe = DRY_RECIPE if dry_run else GPU_RECIPE
+    write_tokenizer(work / "vae.pth")
+    lines, logs = [], {}
+    for name, out, flags in (("train.py --fp16=1 (fp16 + GradScaler)", "fp16", ["--fp16=1"]),
+                             ("train.py --fp16=2 (bf16)", "bf16", ["--fp16=2"])):
+        rc, logs[out], seconds = run(train_cmd(work, out, recipe, *flags), timeout)
+        lines.append(falling_line(name, rc, logs[out], seconds))
+        print(lines[-1].text(), flush=True)
+    if dry_run:  # inductor on the CPU compiles C++ for minutes; tests/test_trainer.py covers --tfast on the CPU
+        lines.append(CheckLine("train.py --fp16=2 --tfast=1 (torch.compile)", "SKIP", note="dry run: GPU run only"))
+    else:
+        lines.append(falling_line("train.py --fp16=2 --tfast=1 (torch.compile)",
+                                  *run(train_cmd(work, "tfast", recipe, "--fp16=2", "--tfast=1"), timeout)))
+    return lines + resume_lines(work, recipe, timeout, len(losses(logs["bf16"])))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", required=True, help="scratch folder for the runs")
+    p.add_argument("--out", required=True, help="JSON file for the check lines")
+    p.add_argument("--dry-run", action="store_true", help="tiny runs on the CPU")
+    p.add_argument("--run_timeout", type=float, default=120.0, help="seconds per train.py process")
+    args = p.parse_args(argv)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    lines = check(work, args.dry_run, args.run_timeout)
+    print("\n".join(line.text() for line in lines[2:]), flush=True)
+    write_lines(args.out, lines)
+    return 1 if any_failed(lines) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

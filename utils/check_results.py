@@ -1,0 +1,66 @@
+"""Result lines of the GPU check (scripts/gpu_check.sh): what was measured, against which target, with what outcome.
+
+Each stage prints its lines as it goes and writes them to one JSON file; scripts/gpu_report.py gathers the files
+into the report. A line is PASS or FAIL against a target stated before the run, SKIP (it could not run here; the
+note says why) or INFO (a number without a target).
+"""
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from utils.markdown import markdown_table
+
+STATUSES = ("PASS", "FAIL", "SKIP", "INFO")
+
+
+@dataclass
+class CheckLine:
+    """One checked quantity: `check` names it, `value` and `target` are formatted for reading."""
+
+    check: str
+    status: str
+    value: str = ""
+    target: str = ""
+    note: str = ""
+
+    def __post_init__(self):
+        if self.status not in STATUSES:
+            raise ValueError(f"status {self.status!r}: expected one of {STATUSES}")
+
+    def text(self) -> str:
+        target = f" (target {self.target})" if self.target else ""
+        note = f" [{self.note}]" if self.note else ""
+        return f"{self.status} {self.check}: {self.value}{target}{note}"
+
+
+def within(check: str, value: float, limit: float | None, at_least: bool = False, fmt: str = ".2e",
+           note: str = "") -> CheckLine:
+    """PASS when `value` <= `limit` (>= with `at_least`; NaN fails), INFO when `limit` is None."""
+    shown = format(value, fmt)
+    if limit is None:
+        return CheckLine(check, "INFO", shown, note=note)
+    ok = value >= limit if at_least else value <= limit  # False for NaN
+    target = f"{'>=' if at_least else '<='} {format(limit, fmt)}"
+    return CheckLine(check, "PASS" if ok and not math.isnan(value) else "FAIL", shown, target, note)
+
+
+def write_lines(path: str | Path, lines: list[CheckLine], **extra) -> None:
+    """The stage's lines (and any `extra` raw numbers) as JSON."""
+    Path(path).write_text(json.dumps({"lines": [asdict(line) for line in lines], **extra}, indent=1) + "\n")
+
+
+def read_lines(path: str | Path) -> tuple[list[CheckLine], dict]:
+    """(lines, the other keys) of a file written by `write_lines`."""
+    data = json.loads(Path(path).read_text())
+    return [CheckLine(**line) for line in data.pop("lines")], data
+
+
+def any_failed(lines: list[CheckLine]) -> bool:
+    return any(line.status == "FAIL" for line in lines)
+
+
+def markdown(lines: list[CheckLine]) -> str:
+    """The lines as a markdown table."""
+    return markdown_table(["status", "check", "value", "target", "note"],
+                          [[ln.status, ln.check, ln.value, ln.target, ln.note.replace("|", "/")] for ln in lines])
