@@ -8,7 +8,7 @@ Sections (`--only`, default all):
             model GFLOP/s and % of peak, --train_dtypes side by side (bf16 speed-up over fp32)
     sample  sampling per image: Mamba2 state cached, the official prefix re-run, VAR's KV cache; tokens per block
     paper   the paper's speed claims: M-VAR-d24 vs VAR-d30, M-VAR-D and M-VAR-d16 (also with the prefix re-run) vs
-            VAR-d16, fp32 and bf16, batch 1 and 8: time and model-FLOP ratios beside the paper's (CPU)
+            VAR-d16, fp32 and bf16, batch 1 and 8: time and model-FLOP ratios beside the paper's
 Shapes follow --depth (width 64*depth, depth heads) and --pn; timing, memory and tables come from utils.benchmark
 (variants alternated over rounds in one process, median). Weights are random: speed does not depend on them.
 
@@ -31,12 +31,14 @@ from models import build_vae_mvar
 from models.attention import ScaleAttention, block_causal_attention, intra_scale_attention, resolve_backend
 from models.mamba2 import Mamba2
 from models.mvar import FFN, MVAR, HybridBlock, MVARConfig
+from models.precision import effective_amp_dtype
 from trainer import Trainer
 from utils import benchmark as bm
 from utils.args import add_backend_flags
 from utils.registry import ARCH_BRANCHES, MVAR_models, parse_patch_nums
 
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16/fp16 tensor-core peaks, for MFU
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16/fp16 tensor-core peaks, quoted beside
+MATMUL_SIDE = {"cpu": 2048, "cuda": 8192}  # square matmul timed as the practical peak (a GPU needs ~1 ms of work)
 TRAIN_FP16 = {"fp32": 0, "fp16": 1, "bf16": 2}  # train.py --fp16 of each --train_dtypes
 
 
@@ -174,14 +176,13 @@ def bench_train(device: torch.device, args: argparse.Namespace) -> str:
             flops[arch, dtype_name] = bm.model_flops(mvar, step, attention_passes=3)
             steps[arch, dtype_name], models[arch, dtype_name] = step, mvar
     ms = bm.time_alternating(steps, device, args.warmup, args.repeats)
+    n = MATMUL_SIDE[device.type]  # this device's practical peaks, measured in the same run
+    peaks = {name: bm.matmul_gflops(device, bm.DTYPES[name], n=n) for name in ("fp32", "bf16", "fp16")
+             if (name in dtypes or name in ("fp32", "bf16")) and effective_amp_dtype(device, bm.DTYPES[name])}
+    peak_note = f"{n}^3 matmuls measured in this run, " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items())
     if device.type == "cuda":
-        tc_peak = next((v * 1e3 for k, v in PEAK_TFLOPS.items() if k in torch.cuda.get_device_name(device)), None)
-        peaks = {name: tc_peak for name in dtypes if name != "fp32"}
-        peak_note = "the GPU's dense tensor-core peak (low-precision rows)"
-    else:  # this CPU's practical peaks, measured in the same run
-        peaks = {name: bm.matmul_gflops(device, bm.DTYPES[name]) for name in ("fp32", "bf16")}
-        peak_note = "2048^3 matmuls measured in this run, " + ", ".join(f"{k} {v:.0f} GFLOP/s"
-                                                                        for k, v in peaks.items())
+        sheet = next((v for k, v in PEAK_TFLOPS.items() if k in torch.cuda.get_device_name(device)), None)
+        peak_note += f"; datasheet dense bf16 peak {sheet:g} TFLOP/s" if sheet else ""
     rows = []
     for (arch, dtype_name), mvar in models.items():
         s, gflops = ms[arch, dtype_name] / 1e3, flops[arch, dtype_name] / 1e9
@@ -249,13 +250,17 @@ PAPER_PAIRS: tuple[tuple[str, str, float], ...] = (
 PREFIX_RERUN = ", prefix re-run (official)"
 
 
-def build_paper_model(name: str, patch_nums: tuple[int, ...], dtype: torch.dtype, args: argparse.Namespace) -> MVAR:
-    """A randomly initialised `MVAR_models[name]` for sampling, its Linear weights held in `dtype` as
-    `MVAR.inference_precision` holds them (cast here once, so fp32 copies do not double the memory), with a
-    tokenizer whose decode is skipped: the timings exclude it."""
+def build_paper_model(name: str, patch_nums: tuple[int, ...], dtype: torch.dtype, device: torch.device,
+                      args: argparse.Namespace) -> MVAR:
+    """A randomly initialised `MVAR_models[name]` (at --paper_width when set) for sampling, its Linear weights held
+    in `dtype` as `MVAR.inference_precision` holds them (cast here once, so fp32 copies do not double the memory),
+    with a tokenizer whose decode is skipped: the timings exclude it."""
     torch.manual_seed(0)
-    vae, mvar = build_vae_mvar("cpu", patch_nums=patch_nums, ch=32, attn_backend=args.attn_backend,
-                               mamba_backend=args.mamba_backend, **MVAR_models[name.removesuffix(PREFIX_RERUN)])
+    size = dict(MVAR_models[name.removesuffix(PREFIX_RERUN)])
+    if args.paper_width:
+        size.update(embed_dim=args.paper_width, num_heads=1)
+    vae, mvar = build_vae_mvar(device, patch_nums=patch_nums, ch=32, attn_backend=args.attn_backend,
+                               mamba_backend=args.mamba_backend, **size)
     vae.fhat_to_img = lambda f_hat: f_hat  # decode excluded (an instance attribute shadows the method)
     for layer in mvar.modules():
         if isinstance(layer, nn.Linear):
@@ -263,11 +268,11 @@ def build_paper_model(name: str, patch_nums: tuple[int, ...], dtype: torch.dtype
     return mvar.eval()
 
 
-def time_paper_models(models: dict[str, MVAR], names: list[str], dtype: torch.dtype, B: int,
+def time_paper_models(models: dict[str, MVAR], names: list[str], dtype: torch.dtype, B: int, device: torch.device,
                       args: argparse.Namespace) -> dict[str, tuple[float, float]]:
     """{name: (s, model FLOPs) per generated image} for `names` (models' names, or one + PREFIX_RERUN) sampled in
-    turn at batch B; the FLOP count is the first warm-up round."""
-    label_B = torch.arange(B) % 1000
+    turn at batch B on `device`; the FLOP count is the first warm-up round."""
+    label_B = torch.arange(B, device=device) % 1000
 
     def sample(name: str) -> None:
         mvar = models[name.removesuffix(PREFIX_RERUN)]
@@ -277,7 +282,7 @@ def time_paper_models(models: dict[str, MVAR], names: list[str], dtype: torch.dt
 
     runs = {n: functools.partial(sample, n) for n in names}
     flops = {n: bm.model_flops(models[n.removesuffix(PREFIX_RERUN)], runs[n]) / B for n in names}
-    ms = bm.time_alternating(runs, torch.device("cpu"), max(args.warmup - 1, 0), args.repeats)
+    ms = bm.time_alternating(runs, device, max(args.warmup - 1, 0), args.repeats)
     return {n: (ms[n] / 1e3 / B, flops[n]) for n in names}
 
 
@@ -285,8 +290,6 @@ def bench_paper(device: torch.device, args: argparse.Namespace) -> str:
     """The paper's pairs (PAPER_PAIRS), sampling with cfg, per generated image: time, model FLOPs (linear layers and
     attention scores, `bm.model_flops`) and their ratios, for each --paper_dtypes and --paper_bs. The models of
     one pair (both M-VAR-d16 samplers with VAR-d16) are alternated in one process; pairs run one after another."""
-    if device.type != "cpu":
-        return f"### paper: CPU only for now (skipped {device.type})"
     patch_nums = parse_patch_nums(args.pn)
     groups: dict[str, list[str]] = {}
     for mvar_name, var_name, _ in PAPER_PAIRS:
@@ -295,19 +298,19 @@ def bench_paper(device: torch.device, args: argparse.Namespace) -> str:
     results: dict[tuple[str, int, str], tuple[float, float]] = {}  # (dtype, batch, model) -> (s, FLOPs) per image
     for dtype_name in args.paper_dtypes:
         for names in groups.values():
-            models = {n: build_paper_model(n, patch_nums, bm.DTYPES[dtype_name], args)
+            models = {n: build_paper_model(n, patch_nums, bm.DTYPES[dtype_name], device, args)
                       for n in names if PREFIX_RERUN not in n}
             for B in args.paper_bs:
-                timed = time_paper_models(models, names, bm.DTYPES[dtype_name], B, args)
+                timed = time_paper_models(models, names, bm.DTYPES[dtype_name], B, device, args)
                 results.update({(dtype_name, B, n): v for n, v in timed.items()})
                 print(f"  paper, {dtype_name}, batch {B}: " + ", ".join(f"{n} {s:.2f} s/image"
                                                                          for n, (s, _) in timed.items()), flush=True)
             del models
-    return paper_tables(results, args, patch_nums)
+    return paper_tables(results, args, patch_nums, device.type)
 
 
 def paper_tables(results: dict[tuple[str, int, str], tuple[float, float]], args: argparse.Namespace,
-                 patch_nums: tuple[int, ...]) -> str:
+                 patch_nums: tuple[int, ...], device_type: str = "cpu") -> str:
     """The per-model table (s / image, GFLOP / image, GFLOP/s) and the per-pair ratios beside the paper's."""
     model_rows = [[d, B, n, f"{s:.3f}", f"{f / 1e9:.1f}", f"{f / s / 1e9:.1f}"]
                   for (d, B, n), (s, f) in results.items()]
@@ -324,7 +327,8 @@ def paper_tables(results: dict[tuple[str, int, str], tuple[float, float]], args:
             pair_rows.append(["bf16 / fp32", B, n, f"**{t_bf16 / results['fp32', B, n][0]:.2f}x**", "", "", ""])
     return "\n".join([
         f"### paper: sampling per generated image, cfg {args.cfg} (batch x2), patch_nums "
-        f"{'_'.join(map(str, patch_nums))} (L={sum(p * p for p in patch_nums)}), random weights, decode excluded, cpu",
+        f"{'_'.join(map(str, patch_nums))} (L={sum(p * p for p in patch_nums)}), random weights, decode excluded, "
+        f"{device_type}{f', every model at width {args.paper_width}' if args.paper_width else ''}",
         "", bm.markdown_table(["dtype", "batch", "model", "s / image", "model GFLOP / image", "GFLOP/s"], model_rows),
         "", bm.markdown_table(["dtype", "batch", "pair", "time ratio", "model-FLOP ratio",
                                "time per FLOP, M-VAR / VAR", "paper's time ratio"], pair_rows)])
@@ -361,6 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=[m for m, _, _ in PAPER_PAIRS], help="M-VAR variants to time (each against its VAR)")
     g.add_argument("--paper_dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     g.add_argument("--paper_bs", nargs="+", type=int, default=[1, 8], help="images per sampling call")
+    g.add_argument("--paper_width", type=int, default=0, help="every model at this width, one head, depths kept "
+                   "(0: the named sizes; a small width makes a quick dry run)")
     return p
 
 

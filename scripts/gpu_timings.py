@@ -1,0 +1,92 @@
+"""The GPU check's timing stage: scripts/bench.py's `paper` and `train` sections, read back against issue 19's targets.
+
+    python scripts/gpu_timings.py --out timings.json --tables DIR [--dry-run]
+
+paper: sampling latency with cfg in bf16 at batch 1 and 64, 256 px, random weights, M-VAR-d24 vs VAR-d30, M-VAR-D
+and M-VAR-d16 vs VAR-d16, the models of a pair alternated in one process. train: an M-VAR-d16 training step with
+the best kernels ("auto") in bf16 at the largest batch of BATCHES that fits, as a share of the bf16 matmul rate
+measured in the same run. The tables go to DIR as bench_paper.md and bench_train.md. --dry-run: the same sections
+on the CPU at width 32 and tiny patch schedules; the targets are then reported, not judged (INFO).
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from scripts import bench
+from utils.check_results import CheckLine, any_failed, within, write_lines
+from utils.markdown import read_tables
+
+# Targets stated in issue 19 before any run.
+PAPER_PAIR, PAPER_BATCH, PAPER_RATIO = "M-VAR-d24 / VAR-d30", 64, 0.86  # the paper: 14% faster
+TRAIN_SHARE = 35.0  # % of the measured bf16 matmul rate
+BATCHES = (128, 96, 64, 48, 32, 16, 8)  # tried in turn for the train section; the first that fits counts
+COMMON = ["--repeats", "3", "--warmup", "1"]
+GPU_FLAGS = {"paper": ["--device", "cuda", "--paper_dtypes", "bf16", "--paper_bs", "1", str(PAPER_BATCH)],
+             "train": ["--device", "cuda", "--depth", "16", "--archs", "mvar", "--train_dtypes", "bf16"]}
+DRY_FLAGS = {"paper": ["--device", "cpu", "--pn", "1_2", "--paper_width", "32", "--paper_dtypes", "bf16",
+                       "--paper_bs", "2", "--paper_pairs", "M-VAR-d24"],
+             "train": ["--device", "cpu", "--depth", "1", "--pn", "1_2_3", "--archs", "mvar", "--train_dtypes", "bf16"]}
+
+
+def cell_number(cell: str) -> float:
+    """'**0.83x**' -> 0.83."""
+    return float(cell.strip("*x "))
+
+
+def paper_lines(text: str, batch: int, judged: bool) -> list[CheckLine]:
+    """The pair ratios of the paper section, the target pair at `batch` judged when `judged`."""
+    lines = []
+    for row in (r for table in read_tables(text) for r in table if "pair" in r and " / " in r["pair"]):
+        target = PAPER_RATIO if judged and row["pair"] == PAPER_PAIR and int(row["batch"]) == batch else None
+        lines.append(within(f"sampling time {row['pair']}, {row['dtype']}, batch {row['batch']}",
+                            cell_number(row["time ratio"]), target, fmt=".2f",
+                            note="paper " + row["paper's time ratio"]))
+    return lines or [CheckLine("paper section", "FAIL", "no pair table in bench.py's output")]
+
+
+def train_line(text: str, batch: int, judged: bool) -> CheckLine:
+    row = next((r for table in read_tables(text) for r in table if r.get("arch") == "mvar"), None)
+    if row is None:
+        return CheckLine("train section", "FAIL", "no mvar row in bench.py's output")
+    return within(f"M-VAR training step, batch {batch}, {row['dtype']}: % of the measured matmul rate",
+                  float(row["% of peak"]), TRAIN_SHARE if judged else None, at_least=True, fmt=".1f",
+                  note=f"{row['images / s']} images/s, {row['GFLOP/s']} model GFLOP/s")
+
+
+def largest_batch_train(flags: list[str], batches: tuple[int, ...], out: Path) -> tuple[int, str]:
+    """(batch, markdown) of the train section at the first batch of `batches` that does not run out of memory."""
+    for batch in batches:
+        try:
+            return batch, bench.main(["--only", "train", *flags, "--bs", str(batch), "--out", str(out)])
+        except torch.OutOfMemoryError:
+            print(f"train section: batch {batch} does not fit", flush=True)
+            torch.cuda.empty_cache()
+    raise RuntimeError(f"no batch of {batches} fits")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="JSON file for the check lines")
+    p.add_argument("--tables", required=True, help="folder for bench_paper.md and bench_train.md")
+    p.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU, targets not judged")
+    p.add_argument("--only", nargs="+", default=["paper", "train"], choices=["paper", "train"])
+    args = p.parse_args(argv)
+    flags, judged = (DRY_FLAGS, False) if args.dry_run else (GPU_FLAGS, True)
+    tables = Path(args.tables)
+    lines = []
+    if "paper" in args.only:
+        text = bench.main(["--only", "paper", *COMMON, *flags["paper"], "--out", str(tables / "bench_paper.md")])
+        lines += paper_lines(text, 2 if args.dry_run else PAPER_BATCH, judged)
+    if "train" in args.only:
+        batch, text = largest_batch_train([*COMMON, *flags["train"]], (2,) if args.dry_run else BATCHES,
+                                          tables / "bench_train.md")
+        lines.append(train_line(text, batch, judged))
+    print("\n".join(line.text() for line in lines), flush=True)
+    write_lines(args.out, lines)
+    return 1 if any_failed(lines) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
