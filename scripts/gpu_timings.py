@@ -1,16 +1,15 @@
 """The GPU check's timing stage: scripts/bench.py's `paper` and `train` sections, read back against issue 19's targets.
 
-    python scripts/gpu_timings.py --out timings.json --tables DIR [--dry-run]
+    python scripts/gpu_timings.py --out timings.json [--dry-run]
 
 paper: sampling latency with cfg in bf16 at batch 1 and 64, 256 px, random weights, M-VAR-d24 vs VAR-d30, M-VAR-D
 and M-VAR-d16 vs VAR-d16, the models of a pair alternated in one process. train: an M-VAR-d16 training step with
 the best kernels ("auto") in bf16 at the largest batch of BATCHES that fits, as a share of the bf16 matmul rate
-measured in the same run. The tables go to DIR as bench_paper.md and bench_train.md. --dry-run: the same sections
+measured in the same run. bench.py's tables travel in the JSON file ("tables"). --dry-run: the same sections
 on the CPU at width 32 and tiny patch schedules; the targets are then reported, not judged (INFO).
 """
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 
@@ -55,11 +54,11 @@ def train_line(text: str, batch: int, judged: bool) -> CheckLine:
                   note=f"{row['images / s']} images/s, {row['GFLOP/s']} model GFLOP/s")
 
 
-def largest_batch_train(flags: list[str], batches: tuple[int, ...], out: Path) -> tuple[int, str]:
+def largest_batch_train(flags: list[str], batches: tuple[int, ...]) -> tuple[int, str]:
     """(batch, markdown) of the train section at the first batch of `batches` that does not run out of memory."""
     for batch in batches:
         try:
-            return batch, bench.main(["--only", "train", *flags, "--bs", str(batch), "--out", str(out)])
+            return batch, bench.main(["--only", "train", *flags, "--bs", str(batch)])
         except torch.OutOfMemoryError:
             print(f"train section: batch {batch} does not fit", flush=True)
             torch.cuda.empty_cache()
@@ -69,22 +68,19 @@ def largest_batch_train(flags: list[str], batches: tuple[int, ...], out: Path) -
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="JSON file for the check lines")
-    p.add_argument("--tables", required=True, help="folder for bench_paper.md and bench_train.md")
     p.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU, targets not judged")
     p.add_argument("--only", nargs="+", default=["paper", "train"], choices=["paper", "train"])
     args = p.parse_args(argv)
     flags, judged = (DRY_FLAGS, False) if args.dry_run else (GPU_FLAGS, True)
-    tables = Path(args.tables)
-    lines = []
+    lines, tables = [], {}
     if "paper" in args.only:
-        text = bench.main(["--only", "paper", *COMMON, *flags["paper"], "--out", str(tables / "bench_paper.md")])
-        lines += paper_lines(text, 2 if args.dry_run else PAPER_BATCH, judged)
+        tables["paper"] = bench.main(["--only", "paper", *COMMON, *flags["paper"]])
+        lines += paper_lines(tables["paper"], 2 if args.dry_run else PAPER_BATCH, judged)
     if "train" in args.only:
-        batch, text = largest_batch_train([*COMMON, *flags["train"]], (2,) if args.dry_run else BATCHES,
-                                          tables / "bench_train.md")
-        lines.append(train_line(text, batch, judged))
+        batch, tables["train"] = largest_batch_train([*COMMON, *flags["train"]], (2,) if args.dry_run else BATCHES)
+        lines.append(train_line(tables["train"], batch, judged))
     print("\n".join(line.text() for line in lines), flush=True)
-    write_lines(args.out, lines)
+    write_lines(args.out, lines, tables=tables)
     return 1 if any_failed(lines) else 0
 
 

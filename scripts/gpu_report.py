@@ -1,0 +1,75 @@
+"""The GPU check's report: every stage's JSON lines (utils.check_results) and bench tables as one markdown file.
+
+    python scripts/gpu_report.py --out DIR [--dry-run]
+
+Reads DIR/{env,numerics,train,timings}.json and DIR/pytest.log, writes DIR/report.md: a summary (PASS / FAIL / SKIP
+counts, stages that wrote nothing, e.g. killed by their time box), each stage's lines, then bench.py's tables.
+Exit status 1 when a line failed or a stage is missing.
+"""
+import argparse
+import sys
+from collections import Counter
+from pathlib import Path
+
+from utils.check_results import STATUSES, CheckLine, markdown, read_lines
+
+PYTEST_STATUS = {"PASSED": "PASS", "FAILED": "FAIL", "ERROR": "FAIL", "SKIPPED": "SKIP", "XFAIL": "INFO",
+                 "XPASS": "INFO"}
+STAGES = {"env": "environment", "pytest": "pytest -m gpu", "numerics": "numerics: device vs CPU fp32",
+          "train": "training through train.py", "timings": "timings (scripts/bench.py)"}
+
+
+def pytest_lines(log: str) -> list[CheckLine]:
+    """One line per entry of pytest's `-rA` short summary ("PASSED tests/x.py::name", "SKIPPED [2] x.py:3: why")."""
+    lines = []
+    for text in log.splitlines():
+        word, _, rest = text.partition(" ")
+        if word in PYTEST_STATUS:
+            test, _, note = rest.partition(" - ") if word != "SKIPPED" else rest.partition(": ")
+            lines.append(CheckLine(test.strip(), PYTEST_STATUS[word], note=note.strip()[:200]))
+    return lines
+
+
+def stage_lines(folder: Path, key: str) -> tuple[list[CheckLine], dict] | None:
+    """The lines and raw numbers of one stage, None when it wrote nothing."""
+    if key == "pytest":
+        path = folder / "pytest.log"
+        return (pytest_lines(path.read_text()), {}) if path.exists() else None
+    path = folder / f"{key}.json"
+    return read_lines(path) if path.exists() else None
+
+
+def report(folder: Path, dry_run: bool) -> tuple[str, bool]:
+    """(markdown, whether everything passed)."""
+    parts, counts, missing = [], Counter(), []
+    for key, title in STAGES.items():
+        found = stage_lines(folder, key)
+        lines, raw = found or ([], {})
+        if not lines:
+            missing.append(key)
+            lines = [CheckLine(title, "FAIL", "no results", note="crashed or hit its time box: see check.log")]
+        counts.update(line.status for line in lines)
+        parts += [f"## {title}", "", markdown(lines), ""]
+        for name, table in raw.get("tables", {}).items():
+            parts += [f"## bench.py {name} section", "", table.strip(), ""]
+    ok = counts["FAIL"] == 0
+    head = [f"# GPU check{' (dry run on the CPU: tiny shapes, CUDA-only lines SKIP)' if dry_run else ''}", "",
+            "**" + ("all checks passed" if ok else "some checks FAILED") + "**: " +
+            ", ".join(f"{counts[s]} {s}" for s in STATUSES) +
+            (f"; stages without results: {', '.join(missing)}" if missing else ""), ""]
+    return "\n".join(head + parts), ok
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="the check's output folder")
+    p.add_argument("--dry-run", action="store_true")
+    args = p.parse_args(argv)
+    text, ok = report(Path(args.out), args.dry_run)
+    (Path(args.out) / "report.md").write_text(text)
+    print(text.split("\n## ")[0])
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
