@@ -31,3 +31,8 @@ study: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) scripts/bench.py --only attn block
+
+# The wheels scripts/gpu_check.sh installs offline on a GPU machine (.whl/gpu/; carry it there), size-checked
+.PHONY: gpu-wheels
+gpu-wheels: .whl/site/.installed
+	scripts/gpu_wheels.sh $(PY)
