@@ -38,7 +38,6 @@ from utils.args import add_backend_flags
 from utils.registry import ARCH_BRANCHES, MVAR_models, parse_patch_nums
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16/fp16 tensor-core peaks, quoted beside
-MATMUL_SIDE = {"cpu": 2048, "cuda": 8192}  # square matmul timed as the practical peak (a GPU needs ~1 ms of work)
 TRAIN_FP16 = {"fp32": 0, "fp16": 1, "bf16": 2}  # train.py --fp16 of each --train_dtypes
 
 
@@ -176,8 +175,8 @@ def bench_train(device: torch.device, args: argparse.Namespace) -> str:
             flops[arch, dtype_name] = bm.model_flops(mvar, step, attention_passes=3)
             steps[arch, dtype_name], models[arch, dtype_name] = step, mvar
     ms = bm.time_alternating(steps, device, args.warmup, args.repeats)
-    n = MATMUL_SIDE[device.type]  # this device's practical peaks, measured in the same run
-    peaks = {name: bm.matmul_gflops(device, bm.DTYPES[name], n=n) for name in ("fp32", "bf16", "fp16")
+    n = bm.MATMUL_SIDE[device.type]  # this device's practical peaks, measured in the same run
+    peaks = {name: bm.matmul_gflops(device, bm.DTYPES[name]) for name in ("fp32", "bf16", "fp16")
              if (name in dtypes or name in ("fp32", "bf16")) and effective_amp_dtype(device, bm.DTYPES[name])}
     peak_note = f"{n}^3 matmuls measured in this run, " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items())
     if device.type == "cuda":

@@ -19,6 +19,7 @@ from torch import nn
 from utils.markdown import markdown_table  # noqa: F401 (the sections call bm.markdown_table)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+MATMUL_SIDE = {"cpu": 2048, "cuda": 8192}  # square matmul timed as the practical peak (a GPU needs ~1 ms of work)
 TIMING_RULE = "variants alternated over rounds in one process; median of {repeats} timed rounds after {warmup} warm-up"
 
 
@@ -73,9 +74,10 @@ def time_alternating(fns: dict[str, Callable[[], object]], device: torch.device,
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def matmul_gflops(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 3) -> float:
-    """Achieved GFLOP/s of an n x n x n matmul in `dtype` (median of `repeats` after one warm-up): the practical
-    peak that throughput is compared with."""
+def matmul_gflops(device: torch.device, dtype: torch.dtype, n: int | None = None, repeats: int = 3) -> float:
+    """Achieved GFLOP/s of an n x n x n matmul in `dtype` (median of `repeats` after one warm-up; n defaults to the
+    device's MATMUL_SIDE): the practical peak that throughput is compared with."""
+    n = n or MATMUL_SIDE[device.type]
     a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
     ms = time_alternating({"mm": lambda: a @ b}, device, warmup=1, repeats=repeats)["mm"]
     return 2 * n**3 / (ms / 1e3) / 1e9
