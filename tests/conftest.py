@@ -20,7 +20,12 @@ REPO = Path(__file__).resolve().parents[1]
 TINY_MVAR = dict(patch_nums=(1, 2, 3, 4), V=64, Cvae=8, ch=32, ch_mult=(1, 2), num_classes=10, depth=2,
                  embed_dim=64, num_heads=2, d_state=16, drop_path_rate=0.0, init_adaln_gamma=0.5,
                  flash_if_available=False, fused_if_available=False)
-SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+# MVAR_TEST_THREADS: torch threads of the test process and of every process it launches (`make test` runs one per
+# pytest-xdist worker, then its numerics pass with another count); unset, the test process keeps torch's default
+TEST_THREADS = os.environ.get("MVAR_TEST_THREADS")
+if TEST_THREADS:
+    torch.set_num_threads(int(TEST_THREADS))
+SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": TEST_THREADS or "1", "PYTHONUNBUFFERED": "1",
                   "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
 
 

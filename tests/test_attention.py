@@ -9,6 +9,8 @@ import models.attention as A
 from models import backends
 from models.attention import ScaleAttention, block_causal_attention, intra_scale_attention
 
+pytestmark = pytest.mark.numerics  # rerun by `make test` at the lowest ISA level
+
 PN_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 PN_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
 SEG_256 = tuple(p * p for p in PN_256)

@@ -8,6 +8,8 @@ import models.mvar as mvar_module
 from conftest import TINY_MVAR, build_tiny_mvar
 from models import MVAR, MVARConfig
 
+pytestmark = pytest.mark.numerics  # rerun by `make test` at the lowest ISA level
+
 TINY_PN = TINY_MVAR["patch_nums"]
 
 
@@ -149,6 +151,8 @@ def test_scale_never_depends_on_later_scales(arch):
         x2 = x_BLCv.clone()
         x2[:, bg - mvar.first_l:] += torch.randn_like(x2[:, bg - mvar.first_l:])
         out = mvar(label_B, x2)
+        # the earlier tokens' outputs do not depend on the change at all (masked terms are exact zeros; measured
+        # bit-identical at every ISA level); 1e-6 only absorbs a kernel that blocks the sums differently
         torch.testing.assert_close(out[:, :bg], ref[:, :bg], rtol=0, atol=1e-6)
         assert (out[:, bg:] - ref[:, bg:]).abs().max() > 1e-4  # and later scales do see it
 

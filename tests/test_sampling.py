@@ -1,9 +1,12 @@
 """Top-k / top-p filtering and seeded sampling primitives."""
 import math
 
+import pytest
 import torch
 
 from models.sampling import filter_top_k_top_p_, gumbel_softmax_with_rng, sample_with_top_k_top_p_
+
+pytestmark = pytest.mark.numerics  # rerun by `make test` at the lowest ISA level
 
 
 def test_top_k_keeps_the_k_largest():

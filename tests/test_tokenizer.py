@@ -8,6 +8,8 @@ import torch.nn.functional as F
 from models.tokenizer import PATCH_NUMS, VQVAE, VQVAEConfig, load_vae, parse_patch_nums
 from utils.state_dict import StateDictMismatchError, load_state_dict_checked
 
+pytestmark = pytest.mark.numerics  # rerun by `make test` at the lowest ISA level
+
 TINY = {"vocab_size": 32, "z_channels": 8, "ch": 32, "ch_mult": (1, 2), "v_patch_nums": (1, 2, 4, 8)}  # 16 px images
 
 
@@ -145,6 +147,7 @@ def test_var_input_equals_downsampled_encoder_fhat(tiny, images):
         var_in = tiny.quantize.idxBl_to_var_input(idx_Bl)
         expected = torch.cat([F.interpolate(f_hats[si], size=(pns[si + 1],) * 2, mode="area").flatten(2).transpose(1, 2)
                               for si in range(len(pns) - 1)], dim=1)
+    # measured bit-identical (AVX2 and ATEN_CPU_CAPABILITY=default); 1e-6 is ~8 ulp of the latents' range (|f| < 4)
     torch.testing.assert_close(var_in, expected, rtol=0, atol=1e-6)
 
 
@@ -164,6 +167,7 @@ def test_autoregressive_rebuild_equals_encoder_fhat(tiny, images):
                 inputs.append(next_BChw.flatten(2).transpose(1, 2))
             else:
                 assert next_BChw is f_hat
+    # the same residual sums in the same order: measured bit-identical at both ISA levels; 1e-6 as above
     torch.testing.assert_close(f_hat, f_hats[-1], rtol=0, atol=1e-6)
     torch.testing.assert_close(torch.cat(inputs, 1), var_in, rtol=0, atol=1e-6)
 

@@ -17,6 +17,8 @@ from trainer import NonFiniteError, Trainer, param_groups
 from utils.data import build_loaders
 from utils.lr_schedule import Schedule
 
+pytestmark = pytest.mark.numerics  # rerun by `make test` at the lowest ISA level
+
 PN = (1, 2, 4)
 CPU = torch.device("cpu")
 
@@ -99,6 +101,9 @@ def test_accumulation_equals_one_big_step():
     res = acc.train_step(inp[4:], label[4:], stepping=True)
     assert res.grad_norm is not None
     for (n, p), q in zip(big.mvar.named_parameters(), acc.mvar.parameters(), strict=True):
+        # two half-batch backward passes summed vs one: the gradients differ by fp32 rounding (~1e-7 relative), and
+        # AdamW's first step (~lr * sign(g)) passes that on to the weights; measured 6e-8 (AVX2) and 1.9e-7
+        # (ATEN_CPU_CAPABILITY=default), allowed 1e-6
         assert torch.allclose(p, q, atol=1e-6), n
 
 
