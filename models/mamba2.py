@@ -63,14 +63,17 @@ def ssd_chunk_scan(
 
 
 def _pad_to_chunks(x: torch.Tensor, dt: torch.Tensor, B: torch.Tensor, C: torch.Tensor, chunk_size: int):
-    """(x, dt, B, C padded along L to a multiple of Q, Q, c): chunk length Q = min(chunk_size, L), c chunks."""
+    """(x, dt, B, C padded along L to a multiple of Q, Q, c): c = ceil(L / chunk_size) chunks of equal length
+    Q = ceil(L / c) <= chunk_size, so that at most c - 1 positions are padding (L=155, chunk_size 64: 3 chunks of 52,
+    not of 64 with 37 padded)."""
     L = x.shape[1]
-    Q = min(chunk_size, L)
-    pad = (-L) % Q
+    c = -(-L // chunk_size)
+    Q = -(-L // c)
+    pad = c * Q - L
     if pad:  # dt = 0 on padding: no decay and no input, so the final state is unchanged
         x, B, C = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (x, B, C))
         dt = F.pad(dt, (0, 0, 0, pad))
-    return x, dt, B, C, Q, (L + pad) // Q
+    return x, dt, B, C, Q, c
 
 
 def _ssd_chunk_scan_float64(x_BLHP, dt_BLH, A_H, B_BLGN, C_BLGN, chunk_size, D, initial_state_BHPN):
@@ -122,17 +125,26 @@ def _ssd_chunk_scan_float64(x_BLHP, dt_BLH, A_H, B_BLGN, C_BLGN, chunk_size, D, 
 
 def _ssd_chunk_scan_mixed(x_BLHP, dt_BLH, A_H, B_BLGN, C_BLGN, chunk_size, D, initial_state_BHPN):
     """`ssd_chunk_scan` for float32, bf16 or fp16 x, B, C: the products in that dtype, the decays, the carried state
-    and the output in float32. Laid out for few passes over memory: every elementwise step writes its result in the
-    layout and dtype the next product reads, and the state is carried chunk by chunk (c small elementwise steps).
-    In float32 it is 1.5-1.8x faster over a sampling pass, and ~10% faster for a training forward+backward
-    (C=1024, L=680), than the float64 path's layout run in float32 (which float32 used before), and within ~2e-7
-    (relative) of it."""
+    and the output in float32. With a gradient to compute, one autograd Function (`_MixedChunkScan`) whose backward,
+    derived by hand, reuses the forward's intermediates; without (sampling), the same forward alone."""
+    inputs = (x_BLHP, dt_BLH, A_H, B_BLGN, C_BLGN, D, initial_state_BHPN)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
+        return _MixedChunkScan.apply(x_BLHP, dt_BLH, A_H, B_BLGN, C_BLGN, chunk_size, D, initial_state_BHPN)
+    y, final, _ = _mixed_scan_forward(x_BLHP, dt_BLH, A_H, B_BLGN, C_BLGN, chunk_size, D, initial_state_BHPN)
+    return y, final
+
+
+def _mixed_scan_forward(x_BLHP, dt_BLH, A_H, B_BLGN, C_BLGN, chunk_size, D, initial_state_BHPN, keep=False):
+    """(y, final state, what the backward reuses if `keep` else None), without autograd. Laid out for few passes
+    over memory: every elementwise step writes its result in the layout and dtype the next product reads, and the
+    state is carried chunk by chunk (c small elementwise steps). `acc` is float32 (float64 for float64 inputs, which
+    only the gradcheck of `_MixedChunkScan` passes)."""
     Bsz, L, H, P = x_BLHP.shape
     G, N = B_BLGN.shape[-2:]
-    Hg, mdt, f32 = H // G, x_BLHP.dtype, torch.float32
-    x, dt, B, C, Q, c = _pad_to_chunks(x_BLHP, dt_BLH.to(f32), B_BLGN.to(mdt), C_BLGN.to(mdt), chunk_size)
+    Hg, mdt, acc = H // G, x_BLHP.dtype, torch.promote_types(x_BLHP.dtype, torch.float32)
+    x, dt, B, C, Q, c = _pad_to_chunks(x_BLHP, dt_BLH.to(acc), B_BLGN.to(mdt), C_BLGN.to(mdt), chunk_size)
     dt_BcHQ = dt.view(Bsz, c, Q, H).transpose(2, 3)
-    dA_cs_BcHQ = torch.cumsum(dt_BcHQ * A_H.to(f32).view(H, 1), dim=-1)
+    dA_cs_BcHQ = torch.cumsum(dt_BcHQ * A_H.to(acc).view(H, 1), dim=-1)
     xdt_BcHQP = _written(torch.mul, x.view(Bsz, c, Q, H, P).transpose(2, 3), dt_BcHQ.unsqueeze(-1), dtype=mdt)
     B_BcGQN = B.view(Bsz, c, Q, G, N).transpose(2, 3)
     C_BcGQN = C.view(Bsz, c, Q, G, N).transpose(2, 3)
@@ -141,7 +153,8 @@ def _ssd_chunk_scan_mixed(x_BLHP, dt_BLH, A_H, B_BLGN, C_BLGN, chunk_size, D, in
     causal_QQ = torch.ones(Q, Q, dtype=torch.bool, device=x.device).tril()
     decay_BcGhQQ = (dA_cs_BcHQ.unsqueeze(-1) - dA_cs_BcHQ.unsqueeze(-2)).masked_fill_(~causal_QQ, -math.inf) \
         .exp_().view(Bsz, c, G, Hg, Q, Q)
-    scores_BcGhQQ = _written(torch.mul, (C_BcGQN @ B_BcGQN.transpose(-1, -2)).unsqueeze(3), decay_BcGhQQ, dtype=mdt)
+    CB_BcGQQ = C_BcGQN @ B_BcGQN.transpose(-1, -2)
+    scores_BcGhQQ = _written(torch.mul, CB_BcGQQ.unsqueeze(3), decay_BcGhQQ, dtype=mdt)
     xdt_BcGhQP = xdt_BcHQP.view(Bsz, c, G, Hg, Q, P)
     y_BcGhQP = scores_BcGhQQ @ xdt_BcGhQP
 
@@ -152,27 +165,131 @@ def _ssd_chunk_scan_mixed(x_BLHP, dt_BLH, A_H, B_BLGN, C_BLGN, chunk_size, D, in
                                   dtype=mdt)
     states_BcGhPN = (xdt_decayed_BcGhPQ.view(Bsz, c, G, Hg * P, Q) @ B_BcGQN).view(Bsz, c, G, Hg, P, N)
 
-    # 3. carry the state from chunk to chunk in float32; 4. each chunk's output from the state entering it, one
-    # product per chunk and group for every head ((Q, N) x (N, heads x P): C is not repeated per head either)
+    # 3. carry the state from chunk to chunk in float32 (h_z: the state entering chunk z, z = c: the final one);
+    # 4. each chunk's output from the state entering it, one product per chunk and group for every head
+    # ((Q, N) x (N, heads x P): C is not repeated per head either)
     decay_BcGh11 = dA_cs_BcHQ[..., -1].exp().view(Bsz, c, G, Hg, 1, 1)
-    h_BGhPN = x.new_zeros(Bsz, G, Hg, P, N, dtype=f32) if initial_state_BHPN is None else \
-        initial_state_BHPN.to(f32).reshape(Bsz, G, Hg, P, N).contiguous()  # viewed as (heads x P, N) rows below
+    h_BzGhPN = x.new_empty(Bsz, c + 1, G, Hg, P, N, dtype=acc)
+    if initial_state_BHPN is None:
+        h_BzGhPN[:, 0].zero_()
+    else:
+        h_BzGhPN[:, 0].view(Bsz, H, P, N).copy_(initial_state_BHPN)
     y_off = []
     for k in range(c):
-        y_off.append(C_BcGQN[:, k] @ h_BGhPN.to(mdt).view(Bsz, G, Hg * P, N).transpose(-1, -2))  # (B, G, Q, Hg*P)
-        h_BGhPN = torch.addcmul(states_BcGhPN[:, k], h_BGhPN, decay_BcGh11[:, k])
-    y_off_BcQGhP = torch.stack(y_off, dim=1).view(Bsz, c, G, Q, Hg, P).transpose(2, 3)
+        y_off.append(C_BcGQN[:, k] @ h_BzGhPN[:, k].to(mdt).view(Bsz, G, Hg * P, N).transpose(-1, -2))  # (B,G,Q,X)
+        torch.addcmul(states_BcGhPN[:, k], h_BzGhPN[:, k], decay_BcGh11[:, k], out=h_BzGhPN[:, k + 1])
+    y_off_BcGQX = torch.stack(y_off, dim=1)  # X: heads x P
+    y_off_BcQGhP = y_off_BcGQX.view(Bsz, c, G, Q, Hg, P).transpose(2, 3)
 
     # y = within-chunk part + decayed state part (+ D x), written once in (B, L, H, P) order
+    decay_in_BcHQ = dA_cs_BcHQ.exp()
     y_BcQGhP = _written(torch.addcmul, y_BcGhQP.permute(0, 1, 4, 2, 3, 5), y_off_BcQGhP,
-                        dA_cs_BcHQ.exp().view(Bsz, c, G, Hg, Q, 1).permute(0, 1, 4, 2, 3, 5), dtype=f32)
+                        decay_in_BcHQ.view(Bsz, c, G, Hg, Q, 1).permute(0, 1, 4, 2, 3, 5), dtype=acc)
     y_BcQHP = y_BcQGhP.view(Bsz, c, Q, H, P)
     if D is not None:
-        D_HP = D.to(f32).view(H, -1)
-        x_BcQHP = x.view(Bsz, c, Q, H, P)
-        y_BcQHP = torch.addcmul(y_BcQHP, x_BcQHP, D_HP) if torch.is_grad_enabled() and y_BcQHP.requires_grad \
-            else y_BcQHP.addcmul_(x_BcQHP, D_HP)
-    return y_BcQHP.reshape(Bsz, c * Q, H, P)[:, :L], h_BGhPN.view(Bsz, H, P, N)
+        y_BcQHP.addcmul_(x.view(Bsz, c, Q, H, P), D.to(acc).view(H, -1))
+    final_BHPN = h_BzGhPN[:, c].view(Bsz, H, P, N)
+    saved = None
+    if keep:
+        saved = (x, dt_BcHQ, A_H.to(acc), B_BcGQN, C_BcGQN, decay_BcGhQQ, CB_BcGQQ, scores_BcGhQQ, xdt_BcGhQP,
+                 decay_to_end_BcGhQ1, xdt_decayed_BcGhPQ, decay_BcGh11, h_BzGhPN, y_off_BcGQX, decay_in_BcHQ)
+    return y_BcQHP.reshape(Bsz, c * Q, H, P)[:, :L], final_BHPN, saved
+
+
+class _MixedChunkScan(torch.autograd.Function):
+    """The mixed-precision chunked scan with its backward derived by hand (the notation of `_mixed_scan_forward`).
+
+    Forward: cs = cumsum(dt A) within each chunk; xdt = x dt; scores = (C B^T) * exp(cs_l - cs_s) (causal);
+    y = scores @ xdt + exp(cs_l) (C_l h_k^T) + D x, with h_k the state entering chunk k:
+    h_{k+1} = S_k + exp(cs_end) h_k, S_k = (xdt * exp(cs_end - cs_s))^T B.
+    Backward, from dy and d(final state): the chunk recursion run backwards (one small step per chunk), every other
+    term as one batched product or one elementwise pass over the saved scores, decays and states; the gradient of
+    cs summed in reverse gives dt's and A's. Products in the inputs' dtype, everything elementwise in float32."""
+
+    @staticmethod
+    def forward(ctx, x_BLHP, dt_BLH, A_H, B_BLGN, C_BLGN, chunk_size, D, initial_state_BHPN):
+        y, final, saved = _mixed_scan_forward(x_BLHP, dt_BLH, A_H, B_BLGN, C_BLGN, chunk_size, D,
+                                              initial_state_BHPN, keep=True)
+        ctx.save_for_backward(*saved, D)
+        ctx.dtypes = (x_BLHP.dtype, dt_BLH.dtype, A_H.dtype, B_BLGN.dtype, C_BLGN.dtype)
+        ctx.L, ctx.has_initial = x_BLHP.shape[1], initial_state_BHPN is not None
+        return y, final.clone()  # the final state is a view of a saved buffer
+
+    @staticmethod
+    def backward(ctx, dy_BLHP, dfinal_BHPN):
+        (x, dt_BcHQ, A_H, B_BcGQN, C_BcGQN, decay_BcGhQQ, CB_BcGQQ, scores_BcGhQQ, xdt_BcGhQP, w_BcGhQ1, u_BcGhPQ,
+         decay_BcGh11, h_BzGhPN, y_off_BcGQX, e_BcHQ, D) = ctx.saved_tensors
+        Bsz, c, G, Hg, Q, P = xdt_BcGhQP.shape
+        H, N, L, mdt, acc = G * Hg, B_BcGQN.shape[-1], ctx.L, x.dtype, e_BcHQ.dtype
+        dy = dy_BLHP.to(acc)
+        dy_BcQGhP = (F.pad(dy, (0, 0, 0, 0, 0, c * Q - L)) if c * Q != L else dy).reshape(Bsz, c, Q, G, Hg, P)
+
+        # the state part, y_off * exp(cs_l): d(y_off) = dy exp(cs_l); its products with C and with the states
+        e_BcGQh1 = e_BcHQ.view(Bsz, c, G, Hg, Q).transpose(-1, -2).unsqueeze(-1)
+        dyo_BcGQhP = dy_BcQGhP.transpose(2, 3) * e_BcGQh1
+        dcs_BcGhQ = (dyo_BcGQhP * y_off_BcGQX.view(Bsz, c, G, Q, Hg, P)).sum(-1).transpose(-1, -2)
+        dyo_BcGQX = dyo_BcGQhP.to(mdt).view(Bsz, c, G, Q, Hg * P)
+        h_m_BcGXN = h_BzGhPN[:, :c].to(mdt).reshape(Bsz, c, G, Hg * P, N)
+        dC_BcGQN = dyo_BcGQX @ h_m_BcGXN
+        dh_direct_BcGXN = dyo_BcGQX.transpose(-1, -2) @ C_BcGQN
+
+        # the chunk recursion backwards: dh_k = dh_direct_k + exp(cs_end_k) dh_{k+1}; dh_c = d(final state)
+        dh_BzGhPN = torch.empty_like(h_BzGhPN)
+        if dfinal_BHPN is None:
+            dh_BzGhPN[:, c].zero_()
+        else:
+            dh_BzGhPN[:, c].view(Bsz, H, P, N).copy_(dfinal_BHPN)
+        for k in reversed(range(c)):
+            torch.addcmul(dh_direct_BcGXN[:, k].view(Bsz, G, Hg, P, N), dh_BzGhPN[:, k + 1], decay_BcGh11[:, k],
+                          out=dh_BzGhPN[:, k])
+        dS_BcGhPN = dh_BzGhPN[:, 1:]
+        dcs_end_BcGh = (dS_BcGhPN * h_BzGhPN[:, :c]).sum((-1, -2)) * decay_BcGh11.view(Bsz, c, G, Hg)
+
+        # the chunk states S = u^T B with u = xdt * w, w = exp(cs_end - cs_s)
+        dS_m_BcGXN = dS_BcGhPN.to(mdt).reshape(Bsz, c, G, Hg * P, N)
+        du_BcGhQP = (B_BcGQN @ dS_m_BcGXN.transpose(-1, -2)).view(Bsz, c, G, Q, Hg, P).transpose(3, 4)
+        dB_BcGQN = u_BcGhPQ.view(Bsz, c, G, Hg * P, Q).transpose(-1, -2) @ dS_m_BcGXN
+        dw_BcGhQ = (du_BcGhQP * xdt_BcGhQP).sum(-1) * w_BcGhQ1.squeeze(-1)
+        dcs_BcGhQ -= dw_BcGhQ
+        dcs_end_BcGh += dw_BcGhQ.sum(-1)
+
+        # within chunks: y_diag = scores @ xdt, scores = CB * decay, decay = exp(cs_l - cs_s)
+        dy_m_BcGhQP = dy_BcQGhP.permute(0, 1, 3, 4, 2, 5).to(mdt, memory_format=torch.contiguous_format)
+        dscores_BcGhQQ = dy_m_BcGhQP @ xdt_BcGhQP.transpose(-1, -2)
+        dxdt_BcGhQP = scores_BcGhQQ.transpose(-1, -2) @ dy_m_BcGhQP
+        dmix_BcGhQQ = dscores_BcGhQQ.to(acc).mul_(decay_BcGhQQ)  # d(CB) per head
+        dCB_BcGQQ = dmix_BcGhQQ.sum(3)
+        ddecay_BcGhQQ = dmix_BcGhQQ.mul_(CB_BcGQQ.unsqueeze(3))  # d(decay) * decay = d(cs_l - cs_s)
+        dcs_BcGhQ += ddecay_BcGhQQ.sum(-1)
+        dcs_BcGhQ -= ddecay_BcGhQQ.sum(-2)
+        dCB_m = dCB_BcGQQ.to(mdt)
+        dC_BcGQN += dCB_m @ B_BcGQN
+        dB_BcGQN += dCB_m.transpose(-1, -2) @ C_BcGQN
+        dcs_BcGhQ[..., -1] += dcs_end_BcGh
+
+        # xdt = x dt (both terms of dxdt), cs = cumsum(dt A), y += D x
+        dxdt_BcGhQP = dxdt_BcGhQP.to(acc).addcmul_(du_BcGhQP, w_BcGhQ1)
+        dxdt_BcQGhP = dxdt_BcGhQP.permute(0, 1, 4, 2, 3, 5)
+        x_BcQGhP = x.view(Bsz, c, Q, G, Hg, P)
+        da_BcHQ = dcs_BcGhQ.flip(-1).cumsum(-1).flip(-1).reshape(Bsz, c, H, Q)
+        ddt_BcQH = (dxdt_BcQGhP * x_BcQGhP).sum(-1).reshape(Bsz, c, Q, H) + (da_BcHQ * A_H.view(H, 1)).transpose(2, 3)
+        dA_H = (da_BcHQ * dt_BcHQ).sum((0, 1, 3))
+        dx_BcQGhP = _written(torch.mul, dxdt_BcQGhP, dt_BcHQ.view(Bsz, c, G, Hg, Q, 1).permute(0, 1, 4, 2, 3, 5),
+                             dtype=acc)
+        dD = None
+        if D is not None:
+            D_GhP = D.to(acc).view(G, Hg, -1)
+            dx_BcQGhP = dx_BcQGhP.addcmul_(dy_BcQGhP, D_GhP)
+            dD = (dy_BcQGhP * x_BcQGhP).sum((0, 1, 2))
+            dD = (dD if D.dim() == 2 else dD.sum(-1)).reshape(D.shape).to(D.dtype)
+
+        def unpad(t, dtype):  # (B, c, Q, ...) -> (B, L, ...)
+            return t.reshape(Bsz, c * Q, *t.shape[3:])[:, :L].to(dtype)
+
+        x_t, dt_t, A_t, B_t, C_t = ctx.dtypes
+        return (unpad(dx_BcQGhP.reshape(Bsz, c, Q, H, P), x_t), unpad(ddt_BcQH, dt_t), dA_H.to(A_t),
+                unpad(dB_BcGQN.transpose(2, 3), B_t), unpad(dC_BcGQN.transpose(2, 3), C_t), None, dD,
+                dh_BzGhPN[:, 0].reshape(Bsz, H, P, N) if ctx.has_initial else None)
 
 
 def _written(op: Callable, *args: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -188,17 +305,89 @@ def gated_rms_norm(
 ) -> torch.Tensor:
     """RMSNorm over groups of `group_size` channels, gated by silu(z) before (default in Mamba2) or after the norm.
 
-    Computes in float32 at least; returns z's dtype (the activations' dtype).
+    Computes in float32 at least; returns z's dtype (the activations' dtype). One autograd Function
+    (`_GatedRMSNorm`): its backward reuses the gate and the normalised values the forward wrote.
     """
-    out_dtype, cdt = z.dtype, torch.promote_types(y.dtype, torch.float32)
-    y, z = y.to(cdt), z.to(cdt)
-    if not norm_before_gate:
-        y = y * F.silu(z)
-    y_grouped = y.unflatten(-1, (-1, group_size))
-    y = (y_grouped * torch.rsqrt(y_grouped.square().mean(-1, keepdim=True) + eps)).flatten(-2) * weight.to(cdt)
-    if norm_before_gate:
-        y = y * F.silu(z)
-    return y.to(out_dtype)
+    return _GatedRMSNorm.apply(y, z, weight, eps, group_size, norm_before_gate)
+
+
+class _GatedRMSNorm(torch.autograd.Function):
+    """out = n w (x silu(z) if norm_before_gate), n = v / rms(v) per group, v = y (x silu(z) if not norm_before_gate).
+
+    Backward: with do = d(n w), dn = do w, dv = (dn - n mean(dn n)) / rms(v) per group, and silu's derivative by
+    `aten.silu_backward`."""
+
+    @staticmethod
+    def forward(ctx, y, z, weight, eps, group_size, norm_before_gate):
+        cdt = torch.promote_types(y.dtype, torch.float32)
+        ctx.dtypes = (y.dtype, z.dtype)
+        y, z_c = y.to(cdt), z.to(cdt)
+        gate = F.silu(z_c)
+        v = y if norm_before_gate else y * gate
+        v_grouped = v.unflatten(-1, (-1, group_size))
+        r = torch.linalg.vector_norm(v_grouped, dim=-1, keepdim=True).square_().div_(group_size).add_(eps).rsqrt_()
+        n = (v_grouped * r).flatten(-2)
+        out = n * weight.to(cdt)
+        if norm_before_gate:
+            out.mul_(gate)
+        ctx.save_for_backward(y, z, weight, gate, n, r)
+        ctx.group_size, ctx.norm_before_gate = group_size, norm_before_gate
+        return out.to(z.dtype)
+
+    @staticmethod
+    def backward(ctx, dout):
+        y, z, weight, gate, n, r = ctx.saved_tensors
+        cdt, gs = n.dtype, ctx.group_size
+        dout, w = dout.to(cdt), weight.to(cdt)
+        dz = None
+        if ctx.norm_before_gate:
+            dz = torch.ops.aten.silu_backward(dout * n * w, z.to(cdt))
+            dout = dout * gate
+        dw = (dout * n).flatten(0, -2).sum(0)
+        dn_grouped = (dout * w).unflatten(-1, (-1, gs))
+        n_grouped = n.unflatten(-1, (-1, gs))
+        mean_BG1 = torch.linalg.vecdot(dn_grouped, n_grouped).unsqueeze(-1).div_(gs)
+        dv = dn_grouped.addcmul_(n_grouped, mean_BG1, value=-1).mul_(r).flatten(-2)
+        if ctx.norm_before_gate:
+            dy = dv
+        else:
+            dz = torch.ops.aten.silu_backward(dv * y, z.to(cdt))
+            dy = dv.mul_(gate)
+        return dy.to(ctx.dtypes[0]), dz.to(ctx.dtypes[1]), dw.to(weight.dtype), None, None, None
+
+
+class _CausalConvSiLU(torch.autograd.Function):
+    """silu(depthwise causal conv1d + bias) over (B, l, Dc) kept channels-last: K shifted multiply-adds on contiguous
+    rows, forward and backward, accumulated in float32 at least. (`F.conv1d` wants (B, Dc, l), so the transposes
+    cost copies, and its depthwise backward on the CPU is slow: measured in docs/benchmarks.md.)"""
+
+    @staticmethod
+    def forward(ctx, x_BlD, w_DK, bias_D):
+        K, n = w_DK.shape[1], x_BlD.shape[1]
+        w_DK_c = w_DK.to(torch.promote_types(x_BlD.dtype, torch.float32))
+        pre_BlD = torch.mul(x_BlD, w_DK_c[:, K - 1])  # the newest tap: x_t; tap K-1-k reads x_{t-k}
+        if bias_D is not None:
+            pre_BlD.add_(bias_D)
+        for k in range(1, min(K, n)):
+            pre_BlD[:, k:].addcmul_(x_BlD[:, :n - k], w_DK_c[:, K - 1 - k])
+        ctx.save_for_backward(x_BlD, w_DK, pre_BlD)
+        ctx.has_bias = bias_D is not None
+        return F.silu(pre_BlD).to(x_BlD.dtype)
+
+    @staticmethod
+    def backward(ctx, dy_BlD):
+        x_BlD, w_DK, pre_BlD = ctx.saved_tensors
+        K, n = w_DK.shape[1], x_BlD.shape[1]
+        w_DK_c = w_DK.to(pre_BlD.dtype)
+        dpre_BlD = torch.ops.aten.silu_backward(dy_BlD.to(pre_BlD.dtype), pre_BlD)
+        dx_BlD = dpre_BlD * w_DK_c[:, K - 1]
+        dw_DK = torch.zeros_like(w_DK_c)
+        dw_DK[:, K - 1] = (dpre_BlD * x_BlD).sum((0, 1))
+        for k in range(1, min(K, n)):
+            dx_BlD[:, :n - k].addcmul_(dpre_BlD[:, k:], w_DK_c[:, K - 1 - k])
+            dw_DK[:, K - 1 - k] = (dpre_BlD[:, k:] * x_BlD[:, :n - k]).sum((0, 1))
+        dbias_D = dpre_BlD.sum((0, 1)) if ctx.has_bias else None
+        return dx_BlD.to(x_BlD.dtype), dw_DK.to(w_DK.dtype), dbias_D
 
 
 class RMSNormGated(nn.Module):
@@ -467,6 +656,8 @@ class Mamba2(nn.Module):
     def _causal_conv(self, xBC_Bld: torch.Tensor, state: Mamba2State | None) -> torch.Tensor:
         """Depthwise causal conv + SiLU over (B, l, Dc); starts from and updates `state.conv_state` if given."""
         K1 = self.d_conv - 1
+        if state is None:
+            return _CausalConvSiLU.apply(xBC_Bld, self.conv1d.weight.squeeze(1), self.conv1d.bias)
         x_BDl = xBC_Bld.transpose(1, 2)
         if state is None:
             x_BDk = F.pad(x_BDl, (K1, 0))

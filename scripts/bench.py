@@ -16,6 +16,8 @@ Shapes follow --depth (width 64*depth, depth heads) and --pn; timing, memory and
     python scripts/bench.py --only train sample --depth 4 --device cpu --threads 1
     python scripts/bench.py --only train --depth 8 --device cpu --threads 1 --archs mvar var intra mamba \
         --train_dtypes fp32 bf16                                                          # CPU training throughput
+    python scripts/bench.py --only train --depth 4 --width 128 --heads 2 --pn 1_2_3_4_5_6_8 --bs 64 --V 512 \
+        --device cpu --threads 1 --train_dtypes fp32                                      # the study's scale
     python scripts/bench.py --device cuda --dtype bf16 --depth 16 --bs 32 --out docs/gpu.md
     python scripts/bench.py --only paper --device cpu --threads 1 --pn 1_2_3_4_5 --repeats 1 --warmup 1  # a quick look
 """
@@ -162,7 +164,8 @@ def bench_train(device: torch.device, args: argparse.Namespace) -> str:
     for arch in args.archs:
         for dtype_name in dtypes:
             torch.manual_seed(0)
-            mvar = MVAR(MVARConfig(depth=args.depth, patch_nums=parse_patch_nums(args.pn), arch=arch),
+            mvar = MVAR(MVARConfig(depth=args.depth, patch_nums=parse_patch_nums(args.pn), arch=arch, V=args.V,
+                                   embed_dim=args.width or None, num_heads=args.heads or None),
                         attn_backend=args.attn_backend, mamba_backend=args.mamba_backend).to(device)
             mvar.init_weights()
             trainer = Trainer(vae=None, model=mvar, device=device, lr=1e-4, fp16=TRAIN_FP16[dtype_name])
@@ -193,7 +196,9 @@ def bench_train(device: torch.device, args: argparse.Namespace) -> str:
                      f"{gflops / s / peak * 100:.1f}" if peak else "-",
                      f"**{fp32_ms / ms[arch, dtype_name]:.2f}x**" if fp32_ms else ""])
     L = next(iter(models.values())).L
-    return "\n".join([f"### train: depth {args.depth}, L={L}, batch {B}, {device.type} (tokenizer excluded; model "
+    width = f", width {args.width}, {args.heads or args.width // 64} heads, V={args.V}" if args.width else ""
+    return "\n".join([f"### train: depth {args.depth}{width}, L={L}, batch {B}, {device.type} (tokenizer excluded; "
+                      f"model "
                       f"GFLOP = linear layers forward and backward + attention scores x3, counted on one step; "
                       f"peak: {peak_note})", "",
                       bm.markdown_table(["device", "arch", "dtype", "params M", "ms / step", "images / s",
@@ -348,13 +353,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--depth", type=int, default=16, help="width 64*depth and depth heads (16: C=1024, H=16)")
     p.add_argument("--pn", default="256", help="patch schedule: 256, 512 or sides joined by '_'")
     p.add_argument("--bs", type=int, default=2, help="batch size")
+    p.add_argument("--width", type=int, default=0, help="train section: model width (0: 64*depth)")
+    p.add_argument("--heads", type=int, default=0, help="train section: attention heads (0: width // 64)")
     p.add_argument("--archs", nargs="+", default=["mvar", "var"], choices=list(ARCH_BRANCHES),
                    help="block and train sections: the architectures to compare")
     add_backend_flags(p)
     p.add_argument("--train_dtypes", nargs="+", choices=list(TRAIN_FP16), default=None,
                    help="train section: precisions timed side by side (default: --dtype)")
     g = p.add_argument_group("sample section")
-    g.add_argument("--V", type=int, default=4096, help="vocabulary size")
+    g.add_argument("--V", type=int, default=4096, help="vocabulary size (the train section too)")
     g.add_argument("--vae_ch", type=int, default=32, help="tokenizer width (160 = VAR's; 32 keeps decoding cheap)")
     g.add_argument("--cfg", type=float, default=1.5)
     g.add_argument("--top_k", type=int, default=900)
