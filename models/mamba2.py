@@ -165,19 +165,21 @@ def _mixed_scan_forward(x_BLHP, dt_BLH, A_H, B_BLGN, C_BLGN, chunk_size, D, init
                                   dtype=mdt)
     states_BcGhPN = (xdt_decayed_BcGhPQ.view(Bsz, c, G, Hg * P, Q) @ B_BcGQN).view(Bsz, c, G, Hg, P, N)
 
-    # 3. carry the state from chunk to chunk in float32 (h_z: the state entering chunk z, z = c: the final one);
-    # 4. each chunk's output from the state entering it, one product per chunk and group for every head
-    # ((Q, N) x (N, heads x P): C is not repeated per head either)
+    # 3. carry the state from chunk to chunk in float32 (h_k: the state entering chunk k); 4. each chunk's output
+    # from the state entering it, one product per chunk and group for every head ((Q, N) x (N, heads x P): C is not
+    # repeated per head either)
     decay_BcGh11 = dA_cs_BcHQ[..., -1].exp().view(Bsz, c, G, Hg, 1, 1)
-    h_BzGhPN = x.new_empty(Bsz, c + 1, G, Hg, P, N, dtype=acc)
+    h_BcGhPN = x.new_empty(Bsz, c, G, Hg, P, N, dtype=acc)
+    final_BHPN = x.new_empty(Bsz, H, P, N, dtype=acc)
     if initial_state_BHPN is None:
-        h_BzGhPN[:, 0].zero_()
+        h_BcGhPN[:, 0].zero_()
     else:
-        h_BzGhPN[:, 0].view(Bsz, H, P, N).copy_(initial_state_BHPN)
+        h_BcGhPN[:, 0].view(Bsz, H, P, N).copy_(initial_state_BHPN)
     y_off = []
     for k in range(c):
-        y_off.append(C_BcGQN[:, k] @ h_BzGhPN[:, k].to(mdt).view(Bsz, G, Hg * P, N).transpose(-1, -2))  # (B,G,Q,X)
-        torch.addcmul(states_BcGhPN[:, k], h_BzGhPN[:, k], decay_BcGh11[:, k], out=h_BzGhPN[:, k + 1])
+        y_off.append(C_BcGQN[:, k] @ h_BcGhPN[:, k].to(mdt).view(Bsz, G, Hg * P, N).transpose(-1, -2))  # (B,G,Q,X)
+        torch.addcmul(states_BcGhPN[:, k], h_BcGhPN[:, k], decay_BcGh11[:, k],
+                      out=h_BcGhPN[:, k + 1] if k + 1 < c else final_BHPN.view(Bsz, G, Hg, P, N))
     y_off_BcGQX = torch.stack(y_off, dim=1)  # X: heads x P
     y_off_BcQGhP = y_off_BcGQX.view(Bsz, c, G, Q, Hg, P).transpose(2, 3)
 
@@ -188,11 +190,10 @@ def _mixed_scan_forward(x_BLHP, dt_BLH, A_H, B_BLGN, C_BLGN, chunk_size, D, init
     y_BcQHP = y_BcQGhP.view(Bsz, c, Q, H, P)
     if D is not None:
         y_BcQHP.addcmul_(x.view(Bsz, c, Q, H, P), D.to(acc).view(H, -1))
-    final_BHPN = h_BzGhPN[:, c].view(Bsz, H, P, N)
     saved = None
     if keep:
         saved = (x, dt_BcHQ, A_H.to(acc), B_BcGQN, C_BcGQN, decay_BcGhQQ, CB_BcGQQ, scores_BcGhQQ, xdt_BcGhQP,
-                 decay_to_end_BcGhQ1, xdt_decayed_BcGhPQ, decay_BcGh11, h_BzGhPN, y_off_BcGQX, decay_in_BcHQ)
+                 decay_to_end_BcGhQ1, xdt_decayed_BcGhPQ, decay_BcGh11, h_BcGhPN, y_off_BcGQX, decay_in_BcHQ)
     return y_BcQHP.reshape(Bsz, c * Q, H, P)[:, :L], final_BHPN, saved
 
 
@@ -213,43 +214,44 @@ class _MixedChunkScan(torch.autograd.Function):
         ctx.save_for_backward(*saved, D)
         ctx.dtypes = (x_BLHP.dtype, dt_BLH.dtype, A_H.dtype, B_BLGN.dtype, C_BLGN.dtype)
         ctx.L, ctx.has_initial = x_BLHP.shape[1], initial_state_BHPN is not None
-        return y, final.clone()  # the final state is a view of a saved buffer
+        return y, final
 
     @staticmethod
     def backward(ctx, dy_BLHP, dfinal_BHPN):
         (x, dt_BcHQ, A_H, B_BcGQN, C_BcGQN, decay_BcGhQQ, CB_BcGQQ, scores_BcGhQQ, xdt_BcGhQP, w_BcGhQ1, u_BcGhPQ,
-         decay_BcGh11, h_BzGhPN, y_off_BcGQX, e_BcHQ, D) = ctx.saved_tensors
+         decay_BcGh11, h_BcGhPN, y_off_BcGQX, e_BcHQ, D) = ctx.saved_tensors
         Bsz, c, G, Hg, Q, P = xdt_BcGhQP.shape
         H, N, L, mdt, acc = G * Hg, B_BcGQN.shape[-1], ctx.L, x.dtype, e_BcHQ.dtype
         dy = dy_BLHP.to(acc)
         dy_BcQGhP = (F.pad(dy, (0, 0, 0, 0, 0, c * Q - L)) if c * Q != L else dy).reshape(Bsz, c, Q, G, Hg, P)
 
         # the state part, y_off * exp(cs_l): d(y_off) = dy exp(cs_l); its products with C and with the states
-        e_BcGQh1 = e_BcHQ.view(Bsz, c, G, Hg, Q).transpose(-1, -2).unsqueeze(-1)
-        dyo_BcGQhP = dy_BcQGhP.transpose(2, 3) * e_BcGQh1
-        dcs_BcGhQ = (dyo_BcGQhP * y_off_BcGQX.view(Bsz, c, G, Q, Hg, P)).sum(-1).transpose(-1, -2)
-        dyo_BcGQX = dyo_BcGQhP.to(mdt).view(Bsz, c, G, Q, Hg * P)
-        h_m_BcGXN = h_BzGhPN[:, :c].to(mdt).reshape(Bsz, c, G, Hg * P, N)
-        dC_BcGQN = dyo_BcGQX @ h_m_BcGXN
-        dh_direct_BcGXN = dyo_BcGQX.transpose(-1, -2) @ C_BcGQN
+        dyo_BcQGhP = dy_BcQGhP * e_BcHQ.view(Bsz, c, G, Hg, Q).permute(0, 1, 4, 2, 3).unsqueeze(-1)
+        dcs_BcGhQ = torch.linalg.vecdot(dyo_BcQGhP, y_off_BcGQX.to(acc).view(Bsz, c, G, Q, Hg, P).transpose(2, 3)) \
+            .permute(0, 1, 3, 4, 2)
+        dyo_BcGQX = dyo_BcQGhP.view(Bsz, c, Q, G, Hg * P).transpose(2, 3).to(mdt)
+        dC_BcGQN = dyo_BcGQX @ h_BcGhPN.to(mdt).view(Bsz, c, G, Hg * P, N)
+        dh_direct_BcGhPN = (dyo_BcGQX.transpose(-1, -2) @ C_BcGQN).view(Bsz, c, G, Hg, P, N)
 
-        # the chunk recursion backwards: dh_k = dh_direct_k + exp(cs_end_k) dh_{k+1}; dh_c = d(final state)
-        dh_BzGhPN = torch.empty_like(h_BzGhPN)
+        # the chunk recursion backwards: dh_k = dh_direct_k + exp(cs_end_k) dh_{k+1}, dh_c = d(final state);
+        # dS_k = dh_{k+1} is what chunk k's state contributed
+        dS_BcGhPN = torch.empty_like(h_BcGhPN)
         if dfinal_BHPN is None:
-            dh_BzGhPN[:, c].zero_()
+            dS_BcGhPN[:, c - 1].zero_()
         else:
-            dh_BzGhPN[:, c].view(Bsz, H, P, N).copy_(dfinal_BHPN)
-        for k in reversed(range(c)):
-            torch.addcmul(dh_direct_BcGXN[:, k].view(Bsz, G, Hg, P, N), dh_BzGhPN[:, k + 1], decay_BcGh11[:, k],
-                          out=dh_BzGhPN[:, k])
-        dS_BcGhPN = dh_BzGhPN[:, 1:]
-        dcs_end_BcGh = (dS_BcGhPN * h_BzGhPN[:, :c]).sum((-1, -2)) * decay_BcGh11.view(Bsz, c, G, Hg)
+            dS_BcGhPN[:, c - 1].view(Bsz, H, P, N).copy_(dfinal_BHPN)
+        for k in range(c - 1, 0, -1):
+            torch.addcmul(dh_direct_BcGhPN[:, k], dS_BcGhPN[:, k], decay_BcGh11[:, k], out=dS_BcGhPN[:, k - 1])
+        dinit = torch.addcmul(dh_direct_BcGhPN[:, 0], dS_BcGhPN[:, 0], decay_BcGh11[:, 0]).view(Bsz, H, P, N) \
+            if ctx.has_initial else None
+        dcs_end_BcGh = torch.linalg.vecdot(dS_BcGhPN.flatten(-2), h_BcGhPN.flatten(-2)) \
+            * decay_BcGh11.view(Bsz, c, G, Hg)
 
         # the chunk states S = u^T B with u = xdt * w, w = exp(cs_end - cs_s)
-        dS_m_BcGXN = dS_BcGhPN.to(mdt).reshape(Bsz, c, G, Hg * P, N)
+        dS_m_BcGXN = dS_BcGhPN.to(mdt).view(Bsz, c, G, Hg * P, N)
         du_BcGhQP = (B_BcGQN @ dS_m_BcGXN.transpose(-1, -2)).view(Bsz, c, G, Q, Hg, P).transpose(3, 4)
         dB_BcGQN = u_BcGhPQ.view(Bsz, c, G, Hg * P, Q).transpose(-1, -2) @ dS_m_BcGXN
-        dw_BcGhQ = (du_BcGhQP * xdt_BcGhQP).sum(-1) * w_BcGhQ1.squeeze(-1)
+        dw_BcGhQ = torch.linalg.vecdot(du_BcGhQP.to(acc), xdt_BcGhQP.to(acc)) * w_BcGhQ1.squeeze(-1)
         dcs_BcGhQ -= dw_BcGhQ
         dcs_end_BcGh += dw_BcGhQ.sum(-1)
 
@@ -272,7 +274,8 @@ class _MixedChunkScan(torch.autograd.Function):
         dxdt_BcQGhP = dxdt_BcGhQP.permute(0, 1, 4, 2, 3, 5)
         x_BcQGhP = x.view(Bsz, c, Q, G, Hg, P)
         da_BcHQ = dcs_BcGhQ.flip(-1).cumsum(-1).flip(-1).reshape(Bsz, c, H, Q)
-        ddt_BcQH = (dxdt_BcQGhP * x_BcQGhP).sum(-1).reshape(Bsz, c, Q, H) + (da_BcHQ * A_H.view(H, 1)).transpose(2, 3)
+        ddt_BcQH = torch.linalg.vecdot(dxdt_BcQGhP, x_BcQGhP.to(acc)).reshape(Bsz, c, Q, H) \
+            + (da_BcHQ * A_H.view(H, 1)).transpose(2, 3)
         dA_H = (da_BcHQ * dt_BcHQ).sum((0, 1, 3))
         dx_BcQGhP = _written(torch.mul, dxdt_BcQGhP, dt_BcHQ.view(Bsz, c, G, Hg, Q, 1).permute(0, 1, 4, 2, 3, 5),
                              dtype=acc)
@@ -289,7 +292,7 @@ class _MixedChunkScan(torch.autograd.Function):
         x_t, dt_t, A_t, B_t, C_t = ctx.dtypes
         return (unpad(dx_BcQGhP.reshape(Bsz, c, Q, H, P), x_t), unpad(ddt_BcQH, dt_t), dA_H.to(A_t),
                 unpad(dB_BcGQN.transpose(2, 3), B_t), unpad(dC_BcGQN.transpose(2, 3), C_t), None, dD,
-                dh_BzGhPN[:, 0].reshape(Bsz, H, P, N) if ctx.has_initial else None)
+                dinit)
 
 
 def _written(op: Callable, *args: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
