@@ -658,15 +658,12 @@ class Mamba2(nn.Module):
     # ---- helpers -----------------------------------------------------------------------------------------------
     def _causal_conv(self, xBC_Bld: torch.Tensor, state: Mamba2State | None) -> torch.Tensor:
         """Depthwise causal conv + SiLU over (B, l, Dc); starts from and updates `state.conv_state` if given."""
-        K1 = self.d_conv - 1
         if state is None:
             return _CausalConvSiLU.apply(xBC_Bld, self.conv1d.weight.squeeze(1), self.conv1d.bias)
+        K1 = self.d_conv - 1
         x_BDl = xBC_Bld.transpose(1, 2)
-        if state is None:
-            x_BDk = F.pad(x_BDl, (K1, 0))
-        else:
-            x_BDk = torch.cat([state.conv_state.to(x_BDl.dtype), x_BDl], dim=-1)
-            state.conv_state.copy_(x_BDk[..., x_BDk.shape[-1] - K1:].detach())
+        x_BDk = torch.cat([state.conv_state.to(x_BDl.dtype), x_BDl], dim=-1)
+        state.conv_state.copy_(x_BDk[..., x_BDk.shape[-1] - K1:].detach())
         y_BDl = F.conv1d(x_BDk, self.conv1d.weight, self.conv1d.bias, groups=self.conv_dim)
         return F.silu(y_BDl).transpose(1, 2)
 
