@@ -15,8 +15,7 @@ from utils.data import build_datasets
 from utils.digit_classifier import predict, train_classifier
 from utils.edit_inputs import box_mask, load_edit_inputs
 
-# numerics: rerun by `make test` at the lowest ISA level; the module fixture is built once, on one xdist worker
-pytestmark = [pytest.mark.numerics, pytest.mark.xdist_group("editing")]
+pytestmark = pytest.mark.numerics  # rerun by `make test` at the lowest ISA level
 
 IMG = 8  # build_tiny: patch_nums (1, 2, 3, 4) and a 2x tokenizer
 

@@ -11,8 +11,6 @@ from test_trainer_e2e import (KILL_AFTER_FIRST_SAVE, logged_losses, model_state,
                              setup, train_cmd)
 from utils.checkpoint import LAST
 
-pytestmark = pytest.mark.xdist_group("fp16_cpu")  # module fixture: built once, on one xdist worker
-
 FP16 = ("--fp16=1", "--save_every=2")  # 2 epochs of 6 steps
 
 

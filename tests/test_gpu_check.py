@@ -13,8 +13,6 @@ from conftest import REPO, SUBPROCESS_ENV
 from utils.check_results import read_lines
 from utils.markdown import read_tables
 
-pytestmark = pytest.mark.xdist_group("gpu_check")  # module fixture: built once, on one xdist worker
-
 STAGE_FILES = ("env.json", "numerics.json", "train.json", "timings.json")
 
 

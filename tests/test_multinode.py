@@ -23,7 +23,7 @@ from test_trainer_e2e import (NO_MODEL_RNG, REPO, logged_losses, max_abs_diff, m
                               setup, single_run, train_cmd)
 from utils.checkpoint import LAST
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("multinode")]  # module fixture: built once, on one xdist worker
+pytestmark = pytest.mark.slow
 # TORCH_DISABLE_SHARE_RDZV_TCP_STORE: with the rendezvous store shared across rounds (torch's default), the
 # workers of an elastic restart read the previous round's gloo addresses and hang connecting to dead peers
 LOOPBACK_ENV = {**ENV, "GLOO_SOCKET_IFNAME": "lo", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}

@@ -12,8 +12,6 @@ from models import MVARConfig
 from models.loading import mvar_checkpoint
 from utils.fid_dump import pack_npz
 
-pytestmark = pytest.mark.xdist_group("sample_cli")  # module fixture: built once, on one xdist worker
-
 NUM_CLASSES, IMG = 10, 8  # patch_nums (1, 2, 3, 4) with a 2x tokenizer: 8x8 pixel images
 
 

@@ -7,8 +7,6 @@ from torch.utils.data import TensorDataset
 from utils.digit_classifier import accuracy, train_classifier
 from utils.sample_metrics import classifier_scores, classifier_view
 
-pytestmark = pytest.mark.xdist_group("sample_metrics")  # module fixture: built once, on one xdist worker
-
 
 @pytest.fixture(scope="module")
 def classifier_and_images():

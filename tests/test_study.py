@@ -11,8 +11,6 @@ from conftest import REPO, SUBPROCESS_ENV
 from scripts import study
 from PIL import Image
 
-pytestmark = pytest.mark.xdist_group("study")  # module fixture: built once, on one xdist worker
-
 STUDY = REPO / "scripts" / "study.py"
 
 

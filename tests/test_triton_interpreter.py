@@ -19,8 +19,6 @@ import pytest
 
 from interpreter_worker import MAMBA_RUNS, PLANTS  # tests/ is on sys.path under pytest
 
-pytestmark = pytest.mark.xdist_group("triton_interpreter")  # module fixture: built once, on one xdist worker
-
 REPO = Path(__file__).resolve().parents[1]
 SITE = REPO / ".whl" / "site"  # where `make test` puts the pure-Python kernel builds
 WORKER = Path(__file__).with_name("interpreter_worker.py")
