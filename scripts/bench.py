@@ -198,8 +198,7 @@ def bench_train(device: torch.device, args: argparse.Namespace) -> str:
     L = next(iter(models.values())).L
     width = f", width {args.width}, {args.heads or args.width // 64} heads, V={args.V}" if args.width else ""
     return "\n".join([f"### train: depth {args.depth}{width}, L={L}, batch {B}, {device.type} (tokenizer excluded; "
-                      f"model "
-                      f"GFLOP = linear layers forward and backward + attention scores x3, counted on one step; "
+                      f"model GFLOP = linear layers forward and backward + attention scores x3, counted on one step; "
                       f"peak: {peak_note})", "",
                       bm.markdown_table(["device", "arch", "dtype", "params M", "ms / step", "images / s",
                                          "model GFLOP / step", "GFLOP/s", "% of peak", "speed-up vs fp32"], rows)])

@@ -60,7 +60,8 @@ def stub_cuda_for_interpreter() -> None:
         return [min(prune(self, kwargs), key=_block_elements)]
 
     Autotuner.prune_configs = cheapest_config
-    # triton < 3.5 still times a single pruned config, and timing asks for a GPU driver: there is nothing to choose
+    # triton 3.2-3.4 still time a single pruned config (3.8 skips it), and timing asks for a GPU driver: nothing to
+    # choose, so no timing
     Autotuner._bench = lambda self, *args, config, **meta: [0.0, 0.0, 0.0]
     # int overflow checks on every integer op: debug-only on a GPU, and half the interpreter's time
     builder = interpreter.interpreter_builder
