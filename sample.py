@@ -30,23 +30,20 @@ import numpy as np
 import torch
 
 import dist
-from models.loading import config_from_state_dict, load_mvar, resolve_mvar_checkpoint
 from models.attention import resolve_backend
 from models.backends import BackendError
+from models.hub_format import MVARHF, HubSource, is_hub_source, read_config
+from models.loading import config_from_state_dict, load_checkpoint, load_mvar, load_vae, resolve_mvar_checkpoint
 from models.mamba2 import resolve_kernels
-from models.hub import HubSource, MVARHF, is_hub_source, read_config
 from models.mvar import MVAR, MVARConfig
 from models.precision import effective_amp_dtype
-from models.tokenizer import load_vae
-from utils.args import add_backend_flags, add_model_flag
-from utils.checkpoint import load_checkpoint
-from utils.edit_inputs import load_edit_inputs, parse_box
-from utils.fid_dump import DumpPlan, check_or_write_settings, chunk_seed, dump_shard, fid_folder_name, pack_npz, \
-    weights_digest
-from utils.finite import NonFiniteValueError, check_finite_images, check_finite_weights
-from utils.image_grid import is_image_file, save_folder, save_grid, to_uint8_BHW3
-from utils.logging_utils import setup_logging
-from utils.registry import ARCH_BRANCHES, MVAR_models, parse_patch_nums
+from models.presets import ARCH_BRANCHES, MVAR_models, parse_patch_nums
+from utils.evaluation.fid_dump import DumpPlan, check_or_write_settings, chunk_seed, dump_shard, fid_folder_name, \
+    pack_npz, weights_digest
+from utils.flags import add_backend_flags, add_model_flag
+from utils.run.log import setup_logging
+from utils.sample_io import NonFiniteValueError, check_finite_images, check_finite_weights, is_image_file, \
+    load_edit_inputs, parse_box, save_folder, save_grid, to_uint8_BHW3
 
 logger = logging.getLogger("sample")
 

@@ -8,7 +8,7 @@ the residuals the quantizer sees on the current batch. Runs on one process or un
 
 The output folder holds `tokenizer-last.pth` ({"vae_config", "vae", ...}: load it with models.loading.load_vae,
 or pass it to train.py / sample.py as --vae_ckpt) and `tokenizer-prev.pth`; a run restarted with the same
---out_dir resumes from them (utils.train_state: the same seeding, saving and resume rules as train.py).
+--out_dir resumes from them (utils.run.checkpoint: the same seeding, saving and resume rules as train.py).
 """
 import argparse
 import dataclasses
@@ -22,15 +22,17 @@ import torch.nn.functional as F
 from torch import nn
 
 import dist
+from models.presets import parse_patch_nums
 from models.quantizer import USAGE_MARGIN
-from models.tokenizer import VQVAE, parse_patch_nums
-from utils.args import str2bool
-from utils.data import build_datasets, build_loaders
-from utils.logging_utils import setup_logging
-from utils.lr_schedule import lr_factor
-from utils.preemption import Preemption
-from utils.train_state import RunFolder, gather_rng_states, resolve_seed, restore_rng_states, seed_everything
-from utils.vq_losses import PatchDiscriminator, build_perceptual_loss, hinge_d_loss, hinge_g_loss
+from models.tokenizer import VQVAE
+from models.vq_losses import PatchDiscriminator, build_perceptual_loss, hinge_d_loss, hinge_g_loss
+from utils.data.loaders import build_datasets, build_loaders
+from utils.flags import str2bool
+from utils.run.checkpoint import RunFolder
+from utils.run.log import setup_logging
+from utils.run.preemption import Preemption
+from utils.run.rng import gather_rng_states, resolve_seed, restore_rng_states, seed_everything
+from utils.run.schedule import lr_factor
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     g = p.add_argument_group("data")
     g.add_argument("--data_path", default="", help="ImageFolder root with train/ and val/; empty = --dataset")
-    g.add_argument("--dataset", default="mnist", help="embedded data set (utils.embedded_data: mnist, imagenet20, "
+    g.add_argument("--dataset", default="mnist", help="embedded data set (utils.data.embedded: mnist, imagenet20, "
                    "fmnist)")
     g.add_argument("--fmnist_dir", default="", help="Fashion-MNIST's IDX folder (see train.py --fmnist_dir)")
     g.add_argument("--reso", type=int, default=32, help="image side in pixels")
@@ -81,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (tokenizer and discriminator)")
     g.add_argument("--wd", type=float, default=0.0, help="AdamW weight decay")
     g.add_argument("--wp", type=float, default=0.02, help="warm-up, as a fraction of --steps")
-    g.add_argument("--sche", default="cos", help="lr schedule after warm-up (utils.lr_schedule)")
+    g.add_argument("--sche", default="cos", help="lr schedule after warm-up (utils.run.schedule)")
     g.add_argument("--clip", type=float, default=2.0, help="gradient-norm clip (0: off)")
     g = p.add_argument_group("run")
     g.add_argument("--out_dir", default="local_output/tokenizer", help="checkpoint/log folder (auto-resume)")

@@ -18,18 +18,17 @@ import torchvision.utils
 
 import dist
 from models import backends
-from models.loading import DERIVED_KEYS, load_vae
+from models.loading import DERIVED_KEYS, load_checkpoint, load_state_dict_checked, load_vae
 from models.mvar import MVAR, MVARConfig
 from models.tokenizer import VQVAE
 from trainer import Trainer
-from utils.args import finalize_args, parse_args
-from utils.checkpoint import load_checkpoint
-from utils.data import build_datasets, build_loaders
-from utils.logging_utils import TBLogger, setup_logging
-from utils.lr_schedule import Schedule
-from utils.preemption import Preemption
-from utils.state_dict import load_state_dict_checked
-from utils.train_state import RunFolder, resolve_seed, seed_everything
+from utils.data.loaders import build_datasets, build_loaders
+from utils.flags import finalize_args, parse_args
+from utils.run.checkpoint import RunFolder
+from utils.run.log import TBLogger, setup_logging
+from utils.run.preemption import Preemption
+from utils.run.rng import resolve_seed, seed_everything
+from utils.run.schedule import Schedule
 
 logger = logging.getLogger("train")
 COMPILE_MODES = {1: "reduce-overhead", 2: "max-autotune", 3: "default"}
@@ -85,7 +84,7 @@ def build_schedule(args: argparse.Namespace, iters_per_epoch: int) -> Schedule:
 # ----------------------------------------------------------------------------------------------------------------
 class Checkpointer:
     """train.py's saves: mid-epoch every --save_every iterations and every --save_every_min minutes (rank 0's
-    clock decides for everyone), at epoch end, and on SIGTERM/SIGINT (then the process exits: utils.preemption);
+    clock decides for everyone), at epoch end, and on SIGTERM/SIGINT (then the process exits: utils.run.preemption);
     a save due inside an accumulation window waits for its end."""
 
     def __init__(self, folder: RunFolder, trainer: Trainer, args: argparse.Namespace):
@@ -228,7 +227,7 @@ def main(args: argparse.Namespace) -> None:
         t_log = time.time()  # validation, sampling and saving do not count against img/s
         for it, (inp_B3HW, label_B) in enumerate(train_loader, start=sampler.start_it):
             g_it = ep * iters + it
-            res = trainer.step(inp_B3HW, label_B, g_it)
+            res = trainer.scheduled_step(inp_B3HW, label_B, g_it)
             log_step = (it + 1) % args.log_every == 0 or it + 1 == iters
             if log_step:
                 log_progress(tb, trainer.pop_metrics(time.time() - t_log), args, ep, it, iters, g_it)

@@ -17,13 +17,13 @@ import torch.nn.functional as F
 from torch import nn
 
 import dist
+from models.loading import CheckpointError
 from models.mvar import MVAR, MVARConfig
 from models.precision import effective_amp_dtype
 from models.tokenizer import VQVAE, VQVAEConfig
-from utils.checkpoint import CheckpointError
-from utils.logging_utils import Averager
-from utils.lr_schedule import Schedule, SchedulePoint, set_lr_wd
-from utils.train_state import gather_rng_states, restore_rng_states
+from utils.run.log import Averager
+from utils.run.rng import gather_rng_states, restore_rng_states
+from utils.run.schedule import Schedule, SchedulePoint, set_lr_wd
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def token_ce(logits_BLV: torch.Tensor, gt_BL: torch.Tensor, label_smoothing: flo
 
 def build_optimizer(model: nn.Module, lr: float, fused: bool = True) -> torch.optim.Optimizer:
     """AdamW(betas=(0.9, 0.95)), fused on CUDA when `fused`; lr and weight decay are set each step by the
-    schedule (utils.lr_schedule.set_lr_wd)."""
+    schedule (utils.run.schedule.set_lr_wd)."""
     on_cuda = next(model.parameters()).is_cuda
     return torch.optim.AdamW(param_groups(model), lr=lr, weight_decay=0.0, betas=(0.9, 0.95),
                              fused=True if fused and on_cuda else None)
@@ -85,7 +85,7 @@ class Trainer:
 
     model: the model as called for training (DDP / FSDP2 / compiled); its plain module is `self.mvar`.
     lr / fused_adam: the optimizer's (`build_optimizer`); `schedule` sets lr, wd and the progressive stage each
-    iteration in `step` (steps driven by `train_step` directly keep the lr given here).
+    iteration in `scheduled_step` (steps driven by `micro_step` directly keep the lr given here).
     fp16: 0 fp32, 1 fp16 autocast + GradScaler, 2 bf16 autocast (fp32, with one log line, on a CPU without bf16
     instructions, where bf16 is emulated and slower). The tokenizer always runs in fp32 outside autocast.
     """
@@ -128,12 +128,13 @@ class Trainer:
             w_L[bg:ed] *= min(max(prog_wp, 0.0), 1.0)
         return ce_BL.mul(w_L).sum(dim=-1).mean()
 
-    def step(self, inp_B3HW: torch.Tensor, label_B: torch.Tensor, g_it: int) -> StepResult:
-        """The scheduled micro-step at global iteration `g_it`: lr, wd and progressive stage from the schedule, then
-        `train_step`, stepping the optimizer at the end of each accumulation window (--ac)."""
+    def scheduled_step(self, inp_B3HW: torch.Tensor, label_B: torch.Tensor, g_it: int) -> StepResult:
+        """train.py's step at global iteration `g_it`: lr, wd and progressive stage from the schedule, then
+        `micro_step`, stepping the optimizer at the end of each accumulation window (--ac). The layers below:
+        `micro_step` (tokenize) -> `micro_step_tokens` (forward, backward) -> `optimizer_step` (clip, update)."""
         point = self.schedule.at(g_it)
         set_lr_wd(self.optimizer, point.lr, point.wd)
-        res = self.train_step(inp_B3HW.to(self.device, non_blocking=True), label_B.to(self.device, non_blocking=True),
+        res = self.micro_step(inp_B3HW.to(self.device, non_blocking=True), label_B.to(self.device, non_blocking=True),
                               stepping=(g_it + 1) % self.ac == 0, prog_si=point.prog_si, prog_wp=point.prog_wp)
         res.schedule, self.last = point, res
         self.n_img += len(label_B) * dist.get_world_size()
@@ -142,7 +143,7 @@ class Trainer:
             self.meter.update(grad_norm=res.grad_norm)
         return res
 
-    def train_step(self, inp_B3HW: torch.Tensor, label_B: torch.Tensor, stepping: bool = True,
+    def micro_step(self, inp_B3HW: torch.Tensor, label_B: torch.Tensor, stepping: bool = True,
                    prog_si: int = -1, prog_wp: float = 1.0) -> StepResult:
         """One micro-step: forward, backward (loss / ac) and, when `stepping`, unscale, clip, optimizer step.
 
@@ -150,11 +151,11 @@ class Trainer:
         the update (and zeroes the gradients); `max_nonfinite` such steps in a row raise NonFiniteError.
         """
         gt_BL, x_BLCv = self.tokenize(inp_B3HW)
-        return self.step_tokens(gt_BL, x_BLCv, label_B, stepping, prog_si, prog_wp)
+        return self.micro_step_tokens(gt_BL, x_BLCv, label_B, stepping, prog_si, prog_wp)
 
-    def step_tokens(self, gt_BL: torch.Tensor, x_BLCv: torch.Tensor, label_B: torch.Tensor, stepping: bool = True,
-                    prog_si: int = -1, prog_wp: float = 1.0) -> StepResult:
-        """`train_step` after tokenization: targets gt_BL (B, L) and teacher input x_BLCv (B, L - 1, Cv)."""
+    def micro_step_tokens(self, gt_BL: torch.Tensor, x_BLCv: torch.Tensor, label_B: torch.Tensor,
+                          stepping: bool = True, prog_si: int = -1, prog_wp: float = 1.0) -> StepResult:
+        """`micro_step` after tokenization: targets gt_BL (B, L) and teacher input x_BLCv (B, L - 1, Cv)."""
         with dist.grad_sync(self.model, stepping):
             with self.autocast():
                 logits_BLV = self.model(label_B, x_BLCv, prog_si=prog_si)
@@ -167,6 +168,8 @@ class Trainer:
         return result
 
     def optimizer_step(self, result: StepResult) -> None:
+        """The end of an accumulation window: unscale (fp16), clip, optimizer step (skipped when non-finite), zero
+        the gradients; records the grad norm (and loss scale) in `result`."""
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         norm = nn.utils.clip_grad_norm_(self.params, self.tclip if self.tclip > 0 else math.inf)
@@ -199,8 +202,8 @@ class Trainer:
 
     # ---- metrics ------------------------------------------------------------------------------------------------
     def pop_metrics(self, seconds: float) -> dict[str, dict[str, float | None]]:
-        """What `step` saw since the last call (`seconds` of training), all ranks: "train/" mean loss, grad norm and
-        the last batch's `scale_metrics`; "opt/" the last schedule point and loss scale; "speed/" images and
+        """What `scheduled_step` saw since the last call (`seconds` of training), all ranks: "train/" mean loss, grad
+        norm and the last batch's `scale_metrics`; "opt/" the last schedule point and loss scale; "speed/" images and
         tokens per second."""
         stats, res, point = self.meter.pop(), self.last, self.last.schedule
         stats["loss"] = dist.all_reduce_mean(stats["loss"].float()).item()
@@ -235,7 +238,8 @@ class Trainer:
     def evaluate(self, loader, resos: Sequence[int] | None = None) -> dict[str, float]:
         """Validation over `loader` (cond dropout off: eval mode): mean loss / accuracy overall, on the last
         scale and per scale, averaged over all samples of all ranks. Batches are (images, labels) or
-        (images, labels, valid): items with valid False (padding, utils.data.PaddedEvalDataset) are not counted."""
+        (images, labels, valid): items with valid False (padding, utils.data.loaders.PaddedEvalDataset) are not
+        counted."""
         resos = resos or self.resos
         was_training = self.mvar.training
         self.mvar.eval()

@@ -5,8 +5,8 @@ import torch
 
 from models.backends import ATTN, MAMBA
 from models.mvar import MVAR, MVARConfig
+from models.presets import MVAR_models
 from models.tokenizer import PATCH_NUMS, VQVAE
-from utils.registry import MVAR_models
 
 __all__ = ["MVAR", "MVARConfig", "MVAR_models", "VQVAE", "build_vae_mvar"]
 

@@ -25,8 +25,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from models import torch_features
 from models.backends import ATTN, BackendError, check_name, resolve
-from utils import torch_features
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from utils.registry import ATTN_KERNELS, MAMBA_KERNELS
+from models.presets import ATTN_KERNELS, MAMBA_KERNELS
 
 logger = logging.getLogger(__name__)
 

@@ -1,30 +1,203 @@
-"""Load M-VAR / VAR weights: our checkpoints (with their config) and the official raw state dicts.
+"""Every way a model is loaded: files on disk or in the Hugging Face cache, strict state-dict loading, the tokenizer,
+and M-VAR / VAR weights (our checkpoints with their config, and the official raw state dicts).
 
-Official files (`OliverRen/M-VAR` d16.pth ..., `FoundationVision/var` var_d16.pth ...) carry no config: it is
-read off the tensor shapes. They also carry derived buffers (`lvl_1L`, `attn_bias_for_masking`,
-`blocks.i.attn.patch_nums`) that this implementation recomputes, so those are the only keys ignored.
+Files resolve offline-first (`resolve_checkpoint`): an explicit path, then the Hugging Face cache, then a download
+unless HF_HUB_OFFLINE is set; a miss says where to put the file. Checkpoints are read with `weights_only` and
+loaded strictly (`load_state_dict_checked`: never a silent `strict=False`). Official files (`OliverRen/M-VAR`
+d16.pth ..., `FoundationVision/var` var_d16.pth ...) carry no config: it is read off the tensor shapes. They also
+carry derived buffers (`lvl_1L`, `attn_bias_for_masking`, `blocks.i.attn.patch_nums`) that this implementation
+recomputes, so those are the only keys ignored. The Hub folder format (safetensors + config.json) is
+models/hub_format.py, which loads through the functions here.
 """
 import dataclasses
+import fnmatch
 import logging
 import math
+import os
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
-from collections.abc import Sequence
 
+import huggingface_hub
 import torch
+from huggingface_hub import constants as hf_constants
+from huggingface_hub.errors import LocalEntryNotFoundError
+from torch import nn
 
 from models.mvar import MVAR, MVARConfig
-from models.tokenizer import PATCH_NUMS, VQVAE, load_vae  # noqa: F401  (re-exported: the one tokenizer loader)
-from utils.checkpoint import load_checkpoint
-from utils.hub import resolve_checkpoint
-from utils.state_dict import load_state_dict_checked
+from models.presets import PATCH_NUMS
+from models.tokenizer import VAE_FILENAME, VAE_REPO_ID, VQVAE
 
 logger = logging.getLogger(__name__)
 
 MVAR_REPO = "OliverRen/M-VAR"
 DERIVED_KEYS = ("lvl_1L", "attn_bias_for_masking", "blocks.*.attn.patch_nums")  # fnmatch patterns
+PathLike = str | os.PathLike
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Files: on disk or in the Hugging Face cache
+# ---------------------------------------------------------------------------------------------------------------------
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read or does not fit this run; the message names the file."""
+
+
+_TRUE = {"1", "on", "yes", "true"}
+
+
+def hf_offline() -> bool:
+    """True when HF_HUB_OFFLINE is set now (read at call time, not only at huggingface_hub import)."""
+    env = os.environ.get("HF_HUB_OFFLINE")
+    return env.strip().lower() in _TRUE if env is not None else bool(hf_constants.HF_HUB_OFFLINE)
+
+
+def hf_download_url(repo_id: str, filename: str) -> str:
+    return f"https://huggingface.co/{repo_id}/resolve/main/{filename}"
+
+
+def existing_file(path: str | os.PathLike, flag: str, hint: str) -> Path:
+    """`path` (the value of `flag`) as a Path; FileNotFoundError "FLAG=PATH: no such file" + `hint` if it is none."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise FileNotFoundError(f"{flag}={path}: no such file{hint}")
+    return p
+
+
+def resolve_checkpoint(path: str | os.PathLike | None, repo_id: str, filename: str, flag: str,
+                       cache_dir: str | os.PathLike | None = None) -> Path:
+    """Local path of a checkpoint.
+
+    An explicit `path` (the value of `flag`) wins and must exist. Otherwise the Hugging Face cache is tried
+    (`cache_dir`, default: the hub cache of HF_HOME), and only if the file is not cached and HF_HUB_OFFLINE is
+    unset is it downloaded. Raises FileNotFoundError saying where to put the file.
+    """
+    flag = flag if flag.startswith("--") else f"--{flag}"
+    if path is not None:
+        return existing_file(path, flag, f". Point {flag} at a local copy of {filename} (download: "
+                                         f"{hf_download_url(repo_id, filename)}).")
+
+    try:
+        return Path(huggingface_hub.hf_hub_download(repo_id, filename, cache_dir=cache_dir, local_files_only=True))
+    except (LocalEntryNotFoundError, OSError) as e:  # not cached, or an unreadable cache
+        cache_error = e
+    if not hf_offline():
+        try:
+            logger.info("downloading %s from the Hugging Face repo %s", filename, repo_id)
+            return Path(huggingface_hub.hf_hub_download(repo_id, filename, cache_dir=cache_dir))
+        except Exception as e:  # noqa: BLE001 (network, auth, missing file: all end in the same instructions)
+            cache_error = e
+    cache = Path(cache_dir) if cache_dir is not None else Path(hf_constants.HF_HUB_CACHE)
+    raise FileNotFoundError(
+        f"{filename} (Hugging Face repo {repo_id}) is not available"
+        f"{' (HF_HUB_OFFLINE is set)' if hf_offline() else ''}: {type(cache_error).__name__}: {cache_error}\n"
+        f"Either pass {flag}=/path/to/{filename}, or put it in the Hugging Face cache at {cache} with\n"
+        f"  hf download {repo_id} {filename}   (older huggingface_hub: huggingface-cli download ...)\n"
+        f"on a machine with internet access (copy the cache folder over if needed). Direct download URL:\n"
+        f"  {hf_download_url(repo_id, filename)}"
+    ) from cache_error
+
+
+def load_checkpoint(path: PathLike, mmap: bool = True) -> dict[str, Any]:
+    """Read a checkpoint on the CPU (weights_only; by default memory-mapped so the ranks of a node share the
+    pages); CheckpointError naming the file if it is unreadable. `mmap=False` for files written elsewhere."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:  # truncated, zero-filled, not a torch file, ...
+        raise CheckpointError(f"checkpoint {path} is unreadable ({type(e).__name__}: {e})") from e
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"checkpoint {path} holds a {type(ckpt).__name__}, expected a dict")
+    return ckpt
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Strict state dicts
+# ---------------------------------------------------------------------------------------------------------------------
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+class StateDictMismatchError(RuntimeError):
+    """A checkpoint's keys or shapes do not match the model."""
+
+
+def _listed(items: list[str], max_listed: int) -> str:
+    more = f", ... (+{len(items) - max_listed} more)" if len(items) > max_listed else ""
+    return ", ".join(items[:max_listed]) + more
+
+
+def load_state_dict_checked(module: nn.Module, state_dict: Mapping[str, torch.Tensor], ignore: Iterable[str] = (),
+                            what: str = "checkpoint", max_listed: int = 5) -> list[str]:
+    """Load `state_dict` into `module`, requiring the same keys and shapes.
+
+    `ignore` holds fnmatch patterns (e.g. "blocks.*.attn.patch_nums") of keys that are dropped from the file and
+    may be absent from it; the module keeps its own values for them. Returns the dropped file keys. On any other
+    difference raises StateDictMismatchError naming the first `max_listed` missing, unexpected and mis-shaped keys.
+    """
+    patterns = tuple(ignore)
+
+    def ignored(key: str) -> bool:
+        return any(fnmatch.fnmatchcase(key, p) for p in patterns)
+
+    own = module.state_dict()
+    dropped = [k for k in state_dict if ignored(k)]
+    kept = {k: v for k, v in state_dict.items() if not ignored(k)}
+    missing = [k for k in own if k not in kept and not ignored(k)]
+    unexpected = [k for k in kept if k not in own]
+    mis_shaped = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+                  for k, v in kept.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    if missing or unexpected or mis_shaped:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing key(s): {_listed(missing, max_listed)}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s): {_listed(unexpected, max_listed)}")
+        if mis_shaped:
+            parts.append(f"{len(mis_shaped)} shape mismatch(es): {_listed(mis_shaped, max_listed)}")
+        hint = ""
+        wrapped = [p for p in _WRAPPER_PREFIXES if unexpected and all(k.startswith(p) for k in unexpected)]
+        if wrapped:
+            hint = f" The file's keys start with {wrapped[0]!r}: it was saved from a DDP/compiled wrapper; unwrap it."
+        raise StateDictMismatchError(f"{what} does not match the model: " + "; ".join(parts) + "." + hint)
+    module.load_state_dict(kept, strict=False)
+    return dropped
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The tokenizer
+# ---------------------------------------------------------------------------------------------------------------------
+def load_vae(path: str | os.PathLike | None = None, device: str | torch.device = "cpu", flag: str = "--vae_ckpt",
+             **vae_kwargs: Any) -> VQVAE:
+    """Load the tokenizer with strict key checking.
+
+    `path` None resolves VAR's `vae_ch160v4096z32.pth` from the Hugging Face cache (see models.loading). The file is
+    either a plain state dict (VAR's release; built with VQVAE defaults) or one of our checkpoints holding
+    {"vae_config": asdict(cfg), "vae": sd} (tokenizer training, and M-VAR checkpoints that embed their tokenizer).
+    `vae_kwargs` override config fields (e.g. v_patch_nums; a different scale count keeps our usage buffer).
+    The result is frozen in eval mode (test_mode=True) unless `test_mode=False` is passed.
+    """
+    ckpt_path = resolve_checkpoint(path, VAE_REPO_ID, VAE_FILENAME, flag=flag)
+    obj = load_checkpoint(ckpt_path, mmap=False)
+    if isinstance(obj, dict) and "vae_config" in obj and "vae" in obj:
+        config, state_dict = dict(obj["vae_config"]), obj["vae"]
+    else:
+        config, state_dict = {}, obj
+    return vae_from_state_dict(config, state_dict, f"tokenizer checkpoint {ckpt_path} ({flag})", device, **vae_kwargs)
+
+
+def vae_from_state_dict(config: dict[str, Any], state_dict: dict[str, torch.Tensor], what: str,
+                        device: str | torch.device = "cpu", cls: type[VQVAE] = VQVAE, **vae_kwargs: Any) -> VQVAE:
+    """Build a tokenizer of class `cls` from its config fields (missing ones: VQVAE defaults) and load
+    `state_dict` strictly (errors name `what`); frozen in eval mode unless `test_mode=False` is passed."""
+    vae = cls.from_config({**config, "test_mode": True, **vae_kwargs})
+    state_dict = dict(state_dict)
+    vae.quantize.keep_own_ema_if_rescaled(state_dict, prefix="quantize.")
+    load_state_dict_checked(vae, state_dict, what=what)
+    logger.info("loaded %s (%.2fM params)", what, sum(p.numel() for p in vae.parameters()) / 1e6)
+    return vae.to(device)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# M-VAR / VAR
+# ---------------------------------------------------------------------------------------------------------------------
 def config_from_state_dict(
     state_dict: dict[str, torch.Tensor], patch_nums: Sequence[int] | None = None, **overrides,
 ) -> MVARConfig:
@@ -87,7 +260,7 @@ def load_mvar(
     state dicts. `config_overrides` change non-weight settings (e.g. cond_drop_rate). The kernels are a run-time
     choice (models.backends), never part of a checkpoint: "auto" (then $MVAR_ATTN_BACKEND / $MVAR_MAMBA_BACKEND)
     unless given, so a model trained with the portable kernels runs the fused ones where they exist.
-    `model_cls`: an MVAR subclass to build (e.g. models.hub.MVARHF); `name`: what errors call the source.
+    `model_cls`: an MVAR subclass to build (e.g. models.hub_format.MVARHF); `name`: what errors call the source.
     """
     ckpt = load_checkpoint(src, mmap=False) if isinstance(src, (str, Path)) else src
     name = name or (str(src) if isinstance(src, (str, Path)) else "state dict")

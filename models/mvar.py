@@ -1,7 +1,7 @@
 """M-VAR: scale-wise autoregressive transformer with intra-scale attention and an inter-scale Mamba2 scan.
 
 Reads top to bottom: config -> FFN / adaLN helpers -> HybridBlock -> MVAR. The architectures (`ARCH_BRANCHES`) and
-the size registry (`MVAR_models`, name -> MVARConfig fields) live in the leaf `utils.registry`, read by the CLIs.
+the size registry (`MVAR_models`, name -> MVARConfig fields) live in the leaf `models.presets`, read by the CLIs.
 
 Shape legend: B batch, L tokens of all scales (680 at 256 px), l tokens of one scale (pn*pn), C width
 (64*depth), D condition width (= C), V vocabulary size, Cvae tokenizer latent width, K number of scales.
@@ -29,8 +29,8 @@ from models.attention import ScaleAttention
 from models.backends import ATTN, MAMBA, check_name
 from models.mamba2 import Mamba2, Mamba2State
 from models.precision import linear_weights_in
+from models.presets import ARCH_BRANCHES, PATCH_NUMS
 from models.sampling import gumbel_softmax_with_rng, sample_with_top_k_top_p_
-from utils.registry import ARCH_BRANCHES, PATCH_NUMS
 
 GAMMA_ROWS = ("official", "all")
 # Config keys of checkpoints written before the kernel choice left the config (models.backends): ignored on load.

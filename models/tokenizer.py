@@ -1,23 +1,19 @@
-"""VAR's multi-scale residual VQVAE tokenizer (`vae_ch160v4096z32`), its config, patch schedules and loader.
+"""VAR's multi-scale residual VQVAE tokenizer (`vae_ch160v4096z32`) and its config (loading: models/loading.py).
 
 Shape legend: B batch, H/W image size, C = Cvae latent channels, h/w latent size (H / downsample),
 pn one scale's side, l = pn*pn tokens of one scale, L = sum of l over scales, V vocab.
 """
 import dataclasses
 import logging
-import os
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from models.presets import PATCH_NUMS, parse_patch_nums
 from models.quantizer import MultiScaleQuantizer, PatchNums
 from models.vae_nets import Decoder, Encoder
-from utils.checkpoint import load_checkpoint
-from utils.hub import resolve_checkpoint
-from utils.registry import PATCH_NUMS, parse_patch_nums
-from utils.state_dict import load_state_dict_checked
 
 logger = logging.getLogger(__name__)
 
@@ -124,38 +120,3 @@ class VQVAE(nn.Module):
         """Reconstructions from the cumulative f_hat after each scale (or only the full one)."""
         f_hats = self.quantize.f_to_idxBl_or_fhat(self.img_to_f(inp_B3HW), to_fhat=True, v_patch_nums=v_patch_nums)
         return self.fhat_to_img(f_hats[-1]) if last_one else [self.fhat_to_img(f) for f in f_hats]
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Loading
-# ----------------------------------------------------------------------------------------------------------------------
-
-def load_vae(path: str | os.PathLike | None = None, device: str | torch.device = "cpu", flag: str = "--vae_ckpt",
-             **vae_kwargs: Any) -> VQVAE:
-    """Load the tokenizer with strict key checking.
-
-    `path` None resolves VAR's `vae_ch160v4096z32.pth` from the Hugging Face cache (see utils.hub). The file is
-    either a plain state dict (VAR's release; built with VQVAE defaults) or one of our checkpoints holding
-    {"vae_config": asdict(cfg), "vae": sd} (tokenizer training, and M-VAR checkpoints that embed their tokenizer).
-    `vae_kwargs` override config fields (e.g. v_patch_nums; a different scale count keeps our usage buffer).
-    The result is frozen in eval mode (test_mode=True) unless `test_mode=False` is passed.
-    """
-    ckpt_path = resolve_checkpoint(path, VAE_REPO_ID, VAE_FILENAME, flag=flag)
-    obj = load_checkpoint(ckpt_path, mmap=False)
-    if isinstance(obj, dict) and "vae_config" in obj and "vae" in obj:
-        config, state_dict = dict(obj["vae_config"]), obj["vae"]
-    else:
-        config, state_dict = {}, obj
-    return vae_from_state_dict(config, state_dict, f"tokenizer checkpoint {ckpt_path} ({flag})", device, **vae_kwargs)
-
-
-def vae_from_state_dict(config: dict[str, Any], state_dict: dict[str, torch.Tensor], what: str,
-                        device: str | torch.device = "cpu", cls: type[VQVAE] = VQVAE, **vae_kwargs: Any) -> VQVAE:
-    """Build a tokenizer of class `cls` from its config fields (missing ones: VQVAE defaults) and load
-    `state_dict` strictly (errors name `what`); frozen in eval mode unless `test_mode=False` is passed."""
-    vae = cls.from_config({**config, "test_mode": True, **vae_kwargs})
-    state_dict = dict(state_dict)
-    vae.quantize.keep_own_ema_if_rescaled(state_dict, prefix="quantize.")
-    load_state_dict_checked(vae, state_dict, what=what)
-    logger.info("loaded %s (%.2fM params)", what, sum(p.numel() for p in vae.parameters()) / 1e6)
-    return vae.to(device)

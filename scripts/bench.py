@@ -9,7 +9,7 @@ Sections (`--only`, default all):
     sample  sampling per image: Mamba2 state cached, the official prefix re-run, VAR's KV cache; tokens per block
     paper   the paper's speed claims: M-VAR-d24 vs VAR-d30, M-VAR-D and M-VAR-d16 (also with the prefix re-run) vs
             VAR-d16, fp32 and bf16, batch 1 and 8: time and model-FLOP ratios beside the paper's
-Shapes follow --depth (width 64*depth, depth heads) and --pn; timing, memory and tables come from utils.benchmark
+Shapes follow --depth (width 64*depth, depth heads) and --pn; timing, memory and tables come from scripts.timing
 (variants alternated over rounds in one process, median). Weights are random: speed does not depend on them.
 
     python scripts/bench.py --only attn block mamba --device cpu --threads 1           # d16 pieces on a CPU
@@ -30,14 +30,15 @@ import torch
 from torch import nn
 
 from models import build_vae_mvar
+from models.flops import model_flops, train_step_flops
 from models.attention import ScaleAttention, block_causal_attention, intra_scale_attention, resolve_backend
 from models.mamba2 import Mamba2
 from models.mvar import FFN, MVAR, HybridBlock, MVARConfig
 from models.precision import effective_amp_dtype
+from models.presets import ARCH_BRANCHES, MVAR_models, parse_patch_nums
+from scripts import timing as bm
 from trainer import Trainer
-from utils import benchmark as bm
-from utils.args import add_backend_flags
-from utils.registry import ARCH_BRANCHES, MVAR_models, parse_patch_nums
+from utils.flags import add_backend_flags
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16/fp16 tensor-core peaks, quoted beside
 TRAIN_FP16 = {"fp32": 0, "fp16": 1, "bf16": 2}  # train.py --fp16 of each --train_dtypes
@@ -156,9 +157,9 @@ def bench_mamba(device: torch.device, args: argparse.Namespace) -> str:
 
 
 def bench_train(device: torch.device, args: argparse.Namespace) -> str:
-    """`Trainer.step_tokens` (forward, backward, clip, AdamW) of each --archs at --depth in each --train_dtypes, on
-    random tokens; all (arch, dtype) steps alternated in one process. Achieved model GFLOP/s (`bm.model_flops` of
-    one step) and its share of this device's peak in the step's dtype."""
+    """`Trainer.micro_step_tokens` (forward, backward, clip, AdamW) of each --archs at --depth in each
+    --train_dtypes, on random tokens; all (arch, dtype) steps alternated in one process. Achieved model GFLOP/s
+    (`models.flops.train_step_flops`) and its share of this device's peak in the step's dtype."""
     B, steps, models, flops = args.bs, {}, {}, {}
     dtypes = args.train_dtypes or [args.dtype]
     for arch in args.archs:
@@ -174,8 +175,8 @@ def bench_train(device: torch.device, args: argparse.Namespace) -> str:
             gt_BL = torch.randint(0, mvar.V, (B, mvar.L), device=device)
             x_BLCv = torch.randn(B, mvar.L - mvar.first_l, mvar.Cvae, device=device)
             label_B = torch.randint(0, mvar.num_classes, (B,), device=device)
-            step = functools.partial(trainer.step_tokens, gt_BL, x_BLCv, label_B)
-            flops[arch, dtype_name] = bm.model_flops(mvar, step, attention_passes=3)
+            step = functools.partial(trainer.micro_step_tokens, gt_BL, x_BLCv, label_B)
+            flops[arch, dtype_name] = train_step_flops(mvar, label_B, x_BLCv)
             steps[arch, dtype_name], models[arch, dtype_name] = step, mvar
     ms = bm.time_alternating(steps, device, args.warmup, args.repeats)
     n = bm.MATMUL_SIDE[device.type]  # this device's practical peaks, measured in the same run
@@ -284,14 +285,14 @@ def time_paper_models(models: dict[str, MVAR], names: list[str], dtype: torch.dt
                                           use_cache=PREFIX_RERUN not in name)
 
     runs = {n: functools.partial(sample, n) for n in names}
-    flops = {n: bm.model_flops(models[n.removesuffix(PREFIX_RERUN)], runs[n]) / B for n in names}
+    flops = {n: model_flops(models[n.removesuffix(PREFIX_RERUN)], runs[n]) / B for n in names}
     ms = bm.time_alternating(runs, device, max(args.warmup - 1, 0), args.repeats)
     return {n: (ms[n] / 1e3 / B, flops[n]) for n in names}
 
 
 def bench_paper(device: torch.device, args: argparse.Namespace) -> str:
     """The paper's pairs (PAPER_PAIRS), sampling with cfg, per generated image: time, model FLOPs (linear layers and
-    attention scores, `bm.model_flops`) and their ratios, for each --paper_dtypes and --paper_bs. The models of
+    attention scores, `models.flops`) and their ratios, for each --paper_dtypes and --paper_bs. The models of
     one pair (both M-VAR-d16 samplers with VAR-d16) are alternated in one process; pairs run one after another."""
     patch_nums = parse_patch_nums(args.pn)
     groups: dict[str, list[str]] = {}

@@ -29,12 +29,12 @@ import train
 from models.loading import load_mvar, load_vae
 from models.mvar import MVAR
 from models.precision import effective_amp_dtype
-from utils.args import parse_args as parse_train_args
-from utils.checkpoint import LAST, write_atomic
-from utils.data import build_datasets
-from utils.digit_classifier import accuracy, predict, train_classifier
-from utils.image_grid import save_grid, to_uint8_BHW3
-from utils.logging_utils import setup_logging
+from utils.data.loaders import build_datasets
+from utils.evaluation.classifier import accuracy, predict, train_classifier
+from utils.flags import parse_args as parse_train_args
+from utils.run.checkpoint import LAST, write_atomic
+from utils.run.log import setup_logging
+from utils.sample_io import save_grid, to_uint8_BHW3
 
 logger = logging.getLogger("demo")
 

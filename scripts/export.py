@@ -6,18 +6,18 @@ tokenizer in tokenizer/ and a model card (README.md). Loading the folder gives t
     python scripts/export.py --depth 16 --out hub/mvar-d16          # official d16.pth + VAR's tokenizer, HF cache
     python scripts/export.py --ckpt var_d16.pth --out hub/var-d16 --repo_id me/var-d16 --push   # and upload it
 
-Then: `python sample.py --ckpt hub/mvar-d16 ...`, or in Python `models.hub.MVARHF.from_pretrained("hub/mvar-d16")`.
+Then: `python sample.py --ckpt hub/mvar-d16 ...`, or in Python
+`models.hub_format.MVARHF.from_pretrained("hub/mvar-d16")`.
 """
 import argparse
 import logging
 from pathlib import Path
 
-from models.hub import OFFICIAL_DATA, MVARHF, training_data
-from models.loading import config_from_state_dict, load_mvar, resolve_mvar_checkpoint
-from models.tokenizer import load_vae
-from utils.checkpoint import load_checkpoint
-from utils.logging_utils import setup_logging
-from utils.registry import parse_patch_nums
+from models.hub_format import MVARHF, OFFICIAL_DATA, training_data
+from models.loading import config_from_state_dict, load_checkpoint, load_mvar, load_vae, resolve_mvar_checkpoint
+from models.presets import parse_patch_nums
+from utils.evaluation.fid_dump import fid_folder_name
+from utils.run.log import setup_logging
 
 logger = logging.getLogger("export")
 
@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> Path:
         raise SystemExit(f"error: {e}") from e
     mvar = load_mvar(ckpt, vae=vae, patch_nums=patch_nums, model_cls=MVARHF, name=str(ckpt_path), **overrides)
     card = dict(repo_id=args.repo_id, training_data=args.training_data or training_data(ckpt),
-                metrics=dict(m.split("=", 1) for m in args.metric), source=ckpt_path.name)
+                metrics=dict(m.split("=", 1) for m in args.metric), source=ckpt_path.name,
+                fid_sample=fid_folder_name(args.repo_id or "path/to/this/folder", 1.5, 900, 0.96, 0) + ".npz")
     out = Path(args.out)
     mvar.save_pretrained(out, model_card_kwargs=card)
     logger.info("wrote %s: %s", out, ", ".join(sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())))

@@ -3,7 +3,7 @@
     python scripts/fid.py --sample samples/d16-cfg1.5-topk900-topp0.96-seed0-n50.npz \
         --ref VIRTUAL_imagenet256_labeled.npz [--inception /path/to/inception-2015-12-05.pt]
 
-The flags only; the maths and the input checks are `utils.fid` (see its docstring for the accepted inputs).
+The flags only; the maths and the input checks are `utils.evaluation.fid` (see its docstring for the accepted inputs).
 """
 import argparse
 import json
@@ -13,14 +13,15 @@ from pathlib import Path
 
 import torch
 
-from utils.fid import evaluate
+from utils.evaluation.fid import evaluate
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sample", required=True, help="npz with arr_0 uint8 (N,H,W,3), or a folder of images")
     parser.add_argument("--ref", required=True, help="reference npz (mu/sigma and/or arr_0), ADM format")
-    parser.add_argument("--inception", default=None, help="Inception TorchScript file (see utils/inception.py)")
+    parser.add_argument("--inception", default=None, help="Inception TorchScript file (see "
+                        "utils/evaluation/inception.py)")
     parser.add_argument("--bs", type=int, default=100, help="images per Inception batch")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--k", type=int, default=3, help="neighbours for precision/recall")

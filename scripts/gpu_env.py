@@ -2,7 +2,7 @@
 
     python scripts/gpu_env.py --out env.json [--dry-run]
 
-Prints what it finds and writes it as check lines (utils.check_results) plus the raw facts. Without --dry-run a
+Prints what it finds and writes it as check lines (scripts.gpu_results) plus the raw facts. Without --dry-run a
 missing CUDA device is a FAIL (the check was started on a GPU machine for nothing); with it, a SKIP.
 """
 import argparse
@@ -14,11 +14,10 @@ import sys
 
 import torch
 
-from models import attention, mamba2
+from models import attention, mamba2, torch_features
 from models.backends import ATTN, MAMBA
-from utils import torch_features
-from utils.check_results import CheckLine, any_failed, write_lines
-from utils.markdown import markdown_table
+from scripts.gpu_results import CheckLine, any_failed, write_lines
+from scripts.markdown import markdown_table
 
 PACKAGES = ("torch", "triton", "numpy", "einops", "mamba_ssm", "flash_attn", "causal_conv1d", "mlxtend", "pytest",
             "tensorboard", "safetensors", "huggingface_hub")

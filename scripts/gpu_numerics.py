@@ -24,8 +24,8 @@ from models.backends import ATTN, MAMBA, BackendError
 from models.mamba2 import load_kernels
 from models.mvar import MVAR
 from models.tokenizer import VQVAE
+from scripts.gpu_results import CheckLine, any_failed, within, write_lines
 from trainer import Trainer
-from utils.check_results import CheckLine, any_failed, within, write_lines
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 FP16_FLAG = {"fp32": 0, "fp16": 1, "bf16": 2}  # Trainer(fp16=...)
@@ -95,7 +95,7 @@ def run(vae: VQVAE, mvar: MVAR, data: list, device: torch.device, dtype_name: st
     with torch.no_grad(), mvar.inference_precision(trainer.amp_dtype):
         _, idx_Bl = mvar.sample_scales(label, None, cfg=1.5, top_k=1, top_p=0.0, more_smooth=False, use_cache=True)
     mvar.train()
-    losses = [trainer.train_step(i.to(device), lb.to(device)).loss.item() for i, lb in data]
+    losses = [trainer.micro_step(i.to(device), lb.to(device)).loss.item() for i, lb in data]
     return Outputs(logits, torch.cat(idx_Bl, dim=1).cpu(), losses)
 
 

@@ -1,4 +1,4 @@
-"""The GPU check's report: every stage's JSON lines (utils.check_results) and bench tables as one markdown file.
+"""The GPU check's report: every stage's JSON lines (scripts.gpu_results) and bench tables as one markdown file.
 
     python scripts/gpu_report.py --out DIR [--dry-run]
 
@@ -11,7 +11,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from utils.check_results import STATUSES, CheckLine, markdown, read_lines
+from scripts.gpu_results import STATUSES, CheckLine, markdown, read_lines
 
 PYTEST_STATUS = {"PASSED": "PASS", "FAILED": "FAIL", "ERROR": "FAIL", "SKIPPED": "SKIP", "XFAIL": "INFO",
                  "XPASS": "INFO"}

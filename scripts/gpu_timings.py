@@ -14,8 +14,8 @@ import sys
 import torch
 
 from scripts import bench
-from utils.check_results import CheckLine, any_failed, within, write_lines
-from utils.markdown import read_tables
+from scripts.gpu_results import CheckLine, any_failed, within, write_lines
+from scripts.markdown import read_tables
 
 # Targets stated in issue 19 before any run.
 PAPER_PAIR, PAPER_BATCH, PAPER_RATIO = "M-VAR-d24 / VAR-d30", 64, 0.86  # the paper: 14% faster

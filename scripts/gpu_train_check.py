@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from models.tokenizer import VQVAE
-from utils.check_results import CheckLine, any_failed, write_lines
+from scripts.gpu_results import CheckLine, any_failed, write_lines
 
 REPO = Path(__file__).resolve().parents[1]
 LOSS_RE = re.compile(r"ep (\d+)/\d+ it (\d+)/\d+ \| loss ([0-9.]+)")  # train.log_progress's line

@@ -4,12 +4,12 @@ Stages (each resumable: a re-run skips what is finished and continues what was i
 1. tokenizer: VAR's multi-scale VQVAE on the 60,000 training images (32 px, 8x8 latent, scales 1_2_3_4_5_6_8:
    L = 155 tokens, so intra-scale attention sees 27% of the global attention's score entries, 24% at 256 px);
 2. classifier: a small CNN on the real training labels (class consistency, and the feature space of FD_clf);
-3. reference sets, scored against the 10,000 test images (utils.sample_metrics): the training set (the floor)
+3. reference sets, scored against the 10,000 test images (utils.evaluation.scores): the training set (the floor)
    and its tokenizer reconstructions (the ceiling any generator on this tokenizer can reach);
 4. one job per model x seed, `--jobs` at a time, one CPU thread each: train.py with one recipe and one budget
    (equal training images), `--num_samples` images with the paper's sampling settings (cfg 1.5, top-p 0.96,
    top-k 900/4096 of the vocabulary), their scores;
-5. the report: a markdown table, an automatic reading of it and PNG plots (utils.study_report).
+5. the report: a markdown table, an automatic reading of it and PNG plots (scripts.study_report).
 
     python scripts/study.py --report_dir docs          # the full study (about 1.5 h on 2 CPU cores)
     python scripts/study.py --quick                    # the same pipeline at 16 px in a few minutes (CI)
@@ -30,21 +30,21 @@ import torch
 
 import tokenizer_trainer
 import train
+from models.flops import model_flops, train_step_flops
 from models.loading import load_mvar, load_vae
 from models.mvar import MVAR, MVARConfig
 from models.precision import effective_amp_dtype
-from utils import benchmark
-from utils.args import parse_args as parse_train_args
-from utils.checkpoint import LAST, write_atomic
-from utils.data import build_datasets
-from utils.digit_classifier import SmallCNN, accuracy, train_classifier
-from utils.embedded_data import fashion_mnist_dir
-from utils.image_grid import to_uint8_BHW3
-from utils.inception import find_inception, load_inception
-from utils.logging_utils import setup_logging
-from utils.registry import ARCH_BRANCHES
-from utils.sample_metrics import classifier_scores, classifier_view, inception_fid, inception_stats
-from utils.study_report import write_report
+from models.presets import ARCH_BRANCHES
+from scripts.study_report import write_report
+from utils.data.embedded import fashion_mnist_dir
+from utils.data.loaders import build_datasets
+from utils.evaluation.classifier import SmallCNN, accuracy, train_classifier
+from utils.evaluation.inception import find_inception, load_inception
+from utils.evaluation.scores import classifier_scores, classifier_view, inception_fid, inception_stats
+from utils.flags import parse_args as parse_train_args
+from utils.run.checkpoint import LAST, write_atomic
+from utils.run.log import setup_logging
+from utils.sample_io import to_uint8_BHW3
 
 logger = logging.getLogger("study")
 
@@ -92,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--width", type=int, default=None, help="width of the VAR / M-VAR rows (M-VAR-W is narrower; "
                    "a multiple of 64)")
     p.add_argument("--fmnist_dir", default="", help="Fashion-MNIST's IDX folder (see train.py --fmnist_dir)")
-    p.add_argument("--inception", default=None, help="Inception TorchScript file (default: utils.inception's search)")
+    p.add_argument("--inception", default=None, help="Inception TorchScript file (default: "
+                   "utils.evaluation.inception's search)")
     p.add_argument("--job", default=None, help=argparse.SUPPRESS)  # internal: one run of OUT_DIR/plan.json
     return p
 
@@ -247,21 +248,20 @@ def train_and_sample(out: Path, plan: dict, name: str) -> None:
             images.append(to_uint8_BHW3(img))
     sample_s = time.time() - t0
     save_json(dict(sample_images_per_s=n / sample_s, sample_precision=str(dtype or torch.float32),
-                   **model_flops(mvar, s)), run_dir / "timing.json")
+                   **flops_per_image(mvar, s)), run_dir / "timing.json")
     save_set(out / "sets" / f"{name}.npz", images=np.concatenate(images), labels=labels)  # last: marks it done
 
 
-def model_flops(mvar: MVAR, s: dict) -> dict[str, float]:
-    """Model FLOPs (linear layers + attention scores, utils.benchmark) per training image (3x the forward pass)
-    and per generated image (sampling with cfg: two sequences)."""
+def flops_per_image(mvar: MVAR, s: dict) -> dict[str, float]:
+    """Model FLOPs (linear layers + attention scores, models.flops) per training image (one training step's) and
+    per generated image (sampling with cfg: two sequences)."""
     label_B = torch.arange(10)
     x_BLC = torch.randn(10, sum(p * p for p in mvar.patch_nums) - 1, mvar.Cvae)
-    with torch.no_grad():
-        fwd = benchmark.model_flops(mvar, lambda: mvar(label_B, x_BLC)) / 10
+    train = train_step_flops(mvar, label_B, x_BLC) / 10
     with torch.inference_mode():
-        gen = benchmark.model_flops(mvar, lambda: mvar.autoregressive_infer_cfg(
+        gen = model_flops(mvar, lambda: mvar.autoregressive_infer_cfg(
             10, label_B, g_seed=0, cfg=s["cfg"], top_k=s["top_k"], top_p=s["top_p"])) / 10
-    return dict(train_flops_per_image=3 * fwd, sample_flops_per_image=gen)
+    return dict(train_flops_per_image=train, sample_flops_per_image=gen)
 
 
 def score_set(out: Path, plan: dict, name: str, inception: bool, inception_net: torch.nn.Module | None = None

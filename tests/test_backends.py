@@ -9,7 +9,7 @@ from models import backends
 from models.attention import intra_scale_attention
 from models.backends import ATTN, MAMBA, BackendError
 from models.mamba2 import Mamba2
-from utils.args import parse_args as parse_train_args
+from utils.flags import parse_args as parse_train_args
 
 
 @pytest.fixture(autouse=True)
@@ -32,7 +32,7 @@ def test_train_flags_fuse_is_vars_alias_and_explicit_backends_win():
 
 
 def test_every_cli_spells_the_flags_alike():
-    from utils.args import build_parser as train_parser
+    from utils.flags import build_parser as train_parser
     for parser in (train_parser(), sample.build_parser()):
         for flag, op in (("--attn_backend", ATTN), ("--mamba_backend", MAMBA)):
             assert parser._option_string_actions[flag].choices == op.choices

@@ -1,4 +1,4 @@
-"""The benchmark harness: its timing rule (utils.benchmark) and the sampling section run as a user runs it."""
+"""The benchmark harness: its timing rule (scripts.timing) and the sampling section run as a user runs it."""
 import os
 import re
 import subprocess
@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from models.flops import model_flops
 from models.mvar import MVAR, MVARConfig
-from utils import benchmark as bm
+from scripts import bench
+from scripts import timing as bm
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -66,19 +68,16 @@ def test_model_flops_count_linear_layers_and_attention_scores():
     linear = 2 * C * 3 * C + 2 * C * C  # mat_qkv and proj, per token
     intra = ScaleAttention(C, 2, mode="intra")
     x = torch.randn(B, 5, C)
-    assert bm.model_flops(intra, lambda: intra(x, (1, 4))) == B * 5 * linear + 4 * C * B * (1 + 16)
-    assert bm.model_flops(intra, lambda: intra(x, (1, 4)), attention_passes=3) == \
+    assert model_flops(intra, lambda: intra(x, (1, 4))) == B * 5 * linear + 4 * C * B * (1 + 16)
+    assert model_flops(intra, lambda: intra(x, (1, 4)), attention_passes=3) == \
         B * 5 * linear + 3 * 4 * C * B * (1 + 16)  # a training step counts the scores' backward twice
     var = ScaleAttention(C, 2, mode="causal")
     var.kv_caching(True)
-    bm.model_flops(var, lambda: var(x[:, :1], (1,)))
-    assert bm.model_flops(var, lambda: var(x[:, 1:], (4,))) == B * 4 * linear + 4 * C * B * (4 * 5)
+    model_flops(var, lambda: var(x[:, :1], (1,)))
+    assert model_flops(var, lambda: var(x[:, 1:], (4,))) == B * 4 * linear + 4 * C * B * (4 * 5)
 
 
 def test_paper_tables_ratios():
-    sys.path.insert(0, str(REPO / "scripts"))
-    import bench
-
     args = bench.build_parser().parse_args([])
     results = {("bf16", 1, "M-VAR-d24"): (3.0, 6e9), ("bf16", 1, "VAR-d30"): (4.0, 8e9),
                ("fp32", 1, "M-VAR-d24"): (9.0, 6e9), ("fp32", 1, "VAR-d30"): (10.0, 8e9)}
@@ -93,9 +92,6 @@ def test_train_section_times_fp32_and_bf16_side_by_side(monkeypatch):
     """One row per (arch, dtype), the same model FLOPs in both precisions (the counter sees the same matmuls),
     M-VAR's step counted above VAR's (the Mamba2 projections), the speed-up only on the low-precision rows; bf16
     on a CPU without bf16 instructions is labelled as the fp32 it ran."""
-    sys.path.insert(0, str(REPO / "scripts"))
-    import bench
-
     flags = ["--only", "train", "--depth", "1", "--pn", "1_2", "--archs", "mvar", "var", "--train_dtypes", "fp32",
              "bf16", "--repeats", "1", "--warmup", "0", "--device", "cpu", "--attn_backend", "sdpa",
              "--mamba_backend", "torch"]
@@ -114,7 +110,7 @@ def test_train_section_times_fp32_and_bf16_side_by_side(monkeypatch):
         mvar = MVAR(MVARConfig(depth=1, patch_nums=(1, 2), arch=arch), attn_backend="sdpa", mamba_backend="torch")
         x_BLCv = torch.randn(2, mvar.L - mvar.first_l, mvar.Cvae)
         with torch.no_grad():
-            forward = bm.model_flops(mvar, lambda m=mvar, x=x_BLCv: m(torch.tensor([0, 1]), x)) / 1e9
+            forward = model_flops(mvar, lambda m=mvar, x=x_BLCv: m(torch.tensor([0, 1]), x)) / 1e9
         assert 2.8 < gflop[arch, "fp32"] / forward <= 3.01, (arch, gflop[arch, "fp32"], forward)
         assert rows[arch, "fp32"][9] == ""
         if low[1] == "bf16":  # the speed-up is fp32's time over bf16's, within the rounding of the printed numbers

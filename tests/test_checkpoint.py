@@ -1,4 +1,4 @@
-"""Checkpoint files and train state (utils.checkpoint, utils.train_state), shared by train.py and the tokenizer
+"""Checkpoint files and train state (utils.run.checkpoint, utils.run.checkpoint), shared by train.py and the tokenizer
 trainer: atomic saves that keep the previous file, one resume rule (last, else prev), stale temporary files of
 killed saves, RNG capture/restore and the seeding rule."""
 import os
@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-import utils.checkpoint
+import utils.run.checkpoint
 from test_tokenizer_training import tiny_args
 from tokenizer_trainer import train as train_tokenizer
-from utils.checkpoint import CheckpointError, load_checkpoint, save_atomic, temp_path
-from utils.train_state import RunFolder, get_rng_state, seed_everything, set_rng_state
+from models.loading import CheckpointError, load_checkpoint
+from utils.run.checkpoint import RunFolder, save_atomic, temp_path
+from utils.run.rng import get_rng_state, seed_everything, set_rng_state
 
 
 def test_atomic_save_keeps_previous_and_bad_files_are_named(tmp_path):
@@ -43,7 +44,7 @@ def test_a_save_killed_between_its_two_renames_leaves_prev_to_resume_from(tmp_pa
             raise KeyboardInterrupt  # stands for SIGKILL between `last -> prev` and `tmp -> last`
         real_replace(src, dst)
 
-    monkeypatch.setattr(utils.checkpoint.os, "replace", killed_after_first_rename)
+    monkeypatch.setattr(utils.run.checkpoint.os, "replace", killed_after_first_rename)
     with pytest.raises(KeyboardInterrupt):
         folder.save({"step": 2})
     monkeypatch.undo()

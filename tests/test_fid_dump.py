@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from utils.fid_dump import (DumpPlan, check_or_write_settings, chunk_seed, dump_shard, fid_folder_name,
-                            missing_indices, open_npz_array, pack_npz, png_path, read_npz_header)
+from utils.evaluation.fid import open_npz_array, read_npz_header
+from utils.evaluation.fid_dump import DumpPlan, check_or_write_settings, chunk_seed, dump_shard, fid_folder_name, \
+    missing_indices, pack_npz, png_path
 
 HW = (8, 6)
 

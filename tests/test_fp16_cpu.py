@@ -9,7 +9,7 @@ import torch
 from conftest import interrupt
 from test_trainer_e2e import (KILL_AFTER_FIRST_SAVE, logged_losses, model_state, run_train,  # noqa: F401
                              setup, train_cmd)
-from utils.checkpoint import LAST
+from utils.run.checkpoint import LAST
 
 FP16 = ("--fp16=1", "--save_every=2")  # 2 epochs of 6 steps
 

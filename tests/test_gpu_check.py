@@ -10,8 +10,8 @@ import sys
 import pytest
 
 from conftest import REPO, SUBPROCESS_ENV
-from utils.check_results import read_lines
-from utils.markdown import read_tables
+from scripts.gpu_results import read_lines
+from scripts.markdown import read_tables
 
 STAGE_FILES = ("env.json", "numerics.json", "train.json", "timings.json")
 

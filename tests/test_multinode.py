@@ -21,7 +21,7 @@ from test_sample_cli import ckpt  # noqa: F401  (the tiny M-VAR checkpoint fixtu
 from conftest import SUBPROCESS_ENV as ENV
 from test_trainer_e2e import (NO_MODEL_RNG, REPO, logged_losses, max_abs_diff, model_state,  # noqa: F401
                               setup, single_run, train_cmd)
-from utils.checkpoint import LAST
+from utils.run.checkpoint import LAST
 
 pytestmark = pytest.mark.slow
 # TORCH_DISABLE_SHARE_RDZV_TCP_STORE: with the rendezvous store shared across rounds (torch's default), the

@@ -15,7 +15,7 @@ from conftest import SUBPROCESS_ENV as ENV
 from conftest import interrupt
 from test_trainer_e2e import (NO_MODEL_RNG, REPO, model_state, reference_run, run_train,  # noqa: F401
                               setup, train_cmd, two_rank_run)
-from utils.checkpoint import LAST
+from utils.run.checkpoint import LAST
 
 STOP_RE = re.compile(r"stopped by (SIG\w+) at epoch (\d+), iteration (\d+): checkpoint .* saved")
 
@@ -77,7 +77,7 @@ def test_tokenizer_trainer_stops_on_sigterm_and_resumes_exactly(tmp_path):
 
 HANDLER = textwrap.dedent("""
     import os, signal, sys, time
-    from utils import preemption
+    from utils.run import preemption
     preemption.REPEAT_S = float(sys.argv[1])
     p = preemption.Preemption()
     os.kill(os.getpid(), signal.SIGTERM)

@@ -13,10 +13,11 @@ import torch
 
 from conftest import SUBPROCESS_ENV as ENV
 from test_trainer_e2e import REPO, setup, train_cmd  # noqa: F401  (setup: the tiny data + tokenizer fixture)
-from utils import run_lock
-from utils.args import finalize_args, parse_args
-from utils.checkpoint import CheckpointError, save_atomic
-from utils.run_lock import LOCK_NAME, RunLock, RunLockError, read_owner
+from models.loading import CheckpointError
+from utils.flags import finalize_args, parse_args
+from utils.run import lock as run_lock
+from utils.run.checkpoint import save_atomic
+from utils.run.lock import LOCK_NAME, RunLock, RunLockError, read_owner
 
 
 @pytest.mark.parametrize("flag", ["--depth=0", "--tlr=0", "--tlr=nan", "--tblr=0"])

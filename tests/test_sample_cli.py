@@ -10,7 +10,7 @@ from PIL import Image
 import sample
 from models import MVARConfig
 from models.loading import mvar_checkpoint
-from utils.fid_dump import pack_npz
+from utils.evaluation.fid_dump import pack_npz
 
 NUM_CLASSES, IMG = 10, 8  # patch_nums (1, 2, 3, 4) with a 2x tokenizer: 8x8 pixel images
 

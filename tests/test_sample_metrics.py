@@ -1,11 +1,11 @@
-"""utils.sample_metrics: the study's classifier-space scores on sets whose answers are known."""
+"""utils.evaluation.scores: the study's classifier-space scores on sets whose answers are known."""
 import numpy as np
 import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from utils.digit_classifier import accuracy, train_classifier
-from utils.sample_metrics import classifier_scores, classifier_view
+from utils.evaluation.classifier import accuracy, train_classifier
+from utils.evaluation.scores import classifier_scores, classifier_view
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""VAR's lr / wd / progressive schedules at chosen iterations, and the flag derivations of utils.args."""
+"""VAR's lr / wd / progressive schedules at chosen iterations, and the flag derivations of utils.flags."""
 import ast
 import math
 from pathlib import Path
@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from utils.args import build_parser, finalize_args, parse_args
-from utils.lr_schedule import lr_factor, prog_si_at, prog_state, set_lr_wd, wd_at
-from utils.registry import MVAR_models
+from models.presets import MVAR_models
+from utils.flags import build_parser, finalize_args, parse_args
+from utils.run.schedule import lr_factor, prog_si_at, prog_state, set_lr_wd, wd_at
 
 WP0, WPE = 0.005, 0.1
 
@@ -136,7 +136,7 @@ def test_every_flag_has_help_and_spec_defaults():
 
 
 def test_named_model_sets_the_size_flags_and_explicit_flags_win():
-    """DiT's --model habit over the registry (utils.registry.MVAR_models); the official flags keep working."""
+    """DiT's --model habit over the registry (models.presets.MVAR_models); the official flags keep working."""
     assert build_parser()._option_string_actions["--model"].choices == list(MVAR_models)
     w = parse_args(["--model=M-VAR-W"])
     assert (w.depth, w.embed_dim, w.arch) == (16, 768, "mvar")
@@ -155,10 +155,25 @@ def test_dead_flags_are_gone():
         parse_args(["--opt=adamw"])  # was never read: AdamW is the only optimizer
 
 
-def test_utils_never_imports_models():
-    """utils/ is the bottom layer: patch schedules, architectures and sizes come from the leaf utils.registry."""
-    for path in sorted((Path(__file__).resolve().parents[1] / "utils").glob("*.py")):
+def project_imports(folder: str) -> dict[Path, set[str]]:
+    """Top-level project names each module under `folder` imports (absolute imports)."""
+    project = ("models", "utils", "dist", "scripts", "trainer", "train", "sample", "tokenizer_trainer")
+    found = {}
+    for path in sorted((Path(__file__).resolve().parents[1] / folder).rglob("*.py")):
+        names = set()
         for node in ast.walk(ast.parse(path.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+            mods = [a.name for a in node.names] if isinstance(node, ast.Import) else \
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else []
-            assert not [n for n in names if n.split(".")[0] in ("models", "trainer", "train", "sample")], path
+            names |= {m.split(".")[0] for m in mods if m.split(".")[0] in project}
+        found[path] = names
+    return found
+
+
+def test_layers_import_only_downwards():
+    """models/ is the bottom layer and imports nothing else of this project (patch schedules, architectures and sizes
+    come from its leaf models.presets), so it can be lifted into another codebase; utils/ imports models/ and dist/
+    but never the trainers, the entry points or the scripts."""
+    for path, names in project_imports("models").items():
+        assert names <= {"models"}, (path, names)
+    for path, names in project_imports("utils").items():
+        assert names <= {"models", "utils", "dist"}, (path, names)

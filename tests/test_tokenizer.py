@@ -5,8 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.tokenizer import PATCH_NUMS, VQVAE, VQVAEConfig, load_vae, parse_patch_nums
-from utils.state_dict import StateDictMismatchError, load_state_dict_checked
+from models.loading import StateDictMismatchError, load_state_dict_checked, load_vae
+from models.presets import PATCH_NUMS, parse_patch_nums
+from models.tokenizer import VQVAE, VQVAEConfig
 
 pytestmark = pytest.mark.numerics  # rerun by `make test` at the lowest ISA level
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from models.loading import load_vae
+from models.vq_losses import build_perceptual_loss
 from tokenizer_trainer import TokenizerTrainer, build_parser, build_vae, quantizer_residuals, train
-from utils.data import build_datasets
-from utils.vq_losses import build_perceptual_loss
+from utils.data.loaders import build_datasets
 
 STEP_RE = re.compile(r"step \d+/\d+ loss ([\d.]+) l1 ([\d.]+) vq ([\d.]+) g ([-\d.]+) d ([\d.]+)")
 TINY = ["--reso=8", "--ch=32", "--ch_mult=1_2", "--z_channels=8", "--vocab_size=64", "--pn=1_2_4", "--bs=16",
@@ -128,7 +128,7 @@ def test_resume_restores_this_ranks_rng_or_warns(caplog):
     trainer.load_state_dict(ckpt)
     assert torch.equal(torch.rand(3), expected)
     before = torch.get_rng_state()
-    with caplog.at_level("WARNING", logger="utils.train_state"):
+    with caplog.at_level("WARNING", logger="utils.run.checkpoint"):
         trainer.load_state_dict({**ckpt, "rng": ckpt["rng"] * 2})  # saved by 2 ranks, resumed by 1
     assert "RNG states of 2 ranks" in caplog.text
     assert torch.equal(torch.get_rng_state(), before)

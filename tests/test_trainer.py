@@ -1,4 +1,4 @@
-"""Trainer.train_step and friends on a tiny tokenizer + model (CPU): loss, no-decay groups, the scheduled step,
+"""Trainer.micro_step and friends on a tiny tokenizer + model (CPU): loss, no-decay groups, the scheduled step,
 accumulation, progressive training, non-finite steps, AMP, validation, trainer state."""
 import copy
 import json
@@ -14,8 +14,8 @@ from torch.utils.data import TensorDataset
 
 from conftest import build_tiny_mvar
 from trainer import NonFiniteError, Trainer, param_groups
-from utils.data import build_loaders
-from utils.lr_schedule import Schedule
+from utils.data.loaders import build_loaders
+from utils.run.schedule import Schedule
 
 pytestmark = pytest.mark.numerics  # rerun by `make test` at the lowest ISA level
 
@@ -67,14 +67,14 @@ def test_loss_is_uniform_token_cross_entropy():
 def test_loss_goes_down_on_a_fixed_batch():
     tr = tiny()
     inp, label = batch(8)
-    losses = [tr.train_step(inp, label).loss.item() for _ in range(25)]
+    losses = [tr.micro_step(inp, label).loss.item() for _ in range(25)]
     assert losses[-1] < losses[0] - 0.5, losses
 
 
 def test_progressive_step_trains_only_the_first_scales():
     tr = tiny()
-    res = tr.train_step(*batch(), prog_si=1, prog_wp=0.5)
-    assert res.logits_BLV.shape == (4, 5, 64) and tr.train_step(*batch()).logits_BLV.shape == (4, 21, 64)
+    res = tr.micro_step(*batch(), prog_si=1, prog_wp=0.5)
+    assert res.logits_BLV.shape == (4, 5, 64) and tr.micro_step(*batch()).logits_BLV.shape == (4, 21, 64)
     assert res.grad_norm is not None and math.isfinite(res.grad_norm)
 
 
@@ -82,7 +82,7 @@ def test_step_follows_the_schedule_steps_at_window_ends_and_reports_its_metrics(
     sched = Schedule(tlr=1e-3, max_it=10, wp_it=2, pg=0.5, pg0=1, num_scales=len(PN), pgwp_it=1)
     tr = tiny(ac=2, schedule=sched)
     for g_it in range(4):
-        res, point = tr.step(*batch(), g_it), sched.at(g_it)
+        res, point = tr.scheduled_step(*batch(), g_it), sched.at(g_it)
         assert res.schedule == point and res.stepped == (g_it % 2 == 1) and (res.grad_norm is None) != res.stepped
         assert [(g["lr"], g["weight_decay"]) for g in tr.optimizer.param_groups] == [(point.lr, point.wd),
                                                                                      (point.lr, 0.0)]
@@ -96,9 +96,9 @@ def test_step_follows_the_schedule_steps_at_window_ends_and_reports_its_metrics(
 def test_accumulation_equals_one_big_step():
     inp, label = batch(8)
     big, acc = tiny(), tiny(ac=2)
-    big.train_step(inp, label)
-    acc.train_step(inp[:4], label[:4], stepping=False)
-    res = acc.train_step(inp[4:], label[4:], stepping=True)
+    big.micro_step(inp, label)
+    acc.micro_step(inp[:4], label[:4], stepping=False)
+    res = acc.micro_step(inp[4:], label[4:], stepping=True)
     assert res.grad_norm is not None
     for (n, p), q in zip(big.mvar.named_parameters(), acc.mvar.parameters(), strict=True):
         # two half-batch backward passes summed vs one: the gradients differ by fp32 rounding (~1e-7 relative), and
@@ -116,7 +116,7 @@ def test_clip_logs_pre_clip_norm_and_clips():
     seen = []  # the gradient norm the optimizer steps with
     tr.optimizer.register_step_pre_hook(lambda opt, args, kwargs: seen.append(torch.linalg.vector_norm(
         torch.stack([torch.linalg.vector_norm(p.grad) for g in opt.param_groups for p in g["params"]])).item()))
-    res = tr.train_step(*batch())
+    res = tr.micro_step(*batch())
     norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads.values()])).item()
     assert res.grad_norm == pytest.approx(norm, rel=1e-5) and res.grad_norm > 100 * 1e-3  # logged before clipping
     assert seen == [pytest.approx(1e-3, rel=1e-4)]  # ... and clipped to tclip before the step
@@ -130,11 +130,11 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(caplog):
         tr.mvar.head.bias[0] = float("nan")
     before = {k: v.clone() for k, v in tr.mvar.state_dict().items()}
     with caplog.at_level(logging.WARNING, logger="trainer"):
-        res = tr.train_step(inp, label)
+        res = tr.micro_step(inp, label)
     assert res.skipped and tr.nonfinite_in_a_row == 1 and "skipped" in caplog.text
     assert all(torch.equal(before[k], v) for k, v in tr.mvar.state_dict().items() if k != "head.bias")
     with pytest.raises(NonFiniteError, match="--max_nonfinite=2"):
-        tr.train_step(inp, label)
+        tr.micro_step(inp, label)
 
 
 @pytest.mark.parametrize("fp16", [1, 2])
@@ -144,11 +144,11 @@ def test_mixed_precision_steps(fp16, monkeypatch):
     monkeypatch.setenv("MVAR_CPU_BF16", "1")
     tr = tiny(fp16=fp16)
     assert tr.amp_dtype == (torch.float16 if fp16 == 1 else torch.bfloat16)
-    res = tr.train_step(*batch())
+    res = tr.micro_step(*batch())
     assert math.isfinite(res.loss.item()) and res.logits_BLV.dtype == torch.float32
     assert (res.loss_scale == 2.0**11) if fp16 == 1 else res.loss_scale is None
     assert (tr.scaler is not None) == (fp16 == 1)
-    ref = tiny(fp16=0).train_step(*batch()).logits_BLV
+    ref = tiny(fp16=0).micro_step(*batch()).logits_BLV
     # the same first step in fp32: the logits differ (low precision ran) by the rounding of an 8 (bf16) / 11 (fp16)
     # bit mantissa over a few layers: measured 0.015 (bf16) and 0.0018 (fp16) of the logits' std on AVX2 and
     # ATEN_CPU_CAPABILITY=default; allowed 4x that, where wrong weights or a skipped layer are off by the std itself
@@ -173,11 +173,11 @@ def test_evaluate_reports_per_scale_metrics_with_cond_dropout_off():
 def test_trainer_state_round_trip_gives_identical_next_step():
     tr = tiny(fp16=1)
     inp, label = batch()
-    tr.train_step(inp, label)
+    tr.micro_step(inp, label)
     state = copy.deepcopy(tr.state_dict())
     other = tiny(fp16=1)
     other.load_state_dict(state)
-    a, b = tr.train_step(inp, label), other.train_step(inp, label)
+    a, b = tr.micro_step(inp, label), other.micro_step(inp, label)
     assert a.loss.item() == b.loss.item()
     assert all(torch.equal(p, q) for p, q in zip(tr.mvar.parameters(), other.mvar.parameters(), strict=True))
 
@@ -188,7 +188,7 @@ def test_optimizer_state_is_saved_by_name_without_side_effects_and_old_index_key
     tr = tiny()
     empty = dist.full_optimizer_state_dict(tr.mvar, tr.optimizer)
     assert empty["state"] == {} and not tr.optimizer.state  # saving before any step must not create state
-    tr.train_step(*batch())
+    tr.micro_step(*batch())
     named = dist.full_optimizer_state_dict(tr.mvar, tr.optimizer)
     names = [n for n, _ in tr.mvar.named_parameters()]
     assert named["state"] and set(named["state"]) <= set(names)
@@ -211,7 +211,7 @@ EVAL_WORKER = textwrap.dedent("""
     import dist
     from test_trainer import tiny, val_set
     from trainer import Trainer
-    from utils.data import build_loaders
+    from utils.data.loaders import build_loaders
 
     def main():
         device = dist.initialize()

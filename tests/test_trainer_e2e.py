@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from conftest import REPO, SUBPROCESS_ENV, build_tiny_mvar, interrupt, launch, launch_cmd
-from utils.checkpoint import BEST, LAST, PREV
+from utils.run.checkpoint import BEST, LAST, PREV
 
 TINY = ["--pn=1_2_4", "--depth=2", "--embed_dim=64", "--num_heads=2", "--fuse=0", "--bs=4", "--ep=2",
         "--log_every=1", "--workers=0", "--seed=3", "--tblr=1e-1", "--sample_every=0", "--val_every=1"]

@@ -1,11 +1,11 @@
 """Scores of a set of class-conditional images against the real test images, for small-image studies.
 
 Two feature spaces:
-- a classifier trained on the real training labels (utils.digit_classifier.SmallCNN): the Frechet distance of its
+- a classifier trained on the real training labels (utils.evaluation.classifier.SmallCNN): the Frechet distance of its
   pooled features (FD_clf), its Inception-Score analogue (IS_clf), k-NN precision/recall, and class consistency
   (share of images classified as the class they were generated for). Cheap: every image of every model.
-- the FID Inception network (utils.inception): FID on a subset, since one 299 px Inception pass costs ~0.14 s per
-  image on a 2-core CPU.
+- the FID Inception network (utils.evaluation.inception): FID on a subset, since one 299 px Inception pass costs
+  ~0.14 s per image on a 2-core CPU.
 All images are uint8 (N, H, W, 3), the format of FID dumps, so real, reconstructed and generated sets are
 quantised alike.
 """
@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from utils.digit_classifier import SmallCNN
-from utils.fid import feature_stats, frechet_distance, inception_score, precision_recall
-from utils.inception import InceptionFeatures
+from utils.evaluation.classifier import SmallCNN
+from utils.evaluation.fid import feature_stats, frechet_distance, inception_score, precision_recall
+from utils.evaluation.inception import InceptionFeatures
 
 
 @dataclass

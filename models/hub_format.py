@@ -26,11 +26,9 @@ from huggingface_hub import constants as hf_constants
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from models.loading import load_mvar
+from models.loading import hf_offline, load_mvar, resolve_checkpoint, vae_from_state_dict
 from models.mvar import MVAR, MVARConfig
-from models.tokenizer import VQVAE, vae_from_state_dict
-from utils.fid_dump import fid_folder_name
-from utils.hub import hf_offline, resolve_checkpoint
+from models.tokenizer import VQVAE
 
 CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_DIR = "config.json", "model.safetensors", "tokenizer"
 PAPER_URL = "https://arxiv.org/abs/2411.10433"
@@ -165,13 +163,16 @@ def training_data(ckpt: dict) -> str:
     flags = ckpt.get("args")
     if not isinstance(flags, dict):
         return OFFICIAL_DATA
-    data = flags.get("data_path") or f"embedded `{flags.get('dataset')}` (utils/embedded_data.py)"
+    data = flags.get("data_path") or f"embedded `{flags.get('dataset')}` (utils/data/embedded.py)"
     return f"{data}, {flags.get('ep')} epochs, batch {flags.get('bs')} (train.py)"
 
 
 def model_card_text(mvar: MVAR, repo_id: str | None = None, training_data: str | None = None,
-                    metrics: dict[str, str] | None = None, source: str | None = None) -> str:
-    """A model card: architecture, parameter count, training data, metrics, and the commands that use it."""
+                    metrics: dict[str, str] | None = None, source: str | None = None,
+                    fid_sample: str | None = None) -> str:
+    """A model card: architecture, parameter count, training data, metrics, and the commands that use it.
+    `fid_sample`: the `.npz` that `sample.py --fid --preset fid` writes for this model (scripts/export.py names
+    it), shown in the FID commands of ImageNet models."""
     c = mvar.config
     name = repo_id or "path/to/this/folder"
     reso = mvar.patch_nums[-1] * mvar.vae.downsample if mvar.vae_proxy else None
@@ -190,7 +191,7 @@ def model_card_text(mvar: MVAR, repo_id: str | None = None, training_data: str |
         "- pytorch_model_hub_mixin", "---", "",
         f"# M-VAR ({c.arch}, depth {c.depth})", "",
         f"Class-conditional scale-wise autoregressive image generator ([M-VAR]({PAPER_URL})), in the safetensors "
-        "format of this repository's `models/hub.py`: `config.json` + `model.safetensors`, the tokenizer in "
+        "format of this repository's `models/hub_format.py`: `config.json` + `model.safetensors`, the tokenizer in "
         "`tokenizer/`.", "",
         "| | |", "|---|---|", table, "",
         "## Use", "", "```bash",
@@ -199,11 +200,11 @@ def model_card_text(mvar: MVAR, repo_id: str | None = None, training_data: str |
         f"python sample.py --ckpt {name} --edit image.png --box 0,{(reso or 16) // 2},{reso or 16},{reso or 16} "
         f"--classes {classes.split()[0]} --out edit.png",
     ]
-    if c.num_classes == 1000 and reso in (256, 512):
+    if c.num_classes == 1000 and reso in (256, 512) and fid_sample:
         ref = "VIRTUAL_imagenet256_labeled.npz" if reso == 256 else "VIRTUAL_imagenet512.npz"
         lines += [f"torchrun --nproc_per_node=8 sample.py --ckpt {name} --fid --preset fid --fid_dir samples --bf16",
-                  f"python scripts/fid.py --sample samples/{fid_folder_name(name, 1.5, 900, 0.96, 0)}.npz --ref {ref}"]
-    lines += ["```", "", "In Python:", "", "```python", "from models.hub import MVARHF",
+                  f"python scripts/fid.py --sample samples/{fid_sample} --ref {ref}"]
+    lines += ["```", "", "In Python:", "", "```python", "from models.hub_format import MVARHF",
               f"mvar = MVARHF.from_pretrained({name!r})",
               "img_B3HW = mvar.autoregressive_infer_cfg(4, label_B=0, g_seed=0, cfg=1.5, top_k=900, top_p=0.96)",
               "```", ""]

@@ -1,12 +1,12 @@
 """Command-line flags of train.py: VAR's names and defaults (the official launch commands run unchanged), plus
 M-VAR and robustness extras. `finalize_args` derives the values VAR computes at start-up (per-rank batch, lr, ...).
-The choices come from `utils.registry` (architectures, model sizes, kernel backends, patch schedules).
+The choices come from `models.presets` (architectures, model sizes, kernel backends, patch schedules).
 """
 import argparse
 import math
 from collections.abc import Sequence
 
-from utils.registry import ARCH_BRANCHES, ATTN_KERNELS, MAMBA_KERNELS, MVAR_models, parse_patch_nums
+from models.presets import ARCH_BRANCHES, ATTN_KERNELS, MAMBA_KERNELS, MVAR_models, parse_patch_nums
 
 # MVARConfig field of a `--model` entry -> (train.py flag, its value)
 MODEL_FLAGS = {"depth": lambda v: ("depth", v), "arch": lambda v: ("arch", v), "embed_dim": lambda v: ("embed_dim", v),
@@ -54,11 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data_path", default="", help="ImageFolder root with train/ and val/ class sub-folders; "
                    "empty = the embedded data set named by --dataset")
     g.add_argument("--dataset", default="mnist", help="embedded data set used when --data_path is empty "
-                   "(utils.embedded_data: mnist, imagenet20, fmnist)")
+                   "(utils.data.embedded: mnist, imagenet20, fmnist)")
     g.add_argument("--fmnist_dir", default="", help="folder with Fashion-MNIST's four IDX files for "
                    "--dataset=fmnist; empty = $FMNIST_DIR, else /usr/share/datasets/fashion-mnist (Debian's "
                    "`apt-get install dataset-fashion-mnist`)")
-    g.add_argument("--pn", default="256", help="patch schedule: 256 or 512 (VAR's presets, utils.registry) or sides "
+    g.add_argument("--pn", default="256", help="patch schedule: 256 or 512 (VAR's presets, models.presets) or sides "
                    "joined by '_'; image size = last side * tokenizer downsample")
     g.add_argument("--mid_reso", type=float, default=1.125, help="resize the shorter side to mid_reso*reso before "
                    "cropping")

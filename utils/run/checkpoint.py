@@ -1,96 +1,110 @@
-"""What a training run keeps in its output folder and its RNGs; shared by train.py and tokenizer_trainer.py.
+"""Where a training run's checkpoints are written and resumed (train.py and tokenizer_trainer.py alike).
 
-The rules, the same for both trainers:
-- seeding: the initial weights come from `seed` alone (the same for any world size); then rank r of W draws from
-  seed * W + r (VAR's rule), for torch, Python and NumPy.
-- saving (collective): every rank's RNG state is gathered; the writers (rank 0, plus local rank 0 of every node
-  whose output folder is not shared with rank 0) write `<prefix>-last.pth` atomically, the previous one renamed to
-  `<prefix>-prev.pth` first.
+The output folder holds `<prefix>-last.pth` (newest), `<prefix>-prev.pth` (the one before it, kept so a damaged
+newest file never leaves a run without a good checkpoint) and `<prefix>-best.pth` (lowest val loss); train.py's
+prefix is `ar-ckpt`. The rules:
+- saving (collective): every rank's RNG state is gathered (utils.run.rng); the writers (rank 0, plus local rank 0
+  of every node whose output folder is not shared with rank 0) write `-last` atomically, the previous one renamed
+  to `-prev` first; a full disk keeps the old files.
 - resuming: `-last`, else `-prev` (a kill between the two renames of a save leaves only `-prev`), else the
   caller's fallback; an unreadable `-last` is an error that points at `-prev`. All ranks must resume from the same
-  position.
-- temporary files of saves that were killed are removed when the run starts.
+  position. Files are read by models.loading.load_checkpoint.
+- one live run per folder (utils.run.lock); temporary files of killed saves are removed when the run starts.
+What a checkpoint holds is the trainer's to say (`Trainer.checkpoint` / `Trainer.resume` in trainer.py); when
+train.py saves is its `Checkpointer`.
 """
+import errno
 import logging
 import os
-import random
+import re
+import shutil
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
-import numpy as np
 import torch
 
 import dist
-from utils.checkpoint import CheckpointError, load_checkpoint, save_atomic, temp_file_pid
-from utils.run_lock import RunLock, lock_output_folder, pid_alive
+from models.loading import CheckpointError, load_checkpoint
+from utils.run.lock import RunLock, lock_output_folder, pid_alive
 
 logger = logging.getLogger(__name__)
 
+LAST, PREV, BEST = "ar-ckpt-last.pth", "ar-ckpt-prev.pth", "ar-ckpt-best.pth"
+PathLike = str | os.PathLike
 POSITION_KEYS = ("epoch", "iter", "step")  # where a checkpoint resumes: (epoch, iter) for M-VAR, step for tokenizers
 
 
-# ---- seeding and RNG states ---------------------------------------------------------------------------------------
-def seed_everything(seed: int, rank: int, world_size: int) -> None:
-    """Different, reproducible streams per rank (seed * world + rank), as VAR."""
-    s = seed * world_size + rank
-    random.seed(s)
-    np.random.seed(s % 2**32)
-    torch.manual_seed(s)
+def temp_path(path: Path, pid: int | None = None) -> Path:
+    """Where `save_atomic` writes `path` before renaming it: a hidden file named after it and the writer's pid."""
+    return path.with_name(f".{path.name}.tmp{os.getpid() if pid is None else pid}")
 
 
-def resolve_seed(seed: int | None, ckpt: dict[str, Any] | None) -> int:
-    """The run's seed: a resumed run keeps its checkpoint's; else `seed`, else one drawn on rank 0 (collective)."""
-    saved = ckpt.get("args", {}).get("seed") if ckpt is not None else None
-    if saved is not None:
-        if seed is not None and seed != saved:
-            logger.warning("--seed=%s ignored: resuming with the checkpoint's seed %s", seed, saved)
-        return saved
-    if seed is None:
-        seed = dist.broadcast_object(random.SystemRandom().randrange(2**31) if dist.is_main_process() else None)
-    return seed
+def temp_file_pid(path: Path, names: tuple[str, ...]) -> int | None:
+    """The writer's pid if `path` is a `temp_path` of one of the file names `names`, else None."""
+    for name in names:
+        m = re.fullmatch(rf"\.{re.escape(name)}\.tmp(\d+)", path.name)
+        if m:
+            return int(m.group(1))
+    return None
 
 
-def get_rng_state() -> dict[str, Any]:
-    """torch (CPU and current CUDA device), Python and NumPy generator states, in weights_only-loadable types."""
-    mt, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(),
-        "python": random.getstate(),
-        "numpy": (mt, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
+def write_atomic(path: PathLike, write: Callable[[BinaryIO], object]) -> Path:
+    """`write(file)` into a temporary file next to `path`, then a rename over `path`: a kill leaves the old file or
+    the new one, never a partial one (for small result files; checkpoints use `save_atomic`)."""
+    path = Path(path)
+    tmp = temp_path(path)
+    with open(tmp, "wb") as f:
+        write(f)
+    os.replace(tmp, path)
+    return path
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what `get_rng_state` captured."""
-    torch.set_rng_state(state["torch"])
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    mt, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((mt, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+def save_atomic(obj: Any, path: PathLike, keep_previous: PathLike | None = None) -> Path:
+    """torch.save to a temporary file in the same folder, fsync, then rename over `path`.
+
+    With `keep_previous`, an existing `path` is first renamed to that name, so a good older file always
+    survives. A kill at any moment leaves either the old or the new file complete, never a partial one; a full
+    disk is a CheckpointError naming the folder, with the old files untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if keep_previous is not None and path.exists():
+            os.replace(path, keep_previous)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        if not is_disk_full(e):
+            raise
+        raise CheckpointError(f"disk full: cannot write {path.name} into {path.parent} ({e}; "
+                              f"{shutil.disk_usage(path.parent).free / 2**20:.0f} MiB free). The previous checkpoint "
+                              f"there is kept: free some space and re-run to resume from it") from e
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return path
 
 
-def gather_rng_states() -> list[dict[str, Any]]:
-    """Every rank's RNG state, in rank order (collective)."""
-    return dist.all_gather_object(get_rng_state())
+def is_disk_full(e: BaseException) -> bool:
+    """ENOSPC/EDQUOT from a file object, or torch's zip writer failing mid-file (`inline_container.cc`), which
+    is how a full disk shows when torch writes the file itself."""
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    return "inline_container.cc" in str(e)
 
 
-def restore_rng_states(states: list[dict[str, Any]]) -> None:
-    """This rank's state from `gather_rng_states`; with another world size the streams restart (warned)."""
-    if len(states) == dist.get_world_size():
-        set_rng_state(states[dist.get_rank()])
-    else:
-        logger.warning("the checkpoint holds RNG states of %d ranks, this run has %d: not restoring them (the resumed "
-                       "run is not bit-exact)", len(states), dist.get_world_size())
-
-
-# ---- the output folder ----------------------------------------------------------------------------------------------
 def is_checkpoint_writer(out_dir: Path) -> bool:
     """Rank 0 writes checkpoints; on other nodes, local rank 0 also writes when the output folder is not shared
     (so every node can resume from its own copy). Collective."""
@@ -108,7 +122,7 @@ def is_checkpoint_writer(out_dir: Path) -> bool:
 class RunFolder:
     """A run's output folder and its checkpoint files `<prefix>-last.pth`, `-prev.pth` and `-best.pth`.
 
-    `open` (collective) creates it, takes its run lock (utils.run_lock), decides which ranks write and removes
+    `open` (collective) creates it, takes its run lock (utils.run.lock), decides which ranks write and removes
     stale temporary files; `rank0_state`:
     the saved state is complete on rank 0 only (FSDP2 gathers there), so only rank 0 writes.
     """

@@ -30,7 +30,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from utils.checkpoint import write_atomic
+from utils.evaluation.fid import read_npz_header
+from utils.run.checkpoint import write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -227,35 +228,3 @@ def _raise_missing(folder: Path, total: int, cause: Exception | None = None) -> 
     raise FileNotFoundError(f"{len(missing)} of the {total} PNGs in {folder} are missing or unreadable (first: "
                             f"{[png_path(folder, i).name for i in missing[:5]]}): rerun the dump to fill them") \
         from cause
-
-
-def read_npz_header(npz_path: Path, key: str = "arr_0") -> tuple[tuple[int, ...], np.dtype]:
-    """Shape and dtype of one array in an `.npz`, read from its header only (no data loaded)."""
-    with zipfile.ZipFile(npz_path) as zf, zf.open(f"{key}.npy") as f:
-        shape, _, dtype = _read_npy_header(f)
-    return tuple(shape), np.dtype(dtype)
-
-
-def _read_npy_header(f) -> tuple[tuple[int, ...], bool, np.dtype]:
-    major, _ = np.lib.format.read_magic(f)
-    read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
-    return read_header(f)
-
-
-
-def open_npz_array(npz_path: Path, key: str = "arr_0") -> np.ndarray:
-    """One array of an `.npz`, memory-mapped when stored uncompressed (np.savez, `pack_npz`), else loaded."""
-    with zipfile.ZipFile(npz_path) as zf:
-        info = zf.getinfo(f"{key}.npy")
-        if info.compress_type != zipfile.ZIP_STORED:
-            return np.load(npz_path)[key]
-        with open(npz_path, "rb") as raw:  # the member's data starts after its local file header
-            raw.seek(info.header_offset)
-            local = raw.read(30)
-            name_len, extra_len = int.from_bytes(local[26:28], "little"), int.from_bytes(local[28:30], "little")
-            start = info.header_offset + 30 + name_len + extra_len
-        with zf.open(info) as f:
-            shape, fortran, dtype = _read_npy_header(f)
-            header_len = f.tell()
-    return np.memmap(npz_path, dtype=dtype, mode="r", offset=start + header_len, shape=shape,
-                     order="F" if fortran else "C")

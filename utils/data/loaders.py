@@ -96,7 +96,7 @@ def build_datasets(data_path: str, dataset: str, reso: int, mid_reso: float = 1.
                    fmnist_dir: str | None = None, train_limit: int = 0,
                    val_limit: int = 0) -> tuple[int, Dataset, Dataset]:
     """(num_classes, train set, val set): `data_path`/train and /val ImageFolders, or with an empty `data_path`
-    the embedded data set `dataset` (utils.embedded_data; Fashion-MNIST read from `fmnist_dir`) through the same
+    the embedded data set `dataset` (utils.data.embedded; Fashion-MNIST read from `fmnist_dir`) through the same
     transforms. A positive `train_limit` / `val_limit` keeps only that many first images of the split."""
     if train_limit < 0 or val_limit < 0:
         raise ValueError(f"--train_limit={train_limit} --val_limit={val_limit}: expected >= 0 (0 = all images)")
@@ -108,7 +108,7 @@ def build_datasets(data_path: str, dataset: str, reso: int, mid_reso: float = 1.
             raise ValueError(f"--data_path={data_path}: train/ and val/ have different class folders "
                              f"({len(train_set.classes)} vs {len(val_set.classes)})")
     else:
-        from utils.embedded_data import build_embedded_dataset
+        from utils.data.embedded import build_embedded_dataset
 
         train_set = build_embedded_dataset(dataset, "train", train_tf, fmnist_dir)
         val_set = build_embedded_dataset(dataset, "val", val_tf, fmnist_dir)

@@ -7,7 +7,7 @@ The library behind `scripts/fid.py` (which only parses flags): `evaluate(sample,
 Every input is checked (`check_sample`, `load_reference`) before any feature is computed: object or float
 arrays, statistics of another width and unreadable images are errors naming the file and what was expected.
 Metrics follow OpenAI's guided-diffusion evaluator: FID from pool3 statistics, IS over splits of 5000 with the
-classifier's bias dropped (only with an Inception port that has the classifier, see utils/inception.py),
+classifier's bias dropped (only with an Inception port that has the classifier, see utils/evaluation/inception.py),
 improved precision/recall (Kynkaanniemi et al. 2019) with k=3 and radii above the 95th percentile dropped.
 Features come from a TorchScript port of the TF graph, so numbers can differ from the TF evaluator in the
 second decimal.
@@ -22,8 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from utils.fid_dump import open_npz_array, read_npz_header
-from utils.inception import FEATURE_DIM, load_inception
+from utils.evaluation.inception import FEATURE_DIM, load_inception
 
 logger = logging.getLogger(__name__)
 IMAGE_EXTS = (".png", ".jpg", ".jpeg")
@@ -117,6 +116,37 @@ def precision_recall(ref_feats: np.ndarray, sample_feats: np.ndarray, k: int = 3
 # Inputs, checked before any feature is computed
 # ---------------------------------------------------------------------------------------------------------------
 IMAGE_MODES = ("1", "L", "P", "RGB", "RGBA", "CMYK", "YCbCr", "LA", "PA")  # 8-bit modes that convert to RGB
+
+
+def read_npz_header(npz_path: Path, key: str = "arr_0") -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype of one array in an `.npz`, read from its header only (no data loaded)."""
+    with zipfile.ZipFile(npz_path) as zf, zf.open(f"{key}.npy") as f:
+        shape, _, dtype = _read_npy_header(f)
+    return tuple(shape), np.dtype(dtype)
+
+
+def _read_npy_header(f) -> tuple[tuple[int, ...], bool, np.dtype]:
+    major, _ = np.lib.format.read_magic(f)
+    read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+    return read_header(f)
+
+
+def open_npz_array(npz_path: Path, key: str = "arr_0") -> np.ndarray:
+    """One array of an `.npz`, memory-mapped when stored uncompressed (np.savez, `pack_npz`), else loaded."""
+    with zipfile.ZipFile(npz_path) as zf:
+        info = zf.getinfo(f"{key}.npy")
+        if info.compress_type != zipfile.ZIP_STORED:
+            return np.load(npz_path)[key]
+        with open(npz_path, "rb") as raw:  # the member's data starts after its local file header
+            raw.seek(info.header_offset)
+            local = raw.read(30)
+            name_len, extra_len = int.from_bytes(local[26:28], "little"), int.from_bytes(local[28:30], "little")
+            start = info.header_offset + 30 + name_len + extra_len
+        with zf.open(info) as f:
+            shape, fortran, dtype = _read_npy_header(f)
+            header_len = f.tell()
+    return np.memmap(npz_path, dtype=dtype, mode="r", offset=start + header_len, shape=shape,
+                     order="F" if fortran else "C")
 
 
 def _npz_keys(path: Path) -> list[str]:

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from utils.markdown import markdown_table  # noqa: F401 (the sections call bm.markdown_table)
+from scripts.markdown import markdown_table  # noqa: F401 (the sections call bm.markdown_table)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MATMUL_SIDE = {"cpu": 2048, "cuda": 8192}  # square matmul timed as the practical peak (a GPU needs ~1 ms of work)
@@ -153,33 +153,3 @@ def attention_scores(mvar: nn.Module) -> int:
     if block.uses_kv_cache:
         return sum(n * end for n, (_, end) in zip(mvar.seg_lens, mvar.begin_ends, strict=True))
     return sum(n * n for n in mvar.seg_lens) if "attn" in block.branches else 0
-
-
-def model_flops(mvar: nn.Module, run: Callable[[], object], attention_passes: int = 1) -> float:
-    """Model FLOPs of one call of `run`: the linear layers (every matrix product with a weight: aten mm/addmm, as
-    counted by torch's FlopCounterMode, backward included when `run` is a training step) plus the attention scores,
-    4*C per query-key pair (q.k and the weighted sum of v) times `attention_passes` (3 for a training step: the
-    backward costs twice the forward). The Mamba2 scan, the convolutions and sampling are not counted (they are not
-    model FLOPs)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    attention = 0
-
-    def count_pairs(module, args, _out):
-        nonlocal attention
-        B, L, C = args[0].shape
-        keys = module.cached_k.shape[1] if module.caching else None
-        pairs = L * keys if keys is not None else (
-            sum(n * n for n in args[1]) if module.mode == "intra" else L * L)  # mode "causal" without cache: masked
-        attention += 4 * C * B * pairs
-
-    attns = [m for m in mvar.modules() if type(m).__name__ == "ScaleAttention"]
-    hooks = [m.register_forward_hook(count_pairs) for m in attns]
-    try:
-        with FlopCounterMode(display=False) as counter:
-            run()
-    finally:
-        for h in hooks:
-            h.remove()
-    by_op = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
-    return by_op.get("aten.mm", 0) + by_op.get("aten.addmm", 0) + attention_passes * attention

@@ -42,7 +42,7 @@ def mean_spread(values: list[float]) -> str:
 
 
 def train_images(preset: dict) -> int:
-    """Images each model trained on: every epoch is padded to whole batches (utils.data's sampler)."""
+    """Images each model trained on: every epoch is padded to whole batches (utils.data.loaders's sampler)."""
     return math.ceil(preset["train_limit"] / preset["bs"]) * preset["bs"] * preset["ep"]
 
 
@@ -215,7 +215,7 @@ computed something), {preset["seeds"]} seed(s) per row.
 - Models: width {preset["width"]}, depth {preset["depth"]}, {preset["heads"]} attention heads unless the row says
   otherwise; one recipe for all, `train.py {recipe}` (bf16 autocast): **equal training images**
   ({train_images(preset):,} = {preset["ep"]} epochs over the first {preset["train_limit"]:,} training images,
-  batch {preset["bs"]}). FLOPs count the linear layers and attention scores (utils.benchmark.model_flops), not
+  batch {preset["bs"]}). FLOPs count the linear layers and attention scores (models.flops.train_step_flops), not
   the Mamba2 scan or the convolutions, so they understate the Mamba2 rows; "train min" is the training images
   over the median training throughput (validation excluded). Throughputs are the first seed's runs.
 - Sampling: {preset["num_samples"]:,} images per model, cfg {s["cfg"]}, top-k {s["top_k"]} (900/4096 of the

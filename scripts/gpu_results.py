@@ -9,7 +9,7 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from utils.markdown import markdown_table
+from scripts.markdown import markdown_table
 
 STATUSES = ("PASS", "FAIL", "SKIP", "INFO")
 

@@ -1,0 +1,161 @@
+"""sample.py's inputs and outputs: the image and mask of `--edit`, the uint8 conversion and PNG writers (a grid
+with one row per class, or a folder of single PNGs), and the checks that weights and generated images are finite.
+
+Edit inputs go through the same geometry as VAR's validation images: the shorter side resized to the model's
+resolution, then a center crop. The box is in the original image's pixels. A mask pixel is "regenerate" where
+the PNG is not black; a model pixel is masked when any image pixel under it is (a mask never shrinks). Non-finite
+weights are checked once at load, each batch of generated images before anything is written; the errors say what
+is non-finite and where it came from.
+"""
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision.utils
+from PIL import Image
+from torch import nn
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Edit inputs
+# ---------------------------------------------------------------------------------------------------------------------
+def box_mask(height: int, width: int, box: Sequence[int]) -> torch.Tensor:
+    """A (1, 1, H, W) bool mask that is True inside the pixel box (x0, y0, x1, y1), ends exclusive."""
+    x0, y0, x1, y1 = (int(v) for v in box)
+    if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
+        raise ValueError(f"box {tuple(box)} (x0, y0, x1, y1) must satisfy 0 <= x0 < x1 <= {width} and "
+                         f"0 <= y0 < y1 <= {height} for a {width}x{height} image")
+    mask = torch.zeros(1, 1, height, width, dtype=torch.bool)
+    mask[..., y0:y1, x0:x1] = True
+    return mask
+
+
+def parse_box(text: str) -> tuple[int, int, int, int]:
+    """"x0,y0,x1,y1" -> four ints (pixels, ends exclusive)."""
+    try:
+        x0, y0, x1, y1 = (int(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"--box {text!r}: expected four integers x0,y0,x1,y1 (pixels of --edit's image)") from None
+    return x0, y0, x1, y1
+
+
+def _resized_hw(h: int, w: int, reso: int) -> tuple[int, int]:
+    """The size torchvision's resize(reso) gives: shorter side reso, the other scaled (truncated)."""
+    return (reso, int(reso * w / h)) if h <= w else (int(reso * h / w), reso)
+
+
+def _image_to_model_size(img_3HW: torch.Tensor, reso: int) -> torch.Tensor:
+    img_3HW = TF.resize(img_3HW, list(_resized_hw(*img_3HW.shape[-2:], reso)), InterpolationMode.BICUBIC,
+                        antialias=True)
+    return TF.center_crop(img_3HW, [reso, reso]).clamp(0, 1)
+
+
+def _mask_to_model_size(mask_HW: torch.Tensor, reso: int) -> torch.Tensor:
+    """A model pixel is masked when any image pixel of its footprint is (max pooling; nearest when enlarging)."""
+    size = _resized_hw(*mask_HW.shape, reso)
+    m_11HW = mask_HW[None, None].float()
+    if size[0] <= mask_HW.shape[0]:
+        m_11HW = F.adaptive_max_pool2d(m_11HW, size)
+    else:
+        m_11HW = F.interpolate(m_11HW, size=size, mode="nearest")
+    return TF.center_crop(m_11HW, [reso, reso]) > 0
+
+
+def load_edit_inputs(image_path: str | Path, reso: int, mask_path: str | Path | None = None,
+                     box: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> image (1, 3, reso, reso) in [0, 1] and mask (1, 1, reso, reso) bool (True = regenerate)."""
+    if (mask_path is None) == (box is None):
+        raise ValueError("--edit needs exactly one of --mask MASK.png or --box x0,y0,x1,y1")
+    image_path = Path(image_path)
+    if not image_path.is_file():
+        raise FileNotFoundError(f"--edit={image_path}: no such file")
+    with Image.open(image_path) as im:
+        rgb = np.array(im.convert("RGB"))
+    H, W = rgb.shape[:2]
+    if box is not None:
+        mask_HW = box_mask(H, W, box)[0, 0]
+    else:
+        if not Path(mask_path).is_file():
+            raise FileNotFoundError(f"--mask={mask_path}: no such file")
+        with Image.open(mask_path) as m:
+            mask_HW = torch.from_numpy(np.asarray(m.convert("L")) > 0)
+        if mask_HW.shape != (H, W):
+            raise ValueError(f"--mask={mask_path} is {mask_HW.shape[1]}x{mask_HW.shape[0]} px, --edit={image_path} "
+                             f"is {W}x{H} px: the mask must have the image's size")
+    img_13HW = _image_to_model_size(torch.from_numpy(rgb).permute(2, 0, 1).float().div(255), reso)[None]
+    mask_11HW = _mask_to_model_size(mask_HW, reso)
+    if not mask_11HW.any():
+        raise ValueError("the mask covers no pixel of the (resized, center-cropped) image: nothing to regenerate")
+    return img_13HW, mask_11HW
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Image output
+# ---------------------------------------------------------------------------------------------------------------------
+def to_uint8_BHW3(img_B3HW: torch.Tensor) -> np.ndarray:
+    """Images in [0, 1], (B, 3, H, W), any float dtype -> uint8 (B, H, W, 3) on the CPU (round to nearest)."""
+    return img_B3HW.float().clamp(0, 1).mul(255).add_(0.5).floor_().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def is_image_file(path: Path) -> bool:
+    """True when `path` ends in an image format PIL can write (.png, .jpg, .webp, ...), else it names a folder."""
+    fmt = Image.registered_extensions().get(Path(path).suffix.lower())
+    return fmt is not None and fmt in Image.SAVE
+
+
+def save_grid(imgs_BHW3: np.ndarray, path: Path, ncol: int, padding: int = 2) -> Path:
+    """Save uint8 images (B, H, W, 3) as one image (format from the suffix), `ncol` per row (row r = images
+    r*ncol ... r*ncol+ncol-1)."""
+    if imgs_BHW3.dtype != np.uint8 or imgs_BHW3.ndim != 4:
+        raise ValueError(f"expected uint8 (B, H, W, 3) images, got {imgs_BHW3.dtype} {imgs_BHW3.shape}")
+    t_B3HW = torch.from_numpy(imgs_BHW3).permute(0, 3, 1, 2)
+    grid_3HW = torchvision.utils.make_grid(t_B3HW, nrow=ncol, padding=padding, pad_value=255)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid_3HW.permute(1, 2, 0).numpy()).save(path)
+    return path
+
+
+def save_folder(imgs_BHW3: np.ndarray, folder: Path, names: Sequence[str]) -> Path:
+    """Save each image as `folder/{name}.png`."""
+    if len(names) != len(imgs_BHW3):
+        raise ValueError(f"{len(names)} names for {len(imgs_BHW3)} images")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for img, name in zip(imgs_BHW3, names, strict=True):
+        Image.fromarray(img).save(folder / f"{name}.png")
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Finite weights and images
+# ---------------------------------------------------------------------------------------------------------------------
+class NonFiniteValueError(RuntimeError):
+    """Weights or outputs that hold NaN or Inf; the message names them."""
+
+
+def nonfinite_tensors(named: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
+    """Names of the floating-point tensors that hold any NaN or Inf."""
+    return [name for name, t in named if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
+def check_finite_weights(module: nn.Module, what: str) -> None:
+    """NonFiniteValueError naming the parameters and buffers of `module` (described by `what`) that hold NaN/Inf."""
+    bad = nonfinite_tensors(module.state_dict().items())
+    if bad:
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise NonFiniteValueError(f"{what} has non-finite weights (NaN/Inf) in {bad[:5]}{more}: the file is "
+                                  "damaged or comes from a run that diverged")
+
+
+def check_finite_images(img: torch.Tensor, where: str) -> None:
+    """One reduction and one host sync per batch: NonFiniteValueError counting the NaN and Inf values of `img`."""
+    if bool(torch.isfinite(img).all()):
+        return
+    n_nan, n_inf = int(torch.isnan(img).sum()), int(torch.isinf(img).sum())
+    raise NonFiniteValueError(f"{where} produced non-finite pixels ({n_nan} NaN, {n_inf} Inf of {img.numel()} "
+                              "values); no image of this batch was written")
