@@ -17,9 +17,9 @@ Stages (each resumable: a re-run skips what is finished and continues what was i
 import argparse
 import json
 import logging
+import multiprocessing
 import os
 import shutil
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -40,7 +40,7 @@ from utils.data.embedded import fashion_mnist_dir
 from utils.data.loaders import build_datasets
 from utils.evaluation.classifier import SmallCNN, accuracy, train_classifier
 from utils.evaluation.inception import find_inception, load_inception
-from utils.evaluation.scores import classifier_scores, classifier_view, inception_fid, inception_stats
+from utils.evaluation.scores import classifier_scores, classifier_view, inception_features, inception_fid
 from utils.flags import parse_args as parse_train_args
 from utils.run.checkpoint import LAST, write_atomic
 from utils.run.log import setup_logging
@@ -94,7 +94,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fmnist_dir", default="", help="Fashion-MNIST's IDX folder (see train.py --fmnist_dir)")
     p.add_argument("--inception", default=None, help="Inception TorchScript file (default: "
                    "utils.evaluation.inception's search)")
-    p.add_argument("--job", default=None, help=argparse.SUPPRESS)  # internal: one run of OUT_DIR/plan.json
     return p
 
 
@@ -186,7 +185,7 @@ def save_set(path: Path, **arrays: np.ndarray) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Reference sets (in the driver) and model jobs (`study.py --out_dir OUT --job RUN` in a subprocess, one thread)
+# Reference sets (in the driver) and model jobs (one process each, one thread: `run_parallel`)
 # ----------------------------------------------------------------------------------------------------------------
 def real_images(plan: dict, split: str) -> tuple[np.ndarray, np.ndarray]:
     """The first `real_n` images of a Fashion-MNIST split as the models see them (resized, uint8) and labels."""
@@ -205,8 +204,7 @@ def reference_sets(out: Path, plan: dict) -> None:
     n_inc = plan["preset"]["inception_n"]
     inception = load_inception(plan["inception"]) if n_inc > 0 else None
     if inception is not None:
-        mu, sigma = inception_stats(inception, test[:n_inc])
-        save_set(out / "sets" / "test_inception.npz", mu=mu, sigma=sigma)
+        save_set(out / "sets" / "test_inception.npz", feats=inception_features(inception, test[:n_inc]))
     train_imgs, train_labels = real_images(plan, "train")
     save_set(out / "sets" / "floor.npz", images=train_imgs, labels=train_labels)
     vae = load_vae(plan["tokenizer"])
@@ -277,9 +275,11 @@ def score_set(out: Path, plan: dict, name: str, inception: bool, inception_net: 
     n_inc = plan["preset"]["inception_n"]
     if inception and n_inc > 0:
         ref = np.load(out / "sets" / "test_inception.npz")
+        if "feats" not in ref:
+            raise RuntimeError(f"{out / 'sets' / 'test_inception.npz'} holds Inception statistics (an older study.py)"
+                               f", not features: delete it and {out / 'scores'} to rebuild the reference and scores")
         net = load_inception(plan["inception"]) if inception_net is None else inception_net
-        scores["fid_inception"] = inception_fid(net, spread_over_classes(sample["images"], n_inc), ref["mu"],
-                                                ref["sigma"])
+        scores["fid_inception"] = inception_fid(net, spread_over_classes(sample["images"], n_inc), ref["feats"])
     bad = [k for k, v in scores.items() if not np.isfinite(v)]
     if bad:
         raise RuntimeError(f"{name}: non-finite scores {bad}: the image set {out / 'sets' / name}.npz is broken")
@@ -297,23 +297,35 @@ def relative_cost(row: dict) -> float:
     return row["params"] * (2 if "mamba" in ARCH_BRANCHES[row["arch"]] else 1)
 
 
-def run_job_subprocess(out: Path, job: str) -> None:
-    """One job in a fresh one-thread process, its output in OUT/logs/; a failure raises naming the log."""
-    log = out / "logs" / f"{job}.log"
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+def job_process(out: Path, job: str) -> None:
+    """One job, in a child of the fork server: one thread, its output (stdout, stderr, logging) in OUT/logs/."""
+    with open(out / "logs" / f"{job}.log", "a") as f:
+        os.dup2(f.fileno(), sys.stdout.fileno())
+        os.dup2(f.fileno(), sys.stderr.fileno())
+    setup_logging(0, None)
+    torch.set_num_threads(1)  # OpenMP and MKL
+    job_model(out, json.loads((out / "plan.json").read_text()), job)
+
+
+def run_job(server: multiprocessing.context.ForkServerContext, out: Path, job: str) -> None:
+    """Run one job to its end; a failure raises naming its log."""
     t0 = time.time()
-    with open(log, "a") as f:
-        code = subprocess.call([sys.executable, __file__, f"--out_dir={out}", f"--job={job}"], stdout=f,
-                               stderr=subprocess.STDOUT, env=env)
-    if code:
-        raise RuntimeError(f"study job {job} failed (exit {code}); see {log}")
+    proc = server.Process(target=job_process, args=(out, job), name=f"study-{job}")
+    proc.start()
+    proc.join()
+    if proc.exitcode:
+        raise RuntimeError(f"study job {job} failed (exit {proc.exitcode}); see {out / 'logs' / f'{job}.log'}")
     logger.info("job %s done in %.0fs", job, time.time() - t0)
 
 
 def run_parallel(out: Path, jobs: list[str], parallel: int) -> None:
-    """Run `jobs` (longest first as listed), `parallel` at a time; raise after all ran if any failed."""
+    """Run `jobs` (longest first as listed), `parallel` at a time; raise after all ran if any failed. Each job is a
+    fresh process forked from a server that imported this script's modules once (torch, torchvision, the project:
+    ~4 s a process), not from this process, whose thread pools have run."""
+    server = multiprocessing.get_context("forkserver")
+    server.set_forkserver_preload(["scripts.study"])  # by name: run as a script, this module is __main__
     with ThreadPoolExecutor(parallel) as pool:
-        futures = {job: pool.submit(run_job_subprocess, out, job) for job in jobs}
+        futures = {job: pool.submit(run_job, server, out, job) for job in jobs}
     failed = [str(f.exception()) for f in futures.values() if f.exception() is not None]
     if failed:
         raise RuntimeError("\n".join(failed))
@@ -377,11 +389,6 @@ def prepare(args: argparse.Namespace, out: Path, plan: dict) -> tuple[dict, bool
 def main(args: argparse.Namespace) -> Path:
     """Run the study; returns the report's path."""
     out = Path(args.out_dir or ("local_output/study-quick" if args.quick else "local_output/study"))
-    if args.job:
-        setup_logging(0, None)
-        torch.set_num_threads(1)
-        job_model(out, json.loads((out / "plan.json").read_text()), args.job)
-        return out
     plan = make_plan(args)  # bad flags, missing data or weights, another study in the folder: refused here
     if plan["preset"]["inception_n"]:
         find_inception(args.inception)

@@ -61,6 +61,26 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
 
 
+def frechet_distance_of_features(a_ND: np.ndarray, b_MD: np.ndarray) -> float:
+    """`frechet_distance` of two feature sets' Gaussians (unbiased covariances), exact either way it is computed.
+
+    Sets smaller than the feature width (N - 1 + M - 1 < D: the study's few hundred images against Inception's 2048
+    features) go through the (N, M) cross-Gram: with A = (a - mean) / sqrt(N - 1) and B likewise, S1 = A^T A and
+    S2 = B^T B, so tr((S1 S2)^(1/2)) is the sum of the singular values of A B^T and tr(S1) = ||A||^2. No D x D
+    matrix is formed (4 s -> 0.04 s for 10 x 500 sets at D = 2048, one thread). Larger sets use the covariances.
+    """
+    a_ND, b_MD = np.asarray(a_ND, np.float64), np.asarray(b_MD, np.float64)
+    if a_ND.ndim != 2 or b_MD.ndim != 2 or a_ND.shape[1] != b_MD.shape[1] or min(len(a_ND), len(b_MD)) < 2:
+        raise ValueError(f"need two (N >= 2, D) feature sets of one width, got {a_ND.shape} and {b_MD.shape}")
+    if len(a_ND) + len(b_MD) - 2 >= a_ND.shape[1]:
+        return frechet_distance(*feature_stats(a_ND), *feature_stats(b_MD))
+    mu_a, mu_b = a_ND.mean(axis=0), b_MD.mean(axis=0)
+    A_ND, B_MD = (a_ND - mu_a) / math.sqrt(len(a_ND) - 1), (b_MD - mu_b) / math.sqrt(len(b_MD) - 1)
+    tr_covmean = np.linalg.svd(A_ND @ B_MD.T, compute_uv=False).sum()
+    diff = mu_a - mu_b
+    return float(diff @ diff + (A_ND * A_ND).sum() + (B_MD * B_MD).sum() - 2 * tr_covmean)
+
+
 def inception_score(probs_NK: np.ndarray, split_size: int = 5000) -> float:
     """exp(E[KL(p(y|x) || p(y))]) per split of `split_size` samples, averaged over splits (as OpenAI's evaluator)."""
     probs_NK = np.asarray(probs_NK, dtype=np.float64)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from utils.evaluation.classifier import SmallCNN
-from utils.evaluation.fid import feature_stats, frechet_distance, inception_score, precision_recall
+from utils.evaluation.fid import frechet_distance_of_features, inception_score, precision_recall
 from utils.evaluation.inception import InceptionFeatures
 
 
@@ -44,21 +44,19 @@ def classifier_scores(sample: ClassifierView, labels_N: np.ndarray, ref: Classif
     """FD_clf, IS_clf, precision, recall (k=3, against `ref`) and class consistency of `sample`."""
     precision, recall = precision_recall(ref.feats_ND, sample.feats_ND)
     return {
-        "fd_clf": frechet_distance(*feature_stats(sample.feats_ND), *feature_stats(ref.feats_ND)),
+        "fd_clf": frechet_distance_of_features(sample.feats_ND, ref.feats_ND),
         "is_clf": inception_score(sample.probs_NK, split_size=len(sample.probs_NK)),
         "precision": precision, "recall": recall,
         "consistency": float((sample.probs_NK.argmax(1) == np.asarray(labels_N)).mean()),
     }
 
 
-def inception_stats(inception: InceptionFeatures, imgs_NHW3: np.ndarray,
-                    batch_size: int = 50) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and covariance of the Inception pool features of uint8 images."""
+def inception_features(inception: InceptionFeatures, imgs_NHW3: np.ndarray, batch_size: int = 50) -> np.ndarray:
+    """The Inception pool features (N, 2048) of uint8 images."""
     feats_ND, _ = inception.extract(imgs_NHW3[i:i + batch_size] for i in range(0, len(imgs_NHW3), batch_size))
-    return feature_stats(feats_ND)
+    return feats_ND
 
 
-def inception_fid(inception: InceptionFeatures, imgs_NHW3: np.ndarray, ref_mu: np.ndarray,
-                  ref_sigma: np.ndarray) -> float:
-    """FID of uint8 images against reference Inception statistics."""
-    return frechet_distance(*inception_stats(inception, imgs_NHW3), ref_mu, ref_sigma)
+def inception_fid(inception: InceptionFeatures, imgs_NHW3: np.ndarray, ref_feats_ND: np.ndarray) -> float:
+    """FID of uint8 images against the Inception features of a reference set."""
+    return frechet_distance_of_features(inception_features(inception, imgs_NHW3), ref_feats_ND)
