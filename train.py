@@ -23,6 +23,7 @@ from models.mvar import MVAR, MVARConfig
 from models.tokenizer import VQVAE
 from trainer import Trainer
 from utils.data.loaders import build_datasets, build_loaders
+from utils.evaluation.during_training import TrainingEval
 from utils.flags import finalize_args, parse_args
 from utils.run.checkpoint import RunFolder
 from utils.run.log import TBLogger, setup_logging
@@ -62,6 +63,7 @@ def build_model(args: argparse.Namespace, vae: VQVAE, num_classes: int, device: 
     )
     attn_backend, mamba_backend = backends.from_flags(args.attn_backend, args.mamba_backend, fuse=args.fuse)
     mvar = MVAR(config, vae=vae, attn_backend=attn_backend, mamba_backend=mamba_backend).to(device)
+    mvar.grad_ckpt = args.grad_ckpt
     mvar.init_weights(init_adaln=args.aln, init_adaln_gamma=args.alng, init_head=args.hd, init_std=args.ini,
                       gamma_rows=args.alng_rows)
     if args.init_from:
@@ -87,8 +89,9 @@ class Checkpointer:
     clock decides for everyone), at epoch end, and on SIGTERM/SIGINT (then the process exits: utils.run.preemption);
     a save due inside an accumulation window waits for its end."""
 
-    def __init__(self, folder: RunFolder, trainer: Trainer, args: argparse.Namespace):
-        self.folder, self.trainer, self.args = folder, trainer, args
+    def __init__(self, folder: RunFolder, trainer: Trainer, args: argparse.Namespace,
+                 evaluator: TrainingEval | None = None):
+        self.folder, self.trainer, self.args, self.evaluator = folder, trainer, args, evaluator
         self.last_save, self.pending = time.time(), False
         self.preemption = Preemption()
 
@@ -105,8 +108,9 @@ class Checkpointer:
         """Collective save at position (epoch, it: the next iteration to run) -> the seconds it took; exits after
         it when a signal asked to stop and training is not over."""
         t0 = time.time()
-        self.folder.save(self.trainer.checkpoint(epoch=epoch, iter=it, args=vars(self.args), best_val=best_val),
-                         best=best)
+        curve = {"eval_history": self.evaluator.history} if self.evaluator else {}
+        self.folder.save(self.trainer.checkpoint(epoch=epoch, iter=it, args=vars(self.args), best_val=best_val,
+                                                 **curve), best=best)
         self.last_save, self.pending = time.time(), False
         if self.preemption.requested() and (epoch, it) < (self.args.ep, 0):
             self.preemption.exit(f"at epoch {epoch}, iteration {it}: checkpoint {self.folder.last} saved")
@@ -131,8 +135,8 @@ def log_progress(tb: TBLogger, metrics: dict[str, dict], args: argparse.Namespac
 
 def end_epoch(ep: int, iters: int, args: argparse.Namespace, trainer: Trainer, val_loader, tb: TBLogger,
               saver: Checkpointer, mvar: MVAR, best_val: float) -> float:
-    """Validation, sample grid and checkpoint after epoch `ep` (resuming from it starts the next epoch) -> the
-    best val loss so far."""
+    """Validation, sample grid, evaluation and checkpoint after epoch `ep` (resuming from it starts the next epoch)
+    -> the best val loss so far."""
     is_best = False
     if (ep + 1) % args.val_every == 0 or ep + 1 == args.ep:
         val = trainer.evaluate(val_loader)
@@ -144,6 +148,12 @@ def end_epoch(ep: int, iters: int, args: argparse.Namespace, trainer: Trainer, v
     if args.sample_every > 0 and ((ep + 1) % args.sample_every == 0 or ep + 1 == args.ep) \
             and (args.fsdp or dist.is_main_process()):
         tb.image("samples", sample_grid(mvar, mvar.num_classes, seed=args.seed + ep), ep + 1)
+    if saver.evaluator is not None and ((ep + 1) % args.eval_every == 0 or ep + 1 == args.ep):
+        point = saver.evaluator.evaluate(mvar, ep + 1, (ep + 1) * iters * args.glb_batch_size)
+        metric = saver.evaluator.metric
+        logger.info("ep %d eval: %s %.4f after %d training images (%d generated)", ep + 1, metric, point[metric],
+                    point["images"], args.eval_n)
+        tb.scalars(point["images"], "eval/", **{metric: point[metric]})  # x axis: training images seen
     tb.flush()
     # a checkpoint never splits an accumulation window, except the final one: its partial window is dropped
     whole_window = (ep + 1) * iters % args.ac == 0
@@ -218,10 +228,16 @@ def main(args: argparse.Namespace) -> None:
                       ac=args.ac, max_nonfinite=args.max_nonfinite)
     start_ep, start_it, best_val = (0, 0, math.inf) if ckpt is None else \
         trainer.resume(ckpt, resume_path, args.glb_batch_size)
+    evaluator = None
+    if args.eval_every:
+        evaluator = TrainingEval(args.eval_net, args.eval_n, args.seed, args.eval_cfg, args.eval_top_k, args.eval_top_p)
+        evaluator.prepare(val_set, device)
+        evaluator.load_history(ckpt.get("eval_history") if ckpt is not None else None)  # the curve goes on
     del ckpt
 
     # loop
-    tb, saver = TBLogger(folder.dir / "tb", enabled=dist.is_main_process()), Checkpointer(folder, trainer, args)
+    tb, saver = TBLogger(folder.dir / "tb", enabled=dist.is_main_process()), Checkpointer(folder, trainer, args,
+                                                                                          evaluator)
     for ep in range(start_ep, args.ep):
         sampler.set_epoch(ep, start_it if ep == start_ep else 0)
         t_log = time.time()  # validation, sampling and saving do not count against img/s

@@ -22,6 +22,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 from torchvision.ops import stochastic_depth
 
 from models import editing
@@ -224,7 +225,9 @@ class HybridBlock(nn.Module):
 class MVAR(nn.Module):
     """Class-conditional next-scale prediction. `forward` is the teacher-forced training pass; sampling is
     `autoregressive_infer_cfg` (needs the tokenizer: `MVAR(config, vae=vae)` or `attach_vae`).
-    `attn_backend` / `mamba_backend` pick the kernels (models.backends); `set_backends` changes them later."""
+    `attn_backend` / `mamba_backend` pick the kernels (models.backends); `set_backends` changes them later.
+    `grad_ckpt` (a run-time switch like the kernels, not part of the config): activation checkpointing per block in
+    training, each block's activations recomputed in the backward instead of kept (train.py --grad_ckpt)."""
 
     def __init__(self, config: MVARConfig, vae: nn.Module | None = None, attn_backend: str = "auto",
                  mamba_backend: str = "auto"):
@@ -267,6 +270,7 @@ class MVAR(nn.Module):
         self.blocks = nn.ModuleList([HybridBlock(config, i, dpr[i], attn_backend, mamba_backend)
                                      for i in range(config.depth)])
         self.attn_backend, self.mamba_backend = attn_backend, mamba_backend
+        self.grad_ckpt = False
 
         # 3. head
         self.head_nm = AdaLNBeforeHead(C, self.D, eps=config.norm_eps)
@@ -306,8 +310,12 @@ class MVAR(nn.Module):
     ) -> torch.Tensor:
         """All blocks on `x_BLC` (tokens of the scales `seg_lens`), then the head: logits (B, L, V) in fp32."""
         cond_BD_or_gss = self.shared_ada_lin(cond_BD)
+        checkpointed = self.grad_ckpt and self.training and torch.is_grad_enabled() and mamba_states is None
         for i, block in enumerate(self.blocks):
-            x_BLC = block(x_BLC, cond_BD_or_gss, seg_lens, None if mamba_states is None else mamba_states[i])
+            if checkpointed:  # keeps the block's inputs; its RNG (drop path) is replayed in the recomputation
+                x_BLC = torch.utils.checkpoint.checkpoint(block, x_BLC, cond_BD_or_gss, seg_lens, use_reentrant=False)
+            else:
+                x_BLC = block(x_BLC, cond_BD_or_gss, seg_lens, None if mamba_states is None else mamba_states[i])
         return self.get_logits(x_BLC, cond_BD)
 
     # ---- training ----------------------------------------------------------------------------------------------

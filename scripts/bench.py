@@ -6,6 +6,8 @@ Sections (`--only`, default all):
     mamba   one Mamba2 layer vs the FFN of the same block
     train   a training step (forward, backward, clip, AdamW) on random tokens, tokenizer excluded: images/s,
             model GFLOP/s and % of peak, --train_dtypes side by side (bf16 speed-up over fp32)
+    ckpt    activation checkpointing (--grad_ckpt): step time and peak memory with and without it at --depth and
+            2x --depth; the batch of M-VAR-d30 per 80 GB / 141 GB GPU, projected from the measured per-block bytes
     sample  sampling per image: Mamba2 state cached, the official prefix re-run, VAR's KV cache; tokens per block
     paper   the paper's speed claims: M-VAR-d24 vs VAR-d30, M-VAR-D and M-VAR-d16 (also with the prefix re-run) vs
             VAR-d16, fp32 and bf16, batch 1 and 8: time and model-FLOP ratios beside the paper's
@@ -18,6 +20,7 @@ Shapes follow --depth (width 64*depth, depth heads) and --pn; timing, memory and
         --train_dtypes fp32 bf16                                                          # CPU training throughput
     python scripts/bench.py --only train --depth 4 --width 128 --heads 2 --pn 1_2_3_4_5_6_8 --bs 64 --V 512 \
         --device cpu --threads 1 --train_dtypes fp32                                      # the study's scale
+    python scripts/bench.py --only ckpt --depth 2 --width 256 --bs 2 --dtype bf16 --device cpu --threads 1
     python scripts/bench.py --device cuda --dtype bf16 --depth 16 --bs 32 --out docs/gpu.md
     python scripts/bench.py --only paper --device cpu --threads 1 --pn 1_2_3_4_5 --repeats 1 --warmup 1  # a quick look
 """
@@ -30,8 +33,8 @@ import torch
 from torch import nn
 
 from models import build_vae_mvar
-from models.flops import model_flops, train_step_flops
 from models.attention import ScaleAttention, block_causal_attention, intra_scale_attention, resolve_backend
+from models.flops import model_flops, train_step_flops
 from models.mamba2 import Mamba2
 from models.mvar import FFN, MVAR, HybridBlock, MVARConfig
 from models.precision import effective_amp_dtype
@@ -338,9 +341,81 @@ def paper_tables(results: dict[tuple[str, int, str], tuple[float, float]], args:
                                "time per FLOP, M-VAR / VAR", "paper's time ratio"], pair_rows)])
 
 
+def ckpt_step(arch: str, depth: int, device: torch.device, args: argparse.Namespace) -> tuple[MVAR, Callable]:
+    """A random-weight model of `arch` at `depth` (width --width or 64*depth, head dim 64) and its training step
+    (`Trainer.micro_step_tokens` in --dtype) on random tokens of batch --bs."""
+    torch.manual_seed(0)
+    width = args.width or 64 * depth
+    mvar = MVAR(MVARConfig(depth=depth, patch_nums=parse_patch_nums(args.pn), arch=arch, V=args.V, embed_dim=width,
+                           num_heads=args.heads or width // 64),
+                attn_backend=args.attn_backend, mamba_backend=args.mamba_backend).to(device)
+    trainer = Trainer(vae=None, model=mvar, device=device, lr=1e-4, fp16=TRAIN_FP16[args.dtype])
+    gt_BL = torch.randint(0, mvar.V, (args.bs, mvar.L), device=device)
+    x_BLCv = torch.randn(args.bs, mvar.L - mvar.first_l, mvar.Cvae, device=device)
+    label_B = torch.randint(0, mvar.num_classes, (args.bs,), device=device)
+    return mvar, functools.partial(trainer.micro_step_tokens, gt_BL, x_BLCv, label_B)
+
+
+def bench_ckpt(device: torch.device, args: argparse.Namespace) -> str:
+    """Activation checkpointing (train.py --grad_ckpt): step time and peak memory with and without it, for each
+    --archs at --depth and 2x --depth (alternated in one process). Peak memory is linear in depth: the slope is
+    what one block keeps, the intercept the rest (embeddings, head, logits); both give the batch that fits M-VAR-d30
+    (256 px) on a GPU."""
+    B, depths, rows, fits, steps, mems = args.bs, (args.depth, 2 * args.depth), [], {}, {}, {}
+    for arch in args.archs:
+        for depth in depths:
+            mvar, step = ckpt_step(arch, depth, device, args)
+            for ckpt in (False, True):
+                def run(mvar=mvar, step=step, ckpt=ckpt):
+                    mvar.grad_ckpt = ckpt
+                    step()
+                steps[arch, depth, ckpt], mems[arch, depth, ckpt] = run, bm.peak_mib(run, device)
+    ms = bm.time_alternating(steps, device, args.warmup, args.repeats)
+    L, width = mvar.L, args.width or 64 * args.depth
+    ran = args.dtype if args.dtype == "fp32" or effective_amp_dtype(device, bm.DTYPES[args.dtype]) else \
+        f"{args.dtype} (ran fp32)"
+    for arch in args.archs:
+        for ckpt in (False, True):
+            slope = (mems[arch, depths[1], ckpt] - mems[arch, depths[0], ckpt]) * 2**20 / (depths[1] - depths[0])
+            fits[arch, ckpt] = (slope / (B * L * width), (mems[arch, depths[0], ckpt] * 2**20 - depths[0] * slope) / B)
+            for depth in depths:
+                rows.append([device.type, arch, depth, "on" if ckpt else "off", f"{ms[arch, depth, ckpt]:.1f}",
+                             f"{ms[arch, depth, ckpt] / ms[arch, depth, False]:.2f}x",
+                             f"{mems[arch, depth, ckpt]:.0f}", f"{fits[arch, ckpt][0]:.1f}"])
+    return "\n".join([f"### ckpt: batch {B}, L={L}, width {width} (head dim 64), {ran}, {device.type}", "",
+                      bm.markdown_table(["device", "arch", "depth", "--grad_ckpt", "ms / step", "time vs off",
+                                         "peak MiB", "bytes / token / block / channel"], rows), "",
+                      d30_fit(fits, L)])
+
+
+def d30_fit(fits: dict[tuple[str, bool], tuple[float, float]], L: int) -> str:
+    """Images per GPU of M-VAR-d30 and VAR-d30 under DDP: (GPU memory - 16 bytes per parameter for fp32 weights,
+    gradients and AdamW's moments) / activations per image. Activations per image: the measured bytes per token,
+    block and channel x L x depth x width, plus the measured rest; with checkpointing also one block's full
+    activations (recomputed one block at a time)."""
+    rows = []
+    for arch, name in (("mvar", "M-VAR-d30"), ("var", "VAR-d30")):
+        if (arch, False) not in fits:
+            continue
+        with torch.device("meta"):
+            mvar = MVAR(MVARConfig(**{"patch_nums": parse_patch_nums(256), **MVAR_models[name]}))
+        states_gib = 16 * sum(p.numel() for p in mvar.parameters()) / 2**30
+        plain_block = fits[arch, False][0] * L * mvar.C
+        for ckpt in (False, True):
+            per_block, rest = fits[arch, ckpt]
+            per_image = per_block * L * mvar.C * mvar.depth + rest + (plain_block if ckpt else 0)
+            per_image_gib = per_image / 2**30
+            rows.append([name, "on" if ckpt else "off", f"{states_gib:.0f}", f"{per_image_gib:.2f}",
+                         *(max(0, int((gib * 1e9 / 2**30 - states_gib) / per_image_gib)) for gib in (80, 141))])
+    return "\n".join([f"Projected to 256 px (valid when L={L} is 680: --pn 256), DDP, the activations as measured "
+                      "here (a GPU's attention kernel may keep fewer: flash attention stores no score matrix):", "",
+                      bm.markdown_table(["model", "--grad_ckpt", "weights+grads+AdamW GiB", "activations GiB / image",
+                                         "images per 80 GB GPU", "per 141 GB GPU"], rows)])
+
+
 SECTIONS: dict[str, Callable[[torch.device, argparse.Namespace], str]] = {
-    "attn": bench_attn, "block": bench_block, "mamba": bench_mamba, "train": bench_train, "sample": bench_sample,
-    "paper": bench_paper}
+    "attn": bench_attn, "block": bench_block, "mamba": bench_mamba, "train": bench_train, "ckpt": bench_ckpt,
+    "sample": bench_sample, "paper": bench_paper}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -353,7 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--depth", type=int, default=16, help="width 64*depth and depth heads (16: C=1024, H=16)")
     p.add_argument("--pn", default="256", help="patch schedule: 256, 512 or sides joined by '_'")
     p.add_argument("--bs", type=int, default=2, help="batch size")
-    p.add_argument("--width", type=int, default=0, help="train section: model width (0: 64*depth)")
+    p.add_argument("--width", type=int, default=0, help="train and ckpt sections: model width (0: 64*depth)")
     p.add_argument("--heads", type=int, default=0, help="train section: attention heads (0: width // 64)")
     p.add_argument("--archs", nargs="+", default=["mvar", "var"], choices=list(ARCH_BRANCHES),
                    help="block and train sections: the architectures to compare")

@@ -122,3 +122,19 @@ def test_train_section_times_fp32_and_bf16_side_by_side(monkeypatch):
     monkeypatch.setattr("models.precision.cpu_bf16_flags", lambda: ())
     labels = [line.split("|")[3].strip() for line in bench.main(flags).splitlines() if line.startswith("| cpu |")]
     assert labels == ["fp32", "bf16 (ran fp32)"] * 2
+
+
+def test_ckpt_section_keeps_less_with_checkpointing_and_projects_d30():
+    """Checkpointing keeps each block's input instead of its activations: less peak memory per step and fewer bytes
+    per block, so more M-VAR-d30 images fit a GPU (times are printed, not asserted)."""
+    text = bench.main(["--only", "ckpt", "--depth", "1", "--width", "64", "--pn", "1_2_3_4", "--archs", "mvar",
+                       "--repeats", "1", "--warmup", "0", "--device", "cpu", "--attn_backend", "sdpa",
+                       "--mamba_backend", "torch"])
+    rows = {(r[2], r[3]): r for r in ([c.strip() for c in line.strip("|").split("|")]
+                                      for line in text.splitlines() if line.startswith("| cpu | mvar |"))}
+    assert set(rows) == {("1", "off"), ("2", "off"), ("1", "on"), ("2", "on")}
+    assert float(rows["2", "on"][6]) < float(rows["2", "off"][6])  # peak MiB at depth 2
+    assert float(rows["2", "on"][7]) < float(rows["2", "off"][7])  # bytes kept per block
+    fit = {r[1]: r for r in ([c.strip() for c in line.strip("|").split("|")]
+                             for line in text.splitlines() if line.startswith("| M-VAR-d30 |"))}
+    assert int(fit["on"][4]) > int(fit["off"][4]) >= 0

@@ -23,9 +23,9 @@ PN = (1, 2, 4)
 CPU = torch.device("cpu")
 
 
-def tiny(cond_drop_rate=0.0, arch="mvar", **trainer_kw):
+def tiny(cond_drop_rate=0.0, arch="mvar", drop_path_rate=None, **trainer_kw):
     vae, mvar = build_tiny_mvar(patch_nums=PN, num_classes=4, init_adaln_gamma=0.1, cond_drop_rate=cond_drop_rate,
-                                arch=arch)
+                                arch=arch, drop_path_rate=drop_path_rate)
     return Trainer(vae, mvar, CPU, lr=1e-3, **trainer_kw)
 
 
@@ -91,6 +91,21 @@ def test_step_follows_the_schedule_steps_at_window_ends_and_reports_its_metrics(
     metrics = tr.pop_metrics(seconds=2.0)
     assert metrics["opt/"]["lr"] == sched.at(3).lr and metrics["speed/"]["images_per_s"] == 4 * 4 / 2.0
     assert set(metrics["train/"]) >= {"loss", "grad_norm", "Lm", "Accm", "vocab_usage"}
+
+
+@pytest.mark.parametrize("arch", ["mvar", "var"])
+def test_grad_ckpt_gives_the_plain_steps_loss_and_gradients(arch):
+    """--grad_ckpt recomputes each block in the backward: the same operations on the same inputs, with the drop
+    path's and the label dropout's random draws replayed, so the loss and every gradient are bit-identical."""
+    plain, ckpt = (tiny(cond_drop_rate=0.5, arch=arch, drop_path_rate=0.3) for _ in range(2))
+    ckpt.mvar.grad_ckpt = True
+    losses = []
+    for tr in (plain, ckpt):
+        torch.manual_seed(1)  # the same draws for the label dropout and the drop path
+        losses.append(tr.micro_step(*batch(), stepping=False).loss)
+    assert torch.equal(losses[0], losses[1])
+    for (n, p), q in zip(plain.mvar.named_parameters(), ckpt.mvar.parameters(), strict=True):
+        assert p.grad is not None and torch.equal(p.grad, q.grad), n
 
 
 def test_accumulation_equals_one_big_step():

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from conftest import REPO, SUBPROCESS_ENV, build_tiny_mvar, interrupt, launch, launch_cmd
+from utils.evaluation.classifier import SmallCNN
 from utils.run.checkpoint import BEST, LAST, PREV
 
 TINY = ["--pn=1_2_4", "--depth=2", "--embed_dim=64", "--num_heads=2", "--fuse=0", "--bs=4", "--ep=2",
@@ -240,3 +241,27 @@ def test_embedded_data_without_tokenizer_points_at_tokenizer_training(tmp_path):
                           env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert "vae_ch160v4096z32.pth" in proc.stderr and "scripts/train_tokenizer.py" in proc.stderr
+
+
+def test_evaluation_while_training_leaves_training_alone_and_its_curve_survives_a_kill(setup, reference_run,
+                                                                                      tmp_path):
+    """--eval_every=1: a Frechet distance per epoch in a named network's features (here a random SmallCNN), logged
+    with the training images seen and kept in the checkpoint. Training draws what it draws without it (the
+    reference run's losses, model randomness on), and a run killed after its first evaluation resumes the curve."""
+    _, ref_log = reference_run
+    torch.manual_seed(0)
+    torch.save(SmallCNN(3, ch=4).state_dict(), tmp_path / "clf.pt")
+    flags = ("--save_every=2", "--hflip=1", "--drop_path_rate=0.1", "--eval_every=1", "--eval_n=6",
+             f"--eval_net={tmp_path / 'clf.pt'}")
+    whole = run_train(setup, tmp_path / "whole", *flags)
+    assert logged_losses(whole.stdout) == logged_losses(ref_log)
+    assert re.search(r"ep 1 eval: fd_clf [0-9.]+ after 24 training images \(6 generated\)", whole.stdout)
+    curve = torch.load(tmp_path / "whole" / LAST, weights_only=True)["eval_history"]
+    assert [(p["epoch"], p["images"]) for p in curve] == [(1, 24), (2, 48)]
+    assert all(p["fd_clf"] > 0 for p in curve) and curve[0]["fd_clf"] != curve[1]["fd_clf"]
+
+    proc, _ = interrupt(train_cmd(setup, tmp_path / "killed", *flags), r"saved checkpoint .*\(epoch 1, iter 0\)",
+                        signal.SIGKILL)
+    assert proc.returncode == -signal.SIGKILL
+    run_train(setup, tmp_path / "killed", *flags)
+    assert torch.load(tmp_path / "killed" / LAST, weights_only=True)["eval_history"] == curve

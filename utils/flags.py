@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "0 off, 1 reduce-overhead, 2 max-autotune, 3 default")
     g.add_argument("--vfast", type=int, default=0, choices=(0, 1, 2, 3), help="torch.compile the tokenizer "
                    "encoder (same modes as --tfast)")
+    g.add_argument("--grad_ckpt", default=False, **b, help="activation checkpointing per block: the "
+                   "blocks' activations are recomputed in the backward instead of kept (same gradients; memory and "
+                   "time in docs/benchmarks.md)")
 
     g = p.add_argument_group("initialisation (VAR's init_weights)")
     g.add_argument("--ini", type=float, default=-1.0, help="init std of linear/embedding weights; <0 = sqrt(1/(3C))")
@@ -134,6 +137,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pgwp", type=float, default=0.0, help="warm-up epochs of each new stage's loss weight "
                    "(0 = ep/300)")
 
+    g = p.add_argument_group("evaluation while training (utils/evaluation/during_training.py)")
+    g.add_argument("--eval_every", type=int, default=0, help="epochs between evaluations of the Frechet distance "
+                   "of generated to validation images (and after the last epoch); 0 = off")
+    g.add_argument("--eval_n", type=int, default=1000, help="images generated per evaluation (sharded over ranks), "
+                   "and validation images in the reference")
+    g.add_argument("--eval_net", default="inception", help="feature network: 'inception' (FID) or a classifier "
+                   "saved as a SmallCNN state dict (FD_clf; the study's classifier.pt)")
+    g.add_argument("--eval_cfg", type=float, default=1.5, help="guidance of the evaluation's samples")
+    g.add_argument("--eval_top_k", type=int, default=900, help="top-k of the evaluation's samples (at most V)")
+    g.add_argument("--eval_top_p", type=float, default=0.96, help="top-p of the evaluation's samples")
+
     g = p.add_argument_group("run, logging, checkpoints")
     g.add_argument("--seed", type=int, default=None, help="seed (default: drawn at start and saved for resume)")
     g.add_argument("--local_out_dir_path", default="local_output", help="output folder: checkpoints, log.txt, "
@@ -158,9 +172,11 @@ def finalize_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
     for name in ("bs", "ac", "ep", "val_every", "log_every", "depth"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name}={getattr(args, name)}: expected a positive integer")
-    for name in ("save_every", "save_every_min", "sample_every", "train_limit", "val_limit"):
+    for name in ("save_every", "save_every_min", "sample_every", "train_limit", "val_limit", "eval_every"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name}={getattr(args, name)}: expected >= 0 (0 = off)")
+    if args.eval_every and args.eval_n < 2:
+        raise ValueError(f"--eval_n={args.eval_n}: expected at least 2 images per evaluation")
     args.patch_nums = parse_patch_nums(args.pn)
     args.batch_size = max(1, round(args.bs / args.ac / world_size))  # per rank, per micro-step
     args.glb_batch_size = args.batch_size * world_size  # per micro-step

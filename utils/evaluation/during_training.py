@@ -1,0 +1,115 @@
+"""Evaluation while training (train.py --eval_every): the Frechet distance of generated images to the validation
+images, in the feature space of a named network, at points of a run.
+
+`--eval_net inception` is FID (the Inception of utils.evaluation.inception; ImageNet); a path names a classifier
+saved as a `SmallCNN` state dict (utils.evaluation.classifier; the study's `classifier.pt`): its pooled features
+(FD_clf, for small data sets). Each evaluation generates `--eval_n` images, class i % num_classes for image i, in
+chunks of `CHUNK` seeded from (seed, chunk) alone: the same images for any number of ranks, over which the chunks
+are sharded, and the same at every point of the curve apart from the weights. The reference is the first
+`--eval_n` validation images. Sampling uses its own generators, so training draws what it would without it.
+"""
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+import dist
+from utils.evaluation.classifier import SmallCNN
+from utils.evaluation.fid import frechet_distance_of_features
+from utils.evaluation.fid_dump import chunk_seed
+from utils.evaluation.inception import load_inception
+from utils.evaluation.scores import classifier_view
+from utils.sample_io import to_uint8_BHW3
+
+CHUNK = 50  # images per generation call
+FeatureFn = Callable[[np.ndarray], np.ndarray]  # uint8 (N, H, W, 3) -> features (N, D) float64
+
+
+def feature_network(name: str, device: torch.device) -> tuple[str, FeatureFn]:
+    """(metric name, features of uint8 images) for `--eval_net`: "inception" or a SmallCNN state-dict file."""
+    if name == "inception":
+        net = load_inception(None, device=device, flag="--eval_net")
+        return "fid", lambda imgs: net.extract([imgs])[0]
+    try:
+        state = torch.load(name, map_location="cpu", weights_only=True)
+        clf = SmallCNN(state["head.weight"].shape[0], ch=state["features.0.weight"].shape[0])
+        clf.load_state_dict(state)
+    except Exception as e:  # not a file, not a state dict, another network
+        raise ValueError(f"--eval_net={name}: expected 'inception' or a SmallCNN state dict (the study's "
+                         f"classifier.pt): {type(e).__name__}: {e}") from e
+    return "fd_clf", lambda imgs: classifier_view(clf, imgs).feats_ND
+
+
+def sharded_features(n: int, images: Callable[[int, int], np.ndarray], features: FeatureFn) -> np.ndarray:
+    """Features of images 0..n-1 made in chunks of CHUNK (`images(start, stop)` -> uint8), chunk c on rank
+    c % world; every rank runs the same number of calls (FSDP's collectives) and gets all features in order."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    chunks = list(range(0, n, CHUNK))
+    mine = {}
+    for i in range(rank, len(chunks) + (-len(chunks)) % world, world):
+        start = chunks[i % len(chunks)]  # ranks past the last chunk redo one and drop it
+        feats = features(images(start, min(start + CHUNK, n)))
+        if i < len(chunks):
+            mine[start] = feats
+    gathered = {k: v for part in dist.all_gather_object(mine) for k, v in part.items()}
+    return np.concatenate([gathered[s] for s in chunks])
+
+
+@dataclass
+class TrainingEval:
+    """One curve: `evaluate` appends {"epoch", "images", metric} to `history` (saved in checkpoints)."""
+
+    net: str
+    n: int
+    seed: int
+    cfg: float = 1.5
+    top_k: int = 900
+    top_p: float = 0.96
+    history: list[dict] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.metric: str | None = None
+        self.features: FeatureFn | None = None
+        self.ref_feats: np.ndarray | None = None
+
+    def prepare(self, val_set: Dataset, device: torch.device) -> None:
+        """Load the feature network and the reference features (collective)."""
+        if len(val_set) < 2:
+            raise ValueError(f"--eval_every needs validation images to compare with; the validation set has "
+                             f"{len(val_set)}")
+        def real(start: int, stop: int) -> np.ndarray:
+            return to_uint8_BHW3((torch.stack([val_set[i][0] for i in range(start, stop)]) + 1) / 2)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # a network's init draws
+            self.metric, self.features = feature_network(self.net, device)
+            self.ref_feats = sharded_features(min(self.n, len(val_set)), real, self.features)
+
+    @torch.no_grad()
+    def evaluate(self, mvar: nn.Module, epoch: int, images_seen: int) -> dict:
+        """Generate, featurize and score (collective); the point is appended to `history` and returned."""
+        was_training = mvar.training
+        mvar.eval()
+        top_k = min(self.top_k, mvar.V)
+        device = mvar.pos_1LC.device
+        rng = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])  # training's draws unchanged
+
+        def generated(start: int, stop: int) -> np.ndarray:
+            label_B = torch.arange(start, stop, device=device) % mvar.num_classes
+            img_B3HW = mvar.autoregressive_infer_cfg(stop - start, label_B, g_seed=chunk_seed(self.seed, start),
+                                                     cfg=self.cfg, top_k=top_k, top_p=self.top_p)
+            return to_uint8_BHW3(img_B3HW)
+        try:
+            with rng:
+                feats = sharded_features(self.n, generated, self.features)
+        finally:
+            mvar.train(was_training)
+        point = {"epoch": epoch, "images": images_seen, self.metric: frechet_distance_of_features(feats,
+                                                                                                  self.ref_feats)}
+        self.history.append(point)
+        return point
+
+    def load_history(self, history: Sequence[dict] | None) -> None:
+        """A resumed run continues the curve of its checkpoint."""
+        self.history = [dict(p) for p in history or ()]
