@@ -150,10 +150,10 @@ def end_epoch(ep: int, iters: int, args: argparse.Namespace, trainer: Trainer, v
         tb.image("samples", sample_grid(mvar, mvar.num_classes, seed=args.seed + ep), ep + 1)
     if saver.evaluator is not None and ((ep + 1) % args.eval_every == 0 or ep + 1 == args.ep):
         point = saver.evaluator.evaluate(mvar, ep + 1, (ep + 1) * iters * args.glb_batch_size)
-        metric = saver.evaluator.metric
-        logger.info("ep %d eval: %s %.4f after %d training images (%d generated)", ep + 1, metric, point[metric],
-                    point["images"], args.eval_n)
-        tb.scalars(point["images"], "eval/", **{metric: point[metric]})  # x axis: training images seen
+        scores = {k: v for k, v in point.items() if k not in ("epoch", "images")}
+        logger.info("ep %d eval: %s after %d training images (%d generated)", ep + 1,
+                    " ".join(f"{k} {v:.4f}" for k, v in scores.items()), point["images"], args.eval_n)
+        tb.scalars(point["images"], "eval/", **scores)  # x axis: training images seen
     tb.flush()
     # a checkpoint never splits an accumulation window, except the final one: its partial window is dropped
     whole_window = (ep + 1) * iters % args.ac == 0

@@ -255,10 +255,12 @@ def test_evaluation_while_training_leaves_training_alone_and_its_curve_survives_
              f"--eval_net={tmp_path / 'clf.pt'}")
     whole = run_train(setup, tmp_path / "whole", *flags)
     assert logged_losses(whole.stdout) == logged_losses(ref_log)
-    assert re.search(r"ep 1 eval: fd_clf [0-9.]+ after 24 training images \(6 generated\)", whole.stdout)
+    assert re.search(r"ep 1 eval: fd_clf [0-9.]+ consistency [0-9.]+ after 24 training images \(6 generated\)",
+                     whole.stdout)
     curve = torch.load(tmp_path / "whole" / LAST, weights_only=True)["eval_history"]
     assert [(p["epoch"], p["images"]) for p in curve] == [(1, 24), (2, 48)]
-    assert all(p["fd_clf"] > 0 for p in curve) and curve[0]["fd_clf"] != curve[1]["fd_clf"]
+    assert all(p["fd_clf"] > 0 and 0 <= p["consistency"] <= 1 for p in curve)
+    assert curve[0]["fd_clf"] != curve[1]["fd_clf"]
 
     proc, _ = interrupt(train_cmd(setup, tmp_path / "killed", *flags), r"saved checkpoint .*\(epoch 1, iter 0\)",
                         signal.SIGKILL)

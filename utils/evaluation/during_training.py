@@ -3,7 +3,8 @@ images, in the feature space of a named network, at points of a run.
 
 `--eval_net inception` is FID (the Inception of utils.evaluation.inception; ImageNet); a path names a classifier
 saved as a `SmallCNN` state dict (utils.evaluation.classifier; the study's `classifier.pt`): its pooled features
-(FD_clf, for small data sets). Each evaluation generates `--eval_n` images, class i % num_classes for image i, in
+(FD_clf, for small data sets) and its predictions: class consistency, the share of images classified as the class
+they were generated for. Each evaluation generates `--eval_n` images, class i % num_classes for image i, in
 chunks of `CHUNK` seeded from (seed, chunk) alone: the same images for any number of ranks, over which the chunks
 are sharded, and the same at every point of the curve apart from the weights. The reference is the first
 `--eval_n` validation images. Sampling uses its own generators, so training draws what it would without it.
@@ -25,14 +26,15 @@ from utils.evaluation.scores import classifier_view
 from utils.sample_io import to_uint8_BHW3
 
 CHUNK = 50  # images per generation call
-FeatureFn = Callable[[np.ndarray], np.ndarray]  # uint8 (N, H, W, 3) -> features (N, D) float64
+FeatureFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray | None]]  # uint8 (N,H,W,3) -> (N, D), classes (N,)
 
 
 def feature_network(name: str, device: torch.device) -> tuple[str, FeatureFn]:
-    """(metric name, features of uint8 images) for `--eval_net`: "inception" or a SmallCNN state-dict file."""
+    """(metric name, features and predicted classes of uint8 images) for `--eval_net`: "inception" (no classes:
+    its 1008 are not the data set's) or a SmallCNN state-dict file."""
     if name == "inception":
         net = load_inception(None, device=device, flag="--eval_net")
-        return "fid", lambda imgs: net.extract([imgs])[0]
+        return "fid", lambda imgs: (net.extract([imgs])[0], None)
     try:
         state = torch.load(name, map_location="cpu", weights_only=True)
         clf = SmallCNN(state["head.weight"].shape[0], ch=state["features.0.weight"].shape[0])
@@ -40,12 +42,18 @@ def feature_network(name: str, device: torch.device) -> tuple[str, FeatureFn]:
     except Exception as e:  # not a file, not a state dict, another network
         raise ValueError(f"--eval_net={name}: expected 'inception' or a SmallCNN state dict (the study's "
                          f"classifier.pt): {type(e).__name__}: {e}") from e
-    return "fd_clf", lambda imgs: classifier_view(clf, imgs).feats_ND
+
+    def features(imgs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        view = classifier_view(clf, imgs)
+        return view.feats_ND, view.probs_NK.argmax(axis=1)
+    return "fd_clf", features
 
 
-def sharded_features(n: int, images: Callable[[int, int], np.ndarray], features: FeatureFn) -> np.ndarray:
-    """Features of images 0..n-1 made in chunks of CHUNK (`images(start, stop)` -> uint8), chunk c on rank
-    c % world; every rank runs the same number of calls (FSDP's collectives) and gets all features in order."""
+def sharded_features(n: int, images: Callable[[int, int], np.ndarray], features: FeatureFn
+                     ) -> tuple[np.ndarray, np.ndarray | None]:
+    """Features (and predicted classes) of images 0..n-1 made in chunks of CHUNK (`images(start, stop)` -> uint8),
+    chunk c on rank c % world; every rank runs the same number of calls (FSDP's collectives) and gets all of them
+    in order."""
     world, rank = dist.get_world_size(), dist.get_rank()
     chunks = list(range(0, n, CHUNK))
     mine = {}
@@ -55,12 +63,14 @@ def sharded_features(n: int, images: Callable[[int, int], np.ndarray], features:
         if i < len(chunks):
             mine[start] = feats
     gathered = {k: v for part in dist.all_gather_object(mine) for k, v in part.items()}
-    return np.concatenate([gathered[s] for s in chunks])
+    feats = np.concatenate([gathered[s][0] for s in chunks])
+    return feats, None if gathered[0][1] is None else np.concatenate([gathered[s][1] for s in chunks])
 
 
 @dataclass
 class TrainingEval:
-    """One curve: `evaluate` appends {"epoch", "images", metric} to `history` (saved in checkpoints)."""
+    """One curve: `evaluate` appends {"epoch", "images", metric[, "consistency"]} to `history` (saved in
+    checkpoints)."""
 
     net: str
     n: int
@@ -84,7 +94,7 @@ class TrainingEval:
             return to_uint8_BHW3((torch.stack([val_set[i][0] for i in range(start, stop)]) + 1) / 2)
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # a network's init draws
             self.metric, self.features = feature_network(self.net, device)
-            self.ref_feats = sharded_features(min(self.n, len(val_set)), real, self.features)
+            self.ref_feats, _ = sharded_features(min(self.n, len(val_set)), real, self.features)
 
     @torch.no_grad()
     def evaluate(self, mvar: nn.Module, epoch: int, images_seen: int) -> dict:
@@ -102,11 +112,13 @@ class TrainingEval:
             return to_uint8_BHW3(img_B3HW)
         try:
             with rng:
-                feats = sharded_features(self.n, generated, self.features)
+                feats, classes = sharded_features(self.n, generated, self.features)
         finally:
             mvar.train(was_training)
         point = {"epoch": epoch, "images": images_seen, self.metric: frechet_distance_of_features(feats,
                                                                                                   self.ref_feats)}
+        if classes is not None:
+            point["consistency"] = float((classes == np.arange(self.n) % mvar.num_classes).mean())
         self.history.append(point)
         return point
 
