@@ -407,8 +407,9 @@ def d30_fit(fits: dict[tuple[str, bool], tuple[float, float]], L: int) -> str:
             per_image_gib = per_image / 2**30
             rows.append([name, "on" if ckpt else "off", f"{states_gib:.0f}", f"{per_image_gib:.2f}",
                          *(max(0, int((gib * 1e9 / 2**30 - states_gib) / per_image_gib)) for gib in (80, 141))])
-    return "\n".join([f"Projected to 256 px (valid when L={L} is 680: --pn 256), DDP, the activations as measured "
-                      "here (a GPU's attention kernel may keep fewer: flash attention stores no score matrix):", "",
+    scale = "" if L == 680 else f" (measured at L={L}: this projection needs --pn 256)"
+    return "\n".join([f"Projected to 256 px, L=680{scale}, DDP, with the activations as measured here (a GPU's "
+                      "attention kernel may keep fewer: flash attention stores no score matrix):", "",
                       bm.markdown_table(["model", "--grad_ckpt", "weights+grads+AdamW GiB", "activations GiB / image",
                                          "images per 80 GB GPU", "per 141 GB GPU"], rows)])
 
