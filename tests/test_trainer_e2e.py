@@ -38,6 +38,8 @@ def setup(tmp_path_factory):
                 base = rng.integers(0, 255, (1, 1, 3)) * np.ones((10, 12, 1))  # per-image colour + noise
                 img = np.clip(base + rng.normal(0, 30, (10, 12, 3)), 0, 255).astype(np.uint8)
                 Image.fromarray(img).save(d / f"{i}.png")
+    torch.manual_seed(0)
+    torch.save(SmallCNN(3, ch=4).state_dict(), root / "clf.pt")  # a random feature network for --eval_net
     return root
 
 
@@ -79,9 +81,13 @@ def reference_run(setup):
 NO_MODEL_RNG = ("--cond_drop_rate=0", "--drop_path_rate=0", "--hflip=1")  # per-rank draws differ by design
 
 
+def eval_flags(setup: Path) -> tuple[str, ...]:
+    return "--eval_every=1", "--eval_n=6", f"--eval_net={setup / 'clf.pt'}"
+
+
 @pytest.fixture(scope="module")
 def single_run(setup):
-    return run_train(setup, setup / "single", *NO_MODEL_RNG).stdout
+    return run_train(setup, setup / "single", *NO_MODEL_RNG, *eval_flags(setup)).stdout
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +99,8 @@ def two_rank_run(setup):
         if mode not in done:
             # FSDP2 also samples after epoch 1 without validation first (whose forward would leave the root unsharded)
             fsdp = ["--fsdp=1", "--sample_every=1", "--val_every=2"] if mode == "fsdp" else []
-            done[mode] = setup / mode, run_train(setup, setup / mode, *NO_MODEL_RNG, *fsdp, nproc=2).stdout
+            done[mode] = setup / mode, run_train(setup, setup / mode, *NO_MODEL_RNG, *eval_flags(setup), *fsdp,
+                                                 nproc=2).stdout
         return done[mode]
     return run
 
@@ -101,8 +108,8 @@ def two_rank_run(setup):
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_two_ranks_equal_one_process(setup, single_run, two_rank_run, mode):
     """torchrun --nproc_per_node=2 (gloo, DDP or FSDP2, which also samples each epoch) with the same global batch:
-    same logged losses and final weights as one process. Cond dropout and drop path are off: their random draws
-    are per rank by design."""
+    same logged losses and final weights as one process, and the same evaluation curve (its images sharded over the
+    ranks). Cond dropout and drop path are off: their random draws are per rank by design."""
     out, log = two_rank_run(mode)
     loss_1, loss_2 = logged_losses(single_run), logged_losses(log)
     assert len(loss_1) == 12 and loss_1.keys() == loss_2.keys()
@@ -111,6 +118,11 @@ def test_two_ranks_equal_one_process(setup, single_run, two_rank_run, mode):
     assert diff < 1e-5, diff
     moved = max_abs_diff(model_state(setup / "single" / LAST), model_state(setup / "single" / PREV))
     assert moved > 1e-3  # the weights did change over the last epoch, so the comparison means something
+    curve_1, curve_2 = (torch.load(d / LAST, weights_only=True)["eval_history"] for d in (setup / "single", out))
+    assert [(p["epoch"], p["images"]) for p in curve_1] == [(p["epoch"], p["images"]) for p in curve_2] == \
+        [(1, 24), (2, 48)]
+    for p1, p2 in zip(curve_1, curve_2, strict=True):  # weights within 1e-5: the same samples up to rounding
+        assert p2["fd_clf"] == pytest.approx(p1["fd_clf"], rel=1e-3) and p1["consistency"] == p2["consistency"]
 
 
 @pytest.mark.parametrize("saved_by, resumed_by", [("fsdp", "single"), ("single", "fsdp")])
@@ -249,10 +261,7 @@ def test_evaluation_while_training_leaves_training_alone_and_its_curve_survives_
     with the training images seen and kept in the checkpoint. Training draws what it draws without it (the
     reference run's losses, model randomness on), and a run killed after its first evaluation resumes the curve."""
     _, ref_log = reference_run
-    torch.manual_seed(0)
-    torch.save(SmallCNN(3, ch=4).state_dict(), tmp_path / "clf.pt")
-    flags = ("--save_every=2", "--hflip=1", "--drop_path_rate=0.1", "--eval_every=1", "--eval_n=6",
-             f"--eval_net={tmp_path / 'clf.pt'}")
+    flags = ("--save_every=2", "--hflip=1", "--drop_path_rate=0.1", *eval_flags(setup))
     whole = run_train(setup, tmp_path / "whole", *flags)
     assert logged_losses(whole.stdout) == logged_losses(ref_log)
     assert re.search(r"ep 1 eval: fd_clf [0-9.]+ consistency [0-9.]+ after 24 training images \(6 generated\)",
