@@ -149,8 +149,8 @@ def end_epoch(ep: int, iters: int, args: argparse.Namespace, trainer: Trainer, v
             and (args.fsdp or dist.is_main_process()):
         tb.image("samples", sample_grid(mvar, mvar.num_classes, seed=args.seed + ep), ep + 1)
     if saver.evaluator is not None and ((ep + 1) % args.eval_every == 0 or ep + 1 == args.ep):
-        point = saver.evaluator.evaluate(mvar, ep + 1, (ep + 1) * iters * args.glb_batch_size)
-        scores = {k: v for k, v in point.items() if k not in ("epoch", "images")}
+        point = saver.evaluator.evaluate(mvar, ep + 1, (ep + 1) * iters * args.glb_batch_size, trainer.train_seconds)
+        scores = {k: v for k, v in point.items() if k not in ("epoch", "images", "train_s")}
         logger.info("ep %d eval: %s after %d training images (%d generated)", ep + 1,
                     " ".join(f"{k} {v:.4f}" for k, v in scores.items()), point["images"], args.eval_n)
         tb.scalars(point["images"], "eval/", **scores)  # x axis: training images seen

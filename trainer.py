@@ -105,6 +105,7 @@ class Trainer:
         self.seg_lens = [pn * pn for pn in self.mvar.patch_nums]
         self.resos = [pn * vae.downsample for pn in self.mvar.patch_nums] if vae is not None else None
         self.meter, self.last, self.n_img = Averager(), None, 0  # what `pop_metrics` reports
+        self.train_seconds = 0.0  # training time so far, summed over `pop_metrics` calls; kept by checkpoints
 
     def autocast(self):
         if self.amp_dtype is None:
@@ -209,7 +210,7 @@ class Trainer:
         stats["loss"] = dist.all_reduce_mean(stats["loss"].float()).item()
         stats.update(self.scale_metrics(res.logits_BLV, res.gt_BL))
         speed = {"images_per_s": self.n_img / seconds, "tokens_per_s": self.n_img * res.logits_BLV.shape[1] / seconds}
-        self.n_img = 0
+        self.n_img, self.train_seconds = 0, self.train_seconds + seconds
         return {"train/": stats, "opt/": {"lr": point.lr, "wd": point.wd, "loss_scale": res.loss_scale,
                                           "prog_si": point.prog_si, "prog_wp": point.prog_wp}, "speed/": speed}
 
@@ -275,13 +276,14 @@ class Trainer:
         return {"model": dist.full_model_state_dict(self.model),
                 "optimizer": dist.full_optimizer_state_dict(self.model, self.optimizer),
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-                "nonfinite_in_a_row": self.nonfinite_in_a_row}
+                "nonfinite_in_a_row": self.nonfinite_in_a_row, "train_seconds": self.train_seconds}
 
     def load_state_dict(self, state: dict) -> None:
         dist.load_full_state(self.model, state["model"], self.optimizer, state["optimizer"])
         if self.scaler is not None and state.get("scaler") is not None:
             self.scaler.load_state_dict(state["scaler"])
         self.nonfinite_in_a_row = state.get("nonfinite_in_a_row", 0)
+        self.train_seconds = state.get("train_seconds", 0.0)
 
     def checkpoint(self, **position: Any) -> dict[str, Any]:
         """Everything a resume needs (collective: FSDP2 gathers, every rank's RNG state is gathered); `position`

@@ -275,4 +275,8 @@ def test_evaluation_while_training_leaves_training_alone_and_its_curve_survives_
                         signal.SIGKILL)
     assert proc.returncode == -signal.SIGKILL
     run_train(setup, tmp_path / "killed", *flags)
-    assert torch.load(tmp_path / "killed" / LAST, weights_only=True)["eval_history"] == curve
+    resumed = torch.load(tmp_path / "killed" / LAST, weights_only=True)["eval_history"]
+    times = [p.pop("train_s") for p in resumed], [p.pop("train_s") for p in curve]  # this machine's clock
+    assert resumed == curve
+    for t in times:  # training time so far, growing from point to point across the kill
+        assert 0 < t[0] < t[1]

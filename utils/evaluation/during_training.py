@@ -69,8 +69,8 @@ def sharded_features(n: int, images: Callable[[int, int], np.ndarray], features:
 
 @dataclass
 class TrainingEval:
-    """One curve: `evaluate` appends {"epoch", "images", metric[, "consistency"]} to `history` (saved in
-    checkpoints)."""
+    """One curve: `evaluate` appends {"epoch", "images", "train_s", metric[, "consistency"]} to `history` (saved in
+    checkpoints); train_s is the training time so far (`Trainer.train_seconds`: no validation, evaluation or save)."""
 
     net: str
     n: int
@@ -97,8 +97,9 @@ class TrainingEval:
             self.ref_feats, _ = sharded_features(min(self.n, len(val_set)), real, self.features)
 
     @torch.no_grad()
-    def evaluate(self, mvar: nn.Module, epoch: int, images_seen: int) -> dict:
-        """Generate, featurize and score (collective); the point is appended to `history` and returned."""
+    def evaluate(self, mvar: nn.Module, epoch: int, images_seen: int, train_seconds: float) -> dict:
+        """Generate, featurize and score (collective); the point, with the training images and time so far, is
+        appended to `history` and returned."""
         was_training = mvar.training
         mvar.eval()
         top_k = min(self.top_k, mvar.V)
@@ -115,8 +116,8 @@ class TrainingEval:
                 feats, classes = sharded_features(self.n, generated, self.features)
         finally:
             mvar.train(was_training)
-        point = {"epoch": epoch, "images": images_seen, self.metric: frechet_distance_of_features(feats,
-                                                                                                  self.ref_feats)}
+        point = {"epoch": epoch, "images": images_seen, "train_s": train_seconds,
+                 self.metric: frechet_distance_of_features(feats, self.ref_feats)}
         if classes is not None:
             point["consistency"] = float((classes == np.arange(self.n) % mvar.num_classes).mean())
         self.history.append(point)
