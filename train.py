@@ -230,14 +230,15 @@ def main(args: argparse.Namespace) -> None:
         trainer.resume(ckpt, resume_path, args.glb_batch_size)
     evaluator = None
     if args.eval_every:
-        evaluator = TrainingEval(args.eval_net, args.eval_n, args.seed, args.eval_cfg, args.eval_top_k, args.eval_top_p)
+        evaluator = TrainingEval(net=args.eval_net, n=args.eval_n, seed=args.seed, cfg=args.eval_cfg,
+                                 top_k=args.eval_top_k, top_p=args.eval_top_p)
         evaluator.prepare(val_set, device)
         evaluator.load_history(ckpt.get("eval_history") if ckpt is not None else None)  # the curve goes on
     del ckpt
 
     # loop
-    tb, saver = TBLogger(folder.dir / "tb", enabled=dist.is_main_process()), Checkpointer(folder, trainer, args,
-                                                                                          evaluator)
+    tb = TBLogger(folder.dir / "tb", enabled=dist.is_main_process())
+    saver = Checkpointer(folder, trainer, args, evaluator)
     for ep in range(start_ep, args.ep):
         sampler.set_epoch(ep, start_it if ep == start_ep else 0)
         t_log = time.time()  # validation, sampling and saving do not count against img/s
