@@ -32,7 +32,7 @@ import torch
 import dist
 from models.attention import resolve_backend
 from models.backends import BackendError
-from models.hub_format import MVARHF, HubSource, is_hub_source, read_config
+from models.hub_format import MVARHF, HubSource, check_own_tokenizer, is_hub_source, read_config
 from models.loading import config_from_state_dict, load_checkpoint, load_mvar, load_vae, resolve_mvar_checkpoint
 from models.mamba2 import resolve_kernels
 from models.mvar import MVAR, MVARConfig
@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "preset: 256, 512 or sides joined by '_' (our checkpoints carry theirs)")
     p.add_argument("--vae_ckpt", default=None, help="tokenizer file (default: the one embedded in --ckpt, else "
                                                     "VAR's vae_ch160v4096z32.pth from the Hugging Face cache)")
+    p.add_argument("--allow_other_tokenizer", action="store_true", help="accept a --vae_ckpt (or a Hub folder's "
+                   "tokenizer/) other than the tokenizer --ckpt was trained with; refused otherwise")
     p.add_argument("--preset", default=None, choices=sorted(PRESETS),
                    help="fid: cfg 1.5, top_p 0.96, top_k 900, no more_smooth (explicit flags still win)")
     p.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance (>= 0, ramped over scales)")
@@ -246,6 +248,8 @@ def load_checked(args: argparse.Namespace, device: torch.device) -> tuple[MVAR, 
     else:
         vae = load_vae(args.vae_ckpt, device=device, v_patch_nums=config.patch_nums)
         vae_id = "official" if args.vae_ckpt is None else Path(args.vae_ckpt).name
+        check_own_tokenizer(vae, weights_digest(ckpt["vae"]) if embedded_vae else None,
+                            f"--vae_ckpt={args.vae_ckpt}", f"--ckpt={ckpt_path}", args.allow_other_tokenizer)
     mvar = load_mvar(ckpt, device=device, vae=vae, patch_nums=args.pn, attn_backend=args.attn_backend,
                      mamba_backend=args.mamba_backend)
     check_finite_weights(mvar, f"M-VAR checkpoint {ckpt_path}")
@@ -260,7 +264,7 @@ def load_hub_checked(args: argparse.Namespace, device: torch.device) -> tuple[MV
     check_against_config(args, config, args.ckpt)
     vae = None if args.vae_ckpt is None else load_vae(args.vae_ckpt, device=device, v_patch_nums=config.patch_nums)
     mvar = MVARHF.from_pretrained(source, device=device, vae=vae, attn_backend=args.attn_backend,
-                                  mamba_backend=args.mamba_backend)
+                                  mamba_backend=args.mamba_backend, allow_other_tokenizer=args.allow_other_tokenizer)
     vae_id = "embedded" if vae is None else Path(args.vae_ckpt).name
     check_finite_weights(mvar, f"M-VAR {args.ckpt}")
     check_finite_weights(mvar.vae, f"tokenizer ({'of ' + args.ckpt if vae is None else vae_id})")

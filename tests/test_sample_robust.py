@@ -145,3 +145,20 @@ def test_raw_state_dict_of_a_custom_schedule_loads_with_pn(ckpt, tmp_path):  # n
     assert np.array_equal(np.asarray(Image.open(got)), np.asarray(Image.open(want)))
     with pytest.raises(SystemExit, match="--pn=1_2_4, but ours.pth holds patch_nums 1_2_3_4"):
         run(variant(ckpt, tmp_path / "ours.pth", lambda c: None), *flags, "--pn", "1_2_4", "--out", tmp_path / "y.png")
+
+
+def test_foreign_tokenizer_of_the_same_shape_is_refused_unless_allowed(ckpt, tmp_path):  # noqa: F811
+    """The checkpoint embeds its tokenizer: another one of the same shape decodes its tokens into noise (issue 23)."""
+    def to_tokenizer(ck):
+        ck["vae"]["decoder.conv_out.weight"] += 0.01
+        for k in ("config", "model"):
+            del ck[k]
+    own = variant(ckpt, tmp_path / "own.pth", lambda ck: [ck.pop(k) for k in ("config", "model")])
+    foreign = variant(ckpt, tmp_path / "foreign.pth", to_tokenizer)
+    flags = ("--classes", 1, "--num_per_class", 2)
+    with pytest.raises(SystemExit, match=r"--vae_ckpt=.*foreign.pth is not the tokenizer --ckpt=.*tiny.pth was "
+                                         r"trained with .*--allow_other_tokenizer"):
+        run(ckpt, *flags, "--vae_ckpt", foreign, "--out", tmp_path / "x.png")
+    assert not (tmp_path / "x.png").exists()
+    assert run(ckpt, *flags, "--vae_ckpt", foreign, "--allow_other_tokenizer", "--out", tmp_path / "y.png").is_file()
+    assert run(ckpt, *flags, "--vae_ckpt", own, "--out", tmp_path / "z.png").is_file()  # a copy of its own is fine
