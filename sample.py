@@ -41,6 +41,8 @@ from models.presets import ARCH_BRANCHES, MVAR_models, parse_patch_nums
 from utils.evaluation.fid_dump import DumpPlan, check_or_write_settings, chunk_seed, dump_shard, fid_folder_name, \
     pack_npz, weights_digest
 from utils.flags import add_backend_flags, add_model_flag
+from utils.run.checkpoint import DiskFullError
+from utils.run.lock import RunLockError, lock_output_folder
 from utils.run.log import setup_logging
 from utils.sample_io import NonFiniteValueError, check_finite_images, check_finite_weights, is_image_file, \
     load_edit_inputs, parse_box, save_folder, save_grid, to_uint8_BHW3
@@ -341,7 +343,8 @@ def sample_edit(args: argparse.Namespace, mvar: MVAR, device: torch.device) -> P
 
 def sample_fid(args: argparse.Namespace, mvar: MVAR, ckpt_path: Path, vae_id: str, generate, rank: int,
                world_size: int) -> Path | None:
-    """Every rank dumps its share; rank 0 then packs the npz and writes the settings JSON beside it."""
+    """Every rank dumps its share; rank 0 then packs the npz and writes the settings JSON beside it. Rank 0 holds
+    the dump folder's run lock throughout."""
     folder = Path(args.fid_dir) / fid_folder_name(str(ckpt_path), args.cfg, args.top_k, args.top_p, args.seed,
                                                   args.more_smooth, args.fid_num_per_class)
     plan = DumpPlan(num_classes=mvar.num_classes, num_per_class=args.fid_num_per_class, batch_size=args.bs)
@@ -349,26 +352,30 @@ def sample_fid(args: argparse.Namespace, mvar: MVAR, ckpt_path: Path, vae_id: st
     settings = {"ckpt": ckpt_path.name, "vae": vae_id, "cfg": args.cfg, "top_k": args.top_k, "top_p": args.top_p,
                 "more_smooth": args.more_smooth, "seed": args.seed, "num_classes": plan.num_classes,
                 "num_per_class": plan.num_per_class, "batch_size": plan.batch_size, "precision": precision_name(args)}
-    if rank == 0:  # the images are bound to the weights they came from
-        settings.update(model_weights=weights_digest(mvar.state_dict()),
-                        vae_weights=weights_digest(mvar.vae.state_dict()))
-        folder.mkdir(parents=True, exist_ok=True)
-        check_or_write_settings(folder, settings)
-        logger.info("FID dump: %d images (%d classes x %d) into %s over %d rank(s)", plan.total,
-                    plan.num_classes, plan.num_per_class, folder, world_size)
-    dist.barrier()
-    t0 = time.time()
-    written = dump_shard(folder, plan, args.seed, generate, rank, world_size, image_hw, progress=rank == 0)
-    logger.info("rank %d wrote %d new PNGs in %.1fs", rank, written, time.time() - t0)
-    dist.barrier()
-    if rank != 0:
-        return None
-    npz = pack_npz(folder, plan.total, image_hw=image_hw)  # raises, naming them, if PNGs are missing
-    info = {**settings, "ckpt_path": str(ckpt_path.resolve()), "arch": mvar.config.arch, "depth": mvar.depth,
-            "num_images": plan.total, "image_hw": list(image_hw), "npz": str(npz), "folder": str(folder),
-            "torch": torch.__version__}
-    npz.with_suffix(".json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-    return npz
+    lock = lock_output_folder(folder, holder=rank == 0)  # creates it; one dump per folder (they share the .npy)
+    try:
+        if rank == 0:  # the images are bound to the weights they came from
+            settings.update(model_weights=weights_digest(mvar.state_dict()),
+                            vae_weights=weights_digest(mvar.vae.state_dict()))
+            check_or_write_settings(folder, settings)
+            logger.info("FID dump: %d images (%d classes x %d) into %s over %d rank(s)", plan.total,
+                        plan.num_classes, plan.num_per_class, folder, world_size)
+        dist.barrier()
+        t0 = time.time()
+        written = dump_shard(folder, plan, args.seed, generate, rank, world_size, image_hw, progress=rank == 0)
+        logger.info("rank %d wrote %d new PNGs in %.1fs", rank, written, time.time() - t0)
+        dist.barrier()
+        if rank != 0:
+            return None
+        npz = pack_npz(folder, plan.total, image_hw=image_hw)  # raises, naming them, if PNGs are missing
+        info = {**settings, "ckpt_path": str(ckpt_path.resolve()), "arch": mvar.config.arch, "depth": mvar.depth,
+                "num_images": plan.total, "image_hw": list(image_hw), "npz": str(npz), "folder": str(folder),
+                "torch": torch.__version__}
+        npz.with_suffix(".json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+        return npz
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -402,7 +409,7 @@ def main(argv: Sequence[str] | None = None) -> Path | None:
         if args.fid:
             return sample_fid(args, mvar, ckpt_path, vae_id, generate, rank, world_size)
         return sample_pictures(args, generate)
-    except NonFiniteValueError as e:
+    except (NonFiniteValueError, RunLockError, DiskFullError) as e:
         raise SystemExit(f"error: {e}") from e
 
 

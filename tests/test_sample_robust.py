@@ -162,3 +162,27 @@ def test_foreign_tokenizer_of_the_same_shape_is_refused_unless_allowed(ckpt, tmp
     assert not (tmp_path / "x.png").exists()
     assert run(ckpt, *flags, "--vae_ckpt", foreign, "--allow_other_tokenizer", "--out", tmp_path / "y.png").is_file()
     assert run(ckpt, *flags, "--vae_ckpt", own, "--out", tmp_path / "z.png").is_file()  # a copy of its own is fine
+
+
+def test_second_fid_dump_into_a_live_folder_is_refused(ckpt, tmp_path):  # noqa: F811
+    """Issue 23: two dumps into one folder memory-mapped the same temporary .npy (SIGBUS, or a missing file)."""
+    import socket
+    import subprocess
+    import sys
+
+    from utils.run import lock as run_lock
+
+    folder = tmp_path / "tiny-cfg1.5-topk20-topp0.96-seed0-n1"
+    folder.mkdir()
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (folder / run_lock.LOCK_NAME).write_text(json.dumps({"host": socket.gethostname(), "pid": other.pid,
+                                                            "start": run_lock._process_start(other.pid)}))
+        with pytest.raises(SystemExit, match=f"error: .*{folder.name} is in use by a live run: .*pid {other.pid}"):
+            run(ckpt, *FID, "--fid_dir", tmp_path)
+    finally:
+        other.kill()
+        other.wait()
+    assert not list(folder.glob("*.png")) and not (folder / "settings.json").exists()
+    assert run(ckpt, *FID, "--fid_dir", tmp_path).is_file()  # the owner is gone: its lock is stale
+    assert not (folder / run_lock.LOCK_NAME).exists()  # released at the end
