@@ -33,7 +33,8 @@ import dist
 from models.attention import resolve_backend
 from models.backends import BackendError
 from models.hub_format import MVARHF, HubSource, check_own_tokenizer, is_hub_source, read_config
-from models.loading import config_from_state_dict, load_checkpoint, load_mvar, load_vae, resolve_mvar_checkpoint
+from models.loading import CheckpointError, config_from_state_dict, load_checkpoint, load_mvar, load_vae, \
+    resolve_mvar_checkpoint
 from models.mamba2 import resolve_kernels
 from models.mvar import MVAR, MVARConfig
 from models.precision import effective_amp_dtype
@@ -241,7 +242,7 @@ def load_checked(args: argparse.Namespace, device: torch.device) -> tuple[MVAR, 
     try:
         config = MVARConfig.from_dict(ckpt["config"]) if "config" in ckpt and "model" in ckpt \
             else config_from_state_dict(ckpt, args.pn)
-    except KeyError as e:
+    except (KeyError, TypeError, ValueError) as e:  # not a model, or a config with impossible values
         raise ValueError(f"--ckpt={ckpt_path}: {e.args[0]}") from e
     check_against_config(args, config, ckpt_path.name)
     embedded_vae = "vae" in ckpt and "vae_config" in ckpt
@@ -308,20 +309,29 @@ def precision_name(args: argparse.Namespace) -> str:
 # Modes
 # ---------------------------------------------------------------------------------------------------------------
 def sample_pictures(args: argparse.Namespace, generate) -> Path:
+    """A folder gets each batch as soon as it is finished; a grid is written at the end, or, when the run is
+    interrupted (Ctrl-C) or fails, with the images finished until then."""
     from tqdm import tqdm
 
     classes = list(args.classes if args.classes is not None else DEMO_CLASSES)
     labels = np.repeat(np.asarray(classes, dtype=np.int64), args.num_per_class)  # class-major: one row per class
-    batches: list[np.ndarray] = []
-    for c, start in enumerate(tqdm(range(0, len(labels), args.bs), desc="sampling", unit="batch")):
-        batches.append(generate(labels[start:start + args.bs], chunk_seed(args.seed, c)))
-    imgs_BHW3 = np.concatenate(batches)
-    out = Path(args.out)
-    if is_image_file(out):
-        save_grid(imgs_BHW3, out, ncol=args.num_per_class)
-    else:
-        save_folder(imgs_BHW3, out, [f"class{c:04d}_{k:03d}" for c in classes for k in range(args.num_per_class)])
-    logger.info("wrote %d images (%d classes x %d) to %s", len(imgs_BHW3), len(classes), args.num_per_class, out)
+    names = [f"class{c:04d}_{k:03d}" for c in classes for k in range(args.num_per_class)]
+    out, batches = Path(args.out), []
+    try:
+        for c, start in enumerate(tqdm(range(0, len(labels), args.bs), desc="sampling", unit="batch")):
+            imgs_BHW3 = generate(labels[start:start + args.bs], chunk_seed(args.seed, c))
+            if is_image_file(out):
+                batches.append(imgs_BHW3)
+            else:
+                save_folder(imgs_BHW3, out, names[start:start + len(imgs_BHW3)])
+    except BaseException:
+        if batches:
+            save_grid(np.concatenate(batches), out, ncol=args.num_per_class)
+            logger.warning("stopped early: wrote the %d finished images to %s", sum(map(len, batches)), out)
+        raise
+    if batches:
+        save_grid(np.concatenate(batches), out, ncol=args.num_per_class)
+    logger.info("wrote %d images (%d classes x %d) to %s", len(labels), len(classes), args.num_per_class, out)
     return out
 
 
@@ -397,7 +407,7 @@ def main(argv: Sequence[str] | None = None) -> Path | None:
         raise SystemExit(f"error: {e}") from e
     try:
         mvar, ckpt_path, vae_id = load_checked(args, device)
-    except (ValueError, FileNotFoundError, NonFiniteValueError) as e:
+    except (ValueError, FileNotFoundError, NonFiniteValueError, CheckpointError) as e:
         raise SystemExit(f"error: {e}") from e
     if args.edit is not None:
         try:

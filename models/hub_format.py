@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from models.loading import hf_offline, load_mvar, resolve_checkpoint, vae_from_state_dict
+from models.loading import CheckpointError, hf_offline, load_mvar, resolve_checkpoint, vae_from_state_dict
 from models.mvar import MVAR, MVARConfig
 from models.tokenizer import VQVAE
 from utils.evaluation.fid_dump import weights_digest  # moves into models/ with the checkpoint digests (issue 23)
@@ -87,15 +88,30 @@ class HubSource:
                 f"if needed), or point {self.flag} at a folder written by scripts/export.py.") from e
 
     def json(self, name: str) -> dict[str, Any]:
-        return json.loads(self.file(name).read_text())
+        path = self.file(name)
+        try:
+            return json.loads(path.read_text())
+        except ValueError as e:  # not JSON, or not text
+            raise CheckpointError(f"{path} is not valid JSON ({e}): expected the {name} that scripts/export.py "
+                                  "writes") from e
 
     def weights(self, name: str) -> dict[str, torch.Tensor]:
-        return load_file(self.file(name), device="cpu")
+        return self._read_safetensors(name, lambda path: load_file(path, device="cpu"))
 
     def metadata(self, name: str) -> dict[str, str]:
         """The string metadata in the header of the safetensors file `name`."""
-        with safe_open(self.file(name), framework="pt") as f:
-            return f.metadata() or {}
+        def read(path: Path) -> dict[str, str]:
+            with safe_open(path, framework="pt") as f:
+                return f.metadata() or {}
+        return self._read_safetensors(name, read)
+
+    def _read_safetensors(self, name: str, read: Callable[[Path], Any]) -> Any:
+        path = self.file(name)
+        try:
+            return read(path)
+        except Exception as e:  # noqa: BLE001 (truncated, zero-filled, not safetensors: safetensors names no file)
+            raise CheckpointError(f"{path} is unreadable ({type(e).__name__}: {e}): expected a complete safetensors "
+                                  "file; copy or download it again") from e
 
     def __str__(self) -> str:
         return self.source
@@ -163,7 +179,10 @@ def read_config(source: str | os.PathLike | HubSource, cache_dir: str | os.PathL
                 flag: str = "--ckpt") -> MVARConfig:
     """The MVARConfig of a model folder or repo id, without reading its weights."""
     src = source if isinstance(source, HubSource) else HubSource(source, cache_dir, flag)
-    return MVARConfig.from_dict(src.json(CONFIG_FILE))
+    try:
+        return MVARConfig.from_dict(src.json(CONFIG_FILE))
+    except (TypeError, ValueError) as e:  # unknown or missing fields, impossible values
+        raise CheckpointError(f"{src.file(CONFIG_FILE)} is not an M-VAR config ({e})") from e
 
 
 class MVARHF(MVAR, PyTorchModelHubMixin, library_name="mvar", paper_url=PAPER_URL,

@@ -166,6 +166,26 @@ def test_foreign_tokenizer_folder_is_refused_unless_allowed(tmp_path):
     MVARHF.from_pretrained(out)  # the folder records the tokenizer it was exported with
 
 
+@pytest.mark.parametrize("damage, message", [
+    (lambda m: (m / "model.safetensors").write_bytes((m / "model.safetensors").read_bytes()[:-100]),
+     r"m/model.safetensors is unreadable .*expected a complete safetensors file"),
+    (lambda m: (m / "tokenizer" / "model.safetensors").write_bytes(b"\0" * 64),
+     r"m/tokenizer/model.safetensors is unreadable"),
+    (lambda m: (m / "config.json").write_text("{'depth': 2,"), r"m/config.json is not valid JSON"),
+    (lambda m: (m / "config.json").write_text(json.dumps({**json.loads((m / "config.json").read_text()),
+                                                           "num_classes": -3})),
+     r"m/config.json is not an M-VAR config \(num_classes=-3: expected sizes >= 1\)"),
+])
+def test_broken_folder_files_are_an_error_line_naming_the_file(tmp_path, damage, message):
+    """Issue 23: raw safetensors/json tracebacks naming no file, and a negative num_classes blamed on --classes."""
+    mvar, _ = hub_model()
+    mvar.save_pretrained(tmp_path / "m")
+    damage(tmp_path / "m")
+    with pytest.raises(SystemExit, match="error: .*" + message):
+        sample.main(["--ckpt", str(tmp_path / "m"), "--device", "cpu", "--classes", "1", "--out",
+                     str(tmp_path / "x.png")])
+
+
 def test_push_to_hub_uploads_the_saved_folder(monkeypatch):
     mvar, _ = hub_model()
     uploaded = {}

@@ -186,3 +186,28 @@ def test_second_fid_dump_into_a_live_folder_is_refused(ckpt, tmp_path):  # noqa:
     assert not list(folder.glob("*.png")) and not (folder / "settings.json").exists()
     assert run(ckpt, *FID, "--fid_dir", tmp_path).is_file()  # the owner is gone: its lock is stale
     assert not (folder / run_lock.LOCK_NAME).exists()  # released at the end
+
+
+@pytest.mark.parametrize("out", ["grid.png", "folder"])
+def test_interrupted_picture_run_writes_the_finished_images(ckpt, tmp_path, monkeypatch, out):  # noqa: F811
+    """Issue 23: a Ctrl-C after minutes of a grid run wrote nothing."""
+    real = sample.make_generate
+
+    def interrupted_after_one_batch(*args):
+        generate, calls = real(*args), []
+
+        def gen(label_B, g_seed):
+            calls.append(1)
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+            return generate(label_B, g_seed)
+        return gen
+
+    monkeypatch.setattr(sample, "make_generate", interrupted_after_one_batch)
+    with pytest.raises(KeyboardInterrupt):
+        run(ckpt, "--classes", 1, 2, "--num_per_class", 3, "--bs", 3, "--out", tmp_path / out)
+    if out == "folder":
+        assert sorted(p.name for p in (tmp_path / out).iterdir()) == [f"class0001_{k:03d}.png" for k in range(3)]
+    else:
+        with Image.open(tmp_path / out) as im:
+            assert im.size == (3 * 10 + 2, 10 + 2)  # the finished row: 3 images of 8 px, padding 2
