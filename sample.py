@@ -32,15 +32,18 @@ import torch
 import dist
 from models.attention import resolve_backend
 from models.backends import BackendError
-from models.hub_format import MVARHF, HubSource, is_hub_source, read_config
-from models.loading import config_from_state_dict, load_checkpoint, load_mvar, load_vae, resolve_mvar_checkpoint
+from models.hub_format import MVARHF, HubSource, check_own_tokenizer, is_hub_source, read_config
+from models.loading import CheckpointError, config_from_state_dict, load_checkpoint, load_mvar, load_vae, \
+    resolve_mvar_checkpoint, weights_digest
 from models.mamba2 import resolve_kernels
 from models.mvar import MVAR, MVARConfig
 from models.precision import effective_amp_dtype
 from models.presets import ARCH_BRANCHES, MVAR_models, parse_patch_nums
 from utils.evaluation.fid_dump import DumpPlan, check_or_write_settings, chunk_seed, dump_shard, fid_folder_name, \
-    pack_npz, weights_digest
+    pack_npz
 from utils.flags import add_backend_flags, add_model_flag
+from utils.run.checkpoint import DiskFullError
+from utils.run.lock import RunLockError, lock_output_folder
 from utils.run.log import setup_logging
 from utils.sample_io import NonFiniteValueError, check_finite_images, check_finite_weights, is_image_file, \
     load_edit_inputs, parse_box, save_folder, save_grid, to_uint8_BHW3
@@ -69,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "preset: 256, 512 or sides joined by '_' (our checkpoints carry theirs)")
     p.add_argument("--vae_ckpt", default=None, help="tokenizer file (default: the one embedded in --ckpt, else "
                                                     "VAR's vae_ch160v4096z32.pth from the Hugging Face cache)")
+    p.add_argument("--allow_other_tokenizer", action="store_true", help="accept a --vae_ckpt (or a Hub folder's "
+                   "tokenizer/) other than the tokenizer --ckpt was trained with; refused otherwise")
     p.add_argument("--preset", default=None, choices=sorted(PRESETS),
                    help="fid: cfg 1.5, top_p 0.96, top_k 900, no more_smooth (explicit flags still win)")
     p.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance (>= 0, ramped over scales)")
@@ -237,7 +242,7 @@ def load_checked(args: argparse.Namespace, device: torch.device) -> tuple[MVAR, 
     try:
         config = MVARConfig.from_dict(ckpt["config"]) if "config" in ckpt and "model" in ckpt \
             else config_from_state_dict(ckpt, args.pn)
-    except KeyError as e:
+    except (KeyError, TypeError, ValueError) as e:  # not a model, or a config with impossible values
         raise ValueError(f"--ckpt={ckpt_path}: {e.args[0]}") from e
     check_against_config(args, config, ckpt_path.name)
     embedded_vae = "vae" in ckpt and "vae_config" in ckpt
@@ -246,6 +251,8 @@ def load_checked(args: argparse.Namespace, device: torch.device) -> tuple[MVAR, 
     else:
         vae = load_vae(args.vae_ckpt, device=device, v_patch_nums=config.patch_nums)
         vae_id = "official" if args.vae_ckpt is None else Path(args.vae_ckpt).name
+        check_own_tokenizer(vae, weights_digest(ckpt["vae"]) if embedded_vae else None,
+                            f"--vae_ckpt={args.vae_ckpt}", f"--ckpt={ckpt_path}", args.allow_other_tokenizer)
     mvar = load_mvar(ckpt, device=device, vae=vae, patch_nums=args.pn, attn_backend=args.attn_backend,
                      mamba_backend=args.mamba_backend)
     check_finite_weights(mvar, f"M-VAR checkpoint {ckpt_path}")
@@ -260,7 +267,7 @@ def load_hub_checked(args: argparse.Namespace, device: torch.device) -> tuple[MV
     check_against_config(args, config, args.ckpt)
     vae = None if args.vae_ckpt is None else load_vae(args.vae_ckpt, device=device, v_patch_nums=config.patch_nums)
     mvar = MVARHF.from_pretrained(source, device=device, vae=vae, attn_backend=args.attn_backend,
-                                  mamba_backend=args.mamba_backend)
+                                  mamba_backend=args.mamba_backend, allow_other_tokenizer=args.allow_other_tokenizer)
     vae_id = "embedded" if vae is None else Path(args.vae_ckpt).name
     check_finite_weights(mvar, f"M-VAR {args.ckpt}")
     check_finite_weights(mvar.vae, f"tokenizer ({'of ' + args.ckpt if vae is None else vae_id})")
@@ -302,20 +309,29 @@ def precision_name(args: argparse.Namespace) -> str:
 # Modes
 # ---------------------------------------------------------------------------------------------------------------
 def sample_pictures(args: argparse.Namespace, generate) -> Path:
+    """A folder gets each batch as soon as it is finished; a grid is written at the end, or, when the run is
+    interrupted (Ctrl-C) or fails, with the images finished until then."""
     from tqdm import tqdm
 
     classes = list(args.classes if args.classes is not None else DEMO_CLASSES)
     labels = np.repeat(np.asarray(classes, dtype=np.int64), args.num_per_class)  # class-major: one row per class
-    batches: list[np.ndarray] = []
-    for c, start in enumerate(tqdm(range(0, len(labels), args.bs), desc="sampling", unit="batch")):
-        batches.append(generate(labels[start:start + args.bs], chunk_seed(args.seed, c)))
-    imgs_BHW3 = np.concatenate(batches)
-    out = Path(args.out)
-    if is_image_file(out):
-        save_grid(imgs_BHW3, out, ncol=args.num_per_class)
-    else:
-        save_folder(imgs_BHW3, out, [f"class{c:04d}_{k:03d}" for c in classes for k in range(args.num_per_class)])
-    logger.info("wrote %d images (%d classes x %d) to %s", len(imgs_BHW3), len(classes), args.num_per_class, out)
+    names = [f"class{c:04d}_{k:03d}" for c in classes for k in range(args.num_per_class)]
+    out, batches = Path(args.out), []
+    try:
+        for c, start in enumerate(tqdm(range(0, len(labels), args.bs), desc="sampling", unit="batch")):
+            imgs_BHW3 = generate(labels[start:start + args.bs], chunk_seed(args.seed, c))
+            if is_image_file(out):
+                batches.append(imgs_BHW3)
+            else:
+                save_folder(imgs_BHW3, out, names[start:start + len(imgs_BHW3)])
+    except BaseException:
+        if batches:
+            save_grid(np.concatenate(batches), out, ncol=args.num_per_class)
+            logger.warning("stopped early: wrote the %d finished images to %s", sum(map(len, batches)), out)
+        raise
+    if batches:
+        save_grid(np.concatenate(batches), out, ncol=args.num_per_class)
+    logger.info("wrote %d images (%d classes x %d) to %s", len(labels), len(classes), args.num_per_class, out)
     return out
 
 
@@ -337,7 +353,8 @@ def sample_edit(args: argparse.Namespace, mvar: MVAR, device: torch.device) -> P
 
 def sample_fid(args: argparse.Namespace, mvar: MVAR, ckpt_path: Path, vae_id: str, generate, rank: int,
                world_size: int) -> Path | None:
-    """Every rank dumps its share; rank 0 then packs the npz and writes the settings JSON beside it."""
+    """Every rank dumps its share; rank 0 then packs the npz and writes the settings JSON beside it. Rank 0 holds
+    the dump folder's run lock throughout."""
     folder = Path(args.fid_dir) / fid_folder_name(str(ckpt_path), args.cfg, args.top_k, args.top_p, args.seed,
                                                   args.more_smooth, args.fid_num_per_class)
     plan = DumpPlan(num_classes=mvar.num_classes, num_per_class=args.fid_num_per_class, batch_size=args.bs)
@@ -345,26 +362,30 @@ def sample_fid(args: argparse.Namespace, mvar: MVAR, ckpt_path: Path, vae_id: st
     settings = {"ckpt": ckpt_path.name, "vae": vae_id, "cfg": args.cfg, "top_k": args.top_k, "top_p": args.top_p,
                 "more_smooth": args.more_smooth, "seed": args.seed, "num_classes": plan.num_classes,
                 "num_per_class": plan.num_per_class, "batch_size": plan.batch_size, "precision": precision_name(args)}
-    if rank == 0:  # the images are bound to the weights they came from
-        settings.update(model_weights=weights_digest(mvar.state_dict()),
-                        vae_weights=weights_digest(mvar.vae.state_dict()))
-        folder.mkdir(parents=True, exist_ok=True)
-        check_or_write_settings(folder, settings)
-        logger.info("FID dump: %d images (%d classes x %d) into %s over %d rank(s)", plan.total,
-                    plan.num_classes, plan.num_per_class, folder, world_size)
-    dist.barrier()
-    t0 = time.time()
-    written = dump_shard(folder, plan, args.seed, generate, rank, world_size, image_hw, progress=rank == 0)
-    logger.info("rank %d wrote %d new PNGs in %.1fs", rank, written, time.time() - t0)
-    dist.barrier()
-    if rank != 0:
-        return None
-    npz = pack_npz(folder, plan.total, image_hw=image_hw)  # raises, naming them, if PNGs are missing
-    info = {**settings, "ckpt_path": str(ckpt_path.resolve()), "arch": mvar.config.arch, "depth": mvar.depth,
-            "num_images": plan.total, "image_hw": list(image_hw), "npz": str(npz), "folder": str(folder),
-            "torch": torch.__version__}
-    npz.with_suffix(".json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-    return npz
+    lock = lock_output_folder(folder, holder=rank == 0)  # creates it; one dump per folder (they share the .npy)
+    try:
+        if rank == 0:  # the images are bound to the weights they came from
+            settings.update(model_weights=weights_digest(mvar.state_dict()),
+                            vae_weights=weights_digest(mvar.vae.state_dict()))
+            check_or_write_settings(folder, settings)
+            logger.info("FID dump: %d images (%d classes x %d) into %s over %d rank(s)", plan.total,
+                        plan.num_classes, plan.num_per_class, folder, world_size)
+        dist.barrier()
+        t0 = time.time()
+        written = dump_shard(folder, plan, args.seed, generate, rank, world_size, image_hw, progress=rank == 0)
+        logger.info("rank %d wrote %d new PNGs in %.1fs", rank, written, time.time() - t0)
+        dist.barrier()
+        if rank != 0:
+            return None
+        npz = pack_npz(folder, plan.total, image_hw=image_hw)  # raises, naming them, if PNGs are missing
+        info = {**settings, "ckpt_path": str(ckpt_path.resolve()), "arch": mvar.config.arch, "depth": mvar.depth,
+                "num_images": plan.total, "image_hw": list(image_hw), "npz": str(npz), "folder": str(folder),
+                "torch": torch.__version__}
+        npz.with_suffix(".json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+        return npz
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -386,7 +407,7 @@ def main(argv: Sequence[str] | None = None) -> Path | None:
         raise SystemExit(f"error: {e}") from e
     try:
         mvar, ckpt_path, vae_id = load_checked(args, device)
-    except (ValueError, FileNotFoundError, NonFiniteValueError) as e:
+    except (ValueError, FileNotFoundError, NonFiniteValueError, CheckpointError) as e:
         raise SystemExit(f"error: {e}") from e
     if args.edit is not None:
         try:
@@ -398,7 +419,7 @@ def main(argv: Sequence[str] | None = None) -> Path | None:
         if args.fid:
             return sample_fid(args, mvar, ckpt_path, vae_id, generate, rank, world_size)
         return sample_pictures(args, generate)
-    except NonFiniteValueError as e:
+    except (NonFiniteValueError, RunLockError, DiskFullError) as e:
         raise SystemExit(f"error: {e}") from e
 
 

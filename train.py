@@ -18,14 +18,15 @@ import torchvision.utils
 
 import dist
 from models import backends
-from models.loading import DERIVED_KEYS, load_checkpoint, load_state_dict_checked, load_vae
+from models.loading import DERIVED_KEYS, CheckpointError, load_checkpoint, load_state_dict_checked, load_vae
 from models.mvar import MVAR, MVARConfig
 from models.tokenizer import VQVAE
 from trainer import Trainer
 from utils.data.loaders import build_datasets, build_loaders
 from utils.evaluation.during_training import TrainingEval
-from utils.flags import finalize_args, parse_args
+from utils.flags import changed_flags, finalize_args, parse_args
 from utils.run.checkpoint import RunFolder
+from utils.run.lock import RunLockError
 from utils.run.log import TBLogger, setup_logging
 from utils.run.preemption import Preemption
 from utils.run.rng import resolve_seed, seed_everything
@@ -203,6 +204,9 @@ def main(args: argparse.Namespace) -> None:
     # relaunched with the same command continues instead of starting over.
     resume_path, ckpt = folder.load_resume(args.resume)
     args.seed = resolve_seed(args.seed, ckpt)
+    changed = changed_flags(ckpt.get("args", {}), vars(args)) if ckpt is not None else []
+    if changed:
+        logger.info("resuming %s with changed flags: %s", resume_path, ", ".join(changed))
     torch.manual_seed(args.seed)  # the same initial weights for any world size
 
     # build: tokenizer (frozen, fp32) -> image size; data; model; trainer
@@ -259,4 +263,7 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    dist.run_then_finalize(main, parse_args())
+    try:
+        dist.run_then_finalize(main, parse_args())
+    except (CheckpointError, RunLockError) as e:  # a file or folder that does not fit: no traceback
+        raise SystemExit(f"error: {e}") from e

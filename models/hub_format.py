@@ -11,30 +11,39 @@ folder (or Hub repo) samples on its own:
 
 Loading is offline-first: a local folder; else the file in the Hugging Face cache; else, unless HF_HUB_OFFLINE
 is set, a download. A miss names the repo and the cache. Weights are read with safetensors (no pickle runs) and
-loaded strictly by the checked loaders of models/loading.py and models/tokenizer.py.
+loaded strictly by the checked loaders of models/loading.py and models/tokenizer.py. model.safetensors records
+the content hash of the tokenizer it was saved with (metadata `tokenizer_weights`): another tokenizer of the same
+shape (a replaced tokenizer/ folder, or one passed in) decodes the model's tokens into noise, so it is refused
+unless `allow_other_tokenizer` says it is meant.
 """
 import dataclasses
 import json
+import logging
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from huggingface_hub import ModelCard, PyTorchModelHubMixin
 from huggingface_hub import constants as hf_constants
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from models.loading import hf_offline, load_mvar, resolve_checkpoint, vae_from_state_dict
+from models.loading import CheckpointError, hf_offline, load_mvar, resolve_checkpoint, vae_from_state_dict, \
+    weights_digest
 from models.mvar import MVAR, MVARConfig
 from models.tokenizer import VQVAE
 
 CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_DIR = "config.json", "model.safetensors", "tokenizer"
+TOKENIZER_KEY = "tokenizer_weights"  # model.safetensors metadata: weights_digest of its tokenizer
 PAPER_URL = "https://arxiv.org/abs/2411.10433"
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
 OFFICIAL_DATA = "ImageNet-1k train set (the official release)"
+logger = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -79,21 +88,50 @@ class HubSource:
                 f"if needed), or point {self.flag} at a folder written by scripts/export.py.") from e
 
     def json(self, name: str) -> dict[str, Any]:
-        return json.loads(self.file(name).read_text())
+        path = self.file(name)
+        try:
+            return json.loads(path.read_text())
+        except ValueError as e:  # not JSON, or not text
+            raise CheckpointError(f"{path} is not valid JSON ({e}): expected the {name} that scripts/export.py "
+                                  "writes") from e
 
     def weights(self, name: str) -> dict[str, torch.Tensor]:
-        return load_file(self.file(name), device="cpu")
+        return self._read_safetensors(name, lambda path: load_file(path, device="cpu"))
+
+    def metadata(self, name: str) -> dict[str, str]:
+        """The string metadata in the header of the safetensors file `name`."""
+        def read(path: Path) -> dict[str, str]:
+            with safe_open(path, framework="pt") as f:
+                return f.metadata() or {}
+        return self._read_safetensors(name, read)
+
+    def _read_safetensors(self, name: str, read: Callable[[Path], Any]) -> Any:
+        path = self.file(name)
+        try:
+            return read(path)
+        except Exception as e:  # noqa: BLE001 (truncated, zero-filled, not safetensors: safetensors names no file)
+            raise CheckpointError(f"{path} is unreadable ({type(e).__name__}: {e}): expected a complete safetensors "
+                                  "file; copy or download it again") from e
 
     def __str__(self) -> str:
         return self.source
 
 
-def save_weights(module: nn.Module, folder: Path, config: dict[str, Any]) -> None:
-    """config.json + model.safetensors of `module` into `folder`."""
+def save_weights(module: nn.Module, folder: Path, config: dict[str, Any], metadata: dict[str, str] | None = None
+                 ) -> None:
+    """config.json + model.safetensors of `module` into `folder` (`metadata`: more header entries)."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     state_dict = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
-    save_file(state_dict, folder / WEIGHTS_FILE, metadata={"format": "pt"})
+    save_file(state_dict, folder / WEIGHTS_FILE, metadata={"format": "pt", **(metadata or {})})
+    (folder / WEIGHTS_FILE).chmod(0o666 & ~current_umask())  # safetensors creates it 0600: others could not read it
+
+
+def current_umask() -> int:
+    """The process umask (os.umask can only be read by setting it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -118,6 +156,22 @@ class VQVAEHF(VQVAE, PyTorchModelHubMixin, library_name="mvar", paper_url=PAPER_
                                    f"tokenizer {src} ({prefix + WEIGHTS_FILE})", device, cls=cls, **vae_kwargs)
 
 
+class TokenizerMismatchError(ValueError):
+    """A tokenizer whose weights are not those of the one the model was trained or exported with."""
+
+
+def check_own_tokenizer(vae: nn.Module, own_digest: str | None, what: str, model: str, allow: bool) -> None:
+    """TokenizerMismatchError unless `vae` (described by `what`) has the weights of `own_digest` (weights_digest of
+    the tokenizer that `model` was trained with; None: not recorded, nothing to check) or `allow` (then a warning)."""
+    if own_digest is None or weights_digest(vae.state_dict()) == own_digest:
+        return
+    message = (f"{what} is not the tokenizer {model} was trained with (same shapes, other weights): the model's "
+               "tokens would decode into noise")
+    if not allow:
+        raise TokenizerMismatchError(f"{message}. Pass --allow_other_tokenizer if this is meant")
+    logger.warning("%s (--allow_other_tokenizer)", message)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # M-VAR
 # ----------------------------------------------------------------------------------------------------------------
@@ -125,7 +179,10 @@ def read_config(source: str | os.PathLike | HubSource, cache_dir: str | os.PathL
                 flag: str = "--ckpt") -> MVARConfig:
     """The MVARConfig of a model folder or repo id, without reading its weights."""
     src = source if isinstance(source, HubSource) else HubSource(source, cache_dir, flag)
-    return MVARConfig.from_dict(src.json(CONFIG_FILE))
+    try:
+        return MVARConfig.from_dict(src.json(CONFIG_FILE))
+    except (TypeError, ValueError) as e:  # unknown or missing fields, impossible values
+        raise CheckpointError(f"{src.file(CONFIG_FILE)} is not an M-VAR config ({e})") from e
 
 
 class MVARHF(MVAR, PyTorchModelHubMixin, library_name="mvar", paper_url=PAPER_URL,
@@ -134,21 +191,26 @@ class MVARHF(MVAR, PyTorchModelHubMixin, library_name="mvar", paper_url=PAPER_UR
     `from_pretrained` attaches it again, so one folder or repo id samples."""
 
     def _save_pretrained(self, save_directory: Path) -> None:
-        save_weights(self, save_directory, dataclasses.asdict(self.config))
+        tokenizer = {TOKENIZER_KEY: weights_digest(self.vae.state_dict())} if self.vae_proxy else {}
+        save_weights(self, save_directory, dataclasses.asdict(self.config), tokenizer)
         if self.vae_proxy:
             save_weights(self.vae, save_directory / TOKENIZER_DIR, dataclasses.asdict(self.vae.config))
 
     @classmethod
     def from_pretrained(cls, source: str | os.PathLike | HubSource, *, device: str | torch.device = "cpu",
                         cache_dir: str | os.PathLike | None = None, vae: VQVAE | None = None, flag: str = "--ckpt",
-                        **config_overrides: Any) -> "MVARHF":
+                        allow_other_tokenizer: bool = False, **config_overrides: Any) -> "MVARHF":
         """A model folder or repo id -> the model in eval mode with its tokenizer attached (or `vae` when given).
-        `config_overrides` change non-weight settings (attn_backend, mamba_backend, ...)."""
+        A tokenizer other than the one it was saved with is a TokenizerMismatchError unless
+        `allow_other_tokenizer`. `config_overrides` change non-weight settings (attn_backend, mamba_backend, ...)."""
         src = source if isinstance(source, HubSource) else HubSource(source, cache_dir, flag)
         config = src.json(CONFIG_FILE)
+        what = "the given tokenizer" if vae is not None else f"{src}/{TOKENIZER_DIR}"
         if vae is None:
             vae = VQVAEHF.from_pretrained(src, subfolder=TOKENIZER_DIR, device=device,
                                           v_patch_nums=config["patch_nums"])
+        check_own_tokenizer(vae, src.metadata(WEIGHTS_FILE).get(TOKENIZER_KEY), what, f"{src}/{WEIGHTS_FILE}",
+                            allow_other_tokenizer)
         ckpt = {"config": config, "model": src.weights(WEIGHTS_FILE)}
         return load_mvar(ckpt, device=device, vae=vae, model_cls=cls, name=f"{src} ({WEIGHTS_FILE})",
                          **config_overrides)

@@ -11,6 +11,7 @@ models/hub_format.py, which loads through the functions here.
 """
 import dataclasses
 import fnmatch
+import hashlib
 import logging
 import math
 import os
@@ -159,6 +160,17 @@ def load_state_dict_checked(module: nn.Module, state_dict: Mapping[str, torch.Te
         raise StateDictMismatchError(f"{what} does not match the model: " + "; ".join(parts) + "." + hint)
     module.load_state_dict(kept, strict=False)
     return dropped
+
+
+def weights_digest(state: Mapping[str, torch.Tensor]) -> str:
+    """Content hash (BLAKE2b, 128 bits) of a state dict's names, dtypes, shapes and bytes: exact, on one CPU core
+    (0.3-1 GB/s, seconds for a large model: small next to a dump)."""
+    h = hashlib.blake2b(digest_size=16)
+    for name in sorted(state):
+        t = state[name].detach()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -74,6 +74,10 @@ class MVARConfig:
 
     def __post_init__(self):
         self.patch_nums = tuple(int(p) for p in self.patch_nums)
+        bad = [f"{k}={getattr(self, k)}" for k in ("depth", "num_classes", "V", "Cvae") if getattr(self, k) < 1]
+        bad += [f"patch_nums={self.patch_nums}"] if min(self.patch_nums, default=0) < 1 else []
+        if bad:
+            raise ValueError(f"{', '.join(bad)}: expected sizes >= 1")
         if self.arch not in ARCH_BRANCHES:
             raise ValueError(f"arch={self.arch!r}: expected one of {sorted(ARCH_BRANCHES)}")
         if self.embed_dim is None:

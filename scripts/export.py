@@ -13,11 +13,13 @@ import argparse
 import logging
 from pathlib import Path
 
-from models.hub_format import MVARHF, OFFICIAL_DATA, training_data
-from models.loading import config_from_state_dict, load_checkpoint, load_mvar, load_vae, resolve_mvar_checkpoint
+from models.hub_format import MVARHF, OFFICIAL_DATA, check_own_tokenizer, training_data
+from models.loading import config_from_state_dict, load_checkpoint, load_mvar, load_vae, resolve_mvar_checkpoint, \
+    weights_digest
 from models.presets import parse_patch_nums
 from utils.evaluation.fid_dump import fid_folder_name
 from utils.run.log import setup_logging
+from utils.sample_io import NonFiniteValueError, check_finite_weights
 
 logger = logging.getLogger("export")
 
@@ -28,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--depth", type=int, default=None, help="without --ckpt: which official M-VAR file")
     p.add_argument("--vae_ckpt", default=None, help="tokenizer (default: the one inside --ckpt, else VAR's "
                    "vae_ch160v4096z32.pth from the Hugging Face cache)")
+    p.add_argument("--allow_other_tokenizer", action="store_true", help="export with a --vae_ckpt other than the "
+                   "tokenizer embedded in --ckpt (refused otherwise: the model was trained with its own)")
     p.add_argument("--pn", default=None, help="patch schedule of an official file whose L is not a preset")
     p.add_argument("--arch", default=None, choices=["intra"], help="official files: attention-only weights are read "
                    "as VAR; pass intra for the intra-scale ablation (same keys)")
@@ -61,13 +65,19 @@ def main(argv: list[str] | None = None) -> Path:
         patch_nums = parse_patch_nums(args.pn) if args.pn else None
         overrides = {"arch": args.arch} if args.arch else {}
         config = None if ours else config_from_state_dict(ckpt, patch_nums, **overrides)
-        if args.vae_ckpt is None and "vae" in ckpt and "vae_config" in ckpt:
-            vae = load_vae(ckpt_path, flag="--ckpt")
+        embedded = "vae" in ckpt and "vae_config" in ckpt
+        if args.vae_ckpt is None and embedded:
+            vae, vae_what = load_vae(ckpt_path, flag="--ckpt"), "embedded in --ckpt"
         else:
             vae = load_vae(args.vae_ckpt, v_patch_nums=config.patch_nums if config else ckpt["config"]["patch_nums"])
-    except (ValueError, FileNotFoundError) as e:
+            vae_what = f"--vae_ckpt={args.vae_ckpt}" if args.vae_ckpt else "VAR's, from the Hugging Face cache"
+            check_own_tokenizer(vae, weights_digest(ckpt["vae"]) if embedded else None, vae_what,
+                                f"--ckpt={ckpt_path}", args.allow_other_tokenizer)
+        mvar = load_mvar(ckpt, vae=vae, patch_nums=patch_nums, model_cls=MVARHF, name=str(ckpt_path), **overrides)
+        check_finite_weights(mvar, f"M-VAR checkpoint {ckpt_path}")  # nothing non-finite is written nor uploaded
+        check_finite_weights(vae, f"tokenizer ({vae_what})")
+    except (ValueError, FileNotFoundError, NonFiniteValueError) as e:
         raise SystemExit(f"error: {e}") from e
-    mvar = load_mvar(ckpt, vae=vae, patch_nums=patch_nums, model_cls=MVARHF, name=str(ckpt_path), **overrides)
     card = dict(repo_id=args.repo_id, training_data=args.training_data or training_data(ckpt),
                 metrics=dict(m.split("=", 1) for m in args.metric), source=ckpt_path.name,
                 fid_sample=fid_folder_name(args.repo_id or "path/to/this/folder", 1.5, 900, 0.96, 0) + ".npz")

@@ -4,7 +4,7 @@ given: tests/test_demo.py, on the demo's model)."""
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import ExifTags, Image
 
 from models.editing import token_masks
 from test_mvar import ARCHS, build_tiny, record_sampling
@@ -130,3 +130,53 @@ def test_edit_inputs_from_a_mask_png_or_a_box(tmp_path):
     Image.fromarray(mask[:8]).save(tmp_path / "small.png")
     with pytest.raises(ValueError, match="the mask must have the image's size"):
         load_edit_inputs(tmp_path / "img.png", IMG, mask_path=tmp_path / "small.png")
+
+
+def test_edit_image_16_bit_and_palette_keep_their_values(tmp_path):
+    """Issue 23: convert("RGB") clipped a 16-bit PNG to 255 (the model edited a white blob)."""
+    Image.fromarray(np.full((16, 16), 30000, np.uint16)).save(tmp_path / "gray16.png")
+    palette = Image.new("P", (16, 16))
+    palette.putpalette([40, 80, 120] * 256)
+    palette.save(tmp_path / "palette.png")
+    img16, _ = load_edit_inputs(tmp_path / "gray16.png", IMG, box=(0, 0, 16, 8))
+    pal, _ = load_edit_inputs(tmp_path / "palette.png", IMG, box=(0, 0, 16, 8))
+    assert torch.allclose(img16, torch.full_like(img16, 30000 / 65535), atol=1e-3)
+    assert torch.allclose(pal[0, :, 0, 0], torch.tensor([40, 80, 120]) / 255, atol=1e-3)
+
+
+def test_edit_box_is_in_the_pixels_of_the_image_as_displayed(tmp_path):
+    """Issue 23: EXIF orientation was ignored, so a box drawn on the image as a viewer shows it was rejected."""
+    stored = np.zeros((16, 32, 3), np.uint8)  # 32 wide, 16 high; orientation 6: shown turned 90 degrees clockwise
+    stored[:, :16] = 255  # the stored left half is the upper half on screen
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = 6
+    Image.fromarray(stored).save(tmp_path / "turned.jpg", exif=exif, quality=95)
+    img, mask = load_edit_inputs(tmp_path / "turned.jpg", IMG, box=(0, 16, 16, 32))  # the lower half as shown
+    assert img[0, :, :IMG // 2].mean() > 0.9 and img[0, :, IMG // 2:].mean() < 0.1
+    assert mask[0, 0, :, 0].tolist() == [False] * 4 + [True] * 4
+
+
+def test_large_edit_image_is_reduced_while_it_is_read(tmp_path, monkeypatch):
+    """Issue 23: an 8000x8000 input for a 16 px model took 2.75 GB; the image reaching the resize is now about twice
+    the model's size, and the result is that of the full-size image (a smooth one) within rounding."""
+    import utils.sample_io as sample_io
+
+    side = 2048
+    ramp = np.linspace(0, 255, side, dtype=np.float32)
+    rgb = np.stack([np.broadcast_to(ramp, (side, side)), np.broadcast_to(ramp[:, None], (side, side)),
+                    np.full((side, side), 128.0)], axis=-1).astype(np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "big.jpg", quality=95)
+    Image.fromarray(rgb).save(tmp_path / "big.png")
+    mask = np.zeros((side, side), np.uint8)
+    mask[1500, 700] = 1  # one pixel: its model pixel is masked (a mask never shrinks)
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    seen = []
+    real = sample_io._image_to_model_size
+    monkeypatch.setattr(sample_io, "_image_to_model_size", lambda img, reso: seen.append(img.shape) or real(img, reso))
+    jpg, from_mask = load_edit_inputs(tmp_path / "big.jpg", IMG, mask_path=tmp_path / "mask.png")
+    png, _ = load_edit_inputs(tmp_path / "big.png", IMG, box=(0, 0, 1, 1))
+    assert all(max(shape[-2:]) <= 4 * IMG for shape in seen), seen
+    full = real(torch.from_numpy(rgb).permute(2, 0, 1).float() / 255, IMG)
+    for img in (jpg, png):
+        assert (img[0] - full).abs().max() < 0.05
+    assert from_mask[0, 0].nonzero().tolist() == [[1500 * IMG // side, 700 * IMG // side]]

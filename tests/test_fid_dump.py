@@ -126,3 +126,55 @@ def test_folder_name_encodes_settings():
 def test_chunk_seeds_are_distinct():
     seeds = {chunk_seed(s, c) for s in range(3) for c in range(1000)}
     assert len(seeds) == 3000 and all(0 <= s < 2 ** 31 for s in seeds)
+
+
+def test_settings_are_created_atomically(tmp_path, monkeypatch):
+    """Issue 23: two dumps starting at once both saw no settings.json and both wrote theirs; now the one that loses
+    the race is checked against the winner's."""
+    import json
+
+    from utils.evaluation import fid_dump
+
+    settings = dict(ckpt="a.pth", vae="embedded", cfg=1.5, top_k=900, top_p=0.96, more_smooth=False, seed=0,
+                    num_classes=2, num_per_class=3, batch_size=4, precision="fp32")
+    real_dumps = json.dumps
+
+    def other_dump_writes_first(obj, **kw):  # the other dump writes its settings while ours are being serialised
+        (tmp_path / "settings.json").write_text(real_dumps({**settings, "cfg": 4.0}))
+        return real_dumps(obj, **kw)
+
+    monkeypatch.setattr(fid_dump.json, "dumps", other_dump_writes_first)
+    with pytest.raises(ValueError, match=r"other settings .*'cfg': \(4.0, 1.5\)"):
+        check_or_write_settings(tmp_path, settings)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["settings.json"]  # no temporary file left
+
+
+def test_full_disk_names_the_file_and_leaves_no_temporary_file(tmp_path, monkeypatch):
+    """Issue 23: a full disk during the dump was a bare ENOSPC and left .tmp files behind."""
+    import errno
+
+    from utils.run.checkpoint import DiskFullError
+
+    folder = tmp_path / "f"
+    dump_shard(folder, DumpPlan(2, 2, 2), 0, fake_generate(), image_hw=HW)
+    real_save = Image.Image.save
+
+    def full_disk(self, fp, *args, **kwargs):
+        fp.write(b"x" * 10)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    (folder / "000003.png").unlink()
+    monkeypatch.setattr(Image.Image, "save", full_disk)
+    with pytest.raises(DiskFullError, match="disk full: cannot write 000003.png into .*f .*kept.*re-run"):
+        dump_shard(folder, DumpPlan(2, 2, 2), 0, fake_generate(), image_hw=HW)
+    monkeypatch.setattr(Image.Image, "save", real_save)
+
+    def full_disk_zip(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    dump_shard(folder, DumpPlan(2, 2, 2), 0, fake_generate(), image_hw=HW)
+    monkeypatch.setattr(zipfile.ZipFile, "write", full_disk_zip)
+    with pytest.raises(DiskFullError, match="disk full: cannot write f.npz into .*PNGs are kept"):
+        pack_npz(folder, 4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]
+    assert sorted(p.name for p in folder.iterdir()) == [f"{i:06d}.png" for i in range(4)]

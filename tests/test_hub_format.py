@@ -124,6 +124,68 @@ def test_our_checkpoint_exports_with_its_tokenizer_and_training_flags(tmp_path):
     assert "embedded `mnist` (utils/data/embedded.py), 8 epochs, batch 64" in (out / "README.md").read_text()
 
 
+def test_export_refuses_non_finite_weights_and_writes_readable_files(tmp_path, monkeypatch):
+    """Issue 23: a diverged checkpoint was exported (and would have been uploaded); safetensors wrote 0600 files."""
+    monkeypatch.setattr(MVARHF, "push_to_hub", lambda *a, **k: pytest.fail("non-finite weights were uploaded"))
+    vae, mvar = build_tiny()
+    good, bad = mvar_checkpoint(mvar, vae), mvar_checkpoint(mvar, vae)
+    bad["model"]["head.weight"] = bad["model"]["head.weight"].clone().fill_(float("inf"))
+    torch.save(good, tmp_path / "good.pth")
+    torch.save(bad, tmp_path / "bad.pth")
+    with pytest.raises(SystemExit, match=r"error: M-VAR checkpoint .*bad.pth has non-finite weights .*head.weight"):
+        export.main(["--ckpt", str(tmp_path / "bad.pth"), "--out", str(tmp_path / "hub-bad"), "--repo_id", REPO,
+                     "--push"])
+    assert not (tmp_path / "hub-bad").exists()
+    out = export.main(["--ckpt", str(tmp_path / "good.pth"), "--out", str(tmp_path / "hub")])
+    for path in (p for p in out.rglob("*") if p.is_file()):
+        assert path.stat().st_mode & 0o044 == 0o044, path  # group and others may read (umask 022)
+
+
+def test_foreign_tokenizer_folder_is_refused_unless_allowed(tmp_path):
+    """Issue 23: a Hub folder whose tokenizer/ was replaced by another of the same shape, or a --vae_ckpt other than
+    the checkpoint's own tokenizer given to scripts/export.py."""
+    mvar, vae = hub_model()
+    mvar.save_pretrained(tmp_path / "m")
+    torch.manual_seed(1)
+    other = VQVAEHF.from_config(dataclasses.asdict(vae.config))
+    other.save_pretrained(tmp_path / "m" / "tokenizer")
+    with pytest.raises(ValueError, match=r"m/tokenizer is not the tokenizer .*m/model.safetensors was trained with"):
+        MVARHF.from_pretrained(tmp_path / "m")
+    with pytest.raises(SystemExit, match="--allow_other_tokenizer"):
+        sample.main(["--ckpt", str(tmp_path / "m"), "--device", "cpu", "--classes", "1", "--out",
+                     str(tmp_path / "x.png")])
+    assert sample.main(["--ckpt", str(tmp_path / "m"), "--device", "cpu", "--classes", "1", "--allow_other_tokenizer",
+                        "--out", str(tmp_path / "x.png")]).is_file()
+
+    torch.save(mvar_checkpoint(mvar, vae), tmp_path / "ours.pth")
+    torch.save({"vae_config": dataclasses.asdict(vae.config), "vae": other.state_dict()}, tmp_path / "other.pth")
+    flags = ["--ckpt", str(tmp_path / "ours.pth"), "--vae_ckpt", str(tmp_path / "other.pth")]
+    with pytest.raises(SystemExit, match=r"--vae_ckpt=.*other.pth is not the tokenizer --ckpt=.*ours.pth"):
+        export.main([*flags, "--out", str(tmp_path / "hub")])
+    out = export.main([*flags, "--allow_other_tokenizer", "--out", str(tmp_path / "hub")])
+    MVARHF.from_pretrained(out)  # the folder records the tokenizer it was exported with
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda m: (m / "model.safetensors").write_bytes((m / "model.safetensors").read_bytes()[:-100]),
+     r"m/model.safetensors is unreadable .*expected a complete safetensors file"),
+    (lambda m: (m / "tokenizer" / "model.safetensors").write_bytes(b"\0" * 64),
+     r"m/tokenizer/model.safetensors is unreadable"),
+    (lambda m: (m / "config.json").write_text("{'depth': 2,"), r"m/config.json is not valid JSON"),
+    (lambda m: (m / "config.json").write_text(json.dumps({**json.loads((m / "config.json").read_text()),
+                                                           "num_classes": -3})),
+     r"m/config.json is not an M-VAR config \(num_classes=-3: expected sizes >= 1\)"),
+])
+def test_broken_folder_files_are_an_error_line_naming_the_file(tmp_path, damage, message):
+    """Issue 23: raw safetensors/json tracebacks naming no file, and a negative num_classes blamed on --classes."""
+    mvar, _ = hub_model()
+    mvar.save_pretrained(tmp_path / "m")
+    damage(tmp_path / "m")
+    with pytest.raises(SystemExit, match="error: .*" + message):
+        sample.main(["--ckpt", str(tmp_path / "m"), "--device", "cpu", "--classes", "1", "--out",
+                     str(tmp_path / "x.png")])
+
+
 def test_push_to_hub_uploads_the_saved_folder(monkeypatch):
     mvar, _ = hub_model()
     uploaded = {}

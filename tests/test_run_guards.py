@@ -119,3 +119,18 @@ def test_other_write_errors_are_not_called_disk_full(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "save", lambda obj, f: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
     with pytest.raises(OSError, match="I/O error"):
         save_atomic({}, tmp_path / "x.pth")
+
+
+# ---- resuming: changed flags, incompatible checkpoints -------------------------------------------------------
+def test_resume_logs_changed_flags_and_an_incompatible_one_is_an_error_line(setup, tmp_path):  # noqa: F811
+    """Issue 23: a new --tblr on resume was applied silently; an incompatible checkpoint ended in a traceback."""
+    from test_trainer_e2e import run_train
+
+    out = tmp_path / "out"
+    run_train(setup, out, "--ep=1")
+    resumed = run_train(setup, out, "--ep=2", "--tblr=5e-2")
+    line = next(ln for ln in resumed.stdout.splitlines() if "with changed flags" in ln)
+    assert "--ep 1 -> 2" in line and "--tblr 0.1 -> 0.05" in line and "--depth" not in line, line
+    wrong = run_train(setup, out, "--ep=3", "--depth=3", check=False)
+    assert wrong.returncode != 0 and "Traceback" not in wrong.stderr, wrong.stderr[-2000:]
+    assert f"error: checkpoint {out / 'ar-ckpt-last.pth'} is incompatible" in wrong.stderr

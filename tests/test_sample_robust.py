@@ -145,3 +145,69 @@ def test_raw_state_dict_of_a_custom_schedule_loads_with_pn(ckpt, tmp_path):  # n
     assert np.array_equal(np.asarray(Image.open(got)), np.asarray(Image.open(want)))
     with pytest.raises(SystemExit, match="--pn=1_2_4, but ours.pth holds patch_nums 1_2_3_4"):
         run(variant(ckpt, tmp_path / "ours.pth", lambda c: None), *flags, "--pn", "1_2_4", "--out", tmp_path / "y.png")
+
+
+def test_foreign_tokenizer_of_the_same_shape_is_refused_unless_allowed(ckpt, tmp_path):  # noqa: F811
+    """The checkpoint embeds its tokenizer: another one of the same shape decodes its tokens into noise (issue 23)."""
+    def to_tokenizer(ck):
+        ck["vae"]["decoder.conv_out.weight"] += 0.01
+        for k in ("config", "model"):
+            del ck[k]
+    own = variant(ckpt, tmp_path / "own.pth", lambda ck: [ck.pop(k) for k in ("config", "model")])
+    foreign = variant(ckpt, tmp_path / "foreign.pth", to_tokenizer)
+    flags = ("--classes", 1, "--num_per_class", 2)
+    with pytest.raises(SystemExit, match=r"--vae_ckpt=.*foreign.pth is not the tokenizer --ckpt=.*tiny.pth was "
+                                         r"trained with .*--allow_other_tokenizer"):
+        run(ckpt, *flags, "--vae_ckpt", foreign, "--out", tmp_path / "x.png")
+    assert not (tmp_path / "x.png").exists()
+    assert run(ckpt, *flags, "--vae_ckpt", foreign, "--allow_other_tokenizer", "--out", tmp_path / "y.png").is_file()
+    assert run(ckpt, *flags, "--vae_ckpt", own, "--out", tmp_path / "z.png").is_file()  # a copy of its own is fine
+
+
+def test_second_fid_dump_into_a_live_folder_is_refused(ckpt, tmp_path):  # noqa: F811
+    """Issue 23: two dumps into one folder memory-mapped the same temporary .npy (SIGBUS, or a missing file)."""
+    import socket
+    import subprocess
+    import sys
+
+    from utils.run import lock as run_lock
+
+    folder = tmp_path / "tiny-cfg1.5-topk20-topp0.96-seed0-n1"
+    folder.mkdir()
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (folder / run_lock.LOCK_NAME).write_text(json.dumps({"host": socket.gethostname(), "pid": other.pid,
+                                                            "start": run_lock._process_start(other.pid)}))
+        with pytest.raises(SystemExit, match=f"error: .*{folder.name} is in use by a live run: .*pid {other.pid}"):
+            run(ckpt, *FID, "--fid_dir", tmp_path)
+    finally:
+        other.kill()
+        other.wait()
+    assert not list(folder.glob("*.png")) and not (folder / "settings.json").exists()
+    assert run(ckpt, *FID, "--fid_dir", tmp_path).is_file()  # the owner is gone: its lock is stale
+    assert not (folder / run_lock.LOCK_NAME).exists()  # released at the end
+
+
+@pytest.mark.parametrize("out", ["grid.png", "folder"])
+def test_interrupted_picture_run_writes_the_finished_images(ckpt, tmp_path, monkeypatch, out):  # noqa: F811
+    """Issue 23: a Ctrl-C after minutes of a grid run wrote nothing."""
+    real = sample.make_generate
+
+    def interrupted_after_one_batch(*args):
+        generate, calls = real(*args), []
+
+        def gen(label_B, g_seed):
+            calls.append(1)
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+            return generate(label_B, g_seed)
+        return gen
+
+    monkeypatch.setattr(sample, "make_generate", interrupted_after_one_batch)
+    with pytest.raises(KeyboardInterrupt):
+        run(ckpt, "--classes", 1, 2, "--num_per_class", 3, "--bs", 3, "--out", tmp_path / out)
+    if out == "folder":
+        assert sorted(p.name for p in (tmp_path / out).iterdir()) == [f"class0001_{k:03d}.png" for k in range(3)]
+    else:
+        with Image.open(tmp_path / out) as im:
+            assert im.size == (3 * 10 + 2, 10 + 2)  # the finished row: 3 images of 8 px, padding 2

@@ -5,6 +5,7 @@ The choices come from `models.presets` (architectures, model sizes, kernel backe
 import argparse
 import math
 from collections.abc import Sequence
+from typing import Any
 
 from models.presets import ARCH_BRANCHES, ATTN_KERNELS, MAMBA_KERNELS, MVAR_models, parse_patch_nums
 
@@ -201,3 +202,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     apply_model(parser, argv)
     return parser.parse_args(argv)
+
+
+def changed_flags(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """`--name old -> new` for each flag a resumed run sets otherwise than the checkpoint's run (a lower learning
+    rate is legitimate, but is worth saying)."""
+    return [f"--{k} {saved[k]!r} -> {v!r}" for k, v in now.items() if k in saved and saved[k] != v]

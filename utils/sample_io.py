@@ -2,10 +2,11 @@
 with one row per class, or a folder of single PNGs), and the checks that weights and generated images are finite.
 
 Edit inputs go through the same geometry as VAR's validation images: the shorter side resized to the model's
-resolution, then a center crop. The box is in the original image's pixels. A mask pixel is "regenerate" where
-the PNG is not black; a model pixel is masked when any image pixel under it is (a mask never shrinks). Non-finite
-weights are checked once at load, each batch of generated images before anything is written; the errors say what
-is non-finite and where it came from.
+resolution, then a center crop; EXIF orientation is applied first, 16-bit images keep their range, and large images
+are reduced while they are read. The box is in the original image's pixels (as displayed). A mask pixel is
+"regenerate" where the PNG is not black; a model pixel is masked when any image pixel under it is (a mask never
+shrinks). Non-finite weights are checked once at load, each batch of generated images before anything is written;
+the errors say what is non-finite and where it came from.
 """
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -14,23 +15,27 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision.utils
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 from torch import nn
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
+
+EDIT_REDUCE_TO = 2  # --edit images are reduced while read to a shorter side of at least this times the model's
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Edit inputs
 # ---------------------------------------------------------------------------------------------------------------------
-def box_mask(height: int, width: int, box: Sequence[int]) -> torch.Tensor:
-    """A (1, 1, H, W) bool mask that is True inside the pixel box (x0, y0, x1, y1), ends exclusive."""
+def box_mask(height: int, width: int, box: Sequence[int], size: tuple[int, int] | None = None) -> torch.Tensor:
+    """A (1, 1, H, W) bool mask that is True inside the pixel box (x0, y0, x1, y1) of a `width` x `height` image,
+    ends exclusive; with `size` (h, w) it is built on that grid instead (the box scaled outwards: never smaller)."""
     x0, y0, x1, y1 = (int(v) for v in box)
     if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
         raise ValueError(f"box {tuple(box)} (x0, y0, x1, y1) must satisfy 0 <= x0 < x1 <= {width} and "
                          f"0 <= y0 < y1 <= {height} for a {width}x{height} image")
-    mask = torch.zeros(1, 1, height, width, dtype=torch.bool)
-    mask[..., y0:y1, x0:x1] = True
+    h, w = size or (height, width)
+    mask = torch.zeros(1, 1, h, w, dtype=torch.bool)
+    mask[..., y0 * h // height:-(-y1 * h // height), x0 * w // width:-(-x1 * w // width)] = True
     return mask
 
 
@@ -65,29 +70,71 @@ def _mask_to_model_size(mask_HW: torch.Tensor, reso: int) -> torch.Tensor:
     return TF.center_crop(m_11HW, [reso, reso]) > 0
 
 
+def _any_pool(mask_HW: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+    """Bool (H, W) -> (h, w) <= (H, W): a cell is True when any pixel of its block is (blocks partition the image)."""
+    (H, W), (h, w) = mask_HW.shape, size
+    rows = np.logical_or.reduceat(mask_HW, np.arange(h) * H // h, axis=0)
+    return torch.from_numpy(np.logical_or.reduceat(rows, np.arange(w) * W // w, axis=1))
+
+
+def _open(path: Path, flag: str) -> Image.Image:
+    try:
+        return Image.open(path)
+    except OSError as e:
+        raise ValueError(f"{flag}={path}: not an image PIL can read ({e})") from e
+
+
+def read_edit_image(path: Path, reso: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """The image as displayed (EXIF orientation applied) -> ((3, h, w) float in [0, 1], its full size (H, W)).
+
+    Large images are reduced while they are read (JPEG: decoded at 1/2 to 1/8 scale; then PIL's box reduce), to a
+    shorter side of at least twice `reso`, so memory follows the model's size, not the file's. 16-bit images keep
+    their range (I;16 / I: 0-65535), palette and other modes are converted to RGB; float (F) images are refused.
+    """
+    with _open(path, "--edit") as im:
+        H, W = (im.width, im.height) if im.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8) \
+            else (im.height, im.width)  # orientations 5-8 turn the stored image by 90 degrees
+        factor = max(1, min(H, W) // (EDIT_REDUCE_TO * reso))
+        im.draft(None, (im.width // factor, im.height // factor))  # JPEG only: a smaller decode, at least this size
+        shown = ImageOps.exif_transpose(im)
+    if shown.mode == "F":
+        raise ValueError(f"--edit={path}: a floating-point image (mode F): save it as an 8- or 16-bit PNG or a JPEG")
+    sixteen = shown.mode.startswith("I")  # I;16, I;16B, ..., or I (how older Pillow reads 16-bit PNGs)
+    if shown.mode not in ("RGB", "L", "I"):
+        shown = shown.convert("I" if sixteen else "RGB")
+    factor = max(1, min(shown.size) // (EDIT_REDUCE_TO * reso))
+    if factor > 1:
+        shown = shown.reduce(factor)
+    if sixteen:
+        img_3HW = torch.from_numpy(np.asarray(shown, dtype=np.float32) / 65535).clamp(0, 1).expand(3, -1, -1)
+    else:
+        img_3HW = torch.from_numpy(np.array(shown.convert("RGB"))).permute(2, 0, 1).float().div(255)
+    return img_3HW, (H, W)
+
+
 def load_edit_inputs(image_path: str | Path, reso: int, mask_path: str | Path | None = None,
                      box: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> image (1, 3, reso, reso) in [0, 1] and mask (1, 1, reso, reso) bool (True = regenerate)."""
+    """-> image (1, 3, reso, reso) in [0, 1] and mask (1, 1, reso, reso) bool (True = regenerate). The box and the
+    mask are in the pixels of the image as displayed (EXIF orientation applied), at its full size."""
     if (mask_path is None) == (box is None):
         raise ValueError("--edit needs exactly one of --mask MASK.png or --box x0,y0,x1,y1")
     image_path = Path(image_path)
     if not image_path.is_file():
         raise FileNotFoundError(f"--edit={image_path}: no such file")
-    with Image.open(image_path) as im:
-        rgb = np.array(im.convert("RGB"))
-    H, W = rgb.shape[:2]
+    img_3hw, (H, W) = read_edit_image(image_path, reso)
     if box is not None:
-        mask_HW = box_mask(H, W, box)[0, 0]
+        mask_hw = box_mask(H, W, box, size=tuple(img_3hw.shape[-2:]))[0, 0]
     else:
         if not Path(mask_path).is_file():
             raise FileNotFoundError(f"--mask={mask_path}: no such file")
-        with Image.open(mask_path) as m:
-            mask_HW = torch.from_numpy(np.asarray(m.convert("L")) > 0)
+        with _open(mask_path, "--mask") as m:
+            mask_HW = np.asarray(ImageOps.exif_transpose(m).convert("L")) > 0
         if mask_HW.shape != (H, W):
             raise ValueError(f"--mask={mask_path} is {mask_HW.shape[1]}x{mask_HW.shape[0]} px, --edit={image_path} "
                              f"is {W}x{H} px: the mask must have the image's size")
-    img_13HW = _image_to_model_size(torch.from_numpy(rgb).permute(2, 0, 1).float().div(255), reso)[None]
-    mask_11HW = _mask_to_model_size(mask_HW, reso)
+        mask_hw = _any_pool(mask_HW, tuple(img_3hw.shape[-2:]))
+    img_13HW = _image_to_model_size(img_3hw, reso)[None]
+    mask_11HW = _mask_to_model_size(mask_hw, reso)
     if not mask_11HW.any():
         raise ValueError("the mask covers no pixel of the (resized, center-cropped) image: nothing to regenerate")
     return img_13HW, mask_11HW

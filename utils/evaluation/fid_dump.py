@@ -6,16 +6,20 @@ Layout (after DiT's sample_ddp.py, with deterministic classes and resumption):
 - The index range is cut into chunks of `batch_size` consecutive indices (the last one may be shorter); chunk c is
   one generation batch seeded with `chunk_seed(seed, c)` and belongs to rank c % world_size. The images depend on
   (settings, seed, batch_size) only, not on the number of ranks nor on interruptions.
-- Binding: settings.json records a content hash of the M-VAR and tokenizer weights (`weights_digest`); a dump
-  folder made from other weights (another run, or the same run trained further) is refused, naming which differ.
+- Binding: settings.json records a content hash of the M-VAR and tokenizer weights (models.loading.weights_digest);
+  a dump folder made from other weights (another run, or the same run trained further) is refused, naming which
+  differ.
 - Resuming: a rank regenerates a chunk only if one of its PNGs is missing or does not decode, and writes only
   those files. PNGs are written to a temporary name and renamed, so a killed run leaves no half-written PNG.
+- One dump per folder at a time (sample.py takes the folder's run lock, utils.run.lock); settings.json is created
+  atomically (the first dump's settings win, a racing one is checked against them). A full disk is a DiskFullError
+  naming the file; no temporary file stays behind and the finished PNGs are kept for the resume.
 - Packing (rank 0, after a barrier): the N PNGs are copied in index order into a memory-mapped `.npy`
   (np.lib.format.open_memmap), which is then stored uncompressed as `arr_0.npy` inside `{folder}.npz`: exactly
   what `np.load(path)["arr_0"]` (OpenAI's guided-diffusion evaluator) reads, uint8 (N, H, W, 3). Peak disk use is
   twice the array (the `.npy` is deleted at the end); RAM stays at one image.
 """
-import hashlib
+import errno
 import json
 import logging
 import math
@@ -24,14 +28,13 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 
 import numpy as np
-import torch
 from PIL import Image
 
 from utils.evaluation.fid import read_npz_header
-from utils.run.checkpoint import write_atomic
+from utils.run.checkpoint import disk_full_is_an_error, write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -100,8 +103,9 @@ def png_is_valid(path: Path, image_hw: tuple[int, int] | None = None) -> bool:
 
 
 def save_png(img_HW3: np.ndarray, path: Path) -> None:
-    """Write atomically: a temporary file renamed over `path`."""
-    write_atomic(path, lambda f: Image.fromarray(img_HW3).save(f, format="PNG"))
+    """Write atomically: a temporary file renamed over `path`; a full disk is a DiskFullError."""
+    with disk_full_is_an_error(path, "The PNGs written so far are kept: free some space and re-run to resume"):
+        write_atomic(path, lambda f: Image.fromarray(img_HW3).save(f, format="PNG"))
 
 
 def fid_folder_name(ckpt: str, cfg: float, top_k: int, top_p: float, seed: int, more_smooth: bool = False,
@@ -112,38 +116,29 @@ def fid_folder_name(ckpt: str, cfg: float, top_k: int, top_p: float, seed: int, 
     return name + ("-smooth" if more_smooth else "")
 
 
-def weights_digest(state: Mapping[str, torch.Tensor]) -> str:
-    """Content hash (BLAKE2b, 128 bits) of a state dict's names, dtypes, shapes and bytes: exact, on one CPU core
-    (0.3-1 GB/s, seconds for a large model: small next to a dump)."""
-    h = hashlib.blake2b(digest_size=16)
-    for name in sorted(state):
-        t = state[name].detach()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-    return h.hexdigest()
-
-
 def check_or_write_settings(folder: Path, settings: dict[str, Any]) -> None:
     """Record the settings in `folder/settings.json`, or check a resumed dump was started with the same ones
     (weights included): ValueError saying what differs."""
     path = Path(folder) / SETTINGS_NAME
-    if path.is_file():
-        old = json.loads(path.read_text())
-        diff = {k: (old.get(k), settings.get(k)) for k in IMAGE_SETTINGS if old.get(k) != settings.get(k)}
-        weights = [WEIGHT_SETTINGS[k] for k in WEIGHT_SETTINGS if k in diff]
-        if weights and all(old.get(k) is None for k in WEIGHT_SETTINGS):
-            raise ValueError(f"{folder} holds a dump that recorded no weight hashes (an older version): whether its "
-                             f"images come from these weights cannot be checked. Delete {folder} to start over, or "
-                             "choose another --fid_dir.")
-        if weights:
-            raise ValueError(f"{folder} holds a dump made from other weights: {' and '.join(weights)} differ "
-                             f"(another checkpoint, or the same run trained further; {{name: (old, new)}}: {diff}). "
-                             f"Choose another --fid_dir, or delete {folder} to start over.")
-        if diff:
-            raise ValueError(f"{folder} holds a dump made with other settings {{name: (old, new)}}: {diff}. "
-                             "Resume with the same flags, or choose another output folder.")
+    try:  # created atomically: of two dumps starting at once, one writes it and the other is checked against it
+        write_atomic(path, lambda f: f.write(json.dumps(settings, indent=2, sort_keys=True).encode()), exclusive=True)
         return
-    write_atomic(path, lambda f: f.write(json.dumps(settings, indent=2, sort_keys=True).encode()))
+    except FileExistsError:  # a resumed dump, or one started at the same time
+        pass
+    old = json.loads(path.read_text())
+    diff = {k: (old.get(k), settings.get(k)) for k in IMAGE_SETTINGS if old.get(k) != settings.get(k)}
+    weights = [WEIGHT_SETTINGS[k] for k in WEIGHT_SETTINGS if k in diff]
+    if weights and all(old.get(k) is None for k in WEIGHT_SETTINGS):
+        raise ValueError(f"{folder} holds a dump that recorded no weight hashes (an older version): whether its "
+                         f"images come from these weights cannot be checked. Delete {folder} to start over, or "
+                         "choose another --fid_dir.")
+    if weights:
+        raise ValueError(f"{folder} holds a dump made from other weights: {' and '.join(weights)} differ "
+                         f"(another checkpoint, or the same run trained further; {{name: (old, new)}}: {diff}). "
+                         f"Choose another --fid_dir, or delete {folder} to start over.")
+    if diff:
+        raise ValueError(f"{folder} holds a dump made with other settings {{name: (old, new)}}: {diff}. "
+                         "Resume with the same flags, or choose another output folder.")
 
 
 def dump_shard(folder: Path, plan: DumpPlan, seed: int, generate: GenerateFn, rank: int = 0, world_size: int = 1,
@@ -195,32 +190,46 @@ def pack_npz(folder: Path, total: int, npz_path: Path | None = None, image_hw: t
     if image_hw is not None and (H, W) != tuple(image_hw):
         raise ValueError(f"{first} is {H}x{W}, expected {image_hw[0]}x{image_hw[1]}: the folder holds another "
                          "model's dump")
-    npy_path = npz_path.with_suffix(".npy.tmp")
-    arr = np.lib.format.open_memmap(npy_path, mode="w+", dtype=np.uint8, shape=(total, H, W, 3))
+    npy_path, tmp_npz = npz_path.with_suffix(".npy.tmp"), npz_path.with_name(npz_path.name + ".tmp")
+    kept = f"The PNGs are kept; packing needs twice {total * H * W * 3 / 2**20:.0f} MiB: free some space and re-run"
     try:
-        for i in range(total):
-            p = png_path(folder, i)
-            try:
-                with Image.open(p) as im:
-                    img = np.asarray(im.convert("RGB"))
-            except (OSError, ValueError) as e:
-                _raise_missing(folder, total, e)
-            if img.shape != (H, W, 3):
-                raise ValueError(f"{p} has shape {img.shape}, expected {(H, W, 3)} like {first.name}")
-            arr[i] = img
-        arr.flush()
-        del arr
-        tmp_npz = npz_path.with_name(npz_path.name + ".tmp")
-        with zipfile.ZipFile(tmp_npz, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
-            zf.write(npy_path, arcname="arr_0.npy")
-        os.replace(tmp_npz, npz_path)
+        with disk_full_is_an_error(npz_path, kept):
+            arr = np.lib.format.open_memmap(npy_path, mode="w+", dtype=np.uint8, shape=(total, H, W, 3))
+            _allocate(npy_path)
+            for i in range(total):
+                p = png_path(folder, i)
+                try:
+                    with Image.open(p) as im:
+                        img = np.asarray(im.convert("RGB"))
+                except (OSError, ValueError) as e:
+                    _raise_missing(folder, total, e)
+                if img.shape != (H, W, 3):
+                    raise ValueError(f"{p} has shape {img.shape}, expected {(H, W, 3)} like {first.name}")
+                arr[i] = img
+            arr.flush()
+            del arr
+            with zipfile.ZipFile(tmp_npz, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+                zf.write(npy_path, arcname="arr_0.npy")
+            os.replace(tmp_npz, npz_path)
     finally:
         npy_path.unlink(missing_ok=True)
+        tmp_npz.unlink(missing_ok=True)
     shape, dtype = read_npz_header(npz_path)
     if shape != (total, H, W, 3) or dtype != np.uint8:
         raise RuntimeError(f"{npz_path}: wrote {dtype} {shape}, expected uint8 {(total, H, W, 3)}")
     logger.info("packed %d images into %s (arr_0: uint8 %s)", total, npz_path, shape)
     return npz_path
+
+
+def _allocate(path: Path) -> None:
+    """Give the (sparse) file `path` its blocks now, so a full disk is an OSError here rather than a SIGBUS when its
+    memory map is written; filesystems without fallocate are left as they are."""
+    with open(path, "r+b") as f:
+        try:
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
 
 
 def _raise_missing(folder: Path, total: int, cause: Exception | None = None) -> None:

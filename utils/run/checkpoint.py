@@ -13,6 +13,7 @@ prefix is `ar-ckpt`. The rules:
 What a checkpoint holds is the trainer's to say (`Trainer.checkpoint` / `Trainer.resume` in trainer.py); when
 train.py saves is its `Checkpointer`.
 """
+import contextlib
 import errno
 import logging
 import os
@@ -20,7 +21,7 @@ import re
 import shutil
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -51,14 +52,36 @@ def temp_file_pid(path: Path, names: tuple[str, ...]) -> int | None:
     return None
 
 
-def write_atomic(path: PathLike, write: Callable[[BinaryIO], object]) -> Path:
+class DiskFullError(RuntimeError):
+    """No space left while writing; the message names the file and what was kept."""
+
+
+@contextlib.contextmanager
+def disk_full_is_an_error(path: Path, kept: str, error: type[Exception] = DiskFullError) -> Iterator[None]:
+    """Turn a full disk (`is_disk_full`) while writing `path` into `error` naming it, the free space and `kept`
+    (what survives and how to go on)."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        if not is_disk_full(e):
+            raise
+        raise error(f"disk full: cannot write {path.name} into {path.parent} ({e}; "
+                    f"{shutil.disk_usage(path.parent).free / 2**20:.0f} MiB free). {kept}") from e
+
+
+def write_atomic(path: PathLike, write: Callable[[BinaryIO], object], exclusive: bool = False) -> Path:
     """`write(file)` into a temporary file next to `path`, then a rename over `path`: a kill leaves the old file or
-    the new one, never a partial one (for small result files; checkpoints use `save_atomic`)."""
+    the new one, never a partial one, and a failed write leaves no temporary file (for small result files;
+    checkpoints use `save_atomic`). `exclusive`: FileExistsError instead of replacing an existing `path`, so a
+    check-then-write of two processes cannot both succeed (a hard link, atomic like the rename)."""
     path = Path(path)
     tmp = temp_path(path)
-    with open(tmp, "wb") as f:
-        write(f)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        (os.link if exclusive else os.replace)(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -72,20 +95,16 @@ def save_atomic(obj: Any, path: PathLike, keep_previous: PathLike | None = None)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path)
+    kept = "The previous checkpoint there is kept: free some space and re-run to resume from it"
     try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        if keep_previous is not None and path.exists():
-            os.replace(path, keep_previous)
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:
-        if not is_disk_full(e):
-            raise
-        raise CheckpointError(f"disk full: cannot write {path.name} into {path.parent} ({e}; "
-                              f"{shutil.disk_usage(path.parent).free / 2**20:.0f} MiB free). The previous checkpoint "
-                              f"there is kept: free some space and re-run to resume from it") from e
+        with disk_full_is_an_error(path, kept, CheckpointError):
+            with open(tmp, "wb") as f:
+                torch.save(obj, f)
+                f.flush()
+                os.fsync(f.fileno())
+            if keep_previous is not None and path.exists():
+                os.replace(path, keep_previous)
+            os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
