@@ -159,6 +159,23 @@ def bench_mamba(device: torch.device, args: argparse.Namespace) -> str:
                                          "fwd+bwd peak MiB"], rows)])
 
 
+def random_train_step(arch: str, depth: int, dtype_name: str, device: torch.device, args: argparse.Namespace
+                      ) -> tuple[MVAR, Trainer, functools.partial]:
+    """A random-weight model of `arch` at `depth` (width --width or 64*depth, --heads or head dim 64), its Trainer in
+    `dtype_name`, and its training step (`Trainer.micro_step_tokens` on random tokens of batch --bs: the partial's
+    args are gt_BL, x_BLCv, label_B)."""
+    torch.manual_seed(0)
+    mvar = MVAR(MVARConfig(depth=depth, patch_nums=parse_patch_nums(args.pn), arch=arch, V=args.V,
+                           embed_dim=args.width or None, num_heads=args.heads or None),
+                attn_backend=args.attn_backend, mamba_backend=args.mamba_backend).to(device)
+    mvar.init_weights()
+    trainer = Trainer(vae=None, model=mvar, device=device, lr=1e-4, fp16=TRAIN_FP16[dtype_name])
+    gt_BL = torch.randint(0, mvar.V, (args.bs, mvar.L), device=device)
+    x_BLCv = torch.randn(args.bs, mvar.L - mvar.first_l, mvar.Cvae, device=device)
+    label_B = torch.randint(0, mvar.num_classes, (args.bs,), device=device)
+    return mvar, trainer, functools.partial(trainer.micro_step_tokens, gt_BL, x_BLCv, label_B)
+
+
 def bench_train(device: torch.device, args: argparse.Namespace) -> str:
     """`Trainer.micro_step_tokens` (forward, backward, clip, AdamW) of each --archs at --depth in each
     --train_dtypes, on random tokens; all (arch, dtype) steps alternated in one process. Achieved model GFLOP/s
@@ -167,18 +184,10 @@ def bench_train(device: torch.device, args: argparse.Namespace) -> str:
     dtypes = args.train_dtypes or [args.dtype]
     for arch in args.archs:
         for dtype_name in dtypes:
-            torch.manual_seed(0)
-            mvar = MVAR(MVARConfig(depth=args.depth, patch_nums=parse_patch_nums(args.pn), arch=arch, V=args.V,
-                                   embed_dim=args.width or None, num_heads=args.heads or None),
-                        attn_backend=args.attn_backend, mamba_backend=args.mamba_backend).to(device)
-            mvar.init_weights()
-            trainer = Trainer(vae=None, model=mvar, device=device, lr=1e-4, fp16=TRAIN_FP16[dtype_name])
+            mvar, trainer, step = random_train_step(arch, args.depth, dtype_name, device, args)
             if dtype_name != "fp32" and trainer.amp_dtype is None:  # bf16 on a CPU without bf16 instructions
                 dtype_name += " (ran fp32)"
-            gt_BL = torch.randint(0, mvar.V, (B, mvar.L), device=device)
-            x_BLCv = torch.randn(B, mvar.L - mvar.first_l, mvar.Cvae, device=device)
-            label_B = torch.randint(0, mvar.num_classes, (B,), device=device)
-            step = functools.partial(trainer.micro_step_tokens, gt_BL, x_BLCv, label_B)
+            _, x_BLCv, label_B = step.args
             flops[arch, dtype_name] = train_step_flops(mvar, label_B, x_BLCv)
             steps[arch, dtype_name], models[arch, dtype_name] = step, mvar
     ms = bm.time_alternating(steps, device, args.warmup, args.repeats)
@@ -341,21 +350,6 @@ def paper_tables(results: dict[tuple[str, int, str], tuple[float, float]], args:
                                "time per FLOP, M-VAR / VAR", "paper's time ratio"], pair_rows)])
 
 
-def ckpt_step(arch: str, depth: int, device: torch.device, args: argparse.Namespace) -> tuple[MVAR, Callable]:
-    """A random-weight model of `arch` at `depth` (width --width or 64*depth, head dim 64) and its training step
-    (`Trainer.micro_step_tokens` in --dtype) on random tokens of batch --bs."""
-    torch.manual_seed(0)
-    width = args.width or 64 * depth
-    mvar = MVAR(MVARConfig(depth=depth, patch_nums=parse_patch_nums(args.pn), arch=arch, V=args.V, embed_dim=width,
-                           num_heads=args.heads or width // 64),
-                attn_backend=args.attn_backend, mamba_backend=args.mamba_backend).to(device)
-    trainer = Trainer(vae=None, model=mvar, device=device, lr=1e-4, fp16=TRAIN_FP16[args.dtype])
-    gt_BL = torch.randint(0, mvar.V, (args.bs, mvar.L), device=device)
-    x_BLCv = torch.randn(args.bs, mvar.L - mvar.first_l, mvar.Cvae, device=device)
-    label_B = torch.randint(0, mvar.num_classes, (args.bs,), device=device)
-    return mvar, functools.partial(trainer.micro_step_tokens, gt_BL, x_BLCv, label_B)
-
-
 def bench_ckpt(device: torch.device, args: argparse.Namespace) -> str:
     """Activation checkpointing (train.py --grad_ckpt): step time and peak memory with and without it, for each
     --archs at --depth and 2x --depth (alternated in one process). Peak memory is linear in depth: the slope is
@@ -364,7 +358,7 @@ def bench_ckpt(device: torch.device, args: argparse.Namespace) -> str:
     B, depths, rows, fits, steps, mems = args.bs, (args.depth, 2 * args.depth), [], {}, {}, {}
     for arch in args.archs:
         for depth in depths:
-            mvar, step = ckpt_step(arch, depth, device, args)
+            mvar, _, step = random_train_step(arch, depth, args.dtype, device, args)
             for ckpt in (False, True):
                 def run(mvar=mvar, step=step, ckpt=ckpt):
                     mvar.grad_ckpt = ckpt
