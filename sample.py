@@ -33,13 +33,14 @@ import dist
 from models.attention import resolve_backend
 from models.backends import BackendError
 from models.hub_format import MVARHF, HubSource, is_hub_source, read_config
-from models.loading import config_from_state_dict, load_checkpoint, load_mvar, load_vae, resolve_mvar_checkpoint
+from models.loading import config_from_state_dict, load_checkpoint, load_mvar, load_vae, resolve_mvar_checkpoint, \
+    weights_digest
 from models.mamba2 import resolve_kernels
 from models.mvar import MVAR, MVARConfig
 from models.precision import effective_amp_dtype
 from models.presets import ARCH_BRANCHES, MVAR_models, parse_patch_nums
 from utils.evaluation.fid_dump import DumpPlan, check_or_write_settings, chunk_seed, dump_shard, fid_folder_name, \
-    pack_npz, weights_digest
+    pack_npz
 from utils.flags import add_backend_flags, add_model_flag
 from utils.run.log import setup_logging
 from utils.sample_io import NonFiniteValueError, check_finite_images, check_finite_weights, is_image_file, \

@@ -10,7 +10,8 @@ folder (or Hub repo) samples on its own:
     README.md                     model card
 
 Loading is offline-first: a local folder; else the file in the Hugging Face cache; else, unless HF_HUB_OFFLINE
-is set, a download. A miss names the repo and the cache. Weights are read with safetensors (no pickle runs) and
+is set, a download. A miss names the repo and the cache. Weights are read with safetensors (no pickle runs), checked
+against the digest that `save_weights` records in the file's metadata (files without one load as they are), and
 loaded strictly by the checked loaders of models/loading.py and models/tokenizer.py.
 """
 import dataclasses
@@ -23,10 +24,12 @@ from typing import Any
 import torch
 from huggingface_hub import ModelCard, PyTorchModelHubMixin
 from huggingface_hub import constants as hf_constants
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from models.loading import hf_offline, load_mvar, resolve_checkpoint, vae_from_state_dict
+from models.loading import DIGEST_KEY, check_digest, hf_offline, load_mvar, resolve_checkpoint, vae_from_state_dict, \
+    weights_digest
 from models.mvar import MVAR, MVARConfig
 from models.tokenizer import VQVAE
 
@@ -82,18 +85,25 @@ class HubSource:
         return json.loads(self.file(name).read_text())
 
     def weights(self, name: str) -> dict[str, torch.Tensor]:
-        return load_file(self.file(name), device="cpu")
+        """The tensors of the safetensors file `name`, checked against the digest in its metadata."""
+        path = self.file(name)
+        state = load_file(path, device="cpu")
+        with safe_open(path, "pt") as f:
+            recorded = (f.metadata() or {}).get(DIGEST_KEY)
+        if recorded is not None:
+            check_digest(state, recorded, f"{self.flag}={self.source}: {path}")
+        return state
 
     def __str__(self) -> str:
         return self.source
 
 
 def save_weights(module: nn.Module, folder: Path, config: dict[str, Any]) -> None:
-    """config.json + model.safetensors of `module` into `folder`."""
+    """config.json + model.safetensors (with the digest of its tensors in the metadata) of `module` into `folder`."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     state_dict = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
-    save_file(state_dict, folder / WEIGHTS_FILE, metadata={"format": "pt"})
+    save_file(state_dict, folder / WEIGHTS_FILE, metadata={"format": "pt", DIGEST_KEY: weights_digest(state_dict)})
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -6,8 +6,9 @@ Layout (after DiT's sample_ddp.py, with deterministic classes and resumption):
 - The index range is cut into chunks of `batch_size` consecutive indices (the last one may be shorter); chunk c is
   one generation batch seeded with `chunk_seed(seed, c)` and belongs to rank c % world_size. The images depend on
   (settings, seed, batch_size) only, not on the number of ranks nor on interruptions.
-- Binding: settings.json records a content hash of the M-VAR and tokenizer weights (`weights_digest`); a dump
-  folder made from other weights (another run, or the same run trained further) is refused, naming which differ.
+- Binding: settings.json records a content hash of the M-VAR and tokenizer weights (models.loading.weights_digest);
+  a dump folder made from other weights (another run, or the same run trained further) is refused, naming which
+  differ.
 - Resuming: a rank regenerates a chunk only if one of its PNGs is missing or does not decode, and writes only
   those files. PNGs are written to a temporary name and renamed, so a killed run leaves no half-written PNG.
 - Packing (rank 0, after a barrier): the N PNGs are copied in index order into a memory-mapped `.npy`
@@ -15,7 +16,6 @@ Layout (after DiT's sample_ddp.py, with deterministic classes and resumption):
   what `np.load(path)["arr_0"]` (OpenAI's guided-diffusion evaluator) reads, uint8 (N, H, W, 3). Peak disk use is
   twice the array (the `.npy` is deleted at the end); RAM stays at one image.
 """
-import hashlib
 import json
 import logging
 import math
@@ -24,10 +24,9 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 
 import numpy as np
-import torch
 from PIL import Image
 
 from utils.evaluation.fid import read_npz_header
@@ -110,17 +109,6 @@ def fid_folder_name(ckpt: str, cfg: float, top_k: int, top_p: float, seed: int, 
     stem = Path(str(ckpt)).stem or "model"
     name = f"{stem}-cfg{cfg:g}-topk{top_k}-topp{top_p:g}-seed{seed}-n{num_per_class}"
     return name + ("-smooth" if more_smooth else "")
-
-
-def weights_digest(state: Mapping[str, torch.Tensor]) -> str:
-    """Content hash (BLAKE2b, 128 bits) of a state dict's names, dtypes, shapes and bytes: exact, on one CPU core
-    (0.3-1 GB/s, seconds for a large model: small next to a dump)."""
-    h = hashlib.blake2b(digest_size=16)
-    for name in sorted(state):
-        t = state[name].detach()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-    return h.hexdigest()
 
 
 def check_or_write_settings(folder: Path, settings: dict[str, Any]) -> None:
