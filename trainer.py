@@ -21,6 +21,7 @@ from models.loading import CheckpointError
 from models.mvar import MVAR, MVARConfig
 from models.precision import effective_amp_dtype
 from models.tokenizer import VQVAE, VQVAEConfig
+from utils.run.divergence import DivergenceGuard
 from utils.run.log import Averager
 from utils.run.rng import gather_rng_states, restore_rng_states
 from utils.run.schedule import Schedule, SchedulePoint, set_lr_wd
@@ -33,7 +34,8 @@ AMP_DTYPES = {0: None, 1: torch.float16, 2: torch.bfloat16}
 
 
 class NonFiniteError(RuntimeError):
-    """Too many optimizer steps in a row had a non-finite loss or gradient."""
+    """Too many optimizer steps in a row were bad: a non-finite loss or gradient, or a diverged loss
+    (utils.run.divergence)."""
 
 
 def param_groups(model: nn.Module) -> list[dict]:
@@ -88,11 +90,13 @@ class Trainer:
     iteration in `scheduled_step` (steps driven by `micro_step` directly keep the lr given here).
     fp16: 0 fp32, 1 fp16 autocast + GradScaler, 2 bf16 autocast (fp32, with one log line, on a CPU without bf16
     instructions, where bf16 is emulated and slower). The tokenizer always runs in fp32 outside autocast.
+    max_nonfinite / diverge_tol: bad optimizer steps (`DivergenceGuard` with tolerance `diverge_tol`) are skipped;
+    `max_nonfinite` of them in a row raise NonFiniteError.
     """
 
     def __init__(self, vae: VQVAE | None, model: nn.Module, device: torch.device, lr: float = 1e-4,
                  fused_adam: bool = True, schedule: Schedule | None = None, fp16: int = 0, tclip: float = 2.0,
-                 label_smooth: float = 0.0, ac: int = 1, max_nonfinite: int = 20):
+                 label_smooth: float = 0.0, ac: int = 1, max_nonfinite: int = 20, diverge_tol: float = 10.0):
         self.vae, self.model, self.device, self.schedule = vae, model, device, schedule
         self.mvar: MVAR = dist.unwrap_model(model)
         self.optimizer = build_optimizer(self.mvar, lr, fused=fused_adam)
@@ -100,7 +104,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type, init_scale=2.0**11, growth_interval=1000) \
             if fp16 == 1 else None
         self.tclip, self.label_smooth, self.ac, self.max_nonfinite = tclip, label_smooth, ac, max_nonfinite
-        self.nonfinite_in_a_row = 0
+        self.guard = DivergenceGuard(diverge_tol)
         self.params = [p for p in self.mvar.parameters() if p.requires_grad]
         self.seg_lens = [pn * pn for pn in self.mvar.patch_nums]
         self.resos = [pn * vae.downsample for pn in self.mvar.patch_nums] if vae is not None else None
@@ -147,7 +151,7 @@ class Trainer:
                    prog_si: int = -1, prog_wp: float = 1.0) -> StepResult:
         """One micro-step: forward, backward (loss / ac) and, when `stepping`, unscale, clip, optimizer step.
 
-        Gradients are synchronised across ranks only on stepping micro-steps. A non-finite gradient norm skips
+        Gradients are synchronised across ranks only on stepping micro-steps. A bad step (`optimizer_step`) skips
         the update (and zeroes the gradients); `max_nonfinite` such steps in a row raise NonFiniteError.
         """
         gt_BL, x_BLCv = self.tokenize(inp_B3HW)
@@ -168,33 +172,42 @@ class Trainer:
         return result
 
     def optimizer_step(self, result: StepResult) -> None:
-        """The end of an accumulation window: unscale (fp16), clip, optimizer step (skipped when non-finite), zero
-        the gradients; records the grad norm (and loss scale) in `result`."""
+        """The end of an accumulation window: unscale (fp16), clip, optimizer step unless the step is bad, zero the
+        gradients; records the grad norm (and loss scale) in `result`. Bad: `self.guard` judges the grad norm and
+        the micro-step's loss averaged over the ranks (so all ranks agree)."""
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         norm = nn.utils.clip_grad_norm_(self.params, self.tclip if self.tclip > 0 else math.inf)
         if hasattr(norm, "full_tensor"):  # DTensor under FSDP2
             norm = norm.full_tensor()
         result.grad_norm = norm.item()
-        finite = math.isfinite(result.grad_norm)
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)  # skips the update itself when it found inf/nan
+        reason = self.guard.update(dist.all_reduce_mean(result.loss.clone()).item(), math.isfinite(result.grad_norm))
+        if reason is None and self.scaler is None:
+            self.optimizer.step()
+        elif reason is None:
+            self.scaler.step(self.optimizer)
+        if self.scaler is not None:  # its unscale_ recorded whether the gradients were finite
             self.scaler.update(new_scale=32768.0 if self.scaler.get_scale() > 32768.0 else None)
             result.loss_scale = self.scaler.get_scale()
-        elif finite:
-            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if finite:
-            self.nonfinite_in_a_row = 0
+        if reason is None:
             return
         result.skipped = True
-        self.nonfinite_in_a_row += 1
-        logger.warning("non-finite loss/gradient (grad norm %s, loss %s): optimizer step skipped (%d in a row)",
-                       result.grad_norm, result.loss.item(), self.nonfinite_in_a_row)
-        if self.nonfinite_in_a_row >= self.max_nonfinite:
-            raise NonFiniteError(f"{self.nonfinite_in_a_row} optimizer steps in a row had a non-finite loss or "
-                                 f"gradient (--max_nonfinite={self.max_nonfinite}): stopping. The last checkpoint "
-                                 f"is intact; lower --tblr, raise --tclip or use --fp16=2 (bf16).")
+        logger.warning("%s (grad norm %s): optimizer step skipped (%d in a row)", reason, result.grad_norm,
+                       self.guard.bad_in_a_row)
+        if self.guard.bad_in_a_row >= self.max_nonfinite:
+            raise NonFiniteError(f"{self.guard.bad_in_a_row} optimizer steps in a row were bad (the last: {reason}; "
+                                 f"--max_nonfinite={self.max_nonfinite}, --diverge_tol={self.guard.tol:g}): stopping; "
+                                 f"lower --tblr, raise --tclip or use --fp16=2 (bf16).")
+
+    def save_blocker(self) -> str | None:
+        """Why the current weights must not be checkpointed (None: they may): the last optimizer step was bad, or
+        a weight is non-finite. Collective: all ranks agree."""
+        if not self.guard.healthy:
+            return "the last optimizer step was bad"
+        local = [p.to_local() if hasattr(p, "to_local") else p for p in self.params]  # DTensor shards under FSDP2
+        n_bad = torch.stack([~torch.isfinite(p).all() for p in local]).sum().float()
+        return "a weight is non-finite" if dist.all_reduce_sum(n_bad).item() > 0 else None
 
     def discard_partial_window(self) -> None:
         """Drop the gradients of an accumulation window that will not be completed (the end of training)."""
@@ -275,13 +288,13 @@ class Trainer:
         return {"model": dist.full_model_state_dict(self.model),
                 "optimizer": dist.full_optimizer_state_dict(self.model, self.optimizer),
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-                "nonfinite_in_a_row": self.nonfinite_in_a_row}
+                "guard": self.guard.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         dist.load_full_state(self.model, state["model"], self.optimizer, state["optimizer"])
         if self.scaler is not None and state.get("scaler") is not None:
             self.scaler.load_state_dict(state["scaler"])
-        self.nonfinite_in_a_row = state.get("nonfinite_in_a_row", 0)
+        self.guard.load_state_dict(state.get("guard", {}))  # older checkpoints: a fresh guard
 
     def checkpoint(self, **position: Any) -> dict[str, Any]:
         """Everything a resume needs (collective: FSDP2 gathers, every rank's RNG state is gathered); `position`

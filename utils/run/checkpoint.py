@@ -209,8 +209,9 @@ class RunFolder:
 
     def set_aside(self, kind: str) -> Path | None:
         """Collective: writers rename the newest checkpoint (`find_resume`) to `<prefix>-<kind>.pth`, so that a
-        relaunch resumes from the one before it -> its new name (None: the folder had none)."""
-        path = self.find_resume()
+        relaunch resumes from the one before it -> its new name (None: the folder had none). After a resume past a
+        damaged `-last`, that is `-prev`."""
+        path = self.prev if self.last_damaged else self.find_resume()
         aside = None if path is None else self.dir / f"{self.prefix}-{kind}.pth"
         if self.writer and aside is not None:
             os.replace(path, aside)
@@ -221,8 +222,8 @@ class RunFolder:
         """Where a relaunch would resume, in words (the file is read and its digest checked)."""
         path = self.find_resume()
         if path is None:
-            return f"a relaunch starts from scratch ({self.dir} holds no checkpoint)"
+            return f"A relaunch starts from scratch ({self.dir} holds no checkpoint)"
         try:
-            return f"a relaunch resumes from {path} ({position_text(load_checkpoint(path))})"
+            return f"A relaunch resumes from {path} ({position_text(load_checkpoint(path))})"
         except CheckpointError as e:
-            return f"a relaunch finds {e}"
+            return f"A relaunch finds {e}"
