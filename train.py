@@ -12,6 +12,7 @@ import logging
 import math
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torchvision.utils
@@ -22,7 +23,7 @@ from models.loading import DERIVED_KEYS, load_checkpoint, load_state_dict_checke
 from models.mvar import MVAR, MVARConfig
 from models.tokenizer import VQVAE
 from trainer import NonFiniteError, StepResult, Trainer
-from utils.data.loaders import build_datasets, build_loaders
+from utils.data.loaders import build_datasets, build_loaders, class_names
 from utils.flags import finalize_args, parse_args
 from utils.run.checkpoint import RunFolder
 from utils.run.log import TBLogger, setup_logging
@@ -89,8 +90,8 @@ class Checkpointer:
     weight is non-finite: `Trainer.save_blocker`) for the next good step. When bad steps stop the run before a good
     step has run from the newest checkpoint's weights, that checkpoint is set aside (`diverged`)."""
 
-    def __init__(self, folder: RunFolder, trainer: Trainer, args: argparse.Namespace):
-        self.folder, self.trainer, self.args = folder, trainer, args
+    def __init__(self, folder: RunFolder, trainer: Trainer, args: argparse.Namespace, data: dict[str, Any]):
+        self.folder, self.trainer, self.args, self.data = folder, trainer, args, data
         self.last_save, self.pending = time.time(), False
         self.tested = False  # a good optimizer step has run from the newest checkpoint's weights
         self.blocked = False  # the pending save was refused (logged once)
@@ -121,8 +122,8 @@ class Checkpointer:
                                epoch, it, blocker)
             self.pending = self.blocked = True
             return time.time() - t0
-        self.folder.save(self.trainer.checkpoint(epoch=epoch, iter=it, args=vars(self.args), best_val=best_val),
-                         best=best)
+        self.folder.save(self.trainer.checkpoint(epoch=epoch, iter=it, args=vars(self.args), best_val=best_val,
+                                                 data=self.data), best=best)
         self.last_save, self.pending, self.blocked, self.tested = time.time(), False, False, False
         if self.preemption.requested() and (epoch, it) < (self.args.ep, 0):
             self.preemption.exit(f"at epoch {epoch}, iteration {it}: checkpoint {self.folder.last} saved")
@@ -240,12 +241,13 @@ def main(args: argparse.Namespace) -> None:
     trainer = Trainer(vae, dist.wrap_model(mvar, device, fsdp=args.fsdp), device, lr=args.tlr, fused_adam=args.afuse,
                       schedule=build_schedule(args, iters), fp16=args.fp16, tclip=args.tclip, label_smooth=args.ls,
                       ac=args.ac, max_nonfinite=args.max_nonfinite, diverge_tol=args.diverge_tol)
+    data = {"classes": class_names(train_set), "train_images": len(train_set)}  # checked on resume
     start_ep, start_it, best_val = (0, 0, math.inf) if ckpt is None else \
-        trainer.resume(ckpt, resume_path, args.glb_batch_size)
+        trainer.resume(ckpt, resume_path, vars(args), data)
     del ckpt
 
     # loop
-    tb, saver = TBLogger(folder.dir / "tb", enabled=dist.is_main_process()), Checkpointer(folder, trainer, args)
+    tb, saver = TBLogger(folder.dir / "tb", enabled=dist.is_main_process()), Checkpointer(folder, trainer, args, data)
     for ep in range(start_ep, args.ep):
         sampler.set_epoch(ep, start_it if ep == start_ep else 0)
         t_log = time.time()  # validation, sampling and saving do not count against img/s

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import dist
-from models.loading import CheckpointError
+from models.loading import CheckpointError, weights_digest
 from models.mvar import MVAR, MVARConfig
 from models.precision import effective_amp_dtype
 from models.tokenizer import VQVAE, VQVAEConfig
@@ -67,6 +67,30 @@ def build_optimizer(model: nn.Module, lr: float, fused: bool = True) -> torch.op
     on_cuda = next(model.parameters()).is_cuda
     return torch.optim.AdamW(param_groups(model), lr=lr, weight_decay=0.0, betas=(0.9, 0.95),
                              fused=True if fused and on_cuda else None)
+
+
+def data_problems(old: dict[str, Any] | None, new: dict[str, Any], mid_epoch: bool) -> list[str]:
+    """What makes a resume on the data `new` wrong, given the checkpoint's `old` (None: not recorded) ->
+    `check_resumable` problems. Other class names (a renamed folder permutes the labels) always; another number
+    of training images only mid-epoch, where the position would be meaningless (at an epoch end it is logged)."""
+    if old is None:
+        return []
+    problems = []
+    if old["classes"] != new["classes"]:
+        gone = [c for c in old["classes"] if c not in new["classes"]]
+        added = [c for c in new["classes"] if c not in old["classes"]]
+        what = f"only in the checkpoint {gone[:5]}, only in this run {added[:5]}" if gone or added else \
+            "the same names in another order"
+        problems.append(f"the class names differ ({what}): the labels would not mean the same classes")
+    if old["train_images"] != new["train_images"]:
+        change = (f"the training set has {new['train_images']} images, {old['train_images']} when the checkpoint "
+                  f"was written")
+        if mid_epoch:
+            problems.append(f"{change}: a mid-epoch position needs the same data (restore it, or resume from a "
+                            f"checkpoint at an epoch end)")
+        else:
+            logger.warning("%s: epochs now follow the new size", change)
+    return problems
 
 
 @dataclass
@@ -298,16 +322,18 @@ class Trainer:
 
     def checkpoint(self, **position: Any) -> dict[str, Any]:
         """Everything a resume needs (collective: FSDP2 gathers, every rank's RNG state is gathered); `position`
-        (epoch, iter: the next iteration to run; args; best_val) is stored alongside."""
+        (epoch, iter: the next iteration to run; args; best_val; data: {"classes": names, "train_images": count})
+        is stored alongside."""
         state = self.state_dict()
         return {"config": dataclasses.asdict(self.mvar.config), "model": state.pop("model"),
                 "vae_config": dataclasses.asdict(self.vae.config), "vae": self.vae.state_dict(), "trainer": state,
                 "rng": gather_rng_states(), **position}
 
-    def resume(self, ckpt: dict[str, Any], path: Path, glb_batch_size: int) -> tuple[int, int, float]:
-        """Load a `checkpoint` of this run's setup (CheckpointError naming `path` otherwise) and restore this rank's
-        RNG state -> (epoch, iteration, best val loss) to continue from."""
-        self.check_resumable(ckpt, path, glb_batch_size)
+    def resume(self, ckpt: dict[str, Any], path: Path, args: dict[str, Any],
+               data: dict[str, Any]) -> tuple[int, int, float]:
+        """Load a `checkpoint` of this run's setup (`check_resumable`) and restore this rank's RNG state ->
+        (epoch, iteration, best val loss) to continue from."""
+        self.check_resumable(ckpt, path, args, data)
         try:
             self.load_state_dict({**ckpt["trainer"], "model": ckpt["model"]})
         except Exception as e:
@@ -316,8 +342,10 @@ class Trainer:
         logger.info("resumed from %s at epoch %d, iteration %d", path, ckpt["epoch"], ckpt["iter"])
         return ckpt["epoch"], ckpt["iter"], ckpt.get("best_val", math.inf)
 
-    def check_resumable(self, ckpt: dict[str, Any], path: Path, glb_batch_size: int) -> None:
-        """Raise CheckpointError naming `path` when the checkpoint does not belong to this run's setup."""
+    def check_resumable(self, ckpt: dict[str, Any], path: Path, args: dict[str, Any], data: dict[str, Any]) -> None:
+        """Raise CheckpointError naming `path` when the checkpoint does not belong to this run's setup: its flags
+        `args` and `data` (as `checkpoint` stores them) against the checkpoint's. Checkpoints written before the
+        data were recorded are not checked for them."""
         missing = [k for k in ("config", "model", "vae_config", "trainer", "epoch", "iter", "args", "rng")
                    if k not in ckpt]
         if missing:
@@ -328,8 +356,17 @@ class Trainer:
         problems += [f"model {k}: checkpoint {old[k]!r}, this run {v!r}" for k, v in new.items() if old[k] != v]
         if VQVAEConfig(**ckpt["vae_config"]) != self.vae.config:
             problems.append("the tokenizer config differs (--vae_ckpt)")
-        if ckpt["iter"] > 0 and ckpt["args"]["glb_batch_size"] != glb_batch_size:
-            problems.append(f"global micro-batch {ckpt['args']['glb_batch_size']} vs {glb_batch_size} (--bs/--ac): a "
-                            f"mid-epoch position needs the same batch")
+        elif (theirs := weights_digest(ckpt["vae"])) != (ours := weights_digest(self.vae.state_dict())):
+            other = (f"the tokenizer weights differ: the checkpoint embeds those of --vae_ckpt="
+                     f"{ckpt['args'].get('vae_ckpt')} (digest {theirs}), this run loaded --vae_ckpt="
+                     f"{args['vae_ckpt']} (digest {ours})")
+            if args["allow_other_tokenizer"]:
+                logger.warning("%s: continuing with this run's (--allow_other_tokenizer)", other)
+            else:
+                problems.append(f"{other}; pass --allow_other_tokenizer if this is meant")
+        if ckpt["iter"] > 0 and ckpt["args"]["glb_batch_size"] != args["glb_batch_size"]:
+            problems.append(f"global micro-batch {ckpt['args']['glb_batch_size']} vs {args['glb_batch_size']} "
+                            f"(--bs/--ac): a mid-epoch position needs the same batch")
+        problems += data_problems(ckpt.get("data"), data, mid_epoch=ckpt["iter"] > 0)
         if problems:
             raise CheckpointError(f"checkpoint {path} is incompatible with this run: " + "; ".join(problems))

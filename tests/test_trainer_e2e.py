@@ -226,6 +226,52 @@ def test_incompatible_checkpoint_names_file_and_field(setup, reference_run):
     assert "backend" not in proc.stderr  # the kernels (--fuse) may change between runs
 
 
+def test_resume_with_another_tokenizer_of_the_same_shape_is_refused_unless_meant(setup, reference_run):
+    """The checkpoint embeds its tokenizer: --vae_ckpt with the same config but other weights is refused, naming
+    both files, unless --allow_other_tokenizer says it is meant."""
+    ref_out, _ = reference_run
+    out = setup / "other_tokenizer"
+    shutil.copytree(ref_out, out)
+    other = torch.load(setup / "vae.pth", weights_only=True)
+    other["vae"] = {k: v + 0.01 if v.is_floating_point() else v for k, v in other["vae"].items()}
+    torch.save(other, setup / "other_vae.pth")
+    flags = ("--ep=3", "--drop_path_rate=0.1", f"--vae_ckpt={setup / 'other_vae.pth'}")  # the run's model
+    proc = run_train(setup, out, *flags, check=False)
+    assert proc.returncode != 0 and f"checkpoint {out / LAST} is incompatible" in proc.stderr
+    assert "tokenizer weights differ" in proc.stderr and "--allow_other_tokenizer" in proc.stderr
+    assert f"--vae_ckpt={setup / 'vae.pth'}" in proc.stderr and f"--vae_ckpt={setup / 'other_vae.pth'}" in proc.stderr
+    proc = run_train(setup, out, *flags, "--allow_other_tokenizer")
+    assert "continuing with this run's (--allow_other_tokenizer)" in proc.stdout
+
+
+def test_resume_with_renamed_classes_or_more_images_mid_epoch_is_refused(setup, reference_run):
+    """Checkpoints record the class names and the number of training images: a renamed class folder (which
+    permutes the labels) is refused naming the names; a grown training set is refused mid-epoch (before: resumed
+    silently, or `start_it outside` when it shrank)."""
+    ref_out, _ = reference_run
+    data = setup / "data_changed"
+    shutil.copytree(setup / "data", data)
+    for split in ("train", "val"):
+        (data / split / "class0").rename(data / split / "classX")
+    out = setup / "renamed_classes"
+    shutil.copytree(ref_out, out)
+    proc = run_train(setup, out, "--ep=3", "--drop_path_rate=0.1", f"--data_path={data}", check=False)
+    assert proc.returncode != 0 and f"checkpoint {out / LAST} is incompatible with this run: the class names" \
+        " differ (only in the checkpoint ['class0'], only in this run ['classX'])" in proc.stderr
+
+    for split in ("train", "val"):
+        (data / split / "classX").rename(data / split / "class0")
+    for i in range(4):
+        shutil.copy(data / "train" / "class1" / "0.png", data / "train" / "class1" / f"extra{i}.png")
+    out = setup / "grown_data"
+    out.mkdir()
+    shutil.copy(ref_out / PREV, out / LAST)
+    assert torch.load(out / LAST, weights_only=True)["iter"] > 0  # a mid-epoch checkpoint
+    proc = run_train(setup, out, "--drop_path_rate=0.1", f"--data_path={data}", check=False)
+    assert proc.returncode != 0 and "incompatible with this run: the training set has 28 images, 24 when the " \
+        "checkpoint was written: a mid-epoch position" in proc.stderr
+
+
 def test_partial_accumulation_window_still_saves(setup):
     """--ac=2 with 5 iterations: --save_every=3 falls on a non-stepping micro-step and is taken at the window's end
     (iter 4); the run ends inside a window, whose micro-step is discarded, and still writes its final and best
