@@ -12,6 +12,7 @@ import logging
 import math
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torchvision.utils
@@ -21,8 +22,8 @@ from models import backends
 from models.loading import DERIVED_KEYS, CheckpointError, load_checkpoint, load_state_dict_checked, load_vae
 from models.mvar import MVAR, MVARConfig
 from models.tokenizer import VQVAE
-from trainer import Trainer
-from utils.data.loaders import build_datasets, build_loaders
+from trainer import NonFiniteError, StepResult, Trainer
+from utils.data.loaders import build_datasets, build_loaders, class_names
 from utils.evaluation.during_training import TrainingEval
 from utils.flags import changed_flags, finalize_args, parse_args
 from utils.run.checkpoint import RunFolder
@@ -88,12 +89,16 @@ def build_schedule(args: argparse.Namespace, iters_per_epoch: int) -> Schedule:
 class Checkpointer:
     """train.py's saves: mid-epoch every --save_every iterations and every --save_every_min minutes (rank 0's
     clock decides for everyone), at epoch end, and on SIGTERM/SIGINT (then the process exits: utils.run.preemption);
-    a save due inside an accumulation window waits for its end."""
+    a save due inside an accumulation window waits for its end, one due while the last optimizer step was bad (or a
+    weight is non-finite: `Trainer.save_blocker`) for the next good step. When bad steps stop the run before a good
+    step has run from the newest checkpoint's weights, that checkpoint is set aside (`diverged`)."""
 
-    def __init__(self, folder: RunFolder, trainer: Trainer, args: argparse.Namespace,
+    def __init__(self, folder: RunFolder, trainer: Trainer, args: argparse.Namespace, data: dict[str, Any],
                  evaluator: TrainingEval | None = None):
-        self.folder, self.trainer, self.args, self.evaluator = folder, trainer, args, evaluator
+        self.folder, self.trainer, self.args, self.data, self.evaluator = folder, trainer, args, data, evaluator
         self.last_save, self.pending = time.time(), False
+        self.tested = False  # a good optimizer step has run from the newest checkpoint's weights
+        self.blocked = False  # the pending save was refused (logged once)
         self.preemption = Preemption()
 
     def due(self, g_it: int, log_step: bool) -> bool:
@@ -105,17 +110,37 @@ class Checkpointer:
         self.pending |= self.preemption.requested()
         return self.pending
 
+    def step_done(self, res: StepResult) -> None:
+        """Note a finished micro-step: a good optimizer step tests the newest checkpoint's weights."""
+        self.tested |= res.stepped and not res.skipped
+
     def save(self, epoch: int, it: int, best_val: float, best: bool = False) -> float:
         """Collective save at position (epoch, it: the next iteration to run) -> the seconds it took; exits after
-        it when a signal asked to stop and training is not over."""
+        it when a signal asked to stop and training is not over. Postponed (stays pending) when
+        `Trainer.save_blocker` objects."""
         t0 = time.time()
+        blocker = self.trainer.save_blocker()
+        if blocker is not None:
+            if not self.blocked:
+                logger.warning("checkpoint at epoch %d, iteration %d not saved: %s (the next good step saves)",
+                               epoch, it, blocker)
+            self.pending = self.blocked = True
+            return time.time() - t0
         curve = {"eval_history": self.evaluator.history} if self.evaluator else {}
         self.folder.save(self.trainer.checkpoint(epoch=epoch, iter=it, args=vars(self.args), best_val=best_val,
-                                                 **curve), best=best)
-        self.last_save, self.pending = time.time(), False
+                                                 data=self.data, **curve), best=best)
+        self.last_save, self.pending, self.blocked, self.tested = time.time(), False, False, False
         if self.preemption.requested() and (epoch, it) < (self.args.ep, 0):
             self.preemption.exit(f"at epoch {epoch}, iteration {it}: checkpoint {self.folder.last} saved")
         return self.last_save - t0
+
+    def diverged(self, error: NonFiniteError) -> NonFiniteError:
+        """`error` (bad steps stopped the run), saying which checkpoint a relaunch resumes from, after setting the
+        newest one aside as `-diverged` if no good step ran from its weights. Collective."""
+        aside = None if self.tested else self.folder.set_aside("diverged")
+        note = f" The newest checkpoint held the weights the bad steps started from: moved to {aside}." if aside else ""
+        resume = dist.broadcast_object(self.folder.resume_point() if dist.is_main_process() else None)
+        return NonFiniteError(f"{error}{note} {resume}.")
 
     def close(self) -> None:
         self.preemption.close()
@@ -229,9 +254,10 @@ def main(args: argparse.Namespace) -> None:
     iters = sampler.iters_per_epoch
     trainer = Trainer(vae, dist.wrap_model(mvar, device, fsdp=args.fsdp), device, lr=args.tlr, fused_adam=args.afuse,
                       schedule=build_schedule(args, iters), fp16=args.fp16, tclip=args.tclip, label_smooth=args.ls,
-                      ac=args.ac, max_nonfinite=args.max_nonfinite)
+                      ac=args.ac, max_nonfinite=args.max_nonfinite, diverge_tol=args.diverge_tol)
+    data = {"classes": class_names(train_set), "train_images": len(train_set)}  # checked on resume
     start_ep, start_it, best_val = (0, 0, math.inf) if ckpt is None else \
-        trainer.resume(ckpt, resume_path, args.glb_batch_size)
+        trainer.resume(ckpt, resume_path, vars(args), data)
     evaluator = None
     if args.eval_every:
         evaluator = TrainingEval(net=args.eval_net, n=args.eval_n, seed=args.seed, cfg=args.eval_cfg,
@@ -242,13 +268,17 @@ def main(args: argparse.Namespace) -> None:
 
     # loop
     tb = TBLogger(folder.dir / "tb", enabled=dist.is_main_process())
-    saver = Checkpointer(folder, trainer, args, evaluator)
+    saver = Checkpointer(folder, trainer, args, data, evaluator)
     for ep in range(start_ep, args.ep):
         sampler.set_epoch(ep, start_it if ep == start_ep else 0)
         t_log = time.time()  # validation, sampling and saving do not count against img/s
         for it, (inp_B3HW, label_B) in enumerate(train_loader, start=sampler.start_it):
             g_it = ep * iters + it
-            res = trainer.scheduled_step(inp_B3HW, label_B, g_it)
+            try:
+                res = trainer.scheduled_step(inp_B3HW, label_B, g_it)
+            except NonFiniteError as e:
+                raise saver.diverged(e) from None
+            saver.step_done(res)
             log_step = (it + 1) % args.log_every == 0 or it + 1 == iters
             if log_step:
                 log_progress(tb, trainer.pop_metrics(time.time() - t_log), args, ep, it, iters, g_it)
@@ -259,11 +289,14 @@ def main(args: argparse.Namespace) -> None:
         best_val = end_epoch(ep, iters, args, trainer, val_loader, tb, saver, mvar, best_val)
     tb.close()
     saver.close()
+    if saver.blocked:
+        logger.warning("the final checkpoint was not saved (see above): %s is the last one", folder.find_resume())
     logger.info("training finished: %d epochs, best val loss %.4f", args.ep, best_val)
 
 
 if __name__ == "__main__":
     try:
         dist.run_then_finalize(main, parse_args())
-    except (CheckpointError, RunLockError) as e:  # a file or folder that does not fit: no traceback
+    except (CheckpointError, RunLockError, NonFiniteError) as e:  # a file or folder that does not fit, a diverged
+        # run (its message says which checkpoint is intact): no traceback
         raise SystemExit(f"error: {e}") from e

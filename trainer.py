@@ -17,10 +17,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import dist
-from models.loading import CheckpointError
+from models.loading import CheckpointError, weights_digest
 from models.mvar import MVAR, MVARConfig
 from models.precision import effective_amp_dtype
 from models.tokenizer import VQVAE, VQVAEConfig
+from utils.run.divergence import DivergenceGuard
 from utils.run.log import Averager
 from utils.run.rng import gather_rng_states, restore_rng_states
 from utils.run.schedule import Schedule, SchedulePoint, set_lr_wd
@@ -33,7 +34,8 @@ AMP_DTYPES = {0: None, 1: torch.float16, 2: torch.bfloat16}
 
 
 class NonFiniteError(RuntimeError):
-    """Too many optimizer steps in a row had a non-finite loss or gradient."""
+    """Too many optimizer steps in a row were bad: a non-finite loss or gradient, or a diverged loss
+    (utils.run.divergence)."""
 
 
 def param_groups(model: nn.Module) -> list[dict]:
@@ -67,6 +69,30 @@ def build_optimizer(model: nn.Module, lr: float, fused: bool = True) -> torch.op
                              fused=True if fused and on_cuda else None)
 
 
+def data_problems(old: dict[str, Any] | None, new: dict[str, Any], mid_epoch: bool) -> list[str]:
+    """What makes a resume on the data `new` wrong, given the checkpoint's `old` (None: not recorded) ->
+    `check_resumable` problems. Other class names (a renamed folder permutes the labels) always; another number
+    of training images only mid-epoch, where the position would be meaningless (at an epoch end it is logged)."""
+    if old is None:
+        return []
+    problems = []
+    if old["classes"] != new["classes"]:
+        gone = [c for c in old["classes"] if c not in new["classes"]]
+        added = [c for c in new["classes"] if c not in old["classes"]]
+        what = f"only in the checkpoint {gone[:5]}, only in this run {added[:5]}" if gone or added else \
+            "the same names in another order"
+        problems.append(f"the class names differ ({what}): the labels would not mean the same classes")
+    if old["train_images"] != new["train_images"]:
+        change = (f"the training set has {new['train_images']} images, {old['train_images']} when the checkpoint "
+                  f"was written")
+        if mid_epoch:
+            problems.append(f"{change}: a mid-epoch position needs the same data (restore it, or resume from a "
+                            f"checkpoint at an epoch end)")
+        else:
+            logger.warning("%s: epochs now follow the new size", change)
+    return problems
+
+
 @dataclass
 class StepResult:
     """What one micro-step returns; tensors stay on the device (no sync) except the floats set when stepping."""
@@ -88,11 +114,13 @@ class Trainer:
     iteration in `scheduled_step` (steps driven by `micro_step` directly keep the lr given here).
     fp16: 0 fp32, 1 fp16 autocast + GradScaler, 2 bf16 autocast (fp32, with one log line, on a CPU without bf16
     instructions, where bf16 is emulated and slower). The tokenizer always runs in fp32 outside autocast.
+    max_nonfinite / diverge_tol: bad optimizer steps (`DivergenceGuard` with tolerance `diverge_tol`) are skipped;
+    `max_nonfinite` of them in a row raise NonFiniteError.
     """
 
     def __init__(self, vae: VQVAE | None, model: nn.Module, device: torch.device, lr: float = 1e-4,
                  fused_adam: bool = True, schedule: Schedule | None = None, fp16: int = 0, tclip: float = 2.0,
-                 label_smooth: float = 0.0, ac: int = 1, max_nonfinite: int = 20):
+                 label_smooth: float = 0.0, ac: int = 1, max_nonfinite: int = 20, diverge_tol: float = 10.0):
         self.vae, self.model, self.device, self.schedule = vae, model, device, schedule
         self.mvar: MVAR = dist.unwrap_model(model)
         self.optimizer = build_optimizer(self.mvar, lr, fused=fused_adam)
@@ -100,7 +128,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type, init_scale=2.0**11, growth_interval=1000) \
             if fp16 == 1 else None
         self.tclip, self.label_smooth, self.ac, self.max_nonfinite = tclip, label_smooth, ac, max_nonfinite
-        self.nonfinite_in_a_row = 0
+        self.guard = DivergenceGuard(diverge_tol)
         self.params = [p for p in self.mvar.parameters() if p.requires_grad]
         self.seg_lens = [pn * pn for pn in self.mvar.patch_nums]
         self.resos = [pn * vae.downsample for pn in self.mvar.patch_nums] if vae is not None else None
@@ -148,7 +176,7 @@ class Trainer:
                    prog_si: int = -1, prog_wp: float = 1.0) -> StepResult:
         """One micro-step: forward, backward (loss / ac) and, when `stepping`, unscale, clip, optimizer step.
 
-        Gradients are synchronised across ranks only on stepping micro-steps. A non-finite gradient norm skips
+        Gradients are synchronised across ranks only on stepping micro-steps. A bad step (`optimizer_step`) skips
         the update (and zeroes the gradients); `max_nonfinite` such steps in a row raise NonFiniteError.
         """
         gt_BL, x_BLCv = self.tokenize(inp_B3HW)
@@ -169,33 +197,42 @@ class Trainer:
         return result
 
     def optimizer_step(self, result: StepResult) -> None:
-        """The end of an accumulation window: unscale (fp16), clip, optimizer step (skipped when non-finite), zero
-        the gradients; records the grad norm (and loss scale) in `result`."""
+        """The end of an accumulation window: unscale (fp16), clip, optimizer step unless the step is bad, zero the
+        gradients; records the grad norm (and loss scale) in `result`. Bad: `self.guard` judges the grad norm and
+        the micro-step's loss averaged over the ranks (so all ranks agree)."""
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         norm = nn.utils.clip_grad_norm_(self.params, self.tclip if self.tclip > 0 else math.inf)
         if hasattr(norm, "full_tensor"):  # DTensor under FSDP2
             norm = norm.full_tensor()
         result.grad_norm = norm.item()
-        finite = math.isfinite(result.grad_norm)
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)  # skips the update itself when it found inf/nan
+        reason = self.guard.update(dist.all_reduce_mean(result.loss.clone()).item(), math.isfinite(result.grad_norm))
+        if reason is None and self.scaler is None:
+            self.optimizer.step()
+        elif reason is None:
+            self.scaler.step(self.optimizer)
+        if self.scaler is not None:  # its unscale_ recorded whether the gradients were finite
             self.scaler.update(new_scale=32768.0 if self.scaler.get_scale() > 32768.0 else None)
             result.loss_scale = self.scaler.get_scale()
-        elif finite:
-            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if finite:
-            self.nonfinite_in_a_row = 0
+        if reason is None:
             return
         result.skipped = True
-        self.nonfinite_in_a_row += 1
-        logger.warning("non-finite loss/gradient (grad norm %s, loss %s): optimizer step skipped (%d in a row)",
-                       result.grad_norm, result.loss.item(), self.nonfinite_in_a_row)
-        if self.nonfinite_in_a_row >= self.max_nonfinite:
-            raise NonFiniteError(f"{self.nonfinite_in_a_row} optimizer steps in a row had a non-finite loss or "
-                                 f"gradient (--max_nonfinite={self.max_nonfinite}): stopping. The last checkpoint "
-                                 f"is intact; lower --tblr, raise --tclip or use --fp16=2 (bf16).")
+        logger.warning("%s (grad norm %s): optimizer step skipped (%d in a row)", reason, result.grad_norm,
+                       self.guard.bad_in_a_row)
+        if self.guard.bad_in_a_row >= self.max_nonfinite:
+            raise NonFiniteError(f"{self.guard.bad_in_a_row} optimizer steps in a row were bad (the last: {reason}; "
+                                 f"--max_nonfinite={self.max_nonfinite}, --diverge_tol={self.guard.tol:g}): stopping; "
+                                 f"lower --tblr, raise --tclip or use --fp16=2 (bf16).")
+
+    def save_blocker(self) -> str | None:
+        """Why the current weights must not be checkpointed (None: they may): the last optimizer step was bad, or
+        a weight is non-finite. Collective: all ranks agree."""
+        if not self.guard.healthy:
+            return "the last optimizer step was bad"
+        local = [p.to_local() if hasattr(p, "to_local") else p for p in self.params]  # DTensor shards under FSDP2
+        n_bad = torch.stack([~torch.isfinite(p).all() for p in local]).sum().float()
+        return "a weight is non-finite" if dist.all_reduce_sum(n_bad).item() > 0 else None
 
     def discard_partial_window(self) -> None:
         """Drop the gradients of an accumulation window that will not be completed (the end of training)."""
@@ -276,27 +313,29 @@ class Trainer:
         return {"model": dist.full_model_state_dict(self.model),
                 "optimizer": dist.full_optimizer_state_dict(self.model, self.optimizer),
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-                "nonfinite_in_a_row": self.nonfinite_in_a_row, "train_seconds": self.train_seconds}
+                "guard": self.guard.state_dict(), "train_seconds": self.train_seconds}
 
     def load_state_dict(self, state: dict) -> None:
         dist.load_full_state(self.model, state["model"], self.optimizer, state["optimizer"])
         if self.scaler is not None and state.get("scaler") is not None:
             self.scaler.load_state_dict(state["scaler"])
-        self.nonfinite_in_a_row = state.get("nonfinite_in_a_row", 0)
+        self.guard.load_state_dict(state.get("guard", {}))  # older checkpoints: a fresh guard
         self.train_seconds = state.get("train_seconds", 0.0)
 
     def checkpoint(self, **position: Any) -> dict[str, Any]:
         """Everything a resume needs (collective: FSDP2 gathers, every rank's RNG state is gathered); `position`
-        (epoch, iter: the next iteration to run; args; best_val) is stored alongside."""
+        (epoch, iter: the next iteration to run; args; best_val; data: {"classes": names, "train_images": count})
+        is stored alongside."""
         state = self.state_dict()
         return {"config": dataclasses.asdict(self.mvar.config), "model": state.pop("model"),
                 "vae_config": dataclasses.asdict(self.vae.config), "vae": self.vae.state_dict(), "trainer": state,
                 "rng": gather_rng_states(), **position}
 
-    def resume(self, ckpt: dict[str, Any], path: Path, glb_batch_size: int) -> tuple[int, int, float]:
-        """Load a `checkpoint` of this run's setup (CheckpointError naming `path` otherwise) and restore this rank's
-        RNG state -> (epoch, iteration, best val loss) to continue from."""
-        self.check_resumable(ckpt, path, glb_batch_size)
+    def resume(self, ckpt: dict[str, Any], path: Path, args: dict[str, Any],
+               data: dict[str, Any]) -> tuple[int, int, float]:
+        """Load a `checkpoint` of this run's setup (`check_resumable`) and restore this rank's RNG state ->
+        (epoch, iteration, best val loss) to continue from."""
+        self.check_resumable(ckpt, path, args, data)
         try:
             self.load_state_dict({**ckpt["trainer"], "model": ckpt["model"]})
         except Exception as e:
@@ -305,8 +344,10 @@ class Trainer:
         logger.info("resumed from %s at epoch %d, iteration %d", path, ckpt["epoch"], ckpt["iter"])
         return ckpt["epoch"], ckpt["iter"], ckpt.get("best_val", math.inf)
 
-    def check_resumable(self, ckpt: dict[str, Any], path: Path, glb_batch_size: int) -> None:
-        """Raise CheckpointError naming `path` when the checkpoint does not belong to this run's setup."""
+    def check_resumable(self, ckpt: dict[str, Any], path: Path, args: dict[str, Any], data: dict[str, Any]) -> None:
+        """Raise CheckpointError naming `path` when the checkpoint does not belong to this run's setup: its flags
+        `args` and `data` (as `checkpoint` stores them) against the checkpoint's. Checkpoints written before the
+        data were recorded are not checked for them."""
         missing = [k for k in ("config", "model", "vae_config", "trainer", "epoch", "iter", "args", "rng")
                    if k not in ckpt]
         if missing:
@@ -317,8 +358,17 @@ class Trainer:
         problems += [f"model {k}: checkpoint {old[k]!r}, this run {v!r}" for k, v in new.items() if old[k] != v]
         if VQVAEConfig(**ckpt["vae_config"]) != self.vae.config:
             problems.append("the tokenizer config differs (--vae_ckpt)")
-        if ckpt["iter"] > 0 and ckpt["args"]["glb_batch_size"] != glb_batch_size:
-            problems.append(f"global micro-batch {ckpt['args']['glb_batch_size']} vs {glb_batch_size} (--bs/--ac): a "
-                            f"mid-epoch position needs the same batch")
+        elif (theirs := weights_digest(ckpt["vae"])) != (ours := weights_digest(self.vae.state_dict())):
+            other = (f"the tokenizer weights differ: the checkpoint embeds those of --vae_ckpt="
+                     f"{ckpt['args'].get('vae_ckpt')} (digest {theirs}), this run loaded --vae_ckpt="
+                     f"{args['vae_ckpt']} (digest {ours})")
+            if args["allow_other_tokenizer"]:
+                logger.warning("%s: continuing with this run's (--allow_other_tokenizer)", other)
+            else:
+                problems.append(f"{other}; pass --allow_other_tokenizer if this is meant")
+        if ckpt["iter"] > 0 and ckpt["args"]["glb_batch_size"] != args["glb_batch_size"]:
+            problems.append(f"global micro-batch {ckpt['args']['glb_batch_size']} vs {args['glb_batch_size']} "
+                            f"(--bs/--ac): a mid-epoch position needs the same batch")
+        problems += data_problems(ckpt.get("data"), data, mid_epoch=ckpt["iter"] > 0)
         if problems:
             raise CheckpointError(f"checkpoint {path} is incompatible with this run: " + "; ".join(problems))

@@ -10,7 +10,8 @@ folder (or Hub repo) samples on its own:
     README.md                     model card
 
 Loading is offline-first: a local folder; else the file in the Hugging Face cache; else, unless HF_HUB_OFFLINE
-is set, a download. A miss names the repo and the cache. Weights are read with safetensors (no pickle runs) and
+is set, a download. A miss names the repo and the cache. Weights are read with safetensors (no pickle runs), checked
+against the digest that `save_weights` records in the file's metadata (files without one load as they are), and
 loaded strictly by the checked loaders of models/loading.py and models/tokenizer.py. model.safetensors records
 the content hash of the tokenizer it was saved with (metadata `tokenizer_weights`): another tokenizer of the same
 shape (a replaced tokenizer/ folder, or one passed in) decodes the model's tokens into noise, so it is refused
@@ -32,8 +33,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from models.loading import CheckpointError, hf_offline, load_mvar, resolve_checkpoint, vae_from_state_dict, \
-    weights_digest
+from models.loading import DIGEST_KEY, CheckpointError, check_digest, hf_offline, load_mvar, resolve_checkpoint, \
+    vae_from_state_dict, weights_digest
 from models.mvar import MVAR, MVARConfig
 from models.tokenizer import VQVAE
 
@@ -96,7 +97,12 @@ class HubSource:
                                   "writes") from e
 
     def weights(self, name: str) -> dict[str, torch.Tensor]:
-        return self._read_safetensors(name, lambda path: load_file(path, device="cpu"))
+        """The tensors of the safetensors file `name`, checked against the digest in its metadata."""
+        state = self._read_safetensors(name, lambda path: load_file(path, device="cpu"))
+        recorded = self.metadata(name).get(DIGEST_KEY)
+        if recorded is not None:
+            check_digest(state, recorded, f"{self.flag}={self.source}: {self.file(name)}")
+        return state
 
     def metadata(self, name: str) -> dict[str, str]:
         """The string metadata in the header of the safetensors file `name`."""
@@ -119,11 +125,13 @@ class HubSource:
 
 def save_weights(module: nn.Module, folder: Path, config: dict[str, Any], metadata: dict[str, str] | None = None
                  ) -> None:
-    """config.json + model.safetensors of `module` into `folder` (`metadata`: more header entries)."""
+    """config.json + model.safetensors of `module` into `folder`, the digest of its tensors in the header
+    (`metadata`: more header entries)."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     state_dict = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
-    save_file(state_dict, folder / WEIGHTS_FILE, metadata={"format": "pt", **(metadata or {})})
+    save_file(state_dict, folder / WEIGHTS_FILE,
+              metadata={"format": "pt", DIGEST_KEY: weights_digest(state_dict), **(metadata or {})})
     (folder / WEIGHTS_FILE).chmod(0o666 & ~current_umask())  # safetensors creates it 0600: others could not read it
 
 

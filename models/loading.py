@@ -100,14 +100,64 @@ def resolve_checkpoint(path: str | os.PathLike | None, repo_id: str, filename: s
 
 def load_checkpoint(path: PathLike, mmap: bool = True) -> dict[str, Any]:
     """Read a checkpoint on the CPU (weights_only; by default memory-mapped so the ranks of a node share the
-    pages); CheckpointError naming the file if it is unreadable. `mmap=False` for files written elsewhere."""
+    pages); CheckpointError naming the file if it is unreadable or its tensors do not match the digest it carries
+    (`with_digest`; the digest is checked and removed, files without one load as they are). `mmap=False` for files
+    written elsewhere."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # truncated, zero-filled, not a torch file, ...
         raise CheckpointError(f"checkpoint {path} is unreadable ({type(e).__name__}: {e})") from e
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(ckpt).__name__}, expected a dict")
+    recorded = ckpt.pop(DIGEST_KEY, None)
+    if recorded is not None:
+        check_digest(ckpt, recorded, f"checkpoint {path}")
     return ckpt
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Digests: every file this project writes records one of its tensors, every loader checks it
+# ---------------------------------------------------------------------------------------------------------------------
+DIGEST_KEY = "digest"  # in a checkpoint dict; in the safetensors metadata of the Hub format
+
+
+def named_tensors(obj: Any, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The tensors of a nested dict / list / tuple, keyed by their path ("trainer/optimizer/state/0/exp_avg"); a
+    flat state dict keeps its own keys."""
+    if isinstance(obj, torch.Tensor):
+        return {prefix: obj}
+    if isinstance(obj, Mapping):
+        items = obj.items()
+    elif isinstance(obj, (list, tuple)):
+        items = enumerate(obj)
+    else:
+        return {}
+    return {name: t for k, v in items for name, t in named_tensors(v, f"{prefix}/{k}" if prefix else str(k)).items()}
+
+
+def weights_digest(obj: Any) -> str:
+    """Content hash (BLAKE2b, 128 bits) of the names, dtypes, shapes and bytes of the tensors in `obj` (a state
+    dict, or a nested checkpoint: `named_tensors`): exact, on one CPU core (0.3-1 GB/s, seconds for a large model)."""
+    h = hashlib.blake2b(digest_size=16)
+    state = named_tensors(obj)
+    for name in sorted(state):
+        t = state[name].detach()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def with_digest(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """`ckpt` plus the `weights_digest` of its tensors under DIGEST_KEY, which `load_checkpoint` verifies."""
+    return {**ckpt, DIGEST_KEY: weights_digest(ckpt)}
+
+
+def check_digest(obj: Any, recorded: str, what: str) -> None:
+    """CheckpointError naming `what` when the tensors of `obj` do not hash to the `recorded` digest."""
+    actual = weights_digest(obj)
+    if actual != recorded:
+        raise CheckpointError(f"{what} is damaged: its tensor data does not match the digest recorded when it was "
+                              f"written ({actual} vs {recorded}); use another copy")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -160,17 +210,6 @@ def load_state_dict_checked(module: nn.Module, state_dict: Mapping[str, torch.Te
         raise StateDictMismatchError(f"{what} does not match the model: " + "; ".join(parts) + "." + hint)
     module.load_state_dict(kept, strict=False)
     return dropped
-
-
-def weights_digest(state: Mapping[str, torch.Tensor]) -> str:
-    """Content hash (BLAKE2b, 128 bits) of a state dict's names, dtypes, shapes and bytes: exact, on one CPU core
-    (0.3-1 GB/s, seconds for a large model: small next to a dump)."""
-    h = hashlib.blake2b(digest_size=16)
-    for name in sorted(state):
-        t = state[name].detach()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------------------------------

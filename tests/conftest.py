@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -52,6 +53,27 @@ def launch(script: str | Path, *args: str, nproc: int = 2, check: bool = True,
     if check:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
+
+
+def damage_tensor_data(path: Path, n: int = 64) -> None:
+    """Flip `n` bytes in the middle of the largest tensor of a torch .pth (a zip whose entries torch stores
+    uncompressed and reads without checking their CRC) or a .safetensors file: the file still loads."""
+    if path.suffix == ".safetensors":  # an 8-byte header length, the JSON header, then the tensor data
+        start = 8 + int.from_bytes(path.read_bytes()[:8], "little")
+        size = path.stat().st_size - start
+    else:
+        with zipfile.ZipFile(path) as z:
+            info = max(z.infolist(), key=lambda i: i.file_size)
+        with open(path, "rb") as f:  # the data follow the 30-byte local header, the name and the extra field
+            f.seek(info.header_offset + 26)
+            name_len, extra_len = int.from_bytes(f.read(2), "little"), int.from_bytes(f.read(2), "little")
+        start, size = info.header_offset + 30 + name_len + extra_len, info.file_size
+    assert size >= 2 * n, f"{path}: no tensor of {2 * n} bytes to damage"
+    with open(path, "r+b") as f:
+        f.seek(start + size // 2)
+        data = f.read(n)
+        f.seek(start + size // 2)
+        f.write(bytes(b ^ 0xFF for b in data))
 
 
 def interrupt(cmd: list[str], trigger: str, sig: signal.Signals) -> tuple[subprocess.Popen, str]:

@@ -1,6 +1,7 @@
 """Checkpoint files and train state (utils.run.checkpoint, utils.run.checkpoint), shared by train.py and the tokenizer
 trainer: atomic saves that keep the previous file, one resume rule (last, else prev), stale temporary files of
 killed saves, RNG capture/restore and the seeding rule."""
+import logging
 import os
 import random
 import shutil
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 import utils.run.checkpoint
+from conftest import damage_tensor_data
 from test_tokenizer_training import tiny_args
 from tokenizer_trainer import train as train_tokenizer
 from models.loading import CheckpointError, load_checkpoint
@@ -102,3 +104,23 @@ def test_seed_rule_is_seed_times_world_plus_rank():
     assert torch.equal(draws[1, 2][0], torch.rand(2)) and draws[1, 2][1:] == (random.random(), np.random.rand())
     assert not torch.equal(draws[0, 2][0], draws[1, 2][0])  # ranks draw different streams
     assert not torch.equal(draws[0, 1][0], draws[0, 2][0])  # ... and rank 0 of 2 is not one process's stream
+
+
+def test_damaged_tensor_data_is_named_and_resume_falls_back_to_an_intact_prev(tmp_path, caplog):
+    """64 flipped bytes inside a checkpoint's tensors (torch's zip reader checks no CRC): loading names the file;
+    a resume takes `-prev`, saying so, and its next save replaces the damaged `-last` instead of rotating the
+    intact `-prev` out."""
+    folder = RunFolder(tmp_path, "ar-ckpt")
+    folder.writer = True
+    for step in (1, 2):
+        folder.save({"step": step, "model": {"w": torch.full((1000,), float(step))}})
+    damage_tensor_data(folder.last)
+    with pytest.raises(CheckpointError, match="ar-ckpt-last.pth is damaged"):
+        load_checkpoint(folder.last)
+    resumed = RunFolder(tmp_path, "ar-ckpt")
+    resumed.writer = True
+    with caplog.at_level(logging.WARNING, logger="utils.run.checkpoint"):
+        path, ckpt = resumed.load_resume()
+    assert (path, ckpt["step"]) == (folder.prev, 1) and "resuming from the previous checkpoint" in caplog.text
+    resumed.save({"step": 2, "model": {"w": torch.full((1000,), 2.0)}})
+    assert load_checkpoint(folder.prev)["step"] == 1 and load_checkpoint(folder.last)["step"] == 2

@@ -9,10 +9,12 @@ import pytest
 import torch
 from huggingface_hub import HfApi
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
 import sample
 from models.hub_format import MVARHF, VQVAEHF, is_hub_source
-from models.loading import load_mvar, mvar_checkpoint
+from conftest import damage_tensor_data
+from models.loading import CheckpointError, load_mvar, mvar_checkpoint
 from scripts import export
 import test_hub
 from test_hub import put_in_hf_cache
@@ -68,6 +70,21 @@ def test_strict_loading_names_the_bad_keys(tmp_path):
     (tmp_path / "m" / "config.json").write_text(json.dumps({**config, "depth": 3}))
     with pytest.raises(RuntimeError, match=r"model\.safetensors.*missing key.*blocks\.2"):
         MVARHF.from_pretrained(tmp_path / "m")
+
+
+@pytest.mark.parametrize("damaged", ["model.safetensors", "tokenizer/model.safetensors"])
+def test_damaged_weights_are_an_error_naming_the_file_and_files_without_a_digest_load(tmp_path, damaged):
+    """64 flipped bytes inside the tensor data: safetensors loads them, the digest in the metadata does not match;
+    a file written without a digest (an older export) still loads."""
+    mvar, _ = hub_model()
+    mvar.save_pretrained(tmp_path / "m")
+    damage_tensor_data(tmp_path / "m" / damaged)
+    with pytest.raises(CheckpointError, match=rf"{tmp_path / 'm' / damaged} is damaged"):
+        MVARHF.from_pretrained(tmp_path / "m")
+    mvar.save_pretrained(tmp_path / "old")
+    path = tmp_path / "old" / damaged
+    save_file(load_file(path), path, metadata={"format": "pt"})
+    assert_same_model(mvar.eval(), MVARHF.from_pretrained(tmp_path / "old"))
 
 
 def put_folder_in_cache(folder, cache, repo_id):

@@ -146,10 +146,27 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(caplog):
     before = {k: v.clone() for k, v in tr.mvar.state_dict().items()}
     with caplog.at_level(logging.WARNING, logger="trainer"):
         res = tr.micro_step(inp, label)
-    assert res.skipped and tr.nonfinite_in_a_row == 1 and "skipped" in caplog.text
+    assert res.skipped and tr.guard.bad_in_a_row == 1 and "skipped" in caplog.text
     assert all(torch.equal(before[k], v) for k, v in tr.mvar.state_dict().items() if k != "head.bias")
     with pytest.raises(NonFiniteError, match="--max_nonfinite=2"):
         tr.micro_step(inp, label)
+
+
+def test_no_checkpoint_after_a_bad_step_or_of_non_finite_weights():
+    """`save_blocker`: the weights a bad step was judged on, or non-finite ones, are not saved (train.py waits for
+    the next good step); a loss far above its running level is a bad step too, and skipped."""
+    tr = tiny(diverge_tol=10.0)
+    inp, label = batch()
+    assert not tr.micro_step(inp, label).skipped and tr.save_blocker() is None
+    tr.guard.tol = 0.1  # the next (ordinary) loss is now far above the tolerated level
+    before = {k: v.clone() for k, v in tr.mvar.state_dict().items()}
+    assert tr.micro_step(inp, label).skipped and "bad" in tr.save_blocker()
+    assert all(torch.equal(before[k], v) for k, v in tr.mvar.state_dict().items())
+    tr.guard.tol = 10.0
+    assert not tr.micro_step(inp, label).skipped and tr.save_blocker() is None
+    with torch.no_grad():
+        tr.mvar.head.weight[0, 0] = float("inf")
+    assert "non-finite" in tr.save_blocker()
 
 
 @pytest.mark.parametrize("fp16", [1, 2])

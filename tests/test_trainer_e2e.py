@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, SUBPROCESS_ENV, build_tiny_mvar, interrupt, launch, launch_cmd
+from conftest import REPO, SUBPROCESS_ENV, build_tiny_mvar, damage_tensor_data, interrupt, launch, launch_cmd
 from utils.evaluation.classifier import SmallCNN
 from utils.run.checkpoint import BEST, LAST, PREV
 
@@ -161,21 +161,26 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(setup, reference_run):
     assert got_losses and all(ref_losses[k] == v for k, v in got_losses.items())
 
 
-def test_corrupt_checkpoint_is_an_error_naming_it_and_previous_is_kept(setup, reference_run):
+@pytest.mark.parametrize("damage", ["truncated", "damaged"])
+def test_corrupt_checkpoint_is_named_and_the_run_resumes_from_the_kept_previous(setup, reference_run, damage):
+    """A truncated -last (unreadable) or one with 64 flipped bytes in its tensors (loads, but not to its digest):
+    the run says so and resumes from the intact -prev, and its save (the one epoch end left) replaces the damaged
+    file, keeping -prev."""
     ref_out, _ = reference_run
-    out = setup / "corrupt"
+    out = setup / f"corrupt_{damage}"
     shutil.copytree(ref_out, out)
-    (out / LAST).write_bytes((out / LAST).read_bytes()[:1000])  # truncated
+    if damage == "truncated":
+        (out / LAST).write_bytes((out / LAST).read_bytes()[:1000])
+    else:
+        damage_tensor_data(out / LAST)
     prev_bytes = (out / PREV).read_bytes()
-    proc = run_train(setup, out, "--ep=3", check=False)
-    assert proc.returncode != 0
-    assert f"checkpoint {out / LAST} is unreadable" in proc.stderr
-    assert f"the previous checkpoint {out / PREV} is intact" in proc.stderr  # the way out is in the message
-    assert (out / PREV).read_bytes() == prev_bytes
-    assert "epoch" in torch.load(out / PREV, weights_only=True)
-    (out / LAST).rename(out / "bad.pth")
-    proc = run_train(setup, out, "--ep=3", "--save_every=2", "--hflip=1", "--drop_path_rate=0.1")  # the run's flags
+    proc = run_train(setup, out, "--save_every=2", "--hflip=1", "--drop_path_rate=0.1")  # the run's flags
+    assert f"checkpoint {out / LAST} is {'unreadable' if damage == 'truncated' else 'damaged'}" in proc.stdout
+    assert f"resuming from the previous checkpoint {out / PREV}" in proc.stdout
     assert f"resumed from {out / PREV}" in proc.stdout
+    assert (out / PREV).read_bytes() == prev_bytes
+    ref = model_state(ref_out / LAST)
+    assert all(torch.equal(v, model_state(out / LAST)[k]) for k, v in ref.items())  # ... and ended as before
 
 
 def test_resume_flag_starts_a_run_and_a_relaunch_continues_from_the_folder(setup, single_run):
@@ -232,6 +237,52 @@ def test_incompatible_checkpoint_names_file_and_field(setup, reference_run):
     assert proc.returncode != 0
     assert f"checkpoint {out / LAST} is incompatible" in proc.stderr and "model depth" in proc.stderr
     assert "backend" not in proc.stderr  # the kernels (--fuse) may change between runs
+
+
+def test_resume_with_another_tokenizer_of_the_same_shape_is_refused_unless_meant(setup, reference_run):
+    """The checkpoint embeds its tokenizer: --vae_ckpt with the same config but other weights is refused, naming
+    both files, unless --allow_other_tokenizer says it is meant."""
+    ref_out, _ = reference_run
+    out = setup / "other_tokenizer"
+    shutil.copytree(ref_out, out)
+    other = torch.load(setup / "vae.pth", weights_only=True)
+    other["vae"] = {k: v + 0.01 if v.is_floating_point() else v for k, v in other["vae"].items()}
+    torch.save(other, setup / "other_vae.pth")
+    flags = ("--ep=3", "--drop_path_rate=0.1", f"--vae_ckpt={setup / 'other_vae.pth'}")  # the run's model
+    proc = run_train(setup, out, *flags, check=False)
+    assert proc.returncode != 0 and f"checkpoint {out / LAST} is incompatible" in proc.stderr
+    assert "tokenizer weights differ" in proc.stderr and "--allow_other_tokenizer" in proc.stderr
+    assert f"--vae_ckpt={setup / 'vae.pth'}" in proc.stderr and f"--vae_ckpt={setup / 'other_vae.pth'}" in proc.stderr
+    proc = run_train(setup, out, *flags, "--allow_other_tokenizer")
+    assert "continuing with this run's (--allow_other_tokenizer)" in proc.stdout
+
+
+def test_resume_with_renamed_classes_or_more_images_mid_epoch_is_refused(setup, reference_run):
+    """Checkpoints record the class names and the number of training images: a renamed class folder (which
+    permutes the labels) is refused naming the names; a grown training set is refused mid-epoch (before: resumed
+    silently, or `start_it outside` when it shrank)."""
+    ref_out, _ = reference_run
+    data = setup / "data_changed"
+    shutil.copytree(setup / "data", data)
+    for split in ("train", "val"):
+        (data / split / "class0").rename(data / split / "classX")
+    out = setup / "renamed_classes"
+    shutil.copytree(ref_out, out)
+    proc = run_train(setup, out, "--ep=3", "--drop_path_rate=0.1", f"--data_path={data}", check=False)
+    assert proc.returncode != 0 and f"checkpoint {out / LAST} is incompatible with this run: the class names" \
+        " differ (only in the checkpoint ['class0'], only in this run ['classX'])" in proc.stderr
+
+    for split in ("train", "val"):
+        (data / split / "classX").rename(data / split / "class0")
+    for i in range(4):
+        shutil.copy(data / "train" / "class1" / "0.png", data / "train" / "class1" / f"extra{i}.png")
+    out = setup / "grown_data"
+    out.mkdir()
+    shutil.copy(ref_out / PREV, out / LAST)
+    assert torch.load(out / LAST, weights_only=True)["iter"] > 0  # a mid-epoch checkpoint
+    proc = run_train(setup, out, "--drop_path_rate=0.1", f"--data_path={data}", check=False)
+    assert proc.returncode != 0 and "incompatible with this run: the training set has 28 images, 24 when the " \
+        "checkpoint was written: a mid-epoch position" in proc.stderr
 
 
 def test_partial_accumulation_window_still_saves(setup):

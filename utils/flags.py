@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(classifier-free guidance) in training")
     g.add_argument("--vae_ckpt", default=None, help="tokenizer checkpoint (VAR's vae_ch160v4096z32.pth or ours); "
                    "default: the official file from the Hugging Face cache (offline-first)")
+    g.add_argument("--allow_other_tokenizer", default=False, **b, help="resume although the --vae_ckpt weights "
+                   "differ from the tokenizer the checkpoint embeds (same config); the run and its checkpoints then "
+                   "use this one")
     g.add_argument("--init_from", default=None, help="initialise the model weights from this checkpoint (ours or "
                    "official M-VAR/VAR); optimizer and schedule start fresh")
     g.add_argument("--tfast", type=int, default=0, choices=(0, 1, 2, 3), help="torch.compile the model: "
@@ -128,8 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fp16", type=int, default=0, choices=(0, 1, 2), help="0 fp32, 1 fp16 + GradScaler, 2 bf16")
     g.add_argument("--tf32", default=True, **b, help="TensorFloat32 matmuls/convs on CUDA")
     g.add_argument("--fsdp", default=False, **b, help="shard with FSDP2 fully_shard instead of DDP (d30+)")
-    g.add_argument("--max_nonfinite", type=int, default=20, help="stop after this many non-finite (skipped) "
-                   "steps in a row")
+    g.add_argument("--max_nonfinite", type=int, default=20, help="stop after this many bad optimizer steps in a row "
+                   "(non-finite loss or gradient, or a loss above --diverge_tol times its running level; each is "
+                   "skipped, and no checkpoint is written while the last step was bad)")
+    g.add_argument("--diverge_tol", type=float, default=10.0, help="a step whose loss is above this many times its "
+                   "running level (at least 1 nat) is bad; 0 = only non-finite steps are")
 
     g = p.add_argument_group("progressive training")
     g.add_argument("--pg", type=float, default=0.0, help=">0: progressive training over the first pg fraction of "
@@ -173,7 +179,8 @@ def finalize_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
     for name in ("bs", "ac", "ep", "val_every", "log_every", "depth"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name}={getattr(args, name)}: expected a positive integer")
-    for name in ("save_every", "save_every_min", "sample_every", "train_limit", "val_limit", "eval_every"):
+    for name in ("save_every", "save_every_min", "sample_every", "train_limit", "val_limit", "eval_every",
+                 "diverge_tol"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name}={getattr(args, name)}: expected >= 0 (0 = off)")
     if args.eval_every and args.eval_n < 2:

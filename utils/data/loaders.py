@@ -123,6 +123,11 @@ def build_datasets(data_path: str, dataset: str, reso: int, mid_reso: float = 1.
     return num_classes, train_set, val_set
 
 
+def class_names(dataset: Dataset) -> list[str]:
+    """The class names of a `build_datasets` split (an ImageFolder's folder names, an embedded set's classes)."""
+    return list((dataset.dataset if isinstance(dataset, Subset) else dataset).classes)
+
+
 # ---- samplers ---------------------------------------------------------------------------------------------------
 def sample_seed(seed: int, epoch: int, pos: int) -> int:
     """Augmentation seed of the item at position `pos` of epoch `epoch` (deterministic, < 2**63)."""

@@ -7,8 +7,12 @@ prefix is `ar-ckpt`. The rules:
   of every node whose output folder is not shared with rank 0) write `-last` atomically, the previous one renamed
   to `-prev` first; a full disk keeps the old files.
 - resuming: `-last`, else `-prev` (a kill between the two renames of a save leaves only `-prev`), else the
-  caller's fallback; an unreadable `-last` is an error that points at `-prev`. All ranks must resume from the same
-  position. Files are read by models.loading.load_checkpoint.
+  caller's fallback. Every file carries the digest of its tensors (models.loading.with_digest); a damaged `-last`
+  (unreadable, or not matching its digest) falls back to an intact `-prev`, with a warning, and the next save
+  replaces the damaged file instead of rotating `-prev` out. All ranks must resume from the same position. Files
+  are read by models.loading.load_checkpoint.
+- setting aside: a run that stops because training diverged renames the checkpoint the divergence started from
+  to `<prefix>-diverged.pth` (`set_aside`), so that a relaunch resumes from the one before it.
 - one live run per folder (utils.run.lock); temporary files of killed saves are removed when the run starts.
 What a checkpoint holds is the trainer's to say (`Trainer.checkpoint` / `Trainer.resume` in trainer.py); when
 train.py saves is its `Checkpointer`.
@@ -28,7 +32,7 @@ from typing import Any, BinaryIO
 import torch
 
 import dist
-from models.loading import CheckpointError, load_checkpoint
+from models.loading import CheckpointError, load_checkpoint, with_digest
 from utils.run.lock import RunLock, lock_output_folder, pid_alive
 
 logger = logging.getLogger(__name__)
@@ -36,6 +40,11 @@ logger = logging.getLogger(__name__)
 LAST, PREV, BEST = "ar-ckpt-last.pth", "ar-ckpt-prev.pth", "ar-ckpt-best.pth"
 PathLike = str | os.PathLike
 POSITION_KEYS = ("epoch", "iter", "step")  # where a checkpoint resumes: (epoch, iter) for M-VAR, step for tokenizers
+
+
+def position_text(ckpt: dict[str, Any]) -> str:
+    """Where `ckpt` resumes, e.g. "epoch 1, iter 0"."""
+    return ", ".join(f"{k} {ckpt[k]}" for k in POSITION_KEYS if k in ckpt)
 
 
 def temp_path(path: Path, pid: int | None = None) -> Path:
@@ -147,9 +156,10 @@ class RunFolder:
     """
 
     def __init__(self, out_dir: str | os.PathLike, prefix: str):
-        self.dir = Path(out_dir)
+        self.dir, self.prefix = Path(out_dir), prefix
         self.last, self.prev, self.best = (self.dir / f"{prefix}-{kind}.pth" for kind in ("last", "prev", "best"))
         self.writer = False
+        self.last_damaged = False  # resumed from -prev past a damaged -last: the next save must not rotate it in
         self.lock: RunLock | None = None
 
     def open(self, rank0_state: bool = False) -> None:
@@ -192,10 +202,11 @@ class RunFolder:
         try:
             ckpt = load_checkpoint(path) if path is not None else None
         except CheckpointError as e:
-            if path == self.last and self.prev.is_file():
-                raise CheckpointError(f"{e}; the previous checkpoint {self.prev} is intact: move the bad file "
-                                      f"aside and re-run to resume from it") from e
-            raise
+            if path != self.last or not self.prev.is_file():
+                raise
+            logger.warning("%s; resuming from the previous checkpoint %s instead (the next save replaces %s)", e,
+                           self.prev, self.last.name)
+            path, ckpt, self.last_damaged = self.prev, load_checkpoint(self.prev), True
         positions = dist.all_gather_object(None if ckpt is None else tuple(ckpt.get(k) for k in POSITION_KEYS))
         if len(set(positions)) > 1:  # e.g. nodes with their own output folders, some without a checkpoint
             raise CheckpointError(f"the ranks would resume from different positions {positions} (None: from scratch;"
@@ -203,13 +214,35 @@ class RunFolder:
         return path, ckpt
 
     def save(self, ckpt: dict[str, Any] | None, best: bool = False) -> None:
-        """Collective: writers save `ckpt` atomically as `-last` (keeping the old one as `-prev`), and as `-best`
-        when `best`; then all ranks wait for them."""
+        """Collective: writers save `ckpt` with its digest atomically as `-last` (keeping the old one as `-prev`,
+        unless it was damaged), and as `-best` when `best`; then all ranks wait for them."""
         if self.writer:
             t0 = time.time()
-            save_atomic(ckpt, self.last, keep_previous=self.prev)
+            ckpt = with_digest(ckpt)
+            save_atomic(ckpt, self.last, keep_previous=None if self.last_damaged else self.prev)
+            self.last_damaged = False
             if best:
                 save_atomic(ckpt, self.best)
-            position = ", ".join(f"{k} {ckpt[k]}" for k in POSITION_KEYS if k in ckpt)
-            logger.info("saved checkpoint %s (%s) in %.1fs", self.last, position, time.time() - t0)
+            logger.info("saved checkpoint %s (%s) in %.1fs", self.last, position_text(ckpt), time.time() - t0)
         dist.barrier()
+
+    def set_aside(self, kind: str) -> Path | None:
+        """Collective: writers rename the newest checkpoint (`find_resume`) to `<prefix>-<kind>.pth`, so that a
+        relaunch resumes from the one before it -> its new name (None: the folder had none). After a resume past a
+        damaged `-last`, that is `-prev`."""
+        path = self.prev if self.last_damaged else self.find_resume()
+        aside = None if path is None else self.dir / f"{self.prefix}-{kind}.pth"
+        if self.writer and aside is not None:
+            os.replace(path, aside)
+        dist.barrier()
+        return aside
+
+    def resume_point(self) -> str:
+        """Where a relaunch would resume, in words (the file is read and its digest checked)."""
+        path = self.find_resume()
+        if path is None:
+            return f"A relaunch starts from scratch ({self.dir} holds no checkpoint)"
+        try:
+            return f"A relaunch resumes from {path} ({position_text(load_checkpoint(path))})"
+        except CheckpointError as e:
+            return f"A relaunch finds {e}"
