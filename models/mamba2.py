@@ -33,6 +33,11 @@ logger = logging.getLogger(__name__)
 # The PyTorch path scans in chunks of min(chunk_size, this): same maths, and on CPU (C=1024, L=680) chunks of 64
 # make forward+backward ~1.45x faster than 256, because the (Q, Q) intra-chunk tensors shrink with Q.
 TORCH_CHUNK_SIZE = 64
+# Without a state, the PyTorch path runs a CPU batch in slices of sequences whose in_proj output stays under this
+# many bytes (float32): the layer is a chain of elementwise passes, and on a slice that fits the caches they read
+# warm memory, forward and backward (depth 4, width 128, L=155, batch 64, one thread: ~1.4x faster; measured in
+# docs/benchmarks.md). Sequences are independent, so only the products' blocking differs from one pass.
+CPU_SLICE_BYTES = 4 << 20
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -367,12 +372,13 @@ class _CausalConvSiLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_BlD, w_DK, bias_D):
         K, n = w_DK.shape[1], x_BlD.shape[1]
-        w_DK_c = w_DK.to(torch.promote_types(x_BlD.dtype, torch.float32))
-        pre_BlD = torch.mul(x_BlD, w_DK_c[:, K - 1])  # the newest tap: x_t; tap K-1-k reads x_{t-k}
+        # taps as contiguous rows: broadcasting a strided column (w_DK[:, j]) is ~4x slower per pass on a CPU
+        w_KD = w_DK.t().to(torch.promote_types(x_BlD.dtype, torch.float32), memory_format=torch.contiguous_format)
+        pre_BlD = torch.mul(x_BlD, w_KD[K - 1])  # the newest tap: x_t; tap K-1-k reads x_{t-k}
         if bias_D is not None:
             pre_BlD.add_(bias_D)
         for k in range(1, min(K, n)):
-            pre_BlD[:, k:].addcmul_(x_BlD[:, :n - k], w_DK_c[:, K - 1 - k])
+            pre_BlD[:, k:].addcmul_(x_BlD[:, :n - k], w_KD[K - 1 - k])
         ctx.save_for_backward(x_BlD, w_DK, pre_BlD)
         ctx.has_bias = bias_D is not None
         return F.silu(pre_BlD).to(x_BlD.dtype)
@@ -381,14 +387,15 @@ class _CausalConvSiLU(torch.autograd.Function):
     def backward(ctx, dy_BlD):
         x_BlD, w_DK, pre_BlD = ctx.saved_tensors
         K, n = w_DK.shape[1], x_BlD.shape[1]
-        w_DK_c = w_DK.to(pre_BlD.dtype)
+        w_KD = w_DK.t().to(pre_BlD.dtype, memory_format=torch.contiguous_format)
         dpre_BlD = torch.ops.aten.silu_backward(dy_BlD.to(pre_BlD.dtype), pre_BlD)
-        dx_BlD = dpre_BlD * w_DK_c[:, K - 1]
-        dw_DK = torch.zeros_like(w_DK_c)
-        dw_DK[:, K - 1] = (dpre_BlD * x_BlD).sum((0, 1))
+        dx_BlD = dpre_BlD * w_KD[K - 1]
+        dw_KD = torch.zeros_like(w_KD)
+        dw_KD[K - 1] = (dpre_BlD * x_BlD).sum((0, 1))
         for k in range(1, min(K, n)):
-            dx_BlD[:, :n - k].addcmul_(dpre_BlD[:, k:], w_DK_c[:, K - 1 - k])
-            dw_DK[:, K - 1 - k] = (dpre_BlD[:, k:] * x_BlD[:, :n - k]).sum((0, 1))
+            dx_BlD[:, :n - k].addcmul_(dpre_BlD[:, k:], w_KD[K - 1 - k])
+            dw_KD[K - 1 - k] = (dpre_BlD[:, k:] * x_BlD[:, :n - k]).sum((0, 1))
+        dw_DK = dw_KD.t()
         dbias_D = dpre_BlD.sum((0, 1)) if ctx.has_bias else None
         return dx_BlD.to(x_BlD.dtype), dw_DK.to(w_DK.dtype), dbias_D
 
@@ -604,6 +611,13 @@ class Mamba2(nn.Module):
     def forward(self, u_BlD: torch.Tensor, state: Mamba2State | None = None) -> torch.Tensor:
         """(B, l, D) -> (B, l, D). With `state`, continue from it and update it in place."""
         kernels = self._resolve_backend(u_BlD)
+        per_slice = self._cpu_slice(u_BlD) if state is None and kernels is None else u_BlD.shape[0]
+        if per_slice < u_BlD.shape[0]:
+            return torch.cat([self._forward(u, None, None) for u in u_BlD.split(per_slice)])
+        return self._forward(u_BlD, state, kernels)
+
+    def _forward(self, u_BlD: torch.Tensor, state: Mamba2State | None, kernels: MambaKernels | None
+                 ) -> torch.Tensor:
         Bsz, seqlen, _ = u_BlD.shape
         zxbcdt = self.in_proj(u_BlD)
         z_Bld, xBC_Bld, dt_BlH = torch.split(zxbcdt, [self.d_ssm, self.conv_dim, self.nheads], dim=-1)
@@ -666,6 +680,12 @@ class Mamba2(nn.Module):
         state.conv_state.copy_(x_BDk[..., x_BDk.shape[-1] - K1:].detach())
         y_BDl = F.conv1d(x_BDk, self.conv1d.weight, self.conv1d.bias, groups=self.conv_dim)
         return F.silu(y_BDl).transpose(1, 2)
+
+    def _cpu_slice(self, u_BlD: torch.Tensor) -> int:
+        """Sequences per slice of the PyTorch path (`CPU_SLICE_BYTES`); the whole batch off the CPU."""
+        if u_BlD.device.type != "cpu":
+            return u_BlD.shape[0]
+        return max(1, CPU_SLICE_BYTES // (u_BlD.shape[1] * self.in_proj.out_features * 4))
 
     def _resolve_backend(self, u: torch.Tensor) -> MambaKernels | None:
         """Kernels to use for input `u`, or None for the PyTorch path (logged once per distinct outcome)."""

@@ -35,6 +35,7 @@ from torch import nn
 from models import build_vae_mvar
 from models.attention import ScaleAttention, block_causal_attention, intra_scale_attention, resolve_backend
 from models.flops import model_flops, train_step_flops
+from models import mamba2
 from models.mamba2 import Mamba2
 from models.mvar import FFN, MVAR, HybridBlock, MVARConfig
 from models.precision import effective_amp_dtype
@@ -176,6 +177,18 @@ def random_train_step(arch: str, depth: int, dtype_name: str, device: torch.devi
     return mvar, trainer, functools.partial(trainer.micro_step_tokens, gt_BL, x_BLCv, label_B)
 
 
+def one_pass(step: Callable[[], object]) -> Callable[[], object]:
+    """`step` with Mamba2's CPU path running each batch in one pass instead of cache-sized slices
+    (`models.mamba2.CPU_SLICE_BYTES`): what the slicing gains, timed in turn with the sliced step."""
+    def run() -> object:
+        saved, mamba2.CPU_SLICE_BYTES = mamba2.CPU_SLICE_BYTES, 1 << 62
+        try:
+            return step()
+        finally:
+            mamba2.CPU_SLICE_BYTES = saved
+    return run
+
+
 def bench_train(device: torch.device, args: argparse.Namespace) -> str:
     """`Trainer.micro_step_tokens` (forward, backward, clip, AdamW) of each --archs at --depth in each
     --train_dtypes, on random tokens; all (arch, dtype) steps alternated in one process. Achieved model GFLOP/s
@@ -190,6 +203,10 @@ def bench_train(device: torch.device, args: argparse.Namespace) -> str:
             _, x_BLCv, label_B = step.args
             flops[arch, dtype_name] = train_step_flops(mvar, label_B, x_BLCv)
             steps[arch, dtype_name], models[arch, dtype_name] = step, mvar
+            if args.mamba_one_pass and device.type == "cpu" and "mamba" in ARCH_BRANCHES[arch]:
+                name = f"{arch}, Mamba2 batch in one pass"
+                steps[name, dtype_name], models[name, dtype_name] = one_pass(step), mvar
+                flops[name, dtype_name] = flops[arch, dtype_name]
     ms = bm.time_alternating(steps, device, args.warmup, args.repeats)
     n = bm.MATMUL_SIDE[device.type]  # this device's practical peaks, measured in the same run
     peaks = {name: bm.matmul_gflops(device, bm.DTYPES[name]) for name in ("fp32", "bf16", "fp16")
@@ -425,6 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bs", type=int, default=2, help="batch size")
     p.add_argument("--width", type=int, default=0, help="train and ckpt sections: model width (0: 64*depth)")
     p.add_argument("--heads", type=int, default=0, help="train section: attention heads (0: width // 64)")
+    p.add_argument("--mamba_one_pass", action="store_true",
+                   help="train section, CPU: also time each Mamba2 arch with the batch in one pass (no slices)")
     p.add_argument("--archs", nargs="+", default=["mvar", "var"], choices=list(ARCH_BRANCHES),
                    help="block and train sections: the architectures to compare")
     add_backend_flags(p)

@@ -124,6 +124,22 @@ def test_train_section_times_fp32_and_bf16_side_by_side(monkeypatch):
     assert labels == ["fp32", "bf16 (ran fp32)"] * 2
 
 
+def test_train_section_times_mamba2_in_one_pass_beside_the_sliced_step(monkeypatch):
+    """--mamba_one_pass: a row per Mamba2 arch whose steps run with the slicing off (and only those steps), timed in
+    turn with the sliced one; the slice size is restored after each step."""
+    from models import mamba2
+    seen = []
+    forward = mamba2.Mamba2._forward
+    monkeypatch.setattr(mamba2.Mamba2, "_forward",
+                        lambda self, *a: seen.append(mamba2.CPU_SLICE_BYTES) or forward(self, *a))
+    monkeypatch.setattr(bm, "matmul_gflops", lambda device, dtype: 100.0)
+    flags = ["--only", "train", "--depth", "1", "--pn", "1_2", "--archs", "mvar", "var", "--train_dtypes", "fp32",
+             "--repeats", "1", "--warmup", "0", "--device", "cpu", "--mamba_backend", "torch", "--mamba_one_pass"]
+    arches = [line.split("|")[2].strip() for line in bench.main(flags).splitlines() if line.startswith("| cpu |")]
+    assert arches == ["mvar", "mvar, Mamba2 batch in one pass", "var"]
+    assert set(seen) == {1 << 62, mamba2.CPU_SLICE_BYTES} and mamba2.CPU_SLICE_BYTES == 4 << 20
+
+
 def test_ckpt_section_keeps_less_with_checkpointing_and_projects_d30():
     """Checkpointing keeps each block's input instead of its activations: less peak memory per step and fewer bytes
     per block, so more M-VAR-d30 images fit a GPU (times are printed, not asserted)."""
