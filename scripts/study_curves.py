@@ -1,0 +1,144 @@
+"""The study's learning curves (scripts/study.py with evaluations inside each run, train.py --eval_every): FD_clf
+and class consistency against training images, training FLOPs and this CPU's training time, with the seeds'
+spread, and verdicts read off them at equal images, equal FLOPs and equal time.
+
+Inputs under the study's work folder: runs/<run>/curve.json (the run's `eval_history`: one point per evaluation,
+{"epoch", "images", "train_s", "fd_clf", "consistency"}) and runs/<run>/timing.json (training FLOPs per image).
+A point inside a run comes from that run's schedule: the learning rate there has not decayed as it would in a run
+that ends at that point, so a curve's early points understate what a run of that length would reach.
+"""
+import json
+import statistics
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402 (the backend must be chosen first)
+import numpy as np  # noqa: E402
+
+AXES = {"images": "training images", "flops": "training FLOPs (model, benchmark's count)",
+        "minutes": "training time on this CPU (min, one thread)"}
+METRICS = {"fd_clf": "FD_clf (lower is better)", "consistency": "class consistency (higher is better)"}
+PAIRS = (("mvar", "var", "M-VAR vs VAR"), ("mvar-w", "var", "M-VAR-W (VAR's params) vs VAR"),
+         ("mvar-d", "var", "M-VAR-D (VAR's params) vs VAR"))
+IMAGE_POINTS = (9_600, 19_200, 38_400)  # equal-images comparisons, where both rows reach them
+
+
+def collect_curves(out: Path, plan: dict) -> dict[str, list[dict[str, np.ndarray]]]:
+    """Per row, one dict per finished run: arrays "images", "flops", "minutes", "fd_clf", "consistency"."""
+    curves: dict[str, list[dict[str, np.ndarray]]] = {}
+    for run, spec in plan["runs"].items():
+        path, timing = out / "runs" / run / "curve.json", out / "runs" / run / "timing.json"
+        if not path.is_file() or not timing.is_file():
+            continue
+        points = json.loads(path.read_text())
+        per_image = json.loads(timing.read_text())["train_flops_per_image"]
+        images = np.array([p["images"] for p in points], dtype=float)
+        curves.setdefault(spec["row"], []).append(dict(
+            images=images, flops=images * per_image, minutes=np.array([p["train_s"] for p in points]) / 60,
+            fd_clf=np.array([p["fd_clf"] for p in points]), consistency=np.array([p["consistency"] for p in points])))
+    return curves
+
+
+def at(runs: list[dict[str, np.ndarray]], axis: str, x: float, metric: str) -> list[float]:
+    """Each run's `metric` at `x` on `axis`, interpolated linearly between its evaluations."""
+    return [float(np.interp(x, r[axis], r[metric])) for r in runs]
+
+
+def common_range(runs: list[dict[str, np.ndarray]], axis: str) -> tuple[float, float]:
+    """The span of `axis` that every run's curve covers."""
+    return max(r[axis][0] for r in runs), min(r[axis][-1] for r in runs)
+
+
+def spread(values: list[float]) -> float:
+    """Half the min-max range over seeds (0 for one seed)."""
+    return (max(values) - min(values)) / 2
+
+
+def comparison_points(a: list[dict], b: list[dict], axis: str) -> list[float]:
+    """Where to compare rows a and b on `axis`: at equal images the usual budgets, otherwise a's final point and
+    half of it; only points that every run of both rows covers."""
+    lo = max(common_range(a, axis)[0], common_range(b, axis)[0])
+    hi = min(common_range(a, axis)[1], common_range(b, axis)[1])
+    final = statistics.mean(r[axis][-1] for r in a)
+    wanted = IMAGE_POINTS + (final,) if axis == "images" else (final / 2, final)
+    return sorted({x for x in wanted if lo <= x <= hi} | ({hi} if axis != "images" and final > hi else set()))
+
+
+def fmt_x(axis: str, x: float) -> str:
+    return {"images": f"{x:,.0f} images", "flops": f"{x / 1e9:,.0f} GFLOP",
+            "minutes": f"{x:.1f} min of training"}[axis]
+
+
+def verdict(rows: dict[str, dict], a: str, b: str, curves: dict, axis: str, x: float) -> str:
+    """One sentence: both rows' FD_clf and consistency at `x` on `axis`, and who is better beyond the spread."""
+    fa, fb = at(curves[a], axis, x, "fd_clf"), at(curves[b], axis, x, "fd_clf")
+    ca, cb = at(curves[a], axis, x, "consistency"), at(curves[b], axis, x, "consistency")
+    diff, noise = statistics.mean(fa) - statistics.mean(fb), spread(fa) + spread(fb)
+    la, lb = rows[a]["label"], rows[b]["label"]
+    if min(len(fa), len(fb)) < 2:
+        who = f"{la if diff < 0 else lb} better (one seed on a side: no spread to compare with)"
+    elif abs(diff) > noise:
+        who = f"**{la if diff < 0 else lb} better** (difference {diff:+.2f}, larger than the seeds' spread {noise:.2f})"
+    else:
+        who = f"no clear winner (difference {diff:+.2f} within the seeds' spread {noise:.2f})"
+    return (f"at equal {AXES[axis].split(' (')[0]} ({fmt_x(axis, x)}): {la} FD_clf {statistics.mean(fa):.2f} ± "
+            f"{spread(fa):.2f} vs {lb} {statistics.mean(fb):.2f} ± {spread(fb):.2f}: {who}; class consistency "
+            f"{statistics.mean(ca):.2f} vs {statistics.mean(cb):.2f}")
+
+
+def verdicts(rows: dict[str, dict], curves: dict) -> str:
+    """The comparisons the paper makes, read off the curves at equal images, FLOPs and time."""
+    lines = []
+    for a, b, title in PAIRS:
+        if a not in curves or b not in curves:
+            continue
+        lines.append(f"- **{title}**")
+        for axis in AXES:
+            points = comparison_points(curves[a], curves[b], axis)
+            lines += [f"  - {verdict(rows, a, b, curves, axis, x)}." for x in points] or \
+                [f"  - at equal {AXES[axis]}: the curves do not overlap."]
+    return "\n".join(lines) or "No curves yet."
+
+
+def learned(rows: dict[str, dict], ceiling_fd: float) -> str:
+    """Whether the largest budget's models have learned: consistency >= 0.80 and FD_clf within 2.5x the ceiling's
+    (the final scoring of each row's runs: all samples, the full test set)."""
+    lines = []
+    for key in ("var", "mvar"):
+        scores = rows.get(key, {}).get("scores")
+        if not scores:
+            continue
+        cons, fd = statistics.mean(s["consistency"] for s in scores), statistics.mean(s["fd_clf"] for s in scores)
+        ok = cons >= 0.8 and fd <= 2.5 * ceiling_fd
+        lines.append(f"- {rows[key]['label']}: class consistency {cons:.3f} (needed >= 0.80), FD_clf {fd:.2f} = "
+                     f"{fd / ceiling_fd:.1f}x the ceiling's {ceiling_fd:.2f} (needed <= 2.5x): "
+                     f"{'learned' if ok else '**not yet learned**'}.")
+    return "\n".join(lines)
+
+
+def plot_curves(rows: dict[str, dict], curves: dict, path: Path) -> None:
+    """FD_clf and consistency (rows of panels) against images, FLOPs and minutes (columns): each seed faint, the
+    seeds' mean (on the first seed's points) bold, the min-max band shaded."""
+    fig, axes = plt.subplots(len(METRICS), len(AXES), figsize=(14, 7.5), squeeze=False)
+    for i, metric in enumerate(METRICS):
+        for j, axis in enumerate(AXES):
+            ax = axes[i][j]
+            for key, runs in curves.items():
+                color, label = rows[key]["color"], rows[key]["label"]
+                for r in runs:
+                    ax.plot(r[axis], r[metric], color=color, alpha=0.35, lw=1)
+                lo, hi = common_range(runs, axis)
+                xs = [x for x in runs[0][axis] if lo <= x <= hi]
+                vals = np.array([at(runs, axis, x, metric) for x in xs])
+                if len(xs):
+                    ax.plot(xs, vals.mean(1), "o-", color=color, ms=3, label=label if i == j == 0 else None)
+                    ax.fill_between(xs, vals.min(1), vals.max(1), color=color, alpha=0.15)
+            ax.set_xlabel(AXES[axis])
+            ax.set_ylabel(METRICS[metric])
+            ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
