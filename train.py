@@ -24,7 +24,7 @@ from models.loading import DERIVED_KEYS, CheckpointError, load_checkpoint, load_
 from models.mvar import MVAR, MVARConfig
 from models.tokenizer import VQVAE
 from trainer import NonFiniteError, StepResult, Trainer
-from utils.data.loaders import build_datasets, build_loaders, class_names, first_items
+from utils.data.loaders import build_datasets, build_loaders, class_names
 from utils.data.token_cache import TokenCacheError, TokenDataset, open_cache, tokenizer_digest
 from utils.evaluation.during_training import TrainingEval
 from utils.flags import changed_flags, finalize_args, parse_args
@@ -74,9 +74,9 @@ def build_data(args: argparse.Namespace, vae: VQVAE, reso: int) -> tuple[int, Da
     views = manifest["splits"]["train"]["views"]
     logger.info("training from the token cache %s: views %s at mid_reso %g", args.tokens, views, manifest["mid_reso"])
     if val_set is None:
-        val_set = first_items(TokenDataset(args.tokens, manifest, "val"), args.val_limit)
-    return len(manifest["classes"]), first_items(TokenDataset(args.tokens, manifest, "train"), args.train_limit), \
-        val_set, views
+        val_set = TokenDataset(args.tokens, manifest, "val", limit=args.val_limit)
+    return len(manifest["classes"]), TokenDataset(args.tokens, manifest, "train", limit=args.train_limit), val_set, \
+        views
 
 
 def build_model(args: argparse.Namespace, vae: VQVAE, num_classes: int, device: torch.device) -> MVAR:

@@ -161,9 +161,10 @@ class TokenDataset(Dataset):
     """One split of a finished cache without its skipped images: item (i, seed) -> (ids (L,) int64 of view
     `pick_view(seed)`, label); a plain index i takes the first view. train.py's sampler gives each item the seed of
     its (run seed, epoch, position), so each epoch takes one view per image, the same on any number of ranks and
-    after a resume (utils.data.loaders.build_loaders with seeded=False). `.classes` as an ImageFolder's."""
+    after a resume (utils.data.loaders.build_loaders with seeded=False). A positive `limit` keeps the first `limit`
+    images. `.classes` as an ImageFolder's."""
 
-    def __init__(self, folder: str | Path, manifest: dict[str, Any], split: str):
+    def __init__(self, folder: str | Path, manifest: dict[str, Any], split: str, limit: int = 0):
         info = manifest["splits"][split]
         stems = [Path(folder) / split / shard_name(r, len(info["shards"])) for r in range(len(info["shards"]))]
         try:
@@ -173,9 +174,10 @@ class TokenDataset(Dataset):
             raise TokenCacheError(f"the token cache {folder} is damaged ({split} split: {e})") from e
         self.classes = list(manifest["classes"])
         keep = [np.flatnonzero(lab >= 0) for lab in labels]  # unreadable images are left out
-        self.shard_i = np.concatenate([np.full(len(k), s, dtype=np.int32) for s, k in enumerate(keep)])
-        self.row_i = np.concatenate(keep).astype(np.int64)
-        self.targets = np.concatenate([lab[k] for lab, k in zip(labels, keep, strict=True)]).tolist()
+        n = limit if limit > 0 else None
+        self.shard_i = np.concatenate([np.full(len(k), s, dtype=np.int32) for s, k in enumerate(keep)])[:n]
+        self.row_i = np.concatenate(keep).astype(np.int64)[:n]
+        self.targets = np.concatenate([lab[k] for lab, k in zip(labels, keep, strict=True)])[:n].tolist()
         self.n_views = self.ids[0].shape[1]
 
     def __len__(self) -> int:
