@@ -153,3 +153,11 @@ def test_views_follow_the_seed():
     """Each epoch draws one view per image from the item's seed; the draws cover the views evenly."""
     counts = np.bincount([pick_view(s, 10) for s in range(10_000)], minlength=10)
     assert counts.min() > 900 and pick_view(123, 10) == pick_view(123, 10)
+
+
+def test_a_limited_split_takes_the_samplers_items(centre_cache):
+    """--train_limit keeps the first images; items are the sampler's (index, seed) pairs or plain indices."""
+    ds = TokenDataset(centre_cache, read_manifest(centre_cache), "train", limit=5)
+    assert len(ds) == 5 and ds.targets == [0] * 5
+    ids_L, label = ds[(4, 123)]
+    assert ids_L.dtype == torch.int64 and ids_L.shape == (21,) and torch.equal(ids_L, ds[4][0]) and label == 0
