@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 import torchvision.utils
+from torch.utils.data import Dataset
 
 import dist
 from models import backends
@@ -24,6 +25,7 @@ from models.mvar import MVAR, MVARConfig
 from models.tokenizer import VQVAE
 from trainer import NonFiniteError, StepResult, Trainer
 from utils.data.loaders import build_datasets, build_loaders, class_names
+from utils.data.token_cache import TokenCacheError, TokenDataset, open_cache, tokenizer_digest
 from utils.evaluation.during_training import TrainingEval
 from utils.flags import changed_flags, finalize_args, parse_args
 from utils.run.checkpoint import RunFolder
@@ -52,6 +54,29 @@ def load_tokenizer(args: argparse.Namespace, device: torch.device) -> VQVAE:
                                 "--z_channels=16 --vocab_size=512 --pn=1_2_3_4 --out_dir=local_output/tokenizer, "
                                 "then --vae_ckpt=local_output/tokenizer/tokenizer-last.pth --pn=1_2_3_4 (make demo "
                                 "does both)") from e
+
+
+def build_data(args: argparse.Namespace, vae: VQVAE, reso: int) -> tuple[int, Dataset, Dataset, list[str] | None]:
+    """(num_classes, train set, val set, the token cache's views or None): the images (build_datasets), or with
+    --tokens the cache's train split (checked against this run's tokenizer, schedule and resolution) validated on
+    --data_path's val/ images when given, else on the cache's val split."""
+    if not args.tokens:
+        return *build_datasets(args.data_path, args.dataset, reso, args.mid_reso, args.hflip, args.fmnist_dir,
+                               args.train_limit, args.val_limit), None
+    if args.eval_every and not args.data_path:
+        raise TokenCacheError("--eval_every with --tokens needs the validation images: pass --data_path as well")
+    expected, val_set = {"tokenizer_digest": tokenizer_digest(vae), "patch_nums": list(args.patch_nums),
+                         "reso": reso}, None
+    if args.data_path:
+        _, image_train, val_set = build_datasets(args.data_path, "", reso, args.mid_reso, val_limit=args.val_limit)
+        expected["classes"] = class_names(image_train)
+    manifest = open_cache(args.tokens, expected)
+    views = manifest["splits"]["train"]["views"]
+    logger.info("training from the token cache %s: views %s at mid_reso %g", args.tokens, views, manifest["mid_reso"])
+    if val_set is None:
+        val_set = TokenDataset(args.tokens, manifest, "val", limit=args.val_limit)
+    return len(manifest["classes"]), TokenDataset(args.tokens, manifest, "train", limit=args.train_limit), val_set, \
+        views
 
 
 def build_model(args: argparse.Namespace, vae: VQVAE, num_classes: int, device: torch.device) -> MVAR:
@@ -237,12 +262,12 @@ def main(args: argparse.Namespace) -> None:
     # build: tokenizer (frozen, fp32) -> image size; data; model; trainer
     vae = load_tokenizer(args, device)
     reso = args.patch_nums[-1] * vae.downsample
-    num_classes, train_set, val_set = build_datasets(args.data_path, args.dataset, reso, args.mid_reso, args.hflip,
-                                                   args.fmnist_dir, args.train_limit, args.val_limit)
+    num_classes, train_set, val_set, cache_views = build_data(args, vae, reso)
     num_classes = args.num_classes or num_classes
     train_loader, val_loader, sampler = build_loaders(train_set, val_set, args.batch_size, args.workers, rank,
                                                       world, args.seed, pin_memory=device.type == "cuda",
-                                                      pad_eval=args.fsdp)  # FSDP2: equal val batch counts
+                                                      pad_eval=args.fsdp,  # FSDP2: equal val batch counts
+                                                      seeded=not args.tokens)  # a cache's view: from the seed
     mvar = build_model(args, vae, num_classes, device)
     seed_everything(args.seed, rank, world)
     logger.info("%d train / %d val images at %dpx, %d classes; model %s: %.2fM params", len(train_set),
@@ -255,7 +280,8 @@ def main(args: argparse.Namespace) -> None:
     trainer = Trainer(vae, dist.wrap_model(mvar, device, fsdp=args.fsdp), device, lr=args.tlr, fused_adam=args.afuse,
                       schedule=build_schedule(args, iters), fp16=args.fp16, tclip=args.tclip, label_smooth=args.ls,
                       ac=args.ac, max_nonfinite=args.max_nonfinite, diverge_tol=args.diverge_tol)
-    data = {"classes": class_names(train_set), "train_images": len(train_set)}  # checked on resume
+    data = {"classes": class_names(train_set), "train_images": len(train_set),  # checked on resume
+            "tokens": cache_views}
     start_ep, start_it, best_val = (0, 0, math.inf) if ckpt is None else \
         trainer.resume(ckpt, resume_path, vars(args), data)
     evaluator = None
@@ -297,6 +323,6 @@ def main(args: argparse.Namespace) -> None:
 if __name__ == "__main__":
     try:
         dist.run_then_finalize(main, parse_args())
-    except (CheckpointError, RunLockError, NonFiniteError) as e:  # a file or folder that does not fit, a diverged
-        # run (its message says which checkpoint is intact): no traceback
+    except (CheckpointError, RunLockError, NonFiniteError, TokenCacheError) as e:  # a file or folder that does not
+        # fit, a diverged run (its message says which checkpoint is intact), a token cache of other settings
         raise SystemExit(f"error: {e}") from e

@@ -72,7 +72,8 @@ def build_optimizer(model: nn.Module, lr: float, fused: bool = True) -> torch.op
 def data_problems(old: dict[str, Any] | None, new: dict[str, Any], mid_epoch: bool) -> list[str]:
     """What makes a resume on the data `new` wrong, given the checkpoint's `old` (None: not recorded) ->
     `check_resumable` problems. Other class names (a renamed folder permutes the labels) always; another number
-    of training images only mid-epoch, where the position would be meaningless (at an epoch end it is logged)."""
+    of training images, or images against a token cache ("tokens": its views, None for images; train.py --tokens),
+    only mid-epoch, where the position would be meaningless (at an epoch end it is logged)."""
     if old is None:
         return []
     problems = []
@@ -90,6 +91,15 @@ def data_problems(old: dict[str, Any] | None, new: dict[str, Any], mid_epoch: bo
                             f"checkpoint at an epoch end)")
         else:
             logger.warning("%s: epochs now follow the new size", change)
+    old_src, new_src = (f"the token cache's views {d['tokens']}" if d.get("tokens") else "the images"
+                        for d in (old, new))
+    if old_src != new_src:
+        change = f"the checkpoint was trained from {old_src}, this run from {new_src} (--tokens)"
+        if mid_epoch:
+            problems.append(f"{change}: a mid-epoch position needs the same data (resume from a checkpoint at an "
+                            f"epoch end)")
+        else:
+            logger.warning("%s: the next epochs draw from the latter", change)
     return problems
 
 
@@ -147,6 +157,18 @@ class Trainer:
             gt_idx_Bl = self.vae.img_to_idxBl(inp_B3HW.float())
             return torch.cat(gt_idx_Bl, dim=1), self.vae.quantize.idxBl_to_var_input(gt_idx_Bl)
 
+    @torch.no_grad()
+    def ids_to_tokens(self, idx_BL: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids of all scales (B, L) from a token cache (utils.data.token_cache) -> (gt_BL, x_BLCv) as
+        `tokenize` makes them from the images, without the encoder."""
+        with torch.autocast(self.device.type, enabled=False):
+            return idx_BL, self.vae.quantize.idxBl_to_var_input(list(idx_BL.split(self.seg_lens, dim=1)))
+
+    def targets(self, inp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gt_BL, x_BLCv) of a batch: images (B, 3, H, W) through `tokenize`, or token ids (B, L) (an integer
+        tensor: train.py --tokens) through `ids_to_tokens`."""
+        return self.tokenize(inp) if inp.is_floating_point() else self.ids_to_tokens(inp)
+
     def token_loss(self, logits_BLV: torch.Tensor, gt_BL: torch.Tensor, prog_si: int, prog_wp: float) -> torch.Tensor:
         """Cross-entropy per token with weight 1/L (VAR's loss), mean over the batch. In progressive training
         only the first scales are present and the newest one is weighted by `prog_wp`."""
@@ -158,9 +180,10 @@ class Trainer:
         return ce_BL.mul(w_L).sum(dim=-1).mean()
 
     def scheduled_step(self, inp_B3HW: torch.Tensor, label_B: torch.Tensor, g_it: int) -> StepResult:
-        """train.py's step at global iteration `g_it`: lr, wd and progressive stage from the schedule, then
-        `micro_step`, stepping the optimizer at the end of each accumulation window (--ac). The layers below:
-        `micro_step` (tokenize) -> `micro_step_tokens` (forward, backward) -> `optimizer_step` (clip, update)."""
+        """train.py's step at global iteration `g_it` (on images, or token ids: `targets`): lr, wd and progressive
+        stage from the schedule, then `micro_step`, stepping the optimizer at the end of each accumulation window
+        (--ac). The layers below: `micro_step` (tokenize) -> `micro_step_tokens` (forward, backward) ->
+        `optimizer_step` (clip, update)."""
         point = self.schedule.at(g_it)
         set_lr_wd(self.optimizer, point.lr, point.wd)
         res = self.micro_step(inp_B3HW.to(self.device, non_blocking=True), label_B.to(self.device, non_blocking=True),
@@ -175,11 +198,12 @@ class Trainer:
     def micro_step(self, inp_B3HW: torch.Tensor, label_B: torch.Tensor, stepping: bool = True,
                    prog_si: int = -1, prog_wp: float = 1.0) -> StepResult:
         """One micro-step: forward, backward (loss / ac) and, when `stepping`, unscale, clip, optimizer step.
+        `inp_B3HW` may be token ids (B, L) instead of images (`targets`).
 
         Gradients are synchronised across ranks only on stepping micro-steps. A bad step (`optimizer_step`) skips
         the update (and zeroes the gradients); `max_nonfinite` such steps in a row raise NonFiniteError.
         """
-        gt_BL, x_BLCv = self.tokenize(inp_B3HW)
+        gt_BL, x_BLCv = self.targets(inp_B3HW)
         return self.micro_step_tokens(gt_BL, x_BLCv, label_B, stepping, prog_si, prog_wp)
 
     def micro_step_tokens(self, gt_BL: torch.Tensor, x_BLCv: torch.Tensor, label_B: torch.Tensor,
@@ -276,8 +300,8 @@ class Trainer:
     def evaluate(self, loader, resos: Sequence[int] | None = None) -> dict[str, float]:
         """Validation over `loader` (cond dropout off: eval mode): mean loss / accuracy overall, on the last
         scale and per scale, averaged over all samples of all ranks. Batches are (images, labels) or
-        (images, labels, valid): items with valid False (padding, utils.data.loaders.PaddedEvalDataset) are not
-        counted."""
+        (images, labels, valid), images or token ids (`targets`): items with valid False (padding,
+        utils.data.loaders.PaddedEvalDataset) are not counted."""
         resos = resos or self.resos
         was_training = self.mvar.training
         self.mvar.eval()
@@ -287,7 +311,7 @@ class Trainer:
             inp_B3HW, label_B = inp_B3HW.to(self.device, non_blocking=True), label_B.to(self.device, non_blocking=True)
             w_B = valid[0].to(self.device, torch.float64) if valid else torch.ones(len(label_B), device=self.device,
                                                                                     dtype=torch.float64)
-            gt_BL, x_BLCv = self.tokenize(inp_B3HW)
+            gt_BL, x_BLCv = self.targets(inp_B3HW)
             with self.autocast():
                 logits_BLV = self.mvar(label_B, x_BLCv)
             ce_BL = token_ce(logits_BLV, gt_BL)

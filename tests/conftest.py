@@ -11,8 +11,10 @@ import sys
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from models import MVAR, VQVAE, build_vae_mvar
 
@@ -34,6 +36,20 @@ def build_tiny_mvar(**overrides) -> tuple[VQVAE, MVAR]:
     """(tokenizer, M-VAR) on the CPU from seed 0: TINY_MVAR with `overrides` (any models.build_vae_mvar argument)."""
     torch.manual_seed(0)
     return build_vae_mvar("cpu", **{**TINY_MVAR, **overrides})
+
+
+def write_image_folder(root: Path, height: int, width: int, per_class: dict[str, int], classes: int = 3) -> None:
+    """An ImageFolder under `root` with split/class{c}/{i}.png: per_class[split] noisy images of one random colour
+    each, drawn from seed 0."""
+    rng = np.random.default_rng(0)
+    for split, n in per_class.items():
+        for c in range(classes):
+            d = root / split / f"class{c}"
+            d.mkdir(parents=True)
+            for i in range(n):
+                base = rng.integers(0, 255, (1, 1, 3)) * np.ones((height, width, 1))  # per-image colour + noise
+                img = np.clip(base + rng.normal(0, 30, (height, width, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(img).save(d / f"{i}.png")
 
 
 def launch_cmd(script: str | Path, *args: str, nproc: int = 1) -> list[str]:

@@ -8,12 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from conftest import REPO, SUBPROCESS_ENV, build_tiny_mvar, damage_tensor_data, interrupt, launch, launch_cmd
+from conftest import REPO, SUBPROCESS_ENV, build_tiny_mvar, damage_tensor_data, interrupt, launch, launch_cmd, \
+    write_image_folder
 from utils.evaluation.classifier import SmallCNN
 from utils.run.checkpoint import BEST, LAST, PREV
 
@@ -29,15 +28,7 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("train_e2e")
     vae, _ = build_tiny_mvar(patch_nums=(1, 2, 4))
     torch.save({"vae_config": dataclasses.asdict(vae.config), "vae": vae.state_dict()}, root / "vae.pth")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 8), ("val", 2)):
-        for c in range(3):
-            d = root / "data" / split / f"class{c}"
-            d.mkdir(parents=True)
-            for i in range(n):
-                base = rng.integers(0, 255, (1, 1, 3)) * np.ones((10, 12, 1))  # per-image colour + noise
-                img = np.clip(base + rng.normal(0, 30, (10, 12, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(img).save(d / f"{i}.png")
+    write_image_folder(root / "data", 10, 12, {"train": 8, "val": 2})
     torch.manual_seed(0)
     torch.save(SmallCNN(3, ch=4).state_dict(), root / "clf.pt")  # a random feature network for --eval_net
     return root

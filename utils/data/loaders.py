@@ -57,20 +57,26 @@ class SafeImageFolder(ImageFolder):
             raise FileNotFoundError(f"{flag}: {root} holds no images in class sub-folders ({e})") from e
         self.bad_paths: set = set()
 
+    def read(self, index: int) -> Image.Image | None:
+        """Image `index` as RGB, or None when it is unreadable (named in a warning, once per file)."""
+        path = self.samples[index][0]
+        if path in self.bad_paths:
+            return None
+        try:
+            return self.loader(path)
+        except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for broken / truncated files
+            self.bad_paths.add(path)
+            logger.warning("skipping unreadable image %s (%s: %s); %d skipped so far in this process",
+                           path, type(e).__name__, e, len(self.bad_paths))
+            return None
+
     def __getitem__(self, index: int):
         for attempt in range(MAX_CONSECUTIVE_BAD):
             i = (index + attempt) % len(self.samples)
-            path, target = self.samples[i]
-            if path in self.bad_paths:
+            img = self.read(i)
+            if img is None:
                 continue
-            try:
-                img = self.loader(path)
-            except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for broken / truncated files
-                self.bad_paths.add(path)
-                logger.warning("skipping unreadable image %s (%s: %s); %d skipped so far in this process",
-                               path, type(e).__name__, e, len(self.bad_paths))
-                continue
-            return (self.transform(img) if self.transform is not None else img), target
+            return (self.transform(img) if self.transform is not None else img), self.samples[i][1]
         raise RuntimeError(f"{MAX_CONSECUTIVE_BAD} unreadable images in a row from index {index} in {self.root}: "
                            f"check the data set")
 
@@ -115,12 +121,12 @@ def build_datasets(data_path: str, dataset: str, reso: int, mid_reso: float = 1.
     if len(train_set) == 0 or len(val_set) == 0:
         raise ValueError(f"empty data set: {len(train_set)} train / {len(val_set)} val images "
                          f"(--data_path={data_path!r}, --dataset={dataset!r})")
-    num_classes = len(train_set.classes)
-    if train_limit > 0:
-        train_set = Subset(train_set, range(min(train_limit, len(train_set))))
-    if val_limit > 0:
-        val_set = Subset(val_set, range(min(val_limit, len(val_set))))
-    return num_classes, train_set, val_set
+    return len(train_set.classes), first_items(train_set, train_limit), first_items(val_set, val_limit)
+
+
+def first_items(dataset: Dataset, n: int) -> Dataset:
+    """The first `n` items of `dataset` (all of them for n = 0)."""
+    return Subset(dataset, range(min(n, len(dataset)))) if n > 0 else dataset
 
 
 def class_names(dataset: Dataset) -> list[str]:
@@ -218,9 +224,11 @@ class PaddedEvalDataset(Dataset):
 
 
 def build_loaders(train_set: Dataset, val_set: Dataset, batch_size: int, workers: int, rank: int, world_size: int,
-                  seed: int, pin_memory: bool = False,
-                  pad_eval: bool = False) -> tuple[DataLoader, DataLoader, DistributedBatchSampler]:
+                  seed: int, pin_memory: bool = False, pad_eval: bool = False,
+                  seeded: bool = True) -> tuple[DataLoader, DataLoader, DistributedBatchSampler]:
     """Train loader over `DistributedBatchSampler` (per-rank `batch_size`) and a val loader (1.5x batch).
+    `seeded`: train items run their transform under their seed (`SeededDataset`); False hands the (index, seed)
+    items to the data set itself (utils.data.token_cache.TokenDataset draws its view from the seed).
 
     With `pad_eval` (needed under FSDP2) every rank runs the same number of val batches, which then are
     (images, labels, valid) with padded items marked invalid; otherwise val batches are (images, labels).
@@ -229,7 +237,7 @@ def build_loaders(train_set: Dataset, val_set: Dataset, batch_size: int, workers
     # an explicit generator keeps DataLoader from drawing its base seed from the global RNG (exact resume)
     common = dict(num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0,
                   generator=torch.Generator().manual_seed(seed))
-    train_loader = DataLoader(SeededDataset(train_set), batch_sampler=sampler, **common)
+    train_loader = DataLoader(SeededDataset(train_set) if seeded else train_set, batch_sampler=sampler, **common)
     val_loader = DataLoader(PaddedEvalDataset(val_set) if pad_eval else val_set,
                             batch_size=max(1, round(batch_size * 1.5)), shuffle=False, drop_last=False,
                             sampler=EvalDistributedSampler(len(val_set), rank, world_size, pad=pad_eval), **common)

@@ -1,0 +1,203 @@
+"""Extract the multi-scale token ids of a data set once, under K views, for `train.py --tokens DIR`.
+
+    torchrun --nproc_per_node=8 [--nnodes=N ...] scripts/extract_tokens.py --data_path=/path/to/imagenet \
+        --vae_ckpt=vae_ch160v4096z32.pth --pn=256 --views=center,center_flip --out=/path/to/tokens
+
+The train split is stored under every view of --views (utils.data.views), the val split under the centre view;
+the layout and manifest are utils.data.token_cache's. Each rank encodes its contiguous range of images in chunks
+of --batch and commits every chunk atomically, so a relaunch of the same command (same number of ranks) continues
+where a killed run stopped. An unreadable image is named in a warning, skipped and recorded in the manifest
+(training leaves it out).
+"""
+import argparse
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+import dist
+from models.loading import load_vae
+from models.presets import parse_patch_nums
+from models.tokenizer import VQVAE
+from utils.data.embedded import build_embedded_dataset
+from utils.data.loaders import SafeImageFolder
+from utils.data.token_cache import FORMAT, SPLITS, ShardWriter, TokenCacheError, identity_problems, read_manifest, \
+    shard_bounds, shard_name, tokenizer_digest, write_json
+from utils.data.views import parse_views, render_views
+
+logger = logging.getLogger("extract_tokens")
+
+
+class ViewSource(Dataset):
+    """Image i of a split -> (i, its views (K, 3, reso, reso) or None when unreadable, label); the first `limit`
+    images (0: all)."""
+
+    def __init__(self, images: Dataset, views: list[str], reso: int, mid_reso: float, seed: int, limit: int = 0):
+        self.images, self.views, self.reso, self.mid_reso, self.seed = images, views, reso, mid_reso, seed
+        self.n = min(limit, len(images)) if limit else len(images)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, int]:
+        if isinstance(self.images, SafeImageFolder):
+            img, label = self.images.read(i), self.images.targets[i]
+        else:
+            img, label = self.images[i]
+        if img is None:
+            return i, None, label
+        return i, render_views(img, self.views, self.reso, self.mid_reso, self.seed, i), label
+
+
+def open_split(args: argparse.Namespace, split: str) -> Dataset:
+    """The split's images without a transform: `--data_path`/split (an ImageFolder) or the embedded --dataset."""
+    if args.data_path:
+        return SafeImageFolder(str(Path(args.data_path) / split))
+    return build_embedded_dataset(args.dataset, split, None, args.fmnist_dir or None)
+
+
+@torch.no_grad()
+def encode(vae: VQVAE, views_NK3HW: torch.Tensor) -> np.ndarray:
+    """Views -> their token ids of all scales, uint16 (N, K, L)."""
+    N, K = views_NK3HW.shape[:2]
+    idx_Bl = vae.img_to_idxBl(views_NK3HW.flatten(0, 1).to(next(vae.parameters()).device))
+    return torch.cat(idx_Bl, dim=1).view(N, K, -1).cpu().numpy().astype(np.uint16)
+
+
+def extract_shard(vae: VQVAE, source: ViewSource, writer: ShardWriter, args: argparse.Namespace, split: str) -> None:
+    """Encode and commit this rank's remaining images of one split, chunk by chunk (tqdm on rank 0)."""
+    from tqdm import tqdm
+
+    chunks = [list(range(b, min(b + args.batch, writer.end))) for b in range(writer.next, writer.end, args.batch)]
+    loader = DataLoader(source, batch_sampler=chunks, num_workers=args.workers, collate_fn=list)
+    bar = tqdm(total=writer.end - writer.begin, initial=writer.next - writer.begin, desc=f"{split} (rank 0)",
+               unit="img", disable=not dist.is_main_process())
+    for chunk, items in zip(chunks, loader, strict=True):
+        good = [(i, v, label) for i, v, label in items if v is not None]
+        ids_NKL = encode(vae, torch.stack([v for _, v, _ in good])) if good else []
+        writer.commit(chunk[0], {i: (ids_KL, label) for (i, _, label), ids_KL in zip(good, ids_NKL, strict=True)},
+                      chunk[-1] + 1)
+        bar.update(len(chunk))
+        done = writer.next - writer.begin
+        if args.log_every and dist.is_main_process() and (done % (args.log_every * args.batch) == 0
+                                                          or writer.next == writer.end):
+            logger.info("%s: committed %d/%d images of shard %d", split, done, writer.end - writer.begin,
+                        dist.get_rank())
+    bar.close()
+
+
+def plan(args: argparse.Namespace, identity: dict, sizes: dict[str, int], world: int) -> dict:
+    """The manifest of this extraction (unfinished); a folder holding another one is refused."""
+    splits = {s: {"images": n, "views": identity["views"] if s == "train" else ["center"],
+                  "shards": shard_bounds(n, world, args.batch)} for s, n in sizes.items()}
+    return {"format": FORMAT, **identity, "L": sum(pn * pn for pn in identity["patch_nums"]), "seed": args.seed,
+            "batch": args.batch, "source": args.data_path or f"embedded:{args.dataset}", "splits": splits,
+            "complete": False}
+
+
+def layout(manifest: dict) -> str:
+    """The source, image counts and shards of a manifest, in words."""
+    return f"{manifest['source']}: " + ", ".join(f"{s} {i['images']} images in {len(i['shards'])} shard(s)"
+                                                  for s, i in manifest["splits"].items())
+
+
+def start(out: Path, manifest: dict) -> bool:
+    """Rank 0 writes the manifest, or checks that the one in `out` is this extraction's -> whether it is complete
+    (all ranks; TokenCacheError naming what differs)."""
+    problem, complete = None, False
+    if dist.is_main_process():
+        if (out / "manifest.json").exists():
+            old = read_manifest(out)
+            diffs = identity_problems(old, manifest) + [f"--{k}: cache {old[k]!r}, this run {manifest[k]!r}" for k in
+                                                        ("seed", "batch") if old[k] != manifest[k]]
+            if (old["source"], old["splits"]) != (manifest["source"], manifest["splits"]):
+                diffs.append(f"the images or ranks: cache {layout(old)}, this run {layout(manifest)}")
+            if diffs:
+                problem = f"{out} holds an extraction of other settings ({'; '.join(diffs)}): relaunch that " \
+                          f"command (with as many ranks), or choose another --out"
+            complete = old["complete"]
+        else:
+            out.mkdir(parents=True, exist_ok=True)
+            write_json(out / "manifest.json", manifest)
+            complete = False
+    problem, complete = dist.broadcast_object((problem, complete))
+    if problem:
+        raise TokenCacheError(problem)
+    return complete
+
+
+def finish(out: Path, manifest: dict, world: int) -> None:
+    """Rank 0, after every rank committed its shards: the skipped images into the manifest, marked complete."""
+    for split, info in manifest["splits"].items():
+        info["skipped"] = sorted(i for r in range(world) for i in json.loads(
+            (out / split / f"{shard_name(r, world)}.progress.json").read_text())["skipped"])
+        if info["skipped"]:
+            logger.warning("%s: %d unreadable image(s) skipped (indices %s%s)", split, len(info["skipped"]),
+                           info["skipped"][:10], " ..." if len(info["skipped"]) > 10 else "")
+    write_json(out / "manifest.json", {**manifest, "complete": True})
+
+
+def main(args: argparse.Namespace) -> None:
+    device = dist.initialize()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="[%(levelname)s] %(message)s")
+    if args.batch < 1 or args.workers < 0 or args.mid_reso < 1 or args.limit < 0:
+        raise ValueError(f"--batch={args.batch} --workers={args.workers} --mid_reso={args.mid_reso} "
+                         f"--limit={args.limit}: expected batch >= 1, workers >= 0, mid_reso >= 1, limit >= 0")
+    views, patch_nums = parse_views(args.views), parse_patch_nums(args.pn)
+    vae = load_vae(args.vae_ckpt, device, v_patch_nums=patch_nums)
+    if vae.vocab_size > 2**16:
+        raise ValueError(f"the tokenizer's vocabulary ({vae.vocab_size}) does not fit uint16 ids")
+    reso = patch_nums[-1] * vae.downsample
+    images = {s: open_split(args, s) for s in SPLITS}
+    identity = {"tokenizer_digest": tokenizer_digest(vae), "patch_nums": list(patch_nums), "reso": reso,
+                "mid_reso": args.mid_reso, "views": views, "classes": list(images["train"].classes)}
+    sources = {s: ViewSource(d, views if s == "train" else ["center"], reso, args.mid_reso, args.seed, args.limit)
+               for s, d in images.items()}
+    out = Path(args.out)
+    manifest = plan(args, identity, {s: len(d) for s, d in sources.items()}, world)
+    if start(out, manifest):
+        logger.info("%s is complete already: nothing to do", out)
+        return
+    for split, info in manifest["splits"].items():
+        source = sources[split]
+        writer = ShardWriter(out, split, rank, world, info["shards"][rank], len(info["views"]), manifest["L"])
+        extract_shard(vae, source, writer, args, split)
+    dist.barrier()
+    if rank == 0:
+        finish(out, manifest, world)
+        logger.info("token cache %s complete: %s", out, ", ".join(f"{s} {i['images']} images x {len(i['views'])} "
+                                                                  f"view(s)" for s, i in manifest["splits"].items()))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data_path", default="", help="ImageFolder root with train/ and val/ class sub-folders; empty "
+                   "= the embedded data set --dataset (as train.py)")
+    p.add_argument("--dataset", default="mnist", help="embedded data set when --data_path is empty")
+    p.add_argument("--fmnist_dir", default="", help="Fashion-MNIST's IDX folder (see train.py)")
+    p.add_argument("--vae_ckpt", default=None, help="tokenizer checkpoint, as train.py's")
+    p.add_argument("--pn", default="256", help="patch schedule, as train.py's")
+    p.add_argument("--mid_reso", type=float, default=1.125, help="resize the shorter side to mid_reso*reso "
+                   "before cropping, as train.py's")
+    p.add_argument("--views", default="center", help="views of each training image: center, tl, tr, bl, br, "
+                   "rand<i> (VAR's i-th random crop), each optionally _flip, comma-separated; preset: tencrop")
+    p.add_argument("--seed", type=int, default=0, help="seed of the rand<i> crops")
+    p.add_argument("--out", required=True, help="the cache folder (a relaunch continues in it)")
+    p.add_argument("--batch", type=int, default=64, help="images per encoder batch and per committed chunk")
+    p.add_argument("--workers", type=int, default=0, help="image-decoding processes per rank")
+    p.add_argument("--limit", type=int, default=0, help="only the first N images of each split (0 = all)")
+    p.add_argument("--log_every", type=int, default=0, help="also log a line every N committed chunks (for logs "
+                   "without a terminal; 0 = the progress bar only)")
+    return p
+
+
+if __name__ == "__main__":
+    try:
+        dist.run_then_finalize(main, build_parser().parse_args())
+    except (TokenCacheError, ValueError, FileNotFoundError, ModuleNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from e

@@ -1,0 +1,163 @@
+"""Token caches end to end on a tiny tokenizer and ImageFolder (CPU): scripts/extract_tokens.py (kill + relaunch
+byte-identical, 2 ranks == 1, unreadable images skipped) and train.py --tokens (bit-identical to training from the
+images' centre crop, kill + resume bit-identical, a cache of other settings refused)."""
+import dataclasses
+import re
+import shutil
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, build_tiny_mvar, interrupt, launch, launch_cmd, write_image_folder
+from test_trainer_e2e import KILL_AFTER_FIRST_SAVE, TINY, logged_losses, model_state
+from scripts.extract_tokens import start
+from trainer import data_problems
+from utils.data.token_cache import TokenCacheError, TokenDataset, open_cache, pick_view, read_manifest, \
+    tokenizer_digest
+from utils.run.checkpoint import LAST
+
+EXTRACT = REPO / "scripts" / "extract_tokens.py"
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny tokenizer (8 px images at pn 1_2_4), an ImageFolder of square 12 px images (so --mid_reso=1 resizes
+    them to 8x8 and the training transform's RandomCrop keeps them whole: the centre crop) and a copy of it with
+    an unreadable file."""
+    root = tmp_path_factory.mktemp("tokens")
+    vae, _ = build_tiny_mvar(patch_nums=(1, 2, 4))
+    torch.save({"vae_config": dataclasses.asdict(vae.config), "vae": vae.state_dict()}, root / "vae.pth")
+    write_image_folder(root / "data", 12, 12, {"train": 8, "val": 2})
+    shutil.copytree(root / "data", root / "broken")
+    (root / "broken" / "train" / "class1" / "3.png").write_bytes(b"not a png")
+    return root
+
+
+def extract_flags(setup: Path, out: Path, *extra: str, data: str = "data") -> list[str]:
+    return [f"--data_path={setup / data}", f"--vae_ckpt={setup / 'vae.pth'}", "--pn=1_2_4", "--mid_reso=1",
+            f"--out={out}", "--batch=2", *extra]
+
+
+def train_flags(setup: Path, out: Path, *extra: str) -> list[str]:
+    return [f"--vae_ckpt={setup / 'vae.pth'}", f"--local_out_dir_path={out}", *TINY, "--mid_reso=1",
+            "--save_every=2", *extra]
+
+
+def cache_files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def all_ids(folder: Path, split: str) -> tuple[np.ndarray, list[int]]:
+    """Every view's ids (N, K, L) and the labels of a cache split, as training reads them."""
+    ds = TokenDataset(folder, read_manifest(folder), split)
+    return np.stack([ds.ids[s][r] for s, r in zip(ds.shard_i, ds.row_i, strict=True)]), ds.targets
+
+
+@pytest.fixture(scope="module")
+def centre_cache(setup):
+    launch(EXTRACT, *extract_flags(setup, setup / "centre"), nproc=1)
+    return setup / "centre"
+
+
+def test_training_from_a_centre_crop_cache_equals_training_from_the_images(setup, centre_cache):
+    """Loss for loss and weight for weight (torch.equal), validation included: the cache's val split is the centre
+    view VAR's validation transform takes. A SIGKILL after the first mid-epoch checkpoint resumes bit-exactly."""
+    images = launch(REPO / "train.py", *train_flags(setup, setup / "from_images", f"--data_path={setup / 'data'}"),
+                    nproc=1).stdout
+    tokens = launch(REPO / "train.py", *train_flags(setup, setup / "from_tokens", f"--tokens={centre_cache}"),
+                    nproc=1).stdout
+    assert "training from the token cache" in tokens
+    assert logged_losses(images) == logged_losses(tokens) and len(logged_losses(tokens)) == 12
+    val = [line.split("val: ")[1] for line in images.splitlines() if " val: " in line]
+    assert val and val == [line.split("val: ")[1] for line in tokens.splitlines() if " val: " in line]
+    ref = model_state(setup / "from_images" / LAST)
+    assert all(torch.equal(v, model_state(setup / "from_tokens" / LAST)[k]) for k, v in ref.items())
+
+    killed = setup / "tokens_killed"
+    cmd = launch_cmd(REPO / "train.py", *train_flags(setup, killed, f"--tokens={centre_cache}"))
+    proc, _ = interrupt(cmd, KILL_AFTER_FIRST_SAVE, signal.SIGKILL)
+    assert proc.returncode == -signal.SIGKILL
+    resumed = launch(REPO / "train.py", *train_flags(setup, killed, f"--tokens={centre_cache}"), nproc=1).stdout
+    assert "resumed from" in resumed
+    assert all(logged_losses(tokens)[k] == v for k, v in logged_losses(resumed).items())
+    assert all(torch.equal(v, model_state(killed / LAST)[k]) for k, v in ref.items())
+
+    stale = launch(REPO / "train.py", *train_flags(setup, setup / "stale", f"--tokens={centre_cache}", "--pn=1_2"),
+                   nproc=1, check=False)
+    assert stale.returncode != 0 and stale.stderr.strip().splitlines()[-1] == (
+        f"error: the token cache {centre_cache} was made for other settings: the patch schedule (--pn): cache "
+        f"[1, 2, 4], this run [1, 2]; the resolution: cache 8, this run 4")
+
+
+def test_a_cache_of_another_tokenizer_or_classes_is_refused_naming_it(setup, centre_cache):
+    vae, _ = build_tiny_mvar(patch_nums=(1, 2, 4))
+    manifest = open_cache(centre_cache, {"tokenizer_digest": tokenizer_digest(vae), "patch_nums": [1, 2, 4]})
+    assert manifest["splits"]["train"]["images"] == 24
+    with torch.no_grad():
+        vae.quantize.embedding.weight.add_(0.01)
+    with pytest.raises(TokenCacheError, match=r"the tokenizer \(weights digest of --vae_ckpt\): cache '[0-9a-f]+'"):
+        open_cache(centre_cache, {"tokenizer_digest": tokenizer_digest(vae)})
+    with pytest.raises(TokenCacheError, match=r"the class names: cache \['class2'\], this run \['classX'\]"):
+        open_cache(centre_cache, {"classes": ["class0", "class1", "classX"]})
+
+
+def test_resuming_images_from_tokens_mid_epoch_is_refused():
+    old = {"classes": ["a"], "train_images": 8, "tokens": None}
+    new = {**old, "tokens": ["center"]}
+    assert "trained from the images, this run from the token cache's views ['center']" in \
+        data_problems(old, new, mid_epoch=True)[0]
+    assert data_problems(old, new, mid_epoch=False) == [] and data_problems({**old, "tokens": None}, old, True) == []
+    assert data_problems({"classes": ["a"], "train_images": 8}, old, True) == []  # older checkpoints: images
+
+
+def test_extraction_killed_and_relaunched_is_byte_identical_and_skips_unreadable_images(setup):
+    flags = ("--views=rand0,rand1,tencrop", "--mid_reso=1.5", "--log_every=1")
+    first = launch(EXTRACT, *extract_flags(setup, setup / "whole", *flags, data="broken"), nproc=1)
+    assert f"skipping unreadable image {setup / 'broken' / 'train' / 'class1' / '3.png'}" in first.stderr
+    whole = cache_files(setup / "whole")
+    manifest = read_manifest(setup / "whole")
+    assert manifest["complete"] and manifest["splits"]["train"]["skipped"] == [11]  # class1/3.png
+    assert len(manifest["views"]) == 12 and manifest["splits"]["val"]["views"] == ["center"]
+    ids, labels = all_ids(setup / "whole", "train")
+    assert ids.shape == (23, 12, 21) and labels == [0] * 8 + [1] * 7 + [2] * 8
+    assert not np.array_equal(ids[:, 0], ids[:, 1]) and not np.array_equal(ids[:, 6], ids[:, 11])  # rand1, flip
+
+    cmd = launch_cmd(EXTRACT, *extract_flags(setup, setup / "killed", *flags, data="broken"))
+    proc, _ = interrupt(cmd, r"train: committed 2/24", signal.SIGKILL)
+    assert proc.returncode == -signal.SIGKILL
+    assert not read_manifest(setup / "killed")["complete"]
+    launch(EXTRACT, *extract_flags(setup, setup / "killed", *flags, data="broken"), nproc=1)
+    assert cache_files(setup / "killed") == whole
+
+    for change, message in (({"views": ["center"]}, "the views (--views): cache ['rand0', "),
+                            ({"batch": 4}, "--batch: cache 2, this run 4"),
+                            ({"splits": {}}, "the images or ranks: cache ")):
+        with pytest.raises(TokenCacheError, match=re.escape(f"{setup / 'killed'} holds an extraction of other "
+                                                            f"settings ({message}")):
+            start(setup / "killed", {**read_manifest(setup / "killed"), **change})  # a relaunch with other flags
+
+
+def test_two_rank_extraction_equals_one_rank(setup, centre_cache):
+    launch(EXTRACT, *extract_flags(setup, setup / "two_ranks"), nproc=2)
+    assert (setup / "two_ranks" / "train" / "shard-00001-of-00002.ids.npy").is_file()
+    for split in ("train", "val"):
+        ids_1, labels_1 = all_ids(centre_cache, split)
+        ids_2, labels_2 = all_ids(setup / "two_ranks", split)
+        assert np.array_equal(ids_1, ids_2) and labels_1 == labels_2
+
+
+def test_views_follow_the_seed():
+    """Each epoch draws one view per image from the item's seed; the draws cover the views evenly."""
+    counts = np.bincount([pick_view(s, 10) for s in range(10_000)], minlength=10)
+    assert counts.min() > 900 and pick_view(123, 10) == pick_view(123, 10)
+
+
+def test_a_limited_split_takes_the_samplers_items(centre_cache):
+    """--train_limit keeps the first images; items are the sampler's (index, seed) pairs or plain indices."""
+    ds = TokenDataset(centre_cache, read_manifest(centre_cache), "train", limit=5)
+    assert len(ds) == 5 and ds.targets == [0] * 5
+    ids_L, label = ds[(4, 123)]
+    assert ids_L.dtype == torch.int64 and ids_L.shape == (21,) and torch.equal(ids_L, ds[4][0]) and label == 0
