@@ -71,8 +71,8 @@ SAMPLING = dict(cfg=1.5, top_p=0.96, top_k_of_4096=900, more_smooth=False)  # th
 SAMPLE_BATCH = 250
 BASE_SETTINGS = ("reso", "pn", "tok", "clf_epochs", "clf_limit", "real_n", "inception_n")  # what --base must share
 ROWS = ("var", "intra", "mamba", "mvar", "mvar-w", "mvar-d", "var-half")  # study_rows' names, in report order
-OVERRIDES = ("seeds", "num_samples", "inception_n", "ep", "train_limit", "depth", "width", "eval_every", "tlr")
-# (flags over the preset)
+OVERRIDES = ("seeds", "first_seed", "num_samples", "inception_n", "ep", "train_limit", "depth", "width", "eval_every",
+             "tlr")  # flags over the preset
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rows", nargs="+", default=None, choices=ROWS, help="train only these rows (default: all)")
     g = p.add_argument_group("overrides of the preset (default: the preset's value)")
     g.add_argument("--seeds", type=int, default=None, help="seeds per row")
+    g.add_argument("--first_seed", type=int, default=None, help="the rows' seeds start here (default 0; another "
+                   "start gives held-out seeds, e.g. for choosing the recipe)")
     g.add_argument("--num_samples", type=int, default=None, help="generated images per model (a multiple of 10)")
     g.add_argument("--inception_n", type=int, default=None, help="images per set in the Inception FID (first seed "
                    "only; 0 = skip)")
@@ -147,12 +149,12 @@ def study_rows(depth: int, width: int, heads: int, V: int, pn: tuple[int, ...]) 
 
 def study_preset(args: argparse.Namespace) -> dict:
     """The preset with the flags that override it, checked (before any work starts)."""
-    preset = dict(PRESETS["quick" if args.quick else "curves" if args.curves else "full"], tlr=1e-3)
+    preset = dict(PRESETS["quick" if args.quick else "curves" if args.curves else "full"], tlr=1e-3, first_seed=0)
     for key in OVERRIDES:
         if getattr(args, key) is not None:
             preset[key] = getattr(args, key)
     minimum = {"seeds": 1, "num_samples": 10, "inception_n": 0, "ep": 1, "train_limit": 1, "depth": 2, "width": 64,
-               "eval_every": 0, "tlr": 1e-9}
+               "eval_every": 0, "tlr": 1e-9, "first_seed": 0}
     bad = [f"--{k}={preset[k]} (expected >= {m})" for k, m in minimum.items() if preset[k] < m]
     bad += [f"--{k}={preset[k]} (expected a multiple of {m})" for k, m in (("num_samples", 10), ("width", 64))
             if preset[k] % m]
@@ -173,7 +175,8 @@ def make_plan(args: argparse.Namespace) -> dict:
     rows = study_rows(preset["depth"], preset["width"], preset["heads"], TOKENIZER["vocab_size"], pn)
     rows = {name: row for name, row in rows.items() if name in (args.rows or preset.get("rows", ROWS))}
     runs = {f"{row}-s{seed}": dict(row=row, seed=seed, ep=preset["ep"] * preset.get("ep_scale", {}).get(row, 1))
-            for row in rows for seed in range(min(preset["seeds"], preset.get("row_seeds", {}).get(row, 99)))}
+            for row in rows for seed in range(preset["first_seed"], preset["first_seed"] + min(
+                preset["seeds"], preset.get("row_seeds", {}).get(row, preset["seeds"])))}
     sampling = dict(SAMPLING, top_k=round(SAMPLING["top_k_of_4096"] * TOKENIZER["vocab_size"] / 4096))
     return dict(preset=preset, rows=rows, runs=runs, sampling=sampling, quick=args.quick)
 
@@ -234,7 +237,7 @@ def job_model(out: Path, plan: dict, name: str) -> None:
     """One model x seed: train (train.py, auto-resuming), sample and score (each step skipped when done)."""
     if not (out / "sets" / f"{name}.npz").is_file():
         train_and_sample(out, plan, name)
-    score_set(out, plan, name, inception=plan["runs"][name]["seed"] == 0)
+    score_set(out, plan, name, inception=plan["runs"][name]["seed"] == plan["preset"]["first_seed"])
 
 
 def train_and_sample(out: Path, plan: dict, name: str) -> None:

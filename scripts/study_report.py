@@ -61,7 +61,7 @@ def collect(out: Path, plan: dict) -> dict[str, dict]:
         scores = [json.loads((out / "scores" / f"{r}.json").read_text()) for r in runs
                   if (out / "scores" / f"{r}.json").is_file()]
         # throughput of the first seed's run (later seeds may share the machine with other work)
-        first = [r for r in runs if plan["runs"][r]["seed"] == 0]
+        first = [r for r in runs if plan["runs"][r]["seed"] == preset["first_seed"]]
         timings = [json.loads((out / "runs" / r / "timing.json").read_text()) for r in first
                    if (out / "runs" / r / "timing.json").is_file()]
         train_speed = [v for r in first for v in tb_scalars(out / "runs" / r, "speed/images_per_s")[1][1:]]
@@ -176,7 +176,8 @@ def plot_samples(out: Path, plan: dict, path: Path) -> None:
     """One panel per set (first seed): one row per class, up to 8 images each."""
     per_class = min(8, plan["preset"]["num_samples"] // 10)
     panels = [("ceiling", REFERENCE_ROWS["ceiling"])] + [
-        (run, plan["rows"][spec["row"]]["label"]) for run, spec in plan["runs"].items() if spec["seed"] == 0]
+        (run, plan["rows"][spec["row"]]["label"]) for run, spec in plan["runs"].items()
+        if spec["seed"] == plan["preset"]["first_seed"]]
     panels = [(k, label) for k, label in panels if (out / "sets" / f"{k}.npz").is_file()]
     cols = min(4, len(panels))
     n_rows = (len(panels) + cols - 1) // cols
