@@ -25,14 +25,16 @@ PROGRESS = gr.Progress()  # Gradio gives each call its own tracker in place of t
 PAGE_ERRORS = (ValueError, FileNotFoundError, NonFiniteValueError)  # what a request can get wrong: shown, not raised
 
 
-def knob_inputs(session: Session, num_label: str, num_default: int) -> list[gr.components.Component]:
-    """Class picker, count, cfg, top-k, top-p, seed, smoothing, and a button setting the paper's values."""
-    classes = gr.Dropdown(session.class_choices(), value=[RANDOM], multiselect=True, label="classes (one row each)")
+def knob_inputs(session: Session, num_label: str, num_default: int, tab: str) -> list[gr.components.Component]:
+    """Class picker, count, cfg, top-k, top-p, seed, smoothing, and a button setting the paper's values (element
+    ids `{tab}-classes`, `{tab}-seed`)."""
+    classes = gr.Dropdown(session.class_choices(), value=[RANDOM], multiselect=True, label="classes (one row each)",
+                          elem_id=f"{tab}-classes")
     num = gr.Slider(1, 16, value=num_default, step=1, label=num_label)
     cfg = gr.Slider(0, 10, value=Knobs.cfg, step=0.1, label="cfg (classifier-free guidance)")
     top_k = gr.Number(Knobs.top_k, precision=0, minimum=0, label="top-k (0: all tokens)")
     top_p = gr.Slider(0.01, 1, value=Knobs.top_p, step=0.01, label="top-p (1: no nucleus filter)")
-    seed = gr.Number(Knobs.seed, precision=0, minimum=0, label="seed")
+    seed = gr.Number(Knobs.seed, precision=0, minimum=0, label="seed", elem_id=f"{tab}-seed")
     smooth = gr.Checkbox(Knobs.more_smooth, label="smoothing (--more_smooth: smoother pictures, not for FID)")
     paper = gr.Button("the paper's settings (cfg 1.5, top-k 900, top-p 0.96, no smoothing)", size="sm")
     paper.click(lambda: (PAPER["cfg"], PAPER["top_k"], PAPER["top_p"], PAPER["more_smooth"]),
@@ -102,15 +104,16 @@ def build_ui(session: Session, title: str, queue_size: int) -> gr.Blocks:
             with gr.Tab("Sample", id="sample"):
                 with gr.Row():
                     with gr.Column(scale=1):
-                        knobs = knob_inputs(session, "images per class", 4)
+                        knobs = knob_inputs(session, "images per class", 4, "sample")
                         bs = gr.Slider(1, 16, value=Knobs.bs, step=1, label="batch size (images shown per batch)")
                         run = gr.Button("Generate", variant="primary", elem_id="generate")
                     with gr.Column(scale=2):
                         images = gr.Gallery(format="png", label="images", columns=4, elem_id="images")
                         status = gr.Markdown(elem_id="status")
-                        command = gr.Code(label="the sample.py command that reproduces them", language="shell")
+                        command = gr.Code(label="the sample.py command that reproduces them", language="shell",
+                                          elem_id="command")
                         files = gr.File(label="downloads: the PNG grid and the command", file_count="multiple")
-                        send = gr.Button("edit the selected image")
+                        send = gr.Button("edit the selected image", elem_id="send")
             with gr.Tab("Edit", id="edit"):
                 with gr.Row():
                     with gr.Column(scale=1):
@@ -118,10 +121,10 @@ def build_ui(session: Session, title: str, queue_size: int) -> gr.Blocks:
                         editor = gr.ImageEditor(type="numpy", image_mode="RGBA", sources=[], transforms=[],
                                                 layers=False, label="draw over the region to regenerate",
                                                 brush=gr.Brush(colors=["#ff0000"], color_mode="fixed"))
-                        size = gr.Markdown()
+                        size = gr.Markdown(elem_id="size")
                         full_hw = gr.State(None)
                         box = gr.Textbox(label="or a box x0,y0,x1,y1 (wins over the drawing)", elem_id="box")
-                        edit_knobs = knob_inputs(session, "edits per class", 2)
+                        edit_knobs = knob_inputs(session, "edits per class", 2, "edit")
                         run_edit = gr.Button("Edit", variant="primary", elem_id="run-edit")
                     with gr.Column(scale=2):
                         with gr.Row():
@@ -129,7 +132,8 @@ def build_ui(session: Session, title: str, queue_size: int) -> gr.Blocks:
                             mask = gr.Image(label="regenerated region", format="png")
                         after = gr.Gallery(format="png", label="after", columns=4, elem_id="after")
                         edit_status = gr.Markdown(elem_id="edit-status")
-                        edit_command = gr.Code(label="the sample.py --edit command", language="shell")
+                        edit_command = gr.Code(label="the sample.py --edit command", language="shell",
+                                               elem_id="edit-command")
                         edit_files = gr.File(label="downloads: grid, command, image, mask", file_count="multiple")
         run.click(on_sample, [*knobs, bs], [images, status, command, files], api_name="sample",
                   concurrency_limit=1, concurrency_id="generate").then(
