@@ -15,7 +15,6 @@ from pathlib import Path
 
 import torch
 
-from models.hub_format import is_hub_source
 from models.mvar import MVAR
 from scripts.app_jobs import Session, Workspace, parse_sample_args
 from utils.flags import add_backend_flags
@@ -45,8 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def base_argv(args: argparse.Namespace, ckpt: str) -> list[str]:
-    """The app's own flags as sample.py flags (a checkpoint file or folder by its absolute path)."""
-    argv = ["--ckpt", ckpt if is_hub_source(ckpt) and not Path(ckpt).exists() else str(Path(ckpt).resolve())]
+    """The app's own flags as sample.py flags (a local checkpoint file or folder by its absolute path)."""
+    argv = ["--ckpt", str(Path(ckpt).resolve()) if Path(ckpt).exists() else ckpt]  # else a Hub id, or an error
     for flag in ("vae_ckpt", "attn_backend", "mamba_backend", "device"):
         value = getattr(args, flag)
         if value is not None and value != "auto":
@@ -90,13 +89,13 @@ def launch(argv: Sequence[str] | None = None, block: bool = True):
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     args = build_parser().parse_args(argv)
     session = open_session(args)
-    from scripts.app_ui import build_ui  # Gradio only once the model loaded
+    from scripts.app_ui import CSS, build_ui  # Gradio only once the model loaded
 
     title = f"M-VAR: {Path(session.base_argv[1]).name} ({session.mvar.num_classes} classes, " \
             f"{session.image_size} px)"
     demo = build_ui(session, title, args.queue_size)
     _, url, _ = demo.launch(server_name=args.host, server_port=args.port or None, share=args.share,
-                            max_file_size=int(args.max_upload_mb * 1e6), ssr_mode=False, quiet=not block,
+                            max_file_size=int(args.max_upload_mb * 1e6), ssr_mode=False, quiet=not block, css=CSS,
                             prevent_thread_lock=not block)
     if block:
         try:

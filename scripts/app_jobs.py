@@ -136,18 +136,22 @@ class Session:
         grid = save_grid(np.concatenate(batches), folder / "samples.png", ncol=args.num_per_class)
         yield Result(images=images, grid=grid, command=command, files=[grid, command])
 
-    def edit(self, image: Path, knobs: Knobs, mask_HW: np.ndarray | None = None, box: str | None = None,
+    def edit(self, image: Path, knobs: Knobs, drawn_hw: np.ndarray | None = None, box: str | None = None,
              on_scale: Callable[[int, int], None] | None = None) -> tuple[Result, np.ndarray, np.ndarray]:
         """Edit as `python sample.py --edit IMAGE --mask/--box ...` would -> (Result: the edits, the before | mask |
-        edits grid, the command; the image as the model sees it (H, W, 3) uint8; the mask as the model sees it)."""
+        edits grid, the command; the image as the model sees it (H, W, 3) uint8; the mask as the model sees it).
+        `drawn_hw`: a bool mask over the image at any size (the preview's), saved at the image's full size as
+        mask.png; `box`: "x0,y0,x1,y1" in the image's pixels (wins over the drawing)."""
         folder = self.workspace.new_folder()
-        source = folder / f"edit{Path(image).suffix.lower() or '.png'}"
+        source = folder / f"image{Path(image).suffix.lower() or '.png'}"  # the output is edit.png
         shutil.copyfile(image, source)
+        mask_file = folder / "mask.png"
         if box:
-            region = ["--box", box.replace(" ", "")]
-        elif mask_HW is not None:
-            Image.fromarray(mask_HW.astype(np.uint8) * 255).save(folder / "mask.png")
-            region = ["--mask", str(folder / "mask.png")]
+            region, inputs = ["--box", box.replace(" ", "")], [source]
+        elif drawn_hw is not None:
+            H, W = self.preview(source)[1]
+            Image.fromarray(drawn_hw.astype(np.uint8) * 255).resize((W, H), Image.NEAREST).save(mask_file)
+            region, inputs = ["--mask", str(mask_file)], [source, mask_file]
         else:
             raise ValueError("mark the region to regenerate: draw on the image or give a box x0,y0,x1,y1")
         argv = self.argv(knobs, folder / "edit.png", "--edit", str(source), *region)
@@ -159,9 +163,8 @@ class Session:
         names = [f"class{c:04d}_{k:03d}" for c in args.classes for k in range(args.num_per_class)]
         save_folder(edits, folder / "images", names)
         before, mask = to_uint8_BHW3(rows[0][:2])
-        inputs = [folder / a for a in ("mask.png",) if (folder / a).exists()]
         return Result(images=[folder / "images" / f"{n}.png" for n in names], grid=grid, command=command,
-                      files=[grid, command, source, *inputs]), before, mask
+                      files=[grid, command, *inputs]), before, mask
 
     def preview(self, image: Path) -> tuple[np.ndarray, tuple[int, int]]:
         """The image to draw on, as sample.py reads it (reduced, at least twice the model's size) -> (uint8
@@ -211,13 +214,9 @@ def scale_calls(mvar: MVAR, on_scale: Callable[[int, int], None] | None, total: 
         handle.remove()
 
 
-def mask_from_layers(layers: Sequence[np.ndarray], full_HW: tuple[int, int]) -> np.ndarray | None:
-    """The drawn strokes (RGBA layers over the preview) -> a bool mask at the image's full size (nearest), or None
-    when nothing was drawn."""
-    drawn = [np.asarray(layer)[..., 3] > 0 for layer in layers if np.asarray(layer).ndim == 3
-             and np.asarray(layer).shape[-1] == 4]
-    if not drawn or not any(d.any() for d in drawn):
-        return None
-    mask_hw = np.logical_or.reduce(drawn)
-    H, W = full_HW
-    return np.asarray(Image.fromarray(mask_hw).resize((W, H), Image.NEAREST))
+def mask_from_layers(layers: Sequence[np.ndarray]) -> np.ndarray | None:
+    """The drawn strokes (RGBA layers over the preview) -> a bool mask at the layers' size, or None when nothing was
+    drawn."""
+    drawn = [np.asarray(layer)[..., 3] > 0 for layer in layers
+             if np.asarray(layer).ndim == 3 and np.asarray(layer).shape[-1] == 4]
+    return np.logical_or.reduce(drawn) if drawn and any(d.any() for d in drawn) else None

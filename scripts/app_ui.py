@@ -22,6 +22,8 @@ from scripts.app_jobs import PAPER, RANDOM, Knobs, Result, Session, mask_from_la
 from utils.sample_io import NonFiniteValueError
 
 PROGRESS = gr.Progress()  # Gradio gives each call its own tracker in place of this default
+# small model images (8-64 px) fill their boxes, their pixels kept sharp
+CSS = "#before img, #region img {width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated}"
 PAGE_ERRORS = (ValueError, FileNotFoundError, NonFiniteValueError)  # what a request can get wrong: shown, not raised
 
 
@@ -29,6 +31,7 @@ def knob_inputs(session: Session, num_label: str, num_default: int, tab: str) ->
     """Class picker, count, cfg, top-k, top-p, seed, smoothing, and a button setting the paper's values (element
     ids `{tab}-classes`, `{tab}-seed`)."""
     classes = gr.Dropdown(session.class_choices(), value=[RANDOM], multiselect=True, label="classes (one row each)",
+                          allow_custom_value=True,  # scripts may pass bare ids (checked by Session.class_ids)
                           elem_id=f"{tab}-classes")
     num = gr.Slider(1, 16, value=num_default, step=1, label=num_label)
     cfg = gr.Slider(0, 10, value=Knobs.cfg, step=0.1, label="cfg (classifier-free guidance)")
@@ -74,23 +77,21 @@ def build_ui(session: Session, title: str, queue_size: int) -> gr.Blocks:
 
     def on_preview(path):
         if not path:
-            return None, None, ""
+            return None, ""
         try:
             img, (H, W) = session.preview(Path(path))
         except PAGE_ERRORS as e:
             raise gr.Error(str(e), print_exception=False) from e
         value = {"background": img, "layers": [], "composite": img}
-        return value, (H, W), f"{W}x{H} px (a box is in these pixels); draw over what to regenerate"
+        return value, f"{W}x{H} px (a box is in these pixels); draw over what to regenerate"
 
-    def on_edit(path, drawn, full_hw, box, classes, num, cfg, top_k, top_p, seed, smooth, progress=PROGRESS):
-        if not path:
+    def on_edit(image, drawing, box, classes, num, cfg, top_k, top_p, seed, smooth, progress=PROGRESS):
+        if not image:
             raise gr.Error("upload an image first (or send a generated one over)", print_exception=False)
         knobs = knobs_of(classes, num, cfg, top_k, top_p, seed, smooth)
         try:
-            mask = None
-            if not (box or "").strip() and drawn and full_hw:
-                mask = mask_from_layers(drawn.get("layers") or [], tuple(full_hw))
-            r, before, mask_img = session.edit(Path(path), knobs, mask_HW=mask, box=(box or "").strip() or None,
+            drawn = mask_from_layers((drawing or {}).get("layers") or [])
+            r, before, mask_img = session.edit(Path(image), knobs, drawn_hw=drawn, box=(box or "").strip() or None,
                                                on_scale=progress_bar(progress))
         except PAGE_ERRORS as e:
             raise gr.Error(str(e), print_exception=False) from e
@@ -122,14 +123,14 @@ def build_ui(session: Session, title: str, queue_size: int) -> gr.Blocks:
                                                 layers=False, label="draw over the region to regenerate",
                                                 brush=gr.Brush(colors=["#ff0000"], color_mode="fixed"))
                         size = gr.Markdown(elem_id="size")
-                        full_hw = gr.State(None)
                         box = gr.Textbox(label="or a box x0,y0,x1,y1 (wins over the drawing)", elem_id="box")
                         edit_knobs = knob_inputs(session, "edits per class", 2, "edit")
                         run_edit = gr.Button("Edit", variant="primary", elem_id="run-edit")
                     with gr.Column(scale=2):
                         with gr.Row():
-                            before = gr.Image(label="before (as the model sees it)", format="png", elem_id="before")
-                            mask = gr.Image(label="regenerated region", format="png")
+                            before = gr.Image(label="before (as the model sees it)", format="png", elem_id="before",
+                                              height=260)
+                            mask = gr.Image(label="regenerated region", format="png", elem_id="region", height=260)
                         after = gr.Gallery(format="png", label="after", columns=4, elem_id="after")
                         edit_status = gr.Markdown(elem_id="edit-status")
                         edit_command = gr.Code(label="the sample.py --edit command", language="shell",
@@ -141,8 +142,8 @@ def build_ui(session: Session, title: str, queue_size: int) -> gr.Blocks:
         images.select(selected_index, None, selected, api_visibility="undocumented")
         send.click(lambda paths, i: (paths[min(i or 0, len(paths) - 1)] if paths else None, gr.Tabs(selected="edit")),
                    [shown, selected], [upload, tabs], api_visibility="undocumented")
-        upload.change(on_preview, upload, [editor, full_hw, size], api_visibility="undocumented")
-        run_edit.click(on_edit, [upload, editor, full_hw, box, *edit_knobs],
+        upload.change(on_preview, upload, [editor, size], api_visibility="undocumented")
+        run_edit.click(on_edit, [upload, editor, box, *edit_knobs],
                        [before, mask, after, edit_status, edit_command, edit_files], api_name="edit",
                        concurrency_limit=1, concurrency_id="generate")
     demo.queue(max_size=queue_size, default_concurrency_limit=1)

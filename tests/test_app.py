@@ -73,13 +73,13 @@ def test_edit_keeps_the_outside_of_the_box_and_matches_sample_py(client, tmp_pat
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(photo)
     before, mask, edits, _, command, files = client.predict(gradio_client.handle_file(str(photo)), None, "0,0,16,8",
                                                             *EDIT, api_name="/edit")
-    assert "--edit edit.png --box 0,0,16,8" in command
+    assert "--edit image.png --box 0,0,16,8" in command and sorted(f.rsplit("/", 1)[-1] for f in files) == \
+        ["command.sh", "edit.png", "image.png"]
     out = [np.asarray(Image.open(e["image"])) for e in edits]
     assert np.asarray(Image.open(mask))[:4].all() and not np.asarray(Image.open(mask))[4:].any()
     assert all(np.array_equal(o[4:], out[0][4:]) for o in out)  # outside: the same reconstruction in every edit
     assert all((o[:4] != out[0][:4]).any() for o in out[1:])  # inside: each edit its own
     grid = np.asarray(Image.open(next(f for f in files if f.endswith("edit.png"))))
-    (tmp_path / "edit.png").write_bytes(photo.read_bytes())
     argv = shlex.split(command.strip().splitlines()[-1])[2:]
     argv[argv.index("--edit") + 1], argv[argv.index("--out") + 1] = str(photo), str(tmp_path / "cli.png")
     assert np.array_equal(np.asarray(Image.open(sample.main(argv))), grid)
@@ -185,3 +185,19 @@ def test_refused_checkpoint_gets_the_cli_message_before_any_server(tmp_path, mon
     with pytest.raises(SystemExit, match="make demo"):
         launch(["--port", str(free_port())], block=False)
     assert NO_MODEL.count("\n") == 0
+
+
+def test_a_drawn_mark_edits_like_the_same_box(client, tmp_path):
+    """Strokes drawn over the preview (an RGBA layer, here at half the image's size) become mask.png at the
+    image's size: the same edits as the box they cover."""
+    photo, layer = tmp_path / "photo.png", tmp_path / "layer.png"
+    Image.fromarray(np.random.default_rng(2).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(photo)
+    strokes = np.zeros((16, 16, 4), dtype=np.uint8)
+    strokes[:8, :, 0], strokes[:8, :, 3] = 255, 255  # the top half, in red
+    Image.fromarray(strokes).save(layer)
+    drawing = {"background": gradio_client.handle_file(str(photo)), "layers": [gradio_client.handle_file(str(layer))],
+               "composite": None}
+    drawn = client.predict(gradio_client.handle_file(str(photo)), drawing, "", *EDIT, api_name="/edit")
+    boxed = client.predict(gradio_client.handle_file(str(photo)), None, "0,0,32,16", *EDIT, api_name="/edit")
+    assert "--mask mask.png" in drawn[4] and any(f.endswith("mask.png") for f in drawn[5])
+    assert [Image.open(e["image"]).tobytes() for e in drawn[2]] == [Image.open(e["image"]).tobytes() for e in boxed[2]]

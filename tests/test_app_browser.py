@@ -50,7 +50,7 @@ from test_app import app  # noqa: E402, F401  (the app on a free loopback port o
 @pytest.fixture(scope="module")
 def browser():
     options = webdriver.ChromeOptions()
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1000"):
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1500"):
         options.add_argument(flag)
     options.binary_location = shutil.which("chromium")
     driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(shutil.which("chromedriver")))
@@ -79,6 +79,7 @@ def command_argv(driver, elem_id: str, **paths) -> list[str]:
 def screenshot(driver, name: str, tmp_path: Path) -> None:
     folder = Path(os.environ.get("MVAR_APP_SCREENSHOTS") or tmp_path)
     folder.mkdir(parents=True, exist_ok=True)
+    driver.execute_script("window.scrollTo(0, 0)")
     driver.save_screenshot(str(folder / name))
 
 
