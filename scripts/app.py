@@ -20,6 +20,7 @@ from scripts.app_jobs import Session, Workspace, parse_sample_args
 from utils.flags import add_backend_flags
 from utils.run.checkpoint import LAST
 
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline: before Gradio is first imported
 DEMO_CKPT = Path("local_output/demo/mvar") / LAST  # what `make demo` trains
 NO_MODEL = (f"no --ckpt given and no {DEMO_CKPT} (the model `make demo` trains, a few minutes on a CPU): run "
             "`make demo`, or pass --ckpt FOLDER|HUB_ID|FILE.pth")
@@ -86,7 +87,6 @@ def open_session(args: argparse.Namespace) -> Session:
 def launch(argv: Sequence[str] | None = None, block: bool = True):
     """Parse, load, build the page and serve it -> (the Gradio app, its URL); `block=False` returns at once
     (tests), else it serves until interrupted."""
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     args = build_parser().parse_args(argv)
     session = open_session(args)
     from scripts.app_ui import CSS, build_ui  # Gradio only once the model loaded

@@ -32,8 +32,9 @@ def free_port() -> int:
 def app(tmp_path_factory, tiny_mvar):
     """The app on a free loopback port over a tiny checkpoint that records class names -> (url, ckpt path, the
     Gradio Blocks)."""
+    from scripts.app import launch  # first: it turns Gradio's analytics off before Gradio is imported
+
     pytest.importorskip("gradio", reason="the app extra is not installed: pip install -e .[app]")
-    from scripts.app import launch
 
     vae, mvar = tiny_mvar()
     ckpt = tmp_path_factory.mktemp("app") / "tiny.pth"
@@ -171,8 +172,9 @@ def test_queue_runs_one_generation_at_a_time(app, client):
 
 
 def test_refused_checkpoint_gets_the_cli_message_before_any_server(tmp_path, monkeypatch, capsys):
-    pytest.importorskip("gradio", reason="the app extra is not installed")
     from scripts.app import NO_MODEL, launch
+
+    pytest.importorskip("gradio", reason="the app extra is not installed")
 
     bad = tmp_path / "bad.pth"
     bad.write_bytes(b"not a checkpoint")
