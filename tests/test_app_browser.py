@@ -106,7 +106,9 @@ def test_sample_and_edit_in_the_browser(app, browser, tmp_path):  # noqa: F811
 
     photo = tmp_path / "photo.png"  # 16 px: the model sees 8 px; the box is the top half
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(photo)
-    next(b for b in browser.find_elements(By.CSS_SELECTOR, "button[role=tab]") if b.text == "Edit").click()
+    browser.find_element(By.ID, "send").click()  # a generated image goes over to the editing tab
+    wait.until(lambda d: "8x8 px" in d.find_element(By.ID, "size").text)
+    browser.find_element(By.CSS_SELECTOR, "#upload button[aria-label='Clear']").click()
     wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#upload input[type=file]"))
     browser.find_element(By.CSS_SELECTOR, "#upload input[type=file]").send_keys(str(photo))
     wait.until(lambda d: "16x16 px" in d.find_element(By.ID, "size").text)
