@@ -1,21 +1,26 @@
 # Two entry points for a fresh machine: `make demo` (end-to-end run on embedded MNIST) and `make test`.
 # Each creates the virtualenv, installs requirements.txt at the versions of constraints.txt (+ requirements-nodeps.txt)
-# and this project in editable mode (pyproject.toml) on first use.
+# and this project in editable mode (pyproject.toml) with its `app` extra (Gradio, Selenium) on first use.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test bench study
+.PHONY: demo test bench study app
 
 $(VENV)/.installed: requirements.txt constraints.txt requirements-nodeps.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q -c constraints.txt -r requirements.txt
 	$(VENV)/bin/pip install -q --no-deps -r requirements-nodeps.txt
 	$(VENV)/bin/pip install -q --no-deps -e .
+	$(VENV)/bin/pip install -q -c constraints.txt -e ".[app]"
 	touch $@
 
 demo: $(VENV)/.installed
 	$(PY) scripts/demo.py
+
+# The web page for sampling and editing (http://127.0.0.1:7860), over the demo's model unless CKPT=... is given
+app: $(VENV)/.installed
+	$(PY) -m scripts.app $(if $(CKPT),--ckpt $(CKPT))
 
 # Pure-Python builds of mamba-ssm/flash-attn for tests/test_triton_interpreter.py (nothing compiled; cached in .whl/)
 .whl/site/.installed: requirements-cuda.txt scripts/interpreter_kernels.sh | $(VENV)/.installed

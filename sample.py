@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -274,6 +274,18 @@ def load_hub_checked(args: argparse.Namespace, device: torch.device) -> tuple[MV
     return mvar, Path(args.ckpt), vae_id
 
 
+def open_model(args: argparse.Namespace, device: torch.device) -> tuple[MVAR, Path, str]:
+    """The checks and the loading of `main`, with its messages: --bf16 falls back to fp32 where slow, a forced kernel
+    that cannot run and a checkpoint the loaders refuse are SystemExit("error: ...") (scripts/app.py says the same
+    before its server starts) -> load_checked's (model, checkpoint path, tokenizer id)."""
+    fall_back_to_fp32_where_slow(args, device)
+    try:
+        check_backends(args, device)
+        return load_checked(args, device)
+    except (BackendError, ValueError, FileNotFoundError, NonFiniteValueError, CheckpointError) as e:
+        raise SystemExit(f"error: {e}") from e
+
+
 def make_generate(mvar: MVAR, args: argparse.Namespace, device: torch.device):
     """labels (B,) int64 numpy, g_seed -> uint8 images (B, H, W, 3). Under --fp16/--bf16 the Linear weights are
     cast once per batch (`MVAR.inference_precision`), not on every call. The weights were checked finite at load,
@@ -308,22 +320,36 @@ def precision_name(args: argparse.Namespace) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 # Modes
 # ---------------------------------------------------------------------------------------------------------------
+def picture_labels(args: argparse.Namespace) -> tuple[np.ndarray, list[str]]:
+    """Class ids of every picture, class-major (one grid row per class), and their file names."""
+    classes = list(args.classes if args.classes is not None else DEMO_CLASSES)
+    labels = np.repeat(np.asarray(classes, dtype=np.int64), args.num_per_class)
+    return labels, [f"class{c:04d}_{k:03d}" for c in classes for k in range(args.num_per_class)]
+
+
+def picture_batches(args: argparse.Namespace, generate) -> Iterator[tuple[np.ndarray, list[str]]]:
+    """The pictures of --classes x --num_per_class, a --bs batch at a time -> (uint8 (B, H, W, 3), file names).
+    Batch c is drawn from chunk_seed(--seed, c): this is what the same flags and seed reproduce (sample.py and
+    scripts/app.py both sample through it)."""
+    labels, names = picture_labels(args)
+    for c, start in enumerate(range(0, len(labels), args.bs)):
+        yield generate(labels[start:start + args.bs], chunk_seed(args.seed, c)), names[start:start + args.bs]
+
+
 def sample_pictures(args: argparse.Namespace, generate) -> Path:
     """A folder gets each batch as soon as it is finished; a grid is written at the end, or, when the run is
     interrupted (Ctrl-C) or fails, with the images finished until then."""
     from tqdm import tqdm
 
-    classes = list(args.classes if args.classes is not None else DEMO_CLASSES)
-    labels = np.repeat(np.asarray(classes, dtype=np.int64), args.num_per_class)  # class-major: one row per class
-    names = [f"class{c:04d}_{k:03d}" for c in classes for k in range(args.num_per_class)]
     out, batches = Path(args.out), []
+    num_images = len(picture_labels(args)[0])
     try:
-        for c, start in enumerate(tqdm(range(0, len(labels), args.bs), desc="sampling", unit="batch")):
-            imgs_BHW3 = generate(labels[start:start + args.bs], chunk_seed(args.seed, c))
+        for imgs_BHW3, names in tqdm(picture_batches(args, generate), desc="sampling", unit="batch",
+                                     total=-(-num_images // args.bs)):
             if is_image_file(out):
                 batches.append(imgs_BHW3)
             else:
-                save_folder(imgs_BHW3, out, names[start:start + len(imgs_BHW3)])
+                save_folder(imgs_BHW3, out, names)
     except BaseException:
         if batches:
             save_grid(np.concatenate(batches), out, ncol=args.num_per_class)
@@ -331,23 +357,30 @@ def sample_pictures(args: argparse.Namespace, generate) -> Path:
         raise
     if batches:
         save_grid(np.concatenate(batches), out, ncol=args.num_per_class)
-    logger.info("wrote %d images (%d classes x %d) to %s", len(labels), len(classes), args.num_per_class, out)
+    logger.info("wrote %d images (%d classes x %d) to %s", num_images, num_images // args.num_per_class,
+                args.num_per_class, out)
     return out
 
 
-def sample_edit(args: argparse.Namespace, mvar: MVAR, device: torch.device) -> Path:
-    """One row per class: the image as the model sees it, the mask, then --num_per_class edits."""
+def edit_rows(args: argparse.Namespace, mvar: MVAR) -> Iterator[torch.Tensor]:
+    """Per class of --classes: the image as the model sees it, the mask, then --num_per_class edits, (2 + n, 3, H, W)
+    floats in [0, 1] (sample.py --edit and scripts/app.py both edit through it)."""
     img_13HW, mask_11HW = load_edit_inputs(args.edit, mvar.patch_nums[-1] * mvar.vae.downsample, args.mask, args.box)
     n, dtype = args.num_per_class, amp_dtype(args)
-    rows = []
     for c, cls in enumerate(args.classes):
         with torch.inference_mode(), mvar.inference_precision(dtype):
             edits = mvar.autoregressive_edit_cfg(img_13HW.expand(n, -1, -1, -1), mask_11HW, cls,
                                                  g_seed=chunk_seed(args.seed, c), cfg=args.cfg, top_k=args.top_k,
                                                  top_p=args.top_p, more_smooth=args.more_smooth)
-        rows.append(torch.cat([img_13HW, mask_11HW.float().expand(1, 3, -1, -1), edits.float().cpu()]))
-    out = save_grid(to_uint8_BHW3(torch.cat(rows)), Path(args.out), ncol=2 + n)
-    logger.info("wrote %s: %d rows (classes %s) of before | mask | %d edits", out, len(rows), args.classes, n)
+        yield torch.cat([img_13HW, mask_11HW.float().expand(1, 3, -1, -1), edits.float().cpu()])
+
+
+def sample_edit(args: argparse.Namespace, mvar: MVAR) -> Path:
+    """One row per class: the image as the model sees it, the mask, then --num_per_class edits."""
+    rows = list(edit_rows(args, mvar))
+    out = save_grid(to_uint8_BHW3(torch.cat(rows)), Path(args.out), ncol=2 + args.num_per_class)
+    logger.info("wrote %s: %d rows (classes %s) of before | mask | %d edits", out, len(rows), args.classes,
+                args.num_per_class)
     return out
 
 
@@ -399,19 +432,14 @@ def main(argv: Sequence[str] | None = None) -> Path | None:
     setup_logging(rank)
     if world_size > 1 and not args.fid:
         raise SystemExit("several ranks only make sense with --fid (pictures are written by one process)")
-    fall_back_to_fp32_where_slow(args, device)
     try:
         check_outputs(args)
-        check_backends(args, device)
-    except (BackendError, ValueError) as e:
+    except ValueError as e:
         raise SystemExit(f"error: {e}") from e
-    try:
-        mvar, ckpt_path, vae_id = load_checked(args, device)
-    except (ValueError, FileNotFoundError, NonFiniteValueError, CheckpointError) as e:
-        raise SystemExit(f"error: {e}") from e
+    mvar, ckpt_path, vae_id = open_model(args, device)
     if args.edit is not None:
         try:
-            return sample_edit(args, mvar, device)
+            return sample_edit(args, mvar)
         except (ValueError, FileNotFoundError) as e:
             raise SystemExit(f"error: {e}") from e
     generate = make_generate(mvar, args, device)

@@ -80,7 +80,7 @@ def _any_pool(mask_HW: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
 def _open(path: Path, flag: str) -> Image.Image:
     try:
         return Image.open(path)
-    except OSError as e:
+    except (OSError, Image.DecompressionBombError) as e:  # the bomb: more pixels than PIL's guard lets through
         raise ValueError(f"{flag}={path}: not an image PIL can read ({e})") from e
 
 

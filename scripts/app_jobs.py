@@ -1,0 +1,222 @@
+"""What the web app (scripts/app.py) runs, without Gradio: the page's values become a sample.py command line, which
+sample.py parses and samples through its own functions (`picture_batches`, `edit_rows`), so the command offered
+for download reproduces the page's pixels. Every request writes into a fresh folder of a private temporary
+workspace (the oldest are removed); nothing from the page names a file: uploads are copied in under fixed names.
+"""
+import argparse
+import contextlib
+import io
+import shlex
+import shutil
+import tempfile
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+import sample
+from models.mvar import MVAR
+from utils.sample_io import read_edit_image, save_folder, save_grid, to_uint8_BHW3
+
+RANDOM = "random"  # the class picker's entry for one class drawn from the seed (the command names the class drawn)
+PAPER = {"cfg": 1.5, "top_k": 900, "top_p": 0.96, "more_smooth": False}  # sample.py --preset fid
+
+
+@dataclass
+class Knobs:
+    """The page's sampling settings (sample.py's flags of the same names)."""
+
+    classes: Sequence[str] = (RANDOM,)
+    num_per_class: int = 4
+    cfg: float = 4.0
+    top_k: int = 900
+    top_p: float = 0.95
+    seed: int = 0
+    more_smooth: bool = False
+    bs: int = 16
+
+
+@dataclass
+class Result:
+    """One request's files: the images (paths), the PNG grid, the reproducing command and its text."""
+
+    images: list[Path]
+    grid: Path
+    command: Path
+    files: list[Path] = field(default_factory=list)
+
+    @property
+    def command_text(self) -> str:
+        return self.command.read_text().strip()
+
+
+class Workspace:
+    """A private temporary folder with one sub-folder per request; only the newest `keep` are kept."""
+
+    def __init__(self, keep: int = 16):
+        self.root, self.keep, self.count = Path(tempfile.mkdtemp(prefix="mvar-app-")), keep, 0
+        self.lock = threading.Lock()
+
+    def new_folder(self) -> Path:
+        with self.lock:
+            self.count += 1
+            folder = self.root / f"{self.count:06d}"
+            folder.mkdir()
+            for old in sorted(self.root.iterdir())[:-self.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        return folder
+
+    def close(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+class Session:
+    """The loaded model and the fixed part of its sample.py command line (the app's own flags); generates one
+    request at a time."""
+
+    def __init__(self, mvar: MVAR, base_argv: Sequence[str], device: torch.device, class_names: list[str] | None,
+                 workspace: Workspace):
+        self.mvar, self.base_argv, self.device, self.workspace = mvar, list(base_argv), device, workspace
+        self.names = class_names if class_names and len(class_names) == mvar.num_classes else None
+        self.lock = threading.Lock()  # one generation at a time per process, whatever calls it
+
+    @property
+    def image_size(self) -> int:
+        return self.mvar.patch_nums[-1] * self.mvar.vae.downsample
+
+    def class_choices(self) -> list[str]:
+        """The class picker's entries: "random", then "id: name" (or the id where no names are recorded)."""
+        return [RANDOM] + [self.class_label(c) for c in range(self.mvar.num_classes)]
+
+    def class_label(self, c: int) -> str:
+        return f"{c}: {self.names[c]}" if self.names else str(c)
+
+    def class_ids(self, picked: Sequence[str], seed: int) -> list[int]:
+        """Picker entries -> class ids; each "random" is a class drawn from the seed."""
+        if not picked:
+            raise ValueError("pick at least one class (or \"random\")")
+        rng = np.random.default_rng(seed)
+        ids = []
+        for entry in picked:
+            if entry == RANDOM:
+                ids.append(int(rng.integers(self.mvar.num_classes)))
+                continue
+            head = str(entry).split(":", 1)[0].strip()
+            if not head.isdigit() or int(head) >= self.mvar.num_classes:
+                raise ValueError(f"unknown class {entry!r}: pick one of the list")
+            ids.append(int(head))
+        return ids
+
+    def argv(self, knobs: Knobs, out: Path, *extra: str) -> list[str]:
+        """The sample.py command line (without `python sample.py`) for these settings."""
+        return [*self.base_argv, "--classes", *map(str, self.class_ids(knobs.classes, knobs.seed)),
+                "--num_per_class", str(knobs.num_per_class), "--bs", str(knobs.bs), "--cfg", f"{knobs.cfg:g}",
+                "--top_k", str(knobs.top_k), "--top_p", f"{knobs.top_p:g}", "--seed", str(knobs.seed),
+                "--more_smooth" if knobs.more_smooth else "--no-more_smooth", *extra, "--out", str(out)]
+
+    def sample(self, knobs: Knobs, on_scale: Callable[[int, int], None] | None = None) -> Iterator[Result]:
+        """Sample as `python sample.py ARGV` would: a Result after each batch (its grid and command exist from the
+        last one on). on_scale(scales done, scales in all) is called after every scale."""
+        folder = self.workspace.new_folder()
+        argv = self.argv(knobs, folder / "samples.png")
+        args, command = parse_sample_args(argv), write_command(argv, folder)
+        labels = sample.picture_labels(args)[0]
+        total = -(-len(labels) // args.bs) * len(self.mvar.patch_nums)
+        generate, images, batches = sample.make_generate(self.mvar, args, self.device), [], []
+        with self.lock, scale_calls(self.mvar, on_scale, total):
+            for imgs_BHW3, names in sample.picture_batches(args, generate):
+                save_folder(imgs_BHW3, folder / "images", names)
+                images += [folder / "images" / f"{n}.png" for n in names]
+                batches.append(imgs_BHW3)
+                yield Result(images=list(images), grid=folder / "samples.png", command=command)
+        grid = save_grid(np.concatenate(batches), folder / "samples.png", ncol=args.num_per_class)
+        yield Result(images=images, grid=grid, command=command, files=[grid, command])
+
+    def edit(self, image: Path, knobs: Knobs, drawn_hw: np.ndarray | None = None, box: str | None = None,
+             on_scale: Callable[[int, int], None] | None = None) -> tuple[Result, np.ndarray, np.ndarray]:
+        """Edit as `python sample.py --edit IMAGE --mask/--box ...` would -> (Result: the edits, the before | mask |
+        edits grid, the command; the image as the model sees it (H, W, 3) uint8; the mask as the model sees it).
+        `drawn_hw`: a bool mask over the image at any size (the preview's), saved at the image's full size as
+        mask.png; `box`: "x0,y0,x1,y1" in the image's pixels (wins over the drawing)."""
+        folder = self.workspace.new_folder()
+        source = folder / f"image{Path(image).suffix.lower() or '.png'}"  # the output is edit.png
+        shutil.copyfile(image, source)
+        mask_file = folder / "mask.png"
+        if box:
+            region, inputs = ["--box", box.replace(" ", "")], [source]
+        elif drawn_hw is not None:
+            H, W = self.preview(source)[1]
+            Image.fromarray(drawn_hw.astype(np.uint8) * 255).resize((W, H), Image.NEAREST).save(mask_file)
+            region, inputs = ["--mask", str(mask_file)], [source, mask_file]
+        else:
+            raise ValueError("mark the region to regenerate: draw on the image or give a box x0,y0,x1,y1")
+        argv = self.argv(knobs, folder / "edit.png", "--edit", str(source), *region)
+        args, command = parse_sample_args(argv), write_command(argv, folder)
+        with self.lock, scale_calls(self.mvar, on_scale, len(args.classes) * len(self.mvar.patch_nums)):
+            rows = list(sample.edit_rows(args, self.mvar))
+        grid = save_grid(to_uint8_BHW3(torch.cat(rows)), folder / "edit.png", ncol=2 + args.num_per_class)
+        edits = to_uint8_BHW3(torch.cat([row[2:] for row in rows]))
+        names = [f"class{c:04d}_{k:03d}" for c in args.classes for k in range(args.num_per_class)]
+        save_folder(edits, folder / "images", names)
+        before, mask = to_uint8_BHW3(rows[0][:2])
+        return Result(images=[folder / "images" / f"{n}.png" for n in names], grid=grid, command=command,
+                      files=[grid, command, *inputs]), before, mask
+
+    def preview(self, image: Path) -> tuple[np.ndarray, tuple[int, int]]:
+        """The image to draw on, as sample.py reads it (reduced, at least twice the model's size) -> (uint8
+        (h, w, 3), the full size (H, W) that masks and boxes refer to); ValueError when it cannot be read."""
+        img_3hw, full_HW = read_edit_image(Path(image), self.image_size)
+        return to_uint8_BHW3(img_3hw[None])[0], full_HW
+
+
+def parse_sample_args(argv: Sequence[str]) -> argparse.Namespace:
+    """sample.parse_args, with its usage errors as ValueError (the message argparse would print)."""
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            return sample.parse_args(argv)
+    except SystemExit as e:
+        raise ValueError(err.getvalue().strip().split("error: ", 1)[-1]) from e
+
+
+def write_command(argv: Sequence[str], folder: Path) -> Path:
+    """command.sh: `python sample.py ARGV`, with the request folder's files named relative to it (they are
+    downloaded beside it)."""
+    prefix = f"{folder}/"
+    words = [a.removeprefix(prefix) for a in argv]
+    path = folder / "command.sh"
+    path.write_text("# run from the folder of the downloaded files, in this project's environment\n"
+                    f"python sample.py {shlex.join(words)}\n")
+    return path
+
+
+@contextlib.contextmanager
+def scale_calls(mvar: MVAR, on_scale: Callable[[int, int], None] | None, total: int) -> Iterator[None]:
+    """Call on_scale(done, total) after every scale the model samples (its output head runs once per scale)."""
+    if on_scale is None:
+        yield
+        return
+    done = 0
+
+    def hook(*_) -> None:
+        nonlocal done
+        done += 1
+        on_scale(done, total)
+
+    handle = mvar.head.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def mask_from_layers(layers: Sequence[np.ndarray]) -> np.ndarray | None:
+    """The drawn strokes (RGBA layers over the preview) -> a bool mask at the layers' size, or None when nothing was
+    drawn."""
+    drawn = [np.asarray(layer)[..., 3] > 0 for layer in layers
+             if np.asarray(layer).ndim == 3 and np.asarray(layer).shape[-1] == 4]
+    return np.logical_or.reduce(drawn) if drawn and any(d.any() for d in drawn) else None

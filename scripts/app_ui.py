@@ -1,0 +1,150 @@
+"""The web app's page (Gradio Blocks): a sampling tab and an editing tab over one `app_jobs.Session`.
+
+Both tabs run in one queue with one worker (`concurrency_id="generate"`), so one generation runs at a time and the
+others see their place. The page's errors (a bad upload, an empty mask, settings sample.py refuses) are messages in
+the page; the server keeps serving. For scripts the two endpoints are `/sample` and `/edit` (gradio_client):
+
+    from gradio_client import Client, handle_file
+    client = Client("http://127.0.0.1:7860")
+    images, status, command, files = client.predict(["3", "random"], 4, 4.0, 900, 0.95, 0, False, 16,
+                                                    api_name="/sample")
+    before, mask, edits, status, command, files = client.predict(handle_file("digit.png"), None, "0,0,8,4",
+                                                                 ["7"], 2, 4.0, 900, 0.95, 0, False, api_name="/edit")
+
+(`/sample`: classes, images per class, cfg, top-k, top-p, seed, smoothing, batch size; `/edit`: image, drawn
+layers (None with a box), box "x0,y0,x1,y1", then the same settings without the batch size.)
+"""
+from pathlib import Path
+
+import gradio as gr
+
+from scripts.app_jobs import PAPER, RANDOM, Knobs, Result, Session, mask_from_layers
+from utils.sample_io import NonFiniteValueError
+
+PROGRESS = gr.Progress()  # Gradio gives each call its own tracker in place of this default
+# small model images (8-64 px) fill their boxes, their pixels kept sharp
+CSS = "#before img, #region img {width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated}"
+PAGE_ERRORS = (ValueError, FileNotFoundError, NonFiniteValueError)  # what a request can get wrong: shown, not raised
+
+
+def knob_inputs(session: Session, num_label: str, num_default: int, tab: str) -> list[gr.components.Component]:
+    """Class picker, count, cfg, top-k, top-p, seed, smoothing, and a button setting the paper's values (element
+    ids `{tab}-classes`, `{tab}-seed`)."""
+    classes = gr.Dropdown(session.class_choices(), value=[RANDOM], multiselect=True, label="classes (one row each)",
+                          allow_custom_value=True,  # scripts may pass bare ids (checked by Session.class_ids)
+                          elem_id=f"{tab}-classes")
+    num = gr.Slider(1, 16, value=num_default, step=1, label=num_label)
+    cfg = gr.Slider(0, 10, value=Knobs.cfg, step=0.1, label="cfg (classifier-free guidance)")
+    top_k = gr.Number(Knobs.top_k, precision=0, minimum=0, label="top-k (0: all tokens)")
+    top_p = gr.Slider(0.01, 1, value=Knobs.top_p, step=0.01, label="top-p (1: no nucleus filter)")
+    seed = gr.Number(Knobs.seed, precision=0, minimum=0, label="seed", elem_id=f"{tab}-seed")
+    smooth = gr.Checkbox(Knobs.more_smooth, label="smoothing (--more_smooth: smoother pictures, not for FID)")
+    paper = gr.Button("the paper's settings (cfg 1.5, top-k 900, top-p 0.96, no smoothing)", size="sm")
+    paper.click(lambda: (PAPER["cfg"], PAPER["top_k"], PAPER["top_p"], PAPER["more_smooth"]),
+                outputs=[cfg, top_k, top_p, smooth], api_visibility="undocumented")
+    return [classes, num, cfg, top_k, top_p, seed, smooth]
+
+
+def knobs_of(classes, num, cfg, top_k, top_p, seed, smooth, bs: int = Knobs.bs) -> Knobs:
+    return Knobs(classes=list(classes or []), num_per_class=int(num), cfg=float(cfg), top_k=int(top_k or 0),
+                 top_p=float(top_p), seed=int(seed or 0), more_smooth=bool(smooth), bs=int(bs))
+
+
+def gallery(session: Session, result: Result) -> list[tuple[str, str]]:
+    """(image path, caption: its class) pairs; the files are named class{id:04d}_{k:03d}.png."""
+    return [(str(p), session.class_label(int(p.stem[5:9]))) for p in result.images]
+
+
+def selected_index(evt: gr.SelectData) -> int:
+    return evt.index
+
+
+def progress_bar(progress: gr.Progress):
+    return lambda done, total: progress((done, total), desc="scales", unit="scales")
+
+
+def build_ui(session: Session, title: str, queue_size: int) -> gr.Blocks:
+    """The page over `session`, its queue bounded at `queue_size` waiting requests."""
+
+    def on_sample(classes, num, cfg, top_k, top_p, seed, smooth, bs, progress=PROGRESS):
+        knobs = knobs_of(classes, num, cfg, top_k, top_p, seed, smooth, bs)
+        try:
+            for r in session.sample(knobs, on_scale=progress_bar(progress)):
+                status = f"{len(r.images)} images" + (" (done)" if r.files else ", more coming")
+                yield gallery(session, r), status, r.command_text, [str(p) for p in r.files] or None
+        except PAGE_ERRORS as e:
+            raise gr.Error(str(e), print_exception=False) from e
+
+    def on_preview(path):
+        if not path:
+            return None, ""
+        try:
+            img, (H, W) = session.preview(Path(path))
+        except PAGE_ERRORS as e:
+            raise gr.Error(str(e), print_exception=False) from e
+        value = {"background": img, "layers": [], "composite": img}
+        return value, f"{W}x{H} px (a box is in these pixels); draw over what to regenerate"
+
+    def on_edit(image, drawing, box, classes, num, cfg, top_k, top_p, seed, smooth, progress=PROGRESS):
+        if not image:
+            raise gr.Error("upload an image first (or send a generated one over)", print_exception=False)
+        knobs = knobs_of(classes, num, cfg, top_k, top_p, seed, smooth)
+        try:
+            drawn = mask_from_layers((drawing or {}).get("layers") or [])
+            r, before, mask_img = session.edit(Path(image), knobs, drawn_hw=drawn, box=(box or "").strip() or None,
+                                               on_scale=progress_bar(progress))
+        except PAGE_ERRORS as e:
+            raise gr.Error(str(e), print_exception=False) from e
+        return (before, mask_img, gallery(session, r), f"{len(r.images)} edits", r.command_text,
+                [str(p) for p in r.files])
+
+    with gr.Blocks(title=title, delete_cache=(600, 3600)) as demo:
+        gr.Markdown(f"## {title}")
+        shown, selected = gr.State([]), gr.State(0)
+        with gr.Tabs() as tabs:
+            with gr.Tab("Sample", id="sample"):
+                with gr.Row():
+                    with gr.Column(scale=1):
+                        knobs = knob_inputs(session, "images per class", 4, "sample")
+                        bs = gr.Slider(1, 16, value=Knobs.bs, step=1, label="batch size (images shown per batch)")
+                        run = gr.Button("Generate", variant="primary", elem_id="generate")
+                    with gr.Column(scale=2):
+                        images = gr.Gallery(format="png", label="images", columns=4, elem_id="images")
+                        status = gr.Markdown(elem_id="status")
+                        command = gr.Code(label="the sample.py command that reproduces them", language="shell",
+                                          elem_id="command")
+                        files = gr.File(label="downloads: the PNG grid and the command", file_count="multiple")
+                        send = gr.Button("edit the selected image", elem_id="send")
+            with gr.Tab("Edit", id="edit"):
+                with gr.Row():
+                    with gr.Column(scale=1):
+                        upload = gr.File(label="image to edit (PNG, JPEG, ...)", elem_id="upload")
+                        editor = gr.ImageEditor(type="numpy", image_mode="RGBA", sources=[], transforms=[],
+                                                layers=False, label="draw over the region to regenerate",
+                                                brush=gr.Brush(colors=["#ff0000"], color_mode="fixed"))
+                        size = gr.Markdown(elem_id="size")
+                        box = gr.Textbox(label="or a box x0,y0,x1,y1 (wins over the drawing)", elem_id="box")
+                        edit_knobs = knob_inputs(session, "edits per class", 2, "edit")
+                        run_edit = gr.Button("Edit", variant="primary", elem_id="run-edit")
+                    with gr.Column(scale=2):
+                        with gr.Row():
+                            before = gr.Image(label="before (as the model sees it)", format="png", elem_id="before",
+                                              height=260)
+                            mask = gr.Image(label="regenerated region", format="png", elem_id="region", height=260)
+                        after = gr.Gallery(format="png", label="after", columns=4, elem_id="after")
+                        edit_status = gr.Markdown(elem_id="edit-status")
+                        edit_command = gr.Code(label="the sample.py --edit command", language="shell",
+                                               elem_id="edit-command")
+                        edit_files = gr.File(label="downloads: grid, command, image, mask", file_count="multiple")
+        run.click(on_sample, [*knobs, bs], [images, status, command, files], api_name="sample",
+                  concurrency_limit=1, concurrency_id="generate").then(
+            lambda r: [item[0] for item in r or []], images, shown, api_visibility="undocumented")
+        images.select(selected_index, None, selected, api_visibility="undocumented")
+        send.click(lambda paths, i: (paths[min(i or 0, len(paths) - 1)] if paths else None, gr.Tabs(selected="edit")),
+                   [shown, selected], [upload, tabs], api_visibility="undocumented")
+        upload.change(on_preview, upload, [editor, size], api_visibility="undocumented")
+        run_edit.click(on_edit, [upload, editor, box, *edit_knobs],
+                       [before, mask, after, edit_status, edit_command, edit_files], api_name="edit",
+                       concurrency_limit=1, concurrency_id="generate")
+    demo.queue(max_size=queue_size, default_concurrency_limit=1)
+    return demo

@@ -1,0 +1,205 @@
+"""The web app (scripts/app.py) through gradio_client: the same pixels as the sample.py command it offers, edits
+that keep what lies outside the box, bad uploads answered with a message while the server keeps serving, no file
+of the server reachable from the page, refused checkpoints refused before any server starts. The real-browser
+test is tests/test_app_browser.py; both use this file's `app` fixture."""
+import shlex
+import socket
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import sample
+from models.loading import mvar_checkpoint
+
+gradio_client = pytest.importorskip("gradio_client", reason="the app extra is not installed: pip install -e .[app]")
+
+NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+SAMPLE = (["3: three", "random"], 2, 1.5, 10, 0.9, 5, False, 3)  # classes, per class, cfg, k, p, seed, smooth, bs
+EDIT = (["7: seven", "2: two"], 2, 1.5, 10, 0.9, 1, False)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory, tiny_mvar):
+    """The app on a free loopback port over a tiny checkpoint that records class names -> (url, ckpt path, the
+    Gradio Blocks)."""
+    from scripts.app import launch  # first: it turns Gradio's analytics off before Gradio is imported
+
+    pytest.importorskip("gradio", reason="the app extra is not installed: pip install -e .[app]")
+
+    vae, mvar = tiny_mvar()
+    ckpt = tmp_path_factory.mktemp("app") / "tiny.pth"
+    torch.save({**mvar_checkpoint(mvar, vae), "data": {"classes": NAMES}}, ckpt)
+    demo, session, url = launch(["--ckpt", str(ckpt), "--device", "cpu", "--port", str(free_port()),
+                                 "--max_upload_mb", "1"], block=False)
+    yield url, ckpt, demo
+    demo.close()
+    session.workspace.close()
+
+
+@pytest.fixture(scope="module")
+def client(app):
+    return gradio_client.Client(app[0], verbose=False)
+
+
+def sample_py(command: str, out) -> list[np.ndarray]:
+    """Run the offered command (its last line) with --out replaced by the folder `out` -> its images in order."""
+    argv = shlex.split(command.strip().splitlines()[-1])[2:]
+    argv[argv.index("--out") + 1] = str(out)
+    folder = sample.main(argv)
+    return [np.asarray(Image.open(p)) for p in sorted(folder.iterdir())]
+
+
+def test_sampling_gives_the_pixels_of_the_offered_command(app, client, tmp_path):
+    url, ckpt, _ = app
+    images, status, command, files = client.predict(*SAMPLE, api_name="/sample")
+    assert f"--ckpt {ckpt}" in command and "--classes 3 " in command and "--seed 5" in command
+    assert [i["caption"] for i in images][:2] == ["3: three"] * 2 and status.startswith("4 images")
+    shown = [np.asarray(Image.open(i["image"])) for i in images]
+    assert all(np.array_equal(a, b) for a, b in zip(shown, sample_py(command, tmp_path / "cli"), strict=True))
+    assert sorted(p.rsplit("/", 1)[-1] for p in files) == ["command.sh", "samples.png"]
+
+
+def test_edit_keeps_the_outside_of_the_box_and_matches_sample_py(client, tmp_path):
+    photo = tmp_path / "photo.png"  # 16 px: the model sees it at 8 px, the box's top half is rows 0-3 there
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(photo)
+    before, mask, edits, _, command, files = client.predict(gradio_client.handle_file(str(photo)), None, "0,0,16,8",
+                                                            *EDIT, api_name="/edit")
+    assert "--edit image.png --box 0,0,16,8" in command and sorted(f.rsplit("/", 1)[-1] for f in files) == \
+        ["command.sh", "edit.png", "image.png"]
+    out = [np.asarray(Image.open(e["image"])) for e in edits]
+    assert np.asarray(Image.open(mask))[:4].all() and not np.asarray(Image.open(mask))[4:].any()
+    assert all(np.array_equal(o[4:], out[0][4:]) for o in out)  # outside: the same reconstruction in every edit
+    assert all((o[:4] != out[0][:4]).any() for o in out[1:])  # inside: each edit its own
+    grid = np.asarray(Image.open(next(f for f in files if f.endswith("edit.png"))))
+    argv = shlex.split(command.strip().splitlines()[-1])[2:]
+    argv[argv.index("--edit") + 1], argv[argv.index("--out") + 1] = str(photo), str(tmp_path / "cli.png")
+    assert np.array_equal(np.asarray(Image.open(sample.main(argv))), grid)
+
+
+def bomb_png(path, side: int = 40_000) -> None:
+    """A valid 1x1 PNG whose header claims side x side pixels (PIL refuses it when opening, before decoding)."""
+    Image.new("L", (1, 1)).save(path)
+    data = bytearray(path.read_bytes())
+    ihdr = 8 + 8  # signature, then length + "IHDR"
+    data[ihdr:ihdr + 8] = struct.pack(">II", side, side)
+    data[ihdr + 13:ihdr + 17] = struct.pack(">I", zlib.crc32(bytes(data[ihdr - 4:ihdr + 13])))
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("kind", ["16-bit", "palette", "RGBA", "grey", "JPEG", "large"])
+def test_image_kinds_edit(client, tmp_path, kind):
+    rng = np.random.default_rng(1)
+    rgb = rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)
+    path = tmp_path / ("x.jpg" if kind in ("JPEG", "large") else "x.png")
+    {"16-bit": lambda: Image.fromarray(rng.integers(0, 65536, (12, 12)).astype(np.uint16)).save(path),
+     "palette": lambda: Image.fromarray(rgb).convert("P").save(path),
+     "RGBA": lambda: Image.fromarray(np.dstack([rgb, rgb[..., :1]])).save(path),
+     "grey": lambda: Image.fromarray(rgb[..., 0]).save(path),
+     "JPEG": lambda: Image.fromarray(rgb).save(path),
+     "large": lambda: Image.new("RGB", (3000, 2000), (90, 30, 200)).save(path, quality=70)}[kind]()
+    box = "1000,500,2000,1500" if kind == "large" else "0,0,4,4"
+    out = client.predict(gradio_client.handle_file(str(path)), None, box, *EDIT, api_name="/edit")
+    assert len(out[2]) == 4 and out[3] == "4 edits"
+
+
+BAD = [("text", "0,0,4,4", "not an image PIL can read"),
+       ("bomb", "0,0,4,4", "not an image PIL can read"),
+       ("png", "", "mark the region to regenerate"),
+       ("png", "0,0,99,4", "must satisfy 0 <= x0 < x1 <= 12 "),
+       ("png", "a,b", "expected four integers"),
+       ("png", "0,0,12,1", None),  # a box the centre crop leaves out: an empty mask
+       ("big", "0,0,4,4", "(?i)file.*(large|size)")]
+
+
+def bad_file(path, kind) -> None:
+    if kind == "text":
+        path.write_text("not an image\n")
+    elif kind == "bomb":
+        bomb_png(path)
+    elif kind == "big":  # over --max_upload_mb 1
+        Image.fromarray(np.random.default_rng(0).integers(0, 256, (800, 800, 3), dtype=np.uint8)).save(path)
+    else:
+        Image.new("RGB", (12, 16), (10, 200, 30)).save(path)
+
+
+def test_bad_input_gets_a_message_and_the_server_keeps_serving(client, tmp_path):
+    for i, (kind, box, message) in enumerate(BAD):
+        path = tmp_path / f"{i}.{'txt' if kind == 'text' else 'png'}"
+        bad_file(path, kind)
+        with pytest.raises(Exception, match=message or "the mask covers no pixel"):
+            client.predict(gradio_client.handle_file(str(path)), None, box, *EDIT, api_name="/edit")
+    assert client.predict(*SAMPLE, api_name="/sample")[1].startswith("4 images")  # still serving
+
+
+def test_a_mask_over_everything_works(client, tmp_path):
+    path = tmp_path / "x.png"
+    Image.new("RGB", (12, 12), (10, 200, 30)).save(path)
+    _, mask, edits, *_ = client.predict(gradio_client.handle_file(str(path)), None, "0,0,12,12", *EDIT,
+                                        api_name="/edit")
+    assert np.asarray(Image.open(mask)).all() and len(edits) == 4
+
+
+def test_the_page_cannot_read_server_files(app):
+    import urllib.error
+    import urllib.request
+
+    url, ckpt, _ = app
+    for path in ("/etc/hostname", str(ckpt), "scripts/app.py"):
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(f"{url.rstrip('/')}/gradio_api/file={path}", timeout=10)
+        assert e.value.code in (403, 404)
+
+
+def test_queue_runs_one_generation_at_a_time(app, client):
+    jobs = [client.submit(*SAMPLE, api_name="/sample") for _ in range(3)]
+    results = [job.result(timeout=120) for job in jobs]
+    pixels = [[Image.open(i["image"]).tobytes() for i in r[0]] for r in results]
+    assert pixels[1] == pixels[0] == pixels[2]  # queued requests: each ran whole, the same images
+    demo = app[2]
+    generate = [fn for fn in demo.fns.values() if fn.api_name in ("sample", "edit")]
+    assert len(generate) == 2 and {(fn.concurrency_id, fn.concurrency_limit) for fn in generate} == {("generate", 1)}
+    assert demo._queue.max_size == 8  # --queue_size: more waiting requests are turned away
+
+
+def test_refused_checkpoint_gets_the_cli_message_before_any_server(tmp_path, monkeypatch, capsys):
+    from scripts.app import NO_MODEL, launch
+
+    pytest.importorskip("gradio", reason="the app extra is not installed")
+
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit) as cli:
+        sample.main(["--ckpt", str(bad), "--device", "cpu", "--out", str(tmp_path / "x.png")])
+    with pytest.raises(SystemExit) as web:
+        launch(["--ckpt", str(bad), "--device", "cpu", "--port", str(free_port())], block=False)
+    assert str(web.value) == str(cli.value) and "unreadable" in str(web.value)
+    monkeypatch.chdir(tmp_path)  # no local_output/demo here
+    with pytest.raises(SystemExit, match="make demo"):
+        launch(["--port", str(free_port())], block=False)
+    assert NO_MODEL.count("\n") == 0
+
+
+def test_a_drawn_mark_edits_like_the_same_box(client, tmp_path):
+    """Strokes drawn over the preview (an RGBA layer, here at half the image's size) become mask.png at the
+    image's size: the same edits as the box they cover."""
+    photo, layer = tmp_path / "photo.png", tmp_path / "layer.png"
+    Image.fromarray(np.random.default_rng(2).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(photo)
+    strokes = np.zeros((16, 16, 4), dtype=np.uint8)
+    strokes[:8, :, 0], strokes[:8, :, 3] = 255, 255  # the top half, in red
+    Image.fromarray(strokes).save(layer)
+    drawing = {"background": gradio_client.handle_file(str(photo)), "layers": [gradio_client.handle_file(str(layer))],
+               "composite": None}
+    drawn = client.predict(gradio_client.handle_file(str(photo)), drawing, "", *EDIT, api_name="/edit")
+    boxed = client.predict(gradio_client.handle_file(str(photo)), None, "0,0,32,16", *EDIT, api_name="/edit")
+    assert "--mask mask.png" in drawn[4] and any(f.endswith("mask.png") for f in drawn[5])
+    assert [Image.open(e["image"]).tobytes() for e in drawn[2]] == [Image.open(e["image"]).tobytes() for e in boxed[2]]
