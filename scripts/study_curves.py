@@ -59,8 +59,7 @@ def spread(values: list[float]) -> float:
 def comparison_points(a: list[dict], b: list[dict], axis: str) -> list[float]:
     """Where to compare rows a and b on `axis`: at equal images the usual budgets, otherwise a's final point and
     half of it; only points that every run of both rows covers."""
-    lo = max(common_range(a, axis)[0], common_range(b, axis)[0])
-    hi = min(common_range(a, axis)[1], common_range(b, axis)[1])
+    lo, hi = common_range(a + b, axis)
     final = statistics.mean(r[axis][-1] for r in a)
     wanted = IMAGE_POINTS + (final,) if axis == "images" else (final / 2, final)
     return sorted({x for x in wanted if lo <= x <= hi} | ({hi} if axis != "images" and final > hi else set()))
