@@ -38,9 +38,10 @@ test: $(VENV)/.installed .whl/site/.installed
 	MVAR_TEST_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile --durations=15
 	$(LOW_ISA) MVAR_TEST_THREADS=2 $(PY) -m pytest -q -m "numerics and not slow"
 
-# The paper's ablations on Fashion-MNIST (apt-get install dataset-fashion-mnist): ~1.5 h on 2 CPU cores
+# The paper's question on Fashion-MNIST (apt-get install dataset-fashion-mnist): VAR and M-VAR learning curves and
+# the verdicts at equal images, FLOPs and CPU time (docs/study.md); see README for the time it takes
 study: $(VENV)/.installed
-	$(PY) scripts/study.py --report_dir docs
+	$(PY) scripts/study.py --curves --report_dir docs
 
 bench: $(VENV)/.installed
 	$(PY) scripts/bench.py --only attn block

@@ -11,8 +11,9 @@ Stages (each resumable: a re-run skips what is finished and continues what was i
    top-k 900/4096 of the vocabulary), their scores;
 5. the report: a markdown table, an automatic reading of it and PNG plots (scripts.study_report).
 
-    python scripts/study.py --report_dir docs          # the full study (about 1.5 h on 2 CPU cores)
-    python scripts/study.py --quick                    # the same pipeline at 16 px in a few minutes (CI)
+    python scripts/study.py --curves --report_dir docs               # learning curves (make study; see README)
+    python scripts/study.py --report_dir docs/study-early            # every row at 9,600 images (~1.5 h, 2 cores)
+    python scripts/study.py --quick                                  # the pipeline at 16 px in minutes (CI)
 """
 import argparse
 import json
@@ -308,10 +309,18 @@ def spread_over_classes(images: np.ndarray, n: int) -> np.ndarray:
     return images[np.linspace(0, len(images) - 1, n).round().astype(int)]
 
 
-def relative_cost(row: dict) -> float:
-    """A rough relative cost of training and sampling a row on the CPU (the Mamba2 scan doubles a block's cost),
-    to start the slowest jobs first so that the last job running alone is a short one."""
-    return row["params"] * (2 if "mamba" in ARCH_BRANCHES[row["arch"]] else 1)
+def relative_cost(row: dict, ep: int) -> float:
+    """A rough relative cost of training a row for `ep` epochs and sampling it on the CPU (per parameter, a block
+    with the Mamba2 scan takes about 1.5x as long, measured on the curves' runs), to start the slowest jobs first
+    so that the last job running alone is a short one."""
+    return row["params"] * ep * (1.5 if "mamba" in ARCH_BRANCHES[row["arch"]] else 1)
+
+
+def job_order(plan: dict) -> list[str]:
+    """The runs, costliest first (longest-processing-time order: the makespan of `--jobs` workers stays close to the
+    total work over the workers)."""
+    runs = plan["runs"]
+    return sorted(runs, key=lambda r: -relative_cost(plan["rows"][runs[r]["row"]], runs[r]["ep"]))
 
 
 def job_process(out: Path, job: str) -> None:
@@ -425,9 +434,7 @@ def main(args: argparse.Namespace) -> Path:
     if not (out / "scores" / "ceiling.json").is_file():
         reference_sets(out, plan)
         worked = True
-    order = sorted(plan["runs"], key=lambda r: (plan["runs"][r]["seed"], -relative_cost(plan["rows"][plan["runs"][r]
-                                                                                                  ["row"]])))
-    todo = [r for r in order if not (out / "scores" / f"{r}.json").is_file()]
+    todo = [r for r in job_order(plan) if not (out / "scores" / f"{r}.json").is_file()]
     run_parallel(out, todo, args.jobs)
     timing_path = out / "wall_time.json"  # summed over the runs that computed something
     total = json.loads(timing_path.read_text())["seconds"] if timing_path.is_file() else 0.0

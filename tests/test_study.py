@@ -8,7 +8,7 @@ import sys
 
 import pytest
 from conftest import REPO, SUBPROCESS_ENV
-from scripts import study
+from scripts import study, study_report
 from PIL import Image
 
 STUDY = REPO / "scripts" / "study.py"
@@ -133,3 +133,18 @@ def test_quick_study_refuses_other_settings_in_the_same_folder(quick_study):
     with pytest.raises(ValueError, match=re.escape("holds a study made with other settings (preset, runs differ)")):
         study_in_process(quick_study, "--seeds=2")
     assert not (quick_study / "runs" / "var-s1").exists()
+
+
+def test_curves_jobs_run_costliest_first():
+    """VAR's runs (twice the epochs) and M-VAR's start before the lighter equal-parameter rows, so that the last job
+    running alone is a short one (the order of the seeds does not decide it)."""
+    plan = study.make_plan(study.build_parser().parse_args(["--curves"]))
+    assert plan["runs"]["var-s0"]["ep"] == 2 * plan["runs"]["mvar-s0"]["ep"]
+    assert study.job_order(plan) == ["mvar-s0", "mvar-s1", "var-s0", "var-s1", "mvar-d-s0", "mvar-w-s0"]
+
+
+def test_report_points_to_the_early_training_view_when_it_is_there(tmp_path):
+    assert study_report.early_view(tmp_path) == ""
+    (tmp_path / "study-early").mkdir()
+    (tmp_path / "study-early" / "study.md").write_text("# early\n")
+    assert "[study-early/study.md](study-early/study.md)" in study_report.early_view(tmp_path)
