@@ -27,13 +27,24 @@ CPU_BF16_ENV = "MVAR_CPU_BF16"  # 1: bf16 on any CPU (emulated without the flags
 
 
 @functools.cache
-def cpu_bf16_flags() -> tuple[str, ...]:
-    """The `CPU_BF16_FLAGS` this CPU has: read from /proc/cpuinfo; elsewhere, torch's "AMX" capability level."""
+def cpu_info() -> dict[str, str] | None:
+    """The first processor's entries of /proc/cpuinfo ("model name", "flags", ...), or None where there is none."""
     try:
         with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+            text = f.read()
     except OSError:
+        return None
+    entries = (line.split(":", 1) for line in text.split("\n\n", 1)[0].splitlines() if ":" in line)
+    return {key.strip(): value.strip() for key, value in entries}
+
+
+@functools.cache
+def cpu_bf16_flags() -> tuple[str, ...]:
+    """The `CPU_BF16_FLAGS` this CPU has: read from /proc/cpuinfo; elsewhere, torch's "AMX" capability level."""
+    info = cpu_info()
+    if info is None:
         return ("amx_bf16",) if "AMX" in torch.backends.cpu.get_cpu_capability() else ()
+    flags = info.get("flags", "").split()
     return tuple(flag for flag in CPU_BF16_FLAGS if flag in flags)
 
 

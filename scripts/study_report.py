@@ -9,7 +9,6 @@ import logging
 import math
 import os
 import platform
-import re
 import statistics
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
+from models.precision import cpu_info  # noqa: E402
 from scripts.study_curves import collect_curves, learned, plot_curves, verdicts  # noqa: E402
 
 logging.getLogger("tensorboard").setLevel(logging.WARNING)  # one INFO line per event file otherwise
@@ -215,13 +215,12 @@ def budgets(rows: dict[str, dict], preset: dict) -> str:
 
 def machine() -> str:
     """This machine in a few words: CPU model, core count and the flags that decide its fp32/bf16 speed."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
+    info = cpu_info()
+    if info is None:
         return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
-    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
-    flags = sorted(set(re.findall(r"\b(avx2|avx512f|avx512_bf16|amx_bf16)\b", info)))
-    return f"{model}, {os.cpu_count()} cores, CPU flags {' '.join(flags) or 'none of avx2/avx512/amx'}"
+    flags = sorted(f for f in info.get("flags", "").split() if f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16"))
+    return f"{info.get('model name', '?')}, {os.cpu_count()} cores, CPU flags " \
+        f"{' '.join(flags) or 'none of avx2/avx512/amx'}"
 
 
 def curves_section(out: Path, rows: dict[str, dict], plan: dict, report_dir: Path) -> str:
