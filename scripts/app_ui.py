@@ -59,6 +59,11 @@ def selected_index(evt: gr.SelectData) -> int:
     return evt.index
 
 
+def brush(width: int | None) -> gr.Brush:
+    """A red brush 1/16 of the preview's width wide (Gradio's automatic size covers a small model's whole image)."""
+    return gr.Brush(colors=["#ff0000"], color_mode="fixed", default_size=max(1, width // 16) if width else "auto")
+
+
 def progress_bar(progress: gr.Progress):
     return lambda done, total: progress((done, total), desc="scales", unit="scales")
 
@@ -83,7 +88,8 @@ def build_ui(session: Session, title: str, queue_size: int) -> gr.Blocks:
         except PAGE_ERRORS as e:
             raise gr.Error(str(e), print_exception=False) from e
         value = {"background": img, "layers": [], "composite": img}
-        return value, f"{W}x{H} px (a box is in these pixels); draw over what to regenerate"
+        return gr.ImageEditor(value=value, brush=brush(img.shape[1])), \
+            f"{W}x{H} px (a box is in these pixels); draw over what to regenerate"
 
     def on_edit(image, drawing, box, classes, num, cfg, top_k, top_p, seed, smooth, progress=PROGRESS):
         if not image:
@@ -121,7 +127,7 @@ def build_ui(session: Session, title: str, queue_size: int) -> gr.Blocks:
                         upload = gr.File(label="image to edit (PNG, JPEG, ...)", elem_id="upload")
                         editor = gr.ImageEditor(type="numpy", image_mode="RGBA", sources=[], transforms=[],
                                                 layers=False, label="draw over the region to regenerate",
-                                                brush=gr.Brush(colors=["#ff0000"], color_mode="fixed"))
+                                                brush=brush(None), elem_id="editor")
                         size = gr.Markdown(elem_id="size")
                         box = gr.Textbox(label="or a box x0,y0,x1,y1 (wins over the drawing)", elem_id="box")
                         edit_knobs = knob_inputs(session, "edits per class", 2, "edit")
@@ -135,7 +141,8 @@ def build_ui(session: Session, title: str, queue_size: int) -> gr.Blocks:
                         edit_status = gr.Markdown(elem_id="edit-status")
                         edit_command = gr.Code(label="the sample.py --edit command", language="shell",
                                                elem_id="edit-command")
-                        edit_files = gr.File(label="downloads: grid, command, image, mask", file_count="multiple")
+                        edit_files = gr.File(label="downloads: grid, command, image, mask", file_count="multiple",
+                                             elem_id="edit-files")
         run.click(on_sample, [*knobs, bs], [images, status, command, files], api_name="sample",
                   concurrency_limit=1, concurrency_id="generate").then(
             lambda r: [item[0] for item in r or []], images, shown, api_visibility="undocumented")

@@ -1,6 +1,7 @@
 """The web app in a real browser: Debian's headless Chromium driven by Selenium picks a class, generates, reads the
 shown images back and checks them against the sample.py command the page offers, then edits an uploaded image with
-a box and checks that what lies outside it is kept and what lies inside changed. Saves a screenshot of each tab
+a box, and another with a stroke drawn with the mouse on the editor's canvas, and checks that what lies outside the
+region is kept and what lies inside changed (the drawn edit also against sample.py with the page's mask.png). Saves a screenshot of each tab
 into $MVAR_APP_SCREENSHOTS (docs/ for the README's; default: the test's temporary folder).
 
 Skips, saying what is missing, without chromium + chromedriver (apt-get install chromium chromium-driver) or the
@@ -36,6 +37,7 @@ if MISSING and os.environ.get("CI") != "true":
     pytest.skip(f"not installed: {'; '.join(MISSING)}", allow_module_level=True)
 if not MISSING:
     from selenium import webdriver
+    from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -124,3 +126,38 @@ def test_sample_and_edit_in_the_browser(app, browser, tmp_path):  # noqa: F811
     cells = [grid[2:10, 2 + k * 10:10 + k * 10] for k in (2, 3)]  # row 0: before | mask | edit | edit
     assert all(np.array_equal(a, b) for a, b in zip(edits, cells, strict=True))
     screenshot(browser, "app_edit.png", tmp_path)
+
+
+def test_a_mark_drawn_with_the_mouse_edits_its_region(app, browser, tmp_path):  # noqa: F811
+    """A stroke drawn with the mouse on the editing tab's canvas is the region: the edits agree outside the mask the
+    page shows and differ inside it, and the offered sample.py --edit command, given the page's mask.png, gives the
+    same pixels."""
+    wait = WebDriverWait(browser, 60)
+    browser.get(app[0])
+    wait.until(lambda d: d.find_elements(By.ID, "generate"))
+    next(t for t in browser.find_elements(By.CSS_SELECTOR, "button[role=tab]") if t.text.strip() == "Edit").click()
+    photo = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(photo)
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#upload input[type=file]"))
+    browser.find_element(By.CSS_SELECTOR, "#upload input[type=file]").send_keys(str(photo))
+    wait.until(lambda d: "16x16 px" in d.find_element(By.ID, "size").text)
+    canvas = wait.until(lambda d: [c for c in d.find_elements(By.CSS_SELECTOR, "#editor canvas") if c.size["width"]])[0]
+    # the 16 px image is shown centred in the canvas at 10x (160 px): a stroke down its left part, from the centre
+    ActionChains(browser).move_to_element_with_offset(canvas, -50, -60).click_and_hold() \
+        .move_by_offset(0, 20).move_by_offset(0, 20).release().perform()
+    browser.find_element(By.ID, "run-edit").click()
+    wait.until(lambda d: "edits" in d.find_element(By.ID, "edit-status").text)
+    mask = shown(browser.find_elements(By.CSS_SELECTOR, "#region img"))[0][..., 0] > 127
+    edits = shown(browser.find_elements(By.CSS_SELECTOR, "#after img"))
+    assert mask.any() and not mask.all(), mask.astype(int)  # the stroke, not the whole image or nothing
+    assert len(edits) == 2 and np.array_equal(edits[0][~mask], edits[1][~mask])  # outside: kept
+    assert (edits[0][mask] != edits[1][mask]).any()  # inside: regenerated, each edit its own
+    link = next(a for a in browser.find_elements(By.CSS_SELECTOR, "#edit-files a")
+                if (a.get_attribute("href") or "").endswith("mask.png"))
+    mask_png = tmp_path / "mask.png"
+    with urllib.request.urlopen(link.get_attribute("href"), timeout=10) as r:
+        mask_png.write_bytes(r.read())
+    grid = np.asarray(Image.open(sample.main(command_argv(browser, "edit-command", edit=photo, mask=mask_png,
+                                                          out=tmp_path / "cli.png"))))
+    cells = [grid[2:10, 2 + k * 10:10 + k * 10] for k in (2, 3)]  # row 0: before | mask | edit | edit
+    assert all(np.array_equal(a, b) for a, b in zip(edits, cells, strict=True))
