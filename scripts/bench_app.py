@@ -23,6 +23,8 @@ import sample
 from models import build_vae_mvar
 from models.loading import mvar_checkpoint
 from scripts.app_jobs import parse_sample_args
+from scripts.markdown import markdown_table
+from utils.sample_io import save_grid
 
 FLAGS = ["--classes", "1", "--num_per_class", "8", "--bs", "4", "--cfg", "1.5", "--top_k", "100", "--top_p", "0.9",
          "--seed", "0", "--no-more_smooth"]
@@ -45,17 +47,19 @@ def rss_mb(pid: int) -> float:
     raise RuntimeError("no VmRSS")
 
 
-def cli_run(ckpt: Path):
-    """sample.py's functions in this process, the model loaded once -> a function timing one run: (first batch,
-    all batches) seconds."""
-    args = parse_sample_args(["--ckpt", str(ckpt), "--device", "cpu", *FLAGS, "--out", "unused.png"])
+def cli_run(ckpt: Path, folder: Path):
+    """sample.py's functions in this process, the model loaded once -> a function timing one run of the command the
+    app offers (its batches, then the PNG grid it writes): (first batch, all batches and the grid) seconds."""
+    args = parse_sample_args(["--ckpt", str(ckpt), "--device", "cpu", *FLAGS, "--out", str(folder / "cli.png")])
     mvar, _, _ = sample.open_model(args, torch.device("cpu"))
     generate = sample.make_generate(mvar, args, torch.device("cpu"))
 
     def run() -> tuple[float, float]:
-        t0, first = time.perf_counter(), None
-        for _batch in sample.picture_batches(args, generate):
+        t0, first, batches = time.perf_counter(), None, []
+        for imgs_BHW3, _names in sample.picture_batches(args, generate):
             first = first or time.perf_counter() - t0
+            batches.append(imgs_BHW3)
+        save_grid(np.concatenate(batches), Path(args.out), ncol=args.num_per_class)
         return first, time.perf_counter() - t0
 
     return run
@@ -122,7 +126,7 @@ def main() -> None:
                     time.sleep(0.5)
             start = rss_mb(server.pid)
             load = page_load(url)
-            cli_once, app_all, cli_all = cli_run(ckpt), [], []
+            cli_once, app_all, cli_all = cli_run(ckpt, Path(tmp)), [], []
             for _ in range(args.reps):  # alternated, so that the load of a shared machine hits both alike
                 app_all.append(app_run(client))
                 cli_all.append(cli_once())
@@ -132,11 +136,13 @@ def main() -> None:
             for i in range(args.runs):
                 client.predict(["1"], 8, 1.5, 100, 0.9, i, False, 4, api_name="/sample")
             after = rss_mb(server.pid)
-            print(f"threads: {torch.get_num_threads()}; 8 images in batches of 4; medians of {args.reps}")
-            print(f"first image: app {app[0]:.3f} s, sample.py {cli[0]:.3f} s ({app[0] / cli[0] - 1:+.1%})")
-            print(f"all 8 images: app {app[1]:.3f} s, sample.py {cli[1]:.3f} s ({app[1] / cli[1] - 1:+.1%})")
-            print(f"RSS of the app: {start:.0f} MB at start, {before:.0f} MB after the timing runs, {after:.0f} MB "
-                  f"after {args.runs} more generations ({(time.perf_counter() - t0) / args.runs:.2f} s each)")
+            print(f"threads: {torch.get_num_threads()}; 8 images in batches of 4; medians of {args.reps}, app and "
+                  f"sample.py alternated\n")
+            print(markdown_table(["", "app (`/sample`)", "sample.py's functions", "app overhead"], [
+                [what, f"{a:.3f} s", f"{c:.3f} s", f"{a / c - 1:+.1%}"] for what, a, c in
+                (("first image (first batch of 4)", app[0], cli[0]), ("all 8 images (2 batches)", app[1], cli[1]))]))
+            print(f"\nRSS of the app: {start:.0f} MB at start, {before:.0f} MB after the timing runs, {after:.0f} MB "
+                  f"after {args.runs} more generations ({(time.perf_counter() - t0) / max(args.runs, 1):.2f} s each)")
             print("page load (headless Chromium, until the Generate button is there): "
                   + (f"{load:.2f} s" if load is not None else "no browser"))
         finally:

@@ -233,7 +233,8 @@ def curves_section(out: Path, rows: dict[str, dict], plan: dict, report_dir: Pat
     return f"""
 ## Learning curves
 An evaluation every {preset["eval_every"]} epoch(s) inside each run ({preset["eval_n"]} samples against the first
-{preset["eval_n"]} test images, so FD_clf there is biased upward against the final scoring's): a point is the
+{preset["eval_n"]} test images: FD_clf there is on another scale than the final scoring's, which uses more images on
+both sides, so compare the curves' points with each other and the final table with itself): a point is the
 model at that moment of its own run, whose learning rate has not yet decayed as a run ending there would (the
 schedule is the whole run's), and time is training time only (no validation, evaluation or saving).
 
