@@ -130,8 +130,8 @@ def _deterministic_torch():
 
 # The files that take longest (make test's --durations: a module fixture that trains, or processes it launches),
 # collected first: `make test` hands whole files to its two pytest-xdist workers in collection order
-# (--no-loadscope-reorder; xdist's default order, most tests first, left these few-test files to run at the end
-# while the other worker idled)
+# (--no-loadscope-reorder; xdist's default order, most tests first, put these few-test files last, where a long
+# one can leave the other worker without work)
 SLOW_FILES_FIRST = ("test_study.py", "test_demo.py", "test_gpu_check.py", "test_multinode.py", "test_preemption.py",
                     "test_trainer_e2e.py", "test_token_cache.py", "test_triton_interpreter.py",
                     "test_tokenizer_training.py", "test_run_guards.py")

@@ -1,8 +1,9 @@
 """The web app in a real browser: Debian's headless Chromium driven by Selenium picks a class, generates, reads the
 shown images back and checks them against the sample.py command the page offers, then edits an uploaded image with
 a box, and another with a stroke drawn with the mouse on the editor's canvas, and checks that what lies outside the
-region is kept and what lies inside changed (the drawn edit also against sample.py with the page's mask.png). Saves a screenshot of each tab
-into $MVAR_APP_SCREENSHOTS (docs/ for the README's; default: the test's temporary folder).
+region is kept and what lies inside changed (the drawn edit also against sample.py with the page's mask.png).
+Saves a screenshot of each tab into $MVAR_APP_SCREENSHOTS (docs/ for the README's; default: the test's temporary
+folder).
 
 Skips, saying what is missing, without chromium + chromedriver (apt-get install chromium chromium-driver) or the
 app extra (pip install -e .[app]); under CI=true, where .ci/run installs them, a missing one fails."""
