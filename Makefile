@@ -29,14 +29,14 @@ app: $(VENV)/.installed
 
 # Pass 1: the whole suite on two pytest-xdist workers with one torch thread each, a test file per worker (its module
 # fixtures, which train models, are built once; xdist's loadgroup does not group on pytest 9.2), the slowest files
-# first (tests/conftest.py's SLOW_FILES_FIRST, in collection order: --no-loadscope-reorder). Pass 2: the
+# first (tests/conftest.py's SLOW_FILES_FIRST, in collection order:). Pass 2: the
 # numerics tests again on two threads with the CPU's kernels forced to their lowest level, so a tolerance that holds
 # only on one CPU fails on every CPU. On torch 2.14 ATEN_CPU_CAPABILITY
 # changes ATen's kernels (matmul, conv, softmax, gelu, sums, exp, layer norm, bicubic), ONEDNN_MAX_CPU_ISA oneDNN's
 # convolutions and MKL_CBWR=COMPATIBLE MKL's matmuls; MKL_ENABLE_INSTRUCTIONS changes no result, so it is not set.
 LOW_ISA := ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41 MKL_CBWR=COMPATIBLE
 test: $(VENV)/.installed .whl/site/.installed
-	MVAR_TEST_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=15
+	MVAR_TEST_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile --durations=15
 	$(LOW_ISA) MVAR_TEST_THREADS=2 $(PY) -m pytest -q -m "numerics and not slow"
 
 # The paper's question on Fashion-MNIST (apt-get install dataset-fashion-mnist): VAR and M-VAR learning curves and

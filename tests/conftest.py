@@ -128,18 +128,7 @@ def _deterministic_torch():
     yield
 
 
-# The files that take longest (make test's --durations: a module fixture that trains, or processes it launches),
-# collected first: `make test` hands whole files to its two pytest-xdist workers in collection order
-# (--no-loadscope-reorder; xdist's default order, most tests first, put these few-test files last, where a long
-# one can leave the other worker without work)
-SLOW_FILES_FIRST = ("test_study.py", "test_demo.py", "test_gpu_check.py", "test_multinode.py", "test_preemption.py",
-                    "test_trainer_e2e.py", "test_token_cache.py", "test_triton_interpreter.py",
-                    "test_tokenizer_training.py", "test_run_guards.py")
-
-
 def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(SLOW_FILES_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's own order is kept
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs CUDA (not available on this machine)")
