@@ -28,8 +28,7 @@ app: $(VENV)/.installed
 	touch $@
 
 # Pass 1: the whole suite on two pytest-xdist workers with one torch thread each, a test file per worker (its module
-# fixtures, which train models, are built once; xdist's loadgroup does not group on pytest 9.2), the slowest files
-# first (tests/conftest.py's SLOW_FILES_FIRST, in collection order:). Pass 2: the
+# fixtures, which train models, are built once; xdist's loadgroup does not group on pytest 9.2). Pass 2: the
 # numerics tests again on two threads with the CPU's kernels forced to their lowest level, so a tolerance that holds
 # only on one CPU fails on every CPU. On torch 2.14 ATEN_CPU_CAPABILITY
 # changes ATen's kernels (matmul, conv, softmax, gelu, sums, exp, layer norm, bicubic), ONEDNN_MAX_CPU_ISA oneDNN's
