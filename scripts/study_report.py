@@ -133,11 +133,11 @@ def reading(rows: dict[str, dict]) -> str:
         verdict = "reproduced" if diff < 0 else "not reproduced"
         sure = "one seed: no spread to compare with" if min(len(fd[a]), len(fd[b])) < 2 else \
             f"{'larger' if abs(diff) > spread else 'not larger'} than the seeds' spread {spread:.2f}"
-        budgets = "" if rows[a]["images"] == rows[b]["images"] else \
+        unequal = "" if rows[a]["images"] == rows[b]["images"] else \
             f"; at unequal budgets, {rows[a]['images']:,} vs {rows[b]['images']:,} training images: the curves above " \
             "compare them at equal images, FLOPs and time"
         out.append(f"- {claim}: {verdict} ({rows[a]['label']} {statistics.mean(fd[a]):.2f} vs {rows[b]['label']} "
-                   f"{statistics.mean(fd[b]):.2f}; difference {diff:+.2f}, {sure}{budgets}).")
+                   f"{statistics.mean(fd[b]):.2f}; difference {diff:+.2f}, {sure}{unequal}).")
     return "\n".join(out)
 
 

@@ -78,6 +78,11 @@ def command_argv(driver, elem_id: str, **paths) -> list[str]:
     return argv
 
 
+def edit_cells(grid: np.ndarray) -> list[np.ndarray]:
+    """The two 8 px edits of sample.py --edit's grid (row 0: before | mask | edit | edit, 2 px padding)."""
+    return [grid[2:10, 2 + k * 10:10 + k * 10] for k in (2, 3)]
+
+
 def screenshot(driver, name: str, tmp_path: Path) -> None:
     folder = Path(os.environ.get("MVAR_APP_SCREENSHOTS") or tmp_path)
     folder.mkdir(parents=True, exist_ok=True)
@@ -124,8 +129,7 @@ def test_sample_and_edit_in_the_browser(app, browser, tmp_path):  # noqa: F811
     assert (edits[0][:4] != edits[1][:4]).any()  # inside: regenerated, each edit its own
     grid = np.asarray(Image.open(sample.main(command_argv(browser, "edit-command", edit=photo,
                                                           out=tmp_path / "cli.png"))))
-    cells = [grid[2:10, 2 + k * 10:10 + k * 10] for k in (2, 3)]  # row 0: before | mask | edit | edit
-    assert all(np.array_equal(a, b) for a, b in zip(edits, cells, strict=True))
+    assert all(np.array_equal(a, b) for a, b in zip(edits, edit_cells(grid), strict=True))
     screenshot(browser, "app_edit.png", tmp_path)
 
 
@@ -160,5 +164,4 @@ def test_a_mark_drawn_with_the_mouse_edits_its_region(app, browser, tmp_path):  
         mask_png.write_bytes(r.read())
     grid = np.asarray(Image.open(sample.main(command_argv(browser, "edit-command", edit=photo, mask=mask_png,
                                                           out=tmp_path / "cli.png"))))
-    cells = [grid[2:10, 2 + k * 10:10 + k * 10] for k in (2, 3)]  # row 0: before | mask | edit | edit
-    assert all(np.array_equal(a, b) for a, b in zip(edits, cells, strict=True))
+    assert all(np.array_equal(a, b) for a, b in zip(edits, edit_cells(grid), strict=True))
