@@ -56,27 +56,29 @@ def load_tokenizer(args: argparse.Namespace, device: torch.device) -> VQVAE:
                                 "does both)") from e
 
 
-def build_data(args: argparse.Namespace, vae: VQVAE, reso: int) -> tuple[int, Dataset, Dataset, list[str] | None]:
-    """(num_classes, train set, val set, the token cache's views or None): the images (build_datasets), or with
-    --tokens the cache's train split (checked against this run's tokenizer, schedule and resolution) validated on
-    --data_path's val/ images when given, else on the cache's val split."""
+def build_data(args: argparse.Namespace, vae: VQVAE, reso: int
+               ) -> tuple[int, Dataset, Dataset, Dataset, list[str] | None]:
+    """(num_classes, train set, val set, the images --eval_every scores against, the token cache's views or None):
+    the images (build_datasets), or with --tokens the cache's train split (checked against this run's tokenizer,
+    schedule and resolution) validated on --data_path's val/ images when given, else on the cache's val split; the
+    evaluation's images are then --data_path's, else the embedded --dataset's (the cache's classes must match)."""
     if not args.tokens:
-        return *build_datasets(args.data_path, args.dataset, reso, args.mid_reso, args.hflip, args.fmnist_dir,
-                               args.train_limit, args.val_limit), None
-    if args.eval_every and not args.data_path:
-        raise TokenCacheError("--eval_every with --tokens needs the validation images: pass --data_path as well")
-    expected, val_set = {"tokenizer_digest": tokenizer_digest(vae), "patch_nums": list(args.patch_nums),
-                         "reso": reso}, None
-    if args.data_path:
-        _, image_train, val_set = build_datasets(args.data_path, "", reso, args.mid_reso, val_limit=args.val_limit)
+        num_classes, train_set, val_set = build_datasets(args.data_path, args.dataset, reso, args.mid_reso,
+                                                         args.hflip, args.fmnist_dir, args.train_limit,
+                                                         args.val_limit)
+        return num_classes, train_set, val_set, val_set, None
+    expected, val_images = {"tokenizer_digest": tokenizer_digest(vae), "patch_nums": list(args.patch_nums),
+                            "reso": reso}, None
+    if args.data_path or args.eval_every:
+        _, image_train, val_images = build_datasets(args.data_path, args.dataset, reso, args.mid_reso,
+                                                    fmnist_dir=args.fmnist_dir, val_limit=args.val_limit)
         expected["classes"] = class_names(image_train)
     manifest = open_cache(args.tokens, expected)
     views = manifest["splits"]["train"]["views"]
     logger.info("training from the token cache %s: views %s at mid_reso %g", args.tokens, views, manifest["mid_reso"])
-    if val_set is None:
-        val_set = TokenDataset(args.tokens, manifest, "val", limit=args.val_limit)
+    val_set = val_images if args.data_path else TokenDataset(args.tokens, manifest, "val", limit=args.val_limit)
     return len(manifest["classes"]), TokenDataset(args.tokens, manifest, "train", limit=args.train_limit), val_set, \
-        views
+        val_images, views
 
 
 def build_model(args: argparse.Namespace, vae: VQVAE, num_classes: int, device: torch.device) -> MVAR:
@@ -262,7 +264,7 @@ def main(args: argparse.Namespace) -> None:
     # build: tokenizer (frozen, fp32) -> image size; data; model; trainer
     vae = load_tokenizer(args, device)
     reso = args.patch_nums[-1] * vae.downsample
-    num_classes, train_set, val_set, cache_views = build_data(args, vae, reso)
+    num_classes, train_set, val_set, eval_images, cache_views = build_data(args, vae, reso)
     num_classes = args.num_classes or num_classes
     train_loader, val_loader, sampler = build_loaders(train_set, val_set, args.batch_size, args.workers, rank,
                                                       world, args.seed, pin_memory=device.type == "cuda",
@@ -288,7 +290,7 @@ def main(args: argparse.Namespace) -> None:
     if args.eval_every:
         evaluator = TrainingEval(net=args.eval_net, n=args.eval_n, seed=args.seed, cfg=args.eval_cfg,
                                  top_k=args.eval_top_k, top_p=args.eval_top_p)
-        evaluator.prepare(val_set, device)
+        evaluator.prepare(eval_images, device)
         evaluator.load_history(ckpt.get("eval_history") if ckpt is not None else None)  # the curve goes on
     del ckpt
 

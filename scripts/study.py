@@ -3,6 +3,7 @@
 Stages (each resumable: a re-run skips what is finished and continues what was interrupted):
 1. tokenizer: VAR's multi-scale VQVAE on the 60,000 training images (32 px, 8x8 latent, scales 1_2_3_4_5_6_8:
    L = 155 tokens, so intra-scale attention sees 27% of the global attention's score entries, 24% at 256 px);
+   then the token ids of the images the runs train on (scripts/extract_tokens.py: the runs train from them);
 2. classifier: a small CNN on the real training labels (class consistency, and the feature space of FD_clf);
 3. reference sets, scored against the 10,000 test images (utils.evaluation.scores): the training set (the floor)
    and its tokenizer reconstructions (the ceiling any generator on this tokenizer can reach);
@@ -36,6 +37,7 @@ from models.loading import load_checkpoint, load_mvar, load_vae
 from models.mvar import MVAR, MVARConfig
 from models.precision import effective_amp_dtype
 from models.presets import ARCH_BRANCHES
+from scripts import extract_tokens
 from scripts.study_report import write_report
 from utils.data.embedded import fashion_mnist_dir
 from utils.data.loaders import build_datasets
@@ -50,24 +52,26 @@ from utils.sample_io import to_uint8_BHW3
 logger = logging.getLogger("study")
 
 # ~1.5 h on 2 cores: every row x 2 seeds, 9,600 training images each (150 steps of 64)
-FULL = dict(reso=32, pn="1_2_3_4_5_6_8", tok=["--ch_mult=1_2_2", "--steps=500", "--bs=64"], clf_epochs=2,
-            depth=4, width=128, heads=2, train_limit=3200, ep=3, bs=64, val_limit=1000, num_samples=5000,
-            real_n=10000, inception_n=500, seeds=2, eval_every=0)
+FULL = dict(reso=32, pn="1_2_3_4_5_6_8", tok=["--ch_mult=1_2_2", "--steps=500", "--bs=64", "--val_limit=1000"],
+            clf_epochs=2, depth=4, width=128, heads=2, train_limit=3200, ep=3, bs=64, val_limit=1000, val_every=1,
+            num_samples=5000, real_n=10000, inception_n=500, seeds=2, eval_every=0)
 PRESETS = {
     "full": FULL,
     # learning curves (--curves): M-VAR to 38,400 images, VAR to twice that (about M-VAR's CPU time), an evaluation
-    # every epoch (3,200 images); the equal-parameter rows with one seed (on --base of a full study: same tokenizer)
-    "curves": dict(FULL, ep=12, eval_every=1, eval_n=500, rows=["var", "mvar", "mvar-w", "mvar-d"],
-                   ep_scale={"var": 2}, row_seeds={"mvar-w": 1, "mvar-d": 1}),
+    # every epoch (3,200 images) and validation every second; the equal-parameter rows with one seed, compared at the
+    # largest budget only: one evaluation, at their end
+    "curves": dict(FULL, ep=12, eval_every=1, eval_n=500, val_every=2, rows=["var", "mvar", "mvar-w", "mvar-d"],
+                   ep_scale={"var": 2}, row_seeds={"mvar-w": 1, "mvar-d": 1}, final_eval_rows=["mvar-w", "mvar-d"]),
     # the same pipeline at 16 px with tiny stages, curves included: checks it end to end (tests/test_study.py)
     "quick": dict(reso=16, pn="1_2_3_4_5_6_8", tok=["--ch_mult=1_2", "--steps=40", "--bs=32", "--val_limit=500"],
                   clf_epochs=2, clf_limit=10000,  # the classifier on the first 10,000 training images (full: all)
-                  depth=2, width=64, heads=1, train_limit=256, ep=2, bs=32, val_limit=64, num_samples=100,
-                  real_n=500, inception_n=10, seeds=1, eval_every=1, eval_n=20, ep_scale={"var": 2}),
+                  depth=2, width=64, heads=1, train_limit=256, ep=2, bs=32, val_limit=64, val_every=1,
+                  num_samples=100, real_n=500, inception_n=10, seeds=1, eval_every=1, eval_n=20, ep_scale={"var": 2},
+                  final_eval_rows=["intra", "mamba", "mvar-w", "mvar-d", "var-half"]),
 }
 TOKENIZER = dict(vocab_size=512, z_channels=16, ch=32)
 TRAIN_FLAGS = ["--dataset=fmnist", "--mid_reso=1.0", "--alng=1e-3", "--fp16=2", "--sample_every=0",
-               "--save_every_min=0", "--val_every=1", "--log_every=10", "--workers=0"]
+               "--save_every_min=0", "--log_every=10", "--workers=0"]
 SAMPLING = dict(cfg=1.5, top_p=0.96, top_k_of_4096=900, more_smooth=False)  # the paper's FID settings
 SAMPLE_BATCH = 250
 BASE_SETTINGS = ("reso", "pn", "tok", "clf_epochs", "clf_limit", "real_n", "inception_n")  # what --base must share
@@ -178,6 +182,9 @@ def make_plan(args: argparse.Namespace) -> dict:
     runs = {f"{row}-s{seed}": dict(row=row, seed=seed, ep=preset["ep"] * preset.get("ep_scale", {}).get(row, 1))
             for row in rows for seed in range(preset["first_seed"], preset["first_seed"] + min(
                 preset["seeds"], preset.get("row_seeds", {}).get(row, preset["seeds"])))}
+    for run in runs.values():  # epochs between evaluations; a row compared at its end only is evaluated once
+        run["eval_every"] = run["ep"] if preset["eval_every"] and run["row"] in preset.get("final_eval_rows", ()) \
+            else preset["eval_every"]
     sampling = dict(SAMPLING, top_k=round(SAMPLING["top_k_of_4096"] * TOKENIZER["vocab_size"] / 4096))
     return dict(preset=preset, rows=rows, runs=runs, sampling=sampling, quick=args.quick)
 
@@ -247,7 +254,8 @@ def train_and_sample(out: Path, plan: dict, name: str) -> None:
     row = plan["rows"][run["row"]]
     run_dir = out / "runs" / name
     train.main(parse_train_args(plan["train_flags"] + row["flags"] + [
-        f"--ep={run['ep']}", f"--seed={run['seed']}", f"--local_out_dir_path={run_dir}"]))
+        f"--ep={run['ep']}", f"--eval_every={run['eval_every']}", f"--seed={run['seed']}",
+        f"--local_out_dir_path={run_dir}"]))
     ckpt = run_dir / LAST
     save_json(load_checkpoint(ckpt).get("eval_history", []), run_dir / "curve.json")
     vae = load_vae(ckpt)
@@ -382,8 +390,8 @@ def adopt_base(base: Path, out: Path, plan: dict) -> None:
 
 
 def prepare(args: argparse.Namespace, out: Path, plan: dict) -> tuple[dict, bool]:
-    """Tokenizer and classifier (in this process), then the plan with its paths, saved to plan.json; reuses what
-    a previous run finished. Returns (plan, whether anything was computed)."""
+    """Tokenizer, token cache and classifier (in this process), then the plan with its paths, saved to plan.json;
+    reuses what a previous run finished. Returns (plan, whether anything was computed)."""
     preset, worked = plan["preset"], False
     fmnist = [f"--fmnist_dir={args.fmnist_dir}"] if args.fmnist_dir else []
     tok_done = out / "tokenizer" / "done.json"
@@ -404,16 +412,30 @@ def prepare(args: argparse.Namespace, out: Path, plan: dict) -> tuple[dict, bool
         save_json({"test_accuracy": accuracy(classifier, val_set)}, out / "classifier.json")
         write_atomic(clf_path, lambda f: torch.save(classifier.state_dict(), f))
         worked = True
+    tokens = extract_study_tokens(out, preset, tok_ckpt, fmnist)
     data = [f"--pn={preset['pn']}", f"--train_limit={preset['train_limit']}", f"--val_limit={preset['val_limit']}",
-            f"--bs={preset['bs']}", f"--tlr={preset['tlr']}", f"--vae_ckpt={tok_ckpt}", *fmnist]
+            f"--val_every={preset['val_every']}", f"--bs={preset['bs']}", f"--tlr={preset['tlr']}",
+            f"--vae_ckpt={tok_ckpt}", f"--tokens={tokens}", *fmnist]
     s = plan["sampling"]  # the evaluations inside a run sample as the final scoring does, fewer images
-    evals = [f"--eval_every={preset['eval_every']}", f"--eval_n={preset['eval_n']}", f"--eval_net={clf_path.resolve()}",
-             f"--eval_cfg={s['cfg']}", f"--eval_top_k={s['top_k']}", f"--eval_top_p={s['top_p']}"] \
-        if preset["eval_every"] else []
+    evals = [f"--eval_n={preset['eval_n']}", f"--eval_net={clf_path.resolve()}", f"--eval_cfg={s['cfg']}",
+             f"--eval_top_k={s['top_k']}", f"--eval_top_p={s['top_p']}"] if preset["eval_every"] else []
     plan = dict(plan, train_flags=TRAIN_FLAGS + data + evals, tokenizer=tok_ckpt, tokenizer_config=TOKENIZER,
                 fmnist_dir=args.fmnist_dir, inception=args.inception, jobs=args.jobs, base=args.base)
     save_json(plan, out / "plan.json")
     return plan, worked
+
+
+def extract_study_tokens(out: Path, preset: dict, tok_ckpt: str, fmnist: list[str]) -> Path:
+    """The token ids of the images the runs train and validate on (scripts/extract_tokens.py, once; the centre view
+    is the training transform at --mid_reso=1): the runs train from them (train.py --tokens, loss for loss equal to
+    training from the images: tests/test_token_cache.py) instead of running the tokenizer's encoder every step."""
+    tokens = (out / "tokens").resolve()
+    manifest = tokens / "manifest.json"
+    if not manifest.is_file() or not json.loads(manifest.read_text())["complete"]:
+        extract_tokens.main(extract_tokens.build_parser().parse_args([
+            "--dataset=fmnist", *fmnist, f"--vae_ckpt={tok_ckpt}", f"--pn={preset['pn']}", "--mid_reso=1.0",
+            f"--out={tokens}", f"--limit={max(preset['train_limit'], preset['val_limit'])}"]))
+    return tokens
 
 
 def main(args: argparse.Namespace) -> Path:

@@ -104,6 +104,17 @@ def test_a_cache_of_another_tokenizer_or_classes_is_refused_naming_it(setup, cen
         open_cache(centre_cache, {"classes": ["class0", "class1", "classX"]})
 
 
+def test_evaluating_from_a_cache_without_data_path_takes_the_embedded_images_of_its_classes(setup, centre_cache):
+    """--eval_every scores generated images against real ones: without --data_path they are the embedded --dataset's
+    validation images (scripts/study.py trains so), refused before training when its classes are not the cache's."""
+    proc = launch(REPO / "train.py", *train_flags(setup, setup / "eval_mnist", f"--tokens={centre_cache}",
+                                                  "--dataset=mnist", "--eval_every=1", "--eval_n=4"),
+                  nproc=1, check=False)
+    assert proc.returncode != 0 and "ep 1/" not in proc.stdout
+    assert re.search(r"error: the token cache .* was made for other settings: the class names: cache "
+                     r"\['class0', 'class1', 'class2'\], this run \['0', '1', '2', '3', '4'\]", proc.stderr)
+
+
 def test_resuming_images_from_tokens_mid_epoch_is_refused():
     old = {"classes": ["a"], "train_images": 8, "tokens": None}
     new = {**old, "tokens": ["center"]}
