@@ -73,7 +73,14 @@ def build_data(args: argparse.Namespace, vae: VQVAE, reso: int
         _, image_train, val_images = build_datasets(args.data_path, args.dataset, reso, args.mid_reso,
                                                     fmnist_dir=args.fmnist_dir, val_limit=args.val_limit)
         expected["classes"] = class_names(image_train)
-    manifest = open_cache(args.tokens, expected)
+    try:
+        manifest = open_cache(args.tokens, expected)
+    except TokenCacheError as e:
+        if args.data_path or not args.eval_every:
+            raise
+        raise TokenCacheError(f"{e}\n--eval_every compares generated images with real ones, here the embedded "
+                              f"--dataset={args.dataset}'s: for a cache of an image folder, pass --data_path (its "
+                              f"val/ images)") from None
     views = manifest["splits"]["train"]["views"]
     logger.info("training from the token cache %s: views %s at mid_reso %g", args.tokens, views, manifest["mid_reso"])
     val_set = val_images if args.data_path else TokenDataset(args.tokens, manifest, "val", limit=args.val_limit)

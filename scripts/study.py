@@ -368,6 +368,14 @@ def run_parallel(out: Path, jobs: list[str], parallel: int) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # Driver
 # ----------------------------------------------------------------------------------------------------------------
+def base_settings(preset: dict) -> dict:
+    """What a --base study must share (BASE_SETTINGS); the tokenizer's --val_limit is left out: it sizes only the
+    reconstruction check logged after training, not the weights."""
+    settings = {k: preset.get(k) for k in BASE_SETTINGS}
+    settings["tok"] = [f for f in settings["tok"] or [] if not f.startswith("--val_limit=")]
+    return settings
+
+
 def adopt_base(base: Path, out: Path, plan: dict) -> None:
     """Copy another study folder's tokenizer pointer, classifier and reference sets (with their scores) into `out`,
     so that `out` trains other model rows or budgets on the same tokenizer and scores them alike."""
@@ -376,7 +384,8 @@ def adopt_base(base: Path, out: Path, plan: dict) -> None:
         raise FileNotFoundError(f"--base={base}: not a study folder whose reference sets are finished (no "
                                 f"plan.json or scores/ceiling.json)")
     base_plan = json.loads(base_plan_path.read_text())
-    differ = [k for k in BASE_SETTINGS if base_plan["preset"].get(k) != plan["preset"].get(k)]
+    ours, theirs = base_settings(plan["preset"]), base_settings(base_plan["preset"])
+    differ = [k for k in BASE_SETTINGS if ours[k] != theirs[k]]
     if differ:
         raise ValueError(f"--base={base}: its study has other data/tokenizer/scoring settings ({', '.join(differ)})")
     for name in ("classifier.pt", "classifier.json", *(f"sets/{n}.npz" for n in ("test", "test_inception", "floor",
@@ -426,15 +435,14 @@ def prepare(args: argparse.Namespace, out: Path, plan: dict) -> tuple[dict, bool
 
 
 def extract_study_tokens(out: Path, preset: dict, tok_ckpt: str, fmnist: list[str]) -> Path:
-    """The token ids of the images the runs train and validate on (scripts/extract_tokens.py, once; the centre view
-    is the training transform at --mid_reso=1): the runs train from them (train.py --tokens, loss for loss equal to
-    training from the images: tests/test_token_cache.py) instead of running the tokenizer's encoder every step."""
+    """The token ids of the images the runs train and validate on (scripts/extract_tokens.py; the centre view is
+    the training transform at --mid_reso=1): the runs train from them (train.py --tokens, loss for loss equal to
+    training from the images: tests/test_token_cache.py) instead of running the tokenizer's encoder every step.
+    A complete cache of these settings is kept, an interrupted one continued, one of other settings refused."""
     tokens = (out / "tokens").resolve()
-    manifest = tokens / "manifest.json"
-    if not manifest.is_file() or not json.loads(manifest.read_text())["complete"]:
-        extract_tokens.main(extract_tokens.build_parser().parse_args([
-            "--dataset=fmnist", *fmnist, f"--vae_ckpt={tok_ckpt}", f"--pn={preset['pn']}", "--mid_reso=1.0",
-            f"--out={tokens}", f"--limit={max(preset['train_limit'], preset['val_limit'])}"]))
+    extract_tokens.main(extract_tokens.build_parser().parse_args([
+        "--dataset=fmnist", *fmnist, f"--vae_ckpt={tok_ckpt}", f"--pn={preset['pn']}", "--mid_reso=1.0",
+        f"--out={tokens}", f"--limit={max(preset['train_limit'], preset['val_limit'])}"]))
     return tokens
 
 

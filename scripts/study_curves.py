@@ -60,6 +60,8 @@ def comparison_points(a: list[dict], b: list[dict], axis: str) -> list[float]:
     """Where to compare rows a and b on `axis`: at equal images the usual budgets, otherwise a's final point and
     half of it; only points that every run of both rows covers."""
     lo, hi = common_range(a + b, axis)
+    if lo > hi:  # e.g. a row evaluated once, at its end, past b's last point: nothing to compare with
+        return []
     final = statistics.mean(r[axis][-1] for r in a)
     wanted = IMAGE_POINTS + (final,) if axis == "images" else (final / 2, final)
     return sorted({x for x in wanted if lo <= x <= hi} | ({hi} if axis != "images" and final > hi else set()))

@@ -232,7 +232,7 @@ def curves_section(out: Path, rows: dict[str, dict], plan: dict, report_dir: Pat
     ceiling = json.loads((out / "scores" / "ceiling.json").read_text())["fd_clf"]
     return f"""
 ## Learning curves
-An evaluation every {preset["eval_every"]} epoch(s) inside each run ({preset["eval_n"]} samples against the first
+{evaluations(plan)} ({preset["eval_n"]} samples against the first
 {preset["eval_n"]} test images: FD_clf there is on another scale than the final scoring's, which uses more images on
 both sides, so compare the curves' points with each other and the final table with itself): a point is the
 model at that moment of its own run, whose learning rate has not yet decayed as a run ending there would (the
@@ -246,6 +246,14 @@ Verdicts (mean ± half the range over seeds, interpolated between evaluations):
 Have the models learned (final scoring, largest budget)?
 {learned(rows, ceiling)}
 """
+
+
+def evaluations(plan: dict) -> str:
+    """When the runs were evaluated, in words."""
+    every, once = plan["preset"]["eval_every"], plan["preset"].get("final_eval_rows", [])
+    rows = [plan["rows"][r]["label"] for r in once if r in plan["rows"]]
+    return f"An evaluation every {every} epoch(s) inside each run" + \
+        (f" ({', '.join(rows)}: once, at the end, as they are compared at the largest budget only)" if rows else "")
 
 
 def early_view(report_dir: Path) -> str:
@@ -269,7 +277,8 @@ def write_report(out: Path, report_dir: Path, plan: dict, wall_s: float, command
     plot_fd(out, rows, report_dir / "study_fd.png")
     plot_samples(out, plan, report_dir / "study_samples.png")
     clf = json.loads((out / "classifier.json").read_text())
-    recipe = " ".join(f for f in plan["train_flags"] if not f.startswith(("--vae_ckpt", "--fmnist_dir")))
+    recipe = " ".join(f if not f.startswith("--tokens=") else "--tokens=TOKENS"
+                      for f in plan["train_flags"] if not f.startswith(("--vae_ckpt", "--fmnist_dir")))
     vocab, tokens = plan["tokenizer_config"]["vocab_size"], sum(int(p) ** 2 for p in preset["pn"].split("_"))
     base_note = f"; it, the classifier and the reference rows come from the study in `{plan['base']}`" \
         if plan.get("base") else ""
@@ -286,7 +295,9 @@ computed something), {preset["seeds"]} seed(s) per row.
   once for all models ({" ".join(preset["tok"])}){base_note}.
 - Models: width {preset["width"]}, depth {preset["depth"]}, {preset["heads"]} attention heads unless the row says
   otherwise; one recipe for all, `train.py {recipe}` (bf16 autocast where the CPU has bf16 instructions, else
-  fp32): {budgets(rows, preset)}, batch {preset["bs"]}. FLOPs count the linear layers and attention scores
+  fp32; `TOKENS`: the token ids of the training and validation images, extracted once with the tokenizer by
+  scripts/extract_tokens.py, from which training is loss for loss the same as from the images):
+  {budgets(rows, preset)}, batch {preset["bs"]}. FLOPs count the linear layers and attention scores
   (models.flops.train_step_flops), not the Mamba2 scan or the convolutions, so they understate the Mamba2 rows;
   "train min" is the training images over the median training throughput (validation excluded). Throughputs are
   the first seed's runs.

@@ -6,9 +6,10 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from conftest import REPO, SUBPROCESS_ENV
-from scripts import study, study_report
+from scripts import study, study_curves, study_report
 from PIL import Image
 
 STUDY = REPO / "scripts" / "study.py"
@@ -150,3 +151,29 @@ def test_report_points_to_the_early_training_view_when_it_is_there(tmp_path):
     (tmp_path / "study-early").mkdir()
     (tmp_path / "study-early" / "study.md").write_text("# early\n")
     assert "[study-early/study.md](study-early/study.md)" in study_report.early_view(tmp_path)
+
+
+def test_curves_plan_evaluates_the_equal_parameter_rows_once():
+    """--curves: VAR and M-VAR evaluated every epoch (the curves), M-VAR-W and M-VAR-D only at their end (they are
+    compared at the largest budget), none when evaluations are off."""
+    plan = study.make_plan(study.build_parser().parse_args(["--curves"]))
+    assert {r: spec["eval_every"] for r, spec in plan["runs"].items()} == {
+        "var-s0": 1, "var-s1": 1, "mvar-s0": 1, "mvar-s1": 1, "mvar-w-s0": 12, "mvar-d-s0": 12}
+    off = study.make_plan(study.build_parser().parse_args(["--curves", "--eval_every=0"]))
+    assert {spec["eval_every"] for spec in off["runs"].values()} == {0}
+    assert "M-VAR-W" in study_report.evaluations(plan) and "once, at the end" in study_report.evaluations(plan)
+
+
+def test_a_base_may_differ_only_in_the_tokenizers_validation_size():
+    """--base compares the tokenizer's training flags without --val_limit (it sizes a logged check, not weights)."""
+    preset = study.PRESETS["curves"]
+    assert study.base_settings(preset) == study.base_settings(
+        dict(preset, tok=[f for f in preset["tok"] if not f.startswith("--val_limit")]))
+    assert study.base_settings(preset) != study.base_settings(dict(preset, tok=[*preset["tok"], "--steps=600"]))
+
+
+def test_a_row_evaluated_once_past_the_other_rows_last_point_is_not_compared():
+    one = {"minutes": np.array([40.0]), "fd_clf": np.array([3.0])}
+    var = {"minutes": np.array([1.0, 30.0]), "fd_clf": np.array([9.0, 3.5])}
+    assert study_curves.comparison_points([one], [var], "minutes") == []
+    assert study_curves.comparison_points([dict(one, minutes=one["minutes"] - 15)], [var], "minutes") == [25.0]

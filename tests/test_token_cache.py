@@ -113,6 +113,7 @@ def test_evaluating_from_a_cache_without_data_path_takes_the_embedded_images_of_
     assert proc.returncode != 0 and "ep 1/" not in proc.stdout
     assert re.search(r"error: the token cache .* was made for other settings: the class names: cache "
                      r"\['class0', 'class1', 'class2'\], this run \['0', '1', '2', '3', '4'\]", proc.stderr)
+    assert "the embedded --dataset=mnist's: for a cache of an image folder, pass --data_path" in proc.stderr
 
 
 def test_resuming_images_from_tokens_mid_epoch_is_refused():
