@@ -34,9 +34,10 @@ app: $(VENV)/.installed
 # changes ATen's kernels (matmul, conv, softmax, gelu, sums, exp, layer norm, bicubic), ONEDNN_MAX_CPU_ISA oneDNN's
 # convolutions and MKL_CBWR=COMPATIBLE MKL's matmuls; MKL_ENABLE_INSTRUCTIONS changes no result, so it is not set.
 LOW_ISA := ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41 MKL_CBWR=COMPATIBLE
+NUMERICS_FILES := $(shell grep -l "pytest.mark.numerics" tests/test_*.py)  # pass 2 collects only these files
 test: $(VENV)/.installed .whl/site/.installed
 	MVAR_TEST_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile --durations=15
-	$(LOW_ISA) MVAR_TEST_THREADS=2 $(PY) -m pytest -q -m "numerics and not slow"
+	$(LOW_ISA) MVAR_TEST_THREADS=2 $(PY) -m pytest -q -m "numerics and not slow" $(NUMERICS_FILES)
 
 # The paper's question on Fashion-MNIST (apt-get install dataset-fashion-mnist): VAR and M-VAR learning curves and
 # the verdicts at equal images, FLOPs and CPU time (docs/study.md); see README for the time it takes
