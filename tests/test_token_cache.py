@@ -136,6 +136,8 @@ def test_extraction_killed_and_relaunched_is_byte_identical_and_skips_unreadable
     ids, labels = all_ids(setup / "whole", "train")
     assert ids.shape == (23, 12, 21) and labels == [0] * 8 + [1] * 7 + [2] * 8
     assert not np.array_equal(ids[:, 0], ids[:, 1]) and not np.array_equal(ids[:, 6], ids[:, 11])  # rand1, flip
+    again = launch(EXTRACT, *extract_flags(setup, setup / "whole", *flags, data="broken"), nproc=1)  # finished
+    assert "is complete already: nothing to do" in again.stderr and cache_files(setup / "whole") == whole
 
     cmd = launch_cmd(EXTRACT, *extract_flags(setup, setup / "killed", *flags, data="broken"))
     proc, _ = interrupt(cmd, r"train: committed 2/24", signal.SIGKILL)
