@@ -113,7 +113,8 @@ def start(out: Path, manifest: dict) -> bool:
             old = read_manifest(out)
             diffs = identity_problems(old, manifest) + [f"--{k}: cache {old[k]!r}, this run {manifest[k]!r}" for k in
                                                         ("seed", "batch") if old[k] != manifest[k]]
-            planned = {s: {k: v for k, v in i.items() if k != "skipped"} for s, i in old["splits"].items()}  # finish()
+            # the splits as planned: finish() adds the skipped images
+            planned = {s: {k: v for k, v in i.items() if k != "skipped"} for s, i in old["splits"].items()}
             if (old["source"], planned) != (manifest["source"], manifest["splits"]):
                 diffs.append(f"the images or ranks: cache {layout(old)}, this run {layout(manifest)}")
             if diffs:
