@@ -160,17 +160,17 @@ def bench_mamba(device: torch.device, args: argparse.Namespace) -> str:
                                          "fwd+bwd peak MiB"], rows)])
 
 
-def random_train_step(arch: str, depth: int, dtype_name: str, device: torch.device, args: argparse.Namespace
-                      ) -> tuple[MVAR, Trainer, functools.partial]:
+def random_train_step(arch: str, depth: int, dtype_name: str, device: torch.device, args: argparse.Namespace,
+                      fused_adam: bool = True) -> tuple[MVAR, Trainer, functools.partial]:
     """A random-weight model of `arch` at `depth` (width --width or 64*depth, --heads or head dim 64), its Trainer in
-    `dtype_name`, and its training step (`Trainer.micro_step_tokens` on random tokens of batch --bs: the partial's
-    args are gt_BL, x_BLCv, label_B)."""
+    `dtype_name` (AdamW fused or not), and its training step (`Trainer.micro_step_tokens` on random tokens of batch
+    --bs: the partial's args are gt_BL, x_BLCv, label_B)."""
     torch.manual_seed(0)
     mvar = MVAR(MVARConfig(depth=depth, patch_nums=parse_patch_nums(args.pn), arch=arch, V=args.V,
                            embed_dim=args.width or None, num_heads=args.heads or None),
                 attn_backend=args.attn_backend, mamba_backend=args.mamba_backend).to(device)
     mvar.init_weights()
-    trainer = Trainer(vae=None, model=mvar, device=device, lr=1e-4, fp16=TRAIN_FP16[dtype_name])
+    trainer = Trainer(vae=None, model=mvar, device=device, lr=1e-4, fp16=TRAIN_FP16[dtype_name], fused_adam=fused_adam)
     gt_BL = torch.randint(0, mvar.V, (args.bs, mvar.L), device=device)
     x_BLCv = torch.randn(args.bs, mvar.L - mvar.first_l, mvar.Cvae, device=device)
     label_B = torch.randint(0, mvar.num_classes, (args.bs,), device=device)
@@ -206,6 +206,11 @@ def bench_train(device: torch.device, args: argparse.Namespace) -> str:
             if args.mamba_one_pass and device.type == "cpu" and "mamba" in ARCH_BRANCHES[arch]:
                 name = f"{arch}, Mamba2 batch in one pass"
                 steps[name, dtype_name], models[name, dtype_name] = one_pass(step), mvar
+                flops[name, dtype_name] = flops[arch, dtype_name]
+            if args.unfused_adam:  # the same step with the single-tensor AdamW (its own copy of the model)
+                name = f"{arch}, unfused AdamW"
+                models[name, dtype_name], _, steps[name, dtype_name] = random_train_step(
+                    arch, args.depth, dtype_name, device, args, fused_adam=False)
                 flops[name, dtype_name] = flops[arch, dtype_name]
     ms = bm.time_alternating(steps, device, args.warmup, args.repeats)
     n = bm.MATMUL_SIDE[device.type]  # this device's practical peaks, measured in the same run
@@ -444,6 +449,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heads", type=int, default=0, help="train section: attention heads (0: width // 64)")
     p.add_argument("--mamba_one_pass", action="store_true",
                    help="train section, CPU: also time each Mamba2 arch with the batch in one pass (no slices)")
+    p.add_argument("--unfused_adam", action="store_true",
+                   help="train section: also time each arch with the single-tensor AdamW (train.py --afuse=0)")
     p.add_argument("--archs", nargs="+", default=["mvar", "var"], choices=list(ARCH_BRANCHES),
                    help="block and train sections: the architectures to compare")
     add_backend_flags(p)

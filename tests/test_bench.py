@@ -140,6 +140,20 @@ def test_train_section_times_mamba2_in_one_pass_beside_the_sliced_step(monkeypat
     assert set(seen) == {1 << 62, mamba2.CPU_SLICE_BYTES} and mamba2.CPU_SLICE_BYTES == 4 << 20
 
 
+def test_train_section_times_the_single_tensor_adamw_beside_the_fused_one(monkeypatch):
+    """--unfused_adam: a row per arch whose Trainer's AdamW is not fused (train.py --afuse=0), timed in turn."""
+    built = []
+    monkeypatch.setattr(bm, "matmul_gflops", lambda device, dtype: 100.0)
+    init = bench.Trainer.__init__
+    monkeypatch.setattr(bench.Trainer, "__init__", lambda self, *a, **kw: built.append(kw["fused_adam"]) or init(
+        self, *a, **kw))
+    flags = ["--only", "train", "--depth", "1", "--pn", "1_2", "--archs", "mvar", "var", "--train_dtypes", "fp32",
+             "--repeats", "1", "--warmup", "0", "--device", "cpu", "--mamba_backend", "torch", "--unfused_adam"]
+    arches = [line.split("|")[2].strip() for line in bench.main(flags).splitlines() if line.startswith("| cpu |")]
+    assert arches == ["mvar", "mvar, unfused AdamW", "var", "var, unfused AdamW"]
+    assert built == [True, False, True, False]
+
+
 def test_ckpt_section_keeps_less_with_checkpointing_and_projects_d30():
     """Checkpointing keeps each block's input instead of its activations: less peak memory per step and fewer bytes
     per block, so more M-VAR-d30 images fit a GPU (times are printed, not asserted)."""
