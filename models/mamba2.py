@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from models import mamba2_cpu
 from models.backends import MAMBA, check_name, resolve
 
 logger = logging.getLogger(__name__)
@@ -487,11 +488,15 @@ def _is_kernel_device(t: torch.Tensor) -> bool:
 def resolve_kernels(backend: str, on_kernel_device: bool, device: torch.device | str = "cuda",
                     ) -> tuple[MambaKernels | None, str]:
     """(kernels or None, "mamba_ssm" | "torch") for a requested backend ("auto" defers to $MVAR_MAMBA_BACKEND).
-    A forced "mamba_ssm" that cannot run raises a `BackendError` saying why; callers may check a flag before any
+    "cpu_fused" (kernels None: the PyTorch scan with models.mamba2_cpu's conv and norm) is for CPU inputs.
+    A forced kernel that cannot run raises a `BackendError` saying why; callers may check a flag before any
     work. Each outcome is logged once."""
     def unavailable(name: str) -> str | None:
         if name == "torch":
             return None
+        if name == "cpu_fused":
+            on_cpu = torch.device(device).type == "cpu" and not on_kernel_device
+            return mamba2_cpu.available() if on_cpu else f"needs CPU inputs, got device {device}"
         kernels, note = load_kernels()
         if kernels is None:
             return note
@@ -522,7 +527,9 @@ class Mamba2(nn.Module):
 
     Unsupported mamba_ssm options: d_ssm != None (the extra gated-MLP channels) and tensor parallelism.
     `backend`: "auto" (env MVAR_MAMBA_BACKEND overrides it; mamba_ssm kernels for CUDA inputs when they import,
-    else PyTorch), "torch", or "mamba_ssm" (raises if the kernels are missing or the input is not on CUDA).
+    else "cpu_fused" for CPU inputs when its C kernels build, else PyTorch), "torch" (the portable reference),
+    "cpu_fused" (models.mamba2_cpu: the PyTorch scan with the conv + SiLU and the gated norm in fused float32 C
+    kernels) or "mamba_ssm" (raises if the kernels are missing or the input is not on CUDA).
     The mamba_ssm path is NOT YET RUN ON GPU; its Triton kernels run on CPU under Triton's interpreter (fp32) in
     tests/test_triton_interpreter.py, through `_is_kernel_device`.
     `chunk_size` is the kernel's chunk length; the PyTorch path uses min(chunk_size, TORCH_CHUNK_SIZE) (same maths).
@@ -621,11 +628,12 @@ class Mamba2(nn.Module):
         Bsz, seqlen, _ = u_BlD.shape
         zxbcdt = self.in_proj(u_BlD)
         z_Bld, xBC_Bld, dt_BlH = torch.split(zxbcdt, [self.d_ssm, self.conv_dim, self.nheads], dim=-1)
+        fused_cpu = self.active_backend == "cpu_fused"
         if kernels is not None and kernels.causal_conv1d_fn is not None and state is None:
             xBC_Bld = kernels.causal_conv1d_fn(xBC_Bld.transpose(1, 2), self.conv1d.weight.squeeze(1),
                                                self.conv1d.bias, activation="silu").transpose(1, 2)
         else:
-            xBC_Bld = self._causal_conv(xBC_Bld, state)
+            xBC_Bld = self._causal_conv(xBC_Bld, state, fused_cpu)
         x_Bld, B_BlGN, C_BlGN = torch.split(xBC_Bld, [self.d_ssm, self.ngroups * self.d_state,
                                                       self.ngroups * self.d_state], dim=-1)
         x_BlHP = x_Bld.unflatten(-1, (self.nheads, self.headdim))
@@ -660,6 +668,9 @@ class Mamba2(nn.Module):
             if kernels is not None and kernels.rmsnorm_fn is not None:
                 y_Bld = kernels.rmsnorm_fn(y_Bld, self.norm.weight, None, z=z_Bld, eps=self.norm.eps,
                                            group_size=self.norm.group_size, norm_before_gate=self.norm_before_gate)
+            elif fused_cpu and mamba2_cpu.fits(y_Bld, z_Bld, self.norm.weight):
+                y_Bld = mamba2_cpu.GatedRMSNorm.apply(y_Bld, z_Bld, self.norm.weight, self.norm.eps,
+                                                      self.norm.group_size, self.norm_before_gate)
             else:
                 y_Bld = self.norm(y_Bld, z_Bld)
         return self.out_proj(y_Bld.to(z_Bld.dtype))
@@ -670,10 +681,14 @@ class Mamba2(nn.Module):
                 f"backend={self.backend} (active: {self.active_backend or 'not run yet'})")
 
     # ---- helpers -----------------------------------------------------------------------------------------------
-    def _causal_conv(self, xBC_Bld: torch.Tensor, state: Mamba2State | None) -> torch.Tensor:
-        """Depthwise causal conv + SiLU over (B, l, Dc); starts from and updates `state.conv_state` if given."""
+    def _causal_conv(self, xBC_Bld: torch.Tensor, state: Mamba2State | None, fused_cpu: bool = False
+                     ) -> torch.Tensor:
+        """Depthwise causal conv + SiLU over (B, l, Dc); starts from and updates `state.conv_state` if given.
+        `fused_cpu`: models.mamba2_cpu's C kernel where it takes the tensors."""
         if state is None:
-            return _CausalConvSiLU.apply(xBC_Bld, self.conv1d.weight.squeeze(1), self.conv1d.bias)
+            w_DK, bias_D = self.conv1d.weight.squeeze(1), self.conv1d.bias
+            fused = fused_cpu and mamba2_cpu.fits(xBC_Bld, w_DK, bias_D)
+            return (mamba2_cpu.CausalConvSiLU if fused else _CausalConvSiLU).apply(xBC_Bld, w_DK, bias_D)
         K1 = self.d_conv - 1
         x_BDl = xBC_Bld.transpose(1, 2)
         x_BDk = torch.cat([state.conv_state.to(x_BDl.dtype), x_BDl], dim=-1)

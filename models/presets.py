@@ -30,7 +30,7 @@ MVAR_models: dict[str, dict] = {  # width 64*depth unless given; the paper's Tab
 }
 
 ATTN_KERNELS = ("flash_attn", "torch_varlen", "sdpa")
-MAMBA_KERNELS = ("mamba_ssm", "torch")
+MAMBA_KERNELS = ("mamba_ssm", "cpu_fused", "torch")
 
 
 def parse_patch_nums(spec: str | int | Sequence[int]) -> tuple[int, ...]:

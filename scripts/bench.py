@@ -207,6 +207,12 @@ def bench_train(device: torch.device, args: argparse.Namespace) -> str:
                 name = f"{arch}, Mamba2 batch in one pass"
                 steps[name, dtype_name], models[name, dtype_name] = one_pass(step), mvar
                 flops[name, dtype_name] = flops[arch, dtype_name]
+            if args.mamba_torch and "mamba" in ARCH_BRANCHES[arch]:  # the portable Mamba2 path (own copy)
+                name, portable = f"{arch}, Mamba2 backend torch", argparse.Namespace(**{**vars(args),
+                                                                                      "mamba_backend": "torch"})
+                models[name, dtype_name], _, steps[name, dtype_name] = random_train_step(
+                    arch, args.depth, dtype_name, device, portable)
+                flops[name, dtype_name] = flops[arch, dtype_name]
             if args.unfused_adam:  # the same step with the single-tensor AdamW (its own copy of the model)
                 name = f"{arch}, unfused AdamW"
                 models[name, dtype_name], _, steps[name, dtype_name] = random_train_step(
@@ -449,6 +455,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heads", type=int, default=0, help="train section: attention heads (0: width // 64)")
     p.add_argument("--mamba_one_pass", action="store_true",
                    help="train section, CPU: also time each Mamba2 arch with the batch in one pass (no slices)")
+    p.add_argument("--mamba_torch", action="store_true",
+                   help="train section: also time each Mamba2 arch with --mamba_backend=torch (the portable path)")
     p.add_argument("--unfused_adam", action="store_true",
                    help="train section: also time each arch with the single-tensor AdamW (train.py --afuse=0)")
     p.add_argument("--archs", nargs="+", default=["mvar", "var"], choices=list(ARCH_BRANCHES),

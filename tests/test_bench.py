@@ -154,6 +154,20 @@ def test_train_section_times_the_single_tensor_adamw_beside_the_fused_one(monkey
     assert built == [True, False, True, False]
 
 
+def test_train_section_times_the_portable_mamba2_beside_cpu_fused(monkeypatch):
+    """--mamba_torch: a row per Mamba2 arch on --mamba_backend=torch, timed in turn with the chosen backend."""
+    monkeypatch.setattr(bm, "matmul_gflops", lambda device, dtype: 100.0)
+    backends_built = []
+    init = bench.MVAR.__init__
+    monkeypatch.setattr(bench.MVAR, "__init__", lambda self, *a, **kw: backends_built.append(kw["mamba_backend"])
+                        or init(self, *a, **kw))
+    flags = ["--only", "train", "--depth", "1", "--pn", "1_2", "--archs", "mvar", "var", "--train_dtypes", "fp32",
+             "--repeats", "1", "--warmup", "0", "--device", "cpu", "--mamba_backend", "cpu_fused", "--mamba_torch"]
+    arches = [line.split("|")[2].strip() for line in bench.main(flags).splitlines() if line.startswith("| cpu |")]
+    assert arches == ["mvar", "mvar, Mamba2 backend torch", "var"]  # VAR has no Mamba2: no extra row
+    assert backends_built == ["cpu_fused", "torch", "cpu_fused"]
+
+
 def test_ckpt_section_keeps_less_with_checkpointing_and_projects_d30():
     """Checkpointing keeps each block's input instead of its activations: less peak memory per step and fewer bytes
     per block, so more M-VAR-d30 images fit a GPU (times are printed, not asserted)."""

@@ -324,6 +324,7 @@ def test_forced_backend_errors(monkeypatch):
 def test_auto_on_cpu_uses_torch_and_logs(monkeypatch, caplog):
     monkeypatch.delenv(backends.MAMBA.env, raising=False)
     monkeypatch.setattr(m2, "load_kernels", lambda: (FakeKernels(None).kernels(), "fake kernels"))
+    monkeypatch.setattr(m2.mamba2_cpu, "available", lambda: "no C compiler (test)")  # else auto takes cpu_fused
     backends._log_once.cache_clear()
     m = Mamba2(**{**SMALL, "backend": "auto"})
     with caplog.at_level(logging.INFO, logger=backends.__name__), torch.no_grad():
@@ -331,7 +332,8 @@ def test_auto_on_cpu_uses_torch_and_logs(monkeypatch, caplog):
         m(torch.randn(1, 5, 32))
     assert "active: torch" in repr(m)
     assert [r.getMessage() for r in caplog.records] == [
-        "Mamba2 backend: torch (requested auto; input on cpu; not mamba_ssm: needs CUDA inputs, got device cpu)"]
+        "Mamba2 backend: torch (requested auto; input on cpu; not mamba_ssm: needs CUDA inputs, got device cpu; "
+        "not cpu_fused: no C compiler (test))"]
 
 
 def test_kernel_import_skips_broken_package_init(tmp_path, monkeypatch):

@@ -1,0 +1,151 @@
+"""The `cpu_fused` Mamba2 backend: its C conv + SiLU and gated norm against the PyTorch Functions (outputs and every
+gradient), the whole layer against the `torch` backend, and how the backend is chosen, built and refused."""
+import logging
+
+import pytest
+import torch
+
+from models import backends
+from models import mamba2 as m2
+from models import mamba2_cpu
+from models.backends import BackendError
+from models.mamba2 import Mamba2
+
+pytestmark = pytest.mark.numerics  # rerun by `make test` at the lowest ISA level
+
+# The C kernels and the PyTorch Functions compute the same sums in float32 with their own exp (~2 ulp apart) and
+# their own order for the weight gradients' sums over rows: values of order 1 from sums of at most a few hundred
+# terms differ by a few 1e-7 relative; 2e-5 leaves room for that and still fails on any wrong tap, sign or factor.
+TOL = dict(rtol=2e-5, atol=2e-5)
+
+needs_kernels = pytest.mark.skipif(mamba2_cpu.available() is not None,
+                                   reason=f"cpu_fused kernels unavailable: {mamba2_cpu.available()}")
+
+
+def _leaves(*tensors):
+    return [t.detach().clone().requires_grad_() for t in tensors]
+
+
+def _assert_same_function(fused, reference, inputs, strided_arg=None, width=None, threads=1):
+    """fused.apply and reference.apply on copies of `inputs` (tensors, then the rest): outputs and gradients of
+    every tensor input equal within TOL. `strided_arg` is passed as a column slice of a wider tensor (a split
+    view of in_proj's output), to exercise the kernels' row strides."""
+    tensors = [t for t in inputs if isinstance(t, torch.Tensor)]
+    rest = inputs[len(tensors):]
+    grads, outs = [], []
+    old = torch.get_num_threads()
+    for fn, nt in ((fused, threads), (reference, 1)):
+        torch.set_num_threads(nt)
+        leaves = _leaves(*tensors)
+        args = list(leaves)
+        if strided_arg is not None:
+            wide = torch.zeros(*leaves[strided_arg].shape[:-1], width)
+            wide = wide.index_copy(-1, torch.arange(3, 3 + leaves[strided_arg].shape[-1]), leaves[strided_arg])
+            args[strided_arg] = wide[..., 3:3 + leaves[strided_arg].shape[-1]]
+        out = fn.apply(*args, *rest)
+        out.backward(torch.linspace(-1, 1, out.numel()).view(out.shape))
+        outs.append(out)
+        grads.append([t.grad for t in leaves])
+    torch.set_num_threads(old)
+    torch.testing.assert_close(outs[0], outs[1], **TOL)
+    for g_fused, g_ref in zip(*grads, strict=True):
+        torch.testing.assert_close(g_fused, g_ref, **TOL)
+
+
+@needs_kernels
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_conv_silu_matches_the_pytorch_function(bias, threads):
+    torch.manual_seed(0)
+    x, w = torch.randn(3, 11, 24), torch.randn(24, 4)
+    inputs = (x, w, torch.randn(24)) if bias else (x, w, None)
+    _assert_same_function(mamba2_cpu.CausalConvSiLU, m2._CausalConvSiLU, inputs, strided_arg=0, width=40,
+                          threads=threads)
+
+
+@needs_kernels
+@pytest.mark.parametrize("norm_before_gate", [False, True])
+@pytest.mark.parametrize("group_size", [24, 8])
+def test_gated_norm_matches_the_pytorch_function(norm_before_gate, group_size):
+    torch.manual_seed(0)
+    y, z, w = torch.randn(2, 7, 24), torch.randn(2, 7, 24), torch.rand(24) + 0.5
+    _assert_same_function(mamba2_cpu.GatedRMSNorm, m2._GatedRMSNorm, (y, z, w, 1e-5, group_size, norm_before_gate),
+                          strided_arg=1, width=50, threads=2)
+
+
+@needs_kernels
+def test_nan_in_the_input_stays_nan():
+    x = torch.randn(1, 5, 8)
+    x[0, 2, 3] = float("nan")
+    y = mamba2_cpu.CausalConvSiLU.apply(x, torch.randn(8, 4), torch.randn(8))
+    assert y[0, 2:, 3].isnan().all() and y[0, :2].isfinite().all()  # the NaN reaches the next K-1 steps only
+    out = mamba2_cpu.GatedRMSNorm.apply(x, torch.randn(1, 5, 8), torch.ones(8), 1e-5, 8, False)
+    assert out[0, 2].isnan().all() and out[0, [0, 1, 3, 4]].isfinite().all()
+
+
+@needs_kernels
+def test_layer_on_cpu_fused_matches_the_torch_backend():
+    """The whole layer, forward and backward, every parameter's gradient, with a batch large enough to be sliced."""
+    torch.manual_seed(0)
+    ref = Mamba2(d_model=32, d_state=16, headdim=8, ngroups=2, chunk_size=8, backend="torch")
+    fused = Mamba2(d_model=32, d_state=16, headdim=8, ngroups=2, chunk_size=8, backend="cpu_fused")
+    fused.load_state_dict(ref.state_dict())
+    u = torch.randn(5, 37, 32)
+    outs = []
+    for m in (fused, ref):
+        out = m(u)
+        out.square().mean().backward()
+        outs.append(out)
+    assert fused.active_backend == "cpu_fused" and ref.active_backend == "torch"
+    torch.testing.assert_close(outs[0], outs[1], **TOL)
+    for (name, p_fused), p_ref in zip(fused.named_parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p_fused.grad, p_ref.grad, **TOL, msg=name)
+
+
+@needs_kernels
+def test_auto_on_cpu_picks_cpu_fused_and_bf16_keeps_the_pytorch_functions(monkeypatch):
+    monkeypatch.delenv(backends.MAMBA.env, raising=False)
+    m = Mamba2(d_model=32, d_state=16, headdim=8, backend="auto")
+    calls = []
+    monkeypatch.setattr(mamba2_cpu.CausalConvSiLU, "apply",
+                        lambda *a: calls.append("conv") or m2._CausalConvSiLU.apply(*a))
+    with torch.no_grad():
+        m(torch.randn(1, 5, 32))
+        assert m.active_backend == "cpu_fused" and calls == ["conv"]
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 activations: the PyTorch Functions
+            m(torch.randn(1, 5, 32))
+    assert calls == ["conv"]
+
+
+def test_without_a_compiler_auto_falls_back_and_a_forced_cpu_fused_says_why(monkeypatch, tmp_path, caplog):
+    monkeypatch.delenv(backends.MAMBA.env, raising=False)
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv("MVAR_KERNEL_CACHE", str(tmp_path / "cache"))
+    mamba2_cpu.load.cache_clear()
+    backends._log_once.cache_clear()
+    try:
+        with caplog.at_level(logging.INFO, logger=backends.__name__), torch.no_grad():
+            m = Mamba2(d_model=32, d_state=16, headdim=8, backend="auto")
+            m(torch.randn(1, 5, 32))
+        assert m.active_backend == "torch"
+        assert "not cpu_fused: no C compiler" in caplog.records[-1].getMessage()
+        with pytest.raises(BackendError, match="mamba_backend='cpu_fused' cannot run here: no C compiler .*'torch'"):
+            Mamba2(d_model=32, d_state=16, headdim=8, backend="cpu_fused")(torch.randn(1, 5, 32))
+    finally:
+        mamba2_cpu.load.cache_clear()
+
+
+@needs_kernels
+def test_kernels_are_built_once_into_the_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("MVAR_KERNEL_CACHE", str(tmp_path))
+    mamba2_cpu.load.cache_clear()
+    try:
+        lib, note = mamba2_cpu.load()
+        built = list(tmp_path.glob("mamba2_cpu-*.so"))
+        assert lib is not None and len(built) == 1 and str(built[0]) in note
+        mtime = built[0].stat().st_mtime_ns
+        mamba2_cpu.load.cache_clear()
+        mamba2_cpu.load()
+        assert built[0].stat().st_mtime_ns == mtime and list(tmp_path.iterdir()) == built  # reused, no leftovers
+    finally:
+        mamba2_cpu.load.cache_clear()
