@@ -628,7 +628,8 @@ class Mamba2(nn.Module):
         Bsz, seqlen, _ = u_BlD.shape
         zxbcdt = self.in_proj(u_BlD)
         z_Bld, xBC_Bld, dt_BlH = torch.split(zxbcdt, [self.d_ssm, self.conv_dim, self.nheads], dim=-1)
-        fused_cpu = self.active_backend == "cpu_fused"
+        # torch.compile traces the PyTorch path (inductor fuses it itself; the C kernels are opaque to it)
+        fused_cpu = self.active_backend == "cpu_fused" and not torch.compiler.is_compiling()
         if kernels is not None and kernels.causal_conv1d_fn is not None and state is None:
             xBC_Bld = kernels.causal_conv1d_fn(xBC_Bld.transpose(1, 2), self.conv1d.weight.squeeze(1),
                                                self.conv1d.bias, activation="silu").transpose(1, 2)

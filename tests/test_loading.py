@@ -31,7 +31,8 @@ def test_official_raw_state_dict_loads_with_inferred_config(arch):
 
 
 def test_var_blocks_mix_is_inferred_from_a_raw_state_dict():
-    src = MVAR(MVARConfig(**{**TINY, "depth": 3}, var_blocks=2, patch_nums=(1, 2, 3))).eval()
+    src = MVAR(MVARConfig(**{**TINY, "depth": 3}, var_blocks=2, patch_nums=(1, 2, 3)), attn_backend="sdpa",
+               mamba_backend="torch").eval()  # the kernels `loaded` runs: the same computation, bit for bit
     loaded = load_mvar(src.state_dict(), patch_nums=(1, 2, 3), attn_backend="sdpa", mamba_backend="torch")
     assert (loaded.config.arch, loaded.config.var_blocks, loaded.config.d_state) == ("mvar", 2, 16)
     label_B, x = torch.tensor([1, 2]), torch.randn(2, src.L - 1, 8)
@@ -72,10 +73,13 @@ def test_set_backends_switches_every_block_and_keeps_the_logits():
     torch.manual_seed(0)
     mvar = MVAR(MVARConfig(**TINY, patch_nums=(1, 2, 3))).eval()
     label, x = torch.tensor([1, 2]), torch.randn(2, mvar.L - 1, 8)
-    before = mvar(label, x)
+    before = mvar(label, x)  # "auto": cpu_fused's C kernels where they build
     mvar.set_backends(attn_backend="sdpa", mamba_backend="torch")
     assert {(b.attn.backend, b.mamba.backend) for b in mvar.blocks} == {("sdpa", "torch")}
-    torch.testing.assert_close(mvar(label, x), before, rtol=0, atol=0)
+    after = mvar(label, x)
+    assert {b.mamba.active_backend for b in mvar.blocks} == {"torch"}
+    # another Mamba2 kernel on the same weights: equal up to float32 rounding (tests/test_mamba2_cpu.py's bound)
+    torch.testing.assert_close(after, before, rtol=2e-5, atol=2e-5)
     with pytest.raises(ValueError, match="attn_backend='xformers': expected one of"):
         mvar.set_backends(attn_backend="xformers")
 

@@ -257,7 +257,7 @@ def test_config_roundtrip_and_state_dict_reload_give_identical_logits(tmp_path):
     path = tmp_path / "m.pth"
     torch.save({"config": dataclasses.asdict(mvar.config), "model": mvar.state_dict()}, path)
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    clone = MVAR(MVARConfig(**ckpt["config"]))
+    clone = MVAR(MVARConfig(**ckpt["config"]), attn_backend=mvar.attn_backend, mamba_backend=mvar.mamba_backend)
     clone.load_state_dict(ckpt["model"], strict=True)
     clone.eval()
     assert torch.equal(clone(label_B, x_BLCv), mvar(label_B, x_BLCv))
