@@ -117,9 +117,11 @@ def test_auto_on_cpu_picks_cpu_fused_and_bf16_keeps_the_pytorch_functions(monkey
     assert calls == ["conv"]
 
 
-def test_without_a_compiler_auto_falls_back_and_a_forced_cpu_fused_says_why(monkeypatch, tmp_path, caplog):
+@pytest.mark.parametrize("cc, why", [("no-such-cc", "no C compiler"), ("/bin/false", "could not build mamba2_cpu.c")])
+def test_without_a_working_compiler_auto_falls_back_and_a_forced_cpu_fused_says_why(cc, why, monkeypatch, tmp_path,
+                                                                                      caplog):
     monkeypatch.delenv(backends.MAMBA.env, raising=False)
-    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv("CC", cc if cc.startswith("/") else str(tmp_path / cc))
     monkeypatch.setenv("MVAR_KERNEL_CACHE", str(tmp_path / "cache"))
     mamba2_cpu.load.cache_clear()
     backends._log_once.cache_clear()
@@ -128,8 +130,8 @@ def test_without_a_compiler_auto_falls_back_and_a_forced_cpu_fused_says_why(monk
             m = Mamba2(d_model=32, d_state=16, headdim=8, backend="auto")
             m(torch.randn(1, 5, 32))
         assert m.active_backend == "torch"
-        assert "not cpu_fused: no C compiler" in caplog.records[-1].getMessage()
-        with pytest.raises(BackendError, match="mamba_backend='cpu_fused' cannot run here: no C compiler .*'torch'"):
+        assert f"not cpu_fused: {why}" in caplog.records[-1].getMessage()
+        with pytest.raises(BackendError, match=f"mamba_backend='cpu_fused' cannot run here: {why}.*'torch'"):
             Mamba2(d_model=32, d_state=16, headdim=8, backend="cpu_fused")(torch.randn(1, 5, 32))
     finally:
         mamba2_cpu.load.cache_clear()
