@@ -528,8 +528,8 @@ class Mamba2(nn.Module):
     Unsupported mamba_ssm options: d_ssm != None (the extra gated-MLP channels) and tensor parallelism.
     `backend`: "auto" (env MVAR_MAMBA_BACKEND overrides it; mamba_ssm kernels for CUDA inputs when they import,
     else "cpu_fused" for CPU inputs when its C kernels build, else PyTorch), "torch" (the portable reference),
-    "cpu_fused" (models.mamba2_cpu: the PyTorch scan with the conv + SiLU and the gated norm in fused float32 C
-    kernels) or "mamba_ssm" (raises if the kernels are missing or the input is not on CUDA).
+    "cpu_fused" (models.mamba2_cpu: the PyTorch scan with the conv + SiLU and the gated norm in fused C kernels,
+    float32 or bf16 activations) or "mamba_ssm" (raises if the kernels are missing or the input is not on CUDA).
     The mamba_ssm path is NOT YET RUN ON GPU; its Triton kernels run on CPU under Triton's interpreter (fp32) in
     tests/test_triton_interpreter.py, through `_is_kernel_device`.
     `chunk_size` is the kernel's chunk length; the PyTorch path uses min(chunk_size, TORCH_CHUNK_SIZE) (same maths).
@@ -669,7 +669,7 @@ class Mamba2(nn.Module):
             if kernels is not None and kernels.rmsnorm_fn is not None:
                 y_Bld = kernels.rmsnorm_fn(y_Bld, self.norm.weight, None, z=z_Bld, eps=self.norm.eps,
                                            group_size=self.norm.group_size, norm_before_gate=self.norm_before_gate)
-            elif fused_cpu and mamba2_cpu.fits(y_Bld, z_Bld, self.norm.weight):
+            elif fused_cpu and mamba2_cpu.fits(z_Bld, y_Bld, self.norm.weight):
                 y_Bld = mamba2_cpu.GatedRMSNorm.apply(y_Bld, z_Bld, self.norm.weight, self.norm.eps,
                                                       self.norm.group_size, self.norm_before_gate)
             else:

@@ -1,4 +1,4 @@
-"""The `cpu_fused` Mamba2 backend: float32 C kernels for the layer's causal conv + SiLU and its gated RMSNorm.
+"""The `cpu_fused` Mamba2 backend: C kernels for the layer's causal conv + SiLU and its gated RMSNorm.
 
 The PyTorch path (models/mamba2.py) runs each of these as several elementwise passes over memory; the kernels in
 `mamba2_cpu.c` make one pass over each row, forward and backward, with the same maths (tests compare them with the
@@ -8,8 +8,8 @@ errno ignored, no other change to float semantics) into $MVAR_KERNEL_CACHE (defa
 by the source, the compiler and the CPU's flags, and loaded with ctypes. They run on torch.get_num_threads()
 OpenMP threads when the compiler has OpenMP: the library asks for libgomp.so.1, which resolves to the one torch
 already loaded, so both share one thread pool. Without a compiler the backend is unavailable and "auto" falls back
-to the PyTorch path (logged once). Float32 CPU tensors only: other dtypes (bf16/fp16 autocast) take the PyTorch
-Functions even when this backend is chosen.
+to the PyTorch path (logged once). CPU tensors with float32 or bfloat16 activations (fp32 training, bf16 autocast)
+and float32 weights; fp16 activations take the PyTorch Functions even when this backend is chosen.
 """
 from __future__ import annotations
 
@@ -39,6 +39,7 @@ SIGNATURES = {
     "gated_norm_fwd": (_ptr, _i64, _ptr, _i64, _ptr, _i64, _i64, _i64, _float, _int, _ptr, _ptr, _int),
     "gated_norm_bwd": (_ptr, _ptr, _i64, _ptr, _i64, _ptr, _ptr, _i64, _i64, _i64, _int, _ptr, _ptr, _ptr, _int),
 }
+ACTIVATION_DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}  # the kernels' suffix per activation dtype
 
 
 def _cpu_flags() -> str:
@@ -80,8 +81,9 @@ def load() -> tuple[ctypes.CDLL | None, str]:
     except (OSError, RuntimeError) as err:
         return None, f"could not build {SOURCE.name}: {err}"
     for name, argtypes in SIGNATURES.items():
-        fn = getattr(lib, name)
-        fn.argtypes, fn.restype = argtypes, None
+        for suffix in ACTIVATION_DTYPES.values():
+            fn = getattr(lib, f"{name}_{suffix}")
+            fn.argtypes, fn.restype = argtypes, None
     return lib, f"C kernels {path}"
 
 
@@ -91,10 +93,17 @@ def available() -> str | None:
     return None if lib is not None else note
 
 
-def fits(*tensors: torch.Tensor | None) -> bool:
-    """Whether the kernels take these tensors: float32 on the CPU, unit stride along channels."""
-    return all(t is None or (t.dtype == torch.float32 and t.device.type == "cpu" and t.stride(-1) == 1)
-               for t in tensors)
+def fits(activations: torch.Tensor, *float32: torch.Tensor | None) -> bool:
+    """Whether the kernels take these CPU tensors, all with unit stride along channels: `activations` float32 or
+    bfloat16, the others (weights, the norm's input) float32 or None."""
+    return activations.dtype in ACTIVATION_DTYPES and all(
+        t is None or t.dtype == torch.float32 for t in float32) and all(
+        t is None or (t.device.type == "cpu" and t.stride(-1) == 1) for t in (activations, *float32))
+
+
+def _kernel(name: str, activations: torch.Tensor):
+    """The compiled kernel `name` for the dtype of `activations`."""
+    return getattr(load()[0], f"{name}_{ACTIVATION_DTYPES[activations.dtype]}")
 
 
 def _rows(t: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -114,25 +123,24 @@ class CausalConvSiLU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_BlD, w_DK, bias_D):
-        lib, nt = load()[0], torch.get_num_threads()
         x_BlD, sx = _rows(x_BlD)
         (Bsz, n, D), K = x_BlD.shape, w_DK.shape[1]
         w_KD = w_DK.t().contiguous()
-        y = torch.empty(Bsz, n, D)
-        lib.conv_silu_fwd(_p(x_BlD), sx, Bsz, n, D, _p(w_KD), _p(bias_D), K, _p(y), nt)
+        y = torch.empty(Bsz, n, D, dtype=x_BlD.dtype)
+        _kernel("conv_silu_fwd", x_BlD)(_p(x_BlD), sx, Bsz, n, D, _p(w_KD), _p(bias_D), K, _p(y),
+                                        torch.get_num_threads())
         ctx.save_for_backward(x_BlD, w_KD, bias_D)  # the backward recomputes the pre-activation from x
         return y
 
     @staticmethod
     def backward(ctx, dy_BlD):
-        lib, nt = load()[0], torch.get_num_threads()
         x_BlD, w_KD, bias_D = ctx.saved_tensors
         (Bsz, n, D), K = x_BlD.shape, w_KD.shape[0]
-        dy = dy_BlD.to(torch.float32).contiguous()
-        dx, dw_KD = torch.empty(Bsz, n, D), torch.empty(K, D)
+        dy = dy_BlD.to(x_BlD.dtype).contiguous()
+        dx, dw_KD = torch.empty(Bsz, n, D, dtype=x_BlD.dtype), torch.empty(K, D)
         dbias = None if bias_D is None else torch.empty(D)
-        lib.conv_silu_bwd(_p(dy), _p(x_BlD), x_BlD.stride(-2), Bsz, n, D, _p(w_KD), _p(bias_D), K, _p(dx),
-                          _p(dw_KD), _p(dbias), nt)
+        _kernel("conv_silu_bwd", x_BlD)(_p(dy), _p(x_BlD), x_BlD.stride(-2), Bsz, n, D, _p(w_KD), _p(bias_D), K,
+                                        _p(dx), _p(dw_KD), _p(dbias), torch.get_num_threads())
         return dx, dw_KD.t(), dbias
 
 
@@ -141,28 +149,26 @@ class GatedRMSNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, y, z, weight, eps, group_size, norm_before_gate):
-        lib, nt = load()[0], torch.get_num_threads()
         y, sy = _rows(y)
         z, sz = _rows(z)
         D = y.shape[-1]
         R = y.numel() // D
-        out = torch.empty(y.shape)
+        out = torch.empty(y.shape, dtype=z.dtype)  # the activations' dtype, as the PyTorch Function returns
         rstd = torch.empty(R, D // group_size)
-        lib.gated_norm_fwd(_p(y), sy, _p(z), sz, _p(weight), R, D, group_size, eps, int(norm_before_gate), _p(out),
-                           _p(rstd), nt)
+        _kernel("gated_norm_fwd", z)(_p(y), sy, _p(z), sz, _p(weight), R, D, group_size, eps, int(norm_before_gate),
+                                     _p(out), _p(rstd), torch.get_num_threads())
         ctx.save_for_backward(y, z, weight, rstd)
         ctx.group_size, ctx.norm_before_gate = group_size, norm_before_gate
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        lib, nt = load()[0], torch.get_num_threads()
         y, z, weight, rstd = ctx.saved_tensors
         D = y.shape[-1]
         R = y.numel() // D
-        dout = dout.to(torch.float32).contiguous()
-        dy, dz = torch.empty(2, *y.shape)
-        dw = torch.empty(D)
-        lib.gated_norm_bwd(_p(dout), _p(y), y.stride(-2), _p(z), z.stride(-2), _p(weight), _p(rstd), R, D,
-                           ctx.group_size, int(ctx.norm_before_gate), _p(dy), _p(dz), _p(dw), nt)
+        dout = dout.to(z.dtype).contiguous()
+        dy, dz, dw = torch.empty(y.shape), torch.empty(y.shape, dtype=z.dtype), torch.empty(D)
+        _kernel("gated_norm_bwd", z)(_p(dout), _p(y), y.stride(-2), _p(z), z.stride(-2), _p(weight), _p(rstd), R, D,
+                                     ctx.group_size, int(ctx.norm_before_gate), _p(dy), _p(dz), _p(dw),
+                                     torch.get_num_threads())
         return dy, dz, dw, None, None, None
