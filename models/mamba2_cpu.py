@@ -16,7 +16,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
-import logging
 import os
 import platform
 import shutil
@@ -25,8 +24,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-
-logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("mamba2_cpu.c")
 CFLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd", "-shared", "-fPIC",
