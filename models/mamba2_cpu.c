@@ -6,9 +6,10 @@
    output, the gate z and the norm's output, and their gradients) are float32 (`*_f32` kernels) or bfloat16
    (`*_bf16`, what bf16 autocast gives: read into float32, written back rounded to nearest even as torch rounds);
    weights, the norm's input y (the scan's float32 output) and every weight gradient are float32. This file is
-   compiled once and includes itself once per activation type (the part after `#else`). Rows are independent and split over
-   `nt` OpenMP threads; the weight gradients are summed per thread, then over threads. The sums over a norm group
-   are vectorised (`omp simd reduction`), so their order is the vector unit's, as in ATen's own reductions.
+   compiled once and includes itself once per activation type (the part after `#else`). Rows are independent and
+   split over `nt` OpenMP threads; the weight gradients are summed per thread, then over threads. The sums over a
+   norm group are vectorised (`omp simd reduction`), so their order is the vector unit's, as in ATen's own
+   reductions.
    Shapes: R rows of D channels; x rows start at x + r * sx (a strided view of in_proj's output), every other
    tensor is contiguous. Conv: rows are (batch, time), n time steps per sequence, K taps stored (K, D). */
 #include <math.h>
