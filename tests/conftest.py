@@ -1,13 +1,17 @@
 """Shared pytest fixtures: deterministic torch, GPU marker handling, the tiny tokenizer + M-VAR the tests build,
-and launching scripts on one process or under torchrun.
+and launching scripts on one process (forked from a warm interpreter: tests/warm_launcher.py) or under torchrun.
 
 `tiny_mvar` and `run_torchrun` are fixtures; worker scripts started by a test import `build_tiny_mvar` from here
 (`run_torchrun` puts tests/ on their PYTHONPATH)."""
+import atexit
+import functools
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -17,6 +21,7 @@ import torch
 from PIL import Image
 
 from models import MVAR, VQVAE, build_vae_mvar
+from warm_launcher import WarmLauncher, WarmProcess
 
 REPO = Path(__file__).resolve().parents[1]
 # a 2x tokenizer (V=64, Cvae=8: 8 px images at patch_nums 1_2_3_4) and a depth-2 M-VAR, portable kernels
@@ -60,12 +65,44 @@ def launch_cmd(script: str | Path, *args: str, nproc: int = 1) -> list[str]:
     return [*launcher, str(script), *map(str, args)]
 
 
+@functools.cache
+def warm_launcher() -> WarmLauncher | None:
+    """This test process's fork server for single-process launches (started on first use), or None with
+    MVAR_TEST_COLD=1: every process then starts cold, as a user's would (tests/test_warm_launcher.py checks that a
+    warm start runs a script as a cold one does)."""
+    if os.environ.get("MVAR_TEST_COLD") == "1" or not hasattr(socket, "send_fds") or not Path("/proc/self").is_dir():
+        return None  # asked for, or not Linux (the launcher passes file descriptors and counts threads in /proc)
+    launcher = WarmLauncher(SUBPROCESS_ENV)
+    atexit.register(launcher.close)
+    return launcher
+
+
+def warm_argv(cmd: list[str]) -> list[str] | None:
+    """`cmd`'s script and arguments when it is `python script.py ...` and the warm launcher is on, else None."""
+    plain_script = len(cmd) > 1 and cmd[0] == sys.executable and cmd[1].endswith(".py")
+    return cmd[1:] if plain_script and warm_launcher() is not None else None
+
+
 def launch(script: str | Path, *args: str, nproc: int = 2, check: bool = True,
            timeout: float = 300) -> subprocess.CompletedProcess:
     """Run `launch_cmd` from the repository root with one CPU thread per process; with `check`, a non-zero exit
     fails the test showing the end of the output."""
-    proc = subprocess.run(launch_cmd(script, *args, nproc=nproc), env=SUBPROCESS_ENV, cwd=REPO,
-                          capture_output=True, text=True, timeout=timeout)
+    cmd = launch_cmd(script, *args, nproc=nproc)
+    argv = warm_argv(cmd)
+    if argv is None:
+        proc = subprocess.run(cmd, env=SUBPROCESS_ENV, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    else:
+        with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+            child = warm_launcher().spawn(argv, REPO, out.fileno(), err.fileno())
+            try:
+                child.wait(timeout)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+                raise
+            out.seek(0)
+            err.seek(0)
+            proc = subprocess.CompletedProcess(cmd, child.returncode, out.read().decode(), err.read().decode())
     if check:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
@@ -92,20 +129,29 @@ def damage_tensor_data(path: Path, n: int = 64) -> None:
         f.write(bytes(b ^ 0xFF for b in data))
 
 
-def interrupt(cmd: list[str], trigger: str, sig: signal.Signals) -> tuple[subprocess.Popen, str]:
+def interrupt(cmd: list[str], trigger: str, sig: signal.Signals) -> tuple[subprocess.Popen | WarmProcess, str]:
     """Start `cmd` like `launch`, send `sig` to it at the first line matching the regex `trigger`; returns the
     finished process and its whole output."""
-    proc = subprocess.Popen(cmd, env=SUBPROCESS_ENV, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    argv = warm_argv(cmd)
+    if argv is None:
+        proc = subprocess.Popen(cmd, env=SUBPROCESS_ENV, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+        output = proc.stdout
+    else:
+        read_end, write_end = os.pipe()
+        proc = warm_launcher().spawn(argv, REPO, write_end, write_end)
+        os.close(write_end)
+        output = open(read_end)
     lines = []
     try:
-        for line in proc.stdout:
+        for line in output:
             lines.append(line)
             if re.search(trigger, line):
                 proc.send_signal(sig)
                 break
-        lines += proc.stdout.readlines()
+        lines += output.readlines()
     finally:
+        output.close()
         proc.wait(timeout=120)
     return proc, "".join(lines)
 

@@ -19,6 +19,7 @@ import torch
 
 from test_sample_cli import ckpt  # noqa: F401  (the tiny M-VAR checkpoint fixture)
 from conftest import SUBPROCESS_ENV as ENV
+from conftest import launch
 from test_trainer_e2e import (NO_MODEL_RNG, REPO, logged_losses, max_abs_diff, model_state,  # noqa: F401
                               setup, single_run, train_cmd)
 from utils.run.checkpoint import LAST
@@ -171,8 +172,8 @@ def test_fid_dump_over_two_nodes_equals_one_process(ckpt, tmp_path):  # noqa: F8
     """The dump folder is shared (as FID dumps are written to shared storage); rank 0 packs the npz."""
     flags = ["--ckpt", str(ckpt), "--device", "cpu", "--fid", "--preset", "fid", "--top_k", "20",
              "--fid_num_per_class", "3", "--bs", "4"]
-    one = subprocess.run([sys.executable, str(REPO / "sample.py"), *flags, "--fid_dir", str(tmp_path / "one")],
-                         env=ENV, cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT_S)
+    one = launch(REPO / "sample.py", *flags, "--fid_dir", str(tmp_path / "one"), nproc=1, check=False,
+                 timeout=TIMEOUT_S)
     assert one.returncode == 0, one.stderr[-3000:]
     with two_nodes(tmp_path, lambda node: [str(REPO / "sample.py"), *flags, "--fid_dir", str(tmp_path / "two")]) \
             as nodes:

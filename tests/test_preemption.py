@@ -12,7 +12,7 @@ import torch
 
 from test_tokenizer_training import TINY as TOKENIZER_TINY
 from conftest import SUBPROCESS_ENV as ENV
-from conftest import interrupt
+from conftest import interrupt, launch, launch_cmd
 from test_trainer_e2e import (NO_MODEL_RNG, REPO, model_state, reference_run, run_train,  # noqa: F401
                               setup, train_cmd, two_rank_run)
 from utils.run.checkpoint import LAST
@@ -59,18 +59,15 @@ def test_torchrun_two_ranks_stop_together_and_resume_bit_identically(setup, two_
 
 
 def test_tokenizer_trainer_stops_on_sigterm_and_resumes_exactly(tmp_path):
-    cmd = [sys.executable, str(REPO / "scripts/train_tokenizer.py"), *TOKENIZER_TINY, "--steps=10", "--log_every=1",
-           "--save_every=100", "--reinit_every=2"]
-    once = subprocess.run([*cmd, f"--out_dir={tmp_path / 'once'}"], env=ENV, cwd=REPO, capture_output=True,
-                          text=True, timeout=300)
-    assert once.returncode == 0, once.stderr[-2000:]
-    proc, log = interrupt([*cmd, f"--out_dir={tmp_path / 'twice'}"], "step 3/10", signal.SIGTERM)
+    script = REPO / "scripts/train_tokenizer.py"
+    flags = [*TOKENIZER_TINY, "--steps=10", "--log_every=1", "--save_every=100", "--reinit_every=2"]
+    launch(script, *flags, f"--out_dir={tmp_path / 'once'}", nproc=1)
+    proc, log = interrupt(launch_cmd(script, *flags, f"--out_dir={tmp_path / 'twice'}"), "step 3/10", signal.SIGTERM)
     assert proc.returncode == 128 + signal.SIGTERM, log[-3000:]
     stopped = re.search(r"stopped by SIGTERM at step (\d+)", log)
     assert stopped and 3 <= int(stopped.group(1)) < 10, log[-3000:]
-    again = subprocess.run([*cmd, f"--out_dir={tmp_path / 'twice'}"], env=ENV, cwd=REPO, capture_output=True,
-                           text=True, timeout=300)
-    assert again.returncode == 0 and f"at step {stopped.group(1)}" in again.stdout + again.stderr
+    again = launch(script, *flags, f"--out_dir={tmp_path / 'twice'}", nproc=1)
+    assert f"at step {stopped.group(1)}" in again.stdout + again.stderr
     a, b = (torch.load(tmp_path / d / "tokenizer-last.pth", weights_only=True)["vae"] for d in ("once", "twice"))
     assert_same_weights(a, b)
 

@@ -11,8 +11,7 @@ import time
 import pytest
 import torch
 
-from conftest import SUBPROCESS_ENV as ENV
-from test_trainer_e2e import REPO, setup, train_cmd  # noqa: F401  (setup: the tiny data + tokenizer fixture)
+from test_trainer_e2e import run_train, setup  # noqa: F401  (setup: the tiny data + tokenizer fixture)
 from models.loading import CheckpointError
 from utils.flags import finalize_args, parse_args
 from utils.run import lock as run_lock
@@ -88,7 +87,7 @@ def test_second_training_run_in_a_live_folder_is_refused(setup, tmp_path):  # no
     proc = sleeper()
     try:
         write_lock(out, socket.gethostname(), proc.pid, run_lock._process_start(proc.pid))
-        run = subprocess.run(train_cmd(setup, out), env=ENV, cwd=REPO, capture_output=True, text=True, timeout=300)
+        run = run_train(setup, out, check=False)
     finally:
         proc.kill()
         proc.wait()

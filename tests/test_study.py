@@ -4,11 +4,10 @@ import json
 import math
 import re
 import subprocess
-import sys
 
 import numpy as np
 import pytest
-from conftest import REPO, SUBPROCESS_ENV
+from conftest import REPO, launch
 from scripts import study, study_curves, study_report
 from PIL import Image
 
@@ -16,8 +15,7 @@ STUDY = REPO / "scripts" / "study.py"
 
 
 def run_study(out, *flags: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(STUDY), "--quick", f"--out_dir={out}", *flags], env=SUBPROCESS_ENV,
-                          cwd=REPO, capture_output=True, text=True, timeout=900)
+    return launch(STUDY, "--quick", f"--out_dir={out}", *flags, nproc=1, check=False, timeout=900)
 
 
 def scores(out) -> dict[str, dict]:
