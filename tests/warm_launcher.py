@@ -32,6 +32,7 @@ PRELOAD = ("torch", "torch._dynamo", "torchvision", "numpy", "PIL.Image")  # thi
 def serve(path: str) -> tuple[dict, list[int]]:
     """Serve launch requests on the Unix socket `path`; returns (request, fds) in each forked child, never in the
     server (which exits when its stdin closes)."""
+    path_before = list(sys.path)  # a preloaded import may add to sys.path (torch 2.8 adds a temporary folder)
     for module in PRELOAD:
         importlib.import_module(module)
     if threading.active_count() != 1 or len(os.listdir("/proc/self/task")) != 1:
@@ -64,7 +65,7 @@ def serve(path: str) -> tuple[dict, list[int]]:
                 conn.close()
                 for other in children.values():
                     other.close()
-                return json.loads(message), fds
+                return dict(json.loads(message), path=path_before), fds
             for fd in fds:
                 os.close(fd)
             conn.send(str(pid).encode())
@@ -81,7 +82,7 @@ def become(request: dict, fds: list[int]) -> None:
     numpy.random.seed()  # a fresh seed, as a fresh process draws (Python's random reseeds itself after a fork)
     script = request["argv"][0]
     sys.argv = list(request["argv"])
-    sys.path[0] = str(Path(script).resolve().parent)
+    sys.path[:] = [str(Path(script).resolve().parent), *request["path"][1:]]
     runpy.run_path(script, run_name="__main__")
 
 
