@@ -72,6 +72,8 @@ def warm_launcher() -> WarmLauncher | None:
     warm start runs a script as a cold one does)."""
     if os.environ.get("MVAR_TEST_COLD") == "1" or not hasattr(socket, "send_fds") or not Path("/proc/self").is_dir():
         return None  # asked for, or not Linux (the launcher passes file descriptors and counts threads in /proc)
+    if SUBPROCESS_ENV["OMP_NUM_THREADS"] != "1":
+        return None  # numpy's OpenBLAS starts a thread pool at import then, and a process with threads must not fork
     launcher = WarmLauncher(SUBPROCESS_ENV)
     atexit.register(launcher.close)
     return launcher

@@ -29,7 +29,8 @@ if mode == "sleep":
 sys.exit(int(mode))
 """
 
-needs_warm = pytest.mark.skipif(warm_launcher() is None, reason="warm launcher off (MVAR_TEST_COLD=1, or not Linux)")
+needs_warm = pytest.mark.skipif(warm_launcher() is None,
+                                reason="warm launcher off (MVAR_TEST_COLD=1, not Linux, or more than one thread)")
 
 
 def cold(cmd: list[str]) -> subprocess.CompletedProcess:

@@ -128,7 +128,11 @@ class WarmLauncher:
     def spawn(self, argv: list[str], cwd: str | Path, stdout: int, stderr: int) -> WarmProcess:
         """Run `python argv[0] argv[1:]` in a forked child writing to the file descriptors `stdout` and `stderr`."""
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        conn.connect(self.path)
+        try:
+            conn.connect(self.path)
+        except OSError as e:
+            raise RuntimeError(f"the warm launcher is gone (exit status {self.server.poll()}, {e}); MVAR_TEST_COLD=1 "
+                               "starts every process cold") from e
         with open(os.devnull) as devnull:
             socket.send_fds(conn, [json.dumps({"argv": [str(a) for a in argv], "cwd": str(cwd)}).encode()],
                             [devnull.fileno(), stdout, stderr])
