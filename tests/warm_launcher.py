@@ -8,19 +8,20 @@ server's environment (the tests' SUBPROCESS_ENV) and with the caller's pipes. A 
 pid, signals, exit status. Only third-party modules are shared; the project's own modules are imported by each
 child as in a fresh process. MVAR_TEST_COLD=1 makes `conftest` start every process cold instead.
 
-Run as `python warm_launcher.py SOCKET`: it prints `ready` when it serves, and exits when its stdin closes."""
+Run as `python warm_launcher.py NAME` (an abstract Unix socket): it prints `ready` when it serves, and exits when
+its stdin closes."""
 from __future__ import annotations
 
 import importlib
 import json
 import os
 import runpy
+import secrets
 import select
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 from pathlib import Path
 
@@ -29,9 +30,9 @@ import numpy
 PRELOAD = ("torch", "torch._dynamo", "torchvision", "numpy", "PIL.Image")  # third-party only: see the docstring
 
 
-def serve(path: str) -> tuple[dict, list[int]]:
-    """Serve launch requests on the Unix socket `path`; returns (request, fds) in each forked child, never in the
-    server (which exits when its stdin closes)."""
+def serve(name: str) -> tuple[dict, list[int]]:
+    """Serve launch requests on the abstract Unix socket `name`; returns (request, fds) in each forked child, never
+    in the server (which exits when its stdin closes)."""
     path_before = list(sys.path)  # a preloaded import may add to sys.path (torch 2.8 adds a temporary folder)
     for module in PRELOAD:
         importlib.import_module(module)
@@ -39,7 +40,7 @@ def serve(path: str) -> tuple[dict, list[int]]:
         raise RuntimeError(f"importing {PRELOAD} started threads, so forking is not safe: set MVAR_TEST_COLD=1 (every "
                            "process starts cold) and preload less")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    listener.bind(path)
+    listener.bind("\0" + name)
     listener.listen()
     print("ready", flush=True)
     children: dict[int, socket.socket] = {}  # pid -> the connection its exit status goes back on
@@ -117,9 +118,9 @@ class WarmLauncher:
     """The client: starts the server with `env`, then `spawn`s scripts through it."""
 
     def __init__(self, env: dict[str, str]):
-        self.folder = tempfile.TemporaryDirectory(prefix="mvar-warm-")
-        self.path = os.path.join(self.folder.name, "socket")
-        self.server = subprocess.Popen([sys.executable, __file__, self.path], env=env, stdin=subprocess.PIPE,
+        name = f"mvar-warm-{os.getpid()}-{secrets.token_hex(6)}"
+        self.address = "\0" + name  # Linux's abstract namespace: no file, no path length limit, gone with the server
+        self.server = subprocess.Popen([sys.executable, __file__, name], env=env, stdin=subprocess.PIPE,
                                        stdout=subprocess.PIPE, text=True)
         line = self.server.stdout.readline()
         if line.strip() != "ready":
@@ -129,7 +130,7 @@ class WarmLauncher:
         """Run `python argv[0] argv[1:]` in a forked child writing to the file descriptors `stdout` and `stderr`."""
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            conn.connect(self.path)
+            conn.connect(self.address)
         except OSError as e:
             raise RuntimeError(f"the warm launcher is gone (exit status {self.server.poll()}, {e}); MVAR_TEST_COLD=1 "
                                "starts every process cold") from e
@@ -141,7 +142,6 @@ class WarmLauncher:
     def close(self) -> None:
         self.server.stdin.close()
         self.server.wait(timeout=30)
-        self.folder.cleanup()
 
 
 if __name__ == "__main__":
