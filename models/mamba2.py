@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models import mamba2_cpu
+from models import mamba2_cpu, torch_features
 from models.backends import MAMBA, check_name, resolve
 
 logger = logging.getLogger(__name__)
@@ -617,6 +617,11 @@ class Mamba2(nn.Module):
 
     def forward(self, u_BlD: torch.Tensor, state: Mamba2State | None = None) -> torch.Tensor:
         """(B, l, D) -> (B, l, D). With `state`, continue from it and update it in place."""
+        if torch.compiler.is_compiling() and torch_features.compiled_function_gradients_wrong():
+            return _forward_outside_the_graph(self, u_BlD, state)
+        return self._forward_any_backend(u_BlD, state)
+
+    def _forward_any_backend(self, u_BlD: torch.Tensor, state: Mamba2State | None) -> torch.Tensor:
         kernels = self._resolve_backend(u_BlD)
         per_slice = self._cpu_slice(u_BlD) if state is None and kernels is None else u_BlD.shape[0]
         if per_slice < u_BlD.shape[0]:
@@ -707,3 +712,17 @@ class Mamba2(nn.Module):
         """Kernels to use for input `u`, or None for the PyTorch path (logged once per distinct outcome)."""
         kernels, self.active_backend = resolve_kernels(self.backend, _is_kernel_device(u), u.device)
         return kernels
+
+
+@torch.compiler.disable
+def _forward_outside_the_graph(layer: Mamba2, u_BlD: torch.Tensor, state: Mamba2State | None) -> torch.Tensor:
+    """Mamba2 eagerly inside a compiled model, on a torch whose compiled autograd.Functions get wrong gradients
+    (`torch_features.compiled_function_gradients_wrong`): the rest of the model stays compiled."""
+    _log_outside_the_graph(torch.__version__)
+    return layer._forward_any_backend(u_BlD, state)
+
+
+@functools.cache
+def _log_outside_the_graph(version: str) -> None:
+    logger.warning("torch %s: Mamba2 layers run outside torch.compile's graph (compiled autograd.Functions get wrong "
+                   "gradients on this torch: pytorch/pytorch#180642)", version)

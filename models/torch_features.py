@@ -63,3 +63,14 @@ def missing(key: str) -> str | None:
 def table() -> list[list[str]]:
     """[feature, since, needed by, "yes" / "no"] for every feature, for this torch."""
     return [[f.name, f.since, f.needed_by, "yes" if available(k) else "no"] for k, f in FEATURES.items()]
+
+
+# pytorch/pytorch#180642: under torch.compile, an autograd.Function whose forward returns a tensor it wrote in place
+# (or a no-op alias such as `.to` of its own dtype) gets silently wrong gradients. Measured here: torch 2.11.0 wrong
+# for every such pattern; 2.8.0, 2.12.1, 2.13.0 and 2.14.1 right. The Mamba2 layer's Functions do both (fewer passes).
+COMPILED_FUNCTION_GRADIENTS_WRONG = ("2.11",)
+
+
+def compiled_function_gradients_wrong(version: str = torch.__version__) -> bool:
+    """Whether torch `version` (e.g. "2.11.0+cu130") is one whose compiled autograd.Functions get wrong gradients."""
+    return ".".join(version.split("+")[0].split(".")[:2]) in COMPILED_FUNCTION_GRADIENTS_WRONG

@@ -75,6 +75,9 @@ def check_lines(dry_run: bool, gpu: dict[str, str], versions: dict[str, str]) ->
         why = torch_features.missing(key)
         lines.append(CheckLine(f"torch feature {torch_features.FEATURES[key].name}", "INFO",
                                "absent" if why else "present", note=why or ""))
+    if torch_features.compiled_function_gradients_wrong():
+        lines.append(CheckLine("torch.compile of autograd.Functions", "INFO", "wrong gradients on this torch",
+                               note="pytorch/pytorch#180642: --tfast runs the Mamba2 layers outside the graph"))
     for name in ("mamba_ssm", "flash_attn", "einops", "mlxtend"):  # what travels as wheels
         lines.append(CheckLine(f"package {name}", "INFO", versions[name]))
     return lines

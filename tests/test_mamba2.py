@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models import backends
+from models import backends, torch_features
 from models import mamba2 as m2
 from models.backends import BackendError
 from models.mamba2 import Mamba2, Mamba2State, ssd_chunk_scan
@@ -513,3 +513,31 @@ def test_layer_gradients_match_token_by_token_float64(options, dtype, tol):
     assert rel_err(y, y_ref) < tol and rel_err(u32.grad, u64.grad) < tol
     for (name, p), p64 in zip(m.named_parameters(), m64.parameters(), strict=True):
         assert rel_err(p.grad, p64.grad) < tol, name
+
+
+def test_torch_versions_whose_compiled_functions_get_wrong_gradients():
+    """pytorch/pytorch#180642, measured on torch 2.11.0 (and not on 2.8.0, 2.12.1, 2.13.0, 2.14.1): those torches
+    run the Mamba2 layers outside the compiled graph."""
+    wrong = torch_features.compiled_function_gradients_wrong
+    assert wrong("2.11.0+cu130") and wrong("2.11.1")
+    assert not any(wrong(v) for v in ("2.8.0", "2.10.0+cpu", "2.12.1+cu130", "2.13.0+cpu", "2.14.1"))
+
+
+def test_on_such_a_torch_a_compiled_layer_runs_outside_the_graph_and_keeps_its_gradients(monkeypatch, caplog):
+    """Forced on this torch: the compiled layer's output and gradients are eager's, and the log says why."""
+    monkeypatch.setattr(torch_features, "COMPILED_FUNCTION_GRADIENTS_WRONG", (torch.__version__[:4].rstrip("."),))
+    assert torch_features.compiled_function_gradients_wrong()
+    m2._log_outside_the_graph.cache_clear()  # logged once per process: maybe already by another test
+    m = randomise_(Mamba2(**SMALL))
+    u = torch.randn(2, 20, SMALL["d_model"])
+    results = []
+    for layer in (m, torch.compile(m, backend="eager")):
+        m.zero_grad(set_to_none=True)
+        with caplog.at_level(logging.WARNING, logger="models.mamba2"):
+            y = layer(u)
+        y.square().sum().backward()
+        results.append((y.detach(), [p.grad.clone() for p in m.parameters()]))
+    (y_eager, g_eager), (y_compiled, g_compiled) = results
+    assert torch.equal(y_eager, y_compiled)  # the same eager code, not a traced one
+    assert all(torch.equal(a, b) for a, b in zip(g_eager, g_compiled, strict=True))
+    assert "run outside torch.compile's graph" in caplog.text and "pytorch/pytorch#180642" in caplog.text
