@@ -172,9 +172,7 @@ def test_fid_dump_over_two_nodes_equals_one_process(ckpt, tmp_path):  # noqa: F8
     """The dump folder is shared (as FID dumps are written to shared storage); rank 0 packs the npz."""
     flags = ["--ckpt", str(ckpt), "--device", "cpu", "--fid", "--preset", "fid", "--top_k", "20",
              "--fid_num_per_class", "3", "--bs", "4"]
-    one = launch(REPO / "sample.py", *flags, "--fid_dir", str(tmp_path / "one"), nproc=1, check=False,
-                 timeout=TIMEOUT_S)
-    assert one.returncode == 0, one.stderr[-3000:]
+    launch(REPO / "sample.py", *flags, "--fid_dir", str(tmp_path / "one"), nproc=1, timeout=TIMEOUT_S)  # exit 0
     with two_nodes(tmp_path, lambda node: [str(REPO / "sample.py"), *flags, "--fid_dir", str(tmp_path / "two")]) \
             as nodes:
         assert nodes.wait() == [0, 0], nodes.text()[-4000:]
