@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models import torch_features
+from models import torch_features, triton_autotune
 from models.backends import ATTN, BackendError, check_name, resolve
 
 logger = logging.getLogger(__name__)
@@ -48,6 +48,7 @@ def _flash_attn_varlen_func() -> Callable | None:
     except Exception as e:  # ImportError, or an OSError/RuntimeError from a wheel built for another torch/CUDA
         logger.debug("flash_attn unavailable: %s", e)
         return None
+    triton_autotune.compile_configs_in_parallel("flash_attn")  # its Triton build's autotuners, if any
     return flash_attn_varlen_func
 
 

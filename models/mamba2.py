@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models import mamba2_cpu, torch_features
+from models import mamba2_cpu, torch_features, triton_autotune
 from models.backends import MAMBA, check_name, resolve
 
 logger = logging.getLogger(__name__)
@@ -474,8 +474,10 @@ def load_kernels() -> tuple[MambaKernels | None, str]:
         causal_conv1d_fn = importlib.import_module("causal_conv1d").causal_conv1d_fn
     except Exception:  # optional: fall back to torch
         causal_conv1d_fn = None
-    note = "mamba_ssm kernels loaded (gated norm: {}, causal_conv1d: {})".format(
-        "triton" if rmsnorm_fn else "torch", "yes" if causal_conv1d_fn else "no (torch conv)")
+    compiling = (f"autotune configs compiled on {triton_autotune.compile_threads()} threads"
+                 if triton_autotune.compile_configs_in_parallel("mamba_ssm") else "autotune configs compiled in turn")
+    note = "mamba_ssm kernels loaded (gated norm: {}, causal_conv1d: {}, {})".format(
+        "triton" if rmsnorm_fn else "torch", "yes" if causal_conv1d_fn else "no (torch conv)", compiling)
     logger.info(note)
     return MambaKernels(chunk_scan, rmsnorm_fn, causal_conv1d_fn), note
 

@@ -1,0 +1,172 @@
+"""models.triton_autotune: an autotuner's configs compiled in parallel threads before it benchmarks them.
+
+No GPU here: a stand-in Triton driver names an sm_90 target, so the kernels are really compiled for a Hopper GPU
+(Triton's code generator and ptxas run on the CPU); their launches do nothing and the benchmark times nothing."""
+import contextlib
+import sys
+import threading
+import types
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+tl = pytest.importorskip("triton.language")
+pytest.importorskip("triton.runtime._async_compile", reason="Triton < 3.4: no AsyncCompileMode")
+
+from models import triton_autotune  # noqa: E402
+
+SITE = Path(__file__).resolve().parents[1] / ".whl" / "site"  # mamba_ssm's pure-Python build (`make test`)
+CONFIGS = [triton.Config({"BLOCK": block}, num_warps=warps) for block, warps in ((32, 1), (64, 2), (128, 4), (256, 4))]
+
+
+@triton.autotune(configs=CONFIGS, key=["n"])
+@triton.jit
+def _double(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(y_ptr + i, tl.load(x_ptr + i, mask=i < n) * 2, mask=i < n)
+
+
+class Hopper:
+    """The parts of a Triton driver that compiling, launching and benchmarking ask for; nothing runs."""
+
+    class utils:
+        @staticmethod
+        def get_device_properties(device):
+            return {"max_shared_mem": 232448, "multiprocessor_count": 132}
+
+        @staticmethod
+        def load_binary(name, kernel, shared, device):
+            return None, None, 0, 0, 1024  # module, function, registers, spills, max threads
+
+    class launcher_cls:
+        def __init__(self, src, metadata):
+            pass
+
+        def __call__(self, *args, **kwargs):
+            pass
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        from triton.backends.compiler import GPUTarget
+        return GPUTarget("cuda", 90, 32)
+
+    def get_benchmarker(self):
+        def bench(kernel_call, quantiles=None, **kwargs):
+            kernel_call()  # compiles the config, as a real benchmark does
+            return [1.0, 1.0, 1.0]
+        return bench
+
+
+@pytest.fixture
+def compiles(monkeypatch):
+    """(thread name, kernel name) of every compilation, under the stand-in driver, with no cached binaries."""
+    from triton.runtime import driver
+    seen, real = [], triton.compiler.compile
+
+    def recording(src, *args, **kwargs):
+        seen.append((threading.current_thread().name, src.fn.__name__))
+        return real(src, *args, **kwargs)
+
+    monkeypatch.setattr(triton.compiler, "compile", recording)
+    monkeypatch.setattr(_double.fn, "device_caches", type(_double.fn.device_caches)(_double.fn.create_binder))
+    monkeypatch.setattr(_double, "prune_configs", _double.prune_configs)  # the hook is undone after the test
+    monkeypatch.setenv("TRITON_ALWAYS_COMPILE", "1")
+    monkeypatch.setattr(driver, "_active", Hopper())  # restored after (reset_active would look for a GPU)
+    return seen
+
+
+def warm_double() -> set[str]:
+    """Autotune `_double` (compile every config, launch none); the hashes of the binaries."""
+    x = torch.ones(1000)
+    _double.warmup(x, torch.empty_like(x), 1000, grid=(1,))
+    return {k.hash for k in _double.fn.device_caches[0][0].values()}
+
+
+def test_configs_compile_in_worker_threads_to_the_same_binaries(compiles, monkeypatch):
+    sequential = warm_double()
+    assert [thread for thread, _ in compiles] == ["MainThread"] * len(CONFIGS)
+    compiles.clear()
+    monkeypatch.setattr(_double.fn, "device_caches", type(_double.fn.device_caches)(_double.fn.create_binder))
+    assert triton_autotune.compile_configs_in_parallel(__name__, threads=4) == 1
+    assert triton_autotune.compile_configs_in_parallel(__name__, threads=4) == 0  # hooked once
+    assert warm_double() == sequential and len(sequential) == len(CONFIGS)
+    # each config once, in the pool: the autotuner's own pass found them compiled
+    assert len(compiles) == len(CONFIGS) and all(t.startswith("triton-compile") for t, _ in compiles), compiles
+
+
+def test_a_failing_hook_falls_back_to_tritons_sequential_path(compiles, monkeypatch, caplog):
+    class Broken:
+        def __init__(self, *args, **kwargs):
+            raise RuntimeError("not this Triton's internals")
+
+    triton_autotune.compile_configs_in_parallel(__name__, threads=4)
+    monkeypatch.setattr(triton.runtime._async_compile, "AsyncCompileMode", Broken)
+    triton_autotune._log_fallback.cache_clear()
+    assert len(warm_double()) == len(CONFIGS)  # Triton compiled them itself
+    assert [thread for thread, _ in compiles] == ["MainThread"] * len(CONFIGS)
+    assert "Triton compiles them one by one" in caplog.text and "not this Triton's internals" in caplog.text
+
+
+@pytest.fixture
+def mamba_ssm(monkeypatch):
+    """mamba_ssm's Triton modules from .whl/site, imported for this test only."""
+    if not (SITE / "mamba_ssm").is_dir():
+        pytest.skip("mamba_ssm's pure-Python build is not in .whl/site (`make test` builds it)")
+    monkeypatch.syspath_prepend(str(SITE))
+    monkeypatch.setattr(torch.cuda, "device", lambda index: contextlib.nullcontext())  # CPU tensors stand in
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d=None: types.SimpleNamespace(
+        multi_processor_count=132))
+    before = set(sys.modules)
+    from models.mamba2 import _import_mamba_submodule
+    yield _import_mamba_submodule("mamba_ssm.ops.triton.ssd_combined")
+    for name in set(sys.modules) - before:
+        del sys.modules[name]
+
+
+def test_mamba_ssm_kernels_forward_and_backward_compile_every_config_in_the_pool(compiles, mamba_ssm, monkeypatch):
+    """The Mamba2 scan's Triton kernels as M-VAR calls them (gated, D, dt bias and softplus), fp32, sm_90."""
+    from triton.runtime.autotuner import Autotuner
+    tuners = {id(t): t for m in list(sys.modules.values()) if m and m.__name__.startswith("mamba_ssm.")
+              for t in vars(m).values() if isinstance(t, Autotuner)}.values()
+    for tuner in tuners:  # its two smallest configs (most compile in 1 s): the test's time, not its coverage
+        monkeypatch.setattr(tuner, "configs", tuner.configs[-2:])
+    assert triton_autotune.compile_configs_in_parallel("mamba_ssm", threads=2) == len(tuners) > 10
+    g = torch.Generator().manual_seed(0)
+    B, L, H, P, N = 2, 40, 4, 64, 16
+    x, z = (torch.randn(B, L, H, P, generator=g, requires_grad=True) for _ in range(2))
+    dt, A = torch.rand(B, L, H, generator=g, requires_grad=True), -torch.rand(H, requires_grad=True)
+    Bm, Cm = (torch.randn(B, L, 1, N, generator=g, requires_grad=True) for _ in range(2))
+    out = mamba_ssm.mamba_chunk_scan_combined(x, dt, A, Bm, Cm, chunk_size=256, D=torch.ones(H), z=z,
+                                              dt_bias=torch.zeros(H), dt_softplus=True)
+    out.sum().backward()
+    pool = Counter(name for thread, name in compiles if thread.startswith("triton-compile"))
+    main = Counter(name for thread, name in compiles if not thread.startswith("triton-compile"))
+    assert {"_chunk_scan_fwd_kernel", "_chunk_state_fwd_kernel", "_chunk_scan_chunk_state_bwd_dx_kernel"} <= set(pool)
+    assert len(pool) > 10 and set(pool.values()) == {2}, pool  # every autotuned kernel: its 2 configs, in the pool
+    assert all(main[name] <= 1 for name in pool), main  # then at most a second call's new specialization
+
+
+def test_threads_from_the_environment(monkeypatch):
+    monkeypatch.setenv(triton_autotune.ENV, "3")
+    assert triton_autotune.compile_threads() == 3
+    monkeypatch.setenv(triton_autotune.ENV, "0")
+    assert triton_autotune.compile_configs_in_parallel(__name__) == 0
+    monkeypatch.setenv(triton_autotune.ENV, "many")
+    with pytest.raises(ValueError, match="MVAR_TRITON_COMPILE_THREADS='many'"):
+        triton_autotune.compile_threads()
+    monkeypatch.delenv(triton_autotune.ENV)
+    assert 1 <= triton_autotune.compile_threads() <= triton_autotune.MAX_DEFAULT_THREADS
+
+
+def test_off_under_the_interpreter(monkeypatch):
+    from triton import knobs
+    monkeypatch.setattr(knobs.runtime, "interpret", True)
+    assert triton_autotune.compile_configs_in_parallel(__name__, threads=4) == 0
