@@ -6,14 +6,17 @@ One set of random weights (models.build_vae_mvar), copied to the device for ever
 (attention x Mamba2, models.backends) and precision (fp32, bf16, fp16 autocast). Each combination is compared with
 the CPU fp32 run of the portable kernels on: teacher-forced logits, greedy sampled tokens (top_k=1, so no random
 stream is involved: CUDA and CPU generators draw different numbers) and the losses of a 20-step training run
-(trainer.Trainer, same batches). The tokenizer's indices are compared once per device. A kernel that cannot run
+(trainer.Trainer, same batches). The tokenizer's indices are compared once per device. fp32 is IEEE fp32 on both
+sides (TF32 off everywhere, `exact_fp32`). A kernel that cannot run
 there is a SKIP line saying why. --dry-run: tiny shapes on the CPU (the "device" is the CPU; CUDA kernels SKIP).
 """
 import argparse
 import itertools
 import logging
+import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -123,6 +126,18 @@ def unavailable(attn: str, mamba: str, device: torch.device, dtype: torch.dtype)
     return reason
 
 
+def exact_fp32() -> None:
+    """fp32 means IEEE fp32 in this stage: no TF32 in torch's matmuls, cuDNN's convolutions or Triton's dots (a
+    Triton kernel's fp32 `tl.dot` is TF32 by default on NVIDIA GPUs). Set before any kernel compiles."""
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    os.environ["TRITON_F32_DEFAULT"] = "ieee"
+
+
+def exact_fp32_line(device: torch.device) -> CheckLine:
+    return CheckLine("fp32 without TF32 (torch, cuDNN, Triton dots)", "INFO", device.type,
+                     note="TRITON_F32_DEFAULT=ieee here; the recipe's --tf32=1 runs in the training stage")
+
+
 def tokenizer_line(vae_cpu: VQVAE, vae_dev: VQVAE, img: torch.Tensor, device: torch.device) -> CheckLine:
     with torch.no_grad():
         ref = torch.cat(vae_cpu.img_to_idxBl(img), dim=1)
@@ -131,20 +146,23 @@ def tokenizer_line(vae_cpu: VQVAE, vae_dev: VQVAE, img: torch.Tensor, device: to
                   TOKENIZER_TARGET, at_least=True, fmt=".4f")
 
 
-def check(shapes: Shapes, device: torch.device, dtypes: list[str]) -> tuple[list[CheckLine], dict]:
-    """Every line of the stage and the raw numbers ({combination: losses})."""
+def check(shapes: Shapes, device: torch.device, dtypes: list[str],
+          save: Callable[[list[CheckLine], dict], None]) -> tuple[list[CheckLine], dict]:
+    """Every line of the stage and the raw numbers ({combination: losses}); `save` gets them after each step."""
     vae, ref_model = build(shapes, "cpu")
     state = {k: v.clone() for k, v in ref_model.state_dict().items()}
     data = batches(shapes, vae)
     ref = run(vae, ref_model, data, torch.device("cpu"), "fp32")
     vae_dev, _ = build(shapes, str(device))
-    lines = [tokenizer_line(vae, vae_dev, data[0][0], device)]
+    lines = [exact_fp32_line(device), tokenizer_line(vae, vae_dev, data[0][0], device)]
     raw = {"reference": {"losses": ref.losses, "logits_max": ref.logits.abs().max().item()}, "shapes": vars(shapes)}
+    save(lines, raw)
     for attn, mamba, dtype_name in itertools.product(ATTN.kernels, MAMBA.kernels, dtypes):
         name = f"{device.type} {attn}+{mamba} {dtype_name}"
         reason = unavailable(attn, mamba, device, DTYPES[dtype_name])
         if reason is not None:
             lines.append(CheckLine(name, "SKIP", note=reason))
+            save(lines, raw)
             continue
         _, model = build(shapes, str(device))
         model.load_state_dict(state)
@@ -154,10 +172,12 @@ def check(shapes: Shapes, device: torch.device, dtypes: list[str]) -> tuple[list
             got = run(vae_dev, model, data, device, dtype_name)
         except (BackendError, RuntimeError) as err:  # a kernel that fails at run time is a finding, not a crash
             lines.append(CheckLine(name, "FAIL", note=f"{type(err).__name__}: {str(err)[:300]}"))
+            save(lines, raw)
             continue
         lines += compare(name, dtype_name, ref, got)
         raw[name] = {"losses": got.losses, "seconds": round(time.perf_counter() - t0, 2)}
         print("\n".join(line.text() for line in lines[-3:]), flush=True)
+        save(lines, raw)
     return lines, raw
 
 
@@ -169,10 +189,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     device = torch.device("cuda" if torch.cuda.is_available() and not args.dry_run else "cpu")
-    lines, raw = check(DRY_SHAPES if args.dry_run else GPU_SHAPES, device, args.dtypes)
-    if device.type == "cpu":
-        lines.insert(0, CheckLine("numerics device", "SKIP" if args.dry_run else "FAIL", "cpu",
-                                  note="dry run: the CPU against itself" if args.dry_run else "no CUDA device"))
+    head = [] if device.type == "cuda" else [CheckLine("numerics device", "SKIP" if args.dry_run else "FAIL", "cpu",
+                                                       note="dry run: the CPU against itself" if args.dry_run
+                                                       else "no CUDA device")]
+    exact_fp32()
+    lines, raw = check(DRY_SHAPES if args.dry_run else GPU_SHAPES, device, args.dtypes,
+                       lambda lines, raw: write_lines(args.out, head + lines, complete=False, **raw))
+    lines = head + lines
     write_lines(args.out, lines, **raw)
     return 1 if any_failed(lines) else 0
 

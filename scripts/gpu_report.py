@@ -3,8 +3,9 @@
     python scripts/gpu_report.py --out DIR [--dry-run]
 
 Reads DIR/{env,numerics,train,timings}.json and DIR/pytest.log, writes DIR/report.md: a summary (PASS / FAIL / SKIP
-counts, stages that wrote nothing, e.g. killed by their time box), each stage's lines, then bench.py's tables.
-Exit status 1 when a line failed or a stage is missing.
+counts, stages that wrote nothing or did not finish, e.g. cut by their time box), each stage's lines, then
+bench.py's tables. --stages limits it to the stages a re-run ran (gpu_check.sh --only). Exit status 1 when a line
+failed or a stage is missing or unfinished.
 """
 import argparse
 import sys
@@ -39,15 +40,21 @@ def stage_lines(folder: Path, key: str) -> tuple[list[CheckLine], dict] | None:
     return read_lines(path) if path.exists() else None
 
 
-def report(folder: Path, dry_run: bool) -> tuple[str, bool]:
-    """(markdown, whether everything passed)."""
+def report(folder: Path, dry_run: bool, stages: list[str] | None = None) -> tuple[str, bool]:
+    """(markdown, whether everything passed) of `stages` (default: all)."""
     parts, counts, missing = [], Counter(), []
     for key, title in STAGES.items():
+        if stages is not None and key not in stages:
+            continue
         found = stage_lines(folder, key)
         lines, raw = found or ([], {})
         if not lines:
             missing.append(key)
             lines = [CheckLine(title, "FAIL", "no results", note="crashed or hit its time box: see check.log")]
+        elif not raw.get("complete", True):
+            missing.append(f"{key} (unfinished)")
+            lines.append(CheckLine(f"{title}: the rest", "FAIL", "not finished",
+                                   note="crashed or cut by its time box after the lines above: see check.log"))
         counts.update(line.status for line in lines)
         parts += [f"## {title}", "", markdown(lines), ""]
         for name, table in raw.get("tables", {}).items():
@@ -56,7 +63,7 @@ def report(folder: Path, dry_run: bool) -> tuple[str, bool]:
     head = [f"# GPU check{' (dry run on the CPU: tiny shapes, CUDA-only lines SKIP)' if dry_run else ''}", "",
             "**" + ("all checks passed" if ok else "some checks FAILED") + "**: " +
             ", ".join(f"{counts[s]} {s}" for s in STATUSES) +
-            (f"; stages without results: {', '.join(missing)}" if missing else ""), ""]
+            (f"; stages without results or cut short: {', '.join(missing)}" if missing else ""), ""]
     return "\n".join(head + parts), ok
 
 
@@ -64,8 +71,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="the check's output folder")
     p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--stages", type=lambda s: s.split(","), help=f"comma-separated subset of {','.join(STAGES)}")
     args = p.parse_args(argv)
-    text, ok = report(Path(args.out), args.dry_run)
+    unknown = set(args.stages or ()) - set(STAGES)
+    if unknown:
+        p.error(f"--stages: unknown {sorted(unknown)}; expected some of {list(STAGES)}")
+    text, ok = report(Path(args.out), args.dry_run, args.stages)
     (Path(args.out) / "report.md").write_text(text)
     print(text.split("\n## ")[0])
     return 0 if ok else 1

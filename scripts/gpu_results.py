@@ -1,8 +1,9 @@
 """Result lines of the GPU check (scripts/gpu_check.sh): what was measured, against which target, with what outcome.
 
-Each stage prints its lines as it goes and writes them to one JSON file; scripts/gpu_report.py gathers the files
-into the report. A line is PASS or FAIL against a target stated before the run, SKIP (it could not run here; the
-note says why) or INFO (a number without a target).
+Each stage prints its lines as it goes and rewrites its JSON file after each step, marked complete at the end, so a
+stage cut by its time box keeps what it finished; scripts/gpu_report.py gathers the files into the report. A line
+is PASS or FAIL against a target stated before the run, SKIP (it could not run here; the note says why) or INFO (a
+number without a target).
 """
 import json
 import math
@@ -45,13 +46,18 @@ def within(check: str, value: float, limit: float | None, at_least: bool = False
     return CheckLine(check, "PASS" if ok and not math.isnan(value) else "FAIL", shown, target, note)
 
 
-def write_lines(path: str | Path, lines: list[CheckLine], **extra) -> None:
-    """The stage's lines (and any `extra` raw numbers) as JSON."""
-    Path(path).write_text(json.dumps({"lines": [asdict(line) for line in lines], **extra}, indent=1) + "\n")
+def write_lines(path: str | Path, lines: list[CheckLine], complete: bool = True, **extra) -> None:
+    """The stage's lines (and any `extra` raw numbers) as JSON; `complete=False` while the stage goes on. The file
+    is replaced whole (written beside it, then renamed), so a stage killed mid-write leaves the previous one."""
+    path = Path(path)
+    partial = path.with_name(path.name + ".part")
+    partial.write_text(json.dumps({"lines": [asdict(line) for line in lines], "complete": complete, **extra},
+                                  indent=1) + "\n")
+    partial.replace(path)
 
 
 def read_lines(path: str | Path) -> tuple[list[CheckLine], dict]:
-    """(lines, the other keys) of a file written by `write_lines`."""
+    """(lines, the other keys, "complete" among them) of a file written by `write_lines`."""
     data = json.loads(Path(path).read_text())
     return [CheckLine(**line) for line in data.pop("lines")], data
 

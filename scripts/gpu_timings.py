@@ -76,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     if "paper" in args.only:
         tables["paper"] = bench.main(["--only", "paper", *COMMON, *flags["paper"]])
         lines += paper_lines(tables["paper"], 2 if args.dry_run else PAPER_BATCH, judged)
+        write_lines(args.out, lines, complete=False, tables=tables)
     if "train" in args.only:
         batch, tables["train"] = largest_batch_train([*COMMON, *flags["train"]], (2,) if args.dry_run else BATCHES)
         lines.append(train_line(tables["train"], batch, judged))

@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -148,7 +149,8 @@ def resume_lines(work: Path, recipe: Recipe, timeout: float, loss_lines: int) ->
                               f"max |difference| {diff:.3g}", "0", note)]
 
 
-def check(work: Path, dry_run: bool, timeout: float) -> list[CheckLine]:
+def check(work: Path, dry_run: bool, timeout: float, save: Callable[[list[CheckLine]], None]) -> list[CheckLine]:
+    """Every line of the stage; `save` gets them after each run."""
     recipe = DRY_RECIPE if dry_run else GPU_RECIPE
     write_tokenizer(work / "vae.pth")
     lines, logs = [], {}
@@ -157,11 +159,13 @@ def check(work: Path, dry_run: bool, timeout: float) -> list[CheckLine]:
         rc, logs[out], seconds = run(train_cmd(work, out, recipe, *flags), timeout)
         lines.append(falling_line(name, rc, logs[out], seconds))
         print(lines[-1].text(), flush=True)
+        save(lines)
     if dry_run:  # inductor on the CPU compiles C++ for minutes; tests/test_trainer.py covers --tfast on the CPU
         lines.append(CheckLine("train.py --fp16=2 --tfast=1 (torch.compile)", "SKIP", note="dry run: GPU run only"))
     else:
         lines.append(falling_line("train.py --fp16=2 --tfast=1 (torch.compile)",
                                   *run(train_cmd(work, "tfast", recipe, "--fp16=2", "--tfast=1"), timeout)))
+        save(lines)
     return lines + resume_lines(work, recipe, timeout, len(losses(logs["bf16"])))
 
 
@@ -174,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    lines = check(work, args.dry_run, args.run_timeout)
+    lines = check(work, args.dry_run, args.run_timeout, lambda lines: write_lines(args.out, lines, complete=False))
     print("\n".join(line.text() for line in lines[2:]), flush=True)
     write_lines(args.out, lines)
     return 1 if any_failed(lines) else 0

@@ -10,7 +10,8 @@ import sys
 import pytest
 
 from conftest import REPO, SUBPROCESS_ENV
-from scripts.gpu_results import read_lines
+from scripts import gpu_report
+from scripts.gpu_results import CheckLine, read_lines, write_lines
 from scripts.markdown import read_tables
 
 STAGE_FILES = ("env.json", "numerics.json", "train.json", "timings.json")
@@ -64,7 +65,31 @@ def test_stage_lines(dry_run):
     assert env["kernels"] and "torch_features" in env
 
 
-def test_unknown_flag_is_an_error(tmp_path):
-    proc = subprocess.run([str(REPO / "scripts/gpu_check.sh"), "--dryrun"], cwd=REPO, capture_output=True, text=True,
-                          timeout=30)
-    assert proc.returncode == 2 and "usage" in proc.stderr
+def test_a_rerun_of_some_stages_reports_those(tmp_path):
+    """`--only timings`: the re-run after a fix, in the minutes a GPU lease has left."""
+    env = {k: v for k, v in SUBPROCESS_ENV.items() if k not in ("MVAR_ATTN_BACKEND", "MVAR_MAMBA_BACKEND")}
+    proc = subprocess.run([str(REPO / "scripts/gpu_check.sh"), "--dry-run", "--only", "timings", "--out", str(tmp_path),
+                           "--python", sys.executable], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert {p.name for p in tmp_path.iterdir()} == {"env.json", "timings.json", "report.md", "check.log"}
+    text = (tmp_path / "report.md").read_text()
+    assert "all checks passed" in text and "## timings" in text and "## numerics" not in text
+
+
+def test_a_stage_cut_short_keeps_its_lines_and_fails_the_report(tmp_path):
+    write_lines(tmp_path / "env.json", [CheckLine("CUDA device", "PASS", "H200")])
+    write_lines(tmp_path / "numerics.json", [CheckLine("cuda sdpa+torch fp32 logits", "PASS", "1e-7", "<= 1e-4")],
+                complete=False)
+    text, ok = gpu_report.report(tmp_path, dry_run=False, stages=["env", "numerics"])
+    assert not ok and "cuda sdpa+torch fp32 logits" in text and "not finished" in text
+    assert "stages without results or cut short: numerics (unfinished)" in text and "## timings" not in text
+    text, ok = gpu_report.report(tmp_path, dry_run=False, stages=["env", "numerics", "timings"])
+    assert "numerics (unfinished), timings" in text
+
+
+@pytest.mark.parametrize("args, message", [(["--dryrun"], "usage"), (["--only", "numerics,tests"], "unknown stage"),
+                                           (["--budget", "30"], "--budget")])
+def test_bad_arguments_are_errors_before_any_work(tmp_path, args, message):
+    proc = subprocess.run([str(REPO / "scripts/gpu_check.sh"), *args, "--out", str(tmp_path / "out")], cwd=REPO,
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2 and message in proc.stderr and not (tmp_path / "out").exists()
