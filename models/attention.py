@@ -19,6 +19,7 @@ import inspect
 import logging
 import math
 import os
+import sys
 from collections.abc import Callable, Sequence
 
 import torch
@@ -52,6 +53,11 @@ def _flash_attn_varlen_func() -> Callable | None:
     return flash_attn_varlen_func
 
 
+def _flash_attn_is_rocm_triton() -> bool:
+    """Whether the flash_attn that imported is its Triton build for AMD GPUs (chosen by an env var at import)."""
+    return bool(getattr(sys.modules.get("flash_attn.flash_attn_interface"), "USE_TRITON_ROCM", False))
+
+
 @functools.cache
 def _torch_varlen_attn() -> Callable | None:
     """`torch.nn.attention.varlen.varlen_attn`, or None on a torch without it."""
@@ -82,8 +88,12 @@ def backend_unavailable_reason(
         return f"{backend} needs CUDA tensors, got device {device.type!r}"
     if dtype not in _HALF_DTYPES:
         return f"{backend} needs float16/bfloat16 q/k/v (train with --fp16=1 or 2), got {dtype}"
-    if backend == "flash_attn" and _flash_attn_varlen_func() is None:
-        return "flash_attn is not importable (pip install flash-attn --no-build-isolation)"
+    if backend == "flash_attn":
+        if _flash_attn_varlen_func() is None:
+            return "flash_attn is not importable (pip install flash-attn --no-build-isolation)"
+        if _flash_attn_is_rocm_triton() and torch.version.hip is None:
+            return ("flash_attn is its ROCm Triton build (FLASH_ATTENTION_TRITON_AMD_ENABLE=TRUE), whose kernels do "
+                    "not compile for NVIDIA GPUs (AMD-only options such as waves_per_eu); install its CUDA build")
     if backend == "torch_varlen":
         if _torch_varlen_attn() is None:
             return torch_features.missing("varlen_attn") or "torch.nn.attention.varlen.varlen_attn did not import"

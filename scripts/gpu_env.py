@@ -78,7 +78,7 @@ def check_lines(dry_run: bool, gpu: dict[str, str], versions: dict[str, str]) ->
     if torch_features.compiled_function_gradients_wrong():
         lines.append(CheckLine("torch.compile of autograd.Functions", "INFO", "wrong gradients on this torch",
                                note="pytorch/pytorch#180642: --tfast runs the Mamba2 layers outside the graph"))
-    for name in ("mamba_ssm", "flash_attn", "einops", "mlxtend"):  # what travels as wheels
+    for name in ("mamba_ssm", "flash_attn", "einops", "mlxtend"):  # what travels as wheels, and flash-attn's CUDA build
         lines.append(CheckLine(f"package {name}", "INFO", versions[name]))
     return lines
 

@@ -1,6 +1,10 @@
 """Scale attention: kernels equal dense masked references, scale isolation/causality, KV cache, backend dispatch."""
+import importlib
 import logging
 import math
+import sys
+import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,6 +12,8 @@ import torch
 import models.attention as A
 from models import backends
 from models.attention import ScaleAttention, block_causal_attention, intra_scale_attention
+
+SITE = Path(__file__).resolve().parents[1] / ".whl" / "site"  # flash-attn's pure-Python build (`make test`)
 
 pytestmark = pytest.mark.numerics  # rerun by `make test` at the lowest ISA level
 
@@ -209,6 +215,43 @@ def test_auto_prefers_flash_then_varlen_then_sdpa_and_logs_once(monkeypatch, cap
         A.resolve_backend("torch_varlen", cuda, half, dropout_p=0.1)
     with pytest.raises(ValueError, match="flash_attn is not importable"):
         A.resolve_backend("flash_attn", cuda, half)
+
+
+def test_flash_attn_rocm_triton_build_is_not_picked_on_nvidia(monkeypatch):
+    """FLASH_ATTENTION_TRITON_AMD_ENABLE=TRUE makes flash-attn import its AMD Triton kernels; on an NVIDIA GPU
+    they fail at their first call, so "auto" must pass them over (and on ROCm torch keep them)."""
+    cuda, half = torch.device("cuda"), torch.bfloat16
+    monkeypatch.setattr(A, "_flash_attn_varlen_func", lambda: object())
+    monkeypatch.setattr(A, "_torch_varlen_attn", lambda: object())
+    monkeypatch.setitem(sys.modules, "flash_attn.flash_attn_interface", types.SimpleNamespace(USE_TRITON_ROCM=True))
+    monkeypatch.setattr(torch.version, "hip", None)
+    A._resolve.cache_clear()
+    assert "ROCm Triton build" in A.backend_unavailable_reason("flash_attn", cuda, half)
+    assert A.resolve_backend("auto", cuda, half) == "torch_varlen"
+    monkeypatch.setattr(torch.version, "hip", "6.4")
+    A._resolve.cache_clear()
+    assert A.backend_unavailable_reason("flash_attn", cuda, half) is None
+    A._resolve.cache_clear()
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # flash-attn's autotune arguments, at its import
+def test_flash_attn_rocm_triton_configs_carry_options_cuda_refuses(monkeypatch):
+    """The fact behind the gate above, seen when compiling for sm_90 (tests/test_triton_autotune.py's stand-in
+    driver): Triton's CUDA backend refuses the option `waves_per_eu` of flash-attn's AMD configs with a KeyError.
+    If a flash-attn release drops it, this fails: then try its Triton kernels on NVIDIA and lift the gate."""
+    triton_nvidia = pytest.importorskip("triton.backends.nvidia.compiler")
+    if not (SITE / "flash_attn").is_dir():
+        pytest.skip("flash-attn's pure-Python build is not in .whl/site (`make test` builds it)")
+    monkeypatch.syspath_prepend(str(SITE))
+    monkeypatch.setenv("FLASH_ATTENTION_TRITON_AMD_ENABLE", "TRUE")
+    before = set(sys.modules)
+    try:
+        fwd = importlib.import_module("flash_attn.flash_attn_triton_amd.fwd_prefill")
+        options = {k for config in fwd.attn_fwd.configs for k in config.all_kwargs()} - set(fwd.attn_fwd.arg_names)
+    finally:
+        for name in set(sys.modules) - before:
+            del sys.modules[name]
+    assert "waves_per_eu" in options - set(triton_nvidia.CUDAOptions.__dataclass_fields__)
 
 
 # ---- the module ----------------------------------------------------------------------------------------------------
