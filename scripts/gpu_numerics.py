@@ -24,7 +24,7 @@ import torch
 from models import build_vae_mvar
 from models.attention import backend_unavailable_reason
 from models.backends import ATTN, MAMBA, BackendError
-from models.mamba2 import load_kernels
+from models.mamba2 import resolve_kernels
 from models.mvar import MVAR
 from models.tokenizer import VQVAE
 from scripts.gpu_results import CheckLine, any_failed, within, write_lines
@@ -116,13 +116,13 @@ def compare(name: str, dtype_name: str, ref: Outputs, got: Outputs) -> list[Chec
 
 
 def unavailable(attn: str, mamba: str, device: torch.device, dtype: torch.dtype) -> str | None:
-    """Why the (attn, mamba) pair cannot run on `device` in `dtype` (None: it can)."""
+    """Why the (attn, mamba) pair cannot run on `device` in `dtype` (None: it can), as the model decides it."""
     reason = backend_unavailable_reason(attn, device, dtype)
-    if reason is None and mamba != MAMBA.portable:
-        if device.type != "cuda":
-            reason = "mamba_ssm: needs CUDA inputs"
-        elif load_kernels()[0] is None:
-            reason = load_kernels()[1]
+    if reason is None:
+        try:
+            resolve_kernels(mamba, device.type == "cuda", device)
+        except BackendError as err:
+            reason = str(err)
     return reason
 
 

@@ -4,9 +4,10 @@
 
 Runs, each a fresh train.py process on a random tokenizer written here (the loss still falls: the model learns the
 token statistics of real digits): --fp16=1 (fp16 + GradScaler) and --fp16=2 (bf16), loss finite and falling;
---fp16=2 --tfast=1 (torch.compile); the bf16 run again, stopped by SIGTERM a third of the way in and relaunched:
-exit status 143, a checkpoint, and final weights bit-identical to the uninterrupted run (a second uninterrupted
-run says whether training itself is deterministic here); a world-size-1 torchrun launch (NCCL on a GPU, dist.core).
+the bf16 run again, stopped by SIGTERM a third of the way in and relaunched: exit status 143, a checkpoint, and
+final weights bit-identical to the uninterrupted run (a second uninterrupted run says whether training itself is
+deterministic here); a world-size-1 torchrun launch (NCCL on a GPU, dist.core); last --fp16=2 --tfast=1
+(torch.compile, the slowest to start).
 --dry-run: a depth-1 model on 48 images on the CPU (bf16 may run as fp32 there, models.precision says so).
 """
 import argparse
@@ -160,13 +161,14 @@ def check(work: Path, dry_run: bool, timeout: float, save: Callable[[list[CheckL
         lines.append(falling_line(name, rc, logs[out], seconds))
         print(lines[-1].text(), flush=True)
         save(lines)
+    lines += resume_lines(work, recipe, timeout, len(losses(logs["bf16"])))
+    save(lines)
     if dry_run:  # inductor on the CPU compiles C++ for minutes; tests/test_trainer.py covers --tfast on the CPU
         lines.append(CheckLine("train.py --fp16=2 --tfast=1 (torch.compile)", "SKIP", note="dry run: GPU run only"))
-    else:
+    else:  # last: the compilation is the slowest part and must not starve the resume checks of the stage's box
         lines.append(falling_line("train.py --fp16=2 --tfast=1 (torch.compile)",
                                   *run(train_cmd(work, "tfast", recipe, "--fp16=2", "--tfast=1"), timeout)))
-        save(lines)
-    return lines + resume_lines(work, recipe, timeout, len(losses(logs["bf16"])))
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:

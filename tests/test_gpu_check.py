@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from conftest import REPO, SUBPROCESS_ENV
+from models import mamba2_cpu
 from scripts import gpu_report
 from scripts.gpu_results import CheckLine, read_lines, write_lines
 from scripts.markdown import read_tables
@@ -56,6 +57,8 @@ def test_stage_lines(dry_run):
     assert numerics["cpu sdpa+torch fp32 greedy sampled tokens equal"].value == "1.0000"
     cuda_only = [line for line in lines["numerics.json"] if "flash_attn" in line.check or "mamba_ssm" in line.check]
     assert cuda_only and all(line.status == "SKIP" and line.note for line in cuda_only)  # saying why
+    if mamba2_cpu.available() is None:  # the CPU's own kernels run (on a GPU they SKIP: "needs CPU inputs")
+        assert numerics["cpu sdpa+cpu_fused fp32 logits, max |error| / max |logit|"].status == "PASS"
     train = {line.check: line.status for line in lines["train.json"]}
     assert train["resumed weights bit-identical to the uninterrupted run"] == "PASS"
     assert train["SIGTERM: exit 143 and a checkpoint"] == "PASS"

@@ -131,8 +131,9 @@ def mamba_ssm(monkeypatch):
         del sys.modules[name]
 
 
-def test_mamba_ssm_kernels_forward_and_backward_compile_every_config_in_the_pool(compiles, mamba_ssm, monkeypatch):
-    """The Mamba2 scan's Triton kernels as M-VAR calls them (gated, D, dt bias and softplus), fp32, sm_90."""
+def test_mamba_ssm_kernels_compile_every_config_in_the_pool(compiles, mamba_ssm, monkeypatch):
+    """The Mamba2 scan's forward Triton kernels as M-VAR calls them (gated, D, dt bias and softplus), fp32, sm_90.
+    (Its backward kernels are autotuned alike; compiling them too doubles the test's time.)"""
     from triton.runtime.autotuner import Autotuner
     tuners = {id(t): t for m in list(sys.modules.values()) if m and m.__name__.startswith("mamba_ssm.")
               for t in vars(m).values() if isinstance(t, Autotuner)}.values()
@@ -141,17 +142,16 @@ def test_mamba_ssm_kernels_forward_and_backward_compile_every_config_in_the_pool
     assert triton_autotune.compile_configs_in_parallel("mamba_ssm", threads=2) == len(tuners) > 10
     g = torch.Generator().manual_seed(0)
     B, L, H, P, N = 2, 40, 4, 64, 16
-    x, z = (torch.randn(B, L, H, P, generator=g, requires_grad=True) for _ in range(2))
-    dt, A = torch.rand(B, L, H, generator=g, requires_grad=True), -torch.rand(H, requires_grad=True)
-    Bm, Cm = (torch.randn(B, L, 1, N, generator=g, requires_grad=True) for _ in range(2))
-    out = mamba_ssm.mamba_chunk_scan_combined(x, dt, A, Bm, Cm, chunk_size=256, D=torch.ones(H), z=z,
-                                              dt_bias=torch.zeros(H), dt_softplus=True)
-    out.sum().backward()
+    x, z = torch.randn(B, L, H, P, generator=g), torch.randn(B, L, H, P, generator=g)
+    dt, A = torch.rand(B, L, H, generator=g), -torch.rand(H, generator=g)
+    Bm, Cm = torch.randn(B, L, 1, N, generator=g), torch.randn(B, L, 1, N, generator=g)
+    mamba_ssm.mamba_chunk_scan_combined(x, dt, A, Bm, Cm, chunk_size=256, D=torch.ones(H), z=z,
+                                        dt_bias=torch.zeros(H), dt_softplus=True)
     pool = Counter(name for thread, name in compiles if thread.startswith("triton-compile"))
     main = Counter(name for thread, name in compiles if not thread.startswith("triton-compile"))
-    assert {"_chunk_scan_fwd_kernel", "_chunk_state_fwd_kernel", "_chunk_scan_chunk_state_bwd_dx_kernel"} <= set(pool)
-    assert len(pool) > 10 and set(pool.values()) == {2}, pool  # every autotuned kernel: its 2 configs, in the pool
-    assert all(main[name] <= 1 for name in pool), main  # then at most a second call's new specialization
+    assert set(pool) == {"_chunk_cumsum_fwd_kernel", "_chunk_state_fwd_kernel", "_state_passing_fwd_kernel",
+                         "_bmm_chunk_fwd_kernel", "_chunk_scan_fwd_kernel"}, pool
+    assert set(pool.values()) == {2} and not main, (pool, main)  # each config once, in the pool, and no more
 
 
 def test_threads_from_the_environment(monkeypatch):
