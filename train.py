@@ -10,6 +10,7 @@ mid-epoch with the exact data order and RNG states.
 import argparse
 import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -247,6 +248,18 @@ def sample_grid(mvar: MVAR, num_classes: int, seed: int, n: int = 16) -> torch.T
 # ----------------------------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------------------------
+def use_deterministic_kernels() -> None:
+    """--deterministic: before any kernel runs (cuBLAS reads its workspace setting at its first use, mamba_ssm its
+    mode when the kernels are imported, at the first forward)."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    if os.environ.get("TRITON_CACHE_AUTOTUNING") == "1":
+        logger.warning("--deterministic with TRITON_CACHE_AUTOTUNING=1: mamba_ssm keeps every Triton config, and the "
+                       "kernels whose timings Triton cannot cache may pick another config in another process")
+    logger.info("deterministic kernels (torch.use_deterministic_algorithms, CUBLAS_WORKSPACE_CONFIG=%s)",
+                os.environ["CUBLAS_WORKSPACE_CONFIG"])
+
+
 def main(args: argparse.Namespace) -> None:
     device = dist.initialize()
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -256,6 +269,8 @@ def main(args: argparse.Namespace) -> None:
     folder.open(rank0_state=args.fsdp)  # FSDP2 gathers the states on rank 0
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(args.tf32)
+    if args.deterministic:
+        use_deterministic_kernels()
     logger.info("world size %d, device %s; per-rank batch %d, global micro-batch %d, %d accumulation step(s), "
                 "peak lr %.3g", world, device, args.batch_size, args.glb_batch_size, args.ac, args.tlr)
 

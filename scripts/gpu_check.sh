@@ -7,7 +7,7 @@
 # --python PY    the interpreter (default: python3, the GPU machine's, which has torch)
 # --only STAGES  comma-separated, of pytest,numerics,train,timings: the re-run after a fix (the environment always
 #                runs; the report covers these)
-# --budget S     the whole check's wall time, report included (default 540: the device tool's 600 s per command,
+# --budget S     the whole check's wall time, report included (default 570: the device tool's 600 s per command,
 #                less a margin). Each stage's box is cut to what is left after 30 s kept for the report; a stage
 #                with under 20 s left is not started (the report then lists it as without results).
 # Installs the travelling wheels of .whl/gpu/ (`make gpu-wheels`) into a scratch folder with pip --no-deps
@@ -17,7 +17,7 @@
 # Triton compiles the autotuned kernels' configs in parallel threads (models/triton_autotune.py) and, here, keeps its
 # autotuning results on disk (TRITON_CACHE_AUTOTUNING=1), so each train.py process after the first skips them.
 set -uo pipefail
-OUT=gpu_check_out DRY=() PY=python3 ONLY=pytest,numerics,train,timings BUDGET=540
+OUT=gpu_check_out DRY=() PY=python3 ONLY=pytest,numerics,train,timings BUDGET=570
 USAGE="usage: $0 [--out DIR] [--dry-run] [--python PY] [--only pytest,numerics,train,timings] [--budget SECONDS]"
 while (($#)); do
     case $1 in
@@ -55,7 +55,7 @@ stage() {  # stage NAME SECONDS COMMAND...: run COMMAND under `timeout`, its box
     fi
     ((box > left)) && box=$left
     echo "=== $name (time box ${box} s, at $((SECONDS - START)) s of ${BUDGET}) ==="
-    timeout -k 10 "$box" "$@"
+    timeout -s KILL "$box" "$@"  # KILL: a train.py that got TERM would first finish its step and checkpoint
     rc=$?
     ((rc == 124 || rc == 137)) && echo "=== $name: killed at its ${box} s time box ==="
     echo "=== $name: exit $rc ==="
@@ -72,7 +72,7 @@ nvidia-smi 2>/dev/null || echo "nvidia-smi: not available"
 stage environment 40 "$PY" scripts/gpu_env.py --out "$OUT/env.json" "${DRY[@]}"
 if wanted pytest; then
     GPU_TESTS=$(grep -l "pytest.mark.gpu" tests/test_*.py)  # the files with GPU tests: no time collecting the rest
-    stage "pytest -m gpu" 90 "$PY" -m pytest -m gpu -rA -q -p no:cacheprovider $GPU_TESTS >"$OUT/pytest.log" 2>&1
+    stage "pytest -m gpu" 120 "$PY" -m pytest -m gpu -rA -v -p no:cacheprovider $GPU_TESTS >"$OUT/pytest.log" 2>&1
     tail -n 15 "$OUT/pytest.log"
 fi
 wanted numerics && stage numerics 120 "$PY" scripts/gpu_numerics.py --out "$OUT/numerics.json" "${DRY[@]}"

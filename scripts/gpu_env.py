@@ -23,6 +23,7 @@ PACKAGES = ("torch", "triton", "numpy", "einops", "mamba_ssm", "flash_attn", "ca
             "tensorboard", "safetensors", "huggingface_hub")
 DISTRIBUTIONS = {"mamba_ssm": "mamba-ssm", "flash_attn": "flash-attn", "causal_conv1d": "causal-conv1d",
                  "huggingface_hub": "huggingface-hub"}
+TRAVELLING = ("mamba_ssm", "einops", "mlxtend")  # scripts/gpu_wheels.sh: without them the check runs blind
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -79,7 +80,9 @@ def check_lines(dry_run: bool, gpu: dict[str, str], versions: dict[str, str]) ->
         lines.append(CheckLine("torch.compile of autograd.Functions", "INFO", "wrong gradients on this torch",
                                note="pytorch/pytorch#180642: --tfast runs the Mamba2 layers outside the graph"))
     for name in ("mamba_ssm", "flash_attn", "einops", "mlxtend"):  # what travels as wheels, and flash-attn's CUDA build
-        lines.append(CheckLine(f"package {name}", "INFO", versions[name]))
+        travels = name in TRAVELLING and not dry_run
+        lines.append(CheckLine(f"package {name}", "FAIL" if travels and versions[name] == "absent" else "INFO",
+                               versions[name], note="carry .whl/gpu (make gpu-wheels)" if travels else ""))
     return lines
 
 

@@ -8,6 +8,7 @@ bench.py's tables. --stages limits it to the stages a re-run ran (gpu_check.sh -
 failed or a stage is missing or unfinished.
 """
 import argparse
+import re
 import sys
 from collections import Counter
 from pathlib import Path
@@ -16,18 +17,23 @@ from scripts.gpu_results import STATUSES, CheckLine, markdown, read_lines
 
 PYTEST_STATUS = {"PASSED": "PASS", "FAILED": "FAIL", "ERROR": "FAIL", "SKIPPED": "SKIP", "XFAIL": "INFO",
                  "XPASS": "INFO"}
+VERBOSE_RE = re.compile(rf"^(\S+::\S+) ({'|'.join(PYTEST_STATUS)})\b", re.MULTILINE)
 STAGES = {"env": "environment", "pytest": "pytest -m gpu", "numerics": "numerics: device vs CPU fp32",
           "train": "training through train.py", "timings": "timings (scripts/bench.py)"}
 
 
 def pytest_lines(log: str) -> list[CheckLine]:
-    """One line per entry of pytest's `-rA` short summary ("PASSED tests/x.py::name", "SKIPPED [2] x.py:3: why")."""
+    """One line per entry of pytest's `-rA` short summary ("PASSED tests/x.py::name", "SKIPPED [2] x.py:3: why"),
+    or, when pytest was killed before its summary, per `-v` result line ("tests/x.py::name PASSED [ 50%]")."""
     lines = []
     for text in log.splitlines():
         word, _, rest = text.partition(" ")
         if word in PYTEST_STATUS:
             test, _, note = rest.partition(" - ") if word != "SKIPPED" else rest.partition(": ")
             lines.append(CheckLine(test.strip(), PYTEST_STATUS[word], note=note.strip()[:200]))
+    if not lines:
+        lines = [CheckLine(test, PYTEST_STATUS[word], note="pytest cut short: no summary, no reasons")
+                 for test, word in VERBOSE_RE.findall(log)]
     return lines
 
 

@@ -3,16 +3,17 @@
     python scripts/gpu_train_check.py --work DIR --out train.json [--dry-run] [--run_timeout 120]
 
 Runs, each a fresh train.py process on a random tokenizer written here (the loss still falls: the model learns the
-token statistics of real digits): --fp16=1 (fp16 + GradScaler) and --fp16=2 (bf16), loss finite and falling;
-the bf16 run again, stopped by SIGTERM a third of the way in and relaunched: exit status 143, a checkpoint, and
-final weights bit-identical to the uninterrupted run (a second uninterrupted run says whether training itself is
-deterministic here); a world-size-1 torchrun launch (NCCL on a GPU, dist.core); last --fp16=2 --tfast=1
-(torch.compile, the slowest to start).
+token statistics of real digits): --fp16=1 (fp16 + GradScaler) and --fp16=2 --deterministic=1 (bf16), loss finite
+and falling; the bf16 run again, stopped by SIGTERM a third of the way in and relaunched: exit status 143, a
+checkpoint, and final weights bit-identical to the uninterrupted run (a second uninterrupted run says whether
+training itself is deterministic here); a world-size-1 torchrun launch (NCCL on a GPU, dist.core); last --fp16=2
+--tfast=1 (torch.compile, the slowest to start).
 --dry-run: a depth-1 model on 48 images on the CPU (bf16 may run as fp32 there, models.precision says so).
 """
 import argparse
 import dataclasses
 import math
+import os
 import re
 import signal
 import subprocess
@@ -32,6 +33,9 @@ LOSS_RE = re.compile(r"ep (\d+)/\d+ it (\d+)/\d+ \| loss ([0-9.]+)")  # train.lo
 STOP_RE = re.compile(r"stopped by SIGTERM at epoch (\d+), iteration (\d+)")
 LAST = "ar-ckpt-last.pth"
 FALLING = 0.95  # the last quarter's mean loss below 95% of the first quarter's
+# The bf16 run that the resume is compared with, the resumed one and the control: deterministic kernels, since on a
+# GPU mamba_ssm's backward and some of torch's add with atomics, in a varying order.
+DETERMINISTIC = ("--fp16=2", "--deterministic=1")
 
 
 @dataclass(frozen=True)
@@ -70,9 +74,10 @@ def train_cmd(work: Path, out: str, recipe: Recipe, *extra: str, torchrun: bool 
 
 def run(cmd: list[str], timeout: float, stop_at_line: int = 0) -> tuple[int, str, float]:
     """(exit status, output, seconds) of `cmd`; with `stop_at_line`, SIGTERM at that loss line. A run past
-    `timeout` is killed (status -9)."""
+    `timeout` is killed (status -9). A --deterministic run goes without TRITON_CACHE_AUTOTUNING (see train.py)."""
     t0 = time.monotonic()
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = {k: v for k, v in os.environ.items() if not (k == "TRITON_CACHE_AUTOTUNING" and DETERMINISTIC[-1] in cmd)}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines, seen = [], 0
     try:
         for line in proc.stdout:
@@ -121,33 +126,36 @@ def max_difference(a: Path, b: Path) -> float:
     return max((wa[k].double() - wb[k].double()).abs().max().item() for k in wa)
 
 
-def resume_lines(work: Path, recipe: Recipe, timeout: float, loss_lines: int) -> list[CheckLine]:
+def resume_lines(work: Path, recipe: Recipe, timeout: float, loss_lines: int, lines: list[CheckLine],
+                 save: Callable[[list[CheckLine]], None]) -> None:
     """SIGTERM a third of the way in (`loss_lines`: the uninterrupted bf16 run's), relaunch with torchrun (one
     rank: NCCL on CUDA) and compare with that run; on a difference, a second uninterrupted run says whether
-    training itself is deterministic here."""
-    rc, log, _ = run(train_cmd(work, "resumed", recipe, "--fp16=2"), timeout, stop_at_line=max(loss_lines // 3, 2))
+    training itself is deterministic here. Appends to `lines`, and `save`s them after each run."""
+    rc, log, _ = run(train_cmd(work, "resumed", recipe, *DETERMINISTIC), timeout, stop_at_line=max(loss_lines // 3, 2))
     stop = STOP_RE.search(log)
-    lines = [CheckLine("SIGTERM: exit 143 and a checkpoint", "PASS" if rc == 128 + signal.SIGTERM and stop and
-                       (work / "resumed" / LAST).exists() else "FAIL", f"exit {rc}",
-                       note=stop.group(0) if stop else tail(log))]
-    rc, log, seconds = run(train_cmd(work, "resumed", recipe, "--fp16=2", torchrun=True), timeout)
+    stopped = rc == 128 + signal.SIGTERM and stop and (work / "resumed" / LAST).exists()
+    lines.append(CheckLine("SIGTERM: exit 143 and a checkpoint", "PASS" if stopped else "FAIL", f"exit {rc}",
+                           note=stop.group(0) if stop else tail(log)))
+    save(lines)
+    rc, log, seconds = run(train_cmd(work, "resumed", recipe, *DETERMINISTIC, torchrun=True), timeout)
     device = re.search(r"world size 1, device (\S+);", log)
     on_cpu = device is None or not device.group(1).startswith("cuda")
     lines.append(CheckLine("relaunch with torchrun --nproc_per_node=1 (NCCL on CUDA, gloo on the CPU)",
                            "PASS" if rc == 0 and "resumed from" in log and not (on_cpu and recipe.on_gpu) else "FAIL",
                            f"exit {rc}, device {device.group(1) if device else '?'}",
                            note=f"{seconds:.0f} s" if rc == 0 else tail(log)))
+    save(lines)
     if rc != 0:
-        return lines
+        return
     diff = max_difference(work / "bf16" / LAST, work / "resumed" / LAST)
     note = ""
     if diff != 0:
-        again_rc, again_log, _ = run(train_cmd(work, "bf16_again", recipe, "--fp16=2"), timeout)
+        again_rc, again_log, _ = run(train_cmd(work, "bf16_again", recipe, *DETERMINISTIC), timeout)
         control = max_difference(work / "bf16" / LAST, work / "bf16_again" / LAST) if again_rc == 0 else None
         note = f"control run failed: {tail(again_log)}" if control is None else \
             f"two uninterrupted runs differ by {control:.3g}" + (": not deterministic here" if control else "")
-    return [*lines, CheckLine("resumed weights bit-identical to the uninterrupted run", "PASS" if diff == 0 else "FAIL",
-                              f"max |difference| {diff:.3g}", "0", note)]
+    lines.append(CheckLine("resumed weights bit-identical to the uninterrupted run", "PASS" if diff == 0 else "FAIL",
+                           f"max |difference| {diff:.3g}", "0", note))
 
 
 def check(work: Path, dry_run: bool, timeout: float, save: Callable[[list[CheckLine]], None]) -> list[CheckLine]:
@@ -156,12 +164,12 @@ def check(work: Path, dry_run: bool, timeout: float, save: Callable[[list[CheckL
     write_tokenizer(work / "vae.pth")
     lines, logs = [], {}
     for name, out, flags in (("train.py --fp16=1 (fp16 + GradScaler)", "fp16", ["--fp16=1"]),
-                             ("train.py --fp16=2 (bf16)", "bf16", ["--fp16=2"])):
+                             ("train.py --fp16=2 --deterministic=1 (bf16)", "bf16", DETERMINISTIC)):
         rc, logs[out], seconds = run(train_cmd(work, out, recipe, *flags), timeout)
         lines.append(falling_line(name, rc, logs[out], seconds))
         print(lines[-1].text(), flush=True)
         save(lines)
-    lines += resume_lines(work, recipe, timeout, len(losses(logs["bf16"])))
+    resume_lines(work, recipe, timeout, len(losses(logs["bf16"])), lines, save)
     save(lines)
     if dry_run:  # inductor on the CPU compiles C++ for minutes; tests/test_trainer.py covers --tfast on the CPU
         lines.append(CheckLine("train.py --fp16=2 --tfast=1 (torch.compile)", "SKIP", note="dry run: GPU run only"))

@@ -96,3 +96,12 @@ def test_bad_arguments_are_errors_before_any_work(tmp_path, args, message):
     proc = subprocess.run([str(REPO / "scripts/gpu_check.sh"), *args, "--out", str(tmp_path / "out")], cwd=REPO,
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2 and message in proc.stderr and not (tmp_path / "out").exists()
+
+
+def test_pytest_killed_before_its_summary_still_reports_its_verbose_lines():
+    summary = "PASSED tests/test_a.py::test_x\nSKIPPED [1] tests/test_a.py:9: needs CUDA\n"
+    assert [(ln.check, ln.status) for ln in gpu_report.pytest_lines(summary)] == [
+        ("tests/test_a.py::test_x", "PASS"), ("[1] tests/test_a.py:9", "SKIP")]
+    verbose = "tests/test_a.py::test_x PASSED    [ 33%]\ntests/test_a.py::test_y[bf16] FAILED   [ 66%]\n"
+    assert [(ln.check, ln.status) for ln in gpu_report.pytest_lines(verbose)] == [
+        ("tests/test_a.py::test_x", "PASS"), ("tests/test_a.py::test_y[bf16]", "FAIL")]

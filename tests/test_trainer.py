@@ -290,3 +290,19 @@ def test_fsdp_evaluate_on_two_ranks_with_odd_val_set_equals_one_process(tmp_path
     got = json.loads(out.read_text())
     assert ref["n"] == got["n"] == 7 and ref.keys() == got.keys()
     assert all(math.isclose(ref[k], got[k], rel_tol=1e-5, abs_tol=1e-6) for k in ref), (ref, got)
+
+
+def test_deterministic_flag_turns_on_deterministic_kernels(monkeypatch, caplog):
+    """train.py --deterministic (for a bit-exact resume on a GPU, where some kernels add with atomics)."""
+    import train
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    monkeypatch.setenv("TRITON_CACHE_AUTOTUNING", "1")
+    try:
+        with caplog.at_level(logging.INFO, logger=train.logger.name):
+            train.use_deterministic_kernels()
+        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert train.os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    assert "TRITON_CACHE_AUTOTUNING=1" in caplog.text and "deterministic kernels" in caplog.text
+    assert train.parse_args(["--deterministic=1"]).deterministic and not train.parse_args([]).deterministic
