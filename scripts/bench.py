@@ -201,7 +201,9 @@ def bench_train(device: torch.device, args: argparse.Namespace) -> str:
             if dtype_name != "fp32" and trainer.amp_dtype is None:  # bf16 on a CPU without bf16 instructions
                 dtype_name += " (ran fp32)"
             _, x_BLCv, label_B = step.args
-            flops[arch, dtype_name] = train_step_flops(mvar, label_B, x_BLCv)
+            # FLOPs are linear in the batch: counted on one sample, since the count runs in fp32 and at the full
+            # batch could run out of memory where the low-precision step it describes fits (the GPU batch probe)
+            flops[arch, dtype_name] = B * train_step_flops(mvar, label_B[:1], x_BLCv[:1])
             steps[arch, dtype_name], models[arch, dtype_name] = step, mvar
             if args.mamba_one_pass and device.type == "cpu" and "mamba" in ARCH_BRANCHES[arch]:
                 name = f"{arch}, Mamba2 batch in one pass"

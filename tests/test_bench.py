@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.flops import model_flops
+from models.flops import model_flops, train_step_flops
 from models.mvar import MVAR, MVARConfig
 from scripts import bench
 from scripts import timing as bm
@@ -112,6 +112,8 @@ def test_train_section_times_fp32_and_bf16_side_by_side(monkeypatch):
         with torch.no_grad():
             forward = model_flops(mvar, lambda m=mvar, x=x_BLCv: m(torch.tensor([0, 1]), x)) / 1e9
         assert 2.8 < gflop[arch, "fp32"] / forward <= 3.01, (arch, gflop[arch, "fp32"], forward)
+        labels = torch.tensor([0, 1])  # the section counts one sample and scales: exact, FLOPs are linear in B
+        assert train_step_flops(mvar, labels, x_BLCv) == 2 * train_step_flops(mvar, labels[:1], x_BLCv[:1])
         assert rows[arch, "fp32"][9] == ""
         if low[1] == "bf16":  # the speed-up is fp32's time over bf16's, within the rounding of the printed numbers
             speedup = float(rows[low][9].strip("*x"))
