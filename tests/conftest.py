@@ -5,6 +5,7 @@ and launching scripts on one process (forked from a warm interpreter: tests/warm
 (`run_torchrun` puts tests/ on their PYTHONPATH)."""
 import atexit
 import functools
+import importlib
 import os
 import re
 import signal
@@ -24,6 +25,7 @@ from models import MVAR, VQVAE, build_vae_mvar
 from warm_launcher import WarmLauncher, WarmProcess
 
 REPO = Path(__file__).resolve().parents[1]
+KERNEL_SITE = REPO / ".whl" / "site"  # the pure-Python mamba-ssm / flash-attn builds `make test` installs
 # a 2x tokenizer (V=64, Cvae=8: 8 px images at patch_nums 1_2_3_4) and a depth-2 M-VAR, portable kernels
 TINY_MVAR = dict(patch_nums=(1, 2, 3, 4), V=64, Cvae=8, ch=32, ch_mult=(1, 2), num_classes=10, depth=2,
                  embed_dim=64, num_heads=2, d_state=16, drop_path_rate=0.0, init_adaln_gamma=0.5,
@@ -156,6 +158,23 @@ def interrupt(cmd: list[str], trigger: str, sig: signal.Signals) -> tuple[subpro
         output.close()
         proc.wait(timeout=120)
     return proc, "".join(lines)
+
+
+@pytest.fixture
+def from_kernel_site(monkeypatch):
+    """`load(package, module, importer=importlib.import_module)`: `module` imported from KERNEL_SITE for this test
+    only (skipped when `package` is not built there); every module it brought is forgotten afterwards."""
+    monkeypatch.syspath_prepend(str(KERNEL_SITE))
+    before = set(sys.modules)
+
+    def load(package: str, module: str, importer=importlib.import_module):
+        if not (KERNEL_SITE / package).is_dir():
+            pytest.skip(f"{package}'s pure-Python build is not in .whl/site (`make test` builds it)")
+        return importer(module)
+
+    yield load
+    for name in set(sys.modules) - before:
+        del sys.modules[name]
 
 
 @pytest.fixture(scope="session")

@@ -1,10 +1,8 @@
 """Scale attention: kernels equal dense masked references, scale isolation/causality, KV cache, backend dispatch."""
-import importlib
 import logging
 import math
 import sys
 import types
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +11,6 @@ import models.attention as A
 from models import backends
 from models.attention import ScaleAttention, block_causal_attention, intra_scale_attention
 
-SITE = Path(__file__).resolve().parents[1] / ".whl" / "site"  # flash-attn's pure-Python build (`make test`)
 
 pytestmark = pytest.mark.numerics  # rerun by `make test` at the lowest ISA level
 
@@ -235,22 +232,14 @@ def test_flash_attn_rocm_triton_build_is_not_picked_on_nvidia(monkeypatch):
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # flash-attn's autotune arguments, at its import
-def test_flash_attn_rocm_triton_configs_carry_options_cuda_refuses(monkeypatch):
+def test_flash_attn_rocm_triton_configs_carry_options_cuda_refuses(monkeypatch, from_kernel_site):
     """The fact behind the gate above, seen when compiling for sm_90 (tests/test_triton_autotune.py's stand-in
     driver): Triton's CUDA backend refuses the option `waves_per_eu` of flash-attn's AMD configs with a KeyError.
     If a flash-attn release drops it, this fails: then try its Triton kernels on NVIDIA and lift the gate."""
     triton_nvidia = pytest.importorskip("triton.backends.nvidia.compiler")
-    if not (SITE / "flash_attn").is_dir():
-        pytest.skip("flash-attn's pure-Python build is not in .whl/site (`make test` builds it)")
-    monkeypatch.syspath_prepend(str(SITE))
     monkeypatch.setenv("FLASH_ATTENTION_TRITON_AMD_ENABLE", "TRUE")
-    before = set(sys.modules)
-    try:
-        fwd = importlib.import_module("flash_attn.flash_attn_triton_amd.fwd_prefill")
-        options = {k for config in fwd.attn_fwd.configs for k in config.all_kwargs()} - set(fwd.attn_fwd.arg_names)
-    finally:
-        for name in set(sys.modules) - before:
-            del sys.modules[name]
+    fwd = from_kernel_site("flash_attn", "flash_attn.flash_attn_triton_amd.fwd_prefill")
+    options = {k for config in fwd.attn_fwd.configs for k in config.all_kwargs()} - set(fwd.attn_fwd.arg_names)
     assert "waves_per_eu" in options - set(triton_nvidia.CUDAOptions.__dataclass_fields__)
 
 

@@ -7,7 +7,6 @@ import sys
 import threading
 import types
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,7 +17,6 @@ pytest.importorskip("triton.runtime._async_compile", reason="Triton < 3.4: no As
 
 from models import triton_autotune  # noqa: E402
 
-SITE = Path(__file__).resolve().parents[1] / ".whl" / "site"  # mamba_ssm's pure-Python build (`make test`)
 CONFIGS = [triton.Config({"BLOCK": block}, num_warps=warps) for block, warps in ((32, 1), (64, 2), (128, 4), (256, 4))]
 
 
@@ -116,19 +114,13 @@ def test_a_failing_hook_falls_back_to_tritons_sequential_path(compiles, monkeypa
 
 
 @pytest.fixture
-def mamba_ssm(monkeypatch):
+def mamba_ssm(monkeypatch, from_kernel_site):
     """mamba_ssm's Triton modules from .whl/site, imported for this test only."""
-    if not (SITE / "mamba_ssm").is_dir():
-        pytest.skip("mamba_ssm's pure-Python build is not in .whl/site (`make test` builds it)")
-    monkeypatch.syspath_prepend(str(SITE))
+    from models.mamba2 import _import_mamba_submodule
     monkeypatch.setattr(torch.cuda, "device", lambda index: contextlib.nullcontext())  # CPU tensors stand in
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d=None: types.SimpleNamespace(
         multi_processor_count=132))
-    before = set(sys.modules)
-    from models.mamba2 import _import_mamba_submodule
-    yield _import_mamba_submodule("mamba_ssm.ops.triton.ssd_combined")
-    for name in set(sys.modules) - before:
-        del sys.modules[name]
+    return from_kernel_site("mamba_ssm", "mamba_ssm.ops.triton.ssd_combined", _import_mamba_submodule)
 
 
 def test_mamba_ssm_kernels_compile_every_config_in_the_pool(compiles, mamba_ssm, monkeypatch):

@@ -17,10 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from interpreter_worker import MAMBA_RUNS, PLANTS  # tests/ is on sys.path under pytest
+from conftest import KERNEL_SITE as SITE, REPO  # tests/ is on sys.path under pytest
+from interpreter_worker import MAMBA_RUNS, PLANTS
 
-REPO = Path(__file__).resolve().parents[1]
-SITE = REPO / ".whl" / "site"  # where `make test` puts the pure-Python kernel builds
 WORKER = Path(__file__).with_name("interpreter_worker.py")
 TOL = 2e-5  # fp32, exact tl.dot in the interpreter: measured <= 3e-6 (Mamba2 grads), <= 5e-7 (attention)
 PLANT_MIN = 1e-3  # a planted mistake must be off by at least this (measured 0.18 .. 1.4)
