@@ -18,13 +18,17 @@ from scripts.markdown import read_tables
 STAGE_FILES = ("env.json", "numerics.json", "train.json", "timings.json")
 
 
+def run_dry(out, *args: str, timeout: float) -> subprocess.CompletedProcess:
+    """`gpu_check.sh --dry-run --out OUT ARGS` with this interpreter, the kernels left to "auto"."""
+    env = {k: v for k, v in SUBPROCESS_ENV.items() if k not in ("MVAR_ATTN_BACKEND", "MVAR_MAMBA_BACKEND")}
+    return subprocess.run([str(REPO / "scripts/gpu_check.sh"), "--dry-run", "--out", str(out), "--python",
+                           sys.executable, *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu_check")
-    env = {k: v for k, v in SUBPROCESS_ENV.items() if k not in ("MVAR_ATTN_BACKEND", "MVAR_MAMBA_BACKEND")}
-    proc = subprocess.run([str(REPO / "scripts/gpu_check.sh"), "--dry-run", "--out", str(out), "--python",
-                           sys.executable], env=env, cwd=REPO, capture_output=True, text=True, timeout=400)
-    return out, proc
+    return out, run_dry(out, timeout=400)
 
 
 def test_dry_run_passes_and_writes_few_small_files(dry_run):
@@ -70,9 +74,7 @@ def test_stage_lines(dry_run):
 
 def test_a_rerun_of_some_stages_reports_those(tmp_path):
     """`--only timings`: the re-run after a fix, in the minutes a GPU lease has left."""
-    env = {k: v for k, v in SUBPROCESS_ENV.items() if k not in ("MVAR_ATTN_BACKEND", "MVAR_MAMBA_BACKEND")}
-    proc = subprocess.run([str(REPO / "scripts/gpu_check.sh"), "--dry-run", "--only", "timings", "--out", str(tmp_path),
-                           "--python", sys.executable], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = run_dry(tmp_path, "--only", "timings", timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert {p.name for p in tmp_path.iterdir()} == {"env.json", "timings.json", "report.md", "check.log"}
     text = (tmp_path / "report.md").read_text()
