@@ -26,6 +26,7 @@ def build_vae_mvar(
     attention, the pure-PyTorch Mamba2); `attn_backend=` / `mamba_backend=` (models.backends) name one instead.
     """
     patch_nums = tuple(patch_nums)
+    # the tokenizer is drawn on the CPU and moved, so that a random one is the same on every device
     vae = VQVAE(vocab_size=V, z_channels=Cvae, ch=ch, ch_mult=tuple(ch_mult), test_mode=True,
                 share_quant_resi=share_quant_resi, v_patch_nums=patch_nums).to(device)
     attn_backend = config_overrides.pop("attn_backend", "auto" if flash_if_available else ATTN.portable)
@@ -35,7 +36,8 @@ def build_vae_mvar(
         embed_dim=embed_dim, num_heads=num_heads, shared_aln=shared_aln, attn_l2_norm=attn_l2_norm,
         **config_overrides,
     )
-    mvar = MVAR(config, vae=vae, attn_backend=attn_backend, mamba_backend=mamba_backend).to(device)
+    with torch.device(device):  # built where it runs: init_weights redraws the weights there anyway
+        mvar = MVAR(config, vae=vae, attn_backend=attn_backend, mamba_backend=mamba_backend)
     if torch.device(device).type != "meta":
         mvar.init_weights(init_adaln=init_adaln, init_adaln_gamma=init_adaln_gamma, init_head=init_head,
                           init_std=init_std, gamma_rows=gamma_rows)

@@ -166,9 +166,10 @@ def random_train_step(arch: str, depth: int, dtype_name: str, device: torch.devi
     `dtype_name` (AdamW fused or not), and its training step (`Trainer.micro_step_tokens` on random tokens of batch
     --bs: the partial's args are gt_BL, x_BLCv, label_B)."""
     torch.manual_seed(0)
-    mvar = MVAR(MVARConfig(depth=depth, patch_nums=parse_patch_nums(args.pn), arch=arch, V=args.V,
-                           embed_dim=args.width or None, num_heads=args.heads or None),
-                attn_backend=args.attn_backend, mamba_backend=args.mamba_backend).to(device)
+    with torch.device(device):  # built where it runs (the largest-batch probe builds a d16 once per batch tried)
+        mvar = MVAR(MVARConfig(depth=depth, patch_nums=parse_patch_nums(args.pn), arch=arch, V=args.V,
+                               embed_dim=args.width or None, num_heads=args.heads or None),
+                    attn_backend=args.attn_backend, mamba_backend=args.mamba_backend)
     mvar.init_weights()
     trainer = Trainer(vae=None, model=mvar, device=device, lr=1e-4, fp16=TRAIN_FP16[dtype_name], fused_adam=fused_adam)
     gt_BL = torch.randint(0, mvar.V, (args.bs, mvar.L), device=device)

@@ -5,6 +5,7 @@ import json
 import logging
 import math
 import textwrap
+import types
 
 import pytest
 import torch
@@ -306,3 +307,32 @@ def test_deterministic_flag_turns_on_deterministic_kernels(monkeypatch, caplog):
     assert train.os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
     assert "TRITON_CACHE_AUTOTUNING=1" in caplog.text and "deterministic kernels" in caplog.text
     assert train.parse_args(["--deterministic=1"]).deterministic and not train.parse_args([]).deterministic
+
+
+class Built(Exception):
+    """Raised by a stand-in MVAR.__init__ with the default device it was called under."""
+
+
+@pytest.mark.parametrize("builder", ["models.build_vae_mvar", "train.build_model", "bench.random_train_step"])
+def test_models_are_built_on_their_device(builder, monkeypatch):
+    """Every builder constructs M-VAR where it will run, not on the CPU first: init_weights redraws the weights on the
+    device anyway, and a VAR-d30's 2B weights drawn on the CPU and copied over cost seconds of a GPU run."""
+    import train
+    from models import build_vae_mvar
+    from scripts import bench
+
+    def built_here(self, *args, **kwargs):
+        raise Built(torch.get_default_device())
+
+    monkeypatch.setattr(train.MVAR, "__init__", built_here)  # the class every builder constructs
+    meta = torch.device("meta")
+    build = {
+        "models.build_vae_mvar": lambda: build_vae_mvar(meta, patch_nums=PN, V=32, Cvae=8, ch=32, ch_mult=(1, 2)),
+        "train.build_model": lambda: train.build_model(train.finalize_args(train.parse_args(["--pn=1_2_4"]), 1),
+                                                       types.SimpleNamespace(vocab_size=32, Cvae=8), 4, meta),
+        "bench.random_train_step": lambda: bench.random_train_step("mvar", 1, "fp32", meta,
+                                                                   bench.build_parser().parse_args(["--pn", "1_2_4"])),
+    }[builder]
+    with pytest.raises(Built) as built:
+        build()
+    assert built.value.args[0] == meta
