@@ -474,8 +474,9 @@ def load_kernels() -> tuple[MambaKernels | None, str]:
         causal_conv1d_fn = importlib.import_module("causal_conv1d").causal_conv1d_fn
     except Exception:  # optional: fall back to torch
         causal_conv1d_fn = None
-    compiling = (f"autotune configs compiled on {triton_autotune.compile_threads()} threads"
-                 if triton_autotune.compile_configs_in_parallel("mamba_ssm") else "autotune configs compiled in turn")
+    threads = triton_autotune.compile_threads()
+    parallel = triton_autotune.compile_configs_in_parallel("mamba_ssm", threads)
+    compiling = f"autotune configs compiled on {threads} threads" if parallel else "autotune configs compiled in turn"
     note = "mamba_ssm kernels loaded (gated norm: {}, causal_conv1d: {}, {})".format(
         "triton" if rmsnorm_fn else "torch", "yes" if causal_conv1d_fn else "no (torch conv)", compiling)
     logger.info(note)
