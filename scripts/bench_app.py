@@ -24,7 +24,6 @@ from models import build_vae_mvar
 from models.loading import mvar_checkpoint
 from scripts.app_jobs import parse_sample_args
 from scripts.markdown import markdown_table
-from utils.sample_io import save_grid
 
 FLAGS = ["--classes", "1", "--num_per_class", "8", "--bs", "4", "--cfg", "1.5", "--top_k", "100", "--top_p", "0.9",
          "--seed", "0", "--no-more_smooth"]
@@ -55,12 +54,15 @@ def cli_run(ckpt: Path, folder: Path):
     generate = sample.make_generate(mvar, args, torch.device("cpu"))
 
     def run() -> tuple[float, float]:
-        t0, first, batches = time.perf_counter(), None, []
-        for imgs_BHW3, _names in sample.picture_batches(args, generate):
-            first = first or time.perf_counter() - t0
-            batches.append(imgs_BHW3)
-        save_grid(np.concatenate(batches), Path(args.out), ncol=args.num_per_class)
-        return first, time.perf_counter() - t0
+        t0, done = time.perf_counter(), []
+
+        def timed(label_B: np.ndarray, g_seed: int) -> np.ndarray:
+            imgs_BHW3 = generate(label_B, g_seed)
+            done.append(time.perf_counter() - t0)
+            return imgs_BHW3
+
+        sample.sample_pictures(args, timed)
+        return done[0], time.perf_counter() - t0
 
     return run
 
