@@ -254,9 +254,11 @@ def use_deterministic_kernels() -> None:
     mode when the kernels are imported, at the first forward)."""
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True, warn_only=True)
-    if os.environ.get("TRITON_CACHE_AUTOTUNING") == "1":
-        logger.warning("--deterministic with TRITON_CACHE_AUTOTUNING=1: mamba_ssm keeps every Triton config, and the "
-                       "kernels whose timings Triton cannot cache may pick another config in another process")
+    if os.environ.get("TRITON_CACHE_AUTOTUNING") == "1":  # read by mamba_ssm when its kernels are imported
+        del os.environ["TRITON_CACHE_AUTOTUNING"]
+        logger.warning("--deterministic: TRITON_CACHE_AUTOTUNING=1 ignored in this process. With it mamba_ssm keeps "
+                       "every Triton config and relies on Triton's cache, which skips configs with pre-hooks: a "
+                       "relaunched run could pick another config and differ; without it each kernel has one config")
     logger.info("deterministic kernels (torch.use_deterministic_algorithms, CUBLAS_WORKSPACE_CONFIG=%s)",
                 os.environ["CUBLAS_WORKSPACE_CONFIG"])
 

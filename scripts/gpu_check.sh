@@ -15,7 +15,8 @@
 # numerics (scripts/gpu_numerics.py), train.py (scripts/gpu_train_check.py) and the timings (scripts/gpu_timings.py).
 # A stage past its box is killed; what it finished stays in its JSON file, and the report says it was cut short.
 # Triton compiles the autotuned kernels' configs in parallel threads (models/triton_autotune.py) and, here, keeps its
-# autotuning results on disk (TRITON_CACHE_AUTOTUNING=1), so each train.py process after the first skips them.
+# autotuning results on disk (TRITON_CACHE_AUTOTUNING=1), so each train.py process after the first skips them
+# (train.py --deterministic ignores it: one config per kernel instead).
 set -uo pipefail
 OUT=gpu_check_out DRY=() PY=python3 ONLY=pytest,numerics,train,timings BUDGET=570
 USAGE="usage: $0 [--out DIR] [--dry-run] [--python PY] [--only pytest,numerics,train,timings] [--budget SECONDS]"

@@ -13,7 +13,6 @@ training itself is deterministic here); a world-size-1 torchrun launch (NCCL on 
 import argparse
 import dataclasses
 import math
-import os
 import re
 import signal
 import subprocess
@@ -74,10 +73,9 @@ def train_cmd(work: Path, out: str, recipe: Recipe, *extra: str, torchrun: bool 
 
 def run(cmd: list[str], timeout: float, stop_at_line: int = 0) -> tuple[int, str, float]:
     """(exit status, output, seconds) of `cmd`; with `stop_at_line`, SIGTERM at that loss line. A run past
-    `timeout` is killed (status -9). A --deterministic run goes without TRITON_CACHE_AUTOTUNING (see train.py)."""
+    `timeout` is killed (status -9)."""
     t0 = time.monotonic()
-    env = {k: v for k, v in os.environ.items() if not (k == "TRITON_CACHE_AUTOTUNING" and DETERMINISTIC[-1] in cmd)}
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines, seen = [], 0
     try:
         for line in proc.stdout:
