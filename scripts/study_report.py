@@ -277,7 +277,8 @@ def write_report(out: Path, report_dir: Path, plan: dict, wall_s: float, command
     plot_fd(out, rows, report_dir / "study_fd.png")
     plot_samples(out, plan, report_dir / "study_samples.png")
     clf = json.loads((out / "classifier.json").read_text())
-    recipe = " ".join(f if not f.startswith("--tokens=") else "--tokens=TOKENS"
+    placeholders = {"--tokens": "TOKENS", "--eval_net": "CLASSIFIER"}  # paths of this machine's study folder
+    recipe = " ".join(f"{f.split('=')[0]}={placeholders[f.split('=')[0]]}" if f.split("=")[0] in placeholders else f
                       for f in plan["train_flags"] if not f.startswith(("--vae_ckpt", "--fmnist_dir")))
     vocab, tokens = plan["tokenizer_config"]["vocab_size"], sum(int(p) ** 2 for p in preset["pn"].split("_"))
     base_note = f"; it, the classifier and the reference rows come from the study in `{plan['base']}`" \
@@ -296,7 +297,8 @@ computed something), {preset["seeds"]} seed(s) per row.
 - Models: width {preset["width"]}, depth {preset["depth"]}, {preset["heads"]} attention heads unless the row says
   otherwise; one recipe for all, `train.py {recipe}` (bf16 autocast where the CPU has bf16 instructions, else
   fp32; `TOKENS`: the token ids of the training and validation images, extracted once with the tokenizer by
-  scripts/extract_tokens.py, from which training is loss for loss the same as from the images):
+  scripts/extract_tokens.py, from which training is loss for loss the same as from the images; `CLASSIFIER`: the
+  small CNN of the scores below, classifier.pt in the study's folder):
   {budgets(rows, preset)}, batch {preset["bs"]}. FLOPs count the linear layers and attention scores
   (models.flops.train_step_flops), not the Mamba2 scan or the convolutions, so they understate the Mamba2 rows;
   "train min" is the training images over the median training throughput (validation excluded). Throughputs are
