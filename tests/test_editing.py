@@ -7,7 +7,7 @@ import torch
 from PIL import ExifTags, Image
 
 from models.editing import token_masks
-from test_mvar import ARCHS, build_tiny, record_sampling
+from test_mvar import ARCHS, assert_logits_equal, build_tiny, build_tiny_stateful, record_sampling
 from utils.sample_io import box_mask, load_edit_inputs
 
 pytestmark = pytest.mark.numerics  # rerun by `make test` at the lowest ISA level
@@ -51,7 +51,7 @@ def test_empty_mask_gives_the_tokenizers_reconstruction(arch, more_smooth):
 def test_known_tokens_feed_the_model_like_generated_ones(monkeypatch, arch):
     """The logits drawn from at every scale equal a teacher-forced pass over the edited token maps: the known
     tokens went into the Mamba2 states / KV caches exactly as if the model had generated them."""
-    vae, mvar = build_tiny(arch)
+    vae, mvar = build_tiny_stateful(arch)
     mvar.eval()  # no label dropout in the teacher-forced pass
     calls = record_sampling(monkeypatch)
     label_B = torch.tensor([1, 7])
@@ -59,7 +59,7 @@ def test_known_tokens_feed_the_model_like_generated_ones(monkeypatch, arch):
                                              cfg=0.0, return_tokens=True)
     logits_sampled = torch.cat([logits for logits, _ in calls], dim=1)
     logits_tf = mvar(label_B, vae.quantize.idxBl_to_var_input(tokens))
-    torch.testing.assert_close(logits_sampled, logits_tf, rtol=1e-4, atol=1e-4)
+    assert_logits_equal(logits_sampled, logits_tf)
 
 
 def test_tokens_outside_the_mask_never_change_whatever_the_seed():

@@ -22,6 +22,22 @@ def build_tiny(arch="mvar", **kw):
     return build_tiny_mvar(**MIXES.get(arch, {"arch": arch}), **kw)
 
 
+def build_tiny_stateful(arch="mvar", **kw):
+    """build_tiny with Mamba2's conv weights at std 0.5 instead of init_weights' 0.02: at 0.02 the state carried from
+    scale to scale moves the tiny model's logits by ~1e-7 of their size, so forgetting it would pass the sampling
+    tests below; at 0.5 forgetting the SSM state moves them by 2e-3 to 7e-3."""
+    vae, mvar = build_tiny(arch, **kw)
+    mvar.init_weights(init_adaln_gamma=0.5, conv_std=0.5)
+    return vae, mvar
+
+
+def assert_logits_equal(got, want):
+    """Equal up to float32 summation order: within 1e-5 of the largest logit (measured 1.8e-7 to 3e-7, native and
+    lowest ISA level)."""
+    err, scale = (got - want).abs().max().item(), want.abs().max().item()
+    assert err <= 1e-5 * scale, f"max error {err:.3g} vs 1e-5 x {scale:.3g}"
+
+
 def teacher_input(vae, mvar, B=3, seed=0):
     g = torch.Generator().manual_seed(seed)
     idx_Bl = [torch.randint(0, mvar.V, (B, pn * pn), generator=g) for pn in mvar.patch_nums]
@@ -158,7 +174,7 @@ def test_scale_never_depends_on_later_scales(arch):
 
 
 def test_progressive_training_truncates_to_scale():
-    vae, mvar = build_tiny()
+    vae, mvar = build_tiny_stateful()
     mvar.eval()
     label_B, _, x_BLCv = teacher_input(vae, mvar)
     full = mvar(label_B, x_BLCv)
@@ -166,7 +182,7 @@ def test_progressive_training_truncates_to_scale():
         out = mvar(label_B, x_BLCv, prog_si=si)
         ed = mvar.begin_ends[si][1]
         assert out.shape[1] == ed
-        torch.testing.assert_close(out, full[:, :ed], rtol=1e-5, atol=1e-5)
+        assert_logits_equal(out, full[:, :ed])
 
 
 def test_cond_dropout_only_in_train_mode():
@@ -207,7 +223,7 @@ def record_sampling(monkeypatch):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_cached_sampling_logits_equal_teacher_forcing(monkeypatch, arch):
-    vae, mvar = build_tiny(arch)
+    vae, mvar = build_tiny_stateful(arch)
     mvar.eval()
     calls = record_sampling(monkeypatch)
     label_B = torch.tensor([1, 7])
@@ -216,11 +232,11 @@ def test_cached_sampling_logits_equal_teacher_forcing(monkeypatch, arch):
     idx_Bl = [idx for _, idx in calls]
     logits_sampled = torch.cat([logits for logits, _ in calls], dim=1)
     logits_tf = mvar(label_B, vae.quantize.idxBl_to_var_input(idx_Bl))
-    torch.testing.assert_close(logits_sampled, logits_tf, rtol=1e-4, atol=1e-4)
+    assert_logits_equal(logits_sampled, logits_tf)
 
 
 def test_cached_sampling_equals_prefix_recompute(monkeypatch):
-    vae, mvar = build_tiny()
+    vae, mvar = build_tiny_stateful()
     mvar.eval()
     calls = record_sampling(monkeypatch)
     kw = dict(B=2, label_B=torch.tensor([0, 5]), g_seed=11, cfg=1.5, top_k=20, top_p=0.9)
@@ -228,7 +244,7 @@ def test_cached_sampling_equals_prefix_recompute(monkeypatch):
     n = len(calls)
     img_ref = mvar.autoregressive_infer_cfg(**kw, use_cache=False)
     for (l1, i1), (l2, i2) in zip(calls[:n], calls[n:], strict=True):
-        torch.testing.assert_close(l1, l2, rtol=1e-4, atol=1e-4)
+        assert_logits_equal(l1, l2)
         assert torch.equal(i1, i2)
     torch.testing.assert_close(img_cached, img_ref)
 
