@@ -131,11 +131,11 @@ def test_indices_are_nearest_codes_of_the_residual(tiny, images):
         f = tiny.img_to_f(images)
         idx_Bl = tiny.img_to_idxBl(images)
         codes = tiny.quantize.embedding.weight
-        first_NC = F.adaptive_avg_pool2d(f, 1).flatten(1)  # scale 1x1: the mean latent
-        assert torch.equal(idx_Bl[0][:, 0], torch.cdist(first_NC, codes).argmin(1))
-        f_hats = tiny.quantize.f_to_idxBl_or_fhat(f, to_fhat=True)
-        last_rest_NC = (f - f_hats[-2]).permute(0, 2, 3, 1).reshape(-1, 8)
-        assert torch.equal(idx_Bl[-1].flatten(), torch.cdist(last_rest_NC, codes).argmin(1))
+        f_hats = tiny.quantize.f_to_idxBl_or_fhat(f, to_fhat=True)  # the running reconstruction after each scale
+        for si, pn in enumerate(tiny.v_patch_nums):  # every scale codes what the earlier ones left, area-pooled
+            rest = f if si == 0 else f - f_hats[si - 1]
+            rest_NC = F.interpolate(rest, size=(pn, pn), mode="area").permute(0, 2, 3, 1).reshape(-1, 8)
+            assert torch.equal(idx_Bl[si].flatten(), torch.cdist(rest_NC, codes).argmin(1)), si
         assert len(set(torch.cat(idx_Bl, 1).flatten().tolist())) > 8  # a real code book, not a collapsed one
 
 
