@@ -234,6 +234,26 @@ def test_evaluate_reports_per_scale_metrics_with_cond_dropout_off():
     assert torch.equal(labels_seen[0], loader[0][1])  # no label replaced by the null class
 
 
+def test_evaluate_equals_a_direct_computation_over_the_valid_samples():
+    """Per-sample means over all samples (not per batch: the batches hold 4 and 2), padding (valid False) left out."""
+    tr = tiny()
+    (inp_a, lab_a), (inp_b, lab_b) = batch(4, seed=1), batch(2, seed=2)
+    valid = torch.tensor([True, False, True, True, True, True])
+    got = tr.evaluate([(inp_a, lab_a, valid[:4]), (inp_b, lab_b, valid[4:])], resos=(2, 4, 8))
+    tr.mvar.eval()
+    with torch.no_grad():
+        gt_BL, x_BLCv = tr.targets(torch.cat([inp_a, inp_b])[valid])
+        logits_BLV = tr.mvar(torch.cat([lab_a, lab_b])[valid], x_BLCv)
+    ce_BL = F.cross_entropy(logits_BLV.flatten(0, 1), gt_BL.flatten(), reduction="none").view(gt_BL.shape)
+    hit_BL = (logits_BLV.argmax(-1) == gt_BL).double() * 100
+    assert got["n"] == 5
+    assert got["vL_mean"] == pytest.approx(ce_BL.mean().item(), rel=1e-5)
+    assert got["vacc_mean"] == pytest.approx(hit_BL.mean().item(), rel=1e-5)
+    for reso, (bg, ed) in zip((2, 4, 8), tr.mvar.begin_ends, strict=True):
+        assert got[f"vL_{reso}"] == pytest.approx(ce_BL[:, bg:ed].mean().item(), rel=1e-5), reso
+        assert got[f"vacc_{reso}"] == pytest.approx(hit_BL[:, bg:ed].mean().item(), rel=1e-5), reso
+
+
 def test_trainer_state_round_trip_gives_identical_next_step():
     tr = tiny(fp16=1)
     inp, label = batch()
