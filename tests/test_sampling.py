@@ -43,3 +43,26 @@ def test_gumbel_softmax_is_a_seeded_distribution():
     b = gumbel_softmax_with_rng(logits, tau=0.5, rng=torch.Generator().manual_seed(2))
     assert torch.equal(a, b)
     assert math.isclose(a.sum(-1).mean().item(), 1.0, rel_tol=1e-5) and (a >= 0).all()
+
+
+LOGITS_4 = torch.tensor([2.0, 1.0, 0.5, -1.0])
+
+
+def frequencies(tokens: torch.Tensor) -> torch.Tensor:
+    return torch.bincount(tokens.flatten(), minlength=4).double() / tokens.numel()
+
+
+def test_tokens_are_drawn_from_the_softmax_of_the_kept_logits():
+    """20,000 seeded draws: the frequencies of the top-3 filtered sampler are the softmax over the 3 kept logits
+    (0.015: over 4 standard deviations of a frequency at this count)."""
+    logits = LOGITS_4.expand(1, 20000, 4).clone()
+    tokens = sample_with_top_k_top_p_(logits, top_k=3, rng=torch.Generator().manual_seed(0))
+    want = torch.cat([LOGITS_4[:3].softmax(0), torch.zeros(1)]).double()
+    assert (frequencies(tokens) - want).abs().max() < 0.015, frequencies(tokens)
+
+
+def test_gumbel_noise_samples_the_softmax():
+    """argmax(logits + Gumbel noise), the argmax of the Gumbel softmax at any temperature, is a draw from
+    softmax(logits): 20,000 seeded draws within 0.015 of it (noise of the wrong sign: 0.06 off)."""
+    soft = gumbel_softmax_with_rng(LOGITS_4.expand(20000, 4), tau=0.5, rng=torch.Generator().manual_seed(0))
+    assert (frequencies(soft.argmax(-1)) - LOGITS_4.softmax(0).double()).abs().max() < 0.015
