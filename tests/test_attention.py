@@ -259,6 +259,7 @@ def test_scale_attention_parameter_names_and_count(l2):
 
 
 def test_l2_norm_temperature_is_clamped_at_100():
+    torch.manual_seed(0)
     seg_lens = (1, 4)
     attn = ScaleAttention(16, 2).eval()
     x = torch.randn(1, 5, 16)
@@ -267,6 +268,8 @@ def test_l2_norm_temperature_is_clamped_at_100():
         at_cap = attn(x, seg_lens)
         attn.scale_mul_1H11.fill_(10.0)
         assert torch.equal(attn(x, seg_lens), at_cap)
+        attn.scale_mul_1H11.fill_(math.log(99))  # and not lower: just under the cap, the output moves
+        assert (attn(x, seg_lens) - at_cap).abs().max() > 1e-6
 
 
 def test_scale_attention_matches_explicit_computation():
