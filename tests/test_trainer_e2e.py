@@ -20,6 +20,7 @@ TINY = ["--pn=1_2_4", "--depth=2", "--embed_dim=64", "--num_heads=2", "--fuse=0"
         "--log_every=1", "--workers=0", "--seed=3", "--tblr=1e-1", "--sample_every=0", "--val_every=1"]
 KILL_AFTER_FIRST_SAVE = r"saved checkpoint .*iter 2\)"  # right after the first mid-epoch checkpoint
 LOSS_RE = re.compile(r"ep (\d+)/\d+ it (\d+)/\d+ \| loss ([0-9.]+)")
+GNORM_RE = re.compile(r"ep (\d+)/\d+ it (\d+)/\d+ \| .* gnorm ([0-9.]+)")
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +49,8 @@ def run_train(setup: Path, out: Path, *extra: str, nproc: int = 1, check: bool =
     return launch(REPO / "train.py", *train_flags(setup, out, *extra), nproc=nproc, check=check)
 
 
-def logged_losses(text: str):
-    return {(int(e), int(i)): float(v) for e, i, v in LOSS_RE.findall(text)}
+def logged_losses(text: str, pattern: re.Pattern = LOSS_RE):
+    return {(int(e), int(i)): float(v) for e, i, v in pattern.findall(text)}
 
 
 def model_state(path: Path):
@@ -105,6 +106,10 @@ def test_two_ranks_equal_one_process(setup, single_run, two_rank_run, mode):
     loss_1, loss_2 = logged_losses(single_run), logged_losses(log)
     assert len(loss_1) == 12 and loss_1.keys() == loss_2.keys()
     assert max(abs(loss_1[k] - loss_2[k]) for k in loss_1) < 1e-4  # logged with 4 decimals
+    # the gradients too (pre-clip norm): AdamW and the clip would hide ranks that sum their gradients
+    norm_1, norm_2 = logged_losses(single_run, GNORM_RE), logged_losses(log, GNORM_RE)
+    assert norm_1.keys() == loss_1.keys() and norm_2.keys() == loss_1.keys()
+    assert max(abs(norm_1[k] - norm_2[k]) for k in norm_1) < 2e-3  # logged with 3 decimals
     diff = max_abs_diff(model_state(setup / "single" / LAST), model_state(out / LAST))
     assert diff < 1e-5, diff
     moved = max_abs_diff(model_state(setup / "single" / LAST), model_state(setup / "single" / PREV))
