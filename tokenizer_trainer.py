@@ -307,7 +307,7 @@ def train(args: argparse.Namespace) -> Path:
             log_now = (trainer.step + 1) % args.log_every == 0 or trainer.step + 1 == args.steps
             out = trainer.train_step(img_B3HW, ret_usages=log_now)
             if log_now:
-                names = [k for k in ("loss", "l1", "vq", "percep", "g", "d") if k in out]
+                names = [k for k in ("loss", "l1", "vq", "percep", "g", "d", "grad_norm") if k in out]
                 means = dist.all_reduce_mean(torch.stack([out[k].float() for k in names])).tolist()  # the one sync
                 speed = (trainer.step - last_log_step) / (time.time() - t0)
                 t0, last_log_step = time.time(), trainer.step
