@@ -12,12 +12,18 @@ same; only the wall time changes.
 
 MVAR_TRITON_COMPILE_THREADS sets the threads (default: the CPUs this process may use, at most 16; 0 or 1: off).
 Off under Triton's interpreter (there a warm-up would run the kernel). Any failure of the hook (another Triton's
-internals) falls back to Triton's own sequential path.
+internals) falls back to Triton's own sequential path, and a config whose compilation failed in the pool is left
+for the benchmark to compile again, so that Triton meets (and reports) its errors as it would without the hook.
+
+The threads parse kernel sources one at a time: CPython 3.11 and 3.12 keep the AST constructor's recursion depth per
+interpreter, not per thread, and two threads in `ast.parse` at once can fail with "SystemError: AST constructor
+recursion depth mismatch" (seen here in CI). Triton parses a kernel's source at every compilation.
 """
 import functools
 import logging
 import os
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 logger = logging.getLogger(__name__)
@@ -77,16 +83,43 @@ def _precompiling(tuner, prune_configs, threads: int):
 
 def compile_all(fn, args: list, kwargs: dict, configs: list, threads: int) -> None:
     """Compile `fn` (a JITFunction or heuristics over one) for every config on `args`, `threads` at a time,
-    without launching it. Configs that fail to compile are left to the benchmark, which reports them."""
-    from triton.runtime._async_compile import AsyncCompileMode
+    without launching it. Configs that fail to compile are left to the benchmark, which compiles them again and
+    reports them as Triton does."""
+    from triton.runtime._async_compile import AsyncCompileMode, FutureKernel
+    from triton.runtime.jit import JITFunction
 
     try:
+        _parse_one_at_a_time(JITFunction)
         with ThreadPoolExecutor(min(threads, len(configs)), thread_name_prefix="triton-compile") as pool, \
                 AsyncCompileMode(pool, ignore_errors=True):
             for config in configs:
                 fn.run(*args, **{**kwargs, **config.all_kwargs(), "warmup": True})
+        while not isinstance(fn, JITFunction):  # heuristics and other wrappers hold the JITFunction as .fn
+            fn = fn.fn
+        for kernel_cache, *_ in fn.device_caches.values():  # failed ones would re-raise at every launch
+            for key, kernel in list(kernel_cache.items()):
+                if isinstance(kernel, FutureKernel) and kernel.future.exception() is not None:
+                    del kernel_cache[key]
     except Exception as err:  # the benchmark compiles what is missing, one config after another
         _log_fallback(type(err).__name__, str(err)[:200])
+
+
+_PARSE_LOCK = threading.Lock()
+
+
+def _parse_one_at_a_time(jit_function_cls) -> None:
+    """Wrap `JITFunction.parse` (once) so that threads parse kernel sources one at a time (see the module's doc)."""
+    parse = jit_function_cls.parse
+    if getattr(parse, "one_at_a_time", False):
+        return
+
+    @functools.wraps(parse)
+    def locked(self):
+        with _PARSE_LOCK:
+            return parse(self)
+
+    locked.one_at_a_time = True
+    jit_function_cls.parse = locked
 
 
 @functools.cache

@@ -5,6 +5,7 @@ No GPU here: a stand-in Triton driver names an sm_90 target, so the kernels are 
 import contextlib
 import sys
 import threading
+import time
 import types
 from collections import Counter
 
@@ -111,6 +112,49 @@ def test_a_failing_hook_falls_back_to_tritons_sequential_path(compiles, monkeypa
     assert len(warm_double()) == len(CONFIGS)  # Triton compiled them itself
     assert [thread for thread, _ in compiles] == ["MainThread"] * len(CONFIGS)
     assert "Triton compiles them one by one" in caplog.text and "not this Triton's internals" in caplog.text
+
+
+def test_worker_threads_parse_kernel_sources_one_at_a_time(compiles, monkeypatch):
+    """Two threads in ast.parse at once can fail on CPython 3.11 and 3.12 ("AST constructor recursion depth
+    mismatch": it failed CI once); each thread's parse is slowed here so that overlaps would show."""
+    import ast
+    real, lock, inside, most = ast.parse, threading.Lock(), [0], [0]
+
+    def slow_parse(*args, **kwargs):
+        with lock:
+            inside[0] += 1
+            most[0] = max(most[0], inside[0])
+        time.sleep(0.05)
+        try:
+            return real(*args, **kwargs)
+        finally:
+            with lock:
+                inside[0] -= 1
+
+    monkeypatch.setattr(ast, "parse", slow_parse)
+    triton_autotune.compile_configs_in_parallel(__name__, threads=4)
+    assert len(warm_double()) == len(CONFIGS)
+    assert all(t.startswith("triton-compile") for t, _ in compiles) and most == [1], (compiles, most)
+
+
+def test_a_config_that_failed_in_the_pool_is_compiled_again_by_the_benchmark(compiles, monkeypatch):
+    """Triton keeps a failed compilation in its kernel cache, and it would raise at the benchmark's launch: the hook
+    drops it, so the benchmark compiles it again as Triton does without the hook."""
+    recording, lock, failed = triton.compiler.compile, threading.Lock(), []
+
+    def fails_once_in_the_pool(src, *args, **kwargs):
+        with lock:
+            fail = threading.current_thread().name.startswith("triton-compile") and not failed
+            if fail:
+                failed.append(True)
+        if fail:
+            raise SystemError("AST constructor recursion depth mismatch (a stand-in)")
+        return recording(src, *args, **kwargs)
+
+    monkeypatch.setattr(triton.compiler, "compile", fails_once_in_the_pool)
+    triton_autotune.compile_configs_in_parallel(__name__, threads=4)
+    assert len(warm_double()) == len(CONFIGS) and failed == [True]
+    assert sorted(t.split("_")[0] for t, _ in compiles) == ["MainThread"] + ["triton-compile"] * (len(CONFIGS) - 1)
 
 
 @pytest.fixture
