@@ -85,10 +85,10 @@ def compile_all(fn, args: list, kwargs: dict, configs: list, threads: int) -> No
     """Compile `fn` (a JITFunction or heuristics over one) for every config on `args`, `threads` at a time,
     without launching it. Configs that fail to compile are left to the benchmark, which compiles them again and
     reports them as Triton does."""
-    from triton.runtime._async_compile import AsyncCompileMode, FutureKernel
-    from triton.runtime.jit import JITFunction
+    try:  # another Triton's internals fail here, and fall back
+        from triton.runtime._async_compile import AsyncCompileMode, FutureKernel
+        from triton.runtime.jit import JITFunction
 
-    try:
         _parse_one_at_a_time(JITFunction)
         with ThreadPoolExecutor(min(threads, len(configs)), thread_name_prefix="triton-compile") as pool, \
                 AsyncCompileMode(pool, ignore_errors=True):
