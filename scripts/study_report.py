@@ -278,8 +278,8 @@ def write_report(out: Path, report_dir: Path, plan: dict, wall_s: float, command
     plot_samples(out, plan, report_dir / "study_samples.png")
     clf = json.loads((out / "classifier.json").read_text())
     placeholders = {"--tokens": "TOKENS", "--eval_net": "CLASSIFIER"}  # paths of this machine's study folder
-    recipe = " ".join(f"{f.split('=')[0]}={placeholders[f.split('=')[0]]}" if f.split("=")[0] in placeholders else f
-                      for f in plan["train_flags"] if not f.startswith(("--vae_ckpt", "--fmnist_dir")))
+    flags = [f.partition("=") for f in plan["train_flags"] if not f.startswith(("--vae_ckpt", "--fmnist_dir"))]
+    recipe = " ".join(name + eq + placeholders.get(name, value) for name, eq, value in flags)
     vocab, tokens = plan["tokenizer_config"]["vocab_size"], sum(int(p) ** 2 for p in preset["pn"].split("_"))
     base_note = f"; it, the classifier and the reference rows come from the study in `{plan['base']}`" \
         if plan.get("base") else ""

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from conftest import interrupt
-from test_trainer_e2e import (GNORM_RE, KILL_AFTER_FIRST_SAVE, LOSS_RE, logged_losses, model_state, run_train,  # noqa: F401
-                             setup, train_cmd)
+from test_trainer_e2e import (GNORM_RE, KILL_AFTER_FIRST_SAVE, LOSS_RE, logged_losses, model_state,  # noqa: F401
+                             run_train, setup, train_cmd)
 from utils.run.checkpoint import LAST
 
 FP16 = ("--fp16=1", "--save_every=2")  # 2 epochs of 6 steps
