@@ -87,7 +87,7 @@ def _ssd_chunk_scan_float64(x_BLHP, dt_BLH, A_H, B_BLGN, C_BLGN, chunk_size, D, 
     Bsz, L, H, P = x_BLHP.shape
     G, N = B_BLGN.shape[-2:]
     Hg = H // G
-    cdt = torch.promote_types(x_BLHP.dtype, torch.float32)
+    cdt = torch.float64
     x, dt, B, C, Q, c = _pad_to_chunks(*(t.to(cdt) for t in (x_BLHP, dt_BLH, B_BLGN, C_BLGN)), chunk_size)
 
     dA_cs_BcHQ = torch.cumsum((dt * A_H.to(cdt)).view(Bsz, c, Q, H), dim=2).transpose(2, 3)
