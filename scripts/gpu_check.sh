@@ -13,7 +13,8 @@
 # Installs the travelling wheels of .whl/gpu/ (`make gpu-wheels`) into a scratch folder with pip --no-deps
 # --no-index (no network), prints the environment and the kernels "auto" picks, then runs pytest -m gpu, the
 # numerics (scripts/gpu_numerics.py), train.py (scripts/gpu_train_check.py) and the timings (scripts/gpu_timings.py).
-# A stage past its box is killed; what it finished stays in its JSON file, and the report says it was cut short.
+# A stage past its box is killed, and after each stage every process it left running (torchrun's workers run in
+# sessions of their own); what it finished stays in its JSON file, and the report says it was cut short.
 # Triton compiles the autotuned kernels' configs in parallel threads (models/triton_autotune.py) and, here, keeps its
 # autotuning results on disk (TRITON_CACHE_AUTOTUNING=1), so each train.py process after the first skips them
 # (train.py --deterministic ignores it: one config per kernel instead).
@@ -47,19 +48,23 @@ START=$SECONDS
 
 REPORT_S=30 MIN_STAGE_S=20
 wanted() { [[ ,$ONLY, == *,$1,* ]]; }
-stage() {  # stage NAME SECONDS COMMAND...: run COMMAND under `timeout`, its box cut to the budget left; how it ended
-    local name=$1 box=$2 rc left=$((BUDGET - REPORT_S - (SECONDS - START)))
+stage() {  # stage NAME SECONDS [--log FILE] COMMAND...: run COMMAND under `timeout` (its output to FILE if given),
+    # its box cut to the budget left; say how it ended, and kill what it left running
+    local name=$1 box=$2 log=/dev/stdout rc left=$((BUDGET - REPORT_S - (SECONDS - START)))
     shift 2
+    [[ $1 == --log ]] && { log=$2; shift 2; }
     if ((left < MIN_STAGE_S)); then
         echo "=== $name: not started, ${left} s left of the ${BUDGET} s budget ==="
         return
     fi
     ((box > left)) && box=$left
     echo "=== $name (time box ${box} s, at $((SECONDS - START)) s of ${BUDGET}) ==="
-    timeout -s KILL "$box" "$@"  # KILL: a train.py that got TERM would first finish its step and checkpoint
+    timeout -s KILL "$box" "$@" >>"$log" 2>&1  # KILL: a train.py that got TERM would first finish its step and save
     rc=$?
     ((rc == 124 || rc == 137)) && echo "=== $name: killed at its ${box} s time box ==="
     echo "=== $name: exit $rc ==="
+    # torchrun's workers run in sessions of their own, out of reach of timeout's kill: they would hold the GPU
+    "$PY" -m scripts.process_tree --kill-mentioning "$WORK/"
 }
 
 SITE=$WORK/site
@@ -73,7 +78,7 @@ nvidia-smi 2>/dev/null || echo "nvidia-smi: not available"
 stage environment 40 "$PY" scripts/gpu_env.py --out "$OUT/env.json" "${DRY[@]}"
 if wanted pytest; then
     GPU_TESTS=$(grep -l "pytest.mark.gpu" tests/test_*.py)  # the files with GPU tests: no time collecting the rest
-    stage "pytest -m gpu" 120 "$PY" -m pytest -m gpu -rA -v -p no:cacheprovider $GPU_TESTS >"$OUT/pytest.log" 2>&1
+    stage "pytest -m gpu" 120 --log "$OUT/pytest.log" "$PY" -m pytest -m gpu -rA -v -p no:cacheprovider $GPU_TESTS
     tail -n 15 "$OUT/pytest.log"
 fi
 wanted numerics && stage numerics 120 "$PY" scripts/gpu_numerics.py --out "$OUT/numerics.json" "${DRY[@]}"

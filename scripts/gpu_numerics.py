@@ -157,6 +157,18 @@ def tokenizer_line(ref_ids: torch.Tensor, vae_dev: VQVAE, img: torch.Tensor, dev
                   TOKENIZER_TARGET, at_least=True, fmt=".4f")
 
 
+def device_error(device: torch.device) -> str | None:
+    """Why `device` no longer runs anything (a CUDA error poisons its context for the rest of the process), or
+    None."""
+    try:
+        (torch.ones(2, device=device) + 1).sum().item()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    except Exception as err:
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
 def check(shapes: Shapes, device: torch.device, dtypes: list[str],
           save: Callable[[list[CheckLine], dict], None]) -> tuple[list[CheckLine], dict]:
     """Every line of the stage and the raw numbers ({combination: losses}); `save` gets them after each step."""
@@ -183,9 +195,15 @@ def check(shapes: Shapes, device: torch.device, dtypes: list[str],
         t0 = time.perf_counter()
         try:
             got = run(vae_dev, model, data, ids, device, dtype_name)
-        except (BackendError, RuntimeError) as err:  # a kernel that fails at run time is a finding, not a crash
+        except Exception as err:  # a kernel that fails (Triton's errors, mamba_ssm's asserts) is a finding, not a crash
             lines.append(CheckLine(name, "FAIL", note=f"{type(err).__name__}: {str(err)[:300]}"))
+            dead = device_error(device)
+            if dead:  # a sticky CUDA error: every later combination would fail with it, blamed on its own kernels
+                lines.append(CheckLine(f"{device.type} device after {name}", "FAIL",
+                                       note=f"unusable, the remaining combinations not run: {dead[:300]}"))
             save(lines, raw)
+            if dead:
+                break
             continue
         lines += compare(name, dtype_name, ref, got)
         raw[name] = {"losses": got.losses, "seconds": round(time.perf_counter() - t0, 2)}

@@ -17,6 +17,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,9 +27,10 @@ import torch
 
 from models.tokenizer import VQVAE
 from scripts.gpu_results import CheckLine, any_failed, write_lines
+from scripts.process_tree import kill_tree
 
 REPO = Path(__file__).resolve().parents[1]
-LOSS_RE = re.compile(r"ep (\d+)/\d+ it (\d+)/\d+ \| loss ([0-9.]+)")  # train.log_progress's line
+LOSS_RE = re.compile(r"ep (\d+)/\d+ it (\d+)/\d+ \| loss (\S+)")  # train.log_progress's line; nan, inf too
 STOP_RE = re.compile(r"stopped by SIGTERM at epoch (\d+), iteration (\d+)")
 LAST = "ar-ckpt-last.pth"
 FALLING = 0.95  # the last quarter's mean loss below 95% of the first quarter's
@@ -73,23 +75,29 @@ def train_cmd(work: Path, out: str, recipe: Recipe, *extra: str, torchrun: bool 
 
 def run(cmd: list[str], timeout: float, stop_at_line: int = 0) -> tuple[int, str, float]:
     """(exit status, output, seconds) of `cmd`; with `stop_at_line`, SIGTERM at that loss line. A run past
-    `timeout` is killed (status -9)."""
+    `timeout` is killed with every process it started (status -9), also while it prints nothing (Triton or
+    torch.compile compiling, a rendezvous that hangs)."""
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines, seen = [], 0
-    try:
+    lines = []
+
+    def read() -> None:
+        seen, stop = 0, stop_at_line
         for line in proc.stdout:
             lines.append(line)
             seen += bool(LOSS_RE.search(line))
-            if stop_at_line and seen == stop_at_line:
+            if stop and seen == stop:
                 proc.send_signal(signal.SIGTERM)
-                stop_at_line = 0
-            if time.monotonic() - t0 > timeout:
-                proc.kill()
-        proc.wait(timeout=max(timeout - (time.monotonic() - t0), 1))
+                stop = 0
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        proc.kill()
+        kill_tree(proc.pid)  # torchrun's worker too: it runs in a session of its own
         proc.wait()
+    reader.join(timeout=10)
     return proc.returncode, "".join(lines), time.monotonic() - t0
 
 

@@ -6,12 +6,15 @@ import json
 import os
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import REPO, SUBPROCESS_ENV
 from models import mamba2_cpu
-from scripts import gpu_report
+from scripts import gpu_numerics, gpu_report, gpu_train_check, process_tree
 from scripts.gpu_results import CheckLine, read_lines, write_lines
 from scripts.markdown import read_tables
 
@@ -107,3 +110,92 @@ def test_pytest_killed_before_its_summary_still_reports_its_verbose_lines():
     verbose = "tests/test_a.py::test_x PASSED    [ 33%]\ntests/test_a.py::test_y[bf16] FAILED   [ 66%]\n"
     assert [(ln.check, ln.status) for ln in gpu_report.pytest_lines(verbose)] == [
         ("tests/test_a.py::test_x", "PASS"), ("tests/test_a.py::test_y[bf16]", "FAIL")]
+
+
+# A parent that starts a worker in a session of its own, as torchrun does, prints its pid and waits in silence.
+TORCHRUN_LIKE = ("import subprocess, sys, time; w = subprocess.Popen([sys.executable, '-c', 'import time; "
+                 "time.sleep(30)'] + sys.argv[1:], start_new_session=True); print(w.pid, flush=True); time.sleep(30)")
+
+
+def ended(pid: int, within: float = 10.0) -> bool:
+    """Whether process `pid` is gone (or a zombie) within `within` seconds."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            if (Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]) == "Z":
+                return True
+        except OSError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_kill_tree_reaches_a_worker_in_a_session_of_its_own():
+    parent = subprocess.Popen([sys.executable, "-c", TORCHRUN_LIKE], stdout=subprocess.PIPE, text=True)
+    worker = int(parent.stdout.readline())
+    try:
+        assert os.getsid(worker) != os.getsid(parent.pid)  # out of reach of a kill of the parent's process group
+        assert worker in process_tree.descendants(parent.pid)
+        process_tree.kill_tree(parent.pid)
+        assert parent.wait(timeout=10) == -9 and ended(worker)
+    finally:
+        process_tree.kill_tree(parent.pid)
+        parent.stdout.close()
+
+
+def test_a_silent_training_run_past_its_timeout_is_killed_with_its_worker():
+    """train.py prints nothing while Triton or torch.compile compiles, or while a rendezvous hangs: the run's
+    timeout holds all the same, and torchrun's worker goes too."""
+    rc, log, seconds = gpu_train_check.run([sys.executable, "-c", TORCHRUN_LIKE], timeout=2)
+    assert rc == -9 and seconds < 10 and ended(int(log.split()[0]))
+
+
+def test_a_nan_or_inf_loss_fails_the_falling_loss_line():
+    log = "".join(f"ep 1/1 it {i + 1}/8 | loss {v} Lm {v} Accm 1.00 | lr 1e-3 wd 0.05 gnorm 1.0 | 9 img/s 9 tok/s\n"
+                  for i, v in enumerate(["6.0000", "5.9000", "nan", "inf", "5.0000", "4.8000", "4.5000", "4.4000"]))
+    assert gpu_train_check.losses(log)[:2] == [6.0, 5.9] and len(gpu_train_check.losses(log)) == 8
+    assert gpu_train_check.falling_line("run", 0, log, 1.0).status == "FAIL"
+    finite = log.replace("| loss nan", "| loss 5.5000").replace("| loss inf", "| loss 5.2000")
+    assert gpu_train_check.falling_line("run", 0, finite, 1.0).status == "PASS"
+
+
+def test_a_process_a_stage_leaves_running_is_killed_after_the_stage(tmp_path):
+    """The training stage's box kills its process group; a torchrun worker, in a session of its own, would live on
+    and hold the GPU through the timings. Here a stand-in interpreter leaves such a process behind."""
+    fake = tmp_path / "python"
+    fake.write_text(f"#!/usr/bin/env bash\n"
+                    f"if [[ $1 == scripts/gpu_train_check.py ]]; then\n"
+                    f"  setsid {sys.executable} -c 'import time; time.sleep(60)' \"$3\" </dev/null >/dev/null 2>&1 &\n"
+                    f"  echo $! >{tmp_path}/left\n  exit 0\nfi\n"
+                    f"exec {sys.executable} \"$@\"\n")
+    fake.chmod(0o755)
+    proc = subprocess.run([str(REPO / "scripts/gpu_check.sh"), "--dry-run", "--out", str(tmp_path / "out"),
+                           "--python", str(fake), "--only", "train"], env=SUBPROCESS_ENV, cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    left = int((tmp_path / "left").read_text())
+    assert ended(left, within=2), proc.stdout[-2000:]
+    assert "killed 1 process(es) left running" in (tmp_path / "out" / "check.log").read_text()
+
+
+@pytest.mark.parametrize("dead", [False, True])
+def test_a_kernel_failing_with_any_error_is_a_fail_line(monkeypatch, dead):
+    """Triton's compile errors and mamba_ssm's shape asserts are no RuntimeError: each is a FAIL line and the other
+    combinations still run; after an error that leaves the device unusable (a sticky CUDA error) the stage stops."""
+    real_run = gpu_numerics.run
+
+    def failing(vae, model, data, ids, device, dtype_name):
+        if dtype_name == "bf16":
+            raise AssertionError("a stand-in for mamba_ssm's shape check")
+        return real_run(vae, model, data, ids, device, dtype_name)
+
+    monkeypatch.setattr(gpu_numerics, "run", failing)
+    if dead:
+        monkeypatch.setattr(gpu_numerics, "device_error", lambda device: "AcceleratorError: illegal memory access")
+    lines, _ = gpu_numerics.check(gpu_numerics.DRY_SHAPES, torch.device("cpu"), ["fp32", "bf16"], lambda *a: None)
+    failed = [line for line in lines if line.status == "FAIL"]
+    assert failed and "AssertionError" in failed[0].note
+    ran = [line for line in lines if line.status == "PASS" and "fp32 logits" in line.check]
+    if dead:
+        assert lines[-1] is failed[-1] and "remaining combinations not run" in lines[-1].note and len(failed) == 2
+    else:
+        assert len(ran) >= 2 and all(line.check.endswith("bf16") for line in failed)
