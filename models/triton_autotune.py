@@ -56,15 +56,35 @@ def compile_configs_in_parallel(package: str, threads: int | None = None) -> int
         return 0
     if threads <= 1 or knobs.runtime.interpret:
         return 0
-    modules = [m for name, m in list(sys.modules.items()) if m is not None and name.split(".")[0] == package]
-    tuners = {id(t): t for m in modules for t in list(vars(m).values()) if isinstance(t, Autotuner)}.values()
-    hooked = [t for t in tuners if not getattr(t.prune_configs, "compiles_in_parallel", False)]
+    hooked = [t for t in autotuners(Autotuner, package) if not getattr(t.prune_configs, "compiles_in_parallel", False)]
     for tuner in hooked:
         tuner.prune_configs = _precompiling(tuner, tuner.prune_configs, threads)
     if hooked:
         logger.info("%s: %d Triton autotuners compile their configs on %d threads (%s)", package, len(hooked),
                     threads, ENV)
     return len(hooked)
+
+
+def autotuners(autotuner_cls: type, package: str | None = None) -> list:
+    """The `autotuner_cls` instances defined in the loaded modules of `package` (of every package when None)."""
+    modules = [m for name, m in list(sys.modules.items())
+               if m is not None and (package is None or name.split(".")[0] == package)]
+    return list({id(t): t for m in modules for t in list(getattr(m, "__dict__", {}).values())
+                 if issubclass(type(t), autotuner_cls)}.values())  # type(): no proxy's __class__ asked
+
+
+def drop_arguments() -> int:
+    """Make Triton's autotuners let go of their last call's arguments; returns how many held some. An autotuner
+    keeps them (`nargs`) when that call raised, e.g. out of memory in its benchmark, so the tensors of a batch that
+    did not fit would stay allocated after the error was caught."""
+    try:
+        from triton.runtime.autotuner import Autotuner
+    except ImportError:
+        return 0
+    holding = [t for t in autotuners(Autotuner) if getattr(t, "nargs", None) is not None]
+    for tuner in holding:
+        tuner.nargs = None
+    return len(holding)
 
 
 def _precompiling(tuner, prune_configs, threads: int):

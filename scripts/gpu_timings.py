@@ -9,10 +9,12 @@ measured in the same run. bench.py's tables travel in the JSON file ("tables"). 
 on the CPU at width 32 and tiny patch schedules; the targets are then reported, not judged (INFO).
 """
 import argparse
+import gc
 import sys
 
 import torch
 
+from models import triton_autotune
 from scripts import bench
 from scripts.gpu_results import CheckLine, any_failed, within, write_lines
 from scripts.markdown import read_tables
@@ -61,7 +63,10 @@ def largest_batch_train(flags: list[str], batches: tuple[int, ...]) -> tuple[int
             return batch, bench.main(["--only", "train", *flags, "--bs", str(batch)])
         except torch.OutOfMemoryError:
             print(f"train section: batch {batch} does not fit", flush=True)
-            torch.cuda.empty_cache()
+        # after the except block, whose traceback held the model and batch: free them before the next try
+        triton_autotune.drop_arguments()  # an autotuner that ran out of memory in its benchmark keeps the batch
+        gc.collect()
+        torch.cuda.empty_cache()
     raise RuntimeError(f"no batch of {batches} fits")
 
 

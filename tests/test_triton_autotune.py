@@ -7,6 +7,7 @@ import sys
 import threading
 import time
 import types
+import weakref
 from collections import Counter
 
 import pytest
@@ -155,6 +156,34 @@ def test_a_config_that_failed_in_the_pool_is_compiled_again_by_the_benchmark(com
     triton_autotune.compile_configs_in_parallel(__name__, threads=4)
     assert len(warm_double()) == len(CONFIGS) and failed == [True]
     assert sorted(t.split("_")[0] for t, _ in compiles) == ["MainThread"] + ["triton-compile"] * (len(CONFIGS) - 1)
+
+
+def test_a_batch_whose_autotuning_ran_out_of_memory_is_freed_before_the_next_try(compiles, monkeypatch):
+    """Triton's autotuner keeps its call's arguments when the call raised, as on an out-of-memory error in its
+    benchmark; the GPU check's largest-batch probe makes it let go before it tries a smaller batch, or the batch that
+    did not fit would stay allocated and the next ones could fail for want of its memory."""
+    from triton.runtime import driver
+
+    from scripts import gpu_timings
+
+    def out_of_memory(kernel_call, quantiles=None, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory (a stand-in)")
+
+    monkeypatch.setattr(driver._active, "get_benchmarker", lambda: out_of_memory)
+    monkeypatch.setattr(_double, "cache", {})  # no tuning result from another test
+    batches = []
+
+    def bench_main(argv):
+        if not batches:
+            x = torch.ones(1000)
+            batches.append(weakref.ref(x))
+            _double[(1,)](x, torch.empty_like(x), 1000)  # autotunes: the benchmark runs out of memory
+        assert batches[0]() is None, "the batch that did not fit is still allocated"
+        return "| table |"
+
+    monkeypatch.setattr(gpu_timings.bench, "main", bench_main)
+    assert gpu_timings.largest_batch_train([], (128, 64)) == (64, "| table |")
+    assert _double.nargs is None
 
 
 @pytest.fixture
