@@ -249,18 +249,25 @@ def sample_grid(mvar: MVAR, num_classes: int, seed: int, n: int = 16) -> torch.T
 # ----------------------------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------------------------
-def use_deterministic_kernels() -> None:
+def use_deterministic_kernels(device: torch.device) -> None:
     """--deterministic: before any kernel runs (cuBLAS reads its workspace setting at its first use, mamba_ssm its
-    mode when the kernels are imported, at the first forward)."""
+    mode when the kernels are imported, at the first forward). torch's flash, memory-efficient and cuDNN attention
+    add with atomics in their backward unless the deterministic mode is strict, which would also refuse ops that
+    have no deterministic CUDA kernel: on CUDA, SDPA runs its math kernel instead (more memory at long scales), and
+    the attention backends that cannot be deterministic are not chosen (models.attention)."""
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True, warn_only=True)
+    if device.type == "cuda":
+        for enable in (torch.backends.cuda.enable_flash_sdp, torch.backends.cuda.enable_mem_efficient_sdp,
+                       torch.backends.cuda.enable_cudnn_sdp):
+            enable(False)
     if os.environ.get("TRITON_CACHE_AUTOTUNING") == "1":  # read by mamba_ssm when its kernels are imported
         del os.environ["TRITON_CACHE_AUTOTUNING"]
         logger.warning("--deterministic: TRITON_CACHE_AUTOTUNING=1 ignored in this process. With it mamba_ssm keeps "
                        "every Triton config and relies on Triton's cache, which skips configs with pre-hooks: a "
                        "relaunched run could pick another config and differ; without it each kernel has one config")
-    logger.info("deterministic kernels (torch.use_deterministic_algorithms, CUBLAS_WORKSPACE_CONFIG=%s)",
-                os.environ["CUBLAS_WORKSPACE_CONFIG"])
+    logger.info("deterministic kernels (torch.use_deterministic_algorithms, CUBLAS_WORKSPACE_CONFIG=%s%s)",
+                os.environ["CUBLAS_WORKSPACE_CONFIG"], ", SDPA's math kernel" if device.type == "cuda" else "")
 
 
 def main(args: argparse.Namespace) -> None:
@@ -273,7 +280,7 @@ def main(args: argparse.Namespace) -> None:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(args.tf32)
     if args.deterministic:
-        use_deterministic_kernels()
+        use_deterministic_kernels(device)
     logger.info("world size %d, device %s; per-rank batch %d, global micro-batch %d, %d accumulation step(s), "
                 "peak lr %.3g", world, device, args.batch_size, args.glb_batch_size, args.ac, args.tlr)
 

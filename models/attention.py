@@ -99,6 +99,9 @@ def backend_unavailable_reason(
             return torch_features.missing("varlen_attn") or "torch.nn.attention.varlen.varlen_attn did not import"
         if dropout_p > 0:
             return "torch_varlen has no attention dropout (attn_drop_rate must be 0)"
+        if torch.are_deterministic_algorithms_enabled():
+            return ("torch_varlen's backward (torch's flash attention) adds with atomics unless torch's deterministic "
+                    "mode is strict, and --deterministic runs it with warn_only: use flash_attn or sdpa")
     return None
 
 
@@ -108,11 +111,12 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, drop
     A forced backend that cannot run raises a `BackendError` saying why. Each resolution is logged once.
     """
     env_value = os.environ.get(ATTN.env, "") if check_name(ATTN, backend) == "auto" else ""  # part of the cache key
-    return _resolve(backend, env_value, device.type, dtype, dropout_p > 0)
+    return _resolve(backend, env_value, device.type, dtype, dropout_p > 0, torch.are_deterministic_algorithms_enabled())
 
 
 @functools.cache
-def _resolve(backend: str, env_value: str, device_type: str, dtype: torch.dtype, with_dropout: bool) -> str:
+def _resolve(backend: str, env_value: str, device_type: str, dtype: torch.dtype, with_dropout: bool,
+             deterministic: bool) -> str:
     device, dropout_p = torch.device(device_type), 1.0 if with_dropout else 0.0
     return resolve(ATTN, backend, lambda n: backend_unavailable_reason(n, device, dtype, dropout_p),
                    f"{device_type}, {dtype}")
@@ -136,7 +140,7 @@ def _intra_flash_attn(q, k, v, seg_lens, softmax_scale, dropout_p):
     max_l = max(seg_lens)
     o_THc = _flash_attn_varlen_func()(
         q.reshape(B * L, H, c), k.reshape(B * L, H, c), v.reshape(B * L, H, c), cu, cu, max_l, max_l,
-        dropout_p=dropout_p, softmax_scale=softmax_scale,
+        dropout_p=dropout_p, softmax_scale=softmax_scale, deterministic=torch.are_deterministic_algorithms_enabled(),
     )
     return o_THc.view(B, L, H, c)
 

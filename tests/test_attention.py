@@ -134,9 +134,11 @@ def test_env_var_overrides_auto_only(monkeypatch):
 def fake_varlen_kernel(calls, default_scale_from_head_dim):
     """Stand-in for a varlen kernel: records its arguments and computes attention per cu_seqlens segment."""
 
-    def kernel(q_THc, k_THc, v_THc, cu_q, cu_k, max_q, max_k, *, dropout_p=0.0, softmax_scale=None, scale=None):
+    def kernel(q_THc, k_THc, v_THc, cu_q, cu_k, max_q, max_k, *, dropout_p=0.0, softmax_scale=None, scale=None,
+               deterministic=None):
         calls.append(dict(shape=tuple(q_THc.shape), cu=cu_q.clone(), cu_k=cu_k, max=(max_q, max_k),
-                          dropout_p=dropout_p, scale=softmax_scale if scale is None else scale))
+                          dropout_p=dropout_p, scale=softmax_scale if scale is None else scale,
+                          deterministic=deterministic))
         s = calls[-1]["scale"]
         s = 1 / math.sqrt(q_THc.shape[-1]) if s is None and default_scale_from_head_dim else s
         out = torch.empty_like(q_THc)
@@ -212,6 +214,34 @@ def test_auto_prefers_flash_then_varlen_then_sdpa_and_logs_once(monkeypatch, cap
         A.resolve_backend("torch_varlen", cuda, half, dropout_p=0.1)
     with pytest.raises(ValueError, match="flash_attn is not importable"):
         A.resolve_backend("flash_attn", cuda, half)
+
+
+def test_deterministic_mode_asks_flash_attn_for_it_and_passes_over_torch_varlen(monkeypatch):
+    """train.py --deterministic (torch.use_deterministic_algorithms with warn_only): flash-attn is asked for its
+    deterministic backward; torch's varlen attention (its flash kernel) has none unless the mode is strict, so "auto"
+    passes it over and forcing it is an error that says why."""
+    cuda, half = torch.device("cuda"), torch.bfloat16
+    calls = []
+    monkeypatch.setattr(A, "_torch_varlen_attn", lambda: object())
+    q, k, v = qkv(1, 5, 1, 8)
+    for deterministic in (False, True):
+        torch.use_deterministic_algorithms(deterministic, warn_only=True)
+        try:
+            monkeypatch.setattr(A, "_flash_attn_varlen_func", lambda: fake_varlen_kernel(calls, False))
+            A._resolve.cache_clear()
+            assert A.resolve_backend("auto", cuda, half) == "flash_attn"
+            with monkeypatch.context() as m:
+                m.setattr(A, "backend_unavailable_reason", lambda *a: None)
+                intra_scale_attention(q, k, v, (1, 4), 1.0, backend="flash_attn")
+            assert calls[-1]["deterministic"] is deterministic
+            monkeypatch.setattr(A, "_flash_attn_varlen_func", lambda: None)
+            A._resolve.cache_clear()
+            assert A.resolve_backend("auto", cuda, half) == ("sdpa" if deterministic else "torch_varlen")
+            if deterministic:
+                with pytest.raises(ValueError, match="--deterministic runs it with warn_only"):
+                    A.resolve_backend("torch_varlen", cuda, half)
+        finally:
+            torch.use_deterministic_algorithms(False)
 
 
 def test_flash_attn_rocm_triton_build_is_not_picked_on_nvidia(monkeypatch):

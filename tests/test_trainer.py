@@ -331,12 +331,20 @@ def test_deterministic_flag_turns_on_deterministic_kernels(monkeypatch, caplog):
     import train
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     monkeypatch.setenv("TRITON_CACHE_AUTOTUNING", "1")
+    sdpa = {name: getattr(torch.backends.cuda, f"{name}_sdp_enabled")() for name in ("flash", "mem_efficient", "cudnn")}
     try:
         with caplog.at_level(logging.INFO, logger=train.logger.name):
-            train.use_deterministic_kernels()
+            train.use_deterministic_kernels(torch.device("cpu"))
+            assert all(getattr(torch.backends.cuda, f"{name}_sdp_enabled")() for name in sdpa)  # untouched
+            # on CUDA, SDPA's math kernel: the others add with atomics in their backward under warn_only
+            train.use_deterministic_kernels(torch.device("cuda"))
+            assert not any(getattr(torch.backends.cuda, f"{name}_sdp_enabled")() for name in sdpa)
+            assert torch.backends.cuda.math_sdp_enabled()
         assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
     finally:
         torch.use_deterministic_algorithms(False)
+        for name, enabled in sdpa.items():
+            getattr(torch.backends.cuda, f"enable_{name}_sdp")(enabled)
     assert train.os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
     assert "TRITON_CACHE_AUTOTUNING=1 ignored" in caplog.text and "deterministic kernels" in caplog.text
     assert "TRITON_CACHE_AUTOTUNING" not in train.os.environ  # mamba_ssm then keeps one config per kernel

@@ -136,8 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tf32", default=True, **b, help="TensorFloat32 matmuls/convs on CUDA")
     g.add_argument("--deterministic", default=False, **b, help="deterministic kernels, so that a run and its resume "
                    "give the same weights on a GPU too (torch.use_deterministic_algorithms, warn_only; mamba_ssm's "
-                   "ordered sums and one config per Triton kernel, TRITON_CACHE_AUTOTUNING=1 dropped); slower; not in "
-                   "VAR. On the CPU training is deterministic without it")
+                   "ordered sums and one config per Triton kernel, TRITON_CACHE_AUTOTUNING=1 dropped; attention by "
+                   "flash-attn's deterministic backward or SDPA's math kernel, not torch_varlen); slower; not in VAR. "
+                   "On the CPU training is deterministic without it")
     g.add_argument("--fsdp", default=False, **b, help="shard with FSDP2 fully_shard instead of DDP (d30+)")
     g.add_argument("--max_nonfinite", type=int, default=20, help="stop after this many bad optimizer steps in a row "
                    "(non-finite loss or gradient, or a loss above --diverge_tol times its running level; each is "
