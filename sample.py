@@ -2,7 +2,8 @@
 
 Pictures (a grid with one row per class, or a folder when --out has no image suffix such as .png or .jpg):
     python sample.py --ckpt out/ckpt.pth --classes 207 360 387 --num_per_class 4 --out grid.png
-Official weights (`OliverRen/M-VAR` d{depth}.pth and VAR's tokenizer, read from the Hugging Face cache first):
+Official weights (`OliverRen/M-VAR` d{depth}.pth, VAR's `FoundationVision/var` var_d{depth}.pth with --model VAR-dN,
+and VAR's tokenizer, read from the Hugging Face cache first):
     python sample.py --depth 16 --classes 207 --out grid.png
 FID dump (50 PNGs per class for every class, sharded over ranks, resumable), then one ADM-format npz:
     torchrun --nproc_per_node=8 sample.py --depth 16 --fid --preset fid --fid_dir samples --bf16
@@ -33,7 +34,7 @@ import dist
 from models.attention import resolve_backend
 from models.backends import BackendError
 from models.hub_format import MVARHF, HubSource, check_own_tokenizer, is_hub_source, read_config
-from models.loading import CheckpointError, config_from_state_dict, load_checkpoint, load_mvar, load_vae, \
+from models.loading import CheckpointError, config_from_state_dict, load_mvar, load_mvar_checkpoint, load_vae, \
     resolve_mvar_checkpoint, weights_digest
 from models.mamba2 import resolve_kernels
 from models.mvar import MVAR, MVARConfig
@@ -66,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--depth", type=int, default=None,
                    help="without --ckpt: use the official d{depth}.pth; with --ckpt: the depth it must have")
     p.add_argument("--arch", default=None, choices=list(ARCH_BRANCHES),
-                   help="the architecture --ckpt must have (checked before sampling)")
+                   help="the architecture --ckpt must have (checked before sampling); without --ckpt, var picks "
+                   "VAR's official var_d{depth}.pth")
     add_model_flag(p)
     p.add_argument("--pn", default=None, help="patch schedule of an official file whose token count matches no "
                    "preset: 256, 512 or sides joined by '_' (our checkpoints carry theirs)")
@@ -118,7 +120,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.depth = args.depth if args.depth is not None else named["depth"]
         args.arch = args.arch if args.arch is not None else named.get("arch", MVARConfig.arch)
     if args.ckpt is None and args.depth is None:
-        problems.append("pass --ckpt=PATH, or --depth=N for the official OliverRen/M-VAR d{N}.pth")
+        problems.append("pass --ckpt=PATH, or --depth=N for the official OliverRen/M-VAR d{N}.pth (with --arch=var "
+                        "or --model=VAR-dN: VAR's FoundationVision/var var_d{N}.pth)")
+    if args.ckpt is None and args.model is not None and set(MVAR_models[args.model]) - {"depth", "arch"}:
+        problems.append(f"--model={args.model} has no published weights (the paper's own sizes): pass --ckpt=PATH")
+    elif args.ckpt is None and args.arch not in (None, "mvar", "var"):
+        problems.append(f"--arch={args.arch} (an ablation of the paper) has no published weights: pass --ckpt=PATH")
     if not 0.0 < args.top_p <= 1.0:
         problems.append(f"--top_p must be in (0, 1] (1 disables the nucleus filter), got {args.top_p}")
     if not math.isfinite(args.cfg) or args.cfg < 0:
@@ -230,15 +237,12 @@ def load_checked(args: argparse.Namespace, device: torch.device) -> tuple[MVAR, 
     if args.ckpt is not None and is_hub_source(args.ckpt):
         return load_hub_checked(args, device)
     if args.ckpt is None:
-        ckpt_path = resolve_mvar_checkpoint(None, args.depth)
+        ckpt_path = resolve_mvar_checkpoint(None, args.depth, arch=args.arch or "mvar")
     elif not Path(args.ckpt).is_file():
         raise FileNotFoundError(f"--ckpt={args.ckpt}: no such file")
     else:
         ckpt_path = Path(args.ckpt)
-    ckpt = load_checkpoint(ckpt_path, mmap=False)
-    if "model" not in ckpt and "vae" in ckpt:
-        raise ValueError(f"--ckpt={ckpt_path} is a tokenizer checkpoint (no M-VAR weights): pass it as --vae_ckpt, "
-                         "and an M-VAR checkpoint as --ckpt")
+    ckpt = load_mvar_checkpoint(ckpt_path, "--ckpt")
     try:
         config = MVARConfig.from_dict(ckpt["config"]) if "config" in ckpt and "model" in ckpt \
             else config_from_state_dict(ckpt, args.pn)

@@ -32,6 +32,7 @@ from models.tokenizer import VAE_FILENAME, VAE_REPO_ID, VQVAE
 logger = logging.getLogger(__name__)
 
 MVAR_REPO = "OliverRen/M-VAR"
+VAR_REPO = VAE_REPO_ID  # VAR's model files sit beside its tokenizer
 DERIVED_KEYS = ("lvl_1L", "attn_bias_for_masking", "blocks.*.attn.patch_nums")  # fnmatch patterns
 PathLike = str | os.PathLike
 
@@ -56,7 +57,7 @@ def hf_download_url(repo_id: str, filename: str) -> str:
     return f"https://huggingface.co/{repo_id}/resolve/main/{filename}"
 
 
-def existing_file(path: str | os.PathLike, flag: str, hint: str) -> Path:
+def existing_file(path: str | os.PathLike, flag: str, hint: str = "") -> Path:
     """`path` (the value of `flag`) as a Path; FileNotFoundError "FLAG=PATH: no such file" + `hint` if it is none."""
     p = Path(path).expanduser()
     if not p.is_file():
@@ -328,9 +329,32 @@ def load_mvar(
     return mvar.eval()
 
 
-def resolve_mvar_checkpoint(path: str | None, depth: int, flag: str = "--ckpt") -> Path:
-    """An explicit path, else the official `OliverRen/M-VAR` file d{depth}.pth, offline-first."""
-    return resolve_checkpoint(path, MVAR_REPO, f"d{depth}.pth", flag)
+def official_file(depth: int, arch: str = "mvar") -> tuple[str, str]:
+    """(Hugging Face repo, file name) of the published weights of a depth: M-VAR's `OliverRen/M-VAR` d{depth}.pth,
+    VAR's `FoundationVision/var` var_d{depth}.pth. The ablations' architectures have none (ValueError)."""
+    if arch == "mvar":
+        return MVAR_REPO, f"d{depth}.pth"
+    if arch == "var":
+        return VAR_REPO, f"var_d{depth}.pth"
+    raise ValueError(f"arch={arch} (an ablation of the paper) has no published weights: pass --ckpt=PATH")
+
+
+def resolve_mvar_checkpoint(path: str | None, depth: int | None, flag: str = "--ckpt", arch: str = "mvar") -> Path:
+    """An explicit path (which must exist), else the published file of this depth and architecture
+    (`official_file`), offline-first."""
+    if path is not None:
+        return existing_file(path, flag)
+    return resolve_checkpoint(None, *official_file(depth, arch), flag)
+
+
+def load_mvar_checkpoint(path: PathLike, flag: str) -> dict[str, Any]:
+    """The dict in an M-VAR / VAR checkpoint file (ours or official), read onto the CPU; a tokenizer's file, given
+    where a model's is expected, is a ValueError naming `flag`."""
+    ckpt = load_checkpoint(path, mmap=False)
+    if "model" not in ckpt and "vae" in ckpt:
+        raise ValueError(f"{flag}={path} is a tokenizer checkpoint (no M-VAR weights): pass it as --vae_ckpt, and an "
+                         f"M-VAR checkpoint as {flag}")
+    return ckpt
 
 
 def mvar_checkpoint(mvar: MVAR, vae: VQVAE | None = None) -> dict[str, Any]:

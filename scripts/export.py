@@ -14,7 +14,7 @@ import logging
 from pathlib import Path
 
 from models.hub_format import MVARHF, OFFICIAL_DATA, check_own_tokenizer, training_data
-from models.loading import config_from_state_dict, load_checkpoint, load_mvar, load_vae, resolve_mvar_checkpoint, \
+from models.loading import config_from_state_dict, load_mvar, load_mvar_checkpoint, load_vae, resolve_mvar_checkpoint, \
     weights_digest
 from models.presets import parse_patch_nums
 from utils.evaluation.fid_dump import fid_folder_name
@@ -50,15 +50,16 @@ def main(argv: list[str] | None = None) -> Path:
     args = build_parser().parse_args(argv)
     setup_logging(0)
     if (args.ckpt is None) == (args.depth is None):
-        raise SystemExit("error: pass --ckpt=PATH, or --depth=N for the official OliverRen/M-VAR d{N}.pth")
+        raise SystemExit("error: pass one of --ckpt=PATH or --depth=N (the official OliverRen/M-VAR d{N}.pth)"
+                         + (", not both" if args.ckpt else ""))
     if args.push and not args.repo_id:
         raise SystemExit("error: --push needs --repo_id=org/name")
     bad = [m for m in args.metric if "=" not in m]
     if bad:
         raise SystemExit(f"error: --metric {bad}: expected NAME=VALUE")
     try:
-        ckpt_path = resolve_mvar_checkpoint(args.ckpt, args.depth or 0)
-        ckpt = load_checkpoint(ckpt_path, mmap=False)
+        ckpt_path = resolve_mvar_checkpoint(args.ckpt, args.depth)
+        ckpt = load_mvar_checkpoint(ckpt_path, "--ckpt")
         ours = "config" in ckpt and "model" in ckpt
         if ours and (args.arch or args.pn):
             raise ValueError(f"--arch/--pn are for official files; {ckpt_path.name} carries its own config")

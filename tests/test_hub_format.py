@@ -236,3 +236,15 @@ def test_sample_edit_writes_before_mask_after_rows(tmp_path):
     assert not np.array_equal(cell[0][2][4:], cell[1][2][4:])  # the lower half follows the class / seed
     with pytest.raises(SystemExit):
         sample.main(["--ckpt", str(tmp_path / "m"), "--edit", str(tmp_path / "in.png"), "--classes", "1"])
+
+
+def test_export_names_its_flags_in_errors(tmp_path, offline_cache):
+    vae, mvar = build_tiny()
+    torch.save({"vae_config": mvar_checkpoint(mvar, vae)["vae_config"], "vae": vae.state_dict()}, tmp_path / "t.pth")
+    with pytest.raises(SystemExit, match=r"--ckpt=.*t\.pth is a tokenizer checkpoint .*--vae_ckpt"):
+        export.main(["--ckpt", str(tmp_path / "t.pth"), "--out", str(tmp_path / "hub")])
+    with pytest.raises(SystemExit, match=r"pass one of --ckpt=PATH or --depth=N .*, not both"):
+        export.main(["--ckpt", str(tmp_path / "t.pth"), "--depth", "16", "--out", str(tmp_path / "hub")])
+    with pytest.raises(SystemExit, match=r"--ckpt=.*missing\.pth: no such file$"):  # no download hint for d0.pth
+        export.main(["--ckpt", str(tmp_path / "missing.pth"), "--out", str(tmp_path / "hub")])
+    assert not (tmp_path / "hub").exists()

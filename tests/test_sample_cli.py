@@ -98,6 +98,21 @@ def test_missing_official_checkpoint_says_where_to_put_it(monkeypatch, tmp_path)
         sample.main(["--depth", "16", "--device", "cpu", "--out", str(tmp_path / "x.png")])
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--model", "VAR-d16"], "(?s)var_d16.pth.*FoundationVision/var.*--ckpt"),  # VAR's file, not M-VAR's d16.pth
+    (["--depth", "20", "--arch", "var"], "(?s)var_d20.pth.*FoundationVision/var.*--ckpt"),
+    (["--model", "M-VAR-W"], "--model=M-VAR-W has no published weights"),  # failed at load before: no such d16.pth
+    (["--depth", "16", "--arch", "intra"], "--arch=intra .* has no published weights"),
+])
+def test_without_ckpt_a_named_size_reads_its_own_published_file_or_says_there_is_none(flags, message, monkeypatch,
+                                                                                       tmp_path, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(SystemExit) as e:
+        sample.main([*flags, "--device", "cpu", "--out", str(tmp_path / "x.png")])
+    assert re.search(message, f"{e.value} {capsys.readouterr().err}"), e.value
+
+
 def test_named_model_picks_the_official_file_and_is_checked_against_the_checkpoint(ckpt):
     assert (sample.parse_args(["--model", "M-VAR-d16"]).depth, sample.parse_args(["--model", "VAR-d20"]).arch) \
         == (16, "var")
