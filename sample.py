@@ -60,8 +60,12 @@ DEMO_CLASSES = (207, 360, 387, 974, 88, 979, 417, 279)  # VAR's demo classes (Im
 # ---------------------------------------------------------------------------------------------------------------
 # Arguments
 # ---------------------------------------------------------------------------------------------------------------
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The usage examples as written, and every flag's default."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--ckpt", default=None, help="M-VAR checkpoint: ours ({config, model, ...}), an official file, "
                    "a Hub folder (scripts/export.py) or a Hugging Face repo id")
     p.add_argument("--depth", type=int, default=None,
@@ -77,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow_other_tokenizer", action="store_true", help="accept a --vae_ckpt (or a Hub folder's "
                    "tokenizer/) other than the tokenizer --ckpt was trained with; refused otherwise")
     p.add_argument("--preset", default=None, choices=sorted(PRESETS),
-                   help="fid: cfg 1.5, top_p 0.96, top_k 900, no more_smooth (explicit flags still win)")
+                   help="fid: cfg 1.5, top_p 0.96, top_k 900, no more_smooth, the default with --fid; without it the "
+                   "picture settings below apply (explicit flags win over both)")
     p.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance (>= 0, ramped over scales)")
     p.add_argument("--top_k", type=int, default=900, help="keep the k most likely tokens (0: all)")
     p.add_argument("--top_p", type=float, default=0.95, help="nucleus mass in (0, 1] (1: no nucleus filter)")
@@ -110,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse, apply the preset (explicit flags override it) and check every flag that needs no checkpoint."""
     parser = build_parser()
-    preset = parser.parse_known_args(argv)[0].preset
+    known = parser.parse_known_args(argv)[0]
+    preset = known.preset or ("fid" if known.fid else None)  # an FID dump with the picture settings is no paper FID
     if preset is not None:
         parser.set_defaults(**PRESETS[preset])
     args = parser.parse_args(argv)

@@ -128,6 +128,18 @@ def test_preset_sets_the_paper_fid_settings_and_flags_override():
     args = sample.parse_args(["--ckpt", "x.pth", "--preset", "fid"])
     assert (args.cfg, args.top_p, args.top_k, args.more_smooth) == (1.5, 0.96, 900, False)
     assert sample.parse_args(["--ckpt", "x.pth", "--preset", "fid", "--cfg", "2"]).cfg == 2.0
+    settings = ("cfg", "top_p", "top_k", "more_smooth")
+    fid = sample.parse_args(["--ckpt", "x.pth", "--fid"])  # an FID dump defaults to the paper's FID settings
+    assert tuple(getattr(fid, k) for k in settings) == (1.5, 0.96, 900, False)
+    assert sample.parse_args(["--ckpt", "x.pth", "--fid", "--cfg", "4"]).cfg == 4.0
+    assert tuple(getattr(sample.parse_args(["--ckpt", "x.pth"]), k) for k in settings) == (4.0, 0.95, 900, False)
+
+
+def test_help_shows_the_defaults(capsys):
+    with pytest.raises(SystemExit):
+        sample.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 4.0)" in text and "(default: samples.png)" in text and "python sample.py --ckpt" in text
 
 
 def test_fid_dump_packs_npz_and_resumes(ckpt, tmp_path):
