@@ -21,14 +21,15 @@ from torch.utils.data import Dataset
 
 import dist
 from models import backends
-from models.loading import DERIVED_KEYS, CheckpointError, load_checkpoint, load_state_dict_checked, load_vae
+from models.loading import DERIVED_KEYS, CheckpointError, existing_file, load_checkpoint, load_state_dict_checked, \
+    load_vae
 from models.mvar import MVAR, MVARConfig
 from models.tokenizer import VQVAE
 from trainer import NonFiniteError, StepResult, Trainer
 from utils.data.loaders import build_datasets, build_loaders, class_names
 from utils.data.token_cache import TokenCacheError, TokenDataset, open_cache, tokenizer_digest
 from utils.evaluation.during_training import TrainingEval
-from utils.flags import changed_flags, finalize_args, parse_args
+from utils.flags import FlagError, changed_flags, finalize_args, parse_args
 from utils.run.checkpoint import RunFolder
 from utils.run.lock import RunLockError
 from utils.run.log import TBLogger, setup_logging
@@ -105,7 +106,7 @@ def build_model(args: argparse.Namespace, vae: VQVAE, num_classes: int, device: 
     mvar.init_weights(init_adaln=args.aln, init_adaln_gamma=args.alng, init_head=args.hd, init_std=args.ini,
                       gamma_rows=args.alng_rows)
     if args.init_from:
-        ckpt = load_checkpoint(args.init_from, mmap=False)
+        ckpt = load_checkpoint(existing_file(args.init_from, "--init_from"), mmap=False)
         state = ckpt["model"] if "model" in ckpt and "config" in ckpt else ckpt
         load_state_dict_checked(mvar, state, ignore=DERIVED_KEYS, what=f"--init_from={args.init_from}")
         logger.info("initialised the weights from %s", args.init_from)
@@ -281,8 +282,12 @@ def main(args: argparse.Namespace) -> None:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(args.tf32)
     if args.deterministic:
         use_deterministic_kernels(device)
+    logger.info("flags: %s", " ".join(f"--{k}={v}" for k, v in sorted(vars(args).items())))
     logger.info("world size %d, device %s; per-rank batch %d, global micro-batch %d, %d accumulation step(s), "
                 "peak lr %.3g", world, device, args.batch_size, args.glb_batch_size, args.ac, args.tlr)
+    if args.bs_effective != args.bs:
+        logger.warning("--bs=%d is not a multiple of --ac x ranks (%d x %d): each optimizer step takes %d images",
+                       args.bs, args.ac, world, args.bs_effective)
 
     # resume: the output folder's newest checkpoint, else --resume. The folder wins so that a preempted job
     # relaunched with the same command continues instead of starting over.
@@ -297,6 +302,9 @@ def main(args: argparse.Namespace) -> None:
     vae = load_tokenizer(args, device)
     reso = args.patch_nums[-1] * vae.downsample
     num_classes, train_set, val_set, eval_images, cache_views = build_data(args, vae, reso)
+    if 0 < args.num_classes < num_classes:
+        raise FlagError(f"--num_classes={args.num_classes} is below the data's {num_classes} classes: the labels from "
+                        f"{args.num_classes} on would be read as the unconditional (classifier-free guidance) label")
     num_classes = args.num_classes or num_classes
     train_loader, val_loader, sampler = build_loaders(train_set, val_set, args.batch_size, args.workers, rank,
                                                       world, args.seed, pin_memory=device.type == "cuda",
@@ -357,6 +365,7 @@ def main(args: argparse.Namespace) -> None:
 if __name__ == "__main__":
     try:
         dist.run_then_finalize(main, parse_args())
-    except (CheckpointError, RunLockError, NonFiniteError, TokenCacheError) as e:  # a file or folder that does not
-        # fit, a diverged run (its message says which checkpoint is intact), a token cache of other settings
+    except (FlagError, FileNotFoundError, CheckpointError, RunLockError, NonFiniteError, TokenCacheError) as e:
+        # a flag or file that does not fit, a diverged run (its message says which checkpoint is intact), a token
+        # cache of other settings
         raise SystemExit(f"error: {e}") from e

@@ -2,12 +2,17 @@
 # Shared launcher of the train_*.sh recipes: torchrun train.py with the node layout taken from the environment.
 #   NPROC_PER_NODE (default 8), NNODES (1), NODE_RANK (0), MASTER_ADDR (127.0.0.1), MASTER_PORT (29500), PYTHON.
 # Every argument is passed to train.py, e.g. --data_path=/path/to/imagenet --local_out_dir_path=runs/d16.
+# Relative paths in the flags are the caller's: the launcher stays in the folder it was started from.
+# Memory: --bs is the global batch per optimizer step. When a rank's activations do not fit, add --grad_ckpt=1
+# (blocks recomputed in the backward; projected from CPU measurements: M-VAR-d30 from 4 to 29 images per 80 GB
+# GPU, docs/benchmarks.md) and/or --ac=K (K micro-batches per step, same lr); --fsdp=1 shards the weights and
+# AdamW states, not the activations.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+REPO=$(cd "$(dirname "$0")/.." && pwd)
 if [ -z "${PYTHON:-}" ]; then  # the Makefile's virtualenv when there is one
-  if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python; fi
+  if [ -x "$REPO/.venv/bin/python" ]; then PYTHON=$REPO/.venv/bin/python; else PYTHON=python; fi
 fi
 exec "$PYTHON" -m torch.distributed.run \
   --nproc_per_node="${NPROC_PER_NODE:-8}" --nnodes="${NNODES:-1}" --node_rank="${NODE_RANK:-0}" \
   --master_addr="${MASTER_ADDR:-127.0.0.1}" --master_port="${MASTER_PORT:-29500}" \
-  train.py "$@"
+  "$REPO/train.py" "$@"

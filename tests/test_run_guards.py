@@ -3,6 +3,7 @@ that would train nothing."""
 import errno
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -11,8 +12,10 @@ import time
 import pytest
 import torch
 
+from conftest import REPO, launch
 from test_trainer_e2e import run_train, setup  # noqa: F401  (setup: the tiny data + tokenizer fixture)
 from models.loading import CheckpointError
+from scripts.gpu_train_check import write_tokenizer
 from utils.flags import finalize_args, parse_args
 from utils.run import lock as run_lock
 from utils.run.checkpoint import save_atomic
@@ -133,3 +136,34 @@ def test_resume_logs_changed_flags_and_an_incompatible_one_is_an_error_line(setu
     wrong = run_train(setup, out, "--ep=3", "--depth=3", check=False)
     assert wrong.returncode != 0 and "Traceback" not in wrong.stderr, wrong.stderr[-2000:]
     assert f"error: checkpoint {out / 'ar-ckpt-last.pth'} is incompatible" in wrong.stderr
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--depth=0"], "error: --depth=0: expected a positive integer"),
+    (["--pn=1_3_2"], "error: --pn=1_3_2: bad patch schedule"),
+    (["--data_path={tmp}/nope"], "error: --data_path: folder .*nope/train does not exist"),
+    (["--init_from={tmp}/nope.pth"], "error: --init_from=.*nope.pth: no such file"),
+    (["--num_classes=2"], "error: --num_classes=2 is below the data's 10 classes"),  # trained before, label 2 = null
+])
+def test_a_bad_flag_or_file_is_one_error_line_before_training(flags, message, tmp_path):
+    vae = tmp_path / "vae.pth"
+    write_tokenizer(vae)
+    proc = launch(REPO / "train.py", f"--vae_ckpt={vae}", "--pn=1_2_3_4", "--depth=1", "--embed_dim=32",
+                  "--num_heads=1", f"--local_out_dir_path={tmp_path / 'out'}",
+                  *(f.format(tmp=tmp_path) for f in flags), nproc=1, check=False, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert re.search(message, proc.stderr.strip().splitlines()[-1]), proc.stderr[-500:]
+    assert not (tmp_path / "out" / "ar-ckpt-last.pth").exists()
+
+
+def test_the_launchers_resolve_relative_paths_from_the_callers_folder(tmp_path):
+    """`bash /repo/scripts/train_d16.sh --data_path=imagenet` from a job's folder: imagenet is that folder's, not the
+    repository's (the launcher used to cd there)."""
+    fake = tmp_path / "python"
+    fake.write_text('#!/usr/bin/env bash\necho "$PWD"\nprintf "%s\\n" "$@"\n')
+    fake.chmod(0o755)
+    proc = subprocess.run(["bash", str(REPO / "scripts/train_d16.sh"), "--data_path=imagenet"], cwd=tmp_path,
+                          env={**os.environ, "PYTHON": str(fake)}, capture_output=True, text=True, timeout=30)
+    lines = proc.stdout.splitlines()
+    assert proc.returncode == 0 and lines[0] == str(tmp_path), proc.stdout + proc.stderr
+    assert str(REPO / "train.py") in lines and lines[-1] == "--data_path=imagenet" and "--depth=16" in lines

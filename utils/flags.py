@@ -183,18 +183,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class FlagError(ValueError):
+    """A flag value that cannot train (train.py prints it as one error line, before any work)."""
+
+
 def finalize_args(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
     """Derived settings, as VAR computes them: per-rank micro-batch, peak lr, schedule defaults, patch_nums."""
     for name in ("bs", "ac", "ep", "val_every", "log_every", "depth"):
         if getattr(args, name) < 1:
-            raise ValueError(f"--{name}={getattr(args, name)}: expected a positive integer")
+            raise FlagError(f"--{name}={getattr(args, name)}: expected a positive integer")
     for name in ("save_every", "save_every_min", "sample_every", "train_limit", "val_limit", "eval_every",
                  "diverge_tol"):
         if getattr(args, name) < 0:
-            raise ValueError(f"--{name}={getattr(args, name)}: expected >= 0 (0 = off)")
+            raise FlagError(f"--{name}={getattr(args, name)}: expected >= 0 (0 = off)")
     if args.eval_every and args.eval_n < 2:
-        raise ValueError(f"--eval_n={args.eval_n}: expected at least 2 images per evaluation")
-    args.patch_nums = parse_patch_nums(args.pn)
+        raise FlagError(f"--eval_n={args.eval_n}: expected at least 2 images per evaluation")
+    try:
+        args.patch_nums = parse_patch_nums(args.pn)
+    except ValueError as e:
+        raise FlagError(f"--pn={args.pn}: {e}") from None
     args.batch_size = max(1, round(args.bs / args.ac / world_size))  # per rank, per micro-step
     args.glb_batch_size = args.batch_size * world_size  # per micro-step
     args.bs_effective = args.glb_batch_size * args.ac  # per optimizer step; differs from --bs after rounding
@@ -205,11 +212,11 @@ def finalize_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
     if args.pg > 0:
         args.sche = f"lin{args.pg:g}"
     if args.pg > 0 and not 0 <= args.pg0 < len(args.patch_nums):
-        raise ValueError(f"--pg0={args.pg0}: expected a scale index in [0, {len(args.patch_nums) - 1}]")
+        raise FlagError(f"--pg0={args.pg0}: expected a scale index in [0, {len(args.patch_nums) - 1}]")
     args.workers = max(0, args.workers)
     for name in ("tblr", "tlr"):
         if not math.isfinite(getattr(args, name)) or getattr(args, name) <= 0:
-            raise ValueError(f"--{name}={getattr(args, name)}: expected a positive learning rate")
+            raise FlagError(f"--{name}={getattr(args, name)}: expected a positive learning rate")
     return args
 
 
