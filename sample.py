@@ -262,7 +262,8 @@ def load_checked(args: argparse.Namespace, device: torch.device) -> tuple[MVAR, 
         vae = load_vae(args.vae_ckpt, device=device, v_patch_nums=config.patch_nums)
         vae_id = "official" if args.vae_ckpt is None else Path(args.vae_ckpt).name
         check_own_tokenizer(vae, weights_digest(ckpt["vae"]) if embedded_vae else None,
-                            f"--vae_ckpt={args.vae_ckpt}", f"--ckpt={ckpt_path}", args.allow_other_tokenizer)
+                            f"--vae_ckpt={args.vae_ckpt}", f"--ckpt={ckpt_path}", args.allow_other_tokenizer,
+                            (config.V, config.Cvae))
     mvar = load_mvar(ckpt, device=device, vae=vae, patch_nums=args.pn, attn_backend=args.attn_backend,
                      mamba_backend=args.mamba_backend)
     check_finite_weights(mvar, f"M-VAR checkpoint {ckpt_path}")

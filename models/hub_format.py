@@ -168,9 +168,15 @@ class TokenizerMismatchError(ValueError):
     """A tokenizer whose weights are not those of the one the model was trained or exported with."""
 
 
-def check_own_tokenizer(vae: nn.Module, own_digest: str | None, what: str, model: str, allow: bool) -> None:
+def check_own_tokenizer(vae: nn.Module, own_digest: str | None, what: str, model: str, allow: bool,
+                        model_V_Cvae: tuple[int, int]) -> None:
     """TokenizerMismatchError unless `vae` (described by `what`) has the weights of `own_digest` (weights_digest of
-    the tokenizer that `model` was trained with; None: not recorded, nothing to check) or `allow` (then a warning)."""
+    the tokenizer that `model` was trained with; None: not recorded, nothing to check) or `allow` (then a warning).
+    A tokenizer whose vocabulary or latent channels differ from the model's (`model_V_Cvae`) never fits."""
+    if (vae.vocab_size, vae.Cvae) != tuple(model_V_Cvae):
+        raise TokenizerMismatchError(f"{what} (V={vae.vocab_size}, Cvae={vae.Cvae}) does not fit {model} "
+                                     f"(V={model_V_Cvae[0]}, Cvae={model_V_Cvae[1]}): pass the tokenizer it was "
+                                     "trained with")
     if own_digest is None or weights_digest(vae.state_dict()) == own_digest:
         return
     message = (f"{what} is not the tokenizer {model} was trained with (same shapes, other weights): the model's "
@@ -218,7 +224,7 @@ class MVARHF(MVAR, PyTorchModelHubMixin, library_name="mvar", paper_url=PAPER_UR
             vae = VQVAEHF.from_pretrained(src, subfolder=TOKENIZER_DIR, device=device,
                                           v_patch_nums=config["patch_nums"])
         check_own_tokenizer(vae, src.metadata(WEIGHTS_FILE).get(TOKENIZER_KEY), what, f"{src}/{WEIGHTS_FILE}",
-                            allow_other_tokenizer)
+                            allow_other_tokenizer, (config["V"], config["Cvae"]))
         ckpt = {"config": config, "model": src.weights(WEIGHTS_FILE)}
         return load_mvar(ckpt, device=device, vae=vae, model_cls=cls, name=f"{src} ({WEIGHTS_FILE})",
                          **config_overrides)

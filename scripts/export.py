@@ -16,6 +16,7 @@ from pathlib import Path
 from models.hub_format import MVARHF, OFFICIAL_DATA, check_own_tokenizer, training_data
 from models.loading import config_from_state_dict, load_mvar, load_mvar_checkpoint, load_vae, resolve_mvar_checkpoint, \
     weights_digest
+from models.mvar import MVARConfig
 from models.presets import parse_patch_nums
 from utils.evaluation.fid_dump import fid_folder_name
 from utils.run.log import setup_logging
@@ -65,15 +66,15 @@ def main(argv: list[str] | None = None) -> Path:
             raise ValueError(f"--arch/--pn are for official files; {ckpt_path.name} carries its own config")
         patch_nums = parse_patch_nums(args.pn) if args.pn else None
         overrides = {"arch": args.arch} if args.arch else {}
-        config = None if ours else config_from_state_dict(ckpt, patch_nums, **overrides)
+        config = MVARConfig.from_dict(ckpt["config"]) if ours else config_from_state_dict(ckpt, patch_nums, **overrides)
         embedded = "vae" in ckpt and "vae_config" in ckpt
         if args.vae_ckpt is None and embedded:
             vae, vae_what = load_vae(ckpt_path, flag="--ckpt"), "embedded in --ckpt"
         else:
-            vae = load_vae(args.vae_ckpt, v_patch_nums=config.patch_nums if config else ckpt["config"]["patch_nums"])
+            vae = load_vae(args.vae_ckpt, v_patch_nums=config.patch_nums)
             vae_what = f"--vae_ckpt={args.vae_ckpt}" if args.vae_ckpt else "VAR's, from the Hugging Face cache"
             check_own_tokenizer(vae, weights_digest(ckpt["vae"]) if embedded else None, vae_what,
-                                f"--ckpt={ckpt_path}", args.allow_other_tokenizer)
+                                f"--ckpt={ckpt_path}", args.allow_other_tokenizer, (config.V, config.Cvae))
         mvar = load_mvar(ckpt, vae=vae, patch_nums=patch_nums, model_cls=MVARHF, name=str(ckpt_path), **overrides)
         check_finite_weights(mvar, f"M-VAR checkpoint {ckpt_path}")  # nothing non-finite is written nor uploaded
         check_finite_weights(vae, f"tokenizer ({vae_what})")

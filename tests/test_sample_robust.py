@@ -211,3 +211,18 @@ def test_interrupted_picture_run_writes_the_finished_images(ckpt, tmp_path, monk
     else:
         with Image.open(tmp_path / out) as im:
             assert im.size == (3 * 10 + 2, 10 + 2)  # the finished row: 3 images of 8 px, padding 2
+
+
+def test_a_tokenizer_of_another_shape_is_refused_with_or_without_the_allow_flag(ckpt, tmp_path):  # noqa: F811
+    """The message used to say "same shapes, other weights ... pass --allow_other_tokenizer", and with that flag the
+    model then refused the tokenizer: a vocabulary or latent width of another size fits no flag."""
+    config = torch.load(ckpt, weights_only=True)["vae_config"]
+    other = VQVAE(**{**config, "vocab_size": config["vocab_size"] // 2, "test_mode": True})
+    path = tmp_path / "other_vae.pth"
+    torch.save({"vae_config": {**config, "vocab_size": other.vocab_size}, "vae": other.state_dict()}, path)
+    for allow in ((), ("--allow_other_tokenizer",)):
+        with pytest.raises(SystemExit) as e:
+            run(ckpt, "--classes", 1, "--vae_ckpt", path, *allow, "--out", tmp_path / "x.png")
+        message = str(e.value)
+        assert f"other_vae.pth (V={other.vocab_size}, Cvae=" in message and "does not fit" in message, message
+        assert "--allow_other_tokenizer" not in message and "same shapes" not in message
