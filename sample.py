@@ -40,8 +40,8 @@ from models.mamba2 import resolve_kernels
 from models.mvar import MVAR, MVARConfig
 from models.precision import effective_amp_dtype
 from models.presets import ARCH_BRANCHES, MVAR_models, parse_patch_nums
-from utils.evaluation.fid_dump import DumpPlan, check_or_write_settings, chunk_seed, dump_shard, fid_folder_name, \
-    pack_npz
+from utils.evaluation.fid_dump import DumpFolderError, DumpPlan, check_or_write_settings, chunk_seed, dump_shard, \
+    fid_folder_name, pack_npz
 from utils.flags import add_backend_flags, add_model_flag
 from utils.run.checkpoint import DiskFullError
 from utils.run.lock import RunLockError, lock_output_folder
@@ -143,6 +143,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         value = getattr(args, flag)
         if value is not None and value < 1:
             problems.append(f"--{flag} must be >= 1, got {value}")
+    if args.device is not None:
+        try:
+            if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+                problems.append(f"--device={args.device}: no CUDA device here (torch.cuda.is_available() is False)")
+        except RuntimeError as e:
+            problems.append(f"--device={args.device}: {e}")
     if args.classes is not None and args.fid:
         problems.append("--classes is for pictures; --fid samples every class")
     if args.classes is not None and min(args.classes) < 0:
@@ -458,7 +464,7 @@ def main(argv: Sequence[str] | None = None) -> Path | None:
         if args.fid:
             return sample_fid(args, mvar, ckpt_path, vae_id, generate, rank, world_size)
         return sample_pictures(args, generate)
-    except (NonFiniteValueError, RunLockError, DiskFullError) as e:
+    except (NonFiniteValueError, RunLockError, DiskFullError, DumpFolderError) as e:
         raise SystemExit(f"error: {e}") from e
 
 

@@ -39,16 +39,16 @@ def test_fid_dump_refuses_images_of_other_weights(ckpt, tmp_path):  # noqa: F811
     c = variant(ckpt, tmp_path / "C" / "ar-ckpt-last.pth", bump("vae:decoder.conv_out.weight"))
     out = tmp_path / "fid"
     npz = run(a, *FID, "--fid_dir", out)
-    with pytest.raises(ValueError, match="other weights: the M-VAR weights differ") as e:
+    with pytest.raises(SystemExit, match="^error: .*other weights: the M-VAR weights differ") as e:
         run(b, *FID, "--fid_dir", out)
     assert "tokenizer" not in str(e.value).split("differ")[0]
-    with pytest.raises(ValueError, match="other weights: the tokenizer weights differ"):
+    with pytest.raises(SystemExit, match="^error: .*other weights: the tokenizer weights differ"):
         run(c, *FID, "--fid_dir", out)
     assert run(a, *FID, "--fid_dir", out) == npz  # the same weights resume (a copy of A elsewhere would too)
     settings = next(out.glob("*/settings.json"))
     old = {k: v for k, v in json.loads(settings.read_text()).items() if not k.endswith("_weights")}
     settings.write_text(json.dumps(old))  # a dump of a version that did not hash the weights
-    with pytest.raises(ValueError, match="recorded no weight hashes"):
+    with pytest.raises(SystemExit, match="^error: .*recorded no weight hashes"):
         run(a, *FID, "--fid_dir", out)
 
 
@@ -226,3 +226,12 @@ def test_a_tokenizer_of_another_shape_is_refused_with_or_without_the_allow_flag(
         message = str(e.value)
         assert f"other_vae.pth (V={other.vocab_size}, Cvae=" in message and "does not fit" in message, message
         assert "--allow_other_tokenizer" not in message and "same shapes" not in message
+
+
+@pytest.mark.parametrize("device, message", [("cuda", "no CUDA device here"), ("gpu0", "--device=gpu0: ")])
+def test_a_device_that_is_not_there_is_a_flag_error(device, message, capsys):
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(SystemExit):
+        sample.parse_args(["--ckpt", "x.pth", "--device", device])
+    assert message in capsys.readouterr().err

@@ -48,6 +48,11 @@ IMAGE_SETTINGS = ("ckpt", "vae", "cfg", "top_k", "top_p", "more_smooth", "seed",
 GenerateFn = Callable[[np.ndarray, int], np.ndarray]
 
 
+class DumpFolderError(ValueError):
+    """The dump folder holds another dump (other weights or settings) or other images: sample.py says so in one
+    line."""
+
+
 @dataclass(frozen=True)
 class DumpPlan:
     """Which global indices exist, their classes, and how they are batched and sharded."""
@@ -129,15 +134,15 @@ def check_or_write_settings(folder: Path, settings: dict[str, Any]) -> None:
     diff = {k: (old.get(k), settings.get(k)) for k in IMAGE_SETTINGS if old.get(k) != settings.get(k)}
     weights = [WEIGHT_SETTINGS[k] for k in WEIGHT_SETTINGS if k in diff]
     if weights and all(old.get(k) is None for k in WEIGHT_SETTINGS):
-        raise ValueError(f"{folder} holds a dump that recorded no weight hashes (an older version): whether its "
+        raise DumpFolderError(f"{folder} holds a dump that recorded no weight hashes (an older version): whether its "
                          f"images come from these weights cannot be checked. Delete {folder} to start over, or "
                          "choose another --fid_dir.")
     if weights:
-        raise ValueError(f"{folder} holds a dump made from other weights: {' and '.join(weights)} differ "
+        raise DumpFolderError(f"{folder} holds a dump made from other weights: {' and '.join(weights)} differ "
                          f"(another checkpoint, or the same run trained further; {{name: (old, new)}}: {diff}). "
                          f"Choose another --fid_dir, or delete {folder} to start over.")
     if diff:
-        raise ValueError(f"{folder} holds a dump made with other settings {{name: (old, new)}}: {diff}. "
+        raise DumpFolderError(f"{folder} holds a dump made with other settings {{name: (old, new)}}: {diff}. "
                          "Resume with the same flags, or choose another output folder.")
 
 
@@ -188,7 +193,7 @@ def pack_npz(folder: Path, total: int, npz_path: Path | None = None, image_hw: t
     with Image.open(first) as im:
         H, W = im.height, im.width
     if image_hw is not None and (H, W) != tuple(image_hw):
-        raise ValueError(f"{first} is {H}x{W}, expected {image_hw[0]}x{image_hw[1]}: the folder holds another "
+        raise DumpFolderError(f"{first} is {H}x{W}, expected {image_hw[0]}x{image_hw[1]}: the folder holds another "
                          "model's dump")
     npy_path, tmp_npz = npz_path.with_suffix(".npy.tmp"), npz_path.with_name(npz_path.name + ".tmp")
     kept = f"The PNGs are kept; packing needs twice {total * H * W * 3 / 2**20:.0f} MiB: free some space and re-run"
@@ -204,7 +209,7 @@ def pack_npz(folder: Path, total: int, npz_path: Path | None = None, image_hw: t
                 except (OSError, ValueError) as e:
                     _raise_missing(folder, total, e)
                 if img.shape != (H, W, 3):
-                    raise ValueError(f"{p} has shape {img.shape}, expected {(H, W, 3)} like {first.name}")
+                    raise DumpFolderError(f"{p} has shape {img.shape}, expected {(H, W, 3)} like {first.name}")
                 arr[i] = img
             arr.flush()
             del arr
