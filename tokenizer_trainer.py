@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "downsample = 2**(levels-1)")
     g.add_argument("--pn", default="1_2_3_4", help="patch schedule (256, 512 or sides joined by '_'); the last side "
                    "must equal reso / downsample")
-    g.add_argument("--share_quant_resi", type=int, default=4, help="phi convs (0: one per scale, 1: shared)")
+    g.add_argument("--share_quant_resi", type=int, default=4,
+                   help="phi convs: 0 one per scale, 1 one for all, K >= 2 K convs shared over the scales (VAR: 4)")
     g.add_argument("--quant_resi", type=float, default=0.5, help="phi mixing ratio r")
     g.add_argument("--beta", type=float, default=0.25, help="commitment weight inside the VQ loss")
     g = p.add_argument_group("loss")
