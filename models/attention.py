@@ -99,7 +99,7 @@ def backend_unavailable_reason(
             return torch_features.missing("varlen_attn") or "torch.nn.attention.varlen.varlen_attn did not import"
         if dropout_p > 0:
             return "torch_varlen has no attention dropout (attn_drop_rate must be 0)"
-        if torch.are_deterministic_algorithms_enabled():
+        if torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled():
             return ("torch_varlen's backward (torch's flash attention) adds with atomics unless torch's deterministic "
                     "mode is strict, and --deterministic runs it with warn_only: use flash_attn or sdpa")
     return None
@@ -111,7 +111,9 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, drop
     A forced backend that cannot run raises a `BackendError` saying why. Each resolution is logged once.
     """
     env_value = os.environ.get(ATTN.env, "") if check_name(ATTN, backend) == "auto" else ""  # part of the cache key
-    return _resolve(backend, env_value, device.type, dtype, dropout_p > 0, torch.are_deterministic_algorithms_enabled())
+    warn_only_deterministic = torch.are_deterministic_algorithms_enabled() and \
+        torch.is_deterministic_algorithms_warn_only_enabled()
+    return _resolve(backend, env_value, device.type, dtype, dropout_p > 0, warn_only_deterministic)
 
 
 @functools.cache

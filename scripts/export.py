@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> Path:
     if bad:
         raise SystemExit(f"error: --metric {bad}: expected NAME=VALUE")
     try:
-        ckpt_path = resolve_mvar_checkpoint(args.ckpt, args.depth)
+        ckpt_path = resolve_mvar_checkpoint(args.ckpt, args.depth, arch=args.arch or "mvar")
         ckpt = load_mvar_checkpoint(ckpt_path, "--ckpt")
         ours = "config" in ckpt and "model" in ckpt
         if ours and (args.arch or args.pn):

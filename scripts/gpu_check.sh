@@ -13,8 +13,8 @@
 # Installs the travelling wheels of .whl/gpu/ (`make gpu-wheels`) into a scratch folder with pip --no-deps
 # --no-index (no network), prints the environment and the kernels "auto" picks, then runs pytest -m gpu, the
 # numerics (scripts/gpu_numerics.py), train.py (scripts/gpu_train_check.py) and the timings (scripts/gpu_timings.py).
-# A stage past its box is killed, and after each stage every process it left running (torchrun's workers run in
-# sessions of their own); what it finished stays in its JSON file, and the report says it was cut short.
+# A stage past its box is killed, and after each stage every process naming the scratch folder (the training runs';
+# torchrun's workers run in sessions of their own); what it finished stays in its JSON file, and the report says it was cut short.
 # Triton compiles the autotuned kernels' configs in parallel threads (models/triton_autotune.py) and, here, keeps its
 # autotuning results on disk (TRITON_CACHE_AUTOTUNING=1), so each train.py process after the first skips them
 # (train.py --deterministic ignores it: one config per kernel instead).

@@ -42,7 +42,7 @@ def kill_tree(pid: int) -> None:
     for p in [*descendants(pid), pid]:
         try:
             os.kill(p, signal.SIGKILL)
-        except ProcessLookupError:
+        except (ProcessLookupError, PermissionError):  # gone meanwhile, or not ours to kill
             pass
 
 

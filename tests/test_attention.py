@@ -240,6 +240,8 @@ def test_deterministic_mode_asks_flash_attn_for_it_and_passes_over_torch_varlen(
             if deterministic:
                 with pytest.raises(ValueError, match="--deterministic runs it with warn_only"):
                     A.resolve_backend("torch_varlen", cuda, half)
+                torch.use_deterministic_algorithms(True)  # strict: torch's flash backward is deterministic then
+                assert A.resolve_backend("torch_varlen", cuda, half) == "torch_varlen"
         finally:
             torch.use_deterministic_algorithms(False)
 
