@@ -35,14 +35,14 @@ from models.attention import resolve_backend
 from models.backends import BackendError
 from models.hub_format import MVARHF, HubSource, check_own_tokenizer, is_hub_source, read_config
 from models.loading import CheckpointError, config_from_state_dict, load_mvar, load_mvar_checkpoint, load_vae, \
-    resolve_mvar_checkpoint, weights_digest
+    official_file, resolve_mvar_checkpoint, weights_digest
 from models.mamba2 import resolve_kernels
 from models.mvar import MVAR, MVARConfig
 from models.precision import effective_amp_dtype
 from models.presets import ARCH_BRANCHES, MVAR_models, parse_patch_nums
 from utils.evaluation.fid_dump import DumpFolderError, DumpPlan, check_or_write_settings, chunk_seed, dump_shard, \
     fid_folder_name, pack_npz
-from utils.flags import add_backend_flags, add_model_flag
+from utils.flags import add_backend_flags, add_model_flag, device_problem
 from utils.run.checkpoint import DiskFullError
 from utils.run.lock import RunLockError, lock_output_folder
 from utils.run.log import setup_logging
@@ -130,8 +130,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "or --model=VAR-dN: VAR's FoundationVision/var var_d{N}.pth)")
     if args.ckpt is None and args.model is not None and set(MVAR_models[args.model]) - {"depth", "arch"}:
         problems.append(f"--model={args.model} has no published weights (the paper's own sizes): pass --ckpt=PATH")
-    elif args.ckpt is None and args.arch not in (None, "mvar", "var"):
-        problems.append(f"--arch={args.arch} (an ablation of the paper) has no published weights: pass --ckpt=PATH")
+    elif args.ckpt is None and args.depth is not None:
+        try:
+            official_file(args.depth, args.arch or "mvar")
+        except ValueError as e:
+            problems.append(str(e))
     if not 0.0 < args.top_p <= 1.0:
         problems.append(f"--top_p must be in (0, 1] (1 disables the nucleus filter), got {args.top_p}")
     if not math.isfinite(args.cfg) or args.cfg < 0:
@@ -143,12 +146,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         value = getattr(args, flag)
         if value is not None and value < 1:
             problems.append(f"--{flag} must be >= 1, got {value}")
-    if args.device is not None:
-        try:
-            if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
-                problems.append(f"--device={args.device}: no CUDA device here (torch.cuda.is_available() is False)")
-        except RuntimeError as e:
-            problems.append(f"--device={args.device}: {e}")
+    if args.device is not None and (problem := device_problem(args.device)):
+        problems.append(problem)
     if args.classes is not None and args.fid:
         problems.append("--classes is for pictures; --fid samples every class")
     if args.classes is not None and min(args.classes) < 0:

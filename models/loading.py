@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 MVAR_REPO = "OliverRen/M-VAR"
 VAR_REPO = VAE_REPO_ID  # VAR's model files sit beside its tokenizer
+VAR_PUBLISHED_DEPTHS = (16, 20, 24, 30, 36)  # var_d{N}.pth there; d36 is VAR's 512 px model
 DERIVED_KEYS = ("lvl_1L", "attn_bias_for_masking", "blocks.*.attn.patch_nums")  # fnmatch patterns
 PathLike = str | os.PathLike
 
@@ -331,12 +332,17 @@ def load_mvar(
 
 def official_file(depth: int, arch: str = "mvar") -> tuple[str, str]:
     """(Hugging Face repo, file name) of the published weights of a depth: M-VAR's `OliverRen/M-VAR` d{depth}.pth,
-    VAR's `FoundationVision/var` var_d{depth}.pth. The ablations' architectures have none (ValueError)."""
+    VAR's `FoundationVision/var` var_d{depth}.pth. The ablations' architectures, and VAR depths it did not publish,
+    have none (ValueError)."""
     if arch == "mvar":
         return MVAR_REPO, f"d{depth}.pth"
-    if arch == "var":
+    if arch == "var" and depth in VAR_PUBLISHED_DEPTHS:
         return VAR_REPO, f"var_d{depth}.pth"
-    raise ValueError(f"arch={arch} (an ablation of the paper) has no published weights: pass --ckpt=PATH")
+    if arch == "var":
+        published = ",".join(map(str, VAR_PUBLISHED_DEPTHS))
+        raise ValueError(f"VAR published no depth-{depth} weights (only var_d{{{published}}}.pth in {VAR_REPO}): "
+                         "pass --ckpt=PATH")
+    raise ValueError(f"--arch={arch} (an ablation of the paper) has no published weights: pass --ckpt=PATH")
 
 
 def resolve_mvar_checkpoint(path: str | None, depth: int | None, flag: str = "--ckpt", arch: str = "mvar") -> Path:

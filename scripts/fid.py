@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from utils.evaluation.fid import evaluate
+from utils.flags import device_problem
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,6 +39,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
             parser.error(f"--{flag}={getattr(args, flag)}: no such file or folder")
     if args.bs < 1:
         parser.error(f"--bs must be >= 1, got {args.bs}")
+    if problem := device_problem(args.device):
+        parser.error(problem)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     results = evaluate(Path(args.sample), Path(args.ref), args.inception, args.bs, args.device, args.k,
                        with_pr=not args.no_pr)

@@ -103,6 +103,7 @@ def test_missing_official_checkpoint_says_where_to_put_it(monkeypatch, tmp_path)
     (["--depth", "20", "--arch", "var"], "(?s)var_d20.pth.*FoundationVision/var.*--ckpt"),
     (["--model", "M-VAR-W"], "--model=M-VAR-W has no published weights"),  # failed at load before: no such d16.pth
     (["--depth", "16", "--arch", "intra"], "--arch=intra .* has no published weights"),
+    (["--model", "VAR-d12"], r"VAR published no depth-12 weights \(only var_d\{16,20,24,30,36\}.pth"),
 ])
 def test_without_ckpt_a_named_size_reads_its_own_published_file_or_says_there_is_none(flags, message, monkeypatch,
                                                                                        tmp_path, capsys):

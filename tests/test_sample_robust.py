@@ -10,6 +10,7 @@ from PIL import Image
 
 import sample
 from models.tokenizer import VQVAE
+from utils.flags import device_problem
 from test_sample_cli import ckpt, run  # noqa: F401  (ckpt: the tiny checkpoint fixture)
 
 FID = ("--fid", "--preset", "fid", "--top_k", 20, "--fid_num_per_class", 1, "--bs", 5)
@@ -228,10 +229,29 @@ def test_a_tokenizer_of_another_shape_is_refused_with_or_without_the_allow_flag(
         assert "--allow_other_tokenizer" not in message and "same shapes" not in message
 
 
-@pytest.mark.parametrize("device, message", [("cuda", "no CUDA device here"), ("gpu0", "--device=gpu0: ")])
+@pytest.mark.parametrize("device, message", [("cuda", "no CUDA device here"), ("gpu0", "--device=gpu0: "),
+                                             ("mps", "--device=mps: torch cannot allocate there")])
 def test_a_device_that_is_not_there_is_a_flag_error(device, message, capsys):
-    if device == "cuda" and torch.cuda.is_available():
-        pytest.skip("this machine has a GPU")
+    if device == "cuda" and torch.cuda.is_available() or device == "mps" and torch.backends.mps.is_available():
+        pytest.skip(f"this machine has {device}")
     with pytest.raises(SystemExit):
         sample.parse_args(["--ckpt", "x.pth", "--device", device])
     assert message in capsys.readouterr().err
+
+
+def test_a_cuda_device_is_checked_against_the_gpu_count_without_touching_a_gpu(monkeypatch):
+    """cuda:N beyond the GPUs is refused; a CUDA device that exists is not allocated on (under torchrun every rank
+    would open a context on GPU 0 before picking its own)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: pytest.fail("allocated on a CUDA device"))
+    assert device_problem("cuda:5") == "--device=cuda:5: this machine has 2 CUDA device(s), cuda:0 to cuda:1"
+    assert device_problem("cuda") is None and device_problem("cuda:1") is None
+
+
+def test_fid_refuses_a_device_that_is_not_there(tmp_path, capsys):
+    from scripts import fid
+    (tmp_path / "s.npz").touch()
+    with pytest.raises(SystemExit):
+        fid.main(["--sample", str(tmp_path / "s.npz"), "--ref", str(tmp_path / "s.npz"), "--device", "gpu0"])
+    assert "--device=gpu0: " in capsys.readouterr().err

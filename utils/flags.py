@@ -7,6 +7,8 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+import torch
+
 from models.presets import ARCH_BRANCHES, ATTN_KERNELS, MAMBA_KERNELS, MVAR_models, parse_patch_nums
 
 # MVARConfig field of a `--model` entry -> (train.py flag, its value)
@@ -30,6 +32,28 @@ def add_backend_flags(parser: argparse._ActionsContainer, default: str | None = 
                         help="intra-scale attention kernel (auto: $MVAR_ATTN_BACKEND, else the fastest that runs)")
     parser.add_argument("--mamba_backend", default=default, choices=("auto", *MAMBA_KERNELS),
                         help="Mamba2 kernel (auto: $MVAR_MAMBA_BACKEND, else mamba_ssm on CUDA when installed)")
+
+
+def device_problem(value: str, flag: str = "--device") -> str | None:
+    """Why torch cannot run on the device `value` names (None: it can). A CUDA device is checked against the GPUs
+    seen without touching one (each rank would otherwise open a context on GPU 0); any other is tried with an empty
+    tensor (mps or xpu in a build without them, a misspelt name)."""
+    try:
+        device = torch.device(value)
+    except RuntimeError as e:
+        return f"{flag}={value}: {e}"
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            return f"{flag}={value}: no CUDA device here (torch.cuda.is_available() is False)"
+        if device.index is not None and device.index >= count:
+            return f"{flag}={value}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}"
+        return None
+    try:
+        torch.empty(0, device=device)
+    except Exception as e:  # torch raises RuntimeError, NotImplementedError, AssertionError, ... by backend
+        return f"{flag}={value}: torch cannot allocate there ({type(e).__name__}: {str(e).splitlines()[0]})"
+    return None
 
 
 def add_model_flag(parser: argparse.ArgumentParser) -> None:
