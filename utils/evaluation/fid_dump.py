@@ -135,15 +135,15 @@ def check_or_write_settings(folder: Path, settings: dict[str, Any]) -> None:
     weights = [WEIGHT_SETTINGS[k] for k in WEIGHT_SETTINGS if k in diff]
     if weights and all(old.get(k) is None for k in WEIGHT_SETTINGS):
         raise DumpFolderError(f"{folder} holds a dump that recorded no weight hashes (an older version): whether its "
-                         f"images come from these weights cannot be checked. Delete {folder} to start over, or "
-                         "choose another --fid_dir.")
+                              f"images come from these weights cannot be checked. Delete {folder} to start over, or "
+                              "choose another --fid_dir.")
     if weights:
         raise DumpFolderError(f"{folder} holds a dump made from other weights: {' and '.join(weights)} differ "
-                         f"(another checkpoint, or the same run trained further; {{name: (old, new)}}: {diff}). "
-                         f"Choose another --fid_dir, or delete {folder} to start over.")
+                              f"(another checkpoint, or the same run trained further; {{name: (old, new)}}: {diff}). "
+                              f"Choose another --fid_dir, or delete {folder} to start over.")
     if diff:
         raise DumpFolderError(f"{folder} holds a dump made with other settings {{name: (old, new)}}: {diff}. "
-                         "Resume with the same flags, or choose another output folder.")
+                              "Resume with the same flags, or choose another output folder.")
 
 
 def dump_shard(folder: Path, plan: DumpPlan, seed: int, generate: GenerateFn, rank: int = 0, world_size: int = 1,
@@ -194,7 +194,7 @@ def pack_npz(folder: Path, total: int, npz_path: Path | None = None, image_hw: t
         H, W = im.height, im.width
     if image_hw is not None and (H, W) != tuple(image_hw):
         raise DumpFolderError(f"{first} is {H}x{W}, expected {image_hw[0]}x{image_hw[1]}: the folder holds another "
-                         "model's dump")
+                              "model's dump")
     npy_path, tmp_npz = npz_path.with_suffix(".npy.tmp"), npz_path.with_name(npz_path.name + ".tmp")
     kept = f"The PNGs are kept; packing needs twice {total * H * W * 3 / 2**20:.0f} MiB: free some space and re-run"
     try:
