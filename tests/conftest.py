@@ -133,13 +133,15 @@ def damage_tensor_data(path: Path, n: int = 64) -> None:
         f.write(bytes(b ^ 0xFF for b in data))
 
 
-def interrupt(cmd: list[str], trigger: str, sig: signal.Signals) -> tuple[subprocess.Popen | WarmProcess, str]:
-    """Start `cmd` like `launch`, send `sig` to it at the first line matching the regex `trigger`; returns the
-    finished process and its whole output."""
-    argv = warm_argv(cmd)
+def interrupt(cmd: list[str], trigger: str, sig: signal.Signals,
+              group: bool = False) -> tuple[subprocess.Popen | WarmProcess, str]:
+    """Start `cmd` like `launch`, send `sig` to it at the first line matching the regex `trigger` (with `group`: to
+    every process it started, as SLURM does, and torchrun to each worker's process group); returns the finished
+    process and its whole output."""
+    argv = None if group else warm_argv(cmd)
     if argv is None:
         proc = subprocess.Popen(cmd, env=SUBPROCESS_ENV, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True)
+                                text=True, start_new_session=group)
         output = proc.stdout
     else:
         read_end, write_end = os.pipe()
@@ -151,7 +153,7 @@ def interrupt(cmd: list[str], trigger: str, sig: signal.Signals) -> tuple[subpro
         for line in output:
             lines.append(line)
             if re.search(trigger, line):
-                proc.send_signal(sig)
+                os.killpg(proc.pid, sig) if group else proc.send_signal(sig)
                 break
         lines += output.readlines()
     finally:

@@ -41,6 +41,21 @@ def test_signal_saves_exits_and_resumes_bit_identically(setup, reference_run, si
     assert_same_weights(model_state(ref_out / LAST), model_state(out / LAST))
 
 
+def test_sigterm_to_every_process_with_loader_workers_still_saves(setup, reference_run):  # noqa: F811
+    """SLURM signals every process of the job, torchrun each worker's process group: the DataLoader workers get
+    the SIGTERM too. They ignore it, so the run saves (before, a worker's death made the step raise, and the run
+    ended without a checkpoint); the resume, with workers, ends on the uninterrupted run's weights."""
+    ref_out, _ = reference_run
+    out = setup / "preempted_with_workers"
+    flags = ("--save_every=2", "--hflip=1", "--drop_path_rate=0.1", "--workers=2")
+    proc, log = interrupt(train_cmd(setup, out, *flags), "ep 1/2 it 3/", signal.SIGTERM, group=True)
+    assert proc.returncode == 128 + signal.SIGTERM and STOP_RE.search(log), log[-3000:]
+    assert log.count("SIGTERM received") == 1, log[-3000:]  # the workers neither log nor die
+    assert 3 <= torch.load(out / LAST, weights_only=True)["iter"] < 6
+    run_train(setup, out, *flags)
+    assert_same_weights(model_state(ref_out / LAST), model_state(out / LAST))
+
+
 def test_torchrun_two_ranks_stop_together_and_resume_bit_identically(setup, two_rank_run):  # noqa: F811
     """SIGTERM to the torchrun agent (what Kubernetes or SLURM sends first): it forwards the signal to both
     workers; both finish the same step and save; the relaunch ends on the uninterrupted 2-rank run's weights."""

@@ -6,6 +6,7 @@ ranks or workers, and a run resumed mid-epoch continues with exactly the images 
 """
 import logging
 import os
+import signal
 from pathlib import Path
 from collections.abc import Callable, Iterator
 
@@ -223,6 +224,14 @@ class PaddedEvalDataset(Dataset):
         return (*self.dataset[pos % len(self.dataset)], pos < len(self.dataset))
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers ignore SIGTERM and SIGINT: torchrun and SLURM signal every process of a job, and a worker
+    that died of it would make the training process raise before its preemption checkpoint (utils.run.preemption).
+    A worker still ends with its parent: DataLoader's shutdown, or its watchdog when the parent is gone."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def build_loaders(train_set: Dataset, val_set: Dataset, batch_size: int, workers: int, rank: int, world_size: int,
                   seed: int, pin_memory: bool = False, pad_eval: bool = False,
                   seeded: bool = True) -> tuple[DataLoader, DataLoader, DistributedBatchSampler]:
@@ -236,7 +245,7 @@ def build_loaders(train_set: Dataset, val_set: Dataset, batch_size: int, workers
     sampler = DistributedBatchSampler(len(train_set), batch_size * world_size, rank, world_size, seed)
     # an explicit generator keeps DataLoader from drawing its base seed from the global RNG (exact resume)
     common = dict(num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0,
-                  generator=torch.Generator().manual_seed(seed))
+                  generator=torch.Generator().manual_seed(seed), worker_init_fn=ignore_stop_signals)
     train_loader = DataLoader(SeededDataset(train_set) if seeded else train_set, batch_sampler=sampler, **common)
     val_loader = DataLoader(PaddedEvalDataset(val_set) if pad_eval else val_set,
                             batch_size=max(1, round(batch_size * 1.5)), shuffle=False, drop_last=False,
