@@ -30,6 +30,7 @@ from utils.data.loaders import build_datasets, build_loaders, class_names
 from utils.data.token_cache import TokenCacheError, TokenDataset, open_cache, tokenizer_digest
 from utils.evaluation.during_training import TrainingEval
 from utils.flags import FlagError, changed_flags, finalize_args, parse_args
+from utils.run.agreement import rank_disagreements, run_facts
 from utils.run.checkpoint import RunFolder
 from utils.run.lock import RunLockError
 from utils.run.log import TBLogger, setup_logging
@@ -302,6 +303,11 @@ def main(args: argparse.Namespace) -> None:
     vae = load_tokenizer(args, device)
     reso = args.patch_nums[-1] * vae.downsample
     num_classes, train_set, val_set, eval_images, cache_views = build_data(args, vae, reso)
+    if world > 1:  # one collective: the ranks' flags, tokenizer and data must agree
+        differ = rank_disagreements(run_facts(vars(args), tokenizer_digest(vae), train_set, val_set))
+        if differ:
+            raise FlagError("the ranks do not train alike (another copy of the data, tokenizer or flags on some node; "
+                            "paths may differ):\n  " + "\n  ".join(differ))
     if 0 < args.num_classes < num_classes:
         raise FlagError(f"--num_classes={args.num_classes} is below the data's {num_classes} classes: the labels from "
                         f"{args.num_classes} on would be read as the unconditional (classifier-free guidance) label")

@@ -7,8 +7,21 @@
 # (blocks recomputed in the backward; projected from CPU measurements: M-VAR-d30 from 4 to 29 images per 80 GB
 # GPU, docs/benchmarks.md) and/or --ac=K (K micro-batches per step, same lr); --fsdp=1 shards the weights and
 # AdamW states, not the activations.
+# Preemption: on SIGTERM every rank finishes its step and saves (README, Preemption). torchrun kills its workers 30 s
+# after forwarding the signal, too soon for a large save (d16: ~5 GB, d30: ~34 GB with AdamW): the launcher raises it
+# to TORCH_ELASTIC_SHUTDOWN_TIMEOUT (default here 300 s; torch 2.14 reads it, 2.11 still kills at 30 s). The
+# scheduler's own grace period (SLURM GraceTime/KillWait, Kubernetes terminationGracePeriodSeconds) must cover it too.
+# TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (default here): without it the workers restarted by --max_restarts read the
+# previous round's addresses from the shared store and fail to connect.
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
+if [ "${NNODES:-1}" != 1 ] && { [ -z "${MASTER_ADDR:-}" ] || [ -z "${NODE_RANK:-}" ]; }; then
+  echo "error: NNODES=$NNODES needs MASTER_ADDR (node 0's address, the same on every node) and NODE_RANK (0 to" \
+       "$((NNODES - 1)), this node's) in the environment; without them torchrun waits for peers that never come" >&2
+  exit 2
+fi
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-300}
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
 if [ -z "${PYTHON:-}" ]; then  # the Makefile's virtualenv when there is one
   if [ -x "$REPO/.venv/bin/python" ]; then PYTHON=$REPO/.venv/bin/python; else PYTHON=python; fi
 fi

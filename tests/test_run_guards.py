@@ -4,6 +4,7 @@ import errno
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 from conftest import REPO, launch
-from test_trainer_e2e import run_train, setup  # noqa: F401  (setup: the tiny data + tokenizer fixture)
+from test_trainer_e2e import TINY, run_train, setup  # noqa: F401  (setup: the tiny data + tokenizer fixture)
 from models.loading import CheckpointError
 from scripts.gpu_train_check import write_tokenizer
 from utils.flags import finalize_args, parse_args
@@ -167,3 +168,71 @@ def test_the_launchers_resolve_relative_paths_from_the_callers_folder(tmp_path):
     lines = proc.stdout.splitlines()
     assert proc.returncode == 0 and lines[0] == str(tmp_path), proc.stdout + proc.stderr
     assert str(REPO / "train.py") in lines and lines[-1] == "--data_path=imagenet" and "--depth=16" in lines
+
+
+# ---- the launcher ------------------------------------------------------------------------------------------------
+def run_launcher(tmp_path, **env):
+    """scripts/torchrun.sh with a stand-in PYTHON that prints the environment it got and its arguments."""
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\nenv | grep -E '^TORCH_(ELASTIC|DISABLE)' | sort\necho \"$@\"\n")
+    fake.chmod(0o755)
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("TORCH_", "MASTER_", "NODE_RANK", "NNODES"))}
+    return subprocess.run(["bash", str(REPO / "scripts/torchrun.sh"), "--depth=16"], env={**clean, "PYTHON": str(fake),
+                          **env}, capture_output=True, text=True, timeout=30)
+
+
+def test_launcher_passes_the_node_layout_and_the_preemption_settings(tmp_path):
+    proc = run_launcher(tmp_path, NNODES="2", NODE_RANK="1", MASTER_ADDR="10.0.0.7")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [
+        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT=300",
+        f"-m torch.distributed.run --nproc_per_node=8 --nnodes=2 --node_rank=1 --master_addr=10.0.0.7 "
+        f"--master_port=29500 {REPO}/train.py --depth=16"]
+    assert "TORCH_ELASTIC_SHUTDOWN_TIMEOUT=600" in run_launcher(tmp_path, TORCH_ELASTIC_SHUTDOWN_TIMEOUT="600").stdout
+
+
+@pytest.mark.parametrize("env", [{"NNODES": "2", "NODE_RANK": "1"}, {"NNODES": "2", "MASTER_ADDR": "10.0.0.7"}])
+def test_launcher_refuses_several_nodes_without_their_address_and_rank(tmp_path, env):
+    """Before, a node launched without them waited silently for peers at 127.0.0.1 as node 0."""
+    proc = run_launcher(tmp_path, **env)
+    assert proc.returncode == 2 and "NNODES=2 needs MASTER_ADDR" in proc.stderr and not proc.stdout
+
+
+# ---- ranks that do not train alike --------------------------------------------------------------------------------
+PER_RANK = """import os, runpy, sys
+sys.path.insert(0, {repo!r})
+if os.environ["LOCAL_RANK"] == "1":  # another copy of the data, another flag
+    sys.argv = [f"--data_path={data_1}" if a.startswith("--data_path=") else a for a in sys.argv] + {extra_1!r}
+runpy.run_path({train!r}, run_name="__main__")
+"""
+
+
+def test_ranks_with_other_data_or_flags_are_refused_before_training(setup, tmp_path):  # noqa: F811
+    """Rank 1 reads a node-local copy of the data with one image in another class folder (same classes, same count:
+    its labels would be silently wrong) and sets --save_every otherwise (its collectives would go out of step: a
+    hang on NCCL). Both are named, with each rank's value, before any step; node-local paths may differ."""
+    shutil.copytree(setup / "data", tmp_path / "copy")
+    (tmp_path / "copy/train/class0/0.png").rename(tmp_path / "copy/train/class1/moved.png")
+    wrapper = tmp_path / "per_rank.py"
+    wrapper.write_text(PER_RANK.format(repo=str(REPO), train=str(REPO / "train.py"), data_1=tmp_path / "copy",
+                                       extra_1=["--save_every=7"]))
+    proc = launch(wrapper, f"--data_path={setup / 'data'}", f"--vae_ckpt={setup / 'vae.pth'}",
+                  f"--local_out_dir_path={tmp_path / 'out'}", *TINY, nproc=2, check=False, timeout=120)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "the ranks do not train alike" in out, out[-3000:]
+    assert "--save_every: rank 0: 0; rank 1: 7" in out, out[-3000:]
+    assert "the training files (digest of their paths and labels): rank 0: '" in out, out[-3000:]
+    assert "--data_path" not in out.split("the ranks do not train alike")[1].split("\n\n")[0]  # may differ per node
+    assert "ep 1/2 it 1/" not in out
+
+
+def test_disagreements_name_each_value_with_its_ranks(monkeypatch):
+    import dist
+    from utils.run.agreement import rank_disagreements
+    facts = [{"--bs": 8, "classes": [f"n{i:03}" for i in range(10)]} for _ in range(3)]
+    facts[2]["classes"] = facts[2]["classes"][:5] + ["n999"] + facts[2]["classes"][6:]
+    monkeypatch.setattr(dist, "all_gather_object", lambda mine: facts)
+    assert rank_disagreements(facts[0]) == ["classes: ranks 0,1: 10 items; rank 2: 10 items, item 5 = 'n999'"]
+    facts[1]["--bs"], facts[2]["classes"] = 16, facts[0]["classes"][:6]
+    assert rank_disagreements(facts[0]) == ["--bs: ranks 0,2: 8; rank 1: 16",
+                                            "classes: ranks 0,1: 10 items; rank 2: 6 items, the first 6 of rank 0's"]

@@ -4,6 +4,7 @@ Augmentation is a pure function of (seed, epoch, position in the epoch): the sam
 and `SeededDataset` runs the transform under that seed. So the images a run sees do not depend on the number of
 ranks or workers, and a run resumed mid-epoch continues with exactly the images it would have seen.
 """
+import hashlib
 import logging
 import os
 import signal
@@ -133,6 +134,21 @@ def first_items(dataset: Dataset, n: int) -> Dataset:
 def class_names(dataset: Dataset) -> list[str]:
     """The class names of a `build_datasets` split (an ImageFolder's folder names, an embedded set's classes)."""
     return list((dataset.dataset if isinstance(dataset, Subset) else dataset).classes)
+
+
+def file_list_digest(dataset: Dataset) -> str | None:
+    """A digest of an ImageFolder split's files in use (paths under its root, with their labels), so that copies of
+    the data on other nodes can be compared: class folders whose contents were swapped keep the class names but not
+    the file list. None for the embedded and token-cache data sets (compared by their classes and size)."""
+    base = dataset.dataset if isinstance(dataset, Subset) else dataset
+    if not isinstance(base, ImageFolder):
+        return None
+    indices = dataset.indices if isinstance(dataset, Subset) else range(len(base))
+    h = hashlib.blake2b(digest_size=16)
+    for i in indices:
+        path, label = base.samples[i]
+        h.update(f"{os.path.relpath(path, base.root)}\t{label}\n".encode())
+    return h.hexdigest()
 
 
 # ---- samplers ---------------------------------------------------------------------------------------------------
