@@ -21,7 +21,6 @@ import argparse
 import json
 import logging
 import math
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -43,7 +42,7 @@ from models.presets import ARCH_BRANCHES, MVAR_models, parse_patch_nums
 from utils.evaluation.fid_dump import DumpFolderError, DumpPlan, check_or_write_settings, chunk_seed, dump_shard, \
     fid_folder_name, pack_npz
 from utils.flags import add_backend_flags, add_model_flag, device_problem
-from utils.run.checkpoint import DiskFullError
+from utils.run.checkpoint import DiskFullError, check_writable
 from utils.run.lock import RunLockError, lock_output_folder
 from utils.run.log import setup_logging
 from utils.sample_io import NonFiniteValueError, check_finite_images, check_finite_weights, is_image_file, \
@@ -205,16 +204,6 @@ def check_against_config(args: argparse.Namespace, config: MVARConfig, ckpt: str
 
 def amp_dtype(args: argparse.Namespace) -> torch.dtype | None:
     return torch.float16 if args.fp16 else torch.bfloat16 if args.bf16 else None
-
-
-def check_writable(folder: Path, flag: str) -> None:
-    """Create `folder` and write a probe file there, so an unwritable output fails before any sampling."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as e:
-        raise ValueError(f"{flag}: cannot write into {folder} ({e.strerror or e})") from e
 
 
 def check_outputs(args: argparse.Namespace) -> None:

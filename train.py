@@ -26,12 +26,12 @@ from models.loading import DERIVED_KEYS, CheckpointError, existing_file, load_ch
 from models.mvar import MVAR, MVARConfig
 from models.tokenizer import VQVAE
 from trainer import NonFiniteError, StepResult, Trainer
-from utils.data.loaders import build_datasets, build_loaders, class_names
+from utils.data.loaders import DataError, build_datasets, build_loaders, class_names
 from utils.data.token_cache import TokenCacheError, TokenDataset, open_cache, tokenizer_digest
 from utils.evaluation.during_training import TrainingEval
 from utils.flags import FlagError, changed_flags, finalize_args, parse_args
 from utils.run.agreement import rank_disagreements, run_facts
-from utils.run.checkpoint import RunFolder
+from utils.run.checkpoint import OutputFolderError, RunFolder, check_writable
 from utils.run.lock import RunLockError
 from utils.run.log import TBLogger, setup_logging
 from utils.run.preemption import Preemption
@@ -276,6 +276,7 @@ def main(args: argparse.Namespace) -> None:
     device = dist.initialize()
     rank, world = dist.get_rank(), dist.get_world_size()
     args = finalize_args(args, world)
+    check_writable(Path(args.local_out_dir_path), "--local_out_dir_path")
     setup_logging(rank, Path(args.local_out_dir_path))
     folder = RunFolder(args.local_out_dir_path, "ar-ckpt")
     folder.open(rank0_state=args.fsdp)  # FSDP2 gathers the states on rank 0
@@ -372,7 +373,7 @@ if __name__ == "__main__":
     try:
         dist.run_then_finalize(main, parse_args())
     except (FlagError, backends.BackendError, FileNotFoundError, CheckpointError, RunLockError, NonFiniteError,
-            TokenCacheError) as e:
+            TokenCacheError, OutputFolderError, DataError) as e:
         # a flag or file that does not fit, a diverged run (its message says which checkpoint is intact), a token
         # cache of other settings
         raise SystemExit(f"error: {e}") from e

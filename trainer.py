@@ -391,8 +391,14 @@ class Trainer:
             else:
                 problems.append(f"{other}; pass --allow_other_tokenizer if this is meant")
         if ckpt["iter"] > 0 and ckpt["args"]["glb_batch_size"] != args["glb_batch_size"]:
-            problems.append(f"global micro-batch {ckpt['args']['glb_batch_size']} vs {args['glb_batch_size']} "
-                            f"(--bs/--ac): a mid-epoch position needs the same batch")
+            saved = ckpt["args"]
+            ranks = len(ckpt["rng"]) if isinstance(ckpt["rng"], list) else None
+            cause = f" ({ranks} ranks then, {dist.get_world_size()} now: --bs rounds to a multiple of --ac x " \
+                    f"ranks)" if ranks and ranks != dist.get_world_size() else ""
+            problems.append(f"global micro-batch {saved['glb_batch_size']} vs {args['glb_batch_size']} (--bs/--ac)"
+                            f"{cause}: a mid-epoch position needs the same batch; relaunch with "
+                            f"--bs={saved['glb_batch_size'] * saved['ac']} --ac={saved['ac']}"
+                            f"{f' on {ranks} ranks' if cause else ''}, or resume from an epoch-end checkpoint")
         problems += data_problems(ckpt.get("data"), data, mid_epoch=ckpt["iter"] > 0)
         if problems:
             raise CheckpointError(f"checkpoint {path} is incompatible with this run: " + "; ".join(problems))

@@ -236,3 +236,24 @@ def test_disagreements_name_each_value_with_its_ranks(monkeypatch):
     facts[1]["--bs"], facts[2]["classes"] = 16, facts[0]["classes"][:6]
     assert rank_disagreements(facts[0]) == ["--bs: ranks 0,2: 8; rank 1: 16",
                                             "classes: ranks 0,1: 10 items; rank 2: 6 items, the first 6 of rank 0's"]
+
+
+# ---- data and output folders that cannot train: one error line before any work ----------------------------------
+def test_unusable_folders_end_in_one_error_line(setup, tmp_path):  # noqa: F811
+    (tmp_path / "a_file").write_text("")
+    proc = run_train(setup, tmp_path / "a_file/out", check=False)
+    assert proc.returncode == 1 and proc.stderr.startswith("error: --local_out_dir_path: cannot write into ") \
+        and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+    data = tmp_path / "data"
+    shutil.copytree(setup / "data", data)
+    (data / "val/class2").rename(data / "val/class9")
+    proc = run_train(setup, tmp_path / "out", f"--data_path={data}", check=False)
+    assert proc.stderr.strip().endswith("train/ and val/ must have the same class folders; only in train/: class2 (1); "
+                                        "only in val/: class9 (1)") and "Traceback" not in proc.stderr, proc.stderr
+
+    (data / "val/class9").rename(data / "val/class2")
+    (data / "train/class3").mkdir()
+    proc = run_train(setup, tmp_path / "out", f"--data_path={data}", check=False)
+    assert f"error: --data_path: {data / 'train'} has class folders without images (Found no valid file for the " \
+        "classes class3" in proc.stderr, proc.stderr

@@ -281,6 +281,16 @@ def test_resume_with_renamed_classes_or_more_images_mid_epoch_is_refused(setup, 
         "checkpoint was written: a mid-epoch position" in proc.stderr
 
 
+def test_resume_mid_epoch_with_another_batch_says_which_flags_resume(setup, reference_run):
+    ref_out, _ = reference_run
+    out = setup / "other_batch"
+    out.mkdir()
+    shutil.copy(ref_out / PREV, out / LAST)  # mid-epoch, --bs=4 on one rank
+    proc = run_train(setup, out, "--drop_path_rate=0.1", "--bs=6", check=False)
+    assert proc.returncode != 0 and "global micro-batch 4 vs 6 (--bs/--ac): a mid-epoch position needs the same " \
+        "batch; relaunch with --bs=4 --ac=1, or resume from an epoch-end checkpoint" in proc.stderr, proc.stderr
+
+
 def test_partial_accumulation_window_still_saves(setup):
     """--ac=2 with 5 iterations: --save_every=3 falls on a non-stepping micro-step and is taken at the window's end
     (iter 4); the run ends inside a window, whose micro-step is discarded, and still writes its final and best

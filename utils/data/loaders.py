@@ -22,6 +22,10 @@ logger = logging.getLogger(__name__)
 MAX_CONSECUTIVE_BAD = 100  # give up if this many images in a row are unreadable: the data set itself is broken
 
 
+class DataError(ValueError):
+    """A data folder or data flag that cannot train (train.py prints it as one error line)."""
+
+
 def normalize_01_into_pm1(x: torch.Tensor) -> torch.Tensor:
     """[0, 1] -> [-1, 1]."""
     return x.add(x).add_(-1)
@@ -55,8 +59,10 @@ class SafeImageFolder(ImageFolder):
                                     f"sub-folder per class)")
         try:
             super().__init__(root, transform=transform, loader=_load_rgb)
-        except FileNotFoundError as e:  # no class folders / no images
-            raise FileNotFoundError(f"{flag}: {root} holds no images in class sub-folders ({e})") from e
+        except FileNotFoundError as e:  # no class folders / a class folder without images
+            what = "has class folders without images" if "Found no valid file" in str(e) else \
+                "holds no images in class sub-folders"
+            raise FileNotFoundError(f"{flag}: {root} {what} ({e})") from e
         self.bad_paths: set = set()
 
     def read(self, index: int) -> Image.Image | None:
@@ -107,21 +113,24 @@ def build_datasets(data_path: str, dataset: str, reso: int, mid_reso: float = 1.
     the embedded data set `dataset` (utils.data.embedded; Fashion-MNIST read from `fmnist_dir`) through the same
     transforms. A positive `train_limit` / `val_limit` keeps only that many first images of the split."""
     if train_limit < 0 or val_limit < 0:
-        raise ValueError(f"--train_limit={train_limit} --val_limit={val_limit}: expected >= 0 (0 = all images)")
+        raise DataError(f"--train_limit={train_limit} --val_limit={val_limit}: expected >= 0 (0 = all images)")
     train_tf, val_tf = build_transforms(reso, mid_reso, hflip)
     if data_path:
         train_set = SafeImageFolder(str(Path(data_path) / "train"), train_tf)
         val_set = SafeImageFolder(str(Path(data_path) / "val"), val_tf)
         if train_set.classes != val_set.classes:
-            raise ValueError(f"--data_path={data_path}: train/ and val/ have different class folders "
-                             f"({len(train_set.classes)} vs {len(val_set.classes)})")
+            only = [f"only in {split}/: {', '.join(sorted(names)[:5])}{', ...' * (len(names) > 5)} ({len(names)})"
+                    for split, names in (("train", set(train_set.classes) - set(val_set.classes)),
+                                         ("val", set(val_set.classes) - set(train_set.classes))) if names]
+            raise DataError(f"--data_path={data_path}: train/ and val/ must have the same class folders; "
+                            + "; ".join(only))
     else:
         from utils.data.embedded import build_embedded_dataset
 
         train_set = build_embedded_dataset(dataset, "train", train_tf, fmnist_dir)
         val_set = build_embedded_dataset(dataset, "val", val_tf, fmnist_dir)
     if len(train_set) == 0 or len(val_set) == 0:
-        raise ValueError(f"empty data set: {len(train_set)} train / {len(val_set)} val images "
+        raise DataError(f"empty data set: {len(train_set)} train / {len(val_set)} val images "
                          f"(--data_path={data_path!r}, --dataset={dataset!r})")
     return len(train_set.classes), first_items(train_set, train_limit), first_items(val_set, val_limit)
 

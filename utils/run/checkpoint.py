@@ -23,6 +23,7 @@ import logging
 import os
 import re
 import shutil
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -145,6 +146,20 @@ def is_checkpoint_writer(out_dir: Path) -> bool:
         return True
     shared = marker.is_file() and marker.read_text() == token
     return dist.get_local_rank() == 0 and not shared
+
+
+class OutputFolderError(ValueError):
+    """An output folder that cannot be created or written into (the scripts print it as one error line)."""
+
+
+def check_writable(folder: Path, flag: str) -> None:
+    """Create `folder` and write a probe file there, so an unwritable output fails before any work."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise OutputFolderError(f"{flag}: cannot write into {folder} ({e.strerror or e})") from e
 
 
 class RunFolder:
