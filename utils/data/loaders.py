@@ -7,6 +7,7 @@ ranks or workers, and a run resumed mid-epoch continues with exactly the images 
 import hashlib
 import logging
 import os
+import re
 import signal
 from pathlib import Path
 from collections.abc import Callable, Iterator
@@ -60,8 +61,9 @@ class SafeImageFolder(ImageFolder):
         try:
             super().__init__(root, transform=transform, loader=_load_rgb)
         except FileNotFoundError as e:  # no class folders / a class folder without images
-            what = "has class folders without images" if "Found no valid file" in str(e) else \
-                "holds no images in class sub-folders"
+            empty = re.search(r"Found no valid file for the classes (.*?)\. Supported", str(e))
+            some = empty and len(empty.group(1).split(", ")) < sum(p.is_dir() for p in Path(root).iterdir())
+            what = "has class folders without images" if some else "holds no images in class sub-folders"
             raise FileNotFoundError(f"{flag}: {root} {what} ({e})") from e
         self.bad_paths: set = set()
 
