@@ -125,3 +125,15 @@ def test_embedded_dataset_goes_through_the_same_transforms():
     n, train, val = build_datasets("", "mnist", 16)
     x, y = train[0]
     assert n == 10 and x.shape == (3, 16, 16) and 0 <= y < 10 and len(train) + len(val) == 5000
+
+
+def test_a_limit_that_misses_classes_is_named(tmp_path, caplog):
+    """An ImageFolder lists its images class by class: the first N may miss classes, which the model keeps."""
+    make_folder(tmp_path / "train", classes=3)
+    make_folder(tmp_path / "val", classes=3, per_class=1)
+    with caplog.at_level("WARNING", logger="utils.data.loaders"):
+        _, train, val = build_datasets(str(tmp_path), "mnist", 8, train_limit=4, val_limit=3)
+    assert len(train) == 4 and len(val) == 3
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 1 and messages[0].startswith(
+        "--train_limit=4 keeps the data set's first 4 images, which cover 2 of its 3 classes"), messages

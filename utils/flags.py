@@ -94,9 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--hflip", default=False, **b, help="random horizontal flip")
     g.add_argument("--workers", type=int, default=0, help="data-loader processes per rank (0: load in the main "
                    "process, VAR's default; use 8-12 per GPU for ImageNet)")
-    g.add_argument("--train_limit", type=int, default=0, help="train on the first N training images only (0 = all; "
-                   "short studies, scripts/study.py)")
-    g.add_argument("--val_limit", type=int, default=0, help="validate on the first N validation images only (0 = all)")
+    g.add_argument("--train_limit", type=int, default=0, help="train on the first N training images only, in the data "
+                   "set's order (an ImageFolder's is class by class: a warning says when they miss classes); 0 = all; "
+                   "short studies, scripts/study.py")
+    g.add_argument("--val_limit", type=int, default=0, help="validate on the first N validation images only, in the "
+                   "data set's order as --train_limit (0 = all)")
     g.add_argument("--num_classes", type=int, default=0, help="class count of the model; 0 = the data set's")
 
     g = p.add_argument_group("model")

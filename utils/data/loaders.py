@@ -134,12 +134,24 @@ def build_datasets(data_path: str, dataset: str, reso: int, mid_reso: float = 1.
     if len(train_set) == 0 or len(val_set) == 0:
         raise DataError(f"empty data set: {len(train_set)} train / {len(val_set)} val images "
                          f"(--data_path={data_path!r}, --dataset={dataset!r})")
-    return len(train_set.classes), first_items(train_set, train_limit), first_items(val_set, val_limit)
+    return len(train_set.classes), first_items(train_set, train_limit, "--train_limit"), \
+        first_items(val_set, val_limit, "--val_limit")
 
 
-def first_items(dataset: Dataset, n: int) -> Dataset:
-    """The first `n` items of `dataset` (all of them for n = 0)."""
-    return Subset(dataset, range(min(n, len(dataset)))) if n > 0 else dataset
+def first_items(dataset: Dataset, n: int, flag: str | None = None) -> Dataset:
+    """The first `n` items of `dataset` (all of them for n = 0). With `flag`, a warning names it when they cover
+    fewer classes than the whole: an ImageFolder lists its images class by class, so --train_limit=10000 of
+    ImageNet is its first 8 classes."""
+    if n <= 0:
+        return dataset
+    targets = getattr(dataset, "targets", None)
+    if flag is not None and targets is not None:
+        kept, every = len(set(map(int, targets[:n]))), len(set(map(int, targets)))
+        if kept < every:
+            logger.warning("%s=%d keeps the data set's first %d images, which cover %d of its %d classes (an "
+                           "ImageFolder lists its images class by class): the model still has every class, and "
+                           "their losses measure those %d only", flag, n, min(n, len(dataset)), kept, every, kept)
+    return Subset(dataset, range(min(n, len(dataset))))
 
 
 def class_names(dataset: Dataset) -> list[str]:
