@@ -8,6 +8,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -67,11 +68,31 @@ def test_reused_pid_and_silent_remote_owner_are_stale(tmp_path):
     finally:
         proc.kill()
         proc.wait()
-    write_lock(tmp_path, "other-node", 1, age_s=10)
-    with pytest.raises(RunLockError, match="host other-node, pid 1"):
-        RunLock(tmp_path).acquire()
     write_lock(tmp_path, "other-node", 1, age_s=run_lock.STALE_S + 1)  # no heartbeat: the node is gone
     RunLock(tmp_path).acquire().release()
+
+
+def test_a_recent_remote_lock_is_watched_until_stale_or_alive(tmp_path, monkeypatch, caplog):
+    """Another host's lock with a recent heartbeat: a relaunch waits. Its heartbeat advancing means a live run
+    (refused at once); none until STALE_S means a node killed moments ago (taken over; a scheduler's requeue onto
+    other nodes right after a SIGKILL then resumes instead of failing)."""
+    monkeypatch.setattr(run_lock, "STALE_S", 1.5)
+    monkeypatch.setattr(run_lock, "POLL_S", 0.05)
+    write_lock(tmp_path, "other-node", 1, age_s=0.5)
+    beat = threading.Timer(0.3, os.utime, (tmp_path / LOCK_NAME,))
+    beat.start()
+    t0 = time.monotonic()
+    with pytest.raises(RunLockError, match="host other-node, pid 1"):
+        RunLock(tmp_path).acquire()
+    assert time.monotonic() - t0 < 1.0  # refused at the heartbeat, not at STALE_S
+    beat.join()
+
+    write_lock(tmp_path, "other-node", 1, age_s=0.5)
+    t0 = time.monotonic()
+    with caplog.at_level("WARNING", logger="utils.run.lock"):
+        RunLock(tmp_path).acquire().release()
+    assert 0.9 < time.monotonic() - t0 < 3.0
+    assert "waiting up to 1s for it to go stale" in caplog.text and "no heartbeat for 2s" in caplog.text
 
 
 def test_heartbeat_keeps_the_lock_fresh(tmp_path, monkeypatch):

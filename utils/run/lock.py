@@ -4,7 +4,9 @@ Two runs writing the same checkpoint files corrupt each other's resume point (e.
 training when the job is relaunched). The lock `.run.lock` is created exclusively; a second run is refused with
 the owner's host and pid. A lock is stale, and taken over with a warning, when its owner is on this host and its
 pid is gone (or now belongs to another process), or, for an owner on another host, when its heartbeat (the file's
-mtime, touched every `HEARTBEAT_S`) is older than `STALE_S` (a preempted node that vanished).
+mtime, touched every `HEARTBEAT_S`) is older than `STALE_S` (a preempted node that vanished). A lock of another host
+with a recent heartbeat is watched until it goes stale (taken over: a job requeued onto other nodes right after a
+SIGKILL resumes by itself) or its heartbeat advances (refused: that run is alive).
 """
 import atexit
 import json
@@ -22,6 +24,7 @@ logger = logging.getLogger(__name__)
 
 LOCK_NAME = ".run.lock"
 HEARTBEAT_S, STALE_S = 30.0, 300.0
+POLL_S = 5.0  # how often a remote owner's heartbeat is looked at while waiting for it
 
 
 class RunLockError(RuntimeError):
@@ -88,6 +91,10 @@ class RunLock:
         if here and owner.get("pid") == self.owner["pid"]:  # an earlier main() of this very process
             self.path.unlink(missing_ok=True)
             return
+        if not here and age <= STALE_S:
+            age = self._watch_remote_owner(owner, age)
+            if age is None:
+                return  # released or replaced meanwhile: retry
         if here and not pid_alive(int(owner.get("pid", -1)), owner.get("start")) or not here and age > STALE_S:
             logger.warning("taking over the stale run lock %s of %s pid %s (%s)", self.path, owner.get("host"),
                            owner.get("pid"), "exited" if here else f"no heartbeat for {age:.0f}s")
@@ -96,6 +103,28 @@ class RunLock:
         raise RunLockError(f"{self.path.parent} is in use by a live run: host {owner.get('host')}, pid "
                            f"{owner.get('pid')}, since {owner.get('since')}. Stop that run (orphan torchrun workers "
                            f"included) or choose another output folder; if it is dead, delete {self.path}")
+
+    def _watch_remote_owner(self, owner: dict[str, Any], age: float) -> float | None:
+        """Wait until the lock of `owner` (another host; heartbeat `age` s ago) is older than STALE_S, or its
+        heartbeat advances (the owner lives) -> its age then; None if the lock was released or replaced."""
+        logger.warning("%s is held by host %s pid %s, whose last heartbeat was %.0fs ago: waiting up to %.0fs for it "
+                       "to go stale (a live run refreshes it every %.0fs)", self.path, owner.get("host"),
+                       owner.get("pid"), age, STALE_S - age, HEARTBEAT_S)
+        try:
+            seen = self.path.stat().st_mtime
+        except FileNotFoundError:
+            return None
+        while True:
+            time.sleep(min(POLL_S, max(0.0, STALE_S - age) + 0.05))
+            try:
+                mtime = self.path.stat().st_mtime
+            except FileNotFoundError:
+                return None
+            if read_owner(self.path) != owner:
+                return None
+            age = time.time() - mtime
+            if mtime != seen or age > STALE_S:
+                return age
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
