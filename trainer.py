@@ -392,9 +392,9 @@ class Trainer:
                 problems.append(f"{other}; pass --allow_other_tokenizer if this is meant")
         if ckpt["iter"] > 0 and ckpt["args"]["glb_batch_size"] != args["glb_batch_size"]:
             saved = ckpt["args"]
-            ranks = len(ckpt["rng"]) if isinstance(ckpt["rng"], list) else None
+            ranks = len(ckpt["rng"])  # one RNG state per rank (gather_rng_states)
             cause = f" ({ranks} ranks then, {dist.get_world_size()} now: --bs rounds to a multiple of --ac x " \
-                    f"ranks)" if ranks and ranks != dist.get_world_size() else ""
+                    f"ranks)" if ranks != dist.get_world_size() else ""
             problems.append(f"global micro-batch {saved['glb_batch_size']} vs {args['glb_batch_size']} (--bs/--ac)"
                             f"{cause}: a mid-epoch position needs the same batch; relaunch with "
                             f"--bs={saved['glb_batch_size'] * saved['ac']} --ac={saved['ac']}"

@@ -167,10 +167,11 @@ def file_list_digest(dataset: Dataset) -> str | None:
     if not isinstance(base, ImageFolder):
         return None
     indices = dataset.indices if isinstance(dataset, Subset) else range(len(base))
+    prefix = len(os.path.join(base.root, ""))  # ImageFolder joins root, class folder and file name
     h = hashlib.blake2b(digest_size=16)
     for i in indices:
         path, label = base.samples[i]
-        h.update(f"{os.path.relpath(path, base.root)}\t{label}\n".encode())
+        h.update(f"{path[prefix:]}\t{label}\n".encode())
     return h.hexdigest()
 
 
