@@ -43,7 +43,8 @@ from utils.evaluation.fid_dump import DumpFolderError, DumpPlan, check_or_write_
     fid_folder_name, pack_npz
 from utils.flags import add_backend_flags, add_model_flag, device_problem
 from utils.run.checkpoint import DiskFullError, check_writable
-from utils.run.lock import RunLockError, lock_output_folder
+from utils.run.agreement import rank_disagreements
+from utils.run.lock import LOCK_NAME, RunLockError, lock_output_folder, read_owner
 from utils.run.log import setup_logging
 from utils.sample_io import NonFiniteValueError, check_finite_images, check_finite_weights, is_image_file, \
     load_edit_inputs, parse_box, save_folder, save_grid, to_uint8_BHW3
@@ -401,10 +402,11 @@ def sample_fid(args: argparse.Namespace, mvar: MVAR, ckpt_path: Path, vae_id: st
                 "more_smooth": args.more_smooth, "seed": args.seed, "num_classes": plan.num_classes,
                 "num_per_class": plan.num_per_class, "batch_size": plan.batch_size, "precision": precision_name(args)}
     lock = lock_output_folder(folder, holder=rank == 0)  # creates it; one dump per folder (they share the .npy)
-    try:
-        if rank == 0:  # the images are bound to the weights they came from
-            settings.update(model_weights=weights_digest(mvar.state_dict()),
-                            vae_weights=weights_digest(mvar.vae.state_dict()))
+    try:  # the images are bound to the weights they came from, on every rank
+        settings.update(model_weights=weights_digest(mvar.state_dict()),
+                        vae_weights=weights_digest(mvar.vae.state_dict()))
+        check_ranks_agree(settings, folder)
+        if rank == 0:
             check_or_write_settings(folder, settings)
             logger.info("FID dump: %d images (%d classes x %d) into %s over %d rank(s)", plan.total,
                         plan.num_classes, plan.num_per_class, folder, world_size)
@@ -415,15 +417,28 @@ def sample_fid(args: argparse.Namespace, mvar: MVAR, ckpt_path: Path, vae_id: st
         dist.barrier()
         if rank != 0:
             return None
-        npz = pack_npz(folder, plan.total, image_hw=image_hw)  # raises, naming them, if PNGs are missing
+        npz = pack_npz(folder, plan, image_hw=image_hw)  # raises, naming them, if PNGs are missing
         info = {**settings, "ckpt_path": str(ckpt_path.resolve()), "arch": mvar.config.arch, "depth": mvar.depth,
                 "num_images": plan.total, "image_hw": list(image_hw), "npz": str(npz), "folder": str(folder),
-                "torch": torch.__version__}
+                "npz_order": f"row j is {folder.name}/{{utils.evaluation.fid_dump.npz_order(N)[j]:06d}}.png; arr_1 "
+                             "holds the labels", "torch": torch.__version__}
         npz.with_suffix(".json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
         return npz
     finally:
         if lock is not None:
             lock.release()
+
+
+def check_ranks_agree(settings: dict[str, Any], folder: Path) -> None:
+    """Collective: every rank must sample with the same settings and weights (nodes may read different copies of
+    --ckpt) into one folder (--fid_dir on a disk they all see: the run lock rank 0 holds there must be visible to
+    each), or the npz would mix models, or never be complete; a DumpFolderError lists what differs."""
+    facts = {**{f"{k} (settings.json)": v for k, v in settings.items()},
+             "the run lock of --fid_dir (rank 0's: every rank must see its folder, on a shared disk)":
+             read_owner(folder / LOCK_NAME)}
+    if problems := rank_disagreements(facts):
+        raise DumpFolderError("the ranks of this FID dump disagree, so their images cannot make one npz:\n  "
+                              + "\n  ".join(problems))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -452,7 +467,7 @@ def main(argv: Sequence[str] | None = None) -> Path | None:
         if args.fid:
             return sample_fid(args, mvar, ckpt_path, vae_id, generate, rank, world_size)
         return sample_pictures(args, generate)
-    except (NonFiniteValueError, RunLockError, DiskFullError, DumpFolderError) as e:
+    except (NonFiniteValueError, RunLockError, DiskFullError, DumpFolderError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from e
 
 

@@ -180,3 +180,25 @@ def test_fid_dump_over_two_nodes_equals_one_process(ckpt, tmp_path):  # noqa: F8
     name = "tiny-cfg1.5-topk20-topp0.96-seed0-n3.npz"
     with np.load(tmp_path / "one" / name) as a, np.load(tmp_path / "two" / name) as b:
         assert a["arr_0"].shape == (30, 8, 8, 3) and np.array_equal(a["arr_0"], b["arr_0"])
+
+
+def test_fid_dump_refuses_nodes_with_other_weights_or_their_own_folder(ckpt, tmp_path):  # noqa: F811
+    """A review saw a dump whose nodes held different copies of ckpt.pth exit 0 with both models' images in one npz
+    (only rank 0 hashed its weights), and one with a node-local --fid_dir never complete. Node 1 here has both."""
+    other = tmp_path / "node1" / ckpt.name
+    other.parent.mkdir()
+    state = torch.load(ckpt, weights_only=True)
+    state["model"]["head.weight"] = state["model"]["head.weight"] + 0.01
+    torch.save(state, other)
+
+    def argv(node: int) -> list[str]:
+        return [str(REPO / "sample.py"), "--ckpt", str(other if node else ckpt), "--device", "cpu", "--fid",
+                "--top_k", "20", "--fid_num_per_class", "1", "--bs", "4", "--fid_dir", str(tmp_path / f"dump{node}")]
+
+    with two_nodes(tmp_path, argv) as nodes:
+        assert nodes.wait() != [0, 0]
+        log = nodes.text()
+    assert "error: the ranks of this FID dump disagree" in log, log[-4000:]
+    assert re.search(r"model_weights \(settings.json\): rank 0: '\w+'; rank 1: '\w+'", log), log[-4000:]
+    assert re.search(r"the run lock of --fid_dir .*rank 0: \{'host'.*rank 1: None", log), log[-4000:]
+    assert "vae_weights" not in log and not list(tmp_path.glob("dump*/*/*.png"))

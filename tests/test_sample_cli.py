@@ -10,7 +10,7 @@ from PIL import Image
 import sample
 from models import MVARConfig
 from models.loading import mvar_checkpoint
-from utils.evaluation.fid_dump import pack_npz
+from utils.evaluation.fid_dump import DumpPlan, pack_npz
 
 NUM_CLASSES, IMG = 10, 8  # patch_nums (1, 2, 3, 4) with a 2x tokenizer: 8x8 pixel images
 
@@ -172,4 +172,4 @@ def test_fid_dump_packs_npz_and_resumes(ckpt, tmp_path):
 
     (folder / "000007.png").unlink()  # packing alone names what is missing
     with pytest.raises(FileNotFoundError, match="1 of the 20 PNGs .* missing .*000007.png"):
-        pack_npz(folder, 20)
+        pack_npz(folder, DumpPlan(num_classes=NUM_CLASSES, num_per_class=2, batch_size=8))

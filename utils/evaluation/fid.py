@@ -6,11 +6,11 @@ The library behind `scripts/fid.py` (which only parses flags): `evaluate(sample,
 `mu`/`sigma` only (then no precision/recall), or with images `arr_0` only (statistics computed here).
 Every input is checked (`check_sample`, `load_reference`) before any feature is computed: object or float
 arrays, statistics of another width and unreadable images are errors naming the file and what was expected.
-Metrics follow OpenAI's guided-diffusion evaluator: FID from pool3 statistics, IS over splits of 5000 with the
-classifier's bias dropped (only with an Inception port that has the classifier, see utils/evaluation/inception.py),
-improved precision/recall (Kynkaanniemi et al. 2019) with k=3 and radii above the 95th percentile dropped.
-Features come from a TorchScript port of the TF graph, so numbers can differ from the TF evaluator in the
-second decimal.
+Metrics follow OpenAI's guided-diffusion evaluator: FID from pool3 statistics, IS over splits of 5000 (of the
+images shuffled with a fixed seed, so that a class-ordered input is not deflated) with the classifier's bias dropped
+(only with an Inception port that has the classifier, see utils/evaluation/inception.py), improved
+precision/recall (Kynkaanniemi et al. 2019) with k=3 and radii above the 95th percentile dropped. Features come
+from a TorchScript port of the TF graph, so numbers can differ from the TF evaluator in the second decimal.
 """
 import logging
 import math
@@ -81,9 +81,15 @@ def frechet_distance_of_features(a_ND: np.ndarray, b_MD: np.ndarray) -> float:
     return float(diff @ diff + (A_ND * A_ND).sum() + (B_MD * B_MD).sum() - 2 * tr_covmean)
 
 
-def inception_score(probs_NK: np.ndarray, split_size: int = 5000) -> float:
-    """exp(E[KL(p(y|x) || p(y))]) per split of `split_size` samples, averaged over splits (as OpenAI's evaluator)."""
+def inception_score(probs_NK: np.ndarray, split_size: int = 5000, shuffle_seed: int | None = 0) -> float:
+    """exp(E[KL(p(y|x) || p(y))]) per split of `split_size` samples, averaged over splits (as OpenAI's evaluator).
+
+    The rows are first shuffled with `shuffle_seed` (as torch-fidelity does; None keeps their order, as OpenAI's
+    evaluator does): splits of a class-ordered input would each see a few classes only, and score far lower.
+    """
     probs_NK = np.asarray(probs_NK, dtype=np.float64)
+    if shuffle_seed is not None:
+        probs_NK = probs_NK[np.random.default_rng(shuffle_seed).permutation(len(probs_NK))]
     scores = []
     for start in range(0, len(probs_NK), split_size):
         part = probs_NK[start:start + split_size]

@@ -14,12 +14,18 @@ Layout (after DiT's sample_ddp.py, with deterministic classes and resumption):
 - One dump per folder at a time (sample.py takes the folder's run lock, utils.run.lock); settings.json is created
   atomically (the first dump's settings win, a racing one is checked against them). A full disk is a DiskFullError
   naming the file; no temporary file stays behind and the finished PNGs are kept for the resume.
-- Packing (rank 0, after a barrier): the N PNGs are copied in index order into a memory-mapped `.npy`
-  (np.lib.format.open_memmap), which is then stored uncompressed as `arr_0.npy` inside `{folder}.npz`: exactly
-  what `np.load(path)["arr_0"]` (OpenAI's guided-diffusion evaluator) reads, uint8 (N, H, W, 3). Peak disk use is
-  twice the array (the `.npy` is deleted at the end); RAM stays at one image.
+- Packing (rank 0, after a barrier): the N PNGs are copied into a memory-mapped `.npy` (np.lib.format.open_memmap),
+  which is then stored uncompressed as `arr_0.npy` inside `{folder}.npz`: exactly what `np.load(path)["arr_0"]`
+  (OpenAI's guided-diffusion evaluator) reads, uint8 (N, H, W, 3), with the class labels as `arr_1` (int64 (N,), as
+  in ADM's labeled reference batches). Peak disk use is twice the array (the `.npy` is deleted at the end); RAM
+  stays at one image.
+- Row order: row j of the npz is PNG `npz_order(N)[j]`, a fixed shuffle. The PNGs are class-major, and the
+  Inception Score (ADM's evaluator, like ours) averages over consecutive splits of 5,000 images: in class order a
+  split of a 1,000-class dump holds 100 classes, which caps IS near 100 (a review measured 36 against 144 shuffled).
+  FID and precision/recall do not depend on the order.
 """
 import errno
+import io
 import json
 import logging
 import math
@@ -86,6 +92,15 @@ class DumpPlan:
         return np.asarray([i // self.num_per_class for i in indices], dtype=np.int64)
 
 
+NPZ_ORDER_SEED = 0
+
+
+def npz_order(total: int) -> np.ndarray:
+    """Which PNG index each npz row holds: a permutation of [0, total) fixed by `NPZ_ORDER_SEED` (see the module
+    docstring: it mixes the classes within every split of the Inception Score)."""
+    return np.random.default_rng(NPZ_ORDER_SEED).permutation(total)
+
+
 def chunk_seed(seed: int, chunk: int) -> int:
     """Seed of one generation batch: a 31-bit mix of (seed, chunk), so nearby seeds give unrelated streams."""
     return int(np.random.SeedSequence([seed, chunk]).generate_state(1)[0] & 0x7FFFFFFF)
@@ -125,6 +140,10 @@ def check_or_write_settings(folder: Path, settings: dict[str, Any]) -> None:
     """Record the settings in `folder/settings.json`, or check a resumed dump was started with the same ones
     (weights included): ValueError saying what differs."""
     path = Path(folder) / SETTINGS_NAME
+    if not path.exists() and (png := next(Path(folder).glob("*.png"), None)) is not None:
+        raise DumpFolderError(f"{folder} holds PNGs ({png.name}, ...) but no {SETTINGS_NAME}: they are not a dump of "
+                              "this sample.py (whose first step writes it), so which weights and settings made them "
+                              f"cannot be checked. Choose another --fid_dir, or move them out of {folder}.")
     try:  # created atomically: of two dumps starting at once, one writes it and the other is checked against it
         write_atomic(path, lambda f: f.write(json.dumps(settings, indent=2, sort_keys=True).encode()), exclusive=True)
         return
@@ -176,13 +195,15 @@ def missing_indices(folder: Path, total: int, image_hw: tuple[int, int] | None =
     return [i for i in range(total) if not png_is_valid(png_path(folder, i), image_hw)]
 
 
-def pack_npz(folder: Path, total: int, npz_path: Path | None = None, image_hw: tuple[int, int] | None = None
+def pack_npz(folder: Path, plan: DumpPlan, npz_path: Path | None = None, image_hw: tuple[int, int] | None = None
              ) -> Path:
-    """Pack `{0..total-1:06d}.png` into `npz_path` (default `{folder}.npz`) with key `arr_0`, uint8 (N, H, W, 3).
+    """Pack the plan's `{idx:06d}.png` into `npz_path` (default `{folder}.npz`): `arr_0` uint8 (N, H, W, 3) in
+    `npz_order(N)`, `arr_1` their int64 class labels.
 
     Goes through a memory-mapped `.npy` beside the npz; every image must have the first one's shape (and `image_hw`
     when given). A missing or undecodable PNG raises FileNotFoundError saying how many are missing.
     """
+    total = plan.total
     folder = Path(folder)
     npz_path = Path(npz_path) if npz_path is not None else folder.with_name(folder.name + ".npz")
     if total < 1:
@@ -201,8 +222,9 @@ def pack_npz(folder: Path, total: int, npz_path: Path | None = None, image_hw: t
         with disk_full_is_an_error(npz_path, kept):
             arr = np.lib.format.open_memmap(npy_path, mode="w+", dtype=np.uint8, shape=(total, H, W, 3))
             _allocate(npy_path)
-            for i in range(total):
-                p = png_path(folder, i)
+            order = npz_order(total)
+            for j, i in enumerate(order):
+                p = png_path(folder, int(i))
                 try:
                     with Image.open(p) as im:
                         img = np.asarray(im.convert("RGB"))
@@ -210,11 +232,14 @@ def pack_npz(folder: Path, total: int, npz_path: Path | None = None, image_hw: t
                     _raise_missing(folder, total, e)
                 if img.shape != (H, W, 3):
                     raise DumpFolderError(f"{p} has shape {img.shape}, expected {(H, W, 3)} like {first.name}")
-                arr[i] = img
+                arr[j] = img
             arr.flush()
             del arr
+            labels = io.BytesIO()
+            np.save(labels, plan.labels(order))
             with zipfile.ZipFile(tmp_npz, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
                 zf.write(npy_path, arcname="arr_0.npy")
+                zf.writestr("arr_1.npy", labels.getvalue())
             os.replace(tmp_npz, npz_path)
     finally:
         npy_path.unlink(missing_ok=True)
@@ -222,7 +247,7 @@ def pack_npz(folder: Path, total: int, npz_path: Path | None = None, image_hw: t
     shape, dtype = read_npz_header(npz_path)
     if shape != (total, H, W, 3) or dtype != np.uint8:
         raise RuntimeError(f"{npz_path}: wrote {dtype} {shape}, expected uint8 {(total, H, W, 3)}")
-    logger.info("packed %d images into %s (arr_0: uint8 %s)", total, npz_path, shape)
+    logger.info("packed %d images into %s (arr_0: uint8 %s, shuffled; arr_1: their labels)", total, npz_path, shape)
     return npz_path
 
 
