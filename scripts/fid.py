@@ -15,6 +15,7 @@ import torch
 
 from utils.evaluation.fid import evaluate
 from utils.flags import device_problem
+from utils.run.checkpoint import OutputFolderError, check_writable
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,13 +38,24 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     for flag in ("sample", "ref"):
         if not Path(getattr(args, flag)).exists():
             parser.error(f"--{flag}={getattr(args, flag)}: no such file or folder")
-    if args.bs < 1:
-        parser.error(f"--bs must be >= 1, got {args.bs}")
+    for flag in ("bs", "k"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     if problem := device_problem(args.device):
         parser.error(problem)
+    if args.out is not None:
+        try:
+            if Path(args.out).is_dir():
+                raise OutputFolderError(f"--out={args.out} is a folder; expected a JSON file name")
+            check_writable(Path(args.out).absolute().parent, f"--out={args.out}")
+        except OutputFolderError as e:
+            parser.error(str(e))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    results = evaluate(Path(args.sample), Path(args.ref), args.inception, args.bs, args.device, args.k,
-                       with_pr=not args.no_pr)
+    try:
+        results = evaluate(Path(args.sample), Path(args.ref), args.inception, args.bs, args.device, args.k,
+                           with_pr=not args.no_pr)
+    except (ValueError, FileNotFoundError) as e:  # the inputs, checked before the feature pass
+        raise SystemExit(f"error: {e}") from e
     text = json.dumps(results, indent=2)
     print(text)
     if args.out:

@@ -122,8 +122,8 @@ def test_find_inception_errors_name_the_files(tmp_path, monkeypatch):
 def test_image_sources_and_reference(tmp_path):
     imgs = np.random.default_rng(0).integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)
     np.savez(tmp_path / "s.npz", arr_0=imgs)
-    n, batches = image_batches(tmp_path / "s.npz", 2)
-    assert n == 5 and np.array_equal(np.concatenate(list(batches)), imgs)
+    n, hw, batches = image_batches(tmp_path / "s.npz", 2)
+    assert n == 5 and hw == (8, 8) and np.array_equal(np.concatenate(list(batches)), imgs)
     np.savez(tmp_path / "ref.npz", mu=np.zeros(FEATURE_DIM, np.float32), sigma=np.eye(FEATURE_DIM, dtype=np.float32))
     ref = load_reference(tmp_path / "ref.npz")
     assert set(ref) == {"mu", "sigma"} and ref["mu"].dtype == np.float64
@@ -209,6 +209,43 @@ def test_sixteen_bit_and_mixed_size_pngs_are_refused(tmp_path, no_features, good
 def test_valid_inputs_pass_the_checks_and_reach_the_feature_pass(no_features, good_inputs):
     with pytest.raises(AssertionError, match="feature pass started"):
         _evaluate(*good_inputs)
+
+
+def fid_main(*argv):
+    from scripts import fid
+    return fid.main([str(a) for a in argv])
+
+
+@pytest.mark.parametrize("flags, message", [(("--k", 0), "--k must be >= 1, got 0"),
+                                            (("--out", "."), "--out=. is a folder"),
+                                            (("--out", "/proc/x.json"), "--out=/proc/x.json: cannot write")])
+def test_fid_flags_are_checked_before_the_feature_pass(no_features, good_inputs, capsys, flags, message):
+    """A review saw --k 0 give precision/recall from zero radii, and --k -1 or an unwritable --out fail with a
+    traceback after the whole feature pass."""
+    with pytest.raises(SystemExit):
+        fid_main("--sample", good_inputs[0], "--ref", good_inputs[1], "--device", "cpu", *flags)
+    assert message in capsys.readouterr().err
+
+
+def test_fid_k_beyond_the_image_count_is_one_error_line(no_features, good_inputs):
+    with pytest.raises(SystemExit, match=r"^error: k=4: precision/recall need 1 <= k < the smaller image count \(4 "):
+        fid_main("--sample", good_inputs[0], "--ref", good_inputs[1], "--device", "cpu", "--k", 4)
+
+
+def test_fid_warns_where_its_numbers_would_mislead(tmp_path, no_features, good_inputs, caplog):
+    """A review got FID 51 from 40 images against 40 of the same model, without a word; a reference of another
+    resolution and a mu/sigma-only reference (no precision/recall) passed silently too."""
+    np.savez(tmp_path / "stats.npz", mu=np.zeros(FEATURE_DIM), sigma=np.eye(FEATURE_DIM))
+    np.savez(tmp_path / "big.npz", arr_0=np.zeros((4, 16, 16, 3), np.uint8))
+    with pytest.raises(AssertionError, match="feature pass started"):
+        _evaluate(good_inputs[0], tmp_path / "stats.npz")
+    assert "holds 4 images, fewer than 2048" in caplog.text and "precision/recall skipped" in caplog.text
+    assert "sample images are" not in caplog.text
+    caplog.clear()
+    with pytest.raises(AssertionError, match="feature pass started"):
+        _evaluate(good_inputs[0], tmp_path / "big.npz")
+    assert "the sample images are 8x8, the reference images 16x16" in caplog.text
+    assert "big.npz holds 4 images" in caplog.text and "skipped" not in caplog.text  # its statistics come from 4
 
 
 def _inception_or_skip():

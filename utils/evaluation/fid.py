@@ -231,18 +231,21 @@ def _read_rgb(p: Path) -> np.ndarray:
         raise ValueError(f"{p}: not a readable image ({e})") from e
 
 
-def image_batches(source: Path, batch_size: int) -> tuple[int, Iterator[np.ndarray]]:
-    """(count, iterator of uint8 (b, H, W, 3) batches) for an npz (`arr_0`) or a folder of images, checked first."""
+def image_batches(source: Path, batch_size: int) -> tuple[int, tuple[int, int], Iterator[np.ndarray]]:
+    """(count, (H, W), iterator of uint8 (b, H, W, 3) batches) for an npz (`arr_0`) or a folder of images, checked
+    first."""
     source = Path(source)
     if source.is_dir():
         files = image_files(source)
-        return len(files), (np.stack([_read_rgb(p) for p in files[i:i + batch_size]])
-                            for i in range(0, len(files), batch_size))
+        with Image.open(files[0]) as im:
+            hw = (im.height, im.width)
+        return len(files), hw, (np.stack([_read_rgb(p) for p in files[i:i + batch_size]])
+                                for i in range(0, len(files), batch_size))
     if "arr_0" not in _npz_keys(source):
         raise ValueError(f"{source}: no `arr_0`; expected uint8 images (N, H, W, 3) in `arr_0`")
     n = check_images_npz(source)
     arr = open_npz_array(source, "arr_0")
-    return n, (np.ascontiguousarray(arr[i:i + batch_size]) for i in range(0, n, batch_size))
+    return n, arr.shape[1:3], (np.ascontiguousarray(arr[i:i + batch_size]) for i in range(0, n, batch_size))
 
 
 def load_reference(path: Path) -> dict[str, np.ndarray]:
@@ -278,11 +281,39 @@ def load_reference(path: Path) -> dict[str, np.ndarray]:
 # ---------------------------------------------------------------------------------------------------------------
 # Evaluation
 # ---------------------------------------------------------------------------------------------------------------
+MIN_FID_IMAGES = 2048  # the pool3 width: with fewer images the covariance is singular and FID biased upward
+
+
+def check_comparison(sample: Path, n: int, hw: tuple[int, int], ref: Path, reference: dict[str, np.ndarray],
+                     k: int, with_pr: bool) -> bool:
+    """Warn where the numbers would mislead (too few images, two resolutions, no reference images for precision/
+    recall); a `k` the image counts cannot serve is a ValueError -> whether precision/recall can be computed."""
+    ref_images = reference.get("arr_0")
+    if with_pr and ref_images is None:
+        logger.warning("precision/recall skipped: %s holds mu/sigma only, no reference images (arr_0)", ref)
+        with_pr = False
+    if with_pr and not 1 <= k < min(n, len(ref_images)):
+        raise ValueError(f"k={k}: precision/recall need 1 <= k < the smaller image count ({n} in {sample}, "
+                         f"{len(ref_images)} in {ref})")
+    counts = [(sample, n)] + ([(ref, len(ref_images))] if ref_images is not None and "mu" not in reference else [])
+    for path, count in counts:
+        if count < MIN_FID_IMAGES:
+            logger.warning("%s holds %d images, fewer than %d (the Inception feature width): its FID is biased upward "
+                           "and comparable only with FIDs of as many images (the paper's: 50,000)", path, count,
+                           MIN_FID_IMAGES)
+    if ref_images is not None and tuple(ref_images.shape[1:3]) != tuple(hw):
+        logger.warning("the sample images are %dx%d, the reference images %dx%d: a FID across resolutions measures "
+                       "the resizing too (the paper compares 256x256 with VIRTUAL_imagenet256_labeled.npz)", *hw,
+                       *ref_images.shape[1:3])
+    return with_pr
+
+
 def evaluate(sample: Path, ref: Path, inception_path: str | None, batch_size: int, device: str,
              k: int = 3, with_pr: bool = True) -> dict[str, float]:
     """FID, IS (when the Inception port has its classifier) and precision/recall of `sample` against `ref`."""
     reference = load_reference(ref)  # validate both inputs before the slow parts
-    n, batches = image_batches(sample, batch_size)
+    n, hw, batches = image_batches(sample, batch_size)
+    with_pr = check_comparison(sample, n, hw, ref, reference, k, with_pr)
     net = load_inception(inception_path, device)
     logger.info("features of %d sample images", n)
     feats, probs = net.extract(batches)
