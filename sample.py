@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 from collections.abc import Iterator, Sequence
@@ -42,10 +43,11 @@ from models.presets import ARCH_BRANCHES, MVAR_models, parse_patch_nums
 from utils.evaluation.fid_dump import DumpFolderError, DumpPlan, check_or_write_settings, chunk_seed, dump_shard, \
     fid_folder_name, pack_npz
 from utils.flags import add_backend_flags, add_model_flag, device_problem
-from utils.run.checkpoint import DiskFullError, check_writable
+from utils.run.checkpoint import DiskFullError, OutputFolderError, check_writable
 from utils.run.agreement import rank_disagreements
 from utils.run.lock import LOCK_NAME, RunLockError, lock_output_folder, read_owner
 from utils.run.log import setup_logging
+from utils.run.preemption import sigterm_raises
 from utils.sample_io import NonFiniteValueError, check_finite_images, check_finite_weights, is_image_file, \
     load_edit_inputs, parse_box, save_folder, save_grid, to_uint8_BHW3
 
@@ -55,6 +57,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "fid": {"cfg": 1.5, "top_p": 0.96, "top_k": 900, "more_smooth": False},  # the paper's FID settings
 }
 DEMO_CLASSES = (207, 360, 387, 974, 88, 979, 417, 279)  # VAR's demo classes (ImageNet ids)
+PICTURE_ONLY_FLAGS = {"classes": "samples every class", "num_per_class": "takes --fid_num_per_class",
+                      "out": "writes into --fid_dir"}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -106,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--edit", default=None, metavar="IMAGE", help="zero-shot editing of this image: regenerate the "
                    "--mask/--box region with each of --classes; --out gets rows of before | mask | edits")
     p.add_argument("--mask", default=None, metavar="MASK.png", help="with --edit: non-black pixels are regenerated "
-                   "(same size as the image)")
+                   "(same size as the image; transparent pixels count as black)")
     p.add_argument("--box", default=None, metavar="x0,y0,x1,y1", help="with --edit: the pixel box to regenerate "
                    "(in the image's pixels, ends exclusive)")
     return p
@@ -148,8 +152,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             problems.append(f"--{flag} must be >= 1, got {value}")
     if args.device is not None and (problem := device_problem(args.device)):
         problems.append(problem)
-    if args.classes is not None and args.fid:
-        problems.append("--classes is for pictures; --fid samples every class")
+    if args.fid:
+        problems += [f"--{flag} is for pictures; --fid {does}" for flag, does in PICTURE_ONLY_FLAGS.items()
+                     if getattr(args, flag) != parser.get_default(flag)]
     if args.classes is not None and min(args.classes) < 0:
         problems.append(f"--classes must be >= 0, got {args.classes}")
     problems += edit_flag_problems(args)
@@ -213,6 +218,9 @@ def check_outputs(args: argparse.Namespace) -> None:
         check_writable(Path(args.fid_dir), f"--fid_dir={args.fid_dir}")
     else:
         out = Path(args.out)
+        if is_image_file(out) and out.is_dir():
+            raise OutputFolderError(f"--out={args.out} is a folder, but its suffix asks for one image: name a file, "
+                                    "or a folder without an image suffix for one PNG per image")
         check_writable(out.parent if is_image_file(out) else out, f"--out={args.out}")
 
 
@@ -312,11 +320,15 @@ def make_generate(mvar: MVAR, args: argparse.Namespace, device: torch.device):
                     raise
                 raise NonFiniteValueError(f"the M-VAR logits became non-finite while sampling {batch}; the weights "
                                           f"are finite, so the activations or the guidance (--cfg={args.cfg:g}) "
-                                          "overflowed: try fp32, --bf16 or a smaller --cfg") from e
+                                          f"overflowed: try {OVERFLOW_ADVICE[precision_name(args)]}") from e
         check_finite_images(img_B3HW, f"the tokenizer decoder, for {batch},")
         return to_uint8_BHW3(img_B3HW)
 
     return generate
+
+
+OVERFLOW_ADVICE = {"fp16": "--bf16 (fp16 overflows past 65504), fp32 or a smaller --cfg",
+                   "bf16": "fp32 (without --bf16) or a smaller --cfg", "fp32": "a smaller --cfg"}
 
 
 def precision_name(args: argparse.Namespace) -> str:
@@ -330,7 +342,12 @@ def picture_labels(args: argparse.Namespace) -> tuple[np.ndarray, list[str]]:
     """Class ids of every picture, class-major (one grid row per class), and their file names."""
     classes = list(args.classes if args.classes is not None else DEMO_CLASSES)
     labels = np.repeat(np.asarray(classes, dtype=np.int64), args.num_per_class)
-    return labels, [f"class{c:04d}_{k:03d}" for c in classes for k in range(args.num_per_class)]
+    seen: Counter[int] = Counter()  # a class given twice numbers its second row on from its first
+    names = []
+    for c in labels.tolist():
+        names.append(f"class{c:04d}_{seen[c]:03d}")
+        seen[c] += 1
+    return labels, names
 
 
 def picture_batches(args: argparse.Namespace, generate) -> Iterator[tuple[np.ndarray, list[str]]]:
@@ -344,18 +361,19 @@ def picture_batches(args: argparse.Namespace, generate) -> Iterator[tuple[np.nda
 
 def sample_pictures(args: argparse.Namespace, generate) -> Path:
     """A folder gets each batch as soon as it is finished; a grid is written at the end, or, when the run is
-    interrupted (Ctrl-C) or fails, with the images finished until then."""
+    interrupted (Ctrl-C, SIGTERM) or fails, with the images finished until then."""
     from tqdm import tqdm
 
     out, batches = Path(args.out), []
     num_images = len(picture_labels(args)[0])
     try:
-        for imgs_BHW3, names in tqdm(picture_batches(args, generate), desc="sampling", unit="batch",
-                                     total=-(-num_images // args.bs)):
-            if is_image_file(out):
-                batches.append(imgs_BHW3)
-            else:
-                save_folder(imgs_BHW3, out, names)
+        with sigterm_raises():
+            for imgs_BHW3, names in tqdm(picture_batches(args, generate), desc="sampling", unit="batch",
+                                         total=-(-num_images // args.bs)):
+                if is_image_file(out):
+                    batches.append(imgs_BHW3)
+                else:
+                    save_folder(imgs_BHW3, out, names)
     except BaseException:
         if batches:
             save_grid(np.concatenate(batches), out, ncol=args.num_per_class)
@@ -444,11 +462,23 @@ def check_ranks_agree(settings: dict[str, Any], folder: Path) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # Entry point (torchrun or a single process)
 # ---------------------------------------------------------------------------------------------------------------
+def device_of_rank(flag: str | None, rank_device: torch.device, world_size: int) -> torch.device:
+    """--device, else the rank's own (`dist.initialize`: the GPU of its LOCAL_RANK). A numbered GPU under torchrun
+    would put every rank on that one GPU: SystemExit saying so."""
+    if flag is None:
+        return rank_device
+    device = torch.device(flag)
+    if world_size > 1 and device.type == "cuda" and device.index is not None:
+        raise SystemExit(f"error: --device={flag} would put all {world_size} ranks on that one GPU: leave --device out "
+                         "(or pass --device=cuda), and each rank takes the GPU of its LOCAL_RANK")
+    return device
+
+
 def main(argv: Sequence[str] | None = None) -> Path | None:
     args = parse_args(argv)
-    device = dist.initialize()
-    device = torch.device(args.device) if args.device is not None else device
+    rank_device = dist.initialize()
     rank, world_size = dist.get_rank(), dist.get_world_size()
+    device = device_of_rank(args.device, rank_device, world_size)
     setup_logging(rank)
     if world_size > 1 and not args.fid:
         raise SystemExit("several ranks only make sense with --fid (pictures are written by one process)")

@@ -132,6 +132,18 @@ def test_edit_inputs_from_a_mask_png_or_a_box(tmp_path):
         load_edit_inputs(tmp_path / "img.png", IMG, mask_path=tmp_path / "small.png")
 
 
+@pytest.mark.parametrize("transparent", [(255, 255, 255, 0), (0, 0, 0, 0)])
+def test_transparent_mask_pixels_are_not_regenerated(tmp_path, transparent):
+    """A review found the alpha channel ignored: an editor's transparent-white background regenerated everything."""
+    Image.new("RGB", (16, 12), (200, 200, 200)).save(tmp_path / "img.png")
+    mask = Image.new("RGBA", (16, 12), transparent)
+    mask.paste((255, 255, 255, 255), (0, 6, 16, 12))  # the painted lower half
+    mask.save(tmp_path / "mask.png")
+    _, from_png = load_edit_inputs(tmp_path / "img.png", IMG, mask_path=tmp_path / "mask.png")
+    _, from_box = load_edit_inputs(tmp_path / "img.png", IMG, box=(0, 6, 16, 12))
+    assert torch.equal(from_png, from_box)
+
+
 def test_edit_image_16_bit_and_palette_keep_their_values(tmp_path):
     """Issue 23: convert("RGB") clipped a 16-bit PNG to 255 (the model edited a white blob)."""
     Image.fromarray(np.full((16, 16), 30000, np.uint16)).save(tmp_path / "gray16.png")

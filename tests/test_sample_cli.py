@@ -53,6 +53,8 @@ def test_grid_rows_per_class_and_same_seed_same_images(ckpt, tmp_path):
     (("--cfg", -1), "--cfg must be >= 0"),
     (("--bs", 0), "--bs must be >= 1"),
     (("--fid", "--classes", 1), "--classes is for pictures"),
+    (("--fid", "--num_per_class", 8), "--num_per_class is for pictures; --fid takes --fid_num_per_class"),
+    (("--fid", "--out", "x.png"), "--out is for pictures; --fid writes into --fid_dir"),
 ])
 def test_bad_flags_fail_before_reading_anything(flags, message, capsys, tmp_path):
     with pytest.raises(SystemExit) as e:

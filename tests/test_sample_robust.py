@@ -2,6 +2,9 @@
 output paths (image suffixes, unwritable places), a tokenizer file as --ckpt, raw files that need --pn."""
 import json
 import math
+import os
+import re
+import signal
 
 import numpy as np
 import pytest
@@ -189,9 +192,19 @@ def test_second_fid_dump_into_a_live_folder_is_refused(ckpt, tmp_path):  # noqa:
     assert not (folder / run_lock.LOCK_NAME).exists()  # released at the end
 
 
+def ctrl_c():
+    raise KeyboardInterrupt
+
+
+def sigterm():
+    os.kill(os.getpid(), signal.SIGTERM)  # its handler runs here, before the call returns
+
+
+@pytest.mark.parametrize("stop, raised", [(ctrl_c, KeyboardInterrupt), (sigterm, SystemExit)])
 @pytest.mark.parametrize("out", ["grid.png", "folder"])
-def test_interrupted_picture_run_writes_the_finished_images(ckpt, tmp_path, monkeypatch, out):  # noqa: F811
-    """Issue 23: a Ctrl-C after minutes of a grid run wrote nothing."""
+def test_interrupted_picture_run_writes_the_finished_images(ckpt, tmp_path, monkeypatch, out, stop, raised):  # noqa: F811
+    """Issue 23: a Ctrl-C after minutes of a grid run wrote nothing; a review found the same of SIGTERM (a scheduler's
+    stop), which now ends the run with status 143 after writing the finished rows."""
     real = sample.make_generate
 
     def interrupted_after_one_batch(*args):
@@ -200,13 +213,16 @@ def test_interrupted_picture_run_writes_the_finished_images(ckpt, tmp_path, monk
         def gen(label_B, g_seed):
             calls.append(1)
             if len(calls) == 2:
-                raise KeyboardInterrupt
+                stop()
             return generate(label_B, g_seed)
         return gen
 
     monkeypatch.setattr(sample, "make_generate", interrupted_after_one_batch)
-    with pytest.raises(KeyboardInterrupt):
+    handler = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(raised) as e:
         run(ckpt, "--classes", 1, 2, "--num_per_class", 3, "--bs", 3, "--out", tmp_path / out)
+    assert raised is KeyboardInterrupt or e.value.code == 128 + signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) == handler  # put back
     if out == "folder":
         assert sorted(p.name for p in (tmp_path / out).iterdir()) == [f"class0001_{k:03d}.png" for k in range(3)]
     else:
@@ -255,3 +271,49 @@ def test_fid_refuses_a_device_that_is_not_there(tmp_path, capsys):
     with pytest.raises(SystemExit):
         fid.main(["--sample", str(tmp_path / "s.npz"), "--ref", str(tmp_path / "s.npz"), "--device", "gpu0"])
     assert "--device=gpu0: " in capsys.readouterr().err
+
+
+def test_out_with_an_image_suffix_that_is_a_folder_fails_before_loading(ckpt, tmp_path, monkeypatch):  # noqa: F811
+    """A review saw `--out X.png` naming an existing folder fail only after all the sampling."""
+    def must_not_run(*a, **k):
+        raise AssertionError("loaded before checking the output")
+
+    monkeypatch.setattr(sample, "load_checked", must_not_run)
+    (tmp_path / "X.png").mkdir()
+    with pytest.raises(SystemExit, match=r"^error: --out=.*X.png is a folder, but its suffix asks for one image"):
+        run(ckpt, "--classes", 1, "--out", tmp_path / "X.png")
+
+
+def test_a_class_given_twice_gets_files_of_its_own(ckpt, tmp_path):  # noqa: F811
+    """`--classes 1 1` into a folder wrote the second row over the first (and logged 4 images for 2 files)."""
+    folder = run(ckpt, "--classes", 1, 1, "--num_per_class", 2, "--out", tmp_path / "imgs")
+    assert sorted(p.name for p in folder.iterdir()) == [f"class0001_{k:03d}.png" for k in range(4)]
+    grid = run(ckpt, "--classes", 1, 1, "--num_per_class", 2, "--out", tmp_path / "grid.png")
+    cells = [np.asarray(Image.open(folder / f"class0001_{k:03d}.png")) for k in range(4)]
+    with Image.open(grid) as im:
+        g = np.asarray(im)
+    assert all(np.array_equal(cells[2 * r + k], g[2 + r * 10:10 + r * 10, 2 + k * 10:10 + k * 10])
+               for r in range(2) for k in range(2))
+
+
+@pytest.mark.parametrize("precision, advice", [((), "overflowed: try a smaller --cfg"),
+                                               (("--fp16",), "overflowed: try --bf16 (fp16 overflows past 65504)")])
+def test_overflow_advice_fits_the_precision(ckpt, tmp_path, monkeypatch, precision, advice):  # noqa: F811
+    """The advice said "try fp32" to a run already in fp32."""
+    from models.mvar import MVAR
+
+    real = MVAR.run_blocks
+    monkeypatch.setattr(MVAR, "run_blocks", lambda self, *a: real(self, *a) * math.nan)
+    with pytest.raises(SystemExit, match=re.escape(advice)):
+        run(ckpt, "--classes", 1, *precision, "--out", tmp_path / "x.png")
+
+
+def test_a_numbered_gpu_under_torchrun_is_refused():
+    """A review found that an explicit --device cuda:0 under torchrun put every rank on GPU 0 (torch.device builds
+    without touching a GPU, so this runs anywhere)."""
+    own = torch.device("cuda", 3)
+    assert sample.device_of_rank(None, own, 8) == own
+    assert sample.device_of_rank("cuda", own, 8) == torch.device("cuda")  # the current device: set_device's
+    assert sample.device_of_rank("cuda:0", own, 1) == torch.device("cuda", 0)
+    with pytest.raises(SystemExit, match="--device=cuda:0 would put all 8 ranks on that one GPU"):
+        sample.device_of_rank("cuda:0", own, 8)

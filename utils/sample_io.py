@@ -112,6 +112,15 @@ def read_edit_image(path: Path, reso: int) -> tuple[torch.Tensor, tuple[int, int
     return img_3HW, (H, W)
 
 
+def _over_black(image: Image.Image) -> Image.Image:
+    """A mask with transparency composited over black: a transparent pixel is not regenerated, whatever colour its
+    RGB holds (editors often leave white there)."""
+    if image.mode not in ("RGBA", "LA", "PA") and "transparency" not in image.info:
+        return image
+    rgba = image.convert("RGBA")
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)
+
+
 def load_edit_inputs(image_path: str | Path, reso: int, mask_path: str | Path | None = None,
                      box: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """-> image (1, 3, reso, reso) in [0, 1] and mask (1, 1, reso, reso) bool (True = regenerate). The box and the
@@ -128,7 +137,7 @@ def load_edit_inputs(image_path: str | Path, reso: int, mask_path: str | Path | 
         if not Path(mask_path).is_file():
             raise FileNotFoundError(f"--mask={mask_path}: no such file")
         with _open(mask_path, "--mask") as m:
-            mask_HW = np.asarray(ImageOps.exif_transpose(m).convert("L")) > 0
+            mask_HW = np.asarray(_over_black(ImageOps.exif_transpose(m)).convert("L")) > 0
         if mask_HW.shape != (H, W):
             raise ValueError(f"--mask={mask_path} is {mask_HW.shape[1]}x{mask_HW.shape[0]} px, --edit={image_path} "
                              f"is {W}x{H} px: the mask must have the image's size")

@@ -1,16 +1,20 @@
 """Graceful stop on SIGTERM / SIGINT (preemption by SLURM or Kubernetes, Ctrl-C).
 
-The first signal only sets a flag. The training loop polls it once per step with `requested()`, a collective
-that all ranks agree on (one 1-element all-reduce, on the CPU over gloo so that it never waits for the GPU), so
-every rank finishes the same step, the checkpoint is written collectively, and `exit()` ends the process with a
-clear line and status 128 + signal. A second signal exits at once, without a checkpoint. Signals closer than
-`REPEAT_S` to the first count as the same event delivered twice: SLURM signals every process of a job, and
-torchrun forwards the signal it gets (Ctrl-C included) to its workers, so each worker usually gets two at once.
+Training (`Preemption`): the first signal only sets a flag. The training loop polls it once per step with
+`requested()`, a collective that all ranks agree on (one 1-element all-reduce, on the CPU over gloo so that it
+never waits for the GPU), so every rank finishes the same step, the checkpoint is written collectively, and
+`exit()` ends the process with a clear line and status 128 + signal. A second signal exits at once, without a
+checkpoint. Signals closer than `REPEAT_S` to the first count as the same event delivered twice: SLURM signals
+every process of a job, and torchrun forwards the signal it gets (Ctrl-C included) to its workers, so each worker
+usually gets two at once. Work without a checkpoint (sample.py's pictures) uses `sigterm_raises` to keep what is
+finished.
 """
+import contextlib
 import logging
 import os
 import signal
 import time
+from collections.abc import Iterator
 from typing import NoReturn
 
 import torch
@@ -65,3 +69,18 @@ class Preemption:
         """After the checkpoint is saved: log the stop and end the process with status 128 + signal."""
         logger.warning("stopped by %s %s; run the same command to resume", signal.Signals(self.agreed).name, where)
         raise SystemExit(128 + self.agreed)
+
+
+@contextlib.contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """Inside the block SIGTERM raises SystemExit(143), as Ctrl-C raises KeyboardInterrupt, so that the caller's
+    `except`/`finally` keeps what is finished (SIGTERM's default ends the process without running them)."""
+    def stop(signum: int, frame) -> None:
+        logger.warning("%s received: stopping", signal.Signals(signum).name)
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
