@@ -15,7 +15,8 @@ before | mask | --num_per_class edits:
     python sample.py --ckpt out/ckpt.pth --edit digit.png --box 0,16,32,32 --classes 3 7 --out edit.png
 --ckpt also takes a Hub folder (scripts/export.py) or a Hugging Face repo id, read offline-first.
 
-The same flags and seed give the same images: batch c is drawn with a generator seeded from (seed, c).
+The same flags and seed give the same images: batch c is drawn with a generator seeded from (seed, c);
+--official_seed seeds the one batch with --seed itself, as the official demo does, for its images.
 """
 import argparse
 import json
@@ -92,7 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top_p", type=float, default=0.95, help="nucleus mass in (0, 1] (1: no nucleus filter)")
     p.add_argument("--more_smooth", action=argparse.BooleanOptionalAction, default=False,
                    help="Gumbel-softmax mixture of codes: smoother pictures, not for FID")
-    p.add_argument("--seed", type=int, default=0, help="global seed (>= 0)")
+    p.add_argument("--seed", type=int, default=0, help="global seed (>= 0); batch c is drawn from a generator "
+                   "seeded with a mix of (seed, c)")
+    p.add_argument("--official_seed", action="store_true", help="pictures in one batch: seed its generator with "
+                   "--seed itself (the official demo's g_seed=seed), so that the official weights, classes and "
+                   "settings give the official demo's images")
     p.add_argument("--classes", type=int, nargs="+", default=None,
                    help=f"class ids, one grid row each (default: {' '.join(map(str, DEMO_CLASSES))})")
     p.add_argument("--num_per_class", type=int, default=4, help="images per class (grid columns)")
@@ -100,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     amp = p.add_mutually_exclusive_group()
     amp.add_argument("--fp16", action="store_true", help="autocast to float16")
     amp.add_argument("--bf16", action="store_true", help="autocast to bfloat16")
+    p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True, help="TensorFloat32 matmuls and "
+                   "convolutions on CUDA, as the official demo and train.py's --tf32 (--no-tf32: exact fp32)")
     p.add_argument("--out", default="samples.png", help="an image path (.png, .jpg, ...: one grid) or a folder "
                    "(one PNG per image)")
     add_backend_flags(p)
@@ -155,6 +162,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.fid:
         problems += [f"--{flag} is for pictures; --fid {does}" for flag, does in PICTURE_ONLY_FLAGS.items()
                      if getattr(args, flag) != parser.get_default(flag)]
+    problems += official_seed_problems(args)
     if args.classes is not None and min(args.classes) < 0:
         problems.append(f"--classes must be >= 0, got {args.classes}")
     problems += edit_flag_problems(args)
@@ -168,6 +176,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if problems:
         parser.error("\n  ".join(problems))
     return args
+
+
+def official_seed_problems(args: argparse.Namespace) -> list[str]:
+    """--official_seed seeds one batch with --seed, so every picture must be in it (a second batch would repeat the
+    first one's random stream), and it has no meaning for an FID dump or an edit (the official code has neither)."""
+    if not args.official_seed:
+        return []
+    if args.fid or args.edit is not None:
+        return ["--official_seed is for pictures (the official demo); --fid and --edit seed each batch from "
+                "(--seed, batch)"]
+    count = len(args.classes or DEMO_CLASSES) * args.num_per_class
+    if count > args.bs:
+        return [f"--official_seed draws every picture in one batch, as the official demo: {count} pictures need "
+                f"--bs >= {count}, got --bs={args.bs}"]
+    return []
 
 
 def edit_flag_problems(args: argparse.Namespace) -> list[str]:
@@ -228,6 +251,12 @@ def fall_back_to_fp32_where_slow(args: argparse.Namespace, device: torch.device)
     """--bf16 on a CPU without bf16 instructions runs in fp32 (logged once), and the FID settings say so."""
     if args.bf16 and effective_amp_dtype(device, torch.bfloat16) is None:
         args.bf16 = False
+
+
+def set_tf32(args: argparse.Namespace, device: torch.device) -> None:
+    """--tf32 / --no-tf32 for CUDA's matmuls and convolutions (on other devices they change nothing)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
 
 
 def check_backends(args: argparse.Namespace, device: torch.device) -> None:
@@ -293,6 +322,7 @@ def open_model(args: argparse.Namespace, device: torch.device) -> tuple[MVAR, Pa
     that cannot run and a checkpoint the loaders refuse are SystemExit("error: ...") (scripts/app.py says the same
     before its server starts) -> load_checked's (model, checkpoint path, tokenizer id)."""
     fall_back_to_fp32_where_slow(args, device)
+    set_tf32(args, device)
     try:
         check_backends(args, device)
         return load_checked(args, device)
@@ -352,11 +382,12 @@ def picture_labels(args: argparse.Namespace) -> tuple[np.ndarray, list[str]]:
 
 def picture_batches(args: argparse.Namespace, generate) -> Iterator[tuple[np.ndarray, list[str]]]:
     """The pictures of --classes x --num_per_class, a --bs batch at a time -> (uint8 (B, H, W, 3), file names).
-    Batch c is drawn from chunk_seed(--seed, c): this is what the same flags and seed reproduce (sample.py and
-    scripts/app.py both sample through it)."""
+    Batch c is drawn from chunk_seed(--seed, c) (with --official_seed, the one batch from --seed): this is what the
+    same flags and seed reproduce (sample.py and scripts/app.py both sample through it)."""
     labels, names = picture_labels(args)
     for c, start in enumerate(range(0, len(labels), args.bs)):
-        yield generate(labels[start:start + args.bs], chunk_seed(args.seed, c)), names[start:start + args.bs]
+        g_seed = args.seed if args.official_seed else chunk_seed(args.seed, c)
+        yield generate(labels[start:start + args.bs], g_seed), names[start:start + args.bs]
 
 
 def sample_pictures(args: argparse.Namespace, generate) -> Path:
@@ -418,7 +449,8 @@ def sample_fid(args: argparse.Namespace, mvar: MVAR, ckpt_path: Path, vae_id: st
     image_hw = (mvar.patch_nums[-1] * mvar.vae.downsample,) * 2
     settings = {"ckpt": ckpt_path.name, "vae": vae_id, "cfg": args.cfg, "top_k": args.top_k, "top_p": args.top_p,
                 "more_smooth": args.more_smooth, "seed": args.seed, "num_classes": plan.num_classes,
-                "num_per_class": plan.num_per_class, "batch_size": plan.batch_size, "precision": precision_name(args)}
+                "num_per_class": plan.num_per_class, "batch_size": plan.batch_size, "precision": precision_name(args),
+                "tf32": args.tf32 and next(mvar.parameters()).device.type == "cuda"}  # TF32 only acts on CUDA
     lock = lock_output_folder(folder, holder=rank == 0)  # creates it; one dump per folder (they share the .npy)
     try:  # the images are bound to the weights they came from, on every rank
         settings.update(model_weights=weights_digest(mvar.state_dict()),

@@ -11,6 +11,7 @@ import sample
 from models import MVARConfig
 from models.loading import mvar_checkpoint
 from utils.evaluation.fid_dump import DumpPlan, pack_npz
+from utils.sample_io import to_uint8_BHW3
 
 NUM_CLASSES, IMG = 10, 8  # patch_nums (1, 2, 3, 4) with a 2x tokenizer: 8x8 pixel images
 
@@ -47,6 +48,37 @@ def test_grid_rows_per_class_and_same_seed_same_images(ckpt, tmp_path):
             assert np.array_equal(cell, grid[y:y + IMG, x:x + IMG])
 
 
+def test_official_seed_draws_the_one_batch_as_the_official_demo(ckpt, tmp_path):
+    """--official_seed: the batch is autoregressive_infer_cfg(B, labels, g_seed=--seed) itself (the official demo's
+    call), not the per-batch mix of the default."""
+    flags = ("--classes", 1, 3, "--num_per_class", 2, "--bs", 4, "--seed", 7, "--top_k", 10)
+    official = run(ckpt, *flags, "--official_seed", "--out", tmp_path / "official")
+    default = run(ckpt, *flags, "--out", tmp_path / "default")
+    args = sample.parse_args(["--ckpt", str(ckpt), "--device", "cpu", *map(str, flags)])
+    mvar, _, _ = sample.open_model(args, torch.device("cpu"))
+    with torch.inference_mode():
+        demo = to_uint8_BHW3(mvar.autoregressive_infer_cfg(4, torch.tensor([1, 1, 3, 3]), g_seed=7, cfg=args.cfg,
+                                                           top_k=10, top_p=args.top_p, more_smooth=False))
+    names = [f"class{c:04d}_{k:03d}.png" for c in (1, 3) for k in range(2)]
+    got = np.stack([np.asarray(Image.open(official / n)) for n in names])
+    assert np.array_equal(got, demo)
+    assert not np.array_equal(np.stack([np.asarray(Image.open(default / n)) for n in names]), demo)
+
+
+def test_tf32_flag_sets_cudas_matmuls_and_convolutions_only_there():
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        for argv, expected in (([], True), (["--no-tf32"], False)):
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not expected
+            args = sample.parse_args(["--ckpt", "x.pth", *argv])
+            sample.set_tf32(args, torch.device("cpu"))  # no effect off CUDA
+            assert torch.backends.cuda.matmul.allow_tf32 is (not expected)
+            sample.set_tf32(args, torch.device("cuda"))  # sets the flags only; touches no GPU
+            assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (expected, expected)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 @pytest.mark.parametrize("flags, message", [
     (("--top_p", 0), "--top_p must be in \\(0, 1\\]"),
     (("--top_p", 1.5), "--top_p must be in \\(0, 1\\]"),
@@ -55,6 +87,8 @@ def test_grid_rows_per_class_and_same_seed_same_images(ckpt, tmp_path):
     (("--fid", "--classes", 1), "--classes is for pictures"),
     (("--fid", "--num_per_class", 8), "--num_per_class is for pictures; --fid takes --fid_num_per_class"),
     (("--fid", "--out", "x.png"), "--out is for pictures; --fid writes into --fid_dir"),
+    (("--fid", "--official_seed"), "--official_seed is for pictures"),
+    (("--official_seed", "--classes", 1, 2, "--num_per_class", 4, "--bs", 4), "8 pictures need --bs >= 8, got --bs=4"),
 ])
 def test_bad_flags_fail_before_reading_anything(flags, message, capsys, tmp_path):
     with pytest.raises(SystemExit) as e:
