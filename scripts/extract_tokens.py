@@ -23,7 +23,7 @@ from models.loading import load_vae
 from models.presets import parse_patch_nums
 from models.tokenizer import VQVAE
 from utils.data.embedded import build_embedded_dataset
-from utils.data.loaders import SafeImageFolder
+from utils.data.loaders import SafeImageFolder, check_same_classes
 from utils.data.token_cache import FORMAT, SPLITS, ShardWriter, TokenCacheError, identity_problems, read_manifest, \
     shard_bounds, shard_name, tokenizer_digest, write_json
 from utils.data.views import parse_views, render_views
@@ -150,11 +150,13 @@ def main(args: argparse.Namespace) -> None:
         raise ValueError(f"--batch={args.batch} --workers={args.workers} --mid_reso={args.mid_reso} "
                          f"--limit={args.limit}: expected batch >= 1, workers >= 0, mid_reso >= 1, limit >= 0")
     views, patch_nums = parse_views(args.views), parse_patch_nums(args.pn)
+    images = {s: open_split(args, s) for s in SPLITS}
+    if args.data_path:  # the manifest's classes (train/'s) are what every label of both splits means
+        check_same_classes(images["train"], images["val"], args.data_path)
     vae = load_vae(args.vae_ckpt, device, v_patch_nums=patch_nums)
     if vae.vocab_size > 2**16:
         raise ValueError(f"the tokenizer's vocabulary ({vae.vocab_size}) does not fit uint16 ids")
     reso = patch_nums[-1] * vae.downsample
-    images = {s: open_split(args, s) for s in SPLITS}
     identity = {"tokenizer_digest": tokenizer_digest(vae), "patch_nums": list(patch_nums), "reso": reso,
                 "mid_reso": args.mid_reso, "views": views, "classes": list(images["train"].classes)}
     sources = {s: ViewSource(d, views if s == "train" else ["center"], reso, args.mid_reso, args.seed, args.limit)

@@ -104,6 +104,18 @@ def test_a_cache_of_another_tokenizer_or_classes_is_refused_naming_it(setup, cen
         open_cache(centre_cache, {"classes": ["class0", "class1", "classX"]})
 
 
+def test_extraction_refuses_val_class_folders_other_than_trains_before_loading(setup, tmp_path):
+    """Each split's labels index its own sorted class folders, and the manifest says they mean train/'s: a val/
+    without class1 would store class2's images as class1."""
+    shutil.copytree(setup / "data", tmp_path / "data")
+    shutil.rmtree(tmp_path / "data" / "val" / "class1")
+    proc = launch(EXTRACT, *extract_flags(setup, tmp_path / "cache", "--vae_ckpt=missing.pth", data=tmp_path / "data"),
+                  nproc=1, check=False)
+    assert proc.returncode == 1
+    assert "error: --data_path=" in proc.stderr and "same class folders; only in train/: class1 (1)" in proc.stderr
+    assert not (tmp_path / "cache").exists()
+
+
 def test_evaluating_from_a_cache_without_data_path_takes_the_embedded_images_of_its_classes(setup, centre_cache):
     """--eval_every scores generated images against real ones: without --data_path they are the embedded --dataset's
     validation images (scripts/study.py trains so), refused before training when its classes are not the cache's."""

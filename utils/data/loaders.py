@@ -120,12 +120,7 @@ def build_datasets(data_path: str, dataset: str, reso: int, mid_reso: float = 1.
     if data_path:
         train_set = SafeImageFolder(str(Path(data_path) / "train"), train_tf)
         val_set = SafeImageFolder(str(Path(data_path) / "val"), val_tf)
-        if train_set.classes != val_set.classes:
-            only = [f"only in {split}/: {', '.join(sorted(names)[:5])}{', ...' * (len(names) > 5)} ({len(names)})"
-                    for split, names in (("train", set(train_set.classes) - set(val_set.classes)),
-                                         ("val", set(val_set.classes) - set(train_set.classes))) if names]
-            raise DataError(f"--data_path={data_path}: train/ and val/ must have the same class folders; "
-                            + "; ".join(only))
+        check_same_classes(train_set, val_set, data_path)
     else:
         from utils.data.embedded import build_embedded_dataset
 
@@ -136,6 +131,17 @@ def build_datasets(data_path: str, dataset: str, reso: int, mid_reso: float = 1.
                          f"(--data_path={data_path!r}, --dataset={dataset!r})")
     return len(train_set.classes), first_items(train_set, train_limit, "--train_limit"), \
         first_items(val_set, val_limit, "--val_limit")
+
+
+def check_same_classes(train_set: ImageFolder, val_set: ImageFolder, data_path: str) -> None:
+    """A label is an index into the sorted class folders of its own split, so train/ and val/ must have the same
+    ones, or the val labels would name other classes: DataError naming the folders only one split has."""
+    if train_set.classes != val_set.classes:
+        only = [f"only in {split}/: {', '.join(sorted(names)[:5])}{', ...' * (len(names) > 5)} ({len(names)})"
+                for split, names in (("train", set(train_set.classes) - set(val_set.classes)),
+                                     ("val", set(val_set.classes) - set(train_set.classes))) if names]
+        raise DataError(f"--data_path={data_path}: train/ and val/ must have the same class folders; "
+                        + "; ".join(only))
 
 
 def first_items(dataset: Dataset, n: int, flag: str | None = None) -> Dataset:
