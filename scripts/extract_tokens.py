@@ -10,6 +10,7 @@ where a killed run stopped. An unreadable image is named in a warning, skipped a
 (training leaves it out).
 """
 import argparse
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -27,6 +28,7 @@ from utils.data.loaders import SafeImageFolder, check_same_classes
 from utils.data.token_cache import FORMAT, SPLITS, ShardWriter, TokenCacheError, identity_problems, read_manifest, \
     shard_bounds, shard_name, tokenizer_digest, write_json
 from utils.data.views import parse_views, render_views
+from utils.run.agreement import rank_disagreements, run_facts
 
 logger = logging.getLogger("extract_tokens")
 
@@ -131,6 +133,22 @@ def start(out: Path, manifest: dict) -> bool:
     return complete
 
 
+def check_ranks_agree(args: argparse.Namespace, identity: dict, manifest: dict, images: dict[str, Dataset],
+                      out: Path) -> None:
+    """Collective: every rank must encode with the same tokenizer weights, the same images and plan, and write into
+    the --out rank 0 wrote the manifest into (a shared disk), or the cache would mix tokenizers or data sets under
+    rank 0's manifest; TokenCacheError listing what differs, before any image is encoded."""
+    manifest_file = out / "manifest.json"
+    facts = run_facts({k: v for k, v in vars(args).items() if k != "out"}, identity["tokenizer_digest"],
+                      images["train"], images["val"])
+    facts.update({"the plan (images, views and shards per split)": manifest["splits"],
+                  "--out's manifest.json (rank 0 wrote or checked it: every rank must see --out, on a shared disk)":
+                  hashlib.sha256(manifest_file.read_bytes()).hexdigest() if manifest_file.is_file() else None})
+    if problems := rank_disagreements(facts):
+        raise TokenCacheError("the ranks of this extraction disagree (another copy of the tokenizer or the data, or "
+                              "another --out, on some node; paths may differ):\n  " + "\n  ".join(problems))
+
+
 def finish(out: Path, manifest: dict, world: int) -> None:
     """Rank 0, after every rank committed its shards: the skipped images into the manifest, marked complete."""
     for split, info in manifest["splits"].items():
@@ -163,7 +181,10 @@ def main(args: argparse.Namespace) -> None:
                for s, d in images.items()}
     out = Path(args.out)
     manifest = plan(args, identity, {s: len(d) for s, d in sources.items()}, world)
-    if start(out, manifest):
+    complete = start(out, manifest)
+    if world > 1:
+        check_ranks_agree(args, identity, manifest, images, out)
+    if complete:
         logger.info("%s is complete already: nothing to do", out)
         return
     for split, info in manifest["splits"].items():

@@ -202,3 +202,34 @@ def test_fid_dump_refuses_nodes_with_other_weights_or_their_own_folder(ckpt, tmp
     assert re.search(r"model_weights \(settings.json\): rank 0: '\w+'; rank 1: '\w+'", log), log[-4000:]
     assert re.search(r"the run lock of --fid_dir .*rank 0: \{'host'.*rank 1: None", log), log[-4000:]
     assert "vae_weights" not in log and not list(tmp_path.glob("dump*/*/*.png"))
+
+
+def test_token_extraction_refuses_nodes_with_another_tokenizer_data_copy_or_out(tmp_path):
+    """A review saw a two-rank extraction whose ranks loaded different tokenizer files (or data copies) marked
+    complete under rank 0's manifest, half of its ids from the other weights. Node 1 here has its own tokenizer
+    copy (one weight changed), its own data copy (one more image) and its own --out."""
+    import dataclasses
+
+    from conftest import build_tiny_mvar, write_image_folder
+
+    vae, _ = build_tiny_mvar(patch_nums=(1, 2, 4))
+    for node in range(2):
+        state = {k: v + 0.01 * node if k == "quantize.embedding.weight" else v for k, v in vae.state_dict().items()}
+        torch.save({"vae_config": dataclasses.asdict(vae.config), "vae": state}, tmp_path / f"vae{node}.pth")
+        write_image_folder(tmp_path / f"data{node}", 12, 12, {"train": 4 + node, "val": 1})
+
+    def argv(node: int) -> list[str]:
+        return [str(REPO / "scripts" / "extract_tokens.py"), f"--data_path={tmp_path / f'data{node}'}",
+                f"--vae_ckpt={tmp_path / f'vae{node}.pth'}", "--pn=1_2_4", "--mid_reso=1", "--batch=2",
+                f"--out={tmp_path / f'cache{node}'}"]
+
+    with two_nodes(tmp_path, argv) as nodes:
+        assert nodes.wait() != [0, 0]
+        log = nodes.text()
+    assert "error: the ranks of this extraction disagree" in log, log[-4000:]
+    for fact in (r"the tokenizer's weights \(digest\): rank 0: '\w+'; rank 1: '\w+'",
+                 r"the training images: rank 0: 12; rank 1: 15",
+                 r"the training files \(digest of their paths and labels\): rank 0: '\w+'; rank 1: '\w+'",
+                 r"--out's manifest.json .*rank 0: '\w+'; rank 1: None"):
+        assert re.search(fact, log), (fact, log[-4000:])
+    assert not list(tmp_path.glob("cache*/*/*.ids.npy"))  # nothing encoded

@@ -116,6 +116,21 @@ def test_extraction_refuses_val_class_folders_other_than_trains_before_loading(s
     assert not (tmp_path / "cache").exists()
 
 
+def test_a_shard_other_than_its_manifest_plans_is_damaged(centre_cache, tmp_path):
+    """Rows or labels the manifest does not plan (a shard of another data set) are refused, not trained on: a label
+    past the classes would be read as the unconditional class."""
+    copy = tmp_path / "cache"
+    shutil.copytree(centre_cache, copy)
+    labels = copy / "train" / "shard-00000-of-00001.labels.npy"
+    np.save(labels, np.append(np.load(labels), 1).astype(np.int32))  # one row more than planned
+    with pytest.raises(TokenCacheError, match=r"damaged: shard-00000-of-00001 holds ids \(24, 1, 21\) and 25 labels "
+                                              r"up to 2; its manifest plans ids \(24, 1, 21\) and labels below 3"):
+        TokenDataset(copy, read_manifest(copy), "train")
+    np.save(labels, np.full(24, 3, dtype=np.int32))  # class 3 of a 3-class cache
+    with pytest.raises(TokenCacheError, match="24 labels up to 3; its manifest plans"):
+        TokenDataset(copy, read_manifest(copy), "train")
+
+
 def test_evaluating_from_a_cache_without_data_path_takes_the_embedded_images_of_its_classes(setup, centre_cache):
     """--eval_every scores generated images against real ones: without --data_path they are the embedded --dataset's
     validation images (scripts/study.py trains so), refused before training when its classes are not the cache's."""

@@ -173,6 +173,12 @@ class TokenDataset(Dataset):
         except (OSError, ValueError) as e:
             raise TokenCacheError(f"the token cache {folder} is damaged ({split} split: {e})") from e
         self.classes = list(manifest["classes"])
+        for stem, (begin, end), ids, lab in zip(stems, info["shards"], self.ids, labels, strict=True):
+            expected = (end - begin, len(info["views"]), manifest["L"])
+            if ids.shape != expected or lab.shape != expected[:1] or (len(lab) and lab.max() >= len(self.classes)):
+                raise TokenCacheError(f"the token cache {folder} is damaged: {stem.name} holds ids {ids.shape} and "
+                                      f"{len(lab)} labels up to {lab.max() if len(lab) else None}; its manifest "
+                                      f"plans ids {expected} and labels below {len(self.classes)}. Extract it again")
         keep = [np.flatnonzero(lab >= 0) for lab in labels]  # unreadable images are left out
         n = limit if limit > 0 else None
         self.shard_i = np.concatenate([np.full(len(k), s, dtype=np.int32) for s, k in enumerate(keep)])[:n]
