@@ -24,10 +24,10 @@ from torch import nn
 import dist
 from models.presets import parse_patch_nums
 from models.quantizer import USAGE_MARGIN
-from models.tokenizer import VQVAE
+from models.tokenizer import VQVAE, VQVAEConfig
 from models.vq_losses import PatchDiscriminator, build_perceptual_loss, hinge_d_loss, hinge_g_loss
 from utils.data.loaders import build_datasets, build_loaders
-from utils.flags import str2bool
+from utils.flags import changed_flags, str2bool
 from utils.run.checkpoint import RunFolder
 from utils.run.log import setup_logging
 from utils.run.preemption import Preemption
@@ -83,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--bs", type=int, default=64, help="global batch size")
     g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (tokenizer and discriminator)")
     g.add_argument("--wd", type=float, default=0.0, help="AdamW weight decay")
-    g.add_argument("--wp", type=float, default=0.02, help="warm-up, as a fraction of --steps")
+    g.add_argument("--wp", type=float, default=0.02, help="warm-up, as a fraction of --steps, in [0, 1) (train.py's "
+                   "--wp counts epochs)")
     g.add_argument("--sche", default="cos", help="lr schedule after warm-up (utils.run.schedule)")
     g.add_argument("--clip", type=float, default=2.0, help="gradient-norm clip (0: off)")
     g = p.add_argument_group("run")
@@ -105,6 +106,45 @@ def build_vae(args: argparse.Namespace) -> VQVAE:
                          f"{vae.downsample} (--ch_mult has {len(args.ch_mult)} levels): expected --reso="
                          f"{vae.v_patch_nums[-1] * vae.downsample}")
     return vae
+
+
+def check_flags(args: argparse.Namespace, world: int) -> VQVAEConfig:
+    """Every flag that needs no data, before the data set is listed: ValueError naming each bad one -> the
+    tokenizer's config (built on the meta device: no weights, no random draws)."""
+    problems = [f"--{k}={getattr(args, k)}: expected a positive integer" for k in ("bs", "steps", "log_every",
+                                                                                  "save_every") if getattr(args, k) < 1]
+    if args.bs % world:
+        problems.append(f"--bs={args.bs} is not divisible by the {world} processes")
+    if not 0 <= args.wp < 1:
+        problems.append(f"--wp={args.wp}: the warm-up is a fraction of --steps, in [0, 1) (train.py's --wp counts "
+                        "epochs)")
+    try:
+        lr_factor(args.sche, 0, 0, 2)
+    except ValueError as e:
+        problems.append(str(e))
+    try:
+        with torch.device("meta"):
+            config = build_vae(args).config
+            if args.w_gan > 0:
+                PatchDiscriminator(ch=args.disc_ch, n_layers=args.disc_layers)(torch.zeros(1, 3, args.reso, args.reso))
+    except (ValueError, RuntimeError) as e:
+        problems.append(f"--disc_layers={args.disc_layers} does not fit --reso={args.reso} ({e}): use fewer layers"
+                        if isinstance(e, RuntimeError) else str(e))
+    if problems:
+        raise ValueError("; ".join(problems))
+    return config
+
+
+def check_resume(ckpt: dict[str, Any], config: VQVAEConfig, resume_path: Path, args: argparse.Namespace) -> None:
+    """A resumed run keeps its tokenizer: ValueError naming each config field the flags change (the weights' shapes
+    or their math); other changed flags are logged, as train.py does."""
+    saved = dataclasses.asdict(VQVAEConfig(**ckpt["vae_config"]))
+    differ = [f"{k} {saved[k]!r} -> {v!r}" for k, v in dataclasses.asdict(config).items() if saved[k] != v]
+    if differ:
+        raise ValueError(f"{resume_path} is a tokenizer of another configuration ({', '.join(differ)}): resume it "
+                         f"with its flags, or choose another --out_dir")
+    if changed := changed_flags(ckpt.get("args", {}), vars(args)):
+        logger.info("resuming %s with changed flags: %s", resume_path, ", ".join(changed))
 
 
 @torch.no_grad()
@@ -246,8 +286,18 @@ class TokenizerTrainer:
         self.vae.load_state_dict(ckpt["vae"], strict=True)
         self.opt.load_state_dict(ckpt["optimizer"])
         if self.disc is not None and "disc" in ckpt:
-            self.disc.load_state_dict(ckpt["disc"], strict=True)
-            self.disc_opt.load_state_dict(ckpt["disc_optimizer"])
+            shapes = {k: v.shape for k, v in self.disc.state_dict().items()}
+            if shapes == {k: v.shape for k, v in ckpt["disc"].items()}:
+                self.disc.load_state_dict(ckpt["disc"], strict=True)
+                self.disc_opt.load_state_dict(ckpt["disc_optimizer"])
+            elif int(ckpt["step"]) <= self.args.gan_start:  # saved before its first step: nothing learned is lost
+                logger.warning("the checkpoint's discriminator (never trained: step %d <= --gan_start=%d) has other "
+                               "shapes than --disc_ch/--disc_layers give: starting a new one", int(ckpt["step"]),
+                               self.args.gan_start)
+            else:
+                raise ValueError(f"the checkpoint's discriminator, trained since --gan_start={self.args.gan_start}, "
+                                 f"has other shapes than --disc_ch={self.args.disc_ch} --disc_layers="
+                                 f"{self.args.disc_layers} give: resume with its flags")
         self.step = int(ckpt["step"])
         self.vae.quantize.set_hit_steps(self.step)
         restore_rng_states(ckpt["rng"])
@@ -273,15 +323,13 @@ def train(args: argparse.Namespace) -> Path:
     """Train, checkpoint to `args.out_dir`, and return the path of the final checkpoint."""
     device = dist.initialize()
     rank, world = dist.get_rank(), dist.get_world_size()
-    if args.bs % world:
-        raise ValueError(f"--bs={args.bs} is not divisible by the {world} processes")
-    bad = [f"--{k}={getattr(args, k)}" for k in ("bs", "steps", "log_every", "save_every") if getattr(args, k) < 1]
-    if bad:
-        raise ValueError(f"{', '.join(bad)}: expected positive integers")
+    config = check_flags(args, world)
     setup_logging(rank, Path(args.out_dir))
     folder = RunFolder(args.out_dir, "tokenizer")
     folder.open()
     resume_path, ckpt = folder.load_resume()
+    if ckpt is not None:
+        check_resume(ckpt, config, resume_path, args)
     args.seed = resolve_seed(args.seed, ckpt)
     torch.manual_seed(args.seed)  # the same initial weights for any world size
 

@@ -6,6 +6,12 @@
 """
 from dist import run_then_finalize
 from tokenizer_trainer import build_parser, train
+from utils.run.checkpoint import CheckpointError, OutputFolderError
+from utils.run.lock import RunLockError
 
 if __name__ == "__main__":
-    run_then_finalize(train, build_parser().parse_args())
+    try:
+        run_then_finalize(train, build_parser().parse_args())
+    except (ValueError, FileNotFoundError, CheckpointError, OutputFolderError, RunLockError) as e:
+        # a flag, data folder or checkpoint that does not fit (DataError is a ValueError)
+        raise SystemExit(f"error: {e}") from e

@@ -90,6 +90,48 @@ def test_zero_periods_are_errors_before_training(tmp_path):
         train(tiny_args("--save_every=0", f"--out_dir={tmp_path}"))
 
 
+@pytest.mark.parametrize("flag, message", [
+    ("--sche=cosine", "--sche='cosine': expected one of"),
+    ("--wp=2", "--wp=2.0: the warm-up is a fraction of --steps, in \\[0, 1\\)"),
+    ("--ch=48", "VAE widths must be multiples of 32"),
+    ("--disc_layers=3", "--disc_layers=3 does not fit --reso=8"),  # with --w_gan: a PatchGAN deeper than 8 px
+])
+def test_bad_flags_fail_before_the_data_is_read(flag, message, tmp_path, monkeypatch):
+    import tokenizer_trainer
+
+    monkeypatch.setattr(tokenizer_trainer, "build_datasets", lambda *a, **k: pytest.fail("data read before the check"))
+    with pytest.raises(ValueError, match=message):
+        train(tiny_args(flag, "--w_gan=0.1", f"--out_dir={tmp_path}"))
+
+
+def test_the_cli_ends_a_bad_flag_in_one_error_line(tmp_path):
+    from conftest import REPO, launch
+
+    proc = launch(REPO / "scripts" / "train_tokenizer.py", *TINY, "--wp=2", f"--out_dir={tmp_path}", nproc=1,
+                  check=False)
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
+        "error: --wp=2.0: the warm-up is a fraction of --steps, in [0, 1) (train.py's --wp counts epochs)"]
+
+
+def test_resume_keeps_the_tokenizer_and_a_never_trained_discriminator_may_change(tmp_path):
+    """A relaunch with another tokenizer configuration is refused naming the fields (the shapes or the math of the
+    weights would change under a half-trained tokenizer); a discriminator saved before --gan_start may be rebuilt
+    with other shapes, one trained since may not."""
+    gan = ("--w_gan=0.1", "--gan_start=3", "--disc_layers=1", "--disc_ch=32")
+    train(tiny_args("--steps=2", "--save_every=2", *gan, f"--out_dir={tmp_path}"))
+    for flags, message in ((("--vocab_size=32",), "another configuration \\(vocab_size 64 -> 32\\)"),
+                           (("--quant_resi=-0.2", "--beta=1"), "beta 0.25 -> 1.0, quant_resi 0.5 -> -0.2")):
+        with pytest.raises(ValueError, match=message):
+            train(tiny_args("--steps=3", *gan, *flags, f"--out_dir={tmp_path}"))
+    train(tiny_args("--steps=4", "--save_every=2", *gan[:-1], "--disc_ch=64", "--lr=1e-3",
+                    f"--out_dir={tmp_path}"))  # step 2 <= --gan_start: its discriminator never trained
+    log = (tmp_path / "log.txt").read_text()
+    assert "never trained: step 2 <= --gan_start=3" in log and "--lr 0.003 -> 0.001" in log
+    assert torch.load(tmp_path / "tokenizer-last.pth", weights_only=True)["step"] == 4
+    with pytest.raises(ValueError, match="trained since --gan_start=3, has other shapes than --disc_ch=32"):
+        train(tiny_args("--steps=5", *gan, f"--out_dir={tmp_path}"))
+
+
 def test_main_writes_a_loadable_checkpoint_and_resumes(tmp_path):
     args = tiny_args("--steps=3", "--log_every=2", "--save_every=2", f"--out_dir={tmp_path}")
     ckpt_path = train(args)
