@@ -27,7 +27,7 @@ from models.mvar import MVAR, MVARConfig
 from models.tokenizer import VQVAE
 from trainer import NonFiniteError, StepResult, Trainer
 from utils.data.loaders import DataError, build_datasets, build_loaders, class_names
-from utils.data.token_cache import TokenCacheError, TokenDataset, open_cache, tokenizer_digest
+from utils.data.token_cache import TokenCacheError, TokenDataset, open_cache, read_manifest, tokenizer_digest
 from utils.evaluation.during_training import TrainingEval
 from utils.flags import FlagError, changed_flags, finalize_args, parse_args
 from utils.run.agreement import rank_disagreements, run_facts
@@ -72,8 +72,9 @@ def build_data(args: argparse.Namespace, vae: VQVAE, reso: int
         return num_classes, train_set, val_set, val_set, None
     expected, val_images = {"tokenizer_digest": tokenizer_digest(vae), "patch_nums": list(args.patch_nums),
                             "reso": reso}, None
-    if args.data_path or args.eval_every:
-        _, image_train, val_images = build_datasets(args.data_path, args.dataset, reso, args.mid_reso,
+    if args.data_path or args.eval_every:  # cropped as the cache's images were (its --mid_reso, not this run's)
+        mid_reso = read_manifest(args.tokens).get("mid_reso", args.mid_reso)
+        _, image_train, val_images = build_datasets(args.data_path, args.dataset, reso, mid_reso,
                                                     fmnist_dir=args.fmnist_dir, val_limit=args.val_limit)
         expected["classes"] = class_names(image_train)
     try:

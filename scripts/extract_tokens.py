@@ -168,6 +168,8 @@ def main(args: argparse.Namespace) -> None:
         raise ValueError(f"--batch={args.batch} --workers={args.workers} --mid_reso={args.mid_reso} "
                          f"--limit={args.limit}: expected batch >= 1, workers >= 0, mid_reso >= 1, limit >= 0")
     views, patch_nums = parse_views(args.views), parse_patch_nums(args.pn)
+    if device.type == "cuda":  # the encoder's precision as train.py's on-the-fly tokenization (and VAR's)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
     images = {s: open_split(args, s) for s in SPLITS}
     if args.data_path:  # the manifest's classes (train/'s) are what every label of both splits means
         check_same_classes(images["train"], images["val"], args.data_path)
@@ -181,6 +183,7 @@ def main(args: argparse.Namespace) -> None:
                for s, d in images.items()}
     out = Path(args.out)
     manifest = plan(args, identity, {s: len(d) for s, d in sources.items()}, world)
+    manifest["tf32"] = args.tf32 and device.type == "cuda"  # whether the ids were encoded with TF32
     complete = start(out, manifest)
     if world > 1:
         check_ranks_agree(args, identity, manifest, images, out)
@@ -216,6 +219,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=64, help="images per encoder batch and per committed chunk")
     p.add_argument("--workers", type=int, default=0, help="image-decoding processes per rank")
     p.add_argument("--limit", type=int, default=0, help="only the first N images of each split (0 = all)")
+    p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True, help="TF32 convolutions and "
+                   "matmuls on CUDA, as train.py's --tf32 (its on-the-fly tokenization and VAR's run under it): "
+                   "near-tie codes depend on it (about 1%% of a small tokenizer's ids, emulated); recorded in the "
+                   "manifest")
     p.add_argument("--log_every", type=int, default=0, help="also log a line every N committed chunks (for logs "
                    "without a terminal; 0 = the progress bar only)")
     return p

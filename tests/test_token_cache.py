@@ -143,6 +143,29 @@ def test_evaluating_from_a_cache_without_data_path_takes_the_embedded_images_of_
     assert "the embedded --dataset=mnist's: for a cache of an image folder, pass --data_path" in proc.stderr
 
 
+def test_val_images_beside_a_cache_are_cropped_at_the_caches_mid_reso(setup, centre_cache):
+    """With --tokens, --mid_reso does not apply to training (the cache's crops were made at its own): the val/ and
+    --eval_every images must be cropped alike, or validation measures another crop than training sees."""
+    from types import SimpleNamespace
+
+    import train
+
+    vae, _ = build_tiny_mvar(patch_nums=(1, 2, 4))
+    args = SimpleNamespace(tokens=str(centre_cache), data_path=str(setup / "data"), dataset="mnist", eval_every=0,
+                           mid_reso=2.0, fmnist_dir="", val_limit=0, train_limit=0, patch_nums=(1, 2, 4))
+    _, _, val_set, eval_images, _ = train.build_data(args, vae, reso=8)
+    assert read_manifest(centre_cache)["mid_reso"] == 1.0
+    assert val_set is eval_images and val_set.transform.transforms[0].size == 8  # 1.0 x 8 px, not 2.0 x 8
+
+
+def test_the_manifest_records_whether_the_ids_were_encoded_with_tf32(centre_cache):
+    """--tf32 (on by default, as train.py's) acts on CUDA only: a cache made on the CPU says it had none."""
+    assert read_manifest(centre_cache)["tf32"] is False
+    from scripts.extract_tokens import build_parser
+
+    assert build_parser().parse_args(["--out=x"]).tf32 and not build_parser().parse_args(["--out=x", "--no-tf32"]).tf32
+
+
 def test_resuming_images_from_tokens_mid_epoch_is_refused():
     old = {"classes": ["a"], "train_images": 8, "tokens": None}
     new = {**old, "tokens": ["center"]}

@@ -84,9 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "--dataset=fmnist; empty = $FMNIST_DIR, else /usr/share/datasets/fashion-mnist (Debian's "
                    "`apt-get install dataset-fashion-mnist`)")
     g.add_argument("--tokens", default="", help="train from this token cache (scripts/extract_tokens.py: one of "
-                   "its views per image per epoch) instead of the images; --mid_reso/--hflip then do not apply. "
-                   "Validation: --data_path's val/ images if given, else the cache's val split (its centre "
-                   "view); --eval_every scores against --data_path's val/ images, else the embedded --dataset's")
+                   "its views per image per epoch) instead of the images; --mid_reso/--hflip then do not apply (the "
+                   "val/ and --eval_every images are cropped at the cache's --mid_reso). Validation: --data_path's "
+                   "val/ images if given, else the cache's val split (its centre view); --eval_every scores "
+                   "against --data_path's val/ images, else the embedded --dataset's")
     g.add_argument("--pn", default="256", help="patch schedule: 256 or 512 (VAR's presets, models.presets) or sides "
                    "joined by '_'; image size = last side * tokenizer downsample")
     g.add_argument("--mid_reso", type=float, default=1.125, help="resize the shorter side to mid_reso*reso before "
