@@ -115,6 +115,9 @@ def check_flags(args: argparse.Namespace, world: int) -> VQVAEConfig:
                                                                                   "save_every") if getattr(args, k) < 1]
     if args.bs % world:
         problems.append(f"--bs={args.bs} is not divisible by the {world} processes")
+    if not args.mid_reso >= 1:
+        problems.append(f"--mid_reso={args.mid_reso}: expected >= 1 (the shorter side is resized to mid_reso x "
+                        "--reso, then cropped to --reso)")
     if not 0 <= args.wp < 1:
         problems.append(f"--wp={args.wp}: the warm-up is a fraction of --steps, in [0, 1) (train.py's --wp counts "
                         "epochs)")

@@ -87,6 +87,9 @@ def build_data(args: argparse.Namespace, vae: VQVAE, reso: int
                               f"val/ images)") from None
     views = manifest["splits"]["train"]["views"]
     logger.info("training from the token cache %s: views %s at mid_reso %g", args.tokens, views, manifest["mid_reso"])
+    if args.hflip and not any(v.endswith("_flip") for v in views):
+        logger.warning("--hflip does not apply to a token cache, and this one has no flipped views (extract them with "
+                       "scripts/extract_tokens.py --views=center,center_flip)")
     val_set = val_images if args.data_path else TokenDataset(args.tokens, manifest, "val", limit=args.val_limit)
     return len(manifest["classes"]), TokenDataset(args.tokens, manifest, "train", limit=args.train_limit), val_set, \
         val_images, views

@@ -24,7 +24,7 @@ from models.loading import load_vae
 from models.presets import parse_patch_nums
 from models.tokenizer import VQVAE
 from utils.data.embedded import build_embedded_dataset
-from utils.data.loaders import SafeImageFolder, check_same_classes
+from utils.data.loaders import SafeImageFolder, check_same_classes, first_items
 from utils.data.token_cache import FORMAT, SPLITS, ShardWriter, TokenCacheError, identity_problems, read_manifest, \
     shard_bounds, shard_name, tokenizer_digest, write_json
 from utils.data.views import parse_views, render_views
@@ -62,11 +62,14 @@ def open_split(args: argparse.Namespace, split: str) -> Dataset:
 
 
 @torch.no_grad()
-def encode(vae: VQVAE, views_NK3HW: torch.Tensor) -> np.ndarray:
-    """Views -> their token ids of all scales, uint16 (N, K, L)."""
+def encode(vae: VQVAE, views_NK3HW: torch.Tensor, encode_batch: int) -> np.ndarray:
+    """Views -> their token ids of all scales, uint16 (N, K, L), through the encoder `encode_batch` images at a
+    time (its activations, about 250 MB per 256 px image in fp32, bound the memory; not the ids)."""
     N, K = views_NK3HW.shape[:2]
-    idx_Bl = vae.img_to_idxBl(views_NK3HW.flatten(0, 1).to(next(vae.parameters()).device))
-    return torch.cat(idx_Bl, dim=1).view(N, K, -1).cpu().numpy().astype(np.uint16)
+    device = next(vae.parameters()).device
+    ids_BL = [torch.cat(vae.img_to_idxBl(part.to(device)), dim=1).cpu()
+              for part in views_NK3HW.flatten(0, 1).split(encode_batch)]
+    return torch.cat(ids_BL).view(N, K, -1).numpy().astype(np.uint16)
 
 
 def extract_shard(vae: VQVAE, source: ViewSource, writer: ShardWriter, args: argparse.Namespace, split: str) -> None:
@@ -79,7 +82,7 @@ def extract_shard(vae: VQVAE, source: ViewSource, writer: ShardWriter, args: arg
                unit="img", disable=not dist.is_main_process())
     for chunk, items in zip(chunks, loader, strict=True):
         good = [(i, v, label) for i, v, label in items if v is not None]
-        ids_NKL = encode(vae, torch.stack([v for _, v, _ in good])) if good else []
+        ids_NKL = encode(vae, torch.stack([v for _, v, _ in good]), args.encode_batch) if good else []
         writer.commit(chunk[0], {i: (ids_KL, label) for (i, _, label), ids_KL in zip(good, ids_NKL, strict=True)},
                       chunk[-1] + 1)
         bar.update(len(chunk))
@@ -115,14 +118,18 @@ def start(out: Path, manifest: dict) -> bool:
             old = read_manifest(out)
             diffs = identity_problems(old, manifest) + [f"--{k}: cache {old[k]!r}, this run {manifest[k]!r}" for k in
                                                         ("seed", "batch") if old[k] != manifest[k]]
-            # the splits as planned: finish() adds the skipped images
-            planned = {s: {k: v for k, v in i.items() if k != "skipped"} for s, i in old["splits"].items()}
-            if (old["source"], planned) != (manifest["source"], manifest["splits"]):
+            # the splits as planned (finish() adds the skipped images); a finished cache serves any rank count
+            keys = ("images", "views") if old["complete"] else ("images", "views", "shards")
+            planned, ours = ({s: {k: i[k] for k in keys} for s, i in m["splits"].items()} for m in (old, manifest))
+            if (old["source"], planned) != (manifest["source"], ours):
                 diffs.append(f"the images or ranks: cache {layout(old)}, this run {layout(manifest)}")
             if diffs:
                 problem = f"{out} holds an extraction of other settings ({'; '.join(diffs)}): relaunch that " \
                           f"command (with as many ranks), or choose another --out"
             complete = old["complete"]
+        elif shards := sorted(out.glob("*/shard-*")):  # the manifest they were written under is gone
+            problem = f"{out} holds shard files ({shards[0].relative_to(out)}, ...) but no manifest.json, so which " \
+                      f"tokenizer and images made them cannot be checked: choose another --out, or delete {out}"
         else:
             out.mkdir(parents=True, exist_ok=True)
             write_json(out / "manifest.json", manifest)
@@ -164,15 +171,18 @@ def main(args: argparse.Namespace) -> None:
     device = dist.initialize()
     rank, world = dist.get_rank(), dist.get_world_size()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="[%(levelname)s] %(message)s")
-    if args.batch < 1 or args.workers < 0 or args.mid_reso < 1 or args.limit < 0:
-        raise ValueError(f"--batch={args.batch} --workers={args.workers} --mid_reso={args.mid_reso} "
-                         f"--limit={args.limit}: expected batch >= 1, workers >= 0, mid_reso >= 1, limit >= 0")
+    if args.batch < 1 or args.encode_batch < 1 or args.workers < 0 or args.mid_reso < 1 or args.limit < 0:
+        raise ValueError(f"--batch={args.batch} --encode_batch={args.encode_batch} --workers={args.workers} "
+                         f"--mid_reso={args.mid_reso} --limit={args.limit}: expected batch >= 1, encode_batch >= 1, "
+                         "workers >= 0, mid_reso >= 1, limit >= 0")
     views, patch_nums = parse_views(args.views), parse_patch_nums(args.pn)
     if device.type == "cuda":  # the encoder's precision as train.py's on-the-fly tokenization (and VAR's)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
     images = {s: open_split(args, s) for s in SPLITS}
     if args.data_path:  # the manifest's classes (train/'s) are what every label of both splits means
         check_same_classes(images["train"], images["val"], args.data_path)
+    for split, dataset in images.items():  # --limit takes the first images: an ImageFolder's first classes
+        first_items(dataset, args.limit, f"--limit ({split})")
     vae = load_vae(args.vae_ckpt, device, v_patch_nums=patch_nums)
     if vae.vocab_size > 2**16:
         raise ValueError(f"the tokenizer's vocabulary ({vae.vocab_size}) does not fit uint16 ids")
@@ -217,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the rand<i> crops")
     p.add_argument("--out", required=True, help="the cache folder (a relaunch continues in it)")
     p.add_argument("--batch", type=int, default=64, help="images per encoder batch and per committed chunk")
+    p.add_argument("--encode_batch", type=int, default=64, help="views per encoder forward: bounds the memory (a "
+                   "--batch chunk holds --batch x views; about 250 MB per 256 px view in fp32); not in the manifest")
     p.add_argument("--workers", type=int, default=0, help="image-decoding processes per rank")
     p.add_argument("--limit", type=int, default=0, help="only the first N images of each split (0 = all)")
     p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True, help="TF32 convolutions and "

@@ -24,7 +24,7 @@ from utils.run.checkpoint import save_atomic
 from utils.run.lock import LOCK_NAME, RunLock, RunLockError, read_owner
 
 
-@pytest.mark.parametrize("flag", ["--depth=0", "--tlr=0", "--tlr=nan", "--tblr=0"])
+@pytest.mark.parametrize("flag", ["--depth=0", "--tlr=0", "--tlr=nan", "--tblr=0", "--mid_reso=0.9"])
 def test_flags_that_train_nothing_are_refused(flag):
     with pytest.raises(ValueError, match=flag.split("=")[0]):
         finalize_args(parse_args([flag]), world_size=1)

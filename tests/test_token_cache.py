@@ -104,6 +104,11 @@ def test_a_cache_of_another_tokenizer_or_classes_is_refused_naming_it(setup, cen
         open_cache(centre_cache, {"classes": ["class0", "class1", "classX"]})
 
 
+def test_extraction_warns_that_limit_keeps_the_first_classes(setup, tmp_path):
+    proc = launch(EXTRACT, *extract_flags(setup, tmp_path / "cache", "--limit=3"), nproc=1)
+    assert "--limit (train)=3 keeps the data set's first 3 images, which cover 1 of its 3 classes" in proc.stderr
+
+
 def test_extraction_refuses_val_class_folders_other_than_trains_before_loading(setup, tmp_path):
     """Each split's labels index its own sorted class folders, and the manifest says they mean train/'s: a val/
     without class1 would store class2's images as class1."""
@@ -143,7 +148,7 @@ def test_evaluating_from_a_cache_without_data_path_takes_the_embedded_images_of_
     assert "the embedded --dataset=mnist's: for a cache of an image folder, pass --data_path" in proc.stderr
 
 
-def test_val_images_beside_a_cache_are_cropped_at_the_caches_mid_reso(setup, centre_cache):
+def test_val_images_beside_a_cache_are_cropped_at_the_caches_mid_reso(setup, centre_cache, caplog):
     """With --tokens, --mid_reso does not apply to training (the cache's crops were made at its own): the val/ and
     --eval_every images must be cropped alike, or validation measures another crop than training sees."""
     from types import SimpleNamespace
@@ -152,10 +157,11 @@ def test_val_images_beside_a_cache_are_cropped_at_the_caches_mid_reso(setup, cen
 
     vae, _ = build_tiny_mvar(patch_nums=(1, 2, 4))
     args = SimpleNamespace(tokens=str(centre_cache), data_path=str(setup / "data"), dataset="mnist", eval_every=0,
-                           mid_reso=2.0, fmnist_dir="", val_limit=0, train_limit=0, patch_nums=(1, 2, 4))
+                           mid_reso=2.0, fmnist_dir="", val_limit=0, train_limit=0, patch_nums=(1, 2, 4), hflip=True)
     _, _, val_set, eval_images, _ = train.build_data(args, vae, reso=8)
     assert read_manifest(centre_cache)["mid_reso"] == 1.0
     assert val_set is eval_images and val_set.transform.transforms[0].size == 8  # 1.0 x 8 px, not 2.0 x 8
+    assert "--hflip does not apply to a token cache, and this one has no flipped views" in caplog.text
 
 
 def test_the_manifest_records_whether_the_ids_were_encoded_with_tf32(centre_cache):
@@ -196,6 +202,13 @@ def test_extraction_killed_and_relaunched_is_byte_identical_and_skips_unreadable
     launch(EXTRACT, *extract_flags(setup, setup / "killed", *flags, data="broken"), nproc=1)
     assert cache_files(setup / "killed") == whole
 
+    stale = setup / "no_manifest"  # its manifest deleted (after a refusal, say): the shards' settings are unknown
+    shutil.copytree(setup / "killed", stale)
+    (stale / "manifest.json").unlink()
+    with pytest.raises(TokenCacheError, match=r"holds shard files \((train|val)/shard-00000-of-00001.*but no manifest"):
+        start(stale, read_manifest(setup / "killed"))
+    assert not (stale / "manifest.json").exists()
+
     for change, message in (({"views": ["center"]}, "the views (--views): cache ['rand0', "),
                             ({"batch": 4}, "--batch: cache 2, this run 4"),
                             ({"splits": {}}, "the images or ranks: cache ")):
@@ -211,6 +224,30 @@ def test_two_rank_extraction_equals_one_rank(setup, centre_cache):
         ids_1, labels_1 = all_ids(centre_cache, split)
         ids_2, labels_2 = all_ids(setup / "two_ranks", split)
         assert np.array_equal(ids_1, ids_2) and labels_1 == labels_2
+    again = launch(EXTRACT, *extract_flags(setup, setup / "two_ranks"), nproc=1)  # a finished cache, on 1 rank
+    assert "is complete already: nothing to do" in again.stderr
+
+
+def test_the_encoder_takes_encode_batch_views_at_a_time():
+    """--encode_batch bounds the encoder's batch (tencrop at --batch=64 is 640 views, about 155 GB at 256 px); the
+    ids come back in order whatever it is."""
+    from scripts.extract_tokens import encode
+
+    class Stub(torch.nn.Module):  # ids that name their image: scale 0 its first pixel, scale 1 twice that
+        def __init__(self):
+            super().__init__()
+            self.w, self.sizes = torch.nn.Parameter(torch.zeros(1)), []
+
+        def img_to_idxBl(self, x):
+            self.sizes.append(len(x))
+            first = x[:, 0, 0, :1].long()
+            return [first, torch.cat([first, 2 * first], dim=1)]
+
+    views_NK3HW = torch.arange(5 * 2, dtype=torch.float32).view(5, 2, 1, 1, 1).expand(5, 2, 3, 4, 4)
+    expected = np.stack([[[2 * n + k, 2 * n + k, 4 * n + 2 * k] for k in range(2)] for n in range(5)])
+    for encode_batch, sizes in ((1, [1] * 10), (3, [3, 3, 3, 1]), (64, [10])):
+        stub = Stub()
+        assert np.array_equal(encode(stub, views_NK3HW, encode_batch), expected) and stub.sizes == sizes
 
 
 def test_views_follow_the_seed():

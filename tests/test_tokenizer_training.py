@@ -94,6 +94,7 @@ def test_zero_periods_are_errors_before_training(tmp_path):
     ("--sche=cosine", "--sche='cosine': expected one of"),
     ("--wp=2", "--wp=2.0: the warm-up is a fraction of --steps, in \\[0, 1\\)"),
     ("--ch=48", "VAE widths must be multiples of 32"),
+    ("--mid_reso=0.9", "--mid_reso=0.9: expected >= 1"),
     ("--disc_layers=3", "--disc_layers=3 does not fit --reso=8"),  # with --w_gan: a PatchGAN deeper than 8 px
 ])
 def test_bad_flags_fail_before_the_data_is_read(flag, message, tmp_path, monkeypatch):

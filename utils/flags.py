@@ -225,6 +225,9 @@ def finalize_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
             raise FlagError(f"--{name}={getattr(args, name)}: expected >= 0 (0 = off)")
     if args.eval_every and args.eval_n < 2:
         raise FlagError(f"--eval_n={args.eval_n}: expected at least 2 images per evaluation")
+    if not args.mid_reso >= 1:
+        raise FlagError(f"--mid_reso={args.mid_reso}: expected >= 1 (the shorter side is resized to mid_reso x the "
+                        "image size, then cropped to the image size)")
     try:
         args.patch_nums = parse_patch_nums(args.pn)
     except ValueError as e:
