@@ -25,7 +25,8 @@ import dist
 from models.presets import parse_patch_nums
 from models.quantizer import USAGE_MARGIN
 from models.tokenizer import VQVAE, VQVAEConfig
-from models.vq_losses import PatchDiscriminator, build_perceptual_loss, hinge_d_loss, hinge_g_loss
+from models.vq_losses import PatchDiscriminator, build_perceptual_loss, hinge_d_loss, hinge_g_loss, \
+    perceptual_loss_problem
 from utils.data.loaders import build_datasets, build_loaders
 from utils.flags import changed_flags, str2bool
 from utils.run.checkpoint import RunFolder
@@ -71,8 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--w_l1", type=float, default=1.0, help="L1 reconstruction weight")
     g.add_argument("--w_l2", type=float, default=1.0, help="MSE reconstruction weight")
     g.add_argument("--w_vq", type=float, default=1.0, help="VQ loss weight")
-    g.add_argument("--w_percep", type=float, default=0.0, help="LPIPS weight (skipped, with a warning, when LPIPS "
-                   "is not available offline)")
+    g.add_argument("--w_percep", type=float, default=0.0, help="LPIPS weight (> 0 needs the lpips package and "
+                   "torchvision's VGG16 weights in the torch hub cache: nothing is downloaded)")
     g.add_argument("--w_gan", type=float, default=0.0, help="generator hinge-loss weight (0: no discriminator)")
     g.add_argument("--gan_start", type=int, default=0, help="step at which the GAN terms switch on")
     g.add_argument("--disc_ch", type=int, default=64, help="PatchGAN base width")
@@ -121,6 +122,9 @@ def check_flags(args: argparse.Namespace, world: int) -> VQVAEConfig:
     if not 0 <= args.wp < 1:
         problems.append(f"--wp={args.wp}: the warm-up is a fraction of --steps, in [0, 1) (train.py's --wp counts "
                         "epochs)")
+    if args.w_percep > 0 and (why_not := perceptual_loss_problem()):
+        problems.append(f"--w_percep={args.w_percep:g} needs LPIPS, unavailable offline: {why_not}; --w_percep=0 "
+                        "trains without the perceptual term")
     try:
         lr_factor(args.sche, 0, 0, 2)
     except ValueError as e:
@@ -192,9 +196,8 @@ class TokenizerTrainer:
         self.percep = None
         if args.w_percep > 0:
             self.percep, why_not = build_perceptual_loss(device)
-            if self.percep is None:
-                logger.warning("--w_percep=%g but LPIPS is unavailable offline (%s): training without the "
-                               "perceptual term", args.w_percep, why_not)
+            if self.percep is None:  # check_flags says so first
+                raise ValueError(f"--w_percep={args.w_percep:g} needs LPIPS, unavailable offline: {why_not}")
         self.disc = self.disc_ddp = self.disc_opt = None
         if args.w_gan > 0:
             self.disc = PatchDiscriminator(ch=args.disc_ch, n_layers=args.disc_layers).to(device).train()

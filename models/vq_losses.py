@@ -50,17 +50,26 @@ def hinge_g_loss(logits_fake: torch.Tensor) -> torch.Tensor:
     return -logits_fake.mean()
 
 
-def build_perceptual_loss(device: torch.device) -> tuple[nn.Module | None, str]:
-    """(LPIPS-VGG module, "") when usable offline, else (None, why not).
+def perceptual_loss_problem() -> str:
+    """Why LPIPS-VGG cannot be built offline here ("" when it can).
 
     The `lpips` package ships its linear-layer weights, but the VGG16 backbone comes from torchvision through
     torch.hub, which downloads it when it is not cached: offline runs therefore need that file in the cache.
     """
     try:
-        import lpips
+        import lpips  # noqa: F401
     except ImportError:
-        return None, "the lpips package is not installed (pip install lpips)"
+        return "the lpips package is not installed (pip install lpips)"
     vgg = Path(torch.hub.get_dir()) / "checkpoints" / VGG16_FILE
     if not vgg.is_file():
-        return None, f"torchvision's VGG16 weights are not cached at {vgg} (lpips would download them)"
+        return f"torchvision's VGG16 weights are not cached at {vgg} (lpips would download them)"
+    return ""
+
+
+def build_perceptual_loss(device: torch.device) -> tuple[nn.Module | None, str]:
+    """(LPIPS-VGG module, "") when usable offline, else (None, why not: `perceptual_loss_problem`)."""
+    if why := perceptual_loss_problem():
+        return None, why
+    import lpips
+
     return lpips.LPIPS(net="vgg", verbose=False).to(device).eval().requires_grad_(False), ""

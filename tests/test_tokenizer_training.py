@@ -80,6 +80,18 @@ def test_perceptual_term_reports_why_it_is_unavailable():
         assert why == ""
 
 
+def test_a_perceptual_term_that_cannot_run_is_an_error_before_the_data(tmp_path, monkeypatch):
+    """It used to warn once and train another objective, recorded as --w_percep=1 in the checkpoint."""
+    import tokenizer_trainer
+    from models.vq_losses import perceptual_loss_problem
+
+    if not perceptual_loss_problem():
+        pytest.skip("LPIPS runs here")
+    monkeypatch.setattr(tokenizer_trainer, "build_datasets", lambda *a, **k: pytest.fail("data read before the check"))
+    with pytest.raises(ValueError, match="--w_percep=1 needs LPIPS, unavailable offline: .*--w_percep=0 trains"):
+        train(tiny_args("--w_percep=1", f"--out_dir={tmp_path}"))
+
+
 def test_bad_resolution_names_the_flag():
     with pytest.raises(ValueError, match="--reso=16"):
         build_vae(tiny_args("--reso=16"))
