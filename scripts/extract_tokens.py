@@ -13,6 +13,7 @@ import argparse
 import hashlib
 import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,7 @@ from models.loading import load_vae
 from models.presets import parse_patch_nums
 from models.tokenizer import VQVAE
 from utils.data.embedded import build_embedded_dataset
-from utils.data.loaders import SafeImageFolder, check_same_classes, first_items
+from utils.data.loaders import SafeImageFolder, check_same_classes, file_list_digest, first_items
 from utils.data.token_cache import FORMAT, SPLITS, ShardWriter, TokenCacheError, identity_problems, read_manifest, \
     shard_bounds, shard_name, tokenizer_digest, write_json
 from utils.data.views import parse_views, render_views
@@ -99,7 +100,8 @@ def plan(args: argparse.Namespace, identity: dict, sizes: dict[str, int], world:
     splits = {s: {"images": n, "views": identity["views"] if s == "train" else ["center"],
                   "shards": shard_bounds(n, world, args.batch)} for s, n in sizes.items()}
     return {"format": FORMAT, **identity, "L": sum(pn * pn for pn in identity["patch_nums"]), "seed": args.seed,
-            "batch": args.batch, "source": args.data_path or f"embedded:{args.dataset}", "splits": splits,
+            "batch": args.batch, "source": os.path.normpath(args.data_path) if args.data_path else
+            f"embedded:{args.dataset}", "splits": splits,
             "complete": False}
 
 
@@ -121,8 +123,10 @@ def start(out: Path, manifest: dict) -> bool:
             # the splits as planned (finish() adds the skipped images); a finished cache serves any rank count
             keys = ("images", "views") if old["complete"] else ("images", "views", "shards")
             planned, ours = ({s: {k: i[k] for k in keys} for s, i in m["splits"].items()} for m in (old, manifest))
-            if (old["source"], planned) != (manifest["source"], ours):
+            if (os.path.normpath(old["source"]), planned) != (os.path.normpath(manifest["source"]), ours):
                 diffs.append(f"the images or ranks: cache {layout(old)}, this run {layout(manifest)}")
+            if old.get("files", manifest.get("files")) != manifest.get("files"):
+                diffs.append("the image files (digest of their paths and labels) are not the cache's")
             if diffs:
                 problem = f"{out} holds an extraction of other settings ({'; '.join(diffs)}): relaunch that " \
                           f"command (with as many ranks), or choose another --out"
@@ -194,6 +198,7 @@ def main(args: argparse.Namespace) -> None:
     out = Path(args.out)
     manifest = plan(args, identity, {s: len(d) for s, d in sources.items()}, world)
     manifest["tf32"] = args.tf32 and device.type == "cuda"  # whether the ids were encoded with TF32
+    manifest["files"] = {s: file_list_digest(d) for s, d in images.items()}  # None for an embedded data set
     complete = start(out, manifest)
     if world > 1:
         check_ranks_agree(args, identity, manifest, images, out)

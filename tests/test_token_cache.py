@@ -209,9 +209,12 @@ def test_extraction_killed_and_relaunched_is_byte_identical_and_skips_unreadable
         start(stale, read_manifest(setup / "killed"))
     assert not (stale / "manifest.json").exists()
 
+    killed = read_manifest(setup / "killed")
+    assert killed["files"]["train"] is not None and start(setup / "killed", {**killed, "source": f"{setup}/broken/"})
     for change, message in (({"views": ["center"]}, "the views (--views): cache ['rand0', "),
                             ({"batch": 4}, "--batch: cache 2, this run 4"),
-                            ({"splits": {}}, "the images or ranks: cache ")):
+                            ({"splits": {}}, "the images or ranks: cache "),
+                            ({"files": {**killed["files"], "val": "0"}}, "the image files (digest of their paths")):
         with pytest.raises(TokenCacheError, match=re.escape(f"{setup / 'killed'} holds an extraction of other "
                                                             f"settings ({message}")):
             start(setup / "killed", {**read_manifest(setup / "killed"), **change})  # a relaunch with other flags
