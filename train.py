@@ -341,7 +341,7 @@ def main(args: argparse.Namespace) -> None:
     if args.eval_every:
         evaluator = TrainingEval(net=args.eval_net, n=args.eval_n, seed=args.seed, cfg=args.eval_cfg,
                                  top_k=args.eval_top_k, top_p=args.eval_top_p)
-        evaluator.prepare(eval_images, device)
+        evaluator.prepare(eval_images, num_classes, device)
         evaluator.load_history(ckpt.get("eval_history") if ckpt is not None else None)  # the curve goes on
     del ckpt
 

@@ -294,3 +294,35 @@ def test_frechet_of_features_equals_the_covariance_formula(n, m):
         assert abs(frechet_distance_of_features(a, a)) < 1e-12 * np.trace(feature_stats(a)[1])
     with pytest.raises(ValueError, match="one width"):
         frechet_distance_of_features(a, b[:, :3])
+
+
+def test_the_training_evaluation_reference_has_the_generated_classes_in_their_proportions(monkeypatch):
+    """Generated image i is of class i % C; the first n images of a class-ordered ImageFolder (ImageNet's val/) are
+    its first classes only. The reference takes, for image i, the next validation image of its class."""
+    import torch
+    from torch.utils.data import Subset
+
+    from utils.evaluation import during_training
+    from utils.evaluation.during_training import TrainingEval, reference_indices
+
+    class_ordered = [0] * 5 + [1] * 5 + [2] * 5
+    assert reference_indices(class_ordered, 6, 3) == [0, 5, 10, 1, 6, 11]
+    assert reference_indices([2, 0, 1, 0], 6, 3) == [1, 2, 0, 3]  # class 1 and 2 have one image each
+    assert reference_indices(None, 4, 3) == [0, 1, 2, 3]
+
+    class Images(torch.utils.data.Dataset):  # image i is filled with its class id
+        targets = class_ordered
+
+        def __len__(self):
+            return len(self.targets)
+
+        def __getitem__(self, i):
+            return torch.full((3, 2, 2), self.targets[i] / 2 - 1.0), self.targets[i]
+
+    seen = []
+    monkeypatch.setattr(during_training, "feature_network", lambda net, device: (
+        "fd", lambda imgs: (seen.append(imgs[:, 0, 0, 0].tolist()) or imgs.reshape(len(imgs), -1).astype(float),
+                            None)))
+    evaluator = TrainingEval(net="stub", n=6, seed=0)
+    evaluator.prepare(Subset(Images(), range(12)), num_classes=3, device=torch.device("cpu"))  # val_limit=12
+    assert seen == [[0, 64, 128, 0, 64, 128]] and evaluator.ref_feats.shape == (6, 12)  # classes 0, 1, 2 twice

@@ -184,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval_every", type=int, default=0, help="epochs between evaluations of the Frechet distance "
                    "of generated to validation images (and after the last epoch); 0 = off")
     g.add_argument("--eval_n", type=int, default=1000, help="images generated per evaluation (sharded over ranks), "
-                   "and validation images in the reference")
+                   "and validation images in the reference (of the same classes in the same proportions)")
     g.add_argument("--eval_net", default="inception", help="feature network: 'inception' (FID) or a classifier "
                    "saved as a SmallCNN state dict (FD_clf; the study's classifier.pt)")
     g.add_argument("--eval_cfg", type=float, default=1.5, help="guidance of the evaluation's samples")

@@ -160,6 +160,15 @@ def first_items(dataset: Dataset, n: int, flag: str | None = None) -> Dataset:
     return Subset(dataset, range(min(n, len(dataset))))
 
 
+def dataset_targets(dataset: Dataset) -> list[int] | None:
+    """The labels of a `build_datasets` split in index order, read without its images (None if it has none)."""
+    base = dataset.dataset if isinstance(dataset, Subset) else dataset
+    targets = getattr(base, "targets", None)
+    if targets is None:
+        return None
+    return [int(targets[i]) for i in (dataset.indices if isinstance(dataset, Subset) else range(len(targets)))]
+
+
 def class_names(dataset: Dataset) -> list[str]:
     """The class names of a `build_datasets` split (an ImageFolder's folder names, an embedded set's classes)."""
     return list((dataset.dataset if isinstance(dataset, Subset) else dataset).classes)

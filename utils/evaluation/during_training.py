@@ -6,9 +6,12 @@ saved as a `SmallCNN` state dict (utils.evaluation.classifier; the study's `clas
 (FD_clf, for small data sets) and its predictions: class consistency, the share of images classified as the class
 they were generated for. Each evaluation generates `--eval_n` images, class i % num_classes for image i, in
 chunks of `CHUNK` seeded from (seed, chunk) alone: the same images for any number of ranks, over which the chunks
-are sharded, and the same at every point of the curve apart from the weights. The reference is the first
-`--eval_n` validation images. Sampling uses its own generators, so training draws what it would without it.
+are sharded, and the same at every point of the curve apart from the weights. The reference is `--eval_n`
+validation images of the same classes in the same proportions (`reference_indices`). Sampling uses its own
+generators, so training draws what it would without it.
 """
+import logging
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -18,6 +21,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 import dist
+from utils.data.loaders import dataset_targets
 from utils.evaluation.classifier import SmallCNN
 from utils.evaluation.fid import frechet_distance_of_features
 from utils.evaluation.fid_dump import chunk_seed
@@ -25,6 +29,7 @@ from utils.evaluation.inception import load_inception
 from utils.evaluation.scores import classifier_view
 from utils.sample_io import to_uint8_BHW3
 
+logger = logging.getLogger(__name__)
 CHUNK = 50  # images per generation call
 FeatureFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray | None]]  # uint8 (N,H,W,3) -> (N, D), classes (N,)
 
@@ -47,6 +52,20 @@ def feature_network(name: str, device: torch.device) -> tuple[str, FeatureFn]:
         view = classifier_view(clf, imgs)
         return view.feats_ND, view.probs_NK.argmax(axis=1)
     return "fd_clf", features
+
+
+def reference_indices(labels: Sequence[int] | None, n: int, num_classes: int) -> list[int]:
+    """The validation images of the reference: for generated image i (class i % num_classes) the next image of that
+    class in the data set's order, so that both sets hold the same classes in the same proportions (the first n
+    images of a class-ordered ImageFolder, ImageNet's val/, would be its first n / 50 classes only). A class with
+    too few images gives all it has; without labels, the first n images."""
+    if labels is None:
+        return list(range(n))
+    of_class: dict[int, list[int]] = defaultdict(list)
+    for i, c in enumerate(labels):
+        of_class[c].append(i)
+    wanted = ((i % num_classes, i // num_classes) for i in range(n))
+    return [of_class[c][k] for c, k in wanted if k < len(of_class[c])]
 
 
 def sharded_features(n: int, images: Callable[[int, int], np.ndarray], features: FeatureFn
@@ -85,16 +104,23 @@ class TrainingEval:
         self.features: FeatureFn | None = None
         self.ref_feats: np.ndarray | None = None
 
-    def prepare(self, val_set: Dataset, device: torch.device) -> None:
+    def prepare(self, val_set: Dataset, num_classes: int, device: torch.device) -> None:
         """Load the feature network and the reference features (collective)."""
-        if len(val_set) < 2:
+        labels = dataset_targets(val_set)
+        ref = reference_indices(labels, min(self.n, len(val_set)) if labels is None else self.n, num_classes)
+        if len(ref) < 2:
             raise ValueError(f"--eval_every needs validation images to compare with; the validation set has "
-                             f"{len(val_set)}")
+                             f"{len(ref)} of the model's classes")
+        if len(ref) < self.n:
+            logger.warning("the --eval_every reference holds %d validation images for %d generated ones (some classes "
+                           "have fewer than %d): lower --eval_n for a like-for-like comparison", len(ref), self.n,
+                           -(-self.n // num_classes))
+
         def real(start: int, stop: int) -> np.ndarray:
-            return to_uint8_BHW3((torch.stack([val_set[i][0] for i in range(start, stop)]) + 1) / 2)
+            return to_uint8_BHW3((torch.stack([val_set[i][0] for i in ref[start:stop]]) + 1) / 2)
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # a network's init draws
             self.metric, self.features = feature_network(self.net, device)
-            self.ref_feats, _ = sharded_features(min(self.n, len(val_set)), real, self.features)
+            self.ref_feats, _ = sharded_features(len(ref), real, self.features)
 
     @torch.no_grad()
     def evaluate(self, mvar: nn.Module, epoch: int, images_seen: int, train_seconds: float) -> dict:
