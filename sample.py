@@ -19,6 +19,7 @@ The same flags and seed give the same images: batch c is drawn with a generator 
 --official_seed seeds the one batch with --seed itself, as the official demo does, for its images.
 """
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -340,21 +341,27 @@ def make_generate(mvar: MVAR, args: argparse.Namespace, device: torch.device):
     def generate(label_B: np.ndarray, g_seed: int) -> np.ndarray:
         batch = f"classes {sorted(set(label_B.tolist()))} (seed {g_seed}, {precision_name(args)})"
         label_B = torch.as_tensor(label_B, dtype=torch.long, device=device)
-        with torch.inference_mode(), mvar.inference_precision(dtype):
-            try:
-                img_B3HW = mvar.autoregressive_infer_cfg(len(label_B), label_B, g_seed=g_seed, cfg=args.cfg,
-                                                         top_k=args.top_k, top_p=args.top_p,
-                                                         more_smooth=args.more_smooth)
-            except RuntimeError as e:
-                if "probability tensor contains" not in str(e):
-                    raise
-                raise NonFiniteValueError(f"the M-VAR logits became non-finite while sampling {batch}; the weights "
-                                          f"are finite, so the activations or the guidance (--cfg={args.cfg:g}) "
-                                          f"overflowed: try {OVERFLOW_ADVICE[precision_name(args)]}") from e
+        with torch.inference_mode(), mvar.inference_precision(dtype), overflow_is_an_error(args, batch):
+            img_B3HW = mvar.autoregressive_infer_cfg(len(label_B), label_B, g_seed=g_seed, cfg=args.cfg,
+                                                     top_k=args.top_k, top_p=args.top_p, more_smooth=args.more_smooth)
         check_finite_images(img_B3HW, f"the tokenizer decoder, for {batch},")
         return to_uint8_BHW3(img_B3HW)
 
     return generate
+
+
+@contextlib.contextmanager
+def overflow_is_an_error(args: argparse.Namespace, batch: str) -> Iterator[None]:
+    """torch.multinomial's error on non-finite probabilities as a NonFiniteValueError saying what to try (the weights
+    were checked finite at load, so the activations or the guidance overflowed)."""
+    try:
+        yield
+    except RuntimeError as e:
+        if "probability tensor contains" not in str(e):
+            raise
+        raise NonFiniteValueError(f"the M-VAR logits became non-finite while sampling {batch}; the weights are "
+                                  f"finite, so the activations or the guidance (--cfg={args.cfg:g}) overflowed: try "
+                                  f"{OVERFLOW_ADVICE[precision_name(args)]}") from e
 
 
 OVERFLOW_ADVICE = {"fp16": "--bf16 (fp16 overflows past 65504), fp32 or a smaller --cfg",
@@ -419,15 +426,22 @@ def sample_pictures(args: argparse.Namespace, generate) -> Path:
 
 def edit_rows(args: argparse.Namespace, mvar: MVAR) -> Iterator[torch.Tensor]:
     """Per class of --classes: the image as the model sees it, the mask, then --num_per_class edits, (2 + n, 3, H, W)
-    floats in [0, 1] (sample.py --edit and scripts/app.py both edit through it)."""
+    floats in [0, 1] (sample.py --edit and scripts/app.py both edit through it). The edits of class c are drawn --bs
+    at a time, chunk j from chunk_seed(--seed, c + j x classes); non-finite logits or pixels are NonFiniteValueError."""
     img_13HW, mask_11HW = load_edit_inputs(args.edit, mvar.patch_nums[-1] * mvar.vae.downsample, args.mask, args.box)
-    n, dtype = args.num_per_class, amp_dtype(args)
+    dtype, classes = amp_dtype(args), len(args.classes)
     for c, cls in enumerate(args.classes):
-        with torch.inference_mode(), mvar.inference_precision(dtype):
-            edits = mvar.autoregressive_edit_cfg(img_13HW.expand(n, -1, -1, -1), mask_11HW, cls,
-                                                 g_seed=chunk_seed(args.seed, c), cfg=args.cfg, top_k=args.top_k,
-                                                 top_p=args.top_p, more_smooth=args.more_smooth)
-        yield torch.cat([img_13HW, mask_11HW.float().expand(1, 3, -1, -1), edits.float().cpu()])
+        edits = []
+        for j, start in enumerate(range(0, args.num_per_class, args.bs)):  # --bs edits at a time
+            m, g_seed = min(args.bs, args.num_per_class - start), chunk_seed(args.seed, c + j * classes)
+            batch = f"class {cls} (edits {start}-{start + m - 1}, seed {g_seed}, {precision_name(args)})"
+            with torch.inference_mode(), mvar.inference_precision(dtype), overflow_is_an_error(args, batch):
+                part = mvar.autoregressive_edit_cfg(img_13HW.expand(m, -1, -1, -1), mask_11HW, cls, g_seed=g_seed,
+                                                    cfg=args.cfg, top_k=args.top_k, top_p=args.top_p,
+                                                    more_smooth=args.more_smooth)
+            check_finite_images(part, f"the tokenizer decoder, for {batch},")
+            edits.append(part.float().cpu())
+        yield torch.cat([img_13HW, mask_11HW.float().expand(1, 3, -1, -1), *edits])
 
 
 def sample_edit(args: argparse.Namespace, mvar: MVAR) -> Path:
@@ -522,7 +536,7 @@ def main(argv: Sequence[str] | None = None) -> Path | None:
     if args.edit is not None:
         try:
             return sample_edit(args, mvar)
-        except (ValueError, FileNotFoundError) as e:
+        except (ValueError, FileNotFoundError, NonFiniteValueError) as e:
             raise SystemExit(f"error: {e}") from e
     generate = make_generate(mvar, args, device)
     try:

@@ -88,6 +88,43 @@ def test_overflowing_logits_say_where(ckpt, tmp_path, monkeypatch):  # noqa: F81
         run(ckpt, "--classes", 1, "--out", tmp_path / "x.png")
 
 
+def edit_image(tmp_path):
+    path = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+@pytest.mark.parametrize("broken, message", [
+    ("decoder", r"tokenizer decoder, for class 1 \(edits 0-3, seed \d+, fp32\), produced non-finite pixels"),
+    ("logits", r"M-VAR logits became non-finite while sampling class 1 \(edits 0-3"),
+])
+def test_an_edit_that_overflows_is_an_error_not_black_pixels(ckpt, tmp_path, monkeypatch, broken, message):  # noqa: F811
+    """The edit path wrote NaN pixels as black with exit 0, and overflowing logits ended in a bare traceback."""
+    from models.mvar import MVAR
+
+    if broken == "decoder":
+        real = VQVAE.fhat_to_img
+        monkeypatch.setattr(VQVAE, "fhat_to_img", lambda self, f: real(self, f) * math.nan)
+    else:
+        real = MVAR.run_blocks
+        monkeypatch.setattr(MVAR, "run_blocks", lambda self, *a: real(self, *a) * math.nan)
+    with pytest.raises(SystemExit, match=message):
+        run(ckpt, "--edit", edit_image(tmp_path), "--box", "0,4,8,8", "--classes", 1, "--out", tmp_path / "e.png")
+    assert not (tmp_path / "e.png").exists()
+
+
+def test_edits_are_drawn_bs_at_a_time(ckpt, tmp_path, monkeypatch):  # noqa: F811
+    from models.mvar import MVAR
+
+    sizes, real = [], MVAR.autoregressive_edit_cfg
+    monkeypatch.setattr(MVAR, "autoregressive_edit_cfg", lambda self, img, *a, **k: sizes.append(len(img)) or
+                        real(self, img, *a, **k))
+    out = run(ckpt, "--edit", edit_image(tmp_path), "--box", "0,4,8,8", "--classes", 1, 2, "--num_per_class", 5,
+              "--bs", 2, "--out", tmp_path / "e.png")
+    assert sizes == [2, 2, 1] * 2
+    assert np.asarray(Image.open(out)).shape == (2 * (8 + 2) + 2, 7 * (8 + 2) + 2, 3)  # before | mask | 5 edits
+
+
 @pytest.mark.parametrize("name, fmt", [("grid.jpg", "JPEG"), ("sub/grid.webp", "WEBP"), ("grid.PNG", "PNG")])
 def test_out_with_an_image_suffix_writes_that_image(ckpt, tmp_path, name, fmt):  # noqa: F811
     out = run(ckpt, "--classes", 1, 2, "--num_per_class", 2, "--out", tmp_path / name)
