@@ -118,12 +118,19 @@ class Session:
                 "--top_k", str(knobs.top_k), "--top_p", f"{knobs.top_p:g}", "--seed", str(knobs.seed),
                 "--more_smooth" if knobs.more_smooth else "--no-more_smooth", *extra, "--out", str(out)]
 
+    def parse(self, argv: Sequence[str]) -> argparse.Namespace:
+        """sample.py's flags as its main() ends up with them here (--bf16 falls back to fp32 where the CPU has no bf16
+        instructions), so the page and the command it offers draw the same pixels."""
+        args = parse_sample_args(argv)
+        sample.fall_back_to_fp32_where_slow(args, self.device)
+        return args
+
     def sample(self, knobs: Knobs, on_scale: Callable[[int, int], None] | None = None) -> Iterator[Result]:
         """Sample as `python sample.py ARGV` would: a Result after each batch (its grid and command exist from the
         last one on). on_scale(scales done, scales in all) is called after every scale."""
         folder = self.workspace.new_folder()
         argv = self.argv(knobs, folder / "samples.png")
-        args, command = parse_sample_args(argv), write_command(argv, folder)
+        args, command = self.parse(argv), write_command(argv, folder)
         labels = sample.picture_labels(args)[0]
         total = -(-len(labels) // args.bs) * len(self.mvar.patch_nums)
         generate, images, batches = sample.make_generate(self.mvar, args, self.device), [], []
@@ -155,7 +162,7 @@ class Session:
         else:
             raise ValueError("mark the region to regenerate: draw on the image or give a box x0,y0,x1,y1")
         argv = self.argv(knobs, folder / "edit.png", "--edit", str(source), *region)
-        args, command = parse_sample_args(argv), write_command(argv, folder)
+        args, command = self.parse(argv), write_command(argv, folder)
         with self.lock, scale_calls(self.mvar, on_scale, len(args.classes) * len(self.mvar.patch_nums)):
             rows = list(sample.edit_rows(args, self.mvar))
         grid = save_grid(to_uint8_BHW3(torch.cat(rows)), folder / "edit.png", ncol=2 + args.num_per_class)

@@ -203,3 +203,19 @@ def test_a_drawn_mark_edits_like_the_same_box(client, tmp_path):
     boxed = client.predict(gradio_client.handle_file(str(photo)), None, "0,0,32,16", *EDIT, api_name="/edit")
     assert "--mask mask.png" in drawn[4] and any(f.endswith("mask.png") for f in drawn[5])
     assert [Image.open(e["image"]).tobytes() for e in drawn[2]] == [Image.open(e["image"]).tobytes() for e in boxed[2]]
+
+
+def test_bf16_falls_back_to_fp32_in_the_session_as_in_sample_py(monkeypatch, tiny_mvar, tmp_path):
+    """On a CPU without bf16 instructions sample.py samples --bf16 in fp32; the app's session kept bf16 (emulated,
+    slower), so the offered command did not reproduce the page's pixels (a review measured 57 levels apart)."""
+    from scripts.app_jobs import Session, Workspace
+
+    monkeypatch.setenv("MVAR_CPU_BF16", "0")
+    _, mvar = tiny_mvar()
+    workspace = Workspace()
+    try:
+        session = Session(mvar, ["--ckpt", "x.pth", "--bf16"], torch.device("cpu"), None, workspace)
+        args = session.parse([*session.base_argv, "--out", str(tmp_path / "x.png")])
+        assert sample.parse_args(["--ckpt", "x.pth", "--bf16"]).bf16 and not args.bf16
+    finally:
+        workspace.close()
