@@ -77,8 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--depth", type=int, default=None,
                    help="without --ckpt: use the official d{depth}.pth; with --ckpt: the depth it must have")
     p.add_argument("--arch", default=None, choices=list(ARCH_BRANCHES),
-                   help="the architecture --ckpt must have (checked before sampling); without --ckpt, var picks "
-                   "VAR's official var_d{depth}.pth")
+                   help="the architecture --ckpt must have (checked before sampling; a raw state dict with attention "
+                   "and no Mamba is read as var unless --arch=intra); without --ckpt, var picks VAR's official "
+                   "var_d{depth}.pth")
     add_model_flag(p)
     p.add_argument("--pn", default=None, help="patch schedule of an official file whose token count matches no "
                    "preset: 256, 512 or sides joined by '_' (our checkpoints carry theirs)")
@@ -282,11 +283,15 @@ def load_checked(args: argparse.Namespace, device: torch.device) -> tuple[MVAR, 
     else:
         ckpt_path = Path(args.ckpt)
     ckpt = load_mvar_checkpoint(ckpt_path, "--ckpt")
+    ours = "config" in ckpt and "model" in ckpt
+    overrides = {"arch": args.arch} if args.arch and not ours else {}  # the keys cannot tell intra from var
     try:
-        config = MVARConfig.from_dict(ckpt["config"]) if "config" in ckpt and "model" in ckpt \
-            else config_from_state_dict(ckpt, args.pn)
+        config = MVARConfig.from_dict(ckpt["config"]) if ours else config_from_state_dict(ckpt, args.pn, **overrides)
     except (KeyError, TypeError, ValueError) as e:  # not a model, or a config with impossible values
         raise ValueError(f"--ckpt={ckpt_path}: {e.args[0]}") from e
+    if not ours and config.arch == "var" and not args.arch:
+        logger.warning("%s has attention and no Mamba: read as VAR (--arch=intra for the intra-scale ablation, whose "
+                       "keys are the same; --arch=var says it is VAR)", ckpt_path.name)
     check_against_config(args, config, ckpt_path.name)
     embedded_vae = "vae" in ckpt and "vae_config" in ckpt
     if args.vae_ckpt is None and embedded_vae:
@@ -298,7 +303,7 @@ def load_checked(args: argparse.Namespace, device: torch.device) -> tuple[MVAR, 
                             f"--vae_ckpt={args.vae_ckpt}", f"--ckpt={ckpt_path}", args.allow_other_tokenizer,
                             (config.V, config.Cvae))
     mvar = load_mvar(ckpt, device=device, vae=vae, patch_nums=args.pn, attn_backend=args.attn_backend,
-                     mamba_backend=args.mamba_backend)
+                     mamba_backend=args.mamba_backend, **overrides)
     check_finite_weights(mvar, f"M-VAR checkpoint {ckpt_path}")
     check_finite_weights(vae, f"tokenizer ({'embedded in --ckpt' if vae_id == 'embedded' else vae_id})")
     return mvar, ckpt_path, vae_id

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 import sample
+from models.loading import mvar_checkpoint
 from models.tokenizer import VQVAE
 from utils.flags import device_problem
 from test_sample_cli import ckpt, run  # noqa: F401  (ckpt: the tiny checkpoint fixture)
@@ -186,6 +187,26 @@ def test_raw_state_dict_of_a_custom_schedule_loads_with_pn(ckpt, tmp_path):  # n
     assert np.array_equal(np.asarray(Image.open(got)), np.asarray(Image.open(want)))
     with pytest.raises(SystemExit, match="--pn=1_2_4, but ours.pth holds patch_nums 1_2_3_4"):
         run(variant(ckpt, tmp_path / "ours.pth", lambda c: None), *flags, "--pn", "1_2_4", "--out", tmp_path / "y.png")
+
+
+def test_a_raw_intra_scale_file_samples_as_intra_with_arch_intra(tiny_mvar, tmp_path, caplog):
+    """The keys of the intra-scale ablation are VAR's: --arch=intra was refused ('holds arch=var') and without it
+    the file sampled silently as VAR (block-causal global attention)."""
+    vae, mvar = tiny_mvar(arch="intra", num_classes=10)
+    raw, tok = tmp_path / "raw_intra.pth", tmp_path / "vae.pth"
+    torch.save(mvar.state_dict(), raw)
+    torch.save({k: v for k, v in mvar_checkpoint(mvar, vae).items() if k.startswith("vae")}, tok)
+
+    def opened(*flags):
+        args = sample.parse_args(["--ckpt", str(raw), "--vae_ckpt", str(tok), "--pn", "1_2_3_4", *flags])
+        return sample.open_model(args, torch.device("cpu"))[0]
+
+    intra = opened("--arch", "intra")
+    assert intra.config.arch == "intra" and all(torch.equal(v, intra.state_dict()[k])
+                                                for k, v in mvar.state_dict().items())
+    assert "has attention and no Mamba" not in caplog.text
+    assert opened().config.arch == "var"
+    assert "raw_intra.pth has attention and no Mamba: read as VAR (--arch=intra for the intra-scale" in caplog.text
 
 
 def test_foreign_tokenizer_of_the_same_shape_is_refused_unless_allowed(ckpt, tmp_path):  # noqa: F811
