@@ -36,8 +36,8 @@ import dist
 from models.attention import resolve_backend
 from models.backends import BackendError
 from models.hub_format import MVARHF, HubSource, check_own_tokenizer, is_hub_source, read_config
-from models.loading import CheckpointError, config_from_state_dict, load_mvar, load_mvar_checkpoint, load_vae, \
-    official_file, resolve_mvar_checkpoint, weights_digest
+from models.loading import CheckpointError, config_from_state_dict, embedded_vae, load_mvar, load_mvar_checkpoint, \
+    load_vae, official_file, resolve_mvar_checkpoint, weights_digest
 from models.mamba2 import resolve_kernels
 from models.mvar import MVAR, MVARConfig
 from models.precision import effective_amp_dtype
@@ -293,13 +293,13 @@ def load_checked(args: argparse.Namespace, device: torch.device) -> tuple[MVAR, 
         logger.warning("%s has attention and no Mamba: read as VAR (--arch=intra for the intra-scale ablation, whose "
                        "keys are the same; --arch=var says it is VAR)", ckpt_path.name)
     check_against_config(args, config, ckpt_path.name)
-    embedded_vae = "vae" in ckpt and "vae_config" in ckpt
-    if args.vae_ckpt is None and embedded_vae:
-        vae, vae_id = load_vae(ckpt_path, device=device, flag="--ckpt"), "embedded"
+    has_vae = "vae" in ckpt and "vae_config" in ckpt
+    if args.vae_ckpt is None and has_vae:
+        vae, vae_id = embedded_vae(ckpt, ckpt_path, device), "embedded"
     else:
         vae = load_vae(args.vae_ckpt, device=device, v_patch_nums=config.patch_nums)
         vae_id = "official" if args.vae_ckpt is None else Path(args.vae_ckpt).name
-        check_own_tokenizer(vae, weights_digest(ckpt["vae"]) if embedded_vae else None,
+        check_own_tokenizer(vae, weights_digest(ckpt["vae"]) if has_vae else None,
                             f"--vae_ckpt={args.vae_ckpt}", f"--ckpt={ckpt_path}", args.allow_other_tokenizer,
                             (config.V, config.Cvae))
     mvar = load_mvar(ckpt, device=device, vae=vae, patch_nums=args.pn, attn_backend=args.attn_backend,

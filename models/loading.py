@@ -168,7 +168,7 @@ def check_digest(obj: Any, recorded: str, what: str) -> None:
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
-class StateDictMismatchError(RuntimeError):
+class StateDictMismatchError(CheckpointError):
     """A checkpoint's keys or shapes do not match the model."""
 
 
@@ -353,14 +353,27 @@ def resolve_mvar_checkpoint(path: str | None, depth: int | None, flag: str = "--
     return resolve_checkpoint(None, *official_file(depth, arch), flag)
 
 
+KEPT_KEYS = ("config", "model", "vae_config", "vae", "data", "args")  # what sampling and export read of ours
+
+
 def load_mvar_checkpoint(path: PathLike, flag: str) -> dict[str, Any]:
-    """The dict in an M-VAR / VAR checkpoint file (ours or official), read onto the CPU; a tokenizer's file, given
-    where a model's is expected, is a ValueError naming `flag`."""
+    """The dict in an M-VAR / VAR checkpoint file (ours or official), read onto the CPU; of ours only the
+    `KEPT_KEYS` are kept (a training checkpoint's optimizer states, about twice the weights, are let go at once).
+    A tokenizer's file, given where a model's is expected, is a ValueError naming `flag`."""
     ckpt = load_checkpoint(path, mmap=False)
     if "model" not in ckpt and "vae" in ckpt:
         raise ValueError(f"{flag}={path} is a tokenizer checkpoint (no M-VAR weights): pass it as --vae_ckpt, and an "
                          f"M-VAR checkpoint as {flag}")
+    if "config" in ckpt and "model" in ckpt:
+        return {k: ckpt[k] for k in KEPT_KEYS if k in ckpt}
     return ckpt
+
+
+def embedded_vae(ckpt: dict[str, Any], path: PathLike, device: str | torch.device = "cpu",
+                 flag: str = "--ckpt") -> VQVAE:
+    """The tokenizer a checkpoint dict embeds ("vae_config" + "vae"), built from the dict already in memory (reading
+    the file again would hold it twice)."""
+    return vae_from_state_dict(ckpt["vae_config"], ckpt["vae"], f"tokenizer checkpoint {path} ({flag})", device)
 
 
 def mvar_checkpoint(mvar: MVAR, vae: VQVAE | None = None) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from models.loading import CheckpointError, load_checkpoint
 from models.mvar import MVAR
 from scripts.app_jobs import Session, Workspace, parse_sample_args
 from utils.flags import add_backend_flags
@@ -58,8 +59,11 @@ def recorded_class_names(ckpt_path: Path, mvar: MVAR) -> list[str] | None:
     """The class names a training run recorded in its checkpoint (train.py's data.classes), else ImageNet's for a
     1,000-class model, else None (the page shows ids)."""
     if ckpt_path.is_file():
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
-        names = (ckpt.get("data") or {}).get("classes") if isinstance(ckpt, dict) else None
+        try:  # memory-mapped: only the class names are read
+            ckpt = load_checkpoint(ckpt_path, mmap=True)
+        except CheckpointError:  # torch's legacy (non-zip) format cannot be memory-mapped
+            ckpt = load_checkpoint(ckpt_path, mmap=False)
+        names = (ckpt.get("data") or {}).get("classes")
         if names:
             return [str(n) for n in names]
     if mvar.num_classes == 1000:

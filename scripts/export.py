@@ -14,8 +14,8 @@ import logging
 from pathlib import Path
 
 from models.hub_format import MVARHF, OFFICIAL_DATA, check_own_tokenizer, training_data
-from models.loading import config_from_state_dict, load_mvar, load_mvar_checkpoint, load_vae, resolve_mvar_checkpoint, \
-    weights_digest
+from models.loading import CheckpointError, config_from_state_dict, embedded_vae, load_mvar, load_mvar_checkpoint, \
+    load_vae, resolve_mvar_checkpoint, weights_digest
 from models.mvar import MVARConfig
 from models.presets import parse_patch_nums
 from utils.evaluation.fid_dump import fid_folder_name
@@ -66,10 +66,14 @@ def main(argv: list[str] | None = None) -> Path:
             raise ValueError(f"--arch/--pn are for official files; {ckpt_path.name} carries its own config")
         patch_nums = parse_patch_nums(args.pn) if args.pn else None
         overrides = {"arch": args.arch} if args.arch else {}
-        config = MVARConfig.from_dict(ckpt["config"]) if ours else config_from_state_dict(ckpt, patch_nums, **overrides)
+        try:
+            config = MVARConfig.from_dict(ckpt["config"]) if ours else config_from_state_dict(ckpt, patch_nums,
+                                                                                              **overrides)
+        except (KeyError, TypeError) as e:  # not a model's state dict, or a config with impossible values
+            raise ValueError(f"--ckpt={ckpt_path}: {e.args[0]}") from e
         embedded = "vae" in ckpt and "vae_config" in ckpt
         if args.vae_ckpt is None and embedded:
-            vae, vae_what = load_vae(ckpt_path, flag="--ckpt"), "embedded in --ckpt"
+            vae, vae_what = embedded_vae(ckpt, ckpt_path), "embedded in --ckpt"
         else:
             vae = load_vae(args.vae_ckpt, v_patch_nums=config.patch_nums)
             vae_what = f"--vae_ckpt={args.vae_ckpt}" if args.vae_ckpt else "VAR's, from the Hugging Face cache"
@@ -78,7 +82,7 @@ def main(argv: list[str] | None = None) -> Path:
         mvar = load_mvar(ckpt, vae=vae, patch_nums=patch_nums, model_cls=MVARHF, name=str(ckpt_path), **overrides)
         check_finite_weights(mvar, f"M-VAR checkpoint {ckpt_path}")  # nothing non-finite is written nor uploaded
         check_finite_weights(vae, f"tokenizer ({vae_what})")
-    except (ValueError, FileNotFoundError, NonFiniteValueError) as e:
+    except (ValueError, FileNotFoundError, NonFiniteValueError, CheckpointError) as e:
         raise SystemExit(f"error: {e}") from e
     card = dict(repo_id=args.repo_id, training_data=args.training_data or training_data(ckpt),
                 metrics=dict(m.split("=", 1) for m in args.metric), source=ckpt_path.name,

@@ -219,3 +219,13 @@ def test_bf16_falls_back_to_fp32_in_the_session_as_in_sample_py(monkeypatch, tin
         assert sample.parse_args(["--ckpt", "x.pth", "--bf16"]).bf16 and not args.bf16
     finally:
         workspace.close()
+
+
+def test_class_names_are_read_from_a_legacy_format_checkpoint(tiny_mvar, tmp_path):
+    """torch's legacy (non-zip) format loads in sample.py but cannot be memory-mapped: the app crashed at start-up."""
+    from scripts.app import recorded_class_names
+
+    vae, mvar = tiny_mvar()
+    path = tmp_path / "legacy.pth"
+    torch.save({**mvar_checkpoint(mvar, vae), "data": {"classes": NAMES}}, path, _use_new_zipfile_serialization=False)
+    assert recorded_class_names(path, mvar) == NAMES

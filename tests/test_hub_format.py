@@ -248,3 +248,43 @@ def test_export_names_its_flags_in_errors(tmp_path, offline_cache):
     with pytest.raises(SystemExit, match=r"--ckpt=.*missing\.pth: no such file$"):  # no download hint for d0.pth
         export.main(["--ckpt", str(tmp_path / "missing.pth"), "--out", str(tmp_path / "hub")])
     assert not (tmp_path / "hub").exists()
+
+
+def test_a_training_checkpoint_is_read_once_and_its_optimizer_let_go(tmp_path, monkeypatch):
+    """sample.py and export.py read a checkpoint with an embedded tokenizer twice, whole, both copies alive at once:
+    twice a training checkpoint's size (its optimizer states included) in memory."""
+    import models.loading
+
+    vae, mvar = build_tiny()
+    path = tmp_path / "ar-ckpt-last.pth"
+    torch.save({**mvar_checkpoint(mvar, vae), "trainer": {"adam": torch.zeros(1000)}, "rng": [1], "epoch": 1}, path)
+    reads, real = [], models.loading.torch.load
+    monkeypatch.setattr(models.loading.torch, "load", lambda f, **k: reads.append(str(f)) or real(f, **k))
+    kept = models.loading.load_mvar_checkpoint(path, "--ckpt")
+    assert set(kept) == {"config", "model", "vae_config", "vae"}
+    reads.clear()
+    args = sample.parse_args(["--ckpt", str(path), "--device", "cpu"])
+    loaded, _, vae_id = sample.open_model(args, torch.device("cpu"))
+    assert reads == [str(path)] and vae_id == "embedded"
+    assert all(torch.equal(v, loaded.vae.state_dict()[k]) for k, v in vae.state_dict().items())
+    reads.clear()
+    export.main(["--ckpt", str(path), "--out", str(tmp_path / "hub")])
+    assert reads == [str(path)]
+
+
+def test_refused_files_end_in_one_error_line(tmp_path):
+    """A model file given as the tokenizer, and a truncated file or a state dict of no model given to export.py, were
+    tracebacks."""
+    vae, mvar = build_tiny()
+    raw = tmp_path / "raw.pth"
+    torch.save(mvar.state_dict(), raw)
+    ours = tmp_path / "ours.pth"
+    torch.save(mvar_checkpoint(mvar, vae), ours)
+    with pytest.raises(SystemExit, match=r"^error: tokenizer checkpoint .*raw\.pth \(--vae_ckpt\) does not match"):
+        sample.main(["--ckpt", str(ours), "--vae_ckpt", str(raw), "--device", "cpu", "--out", str(tmp_path / "x.png")])
+    (tmp_path / "trunc.pth").write_bytes(ours.read_bytes()[:2000])
+    with pytest.raises(SystemExit, match=r"^error: checkpoint .*trunc\.pth is unreadable"):
+        export.main(["--ckpt", str(tmp_path / "trunc.pth"), "--out", str(tmp_path / "hub")])
+    torch.save({"head.weight": torch.zeros(2, 2)}, tmp_path / "other.pth")
+    with pytest.raises(SystemExit, match=r"^error: --ckpt=.*other\.pth: not an M-VAR/VAR state dict"):
+        export.main(["--ckpt", str(tmp_path / "other.pth"), "--out", str(tmp_path / "hub")])
