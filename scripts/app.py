@@ -19,6 +19,7 @@ from models.loading import CheckpointError, load_checkpoint
 from models.mvar import MVAR
 from scripts.app_jobs import Session, Workspace, parse_sample_args
 from utils.flags import add_backend_flags
+from utils.run.preemption import sigterm_raises
 from utils.run.checkpoint import LAST
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline: before Gradio is first imported
@@ -90,21 +91,24 @@ def open_session(args: argparse.Namespace) -> Session:
 
 def launch(argv: Sequence[str] | None = None, block: bool = True):
     """Parse, load, build the page and serve it -> (the Gradio app, its URL); `block=False` returns at once
-    (tests), else it serves until interrupted."""
+    (tests), else it serves until interrupted (Ctrl-C or SIGTERM: `kill`, `docker stop`, schedulers), then deletes
+    its workspace."""
     args = build_parser().parse_args(argv)
     session = open_session(args)
-    from scripts.app_ui import CSS, build_ui  # Gradio only once the model loaded
+    try:
+        with sigterm_raises():
+            from scripts.app_ui import CSS, build_ui  # Gradio only once the model loaded
 
-    title = f"M-VAR: {Path(session.base_argv[1]).name} ({session.mvar.num_classes} classes, " \
-            f"{session.image_size} px)"
-    demo = build_ui(session, title, args.queue_size)
-    _, url, _ = demo.launch(server_name=args.host, server_port=args.port or None, share=args.share,
-                            max_file_size=int(args.max_upload_mb * 1e6), ssr_mode=False, quiet=not block, css=CSS,
-                            prevent_thread_lock=not block)
-    if block:
-        try:
-            demo.block_thread()
-        finally:
+            title = f"M-VAR: {Path(session.base_argv[1]).name} ({session.mvar.num_classes} classes, " \
+                    f"{session.image_size} px)"
+            demo = build_ui(session, title, args.queue_size)
+            _, url, _ = demo.launch(server_name=args.host, server_port=args.port or None, share=args.share,
+                                    max_file_size=int(args.max_upload_mb * 1e6), ssr_mode=False, quiet=not block,
+                                    css=CSS, prevent_thread_lock=not block)
+            if block:
+                demo.block_thread()
+    finally:
+        if block:
             session.workspace.close()
     return demo, session, url
 

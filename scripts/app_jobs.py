@@ -10,6 +10,7 @@ import shlex
 import shutil
 import tempfile
 import threading
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,11 +56,13 @@ class Result:
 
 
 class Workspace:
-    """A private temporary folder with one sub-folder per request; only the newest `keep` are kept."""
+    """A private temporary folder with one sub-folder per request; only the newest `keep` are kept. It is deleted by
+    `close`, else when the object is collected or the interpreter exits (users' uploads stay in no /tmp)."""
 
     def __init__(self, keep: int = 16):
         self.root, self.keep, self.count = Path(tempfile.mkdtemp(prefix="mvar-app-")), keep, 0
         self.lock = threading.Lock()
+        self.close = weakref.finalize(self, shutil.rmtree, self.root, ignore_errors=True)
 
     def new_folder(self) -> Path:
         with self.lock:
@@ -69,9 +72,6 @@ class Workspace:
             for old in sorted(self.root.iterdir())[:-self.keep]:
                 shutil.rmtree(old, ignore_errors=True)
         return folder
-
-    def close(self) -> None:
-        shutil.rmtree(self.root, ignore_errors=True)
 
 
 class Session:

@@ -229,3 +229,44 @@ def test_class_names_are_read_from_a_legacy_format_checkpoint(tiny_mvar, tmp_pat
     path = tmp_path / "legacy.pth"
     torch.save({**mvar_checkpoint(mvar, vae), "data": {"classes": NAMES}}, path, _use_new_zipfile_serialization=False)
     assert recorded_class_names(path, mvar) == NAMES
+
+
+def test_sigterm_stops_the_server_and_deletes_its_workspace(tiny_mvar, tmp_path):
+    """`kill`, `docker stop` and schedulers send SIGTERM, which skipped the clean-up: generated images, uploads and
+    masks stayed in /tmp. A workspace nobody closes goes when it is collected."""
+    import gc
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO, SUBPROCESS_ENV
+    from scripts.app_jobs import Workspace
+
+    workspace = Workspace()
+    root = workspace.root
+    del workspace
+    gc.collect()
+    assert not root.exists()
+
+    vae, mvar = tiny_mvar()
+    torch.save(mvar_checkpoint(mvar, vae), tmp_path / "tiny.pth")
+    (tmp_path / "tmp").mkdir()
+    port = free_port()
+    env = {**SUBPROCESS_ENV, "TMPDIR": str(tmp_path / "tmp")}
+    proc = subprocess.Popen([sys.executable, "-m", "scripts.app", "--ckpt", str(tmp_path / "tiny.pth"), "--device",
+                             "cpu", "--port", str(port)], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=open(tmp_path / "err.txt", "w"), start_new_session=True)
+    try:
+        for _ in range(600):  # serving: its workspace exists and the port answers
+            with socket.socket() as s:
+                if list((tmp_path / "tmp").glob("mvar-app-*")) and s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.1)
+        else:
+            pytest.fail("the app did not start serving within 60 s")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) != 0
+    finally:
+        proc.kill()
+    assert not list((tmp_path / "tmp").glob("mvar-app-*"))
