@@ -33,8 +33,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from models.loading import DIGEST_KEY, CheckpointError, check_digest, hf_offline, load_mvar, resolve_checkpoint, \
-    vae_from_state_dict, weights_digest
+from models.loading import DIGEST_KEY, MVAR_REPO, VAR_REPO, CheckpointError, check_digest, hf_offline, load_mvar, \
+    resolve_checkpoint, vae_from_state_dict, weights_digest
 from models.mvar import MVAR, MVARConfig
 from models.tokenizer import VQVAE
 
@@ -60,11 +60,15 @@ def is_hub_source(source: str | os.PathLike) -> bool:
 
 
 class HubSource:
-    """The files of a model folder or Hub repo; `flag` is what errors call it (e.g. "--ckpt")."""
+    """The files of a model folder or Hub repo; `flag` is what errors call it (e.g. "--ckpt"). A repo's files come
+    from the cache first (`revision`: a branch, tag or commit; `token` for a gated or private repo;
+    `local_files_only`: never download), as huggingface_hub's own from_pretrained takes them."""
 
     def __init__(self, source: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
-                 flag: str = "--ckpt"):
+                 flag: str = "--ckpt", revision: str | None = None, token: str | bool | None = None,
+                 local_files_only: bool = False):
         self.source, self.cache_dir, self.flag = str(source), cache_dir, flag
+        self.hub_kwargs = {"revision": revision, "token": token, "local_files_only": local_files_only}
         self.folder = Path(source) if Path(source).is_dir() else None
         if self.folder is None and not is_hub_source(source):
             raise FileNotFoundError(f"{flag}={source}: neither a model folder nor a Hugging Face repo id (org/name)")
@@ -78,13 +82,18 @@ class HubSource:
                                         f"written by save_pretrained or scripts/export.py)")
             return path
         try:
-            return resolve_checkpoint(None, self.source, name, self.flag, cache_dir=self.cache_dir)
+            return resolve_checkpoint(None, self.source, name, self.flag, cache_dir=self.cache_dir, **self.hub_kwargs)
         except FileNotFoundError as e:
+            if self.source in (MVAR_REPO, VAR_REPO):
+                raise FileNotFoundError(f"{self.flag}={self.source}: that repo holds the official .pth files, not a "
+                                        "Hub-format folder: pass --depth=N (with --arch=var for VAR's) to use its "
+                                        f"dN.pth, or {self.flag}=path/to/dN.pth") from e
             cache = Path(self.cache_dir) if self.cache_dir is not None else Path(hf_constants.HF_HUB_CACHE)
             offline = " (HF_HUB_OFFLINE is set)" if hf_offline() else ""
+            cause = f" ({type(e.__cause__).__name__}: {str(e.__cause__).splitlines()[0]})" if e.__cause__ else ""
             raise FileNotFoundError(
                 f"{self.flag}={self.source}: no such local folder, and {name} of the Hugging Face repo "
-                f"{self.source} is neither in the cache at {cache} nor downloadable{offline}.\n"
+                f"{self.source} is neither in the cache at {cache} nor downloadable{offline}{cause}.\n"
                 f"On a machine with internet access run `hf download {self.source}` (copy the cache folder over "
                 f"if needed), or point {self.flag} at a folder written by scripts/export.py.") from e
 
@@ -155,10 +164,12 @@ class VQVAEHF(VQVAE, PyTorchModelHubMixin, library_name="mvar", paper_url=PAPER_
     @classmethod
     def from_pretrained(cls, source: str | os.PathLike | HubSource, *, subfolder: str = "",
                         device: str | torch.device = "cpu", cache_dir: str | os.PathLike | None = None,
-                        flag: str = "--vae_ckpt", **vae_kwargs: Any) -> "VQVAEHF":
-        """A tokenizer folder or repo id (`subfolder`: where in it, e.g. "tokenizer"); `vae_kwargs` override
-        config fields (e.g. v_patch_nums)."""
-        src = source if isinstance(source, HubSource) else HubSource(source, cache_dir, flag)
+                        flag: str = "--vae_ckpt", revision: str | None = None, token: str | bool | None = None,
+                        local_files_only: bool = False, **vae_kwargs: Any) -> "VQVAEHF":
+        """A tokenizer folder or repo id (`subfolder`: where in it, e.g. "tokenizer"; `revision`, `token`,
+        `local_files_only` as in huggingface_hub); `vae_kwargs` override config fields (e.g. v_patch_nums)."""
+        src = source if isinstance(source, HubSource) else HubSource(source, cache_dir, flag, revision, token,
+                                                                     local_files_only)
         prefix = f"{subfolder}/" if subfolder else ""
         return vae_from_state_dict(src.json(prefix + CONFIG_FILE), src.weights(prefix + WEIGHTS_FILE),
                                    f"tokenizer {src} ({prefix + WEIGHTS_FILE})", device, cls=cls, **vae_kwargs)
@@ -213,11 +224,15 @@ class MVARHF(MVAR, PyTorchModelHubMixin, library_name="mvar", paper_url=PAPER_UR
     @classmethod
     def from_pretrained(cls, source: str | os.PathLike | HubSource, *, device: str | torch.device = "cpu",
                         cache_dir: str | os.PathLike | None = None, vae: VQVAE | None = None, flag: str = "--ckpt",
-                        allow_other_tokenizer: bool = False, **config_overrides: Any) -> "MVARHF":
-        """A model folder or repo id -> the model in eval mode with its tokenizer attached (or `vae` when given).
+                        allow_other_tokenizer: bool = False, revision: str | None = None,
+                        token: str | bool | None = None, local_files_only: bool = False,
+                        **config_overrides: Any) -> "MVARHF":
+        """A model folder or repo id (`revision`: a branch, tag or commit to pin; `token`, `local_files_only` as in
+        huggingface_hub) -> the model in eval mode with its tokenizer attached (or `vae` when given).
         A tokenizer other than the one it was saved with is a TokenizerMismatchError unless
         `allow_other_tokenizer`. `config_overrides` change non-weight settings (attn_backend, mamba_backend, ...)."""
-        src = source if isinstance(source, HubSource) else HubSource(source, cache_dir, flag)
+        src = source if isinstance(source, HubSource) else HubSource(source, cache_dir, flag, revision, token,
+                                                                     local_files_only)
         config = src.json(CONFIG_FILE)
         what = "the given tokenizer" if vae is not None else f"{src}/{TOKENIZER_DIR}"
         if vae is None:

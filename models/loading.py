@@ -67,12 +67,14 @@ def existing_file(path: str | os.PathLike, flag: str, hint: str = "") -> Path:
 
 
 def resolve_checkpoint(path: str | os.PathLike | None, repo_id: str, filename: str, flag: str,
-                       cache_dir: str | os.PathLike | None = None) -> Path:
+                       cache_dir: str | os.PathLike | None = None, revision: str | None = None,
+                       token: str | bool | None = None, local_files_only: bool = False) -> Path:
     """Local path of a checkpoint.
 
     An explicit `path` (the value of `flag`) wins and must exist. Otherwise the Hugging Face cache is tried
-    (`cache_dir`, default: the hub cache of HF_HOME), and only if the file is not cached and HF_HUB_OFFLINE is
-    unset is it downloaded. Raises FileNotFoundError saying where to put the file.
+    (`cache_dir`, default: the hub cache of HF_HOME; `revision`: a branch, tag or commit, default main), and only if
+    the file is not cached, HF_HUB_OFFLINE is unset and not `local_files_only` is it downloaded (with `token` for a
+    gated or private repo). Raises FileNotFoundError saying where to put the file.
     """
     flag = flag if flag.startswith("--") else f"--{flag}"
     if path is not None:
@@ -80,13 +82,15 @@ def resolve_checkpoint(path: str | os.PathLike | None, repo_id: str, filename: s
                                          f"{hf_download_url(repo_id, filename)}).")
 
     try:
-        return Path(huggingface_hub.hf_hub_download(repo_id, filename, cache_dir=cache_dir, local_files_only=True))
+        return Path(huggingface_hub.hf_hub_download(repo_id, filename, cache_dir=cache_dir, revision=revision,
+                                                    local_files_only=True))
     except (LocalEntryNotFoundError, OSError) as e:  # not cached, or an unreadable cache
         cache_error = e
-    if not hf_offline():
+    if not hf_offline() and not local_files_only:
         try:
             logger.info("downloading %s from the Hugging Face repo %s", filename, repo_id)
-            return Path(huggingface_hub.hf_hub_download(repo_id, filename, cache_dir=cache_dir))
+            return Path(huggingface_hub.hf_hub_download(repo_id, filename, cache_dir=cache_dir, revision=revision,
+                                                        token=token))
         except Exception as e:  # noqa: BLE001 (network, auth, missing file: all end in the same instructions)
             cache_error = e
     cache = Path(cache_dir) if cache_dir is not None else Path(hf_constants.HF_HUB_CACHE)

@@ -115,6 +115,33 @@ def test_nothing_found_names_the_repo_and_the_cache(offline_cache):
         sample.main(["--ckpt", REPO, "--device", "cpu", "--classes", "1"])
 
 
+def test_from_pretrained_takes_huggingface_hubs_revision_token_and_local_files_only(tmp_path, offline_cache,
+                                                                                     monkeypatch):
+    """They reached MVARConfig as unknown fields (a TypeError), so a repo could not be pinned to a commit."""
+    import huggingface_hub
+
+    mvar, _ = hub_model()
+    mvar.save_pretrained(tmp_path / "m")
+    put_folder_in_cache(tmp_path / "m", offline_cache, REPO)
+    commit = "0123456789abcdef0123456789abcdef01234567"  # put_in_hf_cache's snapshot
+    assert_same_model(mvar.eval(), MVARHF.from_pretrained(REPO, revision=commit, token=None, local_files_only=True))
+    with pytest.raises(FileNotFoundError, match="LocalEntryNotFoundError"):  # the cause is kept in the message
+        MVARHF.from_pretrained(REPO, revision="f" * 40)
+    monkeypatch.delenv("HF_HUB_OFFLINE")  # online, but local_files_only: no download is tried
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    calls, cache_only = [], huggingface_hub.hf_hub_download
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **k: calls.append(k) or cache_only(*a, **k))
+    with pytest.raises(FileNotFoundError, match="no such local folder"):
+        MVARHF.from_pretrained("someone/elsewhere", local_files_only=True)
+    assert calls and all(k["local_files_only"] for k in calls)
+
+
+def test_the_official_repo_id_as_ckpt_points_at_depth(offline_cache):
+    with pytest.raises(SystemExit, match="OliverRen/M-VAR: that repo holds the official .pth files, not a Hub-format "
+                                         "folder: pass --depth=N"):
+        sample.main(["--ckpt", "OliverRen/M-VAR", "--device", "cpu", "--classes", "1"])
+
+
 def test_official_pth_exports_to_a_folder_with_identical_logits(tmp_path, offline_cache):
     _, mvar = build_tiny()
     torch.save(official_style_state_dict(mvar), tmp_path / "d2.pth")  # what OliverRen/M-VAR ships: raw tensors
