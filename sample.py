@@ -238,7 +238,8 @@ def amp_dtype(args: argparse.Namespace) -> torch.dtype | None:
 
 
 def check_outputs(args: argparse.Namespace) -> None:
-    """The output folder of this mode must be writable."""
+    """The output folder of this mode must be writable; a picture folder that holds images already gets a warning
+    (this run's replace those of the same names, the others stay: two runs' images in one folder)."""
     if args.fid:
         check_writable(Path(args.fid_dir), f"--fid_dir={args.fid_dir}")
     else:
@@ -247,6 +248,10 @@ def check_outputs(args: argparse.Namespace) -> None:
             raise OutputFolderError(f"--out={args.out} is a folder, but its suffix asks for one image: name a file, "
                                     "or a folder without an image suffix for one PNG per image")
         check_writable(out.parent if is_image_file(out) else out, f"--out={args.out}")
+        if not is_image_file(out) and (old := len(list(out.glob("class*.png")))):
+            logger.warning("--out=%s already holds %d class*.png images: this run's replace those of the same "
+                           "names and the others stay, so the folder may mix two runs (choose an empty folder to "
+                           "keep them apart)", args.out, old)
 
 
 def fall_back_to_fp32_where_slow(args: argparse.Namespace, device: torch.device) -> None:

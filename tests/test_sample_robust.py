@@ -375,3 +375,12 @@ def test_a_numbered_gpu_under_torchrun_is_refused():
     assert sample.device_of_rank("cuda:0", own, 1) == torch.device("cuda", 0)
     with pytest.raises(SystemExit, match="--device=cuda:0 would put all 8 ranks on that one GPU"):
         sample.device_of_rank("cuda:0", own, 8)
+
+
+def test_a_picture_folder_holding_images_gets_a_warning(ckpt, tmp_path, capsys):  # noqa: F811
+    """Two runs into one folder left a mix (the second's images over the first's of the same names) without a word."""
+    run(ckpt, "--classes", 0, "--num_per_class", 3, "--out", tmp_path / "imgs")
+    assert "already holds" not in capsys.readouterr().out
+    run(ckpt, "--classes", 0, "--num_per_class", 1, "--seed", 2, "--out", tmp_path / "imgs")
+    assert re.search(r"--out=.*imgs already holds 3 class\*\.png images: this run's replace those of the same names",
+                     capsys.readouterr().out)
