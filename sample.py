@@ -120,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "--mask/--box region with each of --classes; --out gets rows of before | mask | edits")
     p.add_argument("--mask", default=None, metavar="MASK.png", help="with --edit: non-black pixels are regenerated "
                    "(same size as the image; transparent pixels count as black)")
+    p.add_argument("--outside", default="reconstruction", choices=("reconstruction", "original"), help="with --edit: "
+                   "the pixels outside the mask: the tokenizer's reconstruction of the image (VAR's recipe: the tokens "
+                   "there are the image's own) or its own pixels pasted back (a seam may show at the mask's edge)")
     p.add_argument("--box", default=None, metavar="x0,y0,x1,y1", help="with --edit: the pixel box to regenerate "
                    "(in the image's pixels, ends exclusive)")
     return p
@@ -197,7 +200,8 @@ def official_seed_problems(args: argparse.Namespace) -> list[str]:
 
 def edit_flag_problems(args: argparse.Namespace) -> list[str]:
     if args.edit is None:
-        return [f"--{f} is for --edit" for f in ("mask", "box") if getattr(args, f) is not None]
+        return [f"--{f} is for --edit" for f in ("mask", "box") if getattr(args, f) is not None] + \
+            (["--outside is for --edit"] if args.outside != "reconstruction" else [])
     problems = [] if (args.mask is None) != (args.box is None) else ["--edit needs exactly one of --mask or --box"]
     if args.fid or args.classes is None:
         problems.append("--edit needs --classes (one row per class) and no --fid")
@@ -450,6 +454,8 @@ def edit_rows(args: argparse.Namespace, mvar: MVAR) -> Iterator[torch.Tensor]:
                                                     cfg=args.cfg, top_k=args.top_k, top_p=args.top_p,
                                                     more_smooth=args.more_smooth)
             check_finite_images(part, f"the tokenizer decoder, for {batch},")
+            if args.outside == "original":
+                part = torch.where(mask_11HW.to(part.device), part, img_13HW.to(part.device, part.dtype))
             edits.append(part.float().cpu())
         yield torch.cat([img_13HW, mask_11HW.float().expand(1, 3, -1, -1), *edits])
 

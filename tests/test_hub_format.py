@@ -263,6 +263,14 @@ def test_sample_edit_writes_before_mask_after_rows(tmp_path):
     assert not np.array_equal(cell[0][2][4:], cell[1][2][4:])  # the lower half follows the class / seed
     with pytest.raises(SystemExit):
         sample.main(["--ckpt", str(tmp_path / "m"), "--edit", str(tmp_path / "in.png"), "--classes", "1"])
+    assert not np.array_equal(cell[0][2][:4], cell[0][0][:4])  # by default the tokenizer's reconstruction ...
+    original = np.asarray(Image.open(sample.main(
+        ["--ckpt", str(tmp_path / "m"), "--device", "cpu", "--edit", str(tmp_path / "in.png"), "--box", "0,8,16,16",
+         "--classes", "1", "2", "--num_per_class", "3", "--outside", "original", "--out", str(tmp_path / "o.png")])))
+    for r in range(2):  # ... with --outside=original the image's own pixels, the edited half unchanged
+        for k in range(2, 5):
+            got = original[2 + r * 10: 10 + r * 10, 2 + k * 10: 10 + k * 10]
+            assert np.array_equal(got[:4], cell[0][0][:4]) and np.array_equal(got[4:], cell[r][k][4:])
 
 
 def test_export_names_its_flags_in_errors(tmp_path, offline_cache):

@@ -88,6 +88,7 @@ def test_tf32_flag_sets_cudas_matmuls_and_convolutions_only_there():
     (("--fid", "--num_per_class", 8), "--num_per_class is for pictures; --fid takes --fid_num_per_class"),
     (("--fid", "--out", "x.png"), "--out is for pictures; --fid writes into --fid_dir"),
     (("--fid", "--official_seed"), "--official_seed is for pictures"),
+    (("--outside", "original"), "--outside is for --edit"),
     (("--official_seed", "--classes", 1, 2, "--num_per_class", 4, "--bs", 4), "8 pictures need --bs >= 8, got --bs=4"),
 ])
 def test_bad_flags_fail_before_reading_anything(flags, message, capsys, tmp_path):
