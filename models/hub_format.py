@@ -72,6 +72,9 @@ class HubSource:
         self.folder = Path(source) if Path(source).is_dir() else None
         if self.folder is None and not is_hub_source(source):
             raise FileNotFoundError(f"{flag}={source}: neither a model folder nor a Hugging Face repo id (org/name)")
+        if self.folder is None and Path(source).parent.is_dir():  # a typo in a local path, not a repo's name
+            raise FileNotFoundError(f"{flag}={source}: {Path(source).parent}/ has no folder {Path(source).name} (a "
+                                    f"repo id org/name is looked up on the Hub only where no local folder org/ exists)")
 
     def file(self, name: str) -> Path:
         """Local path of `name` (e.g. "tokenizer/config.json"): in the folder, or from the cache / a download."""

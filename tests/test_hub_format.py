@@ -323,3 +323,14 @@ def test_refused_files_end_in_one_error_line(tmp_path):
     torch.save({"head.weight": torch.zeros(2, 2)}, tmp_path / "other.pth")
     with pytest.raises(SystemExit, match=r"^error: --ckpt=.*other\.pth: not an M-VAR/VAR state dict"):
         export.main(["--ckpt", str(tmp_path / "other.pth"), "--out", str(tmp_path / "hub")])
+
+
+def test_a_typo_in_a_local_folder_is_not_looked_up_on_the_hub(tmp_path, monkeypatch):
+    """`--ckpt hub/my-mvar-typo` read as a repo id spent about 27 s in huggingface_hub's retries before its error."""
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **k: pytest.fail("looked up on the Hub"))
+    (tmp_path / "hub").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match=r"--ckpt=hub/my-mvar-typo: hub/ has no folder my-mvar-typo"):
+        sample.main(["--ckpt", "hub/my-mvar-typo", "--device", "cpu", "--classes", "1"])
