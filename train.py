@@ -208,8 +208,8 @@ def end_epoch(ep: int, iters: int, args: argparse.Namespace, trainer: Trainer, v
     is_best = False
     if (ep + 1) % args.val_every == 0 or ep + 1 == args.ep:
         val = trainer.evaluate(val_loader)
-        is_best = val["vL_mean"] < best_val
-        best_val = min(best_val, val["vL_mean"])
+        is_best = val["vL_tail"] < best_val  # VAR picks its best checkpoint by the last scale's loss
+        best_val = min(best_val, val["vL_tail"])
         logger.info("ep %d val: L mean %.4f tail %.4f | acc mean %.2f tail %.2f (%d images)", ep + 1,
                     val["vL_mean"], val["vL_tail"], val["vacc_mean"], val["vacc_tail"], val["n"])
         tb.scalars(ep + 1, "val/", **val)
@@ -299,6 +299,7 @@ def main(args: argparse.Namespace) -> None:
     # relaunched with the same command continues instead of starting over.
     resume_path, ckpt = folder.load_resume(args.resume)
     args.seed = resolve_seed(args.seed, ckpt)
+    logger.info("seed %d (a resume keeps it)", args.seed)  # the flags line above shows --seed=None when drawn
     changed = changed_flags(ckpt.get("args", {}), vars(args)) if ckpt is not None else []
     if changed:
         logger.info("resuming %s with changed flags: %s", resume_path, ", ".join(changed))

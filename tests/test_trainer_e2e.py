@@ -157,6 +157,16 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(setup, reference_run):
     assert got_losses and all(ref_losses[k] == v for k, v in got_losses.items())
 
 
+def test_the_best_checkpoint_is_the_lowest_last_scale_val_loss_as_vars(reference_run):
+    """VAR keeps the epoch of the lowest tail (last-scale) validation loss; we kept the lowest mean, another epoch
+    whenever the two rank epochs otherwise. The seed drawn or given is logged."""
+    ref_out, ref_log = reference_run
+    tails = [float(m) for m in re.findall(r"ep \d+ val: L mean [0-9.]+ tail ([0-9.]+)", ref_log)]
+    assert len(tails) == 2 and "seed 3 (a resume keeps it)" in ref_log
+    best = torch.load(ref_out / BEST, weights_only=True)
+    assert best["best_val"] == pytest.approx(min(tails), abs=1e-4)
+
+
 @pytest.mark.parametrize("damage", ["truncated", "damaged"])
 def test_corrupt_checkpoint_is_named_and_the_run_resumes_from_the_kept_previous(setup, reference_run, damage):
     """A truncated -last (unreadable) or one with 64 flipped bytes in its tensors (loads, but not to its digest):

@@ -9,7 +9,10 @@ from typing import Any
 
 import torch
 
+from models.mvar import MVARConfig
 from models.presets import ARCH_BRANCHES, ATTN_KERNELS, MAMBA_KERNELS, MVAR_models, parse_patch_nums
+from utils.data.embedded import EMBEDDED_DATASETS
+from utils.run.schedule import lr_factor
 
 # MVARConfig field of a `--model` entry -> (train.py flag, its value)
 MODEL_FLAGS = {"depth": lambda v: ("depth", v), "arch": lambda v: ("arch", v), "embed_dim": lambda v: ("embed_dim", v),
@@ -78,8 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("data")
     g.add_argument("--data_path", default="", help="ImageFolder root with train/ and val/ class sub-folders; "
                    "empty = the embedded data set named by --dataset")
-    g.add_argument("--dataset", default="mnist", help="embedded data set used when --data_path is empty "
-                   "(utils.data.embedded: mnist, imagenet20, fmnist)")
+    g.add_argument("--dataset", default="mnist", choices=EMBEDDED_DATASETS, help="embedded data set used when "
+                   "--data_path is empty (utils.data.embedded)")
     g.add_argument("--fmnist_dir", default="", help="folder with Fashion-MNIST's four IDX files for "
                    "--dataset=fmnist; empty = $FMNIST_DIR, else /usr/share/datasets/fashion-mnist (Debian's "
                    "`apt-get install dataset-fashion-mnist`)")
@@ -174,8 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "running level (at least 1 nat) is bad; 0 = only non-finite steps are")
 
     g = p.add_argument_group("progressive training")
-    g.add_argument("--pg", type=float, default=0.0, help=">0: progressive training over the first pg fraction of "
-                   "iterations (sets --sche=lin<pg>)")
+    g.add_argument("--pg", type=float, default=0.0, help="in (0, 1): progressive training over the first pg "
+                   "fraction of iterations (sets --sche=lin<pg>); 0 = off")
     g.add_argument("--pg0", type=int, default=4, help="first progressive stage: index of the last trained scale")
     g.add_argument("--pgwp", type=float, default=0.0, help="warm-up epochs of each new stage's loss weight "
                    "(0 = ep/300)")
@@ -201,8 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "at epoch end and by --save_every_min)")
     g.add_argument("--save_every_min", type=float, default=30.0, help="also checkpoint when this many minutes "
                    "passed since the last save (0 = off)")
-    g.add_argument("--val_every", type=int, default=10, help="validate (and update ar-ckpt-best) every this many "
-                   "epochs and at the end")
+    g.add_argument("--val_every", type=int, default=10, help="validate (and update ar-ckpt-best, by the last "
+                   "scale's loss as VAR) every this many epochs and at the end")
     g.add_argument("--log_every", type=int, default=50, help="log line every this many iterations")
     g.add_argument("--sample_every", type=int, default=10, help="sample grid to TensorBoard every this many epochs "
                    "(0 = off)")
@@ -228,6 +231,21 @@ def finalize_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
     if not args.mid_reso >= 1:
         raise FlagError(f"--mid_reso={args.mid_reso}: expected >= 1 (the shorter side is resized to mid_reso x the "
                         "image size, then cropped to the image size)")
+    ranges = {"pg": (0 <= args.pg < 1, "in [0, 1): a fraction of the iterations (0 = off)"),
+              "cond_drop_rate": (0 <= args.cond_drop_rate <= 1, "a probability in [0, 1]"),
+              "ls": (0 <= args.ls < 1, "in [0, 1)"),
+              "drop_path_rate": (args.drop_path_rate < 1, "below 1 (negative = 0.1 x depth / 24)"),
+              "wp0": (0 < args.wp0 <= 1, "a ratio of the peak lr in (0, 1]"),
+              "wpe": (0 < args.wpe <= 1, "a ratio of the peak lr in (0, 1]"),
+              **{k: (getattr(args, k) >= 0, ">= 0 (0 = the default)" if k != "twd" else ">= 0")
+                 for k in ("twd", "twde", "wp", "pgwp")}}
+    bad = [f"--{k}={getattr(args, k)}: expected {what}" for k, (ok, what) in ranges.items() if not ok]
+    if bad:
+        raise FlagError("; ".join(bad))
+    try:
+        lr_factor(args.sche, 1, 0, 2)  # past the warm-up, where the schedule is read
+    except ValueError as e:
+        raise FlagError(str(e)) from None
     try:
         args.patch_nums = parse_patch_nums(args.pn)
     except ValueError as e:
@@ -243,6 +261,11 @@ def finalize_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
         args.sche = f"lin{args.pg:g}"
     if args.pg > 0 and not 0 <= args.pg0 < len(args.patch_nums):
         raise FlagError(f"--pg0={args.pg0}: expected a scale index in [0, {len(args.patch_nums) - 1}]")
+    try:  # the model's shape, before the tokenizer and the data (which give V, Cvae and the classes) are read
+        MVARConfig(depth=args.depth, patch_nums=args.patch_nums, arch=args.arch, var_blocks=args.var_blocks,
+                   embed_dim=args.embed_dim, num_heads=args.num_heads, shared_aln=args.saln)
+    except ValueError as e:
+        raise FlagError(f"the model flags do not make a model: {e}") from None
     args.workers = max(0, args.workers)
     for name in ("tblr", "tlr"):
         if not math.isfinite(getattr(args, name)) or getattr(args, name) <= 0:
