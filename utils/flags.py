@@ -235,17 +235,13 @@ def finalize_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
               "cond_drop_rate": (0 <= args.cond_drop_rate <= 1, "a probability in [0, 1]"),
               "ls": (0 <= args.ls < 1, "in [0, 1)"),
               "drop_path_rate": (args.drop_path_rate < 1, "below 1 (negative = 0.1 x depth / 24)"),
-              "wp0": (0 < args.wp0 <= 1, "a ratio of the peak lr in (0, 1]"),
-              "wpe": (0 < args.wpe <= 1, "a ratio of the peak lr in (0, 1]"),
+              "wp0": (0 <= args.wp0 <= 1, "a ratio of the peak lr in [0, 1]"),
+              "wpe": (0 <= args.wpe <= 1, "a ratio of the peak lr in [0, 1]"),
               **{k: (getattr(args, k) >= 0, ">= 0 (0 = the default)" if k != "twd" else ">= 0")
                  for k in ("twd", "twde", "wp", "pgwp")}}
     bad = [f"--{k}={getattr(args, k)}: expected {what}" for k, (ok, what) in ranges.items() if not ok]
     if bad:
         raise FlagError("; ".join(bad))
-    try:
-        lr_factor(args.sche, 1, 0, 2)  # past the warm-up, where the schedule is read
-    except ValueError as e:
-        raise FlagError(str(e)) from None
     try:
         args.patch_nums = parse_patch_nums(args.pn)
     except ValueError as e:
@@ -259,6 +255,13 @@ def finalize_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
     args.pgwp = args.pgwp or args.ep / 300
     if args.pg > 0:
         args.sche = f"lin{args.pg:g}"
+    try:  # the schedule from its first to its last iteration
+        [lr_factor(args.sche, it, 0, 3, wp0=args.wp0, wpe=args.wpe) for it in range(3)]
+    except ValueError as e:
+        raise FlagError(str(e) if "--sche" in str(e) else f"--sche={args.sche} decays to --wpe={args.wpe:g} times the "
+                        f"peak lr exponentially ({e}): expected --wpe > 0") from None
+    except ZeroDivisionError:
+        raise FlagError(f"--sche={args.sche}: lin<T> needs T < 1") from None
     if args.pg > 0 and not 0 <= args.pg0 < len(args.patch_nums):
         raise FlagError(f"--pg0={args.pg0}: expected a scale index in [0, {len(args.patch_nums) - 1}]")
     try:  # the model's shape, before the tokenizer and the data (which give V, Cvae and the classes) are read
