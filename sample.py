@@ -40,7 +40,7 @@ from models.loading import CheckpointError, config_from_state_dict, embedded_vae
     load_vae, official_file, resolve_mvar_checkpoint, weights_digest
 from models.mamba2 import resolve_kernels
 from models.mvar import MVAR, MVARConfig
-from models.precision import effective_amp_dtype
+from models.precision import effective_amp_dtype, set_tf32
 from models.presets import ARCH_BRANCHES, MVAR_models, parse_patch_nums
 from utils.evaluation.fid_dump import DumpFolderError, DumpPlan, check_or_write_settings, chunk_seed, dump_shard, \
     fid_folder_name, pack_npz
@@ -264,12 +264,6 @@ def fall_back_to_fp32_where_slow(args: argparse.Namespace, device: torch.device)
         args.bf16 = False
 
 
-def set_tf32(args: argparse.Namespace, device: torch.device) -> None:
-    """--tf32 / --no-tf32 for CUDA's matmuls and convolutions (on other devices they change nothing)."""
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
-
-
 def check_backends(args: argparse.Namespace, device: torch.device) -> None:
     """A forced kernel (--attn_backend / --mamba_backend, or their env vars) that cannot run here: a BackendError
     saying why, before anything is loaded."""
@@ -337,7 +331,7 @@ def open_model(args: argparse.Namespace, device: torch.device) -> tuple[MVAR, Pa
     that cannot run and a checkpoint the loaders refuse are SystemExit("error: ...") (scripts/app.py says the same
     before its server starts) -> load_checked's (model, checkpoint path, tokenizer id)."""
     fall_back_to_fp32_where_slow(args, device)
-    set_tf32(args, device)
+    set_tf32(device, args.tf32)
     try:
         check_backends(args, device)
         return load_checked(args, device)

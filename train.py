@@ -24,6 +24,7 @@ from models import backends
 from models.loading import DERIVED_KEYS, CheckpointError, existing_file, load_checkpoint, load_state_dict_checked, \
     load_vae
 from models.mvar import MVAR, MVARConfig
+from models.precision import set_tf32
 from models.tokenizer import VQVAE
 from trainer import NonFiniteError, StepResult, Trainer
 from utils.data.loaders import DataError, build_datasets, build_loaders, class_names
@@ -284,8 +285,7 @@ def main(args: argparse.Namespace) -> None:
     setup_logging(rank, Path(args.local_out_dir_path))
     folder = RunFolder(args.local_out_dir_path, "ar-ckpt")
     folder.open(rank0_state=args.fsdp)  # FSDP2 gathers the states on rank 0
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(args.tf32)
+    set_tf32(device, args.tf32)
     if args.deterministic:
         use_deterministic_kernels(device)
     logger.info("flags: %s", " ".join(f"--{k}={v}" for k, v in sorted(vars(args).items())))

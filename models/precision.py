@@ -94,3 +94,10 @@ def linear_weights_in(module: nn.Module, dtype: torch.dtype | None) -> Iterator[
         with torch.inference_mode(False), torch.no_grad():
             for p, original in saved:
                 p.data = original
+
+
+def set_tf32(device: torch.device, enabled: bool) -> None:
+    """TensorFloat32 for CUDA's matmuls and cuDNN's convolutions (the --tf32 flags of train.py, sample.py and
+    scripts/extract_tokens.py); on other devices nothing changes."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(enabled)

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 import dist
 from models.loading import load_vae
+from models.precision import set_tf32
 from models.presets import parse_patch_nums
 from models.tokenizer import VQVAE
 from utils.data.embedded import build_embedded_dataset
@@ -180,8 +181,7 @@ def main(args: argparse.Namespace) -> None:
                          f"--mid_reso={args.mid_reso} --limit={args.limit}: expected batch >= 1, encode_batch >= 1, "
                          "workers >= 0, mid_reso >= 1, limit >= 0")
     views, patch_nums = parse_views(args.views), parse_patch_nums(args.pn)
-    if device.type == "cuda":  # the encoder's precision as train.py's on-the-fly tokenization (and VAR's)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
+    set_tf32(device, args.tf32)  # the encoder's precision as train.py's on-the-fly tokenization (and VAR's)
     images = {s: open_split(args, s) for s in SPLITS}
     if args.data_path:  # the manifest's classes (train/'s) are what every label of both splits means
         check_same_classes(images["train"], images["val"], args.data_path)

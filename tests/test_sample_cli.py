@@ -71,9 +71,9 @@ def test_tf32_flag_sets_cudas_matmuls_and_convolutions_only_there():
         for argv, expected in (([], True), (["--no-tf32"], False)):
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not expected
             args = sample.parse_args(["--ckpt", "x.pth", *argv])
-            sample.set_tf32(args, torch.device("cpu"))  # no effect off CUDA
+            sample.set_tf32(torch.device("cpu"), args.tf32)  # no effect off CUDA
             assert torch.backends.cuda.matmul.allow_tf32 is (not expected)
-            sample.set_tf32(args, torch.device("cuda"))  # sets the flags only; touches no GPU
+            sample.set_tf32(torch.device("cuda"), args.tf32)  # sets the flags only; touches no GPU
             assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (expected, expected)
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
