@@ -33,9 +33,10 @@ from utils.run.checkpoint import RunFolder
 from utils.run.log import setup_logging
 from utils.run.preemption import Preemption
 from utils.run.rng import gather_rng_states, resolve_seed, restore_rng_states, seed_everything
-from utils.run.schedule import lr_factor
+from utils.run.schedule import lr_factor, schedule_problem
 
 logger = logging.getLogger(__name__)
+WP0, WPE = 0.005, 0.01  # lr ratios at the start of the warm-up and at the end (train.py's --wp0 / --wpe defaults)
 
 
 def int_list(s: str) -> tuple[int, ...]:
@@ -125,10 +126,8 @@ def check_flags(args: argparse.Namespace, world: int) -> VQVAEConfig:
     if args.w_percep > 0 and (why_not := perceptual_loss_problem()):
         problems.append(f"--w_percep={args.w_percep:g} needs LPIPS, unavailable offline: {why_not}; --w_percep=0 "
                         "trains without the perceptual term")
-    try:
-        lr_factor(args.sche, 0, 0, 2)
-    except ValueError as e:
-        problems.append(str(e))
+    if problem := schedule_problem(args.sche, wp0=WP0, wpe=WPE):
+        problems.append(problem)
     try:
         with torch.device("meta"):
             config = build_vae(args).config
@@ -207,7 +206,7 @@ class TokenizerTrainer:
 
     def set_lr(self) -> float:
         a = self.args
-        lr = a.lr * lr_factor(a.sche, self.step, a.wp * a.steps, a.steps, wp0=0.005, wpe=0.01)
+        lr = a.lr * lr_factor(a.sche, self.step, a.wp * a.steps, a.steps, wp0=WP0, wpe=WPE)
         for opt in (self.opt, self.disc_opt):
             if opt is not None:
                 for group in opt.param_groups:

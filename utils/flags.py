@@ -12,7 +12,7 @@ import torch
 from models.mvar import MVARConfig
 from models.presets import ARCH_BRANCHES, ATTN_KERNELS, MAMBA_KERNELS, MVAR_models, parse_patch_nums
 from utils.data.embedded import EMBEDDED_DATASETS
-from utils.run.schedule import lr_factor
+from utils.run.schedule import schedule_problem
 
 # MVARConfig field of a `--model` entry -> (train.py flag, its value)
 MODEL_FLAGS = {"depth": lambda v: ("depth", v), "arch": lambda v: ("arch", v), "embed_dim": lambda v: ("embed_dim", v),
@@ -255,13 +255,8 @@ def finalize_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
     args.pgwp = args.pgwp or args.ep / 300
     if args.pg > 0:
         args.sche = f"lin{args.pg:g}"
-    try:  # the schedule from its first to its last iteration
-        [lr_factor(args.sche, it, 0, 3, wp0=args.wp0, wpe=args.wpe) for it in range(3)]
-    except ValueError as e:
-        raise FlagError(str(e) if "--sche" in str(e) else f"--sche={args.sche} decays to --wpe={args.wpe:g} times the "
-                        f"peak lr exponentially ({e}): expected --wpe > 0") from None
-    except ZeroDivisionError:
-        raise FlagError(f"--sche={args.sche}: lin<T> needs T < 1") from None
+    if problem := schedule_problem(args.sche, args.wp0, args.wpe):
+        raise FlagError(problem)
     if args.pg > 0 and not 0 <= args.pg0 < len(args.patch_nums):
         raise FlagError(f"--pg0={args.pg0}: expected a scale index in [0, {len(args.patch_nums) - 1}]")
     try:  # the model's shape, before the tokenizer and the data (which give V, Cvae and the classes) are read

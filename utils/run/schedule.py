@@ -51,6 +51,19 @@ def lr_factor(sche: str, it: int, wp_it: float, max_it: int, wp0: float = 0.005,
     raise ValueError(f"--sche={sche!r}: expected one of {SCHEDULES}")
 
 
+def schedule_problem(sche: str, wp0: float = 0.005, wpe: float = 0.01) -> str:
+    """Why `lr_factor` cannot run `sche` from its first to its last iteration ("" when it can): an unknown name,
+    lin<T> with T >= 1 (a division by zero at the end), exp towards wpe = 0 (the log of zero)."""
+    try:
+        [lr_factor(sche, it, 0, 3, wp0=wp0, wpe=wpe) for it in range(3)]
+    except ValueError as e:
+        return str(e) if "--sche" in str(e) else f"--sche={sche} decays to --wpe={wpe:g} times the peak lr " \
+            f"exponentially ({e}): expected --wpe > 0"
+    except ZeroDivisionError:
+        return f"--sche={sche}: lin<T> needs T < 1"
+    return ""
+
+
 def wd_at(it: int, max_it: int, twd: float, twde: float) -> float:
     """Weight decay: half cosine from `twd` at it=0 to `twde` at the last iteration."""
     p = it / max(max_it - 1, 1)
