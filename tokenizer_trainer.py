@@ -27,7 +27,7 @@ from models.quantizer import USAGE_MARGIN
 from models.tokenizer import VQVAE, VQVAEConfig
 from models.vq_losses import PatchDiscriminator, build_perceptual_loss, hinge_d_loss, hinge_g_loss, \
     perceptual_loss_problem
-from utils.data.loaders import build_datasets, build_loaders
+from utils.data.loaders import build_datasets, build_loaders, mid_reso_problem
 from utils.flags import changed_flags, str2bool
 from utils.run.checkpoint import RunFolder
 from utils.run.log import setup_logging
@@ -117,9 +117,8 @@ def check_flags(args: argparse.Namespace, world: int) -> VQVAEConfig:
                                                                                   "save_every") if getattr(args, k) < 1]
     if args.bs % world:
         problems.append(f"--bs={args.bs} is not divisible by the {world} processes")
-    if not args.mid_reso >= 1:
-        problems.append(f"--mid_reso={args.mid_reso}: expected >= 1 (the shorter side is resized to mid_reso x "
-                        "--reso, then cropped to --reso)")
+    if problem := mid_reso_problem(args.mid_reso):
+        problems.append(problem)
     if not 0 <= args.wp < 1:
         problems.append(f"--wp={args.wp}: the warm-up is a fraction of --steps, in [0, 1) (train.py's --wp counts "
                         "epochs)")

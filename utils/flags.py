@@ -12,6 +12,7 @@ import torch
 from models.mvar import MVARConfig
 from models.presets import ARCH_BRANCHES, ATTN_KERNELS, MAMBA_KERNELS, MVAR_models, parse_patch_nums
 from utils.data.embedded import EMBEDDED_DATASETS
+from utils.data.loaders import mid_reso_problem
 from utils.run.schedule import schedule_problem
 
 # MVARConfig field of a `--model` entry -> (train.py flag, its value)
@@ -228,9 +229,8 @@ def finalize_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
             raise FlagError(f"--{name}={getattr(args, name)}: expected >= 0 (0 = off)")
     if args.eval_every and args.eval_n < 2:
         raise FlagError(f"--eval_n={args.eval_n}: expected at least 2 images per evaluation")
-    if not args.mid_reso >= 1:
-        raise FlagError(f"--mid_reso={args.mid_reso}: expected >= 1 (the shorter side is resized to mid_reso x the "
-                        "image size, then cropped to the image size)")
+    if problem := mid_reso_problem(args.mid_reso):
+        raise FlagError(problem)
     ranges = {"pg": (0 <= args.pg < 1, "in [0, 1): a fraction of the iterations (0 = off)"),
               "cond_drop_rate": (0 <= args.cond_drop_rate <= 1, "a probability in [0, 1]"),
               "ls": (0 <= args.ls < 1, "in [0, 1)"),

@@ -32,6 +32,14 @@ def normalize_01_into_pm1(x: torch.Tensor) -> torch.Tensor:
     return x.add(x).add_(-1)
 
 
+def mid_reso_problem(mid_reso: float) -> str:
+    """Why `--mid_reso` cannot crop ("" when it can): the crop needs the resized side at least the image size."""
+    if mid_reso >= 1:
+        return ""
+    return (f"--mid_reso={mid_reso}: expected >= 1 (the shorter side is resized to mid_reso x the image size, then "
+            "cropped to the image size)")
+
+
 def build_transforms(reso: int, mid_reso: float = 1.125, hflip: bool = False) -> tuple[Callable, Callable]:
     """VAR's transforms: resize the shorter side to round(mid_reso*reso) (LANCZOS), then a random (train) or
     center (val) reso x reso crop, optional horizontal flip (train), values in [-1, 1]."""
