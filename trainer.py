@@ -21,6 +21,7 @@ from models.loading import CheckpointError, weights_digest
 from models.mvar import MVAR, MVARConfig
 from models.precision import effective_amp_dtype
 from models.tokenizer import VQVAE, VQVAEConfig
+from utils.data.loaders import class_difference
 from utils.run.divergence import DivergenceGuard
 from utils.run.log import Averager
 from utils.run.rng import gather_rng_states, restore_rng_states
@@ -78,10 +79,7 @@ def data_problems(old: dict[str, Any] | None, new: dict[str, Any], mid_epoch: bo
         return []
     problems = []
     if old["classes"] != new["classes"]:
-        gone = [c for c in old["classes"] if c not in new["classes"]]
-        added = [c for c in new["classes"] if c not in old["classes"]]
-        what = f"only in the checkpoint {gone[:5]}, only in this run {added[:5]}" if gone or added else \
-            "the same names in another order"
+        what = class_difference(old["classes"], new["classes"], ("the checkpoint", "this run"))
         problems.append(f"the class names differ ({what}): the labels would not mean the same classes")
     if old["train_images"] != new["train_images"]:
         change = (f"the training set has {new['train_images']} images, {old['train_images']} when the checkpoint "

@@ -276,7 +276,7 @@ def test_resume_with_renamed_classes_or_more_images_mid_epoch_is_refused(setup, 
     shutil.copytree(ref_out, out)
     proc = run_train(setup, out, "--ep=3", "--drop_path_rate=0.1", f"--data_path={data}", check=False)
     assert proc.returncode != 0 and f"checkpoint {out / LAST} is incompatible with this run: the class names" \
-        " differ (only in the checkpoint ['class0'], only in this run ['classX'])" in proc.stderr
+        " differ (only in the checkpoint: class0 (1); only in this run: classX (1))" in proc.stderr
 
     for split in ("train", "val"):
         (data / split / "classX").rename(data / split / "class0")

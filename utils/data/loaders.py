@@ -10,7 +10,7 @@ import os
 import re
 import signal
 from pathlib import Path
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from PIL import Image
@@ -141,15 +141,20 @@ def build_datasets(data_path: str, dataset: str, reso: int, mid_reso: float = 1.
         first_items(val_set, val_limit, "--val_limit")
 
 
+def class_difference(first: Sequence[str], second: Sequence[str], names: tuple[str, str]) -> str:
+    """How two lists of class names differ, in words: the names only one has (five of each, and how many), or
+    "the same names in another order". `names` says what holds each list ("train/", "the checkpoint")."""
+    only = [f"only in {name}: {', '.join(sorted(c)[:5])}{', ...' * (len(c) > 5)} ({len(c)})"
+            for name, c in ((names[0], set(first) - set(second)), (names[1], set(second) - set(first))) if c]
+    return "; ".join(only) or "the same names in another order"
+
+
 def check_same_classes(train_set: ImageFolder, val_set: ImageFolder, data_path: str) -> None:
     """A label is an index into the sorted class folders of its own split, so train/ and val/ must have the same
     ones, or the val labels would name other classes: DataError naming the folders only one split has."""
     if train_set.classes != val_set.classes:
-        only = [f"only in {split}/: {', '.join(sorted(names)[:5])}{', ...' * (len(names) > 5)} ({len(names)})"
-                for split, names in (("train", set(train_set.classes) - set(val_set.classes)),
-                                     ("val", set(val_set.classes) - set(train_set.classes))) if names]
         raise DataError(f"--data_path={data_path}: train/ and val/ must have the same class folders; "
-                        + "; ".join(only))
+                        + class_difference(train_set.classes, val_set.classes, ("train/", "val/")))
 
 
 def first_items(dataset: Dataset, n: int, flag: str | None = None) -> Dataset:
