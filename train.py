@@ -32,7 +32,7 @@ from utils.data.token_cache import TokenCacheError, TokenDataset, open_cache, re
 from utils.evaluation.during_training import TrainingEval
 from utils.flags import FlagError, changed_flags, finalize_args, parse_args
 from utils.run.agreement import rank_disagreements, run_facts
-from utils.run.checkpoint import OutputFolderError, RunFolder, check_writable
+from utils.run.checkpoint import OutputFolderError, RunFolder, check_writable, position_text
 from utils.run.lock import RunLockError
 from utils.run.log import TBLogger, setup_logging
 from utils.run.preemption import Preemption
@@ -165,8 +165,8 @@ class Checkpointer:
         blocker = self.trainer.save_blocker()
         if blocker is not None:
             if not self.blocked:
-                logger.warning("checkpoint at epoch %d, iteration %d not saved: %s (the next good step saves)",
-                               epoch, it, blocker)
+                logger.warning("checkpoint %s not saved: %s (the next good step saves)",
+                               position_text({"epoch": epoch, "iter": it}), blocker)
             self.pending = self.blocked = True
             return time.time() - t0
         curve = {"eval_history": self.evaluator.history} if self.evaluator else {}
@@ -174,7 +174,7 @@ class Checkpointer:
                                                  data=self.data, **curve), best=best)
         self.last_save, self.pending, self.blocked, self.tested = time.time(), False, False, False
         if self.preemption.requested() and (epoch, it) < (self.args.ep, 0):
-            self.preemption.exit(f"at epoch {epoch}, iteration {it}: checkpoint {self.folder.last} saved")
+            self.preemption.exit(f"{position_text({'epoch': epoch, 'iter': it})}: checkpoint {self.folder.last} saved")
         return self.last_save - t0
 
     def diverged(self, error: NonFiniteError) -> NonFiniteError:

@@ -22,6 +22,7 @@ from models.mvar import MVAR, MVARConfig
 from models.precision import effective_amp_dtype
 from models.tokenizer import VQVAE, VQVAEConfig
 from utils.data.loaders import class_difference
+from utils.run.checkpoint import position_text
 from utils.run.divergence import DivergenceGuard
 from utils.run.log import Averager
 from utils.run.rng import gather_rng_states, restore_rng_states
@@ -363,7 +364,7 @@ class Trainer:
         except Exception as e:
             raise CheckpointError(f"checkpoint {path} cannot be loaded: {e}") from e
         restore_rng_states(ckpt["rng"])
-        logger.info("resumed from %s at epoch %d, iteration %d", path, ckpt["epoch"], ckpt["iter"])
+        logger.info("resumed from %s %s", path, position_text(ckpt))
         return ckpt["epoch"], ckpt["iter"], ckpt.get("best_val", math.inf)
 
     def check_resumable(self, ckpt: dict[str, Any], path: Path, args: dict[str, Any], data: dict[str, Any]) -> None:

@@ -31,7 +31,7 @@ from scripts.process_tree import kill_tree
 
 REPO = Path(__file__).resolve().parents[1]
 LOSS_RE = re.compile(r"ep (\d+)/\d+ it (\d+)/\d+ \| loss (\S+)")  # train.log_progress's line; nan, inf too
-STOP_RE = re.compile(r"stopped by SIGTERM at epoch (\d+), iteration (\d+)")
+STOP_RE = re.compile(r"stopped by SIGTERM (after ep \d+(?: it \d+)?|at the start)")  # train.py's stop line
 LAST = "ar-ckpt-last.pth"
 FALLING = 0.95  # the last quarter's mean loss below 95% of the first quarter's
 # The bf16 run that the resume is compared with, the resumed one and the control: deterministic kernels, since on a

@@ -131,7 +131,7 @@ def test_two_nodes_equal_one_process(setup, single_run, two_node_run):  # noqa: 
 
 def kill_one_worker_after_a_checkpoint(nodes: TwoNodes) -> None:
     """--save_every=3: kill node 1's worker once iteration 4 is logged, two steps before the next save."""
-    nodes.wait_for(r"saved checkpoint .*\(epoch 0, iter 3\)")
+    nodes.wait_for(r"saved checkpoint .*\(after ep 1 it 3\)")
     nodes.wait_for(r"ep 1/2 it 4/6")
     nodes.kill_worker(1)
 
@@ -146,7 +146,7 @@ def test_both_nodes_resume_after_kill_9_of_one_nodes_worker(setup, two_node_run,
         saved = torch.load(out / LAST, weights_only=True)
         assert (saved["epoch"], saved["iter"]) == (0, 3)
     log = completed(setup, outs, "--save_every=3")
-    assert re.search(r"resumed from .* at epoch 0, iteration 3", log), log[-3000:]
+    assert re.search(r"resumed from .* after ep 1 it 3$", log, re.M), log[-3000:]
     ref = model_state(ref_outs[0] / LAST)
     for out in outs:
         got = model_state(out / LAST)
@@ -161,7 +161,7 @@ def test_elastic_restart_resumes_from_the_checkpoint(setup, two_node_run, tmp_pa
         codes = nodes.wait()
         log = nodes.text()
     assert codes == [0, 0], log[-4000:]
-    assert re.search(r"resumed from .* at epoch 0, iteration 3", log), log[-3000:]
+    assert re.search(r"resumed from .* after ep 1 it 3$", log, re.M), log[-3000:]
     ref = model_state(ref_outs[0] / LAST)
     for out in outs:
         got = model_state(out / LAST)

@@ -17,7 +17,7 @@ from test_trainer_e2e import (NO_MODEL_RNG, REPO, model_state, reference_run, ru
                               setup, train_cmd, two_rank_run)
 from utils.run.checkpoint import LAST
 
-STOP_RE = re.compile(r"stopped by (SIG\w+) at epoch (\d+), iteration (\d+): checkpoint .* saved")
+STOP_RE = re.compile(r"stopped by (SIG\w+) after ep (\d+) it (\d+): checkpoint .* saved")
 
 
 def assert_same_weights(a, b):
@@ -34,10 +34,10 @@ def test_signal_saves_exits_and_resumes_bit_identically(setup, reference_run, si
     stop = STOP_RE.search(log)
     assert stop and stop.group(1) == sig.name, log[-3000:]
     ckpt = torch.load(out / LAST, weights_only=True)
-    assert (ckpt["epoch"], ckpt["iter"]) == (int(stop.group(2)), int(stop.group(3))) and 3 <= ckpt["iter"] < 6
+    assert (ckpt["epoch"] + 1, ckpt["iter"]) == (int(stop.group(2)), int(stop.group(3))) and 3 <= ckpt["iter"] < 6
     assert not (out / ".run.lock").exists()  # released on the way out
     resumed = run_train(setup, out, *flags)
-    assert f"at epoch 0, iteration {ckpt['iter']}" in resumed.stdout
+    assert f"after ep 1 it {ckpt['iter']}\n" in resumed.stdout
     assert_same_weights(model_state(ref_out / LAST), model_state(out / LAST))
 
 
@@ -66,10 +66,10 @@ def test_torchrun_two_ranks_stop_together_and_resume_bit_identically(setup, two_
     stop = STOP_RE.search(log)
     assert stop and stop.group(1) == "SIGTERM", log[-3000:]
     ckpt = torch.load(out / LAST, weights_only=True)
-    assert (ckpt["epoch"], ckpt["iter"]) == (int(stop.group(2)), int(stop.group(3))) and len(ckpt["rng"]) == 2
+    assert (ckpt["epoch"] + 1, ckpt["iter"]) == (int(stop.group(2)), int(stop.group(3))) and len(ckpt["rng"]) == 2
     assert 0 < ckpt["iter"] < 6
     resumed = run_train(setup, out, *NO_MODEL_RNG, nproc=2)
-    assert f"at epoch 0, iteration {ckpt['iter']}" in resumed.stdout
+    assert f"after ep 1 it {ckpt['iter']}\n" in resumed.stdout
     assert_same_weights(model_state(ref_out / LAST), model_state(out / LAST))
 
 

@@ -18,7 +18,7 @@ from utils.run.checkpoint import BEST, LAST, PREV
 
 TINY = ["--pn=1_2_4", "--depth=2", "--embed_dim=64", "--num_heads=2", "--fuse=0", "--bs=4", "--ep=2",
         "--log_every=1", "--workers=0", "--seed=3", "--tblr=1e-1", "--sample_every=0", "--val_every=1"]
-KILL_AFTER_FIRST_SAVE = r"saved checkpoint .*iter 2\)"  # right after the first mid-epoch checkpoint
+KILL_AFTER_FIRST_SAVE = r"saved checkpoint .*\(after ep 1 it 2\)"  # right after the first mid-epoch checkpoint
 LOSS_RE = re.compile(r"ep (\d+)/\d+ it (\d+)/\d+ \| loss ([0-9.]+)")
 GNORM_RE = re.compile(r"ep (\d+)/\d+ it (\d+)/\d+ \| .* gnorm ([0-9.]+)")
 
@@ -146,7 +146,7 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(setup, reference_run):
     proc, _ = interrupt(cmd, KILL_AFTER_FIRST_SAVE, signal.SIGKILL)
     assert proc.returncode == -signal.SIGKILL
     resumed = run_train(setup, out, "--save_every=2", "--hflip=1", "--drop_path_rate=0.1")
-    position = re.search(r"resumed from .* at epoch (\d+), iteration (\d+)", resumed.stdout)
+    position = re.search(r"resumed from .* after ep (\d+) it (\d+)$", resumed.stdout, re.M)
     assert position and int(position.group(2)) > 0, resumed.stdout[-2000:]  # resumed mid-epoch
     ref, got = model_state(ref_out / LAST), model_state(out / LAST)
     assert all(torch.equal(ref[k], got[k]) for k in ref)
@@ -195,10 +195,10 @@ def test_resume_flag_starts_a_run_and_a_relaunch_continues_from_the_folder(setup
     out = setup / "resume_flag"
     cmd = (f"--resume={setup / 'single' / PREV}", *NO_MODEL_RNG)
     first = run_train(setup, out, *cmd)
-    assert f"resumed from {setup / 'single' / PREV} at epoch 1, iteration 0" in first.stdout
+    assert f"resumed from {setup / 'single' / PREV} after ep 1\n" in first.stdout
     assert max_abs_diff(model_state(setup / "single" / LAST), model_state(out / LAST)) == 0
     again = run_train(setup, out, *cmd, "--ep=3")
-    assert "ignored" in again.stderr + again.stdout and f"resumed from {out / LAST} at epoch 2" in again.stdout
+    assert "ignored" in again.stderr + again.stdout and f"resumed from {out / LAST} after ep 2" in again.stdout
 
 
 def tb_tags(folder: Path) -> dict[str, list[str]]:
@@ -307,7 +307,7 @@ def test_partial_accumulation_window_still_saves(setup):
     checkpoints."""
     out = setup / "partial_window"
     proc = run_train(setup, out, "--bs=10", "--ac=2", "--ep=1", "--save_every=3")
-    assert "saved checkpoint" in proc.stdout and "(epoch 0, iter 4)" in proc.stdout, proc.stdout[-3000:]
+    assert "saved checkpoint" in proc.stdout and "(after ep 1 it 4)" in proc.stdout, proc.stdout[-3000:]
     assert "the last 1 micro-step(s) were discarded" in proc.stdout
     last = torch.load(out / LAST, weights_only=True)
     assert (last["epoch"], last["iter"]) == (1, 0)
@@ -338,7 +338,7 @@ def test_evaluation_while_training_leaves_training_alone_and_its_curve_survives_
     assert all(p["fd_clf"] > 0 and 0 <= p["consistency"] <= 1 for p in curve)
     assert curve[0]["fd_clf"] != curve[1]["fd_clf"]
 
-    proc, _ = interrupt(train_cmd(setup, tmp_path / "killed", *flags), r"saved checkpoint .*\(epoch 1, iter 0\)",
+    proc, _ = interrupt(train_cmd(setup, tmp_path / "killed", *flags), r"saved checkpoint .*\(after ep 1\)",
                         signal.SIGKILL)
     assert proc.returncode == -signal.SIGKILL
     run_train(setup, tmp_path / "killed", *flags)

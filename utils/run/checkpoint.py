@@ -44,8 +44,15 @@ POSITION_KEYS = ("epoch", "iter", "step")  # where a checkpoint resumes: (epoch,
 
 
 def position_text(ckpt: dict[str, Any]) -> str:
-    """Where `ckpt` resumes, e.g. "epoch 1, iter 0"."""
-    return ", ".join(f"{k} {ckpt[k]}" for k in POSITION_KEYS if k in ckpt)
+    """Where `ckpt` resumes, counted as the progress lines count: "after ep 2 it 5" (saved after the line "ep 2/E it
+    5/I"; its "epoch" is 1 and "iter" 5, both counted from 0 and naming the next iteration to run), "after ep 1" (a
+    whole epoch), "at the start", or "at step 40" for a tokenizer."""
+    if "step" in ckpt:
+        return f"at step {ckpt['step']}"
+    epoch, it = ckpt["epoch"], ckpt["iter"]
+    if it:
+        return f"after ep {epoch + 1} it {it}"
+    return f"after ep {epoch}" if epoch else "at the start"
 
 
 def temp_path(path: Path, pid: int | None = None) -> Path:
