@@ -7,7 +7,6 @@ ranks or workers, and a run resumed mid-epoch continues with exactly the images 
 import hashlib
 import logging
 import os
-import re
 import signal
 from pathlib import Path
 from collections.abc import Callable, Iterator, Sequence
@@ -16,6 +15,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 from torchvision.transforms import InterpolationMode, transforms
 
 logger = logging.getLogger(__name__)
@@ -69,10 +69,14 @@ class SafeImageFolder(ImageFolder):
         try:
             super().__init__(root, transform=transform, loader=_load_rgb)
         except FileNotFoundError as e:  # no class folders / a class folder without images
-            empty = re.search(r"Found no valid file for the classes (.*?)\. Supported", str(e))
-            some = empty and len(empty.group(1).split(", ")) < sum(p.is_dir() for p in Path(root).iterdir())
-            what = "has class folders without images" if some else "holds no images in class sub-folders"
-            raise FileNotFoundError(f"{flag}: {root} {what} ({e})") from e
+            classes = [d for d in Path(root).iterdir() if d.is_dir()]
+            empty = sorted(d.name for d in classes if not any(
+                has_file_allowed_extension(f, IMG_EXTENSIONS) for _, _, files in os.walk(d, followlinks=True)
+                for f in files))
+            what = (f"has class folders without images: {', '.join(empty[:5])}{', ...' * (len(empty) > 5)} "
+                    f"({len(empty)} of {len(classes)})" if 0 < len(empty) < len(classes)
+                    else "holds no images in class sub-folders")
+            raise FileNotFoundError(f"{flag}: {root} {what} (torchvision: {e})") from e
         self.bad_paths: set = set()
 
     def read(self, index: int) -> Image.Image | None:
