@@ -424,6 +424,15 @@ class RMSNormGated(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------
 # Optional mamba_ssm / causal_conv1d kernels
 # ---------------------------------------------------------------------------------------------------------------
+def causal_conv1d_layout(x_BDl: torch.Tensor) -> torch.Tensor:
+    """`x_BDl` in a layout causal_conv1d takes: a channel-last view (stride 1 along D, as in_proj's output
+    transposed) only when D and the other two strides are multiples of 8, as causal_conv1d_fwd checks (M-VAR-d30's
+    in_proj is 7868 wide); otherwise a contiguous copy, as mamba_ssm's own Mamba2 makes."""
+    if x_BDl.stride(1) == 1 and all(n % 8 == 0 for n in (x_BDl.shape[1], x_BDl.stride(0), x_BDl.stride(2))):
+        return x_BDl
+    return x_BDl.contiguous()
+
+
 @dataclass(frozen=True)
 class MambaKernels:
     """Entry points of the optional CUDA/Triton kernels (None where a package did not import)."""
@@ -638,9 +647,11 @@ class Mamba2(nn.Module):
         z_Bld, xBC_Bld, dt_BlH = torch.split(zxbcdt, [self.d_ssm, self.conv_dim, self.nheads], dim=-1)
         # torch.compile traces the PyTorch path (inductor fuses it itself; the C kernels are opaque to it)
         fused_cpu = self.active_backend == "cpu_fused" and not torch.compiler.is_compiling()
-        if kernels is not None and kernels.causal_conv1d_fn is not None and state is None:
-            xBC_Bld = kernels.causal_conv1d_fn(xBC_Bld.transpose(1, 2), self.conv1d.weight.squeeze(1),
-                                               self.conv1d.bias, activation="silu").transpose(1, 2)
+        if kernels is not None and kernels.causal_conv1d_fn is not None and state is None and \
+                2 <= self.d_conv <= 4:  # causal_conv1d's widths; others take the torch conv
+            xBC_Bld = kernels.causal_conv1d_fn(causal_conv1d_layout(xBC_Bld.transpose(1, 2)),
+                                               self.conv1d.weight.squeeze(1), self.conv1d.bias,
+                                               activation="silu").transpose(1, 2)
         else:
             xBC_Bld = self._causal_conv(xBC_Bld, state, fused_cpu)
         x_Bld, B_BlGN, C_BlGN = torch.split(xBC_Bld, [self.d_ssm, self.ngroups * self.d_state,

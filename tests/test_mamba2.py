@@ -246,6 +246,11 @@ class FakeKernels:
     def causal_conv1d_fn(self, x, weight, bias=None, activation=None):
         assert x.shape[1] == self.m.conv_dim and weight.shape == (self.m.conv_dim, self.m.d_conv)
         assert activation == "silu"
+        # causal_conv1d_fwd's checks (causal-conv1d 1.x csrc/causal_conv1d.cpp)
+        assert x.stride(2) == 1 or x.stride(1) == 1
+        if x.stride(1) == 1 and x.stride(2) > 1:  # channel-last
+            assert x.shape[1] % 8 == 0 and x.stride(2) % 8 == 0 and x.stride(0) % 8 == 0, x.stride()
+        assert 2 <= weight.shape[1] <= 4, "causal_conv1d only supports width between 2 and 4"
         self.calls.append("causal_conv1d_fn")
         K = weight.shape[1]
         return F.silu(F.conv1d(F.pad(x, (K - 1, 0)), weight.unsqueeze(1), bias, groups=x.shape[1]))
@@ -286,6 +291,23 @@ def test_kernel_dispatch_with_fake_kernels(fake_cuda, backend):
             torch.testing.assert_close(m(u[:, sl], state), ref(u[:, sl], ref_state), rtol=1e-5, atol=1e-6)
         assert fake.calls == ["chunk_scan", "rmsnorm_fn"] * 2
         torch.testing.assert_close(state.ssm_state, ref_state.ssm_state, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [dict(d_model=24, headdim=16, ngroups=1), dict(d_conv=5)])
+def test_kernel_path_takes_any_in_proj_width_and_conv_width(fake_cuda, shape):
+    """An in_proj width that is not a multiple of 8 (M-VAR-d30's is 7868; here 131) makes the conv input a
+    channel-last view causal_conv1d refuses: it gets a copy it takes. A conv width outside 2..4 takes the torch
+    conv. Both give the torch path's numbers."""
+    cfg = {**SMALL, **shape}
+    m = randomise_(Mamba2(**{**cfg, "backend": "mamba_ssm"}))
+    ref = randomise_(Mamba2(**cfg))
+    ref.load_state_dict(m.state_dict())
+    fake = FakeKernels(m)
+    fake_cuda(fake.kernels())
+    u = torch.randn(2, 21, cfg["d_model"])
+    with torch.no_grad():
+        torch.testing.assert_close(m(u), ref(u), rtol=1e-5, atol=1e-6)
+    assert fake.calls == ["causal_conv1d_fn"] * (cfg["d_conv"] <= 4) + ["chunk_scan", "rmsnorm_fn"]
 
 
 def test_kernel_result_is_used(fake_cuda):
