@@ -242,7 +242,8 @@ def bench_train(device: torch.device, args: argparse.Namespace) -> str:
     L = next(iter(models.values())).L
     width = f", width {args.width}, {args.heads or args.width // 64} heads, V={args.V}" if args.width else ""
     return "\n".join([f"### train: depth {args.depth}{width}, L={L}, batch {B}, {device.type} (tokenizer excluded; "
-                      f"model GFLOP = linear layers forward and backward + attention scores x3, counted on one step; "
+                      f"model GFLOP = linear layers forward and backward + attention scores and Mamba2 mixing x3 "
+                      f"(models/flops.py), counted on one step; "
                       f"peak: {peak_note})", "",
                       bm.markdown_table(["device", "arch", "dtype", "params M", "ms / step", "images / s",
                                          "model GFLOP / step", "GFLOP/s", "% of peak", "speed-up vs fp32"], rows)])
@@ -334,9 +335,10 @@ def time_paper_models(models: dict[str, MVAR], names: list[str], dtype: torch.dt
 
 
 def bench_paper(device: torch.device, args: argparse.Namespace) -> str:
-    """The paper's pairs (PAPER_PAIRS), sampling with cfg, per generated image: time, model FLOPs (linear layers and
-    attention scores, `models.flops`) and their ratios, for each --paper_dtypes and --paper_bs. The models of
-    one pair (both M-VAR-d16 samplers with VAR-d16) are alternated in one process; pairs run one after another."""
+    """The paper's pairs (PAPER_PAIRS), sampling with cfg, per generated image: time, model FLOPs (linear layers,
+    attention scores and Mamba2 mixing, `models.flops`) and their ratios, for each --paper_dtypes and --paper_bs.
+    The models of one pair (both M-VAR-d16 samplers with VAR-d16) are alternated in one process; pairs run one
+    after another."""
     patch_nums = parse_patch_nums(args.pn)
     groups: dict[str, list[str]] = {}
     for mvar_name, var_name, _ in PAPER_PAIRS:
