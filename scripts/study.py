@@ -32,7 +32,7 @@ import torch
 
 import tokenizer_trainer
 import train
-from models.flops import model_flops, train_step_flops
+from models.flops import COUNT_VERSION, model_flops, train_step_flops
 from models.loading import load_checkpoint, load_mvar, load_vae
 from models.mvar import MVAR, MVARConfig
 from models.precision import effective_amp_dtype
@@ -276,16 +276,29 @@ def train_and_sample(out: Path, plan: dict, name: str) -> None:
     save_set(out / "sets" / f"{name}.npz", images=np.concatenate(images), labels=labels)  # last: marks it done
 
 
+def recount_flops(out: Path, plan: dict, name: str) -> None:
+    """Count the finished run `name`'s FLOPs again (timing.json) when they were counted by another version of
+    models/flops.py: the curves' FLOP axis and the report's table then use today's count for every row."""
+    path = out / "runs" / name / "timing.json"
+    timing = json.loads(path.read_text()) if path.is_file() else {"flops_count": COUNT_VERSION}  # not sampled
+    if timing.get("flops_count") != COUNT_VERSION:
+        ckpt = out / "runs" / name / LAST
+        mvar = load_mvar(ckpt, vae=load_vae(ckpt)).eval()
+        save_json({**timing, **flops_per_image(mvar, plan["sampling"])}, path)
+        logger.info("%s: model FLOPs counted again (models/flops.py count %d, was %s)", name, COUNT_VERSION,
+                    timing.get("flops_count", 1))
+
+
 def flops_per_image(mvar: MVAR, s: dict) -> dict[str, float]:
-    """Model FLOPs (linear layers + attention scores, models.flops) per training image (one training step's) and
-    per generated image (sampling with cfg: two sequences)."""
+    """Model FLOPs (models.flops: linear layers, attention scores, Mamba2 mixing) per training image (one training
+    step's) and per generated image (sampling with cfg: two sequences), with the count's version."""
     label_B = torch.arange(10)
     x_BLC = torch.randn(10, sum(p * p for p in mvar.patch_nums) - 1, mvar.Cvae)
     train = train_step_flops(mvar, label_B, x_BLC) / 10
     with torch.inference_mode():
         gen = model_flops(mvar, lambda: mvar.autoregressive_infer_cfg(
             10, label_B, g_seed=0, cfg=s["cfg"], top_k=s["top_k"], top_p=s["top_p"])) / 10
-    return dict(train_flops_per_image=train, sample_flops_per_image=gen)
+    return dict(train_flops_per_image=train, sample_flops_per_image=gen, flops_count=COUNT_VERSION)
 
 
 def score_set(out: Path, plan: dict, name: str, inception: bool, inception_net: torch.nn.Module | None = None
@@ -466,6 +479,8 @@ def main(args: argparse.Namespace) -> Path:
         worked = True
     todo = [r for r in job_order(plan) if not (out / "scores" / f"{r}.json").is_file()]
     run_parallel(out, todo, args.jobs)
+    for run in plan["runs"]:
+        recount_flops(out, plan, run)
     timing_path = out / "wall_time.json"  # summed over the runs that computed something
     total = json.loads(timing_path.read_text())["seconds"] if timing_path.is_file() else 0.0
     if worked or todo:

@@ -16,8 +16,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 (the backend must be chosen first)
 import numpy as np  # noqa: E402
+from scipy import stats  # noqa: E402
 
-AXES = {"images": "training images", "flops": "training FLOPs (model, benchmark's count)",
+AXES = {"images": "training images", "flops": "training FLOPs (model, models/flops.py's count)",
         "minutes": "training time on this CPU (min, one thread)"}
 METRICS = {"fd_clf": "FD_clf (lower is better)", "consistency": "class consistency (higher is better)"}
 PAIRS = (("mvar", "var", "M-VAR vs VAR"), ("mvar-w", "var", "M-VAR-W (VAR's params) vs VAR"),
@@ -56,6 +57,27 @@ def spread(values: list[float]) -> float:
     return (max(values) - min(values)) / 2
 
 
+SIGNIFICANCE = 0.05  # two-sided Welch test over seeds
+
+
+def who_leads(a: list[float], b: list[float], la: str, lb: str) -> tuple[bool | None, str]:
+    """Which of two rows' FD_clf over seeds (lower is better) is lower, and whether by more than the seeds'
+    noise: (True: `a` significantly better, False: `b` significantly better, None: neither) and the words, with
+    the difference and the two-sided Welch test over the seeds. With 2 seeds a side the test has 1-2 degrees of
+    freedom: only a difference many times the spread is significant."""
+    diff = statistics.mean(a) - statistics.mean(b)
+    lead = la if diff < 0 else lb
+    if min(len(a), len(b)) < 2:
+        return None, f"{lead} ahead, untested (difference {diff:+.2f}; one seed on a side)"
+    if np.var(a) == np.var(b) == 0:
+        return None, f"{lead} ahead, untested (difference {diff:+.2f}; the seeds agree exactly on both sides)"
+    t, p = stats.ttest_ind(a, b, equal_var=False)
+    test = f"difference {diff:+.2f}, Welch t = {t:.1f}, p = {p:.2f}, {len(a)} vs {len(b)} seeds"
+    if p < SIGNIFICANCE and diff != 0:
+        return diff < 0, f"**{lead} better** ({test})"
+    return None, f"{lead} ahead, not significant ({test})"
+
+
 def comparison_points(a: list[dict], b: list[dict], axis: str) -> list[float]:
     """Where to compare rows a and b on `axis`: at equal images the usual budgets, otherwise a's final point and
     half of it; only points that every run of both rows covers."""
@@ -73,17 +95,11 @@ def fmt_x(axis: str, x: float) -> str:
 
 
 def verdict(rows: dict[str, dict], a: str, b: str, curves: dict, axis: str, x: float) -> str:
-    """One sentence: both rows' FD_clf and consistency at `x` on `axis`, and who is better beyond the spread."""
+    """One sentence: both rows' FD_clf and consistency at `x` on `axis`, and who leads (who_leads)."""
     fa, fb = at(curves[a], axis, x, "fd_clf"), at(curves[b], axis, x, "fd_clf")
     ca, cb = at(curves[a], axis, x, "consistency"), at(curves[b], axis, x, "consistency")
-    diff, noise = statistics.mean(fa) - statistics.mean(fb), spread(fa) + spread(fb)
     la, lb = rows[a]["label"], rows[b]["label"]
-    if min(len(fa), len(fb)) < 2:
-        who = f"{la if diff < 0 else lb} better (one seed on a side: no spread to compare with)"
-    elif abs(diff) > noise:
-        who = f"**{la if diff < 0 else lb} better** (difference {diff:+.2f}, larger than the seeds' spread {noise:.2f})"
-    else:
-        who = f"no clear winner (difference {diff:+.2f} within the seeds' spread {noise:.2f})"
+    _, who = who_leads(fa, fb, la, lb)
     return (f"at equal {AXES[axis].split(' (')[0]} ({fmt_x(axis, x)}): {la} FD_clf {statistics.mean(fa):.2f} ± "
             f"{spread(fa):.2f} vs {lb} {statistics.mean(fb):.2f} ± {spread(fb):.2f}: {who}; class consistency "
             f"{statistics.mean(ca):.2f} vs {statistics.mean(cb):.2f}")

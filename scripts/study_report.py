@@ -20,8 +20,9 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
+from models.flops import COUNT_VERSION  # noqa: E402
 from models.precision import cpu_info  # noqa: E402
-from scripts.study_curves import collect_curves, learned, plot_curves, verdicts  # noqa: E402
+from scripts.study_curves import collect_curves, learned, plot_curves, verdicts, who_leads  # noqa: E402
 
 logging.getLogger("tensorboard").setLevel(logging.WARNING)  # one INFO line per event file otherwise
 REFERENCE_ROWS = {"floor": "real training images (floor)", "ceiling": "tokenizer reconstructions (ceiling)"}
@@ -67,15 +68,24 @@ def collect(out: Path, plan: dict) -> dict[str, dict]:
         first = [r for r in runs if plan["runs"][r]["seed"] == preset["first_seed"]]
         timings = [json.loads((out / "runs" / r / "timing.json").read_text()) for r in first
                    if (out / "runs" / r / "timing.json").is_file()]
+        clocks = [points[-1] for r in first if (points := curve_points(out, r))]  # the curves' training clock
         train_speed = [v for r in first for v in tb_scalars(out / "runs" / r, "speed/images_per_s")[1][1:]]
         curves = {r: dict(train=tb_scalars(out / "runs" / r, "train/Lm"), val=tb_scalars(out / "runs" / r,
                                                                                          "val/vL_mean"))
                   for r in runs}
         rows[row] = dict(label=spec["label"], params=spec["params"], scores=scores, timings=timings, color=f"C{i}",
                          images=train_images(preset, plan["runs"][runs[0]]["ep"]),
-                         train_images_per_s=statistics.median(train_speed) if train_speed else float("nan"),
+                         train_images_per_s=clocks[0]["images"] / clocks[0]["train_s"] if clocks else
+                         statistics.median(train_speed) if train_speed else float("nan"),
                          curves=curves, images_per_step=preset["bs"], images_per_epoch=preset["train_limit"])
     return rows
+
+
+def curve_points(out: Path, run: str) -> list[dict]:
+    """The run's evaluations (runs/<run>/curve.json; empty without --eval_every): images and training seconds
+    (Trainer.train_seconds, validation and evaluation excluded) at each."""
+    path = out / "runs" / run / "curve.json"
+    return json.loads(path.read_text()) if path.is_file() else []
 
 
 def fmt(value: float | None, digits: int) -> str:
@@ -111,33 +121,42 @@ def table(out: Path, rows: dict[str, dict], plan: dict) -> str:
     return "\n".join(lines)
 
 
+CLAIMS = (  # (a, b, the paper's claim that a has the lower FD_clf); Table 6's ordering is M-VAR < VAR < Mamba < intra
+    ("mvar", "var", "Table 6: M-VAR better than VAR"),
+    ("mvar", "intra", "Table 6: M-VAR better than intra-scale attention alone"),
+    ("mvar", "mamba", "Table 6: M-VAR better than Mamba alone"),
+    ("var", "mamba", "Table 6: VAR better than Mamba alone"),
+    ("var", "intra", "Table 6: VAR better than intra-scale attention alone"),
+    ("mamba", "intra", "Table 6: Mamba alone better than intra-scale attention alone"),
+    ("mvar-w", "var", "Table 5: M-VAR-W (VAR's params) better than VAR"),
+    ("mvar-d", "var", "Table 5: M-VAR-D (VAR's params) better than VAR"),
+    ("var-half", "var", "Figure 5: replacing VAR blocks by M-VAR blocks helps"),
+)
+
+
 def reading(rows: dict[str, dict]) -> str:
-    """Sentences computed from the table: the ranking by FD_clf and each comparison the paper makes, with whether
-    the difference exceeds the seeds' spread."""
+    """Sentences computed from the table: the ranking by FD_clf and each ordering the paper states (CLAIMS):
+    reproduced only where the Welch test over seeds says so (study_curves.who_leads), else the same direction
+    without significance, or not reproduced."""
     fd = {k: [s["fd_clf"] for s in r["scores"]] for k, r in rows.items() if r["scores"]}
     if not fd:
         return "No model finished yet."
     ranked = sorted(fd, key=lambda k: statistics.mean(fd[k]))
     out = ["Ranking by mean FD_clf (lower is better): " + ", ".join(
         f"{rows[k]['label']} {statistics.mean(fd[k]):.2f}" for k in ranked) + "."]
-    for a, b, claim in (("mvar", "var", "Table 6: M-VAR better than VAR"),
-                        ("mvar", "intra", "Table 6: M-VAR better than intra-scale attention alone"),
-                        ("mvar", "mamba", "Table 6: M-VAR better than Mamba alone"),
-                        ("mvar-w", "var", "Table 5: M-VAR-W (VAR's params) better than VAR"),
-                        ("mvar-d", "var", "Table 5: M-VAR-D (VAR's params) better than VAR"),
-                        ("var-half", "var", "Figure 5: replacing VAR blocks by M-VAR blocks helps")):
+    for a, b, claim in CLAIMS:
         if a not in fd or b not in fd:
             continue
-        diff = statistics.mean(fd[a]) - statistics.mean(fd[b])
-        spread = (max(fd[a]) - min(fd[a]) + max(fd[b]) - min(fd[b])) / 2
-        verdict = "reproduced" if diff < 0 else "not reproduced"
-        sure = "one seed: no spread to compare with" if min(len(fd[a]), len(fd[b])) < 2 else \
-            f"{'larger' if abs(diff) > spread else 'not larger'} than the seeds' spread {spread:.2f}"
+        better, words = who_leads(fd[a], fd[b], rows[a]["label"], rows[b]["label"])
+        same_direction = statistics.mean(fd[a]) < statistics.mean(fd[b])
+        verdict = "reproduced" if better else "**not reproduced**" if better is False else \
+            "same direction, not significant" if same_direction else \
+            "not reproduced (opposite direction, not significant)"
         unequal = "" if rows[a]["images"] == rows[b]["images"] else \
             f"; at unequal budgets, {rows[a]['images']:,} vs {rows[b]['images']:,} training images: the curves above " \
             "compare them at equal images, FLOPs and time"
         out.append(f"- {claim}: {verdict} ({rows[a]['label']} {statistics.mean(fd[a]):.2f} vs {rows[b]['label']} "
-                   f"{statistics.mean(fd[b]):.2f}; difference {diff:+.2f}, {sure}{unequal}).")
+                   f"{statistics.mean(fd[b]):.2f}; {words}{unequal}).")
     return "\n".join(out)
 
 
@@ -299,10 +318,12 @@ computed something), {preset["seeds"]} seed(s) per row.
   fp32; `TOKENS`: the token ids of the training and validation images, extracted once with the tokenizer by
   scripts/extract_tokens.py, from which training is loss for loss the same as from the images; `CLASSIFIER`: the
   small CNN of the scores below, classifier.pt in the study's folder):
-  {budgets(rows, preset)}, batch {preset["bs"]}. FLOPs count the linear layers and attention scores
-  (models.flops.train_step_flops), not the Mamba2 scan or the convolutions, so they understate the Mamba2 rows;
-  "train min" is the training images over the median training throughput (validation excluded). Throughputs are
-  the first seed's runs.
+  {budgets(rows, preset)}, batch {preset["bs"]}. FLOPs count the linear layers, the attention scores (VAR's
+  training attention: all L x L scores of its masked dense kernel) and each Mamba2 layer's scan (its recurrence,
+  4 x d_inner x d_state per token) and convolution (models/flops.py, count {COUNT_VERSION}); "train img/s" and
+  "train min" are the first seed's training images over its training clock, validation and evaluation excluded
+  (the clock of the curves' time axis; without evaluations inside the run, the median throughput of its logged
+  windows).
 - Sampling: {preset["num_samples"]:,} images per model, cfg {s["cfg"]}, top-k {s["top_k"]} (900/4096 of the
   vocabulary), top-p {s["top_p"]}, precision {", ".join(precisions)}.
 - Scores: FD_clf = Frechet distance in the pooled features of a small CNN trained on the real training labels
@@ -319,7 +340,8 @@ computed something), {preset["seeds"]} seed(s) per row.
 ## Results{" at the end of each run" if preset["eval_every"] else ""}
 {table(out, rows, plan)}
 
-FD_clf: mean ± half the range over seeds.
+FD_clf: mean ± half the range over seeds. Every number of this report is computed from
+[study_data.json](study_data.json) (the scores, timings, evaluations and logged curves of each run).
 
 {reading(rows)}
 
@@ -329,6 +351,28 @@ FD_clf: mean ± half the range over seeds.
 
 ![samples](study_samples.png)
 """
+    write_data(out, plan, report_dir / "study_data.json")
     path = report_dir / "study.md"
     path.write_text(text)
     return path
+
+
+def write_data(out: Path, plan: dict, path: Path) -> None:
+    """The raw results the report is read from, in one small JSON file beside it (tens of KB): the plan's rows,
+    runs, preset and sampling settings; per set its scores; per run its timing, evaluations and logged curves
+    (training loss, validation loss, throughput: [steps, values])."""
+    def series(run: str, tag: str) -> list[list[float]]:
+        steps, values = tb_scalars(out / "runs" / run, tag)
+        return [steps.tolist(), [round(float(v), 6) for v in values]]
+
+    sets = ["floor", "ceiling", *plan["runs"]]
+    data = dict(
+        plan={k: plan[k] for k in ("preset", "rows", "runs", "sampling")},
+        scores={s: json.loads((out / "scores" / f"{s}.json").read_text()) for s in sets
+                if (out / "scores" / f"{s}.json").is_file()},
+        runs={run: dict(timing=json.loads((out / "runs" / run / "timing.json").read_text())
+                        if (out / "runs" / run / "timing.json").is_file() else None,
+                        evaluations=curve_points(out, run),
+                        **{tag: series(run, tag) for tag in ("train/Lm", "val/vL_mean", "speed/images_per_s")})
+              for run in plan["runs"]})
+    path.write_text(json.dumps(data, indent=1))

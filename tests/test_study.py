@@ -8,6 +8,7 @@ import subprocess
 import numpy as np
 import pytest
 from conftest import REPO, launch
+from models.flops import COUNT_VERSION
 from scripts import study, study_curves, study_report
 from PIL import Image
 
@@ -65,6 +66,10 @@ def test_quick_study_report_and_scores(quick_study):
     report = (quick_study / "report" / "study.md").read_text()
     for row in rows.values():
         assert f"| {row['label']} | {row['params'] / 1e6:.2f} |" in report
+    # throughput on the curves' clock: the first seed's images over its training seconds at its last evaluation
+    clock = json.loads((quick_study / "runs" / "mvar-s0" / "curve.json").read_text())[-1]
+    cells = next(line for line in report.splitlines() if line.startswith("| M-VAR |")).split("|")
+    assert float(cells[6]) == pytest.approx(clock["images"] / clock["train_s"], abs=0.051), (cells, clock)
     assert "python scripts/study.py --quick" in report and "Ranking by mean FD_clf" in report
     # M-VAR (512 images) against VAR (1,024) at equal images (M-VAR's final point), FLOPs and time
     assert "at equal training images (512 images): M-VAR FD_clf" in report
@@ -73,6 +78,9 @@ def test_quick_study_report_and_scores(quick_study):
     # the recipe names the study folder's files, not this machine's paths to them
     assert "--eval_net=CLASSIFIER" in report and "--tokens=TOKENS" in report
     assert str(quick_study.resolve() / "classifier.pt") not in report
+    data = json.loads((quick_study / "report" / "study_data.json").read_text())  # what the numbers come from
+    assert data["scores"] == got and data["runs"]["mvar-s0"]["evaluations"][-1] == clock
+    assert data["runs"]["var-s0"]["train/Lm"][0] and str(quick_study.resolve()) not in json.dumps(data)
     for png in ("study_loss.png", "study_fd.png", "study_samples.png", "study_curves.png"):
         with Image.open(quick_study / "report" / png) as im:
             assert im.width > 300 and im.height > 200
@@ -90,11 +98,17 @@ def test_quick_study_rerun_redoes_only_what_is_missing(quick_study):
     stamps = ckpt.stat().st_mtime_ns, images.stat().st_mtime_ns
 
     (quick_study / "scores" / "var-s0.json").unlink()  # killed while scoring: only the scoring is redone
+    timing_path = quick_study / "runs" / "mvar-s0" / "timing.json"
+    timing = json.loads(timing_path.read_text())
+    assert timing["flops_count"] == COUNT_VERSION
+    stale = {**timing, "train_flops_per_image": 1.0, "sample_flops_per_image": 2.0}
+    timing_path.write_text(json.dumps({k: v for k, v in stale.items() if k != "flops_count"}))  # an older count's
     proc = run_study(quick_study)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert jobs_run(proc) == ["var-s0"]
     assert (ckpt.stat().st_mtime_ns, images.stat().st_mtime_ns) == stamps
     assert scores(quick_study) == before
+    assert json.loads(timing_path.read_text()) == timing  # a finished run's FLOPs counted again, not re-trained
 
     (quick_study / "scores" / "var-s0.json").unlink()  # killed while sampling: no image set, no scores
     images.unlink()
@@ -178,3 +192,22 @@ def test_a_row_evaluated_once_past_the_other_rows_last_point_is_not_compared():
     var = {"minutes": np.array([1.0, 30.0]), "fd_clf": np.array([9.0, 3.5])}
     assert study_curves.comparison_points([one], [var], "minutes") == []
     assert study_curves.comparison_points([dict(one, minutes=one["minutes"] - 15)], [var], "minutes") == [25.0]
+
+
+def test_verdicts_need_a_significant_welch_test_and_cover_the_whole_ordering():
+    """Two seeds a side: a lead of about the seeds' spread is "ahead, not significant" (the old rule called
+    0.30 against a 0.17 spread "better"), a lead of many spreads "better"; one seed is untested. The reading checks
+    every ordering of Table 6, so a baseline beating another against the paper is reported as not reproduced."""
+    assert study_curves.who_leads([3.60, 3.62], [3.90, 3.92], "M-VAR", "VAR") == \
+        (True, "**M-VAR better** (difference -0.30, Welch t = -21.2, p = 0.00, 2 vs 2 seeds)")
+    better, words = study_curves.who_leads([3.53, 3.69], [3.83, 3.99], "M-VAR", "VAR")
+    assert better is None and \
+        words == "M-VAR ahead, not significant (difference -0.30, Welch t = -2.7, p = 0.12, 2 vs 2 seeds)"
+    assert study_curves.who_leads([3.0], [3.5, 3.6], "a", "b")[0] is None
+    rows = {k: dict(label=k.upper(), images=100, scores=[{"fd_clf": v} for v in fd])
+            for k, fd in dict(mvar=[3.60, 3.62], var=[25.6, 25.8], mamba=[22.9, 23.1], intra=[25.6, 25.9]).items()}
+    text = study_report.reading(rows)
+    assert "- Table 6: M-VAR better than VAR: reproduced (MVAR 3.61 vs VAR 25.70; **MVAR better**" in text
+    assert "- Table 6: VAR better than Mamba alone: **not reproduced** (VAR 25.70 vs MAMBA 23.00; **MAMBA better**" \
+        in text
+    assert "- Table 6: VAR better than intra-scale attention alone: same direction, not significant" in text
