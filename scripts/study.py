@@ -438,7 +438,7 @@ def prepare(args: argparse.Namespace, out: Path, plan: dict) -> tuple[dict, bool
     data = [f"--pn={preset['pn']}", f"--train_limit={preset['train_limit']}", f"--val_limit={preset['val_limit']}",
             f"--val_every={preset['val_every']}", f"--bs={preset['bs']}", f"--tlr={preset['tlr']}",
             f"--vae_ckpt={tok_ckpt}", f"--tokens={tokens}", *fmnist]
-    s = plan["sampling"]  # the evaluations inside a run sample as the final scoring does, fewer images
+    s = plan["sampling"]  # evaluations inside a run: the final scoring's settings, fewer images, fp32
     evals = [f"--eval_n={preset['eval_n']}", f"--eval_net={clf_path.resolve()}", f"--eval_cfg={s['cfg']}",
              f"--eval_top_k={s['top_k']}", f"--eval_top_p={s['top_p']}"] if preset["eval_every"] else []
     plan = dict(plan, train_flags=TRAIN_FLAGS + data + evals, tokenizer=tok_ckpt, tokenizer_config=TOKENIZER,

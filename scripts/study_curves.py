@@ -9,6 +9,7 @@ that ends at that point, so a curve's early points understate what a run of that
 """
 import json
 import statistics
+import warnings
 from pathlib import Path
 
 import matplotlib
@@ -71,7 +72,9 @@ def who_leads(a: list[float], b: list[float], la: str, lb: str) -> tuple[bool | 
         return None, f"{lead} ahead, untested (difference {diff:+.2f}; one seed on a side)"
     if np.var(a) == np.var(b) == 0:
         return None, f"{lead} ahead, untested (difference {diff:+.2f}; the seeds agree exactly on both sides)"
-    t, p = stats.ttest_ind(a, b, equal_var=False)
+    with warnings.catch_warnings():  # scipy warns of precision loss when one side's seeds nearly agree
+        warnings.simplefilter("ignore", RuntimeWarning)
+        t, p = stats.ttest_ind(a, b, equal_var=False)
     test = f"difference {diff:+.2f}, Welch t = {t:.1f}, p = {p:.2f}, {len(a)} vs {len(b)} seeds"
     if p < SIGNIFICANCE and diff != 0:
         return diff < 0, f"**{lead} better** ({test})"

@@ -251,15 +251,17 @@ def curves_section(out: Path, rows: dict[str, dict], plan: dict, report_dir: Pat
     ceiling = json.loads((out / "scores" / "ceiling.json").read_text())["fd_clf"]
     return f"""
 ## Learning curves
-{evaluations(plan)} ({preset["eval_n"]} samples against the first
-{preset["eval_n"]} test images: FD_clf there is on another scale than the final scoring's, which uses more images on
-both sides, so compare the curves' points with each other and the final table with itself): a point is the
+{evaluations(plan)} ({preset["eval_n"]} samples, with the final scoring's cfg, top-k and top-p but in fp32,
+against {preset["eval_n"]} test images of the same classes, drawn in order from the first {preset["val_limit"]:,}:
+FD_clf there is on another scale than the final scoring's, which uses more images on both sides, so compare the
+curves' points with each other and the final table with itself): a point is the
 model at that moment of its own run, whose learning rate has not yet decayed as a run ending there would (the
 schedule is the whole run's), and time is training time only (no validation, evaluation or saving).
 
 ![curves](study_curves.png)
 
-Verdicts (mean ± half the range over seeds, interpolated between evaluations):
+Verdicts (mean ± half the range over seeds, interpolated between evaluations; "better" where a two-sided Welch
+test over the seeds gives p < 0.05):
 {verdicts(rows, curves)}
 
 Have the models learned (final scoring, largest budget)?
