@@ -4,20 +4,27 @@ import contextlib
 import torch
 from torch import nn
 
-from dist.core import initialized
+from dist.core import broadcast, initialized
 
 
 def wrap_model(model: nn.Module, device: torch.device, fsdp: bool = False) -> nn.Module:
     """DDP (or FSDP2 with `fsdp`) when a process group exists; the model itself for a single process.
 
-    FSDP2 shards every block, then the root module, in place (`fully_shard` returns the same module object); the
-    model's `autoregressive_infer_cfg`, when it has one, gathers the parameters as `forward` does (collective: every
-    rank must call it).
+    Both start every rank from rank 0's weights: DDP broadcasts them; before FSDP2 shards every block, then the
+    root module, in place (`fully_shard` returns the same module object, and each rank keeps its slice of what it
+    holds), they are broadcast here, so that ranks whose initialisations differ (an RNG draw on one rank only,
+    GPUs whose random kernels split the work otherwise) cannot train a model stitched from several. The model's
+    `autoregressive_infer_cfg`, when it has one, gathers the parameters as `forward` does (collective: every rank
+    must call it).
     """
     if not initialized():
         return model
     if fsdp:
         from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+        with torch.no_grad():
+            for tensor in model.state_dict().values():
+                broadcast(tensor)
 
         for block in getattr(model, "blocks", ()):
             fully_shard(block)

@@ -37,9 +37,9 @@ WORKER = textwrap.dedent("""
             model(x).sum().backward()
         assert torch.allclose(model.module.weight.grad, torch.full((1, 3), 1.5))
 
-        torch.manual_seed(0)
+        torch.manual_seed(rank)  # different weights per rank: FSDP2 too must start from rank 0's
         net = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
-        ref = {k: v.clone() for k, v in net.state_dict().items()}
+        ref = {k: dist.broadcast(v.clone()) for k, v in net.state_dict().items()}
         sharded = dist.wrap_model(net, device, fsdp=True)
         assert dist.is_fsdp(sharded)
         full = dist.full_model_state_dict(sharded)  # gathered on rank 0 only
