@@ -160,7 +160,7 @@ class Checkpointer:
     def save(self, epoch: int, it: int, best_val: float, best: bool = False) -> float:
         """Collective save at position (epoch, it: the next iteration to run) -> the seconds it took; exits after
         it when a signal asked to stop and training is not over. Postponed (stays pending) when
-        `Trainer.save_blocker` objects."""
+        `Trainer.save_blocker` objects; a `best` one is then written as -best alone (save_best)."""
         t0 = time.time()
         blocker = self.trainer.save_blocker()
         if blocker is not None:
@@ -168,14 +168,30 @@ class Checkpointer:
                 logger.warning("checkpoint %s not saved: %s (the next good step saves)",
                                position_text({"epoch": epoch, "iter": it}), blocker)
             self.pending = self.blocked = True
+            if best:
+                self.save_best(epoch, it, best_val)
             return time.time() - t0
-        curve = {"eval_history": self.evaluator.history} if self.evaluator else {}
-        self.folder.save(self.trainer.checkpoint(epoch=epoch, iter=it, args=vars(self.args), best_val=best_val,
-                                                 data=self.data, **curve), best=best)
+        self.folder.save(self.state(epoch, it, best_val), best=best)
         self.last_save, self.pending, self.blocked, self.tested = time.time(), False, False, False
         if self.preemption.requested() and (epoch, it) < (self.args.ep, 0):
             self.preemption.exit(f"{position_text({'epoch': epoch, 'iter': it})}: checkpoint {self.folder.last} saved")
         return self.last_save - t0
+
+    def save_best(self, epoch: int, it: int, best_val: float) -> None:
+        """Collective: the validated weights as -best only, where -last may not be written now (the last optimizer
+        step was bad, or the epoch ends inside an accumulation window): a run never resumes from -best, and
+        `best_val` already counts these weights. Not with a non-finite weight."""
+        blocker = self.trainer.save_blocker(resume_point=False)
+        if blocker is None:
+            self.folder.save_best(self.state(epoch, it, best_val))
+        else:
+            logger.warning("the best val loss so far is not saved as %s: %s", self.folder.best.name, blocker)
+
+    def state(self, epoch: int, it: int, best_val: float) -> dict[str, Any]:
+        """What a checkpoint at (epoch, it) holds (Trainer.checkpoint and the run's flags, data and curve)."""
+        curve = {"eval_history": self.evaluator.history} if self.evaluator else {}
+        return self.trainer.checkpoint(epoch=epoch, iter=it, args=vars(self.args), best_val=best_val, data=self.data,
+                                       **curve)
 
     def diverged(self, error: NonFiniteError) -> NonFiniteError:
         """`error` (bad steps stopped the run), saying which checkpoint a relaunch resumes from, after setting the
@@ -233,10 +249,8 @@ def end_epoch(ep: int, iters: int, args: argparse.Namespace, trainer: Trainer, v
                        (ep + 1) * iters)
     if whole_window or ep + 1 == args.ep:
         saver.save(ep + 1, 0, best_val, best=is_best)
-    elif is_best:
-        logger.warning("ep %d has the best val loss so far but is not saved as %s: the epoch ends inside an "
-                       "accumulation window (choose --ac dividing the %d iterations per epoch)", ep + 1,
-                       saver.folder.best.name, iters)
+    elif is_best:  # -last waits for the window's end
+        saver.save_best(ep + 1, 0, best_val)
     return best_val
 
 

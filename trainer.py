@@ -248,10 +248,11 @@ class Trainer:
                                  f"--max_nonfinite={self.max_nonfinite}, --diverge_tol={self.guard.tol:g}): stopping; "
                                  f"lower --tblr, raise --tclip or use --fp16=2 (bf16).")
 
-    def save_blocker(self) -> str | None:
-        """Why the current weights must not be checkpointed (None: they may): the last optimizer step was bad, or
-        a weight is non-finite. Collective: all ranks agree."""
-        if not self.guard.healthy:
+    def save_blocker(self, resume_point: bool = True) -> str | None:
+        """Why the current weights must not be checkpointed (None: they may): a weight is non-finite, or, for a
+        checkpoint a run resumes from (`resume_point`), the last optimizer step was bad. Collective: all ranks
+        agree."""
+        if resume_point and not self.guard.healthy:
             return "the last optimizer step was bad"
         local = [p.to_local() if hasattr(p, "to_local") else p for p in self.params]  # DTensor shards under FSDP2
         n_bad = torch.stack([~torch.isfinite(p).all() for p in local]).sum().float()

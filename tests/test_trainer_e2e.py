@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -312,6 +313,31 @@ def test_partial_accumulation_window_still_saves(setup):
     last = torch.load(out / LAST, weights_only=True)
     assert (last["epoch"], last["iter"]) == (1, 0)
     assert (out / BEST).is_file()
+
+
+def test_best_checkpoint_is_written_where_the_last_one_must_wait(setup):
+    """An epoch ending inside an accumulation window (--ac=2, 5 iterations an epoch) cannot write -last, but its
+    validated weights are the best so far: they are saved as -best alone (they were lost, while the best val loss
+    already counted them). Likewise after a bad last step (unit below: Checkpointer with stand-ins)."""
+    out = setup / "best_mid_window"
+    proc = run_train(setup, out, "--bs=10", "--ac=2", "--ep=2")
+    assert f"saved checkpoint {out / BEST} (after ep 1)" in proc.stdout, proc.stdout[-3000:]
+
+    import train
+    saved = []
+    trainer = SimpleNamespace(save_blocker=lambda resume_point=True: "the last optimizer step was bad"
+                              if resume_point else None, checkpoint=lambda **position: dict(position))
+    folder = SimpleNamespace(save=lambda ckpt, best=False: saved.append(("last", ckpt["epoch"], best)),
+                             save_best=lambda ckpt: saved.append(("best", ckpt["epoch"])), best=out / BEST)
+    saver = train.Checkpointer(folder, trainer, SimpleNamespace(), {})
+    try:
+        saver.save(3, 0, 0.5, best=True)
+        assert saved == [("best", 3)] and saver.pending  # -last waits for the next good step
+        trainer.save_blocker = lambda resume_point=True: "a weight is non-finite"
+        saver.save(4, 0, 0.4, best=True)
+        assert saved == [("best", 3)]  # never non-finite weights
+    finally:
+        saver.close()
 
 
 def test_embedded_data_without_tokenizer_points_at_tokenizer_training(tmp_path):

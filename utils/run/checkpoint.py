@@ -248,6 +248,15 @@ class RunFolder:
             logger.info("saved checkpoint %s (%s) in %.1fs", self.last, position_text(ckpt), time.time() - t0)
         dist.barrier()
 
+    def save_best(self, ckpt: dict[str, Any]) -> None:
+        """Collective: writers save `ckpt` as `-best` only (a run never resumes from it; `-last` is left as it
+        is)."""
+        if self.writer:
+            t0 = time.time()
+            save_atomic(with_digest(ckpt), self.best)
+            logger.info("saved checkpoint %s (%s) in %.1fs", self.best, position_text(ckpt), time.time() - t0)
+        dist.barrier()
+
     def set_aside(self, kind: str) -> Path | None:
         """Collective: writers rename the newest checkpoint (`find_resume`) to `<prefix>-<kind>.pth`, so that a
         relaunch resumes from the one before it -> its new name (None: the folder had none). After a resume past a
