@@ -182,6 +182,17 @@ def test_fid_dump_over_two_nodes_equals_one_process(ckpt, tmp_path):  # noqa: F8
         assert a["arr_0"].shape == (30, 8, 8, 3) and np.array_equal(a["arr_0"], b["arr_0"])
 
 
+def test_fsdp_refuses_nodes_with_their_own_output_folder(setup, tmp_path):  # noqa: F811
+    """Under --fsdp rank 0 alone writes checkpoints (it gathers the state): with node-local output folders node 1's
+    would stay empty and every relaunch fail (a review saw exactly that), so the run stops before training."""
+    outs = [tmp_path / f"fsdp_{i}" for i in range(2)]
+    with two_nodes(tmp_path, train_on_two_nodes(setup, outs, "--fsdp=1")) as nodes:
+        codes, log = nodes.wait(), nodes.text()
+    assert codes != [0, 0] and "rank(s) 1 see a folder of their own (not rank 0's), and under --fsdp only rank 0 " \
+        "writes the checkpoints" in log, log[-4000:]
+    assert "ep 1/" not in log and not (outs[0] / LAST).exists()
+
+
 def test_fid_dump_refuses_nodes_with_other_weights_or_their_own_folder(ckpt, tmp_path):  # noqa: F811
     """A review saw a dump whose nodes held different copies of ckpt.pth exit 0 with both models' images in one npz
     (only rank 0 hashed its weights), and one with a node-local --fid_dir never complete. Node 1 here has both."""

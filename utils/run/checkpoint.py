@@ -189,6 +189,13 @@ class RunFolder:
             self.dir.mkdir(parents=True, exist_ok=True)
         dist.barrier()
         node_writer = is_checkpoint_writer(self.dir)
+        own_folder = [r for r, mine in enumerate(dist.all_gather_object(node_writer and not dist.is_main_process()))
+                      if mine]
+        if rank0_state and own_folder:  # rank 0 alone would write: the other nodes' folders would stay empty
+            raise OutputFolderError(
+                f"--local_out_dir_path={self.dir}: rank(s) {', '.join(map(str, own_folder))} see a folder of their own "
+                f"(not rank 0's), and under --fsdp only rank 0 writes the checkpoints (it gathers the state), so a "
+                f"relaunch there would find none: put the output folder on a disk every node shares")
         self.lock = lock_output_folder(self.dir, holder=node_writer)  # one live run per folder, until exit
         self.writer = node_writer and (dist.is_main_process() or not rank0_state)
         if self.writer:
