@@ -76,10 +76,18 @@ def _varlen_attn_takes_scale(fn: Callable) -> bool:
         return False
 
 
+FLASH_MAX_HEAD_DIM = 256  # flash-attn 2's and torch's flash kernel's largest head dimension
+
+
+def _cuda_capability(device: torch.device) -> tuple[int, int] | None:
+    """The GPU's compute capability; None off CUDA (or where CUDA is absent: tests pretend with a "cuda" device)."""
+    return torch.cuda.get_device_capability(device) if device.type == "cuda" and torch.cuda.is_available() else None
+
+
 def backend_unavailable_reason(
-    backend: str, device: torch.device, dtype: torch.dtype, dropout_p: float = 0.0,
+    backend: str, device: torch.device, dtype: torch.dtype, dropout_p: float = 0.0, head_dim: int | None = None,
 ) -> str | None:
-    """Why `backend` cannot run intra-scale attention on tensors of this device/dtype (None: it can)."""
+    """Why `backend` cannot run intra-scale attention on tensors of this device/dtype/head size (None: it can)."""
     if backend == "sdpa":
         return None
     if backend not in ATTN.kernels:
@@ -88,6 +96,12 @@ def backend_unavailable_reason(
         return f"{backend} needs CUDA tensors, got device {device.type!r}"
     if dtype not in _HALF_DTYPES:
         return f"{backend} needs float16/bfloat16 q/k/v (train with --fp16=1 or 2), got {dtype}"
+    capability = _cuda_capability(device)  # both are flash attention (torch_varlen: torch's, or cuDNN's on sm90+)
+    if capability is not None and capability < (8, 0):
+        return f"{backend} needs a GPU of compute capability 8.0 or newer (Ampere), this one has " \
+               f"{capability[0]}.{capability[1]}"
+    if head_dim is not None and head_dim > FLASH_MAX_HEAD_DIM:
+        return f"{backend} takes heads of at most {FLASH_MAX_HEAD_DIM} channels, these have {head_dim} (more heads)"
     if backend == "flash_attn":
         if _flash_attn_varlen_func() is None:
             return "flash_attn is not importable (pip install flash-attn --no-build-isolation)"
@@ -105,7 +119,8 @@ def backend_unavailable_reason(
     return None
 
 
-def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, dropout_p: float = 0.0) -> str:
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, dropout_p: float = 0.0,
+                    head_dim: int | None = None) -> str:
     """The backend that will run: `backend`, or for "auto" $MVAR_ATTN_BACKEND or the fastest available one.
 
     A forced backend that cannot run raises a `BackendError` saying why. Each resolution is logged once.
@@ -113,14 +128,15 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, drop
     env_value = os.environ.get(ATTN.env, "") if check_name(ATTN, backend) == "auto" else ""  # part of the cache key
     warn_only_deterministic = torch.are_deterministic_algorithms_enabled() and \
         torch.is_deterministic_algorithms_warn_only_enabled()
-    return _resolve(backend, env_value, device.type, dtype, dropout_p > 0, warn_only_deterministic)
+    return _resolve(backend, env_value, device.type, _cuda_capability(device), dtype, dropout_p > 0,
+                    warn_only_deterministic, head_dim)
 
 
 @functools.cache
-def _resolve(backend: str, env_value: str, device_type: str, dtype: torch.dtype, with_dropout: bool,
-             deterministic: bool) -> str:
+def _resolve(backend: str, env_value: str, device_type: str, capability: tuple[int, int] | None, dtype: torch.dtype,
+             with_dropout: bool, deterministic: bool, head_dim: int | None) -> str:
     device, dropout_p = torch.device(device_type), 1.0 if with_dropout else 0.0
-    return resolve(ATTN, backend, lambda n: backend_unavailable_reason(n, device, dtype, dropout_p),
+    return resolve(ATTN, backend, lambda n: backend_unavailable_reason(n, device, dtype, dropout_p, head_dim),
                    f"{device_type}, {dtype}")
 
 
@@ -218,7 +234,7 @@ def intra_scale_attention(
     q/k/v (B, L, H, c) with L = sum(seg_lens); returns (B, L, H, c). `backend` as in the module docstring.
     """
     seg_lens = _check_segments(q, seg_lens)
-    name = resolve_backend(backend, q.device, q.dtype, dropout_p)
+    name = resolve_backend(backend, q.device, q.dtype, dropout_p, q.shape[-1])
     return _INTRA_KERNELS[name](q, k, v, seg_lens, softmax_scale, dropout_p)
 
 
@@ -301,7 +317,7 @@ class ScaleAttention(nn.Module):
             k = F.normalize(k, dim=-1).to(qkv.dtype)
         dropout_p = self.attn_drop if self.training else 0.0
         if self.mode == "intra":
-            self.last_backend = resolve_backend(self.backend, q.device, q.dtype, dropout_p)
+            self.last_backend = resolve_backend(self.backend, q.device, q.dtype, dropout_p, q.shape[-1])
             kernel = _INTRA_KERNELS[self.last_backend]
             o = kernel(q, k, v, _check_segments(q, seg_lens), self.scale, dropout_p)
         elif self.caching:  # sampling: this call's scale attends to every cached token (all earlier scales)

@@ -187,7 +187,7 @@ def test_torch_varlen_dispatch_scale_keyword_or_folded_into_q(monkeypatch, takes
     monkeypatch.setattr(A, "_flash_attn_varlen_func", lambda: None)
     monkeypatch.setattr(A, "_torch_varlen_attn", lambda: varlen)
     monkeypatch.setattr(A, "backend_unavailable_reason",
-                        lambda name, device, dtype, p=0.0: "absent" if name == "flash_attn" else None)
+                        lambda name, *_: "absent" if name == "flash_attn" else None)
     seg_lens = (4, 16)
     q, k, v = qkv(2, 20, 2, 16)
     out = intra_scale_attention(q, k, v, seg_lens, 1.0)  # auto -> torch_varlen (flash_attn "absent")
@@ -214,6 +214,26 @@ def test_auto_prefers_flash_then_varlen_then_sdpa_and_logs_once(monkeypatch, cap
         A.resolve_backend("torch_varlen", cuda, half, dropout_p=0.1)
     with pytest.raises(ValueError, match="flash_attn is not importable"):
         A.resolve_backend("flash_attn", cuda, half)
+
+
+def test_auto_passes_over_flash_kernels_on_pre_ampere_gpus_and_for_wide_heads(monkeypatch):
+    """Both varlen kernels are flash attention: compute capability 8.0 or newer, heads of at most 256 channels.
+    "auto" takes sdpa on a V100/T4 or for wider heads (--num_heads small for the width), and a forced kernel says
+    why instead of failing at its first call."""
+    cuda, half = torch.device("cuda"), torch.bfloat16
+    monkeypatch.setattr(A, "_flash_attn_varlen_func", lambda: object())
+    monkeypatch.setattr(A, "_torch_varlen_attn", lambda: object())
+    A._resolve.cache_clear()
+    for capability, head_dim, kernel in (((7, 5), 64, "sdpa"), ((8, 0), 512, "sdpa"), ((8, 0), 256, "flash_attn")):
+        monkeypatch.setattr(A, "_cuda_capability", lambda device, c=capability: c)
+        assert A.resolve_backend("auto", cuda, half, head_dim=head_dim) == kernel, (capability, head_dim)
+    monkeypatch.setattr(A, "_cuda_capability", lambda device: (7, 0))
+    with pytest.raises(ValueError, match="compute capability 8.0 or newer .Ampere., this one has 7.0"):
+        A.resolve_backend("torch_varlen", cuda, half, head_dim=64)
+    monkeypatch.setattr(A, "_cuda_capability", lambda device: (9, 0))
+    with pytest.raises(ValueError, match="heads of at most 256 channels, these have 512"):
+        A.resolve_backend("flash_attn", cuda, half, head_dim=512)
+    A._resolve.cache_clear()
 
 
 def test_deterministic_mode_asks_flash_attn_for_it_and_passes_over_torch_varlen(monkeypatch):
