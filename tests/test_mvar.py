@@ -223,16 +223,23 @@ def record_sampling(monkeypatch):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_cached_sampling_logits_equal_teacher_forcing(monkeypatch, arch):
+    """The guided logits of every scale are (1 + t) * cond - t * uncond of two teacher-forced passes over the
+    sampled tokens (the class, and the null class), t = cfg * si / (K - 1) as VAR's ramp: a wrong half (the
+    unconditional one conditioned on the classes, say), a swapped half or another ramp fails here. An odd batch,
+    so that a mix-up of halves cannot cancel."""
     vae, mvar = build_tiny_stateful(arch)
     mvar.eval()
     calls = record_sampling(monkeypatch)
-    label_B = torch.tensor([1, 7])
-    img = mvar.autoregressive_infer_cfg(2, label_B, g_seed=3, cfg=0.0, top_k=0, top_p=0.0)
-    assert img.shape == (2, 3, 8, 8) and 0 <= img.min() and img.max() <= 1
+    label_B, cfg = torch.tensor([1, 7, 4]), 1.5
+    img = mvar.autoregressive_infer_cfg(3, label_B, g_seed=3, cfg=cfg, top_k=0, top_p=0.0)
+    assert img.shape == (3, 3, 8, 8) and 0 <= img.min() and img.max() <= 1
     idx_Bl = [idx for _, idx in calls]
     logits_sampled = torch.cat([logits for logits, _ in calls], dim=1)
-    logits_tf = mvar(label_B, vae.quantize.idxBl_to_var_input(idx_Bl))
-    assert_logits_equal(logits_sampled, logits_tf)
+    x_BLCv = vae.quantize.idxBl_to_var_input(idx_Bl)
+    cond, uncond = mvar(label_B, x_BLCv), mvar(torch.full_like(label_B, mvar.num_classes), x_BLCv)
+    K = len(mvar.patch_nums)
+    ramp_1L1 = torch.cat([torch.full((ed - bg,), cfg * si / (K - 1)) for si, (bg, ed) in enumerate(mvar.begin_ends)])
+    assert_logits_equal(logits_sampled, (1 + ramp_1L1[None, :, None]) * cond - ramp_1L1[None, :, None] * uncond)
 
 
 def test_cached_sampling_equals_prefix_recompute(monkeypatch):
