@@ -390,11 +390,13 @@ class MVAR(nn.Module):
 
     @contextlib.contextmanager
     def inference_precision(self, dtype: torch.dtype | None) -> Iterator[None]:
-        """Sample in `dtype` (None: fp32): autocast, with the Linear weights cast to `dtype` once for the whole
-        block (`models.precision.linear_weights_in`) instead of on every call; the same numbers as plain autocast.
-        The residual stream, norms, Mamba2 scan and logits keep autocast's precision; the tokenizer is untouched."""
+        """Sample (or run `forward`) in `dtype` (None: fp32): autocast, with the Linear weights cast to `dtype` once
+        for the whole block (`models.precision.linear_weights_in`) instead of on every call; the same numbers as
+        plain autocast. The residual stream, norms, Mamba2 scan and logits keep autocast's precision; word_embed
+        keeps its weights (forward runs it with autocast off); the tokenizer is untouched."""
         device_type = self.pos_1LC.device.type
-        with linear_weights_in(self, dtype), torch.autocast(device_type, dtype=dtype, enabled=dtype is not None):
+        with linear_weights_in(self, dtype, keep=(self.word_embed,)), \
+                torch.autocast(device_type, dtype=dtype, enabled=dtype is not None):
             yield
 
     @torch.no_grad()

@@ -74,21 +74,23 @@ def _log_fallback(capability: str) -> None:
 
 
 @contextlib.contextmanager
-def linear_weights_in(module: nn.Module, dtype: torch.dtype | None) -> Iterator[None]:
-    """Hold the weights and biases of every `nn.Linear` in `module` in `dtype` (None: leave them) and restore the
-    original tensors on exit. Meant for inference under autocast to the same dtype (no gradients flow)."""
+def linear_weights_in(module: nn.Module, dtype: torch.dtype | None, keep: tuple[nn.Module, ...] = ()
+                      ) -> Iterator[None]:
+    """Hold the weights and biases of every `nn.Linear` in `module` but those in `keep` in `dtype` (None: leave
+    them) and restore the original tensors on exit, also when casting fails half-way. Meant for inference under
+    autocast to the same dtype (no gradients flow); `keep`: layers also called with autocast off."""
     if dtype is None:
         yield
         return
     saved: list[tuple[nn.Parameter, torch.Tensor]] = []
-    with torch.inference_mode(False), torch.no_grad():  # plain tensors: they outlive any inference-mode caller
-        for layer in module.modules():
-            if isinstance(layer, nn.Linear):
-                for p in (layer.weight, layer.bias):
-                    if p is not None and p.dtype != dtype:
-                        saved.append((p, p.data))
-                        p.data = p.data.to(dtype)
     try:
+        with torch.inference_mode(False), torch.no_grad():  # plain tensors: they outlive any inference-mode caller
+            for layer in module.modules():
+                if isinstance(layer, nn.Linear) and not any(layer is k for k in keep):
+                    for p in (layer.weight, layer.bias):
+                        if p is not None and p.dtype != dtype:
+                            saved.append((p, p.data))
+                            p.data = p.data.to(dtype)
         yield
     finally:
         with torch.inference_mode(False), torch.no_grad():

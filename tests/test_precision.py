@@ -42,6 +42,37 @@ def test_held_bf16_weights_give_plain_autocast_numbers_and_are_restored():
     mvar(torch.tensor([1]), torch.randn(1, mvar.L - 1, mvar.Cvae)).sum().backward()  # trainable as before
 
 
+def test_teacher_forced_forward_under_held_weights_equals_plain_autocast():
+    """forward embeds the tokens with autocast off (fp32 embeddings): its Linear keeps fp32 weights, so forward
+    runs under inference_precision (it raised a dtype mismatch) with plain autocast's numbers."""
+    _, mvar = build_tiny_mvar()
+    mvar.eval()
+    label_B, x_BLCv = torch.tensor([1, 2]), torch.randn(2, mvar.L - 1, mvar.Cvae)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=BF16):
+        ref = mvar(label_B, x_BLCv)
+    with torch.inference_mode(), mvar.inference_precision(BF16):
+        assert torch.equal(mvar(label_B, x_BLCv), ref)
+
+
+def test_a_cast_that_fails_half_way_restores_the_weights(monkeypatch):
+    _, mvar = build_tiny_mvar()
+    layers = [m for m in mvar.modules() if isinstance(m, torch.nn.Linear)]
+    original = {id(m.weight): m.weight.data_ptr() for m in layers}
+    real_to, calls = torch.Tensor.to, []
+
+    def failing_to(self, *args, **kwargs):  # the third cast runs out of memory
+        calls.append(1)
+        if len(calls) == 3:
+            raise torch.OutOfMemoryError("no room for the bf16 copy")
+        return real_to(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", failing_to)
+    with pytest.raises(torch.OutOfMemoryError), precision.linear_weights_in(mvar, BF16):
+        pass
+    monkeypatch.undo()
+    assert all(m.weight.data_ptr() == original[id(m.weight)] and m.weight.dtype == torch.float32 for m in layers)
+
+
 def test_inference_precision_none_is_fp32():
     _, mvar = build_tiny_mvar()
     with torch.inference_mode():
