@@ -63,6 +63,9 @@ def token_ce(logits_BLV: torch.Tensor, gt_BL: torch.Tensor, label_smoothing: flo
                            label_smoothing=label_smoothing, reduction="none").view(B, Lp)
 
 
+IMPLEMENTATION_KEYS = ("fused", "foreach")  # AdamW's group keys that choose how it runs, not what it computes
+
+
 def build_optimizer(model: nn.Module, lr: float, fused: bool = True) -> torch.optim.Optimizer:
     """AdamW(betas=(0.9, 0.95)), fused when `fused` (CUDA and CPU: one pass over each parameter instead of about
     ten, 0.23x the step time on the CPU at 42M parameters, docs/benchmarks.md); lr and weight decay are set each step
@@ -340,7 +343,12 @@ class Trainer:
                 "guard": self.guard.state_dict(), "train_seconds": self.train_seconds}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore `state_dict`'s state; the optimizer's implementation (fused or not: --afuse) stays this run's,
+        where torch's load_state_dict would copy the checkpoint's with the other group keys."""
+        implementation = [{k: g[k] for k in IMPLEMENTATION_KEYS if k in g} for g in self.optimizer.param_groups]
         dist.load_full_state(self.model, state["model"], self.optimizer, state["optimizer"])
+        for group, keys in zip(self.optimizer.param_groups, implementation, strict=True):
+            group.update(keys)
         if self.scaler is not None and state.get("scaler") is not None:
             self.scaler.load_state_dict(state["scaler"])
         self.guard.load_state_dict(state.get("guard", {}))  # older checkpoints: a fresh guard

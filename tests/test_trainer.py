@@ -266,6 +266,16 @@ def test_trainer_state_round_trip_gives_identical_next_step():
     assert all(torch.equal(p, q) for p, q in zip(tr.mvar.parameters(), other.mvar.parameters(), strict=True))
 
 
+def test_a_resume_keeps_this_runs_optimizer_implementation():
+    """--afuse=0 on a relaunch runs the plain AdamW although the checkpoint's groups say fused (torch's
+    load_state_dict copies every group key), and the other way round."""
+    for saved, wanted in ((True, False), (False, True)):
+        tr, other = tiny(fused_adam=saved), tiny(fused_adam=wanted)
+        tr.micro_step(*batch())
+        other.load_state_dict(copy.deepcopy(tr.state_dict()))
+        assert all(g["fused"] is (True if wanted else None) for g in other.optimizer.param_groups)
+
+
 def test_optimizer_state_is_saved_by_name_without_side_effects_and_old_index_keys_load():
     import dist
 
