@@ -209,9 +209,10 @@ def log_progress(tb: TBLogger, metrics: dict[str, dict], args: argparse.Namespac
                  g_it: int) -> None:
     """One log line and the TensorBoard scalars of `Trainer.pop_metrics`."""
     stats, opt, speed = metrics["train/"], metrics["opt/"], metrics["speed/"]
-    logger.info("ep %d/%d it %d/%d | loss %.4f Lm %.4f Accm %.2f | lr %.3g wd %.3g gnorm %.3f%s | "
+    grad_norm = stats.get("grad_norm")  # none without an optimizer step since the last line (--ac): "-", not nan
+    logger.info("ep %d/%d it %d/%d | loss %.4f Lm %.4f Accm %.2f | lr %.3g wd %.3g gnorm %s%s | "
                 "%.1f img/s %.0f tok/s", ep + 1, args.ep, it + 1, iters, stats["loss"], stats["Lm"], stats["Accm"],
-                opt["lr"], opt["wd"], stats.get("grad_norm", float("nan")),
+                opt["lr"], opt["wd"], "-" if grad_norm is None else f"{grad_norm:.3f}",
                 f" scale {opt['loss_scale']:g}" if opt["loss_scale"] is not None else "", speed["images_per_s"],
                 speed["tokens_per_s"])
     for prefix, values in metrics.items():
