@@ -353,6 +353,11 @@ def main(args: argparse.Namespace) -> None:
             "tokens": cache_views}
     start_ep, start_it, best_val = (0, 0, math.inf) if ckpt is None else \
         trainer.resume(ckpt, resume_path, vars(args), data)
+    if (start_ep * iters + start_it) % args.ac:  # a window runs from a multiple of --ac (Trainer.scheduled_step)
+        raise CheckpointError(f"checkpoint {resume_path} was saved with --ac={ckpt['args']['ac']} after "
+                              f"{start_ep * iters + start_it} iterations, which --ac={args.ac} would split: its "
+                              f"first optimizer step would take part of a window's gradient; relaunch with "
+                              f"--ac={ckpt['args']['ac']}, or an --ac that divides {start_ep * iters + start_it}")
     evaluator = None
     if args.eval_every:
         evaluator = TrainingEval(net=args.eval_net, n=args.eval_n, seed=args.seed, cfg=args.eval_cfg,
