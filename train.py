@@ -242,13 +242,13 @@ def end_epoch(ep: int, iters: int, args: argparse.Namespace, trainer: Trainer, v
         tb.scalars(point["images"], "eval/", **scores)  # x axis: training images seen
     tb.flush()
     # a checkpoint never splits an accumulation window, except the final one: its partial window is dropped
-    whole_window = (ep + 1) * iters % args.ac == 0
-    if ep + 1 == args.ep and not whole_window:
+    open_window = trainer.window_micro_steps
+    if ep + 1 == args.ep and open_window:
         trainer.discard_partial_window()
         logger.warning("training ends inside an accumulation window: the last %d micro-step(s) were discarded "
-                       "(--ac=%d does not divide %d iterations)", (ep + 1) * iters % args.ac, args.ac,
-                       (ep + 1) * iters)
-    if whole_window or ep + 1 == args.ep:
+                       "(--ac=%d does not divide the iterations run since the start or the resume)", open_window,
+                       args.ac)
+    if not open_window or ep + 1 == args.ep:
         saver.save(ep + 1, 0, best_val, best=is_best)
     elif is_best:  # -last waits for the window's end
         saver.save_best(ep + 1, 0, best_val)
@@ -353,11 +353,6 @@ def main(args: argparse.Namespace) -> None:
             "tokens": cache_views}
     start_ep, start_it, best_val = (0, 0, math.inf) if ckpt is None else \
         trainer.resume(ckpt, resume_path, vars(args), data)
-    if (start_ep * iters + start_it) % args.ac:  # a window runs from a multiple of --ac (Trainer.scheduled_step)
-        raise CheckpointError(f"checkpoint {resume_path} was saved with --ac={ckpt['args']['ac']} after "
-                              f"{start_ep * iters + start_it} iterations, which --ac={args.ac} would split: its "
-                              f"first optimizer step would take part of a window's gradient; relaunch with "
-                              f"--ac={ckpt['args']['ac']}, or an --ac that divides {start_ep * iters + start_it}")
     evaluator = None
     if args.eval_every:
         evaluator = TrainingEval(net=args.eval_net, n=args.eval_n, seed=args.seed, cfg=args.eval_cfg,

@@ -140,6 +140,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type, init_scale=2.0**11, growth_interval=1000) \
             if fp16 == 1 else None
         self.tclip, self.label_smooth, self.ac, self.max_nonfinite = tclip, label_smooth, ac, max_nonfinite
+        self.window_micro_steps = 0  # micro-steps of the open accumulation window (0: none open); a checkpoint's
+        # position is always a window's end, so windows count from the start or the resume point
         self.guard = DivergenceGuard(diverge_tol)
         self.params = [p for p in self.mvar.parameters() if p.requires_grad]
         self.seg_lens = [pn * pn for pn in self.mvar.patch_nums]
@@ -184,12 +186,14 @@ class Trainer:
     def scheduled_step(self, inp_B3HW: torch.Tensor, label_B: torch.Tensor, g_it: int) -> StepResult:
         """train.py's step at global iteration `g_it` (on images, or token ids: `targets`): lr, wd and progressive
         stage from the schedule, then `micro_step`, stepping the optimizer at the end of each accumulation window
-        (--ac). The layers below: `micro_step` (tokenize) -> `micro_step_tokens` (forward, backward) ->
+        (--ac micro-steps from the start or the resume point). The layers below: `micro_step` (tokenize) -> `micro_step_tokens` (forward, backward) ->
         `optimizer_step` (clip, update)."""
         point = self.schedule.at(g_it)
         set_lr_wd(self.optimizer, point.lr, point.wd)
         res = self.micro_step(inp_B3HW.to(self.device, non_blocking=True), label_B.to(self.device, non_blocking=True),
-                              stepping=(g_it + 1) % self.ac == 0, prog_si=point.prog_si, prog_wp=point.prog_wp)
+                              stepping=self.window_micro_steps + 1 == self.ac, prog_si=point.prog_si,
+                              prog_wp=point.prog_wp)
+        self.window_micro_steps = (self.window_micro_steps + 1) % self.ac
         res.schedule, self.last = point, res
         self.n_img += len(label_B) * dist.get_world_size()
         self.meter.update(loss=res.loss)
@@ -264,6 +268,7 @@ class Trainer:
     def discard_partial_window(self) -> None:
         """Drop the gradients of an accumulation window that will not be completed (the end of training)."""
         self.optimizer.zero_grad(set_to_none=True)
+        self.window_micro_steps = 0
 
     # ---- metrics ------------------------------------------------------------------------------------------------
     def pop_metrics(self, seconds: float) -> dict[str, dict[str, float | None]]:
@@ -344,11 +349,12 @@ class Trainer:
 
     def load_state_dict(self, state: dict) -> None:
         """Restore `state_dict`'s state; the optimizer's implementation (fused or not: --afuse) stays this run's,
-        where torch's load_state_dict would copy the checkpoint's with the other group keys."""
-        implementation = [{k: g[k] for k in IMPLEMENTATION_KEYS if k in g} for g in self.optimizer.param_groups]
-        dist.load_full_state(self.model, state["model"], self.optimizer, state["optimizer"])
-        for group, keys in zip(self.optimizer.param_groups, implementation, strict=True):
-            group.update(keys)
+        where torch's load_state_dict would copy the checkpoint's with the other group keys (and place the step
+        counters for it): this run's are written into the saved groups before loading."""
+        saved = state["optimizer"]
+        groups = [{**g, **{k: ours[k] for k in IMPLEMENTATION_KEYS if k in ours}}
+                  for g, ours in zip(saved["param_groups"], self.optimizer.param_groups, strict=True)]
+        dist.load_full_state(self.model, state["model"], self.optimizer, {**saved, "param_groups": groups})
         if self.scaler is not None and state.get("scaler") is not None:
             self.scaler.load_state_dict(state["scaler"])
         self.guard.load_state_dict(state.get("guard", {}))  # older checkpoints: a fresh guard
