@@ -274,6 +274,7 @@ def test_a_resume_keeps_this_runs_optimizer_implementation():
         tr.micro_step(*batch())
         other.load_state_dict(copy.deepcopy(tr.state_dict()))
         assert all(g["fused"] is (True if wanted else None) for g in other.optimizer.param_groups)
+        other.micro_step(*batch())  # and it steps (the fused kernel needs its step counters where it wants them)
 
 
 def test_optimizer_state_is_saved_by_name_without_side_effects_and_old_index_keys_load():
