@@ -186,8 +186,8 @@ class Trainer:
     def scheduled_step(self, inp_B3HW: torch.Tensor, label_B: torch.Tensor, g_it: int) -> StepResult:
         """train.py's step at global iteration `g_it` (on images, or token ids: `targets`): lr, wd and progressive
         stage from the schedule, then `micro_step`, stepping the optimizer at the end of each accumulation window
-        (--ac micro-steps from the start or the resume point). The layers below: `micro_step` (tokenize) -> `micro_step_tokens` (forward, backward) ->
-        `optimizer_step` (clip, update)."""
+        (--ac micro-steps from the start or the resume point). The layers below: `micro_step` (tokenize) ->
+        `micro_step_tokens` (forward, backward) -> `optimizer_step` (clip, update)."""
         point = self.schedule.at(g_it)
         set_lr_wd(self.optimizer, point.lr, point.wd)
         res = self.micro_step(inp_B3HW.to(self.device, non_blocking=True), label_B.to(self.device, non_blocking=True),
