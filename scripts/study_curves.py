@@ -8,6 +8,7 @@ A point inside a run comes from that run's schedule: the learning rate there has
 that ends at that point, so a curve's early points understate what a run of that length would reach.
 """
 import json
+import math
 import statistics
 import warnings
 from pathlib import Path
@@ -66,7 +67,11 @@ def who_leads(a: list[float], b: list[float], la: str, lb: str) -> tuple[bool | 
     noise: (True: `a` significantly better, False: `b` significantly better, None: neither) and the words, with
     the difference and the two-sided Welch test over the seeds. With 2 seeds a side the test has 1-2 degrees of
     freedom: only a difference many times the spread is significant."""
+    if not all(math.isfinite(v) for v in (*a, *b)):
+        return None, f"untested (a score is not finite: {la} {a}, {lb} {b})"
     diff = statistics.mean(a) - statistics.mean(b)
+    if diff == 0:
+        return None, f"level (both {statistics.mean(a):.2f})"
     lead = la if diff < 0 else lb
     if min(len(a), len(b)) < 2:
         return None, f"{lead} ahead, untested (difference {diff:+.2f}; one seed on a side)"
@@ -75,8 +80,9 @@ def who_leads(a: list[float], b: list[float], la: str, lb: str) -> tuple[bool | 
     with warnings.catch_warnings():  # scipy warns of precision loss when one side's seeds nearly agree
         warnings.simplefilter("ignore", RuntimeWarning)
         t, p = stats.ttest_ind(a, b, equal_var=False)
-    test = f"difference {diff:+.2f}, Welch t = {t:.1f}, p = {p:.2f}, {len(a)} vs {len(b)} seeds"
-    if p < SIGNIFICANCE and diff != 0:
+    test = f"difference {diff:+.2f}, Welch t = {t:.1f}, p {'< 0.01' if p < 0.005 else f'= {p:.2f}'}, " \
+           f"{len(a)} vs {len(b)} seeds"
+    if p < SIGNIFICANCE:
         return diff < 0, f"**{lead} better** ({test})"
     return None, f"{lead} ahead, not significant ({test})"
 

@@ -148,9 +148,9 @@ def reading(rows: dict[str, dict]) -> str:
         if a not in fd or b not in fd:
             continue
         better, words = who_leads(fd[a], fd[b], rows[a]["label"], rows[b]["label"])
-        same_direction = statistics.mean(fd[a]) < statistics.mean(fd[b])
+        diff = statistics.mean(fd[a]) - statistics.mean(fd[b])
         verdict = "reproduced" if better else "**not reproduced**" if better is False else \
-            "same direction, not significant" if same_direction else \
+            "same direction, not significant" if diff < 0 else "not reproduced (level)" if diff == 0 else \
             "not reproduced (opposite direction, not significant)"
         unequal = "" if rows[a]["images"] == rows[b]["images"] else \
             f"; at unequal budgets, {rows[a]['images']:,} vs {rows[b]['images']:,} training images: the curves above " \
