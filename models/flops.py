@@ -78,11 +78,15 @@ def model_flops(mvar: nn.Module, run: Callable[[], object], passes: int = 1) -> 
 def train_step_flops(mvar: nn.Module, label_B: torch.Tensor, x_BLCv: torch.Tensor) -> float:
     """Model FLOPs of one training step on this batch: the forward pass and the backward of a scalar loss (input
     and weight gradients; the first layer's input needs none), attention and Mamba2 mixing counted three times.
-    Gradients are cleared afterwards; the optimizer and the loss add no model FLOPs."""
+    Activation checkpointing is off for the count (its recomputation is not model FLOPs, and would run the hooks
+    twice). Gradients are cleared afterwards; the optimizer and the loss add no model FLOPs."""
     def step() -> None:
         mvar(label_B, x_BLCv).float().logsumexp(dim=-1).mean().backward()
 
+    grad_ckpt = getattr(mvar, "grad_ckpt", False)
+    mvar.grad_ckpt = False
     try:
         return model_flops(mvar, step, passes=3)
     finally:
+        mvar.grad_ckpt = grad_ckpt
         mvar.zero_grad(set_to_none=True)

@@ -124,6 +124,9 @@ def test_model_flops_equal_a_count_by_hand(arch):
     x_BLCv = torch.randn(B, mvar.L - first_l, mvar.config.Cvae)
     assert train_step_flops(mvar, torch.arange(B), x_BLCv) == \
         B * (3 * linear - word_embed_input_grad + 3 * mixing_and_pairs)
+    mvar.grad_ckpt = True  # recomputation is not counted (the hooks would run twice)
+    assert train_step_flops(mvar, torch.arange(B), x_BLCv) == \
+        B * (3 * linear - word_embed_input_grad + 3 * mixing_and_pairs) and mvar.grad_ckpt
     mvar.eval()
     with torch.inference_mode():
         sampled = model_flops(mvar, lambda: mvar.autoregressive_infer_cfg(B, torch.arange(B), g_seed=0, cfg=1.5))
