@@ -86,8 +86,10 @@ def _cuda_capability(device: torch.device) -> tuple[int, int] | None:
 
 def backend_unavailable_reason(
     backend: str, device: torch.device, dtype: torch.dtype, dropout_p: float = 0.0, head_dim: int | None = None,
+    capability: tuple[int, int] | None = None,
 ) -> str | None:
-    """Why `backend` cannot run intra-scale attention on tensors of this device/dtype/head size (None: it can)."""
+    """Why `backend` cannot run intra-scale attention on tensors of this device/dtype/head size (None: it can);
+    `capability`: the GPU's compute capability, looked up from `device` when not given."""
     if backend == "sdpa":
         return None
     if backend not in ATTN.kernels:
@@ -96,7 +98,7 @@ def backend_unavailable_reason(
         return f"{backend} needs CUDA tensors, got device {device.type!r}"
     if dtype not in _HALF_DTYPES:
         return f"{backend} needs float16/bfloat16 q/k/v (train with --fp16=1 or 2), got {dtype}"
-    capability = _cuda_capability(device)  # both are flash attention (torch_varlen: torch's, or cuDNN's on sm90+)
+    capability = capability or _cuda_capability(device)  # both are flash attention (torch_varlen: torch's, or cuDNN's)
     if capability is not None and capability < (8, 0):
         return f"{backend} needs a GPU of compute capability 8.0 or newer (Ampere), this one has " \
                f"{capability[0]}.{capability[1]}"
@@ -136,7 +138,8 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, drop
 def _resolve(backend: str, env_value: str, device_type: str, capability: tuple[int, int] | None, dtype: torch.dtype,
              with_dropout: bool, deterministic: bool, head_dim: int | None) -> str:
     device, dropout_p = torch.device(device_type), 1.0 if with_dropout else 0.0
-    return resolve(ATTN, backend, lambda n: backend_unavailable_reason(n, device, dtype, dropout_p, head_dim),
+    return resolve(ATTN, backend,
+                   lambda n: backend_unavailable_reason(n, device, dtype, dropout_p, head_dim, capability),
                    f"{device_type}, {dtype}")
 
 
