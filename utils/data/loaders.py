@@ -73,8 +73,8 @@ class SafeImageFolder(ImageFolder):
             empty = sorted(d.name for d in classes if not any(
                 has_file_allowed_extension(f, IMG_EXTENSIONS) for _, _, files in os.walk(d, followlinks=True)
                 for f in files))
-            what = (f"has class folders without images: {', '.join(empty[:5])}{', ...' * (len(empty) > 5)} "
-                    f"({len(empty)} of {len(classes)})" if 0 < len(empty) < len(classes)
+            what = (f"has class folders without images: {name_list(empty, f' of {len(classes)}')}"
+                    if 0 < len(empty) < len(classes)
                     else "holds no images in class sub-folders")
             raise FileNotFoundError(f"{flag}: {root} {what} (torchvision: {e})") from e
         self.bad_paths: set = set()
@@ -145,10 +145,16 @@ def build_datasets(data_path: str, dataset: str, reso: int, mid_reso: float = 1.
         first_items(val_set, val_limit, "--val_limit")
 
 
+def name_list(names: Sequence[str], of: str = "") -> str:
+    """The first five of the sorted `names` and how many there are (`of`: " of 12"): "a, b, c, d, e, ... (7)"."""
+    first = sorted(names)
+    return f"{', '.join(first[:5])}{', ...' * (len(first) > 5)} ({len(first)}{of})"
+
+
 def class_difference(first: Sequence[str], second: Sequence[str], names: tuple[str, str]) -> str:
-    """How two lists of class names differ, in words: the names only one has (five of each, and how many), or
-    "the same names in another order". `names` says what holds each list ("train/", "the checkpoint")."""
-    only = [f"only in {name}: {', '.join(sorted(c)[:5])}{', ...' * (len(c) > 5)} ({len(c)})"
+    """How two lists of class names differ, in words: the names only one has (name_list), or "the same names in
+    another order". `names` says what holds each list ("train/", "the checkpoint")."""
+    only = [f"only in {name}: {name_list(c)}"
             for name, c in ((names[0], set(first) - set(second)), (names[1], set(second) - set(first))) if c]
     return "; ".join(only) or "the same names in another order"
 
