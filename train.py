@@ -183,7 +183,7 @@ class Checkpointer:
         `best_val` already counts these weights. Not with a non-finite weight."""
         blocker = self.trainer.save_blocker(resume_point=False)
         if blocker is None:
-            self.folder.save_best(self.state(epoch, it, best_val))
+            self.folder.save(self.state(epoch, it, best_val), best=True, last=False)
         else:
             logger.warning("the best val loss so far is not saved as %s: %s", self.folder.best.name, blocker)
 

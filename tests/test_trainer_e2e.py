@@ -336,8 +336,8 @@ def test_best_checkpoint_is_written_where_the_last_one_must_wait(setup):
     saved = []
     trainer = SimpleNamespace(save_blocker=lambda resume_point=True: "the last optimizer step was bad"
                               if resume_point else None, checkpoint=lambda **position: dict(position))
-    folder = SimpleNamespace(save=lambda ckpt, best=False: saved.append(("last", ckpt["epoch"], best)),
-                             save_best=lambda ckpt: saved.append(("best", ckpt["epoch"])), best=out / BEST)
+    folder = SimpleNamespace(best=out / BEST, save=lambda ckpt, best=False, last=True: saved.append(
+        ("last", ckpt["epoch"], best) if last else ("best", ckpt["epoch"])))
     saver = train.Checkpointer(folder, trainer, SimpleNamespace(), {})
     try:
         saver.save(3, 0, 0.5, best=True)

@@ -190,8 +190,8 @@ class RunFolder:
         dist.barrier()
         node_writer = is_checkpoint_writer(self.dir)
         own_folder = [r for r, mine in enumerate(dist.all_gather_object(node_writer and not dist.is_main_process()))
-                      if mine]
-        if rank0_state and own_folder:  # rank 0 alone would write: the other nodes' folders would stay empty
+                      if mine] if rank0_state else []  # rank 0 alone writes: the other nodes' folders would stay empty
+        if own_folder:
             raise OutputFolderError(
                 f"--local_out_dir_path={self.dir}: rank(s) {', '.join(map(str, own_folder))} see a folder of their own "
                 f"(not rank 0's), and under --fsdp only rank 0 writes the checkpoints (it gathers the state), so a "
@@ -242,26 +242,20 @@ class RunFolder:
                                   f" {POSITION_KEYS}): put the same checkpoint in every node's {self.dir}")
         return path, ckpt
 
-    def save(self, ckpt: dict[str, Any] | None, best: bool = False) -> None:
+    def save(self, ckpt: dict[str, Any] | None, best: bool = False, last: bool = True) -> None:
         """Collective: writers save `ckpt` with its digest atomically as `-last` (keeping the old one as `-prev`,
-        unless it was damaged), and as `-best` when `best`; then all ranks wait for them."""
+        unless it was damaged), and as `-best` when `best`; with `last` False as `-best` only (a run never resumes
+        from it, -last stays as it is); then all ranks wait for them."""
         if self.writer:
             t0 = time.time()
             ckpt = with_digest(ckpt)
-            save_atomic(ckpt, self.last, keep_previous=None if self.last_damaged else self.prev)
-            self.last_damaged = False
+            if last:
+                save_atomic(ckpt, self.last, keep_previous=None if self.last_damaged else self.prev)
+                self.last_damaged = False
             if best:
                 save_atomic(ckpt, self.best)
-            logger.info("saved checkpoint %s (%s) in %.1fs", self.last, position_text(ckpt), time.time() - t0)
-        dist.barrier()
-
-    def save_best(self, ckpt: dict[str, Any]) -> None:
-        """Collective: writers save `ckpt` as `-best` only (a run never resumes from it; `-last` is left as it
-        is)."""
-        if self.writer:
-            t0 = time.time()
-            save_atomic(with_digest(ckpt), self.best)
-            logger.info("saved checkpoint %s (%s) in %.1fs", self.best, position_text(ckpt), time.time() - t0)
+            logger.info("saved checkpoint %s (%s) in %.1fs", self.last if last else self.best, position_text(ckpt),
+                        time.time() - t0)
         dist.barrier()
 
     def set_aside(self, kind: str) -> Path | None:
