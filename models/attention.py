@@ -79,6 +79,7 @@ def _varlen_attn_takes_scale(fn: Callable) -> bool:
 FLASH_MAX_HEAD_DIM = 256  # flash-attn 2's and torch's flash kernel's largest head dimension
 
 
+@functools.cache  # resolve_backend asks it at every attention call
 def _cuda_capability(device: torch.device) -> tuple[int, int] | None:
     """The GPU's compute capability; None off CUDA (or where CUDA is absent: tests pretend with a "cuda" device)."""
     return torch.cuda.get_device_capability(device) if device.type == "cuda" and torch.cuda.is_available() else None
