@@ -280,7 +280,9 @@ def recount_flops(out: Path, plan: dict, name: str) -> None:
     """Count the finished run `name`'s FLOPs again (timing.json) when they were counted by another version of
     models/flops.py: the curves' FLOP axis and the report's table then use today's count for every row."""
     path = out / "runs" / name / "timing.json"
-    timing = json.loads(path.read_text()) if path.is_file() else {"flops_count": COUNT_VERSION}  # not sampled
+    if not path.is_file():  # not sampled yet
+        return
+    timing = json.loads(path.read_text())
     if timing.get("flops_count") != COUNT_VERSION:
         ckpt = out / "runs" / name / LAST
         mvar = load_mvar(ckpt, vae=load_vae(ckpt)).eval()
