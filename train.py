@@ -216,7 +216,7 @@ def log_progress(tb: TBLogger, metrics: dict[str, dict], args: argparse.Namespac
                 f" scale {opt['loss_scale']:g}" if opt["loss_scale"] is not None else "", speed["images_per_s"],
                 speed["tokens_per_s"])
     for prefix, values in metrics.items():
-        tb.scalars(g_it, prefix, **values)
+        tb.scalars("steps", g_it, prefix, **values)
 
 
 def end_epoch(ep: int, iters: int, args: argparse.Namespace, trainer: Trainer, val_loader, tb: TBLogger,
@@ -230,16 +230,16 @@ def end_epoch(ep: int, iters: int, args: argparse.Namespace, trainer: Trainer, v
         best_val = min(best_val, val["vL_tail"])
         logger.info("ep %d val: L mean %.4f tail %.4f | acc mean %.2f tail %.2f (%d images)", ep + 1,
                     val["vL_mean"], val["vL_tail"], val["vacc_mean"], val["vacc_tail"], val["n"])
-        tb.scalars(ep + 1, "val/", **val)
+        tb.scalars("epochs", ep + 1, "val/", **val)
     if args.sample_every > 0 and ((ep + 1) % args.sample_every == 0 or ep + 1 == args.ep) \
             and (args.fsdp or dist.is_main_process()):
-        tb.image("samples", sample_grid(mvar, mvar.num_classes, seed=args.seed + ep), ep + 1)
+        tb.image("epochs", "samples", sample_grid(mvar, mvar.num_classes, seed=args.seed + ep), ep + 1)
     if saver.evaluator is not None and ((ep + 1) % args.eval_every == 0 or ep + 1 == args.ep):
         point = saver.evaluator.evaluate(mvar, ep + 1, (ep + 1) * iters * args.glb_batch_size, trainer.train_seconds)
         scores = {k: v for k, v in point.items() if k not in ("epoch", "images", "train_s")}
         logger.info("ep %d eval: %s after %d training images (%d generated)", ep + 1,
                     " ".join(f"{k} {v:.4f}" for k, v in scores.items()), point["images"], args.eval_n)
-        tb.scalars(point["images"], "eval/", **scores)  # x axis: training images seen
+        tb.scalars("images", point["images"], "eval/", **scores)
     tb.flush()
     # a checkpoint never splits an accumulation window, except the final one: its partial window is dropped
     open_window = trainer.window_micro_steps
@@ -359,10 +359,13 @@ def main(args: argparse.Namespace) -> None:
                                  top_k=args.eval_top_k, top_p=args.eval_top_p)
         evaluator.prepare(eval_images, num_classes, device)
         evaluator.load_history(ckpt.get("eval_history") if ckpt is not None else None)  # the curve goes on
+    # a resume hides in TensorBoard what a killed run logged after its checkpoint, on each x axis
+    purge_from = None if ckpt is None else {"steps": start_ep * iters + start_it, "epochs": start_ep + 1,
+                                            "images": start_ep * iters * args.glb_batch_size + 1}
     del ckpt
 
     # loop
-    tb = TBLogger(folder.dir / "tb", enabled=dist.is_main_process())
+    tb = TBLogger(folder.dir / "tb", enabled=dist.is_main_process(), purge_from=purge_from)
     saver = Checkpointer(folder, trainer, args, data, evaluator)
     for ep in range(start_ep, args.ep):
         sampler.set_epoch(ep, start_it if ep == start_ep else 0)

@@ -18,29 +18,19 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 (the backend must be chosen first)
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
 from models.flops import COUNT_VERSION  # noqa: E402
 from models.precision import cpu_info  # noqa: E402
 from scripts.study_curves import collect_curves, learned, plot_curves, verdicts, who_leads  # noqa: E402
+from utils.run.log import read_scalars  # noqa: E402
 
 logging.getLogger("tensorboard").setLevel(logging.WARNING)  # one INFO line per event file otherwise
 REFERENCE_ROWS = {"floor": "real training images (floor)", "ceiling": "tokenizer reconstructions (ceiling)"}
 SCORES = ("fd_clf", "is_clf", "precision", "recall", "consistency")
+NO_POINTS = np.zeros(0), np.zeros(0)  # a tag the run did not log
 
 
 EARLY = "study-early"  # the early-training view's sub-folder of a report folder
-
-
-def tb_scalars(run_dir: Path, tag: str) -> tuple[np.ndarray, np.ndarray]:
-    """(steps, values) of a TensorBoard scalar; for a step logged twice (a resumed run) the last value."""
-    acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
-    acc.Reload()
-    if tag not in acc.Tags()["scalars"]:
-        return np.zeros(0), np.zeros(0)
-    by_step = {e.step: e.value for e in acc.Scalars(tag)}
-    steps = np.array(sorted(by_step))
-    return steps, np.array([by_step[s] for s in steps])
 
 
 def mean_spread(values: list[float]) -> str:
@@ -69,9 +59,9 @@ def collect(out: Path, plan: dict) -> dict[str, dict]:
         timings = [json.loads((out / "runs" / r / "timing.json").read_text()) for r in first
                    if (out / "runs" / r / "timing.json").is_file()]
         clocks = [points[-1] for r in first if (points := curve_points(out, r))]  # the curves' training clock
-        train_speed = [v for r in first for v in tb_scalars(out / "runs" / r, "speed/images_per_s")[1][1:]]
-        curves = {r: dict(train=tb_scalars(out / "runs" / r, "train/Lm"), val=tb_scalars(out / "runs" / r,
-                                                                                         "val/vL_mean"))
+        scalars = {r: read_scalars(out / "runs" / r / "tb") for r in runs}
+        train_speed = [v for r in first for v in scalars[r].get("speed/images_per_s", NO_POINTS)[1][1:]]
+        curves = {r: dict(train=scalars[r].get("train/Lm", NO_POINTS), val=scalars[r].get("val/vL_mean", NO_POINTS))
                   for r in runs}
         rows[row] = dict(label=spec["label"], params=spec["params"], scores=scores, timings=timings, color=f"C{i}",
                          images=train_images(preset, plan["runs"][runs[0]]["ep"]),
@@ -363,8 +353,8 @@ def write_data(out: Path, plan: dict, path: Path) -> None:
     """The raw results the report is read from, in one small JSON file beside it (tens of KB): the plan's rows,
     runs, preset and sampling settings; per set its scores; per run its timing, evaluations and logged curves
     (training loss, validation loss, throughput: [steps, values])."""
-    def series(run: str, tag: str) -> list[list[float]]:
-        steps, values = tb_scalars(out / "runs" / run, tag)
+    def series(scalars: dict, tag: str) -> list[list[float]]:
+        steps, values = scalars.get(tag, NO_POINTS)
         return [steps.tolist(), [round(float(v), 6) for v in values]]
 
     sets = ["floor", "ceiling", *plan["runs"]]
@@ -375,6 +365,6 @@ def write_data(out: Path, plan: dict, path: Path) -> None:
         runs={run: dict(timing=json.loads((out / "runs" / run / "timing.json").read_text())
                         if (out / "runs" / run / "timing.json").is_file() else None,
                         evaluations=curve_points(out, run),
-                        **{tag: series(run, tag) for tag in ("train/Lm", "val/vL_mean", "speed/images_per_s")})
-              for run in plan["runs"]})
+                        **{tag: series(scalars, tag) for tag in ("train/Lm", "val/vL_mean", "speed/images_per_s")})
+              for run in plan["runs"] for scalars in [read_scalars(out / "runs" / run / "tb")]})
     path.write_text(json.dumps(data, indent=1))

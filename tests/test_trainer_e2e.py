@@ -11,11 +11,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import REPO, SUBPROCESS_ENV, build_tiny_mvar, damage_tensor_data, interrupt, launch, launch_cmd, \
     write_image_folder
 from utils.evaluation.classifier import SmallCNN
 from utils.run.checkpoint import BEST, LAST, PREV
+from utils.run.log import TB_AXES
 
 TINY = ["--pn=1_2_4", "--depth=2", "--embed_dim=64", "--num_heads=2", "--fuse=0", "--bs=4", "--ep=2",
         "--log_every=1", "--workers=0", "--seed=3", "--tblr=1e-1", "--sample_every=0", "--val_every=1"]
@@ -202,12 +204,39 @@ def test_resume_flag_starts_a_run_and_a_relaunch_continues_from_the_folder(setup
     assert "ignored" in again.stderr + again.stdout and f"resumed from {out / LAST} after ep 2" in again.stdout
 
 
-def tb_tags(folder: Path) -> dict[str, list[str]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+def tb_axes(tb: Path) -> dict[str, EventAccumulator]:
+    """A run's TensorBoard events, read per x axis as TensorBoard reads them (a resume's purge applied)."""
+    axes = {axis: EventAccumulator(str(tb / axis), size_guidance={"images": 0, "scalars": 0})
+            for axis in TB_AXES if (tb / axis).is_dir()}  # a folder per axis the run logged on
+    for acc in axes.values():
+        acc.Reload()
+    return axes
 
-    acc = EventAccumulator(str(folder), size_guidance={"images": 0, "scalars": 0})
-    acc.Reload()
-    return acc.Tags()
+
+def tb_points(tb: Path) -> dict[str, list[tuple[int, float]]]:
+    """tag -> every (step, value) TensorBoard shows, in the order written."""
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for acc in tb_axes(tb).values()
+            for tag in acc.Tags()["scalars"]}
+
+
+def test_a_resume_hides_in_tensorboard_what_the_killed_run_logged_after_its_checkpoint(setup, single_run, tmp_path):
+    """A run killed after logging past its checkpoint (here: the finished run without its last checkpoint, so it
+    resumes after epoch 1 with epoch 2 logged) shows every point once in TensorBoard, on each x axis (iterations,
+    epochs, training images), with the values of the uninterrupted run (the resume is exact) and the points from
+    before the checkpoint kept."""
+    out = tmp_path / "rewound"
+    shutil.copytree(setup / "single", out)
+    (out / LAST).unlink()
+    whole = tb_points(out / "tb")
+    assert [step for step, _ in whole["eval/fd_clf"]] == [24, 48] and len(whole["val/vL_mean"]) == 2
+    resumed = run_train(setup, out, *NO_MODEL_RNG, *eval_flags(setup))
+    assert "resumed from" in resumed.stdout and "after ep 1" in resumed.stdout
+    shown = tb_points(out / "tb")
+    assert shown.keys() == whole.keys()
+    for tag, points in shown.items():
+        assert [step for step, _ in points] == [step for step, _ in whole[tag]], tag  # each step once, none lost
+        if not tag.startswith("speed/"):  # the rest depends on this machine's clock
+            assert points == whole[tag], tag
 
 
 def test_init_from_loader_workers_progressive_training_and_tensorboard(setup, single_run):
@@ -220,19 +249,15 @@ def test_init_from_loader_workers_progressive_training_and_tensorboard(setup, si
                      "--sample_every=1")
     assert "initialised the weights from" in proc.stdout and "resumed" not in proc.stdout
     assert logged_losses(proc.stdout)[1, 1] < first_scratch - 0.5
-    tags = tb_tags(out / "tb")
-    scalars = set(tags["scalars"])
+    axes = tb_axes(out / "tb")
+    scalars = set(tb_points(out / "tb"))
     for tag in ("train/loss", "train/grad_norm", "train/vocab_usage", "opt/lr", "opt/wd", "speed/images_per_s",
                 "speed/tokens_per_s", "val/vL_mean", *(f"train/{m}_{r}" for m in ("L", "acc") for r in (2, 4, 8))):
         assert tag in scalars, (tag, sorted(scalars))
-    assert tags["images"], "no sample grid in TensorBoard"
+    assert axes["epochs"].Tags()["images"], "no sample grid in TensorBoard"
 
     pg = run_train(setup, setup / "progressive", "--pg=0.5", "--pg0=1", "--ep=2", *NO_MODEL_RNG)
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(setup / "progressive" / "tb"), size_guidance={"scalars": 0})
-    acc.Reload()
-    stages = [e.value for e in acc.Scalars("opt/prog_si")]
+    stages = [value for _, value in tb_points(setup / "progressive" / "tb")["opt/prog_si"]]
     assert stages[0] == 1 and stages[-1] == -1 and "loss" in pg.stdout  # grows from scale 1 to all scales
 
 
