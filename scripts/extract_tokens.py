@@ -176,10 +176,10 @@ def main(args: argparse.Namespace) -> None:
     device = dist.initialize()
     rank, world = dist.get_rank(), dist.get_world_size()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="[%(levelname)s] %(message)s")
-    if args.batch < 1 or args.encode_batch < 1 or args.workers < 0 or args.mid_reso < 1 or args.limit < 0:
-        raise ValueError(f"--batch={args.batch} --encode_batch={args.encode_batch} --workers={args.workers} "
-                         f"--mid_reso={args.mid_reso} --limit={args.limit}: expected batch >= 1, encode_batch >= 1, "
-                         "workers >= 0, mid_reso >= 1, limit >= 0")
+    lowest = {"batch": 1, "encode_batch": 1, "workers": 0, "mid_reso": 1, "limit": 0}
+    if problems := [f"--{flag} must be >= {low}, got {getattr(args, flag)}" for flag, low in lowest.items()
+                    if getattr(args, flag) < low]:
+        raise ValueError("; ".join(problems))
     views, patch_nums = parse_views(args.views), parse_patch_nums(args.pn)
     set_tf32(device, args.tf32)  # the encoder's precision as train.py's on-the-fly tokenization (and VAR's)
     images = {s: open_split(args, s) for s in SPLITS}

@@ -172,6 +172,16 @@ def test_the_manifest_records_whether_the_ids_were_encoded_with_tf32(centre_cach
     assert build_parser().parse_args(["--out=x"]).tf32 and not build_parser().parse_args(["--out=x", "--no-tf32"]).tf32
 
 
+def test_bad_extraction_flags_are_named_before_any_work(tmp_path):
+    from scripts.extract_tokens import build_parser, main
+
+    args = build_parser().parse_args([f"--out={tmp_path / 'cache'}", "--batch=0", "--workers=-1", "--limit=5"])
+    with pytest.raises(ValueError) as e:
+        main(args)
+    assert str(e.value) == "--batch must be >= 1, got 0; --workers must be >= 0, got -1"
+    assert not (tmp_path / "cache").exists()
+
+
 def test_resuming_images_from_tokens_mid_epoch_is_refused():
     old = {"classes": ["a"], "train_images": 8, "tokens": None}
     new = {**old, "tokens": ["center"]}
