@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fid: cfg 1.5, top_p 0.96, top_k 900, no more_smooth, the default with --fid; without it the "
                    "picture settings below apply (explicit flags win over both)")
     p.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance (>= 0, ramped over scales)")
-    p.add_argument("--top_k", type=int, default=900, help="keep the k most likely tokens (0: all)")
+    p.add_argument("--top_k", type=int, default=900, help="keep the k most likely tokens (0, or V and more: all)")
     p.add_argument("--top_p", type=float, default=0.95, help="nucleus mass in (0, 1] (1: no nucleus filter)")
     p.add_argument("--more_smooth", action=argparse.BooleanOptionalAction, default=False,
                    help="Gumbel-softmax mixture of codes: smoother pictures, not for FID")

@@ -9,8 +9,10 @@ import torch
 def filter_top_k_top_p_(logits_BlV: torch.Tensor, top_k: int = 0, top_p: float = 0.0) -> torch.Tensor:
     """Set to -inf (in place) every logit outside the top-k and outside the top-p nucleus; returns `logits_BlV`.
 
-    top_k <= 0 and top_p <= 0 disable the respective filter. The nucleus is the smallest set of tokens, taken in
-    order of decreasing probability, whose mass reaches `top_p`; the most likely token is always kept.
+    top_k <= 0 or >= V and top_p <= 0 or >= 1 disable the respective filter (VAR's topk raises for top_k > V, and
+    train.py's default --eval_top_k=900 then keeps a small tokenizer's every token). The nucleus is the smallest set
+    of tokens, taken in order of decreasing probability, whose mass reaches `top_p`; the most likely token is always
+    kept.
     """
     V = logits_BlV.shape[-1]
     if 0 < top_k < V:

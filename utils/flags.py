@@ -192,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval_net", default="inception", help="feature network: 'inception' (FID) or a classifier "
                    "saved as a SmallCNN state dict (FD_clf; the study's classifier.pt)")
     g.add_argument("--eval_cfg", type=float, default=1.5, help="guidance of the evaluation's samples")
-    g.add_argument("--eval_top_k", type=int, default=900, help="top-k of the evaluation's samples (at most V)")
+    g.add_argument("--eval_top_k", type=int, default=900,
+                   help="top-k of the evaluation's samples (0, or V and more: all tokens)")
     g.add_argument("--eval_top_p", type=float, default=0.96, help="top-p of the evaluation's samples")
 
     g = p.add_argument_group("run, logging, checkpoints")
