@@ -130,14 +130,23 @@ def test_pngs_without_settings_are_not_adopted(tmp_path):
 
 
 def test_settings_must_match_on_resume(tmp_path):
+    """Every setting that changes the images, the numerics included: TF32, and the device (CPU and CUDA generators
+    draw other streams from one seed); a damaged settings.json is named, not a JSON traceback."""
     settings = dict(ckpt="d2.pth", vae="embedded", cfg=1.5, top_k=900, top_p=0.96, more_smooth=False, seed=0,
-                    num_classes=2, num_per_class=3, batch_size=4, precision="fp32")
+                    num_classes=2, num_per_class=3, batch_size=4, precision="fp32", tf32=True, device="cuda")
     check_or_write_settings(tmp_path, settings)
     check_or_write_settings(tmp_path, {**settings, "world_size": 8})  # not an image setting
     with pytest.raises(ValueError, match="cfg"):
         check_or_write_settings(tmp_path, {**settings, "cfg": 2.0})
     with pytest.raises(ValueError, match="'vae': \\('embedded', 'vae_ch160v4096z32.pth'\\)"):
         check_or_write_settings(tmp_path, {**settings, "vae": "vae_ch160v4096z32.pth"})
+    with pytest.raises(ValueError, match="'tf32': \\(True, False\\)"):
+        check_or_write_settings(tmp_path, {**settings, "tf32": False})
+    with pytest.raises(ValueError, match="'device': \\('cuda', 'cpu'\\)"):
+        check_or_write_settings(tmp_path, {**settings, "device": "cpu"})
+    (tmp_path / "settings.json").write_text('{"ckpt": "d2.pth", "cf')  # cut short
+    with pytest.raises(ValueError, match="settings.json is not readable JSON .*Restore it, or delete"):
+        check_or_write_settings(tmp_path, settings)
 
 
 def test_folder_name_encodes_settings():

@@ -48,7 +48,7 @@ SETTINGS_NAME = "settings.json"
 # settings that change the images: a resumed dump must agree on all of them
 WEIGHT_SETTINGS = {"model_weights": "the M-VAR weights", "vae_weights": "the tokenizer weights"}
 IMAGE_SETTINGS = ("ckpt", "vae", "cfg", "top_k", "top_p", "more_smooth", "seed", "num_classes", "num_per_class",
-                  "batch_size", "precision", *WEIGHT_SETTINGS)
+                  "batch_size", "precision", "tf32", "device", *WEIGHT_SETTINGS)  # device: CPU and CUDA draw apart
 
 # (label_B int64 array of class ids, g_seed) -> uint8 images (B, H, W, 3)
 GenerateFn = Callable[[np.ndarray, int], np.ndarray]
@@ -149,7 +149,11 @@ def check_or_write_settings(folder: Path, settings: dict[str, Any]) -> None:
         return
     except FileExistsError:  # a resumed dump, or one started at the same time
         pass
-    old = json.loads(path.read_text())
+    try:
+        old = json.loads(path.read_text())
+    except ValueError as e:  # UnicodeDecodeError included
+        raise DumpFolderError(f"{path} is not readable JSON ({e}): which settings made the images in {folder} cannot "
+                              f"be checked. Restore it, or delete {folder} to start over.") from e
     diff = {k: (old.get(k), settings.get(k)) for k in IMAGE_SETTINGS if old.get(k) != settings.get(k)}
     weights = [WEIGHT_SETTINGS[k] for k in WEIGHT_SETTINGS if k in diff]
     if weights and all(old.get(k) is None for k in WEIGHT_SETTINGS):

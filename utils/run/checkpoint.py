@@ -96,6 +96,8 @@ def write_atomic(path: PathLike, write: Callable[[BinaryIO], object], exclusive:
     try:
         with open(tmp, "wb") as f:
             write(f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename: a crash leaves no empty file under the name
         (os.link if exclusive else os.replace)(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
