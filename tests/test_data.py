@@ -1,5 +1,6 @@
 """Data pipeline: VAR transforms, the resumable distributed sampler, seeded augmentation, corrupt-image skipping."""
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,6 +10,7 @@ from torch.utils.data import TensorDataset
 
 from utils.data.loaders import DistributedBatchSampler, EvalDistributedSampler, PaddedEvalDataset, SafeImageFolder, \
     SeededDataset, build_datasets, build_transforms
+from utils.data.views import crop_box
 
 
 def make_folder(root, classes=2, per_class=3, size=(20, 14)):
@@ -103,6 +105,30 @@ def test_corrupt_image_is_skipped_with_one_warning(tmp_path, caplog):
     warnings = [r for r in caplog.records if "unreadable" in r.getMessage()]
     assert len(warnings) == 1 and str(bad) in warnings[0].getMessage() and "1 skipped" in warnings[0].getMessage()
     assert torch.equal(x1, ds[2][0]) and torch.equal(x1, x2) and y1 == 0  # the next image stands in
+
+
+def test_a_file_that_cannot_be_read_stops_instead_of_being_skipped(tmp_path):
+    """A review: a vanished file (or an I/O error of a network disk) was skipped as a broken image, so an
+    extraction could drop whole classes and still call its cache complete. Only bytes that do not decode are
+    skipped."""
+    root = make_folder(tmp_path / "train")
+    ds = SafeImageFolder(str(root), build_transforms(8)[1])
+    gone = Path(ds.samples[1][0])
+    gone.unlink()
+    with pytest.raises(FileNotFoundError, match=str(gone)):
+        ds[1]
+    assert not ds.bad_paths
+
+
+def test_seeded_items_leave_the_cuda_generator_alone(monkeypatch):
+    """A review: torch.manual_seed per item also reseeded CUDA's generator (drop path, label dropout) before every
+    step when the main process loads the data (--workers=0)."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", calls.append)
+    ds = SeededDataset(TensorDataset(torch.zeros(3, 1)))
+    ds[(1, 123)]
+    crop_box("rand0", 20, 16, 8, seed=3, index=5)
+    assert calls == []
 
 
 def test_missing_or_empty_folders_are_clear_errors(tmp_path):

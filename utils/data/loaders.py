@@ -5,6 +5,7 @@ and `SeededDataset` runs the transform under that seed. So the images a run sees
 ranks or workers, and a run resumed mid-epoch continues with exactly the images it would have seen.
 """
 import hashlib
+import io
 import logging
 import os
 import signal
@@ -53,21 +54,16 @@ def build_transforms(reso: int, mid_reso: float = 1.125, hflip: bool = False) ->
     return transforms.Compose(train), transforms.Compose(val)
 
 
-def _load_rgb(path: str) -> Image.Image:
-    with open(path, "rb") as f:
-        return Image.open(f).convert("RGB")
-
-
 class SafeImageFolder(ImageFolder):
-    """ImageFolder that skips unreadable or truncated images: one warning per bad file (naming it, with the count
-    so far in this process), and the next readable image in index order is returned in its place."""
+    """ImageFolder that skips images that do not decode (broken, truncated): one warning per file (naming it, with
+    the count so far in this process), and the next readable image in index order is returned in its place."""
 
     def __init__(self, root: str, transform: Callable | None = None, flag: str = "--data_path"):
         if not os.path.isdir(root):
             raise FileNotFoundError(f"{flag}: folder {root} does not exist (expected an ImageFolder with one "
                                     f"sub-folder per class)")
         try:
-            super().__init__(root, transform=transform, loader=_load_rgb)
+            super().__init__(root, transform=transform)  # images are read by `read`
         except FileNotFoundError as e:  # no class folders / a class folder without images
             classes = [d for d in Path(root).iterdir() if d.is_dir()]
             empty = sorted(d.name for d in classes if not any(
@@ -80,13 +76,17 @@ class SafeImageFolder(ImageFolder):
         self.bad_paths: set = set()
 
     def read(self, index: int) -> Image.Image | None:
-        """Image `index` as RGB, or None when it is unreadable (named in a warning, once per file)."""
+        """Image `index` as RGB, or None when its bytes do not decode (named in a warning, once per file). A file
+        that cannot be read (gone, an I/O or network file-system error) raises: skipping it would drop images, even
+        whole classes, for good (a token cache would be marked complete without them)."""
         path = self.samples[index][0]
         if path in self.bad_paths:
             return None
+        data = Path(path).read_bytes()
         try:
-            return self.loader(path)
-        except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for broken / truncated files
+            with Image.open(io.BytesIO(data)) as img:
+                return img.convert("RGB")
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # PIL: broken, truncated
             self.bad_paths.add(path)
             logger.warning("skipping unreadable image %s (%s: %s); %d skipped so far in this process",
                            path, type(e).__name__, e, len(self.bad_paths))
@@ -116,7 +116,7 @@ class SeededDataset(Dataset):
     def __getitem__(self, item: tuple[int, int]):
         index, seed = item
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)  # the CPU's alone: torch.manual_seed would reseed CUDA's too
             return self.dataset[index]
 
 

@@ -41,7 +41,7 @@ def crop_box(view: str, width: int, height: int, reso: int, seed: int, index: in
     crop = view.removesuffix("_flip")
     if crop.startswith("rand"):
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed(seed, int(crop[4:]), index))
+            torch.default_generator.manual_seed(sample_seed(seed, int(crop[4:]), index))  # CUDA's untouched
             top, left, _, _ = RandomCrop.get_params(torch.empty(1, height, width), (reso, reso))
         return top, left
     if crop == "center":  # torchvision's CenterCrop rounding
