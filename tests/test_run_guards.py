@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 
-from conftest import REPO, launch
+from conftest import PER_RANK, REPO, launch
 from test_trainer_e2e import TINY, run_train, setup  # noqa: F401  (setup: the tiny data + tokenizer fixture)
 from models.loading import CheckpointError
 from scripts.gpu_train_check import write_tokenizer
@@ -243,12 +243,6 @@ def test_launcher_refuses_several_nodes_without_their_address_and_rank(tmp_path,
 
 
 # ---- ranks that do not train alike --------------------------------------------------------------------------------
-PER_RANK = """import os, runpy, sys
-sys.path.insert(0, {repo!r})
-if os.environ["LOCAL_RANK"] == "1":  # another copy of the data, another flag
-    sys.argv = [f"--data_path={data_1}" if a.startswith("--data_path=") else a for a in sys.argv] + {extra_1!r}
-runpy.run_path({train!r}, run_name="__main__")
-"""
 
 
 def test_ranks_with_other_data_or_flags_are_refused_before_training(setup, tmp_path):  # noqa: F811

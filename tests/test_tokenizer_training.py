@@ -9,6 +9,7 @@ import shutil
 import pytest
 import torch
 
+from conftest import PER_RANK, REPO, launch, write_image_folder
 from models.loading import load_vae
 from models.vq_losses import build_perceptual_loss
 from tokenizer_trainer import TokenizerTrainer, build_parser, build_vae, quantizer_residuals, train
@@ -207,3 +208,22 @@ def test_torchrun_two_processes_match_one(tmp_path, run_torchrun):
         # Adam turns float-level gradient noise on near-zero gradients into lr-sized steps for a few elements;
         # unsynchronised gradients would move most elements by ~lr (3e-3)
         assert diffs.max() < 1e-3 and (diffs > 1e-4).float().mean() < 1e-3, (part, diffs.max())
+
+
+def test_ranks_with_other_data_or_flags_are_refused_before_training(tmp_path):
+    """A review: tokenizer training never compared the ranks' data or flags (a node with one stray file shuffled
+    another index -> file mapping: a quarter of the images repeated, a quarter dropped). As train.py: named, with
+    each rank's value, before any step; the output folder may differ per node."""
+    write_image_folder(tmp_path / "data", 10, 12, {"train": 6, "val": 2})
+    shutil.copytree(tmp_path / "data", tmp_path / "copy")
+    (tmp_path / "copy/train/class0/0.png").rename(tmp_path / "copy/train/class1/moved.png")
+    wrapper = tmp_path / "per_rank.py"
+    wrapper.write_text(PER_RANK.format(repo=str(REPO), train=str(REPO / "scripts/train_tokenizer.py"),
+                                       data_1=tmp_path / "copy", extra_1=["--steps=7"]))
+    proc = launch(wrapper, *TINY, "--steps=3", "--log_every=1", f"--data_path={tmp_path / 'data'}",
+                  f"--out_dir={tmp_path / 'out'}", nproc=2, check=False, timeout=120)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "the ranks do not train alike" in out, out[-3000:]
+    assert "--steps: rank 0: 3; rank 1: 7" in out and "the training files (digest of their paths and labels)" in out
+    assert "--data_path" not in out.split("the ranks do not train alike")[1].split("\n\n")[0]
+    assert not STEP_RE.search(out)
