@@ -100,8 +100,13 @@ def test_a_cache_of_another_tokenizer_or_classes_is_refused_naming_it(setup, cen
         vae.quantize.embedding.weight.add_(0.01)
     with pytest.raises(TokenCacheError, match=r"the tokenizer \(weights digest of --vae_ckpt\): cache '[0-9a-f]+'"):
         open_cache(centre_cache, {"tokenizer_digest": tokenizer_digest(vae)})
-    with pytest.raises(TokenCacheError, match=r"the class names: cache \['class2'\], this run \['classX'\]"):
+    with pytest.raises(TokenCacheError, match=r"the class names: only in the cache: class2 \(1\); only in this run: "
+                                              r"classX \(1\)$"):
         open_cache(centre_cache, {"classes": ["class0", "class1", "classX"]})
+    with pytest.raises(TokenCacheError, match=r"the class names: only in the cache: class2 \(1\)$"):  # fewer classes
+        open_cache(centre_cache, {"classes": ["class0", "class1"]})
+    with pytest.raises(TokenCacheError, match=r"the class names: the same names in another order$"):
+        open_cache(centre_cache, {"classes": ["class1", "class0", "class2"]})
 
 
 def test_extraction_warns_that_limit_keeps_the_first_classes(setup, tmp_path):
@@ -143,8 +148,8 @@ def test_evaluating_from_a_cache_without_data_path_takes_the_embedded_images_of_
                                                   "--dataset=mnist", "--eval_every=1", "--eval_n=4"),
                   nproc=1, check=False)
     assert proc.returncode != 0 and "ep 1/" not in proc.stdout
-    assert re.search(r"error: the token cache .* was made for other settings: the class names: cache "
-                     r"\['class0', 'class1', 'class2'\], this run \['0', '1', '2', '3', '4'\]", proc.stderr)
+    assert re.search(r"error: the token cache .* was made for other settings: the class names: only in the cache: "
+                     r"class0, class1, class2 \(3\); only in this run: 0, 1, 2, 3, 4, ... \(10\)", proc.stderr)
     assert "the embedded --dataset=mnist's: for a cache of an image folder, pass --data_path" in proc.stderr
 
 

@@ -22,6 +22,7 @@ from torch.utils.data import Dataset
 
 from models.loading import weights_digest
 from models.tokenizer import VQVAE
+from utils.data.loaders import class_difference
 from utils.run.checkpoint import write_atomic
 
 FORMAT = 1
@@ -82,11 +83,10 @@ def identity_problems(manifest: dict[str, Any], expected: dict[str, Any]) -> lis
     for key, what in IDENTITY.items():
         if key not in expected or manifest[key] == expected[key]:
             continue
-        ours, theirs = expected[key], manifest[key]
-        if key == "classes":
-            ours = [c for c in ours if c not in theirs][:5] or "the same names in another order"
-            theirs = [c for c in theirs if c not in expected[key]][:5]
-        problems.append(f"{what}: cache {theirs!r}, this run {ours!r}")
+        if key == "classes":  # only in the cache / this run, or another order
+            problems.append(f"{what}: {class_difference(manifest[key], expected[key], ('the cache', 'this run'))}")
+        else:
+            problems.append(f"{what}: cache {manifest[key]!r}, this run {expected[key]!r}")
     return problems
 
 
