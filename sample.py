@@ -58,7 +58,7 @@ logger = logging.getLogger("sample")
 PRESETS: dict[str, dict[str, Any]] = {
     "fid": {"cfg": 1.5, "top_p": 0.96, "top_k": 900, "more_smooth": False},  # the paper's FID settings
 }
-DEMO_CLASSES = (207, 360, 387, 974, 88, 979, 417, 279)  # VAR's demo classes (ImageNet ids)
+DEMO_CLASSES = (980, 437, 22, 562)  # VAR's demo_sample.ipynb (ImageNet ids; 207 360 ... were DiT's)
 PICTURE_ONLY_FLAGS = {"classes": "samples every class", "num_per_class": "takes --fid_num_per_class",
                       "out": "writes into --fid_dir"}
 

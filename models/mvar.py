@@ -393,7 +393,8 @@ class MVAR(nn.Module):
         """Sample (or run `forward`) in `dtype` (None: fp32): autocast, with the Linear weights cast to `dtype` once
         for the whole block (`models.precision.linear_weights_in`) instead of on every call; the same numbers as
         plain autocast. The residual stream, norms, Mamba2 scan and logits keep autocast's precision; word_embed
-        keeps its weights (forward runs it with autocast off); the tokenizer is untouched."""
+        keeps its weights (forward runs it with autocast off); the tokenizer keeps its weights too, and decodes
+        under the same autocast (as VAR's demo, whose autocast spans `fhat_to_img`)."""
         device_type = self.pos_1LC.device.type
         with linear_weights_in(self, dtype, keep=(self.word_embed,)), \
                 torch.autocast(device_type, dtype=dtype, enabled=dtype is not None):
