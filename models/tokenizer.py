@@ -98,8 +98,10 @@ class VQVAE(nn.Module):
         return self.quant_conv(self.encoder(inp_B3HW))
 
     def fhat_to_img(self, f_hat: torch.Tensor) -> torch.Tensor:
-        """Decode f_hat (B, C, h, w) to an image in [-1, 1]."""
-        return self.decoder(self.post_quant_conv(f_hat)).clamp_(-1, 1)
+        """Decode f_hat (B, C, h, w) to an image in [-1, 1] (VAR's clamp), an infinite pixel (fp16 overflow) as NaN:
+        the clamp would make it a saturated pixel, which no finiteness check downstream could tell from a real one."""
+        img = self.decoder(self.post_quant_conv(f_hat))
+        return img.masked_fill_(img.isinf(), float("nan")).clamp_(-1, 1)
 
     def img_to_idxBl(self, inp_B3HW: torch.Tensor, v_patch_nums: PatchNums | None = None) -> list[torch.Tensor]:
         """Multi-scale token indices: one (B, pn*pn) LongTensor per scale, row-major, small to large."""
