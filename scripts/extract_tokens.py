@@ -128,6 +128,8 @@ def start(out: Path, manifest: dict) -> bool:
                 diffs.append(f"the images or ranks: cache {layout(old)}, this run {layout(manifest)}")
             if old.get("files", manifest.get("files")) != manifest.get("files"):
                 diffs.append("the image files (digest of their paths and labels) are not the cache's")
+            if not old["complete"] and old.get("tf32", manifest["tf32"]) != manifest["tf32"]:  # ids would mix
+                diffs.append(f"TF32 (--tf32 on CUDA): cache {old['tf32']}, this run {manifest['tf32']}")
             if diffs:
                 problem = f"{out} holds an extraction of other settings ({'; '.join(diffs)}): relaunch that " \
                           f"command (with as many ranks), or choose another --out"

@@ -16,7 +16,7 @@ from test_trainer_e2e import KILL_AFTER_FIRST_SAVE, TINY, logged_losses, model_s
 from scripts.extract_tokens import start
 from trainer import data_problems
 from utils.data.token_cache import TokenCacheError, TokenDataset, open_cache, pick_view, read_manifest, \
-    tokenizer_digest
+    tokenizer_digest, write_json
 from utils.run.checkpoint import LAST
 
 EXTRACT = REPO / "scripts" / "extract_tokens.py"
@@ -175,6 +175,19 @@ def test_the_manifest_records_whether_the_ids_were_encoded_with_tf32(centre_cach
     from scripts.extract_tokens import build_parser
 
     assert build_parser().parse_args(["--out=x"]).tf32 and not build_parser().parse_args(["--out=x", "--no-tf32"]).tf32
+
+
+def test_an_unfinished_extraction_resumes_only_with_the_same_tf32(centre_cache, tmp_path):
+    """A review: a relaunch with another --tf32 (or on the CPU after CUDA) continued, mixing ids encoded two ways
+    under a manifest naming one; a finished cache has nothing left to encode."""
+    out = tmp_path / "cache"
+    shutil.copytree(centre_cache, out)
+    manifest = read_manifest(out)
+    assert start(out, {**manifest, "tf32": True})  # complete: nothing to encode, any setting
+    write_json(out / "manifest.json", {**manifest, "complete": False})
+    with pytest.raises(TokenCacheError, match=r"TF32 \(--tf32 on CUDA\): cache False, this run True"):
+        start(out, {**manifest, "complete": False, "tf32": True})
+    assert not start(out, {**manifest, "complete": False})
 
 
 def test_bad_extraction_flags_are_named_before_any_work(tmp_path):
