@@ -87,7 +87,8 @@ def build_data(args: argparse.Namespace, vae: VQVAE, reso: int
                               f"--dataset={args.dataset}'s: for a cache of an image folder, pass --data_path (its "
                               f"val/ images)") from None
     views = manifest["splits"]["train"]["views"]
-    logger.info("training from the token cache %s: views %s at mid_reso %g", args.tokens, views, manifest["mid_reso"])
+    logger.info("training from the token cache %s: views %s at mid_reso %g (one per image and epoch, fixed at "
+                "extraction: VAR draws a new random crop every epoch)", args.tokens, views, manifest["mid_reso"])
     if args.hflip and not any(v.endswith("_flip") for v in views):
         logger.warning("--hflip does not apply to a token cache, and this one has no flipped views (extract them with "
                        "scripts/extract_tokens.py --views=center,center_flip)")
