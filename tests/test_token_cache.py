@@ -2,6 +2,7 @@
 byte-identical, 2 ranks == 1, unreadable images skipped) and train.py --tokens (bit-identical to training from the
 images' centre crop, kill + resume bit-identical, a cache of other settings refused)."""
 import dataclasses
+import errno
 import re
 import shutil
 import signal
@@ -16,7 +17,7 @@ from test_trainer_e2e import KILL_AFTER_FIRST_SAVE, TINY, logged_losses, model_s
 from scripts.extract_tokens import start
 from trainer import data_problems
 from utils.data.token_cache import TokenCacheError, TokenDataset, open_cache, pick_view, read_manifest, \
-    tokenizer_digest, write_json
+    ShardWriter, shard_name, tokenizer_digest, write_json
 from utils.run.checkpoint import LAST
 
 EXTRACT = REPO / "scripts" / "extract_tokens.py"
@@ -188,6 +189,22 @@ def test_an_unfinished_extraction_resumes_only_with_the_same_tf32(centre_cache, 
     with pytest.raises(TokenCacheError, match=r"TF32 \(--tf32 on CUDA\): cache False, this run True"):
         start(out, {**manifest, "complete": False, "tf32": True})
     assert not start(out, {**manifest, "complete": False})
+
+
+def test_shard_files_take_their_disk_space_when_created(tmp_path, monkeypatch):
+    """A review: the shards were sparse memory maps, so a full disk killed the extraction with SIGBUS at a later
+    write, naming nothing. Their blocks are reserved up front; a full disk then says which file and what to do."""
+    from utils.data import token_cache
+
+    writer = ShardWriter(tmp_path, "train", 0, 1, [0, 100], K=2, L=21)
+    ids = tmp_path / "train" / f"{shard_name(0, 1)}.ids.npy"
+    assert ids.stat().st_blocks * 512 >= ids.stat().st_size > 2 * 100 * 2 * 21 and writer.next == 0
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(token_cache.os, "posix_fallocate", full)
+    with pytest.raises(TokenCacheError, match=r"disk full: cannot write shard-.*\.ids\.npy .*choose another --out"):
+        ShardWriter(tmp_path, "val", 0, 1, [0, 100], K=1, L=21)
 
 
 def test_bad_extraction_flags_are_named_before_any_work(tmp_path):

@@ -13,6 +13,7 @@ validating from it gives the numbers validation from the images gives.
 Shape legend: N images, K views, L tokens of all scales.
 """
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from torch.utils.data import Dataset
 from models.loading import weights_digest
 from models.tokenizer import VQVAE
 from utils.data.loaders import class_difference
-from utils.run.checkpoint import write_atomic
+from utils.run.checkpoint import disk_full_is_an_error, write_atomic
 
 FORMAT = 1
 SPLITS = ("train", "val")
@@ -104,6 +105,15 @@ def open_cache(folder: str | Path, expected: dict[str, Any]) -> dict[str, Any]:
 
 
 # ---- writing (scripts/extract_tokens.py) ------------------------------------------------------------------------
+def allocate(path: Path) -> None:
+    """Reserve the disk blocks of a (sparse) file: a full disk is then an error naming it now, not a SIGBUS at the
+    first write through its memory map, hours later."""
+    with open(path, "r+b") as f, disk_full_is_an_error(path, "Free space, or choose another --out; relaunch with "
+                                                         "the same command to go on.", TokenCacheError):
+        if hasattr(os, "posix_fallocate"):  # Linux; elsewhere the file stays sparse
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+
+
 class ShardWriter:
     """Rank `rank`'s shard of one split: memory-mapped ids and labels, filled chunk by chunk; each `commit` flushes
     the chunk and then records it in the progress file (atomically), so a relaunch continues at `next`, rewriting
@@ -124,6 +134,8 @@ class ShardWriter:
             self.progress = {"done": 0, "skipped": []}
             self.ids_NKL = np.lib.format.open_memmap(ids_path, mode="w+", dtype=np.uint16, shape=(n, K, L))
             self.labels_N = np.lib.format.open_memmap(labels_path, mode="w+", dtype=np.int32, shape=(n,))
+            for path in (ids_path, labels_path):
+                allocate(path)
             write_json(self.progress_path, self.progress)
 
     @property
