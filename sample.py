@@ -58,6 +58,7 @@ logger = logging.getLogger("sample")
 PRESETS: dict[str, dict[str, Any]] = {
     "fid": {"cfg": 1.5, "top_p": 0.96, "top_k": 900, "more_smooth": False},  # the paper's FID settings
 }
+EDIT_CHECK_RESO = 16  # edit inputs are checked before the model (and its resolution) loads
 DEMO_CLASSES = (980, 437, 22, 562)  # VAR's demo_sample.ipynb (ImageNet ids; 207 360 ... were DiT's)
 PICTURE_ONLY_FLAGS = {"classes": "samples every class", "num_per_class": "takes --fid_num_per_class",
                       "out": "writes into --fid_dir"}
@@ -213,6 +214,11 @@ def edit_flag_problems(args: argparse.Namespace) -> list[str]:
         try:
             args.box = parse_box(args.box)
         except ValueError as e:
+            problems.append(str(e))
+    if not problems:  # the image, mask and box checks, at a stand-in resolution: before the model loads
+        try:
+            load_edit_inputs(args.edit, EDIT_CHECK_RESO, args.mask, args.box)
+        except (ValueError, OSError) as e:
             problems.append(str(e))
     return problems
 

@@ -117,6 +117,26 @@ def test_an_edit_that_overflows_is_an_error_not_black_pixels(ckpt, tmp_path, mon
     assert not (tmp_path / "e.png").exists()
 
 
+@pytest.mark.parametrize("inputs, message", [
+    (("--box", "0,0,9,8"), r"box \(0, 0, 9, 8\) .* must satisfy 0 <= x0 < x1 <= 8"),
+    (("--mask", "small"), r"the mask must have the image's size"),
+    (("--mask", "black"), r"the mask covers no pixel"),
+])
+def test_bad_edit_inputs_are_named_before_the_model_loads(ckpt, tmp_path, monkeypatch, capsys, inputs,  # noqa: F811
+                                                         message):
+    """A review: a box outside the image, a mask of another size or an empty one were found after loading the
+    model (with --depth, after its download)."""
+    masks = {"small": np.full((4, 4), 255, np.uint8), "black": np.zeros((8, 8), np.uint8)}
+    for name, pixels in masks.items():
+        Image.fromarray(pixels).save(tmp_path / f"{name}.png")
+    flag, value = inputs
+    value = tmp_path / f"{value}.png" if flag == "--mask" else value
+    monkeypatch.setattr(sample, "load_checked", lambda *a: pytest.fail("the model loaded before the check"))
+    with pytest.raises(SystemExit):
+        run(ckpt, "--edit", edit_image(tmp_path), flag, value, "--classes", 1, "--out", tmp_path / "e.png")
+    assert re.search(message, capsys.readouterr().err)
+
+
 def test_edits_are_drawn_bs_at_a_time(ckpt, tmp_path, monkeypatch):  # noqa: F811
     from models.mvar import MVAR
 
