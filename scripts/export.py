@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> Path:
         raise SystemExit(f"error: {e}") from e
     card = dict(repo_id=args.repo_id, training_data=args.training_data or training_data(ckpt),
                 metrics=dict(m.split("=", 1) for m in args.metric), source=ckpt_path.name,
-                fid_sample=fid_folder_name(args.repo_id or "path/to/this/folder", 1.5, 900, 0.96, 0) + ".npz")
+                fid_sample=fid_sample_name(args))
     out = Path(args.out)
     mvar.save_pretrained(out, model_card_kwargs=card)
     logger.info("wrote %s: %s", out, ", ".join(sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())))
@@ -94,6 +94,11 @@ def main(argv: list[str] | None = None) -> Path:
         url = mvar.push_to_hub(args.repo_id, model_card_kwargs=card)
         logger.info("pushed to %s", url)
     return out
+
+
+def fid_sample_name(args: argparse.Namespace) -> str:
+    """The npz `sample.py --ckpt <this model> --fid --preset fid` writes: named after the repo id or the folder."""
+    return fid_folder_name(args.repo_id or str(Path(args.out).resolve()), 1.5, 900, 0.96, 0) + ".npz"
 
 
 if __name__ == "__main__":

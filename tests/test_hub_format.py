@@ -334,3 +334,11 @@ def test_a_typo_in_a_local_folder_is_not_looked_up_on_the_hub(tmp_path, monkeypa
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit, match=r"--ckpt=hub/my-mvar-typo: hub/ has no folder my-mvar-typo"):
         sample.main(["--ckpt", "hub/my-mvar-typo", "--device", "cpu", "--classes", "1"])
+
+
+def test_the_model_cards_fid_command_names_the_npz_sample_py_writes():
+    """A review: without --repo_id the card named samples/folder-cfg1.5-...npz, after a placeholder path."""
+    for flags, name in ((["--out", "hub/var-d16"], "var-d16"),
+                        (["--out", "hub/x", "--repo_id", "me/mvar-d16"], "mvar-d16")):
+        args = export.build_parser().parse_args(["--ckpt", "d16.pth", *flags])
+        assert export.fid_sample_name(args) == f"{name}-cfg1.5-topk900-topp0.96-seed0-n50.npz"
