@@ -499,7 +499,8 @@ def sample_fid(args: argparse.Namespace, mvar: MVAR, ckpt_path: Path, vae_id: st
         if rank != 0:
             return None
         npz = pack_npz(folder, plan, image_hw=image_hw)  # raises, naming them, if PNGs are missing
-        info = {**settings, "ckpt_path": str(ckpt_path.resolve()), "arch": mvar.config.arch, "depth": mvar.depth,
+        where = str(ckpt_path.resolve()) if ckpt_path.exists() else str(ckpt_path)  # a file, a folder or a repo id
+        info = {**settings, "ckpt_path": where, "arch": mvar.config.arch, "depth": mvar.depth,
                 "num_images": plan.total, "image_hw": list(image_hw), "npz": str(npz), "folder": str(folder),
                 "npz_order": f"row j is {folder.name}/{{utils.evaluation.fid_dump.npz_order(N)[j]:06d}}.png; arr_1 "
                              "holds the labels", "torch": torch.__version__}

@@ -104,6 +104,9 @@ def test_repo_id_loads_offline_from_the_hub_cache(tmp_path, offline_cache):
     from_repo = sample.main(["--ckpt", REPO, *flags, "--out", str(tmp_path / "repo.png")])
     from_folder = sample.main(["--ckpt", str(tmp_path / "m"), *flags, "--out", str(tmp_path / "folder.png")])
     assert from_repo.read_bytes() == from_folder.read_bytes()
+    npz = sample.main(["--ckpt", REPO, "--device", "cpu", "--fid", "--fid_num_per_class", "1", "--top_k", "5",
+                       "--fid_dir", str(tmp_path / "fid")])
+    assert json.loads(npz.with_suffix(".json").read_text())["ckpt_path"] == REPO  # not a path under the cwd
 
 
 def test_nothing_found_names_the_repo_and_the_cache(offline_cache):
