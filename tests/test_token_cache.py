@@ -207,12 +207,18 @@ def test_shard_files_take_their_disk_space_when_created(tmp_path, monkeypatch):
         ShardWriter(tmp_path, "val", 0, 1, [0, 100], K=1, L=21)
 
 
-def test_bad_extraction_flags_are_named_before_any_work(tmp_path):
+def test_bad_extraction_flags_are_named_before_any_work(tmp_path, monkeypatch):
+    """Also: the ranks wait for each other a day at the end, not the default 30 minutes (a review: ranks hours apart
+    timed out just before the cache was marked complete)."""
+    import dist
     from scripts.extract_tokens import build_parser, main
 
+    waits = []
+    monkeypatch.setattr(dist, "initialize", lambda timeout_min=30.0: waits.append(timeout_min) or torch.device("cpu"))
     args = build_parser().parse_args([f"--out={tmp_path / 'cache'}", "--batch=0", "--workers=-1", "--limit=5"])
     with pytest.raises(ValueError) as e:
         main(args)
+    assert waits == [24 * 60]
     assert str(e.value) == "--batch must be >= 1, got 0; --workers must be >= 0, got -1"
     assert not (tmp_path / "cache").exists()
 
