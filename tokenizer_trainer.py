@@ -349,9 +349,8 @@ def train(args: argparse.Namespace) -> Path:
         trainer.load_state_dict(ckpt)
         logger.info("resumed from %s at step %d", resume_path, trainer.step)
         del ckpt
-    if world > 1 and (differ := rank_disagreements(run_facts({k: v for k, v in vars(args).items() if k != "out_dir"},
-                                                             weights_digest(trainer.vae.state_dict()), train_set,
-                                                             val_set))):
+    if world > 1 and (differ := rank_disagreements(run_facts(vars(args), weights_digest(trainer.vae.state_dict()),
+                                                             train_set, val_set))):
         raise ValueError("the ranks do not train alike (another copy of the data or other flags on some node; paths "
                          "may differ):\n  " + "\n  ".join(differ))
     n_params = sum(p.numel() for p in trainer.vae.parameters()) / 1e6

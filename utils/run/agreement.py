@@ -12,8 +12,10 @@ from torch.utils.data import Dataset
 import dist
 from utils.data.loaders import class_names, file_list_digest
 
+# paths that may differ per node (out_dir: the tokenizer trainer's output folder, out: extract_tokens' cache, whose
+# ranks compare the manifest they see there instead), and the per-rank loader workers
 NODE_LOCAL_FLAGS = frozenset({"data_path", "fmnist_dir", "tokens", "vae_ckpt", "init_from", "resume", "eval_net",
-                              "local_out_dir_path", "local_rank", "workers"})
+                              "local_out_dir_path", "out_dir", "out", "local_rank", "workers"})
 
 
 def _brief(value: Any, reference: Any) -> str:
