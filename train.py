@@ -220,6 +220,11 @@ def log_progress(tb: TBLogger, metrics: dict[str, dict], args: argparse.Namespac
         tb.scalars("steps", g_it, prefix, **values)
 
 
+def images_after(epochs: int, iters: int, args: argparse.Namespace) -> int:
+    """Training images seen after `epochs` epochs (whole global batches): the x axis of the evaluation curve."""
+    return epochs * iters * args.glb_batch_size
+
+
 def end_epoch(ep: int, iters: int, args: argparse.Namespace, trainer: Trainer, val_loader, tb: TBLogger,
               saver: Checkpointer, mvar: MVAR, best_val: float) -> float:
     """Validation, sample grid, evaluation and checkpoint after epoch `ep` (resuming from it starts the next epoch)
@@ -236,7 +241,7 @@ def end_epoch(ep: int, iters: int, args: argparse.Namespace, trainer: Trainer, v
             and (args.fsdp or dist.is_main_process()):
         tb.image("epochs", "samples", sample_grid(mvar, mvar.num_classes, seed=args.seed + ep), ep + 1)
     if saver.evaluator is not None and ((ep + 1) % args.eval_every == 0 or ep + 1 == args.ep):
-        point = saver.evaluator.evaluate(mvar, ep + 1, (ep + 1) * iters * args.glb_batch_size, trainer.train_seconds)
+        point = saver.evaluator.evaluate(mvar, ep + 1, images_after(ep + 1, iters, args), trainer.train_seconds)
         scores = {k: v for k, v in point.items() if k not in ("epoch", "images", "train_s")}
         logger.info("ep %d eval: %s after %d training images (%d generated)", ep + 1,
                     " ".join(f"{k} {v:.4f}" for k, v in scores.items()), point["images"], args.eval_n)
@@ -362,7 +367,7 @@ def main(args: argparse.Namespace) -> None:
         evaluator.load_history(ckpt.get("eval_history") if ckpt is not None else None)  # the curve goes on
     # a resume hides in TensorBoard what a killed run logged after its checkpoint, on each x axis
     purge_from = None if ckpt is None else {"steps": start_ep * iters + start_it, "epochs": start_ep + 1,
-                                            "images": start_ep * iters * args.glb_batch_size + 1}
+                                            "images": images_after(start_ep, iters, args) + 1}
     del ckpt
 
     # loop
