@@ -477,11 +477,11 @@ def sample_fid(args: argparse.Namespace, mvar: MVAR, ckpt_path: Path, vae_id: st
                                                   args.more_smooth, args.fid_num_per_class)
     plan = DumpPlan(num_classes=mvar.num_classes, num_per_class=args.fid_num_per_class, batch_size=args.bs)
     image_hw = (mvar.patch_nums[-1] * mvar.vae.downsample,) * 2
+    device_type = next(mvar.parameters()).device.type
     settings = {"ckpt": ckpt_path.name, "vae": vae_id, "cfg": args.cfg, "top_k": args.top_k, "top_p": args.top_p,
                 "more_smooth": args.more_smooth, "seed": args.seed, "num_classes": plan.num_classes,
                 "num_per_class": plan.num_per_class, "batch_size": plan.batch_size, "precision": precision_name(args),
-                "tf32": args.tf32 and next(mvar.parameters()).device.type == "cuda",  # TF32 only acts on CUDA
-                "device": next(mvar.parameters()).device.type}
+                "tf32": args.tf32 and device_type == "cuda", "device": device_type}  # TF32 only acts on CUDA
     lock = lock_output_folder(folder, holder=rank == 0)  # creates it; one dump per folder (they share the .npy)
     try:  # the images are bound to the weights they came from, on every rank
         settings.update(model_weights=weights_digest(mvar.state_dict()),
