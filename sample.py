@@ -42,10 +42,10 @@ from models.mamba2 import resolve_kernels
 from models.mvar import MVAR, MVARConfig
 from models.precision import effective_amp_dtype, set_tf32
 from models.presets import ARCH_BRANCHES, MVAR_models, parse_patch_nums
-from utils.evaluation.fid_dump import DumpFolderError, DumpPlan, check_or_write_settings, chunk_seed, dump_shard, \
-    fid_folder_name, pack_npz
+from utils.evaluation.fid_dump import DumpFolderError, DumpPlan, check_or_write_settings, check_pack_space, \
+    chunk_seed, dump_shard, fid_folder_name, pack_npz
 from utils.flags import add_backend_flags, add_model_flag, device_problem
-from utils.run.checkpoint import DiskFullError, OutputFolderError, check_writable
+from utils.run.checkpoint import DiskFullError, OutputFolderError, check_writable, write_text_atomic
 from utils.run.agreement import rank_disagreements
 from utils.run.lock import LOCK_NAME, RunLockError, lock_output_folder, read_owner
 from utils.run.log import setup_logging
@@ -489,6 +489,7 @@ def sample_fid(args: argparse.Namespace, mvar: MVAR, ckpt_path: Path, vae_id: st
         check_ranks_agree(settings, folder)
         if rank == 0:
             check_or_write_settings(folder, settings)
+            check_pack_space(folder, plan, image_hw)
             logger.info("FID dump: %d images (%d classes x %d) into %s over %d rank(s)", plan.total,
                         plan.num_classes, plan.num_per_class, folder, world_size)
         dist.barrier()
@@ -504,7 +505,7 @@ def sample_fid(args: argparse.Namespace, mvar: MVAR, ckpt_path: Path, vae_id: st
                 "num_images": plan.total, "image_hw": list(image_hw), "npz": str(npz), "folder": str(folder),
                 "npz_order": f"row j is {folder.name}/{{utils.evaluation.fid_dump.npz_order(N)[j]:06d}}.png; arr_1 "
                              "holds the labels", "torch": torch.__version__}
-        npz.with_suffix(".json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+        write_text_atomic(npz.with_suffix(".json"), json.dumps(info, indent=2, sort_keys=True) + "\n")
         return npz
     finally:
         if lock is not None:

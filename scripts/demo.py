@@ -32,7 +32,7 @@ from models.precision import effective_amp_dtype
 from utils.data.loaders import build_datasets
 from utils.evaluation.classifier import accuracy, predict, train_classifier
 from utils.flags import parse_args as parse_train_args
-from utils.run.checkpoint import LAST, write_atomic
+from utils.run.checkpoint import LAST, write_text_atomic
 from utils.run.log import setup_logging
 from utils.sample_io import save_grid, to_uint8_BHW3
 
@@ -106,7 +106,7 @@ def check_folder(out: Path, preset: dict) -> None:
                          f"script): delete that folder or choose another --out_dir")
     if found is None:
         out.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, lambda f: f.write(json.dumps(wanted, indent=1).encode()))
+        write_text_atomic(path, json.dumps(wanted, indent=1))
 
 
 def main(args: argparse.Namespace) -> dict:

@@ -15,7 +15,7 @@ import torch
 
 from utils.evaluation.fid import evaluate
 from utils.flags import device_problem
-from utils.run.checkpoint import OutputFolderError, check_writable
+from utils.run.checkpoint import OutputFolderError, check_writable, write_text_atomic
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     text = json.dumps(results, indent=2)
     print(text)
     if args.out:
-        Path(args.out).write_text(text + "\n")
+        write_text_atomic(args.out, text + "\n")
     return results
 
 

@@ -45,7 +45,7 @@ from utils.evaluation.classifier import SmallCNN, accuracy, train_classifier
 from utils.evaluation.inception import find_inception, load_inception
 from utils.evaluation.scores import classifier_scores, classifier_view, inception_features, inception_fid
 from utils.flags import parse_args as parse_train_args
-from utils.run.checkpoint import LAST, write_atomic
+from utils.run.checkpoint import LAST, write_atomic, write_text_atomic
 from utils.run.log import setup_logging
 from utils.sample_io import to_uint8_BHW3
 
@@ -201,7 +201,7 @@ def check_folder(out: Path, plan: dict) -> None:
 
 
 def save_json(obj: dict, path: Path) -> None:
-    write_atomic(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
+    write_text_atomic(path, json.dumps(obj, indent=2))
 
 
 def save_set(path: Path, **arrays: np.ndarray) -> None:

@@ -180,6 +180,23 @@ def test_help_shows_the_defaults(capsys):
     assert "(default: 4.0)" in text and "(default: samples.png)" in text and "python sample.py --ckpt" in text
 
 
+def test_fid_dump_without_room_to_pack_stops_before_sampling(ckpt, tmp_path, monkeypatch):
+    """A review: packing needs the array twice, and a disk without that room was found only after every image was
+    sampled. It is refused before the first one, naming what packing needs and what is free."""
+    from utils.evaluation import fid_dump
+
+    need = fid_dump.pack_bytes(DumpPlan(NUM_CLASSES, 2, 8), (IMG, IMG))
+    real = fid_dump.shutil.disk_usage
+    monkeypatch.setattr(fid_dump.shutil, "disk_usage", lambda p: real(p)._replace(free=need - 1))
+    monkeypatch.setattr(sample, "dump_shard", lambda *a, **k: pytest.fail("sampled without room to pack"))
+    with pytest.raises(SystemExit, match=rf"^error: packing 20 images of {IMG}x{IMG} into tiny-.*\.npz needs "
+                                         r"\d+ MiB free .*; \d+ MiB are free. .* another --fid_dir"):
+        run(ckpt, "--fid", "--fid_num_per_class", 2, "--bs", 8, "--fid_dir", tmp_path)
+    assert not list(tmp_path.glob("*/*.png"))
+    monkeypatch.setattr(fid_dump.shutil, "disk_usage", lambda p: real(p)._replace(free=need))
+    fid_dump.check_pack_space(tmp_path, DumpPlan(NUM_CLASSES, 2, 8), (IMG, IMG))  # exactly enough
+
+
 def test_fid_dump_packs_npz_and_resumes(ckpt, tmp_path):
     flags = ("--fid", "--preset", "fid", "--top_k", 20, "--fid_num_per_class", 2, "--bs", 8,
              "--fid_dir", tmp_path)

@@ -1,5 +1,6 @@
 """sample.py against careless input (issue 10): FID dumps bound to their weights, non-finite weights/outputs/flags,
 output paths (image suffixes, unwritable places), a tokenizer file as --ckpt, raw files that need --pn."""
+import contextlib
 import json
 import math
 import os
@@ -407,3 +408,24 @@ def test_a_picture_folder_holding_images_gets_a_warning(ckpt, tmp_path, capsys):
     run(ckpt, "--classes", 0, "--num_per_class", 1, "--seed", 2, "--out", tmp_path / "imgs")
     assert re.search(r"--out=.*imgs already holds 3 class\*\.png images: this run's replace those of the same names",
                      capsys.readouterr().out)
+
+
+def test_pictures_are_written_atomically(tmp_path, monkeypatch):
+    """A review: the grid and the folder's PNGs were written in place, so a kill while writing left a truncated image
+    under the final name, taken for a result later. A write that fails now leaves the old file and no temporary one."""
+    from utils.sample_io import save_folder, save_grid
+
+    imgs_BHW3 = np.zeros((2, 4, 4, 3), np.uint8)
+    grid, folder = save_grid(imgs_BHW3, tmp_path / "g.jpg", ncol=2), save_folder(imgs_BHW3, tmp_path / "f", "ab")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    assert len(before) == 3 and Image.open(grid).format == "JPEG"
+
+    def killed(self, fp, *args, **kwargs):
+        with open(fp, "wb") if isinstance(fp, (str, os.PathLike)) else contextlib.nullcontext(fp) as f:
+            f.write(b"trunc")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(Image.Image, "save", killed)
+    for write in (lambda: save_grid(imgs_BHW3 + 1, grid, ncol=2), lambda: save_folder(imgs_BHW3 + 1, folder, "ab")):
+        with pytest.raises(KeyboardInterrupt):
+            write()
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before

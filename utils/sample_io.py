@@ -20,6 +20,8 @@ from torch import nn
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
+from utils.run.checkpoint import write_atomic
+
 EDIT_REDUCE_TO = 2  # --edit images are reduced while read to a shorter side of at least this times the model's
 
 
@@ -163,6 +165,13 @@ def is_image_file(path: Path) -> bool:
     return fmt is not None and fmt in Image.SAVE
 
 
+def save_image(img_HW3: np.ndarray, path: Path) -> None:
+    """Write a uint8 (H, W, 3) image atomically, in the format of the suffix: a kill leaves the old file or none,
+    never a truncated one that a later reader would take for a result."""
+    fmt = Image.registered_extensions()[Path(path).suffix.lower()]
+    write_atomic(path, lambda f: Image.fromarray(img_HW3).save(f, format=fmt))
+
+
 def save_grid(imgs_BHW3: np.ndarray, path: Path, ncol: int, padding: int = 2) -> Path:
     """Save uint8 images (B, H, W, 3) as one image (format from the suffix), `ncol` per row (row r = images
     r*ncol ... r*ncol+ncol-1)."""
@@ -172,7 +181,7 @@ def save_grid(imgs_BHW3: np.ndarray, path: Path, ncol: int, padding: int = 2) ->
     grid_3HW = torchvision.utils.make_grid(t_B3HW, nrow=ncol, padding=padding, pad_value=255)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid_3HW.permute(1, 2, 0).numpy()).save(path)
+    save_image(grid_3HW.permute(1, 2, 0).numpy(), path)
     return path
 
 
@@ -183,7 +192,7 @@ def save_folder(imgs_BHW3: np.ndarray, folder: Path, names: Sequence[str]) -> Pa
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for img, name in zip(imgs_BHW3, names, strict=True):
-        Image.fromarray(img).save(folder / f"{name}.png")
+        save_image(img, folder / f"{name}.png")
     return folder
 
 

@@ -17,19 +17,19 @@ Layout (after DiT's sample_ddp.py, with deterministic classes and resumption):
 - Packing (rank 0, after a barrier): the N PNGs are copied into a memory-mapped `.npy` (np.lib.format.open_memmap),
   which is then stored uncompressed as `arr_0.npy` inside `{folder}.npz`: exactly what `np.load(path)["arr_0"]`
   (OpenAI's guided-diffusion evaluator) reads, uint8 (N, H, W, 3), with the class labels as `arr_1` (int64 (N,), as
-  in ADM's labeled reference batches). Peak disk use is twice the array (the `.npy` is deleted at the end); RAM
-  stays at one image.
+  in ADM's labeled reference batches). Peak disk use is twice the array (the `.npy` is deleted at the end), checked
+  before any sampling (`check_pack_space`); RAM stays at one image.
 - Row order: row j of the npz is PNG `npz_order(N)[j]`, a fixed shuffle. The PNGs are class-major, and the
   Inception Score (ADM's evaluator, like ours) averages over consecutive splits of 5,000 images: in class order a
   split of a 1,000-class dump holds 100 classes, which caps IS near 100 (a review measured 36 against 144 shuffled).
   FID and precision/recall do not depend on the order.
 """
-import errno
 import io
 import json
 import logging
 import math
 import os
+import shutil
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +40,8 @@ import numpy as np
 from PIL import Image
 
 from utils.evaluation.fid import read_npz_header
-from utils.run.checkpoint import disk_full_is_an_error, write_atomic
+from utils.run.checkpoint import DiskFullError, allocate, disk_full_is_an_error, write_text_atomic
+from utils.sample_io import save_image
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +126,7 @@ def png_is_valid(path: Path, image_hw: tuple[int, int] | None = None) -> bool:
 def save_png(img_HW3: np.ndarray, path: Path) -> None:
     """Write atomically: a temporary file renamed over `path`; a full disk is a DiskFullError."""
     with disk_full_is_an_error(path, "The PNGs written so far are kept: free some space and re-run to resume"):
-        write_atomic(path, lambda f: Image.fromarray(img_HW3).save(f, format="PNG"))
+        save_image(img_HW3, path)
 
 
 def fid_folder_name(ckpt: str, cfg: float, top_k: int, top_p: float, seed: int, more_smooth: bool = False,
@@ -145,7 +146,7 @@ def check_or_write_settings(folder: Path, settings: dict[str, Any]) -> None:
                               "this sample.py (whose first step writes it), so which weights and settings made them "
                               f"cannot be checked. Choose another --fid_dir, or move them out of {folder}.")
     try:  # created atomically: of two dumps starting at once, one writes it and the other is checked against it
-        write_atomic(path, lambda f: f.write(json.dumps(settings, indent=2, sort_keys=True).encode()), exclusive=True)
+        write_text_atomic(path, json.dumps(settings, indent=2, sort_keys=True), exclusive=True)
         return
     except FileExistsError:  # a resumed dump, or one started at the same time
         pass
@@ -199,6 +200,22 @@ def missing_indices(folder: Path, total: int, image_hw: tuple[int, int] | None =
     return [i for i in range(total) if not png_is_valid(png_path(folder, i), image_hw)]
 
 
+def pack_bytes(plan: DumpPlan, image_hw: tuple[int, int]) -> int:
+    """The disk space `pack_npz` needs at its peak: the array twice (the `.npy`, then its copy inside the npz)."""
+    return 2 * plan.total * image_hw[0] * image_hw[1] * 3
+
+
+def check_pack_space(folder: Path, plan: DumpPlan, image_hw: tuple[int, int]) -> None:
+    """Before any sampling: DiskFullError when the disk of `folder` has less free space than packing will need
+    (`pack_bytes`, the PNGs still to be written not counted), which would otherwise stop the dump at its very end."""
+    need, free = pack_bytes(plan, image_hw), shutil.disk_usage(folder).free
+    if free < need:
+        raise DiskFullError(f"packing {plan.total} images of {image_hw[0]}x{image_hw[1]} into {folder.name}.npz "
+                            f"needs {need / 2**20:.0f} MiB free beside {folder} (the array twice: a .npy, then the "
+                            f"npz), besides the PNGs; {free / 2**20:.0f} MiB are free. Free some space or choose "
+                            f"another --fid_dir")
+
+
 def pack_npz(folder: Path, plan: DumpPlan, npz_path: Path | None = None, image_hw: tuple[int, int] | None = None
              ) -> Path:
     """Pack the plan's `{idx:06d}.png` into `npz_path` (default `{folder}.npz`): `arr_0` uint8 (N, H, W, 3) in
@@ -221,11 +238,11 @@ def pack_npz(folder: Path, plan: DumpPlan, npz_path: Path | None = None, image_h
         raise DumpFolderError(f"{first} is {H}x{W}, expected {image_hw[0]}x{image_hw[1]}: the folder holds another "
                               "model's dump")
     npy_path, tmp_npz = npz_path.with_suffix(".npy.tmp"), npz_path.with_name(npz_path.name + ".tmp")
-    kept = f"The PNGs are kept; packing needs twice {total * H * W * 3 / 2**20:.0f} MiB: free some space and re-run"
+    kept = f"The PNGs are kept; packing needs {pack_bytes(plan, (H, W)) / 2**20:.0f} MiB: free some space and re-run"
     try:
         with disk_full_is_an_error(npz_path, kept):
             arr = np.lib.format.open_memmap(npy_path, mode="w+", dtype=np.uint8, shape=(total, H, W, 3))
-            _allocate(npy_path)
+            allocate(npy_path)
             order = npz_order(total)
             for j, i in enumerate(order):
                 p = png_path(folder, int(i))
@@ -253,17 +270,6 @@ def pack_npz(folder: Path, plan: DumpPlan, npz_path: Path | None = None, image_h
         raise RuntimeError(f"{npz_path}: wrote {dtype} {shape}, expected uint8 {(total, H, W, 3)}")
     logger.info("packed %d images into %s (arr_0: uint8 %s, shuffled; arr_1: their labels)", total, npz_path, shape)
     return npz_path
-
-
-def _allocate(path: Path) -> None:
-    """Give the (sparse) file `path` its blocks now, so a full disk is an OSError here rather than a SIGBUS when its
-    memory map is written; filesystems without fallocate are left as they are."""
-    with open(path, "r+b") as f:
-        try:
-            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
-        except OSError as e:
-            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-                raise
 
 
 def _raise_missing(folder: Path, total: int, cause: Exception | None = None) -> None:

@@ -86,6 +86,20 @@ def disk_full_is_an_error(path: Path, kept: str, error: type[Exception] = DiskFu
                     f"{shutil.disk_usage(path.parent).free / 2**20:.0f} MiB free). {kept}") from e
 
 
+def allocate(path: PathLike) -> None:
+    """Reserve the disk blocks of the (sparse) file `path` now, so that a full disk is an OSError here (callers wrap
+    it in `disk_full_is_an_error`) rather than a SIGBUS at a later write through a memory map. Systems and file
+    systems without fallocate leave the file sparse."""
+    if not hasattr(os, "posix_fallocate"):  # Linux has it; macOS does not
+        return
+    with open(path, "r+b") as f:
+        try:
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+
+
 def write_atomic(path: PathLike, write: Callable[[BinaryIO], object], exclusive: bool = False) -> Path:
     """`write(file)` into a temporary file next to `path`, then a rename over `path`: a kill leaves the old file or
     the new one, never a partial one, and a failed write leaves no temporary file (for small result files;
@@ -102,6 +116,11 @@ def write_atomic(path: PathLike, write: Callable[[BinaryIO], object], exclusive:
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def write_text_atomic(path: PathLike, text: str, exclusive: bool = False) -> Path:
+    """`write_atomic` of UTF-8 text (a JSON result, a report)."""
+    return write_atomic(path, lambda f: f.write(text.encode()), exclusive)
 
 
 def save_atomic(obj: Any, path: PathLike, keep_previous: PathLike | None = None) -> Path:
