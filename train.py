@@ -27,8 +27,9 @@ from models.mvar import MVAR, MVARConfig
 from models.precision import set_tf32
 from models.tokenizer import VQVAE
 from trainer import NonFiniteError, StepResult, Trainer
-from utils.data.loaders import DataError, build_datasets, build_loaders, class_names
-from utils.data.token_cache import TokenCacheError, TokenDataset, open_cache, read_manifest, tokenizer_digest
+from utils.data.loaders import DataError, build_datasets, build_loaders, build_val_set, class_names
+from utils.data.token_cache import TokenCacheError, TokenDataset, content_digest, gaps, open_cache, read_manifest, \
+    tokenizer_digest
 from utils.evaluation.during_training import TrainingEval
 from utils.flags import FlagError, changed_flags, finalize_args, parse_args
 from utils.run.agreement import rank_disagreements, run_facts
@@ -75,9 +76,8 @@ def build_data(args: argparse.Namespace, vae: VQVAE, reso: int
                             "reso": reso}, None
     if args.data_path or args.eval_every:  # cropped as the cache's images were (its --mid_reso, not this run's)
         mid_reso = read_manifest(args.tokens).get("mid_reso", args.mid_reso)
-        _, image_train, val_images = build_datasets(args.data_path, args.dataset, reso, mid_reso,
-                                                    fmnist_dir=args.fmnist_dir, val_limit=args.val_limit)
-        expected["classes"] = class_names(image_train)
+        expected["classes"], val_images = build_val_set(args.data_path, args.dataset, reso, mid_reso,
+                                                        fmnist_dir=args.fmnist_dir, val_limit=args.val_limit)
     try:
         manifest = open_cache(args.tokens, expected)
     except TokenCacheError as e:
@@ -86,6 +86,8 @@ def build_data(args: argparse.Namespace, vae: VQVAE, reso: int
         raise TokenCacheError(f"{e}\n--eval_every compares generated images with real ones, here the embedded "
                               f"--dataset={args.dataset}'s: for a cache of an image folder, pass --data_path (its "
                               f"val/ images)") from None
+    for gap in gaps(manifest):
+        logger.warning(gap)
     views = manifest["splits"]["train"]["views"]
     logger.info("training from the token cache %s: views %s at mid_reso %g (one per image and epoch, fixed at "
                 "extraction: VAR draws a new random crop every epoch)", args.tokens, views, manifest["mid_reso"])
@@ -331,7 +333,10 @@ def main(args: argparse.Namespace) -> None:
     reso = args.patch_nums[-1] * vae.downsample
     num_classes, train_set, val_set, eval_images, cache_views = build_data(args, vae, reso)
     if world > 1:  # one collective: the ranks' flags, tokenizer and data must agree
-        differ = rank_disagreements(run_facts(vars(args), tokenizer_digest(vae), train_set, val_set))
+        facts = run_facts(vars(args), tokenizer_digest(vae), train_set, val_set)
+        if args.tokens:  # node-local caches: what their ids are (views, seed, source files, ...), not just their size
+            facts["the token cache (digest of what its ids are)"] = content_digest(read_manifest(args.tokens))
+        differ = rank_disagreements(facts)
         if differ:
             raise FlagError("the ranks do not train alike (another copy of the data, tokenizer or flags on some node; "
                             "paths may differ):\n  " + "\n  ".join(differ))

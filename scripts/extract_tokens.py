@@ -25,8 +25,7 @@ from models.loading import load_vae
 from models.precision import set_tf32
 from models.presets import parse_patch_nums
 from models.tokenizer import VQVAE
-from utils.data.embedded import build_embedded_dataset
-from utils.data.loaders import SafeImageFolder, check_same_classes, file_list_digest, first_items
+from utils.data.loaders import SafeImageFolder, check_same_classes, file_list_digest, first_items, open_split
 from utils.data.token_cache import FORMAT, SPLITS, ShardWriter, TokenCacheError, identity_problems, read_manifest, \
     shard_bounds, shard_name, tokenizer_digest, write_json
 from utils.data.views import parse_views, render_views
@@ -54,13 +53,6 @@ class ViewSource(Dataset):
         if img is None:
             return i, None, label
         return i, render_views(img, self.views, self.reso, self.mid_reso, self.seed, i), label
-
-
-def open_split(args: argparse.Namespace, split: str) -> Dataset:
-    """The split's images without a transform: `--data_path`/split (an ImageFolder) or the embedded --dataset."""
-    if args.data_path:
-        return SafeImageFolder(str(Path(args.data_path) / split))
-    return build_embedded_dataset(args.dataset, split, None, args.fmnist_dir or None)
 
 
 @torch.no_grad()
@@ -101,7 +93,7 @@ def plan(args: argparse.Namespace, identity: dict, sizes: dict[str, int], world:
     splits = {s: {"images": n, "views": identity["views"] if s == "train" else ["center"],
                   "shards": shard_bounds(n, world, args.batch)} for s, n in sizes.items()}
     return {"format": FORMAT, **identity, "L": sum(pn * pn for pn in identity["patch_nums"]), "seed": args.seed,
-            "batch": args.batch, "source": os.path.normpath(args.data_path) if args.data_path else
+            "batch": args.batch, "limit": args.limit, "source": os.path.normpath(args.data_path) if args.data_path else
             f"embedded:{args.dataset}", "splits": splits,
             "complete": False}
 
@@ -189,9 +181,9 @@ def main(args: argparse.Namespace) -> None:
         raise ValueError("; ".join(problems))
     views, patch_nums = parse_views(args.views), parse_patch_nums(args.pn)
     set_tf32(device, args.tf32)  # the encoder's precision as train.py's on-the-fly tokenization (and VAR's)
-    images = {s: open_split(args, s) for s in SPLITS}
+    images = {s: open_split(args.data_path, args.dataset, s, None, args.fmnist_dir or None) for s in SPLITS}
     if args.data_path:  # the manifest's classes (train/'s) are what every label of both splits means
-        check_same_classes(images["train"], images["val"], args.data_path)
+        check_same_classes(images["train"].classes, images["val"].classes, args.data_path)
     for split, dataset in images.items():  # --limit takes the first images: an ImageFolder's first classes
         first_items(dataset, args.limit, f"--limit ({split})")
     vae = load_vae(args.vae_ckpt, device, v_patch_nums=patch_nums)

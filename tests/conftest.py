@@ -45,11 +45,12 @@ def build_tiny_mvar(**overrides) -> tuple[VQVAE, MVAR]:
     return build_vae_mvar("cpu", **{**TINY_MVAR, **overrides})
 
 
-# A launch script that runs `train` with rank 1 on another --data_path and extra flags (ranks that do not train alike)
+# A launch script that runs `train` with rank 1 on another node-local path (`flag_1`, say "--data_path=/copy": it
+# replaces that flag) and extra flags: ranks that do not train alike
 PER_RANK = """import os, runpy, sys
 sys.path.insert(0, {repo!r})
 if os.environ["LOCAL_RANK"] == "1":  # another copy of the data, another flag
-    sys.argv = [f"--data_path={data_1}" if a.startswith("--data_path=") else a for a in sys.argv] + {extra_1!r}
+    sys.argv = [{flag_1!r} if a.startswith({flag_1!r}.split("=")[0] + "=") else a for a in sys.argv] + {extra_1!r}
 runpy.run_path({train!r}, run_name="__main__")
 """
 

@@ -252,8 +252,8 @@ def test_ranks_with_other_data_or_flags_are_refused_before_training(setup, tmp_p
     shutil.copytree(setup / "data", tmp_path / "copy")
     (tmp_path / "copy/train/class0/0.png").rename(tmp_path / "copy/train/class1/moved.png")
     wrapper = tmp_path / "per_rank.py"
-    wrapper.write_text(PER_RANK.format(repo=str(REPO), train=str(REPO / "train.py"), data_1=tmp_path / "copy",
-                                       extra_1=["--save_every=7"]))
+    wrapper.write_text(PER_RANK.format(repo=str(REPO), train=str(REPO / "train.py"),
+                                       flag_1=f"--data_path={tmp_path / 'copy'}", extra_1=["--save_every=7"]))
     proc = launch(wrapper, f"--data_path={setup / 'data'}", f"--vae_ckpt={setup / 'vae.pth'}",
                   f"--local_out_dir_path={tmp_path / 'out'}", *TINY, nproc=2, check=False, timeout=120)
     out = proc.stdout + proc.stderr

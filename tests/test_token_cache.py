@@ -3,21 +3,24 @@ byte-identical, 2 ranks == 1, unreadable images skipped) and train.py --tokens (
 images' centre crop, kill + resume bit-identical, a cache of other settings refused)."""
 import dataclasses
 import errno
+import os
 import re
 import shutil
 import signal
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, build_tiny_mvar, interrupt, launch, launch_cmd, write_image_folder
+from conftest import PER_RANK, REPO, build_tiny_mvar, interrupt, launch, launch_cmd, write_image_folder
 from test_trainer_e2e import KILL_AFTER_FIRST_SAVE, TINY, logged_losses, model_state
 from scripts.extract_tokens import start
 from trainer import data_problems
-from utils.data.token_cache import TokenCacheError, TokenDataset, open_cache, pick_view, read_manifest, \
-    ShardWriter, shard_name, tokenizer_digest, write_json
+from utils.data.loaders import DataError
+from utils.data.token_cache import TokenCacheError, TokenDataset, content_digest, gaps, open_cache, pick_view, \
+    read_manifest, ShardWriter, shard_name, tokenizer_digest, write_json
 from utils.run.checkpoint import LAST
 
 EXTRACT = REPO / "scripts" / "extract_tokens.py"
@@ -110,9 +113,75 @@ def test_a_cache_of_another_tokenizer_or_classes_is_refused_naming_it(setup, cen
         open_cache(centre_cache, {"classes": ["class1", "class0", "class2"]})
 
 
-def test_extraction_warns_that_limit_keeps_the_first_classes(setup, tmp_path):
+def test_extraction_warns_that_limit_keeps_the_first_classes_and_training_says_it_again(setup, tmp_path, caplog):
+    """A review: nothing said, when training, that a cache held only the first --limit images, or that unreadable
+    images were left out of it; train.py warns of both, from the manifest."""
+    import train
+
     proc = launch(EXTRACT, *extract_flags(setup, tmp_path / "cache", "--limit=3"), nproc=1)
     assert "--limit (train)=3 keeps the data set's first 3 images, which cover 1 of its 3 classes" in proc.stderr
+    manifest = read_manifest(tmp_path / "cache")
+    assert manifest["limit"] == 3 and manifest["splits"]["train"]["images"] == 3
+    vae, _ = build_tiny_mvar(patch_nums=(1, 2, 4))
+    args = SimpleNamespace(tokens=str(tmp_path / "cache"), data_path="", dataset="mnist", eval_every=0, mid_reso=1.0,
+                           fmnist_dir="", val_limit=0, train_limit=0, patch_nums=(1, 2, 4), hflip=False)
+    train.build_data(args, vae, reso=8)
+    assert f"the token cache holds only the first 3 images of each split of {setup / 'data'} (extracted with " \
+           f"--limit=3)" in caplog.text
+    manifest["splits"]["val"]["skipped"] = [0, 2]
+    assert gaps({**manifest, "limit": 0}) == [f"2 val image(s) of {setup / 'data'} were unreadable at extraction "
+                                              f"and are left out (their indices: manifest.json, splits.val.skipped)"]
+
+
+def test_ranks_compare_what_their_caches_ids_are(setup, centre_cache, tmp_path):
+    """A review: with node-local caches the ranks compared only their size and classes, so a node's cache of other
+    views, crops (--seed) or image files trained silently beside the others. The ranks compare a digest of what the
+    ids are, which copies made from other paths or over another number of ranks share."""
+    manifest = read_manifest(centre_cache)
+    same = content_digest(manifest)
+    elsewhere = {**manifest, "source": "/node1/imagenet", "batch": 7,
+                 "splits": {s: {**i, "shards": [[0, 1], [1, i["images"]]]} for s, i in manifest["splits"].items()}}
+    assert content_digest(elsewhere) == same
+    for change in ({"seed": 1}, {"views": ["center_flip"]}, {"tf32": True}, {"limit": 5}, {"tokenizer_digest": "0"},
+                   {"files": {**manifest["files"], "train": "0"}},
+                   {"splits": {**manifest["splits"], "val": {**manifest["splits"]["val"], "skipped": [1]}}}):
+        assert content_digest({**manifest, **change}) != same, change
+
+    copy = tmp_path / "node1"  # rank 1's node extracted its copy with another --seed (same size, classes, views)
+    shutil.copytree(centre_cache, copy)
+    write_json(copy / "manifest.json", {**manifest, "seed": 1})
+    wrapper = tmp_path / "per_rank.py"
+    wrapper.write_text(PER_RANK.format(repo=str(REPO), train=str(REPO / "train.py"), flag_1=f"--tokens={copy}",
+                                       extra_1=[]))
+    proc = launch(wrapper, *train_flags(setup, tmp_path / "out", f"--tokens={centre_cache}"), nproc=2, check=False,
+                  timeout=120)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "the ranks do not train alike" in out, out[-3000:]
+    assert re.search(r"the token cache \(digest of what its ids are\): rank 0: '[0-9a-f]{64}'; rank 1: '[0-9a-f]{64}'",
+                     out), out[-3000:]
+    assert "the training images:" not in out and "ep 1/" not in out  # equal sizes: the digest alone tells them apart
+
+
+def test_tokens_with_data_path_read_trains_class_folders_not_its_images(setup, centre_cache, tmp_path):
+    """A review: validating a token-cache run on --data_path's val/ images listed all of train/ (1.28M files of
+    ImageNet, on every rank) for its class names. train/ needs its class folders only; they must still be val/'s."""
+    import train
+
+    data = tmp_path / "data"
+    shutil.copytree(setup / "data", data)
+    for image in (data / "train").rglob("*.png"):
+        image.unlink()
+    vae, _ = build_tiny_mvar(patch_nums=(1, 2, 4))
+    args = SimpleNamespace(tokens=str(centre_cache), data_path=str(data), dataset="mnist", eval_every=0, mid_reso=1.0,
+                           fmnist_dir="", val_limit=0, train_limit=0, patch_nums=(1, 2, 4), hflip=False)
+    num_classes, train_set, val_set, eval_images, _ = train.build_data(args, vae, reso=8)
+    assert num_classes == 3 and len(train_set) == 24 and len(val_set) == 6 and val_set is eval_images
+    (data / "train" / "class2").rename(data / "train" / "class9")
+    with pytest.raises(DataError, match=r"train/ and val/ must have the same class folders; only in train/: class9"):
+        train.build_data(args, vae, reso=8)
+    shutil.rmtree(data / "train")
+    with pytest.raises(FileNotFoundError, match=r"--data_path: folder .*train does not exist"):
+        train.build_data(args, vae, reso=8)
 
 
 def test_extraction_refuses_val_class_folders_other_than_trains_before_loading(setup, tmp_path):
@@ -157,8 +226,6 @@ def test_evaluating_from_a_cache_without_data_path_takes_the_embedded_images_of_
 def test_val_images_beside_a_cache_are_cropped_at_the_caches_mid_reso(setup, centre_cache, caplog):
     """With --tokens, --mid_reso does not apply to training (the cache's crops were made at its own): the val/ and
     --eval_every images must be cropped alike, or validation measures another crop than training sees."""
-    from types import SimpleNamespace
-
     import train
 
     vae, _ = build_tiny_mvar(patch_nums=(1, 2, 4))
@@ -194,15 +261,13 @@ def test_an_unfinished_extraction_resumes_only_with_the_same_tf32(centre_cache, 
 def test_shard_files_take_their_disk_space_when_created(tmp_path, monkeypatch):
     """A review: the shards were sparse memory maps, so a full disk killed the extraction with SIGBUS at a later
     write, naming nothing. Their blocks are reserved up front; a full disk then says which file and what to do."""
-    from utils.data import token_cache
-
     writer = ShardWriter(tmp_path, "train", 0, 1, [0, 100], K=2, L=21)
     ids = tmp_path / "train" / f"{shard_name(0, 1)}.ids.npy"
     assert ids.stat().st_blocks * 512 >= ids.stat().st_size > 2 * 100 * 2 * 21 and writer.next == 0
 
     def full(fd, offset, length):
         raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(token_cache.os, "posix_fallocate", full)
+    monkeypatch.setattr(os, "posix_fallocate", full)
     with pytest.raises(TokenCacheError, match=r"disk full: cannot write shard-.*\.ids\.npy .*choose another --out"):
         ShardWriter(tmp_path, "val", 0, 1, [0, 100], K=1, L=21)
 

@@ -219,7 +219,7 @@ def test_ranks_with_other_data_or_flags_are_refused_before_training(tmp_path):
     (tmp_path / "copy/train/class0/0.png").rename(tmp_path / "copy/train/class1/moved.png")
     wrapper = tmp_path / "per_rank.py"
     wrapper.write_text(PER_RANK.format(repo=str(REPO), train=str(REPO / "scripts/train_tokenizer.py"),
-                                       data_1=tmp_path / "copy", extra_1=["--steps=7"]))
+                                       flag_1=f"--data_path={tmp_path / 'copy'}", extra_1=["--steps=7"]))
     proc = launch(wrapper, *TINY, "--steps=3", "--log_every=1", f"--data_path={tmp_path / 'data'}",
                   f"--out_dir={tmp_path / 'out'}", nproc=2, check=False, timeout=120)
     out = proc.stdout + proc.stderr

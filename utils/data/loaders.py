@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from torchvision.datasets import ImageFolder
-from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, has_file_allowed_extension
 from torchvision.transforms import InterpolationMode, transforms
 
 logger = logging.getLogger(__name__)
@@ -120,29 +120,55 @@ class SeededDataset(Dataset):
             return self.dataset[index]
 
 
+def open_split(data_path: str, dataset: str, split: str, transform: Callable | None,
+               fmnist_dir: str | None = None) -> Dataset:
+    """One split ("train" or "val"): `data_path`/split as a SafeImageFolder, or with an empty `data_path` the
+    embedded data set `dataset` (utils.data.embedded; Fashion-MNIST read from `fmnist_dir`)."""
+    if data_path:
+        return SafeImageFolder(str(Path(data_path) / split), transform)
+    from utils.data.embedded import build_embedded_dataset
+
+    return build_embedded_dataset(dataset, split, transform, fmnist_dir)
+
+
 def build_datasets(data_path: str, dataset: str, reso: int, mid_reso: float = 1.125, hflip: bool = False,
                    fmnist_dir: str | None = None, train_limit: int = 0,
                    val_limit: int = 0) -> tuple[int, Dataset, Dataset]:
-    """(num_classes, train set, val set): `data_path`/train and /val ImageFolders, or with an empty `data_path`
-    the embedded data set `dataset` (utils.data.embedded; Fashion-MNIST read from `fmnist_dir`) through the same
-    transforms. A positive `train_limit` / `val_limit` keeps only that many first images of the split."""
+    """(num_classes, train set, val set): the splits of `open_split` through VAR's transforms. A positive
+    `train_limit` / `val_limit` keeps only that many first images of the split."""
     if train_limit < 0 or val_limit < 0:
         raise DataError(f"--train_limit={train_limit} --val_limit={val_limit}: expected >= 0 (0 = all images)")
     train_tf, val_tf = build_transforms(reso, mid_reso, hflip)
+    train_set = open_split(data_path, dataset, "train", train_tf, fmnist_dir)
+    val_set = open_split(data_path, dataset, "val", val_tf, fmnist_dir)
     if data_path:
-        train_set = SafeImageFolder(str(Path(data_path) / "train"), train_tf)
-        val_set = SafeImageFolder(str(Path(data_path) / "val"), val_tf)
-        check_same_classes(train_set, val_set, data_path)
-    else:
-        from utils.data.embedded import build_embedded_dataset
-
-        train_set = build_embedded_dataset(dataset, "train", train_tf, fmnist_dir)
-        val_set = build_embedded_dataset(dataset, "val", val_tf, fmnist_dir)
+        check_same_classes(train_set.classes, val_set.classes, data_path)
     if len(train_set) == 0 or len(val_set) == 0:
         raise DataError(f"empty data set: {len(train_set)} train / {len(val_set)} val images "
                          f"(--data_path={data_path!r}, --dataset={dataset!r})")
     return len(train_set.classes), first_items(train_set, train_limit, "--train_limit"), \
         first_items(val_set, val_limit, "--val_limit")
+
+
+def build_val_set(data_path: str, dataset: str, reso: int, mid_reso: float = 1.125, fmnist_dir: str | None = None,
+                  val_limit: int = 0) -> tuple[list[str], Dataset]:
+    """(the class names, the val set) as `build_datasets` makes them, for training from a token cache: train/ is
+    read for its class folders (they give the labels their meaning), not listed image by image (1.28M files of
+    ImageNet, on every rank)."""
+    if val_limit < 0:
+        raise DataError(f"--val_limit={val_limit}: expected >= 0 (0 = all images)")
+    val_set = open_split(data_path, dataset, "val", build_transforms(reso, mid_reso)[1], fmnist_dir)
+    classes = list(val_set.classes)
+    if data_path:
+        train = Path(data_path) / "train"
+        if not train.is_dir():
+            raise FileNotFoundError(f"--data_path: folder {train} does not exist (expected an ImageFolder with one "
+                                    f"sub-folder per class)")
+        classes = find_classes(str(train))[0]
+        check_same_classes(classes, val_set.classes, data_path)
+    if len(val_set) == 0:
+        raise DataError(f"empty data set: no val images (--data_path={data_path!r}, --dataset={dataset!r})")
+    return classes, first_items(val_set, val_limit, "--val_limit")
 
 
 def name_list(names: Sequence[str], of: str = "") -> str:
@@ -159,12 +185,12 @@ def class_difference(first: Sequence[str], second: Sequence[str], names: tuple[s
     return "; ".join(only) or "the same names in another order"
 
 
-def check_same_classes(train_set: ImageFolder, val_set: ImageFolder, data_path: str) -> None:
+def check_same_classes(train_classes: Sequence[str], val_classes: Sequence[str], data_path: str) -> None:
     """A label is an index into the sorted class folders of its own split, so train/ and val/ must have the same
     ones, or the val labels would name other classes: DataError naming the folders only one split has."""
-    if train_set.classes != val_set.classes:
+    if list(train_classes) != list(val_classes):
         raise DataError(f"--data_path={data_path}: train/ and val/ must have the same class folders; "
-                        + class_difference(train_set.classes, val_set.classes, ("train/", "val/")))
+                        + class_difference(train_classes, val_classes, ("train/", "val/")))
 
 
 def first_items(dataset: Dataset, n: int, flag: str | None = None) -> Dataset:

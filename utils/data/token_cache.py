@@ -3,7 +3,8 @@ scripts/extract_tokens.py and trained from by `train.py --tokens DIR`.
 
 A cache folder holds
 - manifest.json: what the ids mean (IDENTITY: the tokenizer's digest, patch schedule, resolution, mid_reso, views,
-  class names), the image count of each split, its shards and its unreadable (skipped) images;
+  class names; CONTENT: the crop seed, TF32, the image files' digest, --limit), the image count of each split, its
+  shards and its unreadable (skipped) images;
 - {split}/shard-{r:05d}-of-{W:05d}.ids.npy: uint16 (n, K, L), the ids of all scales concatenated, one row per
   image of rank r's contiguous range [begin, end) and one column per view; .labels.npy: int32 (n,), -1 for an
   unreadable image (its ids are zeros); .progress.json: images committed so far and the skipped ones.
@@ -12,8 +13,8 @@ validating from it gives the numbers validation from the images gives.
 
 Shape legend: N images, K views, L tokens of all scales.
 """
+import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from torch.utils.data import Dataset
 from models.loading import weights_digest
 from models.tokenizer import VQVAE
 from utils.data.loaders import class_difference
-from utils.run.checkpoint import disk_full_is_an_error, write_atomic
+from utils.run.checkpoint import allocate, disk_full_is_an_error, write_text_atomic
 
 FORMAT = 1
 SPLITS = ("train", "val")
@@ -32,6 +33,9 @@ SPLITS = ("train", "val")
 IDENTITY = {"tokenizer_digest": "the tokenizer (weights digest of --vae_ckpt)", "patch_nums": "the patch schedule "
             "(--pn)", "reso": "the resolution", "mid_reso": "--mid_reso", "views": "the views (--views)",
             "classes": "the class names"}
+# what else fixes a cache's ids and labels (with IDENTITY and each split's images, views and skipped images): not where
+# the images were read from, nor how the work was split into shards
+CONTENT = ("L", "seed", "tf32", "files", "limit")
 MASK64 = 2**64 - 1
 USAGE_BUFFER = "quantize.ema_vocab_hit_SV"  # usage statistics: shaped by the schedule, no effect on the ids
 
@@ -60,7 +64,7 @@ def shard_name(rank: int, world: int) -> str:
 
 def write_json(path: Path, obj: Any) -> None:
     """`obj` as JSON, atomically (a kill leaves the old file or the new one)."""
-    write_atomic(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
+    write_text_atomic(path, json.dumps(obj, indent=1))
 
 
 def read_manifest(folder: str | Path) -> dict[str, Any]:
@@ -104,16 +108,27 @@ def open_cache(folder: str | Path, expected: dict[str, Any]) -> dict[str, Any]:
     return manifest
 
 
+def content_digest(manifest: dict[str, Any]) -> str:
+    """A digest of what a cache's ids and labels are (IDENTITY, CONTENT, the splits' images, views and skipped images),
+    the same for copies extracted on other nodes, from other paths or over another number of ranks: train.py's ranks
+    compare their node-local caches by it."""
+    splits = {s: {k: info.get(k) for k in ("images", "views", "skipped")} for s, info in manifest["splits"].items()}
+    what = {**{k: manifest.get(k) for k in (*IDENTITY, *CONTENT)}, "splits": splits}
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
+
+
+def gaps(manifest: dict[str, Any]) -> list[str]:
+    """What a finished cache leaves out of its images, in words: the images past its --limit, the unreadable ones."""
+    lines = [f"the token cache holds only the first {manifest['limit']} images of each split of {manifest['source']} "
+             f"(extracted with --limit={manifest['limit']})"] if manifest.get("limit") else []
+    for split, info in manifest["splits"].items():
+        if skipped := info.get("skipped"):
+            lines.append(f"{len(skipped)} {split} image(s) of {manifest['source']} were unreadable at extraction and "
+                         f"are left out (their indices: manifest.json, splits.{split}.skipped)")
+    return lines
+
+
 # ---- writing (scripts/extract_tokens.py) ------------------------------------------------------------------------
-def allocate(path: Path) -> None:
-    """Reserve the disk blocks of a (sparse) file: a full disk is then an error naming it now, not a SIGBUS at the
-    first write through its memory map, hours later."""
-    with open(path, "r+b") as f, disk_full_is_an_error(path, "Free space, or choose another --out; relaunch with "
-                                                         "the same command to go on.", TokenCacheError):
-        if hasattr(os, "posix_fallocate"):  # Linux; elsewhere the file stays sparse
-            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
-
-
 class ShardWriter:
     """Rank `rank`'s shard of one split: memory-mapped ids and labels, filled chunk by chunk; each `commit` flushes
     the chunk and then records it in the progress file (atomically), so a relaunch continues at `next`, rewriting
@@ -134,8 +149,10 @@ class ShardWriter:
             self.progress = {"done": 0, "skipped": []}
             self.ids_NKL = np.lib.format.open_memmap(ids_path, mode="w+", dtype=np.uint16, shape=(n, K, L))
             self.labels_N = np.lib.format.open_memmap(labels_path, mode="w+", dtype=np.int32, shape=(n,))
-            for path in (ids_path, labels_path):
-                allocate(path)
+            for path in (ids_path, labels_path):  # a full disk is an error now, not a SIGBUS hours later
+                with disk_full_is_an_error(path, "Free space, or choose another --out; relaunch with the same "
+                                                 "command to go on.", TokenCacheError):
+                    allocate(path)
             write_json(self.progress_path, self.progress)
 
     @property
