@@ -46,8 +46,14 @@ def train_images(preset: dict, ep: int) -> int:
     return math.ceil(preset["train_limit"] / preset["bs"]) * preset["bs"] * ep
 
 
-def collect(out: Path, plan: dict) -> dict[str, dict]:
-    """Per row: the scores of each seed, timings, param/FLOP counts, loss curves and a plot colour."""
+def read_logs(out: Path, plan: dict) -> dict[str, dict[str, tuple]]:
+    """Per run: its TensorBoard scalars (utils.run.log.read_scalars), read once for the whole report."""
+    return {run: read_scalars(out / "runs" / run / "tb") for run in plan["runs"]}
+
+
+def collect(out: Path, plan: dict, scalars: dict[str, dict[str, tuple]]) -> dict[str, dict]:
+    """Per row: the scores of each seed, timings, param/FLOP counts, loss curves (from `read_logs`' `scalars`) and
+    a plot colour."""
     preset = plan["preset"]
     rows = {}
     for i, (row, spec) in enumerate(plan["rows"].items()):
@@ -59,7 +65,6 @@ def collect(out: Path, plan: dict) -> dict[str, dict]:
         timings = [json.loads((out / "runs" / r / "timing.json").read_text()) for r in first
                    if (out / "runs" / r / "timing.json").is_file()]
         clocks = [points[-1] for r in first if (points := curve_points(out, r))]  # the curves' training clock
-        scalars = {r: read_scalars(out / "runs" / r / "tb") for r in runs}
         train_speed = [v for r in first for v in scalars[r].get("speed/images_per_s", NO_POINTS)[1][1:]]
         curves = {r: dict(train=scalars[r].get("train/Lm", NO_POINTS), val=scalars[r].get("val/vL_mean", NO_POINTS))
                   for r in runs}
@@ -282,7 +287,8 @@ half M-VAR included) at 9,600 training images, two seeds, near the start of lear
 def write_report(out: Path, report_dir: Path, plan: dict, wall_s: float, command: str) -> Path:
     """Write report_dir/study.md and its figures (study_*.png); returns the markdown's path."""
     report_dir.mkdir(parents=True, exist_ok=True)
-    rows = collect(out, plan)
+    scalars = read_logs(out, plan)
+    rows = collect(out, plan, scalars)
     preset, s = plan["preset"], plan["sampling"]
     plot_losses(rows, report_dir / "study_loss.png")
     plot_fd(out, rows, report_dir / "study_fd.png")
@@ -343,18 +349,18 @@ FD_clf: mean ± half the range over seeds. Every number of this report is comput
 
 ![samples](study_samples.png)
 """
-    write_data(out, plan, report_dir / "study_data.json")
+    write_data(out, plan, scalars, report_dir / "study_data.json")
     path = report_dir / "study.md"
     path.write_text(text)
     return path
 
 
-def write_data(out: Path, plan: dict, path: Path) -> None:
+def write_data(out: Path, plan: dict, scalars: dict[str, dict[str, tuple]], path: Path) -> None:
     """The raw results the report is read from, in one small JSON file beside it (tens of KB): the plan's rows,
     runs, preset and sampling settings; per set its scores; per run its timing, evaluations and logged curves
     (training loss, validation loss, throughput: [steps, values])."""
-    def series(scalars: dict, tag: str) -> list[list[float]]:
-        steps, values = scalars.get(tag, NO_POINTS)
+    def series(of_run: dict, tag: str) -> list[list[float]]:
+        steps, values = of_run.get(tag, NO_POINTS)
         return [steps.tolist(), [round(float(v), 6) for v in values]]
 
     sets = ["floor", "ceiling", *plan["runs"]]
@@ -365,6 +371,7 @@ def write_data(out: Path, plan: dict, path: Path) -> None:
         runs={run: dict(timing=json.loads((out / "runs" / run / "timing.json").read_text())
                         if (out / "runs" / run / "timing.json").is_file() else None,
                         evaluations=curve_points(out, run),
-                        **{tag: series(scalars, tag) for tag in ("train/Lm", "val/vL_mean", "speed/images_per_s")})
-              for run in plan["runs"] for scalars in [read_scalars(out / "runs" / run / "tb")]})
+                        **{tag: series(scalars[run], tag) for tag in ("train/Lm", "val/vL_mean",
+                                                                      "speed/images_per_s")})
+              for run in plan["runs"]})
     path.write_text(json.dumps(data, indent=1))
