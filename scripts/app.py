@@ -23,6 +23,7 @@ from utils.run.preemption import sigterm_raises
 from utils.run.checkpoint import LAST
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline: before Gradio is first imported
+USER_GRADIO_TEMP_DIR = os.environ.get("GRADIO_TEMP_DIR")  # where Gradio keeps uploads and results, if set by the user
 DEMO_CKPT = Path("local_output/demo/mvar") / LAST  # what `make demo` trains
 NO_MODEL = (f"no --ckpt given and no {DEMO_CKPT} (the model `make demo` trains, a few minutes on a CPU): run "
             "`make demo`, or pass --ckpt FOLDER|HUB_ID|FILE.pth")
@@ -97,6 +98,9 @@ def launch(argv: Sequence[str] | None = None, block: bool = True):
     session = open_session(args)
     try:
         with sigterm_raises():
+            # Gradio's copies of uploads and results: in the private workspace (its default is /tmp/gradio, readable
+            # by every local user and shared between them), unless the user chose a folder
+            os.environ["GRADIO_TEMP_DIR"] = USER_GRADIO_TEMP_DIR or str(session.workspace.uploads)
             from scripts.app_ui import CSS, build_ui  # Gradio only once the model loaded
 
             title = f"M-VAR: {Path(session.base_argv[1]).name} ({session.mvar.num_classes} classes, " \

@@ -1,7 +1,9 @@
 """What the web app (scripts/app.py) runs, without Gradio: the page's values become a sample.py command line, which
 sample.py parses and samples through its own functions (`picture_batches`, `edit_rows`), so the command offered
 for download reproduces the page's pixels. Every request writes into a fresh folder of a private temporary
-workspace (the oldest are removed); nothing from the page names a file: uploads are copied in under fixed names.
+workspace (the oldest are removed), which also holds Gradio's copies of the uploads and results (`uploads`);
+nothing from the page names a file: uploads are copied in under fixed names. A request is bounded (`MAX_ROWS`
+classes, `MAX_PIXELS` per uploaded image) and checked before any work.
 """
 import argparse
 import contextlib
@@ -21,10 +23,12 @@ from PIL import Image
 
 import sample
 from models.mvar import MVAR
-from utils.sample_io import read_edit_image, save_folder, save_grid, to_uint8_BHW3
+from utils.sample_io import open_image, read_edit_image, save_folder, save_grid, to_uint8_BHW3
 
 RANDOM = "random"  # the class picker's entry for one class drawn from the seed (the command names the class drawn)
 PAPER = {"cfg": 1.5, "top_k": 900, "top_p": 0.96, "more_smooth": False}  # sample.py --preset fid
+MAX_ROWS = 16  # classes (grid rows) per request: with 16 images per class at most, a request's work stays bounded
+MAX_PIXELS = 50_000_000  # pixels of an uploaded image (a 50 MP photo); PIL's own guard lets 179 MP through
 
 
 @dataclass
@@ -56,11 +60,15 @@ class Result:
 
 
 class Workspace:
-    """A private temporary folder with one sub-folder per request; only the newest `keep` are kept. It is deleted by
-    `close`, else when the object is collected or the interpreter exits (users' uploads stay in no /tmp)."""
+    """A private temporary folder (readable by this user only) with one numbered sub-folder per request, of which
+    only the newest `keep` are kept, and `uploads`, where Gradio keeps its copies of uploads and results
+    (scripts/app.py points GRADIO_TEMP_DIR there; Gradio's default, /tmp/gradio, is readable by every local user).
+    It is deleted by `close`, else when the object is collected or the interpreter exits."""
 
     def __init__(self, keep: int = 16):
         self.root, self.keep, self.count = Path(tempfile.mkdtemp(prefix="mvar-app-")), keep, 0
+        self.uploads = self.root / "uploads"
+        self.uploads.mkdir()
         self.lock = threading.Lock()
         self.close = weakref.finalize(self, shutil.rmtree, self.root, ignore_errors=True)
 
@@ -69,7 +77,7 @@ class Workspace:
             self.count += 1
             folder = self.root / f"{self.count:06d}"
             folder.mkdir()
-            for old in sorted(self.root.iterdir())[:-self.keep]:
+            for old in sorted(p for p in self.root.iterdir() if p.name.isdigit())[:-self.keep]:
                 shutil.rmtree(old, ignore_errors=True)
         return folder
 
@@ -82,7 +90,7 @@ class Session:
                  workspace: Workspace):
         self.mvar, self.base_argv, self.device, self.workspace = mvar, list(base_argv), device, workspace
         self.names = class_names if class_names and len(class_names) == mvar.num_classes else None
-        self.lock = threading.Lock()  # one generation at a time per process, whatever calls it
+        self.lock = threading.Lock()  # one generation at a time per process, whatever calls it (see `generating`)
 
     @property
     def image_size(self) -> int:
@@ -99,6 +107,8 @@ class Session:
         """Picker entries -> class ids; each "random" is a class drawn from the seed."""
         if not picked:
             raise ValueError("pick at least one class (or \"random\")")
+        if len(picked) > MAX_ROWS:
+            raise ValueError(f"{len(picked)} classes: at most {MAX_ROWS} per request (one grid row each)")
         rng = np.random.default_rng(seed)
         ids = []
         for entry in picked:
@@ -134,7 +144,7 @@ class Session:
         labels = sample.picture_labels(args)[0]
         total = -(-len(labels) // args.bs) * len(self.mvar.patch_nums)
         generate, images, batches = sample.make_generate(self.mvar, args, self.device), [], []
-        with self.lock, scale_calls(self.mvar, on_scale, total):
+        with self.generating(), scale_calls(self.mvar, on_scale, total):
             for imgs_BHW3, names in sample.picture_batches(args, generate):
                 save_folder(imgs_BHW3, folder / "images", names)
                 images += [folder / "images" / f"{n}.png" for n in names]
@@ -149,12 +159,13 @@ class Session:
         edits grid, the command; the image as the model sees it (H, W, 3) uint8; the mask as the model sees it).
         `drawn_hw`: a bool mask over the image at any size (the preview's), saved at the image's full size as
         mask.png; `box`: "x0,y0,x1,y1" in the image's pixels (wins over the drawing)."""
+        check_upload(Path(image))
         folder = self.workspace.new_folder()
         source = folder / f"image{Path(image).suffix.lower() or '.png'}"  # the output is edit.png
         shutil.copyfile(image, source)
         mask_file = folder / "mask.png"
         if box:
-            region, inputs = ["--box", box.replace(" ", "")], [source]
+            region, inputs = [f"--box={box.replace(' ', '')}"], [source]  # "=": a box may start with "-"
         elif drawn_hw is not None:
             H, W = self.preview(source)[1]
             Image.fromarray(drawn_hw.astype(np.uint8) * 255).resize((W, H), Image.NEAREST).save(mask_file)
@@ -163,11 +174,11 @@ class Session:
             raise ValueError("mark the region to regenerate: draw on the image or give a box x0,y0,x1,y1")
         argv = self.argv(knobs, folder / "edit.png", "--edit", str(source), *region)
         args, command = self.parse(argv), write_command(argv, folder)
-        with self.lock, scale_calls(self.mvar, on_scale, len(args.classes) * len(self.mvar.patch_nums)):
+        with self.generating(), scale_calls(self.mvar, on_scale, len(args.classes) * len(self.mvar.patch_nums)):
             rows = list(sample.edit_rows(args, self.mvar))
         grid = save_grid(to_uint8_BHW3(torch.cat(rows)), folder / "edit.png", ncol=2 + args.num_per_class)
         edits = to_uint8_BHW3(torch.cat([row[2:] for row in rows]))
-        names = [f"class{c:04d}_{k:03d}" for c in args.classes for k in range(args.num_per_class)]
+        names = sample.picture_labels(args)[1]  # a class given twice numbers its second row on from its first
         save_folder(edits, folder / "images", names)
         before, mask = to_uint8_BHW3(rows[0][:2])
         return Result(images=[folder / "images" / f"{n}.png" for n in names], grid=grid, command=command,
@@ -176,8 +187,31 @@ class Session:
     def preview(self, image: Path) -> tuple[np.ndarray, tuple[int, int]]:
         """The image to draw on, as sample.py reads it (reduced, at least twice the model's size) -> (uint8
         (h, w, 3), the full size (H, W) that masks and boxes refer to); ValueError when it cannot be read."""
+        check_upload(Path(image))
         img_3hw, full_HW = read_edit_image(Path(image), self.image_size)
         return to_uint8_BHW3(img_3hw[None])[0], full_HW
+
+
+    @contextlib.contextmanager
+    def generating(self) -> Iterator[None]:
+        """Hold the model for one request. Gradio's queue runs one at a time, but a request it cancelled (or whose
+        page closed) still finishes its work in its thread: the next is refused meanwhile (ValueError), instead of
+        waiting in a thread of its own, uncounted by the queue."""
+        if not self.lock.acquire(blocking=False):
+            raise ValueError("the previous request (perhaps a cancelled one) is still running: try again in a moment")
+        try:
+            yield
+        finally:
+            self.lock.release()
+
+
+def check_upload(image: Path) -> None:
+    """Refuse, before any decoding, an upload that is no image of sample_io.EDIT_FORMATS or has more than MAX_PIXELS
+    pixels (ValueError naming its size)."""
+    with open_image(image, "the upload") as im:
+        if im.width * im.height > MAX_PIXELS:
+            raise ValueError(f"the upload is {im.width}x{im.height} px ({im.width * im.height / 1e6:.0f} MP): at most "
+                             f"{MAX_PIXELS / 1e6:.0f} MP here; reduce it first")
 
 
 def parse_sample_args(argv: Sequence[str]) -> argparse.Namespace:

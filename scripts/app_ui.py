@@ -14,11 +14,14 @@ the page; the server keeps serving. For scripts the two endpoints are `/sample` 
 (`/sample`: classes, images per class, cfg, top-k, top-p, seed, smoothing, batch size; `/edit`: image, drawn
 layers (None with a box), box "x0,y0,x1,y1", then the same settings without the batch size.)
 """
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import gradio as gr
+import torch
 
-from scripts.app_jobs import PAPER, RANDOM, Knobs, Result, Session, mask_from_layers
+from scripts.app_jobs import MAX_ROWS, PAPER, RANDOM, Knobs, Result, Session, mask_from_layers
 from utils.sample_io import NonFiniteValueError
 
 PROGRESS = gr.Progress()  # Gradio gives each call its own tracker in place of this default
@@ -27,12 +30,26 @@ CSS = "#before img, #region img {width: 100%; height: 100%; object-fit: contain;
 PAGE_ERRORS = (ValueError, FileNotFoundError, NonFiniteValueError)  # what a request can get wrong: shown, not raised
 
 
+@contextlib.contextmanager
+def page_errors() -> Iterator[None]:
+    """A request's errors as messages in the page (the server keeps serving): PAGE_ERRORS, and running out of
+    memory, whose cached blocks go back to the GPU's other users."""
+    try:
+        yield
+    except PAGE_ERRORS as e:
+        raise gr.Error(str(e), print_exception=False) from e
+    except torch.OutOfMemoryError as e:
+        torch.cuda.empty_cache()
+        raise gr.Error("out of memory: lower the batch size, the images per class or the classes",
+                       print_exception=False) from e
+
+
 def knob_inputs(session: Session, num_label: str, num_default: int, tab: str) -> list[gr.components.Component]:
     """Class picker, count, cfg, top-k, top-p, seed, smoothing, and a button setting the paper's values (element
     ids `{tab}-classes`, `{tab}-seed`)."""
     classes = gr.Dropdown(session.class_choices(), value=[RANDOM], multiselect=True, label="classes (one row each)",
                           allow_custom_value=True,  # scripts may pass bare ids (checked by Session.class_ids)
-                          elem_id=f"{tab}-classes")
+                          max_choices=MAX_ROWS, elem_id=f"{tab}-classes")
     num = gr.Slider(1, 16, value=num_default, step=1, label=num_label)
     cfg = gr.Slider(0, 10, value=Knobs.cfg, step=0.1, label="cfg (classifier-free guidance)")
     top_k = gr.Number(Knobs.top_k, precision=0, minimum=0, label="top-k (0: all tokens)")
@@ -41,18 +58,20 @@ def knob_inputs(session: Session, num_label: str, num_default: int, tab: str) ->
     smooth = gr.Checkbox(Knobs.more_smooth, label="smoothing (--more_smooth: smoother pictures, not for FID)")
     paper = gr.Button("the paper's settings (cfg 1.5, top-k 900, top-p 0.96, no smoothing)", size="sm")
     paper.click(lambda: (PAPER["cfg"], PAPER["top_k"], PAPER["top_p"], PAPER["more_smooth"]),
-                outputs=[cfg, top_k, top_p, smooth], api_visibility="undocumented")
+                outputs=[cfg, top_k, top_p, smooth], api_visibility="undocumented", queue=False)
     return [classes, num, cfg, top_k, top_p, seed, smooth]
 
 
 def knobs_of(classes, num, cfg, top_k, top_p, seed, smooth, bs: int = Knobs.bs) -> Knobs:
-    return Knobs(classes=list(classes or []), num_per_class=int(num), cfg=float(cfg), top_k=int(top_k or 0),
+    """The page's values (or an API call's: one class may come as a bare string or number) -> Knobs."""
+    classes = [classes] if isinstance(classes, (str, int)) else list(classes or [])
+    return Knobs(classes=classes, num_per_class=int(num), cfg=float(cfg), top_k=int(top_k or 0),
                  top_p=float(top_p), seed=int(seed or 0), more_smooth=bool(smooth), bs=int(bs))
 
 
 def gallery(session: Session, result: Result) -> list[tuple[str, str]]:
     """(image path, caption: its class) pairs; the files are named class{id:04d}_{k:03d}.png."""
-    return [(str(p), session.class_label(int(p.stem[5:9]))) for p in result.images]
+    return [(str(p), session.class_label(int(p.stem.removeprefix("class").split("_")[0]))) for p in result.images]
 
 
 def selected_index(evt: gr.SelectData) -> int:
@@ -72,21 +91,17 @@ def build_ui(session: Session, title: str, queue_size: int) -> gr.Blocks:
     """The page over `session`, its queue bounded at `queue_size` waiting requests."""
 
     def on_sample(classes, num, cfg, top_k, top_p, seed, smooth, bs, progress=PROGRESS):
-        knobs = knobs_of(classes, num, cfg, top_k, top_p, seed, smooth, bs)
-        try:
+        with page_errors():
+            knobs = knobs_of(classes, num, cfg, top_k, top_p, seed, smooth, bs)
             for r in session.sample(knobs, on_scale=progress_bar(progress)):
                 status = f"{len(r.images)} images" + (" (done)" if r.files else ", more coming")
                 yield gallery(session, r), status, r.command_text, [str(p) for p in r.files] or None
-        except PAGE_ERRORS as e:
-            raise gr.Error(str(e), print_exception=False) from e
 
     def on_preview(path):
         if not path:
             return None, ""
-        try:
+        with page_errors():
             img, (H, W) = session.preview(Path(path))
-        except PAGE_ERRORS as e:
-            raise gr.Error(str(e), print_exception=False) from e
         value = {"background": img, "layers": [], "composite": img}
         return gr.ImageEditor(value=value, brush=brush(img.shape[1])), \
             f"{W}x{H} px (a box is in these pixels); draw over what to regenerate"
@@ -94,13 +109,11 @@ def build_ui(session: Session, title: str, queue_size: int) -> gr.Blocks:
     def on_edit(image, drawing, box, classes, num, cfg, top_k, top_p, seed, smooth, progress=PROGRESS):
         if not image:
             raise gr.Error("upload an image first (or send a generated one over)", print_exception=False)
-        knobs = knobs_of(classes, num, cfg, top_k, top_p, seed, smooth)
-        try:
+        with page_errors():
+            knobs = knobs_of(classes, num, cfg, top_k, top_p, seed, smooth)
             drawn = mask_from_layers((drawing or {}).get("layers") or [])
             r, before, mask_img = session.edit(Path(image), knobs, drawn_hw=drawn, box=(box or "").strip() or None,
                                                on_scale=progress_bar(progress))
-        except PAGE_ERRORS as e:
-            raise gr.Error(str(e), print_exception=False) from e
         return (before, mask_img, gallery(session, r), f"{len(r.images)} edits", r.command_text,
                 [str(p) for p in r.files])
 
@@ -145,11 +158,12 @@ def build_ui(session: Session, title: str, queue_size: int) -> gr.Blocks:
                                              elem_id="edit-files")
         run.click(on_sample, [*knobs, bs], [images, status, command, files], api_name="sample",
                   concurrency_limit=1, concurrency_id="generate").then(
-            lambda r: [item[0] for item in r or []], images, shown, api_visibility="undocumented")
-        images.select(selected_index, None, selected, api_visibility="undocumented")
+            lambda r: [item[0] for item in r or []], images, shown, api_visibility="undocumented", queue=False)
+        # the cheap events skip the queue: --queue_size bounds the waiting generations, not a click's answer
+        images.select(selected_index, None, selected, api_visibility="undocumented", queue=False)
         send.click(lambda paths, i: (paths[min(i or 0, len(paths) - 1)] if paths else None, gr.Tabs(selected="edit")),
-                   [shown, selected], [upload, tabs], api_visibility="undocumented")
-        upload.change(on_preview, upload, [editor, size], api_visibility="undocumented")
+                   [shown, selected], [upload, tabs], api_visibility="undocumented", queue=False)
+        upload.change(on_preview, upload, [editor, size], api_visibility="undocumented", queue=False)
         run_edit.click(on_edit, [upload, editor, box, *edit_knobs],
                        [before, mask, after, edit_status, edit_command, edit_files], api_name="edit",
                        concurrency_limit=1, concurrency_id="generate")

@@ -41,7 +41,7 @@ def app(tmp_path_factory, tiny_mvar):
     torch.save({**mvar_checkpoint(mvar, vae), "data": {"classes": NAMES}}, ckpt)
     demo, session, url = launch(["--ckpt", str(ckpt), "--device", "cpu", "--port", str(free_port()),
                                  "--max_upload_mb", "1"], block=False)
-    yield url, ckpt, demo
+    yield url, ckpt, demo, session
     demo.close()
     session.workspace.close()
 
@@ -60,7 +60,7 @@ def sample_py(command: str, out) -> list[np.ndarray]:
 
 
 def test_sampling_gives_the_pixels_of_the_offered_command(app, client, tmp_path):
-    url, ckpt, _ = app
+    url, ckpt, *_ = app
     images, status, command, files = client.predict(*SAMPLE, api_name="/sample")
     assert f"--ckpt {ckpt}" in command and "--classes 3 " in command and "--seed 5" in command
     assert [i["caption"] for i in images][:2] == ["3: three"] * 2 and status.startswith("4 images")
@@ -74,7 +74,7 @@ def test_edit_keeps_the_outside_of_the_box_and_matches_sample_py(client, tmp_pat
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(photo)
     before, mask, edits, _, command, files = client.predict(gradio_client.handle_file(str(photo)), None, "0,0,16,8",
                                                             *EDIT, api_name="/edit")
-    assert "--edit image.png --box 0,0,16,8" in command and sorted(f.rsplit("/", 1)[-1] for f in files) == \
+    assert "--edit image.png --box=0,0,16,8" in command and sorted(f.rsplit("/", 1)[-1] for f in files) == \
         ["command.sh", "edit.png", "image.png"]
     out = [np.asarray(Image.open(e["image"])) for e in edits]
     assert np.asarray(Image.open(mask))[:4].all() and not np.asarray(Image.open(mask))[4:].any()
@@ -112,8 +112,10 @@ def test_image_kinds_edit(client, tmp_path, kind):
     assert len(out[2]) == 4 and out[3] == "4 edits"
 
 
-BAD = [("text", "0,0,4,4", "not an image PIL can read"),
-       ("bomb", "0,0,4,4", "not an image PIL can read"),
+BAD = [("text", "0,0,4,4", "not an image of the formats read here"),
+       ("bomb", "0,0,4,4", "not an image of the formats read here"),
+       ("eps", "0,0,4,4", "not an image of the formats read here \\(PNG, JPEG"),  # not rendered by Ghostscript
+       ("truncated", "0,0,4,4", "the image is damaged"),
        ("png", "", "mark the region to regenerate"),
        ("png", "0,0,99,4", "must satisfy 0 <= x0 < x1 <= 12 "),
        ("png", "a,b", "expected four integers"),
@@ -128,6 +130,11 @@ def bad_file(path, kind) -> None:
         bomb_png(path)
     elif kind == "big":  # over --max_upload_mb 1
         Image.fromarray(np.random.default_rng(0).integers(0, 256, (800, 800, 3), dtype=np.uint8)).save(path)
+    elif kind == "eps":
+        path.write_text("%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 12 12\nshowpage\n")
+    elif kind == "truncated":
+        Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(path)
+        path.write_bytes(path.read_bytes()[:3000])
     else:
         Image.new("RGB", (12, 16), (10, 200, 30)).save(path)
 
@@ -153,7 +160,7 @@ def test_the_page_cannot_read_server_files(app):
     import urllib.error
     import urllib.request
 
-    url, ckpt, _ = app
+    url, ckpt, *_ = app
     for path in ("/etc/hostname", str(ckpt), "scripts/app.py"):
         with pytest.raises(urllib.error.HTTPError) as e:
             urllib.request.urlopen(f"{url.rstrip('/')}/gradio_api/file={path}", timeout=10)
@@ -270,3 +277,70 @@ def test_sigterm_stops_the_server_and_deletes_its_workspace(tiny_mvar, tmp_path)
     finally:
         proc.kill()
     assert not list((tmp_path / "tmp").glob("mvar-app-*"))
+
+
+def test_requests_are_bounded_and_classes_may_come_as_one_string(client, app, monkeypatch):
+    """A review: nothing bounded the classes of a request (["random"] * 100000 ran the server out of memory while
+    holding the model), an uploaded image was decoded whatever its size below PIL's 179 MP, and a class sent as the
+    string "3" became the classes 3... digit by digit."""
+    with pytest.raises(Exception, match="17 classes: at most 16 per request"):
+        client.predict(["random"] * 17, *SAMPLE[1:], api_name="/sample")
+    images, _, command, _ = client.predict("3", *SAMPLE[1:], api_name="/sample")
+    assert "--classes 3 --num_per_class 2" in command and len(images) == 2
+    monkeypatch.setattr("scripts.app_jobs.MAX_PIXELS", 100)  # the server runs in this process
+    path = app[1].parent / "12px.png"
+    Image.new("RGB", (12, 12), (10, 200, 30)).save(path)
+    with pytest.raises(Exception, match="the upload is 12x12 px .* reduce it first"):
+        client.predict(gradio_client.handle_file(str(path)), None, "0,0,4,4", *EDIT, api_name="/edit")
+
+
+def test_a_class_edited_twice_keeps_both_rows_in_the_gallery(client, tmp_path):
+    """A review: the edits were named class{c}_{k} per row, so a class given twice (or drawn by "random") wrote its
+    second row over the first: the gallery showed the second row twice. They are numbered on, as sample.py's."""
+    photo = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(3).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(photo)
+    _, _, edits, status, _, _ = client.predict(gradio_client.handle_file(str(photo)), None, "0,0,16,8",
+                                               ["7", "7: seven"], *EDIT[1:], api_name="/edit")
+    pixels = [Image.open(e["image"]).tobytes() for e in edits]
+    assert status == "4 edits" and len(set(pixels)) == 4 and [e["caption"] for e in edits] == ["7: seven"] * 4
+
+
+def test_gradios_copies_of_uploads_and_results_stay_in_the_private_workspace(app, client):
+    """A review: Gradio kept every upload and result in /tmp/gradio, readable by every local user, for an hour."""
+    import os
+    import stat
+
+    session = app[3]
+    if os.environ.get("GRADIO_TEMP_DIR") != str(session.workspace.uploads):
+        pytest.skip("GRADIO_TEMP_DIR was set before the app started (the user's choice wins)")
+    client.predict(*SAMPLE, api_name="/sample")
+    assert stat.S_IMODE(session.workspace.root.stat().st_mode) == 0o700
+    assert any(session.workspace.uploads.rglob("*.png"))
+
+
+def test_a_request_while_a_cancelled_one_still_runs_is_told_to_retry(app, tiny_mvar):
+    """A review: a request Gradio cancelled kept the model until its work ended, and the next ones waited for it in
+    threads of their own, which the queue's bound did not count. They are told to retry instead."""
+    import threading
+
+    from scripts.app_jobs import Knobs, Session, Workspace
+
+    _, mvar = tiny_mvar()
+    session = Session(mvar, ["--ckpt", str(app[1]), "--device", "cpu"], torch.device("cpu"), None, Workspace())
+    knobs, outcome = Knobs(classes=["1"], num_per_class=1, bs=1), []
+
+    def request():
+        try:
+            outcome.append(list(session.sample(knobs)))
+        except ValueError as e:
+            outcome.append(e)
+    try:
+        with session.generating():  # the cancelled request, still running
+            waiting = threading.Thread(target=request, daemon=True)
+            waiting.start()
+            waiting.join(timeout=30)
+            assert not waiting.is_alive(), "the request waited for the running one"
+        assert "still running: try again in a moment" in str(outcome[0])
+        assert len(next(session.sample(knobs)).images) == 1  # the model is free again
+    finally:
+        session.workspace.close()

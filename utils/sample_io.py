@@ -8,6 +8,7 @@ are reduced while they are read. The box is in the original image's pixels (as d
 shrinks). Non-finite weights are checked once at load, each batch of generated images before anything is written;
 the errors say what is non-finite and where it came from.
 """
+import struct
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -23,6 +24,8 @@ from torchvision.transforms import functional as TF
 from utils.run.checkpoint import write_atomic
 
 EDIT_REDUCE_TO = 2  # --edit images are reduced while read to a shorter side of at least this times the model's
+EDIT_FORMATS = ("PNG", "JPEG", "MPO", "WEBP", "BMP", "TIFF", "GIF", "PPM")  # of --edit and --mask files (not EPS:
+# PIL renders it with Ghostscript)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -79,11 +82,13 @@ def _any_pool(mask_HW: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
     return torch.from_numpy(np.logical_or.reduceat(rows, np.arange(w) * W // w, axis=1))
 
 
-def _open(path: Path, flag: str) -> Image.Image:
+def open_image(path: Path, flag: str) -> Image.Image:
+    """`Image.open` (the header only) of an image in one of EDIT_FORMATS; ValueError naming `flag` otherwise."""
     try:
-        return Image.open(path)
+        return Image.open(path, formats=EDIT_FORMATS)
     except (OSError, Image.DecompressionBombError) as e:  # the bomb: more pixels than PIL's guard lets through
-        raise ValueError(f"{flag}={path}: not an image PIL can read ({e})") from e
+        raise ValueError(f"{flag}={path}: not an image of the formats read here ({', '.join(EDIT_FORMATS)}): "
+                         f"{e}") from e
 
 
 def read_edit_image(path: Path, reso: int) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -93,12 +98,16 @@ def read_edit_image(path: Path, reso: int) -> tuple[torch.Tensor, tuple[int, int
     shorter side of at least twice `reso`, so memory follows the model's size, not the file's. 16-bit images keep
     their range (I;16 / I: 0-65535), palette and other modes are converted to RGB; float (F) images are refused.
     """
-    with _open(path, "--edit") as im:
-        H, W = (im.width, im.height) if im.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8) \
-            else (im.height, im.width)  # orientations 5-8 turn the stored image by 90 degrees
-        factor = max(1, min(H, W) // (EDIT_REDUCE_TO * reso))
-        im.draft(None, (im.width // factor, im.height // factor))  # JPEG only: a smaller decode, at least this size
-        shown = ImageOps.exif_transpose(im)
+    with open_image(path, "--edit") as im:
+        try:  # the pixels (and EXIF) are decoded here: a damaged file fails now
+            H, W = (im.width, im.height) if im.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8) \
+                else (im.height, im.width)  # orientations 5-8 turn the stored image by 90 degrees
+            factor = max(1, min(H, W) // (EDIT_REDUCE_TO * reso))
+            im.draft(None, (im.width // factor, im.height // factor))  # JPEG only: a smaller decode, at least this
+            shown = ImageOps.exif_transpose(im)
+            shown.load()
+        except (OSError, SyntaxError, EOFError, struct.error) as e:  # PIL's errors for truncated or damaged data
+            raise ValueError(f"--edit={path}: the image is damaged ({type(e).__name__}: {e})") from e
     if shown.mode == "F":
         raise ValueError(f"--edit={path}: a floating-point image (mode F): save it as an 8- or 16-bit PNG or a JPEG")
     sixteen = shown.mode.startswith("I")  # I;16, I;16B, ..., or I (how older Pillow reads 16-bit PNGs)
@@ -138,7 +147,7 @@ def load_edit_inputs(image_path: str | Path, reso: int, mask_path: str | Path | 
     else:
         if not Path(mask_path).is_file():
             raise FileNotFoundError(f"--mask={mask_path}: no such file")
-        with _open(mask_path, "--mask") as m:
+        with open_image(mask_path, "--mask") as m:
             mask_HW = np.asarray(_over_black(ImageOps.exif_transpose(m)).convert("L")) > 0
         if mask_HW.shape != (H, W):
             raise ValueError(f"--mask={mask_path} is {mask_HW.shape[1]}x{mask_HW.shape[0]} px, --edit={image_path} "
