@@ -79,14 +79,22 @@ def train_step_flops(mvar: nn.Module, label_B: torch.Tensor, x_BLCv: torch.Tenso
     """Model FLOPs of one training step on this batch: the forward pass and the backward of a scalar loss (input
     and weight gradients; the first layer's input needs none), attention and Mamba2 mixing counted three times.
     Activation checkpointing is off for the count (its recomputation is not model FLOPs, and would run the hooks
-    twice). Gradients are cleared afterwards; the optimizer and the loss add no model FLOPs."""
+    twice), and Mamba2 runs its PyTorch path: the same count (the mixing is counted by hand), without compiling and
+    autotuning a GPU kernel's fp32 variants for a count alone. Gradients are cleared afterwards; the optimizer and
+    the loss add no model FLOPs."""
     def step() -> None:
         mvar(label_B, x_BLCv).float().logsumexp(dim=-1).mean().backward()
 
     grad_ckpt = getattr(mvar, "grad_ckpt", False)
+    mambas = [m for m in mvar.modules() if type(m).__name__ == "Mamba2"]
+    backends = [m.backend for m in mambas]
     mvar.grad_ckpt = False
+    for m in mambas:
+        m.backend = "torch"
     try:
         return model_flops(mvar, step, passes=3)
     finally:
         mvar.grad_ckpt = grad_ckpt
+        for m, backend in zip(mambas, backends, strict=True):
+            m.backend = backend
         mvar.zero_grad(set_to_none=True)

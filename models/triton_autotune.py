@@ -20,6 +20,7 @@ interpreter, not per thread, and two threads in `ast.parse` at once can fail wit
 recursion depth mismatch" (seen here in CI). Triton parses a kernel's source at every compilation.
 """
 import functools
+import inspect
 import logging
 import os
 import sys
@@ -63,6 +64,20 @@ def compile_configs_in_parallel(package: str, threads: int | None = None) -> int
         logger.info("%s: %d Triton autotuners compile their configs on %d threads (%s)", package, len(hooked),
                     threads, ENV)
     return len(hooked)
+
+
+def parallel_compile_problem() -> str:
+    """Why `compile_all` would fall back to Triton's one-config-at-a-time compiles on this Triton ("" when the
+    internals it uses are there; scripts/gpu_env.py reports it, since the fallback makes the first run minutes
+    longer)."""
+    try:
+        from triton.runtime._async_compile import AsyncCompileMode, FutureKernel  # noqa: F401
+        from triton.runtime.jit import JITFunction  # noqa: F401
+    except ImportError as err:
+        return f"this Triton lacks the internals: {err}"
+    if "ignore_errors" not in inspect.signature(AsyncCompileMode).parameters:
+        return "this Triton's AsyncCompileMode takes no ignore_errors"
+    return ""
 
 
 def autotuners(autotuner_cls: type, package: str | None = None) -> list:

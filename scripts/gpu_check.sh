@@ -7,19 +7,23 @@
 # --python PY    the interpreter (default: python3, the GPU machine's, which has torch)
 # --only STAGES  comma-separated, of pytest,numerics,train,timings: the re-run after a fix (the environment always
 #                runs; the report covers these)
-# --budget S     the whole check's wall time, report included (default 570: the device tool's 600 s per command,
-#                less a margin). Each stage's box is cut to what is left after 30 s kept for the report; a stage
-#                with under 20 s left is not started (the report then lists it as without results).
-# Installs the travelling wheels of .whl/gpu/ (`make gpu-wheels`) into a scratch folder with pip --no-deps
-# --no-index (no network), prints the environment and the kernels "auto" picks, then runs pytest -m gpu, the
-# numerics (scripts/gpu_numerics.py), train.py (scripts/gpu_train_check.py) and the timings (scripts/gpu_timings.py).
+# --budget S     the whole check's wall time, report included (default 500: of a lease's 15 minutes, a start of a
+#                minute or two and this leave about 4 minutes for a re-run of what failed, `--only ... --budget
+#                200`, on the still warm machine). After the install and the environment, each stage gets the
+#                time left (less 30 s kept for the report) in proportion to its weight among the stages still to
+#                run (pytest 2, numerics 3, train 3, timings 4), so what one stage leaves unused goes to the next;
+#                a stage with under 20 s left is not started (the report then lists it as without results).
+# Installs the travelling wheels of .whl/gpu/ (`make gpu-wheels`; $GPU_WHEELS names another folder; without them only
+# a dry run starts) into a scratch folder with pip --no-deps --no-index (no network), prints the environment and the
+# kernels "auto" picks, then runs pytest -m gpu, the numerics (scripts/gpu_numerics.py), train.py
+# (scripts/gpu_train_check.py) and the timings (scripts/gpu_timings.py).
 # A stage past its box is killed, and after each stage every process naming the scratch folder (the training runs';
 # torchrun's workers run in sessions of their own); what it finished stays in its JSON file, and the report says it was cut short.
 # Triton compiles the autotuned kernels' configs in parallel threads (models/triton_autotune.py) and, here, keeps its
 # autotuning results on disk (TRITON_CACHE_AUTOTUNING=1), so each train.py process after the first skips them
 # (train.py --deterministic ignores it: one config per kernel instead).
 set -uo pipefail
-OUT=gpu_check_out DRY=() PY=python3 ONLY=pytest,numerics,train,timings BUDGET=570
+OUT=gpu_check_out DRY=() PY=python3 ONLY=pytest,numerics,train,timings BUDGET=500
 USAGE="usage: $0 [--out DIR] [--dry-run] [--python PY] [--only pytest,numerics,train,timings] [--budget SECONDS]"
 while (($#)); do
     case $1 in
@@ -39,15 +43,29 @@ if ! [[ $BUDGET =~ ^[0-9]+$ ]] || ((BUDGET < 60)); then
     exit 2
 fi
 REPO=$(cd "$(dirname "$0")/.." && pwd)
+WHEELS=${GPU_WHEELS:-.whl/gpu}
+[[ $WHEELS == /* ]] || WHEELS=$REPO/$WHEELS
+if ! compgen -G "$WHEELS/*.whl" >/dev/null && ((${#DRY[@]} == 0)); then  # a lease spent without mamba_ssm or MNIST
+    echo "error: no wheels in $WHEELS: run \`make gpu-wheels\` here and carry .whl/gpu to the GPU machine" >&2
+    exit 2
+fi
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
 rm -f "$OUT"/{env,numerics,train,timings}.json{,.part} "$OUT"/{report.md,check.log,pytest.log}
 exec > >(tee -a "$OUT/check.log") 2>&1
+TEE=$!
 cd "$REPO"
 WORK=$(mktemp -d) && trap 'rm -rf "$WORK"' EXIT
 START=$SECONDS
 
 REPORT_S=30 MIN_STAGE_S=20
+declare -A WEIGHT=([pytest]=2 [numerics]=3 [train]=3 [timings]=4) RAN=()
 wanted() { [[ ,$ONLY, == *,$1,* ]]; }
+box_of() {  # BOX = stage $1's share of the time left: by weight among the wanted stages not run yet
+    local s rest=0 left=$((BUDGET - REPORT_S - (SECONDS - START)))
+    for s in ${ONLY//,/ }; do [[ ${RAN[$s]:-} ]] || rest=$((rest + WEIGHT[$s])); done
+    RAN[$1]=1
+    BOX=$((left * WEIGHT[$1] / rest))
+}
 stage() {  # stage NAME SECONDS [--log FILE] COMMAND...: run COMMAND under `timeout` (its output to FILE if given),
     # its box cut to the budget left; say how it ended, and kill what it left running
     local name=$1 box=$2 log=/dev/stdout rc left=$((BUDGET - REPORT_S - (SECONDS - START)))
@@ -68,23 +86,30 @@ stage() {  # stage NAME SECONDS [--log FILE] COMMAND...: run COMMAND under `time
 }
 
 SITE=$WORK/site
-if compgen -G ".whl/gpu/*.whl" >/dev/null; then
-    stage "install .whl/gpu (no network)" 60 "$PY" -m pip install -q --no-deps --no-index --target "$SITE" .whl/gpu/*.whl
+if compgen -G "$WHEELS/*.whl" >/dev/null; then
+    stage "install $WHEELS (no network)" 60 "$PY" -m pip install -q --no-deps --no-index --target "$SITE" "$WHEELS"/*.whl
 else
-    echo "no .whl/gpu/*.whl (make gpu-wheels): mamba_ssm / flash_attn / mlxtend only if already importable"
+    echo "dry run without $WHEELS/*.whl: mamba_ssm / mlxtend only if already importable"
 fi
 export PYTHONPATH="$REPO:$SITE${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TRITON_CACHE_AUTOTUNING=1
-nvidia-smi 2>/dev/null || echo "nvidia-smi: not available"
+timeout 15 nvidia-smi 2>/dev/null || echo "nvidia-smi: not available"
 stage environment 40 "$PY" scripts/gpu_env.py --out "$OUT/env.json" "${DRY[@]}"
 if wanted pytest; then
     GPU_TESTS=$(grep -l "pytest.mark.gpu" tests/test_*.py)  # the files with GPU tests: no time collecting the rest
-    stage "pytest -m gpu" 120 --log "$OUT/pytest.log" "$PY" -m pytest -m gpu -rA -v -p no:cacheprovider $GPU_TESTS
+    box_of pytest
+    stage "pytest -m gpu" "$BOX" --log "$OUT/pytest.log" "$PY" -m pytest -m gpu -rA -v -p no:cacheprovider $GPU_TESTS
     tail -n 15 "$OUT/pytest.log"
 fi
-wanted numerics && stage numerics 120 "$PY" scripts/gpu_numerics.py --out "$OUT/numerics.json" "${DRY[@]}"
-wanted train && stage training 150 "$PY" scripts/gpu_train_check.py --work "$WORK/train" --out "$OUT/train.json" \
-    --run_timeout 70 "${DRY[@]}"
-wanted timings && stage timings 150 "$PY" scripts/gpu_timings.py --out "$OUT/timings.json" "${DRY[@]}"
+wanted numerics && box_of numerics && stage numerics "$BOX" "$PY" scripts/gpu_numerics.py --out "$OUT/numerics.json" \
+    "${DRY[@]}"
+wanted train && box_of train && stage training "$BOX" "$PY" scripts/gpu_train_check.py --work "$WORK/train" \
+    --out "$OUT/train.json" --run_timeout 70 "${DRY[@]}"
+wanted timings && box_of timings && stage timings "$BOX" "$PY" scripts/gpu_timings.py --out "$OUT/timings.json" \
+    "${DRY[@]}"
 rm -f "$OUT"/*.part  # a stage killed while writing its file: the file before stays
 echo "=== report (after $((SECONDS - START)) s) ==="
 timeout $((REPORT_S - 5)) "$PY" scripts/gpu_report.py --out "$OUT" --stages "env,$ONLY" "${DRY[@]}"
+rc=$?
+exec >&- 2>&-  # the pipe to tee closed: wait for it to write check.log's last lines
+wait "$TEE" 2>/dev/null
+exit $rc

@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from models import attention, mamba2, torch_features
+from models import attention, mamba2, torch_features, triton_autotune
 from models.backends import ATTN, MAMBA
 from scripts.gpu_results import CheckLine, any_failed, write_lines
 from scripts.markdown import markdown_table
@@ -79,6 +79,10 @@ def check_lines(dry_run: bool, gpu: dict[str, str], versions: dict[str, str]) ->
     if torch_features.compiled_function_gradients_wrong():
         lines.append(CheckLine("torch.compile of autograd.Functions", "INFO", "wrong gradients on this torch",
                                note="pytorch/pytorch#180642: --tfast runs the Mamba2 layers outside the graph"))
+    problem = "no Triton" if versions["triton"] == "absent" else triton_autotune.parallel_compile_problem()
+    lines.append(CheckLine("Triton autotuning configs compiled in parallel", "INFO", "no" if problem else "yes",
+                           note=problem and f"{problem}: each config compiles in turn, a first run takes minutes "
+                                            "longer (models/triton_autotune.py)"))
     for name in ("mamba_ssm", "flash_attn", "einops", "mlxtend"):  # what travels as wheels, and flash-attn's CUDA build
         travels = name in TRAVELLING and not dry_run
         lines.append(CheckLine(f"package {name}", "FAIL" if travels and versions[name] == "absent" else "INFO",

