@@ -71,8 +71,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
     """The usage examples as written, and every flag's default."""
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+def build_parser(parser_class: type[argparse.ArgumentParser] = argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p = parser_class(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--ckpt", default=None, help="M-VAR checkpoint: ours ({config, model, ...}), an official file, "
                    "a Hub folder (scripts/export.py) or a Hugging Face repo id")
     p.add_argument("--depth", type=int, default=None,
@@ -129,9 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse, apply the preset (explicit flags override it) and check every flag that needs no checkpoint."""
-    parser = build_parser()
+def parse_args(argv: Sequence[str] | None = None,
+               parser_class: type[argparse.ArgumentParser] = argparse.ArgumentParser) -> argparse.Namespace:
+    """Parse, apply the preset (explicit flags override it) and check every flag that needs no checkpoint.
+    `parser_class`: one whose `error` raises instead of exiting, for callers that serve requests (scripts/app.py)."""
+    parser = build_parser(parser_class)
     known = parser.parse_known_args(argv)[0]
     preset = known.preset or ("fid" if known.fid else None)  # an FID dump with the picture settings is no paper FID
     if preset is not None:

@@ -7,7 +7,6 @@ classes, `MAX_PIXELS` per uploaded image) and checked before any work.
 """
 import argparse
 import contextlib
-import io
 import shlex
 import shutil
 import tempfile
@@ -214,14 +213,17 @@ def check_upload(image: Path) -> None:
                              f"{MAX_PIXELS / 1e6:.0f} MP here; reduce it first")
 
 
+class RaisingParser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are ValueError (argparse's message), not a message on stderr and an exit:
+    a server's other threads keep their stderr."""
+
+    def error(self, message: str):
+        raise ValueError(message)
+
+
 def parse_sample_args(argv: Sequence[str]) -> argparse.Namespace:
     """sample.parse_args, with its usage errors as ValueError (the message argparse would print)."""
-    err = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(err):
-            return sample.parse_args(argv)
-    except SystemExit as e:
-        raise ValueError(err.getvalue().strip().split("error: ", 1)[-1]) from e
+    return sample.parse_args(argv, parser_class=RaisingParser)
 
 
 def write_command(argv: Sequence[str], folder: Path) -> Path:

@@ -344,3 +344,20 @@ def test_a_request_while_a_cancelled_one_still_runs_is_told_to_retry(app, tiny_m
         assert len(next(session.sample(knobs)).images) == 1  # the model is free again
     finally:
         session.workspace.close()
+
+
+def test_settings_sample_py_refuses_are_errors_and_stderr_stays_the_processs(monkeypatch):
+    """A review: the page's usage errors were caught by swapping sys.stderr, for every thread of the server, while
+    sample.py parsed: other threads' warnings went into one user's message, and two overlapping swaps could leave it
+    swapped. The parser raises instead."""
+    import sys
+
+    from scripts.app_jobs import parse_sample_args
+
+    seen = []
+    monkeypatch.setattr(sample, "official_seed_problems", lambda args: seen.append(sys.stderr) or ["a problem"])
+    with pytest.raises(ValueError, match="^a problem$"):
+        parse_sample_args(["--ckpt", "x.pth"])
+    assert seen == [sys.stderr]
+    with pytest.raises(ValueError, match="argument --bs: invalid int value: 'x'"):
+        parse_sample_args(["--ckpt", "x.pth", "--bs", "x"])
