@@ -24,8 +24,8 @@ from torchvision.transforms import functional as TF
 from utils.run.checkpoint import write_atomic
 
 EDIT_REDUCE_TO = 2  # --edit images are reduced while read to a shorter side of at least this times the model's
-EDIT_FORMATS = ("PNG", "JPEG", "MPO", "WEBP", "BMP", "TIFF", "GIF", "PPM")  # of --edit and --mask files (not EPS:
-# PIL renders it with Ghostscript)
+# of --edit and --mask files (not EPS: PIL renders it with Ghostscript); JPEG's opener also opens phones' MPO files
+EDIT_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF", "PPM")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
