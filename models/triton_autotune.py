@@ -77,6 +77,8 @@ def parallel_compile_problem() -> str:
         return f"this Triton lacks the internals: {err}"
     if "ignore_errors" not in inspect.signature(AsyncCompileMode).parameters:
         return "this Triton's AsyncCompileMode takes no ignore_errors"
+    if compile_threads() <= 1:
+        return f"{compile_threads()} compile thread(s) ({ENV} or the usable CPUs)"
     return ""
 
 

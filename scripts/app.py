@@ -114,6 +114,8 @@ def launch(argv: Sequence[str] | None = None, block: bool = True):
     finally:
         if block:
             session.workspace.close()
+            if USER_GRADIO_TEMP_DIR is None:  # not left pointing at the deleted workspace (children inherit it)
+                os.environ.pop("GRADIO_TEMP_DIR", None)
     return demo, session, url
 
 

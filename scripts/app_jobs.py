@@ -190,7 +190,6 @@ class Session:
         img_3hw, full_HW = read_edit_image(Path(image), self.image_size)
         return to_uint8_BHW3(img_3hw[None])[0], full_HW
 
-
     @contextlib.contextmanager
     def generating(self) -> Iterator[None]:
         """Hold the model for one request. Gradio's queue runs one at a time, but a request it cancelled (or whose

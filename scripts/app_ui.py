@@ -163,7 +163,9 @@ def build_ui(session: Session, title: str, queue_size: int) -> gr.Blocks:
         images.select(selected_index, None, selected, api_visibility="undocumented", queue=False)
         send.click(lambda paths, i: (paths[min(i or 0, len(paths) - 1)] if paths else None, gr.Tabs(selected="edit")),
                    [shown, selected], [upload, tabs], api_visibility="undocumented", queue=False)
-        upload.change(on_preview, upload, [editor, size], api_visibility="undocumented", queue=False)
+        # the preview decodes the upload (up to 50 MP): one at a time, beside the generations
+        upload.change(on_preview, upload, [editor, size], api_visibility="undocumented", concurrency_limit=1,
+                      concurrency_id="preview")
         run_edit.click(on_edit, [upload, editor, box, *edit_knobs],
                        [before, mask, after, edit_status, edit_command, edit_files], api_name="edit",
                        concurrency_limit=1, concurrency_id="generate")

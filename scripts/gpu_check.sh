@@ -60,11 +60,14 @@ START=$SECONDS
 REPORT_S=30 MIN_STAGE_S=20
 declare -A WEIGHT=([pytest]=2 [numerics]=3 [train]=3 [timings]=4) RAN=()
 wanted() { [[ ,$ONLY, == *,$1,* ]]; }
-box_of() {  # BOX = stage $1's share of the time left: by weight among the wanted stages not run yet
+box_of() {  # BOX = stage $1's share of the time left, by weight among the wanted stages not run yet (at least
+    # MIN_STAGE_S; `stage` cuts it to what is left)
     local s rest=0 left=$((BUDGET - REPORT_S - (SECONDS - START)))
     for s in ${ONLY//,/ }; do [[ ${RAN[$s]:-} ]] || rest=$((rest + WEIGHT[$s])); done
     RAN[$1]=1
     BOX=$((left * WEIGHT[$1] / rest))
+    ((BOX < MIN_STAGE_S)) && BOX=$MIN_STAGE_S
+    return 0
 }
 stage() {  # stage NAME SECONDS [--log FILE] COMMAND...: run COMMAND under `timeout` (its output to FILE if given),
     # its box cut to the budget left; say how it ended, and kill what it left running
@@ -104,12 +107,13 @@ wanted numerics && box_of numerics && stage numerics "$BOX" "$PY" scripts/gpu_nu
     "${DRY[@]}"
 wanted train && box_of train && stage training "$BOX" "$PY" scripts/gpu_train_check.py --work "$WORK/train" \
     --out "$OUT/train.json" --run_timeout 70 "${DRY[@]}"
-wanted timings && box_of timings && stage timings "$BOX" "$PY" scripts/gpu_timings.py --out "$OUT/timings.json" \
-    "${DRY[@]}"
+# expandable segments: the memory of a batch that did not fit is reusable by the next try (no fragmentation)
+wanted timings && box_of timings && stage timings "$BOX" env PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
+    "$PY" scripts/gpu_timings.py --out "$OUT/timings.json" "${DRY[@]}"
 rm -f "$OUT"/*.part  # a stage killed while writing its file: the file before stays
 echo "=== report (after $((SECONDS - START)) s) ==="
 timeout $((REPORT_S - 5)) "$PY" scripts/gpu_report.py --out "$OUT" --stages "env,$ONLY" "${DRY[@]}"
 rc=$?
-exec >&- 2>&-  # the pipe to tee closed: wait for it to write check.log's last lines
-wait "$TEE" 2>/dev/null
+exec >&- 2>&-  # the pipe to tee closed: give it 5 s to write check.log's last lines (a process a stage left
+for _ in {1..50}; do kill -0 "$TEE" 2>/dev/null || break; sleep 0.1; done  # behind may hold the pipe open)
 exit $rc

@@ -10,7 +10,6 @@ on the CPU at width 32 and tiny patch schedules; the targets are then reported, 
 """
 import argparse
 import gc
-import os
 import sys
 
 import torch
@@ -86,8 +85,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU, targets not judged")
     p.add_argument("--only", nargs="+", default=["paper", "train"], choices=["paper", "train"])
     args = p.parse_args(argv)
-    # before CUDA starts: memory freed by a batch that did not fit is reusable by the next (no fragmentation)
-    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     flags, judged = (DRY_FLAGS, False) if args.dry_run else (GPU_FLAGS, True)
     lines, tables = [], {}
     if "paper" in args.only:

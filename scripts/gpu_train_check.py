@@ -98,9 +98,8 @@ def run(cmd: list[str], timeout: float, stop_at_line: int = 0) -> tuple[int, str
     except subprocess.TimeoutExpired:
         kill_tree(proc.pid)  # torchrun's worker too: it runs in a session of its own
         proc.wait()
-    reader.join(timeout=10)
-    if proc.returncode == -signal.SIGKILL:
         lines.append(f"{TIMED_OUT} {timeout:.0f} s (compiling, or a hang)\n")
+    reader.join(timeout=10)
     return proc.returncode, "".join(lines), time.monotonic() - t0
 
 

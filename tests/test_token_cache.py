@@ -126,8 +126,8 @@ def test_extraction_warns_that_limit_keeps_the_first_classes_and_training_says_i
     args = SimpleNamespace(tokens=str(tmp_path / "cache"), data_path="", dataset="mnist", eval_every=0, mid_reso=1.0,
                            fmnist_dir="", val_limit=0, train_limit=0, patch_nums=(1, 2, 4), hflip=False)
     train.build_data(args, vae, reso=8)
-    assert f"the token cache holds only the first 3 images of each split of {setup / 'data'} (extracted with " \
-           f"--limit=3)" in caplog.text
+    assert f"the token cache holds only the first 3 images of its train and val split(s) of {setup / 'data'} " \
+           f"(extracted with --limit=3)" in caplog.text
     manifest["splits"]["val"]["skipped"] = [0, 2]
     assert gaps({**manifest, "limit": 0}) == [f"2 val image(s) of {setup / 'data'} were unreadable at extraction "
                                               f"and are left out (their indices: manifest.json, splits.val.skipped)"]
@@ -142,7 +142,7 @@ def test_ranks_compare_what_their_caches_ids_are(setup, centre_cache, tmp_path):
     elsewhere = {**manifest, "source": "/node1/imagenet", "batch": 7,
                  "splits": {s: {**i, "shards": [[0, 1], [1, i["images"]]]} for s, i in manifest["splits"].items()}}
     assert content_digest(elsewhere) == same
-    for change in ({"seed": 1}, {"views": ["center_flip"]}, {"tf32": True}, {"limit": 5}, {"tokenizer_digest": "0"},
+    for change in ({"seed": 1}, {"views": ["center_flip"]}, {"tf32": True}, {"tokenizer_digest": "0"},
                    {"files": {**manifest["files"], "train": "0"}},
                    {"splits": {**manifest["splits"], "val": {**manifest["splits"]["val"], "skipped": [1]}}}):
         assert content_digest({**manifest, **change}) != same, change

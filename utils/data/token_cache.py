@@ -35,7 +35,7 @@ IDENTITY = {"tokenizer_digest": "the tokenizer (weights digest of --vae_ckpt)", 
             "classes": "the class names"}
 # what else fixes a cache's ids and labels (with IDENTITY and each split's images, views and skipped images): not where
 # the images were read from, nor how the work was split into shards
-CONTENT = ("L", "seed", "tf32", "files", "limit")
+CONTENT = ("L", "seed", "tf32", "files")  # (--limit: in the splits' image counts)
 MASK64 = 2**64 - 1
 USAGE_BUFFER = "quantize.ema_vocab_hit_SV"  # usage statistics: shaped by the schedule, no effect on the ids
 
@@ -118,10 +118,13 @@ def content_digest(manifest: dict[str, Any]) -> str:
 
 
 def gaps(manifest: dict[str, Any]) -> list[str]:
-    """What a finished cache leaves out of its images, in words: the images past its --limit, the unreadable ones."""
-    lines = [f"the token cache holds only the first {manifest['limit']} images of each split of {manifest['source']} "
-             f"(extracted with --limit={manifest['limit']})"] if manifest.get("limit") else []
-    for split, info in manifest["splits"].items():
+    """What a finished cache leaves out of its images, in words: the images past its --limit (when a split had more),
+    the unreadable ones."""
+    limit, splits = manifest.get("limit", 0), manifest["splits"]
+    cut = [split for split, info in splits.items() if limit and info["images"] == limit]
+    lines = [f"the token cache holds only the first {limit} images of its {' and '.join(cut)} split(s) of "
+             f"{manifest['source']} (extracted with --limit={limit})"] if cut else []
+    for split, info in splits.items():
         if skipped := info.get("skipped"):
             lines.append(f"{len(skipped)} {split} image(s) of {manifest['source']} were unreadable at extraction and "
                          f"are left out (their indices: manifest.json, splits.{split}.skipped)")
