@@ -21,6 +21,7 @@ from torch.utils.data import Dataset
 
 import dist
 from models import backends
+from models.attention import resolve_backend
 from models.loading import DERIVED_KEYS, CheckpointError, existing_file, load_checkpoint, load_state_dict_checked, \
     load_vae
 from models.mvar import MVAR, MVARConfig
@@ -241,7 +242,8 @@ def end_epoch(ep: int, iters: int, args: argparse.Namespace, trainer: Trainer, v
         tb.scalars("epochs", ep + 1, "val/", **val)
     if args.sample_every > 0 and ((ep + 1) % args.sample_every == 0 or ep + 1 == args.ep) \
             and (args.fsdp or dist.is_main_process()):
-        tb.image("epochs", "samples", sample_grid(mvar, mvar.num_classes, seed=args.seed + ep), ep + 1)
+        tb.image("epochs", "samples", sample_grid(mvar, mvar.num_classes, args.seed + ep, sample_dtype(args, trainer)),
+                 ep + 1)
     if saver.evaluator is not None and ((ep + 1) % args.eval_every == 0 or ep + 1 == args.ep):
         point = saver.evaluator.evaluate(mvar, ep + 1, images_after(ep + 1, iters, args), trainer.train_seconds)
         scores = {k: v for k, v in point.items() if k not in ("epoch", "images", "train_s")}
@@ -263,13 +265,25 @@ def end_epoch(ep: int, iters: int, args: argparse.Namespace, trainer: Trainer, v
     return best_val
 
 
+def sample_dtype(args: argparse.Namespace, trainer: Trainer) -> torch.dtype | None:
+    """The precision of the epoch's sample grid and --eval_every's samples: fp32 (None), unless the attention kernel
+    this run forces (--attn_backend, $MVAR_ATTN_BACKEND) runs fp16/bf16 only: then the training's autocast dtype."""
+    try:
+        resolve_backend(args.attn_backend, trainer.device, torch.float32)
+    except backends.BackendError:
+        return trainer.amp_dtype
+    return None
+
+
 @torch.no_grad()
-def sample_grid(mvar: MVAR, num_classes: int, seed: int, n: int = 16) -> torch.Tensor:
-    """A (3, H, W) grid of n class-conditional samples (classes 0, 1, ...), without touching the training RNG."""
+def sample_grid(mvar: MVAR, num_classes: int, seed: int, dtype: torch.dtype | None = None, n: int = 16
+                ) -> torch.Tensor:
+    """A (3, H, W) grid of n class-conditional samples (classes 0, 1, ...) in `dtype` (None: fp32), without
+    touching the training RNG."""
     was_training = mvar.training
     mvar.eval()
     devices = [mvar.pos_1LC.device] if mvar.pos_1LC.is_cuda else []
-    with torch.random.fork_rng(devices=devices):
+    with torch.random.fork_rng(devices=devices), mvar.inference_precision(dtype):
         labels = torch.arange(n, device=mvar.pos_1LC.device) % num_classes
         imgs = mvar.autoregressive_infer_cfg(n, labels, g_seed=seed, cfg=1.5, top_k=min(900, mvar.V), top_p=0.96)
     mvar.train(was_training)
@@ -367,7 +381,7 @@ def main(args: argparse.Namespace) -> None:
     evaluator = None
     if args.eval_every:
         evaluator = TrainingEval(net=args.eval_net, n=args.eval_n, seed=args.seed, cfg=args.eval_cfg,
-                                 top_k=args.eval_top_k, top_p=args.eval_top_p)
+                                 top_k=args.eval_top_k, top_p=args.eval_top_p, dtype=sample_dtype(args, trainer))
         evaluator.prepare(eval_images, num_classes, device)
         evaluator.load_history(ckpt.get("eval_history") if ckpt is not None else None)  # the curve goes on
     # a resume hides in TensorBoard what a killed run logged after its checkpoint, on each x axis

@@ -109,7 +109,7 @@ def data_problems(old: dict[str, Any] | None, new: dict[str, Any], mid_epoch: bo
 class StepResult:
     """What one micro-step returns; tensors stay on the device (no sync) except the floats set when stepping."""
     loss: torch.Tensor  # the optimised loss (smoothed, weighted), scalar
-    logits_BLV: torch.Tensor  # detached
+    logits_BLV: torch.Tensor | None  # detached; dropped when the next step starts (`Trainer.scheduled_step`)
     gt_BL: torch.Tensor
     grad_norm: float | None = None  # pre-clip global norm, set on stepping micro-steps
     loss_scale: float | None = None  # fp16 GradScaler scale after the step
@@ -190,6 +190,8 @@ class Trainer:
         `micro_step_tokens` (forward, backward) -> `optimizer_step` (clip, update)."""
         point = self.schedule.at(g_it)
         set_lr_wd(self.optimizer, point.lr, point.wd)
+        if self.last is not None:  # its fp32 logits (1 GB at d16, batch 96) would live through this step's peak
+            self.last.logits_BLV = None
         res = self.micro_step(inp_B3HW.to(self.device, non_blocking=True), label_B.to(self.device, non_blocking=True),
                               stepping=self.window_micro_steps + 1 == self.ac, prog_si=point.prog_si,
                               prog_wp=point.prog_wp)

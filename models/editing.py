@@ -65,8 +65,11 @@ def token_masks(mask_B1HW: torch.Tensor, patch_nums: Sequence[int]) -> list[torc
 @torch.no_grad()
 def known_tokens(vae: nn.Module, img_B3HW: torch.Tensor, mask_B1HW: torch.Tensor,
                  patch_nums: Sequence[int]) -> KnownTokens:
-    """Tokenize the image ([0, 1]) at every scale and mark the tokens outside the mask as known."""
-    idx_Bl = vae.img_to_idxBl(img_B3HW.mul(2).sub(1), v_patch_nums=patch_nums)
+    """Tokenize the image ([0, 1]) at every scale and mark the tokens outside the mask as known. The tokens are made
+    as training makes them (Trainer.tokenize): in fp32 with autocast off, also when sampling runs in fp16/bf16 (a
+    half-precision encoder and nearest-code search would pick other codes, or overflow)."""
+    with torch.autocast(img_B3HW.device.type, enabled=False):
+        idx_Bl = vae.img_to_idxBl(img_B3HW.float().mul(2).sub(1), v_patch_nums=patch_nums)
     return KnownTokens(idx_Bl, token_masks(mask_B1HW, patch_nums))
 
 

@@ -192,3 +192,24 @@ def test_large_edit_image_is_reduced_while_it_is_read(tmp_path, monkeypatch):
     for img in (jpg, png):
         assert (img[0] - full).abs().max() < 0.05
     assert from_mask[0, 0].nonzero().tolist() == [[1500 * IMG // side, 700 * IMG // side]]
+
+
+def test_the_images_tokens_are_made_in_fp32_when_sampling_runs_in_half_precision():
+    """A review: under sample.py --bf16/--fp16 the edit's image was tokenized inside the sampling autocast, so its
+    known tokens (and the reconstruction kept outside the mask) came from a half-precision encoder and nearest-code
+    search, not the fp32 tokenization training uses."""
+    from models.editing import known_tokens
+
+    vae, _ = build_tiny()
+    seen, real = [], vae.img_to_idxBl
+
+    def spy(inp_B3HW, **kwargs):
+        seen.append((torch.is_autocast_enabled("cpu"), inp_B3HW.dtype))
+        return real(inp_B3HW, **kwargs)
+    vae.img_to_idxBl = spy
+    img, mask = images(B=1), torch.zeros(1, 1, 8, 8, dtype=torch.bool)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = known_tokens(vae, img.bfloat16(), mask, vae.v_patch_nums)
+    assert seen == [(False, torch.float32)]
+    assert all(torch.equal(a, b) for a, b in zip(inside.idx_Bl, known_tokens(vae, img, mask, vae.v_patch_nums).idx_Bl,
+                                                   strict=True))

@@ -389,3 +389,37 @@ def test_models_are_built_on_their_device(builder, monkeypatch):
     with pytest.raises(Built) as built:
         build()
     assert built.value.args[0] == meta
+
+
+def test_training_time_samples_take_the_training_precision_only_when_the_forced_kernel_needs_it(monkeypatch):
+    """A review: with --attn_backend=flash_attn (fp16/bf16 only) training ran, but the epoch's sample grid and
+    --eval_every sampled in fp32, which that kernel refuses: the run failed at its first epoch's end, before the
+    checkpoint, and again after every relaunch. They sample in the training's autocast dtype then, else in fp32."""
+    import train
+    from models.backends import BackendError
+
+    tr = tiny(fp16=2)
+
+    def half_only(backend, device, dtype):
+        if dtype == torch.float32:
+            raise BackendError(f"{backend} needs float16/bfloat16 q/k/v")
+        return backend
+    monkeypatch.setattr(train, "resolve_backend", half_only)
+    assert train.sample_dtype(types.SimpleNamespace(attn_backend="flash_attn"), tr) == tr.amp_dtype
+    monkeypatch.setattr(train, "resolve_backend", lambda backend, device, dtype: "sdpa")
+    assert train.sample_dtype(types.SimpleNamespace(attn_backend="auto"), tr) is None
+    seen, real = [], type(tr.mvar).inference_precision
+    monkeypatch.setattr(type(tr.mvar), "inference_precision",
+                        lambda self, dtype: seen.append(dtype) or real(self, dtype))
+    grid = train.sample_grid(tr.mvar, 4, seed=0, dtype=torch.bfloat16, n=4)
+    assert seen == [torch.bfloat16] and grid.shape[0] == 3 and torch.isfinite(grid).all()
+
+
+def test_a_steps_logits_are_dropped_when_the_next_step_starts():
+    """A review: the last step's fp32 logits (B, L, V), 1 GB at d16 and batch 96, lived through the next step's
+    forward and backward, at the memory peak; the metrics read them right after their own step."""
+    tr = tiny(schedule=Schedule(tlr=1e-3, max_it=10, wp_it=1, num_scales=len(PN)))
+    first = tr.scheduled_step(*batch(), 0)
+    assert first.logits_BLV is not None and tr.pop_metrics(seconds=1.0)["train/"]["Lm"] > 0
+    second = tr.scheduled_step(*batch(seed=1), 1)
+    assert first.logits_BLV is None and second.logits_BLV is not None and tr.last is second

@@ -97,6 +97,7 @@ class TrainingEval:
     cfg: float = 1.5
     top_k: int = 900
     top_p: float = 0.96
+    dtype: torch.dtype | None = None  # the samples' precision (None: fp32; train.sample_dtype)
     history: list[dict] = field(default_factory=list)
 
     def __post_init__(self):
@@ -134,8 +135,9 @@ class TrainingEval:
 
         def generated(start: int, stop: int) -> np.ndarray:
             label_B = torch.arange(start, stop, device=device) % mvar.num_classes
-            img_B3HW = mvar.autoregressive_infer_cfg(stop - start, label_B, g_seed=chunk_seed(self.seed, start),
-                                                     cfg=self.cfg, top_k=top_k, top_p=self.top_p)
+            with mvar.inference_precision(self.dtype):
+                img_B3HW = mvar.autoregressive_infer_cfg(stop - start, label_B, g_seed=chunk_seed(self.seed, start),
+                                                         cfg=self.cfg, top_k=top_k, top_p=self.top_p)
             return to_uint8_BHW3(img_B3HW)
         try:
             with rng:
