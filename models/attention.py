@@ -150,8 +150,8 @@ def _resolve(backend: str, env_value: str, device_type: str, capability: tuple[i
 @functools.lru_cache(maxsize=64)
 def _cu_seqlens(seg_lens: tuple[int, ...], batch_size: int, device: torch.device) -> torch.Tensor:
     """int32 (B*K+1,) start offsets of every scale of every sample in the packed (B*L) token axis."""
-    lens = torch.tensor(seg_lens * batch_size, dtype=torch.int32)
-    return F.pad(lens.cumsum(0, dtype=torch.int32), (1, 0)).to(device)
+    lens = torch.tensor(seg_lens * batch_size, dtype=torch.int32, device=device)  # made where it is used: a CPU
+    return F.pad(lens.cumsum(0, dtype=torch.int32), (1, 0))  # tensor copied in would keep --tfast=1 off CUDA graphs
 
 
 def _intra_flash_attn(q, k, v, seg_lens, softmax_scale, dropout_p):
@@ -201,8 +201,8 @@ def _pack_groups(seg_lens: tuple[int, ...]) -> tuple[tuple[int, int, tuple[int, 
 @functools.lru_cache(maxsize=64)
 def _block_diagonal_mask(lens: tuple[int, ...], device: torch.device) -> torch.Tensor:
     """bool (l, l), True where query and key are in the same scale."""
-    lvl = torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens))
-    return (lvl[:, None] == lvl[None, :]).to(device)
+    lvl = torch.repeat_interleave(torch.arange(len(lens), device=device), torch.tensor(lens, device=device))
+    return lvl[:, None] == lvl[None, :]
 
 
 def _intra_sdpa(q, k, v, seg_lens, softmax_scale, dropout_p):
@@ -245,9 +245,9 @@ def intra_scale_attention(
 @functools.lru_cache(maxsize=16)
 def block_causal_mask(seg_lens: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """Additive (L, L) mask: 0 where the key's scale is <= the query's scale, -inf elsewhere (VAR's mask)."""
-    lvl = torch.repeat_interleave(torch.arange(len(seg_lens)), torch.tensor(seg_lens))
+    lvl = torch.repeat_interleave(torch.arange(len(seg_lens), device=device), torch.tensor(seg_lens, device=device))
     allowed = lvl[None, :] <= lvl[:, None]
-    return torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, float("-inf")).to(device)
+    return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
 
 
 def block_causal_attention(
