@@ -38,7 +38,7 @@ def page_errors() -> Iterator[None]:
         yield
     except PAGE_ERRORS as e:
         raise gr.Error(str(e), print_exception=False) from e
-    except torch.OutOfMemoryError as e:
+    except torch.cuda.OutOfMemoryError as e:  # torch.OutOfMemoryError, under its name of every supported torch
         torch.cuda.empty_cache()
         raise gr.Error("out of memory: lower the batch size, the images per class or the classes",
                        print_exception=False) from e
