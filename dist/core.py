@@ -20,6 +20,13 @@ T = TypeVar("T")
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
+# How long the ranks of a sharded job (a token extraction, an FID dump) wait for each other where they meet: shares
+# may end hours apart (image sizes differ by class; a resumed job's ranks have unequal work left), and the default 30
+# minutes would fail the job just before its end. A rank that fails ends the others at once (torchrun), so the long
+# wait never hides one.
+SHARDED_JOB_WAIT_MIN = 24 * 60
+
+
 def initialize(backend: str = "auto", timeout_min: float = 30.0) -> torch.device:
     """Join the process group described by torchrun's environment and return this process's device.
 

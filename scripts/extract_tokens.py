@@ -165,14 +165,8 @@ def finish(out: Path, manifest: dict, world: int) -> None:
     write_json(out / "manifest.json", {**manifest, "complete": True})
 
 
-# Ranks meet only at the start and the end; a rank may finish its shard hours after another (image sizes differ by
-# class, and the shards are ranges of classes): the end's barrier waits that long, not the default 30 minutes. A
-# rank that fails ends the others at once (torchrun), so the long wait never hides one.
-RANKS_WAIT_MIN = 24 * 60
-
-
 def main(args: argparse.Namespace) -> None:
-    device = dist.initialize(timeout_min=RANKS_WAIT_MIN)
+    device = dist.initialize(timeout_min=dist.SHARDED_JOB_WAIT_MIN)  # shards are ranges of classes: hours apart
     rank, world = dist.get_rank(), dist.get_world_size()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="[%(levelname)s] %(message)s")
     lowest = {"batch": 1, "encode_batch": 1, "workers": 0, "mid_reso": 1, "limit": 0}
