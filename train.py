@@ -268,8 +268,9 @@ def end_epoch(ep: int, iters: int, args: argparse.Namespace, trainer: Trainer, v
 def sample_dtype(args: argparse.Namespace, trainer: Trainer) -> torch.dtype | None:
     """The precision of the epoch's sample grid and --eval_every's samples: fp32 (None), unless the attention kernel
     this run forces (--attn_backend, $MVAR_ATTN_BACKEND) runs fp16/bf16 only: then the training's autocast dtype."""
+    attn_backend = backends.from_flags(args.attn_backend, args.mamba_backend, fuse=args.fuse)[0]  # as the model's
     try:
-        resolve_backend(args.attn_backend, trainer.device, torch.float32)
+        resolve_backend(attn_backend, trainer.device, torch.float32)
     except backends.BackendError:
         return trainer.amp_dtype
     return None

@@ -394,20 +394,23 @@ def test_models_are_built_on_their_device(builder, monkeypatch):
 def test_training_time_samples_take_the_training_precision_only_when_the_forced_kernel_needs_it(monkeypatch):
     """A review: with --attn_backend=flash_attn (fp16/bf16 only) training ran, but the epoch's sample grid and
     --eval_every sampled in fp32, which that kernel refuses: the run failed at its first epoch's end, before the
-    checkpoint, and again after every relaunch. They sample in the training's autocast dtype then, else in fp32."""
+    checkpoint, and again after every relaunch. They sample in the training's autocast dtype then; with the default
+    flags (no --attn_backend: "auto" through --fuse) in fp32, as before (a second review caught the default)."""
     import train
     from models.backends import BackendError
+    from utils.flags import parse_args
 
     tr = tiny(fp16=2)
+    for flags in ([], ["--attn_backend=sdpa"], ["--fuse=0"]):
+        assert train.sample_dtype(parse_args(flags), tr) is None, flags
 
     def half_only(backend, device, dtype):
-        if dtype == torch.float32:
+        if backend == "flash_attn" and dtype == torch.float32:
             raise BackendError(f"{backend} needs float16/bfloat16 q/k/v")
         return backend
     monkeypatch.setattr(train, "resolve_backend", half_only)
-    assert train.sample_dtype(types.SimpleNamespace(attn_backend="flash_attn"), tr) == tr.amp_dtype
-    monkeypatch.setattr(train, "resolve_backend", lambda backend, device, dtype: "sdpa")
-    assert train.sample_dtype(types.SimpleNamespace(attn_backend="auto"), tr) is None
+    assert train.sample_dtype(parse_args(["--attn_backend=flash_attn"]), tr) == tr.amp_dtype
+    assert train.sample_dtype(parse_args([]), tr) is None
     seen, real = [], type(tr.mvar).inference_precision
     monkeypatch.setattr(type(tr.mvar), "inference_precision",
                         lambda self, dtype: seen.append(dtype) or real(self, dtype))
