@@ -232,10 +232,10 @@ def finalize_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
         raise FlagError(f"--eval_n={args.eval_n}: expected at least 2 images per evaluation")
     if problem := mid_reso_problem(args.mid_reso):
         raise FlagError(problem)
-    if args.tfast == 1 and args.ac > 1:
-        raise FlagError(f"--tfast=1 (reduce-overhead: CUDA graphs) with --ac={args.ac}: the graphed backward's "
-                        f"gradients are overwritten by the next micro-step's replay (pytorch/pytorch#169545); use "
-                        f"--tfast=3 (default mode) or --ac=1")
+    if args.tfast in (1, 2) and args.ac > 1:  # reduce-overhead and max-autotune both use CUDA graphs
+        raise FlagError(f"--tfast={args.tfast} (CUDA graphs) with --ac={args.ac}: the graphed backward's gradients are "
+                        f"overwritten by the next micro-step's replay (pytorch/pytorch#169545); use --tfast=3 "
+                        f"(default mode) or --ac=1")
     ranges = {"pg": (0 <= args.pg < 1, "in [0, 1): a fraction of the iterations (0 = off)"),
               "cond_drop_rate": (0 <= args.cond_drop_rate <= 1, "a probability in [0, 1]"),
               "ls": (0 <= args.ls < 1, "in [0, 1)"),
