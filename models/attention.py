@@ -16,6 +16,7 @@ Shape legend: B batch, L tokens of the scales present (680 for all scales at 256
 """
 import functools
 import inspect
+import itertools
 import logging
 import math
 import os
@@ -147,11 +148,17 @@ def _resolve(backend: str, env_value: str, device_type: str, capability: tuple[i
 # ---------------------------------------------------------------------------------------------------------------
 # Kernels; q/k/v are (B, L, H, c), outputs (B, L, H, c)
 # ---------------------------------------------------------------------------------------------------------------
+def _scale_of_each_token(seg_lens: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """int64 (L,): the scale index of each token. The masks and offsets here are made from Python ints on their
+    device: no CPU tensor copied in and no data-dependent op (repeat_interleave), which under torch.compile would
+    sync with the GPU at every forward."""
+    return torch.tensor([si for si, n in enumerate(seg_lens) for _ in range(n)], device=device)
+
+
 @functools.lru_cache(maxsize=64)
 def _cu_seqlens(seg_lens: tuple[int, ...], batch_size: int, device: torch.device) -> torch.Tensor:
     """int32 (B*K+1,) start offsets of every scale of every sample in the packed (B*L) token axis."""
-    lens = torch.tensor(seg_lens * batch_size, dtype=torch.int32, device=device)  # made where it is used: a CPU
-    return F.pad(lens.cumsum(0, dtype=torch.int32), (1, 0))  # tensor copied in would keep --tfast=1 off CUDA graphs
+    return torch.tensor([0, *itertools.accumulate(seg_lens * batch_size)], dtype=torch.int32, device=device)
 
 
 def _intra_flash_attn(q, k, v, seg_lens, softmax_scale, dropout_p):
@@ -201,7 +208,7 @@ def _pack_groups(seg_lens: tuple[int, ...]) -> tuple[tuple[int, int, tuple[int, 
 @functools.lru_cache(maxsize=64)
 def _block_diagonal_mask(lens: tuple[int, ...], device: torch.device) -> torch.Tensor:
     """bool (l, l), True where query and key are in the same scale."""
-    lvl = torch.repeat_interleave(torch.arange(len(lens), device=device), torch.tensor(lens, device=device))
+    lvl = _scale_of_each_token(lens, device)
     return lvl[:, None] == lvl[None, :]
 
 
@@ -245,7 +252,7 @@ def intra_scale_attention(
 @functools.lru_cache(maxsize=16)
 def block_causal_mask(seg_lens: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """Additive (L, L) mask: 0 where the key's scale is <= the query's scale, -inf elsewhere (VAR's mask)."""
-    lvl = torch.repeat_interleave(torch.arange(len(seg_lens), device=device), torch.tensor(seg_lens, device=device))
+    lvl = _scale_of_each_token(seg_lens, device)
     allowed = lvl[None, :] <= lvl[:, None]
     return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
 
