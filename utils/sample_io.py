@@ -178,7 +178,7 @@ def save_image(img_HW3: np.ndarray, path: Path) -> None:
     """Write a uint8 (H, W, 3) image atomically, in the format of the suffix: a kill leaves the old file or none,
     never a truncated one that a later reader would take for a result."""
     fmt = Image.registered_extensions().get(Path(path).suffix.lower())
-    if fmt is None:
+    if fmt not in Image.SAVE:  # unknown, or a format PIL only reads (.psd)
         raise ValueError(f"{path}: no image format has the suffix {Path(path).suffix!r} (.png, .jpg, .webp, ...)")
     write_atomic(path, lambda f: Image.fromarray(img_HW3).save(f, format=fmt))
 
