@@ -46,7 +46,7 @@ from utils.evaluation.fid_dump import DumpFolderError, DumpPlan, check_or_write_
     chunk_seed, dump_shard, fid_folder_name, pack_npz
 from utils.flags import add_backend_flags, add_model_flag, device_problem
 from utils.run.checkpoint import DiskFullError, OutputFolderError, check_writable, write_text_atomic
-from utils.run.agreement import rank_disagreements
+from utils.run.agreement import refuse_disagreement
 from utils.run.lock import LOCK_NAME, RunLockError, lock_output_folder, read_owner
 from utils.run.log import setup_logging
 from utils.run.preemption import sigterm_raises
@@ -521,9 +521,8 @@ def check_ranks_agree(settings: dict[str, Any], folder: Path) -> None:
     facts = {**{f"{k} (settings.json)": v for k, v in settings.items()},
              "the run lock of --fid_dir (rank 0's: every rank must see its folder, on a shared disk)":
              read_owner(folder / LOCK_NAME)}
-    if problems := rank_disagreements(facts):
-        raise DumpFolderError("the ranks of this FID dump disagree, so their images cannot make one npz:\n  "
-                              + "\n  ".join(problems))
+    refuse_disagreement(facts, DumpFolderError, "the ranks of this FID dump disagree, so their images cannot make one "
+                        "npz")
 
 
 # ---------------------------------------------------------------------------------------------------------------

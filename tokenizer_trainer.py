@@ -30,7 +30,7 @@ from models.vq_losses import PatchDiscriminator, build_perceptual_loss, hinge_d_
     perceptual_loss_problem
 from utils.data.loaders import build_datasets, build_loaders, mid_reso_problem
 from utils.flags import changed_flags, str2bool
-from utils.run.agreement import rank_disagreements, run_facts
+from utils.run.agreement import refuse_disagreement, run_facts
 from utils.run.checkpoint import RunFolder
 from utils.run.log import setup_logging
 from utils.run.preemption import Preemption
@@ -349,10 +349,10 @@ def train(args: argparse.Namespace) -> Path:
         trainer.load_state_dict(ckpt)
         logger.info("resumed from %s at step %d", resume_path, trainer.step)
         del ckpt
-    if world > 1 and (differ := rank_disagreements(run_facts(vars(args), weights_digest(trainer.vae.state_dict()),
-                                                             train_set, val_set))):
-        raise ValueError("the ranks do not train alike (another copy of the data or other flags on some node; paths "
-                         "may differ):\n  " + "\n  ".join(differ))
+    if world > 1:
+        refuse_disagreement(run_facts(vars(args), weights_digest(trainer.vae.state_dict()), train_set, val_set),
+                            ValueError, "the ranks do not train alike (another copy of the data or other flags on some "
+                            "node; paths may differ)")
     n_params = sum(p.numel() for p in trainer.vae.parameters()) / 1e6
     logger.info("tokenizer %.2fM params, config %s; %d train / %d val images (%d classes), %d steps of %d",
                 n_params, dataclasses.asdict(trainer.vae.config), len(train_set), len(val_set), num_classes,

@@ -33,7 +33,7 @@ from utils.data.token_cache import TokenCacheError, TokenDataset, content_digest
     tokenizer_digest
 from utils.evaluation.during_training import TrainingEval
 from utils.flags import FlagError, changed_flags, finalize_args, parse_args
-from utils.run.agreement import rank_disagreements, run_facts
+from utils.run.agreement import refuse_disagreement, run_facts
 from utils.run.checkpoint import OutputFolderError, RunFolder, check_writable, position_text
 from utils.run.lock import RunLockError
 from utils.run.log import TBLogger, setup_logging
@@ -351,10 +351,8 @@ def main(args: argparse.Namespace) -> None:
         facts = run_facts(vars(args), tokenizer_digest(vae), train_set, val_set)
         if args.tokens:  # node-local caches: what their ids are (views, seed, source files, ...), not just their size
             facts["the token cache (digest of what its ids are)"] = content_digest(read_manifest(args.tokens))
-        differ = rank_disagreements(facts)
-        if differ:
-            raise FlagError("the ranks do not train alike (another copy of the data, tokenizer or flags on some node; "
-                            "paths may differ):\n  " + "\n  ".join(differ))
+        refuse_disagreement(facts, FlagError, "the ranks do not train alike (another copy of the data, tokenizer or "
+                            "flags on some node; paths may differ)")
     if 0 < args.num_classes < num_classes:
         raise FlagError(f"--num_classes={args.num_classes} is below the data's {num_classes} classes: the labels from "
                         f"{args.num_classes} on would be read as the unconditional (classifier-free guidance) label")

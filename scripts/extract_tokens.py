@@ -29,7 +29,7 @@ from utils.data.loaders import SafeImageFolder, check_same_classes, file_list_di
 from utils.data.token_cache import FORMAT, SPLITS, ShardWriter, TokenCacheError, identity_problems, read_manifest, \
     shard_bounds, shard_name, tokenizer_digest, write_json
 from utils.data.views import parse_views, render_views
-from utils.run.agreement import rank_disagreements, run_facts
+from utils.run.agreement import refuse_disagreement, run_facts
 
 logger = logging.getLogger("extract_tokens")
 
@@ -149,9 +149,8 @@ def check_ranks_agree(args: argparse.Namespace, identity: dict, manifest: dict, 
     facts.update({"the plan (images, views and shards per split)": manifest["splits"],
                   "--out's manifest.json (rank 0 wrote or checked it: every rank must see --out, on a shared disk)":
                   hashlib.sha256(manifest_file.read_bytes()).hexdigest() if manifest_file.is_file() else None})
-    if problems := rank_disagreements(facts):
-        raise TokenCacheError("the ranks of this extraction disagree (another copy of the tokenizer or the data, or "
-                              "another --out, on some node; paths may differ):\n  " + "\n  ".join(problems))
+    refuse_disagreement(facts, TokenCacheError, "the ranks of this extraction disagree (another copy of the tokenizer "
+                        "or the data, or another --out, on some node; paths may differ)")
 
 
 def finish(out: Path, manifest: dict, world: int) -> None:

@@ -49,6 +49,13 @@ def rank_disagreements(facts: dict[str, Any]) -> list[str]:
     return lines
 
 
+def refuse_disagreement(facts: dict[str, Any], error: type[Exception], what: str) -> None:
+    """Collective: raise `error` ("`what`:" then a line per fact that differs, `rank_disagreements`) when the ranks
+    disagree; every caller that checks its ranks refuses so."""
+    if problems := rank_disagreements(facts):
+        raise error(f"{what}:\n  " + "\n  ".join(problems))
+
+
 def run_facts(flags: dict[str, Any], tokenizer_digest: str, train_set: Dataset, val_set: Dataset) -> dict[str, Any]:
     """What every rank must share: the flags but the node-local paths, the tokenizer's weights, the data (its
     classes in label order, its size, its files)."""
