@@ -54,14 +54,19 @@ def build_transforms(reso: int, mid_reso: float = 1.125, hflip: bool = False) ->
     return transforms.Compose(train), transforms.Compose(val)
 
 
+def check_folder(root: str | Path, flag: str = "--data_path") -> None:
+    """FileNotFoundError naming `flag` when the ImageFolder root `root` is no folder."""
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"{flag}: folder {root} does not exist (expected an ImageFolder with one sub-folder "
+                                f"per class)")
+
+
 class SafeImageFolder(ImageFolder):
     """ImageFolder that skips images that do not decode (broken, truncated): one warning per file (naming it, with
     the count so far in this process), and the next readable image in index order is returned in its place."""
 
     def __init__(self, root: str, transform: Callable | None = None, flag: str = "--data_path"):
-        if not os.path.isdir(root):
-            raise FileNotFoundError(f"{flag}: folder {root} does not exist (expected an ImageFolder with one "
-                                    f"sub-folder per class)")
+        check_folder(root, flag)
         try:
             super().__init__(root, transform=transform)  # images are read by `read`
         except FileNotFoundError as e:  # no class folders / a class folder without images
@@ -160,11 +165,9 @@ def build_val_set(data_path: str, dataset: str, reso: int, mid_reso: float = 1.1
     val_set = open_split(data_path, dataset, "val", build_transforms(reso, mid_reso)[1], fmnist_dir)
     classes = list(val_set.classes)
     if data_path:
-        train = Path(data_path) / "train"
-        if not train.is_dir():
-            raise FileNotFoundError(f"--data_path: folder {train} does not exist (expected an ImageFolder with one "
-                                    f"sub-folder per class)")
-        classes = find_classes(str(train))[0]
+        train = str(Path(data_path) / "train")
+        check_folder(train)
+        classes = find_classes(train)[0]
         check_same_classes(classes, val_set.classes, data_path)
     if len(val_set) == 0:
         raise DataError(f"empty data set: no val images (--data_path={data_path!r}, --dataset={dataset!r})")

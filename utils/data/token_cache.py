@@ -3,7 +3,7 @@ scripts/extract_tokens.py and trained from by `train.py --tokens DIR`.
 
 A cache folder holds
 - manifest.json: what the ids mean (IDENTITY: the tokenizer's digest, patch schedule, resolution, mid_reso, views,
-  class names; CONTENT: the crop seed, TF32, the image files' digest, --limit), the image count of each split, its
+  class names; CONTENT: the crop seed, TF32, the image files' digest), --limit, the image count of each split, its
   shards and its unreadable (skipped) images;
 - {split}/shard-{r:05d}-of-{W:05d}.ids.npy: uint16 (n, K, L), the ids of all scales concatenated, one row per
   image of rank r's contiguous range [begin, end) and one column per view; .labels.npy: int32 (n,), -1 for an
