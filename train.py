@@ -368,7 +368,7 @@ def main(args: argparse.Namespace) -> None:
     if args.vfast:
         vae.encoder.compile(mode=COMPILE_MODES[args.vfast])
     if args.tfast:
-        mvar.compile(mode=COMPILE_MODES[args.tfast])
+        mvar.compile_for_training(mode=COMPILE_MODES[args.tfast])
     iters = sampler.iters_per_epoch
     trainer = Trainer(vae, dist.wrap_model(mvar, device, fsdp=args.fsdp), device, lr=args.tlr, fused_adam=args.afuse,
                       schedule=build_schedule(args, iters), fp16=args.fp16, tclip=args.tclip, label_smooth=args.ls,

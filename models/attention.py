@@ -123,11 +123,13 @@ def backend_unavailable_reason(
     return None
 
 
+@torch.compiler.assume_constant_result  # torch.compile runs it, eagerly, when tracing: logging cannot be traced
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, dropout_p: float = 0.0,
                     head_dim: int | None = None) -> str:
     """The backend that will run: `backend`, or for "auto" $MVAR_ATTN_BACKEND or the fastest available one.
 
-    A forced backend that cannot run raises a `BackendError` saying why. Each resolution is logged once.
+    A forced backend that cannot run raises a `BackendError` saying why. Each resolution is logged once. Under
+    torch.compile its arguments must be constants (`head_dim` from the module, not a possibly symbolic shape).
     """
     env_value = os.environ.get(ATTN.env, "") if check_name(ATTN, backend) == "auto" else ""  # part of the cache key
     warn_only_deterministic = torch.are_deterministic_algorithms_enabled() and \
@@ -148,6 +150,19 @@ def _resolve(backend: str, env_value: str, device_type: str, capability: tuple[i
 # ---------------------------------------------------------------------------------------------------------------
 # Kernels; q/k/v are (B, L, H, c), outputs (B, L, H, c)
 # ---------------------------------------------------------------------------------------------------------------
+def _cached_when_eager(maxsize: int) -> Callable[[Callable], Callable]:
+    """functools.lru_cache for eager calls; torch.compile traces the function itself (it would skip the cache,
+    warning of "potential silent incorrectness" for these pure functions of ints, a device and a dtype)."""
+    def decorate(fn: Callable) -> Callable:
+        cached = functools.lru_cache(maxsize=maxsize)(fn)
+
+        @functools.wraps(fn)
+        def call(*args):
+            return fn(*args) if torch.compiler.is_compiling() else cached(*args)
+        return call
+    return decorate
+
+
 def _scale_of_each_token(seg_lens: tuple[int, ...], device: torch.device) -> torch.Tensor:
     """int64 (L,): the scale index of each token. The masks and offsets here are made from Python ints on their
     device: no CPU tensor copied in and no data-dependent op (repeat_interleave), which under torch.compile would
@@ -155,7 +170,7 @@ def _scale_of_each_token(seg_lens: tuple[int, ...], device: torch.device) -> tor
     return torch.tensor([si for si, n in enumerate(seg_lens) for _ in range(n)], device=device)
 
 
-@functools.lru_cache(maxsize=64)
+@_cached_when_eager(maxsize=64)
 def _cu_seqlens(seg_lens: tuple[int, ...], batch_size: int, device: torch.device) -> torch.Tensor:
     """int32 (B*K+1,) start offsets of every scale of every sample in the packed (B*L) token axis."""
     return torch.tensor([0, *itertools.accumulate(seg_lens * batch_size)], dtype=torch.int32, device=device)
@@ -192,7 +207,7 @@ def _intra_torch_varlen(q, k, v, seg_lens, softmax_scale, dropout_p):
     return o_THc.view(B, L, H, c)
 
 
-@functools.lru_cache(maxsize=64)
+@_cached_when_eager(maxsize=64)
 def _pack_groups(seg_lens: tuple[int, ...]) -> tuple[tuple[int, int, tuple[int, ...]], ...]:
     """Consecutive scales packed while their total is <= SDPA_PACK_TOKENS: (start, end, lens) per group."""
     groups, start, lens = [], 0, []
@@ -205,7 +220,7 @@ def _pack_groups(seg_lens: tuple[int, ...]) -> tuple[tuple[int, int, tuple[int, 
     return tuple(groups)
 
 
-@functools.lru_cache(maxsize=64)
+@_cached_when_eager(maxsize=64)
 def _block_diagonal_mask(lens: tuple[int, ...], device: torch.device) -> torch.Tensor:
     """bool (l, l), True where query and key are in the same scale."""
     lvl = _scale_of_each_token(lens, device)
@@ -249,7 +264,7 @@ def intra_scale_attention(
     return _INTRA_KERNELS[name](q, k, v, seg_lens, softmax_scale, dropout_p)
 
 
-@functools.lru_cache(maxsize=16)
+@_cached_when_eager(maxsize=16)
 def block_causal_mask(seg_lens: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """Additive (L, L) mask: 0 where the key's scale is <= the query's scale, -inf elsewhere (VAR's mask)."""
     lvl = _scale_of_each_token(seg_lens, device)
@@ -328,7 +343,7 @@ class ScaleAttention(nn.Module):
             k = F.normalize(k, dim=-1).to(qkv.dtype)
         dropout_p = self.attn_drop if self.training else 0.0
         if self.mode == "intra":
-            self.last_backend = resolve_backend(self.backend, q.device, q.dtype, dropout_p, q.shape[-1])
+            self.last_backend = resolve_backend(self.backend, q.device, q.dtype, dropout_p, self.head_dim)
             kernel = _INTRA_KERNELS[self.last_backend]
             o = kernel(q, k, v, _check_segments(q, seg_lens), self.scale, dropout_p)
         elif self.caching:  # sampling: this call's scale attends to every cached token (all earlier scales)

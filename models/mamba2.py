@@ -518,6 +518,18 @@ def resolve_kernels(backend: str, on_kernel_device: bool, device: torch.device |
     return (load_kernels()[0] if name == "mamba_ssm" else None), name
 
 
+_resolved: dict[str, MambaKernels] = {}  # kernel_name's finds, for traced code: torch.compile cannot trace imports
+
+
+@torch.compiler.assume_constant_result  # torch.compile runs it, eagerly, when tracing: logging cannot be traced
+def kernel_name(backend: str, on_kernel_device: bool, device: torch.device) -> str:
+    """`resolve_kernels`'s name; the kernels it found are then `_resolved[name]`."""
+    kernels, name = resolve_kernels(backend, on_kernel_device, device)
+    if kernels is not None:
+        _resolved[name] = kernels
+    return name
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The mixer
 # ---------------------------------------------------------------------------------------------------------------
@@ -724,8 +736,8 @@ class Mamba2(nn.Module):
 
     def _resolve_backend(self, u: torch.Tensor) -> MambaKernels | None:
         """Kernels to use for input `u`, or None for the PyTorch path (logged once per distinct outcome)."""
-        kernels, self.active_backend = resolve_kernels(self.backend, _is_kernel_device(u), u.device)
-        return kernels
+        self.active_backend = kernel_name(self.backend, _is_kernel_device(u), u.device)
+        return _resolved.get(self.active_backend)
 
 
 @torch.compiler.disable

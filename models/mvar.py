@@ -323,6 +323,15 @@ class MVAR(nn.Module):
         return self.get_logits(x_BLC, cond_BD)
 
     # ---- training ----------------------------------------------------------------------------------------------
+    def compile_for_training(self, mode: str | None = None, backend: str = "inductor") -> None:
+        """train.py's --tfast: torch.compile the teacher-forced pass with static shapes. Each progressive stage,
+        grad mode (training, validation) and batch size is a graph of its own, and past dynamo's recompile limit
+        (8) the forward would run eagerly: the limit is raised to hold them all."""
+        config = torch._dynamo.config
+        limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.7
+        setattr(config, limit, max(getattr(config, limit), 4 * (len(self.seg_lens) + 1)))
+        self.compile(mode=mode, backend=backend, dynamic=False)
+
     def forward(self, label_B: torch.LongTensor, x_BLCv_wo_first_l: torch.Tensor, prog_si: int = -1) -> torch.Tensor:
         """Teacher-forced pass. `x_BLCv_wo_first_l` (B, L-first_l, Cvae) from `idxBl_to_var_input`; returns
         logits (B, L', V) in fp32, L' = L, or the end of scale `prog_si` in progressive training (-1: all scales).
