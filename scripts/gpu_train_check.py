@@ -7,12 +7,13 @@ token statistics of real digits): --fp16=1 (fp16 + GradScaler) and --fp16=2 --de
 and falling; the bf16 run again, stopped by SIGTERM a third of the way in and relaunched: exit status 143, a
 checkpoint, and final weights bit-identical to the uninterrupted run (a second uninterrupted run says whether
 training itself is deterministic here); a world-size-1 torchrun launch (NCCL on a GPU, dist.core); last --fp16=2
---tfast=1 (torch.compile, the slowest to start).
+--tfast=1 (torch.compile, the slowest to start) with torch's graph-break and recompile logs: how whole its graph was.
 --dry-run: a depth-1 model on 48 images on the CPU (bf16 may run as fp32 there, models.precision says so).
 """
 import argparse
 import dataclasses
 import math
+import os
 import re
 import signal
 import subprocess
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from models import torch_features
 from models.tokenizer import VQVAE
 from scripts.gpu_results import CheckLine, any_failed, write_lines
 from scripts.process_tree import kill_tree
@@ -38,6 +40,8 @@ FALLING = 0.95  # the last quarter's mean loss below 95% of the first quarter's
 # The bf16 run that the resume is compared with, the resumed one and the control: deterministic kernels, since on a
 # GPU mamba_ssm's backward and some of torch's add with atomics, in a varying order.
 DETERMINISTIC = ("--fp16=2", "--deterministic=1")
+COMPILE_LOGS = {"TORCH_LOGS": "graph_breaks,recompiles"}  # the --tfast run's: dynamo's lines, counted below
+GRAPH_BREAK_RE = re.compile(r"Graph break in user code at (\S+)")
 
 
 @dataclass(frozen=True)
@@ -74,12 +78,14 @@ def train_cmd(work: Path, out: str, recipe: Recipe, *extra: str, torchrun: bool 
             "--workers=0", "--seed=0", "--tlr=3e-3", "--alng=1e-3", *extra]
 
 
-def run(cmd: list[str], timeout: float, stop_at_line: int = 0) -> tuple[int, str, float]:
-    """(exit status, output, seconds) of `cmd`; with `stop_at_line`, SIGTERM at that loss line. A run past
-    `timeout` is killed with every process it started (status -9), also while it prints nothing (Triton or
-    torch.compile compiling, a rendezvous that hangs)."""
+def run(cmd: list[str], timeout: float, stop_at_line: int = 0, env: dict[str, str] | None = None
+        ) -> tuple[int, str, float]:
+    """(exit status, output, seconds) of `cmd` (with `env` added to this environment); with `stop_at_line`, SIGTERM
+    at that loss line. A run past `timeout` is killed with every process it started (status -9), also while it
+    prints nothing (Triton or torch.compile compiling, a rendezvous that hangs)."""
     t0 = time.monotonic()
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=None if env is None else {**os.environ, **env})
     lines = []
 
     def read() -> None:
@@ -124,6 +130,22 @@ def falling_line(name: str, rc: int, log: str, seconds: float) -> CheckLine:
     skipped = log.count("optimizer step skipped")
     return CheckLine(name, "PASS" if ok else "FAIL", f"loss {first:.3f} -> {last:.3f}", f"< {FALLING} x first",
                      note=f"{len(values)} log lines, {skipped} skipped steps, {seconds:.0f} s")
+
+
+def compile_line(log: str) -> CheckLine:
+    """How whole --tfast's compiled model was, from dynamo's logs (`COMPILE_LOGS`): PASS with no graph break and
+    no recompile limit hit (past it a frame runs eagerly); INFO on a torch where Mamba2 runs outside the graph on
+    purpose (`torch_features.compiled_function_gradients_wrong`)."""
+    sites = sorted(set(GRAPH_BREAK_RE.findall(log)))
+    limit_hit = "hit config.recompile_limit" in log or "hit config.cache_size_limit" in log
+    value = f"{len(sites)} graph break site(s), {log.count('Recompiling function')} recompile(s)" + \
+        (", recompile limit hit" if limit_hit else "")
+    note = " ".join(Path(site).name for site in sites)
+    if torch_features.compiled_function_gradients_wrong():
+        return CheckLine("torch.compile: one graph", "INFO", value, note=f"torch {torch.__version__} runs Mamba2 "
+                         f"outside the graph (pytorch/pytorch#180642) {note}".rstrip())
+    return CheckLine("torch.compile: one graph", "FAIL" if sites or limit_hit else "PASS", value,
+                     "no graph break, no recompile limit hit", note)
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
@@ -183,8 +205,8 @@ def check(work: Path, dry_run: bool, timeout: float, save: Callable[[list[CheckL
     if dry_run:  # inductor on the CPU compiles C++ for minutes; tests/test_trainer.py covers --tfast on the CPU
         lines.append(CheckLine("train.py --fp16=2 --tfast=1 (torch.compile)", "SKIP", note="dry run: GPU run only"))
     else:  # last: the compilation is the slowest part and must not starve the resume checks of the stage's box
-        lines.append(falling_line("train.py --fp16=2 --tfast=1 (torch.compile)",
-                                  *run(train_cmd(work, "tfast", recipe, "--fp16=2", "--tfast=1"), timeout)))
+        rc, log, seconds = run(train_cmd(work, "tfast", recipe, "--fp16=2", "--tfast=1"), timeout, env=COMPILE_LOGS)
+        lines += [falling_line("train.py --fp16=2 --tfast=1 (torch.compile)", rc, log, seconds), compile_line(log)]
     return lines
 
 

@@ -212,3 +212,35 @@ def test_a_kernel_failing_with_any_error_is_a_fail_line(monkeypatch, dead):
         assert lines[-1] is failed[-1] and "remaining combinations not run" in lines[-1].note and len(failed) == 2
     else:
         assert len(ran) >= 2 and all(line.check.endswith("bf16") for line in failed)
+
+
+DYNAMO_PROBE = """
+import logging, torch
+log = logging.getLogger("probe")
+def broken(x):
+    x = x + 1
+    log.warning("a side effect dynamo cannot trace")
+    return x * 2
+def specialized(x, n):
+    return x * n
+torch._dynamo.config.recompile_limit = 1
+torch.compile(broken, backend="eager")(torch.ones(2))
+s = torch.compile(specialized, backend="eager", dynamic=False)
+for n in (2, 3, 4):
+    s(torch.ones(2), n)
+"""
+
+
+def test_the_compile_line_reads_dynamos_own_logs(monkeypatch):
+    """The --tfast run's "one graph" line counts graph breaks, recompiles and a hit recompile limit in the log
+    lines this torch writes under `COMPILE_LOGS` (their wording is torch's, so a real probe writes them)."""
+    monkeypatch.setattr(gpu_train_check.torch_features, "compiled_function_gradients_wrong", lambda: False)
+    rc, log, _ = gpu_train_check.run([sys.executable, "-c", DYNAMO_PROBE], timeout=120,
+                                     env={**SUBPROCESS_ENV, **gpu_train_check.COMPILE_LOGS})
+    assert rc == 0, log[-2000:]
+    line = gpu_train_check.compile_line(log)
+    assert line.status == "FAIL" and line.value.startswith("1 graph break site(s), ") and \
+        line.value.endswith("recompile limit hit") and line.note == "<string>:6", line
+    assert gpu_train_check.compile_line("ep 1/1 it 8/8 | loss 4.4").status == "PASS"
+    monkeypatch.setattr(gpu_train_check.torch_features, "compiled_function_gradients_wrong", lambda: True)
+    assert gpu_train_check.compile_line(log).status == "INFO"  # torch 2.11: Mamba2 outside the graph on purpose
