@@ -93,9 +93,11 @@ def build_ui(session: Session, title: str, queue_size: int) -> gr.Blocks:
     def on_sample(classes, num, cfg, top_k, top_p, seed, smooth, bs, progress=PROGRESS):
         with page_errors():
             knobs = knobs_of(classes, num, cfg, top_k, top_p, seed, smooth, bs)
-            for r in session.sample(knobs, on_scale=progress_bar(progress)):
+            for k, r in enumerate(session.sample(knobs, on_scale=progress_bar(progress))):
                 status = f"{len(r.images)} images" + (" (done)" if r.files else ", more coming")
-                yield gallery(session, r), status, r.command_text, [str(p) for p in r.files] or None
+                shown_paths = [str(p) for p in r.images]  # "edit the selected image" reads these, also mid-run
+                yield gallery(session, r), status, r.command_text, [str(p) for p in r.files] or None, shown_paths, \
+                    0 if k == 0 else gr.skip()  # a new run's first image is selected until one is clicked
 
     def on_preview(path):
         if not path:
@@ -156,9 +158,8 @@ def build_ui(session: Session, title: str, queue_size: int) -> gr.Blocks:
                                                elem_id="edit-command")
                         edit_files = gr.File(label="downloads: grid, command, image, mask", file_count="multiple",
                                              elem_id="edit-files")
-        run.click(on_sample, [*knobs, bs], [images, status, command, files], api_name="sample",
-                  concurrency_limit=1, concurrency_id="generate").then(
-            lambda r: [item[0] for item in r or []], images, shown, api_visibility="undocumented", queue=False)
+        run.click(on_sample, [*knobs, bs], [images, status, command, files, shown, selected], api_name="sample",
+                  concurrency_limit=1, concurrency_id="generate")
         # the cheap events skip the queue: --queue_size bounds the waiting generations, not a click's answer
         images.select(selected_index, None, selected, api_visibility="undocumented", queue=False)
         send.click(lambda paths, i: (paths[min(i or 0, len(paths) - 1)] if paths else None, gr.Tabs(selected="edit")),

@@ -156,15 +156,38 @@ def test_a_mask_over_everything_works(client, tmp_path):
     assert np.asarray(Image.open(mask)).all() and len(edits) == 4
 
 
+def test_the_image_sent_to_editing_is_the_selected_one_of_the_run_on_screen(app):
+    """"edit the selected image" reads the paths the gallery shows: they followed the gallery only once a run had
+    ended, so while one streamed its batches the button sent the previous run's image. A new run selects its
+    first image until one is clicked."""
+    gr = pytest.importorskip("gradio")
+    demo = app[2]
+    listeners = {f.api_name: f for f in demo.fns.values()}
+    sample_fn = listeners["sample"].fn
+    send_fn = next(f.fn for f in demo.fns.values() if [b.elem_id for b in f.outputs[:1]] == ["upload"])
+    classes, num, cfg, k, p, seed, smooth, _ = SAMPLE
+    yields = list(sample_fn(classes, num, cfg, k, p, seed, smooth, 1, progress=lambda *a, **kw: None))
+    assert [y[1] for y in yields] == [f"{n} images, more coming" for n in (1, 2, 3, 4)] + ["4 images (done)"]
+    assert yields[0][5] == 0 and all(y[5] == gr.skip() for y in yields[1:])
+    for gallery_items, *_, shown, _ in yields:  # each batch as it arrives: the shown paths are the gallery's
+        assert shown == [path for path, _ in gallery_items]
+    mid_run = yields[1][4]
+    assert send_fn(mid_run, 1)[0] == mid_run[1] and send_fn(mid_run, 7)[0] == mid_run[-1]
+
+
 def test_the_page_cannot_read_server_files(app):
+    """The route that serves the page's results (a live one: it serves a sample) refuses other files."""
     import urllib.error
     import urllib.request
 
     url, ckpt, *_ = app
+    images = gradio_client.Client(url, verbose=False, download_files=False).predict(*SAMPLE, api_name="/sample")[0]
+    served = images[0]["image"]["url"]
+    assert "/gradio_api/file=" in served and urllib.request.urlopen(served, timeout=10).status == 200
     for path in ("/etc/hostname", str(ckpt), "scripts/app.py"):
         with pytest.raises(urllib.error.HTTPError) as e:
             urllib.request.urlopen(f"{url.rstrip('/')}/gradio_api/file={path}", timeout=10)
-        assert e.value.code in (403, 404)
+        assert e.value.code == 403, path
 
 
 def test_queue_runs_one_generation_at_a_time(app, client):
