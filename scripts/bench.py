@@ -18,6 +18,7 @@ Shapes follow --depth (width 64*depth, depth heads) and --pn; timing, memory and
     python scripts/bench.py --only train sample --depth 4 --device cpu --threads 1
     python scripts/bench.py --only train --depth 8 --device cpu --threads 1 --archs mvar var intra mamba \
         --train_dtypes fp32 bf16                                                          # CPU training throughput
+    python scripts/bench.py --only train --depth 4 --device cpu --threads 1 --compiled  # eager vs torch.compile
     python scripts/bench.py --only train --depth 4 --width 128 --heads 2 --pn 1_2_3_4_5_6_8 --bs 64 --V 512 \
         --device cpu --threads 1 --train_dtypes fp32                                      # the study's scale
     python scripts/bench.py --only ckpt --depth 2 --width 256 --bs 2 --dtype bf16 --device cpu --threads 1
@@ -27,6 +28,7 @@ Shapes follow --depth (width 64*depth, depth heads) and --pn; timing, memory and
 import argparse
 import functools
 import logging
+import time
 from collections.abc import Callable
 
 import torch
@@ -194,7 +196,7 @@ def bench_train(device: torch.device, args: argparse.Namespace) -> str:
     """`Trainer.micro_step_tokens` (forward, backward, clip, AdamW) of each --archs at --depth in each
     --train_dtypes, on random tokens; all (arch, dtype) steps alternated in one process. Achieved model GFLOP/s
     (`models.flops.train_step_flops`) and its share of this device's peak in the step's dtype."""
-    B, steps, models, flops = args.bs, {}, {}, {}
+    B, steps, models, flops, compile_s = args.bs, {}, {}, {}, {}
     dtypes = args.train_dtypes or [args.dtype]
     for arch in args.archs:
         for dtype_name in dtypes:
@@ -216,6 +218,15 @@ def bench_train(device: torch.device, args: argparse.Namespace) -> str:
                 models[name, dtype_name], _, steps[name, dtype_name] = random_train_step(
                     arch, args.depth, dtype_name, device, portable)
                 flops[name, dtype_name] = flops[arch, dtype_name]
+            if args.compiled:  # the same step with the model compiled as train.py --tfast does (its own copy)
+                name = f"{arch}, compiled ({args.compiled})"
+                models[name, dtype_name], _, steps[name, dtype_name] = random_train_step(
+                    arch, args.depth, dtype_name, device, args)
+                models[name, dtype_name].compile_for_training(mode=args.compiled)
+                t0 = time.perf_counter()
+                steps[name, dtype_name]()  # the compilation (forward and backward), not timed below
+                compile_s[name, dtype_name] = time.perf_counter() - t0
+                flops[name, dtype_name] = flops[arch, dtype_name]
             if args.unfused_adam:  # the same step with the single-tensor AdamW (its own copy of the model)
                 name = f"{arch}, unfused AdamW"
                 models[name, dtype_name], _, steps[name, dtype_name] = random_train_step(
@@ -226,6 +237,9 @@ def bench_train(device: torch.device, args: argparse.Namespace) -> str:
     peaks = {name: bm.matmul_gflops(device, bm.DTYPES[name]) for name in ("fp32", "bf16", "fp16")
              if (name in dtypes or name in ("fp32", "bf16")) and effective_amp_dtype(device, bm.DTYPES[name])}
     peak_note = f"{n}^3 matmuls measured in this run, " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items())
+    if compile_s:
+        peak_note += "; first compiled step (compilation) " + ", ".join(f"{a} {d} {t:.0f} s"
+                                                                          for (a, d), t in compile_s.items())
     if device.type == "cuda":
         sheet = next((v for k, v in PEAK_TFLOPS.items() if k in torch.cuda.get_device_name(device)), None)
         peak_note += f"; datasheet dense bf16 peak {sheet:g} TFLOP/s" if sheet else ""
@@ -462,6 +476,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train section, CPU: also time each Mamba2 arch with the batch in one pass (no slices)")
     p.add_argument("--mamba_torch", action="store_true",
                    help="train section: also time each Mamba2 arch with --mamba_backend=torch (the portable path)")
+    p.add_argument("--compiled", nargs="?", const="default", choices=["default", "reduce-overhead", "max-autotune"],
+                   help="train section: also time each arch compiled as train.py --tfast (mode: default, as "
+                        "--tfast=3; reduce-overhead as --tfast=1), its compile time reported")
     p.add_argument("--unfused_adam", action="store_true",
                    help="train section: also time each arch with the single-tensor AdamW (train.py --afuse=0)")
     p.add_argument("--archs", nargs="+", default=["mvar", "var"], choices=list(ARCH_BRANCHES),

@@ -243,6 +243,24 @@ def test_train_section_times_the_portable_mamba2_beside_cpu_fused(monkeypatch):
     assert backends_built == ["cpu_fused", "torch", "cpu_fused"]
 
 
+def test_train_section_times_the_compiled_step_beside_eager(monkeypatch):
+    """--compiled: a row per arch whose copy of the model is compiled as train.py --tfast compiles it (dynamo's
+    "eager" backend here: the wiring, not inductor's minutes), timed in turn; the compilation is timed apart."""
+    monkeypatch.setattr(bm, "matmul_gflops", lambda device, dtype: 100.0)
+    compiled = []
+    original = bench.MVAR.compile_for_training
+    monkeypatch.setattr(bench.MVAR, "compile_for_training", lambda self, mode: compiled.append(mode) or original(
+        self, backend="eager"))
+    flags = ["--only", "train", "--depth", "1", "--pn", "1_2", "--archs", "mvar", "var", "--train_dtypes", "fp32",
+             "--repeats", "1", "--warmup", "0", "--device", "cpu", "--mamba_backend", "torch", "--compiled"]
+    out = bench.main(flags)
+    arches = [line.split("|")[2].strip() for line in out.splitlines() if line.startswith("| cpu |")]
+    assert arches == ["mvar", "mvar, compiled (default)", "var", "var, compiled (default)"] and compiled == [
+        "default", "default"]
+    assert re.search(r"first compiled step \(compilation\) mvar, compiled \(default\) fp32 \d+ s, var", out)
+    torch._dynamo.reset()
+
+
 def test_ckpt_section_keeps_less_with_checkpointing_and_projects_d30():
     """Checkpointing keeps each block's input instead of its activations: less peak memory per step and fewer bytes
     per block, so more M-VAR-d30 images fit a GPU (times are printed, not asserted)."""
