@@ -25,9 +25,10 @@ from models.attention import resolve_backend
 from models.loading import DERIVED_KEYS, CheckpointError, existing_file, load_checkpoint, load_state_dict_checked, \
     load_vae
 from models.mvar import MVAR, MVARConfig
-from models.precision import set_tf32
+from models.mamba2 import kernel_name
+from models.precision import effective_amp_dtype, set_tf32
 from models.tokenizer import VQVAE
-from trainer import NonFiniteError, StepResult, Trainer
+from trainer import AMP_DTYPES, NonFiniteError, StepResult, Trainer
 from utils.data.loaders import DataError, build_datasets, build_loaders, build_val_set, class_names
 from utils.data.token_cache import TokenCacheError, TokenDataset, content_digest, gaps, open_cache, read_manifest, \
     tokenizer_digest
@@ -265,6 +266,15 @@ def end_epoch(ep: int, iters: int, args: argparse.Namespace, trainer: Trainer, v
     return best_val
 
 
+def check_kernels(args: argparse.Namespace, device: torch.device) -> None:
+    """A forced --attn_backend / --mamba_backend (or its env var) that cannot run on this device in this run's
+    precision: a BackendError before any work (else at the first step, and under --tfast from inside dynamo's
+    trace, as its internal error with a traceback)."""
+    attn_backend, mamba_backend = backends.from_flags(args.attn_backend, args.mamba_backend, fuse=args.fuse)
+    resolve_backend(attn_backend, device, effective_amp_dtype(device, AMP_DTYPES[args.fp16]) or torch.float32)
+    kernel_name(mamba_backend, device.type == "cuda", device)
+
+
 def sample_dtype(args: argparse.Namespace, trainer: Trainer) -> torch.dtype | None:
     """The precision of the epoch's sample grid and --eval_every's samples: fp32 (None), unless the attention kernel
     this run forces (--attn_backend, $MVAR_ATTN_BACKEND) runs fp16/bf16 only: then the training's autocast dtype."""
@@ -325,7 +335,8 @@ def main(args: argparse.Namespace) -> None:
     folder.open(rank0_state=args.fsdp)  # FSDP2 gathers the states on rank 0
     set_tf32(device, args.tf32)
     if args.deterministic:
-        use_deterministic_kernels(device)
+        use_deterministic_kernels(device)  # before the kernel check: torch_varlen refuses --deterministic
+    check_kernels(args, device)
     logger.info("flags: %s", " ".join(f"--{k}={v}" for k, v in sorted(vars(args).items())))
     logger.info("world size %d, device %s; per-rank batch %d, global micro-batch %d, %d accumulation step(s), "
                 "peak lr %.3g", world, device, args.batch_size, args.glb_batch_size, args.ac, args.tlr)

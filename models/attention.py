@@ -22,6 +22,7 @@ import math
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -129,13 +130,22 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, drop
     """The backend that will run: `backend`, or for "auto" $MVAR_ATTN_BACKEND or the fastest available one.
 
     A forced backend that cannot run raises a `BackendError` saying why. Each resolution is logged once. Under
-    torch.compile its arguments must be constants (`head_dim` from the module, not a possibly symbolic shape).
+    torch.compile its arguments must be constants (`head_dim` from the module, not a possibly symbolic shape). The
+    kernel's function is looked up here too, into `_resolved` (the lookups import and log: not traceable).
     """
     env_value = os.environ.get(ATTN.env, "") if check_name(ATTN, backend) == "auto" else ""  # part of the cache key
     warn_only_deterministic = torch.are_deterministic_algorithms_enabled() and \
         torch.is_deterministic_algorithms_warn_only_enabled()
-    return _resolve(backend, env_value, device.type, _cuda_capability(device), dtype, dropout_p > 0,
+    name = _resolve(backend, env_value, device.type, _cuda_capability(device), dtype, dropout_p > 0,
                     warn_only_deterministic, head_dim)
+    if name == "flash_attn":
+        _resolved[name] = _flash_attn_varlen_func()
+    elif name == "torch_varlen":
+        _resolved[name] = _torch_varlen_attn(), _varlen_attn_takes_scale(_torch_varlen_attn())
+    return name
+
+
+_resolved: dict[str, Any] = {}  # the varlen kernels' functions, as resolve_backend found them (read when traced)
 
 
 @functools.cache
@@ -182,7 +192,7 @@ def _intra_flash_attn(q, k, v, seg_lens, softmax_scale, dropout_p):
     B, L, H, c = q.shape
     cu = _cu_seqlens(seg_lens, B, q.device)
     max_l = max(seg_lens)
-    o_THc = _flash_attn_varlen_func()(
+    o_THc = _resolved["flash_attn"](
         q.reshape(B * L, H, c), k.reshape(B * L, H, c), v.reshape(B * L, H, c), cu, cu, max_l, max_l,
         dropout_p=dropout_p, softmax_scale=softmax_scale, deterministic=torch.are_deterministic_algorithms_enabled(),
     )
@@ -198,9 +208,9 @@ def _intra_torch_varlen(q, k, v, seg_lens, softmax_scale, dropout_p):
     B, L, H, c = q.shape
     cu = _cu_seqlens(seg_lens, B, q.device)
     max_l = max(seg_lens)
-    fn = _torch_varlen_attn()
+    fn, takes_scale = _resolved["torch_varlen"]
     q_THc, k_THc, v_THc = q.reshape(B * L, H, c), k.reshape(B * L, H, c), v.reshape(B * L, H, c)
-    if _varlen_attn_takes_scale(fn):
+    if takes_scale:
         o_THc = fn(q_THc, k_THc, v_THc, cu, cu, max_l, max_l, scale=softmax_scale)
     else:
         o_THc = fn(q_THc * (softmax_scale * math.sqrt(c)), k_THc, v_THc, cu, cu, max_l, max_l)

@@ -196,6 +196,31 @@ def test_torch_varlen_dispatch_scale_keyword_or_folded_into_q(monkeypatch, takes
     torch.testing.assert_close(out, intra_scale_attention(q, k, v, seg_lens, 1.0, backend="sdpa"), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("backend", ["flash_attn", "torch_varlen"])
+def test_the_varlen_kernels_compile_without_a_graph_break(monkeypatch, backend):
+    """Their functions are looked up by `resolve_backend`, outside torch.compile's trace: the lookups import and log
+    (flash_attn's starts Triton's parallel compiles), which broke the graph inside the loop over blocks, and dynamo
+    then ran the whole model eagerly. A loader that logs stands in; the kernel is dense attention."""
+    def kernel(q_THc, k_THc, v_THc, cu_q, cu_k, max_q, max_k, dropout_p=0.0, softmax_scale=None, deterministic=False,
+               scale=None):
+        w_HTT = torch.einsum("thc,shc->hts", q_THc, k_THc).mul(softmax_scale or scale or 1.0).softmax(-1)
+        return torch.einsum("hts,shc->thc", w_HTT, v_THc)
+
+    def loader():
+        logging.getLogger("a loader").info("imported")  # dynamo cannot trace a logging call
+        return kernel
+    monkeypatch.setattr(A, "_flash_attn_varlen_func", loader)
+    monkeypatch.setattr(A, "_torch_varlen_attn", loader)
+    monkeypatch.setattr(A, "backend_unavailable_reason", lambda *a: None)
+    torch.manual_seed(0)
+    layer = ScaleAttention(16, 2, backend=backend).eval()
+    x_BLC = torch.randn(2, 5, 16)
+    compiled = torch.compile(layer, backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x_BLC, (1, 4)), layer(x_BLC, (1, 4)))
+    assert layer.last_backend == backend
+    torch._dynamo.reset()
+
+
 def test_auto_prefers_flash_then_varlen_then_sdpa_and_logs_once(monkeypatch, caplog):
     cuda, half = torch.device("cuda"), torch.bfloat16
     assert A.resolve_backend("auto", torch.device("cpu"), torch.float32) == "sdpa"

@@ -49,6 +49,16 @@ def test_model_flags_that_make_no_model_are_refused_before_any_work(flags, messa
         finalize_args(parse_args(flags), world_size=1)
 
 
+@pytest.mark.parametrize("flag", ["--attn_backend=flash_attn", "--mamba_backend=mamba_ssm"])
+def test_a_forced_kernel_that_cannot_run_is_refused_before_any_work(setup, tmp_path, flag):  # noqa: F811
+    """Under --tfast the kernel was first resolved inside dynamo's trace: the refusal came as dynamo's internal
+    error with a traceback, after the tokenizer and the data were read."""
+    proc = run_train(setup, tmp_path / "out", flag, "--tfast=3", check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and f"error: {flag[2:]!s}".replace("=", "='", 1) in out, out[-3000:]
+    assert "Traceback" not in out and "train / " not in out  # no traceback; the data were not built
+
+
 def test_an_unknown_embedded_data_set_is_a_usage_error(capsys):
     with pytest.raises(SystemExit):
         parse_args(["--dataset=foo"])
