@@ -181,12 +181,17 @@ def _mixed_scan_forward(x_BLHP, dt_BLH, A_H, B_BLGN, C_BLGN, chunk_size, D, init
         h_BcGhPN[:, 0].zero_()
     else:
         h_BcGhPN[:, 0].view(Bsz, H, P, N).copy_(initial_state_BHPN)
-    y_off = []
-    for k in range(c):
-        y_off.append(C_BcGQN[:, k] @ h_BcGhPN[:, k].to(mdt).view(Bsz, G, Hg * P, N).transpose(-1, -2))  # (B,G,Q,X)
-        torch.addcmul(states_BcGhPN[:, k], h_BcGhPN[:, k], decay_BcGh11[:, k],
-                      out=h_BcGhPN[:, k + 1] if k + 1 < c else final_BHPN.view(Bsz, G, Hg, P, N))
-    y_off_BcGQX = torch.stack(y_off, dim=1)  # X: heads x P
+    if torch.compiler.is_compiling():  # dynamo takes no out= into a strided view: the same sums, then stacked
+        h_k = [h_BcGhPN[:, 0]]
+        for k in range(c):
+            h_k.append(torch.addcmul(states_BcGhPN[:, k], h_k[k], decay_BcGh11[:, k]))
+        h_BcGhPN, final_BHPN = torch.stack(h_k[:c], dim=1), h_k[c].view(Bsz, H, P, N)
+    else:
+        for k in range(c):
+            torch.addcmul(states_BcGhPN[:, k], h_BcGhPN[:, k], decay_BcGh11[:, k],
+                          out=h_BcGhPN[:, k + 1] if k + 1 < c else final_BHPN.view(Bsz, G, Hg, P, N))
+    y_off = [C_BcGQN[:, k] @ h_BcGhPN[:, k].to(mdt).view(Bsz, G, Hg * P, N).transpose(-1, -2) for k in range(c)]
+    y_off_BcGQX = torch.stack(y_off, dim=1)  # (B,c,G,Q,X), X: heads x P
     y_off_BcQGhP = y_off_BcGQX.view(Bsz, c, G, Q, Hg, P).transpose(2, 3)
 
     # y = within-chunk part + decayed state part (+ D x), written once in (B, L, H, P) order
@@ -201,6 +206,12 @@ def _mixed_scan_forward(x_BLHP, dt_BLH, A_H, B_BLGN, C_BLGN, chunk_size, D, init
         saved = (x, dt_BcHQ, A_H.to(acc), B_BcGQN, C_BcGQN, decay_BcGhQQ, CB_BcGQQ, scores_BcGhQQ, xdt_BcGhQP,
                  decay_to_end_BcGhQ1, xdt_decayed_BcGhPQ, decay_BcGh11, h_BcGhPN, y_off_BcGQX, decay_in_BcHQ)
     return y_BcQHP.reshape(Bsz, c * Q, H, P)[:, :L], final_BHPN, saved
+
+
+def _returned(t: torch.Tensor) -> torch.Tensor:
+    """A Function's output, as a tensor of its own under torch.compile (where inductor fuses the copy away): torch 2.11
+    gets the gradients wrong for an output the forward wrote in place or aliased (pytorch/pytorch#180642)."""
+    return t.clone() if torch.compiler.is_compiling() else t
 
 
 class _MixedChunkScan(torch.autograd.Function):
@@ -220,7 +231,7 @@ class _MixedChunkScan(torch.autograd.Function):
         ctx.save_for_backward(*saved, D)
         ctx.dtypes = (x_BLHP.dtype, dt_BLH.dtype, A_H.dtype, B_BLGN.dtype, C_BLGN.dtype)
         ctx.L, ctx.has_initial = x_BLHP.shape[1], initial_state_BHPN is not None
-        return y, final
+        return _returned(y), _returned(final)
 
     @staticmethod
     def backward(ctx, dy_BLHP, dfinal_BHPN):
@@ -246,8 +257,14 @@ class _MixedChunkScan(torch.autograd.Function):
             dS_BcGhPN[:, c - 1].zero_()
         else:
             dS_BcGhPN[:, c - 1].view(Bsz, H, P, N).copy_(dfinal_BHPN)
-        for k in range(c - 1, 0, -1):
-            torch.addcmul(dh_direct_BcGhPN[:, k], dS_BcGhPN[:, k], decay_BcGh11[:, k], out=dS_BcGhPN[:, k - 1])
+        if torch.compiler.is_compiling():  # as in the forward: no out= into a strided view
+            dS_k = [dS_BcGhPN[:, c - 1]]
+            for k in range(c - 1, 0, -1):
+                dS_k.insert(0, torch.addcmul(dh_direct_BcGhPN[:, k], dS_k[0], decay_BcGh11[:, k]))
+            dS_BcGhPN = torch.stack(dS_k, dim=1)
+        else:
+            for k in range(c - 1, 0, -1):
+                torch.addcmul(dh_direct_BcGhPN[:, k], dS_BcGhPN[:, k], decay_BcGh11[:, k], out=dS_BcGhPN[:, k - 1])
         dinit = torch.addcmul(dh_direct_BcGhPN[:, 0], dS_BcGhPN[:, 0], decay_BcGh11[:, 0]).view(Bsz, H, P, N) \
             if ctx.has_initial else None
         dcs_end_BcGh = torch.linalg.vecdot(dS_BcGhPN.flatten(-2), h_BcGhPN.flatten(-2)) \
@@ -341,7 +358,7 @@ class _GatedRMSNorm(torch.autograd.Function):
             out.mul_(gate)
         ctx.save_for_backward(y, z, weight, gate, n, r)
         ctx.group_size, ctx.norm_before_gate = group_size, norm_before_gate
-        return out.to(z.dtype)
+        return _returned(out.to(z.dtype))
 
     @staticmethod
     def backward(ctx, dout):
@@ -382,7 +399,7 @@ class _CausalConvSiLU(torch.autograd.Function):
             pre_BlD[:, k:].addcmul_(x_BlD[:, :n - k], w_KD[K - 1 - k])
         ctx.save_for_backward(x_BlD, w_DK, pre_BlD)
         ctx.has_bias = bias_D is not None
-        return F.silu(pre_BlD).to(x_BlD.dtype)
+        return _returned(F.silu(pre_BlD).to(x_BlD.dtype))
 
     @staticmethod
     def backward(ctx, dy_BlD):
@@ -641,7 +658,8 @@ class Mamba2(nn.Module):
 
     def forward(self, u_BlD: torch.Tensor, state: Mamba2State | None = None) -> torch.Tensor:
         """(B, l, D) -> (B, l, D). With `state`, continue from it and update it in place."""
-        if torch.compiler.is_compiling() and torch_features.compiled_function_gradients_wrong():
+        if torch.compiler.is_compiling() and torch_features.compiled_function_gradients_wrong() and \
+                self._resolve_backend(u_BlD) is not None:  # mamba_ssm's Functions, which `_returned` cannot mend
             return _forward_outside_the_graph(self, u_BlD, state)
         return self._forward_any_backend(u_BlD, state)
 
@@ -742,13 +760,15 @@ class Mamba2(nn.Module):
 
 @torch.compiler.disable
 def _forward_outside_the_graph(layer: Mamba2, u_BlD: torch.Tensor, state: Mamba2State | None) -> torch.Tensor:
-    """Mamba2 eagerly inside a compiled model, on a torch whose compiled autograd.Functions get wrong gradients
-    (`torch_features.compiled_function_gradients_wrong`): the rest of the model stays compiled."""
+    """Mamba2 with mamba_ssm's kernels eagerly inside a compiled model, on a torch whose compiled autograd.Functions
+    get wrong gradients (`torch_features.compiled_function_gradients_wrong`): a graph break in the loop over blocks,
+    so dynamo compiles the model's pieces apart. Our PyTorch path's Functions return fresh tensors and compile."""
     _log_outside_the_graph(torch.__version__)
     return layer._forward_any_backend(u_BlD, state)
 
 
 @functools.cache
 def _log_outside_the_graph(version: str) -> None:
-    logger.warning("torch %s: Mamba2 layers run outside torch.compile's graph (compiled autograd.Functions get wrong "
-                   "gradients on this torch: pytorch/pytorch#180642)", version)
+    logger.warning("torch %s: Mamba2 layers on mamba_ssm's kernels run outside torch.compile's graph (its compiled "
+                   "autograd.Functions get wrong gradients on this torch: pytorch/pytorch#180642); the model is "
+                   "compiled in pieces. --mamba_backend=torch compiles whole", version)

@@ -67,7 +67,8 @@ def table() -> list[list[str]]:
 
 # pytorch/pytorch#180642: under torch.compile, an autograd.Function whose forward returns a tensor it wrote in place
 # (or a no-op alias such as `.to` of its own dtype) gets silently wrong gradients. Measured here: torch 2.11.0 wrong
-# for every such pattern; 2.8.0, 2.12.1, 2.13.0 and 2.14.1 right. The Mamba2 layer's Functions do both (fewer passes).
+# for every such pattern; 2.8.0, 2.12.1, 2.13.0 and 2.14.1 right. The Mamba2 layer's Functions do both (fewer passes)
+# and return fresh copies under torch.compile (`mamba2._returned`); mamba_ssm's run outside the graph on these torches.
 COMPILED_FUNCTION_GRADIENTS_WRONG = ("2.11",)
 
 

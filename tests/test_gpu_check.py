@@ -243,4 +243,6 @@ def test_the_compile_line_reads_dynamos_own_logs(monkeypatch):
         line.value.endswith("recompile limit hit") and line.note == "<string>:6", line
     assert gpu_train_check.compile_line("ep 1/1 it 8/8 | loss 4.4").status == "PASS"
     monkeypatch.setattr(gpu_train_check.torch_features, "compiled_function_gradients_wrong", lambda: True)
-    assert gpu_train_check.compile_line(log).status == "INFO"  # torch 2.11: Mamba2 outside the graph on purpose
+    assert gpu_train_check.compile_line(log).status == "FAIL"  # torch 2.11: only Mamba2's breaks are expected
+    mamba_break = "[__graph_breaks] Graph break in user code at /repo/models/mamba2.py:650\n"
+    assert gpu_train_check.compile_line(mamba_break * 2).status == "INFO"
