@@ -23,7 +23,6 @@ from collections.abc import Iterator, Sequence
 import torch
 import torch.nn as nn
 import torch.utils.checkpoint
-from torchvision.ops import stochastic_depth
 
 from models import editing
 from models.attention import ScaleAttention
@@ -88,6 +87,8 @@ class MVARConfig:
             raise ValueError(f"embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}")
         if self.drop_path_rate is None:
             self.drop_path_rate = 0.1 * self.depth / 24
+        if not 0 <= self.drop_path_rate < 1:
+            raise ValueError(f"drop_path_rate={self.drop_path_rate}: expected [0, 1) (the last block's rate)")
         if not 0 <= self.var_blocks <= self.depth:
             raise ValueError(f"var_blocks={self.var_blocks}: expected 0..depth={self.depth}")
         if self.shared_aln and len({len(self.block_branches(i)) for i in range(self.depth)}) > 1:
@@ -172,6 +173,10 @@ class HybridBlock(nn.Module):
         self.block_idx, self.C, self.branches = block_idx, C, ARCH_BRANCHES[arch]
         self.n_chunks = 3 * len(self.branches)
         self.drop_path = drop_path
+        # the rate as a tensor in forward: to torch.compile a float is a constant, and blocks compiled one by one
+        # (FSDP2's hooks break the graph between them) would each need a graph of their own
+        self.register_buffer("drop_path_t", torch.tensor(float(drop_path)), persistent=False)
+        self.drops_paths = drop_path > 0
         self.shared_aln = config.shared_aln
         if "attn" in self.branches:
             self.attn = ScaleAttention(
@@ -211,8 +216,17 @@ class HybridBlock(nn.Module):
                     else self.mamba(h_BLC, mamba_state)
             else:
                 h_BLC = self.ffn(h_BLC)
-            x_BLC = x_BLC + stochastic_depth(h_BLC.mul(gamma), self.drop_path, "row", self.training)
+            x_BLC = x_BLC + self.stochastic_depth(h_BLC.mul(gamma))
         return x_BLC
+
+    def stochastic_depth(self, h_BLC: torch.Tensor) -> torch.Tensor:
+        """torchvision's `stochastic_depth(h, drop_path, "row", training)`: in training, each sample's branch is
+        dropped with probability drop_path and the kept ones scaled by 1 / (1 - drop_path)."""
+        if not (self.training and self.drops_paths):
+            return h_BLC
+        keep = 1.0 - self.drop_path_t
+        noise_B11 = h_BLC.new_empty((h_BLC.shape[0],) + (1,) * (h_BLC.ndim - 1)).bernoulli_(keep)
+        return h_BLC * noise_B11.div_(keep)
 
     @property
     def uses_kv_cache(self) -> bool:

@@ -6,7 +6,7 @@ import torch
 
 import models.mvar as mvar_module
 from conftest import TINY_MVAR, build_tiny_mvar
-from models import MVAR, MVARConfig, torch_features
+from models import MVAR, MVARConfig
 
 pytestmark = pytest.mark.numerics  # rerun by `make test` at the lowest ISA level
 
@@ -297,13 +297,13 @@ def test_bad_config_is_a_clear_error():
 def test_torch_compile_matches_eager_forward_and_gradients():
     """`--tfast` compiles the model: on the CPU (inductor + the C++ compiler) its logits and gradients equal eager,
     in one graph (a graph break in the loop over blocks runs the whole forward eagerly; one was the kernel choice's
-    log line). torch 2.11 runs Mamba2 outside the graph on purpose (`compiled_function_gradients_wrong`)."""
+    log line), on torch 2.11 too (`compiled_function_gradients_wrong`: our Mamba2 Functions return fresh tensors)."""
     vae, mvar = build_tiny(cond_drop_rate=0.0)
     label_B, idx_Bl, x_BLCv = teacher_input(vae, mvar)
     target = torch.cat(idx_Bl, 1).flatten()
     mvar.train()
     results = []
-    for model in (mvar, torch.compile(mvar, fullgraph=not torch_features.compiled_function_gradients_wrong())):
+    for model in (mvar, torch.compile(mvar, fullgraph=True)):
         mvar.zero_grad(set_to_none=True)
         logits_BLV = model(label_B, x_BLCv)
         torch.nn.functional.cross_entropy(logits_BLV.flatten(0, 1), target).backward()
@@ -333,6 +333,35 @@ def test_compile_for_training_holds_every_progressive_stage(monkeypatch):
             mvar.eval()
             with torch.no_grad():
                 mvar(label_B[:B], x_BLCv[:B], prog_si=si)
-    if not torch_features.compiled_function_gradients_wrong():  # one frame per graph (torch 2.11 breaks at Mamba2)
-        assert counters["frames"]["total"] == counters["frames"]["ok"] == 4 * (len(mvar.seg_lens) + 1)
+    assert counters["frames"]["total"] == counters["frames"]["ok"] == 4 * (len(mvar.seg_lens) + 1)
+    torch._dynamo.reset()
+
+
+def test_stochastic_depth_drops_rows_as_torchvision_and_compiles_one_graph_for_all_blocks():
+    """Each sample's branch is dropped with the block's rate and the kept ones scaled by 1 / (1 - rate), as
+    torchvision's stochastic_depth ("row"); identity in eval mode and at rate 0. The rate is a tensor in the forward:
+    as a float it made blocks compiled one by one (FSDP2) a graph each (4 blocks, 2 batch sizes: 8 graphs, now 4)."""
+    vae, mvar = build_tiny(depth=4, drop_path_rate=0.3)
+    block = mvar.blocks[3]
+    h = torch.randn(20_000, 2, 3)
+    block.train()
+    torch.manual_seed(0)
+    out = block.stochastic_depth(h)
+    kept = (out != 0).all(dim=(1, 2))
+    assert abs(kept.float().mean().item() - 0.7) < 0.02 and not (out[~kept] != 0).any()
+    torch.testing.assert_close(out[kept], h[kept] / 0.7)
+    assert block.drop_path == pytest.approx(0.3) and mvar.blocks[0].stochastic_depth(h) is h
+    block.eval()
+    assert block.stochastic_depth(h) is h
+
+    label_B, _, x_BLCv = teacher_input(vae, mvar)
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    for b in mvar.blocks:  # as FSDP2's graph breaks between blocks leave them
+        b.compile(backend="eager", dynamic=False)
+    mvar.train()
+    for B in (3, 2):
+        mvar(label_B[:B], x_BLCv[:B]).sum().backward()
+    assert counters["frames"]["ok"] == counters["frames"]["total"] == 4  # (rate 0, rate > 0) x 2 batch sizes
     torch._dynamo.reset()
