@@ -353,8 +353,10 @@ class ScaleAttention(nn.Module):
             k = F.normalize(k, dim=-1).to(qkv.dtype)
         dropout_p = self.attn_drop if self.training else 0.0
         if self.mode == "intra":
-            self.last_backend = resolve_backend(self.backend, q.device, q.dtype, dropout_p, self.head_dim)
-            kernel = _INTRA_KERNELS[self.last_backend]
+            name = resolve_backend(self.backend, q.device, q.dtype, dropout_p, self.head_dim)
+            if not torch.compiler.is_compiling():  # dynamo takes no module write inside checkpoint's region
+                self.last_backend = name
+            kernel = _INTRA_KERNELS[name]
             o = kernel(q, k, v, _check_segments(q, seg_lens), self.scale, dropout_p)
         elif self.caching:  # sampling: this call's scale attends to every cached token (all earlier scales)
             self.cached_k = k if self.cached_k is None else torch.cat((self.cached_k, k), dim=1)

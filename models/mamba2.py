@@ -754,8 +754,10 @@ class Mamba2(nn.Module):
 
     def _resolve_backend(self, u: torch.Tensor) -> MambaKernels | None:
         """Kernels to use for input `u`, or None for the PyTorch path (logged once per distinct outcome)."""
-        self.active_backend = kernel_name(self.backend, _is_kernel_device(u), u.device)
-        return _resolved.get(self.active_backend)
+        name = kernel_name(self.backend, _is_kernel_device(u), u.device)
+        if not torch.compiler.is_compiling():  # dynamo takes no module write inside --grad_ckpt's checkpoint
+            self.active_backend = name
+        return _resolved.get(name)
 
 
 @torch.compiler.disable

@@ -365,3 +365,23 @@ def test_stochastic_depth_drops_rows_as_torchvision_and_compiles_one_graph_for_a
         mvar(label_B[:B], x_BLCv[:B]).sum().backward()
     assert counters["frames"]["ok"] == counters["frames"]["total"] == 4  # (rate 0, rate > 0) x 2 batch sizes
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("grad_ckpt", [False, True])
+def test_the_training_pass_traces_as_one_graph_with_and_without_activation_checkpointing(grad_ckpt):
+    """dynamo's "aot_eager" (forward and backward traced, no inductor): one graph, eager's gradients. Under
+    --grad_ckpt the kernel choice written to the layers (`last_backend`, `active_backend`) inside the checkpointed
+    region was a side effect dynamo refuses there: a graph break in the loop over blocks."""
+    vae, mvar = build_tiny(drop_path_rate=0.1)
+    label_B, idx_Bl, x_BLCv = teacher_input(vae, mvar)
+    mvar.train()
+    mvar.grad_ckpt = grad_ckpt
+    results = []
+    for model in (torch.compile(mvar, backend="aot_eager", fullgraph=True), mvar):  # compiled first, as --tfast
+        mvar.zero_grad(set_to_none=True)
+        torch.manual_seed(1)  # the same drop-path draws
+        model(label_B, x_BLCv).square().mean().backward()
+        results.append([p.grad.clone() for p in mvar.parameters()])
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+    torch._dynamo.reset()
