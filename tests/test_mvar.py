@@ -314,25 +314,25 @@ def test_torch_compile_matches_eager_forward_and_gradients():
 
 
 @pytest.mark.slow
-def test_compile_for_training_holds_every_progressive_stage(monkeypatch):
+def test_compile_for_training_holds_every_progressive_stage():
     """`--tfast --pg`: a graph per stage, grad mode and batch size. Past dynamo's recompile limit (8, hit here by 4
     scales) the forward ran eagerly for the rest of the run, the longest stage included: `compile_for_training`
     raises it. Dynamo's own backend "eager" keeps the guards and the limit, without inductor's compile time."""
     vae, mvar = build_tiny(cond_drop_rate=0.0)
     label_B, _, x_BLCv = teacher_input(vae, mvar)
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
-    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)  # an error, not eager
     torch._dynamo.reset()
     counters = torch._dynamo.utils.counters
     counters.clear()
-    mvar.compile_for_training(backend="eager")
-    for si in [*range(len(mvar.seg_lens)), -1]:
-        for B in (3, 2):  # an epoch's last, smaller batch
-            mvar.train()
-            mvar(label_B[:B], x_BLCv[:B], prog_si=si).sum().backward()
-            mvar.eval()
-            with torch.no_grad():
-                mvar(label_B[:B], x_BLCv[:B], prog_si=si)
+    # config.patch, not monkeypatch: pytest's undo deletes what is not in a module's __dict__, which hides the setting
+    with torch._dynamo.config.patch(recompile_limit=8, fail_on_recompile_limit_hit=True):  # an error, not eager
+        mvar.compile_for_training(backend="eager")
+        for si in [*range(len(mvar.seg_lens)), -1]:
+            for B in (3, 2):  # an epoch's last, smaller batch
+                mvar.train()
+                mvar(label_B[:B], x_BLCv[:B], prog_si=si).sum().backward()
+                mvar.eval()
+                with torch.no_grad():
+                    mvar(label_B[:B], x_BLCv[:B], prog_si=si)
     assert counters["frames"]["total"] == counters["frames"]["ok"] == 4 * (len(mvar.seg_lens) + 1)
     torch._dynamo.reset()
 
