@@ -24,8 +24,8 @@ from models import backends
 from models.attention import resolve_backend
 from models.loading import DERIVED_KEYS, CheckpointError, existing_file, load_checkpoint, load_state_dict_checked, \
     load_vae
+from models.mamba2 import resolve_kernels
 from models.mvar import MVAR, MVARConfig
-from models.mamba2 import kernel_name
 from models.precision import effective_amp_dtype, set_tf32
 from models.tokenizer import VQVAE
 from trainer import AMP_DTYPES, NonFiniteError, StepResult, Trainer
@@ -269,10 +269,16 @@ def end_epoch(ep: int, iters: int, args: argparse.Namespace, trainer: Trainer, v
 def check_kernels(args: argparse.Namespace, device: torch.device) -> None:
     """A forced --attn_backend / --mamba_backend (or its env var) that cannot run on this device in this run's
     precision: a BackendError before any work (else at the first step, and under --tfast from inside dynamo's
-    trace, as its internal error with a traceback)."""
+    trace, as its internal error with a traceback). Only the kernels the model's blocks use are checked."""
+    config = MVARConfig(depth=args.depth, arch=args.arch, var_blocks=args.var_blocks, embed_dim=args.embed_dim,
+                        num_heads=args.num_heads)
+    blocks = [(config.block_arch(i), config.block_branches(i)) for i in range(config.depth)]
     attn_backend, mamba_backend = backends.from_flags(args.attn_backend, args.mamba_backend, fuse=args.fuse)
-    resolve_backend(attn_backend, device, effective_amp_dtype(device, AMP_DTYPES[args.fp16]) or torch.float32)
-    kernel_name(mamba_backend, device.type == "cuda", device)
+    if any("attn" in branches and arch != "var" for arch, branches in blocks):  # VAR's: block-causal SDPA
+        resolve_backend(attn_backend, device, effective_amp_dtype(device, AMP_DTYPES[args.fp16]) or torch.float32,
+                        config.attn_drop_rate, config.embed_dim // config.num_heads)
+    if any("mamba" in branches for _, branches in blocks):
+        resolve_kernels(mamba_backend, device.type == "cuda", device)
 
 
 def sample_dtype(args: argparse.Namespace, trainer: Trainer) -> torch.dtype | None:

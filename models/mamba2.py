@@ -175,18 +175,19 @@ def _mixed_scan_forward(x_BLHP, dt_BLH, A_H, B_BLGN, C_BLGN, chunk_size, D, init
     # from the state entering it, one product per chunk and group for every head ((Q, N) x (N, heads x P): C is not
     # repeated per head either)
     decay_BcGh11 = dA_cs_BcHQ[..., -1].exp().view(Bsz, c, G, Hg, 1, 1)
-    h_BcGhPN = x.new_empty(Bsz, c, G, Hg, P, N, dtype=acc)
-    final_BHPN = x.new_empty(Bsz, H, P, N, dtype=acc)
-    if initial_state_BHPN is None:
-        h_BcGhPN[:, 0].zero_()
-    else:
-        h_BcGhPN[:, 0].view(Bsz, H, P, N).copy_(initial_state_BHPN)
     if torch.compiler.is_compiling():  # dynamo takes no out= into a strided view: the same sums, then stacked
-        h_k = [h_BcGhPN[:, 0]]
+        h_k = [x.new_zeros(Bsz, G, Hg, P, N, dtype=acc) if initial_state_BHPN is None
+               else initial_state_BHPN.to(acc).reshape(Bsz, G, Hg, P, N)]
         for k in range(c):
             h_k.append(torch.addcmul(states_BcGhPN[:, k], h_k[k], decay_BcGh11[:, k]))
         h_BcGhPN, final_BHPN = torch.stack(h_k[:c], dim=1), h_k[c].view(Bsz, H, P, N)
     else:
+        h_BcGhPN = x.new_empty(Bsz, c, G, Hg, P, N, dtype=acc)
+        final_BHPN = x.new_empty(Bsz, H, P, N, dtype=acc)
+        if initial_state_BHPN is None:
+            h_BcGhPN[:, 0].zero_()
+        else:
+            h_BcGhPN[:, 0].view(Bsz, H, P, N).copy_(initial_state_BHPN)
         for k in range(c):
             torch.addcmul(states_BcGhPN[:, k], h_BcGhPN[:, k], decay_BcGh11[:, k],
                           out=h_BcGhPN[:, k + 1] if k + 1 < c else final_BHPN.view(Bsz, G, Hg, P, N))
@@ -252,17 +253,18 @@ class _MixedChunkScan(torch.autograd.Function):
 
         # the chunk recursion backwards: dh_k = dh_direct_k + exp(cs_end_k) dh_{k+1}, dh_c = d(final state);
         # dS_k = dh_{k+1} is what chunk k's state contributed
-        dS_BcGhPN = torch.empty_like(h_BcGhPN)
-        if dfinal_BHPN is None:
-            dS_BcGhPN[:, c - 1].zero_()
-        else:
-            dS_BcGhPN[:, c - 1].view(Bsz, H, P, N).copy_(dfinal_BHPN)
         if torch.compiler.is_compiling():  # as in the forward: no out= into a strided view
-            dS_k = [dS_BcGhPN[:, c - 1]]
+            dS_k = [h_BcGhPN.new_zeros(h_BcGhPN[:, 0].shape) if dfinal_BHPN is None
+                    else dfinal_BHPN.to(h_BcGhPN.dtype).reshape(h_BcGhPN[:, 0].shape)]  # chunk c-1, then down
             for k in range(c - 1, 0, -1):
-                dS_k.insert(0, torch.addcmul(dh_direct_BcGhPN[:, k], dS_k[0], decay_BcGh11[:, k]))
-            dS_BcGhPN = torch.stack(dS_k, dim=1)
+                dS_k.append(torch.addcmul(dh_direct_BcGhPN[:, k], dS_k[-1], decay_BcGh11[:, k]))
+            dS_BcGhPN = torch.stack(dS_k[::-1], dim=1)
         else:
+            dS_BcGhPN = torch.empty_like(h_BcGhPN)
+            if dfinal_BHPN is None:
+                dS_BcGhPN[:, c - 1].zero_()
+            else:
+                dS_BcGhPN[:, c - 1].view(Bsz, H, P, N).copy_(dfinal_BHPN)
             for k in range(c - 1, 0, -1):
                 torch.addcmul(dh_direct_BcGhPN[:, k], dS_BcGhPN[:, k], decay_BcGh11[:, k], out=dS_BcGhPN[:, k - 1])
         dinit = torch.addcmul(dh_direct_BcGhPN[:, 0], dS_BcGhPN[:, 0], decay_BcGh11[:, 0]).view(Bsz, H, P, N) \
@@ -659,24 +661,25 @@ class Mamba2(nn.Module):
     def forward(self, u_BlD: torch.Tensor, state: Mamba2State | None = None) -> torch.Tensor:
         """(B, l, D) -> (B, l, D). With `state`, continue from it and update it in place."""
         if torch.compiler.is_compiling() and torch_features.compiled_function_gradients_wrong() and \
-                self._resolve_backend(u_BlD) is not None:  # mamba_ssm's Functions, which `_returned` cannot mend
+                self._resolve_backend(u_BlD)[1] is not None:  # mamba_ssm's Functions, which `_returned` cannot mend
             return _forward_outside_the_graph(self, u_BlD, state)
         return self._forward_any_backend(u_BlD, state)
 
     def _forward_any_backend(self, u_BlD: torch.Tensor, state: Mamba2State | None) -> torch.Tensor:
-        kernels = self._resolve_backend(u_BlD)
+        name, kernels = self._resolve_backend(u_BlD)
+        # torch.compile traces the PyTorch path (inductor fuses it itself; the C kernels are opaque to it)
+        fused_cpu = name == "cpu_fused" and not torch.compiler.is_compiling()
         per_slice = self._cpu_slice(u_BlD) if state is None and kernels is None else u_BlD.shape[0]
         if per_slice < u_BlD.shape[0]:
-            return torch.cat([self._forward(u, None, None) for u in u_BlD.split(per_slice)])
-        return self._forward(u_BlD, state, kernels)
+            return torch.cat([self._forward(u, None, None, fused_cpu) for u in u_BlD.split(per_slice)])
+        return self._forward(u_BlD, state, kernels, fused_cpu)
 
-    def _forward(self, u_BlD: torch.Tensor, state: Mamba2State | None, kernels: MambaKernels | None
-                 ) -> torch.Tensor:
+    def _forward(self, u_BlD: torch.Tensor, state: Mamba2State | None, kernels: MambaKernels | None,
+                 fused_cpu: bool = False) -> torch.Tensor:
+        """`kernels`: mamba_ssm's (None: the PyTorch path); `fused_cpu`: models.mamba2_cpu's conv and norm there."""
         Bsz, seqlen, _ = u_BlD.shape
         zxbcdt = self.in_proj(u_BlD)
         z_Bld, xBC_Bld, dt_BlH = torch.split(zxbcdt, [self.d_ssm, self.conv_dim, self.nheads], dim=-1)
-        # torch.compile traces the PyTorch path (inductor fuses it itself; the C kernels are opaque to it)
-        fused_cpu = self.active_backend == "cpu_fused" and not torch.compiler.is_compiling()
         if kernels is not None and kernels.causal_conv1d_fn is not None and state is None and \
                 2 <= self.d_conv <= 4:  # causal_conv1d's widths; others take the torch conv
             xBC_Bld = kernels.causal_conv1d_fn(causal_conv1d_layout(xBC_Bld.transpose(1, 2)),
@@ -752,12 +755,14 @@ class Mamba2(nn.Module):
             return u_BlD.shape[0]
         return max(1, CPU_SLICE_BYTES // (u_BlD.shape[1] * self.in_proj.out_features * 4))
 
-    def _resolve_backend(self, u: torch.Tensor) -> MambaKernels | None:
-        """Kernels to use for input `u`, or None for the PyTorch path (logged once per distinct outcome)."""
+    def _resolve_backend(self, u: torch.Tensor) -> tuple[str, MambaKernels | None]:
+        """(the backend's name, its kernels or None for the PyTorch path) for input `u` (logged once per outcome).
+        Only eager calls record it in `active_backend`: dynamo takes no module write inside --grad_ckpt's
+        checkpoint, and a read of it in the trace would guard on a value the eager calls change."""
         name = kernel_name(self.backend, _is_kernel_device(u), u.device)
-        if not torch.compiler.is_compiling():  # dynamo takes no module write inside --grad_ckpt's checkpoint
+        if not torch.compiler.is_compiling():
             self.active_backend = name
-        return _resolved.get(name)
+        return name, _resolved.get(name)
 
 
 @torch.compiler.disable
@@ -769,8 +774,11 @@ def _forward_outside_the_graph(layer: Mamba2, u_BlD: torch.Tensor, state: Mamba2
     return layer._forward_any_backend(u_BlD, state)
 
 
+OUTSIDE_THE_GRAPH = "Mamba2 layers on mamba_ssm's kernels run outside torch.compile's graph"  # (the GPU check reads it)
+
+
 @functools.cache
 def _log_outside_the_graph(version: str) -> None:
-    logger.warning("torch %s: Mamba2 layers on mamba_ssm's kernels run outside torch.compile's graph (its compiled "
-                   "autograd.Functions get wrong gradients on this torch: pytorch/pytorch#180642); the model is "
-                   "compiled in pieces. --mamba_backend=torch compiles whole", version)
+    logger.warning("torch %s: %s (its compiled autograd.Functions get wrong gradients on this torch: "
+                   "pytorch/pytorch#180642); the model is compiled in pieces. --mamba_backend=torch compiles whole",
+                   version, OUTSIDE_THE_GRAPH)

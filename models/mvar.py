@@ -172,11 +172,10 @@ class HybridBlock(nn.Module):
         arch = config.block_arch(block_idx)
         self.block_idx, self.C, self.branches = block_idx, C, ARCH_BRANCHES[arch]
         self.n_chunks = 3 * len(self.branches)
-        self.drop_path = drop_path
         # the rate as a tensor in forward: to torch.compile a float is a constant, and blocks compiled one by one
         # (FSDP2's hooks break the graph between them) would each need a graph of their own
         self.register_buffer("drop_path_t", torch.tensor(float(drop_path)), persistent=False)
-        self.drops_paths = drop_path > 0
+        self.has_drop_path = drop_path > 0
         self.shared_aln = config.shared_aln
         if "attn" in self.branches:
             self.attn = ScaleAttention(
@@ -219,10 +218,16 @@ class HybridBlock(nn.Module):
             x_BLC = x_BLC + self.stochastic_depth(h_BLC.mul(gamma))
         return x_BLC
 
+    @property
+    def drop_path(self) -> float:
+        """The block's stochastic-depth rate."""
+        return self.drop_path_t.item()
+
     def stochastic_depth(self, h_BLC: torch.Tensor) -> torch.Tensor:
-        """torchvision's `stochastic_depth(h, drop_path, "row", training)`: in training, each sample's branch is
-        dropped with probability drop_path and the kept ones scaled by 1 / (1 - drop_path)."""
-        if not (self.training and self.drops_paths):
+        """torchvision's `stochastic_depth(h, drop_path, "row", training)` in distribution (not draw for draw: a
+        tensor rate takes another bernoulli kernel): in training, each sample's branch is dropped with probability
+        drop_path and the kept ones scaled by 1 / (1 - drop_path)."""
+        if not (self.training and self.has_drop_path):
             return h_BLC
         keep = 1.0 - self.drop_path_t
         noise_B11 = h_BLC.new_empty((h_BLC.shape[0],) + (1,) * (h_BLC.ndim - 1)).bernoulli_(keep)
@@ -342,8 +347,7 @@ class MVAR(nn.Module):
         grad mode (training, validation) and batch size is a graph of its own, and past dynamo's recompile limit
         (8) the forward would run eagerly: the limit is raised to hold them all."""
         config = torch._dynamo.config
-        limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.7
-        setattr(config, limit, max(getattr(config, limit), 4 * (len(self.seg_lens) + 1)))
+        config.recompile_limit = max(config.recompile_limit, 4 * (len(self.seg_lens) + 1))
         self.compile(mode=mode, backend=backend, dynamic=False)
 
     def forward(self, label_B: torch.LongTensor, x_BLCv_wo_first_l: torch.Tensor, prog_si: int = -1) -> torch.Tensor:

@@ -27,6 +27,7 @@ def _fresh_backend_resolution(monkeypatch):
     backends._log_once.cache_clear()
     yield
     A._resolve.cache_clear()
+    A._resolved.clear()  # kernel functions a test planted
 
 
 def qkv(B, L, H, c, dtype=torch.float32, device="cpu", seed=0):

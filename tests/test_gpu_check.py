@@ -245,4 +245,6 @@ def test_the_compile_line_reads_dynamos_own_logs(monkeypatch):
     monkeypatch.setattr(gpu_train_check.torch_features, "compiled_function_gradients_wrong", lambda: True)
     assert gpu_train_check.compile_line(log).status == "FAIL"  # torch 2.11: only Mamba2's breaks are expected
     mamba_break = "[__graph_breaks] Graph break in user code at /repo/models/mamba2.py:650\n"
-    assert gpu_train_check.compile_line(mamba_break * 2).status == "INFO"
+    assert gpu_train_check.compile_line(mamba_break * 2).status == "FAIL"  # no mamba_ssm: the torch path broke
+    outside = f"[12-05 22:00:00 WARNING models.mamba2] torch 2.11.0: {gpu_train_check.OUTSIDE_THE_GRAPH} (...)\n"
+    assert gpu_train_check.compile_line(outside + mamba_break * 2).status == "INFO"

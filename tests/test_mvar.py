@@ -337,6 +337,7 @@ def test_compile_for_training_holds_every_progressive_stage():
     torch._dynamo.reset()
 
 
+@pytest.mark.slow  # dynamo's tracing: not the ISA-dependent numerics of `make test`'s pass 2
 def test_stochastic_depth_drops_rows_as_torchvision_and_compiles_one_graph_for_all_blocks():
     """Each sample's branch is dropped with the block's rate and the kept ones scaled by 1 / (1 - rate), as
     torchvision's stochastic_depth ("row"); identity in eval mode and at rate 0. The rate is a tensor in the forward:
@@ -367,6 +368,7 @@ def test_stochastic_depth_drops_rows_as_torchvision_and_compiles_one_graph_for_a
     torch._dynamo.reset()
 
 
+@pytest.mark.slow  # dynamo's tracing: not the ISA-dependent numerics of `make test`'s pass 2
 @pytest.mark.parametrize("grad_ckpt", [False, True])
 def test_the_training_pass_traces_as_one_graph_with_and_without_activation_checkpointing(grad_ckpt):
     """dynamo's "aot_eager" (forward and backward traced, no inductor): one graph, eager's gradients. Under
@@ -384,4 +386,24 @@ def test_the_training_pass_traces_as_one_graph_with_and_without_activation_check
         results.append([p.grad.clone() for p in mvar.parameters()])
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+    torch._dynamo.reset()
+
+
+@pytest.mark.slow  # dynamo's tracing: not the ISA-dependent numerics of `make test`'s pass 2
+def test_an_eager_call_between_compiled_steps_recompiles_nothing():
+    """The epoch's samples and --eval_every run the model eagerly between compiled steps and record the kernel choice
+    on the layers; a compiled forward that read it (Mamba2's `active_backend`) guarded on the value it had when
+    first traced (none yet), and every graph was compiled again after the first epoch."""
+    vae, mvar = build_tiny()
+    label_B, _, x_BLCv = teacher_input(vae, mvar)
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    compiled = torch.compile(mvar, backend="eager", dynamic=False)
+    mvar.train()
+    compiled(label_B, x_BLCv).sum().backward()  # the first call compiled, as under --tfast
+    mvar(label_B, x_BLCv)
+    assert mvar.blocks[0].mamba.active_backend is not None  # recorded by the eager call
+    compiled(label_B, x_BLCv).sum().backward()
+    assert counters["frames"]["total"] == counters["frames"]["ok"] == 1
     torch._dynamo.reset()

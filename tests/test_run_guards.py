@@ -59,6 +59,13 @@ def test_a_forced_kernel_that_cannot_run_is_refused_before_any_work(setup, tmp_p
     assert "Traceback" not in out and "train / " not in out  # no traceback; the data were not built
 
 
+def test_a_forced_kernel_the_blocks_do_not_use_is_not_checked(setup, tmp_path):  # noqa: F811
+    """VAR's blocks run block-causal SDPA whatever --attn_backend says, and have no Mamba2: a review found the
+    check refusing `--arch=var` runs for kernels they never call."""
+    run_train(setup, tmp_path / "out", "--arch=var", "--attn_backend=flash_attn", "--mamba_backend=mamba_ssm",
+              "--ep=1")
+
+
 def test_an_unknown_embedded_data_set_is_a_usage_error(capsys):
     with pytest.raises(SystemExit):
         parse_args(["--dataset=foo"])
