@@ -13,6 +13,7 @@ or pass it to train.py / sample.py as --vae_ckpt) and `tokenizer-prev.pth`; a ru
 import argparse
 import dataclasses
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from utils.data.loaders import build_datasets, build_loaders, mid_reso_problem
 from utils.flags import changed_flags, str2bool
 from utils.run.agreement import refuse_disagreement, run_facts
 from utils.run.checkpoint import RunFolder
+from utils.run.divergence import DivergenceGuard, NonFiniteError
 from utils.run.log import setup_logging
 from utils.run.preemption import Preemption
 from utils.run.rng import gather_rng_states, resolve_seed, restore_rng_states, seed_everything
@@ -91,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "--wp counts epochs)")
     g.add_argument("--sche", default="cos", help="lr schedule after warm-up (utils.run.schedule)")
     g.add_argument("--clip", type=float, default=2.0, help="gradient-norm clip (0: off)")
+    g.add_argument("--max_nonfinite", type=int, default=20, help="a step with a non-finite loss or gradient is "
+                   "skipped; stop after this many in a row (train.py's flag)")
     g = p.add_argument_group("run")
     g.add_argument("--out_dir", default="local_output/tokenizer", help="checkpoint/log folder (auto-resume)")
     g.add_argument("--log_every", type=int, default=50, help="log every N steps")
@@ -115,8 +119,8 @@ def build_vae(args: argparse.Namespace) -> VQVAE:
 def check_flags(args: argparse.Namespace, world: int) -> VQVAEConfig:
     """Every flag that needs no data, before the data set is listed: ValueError naming each bad one -> the
     tokenizer's config (built on the meta device: no weights, no random draws)."""
-    problems = [f"--{k}={getattr(args, k)}: expected a positive integer" for k in ("bs", "steps", "log_every",
-                                                                                  "save_every") if getattr(args, k) < 1]
+    problems = [f"--{k}={getattr(args, k)}: expected a positive integer" for k in (
+        "bs", "steps", "log_every", "save_every", "max_nonfinite") if getattr(args, k) < 1]
     if args.bs % world:
         problems.append(f"--bs={args.bs} is not divisible by the {world} processes")
     if problem := mid_reso_problem(args.mid_reso):
@@ -204,6 +208,7 @@ class TokenizerTrainer:
             self.disc_ddp = dist.wrap_model(self.disc, device)
             self.disc_opt = torch.optim.AdamW(self.disc.parameters(), lr=args.lr, betas=(0.5, 0.9), weight_decay=0)
         self.step = 0
+        self.guard = DivergenceGuard(tol=0.0)  # non-finite steps only: the loss terms have no common scale
 
     def set_lr(self) -> float:
         a = self.args
@@ -216,7 +221,9 @@ class TokenizerTrainer:
 
     def train_step(self, img_B3HW: torch.Tensor, ret_usages: bool = False) -> dict[str, Any]:
         """One update of the tokenizer (and of the discriminator when the GAN is on) -> logged values: losses as
-        detached 0-dim device tensors (no host sync; the caller converts them on log steps), "lr" a float."""
+        detached 0-dim device tensors (the caller converts them on log steps), "lr" a float. A step whose loss or
+        gradient is non-finite on any rank updates nothing (one host sync per step for that judgement);
+        --max_nonfinite of them in a row raise NonFiniteError."""
         a = self.args
         lr = self.set_lr()
         img_B3HW = img_B3HW.to(self.device, non_blocking=True)
@@ -236,19 +243,30 @@ class TokenizerTrainer:
             out["g"] = g_loss.detach()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        grad_norm = nn.utils.clip_grad_norm_(self.vae.parameters(), a.clip if a.clip > 0 else math.inf)
         if a.clip > 0:
-            out["grad_norm"] = nn.utils.clip_grad_norm_(self.vae.parameters(), a.clip)
-        self.opt.step()
+            out["grad_norm"] = grad_norm
+        # one judgement for all ranks (the loss averaged, the norm of the synced gradients): a bad step is skipped
+        reason = self.guard.update(dist.all_reduce_mean(loss.detach().clone()).item(), grad_norm.isfinite().item())
+        if reason is None:
+            self.opt.step()
         if gan_on:
             self.disc.requires_grad_(True)
             logits = self.disc_ddp(torch.cat([img_B3HW, rec_B3HW.detach()]))  # one pass: GroupNorm is per image
             d_loss = hinge_d_loss(*logits.chunk(2))
             self.disc_opt.zero_grad(set_to_none=True)
             d_loss.backward()
-            self.disc_opt.step()
+            if reason is None and math.isfinite(dist.all_reduce_mean(d_loss.detach().clone()).item()):
+                self.disc_opt.step()
             out["d"] = d_loss.detach()
         out["loss"] = loss.detach()
         self.step += 1
+        if reason is not None:
+            logger.warning("step %d: %s: update skipped (%d in a row)", self.step, reason, self.guard.bad_in_a_row)
+            if self.guard.bad_in_a_row >= a.max_nonfinite:
+                raise NonFiniteError(f"{self.guard.bad_in_a_row} steps in a row had a non-finite loss or gradient "
+                                     f"(--max_nonfinite={a.max_nonfinite}): stopping; lower --lr or raise --clip. "
+                                     f"The last checkpoint holds the weights from before them.")
         if a.reinit_every > 0 and self.step % a.reinit_every == 0:
             out["reinit"] = self.reinit_dead_codes(img_B3HW, tokens_per_step=img_B3HW.shape[0] * dist.get_world_size()
                                                    * sum(pn * pn for pn in self.vae.v_patch_nums))
@@ -283,7 +301,7 @@ class TokenizerTrainer:
         """Everything a resume needs; collective (every rank's RNG state is gathered), so call it on all ranks."""
         ckpt = {"vae_config": dataclasses.asdict(self.vae.config), "vae": self.vae.state_dict(),
                 "optimizer": self.opt.state_dict(), "step": self.step, "args": vars(self.args),
-                "rng": gather_rng_states()}
+                "rng": gather_rng_states(), "guard": self.guard.state_dict()}
         if self.disc is not None:
             ckpt.update(disc=self.disc.state_dict(), disc_optimizer=self.disc_opt.state_dict())
         return ckpt
@@ -305,6 +323,7 @@ class TokenizerTrainer:
                                  f"has other shapes than --disc_ch={self.args.disc_ch} --disc_layers="
                                  f"{self.args.disc_layers} give: resume with its flags")
         self.step = int(ckpt["step"])
+        self.guard.load_state_dict(ckpt.get("guard", {}))  # a checkpoint from before the guard: none bad
         self.vae.quantize.set_hit_steps(self.step)
         restore_rng_states(ckpt["rng"])
 

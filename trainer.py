@@ -23,7 +23,7 @@ from models.precision import effective_amp_dtype
 from models.tokenizer import VQVAE, VQVAEConfig
 from utils.data.loaders import class_difference
 from utils.run.checkpoint import position_text
-from utils.run.divergence import DivergenceGuard
+from utils.run.divergence import DivergenceGuard, NonFiniteError
 from utils.run.log import Averager
 from utils.run.rng import gather_rng_states, restore_rng_states
 from utils.run.schedule import Schedule, SchedulePoint, set_lr_wd
@@ -33,11 +33,6 @@ logger = logging.getLogger(__name__)
 # parameter-name fragments that get no weight decay (VAR's list, restricted to names our models use)
 NO_WD_KEYS = ("pos_start", "pos_1LC", "lvl_embed", "scale_mul", "gamma", "ada_gss")
 AMP_DTYPES = {0: None, 1: torch.float16, 2: torch.bfloat16}
-
-
-class NonFiniteError(RuntimeError):
-    """Too many optimizer steps in a row were bad: a non-finite loss or gradient, or a diverged loss
-    (utils.run.divergence)."""
 
 
 def param_groups(model: nn.Module) -> list[dict]:

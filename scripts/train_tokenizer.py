@@ -6,12 +6,13 @@
 """
 from dist import run_then_finalize
 from tokenizer_trainer import build_parser, train
+from utils.run.divergence import NonFiniteError
 from utils.run.checkpoint import CheckpointError, OutputFolderError
 from utils.run.lock import RunLockError
 
 if __name__ == "__main__":
     try:
         run_then_finalize(train, build_parser().parse_args())
-    except (ValueError, FileNotFoundError, CheckpointError, OutputFolderError, RunLockError) as e:
-        # a flag, data folder or checkpoint that does not fit (DataError is a ValueError)
+    except (ValueError, FileNotFoundError, CheckpointError, OutputFolderError, RunLockError, NonFiniteError) as e:
+        # a flag, data folder or checkpoint that does not fit (DataError is a ValueError), or a run gone non-finite
         raise SystemExit(f"error: {e}") from e

@@ -14,6 +14,7 @@ from models.loading import load_vae
 from models.vq_losses import build_perceptual_loss
 from tokenizer_trainer import TokenizerTrainer, build_parser, build_vae, quantizer_residuals, train
 from utils.data.loaders import build_datasets
+from utils.run.divergence import NonFiniteError
 
 STEP_RE = re.compile(r"step \d+/\d+ loss ([\d.]+) l1 ([\d.]+) vq ([\d.]+) g ([-\d.]+) d ([\d.]+) grad_norm ([\d.]+)")
 TINY = ["--reso=8", "--ch=32", "--ch_mult=1_2", "--z_channels=8", "--vocab_size=64", "--pn=1_2_4", "--bs=16",
@@ -71,6 +72,29 @@ def test_gan_term_updates_discriminator():
     out = trainer.train_step(mnist_batch(8))
     assert {"g", "d"} <= out.keys()
     assert any(not torch.equal(b, p) for b, p in zip(before, trainer.disc.parameters(), strict=True))
+
+
+def test_a_non_finite_step_updates_nothing_and_too_many_stop_the_run(caplog):
+    """A batch with a NaN made every weight (and the discriminator's) NaN, and the next saves kept them: a bad step
+    is now skipped, a good one counts on, and --max_nonfinite bad ones in a row stop the run."""
+    args = tiny_args("--steps=10", "--w_gan=0.1", "--disc_ch=16", "--disc_layers=1", "--gan_start=0",
+                     "--max_nonfinite=2")
+    trainer = TokenizerTrainer(build_vae(args), args, torch.device("cpu"))
+    img = mnist_batch(8)
+    trainer.train_step(img)
+    bad = img.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    weights = [p.detach().clone() for p in (*trainer.vae.parameters(), *trainer.disc.parameters())]
+    trainer.train_step(bad)
+    assert all(torch.equal(w, p) for w, p in zip(weights, (*trainer.vae.parameters(), *trainer.disc.parameters()),
+                                                  strict=True))
+    assert trainer.guard.bad_in_a_row == 1 and "update skipped (1 in a row)" in caplog.text
+    trainer.train_step(img)  # a good step in between: the count starts over
+    assert trainer.guard.bad_in_a_row == 0 and trainer.step == 3
+    assert all(p.isfinite().all() for p in trainer.vae.parameters())
+    trainer.train_step(bad)
+    with pytest.raises(NonFiniteError, match="2 steps in a row .*--max_nonfinite=2"):
+        trainer.train_step(bad)
 
 
 def test_perceptual_term_reports_why_it_is_unavailable():

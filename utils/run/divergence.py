@@ -14,6 +14,10 @@ from typing import Any
 LEVEL_FLOOR = 1.0  # nats: the tolerance applies to at least this level
 
 
+class NonFiniteError(RuntimeError):
+    """Too many optimizer steps in a row were bad: a non-finite loss or gradient, or a diverged loss."""
+
+
 class DivergenceGuard:
     """Counts bad optimizer steps in a row; `tol` 0 turns the level test off (non-finite steps still count)."""
 
