@@ -33,7 +33,7 @@ from utils.data.loaders import DataError, build_datasets, build_loaders, build_v
 from utils.data.token_cache import TokenCacheError, TokenDataset, content_digest, gaps, open_cache, read_manifest, \
     tokenizer_digest
 from utils.evaluation.during_training import TrainingEval
-from utils.flags import FlagError, changed_flags, finalize_args, parse_args
+from utils.flags import FlagError, changed_flags, finalize_args, model_shape, parse_args
 from utils.run.agreement import refuse_disagreement, run_facts
 from utils.run.checkpoint import OutputFolderError, RunFolder, check_writable, position_text
 from utils.run.lock import RunLockError
@@ -270,8 +270,7 @@ def check_kernels(args: argparse.Namespace, device: torch.device) -> None:
     """A forced --attn_backend / --mamba_backend (or its env var) that cannot run on this device in this run's
     precision: a BackendError before any work (else at the first step, and under --tfast from inside dynamo's
     trace, as its internal error with a traceback). Only the kernels the model's blocks use are checked."""
-    config = MVARConfig(depth=args.depth, arch=args.arch, var_blocks=args.var_blocks, embed_dim=args.embed_dim,
-                        num_heads=args.num_heads)
+    config = model_shape(args)
     blocks = [(config.block_arch(i), config.block_branches(i)) for i in range(config.depth)]
     attn_backend, mamba_backend = backends.from_flags(args.attn_backend, args.mamba_backend, fuse=args.fuse)
     if any("attn" in branches and arch != "var" for arch, branches in blocks):  # VAR's: block-causal SDPA

@@ -219,6 +219,13 @@ class FlagError(ValueError):
     """A flag value that cannot train (train.py prints it as one error line, before any work)."""
 
 
+def model_shape(args: argparse.Namespace) -> MVARConfig:
+    """The model's config from the flags alone, before the tokenizer and the data (which give V, Cvae and the
+    classes) are read: its blocks, widths and heads."""
+    return MVARConfig(depth=args.depth, patch_nums=args.patch_nums, arch=args.arch, var_blocks=args.var_blocks,
+                      embed_dim=args.embed_dim, num_heads=args.num_heads, shared_aln=args.saln)
+
+
 def finalize_args(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
     """Derived settings, as VAR computes them: per-rank micro-batch, peak lr, schedule defaults, patch_nums."""
     for name in ("bs", "ac", "ep", "val_every", "log_every", "depth"):
@@ -264,9 +271,8 @@ def finalize_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
         raise FlagError(problem)
     if args.pg > 0 and not 0 <= args.pg0 < len(args.patch_nums):
         raise FlagError(f"--pg0={args.pg0}: expected a scale index in [0, {len(args.patch_nums) - 1}]")
-    try:  # the model's shape, before the tokenizer and the data (which give V, Cvae and the classes) are read
-        MVARConfig(depth=args.depth, patch_nums=args.patch_nums, arch=args.arch, var_blocks=args.var_blocks,
-                   embed_dim=args.embed_dim, num_heads=args.num_heads, shared_aln=args.saln)
+    try:
+        model_shape(args)
     except ValueError as e:
         raise FlagError(f"the model flags do not make a model: {e}") from None
     args.workers = max(0, args.workers)
