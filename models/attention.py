@@ -141,7 +141,8 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, drop
     if name == "flash_attn":
         _resolved[name] = _flash_attn_varlen_func()
     elif name == "torch_varlen":
-        _resolved[name] = _torch_varlen_attn(), _varlen_attn_takes_scale(_torch_varlen_attn())
+        fn = _torch_varlen_attn()
+        _resolved[name] = fn, _varlen_attn_takes_scale(fn)
     return name
 
 
