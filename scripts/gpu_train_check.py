@@ -26,7 +26,6 @@ from pathlib import Path
 
 import torch
 
-from models import torch_features
 from models.mamba2 import OUTSIDE_THE_GRAPH
 from models.tokenizer import VQVAE
 from scripts.gpu_results import CheckLine, any_failed, write_lines
@@ -135,8 +134,8 @@ def falling_line(name: str, rc: int, log: str, seconds: float) -> CheckLine:
 
 def compile_line(log: str) -> CheckLine:
     """How whole --tfast's compiled model was, from dynamo's logs (`COMPILE_LOGS`): PASS with no graph break and
-    no recompile limit hit (past it a frame runs eagerly). On a torch where mamba_ssm's Mamba2 runs outside the
-    graph on purpose (`torch_features.compiled_function_gradients_wrong`, and the run's log says it did),
+    no recompile limit hit (past it a frame runs eagerly). Where the run's log says mamba_ssm's Mamba2 ran outside
+    the graph on purpose (models.mamba2 warns so on the torches of `torch_features.compiled_function_gradients_wrong`),
     breaks in models/mamba2.py alone are INFO."""
     sites = sorted(set(GRAPH_BREAK_RE.findall(log)))
     limit_hit = "hit config.recompile_limit" in log
@@ -144,7 +143,7 @@ def compile_line(log: str) -> CheckLine:
         (", recompile limit hit" if limit_hit else "")
     note = " ".join(Path(site).name for site in sites)
     target = "no graph break, no recompile limit hit"
-    if sites and torch_features.compiled_function_gradients_wrong() and not limit_hit and OUTSIDE_THE_GRAPH in log and \
+    if sites and not limit_hit and OUTSIDE_THE_GRAPH in log and \
             all(Path(site.rsplit(":", 1)[0]).name == "mamba2.py" for site in sites):
         return CheckLine("torch.compile: one graph", "INFO", value, target, f"torch {torch.__version__} runs "
                          f"mamba_ssm's Mamba2 outside the graph (pytorch/pytorch#180642): {note}")
