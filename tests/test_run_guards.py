@@ -32,7 +32,9 @@ from utils.run.lock import LOCK_NAME, RunLock, RunLockError, read_owner
                                   "--wp0=-0.1", "--wpe=2", "--twd=-0.1", "--twde=-1", "--wp=-3", "--pgwp=-1",
                                   "--sche=bogus", "--sche=lin1", "--sche=exp --wpe=0",
                                   # a review: CUDA graphs overwrite the accumulated gradients (pytorch#169545)
-                                  "--tfast=1 --ac=2", "--tfast=2 --ac=4"])
+                                  "--tfast=1 --ac=2", "--tfast=2 --ac=4",
+                                  # a review: FSDP2's gathered weights move between CUDA-graph replays
+                                  "--tfast=1 --fsdp=1", "--tfast=2 --fsdp=1"])
 def test_flags_that_train_nothing_are_refused(flag):
     with pytest.raises(ValueError, match=flag.split("=")[0]):
         finalize_args(parse_args(flag.split()), world_size=1)

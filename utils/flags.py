@@ -243,6 +243,10 @@ def finalize_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
         raise FlagError(f"--tfast={args.tfast} (CUDA graphs) with --ac={args.ac}: the graphed backward's gradients are "
                         f"overwritten by the next micro-step's replay (pytorch/pytorch#169545); use --tfast=3 "
                         f"(default mode) or --ac=1")
+    if args.tfast in (1, 2) and args.fsdp:
+        raise FlagError(f"--tfast={args.tfast} (CUDA graphs) with --fsdp: FSDP2 gathers each block's weights into "
+                        f"fresh memory at every step, and CUDA graphs over its collectives are still being made to "
+                        f"work upstream (pytorch/pytorch#167861); use --tfast=3 (default mode) with --fsdp")
     ranges = {"pg": (0 <= args.pg < 1, "in [0, 1): a fraction of the iterations (0 = off)"),
               "cond_drop_rate": (0 <= args.cond_drop_rate <= 1, "a probability in [0, 1]"),
               "ls": (0 <= args.ls < 1, "in [0, 1)"),
