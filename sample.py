@@ -48,7 +48,7 @@ from utils.flags import add_backend_flags, add_model_flag, device_problem
 from utils.run.checkpoint import DiskFullError, OutputFolderError, check_writable, write_text_atomic
 from utils.run.agreement import refuse_disagreement
 from utils.run.lock import LOCK_NAME, RunLockError, lock_output_folder, read_owner
-from utils.run.log import setup_logging
+from utils.run.log import SAME_ON_ALL_RANKS, setup_logging
 from utils.run.preemption import sigterm_raises
 from utils.sample_io import NonFiniteValueError, check_finite_images, check_finite_weights, is_image_file, \
     load_edit_inputs, parse_box, save_folder, save_grid, to_uint8_BHW3
@@ -180,7 +180,8 @@ def parse_args(argv: Sequence[str] | None = None,
         except ValueError as e:
             problems.append(f"--pn: {e}")
     if args.fid and args.more_smooth:
-        logger.warning("--more_smooth is meant for pictures; the paper's FID uses --no-more_smooth")
+        logger.warning("--more_smooth is meant for pictures; the paper's FID uses --no-more_smooth",
+                       extra=SAME_ON_ALL_RANKS)
     if problems:
         parser.error("\n  ".join(problems))
     return args
@@ -263,7 +264,7 @@ def check_outputs(args: argparse.Namespace) -> None:
         if not is_image_file(out) and (old := len(list(out.glob("class*.png")))):
             logger.warning("--out=%s already holds %d class*.png images: this run's replace those of the same "
                            "names and the others stay, so the folder may mix two runs (choose an empty folder to "
-                           "keep them apart)", args.out, old)
+                           "keep them apart)", args.out, old, extra=SAME_ON_ALL_RANKS)
 
 
 def fall_back_to_fp32_where_slow(args: argparse.Namespace, device: torch.device) -> None:
@@ -302,7 +303,7 @@ def load_checked(args: argparse.Namespace, device: torch.device) -> tuple[MVAR, 
         raise ValueError(f"--ckpt={ckpt_path}: {e.args[0]}") from e
     if not ours and config.arch == "var" and not args.arch:
         logger.warning("%s has attention and no Mamba: read as VAR (--arch=intra for the intra-scale ablation, whose "
-                       "keys are the same; --arch=var says it is VAR)", ckpt_path.name)
+                       "keys are the same; --arch=var says it is VAR)", ckpt_path.name, extra=SAME_ON_ALL_RANKS)
     check_against_config(args, config, ckpt_path.name)
     has_vae = "vae" in ckpt and "vae_config" in ckpt
     if args.vae_ckpt is None and has_vae:

@@ -37,7 +37,7 @@ from utils.flags import FlagError, changed_flags, finalize_args, model_shape, pa
 from utils.run.agreement import refuse_disagreement, run_facts
 from utils.run.checkpoint import OutputFolderError, RunFolder, check_writable, position_text
 from utils.run.lock import RunLockError
-from utils.run.log import TBLogger, setup_logging
+from utils.run.log import SAME_ON_ALL_RANKS, TBLogger, setup_logging
 from utils.run.preemption import Preemption
 from utils.run.rng import resolve_seed, seed_everything
 from utils.run.schedule import Schedule
@@ -89,13 +89,13 @@ def build_data(args: argparse.Namespace, vae: VQVAE, reso: int
                               f"--dataset={args.dataset}'s: for a cache of an image folder, pass --data_path (its "
                               f"val/ images)") from None
     for gap in gaps(manifest):
-        logger.warning(gap)
+        logger.warning(gap, extra=SAME_ON_ALL_RANKS)
     views = manifest["splits"]["train"]["views"]
     logger.info("training from the token cache %s: views %s at mid_reso %g (one per image and epoch, fixed at "
                 "extraction: VAR draws a new random crop every epoch)", args.tokens, views, manifest["mid_reso"])
     if args.hflip and not any(v.endswith("_flip") for v in views):
         logger.warning("--hflip does not apply to a token cache, and this one has no flipped views (extract them with "
-                       "scripts/extract_tokens.py --views=center,center_flip)")
+                       "scripts/extract_tokens.py --views=center,center_flip)", extra=SAME_ON_ALL_RANKS)
     val_set = val_images if args.data_path else TokenDataset(args.tokens, manifest, "val", limit=args.val_limit)
     return len(manifest["classes"]), TokenDataset(args.tokens, manifest, "train", limit=args.train_limit), val_set, \
         val_images, views
@@ -171,7 +171,7 @@ class Checkpointer:
         if blocker is not None:
             if not self.blocked:
                 logger.warning("checkpoint %s not saved: %s (the next good step saves)",
-                               position_text({"epoch": epoch, "iter": it}), blocker)
+                               position_text({"epoch": epoch, "iter": it}), blocker, extra=SAME_ON_ALL_RANKS)
             self.pending = self.blocked = True
             if best:
                 self.save_best(epoch, it, best_val)
@@ -190,7 +190,8 @@ class Checkpointer:
         if blocker is None:
             self.folder.save(self.state(epoch, it, best_val), best=True, last=False)
         else:
-            logger.warning("the best val loss so far is not saved as %s: %s", self.folder.best.name, blocker)
+            logger.warning("the best val loss so far is not saved as %s: %s", self.folder.best.name, blocker,
+                           extra=SAME_ON_ALL_RANKS)
 
     def state(self, epoch: int, it: int, best_val: float) -> dict[str, Any]:
         """What a checkpoint at (epoch, it) holds (Trainer.checkpoint and the run's flags, data and curve)."""
@@ -258,7 +259,7 @@ def end_epoch(ep: int, iters: int, args: argparse.Namespace, trainer: Trainer, v
         trainer.discard_partial_window()
         logger.warning("training ends inside an accumulation window: the last %d micro-step(s) were discarded "
                        "(--ac=%d does not divide the iterations run since the start or the resume)", open_window,
-                       args.ac)
+                       args.ac, extra=SAME_ON_ALL_RANKS)
     if not open_window or ep + 1 == args.ep:
         saver.save(ep + 1, 0, best_val, best=is_best)
     elif is_best:  # -last waits for the window's end
@@ -325,7 +326,8 @@ def use_deterministic_kernels(device: torch.device) -> None:
         del os.environ["TRITON_CACHE_AUTOTUNING"]
         logger.warning("--deterministic: TRITON_CACHE_AUTOTUNING=1 ignored in this process. With it mamba_ssm keeps "
                        "every Triton config and relies on Triton's cache, which skips configs with pre-hooks: a "
-                       "relaunched run could pick another config and differ; without it each kernel has one config")
+                       "relaunched run could pick another config and differ; without it each kernel has one config",
+                       extra=SAME_ON_ALL_RANKS)
     logger.info("deterministic kernels (torch.use_deterministic_algorithms, CUBLAS_WORKSPACE_CONFIG=%s%s)",
                 os.environ["CUBLAS_WORKSPACE_CONFIG"], ", SDPA's math kernel" if device.type == "cuda" else "")
 
@@ -347,7 +349,7 @@ def main(args: argparse.Namespace) -> None:
                 "peak lr %.3g", world, device, args.batch_size, args.glb_batch_size, args.ac, args.tlr)
     if args.bs_effective != args.bs:
         logger.warning("--bs=%d is not a multiple of --ac x ranks (%d x %d): each optimizer step takes %d images",
-                       args.bs, args.ac, world, args.bs_effective)
+                       args.bs, args.ac, world, args.bs_effective, extra=SAME_ON_ALL_RANKS)
 
     # resume: the output folder's newest checkpoint, else --resume. The folder wins so that a preempted job
     # relaunched with the same command continues instead of starting over.
@@ -428,7 +430,8 @@ def main(args: argparse.Namespace) -> None:
     tb.close()
     saver.close()
     if saver.blocked:
-        logger.warning("the final checkpoint was not saved (see above): %s is the last one", folder.find_resume())
+        logger.warning("the final checkpoint was not saved (see above): %s is the last one", folder.find_resume(),
+                       extra=SAME_ON_ALL_RANKS)
     logger.info("training finished: %d epochs, best val loss %.4f", args.ep, best_val)
 
 

@@ -24,7 +24,7 @@ from models.tokenizer import VQVAE, VQVAEConfig
 from utils.data.loaders import class_difference
 from utils.run.checkpoint import position_text
 from utils.run.divergence import DivergenceGuard, NonFiniteError
-from utils.run.log import Averager
+from utils.run.log import SAME_ON_ALL_RANKS, Averager
 from utils.run.rng import gather_rng_states, restore_rng_states
 from utils.run.schedule import Schedule, SchedulePoint, set_lr_wd
 
@@ -87,7 +87,7 @@ def data_problems(old: dict[str, Any] | None, new: dict[str, Any], mid_epoch: bo
             problems.append(f"{change}: a mid-epoch position needs the same data (restore it, or resume from a "
                             f"checkpoint at an epoch end)")
         else:
-            logger.warning("%s: epochs now follow the new size", change)
+            logger.warning("%s: epochs now follow the new size", change, extra=SAME_ON_ALL_RANKS)
     old_src, new_src = (f"the token cache's views {d['tokens']}" if d.get("tokens") else "the images"
                         for d in (old, new))
     if old_src != new_src:
@@ -96,7 +96,7 @@ def data_problems(old: dict[str, Any] | None, new: dict[str, Any], mid_epoch: bo
             problems.append(f"{change}: a mid-epoch position needs the same data (resume from a checkpoint at an "
                             f"epoch end)")
         else:
-            logger.warning("%s: the next epochs draw from the latter", change)
+            logger.warning("%s: the next epochs draw from the latter", change, extra=SAME_ON_ALL_RANKS)
     return problems
 
 
@@ -246,7 +246,7 @@ class Trainer:
             return
         result.skipped = True
         logger.warning("%s (grad norm %s): optimizer step skipped (%d in a row)", reason, result.grad_norm,
-                       self.guard.bad_in_a_row)
+                       self.guard.bad_in_a_row, extra=SAME_ON_ALL_RANKS)
         if self.guard.bad_in_a_row >= self.max_nonfinite:
             raise NonFiniteError(f"{self.guard.bad_in_a_row} optimizer steps in a row were bad (the last: {reason}; "
                                  f"--max_nonfinite={self.max_nonfinite}, --diverge_tol={self.guard.tol:g}): stopping; "
@@ -398,7 +398,8 @@ class Trainer:
                      f"{ckpt['args'].get('vae_ckpt')} (digest {theirs}), this run loaded --vae_ckpt="
                      f"{args['vae_ckpt']} (digest {ours})")
             if args["allow_other_tokenizer"]:
-                logger.warning("%s: continuing with this run's (--allow_other_tokenizer)", other)
+                logger.warning("%s: continuing with this run's (--allow_other_tokenizer)", other,
+                               extra=SAME_ON_ALL_RANKS)
             else:
                 problems.append(f"{other}; pass --allow_other_tokenizer if this is meant")
         if ckpt["iter"] > 0 and ckpt["args"]["glb_batch_size"] != args["glb_batch_size"]:

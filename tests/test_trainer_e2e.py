@@ -1,6 +1,7 @@
 """train.py end to end on a tiny tokenizer/model/ImageFolder (CPU): torchrun DDP == one process, SIGKILL + resume
 is bit-identical, corrupt and incompatible checkpoints are clear errors that keep the previous file."""
 import dataclasses
+import logging
 import re
 import shutil
 import signal
@@ -17,7 +18,7 @@ from conftest import REPO, SUBPROCESS_ENV, build_tiny_mvar, damage_tensor_data, 
     write_image_folder
 from utils.evaluation.classifier import SmallCNN
 from utils.run.checkpoint import BEST, LAST, PREV
-from utils.run.log import TB_AXES
+from utils.run.log import SAME_ON_ALL_RANKS, TB_AXES, setup_logging
 
 TINY = ["--pn=1_2_4", "--depth=2", "--embed_dim=64", "--num_heads=2", "--fuse=0", "--bs=4", "--ep=2",
         "--log_every=1", "--workers=0", "--seed=3", "--tblr=1e-1", "--sample_every=0", "--val_every=1"]
@@ -138,6 +139,8 @@ def test_fsdp_and_single_process_checkpoints_resume_into_each_other(setup, singl
     fsdp = ["--fsdp=1", "--val_every=2"] if resumed_by == "fsdp" else []
     proc = run_train(setup, out, *NO_MODEL_RNG, *fsdp, nproc=2 if resumed_by == "fsdp" else 1)
     assert "resumed from" in proc.stdout
+    if resumed_by == "fsdp":  # a warning every rank gives alike comes from rank 0 alone (once per job, not per rank)
+        assert proc.stdout.count("the checkpoint holds RNG states of 1 ranks, this run has 2") == 1, proc.stdout
     diff = max_abs_diff(model_state(setup / "single" / LAST), model_state(out / LAST))
     assert diff < 1e-5, diff
 
@@ -158,6 +161,23 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(setup, reference_run):
     assert all(torch.equal(ref_opt[i]["exp_avg_sq"], got_opt[i]["exp_avg_sq"]) for i in ref_opt)
     ref_losses, got_losses = logged_losses(ref_log), logged_losses(resumed.stdout)
     assert got_losses and all(ref_losses[k] == v for k, v in got_losses.items())
+
+
+def test_other_ranks_log_their_own_warnings_and_leave_those_alike_on_every_rank_to_rank_0(capsys):
+    log, root = logging.getLogger("mvar.test"), logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        for rank in (0, 1):
+            setup_logging(rank)
+            log.warning("alike %d", rank, extra=SAME_ON_ALL_RANKS)
+            log.warning("own %d", rank)
+            log.info("info %d", rank)
+    finally:
+        root.handlers[:], root.level = handlers, level
+    out = capsys.readouterr().out
+    assert [m for m in ("alike 0", "own 0", "info 0", "alike 1", "own 1", "info 1") if m in out] == \
+        ["alike 0", "own 0", "info 0", "own 1"], out
+    assert "[rank1]" in out.split("own 1")[0].splitlines()[-1]
 
 
 def test_the_best_checkpoint_is_the_lowest_last_scale_val_loss_as_vars(reference_run):

@@ -19,6 +19,8 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, has_file_allowed_extension
 from torchvision.transforms import InterpolationMode, transforms
 
+from utils.run.log import SAME_ON_ALL_RANKS
+
 logger = logging.getLogger(__name__)
 
 MAX_CONSECUTIVE_BAD = 100  # give up if this many images in a row are unreadable: the data set itself is broken
@@ -208,7 +210,8 @@ def first_items(dataset: Dataset, n: int, flag: str | None = None) -> Dataset:
         if kept < every:
             logger.warning("%s=%d keeps the data set's first %d images, which cover %d of its %d classes (an "
                            "ImageFolder lists its images class by class): the model still has every class, and "
-                           "their losses measure those %d only", flag, n, min(n, len(dataset)), kept, every, kept)
+                           "their losses measure those %d only", flag, n, min(n, len(dataset)), kept, every, kept,
+                           extra=SAME_ON_ALL_RANKS)
     return Subset(dataset, range(min(n, len(dataset))))
 
 

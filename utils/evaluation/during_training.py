@@ -27,6 +27,7 @@ from utils.evaluation.fid import frechet_distance_of_features
 from utils.evaluation.fid_dump import chunk_seed
 from utils.evaluation.inception import load_inception
 from utils.evaluation.scores import classifier_view
+from utils.run.log import SAME_ON_ALL_RANKS
 from utils.sample_io import to_uint8_BHW3
 
 logger = logging.getLogger(__name__)
@@ -115,7 +116,7 @@ class TrainingEval:
         if len(ref) < self.n:
             logger.warning("the --eval_every reference holds %d validation images for %d generated ones (some classes "
                            "have fewer than %d): lower --eval_n for a like-for-like comparison", len(ref), self.n,
-                           -(-self.n // num_classes))
+                           -(-self.n // num_classes), extra=SAME_ON_ALL_RANKS)
 
         def real(start: int, stop: int) -> np.ndarray:
             return to_uint8_BHW3((torch.stack([val_set[i][0] for i in ref[start:stop]]) + 1) / 2)

@@ -35,6 +35,7 @@ import torch
 import dist
 from models.loading import CheckpointError, load_checkpoint, with_digest
 from utils.run.lock import RunLock, lock_output_folder, pid_alive
+from utils.run.log import SAME_ON_ALL_RANKS
 
 logger = logging.getLogger(__name__)
 
@@ -246,7 +247,8 @@ class RunFolder:
         Collective: raises CheckpointError when the ranks would resume from different positions."""
         path = self.find_resume()
         if path is not None and fallback:
-            logger.warning("--resume=%s ignored: %s has its own checkpoint %s", fallback, self.dir, path.name)
+            logger.warning("--resume=%s ignored: %s has its own checkpoint %s", fallback, self.dir, path.name,
+                           extra=SAME_ON_ALL_RANKS)
         elif fallback:
             path = Path(fallback)
         try:
@@ -255,7 +257,7 @@ class RunFolder:
             if path != self.last or not self.prev.is_file():
                 raise
             logger.warning("%s; resuming from the previous checkpoint %s instead (the next save replaces %s)", e,
-                           self.prev, self.last.name)
+                           self.prev, self.last.name, extra=SAME_ON_ALL_RANKS)
             path, ckpt, self.last_damaged = self.prev, load_checkpoint(self.prev), True
         positions = dist.all_gather_object(None if ckpt is None else tuple(ckpt.get(k) for k in POSITION_KEYS))
         if len(set(positions)) > 1:  # e.g. nodes with their own output folders, some without a checkpoint

@@ -1,5 +1,5 @@
-"""Logging for training runs: rank 0 logs INFO to stdout and log.txt, other ranks only warnings; TensorBoard
-scalars and images from rank 0 only."""
+"""Logging for training runs: rank 0 logs INFO to stdout and log.txt, other ranks only warnings (not those marked
+`SAME_ON_ALL_RANKS`); TensorBoard scalars and images from rank 0 only."""
 import logging
 import sys
 from pathlib import Path
@@ -8,6 +8,14 @@ import numpy as np
 import torch
 
 LOG_FORMAT = "[%(asctime)s %(levelname)s %(name)s] %(message)s"
+SAME_ON_ALL_RANKS = {"same_on_all_ranks": True}
+"""`extra=` of a warning that every rank gives alike (about the flags, the checkpoint, the data set): rank 0 alone
+logs it, not each of a job's hundreds of ranks. Warnings about this rank's own work (an unreadable image, a signal)
+go without it."""
+
+
+def _not_same_on_all_ranks(record: logging.LogRecord) -> bool:
+    return not getattr(record, "same_on_all_ranks", False)
 
 
 def setup_logging(rank: int, out_dir: Path | None = None, level: int = logging.INFO) -> None:
@@ -17,6 +25,8 @@ def setup_logging(rank: int, out_dir: Path | None = None, level: int = logging.I
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(Path(out_dir) / "log.txt"))
     fmt = LOG_FORMAT if rank == 0 else f"[rank{rank}] {LOG_FORMAT}"
+    if rank != 0:
+        handlers[0].addFilter(_not_same_on_all_ranks)
     logging.basicConfig(level=level if rank == 0 else logging.WARNING, format=fmt, datefmt="%m-%d %H:%M:%S",
                         handlers=handlers, force=True)
 

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as tdist
 
 import dist
+from utils.run.log import SAME_ON_ALL_RANKS
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +68,8 @@ class Preemption:
 
     def exit(self, where: str) -> NoReturn:
         """After the checkpoint is saved: log the stop and end the process with status 128 + signal."""
-        logger.warning("stopped by %s %s; run the same command to resume", signal.Signals(self.agreed).name, where)
+        logger.warning("stopped by %s %s; run the same command to resume", signal.Signals(self.agreed).name, where,
+                       extra=SAME_ON_ALL_RANKS)
         raise SystemExit(128 + self.agreed)
 
 

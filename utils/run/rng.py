@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 import dist
+from utils.run.log import SAME_ON_ALL_RANKS
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +28,8 @@ def resolve_seed(seed: int | None, ckpt: dict[str, Any] | None) -> int:
     saved = ckpt.get("args", {}).get("seed") if ckpt is not None else None
     if saved is not None:
         if seed is not None and seed != saved:
-            logger.warning("--seed=%s ignored: resuming with the checkpoint's seed %s", seed, saved)
+            logger.warning("--seed=%s ignored: resuming with the checkpoint's seed %s", seed, saved,
+                           extra=SAME_ON_ALL_RANKS)
         return saved
     if seed is None:
         seed = dist.broadcast_object(random.SystemRandom().randrange(2**31) if dist.is_main_process() else None)
@@ -69,4 +71,4 @@ def restore_rng_states(states: list[dict[str, Any]]) -> None:
         set_rng_state(states[dist.get_rank()])
     else:
         logger.warning("the checkpoint holds RNG states of %d ranks, this run has %d: not restoring them (the resumed "
-                       "run is not bit-exact)", len(states), dist.get_world_size())
+                       "run is not bit-exact)", len(states), dist.get_world_size(), extra=SAME_ON_ALL_RANKS)
