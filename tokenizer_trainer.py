@@ -33,7 +33,7 @@ from utils.data.loaders import build_datasets, build_loaders, mid_reso_problem
 from utils.flags import changed_flags, str2bool
 from utils.run.agreement import refuse_disagreement, run_facts
 from utils.run.checkpoint import RunFolder
-from utils.run.divergence import DivergenceGuard, NonFiniteError
+from utils.run.divergence import DivergenceGuard
 from utils.run.log import setup_logging
 from utils.run.preemption import Preemption
 from utils.run.rng import gather_rng_states, resolve_seed, restore_rng_states, seed_everything
@@ -262,11 +262,8 @@ class TokenizerTrainer:
         out["loss"] = loss.detach()
         self.step += 1
         if reason is not None:
-            logger.warning("step %d: %s: update skipped (%d in a row)", self.step, reason, self.guard.bad_in_a_row)
-            if self.guard.bad_in_a_row >= a.max_nonfinite:
-                raise NonFiniteError(f"{self.guard.bad_in_a_row} steps in a row had a non-finite loss or gradient "
-                                     f"(--max_nonfinite={a.max_nonfinite}): stopping; lower --lr or raise --clip. "
-                                     f"The last checkpoint holds the weights from before them.")
+            self.guard.skipped(reason, f"step {self.step}'s update", a.max_nonfinite,
+                               "lower --lr or raise --clip. The last checkpoint holds the weights from before them.")
         if a.reinit_every > 0 and self.step % a.reinit_every == 0:
             out["reinit"] = self.reinit_dead_codes(img_B3HW, tokens_per_step=img_B3HW.shape[0] * dist.get_world_size()
                                                    * sum(pn * pn for pn in self.vae.v_patch_nums))

@@ -28,7 +28,7 @@ from models.mamba2 import resolve_kernels
 from models.mvar import MVAR, MVARConfig
 from models.precision import effective_amp_dtype, set_tf32
 from models.tokenizer import VQVAE
-from trainer import AMP_DTYPES, NonFiniteError, StepResult, Trainer
+from trainer import AMP_DTYPES, StepResult, Trainer
 from utils.data.loaders import DataError, build_datasets, build_loaders, build_val_set, class_names
 from utils.data.token_cache import TokenCacheError, TokenDataset, content_digest, gaps, open_cache, read_manifest, \
     tokenizer_digest
@@ -36,6 +36,7 @@ from utils.evaluation.during_training import TrainingEval
 from utils.flags import FlagError, changed_flags, finalize_args, model_shape, parse_args
 from utils.run.agreement import refuse_disagreement, run_facts
 from utils.run.checkpoint import OutputFolderError, RunFolder, check_writable, position_text
+from utils.run.divergence import NonFiniteError
 from utils.run.lock import RunLockError
 from utils.run.log import SAME_ON_ALL_RANKS, TBLogger, setup_logging
 from utils.run.preemption import Preemption

@@ -23,7 +23,7 @@ from models.precision import effective_amp_dtype
 from models.tokenizer import VQVAE, VQVAEConfig
 from utils.data.loaders import class_difference
 from utils.run.checkpoint import position_text
-from utils.run.divergence import DivergenceGuard, NonFiniteError
+from utils.run.divergence import DivergenceGuard
 from utils.run.log import SAME_ON_ALL_RANKS, Averager
 from utils.run.rng import gather_rng_states, restore_rng_states
 from utils.run.schedule import Schedule, SchedulePoint, set_lr_wd
@@ -245,12 +245,8 @@ class Trainer:
         if reason is None:
             return
         result.skipped = True
-        logger.warning("%s (grad norm %s): optimizer step skipped (%d in a row)", reason, result.grad_norm,
-                       self.guard.bad_in_a_row, extra=SAME_ON_ALL_RANKS)
-        if self.guard.bad_in_a_row >= self.max_nonfinite:
-            raise NonFiniteError(f"{self.guard.bad_in_a_row} optimizer steps in a row were bad (the last: {reason}; "
-                                 f"--max_nonfinite={self.max_nonfinite}, --diverge_tol={self.guard.tol:g}): stopping; "
-                                 f"lower --tblr, raise --tclip or use --fp16=2 (bf16).")
+        self.guard.skipped(reason, f"optimizer step (grad norm {result.grad_norm:.4g})", self.max_nonfinite,
+                           "lower --tblr, raise --tclip or use --fp16=2 (bf16).")
 
     def save_blocker(self, resume_point: bool = True) -> str | None:
         """Why the current weights must not be checkpointed (None: they may): a weight is non-finite, or, for a

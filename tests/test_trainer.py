@@ -14,8 +14,9 @@ import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 from conftest import build_tiny_mvar
-from trainer import NonFiniteError, Trainer, param_groups
+from trainer import Trainer, param_groups
 from utils.data.loaders import build_loaders
+from utils.run.divergence import NonFiniteError
 from utils.run.schedule import Schedule
 
 pytestmark = pytest.mark.numerics  # rerun by `make test` at the lowest ISA level

@@ -8,9 +8,13 @@ postpones a save while the last step was bad and, when the run stops, sets aside
 started from. Ordinary training (VAR's recipe: a cross-entropy that falls from about log V) never comes near the
 default tolerance (--diverge_tol).
 """
+import logging
 import math
 from typing import Any
 
+from utils.run.log import SAME_ON_ALL_RANKS
+
+logger = logging.getLogger(__name__)
 LEVEL_FLOOR = 1.0  # nats: the tolerance applies to at least this level
 
 
@@ -48,6 +52,16 @@ class DivergenceGuard:
         self.bad_in_a_row = 0
         self.level = loss if self.level is None else self.beta * self.level + (1 - self.beta) * loss
         return None
+
+    def skipped(self, reason: str, what: str, max_bad: int, hint: str) -> None:
+        """After `update` judged a step bad and the caller left its update out: warn (from rank 0: every rank judged
+        alike), and raise NonFiniteError at `max_bad` bad steps in a row. `what` names the step ("optimizer step",
+        with the grad norm), `hint` says which flags to change."""
+        logger.warning("%s: %s skipped (%d in a row)", reason, what, self.bad_in_a_row, extra=SAME_ON_ALL_RANKS)
+        if self.bad_in_a_row >= max_bad:
+            tol = f", --diverge_tol={self.tol:g}" if self.tol > 0 else ""
+            raise NonFiniteError(f"{self.bad_in_a_row} steps in a row were bad (the last: {reason}; "
+                                 f"--max_nonfinite={max_bad}{tol}): stopping; {hint}")
 
     def state_dict(self) -> dict[str, Any]:
         """The running level and the count, for a checkpoint."""
