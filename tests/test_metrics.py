@@ -91,6 +91,12 @@ def test_precision_recall_by_hand():
     assert r == 1.0  # the sample ball around 0.5 (radius 99.5) holds every reference point
     p_self, r_self = precision_recall(ref, ref, k=3)
     assert p_self == 1.0 and r_self == 1.0
+    # by default no radius is dropped, as in OpenAI's evaluator (a review: 5% were, which biased scripts/fid.py's
+    # precision and recall low): the far point's ball still covers a sample beside it
+    far = np.concatenate([ref, [[1000.0, 0, 0]]])
+    beside = np.array([[1000.5, 0, 0], [1001.5, 0, 0]])
+    assert precision_recall(far, beside, k=1)[0] == 1.0
+    assert precision_recall(far, beside, k=1, clamp_percentile=5.0)[0] == 0.0
 
 
 def nv_resize(x_B3HW: torch.Tensor, n: int) -> torch.Tensor:

@@ -9,7 +9,7 @@ arrays, statistics of another width and unreadable images are errors naming the 
 Metrics follow OpenAI's guided-diffusion evaluator: FID from pool3 statistics, IS over splits of 5000 (of the
 images shuffled with a fixed seed, so that a class-ordered input is not deflated) with the classifier's bias dropped
 (only with an Inception port that has the classifier, see utils/evaluation/inception.py), improved
-precision/recall (Kynkaanniemi et al. 2019) with k=3 and radii above the 95th percentile dropped. Features come
+precision/recall (Kynkaanniemi et al. 2019) with k=3 and every radius kept (no outlier clamp). Features come
 from a TorchScript port of the TF graph, so numbers can differ from the TF evaluator in the second decimal.
 """
 import logging
@@ -105,10 +105,10 @@ def _sq_dists(a_ND: torch.Tensor, b_MD: torch.Tensor) -> torch.Tensor:
     return d.clamp_(min=0)
 
 
-def manifold_radii(feats_ND: np.ndarray, k: int = 3, clamp_percentile: float | None = 5.0,
+def manifold_radii(feats_ND: np.ndarray, k: int = 3, clamp_percentile: float | None = None,
                    device: str = "cpu", batch: int = 10000) -> torch.Tensor:
-    """Squared distance of each point to its k-th nearest other point; radii above the (100 - clamp)
-    percentile are set to 0 (those points then cover nothing), as in OpenAI's evaluator."""
+    """Squared distance of each point to its k-th nearest other point. With `clamp_percentile`, radii above the
+    (100 - clamp) percentile are set to 0 (those points then cover nothing); OpenAI's evaluator clamps none."""
     x = torch.as_tensor(feats_ND, dtype=torch.float32, device=device)
     if len(x) <= k:
         raise ValueError(f"need more than k={k} points for the k-NN radii, got {len(x)}")
@@ -127,7 +127,7 @@ def _coverage(points_ND: torch.Tensor, centers_MD: torch.Tensor, radii_M: torch.
 
 
 def precision_recall(ref_feats: np.ndarray, sample_feats: np.ndarray, k: int = 3,
-                     clamp_percentile: float | None = 5.0, device: str = "cpu",
+                     clamp_percentile: float | None = None, device: str = "cpu",
                      batch: int = 10000) -> tuple[float, float]:
     """Precision: share of samples inside the reference manifold; recall: share of references inside the
     sample manifold (manifold = union of k-NN balls)."""

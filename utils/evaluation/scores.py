@@ -42,7 +42,9 @@ def classifier_view(model: SmallCNN, imgs_NHW3: np.ndarray, batch_size: int = 50
 
 def classifier_scores(sample: ClassifierView, labels_N: np.ndarray, ref: ClassifierView) -> dict[str, float]:
     """FD_clf, IS_clf, precision, recall (k=3, against `ref`) and class consistency of `sample`."""
-    precision, recall = precision_recall(ref.feats_ND, sample.feats_ND)
+    # radii above the 95th percentile dropped, as the study's recorded numbers were computed (scripts/fid.py,
+    # following OpenAI's evaluator, drops none)
+    precision, recall = precision_recall(ref.feats_ND, sample.feats_ND, clamp_percentile=5.0)
     return {
         "fd_clf": frechet_distance_of_features(sample.feats_ND, ref.feats_ND),
         "is_clf": inception_score(sample.probs_NK, split_size=len(sample.probs_NK), shuffle_seed=None),
