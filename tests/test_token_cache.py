@@ -4,6 +4,7 @@ images' centre crop, kill + resume bit-identical, a cache of other settings refu
 import dataclasses
 import errno
 import os
+import pickle
 import re
 import shutil
 import signal
@@ -381,3 +382,14 @@ def test_a_limited_split_takes_the_samplers_items(centre_cache):
     assert len(ds) == 5 and ds.targets == [0] * 5
     ids_L, label = ds[(4, 123)]
     assert ids_L.dtype == torch.int64 and ids_L.shape == (21,) and torch.equal(ids_L, ds[4][0]) and label == 0
+
+
+def test_a_split_pickles_without_its_ids_for_spawned_loader_workers(centre_cache):
+    """Loader workers started by spawn or forkserver (Python 3.14's default on Linux) get the data set pickled: a
+    pickled memmap is a copy of its array (a review: gigabytes per worker for an ImageNet cache)."""
+    ds = TokenDataset(centre_cache, read_manifest(centre_cache), "train")
+    blob = pickle.dumps(ds)
+    assert not any(np.ascontiguousarray(ids).tobytes() in blob for ids in ds.ids)
+    copy = pickle.loads(blob)
+    assert isinstance(copy.ids[0], np.memmap) and len(copy) == len(ds)
+    assert all(torch.equal(copy[(i, 7)][0], ds[(i, 7)][0]) and copy[i][1] == ds[i][1] for i in range(len(ds)))

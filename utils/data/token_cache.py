@@ -199,8 +199,9 @@ class TokenDataset(Dataset):
     def __init__(self, folder: str | Path, manifest: dict[str, Any], split: str, limit: int = 0):
         info = manifest["splits"][split]
         stems = [Path(folder) / split / shard_name(r, len(info["shards"])) for r in range(len(info["shards"]))]
+        self.ids_paths = [s.with_suffix(".ids.npy") for s in stems]
         try:
-            self.ids = [np.load(s.with_suffix(".ids.npy"), mmap_mode="r") for s in stems]
+            self.ids = self.open_ids()
             labels = [np.load(s.with_suffix(".labels.npy"), mmap_mode="r") for s in stems]
         except (OSError, ValueError) as e:
             raise TokenCacheError(f"the token cache {folder} is damaged ({split} split: {e})") from e
@@ -217,6 +218,19 @@ class TokenDataset(Dataset):
         self.row_i = np.concatenate(keep).astype(np.int64)[:n]
         self.targets = np.concatenate([lab[k] for lab, k in zip(labels, keep, strict=True)])[:n].tolist()
         self.n_views = self.ids[0].shape[1]
+
+    def open_ids(self) -> list[np.ndarray]:
+        """The shards' ids, memory-mapped (read lazily, shared through the page cache)."""
+        return [np.load(path, mmap_mode="r") for path in self.ids_paths]
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled without the mapped ids (loader workers started by spawn or forkserver, Python 3.14's default on
+        Linux, map them again): a pickled memmap is a copy of the whole array, gigabytes per worker for ImageNet."""
+        return {k: v for k, v in self.__dict__.items() if k != "ids"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.ids = self.open_ids()
 
     def __len__(self) -> int:
         return len(self.row_i)
