@@ -111,8 +111,10 @@ def start(out: Path, manifest: dict) -> bool:
     if dist.is_main_process():
         if (out / "manifest.json").exists():
             old = read_manifest(out)
+            # --batch cuts the chunks: it matters to an unfinished cache only
             diffs = identity_problems(old, manifest) + [f"--{k}: cache {old[k]!r}, this run {manifest[k]!r}" for k in
-                                                        ("seed", "batch") if old[k] != manifest[k]]
+                                                        ("seed", "batch")[:1 if old["complete"] else 2]
+                                                        if old[k] != manifest[k]]
             # the splits as planned (finish() adds the skipped images); a finished cache serves any rank count
             keys = ("images", "views") if old["complete"] else ("images", "views", "shards")
             planned, ours = ({s: {k: i[k] for k in keys} for s, i in m["splits"].items()} for m in (old, manifest))

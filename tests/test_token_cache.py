@@ -22,6 +22,7 @@ from trainer import data_problems
 from utils.data.loaders import DataError
 from utils.data.token_cache import TokenCacheError, TokenDataset, content_digest, gaps, open_cache, pick_view, \
     read_manifest, ShardWriter, shard_name, tokenizer_digest, write_json
+from utils.data.views import parse_views
 from utils.run.checkpoint import LAST
 
 EXTRACT = REPO / "scripts" / "extract_tokens.py"
@@ -246,16 +247,21 @@ def test_the_manifest_records_whether_the_ids_were_encoded_with_tf32(centre_cach
     assert build_parser().parse_args(["--out=x"]).tf32 and not build_parser().parse_args(["--out=x", "--no-tf32"]).tf32
 
 
-def test_an_unfinished_extraction_resumes_only_with_the_same_tf32(centre_cache, tmp_path):
+def test_an_unfinished_extraction_resumes_only_with_the_same_tf32_and_batch(centre_cache, tmp_path):
     """A review: a relaunch with another --tf32 (or on the CPU after CUDA) continued, mixing ids encoded two ways
-    under a manifest naming one; a finished cache has nothing left to encode."""
+    under a manifest naming one; a finished cache has nothing left to encode. Another --batch cuts other chunks:
+    refused for an unfinished cache only (a review: a finished one was refused too)."""
     out = tmp_path / "cache"
     shutil.copytree(centre_cache, out)
     manifest = read_manifest(out)
-    assert start(out, {**manifest, "tf32": True})  # complete: nothing to encode, any setting
+    assert start(out, {**manifest, "tf32": True, "batch": manifest["batch"] + 1})  # complete: any setting
+    with pytest.raises(TokenCacheError, match="--seed"):  # but its rand<i> crops follow the seed
+        start(out, {**manifest, "seed": manifest["seed"] + 1})
     write_json(out / "manifest.json", {**manifest, "complete": False})
     with pytest.raises(TokenCacheError, match=r"TF32 \(--tf32 on CUDA\): cache False, this run True"):
         start(out, {**manifest, "complete": False, "tf32": True})
+    with pytest.raises(TokenCacheError, match="--batch"):
+        start(out, {**manifest, "complete": False, "batch": manifest["batch"] + 1})
     assert not start(out, {**manifest, "complete": False})
 
 
@@ -368,6 +374,14 @@ def test_the_encoder_takes_encode_batch_views_at_a_time():
     for encode_batch, sizes in ((1, [1] * 10), (3, [3, 3, 3, 1]), (64, [10])):
         stub = Stub()
         assert np.array_equal(encode(stub, views_NK3HW, encode_batch), expected) and stub.sizes == sizes
+
+
+def test_a_view_named_twice_is_refused():
+    """A review: rand01 passed as another view than rand1, and stored the same crop twice."""
+    for spec in ("rand1,rand01", "center,tencrop"):
+        with pytest.raises(ValueError, match="--views="):
+            parse_views(spec)
+    assert parse_views("rand0,rand10,center_flip") == ["rand0", "rand10", "center_flip"]
 
 
 def test_views_follow_the_seed():

@@ -4,8 +4,9 @@ Every view starts as VAR's transforms do (utils.data.loaders.build_transforms): 
 round(mid_reso * reso) with LANCZOS. Then a reso x reso crop, optionally mirrored:
 - "center": the centre crop (VAR's validation transform);
 - "tl", "tr", "bl", "br": a corner (with "center", torchvision's FiveCrop);
-- "rand<i>": VAR's RandomCrop drawn under `sample_seed(seed, i, index)`, the seed the training loader would give the
-  item at position `index` of epoch i: the i-th random crop of each image, reproducible and independent of ranks;
+- "rand<i>": VAR's RandomCrop drawn under `sample_seed(seed, i, index)`, keyed by the image's index (the training
+  loader keys its draws by position in the shuffled epoch, so this is not the crop that image got in epoch i): the
+  i-th random crop of each image, reproducible and independent of ranks;
 - a "_flip" suffix mirrors the crop horizontally.
 Presets: "tencrop" (LlamaGen's ten crops: the five crops, then the same five mirrored).
 """
@@ -20,7 +21,7 @@ from utils.data.loaders import normalize_01_into_pm1, sample_seed
 
 CROPS = ("center", "tl", "tr", "bl", "br")
 PRESETS = {"tencrop": [*CROPS, *(f"{c}_flip" for c in CROPS)]}
-VIEW_RE = re.compile(r"^(center|tl|tr|bl|br|rand\d+)(_flip)?$")
+VIEW_RE = re.compile(r"^(center|tl|tr|bl|br|rand(?:0|[1-9]\d*))(_flip)?$")  # rand01 would repeat rand1's crop
 
 
 def parse_views(spec: str) -> list[str]:
