@@ -295,6 +295,8 @@ def test_disagreements_name_each_value_with_its_ranks(monkeypatch):
     facts[1]["--bs"], facts[2]["classes"] = 16, facts[0]["classes"][:6]
     assert rank_disagreements(facts[0]) == ["--bs: ranks 0,2: 8; rank 1: 16",
                                             "classes: ranks 0,1: 10 items; rank 2: 6 items, the first 6 of rank 0's"]
+    facts[1]["--bs"], facts[2]["classes"], facts[2]["cache"] = 8, facts[0]["classes"], "abc"  # on one rank only
+    assert rank_disagreements(facts[0]) == rank_disagreements(facts[2]) == ["cache: ranks 0,1: None; rank 2: 'abc'"]
 
 
 # ---- data and output folders that cannot train: one error line before any work ----------------------------------

@@ -37,7 +37,7 @@ def rank_disagreements(facts: dict[str, Any]) -> list[str]:
     ranks of one value together); [] when all agree."""
     everyone = dist.all_gather_object(facts)
     lines = []
-    for name in facts:
+    for name in dict.fromkeys(name for f in everyone for name in f):  # a fact some rank lacks differs there too
         values = [f.get(name) for f in everyone]
         if all(v == values[0] for v in values):
             continue
