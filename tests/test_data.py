@@ -9,7 +9,7 @@ from PIL import Image
 from torch.utils.data import TensorDataset
 
 from utils.data.loaders import DistributedBatchSampler, EvalDistributedSampler, PaddedEvalDataset, SafeImageFolder, \
-    SeededDataset, build_datasets, build_transforms
+    SeededDataset, build_datasets, build_transforms, first_items
 from utils.data.views import crop_box
 
 
@@ -105,6 +105,18 @@ def test_corrupt_image_is_skipped_with_one_warning(tmp_path, caplog):
     warnings = [r for r in caplog.records if "unreadable" in r.getMessage()]
     assert len(warnings) == 1 and str(bad) in warnings[0].getMessage() and "1 skipped" in warnings[0].getMessage()
     assert torch.equal(x1, ds[2][0]) and torch.equal(x1, x2) and y1 == 0  # the next image stands in
+
+
+def test_a_corrupt_images_stand_in_comes_from_inside_the_limit(tmp_path):
+    """A review: the next image in the whole folder stood in, so with --train_limit an image the limit leaves out
+    (of a class it leaves out) was trained on."""
+    root = make_folder(tmp_path / "train")  # c0/0..2, c1/0..2
+    bad = root / "c0" / "2.png"
+    bad.write_bytes(bad.read_bytes()[:60])
+    ds = SafeImageFolder(str(root), build_transforms(8)[1])
+    limited = first_items(ds, 3)
+    x, y = limited[2]
+    assert y == 0 and torch.equal(x, ds[0][0])  # wraps to the first image, not to c1/0 beyond the limit
 
 
 def test_a_file_that_cannot_be_read_stops_instead_of_being_skipped(tmp_path):

@@ -65,7 +65,9 @@ def check_folder(root: str | Path, flag: str = "--data_path") -> None:
 
 class SafeImageFolder(ImageFolder):
     """ImageFolder that skips images that do not decode (broken, truncated): one warning per file (naming it, with
-    the count so far in this process), and the next readable image in index order is returned in its place."""
+    the count so far in this process), and the next readable image in index order is returned in its place: the
+    next among the first `span` images (all of them; `first_items` sets its limit, so a replacement is never an
+    image the limit leaves out)."""
 
     def __init__(self, root: str, transform: Callable | None = None, flag: str = "--data_path"):
         check_folder(root, flag)
@@ -81,6 +83,7 @@ class SafeImageFolder(ImageFolder):
                     else "holds no images in class sub-folders")
             raise FileNotFoundError(f"{flag}: {root} {what} (torchvision: {e})") from e
         self.bad_paths: set = set()
+        self.span = len(self.samples)
 
     def read(self, index: int) -> Image.Image | None:
         """Image `index` as RGB, or None when its bytes do not decode (named in a warning, once per file). A file
@@ -101,7 +104,7 @@ class SafeImageFolder(ImageFolder):
 
     def __getitem__(self, index: int):
         for attempt in range(MAX_CONSECUTIVE_BAD):
-            i = (index + attempt) % len(self.samples)
+            i = (index + attempt) % self.span
             img = self.read(i)
             if img is None:
                 continue
@@ -212,6 +215,8 @@ def first_items(dataset: Dataset, n: int, flag: str | None = None) -> Dataset:
                            "ImageFolder lists its images class by class): the model still has every class, and "
                            "their losses measure those %d only", flag, n, min(n, len(dataset)), kept, every, kept,
                            extra=SAME_ON_ALL_RANKS)
+    if isinstance(dataset, SafeImageFolder):
+        dataset.span = min(n, len(dataset))
     return Subset(dataset, range(min(n, len(dataset))))
 
 
