@@ -335,7 +335,7 @@ def test_extraction_killed_and_relaunched_is_byte_identical_and_skips_unreadable
     killed = read_manifest(setup / "killed")
     assert killed["files"]["train"] is not None and start(setup / "killed", {**killed, "source": f"{setup}/broken/"})
     for change, message in (({"views": ["center"]}, "the views (--views): cache ['rand0', "),
-                            ({"batch": 4}, "--batch: cache 2, this run 4"),
+                            ({"seed": -1}, "--seed: cache "),  # its rand<i> crops (--batch only splits chunks)
                             ({"splits": {}}, "the images or ranks: cache "),
                             ({"files": {**killed["files"], "val": "0"}}, "the image files (digest of their paths")):
         with pytest.raises(TokenCacheError, match=re.escape(f"{setup / 'killed'} holds an extraction of other "
