@@ -29,7 +29,8 @@ from models.mvar import MVAR, MVARConfig
 from models.precision import effective_amp_dtype, set_tf32
 from models.tokenizer import VQVAE
 from trainer import AMP_DTYPES, StepResult, Trainer
-from utils.data.loaders import DataError, build_datasets, build_loaders, build_val_set, class_names
+from utils.data.loaders import DataError, build_datasets, build_loaders, build_val_set, class_names, \
+    file_list_digest
 from utils.data.token_cache import TokenCacheError, TokenDataset, content_digest, gaps, open_cache, read_manifest, \
     tokenizer_digest
 from utils.evaluation.during_training import TrainingEval
@@ -366,10 +367,14 @@ def main(args: argparse.Namespace) -> None:
     vae = load_tokenizer(args, device)
     reso = args.patch_nums[-1] * vae.downsample
     num_classes, train_set, val_set, eval_images, cache_views = build_data(args, vae, reso)
+    # checked on resume: the labels' meaning always; mid-epoch, that the position points at the same images
+    data = {"classes": class_names(train_set), "train_images": len(train_set), "tokens": cache_views,
+            "train_files": file_list_digest(train_set),  # an image folder's (None for a cache, embedded data)
+            "cache": content_digest(read_manifest(args.tokens)) if args.tokens else None}  # what its ids are
     if world > 1:  # one collective: the ranks' flags, tokenizer and data must agree
         facts = run_facts(vars(args), tokenizer_digest(vae), train_set, val_set)
         if args.tokens:  # node-local caches: what their ids are (views, seed, source files, ...), not just their size
-            facts["the token cache (digest of what its ids are)"] = content_digest(read_manifest(args.tokens))
+            facts["the token cache (digest of what its ids are)"] = data["cache"]
         refuse_disagreement(facts, FlagError, "the ranks do not train alike (another copy of the data, tokenizer or "
                             "flags on some node; paths may differ)")
     if 0 < args.num_classes < num_classes:
@@ -392,8 +397,6 @@ def main(args: argparse.Namespace) -> None:
     trainer = Trainer(vae, dist.wrap_model(mvar, device, fsdp=args.fsdp), device, lr=args.tlr, fused_adam=args.afuse,
                       schedule=build_schedule(args, iters), fp16=args.fp16, tclip=args.tclip, label_smooth=args.ls,
                       ac=args.ac, max_nonfinite=args.max_nonfinite, diverge_tol=args.diverge_tol)
-    data = {"classes": class_names(train_set), "train_images": len(train_set),  # checked on resume
-            "tokens": cache_views}
     start_ep, start_it, best_val = (0, 0, math.inf) if ckpt is None else \
         trainer.resume(ckpt, resume_path, vars(args), data)
     evaluator = None

@@ -71,9 +71,10 @@ def build_optimizer(model: nn.Module, lr: float, fused: bool = True) -> torch.op
 
 def data_problems(old: dict[str, Any] | None, new: dict[str, Any], mid_epoch: bool) -> list[str]:
     """What makes a resume on the data `new` wrong, given the checkpoint's `old` (None: not recorded) ->
-    `check_resumable` problems. Other class names (a renamed folder permutes the labels) always; another number
-    of training images, or images against a token cache ("tokens": its views, None for images; train.py --tokens),
-    only mid-epoch, where the position would be meaningless (at an epoch end it is logged)."""
+    `check_resumable` problems. Other class names (a renamed folder permutes the labels) always; only mid-epoch,
+    where the position would point at other images (at an epoch end it is logged): another number of training
+    images, images against a token cache ("tokens": its views, None for images; train.py --tokens), other image
+    files ("train_files": their digest) or another cache ("cache": the digest of what its ids are)."""
     if old is None:
         return []
     problems = []
@@ -97,6 +98,16 @@ def data_problems(old: dict[str, Any] | None, new: dict[str, Any], mid_epoch: bo
                             f"epoch end)")
         else:
             logger.warning("%s: the next epochs draw from the latter", change, extra=SAME_ON_ALL_RANKS)
+    elif old_src == new_src and old["train_images"] == new["train_images"]:
+        for key, what in (("train_files", "the training image files (their paths and labels)"),
+                          ("cache", "the token cache's ids (another extraction)")):
+            if None not in (old.get(key), new.get(key)) and old[key] != new[key]:
+                change = f"{what} differ from those the checkpoint was trained on"
+                if mid_epoch:
+                    problems.append(f"{change}: a mid-epoch position needs the same data (restore it, or resume from "
+                                    f"a checkpoint at an epoch end)")
+                else:
+                    logger.warning("%s: the next epochs draw from these", change, extra=SAME_ON_ALL_RANKS)
     return problems
 
 
@@ -355,7 +366,7 @@ class Trainer:
 
     def checkpoint(self, **position: Any) -> dict[str, Any]:
         """Everything a resume needs (collective: FSDP2 gathers, every rank's RNG state is gathered); `position`
-        (epoch, iter: the next iteration to run; args; best_val; data: {"classes": names, "train_images": count})
+        (epoch, iter: the next iteration to run; args; best_val; data: train.py's record, `data_problems`)
         is stored alongside."""
         state = self.state_dict()
         return {"config": dataclasses.asdict(self.mvar.config), "model": state.pop("model"),

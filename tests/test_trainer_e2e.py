@@ -336,6 +336,13 @@ def test_resume_with_renamed_classes_or_more_images_mid_epoch_is_refused(setup, 
     assert proc.returncode != 0 and "incompatible with this run: the training set has 28 images, 24 when the " \
         "checkpoint was written: a mid-epoch position" in proc.stderr
 
+    for i in range(4):  # as many images as the checkpoint's, but other files (a review: resumed silently)
+        (data / "train" / "class1" / f"extra{i}.png").unlink()
+    (data / "train" / "class1" / "0.png").rename(data / "train" / "class1" / "9.png")
+    proc = run_train(setup, out, "--drop_path_rate=0.1", f"--data_path={data}", check=False)
+    assert proc.returncode != 0 and "incompatible with this run: the training image files (their paths and labels) " \
+        "differ from those the checkpoint was trained on: a mid-epoch position" in proc.stderr
+
 
 def test_resume_mid_epoch_with_another_batch_says_which_flags_resume(setup, reference_run):
     ref_out, _ = reference_run
