@@ -100,7 +100,7 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = argparse.Argument
                    "seeded with a mix of (seed, c)")
     p.add_argument("--official_seed", action="store_true", help="pictures in one batch: seed its generator with "
                    "--seed itself (the official demo's g_seed=seed), so that the official weights, classes and "
-                   "settings give the official demo's images")
+                   "settings give the official demo's images (its settings: --num_per_class 2 --fp16)")
     p.add_argument("--classes", type=int, nargs="+", default=None,
                    help=f"class ids, one grid row each (default: {' '.join(map(str, DEMO_CLASSES))})")
     p.add_argument("--num_per_class", type=int, default=4, help="images per class (grid columns)")
@@ -562,8 +562,9 @@ def main(argv: Sequence[str] | None = None) -> Path | None:
             raise SystemExit(f"error: {e}") from e
     generate = make_generate(mvar, args, device)
     try:
-        if args.fid:
-            return sample_fid(args, mvar, ckpt_path, vae_id, generate, rank, world_size)
+        if args.fid:  # SIGTERM (a preemption) unwinds: the lock is released, packing's temporary files go
+            with sigterm_raises():
+                return sample_fid(args, mvar, ckpt_path, vae_id, generate, rank, world_size)
         return sample_pictures(args, generate)
     except (NonFiniteValueError, RunLockError, DiskFullError, DumpFolderError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from e

@@ -16,6 +16,7 @@ import sample
 from models.loading import mvar_checkpoint
 from models.tokenizer import VQVAE
 from utils.flags import device_problem
+from utils.run.lock import LOCK_NAME
 from test_sample_cli import ckpt, run  # noqa: F401  (ckpt: the tiny checkpoint fixture)
 
 FID = ("--fid", "--preset", "fid", "--top_k", 20, "--fid_num_per_class", 1, "--bs", 5)
@@ -429,3 +430,31 @@ def test_pictures_are_written_atomically(tmp_path, monkeypatch):
         with pytest.raises(KeyboardInterrupt):
             write()
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_a_sigterm_during_an_fid_dump_unwinds_and_the_rerun_finishes(ckpt, tmp_path, monkeypatch):  # noqa: F811
+    """A review: SIGTERM (a preemption) ended an FID dump without its `finally`, leaving the folder's lock to age
+    and, while packing, the array-sized `.npy.tmp`, which the rerun's free-space check then counted as used."""
+    real = sample.make_generate
+
+    def interrupted_after_one_batch(*args):
+        generate, calls = real(*args), []
+
+        def gen(label_B, g_seed):
+            calls.append(1)
+            if len(calls) == 2:
+                sigterm()
+            return generate(label_B, g_seed)
+        return gen
+
+    monkeypatch.setattr(sample, "make_generate", interrupted_after_one_batch)
+    with pytest.raises(SystemExit) as e:
+        run(ckpt, *FID, "--fid_dir", tmp_path)
+    assert e.value.code == 128 + signal.SIGTERM
+    folder = next(p for p in tmp_path.iterdir() if p.is_dir())
+    assert not (folder / LOCK_NAME).exists() and list(folder.glob("*.png"))  # released; the batch kept
+    monkeypatch.undo()
+    stale = [tmp_path / f"{folder.name}.npy.tmp", tmp_path / f"{folder.name}.npz.tmp"]  # a killed packing's
+    for path in stale:
+        path.write_bytes(b"x")
+    assert run(ckpt, *FID, "--fid_dir", tmp_path).is_file() and not any(p.exists() for p in stale)

@@ -208,12 +208,24 @@ def pack_bytes(plan: DumpPlan, image_hw: tuple[int, int]) -> int:
 def check_pack_space(folder: Path, plan: DumpPlan, image_hw: tuple[int, int]) -> None:
     """Before any sampling: DiskFullError when the disk of `folder` has less free space than packing will need
     (`pack_bytes`, the PNGs still to be written not counted), which would otherwise stop the dump at its very end."""
+    for stale in pack_temp_paths(default_npz(folder)):  # a killed packing's (ours to remove: we hold the lock)
+        stale.unlink(missing_ok=True)
     need, free = pack_bytes(plan, image_hw), shutil.disk_usage(folder).free
     if free < need:
         raise DiskFullError(f"packing {plan.total} images of {image_hw[0]}x{image_hw[1]} into {folder.name}.npz "
                             f"needs {need / 2**20:.0f} MiB free beside {folder} (the array twice: a .npy, then the "
                             f"npz), besides the PNGs; {free / 2**20:.0f} MiB are free. Free some space or choose "
                             f"another --fid_dir")
+
+
+def default_npz(folder: Path) -> Path:
+    """Where `pack_npz` writes the npz of `folder` by default: beside it, `{folder}.npz`."""
+    return folder.with_name(folder.name + ".npz")
+
+
+def pack_temp_paths(npz_path: Path) -> tuple[Path, Path]:
+    """The files `pack_npz` writes on its way to `npz_path`: the memory-mapped `.npy`, then the npz being zipped."""
+    return npz_path.with_suffix(".npy.tmp"), npz_path.with_name(npz_path.name + ".tmp")
 
 
 def pack_npz(folder: Path, plan: DumpPlan, npz_path: Path | None = None, image_hw: tuple[int, int] | None = None
@@ -226,7 +238,7 @@ def pack_npz(folder: Path, plan: DumpPlan, npz_path: Path | None = None, image_h
     """
     total = plan.total
     folder = Path(folder)
-    npz_path = Path(npz_path) if npz_path is not None else folder.with_name(folder.name + ".npz")
+    npz_path = Path(npz_path) if npz_path is not None else default_npz(folder)
     if total < 1:
         raise ValueError(f"nothing to pack: total={total}")
     first = png_path(folder, 0)
@@ -237,7 +249,7 @@ def pack_npz(folder: Path, plan: DumpPlan, npz_path: Path | None = None, image_h
     if image_hw is not None and (H, W) != tuple(image_hw):
         raise DumpFolderError(f"{first} is {H}x{W}, expected {image_hw[0]}x{image_hw[1]}: the folder holds another "
                               "model's dump")
-    npy_path, tmp_npz = npz_path.with_suffix(".npy.tmp"), npz_path.with_name(npz_path.name + ".tmp")
+    npy_path, tmp_npz = pack_temp_paths(npz_path)
     kept = f"The PNGs are kept; packing needs {pack_bytes(plan, (H, W)) / 2**20:.0f} MiB: free some space and re-run"
     try:
         with disk_full_is_an_error(npz_path, kept):
