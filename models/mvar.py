@@ -444,7 +444,7 @@ class MVAR(nn.Module):
         rng = self.seeded_rng(g_seed)
         label_B = self.sampling_labels(B, label_B, rng)
         f_hat, _ = self.sample_scales(label_B, rng, cfg, top_k, top_p, more_smooth, use_cache)
-        return self.vae.fhat_to_img(f_hat).add_(1).mul_(0.5)
+        return self.vae.fhat_to_img(f_hat).float().add_(1).mul_(0.5)  # no second rounding in bf16
 
     @torch.no_grad()
     def autoregressive_edit_cfg(
@@ -468,7 +468,7 @@ class MVAR(nn.Module):
         rng = self.seeded_rng(g_seed)
         label_B = self.sampling_labels(B, label_B, rng)
         f_hat, ms_idx_Bl = self.sample_scales(label_B, rng, cfg, top_k, top_p, more_smooth, use_cache, known)
-        img_B3HW = self.vae.fhat_to_img(f_hat).add_(1).mul_(0.5)
+        img_B3HW = self.vae.fhat_to_img(f_hat).float().add_(1).mul_(0.5)
         if keep_unmasked:
             img_B3HW = editing.paste_unmasked(self.vae, known, img_B3HW, mask_B1HW)
         return (img_B3HW, ms_idx_Bl) if return_tokens else img_B3HW

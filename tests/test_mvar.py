@@ -407,3 +407,12 @@ def test_an_eager_call_between_compiled_steps_recompiles_nothing():
     compiled(label_B, x_BLCv).sum().backward()
     assert counters["frames"]["total"] == counters["frames"]["ok"] == 1
     torch._dynamo.reset()
+
+
+def test_images_sampled_under_bf16_autocast_come_out_in_fp32():
+    """A review: [-1, 1] -> [0, 1] ran in bf16 after the decoder, rounding the bright half to about one uint8 level
+    a second time before the image was quantised."""
+    _, mvar = build_tiny_mvar()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        img_B3HW = mvar.autoregressive_infer_cfg(2, torch.tensor([1, 2]), g_seed=0, top_k=5)
+    assert img_B3HW.dtype == torch.float32 and 0 <= img_B3HW.min() and img_B3HW.max() <= 1
