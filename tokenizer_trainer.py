@@ -34,7 +34,7 @@ from utils.flags import changed_flags, str2bool
 from utils.run.agreement import refuse_disagreement, run_facts
 from utils.run.checkpoint import RunFolder
 from utils.run.divergence import DivergenceGuard
-from utils.run.log import setup_logging
+from utils.run.log import SAME_ON_ALL_RANKS, setup_logging
 from utils.run.preemption import Preemption
 from utils.run.rng import gather_rng_states, resolve_seed, restore_rng_states, seed_everything
 from utils.run.schedule import lr_factor, schedule_problem
@@ -121,6 +121,15 @@ def check_flags(args: argparse.Namespace, world: int) -> VQVAEConfig:
     tokenizer's config (built on the meta device: no weights, no random draws)."""
     problems = [f"--{k}={getattr(args, k)}: expected a positive integer" for k in (
         "bs", "steps", "log_every", "save_every", "max_nonfinite") if getattr(args, k) < 1]
+    problems += [f"--{k}={getattr(args, k)}: expected a finite number >= 0" for k in (
+        "w_l1", "w_l2", "w_vq", "w_percep", "w_gan", "wd", "clip", "beta", "gan_start", "reinit_every")
+        if not getattr(args, k) >= 0 or not math.isfinite(getattr(args, k))]
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        problems.append(f"--lr={args.lr}: expected a positive learning rate")
+    disc_ok = args.disc_ch >= 2 and args.disc_layers >= 1
+    if args.w_gan > 0 and not disc_ok:
+        problems.append(f"--disc_ch={args.disc_ch} --disc_layers={args.disc_layers}: the discriminator needs a width "
+                        f"of at least 2 and at least one layer")
     if args.bs % world:
         problems.append(f"--bs={args.bs} is not divisible by the {world} processes")
     if problem := mid_reso_problem(args.mid_reso):
@@ -136,7 +145,7 @@ def check_flags(args: argparse.Namespace, world: int) -> VQVAEConfig:
     try:
         with torch.device("meta"):
             config = build_vae(args).config
-            if args.w_gan > 0:
+            if args.w_gan > 0 and disc_ok:
                 PatchDiscriminator(ch=args.disc_ch, n_layers=args.disc_layers)(torch.zeros(1, 3, args.reso, args.reso))
     except (ValueError, RuntimeError) as e:
         problems.append(f"--disc_layers={args.disc_layers} does not fit --reso={args.reso} ({e}): use fewer layers"
@@ -311,12 +320,12 @@ class TokenizerTrainer:
             if shapes == {k: v.shape for k, v in ckpt["disc"].items()}:
                 self.disc.load_state_dict(ckpt["disc"], strict=True)
                 self.disc_opt.load_state_dict(ckpt["disc_optimizer"])
-            elif int(ckpt["step"]) <= self.args.gan_start:  # saved before its first step: nothing learned is lost
-                logger.warning("the checkpoint's discriminator (never trained: step %d <= --gan_start=%d) has other "
-                               "shapes than --disc_ch/--disc_layers give: starting a new one", int(ckpt["step"]),
-                               self.args.gan_start)
-            else:
-                raise ValueError(f"the checkpoint's discriminator, trained since --gan_start={self.args.gan_start}, "
+            elif int(ckpt["step"]) <= (saved_start := ckpt["args"].get("gan_start", 0)):  # nothing learned is lost
+                logger.warning("the checkpoint's discriminator (never trained: step %d <= its run's --gan_start=%d) "
+                               "has other shapes than --disc_ch/--disc_layers give: starting a new one",
+                               int(ckpt["step"]), saved_start, extra=SAME_ON_ALL_RANKS)
+            else:  # judged by the run that trained it: a resume with a later --gan_start has not untrained it
+                raise ValueError(f"the checkpoint's discriminator, trained since --gan_start={saved_start}, "
                                  f"has other shapes than --disc_ch={self.args.disc_ch} --disc_layers="
                                  f"{self.args.disc_layers} give: resume with its flags")
         self.step = int(ckpt["step"])
