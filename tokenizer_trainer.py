@@ -34,7 +34,7 @@ from utils.flags import changed_flags, str2bool
 from utils.run.agreement import refuse_disagreement, run_facts
 from utils.run.checkpoint import RunFolder
 from utils.run.divergence import DivergenceGuard
-from utils.run.log import SAME_ON_ALL_RANKS, setup_logging
+from utils.run.log import SAME_ON_ALL_RANKS, TBLogger, setup_logging
 from utils.run.preemption import Preemption
 from utils.run.rng import gather_rng_states, resolve_seed, restore_rng_states, seed_everything
 from utils.run.schedule import lr_factor, schedule_problem
@@ -383,6 +383,9 @@ def train(args: argparse.Namespace) -> Path:
                 n_params, dataclasses.asdict(trainer.vae.config), len(train_set), len(val_set), num_classes,
                 args.steps, args.bs)
 
+    # TensorBoard (rank 0): the logged steps' losses, lr and code usage; a resume drops what a killed run logged
+    # after its checkpoint
+    tb = TBLogger(folder.dir / "tb", enabled=dist.is_main_process(), purge_from={"steps": trainer.step + 1})
     t0, last_log_step, preemption = time.time(), trainer.step, Preemption()
     while trainer.step < args.steps:
         epoch, start_it = divmod(trainer.step, sampler.iters_per_epoch)
@@ -391,8 +394,10 @@ def train(args: argparse.Namespace) -> Path:
             log_now = (trainer.step + 1) % args.log_every == 0 or trainer.step + 1 == args.steps
             out = trainer.train_step(img_B3HW, ret_usages=log_now)
             if log_now:
-                names = [k for k in ("loss", "l1", "vq", "percep", "g", "d", "grad_norm") if k in out]
+                names = [k for k in ("loss", "l1", "l2", "vq", "percep", "g", "d", "grad_norm") if k in out]
                 means = dist.all_reduce_mean(torch.stack([out[k].float() for k in names])).tolist()  # the one sync
+                tb.scalars("steps", trainer.step, "train/", lr=out["lr"], **dict(zip(names, means, strict=True)),
+                           **{f"usage_pct_scale{si}": u for si, u in enumerate(out["usage"])})
                 speed = (trainer.step - last_log_step) / (time.time() - t0)
                 t0, last_log_step = time.time(), trainer.step
                 logger.info("step %d/%d %s lr %.2e | usage%% per scale %s | reinit %d | %.2f it/s", trainer.step,
@@ -400,6 +405,7 @@ def train(args: argparse.Namespace) -> Path:
                             out["lr"], [round(u, 1) for u in out["usage"]], out.get("reinit", 0), speed)
             stop = preemption.requested()  # collective: every rank stops after the same step
             if stop or trainer.step % args.save_every == 0 or trainer.step == args.steps:
+                tb.flush()
                 folder.save(trainer.state_dict())  # every rank: it gathers the RNG states
             if stop and trainer.step < args.steps:
                 preemption.exit(f"at step {trainer.step}: checkpoint {folder.last} saved")
@@ -407,6 +413,8 @@ def train(args: argparse.Namespace) -> Path:
                 break
     preemption.close()
     metrics = evaluate(trainer.vae, val_loader, device)
+    tb.scalars("steps", trainer.step, "val/", l1=metrics["val_l1"], psnr=metrics["val_psnr"])
+    tb.close()
     logger.info("val reconstruction: L1 %.4f PSNR %.2f dB; checkpoint %s", metrics["val_l1"], metrics["val_psnr"],
                 folder.last)
     return folder.last

@@ -6,6 +6,7 @@ import functools
 import re
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -15,6 +16,7 @@ from models.vq_losses import build_perceptual_loss
 from tokenizer_trainer import TokenizerTrainer, build_parser, build_vae, quantizer_residuals, train
 from utils.data.loaders import build_datasets
 from utils.run.divergence import NonFiniteError
+from utils.run.log import read_scalars
 
 STEP_RE = re.compile(r"step \d+/\d+ loss ([\d.]+) l1 ([\d.]+) vq ([\d.]+) g ([-\d.]+) d ([\d.]+) grad_norm ([\d.]+)")
 TINY = ["--reso=8", "--ch=32", "--ch_mult=1_2", "--z_channels=8", "--vocab_size=64", "--pn=1_2_4", "--bs=16",
@@ -190,6 +192,11 @@ def test_main_writes_a_loadable_checkpoint_and_resumes(tmp_path):
     # a second run in the same folder resumes at step 3 and trains to --steps
     train(tiny_args("--steps=4", f"--out_dir={tmp_path}"))
     assert torch.load(ckpt_path, weights_only=True)["step"] == 4
+    # TensorBoard: the logged steps' terms (the MSE among them), code usage and each run's final validation; the
+    # resume keeps the first run's points up to its step-3 checkpoint
+    scalars = read_scalars(tmp_path / "tb")
+    assert list(scalars["train/l2"][0]) == [2, 3, 4] and list(scalars["train/usage_pct_scale2"][0]) == [2, 3, 4]
+    assert list(scalars["val/psnr"][0]) == [3, 4] and np.isfinite(scalars["train/loss"][1]).all()
 
 
 def test_resume_is_exact(tmp_path):
