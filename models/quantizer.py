@@ -203,12 +203,17 @@ class MultiScaleQuantizer(nn.Module):
 
     @torch.no_grad()
     def _record_hits(self, hits_SV: torch.Tensor) -> None:
-        """EMA of per-scale code hits: copy on the first step of a fresh buffer, decay 0.9 for 10 steps, then 0.99."""
+        """EMA of per-scale code hits, VAR's: its record count goes up once per scale, so scale si of step t is
+        record t * SN + si, with decay 0.9 below record 100 and 0.99 from there (10 steps at VAR's 10 scales, 25 at
+        4). A fresh buffer's first step copies every scale (VAR copies record 0 only, scale 0's, so that its other
+        scales start at a tenth of their hits)."""
+        SN = len(hits_SV)
         if self._hit_steps == 0 and not bool(self.ema_vocab_hit_SV.any()):
-            decay = 0.0
+            decay_S1 = hits_SV.new_zeros(SN, 1)
         else:
-            decay = 0.9 if self._hit_steps < 10 else 0.99
-        self.ema_vocab_hit_SV.mul_(decay).add_(hits_SV, alpha=1 - decay)
+            record_S1 = self._hit_steps * SN + torch.arange(SN, device=hits_SV.device)[:, None]
+            decay_S1 = torch.where(record_S1 < 100, 0.9, 0.99).to(hits_SV.dtype)
+        self.ema_vocab_hit_SV.mul_(decay_S1).add_(hits_SV * (1 - decay_S1))
         self._hit_steps += 1
 
     def set_hit_steps(self, steps: int) -> None:

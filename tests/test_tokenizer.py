@@ -253,6 +253,13 @@ def test_usage_tracking(tiny, images):
     with torch.no_grad():
         tiny(images)
     torch.testing.assert_close(tiny.quantize.ema_vocab_hit_SV, hits_SV)  # same batch: EMA fixed point
+    # VAR's decay: 0.9 up to its 100th record, one record per scale (a review: 10 steps whatever the scales)
+    zeros_SV, ones_SV = torch.zeros(4, 32), torch.ones(4, 32)
+    for step, decay in ((24, 0.9), (25, 0.99)):  # 4 scales: records 96..99 at step 24, 100..103 at 25
+        tiny.quantize.ema_vocab_hit_SV.copy_(ones_SV)
+        tiny.quantize.set_hit_steps(step)
+        tiny.quantize._record_hits(zeros_SV)
+        assert torch.equal(tiny.quantize.ema_vocab_hit_SV, torch.full((4, 32), decay))
     tiny.eval()
     before = tiny.quantize.ema_vocab_hit_SV.clone()
     with torch.no_grad():
