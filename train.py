@@ -250,7 +250,7 @@ def end_epoch(ep: int, iters: int, args: argparse.Namespace, trainer: Trainer, v
                  ep + 1)
     if saver.evaluator is not None and ((ep + 1) % args.eval_every == 0 or ep + 1 == args.ep):
         point = saver.evaluator.evaluate(mvar, ep + 1, images_after(ep + 1, iters, args), trainer.train_seconds)
-        scores = {k: v for k, v in point.items() if k not in ("epoch", "images", "train_s")}
+        scores = {k: v for k, v in point.items() if k not in ("epoch", "images", "train_s", "tf32")}
         logger.info("ep %d eval: %s after %d training images (%d generated)", ep + 1,
                     " ".join(f"{k} {v:.4f}" for k, v in scores.items()), point["images"], args.eval_n)
         tb.scalars("images", point["images"], "eval/", **scores)
@@ -402,7 +402,8 @@ def main(args: argparse.Namespace) -> None:
     evaluator = None
     if args.eval_every:
         evaluator = TrainingEval(net=args.eval_net, n=args.eval_n, seed=args.seed, cfg=args.eval_cfg,
-                                 top_k=args.eval_top_k, top_p=args.eval_top_p, dtype=sample_dtype(args, trainer))
+                                 top_k=args.eval_top_k, top_p=args.eval_top_p, dtype=sample_dtype(args, trainer),
+                                 tf32=args.tf32 and device.type == "cuda")
         evaluator.prepare(eval_images, num_classes, device)
         evaluator.load_history(ckpt.get("eval_history") if ckpt is not None else None)  # the curve goes on
     # a resume hides in TensorBoard what a killed run logged after its checkpoint, on each x axis

@@ -89,8 +89,10 @@ def sharded_features(n: int, images: Callable[[int, int], np.ndarray], features:
 
 @dataclass
 class TrainingEval:
-    """One curve: `evaluate` appends {"epoch", "images", "train_s", metric[, "consistency"]} to `history` (saved in
-    checkpoints); train_s is the training time so far (`Trainer.train_seconds`: no validation, evaluation or save)."""
+    """One curve: `evaluate` appends {"epoch", "images", "train_s", metric[, "consistency"], "tf32"} to `history`
+    (saved in checkpoints); train_s is the training time so far (`Trainer.train_seconds`: no validation, evaluation
+    or save); tf32: whether TF32 was on for the point's samples and features (train.py --tf32 on CUDA), which a
+    resume may change."""
 
     net: str
     n: int
@@ -99,6 +101,7 @@ class TrainingEval:
     top_k: int = 900
     top_p: float = 0.96
     dtype: torch.dtype | None = None  # the samples' precision (None: fp32; train.sample_dtype)
+    tf32: bool = False  # TF32 on (CUDA): recorded in each point
     history: list[dict] = field(default_factory=list)
 
     def __post_init__(self):
@@ -149,6 +152,7 @@ class TrainingEval:
                  self.metric: frechet_distance_of_features(feats, self.ref_feats)}
         if classes is not None:
             point["consistency"] = float((classes == np.arange(self.n) % mvar.num_classes).mean())
+        point["tf32"] = self.tf32
         self.history.append(point)
         return point
 
