@@ -18,7 +18,8 @@ from utils.data.loaders import build_datasets
 from utils.run.divergence import NonFiniteError
 from utils.run.log import read_scalars
 
-STEP_RE = re.compile(r"step \d+/\d+ loss ([\d.]+) l1 ([\d.]+) vq ([\d.]+) g ([-\d.]+) d ([\d.]+) grad_norm ([\d.]+)")
+STEP_RE = re.compile(r"step \d+/\d+ loss ([\d.]+) l1 ([\d.]+) l2 ([\d.]+) vq ([\d.]+) g ([-\d.]+) d ([\d.]+) "
+                     r"grad_norm ([\d.]+)")
 TINY = ["--reso=8", "--ch=32", "--ch_mult=1_2", "--z_channels=8", "--vocab_size=64", "--pn=1_2_4", "--bs=16",
         "--mid_reso=1.0", "--reinit_every=0", "--lr=3e-3", "--wp=0"]
 
@@ -236,7 +237,7 @@ def test_torchrun_two_processes_match_one(tmp_path, run_torchrun):
         proc = run_torchrun("scripts/train_tokenizer.py", *flags, f"--out_dir={tmp_path / name}", nproc=nproc)
         logs[name] = [[float(v) for v in m] for m in STEP_RE.findall(proc.stdout + proc.stderr)]
     assert len(logs["one"]) == 3
-    torch.testing.assert_close(logs["ddp"], logs["one"], atol=2e-3, rtol=0)  # loss, l1, vq, g, d, grad norm
+    torch.testing.assert_close(logs["ddp"], logs["one"], atol=2e-3, rtol=0)  # loss, l1, l2, vq, g, d, grad norm
     ddp, one = (torch.load(tmp_path / d / "tokenizer-last.pth", weights_only=True) for d in ("ddp", "one"))
     assert len(one["rng"]) == 1 and len(ddp["rng"]) == 2  # every rank's RNG state (seed * 2 + rank): both kept
     assert not torch.equal(ddp["rng"][0]["torch"], ddp["rng"][1]["torch"])
