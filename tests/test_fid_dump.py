@@ -152,6 +152,9 @@ def test_settings_must_match_on_resume(tmp_path):
 def test_folder_name_encodes_settings():
     assert fid_folder_name("/x/d16.pth", 1.5, 900, 0.96, 0) == "d16-cfg1.5-topk900-topp0.96-seed0-n50"
     assert fid_folder_name("ck.pth", 4, 0, 0.0, 3, more_smooth=True, num_per_class=2).endswith("-n2-smooth")
+    # a review: a repo id or folder lost its last dotted part (user/m-var-v0.1 -> m-var-v0)
+    assert fid_folder_name("user/m-var-v0.1", 1.5, 900, 0.96, 0).startswith("m-var-v0.1-cfg1.5")
+    assert fid_folder_name("/x/model.safetensors", 1.5, 900, 0.96, 0).startswith("model-cfg1.5")
 
 
 def test_chunk_seeds_are_distinct():

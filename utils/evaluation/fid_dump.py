@@ -129,10 +129,15 @@ def save_png(img_HW3: np.ndarray, path: Path) -> None:
         save_image(img_HW3, path)
 
 
+WEIGHT_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin", ".safetensors")
+
+
 def fid_folder_name(ckpt: str, cfg: float, top_k: int, top_p: float, seed: int, more_smooth: bool = False,
                     num_per_class: int = 50) -> str:
-    """Folder name that encodes what the images depend on, e.g. `d16-cfg1.5-topk900-topp0.96-seed0-n50`."""
-    stem = Path(str(ckpt)).stem or "model"
+    """Folder name that encodes what the images depend on, e.g. `d16-cfg1.5-topk900-topp0.96-seed0-n50`: the
+    checkpoint's file name without a weights suffix, or a Hub folder's or repo id's last part whole (m-var-v0.1)."""
+    name = Path(str(ckpt)).name
+    stem = (name.rsplit(".", 1)[0] if name.lower().endswith(WEIGHT_SUFFIXES) else name) or "model"
     name = f"{stem}-cfg{cfg:g}-topk{top_k}-topp{top_p:g}-seed{seed}-n{num_per_class}"
     return name + ("-smooth" if more_smooth else "")
 
