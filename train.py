@@ -22,8 +22,9 @@ from torch.utils.data import Dataset
 import dist
 from models import backends
 from models.attention import resolve_backend
+from models.hub_format import TokenizerMismatchError, check_own_tokenizer
 from models.loading import DERIVED_KEYS, CheckpointError, existing_file, load_checkpoint, load_state_dict_checked, \
-    load_vae
+    load_vae, weights_digest
 from models.mamba2 import resolve_kernels
 from models.mvar import MVAR, MVARConfig
 from models.precision import effective_amp_dtype, set_tf32
@@ -121,6 +122,13 @@ def build_model(args: argparse.Namespace, vae: VQVAE, num_classes: int, device: 
     if args.init_from:
         ckpt = load_checkpoint(existing_file(args.init_from, "--init_from"), mmap=False)
         state = ckpt["model"] if "model" in ckpt and "config" in ckpt else ckpt
+        if "vae" in ckpt:  # ours embeds the tokenizer it was trained with, as a resume checks (official files do not)
+            try:
+                check_own_tokenizer(vae, weights_digest(ckpt["vae"]), f"the tokenizer (--vae_ckpt={args.vae_ckpt})",
+                                    f"--init_from={args.init_from}", args.allow_other_tokenizer,
+                                    (config.V, config.Cvae))
+            except TokenizerMismatchError as e:
+                raise CheckpointError(str(e)) from None
         load_state_dict_checked(mvar, state, ignore=DERIVED_KEYS, what=f"--init_from={args.init_from}")
         logger.info("initialised the weights from %s", args.init_from)
     return mvar

@@ -307,6 +307,10 @@ def test_resume_with_another_tokenizer_of_the_same_shape_is_refused_unless_meant
     assert f"--vae_ckpt={setup / 'vae.pth'}" in proc.stderr and f"--vae_ckpt={setup / 'other_vae.pth'}" in proc.stderr
     proc = run_train(setup, out, *flags, "--allow_other_tokenizer")
     assert "continuing with this run's (--allow_other_tokenizer)" in proc.stdout
+    # --init_from as well (a review: it loaded the weights under any tokenizer of the same shape)
+    proc = run_train(setup, setup / "other_tokenizer_init", f"--init_from={ref_out / LAST}", *flags, check=False)
+    assert proc.returncode != 0 and "is not the tokenizer --init_from=" in proc.stderr, proc.stderr[-2000:]
+    assert "--allow_other_tokenizer" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_resume_with_renamed_classes_or_more_images_mid_epoch_is_refused(setup, reference_run):

@@ -126,9 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(classifier-free guidance) in training")
     g.add_argument("--vae_ckpt", default=None, help="tokenizer checkpoint (VAR's vae_ch160v4096z32.pth or ours); "
                    "default: the official file from the Hugging Face cache (offline-first)")
-    g.add_argument("--allow_other_tokenizer", default=False, **b, help="resume although the --vae_ckpt weights "
-                   "differ from the tokenizer the checkpoint embeds (same config); the run and its checkpoints then "
-                   "use this one")
+    g.add_argument("--allow_other_tokenizer", default=False, **b, help="resume (or --init_from) although the "
+                   "--vae_ckpt weights differ from the tokenizer the checkpoint embeds (same config); the run and its "
+                   "checkpoints then use this one")
     g.add_argument("--init_from", default=None, help="initialise the model weights from this checkpoint (ours or "
                    "official M-VAR/VAR); optimizer and schedule start fresh")
     g.add_argument("--tfast", type=int, default=0, choices=(0, 1, 2, 3), help="torch.compile the model: "
