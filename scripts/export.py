@@ -36,7 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pn", default=None, help="patch schedule of an official file whose L is not a preset")
     p.add_argument("--arch", default=None, choices=["intra"], help="official files: attention-only weights are read "
                    "as VAR; pass intra for the intra-scale ablation (same keys)")
-    p.add_argument("--out", required=True, help="the folder to write")
+    p.add_argument("--out", required=True, help="the folder to write (new or empty, unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace the export already in --out (its model card "
+                   "included, which huggingface_hub would otherwise keep)")
     p.add_argument("--repo_id", default=None, help="the Hub repo (org/name) named in the model card; with --push the "
                    "one uploaded to")
     p.add_argument("--push", action="store_true", help="also upload the folder to --repo_id (needs `hf auth login`)")
@@ -58,6 +60,10 @@ def main(argv: list[str] | None = None) -> Path:
     bad = [m for m in args.metric if "=" not in m]
     if bad:
         raise SystemExit(f"error: --metric {bad}: expected NAME=VALUE")
+    out = Path(args.out)
+    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+        raise SystemExit(f"error: --out={out} is not empty: pass --overwrite to replace the export there (its model "
+                         "card included), or choose another folder")
     try:
         ckpt_path = resolve_mvar_checkpoint(args.ckpt, args.depth, arch=args.arch or "mvar")
         ckpt = load_mvar_checkpoint(ckpt_path, "--ckpt")
@@ -87,7 +93,7 @@ def main(argv: list[str] | None = None) -> Path:
     card = dict(repo_id=args.repo_id, training_data=args.training_data or training_data(ckpt),
                 metrics=dict(m.split("=", 1) for m in args.metric), source=ckpt_path.name,
                 fid_sample=fid_sample_name(args))
-    out = Path(args.out)
+    (out / "README.md").unlink(missing_ok=True)  # huggingface_hub keeps a card it finds: this model's replaces it
     mvar.save_pretrained(out, model_card_kwargs=card)
     logger.info("wrote %s: %s", out, ", ".join(sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())))
     if args.push:

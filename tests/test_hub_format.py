@@ -169,6 +169,13 @@ def test_our_checkpoint_exports_with_its_tokenizer_and_training_flags(tmp_path):
     out = export.main(["--ckpt", str(tmp_path / "ar-ckpt-best.pth"), "--out", str(tmp_path / "hub")])
     assert_same_model(load_mvar(tmp_path / "ar-ckpt-best.pth", vae=vae), MVARHF.from_pretrained(out))
     assert "embedded `mnist` (utils/data/embedded.py), 8 epochs, batch 64" in (out / "README.md").read_text()
+    # exporting again into the folder: refused, or with --overwrite a fresh card (a review: huggingface_hub kept the
+    # first export's card beside the new weights)
+    with pytest.raises(SystemExit, match="is not empty: pass --overwrite"):
+        export.main(["--ckpt", str(tmp_path / "ar-ckpt-best.pth"), "--out", str(out), "--metric", "FID=3.5"])
+    export.main(["--ckpt", str(tmp_path / "ar-ckpt-best.pth"), "--out", str(out), "--metric", "FID=3.5",
+                 "--overwrite"])
+    assert "3.5" in (out / "README.md").read_text()
 
 
 def test_export_refuses_non_finite_weights_and_writes_readable_files(tmp_path, monkeypatch):
