@@ -167,6 +167,9 @@ class Session:
             region, inputs = [f"--box={box.replace(' ', '')}"], [source]  # "=": a box may start with "-"
         elif drawn_hw is not None:
             H, W = self.preview(source)[1]
+            h, w = drawn_hw.shape
+            if abs(h * W / H - w) > 1:  # strokes drawn on the previous upload, whose preview was still shown
+                raise ValueError(f"the drawing ({w}x{h}) is not of this image's shape ({W}x{H}): draw again over it")
             Image.fromarray(drawn_hw.astype(np.uint8) * 255).resize((W, H), Image.NEAREST).save(mask_file)
             region, inputs = ["--mask", str(mask_file)], [source, mask_file]
         else:

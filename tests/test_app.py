@@ -233,6 +233,10 @@ def test_a_drawn_mark_edits_like_the_same_box(client, tmp_path):
     boxed = client.predict(gradio_client.handle_file(str(photo)), None, "0,0,32,16", *EDIT, api_name="/edit")
     assert "--mask mask.png" in drawn[4] and any(f.endswith("mask.png") for f in drawn[5])
     assert [Image.open(e["image"]).tobytes() for e in drawn[2]] == [Image.open(e["image"]).tobytes() for e in boxed[2]]
+    # strokes of another shape (a review: the previous upload's, stretched over this one)
+    Image.fromarray(strokes[:, :8]).save(layer)
+    with pytest.raises(gradio_client.exceptions.AppError, match=r"the drawing \(8x16\) is not of this image's shape"):
+        client.predict(gradio_client.handle_file(str(photo)), drawing, "", *EDIT, api_name="/edit")
 
 
 def test_bf16_falls_back_to_fp32_in_the_session_as_in_sample_py(monkeypatch, tiny_mvar, tmp_path):
