@@ -272,8 +272,10 @@ def end_epoch(ep: int, iters: int, args: argparse.Namespace, trainer: Trainer, v
                        args.ac, extra=SAME_ON_ALL_RANKS)
     if not open_window or ep + 1 == args.ep:
         saver.save(ep + 1, 0, best_val, best=is_best)
-    elif is_best:  # -last waits for the window's end
-        saver.save_best(ep + 1, 0, best_val)
+    else:  # -last waits for the window's end, early in the next epoch
+        saver.pending = True
+        if is_best:
+            saver.save_best(ep + 1, 0, best_val)
     return best_val
 
 
