@@ -44,6 +44,8 @@ def lr_factor(sche: str, it: int, wp_it: float, max_it: int, wp0: float = 0.005,
             T = float(sche[3:])
         except ValueError:
             raise ValueError(f"--sche={sche!r}: expected one of {SCHEDULES}") from None
+        if not 0 < T < 1:  # T >= 1 never decays to wpe (or divides by zero), T <= 0 starts off the peak
+            raise ValueError(f"--sche={sche!r}: lin<T> needs 0 < T < 1 (the fraction of the run at its midpoint)")
         mid = (1 + wpe + (1 - wpe) * (1 - T)) / 2
         if p < T:
             return 1 + (mid - 1) * p / T
@@ -53,14 +55,12 @@ def lr_factor(sche: str, it: int, wp_it: float, max_it: int, wp0: float = 0.005,
 
 def schedule_problem(sche: str, wp0: float = 0.005, wpe: float = 0.01) -> str:
     """Why `lr_factor` cannot run `sche` from its first to its last iteration ("" when it can): an unknown name,
-    lin<T> with T >= 1 (a division by zero at the end), exp towards wpe = 0 (the log of zero)."""
+    lin<T> with T outside (0, 1), exp towards wpe = 0 (the log of zero)."""
     try:
         [lr_factor(sche, it, 0, 3, wp0=wp0, wpe=wpe) for it in range(3)]
     except ValueError as e:
         return str(e) if "--sche" in str(e) else f"--sche={sche} decays to --wpe={wpe:g} times the peak lr " \
             f"exponentially ({e}): expected --wpe > 0"
-    except ZeroDivisionError:
-        return f"--sche={sche}: lin<T> needs T < 1"
     return ""
 
 
