@@ -30,7 +30,8 @@ from utils.run.lock import LOCK_NAME, RunLock, RunLockError, read_owner
                                   # at the first step
                                   "--pg=1", "--pg=2", "--cond_drop_rate=2", "--ls=1.5", "--drop_path_rate=1.5",
                                   "--wp0=-0.1", "--wpe=2", "--twd=-0.1", "--twde=-1", "--wp=-3", "--pgwp=-1",
-                                  "--sche=bogus", "--sche=lin1", "--sche=lin1.5", "--sche=lin-0.5", "--sche=exp --wpe=0",
+                                  "--sche=bogus", "--sche=lin1", "--sche=lin1.5", "--sche=lin-0.5",
+                                  "--sche=exp --wpe=0",
                                   # a review: CUDA graphs overwrite the accumulated gradients (pytorch#169545)
                                   "--tfast=1 --ac=2", "--tfast=2 --ac=4",
                                   # a review: FSDP2's gathered weights move between CUDA-graph replays
