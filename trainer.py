@@ -23,7 +23,7 @@ from models.precision import effective_amp_dtype
 from models.tokenizer import VQVAE, VQVAEConfig
 from utils.data.loaders import class_difference
 from utils.run.checkpoint import position_text
-from utils.run.divergence import DivergenceGuard
+from utils.run.divergence import DivergenceGuard, NonFiniteError
 from utils.run.log import SAME_ON_ALL_RANKS, Averager
 from utils.run.rng import gather_rng_states, restore_rng_states
 from utils.run.schedule import Schedule, SchedulePoint, set_lr_wd
@@ -149,6 +149,7 @@ class Trainer:
         self.window_micro_steps = 0  # micro-steps of the open accumulation window (0: none open); a checkpoint's
         # position is always a window's end, so windows count from the start or the resume point
         self.guard = DivergenceGuard(diverge_tol)
+        self.overflows_in_a_row = 0  # fp16 steps GradScaler skipped (not bad steps: `optimizer_step`)
         self.params = [p for p in self.mvar.parameters() if p.requires_grad]
         self.seg_lens = [pn * pn for pn in self.mvar.patch_nums]
         self.resos = [pn * vae.downsample for pn in self.mvar.patch_nums] if vae is not None else None
@@ -244,7 +245,13 @@ class Trainer:
         if hasattr(norm, "full_tensor"):  # DTensor under FSDP2
             norm = norm.full_tensor()
         result.grad_norm = norm.item()
-        reason = self.guard.update(dist.all_reduce_mean(result.loss.clone()).item(), math.isfinite(result.grad_norm))
+        loss = dist.all_reduce_mean(result.loss.clone()).item()
+        # fp16's ordinary overflow (a finite loss, gradients past fp16 at this loss scale): GradScaler skips the step
+        # and lowers the scale. The weights are unchanged, so it is no bad step (a save may follow), unless
+        # max_nonfinite of them come in a row
+        overflow = self.scaler is not None and not math.isfinite(result.grad_norm) and math.isfinite(loss)
+        reason = self.guard.update(loss, math.isfinite(result.grad_norm) or overflow)
+        self.overflows_in_a_row = self.overflows_in_a_row + 1 if overflow else 0
         if reason is None and self.scaler is None:
             self.optimizer.step()
         elif reason is None:
@@ -253,6 +260,13 @@ class Trainer:
             self.scaler.update(new_scale=32768.0 if self.scaler.get_scale() > 32768.0 else None)
             result.loss_scale = self.scaler.get_scale()
         self.optimizer.zero_grad(set_to_none=True)
+        if overflow:
+            result.skipped = True
+            logger.info("fp16 overflow: GradScaler skipped the step, loss scale now %g", result.loss_scale)
+            if self.overflows_in_a_row >= self.max_nonfinite:
+                raise NonFiniteError(f"{self.overflows_in_a_row} fp16 steps in a row overflowed although GradScaler "
+                                     f"lowered the loss scale each time (--max_nonfinite={self.max_nonfinite}): "
+                                     f"stopping; lower --tblr, raise --tclip or use --fp16=2 (bf16).")
         if reason is None:
             return
         result.skipped = True

@@ -185,6 +185,23 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(caplog):
         tr.micro_step(inp, label)
 
 
+def test_an_fp16_overflow_is_gradscalers_skip_not_a_bad_step():
+    """A review: GradScaler's ordinary overflow counted as a bad step, which blocked a save (the final checkpoint
+    too, when the last step overflowed). It still skips the step, and max_nonfinite in a row stop the run."""
+    tr = tiny(fp16=1, max_nonfinite=2)
+    inp, label = batch()
+    tr.micro_step(inp, label)
+    before = {k: v.clone() for k, v in tr.mvar.state_dict().items()}
+    tr.scaler.update(new_scale=1e38)  # the scaled gradients overflow
+    res = tr.micro_step(inp, label)
+    assert res.skipped and not math.isfinite(res.grad_norm) and res.loss_scale < 1e38
+    assert tr.guard.bad_in_a_row == 0 and tr.save_blocker() is None
+    assert all(torch.equal(before[k], v) for k, v in tr.mvar.state_dict().items())
+    tr.scaler.update(new_scale=1e38)
+    with pytest.raises(NonFiniteError, match="2 fp16 steps in a row overflowed"):
+        tr.micro_step(inp, label)
+
+
 def test_no_checkpoint_after_a_bad_step_or_of_non_finite_weights():
     """`save_blocker`: the weights a bad step was judged on, or non-finite ones, are not saved (train.py waits for
     the next good step); a loss far above its running level is a bad step too, and skipped."""
