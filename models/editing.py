@@ -5,10 +5,12 @@ image's own tokens and the ones inside are drawn as usual (cfg, top-k, top-p), s
 scale, the carried Mamba2 states and VAR's KV caches exactly like generated ones. Out-painting is a mask around
 the image; class-conditional editing is a mask over an object and another class.
 
-Mask rule (pixel mask -> token grid): a token is *known* when its cell holds no masked pixel. The cells of a
-pn x pn grid over an H x W image are the bins of adaptive max pooling (rows floor(i*H/pn) .. ceil((i+1)*H/pn)),
-so a cell that a masked pixel touches, even partly, is regenerated, and every masked pixel is regenerated at
-every scale. The 1x1 first scale is known only for an empty mask.
+Mask rule (pixel mask -> token grid): a token is *known* when what it summarises holds no masked pixel. The
+last scale's tokens are the latent's cells; a coarser scale's token is the area average of a bin of latent cells
+(the tokenizer's `interpolate(mode="area")`: rows floor(i*h/pn) .. ceil((i+1)*h/pn) of the h x h latent). So the
+mask is pooled to the latent grid first (a cell that a masked pixel touches, even partly, is masked), then to each
+scale over those same bins: every masked pixel is regenerated at every scale, and no known token averages a masked
+latent cell. The 1x1 first scale is known only for an empty mask.
 
 Shapes: B batch, H/W pixels, pn one scale's side, l = pn*pn tokens of one scale.
 """
@@ -58,8 +60,8 @@ def check_edit_inputs(img_B3HW: torch.Tensor, mask: torch.Tensor, image_size: in
 
 def token_masks(mask_B1HW: torch.Tensor, patch_nums: Sequence[int]) -> list[torch.Tensor]:
     """Per scale, which tokens are known (B, pn*pn) bool: cells with no masked pixel (see the module docstring)."""
-    touched = [F.adaptive_max_pool2d(mask_B1HW.float(), pn) for pn in patch_nums]
-    return [t.flatten(1) == 0 for t in touched]
+    latent_B1hw = F.adaptive_max_pool2d(mask_B1HW.float(), patch_nums[-1])
+    return [F.adaptive_max_pool2d(latent_B1hw, pn).flatten(1) == 0 for pn in patch_nums]
 
 
 @torch.no_grad()

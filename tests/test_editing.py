@@ -32,6 +32,17 @@ def test_token_mask_rule_regenerates_every_cell_that_touches_the_mask():
     assert all(k.view(-1).tolist() == [True] * k.numel() for k in token_masks(mask & False, (1, 2, 3, 4)))
 
 
+def test_no_known_token_averages_a_masked_latent_cell():
+    """A review: a scale's cells were pooled from the pixels, but its tokens average bins of the 16 x 16 latent (16 px
+    cells): at pn = 13, token row 0 covers pixel rows [0, 20) and latent rows 0-1, i.e. pixel rows [0, 32), so a mask
+    on rows 26-31 left it known while it carried the masked content."""
+    mask = box_mask(256, 256, (0, 26, 256, 32))
+    patch_nums = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+    rows = {pn: k.view(pn, pn)[:, 0].tolist() for k, pn in zip(token_masks(mask, patch_nums), patch_nums, strict=True)}
+    assert rows[13][:2] == [False, False] and rows[13][2] and rows[10][0] is False  # latent rows 0-1 and 1-2
+    assert rows[16][:3] == [True, False, True]  # the last scale: latent row 1 alone
+
+
 @pytest.mark.parametrize("more_smooth", [False, True])
 @pytest.mark.parametrize("arch", ARCHS)
 def test_empty_mask_gives_the_tokenizers_reconstruction(arch, more_smooth):
