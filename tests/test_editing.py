@@ -224,3 +224,14 @@ def test_the_images_tokens_are_made_in_fp32_when_sampling_runs_in_half_precision
     assert seen == [(False, torch.float32)]
     assert all(torch.equal(a, b) for a, b in zip(inside.idx_Bl, known_tokens(vae, img, mask, vae.v_patch_nums).idx_Bl,
                                                    strict=True))
+
+
+def test_a_mask_enlarged_to_the_model_covers_every_footprint_it_touches():
+    """A review: enlarging a 28 px mask to 32 px by nearest interpolation left model row 18 (image rows
+    [15.75, 16.625)) unmasked although image row 16 is masked, so the old content was pasted back there."""
+    from utils.sample_io import _mask_to_model_size
+
+    mask = torch.zeros(28, 28, dtype=torch.bool)
+    mask[16:] = True
+    rows = _mask_to_model_size(mask, 32)[0, 0, :, 0].tolist()
+    assert rows[:18] == [False] * 18 and all(rows[18:])  # row 17 covers [14.875, 15.75): unmasked

@@ -65,13 +65,14 @@ def _image_to_model_size(img_3HW: torch.Tensor, reso: int) -> torch.Tensor:
 
 
 def _mask_to_model_size(mask_HW: torch.Tensor, reso: int) -> torch.Tensor:
-    """A model pixel is masked when any image pixel of its footprint is (max pooling; nearest when enlarging)."""
+    """A model pixel is masked when any image pixel of its footprint is (max pooling; when enlarging, over the image
+    first repeated a whole number of times: nearest interpolation could leave a footprint's masked pixel out)."""
     size = _resized_hw(*mask_HW.shape, reso)
     m_11HW = mask_HW[None, None].float()
-    if size[0] <= mask_HW.shape[0]:
-        m_11HW = F.adaptive_max_pool2d(m_11HW, size)
-    else:
-        m_11HW = F.interpolate(m_11HW, size=size, mode="nearest")
+    if size[0] > mask_HW.shape[0] or size[1] > mask_HW.shape[1]:
+        k_h, k_w = -(-size[0] // mask_HW.shape[0]), -(-size[1] // mask_HW.shape[1])
+        m_11HW = m_11HW.repeat_interleave(k_h, dim=2).repeat_interleave(k_w, dim=3)
+    m_11HW = F.adaptive_max_pool2d(m_11HW, size)
     return TF.center_crop(m_11HW, [reso, reso]) > 0
 
 
