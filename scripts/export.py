@@ -61,9 +61,15 @@ def main(argv: list[str] | None = None) -> Path:
     if bad:
         raise SystemExit(f"error: --metric {bad}: expected NAME=VALUE")
     out = Path(args.out)
-    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
-        raise SystemExit(f"error: --out={out} is not empty: pass --overwrite to replace the export there (its model "
-                         "card included), or choose another folder")
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"error: --out={out} is a file: expected a folder to write")
+    if out.is_dir() and any(out.iterdir()):
+        if not args.overwrite:
+            raise SystemExit(f"error: --out={out} is not empty: pass --overwrite to replace the export there (its "
+                             "model card included), or choose another folder")
+        if not ((out / "config.json").is_file() and (out / "model.safetensors").is_file()):
+            raise SystemExit(f"error: --out={out} holds no earlier export (config.json and model.safetensors): "
+                             "--overwrite replaces an export only; choose an empty or new folder")
     try:
         ckpt_path = resolve_mvar_checkpoint(args.ckpt, args.depth, arch=args.arch or "mvar")
         ckpt = load_mvar_checkpoint(ckpt_path, "--ckpt")

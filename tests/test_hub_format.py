@@ -176,6 +176,12 @@ def test_our_checkpoint_exports_with_its_tokenizer_and_training_flags(tmp_path):
     export.main(["--ckpt", str(tmp_path / "ar-ckpt-best.pth"), "--out", str(out), "--metric", "FID=3.5",
                  "--overwrite"])
     assert "3.5" in (out / "README.md").read_text()
+    (tmp_path / "project").mkdir()
+    (tmp_path / "project" / "README.md").write_text("ours")  # a folder that is no export is never overwritten
+    for target, message in (("project", "holds no earlier export"), ("ar-ckpt-best.pth", "is a file")):
+        with pytest.raises(SystemExit, match=message):
+            export.main(["--ckpt", str(tmp_path / "ar-ckpt-best.pth"), "--out", str(tmp_path / target), "--overwrite"])
+    assert (tmp_path / "project" / "README.md").read_text() == "ours"
 
 
 def test_export_refuses_non_finite_weights_and_writes_readable_files(tmp_path, monkeypatch):
