@@ -243,7 +243,11 @@ def images_after(epochs: int, iters: int, args: argparse.Namespace) -> int:
 def end_epoch(ep: int, iters: int, args: argparse.Namespace, trainer: Trainer, val_loader, tb: TBLogger,
               saver: Checkpointer, mvar: MVAR, best_val: float) -> float:
     """Validation, sample grid, evaluation and checkpoint after epoch `ep` (resuming from it starts the next epoch)
-    -> the best val loss so far."""
+    -> the best val loss so far. After a signal (collective check) the checkpoint comes first and the run exits:
+    a preemption's grace period is short, and validation plus --eval_every can outlast it."""
+    if ep + 1 < args.ep and not trainer.window_micro_steps and saver.preemption.requested():
+        tb.flush()
+        saver.save(ep + 1, 0, best_val)  # exits, unless the last step was bad (then the epoch's end goes on)
     is_best = False
     if (ep + 1) % args.val_every == 0 or ep + 1 == args.ep:
         val = trainer.evaluate(val_loader)
@@ -418,8 +422,9 @@ def main(args: argparse.Namespace) -> None:
         evaluator.prepare(eval_images, num_classes, device)
         evaluator.load_history(ckpt.get("eval_history") if ckpt is not None else None)  # the curve goes on
     # a resume hides in TensorBoard what a killed run logged after its checkpoint, on each x axis
-    purge_from = None if ckpt is None else {"steps": start_ep * iters + start_it, "epochs": start_ep + 1,
-                                            "images": images_after(start_ep, iters, args) + 1}
+    # (a fresh start too: a run killed before its first checkpoint logged from the start)
+    purge_from = {"steps": start_ep * iters + start_it, "epochs": start_ep + 1,
+                  "images": images_after(start_ep, iters, args) + 1}
     del ckpt
 
     # loop
@@ -441,6 +446,7 @@ def main(args: argparse.Namespace) -> None:
                 t_log = time.time()
             # mid-epoch save (every N iterations or minutes; the epoch end saves anyway), at a window's end
             if saver.due(g_it, log_step) and res.stepped and it + 1 < iters:
+                tb.flush()  # a signal's save exits: what was logged up to the checkpoint is kept
                 t_log += saver.save(ep, it + 1, best_val)
         best_val = end_epoch(ep, iters, args, trainer, val_loader, tb, saver, mvar, best_val)
     tb.close()

@@ -110,3 +110,25 @@ def test_second_signal_exits_at_once():
     proc = subprocess.run([sys.executable, "-c", HANDLER, "60"], env=ENV, cwd=REPO, capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 0 and "still alive" in proc.stdout  # within REPEAT_S: one event
+
+
+def test_a_signal_at_an_epoch_end_saves_before_validating():
+    """A review: a signal during an epoch's last iterations was saved only after validation, the sample grid and
+    --eval_every, which can outlast a preemption's grace period (torchrun's: 30 s before SIGKILL)."""
+    import types
+
+    import train
+
+    calls = []
+
+    def save(epoch, it, best_val, best=False):
+        calls.append(("save", epoch, it))
+        raise SystemExit(143)  # Checkpointer.save exits after a signal's checkpoint
+
+    saver = types.SimpleNamespace(preemption=types.SimpleNamespace(requested=lambda: True), save=save)
+    trainer = types.SimpleNamespace(window_micro_steps=0, evaluate=lambda loader: calls.append("validated"))
+    tb = types.SimpleNamespace(flush=lambda: calls.append("flush"))
+    args = types.SimpleNamespace(ep=3, val_every=1, sample_every=1, eval_every=1)
+    with pytest.raises(SystemExit):
+        train.end_epoch(0, 5, args, trainer, None, tb, saver, None, 1.0)
+    assert calls == ["flush", ("save", 1, 0)]

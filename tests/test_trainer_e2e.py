@@ -257,6 +257,11 @@ def test_a_resume_hides_in_tensorboard_what_the_killed_run_logged_after_its_chec
         assert [step for step, _ in points] == [step for step, _ in whole[tag]], tag  # each step once, none lost
         if not tag.startswith("speed/"):  # the rest depends on this machine's clock
             assert points == whole[tag], tag
+    for path in out.glob("*.pth"):  # killed before its first checkpoint: the relaunch starts over and shows each
+        path.unlink()               # point once (a review: the killed run's points stayed beside the new ones)
+    run_train(setup, out, *NO_MODEL_RNG, *eval_flags(setup))
+    shown = tb_points(out / "tb")
+    assert all([step for step, _ in points] == [step for step, _ in whole[tag]] for tag, points in shown.items())
 
 
 def test_init_from_loader_workers_progressive_training_and_tensorboard(setup, single_run):
