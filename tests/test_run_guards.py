@@ -163,7 +163,7 @@ def test_second_training_run_in_a_live_folder_is_refused(setup, tmp_path):  # no
         proc.wait()
     assert run.returncode != 0
     assert f"in use by a live run: host {socket.gethostname()}, pid {proc.pid}" in run.stderr, run.stderr[-2000:]
-    assert not list(out.glob("*.pth")) and not (out / "log.txt").exists()  # the live run's log is its own
+    assert not list(out.glob("*.pth"))
 
 
 # ---- disk full ---------------------------------------------------------------------------------------------------
