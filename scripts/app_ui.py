@@ -74,6 +74,18 @@ def gallery(session: Session, result: Result) -> list[tuple[str, str]]:
     return [(str(p), session.class_label(int(p.stem.removeprefix("class").split("_")[0]))) for p in result.images]
 
 
+def send_selected(paths: list[str], i: int | None):
+    """"edit the selected image": its file into the edit tab's upload, and that tab shown. The workspace keeps the
+    newest requests' folders only: an older image is gone, said on the page."""
+    if not paths:
+        return None, gr.Tabs(selected="edit")
+    path = paths[min(i or 0, len(paths) - 1)]
+    if not Path(path).is_file():
+        raise gr.Error("that image was cleared from the workspace (it keeps the newest requests only): generate "
+                       "again", print_exception=False)
+    return path, gr.Tabs(selected="edit")
+
+
 def selected_index(evt: gr.SelectData) -> int:
     return evt.index
 
@@ -162,8 +174,7 @@ def build_ui(session: Session, title: str, queue_size: int) -> gr.Blocks:
                   concurrency_limit=1, concurrency_id="generate")
         # the cheap events skip the queue: --queue_size bounds the waiting generations, not a click's answer
         images.select(selected_index, None, selected, api_visibility="undocumented", queue=False)
-        send.click(lambda paths, i: (paths[min(i or 0, len(paths) - 1)] if paths else None, gr.Tabs(selected="edit")),
-                   [shown, selected], [upload, tabs], api_visibility="undocumented", queue=False)
+        send.click(send_selected, [shown, selected], [upload, tabs], api_visibility="undocumented", queue=False)
         # the preview decodes the upload (up to 50 MP): one at a time, beside the generations
         upload.change(on_preview, upload, [editor, size], api_visibility="undocumented", concurrency_limit=1,
                       concurrency_id="preview")

@@ -388,3 +388,18 @@ def test_settings_sample_py_refuses_are_errors_and_stderr_stays_the_processs(mon
     assert seen == [sys.stderr]
     with pytest.raises(ValueError, match="argument --bs: invalid int value: 'x'"):
         parse_sample_args(["--ckpt", "x.pth", "--bs", "x"])
+
+
+def test_sending_an_image_the_workspace_cleared_says_so(tmp_path):
+    """A review: the workspace keeps the newest 16 requests' folders; sending an older gallery image failed with
+    Gradio's bare "Error"."""
+    import gradio as gr
+
+    from scripts.app_ui import send_selected
+
+    kept = tmp_path / "kept.png"
+    kept.write_bytes(b"png")
+    assert send_selected([str(kept), str(tmp_path / "gone.png")], 0)[0] == str(kept)
+    with pytest.raises(gr.Error, match="cleared from the workspace"):
+        send_selected([str(kept), str(tmp_path / "gone.png")], 1)
+    assert send_selected([], None)[0] is None
