@@ -298,7 +298,7 @@ def config_from_state_dict(
         depth=depth, num_classes=state_dict["class_emb.weight"].shape[0] - 1, V=state_dict["head.weight"].shape[0],
         Cvae=state_dict["word_embed.weight"].shape[1], patch_nums=tuple(patch_nums), arch=arch,
         var_blocks=var_blocks, embed_dim=C,
-        num_heads=scale_mul.shape[1] if scale_mul is not None else C // 64,
+        num_heads=scale_mul.shape[1] if scale_mul is not None else None,  # None: MVARConfig's head_dim 64, at least 1
         shared_aln="shared_ada_lin.1.weight" in state_dict, attn_l2_norm=scale_mul is not None,
     )
     fields.update(overrides)

@@ -94,6 +94,14 @@ def test_mismatched_checkpoint_names_the_first_bad_keys():
         load_mvar({"config": {**TINY, "patch_nums": (1, 2, 3)}, "model": sd})
 
 
+def test_a_narrow_model_without_attention_loads_from_its_raw_state_dict():
+    """A review: without attention's scale_mul the head count was guessed as C // 64, 0 below C = 64: a
+    ZeroDivisionError traceback for a small Mamba-only model."""
+    sd = MVAR(MVARConfig(**{**TINY, "embed_dim": 32, "num_heads": 1}, arch="mamba", patch_nums=(1, 2, 3))).state_dict()
+    config = config_from_state_dict(sd, patch_nums=(1, 2, 3))
+    assert (config.arch, config.embed_dim, config.num_heads) == ("mamba", 32, 1)
+
+
 def test_unknown_schedule_and_garbage_files_are_clear_errors(tmp_path):
     sd = MVAR(MVARConfig(**TINY, patch_nums=(1, 2, 3))).state_dict()
     with pytest.raises(ValueError, match="--pn"):
