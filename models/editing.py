@@ -49,6 +49,8 @@ def check_edit_inputs(img_B3HW: torch.Tensor, mask: torch.Tensor, image_size: in
         if not bool(((mask == 0) | (mask == 1)).all()):
             raise ValueError("mask: expected a binary mask (bool, or 0/1 values; 1 = regenerate)")
         mask = mask != 0
+    if mask.ndim not in (2, 4):
+        raise ValueError(f"mask: expected (H, W) or (1 or B, 1, H, W), got {tuple(mask.shape)}")
     while mask.ndim < 4:
         mask = mask.unsqueeze(0)
     B = img_B3HW.shape[0]

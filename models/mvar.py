@@ -413,6 +413,8 @@ class MVAR(nn.Module):
             return torch.multinomial(uniform, num_samples=B, replacement=True, generator=rng).view(B)
         if isinstance(label_B, int):
             return torch.full((B,), self.num_classes if label_B < 0 else label_B, device=device)
+        if tuple(label_B.shape) != (B,):
+            raise ValueError(f"label_B: expected {B} class ids (B,), one per image, got shape {tuple(label_B.shape)}")
         return label_B.to(device)
 
     @contextlib.contextmanager

@@ -235,3 +235,16 @@ def test_a_mask_enlarged_to_the_model_covers_every_footprint_it_touches():
     mask[16:] = True
     rows = _mask_to_model_size(mask, 32)[0, 0, :, 0].tolist()
     assert rows[:18] == [False] * 18 and all(rows[18:])  # row 17 covers [14.875, 15.75): unmasked
+
+
+def test_labels_and_masks_of_another_batch_are_refused_naming_the_shapes():
+    """A review: one label for four images failed inside a reshape, four labels for one image broadcast silently,
+    and a 5-D mask passed the checks."""
+    _, mvar = build_tiny()
+    img, mask = torch.rand(1, 3, IMG, IMG), box_mask(IMG, IMG, (0, 4, IMG, IMG))
+    with pytest.raises(ValueError, match=r"label_B: expected 1 class ids \(B,\), one per image, got shape \(4,\)"):
+        mvar.autoregressive_edit_cfg(img, mask, torch.tensor([1, 2, 3, 4]), g_seed=0)
+    with pytest.raises(ValueError, match=r"label_B: expected 2 class ids"):
+        mvar.autoregressive_infer_cfg(2, torch.tensor([1]), g_seed=0)
+    with pytest.raises(ValueError, match=r"mask: expected \(H, W\) or"):
+        mvar.autoregressive_edit_cfg(img, mask[None], 1, g_seed=0)
