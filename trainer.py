@@ -78,36 +78,30 @@ def data_problems(old: dict[str, Any] | None, new: dict[str, Any], mid_epoch: bo
     if old is None:
         return []
     problems = []
+
+    def changed(what: str, at_epoch_end: str) -> None:
+        if mid_epoch:  # the position would point at other images
+            problems.append(f"{what}: a mid-epoch position needs the same data (restore it, or resume from a "
+                            f"checkpoint at an epoch end)")
+        else:
+            logger.warning("%s: %s", what, at_epoch_end, extra=SAME_ON_ALL_RANKS)
+
     if old["classes"] != new["classes"]:
         what = class_difference(old["classes"], new["classes"], ("the checkpoint", "this run"))
         problems.append(f"the class names differ ({what}): the labels would not mean the same classes")
-    if old["train_images"] != new["train_images"]:
-        change = (f"the training set has {new['train_images']} images, {old['train_images']} when the checkpoint "
-                  f"was written")
-        if mid_epoch:
-            problems.append(f"{change}: a mid-epoch position needs the same data (restore it, or resume from a "
-                            f"checkpoint at an epoch end)")
-        else:
-            logger.warning("%s: epochs now follow the new size", change, extra=SAME_ON_ALL_RANKS)
     old_src, new_src = (f"the token cache's views {d['tokens']}" if d.get("tokens") else "the images"
                         for d in (old, new))
+    if old["train_images"] != new["train_images"]:
+        changed(f"the training set has {new['train_images']} images, {old['train_images']} when the checkpoint was "
+                f"written", "epochs now follow the new size")
     if old_src != new_src:
-        change = f"the checkpoint was trained from {old_src}, this run from {new_src} (--tokens)"
-        if mid_epoch:
-            problems.append(f"{change}: a mid-epoch position needs the same data (resume from a checkpoint at an "
-                            f"epoch end)")
-        else:
-            logger.warning("%s: the next epochs draw from the latter", change, extra=SAME_ON_ALL_RANKS)
-    elif old_src == new_src and old["train_images"] == new["train_images"]:
+        changed(f"the checkpoint was trained from {old_src}, this run from {new_src} (--tokens)",
+                "the next epochs draw from the latter")
+    elif old["train_images"] == new["train_images"]:
         for key, what in (("train_files", "the training image files (their paths and labels)"),
                           ("cache", "the token cache's ids (another extraction)")):
             if None not in (old.get(key), new.get(key)) and old[key] != new[key]:
-                change = f"{what} differ from those the checkpoint was trained on"
-                if mid_epoch:
-                    problems.append(f"{change}: a mid-epoch position needs the same data (restore it, or resume from "
-                                    f"a checkpoint at an epoch end)")
-                else:
-                    logger.warning("%s: the next epochs draw from these", change, extra=SAME_ON_ALL_RANKS)
+                changed(f"{what} differ from those the checkpoint was trained on", "the next epochs draw from these")
     return problems
 
 
