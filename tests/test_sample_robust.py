@@ -283,15 +283,10 @@ def sigterm():
     os.kill(os.getpid(), signal.SIGTERM)  # its handler runs here, before the call returns
 
 
-@pytest.mark.parametrize("stop, raised", [(ctrl_c, KeyboardInterrupt), (sigterm, SystemExit)])
-@pytest.mark.parametrize("out", ["grid.png", "folder"])
-def test_interrupted_picture_run_writes_the_finished_images(ckpt, tmp_path, monkeypatch, out, stop, raised):  # noqa: F811
-    """Issue 23: a Ctrl-C after minutes of a grid run wrote nothing; a review found the same of SIGTERM (a scheduler's
-    stop), which now ends the run with status 143 after writing the finished rows."""
-    real = sample.make_generate
-
-    def interrupted_after_one_batch(*args):
-        generate, calls = real(*args), []
+def interrupted_after_one_batch(make_generate, stop):
+    """sample.make_generate whose generator calls `stop` when asked for the second batch."""
+    def make(*args):
+        generate, calls = make_generate(*args), []
 
         def gen(label_B, g_seed):
             calls.append(1)
@@ -299,8 +294,15 @@ def test_interrupted_picture_run_writes_the_finished_images(ckpt, tmp_path, monk
                 stop()
             return generate(label_B, g_seed)
         return gen
+    return make
 
-    monkeypatch.setattr(sample, "make_generate", interrupted_after_one_batch)
+
+@pytest.mark.parametrize("stop, raised", [(ctrl_c, KeyboardInterrupt), (sigterm, SystemExit)])
+@pytest.mark.parametrize("out", ["grid.png", "folder"])
+def test_interrupted_picture_run_writes_the_finished_images(ckpt, tmp_path, monkeypatch, out, stop, raised):  # noqa: F811
+    """Issue 23: a Ctrl-C after minutes of a grid run wrote nothing; a review found the same of SIGTERM (a scheduler's
+    stop), which now ends the run with status 143 after writing the finished rows."""
+    monkeypatch.setattr(sample, "make_generate", interrupted_after_one_batch(sample.make_generate, stop))
     handler = signal.getsignal(signal.SIGTERM)
     with pytest.raises(raised) as e:
         run(ckpt, "--classes", 1, 2, "--num_per_class", 3, "--bs", 3, "--out", tmp_path / out)
@@ -435,19 +437,7 @@ def test_pictures_are_written_atomically(tmp_path, monkeypatch):
 def test_a_sigterm_during_an_fid_dump_unwinds_and_the_rerun_finishes(ckpt, tmp_path, monkeypatch):  # noqa: F811
     """A review: SIGTERM (a preemption) ended an FID dump without its `finally`, leaving the folder's lock to age
     and, while packing, the array-sized `.npy.tmp`, which the rerun's free-space check then counted as used."""
-    real = sample.make_generate
-
-    def interrupted_after_one_batch(*args):
-        generate, calls = real(*args), []
-
-        def gen(label_B, g_seed):
-            calls.append(1)
-            if len(calls) == 2:
-                sigterm()
-            return generate(label_B, g_seed)
-        return gen
-
-    monkeypatch.setattr(sample, "make_generate", interrupted_after_one_batch)
+    monkeypatch.setattr(sample, "make_generate", interrupted_after_one_batch(sample.make_generate, sigterm))
     with pytest.raises(SystemExit) as e:
         run(ckpt, *FID, "--fid_dir", tmp_path)
     assert e.value.code == 128 + signal.SIGTERM
