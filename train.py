@@ -386,7 +386,8 @@ def main(args: argparse.Namespace) -> None:
             "train_files": file_list_digest(train_set),  # an image folder's (None for a cache, embedded data)
             "cache": content_digest(read_manifest(args.tokens)) if args.tokens else None}  # what its ids are
     if world > 1:  # one collective: the ranks' flags, tokenizer and data must agree
-        facts = run_facts(vars(args), tokenizer_digest(vae), train_set, val_set)
+        facts = run_facts(vars(args), tokenizer_digest(vae), train_set, val_set,
+                          (data["train_files"], file_list_digest(val_set)))
         if args.tokens:  # node-local caches: what their ids are (views, seed, source files, ...), not just their size
             facts["the token cache (digest of what its ids are)"] = data["cache"]
         refuse_disagreement(facts, FlagError, "the ranks do not train alike (another copy of the data, tokenizer or "

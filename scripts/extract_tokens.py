@@ -147,7 +147,8 @@ def check_ranks_agree(args: argparse.Namespace, identity: dict, manifest: dict, 
     the --out rank 0 wrote the manifest into (a shared disk), or the cache would mix tokenizers or data sets under
     rank 0's manifest; TokenCacheError listing what differs, before any image is encoded."""
     manifest_file = out / "manifest.json"
-    facts = run_facts(vars(args), identity["tokenizer_digest"], images["train"], images["val"])
+    facts = run_facts(vars(args), identity["tokenizer_digest"], images["train"], images["val"],
+                      (manifest["files"]["train"], manifest["files"]["val"]))
     facts.update({"the plan (images, views and shards per split)": manifest["splits"],
                   "--out's manifest.json (rank 0 wrote or checked it: every rank must see --out, on a shared disk)":
                   hashlib.sha256(manifest_file.read_bytes()).hexdigest() if manifest_file.is_file() else None})

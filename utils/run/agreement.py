@@ -56,13 +56,16 @@ def refuse_disagreement(facts: dict[str, Any], error: type[Exception], what: str
         raise error(f"{what}:\n  " + "\n  ".join(problems))
 
 
-def run_facts(flags: dict[str, Any], tokenizer_digest: str, train_set: Dataset, val_set: Dataset) -> dict[str, Any]:
+def run_facts(flags: dict[str, Any], tokenizer_digest: str, train_set: Dataset, val_set: Dataset,
+              file_digests: tuple[str | None, str | None] | None = None) -> dict[str, Any]:
     """What every rank must share: the flags but the node-local paths, the tokenizer's weights, the data (its
-    classes in label order, its size, its files)."""
+    classes in label order, its size, its files). `file_digests`: the two splits' `file_list_digest` where the
+    caller has them already (hashing ImageNet's list takes about a second), else computed here."""
+    train_files, val_files = file_digests or (file_list_digest(train_set), file_list_digest(val_set))
     facts: dict[str, Any] = {f"--{k}": v for k, v in sorted(flags.items()) if k not in NODE_LOCAL_FLAGS}
     facts.update({"the tokenizer's weights (digest)": tokenizer_digest,
                   "the class folders (in label order)": class_names(train_set),
                   "the training images": len(train_set), "the validation images": len(val_set),
-                  "the training files (digest of their paths and labels)": file_list_digest(train_set),
-                  "the validation files (digest of their paths and labels)": file_list_digest(val_set)})
+                  "the training files (digest of their paths and labels)": train_files,
+                  "the validation files (digest of their paths and labels)": val_files})
     return facts
