@@ -58,6 +58,7 @@ def token_ce(logits_BLV: torch.Tensor, gt_BL: torch.Tensor, label_smoothing: flo
                            label_smoothing=label_smoothing, reduction="none").view(B, Lp)
 
 
+UNSTABLE_HINT = "lower --tblr, raise --tclip or use --fp16=2 (bf16)."  # after too many bad or overflowed steps
 IMPLEMENTATION_KEYS = ("fused", "foreach")  # AdamW's group keys that choose how it runs, not what it computes
 
 
@@ -260,12 +261,12 @@ class Trainer:
             if self.overflows_in_a_row >= self.max_nonfinite:
                 raise NonFiniteError(f"{self.overflows_in_a_row} fp16 steps in a row overflowed although GradScaler "
                                      f"lowered the loss scale each time (--max_nonfinite={self.max_nonfinite}): "
-                                     f"stopping; lower --tblr, raise --tclip or use --fp16=2 (bf16).")
+                                     f"stopping; {UNSTABLE_HINT}")
         if reason is None:
             return
         result.skipped = True
         self.guard.skipped(reason, f"optimizer step (grad norm {result.grad_norm:.4g})", self.max_nonfinite,
-                           "lower --tblr, raise --tclip or use --fp16=2 (bf16).")
+                           UNSTABLE_HINT)
 
     def save_blocker(self, resume_point: bool = True) -> str | None:
         """Why the current weights must not be checkpointed (None: they may): a weight is non-finite, or, for a
