@@ -132,7 +132,7 @@ CLAIMS = (  # (a, b, the paper's claim that a has the lower FD_clf); Table 6's o
 def reading(rows: dict[str, dict]) -> str:
     """Sentences computed from the table: the ranking by FD_clf and each ordering the paper states (CLAIMS):
     reproduced only where the Welch test over seeds says so (study_curves.who_leads), else the same direction
-    without significance, or not reproduced."""
+    without significance (or untested: one seed on a side), or not reproduced."""
     fd = {k: [s["fd_clf"] for s in r["scores"]] for k, r in rows.items() if r["scores"]}
     if not fd:
         return "No model finished yet."
@@ -144,9 +144,11 @@ def reading(rows: dict[str, dict]) -> str:
             continue
         better, words = who_leads(fd[a], fd[b], rows[a]["label"], rows[b]["label"])
         diff = statistics.mean(fd[a]) - statistics.mean(fd[b])
+        tested = "not significant" in words  # else one seed a side, seeds that agree exactly, or non-finite
+        why = "not significant" if tested else "untested"
         verdict = "reproduced" if better else "**not reproduced**" if better is False else \
-            "same direction, not significant" if diff < 0 else "not reproduced (level)" if diff == 0 else \
-            "not reproduced (opposite direction, not significant)"
+            f"same direction, {why}" if diff < 0 else "not reproduced (level)" if diff == 0 else \
+            f"not reproduced (opposite direction, {why})"
         unequal = "" if rows[a]["images"] == rows[b]["images"] else \
             f"; at unequal budgets, {rows[a]['images']:,} vs {rows[b]['images']:,} training images: the curves above " \
             "compare them at equal images, FLOPs and time"

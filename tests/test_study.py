@@ -213,3 +213,6 @@ def test_verdicts_need_a_significant_welch_test_and_cover_the_whole_ordering():
     assert "- Table 6: VAR better than Mamba alone: **not reproduced** (VAR 25.70 vs MAMBA 23.00; **MAMBA better**" \
         in text
     assert "- Table 6: VAR better than intra-scale attention alone: same direction, not significant" in text
+    one_seed = dict(mvar=rows["mvar"], var=dict(rows["var"], scores=[{"fd_clf": 3.0}]))  # VAR ahead, no test ran
+    assert "- Table 6: M-VAR better than VAR: not reproduced (opposite direction, untested) (MVAR 3.61 vs VAR 3.00; " \
+        "VAR ahead, untested" in study_report.reading(one_seed)
