@@ -7,11 +7,11 @@
 # --python PY    the interpreter (default: python3, the GPU machine's, which has torch)
 # --only STAGES  comma-separated, of pytest,numerics,train,timings: the re-run after a fix (the environment always
 #                runs; the report covers these)
-# --budget S     the whole check's wall time, report included (default 500: of a lease's 15 minutes, a start of a
-#                minute or two and this leave about 4 minutes for a re-run of what failed, `--only ... --budget
-#                200`, on the still warm machine). After the install and the environment, each stage gets the
+# --budget S     the whole check's wall time, report included (default 480: of a lease's 15 minutes, a start of a
+#                minute or two, this and the transfers leave about 4 minutes for a re-run of what failed, `--only ...
+#                --budget 180`, on the still warm machine). After the install and the environment, each stage gets the
 #                time left (less 30 s kept for the report) in proportion to its weight among the stages still to
-#                run (pytest 2, numerics 3, train 3, timings 4), so what one stage leaves unused goes to the next;
+#                run (pytest 2, numerics 3, train 4, timings 4), so what one stage leaves unused goes to the next;
 #                a stage with under 20 s left is not started (the report then lists it as without results).
 # Installs the travelling wheels of .whl/gpu/ (`make gpu-wheels`; $GPU_WHEELS names another folder; without them only
 # a dry run starts) into a scratch folder with pip --no-deps --no-index (no network), prints the environment and the
@@ -23,7 +23,7 @@
 # autotuning results on disk (TRITON_CACHE_AUTOTUNING=1), so each train.py process after the first skips them
 # (train.py --deterministic ignores it: one config per kernel instead).
 set -uo pipefail
-OUT=gpu_check_out DRY=() PY=python3 ONLY=pytest,numerics,train,timings BUDGET=500
+OUT=gpu_check_out DRY=() PY=python3 ONLY=pytest,numerics,train,timings BUDGET=480
 USAGE="usage: $0 [--out DIR] [--dry-run] [--python PY] [--only pytest,numerics,train,timings] [--budget SECONDS]"
 while (($#)); do
     case $1 in
@@ -58,7 +58,7 @@ WORK=$(mktemp -d) && trap 'rm -rf "$WORK"' EXIT
 START=$SECONDS
 
 REPORT_S=30 MIN_STAGE_S=20
-declare -A WEIGHT=([pytest]=2 [numerics]=3 [train]=3 [timings]=4) RAN=()
+declare -A WEIGHT=([pytest]=2 [numerics]=3 [train]=4 [timings]=4) RAN=()
 wanted() { [[ ,$ONLY, == *,$1,* ]]; }
 box_of() {  # BOX = stage $1's share of the time left, by weight among the wanted stages not run yet (at least
     # MIN_STAGE_S; `stage` cuts it to what is left)
@@ -106,7 +106,7 @@ fi
 wanted numerics && box_of numerics && stage numerics "$BOX" "$PY" scripts/gpu_numerics.py --out "$OUT/numerics.json" \
     "${DRY[@]}"
 wanted train && box_of train && stage training "$BOX" "$PY" scripts/gpu_train_check.py --work "$WORK/train" \
-    --out "$OUT/train.json" --run_timeout 70 "${DRY[@]}"
+    --out "$OUT/train.json" --run_timeout 90 --box $((BOX - 10)) "${DRY[@]}"  # its start-up: 10 s
 # expandable segments: the memory of a batch that did not fit is reusable by the next try (no fragmentation)
 wanted timings && box_of timings && stage timings "$BOX" env PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
     "$PY" scripts/gpu_timings.py --out "$OUT/timings.json" "${DRY[@]}"

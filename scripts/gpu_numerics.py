@@ -17,6 +17,7 @@ import logging
 import os
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -196,7 +197,9 @@ def check(shapes: Shapes, device: torch.device, dtypes: list[str],
         try:
             got = run(vae_dev, model, data, ids, device, dtype_name)
         except Exception as err:  # a kernel that fails (Triton's errors, mamba_ssm's asserts) is a finding, not a crash
-            lines.append(CheckLine(name, "FAIL", note=f"{type(err).__name__}: {str(err)[:300]}"))
+            print(f"--- {name} failed:", flush=True)
+            traceback.print_exc(file=sys.stdout)  # whole, to check.log: Triton puts its message after the source
+            lines.append(CheckLine(name, "FAIL", note=f"{type(err).__name__}: {str(err)[-300:]}"))
             dead = device_error(device)
             if dead:  # a sticky CUDA error: every later combination would fail with it, blamed on its own kernels
                 lines.append(CheckLine(f"{device.type} device after {name}", "FAIL",

@@ -11,6 +11,7 @@ on the CPU at width 32 and tiny patch schedules; the targets are then reported, 
 import argparse
 import gc
 import sys
+import traceback
 
 import torch
 
@@ -87,13 +88,28 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     flags, judged = (DRY_FLAGS, False) if args.dry_run else (GPU_FLAGS, True)
     lines, tables = [], {}
-    if "paper" in args.only:
+
+    def paper() -> list[CheckLine]:
         tables["paper"] = bench.main(["--only", "paper", *COMMON, *flags["paper"]])
-        lines += paper_lines(tables["paper"], 2 if args.dry_run else PAPER_BATCH, judged)
-        write_lines(args.out, lines, complete=False, tables=tables)
-    if "train" in args.only:
+        return paper_lines(tables["paper"], 2 if args.dry_run else PAPER_BATCH, judged)
+
+    def train() -> list[CheckLine]:
         batch, tables["train"] = largest_batch_train([*COMMON, *flags["train"]], (2,) if args.dry_run else BATCHES)
-        lines.append(train_line(tables["train"], batch, judged))
+        return [train_line(tables["train"], batch, judged)]
+
+    for section, measure in (("paper", paper), ("train", train)):
+        if section not in args.only:
+            continue
+        try:
+            lines += measure()
+        except Exception as err:  # one section's failure (a kernel error, memory) must not lose the other's numbers
+            print(f"--- the {section} section failed:", flush=True)
+            traceback.print_exc(file=sys.stdout)
+            lines.append(CheckLine(f"{section} section", "FAIL", note=f"{type(err).__name__}: {str(err)[-300:]}"))
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        write_lines(args.out, lines, complete=False, tables=tables)
     print("\n".join(line.text() for line in lines), flush=True)
     write_lines(args.out, lines, tables=tables)
     return 1 if any_failed(lines) else 0

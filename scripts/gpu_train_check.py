@@ -1,14 +1,17 @@
 """The GPU check's training stage: train.py on the embedded MNIST with the GPU recipe, as a user would launch it.
 
-    python scripts/gpu_train_check.py --work DIR --out train.json [--dry-run] [--run_timeout 120]
+    python scripts/gpu_train_check.py --work DIR --out train.json [--dry-run] [--run_timeout 90] [--box 150]
 
 Runs, each a fresh train.py process on a random tokenizer written here (the loss still falls: the model learns the
-token statistics of real digits): --fp16=1 (fp16 + GradScaler) and --fp16=2 --deterministic=1 (bf16), loss finite
-and falling; the bf16 run again, stopped by SIGTERM a third of the way in and relaunched: exit status 143, a
-checkpoint, and final weights bit-identical to the uninterrupted run (a second uninterrupted run says whether
-training itself is deterministic here); a world-size-1 torchrun launch (NCCL on a GPU, dist.core); last --fp16=2
---tfast=1 (torch.compile, the slowest to start) with torch's graph-break and recompile logs: how whole its graph was.
+token statistics of real digits): --fp16=1 (fp16 + GradScaler, 5 epochs) and --fp16=2 --deterministic=1 (bf16, 2
+epochs, as every later run), loss finite and falling; the bf16 run again, stopped by SIGTERM a third of the way in
+and relaunched: exit status 143, a checkpoint, and final weights bit-identical to the uninterrupted run (a second
+uninterrupted run says whether training itself is deterministic here); a world-size-1 torchrun launch (NCCL on a
+GPU, dist.core); last --fp16=2 --tfast=1 (torch.compile, the slowest to start) with torch's graph-break and
+recompile logs: how whole its graph was.
 --dry-run: a depth-1 model on 48 images on the CPU (bf16 may run as fp32 there, models.precision says so).
+Time: each run may take --run_timeout seconds (the first, which compiles the Triton kernels, 1.5 times that; the
+--tfast run whatever is left), none past the stage's --box; a run that fails prints its output's last lines.
 """
 import argparse
 import dataclasses
@@ -46,19 +49,27 @@ GRAPH_BREAK_RE = re.compile(r"Graph break in user code at (\S+)")
 
 @dataclass(frozen=True)
 class Recipe:
-    """Sizes of the runs: model, batch, images, epochs, logging interval."""
+    """Sizes of the runs: model, batch, images, epochs (of the first run; `short_ep` of the others), logging
+    interval."""
 
     depth: int
     embed_dim: int
     bs: int
     train_limit: int  # 0: all 4,050 training digits
     ep: int
+    short_ep: int
     log_every: int
     on_gpu: bool
 
+    @property
+    def short(self) -> "Recipe":
+        return dataclasses.replace(self, ep=self.short_ep)
 
-GPU_RECIPE = Recipe(depth=4, embed_dim=256, bs=64, train_limit=0, ep=5, log_every=10, on_gpu=True)  # 5 x 63 = 315 steps
-DRY_RECIPE = Recipe(depth=1, embed_dim=32, bs=8, train_limit=48, ep=2, log_every=1, on_gpu=False)  # 12 steps
+
+# 5 x 63 = 315 steps for fp16, 126 for the others (the resume's three runs and the compile)
+GPU_RECIPE = Recipe(depth=4, embed_dim=256, bs=64, train_limit=0, ep=5, short_ep=2, log_every=10, on_gpu=True)
+DRY_RECIPE = Recipe(depth=1, embed_dim=32, bs=8, train_limit=48, ep=2, short_ep=2, log_every=1, on_gpu=False)
+FAILED_TAIL_LINES = 150  # of a failed run's output, printed (check.log keeps it; the scratch folder is deleted)
 
 
 def write_tokenizer(path: Path) -> None:
@@ -69,8 +80,8 @@ def write_tokenizer(path: Path) -> None:
 
 
 def train_cmd(work: Path, out: str, recipe: Recipe, *extra: str, torchrun: bool = False) -> list[str]:
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"] if torchrun \
-        else [sys.executable]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+                "--local-addr=127.0.0.1"] if torchrun else [sys.executable]  # not the host name: no DNS there
     return [*launcher, str(REPO / "train.py"), f"--vae_ckpt={work / 'vae.pth'}", f"--local_out_dir_path={work / out}",
             "--pn=1_2_3_4", "--mid_reso=1.125", f"--depth={recipe.depth}", f"--embed_dim={recipe.embed_dim}",
             f"--bs={recipe.bs}", f"--ep={recipe.ep}", f"--train_limit={recipe.train_limit}", "--val_limit=64",
@@ -78,11 +89,23 @@ def train_cmd(work: Path, out: str, recipe: Recipe, *extra: str, torchrun: bool 
             "--workers=0", "--seed=0", "--tlr=3e-3", "--alng=1e-3", *extra]
 
 
+class Clock:
+    """The stage's time: each run's timeout is its cap, cut to what is left of the box."""
+
+    def __init__(self, box: float, run_timeout: float):
+        self.end, self.run_timeout = time.monotonic() + box, run_timeout
+
+    def timeout(self, factor: float = 1.0) -> float:
+        """`factor` x --run_timeout (inf: all that is left), at most what is left of the box less 3 s."""
+        return max(min(factor * self.run_timeout, self.end - time.monotonic() - 3), 1.0)
+
+
 def run(cmd: list[str], timeout: float, stop_at_line: int = 0, env: dict[str, str] | None = None
         ) -> tuple[int, str, float]:
     """(exit status, output, seconds) of `cmd` (with `env` added to this environment); with `stop_at_line`, SIGTERM
     at that loss line. A run past `timeout` is killed with every process it started (status -9), also while it
-    prints nothing (Triton or torch.compile compiling, a rendezvous that hangs)."""
+    prints nothing (Triton or torch.compile compiling, a rendezvous that hangs). A run that fails prints the last
+    FAILED_TAIL_LINES lines of its output."""
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=None if env is None else {**os.environ, **env})
@@ -106,6 +129,10 @@ def run(cmd: list[str], timeout: float, stop_at_line: int = 0, env: dict[str, st
         proc.wait()
         lines.append(f"{TIMED_OUT} {timeout:.0f} s (compiling, or a hang)\n")
     reader.join(timeout=10)
+    if proc.returncode not in (0, 128 + signal.SIGTERM):
+        out = next((arg.split("=", 1)[1] for arg in cmd if arg.startswith("--local_out_dir_path=")), cmd[-1])
+        print(f"--- the run into {out}: exit {proc.returncode}, its last lines:\n"
+              + "".join(lines[-FAILED_TAIL_LINES:]) + "---", flush=True)
     return proc.returncode, "".join(lines), time.monotonic() - t0
 
 
@@ -159,18 +186,19 @@ def max_difference(a: Path, b: Path) -> float:
     return max((wa[k].double() - wb[k].double()).abs().max().item() for k in wa)
 
 
-def resume_lines(work: Path, recipe: Recipe, timeout: float, loss_lines: int, lines: list[CheckLine],
+def resume_lines(work: Path, recipe: Recipe, clock: Clock, loss_lines: int, lines: list[CheckLine],
                  save: Callable[[list[CheckLine]], None]) -> None:
     """SIGTERM a third of the way in (`loss_lines`: the uninterrupted bf16 run's), relaunch with torchrun (one
     rank: NCCL on CUDA) and compare with that run; on a difference, a second uninterrupted run says whether
     training itself is deterministic here. Appends to `lines`, and `save`s them after each run."""
-    rc, log, _ = run(train_cmd(work, "resumed", recipe, *DETERMINISTIC), timeout, stop_at_line=max(loss_lines // 3, 2))
+    rc, log, _ = run(train_cmd(work, "resumed", recipe, *DETERMINISTIC), clock.timeout(),
+                     stop_at_line=max(loss_lines // 3, 2))
     stop = STOP_RE.search(log)
     stopped = rc == 128 + signal.SIGTERM and stop and (work / "resumed" / LAST).exists()
     lines.append(CheckLine("SIGTERM: exit 143 and a checkpoint", "PASS" if stopped else "FAIL", f"exit {rc}",
                            note=stop.group(0) if stop else tail(log)))
     save(lines)
-    rc, log, seconds = run(train_cmd(work, "resumed", recipe, *DETERMINISTIC, torchrun=True), timeout)
+    rc, log, seconds = run(train_cmd(work, "resumed", recipe, *DETERMINISTIC, torchrun=True), clock.timeout())
     device = re.search(r"world size 1, device (\S+);", log)
     on_cpu = device is None or not device.group(1).startswith("cuda")
     lines.append(CheckLine("relaunch with torchrun --nproc_per_node=1 (NCCL on CUDA, gloo on the CPU)",
@@ -183,7 +211,7 @@ def resume_lines(work: Path, recipe: Recipe, timeout: float, loss_lines: int, li
     diff = max_difference(work / "bf16" / LAST, work / "resumed" / LAST)
     note = ""
     if diff != 0:
-        again_rc, again_log, _ = run(train_cmd(work, "bf16_again", recipe, *DETERMINISTIC), timeout)
+        again_rc, again_log, _ = run(train_cmd(work, "bf16_again", recipe, *DETERMINISTIC), clock.timeout())
         control = max_difference(work / "bf16" / LAST, work / "bf16_again" / LAST) if again_rc == 0 else None
         note = f"control run failed: {tail(again_log)}" if control is None else \
             f"two uninterrupted runs differ by {control:.3g}" + (": not deterministic here" if control else "")
@@ -191,23 +219,30 @@ def resume_lines(work: Path, recipe: Recipe, timeout: float, loss_lines: int, li
                            f"max |difference| {diff:.3g}", "0", note))
 
 
-def check(work: Path, dry_run: bool, timeout: float, save: Callable[[list[CheckLine]], None]) -> list[CheckLine]:
+def check(work: Path, dry_run: bool, clock: Clock, save: Callable[[list[CheckLine]], None]) -> list[CheckLine]:
     """Every line of the stage; `save` gets them after each run."""
     recipe = DRY_RECIPE if dry_run else GPU_RECIPE
     write_tokenizer(work / "vae.pth")
-    lines, logs = [], {}
-    for name, out, flags in (("train.py --fp16=1 (fp16 + GradScaler)", "fp16", ["--fp16=1"]),
-                             ("train.py --fp16=2 --deterministic=1 (bf16)", "bf16", DETERMINISTIC)):
-        rc, logs[out], seconds = run(train_cmd(work, out, recipe, *flags), timeout)
-        lines.append(falling_line(name, rc, logs[out], seconds))
+    lines, logs, codes = [], {}, {}
+    # the first run compiles Triton's kernels: 1.5 x --run_timeout
+    runs = (("train.py --fp16=1 (fp16 + GradScaler)", "fp16", ["--fp16=1"], recipe, 1.5),
+            ("train.py --fp16=2 --deterministic=1 (bf16)", "bf16", DETERMINISTIC, recipe.short, 1.0))
+    for name, out, flags, sizes, factor in runs:
+        codes[out], logs[out], seconds = run(train_cmd(work, out, sizes, *flags), clock.timeout(factor))
+        lines.append(falling_line(name, codes[out], logs[out], seconds))
         print(lines[-1].text(), flush=True)
         save(lines)
-    resume_lines(work, recipe, timeout, len(losses(logs["bf16"])), lines, save)
+    if codes["bf16"] == 0 and (work / "bf16" / LAST).exists():
+        resume_lines(work, recipe.short, clock, len(losses(logs["bf16"])), lines, save)
+    else:
+        lines.append(CheckLine("SIGTERM, resume and bit-identical weights", "FAIL",
+                               note="not run: the bf16 run they are compared with did not finish"))
     save(lines)
     if dry_run:  # inductor on the CPU compiles C++ for minutes; tests/test_trainer.py covers --tfast on the CPU
         lines.append(CheckLine("train.py --fp16=2 --tfast=1 (torch.compile)", "SKIP", note="dry run: GPU run only"))
     else:  # last: the compilation is the slowest part and must not starve the resume checks of the stage's box
-        rc, log, seconds = run(train_cmd(work, "tfast", recipe, "--fp16=2", "--tfast=1"), timeout, env=COMPILE_LOGS)
+        rc, log, seconds = run(train_cmd(work, "tfast", recipe.short, "--fp16=2", "--tfast=1"), clock.timeout(math.inf),
+                               env=COMPILE_LOGS)
         lines += [falling_line("train.py --fp16=2 --tfast=1 (torch.compile)", rc, log, seconds), compile_line(log)]
     return lines
 
@@ -217,11 +252,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", required=True, help="scratch folder for the runs")
     p.add_argument("--out", required=True, help="JSON file for the check lines")
     p.add_argument("--dry-run", action="store_true", help="tiny runs on the CPU")
-    p.add_argument("--run_timeout", type=float, default=120.0, help="seconds per train.py process")
+    p.add_argument("--run_timeout", type=float, default=90.0, help="seconds per train.py process (the first: 1.5x)")
+    p.add_argument("--box", type=float, default=math.inf, help="seconds for the whole stage (gpu_check.sh's box)")
     args = p.parse_args(argv)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    lines = check(work, args.dry_run, args.run_timeout, lambda lines: write_lines(args.out, lines, complete=False))
+    lines = check(work, args.dry_run, Clock(args.box, args.run_timeout),
+                  lambda lines: write_lines(args.out, lines, complete=False))
     print("\n".join(line.text() for line in lines[2:]), flush=True)
     write_lines(args.out, lines)
     return 1 if any_failed(lines) else 0

@@ -3,6 +3,7 @@ renamed flag or a moved function fails here, not on the rare GPU machine. The re
 its numbers: the dry run compares the CPU with itself (fp32 must agree exactly; bf16 may run as fp32 on a CPU
 without bf16 instructions, models.precision)."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import torch
 
 from conftest import REPO, SUBPROCESS_ENV
 from models import mamba2_cpu
-from scripts import gpu_numerics, gpu_report, gpu_train_check, process_tree
+from scripts import gpu_numerics, gpu_report, gpu_timings, gpu_train_check, process_tree
 from scripts.gpu_results import CheckLine, read_lines, write_lines
 from scripts.markdown import read_tables
 
@@ -191,7 +192,7 @@ def test_a_process_a_stage_leaves_running_is_killed_after_the_stage(tmp_path):
 
 
 @pytest.mark.parametrize("dead", [False, True])
-def test_a_kernel_failing_with_any_error_is_a_fail_line(monkeypatch, dead):
+def test_a_kernel_failing_with_any_error_is_a_fail_line(monkeypatch, capsys, dead):
     """Triton's compile errors and mamba_ssm's shape asserts are no RuntimeError: each is a FAIL line and the other
     combinations still run; after an error that leaves the device unusable (a sticky CUDA error) the stage stops."""
     real_run = gpu_numerics.run
@@ -207,6 +208,7 @@ def test_a_kernel_failing_with_any_error_is_a_fail_line(monkeypatch, dead):
     lines, _ = gpu_numerics.check(gpu_numerics.DRY_SHAPES, torch.device("cpu"), ["fp32", "bf16"], lambda *a: None)
     failed = [line for line in lines if line.status == "FAIL"]
     assert failed and "AssertionError" in failed[0].note
+    assert "a stand-in for mamba_ssm's shape check" in capsys.readouterr().out  # the traceback, whole, to check.log
     ran = [line for line in lines if line.status == "PASS" and "fp32 logits" in line.check]
     if dead:
         assert lines[-1] is failed[-1] and "remaining combinations not run" in lines[-1].note and len(failed) == 2
@@ -246,3 +248,54 @@ def test_the_compile_line_reads_dynamos_own_logs():
     assert gpu_train_check.compile_line(mamba_break * 2).status == "FAIL"  # no mamba_ssm: the torch path broke
     outside = f"[12-05 22:00:00 WARNING models.mamba2] torch 2.11.0: {gpu_train_check.OUTSIDE_THE_GRAPH} (...)\n"
     assert gpu_train_check.compile_line(outside + mamba_break * 2).status == "INFO"
+
+
+def test_a_failing_training_run_prints_its_last_lines(capsys):
+    """The scratch folder with a run's log is deleted at the check's end: a failure's output goes to check.log."""
+    script = "for i in range(400): print('line', i)\nraise SystemExit(3)"
+    rc, log, _ = gpu_train_check.run([sys.executable, "-c", script, "--local_out_dir_path=/x/fp16"], timeout=60)
+    out = capsys.readouterr().out
+    assert rc == 3 and "the run into /x/fp16: exit 3" in out
+    assert "line 399" in out and f"line {399 - gpu_train_check.FAILED_TAIL_LINES}" not in out
+    gpu_train_check.run([sys.executable, "-c", "print('fine')"], timeout=60)
+    assert "fine" not in capsys.readouterr().out
+
+
+def test_each_training_run_gets_its_cap_within_the_stages_box(monkeypatch, tmp_path):
+    """The first run (Triton's compilation) 1.5 x --run_timeout, the tfast run all that is left, none past the box;
+    when the bf16 run fails, the resume checks say so instead of comparing with a missing checkpoint."""
+    clock = gpu_train_check.Clock(box=100, run_timeout=40)
+    assert clock.timeout() == 40 and clock.timeout(1.5) == 60 and 95 < clock.timeout(math.inf) <= 97
+    assert gpu_train_check.Clock(box=10, run_timeout=40).timeout() <= 7
+
+    timeouts = []
+
+    def failing(cmd, timeout, stop_at_line=0, env=None):
+        timeouts.append(timeout)
+        return 1, "Traceback ...", 1.0
+
+    monkeypatch.setattr(gpu_train_check, "run", failing)
+    monkeypatch.setattr(gpu_train_check, "GPU_RECIPE", gpu_train_check.DRY_RECIPE)
+    lines = gpu_train_check.check(tmp_path, False, gpu_train_check.Clock(300, 40), lambda lines: None)
+    assert timeouts[:2] == [60, 40] and timeouts[2] > 250  # fp16, bf16, then tfast
+    checks = {line.check: line for line in lines}
+    assert checks["SIGTERM, resume and bit-identical weights"].status == "FAIL"
+    assert "did not finish" in checks["SIGTERM, resume and bit-identical weights"].note
+
+
+def test_a_failing_timing_section_keeps_the_others_numbers(monkeypatch, tmp_path, capsys):
+    """The paper section's kernel error is a FAIL line with its traceback; the train section still runs."""
+    table = "| arch | dtype | images / s | GFLOP/s | % of peak |\n|---|---|---|---|---|\n" \
+            "| mvar | bf16 | 10 | 5 | 40.0 |\n"
+
+    def bench_main(argv):
+        if "paper" in argv:
+            raise RuntimeError("Triton compilation failed (a stand-in)")
+        return table
+
+    monkeypatch.setattr(gpu_timings.bench, "main", bench_main)
+    assert gpu_timings.main(["--out", str(tmp_path / "t.json"), "--dry-run"]) == 1
+    lines, _ = read_lines(tmp_path / "t.json")
+    assert [(line.check, line.status) for line in lines] == [
+        ("paper section", "FAIL"), ("M-VAR training step, batch 2, bf16: % of the measured matmul rate", "INFO")]
+    assert "a stand-in" in lines[0].note and "Traceback" in capsys.readouterr().out
