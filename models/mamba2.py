@@ -718,17 +718,17 @@ class Mamba2(nn.Module):
     def _causal_conv(self, xBC_Bld: torch.Tensor, state: Mamba2State | None, fused_cpu: bool = False
                      ) -> torch.Tensor:
         """Depthwise causal conv + SiLU over (B, l, Dc); starts from and updates `state.conv_state` if given.
-        `fused_cpu`: models.mamba2_cpu's C kernel where it takes the tensors."""
-        if state is None:
-            w_DK, bias_D = self.conv1d.weight.squeeze(1), self.conv1d.bias
-            fused = fused_cpu and mamba2_cpu.fits(xBC_Bld, w_DK, bias_D)
-            return (mamba2_cpu.CausalConvSiLU if fused else _CausalConvSiLU).apply(xBC_Bld, w_DK, bias_D)
+        `fused_cpu`: models.mamba2_cpu's C kernel where it takes the tensors. With a state, the conv runs over the
+        K-1 kept inputs and the new ones, and the first K-1 outputs are dropped: the teacher-forced pass's math
+        (fp32 weights, fp32 accumulation; F.conv1d under autocast would round the weights to bf16/fp16)."""
+        w_DK, bias_D = self.conv1d.weight.squeeze(1), self.conv1d.bias
         K1 = self.d_conv - 1
-        x_BDl = xBC_Bld.transpose(1, 2)
-        x_BDk = torch.cat([state.conv_state.to(x_BDl.dtype), x_BDl], dim=-1)
-        state.conv_state.copy_(x_BDk[..., x_BDk.shape[-1] - K1:].detach())
-        y_BDl = F.conv1d(x_BDk, self.conv1d.weight, self.conv1d.bias, groups=self.conv_dim)
-        return F.silu(y_BDl).transpose(1, 2)
+        if state is not None:
+            xBC_Bld = torch.cat([state.conv_state.transpose(1, 2).to(xBC_Bld.dtype), xBC_Bld], dim=1)
+            state.conv_state.copy_(xBC_Bld[:, xBC_Bld.shape[1] - K1:].transpose(1, 2).detach())
+        fused = fused_cpu and mamba2_cpu.fits(xBC_Bld, w_DK, bias_D)
+        y_Bld = (mamba2_cpu.CausalConvSiLU if fused else _CausalConvSiLU).apply(xBC_Bld, w_DK, bias_D)
+        return y_Bld if state is None else y_Bld[:, K1:]
 
     def _cpu_slice(self, u_BlD: torch.Tensor) -> int:
         """Sequences per slice of the PyTorch path (`CPU_SLICE_BYTES`); the whole batch off the CPU."""

@@ -514,7 +514,8 @@ class MVAR(nn.Module):
                 f_hat, next_BCvhw = quant.get_next_autoregressive_input(si, len(self.patch_nums), f_hat, h_BCvhw)
                 if si != self.num_stages_minus_1:
                     bg, ed = self.begin_ends[si + 1]
-                    next_BlC = self.word_embed(next_BCvhw.view(B, self.Cvae, -1).transpose(1, 2))
+                    with torch.autocast(next_BCvhw.device.type, enabled=False):  # in fp32, as `forward`
+                        next_BlC = self.word_embed(next_BCvhw.view(B, self.Cvae, -1).transpose(1, 2).float())
                     next_BlC = (next_BlC + lvl_pos_1LC[:, bg:ed]).repeat(2, 1, 1)  # (2B, l, C) for guidance
         finally:
             self.end_inference()

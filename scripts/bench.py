@@ -325,7 +325,7 @@ def build_paper_model(name: str, patch_nums: tuple[int, ...], dtype: torch.dtype
                                mamba_backend=args.mamba_backend, **size)
     vae.fhat_to_img = lambda f_hat: f_hat  # decode excluded (an instance attribute shadows the method)
     for layer in mvar.modules():
-        if isinstance(layer, nn.Linear):
+        if isinstance(layer, nn.Linear) and layer is not mvar.word_embed:  # kept in fp32, as inference_precision
             layer.to(dtype)
     return mvar.eval()
 

@@ -134,6 +134,21 @@ def test_state_carrying_matches_full_forward(dtype, tol):
     torch.testing.assert_close(state.ssm_state, h_ref, rtol=0, atol=tol * 10)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_carried_conv_under_autocast_is_the_teacher_forced_conv(dtype):
+    """Sampling's conv (with a state) does the teacher-forced pass's math under autocast: fp32 weights and fp32
+    accumulation of the low-precision inputs, one rounding at the end. F.conv1d under autocast rounded the weights
+    and the pre-activation to bf16/fp16, a few units in the last place off the training pass's."""
+    m = randomise_(Mamba2(**SMALL))
+    seg_lens = [1, 4, 9, 16, 25]
+    xBC_Bld = torch.randn(3, sum(seg_lens), m.conv_dim).to(dtype)  # in_proj's output under autocast
+    state = m.allocate_state(3)
+    with torch.no_grad(), torch.autocast("cpu", dtype):
+        full = m._causal_conv(xBC_Bld, None)
+        pieces = [m._causal_conv(x, state) for x in xBC_Bld.split(seg_lens, dim=1)]
+    torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=0, atol=0)
+
+
 def test_state_batch_indexing_for_cfg():
     """A state allocated for 2B (CFG) and sliced per half continues each half exactly."""
     m = randomise_(Mamba2(**SMALL)).double()

@@ -242,6 +242,19 @@ def test_cached_sampling_logits_equal_teacher_forcing(monkeypatch, arch):
     assert_logits_equal(logits_sampled, (1 + ramp_1L1[None, :, None]) * cond - ramp_1L1[None, :, None] * uncond)
 
 
+def test_sampling_embeds_tokens_in_fp32_under_autocast_as_the_teacher_forced_pass():
+    """`forward` runs word_embed with autocast off; sampling's next-scale input does the same, so that cached
+    sampling under bf16 autocast feeds the blocks what a teacher-forced pass over its tokens feeds them."""
+    _, mvar = build_tiny()
+    mvar.eval()
+    dtypes = []
+    mvar.word_embed.register_forward_hook(lambda module, args, out: dtypes.append(out.dtype))
+    with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16):
+        mvar.autoregressive_infer_cfg(2, torch.tensor([1, 3]), g_seed=0, cfg=1.5)
+        mvar(torch.tensor([1, 3]), torch.zeros(2, mvar.L - mvar.first_l, mvar.Cvae))
+    assert len(dtypes) == len(mvar.patch_nums) and set(dtypes) == {torch.float32}
+
+
 def test_cached_sampling_equals_prefix_recompute(monkeypatch):
     vae, mvar = build_tiny_stateful()
     mvar.eval()
