@@ -306,6 +306,10 @@ class MVAR(nn.Module):
         if vae.Cvae != self.Cvae or vae.vocab_size != self.V:
             raise ValueError(f"tokenizer (V={vae.vocab_size}, Cvae={vae.Cvae}) does not match the model "
                              f"(V={self.V}, Cvae={self.Cvae})")
+        if tuple(vae.quantize.v_patch_nums) != tuple(self.patch_nums):  # its next-scale inputs would not fit
+            raise ValueError(f"tokenizer's patch schedule {vae.quantize.v_patch_nums} is not the model's "
+                             f"{tuple(self.patch_nums)}: build it with v_patch_nums={tuple(self.patch_nums)} "
+                             "(load_vae(..., v_patch_nums=...))")
         self.vae_proxy = (vae,)
 
     def set_backends(self, attn_backend: str | None = None, mamba_backend: str | None = None) -> None:

@@ -255,6 +255,17 @@ def test_sampling_embeds_tokens_in_fp32_under_autocast_as_the_teacher_forced_pas
     assert len(dtypes) == len(mvar.patch_nums) and set(dtypes) == {torch.float32}
 
 
+def test_a_tokenizer_of_another_patch_schedule_is_refused_when_attached():
+    """The tokenizer sizes each next-scale input by its own schedule: another one would fail in a broadcast deep in
+    sampling (or, with as many tokens, mix scales up); attaching it says which schedule to build it with."""
+    vae, mvar = build_tiny()
+    other, _ = build_tiny(patch_nums=(1, 2, 4))
+    assert other.Cvae == mvar.Cvae and other.vocab_size == mvar.V
+    with pytest.raises(ValueError, match=r"patch schedule \(1, 2, 4\) is not the model's"):
+        mvar.attach_vae(other)
+    mvar.attach_vae(vae)
+
+
 def test_cached_sampling_equals_prefix_recompute(monkeypatch):
     vae, mvar = build_tiny_stateful()
     mvar.eval()
