@@ -144,6 +144,7 @@ class Trainer:
         self.window_micro_steps = 0  # micro-steps of the open accumulation window (0: none open); a checkpoint's
         # position is always a window's end, so windows count from the start or the resume point
         self.guard = DivergenceGuard(diverge_tol)
+        self.window_losses: list[torch.Tensor] = []  # the open window's micro-step losses: the guard judges their mean
         self.overflows_in_a_row = 0  # fp16 steps GradScaler skipped (not bad steps: `optimizer_step`)
         self.params = [p for p in self.mvar.parameters() if p.requires_grad]
         self.seg_lens = [pn * pn for pn in self.mvar.patch_nums]
@@ -226,6 +227,7 @@ class Trainer:
             scaled = loss / self.ac
             (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
         result = StepResult(loss=loss.detach(), logits_BLV=logits_BLV.detach(), gt_BL=gt_BL, stepped=stepping)
+        self.window_losses.append(result.loss)
         if stepping:
             self.optimizer_step(result)
         return result
@@ -233,14 +235,16 @@ class Trainer:
     def optimizer_step(self, result: StepResult) -> None:
         """The end of an accumulation window: unscale (fp16), clip, optimizer step unless the step is bad, zero the
         gradients; records the grad norm (and loss scale) in `result`. Bad: `self.guard` judges the grad norm and
-        the micro-step's loss averaged over the ranks (so all ranks agree)."""
+        the window's mean micro-step loss averaged over the ranks (so all ranks agree): a spike in any micro-step of
+        the window counts, as its gradients are in the update."""
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         norm = nn.utils.clip_grad_norm_(self.params, self.tclip if self.tclip > 0 else math.inf)
         if hasattr(norm, "full_tensor"):  # DTensor under FSDP2
             norm = norm.full_tensor()
         result.grad_norm = norm.item()
-        loss = dist.all_reduce_mean(result.loss.clone()).item()
+        loss = dist.all_reduce_mean(torch.stack(self.window_losses).mean()).item()
+        self.window_losses = []
         # fp16's ordinary overflow (a finite loss, gradients past fp16 at this loss scale): GradScaler skips the step
         # and lowers the scale. The weights are unchanged, so it is no bad step (a save may follow), unless
         # max_nonfinite of them come in a row
@@ -282,6 +286,7 @@ class Trainer:
         """Drop the gradients of an accumulation window that will not be completed (the end of training)."""
         self.optimizer.zero_grad(set_to_none=True)
         self.window_micro_steps = 0
+        self.window_losses = []
 
     # ---- metrics ------------------------------------------------------------------------------------------------
     def pop_metrics(self, seconds: float) -> dict[str, dict[str, float | None]]:

@@ -202,6 +202,28 @@ def test_an_fp16_overflow_is_gradscalers_skip_not_a_bad_step():
         tr.micro_step(inp, label)
 
 
+def test_with_accumulation_the_guard_judges_the_windows_mean_loss():
+    """--ac=2: the update holds both micro-steps' gradients, so the guard judges both losses (their mean), not the
+    last micro-step's alone, which let a spike in an earlier micro-step through; a far too high window is skipped."""
+    tr = tiny(ac=2, diverge_tol=10.0)
+    judged = []
+    update = tr.guard.update
+    tr.guard.update = lambda loss, finite=True: judged.append(loss) or update(loss, finite)
+    first = tr.micro_step(*batch(seed=1), stepping=False)
+    last = tr.micro_step(*batch(seed=2), stepping=True)
+    assert first.loss != last.loss and judged == [pytest.approx((first.loss + last.loss).item() / 2, rel=1e-6)]
+    tr.guard.tol = 1.5  # a window's mean loss above 1.5x the running level is bad
+    bias = tr.mvar.head.bias.detach().clone()
+    with torch.no_grad():  # a spike in the first micro-step only
+        tr.mvar.head.bias.add_(torch.randn(bias.shape, generator=torch.Generator().manual_seed(0)) * 20)
+    spike = tr.micro_step(*batch(seed=1), stepping=False).loss.item()
+    with torch.no_grad():
+        tr.mvar.head.bias.copy_(bias)
+    res = tr.micro_step(*batch(seed=2), stepping=True)
+    level = tr.guard.level
+    assert res.loss.item() < 1.5 * level < (spike + res.loss.item()) / 2 and res.skipped, (spike, res.loss, level)
+
+
 def test_no_checkpoint_after_a_bad_step_or_of_non_finite_weights():
     """`save_blocker`: the weights a bad step was judged on, or non-finite ones, are not saved (train.py waits for
     the next good step); a loss far above its running level is a bad step too, and skipped."""
