@@ -50,10 +50,22 @@ logger = logging.getLogger(__name__)
 # ----------------------------------------------------------------------------------------------------------------
 # Where the files come from
 # ----------------------------------------------------------------------------------------------------------------
-def is_hub_source(source: str | os.PathLike) -> bool:
-    """True for a model folder, or for a repo id ("org/name") that is not a local path nor a checkpoint name."""
+def model_folder(source: str | os.PathLike) -> Path | None:
+    """The local model folder `source` names: the folder itself, or the folder of the model.safetensors given (beside
+    its config.json); None for anything else."""
     path = Path(source)
     if path.is_dir():
+        return path
+    if path.name == WEIGHTS_FILE and path.is_file() and (path.parent / CONFIG_FILE).is_file():
+        return path.parent
+    return None
+
+
+def is_hub_source(source: str | os.PathLike) -> bool:
+    """True for a model folder (or its model.safetensors), or for a repo id ("org/name") that is not a local path
+    nor a checkpoint name."""
+    path = Path(source)
+    if model_folder(path) is not None:
         return True
     text = str(source)
     return not path.exists() and bool(_REPO_ID.fullmatch(text)) and not text.endswith(_CHECKPOINT_SUFFIXES)
@@ -69,7 +81,7 @@ class HubSource:
                  local_files_only: bool = False):
         self.source, self.cache_dir, self.flag = str(source), cache_dir, flag
         self.hub_kwargs = {"revision": revision, "token": token, "local_files_only": local_files_only}
-        self.folder = Path(source) if Path(source).is_dir() else None
+        self.folder = model_folder(source)
         if self.folder is None and not is_hub_source(source):
             raise FileNotFoundError(f"{flag}={source}: neither a model folder nor a Hugging Face repo id (org/name)")
         if self.folder is None and Path(source).parent.is_dir():  # a typo in a local path, not a repo's name

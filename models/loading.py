@@ -109,6 +109,10 @@ def load_checkpoint(path: PathLike, mmap: bool = True) -> dict[str, Any]:
     pages); CheckpointError naming the file if it is unreadable or its tensors do not match the digest it carries
     (`with_digest`; the digest is checked and removed, files without one load as they are). `mmap=False` for files
     written elsewhere."""
+    if str(path).endswith(".safetensors"):  # torch.load's error would call it unreadable
+        raise CheckpointError(f"checkpoint {path} is a safetensors file of the Hub format: pass the model folder "
+                              "that holds it with its config.json (sample.py --ckpt FOLDER, MVARHF.from_pretrained), "
+                              "or a .pth checkpoint")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # truncated, zero-filled, not a torch file, ...
@@ -268,13 +272,21 @@ def config_from_state_dict(
     missing = [k for k in ("pos_start", "pos_1LC", "head.weight", "word_embed.weight", "class_emb.weight")
                if k not in state_dict]
     if missing:
-        raise KeyError(f"not an M-VAR/VAR state dict: missing {missing}")
+        wrapped = [p for p in _WRAPPER_PREFIXES if state_dict and all(str(k).startswith(p) for k in state_dict)]
+        hint = f" (its keys start with {wrapped[0]!r}: saved from a DDP/compiled wrapper; unwrap it)" if wrapped else ""
+        raise KeyError(f"not an M-VAR/VAR state dict: missing {missing}{hint}")
     C = state_dict["pos_start"].shape[-1]
     depth = 1 + max(int(k.split(".")[1]) for k in state_dict if k.startswith("blocks."))
     mamba_blocks = [i for i in range(depth) if f"blocks.{i}.mamba.A_log" in state_dict]
     has_mamba = bool(mamba_blocks)
     has_attn = f"blocks.{depth - 1}.attn.mat_qkv.weight" in state_dict
     arch = "mvar" if has_attn and has_mamba else ("mamba" if has_mamba else "var")
+    asked = overrides.get("arch", arch)
+    if asked != arch and not (arch == "var" and asked == "intra"):  # only VAR's keys are ambiguous (intra's too)
+        layers = {"mvar": "attention and Mamba2", "mamba": "Mamba2 without attention",
+                  "var": "attention without Mamba2 (VAR, or the intra ablation)"}[arch]
+        raise ValueError(f"arch={asked} was asked for (--arch or --model), but the weights hold {layers}: "
+                         f"arch={arch}")
     var_blocks = mamba_blocks[0] if has_mamba else 0  # leading VAR blocks of a var_blocks mix
     L = state_dict["pos_1LC"].shape[1]
     stored = state_dict.get("blocks.0.attn.patch_nums")  # official M-VAR files: the pn*pn of every scale

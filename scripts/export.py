@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> Path:
         try:
             config = MVARConfig.from_dict(ckpt["config"]) if ours else config_from_state_dict(ckpt, patch_nums,
                                                                                               **overrides)
-        except (KeyError, TypeError) as e:  # not a model's state dict, or a config with impossible values
+        except (KeyError, TypeError, ValueError) as e:  # not a model's state dict, impossible values, another arch
             raise ValueError(f"--ckpt={ckpt_path}: {e.args[0]}") from e
         embedded = "vae" in ckpt and "vae_config" in ckpt
         if args.vae_ckpt is None and embedded:

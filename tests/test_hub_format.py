@@ -12,9 +12,9 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import sample
-from models.hub_format import MVARHF, VQVAEHF, is_hub_source
+from models.hub_format import MVARHF, VQVAEHF, HubSource, is_hub_source
 from conftest import damage_tensor_data
-from models.loading import CheckpointError, load_mvar, mvar_checkpoint
+from models.loading import CheckpointError, load_checkpoint, load_mvar, mvar_checkpoint
 from scripts import export
 import test_hub
 from test_hub import put_in_hf_cache
@@ -61,6 +61,23 @@ def test_save_load_round_trip_is_exact_and_unpickled(tmp_path, arch, no_pickle):
     loaded = MVARHF.from_pretrained(tmp_path / "m")
     assert isinstance(loaded, MVARHF) and isinstance(loaded.vae, VQVAEHF) and not loaded.training
     assert_same_model(mvar.eval(), loaded)
+
+
+def test_a_folders_model_safetensors_names_its_folder(tmp_path):
+    """`--ckpt m/model.safetensors` loads the folder m (its config.json and tokenizer beside it); a .safetensors file
+    outside a model folder is an error saying what to pass, not "unreadable"."""
+    mvar, _ = hub_model()
+    mvar.save_pretrained(tmp_path / "m")
+    weights = tmp_path / "m" / "model.safetensors"
+    assert is_hub_source(weights) and HubSource(weights).folder == tmp_path / "m"
+    assert_same_model(mvar.eval(), MVARHF.from_pretrained(weights))
+    out = sample.main(["--ckpt", str(weights), "--device", "cpu", "--classes", "1", "--num_per_class", "1",
+                       "--out", str(tmp_path / "one.png")])
+    assert Image.open(out).size == (8, 8)
+    loose = tmp_path / "loose.safetensors"
+    loose.write_bytes(weights.read_bytes())
+    with pytest.raises(CheckpointError, match="safetensors file of the Hub format: pass the model folder"):
+        load_checkpoint(loose)
 
 
 def test_strict_loading_names_the_bad_keys(tmp_path):

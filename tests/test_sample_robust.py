@@ -195,6 +195,10 @@ def test_tokenizer_file_as_ckpt_is_a_clear_error(ckpt, tmp_path):  # noqa: F811
     torch.save({"w": torch.ones(1)}, junk)
     with pytest.raises(SystemExit, match="junk.pth: not an M-VAR/VAR state dict"):
         run(junk, "--out", tmp_path / "x.png")
+    wrapped = tmp_path / "ddp.pth"  # a raw state dict saved from a DDP model: the prefix is named
+    torch.save({f"module.{k}": v for k, v in torch.load(ckpt, weights_only=True)["model"].items()}, wrapped)
+    with pytest.raises(SystemExit, match="ddp.pth: not an M-VAR/VAR state dict.*start with 'module.'.*unwrap it"):
+        run(wrapped, "--out", tmp_path / "x.png")
 
 
 def test_raw_state_dict_of_a_custom_schedule_loads_with_pn(ckpt, tmp_path):  # noqa: F811
@@ -232,6 +236,10 @@ def test_a_raw_intra_scale_file_samples_as_intra_with_arch_intra(tiny_mvar, tmp_
     assert "has attention and no Mamba" not in caplog.text
     assert opened().config.arch == "var"
     assert "raw_intra.pth has attention and no Mamba: read as VAR (--arch=intra for the intra-scale" in caplog.text
+    # an architecture the keys rule out is named as such (it failed at the strict load, listing missing keys)
+    with pytest.raises(SystemExit, match=r"arch=mvar was asked for \(--arch or --model\), but the weights hold "
+                                         r"attention without Mamba2 .*: arch=var"):
+        opened("--arch", "mvar")
 
 
 def test_foreign_tokenizer_of_the_same_shape_is_refused_unless_allowed(ckpt, tmp_path):  # noqa: F811
