@@ -355,9 +355,9 @@ def train(args: argparse.Namespace) -> Path:
     device = dist.initialize()
     rank, world = dist.get_rank(), dist.get_world_size()
     config = check_flags(args, world)
-    setup_logging(rank, Path(args.out_dir))
+    setup_logging(rank)  # log.txt once the folder's run lock is ours (as train.py)
     folder = RunFolder(args.out_dir, "tokenizer")
-    folder.open()
+    folder.open(on_locked=lambda: setup_logging(rank, Path(args.out_dir)))
     resume_path, ckpt = folder.load_resume()
     if ckpt is not None:
         check_resume(ckpt, config, resume_path, args)

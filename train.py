@@ -353,9 +353,10 @@ def main(args: argparse.Namespace) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     args = finalize_args(args, world)
     check_writable(Path(args.local_out_dir_path), "--local_out_dir_path")
-    setup_logging(rank, Path(args.local_out_dir_path))
+    setup_logging(rank)  # log.txt once the folder's run lock is ours: a refused run writes nothing into a live one's
     folder = RunFolder(args.local_out_dir_path, "ar-ckpt")
-    folder.open(rank0_state=args.fsdp)  # FSDP2 gathers the states on rank 0
+    folder.open(rank0_state=args.fsdp,  # FSDP2 gathers the states on rank 0
+                on_locked=lambda: setup_logging(rank, Path(args.local_out_dir_path)))
     set_tf32(device, args.tf32)
     if args.deterministic:
         use_deterministic_kernels(device)  # before the kernel check: torch_varlen refuses --deterministic

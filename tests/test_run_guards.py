@@ -151,7 +151,8 @@ def test_heartbeat_keeps_the_lock_fresh(tmp_path, monkeypatch):
 
 
 def test_second_training_run_in_a_live_folder_is_refused(setup, tmp_path):  # noqa: F811
-    """An orphan of a killed launcher still holds the folder: a relaunch must not write the same checkpoints."""
+    """An orphan of a killed launcher still holds the folder: a relaunch must not write the same checkpoints, nor
+    its lines into that run's log.txt."""
     out = tmp_path / "out"
     out.mkdir()
     proc = sleeper()
@@ -163,7 +164,7 @@ def test_second_training_run_in_a_live_folder_is_refused(setup, tmp_path):  # no
         proc.wait()
     assert run.returncode != 0
     assert f"in use by a live run: host {socket.gethostname()}, pid {proc.pid}" in run.stderr, run.stderr[-2000:]
-    assert not list(out.glob("*.pth"))
+    assert not list(out.glob("*.pth")) and not (out / "log.txt").exists()  # the live run's log is its own
 
 
 # ---- disk full ---------------------------------------------------------------------------------------------------

@@ -195,8 +195,9 @@ class RunFolder:
     """A run's output folder and its checkpoint files `<prefix>-last.pth`, `-prev.pth` and `-best.pth`.
 
     `open` (collective) creates it, takes its run lock (utils.run.lock), decides which ranks write and removes
-    stale temporary files; `rank0_state`:
-    the saved state is complete on rank 0 only (FSDP2 gathers there), so only rank 0 writes.
+    stale temporary files; `rank0_state`: the saved state is complete on rank 0 only (FSDP2 gathers there), so only
+    rank 0 writes; `on_locked` runs once the lock is this run's (e.g. opening log.txt, which a run refused for a
+    live one's folder must not write into).
     """
 
     def __init__(self, out_dir: str | os.PathLike, prefix: str):
@@ -206,7 +207,7 @@ class RunFolder:
         self.last_damaged = False  # resumed from -prev past a damaged -last: the next save must not rotate it in
         self.lock: RunLock | None = None
 
-    def open(self, rank0_state: bool = False) -> None:
+    def open(self, rank0_state: bool = False, on_locked: Callable[[], None] | None = None) -> None:
         if dist.is_main_process():
             self.dir.mkdir(parents=True, exist_ok=True)
         dist.barrier()
@@ -220,6 +221,8 @@ class RunFolder:
                 f"relaunch there would find none: put the output folder on a disk every node shares")
         self.lock = lock_output_folder(self.dir, holder=node_writer)  # one live run per folder, until exit
         self.writer = node_writer and (dist.is_main_process() or not rank0_state)
+        if on_locked is not None:
+            on_locked()
         if self.writer:
             self.remove_stale_temp_files()
         dist.barrier()

@@ -19,7 +19,8 @@ def _not_same_on_all_ranks(record: logging.LogRecord) -> bool:
 
 
 def setup_logging(rank: int, out_dir: Path | None = None, level: int = logging.INFO) -> None:
-    """Configure the root logger for this process (called once by train.py, never at import)."""
+    """Configure the root logger for this process (by the trainers, never at import): to stdout, and on rank 0 also
+    to `out_dir`/log.txt when given (they call it again with the folder once its run lock is theirs)."""
     handlers = [logging.StreamHandler(sys.stdout)]
     if rank == 0 and out_dir is not None:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
