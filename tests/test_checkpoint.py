@@ -34,6 +34,21 @@ def test_atomic_save_keeps_previous_and_bad_files_are_named(tmp_path):
     assert folder.find_resume() == prev
 
 
+def test_a_relaunch_that_diverges_again_keeps_the_first_set_aside_checkpoint(tmp_path):
+    """`set_aside("diverged")` twice (a relaunch from -prev diverged too, before a good step): the second gets a
+    number instead of replacing the first, so both checkpoints the divergences started from stay for inspection."""
+    folder = RunFolder(tmp_path, "ar-ckpt")
+    folder.writer = True
+    save_atomic({"v": 1}, folder.last, keep_previous=folder.prev)
+    save_atomic({"v": 2}, folder.last, keep_previous=folder.prev)
+    assert folder.set_aside("diverged") == tmp_path / "ar-ckpt-diverged.pth"
+    assert folder.find_resume() == folder.prev  # the relaunch resumes from the one before
+    assert folder.set_aside("diverged") == tmp_path / "ar-ckpt-diverged-2.pth"
+    assert load_checkpoint(tmp_path / "ar-ckpt-diverged.pth")["v"] == 2
+    assert load_checkpoint(tmp_path / "ar-ckpt-diverged-2.pth")["v"] == 1
+    assert folder.find_resume() is None and folder.set_aside("diverged") is None
+
+
 def test_a_save_killed_between_its_two_renames_leaves_prev_to_resume_from(tmp_path, monkeypatch):
     folder = RunFolder(tmp_path, "tokenizer")
     folder.writer = True

@@ -19,6 +19,7 @@ train.py saves is its `Checkpointer`.
 """
 import contextlib
 import errno
+import itertools
 import logging
 import os
 import re
@@ -287,13 +288,16 @@ class RunFolder:
     def set_aside(self, kind: str) -> Path | None:
         """Collective: writers rename the newest checkpoint (`find_resume`) to `<prefix>-<kind>.pth`, so that a
         relaunch resumes from the one before it -> its new name (None: the folder had none). After a resume past a
-        damaged `-last`, that is `-prev`."""
+        damaged `-last`, that is `-prev`. A name taken by an earlier one (a relaunch that diverged again) gets a
+        number, `<prefix>-<kind>-2.pth` and on: each is kept."""
         path = self.prev if self.last_damaged else self.find_resume()
-        aside = None if path is None else self.dir / f"{self.prefix}-{kind}.pth"
-        if self.writer and aside is not None:
+        aside = None
+        if self.writer and path is not None:
+            names = (self.dir / f"{self.prefix}-{kind}{'' if n == 1 else f'-{n}'}.pth" for n in itertools.count(1))
+            aside = next(name for name in names if not name.exists())
             os.replace(path, aside)
         dist.barrier()
-        return aside
+        return dist.broadcast_object(aside)  # rank 0's (a writer), for every rank's message
 
     def resume_point(self) -> str:
         """Where a relaunch would resume, in words (the file is read and its digest checked)."""
