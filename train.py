@@ -172,10 +172,11 @@ class Checkpointer:
         """Note a finished micro-step: a good optimizer step tests the newest checkpoint's weights."""
         self.tested |= res.stepped and not res.skipped
 
-    def save(self, epoch: int, it: int, best_val: float, best: bool = False) -> float:
+    def save(self, epoch: int, it: int, best_val: float, best: bool = False, unlogged_s: float = 0.0) -> float:
         """Collective save at position (epoch, it: the next iteration to run) -> the seconds it took; exits after
         it when a signal asked to stop and training is not over. Postponed (stays pending) when
-        `Trainer.save_blocker` objects; a `best` one is then written as -best alone (save_best)."""
+        `Trainer.save_blocker` objects; a `best` one is then written as -best alone (save_best). `unlogged_s`: the
+        training time since the last log line (`pop_metrics`), which the checkpoint's training time includes."""
         t0 = time.time()
         blocker = self.trainer.save_blocker()
         if blocker is not None:
@@ -186,7 +187,9 @@ class Checkpointer:
             if best:
                 self.save_best(epoch, it, best_val)
             return time.time() - t0
-        self.folder.save(self.state(epoch, it, best_val), best=best)
+        state = self.state(epoch, it, best_val)
+        state["trainer"]["train_seconds"] += unlogged_s
+        self.folder.save(state, best=best)
         self.last_save, self.pending, self.blocked, self.tested = time.time(), False, False, False
         if self.preemption.requested() and (epoch, it) < (self.args.ep, 0):
             self.preemption.exit(f"{position_text({'epoch': epoch, 'iter': it})}: checkpoint {self.folder.last} saved")
@@ -448,7 +451,7 @@ def main(args: argparse.Namespace) -> None:
             # mid-epoch save (every N iterations or minutes; the epoch end saves anyway), at a window's end
             if saver.due(g_it, log_step) and res.stepped and it + 1 < iters:
                 tb.flush()  # a signal's save exits: what was logged up to the checkpoint is kept
-                t_log += saver.save(ep, it + 1, best_val)
+                t_log += saver.save(ep, it + 1, best_val, unlogged_s=time.time() - t_log)
         best_val = end_epoch(ep, iters, args, trainer, val_loader, tb, saver, mvar, best_val)
     tb.close()
     saver.close()

@@ -383,6 +383,17 @@ def test_partial_accumulation_window_still_saves(setup):
     assert (out / BEST).is_file()
 
 
+def test_a_mid_epoch_checkpoint_counts_the_training_time_since_the_last_log_line(setup):
+    """The checkpoint's training time (the evaluation curve's train_s after a resume) is the logged intervals' sum
+    plus the time since the last log line: a save between log lines lost up to --log_every iterations of it."""
+    out = setup / "unlogged_time"
+    run_train(setup, out, "--ep=1", "--save_every=2", "--log_every=100")  # 5 iterations: saves at 2 and 4, no log
+    mid = torch.load(out / PREV, weights_only=True)  # iteration 4's, kept as -prev by the epoch's end
+    end = torch.load(out / LAST, weights_only=True)
+    assert (mid["epoch"], mid["iter"]) == (0, 4)
+    assert 0 < mid["trainer"]["train_seconds"] < end["trainer"]["train_seconds"]
+
+
 def test_best_checkpoint_is_written_where_the_last_one_must_wait(setup):
     """An epoch ending inside an accumulation window (--ac=2, 5 iterations an epoch) cannot write -last, but its
     validated weights are the best so far: they are saved as -best alone (they were lost, while the best val loss
