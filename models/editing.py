@@ -71,15 +71,30 @@ def known_tokens(vae: nn.Module, img_B3HW: torch.Tensor, mask_B1HW: torch.Tensor
                  patch_nums: Sequence[int]) -> KnownTokens:
     """Tokenize the image ([0, 1]) at every scale and mark the tokens outside the mask as known. The tokens are made
     as training makes them (Trainer.tokenize): in fp32 with autocast off, also when sampling runs in fp16/bf16 (a
-    half-precision encoder and nearest-code search would pick other codes, or overflow)."""
+    half-precision encoder and nearest-code search would pick other codes, or overflow). A batch of one image
+    repeated (several edits of it: sample.py --edit, the web app) is encoded once."""
+    one = all_the_same(img_B3HW)
     with torch.autocast(img_B3HW.device.type, enabled=False):
-        idx_Bl = vae.img_to_idxBl(img_B3HW.float().mul(2).sub(1), v_patch_nums=patch_nums)
+        idx_Bl = vae.img_to_idxBl((img_B3HW[:1] if one else img_B3HW).float().mul(2).sub(1), v_patch_nums=patch_nums)
+    if one:
+        idx_Bl = [idx.expand(img_B3HW.shape[0], -1) for idx in idx_Bl]
     return KnownTokens(idx_Bl, token_masks(mask_B1HW, patch_nums))
+
+
+def all_the_same(x_B: torch.Tensor) -> bool:
+    """Whether a batch of more than one holds the same item throughout."""
+    return x_B.shape[0] > 1 and bool((x_B == x_B[:1]).all())
 
 
 @torch.no_grad()
 def paste_unmasked(vae: nn.Module, known: KnownTokens, edited_B3HW: torch.Tensor,
                    mask_B1HW: torch.Tensor) -> torch.Tensor:
-    """The edited image inside the mask, the tokenizer's reconstruction (in [0, 1]) outside it."""
-    recon_B3HW = vae.idxBl_to_img(known.idx_Bl, same_shape=True, last_one=True).add(1).mul(0.5)
+    """The edited image inside the mask, the tokenizer's reconstruction (in [0, 1]) outside it (decoded once for a
+    repeated image)."""
+    B = edited_B3HW.shape[0]
+    one = all(all_the_same(idx) for idx in known.idx_Bl)
+    recon_B3HW = vae.idxBl_to_img([idx[:1] for idx in known.idx_Bl] if one else known.idx_Bl, same_shape=True,
+                                  last_one=True).add(1).mul(0.5)
+    if one:
+        recon_B3HW = recon_B3HW.expand(B, -1, -1, -1)
     return torch.where(mask_B1HW, edited_B3HW, recon_B3HW.to(edited_B3HW.dtype))

@@ -6,6 +6,7 @@ import pytest
 import torch
 from PIL import ExifTags, Image
 
+from models import editing
 from models.editing import token_masks
 from test_mvar import ARCHS, assert_logits_equal, build_tiny, build_tiny_stateful, record_sampling
 from utils.sample_io import box_mask, load_edit_inputs
@@ -101,6 +102,25 @@ def test_outpainting_keeps_the_center_and_its_tokens():
     assert torch.equal(out[..., 2:6, 2:6], recon[..., 2:6, 2:6]) and not torch.equal(out, recon)
     center = tokens[-1].view(2, 4, 4)[:, 1:3, 1:3]  # the 4x4 scale's cells of 2x2 px inside the center
     assert torch.equal(center, vae.img_to_idxBl(img * 2 - 1)[-1].view(2, 4, 4)[:, 1:3, 1:3])
+
+
+def test_edits_of_one_image_encode_and_reconstruct_it_once(monkeypatch):
+    """Several edits of one image (sample.py --edit, the app: the image repeated over the batch) encode it once and
+    decode its reconstruction once, not once per edit; the edits are those of the image batch encoded whole."""
+    vae, mvar = build_tiny("mvar")
+    img = images(1).expand(4, -1, -1, -1)
+    mask = box_mask(IMG, IMG, (0, 4, 8, 8))
+    encoded, decoded = [], []
+    encode, decode = vae.img_to_idxBl, vae.idxBl_to_img
+    monkeypatch.setattr(vae, "img_to_idxBl", lambda x, **kw: encoded.append(len(x)) or encode(x, **kw))
+    monkeypatch.setattr(vae, "idxBl_to_img", lambda idx, **kw: decoded.append(len(idx[0])) or decode(idx, **kw))
+    once = mvar.autoregressive_edit_cfg(img, mask, 3, g_seed=1, top_k=8)
+    assert encoded == [1] and decoded == [1]
+    monkeypatch.setattr(editing, "all_the_same", lambda x: False)  # every copy encoded and decoded
+    whole = mvar.autoregressive_edit_cfg(img, mask, 3, g_seed=1, top_k=8)
+    assert encoded[1:] == [4] and decoded[1:] == [4]
+    torch.testing.assert_close(once, whole, rtol=0, atol=1e-5)
+    assert not torch.equal(once[0], once[1])  # four edits, not one repeated
 
 
 @pytest.mark.parametrize("arch", ["mvar", "var1+mvar"])
