@@ -61,10 +61,10 @@ def recorded_class_names(ckpt_path: Path, mvar: MVAR) -> list[str] | None:
     """The class names a training run recorded in its checkpoint (train.py's data.classes), else ImageNet's for a
     1,000-class model, else None (the page shows ids)."""
     if ckpt_path.is_file():
-        try:  # memory-mapped: only the class names are read
-            ckpt = load_checkpoint(ckpt_path, mmap=True)
+        try:  # memory-mapped and unverified (sample.py's load just checked it): only the class names are read
+            ckpt = load_checkpoint(ckpt_path, mmap=True, verify=False)
         except CheckpointError:  # torch's legacy (non-zip) format cannot be memory-mapped
-            ckpt = load_checkpoint(ckpt_path, mmap=False)
+            ckpt = load_checkpoint(ckpt_path, mmap=False, verify=False)
         names = (ckpt.get("data") or {}).get("classes")
         if names:
             return [str(n) for n in names]

@@ -265,6 +265,19 @@ def test_class_names_are_read_from_a_legacy_format_checkpoint(tiny_mvar, tmp_pat
     assert recorded_class_names(path, mvar) == NAMES
 
 
+def test_class_names_are_read_without_hashing_the_weights_again(tiny_mvar, tmp_path, monkeypatch):
+    """sample.py's load checked the file's digest, which reads every tensor (34 GB for a d30 training checkpoint):
+    the app's second read, for the class names alone, does not hash them again."""
+    from models import loading
+    from scripts.app import recorded_class_names
+
+    vae, mvar = tiny_mvar()
+    path = tmp_path / "ckpt.pth"
+    torch.save(loading.with_digest({**mvar_checkpoint(mvar, vae), "data": {"classes": NAMES}}), path)
+    monkeypatch.setattr(loading, "check_digest", lambda *a: pytest.fail("the weights were hashed again"))
+    assert recorded_class_names(path, mvar) == NAMES
+
+
 def test_sigterm_stops_the_server_and_deletes_its_workspace(tiny_mvar, tmp_path):
     """`kill`, `docker stop` and schedulers send SIGTERM, which skipped the clean-up: generated images, uploads and
     masks stayed in /tmp. A workspace nobody closes goes when it is collected."""
