@@ -62,11 +62,40 @@ def spread(values: list[float]) -> float:
 SIGNIFICANCE = 0.05  # two-sided Welch test over seeds
 
 
-def who_leads(a: list[float], b: list[float], la: str, lb: str) -> tuple[bool | None, str]:
+def welch_p(a: list[float], b: list[float]) -> float | None:
+    """The two-sided Welch test's p for two rows' scores over seeds; None where it cannot run (a non-finite score,
+    one seed on a side, seeds that agree exactly on both sides, equal means)."""
+    if not all(math.isfinite(v) for v in (*a, *b)) or min(len(a), len(b)) < 2 or np.var(a) == np.var(b) == 0 or \
+            statistics.mean(a) == statistics.mean(b):
+        return None
+    with warnings.catch_warnings():  # scipy warns of precision loss when one side's seeds nearly agree
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+
+
+def holm(p_values: list[float | None]) -> list[float | None]:
+    """Holm's step-down adjustment of the p values of one family of tests (the Nones, tests that did not run, stay
+    None and do not count): the family's chance of any false "better" stays below the level."""
+    ran = sorted((p, i) for i, p in enumerate(p_values) if p is not None)
+    adjusted: list[float | None] = [None] * len(p_values)
+    running = 0.0
+    for k, (p, i) in enumerate(ran):
+        running = max(running, min(1.0, (len(ran) - k) * p))
+        adjusted[i] = running
+    return adjusted
+
+
+def fmt_p(p: float) -> str:
+    return "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
+
+
+def who_leads(a: list[float], b: list[float], la: str, lb: str, family: tuple[float, int] | None = None
+              ) -> tuple[bool | None, str]:
     """Which of two rows' FD_clf over seeds (lower is better) is lower, and whether by more than the seeds'
     noise: (True: `a` significantly better, False: `b` significantly better, None: neither) and the words, with
     the difference and the two-sided Welch test over the seeds. With 2 seeds a side the test has 1-2 degrees of
-    freedom: only a difference many times the spread is significant."""
+    freedom: only a difference many times the spread is significant. `family`: (Holm-adjusted p, number of tests)
+    where this test is one of several on the same runs; the adjusted p then decides."""
     if not all(math.isfinite(v) for v in (*a, *b)):
         return None, f"untested (a score is not finite: {la} {a}, {lb} {b})"
     diff = statistics.mean(a) - statistics.mean(b)
@@ -80,8 +109,10 @@ def who_leads(a: list[float], b: list[float], la: str, lb: str) -> tuple[bool | 
     with warnings.catch_warnings():  # scipy warns of precision loss when one side's seeds nearly agree
         warnings.simplefilter("ignore", RuntimeWarning)
         t, p = stats.ttest_ind(a, b, equal_var=False)
-    test = f"difference {diff:+.2f}, Welch t = {t:.1f}, p {'< 0.01' if p < 0.005 else f'= {p:.2f}'}, " \
-           f"{len(a)} vs {len(b)} seeds"
+    test = f"difference {diff:+.2f}, Welch t = {t:.1f}, {fmt_p(p)}, {len(a)} vs {len(b)} seeds"
+    if family is not None:
+        p = family[0]
+        test += f"; Holm over the pair's {family[1]} tests: {fmt_p(p)}"
     if p < SIGNIFICANCE:
         return diff < 0, f"**{lead} better** ({test})"
     return None, f"{lead} ahead, not significant ({test})"
@@ -103,28 +134,40 @@ def fmt_x(axis: str, x: float) -> str:
             "minutes": f"{x:.1f} min of training"}[axis]
 
 
-def verdict(rows: dict[str, dict], a: str, b: str, curves: dict, axis: str, x: float) -> str:
-    """One sentence: both rows' FD_clf and consistency at `x` on `axis`, and who leads (who_leads)."""
+def verdict(rows: dict[str, dict], a: str, b: str, curves: dict, axis: str, x: float,
+            family: tuple[float, int] | None = None) -> str:
+    """One sentence: both rows' FD_clf and consistency at `x` on `axis`, and who leads (who_leads; `family`: its
+    Holm-adjusted p among the pair's tests)."""
     fa, fb = at(curves[a], axis, x, "fd_clf"), at(curves[b], axis, x, "fd_clf")
     ca, cb = at(curves[a], axis, x, "consistency"), at(curves[b], axis, x, "consistency")
     la, lb = rows[a]["label"], rows[b]["label"]
-    _, who = who_leads(fa, fb, la, lb)
-    return (f"at equal {AXES[axis].split(' (')[0]} ({fmt_x(axis, x)}): {la} FD_clf {statistics.mean(fa):.2f} ± "
-            f"{spread(fa):.2f} vs {lb} {statistics.mean(fb):.2f} ± {spread(fb):.2f}: {who}; class consistency "
-            f"{statistics.mean(ca):.2f} vs {statistics.mean(cb):.2f}")
+    _, who = who_leads(fa, fb, la, lb, family)
+    return (f"at equal {AXES[axis].split(' (')[0]} ({fmt_x(axis, x)}): {la} FD_clf {mean_spread(fa)} vs {lb} "
+            f"{mean_spread(fb)}: {who}; class consistency {statistics.mean(ca):.2f} vs {statistics.mean(cb):.2f}")
+
+
+def mean_spread(values: list[float]) -> str:
+    """'mean ± half the min-max range', or the single value of one seed."""
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {spread(values):.2f}"
 
 
 def verdicts(rows: dict[str, dict], curves: dict) -> str:
-    """The comparisons the paper makes, read off the curves at equal images, FLOPs and time."""
+    """The comparisons the paper makes, read off the curves at equal images, FLOPs and time. The tests of one pair
+    (all its points, on the same runs) are one family: "better" needs its Holm-adjusted p below the level."""
     lines = []
     for a, b, title in PAIRS:
         if a not in curves or b not in curves:
             continue
+        points = [(axis, x) for axis in AXES for x in comparison_points(curves[a], curves[b], axis)]
+        raw = [welch_p(at(curves[a], axis, x, "fd_clf"), at(curves[b], axis, x, "fd_clf")) for axis, x in points]
+        n_tests = sum(p is not None for p in raw)
+        family = {pt: (adj, n_tests) for pt, adj in zip(points, holm(raw), strict=True) if adj is not None}
         lines.append(f"- **{title}**")
         for axis in AXES:
-            points = comparison_points(curves[a], curves[b], axis)
-            lines += [f"  - {verdict(rows, a, b, curves, axis, x)}." for x in points] or \
-                [f"  - at equal {AXES[axis]}: the curves do not overlap."]
+            lines += [f"  - {verdict(rows, a, b, curves, axis, x, family.get((axis, x)))}." for ax, x in points
+                      if ax == axis] or [f"  - at equal {AXES[axis]}: the curves do not overlap."]
     return "\n".join(lines) or "No curves yet."
 
 
