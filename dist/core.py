@@ -3,12 +3,13 @@
 Without torchrun (no WORLD_SIZE in the environment) everything runs as a single process and the collectives
 below are no-ops, so the same training code runs on a laptop CPU and on many GPU nodes.
 """
+import contextlib
 import datetime
 import gc
 import logging
 import os
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import torch
@@ -138,6 +139,23 @@ def all_gather_object(obj: Any) -> list[Any]:
     out: list[Any] = [None] * get_world_size()
     tdist.all_gather_object(out, obj)
     return out
+
+
+@contextlib.contextmanager
+def raised_on_every_rank(*types: type[Exception]) -> Iterator[None]:
+    """Collective: run the block on every rank; where it raises one of `types` on some ranks, every rank raises
+    (a failing rank its own exception, the others the first failing rank's message as `types[0]`), so no rank is
+    left waiting at a later collective for one that left (a damaged checkpoint or a full disk on one node)."""
+    error: Exception | None = None
+    try:
+        yield
+    except types as e:
+        error = e
+    failed = [f for f in all_gather_object(None if error is None else f"rank {get_rank()}: {error}") if f is not None]
+    if error is not None:
+        raise error
+    if failed:
+        raise types[0](failed[0])
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:

@@ -121,9 +121,11 @@ def load_full_state(model: nn.Module, model_sd: dict[str, torch.Tensor], optimiz
     saved = [k for g in optim_sd["param_groups"] for k in g["params"]]
     if all(isinstance(k, int) for k in saved):  # index-keyed: positions in this optimizer's parameter order
         optim_sd = _rekey(optim_sd, dict(zip(saved, names, strict=True)))
-    missing = set(names) - {k for g in optim_sd["param_groups"] for k in g["params"]}
-    if missing:
-        raise KeyError(f"the optimizer state has no entry for {sorted(missing)[:3]}")
+    listed = {k for g in optim_sd["param_groups"] for k in g["params"]}
+    missing, extra = set(names) - listed, listed - set(names)
+    if missing or extra:
+        raise KeyError(f"the optimizer state has no entry for {sorted(missing)[:3]}" if missing else
+                       f"the optimizer state has entries for parameters the model lacks: {sorted(extra)[:3]}")
     if is_fsdp(model) and optim_sd["state"]:
         set_optimizer_state_dict(unwrap_model(model), optimizer, optim_sd, options=opts)
         return

@@ -21,6 +21,16 @@ WORKER = textwrap.dedent("""
         assert dist.all_gather_object({"r": rank}) == [{"r": 0}, {"r": 1}]
         assert dist.broadcast_object("x" if rank == 0 else None) == "x"
         assert dist.broadcast(torch.tensor([1.0 + rank])).item() == 1.0
+        try:  # one rank's error (a damaged checkpoint on its node) is raised on every rank, no rank left waiting
+            with dist.raised_on_every_rank(OSError):
+                if rank == 1:
+                    raise OSError("disk full")
+        except OSError as e:
+            assert str(e) == ("disk full" if rank == 1 else "rank 1: disk full"), str(e)
+        else:
+            raise AssertionError("no rank raised")
+        with dist.raised_on_every_rank(OSError):
+            pass
 
         torch.manual_seed(rank)  # different weights per rank: DDP must broadcast rank 0's
         model = dist.wrap_model(nn.Linear(3, 1, bias=False), device)
@@ -77,6 +87,10 @@ def test_single_process_fallbacks(monkeypatch):
     t = torch.tensor([2.0])
     assert dist.all_reduce_mean(t) is t and t.item() == 2.0
     assert dist.all_gather_object(3) == [3] and dist.broadcast_object(4) == 4
+    with pytest.raises(OSError, match="^disk full$"), dist.raised_on_every_rank(OSError):
+        raise OSError("disk full")
+    with pytest.raises(KeyError), dist.raised_on_every_rank(OSError):  # other errors pass through
+        raise KeyError("x")
     model = nn.Linear(2, 2)
     assert dist.wrap_model(model, device) is model
 
@@ -119,3 +133,23 @@ def test_run_then_finalize_frees_mains_locals_before_leaving_the_group_even_on_e
         dist.run_then_finalize(main, "boom")
     assert alive_at_finalize == [False]
     assert dist.run_then_finalize(lambda a, b: a + b, 1, 2) == 3 and len(alive_at_finalize) == 2
+
+
+def test_an_optimizer_state_of_other_parameters_is_refused_naming_them():
+    """Resuming an optimizer state whose parameter names differ from the model's, either way, names them (an extra
+    entry was a bare KeyError deep in the position lookup, or ignored under FSDP2)."""
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.ones(1, 2)).sum().backward()
+    opt.step()
+    saved = dist.full_optimizer_state_dict(model, opt)
+    renamed = {"state": {k.replace("1.", "9."): v for k, v in saved["state"].items()},
+               "param_groups": [{**g, "params": [k.replace("1.", "9.") for k in g["params"]]}
+                                for g in saved["param_groups"]]}
+    with pytest.raises(KeyError, match=r"no entry for \['1.bias', '1.weight'\]"):
+        dist.load_full_state(model, model.state_dict(), opt, renamed)
+    extra = {**saved, "param_groups": [{**saved["param_groups"][0],
+                                        "params": [*saved["param_groups"][0]["params"], "2.weight"]}]}
+    with pytest.raises(KeyError, match=r"entries for parameters the model lacks: \['2.weight'\]"):
+        dist.load_full_state(model, model.state_dict(), opt, extra)
+    dist.load_full_state(model, model.state_dict(), opt, saved)

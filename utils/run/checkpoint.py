@@ -248,21 +248,23 @@ class RunFolder:
 
     def load_resume(self, fallback: str | os.PathLike | None = None) -> tuple[Path | None, dict[str, Any] | None]:
         """(path, checkpoint) to resume from: the folder's own (`find_resume`), else `fallback`, else (None, None).
-        Collective: raises CheckpointError when the ranks would resume from different positions."""
+        Collective: raises CheckpointError when the ranks would resume from different positions, or on every rank
+        when some cannot read theirs (node-local folders)."""
         path = self.find_resume()
         if path is not None and fallback:
             logger.warning("--resume=%s ignored: %s has its own checkpoint %s", fallback, self.dir, path.name,
                            extra=SAME_ON_ALL_RANKS)
         elif fallback:
             path = Path(fallback)
-        try:
-            ckpt = load_checkpoint(path) if path is not None else None
-        except CheckpointError as e:
-            if path != self.last or not self.prev.is_file():
-                raise
-            logger.warning("%s; resuming from the previous checkpoint %s instead (the next save replaces %s)", e,
-                           self.prev, self.last.name, extra=SAME_ON_ALL_RANKS)
-            path, ckpt, self.last_damaged = self.prev, load_checkpoint(self.prev), True
+        with dist.raised_on_every_rank(CheckpointError):
+            try:
+                ckpt = load_checkpoint(path) if path is not None else None
+            except CheckpointError as e:
+                if path != self.last or not self.prev.is_file():
+                    raise
+                logger.warning("%s; resuming from the previous checkpoint %s instead (the next save replaces %s)", e,
+                               self.prev, self.last.name, extra=SAME_ON_ALL_RANKS)
+                path, ckpt, self.last_damaged = self.prev, load_checkpoint(self.prev), True
         positions = dist.all_gather_object(None if ckpt is None else tuple(ckpt.get(k) for k in POSITION_KEYS))
         if len(set(positions)) > 1:  # e.g. nodes with their own output folders, some without a checkpoint
             raise CheckpointError(f"the ranks would resume from different positions {positions} (None: from scratch;"
@@ -272,18 +274,19 @@ class RunFolder:
     def save(self, ckpt: dict[str, Any] | None, best: bool = False, last: bool = True) -> None:
         """Collective: writers save `ckpt` with its digest atomically as `-last` (keeping the old one as `-prev`,
         unless it was damaged), and as `-best` when `best`; with `last` False as `-best` only (a run never resumes
-        from it, -last stays as it is); then all ranks wait for them."""
-        if self.writer:
-            t0 = time.time()
-            ckpt = with_digest(ckpt)
-            if last:
-                save_atomic(ckpt, self.last, keep_previous=None if self.last_damaged else self.prev)
-                self.last_damaged = False
-            if best:
-                save_atomic(ckpt, self.best)
-            logger.info("saved checkpoint %s (%s) in %.1fs", self.last if last else self.best, position_text(ckpt),
-                        time.time() - t0)
-        dist.barrier()
+        from it, -last stays as it is); then all ranks wait for them (a writer's CheckpointError, a full disk, is
+        raised on every rank)."""
+        with dist.raised_on_every_rank(CheckpointError):
+            if self.writer:
+                t0 = time.time()
+                ckpt = with_digest(ckpt)
+                if last:
+                    save_atomic(ckpt, self.last, keep_previous=None if self.last_damaged else self.prev)
+                    self.last_damaged = False
+                if best:
+                    save_atomic(ckpt, self.best)
+                logger.info("saved checkpoint %s (%s) in %.1fs", self.last if last else self.best,
+                            position_text(ckpt), time.time() - t0)
 
     def set_aside(self, kind: str) -> Path | None:
         """Collective: writers rename the newest checkpoint (`find_resume`) to `<prefix>-<kind>.pth`, so that a
@@ -292,11 +295,11 @@ class RunFolder:
         number, `<prefix>-<kind>-2.pth` and on: each is kept."""
         path = self.prev if self.last_damaged else self.find_resume()
         aside = None
-        if self.writer and path is not None:
-            names = (self.dir / f"{self.prefix}-{kind}{'' if n == 1 else f'-{n}'}.pth" for n in itertools.count(1))
-            aside = next(name for name in names if not name.exists())
-            os.replace(path, aside)
-        dist.barrier()
+        with dist.raised_on_every_rank(OSError):
+            if self.writer and path is not None:
+                names = (self.dir / f"{self.prefix}-{kind}{'' if n == 1 else f'-{n}'}.pth" for n in itertools.count(1))
+                aside = next(name for name in names if not name.exists())
+                os.replace(path, aside)
         return dist.broadcast_object(aside)  # rank 0's (a writer), for every rank's message
 
     def resume_point(self) -> str:

@@ -143,17 +143,14 @@ class RunLock:
 def lock_output_folder(folder: str | os.PathLike, holder: bool) -> RunLock | None:
     """Collective: the `holder` ranks (those that write checkpoints into `folder`) take its lock; if any cannot,
     every rank raises its RunLockError, so no rank is left waiting."""
-    lock, error = None, None
-    if holder:
-        try:
-            lock = RunLock(folder).acquire()
-        except RunLockError as e:
-            error = str(e)
-    errors = [e for e in dist.all_gather_object(error) if e is not None]
-    if errors:
+    lock = None
+    try:
+        with dist.raised_on_every_rank(RunLockError):
+            lock = RunLock(folder).acquire() if holder else None
+    except RunLockError:
         if lock is not None:
             lock.release()
-        raise RunLockError(errors[0])
+        raise
     return lock
 
 
