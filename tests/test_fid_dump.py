@@ -155,6 +155,9 @@ def test_folder_name_encodes_settings():
     # a review: a repo id or folder lost its last dotted part (user/m-var-v0.1 -> m-var-v0)
     assert fid_folder_name("user/m-var-v0.1", 1.5, 900, 0.96, 0).startswith("m-var-v0.1-cfg1.5")
     assert fid_folder_name("/x/model.safetensors", 1.5, 900, 0.96, 0).startswith("model-cfg1.5")
+    # two runs' checkpoints share train.py's file names: the run's folder tells their dumps apart
+    assert fid_folder_name("runs/d16/ar-ckpt-best.pth", 1.5, 900, 0.96, 0).startswith("d16-ar-ckpt-best-cfg1.5")
+    assert fid_folder_name("ar-ckpt-last.pth", 1.5, 900, 0.96, 0).startswith("ar-ckpt-last-cfg1.5")
 
 
 def test_chunk_seeds_are_distinct():

@@ -39,13 +39,15 @@ def bump(key):
 
 
 def test_fid_dump_refuses_images_of_other_weights(ckpt, tmp_path):  # noqa: F811
-    """Run A and run B both save ar-ckpt-last.pth: the same --fid_dir folder name, other weights. Before the
-    weights were hashed, B's dump wrote 0 new PNGs and packed A's images."""
-    a = variant(ckpt, tmp_path / "A" / "ar-ckpt-last.pth", lambda ck: None)
-    b = variant(ckpt, tmp_path / "B" / "ar-ckpt-last.pth", bump("model:head.weight"))
-    c = variant(ckpt, tmp_path / "C" / "ar-ckpt-last.pth", bump("vae:decoder.conv_out.weight"))
+    """Runs A and B in folders of one name (two experiments' runs/d16) both save ar-ckpt-last.pth: the same --fid_dir
+    folder name, other weights. Before the weights were hashed, B's dump wrote 0 new PNGs and packed A's images.
+    Runs in folders of other names dump into folders of their own."""
+    a = variant(ckpt, tmp_path / "A" / "d16" / "ar-ckpt-last.pth", lambda ck: None)
+    b = variant(ckpt, tmp_path / "B" / "d16" / "ar-ckpt-last.pth", bump("model:head.weight"))
+    c = variant(ckpt, tmp_path / "C" / "d16" / "ar-ckpt-last.pth", bump("vae:decoder.conv_out.weight"))
     out = tmp_path / "fid"
     npz = run(a, *FID, "--fid_dir", out)
+    assert npz.name.startswith("d16-ar-ckpt-last-")
     with pytest.raises(SystemExit, match="^error: .*other weights: the M-VAR weights differ") as e:
         run(b, *FID, "--fid_dir", out)
     assert "tokenizer" not in str(e.value).split("differ")[0]
@@ -57,6 +59,8 @@ def test_fid_dump_refuses_images_of_other_weights(ckpt, tmp_path):  # noqa: F811
     settings.write_text(json.dumps(old))  # a dump of a version that did not hash the weights
     with pytest.raises(SystemExit, match="^error: .*recorded no weight hashes"):
         run(a, *FID, "--fid_dir", out)
+    other_run = variant(ckpt, tmp_path / "d20" / "ar-ckpt-last.pth", bump("model:head.weight"))
+    assert run(other_run, *FID, "--fid_dir", out).name.startswith("d20-ar-ckpt-last-")
 
 
 def test_nan_cfg_is_a_flag_error(capsys):

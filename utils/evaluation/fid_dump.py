@@ -130,14 +130,19 @@ def save_png(img_HW3: np.ndarray, path: Path) -> None:
 
 
 WEIGHT_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin", ".safetensors")
+TRAINING_CHECKPOINT_PREFIX = "ar-ckpt-"  # train.py's checkpoint files (utils.run.checkpoint.RunFolder "ar-ckpt")
 
 
 def fid_folder_name(ckpt: str, cfg: float, top_k: int, top_p: float, seed: int, more_smooth: bool = False,
                     num_per_class: int = 50) -> str:
     """Folder name that encodes what the images depend on, e.g. `d16-cfg1.5-topk900-topp0.96-seed0-n50`: the
-    checkpoint's file name without a weights suffix, or a Hub folder's or repo id's last part whole (m-var-v0.1)."""
-    name = Path(str(ckpt)).name
-    stem = (name.rsplit(".", 1)[0] if name.lower().endswith(WEIGHT_SUFFIXES) else name) or "model"
+    checkpoint's file name without a weights suffix, or a Hub folder's or repo id's last part whole (m-var-v0.1).
+    A training run's checkpoint (train.py's `ar-ckpt-*.pth`, the same name in every run) is named after its run's
+    folder too (`d16-ar-ckpt-best-...`), so that two runs' dumps do not share a folder."""
+    path = Path(str(ckpt))
+    stem = (path.name.rsplit(".", 1)[0] if path.name.lower().endswith(WEIGHT_SUFFIXES) else path.name) or "model"
+    if stem.startswith(TRAINING_CHECKPOINT_PREFIX) and path.parent.name not in ("", ".", ".."):
+        stem = f"{path.parent.name}-{stem}"
     name = f"{stem}-cfg{cfg:g}-topk{top_k}-topp{top_p:g}-seed{seed}-n{num_per_class}"
     return name + ("-smooth" if more_smooth else "")
 
