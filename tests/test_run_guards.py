@@ -117,6 +117,31 @@ def test_reused_pid_and_silent_remote_owner_are_stale(tmp_path):
     RunLock(tmp_path).acquire().release()
 
 
+def test_a_lock_taken_over_by_another_launcher_meanwhile_is_not_removed(tmp_path, monkeypatch):
+    """Two launchers judge one stale lock: the first takes it over (a fresh lock of its own) while the second is
+    between its check and its removal. The second used to delete the first's fresh lock and start a second live
+    run in the folder; now it finds the lock is no longer the stale one, leaves it, and is refused."""
+    proc = sleeper()
+    try:
+        write_lock(tmp_path, socket.gethostname(), 2 ** 22 + 1)  # a dead process's lock on this host
+        fresh = {"host": socket.gethostname(), "pid": proc.pid, "start": run_lock._process_start(proc.pid),
+                 "since": "now"}
+        real_pid_alive, swapped = run_lock.pid_alive, []
+
+        def first_launcher_wins(pid, start=None):  # its takeover lands right after our check found the owner dead
+            if not swapped:
+                swapped.append((tmp_path / LOCK_NAME).write_text(json.dumps(fresh)))
+            return real_pid_alive(pid, start)
+
+        monkeypatch.setattr(run_lock, "pid_alive", first_launcher_wins)
+        with pytest.raises(RunLockError, match=f"in use by a live run: host {socket.gethostname()}, pid {proc.pid}"):
+            RunLock(tmp_path).acquire()
+        assert read_owner(tmp_path / LOCK_NAME) == fresh and [p.name for p in tmp_path.iterdir()] == [LOCK_NAME]
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_a_recent_remote_lock_is_watched_until_stale_or_alive(tmp_path, monkeypatch, caplog):
     """Another host's lock with a recent heartbeat: a relaunch waits. Its heartbeat advancing means a live run
     (refused at once); none until STALE_S means a node killed moments ago (taken over; a scheduler's requeue onto

@@ -96,13 +96,32 @@ class RunLock:
             if age is None:
                 return  # released or replaced meanwhile: retry
         if here and not pid_alive(int(owner.get("pid", -1)), owner.get("start")) or not here and age > STALE_S:
-            logger.warning("taking over the stale run lock %s of %s pid %s (%s)", self.path, owner.get("host"),
-                           owner.get("pid"), "exited" if here else f"no heartbeat for {age:.0f}s")
-            self.path.unlink(missing_ok=True)
+            if self._remove_if_still(owner):
+                logger.warning("took over the stale run lock %s of %s pid %s (%s)", self.path, owner.get("host"),
+                               owner.get("pid"), "exited" if here else f"no heartbeat for {age:.0f}s")
             return
         raise RunLockError(f"{self.path.parent} is in use by a live run: host {owner.get('host')}, pid "
                            f"{owner.get('pid')}, since {owner.get('since')}. Stop that run (orphan torchrun workers "
                            f"included) or choose another output folder; if it is dead, delete {self.path}")
+
+    def _remove_if_still(self, owner: dict[str, Any]) -> bool:
+        """Remove the lock file if it still names the stale `owner` -> whether it did. Moved aside atomically and
+        read there: of two launchers that both judged it stale, the second would otherwise delete the first's fresh
+        lock and start a second live run; a lock that is not the stale one any more is put back."""
+        aside = self.path.with_name(f"{self.path.name}.stale.{self.owner['host']}.{os.getpid()}")
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:
+            return False  # removed meanwhile: retry
+        if read_owner(aside) == owner:
+            aside.unlink(missing_ok=True)
+            return True
+        try:  # another run's fresh lock: back where it was (link: fails if a third has made one meanwhile)
+            os.link(aside, self.path)
+        except FileExistsError:
+            pass
+        aside.unlink(missing_ok=True)
+        return False
 
     def _watch_remote_owner(self, owner: dict[str, Any], age: float) -> float | None:
         """Wait until the lock of `owner` (another host; heartbeat `age` s ago) is older than STALE_S, or its
