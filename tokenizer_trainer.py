@@ -88,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--steps", type=int, default=1000, help="training iterations")
     g.add_argument("--bs", type=int, default=64, help="global batch size")
     g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (tokenizer and discriminator)")
-    g.add_argument("--wd", type=float, default=0.0, help="AdamW weight decay")
+    g.add_argument("--wd", type=float, default=0.0, help="AdamW weight decay (weight matrices and kernels; not the "
+                   "norms, biases or codebook)")
     g.add_argument("--wp", type=float, default=0.02, help="warm-up, as a fraction of --steps, in [0, 1) (train.py's "
                    "--wp counts epochs)")
     g.add_argument("--sche", default="cos", help="lr schedule after warm-up (utils.run.schedule)")
@@ -195,6 +196,20 @@ def freeze_unused_phis(vae: VQVAE) -> None:
         logger.info("%d of the phi convs serve none of the %d scales: frozen", len(unused), SN)
 
 
+CODEBOOK = "quantize.embedding.weight"
+
+
+def weight_decay_groups(vae: nn.Module, wd: float) -> list[dict[str, Any]]:
+    """AdamW's groups for --wd: decay on the weight matrices and kernels, none on 1-D parameters (norms, biases) nor
+    on the codebook, as VAR's generator is decayed; one group without decay when --wd is 0 (the default)."""
+    params = [(n, p) for n, p in vae.named_parameters() if p.requires_grad]
+    if wd == 0:
+        return [{"params": [p for _, p in params], "weight_decay": 0.0}]
+    decay = [p for n, p in params if p.ndim > 1 and n != CODEBOOK]
+    no_decay = [p for n, p in params if p.ndim <= 1 or n == CODEBOOK]
+    return [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
+
+
 class TokenizerTrainer:
     """Optimisers, loss terms and one training step; `vae_ddp` is the (possibly DDP-wrapped) VQVAE."""
 
@@ -205,7 +220,7 @@ class TokenizerTrainer:
             self.vae.quantize.hit_reducer = dist.all_reduce_sum
         freeze_unused_phis(self.vae)
         self.vae_ddp = dist.wrap_model(self.vae, device)
-        self.opt = torch.optim.AdamW(self.vae.parameters(), lr=args.lr, betas=(0.5, 0.9), weight_decay=args.wd)
+        self.opt = torch.optim.AdamW(weight_decay_groups(self.vae, args.wd), lr=args.lr, betas=(0.5, 0.9))
         self.percep = None
         if args.w_percep > 0:
             self.percep, why_not = build_perceptual_loss(device)

@@ -47,6 +47,23 @@ def test_reconstruction_loss_goes_down():
     assert len(last["usage"]) == 3 and all(0 <= u <= 100 for u in last["usage"])
 
 
+def test_weight_decay_spares_norms_biases_and_the_codebook():
+    """--wd decays the weight matrices and kernels only, as VAR's generator: norms and biases decayed toward 0 and a
+    codebook shrunk toward the origin are not what a weight decay is for. --wd 0 keeps one group (older runs'
+    optimizer states resume)."""
+    args = tiny_args("--wd=0.05")
+    trainer = TokenizerTrainer(build_vae(args), args, torch.device("cpu"))
+    names = {id(p): n for n, p in trainer.vae.named_parameters() if p.requires_grad}  # unused phis are frozen
+    decayed = {names[id(p)] for g in trainer.opt.param_groups if g["weight_decay"] == 0.05 for p in g["params"]}
+    kept = {names[id(p)] for g in trainer.opt.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert decayed | kept == set(names.values()) and not decayed & kept
+    assert "quantize.embedding.weight" in kept and "encoder.conv_in.weight" in decayed
+    assert all(trainer.vae.get_parameter(n).ndim > 1 for n in decayed)
+    assert any(n.endswith("norm.weight") or ".norm" in n for n in kept) and any(n.endswith(".bias") for n in kept)
+    plain = TokenizerTrainer(build_vae(tiny_args()), tiny_args(), torch.device("cpu"))
+    assert len(plain.opt.param_groups) == 1 and plain.opt.param_groups[0]["weight_decay"] == 0
+
+
 def test_dead_codes_take_residual_vectors():
     args = tiny_args("--steps=10")
     trainer = TokenizerTrainer(build_vae(args), args, torch.device("cpu"))
