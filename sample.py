@@ -332,7 +332,7 @@ def load_hub_checked(args: argparse.Namespace, device: torch.device) -> tuple[MV
     vae_id = "embedded" if vae is None else Path(args.vae_ckpt).name
     check_finite_weights(mvar, f"M-VAR {args.ckpt}")
     check_finite_weights(mvar.vae, f"tokenizer ({'of ' + args.ckpt if vae is None else vae_id})")
-    return mvar, Path(args.ckpt), vae_id
+    return mvar, source.folder or Path(args.ckpt), vae_id  # a folder's model.safetensors stands for its folder
 
 
 def open_model(args: argparse.Namespace, device: torch.device) -> tuple[MVAR, Path, str]:

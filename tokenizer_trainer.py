@@ -202,7 +202,7 @@ CODEBOOK = "quantize.embedding.weight"
 def weight_decay_groups(vae: nn.Module, wd: float) -> list[dict[str, Any]]:
     """AdamW's groups for --wd: decay on the weight matrices and kernels, none on 1-D parameters (norms, biases) nor
     on the codebook, as VAR's generator is decayed; one group without decay when --wd is 0 (the default)."""
-    params = [(n, p) for n, p in vae.named_parameters() if p.requires_grad]
+    params = list(vae.named_parameters())  # frozen ones too (unused phis): AdamW skips them, older states resume
     if wd == 0:
         return [{"params": [p for _, p in params], "weight_decay": 0.0}]
     decay = [p for n, p in params if p.ndim > 1 and n != CODEBOOK]

@@ -62,15 +62,22 @@ def spread(values: list[float]) -> float:
 SIGNIFICANCE = 0.05  # two-sided Welch test over seeds
 
 
-def welch_p(a: list[float], b: list[float]) -> float | None:
-    """The two-sided Welch test's p for two rows' scores over seeds; None where it cannot run (a non-finite score,
-    one seed on a side, seeds that agree exactly on both sides, equal means)."""
-    if not all(math.isfinite(v) for v in (*a, *b)) or min(len(a), len(b)) < 2 or np.var(a) == np.var(b) == 0 or \
-            statistics.mean(a) == statistics.mean(b):
+def welch(a: list[float], b: list[float]) -> tuple[float, float] | None:
+    """(t, p) of the two-sided Welch test of two rows' scores over seeds; None where it cannot run (a non-finite
+    score, equal means, one seed on a side, seeds that agree exactly on both sides)."""
+    if not all(math.isfinite(v) for v in (*a, *b)) or statistics.mean(a) == statistics.mean(b) or \
+            min(len(a), len(b)) < 2 or np.var(a) == np.var(b) == 0:
         return None
     with warnings.catch_warnings():  # scipy warns of precision loss when one side's seeds nearly agree
         warnings.simplefilter("ignore", RuntimeWarning)
-        return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+        t, p = stats.ttest_ind(a, b, equal_var=False)
+    return float(t), float(p)
+
+
+def welch_p(a: list[float], b: list[float]) -> float | None:
+    """`welch`'s p, None where the test cannot run."""
+    test = welch(a, b)
+    return None if test is None else test[1]
 
 
 def holm(p_values: list[float | None]) -> list[float | None]:
@@ -106,9 +113,7 @@ def who_leads(a: list[float], b: list[float], la: str, lb: str, family: tuple[fl
         return None, f"{lead} ahead, untested (difference {diff:+.2f}; one seed on a side)"
     if np.var(a) == np.var(b) == 0:
         return None, f"{lead} ahead, untested (difference {diff:+.2f}; the seeds agree exactly on both sides)"
-    with warnings.catch_warnings():  # scipy warns of precision loss when one side's seeds nearly agree
-        warnings.simplefilter("ignore", RuntimeWarning)
-        t, p = stats.ttest_ind(a, b, equal_var=False)
+    t, p = welch(a, b)
     test = f"difference {diff:+.2f}, Welch t = {t:.1f}, {fmt_p(p)}, {len(a)} vs {len(b)} seeds"
     if family is not None:
         p = family[0]

@@ -21,7 +21,8 @@ from PIL import Image  # noqa: E402
 
 from models.flops import COUNT_VERSION  # noqa: E402
 from models.precision import cpu_info  # noqa: E402
-from scripts.study_curves import collect_curves, learned, mean_spread, plot_curves, verdicts, who_leads  # noqa: E402
+from scripts.study_curves import collect_curves, learned, mean_spread, plot_curves, verdicts, welch_p, \
+    who_leads  # noqa: E402
 from utils.run.log import read_scalars  # noqa: E402
 
 logging.getLogger("tensorboard").setLevel(logging.WARNING)  # one INFO line per event file otherwise
@@ -146,9 +147,9 @@ def reading(rows: dict[str, dict]) -> str:
             continue
         better, words = who_leads(fd[a], fd[b], rows[a]["label"], rows[b]["label"])
         diff = statistics.mean(fd[a]) - statistics.mean(fd[b])
-        tested = "not significant" in words  # else one seed a side, seeds that agree exactly, or non-finite
-        why = "not significant" if tested else "untested"
+        why = "untested" if welch_p(fd[a], fd[b]) is None else "not significant"
         verdict = "reproduced" if better else "**not reproduced**" if better is False else \
+            "untested (a score is not finite)" if not math.isfinite(diff) else \
             f"same direction, {why}" if diff < 0 else "not reproduced (level)" if diff == 0 else \
             f"not reproduced (opposite direction, {why})"
         if rows[a]["images"] != rows[b]["images"]:  # the paper's claims are at equal training

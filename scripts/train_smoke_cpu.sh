@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One-node CPU smoke run: 2 gloo ranks, tiny model, the embedded MNIST, a random tiny tokenizer (under a minute on a
-# 2-core CPU, no GPU, no download). Checks the whole pipeline (data, DDP, schedules, validation, samples, checkpoints, resume).
+# 2-core CPU, no GPU, no download). Checks the whole pipeline (data, DDP, schedules, validation, samples, checkpoints,
+# resume).
 # Usage: bash scripts/train_smoke_cpu.sh [more train.py flags]; run it twice to see the auto-resume.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -74,6 +74,11 @@ def test_a_folders_model_safetensors_names_its_folder(tmp_path):
     out = sample.main(["--ckpt", str(weights), "--device", "cpu", "--classes", "1", "--num_per_class", "1",
                        "--out", str(tmp_path / "one.png")])
     assert Image.open(out).size == (8, 8)
+    args = sample.parse_args(["--ckpt", str(weights), "--device", "cpu"])
+    _, source, _ = sample.open_model(args, torch.device("cpu"))
+    assert source == tmp_path / "m"  # what the app reads class names from and FID dumps are named after
+    from scripts.app import recorded_class_names
+    assert recorded_class_names(source, mvar) is None  # a folder: no training record (was: a crash on the file)
     loose = tmp_path / "loose.safetensors"
     loose.write_bytes(weights.read_bytes())
     with pytest.raises(CheckpointError, match="safetensors file of the Hub format: pass the model folder"):

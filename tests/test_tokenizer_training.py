@@ -53,7 +53,7 @@ def test_weight_decay_spares_norms_biases_and_the_codebook():
     optimizer states resume)."""
     args = tiny_args("--wd=0.05")
     trainer = TokenizerTrainer(build_vae(args), args, torch.device("cpu"))
-    names = {id(p): n for n, p in trainer.vae.named_parameters() if p.requires_grad}  # unused phis are frozen
+    names = {id(p): n for n, p in trainer.vae.named_parameters()}
     decayed = {names[id(p)] for g in trainer.opt.param_groups if g["weight_decay"] == 0.05 for p in g["params"]}
     kept = {names[id(p)] for g in trainer.opt.param_groups if g["weight_decay"] == 0 for p in g["params"]}
     assert decayed | kept == set(names.values()) and not decayed & kept

@@ -12,7 +12,8 @@ prefix is `ar-ckpt`. The rules:
   replaces the damaged file instead of rotating `-prev` out. All ranks must resume from the same position. Files
   are read by models.loading.load_checkpoint.
 - setting aside: a run that stops because training diverged renames the checkpoint the divergence started from
-  to `<prefix>-diverged.pth` (`set_aside`), so that a relaunch resumes from the one before it.
+  to `<prefix>-diverged.pth` (`-diverged-2.pth` and on for later ones; `set_aside`), so that a relaunch resumes from
+  the one before it.
 - one live run per folder (utils.run.lock); temporary files of killed saves are removed when the run starts.
 What a checkpoint holds is the trainer's to say (`Trainer.checkpoint` / `Trainer.resume` in trainer.py); when
 train.py saves is its `Checkpointer`.
@@ -276,7 +277,7 @@ class RunFolder:
         unless it was damaged), and as `-best` when `best`; with `last` False as `-best` only (a run never resumes
         from it, -last stays as it is); then all ranks wait for them (a writer's CheckpointError, a full disk, is
         raised on every rank)."""
-        with dist.raised_on_every_rank(CheckpointError):
+        with dist.raised_on_every_rank(CheckpointError, OSError):  # a full or read-only disk, a stale NFS handle
             if self.writer:
                 t0 = time.time()
                 ckpt = with_digest(ckpt)

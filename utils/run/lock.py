@@ -84,7 +84,7 @@ class RunLock:
             return  # released meanwhile: retry
         if owner is None:  # being written (retry), or left empty by a crash long ago
             if age > HEARTBEAT_S:
-                self.path.unlink(missing_ok=True)
+                self._remove_if_still(None)
             time.sleep(0.1)
             return
         here = owner.get("host") == self.owner["host"]
@@ -104,8 +104,9 @@ class RunLock:
                            f"{owner.get('pid')}, since {owner.get('since')}. Stop that run (orphan torchrun workers "
                            f"included) or choose another output folder; if it is dead, delete {self.path}")
 
-    def _remove_if_still(self, owner: dict[str, Any]) -> bool:
-        """Remove the lock file if it still names the stale `owner` -> whether it did. Moved aside atomically and
+    def _remove_if_still(self, owner: dict[str, Any] | None) -> bool:
+        """Remove the lock file if it still names the stale `owner` (None: an empty or unreadable file left by a
+        crash) -> whether it did. Moved aside atomically and
         read there: of two launchers that both judged it stale, the second would otherwise delete the first's fresh
         lock and start a second live run; a lock that is not the stale one any more is put back."""
         aside = self.path.with_name(f"{self.path.name}.stale.{self.owner['host']}.{os.getpid()}")
@@ -120,6 +121,9 @@ class RunLock:
             os.link(aside, self.path)
         except FileExistsError:
             pass
+        except OSError:  # a file system without hard links
+            if not self.path.exists():
+                os.replace(aside, self.path)
         aside.unlink(missing_ok=True)
         return False
 
@@ -149,6 +153,8 @@ class RunLock:
         while not self._stop.wait(HEARTBEAT_S):
             try:
                 os.utime(self.path)
+            except FileNotFoundError:  # moved aside for a moment by a launcher checking whether it is stale
+                continue
             except OSError:
                 return
 
