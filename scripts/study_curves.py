@@ -117,7 +117,7 @@ def who_leads(a: list[float], b: list[float], la: str, lb: str, family: tuple[fl
     test = f"difference {diff:+.2f}, Welch t = {t:.1f}, {fmt_p(p)}, {len(a)} vs {len(b)} seeds"
     if family is not None:
         p = family[0]
-        test += f"; Holm over the pair's {family[1]} tests: {fmt_p(p)}"
+        test += f"; Holm over {family[1]} tests: {fmt_p(p)}"
     if p < SIGNIFICANCE:
         return diff < 0, f"**{lead} better** ({test})"
     return None, f"{lead} ahead, not significant ({test})"

@@ -21,7 +21,7 @@ from PIL import Image  # noqa: E402
 
 from models.flops import COUNT_VERSION  # noqa: E402
 from models.precision import cpu_info  # noqa: E402
-from scripts.study_curves import collect_curves, learned, mean_spread, plot_curves, verdicts, welch_p, \
+from scripts.study_curves import collect_curves, holm, learned, mean_spread, plot_curves, verdicts, welch_p, \
     who_leads  # noqa: E402
 from utils.run.log import read_scalars  # noqa: E402
 
@@ -134,18 +134,21 @@ CLAIMS = (  # (a, b, the paper's claim that a has the lower FD_clf); Table 6's o
 
 def reading(rows: dict[str, dict]) -> str:
     """Sentences computed from the table: the ranking by FD_clf and each ordering the paper states (CLAIMS):
-    reproduced only where the Welch test over seeds says so (study_curves.who_leads), else the same direction
-    without significance (or untested: one seed on a side), or not reproduced."""
+    reproduced only where the Welch test over seeds says so (study_curves.who_leads) after Holm's correction over
+    the claims tested on this table (they share its runs), else the same direction without significance (or
+    untested: one seed on a side), or not reproduced."""
     fd = {k: [s["fd_clf"] for s in r["scores"]] for k, r in rows.items() if r["scores"]}
     if not fd:
         return "No model finished yet."
     ranked = sorted(fd, key=lambda k: statistics.mean(fd[k]))
     out = ["Ranking by mean FD_clf (lower is better): " + ", ".join(
         f"{rows[k]['label']} {statistics.mean(fd[k]):.2f}" for k in ranked) + "."]
-    for a, b, claim in CLAIMS:
-        if a not in fd or b not in fd:
-            continue
-        better, words = who_leads(fd[a], fd[b], rows[a]["label"], rows[b]["label"])
+    claims = [(a, b, claim) for a, b, claim in CLAIMS if a in fd and b in fd]
+    raw = [welch_p(fd[a], fd[b]) if rows[a]["images"] == rows[b]["images"] else None for a, b, _ in claims]
+    tests = sum(p is not None for p in raw)
+    for (a, b, claim), adjusted in zip(claims, holm(raw), strict=True):
+        family = None if adjusted is None or tests < 2 else (adjusted, tests)
+        better, words = who_leads(fd[a], fd[b], rows[a]["label"], rows[b]["label"], family)
         diff = statistics.mean(fd[a]) - statistics.mean(fd[b])
         why = "untested" if welch_p(fd[a], fd[b]) is None else "not significant"
         verdict = "reproduced" if better else "**not reproduced**" if better is False else \
