@@ -174,10 +174,16 @@ def random_train_step(arch: str, depth: int, dtype_name: str, device: torch.devi
                     attn_backend=args.attn_backend, mamba_backend=args.mamba_backend)
     mvar.init_weights()
     trainer = Trainer(vae=None, model=mvar, device=device, lr=1e-4, fp16=TRAIN_FP16[dtype_name], fused_adam=fused_adam)
-    gt_BL = torch.randint(0, mvar.V, (args.bs, mvar.L), device=device)
-    x_BLCv = torch.randn(args.bs, mvar.L - mvar.first_l, mvar.Cvae, device=device)
-    label_B = torch.randint(0, mvar.num_classes, (args.bs,), device=device)
-    return mvar, trainer, functools.partial(trainer.micro_step_tokens, gt_BL, x_BLCv, label_B)
+    return mvar, trainer, random_tokens_step(trainer, args.bs, device)
+
+
+def random_tokens_step(trainer: Trainer, batch: int, device: torch.device) -> functools.partial:
+    """`trainer`'s training step on random tokens of `batch` images (gt_BL, x_BLCv, label_B)."""
+    mvar = trainer.mvar
+    gt_BL = torch.randint(0, mvar.V, (batch, mvar.L), device=device)
+    x_BLCv = torch.randn(batch, mvar.L - mvar.first_l, mvar.Cvae, device=device)
+    label_B = torch.randint(0, mvar.num_classes, (batch,), device=device)
+    return functools.partial(trainer.micro_step_tokens, gt_BL, x_BLCv, label_B)
 
 
 def one_pass(step: Callable[[], object]) -> Callable[[], object]:
@@ -399,41 +405,55 @@ def paper_tables(results: dict[tuple[str, int, str], tuple[float, float]], args:
 
 def bench_ckpt(device: torch.device, args: argparse.Namespace) -> str:
     """Activation checkpointing (train.py --grad_ckpt): step time and peak memory with and without it, for each
-    --archs at --depth and 2x --depth (alternated in one process). Peak memory is linear in depth: the slope is
-    what one block keeps, the intercept the rest (embeddings, head, logits); both give the batch that fits M-VAR-d30
-    (256 px) on a GPU."""
+    --archs at --depth and 2x --depth (timed alternated in one process, at --bs). Peak memory is measured after a
+    warm-up step at --bs and 2x --bs: what grows with the batch is per image (what grows with neither is the
+    weights' gradients and the optimizer's, which the 16 bytes per parameter of `d30_fit` count), and per image it is
+    linear in depth: the slope is what one block keeps per image, the intercept the rest (embeddings, head,
+    logits); both give the batch that fits M-VAR-d30 (256 px) on a GPU."""
     B, depths, rows, fits, steps, mems = args.bs, (args.depth, 2 * args.depth), [], {}, {}, {}
     for arch in args.archs:
         for depth in depths:
-            mvar, _, step = random_train_step(arch, depth, args.dtype, device, args)
+            mvar, trainer, step = random_train_step(arch, depth, args.dtype, device, args)
             for ckpt in (False, True):
-                def run(mvar=mvar, step=step, ckpt=ckpt):
-                    mvar.grad_ckpt = ckpt
-                    step()
-                steps[arch, depth, ckpt], mems[arch, depth, ckpt] = run, bm.peak_mib(run, device)
+                for batch, batch_step in ((B, step), (2 * B, random_tokens_step(trainer, 2 * B, device))):
+                    def run(mvar=mvar, step=batch_step, ckpt=ckpt):
+                        mvar.grad_ckpt = ckpt
+                        step()
+                    run()  # AdamW's lazy state and first-call allocations are not the step's
+                    mems[arch, depth, ckpt, batch] = bm.peak_mib(run, device)
+                    if batch == B:
+                        steps[arch, depth, ckpt] = run
     ms = bm.time_alternating(steps, device, args.warmup, args.repeats)
     L, width = mvar.L, args.width or 64 * args.depth
     ran = args.dtype if args.dtype == "fp32" or effective_amp_dtype(device, bm.DTYPES[args.dtype]) else \
         f"{args.dtype} (ran fp32)"
     for arch in args.archs:
         for ckpt in (False, True):
-            slope = (mems[arch, depths[1], ckpt] - mems[arch, depths[0], ckpt]) * 2**20 / (depths[1] - depths[0])
-            fits[arch, ckpt] = (slope / (B * L * width), (mems[arch, depths[0], ckpt] * 2**20 - depths[0] * slope) / B)
+            per_image = {d: (mems[arch, d, ckpt, 2 * B] - mems[arch, d, ckpt, B]) * 2**20 / B for d in depths}
+            slope = (per_image[depths[1]] - per_image[depths[0]]) / (depths[1] - depths[0])
+            fits[arch, ckpt] = (slope / (L * width), per_image[depths[0]] - depths[0] * slope)
             for depth in depths:
                 rows.append([device.type, arch, depth, "on" if ckpt else "off", f"{ms[arch, depth, ckpt]:.1f}",
                              f"{ms[arch, depth, ckpt] / ms[arch, depth, False]:.2f}x",
-                             f"{mems[arch, depth, ckpt]:.0f}", f"{fits[arch, ckpt][0]:.1f}"])
+                             f"{mems[arch, depth, ckpt, B]:.0f}", f"{mems[arch, depth, ckpt, 2 * B]:.0f}",
+                             f"{fits[arch, ckpt][0]:.1f}"])
     return "\n".join([f"### ckpt: batch {B}, L={L}, width {width} (head dim 64), {ran}, {device.type}", "",
                       bm.markdown_table(["device", "arch", "depth", "--grad_ckpt", "ms / step", "time vs off",
-                                         "peak MiB", "bytes / token / block / channel"], rows), "",
+                                         f"peak MiB, batch {B}", f"peak MiB, batch {2 * B}",
+                                         "bytes / image / token / block / channel"], rows), "",
                       d30_fit(fits, L)])
+
+
+CKPT_INPUT_BYTES = 4  # what a checkpointed block keeps per token and channel: its input, the fp32 residual stream
 
 
 def d30_fit(fits: dict[tuple[str, bool], tuple[float, float]], L: int) -> str:
     """Images per GPU of M-VAR-d30 and VAR-d30 under DDP: (GPU memory - 16 bytes per parameter for fp32 weights,
-    gradients and AdamW's moments) / activations per image. Activations per image: the measured bytes per token,
-    block and channel x L x depth x width, plus the measured rest; with checkpointing also one block's full
-    activations (recomputed one block at a time)."""
+    gradients and AdamW's moments) / activations per image. Activations per image, from the measured plain step:
+    its bytes per token, block and channel x L x depth x width, plus its rest (embeddings, head, logits). With
+    checkpointing each block keeps its input (CKPT_INPUT_BYTES, or the measured bytes where more) and one block's
+    full activations are alive again while it is recomputed, with the same rest: the checkpointed step's own depth
+    slope cannot tell at small depths, where its peak falls at the head's logits, not in the blocks."""
     rows = []
     for arch, name in (("mvar", "M-VAR-d30"), ("var", "VAR-d30")):
         if (arch, False) not in fits:
@@ -441,10 +461,10 @@ def d30_fit(fits: dict[tuple[str, bool], tuple[float, float]], L: int) -> str:
         with torch.device("meta"):
             mvar = MVAR(MVARConfig(**{"patch_nums": parse_patch_nums(256), **MVAR_models[name]}))
         states_gib = 16 * sum(p.numel() for p in mvar.parameters()) / 2**30
-        plain_block = fits[arch, False][0] * L * mvar.C
+        plain_block, rest = fits[arch, False]
         for ckpt in (False, True):
-            per_block, rest = fits[arch, ckpt]
-            per_image = per_block * L * mvar.C * mvar.depth + rest + (plain_block if ckpt else 0)
+            per_block = max(fits[arch, True][0], CKPT_INPUT_BYTES) if ckpt else plain_block
+            per_image = (per_block * mvar.depth + (plain_block if ckpt else 0)) * L * mvar.C + rest
             per_image_gib = per_image / 2**30
             rows.append([name, "on" if ckpt else "off", f"{states_gib:.0f}", f"{per_image_gib:.2f}",
                          *(max(0, int((gib * 1e9 / 2**30 - states_gib) / per_image_gib)) for gib in (80, 141))])

@@ -85,7 +85,8 @@ def matmul_gflops(device: torch.device, dtype: torch.dtype, n: int | None = None
 
 def peak_mib(fn: Callable[[], object], device: torch.device) -> float:
     """Peak memory allocated by one call of `fn` above what was allocated before it: torch.cuda's peak on CUDA;
-    on the CPU replayed from torch.profiler's per-op allocations and frees in time order."""
+    on the CPU replayed from torch.profiler's allocator records (every allocation and free, in time order; an op's
+    net memory at its start would read low inside custom autograd Functions, whose temporaries are freed within)."""
     if device.type == "cuda":
         sync(device)
         base = torch.cuda.memory_allocated(device)
@@ -95,9 +96,11 @@ def peak_mib(fn: Callable[[], object], device: torch.device) -> float:
         return (torch.cuda.max_memory_allocated(device) - base) / 2**20
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
+    records = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                     if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
     live = peak = 0
-    for event in sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start):
-        live += event.self_cpu_memory_usage
+    for _, nbytes in records:
+        live += nbytes
         peak = max(peak, live)
     return peak / 2**20
 

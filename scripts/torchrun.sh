@@ -4,7 +4,7 @@
 # Every argument is passed to train.py, e.g. --data_path=/path/to/imagenet --local_out_dir_path=runs/d16.
 # Relative paths in the flags are the caller's: the launcher stays in the folder it was started from.
 # Memory: --bs is the global batch per optimizer step. When a rank's activations do not fit, add --grad_ckpt=1
-# (blocks recomputed in the backward; projected from CPU measurements: M-VAR-d30 from 4 to 29 images per 80 GB
+# (blocks recomputed in the backward; projected from CPU measurements: M-VAR-d30 from 6 to 85 images per 80 GB
 # GPU, docs/benchmarks.md) and/or --ac=K (K micro-batches per step, same lr); --fsdp=1 shards the weights and
 # AdamW states, not the activations.
 # Preemption: on SIGTERM every rank finishes its step and saves (README, Preemption). torchrun kills its workers 30 s
