@@ -206,7 +206,8 @@ class MultiScaleQuantizer(nn.Module):
         """EMA of per-scale code hits, VAR's: its record count goes up once per scale, so scale si of step t is
         record t * SN + si, with decay 0.9 below record 100 and 0.99 from there (10 steps at VAR's 10 scales, 25 at
         4). A fresh buffer's first step copies every scale (VAR copies record 0 only, scale 0's, so that its other
-        scales start at a tenth of their hits)."""
+        scales start at a tenth of their hits; VAR also overwrites scale 0 of a buffer loaded from a checkpoint in
+        each new process, where this one carries on blending it)."""
         SN = len(hits_SV)
         if self._hit_steps == 0 and not bool(self.ema_vocab_hit_SV.any()):
             decay_S1 = hits_SV.new_zeros(SN, 1)
@@ -263,8 +264,12 @@ class MultiScaleQuantizer(nn.Module):
     def embed_to_fhat(self, ms_h_BChw: list[torch.Tensor], all_to_max_scale: bool = True, last_one: bool = False
                       ) -> list[torch.Tensor] | torch.Tensor:
         """Cumulative f_hat from per-scale code maps. all_to_max_scale=False keeps each scale's own size
-        (bicubic-growing f_hat; experimental, as in VAR). last_one returns only the final f_hat."""
+        (bicubic-growing f_hat; experimental, as in VAR). last_one returns only the final f_hat. Every scale of
+        `v_patch_nums` is needed: the phi of each follows its place in the schedule."""
         SN = len(ms_h_BChw)
+        if SN != len(self.v_patch_nums):
+            raise ValueError(f"{SN} scales of code maps given, the schedule {self.v_patch_nums} has "
+                             f"{len(self.v_patch_nums)}: pass them all")
         B = ms_h_BChw[0].shape[0]
         out = []
         if all_to_max_scale:

@@ -124,6 +124,8 @@ def test_shapes_per_scale(tiny, images):
         recon = tiny.img_to_reconstructed_img(images)
         assert len(recon) == 4 and torch.equal(recon[-1], tiny.img_to_reconstructed_img(images, last_one=True))
         assert torch.equal(recon[-1], imgs[-1])
+        with pytest.raises(ValueError, match=r"3 scales of code maps given, the schedule \(1, 2, 4, 8\) has 4"):
+            tiny.idxBl_to_img(idx_Bl[:3], same_shape=True)  # decoded at 4x4 with the wrong phis, silently
 
 
 def test_indices_are_nearest_codes_of_the_residual(tiny, images):
