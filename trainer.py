@@ -141,8 +141,6 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type, init_scale=2.0**11, growth_interval=1000) \
             if fp16 == 1 else None
         self.tclip, self.label_smooth, self.ac, self.max_nonfinite = tclip, label_smooth, ac, max_nonfinite
-        self.window_micro_steps = 0  # micro-steps of the open accumulation window (0: none open); a checkpoint's
-        # position is always a window's end, so windows count from the start or the resume point
         self.guard = DivergenceGuard(diverge_tol)
         self.window_losses: list[torch.Tensor] = []  # the open window's micro-step losses: the guard judges their mean
         self.overflows_in_a_row = 0  # fp16 steps GradScaler skipped (not bad steps: `optimizer_step`)
@@ -198,7 +196,6 @@ class Trainer:
         res = self.micro_step(inp_B3HW.to(self.device, non_blocking=True), label_B.to(self.device, non_blocking=True),
                               stepping=self.window_micro_steps + 1 == self.ac, prog_si=point.prog_si,
                               prog_wp=point.prog_wp)
-        self.window_micro_steps = (self.window_micro_steps + 1) % self.ac
         res.schedule, self.last = point, res
         self.n_img += len(label_B) * dist.get_world_size()
         self.meter.update(loss=res.loss)
@@ -282,10 +279,15 @@ class Trainer:
         n_bad = torch.stack([~torch.isfinite(p).all() for p in local]).sum().float()
         return "a weight is non-finite" if dist.all_reduce_sum(n_bad).item() > 0 else None
 
+    @property
+    def window_micro_steps(self) -> int:
+        """Micro-steps of the open accumulation window (0: none open); a checkpoint's position is always a window's
+        end, so windows count from the start or the resume point."""
+        return len(self.window_losses)
+
     def discard_partial_window(self) -> None:
         """Drop the gradients of an accumulation window that will not be completed (the end of training)."""
         self.optimizer.zero_grad(set_to_none=True)
-        self.window_micro_steps = 0
         self.window_losses = []
 
     # ---- metrics ------------------------------------------------------------------------------------------------
