@@ -17,7 +17,6 @@ import logging
 import os
 import sys
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -29,7 +28,7 @@ from models.backends import ATTN, MAMBA, BackendError
 from models.mamba2 import resolve_kernels
 from models.mvar import MVAR
 from models.tokenizer import VQVAE
-from scripts.gpu_results import CheckLine, any_failed, within, write_lines
+from scripts.gpu_results import CheckLine, any_failed, failure, within, write_lines
 from trainer import Trainer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -197,9 +196,7 @@ def check(shapes: Shapes, device: torch.device, dtypes: list[str],
         try:
             got = run(vae_dev, model, data, ids, device, dtype_name)
         except Exception as err:  # a kernel that fails (Triton's errors, mamba_ssm's asserts) is a finding, not a crash
-            print(f"--- {name} failed:", flush=True)
-            traceback.print_exc(file=sys.stdout)  # whole, to check.log: Triton puts its message after the source
-            lines.append(CheckLine(name, "FAIL", note=f"{type(err).__name__}: {str(err)[-300:]}"))
+            lines.append(failure(name, err))
             dead = device_error(device)
             if dead:  # a sticky CUDA error: every later combination would fail with it, blamed on its own kernels
                 lines.append(CheckLine(f"{device.type} device after {name}", "FAIL",

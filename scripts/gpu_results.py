@@ -7,6 +7,8 @@ number without a target).
 """
 import json
 import math
+import sys
+import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -44,6 +46,14 @@ def within(check: str, value: float, limit: float | None, at_least: bool = False
     ok = value >= limit if at_least else value <= limit  # False for NaN
     target = f"{'>=' if at_least else '<='} {format(limit, fmt)}"
     return CheckLine(check, "PASS" if ok and not math.isnan(value) else "FAIL", shown, target, note)
+
+
+def failure(check: str, err: Exception) -> CheckLine:
+    """A FAIL line for `err`, its whole traceback printed to stdout first (into check.log: Triton puts its message
+    after the kernel source, which the line's note cuts)."""
+    print(f"--- {check} failed:", flush=True)
+    traceback.print_exc(file=sys.stdout)
+    return CheckLine(check, "FAIL", note=f"{type(err).__name__}: {str(err)[-300:]}")
 
 
 def write_lines(path: str | Path, lines: list[CheckLine], complete: bool = True, **extra) -> None:

@@ -11,13 +11,12 @@ on the CPU at width 32 and tiny patch schedules; the targets are then reported, 
 import argparse
 import gc
 import sys
-import traceback
 
 import torch
 
 from models import triton_autotune
 from scripts import bench
-from scripts.gpu_results import CheckLine, any_failed, within, write_lines
+from scripts.gpu_results import CheckLine, any_failed, failure, within, write_lines
 from scripts.markdown import read_tables
 
 # Targets stated in issue 19 before any run.
@@ -103,9 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             lines += measure()
         except Exception as err:  # one section's failure (a kernel error, memory) must not lose the other's numbers
-            print(f"--- the {section} section failed:", flush=True)
-            traceback.print_exc(file=sys.stdout)
-            lines.append(CheckLine(f"{section} section", "FAIL", note=f"{type(err).__name__}: {str(err)[-300:]}"))
+            lines.append(failure(f"{section} section", err))
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()

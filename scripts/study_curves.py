@@ -92,6 +92,13 @@ def holm(p_values: list[float | None]) -> list[float | None]:
     return adjusted
 
 
+def families(p_values: list[float | None]) -> list[tuple[float, int] | None]:
+    """Per test of one family, what `who_leads` takes as `family`: (its Holm-adjusted p, the number of tests that
+    ran); None for a test that did not run, and for every test where only one ran (nothing to adjust)."""
+    ran = sum(p is not None for p in p_values)
+    return [None if adjusted is None or ran < 2 else (adjusted, ran) for adjusted in holm(p_values)]
+
+
 def fmt_p(p: float) -> str:
     return "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
 
@@ -167,11 +174,10 @@ def verdicts(rows: dict[str, dict], curves: dict) -> str:
             continue
         points = [(axis, x) for axis in AXES for x in comparison_points(curves[a], curves[b], axis)]
         raw = [welch_p(at(curves[a], axis, x, "fd_clf"), at(curves[b], axis, x, "fd_clf")) for axis, x in points]
-        n_tests = sum(p is not None for p in raw)
-        family = {pt: (adj, n_tests) for pt, adj in zip(points, holm(raw), strict=True) if adj is not None}
+        family = dict(zip(points, families(raw), strict=True))
         lines.append(f"- **{title}**")
         for axis in AXES:
-            lines += [f"  - {verdict(rows, a, b, curves, axis, x, family.get((axis, x)))}." for ax, x in points
+            lines += [f"  - {verdict(rows, a, b, curves, axis, x, family[axis, x])}." for ax, x in points
                       if ax == axis] or [f"  - at equal {AXES[axis]}: the curves do not overlap."]
     return "\n".join(lines) or "No curves yet."
 

@@ -21,8 +21,8 @@ from PIL import Image  # noqa: E402
 
 from models.flops import COUNT_VERSION  # noqa: E402
 from models.precision import cpu_info  # noqa: E402
-from scripts.study_curves import collect_curves, holm, learned, mean_spread, plot_curves, verdicts, welch_p, \
-    who_leads  # noqa: E402
+from scripts.study_curves import collect_curves, families, learned, mean_spread, plot_curves, verdicts, \
+    welch_p, who_leads  # noqa: E402
 from utils.run.log import read_scalars  # noqa: E402
 
 logging.getLogger("tensorboard").setLevel(logging.WARNING)  # one INFO line per event file otherwise
@@ -145,12 +145,10 @@ def reading(rows: dict[str, dict]) -> str:
         f"{rows[k]['label']} {statistics.mean(fd[k]):.2f}" for k in ranked) + "."]
     claims = [(a, b, claim) for a, b, claim in CLAIMS if a in fd and b in fd]
     raw = [welch_p(fd[a], fd[b]) if rows[a]["images"] == rows[b]["images"] else None for a, b, _ in claims]
-    tests = sum(p is not None for p in raw)
-    for (a, b, claim), adjusted in zip(claims, holm(raw), strict=True):
-        family = None if adjusted is None or tests < 2 else (adjusted, tests)
+    for (a, b, claim), p, family in zip(claims, raw, families(raw), strict=True):
         better, words = who_leads(fd[a], fd[b], rows[a]["label"], rows[b]["label"], family)
         diff = statistics.mean(fd[a]) - statistics.mean(fd[b])
-        why = "untested" if welch_p(fd[a], fd[b]) is None else "not significant"
+        why = "untested" if p is None else "not significant"  # unequal budgets (no p) are not judged below
         verdict = "reproduced" if better else "**not reproduced**" if better is False else \
             "untested (a score is not finite)" if not math.isfinite(diff) else \
             f"same direction, {why}" if diff < 0 else "not reproduced (level)" if diff == 0 else \
