@@ -33,8 +33,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from models.loading import DIGEST_KEY, MVAR_REPO, VAR_REPO, CheckpointError, check_digest, hf_offline, load_mvar, \
-    resolve_checkpoint, vae_from_state_dict, weights_digest
+from models.loading import CHECKPOINT_SUFFIXES, DIGEST_KEY, MVAR_REPO, VAR_REPO, CheckpointError, check_digest, \
+    hf_offline, load_mvar, resolve_checkpoint, vae_from_state_dict, weights_digest
 from models.mvar import MVAR, MVARConfig
 from models.tokenizer import VQVAE
 
@@ -42,7 +42,6 @@ CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_DIR = "config.json", "model.safetensors", "
 TOKENIZER_KEY = "tokenizer_weights"  # model.safetensors metadata: weights_digest of its tokenizer
 PAPER_URL = "https://arxiv.org/abs/2411.10433"
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-_CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
 OFFICIAL_DATA = "ImageNet-1k train set (the official release)"
 logger = logging.getLogger(__name__)
 
@@ -68,7 +67,7 @@ def is_hub_source(source: str | os.PathLike) -> bool:
     if model_folder(path) is not None:
         return True
     text = str(source)
-    return not path.exists() and bool(_REPO_ID.fullmatch(text)) and not text.endswith(_CHECKPOINT_SUFFIXES)
+    return not path.exists() and bool(_REPO_ID.fullmatch(text)) and not text.endswith(CHECKPOINT_SUFFIXES)
 
 
 class HubSource:

@@ -48,6 +48,9 @@ class CheckpointError(RuntimeError):
 _TRUE = {"1", "on", "yes", "true"}
 
 
+CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")  # a weights file, not a folder or repo
+
+
 def hf_offline() -> bool:
     """True when HF_HUB_OFFLINE is set now (read at call time, not only at huggingface_hub import)."""
     env = os.environ.get("HF_HUB_OFFLINE")

@@ -39,6 +39,7 @@ from collections.abc import Callable, Iterable
 import numpy as np
 from PIL import Image
 
+from models.loading import CHECKPOINT_SUFFIXES
 from utils.evaluation.fid import read_npz_header
 from utils.run.checkpoint import DiskFullError, allocate, disk_full_is_an_error, write_text_atomic
 from utils.sample_io import save_image
@@ -129,7 +130,6 @@ def save_png(img_HW3: np.ndarray, path: Path) -> None:
         save_image(img_HW3, path)
 
 
-WEIGHT_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin", ".safetensors")
 TRAINING_CHECKPOINT_PREFIX = "ar-ckpt-"  # train.py's checkpoint files (utils.run.checkpoint.RunFolder "ar-ckpt")
 
 
@@ -140,7 +140,7 @@ def fid_folder_name(ckpt: str, cfg: float, top_k: int, top_p: float, seed: int, 
     A training run's checkpoint (train.py's `ar-ckpt-*.pth`, the same name in every run) is named after its run's
     folder too (`d16-ar-ckpt-best-...`), so that two runs' dumps do not share a folder."""
     path = Path(str(ckpt))
-    stem = (path.name.rsplit(".", 1)[0] if path.name.lower().endswith(WEIGHT_SUFFIXES) else path.name) or "model"
+    stem = (path.name.rsplit(".", 1)[0] if path.name.lower().endswith(CHECKPOINT_SUFFIXES) else path.name) or "model"
     if stem.startswith(TRAINING_CHECKPOINT_PREFIX) and path.parent.name not in ("", ".", ".."):
         stem = f"{path.parent.name}-{stem}"
     name = f"{stem}-cfg{cfg:g}-topk{top_k}-topp{top_p:g}-seed{seed}-n{num_per_class}"
