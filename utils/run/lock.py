@@ -106,9 +106,9 @@ class RunLock:
 
     def _remove_if_still(self, owner: dict[str, Any] | None) -> bool:
         """Remove the lock file if it still names the stale `owner` (None: an empty or unreadable file left by a
-        crash) -> whether it did. Moved aside atomically and
-        read there: of two launchers that both judged it stale, the second would otherwise delete the first's fresh
-        lock and start a second live run; a lock that is not the stale one any more is put back."""
+        crash) -> whether it did. It is moved aside atomically and read there: of two launchers that both judged it
+        stale, the second would otherwise delete the first's fresh lock and start a second live run; a lock that is
+        not the stale one any more is put back."""
         aside = self.path.with_name(f"{self.path.name}.stale.{self.owner['host']}.{os.getpid()}")
         try:
             os.rename(self.path, aside)
