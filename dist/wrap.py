@@ -13,7 +13,8 @@ def wrap_model(model: nn.Module, device: torch.device, fsdp: bool = False) -> nn
     Both start every rank from rank 0's weights: DDP broadcasts them; before FSDP2 shards every block, then the
     root module, in place (`fully_shard` returns the same module object, and each rank keeps its slice of what it
     holds), they are broadcast here, so that ranks whose initialisations differ (an RNG draw on one rank only,
-    GPUs whose random kernels split the work otherwise) cannot train a model stitched from several. The model's
+    GPUs whose random kernels split the work otherwise) cannot train a model stitched from several; the
+    `_no_weight_decay` flags move to the sharded parameters. The model's
     `autoregressive_infer_cfg`, when it has one, gathers the parameters as `forward` does (collective: every rank
     must call it).
     """
@@ -26,9 +27,14 @@ def wrap_model(model: nn.Module, device: torch.device, fsdp: bool = False) -> nn
             for tensor in model.state_dict().values():
                 broadcast(tensor)
 
+        # fully_shard replaces every parameter with a DTensor one, which drops attributes set on the old one
+        no_wd = {name for name, p in model.named_parameters() if getattr(p, "_no_weight_decay", False)}
         for block in getattr(model, "blocks", ()):
             fully_shard(block)
         model = fully_shard(model)
+        for name, p in model.named_parameters():
+            if name in no_wd:
+                p._no_weight_decay = True  # read by trainer.param_groups (Mamba2's A_log, D, dt_bias)
         if hasattr(model, "autoregressive_infer_cfg"):
             register_fsdp_forward_method(model, "autoregressive_infer_cfg")
         return model

@@ -11,6 +11,7 @@ WORKER = textwrap.dedent("""
     import torch
     from torch import nn
     import dist
+    from trainer import param_groups
 
     def main():
         device = dist.initialize()
@@ -49,9 +50,13 @@ WORKER = textwrap.dedent("""
 
         torch.manual_seed(rank)  # different weights per rank: FSDP2 too must start from rank 0's
         net = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+        net[1].weight._no_weight_decay = True  # a 2-D parameter the flag alone spares (fully_shard used to drop it)
         ref = {k: dist.broadcast(v.clone()) for k, v in net.state_dict().items()}
         sharded = dist.wrap_model(net, device, fsdp=True)
         assert dist.is_fsdp(sharded)
+        decay, no_decay = (g["params"] for g in param_groups(sharded))
+        assert [p is sharded[0].weight for p in decay] == [True]
+        assert len(no_decay) == 3 and any(p is sharded[1].weight for p in no_decay)
         full = dist.full_model_state_dict(sharded)  # gathered on rank 0 only
         assert all(torch.equal(full[k], ref[k]) for k in ref) if rank == 0 else full == {}
         dist.load_full_state(sharded, {k: v + 1 for k, v in ref.items()}, None, None)
