@@ -2,6 +2,7 @@
 that would train nothing."""
 import errno
 import json
+import logging
 import os
 import re
 import shutil
@@ -20,7 +21,7 @@ from models.loading import CheckpointError
 from scripts.gpu_train_check import write_tokenizer
 from utils.flags import finalize_args, parse_args
 from utils.run import lock as run_lock
-from utils.run.checkpoint import save_atomic
+from utils.run.checkpoint import RunFolder, save_atomic
 from utils.run.lock import LOCK_NAME, RunLock, RunLockError, read_owner
 
 
@@ -137,6 +138,42 @@ def test_a_lock_taken_over_by_another_launcher_meanwhile_is_not_removed(tmp_path
         with pytest.raises(RunLockError, match=f"in use by a live run: host {socket.gethostname()}, pid {proc.pid}"):
             RunLock(tmp_path).acquire()
         assert read_owner(tmp_path / LOCK_NAME) == fresh and [p.name for p in tmp_path.iterdir()] == [LOCK_NAME]
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_takeover_is_logged_into_the_log_file_opened_once_the_lock_is_ours(tmp_path):
+    """RunFolder.open opens log.txt (`on_locked`) only once the lock is this run's; the warning that it took over a
+    stale lock came before, so it reached the console only."""
+    write_lock(tmp_path, socket.gethostname(), 2 ** 22 + 1)  # a dead process's lock on this host
+    log = logging.FileHandler(tmp_path / "log.txt")
+    folder = RunFolder(tmp_path, "ar-ckpt")
+    try:
+        folder.open(on_locked=lambda: logging.getLogger().addHandler(log))
+    finally:
+        logging.getLogger().removeHandler(log)
+        log.close()
+    folder.lock.release()
+    assert f"took over the stale run lock {tmp_path / LOCK_NAME} of {socket.gethostname()} pid {2 ** 22 + 1} " \
+           "(exited)" in (tmp_path / "log.txt").read_text()
+
+
+def test_stale_locks_left_aside_by_a_killed_launcher_are_removed(tmp_path, monkeypatch):
+    """A takeover moves the stale lock aside for a moment; a launcher killed there left `.run.lock.stale.*` files
+    for good. A later run removes those of dead processes of this host and those older than STALE_S."""
+    proc = sleeper()
+    try:
+        here = socket.gethostname()
+        dead, live, remote = (tmp_path / f"{LOCK_NAME}.stale.{h}.{p}" for h, p in
+                              ((here, 2 ** 22 + 1), (here, proc.pid), ("node.b.cluster", 7)))
+        for p in (dead, live, remote):
+            p.write_text("{}")
+        RunLock(tmp_path).acquire().release()
+        assert not dead.exists() and live.exists() and remote.exists()  # the others may be a live launcher's
+        monkeypatch.setattr(run_lock, "STALE_S", 0.0)
+        RunLock(tmp_path).acquire().release()
+        assert [p.name for p in tmp_path.iterdir()] == []
     finally:
         proc.kill()
         proc.wait()

@@ -199,7 +199,7 @@ class RunFolder:
     `open` (collective) creates it, takes its run lock (utils.run.lock), decides which ranks write and removes
     stale temporary files; `rank0_state`: the saved state is complete on rank 0 only (FSDP2 gathers there), so only
     rank 0 writes; `on_locked` runs once the lock is this run's (e.g. opening log.txt, which a run refused for a
-    live one's folder must not write into).
+    live one's folder must not write into), and the takeover of a stale lock is logged after it, into log.txt.
     """
 
     def __init__(self, out_dir: str | os.PathLike, prefix: str):
@@ -221,10 +221,12 @@ class RunFolder:
                 f"--local_out_dir_path={self.dir}: rank(s) {', '.join(map(str, own_folder))} see a folder of their own "
                 f"(not rank 0's), and under --fsdp only rank 0 writes the checkpoints (it gathers the state), so a "
                 f"relaunch there would find none: put the output folder on a disk every node shares")
-        self.lock = lock_output_folder(self.dir, holder=node_writer)  # one live run per folder, until exit
+        self.lock = lock_output_folder(self.dir, holder=node_writer, announce=on_locked is None)  # until exit
         self.writer = node_writer and (dist.is_main_process() or not rank0_state)
         if on_locked is not None:
             on_locked()
+            if self.lock is not None and self.lock.took_over:  # now in log.txt too
+                logger.warning(self.lock.took_over)
         if self.writer:
             self.remove_stale_temp_files()
         dist.barrier()

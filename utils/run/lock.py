@@ -6,7 +6,8 @@ the owner's host and pid. A lock is stale, and taken over with a warning, when i
 pid is gone (or now belongs to another process), or, for an owner on another host, when its heartbeat (the file's
 mtime, touched every `HEARTBEAT_S`) is older than `STALE_S` (a preempted node that vanished). A lock of another host
 with a recent heartbeat is watched until it goes stale (taken over: a job requeued onto other nodes right after a
-SIGKILL resumes by itself) or its heartbeat advances (refused: that run is alive).
+SIGKILL resumes by itself) or its heartbeat advances (refused: that run is alive). A takeover moves the stale lock
+aside for a moment (`.run.lock.stale.<host>.<pid>`); one left by a launcher that died there is removed later.
 """
 import atexit
 import json
@@ -53,12 +54,15 @@ def pid_alive(pid: int, start: str | None = None) -> bool:
 
 
 class RunLock:
-    """Held by this process until `release()` (also at interpreter exit); `acquire` raises RunLockError."""
+    """Held by this process until `release()` (also at interpreter exit); `acquire` raises RunLockError.
+    `took_over`: the warning about the stale lock it replaced, if any (logged at once when `announce`; a run whose
+    log file opens only once the lock is its own logs it then)."""
 
-    def __init__(self, folder: str | os.PathLike):
+    def __init__(self, folder: str | os.PathLike, announce: bool = True):
         self.path = Path(folder) / LOCK_NAME
         self.owner = {"host": socket.gethostname(), "pid": os.getpid(), "start": _process_start(os.getpid()),
                       "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        self.announce, self.took_over = announce, None
         self._stop = threading.Event()
 
     def acquire(self) -> "RunLock":
@@ -73,6 +77,7 @@ class RunLock:
                 json.dump(self.owner, f)
             threading.Thread(target=self._heartbeat, name="run-lock-heartbeat", daemon=True).start()
             atexit.register(self.release)
+            self._remove_left_asides()
             return self
         raise RunLockError(f"could not take the run lock {self.path}")
 
@@ -97,8 +102,10 @@ class RunLock:
                 return  # released or replaced meanwhile: retry
         if here and not pid_alive(int(owner.get("pid", -1)), owner.get("start")) or not here and age > STALE_S:
             if self._remove_if_still(owner):
-                logger.warning("took over the stale run lock %s of %s pid %s (%s)", self.path, owner.get("host"),
-                               owner.get("pid"), "exited" if here else f"no heartbeat for {age:.0f}s")
+                self.took_over = (f"took over the stale run lock {self.path} of {owner.get('host')} pid "
+                                  f"{owner.get('pid')} ({'exited' if here else f'no heartbeat for {age:.0f}s'})")
+                if self.announce:
+                    logger.warning(self.took_over)
             return
         raise RunLockError(f"{self.path.parent} is in use by a live run: host {owner.get('host')}, pid "
                            f"{owner.get('pid')}, since {owner.get('since')}. Stop that run (orphan torchrun workers "
@@ -126,6 +133,18 @@ class RunLock:
                 os.replace(aside, self.path)
         aside.unlink(missing_ok=True)
         return False
+
+    def _remove_left_asides(self) -> None:
+        """Delete stale locks that `_remove_if_still` moved aside and a launcher killed there left: those of a dead
+        process of this host, and any older than STALE_S (a live launcher's exists for milliseconds)."""
+        for aside in self.path.parent.glob(f"{LOCK_NAME}.stale.*"):
+            host, _, pid = aside.name[len(LOCK_NAME) + len(".stale."):].rpartition(".")
+            try:
+                old = time.time() - aside.stat().st_ctime > STALE_S  # ctime: when it was moved aside
+            except FileNotFoundError:
+                continue
+            if old or host == self.owner["host"] and pid.isdigit() and not pid_alive(int(pid)):
+                aside.unlink(missing_ok=True)
 
     def _watch_remote_owner(self, owner: dict[str, Any], age: float) -> float | None:
         """Wait until the lock of `owner` (another host; heartbeat `age` s ago) is older than STALE_S, or its
@@ -165,13 +184,13 @@ class RunLock:
             self.path.unlink(missing_ok=True)
 
 
-def lock_output_folder(folder: str | os.PathLike, holder: bool) -> RunLock | None:
+def lock_output_folder(folder: str | os.PathLike, holder: bool, announce: bool = True) -> RunLock | None:
     """Collective: the `holder` ranks (those that write checkpoints into `folder`) take its lock; if any cannot,
-    every rank raises its RunLockError, so no rank is left waiting."""
+    every rank raises its RunLockError, so no rank is left waiting. `announce`: see RunLock."""
     lock = None
     try:
         with dist.raised_on_every_rank(RunLockError):
-            lock = RunLock(folder).acquire() if holder else None
+            lock = RunLock(folder, announce).acquire() if holder else None
     except RunLockError:
         if lock is not None:
             lock.release()
