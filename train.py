@@ -120,7 +120,7 @@ def build_model(args: argparse.Namespace, vae: VQVAE, num_classes: int, device: 
     mvar.init_weights(init_adaln=args.aln, init_adaln_gamma=args.alng, init_head=args.hd, init_std=args.ini,
                       gamma_rows=args.alng_rows)
     if args.init_from:
-        ckpt = load_checkpoint(existing_file(args.init_from, "--init_from"), mmap=False)
+        ckpt = load_checkpoint(existing_file(args.init_from, "--init_from"))
         state = ckpt["model"] if "model" in ckpt and "config" in ckpt else ckpt
         if "vae" in ckpt:  # ours embeds the tokenizer it was trained with, as a resume checks (official files do not)
             try:

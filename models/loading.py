@@ -15,6 +15,7 @@ import hashlib
 import logging
 import math
 import os
+import zipfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -107,17 +108,19 @@ def resolve_checkpoint(path: str | os.PathLike | None, repo_id: str, filename: s
     ) from cache_error
 
 
-def load_checkpoint(path: PathLike, mmap: bool = True, verify: bool = True) -> dict[str, Any]:
-    """Read a checkpoint on the CPU (weights_only; by default memory-mapped so the ranks of a node share the
-    pages); CheckpointError naming the file if it is unreadable or its tensors do not match the digest it carries
-    (`with_digest`; the digest is checked and removed, files without one load as they are). `mmap=False` for files
-    written elsewhere; `verify=False` skips the digest, which reads every tensor, for a caller that uses none."""
+def load_checkpoint(path: PathLike, verify: bool = True) -> dict[str, Any]:
+    """Read a checkpoint on the CPU (weights_only; memory-mapped, so the ranks of a node share the
+    pages: eight ranks reading a 34 GB d30 training checkpoint whole would hold 270 GB); CheckpointError naming the
+    file if it is unreadable or its tensors do not match the digest it carries (`with_digest`; the digest is checked
+    and removed, files without one load as they are). A file in torch's legacy format (not a zip archive), which
+    cannot be mapped, is read whole. `verify=False` skips the digest, which reads every tensor, for a caller that
+    uses none."""
     if str(path).endswith(".safetensors"):  # torch.load's error would call it unreadable
         raise CheckpointError(f"checkpoint {path} is a safetensors file of the Hub format: pass the model folder "
                               "that holds it with its config.json (sample.py --ckpt FOLDER, MVARHF.from_pretrained), "
                               "or a .pth checkpoint")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as e:  # truncated, zero-filled, not a torch file, ...
         raise CheckpointError(f"checkpoint {path} is unreadable ({type(e).__name__}: {e})") from e
     if not isinstance(ckpt, dict):
@@ -239,7 +242,7 @@ def load_vae(path: str | os.PathLike | None = None, device: str | torch.device =
     The result is frozen in eval mode (test_mode=True) unless `test_mode=False` is passed.
     """
     ckpt_path = resolve_checkpoint(path, VAE_REPO_ID, VAE_FILENAME, flag=flag)
-    obj = load_checkpoint(ckpt_path, mmap=False)
+    obj = load_checkpoint(ckpt_path)
     if isinstance(obj, dict) and "vae_config" in obj and "vae" in obj:
         config, state_dict = dict(obj["vae_config"]), obj["vae"]
     else:
@@ -334,7 +337,7 @@ def load_mvar(
     unless given, so a model trained with the portable kernels runs the fused ones where they exist.
     `model_cls`: an MVAR subclass to build (e.g. models.hub_format.MVARHF); `name`: what errors call the source.
     """
-    ckpt = load_checkpoint(src, mmap=False) if isinstance(src, (str, Path)) else src
+    ckpt = load_checkpoint(src) if isinstance(src, (str, Path)) else src
     name = name or (str(src) if isinstance(src, (str, Path)) else "state dict")
     if "config" in ckpt and "model" in ckpt:
         config = MVARConfig.from_dict(ckpt["config"], **config_overrides)
@@ -379,7 +382,7 @@ def load_mvar_checkpoint(path: PathLike, flag: str) -> dict[str, Any]:
     """The dict in an M-VAR / VAR checkpoint file (ours or official), read onto the CPU; of ours only the
     `KEPT_KEYS` are kept (a training checkpoint's optimizer states, about twice the weights, are let go at once).
     A tokenizer's file, given where a model's is expected, is a ValueError naming `flag`."""
-    ckpt = load_checkpoint(path, mmap=False)
+    ckpt = load_checkpoint(path)
     if "model" not in ckpt and "vae" in ckpt:
         raise ValueError(f"{flag}={path} is a tokenizer checkpoint (no M-VAR weights): pass it as --vae_ckpt, and an "
                          f"M-VAR checkpoint as {flag}")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from models.loading import CheckpointError, load_checkpoint
+from models.loading import load_checkpoint
 from models.mvar import MVAR
 from scripts.app_jobs import Session, Workspace, parse_sample_args
 from utils.flags import add_backend_flags
@@ -61,10 +61,7 @@ def recorded_class_names(ckpt_path: Path, mvar: MVAR) -> list[str] | None:
     """The class names a training run recorded in its checkpoint (train.py's data.classes), else ImageNet's for a
     1,000-class model, else None (the page shows ids)."""
     if ckpt_path.is_file():
-        try:  # memory-mapped and unverified (sample.py's load just checked it): only the class names are read
-            ckpt = load_checkpoint(ckpt_path, mmap=True, verify=False)
-        except CheckpointError:  # torch's legacy (non-zip) format cannot be memory-mapped
-            ckpt = load_checkpoint(ckpt_path, mmap=False, verify=False)
+        ckpt = load_checkpoint(ckpt_path, verify=False)  # unverified: sample.py's load just checked it
         names = (ckpt.get("data") or {}).get("classes")
         if names:
             return [str(n) for n in names]

@@ -1,9 +1,11 @@
 """Loading M-VAR weights: official raw state dicts (derived buffers dropped), our checkpoints, clear errors."""
+from pathlib import Path
+
 import pytest
 import torch
 
 from models import MVAR, MVARConfig
-from models.loading import config_from_state_dict, load_mvar, mvar_checkpoint
+from models.loading import config_from_state_dict, load_mvar, load_mvar_checkpoint, mvar_checkpoint
 
 TINY = dict(depth=2, embed_dim=64, num_heads=2, V=64, Cvae=8, num_classes=10, d_state=16)
 
@@ -46,6 +48,19 @@ def test_our_checkpoint_roundtrip_through_a_file(tmp_path):
     loaded = load_mvar(tmp_path / "ckpt.pth")
     label_B, x = torch.tensor([1, 2]), torch.randn(2, src.L - 1, 8)
     assert torch.equal(loaded(label_B, x), src(label_B, x))
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads the process's memory maps (Linux)")
+def test_a_training_checkpoint_is_memory_mapped_so_the_ranks_of_a_node_share_it(tmp_path):
+    """sample.py's FID dump on 8 ranks read a training checkpoint (weights plus AdamW states: 34 GB at d30) whole
+    on every rank; mapped, the ranks share the page cache."""
+    torch.manual_seed(0)
+    src = MVAR(MVARConfig(**TINY, patch_nums=(1, 2, 3)))
+    path = tmp_path / "ar-ckpt-last.pth"
+    torch.save({**mvar_checkpoint(src), "optimizer": {"state": {0: torch.zeros(64, 64)}}}, path)
+    ckpt = load_mvar_checkpoint(path, "--ckpt")
+    assert str(path) in Path("/proc/self/maps").read_text() and "optimizer" not in ckpt
+    assert all(torch.equal(ckpt["model"][k], v) for k, v in src.state_dict().items())
 
 
 def test_kernel_backends_are_not_taken_from_a_checkpoint(tmp_path, monkeypatch):
