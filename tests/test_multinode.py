@@ -121,6 +121,7 @@ def two_node_run(setup):  # noqa: F811
 
 def test_two_nodes_equal_one_process(setup, single_run, two_node_run):  # noqa: F811
     outs, log = two_node_run
+    assert "no checkpoint in any node's own" in log  # node-local folders: a requeue onto other nodes starts over
     loss_1, loss_2 = logged_losses(single_run), logged_losses(log)
     assert len(loss_1) == 12 and loss_1.keys() == loss_2.keys()
     assert max(abs(loss_1[k] - loss_2[k]) for k in loss_1) < 1e-4

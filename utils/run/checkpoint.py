@@ -206,6 +206,7 @@ class RunFolder:
         self.dir, self.prefix = Path(out_dir), prefix
         self.last, self.prev, self.best = (self.dir / f"{prefix}-{kind}.pth" for kind in ("last", "prev", "best"))
         self.writer = False
+        self.node_local = False  # the nodes each have a folder of their own (set by `open`)
         self.last_damaged = False  # resumed from -prev past a damaged -last: the next save must not rotate it in
         self.lock: RunLock | None = None
 
@@ -215,8 +216,9 @@ class RunFolder:
         dist.barrier()
         node_writer = is_checkpoint_writer(self.dir)
         own_folder = [r for r, mine in enumerate(dist.all_gather_object(node_writer and not dist.is_main_process()))
-                      if mine] if rank0_state else []  # rank 0 alone writes: the other nodes' folders would stay empty
-        if own_folder:
+                      if mine]
+        self.node_local = bool(own_folder)
+        if own_folder and rank0_state:  # rank 0 alone writes: the other nodes' folders would stay empty
             raise OutputFolderError(
                 f"--local_out_dir_path={self.dir}: rank(s) {', '.join(map(str, own_folder))} see a folder of their own "
                 f"(not rank 0's), and under --fsdp only rank 0 writes the checkpoints (it gathers the state), so a "
@@ -272,6 +274,10 @@ class RunFolder:
         if len(set(positions)) > 1:  # e.g. nodes with their own output folders, some without a checkpoint
             raise CheckpointError(f"the ranks would resume from different positions {positions} (None: from scratch;"
                                   f" {POSITION_KEYS}): put the same checkpoint in every node's {self.dir}")
+        if self.node_local and ckpt is None:
+            logger.warning("no checkpoint in any node's own %s: starting from scratch. A job requeued onto other "
+                           "nodes finds none of the copies it saved on these and starts over: for a requeueable job "
+                           "put the output folder on a disk every node shares", self.dir, extra=SAME_ON_ALL_RANKS)
         return path, ckpt
 
     def save(self, ckpt: dict[str, Any] | None, best: bool = False, last: bool = True) -> None:
