@@ -29,8 +29,8 @@ from models.quantizer import USAGE_MARGIN
 from models.tokenizer import VQVAE, VQVAEConfig
 from models.vq_losses import PatchDiscriminator, build_perceptual_loss, hinge_d_loss, hinge_g_loss, \
     perceptual_loss_problem
-from utils.data.loaders import build_datasets, build_loaders, mid_reso_problem
-from utils.flags import changed_flags, str2bool
+from utils.data.loaders import build_datasets, build_loaders, image_source_problem, mid_reso_problem
+from utils.flags import add_image_source_flags, changed_flags, str2bool
 from utils.run.agreement import refuse_disagreement, run_facts
 from utils.run.checkpoint import RunFolder
 from utils.run.divergence import DivergenceGuard
@@ -51,10 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Train VAR's multi-scale VQVAE tokenizer.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     g = p.add_argument_group("data")
-    g.add_argument("--data_path", default="", help="ImageFolder root with train/ and val/; empty = --dataset")
-    g.add_argument("--dataset", default="mnist", help="embedded data set (utils.data.embedded: mnist, imagenet20, "
-                   "fmnist)")
-    g.add_argument("--fmnist_dir", default="", help="Fashion-MNIST's IDX folder (see train.py --fmnist_dir)")
+    add_image_source_flags(g)
     g.add_argument("--reso", type=int, default=32, help="image side in pixels")
     g.add_argument("--mid_reso", type=float, default=1.125, help="resize the shorter side to mid_reso*reso, then "
                    "random-crop reso")
@@ -134,6 +131,8 @@ def check_flags(args: argparse.Namespace, world: int) -> VQVAEConfig:
     if args.bs % world:
         problems.append(f"--bs={args.bs} is not divisible by the {world} processes")
     if problem := mid_reso_problem(args.mid_reso):
+        problems.append(problem)
+    if problem := image_source_problem(args.data_path, args.dataset):
         problems.append(problem)
     if not 0 <= args.wp < 1:
         problems.append(f"--wp={args.wp}: the warm-up is a fraction of --steps, in [0, 1) (train.py's --wp counts "

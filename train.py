@@ -3,8 +3,8 @@
     torchrun --nproc_per_node=8 [--nnodes=N --node_rank=R --master_addr=A --master_port=P] train.py \
         --depth=16 --bs=768 --ep=200 --fp16=1 --alng=1e-3 --wpe=0.1 --data_path=/path/to/imagenet
 
-Without --data_path the embedded data set (--dataset, default mnist) is used. The output folder
-(--local_out_dir_path) holds log.txt, TensorBoard events and checkpoints; a restarted run resumes from it
+Instead of --data_path, an embedded data set (--dataset=mnist|imagenet20|fmnist): one of the two is needed. The
+output folder (--local_out_dir_path) holds log.txt, TensorBoard events and checkpoints; a restarted run resumes from it
 mid-epoch with the exact data order and RNG states.
 """
 import argparse
@@ -22,9 +22,8 @@ from torch.utils.data import Dataset
 import dist
 from models import backends
 from models.attention import resolve_backend
-from models.hub_format import TokenizerMismatchError, check_own_tokenizer
-from models.loading import DERIVED_KEYS, CheckpointError, existing_file, load_checkpoint, load_state_dict_checked, \
-    load_vae, weights_digest
+from models.hub_format import TokenizerMismatchError, check_own_tokenizer, read_model_weights
+from models.loading import DERIVED_KEYS, CheckpointError, load_state_dict_checked, load_vae
 from models.mamba2 import resolve_kernels
 from models.mvar import MVAR, MVARConfig
 from models.precision import effective_amp_dtype, set_tf32
@@ -120,15 +119,12 @@ def build_model(args: argparse.Namespace, vae: VQVAE, num_classes: int, device: 
     mvar.init_weights(init_adaln=args.aln, init_adaln_gamma=args.alng, init_head=args.hd, init_std=args.ini,
                       gamma_rows=args.alng_rows)
     if args.init_from:
-        ckpt = load_checkpoint(existing_file(args.init_from, "--init_from"))
-        state = ckpt["model"] if "model" in ckpt and "config" in ckpt else ckpt
-        if "vae" in ckpt:  # ours embeds the tokenizer it was trained with, as a resume checks (official files do not)
-            try:
-                check_own_tokenizer(vae, weights_digest(ckpt["vae"]), f"the tokenizer (--vae_ckpt={args.vae_ckpt})",
-                                    f"--init_from={args.init_from}", args.allow_other_tokenizer,
-                                    (config.V, config.Cvae))
-            except TokenizerMismatchError as e:
-                raise CheckpointError(str(e)) from None
+        state, tokenizer_digest = read_model_weights(args.init_from, "--init_from")
+        try:  # the tokenizer the weights were trained with, where recorded (official files do not), as a resume
+            check_own_tokenizer(vae, tokenizer_digest, f"the tokenizer (--vae_ckpt={args.vae_ckpt})",
+                                f"--init_from={args.init_from}", args.allow_other_tokenizer, (config.V, config.Cvae))
+        except TokenizerMismatchError as e:
+            raise CheckpointError(str(e)) from None
         load_state_dict_checked(mvar, state, ignore=DERIVED_KEYS, what=f"--init_from={args.init_from}")
         logger.info("initialised the weights from %s", args.init_from)
     return mvar

@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from models.loading import CHECKPOINT_SUFFIXES, DIGEST_KEY, MVAR_REPO, VAR_REPO, CheckpointError, check_digest, \
-    hf_offline, load_mvar, resolve_checkpoint, vae_from_state_dict, weights_digest
+    existing_file, hf_offline, load_checkpoint, load_mvar, resolve_checkpoint, vae_from_state_dict, weights_digest
 from models.mvar import MVAR, MVARConfig
 from models.tokenizer import VQVAE
 
@@ -209,6 +209,19 @@ def check_own_tokenizer(vae: nn.Module, own_digest: str | None, what: str, model
     if not allow:
         raise TokenizerMismatchError(f"{message}. Pass --allow_other_tokenizer if this is meant")
     logger.warning("%s (--allow_other_tokenizer)", message)
+
+
+def read_model_weights(source: str | os.PathLike, flag: str) -> tuple[dict[str, torch.Tensor], str | None]:
+    """(state dict, weights_digest of the tokenizer it was trained with, None when not recorded) of a model in any
+    of its formats: a Hub model folder, its model.safetensors or a repo id; our checkpoint (a training one too); an
+    official raw state dict. `flag` names the source in errors (e.g. train.py's --init_from)."""
+    if is_hub_source(source):
+        src = HubSource(source, flag=flag)
+        return src.weights(WEIGHTS_FILE), src.metadata(WEIGHTS_FILE).get(TOKENIZER_KEY)
+    ckpt = load_checkpoint(existing_file(source, flag))
+    if "model" in ckpt and "config" in ckpt:  # ours embeds the tokenizer it was trained with (official files do not)
+        return ckpt["model"], weights_digest(ckpt["vae"]) if "vae" in ckpt else None
+    return ckpt, None
 
 
 # ----------------------------------------------------------------------------------------------------------------

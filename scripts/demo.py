@@ -119,7 +119,7 @@ def main(args: argparse.Namespace) -> dict:
 
     stages.start("training the tokenizer (multi-scale VQVAE) on embedded MNIST")
     tok_dir = out / "tokenizer"
-    data_flags = [f"--pn={preset['pn']}", f"--mid_reso={preset['mid_reso']}"]
+    data_flags = ["--dataset=mnist", f"--pn={preset['pn']}", f"--mid_reso={preset['mid_reso']}"]
     tok_args = tokenizer_trainer.build_parser().parse_args(TOKENIZER_FLAGS + data_flags + preset["tok"] + [
         f"--reso={preset['reso']}", f"--out_dir={tok_dir}", f"--seed={args.seed}"])
     tok_ckpt = tokenizer_trainer.train(tok_args)

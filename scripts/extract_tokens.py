@@ -25,10 +25,12 @@ from models.loading import load_vae
 from models.precision import set_tf32
 from models.presets import parse_patch_nums
 from models.tokenizer import VQVAE
-from utils.data.loaders import SafeImageFolder, check_same_classes, file_list_digest, first_items, open_split
+from utils.data.loaders import SafeImageFolder, check_same_classes, file_list_digest, first_items, \
+    image_source_problem, open_split
 from utils.data.token_cache import FORMAT, SPLITS, ShardWriter, TokenCacheError, identity_problems, read_manifest, \
     shard_bounds, shard_name, tokenizer_digest, write_json
 from utils.data.views import parse_views, render_views
+from utils.flags import add_image_source_flags
 from utils.run.agreement import refuse_disagreement, run_facts
 
 logger = logging.getLogger("extract_tokens")
@@ -172,8 +174,11 @@ def main(args: argparse.Namespace) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="[%(levelname)s] %(message)s")
     lowest = {"batch": 1, "encode_batch": 1, "workers": 0, "mid_reso": 1, "limit": 0}
-    if problems := [f"--{flag} must be >= {low}, got {getattr(args, flag)}" for flag, low in lowest.items()
-                    if getattr(args, flag) < low]:
+    problems = [f"--{flag} must be >= {low}, got {getattr(args, flag)}" for flag, low in lowest.items()
+                if getattr(args, flag) < low]
+    if problem := image_source_problem(args.data_path, args.dataset):
+        problems.append(problem)
+    if problems:
         raise ValueError("; ".join(problems))
     views, patch_nums = parse_views(args.views), parse_patch_nums(args.pn)
     set_tf32(device, args.tf32)  # the encoder's precision as train.py's on-the-fly tokenization (and VAR's)
@@ -214,10 +219,7 @@ def main(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data_path", default="", help="ImageFolder root with train/ and val/ class sub-folders; empty "
-                   "= the embedded data set --dataset (as train.py)")
-    p.add_argument("--dataset", default="mnist", help="embedded data set when --data_path is empty")
-    p.add_argument("--fmnist_dir", default="", help="Fashion-MNIST's IDX folder (see train.py)")
+    add_image_source_flags(p)
     p.add_argument("--vae_ckpt", default=None, help="tokenizer checkpoint, as train.py's")
     p.add_argument("--pn", default="256", help="patch schedule, as train.py's")
     p.add_argument("--mid_reso", type=float, default=1.125, help="resize the shorter side to mid_reso*reso "

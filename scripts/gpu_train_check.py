@@ -83,8 +83,9 @@ def train_cmd(work: Path, out: str, recipe: Recipe, *extra: str, torchrun: bool 
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
                 "--local-addr=127.0.0.1"] if torchrun else [sys.executable]  # not the host name: no DNS there
     return [*launcher, str(REPO / "train.py"), f"--vae_ckpt={work / 'vae.pth'}", f"--local_out_dir_path={work / out}",
-            "--pn=1_2_3_4", "--mid_reso=1.125", f"--depth={recipe.depth}", f"--embed_dim={recipe.embed_dim}",
-            f"--bs={recipe.bs}", f"--ep={recipe.ep}", f"--train_limit={recipe.train_limit}", "--val_limit=64",
+            "--dataset=mnist", "--pn=1_2_3_4", "--mid_reso=1.125", f"--depth={recipe.depth}",
+            f"--embed_dim={recipe.embed_dim}", f"--bs={recipe.bs}", f"--ep={recipe.ep}",
+            f"--train_limit={recipe.train_limit}", "--val_limit=64",
             f"--log_every={recipe.log_every}", f"--val_every={recipe.ep}", "--sample_every=0", "--save_every_min=0",
             "--workers=0", "--seed=0", "--tlr=3e-3", "--alng=1e-3", *extra]
 

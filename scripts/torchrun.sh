@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Shared launcher of the train_*.sh recipes: torchrun train.py with the node layout taken from the environment.
-#   NPROC_PER_NODE (default 8), NNODES (1), NODE_RANK (0), MASTER_ADDR (127.0.0.1), MASTER_PORT (29500), PYTHON.
-# Every argument is passed to train.py, e.g. --data_path=/path/to/imagenet --local_out_dir_path=runs/d16.
+#   NPROC_PER_NODE (default 8), NNODES (1), NODE_RANK (0), MASTER_ADDR (127.0.0.1), MASTER_PORT (29500), PYTHON
+#   (default: the active virtualenv's or conda environment's python, which holds the CUDA kernels of
+#   requirements-cuda.txt where they were installed, else the checkout's .venv, else python).
+# Every argument is passed to train.py, after --workers=8 (data-loader processes per rank; a later --workers wins),
+# e.g. --data_path=/path/to/imagenet --local_out_dir_path=runs/d16.
 # Relative paths in the flags are the caller's: the launcher stays in the folder it was started from.
 # Memory: --bs is the global batch per optimizer step. When a rank's activations do not fit, add --grad_ckpt=1
 # (blocks recomputed in the backward; projected from CPU measurements: M-VAR-d30 from 6 to 85 images per 80 GB
@@ -22,10 +25,11 @@ if [ "${NNODES:-1}" != 1 ] && { [ -z "${MASTER_ADDR:-}" ] || [ -z "${NODE_RANK:-
 fi
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-300}
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
-if [ -z "${PYTHON:-}" ]; then  # the Makefile's virtualenv when there is one
-  if [ -x "$REPO/.venv/bin/python" ]; then PYTHON=$REPO/.venv/bin/python; else PYTHON=python; fi
+if [ -z "${PYTHON:-}" ]; then  # the active environment's, else the Makefile's virtualenv when there is one
+  if [ -n "${VIRTUAL_ENV:-}${CONDA_PREFIX:-}" ] || [ ! -x "$REPO/.venv/bin/python" ]; then PYTHON=python
+  else PYTHON=$REPO/.venv/bin/python; fi
 fi
 exec "$PYTHON" -m torch.distributed.run \
   --nproc_per_node="${NPROC_PER_NODE:-8}" --nnodes="${NNODES:-1}" --node_rank="${NODE_RANK:-0}" \
   --master_addr="${MASTER_ADDR:-127.0.0.1}" --master_port="${MASTER_PORT:-29500}" \
-  "$REPO/train.py" "$@"
+  "$REPO/train.py" --workers=8 "$@"

@@ -1,6 +1,6 @@
 """Train VAR's multi-scale VQVAE tokenizer (flags: --help; the training itself is tokenizer_trainer.py).
 
-  python scripts/train_tokenizer.py                        # embedded MNIST at 32 px, 4x4 latent
+  python scripts/train_tokenizer.py --dataset=mnist        # embedded MNIST at 32 px, 4x4 latent
   torchrun --nproc_per_node=8 scripts/train_tokenizer.py --data_path=/data/imagenet --reso=256 \
       --ch=160 --ch_mult=1_1_2_2_4 --vocab_size=4096 --z_channels=32 --pn=256 --bs=256 --w_gan=0.1
 """

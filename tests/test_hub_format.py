@@ -12,9 +12,10 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import sample
-from models.hub_format import MVARHF, VQVAEHF, HubSource, is_hub_source
+from models.hub_format import MVARHF, VQVAEHF, HubSource, is_hub_source, read_model_weights
 from conftest import damage_tensor_data
-from models.loading import CheckpointError, load_checkpoint, load_mvar, mvar_checkpoint
+from models.loading import DERIVED_KEYS, CheckpointError, load_checkpoint, load_mvar, load_state_dict_checked, \
+    mvar_checkpoint, weights_digest
 from scripts import export
 import test_hub
 from test_hub import put_in_hf_cache
@@ -380,3 +381,23 @@ def test_the_model_cards_fid_command_names_the_npz_sample_py_writes():
                         (["--out", "hub/x", "--repo_id", "me/mvar-d16"], "mvar-d16")):
         args = export.build_parser().parse_args(["--ckpt", "d16.pth", *flags])
         assert export.fid_sample_name(args) == f"{name}-cfg1.5-topk900-topp0.96-seed0-n50.npz"
+
+
+def test_init_from_reads_a_model_in_each_of_its_formats(tmp_path):
+    """train.py --init_from took .pth files only: a Hub folder was "no such file", and its model.safetensors got the
+    advice to pass the folder, which --init_from then refused. Each format gives the weights and, where recorded, the
+    digest of the tokenizer they were trained with (train.py checks it against --vae_ckpt)."""
+    mvar, vae = hub_model()
+    mvar.save_pretrained(tmp_path / "m")
+    torch.save(mvar_checkpoint(mvar, vae), tmp_path / "ours.pth")
+    torch.save(official_style_state_dict(mvar), tmp_path / "official.pth")
+    digest = weights_digest(vae.state_dict())
+    for source, recorded in ((tmp_path / "m", digest), (tmp_path / "m" / "model.safetensors", digest),
+                             (tmp_path / "ours.pth", digest), (tmp_path / "official.pth", None)):
+        state, tokenizer_digest = read_model_weights(source, "--init_from")
+        assert tokenizer_digest == recorded, source
+        _, fresh = build_tiny()
+        load_state_dict_checked(fresh, state, ignore=DERIVED_KEYS, what=str(source))
+        assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in mvar.state_dict().items()), source
+    with pytest.raises(FileNotFoundError, match="--init_from=.*nope.pth: no such file"):
+        read_model_weights(tmp_path / "nope.pth", "--init_from")

@@ -272,8 +272,10 @@ def test_resume_logs_changed_flags_and_an_incompatible_one_is_an_error_line(setu
     (["--depth=0"], "error: --depth=0: expected a positive integer"),
     (["--pn=1_3_2"], "error: --pn=1_3_2: bad patch schedule"),
     (["--data_path={tmp}/nope"], "error: --data_path: folder .*nope/train does not exist"),
-    (["--init_from={tmp}/nope.pth"], "error: --init_from=.*nope.pth: no such file"),
-    (["--num_classes=2"], "error: --num_classes=2 is below the data's 10 classes"),  # trained before, label 2 = null
+    (["--dataset=mnist", "--init_from={tmp}/nope.pth"], "error: --init_from=.*nope.pth: no such file"),
+    (["--dataset=mnist", "--num_classes=2"], "error: --num_classes=2 is below the data's 10 classes"),  # trained
+    # before, with label 2 = null; a command without --data_path (VAR's official ones) trained on MNIST
+    ([], "error: --data_path: expected an ImageFolder root with train/ and val/ class folders .* --dataset=mnist"),
 ])
 def test_a_bad_flag_or_file_is_one_error_line_before_training(flags, message, tmp_path):
     vae = tmp_path / "vae.pth"
@@ -316,8 +318,31 @@ def test_launcher_passes_the_node_layout_and_the_preemption_settings(tmp_path):
     assert proc.stdout.splitlines() == [
         "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT=300",
         f"-m torch.distributed.run --nproc_per_node=8 --nnodes=2 --node_rank=1 --master_addr=10.0.0.7 "
-        f"--master_port=29500 {REPO}/train.py --depth=16"]
+        f"--master_port=29500 {REPO}/train.py --workers=8 --depth=16"]  # the recipe's flags after: they win
     assert "TORCH_ELASTIC_SHUTDOWN_TIMEOUT=600" in run_launcher(tmp_path, TORCH_ELASTIC_SHUTDOWN_TIMEOUT="600").stdout
+
+
+@pytest.mark.parametrize("active", ["VIRTUAL_ENV", "CONDA_PREFIX", None])
+def test_launcher_runs_the_active_environments_python(tmp_path, active):
+    """The checkout's .venv (made by `make test`, without the CUDA kernels of requirements-cuda.txt) used to win
+    over the environment a cluster user had activated, whose python has them: training fell back to the portable
+    Mamba2 kernels with one log line. With no environment active, the .venv still runs it."""
+    def fake_python(path, says):
+        path.parent.mkdir(parents=True)
+        path.write_text(f"#!/bin/sh\necho {says}\n")
+        path.chmod(0o755)
+
+    checkout = tmp_path / "checkout"  # the launcher finds the .venv beside its own folder
+    (checkout / "scripts").mkdir(parents=True)
+    shutil.copy(REPO / "scripts/torchrun.sh", checkout / "scripts")
+    fake_python(checkout / ".venv/bin/python", "checkout venv")
+    fake_python(tmp_path / "env/bin/python", "active environment")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHON", "VIRTUAL_ENV", "CONDA_PREFIX")}
+    env["PATH"] = f"{tmp_path / 'env/bin'}:{env['PATH']}"
+    proc = subprocess.run(["bash", str(checkout / "scripts/torchrun.sh")], capture_output=True, text=True, timeout=30,
+                          env={**env, active: str(tmp_path / "env")} if active else env)
+    assert proc.returncode == 0 and proc.stdout == ("active environment\n" if active else "checkout venv\n"), \
+        proc.stdout + proc.stderr
 
 
 @pytest.mark.parametrize("env", [{"NNODES": "2", "NODE_RANK": "1"}, {"NNODES": "2", "MASTER_ADDR": "10.0.0.7"}])

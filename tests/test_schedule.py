@@ -89,7 +89,7 @@ def test_progressive_state_matches_vars_counters():
     assert prog_state(5, wp_it, max_it, 0.0, 4, K, pgwp_it) == (-1, 1.0)  # --pg 0: no progressive training
 
 
-OFFICIAL = "--depth=16 --bs=768 --ep=200 --fp16=1 --alng=1e-3 --wpe=0.1".split()
+OFFICIAL = "--depth=16 --bs=768 --ep=200 --fp16=1 --alng=1e-3 --wpe=0.1 --data_path=/path/to/imagenet".split()
 
 
 def test_official_command_parses_and_derives_vars_values():
@@ -102,7 +102,8 @@ def test_official_command_parses_and_derives_vars_values():
 
 
 def test_accumulation_and_progressive_derivations():
-    args = finalize_args(parse_args(["--bs=1024", "--ac=4", "--pg=0.5", "--pn=512", "--twde=0.08"]), world_size=8)
+    args = finalize_args(parse_args(["--bs=1024", "--ac=4", "--pg=0.5", "--pn=512", "--twde=0.08",
+                                         "--dataset=mnist"]), world_size=8)
     assert args.batch_size == 32 and args.glb_batch_size == 256 and args.bs_effective == 1024
     assert args.tlr == pytest.approx(4 * 1e-4 * 256 / 256)  # VAR: ac * tblr * glb_batch / 256
     assert args.sche == "lin0.5" and args.twde == 0.08 and args.patch_nums[-1] == 32
@@ -131,7 +132,7 @@ def test_every_flag_has_help_and_spec_defaults():
     d = vars(parse_args([]))
     spec = dict(depth=16, bs=768, ep=250, tblr=1e-4, twd=0.05, wp0=0.005, wpe=0.01, sche="lin0", tclip=2.0, ls=0.0,
                 fp16=0, ac=1, alng=1e-5, aln=0.5, hd=0.02, ini=-1.0, saln=False, anorm=True, pg=0.0, pg0=4,
-                hflip=False, mid_reso=1.125, tf32=True, dataset="mnist", data_path="")
+                hflip=False, mid_reso=1.125, tf32=True, dataset=None, data_path="")
     assert {k: d[k] for k in spec} == spec
 
 

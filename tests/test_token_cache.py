@@ -291,7 +291,9 @@ def test_bad_extraction_flags_are_named_before_any_work(tmp_path, monkeypatch):
     with pytest.raises(ValueError) as e:
         main(args)
     assert waits == [24 * 60]
-    assert str(e.value) == "--batch must be >= 1, got 0; --workers must be >= 0, got -1"
+    assert str(e.value) == "--batch must be >= 1, got 0; --workers must be >= 0, got -1; --data_path: expected an " \
+        "ImageFolder root with train/ and val/ class folders (ImageNet's layout); for an embedded data set instead, " \
+        "name it: --dataset=mnist|imagenet20|fmnist"  # it used to read MNIST
     assert not (tmp_path / "cache").exists()
 
 

@@ -21,7 +21,7 @@ from utils.run.log import read_scalars
 STEP_RE = re.compile(r"step \d+/\d+ loss ([\d.]+) l1 ([\d.]+) l2 ([\d.]+) vq ([\d.]+) g ([-\d.]+) d ([\d.]+) "
                      r"grad_norm ([\d.]+)")
 TINY = ["--reso=8", "--ch=32", "--ch_mult=1_2", "--z_channels=8", "--vocab_size=64", "--pn=1_2_4", "--bs=16",
-        "--mid_reso=1.0", "--reinit_every=0", "--lr=3e-3", "--wp=0"]
+        "--mid_reso=1.0", "--reinit_every=0", "--lr=3e-3", "--wp=0", "--dataset=mnist"]
 
 
 def tiny_args(*extra: str):
@@ -173,6 +173,10 @@ def test_the_cli_ends_a_bad_flag_in_one_error_line(tmp_path):
                   check=False)
     assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
         "error: --wp=2.0: the warm-up is a fraction of --steps, in [0, 1) (train.py's --wp counts epochs)"]
+    no_data = [f for f in TINY if f != "--dataset=mnist"]  # it used to train on MNIST
+    proc = launch(REPO / "scripts" / "train_tokenizer.py", *no_data, f"--out_dir={tmp_path}", nproc=1, check=False)
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1].startswith(
+        "error: --data_path: expected an ImageFolder root with train/ and val/ class folders"), proc.stderr[-2000:]
 
 
 def test_resume_keeps_the_tokenizer_and_a_never_trained_discriminator_may_change(tmp_path):

@@ -421,8 +421,9 @@ def test_models_are_built_on_their_device(builder, monkeypatch):
     meta = torch.device("meta")
     build = {
         "models.build_vae_mvar": lambda: build_vae_mvar(meta, patch_nums=PN, V=32, Cvae=8, ch=32, ch_mult=(1, 2)),
-        "train.build_model": lambda: train.build_model(train.finalize_args(train.parse_args(["--pn=1_2_4"]), 1),
-                                                       types.SimpleNamespace(vocab_size=32, Cvae=8), 4, meta),
+        "train.build_model": lambda: train.build_model(
+            train.finalize_args(train.parse_args(["--pn=1_2_4", "--dataset=mnist"]), 1),
+            types.SimpleNamespace(vocab_size=32, Cvae=8), 4, meta),
         "bench.random_train_step": lambda: bench.random_train_step("mvar", 1, "fp32", meta,
                                                                    bench.build_parser().parse_args(["--pn", "1_2_4"])),
     }[builder]

@@ -425,7 +425,8 @@ def test_best_checkpoint_is_written_where_the_last_one_must_wait(setup):
 
 def test_embedded_data_without_tokenizer_points_at_tokenizer_training(tmp_path):
     env = {**SUBPROCESS_ENV, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
-    proc = subprocess.run([sys.executable, str(REPO / "train.py"), "--depth=2", f"--local_out_dir_path={tmp_path}"],
+    proc = subprocess.run([sys.executable, str(REPO / "train.py"), "--depth=2", "--dataset=mnist",
+                           f"--local_out_dir_path={tmp_path}"],
                           env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert "vae_ch160v4096z32.pth" in proc.stderr and "scripts/train_tokenizer.py" in proc.stderr

@@ -12,7 +12,7 @@ import torch
 from models.mvar import MVARConfig
 from models.presets import ARCH_BRANCHES, ATTN_KERNELS, MAMBA_KERNELS, MVAR_models, parse_patch_nums
 from utils.data.embedded import EMBEDDED_DATASETS
-from utils.data.loaders import mid_reso_problem
+from utils.data.loaders import image_source_problem, mid_reso_problem
 from utils.run.schedule import schedule_problem
 
 # MVARConfig field of a `--model` entry -> (train.py flag, its value)
@@ -36,6 +36,18 @@ def add_backend_flags(parser: argparse._ActionsContainer, default: str | None = 
                         help="intra-scale attention kernel (auto: $MVAR_ATTN_BACKEND, else the fastest that runs)")
     parser.add_argument("--mamba_backend", default=default, choices=("auto", *MAMBA_KERNELS),
                         help="Mamba2 kernel (auto: $MVAR_MAMBA_BACKEND, else mamba_ssm on CUDA when installed)")
+
+
+def add_image_source_flags(parser: argparse._ActionsContainer) -> None:
+    """--data_path / --dataset / --fmnist_dir, spelled the same in every CLI that reads images (utils.data.loaders.
+    open_split): --dataset has no default, so that a command without --data_path is refused, not run on MNIST."""
+    parser.add_argument("--data_path", default="", help="ImageFolder root with train/ and val/ class sub-folders "
+                        "(ImageNet's layout)")
+    parser.add_argument("--dataset", default=None, choices=EMBEDDED_DATASETS, help="an embedded data set "
+                        "(utils.data.embedded) instead of --data_path")
+    parser.add_argument("--fmnist_dir", default="", help="folder with Fashion-MNIST's four IDX files for "
+                        "--dataset=fmnist; empty = $FMNIST_DIR, else /usr/share/datasets/fashion-mnist (Debian's "
+                        "`apt-get install dataset-fashion-mnist`)")
 
 
 def device_problem(value: str, flag: str = "--device") -> str | None:
@@ -80,13 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = dict(type=str2bool, nargs="?", const=True)  # `--hflip`, `--hflip=1`, `--hflip=false` all work
 
     g = p.add_argument_group("data")
-    g.add_argument("--data_path", default="", help="ImageFolder root with train/ and val/ class sub-folders; "
-                   "empty = the embedded data set named by --dataset")
-    g.add_argument("--dataset", default="mnist", choices=EMBEDDED_DATASETS, help="embedded data set used when "
-                   "--data_path is empty (utils.data.embedded)")
-    g.add_argument("--fmnist_dir", default="", help="folder with Fashion-MNIST's four IDX files for "
-                   "--dataset=fmnist; empty = $FMNIST_DIR, else /usr/share/datasets/fashion-mnist (Debian's "
-                   "`apt-get install dataset-fashion-mnist`)")
+    add_image_source_flags(g)
     g.add_argument("--tokens", default="", help="train from this token cache (scripts/extract_tokens.py: one of "
                    "its views per image per epoch) instead of the images; --mid_reso/--hflip then do not apply (the "
                    "val/ and --eval_every images are cropped at the cache's --mid_reso). Validation: --data_path's "
@@ -130,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "--vae_ckpt weights differ from the tokenizer the checkpoint embeds (same config); the run and its "
                    "checkpoints then use this one")
     g.add_argument("--init_from", default=None, help="initialise the model weights from this checkpoint (ours or "
-                   "official M-VAR/VAR); optimizer and schedule start fresh")
+                   "official M-VAR/VAR) or Hub model folder (scripts/export.py's, or a repo id); optimizer and "
+                   "schedule start fresh")
     g.add_argument("--tfast", type=int, default=0, choices=(0, 1, 2, 3), help="torch.compile the model: "
                    "0 off, 1 reduce-overhead, 2 max-autotune, 3 default")
     g.add_argument("--vfast", type=int, default=0, choices=(0, 1, 2, 3), help="torch.compile the tokenizer "
@@ -283,6 +290,8 @@ def finalize_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
     for name in ("tblr", "tlr"):
         if not math.isfinite(getattr(args, name)) or getattr(args, name) <= 0:
             raise FlagError(f"--{name}={getattr(args, name)}: expected a positive learning rate")
+    if (not args.tokens or args.eval_every) and (problem := image_source_problem(args.data_path, args.dataset)):
+        raise FlagError(problem + (" (--eval_every with --tokens scores against real images)" if args.tokens else ""))
     return args
 
 

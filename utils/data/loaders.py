@@ -43,6 +43,17 @@ def mid_reso_problem(mid_reso: float) -> str:
             "cropped to the image size)")
 
 
+def image_source_problem(data_path: str, dataset: str | None) -> str:
+    """Why no images can be opened ("" when they can): with no `--data_path`, an embedded data set must be named.
+    A command without `--data_path` (VAR's own launch commands, which need it) used to train on MNIST."""
+    if data_path or dataset:
+        return ""
+    from utils.data.embedded import EMBEDDED_DATASETS
+
+    return ("--data_path: expected an ImageFolder root with train/ and val/ class folders (ImageNet's layout); "
+            f"for an embedded data set instead, name it: --dataset={'|'.join(EMBEDDED_DATASETS)}")
+
+
 def build_transforms(reso: int, mid_reso: float = 1.125, hflip: bool = False) -> tuple[Callable, Callable]:
     """VAR's transforms: resize the shorter side to round(mid_reso*reso) (LANCZOS), then a random (train) or
     center (val) reso x reso crop, optional horizontal flip (train), values in [-1, 1]."""
