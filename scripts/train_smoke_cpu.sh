@@ -18,6 +18,6 @@ torch.save({"vae_config": dataclasses.asdict(vae.config), "vae": vae.state_dict(
 PY
 fi
 OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" NPROC_PER_NODE="${NPROC_PER_NODE:-2}" PYTHONPATH=. \
-  exec scripts/torchrun.sh --dataset=mnist --vae_ckpt="$VAE" --pn=1_2_3_4 --depth=2 --embed_dim=64 --num_heads=2 --fuse=0 \
-  --bs=32 --ep=2 --tblr=1e-2 --log_every=20 --save_every=50 --sample_every=1 --val_every=1 --workers=1 \
+  exec scripts/torchrun.sh --dataset=mnist --vae_ckpt="$VAE" --pn=1_2_3_4 --depth=2 --embed_dim=64 --num_heads=2 \
+  --fuse=0 --bs=32 --ep=2 --tblr=1e-2 --log_every=20 --save_every=50 --sample_every=1 --val_every=1 --workers=1 \
   --local_out_dir_path="$OUT" "$@"

@@ -1,5 +1,6 @@
-"""Command-line flags of train.py: VAR's names and defaults (the official launch commands run unchanged), plus
-M-VAR and robustness extras. `finalize_args` derives the values VAR computes at start-up (per-rank batch, lr, ...).
+"""Command-line flags of train.py: VAR's names and defaults (the official launch commands run unchanged, with
+--data_path, which VAR's default leaves a placeholder), plus M-VAR and robustness extras. `finalize_args` derives
+the values VAR computes at start-up (per-rank batch, lr, ...).
 The choices come from `models.presets` (architectures, model sizes, kernel backends, patch schedules).
 """
 import argparse

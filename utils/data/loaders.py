@@ -19,6 +19,7 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, has_file_allowed_extension
 from torchvision.transforms import InterpolationMode, transforms
 
+from utils.data.embedded import EMBEDDED_DATASETS
 from utils.run.log import SAME_ON_ALL_RANKS
 
 logger = logging.getLogger(__name__)
@@ -48,8 +49,6 @@ def image_source_problem(data_path: str, dataset: str | None) -> str:
     A command without `--data_path` (VAR's own launch commands, which need it) used to train on MNIST."""
     if data_path or dataset:
         return ""
-    from utils.data.embedded import EMBEDDED_DATASETS
-
     return ("--data_path: expected an ImageFolder root with train/ and val/ class folders (ImageNet's layout); "
             f"for an embedded data set instead, name it: --dataset={'|'.join(EMBEDDED_DATASETS)}")
 
