@@ -51,6 +51,18 @@ def test_no_weight_decay_groups_follow_var():
     assert opt.defaults["betas"] == (0.9, 0.95) and [g["wd_sc"] for g in opt.param_groups] == [1.0, 0.0]
 
 
+def test_every_1d_parameter_gets_no_weight_decay():
+    """VAR decays no 1-D parameter: Mamba2's gated RMSNorm weight (`mamba.norm.weight`) is 1-D with no bias suffix,
+    no _no_weight_decay flag and no NO_WD_KEYS fragment, so only the ndim rule spares it (a `p.ndim < 1` decayed
+    it)."""
+    tr = tiny()
+    names = {id(p): n for n, p in tr.mvar.named_parameters()}
+    decay, no_decay = ({names[id(p)] for p in g["params"]} for g in param_groups(tr.mvar))
+    one_d = {n for n, p in tr.mvar.named_parameters() if p.ndim <= 1}
+    assert {"blocks.0.mamba.norm.weight", "blocks.1.mamba.norm.weight"} <= one_d
+    assert one_d <= no_decay and not one_d & decay
+
+
 def test_loss_is_uniform_token_cross_entropy():
     tr = tiny()
     logits_BLV, gt_BL = torch.randn(3, 21, 64), torch.randint(0, 64, (3, 21))
