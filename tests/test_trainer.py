@@ -318,6 +318,21 @@ def test_trainer_state_round_trip_gives_identical_next_step():
     assert all(torch.equal(p, q) for p, q in zip(tr.mvar.parameters(), other.mvar.parameters(), strict=True))
 
 
+def test_trainer_state_round_trip_keeps_the_loss_scale_and_the_divergence_guard():
+    """A resume restores GradScaler's scale (a fresh 2**11 would overflow or underflow again after a run had found
+    its scale) and the guard's running level and bad-step count (a fresh guard forgets a run of bad steps and
+    judges the next losses against no level)."""
+    tr = tiny(fp16=1)
+    tr.micro_step(*batch())  # GradScaler makes its scale at the first step
+    tr.scaler.update(new_scale=512.0)
+    tr.guard.level, tr.guard.bad_in_a_row = 3.25, 2
+    other = tiny(fp16=1)
+    assert other.scaler.get_scale() == 2.0**11 and (other.guard.level, other.guard.bad_in_a_row) == (None, 0)
+    other.load_state_dict(copy.deepcopy(tr.state_dict()))
+    assert other.scaler.get_scale() == 512.0
+    assert (other.guard.level, other.guard.bad_in_a_row) == (3.25, 2) and not other.guard.healthy
+
+
 def test_a_resume_keeps_this_runs_optimizer_implementation():
     """--afuse=0 on a relaunch runs the plain AdamW although the checkpoint's groups say fused (torch's
     load_state_dict copies every group key), and the other way round."""
