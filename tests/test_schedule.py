@@ -43,6 +43,16 @@ def test_other_schedules(sche, p, expected):
     assert lr_factor(sche, 10 + round(p * 200), wp_it, max_it, WP0, WPE) == pytest.approx(expected)
 
 
+def test_exp_holds_15_percent_then_decays_exponentially_to_wpe():
+    """VAR's exp schedule: the peak lr through the first 15% after warm-up, then exp((p - 0.15) / 0.85 * log wpe),
+    so wpe ** 0.5 halfway through the decay (not a decay from p = 0, which the endpoint test alone let through)."""
+    wp_it, max_it = 10, 211  # 200 post-warm-up steps (p = (it - 10) / 200)
+    assert lr_factor("exp", 10, wp_it, max_it, WP0, WPE) == 1.0
+    assert lr_factor("exp", 30, wp_it, max_it, WP0, WPE) == 1.0  # p = 0.1
+    assert lr_factor("exp", 39, wp_it, max_it, WP0, WPE) == 1.0  # p = 0.145
+    assert lr_factor("exp", 125, wp_it, max_it, WP0, WPE) == pytest.approx(WPE**0.5, rel=1e-12)  # p = 0.575
+
+
 def test_unknown_schedule_names_the_flag():
     with pytest.raises(ValueError, match="--sche"):
         lr_factor("step", 50, 10, 100)
