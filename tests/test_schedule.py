@@ -102,6 +102,16 @@ def test_progressive_state_matches_vars_counters():
 OFFICIAL = "--depth=16 --bs=768 --ep=200 --fp16=1 --alng=1e-3 --wpe=0.1 --data_path=/path/to/imagenet".split()
 
 
+def test_progressive_stage_rounds_as_var():
+    """VAR: prog_si = pg0 + round(progress * (K - 1 - pg0)); truncating (int) enters each stage half a stage late.
+    Here progress = (it - 40) / 200 over 5 stages: 0.475 stages at it 59, 0.525 at 61, 1.525 at 101, 4.975 at 239
+    (ties at it 60 and 100 left out: Python's round takes them to the even stage, in VAR too)."""
+    def stage(it):
+        return prog_si_at(it, 40, 400, 0.6, 4, 10)
+
+    assert [stage(it) for it in (40, 41, 59, 61, 70, 99, 101, 239, 240)] == [4, 4, 4, 5, 5, 5, 6, 9, 9]
+
+
 def test_official_command_parses_and_derives_vars_values():
     args = finalize_args(parse_args(OFFICIAL), world_size=8)
     assert (args.depth, args.bs, args.ep, args.fp16, args.alng, args.wpe) == (16, 768, 200, 1, 1e-3, 0.1)
