@@ -9,7 +9,7 @@ from PIL import Image
 from torch.utils.data import TensorDataset
 
 from utils.data.loaders import DistributedBatchSampler, EvalDistributedSampler, PaddedEvalDataset, SafeImageFolder, \
-    SeededDataset, build_datasets, build_transforms, first_items
+    SeededDataset, build_datasets, build_transforms, first_items, normalize_01_into_pm1
 from utils.data.views import crop_box
 
 
@@ -30,6 +30,14 @@ def test_transforms_resize_crop_and_range():
         assert x.shape == (3, 16, 16) and x.min() >= -1 and x.max() <= 1 and x.min() < 0
     assert [type(t).__name__ for t in train_tf.transforms[:3]] == ["RandomHorizontalFlip", "Resize", "RandomCrop"]
     assert train_tf.transforms[1].size == 18  # round(1.125 * 16), shorter side
+
+
+def test_normalize_maps_0_1_onto_minus_1_1_exactly():
+    """VAR's normalize_01_into_pm1 is 2x - 1 (the tokenizer was trained on [-1, 1]); the range test above let an
+    x - 0.5 through (its outputs stay within [-1, 1] and go below 0)."""
+    x = torch.tensor([0.0, 0.25, 0.5, 1.0])
+    assert torch.equal(normalize_01_into_pm1(x), torch.tensor([-1.0, -0.5, 0.0, 1.0]))
+    assert torch.equal(x, torch.tensor([0.0, 0.25, 0.5, 1.0]))  # its input is left alone
 
 
 def test_sampler_covers_each_index_once_per_epoch():
