@@ -1,0 +1,30 @@
+"""utils.run.rng: a resumed rank restores its own generator states from a checkpoint's list of every rank's."""
+import random
+
+import numpy as np
+import torch
+
+import dist
+from utils.run.rng import get_rng_state, restore_rng_states, set_rng_state
+
+
+def test_each_rank_restores_its_own_rng_states(monkeypatch, request):
+    """Rank 1 of 2 resumes with states[1] for torch, Python and NumPy (restoring states[0] on every rank gives all
+    ranks rank 0's draws: the same dropout masks and augmentations on every rank after a resume)."""
+    saved = get_rng_state()
+    request.addfinalizer(lambda: set_rng_state(saved))  # Python's and NumPy's global streams as other tests left them
+    states, draws = [], []
+    for seed in (10, 11):  # rank r's state, and its next draws
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed)
+        states.append(get_rng_state())
+        draws.append((torch.rand(3), random.random(), np.random.rand(3)))
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    torch.manual_seed(0)
+    restore_rng_states(states)
+    got = (torch.rand(3), random.random(), np.random.rand(3))
+    assert torch.equal(got[0], draws[1][0]) and not torch.equal(got[0], draws[0][0])
+    assert got[1] == draws[1][1] and got[1] != draws[0][1]
+    assert np.array_equal(got[2], draws[1][2]) and not np.array_equal(got[2], draws[0][2])
