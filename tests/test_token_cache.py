@@ -392,6 +392,28 @@ def test_views_follow_the_seed():
     assert counts.min() > 900 and pick_view(123, 10) == pick_view(123, 10)
 
 
+def test_an_item_takes_the_view_its_seed_picks(tmp_path):
+    """A cache of several views (tencrop, rand<n>) trains each item on view pick_view(seed), not on the first view
+    only: a 2-view split written by hand, view v of image i holding ids 100 * i + 10 * v + (0..L)."""
+    L, N = 5, 3
+    (tmp_path / "train").mkdir()
+    stem = tmp_path / "train" / shard_name(0, 1)
+    np.save(stem.with_suffix(".ids.npy"), (100 * np.arange(N)[:, None, None] + 10 * np.arange(2)[None, :, None]
+                                           + np.arange(L)).astype(np.uint16))
+    np.save(stem.with_suffix(".labels.npy"), np.array([0, 1, 0], dtype=np.int32))
+    manifest = {"L": L, "classes": ["a", "b"], "splits": {"train": {"shards": [[0, N]], "views": ["center", "rand0"]}}}
+    ds = TokenDataset(tmp_path, manifest, "train")
+    picked = set()
+    for i in range(N):
+        for seed in range(8):
+            view = pick_view(seed, 2)
+            picked.add(view)
+            ids_L, label = ds[(i, seed)]
+            assert torch.equal(ids_L, torch.arange(L) + 100 * i + 10 * view) and label == [0, 1, 0][i], (i, seed)
+        assert torch.equal(ds[i][0], torch.arange(L) + 100 * i)  # a plain index: the first view
+    assert picked == {0, 1}
+
+
 def test_a_limited_split_takes_the_samplers_items(centre_cache):
     """--train_limit keeps the first images; items are the sampler's (index, seed) pairs or plain indices."""
     ds = TokenDataset(centre_cache, read_manifest(centre_cache), "train", limit=5)
