@@ -114,6 +114,22 @@ def test_layer_matches_token_by_token_reference(options):
     torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-8)
 
 
+def test_default_gated_norm_gates_before_the_norm_as_mamba_ssm():
+    """mamba_ssm's Mamba2 defaults to norm_before_gate=False: out = RMSNorm(y * silu(z)) * w per group. The naive
+    reference reads `m.norm_before_gate`, so a flipped default passed it; this one hard-codes that order, on the
+    values the layer's forward hands its norm."""
+    m = randomise_(Mamba2(**SMALL)).double()
+    assert m.norm_before_gate is False and m.norm.norm_before_gate is False
+    seen = []
+    m.norm.register_forward_hook(lambda mod, args, out: seen.append((*args, out)))
+    with torch.no_grad():
+        m(torch.randn(2, 11, 32, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
+    (y, z, out), = seen
+    v = (y * F.silu(z)).unflatten(-1, (m.ngroups, -1))  # gate first, then normalise each group of d_ssm/ngroups
+    ref = (v / torch.sqrt(v.square().mean(-1, keepdim=True) + 1e-5)).flatten(-2) * m.norm.weight
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-10)])
 def test_state_carrying_matches_full_forward(dtype, tol):
     m = randomise_(Mamba2(**SMALL)).to(dtype)
