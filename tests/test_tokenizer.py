@@ -228,6 +228,19 @@ def test_phi_formula():
         torch.testing.assert_close(phi(h), 0.5 * h + 0.5 * (3 * h + 1))
 
 
+def test_phi_blend_weights_the_conv_by_the_ratio():
+    """VAR's phi is h * (1 - r) + conv(h) * r: at the default r = 0.5 a blend with the weights swapped gives the same
+    values, so a quant_resi of 0.2 tells the two apart (0.8 h + 0.2 conv(h), not 0.2 h + 0.8 conv(h))."""
+    phi = VQVAE(**{**TINY, "quant_resi": 0.2}).quantize.phi(0, 4)
+    assert phi.ratio == pytest.approx(0.2)
+    with torch.no_grad():
+        phi.weight.zero_()
+        phi.weight[range(8), range(8), 1, 1] = 1.0  # conv = identity + 2
+        phi.bias.fill_(2.0)
+        h = torch.randn(1, 8, 4, 4, generator=torch.Generator().manual_seed(0))
+        torch.testing.assert_close(phi(h), 0.8 * h + 0.2 * (h + 2), rtol=0, atol=1e-6)
+
+
 def test_straight_through_passes_decoder_grad_to_encoder(tiny, images):
     rec, _, _ = tiny(images)
     rec.sum().backward()  # no vq loss: the encoder gets gradient only through the straight-through estimator
