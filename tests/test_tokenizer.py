@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from models.loading import StateDictMismatchError, load_state_dict_checked, load_vae
 from models.presets import PATCH_NUMS, parse_patch_nums
 from models.tokenizer import VQVAE, VQVAEConfig
+from models.vq_losses import hinge_d_loss, hinge_g_loss
 
 pytestmark = pytest.mark.numerics  # rerun by `make test` at the lowest ISA level
 
@@ -239,6 +240,17 @@ def test_phi_blend_weights_the_conv_by_the_ratio():
         phi.bias.fill_(2.0)
         h = torch.randn(1, 8, 4, 4, generator=torch.Generator().manual_seed(0))
         torch.testing.assert_close(phi(h), 0.8 * h + 0.2 * (h + 2), rtol=0, atol=1e-6)
+
+
+def test_hinge_losses_values_and_signs():
+    """The hinge GAN losses at known logits: the discriminator's is 0 when real logits are >= 1 and fake ones <= -1
+    and grows on the wrong side (argument order: real, fake); the generator's is -mean(D(fake)), so it falls as the
+    discriminator is fooled."""
+    assert hinge_d_loss(torch.tensor([2.0]), torch.tensor([-2.0])).item() == 0.0
+    assert hinge_d_loss(torch.tensor([-1.0]), torch.tensor([1.0])).item() == 2.0
+    assert hinge_d_loss(torch.tensor([0.0, 3.0]), torch.tensor([0.5, -4.0])).item() == 0.5 * (0.5 + 0.75)
+    assert hinge_g_loss(torch.tensor([1.0])).item() == -1.0
+    assert hinge_g_loss(torch.tensor([2.0, -0.5])).item() == -0.75
 
 
 def test_straight_through_passes_decoder_grad_to_encoder(tiny, images):
