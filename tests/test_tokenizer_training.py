@@ -12,7 +12,7 @@ import torch
 
 from conftest import PER_RANK, REPO, launch, write_image_folder
 from models.loading import load_vae
-from models.vq_losses import build_perceptual_loss
+from models.vq_losses import build_perceptual_loss, hinge_d_loss
 from tokenizer_trainer import TokenizerTrainer, build_parser, build_vae, quantizer_residuals, train
 from utils.data.loaders import build_datasets
 from utils.run.divergence import NonFiniteError
@@ -92,6 +92,33 @@ def test_gan_term_updates_discriminator():
     out = trainer.train_step(mnist_batch(8))
     assert {"g", "d"} <= out.keys()
     assert any(not torch.equal(b, p) for b, p in zip(before, trainer.disc.parameters(), strict=True))
+
+
+def test_discriminator_loss_gets_real_logits_first_and_fake_second(monkeypatch):
+    """hinge_d_loss(logits_real, logits_fake) must get the discriminator's logits on the real images first and on the
+    (detached) reconstructions second: with the halves swapped the discriminator learns to call reconstructions real
+    and still trains. The logits are matched exactly to the discriminator's outputs for those inputs."""
+    import tokenizer_trainer
+
+    args = tiny_args("--steps=2", "--w_gan=0.1", "--disc_ch=16", "--disc_layers=1")
+    trainer = TokenizerTrainer(build_vae(args), args, torch.device("cpu"))
+    calls, d_args = [], []
+    trainer.disc.register_forward_hook(lambda mod, inp, out: calls.append((inp[0].detach(), out.detach())))
+    trainer.vae.register_forward_hook(lambda mod, inp, out: calls.append(("rec", out[0].detach())))
+    monkeypatch.setattr(tokenizer_trainer, "hinge_d_loss",
+                        lambda *a: d_args.append([t.detach() for t in a]) or hinge_d_loss(*a))
+    img = mnist_batch(8)
+    trainer.train_step(img)
+    (rec,) = [out for inp, out in calls if isinstance(inp, str)]
+    seen = [(inp, out) for inp, out in calls if not isinstance(inp, str)]
+
+    def logits_of(images):  # the discriminator's output rows for these input images, from its latest call
+        return torch.stack([next(out[i] for inp, out in reversed(seen) for i in range(len(inp))
+                                 if torch.equal(inp[i], x)) for x in images])
+
+    (real, fake), = d_args
+    assert torch.equal(real, logits_of(img)) and torch.equal(fake, logits_of(rec))
+    assert not torch.equal(real, fake)
 
 
 def test_a_non_finite_step_updates_nothing_and_too_many_stop_the_run(caplog):
