@@ -121,6 +121,15 @@ def test_discriminator_loss_gets_real_logits_first_and_fake_second(monkeypatch):
     assert not torch.equal(real, fake)
 
 
+def test_total_loss_weights_the_vq_term_by_w_vq():
+    """The returned loss is w_l1 * l1 + w_l2 * l2 + w_vq * vq (no GAN, no LPIPS): a --w_vq left out of the sum
+    trained with weight 1 whatever the flag said."""
+    trainer = TokenizerTrainer(build_vae(args := tiny_args("--w_vq=0.3")), args, torch.device("cpu"))
+    out = trainer.train_step(mnist_batch(8))
+    assert out["vq"] > 0.01 * out["loss"]  # the term is large enough to tell the weights apart
+    torch.testing.assert_close(out["loss"], out["l1"] + out["l2"] + 0.3 * out["vq"], rtol=1e-6, atol=0)
+
+
 def test_a_non_finite_step_updates_nothing_and_too_many_stop_the_run(caplog):
     """A batch with a NaN made every weight (and the discriminator's) NaN, and the next saves kept them: a bad step
     is now skipped, a good one counts on, and --max_nonfinite bad ones in a row stop the run."""
