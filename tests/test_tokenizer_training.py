@@ -130,6 +130,21 @@ def test_total_loss_weights_the_vq_term_by_w_vq():
     torch.testing.assert_close(out["loss"], out["l1"] + out["l2"] + 0.3 * out["vq"], rtol=1e-6, atol=0)
 
 
+def test_resume_restores_the_usage_ema_step_count():
+    """The quantizer's usage EMA picks its decay by how many steps it has seen (`_hit_steps`): a resumed trainer
+    must carry on from the checkpoint's step, not restart the 0.9-decay warm-up at 0."""
+    args = tiny_args("--steps=3")
+    trainer = TokenizerTrainer(build_vae(args), args, torch.device("cpu"))
+    img = mnist_batch(8)
+    for _ in range(2):
+        trainer.train_step(img)
+    assert trainer.vae.quantize._hit_steps == 2
+    resumed = TokenizerTrainer(build_vae(args), args, torch.device("cpu"))
+    assert resumed.vae.quantize._hit_steps == 0
+    resumed.load_state_dict(trainer.state_dict())
+    assert resumed.step == resumed.vae.quantize._hit_steps == 2
+
+
 def test_a_non_finite_step_updates_nothing_and_too_many_stop_the_run(caplog):
     """A batch with a NaN made every weight (and the discriminator's) NaN, and the next saves kept them: a bad step
     is now skipped, a good one counts on, and --max_nonfinite bad ones in a row stop the run."""
