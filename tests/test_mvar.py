@@ -196,6 +196,40 @@ def test_cond_dropout_only_in_train_mode():
     torch.testing.assert_close(mvar(label_B, x_BLCv), b)
 
 
+def layer_norm(x, eps):
+    """Non-affine LayerNorm by hand."""
+    centred = x - x.mean(-1, keepdim=True)
+    return centred / (centred.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+
+
+def test_block_and_head_modulate_each_branch_as_var_in_float64():
+    """One M-VAR block by hand in float64: x += gamma_i * branch_i(LN(x) * (1 + scale_i) + shift_i) for attention,
+    then Mamba2, then the FFN, ada_lin's 9 chunks being gamma_1..3, scale_1..3, shift_1..3 (VAR's order); and the
+    head's adaLN, LN(x) * (1 + scale) + shift with ada_lin's chunks (scale, shift). A swapped scale/shift in a block
+    or in the head, or another branch order, still loaded official checkpoints and ran."""
+    _, mvar = build_tiny()
+    mvar.double().eval()
+    block, C, eps = mvar.blocks[1], mvar.C, mvar.config.norm_eps
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, mvar.L, C, generator=g, dtype=torch.float64)
+    cond = torch.randn(2, C, generator=g, dtype=torch.float64)
+    lin = block.ada_lin[1]
+    mods = torch.nn.functional.linear(torch.nn.functional.silu(cond), lin.weight, lin.bias).view(2, 1, 9, C)
+    branches = {"attn": lambda h: block.attn(h, mvar.seg_lens), "mamba": block.mamba, "ffn": block.ffn}
+    want = x
+    for i, name in enumerate(("attn", "mamba", "ffn")):
+        gamma, scale, shift = mods[:, :, i], mods[:, :, 3 + i], mods[:, :, 6 + i]
+        want = want + gamma * branches[name](layer_norm(want, eps) * (1 + scale) + shift)
+    with torch.no_grad():
+        got = block(x, cond, mvar.seg_lens)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+        lin = mvar.head_nm.ada_lin[1]
+        scale, shift = torch.nn.functional.linear(torch.nn.functional.silu(cond), lin.weight, lin.bias).view(
+            2, 1, 2, C).unbind(2)
+        torch.testing.assert_close(mvar.head_nm(x, cond), layer_norm(x, eps) * (1 + scale) + shift, rtol=0,
+                                   atol=1e-10)
+
+
 def test_init_gamma_rows():
     _, official = build_tiny(init_adaln_gamma=1e-5)
     _, fixed = build_tiny(init_adaln_gamma=1e-5, gamma_rows="all")
