@@ -196,6 +196,14 @@ def test_cond_dropout_only_in_train_mode():
     torch.testing.assert_close(mvar(label_B, x_BLCv), b)
 
 
+def test_level_index_numbers_each_scales_tokens():
+    """lvl_1L, the level-embedding index of every token, is scale si repeated pn*pn times (all zeros gave every
+    token the first scale's level embedding and still trained)."""
+    _, mvar = build_tiny()
+    want = torch.repeat_interleave(torch.arange(len(TINY_PN)), torch.tensor([pn * pn for pn in TINY_PN]))
+    assert torch.equal(mvar.lvl_1L, want.view(1, -1))
+
+
 def layer_norm(x, eps):
     """Non-affine LayerNorm by hand."""
     centred = x - x.mean(-1, keepdim=True)
