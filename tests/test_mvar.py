@@ -204,6 +204,30 @@ def test_level_index_numbers_each_scales_tokens():
     assert torch.equal(mvar.lvl_1L, want.view(1, -1))
 
 
+class StopForward(Exception):
+    pass
+
+
+def test_cond_dropout_replaces_labels_at_the_configured_rate():
+    """cond_drop_rate=0.5 in train mode: of 4,000 seeded labels, the null class replaces a fraction within 0.03 of
+    0.5 (a dropout at rate**2 replaced 0.25) and the others stay (the forward stops at the class embedding)."""
+    _, mvar = build_tiny(cond_drop_rate=0.5)
+    mvar.train()
+    seen = []
+
+    def stop(module, args):
+        seen.append(args[0].clone())
+        raise StopForward
+
+    mvar.class_emb.register_forward_pre_hook(stop)
+    label_B = torch.randint(0, mvar.num_classes, (4000,), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(StopForward):
+        mvar(label_B, torch.zeros(4000, mvar.L - mvar.first_l, mvar.Cvae))
+    dropped = seen[0] == mvar.num_classes
+    assert torch.equal(seen[0][~dropped], label_B[~dropped])
+    assert abs(dropped.double().mean().item() - 0.5) < 0.03, dropped.double().mean().item()
+
+
 def layer_norm(x, eps):
     """Non-affine LayerNorm by hand."""
     centred = x - x.mean(-1, keepdim=True)
