@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import models.mvar as mvar_module
+import models.sampling as sampling_module
 from conftest import TINY_MVAR, build_tiny_mvar
 from models import MVAR, MVARConfig
 
@@ -361,6 +362,26 @@ def test_smoothing_draws_tokens_first_as_the_official_sampler(monkeypatch):
     calls = record_sampling(monkeypatch)
     mvar.autoregressive_infer_cfg(2, 1, g_seed=5, top_k=3, more_smooth=True)
     assert len(calls) == len(TINY_PN)
+
+
+def test_sampling_passes_top_k_and_top_p_to_the_filter(monkeypatch):
+    """autoregressive_infer_cfg(top_k=3, top_p=0.9): the filter receives both at every scale, and every drawn id is
+    among the 3 largest guided logits of its token (a sampler called without top_k or top_p ran unfiltered)."""
+    _, mvar = build_tiny()
+    mvar.eval()
+    calls, filters = record_sampling(monkeypatch), []
+    original = sampling_module.filter_top_k_top_p_
+
+    def recording(logits_BlV, top_k=0, top_p=0.0):
+        filters.append((top_k, top_p))
+        return original(logits_BlV, top_k, top_p)
+
+    monkeypatch.setattr(sampling_module, "filter_top_k_top_p_", recording)
+    mvar.autoregressive_infer_cfg(4, torch.tensor([1, 7, 4, 0]), g_seed=1, cfg=1.5, top_k=3, top_p=0.9)
+    assert filters == [(3, 0.9)] * len(TINY_PN)
+    assert len(calls) == len(TINY_PN)
+    for logits_BlV, idx_Bl in calls:
+        assert (logits_BlV.topk(3, dim=-1).indices == idx_Bl[..., None]).any(-1).all()
 
 
 def test_config_roundtrip_and_state_dict_reload_give_identical_logits(tmp_path):
