@@ -384,6 +384,23 @@ def test_sampling_passes_top_k_and_top_p_to_the_filter(monkeypatch):
         assert (logits_BlV.topk(3, dim=-1).indices == idx_Bl[..., None]).any(-1).all()
 
 
+def test_smoothing_temperature_follows_vars_schedule(monkeypatch):
+    """more_smooth: scale si's Gumbel-softmax runs at tau = max(0.27 * (1 - 0.95 * si / (K - 1)), 0.005), VAR's
+    schedule (a tau ten times as large still gave pictures)."""
+    _, mvar = build_tiny()
+    taus = []
+    original = mvar_module.gumbel_softmax_with_rng
+
+    def recording(logits, tau=1.0, **kw):
+        taus.append(tau)
+        return original(logits, tau=tau, **kw)
+
+    monkeypatch.setattr(mvar_module, "gumbel_softmax_with_rng", recording)
+    mvar.autoregressive_infer_cfg(2, 1, g_seed=5, more_smooth=True)
+    K = len(TINY_PN)
+    assert taus == pytest.approx([max(0.27 * (1 - 0.95 * si / (K - 1)), 0.005) for si in range(K)], rel=1e-12)
+
+
 def test_config_roundtrip_and_state_dict_reload_give_identical_logits(tmp_path):
     vae, mvar = build_tiny()
     mvar.eval()

@@ -45,6 +45,15 @@ def test_gumbel_softmax_is_a_seeded_distribution():
     assert math.isclose(a.sum(-1).mean().item(), 1.0, rel_tol=1e-5) and (a >= 0).all()
 
 
+def test_gumbel_softmax_divides_the_noisy_logits_by_tau():
+    """gumbel_softmax_with_rng(logits, tau, rng) is softmax((logits - log E) / tau), E the exponential draw of the
+    same seeded generator (a temperature multiplied in still summed to 1)."""
+    logits = torch.randn(3, 7, 11, generator=torch.Generator().manual_seed(1))
+    got = gumbel_softmax_with_rng(logits, tau=0.3, rng=torch.Generator().manual_seed(2))
+    E = torch.empty_like(logits).exponential_(generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(got, ((logits - E.log()) / 0.3).softmax(-1), rtol=1e-6, atol=0)
+
+
 LOGITS_4 = torch.tensor([2.0, 1.0, 0.5, -1.0])
 
 
