@@ -263,6 +263,27 @@ def test_block_and_head_modulate_each_branch_as_var_in_float64():
                                    atol=1e-10)
 
 
+def test_init_weights_rescales_residual_projections_conv_and_head_adaln():
+    """VAR's init_weights(init_std=s): every Linear drawn at std s, then each block's attn.proj and ffn.fc2 divided
+    by sqrt(2 * depth) and head_nm's ada_lin multiplied by init_adaln; Mamba2's conv drawn at conv_std, bias zero.
+    Each std within 10% (dropping one of these rules still trained)."""
+    depth, s, init_adaln, conv_std = 4, 0.05, 0.3, 0.1
+    mvar = MVAR(MVARConfig(depth=depth, embed_dim=256, num_heads=4, V=64, Cvae=8, num_classes=10, patch_nums=(1, 2),
+                           d_state=16))
+    mvar.init_weights(init_adaln=init_adaln, init_std=s, conv_std=conv_std)
+
+    def assert_std(t, want, name):
+        assert abs(t.std().item() / want - 1) < 0.1, f"{name}: std {t.std().item():.4g}, expected {want:.4g}"
+
+    for i, block in enumerate(mvar.blocks):
+        assert_std(block.ffn.fc1.weight, s, f"blocks.{i}.ffn.fc1")
+        assert_std(block.attn.proj.weight, s / (2 * depth) ** 0.5, f"blocks.{i}.attn.proj")
+        assert_std(block.ffn.fc2.weight, s / (2 * depth) ** 0.5, f"blocks.{i}.ffn.fc2")
+        assert_std(block.mamba.conv1d.weight, conv_std, f"blocks.{i}.mamba.conv1d")
+        assert not block.mamba.conv1d.bias.any()
+    assert_std(mvar.head_nm.ada_lin[1].weight, s * init_adaln, "head_nm.ada_lin")
+
+
 def test_init_gamma_rows():
     _, official = build_tiny(init_adaln_gamma=1e-5)
     _, fixed = build_tiny(init_adaln_gamma=1e-5, gamma_rows="all")
