@@ -56,11 +56,12 @@ def load_tokenizer(args: argparse.Namespace, device: torch.device) -> VQVAE:
     try:
         return load_vae(args.vae_ckpt, device, v_patch_nums=args.patch_nums)
     except FileNotFoundError as e:
-        if args.vae_ckpt or args.data_path:
+        if args.vae_ckpt or args.data_path or not args.dataset:
             raise
         raise FileNotFoundError(f"{e}\nFor the embedded data set, a small tokenizer of your own is enough: "
-                                "python scripts/train_tokenizer.py --reso=32 --ch=32 --ch_mult=1_1_2_2 "
-                                "--z_channels=16 --vocab_size=512 --pn=1_2_3_4 --out_dir=local_output/tokenizer, "
+                                f"python scripts/train_tokenizer.py --dataset={args.dataset} --reso=32 --ch=32 "
+                                "--ch_mult=1_1_2_2 --z_channels=16 --vocab_size=512 --pn=1_2_3_4 "
+                                "--out_dir=local_output/tokenizer, "
                                 "then --vae_ckpt=local_output/tokenizer/tokenizer-last.pth --pn=1_2_3_4 (make demo "
                                 "does both)") from e
 

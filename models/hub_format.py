@@ -281,7 +281,10 @@ def training_data(ckpt: dict) -> str:
     flags = ckpt.get("args")
     if not isinstance(flags, dict):
         return OFFICIAL_DATA
-    data = flags.get("data_path") or f"embedded `{flags.get('dataset')}` (utils/data/embedded.py)"
+    if flags.get("tokens"):  # trained on the cache's ids (--data_path then gives only the validation images)
+        data = f"the token cache {flags['tokens']} (scripts/extract_tokens.py)"
+    else:
+        data = flags.get("data_path") or f"embedded `{flags.get('dataset')}` (utils/data/embedded.py)"
     return f"{data}, {flags.get('ep')} epochs, batch {flags.get('bs')} (train.py)"
 
 

@@ -15,7 +15,6 @@ import hashlib
 import logging
 import math
 import os
-import zipfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -108,19 +107,28 @@ def resolve_checkpoint(path: str | os.PathLike | None, repo_id: str, filename: s
     ) from cache_error
 
 
+def _load_mapped(path: PathLike) -> Any:
+    """torch.load onto the CPU (weights_only), memory-mapped where the file can be (not torch's legacy format, nor
+    on a file system that refuses private maps), else read whole; a damaged file raises from the second try."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 (torch raises RuntimeError, OSError, ... by cause)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=False)
+
+
 def load_checkpoint(path: PathLike, verify: bool = True) -> dict[str, Any]:
     """Read a checkpoint on the CPU (weights_only; memory-mapped, so the ranks of a node share the
     pages: eight ranks reading a 34 GB d30 training checkpoint whole would hold 270 GB); CheckpointError naming the
     file if it is unreadable or its tensors do not match the digest it carries (`with_digest`; the digest is checked
-    and removed, files without one load as they are). A file in torch's legacy format (not a zip archive), which
-    cannot be mapped, is read whole. `verify=False` skips the digest, which reads every tensor, for a caller that
-    uses none."""
+    and removed, files without one load as they are). A file that cannot be mapped (torch's legacy format, a file
+    system that refuses private maps) is read whole. `verify=False` skips the digest, which reads every tensor, for
+    a caller that uses none."""
     if str(path).endswith(".safetensors"):  # torch.load's error would call it unreadable
         raise CheckpointError(f"checkpoint {path} is a safetensors file of the Hub format: pass the model folder "
                               "that holds it with its config.json (sample.py --ckpt FOLDER, MVARHF.from_pretrained), "
                               "or a .pth checkpoint")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+        ckpt = _load_mapped(path)
     except Exception as e:  # truncated, zero-filled, not a torch file, ...
         raise CheckpointError(f"checkpoint {path} is unreadable ({type(e).__name__}: {e})") from e
     if not isinstance(ckpt, dict):

@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # Shared launcher of the train_*.sh recipes: torchrun train.py with the node layout taken from the environment.
 #   NPROC_PER_NODE (default 8), NNODES (1), NODE_RANK (0), MASTER_ADDR (127.0.0.1), MASTER_PORT (29500), PYTHON
-#   (default: the active virtualenv's or conda environment's python, which holds the CUDA kernels of
-#   requirements-cuda.txt where they were installed, else the checkout's .venv, else python).
+#   (default: the active environment's python, else the checkout's .venv: scripts/pick_python.sh).
 # Every argument is passed to train.py, after --workers=8 (data-loader processes per rank; a later --workers wins),
 # e.g. --data_path=/path/to/imagenet --local_out_dir_path=runs/d16.
 # Relative paths in the flags are the caller's: the launcher stays in the folder it was started from.
@@ -25,10 +24,7 @@ if [ "${NNODES:-1}" != 1 ] && { [ -z "${MASTER_ADDR:-}" ] || [ -z "${NODE_RANK:-
 fi
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-300}
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
-if [ -z "${PYTHON:-}" ]; then  # the active environment's, else the Makefile's virtualenv when there is one
-  if [ -n "${VIRTUAL_ENV:-}${CONDA_PREFIX:-}" ] || [ ! -x "$REPO/.venv/bin/python" ]; then PYTHON=python
-  else PYTHON=$REPO/.venv/bin/python; fi
-fi
+source "$REPO/scripts/pick_python.sh"
 exec "$PYTHON" -m torch.distributed.run \
   --nproc_per_node="${NPROC_PER_NODE:-8}" --nnodes="${NNODES:-1}" --node_rank="${NODE_RANK:-0}" \
   --master_addr="${MASTER_ADDR:-127.0.0.1}" --master_port="${MASTER_PORT:-29500}" \

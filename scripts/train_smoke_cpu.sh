@@ -5,11 +5,13 @@
 # Usage: bash scripts/train_smoke_cpu.sh [more train.py flags]; run it twice to see the auto-resume.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+REPO=$PWD
+source scripts/pick_python.sh  # the launcher's python for the tokenizer below too
 OUT="${OUT:-local_output/smoke_cpu}"
 VAE="${VAE_CKPT:-$OUT/tiny_vae.pth}"
 mkdir -p "$OUT"
 if [ ! -f "$VAE" ]; then
-  PYTHONPATH=. "${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python)}" - "$VAE" <<'PY'
+  PYTHONPATH=. "$PYTHON" - "$VAE" <<'PY'
 import dataclasses, sys, torch
 from models.tokenizer import VQVAE
 torch.manual_seed(0)

@@ -12,7 +12,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import sample
-from models.hub_format import MVARHF, VQVAEHF, HubSource, is_hub_source, read_model_weights
+from models.hub_format import MVARHF, VQVAEHF, HubSource, is_hub_source, read_model_weights, training_data
 from conftest import damage_tensor_data
 from models.loading import DERIVED_KEYS, CheckpointError, load_checkpoint, load_mvar, load_state_dict_checked, \
     mvar_checkpoint, weights_digest
@@ -183,6 +183,14 @@ def test_official_pth_exports_to_a_folder_with_identical_logits(tmp_path, offlin
     for text in ("`mvar`, depth 2, width 64, 2 heads", f"{n_params:.2f}M", "ImageNet-1k", "| FID | 9.99 |",
                  f"python sample.py --ckpt {REPO} --classes", "`d2.pth`"):
         assert text in card, text
+
+
+def test_the_model_card_names_what_the_run_trained_on():
+    """A run trained from a token cache (--data_path then gives its validation images only) was described by its
+    --data_path, or as the embedded data set of --dataset when it had none."""
+    run = {"ep": 8, "bs": 64}
+    assert training_data({"args": {**run, "tokens": "/c", "data_path": "/imgs"}}).startswith("the token cache /c ")
+    assert training_data({"args": {**run, "tokens": "", "data_path": "/im"}}) == "/im, 8 epochs, batch 64 (train.py)"
 
 
 def test_our_checkpoint_exports_with_its_tokenizer_and_training_flags(tmp_path):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from models import MVAR, MVARConfig
-from models.loading import config_from_state_dict, load_mvar, load_mvar_checkpoint, mvar_checkpoint
+from models.loading import config_from_state_dict, load_checkpoint, load_mvar, load_mvar_checkpoint, mvar_checkpoint
 
 TINY = dict(depth=2, embed_dim=64, num_heads=2, V=64, Cvae=8, num_classes=10, d_state=16)
 
@@ -128,3 +128,17 @@ def test_unknown_schedule_and_garbage_files_are_clear_errors(tmp_path):
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(RuntimeError, match="bad.pth"):
         load_mvar(bad)
+
+
+def test_a_checkpoint_that_cannot_be_mapped_is_read_whole(tmp_path, monkeypatch):
+    """Some FUSE and object-store mounts refuse private maps: such a checkpoint is read whole, not "unreadable"."""
+    torch.save({"w": torch.ones(3)}, tmp_path / "ckpt.pth")
+    real_load = torch.load
+
+    def no_maps(*args, mmap=None, **kwargs):
+        if mmap:
+            raise RuntimeError("mmap: operation not supported")
+        return real_load(*args, mmap=mmap, **kwargs)
+
+    monkeypatch.setattr(torch, "load", no_maps)
+    assert torch.equal(load_checkpoint(tmp_path / "ckpt.pth")["w"], torch.ones(3))

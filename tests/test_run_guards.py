@@ -19,7 +19,7 @@ from conftest import PER_RANK, REPO, launch
 from test_trainer_e2e import TINY, run_train, setup  # noqa: F401  (setup: the tiny data + tokenizer fixture)
 from models.loading import CheckpointError
 from scripts.gpu_train_check import write_tokenizer
-from utils.flags import finalize_args, parse_args
+from utils.flags import changed_flags, finalize_args, parse_args
 from utils.run import lock as run_lock
 from utils.run.checkpoint import RunFolder, save_atomic
 from utils.run.lock import LOCK_NAME, RunLock, RunLockError, read_owner
@@ -159,6 +159,23 @@ def test_a_takeover_is_logged_into_the_log_file_opened_once_the_lock_is_ours(tmp
            "(exited)" in (tmp_path / "log.txt").read_text()
 
 
+def test_a_takeover_is_logged_when_another_rank_is_refused(tmp_path, monkeypatch, caplog):
+    """The takeover's warning waits for the caller's log file; when another rank's lock is refused, the caller never
+    gets there and the warning was lost."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def another_rank_refused(*errors):
+        yield
+        raise RunLockError("node 1's folder is in use by a live run")
+
+    write_lock(tmp_path, socket.gethostname(), 2 ** 22 + 1)  # a dead process's lock on this host
+    monkeypatch.setattr(run_lock.dist, "raised_on_every_rank", another_rank_refused)
+    with caplog.at_level("WARNING", logger="utils.run.lock"), pytest.raises(RunLockError, match="node 1"):
+        run_lock.lock_output_folder(tmp_path, holder=True, announce=False)
+    assert "took over the stale run lock" in caplog.text and not (tmp_path / LOCK_NAME).exists()
+
+
 def test_stale_locks_left_aside_by_a_killed_launcher_are_removed(tmp_path, monkeypatch):
     """A takeover moves the stale lock aside for a moment; a launcher killed there left `.run.lock.stale.*` files
     for good. A later run removes those of dead processes of this host and those older than STALE_S."""
@@ -254,6 +271,16 @@ def test_other_write_errors_are_not_called_disk_full(tmp_path, monkeypatch):
 
 
 # ---- resuming: changed flags, incompatible checkpoints -------------------------------------------------------
+def test_an_unused_dataset_flag_is_no_changed_flag():
+    """Runs saved before --dataset lost its default recorded "mnist": an ImageNet run's relaunch logged
+    "--dataset 'mnist' -> None" though nothing changed. Without --data_path the data set is what trains."""
+    saved, now = {"data_path": "/in", "dataset": "mnist", "tblr": 1e-4}, {"data_path": "/in", "dataset": None,
+                                                                          "tblr": 5e-5}
+    assert changed_flags(saved, now) == ["--tblr 0.0001 -> 5e-05"]
+    assert changed_flags({**saved, "data_path": ""}, {**now, "data_path": "", "dataset": "fmnist"}) == [
+        "--dataset 'mnist' -> 'fmnist'", "--tblr 0.0001 -> 5e-05"]
+
+
 def test_resume_logs_changed_flags_and_an_incompatible_one_is_an_error_line(setup, tmp_path):  # noqa: F811
     """Issue 23: a new --tblr on resume was applied silently; an incompatible checkpoint ended in a traceback."""
     from test_trainer_e2e import run_train
@@ -302,14 +329,18 @@ def test_the_launchers_resolve_relative_paths_from_the_callers_folder(tmp_path):
 
 
 # ---- the launcher ------------------------------------------------------------------------------------------------
+def launcher_env():
+    """This environment without a job's node layout and torch settings (the launcher reads them)."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("TORCH_", "MASTER_", "NODE_RANK", "NNODES"))}
+
+
 def run_launcher(tmp_path, **env):
     """scripts/torchrun.sh with a stand-in PYTHON that prints the environment it got and its arguments."""
     fake = tmp_path / "python"
     fake.write_text("#!/bin/sh\nenv | grep -E '^TORCH_(ELASTIC|DISABLE)' | sort\necho \"$@\"\n")
     fake.chmod(0o755)
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("TORCH_", "MASTER_", "NODE_RANK", "NNODES"))}
-    return subprocess.run(["bash", str(REPO / "scripts/torchrun.sh"), "--depth=16"], env={**clean, "PYTHON": str(fake),
-                          **env}, capture_output=True, text=True, timeout=30)
+    return subprocess.run(["bash", str(REPO / "scripts/torchrun.sh"), "--depth=16"], env={**launcher_env(),
+                          "PYTHON": str(fake), **env}, capture_output=True, text=True, timeout=30)
 
 
 def test_launcher_passes_the_node_layout_and_the_preemption_settings(tmp_path):
@@ -322,11 +353,13 @@ def test_launcher_passes_the_node_layout_and_the_preemption_settings(tmp_path):
     assert "TORCH_ELASTIC_SHUTDOWN_TIMEOUT=600" in run_launcher(tmp_path, TORCH_ELASTIC_SHUTDOWN_TIMEOUT="600").stdout
 
 
-@pytest.mark.parametrize("active", ["VIRTUAL_ENV", "CONDA_PREFIX", None])
-def test_launcher_runs_the_active_environments_python(tmp_path, active):
+@pytest.mark.parametrize("active, conda_env", [("VIRTUAL_ENV", None), ("CONDA_PREFIX", "mvar"), (None, None),
+                                               ("CONDA_PREFIX", "base")])
+def test_launcher_runs_the_active_environments_python(tmp_path, active, conda_env):
     """The checkout's .venv (made by `make test`, without the CUDA kernels of requirements-cuda.txt) used to win
     over the environment a cluster user had activated, whose python has them: training fell back to the portable
-    Mamba2 kernels with one log line. With no environment active, the .venv still runs it."""
+    Mamba2 kernels with one log line. With no environment active, or only conda's base (which many clusters
+    activate in every shell), the .venv still runs it."""
     def fake_python(path, says):
         path.parent.mkdir(parents=True)
         path.write_text(f"#!/bin/sh\necho {says}\n")
@@ -334,14 +367,21 @@ def test_launcher_runs_the_active_environments_python(tmp_path, active):
 
     checkout = tmp_path / "checkout"  # the launcher finds the .venv beside its own folder
     (checkout / "scripts").mkdir(parents=True)
-    shutil.copy(REPO / "scripts/torchrun.sh", checkout / "scripts")
+    for script in ("torchrun.sh", "pick_python.sh"):
+        shutil.copy(REPO / "scripts" / script, checkout / "scripts")
     fake_python(checkout / ".venv/bin/python", "checkout venv")
     fake_python(tmp_path / "env/bin/python", "active environment")
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHON", "VIRTUAL_ENV", "CONDA_PREFIX")}
+    env = {k: v for k, v in launcher_env().items() if k not in ("PYTHON", "VIRTUAL_ENV", "CONDA_PREFIX",
+                                                                "CONDA_DEFAULT_ENV")}
     env["PATH"] = f"{tmp_path / 'env/bin'}:{env['PATH']}"
+    if active:
+        env[active] = str(tmp_path / "env")
+    if conda_env:
+        env["CONDA_DEFAULT_ENV"] = conda_env
     proc = subprocess.run(["bash", str(checkout / "scripts/torchrun.sh")], capture_output=True, text=True, timeout=30,
-                          env={**env, active: str(tmp_path / "env")} if active else env)
-    assert proc.returncode == 0 and proc.stdout == ("active environment\n" if active else "checkout venv\n"), \
+                          env=env)
+    active_wins = active is not None and conda_env != "base"
+    assert proc.returncode == 0 and proc.stdout == ("active environment\n" if active_wins else "checkout venv\n"), \
         proc.stdout + proc.stderr
 
 

@@ -429,7 +429,7 @@ def test_embedded_data_without_tokenizer_points_at_tokenizer_training(tmp_path):
                            f"--local_out_dir_path={tmp_path}"],
                           env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
-    assert "vae_ch160v4096z32.pth" in proc.stderr and "scripts/train_tokenizer.py" in proc.stderr
+    assert "vae_ch160v4096z32.pth" in proc.stderr and "scripts/train_tokenizer.py --dataset=mnist " in proc.stderr
 
 
 def test_evaluation_while_training_leaves_training_alone_and_its_curve_survives_a_kill(setup, reference_run,

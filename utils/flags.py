@@ -305,5 +305,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def changed_flags(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     """`--name old -> new` for each flag a resumed run sets otherwise than the checkpoint's run (a lower learning
-    rate is legitimate, but is worth saying)."""
-    return [f"--{k} {saved[k]!r} -> {v!r}" for k, v in now.items() if k in saved and saved[k] != v]
+    rate is legitimate, but is worth saying). --dataset is not compared where --data_path is set: it is unused
+    there, and runs saved before it lost its default recorded "mnist"."""
+    unused = {"dataset"} if now.get("data_path") else set()
+    return [f"--{k} {saved[k]!r} -> {v!r}" for k, v in now.items() if k in saved and saved[k] != v and k not in unused]

@@ -19,7 +19,7 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, has_file_allowed_extension
 from torchvision.transforms import InterpolationMode, transforms
 
-from utils.data.embedded import EMBEDDED_DATASETS
+from utils.data.embedded import EMBEDDED_DATASETS, build_embedded_dataset
 from utils.run.log import SAME_ON_ALL_RANKS
 
 logger = logging.getLogger(__name__)
@@ -146,8 +146,6 @@ def open_split(data_path: str, dataset: str, split: str, transform: Callable | N
     embedded data set `dataset` (utils.data.embedded; Fashion-MNIST read from `fmnist_dir`)."""
     if data_path:
         return SafeImageFolder(str(Path(data_path) / split), transform)
-    from utils.data.embedded import build_embedded_dataset
-
     return build_embedded_dataset(dataset, split, transform, fmnist_dir)
 
 

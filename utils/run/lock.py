@@ -191,8 +191,10 @@ def lock_output_folder(folder: str | os.PathLike, holder: bool, announce: bool =
     try:
         with dist.raised_on_every_rank(RunLockError):
             lock = RunLock(folder, announce).acquire() if holder else None
-    except RunLockError:
+    except RunLockError:  # another rank's
         if lock is not None:
+            if lock.took_over and not announce:  # the caller would have logged it once its log file was open
+                logger.warning(lock.took_over)
             lock.release()
         raise
     return lock
