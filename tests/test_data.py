@@ -183,3 +183,18 @@ def test_a_limit_that_misses_classes_is_named(tmp_path, caplog):
     messages = [r.getMessage() for r in caplog.records]
     assert len(messages) == 1 and messages[0].startswith(
         "--train_limit=4 keeps the data set's first 4 images, which cover 2 of its 3 classes"), messages
+
+
+def test_sampler_order_and_augmentation_seeds_follow_the_run_seed_and_the_epoch():
+    """Another --seed (the study's repeats) shuffles otherwise and draws other augmentation seeds, and epoch 1 draws
+    other augmentation seeds than epoch 0: a shuffle or an item seed that ignored the run seed, or item seeds
+    that repeat every epoch, passed the suite."""
+    def items(seed, epoch):
+        s = DistributedBatchSampler(24, glb_batch_size=8, seed=seed)
+        s.set_epoch(epoch)
+        return [item for batch in s for item in batch]
+
+    run0, run1, run0_ep1 = items(0, 0), items(1, 0), items(0, 1)
+    assert [i for i, _ in run0] != [i for i, _ in run1]
+    assert not {s for _, s in run0} & {s for _, s in run1}
+    assert not {s for _, s in run0} & {s for _, s in run0_ep1}
