@@ -207,3 +207,34 @@ def test_sampler_pads_a_data_set_smaller_than_half_a_batch():
     (batch,) = list(s)
     flat = [i for i, _ in batch]
     assert sorted(flat[:3]) == [0, 1, 2] and flat[3:6] == flat[:3] and flat[6:] == flat[:2]
+
+
+def lanczos_reference(img, short):
+    """`img` with its shorter side resized to `short` by PIL's LANCZOS (torchvision's rule for the longer side), as
+    a [-1, 1] CHW tensor."""
+    w, h = img.size
+    size = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
+    x = torch.from_numpy(np.array(img.resize(size, Image.Resampling.LANCZOS))).permute(2, 0, 1).contiguous()
+    return normalize_01_into_pm1(x.float().div(255))
+
+
+def test_transforms_are_vars_lanczos_resize_then_a_centre_or_random_crop():
+    """VAR's pixels: the shorter side resized to round(mid_reso * reso) with LANCZOS (round, not int: 13.5 -> 14),
+    then val the centre crop (the same on every draw, never flipped) and train a random crop, flipped on about
+    half the draws with --hflip. Shape and range checks passed another filter, int(), a flipped or random val
+    crop, and a flip that never fires."""
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (30, 40, 3), dtype=np.uint8))
+    train_tf, val_tf = build_transforms(12, mid_reso=1.125, hflip=True)
+    ref = lanczos_reference(img, 14)  # 14 x 18
+    assert ref.shape == (3, 14, 18)
+    for seed in range(8):
+        torch.manual_seed(seed)
+        assert torch.equal(val_tf(img), ref[:, 1:13, 3:15])
+    crops = {(i, j, flip): ref[:, i:i + 12, j:j + 12].flip(-1) if flip else ref[:, i:i + 12, j:j + 12]
+             for i in range(3) for j in range(7) for flip in (False, True)}
+    seen = set()
+    for seed in range(16):
+        torch.manual_seed(seed)
+        x = train_tf(img)
+        seen |= {key for key, crop in crops.items() if torch.equal(x, crop)}
+    assert {flip for *_, flip in seen} == {False, True} and len({(i, j) for i, j, _ in seen}) > 1
