@@ -132,3 +132,28 @@ def test_a_signal_at_an_epoch_end_saves_before_validating():
     with pytest.raises(SystemExit):
         train.end_epoch(0, 5, args, trainer, None, tb, saver, None, 1.0)
     assert calls == ["flush", ("save", 1, 0)]
+
+
+def test_a_signal_on_one_rank_stops_every_rank(monkeypatch):
+    """`requested()` takes the largest signal number over the ranks (the all-reduce faked here over two ranks): a
+    scheduler that signals one node's processes only stops every rank, and two ranks signalled alike agree on
+    that signal. The end-to-end tests signal every rank, so a MIN (no rank stops: the others wait at the save's
+    collectives) or a SUM passed them."""
+    import torch.distributed as tdist
+
+    from utils.run import preemption
+
+    def other_rank_got(signum: int):
+        def all_reduce(t, op, group=None):
+            both = [int(t.item()), signum]
+            t.fill_(max(both) if op == tdist.ReduceOp.MAX else min(both) if op == tdist.ReduceOp.MIN else sum(both))
+        return all_reduce
+
+    quiet, signalled, neither = (preemption.Preemption(signals=()) for _ in range(3))  # no handlers installed
+    signalled.signum = signal.SIGTERM
+    monkeypatch.setattr(preemption.dist, "initialized", lambda: True)
+    monkeypatch.setattr(preemption.tdist, "all_reduce", other_rank_got(signal.SIGTERM))
+    assert quiet.requested() and quiet.agreed == signal.SIGTERM  # this rank got nothing, the other SIGTERM
+    assert signalled.requested() and signalled.agreed == signal.SIGTERM  # both got it
+    monkeypatch.setattr(preemption.tdist, "all_reduce", other_rank_got(0))
+    assert not neither.requested() and neither.agreed == 0
