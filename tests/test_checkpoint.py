@@ -139,3 +139,13 @@ def test_damaged_tensor_data_is_named_and_resume_falls_back_to_an_intact_prev(tm
     assert (path, ckpt["step"]) == (folder.prev, 1) and "resuming from the previous checkpoint" in caplog.text
     resumed.save({"step": 2, "model": {"w": torch.full((1000,), 2.0)}})
     assert load_checkpoint(folder.prev)["step"] == 1 and load_checkpoint(folder.last)["step"] == 2
+
+
+def test_a_temporary_file_named_after_this_process_is_removed(tmp_path):
+    """A relaunched trainer in a container often gets the killed one's pid (its namespace's pid 1): a temporary
+    file under our own pid is a killed save's, not a live writer's, and goes (it was kept for good, a whole
+    checkpoint's size)."""
+    folder = RunFolder(tmp_path, "ar-ckpt")
+    own = temp_path(folder.last)
+    own.write_bytes(b"x")
+    assert folder.remove_stale_temp_files() == [own] and not own.exists()
