@@ -149,3 +149,17 @@ def test_a_temporary_file_named_after_this_process_is_removed(tmp_path):
     own = temp_path(folder.last)
     own.write_bytes(b"x")
     assert folder.remove_stale_temp_files() == [own] and not own.exists()
+
+
+def test_ranks_at_the_same_epoch_but_another_iteration_are_refused(tmp_path, monkeypatch):
+    """All ranks must resume from the same (epoch, iter): two ranks (faked) whose checkpoints differ only in the
+    iteration are refused. A position of the epoch alone passed the suite, and would resume the ranks at different
+    batches of the epoch."""
+    folder = RunFolder(tmp_path, "ar-ckpt")
+    folder.writer = True
+    folder.save({"epoch": 1, "iter": 5})
+    other = (1, 4, None)  # the other rank's checkpoint: (epoch, iter, step)
+    monkeypatch.setattr(utils.run.checkpoint.dist, "all_gather_object",
+                        lambda mine: [mine, None if mine is None else other])
+    with pytest.raises(CheckpointError, match=r"different positions \[\(1, 5, None\), \(1, 4, None\)\]"):
+        folder.load_resume()
