@@ -163,3 +163,25 @@ def test_ranks_at_the_same_epoch_but_another_iteration_are_refused(tmp_path, mon
                         lambda mine: [mine, None if mine is None else other])
     with pytest.raises(CheckpointError, match=r"different positions \[\(1, 5, None\), \(1, 4, None\)\]"):
         folder.load_resume()
+
+
+def resumed_past_a_damaged_last(tmp_path) -> RunFolder:
+    """A folder whose -last (step 2) is damaged, resumed from its -prev (step 1)."""
+    folder = RunFolder(tmp_path, "ar-ckpt")
+    folder.writer = True
+    for step in (1, 2):
+        folder.save({"step": step, "model": {"w": torch.full((1000,), float(step))}})
+    damage_tensor_data(folder.last)
+    resumed = RunFolder(tmp_path, "ar-ckpt")
+    resumed.writer = True
+    assert resumed.load_resume()[1]["step"] == 1
+    return resumed
+
+
+def test_a_divergence_after_resuming_past_a_damaged_last_sets_the_resumed_prev_aside(tmp_path):
+    """The bad steps started from -prev (what the run resumed from), so -prev is set aside; moving the damaged -last
+    instead left the relaunch resuming from the very checkpoint that diverged."""
+    resumed = resumed_past_a_damaged_last(tmp_path)
+    aside = resumed.set_aside("diverged")
+    assert aside == tmp_path / "ar-ckpt-diverged.pth" and load_checkpoint(aside)["step"] == 1
+    assert not resumed.prev.exists()
