@@ -185,3 +185,12 @@ def test_a_divergence_after_resuming_past_a_damaged_last_sets_the_resumed_prev_a
     aside = resumed.set_aside("diverged")
     assert aside == tmp_path / "ar-ckpt-diverged.pth" and load_checkpoint(aside)["step"] == 1
     assert not resumed.prev.exists()
+
+
+def test_saves_after_the_one_that_replaced_a_damaged_last_rotate_again(tmp_path):
+    """Only the first save after resuming past a damaged -last skips the rotation: the next ones keep their previous
+    file as -prev again (else -prev stayed the old checkpoint for the rest of the run)."""
+    resumed = resumed_past_a_damaged_last(tmp_path)
+    for step in (2, 3):
+        resumed.save({"step": step})
+    assert load_checkpoint(resumed.prev)["step"] == 2 and load_checkpoint(resumed.last)["step"] == 3
