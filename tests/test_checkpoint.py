@@ -194,3 +194,24 @@ def test_saves_after_the_one_that_replaced_a_damaged_last_rotate_again(tmp_path)
     for step in (2, 3):
         resumed.save({"step": step})
     assert load_checkpoint(resumed.prev)["step"] == 2 and load_checkpoint(resumed.last)["step"] == 3
+
+
+def test_the_best_checkpoint_follows_the_last_scales_val_loss_not_the_mean():
+    """train.end_epoch marks an epoch best when its last-scale (tail) val loss is below the best so far, as VAR does:
+    here the mean improves and the tail does not, then the reverse. The end-to-end test checks only the best
+    value saved, so a choice by the mean loss passed the suite."""
+    import types
+
+    import train
+
+    saved = []
+    saver = types.SimpleNamespace(preemption=types.SimpleNamespace(requested=lambda: False), evaluator=None,
+                                  save=lambda epoch, it, best_val, best=False: saved.append((epoch, best_val, best)))
+    tb = types.SimpleNamespace(flush=lambda: None, scalars=lambda *a, **k: None)
+    args = types.SimpleNamespace(ep=5, val_every=1, sample_every=0, eval_every=1)
+    for ep, (mean, tail) in enumerate(((3.0, 2.0), (2.5, 2.1), (2.6, 1.9))):
+        val = dict(vL_mean=mean, vL_tail=tail, vacc_mean=0.0, vacc_tail=0.0, n=4)
+        trainer = types.SimpleNamespace(window_micro_steps=0, evaluate=lambda loader, val=val: val)
+        best = saved[-1][1] if saved else float("inf")
+        train.end_epoch(ep, 3, args, trainer, None, tb, saver, None, best)
+    assert saved == [(1, 2.0, True), (2, 2.0, False), (3, 1.9, True)]
