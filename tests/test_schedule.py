@@ -198,3 +198,10 @@ def test_layers_import_only_downwards():
         assert names <= {"models"}, (path, names)
     for path, names in project_imports("utils").items():
         assert names <= {"models", "utils", "dist"}, (path, names)
+
+
+def test_a_fractional_warm_up_is_rounded_to_whole_iterations_as_vars():
+    """VAR rounds wp_it (--wp epochs times the iterations per epoch need not be whole): 10.4 warm-up iterations
+    are 10, so iteration 10 already runs at the peak lr (an unrounded 10.4 kept it in the warm-up)."""
+    assert lr_factor("lin0", 10, 10.4, 1000, WP0, WPE) == 1.0
+    assert lr_factor("lin0", 5, 10.4, 1000, WP0, WPE) == WP0 + (1 - WP0) * 5 / 10
