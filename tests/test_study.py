@@ -241,3 +241,20 @@ def test_the_tests_of_one_pair_are_a_family_under_holms_adjustment():
     assert "- Table 6: M-VAR better than VAR: same direction, not significant (MVAR 3.65 vs VAR 3.94; MVAR ahead, " \
         "not significant (difference -0.29, Welch t = -4.5, p = 0.050, 2 vs 2 seeds; Holm over 3 tests: p = 0.126))" \
         in study_report.reading(rows)
+
+
+def test_welch_matches_the_textbook_t_and_satterthwaite_degrees_of_freedom():
+    """Unequal seeds and spreads: t = (mean a - mean b) / sqrt(s_a^2/n_a + s_b^2/n_b), df by Welch-Satterthwaite,
+    two-sided p. Student's pooled test (p 0.048 here: "better") or a one-sided p passed the suite, whose cases have
+    equal seeds and spreads. One side's seeds agreeing exactly still runs the test (df 1)."""
+    from scipy import stats
+
+    a, b = [3.1, 3.3, 3.2], [3.6, 4.1]
+    va, vb = np.var(a, ddof=1) / 3, np.var(b, ddof=1) / 2
+    t = (np.mean(a) - np.mean(b)) / math.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va**2 / 2 + vb**2 / 1)
+    got_t, got_p = study_curves.welch(a, b)
+    assert got_t == pytest.approx(t, rel=1e-12) and got_p == pytest.approx(2 * stats.t.sf(abs(t), df), rel=1e-9)
+    assert 0.2 < got_p < 0.25 and study_curves.who_leads(a, b, "M-VAR", "VAR")[0] is None
+    got_t, got_p = study_curves.welch([3.0, 3.0], [3.5, 3.7])  # t = -0.6 / sqrt(0 + 0.02 / 2), df = 1
+    assert got_t == pytest.approx(-6.0, rel=1e-12) and got_p == pytest.approx(2 * stats.t.sf(6.0, 1), rel=1e-9)
