@@ -258,3 +258,8 @@ def test_welch_matches_the_textbook_t_and_satterthwaite_degrees_of_freedom():
     assert 0.2 < got_p < 0.25 and study_curves.who_leads(a, b, "M-VAR", "VAR")[0] is None
     got_t, got_p = study_curves.welch([3.0, 3.0], [3.5, 3.7])  # t = -0.6 / sqrt(0 + 0.02 / 2), df = 1
     assert got_t == pytest.approx(-6.0, rel=1e-12) and got_p == pytest.approx(2 * stats.t.sf(6.0, 1), rel=1e-9)
+
+
+def test_holm_caps_adjusted_p_values_at_one():
+    """(m - k) * p is capped at 1 (a probability): [0.6, 0.7] adjust to [1, 1], not [1.2, 1.2] in the report."""
+    assert study_curves.holm([0.6, 0.7]) == [1.0, 1.0]
