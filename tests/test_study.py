@@ -263,3 +263,12 @@ def test_welch_matches_the_textbook_t_and_satterthwaite_degrees_of_freedom():
 def test_holm_caps_adjusted_p_values_at_one():
     """(m - k) * p is capped at 1 (a probability): [0.6, 0.7] adjust to [1, 1], not [1.2, 1.2] in the report."""
     assert study_curves.holm([0.6, 0.7]) == [1.0, 1.0]
+
+
+def test_a_lead_is_better_only_below_the_level():
+    """"Better" needs p below 0.05: an adjusted p of exactly 0.05 (0.025 twice, Holm) or of 0.07 is "not
+    significant"; 0.049 is "better". A rule of p <= 0.1, or <= 0.05, passed the suite (its p values are 0.002,
+    0.118 and about 0.35)."""
+    a, b = [3.60, 3.62], [3.90, 3.92]  # raw p 0.002
+    for p, better in ((0.049, True), (0.05, None), (0.07, None)):
+        assert study_curves.who_leads(a, b, "M-VAR", "VAR", family=(p, 2))[0] is better, p
