@@ -272,3 +272,15 @@ def test_a_lead_is_better_only_below_the_level():
     a, b = [3.60, 3.62], [3.90, 3.92]  # raw p 0.002
     for p, better in ((0.049, True), (0.05, None), (0.07, None)):
         assert study_curves.who_leads(a, b, "M-VAR", "VAR", family=(p, 2))[0] is better, p
+
+
+def test_learned_needs_both_the_consistency_and_the_fd_threshold():
+    """A row has learned at class consistency >= 0.80 and FD_clf <= 2.5x the ceiling's, both at once (boundaries
+    included); either alone passed the suite."""
+    def reading(cons, fd):
+        rows = {"var": dict(label="VAR", scores=[{"consistency": cons, "fd_clf": fd}])}
+        return study_curves.learned(rows, ceiling_fd=2.0)
+
+    assert reading(0.80, 5.0).endswith(": learned.")
+    for cons, fd in ((0.79, 5.0), (0.80, 5.01), (0.5, 9.0)):
+        assert reading(cons, fd).endswith(": **not yet learned**."), (cons, fd)
