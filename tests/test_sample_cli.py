@@ -244,3 +244,23 @@ def test_an_fid_dumps_ranks_wait_for_each_other_a_day(ckpt, monkeypatch, fid, wa
     with pytest.raises(KeyboardInterrupt):
         run(ckpt, *(["--fid"] if fid else []))
     assert waits == [wait_min]
+
+
+def test_pictures_pass_every_sampling_flag_and_seed_each_batch(ckpt, tmp_path, monkeypatch):
+    """--cfg, --top_k, --top_p and --more_smooth reach the sampler, and batch c is drawn from chunk_seed(--seed, c):
+    a flag dropped on its way (the image then follows the default) or one seed for every batch would pass unseen."""
+    from models.mvar import MVAR
+    from utils.evaluation.fid_dump import chunk_seed
+
+    calls = []
+
+    def fake(self, B, label_B, **kw):
+        calls.append((B, label_B.tolist(), kw))
+        return torch.full((B, 3, IMG, IMG), 0.5)
+    monkeypatch.setattr(MVAR, "autoregressive_infer_cfg", fake)
+    run(ckpt, "--classes", 1, 3, "--num_per_class", 3, "--bs", 4, "--cfg", 2.5, "--top_k", 7, "--top_p", 0.8,
+        "--more_smooth", "--seed", 3, "--out", tmp_path / "imgs")
+    flags = dict(cfg=2.5, top_k=7, top_p=0.8, more_smooth=True)
+    assert calls == [(4, [1, 1, 1, 3], dict(g_seed=chunk_seed(3, 0), **flags)),
+                     (2, [3, 3], dict(g_seed=chunk_seed(3, 1), **flags))]
+
