@@ -264,3 +264,21 @@ def test_pictures_pass_every_sampling_flag_and_seed_each_batch(ckpt, tmp_path, m
     assert calls == [(4, [1, 1, 1, 3], dict(g_seed=chunk_seed(3, 0), **flags)),
                      (2, [3, 3], dict(g_seed=chunk_seed(3, 1), **flags))]
 
+
+def test_fid_folder_and_settings_record_the_seed_and_smoothing(ckpt, tmp_path, monkeypatch):
+    """The dump folder's name and settings.json name what the images depend on, --seed and --more_smooth included:
+    without them two seeds (or smoothed and plain samples) would share one folder, or a resume could not tell."""
+    seen = []
+
+    def stop(settings, folder):
+        seen.append((settings, folder))
+        raise KeyboardInterrupt
+    monkeypatch.setattr(sample, "check_ranks_agree", stop)
+    with pytest.raises(KeyboardInterrupt):
+        run(ckpt, "--fid", "--cfg", 2, "--top_k", 7, "--top_p", 0.8, "--more_smooth", "--seed", 3,
+            "--fid_num_per_class", 2, "--fid_dir", tmp_path)
+    (settings, folder), = seen
+    assert folder == tmp_path / "tiny-cfg2-topk7-topp0.8-seed3-n2-smooth"
+    assert {k: settings[k] for k in ("cfg", "top_k", "top_p", "more_smooth", "seed", "num_per_class")} == \
+        dict(cfg=2.0, top_k=7, top_p=0.8, more_smooth=True, seed=3, num_per_class=2)
+
