@@ -282,3 +282,16 @@ def test_fid_folder_and_settings_record_the_seed_and_smoothing(ckpt, tmp_path, m
     assert {k: settings[k] for k in ("cfg", "top_k", "top_p", "more_smooth", "seed", "num_per_class")} == \
         dict(cfg=2.0, top_k=7, top_p=0.8, more_smooth=True, seed=3, num_per_class=2)
 
+
+def test_to_uint8_rounds_to_nearest_clamps_and_keeps_the_pixel_layout():
+    """[0, 1] floats -> uint8 round to nearest (x * 255 + 0.5, floored), out-of-range values clamp, and pixel (y, x)
+    of channel c lands at [y, x, c]: truncation, ceiling, wrap-around and a transposed image would each pass a
+    shape check (the FID dump and every grid go through this)."""
+    img = torch.tensor([[[0.0, 10.2 / 255, 10.7 / 255], [1.0, -0.5, 1.5]],
+                        [[0.5, 0.25, 0.75], [30.2 / 255, 200.8 / 255, 127.4 / 255]],
+                        [[2.3 / 255, 3.6 / 255, 254.6 / 255], [0.0, 0.0, 1.0]]])[None]  # (1, 3, H=2, W=3)
+    out = to_uint8_BHW3(img)
+    assert out.dtype == np.uint8 and out.shape == (1, 2, 3, 3)
+    assert out[0, :, :, 0].tolist() == [[0, 10, 11], [255, 0, 255]]
+    assert out[0, :, :, 1].tolist() == [[128, 64, 191], [30, 201, 127]]
+    assert out[0, :, :, 2].tolist() == [[2, 4, 255], [0, 0, 255]]
