@@ -460,3 +460,24 @@ def test_a_sigterm_during_an_fid_dump_unwinds_and_the_rerun_finishes(ckpt, tmp_p
     for path in stale:
         path.write_bytes(b"x")
     assert run(ckpt, *FID, "--fid_dir", tmp_path).is_file() and not any(p.exists() for p in stale)
+
+
+def test_edits_pass_every_sampling_flag_and_seed_each_chunk(ckpt, tmp_path, monkeypatch):  # noqa: F811
+    """--edit passes --cfg, --top_k, --top_p and --more_smooth to autoregressive_edit_cfg, and the chunk j of class c
+    is drawn from chunk_seed(--seed, c + j x classes): a dropped flag or a seed shared by the classes passed unseen."""
+    from models.mvar import MVAR
+    from utils.evaluation.fid_dump import chunk_seed
+
+    calls = []
+
+    def fake(self, img, mask, cls, **kw):
+        calls.append((len(img), cls, kw))
+        return img.clone()
+    monkeypatch.setattr(MVAR, "autoregressive_edit_cfg", fake)
+    run(ckpt, "--edit", edit_image(tmp_path), "--box", "0,4,8,8", "--classes", 1, 2, "--num_per_class", 3,
+        "--bs", 2, "--cfg", 2.5, "--top_k", 7, "--top_p", 0.8, "--more_smooth", "--seed", 3,
+        "--out", tmp_path / "e.png")
+    flags = dict(cfg=2.5, top_k=7, top_p=0.8, more_smooth=True)
+    assert calls == [(2, 1, dict(g_seed=chunk_seed(3, 0), **flags)), (1, 1, dict(g_seed=chunk_seed(3, 2), **flags)),
+                     (2, 2, dict(g_seed=chunk_seed(3, 1), **flags)), (1, 2, dict(g_seed=chunk_seed(3, 3), **flags))]
+
