@@ -481,3 +481,17 @@ def test_edits_pass_every_sampling_flag_and_seed_each_chunk(ckpt, tmp_path, monk
     assert calls == [(2, 1, dict(g_seed=chunk_seed(3, 0), **flags)), (1, 1, dict(g_seed=chunk_seed(3, 2), **flags)),
                      (2, 2, dict(g_seed=chunk_seed(3, 1), **flags)), (1, 2, dict(g_seed=chunk_seed(3, 3), **flags))]
 
+
+def test_outside_original_pastes_the_images_own_pixels_outside_the_mask_only(ckpt, tmp_path, monkeypatch):  # noqa: F811
+    """--outside original: the edit inside the mask, the image as the model sees it (the row's first cell) outside;
+    the two swapped (the edit pasted over the kept region) passed the suite."""
+    from models.mvar import MVAR
+
+    monkeypatch.setattr(MVAR, "autoregressive_edit_cfg", lambda self, img, *a, **k: torch.full_like(img, 0.25))
+    out = run(ckpt, "--edit", edit_image(tmp_path), "--box", "0,4,8,8", "--classes", 1, "--num_per_class", 1,
+              "--outside", "original", "--out", tmp_path / "e.png")
+    grid = np.asarray(Image.open(out))
+    before, mask, edit = (grid[2:10, 2 + k * 10:10 + k * 10] for k in range(3))
+    assert (mask[4:] == 255).all() and (mask[:4] == 0).all()  # the box: rows 4-7
+    assert (edit[4:] == 64).all()  # round(0.25 * 255): the edit inside the box
+    assert np.array_equal(edit[:4], before[:4]) and len(np.unique(before[:4])) > 2  # the image's own pixels outside
