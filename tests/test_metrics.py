@@ -332,3 +332,10 @@ def test_the_training_evaluation_reference_has_the_generated_classes_in_their_pr
     evaluator = TrainingEval(net="stub", n=6, seed=0)
     evaluator.prepare(Subset(Images(), range(12)), num_classes=3, device=torch.device("cpu"))  # val_limit=12
     assert seen == [[0, 64, 128, 0, 64, 128]] and evaluator.ref_feats.shape == (6, 12)  # classes 0, 1, 2 twice
+
+
+def test_inception_score_averages_exp_kl_over_every_split():
+    """IS is the mean over splits of exp(mean KL) (OpenAI's evaluator): here splits scoring 2 and 4 give 3, where
+    exp of the mean KL gives 2.83, the first split alone 2 and the set as one split 5.66."""
+    probs = np.eye(6)[[0, 1, 0, 1, 2, 3, 4, 5]]  # split 1: two classes (IS 2); split 2: four classes (IS 4)
+    assert inception_score(probs, split_size=4, shuffle_seed=None) == pytest.approx(3.0, rel=1e-12)
