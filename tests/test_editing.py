@@ -268,3 +268,12 @@ def test_labels_and_masks_of_another_batch_are_refused_naming_the_shapes():
         mvar.autoregressive_infer_cfg(2, torch.tensor([1]), g_seed=0)
     with pytest.raises(ValueError, match=r"mask: expected \(H, W\) or"):
         mvar.autoregressive_edit_cfg(img, mask[None], 1, g_seed=0)
+
+
+def test_a_coarse_token_is_regenerated_when_any_latent_cell_of_its_bin_is_masked():
+    """One masked pixel masks its latent cell, and at every coarser scale the token whose bin holds that cell, even
+    where the cell is a quarter of the bin: a majority (or average) rule would keep a token carrying masked content."""
+    mask = box_mask(IMG, IMG, (0, 0, 1, 1))  # pixel (0, 0): latent cell (0, 0) of the 4 x 4 latent
+    known = token_masks(mask, (1, 2, 3, 4))
+    assert [k.view(-1).tolist().index(False) for k in known] == [0, 0, 0, 0]
+    assert [int((~k).sum()) for k in known] == [1, 1, 1, 1]
