@@ -215,3 +215,21 @@ def test_full_disk_names_the_file_and_leaves_no_temporary_file(tmp_path, monkeyp
         pack_npz(folder, DumpPlan(2, 2, 2))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]
     assert sorted(p.name for p in folder.iterdir()) == [f"{i:06d}.png" for i in range(4)]
+
+
+def test_npz_rows_are_the_generated_images_pixel_for_pixel(tmp_path):
+    """Row j of arr_0 is image npz_order(N)[j] as generated, every pixel in place: the other tests' images are
+    constant per image, so a packing that flipped, transposed or shifted pixels passed them."""
+    rng = np.random.default_rng(0)
+    made = {}
+
+    def generate(label_B, g_seed):
+        imgs = rng.integers(0, 256, (len(label_B), *HW, 3), dtype=np.uint8)
+        made[g_seed] = imgs
+        return imgs
+    plan = DumpPlan(num_classes=2, num_per_class=2, batch_size=4)
+    dump_shard(tmp_path / "f", plan, 0, generate)
+    with np.load(pack_npz(tmp_path / "f", plan)) as f:
+        arr = f["arr_0"]
+    assert np.array_equal(arr, made[chunk_seed(0, 0)][npz_order(4)])
+
