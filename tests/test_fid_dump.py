@@ -233,3 +233,14 @@ def test_npz_rows_are_the_generated_images_pixel_for_pixel(tmp_path):
         arr = f["arr_0"]
     assert np.array_equal(arr, made[chunk_seed(0, 0)][npz_order(4)])
 
+
+@pytest.mark.parametrize("key, other", [("top_k", 600), ("top_p", 0.95), ("more_smooth", True), ("seed", 1),
+                                        ("num_per_class", 5), ("precision", "bf16"), ("batch_size", 8)])
+def test_a_resume_with_another_sampling_setting_is_refused(tmp_path, key, other):
+    """Each sampling setting binds a dump (the test above checks cfg, vae, tf32, device): one left out of the checked
+    settings would let a resume mix images of two settings in one npz."""
+    settings = dict(ckpt="d2.pth", vae="embedded", cfg=1.5, top_k=900, top_p=0.96, more_smooth=False, seed=0,
+                    num_classes=2, num_per_class=3, batch_size=4, precision="fp32", tf32=True, device="cuda")
+    check_or_write_settings(tmp_path, settings)
+    with pytest.raises(ValueError, match=f"'{key}': \\({settings[key]!r}, {other!r}\\)"):
+        check_or_write_settings(tmp_path, {**settings, key: other})
