@@ -365,3 +365,45 @@ def test_inception_probabilities_are_a_softmax_over_each_images_classes(tmp_path
     torch.testing.assert_close(probs.sum(dim=1), torch.ones(3, dtype=torch.float64), rtol=0, atol=1e-6)
     want = (feats @ net.fc_weight.double().T).softmax(dim=1)
     torch.testing.assert_close(probs, want, rtol=1e-5, atol=1e-9)
+
+
+def test_each_training_evaluation_draws_the_same_classes_and_seeds_and_records_the_images_seen():
+    """Every point of the curve asks for class i % C for image i over all chunks (not restarting per chunk), each
+    chunk seeded by (seed, its first image) alone, so that two points differ only in the weights; the point carries
+    the training images seen and the asked-for settings reach the sampler. A seed that changed between points, a
+    chunk that restarted the classes or reused chunk 0's seed, passed the suite (its evaluations fit one chunk)."""
+    import contextlib
+
+    from utils.evaluation.during_training import CHUNK, TrainingEval
+    from utils.evaluation.fid_dump import chunk_seed
+
+    class StandIn(torch.nn.Module):  # draws an image per label, filled with label / 4 (uint8 0, 64, 128)
+        V, num_classes = 64, 3
+
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("pos_1LC", torch.zeros(1))
+            self.calls = []
+
+        def inference_precision(self, dtype):
+            return contextlib.nullcontext()
+
+        def autoregressive_infer_cfg(self, B, label_B, g_seed, cfg, top_k, top_p):
+            assert not self.training
+            self.calls.append((label_B.tolist(), g_seed, cfg, top_k, top_p))
+            img = label_B.float().view(B, 1, 1, 1).expand(B, 3, 2, 2) / 4
+            return img + torch.arange(B).view(B, 1, 1, 1) / 1024  # distinct images (a covariance of rank > 0)
+
+    n, mvar = 2 * CHUNK + 20, StandIn().train()
+    evaluator = TrainingEval(net="stub", n=n, seed=7, cfg=2.5, top_k=900, top_p=0.8)
+    evaluator.metric = "fd"
+    evaluator.features = lambda imgs: (imgs.reshape(len(imgs), -1).astype(np.float64),
+                                       np.rint(imgs[:, 0, 0, 0] / 64).astype(np.int64))
+    evaluator.ref_feats = np.random.default_rng(0).standard_normal((n, 12))
+    points = [evaluator.evaluate(mvar, epoch=e, images_seen=24 * e, train_seconds=1.0 * e) for e in (1, 2)]
+    assert mvar.training  # handed back in training mode
+    starts = range(0, n, CHUNK)
+    one_point = [([i % 3 for i in range(s, min(s + CHUNK, n))], chunk_seed(7, s), 2.5, 64, 0.8) for s in starts]
+    assert mvar.calls == one_point * 2
+    assert evaluator.history == points and [(p["epoch"], p["images"]) for p in points] == [(1, 24), (2, 48)]
+    assert [p["consistency"] for p in points] == [1.0, 1.0]
