@@ -338,3 +338,20 @@ def test_ranks_with_other_data_or_flags_are_refused_before_training(tmp_path):
     assert "--steps: rank 0: 3; rank 1: 7" in out and "the training files (digest of their paths and labels)" in out
     assert "--data_path" not in out.split("the ranks do not train alike")[1].split("\n\n")[0]
     assert not STEP_RE.search(out)
+
+
+def test_dead_codes_are_those_below_the_usage_margin_summed_over_scales():
+    """A code is dead when its usage EMA summed over the scales is below USAGE_MARGIN of a uniform share of the
+    step's tokens (B * sum(pn^2)): a rarely used code (not only a never used one) is reset, and a code used a little
+    at every scale is kept. `== 0` as the rule, or the last scale's EMA alone, passed the suite."""
+    args = tiny_args("--steps=10")
+    trainer = TokenizerTrainer(build_vae(args), args, torch.device("cpu"))
+    quantize = trainer.vae.quantize
+    tokens = 16 * (1 + 4 + 16)  # margin 336 / 64 * 0.08 = 0.42 hits
+    quantize.ema_vocab_hit_SV.fill_(10.0)
+    quantize.ema_vocab_hit_SV[:, :3] = torch.tensor([[0.4, 0.2, 0.0], [0.0, 0.2, 0.0], [0.0, 0.2, 0.0]])
+    old_W = quantize.embedding.weight.detach().clone()
+    torch.manual_seed(0)
+    assert trainer.reinit_dead_codes(mnist_batch(), tokens_per_step=tokens) == 2
+    changed = (quantize.embedding.weight != old_W).any(dim=1)
+    assert changed.nonzero().flatten().tolist() == [0, 2]  # 0.4 < 0.42 <= 0.6 summed over scales
