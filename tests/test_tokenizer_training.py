@@ -355,3 +355,18 @@ def test_dead_codes_are_those_below_the_usage_margin_summed_over_scales():
     assert trainer.reinit_dead_codes(mnist_batch(), tokens_per_step=tokens) == 2
     changed = (quantize.embedding.weight != old_W).any(dim=1)
     assert changed.nonzero().flatten().tolist() == [0, 2]  # 0.4 < 0.42 <= 0.6 summed over scales
+
+
+def test_dead_codes_are_judged_every_reinit_every_steps_against_all_scales_tokens(monkeypatch):
+    """--reinit_every=3 re-initialises after steps 3 and 6, with the margin's token count of one step: the batch
+    times the tokens of every scale (1 + 4 + 16 here). Counting the last scale's tokens only (a margin 16/21 of
+    VAR's), or a reset after step 1, 4, ..., passed the suite."""
+    args = tiny_args("--steps=6", "--reinit_every=3")
+    trainer = TokenizerTrainer(build_vae(args), args, torch.device("cpu"))
+    calls = []
+    monkeypatch.setattr(trainer, "reinit_dead_codes", lambda img, tokens_per_step: calls.append(
+        (trainer.step, len(img), tokens_per_step)) or 0)
+    img = mnist_batch(4)
+    for _ in range(6):
+        trainer.train_step(img)
+    assert calls == [(3, 4, 4 * 21), (6, 4, 4 * 21)]
