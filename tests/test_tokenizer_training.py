@@ -370,3 +370,19 @@ def test_dead_codes_are_judged_every_reinit_every_steps_against_all_scales_token
     for _ in range(6):
         trainer.train_step(img)
     assert calls == [(3, 4, 4 * 21), (6, 4, 4 * 21)]
+
+
+def test_the_gan_terms_switch_on_at_gan_start():
+    """--gan_start=2: steps 0 and 1 train the tokenizer alone (no generator term, discriminator untouched), step 2
+    on both; the discriminator is not weight-decayed. A GAN on from step 0 whatever --gan_start, or from the step
+    after it, passed the suite."""
+    args = tiny_args("--steps=4", "--w_gan=0.1", "--gan_start=2", "--disc_ch=16", "--disc_layers=1", "--wd=0.05")
+    trainer = TokenizerTrainer(build_vae(args), args, torch.device("cpu"))
+    assert all(g["weight_decay"] == 0 for g in trainer.disc_opt.param_groups)
+    before = [p.detach().clone() for p in trainer.disc.parameters()]
+    img = mnist_batch(4)
+    for _ in range(2):
+        assert not {"g", "d"} & trainer.train_step(img).keys()
+    assert all(torch.equal(b, p) for b, p in zip(before, trainer.disc.parameters(), strict=True))
+    assert {"g", "d"} <= trainer.train_step(img).keys()
+    assert any(not torch.equal(b, p) for b, p in zip(before, trainer.disc.parameters(), strict=True))
