@@ -386,3 +386,20 @@ def test_the_gan_terms_switch_on_at_gan_start():
     assert all(torch.equal(b, p) for b, p in zip(before, trainer.disc.parameters(), strict=True))
     assert {"g", "d"} <= trainer.train_step(img).keys()
     assert any(not torch.equal(b, p) for b, p in zip(before, trainer.disc.parameters(), strict=True))
+
+
+def test_the_warm_up_is_a_fraction_of_steps_and_the_discriminator_follows_the_schedule():
+    """--wp=0.25 of --steps=8: lr rises from WP0 * lr at step 0 to the peak at step 2, then the cosine decays it to
+    WPE * lr at the last step; the discriminator's optimiser gets the same lr. --wp read as steps (no warm-up here),
+    or a discriminator left at the peak lr, passed the suite."""
+    args = tiny_args("--steps=8", "--wp=0.25", "--lr=1e-3", "--sche=cos", "--w_gan=0.1", "--disc_ch=16",
+                     "--disc_layers=1")
+    trainer = TokenizerTrainer(build_vae(args), args, torch.device("cpu"))
+    lrs = []
+    for step in range(8):
+        trainer.step = step
+        lrs.append(trainer.set_lr())
+        assert [g["lr"] for g in trainer.disc_opt.param_groups] == [lrs[-1]]
+        assert all(g["lr"] == lrs[-1] for g in trainer.opt.param_groups)
+    assert lrs[:3] == pytest.approx([1e-3 * 0.005, 1e-3 * (0.005 + 0.995 / 2), 1e-3], rel=1e-12)
+    assert lrs[-1] == pytest.approx(1e-3 * 0.01, rel=1e-12) and lrs[2:] == sorted(lrs[2:], reverse=True)
