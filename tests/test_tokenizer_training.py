@@ -403,3 +403,16 @@ def test_the_warm_up_is_a_fraction_of_steps_and_the_discriminator_follows_the_sc
         assert all(g["lr"] == lrs[-1] for g in trainer.opt.param_groups)
     assert lrs[:3] == pytest.approx([1e-3 * 0.005, 1e-3 * (0.005 + 0.995 / 2), 1e-3], rel=1e-12)
     assert lrs[-1] == pytest.approx(1e-3 * 0.01, rel=1e-12) and lrs[2:] == sorted(lrs[2:], reverse=True)
+
+
+def test_the_tokenizer_gradient_is_clipped_to_clip():
+    """--clip=0.01: the gradient the optimiser steps with has norm 0.01 (the logged grad_norm is the norm before
+    clipping, far above it). A clip that only logged the norm passed the suite: Adam's first steps hardly depend
+    on the gradient's scale."""
+    args = tiny_args("--steps=2", "--clip=0.01")
+    trainer = TokenizerTrainer(build_vae(args), args, torch.device("cpu"))
+    out = trainer.train_step(mnist_batch(4))
+    grads = [p.grad for p in trainer.vae.parameters() if p.grad is not None]
+    assert out["grad_norm"] > 1.0
+    torch.testing.assert_close(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])),
+                               torch.tensor(0.01), rtol=1e-5, atol=0)
