@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from models.loading import StateDictMismatchError, load_state_dict_checked, load_vae
 from models.presets import PATCH_NUMS, parse_patch_nums
 from models.tokenizer import VQVAE, VQVAEConfig
-from models.vq_losses import hinge_d_loss, hinge_g_loss
+from models.vq_losses import PatchDiscriminator, hinge_d_loss, hinge_g_loss
 
 pytestmark = pytest.mark.numerics  # rerun by `make test` at the lowest ISA level
 
@@ -371,3 +371,18 @@ def test_mismatched_checkpoint_names_the_keys(tiny, tmp_path):
     dropped = load_state_dict_checked(target, {k: v for k, v in tiny.state_dict().items() if "ema" not in k},
                                       ignore=("quantize.ema_*",))
     assert dropped == [] and torch.equal(target.quant_conv.weight, tiny.quant_conv.weight)
+
+
+def test_patch_discriminator_layout_is_pix2pixs():
+    """PatchGAN as pix2pix: a stride-2 4x4 conv, n_layers 4x4 convs doubling the width up to 8x (stride 2 but the
+    last, stride 1), LeakyReLU 0.2, a 4x4 stride-1 conv to one logit per patch: 64 px with 3 layers give 6x6
+    logits. Every conv stride 2, a width capped at 4x, ReLU or a 1x1 head passed the suite."""
+    disc = PatchDiscriminator(ch=8, n_layers=4)
+    convs = [m for m in disc.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.out_channels, c.kernel_size, c.stride) for c in convs] == [
+        (8, (4, 4), (2, 2)), (16, (4, 4), (2, 2)), (32, (4, 4), (2, 2)), (64, (4, 4), (2, 2)), (64, (4, 4), (1, 1)),
+        (1, (4, 4), (1, 1))]
+    assert {m.negative_slope for m in disc.modules() if isinstance(m, torch.nn.LeakyReLU)} == {0.2}
+    assert not any(isinstance(m, torch.nn.ReLU) for m in disc.modules())
+    with torch.no_grad():
+        assert PatchDiscriminator(ch=8, n_layers=3)(torch.zeros(2, 3, 64, 64)).shape == (2, 1, 6, 6)
