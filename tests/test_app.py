@@ -416,3 +416,22 @@ def test_sending_an_image_the_workspace_cleared_says_so(tmp_path):
     with pytest.raises(gr.Error, match="cleared from the workspace"):
         send_selected([str(kept), str(tmp_path / "gone.png")], 1)
     assert send_selected([], None)[0] is None
+
+
+def test_the_pages_settings_become_the_sample_py_flags_of_the_same_values():
+    """Each of the page's settings reaches sample.py as the flag of its name with its value (checked by parsing the
+    command line sample.py gets): a dropped --top_p, a cfg rounded to an integer, a top_k capped or --more_smooth
+    always off gave the page and its offered command the same (wrong) pixels, which passed the suite."""
+    from types import SimpleNamespace
+
+    from scripts.app_jobs import Knobs, Session, parse_sample_args
+
+    session = Session(SimpleNamespace(num_classes=10), ["--ckpt", "x.pth"], torch.device("cpu"), NAMES, None)
+    for smooth in (True, False):
+        knobs = Knobs(classes=["3: three", "7"], num_per_class=2, cfg=2.75, top_k=321, top_p=0.85, seed=11,
+                      more_smooth=smooth, bs=5)
+        args = parse_sample_args(session.argv(knobs, "out.png"))
+        got = {k: getattr(args, k) for k in ("classes", "num_per_class", "cfg", "top_k", "top_p", "seed",
+                                             "more_smooth", "bs")}
+        assert got == dict(classes=[3, 7], num_per_class=2, cfg=2.75, top_k=321, top_p=0.85, seed=11,
+                           more_smooth=smooth, bs=5)
