@@ -435,3 +435,23 @@ def test_the_pages_settings_become_the_sample_py_flags_of_the_same_values():
                                              "more_smooth", "bs")}
         assert got == dict(classes=[3, 7], num_per_class=2, cfg=2.75, top_k=321, top_p=0.85, seed=11,
                            more_smooth=smooth, bs=5)
+
+
+def test_random_classes_come_from_the_seed_and_cover_every_class_and_unknown_ones_are_refused():
+    """"random" draws a class from the request's seed (the same seed, the same classes; another seed, others),
+    any of the model's classes, the last included; an id past the last class is refused before any work; names of
+    another length than the classes are not shown. A draw from seed 0 whatever the seed, or one that never drew the
+    last class, passed the suite."""
+    from types import SimpleNamespace
+
+    from scripts.app_jobs import Session
+
+    session = Session(SimpleNamespace(num_classes=10), ["--ckpt", "x.pth"], torch.device("cpu"), NAMES, None)
+    draws = [session.class_ids(["random"] * 16, seed) for seed in range(8)]
+    assert draws[3] == session.class_ids(["random"] * 16, 3) and len({tuple(d) for d in draws}) == 8
+    assert set(sum(draws, [])) == set(range(10))
+    assert session.class_ids(["9: nine", "random", "0"], 4)[::2] == [9, 0]
+    with pytest.raises(ValueError, match="unknown class '10'"):
+        session.class_ids(["10"], 0)
+    assert session.class_label(3) == "3: three"
+    assert Session(SimpleNamespace(num_classes=10), [], torch.device("cpu"), NAMES[:9], None).class_label(3) == "3"
