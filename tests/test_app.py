@@ -455,3 +455,17 @@ def test_random_classes_come_from_the_seed_and_cover_every_class_and_unknown_one
         session.class_ids(["10"], 0)
     assert session.class_label(3) == "3: three"
     assert Session(SimpleNamespace(num_classes=10), [], torch.device("cpu"), NAMES[:9], None).class_label(3) == "3"
+
+
+def test_the_workspace_keeps_the_newest_requests_only():
+    """Workspace(keep=2) holds the folders of the newest two requests (and the uploads folder): keeping one more
+    than asked passed the suite."""
+    from scripts.app_jobs import Workspace
+
+    workspace = Workspace(keep=2)
+    try:
+        made = [workspace.new_folder() for _ in range(4)]
+        assert sorted(p.name for p in workspace.root.iterdir()) == ["000003", "000004", "uploads"]
+        assert made[-1].is_dir() and not made[0].exists()
+    finally:
+        workspace.close()
