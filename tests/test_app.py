@@ -469,3 +469,18 @@ def test_the_workspace_keeps_the_newest_requests_only():
         assert made[-1].is_dir() and not made[0].exists()
     finally:
         workspace.close()
+
+
+def test_the_apps_own_flags_reach_sample_py_and_a_1000_class_model_gets_imagenets_names(tmp_path):
+    """The app's --bf16, --fp16 and --allow_other_tokenizer are sample.py flags of the command it offers; a
+    1,000-class checkpoint without recorded names shows ImageNet's. A dropped --bf16 (the page sampling in fp32
+    where the command says bf16... or the reverse) and ids for ImageNet passed the suite."""
+    from types import SimpleNamespace
+
+    from scripts.app import base_argv, build_parser, recorded_class_names
+
+    for flag in ("--bf16", "--fp16", "--allow_other_tokenizer"):
+        assert flag in base_argv(build_parser().parse_args([flag]), "hub/id")
+    names = recorded_class_names(tmp_path / "absent.pth", SimpleNamespace(num_classes=1000))
+    assert len(names) == 1000 and names[0] == "tench" and names[999] == "toilet tissue"
+    assert recorded_class_names(tmp_path / "absent.pth", SimpleNamespace(num_classes=10)) is None
