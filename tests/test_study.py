@@ -284,3 +284,11 @@ def test_learned_needs_both_the_consistency_and_the_fd_threshold():
     assert reading(0.80, 5.0).endswith(": learned.")
     for cons, fd in ((0.79, 5.0), (0.80, 5.01), (0.5, 9.0)):
         assert reading(cons, fd).endswith(": **not yet learned**."), (cons, fd)
+
+
+def test_a_rows_training_images_count_every_epoch_padded_to_whole_batches():
+    """The table's and the claims' training budget: each epoch of 1,000 images in batches of 64 is 16 batches,
+    1,024 images (the sampler pads the last one). Counting the unpadded images passed the suite, and made rows
+    with other batch sizes look unequal (or equal) in budget."""
+    assert study_report.train_images({"train_limit": 1000, "bs": 64}, 3) == 3 * 1024
+    assert study_report.train_images({"train_limit": 1024, "bs": 64}, 2) == 2048
