@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from models import MVAR, MVARConfig
-from models.loading import config_from_state_dict, load_checkpoint, load_mvar, load_mvar_checkpoint, mvar_checkpoint
+from models.loading import CheckpointError, StateDictMismatchError, check_digest, config_from_state_dict, \
+    load_checkpoint, load_mvar, load_mvar_checkpoint, load_state_dict_checked, mvar_checkpoint, weights_digest
 
 TINY = dict(depth=2, embed_dim=64, num_heads=2, V=64, Cvae=8, num_classes=10, d_state=16)
 
@@ -142,3 +143,19 @@ def test_a_checkpoint_that_cannot_be_mapped_is_read_whole(tmp_path, monkeypatch)
 
     monkeypatch.setattr(torch, "load", no_maps)
     assert torch.equal(load_checkpoint(tmp_path / "ckpt.pth")["w"], torch.ones(3))
+
+
+def test_unexpected_and_reshaped_keys_are_refused_not_loaded_around():
+    """A depth-3 file in a depth-2 model, or a transposed weight of the same size, loaded silently (strict=False
+    skipped the extra blocks) or as torch's bare size error naming no file; both are mismatches named here."""
+    torch.manual_seed(0)
+    model = MVAR(MVARConfig(**TINY, patch_nums=(1, 2, 3)))
+    sd = dict(MVAR(MVARConfig(**{**TINY, "depth": 3}, patch_nums=(1, 2, 3))).state_dict())
+    with pytest.raises(StateDictMismatchError, match=r"f\.pth does not match the model: \d+ unexpected key\(s\): "
+                                                     r"blocks\.2\."):
+        load_state_dict_checked(model, sd, what="f.pth")
+    sd = dict(model.state_dict())
+    sd["word_embed.weight"] = sd["word_embed.weight"].t().contiguous()  # (C, Cvae) as (Cvae, C): the same numel
+    with pytest.raises(StateDictMismatchError, match=r"1 shape mismatch\(es\): word_embed\.weight: file \(8, 64\) "
+                                                     r"vs model \(64, 8\)"):
+        load_state_dict_checked(model, sd)
