@@ -159,3 +159,18 @@ def test_unexpected_and_reshaped_keys_are_refused_not_loaded_around():
     with pytest.raises(StateDictMismatchError, match=r"1 shape mismatch\(es\): word_embed\.weight: file \(8, 64\) "
                                                      r"vs model \(64, 8\)"):
         load_state_dict_checked(model, sd)
+
+
+def test_a_mismatch_counts_what_it_does_not_list_and_hints_at_a_wrapper_only_for_a_wrapped_file():
+    """The "(+N more)" count, and the DDP/compile hint: given only when every unexpected key carries the prefix (a
+    stray "module." key beside other strays is no wrapped file)."""
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    sd = model.state_dict()
+    with pytest.raises(StateDictMismatchError, match=r"4 missing key\(s\): 0\.weight, \.\.\. \(\+3 more\)\."):
+        load_state_dict_checked(model, {}, max_listed=1)
+    wrapped = {f"module.{k}": v for k, v in sd.items()}
+    with pytest.raises(StateDictMismatchError, match=r"start with 'module\.': it was saved from a DDP/compiled"):
+        load_state_dict_checked(model, wrapped)
+    with pytest.raises(StateDictMismatchError) as err:
+        load_state_dict_checked(model, {**sd, "module.extra": torch.zeros(1), "extra": torch.zeros(1)})
+    assert str(err.value).endswith("2 unexpected key(s): module.extra, extra.")
