@@ -174,3 +174,18 @@ def test_a_mismatch_counts_what_it_does_not_list_and_hints_at_a_wrapper_only_for
     with pytest.raises(StateDictMismatchError) as err:
         load_state_dict_checked(model, {**sd, "module.extra": torch.zeros(1), "extra": torch.zeros(1)})
     assert str(err.value).endswith("2 unexpected key(s): module.extra, extra.")
+
+
+def test_the_digest_covers_names_dtypes_shapes_and_every_byte():
+    """A digest blind to names passes two same-shaped tensors swapped between keys; blind to dtype, the same bytes
+    read as another type; the order the keys come in does not matter (safetensors returns them sorted)."""
+    a, b = torch.arange(4.0), torch.arange(4.0) + 10
+    recorded = weights_digest({"x": a, "y": b})
+    assert weights_digest({"y": b.clone(), "x": a.clone()}) == recorded
+    nudged = b.clone()
+    nudged[3] = torch.nextafter(nudged[3], torch.tensor(float("inf")))
+    for other in ({"x": b, "y": a}, {"x": a, "z": b}, {"x": a.view(torch.int32), "y": b}, {"x": a.view(2, 2), "y": b},
+                  {"x": a, "y": nudged}):
+        assert weights_digest(other) != recorded, other
+    with pytest.raises(CheckpointError, match=r"w\.pth is damaged"):
+        check_digest({"x": b, "y": a}, recorded, "w.pth")
