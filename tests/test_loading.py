@@ -189,3 +189,10 @@ def test_the_digest_covers_names_dtypes_shapes_and_every_byte():
         assert weights_digest(other) != recorded, other
     with pytest.raises(CheckpointError, match=r"w\.pth is damaged"):
         check_digest({"x": b, "y": a}, recorded, "w.pth")
+
+
+def test_a_var_plus_mamba_mix_is_inferred_from_a_raw_state_dict():
+    """The mix's leading VAR block holds attention: asking block 0 for it read a VAR + Mamba mix as `mvar`."""
+    src = MVAR(MVARConfig(**TINY, arch="mamba", var_blocks=1, patch_nums=(1, 2, 3)))
+    config = config_from_state_dict(src.state_dict(), patch_nums=(1, 2, 3))
+    assert (config.arch, config.var_blocks) == ("mamba", 1)
