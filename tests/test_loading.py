@@ -196,3 +196,11 @@ def test_a_var_plus_mamba_mix_is_inferred_from_a_raw_state_dict():
     src = MVAR(MVARConfig(**TINY, arch="mamba", var_blocks=1, patch_nums=(1, 2, 3)))
     config = config_from_state_dict(src.state_dict(), patch_nums=(1, 2, 3))
     assert (config.arch, config.var_blocks) == ("mamba", 1)
+
+
+def test_intra_is_refused_for_weights_that_hold_mamba():
+    """`--arch intra` names VAR's ambiguous keys only: on M-VAR weights it was accepted, then strict loading blamed
+    the file's Mamba2 keys instead of the flag."""
+    sd = MVAR(MVARConfig(**TINY, patch_nums=(1, 2, 3))).state_dict()
+    with pytest.raises(ValueError, match="arch=intra was asked for .* weights hold attention and Mamba2: arch=mvar"):
+        config_from_state_dict(sd, patch_nums=(1, 2, 3), arch="intra")
