@@ -8,7 +8,7 @@ import torch
 from huggingface_hub import constants as hf_constants
 from huggingface_hub.errors import LocalEntryNotFoundError
 
-from models.loading import load_vae, resolve_checkpoint
+from models.loading import load_vae, resolve_checkpoint, resolve_mvar_checkpoint
 from models.tokenizer import VAE_FILENAME, VAE_REPO_ID, VQVAE
 
 REPO, FILE = "someone/weights", "model.pth"
@@ -115,3 +115,21 @@ def test_load_vae_miss_names_flag_and_url(offline_cache):
         load_vae(flag="--vae")
     assert "--vae=/path/to/vae_ch160v4096z32.pth" in str(err.value)
     assert "https://huggingface.co/FoundationVision/var/resolve/main/vae_ch160v4096z32.pth" in str(err.value)
+
+
+def test_hf_hub_offline_0_downloads_and_the_download_gets_revision_and_token(monkeypatch, tmp_path):
+    """HF_HUB_OFFLINE=0 is online (read as "set", a miss never downloaded); a download for a gated repo needs the
+    token, and a pinned revision must reach the cache lookup and the download alike."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    calls = []
+
+    def fake_download(repo_id, filename, **kwargs):
+        calls.append((kwargs.get("local_files_only", False), kwargs.get("revision"), kwargs.get("token")))
+        if kwargs.get("local_files_only"):
+            raise LocalEntryNotFoundError("not cached")
+        return str(tmp_path / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    got = resolve_checkpoint(None, REPO, FILE, flag="--ckpt", revision="v1", token="hf_x")
+    assert got == tmp_path / FILE
+    assert calls == [(True, "v1", None), (False, "v1", "hf_x")]
