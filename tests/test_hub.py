@@ -133,3 +133,12 @@ def test_hf_hub_offline_0_downloads_and_the_download_gets_revision_and_token(mon
     got = resolve_checkpoint(None, REPO, FILE, flag="--ckpt", revision="v1", token="hf_x")
     assert got == tmp_path / FILE
     assert calls == [(True, "v1", None), (False, "v1", "hf_x")]
+
+
+def test_a_depth_resolves_the_published_file_names_from_the_cache(offline_cache):
+    """`--depth 16` reads OliverRen/M-VAR's d16.pth, `--arch var` FoundationVision/var's var_d16.pth: another name
+    finds nothing in a cache that holds them."""
+    mvar = put_in_hf_cache(offline_cache, "OliverRen/M-VAR", "d16.pth", b"mvar")
+    var = put_in_hf_cache(offline_cache, VAE_REPO_ID, "var_d16.pth", b"var")
+    assert resolve_mvar_checkpoint(None, 16).read_bytes() == mvar.read_bytes()
+    assert resolve_mvar_checkpoint(None, 16, arch="var").read_bytes() == var.read_bytes()
