@@ -12,7 +12,8 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import sample
-from models.hub_format import MVARHF, VQVAEHF, HubSource, is_hub_source, read_model_weights, training_data
+from models.hub_format import MVARHF, VQVAEHF, HubSource, TokenizerMismatchError, check_own_tokenizer, is_hub_source, \
+    read_config, read_model_weights, training_data
 from conftest import damage_tensor_data
 from models.loading import DERIVED_KEYS, CheckpointError, load_checkpoint, load_mvar, load_state_dict_checked, \
     mvar_checkpoint, weights_digest
@@ -409,3 +410,11 @@ def test_init_from_reads_a_model_in_each_of_its_formats(tmp_path):
         assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in mvar.state_dict().items()), source
     with pytest.raises(FileNotFoundError, match="--init_from=.*nope.pth: no such file"):
         read_model_weights(tmp_path / "nope.pth", "--init_from")
+
+
+def test_an_existing_file_named_like_a_repo_id_is_a_path(tmp_path, monkeypatch):
+    """`--ckpt runs/last` (a checkpoint file without a suffix) was read as the repo id runs/last."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "last").write_bytes(b"x")
+    assert not is_hub_source("runs/last") and is_hub_source("runs/other")
