@@ -418,3 +418,11 @@ def test_an_existing_file_named_like_a_repo_id_is_a_path(tmp_path, monkeypatch):
     (tmp_path / "runs").mkdir()
     (tmp_path / "runs" / "last").write_bytes(b"x")
     assert not is_hub_source("runs/last") and is_hub_source("runs/other")
+
+
+def test_a_tokenizer_of_other_latent_channels_never_fits():
+    """Only V was compared: a tokenizer of the model's vocabulary but other latent channels passed, allowed or not."""
+    vae, _ = build_tiny()
+    for allow in (False, True):
+        with pytest.raises(TokenizerMismatchError, match=r"t \(V=64, Cvae=8\) does not fit m \(V=64, Cvae=16\)"):
+            check_own_tokenizer(vae, None, "t", "m", allow, (64, 16))
