@@ -426,3 +426,11 @@ def test_a_tokenizer_of_other_latent_channels_never_fits():
     for allow in (False, True):
         with pytest.raises(TokenizerMismatchError, match=r"t \(V=64, Cvae=8\) does not fit m \(V=64, Cvae=16\)"):
             check_own_tokenizer(vae, None, "t", "m", allow, (64, 16))
+
+
+def test_read_config_looks_in_the_cache_it_is_given(tmp_path, offline_cache):
+    """read_config dropped `cache_dir`: a repo cached elsewhere than the default cache was "not found"."""
+    mvar, _ = hub_model()
+    mvar.save_pretrained(tmp_path / "m")
+    put_folder_in_cache(tmp_path / "m", tmp_path / "other_cache", REPO)
+    assert read_config(REPO, cache_dir=tmp_path / "other_cache") == mvar.config
