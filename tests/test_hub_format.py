@@ -434,3 +434,15 @@ def test_read_config_looks_in_the_cache_it_is_given(tmp_path, offline_cache):
     mvar.save_pretrained(tmp_path / "m")
     put_folder_in_cache(tmp_path / "m", tmp_path / "other_cache", REPO)
     assert read_config(REPO, cache_dir=tmp_path / "other_cache") == mvar.config
+
+
+def test_export_refuses_a_tokenizer_with_non_finite_weights(tmp_path):
+    """Only the M-VAR weights were checked: a NaN in the embedded tokenizer's decoder was written into the folder."""
+    vae, mvar = build_tiny()
+    ckpt = mvar_checkpoint(mvar, vae)
+    ckpt["vae"]["post_quant_conv.weight"] = ckpt["vae"]["post_quant_conv.weight"].clone().fill_(float("nan"))
+    torch.save(ckpt, tmp_path / "bad.pth")
+    with pytest.raises(SystemExit, match=r"error: tokenizer \(embedded in --ckpt\) has non-finite weights .*"
+                                         r"post_quant_conv\.weight"):
+        export.main(["--ckpt", str(tmp_path / "bad.pth"), "--out", str(tmp_path / "hub")])
+    assert not (tmp_path / "hub").exists()
