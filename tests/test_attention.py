@@ -445,3 +445,12 @@ def test_gpu_scale_attention_autocast_bf16_auto_matches_sdpa():
         layer.backend = "sdpa"
         out_sdpa = layer(x, SEG_256)
     torch.testing.assert_close(out_auto.float(), out_sdpa.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_a_changed_env_var_is_seen_after_a_first_resolution(monkeypatch):
+    """Resolutions are cached: without $MVAR_ATTN_BACKEND in the cache key, the first "auto" outcome stuck."""
+    q, k, v = qkv(1, 5, 1, 8)
+    intra_scale_attention(q, k, v, (1, 4), 1.0)  # "auto" -> sdpa, cached
+    monkeypatch.setenv(backends.ATTN.env, "flash_attn")
+    with pytest.raises(ValueError, match=f"{backends.ATTN.env}='flash_attn' cannot run here"):
+        intra_scale_attention(q, k, v, (1, 4), 1.0)
