@@ -454,3 +454,11 @@ def test_a_changed_env_var_is_seen_after_a_first_resolution(monkeypatch):
     monkeypatch.setenv(backends.ATTN.env, "flash_attn")
     with pytest.raises(ValueError, match=f"{backends.ATTN.env}='flash_attn' cannot run here"):
         intra_scale_attention(q, k, v, (1, 4), 1.0)
+
+
+@pytest.mark.parametrize("device", ["mps", "xpu"])
+def test_the_flash_kernels_need_cuda_not_just_another_device_than_the_cpu(device):
+    """Only the CPU was refused: "auto" on an Apple or Intel GPU would have picked a CUDA-only kernel."""
+    for name in ("flash_attn", "torch_varlen"):
+        reason = A.backend_unavailable_reason(name, torch.device(device), torch.bfloat16, head_dim=64)
+        assert reason == f"{name} needs CUDA tensors, got device {device!r}"
