@@ -154,3 +154,17 @@ def test_sample_cli_bf16_writes_pictures_and_records_the_precision(tmp_path, mon
     assert grid.is_file()
     npz = sample.main([*flags, "--fid", "--fid_num_per_class", "1", "--bs", "5", "--fid_dir", str(tmp_path / "fid")])
     assert '"precision": "bf16"' in npz.with_suffix(".json").read_text()
+
+
+def test_word_embed_runs_in_fp32_under_bf16_inference():
+    """word_embed takes the tokenizer's latents with autocast off, in teacher-forced forward and in sampling alike:
+    forward's autocast-off block gone, it ran in bf16 and both sides of the plain-autocast comparison agreed."""
+    _, mvar = build_tiny_mvar()
+    mvar.eval()
+    seen = []
+    mvar.word_embed.register_forward_hook(lambda m, args, out: seen.append((args[0].dtype, out.dtype)))
+    with torch.inference_mode(), mvar.inference_precision(BF16):
+        mvar(torch.tensor([1, 2]), torch.zeros(2, mvar.L - 1, mvar.Cvae))
+        assert seen == [(torch.float32, torch.float32)]
+        mvar.autoregressive_infer_cfg(**sample_kw())
+    assert len(seen) == len(mvar.patch_nums) and set(seen) == {(torch.float32, torch.float32)}
