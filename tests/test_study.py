@@ -224,6 +224,17 @@ def test_verdicts_need_a_significant_welch_test_and_cover_the_whole_ordering():
         in study_report.reading(unequal)
 
 
+def test_a_claim_not_judged_for_unequal_budgets_does_not_enlarge_the_holm_family():
+    """Only the claims tested on this table share its Holm family: a pair of unequal budgets runs no test. Counted
+    in, it doubled the equal pair's p (0.038 -> 0.075) and a reproduced claim read as not significant."""
+    rows = {k: dict(label=k.upper(), images=100, scores=[{"fd_clf": v} for v in fd])
+            for k, fd in dict(mvar=[3.60, 3.66, 3.72], var=[3.75, 3.81, 3.87]).items()}
+    rows["mvar-d"] = dict(rows["mvar"], label="MVAR-D", images=200)  # Table 5's claim against VAR: unequal budgets
+    text = study_report.reading(rows)
+    assert "- Table 6: M-VAR better than VAR: reproduced (MVAR 3.66 vs VAR 3.81; **MVAR better**" in text, text
+    assert "p = 0.038, 3 vs 3 seeds" in text and "M-VAR-D (VAR's params) better than VAR: not judged here" in text
+
+
 def test_the_tests_of_one_pair_are_a_family_under_holms_adjustment():
     """Seven points of one pair (the same runs) are seven tests: "better" needs the Holm-adjusted p below 0.05.
     p = 0.01 alone among seven is 0.07 adjusted: ahead, not significant; one seed a side runs no test."""
