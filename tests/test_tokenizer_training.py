@@ -416,3 +416,39 @@ def test_the_tokenizer_gradient_is_clipped_to_clip():
     assert out["grad_norm"] > 1.0
     torch.testing.assert_close(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])),
                                torch.tensor(0.01), rtol=1e-5, atol=0)
+
+
+def test_a_step_skipped_for_a_non_finite_gradient_leaves_the_discriminator_alone():
+    """A finite loss with a non-finite tokenizer gradient skips the step: the discriminator, whose own loss is finite
+    here, must not step either. Stepping it whenever its loss was finite passed the suite (a NaN batch makes both
+    losses NaN)."""
+    args = tiny_args("--steps=4", "--w_gan=0.1", "--disc_ch=16", "--disc_layers=1", "--gan_start=0")
+    trainer = TokenizerTrainer(build_vae(args), args, torch.device("cpu"))
+    trainer.vae.decoder.conv_out.weight.register_hook(lambda g: torch.full_like(g, float("inf")))
+    before = [p.detach().clone() for p in (*trainer.vae.parameters(), *trainer.disc.parameters())]
+    out = trainer.train_step(mnist_batch(4))
+    assert out["loss"].isfinite() and out["d"].isfinite() and trainer.guard.bad_in_a_row == 1
+    assert all(torch.equal(b, p) for b, p in zip(before, (*trainer.vae.parameters(), *trainer.disc.parameters()),
+                                                 strict=True))
+
+
+def test_dead_codes_get_distinct_residuals_and_a_code_at_the_margin_lives():
+    """Each dead code draws its own residual vector of the batch (all of them on one vector would re-die together),
+    and a code whose summed usage EMA equals the margin exactly is used (`<`, VAR's `>=` for used): one shared
+    draw, or `<=`, passed the suite. Margin here: 1600 / 64 * 0.08 = 2.0, exact in binary."""
+    args = tiny_args("--steps=10")
+    trainer = TokenizerTrainer(build_vae(args), args, torch.device("cpu"))
+    quantize = trainer.vae.quantize
+    quantize.ema_vocab_hit_SV.zero_()
+    quantize.ema_vocab_hit_SV[:, 0] = torch.tensor([1.0, 0.5, 0.5])  # exactly the margin: kept
+    quantize.ema_vocab_hit_SV[:, 1] = torch.tensor([1.0, 0.5, 0.25])  # just below: dead
+    old_W = quantize.embedding.weight.detach().clone()
+    img = mnist_batch()
+    rows = quantizer_residuals(trainer.vae.eval(), img)
+    trainer.vae.train()
+    torch.manual_seed(0)
+    assert trainer.reinit_dead_codes(img, tokens_per_step=1600) == 63
+    new_W = quantize.embedding.weight.detach()
+    assert torch.equal(new_W[0], old_W[0]) and not torch.equal(new_W[1], old_W[1])
+    # 63 draws from the residuals spread like them (one shared draw: 1e-3 of it)
+    assert new_W[1:].std(0).mean() > 0.25 * rows.std(0).mean()
