@@ -386,3 +386,16 @@ def test_patch_discriminator_layout_is_pix2pixs():
     assert not any(isinstance(m, torch.nn.ReLU) for m in disc.modules())
     with torch.no_grad():
         assert PatchDiscriminator(ch=8, n_layers=3)(torch.zeros(2, 3, 64, 64)).shape == (2, 1, 6, 6)
+
+
+def test_usage_margin_counts_one_steps_last_scale_tokens_on_all_ranks(tiny):
+    """Usage % per scale: codes whose EMA reaches (>=) USAGE_MARGIN of a uniform share of the step's latent tokens,
+    B * H * W summed over the ranks (VAR's margin). Counting all scales' tokens, one rank's, or `>` passed the
+    suite. 5 images x 64 tokens x 5 ranks / 32 codes * 0.08 = 4.0 exactly; codes at 0.25 * j: j >= 16 used."""
+    torch.manual_seed(0)
+    tiny.eval()  # reports usage without recording the step
+    tiny.quantize.hit_reducer = lambda hits_SV: hits_SV.mul_(5)  # five ranks with this batch
+    tiny.quantize.ema_vocab_hit_SV.copy_((torch.arange(32.0) * 0.25).expand(4, 32))
+    with torch.no_grad():
+        _, usages, _ = tiny(torch.rand(5, 3, 16, 16) * 2 - 1, ret_usages=True)
+    assert usages == [50.0] * 4  # > margin: 46.875; all scales: 31.25; one rank: 87.5
