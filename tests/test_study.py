@@ -303,3 +303,18 @@ def test_a_rows_training_images_count_every_epoch_padded_to_whole_batches():
     with other batch sizes look unequal (or equal) in budget."""
     assert study_report.train_images({"train_limit": 1000, "bs": 64}, 3) == 3 * 1024
     assert study_report.train_images({"train_limit": 1024, "bs": 64}, 2) == 2048
+
+
+def test_a_rows_throughput_is_its_first_seeds_and_the_seed_count_is_the_plans(tmp_path):
+    """train img/s is the --first_seed run's (images over its training clock; later seeds may share the machine),
+    and the report says how many seeds the plan ran. The last seed's clock, or a fixed seed count, passed the
+    suite (the quick study runs one seed)."""
+    plan = {"preset": {"first_seed": 3, "bs": 8, "train_limit": 16}, "rows": {"var": {"label": "VAR", "params": 1}},
+            "runs": {f"var-s{s}": {"row": "var", "seed": s, "ep": 1} for s in (3, 4, 5)}}
+    for seed, train_s in ((3, 4.0), (4, 8.0), (5, 2.0)):
+        (run := tmp_path / "runs" / f"var-s{seed}").mkdir(parents=True)
+        (run / "curve.json").write_text(json.dumps([{"images": 16, "train_s": train_s}]))
+    assert study_report.collect(tmp_path, plan, {r: {} for r in plan["runs"]})["var"]["train_images_per_s"] == 4.0
+    assert study_report.seeds_text(plan) == "3 seeds per row"
+    plan["runs"] = {"var-s3": plan["runs"]["var-s3"]}
+    assert study_report.seeds_text(plan) == "1 seed per row"
