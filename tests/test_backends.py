@@ -68,3 +68,23 @@ def test_env_var_decides_auto_only(monkeypatch):
     monkeypatch.setenv(ATTN.env, "sdpa")
     assert backends.requested(ATTN, "auto") == ("sdpa", ATTN.env)
     assert backends.requested(ATTN, "flash_attn") == ("flash_attn", "attn_backend")
+
+
+def test_a_torch_feature_missing_from_this_torch_is_reported_with_its_release_and_user(monkeypatch):
+    """On a torch without varlen_attn (older than 2.9), or whose varlen_attn has no `scale` (older than 2.10), the
+    features are unavailable and missing() names the torch, the feature, its release and what needs it. Reporting
+    a missing attribute or keyword as available, or a wrong release in the message, passed the suite."""
+    from models import torch_features as tf
+    varlen = pytest.importorskip("torch.nn.attention.varlen")
+    tf.available.cache_clear()
+    try:
+        monkeypatch.setattr(varlen, "varlen_attn", lambda q, k, v: q)  # a 2.9 signature: no `scale`
+        assert tf.available("varlen_attn") and not tf.available("varlen_attn_scale")
+        monkeypatch.delattr(varlen, "varlen_attn")
+        tf.available.cache_clear()
+        assert not tf.available("varlen_attn")
+        assert tf.missing("varlen_attn") == (f"torch {torch.__version__} has no torch.nn.attention.varlen.varlen_attn "
+                                             "(added in torch 2.9; needed by --attn_backend=torch_varlen)")
+    finally:
+        monkeypatch.undo()
+        tf.available.cache_clear()
