@@ -334,13 +334,18 @@ def launcher_env():
     return {k: v for k, v in os.environ.items() if not k.startswith(("TORCH_", "MASTER_", "NODE_RANK", "NNODES"))}
 
 
-def run_launcher(tmp_path, **env):
-    """scripts/torchrun.sh with a stand-in PYTHON that prints the environment it got and its arguments."""
+def run_launcher(tmp_path, cores=96, **env):
+    """scripts/torchrun.sh with a stand-in PYTHON that prints the environment it got and its arguments, on a node
+    whose `nproc` says `cores`."""
     fake = tmp_path / "python"
     fake.write_text("#!/bin/sh\nenv | grep -E '^TORCH_(ELASTIC|DISABLE)' | sort\necho \"$@\"\n")
     fake.chmod(0o755)
+    (tmp_path / "bin").mkdir(exist_ok=True)
+    (tmp_path / "bin/nproc").write_text(f"#!/bin/sh\necho {cores}\n")
+    (tmp_path / "bin/nproc").chmod(0o755)
+    path = f"{tmp_path / 'bin'}:{os.environ['PATH']}"
     return subprocess.run(["bash", str(REPO / "scripts/torchrun.sh"), "--depth=16"], env={**launcher_env(),
-                          "PYTHON": str(fake), **env}, capture_output=True, text=True, timeout=30)
+                          "PYTHON": str(fake), "PATH": path, **env}, capture_output=True, text=True, timeout=30)
 
 
 def test_launcher_passes_the_node_layout_and_the_preemption_settings(tmp_path):
@@ -351,6 +356,18 @@ def test_launcher_passes_the_node_layout_and_the_preemption_settings(tmp_path):
         f"-m torch.distributed.run --nproc_per_node=8 --nnodes=2 --node_rank=1 --master_addr=10.0.0.7 "
         f"--master_port=29500 {REPO}/train.py --workers=8 --depth=16"]  # the recipe's flags after: they win
     assert "TORCH_ELASTIC_SHUTDOWN_TIMEOUT=600" in run_launcher(tmp_path, TORCH_ELASTIC_SHUTDOWN_TIMEOUT="600").stdout
+
+
+@pytest.mark.parametrize("cores, env, workers", [(96, {}, 8), (32, {}, 3), (8, {}, 1), (256, {}, 8),
+                                                 (32, {"NPROC_PER_NODE": "2"}, 8), (16, {"NPROC_PER_NODE": "4"}, 3),
+                                                 (32, {"WORKERS": "0"}, 0), (8, {"WORKERS": "12"}, 12)])
+def test_launcher_shares_the_nodes_cores_among_the_ranks_data_loaders(tmp_path, cores, env, workers):
+    """A fixed --workers=8 started 72 loader processes beside 8 ranks on a 32-core node: they took the cores the
+    ranks' own processes need. The default leaves one core to each rank, at least 1 and at most 8 loaders;
+    WORKERS, when set, is passed as it is."""
+    proc = run_launcher(tmp_path, cores, **env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-1].endswith(f"train.py --workers={workers} --depth=16"), proc.stdout
 
 
 @pytest.mark.parametrize("active, conda_env", [("VIRTUAL_ENV", None), ("CONDA_PREFIX", "mvar"), (None, None),
