@@ -217,6 +217,22 @@ def test_a_kernel_failing_with_any_error_is_a_fail_line(monkeypatch, capsys, dea
         assert len(ran) >= 2 and all(line.check.endswith("bf16") for line in failed)
 
 
+def test_each_numerics_line_is_judged_against_its_precisions_target():
+    """compare(): the largest |error| of either sign over the reference's largest |logit|, the worst step's loss
+    error, the tokens judged in fp32 only, each precision against issue 19's target. A signed error (a logit too low
+    passed), the device's largest |logit| as the scale, the last step's loss alone, fp32 held to bf16's 2e-2 and
+    bf16's tokens held to fp32's 95% each passed the suite."""
+    tokens = torch.zeros(1, 20, dtype=torch.long)
+    ref = gpu_numerics.Outputs(torch.tensor([[100.0, -50.0, 3.0]]), tokens, [2.0, 1.0, 0.5])
+    low = gpu_numerics.Outputs(torch.tensor([[100.0, -50.5, 3.0]]), tokens + 1, [2.0, 1.1, 0.5])
+    assert [(ln.status, ln.value, ln.target) for ln in gpu_numerics.compare("x", "fp32", ref, low)] == [
+        ("FAIL", "5.00e-03", "<= 1.00e-04"), ("FAIL", "0.0000", ">= 0.9500"), ("FAIL", "1.00e-01", "<= 1.00e-03")]
+    high = gpu_numerics.Outputs(torch.tensor([[101.0, -50.0, 3.0]]), tokens + 1, [2.0, 1.0, 0.5])
+    assert [(ln.status, ln.value, ln.target) for ln in gpu_numerics.compare("x", "bf16", ref, high)] == [
+        ("PASS", "1.00e-02", "<= 2.00e-02"), ("INFO", "0.0000", ""), ("PASS", "0.00e+00", "<= 5.00e-02")]
+    assert (gpu_numerics.LOGITS_TARGET, gpu_numerics.TOKENS_TARGET) == (
+        {"fp32": 1e-4, "bf16": 2e-2, "fp16": 2e-2}, {"fp32": 0.95})  # issue 19's, stated before any run
+
 
 def test_exactly_95_percent_equal_tokens_pass():
     """"At least 95% equal": 2584 of the GPU run's 2720 greedy tokens (4 x 680) is 95%, which a float32 mean read
@@ -229,6 +245,39 @@ def test_exactly_95_percent_equal_tokens_pass():
     vae = types.SimpleNamespace(img_to_idxBl=lambda img: [got[:, :80], got[:, 80:]])
     line = gpu_numerics.tokenizer_line(ref, vae, torch.zeros(1), torch.device("cpu"))
     assert (line.status, line.value) == ("PASS", "0.9500")
+
+
+def test_a_device_that_no_longer_runs_anything_is_reported():
+    """device_error's probe returns the error it meets (the meta device cannot give a number back): a probe that
+    swallowed it let a sticky CUDA error fail every later combination, each blamed on its own kernels."""
+    assert gpu_numerics.device_error(torch.device("cpu")) is None
+    assert gpu_numerics.device_error(torch.device("meta")).startswith("RuntimeError: ")
+
+
+def test_the_numerics_stage_without_cuda_fails_and_runs_fp32_without_tf32(monkeypatch, tmp_path):
+    """Not a dry run and no CUDA device: the line saying so is a FAIL (as a SKIP, a GPU check that ran on the CPU
+    passed), and TF32 is off in torch's matmuls and cuDNN before the stage runs (left on, fp32's 1e-4 target is
+    judged against TF32's 10-bit products). A SKIP there and cuDNN's flag alone each passed the suite."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("TRITON_F32_DEFAULT", "tf32")
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32  # not monkeypatch's to restore
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    seen = []
+
+    def check(shapes, device, dtypes, save):
+        seen.append((shapes, device.type, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+                     os.environ["TRITON_F32_DEFAULT"]))
+        return [CheckLine("cpu sdpa+torch fp32 logits", "PASS")], {}
+
+    monkeypatch.setattr(gpu_numerics, "check", check)
+    try:
+        assert gpu_numerics.main(["--out", str(tmp_path / "numerics.json")]) == 1
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+    assert seen == [(gpu_numerics.GPU_SHAPES, "cpu", False, False, "tf32x3")]
+    lines, raw = read_lines(tmp_path / "numerics.json")
+    assert [(ln.check, ln.status) for ln in lines] == [("numerics device", "FAIL"),
+                                                       ("cpu sdpa+torch fp32 logits", "PASS")] and raw["complete"]
 
 
 DYNAMO_PROBE = """
