@@ -17,7 +17,7 @@ import torch
 from conftest import REPO, SUBPROCESS_ENV
 from models import mamba2_cpu
 from scripts import gpu_numerics, gpu_report, gpu_timings, gpu_train_check, process_tree
-from scripts.gpu_results import CheckLine, read_lines, write_lines
+from scripts.gpu_results import CheckLine, read_lines, within, write_lines
 from scripts.markdown import read_tables
 
 STAGE_FILES = ("env.json", "numerics.json", "train.json", "timings.json")
@@ -97,6 +97,28 @@ def test_a_stage_cut_short_keeps_its_lines_and_fails_the_report(tmp_path):
     assert "numerics (unfinished), timings" in text
 
 
+def test_a_value_at_its_limit_passes_and_nan_fails():
+    """within(): a target is inclusive either way ("at most 1e-4", "at least 95%"), NaN fails both, no limit is INFO.
+    '<' for '<=' passed the suite."""
+    assert [within("x", v, 1e-4).status for v in (1e-4, 1.0001e-4, math.nan)] == ["PASS", "FAIL", "FAIL"]
+    assert [within("x", v, 0.95, at_least=True).status for v in (0.95, 0.9499, math.nan)] == ["PASS", "FAIL", "FAIL"]
+    assert (within("x", 0.5, None).status, within("x", 1.0, 0.0).status) == ("INFO", "FAIL")
+
+
+def test_a_stage_without_results_fails_the_report_and_its_exit_status(tmp_path):
+    """A stage that wrote nothing, or a pytest log without a result (`-m gpu` selected nothing, pytest died at its
+    start), is a FAIL, and the report (so gpu_check.sh) exits 1. A missing stage as a SKIP, an empty pytest log as no
+    lines at all, and an exit status of 0 whatever the report said each passed the suite."""
+    write_lines(tmp_path / "env.json", [CheckLine("CUDA device", "PASS", "H100")])
+    (tmp_path / "pytest.log").write_text("collected 0 items\n\n=== no tests ran in 0.01s ===\n")
+    assert gpu_report.main(["--out", str(tmp_path), "--stages", "env"]) == 0
+    for stage in ("pytest", "timings"):
+        assert gpu_report.main(["--out", str(tmp_path), "--stages", f"env,{stage}"]) == 1
+        summary = (tmp_path / "report.md").read_text().splitlines()[2]
+        assert summary == f"**some checks FAILED**: 1 PASS, 1 FAIL, 0 SKIP, 0 INFO; stages without results or cut " \
+                          f"short: {stage}"
+
+
 @pytest.mark.parametrize("args, message", [(["--dryrun"], "usage"), (["--only", "numerics,tests"], "unknown stage"),
                                            (["--budget", "30"], "--budget")])
 def test_bad_arguments_are_errors_before_any_work(tmp_path, args, message):
@@ -123,6 +145,18 @@ def test_pytest_killed_before_its_summary_still_reports_its_verbose_lines():
     verbose = "tests/test_a.py::test_x PASSED    [ 33%]\ntests/test_a.py::test_y[bf16] FAILED   [ 66%]\n"
     assert [(ln.check, ln.status) for ln in gpu_report.pytest_lines(verbose)] == [
         ("tests/test_a.py::test_x", "PASS"), ("tests/test_a.py::test_y[bf16]", "FAIL")]
+
+
+def test_a_pytest_error_is_a_fail():
+    """pytest's ERROR (a fixture that raised: a CUDA context that cannot start) fails the check as FAILED does, in
+    the summary and in the verbose lines. ERROR read as INFO passed the suite."""
+    summary = "ERROR tests/test_a.py::test_x - RuntimeError: CUDA error: no kernel image\n" \
+              "XFAIL tests/test_a.py::test_y\n"
+    assert [(ln.check, ln.status, ln.note) for ln in gpu_report.pytest_lines(summary)] == [
+        ("tests/test_a.py::test_x", "FAIL", "RuntimeError: CUDA error: no kernel image"),
+        ("tests/test_a.py::test_y", "INFO", "")]
+    verbose = "tests/test_a.py::test_x ERROR    [ 50%]\n"
+    assert [(ln.check, ln.status) for ln in gpu_report.pytest_lines(verbose)] == [("tests/test_a.py::test_x", "FAIL")]
 
 
 # A parent that starts a worker in a session of its own, as torchrun does, prints its pid and waits in silence.
