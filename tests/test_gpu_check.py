@@ -16,7 +16,7 @@ import torch
 
 from conftest import REPO, SUBPROCESS_ENV
 from models import mamba2_cpu
-from scripts import gpu_numerics, gpu_report, gpu_timings, gpu_train_check, process_tree
+from scripts import bench, gpu_numerics, gpu_report, gpu_timings, gpu_train_check, process_tree
 from scripts.gpu_results import CheckLine, read_lines, within, write_lines
 from scripts.markdown import read_tables
 
@@ -474,3 +474,60 @@ def test_a_failing_timing_section_keeps_the_others_numbers(monkeypatch, tmp_path
     assert [(line.check, line.status) for line in lines] == [
         ("paper section", "FAIL"), ("M-VAR training step, batch 2, bf16: % of the measured matmul rate", "INFO")]
     assert "a stand-in" in lines[0].note and "Traceback" in capsys.readouterr().out
+
+
+def paper_table(ratio_64: float) -> str:
+    """bench.py's paper section with M-VAR-d24 / VAR-d30 at 0.95x (batch 1) and `ratio_64` (batch 64), M-VAR-D /
+    VAR-d16 at 1.20x (batch 64)."""
+    times = {1: {"M-VAR-d24": 0.95, "VAR-d30": 1.0}, 64: {"M-VAR-d24": ratio_64, "VAR-d30": 1.0, "M-VAR-D": 1.2,
+                                                           "VAR-d16": 1.0}}
+    results = {("bf16", B, name): (t, 1e9) for B, models in times.items() for name, t in models.items()}
+    return bench.paper_tables(results, bench.build_parser().parse_args([]), (1, 2))
+
+
+def test_the_paper_ratio_is_judged_for_its_pair_at_batch_64_only():
+    """Issue 19's target, read back from bench.py's own table: M-VAR-d24 at most 0.86x VAR-d30's sampling time at
+    batch 64; the other rows reported (INFO), and nothing judged in a dry run. The ratio judged as "at least", batch
+    1 judged too, 0.9 for 0.86, and an output without a pair table passing each passed the suite."""
+    rows = [(ln.check, ln.status, ln.value, ln.target) for ln in gpu_timings.paper_lines(paper_table(0.88), 64, True)]
+    assert rows == [("sampling time M-VAR-d24 / VAR-d30, bf16, batch 1", "INFO", "0.95", ""),
+                    ("sampling time M-VAR-d24 / VAR-d30, bf16, batch 64", "FAIL", "0.88", "<= 0.86"),
+                    ("sampling time M-VAR-D / VAR-d16, bf16, batch 64", "INFO", "1.20", "")]
+    assert [ln.status for ln in gpu_timings.paper_lines(paper_table(0.83), 64, True)] == ["INFO", "PASS", "INFO"]
+    assert {ln.status for ln in gpu_timings.paper_lines(paper_table(0.88), 64, False)} == {"INFO"}
+    assert [ln.status for ln in gpu_timings.paper_lines("### paper: no pair timed\n", 64, True)] == ["FAIL"]
+
+
+def test_the_training_share_is_at_least_35_percent_of_the_matmul_rate():
+    """Issue 19's target: the M-VAR-d16 step's model FLOP rate at least 35% of the bf16 matmul rate ("% of peak");
+    no mvar row is a FAIL. "At most" for "at least", 30 for 35, the GFLOP/s column read as the share, and a missing
+    row as INFO each passed the suite."""
+    def table(share: str) -> str:
+        return ("| device | arch | dtype | ms / step | images / s | GFLOP/s | % of peak |\n"
+                "|---|---|---|---|---|---|---|\n"
+                f"| cuda | mvar | bf16 | 300.0 | 320.00 | 500.0 | {share} |\n")
+
+    assert [(ln.status, ln.value, ln.target) for ln in (gpu_timings.train_line(table(s), 96, True)
+                                                        for s in ("36.0", "34.0"))] == [
+        ("PASS", "36.0", ">= 35.0"), ("FAIL", "34.0", ">= 35.0")]
+    assert gpu_timings.train_line(table("34.0").replace("mvar", "var"), 96, True).status == "FAIL"
+
+
+def test_only_running_out_of_memory_tries_a_smaller_batch(monkeypatch):
+    """The train section's largest-batch probe: a kernel error at the first batch is raised as it is (the section's
+    FAIL line names it), not taken for "does not fit" and retried at every smaller batch; cuBLAS's failure to
+    allocate its workspace is out of memory. Swallowing any RuntimeError, and `and` for `or` in out_of_memory, each
+    passed the suite."""
+    tried = []
+
+    def bench_main(argv):
+        tried.append(argv[argv.index("--bs") + 1])
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(gpu_timings.bench, "main", bench_main)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        gpu_timings.largest_batch_train([], (96, 64))
+    assert tried == ["96"]
+    assert gpu_timings.out_of_memory(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate"))
+    assert gpu_timings.out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert not gpu_timings.out_of_memory(RuntimeError("CUDA error: an illegal memory access was encountered"))
