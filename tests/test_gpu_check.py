@@ -5,6 +5,7 @@ without bf16 instructions, models.precision)."""
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -16,7 +17,7 @@ import torch
 
 from conftest import REPO, SUBPROCESS_ENV
 from models import mamba2_cpu
-from scripts import bench, gpu_numerics, gpu_report, gpu_timings, gpu_train_check, process_tree
+from scripts import bench, gpu_env, gpu_numerics, gpu_report, gpu_timings, gpu_train_check, process_tree
 from scripts.gpu_results import CheckLine, read_lines, within, write_lines
 from scripts.markdown import read_tables
 
@@ -287,6 +288,58 @@ def test_a_process_a_stage_leaves_running_is_killed_after_the_stage(tmp_path):
     left = int((tmp_path / "left").read_text())
     assert ended(left, within=2), proc.stdout[-2000:]
     assert "killed 1 process(es) left running" in (tmp_path / "out" / "check.log").read_text()
+
+
+def test_the_budget_is_split_by_weight_among_the_stages_still_to_run(tmp_path):
+    """gpu_check.sh's time boxes, with an interpreter that runs nothing standing in (so hardly a second passes):
+    after the environment's fixed 40 s (cut to what the budget leaves), each stage gets the time left less the
+    report's 30 s, times its weight over the weights of the wanted stages not yet run, at least 20 s; the training
+    stage's own --box is 10 s less; the check exits with the report's status. Counting the stages already run, no
+    20 s floor, no cut to the budget, no 10 s for the training stage's start, no 30 s kept for the report, and exit 0
+    whatever the report said each passed the suite."""
+    fake = tmp_path / "python"
+    fake.write_text(f"#!/usr/bin/env bash\necho \"$*\" >>{tmp_path}/calls\n"
+                    "[[ $1 == scripts/gpu_report.py ]] && exit 1\nexit 0\n")
+    fake.chmod(0o755)
+    names = {"pytest": "pytest -m gpu", "numerics": "numerics", "train": "training", "timings": "timings"}
+    weights = {"pytest": 2, "numerics": 3, "train": 4, "timings": 4}
+
+    def boxes(budget: int, stages: list[str]) -> list[tuple[str, int]]:
+        out = tmp_path / f"out{budget}{len(stages)}"
+        proc = subprocess.run([str(REPO / "scripts/gpu_check.sh"), "--dry-run", "--out", str(out), "--python",
+                               str(fake), "--budget", str(budget), "--only", ",".join(stages)], cwd=REPO,
+                              env={**SUBPROCESS_ENV, "GPU_WHEELS": str(tmp_path / "no wheels")}, capture_output=True,
+                              text=True, timeout=60)
+        assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+        found = re.findall(r"^=== (.+) \(time box (\d+) s, at (\d+) s of \d+\) ===$", (out / "check.log").read_text(),
+                           re.MULTILINE)
+        assert [name for name, _, _ in found] == ["environment", *(names[s] for s in stages)]
+        # a second may tick between a box's sum and its line: the box of either second
+        expected = [{min(40, budget - 30 - s) for s in (int(found[0][2]), int(found[0][2]) - 1)}]
+        rest = sum(weights[s] for s in stages)
+        for stage, (_, _, at) in zip(stages, found[1:], strict=True):
+            expected.append({max((budget - 30 - s) * weights[stage] // rest, 20) for s in (int(at), int(at) - 1)})
+            rest -= weights[stage]
+        assert all(int(box) in e for (_, box, _), e in zip(found, expected, strict=True)), (found, expected)
+        train = [line for line in (tmp_path / "calls").read_text().splitlines() if "gpu_train_check.py" in line]
+        if "train" in stages:
+            assert train[-1].split("--box ")[1].split()[0] == str(int(found[stages.index("train") + 1][1]) - 10)
+        return [(name, int(box)) for name, box, _ in found]
+
+    assert [box for _, box in boxes(480, list(weights))][:2] in ([40, 69], [40, 68])  # (480 - 30 - 0 or 1) x 2 / 13
+    assert [box for _, box in boxes(60, list(weights))][:4] in ([30, 20, 20, 20], [29, 20, 20, 20])
+    boxes(480, ["numerics", "timings"])
+
+
+def test_the_environment_without_cuda_or_wheels_fails_outside_a_dry_run():
+    """gpu_env's lines: no CUDA device, or a travelling wheel (mamba_ssm) absent, is a FAIL on the GPU machine and
+    a SKIP / INFO in a dry run. The device as a SKIP and the absent wheel as INFO outside a dry run each passed the
+    suite."""
+    absent = dict.fromkeys(gpu_env.PACKAGES, "absent")
+    gpu = {ln.check: ln.status for ln in gpu_env.check_lines(False, {}, absent)}
+    dry = {ln.check: ln.status for ln in gpu_env.check_lines(True, {}, absent)}
+    assert (gpu["CUDA device"], gpu["package mamba_ssm"], gpu["package flash_attn"]) == ("FAIL", "FAIL", "INFO")
+    assert (dry["CUDA device"], dry["package mamba_ssm"]) == ("SKIP", "INFO") and "FAIL" not in dry.values()
 
 
 @pytest.mark.parametrize("dead", [False, True])
