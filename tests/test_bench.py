@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_variants_take_turns_and_the_median_of_timed_rounds_counts(monkeypatch):
     calls, clock = [], iter(range(1000))
     monkeypatch.setattr(bm.time, "perf_counter", lambda: next(clock) * 0.001)  # every reading 1 ms later
-    durations = {"a": [50, 1, 3, 2], "b": [0, 7, 5, 9]}  # extra ms each call spends, per round
+    durations = {"a": [50, 1, 9, 2], "b": [0, 7, 5, 9]}  # extra ms each call spends, per round
 
     def fn(name):
         def run():
@@ -31,9 +31,25 @@ def test_variants_take_turns_and_the_median_of_timed_rounds_counts(monkeypatch):
 
     ms = bm.time_alternating({"a": fn("a"), "b": fn("b")}, torch.device("cpu"), warmup=1, repeats=3)
     assert calls == ["a", "b"] * 4  # alternated, round by round, warm-up round included
-    assert ms == pytest.approx({"a": 3.0, "b": 8.0})  # median of (1+1, 3+1, 2+1) and (7+1, 5+1, 9+1); warm-up dropped
+    # median of (1+1, 9+1, 2+1) and (7+1, 5+1, 9+1), warm-up dropped (a's mean, 5, passed the suite before)
+    assert ms == pytest.approx({"a": 3.0, "b": 8.0})
     with pytest.raises(ValueError, match="repeats=0"):
         bm.time_alternating({"a": fn("a")}, torch.device("cpu"), warmup=0, repeats=0)
+
+
+def test_the_matmul_rate_counts_2_n_cubed_flops_in_the_dtype_asked_for(monkeypatch):
+    """The practical peak that the train section's "% of peak" (the GPU check's 35% target) divides by: 2 n^3 FLOPs
+    per n x n x n matmul, its operands in the dtype asked for. n^3 (every % of peak doubled) and operands left in
+    fp32 (the fp32 rate taken for bf16's) each passed the suite."""
+    products = []
+
+    def one_second(fns, device, warmup, repeats):
+        products.append(fns["mm"]())
+        return {"mm": 1000.0}
+
+    monkeypatch.setattr(bm, "time_alternating", one_second)
+    assert bm.matmul_gflops(torch.device("cpu"), torch.bfloat16, n=4) == 128 / 1e9
+    assert products[0].dtype == torch.bfloat16 and products[0].shape == (4, 4)
 
 
 def test_markdown_table():
