@@ -137,6 +137,45 @@ def test_step_follows_the_schedule_steps_at_window_ends_and_reports_its_metrics(
     assert set(metrics["train/"]) >= {"loss", "grad_norm", "Lm", "Accm", "vocab_usage"}
 
 
+def test_the_scheduled_step_weights_the_newest_scale_by_the_schedules_prog_wp():
+    """Progressive training ramps the loss weight of a newly added scale in (`prog_wp`, here 0.25 at the first
+    iteration of stage 1); `scheduled_step` passing the stage alone trained it at full weight at once, and the
+    suite checked only the stage reaching the model."""
+    sched = Schedule(tlr=1e-3, max_it=20, wp_it=2, pg=0.8, pg0=0, num_scales=len(PN), pgwp_it=4)
+    point = sched.at(6)
+    assert (point.prog_si, point.prog_wp) == (1, 0.25)
+    tr = tiny(schedule=sched)
+    res = tr.scheduled_step(*batch(), 6)
+    assert res.logits_BLV.shape[1] == 5
+    assert torch.equal(res.loss, tr.token_loss(res.logits_BLV, res.gt_BL, 1, 0.25))
+    assert not torch.equal(res.loss, tr.token_loss(res.logits_BLV, res.gt_BL, 1, 1.0))
+
+
+def test_the_logged_loss_and_grad_norm_are_the_means_since_the_last_log():
+    """pop_metrics reports the mean loss and grad norm of the steps since its last call (--log_every of them), then
+    starts afresh; the end-to-end runs log every step, so a sum reported as the mean passed the suite."""
+    tr = tiny(schedule=Schedule(tlr=1e-3, max_it=10, wp_it=1, num_scales=len(PN)))
+    results = [tr.scheduled_step(*batch(seed=g_it), g_it) for g_it in range(3)]
+    train = tr.pop_metrics(seconds=1.0)["train/"]
+    assert train["loss"] == pytest.approx(sum(r.loss.item() for r in results) / 3, rel=1e-6)
+    assert train["grad_norm"] == pytest.approx(sum(r.grad_norm for r in results) / 3, rel=1e-12)
+    last = tr.scheduled_step(*batch(seed=3), 3)
+    assert tr.pop_metrics(seconds=1.0)["train/"]["loss"] == last.loss.item()
+
+
+def test_the_speed_counts_the_images_of_every_rank(monkeypatch):
+    """images_per_s is the global throughput: each step counts its micro-batch times the world size (two ranks
+    faked here); counting this rank's images alone passed the suite, whose multi-rank runs do not read the speed."""
+    import dist
+
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    tr = tiny(schedule=Schedule(tlr=1e-3, max_it=10, wp_it=1, num_scales=len(PN)))
+    for g_it in range(3):
+        tr.scheduled_step(*batch(seed=g_it), g_it)
+    speed = tr.pop_metrics(seconds=2.0)["speed/"]
+    assert speed["images_per_s"] == 3 * 4 * 2 / 2.0 and speed["tokens_per_s"] == 3 * 4 * 2 * 21 / 2.0
+
+
 @pytest.mark.parametrize("arch", ["mvar", "var"])
 def test_grad_ckpt_gives_the_plain_steps_loss_and_gradients(arch):
     """--grad_ckpt recomputes each block in the backward: the same operations on the same inputs, with the drop
@@ -165,6 +204,19 @@ def test_accumulation_equals_one_big_step():
         # AdamW's first step (~lr * sign(g)) passes that on to the weights; measured 6e-8 (AVX2) and 1.9e-7
         # (ATEN_CPU_CAPABILITY=default), allowed 1e-6
         assert torch.allclose(p, q, atol=1e-6), n
+
+
+def test_gradients_are_synchronised_on_the_window_ending_micro_step_only(monkeypatch):
+    """--ac=3: DDP's all-reduce (dist.grad_sync) is off for the first two micro-steps of a window and on for the
+    third; syncing every micro-step gives the same update at --ac times the communication, and passed the suite."""
+    import dist
+
+    seen, real = [], dist.grad_sync
+    monkeypatch.setattr(dist, "grad_sync", lambda model, enabled: seen.append(enabled) or real(model, enabled))
+    tr = tiny(ac=3, schedule=Schedule(tlr=1e-3, max_it=10, wp_it=1, num_scales=len(PN)))
+    for g_it in range(6):
+        tr.scheduled_step(*batch(seed=g_it), g_it)
+    assert seen == [False, False, True] * 2
 
 
 def test_clip_logs_pre_clip_norm_and_clips():
