@@ -235,6 +235,17 @@ def test_clip_logs_pre_clip_norm_and_clips():
     assert any(not torch.equal(before[k], v) for k, v in tr.mvar.state_dict().items())
 
 
+def test_tclip_zero_turns_the_clip_off():
+    """--tclip<=0 disables clipping (utils.flags): the optimizer steps with the whole gradient, whose norm is logged.
+    A clip to max_norm 0 instead zeroed every gradient (no training at all) and passed the suite."""
+    tr = tiny(tclip=0.0)
+    seen = []  # the gradient norm the optimizer steps with
+    tr.optimizer.register_step_pre_hook(lambda opt, args, kwargs: seen.append(torch.linalg.vector_norm(
+        torch.stack([torch.linalg.vector_norm(p.grad) for g in opt.param_groups for p in g["params"]])).item()))
+    res = tr.micro_step(*batch())
+    assert res.grad_norm > 0 and seen == [pytest.approx(res.grad_norm, rel=1e-5)]
+
+
 def test_non_finite_steps_are_skipped_then_stop_the_run(caplog):
     tr = tiny(max_nonfinite=2)
     inp, label = batch()
@@ -264,6 +275,30 @@ def test_an_fp16_overflow_is_gradscalers_skip_not_a_bad_step():
     tr.scaler.update(new_scale=1e38)
     with pytest.raises(NonFiniteError, match="2 fp16 steps in a row overflowed"):
         tr.micro_step(inp, label)
+
+
+def test_a_good_step_between_fp16_overflows_resets_their_count():
+    """--max_nonfinite counts fp16 overflows in a row: two overflows with a good step between them stop no run at
+    max_nonfinite=2 (a count that a good step did not reset stopped it there, and passed the suite)."""
+    tr = tiny(fp16=1, max_nonfinite=2)
+    inp, label = batch()
+    tr.micro_step(inp, label)
+    for _ in range(2):
+        tr.scaler.update(new_scale=1e38)  # the scaled gradients overflow
+        assert tr.micro_step(inp, label).skipped and tr.overflows_in_a_row == 1
+        tr.scaler.update(new_scale=2.0**11)
+        assert not tr.micro_step(inp, label).skipped and tr.overflows_in_a_row == 0
+
+
+def test_the_fp16_loss_scale_is_capped_at_32768_as_vars():
+    """VAR caps GradScaler's scale at 2**15 after each step (a higher one overflows the fp16 gradients more often);
+    the cap left out passed the suite."""
+    tr = tiny(fp16=1)
+    inp, label = batch()
+    tr.micro_step(inp, label)
+    tr.scaler.update(new_scale=65536.0)
+    res = tr.micro_step(inp, label)
+    assert not res.skipped and res.loss_scale == 32768.0 == tr.scaler.get_scale()
 
 
 def test_with_accumulation_the_guard_judges_the_windows_mean_loss():
@@ -303,6 +338,20 @@ def test_no_checkpoint_after_a_bad_step_or_of_non_finite_weights():
     with torch.no_grad():
         tr.mvar.head.weight[0, 0] = float("inf")
     assert "non-finite" in tr.save_blocker()
+
+
+def test_a_non_finite_weight_on_another_rank_blocks_the_save_on_this_one(monkeypatch):
+    """`save_blocker` counts the non-finite weights of all ranks (an FSDP2 shard holds some weights on one rank
+    only): the all-reduce faked here adds another rank's one. Judging the local weights alone passed the suite, and
+    would let the ranks disagree on saving (the others then wait at the save's collectives)."""
+    import dist
+
+    tr = tiny()
+    tr.micro_step(*batch())
+    assert tr.save_blocker() is None
+    monkeypatch.setattr(dist, "all_reduce_sum", lambda t: t.add_(1))
+    assert tr.save_blocker() == "a weight is non-finite"
+    assert tr.save_blocker(resume_point=False) == "a weight is non-finite"
 
 
 @pytest.mark.parametrize("fp16", [1, 2])
