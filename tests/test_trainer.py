@@ -463,6 +463,25 @@ def test_optimizer_state_is_saved_by_name_without_side_effects_and_old_index_key
         assert got["param_groups"] == named["param_groups"]
 
 
+def test_another_batch_or_training_set_is_refused_mid_epoch_only():
+    """A checkpoint at an epoch's end resumes with another --bs/--ac or training set size (the next epoch is drawn
+    afresh; the latter is logged); one mid-epoch needs the same global micro-batch and images. Refusing them at an
+    epoch's end too (the batch check, or `data_problems` told every position is mid-epoch) passed the suite."""
+    from pathlib import Path
+
+    from models.loading import CheckpointError
+
+    tr = tiny()
+    args = {"glb_batch_size": 4, "ac": 1, "vae_ckpt": "vae.pth", "allow_other_tokenizer": False}
+    data = {"classes": ["a", "b"], "train_images": 24}
+    ckpt, path = tr.checkpoint(epoch=1, iter=0, args=args, data=data), Path("ar-ckpt-last.pth")
+    for run_args, run_data, refused in (({**args, "glb_batch_size": 8}, data, "global micro-batch 4 vs 8"),
+                                        (args, {**data, "train_images": 28}, "the training set has 28 images, 24")):
+        tr.check_resumable(ckpt, path, run_args, run_data)
+        with pytest.raises(CheckpointError, match=refused):
+            tr.check_resumable({**ckpt, "iter": 3}, path, run_args, run_data)
+
+
 def val_set(n=7):
     g = torch.Generator().manual_seed(5)
     return TensorDataset(torch.rand(n, 3, 8, 8, generator=g) * 2 - 1, torch.randint(0, 4, (n,), generator=g))
