@@ -8,7 +8,7 @@ import torch
 
 from models.presets import MVAR_models
 from utils.flags import build_parser, finalize_args, parse_args
-from utils.run.schedule import lr_factor, prog_si_at, prog_state, set_lr_wd, wd_at
+from utils.run.schedule import Schedule, lr_factor, prog_si_at, prog_state, set_lr_wd, wd_at
 
 WP0, WPE = 0.005, 0.1
 
@@ -43,6 +43,16 @@ def test_other_schedules(sche, p, expected):
     assert lr_factor(sche, 10 + round(p * 200), wp_it, max_it, WP0, WPE) == pytest.approx(expected)
 
 
+def test_cos_decays_from_the_peak_to_wpe():
+    """cos: a half cosine from 1 at the end of warm-up to wpe at the last iteration (a quarter of the way: 0.854 of
+    the span). The mid-point alone, where a rising and a falling half cosine meet, let a flipped sign through."""
+    wp_it, max_it = 10, 211  # 200 post-warm-up steps
+    assert lr_factor("cos", 10, wp_it, max_it, WP0, WPE) == pytest.approx(1.0, rel=1e-12)
+    quarter = WPE + (1 - WPE) * (0.5 + 0.5 * math.cos(math.pi / 4))
+    assert lr_factor("cos", 60, wp_it, max_it, WP0, WPE) == pytest.approx(quarter, rel=1e-12)
+    assert lr_factor("cos", 210, wp_it, max_it, WP0, WPE) == pytest.approx(WPE, rel=1e-12)
+
+
 def test_exp_holds_15_percent_then_decays_exponentially_to_wpe():
     """VAR's exp schedule: the peak lr through the first 15% after warm-up, then exp((p - 0.15) / 0.85 * log wpe),
     so wpe ** 0.5 halfway through the decay (not a decay from p = 0, which the endpoint test alone let through)."""
@@ -66,11 +76,25 @@ def test_weight_decay_half_cosine():
 
 
 def test_set_lr_wd_respects_group_scales():
+    """Each group's lr and weight decay are the schedule's times its `lr_sc` / `wd_sc`; with every group's lr_sc 1
+    (trainer.param_groups) an ignored lr_sc passed the suite."""
     a, b = torch.nn.Parameter(torch.zeros(2, 2)), torch.nn.Parameter(torch.zeros(2))
-    opt = torch.optim.AdamW([{"params": [a], "wd_sc": 1.0}, {"params": [b], "wd_sc": 0.0}], lr=1.0)
+    opt = torch.optim.AdamW([{"params": [a], "wd_sc": 1.0}, {"params": [b], "wd_sc": 0.0, "lr_sc": 0.5}], lr=1.0)
     set_lr_wd(opt, 3e-4, 0.05)
-    assert [g["lr"] for g in opt.param_groups] == [3e-4, 3e-4]
+    assert [g["lr"] for g in opt.param_groups] == [3e-4, 1.5e-4]
     assert [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.0]
+
+
+def test_the_schedule_object_passes_each_setting_to_its_place():
+    """`Schedule.at` against the functions it combines, with wp0 != wpe and twd != twde: it swapped wp0 with wpe (a
+    warm-up from wpe ending at wp0) or twd with twde (VAR's default has them equal) and passed the suite."""
+    sched = Schedule(tlr=2e-4, max_it=101, wp_it=10, sche="lin0", wp0=0.005, wpe=0.1, twd=0.05, twde=0.08)
+    first, peak, last = sched.at(0), sched.at(10), sched.at(100)
+    assert (first.lr, first.wd) == (2e-4 * 0.005, pytest.approx(0.05, rel=1e-12)) and peak.lr == 2e-4
+    assert (last.lr, last.wd) == (pytest.approx(2e-4 * 0.1, rel=1e-12), pytest.approx(0.08, rel=1e-12))
+    for it in (0, 5, 10, 37, 100):
+        point = sched.at(it)
+        assert point.lr == 2e-4 * lr_factor("lin0", it, 10, 101, 0.005, 0.1) and point.wd == wd_at(it, 101, 0.05, 0.08)
 
 
 def var_prog_reference(max_it, wp_it, pg, pg0, K, pgwp_it):
@@ -97,6 +121,16 @@ def test_progressive_state_matches_vars_counters():
     assert stages[0] == 4 and stages[-1] == -1 and sorted(set(stages) - {-1}) == [4, 5, 6, 7, 8]
     assert any(0.01 <= wp < 1 for _, wp in got)  # a new stage's scale is ramped in
     assert prog_state(5, wp_it, max_it, 0.0, 4, K, pgwp_it) == (-1, 1.0)  # --pg 0: no progressive training
+
+
+def test_a_new_stages_loss_weight_has_a_floor_of_001():
+    """VAR's prog_wp = max(min(prog_it / pgwp_it, 1), 0.01): with a ramp longer than 100 iterations (the official
+    --pgwp is 2/3 of an epoch) the first iterations of a stage weigh its scale 0.01, not 1/pgwp_it; the suite's
+    ramps were all shorter, and a floor of 0 passed it."""
+    max_it, wp_it, K = 400, 40, 10
+    first = next(it for it in range(max_it) if prog_si_at(it, wp_it, max_it, 0.6, 4, K) == 5)
+    assert prog_state(first, wp_it, max_it, 0.6, 4, K, 400.0) == (5, 0.01)
+    assert prog_state(first + 7, wp_it, max_it, 0.6, 4, K, 400.0) == (5, 0.02)
 
 
 OFFICIAL = "--depth=16 --bs=768 --ep=200 --fp16=1 --alng=1e-3 --wpe=0.1 --data_path=/path/to/imagenet".split()
