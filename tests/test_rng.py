@@ -1,11 +1,13 @@
-"""utils.run.rng: a resumed rank restores its own generator states from a checkpoint's list of every rank's."""
+"""utils.run.rng: a resumed rank restores its own generator states from a checkpoint's list of every rank's, and a
+resumed run keeps its checkpoint's seed."""
+import logging
 import random
 
 import numpy as np
 import torch
 
 import dist
-from utils.run.rng import get_rng_state, restore_rng_states, set_rng_state
+from utils.run.rng import get_rng_state, resolve_seed, restore_rng_states, set_rng_state
 
 
 def test_each_rank_restores_its_own_rng_states(monkeypatch, request):
@@ -28,3 +30,14 @@ def test_each_rank_restores_its_own_rng_states(monkeypatch, request):
     assert torch.equal(got[0], draws[1][0]) and not torch.equal(got[0], draws[0][0])
     assert got[1] == draws[1][1] and got[1] != draws[0][1]
     assert np.array_equal(got[2], draws[1][2]) and not np.array_equal(got[2], draws[0][2])
+
+
+def test_a_resumed_run_keeps_its_checkpoints_seed(caplog):
+    """The seed orders every epoch's images (the sampler) and seeds the sample grids: a resume with another --seed
+    would continue a mid-epoch position in another order. The checkpoint's seed wins, with a warning; a --seed that
+    overrode it passed the suite."""
+    with caplog.at_level(logging.WARNING, logger="utils.run.rng"):
+        assert resolve_seed(5, {"args": {"seed": 3}}) == 3
+    assert "--seed=5 ignored: resuming with the checkpoint's seed 3" in caplog.text
+    assert resolve_seed(None, {"args": {"seed": 3}}) == 3 and resolve_seed(5, None) == 5
+    assert resolve_seed(5, {"args": {}}) == 5  # a checkpoint without a recorded seed
