@@ -151,6 +151,22 @@ def test_a_temporary_file_named_after_this_process_is_removed(tmp_path):
     assert folder.remove_stale_temp_files() == [own] and not own.exists()
 
 
+@pytest.mark.parametrize("local_rank, shared, writes", [(0, True, False), (0, False, True), (1, False, False)])
+def test_another_nodes_first_rank_writes_only_into_a_folder_of_its_own(tmp_path, monkeypatch, local_rank, shared,
+                                                                      writes):
+    """`is_checkpoint_writer` on a rank other than 0 (faked): the first rank of another node writes checkpoints
+    only when its output folder is not rank 0's (rank 0's run token is not there); two writers of one shared folder
+    race on its files. The multi-node tests give each node its own folder, so a writer whenever `local rank 0 or
+    not shared` passed the suite."""
+    monkeypatch.setattr(utils.run.checkpoint.dist, "is_main_process", lambda: False)
+    monkeypatch.setattr(utils.run.checkpoint.dist, "broadcast_object", lambda obj: "rank 0's token")
+    monkeypatch.setattr(utils.run.checkpoint.dist, "barrier", lambda: None)
+    monkeypatch.setattr(utils.run.checkpoint.dist, "get_local_rank", lambda: local_rank)
+    if shared:  # what rank 0 wrote into the folder before the barrier
+        (tmp_path / ".run_token").write_text("rank 0's token")
+    assert utils.run.checkpoint.is_checkpoint_writer(tmp_path) is writes
+
+
 def test_ranks_at_the_same_epoch_but_another_iteration_are_refused(tmp_path, monkeypatch):
     """All ranks must resume from the same (epoch, iter): two ranks (faked) whose checkpoints differ only in the
     iteration are refused. A position of the epoch alone passed the suite, and would resume the ranks at different
