@@ -229,6 +229,82 @@ def test_heartbeat_keeps_the_lock_fresh(tmp_path, monkeypatch):
     lock.release()
 
 
+def test_a_release_leaves_a_lock_that_another_run_took_over(tmp_path):
+    """`release` (also at exit) removes the lock only while it names this process: a run whose lock another one took
+    over (judged stale: no heartbeat from a hung node) must not delete the new owner's lock at its exit, which left
+    the folder open to a third run. An unconditional unlink passed the suite."""
+    lock = RunLock(tmp_path).acquire()
+    path = write_lock(tmp_path, "other-node", 4242)
+    lock.release()
+    assert path.exists() and read_owner(path)["host"] == "other-node"
+
+
+def test_a_process_of_another_user_is_alive():
+    """os.kill(pid, 0) on another user's process raises PermissionError: that process exists, so its lock is live
+    (taken for dead, a launcher of another user would take over a running job's folder). Faked here, so that it runs
+    as root too; False there passed the suite."""
+    real_kill = os.kill
+
+    def not_ours(pid, sig):
+        if pid == 4242 and sig == 0:
+            raise PermissionError(1, "Operation not permitted")
+        return real_kill(pid, sig)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(run_lock.os, "kill", not_ours)
+        assert run_lock.pid_alive(4242)
+
+
+def test_the_heartbeat_survives_its_lock_being_moved_aside_for_a_moment(tmp_path, monkeypatch):
+    """A launcher judging the lock moves it aside for a moment (`_remove_if_still`); the heartbeat that meets the
+    missing file must keep beating once it is back (a heartbeat that stopped there let the lock of a live run go
+    stale after STALE_S, and another host take it over). The suite's heartbeat test never hid the file."""
+    monkeypatch.setattr(run_lock, "HEARTBEAT_S", 0.02)
+    lock = RunLock(tmp_path).acquire()
+    path, aside = tmp_path / LOCK_NAME, tmp_path / "aside"
+    try:
+        os.rename(path, aside)
+        time.sleep(0.2)  # several beats find no file
+        os.rename(aside, path)
+        os.utime(path, (0, 0))
+        deadline = time.monotonic() + 2.0
+        while path.stat().st_mtime == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert path.stat().st_mtime > 0
+    finally:
+        lock.release()
+
+
+def test_a_remote_lock_with_our_pid_is_another_run(tmp_path, monkeypatch):
+    """A lock of another host that names our pid (containers often run the trainer as the same pid) is not an earlier
+    run of this process: it is watched as any remote lock, and refused when its heartbeat advances. Removing it at
+    once for its pid alone (the host not compared) started a second live run there, and passed the suite."""
+    monkeypatch.setattr(run_lock, "STALE_S", 1.5)
+    monkeypatch.setattr(run_lock, "POLL_S", 0.05)
+    path = write_lock(tmp_path, "other-node", os.getpid(), age_s=0.5)
+    beat = threading.Timer(0.3, os.utime, (path,))
+    beat.start()
+    try:
+        with pytest.raises(RunLockError, match=f"host other-node, pid {os.getpid()}"):
+            RunLock(tmp_path).acquire()
+    finally:
+        beat.join()
+    assert read_owner(path)["host"] == "other-node"
+
+
+def test_an_empty_lock_file_is_being_written_and_not_removed_while_young(tmp_path):
+    """A lock file is created empty (O_EXCL) and its owner written right after: one found empty and younger than a
+    heartbeat is a launcher between the two, and is left alone (retried, then refused); removing any empty file at
+    once let a second launcher in beside the first. An empty file older than a heartbeat is a crash's, taken over."""
+    path = tmp_path / LOCK_NAME
+    path.touch()
+    with pytest.raises(RunLockError, match="could not take the run lock"):
+        RunLock(tmp_path).acquire()
+    assert path.exists() and path.read_text() == ""
+    os.utime(path, (time.time() - run_lock.HEARTBEAT_S - 1,) * 2)
+    RunLock(tmp_path).acquire().release()
+
+
 def test_second_training_run_in_a_live_folder_is_refused(setup, tmp_path):  # noqa: F811
     """An orphan of a killed launcher still holds the folder: a relaunch must not write the same checkpoints, nor
     its lines into that run's log.txt."""
