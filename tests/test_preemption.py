@@ -137,8 +137,9 @@ def test_a_signal_at_an_epoch_end_saves_before_validating():
 def test_a_signal_on_one_rank_stops_every_rank(monkeypatch):
     """`requested()` takes the largest signal number over the ranks (the all-reduce faked here over two ranks): a
     scheduler that signals one node's processes only stops every rank, and two ranks signalled alike agree on
-    that signal. The end-to-end tests signal every rank, so a MIN (no rank stops: the others wait at the save's
-    collectives) or a SUM passed them."""
+    that signal, and the rank that got none exits with that signal's status (not 128 + its own 0). The end-to-end
+    tests signal every rank, so a MIN (no rank stops: the others wait at the save's collectives) or a SUM passed
+    them, and so did an exit status from the rank's own signal."""
     import torch.distributed as tdist
 
     from utils.run import preemption
@@ -154,6 +155,37 @@ def test_a_signal_on_one_rank_stops_every_rank(monkeypatch):
     monkeypatch.setattr(preemption.dist, "initialized", lambda: True)
     monkeypatch.setattr(preemption.tdist, "all_reduce", other_rank_got(signal.SIGTERM))
     assert quiet.requested() and quiet.agreed == signal.SIGTERM  # this rank got nothing, the other SIGTERM
+    with pytest.raises(SystemExit) as stop:
+        quiet.exit("after ep 1 it 2")
+    assert stop.value.code == 128 + signal.SIGTERM
     assert signalled.requested() and signalled.agreed == signal.SIGTERM  # both got it
     monkeypatch.setattr(preemption.tdist, "all_reduce", other_rank_got(0))
     assert not neither.requested() and neither.agreed == 0
+
+
+def test_close_puts_the_previous_handlers_back():
+    """After training `close()` restores the handlers found at creation, so a signal during the work that follows
+    (a final evaluation, the next run of an in-process caller) acts as before instead of setting a flag no one reads
+    any more; a close that kept ours passed the suite."""
+    from utils.run import preemption
+
+    previous = signal.getsignal(signal.SIGUSR1)
+    p = preemption.Preemption(signals=(signal.SIGUSR1,))
+    assert signal.getsignal(signal.SIGUSR1) == p._on_signal
+    p.close()
+    assert signal.getsignal(signal.SIGUSR1) is previous
+
+
+def test_under_nccl_the_stop_flag_goes_over_a_gloo_group(monkeypatch):
+    """`requested()` all-reduces a CPU tensor: under NCCL (GPU only) that needs a gloo group of its own, made at
+    creation (faked here: no process group exists). Without it every GPU run would fail or hang at its first step's
+    check; the CPU tests run gloo, where the default group serves, so a Preemption that never made one passed."""
+    from utils.run import preemption
+
+    made, reduced = [], []
+    monkeypatch.setattr(preemption.dist, "initialized", lambda: True)
+    monkeypatch.setattr(preemption.tdist, "get_backend", lambda: "nccl")
+    monkeypatch.setattr(preemption.tdist, "new_group", lambda backend: made.append(backend) or "the gloo group")
+    monkeypatch.setattr(preemption.tdist, "all_reduce", lambda t, op, group=None: reduced.append((t.device, group)))
+    assert not preemption.Preemption(signals=()).requested()
+    assert made == ["gloo"] and reduced == [(torch.device("cpu"), "the gloo group")]
