@@ -70,6 +70,8 @@ WORKER = textwrap.dedent("""
         plain_sd = dist.full_optimizer_state_dict(plain, plain_opt)
         assert set(plain_sd["state"]) == set(ref)  # keyed by parameter name
         sharded_opt = torch.optim.AdamW(sharded.parameters(), lr=0.1)
+        fresh = dist.full_optimizer_state_dict(sharded, sharded_opt)  # before any step: no state, none made
+        assert fresh["state"] == {} and not sharded_opt.state
         dist.load_full_state(sharded, plain.state_dict(), sharded_opt, plain_sd)
         back = dist.full_optimizer_state_dict(sharded, sharded_opt)
         if rank == 0:
@@ -112,6 +114,37 @@ def test_unwrap_model_removes_compile_wrapper():
     model = nn.Linear(2, 2)
     assert dist.unwrap_model(torch.compile(model)) is model
     assert dist.unwrap_model(model) is model
+
+
+def test_the_local_rank_is_torchruns(monkeypatch):
+    """Under a process group the local rank is torchrun's LOCAL_RANK (faked: rank 3 of its node); it picks the one
+    checkpoint writer per node of node-local output folders (utils.run.checkpoint). The tests run one rank per node,
+    so a local rank of 0 everywhere (every rank of a multi-GPU node a writer, racing on one lock) passed them."""
+    import dist.core
+
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert dist.get_local_rank() == 0  # no process group: a single process
+    monkeypatch.setattr(dist.core, "initialized", lambda: True)
+    assert dist.get_local_rank() == 3
+
+
+def test_fsdp2_gradient_sync_follows_the_accumulation_window(monkeypatch):
+    """`grad_sync` on an FSDP2 model (its one method faked) turns the reduce-scatter off for the micro-steps inside
+    an accumulation window and on for the last; the 2-rank test covers DDP's no_sync only, so an FSDP2 model that
+    synced every micro-step (--ac times the communication) passed the suite."""
+    import dist.wrap
+
+    class Sharded(nn.Linear):
+        def set_requires_gradient_sync(self, enabled):
+            calls.append(enabled)
+
+    calls = []
+    monkeypatch.setattr(dist.wrap, "is_fsdp", lambda model: True)
+    model = Sharded(2, 2)
+    for enabled in (False, False, True):
+        with dist.grad_sync(model, enabled):
+            pass
+    assert calls == [False, False, True]
 
 
 def test_two_rank_gloo_collectives_ddp_and_fsdp(tmp_path, run_torchrun):
