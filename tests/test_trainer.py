@@ -277,6 +277,23 @@ def test_an_fp16_overflow_is_gradscalers_skip_not_a_bad_step():
         tr.micro_step(inp, label)
 
 
+def test_fp16_gradients_are_unscaled_before_the_clip():
+    """--fp16=1: GradScaler's scaled gradients are unscaled before the clip, so the logged norm is the true one and
+    the clip binds at --tclip (here 1e-3); clipping the scaled gradients (unscale_ left to scaler.step) clipped them
+    2**11 times too hard and logged a norm 2**11 too high, and passed the suite."""
+    tr = tiny(fp16=1, tclip=1e-3)
+    grads = {}  # the scaled gradients of the backward pass
+    for n, p in tr.mvar.named_parameters():
+        p.register_hook(lambda g, n=n: grads.__setitem__(n, g.clone()))
+    seen = []  # the gradient norm the optimizer steps with
+    tr.optimizer.register_step_pre_hook(lambda opt, args, kwargs: seen.append(torch.linalg.vector_norm(
+        torch.stack([torch.linalg.vector_norm(p.grad) for g in opt.param_groups for p in g["params"]])).item()))
+    res = tr.micro_step(*batch())
+    scaled = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads.values()])).item()
+    assert res.grad_norm == pytest.approx(scaled / 2.0**11, rel=1e-5) and res.grad_norm > 100 * 1e-3
+    assert seen == [pytest.approx(1e-3, rel=1e-4)]
+
+
 def test_a_good_step_between_fp16_overflows_resets_their_count():
     """--max_nonfinite counts fp16 overflows in a row: two overflows with a good step between them stop no run at
     max_nonfinite=2 (a count that a good step did not reset stopped it there, and passed the suite)."""
