@@ -6,6 +6,7 @@ import logging
 import math
 import textwrap
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 from conftest import build_tiny_mvar
-from trainer import Trainer, param_groups
+from trainer import Trainer, data_problems, param_groups
 from utils.data.loaders import build_loaders
 from utils.run.divergence import NonFiniteError
 from utils.run.schedule import Schedule
@@ -484,8 +485,6 @@ def test_another_batch_or_training_set_is_refused_mid_epoch_only():
     """A checkpoint at an epoch's end resumes with another --bs/--ac or training set size (the next epoch is drawn
     afresh; the latter is logged); one mid-epoch needs the same global micro-batch and images. Refusing them at an
     epoch's end too (the batch check, or `data_problems` told every position is mid-epoch) passed the suite."""
-    from pathlib import Path
-
     from models.loading import CheckpointError
 
     tr = tiny()
@@ -497,6 +496,34 @@ def test_another_batch_or_training_set_is_refused_mid_epoch_only():
         tr.check_resumable(ckpt, path, run_args, run_data)
         with pytest.raises(CheckpointError, match=refused):
             tr.check_resumable({**ckpt, "iter": 3}, path, run_args, run_data)
+
+
+def test_a_data_digest_recorded_on_one_side_only_is_not_compared():
+    """Checkpoints written before the training files' or the token cache's digest was recorded (and embedded data
+    sets, whose file digest is None) resume mid-epoch: only two recorded digests that differ are refused. A missing
+    digest taken for a different one passed the suite (its runs record both sides alike)."""
+    images, cache = {"classes": ["a"], "train_images": 8}, {"classes": ["a"], "train_images": 8, "tokens": ["center"]}
+    assert data_problems(images, {**images, "train_files": "f1", "cache": None}, mid_epoch=True) == []
+    assert data_problems({**images, "train_files": None}, {**images, "train_files": "f1"}, mid_epoch=True) == []
+    assert data_problems(cache, {**cache, "cache": "c1"}, mid_epoch=True) == []
+    assert "the training image files" in data_problems({**images, "train_files": "f0"},
+                                                       {**images, "train_files": "f1"}, mid_epoch=True)[0]
+    assert "the token cache's ids" in data_problems({**cache, "cache": "c0"}, {**cache, "cache": "c1"}, True)[0]
+
+
+def test_a_resume_continues_from_the_checkpoints_position_weights_and_best_val_loss():
+    """`resume` -> (epoch, iter, best val loss) of the checkpoint, its weights loaded: a best val loss forgotten
+    (inf) made the first validation after every resume "best", overwriting -best with worse weights, and passed the
+    suite. Checkpoints without one start from inf."""
+    tr = tiny()
+    tr.micro_step(*batch())
+    args = {"glb_batch_size": 4, "ac": 1, "vae_ckpt": "vae.pth", "allow_other_tokenizer": False}
+    ckpt = copy.deepcopy(tr.checkpoint(epoch=2, iter=3, args=args, best_val=1.25, data=None))
+    other = tiny()
+    assert other.resume(ckpt, Path("ar-ckpt-last.pth"), args, {}) == (2, 3, 1.25)
+    assert all(torch.equal(p, q) for p, q in zip(tr.mvar.parameters(), other.mvar.parameters(), strict=True))
+    del ckpt["best_val"]
+    assert tiny().resume(ckpt, Path("ar-ckpt-last.pth"), args, {}) == (2, 3, math.inf)
 
 
 def val_set(n=7):
