@@ -212,6 +212,21 @@ def test_saves_after_the_one_that_replaced_a_damaged_last_rotate_again(tmp_path)
     assert load_checkpoint(resumed.prev)["step"] == 2 and load_checkpoint(resumed.last)["step"] == 3
 
 
+def test_a_best_only_save_writes_best_and_leaves_last(tmp_path):
+    """`save(best=True, last=False)` (an epoch's best weights where -last must wait: train.Checkpointer.save_best)
+    writes -best and leaves -last and -prev as they are; the end-to-end test reads only the log line, which names
+    -best whether or not it was written, so a -best written only together with -last passed the suite."""
+    folder = RunFolder(tmp_path, "ar-ckpt")
+    folder.writer = True
+    folder.save({"epoch": 1, "iter": 2})
+    folder.save({"epoch": 2, "iter": 0}, best=True, last=False)
+    assert load_checkpoint(folder.best)["epoch"] == 2 and load_checkpoint(folder.last)["epoch"] == 1
+    assert not folder.prev.exists()
+    folder.save({"epoch": 3, "iter": 0}, best=True)
+    assert load_checkpoint(folder.best)["epoch"] == load_checkpoint(folder.last)["epoch"] == 3
+    assert load_checkpoint(folder.prev)["epoch"] == 1
+
+
 def test_the_best_checkpoint_follows_the_last_scales_val_loss_not_the_mean():
     """train.end_epoch marks an epoch best when its last-scale (tail) val loss is below the best so far, as VAR does:
     here the mean improves and the tail does not, then the reverse. The end-to-end test checks only the best
