@@ -220,15 +220,27 @@ def test_gradients_are_synchronised_on_the_window_ending_micro_step_only(monkeyp
     assert seen == [False, False, True] * 2
 
 
-def test_clip_logs_pre_clip_norm_and_clips():
-    tr = tiny(tclip=1e-3)
-    before = copy.deepcopy(tr.mvar.state_dict())
+def backward_gradients(tr) -> dict:
+    """Each parameter's gradient as the backward pass computes it (before any unscaling or clipping), by name."""
     grads = {}
     for n, p in tr.mvar.named_parameters():
         p.register_hook(lambda g, n=n: grads.__setitem__(n, g.clone()))
-    seen = []  # the gradient norm the optimizer steps with
+    return grads
+
+
+def stepped_gradient_norms(tr) -> list:
+    """The total gradient norm the optimizer steps with, one entry per optimizer step."""
+    seen = []
     tr.optimizer.register_step_pre_hook(lambda opt, args, kwargs: seen.append(torch.linalg.vector_norm(
         torch.stack([torch.linalg.vector_norm(p.grad) for g in opt.param_groups for p in g["params"]])).item()))
+    return seen
+
+
+def test_clip_logs_pre_clip_norm_and_clips():
+    tr = tiny(tclip=1e-3)
+    before = copy.deepcopy(tr.mvar.state_dict())
+    grads = backward_gradients(tr)
+    seen = stepped_gradient_norms(tr)
     res = tr.micro_step(*batch())
     norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads.values()])).item()
     assert res.grad_norm == pytest.approx(norm, rel=1e-5) and res.grad_norm > 100 * 1e-3  # logged before clipping
@@ -240,9 +252,7 @@ def test_tclip_zero_turns_the_clip_off():
     """--tclip<=0 disables clipping (utils.flags): the optimizer steps with the whole gradient, whose norm is logged.
     A clip to max_norm 0 instead zeroed every gradient (no training at all) and passed the suite."""
     tr = tiny(tclip=0.0)
-    seen = []  # the gradient norm the optimizer steps with
-    tr.optimizer.register_step_pre_hook(lambda opt, args, kwargs: seen.append(torch.linalg.vector_norm(
-        torch.stack([torch.linalg.vector_norm(p.grad) for g in opt.param_groups for p in g["params"]])).item()))
+    seen = stepped_gradient_norms(tr)
     res = tr.micro_step(*batch())
     assert res.grad_norm > 0 and seen == [pytest.approx(res.grad_norm, rel=1e-5)]
 
@@ -283,12 +293,8 @@ def test_fp16_gradients_are_unscaled_before_the_clip():
     the clip binds at --tclip (here 1e-3); clipping the scaled gradients (unscale_ left to scaler.step) clipped them
     2**11 times too hard and logged a norm 2**11 too high, and passed the suite."""
     tr = tiny(fp16=1, tclip=1e-3)
-    grads = {}  # the scaled gradients of the backward pass
-    for n, p in tr.mvar.named_parameters():
-        p.register_hook(lambda g, n=n: grads.__setitem__(n, g.clone()))
-    seen = []  # the gradient norm the optimizer steps with
-    tr.optimizer.register_step_pre_hook(lambda opt, args, kwargs: seen.append(torch.linalg.vector_norm(
-        torch.stack([torch.linalg.vector_norm(p.grad) for g in opt.param_groups for p in g["params"]])).item()))
+    grads = backward_gradients(tr)  # the scaled gradients under fp16
+    seen = stepped_gradient_norms(tr)
     res = tr.micro_step(*batch())
     scaled = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads.values()])).item()
     assert res.grad_norm == pytest.approx(scaled / 2.0**11, rel=1e-5) and res.grad_norm > 100 * 1e-3
