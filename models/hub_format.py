@@ -34,7 +34,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from models.loading import CHECKPOINT_SUFFIXES, DIGEST_KEY, MVAR_REPO, VAR_REPO, CheckpointError, check_digest, \
-    existing_file, hf_offline, load_checkpoint, load_mvar, resolve_checkpoint, vae_from_state_dict, weights_digest
+    existing_file, hf_offline, load_mvar, load_mvar_checkpoint, resolve_checkpoint, \
+    vae_from_state_dict, weights_digest
 from models.mvar import MVAR, MVARConfig
 from models.tokenizer import VQVAE
 
@@ -218,7 +219,7 @@ def read_model_weights(source: str | os.PathLike, flag: str) -> tuple[dict[str, 
     if is_hub_source(source):
         src = HubSource(source, flag=flag)
         return src.weights(WEIGHTS_FILE), src.metadata(WEIGHTS_FILE).get(TOKENIZER_KEY)
-    ckpt = load_checkpoint(existing_file(source, flag))
+    ckpt = load_mvar_checkpoint(existing_file(source, flag), flag)  # a tokenizer's file is refused here
     if "model" in ckpt and "config" in ckpt:  # ours embeds the tokenizer it was trained with (official files do not)
         return ckpt["model"], weights_digest(ckpt["vae"]) if "vae" in ckpt else None
     return ckpt, None

@@ -389,11 +389,11 @@ KEPT_KEYS = ("config", "model", "vae_config", "vae", "data", "args")  # what sam
 def load_mvar_checkpoint(path: PathLike, flag: str) -> dict[str, Any]:
     """The dict in an M-VAR / VAR checkpoint file (ours or official), read onto the CPU; of ours only the
     `KEPT_KEYS` are kept (a training checkpoint's optimizer states, about twice the weights, are let go at once).
-    A tokenizer's file, given where a model's is expected, is a ValueError naming `flag`."""
+    A tokenizer's file, given where a model's is expected, is a CheckpointError naming `flag`."""
     ckpt = load_checkpoint(path)
     if "model" not in ckpt and "vae" in ckpt:
-        raise ValueError(f"{flag}={path} is a tokenizer checkpoint (no M-VAR weights): pass it as --vae_ckpt, and an "
-                         f"M-VAR checkpoint as {flag}")
+        raise CheckpointError(f"{flag}={path} is a tokenizer checkpoint (no M-VAR weights): pass it as --vae_ckpt, "
+                              f"and an M-VAR checkpoint as {flag}")
     if "config" in ckpt and "model" in ckpt:
         return {k: ckpt[k] for k in KEPT_KEYS if k in ckpt}
     return ckpt

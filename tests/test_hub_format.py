@@ -412,6 +412,16 @@ def test_init_from_reads_a_model_in_each_of_its_formats(tmp_path):
         read_model_weights(tmp_path / "nope.pth", "--init_from")
 
 
+def test_init_from_a_tokenizer_file_says_where_it_belongs(tmp_path):
+    """A tokenizer's checkpoint given as --init_from was read as a raw M-VAR state dict, and the load then listed
+    every missing key of the model instead of saying that the file is a tokenizer (a CheckpointError: train.py's
+    "error: ..." line, no traceback)."""
+    mvar, vae = hub_model()
+    torch.save({"vae_config": mvar_checkpoint(mvar, vae)["vae_config"], "vae": vae.state_dict()}, tmp_path / "t.pth")
+    with pytest.raises(CheckpointError, match=r"--init_from=.*t\.pth is a tokenizer checkpoint .*--vae_ckpt"):
+        read_model_weights(tmp_path / "t.pth", "--init_from")
+
+
 def test_an_existing_file_named_like_a_repo_id_is_a_path(tmp_path, monkeypatch):
     """`--ckpt runs/last` (a checkpoint file without a suffix) was read as the repo id runs/last."""
     monkeypatch.chdir(tmp_path)
