@@ -223,12 +223,8 @@ class RunFolder:
                 f"--local_out_dir_path={self.dir}: rank(s) {', '.join(map(str, own_folder))} see a folder of their own "
                 f"(not rank 0's), and under --fsdp only rank 0 writes the checkpoints (it gathers the state), so a "
                 f"relaunch there would find none: put the output folder on a disk every node shares")
-        self.lock = lock_output_folder(self.dir, holder=node_writer, announce=on_locked is None)  # until exit
+        self.lock = lock_output_folder(self.dir, holder=node_writer, on_locked=on_locked)  # until exit
         self.writer = node_writer and (dist.is_main_process() or not rank0_state)
-        if on_locked is not None:
-            on_locked()
-            if self.lock is not None and self.lock.took_over:  # now in log.txt too
-                logger.warning(self.lock.took_over)
         if self.writer:
             self.remove_stale_temp_files()
         dist.barrier()

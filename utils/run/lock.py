@@ -16,6 +16,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -55,14 +56,13 @@ def pid_alive(pid: int, start: str | None = None) -> bool:
 
 class RunLock:
     """Held by this process until `release()` (also at interpreter exit); `acquire` raises RunLockError.
-    `took_over`: the warning about the stale lock it replaced, if any (logged at once when `announce`; a run whose
-    log file opens only once the lock is its own logs it then)."""
+    `took_over`: the warning about the stale lock it replaced, if any (`lock_output_folder` logs it)."""
 
-    def __init__(self, folder: str | os.PathLike, announce: bool = True):
+    def __init__(self, folder: str | os.PathLike):
         self.path = Path(folder) / LOCK_NAME
         self.owner = {"host": socket.gethostname(), "pid": os.getpid(), "start": _process_start(os.getpid()),
                       "since": time.strftime("%Y-%m-%d %H:%M:%S")}
-        self.announce, self.took_over = announce, None
+        self.took_over: str | None = None
         self._stop = threading.Event()
 
     def acquire(self) -> "RunLock":
@@ -104,8 +104,6 @@ class RunLock:
             if self._remove_if_still(owner):
                 self.took_over = (f"took over the stale run lock {self.path} of {owner.get('host')} pid "
                                   f"{owner.get('pid')} ({'exited' if here else f'no heartbeat for {age:.0f}s'})")
-                if self.announce:
-                    logger.warning(self.took_over)
             return
         raise RunLockError(f"{self.path.parent} is in use by a live run: host {owner.get('host')}, pid "
                            f"{owner.get('pid')}, since {owner.get('since')}. Stop that run (orphan torchrun workers "
@@ -184,19 +182,25 @@ class RunLock:
             self.path.unlink(missing_ok=True)
 
 
-def lock_output_folder(folder: str | os.PathLike, holder: bool, announce: bool = True) -> RunLock | None:
+def lock_output_folder(folder: str | os.PathLike, holder: bool,
+                       on_locked: Callable[[], None] | None = None) -> RunLock | None:
     """Collective: the `holder` ranks (those that write checkpoints into `folder`) take its lock; if any cannot,
-    every rank raises its RunLockError, so no rank is left waiting. `announce`: see RunLock."""
+    every rank raises its RunLockError, so no rank is left waiting. Once every lock is taken, `on_locked` runs (e.g.
+    opening the run's log file, which a run refused for a live one's folder must not write into); the takeover of a
+    stale lock is logged after it, so into that file too (and before the error of a refused run)."""
     lock = None
     try:
         with dist.raised_on_every_rank(RunLockError):
-            lock = RunLock(folder, announce).acquire() if holder else None
-    except RunLockError:  # another rank's
+            lock = RunLock(folder).acquire() if holder else None
+        if on_locked is not None:
+            on_locked()
+    except RunLockError:  # this rank's or another's
         if lock is not None:
-            if lock.took_over and not announce:  # the caller would have logged it once its log file was open
-                logger.warning(lock.took_over)
             lock.release()
         raise
+    finally:
+        if lock is not None and lock.took_over:
+            logger.warning(lock.took_over)
     return lock
 
 
