@@ -17,7 +17,7 @@ from models.hub_format import MVARHF, OFFICIAL_DATA, check_own_tokenizer, traini
 from models.loading import CheckpointError, config_from_state_dict, embedded_vae, load_mvar, load_mvar_checkpoint, \
     load_vae, resolve_mvar_checkpoint, weights_digest
 from models.mvar import MVARConfig
-from models.presets import parse_patch_nums
+from models.presets import ARCH_BRANCHES, parse_patch_nums
 from utils.evaluation.fid_dump import fid_folder_name
 from utils.run.log import setup_logging
 from utils.sample_io import NonFiniteValueError, check_finite_weights
@@ -34,8 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow_other_tokenizer", action="store_true", help="export with a --vae_ckpt other than the "
                    "tokenizer embedded in --ckpt (refused otherwise: the model was trained with its own)")
     p.add_argument("--pn", default=None, help="patch schedule of an official file whose L is not a preset")
-    p.add_argument("--arch", default=None, choices=["intra"], help="official files: attention-only weights are read "
-                   "as VAR; pass intra for the intra-scale ablation (same keys)")
+    p.add_argument("--arch", default=None, choices=list(ARCH_BRANCHES), help="official files: the architecture they "
+                   "must hold (attention-only weights are read as var; intra for the intra-scale ablation, same keys); "
+                   "without --ckpt, var picks VAR's official var_d{--depth}.pth")
     p.add_argument("--out", required=True, help="the folder to write (new or empty, unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace the export already in --out (its model card "
                    "included, which huggingface_hub would otherwise keep)")

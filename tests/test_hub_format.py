@@ -15,8 +15,8 @@ import sample
 from models.hub_format import MVARHF, VQVAEHF, HubSource, TokenizerMismatchError, check_own_tokenizer, is_hub_source, \
     read_config, read_model_weights, training_data
 from conftest import damage_tensor_data
-from models.loading import DERIVED_KEYS, CheckpointError, load_checkpoint, load_mvar, load_state_dict_checked, \
-    mvar_checkpoint, weights_digest
+from models.loading import DERIVED_KEYS, VAR_REPO, CheckpointError, load_checkpoint, load_mvar, \
+    load_state_dict_checked, mvar_checkpoint, weights_digest
 from scripts import export
 import test_hub
 from test_hub import put_in_hf_cache
@@ -184,6 +184,20 @@ def test_official_pth_exports_to_a_folder_with_identical_logits(tmp_path, offlin
     for text in ("`mvar`, depth 2, width 64, 2 heads", f"{n_params:.2f}M", "ImageNet-1k", "| FID | 9.99 |",
                  f"python sample.py --ckpt {REPO} --classes", "`d2.pth`"):
         assert text in card, text
+
+
+def test_export_takes_the_arch_of_an_official_file(tmp_path, offline_cache):
+    """export.py --arch accepted intra only, so VAR's official var_d{N}.pth could not be picked by --depth as
+    sample.py picks it, and --arch could not state what an official file must hold."""
+    vae, var = build_tiny("var")
+    official = put_in_hf_cache(offline_cache, VAR_REPO, "var_d16.pth")
+    torch.save(official_style_state_dict(var), official)
+    torch.save({"vae_config": dataclasses.asdict(vae.config), "vae": vae.state_dict()}, tmp_path / "vae.pth")
+    tokenizer = ["--vae_ckpt", str(tmp_path / "vae.pth")]
+    out = export.main(["--depth", "16", "--arch", "var", *tokenizer, "--out", str(tmp_path / "hub")])
+    assert json.loads((out / "config.json").read_text())["arch"] == "var"
+    with pytest.raises(SystemExit, match="arch=mamba was asked for .* but the weights hold attention"):
+        export.main(["--ckpt", str(official), "--arch", "mamba", *tokenizer, "--out", str(tmp_path / "m")])
 
 
 def test_the_model_card_names_what_the_run_trained_on():
