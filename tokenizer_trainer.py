@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--reso", type=int, default=32, help="image side in pixels")
     g.add_argument("--mid_reso", type=float, default=1.125, help="resize the shorter side to mid_reso*reso, then "
                    "random-crop reso")
-    g.add_argument("--hflip", type=str2bool, default=False, help="random horizontal flip")
+    g.add_argument("--hflip", type=str2bool, nargs="?", const=True, default=False, help="random horizontal flip "
+                   "(`--hflip` alone: on)")
     g.add_argument("--workers", type=int, default=0, help="data-loader processes per rank")
     g.add_argument("--val_limit", type=int, default=0, help="validate on the first N validation images only (0 = all)")
     g = p.add_argument_group("tokenizer (VQVAEConfig)")

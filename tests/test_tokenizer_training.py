@@ -193,6 +193,12 @@ def test_bad_resolution_names_the_flag():
         build_vae(tiny_args("--reso=16"))
 
 
+@pytest.mark.parametrize("flag, on", [("--hflip", True), ("--hflip=1", True), ("--hflip=false", False), ("", False)])
+def test_hflip_takes_the_forms_train_py_takes(flag, on):
+    """A bare `--hflip`, which train.py takes, was an argparse error here."""
+    assert tiny_args(*filter(None, [flag])).hflip is on
+
+
 def test_zero_periods_are_errors_before_training(tmp_path):
     with pytest.raises(ValueError, match="--save_every=0"):
         train(tiny_args("--save_every=0", f"--out_dir={tmp_path}"))
