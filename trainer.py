@@ -116,7 +116,7 @@ class StepResult:
     loss_scale: float | None = None  # fp16 GradScaler scale after the step
     skipped: bool = False  # the optimizer step was skipped (non-finite loss/grad)
     stepped: bool = False  # the micro-step ended an accumulation window (the optimizer stepped or skipped)
-    schedule: SchedulePoint | None = None  # set by `Trainer.step`
+    schedule: SchedulePoint | None = None  # set by `Trainer.scheduled_step`
 
 
 class Trainer:
@@ -216,7 +216,8 @@ class Trainer:
 
     def micro_step_tokens(self, gt_BL: torch.Tensor, x_BLCv: torch.Tensor, label_B: torch.Tensor,
                           stepping: bool = True, prog_si: int = -1, prog_wp: float = 1.0) -> StepResult:
-        """`micro_step` after tokenization: targets gt_BL (B, L) and teacher input x_BLCv (B, L - 1, Cv)."""
+        """`micro_step` after tokenization: targets gt_BL (B, L) and teacher input x_BLCv (B, L - first_l, Cv), the
+        scales after the first (first_l = its pn * pn)."""
         with dist.grad_sync(self.model, stepping):
             with self.autocast():
                 logits_BLV = self.model(label_B, x_BLCv, prog_si=prog_si)

@@ -228,7 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "rand<i> (VAR's i-th random crop), each optionally _flip, comma-separated; preset: tencrop")
     p.add_argument("--seed", type=int, default=0, help="seed of the rand<i> crops")
     p.add_argument("--out", required=True, help="the cache folder (a relaunch continues in it)")
-    p.add_argument("--batch", type=int, default=64, help="images per encoder batch and per committed chunk")
+    p.add_argument("--batch", type=int, default=64, help="images per committed chunk (encoded --encode_batch "
+                   "views at a time)")
     p.add_argument("--encode_batch", type=int, default=64, help="views per encoder forward: bounds the memory (a "
                    "--batch chunk holds --batch x views; about 250 MB per 256 px view in fp32); not in the manifest")
     p.add_argument("--workers", type=int, default=0, help="image-decoding processes per rank")

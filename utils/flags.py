@@ -36,7 +36,8 @@ def add_backend_flags(parser: argparse._ActionsContainer, default: str | None = 
     parser.add_argument("--attn_backend", default=default, choices=("auto", *ATTN_KERNELS),
                         help="intra-scale attention kernel (auto: $MVAR_ATTN_BACKEND, else the fastest that runs)")
     parser.add_argument("--mamba_backend", default=default, choices=("auto", *MAMBA_KERNELS),
-                        help="Mamba2 kernel (auto: $MVAR_MAMBA_BACKEND, else mamba_ssm on CUDA when installed)")
+                        help="Mamba2 kernel (auto: $MVAR_MAMBA_BACKEND, else the fastest that runs: mamba_ssm on CUDA "
+                        "when installed, cpu_fused on the CPU when a C compiler works, else torch)")
 
 
 def add_image_source_flags(parser: argparse._ActionsContainer) -> None:
@@ -76,8 +77,9 @@ def device_problem(value: str, flag: str = "--device") -> str | None:
 def add_model_flag(parser: argparse.ArgumentParser) -> None:
     """DiT's `--model M-VAR-d16`: a named size from `MVAR_models`; it sets the defaults of the flags it names
     (see `apply_model`), so the official flags keep working and explicit ones win."""
-    parser.add_argument("--model", default=None, choices=list(MVAR_models), help="a named size (sets --depth, "
-                        "--arch, --embed_dim, --pn defaults; explicit flags win): " + ", ".join(MVAR_models))
+    parser.add_argument("--model", default=None, choices=list(MVAR_models), help="a named size: train.py takes its "
+                        "--depth, --arch, --embed_dim, --pn as defaults (explicit flags win); sample.py its depth and "
+                        "arch, and checks a --ckpt against the rest: " + ", ".join(MVAR_models))
 
 
 def apply_model(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> None:
