@@ -74,7 +74,9 @@ def is_hub_source(source: str | os.PathLike) -> bool:
 class HubSource:
     """The files of a model folder or Hub repo; `flag` is what errors call it (e.g. "--ckpt"). A repo's files come
     from the cache first (`revision`: a branch, tag or commit; `token` for a gated or private repo;
-    `local_files_only`: never download), as huggingface_hub's own from_pretrained takes them."""
+    `local_files_only`: never download), as huggingface_hub's own from_pretrained takes them, and all from the
+    commit the first one came from (a branch that moves meanwhile, or a cache whose refs moved on after an
+    interrupted download, would mix one commit's config with another's weights)."""
 
     def __init__(self, source: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
                  flag: str = "--ckpt", revision: str | None = None, token: str | bool | None = None,
@@ -97,7 +99,9 @@ class HubSource:
                                         f"written by save_pretrained or scripts/export.py)")
             return path
         try:
-            return resolve_checkpoint(None, self.source, name, self.flag, cache_dir=self.cache_dir, **self.hub_kwargs)
+            path = resolve_checkpoint(None, self.source, name, self.flag, cache_dir=self.cache_dir, **self.hub_kwargs)
+            self.hub_kwargs["revision"] = path.parents[len(Path(name).parts) - 1].name  # .../snapshots/<commit>/name
+            return path
         except FileNotFoundError as e:
             if self.source in (MVAR_REPO, VAR_REPO):
                 raise FileNotFoundError(f"{self.flag}={self.source}: that repo holds the official .pth files, not a "

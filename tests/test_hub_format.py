@@ -142,6 +142,31 @@ def test_nothing_found_names_the_repo_and_the_cache(offline_cache):
         sample.main(["--ckpt", REPO, "--device", "cpu", "--classes", "1"])
 
 
+def test_a_repo_is_read_from_one_commit_when_its_branch_moves_meanwhile(tmp_path, offline_cache, monkeypatch):
+    """Each file was looked up at `main` on its own: a repo updated between two of them (or a cache whose refs/main
+    moved on after an interrupted download) gave one commit's config with another commit's weights."""
+    import huggingface_hub
+
+    old, _ = hub_model()
+    old.save_pretrained(tmp_path / "old")
+    put_folder_in_cache(tmp_path / "old", offline_cache, REPO)
+    new, _ = hub_model()
+    with torch.no_grad():
+        for p in new.parameters():
+            p.add_(1.0)
+    repo_dir = offline_cache / f"models--{REPO.replace('/', '--')}"
+    new.save_pretrained(repo_dir / "snapshots" / ("f" * 40))
+    real_download = huggingface_hub.hf_hub_download
+
+    def main_moves_after_the_first_file(*args, **kwargs):
+        path = real_download(*args, **kwargs)
+        (repo_dir / "refs" / "main").write_text("f" * 40)
+        return path
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", main_moves_after_the_first_file)
+    assert_same_model(old.eval(), MVARHF.from_pretrained(REPO))
+
+
 def test_from_pretrained_takes_huggingface_hubs_revision_token_and_local_files_only(tmp_path, offline_cache,
                                                                                      monkeypatch):
     """They reached MVARConfig as unknown fields (a TypeError), so a repo could not be pinned to a commit."""
