@@ -14,15 +14,16 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from conftest import PER_RANK, REPO, build_tiny_mvar, interrupt, launch, launch_cmd, write_image_folder
 from test_trainer_e2e import KILL_AFTER_FIRST_SAVE, TINY, logged_losses, model_state
-from scripts.extract_tokens import start
+from scripts.extract_tokens import ViewSource, extract_shard, finish, plan, start
 from trainer import data_problems
 from utils.data.loaders import DataError
 from utils.data.token_cache import TokenCacheError, TokenDataset, content_digest, gaps, open_cache, pick_view, \
-    read_manifest, ShardWriter, shard_name, tokenizer_digest, write_json
-from utils.data.views import parse_views
+    read_manifest, ShardWriter, shard_bounds, shard_name, tokenizer_digest, write_json
+from utils.data.views import parse_views, render_views
 from utils.run.checkpoint import LAST
 
 EXTRACT = REPO / "scripts" / "extract_tokens.py"
@@ -130,6 +131,8 @@ def test_extraction_warns_that_limit_keeps_the_first_classes_and_training_says_i
     train.build_data(args, vae, reso=8)
     assert f"the token cache holds only the first 3 images of its train and val split(s) of {setup / 'data'} " \
            f"(extracted with --limit=3)" in caplog.text
+    short_val = {**manifest, "splits": {**manifest["splits"], "val": {"images": 2}}}  # fewer than --limit: all of it
+    assert "only the first 3 images of its train split(s)" in gaps(short_val)[0]
     manifest["splits"]["val"]["skipped"] = [0, 2]
     assert gaps({**manifest, "limit": 0}) == [f"2 val image(s) of {setup / 'data'} were unreadable at extraction "
                                               f"and are left out (their indices: manifest.json, splits.val.skipped)"]
@@ -146,7 +149,8 @@ def test_ranks_compare_what_their_caches_ids_are(setup, centre_cache, tmp_path):
     assert content_digest(elsewhere) == same
     for change in ({"seed": 1}, {"views": ["center_flip"]}, {"tf32": True}, {"tokenizer_digest": "0"},
                    {"files": {**manifest["files"], "train": "0"}},
-                   {"splits": {**manifest["splits"], "val": {**manifest["splits"]["val"], "skipped": [1]}}}):
+                   {"splits": {**manifest["splits"], "val": {**manifest["splits"]["val"], "skipped": [1]}}},
+                   {"splits": {**manifest["splits"], "train": {**manifest["splits"]["train"], "images": 5}}}):
         assert content_digest({**manifest, **change}) != same, change
 
     copy = tmp_path / "node1"  # rank 1's node extracted its copy with another --seed (same size, classes, views)
@@ -203,7 +207,12 @@ def test_a_shard_other_than_its_manifest_plans_is_damaged(centre_cache, tmp_path
     past the classes would be read as the unconditional class."""
     copy = tmp_path / "cache"
     shutil.copytree(centre_cache, copy)
-    labels = copy / "train" / "shard-00000-of-00001.labels.npy"
+    ids, labels = (copy / "train" / f"shard-00000-of-00001.{kind}.npy" for kind in ("ids", "labels"))
+    np.save(ids, np.load(ids)[:23])  # a row fewer than planned
+    with pytest.raises(TokenCacheError, match=r"holds ids \(23, 1, 21\) and 24 labels up to 2; its manifest plans ids "
+                                              r"\(24, 1, 21\)"):
+        TokenDataset(copy, read_manifest(copy), "train")
+    shutil.copy(centre_cache / ids.relative_to(copy), ids)
     np.save(labels, np.append(np.load(labels), 1).astype(np.int32))  # one row more than planned
     with pytest.raises(TokenCacheError, match=r"damaged: shard-00000-of-00001 holds ids \(24, 1, 21\) and 25 labels "
                                               r"up to 2; its manifest plans ids \(24, 1, 21\) and labels below 3"):
@@ -279,22 +288,45 @@ def test_shard_files_take_their_disk_space_when_created(tmp_path, monkeypatch):
         ShardWriter(tmp_path, "val", 0, 1, [0, 100], K=1, L=21)
 
 
-def test_bad_extraction_flags_are_named_before_any_work(tmp_path, monkeypatch):
-    """Also: the ranks wait for each other a day at the end, not the default 30 minutes (a review: ranks hours apart
-    timed out just before the cache was marked complete)."""
-    import dist
+NO_IMAGES = "--data_path: expected an ImageFolder root with train/ and val/ class folders (ImageNet's layout); for " \
+    "an embedded data set instead, name it: --dataset=mnist|imagenet20|fmnist"
+
+
+def extraction_refusal(tmp_path: Path, *flags: str) -> str:
+    """The ValueError extract_tokens.main raises for `flags` (dist.initialize stubbed by the caller)."""
     from scripts.extract_tokens import build_parser, main
+
+    with pytest.raises(ValueError) as e:
+        main(build_parser().parse_args([f"--out={tmp_path / 'cache'}", *flags]))
+    return str(e.value)
+
+
+def test_bad_extraction_flags_are_named_before_any_work(tmp_path, monkeypatch):
+    """Each flag below its lowest value is named (and no flag at it: --workers=0, the default, is valid); the ranks
+    wait for each other a day at the end, not the default 30 minutes (a review: ranks hours apart timed out just
+    before the cache was marked complete)."""
+    import dist
 
     waits = []
     monkeypatch.setattr(dist, "initialize", lambda timeout_min=30.0: waits.append(timeout_min) or torch.device("cpu"))
-    args = build_parser().parse_args([f"--out={tmp_path / 'cache'}", "--batch=0", "--workers=-1", "--limit=5"])
-    with pytest.raises(ValueError) as e:
-        main(args)
+    assert extraction_refusal(tmp_path, "--batch=0", "--encode_batch=0", "--workers=-1", "--mid_reso=0.5",
+                              "--limit=-1") == "--batch must be >= 1, got 0; --encode_batch must be >= 1, got 0; " \
+        "--workers must be >= 0, got -1; --mid_reso must be >= 1, got 0.5; --limit must be >= 0, got -1; " + NO_IMAGES
     assert waits == [24 * 60]
-    assert str(e.value) == "--batch must be >= 1, got 0; --workers must be >= 0, got -1; --data_path: expected an " \
-        "ImageFolder root with train/ and val/ class folders (ImageNet's layout); for an embedded data set instead, " \
-        "name it: --dataset=mnist|imagenet20|fmnist"  # it used to read MNIST
+    assert extraction_refusal(tmp_path, "--batch=1", "--encode_batch=1", "--workers=0", "--mid_reso=1",
+                              "--limit=0") == NO_IMAGES  # it used to read MNIST
     assert not (tmp_path / "cache").exists()
+
+
+def test_a_tokenizer_whose_ids_overflow_uint16_is_refused(setup, tmp_path, monkeypatch):
+    """The shards store uint16 ids: a tokenizer of more than 65,536 codes would have its ids wrapped silently."""
+    import dist
+    import scripts.extract_tokens as extract_tokens
+
+    monkeypatch.setattr(dist, "initialize", lambda timeout_min=30.0: torch.device("cpu"))
+    monkeypatch.setattr(extract_tokens, "load_vae", lambda *a, **kw: SimpleNamespace(vocab_size=2**16 + 1))
+    assert extraction_refusal(tmp_path, f"--data_path={setup / 'data'}") == \
+        "the tokenizer's vocabulary (65537) does not fit uint16 ids"
 
 
 def test_resuming_images_from_tokens_mid_epoch_is_refused():
@@ -339,6 +371,7 @@ def test_extraction_killed_and_relaunched_is_byte_identical_and_skips_unreadable
     for change, message in (({"views": ["center"]}, "the views (--views): cache ['rand0', "),
                             ({"seed": -1}, "--seed: cache "),  # its rand<i> crops (--batch only splits chunks)
                             ({"splits": {}}, "the images or ranks: cache "),
+                            ({"source": f"{setup}/data"}, "the images or ranks: cache "),
                             ({"files": {**killed["files"], "val": "0"}}, "the image files (digest of their paths")):
         with pytest.raises(TokenCacheError, match=re.escape(f"{setup / 'killed'} holds an extraction of other "
                                                             f"settings ({message}")):
@@ -356,25 +389,29 @@ def test_two_rank_extraction_equals_one_rank(setup, centre_cache):
     assert "is complete already: nothing to do" in again.stderr
 
 
+class FirstPixelTokenizer(torch.nn.Module):
+    """A stand-in encoder whose ids name their image: scale 0 its first pixel p, scale 1 (p, 2p); `sizes` records
+    the batch of each call."""
+
+    def __init__(self):
+        super().__init__()
+        self.w, self.sizes = torch.nn.Parameter(torch.zeros(1)), []
+
+    def img_to_idxBl(self, x):
+        self.sizes.append(len(x))
+        first = x[:, 0, 0, :1].long()
+        return [first, torch.cat([first, 2 * first], dim=1)]
+
+
 def test_the_encoder_takes_encode_batch_views_at_a_time():
     """--encode_batch bounds the encoder's batch (tencrop at --batch=64 is 640 views, about 155 GB at 256 px); the
-    ids come back in order whatever it is."""
+    ids come back in order whatever it is, above 255 too (a 4096-code tokenizer's ids need uint16)."""
     from scripts.extract_tokens import encode
 
-    class Stub(torch.nn.Module):  # ids that name their image: scale 0 its first pixel, scale 1 twice that
-        def __init__(self):
-            super().__init__()
-            self.w, self.sizes = torch.nn.Parameter(torch.zeros(1)), []
-
-        def img_to_idxBl(self, x):
-            self.sizes.append(len(x))
-            first = x[:, 0, 0, :1].long()
-            return [first, torch.cat([first, 2 * first], dim=1)]
-
-    views_NK3HW = torch.arange(5 * 2, dtype=torch.float32).view(5, 2, 1, 1, 1).expand(5, 2, 3, 4, 4)
-    expected = np.stack([[[2 * n + k, 2 * n + k, 4 * n + 2 * k] for k in range(2)] for n in range(5)])
+    views_NK3HW = 1000 * torch.arange(5 * 2, dtype=torch.float32).view(5, 2, 1, 1, 1).expand(5, 2, 3, 4, 4)
+    expected = 1000 * np.stack([[[2 * n + k, 2 * n + k, 4 * n + 2 * k] for k in range(2)] for n in range(5)])
     for encode_batch, sizes in ((1, [1] * 10), (3, [3, 3, 3, 1]), (64, [10])):
-        stub = Stub()
+        stub = FirstPixelTokenizer()
         assert np.array_equal(encode(stub, views_NK3HW, encode_batch), expected) and stub.sizes == sizes
 
 
@@ -392,14 +429,18 @@ def test_views_follow_the_seed():
     assert counts.min() > 900 and pick_view(123, 10) == pick_view(123, 10)
 
 
+def ids_of(i: int, K: int = 2, L: int = 3) -> np.ndarray:
+    """Image i's ids (K, L) in a hand-written shard: view v holds 100 * i + 10 * v + (0..L)."""
+    return (100 * i + 10 * np.arange(K)[:, None] + np.arange(L)).astype(np.uint16)
+
+
 def test_an_item_takes_the_view_its_seed_picks(tmp_path):
     """A cache of several views (tencrop, rand<n>) trains each item on view pick_view(seed), not on the first view
-    only: a 2-view split written by hand, view v of image i holding ids 100 * i + 10 * v + (0..L)."""
+    only: a 2-view split written by hand, view v of image i holding ids_of(i)."""
     L, N = 5, 3
     (tmp_path / "train").mkdir()
     stem = tmp_path / "train" / shard_name(0, 1)
-    np.save(stem.with_suffix(".ids.npy"), (100 * np.arange(N)[:, None, None] + 10 * np.arange(2)[None, :, None]
-                                           + np.arange(L)).astype(np.uint16))
+    np.save(stem.with_suffix(".ids.npy"), np.stack([ids_of(i, L=L) for i in range(N)]))
     np.save(stem.with_suffix(".labels.npy"), np.array([0, 1, 0], dtype=np.int32))
     manifest = {"L": L, "classes": ["a", "b"], "splits": {"train": {"shards": [[0, N]], "views": ["center", "rand0"]}}}
     ds = TokenDataset(tmp_path, manifest, "train")
@@ -431,3 +472,112 @@ def test_a_split_pickles_without_its_ids_for_spawned_loader_workers(centre_cache
     copy = pickle.loads(blob)
     assert isinstance(copy.ids[0], np.memmap) and len(copy) == len(ds)
     assert all(torch.equal(copy[(i, 7)][0], ds[(i, 7)][0]) and copy[i][1] == ds[i][1] for i in range(len(ds)))
+
+
+@pytest.mark.parametrize("n, world, chunk", [(24, 2, 2), (25, 2, 2), (10, 3, 4), (3, 2, 4), (7, 8, 1)])
+def test_shards_split_the_images_at_chunk_multiples_without_gap_or_overlap(n, world, chunk):
+    """Every image in exactly one rank's range, ranges in rank order, each cut at a multiple of --batch (so a chunk
+    holds the same images on any number of ranks): a last image left out when --batch does not divide the split,
+    or a range past it, passed the suite."""
+    bounds = shard_bounds(n, world, chunk)
+    assert len(bounds) == world and [i for b, e in bounds for i in range(b, e)] == list(range(n))
+    assert all(b % chunk == 0 for b, _ in bounds)
+
+
+def test_the_plan_stores_val_under_the_centre_view_and_records_what_the_ids_depend_on():
+    """The manifest an extraction starts with: a wrong L, seed or --limit in it would pass a cache for settings it
+    was not made with; val under the train views would validate on flipped crops."""
+    identity = {"tokenizer_digest": "abc", "patch_nums": [1, 2, 4], "reso": 8, "mid_reso": 1.0,
+                "views": ["center", "center_flip"], "classes": ["a", "b"]}
+    args = SimpleNamespace(seed=3, batch=4, limit=10, data_path="/data/imagenet/", dataset="mnist")
+    assert plan(args, identity, {"train": 10, "val": 3}, world=2) == {
+        "format": 1, **identity, "L": 21, "seed": 3, "batch": 4, "limit": 10, "source": "/data/imagenet",
+        "splits": {"train": {"images": 10, "views": ["center", "center_flip"], "shards": [[0, 8], [8, 10]]},
+                   "val": {"images": 3, "views": ["center"], "shards": [[0, 0], [0, 3]]}}, "complete": False}
+
+
+def commit(writer: ShardWriter, start: int, stop: int, unreadable: tuple[int, ...] = ()) -> None:
+    """Commit images [start, stop) of ids `ids_of(i)` and label i % 3, but the unreadable ones."""
+    writer.commit(start, {i: (ids_of(i), i % 3) for i in range(start, stop) if i not in unreadable}, stop)
+
+
+def shard_arrays(folder: Path, rank: int, world: int) -> tuple[np.ndarray, np.ndarray]:
+    stem = folder / "train" / shard_name(rank, world)
+    return np.load(stem.with_suffix(".ids.npy")), np.load(stem.with_suffix(".labels.npy"))
+
+
+def test_a_relaunched_shard_continues_after_its_last_commit_and_keeps_what_was_committed(tmp_path):
+    """Rank 1's range [4, 9), killed after its first chunk (image 5 unreadable): the relaunch continues at 6,
+    refuses a chunk elsewhere, and the shard ends holding every image's ids and label in its row, zeros and -1
+    for the unreadable one, which its progress records."""
+    commit(ShardWriter(tmp_path, "train", 1, 2, [4, 9], K=2, L=3), 4, 6, unreadable=(5,))
+    writer = ShardWriter(tmp_path, "train", 1, 2, [4, 9], K=2, L=3)  # the relaunch
+    assert writer.next == 6
+    with pytest.raises(ValueError, match="chunk starts at 4, the shard continues at 6"):
+        commit(writer, 4, 6)
+    commit(writer, 6, 9)
+    ids, labels = shard_arrays(tmp_path, 1, 2)
+    assert np.array_equal(ids, np.stack([ids_of(4), np.zeros((2, 3)), ids_of(6), ids_of(7), ids_of(8)]))
+    assert labels.tolist() == [1, -1, 0, 1, 2] and writer.progress == {"done": 5, "skipped": [5]}
+
+
+def test_finish_records_the_unreadable_images_of_every_rank_and_training_leaves_them_out(tmp_path):
+    """A cache of two ranks' shards, one unreadable image in each: the manifest lists both (a review of the
+    mutants: rank 0's only passed the suite), and the split reads every other image in order."""
+    bounds = [[0, 4], [4, 7]]
+    for rank, (b, e) in enumerate(bounds):
+        commit(ShardWriter(tmp_path, "train", rank, 2, [b, e], K=2, L=3), b, e, unreadable=(1, 5))
+    manifest = {"format": 1, "L": 3, "classes": ["a", "b", "c"],
+                "splits": {"train": {"images": 7, "views": ["center", "rand0"], "shards": bounds}}}
+    finish(tmp_path, manifest, world=2)
+    written = read_manifest(tmp_path)
+    assert written["complete"] and written["splits"]["train"]["skipped"] == [1, 5]
+    ids, labels = all_ids(tmp_path, "train")
+    kept = [0, 2, 3, 4, 6]
+    assert np.array_equal(ids, np.stack([ids_of(i) for i in kept])) and labels == [i % 3 for i in kept]
+
+
+def test_extract_shard_encodes_the_ranks_range_chunk_by_chunk_to_its_end(tmp_path):
+    """Five images at --batch=2 through an encoder whose ids name the image: each row holds its own image's ids,
+    and the last chunk, of one unreadable image (nothing to encode), is committed as skipped."""
+    source = [(i, None if i == 4 else torch.full((1, 3, 1, 1), 100.0 * i), i % 3) for i in range(5)]
+    writer = ShardWriter(tmp_path, "train", 0, 1, [0, 5], K=1, L=3)
+    args = SimpleNamespace(batch=2, workers=0, encode_batch=3, log_every=0)
+    extract_shard(FirstPixelTokenizer(), source, writer, args, "train")
+    ids, labels = shard_arrays(tmp_path, 0, 1)
+    assert ids[:, 0].tolist() == [[100 * i, 100 * i, 200 * i] for i in range(4)] + [[0, 0, 0]]
+    assert labels.tolist() == [0, 1, 2, 0, -1] and writer.progress == {"done": 5, "skipped": [4]}
+
+
+def test_an_images_random_crops_follow_its_index_and_a_limit_stops_at_the_split(tmp_path):
+    """Two copies of one picture get their own rand0 crop (each image its own, as VAR's random crops); --limit
+    past a split's size keeps the split."""
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (12, 12, 3), dtype=np.uint8))
+    source = ViewSource([(img, 0), (img, 1)], ["rand0"], reso=4, mid_reso=3.0, seed=0, limit=5)
+    assert len(source) == 2
+    (_, first, _), (i, second, label) = source[0], source[1]
+    assert (i, label) == (1, 1) and torch.equal(second, render_views(img, ["rand0"], 4, 3.0, 0, 1))
+    assert not torch.equal(first, second)
+
+
+@pytest.mark.parametrize("manifest, message", [
+    (None, "is not a token cache (no manifest.json)"),
+    ("{", "manifest.json is unreadable"),
+    ('{"format": 2}', "format 2, this code reads format 1"),
+    ('{"format": 1, "complete": false}', "is unfinished: relaunch scripts/extract_tokens.py"),
+])
+def test_a_cache_without_a_finished_manifest_of_this_format_is_refused(tmp_path, manifest, message):
+    """Training from a partial cache would read rows never written (zeros, as class 0)."""
+    if manifest is not None:
+        (tmp_path / "manifest.json").write_text(manifest)
+    with pytest.raises(TokenCacheError, match=re.escape(message)):
+        open_cache(tmp_path, {})
+
+
+def test_the_tokenizer_digest_ignores_its_usage_statistics():
+    """ema_vocab_hit_SV counts code use (and is shaped by --pn): it does not change an id, so a cache stays valid
+    for the same weights whatever their statistics."""
+    vae, _ = build_tiny_mvar(patch_nums=(1, 2, 4))
+    digest = tokenizer_digest(vae)
+    vae.quantize.ema_vocab_hit_SV.add_(1.0)
+    assert tokenizer_digest(vae) == digest
