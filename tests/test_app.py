@@ -6,6 +6,7 @@ import shlex
 import socket
 import struct
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -69,9 +70,15 @@ def test_sampling_gives_the_pixels_of_the_offered_command(app, client, tmp_path)
     assert sorted(p.rsplit("/", 1)[-1] for p in files) == ["command.sh", "samples.png"]
 
 
+def edit_photo(folder: Path, seed: int = 4) -> Path:
+    """folder/photo.png: 16 px noise from `seed` (the tiny model sees it at 8 px)."""
+    photo = folder / "photo.png"
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(photo)
+    return photo
+
+
 def test_edit_keeps_the_outside_of_the_box_and_matches_sample_py(client, tmp_path):
-    photo = tmp_path / "photo.png"  # 16 px: the model sees it at 8 px, the box's top half is rows 0-3 there
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(photo)
+    photo = edit_photo(tmp_path, seed=0)  # the box's top half is rows 0-3 of the model's 8 px
     before, mask, edits, _, command, files = client.predict(gradio_client.handle_file(str(photo)), None, "0,0,16,8",
                                                             *EDIT, api_name="/edit")
     assert "--edit image.png --box=0,0,16,8" in command and sorted(f.rsplit("/", 1)[-1] for f in files) == \
@@ -337,8 +344,7 @@ def test_requests_are_bounded_and_classes_may_come_as_one_string(client, app, mo
 def test_a_class_edited_twice_keeps_both_rows_in_the_gallery(client, tmp_path):
     """A review: the edits were named class{c}_{k} per row, so a class given twice (or drawn by "random") wrote its
     second row over the first: the gallery showed the second row twice. They are numbered on, as sample.py's."""
-    photo = tmp_path / "photo.png"
-    Image.fromarray(np.random.default_rng(3).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(photo)
+    photo = edit_photo(tmp_path, seed=3)
     _, _, edits, status, _, _ = client.predict(gradio_client.handle_file(str(photo)), None, "0,0,16,8",
                                                ["7", "7: seven"], *EDIT[1:], api_name="/edit")
     pixels = [Image.open(e["image"]).tobytes() for e in edits]
@@ -358,32 +364,101 @@ def test_gradios_copies_of_uploads_and_results_stay_in_the_private_workspace(app
     assert any(session.workspace.uploads.rglob("*.png"))
 
 
-def test_a_request_while_a_cancelled_one_still_runs_is_told_to_retry(app, tiny_mvar):
+@pytest.fixture
+def tiny_session(tiny_mvar):
+    """A Session over the tiny M-VAR on the CPU, in a workspace of its own (closed after the test)."""
+    from scripts.app_jobs import Session, Workspace
+
+    _, mvar = tiny_mvar()
+    session = Session(mvar, ["--ckpt", "x.pth", "--device", "cpu"], torch.device("cpu"), None, Workspace())
+    yield session
+    session.workspace.close()
+
+
+def test_a_request_while_a_cancelled_one_still_runs_is_told_to_retry(tiny_session):
     """A review: a request Gradio cancelled kept the model until its work ended, and the next ones waited for it in
     threads of their own, which the queue's bound did not count. They are told to retry instead."""
     import threading
 
-    from scripts.app_jobs import Knobs, Session, Workspace
+    from scripts.app_jobs import Knobs
 
-    _, mvar = tiny_mvar()
-    session = Session(mvar, ["--ckpt", str(app[1]), "--device", "cpu"], torch.device("cpu"), None, Workspace())
     knobs, outcome = Knobs(classes=["1"], num_per_class=1, bs=1), []
 
     def request():
         try:
-            outcome.append(list(session.sample(knobs)))
+            outcome.append(list(tiny_session.sample(knobs)))
         except ValueError as e:
             outcome.append(e)
-    try:
-        with session.generating():  # the cancelled request, still running
-            waiting = threading.Thread(target=request, daemon=True)
-            waiting.start()
-            waiting.join(timeout=30)
-            assert not waiting.is_alive(), "the request waited for the running one"
-        assert "still running: try again in a moment" in str(outcome[0])
-        assert len(next(session.sample(knobs)).images) == 1  # the model is free again
-    finally:
-        session.workspace.close()
+    with tiny_session.generating():  # the cancelled request, still running
+        waiting = threading.Thread(target=request, daemon=True)
+        waiting.start()
+        waiting.join(timeout=30)
+        assert not waiting.is_alive(), "the request waited for the running one"
+    assert "still running: try again in a moment" in str(outcome[0])
+    assert len(next(tiny_session.sample(knobs)).images) == 1  # the model is free again
+
+
+def test_progress_counts_every_scale_of_a_request_to_its_total(tiny_session, tmp_path):
+    """The page's progress bar: on_scale(done, total) after each scale, ending at done == total (3 classes x 2 at
+    --bs 4 are 2 batches of the 4 scales; an edit of 2 classes, one batch each), and the grid has a row per class.
+    A total of the whole batches only, or counts from 0, passed the suite."""
+    from scripts.app_jobs import Knobs
+
+    calls = []
+    knobs = Knobs(classes=["1", "2", "3"], num_per_class=2, bs=4)
+    grid = list(tiny_session.sample(knobs, on_scale=lambda *c: calls.append(c)))[-1].grid
+    assert calls == [(k, 8) for k in range(1, 9)] and Image.open(grid).size == (2 * 10 + 2, 3 * 10 + 2)
+    calls.clear()
+    tiny_session.edit(edit_photo(tmp_path), Knobs(classes=["1", "2"], num_per_class=2), box="0,0,8,8",
+                      on_scale=lambda *c: calls.append(c))
+    assert calls == [(k, 8) for k in range(1, 9)]
+    assert not tiny_session.mvar.head._forward_hooks
+
+
+def test_a_request_that_fails_midway_frees_the_model_and_its_progress_hook(tiny_session):
+    """An error in a request (here its progress callback) must not keep the model's lock, or every later request is
+    told to retry forever, nor leave its hook on the model, which would fail every later request the same way."""
+    from scripts.app_jobs import Knobs
+
+    def failing(done, total):
+        raise RuntimeError("the page went away")
+    with pytest.raises(RuntimeError, match="the page went away"):
+        list(tiny_session.sample(Knobs(classes=["1"], num_per_class=1, bs=1), on_scale=failing))
+    assert not tiny_session.mvar.head._forward_hooks
+    assert len(list(tiny_session.sample(Knobs(classes=["1"], num_per_class=1, bs=1)))[-1].images) == 1
+
+
+def test_strokes_drawn_over_another_shape_than_the_uploads_are_refused(tiny_session, tmp_path):
+    """A drawing 2 px narrower than the 16 px preview was drawn over the previous upload (rounding gives 1 px at
+    most): it would be stretched over this image."""
+    from scripts.app_jobs import Knobs
+
+    with pytest.raises(ValueError, match=r"the drawing \(14x16\) is not of this image's shape \(16x16\)"):
+        tiny_session.edit(edit_photo(tmp_path), Knobs(classes=["1"], num_per_class=1), drawn_hw=np.ones((16, 14), bool))
+
+
+def test_an_upload_of_max_pixels_is_accepted_and_one_more_row_refused(tmp_path, monkeypatch):
+    """MAX_PIXELS is "at most": a limit off by one refused a photo of exactly the size the page promises."""
+    from scripts import app_jobs
+
+    monkeypatch.setattr(app_jobs, "MAX_PIXELS", 144)
+    for height in (12, 13):
+        Image.new("RGB", (12, height)).save(tmp_path / f"{height}.png")
+    app_jobs.check_upload(tmp_path / "12.png")
+    with pytest.raises(ValueError, match="the upload is 12x13 px"):
+        app_jobs.check_upload(tmp_path / "13.png")
+
+
+def test_the_mask_is_every_layers_strokes_and_none_when_nothing_is_drawn():
+    """Strokes on two layers (Gradio's editor gives one per layer) are both the mask; layers without strokes, or
+    without alpha, are no mask (an edit of nothing)."""
+    from scripts.app_jobs import mask_from_layers
+
+    top, left = np.zeros((4, 4, 4), np.uint8), np.zeros((4, 4, 4), np.uint8)
+    top[0, :, 3], left[:, 0, 3] = 255, 255
+    mask = mask_from_layers([top, left, np.ones((4, 4, 3), np.uint8)])
+    assert mask.tolist() == [[True] * 4] + [[True, False, False, False]] * 3
+    assert mask_from_layers([np.zeros((4, 4, 4), np.uint8)]) is None and mask_from_layers([]) is None
 
 
 def test_settings_sample_py_refuses_are_errors_and_stderr_stays_the_processs(monkeypatch):
@@ -451,8 +526,10 @@ def test_random_classes_come_from_the_seed_and_cover_every_class_and_unknown_one
     assert draws[3] == session.class_ids(["random"] * 16, 3) and len({tuple(d) for d in draws}) == 8
     assert set(sum(draws, [])) == set(range(10))
     assert session.class_ids(["9: nine", "random", "0"], 4)[::2] == [9, 0]
-    with pytest.raises(ValueError, match="unknown class '10'"):
-        session.class_ids(["10"], 0)
+    for picked, message in ((["10"], "unknown class '10'"), (["-1"], "unknown class '-1'"), (["x"], "unknown class"),
+                            ([], "pick at least one class")):
+        with pytest.raises(ValueError, match=message):
+            session.class_ids(picked, 0)
     assert session.class_label(3) == "3: three"
     assert Session(SimpleNamespace(num_classes=10), [], torch.device("cpu"), NAMES[:9], None).class_label(3) == "3"
 
