@@ -137,18 +137,19 @@ class Session:
     def sample(self, knobs: Knobs, on_scale: Callable[[int, int], None] | None = None) -> Iterator[Result]:
         """Sample as `python sample.py ARGV` would: a Result after each batch (its grid and command exist from the
         last one on). on_scale(scales done, scales in all) is called after every scale."""
-        folder = self.workspace.new_folder()
-        argv = self.argv(knobs, folder / "samples.png")
-        args, command = self.parse(argv), write_command(argv, folder)
-        labels = sample.picture_labels(args)[0]
-        total = -(-len(labels) // args.bs) * len(self.mvar.patch_nums)
-        generate, images, batches = sample.make_generate(self.mvar, args, self.device), [], []
-        with self.generating(), scale_calls(self.mvar, on_scale, total):
-            for imgs_BHW3, names in sample.picture_batches(args, generate):
-                save_folder(imgs_BHW3, folder / "images", names)
-                images += [folder / "images" / f"{n}.png" for n in names]
-                batches.append(imgs_BHW3)
-                yield Result(images=list(images), grid=folder / "samples.png", command=command)
+        with self.generating():  # before its folder: a refused request must not push a running one's out
+            folder = self.workspace.new_folder()
+            argv = self.argv(knobs, folder / "samples.png")
+            args, command = self.parse(argv), write_command(argv, folder)
+            labels = sample.picture_labels(args)[0]
+            total = -(-len(labels) // args.bs) * len(self.mvar.patch_nums)
+            generate, images, batches = sample.make_generate(self.mvar, args, self.device), [], []
+            with scale_calls(self.mvar, on_scale, total):
+                for imgs_BHW3, names in sample.picture_batches(args, generate):
+                    save_folder(imgs_BHW3, folder / "images", names)
+                    images += [folder / "images" / f"{n}.png" for n in names]
+                    batches.append(imgs_BHW3)
+                    yield Result(images=list(images), grid=folder / "samples.png", command=command)
         grid = save_grid(np.concatenate(batches), folder / "samples.png", ncol=args.num_per_class)
         yield Result(images=images, grid=grid, command=command, files=[grid, command])
 
@@ -159,25 +160,28 @@ class Session:
         `drawn_hw`: a bool mask over the image at any size (the preview's), saved at the image's full size as
         mask.png; `box`: "x0,y0,x1,y1" in the image's pixels (wins over the drawing)."""
         check_upload(Path(image))
-        folder = self.workspace.new_folder()
-        source = folder / f"image{Path(image).suffix.lower() or '.png'}"  # the output is edit.png
-        shutil.copyfile(image, source)
-        mask_file = folder / "mask.png"
-        if box:
-            region, inputs = [f"--box={box.replace(' ', '')}"], [source]  # "=": a box may start with "-"
-        elif drawn_hw is not None:
-            H, W = self.preview(source)[1]
-            h, w = drawn_hw.shape
-            if abs(h * W / H - w) > 1:  # strokes drawn on the previous upload, whose preview was still shown
-                raise ValueError(f"the drawing ({w}x{h}) is not of this image's shape ({W}x{H}): draw again over it")
-            Image.fromarray(drawn_hw.astype(np.uint8) * 255).resize((W, H), Image.NEAREST).save(mask_file)
-            region, inputs = ["--mask", str(mask_file)], [source, mask_file]
-        else:
-            raise ValueError("mark the region to regenerate: draw on the image or give a box x0,y0,x1,y1")
-        argv = self.argv(knobs, folder / "edit.png", "--edit", str(source), *region)
-        args, command = self.parse(argv), write_command(argv, folder)
-        with self.generating(), scale_calls(self.mvar, on_scale, len(args.classes) * len(self.mvar.patch_nums)):
-            rows = list(sample.edit_rows(args, self.mvar))
+        with self.generating():  # before its folder, as in `sample`
+            folder = self.workspace.new_folder()
+            source = folder / f"image{Path(image).suffix.lower() or '.png'}"  # the output is edit.png
+            shutil.copyfile(image, source)
+            mask_file = folder / "mask.png"
+            if box:
+                region, inputs = [f"--box={box.replace(' ', '')}"], [source]  # "=": a box may start with "-"
+            elif drawn_hw is not None:
+                H, W = self.preview(source)[1]
+                h, w = drawn_hw.shape
+                if abs(h * W / H - w) > 1:  # strokes drawn on the previous upload, whose preview was still shown
+                    raise ValueError(f"the drawing ({w}x{h}) is not of this image's shape ({W}x{H}): draw again "
+                                     "over it")
+                Image.fromarray(drawn_hw.astype(np.uint8) * 255).resize((W, H), Image.NEAREST).save(mask_file)
+                region, inputs = ["--mask", str(mask_file)], [source, mask_file]
+            else:
+                raise ValueError("mark the region to regenerate: draw on the image or give a box x0,y0,x1,y1")
+            argv = self.argv(knobs, folder / "edit.png", "--edit", str(source), *region)
+            args, command = self.parse(argv), write_command(argv, folder)
+            batches = len(args.classes) * -(-args.num_per_class // args.bs)  # sample.edit_rows: --bs edits at a time
+            with scale_calls(self.mvar, on_scale, batches * len(self.mvar.patch_nums)):
+                rows = list(sample.edit_rows(args, self.mvar))
         grid = save_grid(to_uint8_BHW3(torch.cat(rows)), folder / "edit.png", ncol=2 + args.num_per_class)
         edits = to_uint8_BHW3(torch.cat([row[2:] for row in rows]))
         names = sample.picture_labels(args)[1]  # a class given twice numbers its second row on from its first

@@ -398,10 +398,27 @@ def test_a_request_while_a_cancelled_one_still_runs_is_told_to_retry(tiny_sessio
     assert len(next(tiny_session.sample(knobs)).images) == 1  # the model is free again
 
 
+def test_refused_requests_leave_the_running_requests_folder(tiny_session, tmp_path):
+    """A refused request made its folder before asking for the model, so `keep` (16) refusals during one long request
+    deleted the folder that request was writing into."""
+    from scripts.app_jobs import Knobs
+
+    photo, knobs = edit_photo(tmp_path), Knobs(classes=["1"], num_per_class=1)
+    with tiny_session.generating():  # a long request, writing into its folder
+        running = tiny_session.workspace.new_folder()
+        for _ in range(tiny_session.workspace.keep):
+            with pytest.raises(ValueError, match="still running"):
+                next(tiny_session.sample(knobs))
+            with pytest.raises(ValueError, match="still running"):
+                tiny_session.edit(photo, knobs, box="0,0,8,8")
+    assert running.is_dir()
+
+
 def test_progress_counts_every_scale_of_a_request_to_its_total(tiny_session, tmp_path):
     """The page's progress bar: on_scale(done, total) after each scale, ending at done == total (3 classes x 2 at
-    --bs 4 are 2 batches of the 4 scales; an edit of 2 classes, one batch each), and the grid has a row per class.
-    A total of the whole batches only, or counts from 0, passed the suite."""
+    --bs 4 are 2 batches of the 4 scales; an edit of 2 classes x 3 at --bs 2, two batches each), and the grid has a
+    row per class. A total of the whole batches only, counts from 0, or an edit's total of one batch per class (its
+    bar stopped short at num_per_class > bs) passed the suite."""
     from scripts.app_jobs import Knobs
 
     calls = []
@@ -409,9 +426,9 @@ def test_progress_counts_every_scale_of_a_request_to_its_total(tiny_session, tmp
     grid = list(tiny_session.sample(knobs, on_scale=lambda *c: calls.append(c)))[-1].grid
     assert calls == [(k, 8) for k in range(1, 9)] and Image.open(grid).size == (2 * 10 + 2, 3 * 10 + 2)
     calls.clear()
-    tiny_session.edit(edit_photo(tmp_path), Knobs(classes=["1", "2"], num_per_class=2), box="0,0,8,8",
+    tiny_session.edit(edit_photo(tmp_path), Knobs(classes=["1", "2"], num_per_class=3, bs=2), box="0,0,8,8",
                       on_scale=lambda *c: calls.append(c))
-    assert calls == [(k, 8) for k in range(1, 9)]
+    assert calls == [(k, 16) for k in range(1, 17)]
     assert not tiny_session.mvar.head._forward_hooks
 
 
