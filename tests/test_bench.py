@@ -13,6 +13,7 @@ from models.flops import model_flops, train_step_flops
 from models.mvar import MVAR, MVARConfig
 from scripts import bench
 from scripts import timing as bm
+from scripts.markdown import read_tables
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -315,3 +316,94 @@ def test_cpu_peak_memory_sees_temporaries_freed_inside_a_custom_function():
     (Mamba2's custom Functions free their temporaries within, so its peaks read low against VAR's)."""
     from scripts import timing
     assert timing.peak_mib(lambda: _Scratch.apply(torch.ones(4)), torch.device("cpu")) == pytest.approx(8, abs=0.01)
+
+
+def fake_timing(monkeypatch, ms_of, mib_of=None):
+    """bm.time_alternating replaced: each function runs once and takes `ms_of(its key)` ms; with `mib_of`, bm.peak_mib
+    of a function timed before peaks at `mib_of(its key)` MiB. Returns the (keys, warmup, repeats) of each timing
+    call and each function's output, by key."""
+    calls, outputs, key_of = [], {}, {}
+
+    def timed(fns, device, warmup, repeats):
+        calls.append((list(fns), warmup, repeats))
+        key_of.update({id(fn): key for key, fn in fns.items()})
+        outputs.update({key: fn() for key, fn in fns.items()})
+        return {key: ms_of(key) for key in fns}
+
+    monkeypatch.setattr(bm, "time_alternating", timed)
+    if mib_of:
+        monkeypatch.setattr(bm, "peak_mib", lambda fn, device: mib_of(key_of[id(fn)]))
+    return calls, outputs
+
+
+def run_section(section, *flags: str) -> str:
+    """A section's markdown, run on the CPU at depth 1, patch_nums 1_2, batch 1 and portable kernels unless `flags`
+    say otherwise."""
+    args = bench.build_parser().parse_args(["--depth", "1", "--pn", "1_2", "--bs", "1", "--attn_backend", "sdpa",
+                                            "--mamba_backend", "torch", *flags])
+    return section(torch.device("cpu"), args)
+
+
+def columns(text: str, *headers: str) -> list[list[str]]:
+    """The cells under `headers`, in that order, of each row of the first table in `text`."""
+    return [[row[h] for h in headers] for row in read_tables(text)[0]]
+
+
+PASS = {"fwd": 1, "fwd+bwd": 3}  # a fake forward+backward takes three forwards' time and twice their memory
+
+
+def test_attn_section_divides_global_attention_by_intra_scale_per_column(monkeypatch):
+    """The speed-up is global (VAR) time over intra-scale time and the memory ratio global peak over intra peak,
+    kernel and layer, each pass in its row and each number under its header; the analytic score count is sum(l^2)
+    against L^2. An inverted ratio would publish M-VAR's gain as a loss."""
+    ms = {"kernel intra": 2, "kernel global": 6, "layer intra": 4, "layer global": 5}
+    mib = {"kernel intra": 1, "kernel global": 4, "layer intra": 2, "layer global": 3}
+    calls, _ = fake_timing(monkeypatch, lambda k: ms[k[0]] * PASS[k[1]], lambda k: mib[k[0]] * min(PASS[k[1]], 2))
+    text = run_section(bench.bench_attn, "--warmup", "2", "--repeats", "3")
+    assert columns(text, "what", "pass", "intra ms (sdpa)", "global ms (sdpa+mask)", "speed-up", "intra peak MiB",
+                   "global peak MiB", "memory ratio") == [
+        ["kernel", "fwd", "2.00", "6.00", "3.00x", "1.0", "4.0", "4.00x"],
+        ["kernel", "fwd+bwd", "6.00", "18.00", "3.00x", "2.0", "8.0", "4.00x"],
+        ["layer", "fwd", "4.00", "5.00", "1.25x", "2.0", "3.0", "1.50x"],
+        ["layer", "fwd+bwd", "12.00", "15.00", "1.25x", "4.0", "6.0", "1.50x"]]
+    assert "intra 17 vs global 25 (1.47x)" in text  # B=H=1, scales of 1 and 4 tokens
+    assert len(calls) == 1 and len(calls[0][0]) == 8 and calls[0][1:] == (2, 3)  # all eight alternated at once
+
+
+def test_attn_section_times_each_variant_with_its_own_attention(monkeypatch):
+    """The global variants run VAR's block-causal kernel and a causal-mode layer, the intra ones the intra-scale
+    kernel and an intra-mode layer: a variant timing the other's code would print a speed-up of about 1."""
+    ran = []
+
+    def spy(name):
+        real = getattr(bench, name)
+        return lambda *args, **kwargs: ran.append(name) or real(*args, **kwargs)
+
+    for name in ("intra_scale_attention", "block_causal_attention"):
+        monkeypatch.setattr(bench, name, spy(name))
+    forward = bench.ScaleAttention.forward
+    monkeypatch.setattr(bench.ScaleAttention, "forward", lambda self, *a: ran.append(self.mode) or forward(self, *a))
+    fake_timing(monkeypatch, lambda k: 1.0, lambda k: 1.0)
+    run_section(bench.bench_attn)
+    assert ran == ["intra_scale_attention"] * 2 + ["block_causal_attention"] * 2 + ["intra"] * 2 + ["causal"] * 2
+
+
+def test_block_section_compares_each_arch_with_var_pass_by_pass(monkeypatch):
+    """"fwd vs var" is the arch's forward time over VAR's forward, "fwd+bwd vs var" its forward+backward over VAR's
+    forward+backward; each peak under its own pass."""
+    ms, mib = {"mvar": 3, "var": 4}, {"mvar": 5, "var": 1}
+    fake_timing(monkeypatch, lambda k: ms[k[0]] * PASS[k[1]], lambda k: mib[k[0]] * min(PASS[k[1]], 2))
+    text = run_section(bench.bench_block, "--archs", "mvar", "var")
+    assert columns(text, "arch", "fwd ms", "fwd+bwd ms", "fwd peak MiB", "fwd+bwd peak MiB", "fwd vs var",
+                   "fwd+bwd vs var") == [["mvar", "3.0", "9.0", "5.0", "10.0", "0.75x", "0.75x"],
+                                         ["var", "4.0", "12.0", "1.0", "2.0", "1.00x", "1.00x"]]
+
+
+def test_mamba_section_divides_mamba2_by_an_ffn_four_times_as_wide(monkeypatch):
+    """The ratio row is Mamba2's time over the FFN's, pass by pass under the time headers; the FFN is C-4C-C (64-256-64
+    at depth 1: 33,088 parameters, 0.02M were it C-2C-C)."""
+    ms = {("mamba", "fwd"): 6, ("mamba", "fwd+bwd"): 10, ("ffn", "fwd"): 3, ("ffn", "fwd+bwd"): 4}
+    fake_timing(monkeypatch, ms.get, lambda k: 1.0)
+    assert columns(run_section(bench.bench_mamba), "module", "params M", "fwd ms", "fwd+bwd ms", "fwd peak MiB") == [
+        ["Mamba2 (torch)", "0.03", "6.0", "10.0", "1.0"], ["FFN 64-256-64", "0.03", "3.0", "4.0", "1.0"],
+        ["ratio Mamba2 / FFN", "", "2.00x", "2.50x", ""]]
