@@ -407,3 +407,51 @@ def test_mamba_section_divides_mamba2_by_an_ffn_four_times_as_wide(monkeypatch):
     assert columns(run_section(bench.bench_mamba), "module", "params M", "fwd ms", "fwd+bwd ms", "fwd peak MiB") == [
         ["Mamba2 (torch)", "0.03", "6.0", "10.0", "1.0"], ["FFN 64-256-64", "0.03", "3.0", "4.0", "1.0"],
         ["ratio Mamba2 / FFN", "", "2.00x", "2.50x", ""]]
+
+
+def fake_train_costs(monkeypatch) -> list[int]:
+    """The train section's FLOP count faked at 7.5 GFLOP per counted step (returns the batch of each count) and its
+    matmul rates at 100, 400 and 250 GFLOP/s in fp32, bf16 and fp16."""
+    counted = []
+    monkeypatch.setattr(bench, "train_step_flops", lambda mvar, label_B, x: counted.append(len(label_B)) or 7.5e9)
+    monkeypatch.setattr(bm, "matmul_gflops", lambda device, dtype: {torch.float32: 100.0, torch.bfloat16: 400.0,
+                                                                    torch.float16: 250.0}[dtype])
+    return counted
+
+
+def test_train_section_rates_and_shares_of_each_dtypes_own_peak(monkeypatch):
+    """Per (arch, dtype): images/s = batch / step time, GFLOP/s = the step's model FLOPs (one sample's count x the
+    batch) / step time, % of peak against the matmul rate of the row's own dtype (the GPU check's 35% target reads
+    it), and the speed-up fp32 time / this dtype's time; all steps alternated in one timing call."""
+    monkeypatch.setenv("MVAR_CPU_BF16", "1")  # bf16 runs as bf16 on any CPU: no "(ran fp32)" row
+    counted = fake_train_costs(monkeypatch)
+    ms = {"fp32": 500.0, "bf16": 250.0, "fp16": 300.0}
+    calls, _ = fake_timing(monkeypatch, lambda k: ms[k[1]])
+    text = run_section(bench.bench_train, "--bs", "2", "--archs", "mvar", "--train_dtypes", "fp32", "bf16", "fp16",
+                       "--warmup", "2", "--repeats", "3")
+    assert columns(text, "dtype", "ms / step", "images / s", "model GFLOP / step", "GFLOP/s", "% of peak",
+                   "speed-up vs fp32") == [["fp32", "500.0", "4.00", "15.0", "30.0", "30.0", ""],
+                                           ["bf16", "250.0", "8.00", "15.0", "60.0", "15.0", "2.00x"],
+                                           ["fp16", "300.0", "6.67", "15.0", "50.0", "20.0", "1.67x"]]
+    assert counted == [1, 1, 1] and calls == [([("mvar", "fp32"), ("mvar", "bf16"), ("mvar", "fp16")], 2, 3)]
+
+
+def test_a_bf16_row_that_ran_fp32_is_rated_as_fp32_without_a_speed_up(monkeypatch):
+    """On a CPU without bf16 (or MVAR_CPU_BF16=0) the bf16 row says it ran fp32, its share is of the fp32 matmul
+    rate and it claims no speed-up over the fp32 row: it is the same precision."""
+    monkeypatch.setenv("MVAR_CPU_BF16", "0")
+    fake_train_costs(monkeypatch)
+    fake_timing(monkeypatch, lambda key: 400.0 if key[1] == "fp32" else 500.0)
+    text = run_section(bench.bench_train, "--bs", "2", "--archs", "mvar", "--train_dtypes", "fp32", "bf16")
+    assert columns(text, "dtype", "% of peak", "speed-up vs fp32") == [["fp32", "37.5", ""],
+                                                                      ["bf16 (ran fp32)", "30.0", ""]]
+
+
+@pytest.mark.parametrize("name", ["fp32", "bf16", "fp16"])
+def test_each_train_dtype_steps_in_that_precision(monkeypatch, name):
+    """--train_dtypes reach the Trainer as train.py's --fp16 of the same precision: a row labelled bf16 that
+    stepped in fp16 (or fp32) would compare the wrong precisions."""
+    monkeypatch.setenv("MVAR_CPU_BF16", "1")
+    args = bench.build_parser().parse_args(["--pn", "1_2", "--mamba_backend", "torch"])
+    _, trainer, _ = bench.random_train_step("mvar", 1, name, torch.device("cpu"), args)
+    assert trainer.amp_dtype == (None if name == "fp32" else bm.DTYPES[name])
