@@ -297,6 +297,35 @@ def test_ckpt_section_keeps_less_with_checkpointing_and_projects_d30():
     assert int(fit["on"][4]) > int(fit["off"][4]) >= 0
 
 
+def test_ckpt_section_fits_bytes_per_block_and_the_rest_from_four_peaks(monkeypatch):
+    """Peaks faked at 100 MiB + batch x (depth x 2 MiB + 4 MiB) without checkpointing, 1 MiB per block with it, and
+    50 MiB more on a model's first step (AdamW's state: the warm-up step takes it): per image 2 MiB per block (the
+    slope over depths 1 and 2) and 4 MiB of rest (the intercept), printed per token and channel (L=5, width 64);
+    each peak under its batch's header; "time vs off" the step's time over the plain step's (20 ms off, 30 ms on)."""
+    steps, fits = [], {}  # (depth, batch, ckpt) of every training step
+    real = bench.Trainer.micro_step_tokens
+
+    def step(self, gt_BL, x_BLCv, label_B):
+        steps.append((self.mvar.depth, len(label_B), self.mvar.grad_ckpt))
+        return real(self, gt_BL, x_BLCv, label_B)
+
+    def peak(fn, device):
+        fn()
+        depth, batch, ckpt = steps[-1]
+        return 100 + batch * (depth * (1 if ckpt else 2) + 4) + 50 * ([s[0] for s in steps].count(depth) == 1)
+
+    monkeypatch.setattr(bench.Trainer, "micro_step_tokens", step)
+    monkeypatch.setattr(bm, "peak_mib", peak)
+    monkeypatch.setattr(bench, "d30_fit", lambda measured, L: fits.update(measured) or "")
+    fake_timing(monkeypatch, lambda key: 30.0 if key[2] else 20.0)
+    text = run_section(bench.bench_ckpt, "--archs", "mvar", "--width", "64")
+    assert columns(text, "depth", "--grad_ckpt", "ms / step", "time vs off", "peak MiB, batch 1", "peak MiB, batch 2",
+                   "bytes / image / token / block / channel") == [
+        ["1", "off", "20.0", "1.00x", "106", "112", "6553.6"], ["2", "off", "20.0", "1.00x", "108", "116", "6553.6"],
+        ["1", "on", "30.0", "1.50x", "105", "110", "3276.8"], ["2", "on", "30.0", "1.50x", "106", "112", "3276.8"]]
+    assert fits == {("mvar", False): (2 * 2**20 / 320, 4 * 2**20), ("mvar", True): (2**20 / 320, 4 * 2**20)}
+
+
 class _Scratch(torch.autograd.Function):
     """8 MiB of scratch freed inside the Function, then 4 MiB out: the peak is 8 MiB."""
 
@@ -455,3 +484,34 @@ def test_each_train_dtype_steps_in_that_precision(monkeypatch, name):
     args = bench.build_parser().parse_args(["--pn", "1_2", "--mamba_backend", "torch"])
     _, trainer, _ = bench.random_train_step("mvar", 1, name, torch.device("cpu"), args)
     assert trainer.amp_dtype == (None if name == "fp32" else bm.DTYPES[name])
+
+
+def test_sample_section_times_per_image_and_speed_up_over_the_prefix_rerun(monkeypatch):
+    """s / image is a call's time over the batch; the speed-up is the official prefix re-run's time over each
+    sampler's; the decode row decodes the whole batch and sits under s / image; all four alternated in one timing
+    call, after --warmup rounds."""
+    ms = {"M-VAR, Mamba state cached": 10.0, "M-VAR, prefix recompute (official)": 40.0, "VAR, KV cache": 20.0}
+    calls, outputs = fake_timing(monkeypatch, lambda k: ms.get(k, 5.0))
+    text = run_section(bench.bench_sample, "--pn", "1_2_3", "--V", "64", "--bs", "2", "--warmup", "2", "--repeats", "3")
+    assert columns(text, "sampler", "s / image", "speed-up vs recompute") == [
+        ["M-VAR, Mamba state cached", "0.0050", "4.00x"], ["M-VAR, prefix recompute (official)", "0.0200", "1.00x"],
+        ["VAR, KV cache", "0.0100", "2.00x"], ["tokenizer decode only (ch=32)", "0.0025", ""]]
+    assert outputs["tokenizer decode only (ch=32)"].shape[0] == 2 and calls == [([*ms, "tokenizer decode only (ch=32)"],
+                                                                                 2, 3)]
+
+
+def test_d30_projection_divides_free_gpu_memory_by_activations_per_image():
+    """Images per GPU = (GPU GB in GiB - 16 bytes per parameter) / activations per image; a plain block keeps its
+    measured bytes per token and channel, a checkpointed one at least its fp32 input (4 bytes) while one block is
+    recomputed in full; the rest (embeddings, head) on top. Worked by hand for M-VAR-d30 (30 blocks, width 1920,
+    680 tokens) at 100 bytes per plain block, 1 measured with checkpointing and 0.5 GiB of rest."""
+    text = bench.d30_fit({("mvar", False): (100.0, 2**29), ("mvar", True): (1.0, 2**29)}, 680)
+    with torch.device("meta"):
+        states_gib = 16 * sum(p.numel() for p in MVAR(MVARConfig(depth=30)).parameters()) / 2**30
+    act_gib = {"off": 100 * 30 * 680 * 1920 / 2**30 + 0.5, "on": (4 * 30 + 100) * 680 * 1920 / 2**30 + 0.5}
+    rows = read_tables(text)[0]
+    assert [[*r.values()] for r in rows] == [
+        ["M-VAR-d30", c, f"{states_gib:.0f}", f"{act_gib[c]:.2f}",
+         *(str(int((gb * 1e9 / 2**30 - states_gib) / act_gib[c])) for gb in (80, 141))] for c in ("off", "on")]
+    assert "needs --pn 256" not in text and "needs --pn 256" in bench.d30_fit({("var", False): (1.0, 0.0),
+                                                                                  ("var", True): (1.0, 0.0)}, 30)
