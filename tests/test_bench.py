@@ -1,4 +1,5 @@
 """The benchmark harness: its timing rule (scripts.timing) and the sampling section run as a user runs it."""
+import contextlib
 import os
 import re
 import subprocess
@@ -498,6 +499,81 @@ def test_sample_section_times_per_image_and_speed_up_over_the_prefix_rerun(monke
         ["VAR, KV cache", "0.0100", "2.00x"], ["tokenizer decode only (ch=32)", "0.0025", ""]]
     assert outputs["tokenizer decode only (ch=32)"].shape[0] == 2 and calls == [([*ms, "tokenizer decode only (ch=32)"],
                                                                                  2, 3)]
+
+
+def test_paper_section_alternates_each_pairs_models_at_each_dtype_and_batch(monkeypatch):
+    """The models of one VAR (its M-VARs and itself) are timed in one call, per dtype and batch, each built once per
+    dtype with weights in that dtype; only the --paper_pairs asked for run."""
+    built, timed = [], []
+    monkeypatch.setattr(bench, "build_paper_model", lambda name, pn, dtype, device, args: built.append((name, dtype))
+                        or name)
+    monkeypatch.setattr(bench, "time_paper_models", lambda models, names, dtype, B, device, args: timed.append(
+        ([*models], names, dtype, B)) or {n: (1.0, 1e9) for n in names})
+    run_section(bench.bench_paper, "--paper_pairs", "M-VAR-d24", "M-VAR-D", "--paper_dtypes", "fp32", "bf16",
+                "--paper_bs", "1", "8")
+    groups = [["M-VAR-d24", "VAR-d30"], ["M-VAR-D", "VAR-d16"]]
+    assert built == [(n, dtype) for dtype in (torch.float32, torch.bfloat16) for names in groups for n in names]
+    assert timed == [(names, names, dtype, B) for dtype in (torch.float32, torch.bfloat16) for names in groups
+                     for B in (1, 8)]
+
+
+def test_paper_ratios_pair_each_m_var_with_its_var_at_the_same_batch():
+    """Each M-VAR is divided by its own VAR at the same batch (batch 8's ratio against batch 1's VAR would mix
+    per-image times of different batches; issue 19's target is judged at batch 64), beside the paper's ratio
+    (Tables 2 and 5: 0.6 / 0.7 and 0.7 / 0.9)."""
+    times = {1: {"M-VAR-d24": 3.0, "VAR-d30": 4.0, "M-VAR-D": 2.0, "VAR-d16": 4.0},
+             8: {"M-VAR-d24": 1.0, "VAR-d30": 2.0}}
+    results = {("bf16", B, n): (t, 1e9) for B, models in times.items() for n, t in models.items()}
+    text = bench.paper_tables(results, bench.build_parser().parse_args([]), (1, 2))
+    assert [[r[h] for h in ("batch", "pair", "time ratio", "paper's time ratio")] for r in read_tables(text)[1]] == [
+        ["1", "M-VAR-d24 / VAR-d30", "0.75x", "0.86x"], ["1", "M-VAR-D / VAR-d16", "0.50x", "0.78x"],
+        ["8", "M-VAR-d24 / VAR-d30", "0.50x", "0.86x"]]
+
+
+def test_a_paper_model_holds_its_linear_weights_in_the_sampling_dtype_but_word_embed():
+    """As MVAR.inference_precision holds them: every Linear in bf16 but word_embed (it reads fp32 tokenizer
+    features); --paper_width gives every model that width with one head (not width // 64), its depth kept (M-VAR-D:
+    12)."""
+    args = bench.build_parser().parse_args(["--paper_width", "128", "--attn_backend", "sdpa", "--mamba_backend",
+                                            "torch"])
+    mvar = bench.build_paper_model("M-VAR-D", (1, 2), torch.bfloat16, torch.device("cpu"), args)
+    weights = {m.weight.dtype for m in mvar.modules() if isinstance(m, torch.nn.Linear) and m is not mvar.word_embed}
+    assert weights == {torch.bfloat16} and mvar.word_embed.weight.dtype == torch.float32
+    assert (mvar.C, mvar.config.num_heads, mvar.depth, mvar.training) == (128, 1, 12, False)
+
+
+class FakeSampler(torch.nn.Module):
+    """An MVAR as the paper section samples it: one 4 -> 8 matmul per sequence of cfg's doubled batch (128 model
+    FLOPs per image); records each call's (batch, use_cache, inference precision)."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear, self.calls, self.dtype = torch.nn.Linear(4, 8, bias=False), [], None
+
+    @contextlib.contextmanager
+    def inference_precision(self, dtype):
+        self.dtype = dtype
+        yield
+
+    def autoregressive_infer_cfg(self, B, label_B, g_seed, cfg, top_k, top_p, use_cache):
+        self.calls.append((len(label_B), use_cache, self.dtype))
+        return self.linear(torch.ones(2 * B, 4))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_paper_timing_is_per_image_and_only_the_prefix_rerun_samples_without_cache(monkeypatch, dtype):
+    """Seconds and model FLOPs per generated image (a call's over its batch); the name ending in PREFIX_RERUN samples
+    its M-VAR with use_cache=False, every other with the cache; bf16 samples in inference_precision(bf16), fp32 in
+    none; the FLOP count is the first warm-up round."""
+    models = {"M-VAR-d16": FakeSampler(), "VAR-d16": FakeSampler()}
+    names = ["M-VAR-d16", "M-VAR-d16" + bench.PREFIX_RERUN, "VAR-d16"]
+    calls, _ = fake_timing(monkeypatch, dict(zip(names, (800.0, 1200.0, 1000.0), strict=True)).get)
+    out = bench.time_paper_models(models, names, dtype, 4, torch.device("cpu"),
+                                  bench.build_parser().parse_args(["--warmup", "2"]))
+    assert out == {names[0]: (0.2, 128.0), names[1]: (0.3, 128.0), names[2]: (0.25, 128.0)}
+    precision = None if dtype == torch.float32 else dtype
+    assert models["M-VAR-d16"].calls == [(4, True, precision), (4, False, precision)] * 2
+    assert models["VAR-d16"].calls == [(4, True, precision)] * 2 and calls[0][1] == 1
 
 
 def test_d30_projection_divides_free_gpu_memory_by_activations_per_image():
