@@ -367,8 +367,8 @@ def bench_paper(device: torch.device, args: argparse.Namespace) -> str:
     results: dict[tuple[str, int, str], tuple[float, float]] = {}  # (dtype, batch, model) -> (s, FLOPs) per image
     for dtype_name in args.paper_dtypes:
         for names in groups.values():
-            models = {n: build_paper_model(n, patch_nums, bm.DTYPES[dtype_name], device, args)
-                      for n in names if PREFIX_RERUN not in n}
+            models = {m: build_paper_model(m, patch_nums, bm.DTYPES[dtype_name], device, args)  # the re-run's too
+                      for m in dict.fromkeys(n.removesuffix(PREFIX_RERUN) for n in names)}
             for B in args.paper_bs:
                 timed = time_paper_models(models, names, bm.DTYPES[dtype_name], B, device, args)
                 results.update({(dtype_name, B, n): v for n, v in timed.items()})

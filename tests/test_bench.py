@@ -591,3 +591,13 @@ def test_d30_projection_divides_free_gpu_memory_by_activations_per_image():
          *(str(int((gb * 1e9 / 2**30 - states_gib) / act_gib[c])) for gb in (80, 141))] for c in ("off", "on")]
     assert "needs --pn 256" not in text and "needs --pn 256" in bench.d30_fit({("var", False): (1.0, 0.0),
                                                                                   ("var", True): (1.0, 0.0)}, 30)
+
+
+def test_paper_section_builds_the_model_that_the_prefix_rerun_samples(monkeypatch):
+    """--paper_pairs naming the prefix re-run of M-VAR-d16 but not M-VAR-d16 itself: the M-VAR-d16 it samples is
+    built (it was not, and the section stopped with a KeyError after building the others)."""
+    monkeypatch.setattr(bench, "build_paper_model", lambda name, *args: FakeSampler())
+    fake_timing(monkeypatch, lambda key: 1.0)
+    text = run_section(bench.bench_paper, "--paper_pairs", "M-VAR-d16" + bench.PREFIX_RERUN, "--paper_dtypes", "fp32",
+                       "--paper_bs", "1")
+    assert [r["pair"] for r in read_tables(text)[1]] == ["M-VAR-d16, prefix re-run (official) / VAR-d16"]
