@@ -593,6 +593,26 @@ def test_d30_projection_divides_free_gpu_memory_by_activations_per_image():
                                                                                   ("var", True): (1.0, 0.0)}, 30)
 
 
+@pytest.mark.parametrize("flag", ["--depth", "--bs", "--repeats"])
+def test_a_zero_size_flag_is_refused_before_any_section_runs(flag):
+    """--depth, --bs or --repeats 0 stops with the flag's name, not a division by zero or an empty median later."""
+    with pytest.raises(SystemExit, match=f"{flag} must be >= 1, got 0"):
+        bench.main(["--only", "attn", flag, "0"])
+
+
+def test_each_section_runs_on_each_device_and_out_gets_the_printed_text(monkeypatch, tmp_path):
+    """--device auto on a machine with a GPU: every section once per device (the CPU and the GPU), in --only's order;
+    --out holds what main returns."""
+    ran = []
+    monkeypatch.setattr(bm, "devices", lambda args: [torch.device("cpu"), torch.device("cuda")])
+    for name in ("attn", "mamba"):
+        monkeypatch.setitem(bench.SECTIONS, name, lambda device, args, name=name: ran.append((name, device.type))
+                            or f"### {name} on {device.type}")
+    text = bench.main(["--only", "mamba", "attn", "--out", str(tmp_path / "bench.md")])
+    assert ran == [("mamba", "cpu"), ("mamba", "cuda"), ("attn", "cpu"), ("attn", "cuda")]
+    assert "### mamba on cuda\n\n### attn on cpu" in text and (tmp_path / "bench.md").read_text() == text
+
+
 def test_paper_section_builds_the_model_that_the_prefix_rerun_samples(monkeypatch):
     """--paper_pairs naming the prefix re-run of M-VAR-d16 but not M-VAR-d16 itself: the M-VAR-d16 it samples is
     built (it was not, and the section stopped with a KeyError after building the others)."""
