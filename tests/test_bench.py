@@ -41,17 +41,19 @@ def test_variants_take_turns_and_the_median_of_timed_rounds_counts(monkeypatch):
 
 def test_the_matmul_rate_counts_2_n_cubed_flops_in_the_dtype_asked_for(monkeypatch):
     """The practical peak that the train section's "% of peak" (the GPU check's 35% target) divides by: 2 n^3 FLOPs
-    per n x n x n matmul, its operands in the dtype asked for. n^3 (every % of peak doubled) and operands left in
-    fp32 (the fp32 rate taken for bf16's) each passed the suite."""
+    per n x n x n matmul, its operands in the dtype asked for, timed after an untimed call (a GPU's first matmul sets
+    up cuBLAS: timed, it lowers the rate and raises every share). n^3 (every % of peak doubled), operands left in
+    fp32 (the fp32 rate taken for bf16's) and no warm-up each passed the suite."""
     products = []
 
     def one_second(fns, device, warmup, repeats):
-        products.append(fns["mm"]())
+        products.append((fns["mm"](), warmup))
         return {"mm": 1000.0}
 
     monkeypatch.setattr(bm, "time_alternating", one_second)
     assert bm.matmul_gflops(torch.device("cpu"), torch.bfloat16, n=4) == 128 / 1e9
-    assert products[0].dtype == torch.bfloat16 and products[0].shape == (4, 4)
+    (product, warmup), = products
+    assert product.dtype == torch.bfloat16 and product.shape == (4, 4) and warmup == 1
 
 
 def test_markdown_table():
@@ -611,6 +613,75 @@ def test_each_section_runs_on_each_device_and_out_gets_the_printed_text(monkeypa
     text = bench.main(["--only", "mamba", "attn", "--out", str(tmp_path / "bench.md")])
     assert ran == [("mamba", "cpu"), ("mamba", "cuda"), ("attn", "cpu"), ("attn", "cuda")]
     assert "### mamba on cuda\n\n### attn on cpu" in text and (tmp_path / "bench.md").read_text() == text
+
+
+def test_on_a_gpu_each_timed_call_is_synchronized_before_and_after(monkeypatch):
+    """CUDA launches return before the kernels finish: the clock starts after the queue is drained and stops after
+    the call's kernels ran. Without either sync a GPU time is a launch time, or carries the previous call's work."""
+    events = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device: events.append("sync"))
+    monkeypatch.setattr(bm.time, "perf_counter", lambda: events.append("clock") or 0.0)
+    bm.time_alternating({"a": lambda: events.append("call")}, torch.device("cuda"), warmup=0, repeats=1)
+    assert events == ["sync", "clock", "call", "sync", "clock"]
+
+
+def test_the_gpu_peak_is_the_calls_own_above_what_was_allocated(monkeypatch):
+    """torch.cuda's peak is reset before the call (an earlier, larger peak is not the call's) and the memory held
+    before it is subtracted: 100 MiB held, an old 500 MiB peak, the call allocates 60 MiB and frees 20."""
+    mib = {"allocated": 100, "peak": 500}
+
+    def call():
+        mib["allocated"] += 60
+        mib["peak"] = max(mib["peak"], mib["allocated"])
+        mib["allocated"] -= 20
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: mib["allocated"] * 2**20)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device: mib.update(peak=mib["allocated"]))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: mib["peak"] * 2**20)
+    assert bm.peak_mib(call, torch.device("cuda")) == 60
+
+
+def test_autocast_is_off_for_fp32_and_in_the_dtype_asked_for_otherwise():
+    """The pieces run under mixed precision as training does: a bf16 row that ran fp32 would time the wrong math."""
+    with bm.autocast(torch.device("cpu"), torch.bfloat16):
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    with bm.autocast(torch.device("cpu"), torch.float32):
+        assert not torch.is_autocast_enabled("cpu")
+
+
+def test_the_forward_pass_builds_no_graph_and_the_backward_pass_resets_the_leaves_grads():
+    """"fwd" times inference (no autograd graph recorded), "fwd+bwd" a backward from ones that leaves no gradient
+    behind: accumulated gradients would add a growing sum to every later timed call."""
+    x, grad_enabled, grads = torch.ones(3, requires_grad=True), [], []
+    x.register_hook(grads.append)
+    passes = bm.passes(lambda: grad_enabled.append(torch.is_grad_enabled()) or 2 * x, [x])
+    passes["fwd"]()
+    passes["fwd+bwd"]()
+    assert grad_enabled == [False, True] and torch.equal(grads[0], torch.full((3,), 2.0)) and x.grad is None
+
+
+@pytest.mark.parametrize("load,warned", [(2.5, True), (1.5, False)])
+def test_the_preamble_warns_when_the_load_exceeds_half_the_cores(monkeypatch, load, warned):
+    """On a CPU busy with other work (load above half the cores) absolute times are inflated: the preamble says so."""
+    monkeypatch.setattr(bm.os, "getloadavg", lambda: (load, 0.0, 0.0))
+    monkeypatch.setattr(bm.os, "cpu_count", lambda: 4)
+    line = bm.preamble(bench.build_parser().parse_args([]))
+    assert ("absolute times are inflated" in line) is warned and "median of 5 timed rounds after 2 warm-up" in line
+
+
+@pytest.mark.parametrize("device,cuda,expected", [("auto", False, ["cpu"]), ("auto", True, ["cpu", "cuda"]),
+                                                  ("cuda", True, ["cuda"]), ("cuda", False, None)])
+def test_devices_are_the_cpu_and_a_visible_gpu(monkeypatch, device, cuda, expected):
+    """auto: the CPU, and the GPU when one is visible; --device cuda without one stops with a message instead of
+    an error deep in a section."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    args = bench.build_parser().parse_args(["--device", device])
+    if expected is None:
+        with pytest.raises(SystemExit, match="no CUDA device"):
+            bm.devices(args)
+    else:
+        assert [d.type for d in bm.devices(args)] == expected
 
 
 def test_paper_section_builds_the_model_that_the_prefix_rerun_samples(monkeypatch):
