@@ -684,6 +684,13 @@ def test_devices_are_the_cpu_and_a_visible_gpu(monkeypatch, device, cuda, expect
         assert [d.type for d in bm.devices(args)] == expected
 
 
+def test_read_tables_returns_each_table_by_header_without_bold_marks():
+    """What the GPU check reads back: every table (the last one ending the text too), rows keyed by header, cells
+    stripped of spaces and bold, the separator line skipped, text between tables (even with a '|') not a row."""
+    text = "### a\n\n| x | y |\n|---|---|\n| **1.50x** | b |\n\nratio a | b\n| z |\n|---|\n| 3 |\n| 4 |"
+    assert read_tables(text) == [[{"x": "1.50x", "y": "b"}], [{"z": "3"}, {"z": "4"}]]
+
+
 def test_paper_section_builds_the_model_that_the_prefix_rerun_samples(monkeypatch):
     """--paper_pairs naming the prefix re-run of M-VAR-d16 but not M-VAR-d16 itself: the M-VAR-d16 it samples is
     built (it was not, and the section stopped with a KeyError after building the others)."""
