@@ -505,18 +505,20 @@ def test_sample_section_times_per_image_and_speed_up_over_the_prefix_rerun(monke
 
 def test_paper_section_alternates_each_pairs_models_at_each_dtype_and_batch(monkeypatch):
     """The models of one VAR (its M-VARs and itself) are timed in one call, per dtype and batch, each built once per
-    dtype with weights in that dtype; only the --paper_pairs asked for run."""
+    dtype with weights in that dtype; only the --paper_pairs asked for run; each (dtype, batch) has its ratios."""
     built, timed = [], []
     monkeypatch.setattr(bench, "build_paper_model", lambda name, pn, dtype, device, args: built.append((name, dtype))
                         or name)
     monkeypatch.setattr(bench, "time_paper_models", lambda models, names, dtype, B, device, args: timed.append(
         ([*models], names, dtype, B)) or {n: (1.0, 1e9) for n in names})
-    run_section(bench.bench_paper, "--paper_pairs", "M-VAR-d24", "M-VAR-D", "--paper_dtypes", "fp32", "bf16",
-                "--paper_bs", "1", "8")
+    text = run_section(bench.bench_paper, "--paper_pairs", "M-VAR-d24", "M-VAR-D", "--paper_dtypes", "fp32", "bf16",
+                       "--paper_bs", "1", "8")
     groups = [["M-VAR-d24", "VAR-d30"], ["M-VAR-D", "VAR-d16"]]
     assert built == [(n, dtype) for dtype in (torch.float32, torch.bfloat16) for names in groups for n in names]
     assert timed == [(names, names, dtype, B) for dtype in (torch.float32, torch.bfloat16) for names in groups
                      for B in (1, 8)]
+    assert [[r["dtype"], r["batch"], r["pair"]] for r in read_tables(text)[1] if r["dtype"] != "bf16 / fp32"] == [
+        [d, B, f"{names[0]} / {names[1]}"] for d in ("fp32", "bf16") for names in groups for B in ("1", "8")]
 
 
 def test_paper_ratios_pair_each_m_var_with_its_var_at_the_same_batch():
