@@ -303,8 +303,9 @@ def test_ckpt_section_keeps_less_with_checkpointing_and_projects_d30():
 def test_ckpt_section_fits_bytes_per_block_and_the_rest_from_four_peaks(monkeypatch):
     """Peaks faked at 100 MiB + batch x (depth x 2 MiB + 4 MiB) without checkpointing, 1 MiB per block with it, and
     50 MiB more on a model's first step (AdamW's state: the warm-up step takes it): per image 2 MiB per block (the
-    slope over depths 1 and 2) and 4 MiB of rest (the intercept), printed per token and channel (L=5, width 64);
-    each peak under its batch's header; "time vs off" the step's time over the plain step's (20 ms off, 30 ms on)."""
+    slope over depths 2 and 4) and 4 MiB of rest (the intercept), printed per token and channel (L=5, --width 64);
+    each peak under its batch's header; the batch-1 steps timed, "time vs off" the step's time over the plain
+    step's (20 ms off, 30 ms on)."""
     steps, fits = [], {}  # (depth, batch, ckpt) of every training step
     real = bench.Trainer.micro_step_tokens
 
@@ -321,11 +322,12 @@ def test_ckpt_section_fits_bytes_per_block_and_the_rest_from_four_peaks(monkeypa
     monkeypatch.setattr(bm, "peak_mib", peak)
     monkeypatch.setattr(bench, "d30_fit", lambda measured, L: fits.update(measured) or "")
     fake_timing(monkeypatch, lambda key: 30.0 if key[2] else 20.0)
-    text = run_section(bench.bench_ckpt, "--archs", "mvar", "--width", "64")
+    text = run_section(bench.bench_ckpt, "--archs", "mvar", "--depth", "2", "--width", "64")
     assert columns(text, "depth", "--grad_ckpt", "ms / step", "time vs off", "peak MiB, batch 1", "peak MiB, batch 2",
                    "bytes / image / token / block / channel") == [
-        ["1", "off", "20.0", "1.00x", "106", "112", "6553.6"], ["2", "off", "20.0", "1.00x", "108", "116", "6553.6"],
-        ["1", "on", "30.0", "1.50x", "105", "110", "3276.8"], ["2", "on", "30.0", "1.50x", "106", "112", "3276.8"]]
+        ["2", "off", "20.0", "1.00x", "108", "116", "6553.6"], ["4", "off", "20.0", "1.00x", "112", "124", "6553.6"],
+        ["2", "on", "30.0", "1.50x", "106", "112", "3276.8"], ["4", "on", "30.0", "1.50x", "108", "116", "3276.8"]]
+    assert [batch for _, batch, _ in steps[-4:]] == [1] * 4  # the timed round, after the probes
     assert fits == {("mvar", False): (2 * 2**20 / 320, 4 * 2**20), ("mvar", True): (2**20 / 320, 4 * 2**20)}
 
 
@@ -584,7 +586,8 @@ def test_d30_projection_divides_free_gpu_memory_by_activations_per_image():
     """Images per GPU = (GPU GB in GiB - 16 bytes per parameter) / activations per image; a plain block keeps its
     measured bytes per token and channel, a checkpointed one at least its fp32 input (4 bytes) while one block is
     recomputed in full; the rest (embeddings, head) on top. Worked by hand for M-VAR-d30 (30 blocks, width 1920,
-    680 tokens) at 100 bytes per plain block, 1 measured with checkpointing and 0.5 GiB of rest."""
+    680 tokens) at 100 bytes per plain block, 1 measured with checkpointing and 0.5 GiB of rest. VAR measured alone
+    projects VAR-d30, with a note when not measured at 680 tokens."""
     text = bench.d30_fit({("mvar", False): (100.0, 2**29), ("mvar", True): (1.0, 2**29)}, 680)
     with torch.device("meta"):
         states_gib = 16 * sum(p.numel() for p in MVAR(MVARConfig(depth=30)).parameters()) / 2**30
@@ -593,8 +596,9 @@ def test_d30_projection_divides_free_gpu_memory_by_activations_per_image():
     assert [[*r.values()] for r in rows] == [
         ["M-VAR-d30", c, f"{states_gib:.0f}", f"{act_gib[c]:.2f}",
          *(str(int((gb * 1e9 / 2**30 - states_gib) / act_gib[c])) for gb in (80, 141))] for c in ("off", "on")]
-    assert "needs --pn 256" not in text and "needs --pn 256" in bench.d30_fit({("var", False): (1.0, 0.0),
-                                                                                  ("var", True): (1.0, 0.0)}, 30)
+    var_only = bench.d30_fit({("var", False): (1.0, 0.0), ("var", True): (1.0, 0.0)}, 30)
+    assert "needs --pn 256" not in text and "needs --pn 256" in var_only
+    assert [r["model"] for r in read_tables(var_only)[0]] == ["VAR-d30"] * 2
 
 
 @pytest.mark.parametrize("flag", ["--depth", "--bs", "--repeats"])
