@@ -15,6 +15,7 @@ from models.mvar import MVAR, MVARConfig
 from scripts import bench
 from scripts import timing as bm
 from scripts.markdown import read_tables
+from test_embedded_data import needs_fmnist
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -705,3 +706,19 @@ def test_paper_section_builds_the_model_that_the_prefix_rerun_samples(monkeypatc
     text = run_section(bench.bench_paper, "--paper_pairs", "M-VAR-d16" + bench.PREFIX_RERUN, "--paper_dtypes", "fp32",
                        "--paper_bs", "1")
     assert [r["pair"] for r in read_tables(text)[1]] == ["M-VAR-d16, prefix re-run (official) / VAR-d16"]
+
+
+@needs_fmnist
+def test_bench_tokens_times_both_data_paths_of_the_study_set_up(capsys):
+    """scripts/bench_tokens.py ran in no test, so a renamed flag of extract_tokens or a moved loader would have broken
+    it unseen. The study set-up at batch 2, one round: a row per data path, each rate the batch over its step time,
+    the cache 155 uint16 ids per image (its 1_2_3_4_5_6_8 schedule)."""
+    from scripts import bench_tokens
+
+    bench_tokens.main(["--setups", "study", "--bs", "2", "--rounds", "1"])
+    rows = read_tables(capsys.readouterr().out)[0]
+    assert [(r["set-up"], r["from"], r["batch"]) for r in rows] == [("study", "images", "2"), ("study", "tokens", "2")]
+    for r in rows:  # the two ms cells are rounded to 1 ms, the rate to 0.1
+        step_ms = float(r["data ms/step"]) + float(r["model ms/step"])
+        assert 2e3 / (step_ms + 1) - 0.05 <= float(r["train img/s"]) <= 2e3 / max(step_ms - 1, 0.5) + 0.05, r
+    assert rows[1]["cache bytes/img/view"] == "310" and float(rows[1]["extraction img/s"]) > 0
