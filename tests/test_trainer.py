@@ -24,6 +24,7 @@ pytestmark = pytest.mark.numerics  # rerun by `make test` at the lowest ISA leve
 
 PN = (1, 2, 4)
 CPU = torch.device("cpu")
+TEN_STEPS = Schedule(tlr=1e-3, max_it=10, wp_it=1, num_scales=len(PN))  # one warm-up iteration
 
 
 def tiny(cond_drop_rate=0.0, arch="mvar", drop_path_rate=None, **trainer_kw):
@@ -155,7 +156,7 @@ def test_the_scheduled_step_weights_the_newest_scale_by_the_schedules_prog_wp():
 def test_the_logged_loss_and_grad_norm_are_the_means_since_the_last_log():
     """pop_metrics reports the mean loss and grad norm of the steps since its last call (--log_every of them), then
     starts afresh; the end-to-end runs log every step, so a sum reported as the mean passed the suite."""
-    tr = tiny(schedule=Schedule(tlr=1e-3, max_it=10, wp_it=1, num_scales=len(PN)))
+    tr = tiny(schedule=TEN_STEPS)
     results = [tr.scheduled_step(*batch(seed=g_it), g_it) for g_it in range(3)]
     train = tr.pop_metrics(seconds=1.0)["train/"]
     assert train["loss"] == pytest.approx(sum(r.loss.item() for r in results) / 3, rel=1e-6)
@@ -170,7 +171,7 @@ def test_the_speed_counts_the_images_of_every_rank(monkeypatch):
     import dist
 
     monkeypatch.setattr(dist, "get_world_size", lambda: 2)
-    tr = tiny(schedule=Schedule(tlr=1e-3, max_it=10, wp_it=1, num_scales=len(PN)))
+    tr = tiny(schedule=TEN_STEPS)
     for g_it in range(3):
         tr.scheduled_step(*batch(seed=g_it), g_it)
     speed = tr.pop_metrics(seconds=2.0)["speed/"]
@@ -214,10 +215,15 @@ def test_gradients_are_synchronised_on_the_window_ending_micro_step_only(monkeyp
 
     seen, real = [], dist.grad_sync
     monkeypatch.setattr(dist, "grad_sync", lambda model, enabled: seen.append(enabled) or real(model, enabled))
-    tr = tiny(ac=3, schedule=Schedule(tlr=1e-3, max_it=10, wp_it=1, num_scales=len(PN)))
+    tr = tiny(ac=3, schedule=TEN_STEPS)
     for g_it in range(6):
         tr.scheduled_step(*batch(seed=g_it), g_it)
     assert seen == [False, False, True] * 2
+
+
+def total_norm(tensors) -> float:
+    """The global 2-norm of these tensors together, as clip_grad_norm_ computes it."""
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in tensors])).item()
 
 
 def backward_gradients(tr) -> dict:
@@ -231,8 +237,8 @@ def backward_gradients(tr) -> dict:
 def stepped_gradient_norms(tr) -> list:
     """The total gradient norm the optimizer steps with, one entry per optimizer step."""
     seen = []
-    tr.optimizer.register_step_pre_hook(lambda opt, args, kwargs: seen.append(torch.linalg.vector_norm(
-        torch.stack([torch.linalg.vector_norm(p.grad) for g in opt.param_groups for p in g["params"]])).item()))
+    tr.optimizer.register_step_pre_hook(lambda opt, args, kwargs: seen.append(total_norm(
+        p.grad for g in opt.param_groups for p in g["params"])))
     return seen
 
 
@@ -242,7 +248,7 @@ def test_clip_logs_pre_clip_norm_and_clips():
     grads = backward_gradients(tr)
     seen = stepped_gradient_norms(tr)
     res = tr.micro_step(*batch())
-    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads.values()])).item()
+    norm = total_norm(grads.values())
     assert res.grad_norm == pytest.approx(norm, rel=1e-5) and res.grad_norm > 100 * 1e-3  # logged before clipping
     assert seen == [pytest.approx(1e-3, rel=1e-4)]  # ... and clipped to tclip before the step
     assert any(not torch.equal(before[k], v) for k, v in tr.mvar.state_dict().items())
@@ -296,7 +302,7 @@ def test_fp16_gradients_are_unscaled_before_the_clip():
     grads = backward_gradients(tr)  # the scaled gradients under fp16
     seen = stepped_gradient_norms(tr)
     res = tr.micro_step(*batch())
-    scaled = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads.values()])).item()
+    scaled = total_norm(grads.values())
     assert res.grad_norm == pytest.approx(scaled / 2.0**11, rel=1e-5) and res.grad_norm > 100 * 1e-3
     assert seen == [pytest.approx(1e-3, rel=1e-4)]
 
@@ -659,7 +665,7 @@ def test_training_time_samples_take_the_training_precision_only_when_the_forced_
 def test_a_steps_logits_are_dropped_when_the_next_step_starts():
     """A review: the last step's fp32 logits (B, L, V), 1 GB at d16 and batch 96, lived through the next step's
     forward and backward, at the memory peak; the metrics read them right after their own step."""
-    tr = tiny(schedule=Schedule(tlr=1e-3, max_it=10, wp_it=1, num_scales=len(PN)))
+    tr = tiny(schedule=TEN_STEPS)
     first = tr.scheduled_step(*batch(), 0)
     assert first.logits_BLV is not None and tr.pop_metrics(seconds=1.0)["train/"]["Lm"] > 0
     second = tr.scheduled_step(*batch(seed=1), 1)
