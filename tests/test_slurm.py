@@ -73,6 +73,15 @@ def wait_for_launchers(folder, proc, n=2):
         time.sleep(0.05)
 
 
+def time_limit_signal(folder, env, **extra) -> tuple[int, str, str]:
+    """(exit status, stdout, stderr) of a job whose 30 s training gets the time-limit signal once it runs."""
+    proc = start(folder, {**env, "RUN_S": "30", **extra}, "launch.sh")
+    wait_for_launchers(folder, proc)
+    proc.send_signal(signal.SIGUSR1)
+    out, err = proc.communicate(timeout=30)
+    return proc.returncode, out, err
+
+
 def test_each_node_gets_the_jobs_layout_and_its_rank(slurm):
     folder, env = slurm
     proc = start(folder, env, "launch.sh", "--data_path=/data/imagenet", "--depth=16")
@@ -101,12 +110,9 @@ def test_the_time_limit_signal_saves_then_requeues(slurm):
     """SIGUSR1 (--signal=B:USR1@600) goes to the training as SIGTERM through scancel, not to srun (srun turns a
     SIGTERM into a SIGKILL of its tasks: no checkpoint), and once every node saved the job is requeued."""
     folder, env = slurm
-    proc = start(folder, {**env, "RUN_S": "30"}, "launch.sh")
-    wait_for_launchers(folder, proc)
-    proc.send_signal(signal.SIGUSR1)
-    out, err = proc.communicate(timeout=30)
+    rc, out, err = time_limit_signal(folder, env)
     lines = log_lines(folder)
-    assert proc.returncode == 143, out + err
+    assert rc == 143, out + err
     assert lines.index("scancel --signal=TERM 4325123") < lines.index("scontrol requeue 4325123") == len(lines) - 1
     assert {"node 0 saved", "node 1 saved"} < set(lines)
     assert "the time limit is near" in out
@@ -114,20 +120,14 @@ def test_the_time_limit_signal_saves_then_requeues(slurm):
 
 def test_a_training_that_ends_as_the_time_limit_nears_is_not_requeued(slurm):
     folder, env = slurm
-    proc = start(folder, {**env, "RUN_S": "30", "ON_TERM": "0"}, "launch.sh")
-    wait_for_launchers(folder, proc)
-    proc.send_signal(signal.SIGUSR1)
-    proc.communicate(timeout=30)
-    assert proc.returncode == 0 and not any("requeue" in line for line in log_lines(folder))
+    assert time_limit_signal(folder, env, ON_TERM="0")[0] == 0
+    assert not any("requeue" in line for line in log_lines(folder))
 
 
 def test_a_refused_requeue_says_to_resubmit(slurm):
     folder, env = slurm
-    proc = start(folder, {**env, "RUN_S": "30", "REQUEUE_RC": "1"}, "launch.sh")
-    wait_for_launchers(folder, proc)
-    proc.send_signal(signal.SIGUSR1)
-    out, err = proc.communicate(timeout=30)
-    assert proc.returncode == 143 and "submit the same command again, it resumes" in err
+    rc, _, err = time_limit_signal(folder, env, REQUEUE_RC="1")
+    assert rc == 143 and "submit the same command again, it resumes" in err
 
 
 def test_a_cancellation_waits_for_the_save(slurm):
