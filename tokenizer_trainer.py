@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import dist
-from models.loading import weights_digest
+from models.loading import vae_checkpoint, weights_digest
 from models.presets import parse_patch_nums
 from models.quantizer import USAGE_MARGIN
 from models.tokenizer import VQVAE, VQVAEConfig
@@ -320,9 +320,8 @@ class TokenizerTrainer:
 
     def state_dict(self) -> dict[str, Any]:
         """Everything a resume needs; collective (every rank's RNG state is gathered), so call it on all ranks."""
-        ckpt = {"vae_config": dataclasses.asdict(self.vae.config), "vae": self.vae.state_dict(),
-                "optimizer": self.opt.state_dict(), "step": self.step, "args": vars(self.args),
-                "rng": gather_rng_states(), "guard": self.guard.state_dict()}
+        ckpt = {**vae_checkpoint(self.vae), "optimizer": self.opt.state_dict(), "step": self.step,
+                "args": vars(self.args), "rng": gather_rng_states(), "guard": self.guard.state_dict()}
         if self.disc is not None:
             ckpt.update(disc=self.disc.state_dict(), disc_optimizer=self.disc_opt.state_dict())
         return ckpt

@@ -406,9 +406,14 @@ def embedded_vae(ckpt: dict[str, Any], path: PathLike, device: str | torch.devic
     return vae_from_state_dict(ckpt["vae_config"], ckpt["vae"], f"tokenizer checkpoint {path} ({flag})", device)
 
 
+def vae_checkpoint(vae: VQVAE) -> dict[str, Any]:
+    """The self-describing dict of a tokenizer, {"vae_config", "vae"}, as `load_vae` (--vae_ckpt) reads it."""
+    return {"vae_config": dataclasses.asdict(vae.config), "vae": vae.state_dict()}
+
+
 def mvar_checkpoint(mvar: MVAR, vae: VQVAE | None = None) -> dict[str, Any]:
     """The self-describing dict our tools save: config + weights (+ the tokenizer when given)."""
     ckpt: dict[str, Any] = {"config": dataclasses.asdict(mvar.config), "model": mvar.state_dict()}
     if vae is not None:
-        ckpt.update(vae_config=dataclasses.asdict(vae.config), vae=vae.state_dict())
+        ckpt.update(vae_checkpoint(vae))
     return ckpt

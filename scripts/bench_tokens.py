@@ -13,7 +13,6 @@ the batch and making (gt_BL, x_BLCv); the rest is `Trainer.micro_step_tokens`.
     python scripts/bench_tokens.py --threads 1
 """
 import argparse
-import dataclasses
 import statistics
 import tempfile
 import time
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from models.loading import vae_checkpoint
 from models.mvar import MVAR, MVARConfig
 from models.presets import parse_patch_nums
 from models.tokenizer import VQVAE
@@ -68,7 +68,7 @@ def bench_setup(name: str, bs: int, n: int, rounds: int, work: Path) -> list:
     torch.manual_seed(0)
     vae = VQVAE(**s["vae"], v_patch_nums=pn, test_mode=True)
     reso = pn[-1] * vae.downsample
-    torch.save({"vae_config": dataclasses.asdict(vae.config), "vae": vae.state_dict()}, work / "vae.pth")
+    torch.save(vae_checkpoint(vae), work / "vae.pth")
     data = {"dataset": "fmnist", "fmnist_dir": fashion_mnist_dir("")} if name == "study" else \
         {"data_path": str(work / "jpegs")}
     if name != "study":

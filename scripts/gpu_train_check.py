@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from models.loading import vae_checkpoint
 from models.mamba2 import OUTSIDE_THE_GRAPH
 from models.tokenizer import VQVAE
 from scripts.gpu_results import CheckLine, any_failed, write_lines
@@ -76,7 +77,7 @@ def write_tokenizer(path: Path) -> None:
     """A random 16 px tokenizer (downsample 4, 512 codes), in the checkpoint format train.py reads."""
     torch.manual_seed(0)
     vae = VQVAE(vocab_size=512, z_channels=16, ch=32, ch_mult=(1, 1, 2), test_mode=True, v_patch_nums=(1, 2, 3, 4))
-    torch.save({"vae_config": dataclasses.asdict(vae.config), "vae": vae.state_dict()}, path)
+    torch.save(vae_checkpoint(vae), path)
 
 
 def train_cmd(work: Path, out: str, recipe: Recipe, *extra: str, torchrun: bool = False) -> list[str]:

@@ -1,5 +1,4 @@
 """Offline-first checkpoint resolution; nothing here may touch the network."""
-import dataclasses
 from pathlib import Path
 
 import huggingface_hub
@@ -8,7 +7,7 @@ import torch
 from huggingface_hub import constants as hf_constants
 from huggingface_hub.errors import LocalEntryNotFoundError
 
-from models.loading import load_vae, resolve_checkpoint, resolve_mvar_checkpoint
+from models.loading import load_vae, resolve_checkpoint, resolve_mvar_checkpoint, vae_checkpoint
 from models.tokenizer import VAE_FILENAME, VAE_REPO_ID, VQVAE
 
 REPO, FILE = "someone/weights", "model.pth"
@@ -104,7 +103,7 @@ def test_online_miss_downloads_once(monkeypatch, tmp_path):
 def test_load_vae_from_hf_cache(offline_cache, tmp_path):
     vae = VQVAE(vocab_size=16, z_channels=8, ch=32, ch_mult=(1, 2), v_patch_nums=(1, 2, 4))
     path = tmp_path / "vae.pth"
-    torch.save({"vae_config": dataclasses.asdict(vae.config), "vae": vae.state_dict()}, path)
+    torch.save(vae_checkpoint(vae), path)
     put_in_hf_cache(offline_cache, VAE_REPO_ID, VAE_FILENAME, path.read_bytes())
     loaded = load_vae()
     assert torch.equal(loaded.quantize.embedding.weight, vae.quantize.embedding.weight)

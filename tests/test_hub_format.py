@@ -16,7 +16,7 @@ from models.hub_format import MVARHF, VQVAEHF, HubSource, TokenizerMismatchError
     read_config, read_model_weights, training_data
 from conftest import damage_tensor_data
 from models.loading import DERIVED_KEYS, VAR_REPO, CheckpointError, load_checkpoint, load_mvar, \
-    load_state_dict_checked, mvar_checkpoint, weights_digest
+    load_state_dict_checked, mvar_checkpoint, vae_checkpoint, weights_digest
 from scripts import export
 import test_hub
 from test_hub import put_in_hf_cache
@@ -199,7 +199,7 @@ def test_official_pth_exports_to_a_folder_with_identical_logits(tmp_path, offlin
     torch.save(official_style_state_dict(mvar), tmp_path / "d2.pth")  # what OliverRen/M-VAR ships: raw tensors
     vae, _ = build_tiny()
     # a tiny tokenizer needs its config beside it (VAR's raw vae_ch160v4096z32.pth is read with VQVAE defaults)
-    torch.save({"vae_config": dataclasses.asdict(vae.config), "vae": vae.state_dict()}, tmp_path / "vae.pth")
+    torch.save(vae_checkpoint(vae), tmp_path / "vae.pth")
     out = export.main(["--ckpt", str(tmp_path / "d2.pth"), "--vae_ckpt", str(tmp_path / "vae.pth"),
                        "--out", str(tmp_path / "hub"), "--repo_id", REPO, "--metric", "FID=9.99"])
     from_pth = load_mvar(tmp_path / "d2.pth", vae=vae)
@@ -217,7 +217,7 @@ def test_export_takes_the_arch_of_an_official_file(tmp_path, offline_cache):
     vae, var = build_tiny("var")
     official = put_in_hf_cache(offline_cache, VAR_REPO, "var_d16.pth")
     torch.save(official_style_state_dict(var), official)
-    torch.save({"vae_config": dataclasses.asdict(vae.config), "vae": vae.state_dict()}, tmp_path / "vae.pth")
+    torch.save(vae_checkpoint(vae), tmp_path / "vae.pth")
     tokenizer = ["--vae_ckpt", str(tmp_path / "vae.pth")]
     out = export.main(["--depth", "16", "--arch", "var", *tokenizer, "--out", str(tmp_path / "hub")])
     assert json.loads((out / "config.json").read_text())["arch"] == "var"
@@ -362,7 +362,7 @@ def test_sample_edit_writes_before_mask_after_rows(tmp_path):
 
 def test_export_names_its_flags_in_errors(tmp_path, offline_cache):
     vae, mvar = build_tiny()
-    torch.save({"vae_config": mvar_checkpoint(mvar, vae)["vae_config"], "vae": vae.state_dict()}, tmp_path / "t.pth")
+    torch.save(vae_checkpoint(vae), tmp_path / "t.pth")
     with pytest.raises(SystemExit, match=r"--ckpt=.*t\.pth is a tokenizer checkpoint .*--vae_ckpt"):
         export.main(["--ckpt", str(tmp_path / "t.pth"), "--out", str(tmp_path / "hub")])
     with pytest.raises(SystemExit, match=r"pass one of --ckpt=PATH or --depth=N .*, not both"):
@@ -456,7 +456,7 @@ def test_init_from_a_tokenizer_file_says_where_it_belongs(tmp_path):
     every missing key of the model instead of saying that the file is a tokenizer (a CheckpointError: train.py's
     "error: ..." line, no traceback)."""
     mvar, vae = hub_model()
-    torch.save({"vae_config": mvar_checkpoint(mvar, vae)["vae_config"], "vae": vae.state_dict()}, tmp_path / "t.pth")
+    torch.save(vae_checkpoint(vae), tmp_path / "t.pth")
     with pytest.raises(CheckpointError, match=r"--init_from=.*t\.pth is a tokenizer checkpoint .*--vae_ckpt"):
         read_model_weights(tmp_path / "t.pth", "--init_from")
 

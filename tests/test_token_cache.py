@@ -1,7 +1,6 @@
 """Token caches end to end on a tiny tokenizer and ImageFolder (CPU): scripts/extract_tokens.py (kill + relaunch
 byte-identical, 2 ranks == 1, unreadable images skipped) and train.py --tokens (bit-identical to training from the
 images' centre crop, kill + resume bit-identical, a cache of other settings refused)."""
-import dataclasses
 import errno
 import os
 import pickle
@@ -18,6 +17,7 @@ from PIL import Image
 
 from conftest import PER_RANK, REPO, build_tiny_mvar, interrupt, launch, launch_cmd, write_image_folder
 from test_trainer_e2e import KILL_AFTER_FIRST_SAVE, TINY, logged_losses, model_state
+from models.loading import vae_checkpoint
 from scripts.extract_tokens import ViewSource, extract_shard, finish, plan, start
 from trainer import data_problems
 from utils.data.loaders import DataError
@@ -36,7 +36,7 @@ def setup(tmp_path_factory):
     an unreadable file."""
     root = tmp_path_factory.mktemp("tokens")
     vae, _ = build_tiny_mvar(patch_nums=(1, 2, 4))
-    torch.save({"vae_config": dataclasses.asdict(vae.config), "vae": vae.state_dict()}, root / "vae.pth")
+    torch.save(vae_checkpoint(vae), root / "vae.pth")
     write_image_folder(root / "data", 12, 12, {"train": 8, "val": 2})
     shutil.copytree(root / "data", root / "broken")
     (root / "broken" / "train" / "class1" / "3.png").write_bytes(b"not a png")

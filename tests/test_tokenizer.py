@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.loading import StateDictMismatchError, load_state_dict_checked, load_vae
+from models.loading import StateDictMismatchError, load_state_dict_checked, load_vae, vae_checkpoint
 from models.presets import PATCH_NUMS, parse_patch_nums
 from models.tokenizer import VQVAE, VQVAEConfig
 from models.vq_losses import PatchDiscriminator, hinge_d_loss, hinge_g_loss
@@ -322,7 +322,7 @@ def test_save_load_identical_outputs(tiny, images, tmp_path):
     tiny(images)  # fill the usage statistics
     tiny.eval()
     path = tmp_path / "vae.pth"
-    torch.save({"vae_config": dataclasses.asdict(tiny.config), "vae": tiny.state_dict()}, path)
+    torch.save(vae_checkpoint(tiny), path)
     loaded = load_vae(path)
     assert loaded.config == dataclasses.replace(tiny.config, test_mode=True)
     assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())

@@ -1,6 +1,5 @@
 """train.py end to end on a tiny tokenizer/model/ImageFolder (CPU): torchrun DDP == one process, SIGKILL + resume
 is bit-identical, corrupt and incompatible checkpoints are clear errors that keep the previous file."""
-import dataclasses
 import logging
 import re
 import shutil
@@ -16,6 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from conftest import REPO, SUBPROCESS_ENV, build_tiny_mvar, damage_tensor_data, interrupt, launch, launch_cmd, \
     write_image_folder
+from models.loading import vae_checkpoint
 from utils.evaluation.classifier import SmallCNN
 from utils.run.checkpoint import BEST, LAST, PREV
 from utils.run.log import SAME_ON_ALL_RANKS, TB_AXES, setup_logging
@@ -32,7 +32,7 @@ def setup(tmp_path_factory):
     """A tiny tokenizer checkpoint (downsample 2 -> 8 px images) and an ImageFolder of 3 classes."""
     root = tmp_path_factory.mktemp("train_e2e")
     vae, _ = build_tiny_mvar(patch_nums=(1, 2, 4))
-    torch.save({"vae_config": dataclasses.asdict(vae.config), "vae": vae.state_dict()}, root / "vae.pth")
+    torch.save(vae_checkpoint(vae), root / "vae.pth")
     write_image_folder(root / "data", 10, 12, {"train": 8, "val": 2})
     torch.manual_seed(0)
     torch.save(SmallCNN(3, ch=4).state_dict(), root / "clf.pt")  # a random feature network for --eval_net
