@@ -65,8 +65,8 @@ PRESETS = {
     # the same pipeline at 16 px with tiny stages, curves included: checks it end to end (tests/test_study.py)
     "quick": dict(reso=16, pn="1_2_3_4_5_6_8", tok=["--ch_mult=1_2", "--steps=40", "--bs=32", "--val_limit=500"],
                   clf_epochs=2, clf_limit=10000,  # the classifier on the first 10,000 training images (full: all)
-                  depth=2, width=64, heads=1, train_limit=256, ep=2, bs=32, val_limit=64, val_every=1,
-                  num_samples=100, real_n=500, inception_n=10, seeds=1, eval_every=1, eval_n=20, ep_scale={"var": 2},
+                  depth=2, width=64, heads=1, train_limit=128, ep=2, bs=32, val_limit=64, val_every=1,
+                  num_samples=50, real_n=500, inception_n=10, seeds=1, eval_every=1, eval_n=20, ep_scale={"var": 2},
                   final_eval_rows=["intra", "mamba", "mvar-w", "mvar-d", "var-half"]),
 }
 TOKENIZER = dict(vocab_size=512, z_channels=16, ch=32)
