@@ -28,7 +28,8 @@ app: $(VENV)/.installed
 	touch $@
 
 # Pass 1: the whole suite on two pytest-xdist workers with one torch thread each, a test file per worker (its module
-# fixtures, which train models, are built once; xdist's loadgroup does not group on pytest 9.2). Pass 2: the
+# fixtures, which train models, are built once; xdist's loadgroup does not group on pytest 9.2), the longest files
+# first (tests/conftest.py LONGEST_FIRST; --no-loadscope-reorder keeps that order). Pass 2: the
 # numerics tests again on two threads with the CPU's kernels forced to their lowest level, so a tolerance that holds
 # only on one CPU fails on every CPU. On torch 2.14 ATEN_CPU_CAPABILITY
 # changes ATen's kernels (matmul, conv, softmax, gelu, sums, exp, layer norm, bicubic), ONEDNN_MAX_CPU_ISA oneDNN's
@@ -36,7 +37,7 @@ app: $(VENV)/.installed
 LOW_ISA := ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41 MKL_CBWR=COMPATIBLE
 NUMERICS_FILES := $(shell grep -l "pytest.mark.numerics" tests/test_*.py)  # pass 2 collects only these files
 test: $(VENV)/.installed .whl/site/.installed
-	MVAR_TEST_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile --durations=15
+	MVAR_TEST_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=15
 	$(LOW_ISA) MVAR_TEST_THREADS=2 $(PY) -m pytest -q -m "numerics and not slow" $(NUMERICS_FILES)
 
 # The paper's question on Fashion-MNIST (apt-get install dataset-fashion-mnist): VAR and M-VAR learning curves and
