@@ -207,14 +207,14 @@ def _deterministic_torch():
     yield
 
 
-# The files that take longest in `make test`'s pass 1 (summed test seconds on the slowest CI CPU, an AVX2-only EPYC:
-# study 180, trainer_e2e 150, multinode 136, preemption 110, mvar 108, gpu_check 84, demo 78, token_cache 57,
-# run_guards 53, tokenizer_training 40, app 30), longest first. The Makefile's `--no-loadscope-reorder` makes xdist
-# hand out files in collection order, so these start first and the two workers end together (xdist's own order, most
-# tests first, starts these few-test files last, where one can leave the other worker idle). Other files follow in
-# their usual order.
+# The files that take longest in `make test`'s pass 1, longest first (summed test seconds on the slowest CI CPU, a
+# 2-core AVX2-only EPYC, 2026-12-06: study 160, trainer_e2e 130, multinode 129, preemption 101, mvar 91, gpu_check 86,
+# demo 61, tokenizer_training 49, token_cache 48, run_guards 43, app 30). The Makefile's `--no-loadscope-reorder`
+# makes xdist hand out files in collection order, so these start first and the two workers end together (xdist's own
+# order, most tests first, starts these few-test files last, where one can leave the other worker idle). Other files
+# follow in their usual order.
 LONGEST_FIRST = ("test_study", "test_trainer_e2e", "test_multinode", "test_preemption", "test_mvar", "test_gpu_check",
-                 "test_demo", "test_token_cache", "test_run_guards", "test_tokenizer_training", "test_app")
+                 "test_demo", "test_tokenizer_training", "test_token_cache", "test_run_guards", "test_app")
 
 
 def pytest_collection_modifyitems(config, items):

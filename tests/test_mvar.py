@@ -448,7 +448,7 @@ def test_torch_compile_matches_eager_forward_and_gradients():
     """`--tfast` compiles the model: on the CPU (inductor + the C++ compiler) its logits and gradients equal eager,
     in one graph (a graph break in the loop over blocks runs the whole forward eagerly; one was the kernel choice's
     log line), on torch 2.11 too (`compiled_function_gradients_wrong`: our Mamba2 Functions return fresh tensors)."""
-    vae, mvar = build_tiny(cond_drop_rate=0.0, depth=1)  # every block adds its own kernels to compile: 22 s more at 2
+    vae, mvar = build_tiny(cond_drop_rate=0.0, depth=1)  # each block compiles its own kernels (a 2nd: +22 s on AVX2)
     label_B, idx_Bl, x_BLCv = teacher_input(vae, mvar)
     target = torch.cat(idx_Bl, 1).flatten()
     mvar.train()
