@@ -1,5 +1,5 @@
 """Shared pytest fixtures: deterministic torch, GPU marker handling, the tiny tokenizer + M-VAR the tests build,
-and launching scripts on one process (forked from a warm interpreter: tests/warm_launcher.py) or under torchrun.
+and launching scripts on one process or under torchrun (forked from a warm interpreter: tests/warm_launcher.py).
 
 `tiny_mvar` and `run_torchrun` are fixtures; worker scripts started by a test import `build_tiny_mvar` from here
 (`run_torchrun` puts tests/ on their PYTHONPATH)."""
@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from models import MVAR, VQVAE, build_vae_mvar
-from warm_launcher import WarmLauncher, WarmProcess
+from warm_launcher import RELAY, WarmLauncher, WarmProcess
 
 REPO = Path(__file__).resolve().parents[1]
 KERNEL_SITE = REPO / ".whl" / "site"  # the pure-Python mamba-ssm / flash-attn builds `make test` installs
@@ -69,19 +69,21 @@ def write_image_folder(root: Path, height: int, width: int, per_class: dict[str,
                 Image.fromarray(img).save(d / f"{i}.png")
 
 
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+
+
 def launch_cmd(script: str | Path, *args: str, nproc: int = 1) -> list[str]:
     """The command running `script` with `args`: plain python for one process, else torchrun with `nproc` local
     ranks (gloo on CPU)."""
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
-        if nproc > 1 else [sys.executable]
+    launcher = [*TORCHRUN, f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable]
     return [*launcher, str(script), *map(str, args)]
 
 
 @functools.cache
 def warm_launcher() -> WarmLauncher | None:
-    """This test process's fork server for single-process launches (started on first use), or None with
-    MVAR_TEST_COLD=1: every process then starts cold, as a user's would (tests/test_warm_launcher.py checks that a
-    warm start runs a script as a cold one does)."""
+    """This test process's fork server for launches (started on first use), or None with MVAR_TEST_COLD=1: every
+    process then starts cold, as a user's would (tests/test_warm_launcher.py checks that a warm start runs a script,
+    or torchrun's ranks, as a cold one does)."""
     if os.environ.get("MVAR_TEST_COLD") == "1" or not hasattr(socket, "send_fds") or not Path("/proc/self").is_dir():
         return None  # asked for, or not Linux (the launcher passes file descriptors and counts threads in /proc)
     if SUBPROCESS_ENV["OMP_NUM_THREADS"] != "1":
@@ -92,9 +94,15 @@ def warm_launcher() -> WarmLauncher | None:
 
 
 def warm_argv(cmd: list[str]) -> list[str] | None:
-    """`cmd`'s script and arguments when it is `python script.py ...` and the warm launcher is on, else None."""
-    plain_script = len(cmd) > 1 and cmd[0] == sys.executable and cmd[1].endswith(".py")
-    return cmd[1:] if plain_script and warm_launcher() is not None else None
+    """What the warm launcher runs for `launch_cmd`'s `cmd` (`python script.py ...`, or torchrun's agent with relays
+    as its workers), or None when it is off or `cmd` is something else."""
+    if warm_launcher() is None or len(cmd) < 2:
+        return None
+    if cmd[0] == sys.executable and cmd[1].endswith(".py"):
+        return cmd[1:]
+    if cmd[:len(TORCHRUN)] == TORCHRUN and cmd[len(TORCHRUN)].startswith("--nproc_per_node="):
+        return [*TORCHRUN[1:], cmd[len(TORCHRUN)], *RELAY, *cmd[len(TORCHRUN) + 1:]]
+    return None
 
 
 def launch(script: str | Path, *args: str, nproc: int = 2, check: bool = True,

@@ -1,32 +1,65 @@
-"""The tests start single-process scripts from a warm fork server (tests/warm_launcher.py): a script must run there
-as it does in a cold `python script.py`, or the tests of train.py would test something else."""
+"""The tests start scripts, alone or as torchrun's ranks, from a warm fork server (tests/warm_launcher.py): a script
+must run there as it does in a cold `python script.py` or `torchrun script.py`, or the tests of train.py would test
+something else."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
 from conftest import REPO, SUBPROCESS_ENV, interrupt, launch, launch_cmd, warm_launcher
+from warm_launcher import ADDRESS_VAR, RELAY
 
 PROBE = """
-import atexit, json, os, random, sys, time
+import atexit, json, os, random, signal, sys, time
 import numpy as np
 atexit.register(lambda: print("atexit ran", flush=True))
 state = dict(argv=sys.argv, path=sys.path, cwd=os.getcwd(), name=__name__, file=__file__, spec=repr(__spec__),
              project_imported=sorted(m for m in ("models", "utils", "trainer", "conftest") if m in sys.modules),
              stdin=sys.stdin.read(), threads=os.environ["OMP_NUM_THREADS"], unbuffered=os.environ["PYTHONUNBUFFERED"])
 print(json.dumps(state), flush=True)
-print(json.dumps(dict(ppid=os.getppid(), draws=[random.random(), float(np.random.rand())])), flush=True)
+print(json.dumps(dict(pid=os.getpid(), ppid=os.getppid(), draws=[random.random(), float(np.random.rand())])),
+      flush=True)
 print("to stderr", file=sys.stderr, flush=True)
 mode = sys.argv[1]
+if mode == "trap":  # a script that stops cleanly on SIGTERM, as train.py checkpoints
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(7))
+    mode = "sleep"
 if mode == "raise":
     raise ValueError("boom")
 if mode == "sleep":
     print("sleeping", flush=True)
     time.sleep(60)
 sys.exit(int(mode))
+"""
+
+# torchrun's ranks: what torchrun tells each (environment, argv, __main__), a gloo all-reduce, who started it; with
+# "fail", rank 1 exits 3 while rank 0 sleeps (torchrun then stops rank 0 and names rank 1 as the cause)
+RANK_PROBE = """
+import atexit, json, os, sys, time
+import torch, torch.distributed as dist
+atexit.register(lambda: print(f"atexit ran on rank {os.environ['RANK']}", flush=True))
+dist.init_process_group("gloo")
+total = torch.tensor(int(os.environ["RANK"]) + 1)
+dist.all_reduce(total)
+keys = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE",
+        "MASTER_ADDR", "OMP_NUM_THREADS", "TORCHELASTIC_MAX_RESTARTS", "PYTHONPATH")
+env = {k: v for k, v in os.environ.items() if k in keys}
+parent = open(f"/proc/{os.getppid()}/cmdline").read().split("\\0")
+report = dict(env=env, argv=sys.argv, path0=sys.path[0], name=__name__, total=int(total),
+              run_id=len(os.environ["TORCHELASTIC_RUN_ID"]) > 0, parent=parent[1:3])
+os.write(1, (json.dumps(report) + "\\n").encode())  # one write: the ranks share stdout
+if sys.argv[1] == "fail":
+    if os.environ["RANK"] == "1":
+        sys.exit(3)
+    time.sleep(60)  # outside a collective: only torchrun's SIGTERM ends it (gloo would see its peer go, at random)
+dist.barrier()
+dist.destroy_process_group()
 """
 
 needs_warm = pytest.mark.skipif(warm_launcher() is None,
@@ -81,3 +114,59 @@ def test_a_launch_past_its_timeout_is_killed(tmp_path):
     script.write_text(PROBE)
     with pytest.raises(subprocess.TimeoutExpired):
         launch(script, "sleep", nproc=1, timeout=2)
+
+
+def rank_reports(stdout: str) -> list[dict]:
+    """RANK_PROBE's reports in rank order, without the parent process (the one thing a warm launch changes)."""
+    reports = sorted((json.loads(line) for line in stdout.splitlines() if line.startswith("{")),
+                     key=lambda r: r["env"]["RANK"])
+    return [{k: v for k, v in r.items() if k != "parent"} for r in reports]
+
+
+@needs_warm
+@pytest.mark.parametrize("mode", ["ok", "fail"])
+def test_a_warm_torchrun_runs_its_ranks_as_a_cold_one(tmp_path, mode):
+    """torchrun's agent forked warm, its ranks forked by the server through relays: each rank sees what a cold
+    torchrun gives it (environment, argv, sys.path, __main__, a working process group) and exits through atexit; a
+    rank that fails stops the others and is named as the root cause with its exit status, as cold."""
+    script = tmp_path / "rank_probe.py"
+    script.write_text(RANK_PROBE)
+    warm = launch(script, mode, nproc=2, check=False, timeout=120)
+    fresh = cold(launch_cmd(script, "ok", nproc=2)) if mode == "ok" else None  # ("fail"'s pattern: read off a cold one)
+    assert len(rank_reports(warm.stdout)) == 2 and rank_reports(warm.stdout)[1]["total"] == 3
+    parents = {tuple(json.loads(line)["parent"]) for line in warm.stdout.splitlines() if line.startswith("{")}
+    assert parents == {(str(Path(RELAY[0])), "serve")}, parents  # forked by the server, not started by the agent
+    if mode == "ok":
+        assert warm.returncode == fresh.returncode == 0 and rank_reports(warm.stdout) == rank_reports(fresh.stdout)
+        assert sorted(re.findall("atexit ran on rank .", warm.stdout)) == [f"atexit ran on rank {r}" for r in (0, 1)]
+    else:
+        stopped = re.compile(r"rank +: 0 \(local_rank: 0\)\n +exitcode +: -15 .*Root Cause.*?"
+                             r"rank +: 1 \(local_rank: 1\)\n +exitcode +: 3 ", re.S)
+        assert warm.returncode == 1 and "atexit ran on rank 0" not in warm.stdout
+        assert stopped.search(warm.stderr), warm.stderr[-2000:]
+
+
+@needs_warm
+@pytest.mark.parametrize("sig, mode, code", [(signal.SIGTERM, "trap", 7), (signal.SIGTERM, "sleep", -signal.SIGTERM),
+                                             (signal.SIGKILL, "sleep", -signal.SIGKILL)])
+def test_a_relay_passes_on_torchruns_signals_and_its_rank_dies_with_it(tmp_path, sig, mode, code):
+    """torchrun stops a worker with SIGTERM (killpg on it), then SIGKILL after 30 s: the relay forwards the first to
+    its rank (which may handle it) and exits as the rank did, by the same signal when one killed it; killed itself,
+    the server kills its rank, which would otherwise run on unseen."""
+    script = tmp_path / "probe.py"
+    script.write_text(PROBE)
+    env = {**SUBPROCESS_ENV, ADDRESS_VAR: warm_launcher().address[1:]}
+    relay = subprocess.Popen([sys.executable, *RELAY, str(script), mode], env=env, cwd=REPO, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
+    lines = [relay.stdout.readline() for _ in range(3)]
+    assert lines[2] == "sleeping\n", lines
+    rank = json.loads(lines[1])["pid"]
+    os.killpg(relay.pid, sig)
+    assert relay.wait(timeout=30) == code and ("atexit ran" in relay.stdout.read()) == (mode == "trap")
+    for _ in range(100):  # the server reaps it within its 20 ms poll
+        try:
+            os.kill(rank, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the relay's rank {rank} is still running")

@@ -1,15 +1,21 @@
-"""A fork server for the tests' single-process launches of the project's scripts (`conftest.launch`, `interrupt`).
+"""A fork server for the tests' launches of the project's scripts (`conftest.launch`, `interrupt`).
 
 Each `python train.py ...` the tests start spends ~3 s of CPU importing torch, torch._dynamo (which the optimiser
 imports) and torchvision before it runs the project's code: about a third of the suite's CPU time. This server pays
 for those imports once per pytest worker, then forks a child per launch that runs the script as `python script.py
-args` would (`sys.argv`, `sys.path[0]`, `__main__`, exit status, atexit handlers, uncaught tracebacks), in the
-server's environment (the tests' SUBPROCESS_ENV) and with the caller's pipes. A child is a real process: its own
-pid, signals, exit status. Only third-party modules are shared; the project's own modules are imported by each
-child as in a fresh process. MVAR_TEST_COLD=1 makes `conftest` start every process cold instead.
+args` (or `python -m module args`) would (`sys.argv`, `sys.path[0]`, `__main__`, exit status, atexit handlers,
+uncaught tracebacks), in the server's environment (the tests' SUBPROCESS_ENV) and with the caller's pipes. A child
+is a real process: its own pid, signals, exit status; it is killed when its caller's connection closes (the caller
+died). Only third-party modules are shared; the project's own modules are imported by each child as in a fresh
+process. MVAR_TEST_COLD=1 makes `conftest` start every process cold instead.
 
-Run as `python warm_launcher.py NAME` (an abstract Unix socket): it prints `ready` when it serves, and exits when
-its stdin closes."""
+torchrun runs warm too: the agent (`-m torch.distributed.run`) is a child of the server, and each of its workers is
+`python warm_launcher.py relay script args`, a small stdlib-only process that has the server fork `python script
+args` with the worker's environment and streams, forwards the signals torchrun sends to it, and exits as the script
+did. torchrun's own code (rendezvous, environment, failure handling) is unchanged.
+
+Run as `python warm_launcher.py serve NAME` (an abstract Unix socket): it prints `ready` when it serves, and exits
+when its stdin closes."""
 from __future__ import annotations
 
 import importlib
@@ -25,13 +31,15 @@ import sys
 import threading
 from pathlib import Path
 
-import numpy
-
 # third-party only (see the docstring); after torch, what every train.py imports: the Hub mixin (with huggingface_hub's
 # card, API and YAML modules: 0.35 s a start on an AVX2 EPYC), safetensors, TensorBoard's writer and tqdm. They read
 # their settings (HF_HOME, HF_HUB_OFFLINE, ...) from the server's environment, which is every child's.
 PRELOAD = ("torch", "torch._dynamo", "torchvision", "numpy", "PIL.Image", "huggingface_hub.hub_mixin",
            "safetensors.torch", "torch.utils.tensorboard", "tqdm")
+ADDRESS_VAR = "MVAR_WARM_LAUNCHER"  # the server's socket name, in every child's environment (for `relay`)
+# what torchrun's agent sends its workers to stop them (TORCHELASTIC_SIGNALS_TO_HANDLE's default), forwarded by relay
+FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
+RELAY = [str(Path(__file__).resolve()), "relay"]  # torchrun's worker script and its first argument, in a warm launch
 
 
 def serve(name: str) -> tuple[dict, list[int]]:
@@ -46,17 +54,24 @@ def serve(name: str) -> tuple[dict, list[int]]:
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     listener.bind("\0" + name)
     listener.listen()
+    os.environ[ADDRESS_VAR] = name
     print("ready", flush=True)
     children: dict[int, socket.socket] = {}  # pid -> the connection its exit status goes back on
     while True:
-        readable, _, _ = select.select([listener, sys.stdin], [], [], 0.02)
+        readable, _, _ = select.select([listener, sys.stdin, *children.values()], [], [], 0.02)
         while children:  # reap: each exit status goes back to the caller that started the child
             pid, status = os.waitpid(-1, os.WNOHANG)
             if pid == 0:
                 break
             conn = children.pop(pid)
-            conn.send(str(os.waitstatus_to_exitcode(status)).encode())
+            try:
+                conn.send(str(os.waitstatus_to_exitcode(status)).encode())
+            except OSError:
+                pass  # its caller is gone
             conn.close()
+        for pid, conn in children.items():
+            if conn in readable:  # a caller sends nothing after its request: it closed, so it died
+                os.kill(pid, signal.SIGKILL)
         if sys.stdin in readable and not sys.stdin.buffer.read1(1):  # the pytest worker is gone
             for pid in children:
                 os.kill(pid, signal.SIGKILL)
@@ -78,17 +93,53 @@ def serve(name: str) -> tuple[dict, list[int]]:
 
 
 def become(request: dict, fds: list[int]) -> None:
-    """In a forked child: take the caller's stdin/stdout/stderr and working directory, then run the script as
-    `python script args` (its exceptions and exit status are the interpreter's, as for a fresh process)."""
+    """In a forked child: take the caller's stdin/stdout/stderr, working directory and environment (when it sent
+    one), then run `python script args` or `python -m module args` (its exceptions and exit status are the
+    interpreter's, as for a fresh process)."""
+    import numpy  # imported by the server already
+
     for target, fd in enumerate(fds):
         os.dup2(fd, target)
         os.close(fd)
     os.chdir(request["cwd"])
+    if "env" in request:
+        os.environ.clear()
+        os.environ.update(request["env"])
     numpy.random.seed()  # a fresh seed, as a fresh process draws (Python's random reseeds itself after a fork)
-    script = request["argv"][0]
-    sys.argv = list(request["argv"])
-    sys.path[:] = [str(Path(script).resolve().parent), *request["path"][1:]]
-    runpy.run_path(script, run_name="__main__")
+    argv = request["argv"]
+    if argv[0] == "-m":
+        sys.argv = argv[1:]  # run_module puts the module's file in sys.argv[0], as `python -m` does
+        sys.path[:] = [os.getcwd(), *request["path"][1:]]
+        runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+        return
+    sys.argv = list(argv)
+    sys.path[:] = [str(Path(argv[0]).resolve().parent), *request["path"][1:]]
+    runpy.run_path(argv[0], run_name="__main__")
+
+
+def request_child(address: str, argv: list[str], cwd: str | Path, fds: list[int],
+                  env: dict[str, str] | None = None) -> WarmProcess:
+    """Have the server at `address` fork `python *argv` with `fds` as its stdin, stdout and stderr (and `env` as its
+    environment, else the server's)."""
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    conn.connect(address)
+    request = {"argv": [str(a) for a in argv], "cwd": str(cwd), **({} if env is None else {"env": env})}
+    socket.send_fds(conn, [json.dumps(request).encode()], fds)
+    return WarmProcess(conn, [sys.executable, *map(str, argv)])
+
+
+def relay(argv: list[str]) -> None:
+    """torchrun's worker command in a warm launch: run `python *argv` as a warm child with this process's
+    environment and streams, forward the signals torchrun's agent stops workers with, and exit as the child did
+    (by the same signal when one killed it)."""
+    child = request_child("\0" + os.environ[ADDRESS_VAR], argv, os.getcwd(), [0, 1, 2], dict(os.environ))
+    for sig in FORWARDED:
+        signal.signal(sig, lambda sig, _frame: child.send_signal(sig))
+    code = child.wait()
+    if code < 0:
+        signal.signal(-code, signal.SIG_DFL)
+        os.kill(os.getpid(), -code)
+    sys.exit(code)
 
 
 class WarmProcess:
@@ -124,24 +175,21 @@ class WarmLauncher:
     def __init__(self, env: dict[str, str]):
         name = f"mvar-warm-{os.getpid()}-{secrets.token_hex(6)}"
         self.address = "\0" + name  # Linux's abstract namespace: no file, no path length limit, gone with the server
-        self.server = subprocess.Popen([sys.executable, __file__, name], env=env, stdin=subprocess.PIPE,
+        self.server = subprocess.Popen([sys.executable, __file__, "serve", name], env=env, stdin=subprocess.PIPE,
                                        stdout=subprocess.PIPE, text=True)
         line = self.server.stdout.readline()
         if line.strip() != "ready":
             raise RuntimeError(f"warm launcher did not start (printed {line!r}, exit {self.server.poll()})")
 
     def spawn(self, argv: list[str], cwd: str | Path, stdout: int, stderr: int) -> WarmProcess:
-        """Run `python argv[0] argv[1:]` in a forked child writing to the file descriptors `stdout` and `stderr`."""
-        conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        """Run `python *argv` (`argv` starts with a script or with "-m", a module) in a forked child writing to the
+        file descriptors `stdout` and `stderr`."""
         try:
-            conn.connect(self.address)
+            with open(os.devnull) as devnull:
+                return request_child(self.address, argv, cwd, [devnull.fileno(), stdout, stderr])
         except OSError as e:
             raise RuntimeError(f"the warm launcher is gone (exit status {self.server.poll()}, {e}); MVAR_TEST_COLD=1 "
                                "starts every process cold") from e
-        with open(os.devnull) as devnull:
-            socket.send_fds(conn, [json.dumps({"argv": [str(a) for a in argv], "cwd": str(cwd)}).encode()],
-                            [devnull.fileno(), stdout, stderr])
-        return WarmProcess(conn, [sys.executable, *map(str, argv)])
 
     def close(self) -> None:
         self.server.stdin.close()
@@ -149,4 +197,9 @@ class WarmLauncher:
 
 
 if __name__ == "__main__":
-    become(*serve(sys.argv[1]))
+    if sys.argv[1] == "serve":
+        become(*serve(sys.argv[2]))
+    elif sys.argv[1] == "relay":
+        relay(sys.argv[2:])
+    else:
+        sys.exit(f"usage: {sys.argv[0]} serve NAME | relay SCRIPT [ARGS...]")
