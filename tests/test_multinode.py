@@ -19,7 +19,7 @@ import torch
 
 from test_sample_cli import ckpt  # noqa: F401  (the tiny M-VAR checkpoint fixture)
 from conftest import SUBPROCESS_ENV as ENV
-from conftest import launch
+from conftest import launch, warm_workers
 from test_trainer_e2e import (NO_MODEL_RNG, REPO, logged_losses, max_abs_diff, model_state,  # noqa: F401
                               setup, single_run, train_cmd)
 from utils.run.checkpoint import LAST
@@ -39,20 +39,22 @@ def free_port() -> int:
 
 class TwoNodes:
     """Two torchrun agents (node_rank 0 and 1) started in their own sessions; `argv(node)` is each node's
-    script and flags. Output of node i goes to `logs[i]`."""
+    script and flags. Output of node i goes to `logs[i]`. Their workers are the warm launcher's relays (conftest
+    `warm_workers`): a relay killed takes its rank with it."""
 
     def __init__(self, tmp: Path, argv, max_restarts: int = 0):
         port = free_port()
         self.logs = [tmp / f"node{i}-{port}.log" for i in range(2)]
         self.procs = []
         for node in range(2):
+            worker, env = warm_workers(argv(node), LOOPBACK_ENV)
             cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}",
                    "--nproc_per_node=1", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
                    f"--rdzv_id=test{port}", "--local_addr=127.0.0.1", f"--max_restarts={max_restarts}",
-                   "--monitor_interval=0.2", *argv(node)]
+                   "--monitor_interval=0.2", *worker]
             with open(self.logs[node], "w") as log:
-                self.procs.append(subprocess.Popen(cmd, env=LOOPBACK_ENV, cwd=REPO, stdout=log,
-                                                   stderr=subprocess.STDOUT, start_new_session=True))
+                self.procs.append(subprocess.Popen(cmd, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                                   start_new_session=True))
 
     def text(self) -> str:
         return "".join(p.read_text() for p in self.logs)
