@@ -225,13 +225,13 @@ def _deterministic_torch():
 
 
 # The files that take longest in `make test`'s pass 1, longest first (summed test seconds on the slowest CI CPU, a
-# 2-core AVX2-only EPYC, 2026-12-06: study 160, trainer_e2e 130, multinode 129, preemption 101, mvar 91, gpu_check 86,
-# demo 61, tokenizer_training 49, token_cache 48, run_guards 43, app 30). The Makefile's `--no-loadscope-reorder`
-# makes xdist hand out files in collection order, so these start first and the two workers end together (xdist's own
-# order, most tests first, starts these few-test files last, where one can leave the other worker idle). Other files
-# follow in their usual order.
-LONGEST_FIRST = ("test_study", "test_trainer_e2e", "test_multinode", "test_preemption", "test_mvar", "test_gpu_check",
-                 "test_demo", "test_tokenizer_training", "test_token_cache", "test_run_guards", "test_app")
+# 2-core AVX2-only EPYC, 2026-12-06, torchrun's ranks warm: study 169, trainer_e2e 127, mvar 103, gpu_check 98,
+# multinode 86, preemption 70, demo 62, run_guards 43, token_cache 43, tokenizer_training 33, app 33). The Makefile's
+# `--no-loadscope-reorder` makes xdist hand out files in collection order, so these start first and the two workers
+# end together (xdist's own order, most tests first, starts these few-test files last, where one can leave the other
+# worker idle). Other files follow in their usual order.
+LONGEST_FIRST = ("test_study", "test_trainer_e2e", "test_mvar", "test_gpu_check", "test_multinode", "test_preemption",
+                 "test_demo", "test_run_guards", "test_token_cache", "test_tokenizer_training", "test_app")
 
 
 def pytest_collection_modifyitems(config, items):
