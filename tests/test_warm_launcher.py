@@ -5,6 +5,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -170,3 +171,17 @@ def test_a_relay_passes_on_torchruns_signals_and_its_rank_dies_with_it(tmp_path,
             return
         time.sleep(0.05)
     raise AssertionError(f"the relay's rank {rank} is still running")
+
+
+@needs_warm
+def test_the_server_outlives_callers_that_die_mid_request(tmp_path):
+    """A caller killed before its request was whole (nothing sent, or no streams) is dropped; the server serves on
+    (before, it died parsing the empty request, and every later launch of that pytest worker failed)."""
+    for message in (None, b'{"argv": ["x.py"], "cwd": "/"}'):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as conn:
+            conn.connect(warm_launcher().address)
+            if message is not None:
+                conn.send(message)  # no file descriptors with it
+    script = tmp_path / "probe.py"
+    script.write_text(PROBE)
+    assert launch(script, "0", nproc=1).returncode == 0

@@ -78,7 +78,12 @@ def serve(name: str) -> tuple[dict, list[int]]:
             sys.exit(0)
         if listener in readable:
             conn, _ = listener.accept()
-            message, fds, _, _ = socket.recv_fds(conn, 1 << 16, 3)
+            message, fds, flags, _ = socket.recv_fds(conn, 1 << 20, 3)
+            if not message or len(fds) != 3 or flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+                for fd in fds:  # its caller died before its request was whole: nothing to run
+                    os.close(fd)
+                conn.close()
+                continue
             pid = os.fork()
             if pid == 0:
                 listener.close()
@@ -88,7 +93,10 @@ def serve(name: str) -> tuple[dict, list[int]]:
                 return dict(json.loads(message), path=path_before), fds
             for fd in fds:
                 os.close(fd)
-            conn.send(str(pid).encode())
+            try:
+                conn.send(str(pid).encode())
+            except OSError:  # its caller died meanwhile
+                os.kill(pid, signal.SIGKILL)
             children[pid] = conn
 
 
