@@ -205,9 +205,9 @@ class WarmLauncher:
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "serve":
+    if sys.argv[1:2] == ["serve"] and len(sys.argv) == 3:
         become(*serve(sys.argv[2]))
-    elif sys.argv[1] == "relay":
+    elif sys.argv[1:2] == ["relay"] and len(sys.argv) > 2:
         relay(sys.argv[2:])
     else:
         sys.exit(f"usage: {sys.argv[0]} serve NAME | relay SCRIPT [ARGS...]")
