@@ -378,8 +378,29 @@ def test_extraction_killed_and_relaunched_is_byte_identical_and_skips_unreadable
             start(setup / "killed", {**read_manifest(setup / "killed"), **change})  # a relaunch with other flags
 
 
-def test_two_rank_extraction_equals_one_rank(setup, centre_cache):
-    launch(EXTRACT, *extract_flags(setup, setup / "two_ranks"), nproc=2)
+# rank 1 commits each chunk 0.3 s late, looking first whether the manifest says complete already: rank 0 completes it
+# only after every rank committed its shards (a barrier; without it rank 0 read rank 1's unwritten val progress)
+SLOW_RANK_1 = """import json, os, runpy, sys, time
+sys.path.insert(0, {repo!r})
+if os.environ["LOCAL_RANK"] == "1":
+    from utils.data import token_cache
+    commit = token_cache.ShardWriter.commit
+    def late_commit(self, *args):
+        time.sleep(0.3)
+        if json.loads(open({manifest!r}).read())["complete"]:
+            print("rank 1: the manifest says complete before my commit", flush=True)
+        commit(self, *args)
+    token_cache.ShardWriter.commit = late_commit
+runpy.run_path({extract!r}, run_name="__main__")
+"""
+
+
+def test_two_rank_extraction_equals_one_rank(setup, centre_cache, tmp_path):
+    wrapper = tmp_path / "slow_rank_1.py"
+    wrapper.write_text(SLOW_RANK_1.format(repo=str(REPO), manifest=str(setup / "two_ranks" / "manifest.json"),
+                                          extract=str(EXTRACT)))
+    proc = launch(wrapper, *extract_flags(setup, setup / "two_ranks"), nproc=2)
+    assert "token cache" in proc.stderr and "complete before my commit" not in proc.stdout, proc.stdout[-2000:]
     assert (setup / "two_ranks" / "train" / "shard-00001-of-00002.ids.npy").is_file()
     for split in ("train", "val"):
         ids_1, labels_1 = all_ids(centre_cache, split)
