@@ -12,7 +12,9 @@ process. MVAR_TEST_COLD=1 makes `conftest` start every process cold instead.
 torchrun runs warm too: the agent (`-m torch.distributed.run`) is a child of the server, and each of its workers is
 `python warm_launcher.py relay script args`, a small stdlib-only process that has the server fork `python script
 args` with the worker's environment and streams, forwards the signals torchrun sends to it, and exits as the script
-did. torchrun's own code (rendezvous, environment, failure handling) is unchanged.
+did. torchrun's own code (rendezvous, environment, failure handling) is unchanged. One difference: torchrun signals a
+worker's process group, which holds a cold rank's own children (DataLoader workers) but not a warm rank's; they
+still end with their rank, and tests that signal those children directly start cold (`interrupt(group=True)`).
 
 Run as `python warm_launcher.py serve NAME` (an abstract Unix socket): it prints `ready` when it serves, and exits
 when its stdin closes."""
