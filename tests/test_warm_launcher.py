@@ -24,12 +24,18 @@ state = dict(argv=sys.argv, path=sys.path, cwd=os.getcwd(), name=__name__, file=
              project_imported=sorted(m for m in ("models", "utils", "trainer", "conftest") if m in sys.modules),
              stdin=sys.stdin.read(), threads=os.environ["OMP_NUM_THREADS"], unbuffered=os.environ["PYTHONUNBUFFERED"])
 print(json.dumps(state), flush=True)
-print(json.dumps(dict(pid=os.getpid(), ppid=os.getppid(), draws=[random.random(), float(np.random.rand())])),
-      flush=True)
+torch = sys.modules.get("torch")  # a warm child has it (the server imported it); a cold one would pay 3 s for it
+draws = [random.random(), float(np.random.rand()), float(torch.rand(1)) if torch else None]
+print(json.dumps(dict(pid=os.getpid(), ppid=os.getppid(), draws=draws)), flush=True)
 print("to stderr", file=sys.stderr, flush=True)
 mode = sys.argv[1]
 if mode == "trap":  # a script that stops cleanly on SIGTERM, as train.py checkpoints
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(7))
+    mode = "sleep"
+if mode == "family":  # a script with a child process of its own, as a DataLoader worker
+    import subprocess
+    worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], stdout=subprocess.DEVNULL)
+    print(json.dumps(dict(child=worker.pid)), flush=True)
     mode = "sleep"
 if mode == "raise":
     raise ValueError("boom")
@@ -52,8 +58,8 @@ keys = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "R
         "MASTER_ADDR", "OMP_NUM_THREADS", "TORCHELASTIC_MAX_RESTARTS", "PYTHONPATH")
 env = {k: v for k, v in os.environ.items() if k in keys}
 parent = open(f"/proc/{os.getppid()}/cmdline").read().split("\\0")
-report = dict(env=env, argv=sys.argv, path0=sys.path[0], name=__name__, total=int(total),
-              run_id=len(os.environ["TORCHELASTIC_RUN_ID"]) > 0, parent=parent[1:3])
+report = dict(env=env, argv=sys.argv, path0=sys.path[0], name=__name__, total=int(total), parent=parent[1:3],
+              run_id=len(os.environ["TORCHELASTIC_RUN_ID"]) > 0, own_group=os.getpgid(0) == os.getpid())
 os.write(1, (json.dumps(report) + "\\n").encode())  # one write: the ranks share stdout
 if sys.argv[1] == "fail":
     if os.environ["RANK"] == "1":
@@ -90,12 +96,12 @@ def test_a_warm_start_runs_a_script_as_a_cold_one(tmp_path, mode, code):
 
 @needs_warm
 def test_warm_children_draw_their_own_seeds(tmp_path):
-    """Python's and numpy's global generators are seeded per process, as in a fresh one (a fork would copy the
-    server's state into every child)."""
+    """Python's, numpy's and torch's global generators are seeded per process, as in a fresh one (a fork would copy
+    the server's state into every child: ranks or relaunches that draw before seeding would all draw alike)."""
     script = tmp_path / "probe.py"
     script.write_text(PROBE)
     draws = [json.loads(launch(script, "0", nproc=1).stdout.splitlines()[1])["draws"] for _ in range(2)]
-    assert draws[0][0] != draws[1][0] and draws[0][1] != draws[1][1]
+    assert all(a != b for a, b in zip(*draws, strict=True)), draws
 
 
 @needs_warm
@@ -148,29 +154,36 @@ def test_a_warm_torchrun_runs_its_ranks_as_a_cold_one(tmp_path, mode):
 
 
 @needs_warm
-@pytest.mark.parametrize("sig, mode, code", [(signal.SIGTERM, "trap", 7), (signal.SIGTERM, "sleep", -signal.SIGTERM),
+@pytest.mark.parametrize("sig, mode, code", [(signal.SIGTERM, "trap", 7), (signal.SIGTERM, "family", -signal.SIGTERM),
                                              (signal.SIGKILL, "sleep", -signal.SIGKILL)])
 def test_a_relay_passes_on_torchruns_signals_and_its_rank_dies_with_it(tmp_path, sig, mode, code):
     """torchrun stops a worker with SIGTERM (killpg on it), then SIGKILL after 30 s: the relay forwards the first to
-    its rank (which may handle it) and exits as the rank did, by the same signal when one killed it; killed itself,
-    the server kills its rank, which would otherwise run on unseen."""
+    its rank's process group (the rank, which may handle it, and its own children, as DataLoader workers) and exits
+    as the rank did, by the same signal when one killed it; killed itself, the server kills its rank, which would
+    otherwise run on unseen."""
     script = tmp_path / "probe.py"
     script.write_text(PROBE)
     env = {**SUBPROCESS_ENV, ADDRESS_VAR: warm_launcher().address[1:]}
     relay = subprocess.Popen([sys.executable, *RELAY, str(script), mode], env=env, cwd=REPO, text=True,
                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
-    lines = [relay.stdout.readline() for _ in range(3)]
-    assert lines[2] == "sleeping\n", lines
-    rank = json.loads(lines[1])["pid"]
+    lines = [relay.stdout.readline() for _ in range(4 if mode == "family" else 3)]
+    assert lines[-1] == "sleeping\n", lines
+    pids = [json.loads(lines[1])["pid"], *([json.loads(lines[2])["child"]] if mode == "family" else [])]
     os.killpg(relay.pid, sig)
     assert relay.wait(timeout=30) == code and ("atexit ran" in relay.stdout.read()) == (mode == "trap")
-    for _ in range(100):  # the server reaps it within its 20 ms poll
-        try:
-            os.kill(rank, 0)
-        except ProcessLookupError:
+    for _ in range(100):  # the server reaps the rank within its 20 ms poll
+        if not any(map(running, pids)):
             return
         time.sleep(0.05)
-    raise AssertionError(f"the relay's rank {rank} is still running")
+    raise AssertionError(f"still running: {[pid for pid in pids if running(pid)]} of the rank and its child {pids}")
+
+
+def running(pid: int) -> bool:
+    """Whether process `pid` exists and is not a zombie (one that ended and waits for its parent to reap it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 @needs_warm

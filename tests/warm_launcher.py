@@ -12,14 +12,14 @@ process. MVAR_TEST_COLD=1 makes `conftest` start every process cold instead.
 torchrun runs warm too: the agent (`-m torch.distributed.run`) is a child of the server, and each of its workers is
 `python warm_launcher.py relay script args`, a small stdlib-only process that has the server fork `python script
 args` with the worker's environment and streams, forwards the signals torchrun sends to it, and exits as the script
-did. torchrun's own code (rendezvous, environment, failure handling) is unchanged. One difference: torchrun signals a
-worker's process group, which holds a cold rank's own children (DataLoader workers) but not a warm rank's; they
-still end with their rank, and tests that signal those children directly start cold (`interrupt(group=True)`).
+did; the rank leads a process group of its own, which the relay signals, as torchrun signals a worker's. torchrun's
+own code (rendezvous, environment, failure handling) is unchanged.
 
 Run as `python warm_launcher.py serve NAME` (an abstract Unix socket): it prints `ready` when it serves, and exits
 when its stdin closes."""
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
@@ -80,22 +80,31 @@ def serve(name: str) -> tuple[dict, list[int]]:
             sys.exit(0)
         if listener in readable:
             conn, _ = listener.accept()
-            message, fds, flags, _ = socket.recv_fds(conn, 1 << 20, 3)
-            if not message or len(fds) != 3 or flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
-                for fd in fds:  # its caller died before its request was whole: nothing to run
-                    os.close(fd)
-                conn.close()
-                continue
-            pid = os.fork()
+            conn.settimeout(5)  # a caller that connects and never sends must not stall every launch
+            fds, pid = [], -1
+            try:
+                message, fds, flags, _ = socket.recv_fds(conn, 1 << 20, 3)
+                request = json.loads(message)
+                if len(fds) == 3 and not flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+                    pid = os.fork()
+            except (OSError, ValueError):
+                pass  # it died mid-request, or no process could be forked: pid stays -1
             if pid == 0:
                 listener.close()
                 conn.close()
                 for other in children.values():
                     other.close()
-                return dict(json.loads(message), path=path_before), fds
+                return dict(request, path=path_before), fds
             for fd in fds:
                 os.close(fd)
+            if pid < 0:  # nothing runs: its caller reads no pid
+                conn.close()
+                continue
+            if request.get("own_group"):
+                with contextlib.suppress(OSError):  # the child does the same: whichever runs first
+                    os.setpgid(pid, pid)
             try:
+                conn.settimeout(None)
                 conn.send(str(pid).encode())
             except OSError:  # its caller died meanwhile
                 os.kill(pid, signal.SIGKILL)
@@ -107,7 +116,10 @@ def become(request: dict, fds: list[int]) -> None:
     one), then run `python script args` or `python -m module args` (its exceptions and exit status are the
     interpreter's, as for a fresh process)."""
     import numpy  # imported by the server already
+    import torch
 
+    if request.get("own_group"):
+        os.setpgid(0, 0)
     for target, fd in enumerate(fds):
         os.dup2(fd, target)
         os.close(fd)
@@ -115,7 +127,8 @@ def become(request: dict, fds: list[int]) -> None:
     if "env" in request:
         os.environ.clear()
         os.environ.update(request["env"])
-    numpy.random.seed()  # a fresh seed, as a fresh process draws (Python's random reseeds itself after a fork)
+    numpy.random.seed()  # fresh seeds, as a fresh process draws (Python's random reseeds itself after a fork)
+    torch.seed()
     argv = request["argv"]
     if argv[0] == "-m":
         sys.argv = argv[1:]  # run_module puts the module's file in sys.argv[0], as `python -m` does
@@ -127,13 +140,14 @@ def become(request: dict, fds: list[int]) -> None:
     runpy.run_path(argv[0], run_name="__main__")
 
 
-def request_child(address: str, argv: list[str], cwd: str | Path, fds: list[int],
-                  env: dict[str, str] | None = None) -> WarmProcess:
+def request_child(address: str, argv: list[str], cwd: str | Path, fds: list[int], env: dict[str, str] | None = None,
+                  own_group: bool = False) -> WarmProcess:
     """Have the server at `address` fork `python *argv` with `fds` as its stdin, stdout and stderr (and `env` as its
-    environment, else the server's)."""
+    environment, else the server's; in a process group of its own with `own_group`)."""
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     conn.connect(address)
-    request = {"argv": [str(a) for a in argv], "cwd": str(cwd), **({} if env is None else {"env": env})}
+    request = {"argv": [str(a) for a in argv], "cwd": str(cwd), "own_group": own_group,
+               **({} if env is None else {"env": env})}
     socket.send_fds(conn, [json.dumps(request).encode()], fds)
     return WarmProcess(conn, [sys.executable, *map(str, argv)])
 
@@ -141,10 +155,20 @@ def request_child(address: str, argv: list[str], cwd: str | Path, fds: list[int]
 def relay(argv: list[str]) -> None:
     """torchrun's worker command in a warm launch: run `python *argv` as a warm child with this process's
     environment and streams, forward the signals torchrun's agent stops workers with, and exit as the child did
-    (by the same signal when one killed it)."""
-    child = request_child("\0" + os.environ[ADDRESS_VAR], argv, os.getcwd(), [0, 1, 2], dict(os.environ))
+    (by the same signal when one killed it). The child leads a process group of its own, as torchrun starts a worker,
+    and the signals go to that group (its DataLoader workers too); one that comes while the child starts waits."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
+    child = request_child("\0" + os.environ[ADDRESS_VAR], argv, os.getcwd(), [0, 1, 2], dict(os.environ),
+                          own_group=True)
+
+    def forward(sig: int, _frame) -> None:
+        if child.returncode is None:
+            with contextlib.suppress(ProcessLookupError):  # the group ended meanwhile
+                os.killpg(child.pid, sig)
+
     for sig in FORWARDED:
-        signal.signal(sig, lambda sig, _frame: child.send_signal(sig))
+        signal.signal(sig, forward)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
     code = child.wait()
     if code < 0:
         signal.signal(-code, signal.SIG_DFL)
@@ -157,7 +181,10 @@ class WarmProcess:
 
     def __init__(self, conn: socket.socket, args: list[str]):
         self.conn, self.args = conn, args
-        self.pid = int(conn.recv(64))
+        pid = conn.recv(64)
+        if not pid:
+            raise OSError("the warm launcher dropped the request (it could not fork?)")
+        self.pid = int(pid)
         self.returncode: int | None = None
 
     def wait(self, timeout: float | None = None) -> int:
