@@ -8,14 +8,12 @@ import os
 import re
 import subprocess
 import sys
-import time
 import types
-from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REPO, SUBPROCESS_ENV
+from conftest import REPO, SUBPROCESS_ENV, ended
 from models import mamba2_cpu
 from scripts import bench, gpu_env, gpu_numerics, gpu_report, gpu_timings, gpu_train_check, process_tree
 from scripts.gpu_results import CheckLine, read_lines, within, write_lines
@@ -163,19 +161,6 @@ def test_a_pytest_error_is_a_fail():
 # A parent that starts a worker in a session of its own, as torchrun does, prints its pid and waits in silence.
 TORCHRUN_LIKE = ("import subprocess, sys, time; w = subprocess.Popen([sys.executable, '-c', 'import time; "
                  "time.sleep(30)'] + sys.argv[1:], start_new_session=True); print(w.pid, flush=True); time.sleep(30)")
-
-
-def ended(pid: int, within: float = 10.0) -> bool:
-    """Whether process `pid` is gone (or a zombie) within `within` seconds."""
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        try:
-            if (Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]) == "Z":
-                return True
-        except OSError:
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def test_kill_tree_reaches_a_worker_in_a_session_of_its_own():
