@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from models import MVAR, VQVAE, build_vae_mvar
-from warm_launcher import ADDRESS_VAR, RELAY, WarmLauncher, WarmProcess
+from warm_launcher import NAME_VAR, RELAY, WarmLauncher, WarmProcess
 
 REPO = Path(__file__).resolve().parents[1]
 KERNEL_SITE = REPO / ".whl" / "site"  # the pure-Python mamba-ssm / flash-attn builds `make test` installs
@@ -108,11 +108,11 @@ def warm_argv(cmd: list[str]) -> list[str] | None:
 
 def warm_workers(argv: list[str], env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
     """For a torchrun a test starts itself (a real agent, as on a node): its script and arguments `argv` behind the
-    warm launcher's relay, and `env` with the launcher's address, so that its ranks start warm; both unchanged when
+    warm launcher's relay, and `env` with the launcher's name, so that its ranks start warm; both unchanged when
     the launcher is off."""
     if warm_launcher() is None:
         return argv, env
-    return [*RELAY, *argv], {**env, ADDRESS_VAR: warm_launcher().address[1:]}
+    return [*RELAY, *argv], {**env, NAME_VAR: warm_launcher().name}
 
 
 def launch(script: str | Path, *args: str, nproc: int = 2, check: bool = True,

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, SUBPROCESS_ENV, ended, interrupt, launch, launch_cmd, warm_launcher
-from warm_launcher import ADDRESS_VAR, RELAY
+from warm_launcher import NAME_VAR, RELAY, abstract_address
 
 PROBE = """
 import atexit, json, os, random, signal, sys, time
@@ -162,7 +162,7 @@ def test_a_relay_passes_on_torchruns_signals_and_its_rank_dies_with_it(tmp_path,
     otherwise run on unseen."""
     script = tmp_path / "probe.py"
     script.write_text(PROBE)
-    env = {**SUBPROCESS_ENV, ADDRESS_VAR: warm_launcher().address[1:]}
+    env = {**SUBPROCESS_ENV, NAME_VAR: warm_launcher().name}
     relay = subprocess.Popen([sys.executable, *RELAY, str(script), mode], env=env, cwd=REPO, text=True,
                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
     lines = [relay.stdout.readline() for _ in range(4 if mode == "family" else 3)]
@@ -180,7 +180,7 @@ def test_the_server_outlives_callers_that_die_mid_request(tmp_path):
     (before, it died parsing the empty request, and every later launch of that pytest worker failed)."""
     for message in (None, b'{"argv": ["x.py"], "cwd": "/"}'):
         with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as conn:
-            conn.connect(warm_launcher().address)
+            conn.connect(abstract_address(warm_launcher().name))
             if message is not None:
                 conn.send(message)  # no file descriptors with it
     script = tmp_path / "probe.py"

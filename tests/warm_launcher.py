@@ -38,10 +38,16 @@ from pathlib import Path
 # their settings (HF_HOME, HF_HUB_OFFLINE, ...) from the server's environment, which is every child's.
 PRELOAD = ("torch", "torch._dynamo", "torchvision", "numpy", "PIL.Image", "huggingface_hub.hub_mixin",
            "safetensors.torch", "torch.utils.tensorboard", "tqdm")
-ADDRESS_VAR = "MVAR_WARM_LAUNCHER"  # the server's socket name, in every child's environment (for `relay`)
+NAME_VAR = "MVAR_WARM_LAUNCHER"  # the server's socket name, in every child's environment (for `relay`)
 # what torchrun's agent sends its workers to stop them (TORCHELASTIC_SIGNALS_TO_HANDLE's default), forwarded by relay
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
 RELAY = [str(Path(__file__).resolve()), "relay"]  # torchrun's worker script and its first argument, in a warm launch
+
+
+def abstract_address(name: str) -> str:
+    """The server's socket address: `name` in Linux's abstract namespace (no file, no path length limit, gone with
+    the server)."""
+    return "\0" + name
 
 
 def serve(name: str) -> tuple[dict, list[int]]:
@@ -54,9 +60,9 @@ def serve(name: str) -> tuple[dict, list[int]]:
         raise RuntimeError(f"importing {PRELOAD} started threads, so forking is not safe: set MVAR_TEST_COLD=1 (every "
                            "process starts cold) and preload less")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    listener.bind("\0" + name)
+    listener.bind(abstract_address(name))
     listener.listen()
-    os.environ[ADDRESS_VAR] = name
+    os.environ[NAME_VAR] = name
     print("ready", flush=True)
     children: dict[int, socket.socket] = {}  # pid -> the connection its exit status goes back on
     while True:
@@ -140,12 +146,12 @@ def become(request: dict, fds: list[int]) -> None:
     runpy.run_path(argv[0], run_name="__main__")
 
 
-def request_child(address: str, argv: list[str], cwd: str | Path, fds: list[int], env: dict[str, str] | None = None,
+def request_child(name: str, argv: list[str], cwd: str | Path, fds: list[int], env: dict[str, str] | None = None,
                   own_group: bool = False) -> WarmProcess:
-    """Have the server at `address` fork `python *argv` with `fds` as its stdin, stdout and stderr (and `env` as its
+    """Have the server named `name` fork `python *argv` with `fds` as its stdin, stdout and stderr (and `env` as its
     environment, else the server's; in a process group of its own with `own_group`)."""
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    conn.connect(address)
+    conn.connect(abstract_address(name))
     request = {"argv": [str(a) for a in argv], "cwd": str(cwd), "own_group": own_group,
                **({} if env is None else {"env": env})}
     socket.send_fds(conn, [json.dumps(request).encode()], fds)
@@ -158,7 +164,7 @@ def relay(argv: list[str]) -> None:
     (by the same signal when one killed it). The child leads a process group of its own, as torchrun starts a worker,
     and the signals go to that group (its DataLoader workers too); one that comes while the child starts waits."""
     signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
-    child = request_child("\0" + os.environ[ADDRESS_VAR], argv, os.getcwd(), [0, 1, 2], dict(os.environ),
+    child = request_child(os.environ[NAME_VAR], argv, os.getcwd(), [0, 1, 2], dict(os.environ),
                           own_group=True)
 
     def forward(sig: int, _frame) -> None:
@@ -210,9 +216,8 @@ class WarmLauncher:
     """The client: starts the server with `env`, then `spawn`s scripts through it."""
 
     def __init__(self, env: dict[str, str]):
-        name = f"mvar-warm-{os.getpid()}-{secrets.token_hex(6)}"
-        self.address = "\0" + name  # Linux's abstract namespace: no file, no path length limit, gone with the server
-        self.server = subprocess.Popen([sys.executable, __file__, "serve", name], env=env, stdin=subprocess.PIPE,
+        self.name = f"mvar-warm-{os.getpid()}-{secrets.token_hex(6)}"
+        self.server = subprocess.Popen([sys.executable, __file__, "serve", self.name], env=env, stdin=subprocess.PIPE,
                                        stdout=subprocess.PIPE, text=True)
         line = self.server.stdout.readline()
         if line.strip() != "ready":
@@ -223,7 +228,7 @@ class WarmLauncher:
         file descriptors `stdout` and `stderr`."""
         try:
             with open(os.devnull) as devnull:
-                return request_child(self.address, argv, cwd, [devnull.fileno(), stdout, stderr])
+                return request_child(self.name, argv, cwd, [devnull.fileno(), stdout, stderr])
         except OSError as e:
             raise RuntimeError(f"the warm launcher is gone (exit status {self.server.poll()}, {e}); MVAR_TEST_COLD=1 "
                                "starts every process cold") from e
