@@ -139,11 +139,12 @@ def test_a_warm_torchrun_runs_its_ranks_as_a_cold_one(tmp_path, mode):
     script.write_text(RANK_PROBE)
     warm = launch(script, mode, nproc=2, check=False, timeout=120)
     fresh = cold(launch_cmd(script, "ok", nproc=2)) if mode == "ok" else None  # ("fail"'s pattern: read off a cold one)
-    assert len(rank_reports(warm.stdout)) == 2 and rank_reports(warm.stdout)[1]["total"] == 3
+    reports = rank_reports(warm.stdout)
+    assert len(reports) == 2 and reports[1]["total"] == 3
     parents = {tuple(json.loads(line)["parent"]) for line in warm.stdout.splitlines() if line.startswith("{")}
     assert parents == {(str(Path(RELAY[0])), "serve")}, parents  # forked by the server, not started by the agent
     if mode == "ok":
-        assert warm.returncode == fresh.returncode == 0 and rank_reports(warm.stdout) == rank_reports(fresh.stdout)
+        assert warm.returncode == fresh.returncode == 0 and reports == rank_reports(fresh.stdout)
         assert sorted(re.findall("atexit ran on rank .", warm.stdout)) == [f"atexit ran on rank {r}" for r in (0, 1)]
     else:
         stopped = re.compile(r"rank +: 0 \(local_rank: 0\)\n +exitcode +: -15 .*Root Cause.*?"
