@@ -8,6 +8,7 @@ import functools
 import importlib
 import os
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -113,6 +114,20 @@ def warm_workers(argv: list[str], env: dict[str, str]) -> tuple[list[str], dict[
     if warm_launcher() is None:
         return argv, env
     return [*RELAY, *argv], {**env, NAME_VAR: warm_launcher().name}
+
+
+def warm_python(folder: Path) -> tuple[str, dict[str, str]]:
+    """For a program that starts python itself (the GPU check's `--python`): an interpreter and the environment to
+    run it with. The interpreter is a stand-in written to `folder` whose every run, and every run of `sys.executable`
+    below it, is a warm launcher's relay (or cold, where a fork would differ: warm_launcher.relay); this test's
+    interpreter and SUBPROCESS_ENV when the launcher is off."""
+    if warm_launcher() is None:
+        return sys.executable, dict(SUBPROCESS_ENV)
+    stand_in = folder / "python"
+    relay = f"{shlex.quote(sys.executable)} {shlex.quote(RELAY[0])} interpreter"
+    stand_in.write_text(f'#!/bin/sh\nexec {relay} "$0" "$@"\n')
+    stand_in.chmod(0o755)
+    return str(stand_in), {**SUBPROCESS_ENV, NAME_VAR: warm_launcher().name}
 
 
 def launch(script: str | Path, *args: str, nproc: int = 2, check: bool = True,

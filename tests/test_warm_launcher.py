@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, SUBPROCESS_ENV, ended, interrupt, launch, launch_cmd, warm_launcher
+from conftest import REPO, SUBPROCESS_ENV, ended, interrupt, launch, launch_cmd, warm_launcher, warm_python
 from warm_launcher import NAME_VAR, RELAY, abstract_address
 
 PROBE = """
@@ -66,6 +66,17 @@ if sys.argv[1] == "fail":
     time.sleep(60)  # outside a collective: only torchrun's SIGTERM ends it (gloo would see its peer go, at random)
 dist.barrier()
 dist.destroy_process_group()
+"""
+
+# a run of a stand-in interpreter (conftest.warm_python): its sys.path, argv, hash seed, who started it; with "nested",
+# the same of a run of its sys.executable
+STAND_IN_PROBE = """
+import json, os, subprocess, sys
+info = dict(path=sys.path, argv=sys.argv, hash=hash("mvar"), ppid=os.getppid())
+if sys.argv[1:] == ["nested"]:
+    info["nested"] = json.loads(subprocess.run([sys.executable, sys.argv[0]], capture_output=True, text=True,
+                                               check=True).stdout)
+print(json.dumps(info))
 """
 
 needs_warm = pytest.mark.skipif(warm_launcher() is None,
@@ -173,6 +184,43 @@ def test_a_relay_passes_on_torchruns_signals_and_its_rank_dies_with_it(tmp_path,
     assert relay.wait(timeout=30) == code and ("atexit ran" in relay.stdout.read()) == (mode == "trap")
     for pid in pids:  # the rank was reaped before the relay heard its status; its child goes with the signal
         assert ended(pid, within=5.0), f"{pid} of the rank and its child {pids} is still running"
+
+
+@needs_warm
+def test_a_stand_in_interpreter_forks_warm_where_a_fork_runs_as_a_fresh_process(tmp_path):
+    """conftest.warm_python's interpreter (the GPU check's, in the tests): `python script`, `python -u script` and
+    `python -m module` are forked by the server, with the sys.path a fresh process makes from its own PYTHONPATH (a
+    relative folder included), and the stand-in as sys.executable, so that what they start is warm too. A start-up
+    variable unlike the server's (PYTHONHASHSEED), another interpreter option (-S) or pytest runs cold, in the relay's
+    place (the test is its parent). Without the sys.path made per child, without the stand-in as sys.executable, or
+    without the refusal of a start-up variable, this fails."""
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib" / "probe_module.py").write_text(STAND_IN_PROBE)
+    script = tmp_path / "probe.py"
+    script.write_text(STAND_IN_PROBE)
+    python, env = warm_python(tmp_path)
+    env["PYTHONPATH"] = os.pathsep.join(["lib", env["PYTHONPATH"]])  # relative: to the working directory
+    server = warm_launcher().server.pid
+
+    def run(interpreter: str, *args: str, **more_env: str) -> dict:
+        proc = subprocess.run([interpreter, *args], env={**env, **more_env}, cwd=tmp_path, capture_output=True,
+                              text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return json.loads(proc.stdout)
+
+    for args in (["-u", str(script), "nested"], ["-m", "probe_module", "nested"]):
+        warm, fresh = run(python, *args), run(sys.executable, *args)
+        assert (warm["ppid"], warm["nested"]["ppid"], fresh["ppid"]) == (server, server, os.getpid())
+        assert {k: v for k, v in warm.items() if k not in ("ppid", "hash", "nested")} == \
+            {k: v for k, v in fresh.items() if k not in ("ppid", "hash", "nested")}
+        assert warm["nested"]["path"] == fresh["nested"]["path"] and str(tmp_path / "lib") in warm["path"]
+    seeded, fresh = (run(p, str(script), PYTHONHASHSEED="7") for p in (python, sys.executable))
+    assert seeded["ppid"] == os.getpid() and seeded["hash"] == fresh["hash"]
+    assert run(python, "-S", str(script))["ppid"] == os.getpid()
+    (tmp_path / "test_parent.py").write_text("import os\ndef test_parent():\n    print('parent', os.getppid())\n")
+    tests = subprocess.run([python, "-m", "pytest", "-s", "-p", "no:cacheprovider", "test_parent.py"], env=env,
+                           cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert f"parent {os.getpid()}" in tests.stdout, tests.stdout[-2000:]
 
 
 @needs_warm
