@@ -84,8 +84,10 @@ stage() {  # stage NAME SECONDS [--log FILE] COMMAND...: run COMMAND under `time
     rc=$?
     ((rc == 124 || rc == 137)) && echo "=== $name: killed at its ${box} s time box ==="
     echo "=== $name: exit $rc ==="
-    # torchrun's workers run in sessions of their own, out of reach of timeout's kill: they would hold the GPU
-    "$PY" -m scripts.process_tree --kill-mentioning "$WORK/"
+    # torchrun's workers run in sessions of their own, out of reach of timeout's kill: they would hold the GPU.
+    # -S: the standard library only (no site-packages): it starts in milliseconds, and the tests' stand-in interpreter
+    # (tests/conftest.warm_python) runs it itself, not through a relay whose command line names $WORK/ too
+    "$PY" -S -m scripts.process_tree --kill-mentioning "$WORK/"
 }
 
 SITE=$WORK/site

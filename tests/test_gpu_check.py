@@ -9,11 +9,12 @@ import re
 import subprocess
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REPO, SUBPROCESS_ENV, ended
+from conftest import REPO, SUBPROCESS_ENV, ended, warm_python
 from models import mamba2_cpu
 from scripts import bench, gpu_env, gpu_numerics, gpu_report, gpu_timings, gpu_train_check, process_tree
 from scripts.gpu_results import CheckLine, read_lines, within, write_lines
@@ -22,17 +23,19 @@ from scripts.markdown import read_tables
 STAGE_FILES = ("env.json", "numerics.json", "train.json", "timings.json")
 
 
-def run_dry(out, *args: str, timeout: float) -> subprocess.CompletedProcess:
-    """`gpu_check.sh --dry-run --out OUT ARGS` with this interpreter, the kernels left to "auto"."""
-    env = {k: v for k, v in SUBPROCESS_ENV.items() if k not in ("MVAR_ATTN_BACKEND", "MVAR_MAMBA_BACKEND")}
-    return subprocess.run([str(REPO / "scripts/gpu_check.sh"), "--dry-run", "--out", str(out), "--python",
-                           sys.executable, *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+def run_dry(folder: Path, *args: str, timeout: float) -> tuple[Path, subprocess.CompletedProcess]:
+    """`gpu_check.sh --dry-run --out FOLDER/out ARGS` with this interpreter (its processes forked warm:
+    conftest.warm_python), the kernels left to "auto"; the --out folder and the finished process."""
+    python, env = warm_python(folder)
+    out = folder / "out"
+    env = {k: v for k, v in env.items() if k not in ("MVAR_ATTN_BACKEND", "MVAR_MAMBA_BACKEND")}
+    return out, subprocess.run([str(REPO / "scripts/gpu_check.sh"), "--dry-run", "--out", str(out), "--python",
+                                python, *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("gpu_check")
-    return out, run_dry(out, timeout=400)
+    return run_dry(tmp_path_factory.mktemp("gpu_check"), timeout=400)
 
 
 def test_dry_run_passes_and_writes_few_small_files(dry_run):
@@ -41,6 +44,7 @@ def test_dry_run_passes_and_writes_few_small_files(dry_run):
     files = sorted(p.name for p in out.iterdir())
     assert set(STAGE_FILES) | {"report.md", "check.log", "pytest.log"} == set(files)
     assert len(files) <= 8 and all(os.path.getsize(out / f) < 1 << 20 for f in files)  # what comes back from a GPU
+    assert "left running" not in (out / "check.log").read_text()  # no stage left a process behind
 
 
 def test_report_has_every_stage_and_no_failure(dry_run):
@@ -73,15 +77,16 @@ def test_stage_lines(dry_run):
     timings = [line.check for line in lines["timings.json"]]
     assert any("M-VAR-d24 / VAR-d30" in c for c in timings) and any("training step" in c for c in timings)
     env = json.loads((out / "env.json").read_text())
-    assert env["kernels"] and "torch_features" in env
+    assert env["kernels"] and "torch_features" in env and "Python.h" in env["build_tools"]
+    assert {line.check: line.status for line in lines["env.json"]}["Triton kernel on the GPU"] == "SKIP"
 
 
 def test_a_rerun_of_some_stages_reports_those(tmp_path):
     """`--only timings`: the re-run after a fix, in the minutes a GPU lease has left."""
-    proc = run_dry(tmp_path, "--only", "timings", timeout=300)
+    out, proc = run_dry(tmp_path, "--only", "timings", timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
-    assert {p.name for p in tmp_path.iterdir()} == {"env.json", "timings.json", "report.md", "check.log"}
-    text = (tmp_path / "report.md").read_text()
+    assert {p.name for p in out.iterdir()} == {"env.json", "timings.json", "report.md", "check.log"}
+    text = (out / "report.md").read_text()
     assert "all checks passed" in text and "## timings" in text and "## numerics" not in text
 
 
@@ -325,6 +330,33 @@ def test_the_environment_without_cuda_or_wheels_fails_outside_a_dry_run():
     dry = {ln.check: ln.status for ln in gpu_env.check_lines(True, {}, absent)}
     assert (gpu["CUDA device"], gpu["package mamba_ssm"], gpu["package flash_attn"]) == ("FAIL", "FAIL", "INFO")
     assert (dry["CUDA device"], dry["package mamba_ssm"]) == ("SKIP", "INFO") and "FAIL" not in dry.values()
+
+
+def test_a_triton_kernel_is_launched_and_its_failure_is_a_message(monkeypatch):
+    """gpu_env's Triton probe (a review: without a C compiler or Python's headers on the GPU machine, Triton's first
+    kernel fails, and with it every mamba_ssm and torch.compile line): under the interpreter it adds one and returns
+    None; a kernel that cannot run (a meta tensor has no data) is the error's type and message, on one line."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # read when the kernel is decorated, in the call
+    assert gpu_env.triton_launch_problem(torch.device("cpu")) is None
+    problem = gpu_env.triton_launch_problem(torch.device("meta"))
+    assert problem.startswith("NotImplementedError: ") and "\n" not in problem
+    assert "C compiler" in gpu_env.build_tools() and "Python.h" in gpu_env.build_tools()
+
+
+def test_kernels_that_do_not_run_on_the_gpu_fail_the_environment():
+    """A review: mamba_ssm installed but its kernels not loading (a missing dependency of the wheel) made every
+    mamba_ssm line a SKIP, the training and timings ran the portable kernels, and the report said "all checks
+    passed". On a GPU both that and a Triton kernel that cannot launch are FAILs saying why; without mamba_ssm its
+    package line fails instead; without a GPU both SKIP."""
+    installed = {**dict.fromkeys(gpu_env.PACKAGES, "1.0"), "mamba_ssm": "2.2.6"}
+    broken = gpu_env.kernel_lines(True, installed, "RuntimeError: Failed to find C compiler",
+                                  (None, "mamba_ssm Triton kernels unavailable (ModuleNotFoundError: packaging)"))
+    assert [ln.status for ln in broken] == ["FAIL", "FAIL"]
+    assert "C compiler" in broken[0].note and "packaging" in broken[1].note
+    assert [ln.status for ln in gpu_env.kernel_lines(True, installed, None, (object(), "loaded"))] == ["PASS", "PASS"]
+    assert [ln.check for ln in gpu_env.kernel_lines(True, {**installed, "mamba_ssm": "absent"}, None, (None, ""))] \
+        == ["Triton kernel on the GPU"]
+    assert {ln.status for ln in gpu_env.kernel_lines(False, installed, "x", (None, ""))} == {"SKIP"}
 
 
 @pytest.mark.parametrize("dead", [False, True])
