@@ -10,7 +10,10 @@ import importlib.metadata
 import importlib.util
 import os
 import platform
+import shutil
 import sys
+import sysconfig
+from pathlib import Path
 
 import torch
 
@@ -20,9 +23,9 @@ from scripts.gpu_results import CheckLine, any_failed, write_lines
 from scripts.markdown import markdown_table
 
 PACKAGES = ("torch", "triton", "numpy", "einops", "mamba_ssm", "flash_attn", "causal_conv1d", "mlxtend", "pytest",
-            "tensorboard", "safetensors", "huggingface_hub")
+            "tensorboard", "safetensors", "huggingface_hub", "torchvision", "PIL", "packaging")
 DISTRIBUTIONS = {"mamba_ssm": "mamba-ssm", "flash_attn": "flash-attn", "causal_conv1d": "causal-conv1d",
-                 "huggingface_hub": "huggingface-hub"}
+                 "huggingface_hub": "huggingface-hub", "PIL": "pillow"}
 TRAVELLING = ("mamba_ssm", "einops", "mlxtend")  # scripts/gpu_wheels.sh: without them the check runs blind
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -65,6 +68,53 @@ def resolved_kernels(device: torch.device) -> list[list[str]]:
     return rows
 
 
+def build_tools() -> str:
+    """The C compiler and Python headers Triton builds its kernel launcher with, at its first kernel on a GPU."""
+    compiler = os.environ.get("CC") or next(filter(None, map(shutil.which, ("cc", "gcc", "clang"))), None)
+    headers = Path(sysconfig.get_paths()["include"]) / "Python.h"
+    return f"C compiler {compiler or 'none found'}, {headers} {'present' if headers.is_file() else 'absent'}"
+
+
+def triton_launch_problem(device: torch.device) -> str | None:
+    """Why a one-line Triton kernel does not compile, launch and add one on `device` (a GPU; the CPU under
+    TRITON_INTERPRET=1), or None. On a GPU Triton's first kernel builds its launcher with the machine's C compiler
+    and Python's headers: without them every Triton kernel (mamba_ssm's, torch.compile's) fails."""
+    try:
+        import triton
+        import triton.language as tl
+
+        @triton.jit
+        def add_one(x_ptr, n, BLOCK: tl.constexpr):
+            offsets = tl.arange(0, BLOCK)
+            mask = offsets < n
+            tl.store(x_ptr + offsets, tl.load(x_ptr + offsets, mask=mask) + 1, mask=mask)
+
+        x = torch.zeros(6, device=device)
+        add_one[(1,)](x, 6, BLOCK=8)
+        got = x.tolist()
+    except Exception as err:  # a missing compiler, headers or driver: any of them is the finding
+        message = " / ".join(line.strip() for line in str(err).strip().splitlines() if line.strip())
+        return f"{type(err).__name__}: {message[:400]}"
+    return None if got == [1.0] * 6 else f"wrong result {got}"
+
+
+def kernel_lines(gpu: bool, versions: dict[str, str], launch_problem: str | None,
+                 mamba_kernels: tuple[object | None, str]) -> list[CheckLine]:
+    """On a GPU, a Triton kernel launched (`launch_problem`: triton_launch_problem's) and mamba_ssm's kernels loaded
+    where the package is installed (`mamba_kernels`: models.mamba2.load_kernels()), each a FAIL otherwise: the
+    stages after would pass on the portable kernels alone, mamba_ssm's lines all SKIP."""
+    if not gpu:
+        return [CheckLine(check, "SKIP", note="needs CUDA") for check in ("Triton kernel on the GPU",
+                                                                          "mamba_ssm kernels loaded")]
+    lines = [CheckLine("Triton kernel on the GPU", "FAIL" if launch_problem else "PASS",
+                       "failed" if launch_problem else "compiled, launched, right", note=launch_problem or "")]
+    if versions["mamba_ssm"] != "absent":
+        kernels, note = mamba_kernels
+        lines.append(CheckLine("mamba_ssm kernels loaded", "PASS" if kernels else "FAIL", versions["mamba_ssm"],
+                               note=note))
+    return lines
+
+
 def check_lines(dry_run: bool, gpu: dict[str, str], versions: dict[str, str]) -> list[CheckLine]:
     lines = [CheckLine("torch", "INFO", torch.__version__, note=f"Python {platform.python_version()}")]
     if gpu:
@@ -104,11 +154,14 @@ def main(argv: list[str] | None = None) -> int:
     print("GPU: " + (", ".join(f"{k} {v}" for k, v in gpu.items()) or "none"))
     print(markdown_table(["op", "dtype", f"auto on {device.type}", "why not a faster kernel"], kernels))
     print(markdown_table(["torch feature", "since torch", "needed by", "here"], features))
-    lines = check_lines(args.dry_run, gpu, versions)
+    print(build_tools())
+    lines = check_lines(args.dry_run, gpu, versions) + kernel_lines(
+        bool(gpu), versions, triton_launch_problem(device) if gpu and versions["triton"] != "absent" else "no Triton",
+        mamba2.load_kernels())
     for line in lines:
         print(line.text())
     write_lines(args.out, lines, packages=versions, gpu=gpu, kernels=kernels, torch_features=features,
-                python=sys.version.split()[0], cpus=os.cpu_count())
+                python=sys.version.split()[0], cpus=os.cpu_count(), build_tools=build_tools())
     return 1 if any_failed(lines) else 0
 
 
