@@ -33,7 +33,7 @@ from utils.data.loaders import DataError, build_datasets, build_loaders, build_v
     file_list_digest
 from utils.data.token_cache import TokenCacheError, TokenDataset, content_digest, gaps, open_cache, read_manifest, \
     tokenizer_digest
-from utils.evaluation.during_training import TrainingEval
+from utils.evaluation.during_training import EvaluationStopped, TrainingEval
 from utils.flags import FlagError, changed_flags, finalize_args, model_shape, parse_args
 from utils.run.agreement import refuse_disagreement, run_facts
 from utils.run.checkpoint import OutputFolderError, RunFolder, check_writable, position_text
@@ -169,9 +169,11 @@ class Checkpointer:
         """Note a finished micro-step: a good optimizer step tests the newest checkpoint's weights."""
         self.tested |= res.stepped and not res.skipped
 
-    def save(self, epoch: int, it: int, best_val: float, best: bool = False, unlogged_s: float = 0.0) -> float:
+    def save(self, epoch: int, it: int, best_val: float, best: bool = False, unlogged_s: float = 0.0,
+             epoch_end_pending: bool = False) -> float:
         """Collective save at position (epoch, it: the next iteration to run) -> the seconds it took; exits after
-        it when a signal asked to stop and training is not over. Postponed (stays pending) when
+        it when a signal asked to stop and training is not over, or the end of epoch `epoch` is left to the resumed
+        run (`epoch_end_pending`: a signal came before it or during it). Postponed (stays pending) when
         `Trainer.save_blocker` objects; a `best` one is then written as -best alone (save_best). `unlogged_s`: the
         training time since the last log line (`pop_metrics`), which the checkpoint's training time includes."""
         t0 = time.time()
@@ -186,9 +188,10 @@ class Checkpointer:
             return time.time() - t0
         state = self.state(epoch, it, best_val)
         state["trainer"]["train_seconds"] += unlogged_s
+        state["epoch_end_pending"] = epoch_end_pending
         self.folder.save(state, best=best)
         self.last_save, self.pending, self.blocked, self.tested = time.time(), False, False, False
-        if self.preemption.requested() and (epoch, it) < (self.args.ep, 0):
+        if self.preemption.requested() and ((epoch, it) < (self.args.ep, 0) or epoch_end_pending):
             self.preemption.exit(f"{position_text({'epoch': epoch, 'iter': it})}: checkpoint {self.folder.last} saved")
         return self.last_save - t0
 
@@ -243,29 +246,54 @@ def images_after(epochs: int, iters: int, args: argparse.Namespace) -> int:
 def end_epoch(ep: int, iters: int, args: argparse.Namespace, trainer: Trainer, val_loader, tb: TBLogger,
               saver: Checkpointer, mvar: MVAR, best_val: float) -> float:
     """Validation, sample grid, evaluation and checkpoint after epoch `ep` (resuming from it starts the next epoch)
-    -> the best val loss so far. After a signal (collective check) the checkpoint comes first and the run exits:
-    a preemption's grace period is short, and validation plus --eval_every can outlast it."""
-    if ep + 1 < args.ep and not trainer.window_micro_steps and saver.preemption.requested():
-        tb.flush()
-        saver.save(ep + 1, 0, best_val)  # exits, unless the last step was bad (then the epoch's end goes on)
-    is_best = False
-    if (ep + 1) % args.val_every == 0 or ep + 1 == args.ep:
+    -> the best val loss so far. A signal (a collective check before each of them, and between --eval_every's
+    chunks) makes the checkpoint come first, marked so that the resumed run does this epoch's end before going on
+    (`epoch_end_pending`), and the run exits: a preemption's grace period is short, and validation plus
+    --eval_every can outlast it."""
+    best_before, is_best = best_val, False
+
+    def signalled() -> bool:  # collective; not inside an accumulation window, which no checkpoint splits
+        return not trainer.window_micro_steps and saver.preemption.requested()
+
+    def validate() -> None:
+        nonlocal best_val, is_best
         val = trainer.evaluate(val_loader)
         is_best = val["vL_tail"] < best_val  # VAR picks its best checkpoint by the last scale's loss
         best_val = min(best_val, val["vL_tail"])
         logger.info("ep %d val: L mean %.4f tail %.4f | acc mean %.2f tail %.2f (%d images)", ep + 1,
                     val["vL_mean"], val["vL_tail"], val["vacc_mean"], val["vacc_tail"], val["n"])
         tb.scalars("epochs", ep + 1, "val/", **val)
-    if args.sample_every > 0 and ((ep + 1) % args.sample_every == 0 or ep + 1 == args.ep) \
-            and (args.fsdp or dist.is_main_process()):
-        tb.image("epochs", "samples", sample_grid(mvar, mvar.num_classes, args.seed + ep, sample_dtype(args, trainer)),
-                 ep + 1)
-    if saver.evaluator is not None and ((ep + 1) % args.eval_every == 0 or ep + 1 == args.ep):
-        point = saver.evaluator.evaluate(mvar, ep + 1, images_after(ep + 1, iters, args), trainer.train_seconds)
+
+    def samples() -> None:
+        if args.fsdp or dist.is_main_process():
+            tb.image("epochs", "samples", sample_grid(mvar, mvar.num_classes, args.seed + ep,
+                                                      sample_dtype(args, trainer)), ep + 1)
+
+    def evaluate() -> None:
+        logger.info("ep %d eval: generating %d images", ep + 1, args.eval_n)
+        point = saver.evaluator.evaluate(mvar, ep + 1, images_after(ep + 1, iters, args), trainer.train_seconds,
+                                         stop=signalled)
         scores = {k: v for k, v in point.items() if k not in ("epoch", "images", "train_s", "tf32")}
         logger.info("ep %d eval: %s after %d training images (%d generated)", ep + 1,
                     " ".join(f"{k} {v:.4f}" for k, v in scores.items()), point["images"], args.eval_n)
         tb.scalars("images", point["images"], "eval/", **scores)
+
+    due = lambda every: every > 0 and ((ep + 1) % every == 0 or ep + 1 == args.ep)  # noqa: E731
+    phases = [phase for phase, wanted in ((validate, due(args.val_every)), (samples, due(args.sample_every)),
+                                          (evaluate, saver.evaluator is not None and due(args.eval_every))) if wanted]
+    for phase in phases:  # after the last, a signal's checkpoint is the epoch end's own (below)
+        stopped = signalled()
+        if not stopped:
+            try:
+                phase()
+            except EvaluationStopped:
+                stopped = True
+        if stopped:
+            tb.flush()
+            # exits; returns when the last step was bad (the checkpoint then waits for a good step, and the rest of
+            # this epoch's end is not done)
+            saver.save(ep + 1, 0, best_before, epoch_end_pending=True)
+            break
     tb.flush()
     # a checkpoint never splits an accumulation window, except the final one: its partial window is dropped
     open_window = trainer.window_micro_steps
@@ -415,6 +443,7 @@ def main(args: argparse.Namespace) -> None:
                       ac=args.ac, max_nonfinite=args.max_nonfinite, diverge_tol=args.diverge_tol)
     start_ep, start_it, best_val = (0, 0, math.inf) if ckpt is None else \
         trainer.resume(ckpt, resume_path, vars(args), data)
+    epoch_end_pending = ckpt is not None and ckpt.get("epoch_end_pending", False)  # a signal's: done first, below
     evaluator = None
     if args.eval_every:
         evaluator = TrainingEval(net=args.eval_net, n=args.eval_n, seed=args.seed, cfg=args.eval_cfg,
@@ -424,13 +453,16 @@ def main(args: argparse.Namespace) -> None:
         evaluator.load_history(ckpt.get("eval_history") if ckpt is not None else None)  # the curve goes on
     # a resume hides in TensorBoard what a killed run logged after its checkpoint, on each x axis
     # (a fresh start too: a run killed before its first checkpoint logged from the start)
-    purge_from = {"steps": start_ep * iters + start_it, "epochs": start_ep + 1,
-                  "images": images_after(start_ep, iters, args) + 1}
+    purge_from = {"steps": start_ep * iters + start_it, "epochs": start_ep + 1 - epoch_end_pending,
+                  "images": images_after(start_ep, iters, args) + 1 - epoch_end_pending}
     del ckpt
 
     # loop
     tb = TBLogger(folder.dir / "tb", enabled=dist.is_main_process(), purge_from=purge_from)
     saver = Checkpointer(folder, trainer, args, data, evaluator)
+    if epoch_end_pending:  # what a signal cut short or came before: validation, samples, evaluation, checkpoint
+        logger.info("ep %d: its end (validation, samples, --eval_every) was left by a signal: done first", start_ep)
+        best_val = end_epoch(start_ep - 1, iters, args, trainer, val_loader, tb, saver, mvar, best_val)
     for ep in range(start_ep, args.ep):
         sampler.set_epoch(ep, start_it if ep == start_ep else 0)
         t_log = time.time()  # validation, sampling and saving do not count against img/s

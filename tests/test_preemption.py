@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 
@@ -15,7 +16,8 @@ from conftest import SUBPROCESS_ENV as ENV
 from conftest import interrupt, launch, launch_cmd
 from test_trainer_e2e import (NO_MODEL_RNG, REPO, model_state, reference_run, run_train,  # noqa: F401
                               setup, train_cmd, two_rank_run)
-from utils.run.checkpoint import LAST
+from utils.evaluation.during_training import CHUNK
+from utils.run.checkpoint import BEST, LAST
 
 STOP_RE = re.compile(r"stopped by (SIG\w+) after ep (\d+) it (\d+): checkpoint .* saved")
 
@@ -112,80 +114,122 @@ def test_second_signal_exits_at_once():
     assert proc.returncode == 0 and "still alive" in proc.stdout  # within REPEAT_S: one event
 
 
-def test_a_signal_at_an_epoch_end_saves_before_validating():
-    """A review: a signal during an epoch's last iterations was saved only after validation, the sample grid and
-    --eval_every, which can outlast a preemption's grace period (torchrun's: 30 s before SIGKILL)."""
+def end_of_epoch(signal_after: int, ep: int = 0, blocked: bool = False, stop_evaluation: bool = False) -> list:
+    """What train.end_epoch does with stand-ins (3 epochs; validation, samples and --eval_every due; best val 1.0,
+    this epoch's 0.5) when the collective signal check says yes from its `signal_after`-th call on (the 1st is before
+    validation); `blocked`: a signal's save returns (the last step was bad) instead of exiting; `stop_evaluation`:
+    the evaluation ends early (its own check)."""
     import types
 
     import train
+    from utils.evaluation.during_training import EvaluationStopped
 
-    calls = []
+    calls, checks = [], []
 
-    def save(epoch, it, best_val, best=False):
-        calls.append(("save", epoch, it))
-        raise SystemExit(143)  # Checkpointer.save exits after a signal's checkpoint
+    def requested():
+        checks.append(1)
+        return len(checks) > signal_after
 
-    saver = types.SimpleNamespace(preemption=types.SimpleNamespace(requested=lambda: True), save=save)
-    trainer = types.SimpleNamespace(window_micro_steps=0, evaluate=lambda loader: calls.append("validated"))
-    tb = types.SimpleNamespace(flush=lambda: calls.append("flush"))
-    args = types.SimpleNamespace(ep=3, val_every=1, sample_every=1, eval_every=1)
-    with pytest.raises(SystemExit):
-        train.end_epoch(0, 5, args, trainer, None, tb, saver, None, 1.0)
-    assert calls == ["flush", ("save", 1, 0)]
+    def save(epoch, it, best_val, best=False, epoch_end_pending=False):
+        calls.append(("save", epoch, it, best_val, epoch_end_pending))
+        if epoch_end_pending and not blocked:
+            raise SystemExit(143)  # Checkpointer.save exits after a signal's checkpoint
 
+    def evaluate(*args, stop):
+        if stop_evaluation:
+            raise EvaluationStopped("stopped before chunk 2 of 3")
+        calls.append("evaluated")
+        return {"epoch": 1, "images": 5, "train_s": 1.0, "fd": 2.0}
 
-def test_a_signal_on_one_rank_stops_every_rank(monkeypatch):
-    """`requested()` takes the largest signal number over the ranks (the all-reduce faked here over two ranks): a
-    scheduler that signals one node's processes only stops every rank, and two ranks signalled alike agree on
-    that signal, and the rank that got none exits with that signal's status (not 128 + its own 0). The end-to-end
-    tests signal every rank, so a MIN (no rank stops: the others wait at the save's collectives) or a SUM passed
-    them, and so did an exit status from the rank's own signal."""
-    import torch.distributed as tdist
-
-    from utils.run import preemption
-
-    def other_rank_got(signum: int):
-        def all_reduce(t, op, group=None):
-            both = [int(t.item()), signum]
-            t.fill_(max(both) if op == tdist.ReduceOp.MAX else min(both) if op == tdist.ReduceOp.MIN else sum(both))
-        return all_reduce
-
-    quiet, signalled, neither = (preemption.Preemption(signals=()) for _ in range(3))  # no handlers installed
-    signalled.signum = signal.SIGTERM
-    monkeypatch.setattr(preemption.dist, "initialized", lambda: True)
-    monkeypatch.setattr(preemption.tdist, "all_reduce", other_rank_got(signal.SIGTERM))
-    assert quiet.requested() and quiet.agreed == signal.SIGTERM  # this rank got nothing, the other SIGTERM
-    with pytest.raises(SystemExit) as stop:
-        quiet.exit("after ep 1 it 2")
-    assert stop.value.code == 128 + signal.SIGTERM
-    assert signalled.requested() and signalled.agreed == signal.SIGTERM  # both got it
-    monkeypatch.setattr(preemption.tdist, "all_reduce", other_rank_got(0))
-    assert not neither.requested() and neither.agreed == 0
+    saver = types.SimpleNamespace(preemption=types.SimpleNamespace(requested=requested), save=save,
+                                  evaluator=types.SimpleNamespace(evaluate=evaluate))
+    val = dict(vL_mean=0.6, vL_tail=0.5, vacc_mean=0.0, vacc_tail=0.0, n=4)
+    trainer = types.SimpleNamespace(window_micro_steps=0, train_seconds=1.0,
+                                    evaluate=lambda loader: calls.append("validated") or val)
+    tb = types.SimpleNamespace(flush=lambda: None, scalars=lambda *a, **k: None,
+                               image=lambda *a, **k: calls.append("samples"))
+    args = types.SimpleNamespace(ep=3, val_every=1, sample_every=1, eval_every=1, eval_n=6, fsdp=True, seed=0,
+                                 glb_batch_size=1)
+    try:
+        train.end_epoch(ep, 5, args, trainer, None, tb, saver, types.SimpleNamespace(num_classes=3), 1.0)
+    except SystemExit as e:
+        calls.append(e.code)
+    return calls
 
 
-def test_close_puts_the_previous_handlers_back():
-    """After training `close()` restores the handlers found at creation, so a signal during the work that follows
-    (a final evaluation, the next run of an in-process caller) acts as before instead of setting a flag no one reads
-    any more; a close that kept ours passed the suite."""
-    from utils.run import preemption
+def test_a_signal_at_an_epoch_end_saves_first_and_leaves_that_end_to_the_resumed_run(monkeypatch):
+    """A review: a signal during an epoch's last iterations was saved only after validation, the sample grid and
+    --eval_every, which can outlast a preemption's grace period (torchrun's: 30 s before SIGKILL). A signal before
+    any of them, between them, or during the evaluation (its check between chunks) now saves at once, with the best
+    val loss from before this epoch's end and marked pending, so that the resumed run does that end first; in the
+    last epoch too. A signal's save that waits for a good step (the last was bad) skips the rest of the end."""
+    import train
 
-    previous = signal.getsignal(signal.SIGUSR1)
-    p = preemption.Preemption(signals=(signal.SIGUSR1,))
-    assert signal.getsignal(signal.SIGUSR1) == p._on_signal
-    p.close()
-    assert signal.getsignal(signal.SIGUSR1) is previous
+    monkeypatch.setattr(train, "sample_grid", lambda *a, **k: None)
+    monkeypatch.setattr(train, "sample_dtype", lambda *a, **k: None)
+    pending = ("save", 1, 0, 1.0, True)
+    assert end_of_epoch(0) == [pending, 143]
+    assert end_of_epoch(0, ep=2) == [("save", 3, 0, 1.0, True), 143]  # the last epoch too
+    assert end_of_epoch(1) == ["validated", pending, 143]
+    assert end_of_epoch(2) == ["validated", "samples", pending, 143]
+    assert end_of_epoch(3, stop_evaluation=True) == ["validated", "samples", pending, 143]
+    assert end_of_epoch(3) == ["validated", "samples", "evaluated", ("save", 1, 0, 0.5, False)]  # no signal
+    assert end_of_epoch(1, blocked=True) == ["validated", pending, ("save", 1, 0, 0.5, False)]
 
 
-def test_under_nccl_the_stop_flag_goes_over_a_gloo_group(monkeypatch):
-    """`requested()` all-reduces a CPU tensor: under NCCL (GPU only) that needs a gloo group of its own, made at
-    creation (faked here: no process group exists). Without it every GPU run would fail or hang at its first step's
-    check; the CPU tests run gloo, where the default group serves, so a Preemption that never made one passed."""
-    from utils.run import preemption
+def test_an_evaluation_asks_before_each_chunk_whether_to_stop():
+    """sharded_features calls `stop` (a collective) before each chunk, as often on every rank; True ends it."""
+    from utils.evaluation.during_training import EvaluationStopped, sharded_features
 
-    made, reduced = [], []
-    monkeypatch.setattr(preemption.dist, "initialized", lambda: True)
-    monkeypatch.setattr(preemption.tdist, "get_backend", lambda: "nccl")
-    monkeypatch.setattr(preemption.tdist, "new_group", lambda backend: made.append(backend) or "the gloo group")
-    monkeypatch.setattr(preemption.tdist, "all_reduce", lambda t, op, group=None: reduced.append((t.device, group)))
-    assert not preemption.Preemption(signals=()).requested()
-    assert made == ["gloo"] and reduced == [(torch.device("cpu"), "the gloo group")]
+    asked, made = [], []
+
+    def images(start, stop):
+        made.append(start)
+        return np.zeros((stop - start, 2, 2, 3), np.uint8)
+
+    def features(imgs):
+        return np.zeros((len(imgs), 2)), None
+
+    def stop():
+        asked.append(len(made))
+        return len(asked) == 3
+
+    with pytest.raises(EvaluationStopped, match="before chunk 3 of 4"):
+        sharded_features(4 * CHUNK, images, features, stop)
+    assert asked == [0, 1, 2] and made == [0, CHUNK]
+    assert sharded_features(2 * CHUNK, images, features, lambda: False)[0].shape == (2 * CHUNK, 2)
+
+
+@pytest.fixture(scope="module")
+def evaluated_run(setup):  # noqa: F811
+    """An uninterrupted run with --eval_every=1 (a random SmallCNN's features; 5 chunks of generated images) and
+    model randomness on."""
+    flags = ("--hflip=1", "--drop_path_rate=0.1", "--eval_every=1", f"--eval_n={5 * CHUNK}",
+             f"--eval_net={setup / 'clf.pt'}")
+    run_train(setup, setup / "evaluated", *flags)
+    return setup / "evaluated", flags
+
+
+@pytest.mark.parametrize("epoch", [1, 2])
+def test_a_signal_during_an_evaluation_and_the_resume_give_the_uninterrupted_run(setup, evaluated_run, epoch):  # noqa: F811
+    """SIGTERM as the evaluation of epoch 1, or of the last epoch (2), starts: it stops before its next chunk, the
+    checkpoint is saved at (epoch, 0), marked pending, and the run exits 143; the same command does that epoch's
+    end first, then goes on. Weights, best val loss, -best and the evaluation curve are the uninterrupted run's.
+    Before, the checkpoint waited for the whole evaluation (minutes at --eval_n=1000 on a CPU, past a preemption's
+    grace period), and after a signal before an epoch's end that epoch's evaluation point was never made."""
+    ref, flags = evaluated_run
+    out = setup / f"cut_in_epoch_{epoch}"
+    proc, log = interrupt(train_cmd(setup, out, *flags), f"ep {epoch} eval: generating", signal.SIGTERM)
+    assert proc.returncode == 128 + signal.SIGTERM, log[-3000:]
+    cut = torch.load(out / LAST, weights_only=True)
+    assert (cut["epoch"], cut["iter"], cut["epoch_end_pending"]) == (epoch, 0, True)
+    assert len(cut["eval_history"]) == epoch - 1  # that epoch's point is the resumed run's
+    resumed = run_train(setup, out, *flags)
+    assert f"ep {epoch}: its end (validation, samples, --eval_every) was left by a signal: done first" in \
+        resumed.stdout + resumed.stderr
+    whole, again = (torch.load(d / LAST, weights_only=True) for d in (ref, out))
+    assert_same_weights(whole["model"], again["model"])
+    assert_same_weights(model_state(ref / BEST), model_state(out / BEST))
+    assert again["best_val"] == whole["best_val"] and not again["epoch_end_pending"]
+    drop_time = lambda curve: [{k: v for k, v in p.items() if k != "train_s"} for p in curve]  # noqa: E731
+    assert drop_time(again["eval_history"]) == drop_time(whole["eval_history"]) and len(whole["eval_history"]) == 2
