@@ -22,7 +22,6 @@ import argparse
 import contextlib
 import json
 import logging
-import math
 import time
 from collections import Counter
 from pathlib import Path
@@ -44,7 +43,7 @@ from models.precision import effective_amp_dtype, set_tf32
 from models.presets import ARCH_BRANCHES, MVAR_models, parse_patch_nums
 from utils.evaluation.fid_dump import DumpFolderError, DumpPlan, check_or_write_settings, check_pack_space, \
     chunk_seed, dump_shard, fid_folder_name, pack_npz
-from utils.flags import add_backend_flags, add_model_flag, device_problem
+from utils.flags import add_backend_flags, add_model_flag, device_problem, sampling_problems
 from utils.run.checkpoint import DiskFullError, OutputFolderError, check_writable, write_text_atomic
 from utils.run.agreement import refuse_disagreement
 from utils.run.lock import LOCK_NAME, RunLockError, lock_output_folder, read_owner
@@ -154,13 +153,9 @@ def parse_args(argv: Sequence[str] | None = None,
             official_file(args.depth, args.arch or "mvar")
         except ValueError as e:
             problems.append(str(e))
-    if not 0.0 < args.top_p <= 1.0:
-        problems.append(f"--top_p must be in (0, 1] (1 disables the nucleus filter), got {args.top_p}")
-    if not math.isfinite(args.cfg) or args.cfg < 0:
-        problems.append(f"--cfg must be >= 0 and finite (0: no guidance), got {args.cfg}")
-    for flag in ("top_k", "seed"):
-        if getattr(args, flag) < 0:
-            problems.append(f"--{flag} must be >= 0, got {getattr(args, flag)}")
+    problems += sampling_problems(args.cfg, args.top_k, args.top_p)
+    if args.seed < 0:
+        problems.append(f"--seed must be >= 0, got {args.seed}")
     for flag in ("num_per_class", "bs", "fid_num_per_class", "depth"):
         value = getattr(args, flag)
         if value is not None and value < 1:
@@ -242,6 +237,10 @@ def check_against_config(args: argparse.Namespace, config: MVARConfig, ckpt: str
     bad = [c for c in (args.classes or ()) if c >= config.num_classes]
     if bad:
         problems.append(f"--classes {bad} outside the model's classes [0, {config.num_classes - 1}]")
+    if args.classes is None and not args.fid and max(DEMO_CLASSES) >= config.num_classes:
+        problems.append(f"--classes: the default, VAR's demo classes {' '.join(map(str, DEMO_CLASSES))} (ImageNet "
+                        f"ids), is outside {ckpt}'s {config.num_classes} classes: pass --classes with ids in "
+                        f"[0, {config.num_classes - 1}]")
     if problems:
         raise ValueError("; ".join(problems))
 

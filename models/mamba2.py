@@ -546,6 +546,9 @@ class Mamba2State:
     ssm_state: torch.Tensor
 
 
+HEADDIM = 64  # mamba_ssm's default head size, and M-VAR's: expand x d_model must be a multiple of it
+
+
 class Mamba2(nn.Module):
     """The Mamba2 mixer of mamba_ssm 2.3.2 (parameters, init and maths) with a portable PyTorch path.
 
@@ -567,7 +570,7 @@ class Mamba2(nn.Module):
         d_conv: int = 4,
         conv_init: float | None = None,
         expand: int = 2,
-        headdim: int = 64,
+        headdim: int = HEADDIM,
         d_ssm: int | None = None,
         ngroups: int = 1,
         A_init_range: tuple[float, float] = (1, 16),

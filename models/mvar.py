@@ -27,7 +27,7 @@ import torch.utils.checkpoint
 from models import editing
 from models.attention import ScaleAttention
 from models.backends import ATTN, MAMBA, check_name
-from models.mamba2 import Mamba2, Mamba2State
+from models.mamba2 import HEADDIM, Mamba2, Mamba2State
 from models.precision import linear_weights_in
 from models.presets import ARCH_BRANCHES, PATCH_NUMS
 from models.sampling import gumbel_softmax_with_rng, sample_with_top_k_top_p_
@@ -85,6 +85,10 @@ class MVARConfig:
             self.num_heads = max(1, self.embed_dim // 64)
         if self.embed_dim % self.num_heads:
             raise ValueError(f"embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}")
+        d_inner = self.expand * self.embed_dim
+        if d_inner % HEADDIM and any("mamba" in self.block_branches(i) for i in range(self.depth)):
+            raise ValueError(f"embed_dim={self.embed_dim}: Mamba2's expand x embed_dim = {d_inner} must be a "
+                             f"multiple of its head size {HEADDIM}")
         if self.drop_path_rate is None:
             self.drop_path_rate = 0.1 * self.depth / 24
         if not 0 <= self.drop_path_rate < 1:

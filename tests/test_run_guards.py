@@ -36,7 +36,11 @@ from utils.run.lock import LOCK_NAME, RunLock, RunLockError, read_owner
                                   # a review: CUDA graphs overwrite the accumulated gradients (pytorch#169545)
                                   "--tfast=1 --ac=2", "--tfast=2 --ac=4",
                                   # a review: FSDP2's gathered weights move between CUDA-graph replays
-                                  "--tfast=1 --fsdp=1", "--tfast=2 --fsdp=1"])
+                                  "--tfast=1 --fsdp=1", "--tfast=2 --fsdp=1",
+                                  # a walkthrough: --eval_every sampled with these and logged a meaningless FID,
+                                  # or read a missing --eval_net once the data and the model were built
+                                  "--eval_top_p=2 --eval_every=1", "--eval_cfg=-2 --eval_every=1",
+                                  "--eval_top_k=-1 --eval_every=1", "--eval_net=/no/such/clf.pt --eval_every=1"])
 def test_flags_that_train_nothing_are_refused(flag):
     with pytest.raises(ValueError, match=flag.split("=")[0]):
         finalize_args(parse_args(flag.split()), world_size=1)
@@ -46,11 +50,15 @@ def test_flags_that_train_nothing_are_refused(flag):
     (["--saln=1", "--var_blocks=1"], "shared_aln needs one adaLN layout for all blocks"),
     (["--embed_dim=100", "--num_heads=3"], "embed_dim=100 is not divisible by num_heads=3"),
     (["--depth=2", "--var_blocks=5"], "var_blocks=5"),
+    # a walkthrough: Mamba2's constraint was a traceback once the data were read (attention alone takes it)
+    (["--embed_dim=100"], "embed_dim=100: Mamba2's expand x embed_dim = 200 must be a multiple of its head size 64"),
 ])
 def test_model_flags_that_make_no_model_are_refused_before_any_work(flags, message):
     """They were a ValueError traceback once the tokenizer and the data were read."""
     with pytest.raises(ValueError, match=f"the model flags do not make a model: .*{message}"):
         finalize_args(parse_args(flags), world_size=1)
+    if flags == ["--embed_dim=100"]:  # VAR's blocks have no Mamba2
+        assert finalize_args(parse_args([*flags, "--arch=var", "--dataset=mnist"]), world_size=1).embed_dim == 100
 
 
 @pytest.mark.parametrize("flag", ["--attn_backend=flash_attn", "--mamba_backend=mamba_ssm"])

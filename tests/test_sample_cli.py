@@ -102,6 +102,9 @@ def test_bad_flags_fail_before_reading_anything(flags, message, capsys, tmp_path
 
 @pytest.mark.parametrize("flags, message", [
     (("--classes", 3, NUM_CLASSES), f"--classes \\[{NUM_CLASSES}\\] outside the model's classes \\[0, 9\\]"),
+    # a walkthrough: the default classes (ImageNet ids) were an IndexError in the class embedding, after loading
+    ((), "--classes: the default, VAR's demo classes 980 437 22 562 \\(ImageNet ids\\), is outside tiny.pth's 10 "
+         "classes: pass --classes with ids in \\[0, 9\\]"),
     (("--depth", 3), "--depth=3, but tiny.pth holds a depth-2 model"),
     (("--arch", "var"), "--arch=var, but tiny.pth holds arch=mvar"),
 ])

@@ -6,6 +6,7 @@ The choices come from `models.presets` (architectures, model sizes, kernel backe
 import argparse
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -50,6 +51,19 @@ def add_image_source_flags(parser: argparse._ActionsContainer) -> None:
     parser.add_argument("--fmnist_dir", default="", help="folder with Fashion-MNIST's four IDX files for "
                         "--dataset=fmnist; empty = $FMNIST_DIR, else /usr/share/datasets/fashion-mnist (Debian's "
                         "`apt-get install dataset-fashion-mnist`)")
+
+
+def sampling_problems(cfg: float, top_k: int, top_p: float, prefix: str = "--") -> list[str]:
+    """What is wrong with classifier-free guidance and top-k / top-p values (sample.py's --cfg --top_k --top_p,
+    train.py's --eval_cfg ...: `prefix` names them)."""
+    problems = []
+    if not 0.0 < top_p <= 1.0:
+        problems.append(f"{prefix}top_p must be in (0, 1] (1 disables the nucleus filter), got {top_p}")
+    if not math.isfinite(cfg) or cfg < 0:
+        problems.append(f"{prefix}cfg must be >= 0 and finite (0: no guidance), got {cfg}")
+    if top_k < 0:
+        problems.append(f"{prefix}top_k must be >= 0 (0 disables the filter), got {top_k}")
+    return problems
 
 
 def device_problem(value: str, flag: str = "--device") -> str | None:
@@ -247,6 +261,12 @@ def finalize_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
             raise FlagError(f"--{name}={getattr(args, name)}: expected >= 0 (0 = off)")
     if args.eval_every and args.eval_n < 2:
         raise FlagError(f"--eval_n={args.eval_n}: expected at least 2 images per evaluation")
+    if args.eval_every and (problems := sampling_problems(args.eval_cfg, args.eval_top_k, args.eval_top_p,
+                                                           "--eval_")):
+        raise FlagError("; ".join(problems))
+    if args.eval_every and args.eval_net != "inception" and not Path(args.eval_net).is_file():
+        raise FlagError(f"--eval_net={args.eval_net}: expected 'inception' or a SmallCNN state dict file (the "
+                        "study's classifier.pt): no such file")
     if problem := mid_reso_problem(args.mid_reso):
         raise FlagError(problem)
     if args.tfast in (1, 2) and args.ac > 1:  # reduce-overhead and max-autotune both use CUDA graphs
