@@ -15,6 +15,7 @@ import hashlib
 import logging
 import math
 import os
+import pickle
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -129,7 +130,12 @@ def load_checkpoint(path: PathLike, verify: bool = True) -> dict[str, Any]:
                               "or a .pth checkpoint")
     try:
         ckpt = _load_mapped(path)
-    except Exception as e:  # truncated, zero-filled, not a torch file, ...
+    except pickle.UnpicklingError as e:  # not a torch file, or one holding more than tensors and plain values
+        # torch's own text advises weights_only=False, which runs whatever code the file holds: its cause only
+        cause = str(e).split("WeightsUnpickler error:", 1)[-1].split("Check the documentation")[0].strip()
+        raise CheckpointError(f"checkpoint {path} is unreadable: not a torch checkpoint of tensors and plain Python "
+                              f"values (torch.load with weights_only=True: {cause or type(e).__name__})") from e
+    except Exception as e:  # truncated, zero-filled, ...
         raise CheckpointError(f"checkpoint {path} is unreadable ({type(e).__name__}: {e})") from e
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(ckpt).__name__}, expected a dict")

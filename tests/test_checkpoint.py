@@ -30,6 +30,10 @@ def test_atomic_save_keeps_previous_and_bad_files_are_named(tmp_path):
     last.write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="ar-ckpt-last.pth is unreadable"):
         load_checkpoint(last)
+    last.write_text("# a README\n")  # a walkthrough: torch's message advised weights_only=False (code execution)
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(last)
+    assert "not a torch checkpoint of tensors" in str(e.value) and "weights_only` set to `False" not in str(e.value)
     last.unlink()
     assert folder.find_resume() == prev
 
