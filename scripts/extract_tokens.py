@@ -101,9 +101,9 @@ def plan(args: argparse.Namespace, identity: dict, sizes: dict[str, int], world:
 
 
 def layout(manifest: dict) -> str:
-    """The source, image counts and shards of a manifest, in words."""
-    return f"{manifest['source']}: " + ", ".join(f"{s} {i['images']} images in {len(i['shards'])} shard(s)"
-                                                  for s, i in manifest["splits"].items())
+    """The source, image counts, views and shards of a manifest, in words."""
+    return f"{manifest['source']}: " + ", ".join(f"{s} {i['images']} images x {len(i['views'])} view(s) in "
+                                                  f"{len(i['shards'])} shard(s)" for s, i in manifest["splits"].items())
 
 
 def start(out: Path, manifest: dict) -> bool:

@@ -368,14 +368,17 @@ def test_extraction_killed_and_relaunched_is_byte_identical_and_skips_unreadable
 
     killed = read_manifest(setup / "killed")
     assert killed["files"]["train"] is not None and start(setup / "killed", {**killed, "source": f"{setup}/broken/"})
-    for change, message in (({"views": ["center"]}, "the views (--views): cache ['rand0', "),
+    one_view = {s: {**i, "views": ["center"]} for s, i in killed["splits"].items()}  # as a relaunch with --views
+    for change, message in (({"views": ["center"], "splits": one_view}, "the views (--views): cache ['rand0', "),
                             ({"seed": -1}, "--seed: cache "),  # its rand<i> crops (--batch only splits chunks)
                             ({"splits": {}}, "the images or ranks: cache "),
                             ({"source": f"{setup}/data"}, "the images or ranks: cache "),
                             ({"files": {**killed["files"], "val": "0"}}, "the image files (digest of their paths")):
         with pytest.raises(TokenCacheError, match=re.escape(f"{setup / 'killed'} holds an extraction of other "
-                                                            f"settings ({message}")):
+                                                            f"settings ({message}")) as refused:
             start(setup / "killed", {**read_manifest(setup / "killed"), **change})  # a relaunch with other flags
+        sides = re.search(r"the images or ranks: cache (.*?), this run (.*?)(?:; |\): relaunch)", str(refused.value))
+        assert sides is None or sides.group(1) != sides.group(2), str(refused.value)  # a walkthrough: views unsaid
 
 
 # rank 1 commits each chunk 0.3 s late, looking first whether the manifest says complete already: rank 0 completes it
