@@ -56,6 +56,9 @@ def load_tokenizer(args: argparse.Namespace, device: torch.device) -> VQVAE:
     try:
         return load_vae(args.vae_ckpt, device, v_patch_nums=args.patch_nums)
     except FileNotFoundError as e:
+        if args.tokens and (flags := extraction_flags(args.tokens)):
+            raise FileNotFoundError(f"{e}\nThe token cache {args.tokens} was extracted with {flags}: pass the same "
+                                    "to train.py") from e
         if args.vae_ckpt or args.data_path or not args.dataset:
             raise
         raise FileNotFoundError(f"{e}\nFor the embedded data set, a small tokenizer of your own is enough: "
@@ -64,6 +67,16 @@ def load_tokenizer(args: argparse.Namespace, device: torch.device) -> VQVAE:
                                 "--out_dir=local_output/tokenizer, "
                                 "then --vae_ckpt=local_output/tokenizer/tokenizer-last.pth --pn=1_2_3_4 (make demo "
                                 "does both)") from e
+
+
+def extraction_flags(tokens: str) -> str:
+    """The tokenizer flags the token cache `tokens` was extracted with ("" when its manifest is unreadable)."""
+    try:
+        manifest = read_manifest(tokens)
+    except (TokenCacheError, OSError, ValueError):
+        return ""
+    vae = [f"--vae_ckpt={manifest['vae_ckpt']}"] if manifest.get("vae_ckpt") else []  # not in older manifests
+    return " ".join([*vae, f"--pn={'_'.join(map(str, manifest['patch_nums']))}"])
 
 
 def build_data(args: argparse.Namespace, vae: VQVAE, reso: int

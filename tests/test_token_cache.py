@@ -7,6 +7,8 @@ import pickle
 import re
 import shutil
 import signal
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import PER_RANK, REPO, build_tiny_mvar, interrupt, launch, launch_cmd, write_image_folder
+from conftest import PER_RANK, REPO, SUBPROCESS_ENV, build_tiny_mvar, interrupt, launch, launch_cmd, write_image_folder
 from test_trainer_e2e import KILL_AFTER_FIRST_SAVE, TINY, logged_losses, model_state
 from models.loading import vae_checkpoint
 from scripts.extract_tokens import ViewSource, extract_shard, finish, plan, start
@@ -67,6 +69,17 @@ def all_ids(folder: Path, split: str) -> tuple[np.ndarray, list[int]]:
 def centre_cache(setup):
     launch(EXTRACT, *extract_flags(setup, setup / "centre"), nproc=1)
     return setup / "centre"
+
+
+def test_training_from_a_cache_without_its_tokenizer_names_the_extractions_flags(setup, centre_cache, tmp_path):
+    """A walkthrough: train.py --tokens without --vae_ckpt went for VAR's tokenizer and said only that it was not
+    there, although the cache's manifest records which file made it."""
+    env = {**SUBPROCESS_ENV, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    proc = subprocess.run([sys.executable, str(REPO / "train.py"), f"--tokens={centre_cache}", "--depth=1",
+                           f"--local_out_dir_path={tmp_path / 'out'}"], env=env, cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert f"was extracted with --vae_ckpt={setup / 'vae.pth'} --pn=1_2_4: pass the same to train.py" in proc.stderr
 
 
 def test_training_from_a_centre_crop_cache_equals_training_from_the_images(setup, centre_cache):
