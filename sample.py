@@ -237,10 +237,6 @@ def check_against_config(args: argparse.Namespace, config: MVARConfig, ckpt: str
     bad = [c for c in (args.classes or ()) if c >= config.num_classes]
     if bad:
         problems.append(f"--classes {bad} outside the model's classes [0, {config.num_classes - 1}]")
-    if args.classes is None and not args.fid and max(DEMO_CLASSES) >= config.num_classes:
-        problems.append(f"--classes: the default, VAR's demo classes {' '.join(map(str, DEMO_CLASSES))} (ImageNet "
-                        f"ids), is outside {ckpt}'s {config.num_classes} classes: pass --classes with ids in "
-                        f"[0, {config.num_classes - 1}]")
     if problems:
         raise ValueError("; ".join(problems))
 
@@ -554,6 +550,10 @@ def main(argv: Sequence[str] | None = None) -> Path | None:
     except ValueError as e:
         raise SystemExit(f"error: {e}") from e
     mvar, ckpt_path, vae_id = open_model(args, device)
+    if args.classes is None and not args.fid and max(DEMO_CLASSES) >= mvar.num_classes:
+        raise SystemExit(f"error: --classes: the default, VAR's demo classes {' '.join(map(str, DEMO_CLASSES))} "
+                         f"(ImageNet ids), is outside this model's {mvar.num_classes} classes: pass --classes with "
+                         f"ids in [0, {mvar.num_classes - 1}]")
     if args.edit is not None:
         try:
             return sample_edit(args, mvar)

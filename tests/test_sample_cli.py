@@ -102,9 +102,6 @@ def test_bad_flags_fail_before_reading_anything(flags, message, capsys, tmp_path
 
 @pytest.mark.parametrize("flags, message", [
     (("--classes", 3, NUM_CLASSES), f"--classes \\[{NUM_CLASSES}\\] outside the model's classes \\[0, 9\\]"),
-    # a walkthrough: the default classes (ImageNet ids) were an IndexError in the class embedding, after loading
-    ((), "--classes: the default, VAR's demo classes 980 437 22 562 \\(ImageNet ids\\), is outside tiny.pth's 10 "
-         "classes: pass --classes with ids in \\[0, 9\\]"),
     (("--depth", 3), "--depth=3, but tiny.pth holds a depth-2 model"),
     (("--arch", "var"), "--arch=var, but tiny.pth holds arch=mvar"),
 ])
@@ -116,6 +113,18 @@ def test_checkpoint_mismatch_fails_before_building(flags, message, ckpt, monkeyp
     monkeypatch.setattr(sample, "load_vae", must_not_run)
     with pytest.raises(SystemExit, match=message):
         run(ckpt, *flags, "--out", tmp_path / "x.png")
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_the_default_classes_outside_the_models_are_an_error_before_sampling(ckpt, monkeypatch, tmp_path):
+    """A walkthrough: without --classes, a model of fewer than 1000 classes (the demo's) got VAR's demo classes
+    (ImageNet ids) and failed with an IndexError in the class embedding. Now an error line names the flag, before
+    anything is generated."""
+    monkeypatch.setattr(sample, "make_generate", lambda *a, **k: pytest.fail("generated before the check"))
+    with pytest.raises(SystemExit, match="error: --classes: the default, VAR's demo classes 980 437 22 562 "
+                                         "\\(ImageNet ids\\), is outside this model's 10 classes: pass --classes "
+                                         "with ids in \\[0, 9\\]"):
+        run(ckpt, "--out", tmp_path / "x.png")
     assert not (tmp_path / "x.png").exists()
 
 
