@@ -154,14 +154,17 @@ def main(argv: list[str] | None = None) -> int:
     print("GPU: " + (", ".join(f"{k} {v}" for k, v in gpu.items()) or "none"))
     print(markdown_table(["op", "dtype", f"auto on {device.type}", "why not a faster kernel"], kernels))
     print(markdown_table(["torch feature", "since torch", "needed by", "here"], features))
-    print(build_tools())
-    lines = check_lines(args.dry_run, gpu, versions) + kernel_lines(
-        bool(gpu), versions, triton_launch_problem(device) if gpu and versions["triton"] != "absent" else "no Triton",
-        mamba2.load_kernels())
+    tools = build_tools()
+    print(tools)
+    launch_problem = None  # only a GPU's matters (kernel_lines)
+    if gpu:
+        launch_problem = "Triton is not installed" if versions["triton"] == "absent" else triton_launch_problem(device)
+    lines = check_lines(args.dry_run, gpu, versions) + kernel_lines(bool(gpu), versions, launch_problem,
+                                                                    mamba2.load_kernels())
     for line in lines:
         print(line.text())
     write_lines(args.out, lines, packages=versions, gpu=gpu, kernels=kernels, torch_features=features,
-                python=sys.version.split()[0], cpus=os.cpu_count(), build_tools=build_tools())
+                python=sys.version.split()[0], cpus=os.cpu_count(), build_tools=tools)
     return 1 if any_failed(lines) else 0
 
 

@@ -53,6 +53,10 @@ def add_image_source_flags(parser: argparse._ActionsContainer) -> None:
                         "`apt-get install dataset-fashion-mnist`)")
 
 
+# what --eval_net takes (train.py's flag check and utils.evaluation.during_training's loading say it alike)
+EVAL_NET_EXPECTED = "expected 'inception' or a SmallCNN state dict file (the study's classifier.pt)"
+
+
 def sampling_problems(cfg: float, top_k: int, top_p: float, prefix: str = "--") -> list[str]:
     """What is wrong with classifier-free guidance and top-k / top-p values (sample.py's --cfg --top_k --top_p,
     train.py's --eval_cfg ...: `prefix` names them)."""
@@ -265,8 +269,7 @@ def finalize_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
                                                            "--eval_")):
         raise FlagError("; ".join(problems))
     if args.eval_every and args.eval_net != "inception" and not Path(args.eval_net).is_file():
-        raise FlagError(f"--eval_net={args.eval_net}: expected 'inception' or a SmallCNN state dict file (the "
-                        "study's classifier.pt): no such file")
+        raise FlagError(f"--eval_net={args.eval_net}: {EVAL_NET_EXPECTED}: no such file")
     if problem := mid_reso_problem(args.mid_reso):
         raise FlagError(problem)
     if args.tfast in (1, 2) and args.ac > 1:  # reduce-overhead and max-autotune both use CUDA graphs

@@ -29,7 +29,7 @@ from utils.evaluation.fid import frechet_distance_of_features
 from utils.evaluation.fid_dump import chunk_seed
 from utils.evaluation.inception import load_inception
 from utils.evaluation.scores import classifier_view
-from utils.flags import FlagError
+from utils.flags import EVAL_NET_EXPECTED, FlagError
 from utils.run.log import SAME_ON_ALL_RANKS
 from utils.sample_io import to_uint8_BHW3
 
@@ -49,8 +49,7 @@ def feature_network(name: str, device: torch.device) -> tuple[str, FeatureFn]:
         clf = SmallCNN(state["head.weight"].shape[0], ch=state["features.0.weight"].shape[0])
         clf.load_state_dict(state)
     except Exception as e:  # not a file, not a state dict, another network
-        raise FlagError(f"--eval_net={name}: expected 'inception' or a SmallCNN state dict (the study's "
-                         f"classifier.pt): {type(e).__name__}: {e}") from e
+        raise FlagError(f"--eval_net={name}: {EVAL_NET_EXPECTED}: {type(e).__name__}: {e}") from e
 
     def features(imgs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         view = classifier_view(clf, imgs)
