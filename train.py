@@ -33,14 +33,14 @@ from utils.data.loaders import DataError, build_datasets, build_loaders, build_v
     file_list_digest
 from utils.data.token_cache import TokenCacheError, TokenDataset, content_digest, gaps, open_cache, read_manifest, \
     tokenizer_digest
-from utils.evaluation.during_training import EvaluationStopped, TrainingEval
+from utils.evaluation.during_training import TrainingEval
 from utils.flags import FlagError, changed_flags, finalize_args, model_shape, parse_args
 from utils.run.agreement import refuse_disagreement, run_facts
 from utils.run.checkpoint import OutputFolderError, RunFolder, check_writable, position_text
 from utils.run.divergence import NonFiniteError
 from utils.run.lock import RunLockError
 from utils.run.log import SAME_ON_ALL_RANKS, TBLogger, setup_logging
-from utils.run.preemption import Preemption
+from utils.run.preemption import Preemption, Stopped
 from utils.run.rng import resolve_seed, seed_everything
 from utils.run.schedule import Schedule
 
@@ -259,10 +259,10 @@ def images_after(epochs: int, iters: int, args: argparse.Namespace) -> int:
 def end_epoch(ep: int, iters: int, args: argparse.Namespace, trainer: Trainer, val_loader, tb: TBLogger,
               saver: Checkpointer, mvar: MVAR, best_val: float) -> float:
     """Validation, sample grid, evaluation and checkpoint after epoch `ep` (resuming from it starts the next epoch)
-    -> the best val loss so far. A signal (a collective check before each of them, and between --eval_every's
-    chunks) makes the checkpoint come first, marked so that the resumed run does this epoch's end before going on
-    (`epoch_end_pending`), and the run exits: a preemption's grace period is short, and validation plus
-    --eval_every can outlast it."""
+    -> the best val loss so far. A signal (a collective check before each of them, and between validation's
+    batches and --eval_every's chunks) makes the checkpoint come first, marked so that the resumed run does this
+    epoch's end before going on (`epoch_end_pending`), and the run exits: a preemption's grace period is short, and
+    validation and --eval_every can outlast it."""
     best_before, is_best = best_val, False
 
     def signalled() -> bool:  # collective; not inside an accumulation window, which no checkpoint splits
@@ -270,7 +270,7 @@ def end_epoch(ep: int, iters: int, args: argparse.Namespace, trainer: Trainer, v
 
     def validate() -> None:
         nonlocal best_val, is_best
-        val = trainer.evaluate(val_loader)
+        val = trainer.evaluate(val_loader, stop=signalled)
         is_best = val["vL_tail"] < best_val  # VAR picks its best checkpoint by the last scale's loss
         best_val = min(best_val, val["vL_tail"])
         logger.info("ep %d val: L mean %.4f tail %.4f | acc mean %.2f tail %.2f (%d images)", ep + 1,
@@ -299,7 +299,7 @@ def end_epoch(ep: int, iters: int, args: argparse.Namespace, trainer: Trainer, v
         if not stopped:
             try:
                 phase()
-            except EvaluationStopped:
+            except Stopped:
                 stopped = True
         if stopped:
             tb.flush()
@@ -440,7 +440,7 @@ def main(args: argparse.Namespace) -> None:
     num_classes = args.num_classes or num_classes
     train_loader, val_loader, sampler = build_loaders(train_set, val_set, args.batch_size, args.workers, rank,
                                                       world, args.seed, pin_memory=device.type == "cuda",
-                                                      pad_eval=args.fsdp,  # FSDP2: equal val batch counts
+                                                      pad_eval=True,  # equal val batch counts: FSDP2, stop checks
                                                       seeded=not args.tokens)  # a cache's view: from the seed
     mvar = build_model(args, vae, num_classes, device)
     seed_everything(args.seed, rank, world)

@@ -6,7 +6,7 @@ Shape legend: B batch, L tokens of all scales, V vocabulary, Cv tokenizer latent
 import dataclasses
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,10 +21,11 @@ from models.loading import CheckpointError, weights_digest
 from models.mvar import MVAR, MVARConfig
 from models.precision import effective_amp_dtype
 from models.tokenizer import VQVAE, VQVAEConfig
-from utils.data.loaders import class_difference
+from utils.data.loaders import PaddedEvalDataset, class_difference
 from utils.run.checkpoint import position_text
 from utils.run.divergence import DivergenceGuard, NonFiniteError
 from utils.run.log import SAME_ON_ALL_RANKS, Averager
+from utils.run.preemption import Stopped
 from utils.run.rng import gather_rng_states, restore_rng_states
 from utils.run.schedule import Schedule, SchedulePoint, set_lr_wd
 
@@ -326,17 +327,25 @@ class Trainer:
         return out
 
     @torch.no_grad()
-    def evaluate(self, loader, resos: Sequence[int] | None = None) -> dict[str, float]:
+    def evaluate(self, loader, resos: Sequence[int] | None = None,
+                 stop: Callable[[], bool] | None = None) -> dict[str, float]:
         """Validation over `loader` (cond dropout off: eval mode): mean loss / accuracy overall, on the last
         scale and per scale, averaged over all samples of all ranks. Batches are (images, labels) or
         (images, labels, valid), images or token ids (`targets`): items with valid False (padding,
-        utils.data.loaders.PaddedEvalDataset) are not counted."""
+        utils.data.loaders.PaddedEvalDataset) are not counted. `stop()`, a collective asked before each batch
+        (so every rank must have as many: a padded loader), True raises utils.run.preemption.Stopped."""
+        if stop is not None and not isinstance(loader.dataset, PaddedEvalDataset):
+            raise ValueError("a stop check before each val batch is a collective: build the loader with pad_eval=True "
+                             "(utils.data.loaders.build_loaders), so that every rank runs as many batches")
         resos = resos or self.resos
         was_training = self.mvar.training
         self.mvar.eval()
         K = len(self.seg_lens)
         sums = torch.zeros(2 * K + 3, device=self.device, dtype=torch.float64)  # L, acc per scale; Lm, Accm, count
-        for inp_B3HW, label_B, *valid in loader:
+        for i, (inp_B3HW, label_B, *valid) in enumerate(loader):
+            if stop is not None and stop():
+                self.mvar.train(was_training)
+                raise Stopped(f"validation stopped before batch {i + 1} of {len(loader)}")
             inp_B3HW, label_B = inp_B3HW.to(self.device, non_blocking=True), label_B.to(self.device, non_blocking=True)
             w_B = valid[0].to(self.device, torch.float64) if valid else torch.ones(len(label_B), device=self.device,
                                                                                     dtype=torch.float64)

@@ -246,7 +246,7 @@ def test_the_best_checkpoint_follows_the_last_scales_val_loss_not_the_mean():
     args = types.SimpleNamespace(ep=5, val_every=1, sample_every=0, eval_every=1)
     for ep, (mean, tail) in enumerate(((3.0, 2.0), (2.5, 2.1), (2.6, 1.9))):
         val = dict(vL_mean=mean, vL_tail=tail, vacc_mean=0.0, vacc_tail=0.0, n=4)
-        trainer = types.SimpleNamespace(window_micro_steps=0, evaluate=lambda loader, val=val: val)
+        trainer = types.SimpleNamespace(window_micro_steps=0, evaluate=lambda loader, stop, val=val: val)
         best = saved[-1][1] if saved else float("inf")
         train.end_epoch(ep, 3, args, trainer, None, tb, saver, None, best)
     assert saved == [(1, 2.0, True), (2, 2.0, False), (3, 1.9, True)]

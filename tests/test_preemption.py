@@ -114,15 +114,16 @@ def test_second_signal_exits_at_once():
     assert proc.returncode == 0 and "still alive" in proc.stdout  # within REPEAT_S: one event
 
 
-def end_of_epoch(signal_after: int, ep: int = 0, blocked: bool = False, stop_evaluation: bool = False) -> list:
+def end_of_epoch(signal_after: int, ep: int = 0, blocked: bool = False, stop_validation: bool = False,
+                 stop_evaluation: bool = False) -> list:
     """What train.end_epoch does with stand-ins (3 epochs; validation, samples and --eval_every due; best val 1.0,
     this epoch's 0.5) when the collective signal check says yes from its `signal_after`-th call on (the 1st is before
-    validation); `blocked`: a signal's save returns (the last step was bad) instead of exiting; `stop_evaluation`:
-    the evaluation ends early (its own check)."""
+    validation); `blocked`: a signal's save returns (the last step was bad) instead of exiting; `stop_validation`,
+    `stop_evaluation`: validation or the evaluation ends early (their own checks, between batches or chunks)."""
     import types
 
     import train
-    from utils.evaluation.during_training import EvaluationStopped
+    from utils.run.preemption import Stopped
 
     calls, checks = [], []
 
@@ -137,15 +138,20 @@ def end_of_epoch(signal_after: int, ep: int = 0, blocked: bool = False, stop_eva
 
     def evaluate(*args, stop):
         if stop_evaluation:
-            raise EvaluationStopped("stopped before chunk 2 of 3")
+            raise Stopped("stopped before chunk 2 of 3")
         calls.append("evaluated")
         return {"epoch": 1, "images": 5, "train_s": 1.0, "fd": 2.0}
 
     saver = types.SimpleNamespace(preemption=types.SimpleNamespace(requested=requested), save=save,
                                   evaluator=types.SimpleNamespace(evaluate=evaluate))
     val = dict(vL_mean=0.6, vL_tail=0.5, vacc_mean=0.0, vacc_tail=0.0, n=4)
-    trainer = types.SimpleNamespace(window_micro_steps=0, train_seconds=1.0,
-                                    evaluate=lambda loader: calls.append("validated") or val)
+    def validate(loader, stop):
+        if stop_validation:
+            raise Stopped("validation stopped before batch 2 of 3")
+        calls.append("validated")
+        return val
+
+    trainer = types.SimpleNamespace(window_micro_steps=0, train_seconds=1.0, evaluate=validate)
     tb = types.SimpleNamespace(flush=lambda: None, scalars=lambda *a, **k: None,
                                image=lambda *a, **k: calls.append("samples"))
     args = types.SimpleNamespace(ep=3, val_every=1, sample_every=1, eval_every=1, eval_n=6, fsdp=True, seed=0,
@@ -160,9 +166,10 @@ def end_of_epoch(signal_after: int, ep: int = 0, blocked: bool = False, stop_eva
 def test_a_signal_at_an_epoch_end_saves_first_and_leaves_that_end_to_the_resumed_run(monkeypatch):
     """A review: a signal during an epoch's last iterations was saved only after validation, the sample grid and
     --eval_every, which can outlast a preemption's grace period (torchrun's: 30 s before SIGKILL). A signal before
-    any of them, between them, or during the evaluation (its check between chunks) now saves at once, with the best
-    val loss from before this epoch's end and marked pending, so that the resumed run does that end first; in the
-    last epoch too. A signal's save that waits for a good step (the last was bad) skips the rest of the end."""
+    any of them, between them, or during validation or the evaluation (their checks between batches or chunks) now
+    saves at once, with the best val loss from before this epoch's end and marked pending, so that the resumed run
+    does that end first; in the last epoch too. A signal's save that waits for a good step (the last was bad) skips
+    the rest of the end."""
     import train
 
     monkeypatch.setattr(train, "sample_grid", lambda *a, **k: None)
@@ -171,6 +178,7 @@ def test_a_signal_at_an_epoch_end_saves_first_and_leaves_that_end_to_the_resumed
     assert end_of_epoch(0) == [pending, 143]
     assert end_of_epoch(0, ep=2) == [("save", 3, 0, 1.0, True), 143]  # the last epoch too
     assert end_of_epoch(1) == ["validated", pending, 143]
+    assert end_of_epoch(1, stop_validation=True) == [pending, 143]  # the best val loss from before this end
     assert end_of_epoch(2) == ["validated", "samples", pending, 143]
     assert end_of_epoch(3, stop_evaluation=True) == ["validated", "samples", pending, 143]
     assert end_of_epoch(3) == ["validated", "samples", "evaluated", ("save", 1, 0, 0.5, False)]  # no signal
@@ -179,7 +187,8 @@ def test_a_signal_at_an_epoch_end_saves_first_and_leaves_that_end_to_the_resumed
 
 def test_an_evaluation_asks_before_each_chunk_whether_to_stop():
     """sharded_features calls `stop` (a collective) before each chunk, as often on every rank; True ends it."""
-    from utils.evaluation.during_training import EvaluationStopped, sharded_features
+    from utils.evaluation.during_training import sharded_features
+    from utils.run.preemption import Stopped
 
     asked, made = [], []
 
@@ -194,7 +203,7 @@ def test_an_evaluation_asks_before_each_chunk_whether_to_stop():
         asked.append(len(made))
         return len(asked) == 3
 
-    with pytest.raises(EvaluationStopped, match="before chunk 3 of 4"):
+    with pytest.raises(Stopped, match="before chunk 3 of 4"):
         sharded_features(4 * CHUNK, images, features, stop)
     assert asked == [0, 1, 2] and made == [0, CHUNK]
     assert sharded_features(2 * CHUNK, images, features, lambda: False)[0].shape == (2 * CHUNK, 2)

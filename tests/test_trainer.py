@@ -18,6 +18,7 @@ from conftest import build_tiny_mvar
 from trainer import Trainer, data_problems, param_groups
 from utils.data.loaders import build_loaders
 from utils.run.divergence import NonFiniteError
+from utils.run.preemption import Stopped
 from utils.run.schedule import Schedule
 
 pytestmark = pytest.mark.numerics  # rerun by `make test` at the lowest ISA level
@@ -578,6 +579,27 @@ def test_fsdp_evaluate_on_two_ranks_with_odd_val_set_equals_one_process(tmp_path
     got = json.loads(out.read_text())
     assert ref["n"] == got["n"] == 7 and ref.keys() == got.keys()
     assert all(math.isclose(ref[k], got[k], rel_tol=1e-5, abs_tol=1e-6) for k in ref), (ref, got)
+
+
+def test_validation_asks_before_each_batch_whether_to_stop():
+    """A review: validation ran to its end after a signal (ImageNet's 50,000 images at d30: minutes, past a
+    preemption's grace period). `stop()`, train.py's collective signal check, is asked before each batch of the
+    padded loader (every rank has as many); True raises Stopped naming the batch, with the model's mode restored."""
+    _, loader, _ = build_loaders(val_set(), val_set(), 2, 0, 0, 1, seed=0, pad_eval=True)  # 7 images: batches of 3
+    tr, asked = tiny(), []
+
+    def stop():
+        asked.append(len(asked))
+        return len(asked) == 2
+
+    tr.mvar.train()
+    with pytest.raises(Stopped, match="before batch 2 of 3"):
+        tr.evaluate(loader, resos=(2, 4, 8), stop=stop)
+    assert asked == [0, 1] and tr.mvar.training
+    assert tr.evaluate(loader, resos=(2, 4, 8), stop=lambda: False) == tr.evaluate(loader, resos=(2, 4, 8))
+    _, unpadded, _ = build_loaders(val_set(), val_set(), 2, 0, 0, 1, seed=0)  # ranks' batch counts may differ
+    with pytest.raises(ValueError, match="pad_eval=True"):
+        tr.evaluate(unpadded, resos=(2, 4, 8), stop=lambda: False)
 
 
 def test_deterministic_flag_turns_on_deterministic_kernels(monkeypatch, caplog):

@@ -362,8 +362,9 @@ def build_loaders(train_set: Dataset, val_set: Dataset, batch_size: int, workers
     `seeded`: train items run their transform under their seed (`SeededDataset`); False hands the (index, seed)
     items to the data set itself (utils.data.token_cache.TokenDataset draws its view from the seed).
 
-    With `pad_eval` (needed under FSDP2) every rank runs the same number of val batches, which then are
-    (images, labels, valid) with padded items marked invalid; otherwise val batches are (images, labels).
+    With `pad_eval` every rank runs the same number of val batches (train.py: FSDP2's forwards and validation's
+    per-batch stop check are collectives), which then are (images, labels, valid) with padded items marked invalid;
+    otherwise val batches are (images, labels).
     """
     sampler = DistributedBatchSampler(len(train_set), batch_size * world_size, rank, world_size, seed)
     # an explicit generator keeps DataLoader from drawing its base seed from the global RNG (exact resume)

@@ -9,8 +9,8 @@ chunks of `CHUNK` seeded from (seed, chunk) alone: the same images for any numbe
 are sharded, and the same at every point of the curve apart from the weights. The reference is `--eval_n`
 validation images of the same classes in the same proportions (`reference_indices`). Sampling uses its own
 generators, so training draws what it would without it. A `stop` callback, asked before each chunk on every rank,
-ends an evaluation early (EvaluationStopped: train.py's signal, whose checkpoint leaves the evaluation to the resumed
-run).
+ends an evaluation early (utils.run.preemption.Stopped: train.py's signal, whose checkpoint leaves the evaluation
+to the resumed run).
 """
 import logging
 from collections import defaultdict
@@ -31,6 +31,7 @@ from utils.evaluation.inception import load_inception
 from utils.evaluation.scores import classifier_view
 from utils.flags import EVAL_NET_EXPECTED, FlagError
 from utils.run.log import SAME_ON_ALL_RANKS
+from utils.run.preemption import Stopped
 from utils.sample_io import to_uint8_BHW3
 
 logger = logging.getLogger(__name__)
@@ -71,22 +72,18 @@ def reference_indices(labels: Sequence[int] | None, n: int, num_classes: int) ->
     return [of_class[c][k] for c, k in wanted if k < len(of_class[c])]
 
 
-class EvaluationStopped(Exception):
-    """`stop` said so before a chunk (on every rank alike): the evaluation ended without a result."""
-
-
 def sharded_features(n: int, images: Callable[[int, int], np.ndarray], features: FeatureFn,
                      stop: Callable[[], bool] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """Features (and predicted classes) of images 0..n-1 made in chunks of CHUNK (`images(start, stop)` -> uint8),
     chunk c on rank c % world; every rank runs the same number of calls (FSDP's collectives) and gets all of them
     in order. `stop()` (a collective, the same answer on every rank) before each of those calls: True raises
-    EvaluationStopped."""
+    Stopped."""
     world, rank = dist.get_world_size(), dist.get_rank()
     chunks = list(range(0, n, CHUNK))
     mine = {}
     for i in range(rank, len(chunks) + (-len(chunks)) % world, world):
         if stop is not None and stop():
-            raise EvaluationStopped(f"stopped before chunk {i + 1} of {len(chunks)}")
+            raise Stopped(f"stopped before chunk {i + 1} of {len(chunks)}")
         start = chunks[i % len(chunks)]  # ranks past the last chunk redo one and drop it
         feats = features(images(start, min(start + CHUNK, n)))
         if i < len(chunks):
@@ -140,7 +137,7 @@ class TrainingEval:
     def evaluate(self, mvar: nn.Module, epoch: int, images_seen: int, train_seconds: float,
                  stop: Callable[[], bool] | None = None) -> dict:
         """Generate, featurize and score (collective); the point, with the training images and time so far, is
-        appended to `history` and returned. EvaluationStopped when `stop()` (collective) is True before a chunk:
+        appended to `history` and returned. Stopped when `stop()` (collective) is True before a chunk:
         nothing is appended."""
         was_training = mvar.training
         mvar.eval()

@@ -7,7 +7,8 @@ never waits for the GPU), so every rank finishes the same step, the checkpoint i
 checkpoint. Signals closer than `REPEAT_S` to the first count as the same event delivered twice: SLURM signals
 every process of a job, and torchrun forwards the signal it gets (Ctrl-C included) to its workers, so each worker
 usually gets two at once. Work without a checkpoint (sample.py's pictures) uses `sigterm_raises` to keep what is
-finished.
+finished. Work that may outlast a grace period (validation, an evaluation) asks a `stop` callback, the same
+collective, before each unit and raises `Stopped`.
 """
 import contextlib
 import logging
@@ -26,6 +27,11 @@ from utils.run.log import SAME_ON_ALL_RANKS
 logger = logging.getLogger(__name__)
 
 REPEAT_S = 2.0
+
+
+class Stopped(Exception):
+    """A collective `stop()` check said yes before a unit of work (a val batch, an evaluation chunk), on every rank
+    alike: that work ended without a result."""
 
 
 class Preemption:
