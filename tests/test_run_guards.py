@@ -40,7 +40,9 @@ from utils.run.lock import LOCK_NAME, RunLock, RunLockError, read_owner
                                   # a walkthrough: --eval_every sampled with these and logged a meaningless FID,
                                   # or read a missing --eval_net once the data and the model were built
                                   "--eval_top_p=2 --eval_every=1", "--eval_cfg=-2 --eval_every=1",
-                                  "--eval_top_k=-1 --eval_every=1", "--eval_net=/no/such/clf.pt --eval_every=1"])
+                                  "--eval_top_k=-1 --eval_every=1", "--eval_net=/no/such/clf.pt --eval_every=1",
+                                  # --pn and --vae_ckpt default to the cache's: read before any work
+                                  "--tokens=/no/such/cache"])
 def test_flags_that_train_nothing_are_refused(flag):
     with pytest.raises(ValueError, match=flag.split("=")[0]):
         finalize_args(parse_args(flag.split()), world_size=1)

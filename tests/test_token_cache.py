@@ -71,15 +71,29 @@ def centre_cache(setup):
     return setup / "centre"
 
 
-def test_training_from_a_cache_without_its_tokenizer_names_the_extractions_flags(setup, centre_cache, tmp_path):
-    """A walkthrough: train.py --tokens without --vae_ckpt went for VAR's tokenizer and said only that it was not
-    there, although the cache's manifest records which file made it."""
+def test_training_from_a_cache_takes_its_schedule_and_tokenizer_and_names_them_when_the_file_is_gone(
+        setup, centre_cache, tmp_path):
+    """A walkthrough: train.py --tokens without --vae_ckpt and --pn went for VAR's tokenizer and schedule (and said
+    only that VAR's file was not there), although the cache's manifest records which file and schedule made it.
+    They are now the defaults; where the file is not on this machine, the error names the extraction's flags."""
+    flags = [f for f in TINY if not f.startswith("--pn=")]
+    out = launch(REPO / "train.py", f"--tokens={centre_cache}", f"--local_out_dir_path={tmp_path / 'out'}", *flags,
+                 "--ep=1", nproc=1).stdout
+    assert f"training from the token cache {centre_cache} (--pn=1_2_4, tokenizer {setup / 'vae.pth'})" in out
+    args = torch.load(tmp_path / "out" / LAST, weights_only=False)["args"]
+    assert (args["pn"], args["vae_ckpt"]) == ("1_2_4", str(setup / "vae.pth"))
+
+    moved = tmp_path / "moved"  # the cache on another machine, its tokenizer elsewhere
+    shutil.copytree(centre_cache, moved)
+    manifest = read_manifest(moved)
+    write_json(moved / "manifest.json", {**manifest, "vae_ckpt": str(tmp_path / "elsewhere.pth")})
     env = {**SUBPROCESS_ENV, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
-    proc = subprocess.run([sys.executable, str(REPO / "train.py"), f"--tokens={centre_cache}", "--depth=1",
-                           f"--local_out_dir_path={tmp_path / 'out'}"], env=env, cwd=REPO, capture_output=True,
+    proc = subprocess.run([sys.executable, str(REPO / "train.py"), f"--tokens={moved}", "--depth=1",
+                           f"--local_out_dir_path={tmp_path / 'out2'}"], env=env, cwd=REPO, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    assert f"was extracted with --vae_ckpt={setup / 'vae.pth'} --pn=1_2_4: pass the same to train.py" in proc.stderr
+    assert f"was extracted with --vae_ckpt={tmp_path / 'elsewhere.pth'} --pn=1_2_4: pass the same to train.py" in \
+        proc.stderr
 
 
 def test_training_from_a_centre_crop_cache_equals_training_from_the_images(setup, centre_cache):

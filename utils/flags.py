@@ -15,6 +15,7 @@ from models.mvar import MVARConfig
 from models.presets import ARCH_BRANCHES, ATTN_KERNELS, MAMBA_KERNELS, MVAR_models, parse_patch_nums
 from utils.data.embedded import EMBEDDED_DATASETS
 from utils.data.loaders import image_source_problem, mid_reso_problem
+from utils.data.token_cache import TokenCacheError, read_manifest
 from utils.run.schedule import schedule_problem
 
 # MVARConfig field of a `--model` entry -> (train.py flag, its value)
@@ -119,8 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "val/ and --eval_every images are cropped at the cache's --mid_reso). Validation: --data_path's "
                    "val/ images if given, else the cache's val split (its centre view); --eval_every scores "
                    "against --data_path's val/ images, else the embedded --dataset's")
-    g.add_argument("--pn", default="256", help="patch schedule: 256 or 512 (VAR's presets, models.presets) or sides "
-                   "joined by '_'; image size = last side * tokenizer downsample")
+    g.add_argument("--pn", default=None, help="patch schedule: 256 or 512 (VAR's presets, models.presets) or sides "
+                   "joined by '_'; image size = last side * tokenizer downsample (default: 256; with --tokens the "
+                   "cache's)")
     g.add_argument("--mid_reso", type=float, default=1.125, help="resize the shorter side to mid_reso*reso before "
                    "cropping")
     g.add_argument("--hflip", default=False, **b, help="random horizontal flip")
@@ -152,7 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cond_drop_rate", type=float, default=0.1, help="probability of dropping the class label "
                    "(classifier-free guidance) in training")
     g.add_argument("--vae_ckpt", default=None, help="tokenizer checkpoint (VAR's vae_ch160v4096z32.pth or ours); "
-                   "default: the official file from the Hugging Face cache (offline-first)")
+                   "default: with --tokens the file the cache was extracted with, where it is on this machine, else "
+                   "the official file from the Hugging Face cache (offline-first)")
     g.add_argument("--allow_other_tokenizer", default=False, **b, help="resume (or --init_from) although the "
                    "--vae_ckpt weights differ from the tokenizer the checkpoint embeds (same config); the run and its "
                    "checkpoints then use this one")
@@ -254,6 +257,22 @@ def model_shape(args: argparse.Namespace) -> MVARConfig:
                       embed_dim=args.embed_dim, num_heads=args.num_heads, shared_aln=args.saln)
 
 
+def cache_defaults(args: argparse.Namespace) -> None:
+    """--pn and --vae_ckpt where not given: with --tokens the cache's (the schedule in its manifest, and the
+    tokenizer file it was extracted with where that file is on this machine; the tokenizer's digest is what is
+    checked when the cache is opened), else VAR's 256 schedule and tokenizer."""
+    if args.tokens and (args.pn is None or args.vae_ckpt is None):
+        try:
+            manifest = read_manifest(args.tokens)
+        except TokenCacheError as e:
+            raise FlagError(f"--tokens={args.tokens}: {e}") from None
+        if args.pn is None:
+            args.pn = "_".join(map(str, manifest["patch_nums"]))
+        if args.vae_ckpt is None and manifest.get("vae_ckpt") and Path(manifest["vae_ckpt"]).is_file():
+            args.vae_ckpt = manifest["vae_ckpt"]  # not in older manifests
+    args.pn = args.pn or "256"
+
+
 def finalize_args(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
     """Derived settings, as VAR computes them: per-rank micro-batch, peak lr, schedule defaults, patch_nums."""
     for name in ("bs", "ac", "ep", "val_every", "log_every", "depth"):
@@ -291,6 +310,7 @@ def finalize_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
     bad = [f"--{k}={getattr(args, k)}: expected {what}" for k, (ok, what) in ranges.items() if not ok]
     if bad:
         raise FlagError("; ".join(bad))
+    cache_defaults(args)
     try:
         args.patch_nums = parse_patch_nums(args.pn)
     except ValueError as e:
