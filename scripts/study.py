@@ -495,4 +495,7 @@ def main(args: argparse.Namespace) -> Path:
 
 
 if __name__ == "__main__":
+    # `python -m scripts.study` as `python scripts/study.py`: the fork server's children re-run this file by its
+    # path as __mp_main__; by its name, runpy warns in each that the preloaded scripts.study is imported already
+    __spec__ = None
     main(build_parser().parse_args())

@@ -4,10 +4,11 @@ import json
 import math
 import re
 import subprocess
+import sys
 
 import numpy as np
 import pytest
-from conftest import REPO, launch
+from conftest import REPO, SUBPROCESS_ENV, launch
 from models.flops import COUNT_VERSION
 from scripts import study, study_curves, study_report
 from PIL import Image
@@ -29,8 +30,12 @@ def quick_study(tmp_path_factory):
     if needs_fmnist.args[0]:  # the quick study trains on Fashion-MNIST: the tests using it skip where it is absent
         pytest.skip(needs_fmnist.kwargs["reason"])
     out = tmp_path_factory.mktemp("study")
-    proc = run_study(out)
+    # as a module, where the other tests run it by its path as README does: run so, each child of its fork server
+    # warned (runpy: scripts.study "found in sys.modules ... prior to execution")
+    proc = subprocess.run([sys.executable, "-m", "scripts.study", "--quick", f"--out_dir={out}"], env=SUBPROCESS_ENV,
+                          cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "RuntimeWarning" not in proc.stderr, proc.stderr[-4000:]
     return out
 
 

