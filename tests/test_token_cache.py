@@ -543,6 +543,12 @@ def shard_arrays(folder: Path, rank: int, world: int) -> tuple[np.ndarray, np.nd
     return np.load(stem.with_suffix(".ids.npy")), np.load(stem.with_suffix(".labels.npy"))
 
 
+def split_manifest(shards: list[list[int]], classes: list[str], K: int = 2, L: int = 3) -> dict:
+    """The manifest of a hand-written train split of `shards` ([begin, end) per rank) of K views of L ids."""
+    return {"format": 1, "L": L, "classes": classes,
+            "splits": {"train": {"images": shards[-1][1], "views": ["center", "rand0"][:K], "shards": shards}}}
+
+
 def test_a_relaunched_shard_continues_after_its_last_commit_and_keeps_what_was_committed(tmp_path):
     """Rank 1's range [4, 9), killed after its first chunk (image 5 unreadable): the relaunch continues at 6,
     refuses a chunk elsewhere, and the shard ends holding every image's ids and label in its row, zeros and -1
@@ -564,9 +570,7 @@ def test_finish_records_the_unreadable_images_of_every_rank_and_training_leaves_
     bounds = [[0, 4], [4, 7]]
     for rank, (b, e) in enumerate(bounds):
         commit(ShardWriter(tmp_path, "train", rank, 2, [b, e], K=2, L=3), b, e, unreadable=(1, 5))
-    manifest = {"format": 1, "L": 3, "classes": ["a", "b", "c"],
-                "splits": {"train": {"images": 7, "views": ["center", "rand0"], "shards": bounds}}}
-    finish(tmp_path, manifest, world=2)
+    finish(tmp_path, split_manifest(bounds, ["a", "b", "c"]), world=2)
     written = read_manifest(tmp_path)
     assert written["complete"] and written["splits"]["train"]["skipped"] == [1, 5]
     ids, labels = all_ids(tmp_path, "train")
@@ -618,3 +622,30 @@ def test_the_tokenizer_digest_ignores_its_usage_statistics():
     digest = tokenizer_digest(vae)
     vae.quantize.ema_vocab_hit_SV.add_(1.0)
     assert tokenizer_digest(vae) == digest
+
+
+
+
+def test_a_shard_keeps_ids_up_to_65535_and_labels_of_a_thousand_classes(tmp_path):
+    """A 65,536-code tokenizer's ids and ImageNet's 1000 labels come back as written: a narrower dtype would wrap
+    them (label 999 in int8 is -25, an unreadable image left out of training)."""
+    ids = np.array([[[0, 255, 65535]], [[256, 32768, 1]]], dtype=np.uint16)
+    ShardWriter(tmp_path, "train", 0, 1, [0, 2], K=1, L=3).commit(0, {0: (ids[0], 999), 1: (ids[1], 128)}, 2)
+    ds = TokenDataset(tmp_path, split_manifest([[0, 2]], [f"c{i}" for i in range(1000)], K=1), "train")
+    assert len(ds) == 2 and ds.targets == [999, 128]
+    assert [ds[i][0].tolist() for i in range(2)] == ids[:, 0].tolist()
+
+
+def test_a_rank_without_images_lets_the_extraction_finish(tmp_path):
+    """More ranks than chunks (a small val split on many GPUs) leave a rank an empty range: it commits nothing, and
+    the cache must still be finished and read."""
+    bounds = shard_bounds(3, 2, 4)
+    assert bounds == [[0, 0], [0, 3]]
+    for rank, (b, e) in enumerate(bounds):
+        writer = ShardWriter(tmp_path, "train", rank, 2, [b, e], K=2, L=3)
+        if e > b:
+            commit(writer, b, e, unreadable=(1,))
+    finish(tmp_path, split_manifest(bounds, ["a", "b", "c"]), world=2)
+    assert read_manifest(tmp_path)["splits"]["train"]["skipped"] == [1]
+    ids, labels = all_ids(tmp_path, "train")
+    assert np.array_equal(ids, np.stack([ids_of(0), ids_of(2)])) and labels == [0, 2]
