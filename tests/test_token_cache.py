@@ -19,10 +19,10 @@ from PIL import Image
 
 from conftest import PER_RANK, REPO, SUBPROCESS_ENV, build_tiny_mvar, interrupt, launch, launch_cmd, write_image_folder
 from test_trainer_e2e import KILL_AFTER_FIRST_SAVE, TINY, logged_losses, model_state
-from models.loading import vae_checkpoint
+from models.loading import load_vae, vae_checkpoint
 from scripts.extract_tokens import ViewSource, extract_shard, finish, plan, start
 from trainer import data_problems
-from utils.data.loaders import DataError
+from utils.data.loaders import DataError, sample_seed
 from utils.data.token_cache import TokenCacheError, TokenDataset, content_digest, gaps, open_cache, pick_view, \
     read_manifest, ShardWriter, shard_bounds, shard_name, tokenizer_digest, write_json
 from utils.data.views import parse_views, render_views
@@ -557,6 +557,12 @@ def shard_arrays(folder: Path, rank: int, world: int) -> tuple[np.ndarray, np.nd
     return np.load(stem.with_suffix(".ids.npy")), np.load(stem.with_suffix(".labels.npy"))
 
 
+def split_manifest(shards: list[list[int]], classes: list[str], K: int = 2, L: int = 3) -> dict:
+    """The manifest of a hand-written train split of `shards` ([begin, end) per rank) of K views of L ids."""
+    return {"format": 1, "L": L, "classes": classes,
+            "splits": {"train": {"images": shards[-1][1], "views": ["center", "rand0"][:K], "shards": shards}}}
+
+
 def test_a_relaunched_shard_continues_after_its_last_commit_and_keeps_what_was_committed(tmp_path):
     """Rank 1's range [4, 9), killed after its first chunk (image 5 unreadable): the relaunch continues at 6,
     refuses a chunk elsewhere, and the shard ends holding every image's ids and label in its row, zeros and -1
@@ -578,9 +584,7 @@ def test_finish_records_the_unreadable_images_of_every_rank_and_training_leaves_
     bounds = [[0, 4], [4, 7]]
     for rank, (b, e) in enumerate(bounds):
         commit(ShardWriter(tmp_path, "train", rank, 2, [b, e], K=2, L=3), b, e, unreadable=(1, 5))
-    manifest = {"format": 1, "L": 3, "classes": ["a", "b", "c"],
-                "splits": {"train": {"images": 7, "views": ["center", "rand0"], "shards": bounds}}}
-    finish(tmp_path, manifest, world=2)
+    finish(tmp_path, split_manifest(bounds, ["a", "b", "c"]), world=2)
     written = read_manifest(tmp_path)
     assert written["complete"] and written["splits"]["train"]["skipped"] == [1, 5]
     ids, labels = all_ids(tmp_path, "train")
@@ -632,3 +636,79 @@ def test_the_tokenizer_digest_ignores_its_usage_statistics():
     digest = tokenizer_digest(vae)
     vae.quantize.ema_vocab_hit_SV.add_(1.0)
     assert tokenizer_digest(vae) == digest
+
+
+def test_a_cache_of_another_mid_reso_is_refused_and_told_apart(centre_cache):
+    """--mid_reso scales the images before their crops are taken, so a cache made at another one holds other crops:
+    training (or a relaunched extraction) must refuse it, and ranks comparing their node-local caches tell it
+    apart."""
+    manifest = read_manifest(centre_cache)
+    with pytest.raises(TokenCacheError, match=r"--mid_reso: cache 1\.0, this run 1\.5$"):
+        open_cache(centre_cache, {"mid_reso": 1.5})
+    assert content_digest({**manifest, "mid_reso": 1.5}) != content_digest(manifest)
+
+
+def test_extraction_crops_at_its_seed_and_mid_reso(setup, tmp_path):
+    """The ids stored are those of the crops render_views makes at --seed and --mid_reso (both recorded in the
+    manifest and checked against), not at their defaults: encoded here from the images for comparison."""
+    from scripts.extract_tokens import encode
+    from utils.data.loaders import open_split
+
+    views = ["rand0", "center"]
+    launch(EXTRACT, *extract_flags(setup, tmp_path / "cache", f"--views={','.join(views)}", "--seed=1",
+                                   "--mid_reso=1.5", "--limit=2"), nproc=1)
+    ids, _ = all_ids(tmp_path / "cache", "train")
+    images = open_split(str(setup / "data"), "", "train", None)
+    vae = load_vae(setup / "vae.pth", v_patch_nums=(1, 2, 4))
+
+    def ids_at(seed, mid_reso):
+        return encode(vae, torch.stack([render_views(images.read(i), views, 8, mid_reso, seed, i) for i in range(2)]),
+                      encode_batch=64)
+    assert np.array_equal(ids, ids_at(seed=1, mid_reso=1.5))
+    assert not np.array_equal(ids, ids_at(seed=0, mid_reso=1.5)) and not np.array_equal(ids, ids_at(1, 1.0))
+
+
+def test_a_shard_keeps_ids_up_to_65535_and_labels_of_a_thousand_classes(tmp_path):
+    """A 65,536-code tokenizer's ids and ImageNet's 1000 labels come back as written: a narrower dtype would wrap
+    them (label 999 in int8 is -25, an unreadable image left out of training)."""
+    ids = np.array([[[0, 255, 65535]], [[256, 32768, 1]]], dtype=np.uint16)
+    ShardWriter(tmp_path, "train", 0, 1, [0, 2], K=1, L=3).commit(0, {0: (ids[0], 999), 1: (ids[1], 128)}, 2)
+    ds = TokenDataset(tmp_path, split_manifest([[0, 2]], [f"c{i}" for i in range(1000)], K=1), "train")
+    assert len(ds) == 2 and ds.targets == [999, 128]
+    assert [ds[i][0].tolist() for i in range(2)] == ids[:, 0].tolist()
+
+
+def test_a_rank_without_images_lets_the_extraction_finish(tmp_path):
+    """More ranks than chunks (a small val split on many GPUs) leave a rank an empty range: it commits nothing, and
+    the cache must still be finished and read."""
+    bounds = shard_bounds(3, 2, 4)
+    assert bounds == [[0, 0], [0, 3]]
+    for rank, (b, e) in enumerate(bounds):
+        writer = ShardWriter(tmp_path, "train", rank, 2, [b, e], K=2, L=3)
+        if e > b:
+            commit(writer, b, e, unreadable=(1,))
+    finish(tmp_path, split_manifest(bounds, ["a", "b", "c"]), world=2)
+    assert read_manifest(tmp_path)["splits"]["train"]["skipped"] == [1]
+    ids, labels = all_ids(tmp_path, "train")
+    assert np.array_equal(ids, np.stack([ids_of(0), ids_of(2)])) and labels == [0, 2]
+
+
+def test_neighbouring_items_draw_independent_views():
+    """train.py's item seeds are consecutive down an epoch (utils.data.loaders.sample_seed): their views must not
+    follow each other (seed % K would give positions 0, 1, 2, ... views k, k+1, k+2, ... every epoch)."""
+    views = [pick_view(sample_seed(0, 1, pos), 10) for pos in range(10_000)]
+    steps = np.bincount([(b - a) % 10 for a, b in zip(views[:-1], views[1:], strict=True)], minlength=10)
+    assert steps.max() < 1_200
+
+
+def test_a_tokenizer_of_65536_codes_fills_uint16_and_extracts(setup, tmp_path, monkeypatch):
+    """uint16 holds ids 0..65535: a tokenizer of exactly 2**16 codes fits, and its extraction is not refused."""
+    import dist
+    import scripts.extract_tokens as extract_tokens
+
+    vae = load_vae(setup / "vae.pth", v_patch_nums=(1, 2, 4))
+    vae.vocab_size = 2**16
+    monkeypatch.setattr(dist, "initialize", lambda timeout_min=30.0: torch.device("cpu"))
+    monkeypatch.setattr(extract_tokens, "load_vae", lambda *a, **kw: vae)
+    extract_tokens.main(extract_tokens.build_parser().parse_args(extract_flags(setup, tmp_path / "cache", "--limit=1")))
+    assert read_manifest(tmp_path / "cache")["complete"]
