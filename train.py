@@ -107,9 +107,9 @@ def build_data(args: argparse.Namespace, vae: VQVAE, reso: int
     for gap in gaps(manifest):
         logger.warning(gap, extra=SAME_ON_ALL_RANKS)
     views = manifest["splits"]["train"]["views"]
-    logger.info("training from the token cache %s (--pn=%s, tokenizer %s): views %s at mid_reso %g (one per image "
-                "and epoch, fixed at extraction: VAR draws a new random crop every epoch)", args.tokens, args.pn,
-                args.vae_ckpt or "VAR's", views, manifest["mid_reso"])
+    logger.info("training from the token cache %s (--pn=%s): views %s at mid_reso %g (one per image and epoch, fixed "
+                "at extraction: VAR draws a new random crop every epoch)", args.tokens,
+                "_".join(map(str, manifest["patch_nums"])), views, manifest["mid_reso"])
     if args.hflip and not any(v.endswith("_flip") for v in views):
         logger.warning("--hflip does not apply to a token cache, and this one has no flipped views (extract them with "
                        "scripts/extract_tokens.py --views=center,center_flip)", extra=SAME_ON_ALL_RANKS)

@@ -79,7 +79,8 @@ def test_training_from_a_cache_takes_its_schedule_and_tokenizer_and_names_them_w
     flags = [f for f in TINY if not f.startswith("--pn=")]
     out = launch(REPO / "train.py", f"--tokens={centre_cache}", f"--local_out_dir_path={tmp_path / 'out'}", *flags,
                  "--ep=1", nproc=1).stdout
-    assert f"training from the token cache {centre_cache} (--pn=1_2_4, tokenizer {setup / 'vae.pth'})" in out
+    assert f"training from the token cache {centre_cache} (--pn=1_2_4)" in out
+    assert f"loaded tokenizer checkpoint {setup / 'vae.pth'} (--vae_ckpt)" in out
     args = torch.load(tmp_path / "out" / LAST, weights_only=False)["args"]
     assert (args["pn"], args["vae_ckpt"]) == ("1_2_4", str(setup / "vae.pth"))
 
