@@ -454,6 +454,28 @@ def test_strokes_drawn_over_another_shape_than_the_uploads_are_refused(tiny_sess
         tiny_session.edit(edit_photo(tmp_path), Knobs(classes=["1"], num_per_class=1), drawn_hw=np.ones((16, 14), bool))
 
 
+def model_is_held(session) -> bool:
+    """Whether a request now would be refused because another holds the model."""
+    try:
+        with session.generating():
+            return False
+    except ValueError:
+        return True
+
+
+def test_a_request_holds_the_model_through_all_its_work(tiny_session, tmp_path):
+    """The model stays held through every scale of a sample and of an edit, and is free after: a request that held it
+    only while making its folder and command let a cancelled request's remaining work (no longer counted by Gradio's
+    queue) sample beside the next request, which passed the suite."""
+    from scripts.app_jobs import Knobs
+
+    held, knobs = [], Knobs(classes=["1"], num_per_class=2, bs=1)
+    list(tiny_session.sample(knobs, on_scale=lambda *_: held.append(model_is_held(tiny_session))))
+    tiny_session.edit(edit_photo(tmp_path), knobs, box="0,0,8,8",
+                      on_scale=lambda *_: held.append(model_is_held(tiny_session)))
+    assert held == [True] * 2 * 2 * len(tiny_session.mvar.patch_nums) and not model_is_held(tiny_session)
+
+
 def test_an_upload_of_max_pixels_is_accepted_and_one_more_row_refused(tmp_path, monkeypatch):
     """MAX_PIXELS is "at most": a limit off by one refused a photo of exactly the size the page promises."""
     from scripts import app_jobs
