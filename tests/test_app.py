@@ -476,6 +476,20 @@ def test_a_request_holds_the_model_through_all_its_work(tiny_session, tmp_path):
     assert held == [True] * 2 * 2 * len(tiny_session.mvar.patch_nums) and not model_is_held(tiny_session)
 
 
+def test_a_samples_grid_is_its_images_in_order_and_each_batch_lists_the_images_so_far(tiny_session):
+    """The grid offered for download holds the request's images in their order (rows per class) and each streamed
+    Result lists the images of the batches done so far: batches stacked in another order, or Results sharing one
+    growing list, passed the suite (2 classes x 2 at --bs 3: two batches, of 3 images and 1)."""
+    from scripts.app_jobs import Knobs
+    from utils.sample_io import save_grid
+
+    results = list(tiny_session.sample(Knobs(classes=["1", "2"], num_per_class=2, bs=3)))
+    assert [len(r.images) for r in results] == [3, 4, 4] and results[0].images == results[-1].images[:3]
+    images = np.stack([np.asarray(Image.open(p)) for p in results[-1].images])
+    expected = save_grid(images, tiny_session.workspace.root / "expected.png", ncol=2)
+    assert Image.open(results[-1].grid).tobytes() == Image.open(expected).tobytes()
+
+
 def test_an_upload_of_max_pixels_is_accepted_and_one_more_row_refused(tmp_path, monkeypatch):
     """MAX_PIXELS is "at most": a limit off by one refused a photo of exactly the size the page promises."""
     from scripts import app_jobs
