@@ -70,10 +70,10 @@ def test_sampling_gives_the_pixels_of_the_offered_command(app, client, tmp_path)
     assert sorted(p.rsplit("/", 1)[-1] for p in files) == ["command.sh", "samples.png"]
 
 
-def edit_photo(folder: Path, seed: int = 4) -> Path:
-    """folder/photo.png: 16 px noise from `seed` (the tiny model sees it at 8 px)."""
+def edit_photo(folder: Path, seed: int = 4, hw: tuple[int, int] = (16, 16)) -> Path:
+    """folder/photo.png: noise from `seed`, `hw` pixels (16 px square by default: the tiny model sees it at 8 px)."""
     photo = folder / "photo.png"
-    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(photo)
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (*hw, 3), dtype=np.uint8)).save(photo)
     return photo
 
 
@@ -488,6 +488,31 @@ def test_a_samples_grid_is_its_images_in_order_and_each_batch_lists_the_images_s
     images = np.stack([np.asarray(Image.open(p)) for p in results[-1].images])
     expected = save_grid(images, tiny_session.workspace.root / "expected.png", ncol=2)
     assert Image.open(results[-1].grid).tobytes() == Image.open(expected).tobytes()
+
+
+def test_a_box_wins_over_a_drawing(tiny_session, tmp_path):
+    """Given both, the box is the region (the page's promise): the drawing, here the whole image, is left unused."""
+    from scripts.app_jobs import Knobs
+
+    result, _, mask = tiny_session.edit(edit_photo(tmp_path), Knobs(classes=["1"], num_per_class=1),
+                                        drawn_hw=np.ones((16, 16), bool), box="0,0,16,8")
+    assert "--box=0,0,16,8" in result.command_text and "--mask" not in result.command_text
+    assert mask[:4].all() and not mask[4:].any()
+
+
+def test_a_drawing_over_a_wide_image_is_its_mask_even_a_pixel_narrower(tiny_session, tmp_path):
+    """Strokes over the top half of a 24x16 image's preview become a 24x16 mask.png over its top half, also when
+    the drawing is one pixel narrower (the preview's rounding, which the shape check allows): width and height
+    swapped anywhere, or a check refusing that rounding, passed the suite, whose drawings were all square."""
+    from scripts.app_jobs import Knobs
+
+    drawn = np.zeros((16, 23), bool)
+    drawn[:8] = True
+    result, _, mask = tiny_session.edit(edit_photo(tmp_path, hw=(16, 24)), Knobs(classes=["1"], num_per_class=1),
+                                        drawn_hw=drawn)
+    mask_png = next(f for f in result.files if f.name == "mask.png")
+    assert np.array_equal(np.asarray(Image.open(mask_png)) > 0, np.arange(16)[:, None] < np.full((16, 24), 8))
+    assert mask[:4].all() and not mask[4:].any()
 
 
 def test_an_upload_of_max_pixels_is_accepted_and_one_more_row_refused(tmp_path, monkeypatch):
