@@ -40,7 +40,7 @@ from models.loading import CheckpointError, config_from_state_dict, embedded_vae
 from models.mamba2 import resolve_kernels
 from models.mvar import MVAR, MVARConfig
 from models.precision import effective_amp_dtype, set_tf32
-from models.presets import ARCH_BRANCHES, MVAR_models, parse_patch_nums
+from models.presets import ARCH_BRANCHES, MVAR_models, format_patch_nums, parse_patch_nums
 from utils.evaluation.fid_dump import DumpFolderError, DumpPlan, check_or_write_settings, check_pack_space, \
     chunk_seed, dump_shard, fid_folder_name, pack_npz
 from utils.flags import add_backend_flags, add_model_flag, device_problem, sampling_problems
@@ -232,8 +232,8 @@ def check_against_config(args: argparse.Namespace, config: MVARConfig, ckpt: str
         if field not in ("depth", "arch") and getattr(config, field) != value:
             problems.append(f"--model={args.model} has {field}={value}, but {ckpt} holds {getattr(config, field)}")
     if args.pn is not None and tuple(args.pn) != tuple(config.patch_nums):
-        problems.append(f"--pn={'_'.join(map(str, args.pn))}, but {ckpt} holds patch_nums "
-                        f"{'_'.join(map(str, config.patch_nums))}")
+        problems.append(f"--pn={format_patch_nums(args.pn)}, but {ckpt} holds patch_nums "
+                        f"{format_patch_nums(config.patch_nums)}")
     bad = [c for c in (args.classes or ()) if c >= config.num_classes]
     if bad:
         problems.append(f"--classes {bad} outside the model's classes [0, {config.num_classes - 1}]")

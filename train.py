@@ -27,6 +27,7 @@ from models.loading import DERIVED_KEYS, CheckpointError, load_state_dict_checke
 from models.mamba2 import resolve_kernels
 from models.mvar import MVAR, MVARConfig
 from models.precision import effective_amp_dtype, set_tf32
+from models.presets import format_patch_nums
 from models.tokenizer import VQVAE
 from trainer import AMP_DTYPES, StepResult, Trainer
 from utils.data.loaders import DataError, build_datasets, build_loaders, build_val_set, class_names, \
@@ -76,7 +77,7 @@ def extraction_flags(tokens: str) -> str:
     except (TokenCacheError, OSError, ValueError):
         return ""
     vae = [f"--vae_ckpt={manifest['vae_ckpt']}"] if manifest.get("vae_ckpt") else []  # not in older manifests
-    return " ".join([*vae, f"--pn={'_'.join(map(str, manifest['patch_nums']))}"])
+    return " ".join([*vae, f"--pn={format_patch_nums(manifest['patch_nums'])}"])
 
 
 def build_data(args: argparse.Namespace, vae: VQVAE, reso: int
@@ -109,7 +110,7 @@ def build_data(args: argparse.Namespace, vae: VQVAE, reso: int
     views = manifest["splits"]["train"]["views"]
     logger.info("training from the token cache %s (--pn=%s): views %s at mid_reso %g (one per image and epoch, fixed "
                 "at extraction: VAR draws a new random crop every epoch)", args.tokens,
-                "_".join(map(str, manifest["patch_nums"])), views, manifest["mid_reso"])
+                format_patch_nums(manifest["patch_nums"]), views, manifest["mid_reso"])
     if args.hflip and not any(v.endswith("_flip") for v in views):
         logger.warning("--hflip does not apply to a token cache, and this one has no flipped views (extract them with "
                        "scripts/extract_tokens.py --views=center,center_flip)", extra=SAME_ON_ALL_RANKS)

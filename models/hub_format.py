@@ -37,6 +37,7 @@ from models.loading import CHECKPOINT_SUFFIXES, DIGEST_KEY, MVAR_REPO, VAR_REPO,
     existing_file, hf_offline, load_mvar, load_mvar_checkpoint, resolve_checkpoint, \
     vae_from_state_dict, weights_digest
 from models.mvar import MVAR, MVARConfig
+from models.presets import format_patch_nums
 from models.tokenizer import VQVAE
 
 CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_DIR = "config.json", "model.safetensors", "tokenizer"
@@ -306,7 +307,7 @@ def model_card_text(mvar: MVAR, repo_id: str | None = None, training_data: str |
     mix = f", first {c.var_blocks} blocks VAR" if c.var_blocks else ""
     rows = [("architecture", f"`{c.arch}`{mix}, depth {c.depth}, width {c.embed_dim}, {c.num_heads} heads"),
             ("parameters", f"{n_params / 1e6:.2f}M (transformer; the tokenizer is not counted)"),
-            ("classes", str(c.num_classes)), ("scales", "_".join(map(str, c.patch_nums))),
+            ("classes", str(c.num_classes)), ("scales", format_patch_nums(c.patch_nums)),
             ("image size", f"{reso} px" if reso else "see the tokenizer"), ("codebook", f"{c.V} x {c.Cvae}"),
             ("training data", training_data or "not recorded"), ("exported from", f"`{source}`" if source else "-")]
     rows += [(k, str(v)) for k, v in (metrics or {}).items()]

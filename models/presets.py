@@ -56,3 +56,8 @@ def parse_patch_nums(spec: str | int | Sequence[int]) -> tuple[int, ...]:
     if not pns or not all(isinstance(p, int) and p > 0 for p in pns) or any(a >= b for a, b in itertools.pairwise(pns)):
         raise ValueError(f"bad patch schedule {spec!r}: {usage}")
     return pns
+
+
+def format_patch_nums(patch_nums: Sequence[int]) -> str:
+    """A patch schedule as --pn spells it ("1_2_3_4"): `parse_patch_nums`'s inverse."""
+    return "_".join(map(str, patch_nums))

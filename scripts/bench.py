@@ -41,7 +41,7 @@ from models import mamba2
 from models.mamba2 import Mamba2
 from models.mvar import FFN, MVAR, HybridBlock, MVARConfig
 from models.precision import effective_amp_dtype
-from models.presets import ARCH_BRANCHES, MVAR_models, parse_patch_nums
+from models.presets import ARCH_BRANCHES, MVAR_models, format_patch_nums, parse_patch_nums
 from scripts import timing as bm
 from trainer import Trainer
 from utils.flags import add_backend_flags
@@ -396,7 +396,7 @@ def paper_tables(results: dict[tuple[str, int, str], tuple[float, float]], args:
             pair_rows.append(["bf16 / fp32", B, n, f"**{t_bf16 / results['fp32', B, n][0]:.2f}x**", "", "", ""])
     return "\n".join([
         f"### paper: sampling per generated image, cfg {args.cfg} (batch x2), patch_nums "
-        f"{'_'.join(map(str, patch_nums))} (L={sum(p * p for p in patch_nums)}), random weights, decode excluded, "
+        f"{format_patch_nums(patch_nums)} (L={sum(p * p for p in patch_nums)}), random weights, decode excluded, "
         f"{device_type}{f', every model at width {args.paper_width}' if args.paper_width else ''}",
         "", bm.markdown_table(["dtype", "batch", "model", "s / image", "model GFLOP / image", "GFLOP/s"], model_rows),
         "", bm.markdown_table(["dtype", "batch", "pair", "time ratio", "model-FLOP ratio",

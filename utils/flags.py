@@ -12,7 +12,8 @@ from typing import Any
 import torch
 
 from models.mvar import MVARConfig
-from models.presets import ARCH_BRANCHES, ATTN_KERNELS, MAMBA_KERNELS, MVAR_models, parse_patch_nums
+from models.presets import ARCH_BRANCHES, ATTN_KERNELS, MAMBA_KERNELS, MVAR_models, format_patch_nums, \
+    parse_patch_nums
 from utils.data.embedded import EMBEDDED_DATASETS
 from utils.data.loaders import image_source_problem, mid_reso_problem
 from utils.data.token_cache import TokenCacheError, read_manifest
@@ -20,7 +21,7 @@ from utils.run.schedule import schedule_problem
 
 # MVARConfig field of a `--model` entry -> (train.py flag, its value)
 MODEL_FLAGS = {"depth": lambda v: ("depth", v), "arch": lambda v: ("arch", v), "embed_dim": lambda v: ("embed_dim", v),
-               "patch_nums": lambda v: ("pn", "_".join(map(str, v)))}
+               "patch_nums": lambda v: ("pn", format_patch_nums(v))}
 
 
 def str2bool(v: str) -> bool:
@@ -267,7 +268,7 @@ def cache_defaults(args: argparse.Namespace) -> None:
         except TokenCacheError as e:
             raise FlagError(f"--tokens={args.tokens}: {e}") from None
         if args.pn is None:
-            args.pn = "_".join(map(str, manifest["patch_nums"]))
+            args.pn = format_patch_nums(manifest["patch_nums"])
         if args.vae_ckpt is None and manifest.get("vae_ckpt") and Path(manifest["vae_ckpt"]).is_file():
             args.vae_ckpt = manifest["vae_ckpt"]  # not in older manifests
     args.pn = args.pn or "256"
