@@ -2,7 +2,8 @@
 scripts/train_tokenizer.py.
 
 Loss = w_l1 * L1 + w_l2 * MSE (reconstruction) + w_vq * VAR's VQ loss (commitment + codebook, straight-through)
-       [+ w_percep * LPIPS] [+ w_gan * hinge GAN loss of a PatchGAN discriminator, from step --gan_start].
+       [+ w_percep * LPIPS] [+ w_gan * hinge GAN loss of a PatchGAN discriminator, from step --gan_start;
+       --gan_weight=adaptive scales it by VQGAN's adaptive weight].
 Per-scale codebook usage is logged; every --reinit_every steps the codes no scale uses are re-initialised from
 the residuals the quantizer sees on the current batch. Runs on one process or under torchrun (DDP).
 
@@ -27,8 +28,8 @@ from models.loading import vae_checkpoint, weights_digest
 from models.presets import parse_patch_nums
 from models.quantizer import USAGE_MARGIN
 from models.tokenizer import VQVAE, VQVAEConfig
-from models.vq_losses import PatchDiscriminator, build_perceptual_loss, hinge_d_loss, hinge_g_loss, \
-    perceptual_loss_problem
+from models.vq_losses import PatchDiscriminator, adaptive_gan_weight, build_perceptual_loss, hinge_d_loss, \
+    hinge_g_loss, perceptual_loss_problem
 from utils.data.loaders import build_datasets, build_loaders, image_source_problem, mid_reso_problem
 from utils.flags import add_image_source_flags, changed_flags, str2bool
 from utils.run.agreement import refuse_disagreement, run_facts
@@ -78,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--w_percep", type=float, default=0.0, help="LPIPS weight (> 0 needs the lpips package and "
                    "torchvision's VGG16 weights in the torch hub cache: nothing is downloaded)")
     g.add_argument("--w_gan", type=float, default=0.0, help="generator hinge-loss weight (0: no discriminator)")
+    g.add_argument("--gan_weight", choices=("fixed", "adaptive"), default="fixed",
+                   help="fixed: the generator term weighs --w_gan; adaptive: --w_gan x VQGAN's adaptive weight, the "
+                   "reconstruction loss's gradient norm over the GAN loss's at the decoder's last layer (in [0, 1e4])")
     g.add_argument("--gan_start", type=int, default=0, help="step at which the GAN terms switch on")
     g.add_argument("--disc_ch", type=int, default=64, help="PatchGAN base width")
     g.add_argument("--disc_layers", type=int, default=3, help="PatchGAN stride-2 layers (fewer for tiny images)")
@@ -125,6 +129,9 @@ def check_flags(args: argparse.Namespace, world: int) -> VQVAEConfig:
         if not getattr(args, k) >= 0 or not math.isfinite(getattr(args, k))]
     if not (math.isfinite(args.lr) and args.lr > 0):
         problems.append(f"--lr={args.lr}: expected a positive learning rate")
+    if args.gan_weight == "adaptive" and not args.w_gan > 0:
+        problems.append(f"--gan_weight=adaptive scales the GAN term, which --w_gan={args.w_gan} leaves out: pass "
+                        f"--w_gan > 0")
     disc_ok = args.disc_ch >= 2 and args.disc_layers >= 1
     if args.w_gan > 0 and not disc_ok:
         problems.append(f"--disc_ch={args.disc_ch} --disc_layers={args.disc_layers}: the discriminator needs a width "
@@ -197,6 +204,7 @@ def freeze_unused_phis(vae: VQVAE) -> None:
 
 
 CODEBOOK = "quantize.embedding.weight"
+LOGGED = ("loss", "l1", "l2", "vq", "percep", "g", "gan_weight", "d", "grad_norm")  # train_step's terms, in log order
 
 
 def weight_decay_groups(vae: nn.Module, wd: float) -> list[dict[str, Any]]:
@@ -263,7 +271,13 @@ class TokenizerTrainer:
         if gan_on:
             self.disc.requires_grad_(False)  # the generator term needs no discriminator gradients (nor DDP sync)
             g_loss = hinge_g_loss(self.disc(rec_B3HW))
-            loss = loss + a.w_gan * g_loss
+            weight = a.w_gan
+            if a.gan_weight == "adaptive":  # VQGAN's: the GAN term's gradient scaled to the reconstruction's
+                rec_loss = a.w_l1 * l1 + a.w_l2 * l2 + (a.w_percep * percep if self.percep is not None else 0)
+                out["gan_weight"] = adaptive_gan_weight(rec_loss, g_loss, self.vae.decoder.conv_out.weight,
+                                                        reduce=dist.all_reduce_mean)
+                weight = weight * out["gan_weight"]
+            loss = loss + weight * g_loss
             out["g"] = g_loss.detach()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -408,7 +422,7 @@ def train(args: argparse.Namespace) -> Path:
             log_now = (trainer.step + 1) % args.log_every == 0 or trainer.step + 1 == args.steps
             out = trainer.train_step(img_B3HW, ret_usages=log_now)
             if log_now:
-                names = [k for k in ("loss", "l1", "l2", "vq", "percep", "g", "d", "grad_norm") if k in out]
+                names = [k for k in LOGGED if k in out]
                 means = dist.all_reduce_mean(torch.stack([out[k].float() for k in names])).tolist()  # the one sync
                 tb.scalars("steps", trainer.step, "train/", lr=out["lr"], **dict(zip(names, means, strict=True)),
                            **{f"usage_pct_scale{si}": u for si, u in enumerate(out["usage"])})

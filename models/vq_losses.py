@@ -4,6 +4,7 @@ weights are available offline.
 Shape legend: B batch, H/W image size; images are in [-1, 1].
 """
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -48,6 +49,19 @@ def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.
 def hinge_g_loss(logits_fake: torch.Tensor) -> torch.Tensor:
     """Generator side of the hinge GAN: -mean(D(fake))."""
     return -logits_fake.mean()
+
+
+def adaptive_gan_weight(rec_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor,
+                        reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """VQGAN's weight of the generator term (Esser et al. 2021, eq. 7; taming-transformers' 1e-4 and 1e4): the norm
+    of the reconstruction loss's gradient over that of `g_loss`'s, both at `last_layer` (the decoder's output conv
+    weight), clamped to [0, 1e4] and detached. `reduce` (dist.all_reduce_mean) averages the two gradients over the
+    ranks first, so every rank takes the weight one process with the global batch would."""
+    rec_grad, = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)
+    g_grad, = torch.autograd.grad(g_loss, last_layer, retain_graph=True)
+    if reduce is not None:
+        rec_grad, g_grad = reduce(torch.stack([rec_grad, g_grad]))
+    return (rec_grad.norm() / (g_grad.norm() + 1e-4)).clamp(0.0, 1e4).detach()
 
 
 def perceptual_loss_problem() -> str:

@@ -9,17 +9,19 @@ import shutil
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import PER_RANK, REPO, launch, write_image_folder
 from models.loading import load_vae
-from models.vq_losses import build_perceptual_loss, hinge_d_loss
+from models.vq_losses import adaptive_gan_weight, build_perceptual_loss, hinge_d_loss, hinge_g_loss
 from tokenizer_trainer import TokenizerTrainer, build_parser, build_vae, quantizer_residuals, train
 from utils.data.loaders import build_datasets
 from utils.run.divergence import NonFiniteError
 from utils.run.log import read_scalars
 
-STEP_RE = re.compile(r"step \d+/\d+ loss ([\d.]+) l1 ([\d.]+) l2 ([\d.]+) vq ([\d.]+) g ([-\d.]+) d ([\d.]+) "
-                     r"grad_norm ([\d.]+)")
+# a step's log line with --w_gan and --gan_weight=adaptive
+STEP_RE = re.compile(r"step \d+/\d+ loss ([\d.]+) l1 ([\d.]+) l2 ([\d.]+) vq ([\d.]+) g ([-\d.]+) "
+                     r"gan_weight ([\d.]+) d ([\d.]+) grad_norm ([\d.]+)")
 TINY = ["--reso=8", "--ch=32", "--ch_mult=1_2", "--z_channels=8", "--vocab_size=64", "--pn=1_2_4", "--bs=16",
         "--mid_reso=1.0", "--reinit_every=0", "--lr=3e-3", "--wp=0", "--dataset=mnist"]
 
@@ -92,6 +94,45 @@ def test_gan_term_updates_discriminator():
     out = trainer.train_step(mnist_batch(8))
     assert {"g", "d"} <= out.keys()
     assert any(not torch.equal(b, p) for b, p in zip(before, trainer.disc.parameters(), strict=True))
+
+
+def test_the_adaptive_weight_is_the_ratio_of_the_two_gradients_norms_at_the_layer():
+    """VQGAN's weight: |grad of the reconstruction loss| / (|grad of the GAN loss| + 1e-4) at the given layer, clamped
+    to 1e4, detached; `reduce` (the ranks' mean) sees both gradients before the norms are taken."""
+    layer = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    rec, g = (layer * torch.tensor([3.0, 4.0])).sum(), (layer * torch.tensor([0.6, 0.8])).sum()  # gradient norms 5, 1
+    weight = adaptive_gan_weight(rec, g, layer)
+    assert weight.item() == pytest.approx(5 / (1 + 1e-4), rel=1e-6) and not weight.requires_grad
+    seen = []
+    halved = adaptive_gan_weight(rec, g, layer, reduce=lambda t: seen.append(t.clone()) or t * torch.tensor(
+        [[0.5], [1.0]]))  # a stand-in for the mean over ranks: the reconstruction's gradient halved
+    assert torch.equal(seen[0], torch.tensor([[3.0, 4.0], [0.6, 0.8]]))
+    assert halved.item() == pytest.approx(2.5 / (1 + 1e-4), rel=1e-6)
+    assert adaptive_gan_weight(rec, 0 * g, layer).item() == 1e4  # no GAN gradient: the clamp
+
+
+def test_adaptive_gan_weight_scales_the_generator_term_by_the_decoders_gradients(tmp_path):
+    """--gan_weight=adaptive: the step's weight is adaptive_gan_weight of the reconstruction terms (L1, MSE: not the
+    VQ loss) and the GAN term at the decoder's output conv, recomputed here on copies of the models, and the loss
+    weighs the GAN term by --w_gan times it; with --w_gan=0 the flag is refused before the data."""
+    import copy
+
+    args = tiny_args("--steps=2", "--w_gan=0.1", "--gan_weight=adaptive", "--w_l2=0.5", "--disc_ch=16",
+                     "--disc_layers=1")
+    trainer = TokenizerTrainer(build_vae(args), args, torch.device("cpu"))
+    vae, disc = copy.deepcopy(trainer.vae), copy.deepcopy(trainer.disc)
+    img = mnist_batch(8)
+    out = trainer.train_step(img)
+    rec = vae(img)[0]
+    layer = vae.decoder.conv_out.weight
+    rec_grad, = torch.autograd.grad(F.l1_loss(rec, img) + 0.5 * F.mse_loss(rec, img), layer, retain_graph=True)
+    g_grad, = torch.autograd.grad(hinge_g_loss(disc(rec)), layer)
+    assert out["gan_weight"].item() == pytest.approx((rec_grad.norm() / (g_grad.norm() + 1e-4)).item(), rel=1e-4)
+    assert abs(out["gan_weight"].item() - 1) > 0.05  # a weight of 1 (the fixed one) would not pass
+    weighted = out["l1"] + 0.5 * out["l2"] + out["vq"] + 0.1 * out["gan_weight"] * out["g"]
+    torch.testing.assert_close(out["loss"], weighted, rtol=1e-5, atol=0)
+    with pytest.raises(ValueError, match="--gan_weight=adaptive scales the GAN term, which --w_gan=0.0 leaves out"):
+        train(tiny_args("--gan_weight=adaptive", f"--out_dir={tmp_path}"))
 
 
 def test_discriminator_loss_gets_real_logits_first_and_fake_second(monkeypatch):
@@ -308,14 +349,16 @@ def test_resume_restores_this_ranks_rng_or_warns(caplog):
 
 
 def test_torchrun_two_processes_match_one(tmp_path, run_torchrun):
-    """DDP (2 ranks x 8 images, gloo) takes the same steps as one process with the global batch of 16."""
-    flags = TINY + ["--steps=3", "--log_every=1", "--w_gan=0.1", "--disc_ch=16", "--disc_layers=1"]
+    """DDP (2 ranks x 8 images, gloo) takes the same steps as one process with the global batch of 16, with the GAN
+    and its adaptive weight (a weight from each rank's own half batch fails it)."""
+    flags = TINY + ["--steps=3", "--log_every=1", "--w_gan=0.1", "--gan_weight=adaptive", "--disc_ch=16",
+                    "--disc_layers=1"]
     logs = {}
     for name, nproc in (("ddp", 2), ("one", 1)):
         proc = run_torchrun("scripts/train_tokenizer.py", *flags, f"--out_dir={tmp_path / name}", nproc=nproc)
         logs[name] = [[float(v) for v in m] for m in STEP_RE.findall(proc.stdout + proc.stderr)]
     assert len(logs["one"]) == 3
-    torch.testing.assert_close(logs["ddp"], logs["one"], atol=2e-3, rtol=0)  # loss, l1, l2, vq, g, d, grad norm
+    torch.testing.assert_close(logs["ddp"], logs["one"], atol=2e-3, rtol=0)  # each term of STEP_RE
     ddp, one = (torch.load(tmp_path / d / "tokenizer-last.pth", weights_only=True) for d in ("ddp", "one"))
     assert len(one["rng"]) == 1 and len(ddp["rng"]) == 2  # every rank's RNG state (seed * 2 + rank): both kept
     assert not torch.equal(ddp["rng"][0]["torch"], ddp["rng"][1]["torch"])
@@ -343,7 +386,7 @@ def test_ranks_with_other_data_or_flags_are_refused_before_training(tmp_path):
     assert proc.returncode != 0 and "the ranks do not train alike" in out, out[-3000:]
     assert "--steps: rank 0: 3; rank 1: 7" in out and "the training files (digest of their paths and labels)" in out
     assert "--data_path" not in out.split("the ranks do not train alike")[1].split("\n\n")[0]
-    assert not STEP_RE.search(out)
+    assert not re.search(r"step \d+/\d+ loss", out)
 
 
 def test_dead_codes_are_those_below_the_usage_margin_summed_over_scales():
