@@ -3,7 +3,6 @@ import dataclasses
 
 import pytest
 import torch
-import torch._inductor.config
 
 import models.mvar as mvar_module
 import models.sampling as sampling_module
@@ -449,6 +448,8 @@ def test_torch_compile_matches_eager_forward_and_gradients():
     """`--tfast` compiles the model: on the CPU (inductor + the C++ compiler) its logits and gradients equal eager,
     in one graph (a graph break in the loop over blocks runs the whole forward eagerly; one was the kernel choice's
     log line), on torch 2.11 too (`compiled_function_gradients_wrong`: our Mamba2 Functions return fresh tensors)."""
+    from torch._inductor import config as inductor_config  # here: 1.6 s of imports that only this test needs
+
     vae, mvar = build_tiny(cond_drop_rate=0.0, depth=1)  # each block compiles its own kernels (a 2nd: +22 s on AVX2)
     label_B, idx_Bl, x_BLCv = teacher_input(vae, mvar)
     target = torch.cat(idx_Bl, 1).flatten()
@@ -456,7 +457,7 @@ def test_torch_compile_matches_eager_forward_and_gradients():
     results = []
     # scalar C++ kernels (vec_isa_ok=False): the same graphs, lowerings and kernels without SIMD, whose templates took
     # a third of the test's time in g++ (58 -> 38 s over 33 kernels on AVX2); SIMD codegen is inductor's own concern
-    with torch._inductor.config.patch({"cpp.vec_isa_ok": False}):
+    with inductor_config.patch({"cpp.vec_isa_ok": False}):
         for model in (mvar, torch.compile(mvar, fullgraph=True)):
             mvar.zero_grad(set_to_none=True)
             logits_BLV = model(label_B, x_BLCv)
