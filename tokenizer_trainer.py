@@ -261,19 +261,19 @@ class TokenizerTrainer:
         img_B3HW = img_B3HW.to(self.device, non_blocking=True)
         rec_B3HW, usages, vq_loss = self.vae_ddp(img_B3HW, ret_usages=ret_usages)
         l1, l2 = F.l1_loss(rec_B3HW, img_B3HW), F.mse_loss(rec_B3HW, img_B3HW)
-        loss = a.w_l1 * l1 + a.w_l2 * l2 + a.w_vq * vq_loss
+        rec_loss = a.w_l1 * l1 + a.w_l2 * l2  # the reconstruction terms (the adaptive GAN weight's reference)
         out: dict[str, Any] = {"l1": l1.detach(), "l2": l2.detach(), "vq": vq_loss.detach(), "lr": lr}
         if self.percep is not None:
             percep = self.percep(rec_B3HW, img_B3HW).mean()
-            loss = loss + a.w_percep * percep
+            rec_loss = rec_loss + a.w_percep * percep
             out["percep"] = percep.detach()
+        loss = rec_loss + a.w_vq * vq_loss
         gan_on = self.disc is not None and self.step >= a.gan_start
         if gan_on:
             self.disc.requires_grad_(False)  # the generator term needs no discriminator gradients (nor DDP sync)
             g_loss = hinge_g_loss(self.disc(rec_B3HW))
             weight = a.w_gan
             if a.gan_weight == "adaptive":  # VQGAN's: the GAN term's gradient scaled to the reconstruction's
-                rec_loss = a.w_l1 * l1 + a.w_l2 * l2 + (a.w_percep * percep if self.percep is not None else 0)
                 out["gan_weight"] = adaptive_gan_weight(rec_loss, g_loss, self.vae.decoder.conv_out.weight,
                                                         reduce=dist.all_reduce_mean)
                 weight = weight * out["gan_weight"]
