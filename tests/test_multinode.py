@@ -19,10 +19,11 @@ import torch
 
 from test_sample_cli import ckpt  # noqa: F401  (the tiny M-VAR checkpoint fixture)
 from conftest import SUBPROCESS_ENV as ENV
-from conftest import launch, warm_workers
+from conftest import launch, warm_launcher, warm_workers
 from test_trainer_e2e import (NO_MODEL_RNG, REPO, logged_losses, max_abs_diff, model_state,  # noqa: F401
                               setup, single_run, train_cmd)
 from utils.run.checkpoint import LAST
+from warm_launcher import ColdOnly, WarmProcess
 
 pytestmark = pytest.mark.slow
 # TORCH_DISABLE_SHARE_RDZV_TCP_STORE: with the rendezvous store shared across rounds (torch's default), the
@@ -37,10 +38,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_agent(cmd: list[str], env: dict[str, str], log) -> subprocess.Popen | WarmProcess:
+    """torchrun's agent `cmd` (`python -m torch.distributed.run ...`) writing to the open file `log`, leading a
+    process group of its own: forked by the warm launcher (its torch imports paid once per pytest worker), or cold
+    when the launcher is off or `env` needs a fresh interpreter."""
+    if warm_launcher() is not None:
+        with contextlib.suppress(ColdOnly):
+            return warm_launcher().spawn(cmd[1:], REPO, log.fileno(), log.fileno(), env=env, own_group=True)
+    return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
 class TwoNodes:
     """Two torchrun agents (node_rank 0 and 1) started in their own sessions; `argv(node)` is each node's
-    script and flags. Output of node i goes to `logs[i]`. Their workers are the warm launcher's relays (conftest
-    `warm_workers`): a relay killed takes its rank with it."""
+    script and flags. Output of node i goes to `logs[i]`. The agents are warm children (`start_agent`) and their
+    workers the warm launcher's relays (conftest `warm_workers`): a relay killed takes its rank with it."""
 
     def __init__(self, tmp: Path, argv, max_restarts: int = 0):
         port = free_port()
@@ -53,8 +64,7 @@ class TwoNodes:
                    f"--rdzv_id=test{port}", "--local_addr=127.0.0.1", f"--max_restarts={max_restarts}",
                    "--monitor_interval=0.2", *worker]
             with open(self.logs[node], "w") as log:
-                self.procs.append(subprocess.Popen(cmd, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                                   start_new_session=True))
+                self.procs.append(start_agent(cmd, env, log))
 
     def text(self) -> str:
         return "".join(p.read_text() for p in self.logs)

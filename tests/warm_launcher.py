@@ -244,7 +244,8 @@ def relay(argv: list[str], executable: str | None = None) -> None:
 
 
 class WarmProcess:
-    """A forked child: the subset of subprocess.Popen the tests use (pid, returncode, wait, send_signal, kill)."""
+    """A forked child: the subset of subprocess.Popen the tests use (pid, returncode, poll, wait, send_signal,
+    kill)."""
 
     def __init__(self, conn: socket.socket, args: list[str]):
         self.conn, self.args = conn, args
@@ -268,6 +269,11 @@ class WarmProcess:
             self.returncode = int(status)
         return self.returncode
 
+    def poll(self) -> int | None:
+        if self.returncode is None and select.select([self.conn], [], [], 0)[0]:
+            return self.wait()
+        return self.returncode
+
     def send_signal(self, sig: int) -> None:
         if self.returncode is None:
             os.kill(self.pid, sig)
@@ -287,12 +293,14 @@ class WarmLauncher:
         if line.strip() != "ready":
             raise RuntimeError(f"warm launcher did not start (printed {line!r}, exit {self.server.poll()})")
 
-    def spawn(self, argv: list[str], cwd: str | Path, stdout: int, stderr: int) -> WarmProcess:
+    def spawn(self, argv: list[str], cwd: str | Path, stdout: int, stderr: int, env: dict[str, str] | None = None,
+              own_group: bool = False) -> WarmProcess:
         """Run `python *argv` (`argv` starts with a script or with "-m", a module) in a forked child writing to the
-        file descriptors `stdout` and `stderr`."""
+        file descriptors `stdout` and `stderr` (with `env` and `own_group` as `request_child` takes them: ColdOnly
+        where `env` needs a cold start)."""
         try:
             with open(os.devnull) as devnull:
-                return request_child(self.name, argv, cwd, [devnull.fileno(), stdout, stderr])
+                return request_child(self.name, argv, cwd, [devnull.fileno(), stdout, stderr], env, own_group)
         except OSError as e:
             raise RuntimeError(f"the warm launcher is gone (exit status {self.server.poll()}, {e}); MVAR_TEST_COLD=1 "
                                "starts every process cold") from e
