@@ -8,12 +8,13 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from conftest import REPO, SUBPROCESS_ENV, ended, interrupt, launch, launch_cmd, warm_launcher, warm_python
-from warm_launcher import NAME_VAR, RELAY, abstract_address
+from warm_launcher import NAME_VAR, RELAY, ColdOnly, abstract_address
 
 PROBE = """
 import atexit, json, os, random, signal, sys, time
@@ -123,6 +124,32 @@ def test_a_warm_child_is_a_process_of_its_own_for_signals(tmp_path, sig):
     assert proc.returncode == -sig and "to stderr" in output and "atexit ran" not in output
     with pytest.raises(ProcessLookupError):
         os.kill(proc.pid, 0)  # reaped
+
+
+@needs_warm
+def test_a_spawned_child_takes_its_environment_and_group_and_polls_like_popen(tmp_path):
+    """What test_multinode starts its torchrun agents with: `spawn` with an environment (ColdOnly where a start-up
+    variable differs from the server's) and a process group of its own; `poll` is None while the child runs and its
+    exit status once it ended."""
+    script, go = tmp_path / "probe.py", tmp_path / "go"
+    script.write_text("import os, sys, time\nprint(os.environ['PROBE'], os.getpgid(0) == os.getpid(), flush=True)\n"
+                      "while not os.path.exists(sys.argv[1]):\n    time.sleep(0.01)\nsys.exit(3)\n")
+    read_end, write_end = os.pipe()
+    try:
+        child = warm_launcher().spawn([str(script), str(go)], tmp_path, write_end, write_end,
+                                      env={**SUBPROCESS_ENV, "PROBE": "mine"}, own_group=True)
+    finally:
+        os.close(write_end)
+    with open(read_end) as out:
+        assert out.readline().split() == ["mine", "True"]
+    assert child.poll() is None
+    go.touch()
+    deadline = time.monotonic() + 30
+    while child.poll() is None and time.monotonic() < deadline:  # as TwoNodes.wait_for sees an agent end
+        time.sleep(0.01)
+    assert child.poll() == 3 and child.wait() == 3
+    with pytest.raises(ColdOnly, match="OMP_NUM_THREADS"):
+        warm_launcher().spawn([str(script), str(go)], tmp_path, 1, 2, env={**SUBPROCESS_ENV, "OMP_NUM_THREADS": "7"})
 
 
 @needs_warm
