@@ -4,6 +4,7 @@ scripts/train_tokenizer.py.
 Loss = w_l1 * L1 + w_l2 * MSE (reconstruction) + w_vq * VAR's VQ loss (commitment + codebook, straight-through)
        [+ w_percep * LPIPS] [+ w_gan * hinge GAN loss of a PatchGAN discriminator, from step --gan_start;
        --gan_weight=adaptive scales it by VQGAN's adaptive weight].
+--fp16=2 runs the networks under bf16 autocast (the quantizer's code search and the losses stay fp32).
 Per-scale codebook usage is logged; every --reinit_every steps the codes no scale uses are re-initialised from
 the residuals the quantizer sees on the current batch. Runs on one process or under torchrun (DDP).
 
@@ -12,6 +13,7 @@ or pass it to train.py / sample.py as --vae_ckpt) and `tokenizer-prev.pth`; a ru
 --out_dir resumes from them (utils.run.checkpoint: the same seeding, saving and resume rules as train.py).
 """
 import argparse
+import contextlib
 import dataclasses
 import logging
 import math
@@ -25,6 +27,7 @@ from torch import nn
 
 import dist
 from models.loading import vae_checkpoint, weights_digest
+from models.precision import AMP_DTYPES, amp_autocast, effective_amp_dtype
 from models.presets import parse_patch_nums
 from models.quantizer import USAGE_MARGIN
 from models.tokenizer import VQVAE, VQVAEConfig
@@ -98,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--clip", type=float, default=2.0, help="gradient-norm clip (0: off)")
     g.add_argument("--max_nonfinite", type=int, default=20, help="a step with a non-finite loss or gradient is "
                    "skipped; stop after this many in a row (train.py's flag)")
+    g.add_argument("--fp16", type=int, default=0, choices=(0, 1, 2), help="0 fp32; 2 bf16 autocast of the "
+                   "networks (tokenizer, LPIPS, discriminator), the quantizer's code search and the losses in fp32; "
+                   "on a CPU without bf16 instructions fp32, logged. 1 (train.py's fp16 + GradScaler) is refused")
     g = p.add_argument_group("run")
     g.add_argument("--out_dir", default="local_output/tokenizer", help="checkpoint/log folder (auto-resume)")
     g.add_argument("--log_every", type=int, default=50, help="log every N steps")
@@ -129,6 +135,10 @@ def check_flags(args: argparse.Namespace, world: int) -> VQVAEConfig:
         if not getattr(args, k) >= 0 or not math.isfinite(getattr(args, k))]
     if not (math.isfinite(args.lr) and args.lr > 0):
         problems.append(f"--lr={args.lr}: expected a positive learning rate")
+    if args.fp16 == 1:
+        problems.append("--fp16=1: fp16 needs a loss scaler (train.py's GradScaler), which the tokenizer trainer does "
+                        "not have for its two optimisers and the adaptive GAN weight; --fp16=2 trains in bf16, "
+                        "which needs none, --fp16=0 in fp32")
     if args.gan_weight == "adaptive" and not args.w_gan > 0:
         problems.append(f"--gan_weight=adaptive scales the GAN term, which --w_gan={args.w_gan} leaves out: pass "
                         f"--w_gan > 0")
@@ -239,6 +249,7 @@ class TokenizerTrainer:
             self.disc = PatchDiscriminator(ch=args.disc_ch, n_layers=args.disc_layers).to(device).train()
             self.disc_ddp = dist.wrap_model(self.disc, device)
             self.disc_opt = torch.optim.AdamW(self.disc.parameters(), lr=args.lr, betas=(0.5, 0.9), weight_decay=0)
+        self.amp_dtype = effective_amp_dtype(device, AMP_DTYPES[args.fp16])  # bf16 on a CPU without it: fp32
         self.step = 0
         self.guard = DivergenceGuard(tol=0.0)  # non-finite steps only: the loss terms have no common scale
 
@@ -251,27 +262,37 @@ class TokenizerTrainer:
                     group["lr"] = lr
         return lr
 
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """--fp16's autocast for the networks' forward passes (the quantizer turns it off for its code search)."""
+        return amp_autocast(self.device, self.amp_dtype)
+
     def train_step(self, img_B3HW: torch.Tensor, ret_usages: bool = False) -> dict[str, Any]:
         """One update of the tokenizer (and of the discriminator when the GAN is on) -> logged values: losses as
         detached 0-dim device tensors (the caller converts them on log steps), "lr" a float. A step whose loss or
         gradient is non-finite on any rank updates nothing (one host sync per step for that judgement);
-        --max_nonfinite of them in a row raise NonFiniteError."""
+        --max_nonfinite of them in a row raise NonFiniteError. The networks run under --fp16's autocast, the losses
+        in fp32."""
         a = self.args
         lr = self.set_lr()
         img_B3HW = img_B3HW.to(self.device, non_blocking=True)
-        rec_B3HW, usages, vq_loss = self.vae_ddp(img_B3HW, ret_usages=ret_usages)
+        with self.autocast():
+            rec_B3HW, usages, vq_loss = self.vae_ddp(img_B3HW, ret_usages=ret_usages)
+        rec_B3HW = rec_B3HW.float()
         l1, l2 = F.l1_loss(rec_B3HW, img_B3HW), F.mse_loss(rec_B3HW, img_B3HW)
         rec_loss = a.w_l1 * l1 + a.w_l2 * l2  # the reconstruction terms (the adaptive GAN weight's reference)
         out: dict[str, Any] = {"l1": l1.detach(), "l2": l2.detach(), "vq": vq_loss.detach(), "lr": lr}
         if self.percep is not None:
-            percep = self.percep(rec_B3HW, img_B3HW).mean()
+            with self.autocast():
+                percep = self.percep(rec_B3HW, img_B3HW).float().mean()
             rec_loss = rec_loss + a.w_percep * percep
             out["percep"] = percep.detach()
         loss = rec_loss + a.w_vq * vq_loss
         gan_on = self.disc is not None and self.step >= a.gan_start
         if gan_on:
             self.disc.requires_grad_(False)  # the generator term needs no discriminator gradients (nor DDP sync)
-            g_loss = hinge_g_loss(self.disc(rec_B3HW))
+            with self.autocast():
+                logits = self.disc(rec_B3HW)
+            g_loss = hinge_g_loss(logits.float())
             weight = a.w_gan
             if a.gan_weight == "adaptive":  # VQGAN's: the GAN term's gradient scaled to the reconstruction's
                 out["gan_weight"] = adaptive_gan_weight(rec_loss, g_loss, self.vae.decoder.conv_out.weight,
@@ -290,8 +311,9 @@ class TokenizerTrainer:
             self.opt.step()
         if gan_on:
             self.disc.requires_grad_(True)
-            logits = self.disc_ddp(torch.cat([img_B3HW, rec_B3HW.detach()]))  # one pass: GroupNorm is per image
-            d_loss = hinge_d_loss(*logits.chunk(2))
+            with self.autocast():
+                logits = self.disc_ddp(torch.cat([img_B3HW, rec_B3HW.detach()]))  # one pass: GroupNorm is per image
+            d_loss = hinge_d_loss(*logits.float().chunk(2))
             self.disc_opt.zero_grad(set_to_none=True)
             d_loss.backward()
             if reason is None and math.isfinite(dist.all_reduce_mean(d_loss.detach().clone()).item()):
@@ -407,9 +429,9 @@ def train(args: argparse.Namespace) -> Path:
                             ValueError, "the ranks do not train alike (another copy of the data or other flags on some "
                             "node; paths may differ)")
     n_params = sum(p.numel() for p in trainer.vae.parameters()) / 1e6
-    logger.info("tokenizer %.2fM params, config %s; %d train / %d val images (%d classes), %d steps of %d",
+    logger.info("tokenizer %.2fM params, config %s; %d train / %d val images (%d classes), %d steps of %d in %s",
                 n_params, dataclasses.asdict(trainer.vae.config), len(train_set), len(val_set), num_classes,
-                args.steps, args.bs)
+                args.steps, args.bs, "bf16 autocast" if trainer.amp_dtype == torch.bfloat16 else "fp32")
 
     # TensorBoard (rank 0): the logged steps' losses, lr and code usage; a resume drops what a killed run logged
     # after its checkpoint

@@ -26,10 +26,10 @@ from models.hub_format import TokenizerMismatchError, check_own_tokenizer, read_
 from models.loading import DERIVED_KEYS, CheckpointError, load_state_dict_checked, load_vae
 from models.mamba2 import resolve_kernels
 from models.mvar import MVAR, MVARConfig
-from models.precision import effective_amp_dtype, set_tf32
+from models.precision import AMP_DTYPES, effective_amp_dtype, set_tf32
 from models.presets import format_patch_nums
 from models.tokenizer import VQVAE
-from trainer import AMP_DTYPES, StepResult, Trainer
+from trainer import StepResult, Trainer
 from utils.data.loaders import DataError, build_datasets, build_loaders, build_val_set, class_names, \
     file_list_digest
 from utils.data.token_cache import TokenCacheError, TokenDataset, content_digest, gaps, open_cache, read_manifest, \

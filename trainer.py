@@ -7,7 +7,6 @@ import dataclasses
 import logging
 import math
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from torch import nn
 import dist
 from models.loading import CheckpointError, weights_digest
 from models.mvar import MVAR, MVARConfig
-from models.precision import effective_amp_dtype
+from models.precision import AMP_DTYPES, amp_autocast, effective_amp_dtype
 from models.tokenizer import VQVAE, VQVAEConfig
 from utils.data.loaders import PaddedEvalDataset, class_difference
 from utils.run.checkpoint import position_text
@@ -33,7 +32,6 @@ logger = logging.getLogger(__name__)
 
 # parameter-name fragments that get no weight decay (VAR's list, restricted to names our models use)
 NO_WD_KEYS = ("pos_start", "pos_1LC", "lvl_embed", "scale_mul", "gamma", "ada_gss")
-AMP_DTYPES = {0: None, 1: torch.float16, 2: torch.bfloat16}
 
 
 def param_groups(model: nn.Module) -> list[dict]:
@@ -152,9 +150,7 @@ class Trainer:
         self.train_seconds = 0.0  # training time so far, summed over `pop_metrics` calls; kept by checkpoints
 
     def autocast(self):
-        if self.amp_dtype is None:
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        return amp_autocast(self.device, self.amp_dtype)
 
     @torch.no_grad()
     def tokenize(self, inp_B3HW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -24,6 +24,7 @@ logger = logging.getLogger(__name__)
 
 CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of the x86 bf16 dot-product instructions
 CPU_BF16_ENV = "MVAR_CPU_BF16"  # 1: bf16 on any CPU (emulated without the flags), 0: fp32 on every CPU, auto: flags
+AMP_DTYPES = {0: None, 1: torch.float16, 2: torch.bfloat16}  # the trainers' --fp16: 0 fp32, 1 fp16, 2 bf16
 
 
 @functools.cache
@@ -64,6 +65,11 @@ def effective_amp_dtype(device: torch.device, dtype: torch.dtype | None) -> torc
         _log_fallback(torch.backends.cpu.get_cpu_capability())
         return None
     return dtype
+
+
+def amp_autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """`torch.autocast` to `dtype` on `device` (an `effective_amp_dtype`), or nothing for None (fp32)."""
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
 @functools.cache

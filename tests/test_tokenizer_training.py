@@ -1,6 +1,7 @@
 """Tokenizer training (tokenizer_trainer.py; CLI scripts/train_tokenizer.py): loss decreases, dead codes are
 re-initialised, GAN terms update the discriminator, and the checkpoint loads through models.loading.load_vae and
 resumes."""
+import copy
 import dataclasses
 import functools
 import re
@@ -94,6 +95,46 @@ def test_gan_term_updates_discriminator():
     out = trainer.train_step(mnist_batch(8))
     assert {"g", "d"} <= out.keys()
     assert any(not torch.equal(b, p) for b, p in zip(before, trainer.disc.parameters(), strict=True))
+
+
+@pytest.mark.numerics
+def test_bf16_runs_the_networks_in_bf16_and_the_code_search_and_losses_in_fp32(monkeypatch):
+    """--fp16=2 (bf16 forced on any CPU: MVAR_CPU_BF16=1): the encoder, decoder and discriminator compute in bf16,
+    the quantizer returns fp32 (its code search runs outside autocast), every logged loss is fp32, and the step's
+    losses are those of the same step in fp32 within bf16's error; MVAR_CPU_BF16=0 trains in fp32."""
+    monkeypatch.setenv("MVAR_CPU_BF16", "1")
+    dtypes = {}
+
+    def trainer_with_hooks(*flags: str) -> TokenizerTrainer:
+        args = tiny_args("--w_gan=0.1", "--disc_ch=16", "--disc_layers=1", *flags)
+        torch.manual_seed(0)
+        trainer = TokenizerTrainer(build_vae(args), args, torch.device("cpu"))
+        for name, module in (("encoder", trainer.vae.encoder.conv_in), ("decoder", trainer.vae.decoder.conv_out),
+                             ("quantizer", trainer.vae.quantize), ("disc", trainer.disc.main[0])):
+            module.register_forward_hook(lambda m, i, o, name=name: dtypes.setdefault(name, set()).add(
+                (o[0] if isinstance(o, tuple) else o).dtype))
+        return trainer
+
+    img = mnist_batch(8)
+    half = trainer_with_hooks("--fp16=2")
+    assert half.amp_dtype == torch.bfloat16
+    out_half = half.train_step(img)
+    assert dtypes == {"encoder": {torch.bfloat16}, "decoder": {torch.bfloat16}, "quantizer": {torch.float32},
+                      "disc": {torch.bfloat16}}, dtypes
+    quantize = copy.deepcopy(half.vae.quantize).eval()
+    f_BChw = half.vae.img_to_f(img).detach()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the code search and the VQ loss ignore autocast
+        f_hat_bf16, _, vq_bf16 = quantize(f_BChw)
+    f_hat_fp32, _, vq_fp32 = quantize(f_BChw)
+    assert torch.equal(f_hat_bf16, f_hat_fp32) and torch.equal(vq_bf16, vq_fp32)
+    dtypes.clear()
+    out_full = trainer_with_hooks().train_step(img)
+    assert dtypes["decoder"] == {torch.float32}
+    for k in ("l1", "l2", "vq", "g", "d", "loss"):
+        assert out_half[k].dtype == torch.float32 and out_half[k].isfinite(), k
+        assert abs(out_half[k] - out_full[k]) <= 0.03 * abs(out_full[k]) + 1e-3, (k, out_half[k], out_full[k])
+    monkeypatch.setenv("MVAR_CPU_BF16", "0")
+    assert trainer_with_hooks("--fp16=2").amp_dtype is None
 
 
 def test_the_adaptive_weight_is_the_ratio_of_the_two_gradients_norms_at_the_layer():
@@ -255,6 +296,7 @@ def test_zero_periods_are_errors_before_training(tmp_path):
     ("--w_l1=-1", "--w_l1=-1.0: expected a finite number >= 0"), ("--w_vq=nan", "--w_vq=nan: expected"),
     ("--lr=0", "--lr=0.0: expected a positive learning rate"), ("--clip=-2", "--clip=-2.0: expected"),
     ("--disc_ch=1", "--disc_ch=1 --disc_layers=3: the discriminator needs a width of at least 2"),
+    ("--fp16=1", "--fp16=1: fp16 needs a loss scaler .*--fp16=2 trains in bf16"),
 ])
 def test_bad_flags_fail_before_the_data_is_read(flag, message, tmp_path, monkeypatch):
     import tokenizer_trainer
