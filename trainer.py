@@ -22,8 +22,9 @@ from models.precision import AMP_DTYPES, amp_autocast, effective_amp_dtype
 from models.tokenizer import VQVAE, VQVAEConfig
 from utils.data.loaders import PaddedEvalDataset, class_difference
 from utils.run.checkpoint import position_text
-from utils.run.divergence import DivergenceGuard, NonFiniteError
+from utils.run.divergence import DivergenceGuard
 from utils.run.log import SAME_ON_ALL_RANKS, Averager
+from utils.run.loss_scale import LossScaler
 from utils.run.preemption import Stopped
 from utils.run.rng import gather_rng_states, restore_rng_states
 from utils.run.schedule import Schedule, SchedulePoint, set_lr_wd
@@ -137,12 +138,10 @@ class Trainer:
         self.mvar: MVAR = dist.unwrap_model(model)
         self.optimizer = build_optimizer(self.mvar, lr, fused=fused_adam)
         self.amp_dtype = effective_amp_dtype(device, AMP_DTYPES[fp16])  # bf16 on a CPU without it: fp32, logged
-        self.scaler = torch.amp.GradScaler(device.type, init_scale=2.0**11, growth_interval=1000) \
-            if fp16 == 1 else None
+        self.scaler = LossScaler(device.type, max_nonfinite, UNSTABLE_HINT) if fp16 == 1 else None
         self.tclip, self.label_smooth, self.ac, self.max_nonfinite = tclip, label_smooth, ac, max_nonfinite
         self.guard = DivergenceGuard(diverge_tol)
         self.window_losses: list[torch.Tensor] = []  # the open window's micro-step losses: the guard judges their mean
-        self.overflows_in_a_row = 0  # fp16 steps GradScaler skipped (not bad steps: `optimizer_step`)
         self.params = [p for p in self.mvar.parameters() if p.requires_grad]
         self.seg_lens = [pn * pn for pn in self.mvar.patch_nums]
         self.resos = [pn * vae.downsample for pn in self.mvar.patch_nums] if vae is not None else None
@@ -151,6 +150,11 @@ class Trainer:
 
     def autocast(self):
         return amp_autocast(self.device, self.amp_dtype)
+
+    @property
+    def overflows_in_a_row(self) -> int:
+        """fp16 steps GradScaler skipped in a row (not bad steps: `optimizer_step`)."""
+        return 0 if self.scaler is None else self.scaler.overflows_in_a_row
 
     @torch.no_grad()
     def tokenize(self, inp_B3HW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -240,27 +244,20 @@ class Trainer:
         result.grad_norm = norm.item()
         loss = dist.all_reduce_mean(torch.stack(self.window_losses).mean()).item()
         self.window_losses = []
-        # fp16's ordinary overflow (a finite loss, gradients past fp16 at this loss scale): GradScaler skips the step
-        # and lowers the scale. The weights are unchanged, so it is no bad step (a save may follow), unless
-        # max_nonfinite of them come in a row
-        overflow = self.scaler is not None and not math.isfinite(result.grad_norm) and math.isfinite(loss)
+        # fp16's ordinary overflow: GradScaler skips the step and lowers the scale. The weights are unchanged, so it
+        # is no bad step (a save may follow), unless max_nonfinite of them come in a row (utils.run.loss_scale)
+        overflow = self.scaler is not None and self.scaler.is_overflow(loss, result.grad_norm)
         reason = self.guard.update(loss, math.isfinite(result.grad_norm) or overflow)
-        self.overflows_in_a_row = self.overflows_in_a_row + 1 if overflow else 0
         if reason is None and self.scaler is None:
             self.optimizer.step()
         elif reason is None:
             self.scaler.step(self.optimizer)
-        if self.scaler is not None:  # its unscale_ recorded whether the gradients were finite
-            self.scaler.update(new_scale=32768.0 if self.scaler.get_scale() > 32768.0 else None)
-            result.loss_scale = self.scaler.get_scale()
+        if self.scaler is not None:
+            result.loss_scale = self.scaler.update_capped()
         self.optimizer.zero_grad(set_to_none=True)
         if overflow:
             result.skipped = True
-            logger.info("fp16 overflow: GradScaler skipped the step, loss scale now %g", result.loss_scale)
-            if self.overflows_in_a_row >= self.max_nonfinite:
-                raise NonFiniteError(f"{self.overflows_in_a_row} fp16 steps in a row overflowed although GradScaler "
-                                     f"lowered the loss scale each time (--max_nonfinite={self.max_nonfinite}): "
-                                     f"stopping; {UNSTABLE_HINT}")
+            self.scaler.skipped("the step")
         if reason is None:
             return
         result.skipped = True
