@@ -4,7 +4,8 @@ scripts/train_tokenizer.py.
 Loss = w_l1 * L1 + w_l2 * MSE (reconstruction) + w_vq * VAR's VQ loss (commitment + codebook, straight-through)
        [+ w_percep * LPIPS] [+ w_gan * hinge GAN loss of a PatchGAN discriminator, from step --gan_start;
        --gan_weight=adaptive scales it by VQGAN's adaptive weight].
---fp16=2 runs the networks under bf16 autocast (the quantizer's code search and the losses stay fp32).
+--fp16 runs the networks under autocast (1 fp16 with train.py's loss scaling, 2 bf16; the quantizer's code search
+and the losses stay fp32).
 Per-scale codebook usage is logged; every --reinit_every steps the codes no scale uses are re-initialised from
 the residuals the quantizer sees on the current batch. Runs on one process or under torchrun (DDP).
 
@@ -39,6 +40,7 @@ from utils.run.agreement import refuse_disagreement, run_facts
 from utils.run.checkpoint import RunFolder
 from utils.run.divergence import DivergenceGuard
 from utils.run.log import SAME_ON_ALL_RANKS, TBLogger, setup_logging
+from utils.run.loss_scale import LossScaler
 from utils.run.preemption import Preemption
 from utils.run.rng import gather_rng_states, resolve_seed, restore_rng_states, seed_everything
 from utils.run.schedule import lr_factor, schedule_problem
@@ -101,9 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--clip", type=float, default=2.0, help="gradient-norm clip (0: off)")
     g.add_argument("--max_nonfinite", type=int, default=20, help="a step with a non-finite loss or gradient is "
                    "skipped; stop after this many in a row (train.py's flag)")
-    g.add_argument("--fp16", type=int, default=0, choices=(0, 1, 2), help="0 fp32; 2 bf16 autocast of the "
-                   "networks (tokenizer, LPIPS, discriminator), the quantizer's code search and the losses in fp32; "
-                   "on a CPU without bf16 instructions fp32, logged. 1 (train.py's fp16 + GradScaler) is refused")
+    g.add_argument("--fp16", type=int, default=0, choices=(0, 1, 2), help="0 fp32; 1 fp16 autocast of the networks "
+                   "(tokenizer, LPIPS, discriminator) with train.py's GradScaler for each optimiser; 2 bf16 autocast "
+                   "(fp32 on a CPU without bf16 instructions, logged). The quantizer's code search and the losses "
+                   "stay fp32")
     g = p.add_argument_group("run")
     g.add_argument("--out_dir", default="local_output/tokenizer", help="checkpoint/log folder (auto-resume)")
     g.add_argument("--log_every", type=int, default=50, help="log every N steps")
@@ -135,10 +138,6 @@ def check_flags(args: argparse.Namespace, world: int) -> VQVAEConfig:
         if not getattr(args, k) >= 0 or not math.isfinite(getattr(args, k))]
     if not (math.isfinite(args.lr) and args.lr > 0):
         problems.append(f"--lr={args.lr}: expected a positive learning rate")
-    if args.fp16 == 1:
-        problems.append("--fp16=1: fp16 needs a loss scaler (train.py's GradScaler), which the tokenizer trainer does "
-                        "not have for its two optimisers and the adaptive GAN weight; --fp16=2 trains in bf16, "
-                        "which needs none, --fp16=0 in fp32")
     if args.gan_weight == "adaptive" and not args.w_gan > 0:
         problems.append(f"--gan_weight=adaptive scales the GAN term, which --w_gan={args.w_gan} leaves out: pass "
                         f"--w_gan > 0")
@@ -214,7 +213,9 @@ def freeze_unused_phis(vae: VQVAE) -> None:
 
 
 CODEBOOK = "quantize.embedding.weight"
-LOGGED = ("loss", "l1", "l2", "vq", "percep", "g", "gan_weight", "d", "grad_norm")  # train_step's terms, in log order
+# train_step's logged terms, in log order
+LOGGED = ("loss", "l1", "l2", "vq", "percep", "g", "gan_weight", "d", "grad_norm", "loss_scale")
+UNSTABLE_HINT = "lower --lr or raise --clip. The last checkpoint holds the weights from before them."
 
 
 def weight_decay_groups(vae: nn.Module, wd: float) -> list[dict[str, Any]]:
@@ -250,6 +251,10 @@ class TokenizerTrainer:
             self.disc_ddp = dist.wrap_model(self.disc, device)
             self.disc_opt = torch.optim.AdamW(self.disc.parameters(), lr=args.lr, betas=(0.5, 0.9), weight_decay=0)
         self.amp_dtype = effective_amp_dtype(device, AMP_DTYPES[args.fp16])  # bf16 on a CPU without it: fp32
+        fp16 = self.amp_dtype == torch.float16  # a loss scaler per optimiser, as train.py's
+        self.scaler = LossScaler(device.type, args.max_nonfinite, UNSTABLE_HINT) if fp16 else None
+        self.disc_scaler = LossScaler(device.type, args.max_nonfinite, UNSTABLE_HINT) \
+            if fp16 and self.disc is not None else None
         self.step = 0
         self.guard = DivergenceGuard(tol=0.0)  # non-finite steps only: the loss terms have no common scale
 
@@ -262,6 +267,10 @@ class TokenizerTrainer:
                     group["lr"] = lr
         return lr
 
+    def loss_scale(self) -> float:
+        """The tokenizer's fp16 loss scale (1 without fp16)."""
+        return 1.0 if self.scaler is None else self.scaler.get_scale()
+
     def autocast(self) -> contextlib.AbstractContextManager:
         """--fp16's autocast for the networks' forward passes (the quantizer turns it off for its code search)."""
         return amp_autocast(self.device, self.amp_dtype)
@@ -271,7 +280,8 @@ class TokenizerTrainer:
         detached 0-dim device tensors (the caller converts them on log steps), "lr" a float. A step whose loss or
         gradient is non-finite on any rank updates nothing (one host sync per step for that judgement);
         --max_nonfinite of them in a row raise NonFiniteError. The networks run under --fp16's autocast, the losses
-        in fp32."""
+        in fp32; under fp16 an overflow of the scaled gradients is GradScaler's skipped step (utils.run.loss_scale):
+        it updates neither network."""
         a = self.args
         lr = self.set_lr()
         img_B3HW = img_B3HW.to(self.device, non_blocking=True)
@@ -295,35 +305,50 @@ class TokenizerTrainer:
             g_loss = hinge_g_loss(logits.float())
             weight = a.w_gan
             if a.gan_weight == "adaptive":  # VQGAN's: the GAN term's gradient scaled to the reconstruction's
-                out["gan_weight"] = adaptive_gan_weight(rec_loss, g_loss, self.vae.decoder.conv_out.weight,
-                                                        reduce=dist.all_reduce_mean)
-                weight = weight * out["gan_weight"]
+                adaptive = adaptive_gan_weight(rec_loss, g_loss, self.vae.decoder.conv_out.weight,
+                                               reduce=dist.all_reduce_mean, scale=self.loss_scale())
+                if self.scaler is not None:  # NaN: both gradients overflowed fp16, and so will the step's (skipped)
+                    adaptive = adaptive.nan_to_num(nan=0.0)
+                out["gan_weight"] = adaptive
+                weight = weight * adaptive
             loss = loss + weight * g_loss
             out["g"] = g_loss.detach()
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+        if self.scaler is not None:
+            out["loss_scale"] = torch.tensor(self.loss_scale())  # the scale this step ran at
+            self.scaler.unscale_(self.opt)
         grad_norm = nn.utils.clip_grad_norm_(self.vae.parameters(), a.clip if a.clip > 0 else math.inf)
         if a.clip > 0:
             out["grad_norm"] = grad_norm
         # one judgement for all ranks (the loss averaged, the norm of the synced gradients): a bad step is skipped
-        reason = self.guard.update(dist.all_reduce_mean(loss.detach().clone()).item(), grad_norm.isfinite().item())
+        loss_mean = dist.all_reduce_mean(loss.detach().clone()).item()
+        overflow = self.scaler is not None and self.scaler.is_overflow(loss_mean, grad_norm.item())
+        reason = self.guard.update(loss_mean, grad_norm.isfinite().item() or overflow)
         if reason is None:
-            self.opt.step()
+            self.opt.step() if self.scaler is None else self.scaler.step(self.opt)  # GradScaler's skips an overflow
+        if self.scaler is not None:
+            self.scaler.update_capped()
         if gan_on:
             self.disc.requires_grad_(True)
             with self.autocast():
                 logits = self.disc_ddp(torch.cat([img_B3HW, rec_B3HW.detach()]))  # one pass: GroupNorm is per image
             d_loss = hinge_d_loss(*logits.float().chunk(2))
             self.disc_opt.zero_grad(set_to_none=True)
-            d_loss.backward()
-            if reason is None and math.isfinite(dist.all_reduce_mean(d_loss.detach().clone()).item()):
-                self.disc_opt.step()
+            (d_loss if self.disc_scaler is None else self.disc_scaler.scale(d_loss)).backward()
+            if reason is None and not overflow and math.isfinite(dist.all_reduce_mean(d_loss.detach().clone()).item()):
+                if self.disc_scaler is None:
+                    self.disc_opt.step()
+                else:  # its own overflow: GradScaler skips the step and lowers its scale
+                    self.disc_scaler.step(self.disc_opt)
+                    self.disc_scaler.update_capped()
             out["d"] = d_loss.detach()
         out["loss"] = loss.detach()
         self.step += 1
+        if overflow:
+            self.scaler.skipped(f"step {self.step}'s update")
         if reason is not None:
-            self.guard.skipped(reason, f"step {self.step}'s update", a.max_nonfinite,
-                               "lower --lr or raise --clip. The last checkpoint holds the weights from before them.")
+            self.guard.skipped(reason, f"step {self.step}'s update", a.max_nonfinite, UNSTABLE_HINT)
         if a.reinit_every > 0 and self.step % a.reinit_every == 0:
             out["reinit"] = self.reinit_dead_codes(img_B3HW, tokens_per_step=img_B3HW.shape[0] * dist.get_world_size()
                                                    * sum(pn * pn for pn in self.vae.v_patch_nums))
@@ -360,6 +385,9 @@ class TokenizerTrainer:
                 "args": vars(self.args), "rng": gather_rng_states(), "guard": self.guard.state_dict()}
         if self.disc is not None:
             ckpt.update(disc=self.disc.state_dict(), disc_optimizer=self.disc_opt.state_dict())
+        for name in ("scaler", "disc_scaler"):
+            if getattr(self, name) is not None:
+                ckpt[name] = getattr(self, name).state_dict()
         return ckpt
 
     def load_state_dict(self, ckpt: dict[str, Any]) -> None:
@@ -378,6 +406,9 @@ class TokenizerTrainer:
                 raise ValueError(f"the checkpoint's discriminator, trained since --gan_start={saved_start}, "
                                  f"has other shapes than --disc_ch={self.args.disc_ch} --disc_layers="
                                  f"{self.args.disc_layers} give: resume with its flags")
+        for name in ("scaler", "disc_scaler"):  # fp16's loss scales (a run resumed into fp16 starts at 2**11)
+            if getattr(self, name) is not None and name in ckpt:
+                getattr(self, name).load_state_dict(ckpt[name])
         self.step = int(ckpt["step"])
         self.guard.load_state_dict(ckpt.get("guard", {}))  # a checkpoint from before the guard: none bad
         self.vae.quantize.set_hit_steps(self.step)
@@ -431,7 +462,8 @@ def train(args: argparse.Namespace) -> Path:
     n_params = sum(p.numel() for p in trainer.vae.parameters()) / 1e6
     logger.info("tokenizer %.2fM params, config %s; %d train / %d val images (%d classes), %d steps of %d in %s",
                 n_params, dataclasses.asdict(trainer.vae.config), len(train_set), len(val_set), num_classes,
-                args.steps, args.bs, "bf16 autocast" if trainer.amp_dtype == torch.bfloat16 else "fp32")
+                args.steps, args.bs, {torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast with loss scaling",
+                                      None: "fp32"}[trainer.amp_dtype])
 
     # TensorBoard (rank 0): the logged steps' losses, lr and code usage; a resume drops what a killed run logged
     # after its checkpoint

@@ -52,16 +52,18 @@ def hinge_g_loss(logits_fake: torch.Tensor) -> torch.Tensor:
 
 
 def adaptive_gan_weight(rec_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor,
-                        reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+                        reduce: Callable[[torch.Tensor], torch.Tensor] | None = None, scale: float = 1.0
+                        ) -> torch.Tensor:
     """VQGAN's weight of the generator term (Esser et al. 2021, eq. 7; taming-transformers' 1e-4 and 1e4): the norm
     of the reconstruction loss's gradient over that of `g_loss`'s, both at `last_layer` (the decoder's output conv
     weight), clamped to [0, 1e4] and detached. `reduce` (dist.all_reduce_mean) averages the two gradients over the
-    ranks first, so every rank takes the weight one process with the global batch would."""
-    rec_grad, = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)
-    g_grad, = torch.autograd.grad(g_loss, last_layer, retain_graph=True)
+    ranks first, so every rank takes the weight one process with the global batch would. `scale` (fp16's loss
+    scale) multiplies both losses before the gradients and divides them after, so that they do not underflow fp16."""
+    rec_grad, = torch.autograd.grad(rec_loss * scale, last_layer, retain_graph=True)
+    g_grad, = torch.autograd.grad(g_loss * scale, last_layer, retain_graph=True)
     if reduce is not None:
         rec_grad, g_grad = reduce(torch.stack([rec_grad, g_grad]))
-    return (rec_grad.norm() / (g_grad.norm() + 1e-4)).clamp(0.0, 1e4).detach()
+    return (rec_grad.norm() / scale / (g_grad.norm() / scale + 1e-4)).clamp(0.0, 1e4).detach()
 
 
 def perceptual_loss_problem() -> str:
