@@ -6,7 +6,8 @@ One set of random weights (models.build_vae_mvar), copied to the device for ever
 Mamba2, models.backends) and precision (fp32, bf16, fp16 autocast). Each combination is compared with the CPU fp32
 run of the portable kernels on: teacher-forced logits, greedy sampled tokens (top_k=1, so no random stream is
 involved: CUDA and CPU generators draw different numbers) and the losses of a 20-step training run (trainer.Trainer,
-same batches), all on the CPU tokenizer's token ids. The tokenizer's indices are compared once per device. fp32 is
+same batches), all on the CPU tokenizer's token ids. The tokenizer's indices are compared once per device, and one
+step of its trainer (tokenizer_trainer: reconstruction, VQ, the adaptive-weighted PatchGAN) per precision. fp32 is
 fp32 on both sides (no TF32, `exact_fp32`). Kernel pairs run portable first, Triton's fp32 last. A kernel that
 cannot run there is a SKIP line saying why. --dry-run: tiny shapes on the CPU (the "device" is the CPU; CUDA kernels
 SKIP).
@@ -29,6 +30,7 @@ from models.mamba2 import resolve_kernels
 from models.mvar import MVAR
 from models.tokenizer import VQVAE
 from scripts.gpu_results import CheckLine, any_failed, failure, within, write_lines
+import tokenizer_trainer
 from trainer import Trainer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -40,6 +42,9 @@ TOKENIZER_TARGET = 0.95  # share of equal tokenizer indices (fp32 on both sides)
 # Loss of a 20-step run, relative to the CPU's, worst step. Set here before the run: fp32 differs by summation
 # order only (grows slowly over steps); low precisions by rounding of every matmul.
 LOSS_TARGET = {"fp32": 1e-3, "bf16": 5e-2, "fp16": 5e-2}
+# One tokenizer-trainer step's terms: |error| over max(|CPU value|, 0.01) (the GAN terms can be near 0), worst term,
+# held to LOSS_TARGET (set with the step, before any GPU run)
+TOKENIZER_TERMS = ("loss", "l1", "l2", "vq", "g", "gan_weight", "d")
 
 
 @dataclass(frozen=True)
@@ -157,6 +162,37 @@ def tokenizer_line(ref_ids: torch.Tensor, vae_dev: VQVAE, img: torch.Tensor, dev
                   TOKENIZER_TARGET, at_least=True, fmt=".4f")
 
 
+def tokenizer_step(shapes: Shapes, device: torch.device, dtype_name: str, img: torch.Tensor) -> dict[str, float]:
+    """One tokenizer_trainer step on `img` on `device` under the --fp16 of `dtype_name` -> its loss terms. The
+    tokenizer and discriminator are built on the CPU from seed 0, then moved: the same weights on every device."""
+    args = tokenizer_trainer.build_parser().parse_args([
+        f"--reso={img.shape[-1]}", f"--ch={shapes.vae_ch}", f"--ch_mult={'_'.join(map(str, shapes.ch_mult))}",
+        f"--vocab_size={shapes.V}", "--z_channels=8", f"--pn={'_'.join(map(str, shapes.patch_nums))}", "--w_gan=0.1",
+        "--gan_weight=adaptive", "--disc_ch=16", f"--disc_layers={min(3, len(shapes.ch_mult) - 1)}", "--wp=0",
+        f"--fp16={FP16_FLAG[dtype_name]}"])
+    torch.manual_seed(0)
+    trainer = tokenizer_trainer.TokenizerTrainer(tokenizer_trainer.build_vae(args), args, device)
+    out = trainer.train_step(img.to(device))
+    return {k: out[k].item() for k in TOKENIZER_TERMS}
+
+
+def tokenizer_step_lines(shapes: Shapes, device: torch.device, dtypes: list[str], img: torch.Tensor) -> list[CheckLine]:
+    """A tokenizer-trainer step per precision on `device` against the CPU's fp32 step from the same weights."""
+    ref = tokenizer_step(shapes, torch.device("cpu"), "fp32", img)
+    lines = []
+    for dtype_name in dtypes:
+        name = f"{device.type} tokenizer training step {dtype_name}: loss terms, max |error| / max(|CPU|, 0.01)"
+        try:
+            got = tokenizer_step(shapes, device, dtype_name, img)
+        except Exception as err:  # as for the model's kernels: a finding, not a crash
+            lines.append(failure(name, err))
+            continue
+        worst = max(TOKENIZER_TERMS, key=lambda k: abs(got[k] - ref[k]) / max(abs(ref[k]), 0.01))
+        lines.append(within(name, abs(got[worst] - ref[worst]) / max(abs(ref[worst]), 0.01), LOSS_TARGET[dtype_name],
+                            note=f"worst: {worst} {got[worst]:.4g} vs {ref[worst]:.4g}"))
+    return lines
+
+
 def device_error(device: torch.device) -> str | None:
     """Why `device` no longer runs anything (a CUDA error poisons its context for the rest of the process), or
     None."""
@@ -179,7 +215,8 @@ def check(shapes: Shapes, device: torch.device, dtypes: list[str],
         ids = [torch.cat(vae.img_to_idxBl(img), dim=1) for img, _ in data]
     ref = run(vae, ref_model, data, ids, torch.device("cpu"), "fp32")
     vae_dev, _ = build(shapes, str(device))
-    lines = [exact_fp32_line(device), tokenizer_line(ids[0], vae_dev, data[0][0], device)]
+    lines = [exact_fp32_line(device), tokenizer_line(ids[0], vae_dev, data[0][0], device),
+             *tokenizer_step_lines(shapes, device, dtypes, data[0][0])]
     raw = {"reference": {"losses": ref.losses, "logits_max": ref.logits.abs().max().item()}, "shapes": vars(shapes)}
     save(lines, raw)
     for attn, mamba, dtype_name in sorted(itertools.product(ATTN.kernels, MAMBA.kernels, dtypes), key=slow_last):
