@@ -316,7 +316,7 @@ class TokenizerTrainer:
         self.opt.zero_grad(set_to_none=True)
         (loss if self.scaler is None else self.scaler.scale(loss)).backward()
         if self.scaler is not None:
-            out["loss_scale"] = torch.tensor(self.loss_scale())  # the scale this step ran at
+            out["loss_scale"] = torch.tensor(self.loss_scale(), device=self.device)  # the scale this step ran at
             self.scaler.unscale_(self.opt)
         grad_norm = nn.utils.clip_grad_norm_(self.vae.parameters(), a.clip if a.clip > 0 else math.inf)
         if a.clip > 0:
@@ -415,6 +415,12 @@ class TokenizerTrainer:
         restore_rng_states(ckpt["rng"])
 
 
+def logged_means(out: dict[str, Any]) -> dict[str, float]:
+    """The LOGGED terms a `train_step` returned, averaged over the ranks (one host sync), in log order."""
+    names = [k for k in LOGGED if k in out]
+    return dict(zip(names, dist.all_reduce_mean(torch.stack([out[k].float() for k in names])).tolist(), strict=True))
+
+
 @torch.no_grad()
 def evaluate(vae: VQVAE, loader, device: torch.device) -> dict[str, float]:
     """Mean L1 and PSNR (images mapped to [0, 1]) of the full reconstruction over the val loader, all ranks."""
@@ -476,14 +482,13 @@ def train(args: argparse.Namespace) -> Path:
             log_now = (trainer.step + 1) % args.log_every == 0 or trainer.step + 1 == args.steps
             out = trainer.train_step(img_B3HW, ret_usages=log_now)
             if log_now:
-                names = [k for k in LOGGED if k in out]
-                means = dist.all_reduce_mean(torch.stack([out[k].float() for k in names])).tolist()  # the one sync
-                tb.scalars("steps", trainer.step, "train/", lr=out["lr"], **dict(zip(names, means, strict=True)),
+                means = logged_means(out)
+                tb.scalars("steps", trainer.step, "train/", lr=out["lr"], **means,
                            **{f"usage_pct_scale{si}": u for si, u in enumerate(out["usage"])})
                 speed = (trainer.step - last_log_step) / (time.time() - t0)
                 t0, last_log_step = time.time(), trainer.step
                 logger.info("step %d/%d %s lr %.2e | usage%% per scale %s | reinit %d | %.2f it/s", trainer.step,
-                            args.steps, " ".join(f"{k} {v:.4f}" for k, v in zip(names, means, strict=True)),
+                            args.steps, " ".join(f"{k} {v:.4f}" for k, v in means.items()),
                             out["lr"], [round(u, 1) for u in out["usage"]], out.get("reinit", 0), speed)
             stop = preemption.requested()  # collective: every rank stops after the same step
             if stop or trainer.step % args.save_every == 0 or trainer.step == args.steps:

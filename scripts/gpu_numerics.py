@@ -172,8 +172,8 @@ def tokenizer_step(shapes: Shapes, device: torch.device, dtype_name: str, img: t
         f"--fp16={FP16_FLAG[dtype_name]}"])
     torch.manual_seed(0)
     trainer = tokenizer_trainer.TokenizerTrainer(tokenizer_trainer.build_vae(args), args, device)
-    out = trainer.train_step(img.to(device))
-    return {k: out[k].item() for k in TOKENIZER_TERMS}
+    logged = tokenizer_trainer.logged_means(trainer.train_step(img.to(device)))  # as train() logs them
+    return {k: logged[k] for k in TOKENIZER_TERMS}
 
 
 def tokenizer_step_lines(shapes: Shapes, device: torch.device, dtypes: list[str], img: torch.Tensor) -> list[CheckLine]:
