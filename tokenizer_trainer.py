@@ -298,6 +298,7 @@ class TokenizerTrainer:
             out["percep"] = percep.detach()
         loss = rec_loss + a.w_vq * vq_loss
         gan_on = self.disc is not None and self.step >= a.gan_start
+        weight_overflow = None
         if gan_on:
             self.disc.requires_grad_(False)  # the generator term needs no discriminator gradients (nor DDP sync)
             with self.autocast():
@@ -307,7 +308,8 @@ class TokenizerTrainer:
             if a.gan_weight == "adaptive":  # VQGAN's: the GAN term's gradient scaled to the reconstruction's
                 adaptive = adaptive_gan_weight(rec_loss, g_loss, self.vae.decoder.conv_out.weight,
                                                reduce=dist.all_reduce_mean, scale=self.loss_scale())
-                if self.scaler is not None:  # NaN: both gradients overflowed fp16, and so will the step's (skipped)
+                if self.scaler is not None:  # NaN: a gradient overflowed fp16 at this scale, so the step is an overflow
+                    weight_overflow = adaptive.isnan()
                     adaptive = adaptive.nan_to_num(nan=0.0)
                 out["gan_weight"] = adaptive
                 weight = weight * adaptive
@@ -315,6 +317,9 @@ class TokenizerTrainer:
             out["g"] = g_loss.detach()
         self.opt.zero_grad(set_to_none=True)
         (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+        if weight_overflow is not None:  # an overflow of the adaptive weight's gradients is GradScaler's too
+            grad = self.vae.decoder.conv_out.weight.grad
+            grad.copy_(torch.where(weight_overflow, math.inf, grad))
         if self.scaler is not None:
             out["loss_scale"] = torch.tensor(self.loss_scale(), device=self.device)  # the scale this step ran at
             self.scaler.unscale_(self.opt)
@@ -336,12 +341,17 @@ class TokenizerTrainer:
             d_loss = hinge_d_loss(*logits.float().chunk(2))
             self.disc_opt.zero_grad(set_to_none=True)
             (d_loss if self.disc_scaler is None else self.disc_scaler.scale(d_loss)).backward()
-            if reason is None and not overflow and math.isfinite(dist.all_reduce_mean(d_loss.detach().clone()).item()):
+            d_mean = dist.all_reduce_mean(d_loss.detach().clone()).item()
+            if reason is None and not overflow and math.isfinite(d_mean):
                 if self.disc_scaler is None:
                     self.disc_opt.step()
-                else:  # its own overflow: GradScaler skips the step and lowers its scale
+                else:  # an overflow of its own gradients: GradScaler skips its update and lowers its scale
+                    self.disc_scaler.unscale_(self.disc_opt)
+                    d_norm = nn.utils.clip_grad_norm_(self.disc.parameters(), math.inf).item()  # the norm only
                     self.disc_scaler.step(self.disc_opt)
                     self.disc_scaler.update_capped()
+                    if self.disc_scaler.is_overflow(d_mean, d_norm):
+                        self.disc_scaler.skipped(f"step {self.step + 1}'s discriminator update")
             out["d"] = d_loss.detach()
         out["loss"] = loss.detach()
         self.step += 1

@@ -4,6 +4,7 @@ weights are available offline.
 Shape legend: B batch, H/W image size; images are in [-1, 1].
 """
 import logging
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -58,12 +59,15 @@ def adaptive_gan_weight(rec_loss: torch.Tensor, g_loss: torch.Tensor, last_layer
     of the reconstruction loss's gradient over that of `g_loss`'s, both at `last_layer` (the decoder's output conv
     weight), clamped to [0, 1e4] and detached. `reduce` (dist.all_reduce_mean) averages the two gradients over the
     ranks first, so every rank takes the weight one process with the global batch would. `scale` (fp16's loss
-    scale) multiplies both losses before the gradients and divides them after, so that they do not underflow fp16."""
+    scale) multiplies both losses before the gradients and divides them after, so that they do not underflow fp16.
+    NaN when either gradient is non-finite (under fp16: it overflowed at this scale), never a silent 0 or 1e4."""
     rec_grad, = torch.autograd.grad(rec_loss * scale, last_layer, retain_graph=True)
     g_grad, = torch.autograd.grad(g_loss * scale, last_layer, retain_graph=True)
     if reduce is not None:
         rec_grad, g_grad = reduce(torch.stack([rec_grad, g_grad]))
-    return (rec_grad.norm() / scale / (g_grad.norm() / scale + 1e-4)).clamp(0.0, 1e4).detach()
+    rec_norm, g_norm = rec_grad.norm() / scale, g_grad.norm() / scale
+    weight = (rec_norm / (g_norm + 1e-4)).clamp(0.0, 1e4)
+    return torch.where(rec_norm.isfinite() & g_norm.isfinite(), weight, math.nan).detach()
 
 
 def perceptual_loss_problem() -> str:

@@ -4,6 +4,7 @@ resumes."""
 import copy
 import dataclasses
 import functools
+import math
 import re
 import shutil
 
@@ -145,29 +146,32 @@ def test_low_precision_runs_the_networks_in_it_and_the_code_search_and_losses_in
     assert trainer_with_hooks("--fp16=2").amp_dtype is None
 
 
+def weights(trainer: TokenizerTrainer) -> list[torch.Tensor]:
+    """Copies of the tokenizer's parameters, then the discriminator's."""
+    return [p.detach().clone() for p in (*trainer.vae.parameters(), *trainer.disc.parameters())]
+
+
 def test_an_fp16_overflow_updates_neither_network_and_too_many_in_a_row_stop_the_run():
     """--fp16=1: a step whose scaled gradients overflow fp16 (the adaptive weight's included) is GradScaler's skip:
     neither the tokenizer nor the discriminator changes, the scale is lowered and no bad step is counted (a save may
     follow); a good step updates both and resets the count, and --max_nonfinite overflows in a row stop the run."""
     trainer = gan_trainer("--fp16=1", "--max_nonfinite=2")
+    trainer.scaler.CAP = math.inf  # so that the scale after an overflow is GradScaler's backoff alone
     img = mnist_batch(8)
     trainer.train_step(img)
 
-    def weights() -> list[torch.Tensor]:
-        return [p.detach().clone() for p in (*trainer.vae.parameters(), *trainer.disc.parameters())]
-
     for _ in range(2):  # an overflow, then a good step, twice: the count starts again
-        before = weights()
-        trainer.scaler.update(new_scale=1e38)  # the scaled gradients overflow fp16
+        before = weights(trainer)
+        trainer.scaler.update(new_scale=2.0**120)  # the scaled gradients overflow fp16 (2**120: exact in fp32)
         out = trainer.train_step(img)
-        assert all(torch.equal(a, b) for a, b in zip(before, weights(), strict=True))
+        assert all(torch.equal(a, b) for a, b in zip(before, weights(trainer), strict=True))
         assert out["loss"].isfinite() and out["gan_weight"] == 0  # both weight gradients overflowed: NaN -> 0
-        assert trainer.scaler.get_scale() < 1e38 and trainer.scaler.overflows_in_a_row == 1  # lowered (and capped)
+        assert trainer.scaler.get_scale() == 2.0**119 and trainer.scaler.overflows_in_a_row == 1
         assert trainer.guard.healthy and trainer.guard.bad_in_a_row == 0
         trainer.scaler.update(new_scale=2.0**11)
-        before = weights()
+        before = weights(trainer)
         trainer.train_step(img)
-        changed = [not torch.equal(a, b) for a, b in zip(before, weights(), strict=True)]
+        changed = [not torch.equal(a, b) for a, b in zip(before, weights(trainer), strict=True)]
         n_vae = len(list(trainer.vae.parameters()))
         assert any(changed[:n_vae]) and any(changed[n_vae:]) and trainer.scaler.overflows_in_a_row == 0
     trainer.scaler.update(new_scale=1e38)
@@ -175,6 +179,50 @@ def test_an_fp16_overflow_updates_neither_network_and_too_many_in_a_row_stop_the
     trainer.scaler.update(new_scale=1e38)
     with pytest.raises(NonFiniteError, match="2 fp16 steps in a row overflowed"):
         trainer.train_step(img)
+
+
+@pytest.mark.parametrize("fp16", [1, 0])
+def test_an_overflow_of_the_gan_gradient_alone_is_no_step_without_the_gan_term(monkeypatch, fp16):
+    """A review: under fp16 the GAN loss's gradient alone overflowing made the adaptive weight 0, the step's own
+    gradients stayed finite, and the step ran without its GAN term (the scale never lowered). A non-finite gradient
+    of either loss now makes the weight NaN: under fp16 the step is GradScaler's overflow, in fp32 a bad step;
+    neither updates a weight."""
+    import tokenizer_trainer
+
+    trainer = gan_trainer(f"--fp16={fp16}")
+    trainer.train_step(mnist_batch(8))
+    monkeypatch.setattr(tokenizer_trainer, "adaptive_gan_weight", lambda *a, **k: torch.tensor(math.nan))
+    before = weights(trainer)
+    trainer.train_step(mnist_batch(8))
+    assert all(torch.equal(a, b) for a, b in zip(before, weights(trainer), strict=True))
+    if fp16:
+        assert trainer.scaler.overflows_in_a_row == 1 and trainer.guard.bad_in_a_row == 0
+    else:
+        assert trainer.guard.bad_in_a_row == 1
+
+
+def test_an_fp16_overflow_of_the_discriminator_skips_its_update_only():
+    trainer = gan_trainer("--fp16=1")
+    trainer.disc_scaler.CAP = math.inf
+    trainer.train_step(mnist_batch(8))
+    before = weights(trainer)
+    trainer.disc_scaler.update(new_scale=2.0**120)  # its scaled gradients overflow fp16 (2**120: exact in fp32)
+    trainer.train_step(mnist_batch(8))
+    changed = [not torch.equal(a, b) for a, b in zip(before, weights(trainer), strict=True)]
+    n_vae = len(list(trainer.vae.parameters()))
+    assert any(changed[:n_vae]) and not any(changed[n_vae:])
+    assert trainer.disc_scaler.get_scale() == 2.0**119 and trainer.disc_scaler.overflows_in_a_row == 1
+    assert trainer.scaler.overflows_in_a_row == 0 and trainer.guard.bad_in_a_row == 0
+
+
+def test_an_fp16_step_with_a_non_finite_loss_is_a_bad_step_not_an_overflow():
+    trainer = gan_trainer("--fp16=1")
+    img = mnist_batch(8).clone()
+    img[0, 0, 0, 0] = math.nan
+    before = weights(trainer)
+    trainer.train_step(img)
+    assert all(torch.equal(a, b) for a, b in zip(before, weights(trainer), strict=True))
+    assert trainer.guard.bad_in_a_row == 1 and trainer.scaler.overflows_in_a_row == 0
 
 
 def test_the_fp16_loss_scales_resume_with_the_run():
@@ -200,6 +248,8 @@ def test_the_adaptive_weight_is_the_ratio_of_the_two_gradients_norms_at_the_laye
     assert torch.equal(seen[0], torch.tensor([[3.0, 4.0], [0.6, 0.8]]))
     assert halved.item() == pytest.approx(2.5 / (1 + 1e-4), rel=1e-6)
     assert adaptive_gan_weight(rec, 0 * g, layer).item() == 1e4  # no GAN gradient: the clamp
+    inf = (layer * torch.tensor([math.inf, 1.0])).sum()  # a non-finite gradient of either loss: NaN, not 0 or 1e4
+    assert adaptive_gan_weight(rec, inf, layer).isnan() and adaptive_gan_weight(inf, g, layer).isnan()
 
 
 @pytest.mark.numerics

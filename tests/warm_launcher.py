@@ -266,6 +266,9 @@ class WarmProcess:
             except TimeoutError:
                 raise subprocess.TimeoutExpired(self.args, timeout) from None
             self.conn.close()
+            if not status:
+                raise OSError(f"the warm launcher closed the connection of {self.args} without its exit status "
+                              f"(the server died?)")
             self.returncode = int(status)
         return self.returncode
 

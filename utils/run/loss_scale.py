@@ -1,5 +1,6 @@
 """fp16 loss scaling (--fp16=1) as VAR trains: torch's GradScaler from a scale of 2**11, doubled after 1000 steps
-without an overflow and capped at 2**15, and the rule both trainers (trainer.py, tokenizer_trainer.py) apply to its
+without an overflow, and brought back to 2**15 at the update after it passed it (so a step after a growth from 2**15
+runs at 2**16, as in VAR), and the rule both trainers (trainer.py, tokenizer_trainer.py) apply to its
 skipped steps: an overflow (a finite loss whose scaled gradients are non-finite) is the scaler's ordinary skip,
 not a bad step (`utils.run.divergence`), until --max_nonfinite of them come in a row."""
 import logging
@@ -15,7 +16,7 @@ logger = logging.getLogger(__name__)
 class LossScaler(torch.amp.GradScaler):
     """GradScaler with VAR's settings and cap, counting its overflows in a row."""
 
-    CAP = 32768.0  # VAR's: a higher scale overflows the fp16 gradients more often
+    CAP = 32768.0  # VAR's: a higher scale overflows the fp16 gradients more often; checked before each update
 
     def __init__(self, device_type: str, max_nonfinite: int, hint: str):
         super().__init__(device_type, init_scale=2.0**11, growth_interval=1000)
