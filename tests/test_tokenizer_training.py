@@ -267,7 +267,7 @@ def test_under_fp16_the_adaptive_weight_takes_the_loss_scale_so_its_gradients_do
     assert fp32.item() == pytest.approx(0.46, abs=0.01)
     assert adaptive_gan_weight(*losses(torch.float16), conv.weight).item() == 0
     assert adaptive_gan_weight(*losses(torch.float16), conv.weight, scale=2.0**15).item() == pytest.approx(
-        fp32.item(), rel=1e-3)
+        fp32.item(), rel=1e-2)  # measured 2e-5 here; a CPU with fp16 instructions may accumulate otherwise
     assert adaptive_gan_weight(*losses(None), conv.weight, scale=2.0**15).item() == pytest.approx(fp32.item(), rel=1e-6)
 
 
