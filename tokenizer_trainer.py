@@ -327,9 +327,9 @@ class TokenizerTrainer:
         if a.clip > 0:
             out["grad_norm"] = grad_norm
         # one judgement for all ranks (the loss averaged, the norm of the synced gradients): a bad step is skipped
-        loss_mean = dist.all_reduce_mean(loss.detach().clone()).item()
-        overflow = self.scaler is not None and self.scaler.is_overflow(loss_mean, grad_norm.item())
-        reason = self.guard.update(loss_mean, grad_norm.isfinite().item() or overflow)
+        loss_mean, norm = dist.all_reduce_mean(loss.detach().clone()).item(), grad_norm.item()
+        overflow = self.scaler is not None and self.scaler.is_overflow(loss_mean, norm)
+        reason = self.guard.update(loss_mean, math.isfinite(norm) or overflow)
         if reason is None:
             self.opt.step() if self.scaler is None else self.scaler.step(self.opt)  # GradScaler's skips an overflow
         if self.scaler is not None:

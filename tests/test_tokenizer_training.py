@@ -151,6 +151,13 @@ def weights(trainer: TokenizerTrainer) -> list[torch.Tensor]:
     return [p.detach().clone() for p in (*trainer.vae.parameters(), *trainer.disc.parameters())]
 
 
+def networks_changed(trainer: TokenizerTrainer, before: list[torch.Tensor]) -> tuple[bool, bool]:
+    """Whether any parameter of the tokenizer, and of the discriminator, differs from `weights(trainer)` before."""
+    changed = [not torch.equal(a, b) for a, b in zip(before, weights(trainer), strict=True)]
+    n_vae = len(list(trainer.vae.parameters()))
+    return any(changed[:n_vae]), any(changed[n_vae:])
+
+
 def test_an_fp16_overflow_updates_neither_network_and_too_many_in_a_row_stop_the_run():
     """--fp16=1: a step whose scaled gradients overflow fp16 (the adaptive weight's included) is GradScaler's skip:
     neither the tokenizer nor the discriminator changes, the scale is lowered and no bad step is counted (a save may
@@ -164,16 +171,14 @@ def test_an_fp16_overflow_updates_neither_network_and_too_many_in_a_row_stop_the
         before = weights(trainer)
         trainer.scaler.update(new_scale=2.0**120)  # the scaled gradients overflow fp16 (2**120: exact in fp32)
         out = trainer.train_step(img)
-        assert all(torch.equal(a, b) for a, b in zip(before, weights(trainer), strict=True))
+        assert networks_changed(trainer, before) == (False, False)
         assert out["loss"].isfinite() and out["gan_weight"] == 0  # both weight gradients overflowed: NaN -> 0
         assert trainer.scaler.get_scale() == 2.0**119 and trainer.scaler.overflows_in_a_row == 1
         assert trainer.guard.healthy and trainer.guard.bad_in_a_row == 0
         trainer.scaler.update(new_scale=2.0**11)
         before = weights(trainer)
         trainer.train_step(img)
-        changed = [not torch.equal(a, b) for a, b in zip(before, weights(trainer), strict=True)]
-        n_vae = len(list(trainer.vae.parameters()))
-        assert any(changed[:n_vae]) and any(changed[n_vae:]) and trainer.scaler.overflows_in_a_row == 0
+        assert networks_changed(trainer, before) == (True, True) and trainer.scaler.overflows_in_a_row == 0
     trainer.scaler.update(new_scale=1e38)
     trainer.train_step(img)
     trainer.scaler.update(new_scale=1e38)
@@ -194,7 +199,7 @@ def test_an_overflow_of_the_gan_gradient_alone_is_no_step_without_the_gan_term(m
     monkeypatch.setattr(tokenizer_trainer, "adaptive_gan_weight", lambda *a, **k: torch.tensor(math.nan))
     before = weights(trainer)
     trainer.train_step(mnist_batch(8))
-    assert all(torch.equal(a, b) for a, b in zip(before, weights(trainer), strict=True))
+    assert networks_changed(trainer, before) == (False, False)
     if fp16:
         assert trainer.scaler.overflows_in_a_row == 1 and trainer.guard.bad_in_a_row == 0
     else:
@@ -208,9 +213,7 @@ def test_an_fp16_overflow_of_the_discriminator_skips_its_update_only():
     before = weights(trainer)
     trainer.disc_scaler.update(new_scale=2.0**120)  # its scaled gradients overflow fp16 (2**120: exact in fp32)
     trainer.train_step(mnist_batch(8))
-    changed = [not torch.equal(a, b) for a, b in zip(before, weights(trainer), strict=True)]
-    n_vae = len(list(trainer.vae.parameters()))
-    assert any(changed[:n_vae]) and not any(changed[n_vae:])
+    assert networks_changed(trainer, before) == (True, False)
     assert trainer.disc_scaler.get_scale() == 2.0**119 and trainer.disc_scaler.overflows_in_a_row == 1
     assert trainer.scaler.overflows_in_a_row == 0 and trainer.guard.bad_in_a_row == 0
 
@@ -221,7 +224,7 @@ def test_an_fp16_step_with_a_non_finite_loss_is_a_bad_step_not_an_overflow():
     img[0, 0, 0, 0] = math.nan
     before = weights(trainer)
     trainer.train_step(img)
-    assert all(torch.equal(a, b) for a, b in zip(before, weights(trainer), strict=True))
+    assert networks_changed(trainer, before) == (False, False)
     assert trainer.guard.bad_in_a_row == 1 and trainer.scaler.overflows_in_a_row == 0
 
 

@@ -31,8 +31,8 @@ class LossScaler(torch.amp.GradScaler):
         return overflow
 
     def update_capped(self) -> float:
-        """`update` after a step whose `unscale_` recorded whether the gradients were finite, then the cap -> the
-        new scale."""
+        """`update` after a step whose `unscale_` recorded whether the gradients were finite, or the scale set back
+        to CAP when it had grown past it -> the new scale."""
         self.update(new_scale=self.CAP if self.get_scale() > self.CAP else None)
         return self.get_scale()
 
