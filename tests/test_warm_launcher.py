@@ -116,6 +116,19 @@ def test_warm_children_draw_their_own_seeds(tmp_path):
 
 
 @needs_warm
+def test_a_warm_child_collects_none_of_the_servers_objects(tmp_path):
+    """The server's objects (torch's and the other preloads') are frozen in a child: the collections every exit runs
+    skip them instead of writing to their headers, which copied nearly every page the child shares with the server
+    (1.6 s an exit on an AVX2 EPYC, 0.5 s frozen). A fresh process freezes nothing; the child's own objects are
+    collected as in one."""
+    script = tmp_path / "probe.py"
+    script.write_text("import gc\nimport torch\nprint(gc.get_freeze_count(), len(gc.get_objects()))\n")
+    frozen, collected = map(int, launch(script, nproc=1).stdout.split())
+    assert frozen > 10 * collected  # torch alone tracks ~10^5 objects
+    assert cold(launch_cmd(script)).stdout.split()[0] == "0"
+
+
+@needs_warm
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
 def test_a_warm_child_is_a_process_of_its_own_for_signals(tmp_path, sig):
     script = tmp_path / "probe.py"
