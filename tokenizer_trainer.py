@@ -215,6 +215,7 @@ def freeze_unused_phis(vae: VQVAE) -> None:
 CODEBOOK = "quantize.embedding.weight"
 # train_step's logged terms, in log order
 LOGGED = ("loss", "l1", "l2", "vq", "percep", "g", "gan_weight", "d", "grad_norm", "loss_scale")
+OPT_LOGGED = ("loss_scale",)  # in TensorBoard under opt/ with the learning rate, as train.py logs them
 UNSTABLE_HINT = "lower --lr or raise --clip. The last checkpoint holds the weights from before them."
 
 
@@ -493,8 +494,11 @@ def train(args: argparse.Namespace) -> Path:
             out = trainer.train_step(img_B3HW, ret_usages=log_now)
             if log_now:
                 means = logged_means(out)
-                tb.scalars("steps", trainer.step, "train/", lr=out["lr"], **means,
+                terms = {k: v for k, v in means.items() if k not in OPT_LOGGED}
+                tb.scalars("steps", trainer.step, "train/", **terms,
                            **{f"usage_pct_scale{si}": u for si, u in enumerate(out["usage"])})
+                tb.scalars("steps", trainer.step, "opt/", lr=out["lr"],
+                           **{k: v for k, v in means.items() if k in OPT_LOGGED})
                 speed = (trainer.step - last_log_step) / (time.time() - t0)
                 t0, last_log_step = time.time(), trainer.step
                 logger.info("step %d/%d %s lr %.2e | usage%% per scale %s | reinit %d | %.2f it/s", trainer.step,

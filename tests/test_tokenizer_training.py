@@ -488,7 +488,9 @@ def test_an_fp16_run_logs_its_precision_and_loss_scale_and_keeps_the_scales(tmp_
     log = (tmp_path / "log.txt").read_text()
     assert "steps of 16 in fp16 autocast with loss scaling" in log
     assert re.search(r"step 2/2 loss [\d.]+ .* grad_norm [\d.]+ loss_scale 2048\.0000 lr", log), log
-    assert list(read_scalars(tmp_path / "tb")["train/loss_scale"][1]) == [2048.0, 2048.0]
+    scalars = read_scalars(tmp_path / "tb")  # with the learning rate under opt/, as train.py logs them
+    assert list(scalars["opt/loss_scale"][1]) == [2048.0, 2048.0] and "opt/lr" in scalars
+    assert "train/loss_scale" not in scalars and "train/lr" not in scalars
     ckpt = torch.load(ckpt_path, weights_only=True)
     assert ckpt["scaler"]["scale"] == ckpt["disc_scaler"]["scale"] == 2048.0
 
