@@ -20,8 +20,9 @@
 # A stage past its box is killed, and after each stage every process naming the scratch folder (the training runs';
 # torchrun's workers run in sessions of their own); what it finished stays in its JSON file, and the report says it was cut short.
 # Triton compiles the autotuned kernels' configs in parallel threads (models/triton_autotune.py) and, here, keeps its
-# autotuning results on disk (TRITON_CACHE_AUTOTUNING=1), so each train.py process after the first skips them
-# (train.py --deterministic ignores it: one config per kernel instead).
+# autotuning results on disk (TRITON_CACHE_AUTOTUNING=1), so each train.py process after the first skips the benchmark
+# of the kernels whose configs have no pre-hook; mamba_ssm's backward kernels have one, and Triton benchmarks them in
+# every process (from the compiled binaries on disk; train.py --deterministic: one config per kernel instead).
 set -uo pipefail
 OUT=gpu_check_out DRY=() PY=python3 ONLY=pytest,numerics,train,timings BUDGET=480
 USAGE="usage: $0 [--out DIR] [--dry-run] [--python PY] [--only pytest,numerics,train,timings] [--budget SECONDS]"

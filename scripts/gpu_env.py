@@ -27,6 +27,8 @@ PACKAGES = ("torch", "triton", "numpy", "einops", "mamba_ssm", "flash_attn", "ca
 DISTRIBUTIONS = {"mamba_ssm": "mamba-ssm", "flash_attn": "flash-attn", "causal_conv1d": "causal-conv1d",
                  "huggingface_hub": "huggingface-hub", "PIL": "pillow"}
 TRAVELLING = ("mamba_ssm", "einops", "mlxtend")  # scripts/gpu_wheels.sh: without them the check runs blind
+# the GPU image's own (nothing of ours carries them): the stages import them, and die at once without one
+IMAGE_PACKAGES = ("numpy", "pytest", "tensorboard", "safetensors", "huggingface_hub", "torchvision", "PIL", "packaging")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -133,10 +135,13 @@ def check_lines(dry_run: bool, gpu: dict[str, str], versions: dict[str, str]) ->
     lines.append(CheckLine("Triton autotuning configs compiled in parallel", "INFO", "no" if problem else "yes",
                            note=problem and f"{problem}: each config compiles in turn, a first run takes minutes "
                                             "longer (models/triton_autotune.py)"))
-    for name in ("mamba_ssm", "flash_attn", "einops", "mlxtend"):  # what travels as wheels, and flash-attn's CUDA build
-        travels = name in TRAVELLING and not dry_run
-        lines.append(CheckLine(f"package {name}", "FAIL" if travels and versions[name] == "absent" else "INFO",
-                               versions[name], note="carry .whl/gpu (make gpu-wheels)" if travels else ""))
+    # what travels as wheels, flash-attn's CUDA build, and what the image must have
+    for name in ("mamba_ssm", "flash_attn", "einops", "mlxtend", *IMAGE_PACKAGES):
+        needed = name in (*TRAVELLING, *IMAGE_PACKAGES) and not dry_run
+        note = "" if not needed else "carry .whl/gpu (make gpu-wheels)" if name in TRAVELLING else \
+            "the GPU image's: the numerics, training and timings stages import it"
+        lines.append(CheckLine(f"package {name}", "FAIL" if needed and versions[name] == "absent" else "INFO",
+                               versions[name], note=note))
     return lines
 
 

@@ -48,6 +48,13 @@ def within(check: str, value: float, limit: float | None, at_least: bool = False
     return CheckLine(check, "PASS" if ok and not math.isnan(value) else "FAIL", shown, target, note)
 
 
+def largest_error(errors: dict[str, float]) -> tuple[str, float]:
+    """The name and value of the largest of `errors`, a NaN larger than any number (Python's max() keeps whichever
+    of a NaN and a number it meets first: a NaN loss after a finite one passed)."""
+    name = max(errors, key=lambda k: math.inf if math.isnan(errors[k]) else errors[k])
+    return name, errors[name]
+
+
 def failure(check: str, err: Exception) -> CheckLine:
     """A FAIL line for `err`, its whole traceback printed to stdout first (into check.log: Triton puts its message
     after the kernel source, which the line's note cuts)."""

@@ -70,6 +70,7 @@ class Recipe:
 # 5 x 63 = 315 steps for fp16, 126 for the others (the resume's three runs and the compile)
 GPU_RECIPE = Recipe(depth=4, embed_dim=256, bs=64, train_limit=0, ep=5, short_ep=2, log_every=10, on_gpu=True)
 DRY_RECIPE = Recipe(depth=1, embed_dim=32, bs=8, train_limit=48, ep=2, short_ep=2, log_every=1, on_gpu=False)
+TFAST_MIN_S = 60  # the --tfast run's least time: inductor compiling a depth-4 model's steps cold, then 126 steps
 FAILED_TAIL_LINES = 150  # of a failed run's output, printed (check.log keeps it; the scratch folder is deleted)
 
 
@@ -96,6 +97,10 @@ class Clock:
 
     def __init__(self, box: float, run_timeout: float):
         self.end, self.run_timeout = time.monotonic() + box, run_timeout
+
+    def left(self) -> float:
+        """Seconds left of the box."""
+        return self.end - time.monotonic()
 
     def timeout(self, factor: float = 1.0) -> float:
         """`factor` x --run_timeout (inf: all that is left), at most what is left of the box less 3 s."""
@@ -242,9 +247,14 @@ def check(work: Path, dry_run: bool, clock: Clock, save: Callable[[list[CheckLin
     save(lines)
     if dry_run:  # inductor on the CPU compiles C++ for minutes; tests/test_trainer.py covers --tfast on the CPU
         lines.append(CheckLine("train.py --fp16=2 --tfast=1 (torch.compile)", "SKIP", note="dry run: GPU run only"))
-    else:  # last: the compilation is the slowest part and must not starve the resume checks of the stage's box
-        rc, log, seconds = run(train_cmd(work, "tfast", recipe.short, "--fp16=2", "--tfast=1"), clock.timeout(math.inf),
-                               env=COMPILE_LOGS)
+    elif clock.left() < TFAST_MIN_S:  # a run that cannot finish: its seconds go to the stages still to run
+        lines.append(CheckLine("train.py --fp16=2 --tfast=1 (torch.compile)", "FAIL",
+                               note=f"not started: {clock.left():.0f} s left of the stage's box, under the "
+                                    f"{TFAST_MIN_S} s a cold compilation takes (rerun: --only train)"))
+    else:  # last: the compilation is the slowest part and must not starve the resume checks of the stage's box.
+        # No validation: evaluation mode would compile the model a second time and record other CUDA graphs
+        rc, log, seconds = run(train_cmd(work, "tfast", recipe.short, "--fp16=2", "--tfast=1", "--val_every=0"),
+                               clock.timeout(math.inf), env=COMPILE_LOGS)
         lines += [falling_line("train.py --fp16=2 --tfast=1 (torch.compile)", rc, log, seconds), compile_line(log)]
     return lines
 

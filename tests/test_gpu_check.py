@@ -16,6 +16,7 @@ import torch
 
 from conftest import REPO, SUBPROCESS_ENV, ended, warm_python
 from models import mamba2_cpu
+from models.mvar import MVARConfig
 from scripts import bench, gpu_env, gpu_numerics, gpu_report, gpu_timings, gpu_train_check, process_tree
 from scripts.gpu_results import CheckLine, read_lines, within, write_lines
 from scripts.markdown import read_tables
@@ -327,13 +328,15 @@ def test_the_budget_is_split_by_weight_among_the_stages_still_to_run(tmp_path):
 
 
 def test_the_environment_without_cuda_or_wheels_fails_outside_a_dry_run():
-    """gpu_env's lines: no CUDA device, or a travelling wheel (mamba_ssm) absent, is a FAIL on the GPU machine and
-    a SKIP / INFO in a dry run. The device as a SKIP and the absent wheel as INFO outside a dry run each passed the
-    suite."""
+    """gpu_env's lines: no CUDA device, a travelling wheel (mamba_ssm) or a package of the image the stages import
+    absent, is a FAIL on the GPU machine and a SKIP / INFO in a dry run. The device as a SKIP and the absent wheel
+    as INFO outside a dry run each passed the suite."""
     absent = dict.fromkeys(gpu_env.PACKAGES, "absent")
     gpu = {ln.check: ln.status for ln in gpu_env.check_lines(False, {}, absent)}
     dry = {ln.check: ln.status for ln in gpu_env.check_lines(True, {}, absent)}
     assert (gpu["CUDA device"], gpu["package mamba_ssm"], gpu["package flash_attn"]) == ("FAIL", "FAIL", "INFO")
+    # what the stages import from the GPU image (a review: without it three stages died at import, no line saying so)
+    assert all(gpu[f"package {name}"] == "FAIL" for name in ("huggingface_hub", "safetensors", "torchvision", "PIL"))
     assert (dry["CUDA device"], dry["package mamba_ssm"]) == ("SKIP", "INFO") and "FAIL" not in dry.values()
 
 
@@ -404,6 +407,29 @@ def test_each_numerics_line_is_judged_against_its_precisions_target():
         ("PASS", "1.00e-02", "<= 2.00e-02"), ("INFO", "0.0000", ""), ("PASS", "0.00e+00", "<= 5.00e-02")]
     assert (gpu_numerics.LOGITS_TARGET, gpu_numerics.TOKENS_TARGET) == (
         {"fp32": 1e-4, "bf16": 2e-2, "fp16": 2e-2}, {"fp32": 0.95})  # issue 19's, stated before any run
+
+
+def test_a_nan_loss_after_finite_ones_fails_its_line(monkeypatch):
+    """A NaN loss (on the device, an fp16 overflow: GradScaler skips the step and the loss stays NaN) fails the
+    training losses' line and the tokenizer step's wherever it comes; Python's max() kept the finite error it met
+    first, and both passed."""
+    tokens = torch.zeros(1, 4, dtype=torch.long)
+    ref = gpu_numerics.Outputs(torch.ones(1, 2), tokens, [2.0, 1.0, 0.5])
+    got = gpu_numerics.Outputs(torch.ones(1, 2), tokens, [2.0, math.nan, 0.5])
+    assert [(ln.status, ln.value) for ln in gpu_numerics.compare("x", "fp16", ref, got)][2] == ("FAIL", "nan")
+    terms = dict.fromkeys((*gpu_numerics.TOKENIZER_TERMS, "gan_weight"), 1.0)
+    steps = {"fp32": terms, "fp16": {**terms, gpu_numerics.TOKENIZER_TERMS[-1]: math.nan}}
+    monkeypatch.setattr(gpu_numerics, "tokenizer_step", lambda shapes, device, dtype_name, img: steps[dtype_name])
+    lines = gpu_numerics.tokenizer_step_lines(None, torch.device("cpu"), ["fp16"], None)
+    assert (lines[0].status, lines[0].value) == ("FAIL", "nan") and lines[1].status == "PASS"
+
+
+def test_the_numerics_model_has_the_trained_models_mamba2_state():
+    """The numerics stage's M-VAR has the d_state train.py's models have, so that mamba_ssm's Triton kernels,
+    compiled per d_state, are compiled once for the numerics, training and timing stages (a review: its d_state=16
+    made the training stage compile every kernel again, within its time box)."""
+    _, mvar = gpu_numerics.build(gpu_numerics.DRY_SHAPES, "cpu")
+    assert mvar.config.d_state == MVARConfig.d_state
 
 
 def test_exactly_95_percent_equal_tokens_pass():
@@ -512,25 +538,35 @@ def test_a_failing_training_run_prints_its_last_lines(capsys):
 
 
 def test_each_training_run_gets_its_cap_within_the_stages_box(monkeypatch, tmp_path):
-    """The first run (Triton's compilation) 1.5 x --run_timeout, the tfast run all that is left, none past the box;
-    when the bf16 run fails, the resume checks say so instead of comparing with a missing checkpoint."""
+    """The first run (Triton's compilation) 1.5 x --run_timeout, the tfast run all that is left (without validation:
+    its evaluation mode compiled the model again) and not started with less than TFAST_MIN_S left, none past the
+    box; when the bf16 run fails, the resume checks say so instead of comparing with a missing checkpoint."""
     clock = gpu_train_check.Clock(box=100, run_timeout=40)
     assert clock.timeout() == 40 and clock.timeout(1.5) == 60 and 95 < clock.timeout(math.inf) <= 97
     assert gpu_train_check.Clock(box=10, run_timeout=40).timeout() <= 7
 
-    timeouts = []
+    timeouts, cmds = [], []
 
     def failing(cmd, timeout, stop_at_line=0, env=None):
         timeouts.append(timeout)
+        cmds.append(cmd)
         return 1, "Traceback ...", 1.0
 
     monkeypatch.setattr(gpu_train_check, "run", failing)
     monkeypatch.setattr(gpu_train_check, "GPU_RECIPE", gpu_train_check.DRY_RECIPE)
     lines = gpu_train_check.check(tmp_path, False, gpu_train_check.Clock(300, 40), lambda lines: None)
     assert timeouts[:2] == [60, 40] and timeouts[2] > 250  # fp16, bf16, then tfast
+    assert "--tfast=1" in cmds[2] and cmds[2][-1] == "--val_every=0"  # the last of the flags wins
     checks = {line.check: line for line in lines}
     assert checks["SIGTERM, resume and bit-identical weights"].status == "FAIL"
     assert "did not finish" in checks["SIGTERM, resume and bit-identical weights"].note
+
+    cmds.clear()
+    lines = gpu_train_check.check(tmp_path, False, gpu_train_check.Clock(gpu_train_check.TFAST_MIN_S - 5, 40),
+                                  lambda lines: None)
+    assert len(cmds) == 2 and not any("--tfast=1" in cmd for cmd in cmds)
+    tfast = next(line for line in lines if "--tfast=1" in line.check)
+    assert tfast.status == "FAIL" and tfast.note.startswith("not started: 5") and "--only train" in tfast.note
 
 
 def test_a_failing_timing_section_keeps_the_others_numbers(monkeypatch, tmp_path, capsys):
