@@ -485,12 +485,12 @@ def sample_fid(args: argparse.Namespace, mvar: MVAR, ckpt_path: Path, vae_id: st
         settings.update(model_weights=weights_digest(mvar.state_dict()),
                         vae_weights=weights_digest(mvar.vae.state_dict()))
         check_ranks_agree(settings, folder)
-        if rank == 0:
-            check_or_write_settings(folder, settings)
-            check_pack_space(folder, plan, image_hw)
-            logger.info("FID dump: %d images (%d classes x %d) into %s over %d rank(s)", plan.total,
-                        plan.num_classes, plan.num_per_class, folder, world_size)
-        dist.barrier()
+        with dist.raised_on_every_rank(DumpFolderError, DiskFullError):  # or the other ranks would wait for rank 0
+            if rank == 0:
+                check_or_write_settings(folder, settings)
+                check_pack_space(folder, plan, image_hw)
+                logger.info("FID dump: %d images (%d classes x %d) into %s over %d rank(s)", plan.total,
+                            plan.num_classes, plan.num_per_class, folder, world_size)
         t0 = time.time()
         written = dump_shard(folder, plan, args.seed, generate, rank, world_size, image_hw, progress=rank == 0)
         logger.info("rank %d wrote %d new PNGs in %.1fs", rank, written, time.time() - t0)

@@ -131,12 +131,18 @@ def test_pngs_without_settings_are_not_adopted(tmp_path):
 
 def test_settings_must_match_on_resume(tmp_path):
     """Every setting that changes the images, the numerics included: TF32, and the device (CPU and CUDA generators
-    draw other streams from one seed); a damaged settings.json is named, not a JSON traceback."""
+    draw other streams from one seed); a damaged settings.json is named, not a JSON traceback. Before the first image,
+    the message says which file to delete to start over (a review: a launch out of memory at its first batch left
+    a folder that refused the smaller --bs, saying only to resume with the same flags)."""
     settings = dict(ckpt="d2.pth", vae="embedded", cfg=1.5, top_k=900, top_p=0.96, more_smooth=False, seed=0,
                     num_classes=2, num_per_class=3, batch_size=4, precision="fp32", tf32=True, device="cuda")
     check_or_write_settings(tmp_path, settings)
     check_or_write_settings(tmp_path, {**settings, "world_size": 8})  # not an image setting
-    with pytest.raises(ValueError, match="cfg"):
+    with pytest.raises(ValueError, match=r"'cfg': \(1.5, 2.0\)}, which wrote no image yet. Delete .*settings.json to "
+                                         "start over"):  # a first launch that failed (out of memory, say)
+        check_or_write_settings(tmp_path, {**settings, "cfg": 2.0})
+    Image.new("RGB", (4, 4)).save(png_path(tmp_path, 0))  # images from here on: the settings bind them
+    with pytest.raises(ValueError, match=r"'cfg': \(1.5, 2.0\)}. Resume with the same flags"):
         check_or_write_settings(tmp_path, {**settings, "cfg": 2.0})
     with pytest.raises(ValueError, match="'vae': \\('embedded', 'vae_ch160v4096z32.pth'\\)"):
         check_or_write_settings(tmp_path, {**settings, "vae": "vae_ch160v4096z32.pth"})

@@ -228,6 +228,20 @@ def test_fid_dump_refuses_nodes_with_other_weights_or_their_own_folder(ckpt, tmp
     assert "vae_weights" not in log and not list(tmp_path.glob("dump*/*/*.png"))
 
 
+def test_a_dump_refused_by_rank_0_alone_ends_every_node(ckpt, tmp_path):  # noqa: F811
+    """Only rank 0 compares a relaunch's flags with the dump's settings.json. The other nodes waited for it at a
+    barrier under the sharded job's 24 h timeout (a review): gloo failed them with "Connection closed by peer",
+    which hid the reason, and NCCL need not notice a peer gone at all. Now they raise rank 0's refusal."""
+    flags = ["--ckpt", str(ckpt), "--device", "cpu", "--fid", "--top_k", "20", "--fid_num_per_class", "1",
+             "--fid_dir", str(tmp_path / "dump")]
+    launch(REPO / "sample.py", *flags, "--bs", "4", nproc=1)  # a finished dump of batches of 4
+    with two_nodes(tmp_path, lambda node: [str(REPO / "sample.py"), *flags, "--bs", "2"]) as nodes:
+        codes = nodes.wait()
+        logs = [log.read_text() for log in nodes.logs]
+    assert codes[0] != 0 and codes[1] != 0
+    assert "error: rank 0: " in logs[1] and "'batch_size': (4, 2)" in logs[1], logs[1][-4000:]
+
+
 def test_token_extraction_refuses_nodes_with_another_tokenizer_data_copy_or_out(tmp_path):
     """A review saw a two-rank extraction whose ranks loaded different tokenizer files (or data copies) marked
     complete under rank 0's manifest, half of its ids from the other weights. Node 1 here has its own tokenizer

@@ -166,6 +166,10 @@ def check_or_write_settings(folder: Path, settings: dict[str, Any]) -> None:
         raise DumpFolderError(f"{path} is not readable JSON ({e}): which settings made the images in {folder} cannot "
                               f"be checked. Restore it, or delete {folder} to start over.") from e
     diff = {k: (old.get(k), settings.get(k)) for k in IMAGE_SETTINGS if old.get(k) != settings.get(k)}
+    if diff and next(Path(folder).glob("*.png"), None) is None:  # a first launch that failed before its first image
+        raise DumpFolderError(f"{folder} holds a dump made with other settings {{name: (old, new)}}: {diff}, which "
+                              f"wrote no image yet. Delete {path} to start over with these settings, or resume with "
+                              "the same flags.")
     weights = [WEIGHT_SETTINGS[k] for k in WEIGHT_SETTINGS if k in diff]
     if weights and all(old.get(k) is None for k in WEIGHT_SETTINGS):
         raise DumpFolderError(f"{folder} holds a dump that recorded no weight hashes (an older version): whether its "
