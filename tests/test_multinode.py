@@ -181,12 +181,17 @@ def test_elastic_restart_resumes_from_the_checkpoint(setup, two_node_run, tmp_pa
         assert all(torch.equal(ref[k], got[k]) for k in ref)
 
 
+def fid_dump_argv(model: Path, fid_dir: Path, *extra: str, per_class: int = 1, bs: int = 4) -> list[str]:
+    """sample.py and its flags for a tiny FID dump of the checkpoint `model` on the CPU into `fid_dir` (`extra`: more
+    flags)."""
+    return [str(REPO / "sample.py"), "--ckpt", str(model), "--device", "cpu", "--fid", *extra, "--top_k", "20",
+            "--fid_num_per_class", str(per_class), "--bs", str(bs), "--fid_dir", str(fid_dir)]
+
+
 def test_fid_dump_over_two_nodes_equals_one_process(ckpt, tmp_path):  # noqa: F811
     """The dump folder is shared (as FID dumps are written to shared storage); rank 0 packs the npz."""
-    flags = ["--ckpt", str(ckpt), "--device", "cpu", "--fid", "--preset", "fid", "--top_k", "20",
-             "--fid_num_per_class", "3", "--bs", "4"]
-    launch(REPO / "sample.py", *flags, "--fid_dir", str(tmp_path / "one"), nproc=1, timeout=TIMEOUT_S)  # exit 0
-    with two_nodes(tmp_path, lambda node: [str(REPO / "sample.py"), *flags, "--fid_dir", str(tmp_path / "two")]) \
+    launch(*fid_dump_argv(ckpt, tmp_path / "one", "--preset", "fid", per_class=3), nproc=1, timeout=TIMEOUT_S)
+    with two_nodes(tmp_path, lambda node: fid_dump_argv(ckpt, tmp_path / "two", "--preset", "fid", per_class=3)) \
             as nodes:
         assert nodes.wait() == [0, 0], nodes.text()[-4000:]
         assert "rank 0 wrote 16 new PNGs" in nodes.text()  # chunks 0, 2, 4, 6 of 4 images; rank 1 the rest
@@ -215,11 +220,7 @@ def test_fid_dump_refuses_nodes_with_other_weights_or_their_own_folder(ckpt, tmp
     state["model"]["head.weight"] = state["model"]["head.weight"] + 0.01
     torch.save(state, other)
 
-    def argv(node: int) -> list[str]:
-        return [str(REPO / "sample.py"), "--ckpt", str(other if node else ckpt), "--device", "cpu", "--fid",
-                "--top_k", "20", "--fid_num_per_class", "1", "--bs", "4", "--fid_dir", str(tmp_path / f"dump{node}")]
-
-    with two_nodes(tmp_path, argv) as nodes:
+    with two_nodes(tmp_path, lambda node: fid_dump_argv(other if node else ckpt, tmp_path / f"dump{node}")) as nodes:
         assert nodes.wait() != [0, 0]
         log = nodes.text()
     assert "error: the ranks of this FID dump disagree" in log, log[-4000:]
@@ -232,10 +233,8 @@ def test_a_dump_refused_by_rank_0_alone_ends_every_node(ckpt, tmp_path):  # noqa
     """Only rank 0 compares a relaunch's flags with the dump's settings.json. The other nodes waited for it at a
     barrier under the sharded job's 24 h timeout (a review): gloo failed them with "Connection closed by peer",
     which hid the reason, and NCCL need not notice a peer gone at all. Now they raise rank 0's refusal."""
-    flags = ["--ckpt", str(ckpt), "--device", "cpu", "--fid", "--top_k", "20", "--fid_num_per_class", "1",
-             "--fid_dir", str(tmp_path / "dump")]
-    launch(REPO / "sample.py", *flags, "--bs", "4", nproc=1)  # a finished dump of batches of 4
-    with two_nodes(tmp_path, lambda node: [str(REPO / "sample.py"), *flags, "--bs", "2"]) as nodes:
+    launch(*fid_dump_argv(ckpt, tmp_path / "dump", bs=4), nproc=1)  # a finished dump of batches of 4
+    with two_nodes(tmp_path, lambda node: fid_dump_argv(ckpt, tmp_path / "dump", bs=2)) as nodes:
         codes = nodes.wait()
         logs = [log.read_text() for log in nodes.logs]
     assert codes[0] != 0 and codes[1] != 0
