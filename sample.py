@@ -42,7 +42,7 @@ from models.mvar import MVAR, MVARConfig
 from models.precision import effective_amp_dtype, set_tf32
 from models.presets import ARCH_BRANCHES, MVAR_models, format_patch_nums, parse_patch_nums
 from utils.evaluation.fid_dump import DumpFolderError, DumpPlan, check_or_write_settings, check_pack_space, \
-    chunk_seed, dump_shard, fid_folder_name, pack_npz
+    chunk_seed, dump_shard, fid_folder_name, pack_npz, remove_interrupted_writes
 from utils.flags import add_backend_flags, add_model_flag, device_problem, sampling_problems
 from utils.run.checkpoint import DiskFullError, OutputFolderError, check_writable, write_text_atomic
 from utils.run.agreement import refuse_disagreement
@@ -487,6 +487,7 @@ def sample_fid(args: argparse.Namespace, mvar: MVAR, ckpt_path: Path, vae_id: st
         check_ranks_agree(settings, folder)
         with dist.raised_on_every_rank(DumpFolderError, DiskFullError):  # or the other ranks would wait for rank 0
             if rank == 0:
+                remove_interrupted_writes(folder)
                 check_or_write_settings(folder, settings)
                 check_pack_space(folder, plan, image_hw)
                 logger.info("FID dump: %d images (%d classes x %d) into %s over %d rank(s)", plan.total,

@@ -16,6 +16,7 @@ import sample
 from models.loading import mvar_checkpoint
 from models.tokenizer import VQVAE
 from utils.flags import device_problem
+from utils.run.checkpoint import temp_path
 from utils.run.lock import LOCK_NAME
 from test_sample_cli import ckpt, run  # noqa: F401  (ckpt: the tiny checkpoint fixture)
 
@@ -448,7 +449,8 @@ def test_pictures_are_written_atomically(tmp_path, monkeypatch):
 
 def test_a_sigterm_during_an_fid_dump_unwinds_and_the_rerun_finishes(ckpt, tmp_path, monkeypatch):  # noqa: F811
     """A review: SIGTERM (a preemption) ended an FID dump without its `finally`, leaving the folder's lock to age
-    and, while packing, the array-sized `.npy.tmp`, which the rerun's free-space check then counted as used."""
+    and, while packing, the array-sized `.npy.tmp`, which the rerun's free-space check then counted as used. The
+    rerun also deletes the hidden temporary files a SIGKILL leaves (a PNG's, the settings')."""
     monkeypatch.setattr(sample, "make_generate", interrupted_after_one_batch(sample.make_generate, sigterm))
     with pytest.raises(SystemExit) as e:
         run(ckpt, *FID, "--fid_dir", tmp_path)
@@ -456,7 +458,8 @@ def test_a_sigterm_during_an_fid_dump_unwinds_and_the_rerun_finishes(ckpt, tmp_p
     folder = next(p for p in tmp_path.iterdir() if p.is_dir())
     assert not (folder / LOCK_NAME).exists() and list(folder.glob("*.png"))  # released; the batch kept
     monkeypatch.undo()
-    stale = [tmp_path / f"{folder.name}.npy.tmp", tmp_path / f"{folder.name}.npz.tmp"]  # a killed packing's
+    stale = [tmp_path / f"{folder.name}.npy.tmp", tmp_path / f"{folder.name}.npz.tmp",  # a killed packing's
+             temp_path(folder / "000003.png", 99999), temp_path(folder / "settings.json", 99998)]  # SIGKILL's
     for path in stale:
         path.write_bytes(b"x")
     assert run(ckpt, *FID, "--fid_dir", tmp_path).is_file() and not any(p.exists() for p in stale)

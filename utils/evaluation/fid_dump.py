@@ -10,7 +10,8 @@ Layout (after DiT's sample_ddp.py, with deterministic classes and resumption):
   a dump folder made from other weights (another run, or the same run trained further) is refused, naming which
   differ.
 - Resuming: a rank regenerates a chunk only if one of its PNGs is missing or does not decode, and writes only
-  those files. PNGs are written to a temporary name and renamed, so a killed run leaves no half-written PNG.
+  those files. PNGs are written to a temporary name and renamed, so a killed run leaves no half-written PNG (the
+  next launch deletes a SIGKILL's temporary files: `remove_interrupted_writes`).
 - One dump per folder at a time (sample.py takes the folder's run lock, utils.run.lock); settings.json is created
   atomically (the first dump's settings win, a racing one is checked against them). A full disk is a DiskFullError
   naming the file; no temporary file stays behind and the finished PNGs are kept for the resume.
@@ -29,6 +30,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import zipfile
 from dataclasses import dataclass
@@ -151,7 +153,8 @@ def check_or_write_settings(folder: Path, settings: dict[str, Any]) -> None:
     """Record the settings in `folder/settings.json`, or check a resumed dump was started with the same ones
     (weights included): ValueError saying what differs."""
     path = Path(folder) / SETTINGS_NAME
-    if not path.exists() and (png := next(Path(folder).glob("*.png"), None)) is not None:
+    png = next(Path(folder).glob("*.png"), None)
+    if not path.exists() and png is not None:
         raise DumpFolderError(f"{folder} holds PNGs ({png.name}, ...) but no {SETTINGS_NAME}: they are not a dump of "
                               "this sample.py (whose first step writes it), so which weights and settings made them "
                               f"cannot be checked. Choose another --fid_dir, or move them out of {folder}.")
@@ -166,7 +169,7 @@ def check_or_write_settings(folder: Path, settings: dict[str, Any]) -> None:
         raise DumpFolderError(f"{path} is not readable JSON ({e}): which settings made the images in {folder} cannot "
                               f"be checked. Restore it, or delete {folder} to start over.") from e
     diff = {k: (old.get(k), settings.get(k)) for k in IMAGE_SETTINGS if old.get(k) != settings.get(k)}
-    if diff and next(Path(folder).glob("*.png"), None) is None:  # a first launch that failed before its first image
+    if diff and png is None:  # a first launch that failed before its first image
         raise DumpFolderError(f"{folder} holds a dump made with other settings {{name: (old, new)}}: {diff}, which "
                               f"wrote no image yet. Delete {path} to start over with these settings, or resume with "
                               "the same flags.")
@@ -219,11 +222,25 @@ def pack_bytes(plan: DumpPlan, image_hw: tuple[int, int]) -> int:
     return 2 * plan.total * image_hw[0] * image_hw[1] * 3
 
 
+def remove_interrupted_writes(folder: Path) -> list[Path]:
+    """Delete the temporary files a killed dump left (SIGKILL skips their clean-up): its PNGs' and settings file's
+    (`utils.run.checkpoint.temp_path`, hidden, named after the file and its writer's pid) and a packing's `.npy` /
+    `.npz`. Only for rank 0 holding the folder's run lock before any rank samples: no writer is alive then."""
+    folder = Path(folder)
+    temp_name = re.compile(rf"\.(\d{{6,}}\.png|{re.escape(SETTINGS_NAME)})\.tmp\d+")
+    stale = [p for p in folder.iterdir() if temp_name.fullmatch(p.name)]
+    stale += [p for p in pack_temp_paths(default_npz(folder)) if p.exists()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    if stale:
+        logger.info("removed %d temporary file(s) of an interrupted dump: %s", len(stale),
+                    ", ".join(p.name for p in stale[:5]) + (", ..." if len(stale) > 5 else ""))
+    return stale
+
+
 def check_pack_space(folder: Path, plan: DumpPlan, image_hw: tuple[int, int]) -> None:
     """Before any sampling: DiskFullError when the disk of `folder` has less free space than packing will need
     (`pack_bytes`, the PNGs still to be written not counted), which would otherwise stop the dump at its very end."""
-    for stale in pack_temp_paths(default_npz(folder)):  # a killed packing's (ours to remove: we hold the lock)
-        stale.unlink(missing_ok=True)
     need, free = pack_bytes(plan, image_hw), shutil.disk_usage(folder).free
     if free < need:
         raise DiskFullError(f"packing {plan.total} images of {image_hw[0]}x{image_hw[1]} into {folder.name}.npz "
