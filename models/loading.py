@@ -52,6 +52,10 @@ _TRUE = {"1", "on", "yes", "true"}
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")  # a weights file, not a folder or repo
 
 
+# huggingface_hub retries an unreachable Hub for about 30 s before failing
+NO_INTERNET_HINT = "\nWithout internet, set HF_HUB_OFFLINE=1: the cache is then read without trying the Hub first."
+
+
 def hf_offline() -> bool:
     """True when HF_HUB_OFFLINE is set now (read at call time, not only at huggingface_hub import)."""
     env = os.environ.get("HF_HUB_OFFLINE")
@@ -105,6 +109,7 @@ def resolve_checkpoint(path: str | os.PathLike | None, repo_id: str, filename: s
         f"  hf download {repo_id} {filename}   (older huggingface_hub: huggingface-cli download ...)\n"
         f"on a machine with internet access (copy the cache folder over if needed). Direct download URL:\n"
         f"  {hf_download_url(repo_id, filename)}"
+        f"{'' if hf_offline() else NO_INTERNET_HINT}"
     ) from cache_error
 
 
