@@ -272,7 +272,7 @@ def end_epoch(ep: int, iters: int, args: argparse.Namespace, trainer: Trainer, v
 
     def validate() -> None:
         nonlocal best_val, is_best
-        val = trainer.evaluate(val_loader, stop=signalled)
+        val = trainer.evaluate(val_loader, stop=signalled, dtype=inference_dtype(args, trainer))
         is_best = val["vL_tail"] < best_val  # VAR picks its best checkpoint by the last scale's loss
         best_val = min(best_val, val["vL_tail"])
         logger.info("ep %d val: L mean %.4f tail %.4f | acc mean %.2f tail %.2f (%d images)", ep + 1,
@@ -282,7 +282,7 @@ def end_epoch(ep: int, iters: int, args: argparse.Namespace, trainer: Trainer, v
     def samples() -> None:
         if args.fsdp or dist.is_main_process():
             tb.image("epochs", "samples", sample_grid(mvar, mvar.num_classes, args.seed + ep,
-                                                      sample_dtype(args, trainer)), ep + 1)
+                                                      inference_dtype(args, trainer)), ep + 1)
 
     def evaluate() -> None:
         logger.info("ep %d eval: generating %d images", ep + 1, args.eval_n)
@@ -340,9 +340,10 @@ def check_kernels(args: argparse.Namespace, device: torch.device) -> None:
         resolve_kernels(mamba_backend, device.type == "cuda", device)
 
 
-def sample_dtype(args: argparse.Namespace, trainer: Trainer) -> torch.dtype | None:
-    """The precision of the epoch's sample grid and --eval_every's samples: fp32 (None), unless the attention kernel
-    this run forces (--attn_backend, $MVAR_ATTN_BACKEND) runs fp16/bf16 only: then the training's autocast dtype."""
+def inference_dtype(args: argparse.Namespace, trainer: Trainer) -> torch.dtype | None:
+    """The precision of validation, the epoch's sample grid and --eval_every's samples: fp32 (None; VAR validates in
+    fp32), unless the attention kernel this run forces (--attn_backend, $MVAR_ATTN_BACKEND) runs fp16/bf16 only: then
+    the training's autocast dtype."""
     attn_backend = backends.from_flags(args.attn_backend, args.mamba_backend, fuse=args.fuse)[0]  # as the model's
     try:
         resolve_backend(attn_backend, trainer.device, torch.float32)
@@ -462,7 +463,7 @@ def main(args: argparse.Namespace) -> None:
     evaluator = None
     if args.eval_every:
         evaluator = TrainingEval(net=args.eval_net, n=args.eval_n, seed=args.seed, cfg=args.eval_cfg,
-                                 top_k=args.eval_top_k, top_p=args.eval_top_p, dtype=sample_dtype(args, trainer),
+                                 top_k=args.eval_top_k, top_p=args.eval_top_p, dtype=inference_dtype(args, trainer),
                                  tf32=args.tf32 and device.type == "cuda")
         evaluator.prepare(eval_images, num_classes, device)
         evaluator.load_history(ckpt.get("eval_history") if ckpt is not None else None)  # the curve goes on

@@ -320,10 +320,11 @@ class Trainer:
         return out
 
     @torch.no_grad()
-    def evaluate(self, loader, resos: Sequence[int] | None = None,
-                 stop: Callable[[], bool] | None = None) -> dict[str, float]:
-        """Validation over `loader` (cond dropout off: eval mode): mean loss / accuracy overall, on the last
-        scale and per scale, averaged over all samples of all ranks. Batches are (images, labels) or
+    def evaluate(self, loader, resos: Sequence[int] | None = None, stop: Callable[[], bool] | None = None,
+                 dtype: torch.dtype | None = None) -> dict[str, float]:
+        """Validation over `loader` (cond dropout off: eval mode), in fp32 as VAR's eval_ep (`dtype`: autocast to that
+        instead, for a kernel that takes no fp32): mean loss / accuracy overall, on the last scale and per scale,
+        averaged over all samples of all ranks. Batches are (images, labels) or
         (images, labels, valid), images or token ids (`targets`): items with valid False (padding,
         utils.data.loaders.PaddedEvalDataset) are not counted. `stop()`, a collective asked before each batch
         (so every rank must have as many: a padded loader), True raises utils.run.preemption.Stopped."""
@@ -343,7 +344,7 @@ class Trainer:
             w_B = valid[0].to(self.device, torch.float64) if valid else torch.ones(len(label_B), device=self.device,
                                                                                     dtype=torch.float64)
             gt_BL, x_BLCv = self.targets(inp_B3HW)
-            with self.autocast():
+            with amp_autocast(self.device, dtype):
                 logits_BLV = self.mvar(label_B, x_BLCv)
             ce_BL = token_ce(logits_BLV, gt_BL)
             hit_BL = (logits_BLV.argmax(-1) == gt_BL).double()

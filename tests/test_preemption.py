@@ -145,7 +145,8 @@ def end_of_epoch(signal_after: int, ep: int = 0, blocked: bool = False, stop_val
     saver = types.SimpleNamespace(preemption=types.SimpleNamespace(requested=requested), save=save,
                                   evaluator=types.SimpleNamespace(evaluate=evaluate))
     val = dict(vL_mean=0.6, vL_tail=0.5, vacc_mean=0.0, vacc_tail=0.0, n=4)
-    def validate(loader, stop):
+    def validate(loader, stop, dtype):
+        assert dtype == torch.float16  # train.inference_dtype's, as the test patches it (validation's precision)
         if stop_validation:
             raise Stopped("validation stopped before batch 2 of 3")
         calls.append("validated")
@@ -173,7 +174,7 @@ def test_a_signal_at_an_epoch_end_saves_first_and_leaves_that_end_to_the_resumed
     import train
 
     monkeypatch.setattr(train, "sample_grid", lambda *a, **k: None)
-    monkeypatch.setattr(train, "sample_dtype", lambda *a, **k: None)
+    monkeypatch.setattr(train, "inference_dtype", lambda *a, **k: torch.float16)
     pending = ("save", 1, 0, 1.0, True)
     assert end_of_epoch(0) == [pending, 143]
     assert end_of_epoch(0, ep=2) == [("save", 3, 0, 1.0, True), 143]  # the last epoch too

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 from conftest import build_tiny_mvar
+from models.precision import AMP_DTYPES
 from trainer import Trainer, data_problems, param_groups
 from utils.data.loaders import build_loaders
 from utils.run.divergence import NonFiniteError
@@ -418,9 +419,14 @@ def test_evaluate_reports_per_scale_metrics_with_cond_dropout_off():
     assert torch.equal(labels_seen[0], loader[0][1])  # no label replaced by the null class
 
 
-def test_evaluate_equals_a_direct_computation_over_the_valid_samples():
-    """Per-sample means over all samples (not per batch: the batches hold 4 and 2), padding (valid False) left out."""
-    tr = tiny()
+@pytest.mark.parametrize("fp16", [0, 1, 2])
+def test_evaluate_equals_a_direct_computation_over_the_valid_samples(fp16):
+    """Per-sample means over all samples (not per batch: the batches hold 4 and 2), padding (valid False) left out;
+    in fp32 whatever the training precision, as VAR's eval_ep (a review: it ran under the training's autocast)."""
+    tr = tiny(fp16=fp16)
+    tr.amp_dtype = AMP_DTYPES[fp16]  # bf16 too where this CPU would fall back to fp32 (CPU autocast emulates it)
+    with torch.no_grad():
+        tr.mvar.head.weight.mul_(300)  # logits of a trained model's size (a fresh one's are near 0: CE ~ log V)
     (inp_a, lab_a), (inp_b, lab_b) = batch(4, seed=1), batch(2, seed=2)
     valid = torch.tensor([True, False, True, True, True, True])
     got = tr.evaluate([(inp_a, lab_a, valid[:4]), (inp_b, lab_b, valid[4:])], resos=(2, 4, 8))
@@ -668,15 +674,15 @@ def test_training_time_samples_take_the_training_precision_only_when_the_forced_
 
     tr = tiny(fp16=2)
     for flags in ([], ["--attn_backend=sdpa"], ["--fuse=0"]):
-        assert train.sample_dtype(parse_args(flags), tr) is None, flags
+        assert train.inference_dtype(parse_args(flags), tr) is None, flags
 
     def half_only(backend, device, dtype):
         if backend == "flash_attn" and dtype == torch.float32:
             raise BackendError(f"{backend} needs float16/bfloat16 q/k/v")
         return backend
     monkeypatch.setattr(train, "resolve_backend", half_only)
-    assert train.sample_dtype(parse_args(["--attn_backend=flash_attn"]), tr) == tr.amp_dtype
-    assert train.sample_dtype(parse_args([]), tr) is None
+    assert train.inference_dtype(parse_args(["--attn_backend=flash_attn"]), tr) == tr.amp_dtype
+    assert train.inference_dtype(parse_args([]), tr) is None
     seen, real = [], type(tr.mvar).inference_precision
     monkeypatch.setattr(type(tr.mvar), "inference_precision",
                         lambda self, dtype: seen.append(dtype) or real(self, dtype))

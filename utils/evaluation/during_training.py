@@ -106,7 +106,7 @@ class TrainingEval:
     cfg: float = 1.5
     top_k: int = 900
     top_p: float = 0.96
-    dtype: torch.dtype | None = None  # the samples' precision (None: fp32; train.sample_dtype)
+    dtype: torch.dtype | None = None  # the samples' precision (None: fp32; train.inference_dtype)
     tf32: bool = False  # TF32 on (CUDA): recorded in each point
     history: list[dict] = field(default_factory=list)
 
