@@ -48,6 +48,23 @@ def test_flags_that_train_nothing_are_refused(flag):
         finalize_args(parse_args(flag.split()), world_size=1)
 
 
+def test_flags_of_vars_train_py_that_this_one_does_not_take_say_why(capsys):
+    """A review: VAR's launch lines may set --exp_name or --opt, which VAR's own parser takes; here they were
+    "unrecognized arguments" without a word on what they did there. Other unknown flags stay argparse's error."""
+    with pytest.raises(SystemExit):
+        parse_args(["--depth=16", "--exp_name=d16", "--opt", "adamw"])
+    err = capsys.readouterr().err
+    assert "flag(s) of VAR's train.py that this one does not take: --exp_name (VAR's names the run" in err
+    assert "--opt (the optimizer is AdamW" in err and "Remove them from the command" in err
+    with pytest.raises(SystemExit):
+        parse_args(["--glb_batch_size=512", "--bogus=1"])
+    err = capsys.readouterr().err
+    assert "--glb_batch_size (VAR sets it from the other flags" in err and "Remove it from" in err
+    with pytest.raises(SystemExit):
+        parse_args(["--bogus=1"])
+    assert "unrecognized arguments: --bogus=1" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--saln=1", "--var_blocks=1"], "shared_aln needs one adaLN layout for all blocks"),
     (["--embed_dim=100", "--num_heads=3"], "embed_dim=100 is not divisible by num_heads=3"),

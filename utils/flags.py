@@ -342,10 +342,29 @@ def finalize_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
     return args
 
 
+# flags of VAR's train.py (utils/arg_util.py) that this one does not take, and why: VAR warns about a flag it does not
+# know and goes on, argparse here stops at one, so a VAR launch line that sets these gets this reason
+VAR_ONLY_FLAGS = {
+    "exp_name": "VAR's names the run in its logs only; the output folder is --local_out_dir_path",
+    "opt": "the optimizer is AdamW (VAR's default, --opt=adamw), fused with --afuse",
+    "patch_size": "it is the tokenizer's downsampling, 16 (VAR's default): the images are 16 x --pn's last scale",
+    **dict.fromkeys(("batch_size", "glb_batch_size", "patch_nums", "resos", "data_load_reso"),
+                    "VAR sets it from the other flags itself ('don't specify this'), as this train.py does"),
+}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Parse flags, `--model` applied (not yet finalized: that needs the world size)."""
+    """Parse flags, `--model` applied (not yet finalized: that needs the world size). A flag of VAR's train.py that
+    this one does not take is an error saying why (`VAR_ONLY_FLAGS`)."""
     parser = build_parser()
     apply_model(parser, argv)
+    args, unknown = parser.parse_known_args(argv)
+    var_only = [(a, VAR_ONLY_FLAGS[name]) for a in unknown
+                if (name := a.split("=", 1)[0].removeprefix("--")) in VAR_ONLY_FLAGS and a.startswith("--")]
+    if var_only:
+        listed = "; ".join(f"{a.split('=', 1)[0]} ({why})" for a, why in var_only)
+        parser.error(f"flag(s) of VAR's train.py that this one does not take: {listed}. Remove "
+                     f"{'it' if len(var_only) == 1 else 'them'} from the command.")
     return parser.parse_args(argv)
 
 
