@@ -392,6 +392,13 @@ def use_deterministic_kernels(device: torch.device) -> None:
                 os.environ["CUBLAS_WORKSPACE_CONFIG"], ", SDPA's math kernel" if device.type == "cuda" else "")
 
 
+def cudnn_benchmark(args: argparse.Namespace, device: torch.device) -> bool:
+    """Whether cuDNN times its convolution algorithms (the tokenizer's) for this run's shapes, as VAR sets it
+    (`seed_everything(benchmark=pg == 0)`: progressive training changes the shapes); not under --deterministic, where a
+    relaunch must not time another algorithm faster."""
+    return device.type == "cuda" and args.pg == 0 and not args.deterministic
+
+
 def main(args: argparse.Namespace) -> None:
     device = dist.initialize()
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -402,6 +409,7 @@ def main(args: argparse.Namespace) -> None:
     folder.open(rank0_state=args.fsdp,  # FSDP2 gathers the states on rank 0
                 on_locked=lambda: setup_logging(rank, Path(args.local_out_dir_path)))
     set_tf32(device, args.tf32)
+    torch.backends.cudnn.benchmark = cudnn_benchmark(args, device)
     if args.deterministic:
         use_deterministic_kernels(device)  # before the kernel check: torch_varlen refuses --deterministic
     check_kernels(args, device)

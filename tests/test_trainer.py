@@ -633,6 +633,17 @@ def test_deterministic_flag_turns_on_deterministic_kernels(monkeypatch, caplog):
     assert train.parse_args(["--deterministic=1"]).deterministic and not train.parse_args([]).deterministic
 
 
+def test_cudnn_times_its_convolutions_as_in_var_unless_deterministic():
+    """VAR's seed_everything(benchmark=pg == 0): a review found it unset here (the tokenizer's convolutions ran
+    cuDNN's heuristic picks). Not with progressive training (other shapes per stage) nor --deterministic."""
+    import train
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert train.cudnn_benchmark(train.parse_args([]), cuda)
+    for flags, device in ((["--pg=0.5"], cuda), (["--deterministic=1"], cuda), ([], cpu)):
+        assert not train.cudnn_benchmark(train.parse_args(flags), device), (flags, device)
+
+
 class Built(Exception):
     """Raised by a stand-in MVAR.__init__ with the default device it was called under."""
 
