@@ -49,8 +49,8 @@ from utils.run.agreement import refuse_disagreement
 from utils.run.lock import LOCK_NAME, RunLockError, lock_output_folder, read_owner
 from utils.run.log import SAME_ON_ALL_RANKS, setup_logging
 from utils.run.preemption import sigterm_raises
-from utils.sample_io import NonFiniteValueError, check_finite_images, check_finite_weights, is_image_file, \
-    load_edit_inputs, parse_box, save_folder, save_grid, to_uint8_BHW3
+from utils.sample_io import NonFiniteValueError, check_finite_images, check_finite_weights, grid_format_problem, \
+    grid_size_problem, is_image_file, load_edit_inputs, parse_box, save_folder, save_grid, to_uint8_BHW3
 
 logger = logging.getLogger("sample")
 
@@ -61,6 +61,8 @@ EDIT_CHECK_RESO = 16  # edit inputs are checked before the model (and its resolu
 DEMO_CLASSES = (980, 437, 22, 562)  # VAR's demo_sample.ipynb (ImageNet ids; 207 360 ... were DiT's)
 PICTURE_ONLY_FLAGS = {"classes": "samples every class", "num_per_class": "takes --fid_num_per_class",
                       "out": "writes into --fid_dir"}
+FID_ONLY_FLAGS = ("fid_num_per_class", "fid_dir")  # without --fid, forgetting it would write pictures unnoticed
+SEED_LIMIT = 2 ** 64  # torch.Generator.manual_seed takes seeds below it (--official_seed passes --seed itself)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -154,8 +156,8 @@ def parse_args(argv: Sequence[str] | None = None,
         except ValueError as e:
             problems.append(str(e))
     problems += sampling_problems(args.cfg, args.top_k, args.top_p)
-    if args.seed < 0:
-        problems.append(f"--seed must be >= 0, got {args.seed}")
+    if not 0 <= args.seed < SEED_LIMIT:
+        problems.append(f"--seed must be in [0, 2**64), got {args.seed}")
     for flag in ("num_per_class", "bs", "fid_num_per_class", "depth"):
         value = getattr(args, flag)
         if value is not None and value < 1:
@@ -165,6 +167,9 @@ def parse_args(argv: Sequence[str] | None = None,
     if args.fid:
         problems += [f"--{flag} is for pictures; --fid {does}" for flag, does in PICTURE_ONLY_FLAGS.items()
                      if getattr(args, flag) != parser.get_default(flag)]
+    else:
+        problems += [f"--{flag} is for an FID dump: add --fid (without it this run would write pictures to --out)"
+                     for flag in FID_ONLY_FLAGS if getattr(args, flag) != parser.get_default(flag)]
     problems += official_seed_problems(args)
     if args.classes is not None and min(args.classes) < 0:
         problems.append(f"--classes must be >= 0, got {args.classes}")
@@ -255,6 +260,8 @@ def check_outputs(args: argparse.Namespace) -> None:
         if is_image_file(out) and out.is_dir():
             raise OutputFolderError(f"--out={args.out} is a folder, but its suffix asks for one image: name a file, "
                                     "or a folder without an image suffix for one PNG per image")
+        if is_image_file(out) and (problem := grid_format_problem(out)):
+            raise OutputFolderError(f"--out={problem}")
         check_writable(out.parent if is_image_file(out) else out, f"--out={args.out}")
         if not is_image_file(out) and (old := len(list(out.glob("class*.png")))):
             logger.warning("--out=%s already holds %d class*.png images: this run's replace those of the same "
@@ -387,6 +394,16 @@ def precision_name(args: argparse.Namespace) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 # Modes
 # ---------------------------------------------------------------------------------------------------------------
+def grid_problem(args: argparse.Namespace, mvar: MVAR) -> str | None:
+    """Why --out cannot hold the grid of this run's images at the model's size (WebP's and JPEG's largest side), or
+    None (also for a folder or an FID dump): known once the model is, before any sampling."""
+    if args.fid or not is_image_file(Path(args.out)):
+        return None
+    rows = len(args.classes if args.classes is not None else DEMO_CLASSES)  # one per class
+    ncol = args.num_per_class + (2 if args.edit is not None else 0)  # an edit row starts with the image and mask
+    return grid_size_problem(Path(args.out), rows, ncol, mvar.patch_nums[-1] * mvar.vae.downsample)
+
+
 def picture_labels(args: argparse.Namespace) -> tuple[np.ndarray, list[str]]:
     """Class ids of every picture, class-major (one grid row per class), and their file names."""
     classes = list(args.classes if args.classes is not None else DEMO_CLASSES)
@@ -555,6 +572,8 @@ def main(argv: Sequence[str] | None = None) -> Path | None:
         raise SystemExit(f"error: --classes: the default, VAR's demo classes {' '.join(map(str, DEMO_CLASSES))} "
                          f"(ImageNet ids), is outside this model's {mvar.num_classes} classes: pass --classes with "
                          f"ids in [0, {mvar.num_classes - 1}]")
+    if problem := grid_problem(args, mvar):
+        raise SystemExit(f"error: --out={problem}")
     if args.edit is not None:
         try:
             return sample_edit(args, mvar)

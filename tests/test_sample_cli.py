@@ -90,6 +90,10 @@ def test_tf32_flag_sets_cudas_matmuls_and_convolutions_only_there():
     (("--fid", "--official_seed"), "--official_seed is for pictures"),
     (("--outside", "original"), "--outside is for --edit"),
     (("--official_seed", "--classes", 1, 2, "--num_per_class", 4, "--bs", 4), "8 pictures need --bs >= 8, got --bs=4"),
+    # a review: without --fid these were ignored and pictures written; a seed of 2**64 failed once the model loaded
+    (("--fid_num_per_class", 7), "--fid_num_per_class is for an FID dump: add --fid"),
+    (("--fid_dir", "dumps", "--classes", 1), "--fid_dir is for an FID dump: add --fid"),
+    (("--official_seed", "--seed", 2 ** 64), "--seed must be in \\[0, 2\\*\\*64\\), got 18446744073709551616"),
 ])
 def test_bad_flags_fail_before_reading_anything(flags, message, capsys, tmp_path):
     with pytest.raises(SystemExit) as e:

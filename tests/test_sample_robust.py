@@ -426,6 +426,23 @@ def test_a_picture_folder_holding_images_gets_a_warning(ckpt, tmp_path, capsys):
                      capsys.readouterr().out)
 
 
+def test_a_grid_its_format_cannot_hold_is_refused_before_sampling(ckpt, tmp_path, monkeypatch):  # noqa: F811
+    """A review: --out g.ico wrote the grid shrunk to an icon without a word, and a WebP grid over 16,383 px failed
+    with a traceback after every image was sampled, losing them. The format is checked before the model loads, the
+    size once its resolution is known; a PNG of the same size is fine."""
+    monkeypatch.setattr(sample, "make_generate", lambda *a, **k: pytest.fail("sampled before the check"))
+    with pytest.raises(SystemExit, match=r"g\.ico: a grid is written as PNG, JPEG, WebP, TIFF or BMP .*not ICO"):
+        run(ckpt, "--classes", 1, "--out", tmp_path / "g.ico")
+    # 8 px images: 1,700 in a row are 17,002 px wide
+    with pytest.raises(SystemExit, match=r"wide\.webp: the grid would be 17002x12 px \(1 rows of 1700 images of 8 "
+                                         r"px\), over WEBP's 16383 px"):
+        run(ckpt, "--classes", 1, "--num_per_class", 1700, "--out", tmp_path / "wide.webp")
+    assert not list(tmp_path.iterdir())
+    from utils.sample_io import grid_size_problem
+    assert grid_size_problem(tmp_path / "wide.png", 1, 1700, 8) is None
+    assert grid_size_problem(tmp_path / "ok.webp", 1, 1638, 8) is None  # 16,382 px
+
+
 def test_pictures_are_written_atomically(tmp_path, monkeypatch):
     """A review: the grid and the folder's PNGs were written in place, so a kill while writing left a truncated image
     under the final name, taken for a result later. A write that fails now leaves the old file and no temporary one."""

@@ -169,10 +169,38 @@ def to_uint8_BHW3(img_B3HW: torch.Tensor) -> np.ndarray:
     return img_B3HW.float().clamp(0, 1).mul(255).add_(0.5).floor_().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
+# the formats a grid is written in, which keep it as drawn (ICO would shrink it to an icon, GIF reduce its colours),
+# and the longest side their encoders take (None: no limit below memory)
+GRID_FORMATS = {"PNG": None, "JPEG": 65_500, "WEBP": 16_383, "TIFF": None, "BMP": None}
+GRID_PADDING = 2  # pixels around and between a grid's images
+
+
 def is_image_file(path: Path) -> bool:
     """True when `path` ends in an image format PIL can write (.png, .jpg, .webp, ...), else it names a folder."""
     fmt = Image.registered_extensions().get(Path(path).suffix.lower())
     return fmt is not None and fmt in Image.SAVE
+
+
+def grid_format_problem(path: Path) -> str | None:
+    """Why the image file `path` cannot take a grid (a format not in GRID_FORMATS), or None."""
+    fmt = Image.registered_extensions().get(Path(path).suffix.lower())
+    if fmt in GRID_FORMATS:
+        return None
+    return (f"{path}: a grid is written as PNG, JPEG, WebP, TIFF or BMP (.png, .jpg, .webp, .tif, .bmp), not {fmt}, "
+            "which would not keep it as drawn")
+
+
+def grid_size_problem(path: Path, rows: int, ncol: int, px: int) -> str | None:
+    """Why a grid of `rows` x `ncol` images of `px` pixels (save_grid's layout) is too large for the format of
+    `path` (WebP's 16,383 px, JPEG's 65,500), or None: checked before sampling, not found at the end."""
+    height, width = (n * (px + GRID_PADDING) + GRID_PADDING for n in (rows, ncol))
+    fmt = Image.registered_extensions().get(Path(path).suffix.lower())
+    limit = GRID_FORMATS.get(fmt)
+    if limit is None or max(height, width) <= limit:
+        return None
+    return (f"{path}: the grid would be {width}x{height} px ({rows} rows of {ncol} images of {px} px), over {fmt}'s "
+            f"{limit} px: write a .png, fewer images per row or class, or a folder (an --out without an image "
+            "suffix)")
 
 
 def save_image(img_HW3: np.ndarray, path: Path) -> None:
@@ -184,7 +212,7 @@ def save_image(img_HW3: np.ndarray, path: Path) -> None:
     write_atomic(path, lambda f: Image.fromarray(img_HW3).save(f, format=fmt))
 
 
-def save_grid(imgs_BHW3: np.ndarray, path: Path, ncol: int, padding: int = 2) -> Path:
+def save_grid(imgs_BHW3: np.ndarray, path: Path, ncol: int, padding: int = GRID_PADDING) -> Path:
     """Save uint8 images (B, H, W, 3) as one image (format from the suffix), `ncol` per row (row r = images
     r*ncol ... r*ncol+ncol-1)."""
     if imgs_BHW3.dtype != np.uint8 or imgs_BHW3.ndim != 4:
