@@ -50,14 +50,15 @@ from utils.run.lock import LOCK_NAME, RunLockError, lock_output_folder, read_own
 from utils.run.log import SAME_ON_ALL_RANKS, setup_logging
 from utils.run.preemption import sigterm_raises
 from utils.sample_io import NonFiniteValueError, check_finite_images, check_finite_weights, grid_format_problem, \
-    grid_size_problem, is_image_file, load_edit_inputs, parse_box, save_folder, save_grid, to_uint8_BHW3
+    grid_size_problem, is_image_file, load_edit_inputs, parse_box, read_edit_inputs, save_folder, save_grid, \
+    to_uint8_BHW3
 
 logger = logging.getLogger("sample")
 
 PRESETS: dict[str, dict[str, Any]] = {
     "fid": {"cfg": 1.5, "top_p": 0.96, "top_k": 900, "more_smooth": False},  # the paper's FID settings
 }
-EDIT_CHECK_RESO = 16  # edit inputs are checked before the model (and its resolution) loads
+EDIT_CHECK_RESO = 16  # edit inputs are read at a stand-in resolution before the model (and its own) loads
 DEMO_CLASSES = (980, 437, 22, 562)  # VAR's demo_sample.ipynb (ImageNet ids; 207 360 ... were DiT's)
 PICTURE_ONLY_FLAGS = {"classes": "samples every class", "num_per_class": "takes --fid_num_per_class",
                       "out": "writes into --fid_dir"}
@@ -218,9 +219,9 @@ def edit_flag_problems(args: argparse.Namespace) -> list[str]:
             args.box = parse_box(args.box)
         except ValueError as e:
             problems.append(str(e))
-    if not problems:  # the image, mask and box checks, at a stand-in resolution: before the model loads
+    if not problems:  # the image, mask and box checks that need no model (the crop's, before sampling: edit_rows)
         try:
-            load_edit_inputs(args.edit, EDIT_CHECK_RESO, args.mask, args.box)
+            read_edit_inputs(args.edit, EDIT_CHECK_RESO, args.mask, args.box)
         except (ValueError, OSError) as e:
             problems.append(str(e))
     return problems

@@ -144,6 +144,27 @@ def test_bad_edit_inputs_are_named_before_the_model_loads(ckpt, tmp_path, monkey
     assert re.search(message, capsys.readouterr().err)
 
 
+def test_whether_the_centre_crop_keeps_the_mask_is_judged_at_the_models_resolution(
+        ckpt, tmp_path, monkeypatch):  # noqa: F811
+    """A review: the flags' check cropped at a stand-in 16 px, whose rounding moves the crop by several percent of
+    the width: a box at the edge of a 256 px model's crop was refused before anything loaded (and one outside it let
+    through). The flags' check now takes what needs no model; the crop's, at the model's size, comes before
+    sampling."""
+    from models.mvar import MVAR
+    from utils.sample_io import load_edit_inputs
+
+    photo = tmp_path / "wide.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (160, 250, 3), dtype=np.uint8)).save(photo)
+    edge = ("--edit", photo, "--box", "200,0,205,160", "--classes", 1, "--out", tmp_path / "e.png")
+    assert load_edit_inputs(photo, 256, box=(200, 0, 205, 160))[1][0, 0, :, 248:].all()  # columns 248-255 at 256 px
+    sample.parse_args(["--depth", "16", *map(str, edge)])  # the flags are fine for a 256 px model
+    assert run(ckpt, *edge).is_file()  # and for the tiny model's 8 px
+    monkeypatch.setattr(MVAR, "autoregressive_edit_cfg", lambda *a, **k: pytest.fail("sampled before the check"))
+    with pytest.raises(SystemExit, match="the mask covers no pixel of the \\(resized, center-cropped\\) image the "
+                                         "model sees at 8 px: it lies outside the centre square"):
+        run(ckpt, *edge[:3], "240,0,250,160", *edge[4:])  # the right border, which the crop leaves out
+
+
 def test_edits_are_drawn_bs_at_a_time(ckpt, tmp_path, monkeypatch):  # noqa: F811
     from models.mvar import MVAR
 

@@ -1,12 +1,13 @@
 """sample.py's inputs and outputs: the image and mask of `--edit`, the uint8 conversion and PNG writers (a grid
 with one row per class, or a folder of single PNGs), and the checks that weights and generated images are finite.
 
-Edit inputs go through the same geometry as VAR's validation images: the shorter side resized to the model's
-resolution, then a center crop; EXIF orientation is applied first, 16-bit images keep their range, and large images
-are reduced while they are read. The box is in the original image's pixels (as displayed). A mask pixel is
-"regenerate" where the PNG is not black; a model pixel is masked when any image pixel under it is (a mask never
-shrinks). Non-finite weights are checked once at load, each batch of generated images before anything is written;
-the errors say what is non-finite and where it came from.
+Edit inputs: the shorter side resized to the model's resolution (bicubic), then a center crop, so that the whole
+shorter side is edited (VAR's validation images are resized to 1.125 times the model's size first, with Lanczos, and
+lose that margin to the crop: their objects are 12.5% larger); EXIF orientation is applied first, 16-bit images keep
+their range, and large images are reduced while they are read. The box is in the original image's pixels (as
+displayed). A mask pixel is "regenerate" where the PNG is not black; a model pixel is masked when any image pixel
+under it is (a mask never shrinks). Non-finite weights are checked once at load, each batch of generated images
+before anything is written; the errors say what is non-finite and where it came from.
 """
 import struct
 from collections.abc import Iterable, Sequence
@@ -133,10 +134,13 @@ def _over_black(image: Image.Image) -> Image.Image:
     return Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)
 
 
-def load_edit_inputs(image_path: str | Path, reso: int, mask_path: str | Path | None = None,
+def read_edit_inputs(image_path: str | Path, reso: int, mask_path: str | Path | None = None,
                      box: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> image (1, 3, reso, reso) in [0, 1] and mask (1, 1, reso, reso) bool (True = regenerate). The box and the
-    mask are in the pixels of the image as displayed (EXIF orientation applied), at its full size."""
+    """The image and its mask as read (`read_edit_image`: reduced for a model of `reso` pixels), before the resize
+    and crop to the model's size -> ((3, h, w) float in [0, 1], (h, w) bool, True = regenerate). The box and the
+    mask are in the pixels of the image as displayed (EXIF orientation applied), at its full size. Every check that
+    needs no model: readable files, the mask's size, the box inside the image, a mask that marks something (the
+    reduction never shrinks it)."""
     if (mask_path is None) == (box is None):
         raise ValueError("--edit needs exactly one of --mask MASK.png or --box x0,y0,x1,y1")
     image_path = Path(image_path)
@@ -154,10 +158,21 @@ def load_edit_inputs(image_path: str | Path, reso: int, mask_path: str | Path | 
             raise ValueError(f"--mask={mask_path} is {mask_HW.shape[1]}x{mask_HW.shape[0]} px, --edit={image_path} "
                              f"is {W}x{H} px: the mask must have the image's size")
         mask_hw = _any_pool(mask_HW, tuple(img_3hw.shape[-2:]))
+    if not mask_hw.any():
+        raise ValueError("the mask covers no pixel of the image (black everywhere): nothing to regenerate")
+    return img_3hw, mask_hw
+
+
+def load_edit_inputs(image_path: str | Path, reso: int, mask_path: str | Path | None = None,
+                     box: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> image (1, 3, reso, reso) in [0, 1] and mask (1, 1, reso, reso) bool (True = regenerate), as
+    `read_edit_inputs` reads them, resized and center-cropped to the model's size."""
+    img_3hw, mask_hw = read_edit_inputs(image_path, reso, mask_path, box)
     img_13HW = _image_to_model_size(img_3hw, reso)[None]
     mask_11HW = _mask_to_model_size(mask_hw, reso)
     if not mask_11HW.any():
-        raise ValueError("the mask covers no pixel of the (resized, center-cropped) image: nothing to regenerate")
+        raise ValueError(f"the mask covers no pixel of the (resized, center-cropped) image the model sees at {reso} "
+                         "px: it lies outside the centre square of the image, which is all the model edits")
     return img_13HW, mask_11HW
 
 
