@@ -102,7 +102,8 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = argparse.Argument
                    "seeded with a mix of (seed, c)")
     p.add_argument("--official_seed", action="store_true", help="pictures in one batch: seed its generator with "
                    "--seed itself (the official demo's g_seed=seed), so that the official weights, classes and "
-                   "settings give the official demo's images (its settings: --num_per_class 2 --fp16)")
+                   "settings give the official demo's images (its settings: --num_per_class 2 --fp16; in fp16 a rare "
+                   "token differs: word_embed runs in fp32 here, in fp16 there)")
     p.add_argument("--classes", type=int, nargs="+", default=None,
                    help=f"class ids, one grid row each (default: {' '.join(map(str, DEMO_CLASSES))})")
     p.add_argument("--num_per_class", type=int, default=4, help="images per class (grid columns)")

@@ -94,7 +94,7 @@ def paste_unmasked(vae: nn.Module, known: KnownTokens, edited_B3HW: torch.Tensor
     B = edited_B3HW.shape[0]
     one = all(all_the_same(idx) for idx in known.idx_Bl)
     recon_B3HW = vae.idxBl_to_img([idx[:1] for idx in known.idx_Bl] if one else known.idx_Bl, same_shape=True,
-                                  last_one=True).add(1).mul(0.5)
+                                  last_one=True).float().add(1).mul(0.5)  # no second rounding in bf16/fp16
     if one:
         recon_B3HW = recon_B3HW.expand(B, -1, -1, -1)
     return torch.where(mask_B1HW, edited_B3HW, recon_B3HW.to(edited_B3HW.dtype))

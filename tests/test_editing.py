@@ -246,6 +246,21 @@ def test_the_images_tokens_are_made_in_fp32_when_sampling_runs_in_half_precision
                                                    strict=True))
 
 
+def test_the_reconstruction_kept_outside_the_mask_is_mapped_to_0_1_in_fp32():
+    """A review: under --bf16 the decoder's output was shifted and scaled to [0, 1] in bf16, a second rounding that
+    moved about a third of the kept pixels by a level (autoregressive_infer_cfg converts to fp32 first)."""
+    from models.editing import known_tokens, paste_unmasked
+
+    vae, _ = build_tiny()
+    img, mask = images(B=4), torch.zeros(4, 1, IMG, IMG, dtype=torch.bool)
+    known = known_tokens(vae, img, mask, vae.v_patch_nums)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        kept = paste_unmasked(vae, known, torch.zeros(4, 3, IMG, IMG), mask)
+        decoded = vae.idxBl_to_img(known.idx_Bl, same_shape=True, last_one=True)
+    assert decoded.dtype == torch.bfloat16 and kept.dtype == torch.float32
+    assert torch.equal(kept, decoded.float().add(1).mul(0.5))
+
+
 def test_a_mask_enlarged_to_the_model_covers_every_footprint_it_touches():
     """A review: enlarging a 28 px mask to 32 px by nearest interpolation left model row 18 (image rows
     [15.75, 16.625)) unmasked although image row 16 is masked, so the old content was pasted back there."""
