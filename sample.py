@@ -35,8 +35,8 @@ import dist
 from models.attention import resolve_backend
 from models.backends import BackendError
 from models.hub_format import MVARHF, HubSource, check_own_tokenizer, is_hub_source, read_config
-from models.loading import CheckpointError, config_from_state_dict, embedded_vae, load_mvar, load_mvar_checkpoint, \
-    load_vae, official_file, resolve_mvar_checkpoint, weights_digest
+from models.loading import CheckpointError, attention_only_note, config_from_state_dict, embedded_vae, load_mvar, \
+    load_mvar_checkpoint, load_vae, official_file, resolve_mvar_checkpoint, weights_digest
 from models.mamba2 import resolve_kernels
 from models.mvar import MVAR, MVARConfig
 from models.precision import effective_amp_dtype, set_tf32
@@ -306,8 +306,7 @@ def load_checked(args: argparse.Namespace, device: torch.device) -> tuple[MVAR, 
     except (KeyError, TypeError, ValueError) as e:  # not a model, or a config with impossible values
         raise ValueError(f"--ckpt={ckpt_path}: {e.args[0]}") from e
     if not ours and config.arch == "var" and not args.arch:
-        logger.warning("%s has attention and no Mamba: read as VAR (--arch=intra for the intra-scale ablation, whose "
-                       "keys are the same; --arch=var says it is VAR)", ckpt_path.name, extra=SAME_ON_ALL_RANKS)
+        logger.warning(attention_only_note(ckpt_path.name), extra=SAME_ON_ALL_RANKS)
     check_against_config(args, config, ckpt_path.name)
     has_vae = "vae" in ckpt and "vae_config" in ckpt
     if args.vae_ckpt is None and has_vae:

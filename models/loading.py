@@ -284,6 +284,13 @@ def vae_from_state_dict(config: dict[str, Any], state_dict: dict[str, torch.Tens
 # ---------------------------------------------------------------------------------------------------------------------
 # M-VAR / VAR
 # ---------------------------------------------------------------------------------------------------------------------
+def attention_only_note(name: str) -> str:
+    """What to say of the raw file `name` read as VAR (`config_from_state_dict` without `arch`): its keys would be
+    the same for the intra-scale ablation."""
+    return (f"{name} has attention and no Mamba: read as VAR (--arch=intra for the intra-scale ablation, whose keys "
+            "are the same; --arch=var says it is VAR)")
+
+
 def config_from_state_dict(
     state_dict: dict[str, torch.Tensor], patch_nums: Sequence[int] | None = None, **overrides,
 ) -> MVARConfig:

@@ -14,8 +14,8 @@ import logging
 from pathlib import Path
 
 from models.hub_format import MVARHF, OFFICIAL_DATA, check_own_tokenizer, training_data
-from models.loading import CheckpointError, config_from_state_dict, embedded_vae, load_mvar, load_mvar_checkpoint, \
-    load_vae, resolve_mvar_checkpoint, weights_digest
+from models.loading import CheckpointError, attention_only_note, config_from_state_dict, embedded_vae, load_mvar, \
+    load_mvar_checkpoint, load_vae, resolve_mvar_checkpoint, weights_digest
 from models.mvar import MVARConfig
 from models.presets import ARCH_BRANCHES, parse_patch_nums
 from utils.evaluation.fid_dump import fid_folder_name
@@ -84,6 +84,8 @@ def main(argv: list[str] | None = None) -> Path:
                                                                                               **overrides)
         except (KeyError, TypeError, ValueError) as e:  # not a model's state dict, impossible values, another arch
             raise ValueError(f"--ckpt={ckpt_path}: {e.args[0]}") from e
+        if not ours and config.arch == "var" and not args.arch:  # config.json would record the guess for good
+            raise ValueError(attention_only_note(ckpt_path.name) + ": pass --arch, which the export records")
         embedded = "vae" in ckpt and "vae_config" in ckpt
         if args.vae_ckpt is None and embedded:
             vae, vae_what = embedded_vae(ckpt, ckpt_path), "embedded in --ckpt"
