@@ -15,13 +15,15 @@ against the digest that `save_weights` records in the file's metadata (files wit
 loaded strictly by the checked loaders of models/loading.py and models/tokenizer.py. model.safetensors records
 the content hash of the tokenizer it was saved with (metadata `tokenizer_weights`): another tokenizer of the same
 shape (a replaced tokenizer/ folder, or one passed in) decodes the model's tokens into noise, so it is refused
-unless `allow_other_tokenizer` says it is meant.
+unless `allow_other_tokenizer` says it is meant. It also records the class names of the run that trained it, when
+known (metadata `class_names`; `MVARHF.class_names`), which the web app shows.
 """
 import dataclasses
 import json
 import logging
 import os
 import re
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -42,6 +44,7 @@ from models.tokenizer import VQVAE
 
 CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_DIR = "config.json", "model.safetensors", "tokenizer"
 TOKENIZER_KEY = "tokenizer_weights"  # model.safetensors metadata: weights_digest of its tokenizer
+CLASS_NAMES_KEY = "class_names"  # model.safetensors metadata: the training run's class names, a JSON list
 PAPER_URL = "https://arxiv.org/abs/2411.10433"
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 OFFICIAL_DATA = "ImageNet-1k train set (the official release)"
@@ -246,13 +249,21 @@ def read_config(source: str | os.PathLike | HubSource, cache_dir: str | os.PathL
 class MVARHF(MVAR, PyTorchModelHubMixin, library_name="mvar", paper_url=PAPER_URL,
              tags=["m-var", "image-generation", "class-conditional"]):
     """MVAR in the Hub format; `save_pretrained` also writes the attached tokenizer into `tokenizer/`, and
-    `from_pretrained` attaches it again, so one folder or repo id samples."""
+    `from_pretrained` attaches it again, so one folder or repo id samples. `class_names`: the names of the classes,
+    saved with the weights when set (scripts/export.py takes a training run's)."""
+
+    class_names: list[str] | None = None
 
     def _save_pretrained(self, save_directory: Path) -> None:
-        tokenizer = {TOKENIZER_KEY: weights_digest(self.vae.state_dict())} if self.vae_proxy else {}
-        save_weights(self, save_directory, dataclasses.asdict(self.config), tokenizer)
+        metadata = {TOKENIZER_KEY: weights_digest(self.vae.state_dict())} if self.vae_proxy else {}
+        if self.class_names is not None:
+            metadata[CLASS_NAMES_KEY] = json.dumps(list(self.class_names))
+        save_weights(self, save_directory, dataclasses.asdict(self.config), metadata)
         if self.vae_proxy:
             save_weights(self.vae, save_directory / TOKENIZER_DIR, dataclasses.asdict(self.vae.config))
+        elif (save_directory / TOKENIZER_DIR).exists():  # an earlier save's, which would load as this model's own
+            shutil.rmtree(save_directory / TOKENIZER_DIR)
+            logger.info("removed %s: this model has no tokenizer attached", save_directory / TOKENIZER_DIR)
 
     @classmethod
     def from_pretrained(cls, source: str | os.PathLike | HubSource, *, device: str | torch.device = "cpu",
@@ -271,11 +282,15 @@ class MVARHF(MVAR, PyTorchModelHubMixin, library_name="mvar", paper_url=PAPER_UR
         if vae is None:
             vae = VQVAEHF.from_pretrained(src, subfolder=TOKENIZER_DIR, device=device,
                                           v_patch_nums=config["patch_nums"])
-        check_own_tokenizer(vae, src.metadata(WEIGHTS_FILE).get(TOKENIZER_KEY), what, f"{src}/{WEIGHTS_FILE}",
-                            allow_other_tokenizer, (config["V"], config["Cvae"]))
+        metadata = src.metadata(WEIGHTS_FILE)
+        check_own_tokenizer(vae, metadata.get(TOKENIZER_KEY), what, f"{src}/{WEIGHTS_FILE}", allow_other_tokenizer,
+                            (config["V"], config["Cvae"]))
         ckpt = {"config": config, "model": src.weights(WEIGHTS_FILE)}
-        return load_mvar(ckpt, device=device, vae=vae, model_cls=cls, name=f"{src} ({WEIGHTS_FILE})",
-                         **config_overrides)
+        model = load_mvar(ckpt, device=device, vae=vae, model_cls=cls, name=f"{src} ({WEIGHTS_FILE})",
+                          **config_overrides)
+        if CLASS_NAMES_KEY in metadata:
+            model.class_names = json.loads(metadata[CLASS_NAMES_KEY])
+        return model
 
     def generate_model_card(self, *args, **kwargs) -> ModelCard:
         """README.md of the folder; kwargs: repo_id, training_data, metrics ({name: value}), source."""

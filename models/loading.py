@@ -284,6 +284,12 @@ def vae_from_state_dict(config: dict[str, Any], state_dict: dict[str, torch.Tens
 # ---------------------------------------------------------------------------------------------------------------------
 # M-VAR / VAR
 # ---------------------------------------------------------------------------------------------------------------------
+def recorded_class_names(ckpt: Mapping[str, Any]) -> list[str] | None:
+    """The class names train.py records in its checkpoints (`data.classes`), or None (official files have none)."""
+    names = (ckpt.get("data") or {}).get("classes")
+    return [str(n) for n in names] if names else None
+
+
 def attention_only_note(name: str) -> str:
     """What to say of the raw file `name` read as VAR (`config_from_state_dict` without `arch`): its keys would be
     the same for the intra-scale ablation."""

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from models.loading import load_checkpoint
+from models.loading import load_checkpoint, recorded_class_names
 from models.mvar import MVAR
 from scripts.app_jobs import Session, Workspace, parse_sample_args
 from utils.flags import add_backend_flags
@@ -57,14 +57,14 @@ def base_argv(args: argparse.Namespace, ckpt: str) -> list[str]:
     return argv + [f"--{f}" for f in ("allow_other_tokenizer", "fp16", "bf16") if getattr(args, f)]
 
 
-def recorded_class_names(ckpt_path: Path, mvar: MVAR) -> list[str] | None:
-    """The class names a training run recorded in its checkpoint (train.py's data.classes), else ImageNet's for a
-    1,000-class model, else None (the page shows ids)."""
-    if ckpt_path.is_file():
-        ckpt = load_checkpoint(ckpt_path, verify=False)  # unverified: sample.py's load just checked it
-        names = (ckpt.get("data") or {}).get("classes")
-        if names:
-            return [str(n) for n in names]
+def class_names(ckpt_path: Path, mvar: MVAR) -> list[str] | None:
+    """The class names a training run recorded in its checkpoint (train.py's data.classes) or its Hub folder's
+    weights (MVARHF.class_names), else ImageNet's for a 1,000-class model, else None (the page shows ids)."""
+    if getattr(mvar, "class_names", None):
+        return list(mvar.class_names)
+    if ckpt_path.is_file():  # unverified: sample.py's load just checked it
+        if names := recorded_class_names(load_checkpoint(ckpt_path, verify=False)):
+            return names
     if mvar.num_classes == 1000:
         from utils.data.embedded import imagenet_class_names
         return imagenet_class_names()
@@ -84,7 +84,7 @@ def open_session(args: argparse.Namespace) -> Session:
         raise SystemExit(f"error: {e}") from e
     device = torch.device(sargs.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     mvar, ckpt_path, _ = sample.open_model(sargs, device)
-    return Session(mvar, argv, device, recorded_class_names(ckpt_path, mvar), Workspace())
+    return Session(mvar, argv, device, class_names(ckpt_path, mvar), Workspace())
 
 
 def launch(argv: Sequence[str] | None = None, block: bool = True):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from models.hub_format import MVARHF, OFFICIAL_DATA, check_own_tokenizer, training_data
 from models.loading import CheckpointError, attention_only_note, config_from_state_dict, embedded_vae, load_mvar, \
-    load_mvar_checkpoint, load_vae, resolve_mvar_checkpoint, weights_digest
+    load_mvar_checkpoint, load_vae, recorded_class_names, resolve_mvar_checkpoint, weights_digest
 from models.mvar import MVARConfig
 from models.presets import ARCH_BRANCHES, parse_patch_nums
 from utils.evaluation.fid_dump import fid_folder_name
@@ -95,6 +95,7 @@ def main(argv: list[str] | None = None) -> Path:
             check_own_tokenizer(vae, weights_digest(ckpt["vae"]) if embedded else None, vae_what,
                                 f"--ckpt={ckpt_path}", args.allow_other_tokenizer, (config.V, config.Cvae))
         mvar = load_mvar(ckpt, vae=vae, patch_nums=patch_nums, model_cls=MVARHF, name=str(ckpt_path), **overrides)
+        mvar.class_names = recorded_class_names(ckpt)  # the web app shows them
         check_finite_weights(mvar, f"M-VAR checkpoint {ckpt_path}")  # nothing non-finite is written nor uploaded
         check_finite_weights(vae, f"tokenizer ({vae_what})")
     except (ValueError, FileNotFoundError, NonFiniteValueError, CheckpointError) as e:

@@ -264,25 +264,25 @@ def test_bf16_falls_back_to_fp32_in_the_session_as_in_sample_py(monkeypatch, tin
 
 def test_class_names_are_read_from_a_legacy_format_checkpoint(tiny_mvar, tmp_path):
     """torch's legacy (non-zip) format loads in sample.py but cannot be memory-mapped: the app crashed at start-up."""
-    from scripts.app import recorded_class_names
+    from scripts.app import class_names
 
     vae, mvar = tiny_mvar()
     path = tmp_path / "legacy.pth"
     torch.save({**mvar_checkpoint(mvar, vae), "data": {"classes": NAMES}}, path, _use_new_zipfile_serialization=False)
-    assert recorded_class_names(path, mvar) == NAMES
+    assert class_names(path, mvar) == NAMES
 
 
 def test_class_names_are_read_without_hashing_the_weights_again(tiny_mvar, tmp_path, monkeypatch):
     """sample.py's load checked the file's digest, which reads every tensor (34 GB for a d30 training checkpoint):
     the app's second read, for the class names alone, does not hash them again."""
     from models import loading
-    from scripts.app import recorded_class_names
+    from scripts.app import class_names
 
     vae, mvar = tiny_mvar()
     path = tmp_path / "ckpt.pth"
     torch.save(loading.with_digest({**mvar_checkpoint(mvar, vae), "data": {"classes": NAMES}}), path)
     monkeypatch.setattr(loading, "check_digest", lambda *a: pytest.fail("the weights were hashed again"))
-    assert recorded_class_names(path, mvar) == NAMES
+    assert class_names(path, mvar) == NAMES
 
 
 def test_sigterm_stops_the_server_and_deletes_its_workspace(tiny_mvar, tmp_path):
@@ -632,10 +632,10 @@ def test_the_apps_own_flags_reach_sample_py_and_a_1000_class_model_gets_imagenet
     where the command says bf16... or the reverse) and ids for ImageNet passed the suite."""
     from types import SimpleNamespace
 
-    from scripts.app import base_argv, build_parser, recorded_class_names
+    from scripts.app import base_argv, build_parser, class_names
 
     for flag in ("--bf16", "--fp16", "--allow_other_tokenizer"):
         assert flag in base_argv(build_parser().parse_args([flag]), "hub/id")
-    names = recorded_class_names(tmp_path / "absent.pth", SimpleNamespace(num_classes=1000))
+    names = class_names(tmp_path / "absent.pth", SimpleNamespace(num_classes=1000))
     assert len(names) == 1000 and names[0] == "tench" and names[999] == "toilet tissue"
-    assert recorded_class_names(tmp_path / "absent.pth", SimpleNamespace(num_classes=10)) is None
+    assert class_names(tmp_path / "absent.pth", SimpleNamespace(num_classes=10)) is None

@@ -79,12 +79,26 @@ def test_a_folders_model_safetensors_names_its_folder(tmp_path):
     args = sample.parse_args(["--ckpt", str(weights), "--device", "cpu"])
     _, source, _ = sample.open_model(args, torch.device("cpu"))
     assert source == tmp_path / "m"  # what the app reads class names from and FID dumps are named after
-    from scripts.app import recorded_class_names
-    assert recorded_class_names(source, mvar) is None  # a folder: no training record (was: a crash on the file)
+    from scripts.app import class_names
+    assert class_names(source, mvar) is None  # a folder: no training record (was: a crash on the file)
     loose = tmp_path / "loose.safetensors"
     loose.write_bytes(weights.read_bytes())
     with pytest.raises(CheckpointError, match="safetensors file of the Hub format: pass the model folder"):
         load_checkpoint(loose)
+
+
+def test_a_save_without_a_tokenizer_leaves_no_earlier_tokenizer_behind(tmp_path):
+    """A review: saving a model with no tokenizer attached into a folder that held another's left that tokenizer/,
+    and from_pretrained paired it with the new weights unchecked (no tokenizer digest recorded)."""
+    mvar, _ = hub_model()
+    mvar.save_pretrained(tmp_path / "m")
+    assert (tmp_path / "m" / "tokenizer" / "model.safetensors").is_file()
+    bare = MVARHF(mvar.config)
+    bare.save_pretrained(tmp_path / "m")
+    assert not (tmp_path / "m" / "tokenizer").exists()
+    with pytest.raises(FileNotFoundError):
+        MVARHF.from_pretrained(tmp_path / "m")
+    assert MVARHF.from_pretrained(tmp_path / "m", vae=mvar.vae).class_names is None
 
 
 def test_strict_loading_names_the_bad_keys(tmp_path):
@@ -240,11 +254,19 @@ def test_the_model_card_names_what_the_run_trained_on():
 
 
 def test_our_checkpoint_exports_with_its_tokenizer_and_training_flags(tmp_path):
+    """... and its class names (a review: the folder lost them, so the web app showed ids, or ImageNet's names for
+    any 1,000-class model)."""
+    from scripts.app import class_names
+
     vae, mvar = build_tiny("mamba")
-    ckpt = {**mvar_checkpoint(mvar, vae), "args": {"data_path": "", "dataset": "mnist", "ep": 8, "bs": 64}}
+    names = [f"digit{i}" for i in range(mvar.num_classes)]
+    ckpt = {**mvar_checkpoint(mvar, vae), "args": {"data_path": "", "dataset": "mnist", "ep": 8, "bs": 64},
+            "data": {"classes": names}}
     torch.save(ckpt, tmp_path / "ar-ckpt-best.pth")
     out = export.main(["--ckpt", str(tmp_path / "ar-ckpt-best.pth"), "--out", str(tmp_path / "hub")])
-    assert_same_model(load_mvar(tmp_path / "ar-ckpt-best.pth", vae=vae), MVARHF.from_pretrained(out))
+    loaded = MVARHF.from_pretrained(out)
+    assert_same_model(load_mvar(tmp_path / "ar-ckpt-best.pth", vae=vae), loaded)
+    assert loaded.class_names == names and class_names(out, loaded) == names
     assert "embedded `mnist` (utils/data/embedded.py), 8 epochs, batch 64" in (out / "README.md").read_text()
     # exporting again into the folder: refused, or with --overwrite a fresh card (a review: huggingface_hub kept the
     # first export's card beside the new weights)
