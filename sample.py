@@ -6,7 +6,7 @@ Official weights (`OliverRen/M-VAR` d{depth}.pth, VAR's `FoundationVision/var` v
 and VAR's tokenizer, read from the Hugging Face cache first):
     python sample.py --depth 16 --classes 207 --out grid.png
 FID dump (50 PNGs per class for every class, sharded over ranks, resumable), then one ADM-format npz:
-    torchrun --nproc_per_node=8 sample.py --depth 16 --fid --preset fid --fid_dir samples --bf16
+    torchrun --nproc_per_node=8 sample.py --depth 16 --fid --preset fid --fid_dir samples --fp16
     python scripts/fid.py --sample samples/d16-cfg1.5-topk900-topp0.96-seed0-n50.npz \\
         --ref VIRTUAL_imagenet256_labeled.npz
 

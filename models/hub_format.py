@@ -344,7 +344,7 @@ def model_card_text(mvar: MVAR, repo_id: str | None = None, training_data: str |
     ]
     if c.num_classes == 1000 and reso in (256, 512) and fid_sample:
         ref = "VIRTUAL_imagenet256_labeled.npz" if reso == 256 else "VIRTUAL_imagenet512.npz"
-        lines += [f"torchrun --nproc_per_node=8 sample.py --ckpt {name} --fid --preset fid --fid_dir samples --bf16",
+        lines += [f"torchrun --nproc_per_node=8 sample.py --ckpt {name} --fid --preset fid --fid_dir samples --fp16",
                   f"python scripts/fid.py --sample samples/{fid_sample} --ref {ref}"]
     lines += ["```", "", "In Python:", "", "```python", "from models.hub_format import MVARHF",
               f"mvar = MVARHF.from_pretrained({name!r})",
