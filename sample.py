@@ -34,9 +34,9 @@ import torch
 import dist
 from models.attention import resolve_backend
 from models.backends import BackendError
-from models.hub_format import MVARHF, HubSource, check_own_tokenizer, is_hub_source, read_config
-from models.loading import CheckpointError, attention_only_note, config_from_state_dict, embedded_vae, load_mvar, \
-    load_mvar_checkpoint, load_vae, official_file, resolve_mvar_checkpoint, weights_digest
+from models.hub_format import MVARHF, HubSource, is_hub_source, model_file_tokenizer, read_config, read_model_file
+from models.loading import CheckpointError, attention_only_note, load_mvar, load_vae, official_file, \
+    resolve_mvar_checkpoint, weights_digest
 from models.mamba2 import resolve_kernels
 from models.mvar import MVAR, MVARConfig
 from models.precision import effective_amp_dtype, set_tf32
@@ -298,27 +298,13 @@ def load_checked(args: argparse.Namespace, device: torch.device) -> tuple[MVAR, 
         raise FileNotFoundError(f"--ckpt={args.ckpt}: no such file")
     else:
         ckpt_path = Path(args.ckpt)
-    ckpt = load_mvar_checkpoint(ckpt_path, "--ckpt")
-    ours = "config" in ckpt and "model" in ckpt
-    overrides = {"arch": args.arch} if args.arch and not ours else {}  # the keys cannot tell intra from var
-    try:
-        config = MVARConfig.from_dict(ckpt["config"]) if ours else config_from_state_dict(ckpt, args.pn, **overrides)
-    except (KeyError, TypeError, ValueError) as e:  # not a model, or a config with impossible values
-        raise ValueError(f"--ckpt={ckpt_path}: {e.args[0]}") from e
+    ckpt, config, ours = read_model_file(ckpt_path, args.arch, args.pn)
     if not ours and config.arch == "var" and not args.arch:
         logger.warning(attention_only_note(ckpt_path.name), extra=SAME_ON_ALL_RANKS)
     check_against_config(args, config, ckpt_path.name)
-    has_vae = "vae" in ckpt and "vae_config" in ckpt
-    if args.vae_ckpt is None and has_vae:
-        vae, vae_id = embedded_vae(ckpt, ckpt_path, device), "embedded"
-    else:
-        vae = load_vae(args.vae_ckpt, device=device, v_patch_nums=config.patch_nums)
-        vae_id = "official" if args.vae_ckpt is None else Path(args.vae_ckpt).name
-        check_own_tokenizer(vae, weights_digest(ckpt["vae"]) if has_vae else None,
-                            f"--vae_ckpt={args.vae_ckpt}", f"--ckpt={ckpt_path}", args.allow_other_tokenizer,
-                            (config.V, config.Cvae))
+    vae, vae_id = model_file_tokenizer(ckpt, ckpt_path, config, args.vae_ckpt, args.allow_other_tokenizer, device)
     mvar = load_mvar(ckpt, device=device, vae=vae, patch_nums=args.pn, attn_backend=args.attn_backend,
-                     mamba_backend=args.mamba_backend, **overrides)
+                     mamba_backend=args.mamba_backend, arch=config.arch)
     check_finite_weights(mvar, f"M-VAR checkpoint {ckpt_path}")
     check_finite_weights(vae, f"tokenizer ({'embedded in --ckpt' if vae_id == 'embedded' else vae_id})")
     return mvar, ckpt_path, vae_id

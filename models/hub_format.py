@@ -24,7 +24,7 @@ import logging
 import os
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +36,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from models.loading import CHECKPOINT_SUFFIXES, DIGEST_KEY, MVAR_REPO, VAR_REPO, CheckpointError, check_digest, \
-    existing_file, hf_offline, load_mvar, load_mvar_checkpoint, resolve_checkpoint, \
-    vae_from_state_dict, weights_digest
+    config_from_state_dict, embedded_vae, existing_file, hf_offline, load_mvar, load_mvar_checkpoint, load_vae, \
+    resolve_checkpoint, vae_from_state_dict, weights_digest
 from models.mvar import MVAR, MVARConfig
 from models.presets import format_patch_nums
 from models.tokenizer import VQVAE
@@ -218,6 +218,36 @@ def check_own_tokenizer(vae: nn.Module, own_digest: str | None, what: str, model
     if not allow:
         raise TokenizerMismatchError(f"{message}. Pass --allow_other_tokenizer if this is meant")
     logger.warning("%s (--allow_other_tokenizer)", message)
+
+
+def read_model_file(path: Path, arch: str | None = None, patch_nums: Sequence[int] | None = None,
+                    flag: str = "--ckpt") -> tuple[dict[str, Any], MVARConfig, bool]:
+    """A model checkpoint file as sample.py and scripts/export.py read it -> (its dict, its config, whether it is
+    ours). Ours records its config; an official raw state dict's is read off the tensor shapes, with `arch` (its
+    attention-only keys cannot tell VAR from the intra ablation) and `patch_nums` where they cannot tell."""
+    ckpt = load_mvar_checkpoint(path, flag)
+    ours = "config" in ckpt and "model" in ckpt
+    try:
+        config = MVARConfig.from_dict(ckpt["config"]) if ours else \
+            config_from_state_dict(ckpt, patch_nums, **({"arch": arch} if arch else {}))
+    except (KeyError, TypeError, ValueError) as e:  # not a model, or a config with impossible values
+        raise ValueError(f"{flag}={path}: {e.args[0]}") from e
+    return ckpt, config, ours
+
+
+def model_file_tokenizer(ckpt: dict[str, Any], path: Path, config: MVARConfig, vae_ckpt: str | None,
+                         allow_other: bool, device: str | torch.device = "cpu") -> tuple[VQVAE, str]:
+    """The tokenizer that decodes the tokens of the model file `path` (`read_model_file`): the one our checkpoint
+    embeds, unless `vae_ckpt` is given, else VAR's from the Hugging Face cache; another than the embedded one is
+    checked against it (`check_own_tokenizer`) -> (tokenizer, "embedded", "official" or the --vae_ckpt file's name)."""
+    embedded = "vae" in ckpt and "vae_config" in ckpt
+    if vae_ckpt is None and embedded:
+        return embedded_vae(ckpt, path, device), "embedded"
+    vae = load_vae(vae_ckpt, device=device, v_patch_nums=config.patch_nums)
+    check_own_tokenizer(vae, weights_digest(ckpt["vae"]) if embedded else None,
+                        f"--vae_ckpt={vae_ckpt}" if vae_ckpt else "VAR's tokenizer (Hugging Face cache)",
+                        f"--ckpt={path}", allow_other, (config.V, config.Cvae))
+    return vae, "official" if vae_ckpt is None else Path(vae_ckpt).name
 
 
 def read_model_weights(source: str | os.PathLike, flag: str) -> tuple[dict[str, torch.Tensor], str | None]:

@@ -13,10 +13,9 @@ import argparse
 import logging
 from pathlib import Path
 
-from models.hub_format import MVARHF, OFFICIAL_DATA, check_own_tokenizer, training_data
-from models.loading import CheckpointError, attention_only_note, config_from_state_dict, embedded_vae, load_mvar, \
-    load_mvar_checkpoint, load_vae, recorded_class_names, resolve_mvar_checkpoint, weights_digest
-from models.mvar import MVARConfig
+from models.hub_format import MVARHF, OFFICIAL_DATA, model_file_tokenizer, read_model_file, training_data
+from models.loading import CheckpointError, attention_only_note, load_mvar, recorded_class_names, \
+    resolve_mvar_checkpoint
 from models.presets import ARCH_BRANCHES, parse_patch_nums
 from utils.evaluation.fid_dump import fid_folder_name
 from utils.run.log import setup_logging
@@ -73,31 +72,18 @@ def main(argv: list[str] | None = None) -> Path:
                              "--overwrite replaces an export only; choose an empty or new folder")
     try:
         ckpt_path = resolve_mvar_checkpoint(args.ckpt, args.depth, arch=args.arch or "mvar")
-        ckpt = load_mvar_checkpoint(ckpt_path, "--ckpt")
-        ours = "config" in ckpt and "model" in ckpt
+        patch_nums = parse_patch_nums(args.pn) if args.pn else None
+        ckpt, config, ours = read_model_file(ckpt_path, args.arch, patch_nums)
         if ours and (args.arch or args.pn):
             raise ValueError(f"--arch/--pn are for official files; {ckpt_path.name} carries its own config")
-        patch_nums = parse_patch_nums(args.pn) if args.pn else None
-        overrides = {"arch": args.arch} if args.arch else {}
-        try:
-            config = MVARConfig.from_dict(ckpt["config"]) if ours else config_from_state_dict(ckpt, patch_nums,
-                                                                                              **overrides)
-        except (KeyError, TypeError, ValueError) as e:  # not a model's state dict, impossible values, another arch
-            raise ValueError(f"--ckpt={ckpt_path}: {e.args[0]}") from e
         if not ours and config.arch == "var" and not args.arch:  # config.json would record the guess for good
             raise ValueError(attention_only_note(ckpt_path.name) + ": pass --arch, which the export records")
-        embedded = "vae" in ckpt and "vae_config" in ckpt
-        if args.vae_ckpt is None and embedded:
-            vae, vae_what = embedded_vae(ckpt, ckpt_path), "embedded in --ckpt"
-        else:
-            vae = load_vae(args.vae_ckpt, v_patch_nums=config.patch_nums)
-            vae_what = f"--vae_ckpt={args.vae_ckpt}" if args.vae_ckpt else "VAR's, from the Hugging Face cache"
-            check_own_tokenizer(vae, weights_digest(ckpt["vae"]) if embedded else None, vae_what,
-                                f"--ckpt={ckpt_path}", args.allow_other_tokenizer, (config.V, config.Cvae))
-        mvar = load_mvar(ckpt, vae=vae, patch_nums=patch_nums, model_cls=MVARHF, name=str(ckpt_path), **overrides)
+        vae, vae_id = model_file_tokenizer(ckpt, ckpt_path, config, args.vae_ckpt, args.allow_other_tokenizer)
+        mvar = load_mvar(ckpt, vae=vae, patch_nums=patch_nums, model_cls=MVARHF, name=str(ckpt_path),
+                         arch=config.arch)
         mvar.class_names = recorded_class_names(ckpt)  # the web app shows them
         check_finite_weights(mvar, f"M-VAR checkpoint {ckpt_path}")  # nothing non-finite is written nor uploaded
-        check_finite_weights(vae, f"tokenizer ({vae_what})")
+        check_finite_weights(vae, f"tokenizer ({'embedded in --ckpt' if vae_id == 'embedded' else vae_id})")
     except (ValueError, FileNotFoundError, NonFiniteValueError, CheckpointError) as e:
         raise SystemExit(f"error: {e}") from e
     card = dict(repo_id=args.repo_id, training_data=args.training_data or training_data(ckpt),
