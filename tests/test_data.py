@@ -9,7 +9,7 @@ from PIL import Image
 from torch.utils.data import TensorDataset
 
 from utils.data.loaders import DistributedBatchSampler, EvalDistributedSampler, PaddedEvalDataset, SafeImageFolder, \
-    SeededDataset, build_datasets, build_transforms, first_items, normalize_01_into_pm1
+    SeededDataset, build_datasets, build_loaders, build_transforms, first_items, normalize_01_into_pm1
 from utils.data.views import crop_box
 
 
@@ -238,3 +238,22 @@ def test_transforms_are_vars_lanczos_resize_then_a_centre_or_random_crop():
         x = train_tf(img)
         seen |= {key for key, crop in crops.items() if torch.equal(x, crop)}
     assert {flip for *_, flip in seen} == {False, True} and len({(i, j) for i, j, _ in seen}) > 1
+
+
+def test_validation_workers_do_not_outlive_validation():
+    """A review: the val loader's workers were persistent like the train loader's, so every rank kept twice --workers
+    forked processes for the whole run; they now end with each validation (the train loader's stay)."""
+    import multiprocessing
+
+    before = len(multiprocessing.active_children())
+    data = TensorDataset(torch.arange(12.0), torch.zeros(12, dtype=torch.long))
+    train, val, _ = build_loaders(data, data, batch_size=4, workers=2, rank=0, world_size=1, seed=0)
+    counts = []
+    for loader in (train, val):
+        assert len(list(loader)) == 3 - (loader is val)
+        counts.append(len(multiprocessing.active_children()) - before)
+    for loader in (train, val):  # their workers end now, also when the assertion below fails
+        if loader._iterator is not None:
+            loader._iterator._shutdown_workers()
+    assert counts == [2, 2]
+

@@ -371,7 +371,10 @@ def build_loaders(train_set: Dataset, val_set: Dataset, batch_size: int, workers
     common = dict(num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0,
                   generator=torch.Generator().manual_seed(seed), worker_init_fn=ignore_stop_signals)
     train_loader = DataLoader(SeededDataset(train_set) if seeded else train_set, batch_sampler=sampler, **common)
+    # validation's workers live while it runs only: kept, they would double the processes every rank forks for
+    # the whole run (VAR reads validation in the main process)
     val_loader = DataLoader(PaddedEvalDataset(val_set) if pad_eval else val_set,
                             batch_size=max(1, round(batch_size * 1.5)), shuffle=False, drop_last=False,
-                            sampler=EvalDistributedSampler(len(val_set), rank, world_size, pad=pad_eval), **common)
+                            sampler=EvalDistributedSampler(len(val_set), rank, world_size, pad=pad_eval),
+                            **{**common, "persistent_workers": False})
     return train_loader, val_loader, sampler
