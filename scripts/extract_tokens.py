@@ -57,6 +57,16 @@ class ViewSource(Dataset):
         return i, render_views(img, self.views, self.reso, self.mid_reso, self.seed, i), label
 
 
+def collate_chunk(items: list[tuple[int, torch.Tensor | None, int]]
+                  ) -> tuple[list[int], torch.Tensor | None, list[int]]:
+    """A chunk's readable items -> (their indices, their views stacked (N, K, 3, H, W), or None, their labels): one
+    tensor per chunk from a loader worker, which shares every tensor it returns through file descriptors (one per
+    image ran out of them at --batch 512 under the usual limit of 1024, and the extraction hung)."""
+    good = [(i, v, label) for i, v, label in items if v is not None]
+    views = torch.stack([v for _, v, _ in good]) if good else None
+    return [i for i, _, _ in good], views, [label for _, _, label in good]
+
+
 @torch.no_grad()
 def encode(vae: VQVAE, views_NK3HW: torch.Tensor, encode_batch: int) -> np.ndarray:
     """Views -> their token ids of all scales, uint16 (N, K, L), through the encoder `encode_batch` images at a
@@ -73,13 +83,12 @@ def extract_shard(vae: VQVAE, source: ViewSource, writer: ShardWriter, args: arg
     from tqdm import tqdm
 
     chunks = [list(range(b, min(b + args.batch, writer.end))) for b in range(writer.next, writer.end, args.batch)]
-    loader = DataLoader(source, batch_sampler=chunks, num_workers=args.workers, collate_fn=list)
+    loader = DataLoader(source, batch_sampler=chunks, num_workers=args.workers, collate_fn=collate_chunk)
     bar = tqdm(total=writer.end - writer.begin, initial=writer.next - writer.begin, desc=f"{split} (rank 0)",
                unit="img", disable=not dist.is_main_process())
-    for chunk, items in zip(chunks, loader, strict=True):
-        good = [(i, v, label) for i, v, label in items if v is not None]
-        ids_NKL = encode(vae, torch.stack([v for _, v, _ in good]), args.encode_batch) if good else []
-        writer.commit(chunk[0], {i: (ids_KL, label) for (i, _, label), ids_KL in zip(good, ids_NKL, strict=True)},
+    for chunk, (indices, views_NK3HW, labels) in zip(chunks, loader, strict=True):
+        ids_NKL = encode(vae, views_NK3HW, args.encode_batch) if views_NK3HW is not None else []
+        writer.commit(chunk[0], {i: (ids_KL, label) for i, label, ids_KL in zip(indices, labels, ids_NKL, strict=True)},
                       chunk[-1] + 1)
         bar.update(len(chunk))
         done = writer.next - writer.begin

@@ -605,6 +605,31 @@ def test_extract_shard_encodes_the_ranks_range_chunk_by_chunk_to_its_end(tmp_pat
     assert labels.tolist() == [0, 1, 2, 0, -1] and writer.progress == {"done": 5, "skipped": [4]}
 
 
+FD_LIMITED_EXTRACTION = """import resource, sys
+from types import SimpleNamespace
+import torch
+from scripts.extract_tokens import extract_shard
+from test_token_cache import FirstPixelTokenizer
+from utils.data.token_cache import ShardWriter
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))  # the loader worker inherits it
+source = [(i, torch.full((1, 3, 1, 1), float(i % 200)), 0) for i in range(600)]
+writer = ShardWriter(sys.argv[1], "train", 0, 1, [0, 600], K=1, L=3)
+extract_shard(FirstPixelTokenizer(), source, writer, SimpleNamespace(batch=300, workers=1, encode_batch=64,
+                                                                      log_every=0), "train")
+print("done", writer.progress["done"])
+"""
+
+
+def test_a_worker_sends_a_chunk_as_one_tensor_and_large_chunks_do_not_run_out_of_file_descriptors(tmp_path):
+    """A review: the views came from a loader worker one tensor per image, each shared through file descriptors,
+    so --batch 512 with --workers ran out of them under the usual limit of 1024; the worker's feeder thread died
+    and the extraction waited forever. Here 300 images per chunk under a limit of 256."""
+    proc = subprocess.run([sys.executable, "-c", FD_LIMITED_EXTRACTION, str(tmp_path)], env=SUBPROCESS_ENV,
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "done 600" in proc.stdout, proc.stderr[-3000:]
+
+
 def test_an_images_random_crops_follow_its_index_and_a_limit_stops_at_the_split(tmp_path):
     """Two copies of one picture get their own rand0 crop (each image its own, as VAR's random crops); --limit
     past a split's size keeps the split."""
