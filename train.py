@@ -91,12 +91,12 @@ def build_data(args: argparse.Namespace, vae: VQVAE, reso: int
                                                          args.hflip, args.fmnist_dir, args.train_limit,
                                                          args.val_limit)
         return num_classes, train_set, val_set, val_set, None
-    expected, val_images = {"tokenizer_digest": tokenizer_digest(vae), "patch_nums": list(args.patch_nums),
-                            "reso": reso}, None
+    expected, val_images, val_files = {"tokenizer_digest": tokenizer_digest(vae), "patch_nums": list(args.patch_nums),
+                                       "reso": reso}, None, None
     if args.data_path or args.eval_every:  # cropped as the cache's images were (its --mid_reso, not this run's)
         mid_reso = read_manifest(args.tokens).get("mid_reso", args.mid_reso)
-        expected["classes"], val_images = build_val_set(args.data_path, args.dataset, reso, mid_reso,
-                                                        fmnist_dir=args.fmnist_dir, val_limit=args.val_limit)
+        expected["classes"], val_images, val_files = build_val_set(
+            args.data_path, args.dataset, reso, mid_reso, fmnist_dir=args.fmnist_dir, val_limit=args.val_limit)
     try:
         manifest = open_cache(args.tokens, expected)
     except TokenCacheError as e:
@@ -105,6 +105,12 @@ def build_data(args: argparse.Namespace, vae: VQVAE, reso: int
         raise TokenCacheError(f"{e}\n--eval_every compares generated images with real ones, here the embedded "
                               f"--dataset={args.dataset}'s: for a cache of an image folder, pass --data_path (its "
                               f"val/ images)") from None
+    cache_val_files = (manifest.get("files") or {}).get("val")
+    if args.data_path and None not in (val_files, cache_val_files) and val_files != cache_val_files:
+        raise TokenCacheError(f"--data_path={args.data_path}: its val/ images are not those of the data set the token "
+                              f"cache {args.tokens} was extracted from ({manifest['source']}; the digests of their "
+                              "file lists differ): training would learn one data set and be validated on another. "
+                              "Pass the --data_path the cache was extracted from (a copy elsewhere will do)")
     for gap in gaps(manifest):
         logger.warning(gap, extra=SAME_ON_ALL_RANKS)
     views = manifest["splits"]["train"]["views"]
@@ -114,9 +120,10 @@ def build_data(args: argparse.Namespace, vae: VQVAE, reso: int
     if args.hflip and not any(v.endswith("_flip") for v in views):
         logger.warning("--hflip does not apply to a token cache, and this one has no flipped views (extract them with "
                        "scripts/extract_tokens.py --views=center,center_flip)", extra=SAME_ON_ALL_RANKS)
-    val_set = val_images if args.data_path else TokenDataset(args.tokens, manifest, "val", limit=args.val_limit)
-    return len(manifest["classes"]), TokenDataset(args.tokens, manifest, "train", limit=args.train_limit), val_set, \
-        val_images, views
+    val_set = val_images if args.data_path else TokenDataset(args.tokens, manifest, "val", args.val_limit,
+                                                             "--val_limit")
+    return len(manifest["classes"]), TokenDataset(args.tokens, manifest, "train", args.train_limit, "--train_limit"), \
+        val_set, val_images, views
 
 
 def build_model(args: argparse.Namespace, vae: VQVAE, num_classes: int, device: torch.device) -> MVAR:

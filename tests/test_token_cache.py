@@ -218,6 +218,29 @@ def test_tokens_with_data_path_read_trains_class_folders_not_its_images(setup, c
         train.build_data(args, vae, reso=8)
 
 
+def test_a_cache_validated_on_another_data_sets_images_is_refused_and_its_limits_warn(setup, centre_cache, tmp_path,
+                                                                                     caplog):
+    """A review: with --tokens and --data_path only the class names were compared, so a data set with the same class
+    folders (ImageNet's wnids, digits) validated and scored a run that trained on another; and --train_limit or
+    --val_limit on a cache kept its first classes without the warning the images path gives."""
+    import train
+
+    args = SimpleNamespace(tokens=str(centre_cache), data_path=str(tmp_path / "other"), dataset="mnist",
+                           eval_every=0, mid_reso=1.0, fmnist_dir="", val_limit=0, train_limit=0, patch_nums=(1, 2, 4),
+                           hflip=False)
+    vae, _ = build_tiny_mvar(patch_nums=(1, 2, 4))
+    shutil.copytree(setup / "data", tmp_path / "other")  # a copy elsewhere is the same data set
+    assert len(train.build_data(args, vae, reso=8)[2]) == 6
+    (tmp_path / "other" / "val" / "class0" / "1.png").rename(tmp_path / "other" / "val" / "class0" / "7.png")
+    with pytest.raises(TokenCacheError, match=r"--data_path=.*other: its val/ images are not those of the data set "
+                                              r"the token cache .*centre was extracted from \(.*data; "):
+        train.build_data(args, vae, reso=8)
+    args.data_path, args.train_limit, args.val_limit = "", 8, 2
+    train.build_data(args, vae, reso=8)
+    for flag, n in (("--train_limit", 8), ("--val_limit", 2)):
+        assert f"{flag}={n} keeps the data set's first {n} images, which cover 1 of its 3 classes" in caplog.text
+
+
 def test_extraction_refuses_val_class_folders_other_than_trains_before_loading(setup, tmp_path):
     """Each split's labels index its own sorted class folders, and the manifest says they mean train/'s: a val/
     without class1 would store class2's images as class1."""

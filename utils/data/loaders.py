@@ -169,10 +169,10 @@ def build_datasets(data_path: str, dataset: str, reso: int, mid_reso: float = 1.
 
 
 def build_val_set(data_path: str, dataset: str, reso: int, mid_reso: float = 1.125, fmnist_dir: str | None = None,
-                  val_limit: int = 0) -> tuple[list[str], Dataset]:
-    """(the class names, the val set) as `build_datasets` makes them, for training from a token cache: train/ is
-    read for its class folders (they give the labels their meaning), not listed image by image (1.28M files of
-    ImageNet, on every rank)."""
+                  val_limit: int = 0) -> tuple[list[str], Dataset, str | None]:
+    """(the class names, the val set, the `file_list_digest` of all its images) as `build_datasets` makes them, for
+    training from a token cache: train/ is read for its class folders (they give the labels their meaning), not
+    listed image by image (1.28M files of ImageNet, on every rank)."""
     if val_limit < 0:
         raise DataError(f"--val_limit={val_limit}: expected >= 0 (0 = all images)")
     val_set = open_split(data_path, dataset, "val", build_transforms(reso, mid_reso)[1], fmnist_dir)
@@ -184,7 +184,7 @@ def build_val_set(data_path: str, dataset: str, reso: int, mid_reso: float = 1.1
         check_same_classes(classes, val_set.classes, data_path)
     if len(val_set) == 0:
         raise DataError(f"empty data set: no val images (--data_path={data_path!r}, --dataset={dataset!r})")
-    return classes, first_items(val_set, val_limit, "--val_limit")
+    return classes, first_items(val_set, val_limit, "--val_limit"), file_list_digest(val_set)
 
 
 def name_list(names: Sequence[str], of: str = "") -> str:
@@ -217,15 +217,22 @@ def first_items(dataset: Dataset, n: int, flag: str | None = None) -> Dataset:
         return dataset
     targets = getattr(dataset, "targets", None)
     if flag is not None and targets is not None:
-        kept, every = len(set(map(int, targets[:n]))), len(set(map(int, targets)))
-        if kept < every:
-            logger.warning("%s=%d keeps the data set's first %d images, which cover %d of its %d classes (an "
-                           "ImageFolder lists its images class by class): the model still has every class, and "
-                           "their losses measure those %d only", flag, n, min(n, len(dataset)), kept, every, kept,
-                           extra=SAME_ON_ALL_RANKS)
+        warn_limit_coverage(targets, n, flag)
     if isinstance(dataset, SafeImageFolder):
         dataset.span = min(n, len(dataset))
     return Subset(dataset, range(min(n, len(dataset))))
+
+
+def warn_limit_coverage(targets: Sequence[int], n: int, flag: str) -> None:
+    """A warning naming `flag` when the first `n` of `targets` (a split's labels in order) cover fewer classes than
+    all of them: an ImageFolder, and a token cache extracted from one, lists its images class by class, so
+    --train_limit=10000 of ImageNet is its first 8 classes."""
+    kept, every = len(set(map(int, targets[:n]))), len(set(map(int, targets)))
+    if kept < every:
+        logger.warning("%s=%d keeps the data set's first %d images, which cover %d of its %d classes (an ImageFolder "
+                       "lists its images class by class): the model still has every class, and their losses "
+                       "measure those %d only", flag, n, min(n, len(targets)), kept, every, kept,
+                       extra=SAME_ON_ALL_RANKS)
 
 
 def dataset_targets(dataset: Dataset) -> list[int] | None:

@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 
 from models.loading import weights_digest
 from models.tokenizer import VQVAE
-from utils.data.loaders import class_difference
+from utils.data.loaders import class_difference, warn_limit_coverage
 from utils.run.checkpoint import allocate, disk_full_is_an_error, write_text_atomic
 
 FORMAT = 1
@@ -194,9 +194,11 @@ class TokenDataset(Dataset):
     `pick_view(seed)`, label); a plain index i takes the first view. train.py's sampler gives each item the seed of
     its (run seed, epoch, position), so each epoch takes one view per image, the same on any number of ranks and
     after a resume (utils.data.loaders.build_loaders with seeded=False). A positive `limit` keeps the first `limit`
-    images. `.classes` as an ImageFolder's."""
+    images (`limit_flag`: the flag that set it, named in a warning when they miss classes). `.classes` as an
+    ImageFolder's."""
 
-    def __init__(self, folder: str | Path, manifest: dict[str, Any], split: str, limit: int = 0):
+    def __init__(self, folder: str | Path, manifest: dict[str, Any], split: str, limit: int = 0,
+                 limit_flag: str | None = None):
         info = manifest["splits"][split]
         stems = [Path(folder) / split / shard_name(r, len(info["shards"])) for r in range(len(info["shards"]))]
         self.ids_paths = [s.with_suffix(".ids.npy") for s in stems]
@@ -216,7 +218,10 @@ class TokenDataset(Dataset):
         n = limit if limit > 0 else None
         self.shard_i = np.concatenate([np.full(len(k), s, dtype=np.int32) for s, k in enumerate(keep)])[:n]
         self.row_i = np.concatenate(keep).astype(np.int64)[:n]
-        self.targets = np.concatenate([lab[k] for lab, k in zip(labels, keep, strict=True)])[:n].tolist()
+        targets = np.concatenate([lab[k] for lab, k in zip(labels, keep, strict=True)])
+        if n and limit_flag:
+            warn_limit_coverage(targets, n, limit_flag)
+        self.targets = targets[:n].tolist()
         self.n_views = self.ids[0].shape[1]
 
     def open_ids(self) -> list[np.ndarray]:
