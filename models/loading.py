@@ -284,6 +284,20 @@ def vae_from_state_dict(config: dict[str, Any], state_dict: dict[str, torch.Tens
 # ---------------------------------------------------------------------------------------------------------------------
 # M-VAR / VAR
 # ---------------------------------------------------------------------------------------------------------------------
+def recorded_patch_nums(path: PathLike | None) -> tuple[int, ...] | None:
+    """The patch schedule a tokenizer file of ours was trained at (`vae_config.v_patch_nums`; an M-VAR checkpoint's
+    embedded one too), or None: no file given, an official raw file (VAR's records none), or one that does not read
+    (its loading says why)."""
+    if path is None or not Path(path).is_file():
+        return None
+    try:
+        ckpt = load_checkpoint(path, verify=False)
+    except CheckpointError:
+        return None
+    config = ckpt.get("vae_config") if isinstance(ckpt, dict) else None
+    return tuple(config["v_patch_nums"]) if isinstance(config, dict) and config.get("v_patch_nums") else None
+
+
 def recorded_class_names(ckpt: Mapping[str, Any]) -> list[str] | None:
     """The class names train.py records in its checkpoints (`data.classes`), or None (official files have none)."""
     names = (ckpt.get("data") or {}).get("classes")

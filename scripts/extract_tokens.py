@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 import dist
-from models.loading import load_vae
+from models.loading import load_vae, recorded_patch_nums
 from models.precision import set_tf32
 from models.presets import parse_patch_nums
 from models.tokenizer import VQVAE
@@ -189,7 +189,9 @@ def main(args: argparse.Namespace) -> None:
         problems.append(problem)
     if problems:
         raise ValueError("; ".join(problems))
-    views, patch_nums = parse_views(args.views), parse_patch_nums(args.pn)
+    # --pn by default the schedule the tokenizer was trained at where it records one (ours), as train.py's
+    views = parse_views(args.views)
+    patch_nums = parse_patch_nums(args.pn) if args.pn else recorded_patch_nums(args.vae_ckpt) or parse_patch_nums("256")
     set_tf32(device, args.tf32)  # the encoder's precision as train.py's on-the-fly tokenization (and VAR's)
     images = {s: open_split(args.data_path, args.dataset, s, None, args.fmnist_dir or None) for s in SPLITS}
     if args.data_path:  # the manifest's classes (train/'s) are what every label of both splits means
@@ -232,7 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_image_source_flags(p)
     p.add_argument("--vae_ckpt", default=None, help="tokenizer checkpoint, as train.py's")
-    p.add_argument("--pn", default="256", help="patch schedule, as train.py's")
+    p.add_argument("--pn", default=None, help="patch schedule, as train.py's (default: the one --vae_ckpt was "
+                   "trained at when it records it, else 256)")
     p.add_argument("--mid_reso", type=float, default=1.125, help="resize the shorter side to mid_reso*reso "
                    "before cropping, as train.py's")
     p.add_argument("--views", default="center", help="views of each training image: center, tl, tr, bl, br, "

@@ -241,6 +241,25 @@ def test_a_cache_validated_on_another_data_sets_images_is_refused_and_its_limits
         assert f"{flag}={n} keeps the data set's first {n} images, which cover 1 of its 3 classes" in caplog.text
 
 
+def test_pn_defaults_to_the_schedule_the_tokenizer_was_trained_at(setup, tmp_path):
+    """A walkthrough: a tokenizer of ours trained at 1_2_3_4 (16 px), given without --pn, was run at VAR's 256
+    schedule (64 px, 680 tokens) by train.py and extract_tokens.py, unsaid. It records its schedule: that is the
+    default now; VAR's raw tokenizer records none (256), and a --pn given wins."""
+    from models.presets import PATCH_NUMS
+    from utils.flags import finalize_args, parse_args
+
+    def schedule(*flags: str) -> tuple[int, ...]:
+        return tuple(finalize_args(parse_args(["--dataset=mnist", *flags]), world_size=1).patch_nums)
+
+    assert schedule(f"--vae_ckpt={setup / 'vae.pth'}") == (1, 2, 4)
+    assert schedule(f"--vae_ckpt={setup / 'vae.pth'}", "--pn=1_2_3_4") == (1, 2, 3, 4)
+    torch.save(load_vae(setup / "vae.pth").state_dict(), tmp_path / "raw.pth")
+    assert schedule(f"--vae_ckpt={tmp_path / 'raw.pth'}") == tuple(PATCH_NUMS[256])
+    flags = [f for f in extract_flags(setup, tmp_path / "cache", "--limit=2") if not f.startswith("--pn=")]
+    launch(EXTRACT, *flags, nproc=1)
+    assert read_manifest(tmp_path / "cache")["patch_nums"] == [1, 2, 4]
+
+
 def test_extraction_refuses_val_class_folders_other_than_trains_before_loading(setup, tmp_path):
     """Each split's labels index its own sorted class folders, and the manifest says they mean train/'s: a val/
     without class1 would store class2's images as class1."""

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from models.loading import recorded_patch_nums
 from models.mvar import MVARConfig
 from models.presets import ARCH_BRANCHES, ATTN_KERNELS, MAMBA_KERNELS, MVAR_models, format_patch_nums, \
     parse_patch_nums
@@ -122,8 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "val/ images if given, else the cache's val split (its centre view); --eval_every scores "
                    "against --data_path's val/ images, else the embedded --dataset's")
     g.add_argument("--pn", default=None, help="patch schedule: 256 or 512 (VAR's presets, models.presets) or sides "
-                   "joined by '_'; image size = last side * tokenizer downsample (default: 256; with --tokens the "
-                   "cache's)")
+                   "joined by '_'; image size = last side * tokenizer downsample. Default: with --tokens the cache's, "
+                   "else the one --vae_ckpt was trained at when it records it (ours), else 256")
     g.add_argument("--mid_reso", type=float, default=1.125, help="resize the shorter side to mid_reso*reso before "
                    "cropping")
     g.add_argument("--hflip", default=False, **b, help="random horizontal flip")
@@ -261,7 +262,8 @@ def model_shape(args: argparse.Namespace) -> MVARConfig:
 def cache_defaults(args: argparse.Namespace) -> None:
     """--pn and --vae_ckpt where not given: with --tokens the cache's (the schedule in its manifest, and the
     tokenizer file it was extracted with where that file is on this machine; the tokenizer's digest is what is
-    checked when the cache is opened), else VAR's 256 schedule and tokenizer."""
+    checked when the cache is opened), else the schedule --vae_ckpt was trained at where it records one (ours; a
+    walkthrough: a 16 px tokenizer ran at 256's 64 px unsaid), else VAR's 256 schedule and tokenizer."""
     if args.tokens and (args.pn is None or args.vae_ckpt is None):
         try:
             manifest = read_manifest(args.tokens)
@@ -271,6 +273,8 @@ def cache_defaults(args: argparse.Namespace) -> None:
             args.pn = format_patch_nums(manifest["patch_nums"])
         if args.vae_ckpt is None and manifest.get("vae_ckpt") and Path(manifest["vae_ckpt"]).is_file():
             args.vae_ckpt = manifest["vae_ckpt"]  # not in older manifests
+    if args.pn is None and (trained_at := recorded_patch_nums(args.vae_ckpt)):
+        args.pn = format_patch_nums(trained_at)
     args.pn = args.pn or "256"
 
 
