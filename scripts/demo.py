@@ -183,4 +183,7 @@ def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    main(build_parser().parse_args())
+    try:
+        main(build_parser().parse_args())
+    except ValueError as e:  # a folder of another demo's: one line, as the other scripts' refusals
+        raise SystemExit(f"error: {e}") from e

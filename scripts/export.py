@@ -4,7 +4,7 @@ tokenizer in tokenizer/ and a model card (README.md). Loading the folder gives t
     python scripts/export.py --ckpt local_output/ar-ckpt-best.pth --out hub/mvar-mnist    # our checkpoint
     python scripts/export.py --ckpt d16.pth --vae_ckpt vae_ch160v4096z32.pth --out hub/mvar-d16   # official files
     python scripts/export.py --depth 16 --out hub/mvar-d16          # official d16.pth + VAR's tokenizer, HF cache
-    python scripts/export.py --ckpt var_d16.pth --out hub/var-d16 --repo_id me/var-d16 --push   # and upload it
+    python scripts/export.py --ckpt var_d16.pth --arch var --out hub/var-d16 --repo_id me/var-d16 --push  # upload
 
 Then: `python sample.py --ckpt hub/mvar-d16 ...`, or in Python
 `models.hub_format.MVARHF.from_pretrained("hub/mvar-d16")`.

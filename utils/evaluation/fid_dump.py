@@ -184,7 +184,7 @@ def check_or_write_settings(folder: Path, settings: dict[str, Any]) -> None:
                               f"Choose another --fid_dir, or delete {folder} to start over.")
     if diff:
         raise DumpFolderError(f"{folder} holds a dump made with other settings {{name: (old, new)}}: {diff}. "
-                              "Resume with the same flags, or choose another output folder.")
+                              "Resume with the same flags, or choose another --fid_dir.")
 
 
 def dump_shard(folder: Path, plan: DumpPlan, seed: int, generate: GenerateFn, rank: int = 0, world_size: int = 1,
