@@ -388,7 +388,7 @@ def grid_problem(args: argparse.Namespace, mvar: MVAR) -> str | None:
         return None
     rows = len(args.classes if args.classes is not None else DEMO_CLASSES)  # one per class
     ncol = args.num_per_class + (2 if args.edit is not None else 0)  # an edit row starts with the image and mask
-    return grid_size_problem(Path(args.out), rows, ncol, mvar.patch_nums[-1] * mvar.vae.downsample)
+    return grid_size_problem(Path(args.out), rows, ncol, mvar.image_size)
 
 
 def picture_labels(args: argparse.Namespace) -> tuple[np.ndarray, list[str]]:
@@ -444,7 +444,7 @@ def edit_rows(args: argparse.Namespace, mvar: MVAR) -> Iterator[torch.Tensor]:
     """Per class of --classes: the image as the model sees it, the mask, then --num_per_class edits, (2 + n, 3, H, W)
     floats in [0, 1] (sample.py --edit and scripts/app.py both edit through it). The edits of class c are drawn --bs
     at a time, chunk j from chunk_seed(--seed, c + j x classes); non-finite logits or pixels are NonFiniteValueError."""
-    img_13HW, mask_11HW = load_edit_inputs(args.edit, mvar.patch_nums[-1] * mvar.vae.downsample, args.mask, args.box)
+    img_13HW, mask_11HW = load_edit_inputs(args.edit, mvar.image_size, args.mask, args.box)
     dtype, classes = amp_dtype(args), len(args.classes)
     for c, cls in enumerate(args.classes):
         edits = []
@@ -478,7 +478,7 @@ def sample_fid(args: argparse.Namespace, mvar: MVAR, ckpt_path: Path, vae_id: st
     folder = Path(args.fid_dir) / fid_folder_name(str(ckpt_path), args.cfg, args.top_k, args.top_p, args.seed,
                                                   args.more_smooth, args.fid_num_per_class)
     plan = DumpPlan(num_classes=mvar.num_classes, num_per_class=args.fid_num_per_class, batch_size=args.bs)
-    image_hw = (mvar.patch_nums[-1] * mvar.vae.downsample,) * 2
+    image_hw = (mvar.image_size,) * 2
     device_type = next(mvar.parameters()).device.type
     settings = {"ckpt": ckpt_path.name, "vae": vae_id, "cfg": args.cfg, "top_k": args.top_k, "top_p": args.top_p,
                 "more_smooth": args.more_smooth, "seed": args.seed, "num_classes": plan.num_classes,

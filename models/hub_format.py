@@ -347,7 +347,7 @@ def model_card_text(mvar: MVAR, repo_id: str | None = None, training_data: str |
     it), shown in the FID commands of ImageNet models."""
     c = mvar.config
     name = repo_id or "path/to/this/folder"
-    reso = mvar.patch_nums[-1] * mvar.vae.downsample if mvar.vae_proxy else None
+    reso = mvar.image_size if mvar.vae_proxy else None
     n_params = sum(p.numel() for p in mvar.parameters())
     mix = f", first {c.var_blocks} blocks VAR" if c.var_blocks else ""
     rows = [("architecture", f"`{c.arch}`{mix}, depth {c.depth}, width {c.embed_dim}, {c.num_heads} heads"),

@@ -332,6 +332,11 @@ class MVAR(nn.Module):
             raise RuntimeError("no tokenizer attached: build with MVAR(config, vae=vae) or call mvar.attach_vae(vae)")
         return self.vae_proxy[0]
 
+    @property
+    def image_size(self) -> int:
+        """The side of the images, in pixels: the last scale times the attached tokenizer's downsampling."""
+        return self.patch_nums[-1] * self.vae.downsample
+
     def get_logits(self, h_BLC: torch.Tensor, cond_BD: torch.Tensor) -> torch.Tensor:
         return self.head(self.head_nm(h_BLC.float(), cond_BD).float()).float()
 
@@ -472,7 +477,7 @@ class MVAR(nn.Module):
         the edited tokens. return_tokens: also return the token ids of every scale, (B, pn*pn) each.
         """
         img_B3HW = img_B3HW.to(self.pos_1LC.device)
-        mask_B1HW = editing.check_edit_inputs(img_B3HW, mask, self.patch_nums[-1] * self.vae.downsample)
+        mask_B1HW = editing.check_edit_inputs(img_B3HW, mask, self.image_size)
         B = img_B3HW.shape[0]
         known = editing.known_tokens(self.vae, img_B3HW, mask_B1HW, self.patch_nums)
         rng = self.seeded_rng(g_seed)

@@ -101,7 +101,7 @@ def launch(argv: Sequence[str] | None = None, block: bool = True):
             from scripts.app_ui import CSS, build_ui  # Gradio only once the model loaded
 
             title = f"M-VAR: {Path(session.base_argv[1]).name} ({session.mvar.num_classes} classes, " \
-                    f"{session.image_size} px)"
+                    f"{session.mvar.image_size} px)"
             demo = build_ui(session, title, args.queue_size)
             _, url, _ = demo.launch(server_name=args.host, server_port=args.port or None, share=args.share,
                                     max_file_size=int(args.max_upload_mb * 1e6), ssr_mode=False, quiet=not block,

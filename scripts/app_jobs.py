@@ -91,10 +91,6 @@ class Session:
         self.names = class_names if class_names and len(class_names) == mvar.num_classes else None
         self.lock = threading.Lock()  # one generation at a time per process, whatever calls it (see `generating`)
 
-    @property
-    def image_size(self) -> int:
-        return self.mvar.patch_nums[-1] * self.mvar.vae.downsample
-
     def class_choices(self) -> list[str]:
         """The class picker's entries: "random", then "id: name" (or the id where no names are recorded)."""
         return [RANDOM] + [self.class_label(c) for c in range(self.mvar.num_classes)]
@@ -194,7 +190,7 @@ class Session:
         """The image to draw on, as sample.py reads it (reduced, at least twice the model's size) -> (uint8
         (h, w, 3), the full size (H, W) that masks and boxes refer to); ValueError when it cannot be read."""
         check_upload(Path(image))
-        img_3hw, full_HW = read_edit_image(Path(image), self.image_size)
+        img_3hw, full_HW = read_edit_image(Path(image), self.mvar.image_size)
         return to_uint8_BHW3(img_3hw[None])[0], full_HW
 
     @contextlib.contextmanager

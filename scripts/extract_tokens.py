@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 import dist
-from models.loading import load_vae, recorded_patch_nums
+from models.loading import load_vae
 from models.precision import set_tf32
 from models.presets import parse_patch_nums
 from models.tokenizer import VQVAE
@@ -30,7 +30,7 @@ from utils.data.loaders import SafeImageFolder, check_same_classes, file_list_di
 from utils.data.token_cache import FORMAT, SPLITS, ShardWriter, TokenCacheError, identity_problems, read_manifest, \
     shard_bounds, shard_name, tokenizer_digest, write_json
 from utils.data.views import parse_views, render_views
-from utils.flags import add_image_source_flags
+from utils.flags import add_image_source_flags, default_pn
 from utils.run.agreement import refuse_disagreement, run_facts
 
 logger = logging.getLogger("extract_tokens")
@@ -189,9 +189,7 @@ def main(args: argparse.Namespace) -> None:
         problems.append(problem)
     if problems:
         raise ValueError("; ".join(problems))
-    # --pn by default the schedule the tokenizer was trained at where it records one (ours), as train.py's
-    views = parse_views(args.views)
-    patch_nums = parse_patch_nums(args.pn) if args.pn else recorded_patch_nums(args.vae_ckpt) or parse_patch_nums("256")
+    views, patch_nums = parse_views(args.views), parse_patch_nums(args.pn or default_pn(args.vae_ckpt))
     set_tf32(device, args.tf32)  # the encoder's precision as train.py's on-the-fly tokenization (and VAR's)
     images = {s: open_split(args.data_path, args.dataset, s, None, args.fmnist_dir or None) for s in SPLITS}
     if args.data_path:  # the manifest's classes (train/'s) are what every label of both splits means

@@ -273,9 +273,14 @@ def cache_defaults(args: argparse.Namespace) -> None:
             args.pn = format_patch_nums(manifest["patch_nums"])
         if args.vae_ckpt is None and manifest.get("vae_ckpt") and Path(manifest["vae_ckpt"]).is_file():
             args.vae_ckpt = manifest["vae_ckpt"]  # not in older manifests
-    if args.pn is None and (trained_at := recorded_patch_nums(args.vae_ckpt)):
-        args.pn = format_patch_nums(trained_at)
-    args.pn = args.pn or "256"
+    args.pn = args.pn or default_pn(args.vae_ckpt)
+
+
+def default_pn(vae_ckpt: str | None) -> str:
+    """--pn where not given (and no token cache gives it): the schedule the tokenizer `vae_ckpt` was trained at where
+    it records one (ours), else VAR's 256 (train.py and scripts/extract_tokens.py)."""
+    trained_at = recorded_patch_nums(vae_ckpt)
+    return format_patch_nums(trained_at) if trained_at else "256"
 
 
 def finalize_args(args: argparse.Namespace, world_size: int) -> argparse.Namespace:

@@ -190,15 +190,20 @@ GRID_FORMATS = {"PNG": None, "JPEG": 65_500, "WEBP": 16_383, "TIFF": None, "BMP"
 GRID_PADDING = 2  # pixels around and between a grid's images
 
 
+def image_format(path: Path) -> str | None:
+    """The PIL format the suffix of `path` names (".jpg" -> "JPEG"), or None."""
+    return Image.registered_extensions().get(Path(path).suffix.lower())
+
+
 def is_image_file(path: Path) -> bool:
     """True when `path` ends in an image format PIL can write (.png, .jpg, .webp, ...), else it names a folder."""
-    fmt = Image.registered_extensions().get(Path(path).suffix.lower())
+    fmt = image_format(path)
     return fmt is not None and fmt in Image.SAVE
 
 
 def grid_format_problem(path: Path) -> str | None:
     """Why the image file `path` cannot take a grid (a format not in GRID_FORMATS), or None."""
-    fmt = Image.registered_extensions().get(Path(path).suffix.lower())
+    fmt = image_format(path)
     if fmt in GRID_FORMATS:
         return None
     return (f"{path}: a grid is written as PNG, JPEG, WebP, TIFF or BMP (.png, .jpg, .webp, .tif, .bmp), not {fmt}, "
@@ -209,7 +214,7 @@ def grid_size_problem(path: Path, rows: int, ncol: int, px: int) -> str | None:
     """Why a grid of `rows` x `ncol` images of `px` pixels (save_grid's layout) is too large for the format of
     `path` (WebP's 16,383 px, JPEG's 65,500), or None: checked before sampling, not found at the end."""
     height, width = (n * (px + GRID_PADDING) + GRID_PADDING for n in (rows, ncol))
-    fmt = Image.registered_extensions().get(Path(path).suffix.lower())
+    fmt = image_format(path)
     limit = GRID_FORMATS.get(fmt)
     if limit is None or max(height, width) <= limit:
         return None
@@ -221,7 +226,7 @@ def grid_size_problem(path: Path, rows: int, ncol: int, px: int) -> str | None:
 def save_image(img_HW3: np.ndarray, path: Path) -> None:
     """Write a uint8 (H, W, 3) image atomically, in the format of the suffix: a kill leaves the old file or none,
     never a truncated one that a later reader would take for a result."""
-    fmt = Image.registered_extensions().get(Path(path).suffix.lower())
+    fmt = image_format(path)
     if fmt not in Image.SAVE:  # unknown, or a format PIL only reads (.psd)
         raise ValueError(f"{path}: no image format has the suffix {Path(path).suffix!r} (.png, .jpg, .webp, ...)")
     write_atomic(path, lambda f: Image.fromarray(img_HW3).save(f, format=fmt))
