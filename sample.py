@@ -43,7 +43,7 @@ from models.precision import effective_amp_dtype, set_tf32
 from models.presets import ARCH_BRANCHES, MVAR_models, format_patch_nums, parse_patch_nums
 from utils.evaluation.fid_dump import DumpFolderError, DumpPlan, check_or_write_settings, check_pack_space, \
     chunk_seed, dump_shard, fid_folder_name, pack_npz, remove_interrupted_writes
-from utils.flags import add_backend_flags, add_model_flag, device_problem, sampling_problems
+from utils.flags import ExamplesHelpFormatter, add_backend_flags, add_model_flag, device_problem, sampling_problems
 from utils.run.checkpoint import DiskFullError, OutputFolderError, check_writable, write_text_atomic
 from utils.run.agreement import refuse_disagreement
 from utils.run.lock import LOCK_NAME, RunLockError, lock_output_folder, read_owner
@@ -69,12 +69,8 @@ SEED_LIMIT = 2 ** 64  # torch.Generator.manual_seed takes seeds below it (--offi
 # ---------------------------------------------------------------------------------------------------------------
 # Arguments
 # ---------------------------------------------------------------------------------------------------------------
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The usage examples as written, and every flag's default."""
-
-
 def build_parser(parser_class: type[argparse.ArgumentParser] = argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p = parser_class(description=__doc__, formatter_class=HelpFormatter)
+    p = parser_class(description=__doc__, formatter_class=ExamplesHelpFormatter)
     p.add_argument("--ckpt", default=None, help="M-VAR checkpoint: ours ({config, model, ...}), an official file, "
                    "a Hub folder (scripts/export.py) or a Hugging Face repo id")
     p.add_argument("--depth", type=int, default=None,

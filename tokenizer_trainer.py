@@ -35,7 +35,7 @@ from models.tokenizer import VQVAE, VQVAEConfig
 from models.vq_losses import PatchDiscriminator, adaptive_gan_weight, build_perceptual_loss, hinge_d_loss, \
     hinge_g_loss, perceptual_loss_problem
 from utils.data.loaders import build_datasets, build_loaders, image_source_problem, mid_reso_problem
-from utils.flags import add_image_source_flags, changed_flags, str2bool
+from utils.flags import DefaultsHelpFormatter, add_image_source_flags, changed_flags, str2bool
 from utils.run.agreement import refuse_disagreement, run_facts
 from utils.run.checkpoint import RunFolder
 from utils.run.divergence import DivergenceGuard
@@ -55,7 +55,7 @@ def int_list(s: str) -> tuple[int, ...]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Train VAR's multi-scale VQVAE tokenizer.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
+                                formatter_class=DefaultsHelpFormatter, allow_abbrev=False)
     g = p.add_argument_group("data")
     add_image_source_flags(g)
     g.add_argument("--reso", type=int, default=32, help="image side in pixels")

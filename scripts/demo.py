@@ -31,7 +31,7 @@ from models.mvar import MVAR
 from models.precision import effective_amp_dtype
 from utils.data.loaders import build_datasets
 from utils.evaluation.classifier import accuracy, predict, train_classifier
-from utils.flags import parse_args as parse_train_args
+from utils.flags import DefaultsHelpFormatter, parse_args as parse_train_args
 from utils.run.checkpoint import LAST, write_text_atomic
 from utils.run.log import setup_logging
 from utils.sample_io import save_grid, to_uint8_BHW3
@@ -63,7 +63,7 @@ PRESETS = {
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
+                                formatter_class=DefaultsHelpFormatter, allow_abbrev=False)
     p.add_argument("--quick", action="store_true", help="8 px digits, shorter stages (about a minute of CPU): "
                    "checks the whole pipeline, which still learns")
     p.add_argument("--out_dir", default=None, help="output folder, reused by a re-run; none = local_output/demo "

@@ -30,7 +30,7 @@ from utils.data.loaders import SafeImageFolder, check_same_classes, file_list_di
 from utils.data.token_cache import FORMAT, SPLITS, ShardWriter, TokenCacheError, identity_problems, read_manifest, \
     shard_bounds, shard_name, tokenizer_digest, write_json
 from utils.data.views import parse_views, render_views
-from utils.flags import add_image_source_flags, default_pn
+from utils.flags import DefaultsHelpFormatter, add_image_source_flags, default_pn
 from utils.run.agreement import refuse_disagreement, run_facts
 
 logger = logging.getLogger("extract_tokens")
@@ -229,7 +229,7 @@ def main(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=DefaultsHelpFormatter)
     add_image_source_flags(p)
     p.add_argument("--vae_ckpt", default=None, help="tokenizer checkpoint, as train.py's")
     p.add_argument("--pn", default=None, help="patch schedule, as train.py's (default: the one --vae_ckpt was "

@@ -44,7 +44,7 @@ from utils.data.loaders import build_datasets
 from utils.evaluation.classifier import SmallCNN, accuracy, train_classifier
 from utils.evaluation.inception import find_inception, load_inception
 from utils.evaluation.scores import classifier_scores, classifier_view, inception_features, inception_fid
-from utils.flags import parse_args as parse_train_args
+from utils.flags import DefaultsHelpFormatter, parse_args as parse_train_args
 from utils.run.checkpoint import LAST, write_atomic, write_text_atomic
 from utils.run.log import setup_logging
 from utils.sample_io import to_uint8_BHW3
@@ -82,7 +82,7 @@ OVERRIDES = ("seeds", "first_seed", "num_samples", "inception_n", "ep", "train_l
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
+                                formatter_class=DefaultsHelpFormatter, allow_abbrev=False)
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="16 px, tiny stages, one seed: the pipeline in minutes")
     mode.add_argument("--curves", action="store_true", help="learning curves: evaluations inside longer runs, VAR "

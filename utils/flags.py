@@ -25,6 +25,17 @@ MODEL_FLAGS = {"depth": lambda v: ("depth", v), "arch": lambda v: ("arch", v), "
                "patch_nums": lambda v: ("pn", format_patch_nums(v))}
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every flag's default in its help, except None: the help says what an unset flag means."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+class ExamplesHelpFormatter(argparse.RawDescriptionHelpFormatter, DefaultsHelpFormatter):
+    """The description's usage examples as written, and the defaults as DefaultsHelpFormatter."""
+
+
 def str2bool(v: str) -> bool:
     """Boolean flag values as VAR's launch commands write them: 1/0, true/false, yes/no, on/off."""
     s = str(v).strip().lower()
@@ -112,7 +123,7 @@ def apply_model(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Train M-VAR (or the VAR / ablation baselines) on an ImageFolder.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
+                                formatter_class=DefaultsHelpFormatter, allow_abbrev=False)
     b = dict(type=str2bool, nargs="?", const=True)  # `--hflip`, `--hflip=1`, `--hflip=false` all work
 
     g = p.add_argument_group("data")
