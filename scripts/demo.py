@@ -9,7 +9,7 @@
    class that was asked for (class consistency), next to its accuracy on real and on tokenizer-reconstructed
    validation digits.
 
-    python scripts/demo.py            # the full demo (`make demo`), under two minutes on 2 CPU cores
+    python scripts/demo.py            # the full demo (`make demo`), about two minutes on 2 CPU cores (103-133 s)
     python scripts/demo.py --quick    # the same pipeline on 8 px digits, about a minute of one CPU thread; it
                                       # still learns them (tests use it)
 
@@ -41,7 +41,7 @@ logger = logging.getLogger("demo")
 # flags every preset shares; a preset adds its image size, patch schedule and stage lengths
 TOKENIZER_FLAGS = ["--ch=32", "--z_channels=16", "--vocab_size=512"]
 MVAR_FLAGS = ["--alng=1e-3", "--sample_every=0", "--save_every_min=0", "--workers=0"]
-# full demo: 16 px digits, a 4x tokenizer (4x4 latent), sized to finish in under two minutes on 2 cores with 96-98%
+# full demo: 16 px digits, a 4x tokenizer (4x4 latent), sized to finish in about two minutes on 2 cores with 96-98%
 # class consistency (seeds 0-2; early codebook re-initialisation, every 25 steps, is what lets 250 tokenizer steps
 # suffice); --quick: 8 px digits, a 2x tokenizer (the same 4x4 latent, so the same token count), long enough to learn
 # the digits in about a minute of one CPU thread. mid_reso: resize to mid_reso*reso, then crop (1.0 at 8 px, where a
