@@ -113,7 +113,7 @@ class StepResult:
     logits_BLV: torch.Tensor | None  # detached; dropped when the next step starts (`Trainer.scheduled_step`)
     gt_BL: torch.Tensor
     grad_norm: float | None = None  # pre-clip global norm, set on stepping micro-steps
-    loss_scale: float | None = None  # fp16 GradScaler scale after the step
+    loss_scale: float | None = None  # fp16 GradScaler scale the step ran at (VAR logs it so), before its update
     skipped: bool = False  # the optimizer step was skipped (non-finite loss/grad)
     stepped: bool = False  # the micro-step ended an accumulation window (the optimizer stepped or skipped)
     schedule: SchedulePoint | None = None  # set by `Trainer.scheduled_step`
@@ -253,7 +253,8 @@ class Trainer:
         elif reason is None:
             self.scaler.step(self.optimizer)
         if self.scaler is not None:
-            result.loss_scale = self.scaler.update_capped()
+            result.loss_scale = self.scaler.get_scale()
+            self.scaler.update_capped()
         self.optimizer.zero_grad(set_to_none=True)
         if overflow:
             result.skipped = True

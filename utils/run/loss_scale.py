@@ -30,11 +30,10 @@ class LossScaler(torch.amp.GradScaler):
         self.overflows_in_a_row = self.overflows_in_a_row + 1 if overflow else 0
         return overflow
 
-    def update_capped(self) -> float:
+    def update_capped(self) -> None:
         """`update` after a step whose `unscale_` recorded whether the gradients were finite, or the scale set back
-        to CAP when it had grown past it -> the new scale."""
+        to CAP when it had grown past it."""
         self.update(new_scale=self.CAP if self.get_scale() > self.CAP else None)
-        return self.get_scale()
 
     def skipped(self, what: str) -> None:
         """Log an overflowed `what` (GradScaler skipped it); NonFiniteError once --max_nonfinite came in a row."""
