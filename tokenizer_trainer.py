@@ -132,7 +132,11 @@ def check_flags(args: argparse.Namespace, world: int) -> VQVAEConfig:
     """Every flag that needs no data, before the data set is listed: ValueError naming each bad one -> the
     tokenizer's config (built on the meta device: no weights, no random draws)."""
     problems = [f"--{k}={getattr(args, k)}: expected a positive integer" for k in (
-        "bs", "steps", "log_every", "save_every", "max_nonfinite") if getattr(args, k) < 1]
+        "bs", "steps", "log_every", "save_every", "max_nonfinite", "vocab_size", "z_channels") if getattr(args, k) < 1]
+    if min(args.ch_mult) < 1:
+        problems.append(f"--ch_mult={'_'.join(map(str, args.ch_mult))}: expected positive width multipliers")
+    if not math.isfinite(args.quant_resi):
+        problems.append(f"--quant_resi={args.quant_resi}: expected a finite mixing ratio (VAR: 0.5)")
     problems += [f"--{k}={getattr(args, k)}: expected a finite number >= 0" for k in (
         "w_l1", "w_l2", "w_vq", "w_percep", "w_gan", "wd", "clip", "beta", "gan_start", "reinit_every")
         if not getattr(args, k) >= 0 or not math.isfinite(getattr(args, k))]
@@ -159,22 +163,27 @@ def check_flags(args: argparse.Namespace, world: int) -> VQVAEConfig:
                         "trains without the perceptual term")
     if problem := schedule_problem(args.sche, wp0=WP0, wpe=WPE):
         problems.append(problem)
+    if problems:  # before the networks are built from the flags (a size of 0 builds a tensor of nothing)
+        raise ValueError("; ".join(problems))
     try:
         with torch.device("meta"):
             config = build_vae(args).config
             if args.w_gan > 0 and disc_ok:
                 PatchDiscriminator(ch=args.disc_ch, n_layers=args.disc_layers)(torch.zeros(1, 3, args.reso, args.reso))
-    except (ValueError, RuntimeError) as e:
-        problems.append(f"--disc_layers={args.disc_layers} does not fit --reso={args.reso} ({e}): use fewer layers"
-                        if isinstance(e, RuntimeError) else str(e))
-    if problems:
-        raise ValueError("; ".join(problems))
+    except RuntimeError as e:
+        raise ValueError(f"--disc_layers={args.disc_layers} does not fit --reso={args.reso} ({e}): use fewer "
+                         "layers") from None
     return config
 
 
 def check_resume(ckpt: dict[str, Any], config: VQVAEConfig, resume_path: Path, args: argparse.Namespace) -> None:
     """A resumed run keeps its tokenizer: ValueError naming each config field the flags change (the weights' shapes
     or their math); other changed flags are logged, as train.py does."""
+    saved_wd = ckpt.get("args", {}).get("wd", args.wd)
+    if (saved_wd == 0) != (args.wd == 0):  # one AdamW group without decay, two with: the saved state fits neither
+        raise ValueError(f"--wd={args.wd:g}: {resume_path} was trained with --wd={saved_wd:g}, and its optimizer "
+                         f"state has {'one parameter group' if saved_wd == 0 else 'two parameter groups'} for it: "
+                         f"resume with a {'zero' if saved_wd == 0 else 'non-zero'} --wd, or choose another --out_dir")
     saved = dataclasses.asdict(VQVAEConfig(**ckpt["vae_config"]))
     differ = [f"{k} {saved[k]!r} -> {v!r}" for k, v in dataclasses.asdict(config).items() if saved[k] != v]
     if differ:
@@ -187,7 +196,8 @@ def check_resume(ckpt: dict[str, Any], config: VQVAEConfig, resume_path: Path, a
 @torch.no_grad()
 def quantizer_residuals(vae: VQVAE, img_B3HW: torch.Tensor) -> torch.Tensor:
     """The vectors the codebook is matched against, over all scales: rows of f - f_hat(previous scales),
-    area-downsampled to each scale (full size at the last) -> (N, Cvae)."""
+    area-downsampled to each scale (full size at the last), of every rank's images (collective) in the order one
+    process with the global batch has them -> (N, Cvae)."""
     f_BChw = vae.img_to_f(img_B3HW)
     f_hats = vae.quantize.f_to_idxBl_or_fhat(f_BChw, to_fhat=True)
     rows, prev = [], torch.zeros_like(f_BChw)
@@ -195,7 +205,7 @@ def quantizer_residuals(vae: VQVAE, img_B3HW: torch.Tensor) -> torch.Tensor:
         rest_BChw = f_BChw - prev
         if si < len(vae.v_patch_nums) - 1:
             rest_BChw = F.interpolate(rest_BChw, size=(pn, pn), mode="area")
-        rows.append(rest_BChw.permute(0, 2, 3, 1).reshape(-1, vae.Cvae))
+        rows.append(dist.all_gather_cat(rest_BChw.permute(0, 2, 3, 1).reshape(-1, vae.Cvae)))
         prev = f_hats[si]
     return torch.cat(rows)
 
@@ -370,7 +380,8 @@ class TokenizerTrainer:
     @torch.no_grad()
     def reinit_dead_codes(self, img_B3HW: torch.Tensor, tokens_per_step: int) -> int:
         """Codes whose usage EMA summed over scales is below VAR's usage margin get a random residual vector of
-        this batch (rank 0's, broadcast); their Adam moments are cleared. Returns how many were reset."""
+        the global batch, drawn by a generator of (--seed, step): the same codes for any world size (collective).
+        Their Adam moments are cleared. Returns how many were reset."""
         quantize = self.vae.quantize
         dead_V = quantize.ema_vocab_hit_SV.sum(0) < tokens_per_step / quantize.vocab_size * USAGE_MARGIN
         n_dead = int(dead_V.sum())
@@ -380,10 +391,12 @@ class TokenizerTrainer:
         self.vae.eval()
         rows_NC = quantizer_residuals(self.vae, img_B3HW)
         self.vae.train(was_training)
-        pick = torch.randint(len(rows_NC), (n_dead,), device=rows_NC.device)
+        g = torch.Generator(rows_NC.device).manual_seed(self.args.seed * 1_000_003 + self.step)
+        pick = torch.randint(len(rows_NC), (n_dead,), device=rows_NC.device, generator=g)
+        noise = torch.randn((n_dead, rows_NC.shape[1]), device=rows_NC.device, generator=g)
         weight_VC = quantize.embedding.weight
-        weight_VC[dead_V] = rows_NC[pick] + 1e-3 * rows_NC.std() * torch.randn_like(rows_NC[pick])
-        dist.broadcast(weight_VC.data, src=0)
+        weight_VC[dead_V] = rows_NC[pick] + 1e-3 * rows_NC.std() * noise
+        dist.broadcast(weight_VC.data, src=0)  # equal on every rank already, unless unlike devices reduce std apart
         state = self.opt.state.get(weight_VC, {})
         for key in ("exp_avg", "exp_avg_sq"):
             if key in state:
@@ -466,6 +479,9 @@ def train(args: argparse.Namespace) -> Path:
                                                      args.hflip, args.fmnist_dir, val_limit=args.val_limit)
     train_loader, val_loader, sampler = build_loaders(train_set, val_set, args.bs // world, args.workers, rank,
                                                       world, args.seed, pin_memory=device.type == "cuda")
+    if args.w_gan > 0 and args.gan_start >= args.steps:
+        logger.warning("--gan_start=%d >= --steps=%d: this run trains no GAN term (--w_gan=%g)", args.gan_start,
+                       args.steps, args.w_gan, extra=SAME_ON_ALL_RANKS)
     trainer = TokenizerTrainer(build_vae(args), args, device)
     seed_everything(args.seed, rank, world)
     if ckpt is not None:

@@ -132,6 +132,16 @@ def broadcast(t: torch.Tensor, src: int = 0) -> torch.Tensor:
     return t
 
 
+def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
+    """Every rank's `t` (the same shape on all) concatenated along dim 0 in rank order: a global batch's rows as
+    one process holding all of it would have them (rank r takes the r-th slice of each global batch)."""
+    if not initialized():
+        return t
+    parts = [torch.empty_like(t) for _ in range(get_world_size())]
+    tdist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
+
+
 def all_gather_object(obj: Any) -> list[Any]:
     """Every rank's `obj`, in rank order (a one-element list without a process group)."""
     if not initialized():

@@ -18,9 +18,18 @@ logger = logging.getLogger(__name__)
 VGG16_FILE = "vgg16-397923af.pth"
 
 
+def norm_groups(channels: int) -> int:
+    """The PatchGAN's GroupNorm groups: min(32, channels / 4), or the largest divisor of `channels` below it."""
+    groups = max(1, min(32, channels // 4))
+    while channels % groups:
+        groups -= 1
+    return groups
+
+
 class PatchDiscriminator(nn.Module):
-    """PatchGAN (pix2pix) discriminator: stride-2 4x4 convs, GroupNorm (batch-size independent, DDP-safe),
-    LeakyReLU 0.2; outputs one real/fake logit per overlapping patch, (B, 1, h, w)."""
+    """PatchGAN (pix2pix) discriminator: stride-2 4x4 convs, GroupNorm (pix2pix and taming-transformers use
+    BatchNorm; GroupNorm is batch-size independent, so DDP needs no SyncBatchNorm), LeakyReLU 0.2; outputs one
+    real/fake logit per overlapping patch, (B, 1, h, w)."""
 
     def __init__(self, in_channels: int = 3, ch: int = 64, n_layers: int = 3):
         super().__init__()
@@ -30,7 +39,7 @@ class PatchDiscriminator(nn.Module):
             c_out = ch * min(2 ** i, 8)
             stride = 2 if i < n_layers else 1
             layers += [nn.Conv2d(c_in, c_out, 4, stride=stride, padding=1, bias=False),
-                       nn.GroupNorm(min(32, c_out // 4), c_out), nn.LeakyReLU(0.2, True)]
+                       nn.GroupNorm(norm_groups(c_out), c_out), nn.LeakyReLU(0.2, True)]
             c_in = c_out
         layers.append(nn.Conv2d(c_in, 1, 4, stride=1, padding=1))
         self.main = nn.Sequential(*layers)

@@ -37,6 +37,7 @@ def test_lin0_holds_5_percent_then_decays_linearly_to_wpe():
     ("exp", 1.0, WPE),
     ("lin0.5", 0.25, 1 + ((1 + WPE + (1 - WPE) * 0.5) / 2 - 1) * 0.5),
     ("lin0.5", 1.0, WPE),
+    ("const", 1.0, 1.0),  # taming-transformers' VQGAN trains at a constant lr
 ])
 def test_other_schedules(sche, p, expected):
     wp_it, max_it = 10, 211  # 200 post-warm-up steps

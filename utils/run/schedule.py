@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-SCHEDULES = ("lin0", "lin", "lin00", "cos", "exp", "lin<T> (e.g. lin0.5)")
+SCHEDULES = ("lin0", "lin", "lin00", "cos", "exp", "const", "lin<T> (e.g. lin0.5)")
 
 
 def lr_factor(sche: str, it: int, wp_it: float, max_it: int, wp0: float = 0.005, wpe: float = 0.01) -> float:
@@ -20,6 +20,7 @@ def lr_factor(sche: str, it: int, wp_it: float, max_it: int, wp0: float = 0.005,
       lin00  linear from 1 to `wpe`, no hold
       cos    half cosine from 1 to `wpe`
       exp    hold 15%, then exponential decay to `wpe`
+      const  hold 1 (taming-transformers' VQGAN recipe, for the tokenizer; not VAR's)
       lin<T> (T a float, set by progressive training `--pg`): linear from 1 to a midpoint over p < T, then
              linear to `wpe`.
     """
@@ -37,6 +38,8 @@ def lr_factor(sche: str, it: int, wp_it: float, max_it: int, wp0: float = 0.005,
         if sche == "exp":
             return math.exp((p - hold) / (1 - hold) * math.log(wpe))
         return wpe + (1 - wpe) * rest / (1 - hold)
+    if sche == "const":
+        return 1.0
     if sche == "lin00":
         return wpe + (1 - wpe) * rest
     if sche.startswith("lin"):
