@@ -7,9 +7,9 @@ Stages (each resumable: a re-run skips what is finished and continues what was i
 2. classifier: a small CNN on the real training labels (class consistency, and the feature space of FD_clf);
 3. reference sets, scored against the 10,000 test images (utils.evaluation.scores): the training set (the floor)
    and its tokenizer reconstructions (the ceiling any generator on this tokenizer can reach);
-4. one job per model x seed, `--jobs` at a time, one CPU thread each: train.py with one recipe and one budget
-   (equal training images), `--num_samples` images with the paper's sampling settings (cfg 1.5, top-p 0.96,
-   top-k 900/4096 of the vocabulary), their scores;
+4. one job per model x seed, `--jobs` at a time, one CPU thread each: train.py with one recipe (and one budget of
+   training images, except --curves, where VAR trains twice as long), `--num_samples` images with the paper's
+   sampling settings (cfg 1.5, top-p 0.96, top-k 900/4096 of the vocabulary), their scores;
 5. the report: a markdown table, an automatic reading of it and PNG plots (scripts.study_report).
 
     python scripts/study.py --curves --report_dir docs               # learning curves (make study; see README)
@@ -69,6 +69,7 @@ PRESETS = {
                   num_samples=50, real_n=500, inception_n=10, seeds=1, eval_every=1, eval_n=20, ep_scale={"var": 2},
                   final_eval_rows=["intra", "mamba", "mvar-w", "mvar-d", "var-half"]),
 }
+FMNIST_TRAIN_IMAGES = 60_000
 TOKENIZER = dict(vocab_size=512, z_channels=16, ch=32)
 TRAIN_FLAGS = ["--dataset=fmnist", "--mid_reso=1.0", "--alng=1e-3", "--fp16=2", "--sample_every=0",
                "--save_every_min=0", "--log_every=10", "--workers=0"]
@@ -163,8 +164,14 @@ def study_preset(args: argparse.Namespace) -> dict:
     bad = [f"--{k}={preset[k]} (expected >= {m})" for k, m in minimum.items() if preset[k] < m]
     bad += [f"--{k}={preset[k]} (expected a multiple of {m})" for k, m in (("num_samples", 10), ("width", 64))
             if preset[k] % m]
+    if preset["train_limit"] > FMNIST_TRAIN_IMAGES:  # the loader would take all, and the report count too many
+        bad.append(f"--train_limit={preset['train_limit']} (Fashion-MNIST has {FMNIST_TRAIN_IMAGES:,} training "
+                   f"images)")
     if bad:
         raise ValueError("bad study settings: " + ", ".join(bad))
+    if preset["eval_every"] > preset["ep"]:
+        logger.warning("--eval_every=%d > --ep=%d: the runs are never evaluated inside, so there are no curves",
+                       preset["eval_every"], preset["ep"])
     if args.jobs < 1:
         raise ValueError(f"--jobs={args.jobs}: expected at least 1")
     if preset["inception_n"] != 0 and not 2 <= preset["inception_n"] <= min(preset["real_n"], preset["num_samples"]):
@@ -186,7 +193,8 @@ def make_plan(args: argparse.Namespace) -> dict:
         run["eval_every"] = run["ep"] if preset["eval_every"] and run["row"] in preset.get("final_eval_rows", ()) \
             else preset["eval_every"]
     sampling = dict(SAMPLING, top_k=round(SAMPLING["top_k_of_4096"] * TOKENIZER["vocab_size"] / 4096))
-    return dict(preset=preset, rows=rows, runs=runs, sampling=sampling, quick=args.quick)
+    recipe = dict(train_flags=TRAIN_FLAGS, tokenizer=TOKENIZER)  # compared too: a resume must not mix two recipes
+    return dict(preset=preset, rows=rows, runs=runs, sampling=sampling, quick=args.quick, recipe=recipe)
 
 
 def check_folder(out: Path, plan: dict) -> None:
@@ -443,7 +451,7 @@ def prepare(args: argparse.Namespace, out: Path, plan: dict) -> tuple[dict, bool
     s = plan["sampling"]  # evaluations inside a run: the final scoring's settings, fewer images, fp32
     evals = [f"--eval_n={preset['eval_n']}", f"--eval_net={clf_path.resolve()}", f"--eval_cfg={s['cfg']}",
              f"--eval_top_k={s['top_k']}", f"--eval_top_p={s['top_p']}"] if preset["eval_every"] else []
-    plan = dict(plan, train_flags=TRAIN_FLAGS + data + evals, tokenizer=tok_ckpt, tokenizer_config=TOKENIZER,
+    plan = dict(plan, train_flags=TRAIN_FLAGS + data + evals, tokenizer=tok_ckpt,
                 fmnist_dir=args.fmnist_dir, inception=args.inception, jobs=args.jobs, base=args.base)
     save_json(plan, out / "plan.json")
     return plan, worked

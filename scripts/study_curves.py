@@ -25,22 +25,37 @@ AXES = {"images": "training images", "flops": "training FLOPs (model, models/flo
 METRICS = {"fd_clf": "FD_clf (lower is better)", "consistency": "class consistency (higher is better)"}
 PAIRS = (("mvar", "var", "M-VAR vs VAR"), ("mvar-w", "var", "M-VAR-W (VAR's params) vs VAR"),
          ("mvar-d", "var", "M-VAR-D (VAR's params) vs VAR"))
-IMAGE_POINTS = (9_600, 19_200, 38_400)  # equal-images comparisons, where both rows reach them
+BUDGET_FRACTIONS = (0.25, 0.5, 1.0)  # comparison points on every axis: these fractions of the first row's budget
+
+
+def run_curve(points: list[dict], train_flops_per_image: float) -> dict[str, np.ndarray]:
+    """One run's evaluations -> arrays "images", "flops", "minutes", "fd_clf", "consistency"."""
+    images = np.array([p["images"] for p in points], dtype=float)
+    return dict(images=images, flops=images * train_flops_per_image,
+                minutes=np.array([p["train_s"] for p in points]) / 60,
+                fd_clf=np.array([p["fd_clf"] for p in points]),
+                consistency=np.array([p["consistency"] for p in points]))
 
 
 def collect_curves(out: Path, plan: dict) -> dict[str, list[dict[str, np.ndarray]]]:
-    """Per row, one dict per finished run: arrays "images", "flops", "minutes", "fd_clf", "consistency"."""
+    """Per row, one `run_curve` per finished run of the study's work folder."""
     curves: dict[str, list[dict[str, np.ndarray]]] = {}
     for run, spec in plan["runs"].items():
         path, timing = out / "runs" / run / "curve.json", out / "runs" / run / "timing.json"
-        if not path.is_file() or not timing.is_file():
-            continue
-        points = json.loads(path.read_text())
-        per_image = json.loads(timing.read_text())["train_flops_per_image"]
-        images = np.array([p["images"] for p in points], dtype=float)
-        curves.setdefault(spec["row"], []).append(dict(
-            images=images, flops=images * per_image, minutes=np.array([p["train_s"] for p in points]) / 60,
-            fd_clf=np.array([p["fd_clf"] for p in points]), consistency=np.array([p["consistency"] for p in points])))
+        if path.is_file() and timing.is_file():
+            curves.setdefault(spec["row"], []).append(run_curve(
+                json.loads(path.read_text()), json.loads(timing.read_text())["train_flops_per_image"]))
+    return curves
+
+
+def curves_from_data(data: dict) -> dict[str, list[dict[str, np.ndarray]]]:
+    """`collect_curves` from a published study_data.json (scripts.study_report.write_data) instead of the folder."""
+    curves: dict[str, list[dict[str, np.ndarray]]] = {}
+    for run, spec in data["plan"]["runs"].items():
+        got = data["runs"].get(run, {})
+        if got.get("evaluations") and got.get("timing"):
+            curves.setdefault(spec["row"], []).append(run_curve(got["evaluations"],
+                                                                got["timing"]["train_flops_per_image"]))
     return curves
 
 
@@ -131,14 +146,19 @@ def who_leads(a: list[float], b: list[float], la: str, lb: str, family: tuple[fl
 
 
 def comparison_points(a: list[dict], b: list[dict], axis: str) -> list[float]:
-    """Where to compare rows a and b on `axis`: at equal images the usual budgets, otherwise a's final point and
-    half of it; only points that every run of both rows covers."""
+    """Where to compare rows a and b on `axis`: the same BUDGET_FRACTIONS of a's final point on every axis (early
+    points on one axis only would read an early lead off the axis that shows one), and the end of the common range
+    where a's final point lies past it; only points that every run of both rows covers."""
     lo, hi = common_range(a + b, axis)
     if lo > hi:  # e.g. a row evaluated once, at its end, past b's last point: nothing to compare with
         return []
     final = statistics.mean(r[axis][-1] for r in a)
-    wanted = IMAGE_POINTS + (final,) if axis == "images" else (final / 2, final)
-    return sorted({x for x in wanted if lo <= x <= hi} | ({hi} if axis != "images" and final > hi else set()))
+    return sorted({f * final for f in BUDGET_FRACTIONS if lo <= f * final <= hi} | ({hi} if final > hi else set()))
+
+
+def axis_name(axis: str) -> str:
+    """The axis in words, without the plot label's parenthesis."""
+    return AXES[axis].split(" (")[0]
 
 
 def fmt_x(axis: str, x: float) -> str:
@@ -154,7 +174,7 @@ def verdict(rows: dict[str, dict], a: str, b: str, curves: dict, axis: str, x: f
     ca, cb = at(curves[a], axis, x, "consistency"), at(curves[b], axis, x, "consistency")
     la, lb = rows[a]["label"], rows[b]["label"]
     _, who = who_leads(fa, fb, la, lb, family)
-    return (f"at equal {AXES[axis].split(' (')[0]} ({fmt_x(axis, x)}): {la} FD_clf {mean_spread(fa)} vs {lb} "
+    return (f"at equal {axis_name(axis)} ({fmt_x(axis, x)}): {la} FD_clf {mean_spread(fa)} vs {lb} "
             f"{mean_spread(fb)}: {who}; class consistency {statistics.mean(ca):.2f} vs {statistics.mean(cb):.2f}")
 
 
@@ -178,8 +198,8 @@ def verdicts(rows: dict[str, dict], curves: dict) -> str:
         lines.append(f"- **{title}**")
         for axis in AXES:
             lines += [f"  - {verdict(rows, a, b, curves, axis, x, family[axis, x])}." for ax, x in points
-                      if ax == axis] or [f"  - at equal {AXES[axis]}: the curves do not overlap."]
-    return "\n".join(lines) or "No curves yet."
+                      if ax == axis] or [f"  - at equal {axis_name(axis)}: the curves do not overlap."]
+    return "\n".join(lines) or "No pair of the paper's rows has curves."
 
 
 def learned(rows: dict[str, dict], ceiling_fd: float) -> str:
@@ -222,3 +242,17 @@ def plot_curves(rows: dict[str, dict], curves: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Print the verdicts a published study_data.json gives with this code (a re-reading needs no work folder)."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("data", type=Path, help="a study's study_data.json (e.g. docs/study_data.json)")
+    data = json.loads(p.parse_args(argv).data.read_text())
+    print(verdicts(data["plan"]["rows"], curves_from_data(data)))
+
+
+if __name__ == "__main__":
+    main()

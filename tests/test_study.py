@@ -89,6 +89,9 @@ def test_quick_study_report_and_scores(quick_study):
     data = json.loads((quick_study / "report" / "study_data.json").read_text())  # what the numbers come from
     assert data["scores"] == got and data["runs"]["mvar-s0"]["evaluations"][-1] == clock
     assert data["runs"]["var-s0"]["train/Lm"][0] and str(quick_study.resolve()) not in json.dumps(data)
+    # a review: nothing said which code made a published study
+    assert data["code"] == study_report.code_version() and f"with the code of {data['code']}:" in report
+    assert re.fullmatch(r"[0-9a-f]{12}(\+changes)?", data["code"]) and data["plan"]["recipe"]["tokenizer"]
     for png in ("study_loss.png", "study_fd.png", "study_samples.png", "study_curves.png"):
         with Image.open(quick_study / "report" / png) as im:
             assert im.width > 300 and im.height > 200
@@ -146,7 +149,8 @@ def study_in_process(out, *flags: str):
     return study.main(study.build_parser().parse_args(["--quick", f"--out_dir={out}", *flags]))
 
 
-@pytest.mark.parametrize("flag", ["--width=96", "--num_samples=15", "--seeds=0", "--inception_n=1", "--jobs=0"])
+@pytest.mark.parametrize("flag", ["--width=96", "--num_samples=15", "--seeds=0", "--inception_n=1", "--jobs=0",
+                                  "--train_limit=60001"])  # Fashion-MNIST's 60,000: the report counted the flag
 def test_study_refuses_bad_settings_before_any_work(tmp_path, flag):
     with pytest.raises(ValueError, match=re.escape(flag)):
         study_in_process(tmp_path / "study", flag)
@@ -157,6 +161,17 @@ def test_quick_study_refuses_other_settings_in_the_same_folder(quick_study):
     with pytest.raises(ValueError, match=re.escape("holds a study made with other settings (preset, runs differ)")):
         study_in_process(quick_study, "--seeds=2")
     assert not (quick_study / "runs" / "var-s1").exists()
+
+
+def test_a_folder_of_another_recipe_is_refused(tmp_path, monkeypatch):
+    """A review: the training flags and the tokenizer's sizes were not part of the compared plan, so a study resumed
+    after they changed in the code would mix runs trained two ways."""
+    plan = study.make_plan(study.build_parser().parse_args(["--quick"]))
+    study.save_json(plan, tmp_path / "plan.json")
+    study.check_folder(tmp_path, plan)
+    monkeypatch.setattr(study, "TRAIN_FLAGS", [*study.TRAIN_FLAGS, "--alng=1e-4"])
+    with pytest.raises(ValueError, match="other settings \\(recipe differ\\)"):
+        study.check_folder(tmp_path, study.make_plan(study.build_parser().parse_args(["--quick"])))
 
 
 def test_curves_jobs_run_costliest_first():
@@ -198,6 +213,24 @@ def test_a_row_evaluated_once_past_the_other_rows_last_point_is_not_compared():
     var = {"minutes": np.array([1.0, 30.0]), "fd_clf": np.array([9.0, 3.5])}
     assert study_curves.comparison_points([one], [var], "minutes") == []
     assert study_curves.comparison_points([dict(one, minutes=one["minutes"] - 15)], [var], "minutes") == [25.0]
+
+
+def test_every_axis_is_compared_at_the_same_fractions_of_the_budget():
+    """A review: images were compared at a quarter, half and all of M-VAR's budget, FLOPs and time at half and all
+    only, so the early points, where M-VAR leads per image and VAR per FLOP and per minute, came from one axis."""
+    mvar = {"images": np.array([100.0, 400.0]), "flops": np.array([150.0, 600.0]), "minutes": np.array([2.0, 8.0])}
+    var = {"images": np.array([100.0, 800.0]), "flops": np.array([100.0, 800.0]), "minutes": np.array([1.0, 8.0])}
+    assert [study_curves.comparison_points([mvar], [var], axis) for axis in ("images", "flops", "minutes")] == [
+        [100.0, 200.0, 400.0], [150.0, 300.0, 600.0], [2.0, 4.0, 8.0]]
+
+
+def test_published_verdicts_are_reread_from_study_data(capsys):
+    """docs/study.md's verdicts are what `python -m scripts.study_curves docs/study_data.json` prints with this code:
+    a change of the comparison rules must re-read them."""
+    study_curves.main([str(REPO / "docs" / "study_data.json")])
+    printed = capsys.readouterr().out.strip().splitlines()
+    report = (REPO / "docs" / "study.md").read_text()
+    assert len(printed) > 10 and all(line in report for line in printed)
 
 
 def test_verdicts_need_a_significant_welch_test_and_cover_the_whole_ordering():
