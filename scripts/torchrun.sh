@@ -16,8 +16,6 @@
 # after forwarding the signal, too soon for a large save (d16: ~5 GB, d30: ~34 GB with AdamW): the launcher raises it
 # to TORCH_ELASTIC_SHUTDOWN_TIMEOUT (default here 300 s; torch 2.14 reads it, 2.11 still kills at 30 s). The
 # scheduler's own grace period (SLURM GraceTime/KillWait, Kubernetes terminationGracePeriodSeconds) must cover it too.
-# TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (default here): without it the workers restarted by --max_restarts read the
-# previous round's addresses from the shared store and fail to connect.
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 if [ "${NNODES:-1}" != 1 ] && { [ -z "${MASTER_ADDR:-}" ] || [ -z "${NODE_RANK:-}" ]; }; then
@@ -26,7 +24,6 @@ if [ "${NNODES:-1}" != 1 ] && { [ -z "${MASTER_ADDR:-}" ] || [ -z "${NODE_RANK:-
   exit 2
 fi
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-300}
-export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
 source "$REPO/scripts/pick_python.sh"
 NPROC=${NPROC_PER_NODE:-8}
 if [ -z "${WORKERS:-}" ]; then

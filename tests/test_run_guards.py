@@ -455,7 +455,7 @@ def test_launcher_passes_the_node_layout_and_the_preemption_settings(tmp_path):
     proc = run_launcher(tmp_path, NNODES="2", NODE_RANK="1", MASTER_ADDR="10.0.0.7")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == [
-        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT=300",
+        "TORCH_ELASTIC_SHUTDOWN_TIMEOUT=300",
         f"-m torch.distributed.run --nproc_per_node=8 --nnodes=2 --node_rank=1 --master_addr=10.0.0.7 "
         f"--master_port=29500 {REPO}/train.py --workers=8 --depth=16"]  # the recipe's flags after: they win
     assert "TORCH_ELASTIC_SHUTDOWN_TIMEOUT=600" in run_launcher(tmp_path, TORCH_ELASTIC_SHUTDOWN_TIMEOUT="600").stdout

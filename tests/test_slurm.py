@@ -11,10 +11,12 @@ import pytest
 from conftest import REPO
 
 SRUN = """#!/usr/bin/env bash
-# srun: one task per node (SLURM_NODEID 0..N-1) of the command after srun's own options; the highest exit status
+# srun: one task per node (SLURM_NODEID 0..N-1) of the command after srun's own options; the highest exit status.
+# As SLURM's srun (src/srun/srun_job.c), a SIGTERM to srun kills its tasks with SIGKILL
 echo "srun $*" >> "$LOG"
 while [[ $1 == --* ]]; do shift; done
 pids=()
+trap 'echo "srun: forcing job termination" >> "$LOG"; kill -KILL "${pids[@]}"' TERM
 for ((i = 0; i < SLURM_JOB_NUM_NODES; i++)); do SLURM_NODEID=$i "$@" & pids+=($!); done
 rc=0
 for p in "${pids[@]}"; do wait "$p"; r=$?; ((r > rc)) && rc=$r; done
@@ -95,6 +97,15 @@ def test_each_node_gets_the_jobs_layout_and_its_rank(slurm):
     assert "job 4325123, run 1: 2 node(s) x 4, master gpu-a07:25123: launch.sh" in out
 
 
+def test_the_port_stays_below_the_ephemeral_range(slurm):
+    """A review: 20000 + id mod 20000 reached 39999, inside Linux's ephemeral ports (32768-60999), where an outgoing
+    connection may hold it: about a third of the job ids."""
+    folder, env = slurm
+    proc = start(folder, {**env, "SLURM_JOB_ID": "19999"}, "launch.sh")
+    out, err = proc.communicate(timeout=30)
+    assert "master gpu-a07:27999" in out, out + err
+
+
 def test_the_environment_wins_and_without_gpus_a_node_runs_8(slurm):
     folder, env = slurm
     del env["SLURM_GPUS_ON_NODE"]
@@ -131,8 +142,9 @@ def test_a_refused_requeue_says_to_resubmit(slurm):
 
 
 def test_a_cancellation_waits_for_the_save(slurm):
-    """scancel or a preemption sends SIGTERM to the batch script and to the training alike: the script must not die
-    first (the job would end and its steps be killed mid-save), nor requeue (SLURM's --requeue does that)."""
+    """A preemption or `scancel --signal=TERM` signals the training (the job's steps; with --full the batch script
+    too), not srun: the script must not die first (the job would end and its steps be killed mid-save), nor requeue
+    (SLURM's --requeue does that)."""
     folder, env = slurm
     proc = start(folder, {**env, "RUN_S": "30", "ON_TERM": "143"}, "launch.sh")
     wait_for_launchers(folder, proc)
