@@ -540,7 +540,10 @@ def device_of_rank(flag: str | None, rank_device: torch.device, world_size: int)
 def main(argv: Sequence[str] | None = None) -> Path | None:
     args = parse_args(argv)
     # an FID dump's ranks meet after their shares, which a resumed dump may have left unequal
-    rank_device = dist.initialize(timeout_min=dist.SHARDED_JOB_WAIT_MIN) if args.fid else dist.initialize()
+    try:
+        rank_device = dist.initialize(timeout_min=dist.SHARDED_JOB_WAIT_MIN) if args.fid else dist.initialize()
+    except dist.LaunchError as e:
+        raise SystemExit(f"error: {e}") from e
     rank, world_size = dist.get_rank(), dist.get_world_size()
     device = device_of_rank(args.device, rank_device, world_size)
     setup_logging(rank)

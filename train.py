@@ -525,7 +525,7 @@ if __name__ == "__main__":
     try:
         dist.run_then_finalize(main, parse_args())
     except (FlagError, backends.BackendError, FileNotFoundError, CheckpointError, RunLockError, NonFiniteError,
-            TokenCacheError, OutputFolderError, DataError) as e:
+            TokenCacheError, OutputFolderError, DataError, dist.LaunchError) as e:
         # a flag or file that does not fit, a diverged run (its message says which checkpoint is intact), a token
         # cache of other settings
         raise SystemExit(f"error: {e}") from e

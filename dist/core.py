@@ -8,6 +8,8 @@ import datetime
 import gc
 import logging
 import os
+import sys
+import threading
 import traceback
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
@@ -19,6 +21,11 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+RENDEZVOUS_NOTICE_S = 60.0  # a process group not formed by then: say what it waits for (the default wait is 30 min)
+
+
+class LaunchError(ValueError):
+    """The process's launch environment does not describe a process group it can join (the CLIs print it)."""
 
 
 # How long the ranks of a sharded job (a token extraction, an FID dump) wait for each other where they meet: shares
@@ -39,13 +46,13 @@ def initialize(backend: str = "auto", timeout_min: float = 30.0) -> torch.device
         return torch.device("cuda", 0) if use_cuda else torch.device("cpu")
     missing = [v for v in TORCHRUN_VARS if v not in os.environ]
     if missing:
-        raise RuntimeError(f"WORLD_SIZE is set but {missing} are not: launch with torchrun (or set all of "
-                           f"{TORCHRUN_VARS})")
+        raise LaunchError(f"WORLD_SIZE is set but {', '.join(missing)} not: launch with torchrun (or set all of "
+                          f"{', '.join(TORCHRUN_VARS)}; unset WORLD_SIZE for one process)")
     local_rank = int(os.environ["LOCAL_RANK"])
     if use_cuda:
         if local_rank >= torch.cuda.device_count():
-            raise RuntimeError(f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} GPUs are visible: "
-                               f"lower --nproc_per_node")
+            raise LaunchError(f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} GPUs are visible: "
+                              f"lower --nproc_per_node")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     else:
@@ -53,8 +60,18 @@ def initialize(backend: str = "auto", timeout_min: float = 30.0) -> torch.device
     if backend == "auto":
         backend = "nccl" if use_cuda else "gloo"
     if not tdist.is_initialized():
-        tdist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_min),
-                                 device_id=device if backend == "nccl" else None)
+        notice = threading.Timer(RENDEZVOUS_NOTICE_S, print, (
+            f"rank {os.environ['RANK']}: still waiting, after {RENDEZVOUS_NOTICE_S:g} s, for the "
+            f"{os.environ['WORLD_SIZE']} ranks to meet at {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} "
+            f"(every node launched, with the same --nnodes and master address?); giving up after {timeout_min:g} "
+            "min",), dict(file=sys.stderr, flush=True))
+        notice.daemon = True
+        notice.start()
+        try:
+            tdist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_min),
+                                     device_id=device if backend == "nccl" else None)
+        finally:
+            notice.cancel()
     logger.debug("rank %d/%d (local %d) on %s with %s", get_rank(), get_world_size(), local_rank, device, backend)
     return device
 

@@ -1,4 +1,7 @@
 """dist/: single-process fallbacks, unwrap_model, and a 2-rank gloo run (collectives, DDP no_sync, FSDP2 state)."""
+import socket
+import subprocess
+import sys
 import textwrap
 
 import pytest
@@ -6,6 +9,7 @@ import torch
 from torch import nn
 
 import dist
+from conftest import REPO, SUBPROCESS_ENV
 
 WORKER = textwrap.dedent("""
     import torch
@@ -106,8 +110,28 @@ def test_partial_torchrun_environment_is_an_error(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     for v in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(v, raising=False)
-    with pytest.raises(RuntimeError, match="torchrun"):
+    with pytest.raises(dist.LaunchError, match="WORLD_SIZE is set but RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT not"):
         dist.initialize()
+
+
+def test_a_bad_launch_is_one_error_line_and_a_lonely_rank_says_what_it_waits_for(tmp_path):
+    """A review: WORLD_SIZE alone gave train.py a RuntimeError traceback, and a rank whose peers never came printed
+    nothing for the 30 minutes of the process group's wait (logging starts after it)."""
+    env = {k: v for k, v in SUBPROCESS_ENV.items() if k not in dist.core.TORCHRUN_VARS}
+    proc = subprocess.run([sys.executable, str(REPO / "train.py"), "--dataset=mnist"], env={**env, "WORLD_SIZE": "2"},
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
+        "error: WORLD_SIZE is set but RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT not: launch with torchrun (or set "
+        "all of RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT; unset WORLD_SIZE for one process)"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = "import dist, dist.core as c; c.RENDEZVOUS_NOTICE_S = 0.3; dist.initialize(timeout_min=0.03)"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120, env={
+        **env, "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    assert proc.returncode != 0 and f"rank 0: still waiting, after 0.3 s, for the 2 ranks to meet at 127.0.0.1:" \
+        f"{port} (every node launched, with the same --nnodes and master address?); giving up after 0.03 min" \
+        in proc.stderr
 
 
 def test_unwrap_model_removes_compile_wrapper():
