@@ -185,6 +185,29 @@ def test_ranks_at_the_same_epoch_but_another_iteration_are_refused(tmp_path, mon
         folder.load_resume()
 
 
+@pytest.mark.parametrize("other_holds, resumes", [([(None, None, 1)], 1), ([(None, None, 2), (None, None, 1)], 2),
+                                                  ([(None, None, 3)], None)])
+def test_node_local_copies_one_save_apart_resume_from_the_newest_all_hold(tmp_path, monkeypatch, other_holds, resumes):
+    """A review: a node whose save failed (or that died mid-save) left its own folder one checkpoint behind, and
+    every relaunch was refused ("different positions") although this node's -prev is where the other one stands.
+    The other rank (faked) holds `other_holds` as its -last and -prev; nothing common is still an error."""
+    folder = RunFolder(tmp_path, "ar-ckpt")
+    folder.writer = True
+    for step in (1, 2):
+        folder.save({"step": step})
+    resumed = RunFolder(tmp_path, "ar-ckpt")
+    resumed.writer = resumed.node_local = True
+    monkeypatch.setattr(utils.run.checkpoint.dist, "all_gather_object", lambda mine: [
+        mine, other_holds if isinstance(mine, list) else other_holds[0]])
+    if resumes is None:
+        with pytest.raises(CheckpointError, match="different positions"):
+            resumed.load_resume()
+        return
+    path, ckpt = resumed.load_resume()
+    assert ckpt["step"] == resumes and path == (resumed.prev if resumes == 1 else resumed.last)
+    assert resumed.last_damaged == (resumes == 1)  # the next save must not keep this node's -last, which is ahead
+
+
 def resumed_past_a_damaged_last(tmp_path) -> RunFolder:
     """A folder whose -last (step 2) is damaged, resumed from its -prev (step 1)."""
     folder = RunFolder(tmp_path, "ar-ckpt")

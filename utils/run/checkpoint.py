@@ -58,6 +58,11 @@ def position_text(ckpt: dict[str, Any]) -> str:
     return f"after ep {epoch}" if epoch else "at the start"
 
 
+def position(ckpt: dict[str, Any] | None) -> tuple | None:
+    """Where `ckpt` resumes, as comparable values of POSITION_KEYS (None: no checkpoint, from scratch)."""
+    return None if ckpt is None else tuple(ckpt.get(k) for k in POSITION_KEYS)
+
+
 def temp_path(path: Path, pid: int | None = None) -> Path:
     """Where `save_atomic` writes `path` before renaming it: a hidden file named after it and the writer's pid."""
     return path.with_name(f".{path.name}.tmp{os.getpid() if pid is None else pid}")
@@ -266,7 +271,10 @@ class RunFolder:
                 logger.warning("%s; resuming from the previous checkpoint %s instead (the next save replaces %s)", e,
                                self.prev, self.last.name, extra=SAME_ON_ALL_RANKS)
                 path, ckpt, self.last_damaged = self.prev, load_checkpoint(self.prev), True
-        positions = dist.all_gather_object(None if ckpt is None else tuple(ckpt.get(k) for k in POSITION_KEYS))
+        positions = dist.all_gather_object(position(ckpt))
+        if len(set(positions)) > 1 and self.node_local and None not in positions:  # the same decision on all ranks
+            path, ckpt = self.newest_held_by_all(path, ckpt, positions)
+            positions = dist.all_gather_object(position(ckpt))
         if len(set(positions)) > 1:  # e.g. nodes with their own output folders, some without a checkpoint
             raise CheckpointError(f"the ranks would resume from different positions {positions} (None: from scratch;"
                                   f" {POSITION_KEYS}): put the same checkpoint in every node's {self.dir}")
@@ -274,6 +282,25 @@ class RunFolder:
             logger.warning("no checkpoint in any node's own %s: starting from scratch. A job requeued onto other "
                            "nodes finds none of the copies it saved on these and starts over: for a requeueable job "
                            "put the output folder on a disk every node shares", self.dir, extra=SAME_ON_ALL_RANKS)
+        return path, ckpt
+
+    def newest_held_by_all(self, path: Path, ckpt: dict[str, Any], positions: list) -> tuple[Path, dict[str, Any]]:
+        """Node-local folders one save apart (a node's save failed, or it died mid-save): the newest position that
+        every rank holds as its -last or -prev, loaded; (path, ckpt) unchanged when there is none. Collective.
+        Resumed from -prev, the next save replaces -last without keeping it (it is ahead of the other nodes')."""
+        held = {position(ckpt): path}
+        with dist.raised_on_every_rank(CheckpointError):
+            if path == self.last and self.prev.is_file():
+                held.setdefault(position(load_checkpoint(self.prev)), self.prev)
+        common = set.intersection(*(set(h) for h in dist.all_gather_object(list(held))))
+        if not common:
+            return path, ckpt
+        newest = max(common, key=lambda pos: tuple(-1 if v is None else v for v in pos))
+        if held[newest] != path:
+            path, ckpt, self.last_damaged = self.prev, load_checkpoint(self.prev), True
+        logger.warning("the nodes' own copies of %s are not at one position %s (a save that failed or was cut on "
+                       "some node): resuming from %s, the newest every node holds", self.dir, positions,
+                       position_text(ckpt), extra=SAME_ON_ALL_RANKS)
         return path, ckpt
 
     def save(self, ckpt: dict[str, Any] | None, best: bool = False, last: bool = True) -> None:
