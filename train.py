@@ -295,7 +295,7 @@ def end_epoch(ep: int, iters: int, args: argparse.Namespace, trainer: Trainer, v
         logger.info("ep %d eval: generating %d images", ep + 1, args.eval_n)
         point = saver.evaluator.evaluate(mvar, ep + 1, images_after(ep + 1, iters, args), trainer.train_seconds,
                                          stop=signalled)
-        scores = {k: v for k, v in point.items() if k not in ("epoch", "images", "train_s", "tf32")}
+        scores = saver.evaluator.scores(point)
         logger.info("ep %d eval: %s after %d training images (%d generated)", ep + 1,
                     " ".join(f"{k} {v:.4f}" for k, v in scores.items()), point["images"], args.eval_n)
         tb.scalars("images", point["images"], "eval/", **scores)

@@ -328,7 +328,7 @@ def test_the_training_evaluation_reference_has_the_generated_classes_in_their_pr
     seen = []
     monkeypatch.setattr(during_training, "feature_network", lambda net, device: (
         "fd", lambda imgs: (seen.append(imgs[:, 0, 0, 0].tolist()) or imgs.reshape(len(imgs), -1).astype(float),
-                            None)))
+                            None), "stub"))
     evaluator = TrainingEval(net="stub", n=6, seed=0)
     evaluator.prepare(Subset(Images(), range(12)), num_classes=3, device=torch.device("cpu"))  # val_limit=12
     assert seen == [[0, 64, 128, 0, 64, 128]] and evaluator.ref_feats.shape == (6, 12)  # classes 0, 1, 2 twice
@@ -407,3 +407,18 @@ def test_each_training_evaluation_draws_the_same_classes_and_seeds_and_records_t
     assert mvar.calls == one_point * 2
     assert evaluator.history == points and [(p["epoch"], p["images"]) for p in points] == [(1, 24), (2, 48)]
     assert [p["consistency"] for p in points] == [1.0, 1.0]
+    assert points[0]["eval"] == dict(net="stub", n=n, seed=7, cfg=2.5, top_k=900, top_p=0.8, dtype="float32")
+
+
+def test_a_curve_resumed_with_other_evaluation_settings_is_logged(caplog):
+    """A review: a run resumed with another --eval_n (or net, cfg, ...) went on with the same curve, and nothing in
+    its points said that the later ones (FD at 40 images is far above FD at 400) were measured otherwise."""
+    from utils.evaluation.during_training import TrainingEval
+
+    before = TrainingEval(net="stub", n=400, seed=0)
+    history = [{"epoch": 1, "fd": 3.0, "eval": before.settings}]
+    with caplog.at_level("WARNING"):
+        TrainingEval(net="stub", n=400, seed=0).load_history(history)
+        assert "other settings" not in caplog.text
+        TrainingEval(net="stub", n=40, seed=0, cfg=4.0).load_history(history)
+    assert "made with other settings (n 400 -> 40, cfg 1.5 -> 4.0)" in caplog.text

@@ -143,7 +143,7 @@ def end_of_epoch(signal_after: int, ep: int = 0, blocked: bool = False, stop_val
         return {"epoch": 1, "images": 5, "train_s": 1.0, "fd": 2.0}
 
     saver = types.SimpleNamespace(preemption=types.SimpleNamespace(requested=requested), save=save,
-                                  evaluator=types.SimpleNamespace(evaluate=evaluate))
+                                  evaluator=types.SimpleNamespace(evaluate=evaluate, scores=lambda p: {"fd": p["fd"]}))
     val = dict(vL_mean=0.6, vL_tail=0.5, vacc_mean=0.0, vacc_tail=0.0, n=4)
     def validate(loader, stop, dtype):
         assert dtype == torch.float16  # train.inference_dtype's, as the test patches it (validation's precision)

@@ -12,10 +12,12 @@ generators, so training draws what it would without it. A `stop` callback, asked
 ends an evaluation early (utils.run.preemption.Stopped: train.py's signal, whose checkpoint leaves the evaluation
 to the resumed run).
 """
+import hashlib
 import logging
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -39,12 +41,13 @@ CHUNK = 50  # images per generation call
 FeatureFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray | None]]  # uint8 (N,H,W,3) -> (N, D), classes (N,)
 
 
-def feature_network(name: str, device: torch.device) -> tuple[str, FeatureFn]:
-    """(metric name, features and predicted classes of uint8 images) for `--eval_net`: "inception" (no classes:
-    its 1008 are not the data set's) or a SmallCNN state-dict file."""
+def feature_network(name: str, device: torch.device) -> tuple[str, FeatureFn, str]:
+    """(metric name, features and predicted classes of uint8 images, which network: its file's name, and the
+    digest of a classifier's) for `--eval_net`: "inception" (no classes: its 1008 are not the data set's) or a
+    SmallCNN state-dict file."""
     if name == "inception":
         net = load_inception(None, device=device, flag="--eval_net")
-        return "fid", lambda imgs: (net.extract([imgs])[0], None)
+        return "fid", lambda imgs: (net.extract([imgs])[0], None), f"inception {Path(net.path).name}"
     try:
         state = torch.load(name, map_location="cpu", weights_only=True)
         clf = SmallCNN(state["head.weight"].shape[0], ch=state["features.0.weight"].shape[0])
@@ -55,7 +58,8 @@ def feature_network(name: str, device: torch.device) -> tuple[str, FeatureFn]:
     def features(imgs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         view = classifier_view(clf, imgs)
         return view.feats_ND, view.probs_NK.argmax(axis=1)
-    return "fd_clf", features
+    digest = hashlib.sha256(Path(name).read_bytes()).hexdigest()[:12]
+    return "fd_clf", features, f"{Path(name).name} sha256 {digest}"
 
 
 def reference_indices(labels: Sequence[int] | None, n: int, num_classes: int) -> list[int]:
@@ -95,10 +99,11 @@ def sharded_features(n: int, images: Callable[[int, int], np.ndarray], features:
 
 @dataclass
 class TrainingEval:
-    """One curve: `evaluate` appends {"epoch", "images", "train_s", metric[, "consistency"], "tf32"} to `history`
-    (saved in checkpoints); train_s is the training time so far (`Trainer.train_seconds`: no validation, evaluation
-    or save); tf32: whether TF32 was on for the point's samples and features (train.py --tf32 on CUDA), which a
-    resume may change."""
+    """One curve: `evaluate` appends {"epoch", "images", "train_s", metric[, "consistency"], "tf32", "eval"} to
+    `history` (saved in checkpoints); train_s is the training time so far (`Trainer.train_seconds`: no validation,
+    evaluation or save); tf32: whether TF32 was on for the point's samples and features (train.py --tf32 on CUDA),
+    which a resume may change; eval: the point's `settings` (a resume with others is logged: their points are not
+    comparable, FD depending on the sample count above all)."""
 
     net: str
     n: int
@@ -114,6 +119,13 @@ class TrainingEval:
         self.metric: str | None = None
         self.features: FeatureFn | None = None
         self.ref_feats: np.ndarray | None = None
+        self.net_id = self.net  # what `prepare` loaded: a file's name (and digest)
+
+    @property
+    def settings(self) -> dict:
+        """What a point's score depends on besides the weights."""
+        return dict(net=self.net_id, n=self.n, seed=self.seed, cfg=self.cfg, top_k=self.top_k, top_p=self.top_p,
+                    dtype=str(self.dtype or torch.float32).removeprefix("torch."))
 
     def prepare(self, val_set: Dataset, num_classes: int, device: torch.device) -> None:
         """Load the feature network and the reference features (collective)."""
@@ -130,7 +142,7 @@ class TrainingEval:
         def real(start: int, stop: int) -> np.ndarray:
             return to_uint8_BHW3((torch.stack([val_set[i][0] for i in ref[start:stop]]) + 1) / 2)
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # a network's init draws
-            self.metric, self.features = feature_network(self.net, device)
+            self.metric, self.features, self.net_id = feature_network(self.net, device)
             self.ref_feats, _ = sharded_features(len(ref), real, self.features)
 
     @torch.no_grad()
@@ -160,10 +172,21 @@ class TrainingEval:
                  self.metric: frechet_distance_of_features(feats, self.ref_feats)}
         if classes is not None:
             point["consistency"] = float((classes == np.arange(self.n) % mvar.num_classes).mean())
-        point["tf32"] = self.tf32
+        point.update(tf32=self.tf32, eval=self.settings)
         self.history.append(point)
         return point
 
+    def scores(self, point: dict) -> dict[str, float]:
+        """A point's scores: the metric, and class consistency when the network classifies."""
+        return {k: point[k] for k in (self.metric, "consistency") if k in point}
+
     def load_history(self, history: Sequence[dict] | None) -> None:
-        """A resumed run continues the curve of its checkpoint."""
+        """A resumed run continues the curve of its checkpoint (after `prepare`); other settings are logged."""
         self.history = [dict(p) for p in history or ()]
+        recorded = next((p["eval"] for p in reversed(self.history) if "eval" in p), None)
+        if recorded is not None and recorded != self.settings:
+            changed = ", ".join(f"{k} {recorded.get(k)!r} -> {v!r}" for k, v in self.settings.items()
+                                if recorded.get(k) != v)
+            logger.warning("the resumed evaluation curve's points were made with other settings (%s): the points from "
+                           "here on are not comparable with the earlier ones (each point records its settings under "
+                           "'eval')", changed, extra=SAME_ON_ALL_RANKS)
