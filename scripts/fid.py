@@ -10,6 +10,7 @@ import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -32,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, float]:
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = build_parser()
     args = parser.parse_args(argv)
     for flag in ("sample", "ref"):
@@ -54,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     try:
         results = evaluate(Path(args.sample), Path(args.ref), args.inception, args.bs, args.device, args.k,
                            with_pr=not args.no_pr)
-    except (ValueError, FileNotFoundError) as e:  # the inputs, checked before the feature pass
+    except (ValueError, FileNotFoundError) as e:  # the inputs and the Inception file; non-finite features
         raise SystemExit(f"error: {e}") from e
     text = json.dumps(results, indent=2)
     print(text)

@@ -1,5 +1,6 @@
 """FID / IS / precision-recall maths, the TF-style resize, and the Inception feature path."""
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ from PIL import Image
 
 import utils.evaluation.fid
 from utils.evaluation.fid import evaluate, feature_stats, frechet_distance, frechet_distance_of_features, \
-    image_batches, inception_score, load_reference, manifold_radii, precision_recall
+    image_batches, inception_score, load_reference, manifold_radii, npz_order, precision_recall
 from utils.evaluation.inception import FEATURE_DIM, find_inception, load_inception, tf_resize_bilinear
 
 
@@ -81,12 +82,12 @@ def test_inception_score_of_class_ordered_samples_is_not_deflated():
 def test_precision_recall_by_hand():
     ref = np.zeros((10, 3))
     ref[:, 0] = np.arange(10)  # points 0..9 on a line: nearest-neighbour radius 1 everywhere
-    radii = manifold_radii(ref, k=1, clamp_percentile=None)
+    radii = manifold_radii(ref, k=1, drop_top_percent=None)
     assert torch.equal(radii, torch.ones(10))
-    assert manifold_radii(ref, k=2, clamp_percentile=None)[0].item() == 4.0  # 2nd neighbour of 0 is 2 (squared)
+    assert manifold_radii(ref, k=2, drop_top_percent=None)[0].item() == 4.0  # 2nd neighbour of 0 is 2 (squared)
     smp = np.zeros((2, 3))
     smp[:, 0] = [0.5, 100.0]
-    p, r = precision_recall(ref, smp, k=1, clamp_percentile=None)
+    p, r = precision_recall(ref, smp, k=1, drop_top_percent=None)
     assert p == 0.5  # 0.5 lies in a reference ball, 100 does not
     assert r == 1.0  # the sample ball around 0.5 (radius 99.5) holds every reference point
     p_self, r_self = precision_recall(ref, ref, k=3)
@@ -96,7 +97,7 @@ def test_precision_recall_by_hand():
     far = np.concatenate([ref, [[1000.0, 0, 0]]])
     beside = np.array([[1000.5, 0, 0], [1001.5, 0, 0]])
     assert precision_recall(far, beside, k=1)[0] == 1.0
-    assert precision_recall(far, beside, k=1, clamp_percentile=5.0)[0] == 0.0
+    assert precision_recall(far, beside, k=1, drop_top_percent=5.0)[0] == 0.0
 
 
 def nv_resize(x_B3HW: torch.Tensor, n: int) -> torch.Tensor:
@@ -422,3 +423,73 @@ def test_a_curve_resumed_with_other_evaluation_settings_is_logged(caplog):
         assert "other settings" not in caplog.text
         TrainingEval(net="stub", n=40, seed=0, cfg=4.0).load_history(history)
     assert "made with other settings (n 400 -> 40, cfg 1.5 -> 4.0)" in caplog.text
+
+
+def test_a_set_against_itself_scores_zero_even_with_singular_covariances():
+    """A review: the square root of S1^(1/2) S2 S1^(1/2) squared the condition number, so 1,000 images against
+    themselves (rank 999 of 2048) scored -1.8e-4; through the singular values of R1 R2^T it is 0 to rounding."""
+    rng = np.random.default_rng(0)
+    stats = feature_stats(rng.standard_normal((60, 256)) @ rng.standard_normal((256, 256)))
+    assert abs(frechet_distance(*stats, *stats)) < 1e-10 * np.trace(stats[1])
+
+
+def test_statistics_that_are_no_covariances_are_refused(tmp_path):
+    """A review: sigma = -I passed load_reference, and scripts/fid.py printed "fid": -1663.76 with exit 0."""
+    np.savez(tmp_path / "neg.npz", mu=np.zeros(FEATURE_DIM), sigma=-np.eye(FEATURE_DIM))
+    with pytest.raises(ValueError, match="sigma is not a covariance"):
+        load_reference(tmp_path / "neg.npz")
+    asymmetric = np.eye(FEATURE_DIM)
+    asymmetric[0, 1] = 0.5
+    np.savez(tmp_path / "asym.npz", mu=np.zeros(FEATURE_DIM), sigma=asymmetric)
+    with pytest.raises(ValueError, match="sigma is not a covariance"):
+        load_reference(tmp_path / "asym.npz")
+    with pytest.raises(ValueError, match="Frechet distance -6 < 0: a covariance is not positive semi-definite"):
+        frechet_distance(np.zeros(3), -np.eye(3), np.zeros(3), -np.eye(3))
+
+
+class StubInception:
+    """Features: the pixels; classes: one per image, in the order given (the Inception Score's input order shows)."""
+    path = Path("stub-inception.pt")
+
+    def __init__(self, value=None):
+        self.value = value
+
+    def extract(self, batches):
+        imgs = np.concatenate(list(batches)).astype(np.float64)
+        feats = imgs.reshape(len(imgs), -1) if self.value is None else np.full((len(imgs), 4), self.value)
+        return feats, np.eye(256)[imgs[:, 0, 0, 0].astype(int)]
+
+
+def test_the_inception_score_reads_an_npz_in_row_order_and_a_folder_in_the_dumps_order(tmp_path, monkeypatch):
+    """A review: evaluate() shuffled an npz's rows before the splits, which OpenAI's evaluator does not (IS 195.07
+    against 194.89 on the same file). A folder, class-ordered by its names, is read in the dump npz's row order.
+    The results name what they were computed from."""
+    n = 12
+    imgs = np.repeat(np.arange(n, dtype=np.uint8)[:, None, None, None] * 20, 4, axis=1).repeat(4, 2).repeat(3, 3)
+    imgs[:, 1:] += np.random.default_rng(0).integers(0, 10, imgs[:, 1:].shape, dtype=np.uint8)
+    np.savez(tmp_path / "s.npz", arr_0=imgs)
+    (tmp_path / "folder").mkdir()
+    for i, im in enumerate(imgs):
+        Image.fromarray(im).save(tmp_path / "folder" / f"{i:06d}.png")
+    np.savez(tmp_path / "ref.npz", arr_0=imgs[::-1].copy())
+    orders = []
+    monkeypatch.setattr(utils.evaluation.fid, "load_inception", lambda path, device: StubInception())
+    monkeypatch.setattr(utils.evaluation.fid, "inception_score", lambda probs, shuffle_seed: orders.append(
+        (probs.argmax(1) // 20).tolist()) or 1.0)
+    results = evaluate(tmp_path / "s.npz", tmp_path / "ref.npz", None, batch_size=5, device="cpu", k=2)
+    evaluate(tmp_path / "folder", tmp_path / "ref.npz", None, batch_size=5, device="cpu", k=2)
+    assert orders == [list(range(n)), npz_order(n).tolist()]
+    assert {k: results[k] for k in ("sample", "ref", "inception", "num_samples", "k")} == {
+        "sample": str(tmp_path / "s.npz"), "ref": str(tmp_path / "ref.npz"), "inception": "stub-inception.pt",
+        "num_samples": n, "k": 2}
+    monkeypatch.setattr(utils.evaluation.fid, "load_inception", lambda path, device: StubInception(np.inf))
+    with pytest.raises(ValueError, match="stub-inception.pt gave non-finite features for the sample images"):
+        evaluate(tmp_path / "s.npz", tmp_path / "ref.npz", None, batch_size=5, device="cpu")
+
+
+def test_an_inception_file_that_is_not_torchscript_is_one_error_line(tmp_path, good_inputs):
+    """A review: --inception junk.pt ended in a RuntimeError traceback after the input checks."""
+    (tmp_path / "junk.pt").write_bytes(b"not a network")
+    with pytest.raises(SystemExit, match=r"^error: cannot load .*junk.pt as TorchScript"):
+        fid_main("--sample", good_inputs[0], "--ref", good_inputs[1], "--device", "cpu", "--inception",
+                 tmp_path / "junk.pt")

@@ -1,7 +1,7 @@
 """A small CNN classifier for low-resolution class-labelled images (MNIST digits in the demo), used to score
 whether generated images show the class they were asked for (the class-consistency score).
 
-Images are (B, 3, H, W) in [-1, 1], any H = W divisible by 8.
+Images are (B, 3, H, W) in [-1, 1], any H, W >= 8 (three 2x poolings, then a global average).
 """
 import logging
 import time

@@ -6,17 +6,21 @@ The library behind `scripts/fid.py` (which only parses flags): `evaluate(sample,
 `mu`/`sigma` only (then no precision/recall), or with images `arr_0` only (statistics computed here).
 Every input is checked (`check_sample`, `load_reference`) before any feature is computed: object or float
 arrays, statistics of another width and unreadable images are errors naming the file and what was expected.
-Metrics follow OpenAI's guided-diffusion evaluator: FID from pool3 statistics, IS over splits of 5000 (of the
-images shuffled with a fixed seed, so that a class-ordered input is not deflated) with the classifier's bias dropped
-(only with an Inception port that has the classifier, see utils/evaluation/inception.py), improved
-precision/recall (Kynkaanniemi et al. 2019) with k=3 and every radius kept (no outlier clamp). Features come
-from a TorchScript port of the TF graph, so numbers can differ from the TF evaluator in the second decimal.
+Metrics follow OpenAI's guided-diffusion evaluator: FID from pool3 statistics, IS over consecutive splits of 5000
+in the npz's row order (a folder's images, which have no order of their own, in `npz_order`, the row order of
+sample.py's dump: a class-ordered listing would deflate the score) with the classifier's bias dropped (only with an
+Inception port that has the classifier, see utils/evaluation/inception.py), improved precision/recall (Kynkaanniemi
+et al. 2019) with k=3 and every radius kept (no outlier clamp). Differences: the k-NN distances are computed in fp32
+(OpenAI's in fp16, which moved one of four precision splits by 0.006 in a review's check); sFID (the spatial
+features `mu_s`/`sigma_s`) is not computed. Features come from a TorchScript port of the TF graph, so numbers can
+differ from the TF evaluator in the second decimal.
 """
 import logging
 import math
 import zipfile
 from pathlib import Path
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,26 +43,35 @@ def feature_stats(feats_ND: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return feats_ND.mean(axis=0), np.cov(feats_ND, rowvar=False)
 
 
-def _psd_sqrt(sigma_DD: np.ndarray) -> np.ndarray:
+def _psd_factor(sigma_DD: np.ndarray) -> np.ndarray:
+    """R with sigma = R^T R (negative eigenvalues, rounding, clipped to 0)."""
     w, V = np.linalg.eigh((sigma_DD + sigma_DD.T) / 2)
-    return (V * np.sqrt(np.clip(w, 0, None))) @ V.T
+    return np.sqrt(np.clip(w, 0, None))[:, None] * V.T
+
+
+NEGATIVE_FID_TOLERANCE = 1e-6  # of tr(S1) + tr(S2): rounding stays far below it; a more negative FID is an error
 
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
     """||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2)), in float64.
 
-    tr((S1 S2)^(1/2)) = sum of sqrt(eigenvalues of S1^(1/2) S2 S1^(1/2)), a symmetric PSD matrix with the same
-    spectrum as S1 S2: no complex square roots (scipy.linalg.sqrtm's failure mode) and no eps retry needed.
+    With S1 = R1^T R1 and S2 = R2^T R2, S1 S2 has the spectrum of (R1 R2^T)(R1 R2^T)^T, so tr((S1 S2)^(1/2)) is the
+    sum of the singular values of R1 R2^T: no complex square roots (scipy.linalg.sqrtm's failure mode), and no
+    squared condition number, so a set against itself scores 0 to rounding even with singular covariances. A
+    distance below -NEGATIVE_FID_TOLERANCE x (tr S1 + tr S2) is a ValueError: the inputs were not covariances.
     """
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
         raise ValueError(f"shape mismatch: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}")
-    root1 = _psd_sqrt(sigma1)
-    middle = root1 @ sigma2 @ root1
-    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((middle + middle.T) / 2), 0, None)).sum()
+    tr_covmean = np.linalg.svd(_psd_factor(sigma1) @ _psd_factor(sigma2).T, compute_uv=False).sum()
     diff = mu1 - mu2
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
+    traces = np.trace(sigma1) + np.trace(sigma2)
+    fid = float(diff @ diff + traces - 2 * tr_covmean)
+    if fid < -NEGATIVE_FID_TOLERANCE * abs(traces):
+        raise ValueError(f"Frechet distance {fid:.6g} < 0: a covariance is not positive semi-definite (a reference "
+                         f"npz's sigma of other statistics?)")
+    return fid
 
 
 def frechet_distance_of_features(a_ND: np.ndarray, b_MD: np.ndarray) -> float:
@@ -100,22 +113,33 @@ def inception_score(probs_NK: np.ndarray, split_size: int = 5000, shuffle_seed: 
     return float(np.mean(scores))
 
 
+NPZ_ORDER_SEED = 0
+
+
+def npz_order(total: int) -> np.ndarray:
+    """A fixed permutation of [0, total): the row order of sample.py's FID npz (row j is PNG npz_order(N)[j]; see
+    utils.evaluation.fid_dump), and the order the Inception Score reads a folder's images in, so that a dump's
+    folder and its npz score alike and the class-major PNGs are mixed within every split."""
+    return np.random.default_rng(NPZ_ORDER_SEED).permutation(total)
+
+
 def _sq_dists(a_ND: torch.Tensor, b_MD: torch.Tensor) -> torch.Tensor:
     d = a_ND.pow(2).sum(1, keepdim=True) - 2 * a_ND @ b_MD.T + b_MD.pow(2).sum(1)[None]
     return d.clamp_(min=0)
 
 
-def manifold_radii(feats_ND: np.ndarray, k: int = 3, clamp_percentile: float | None = None,
+def manifold_radii(feats_ND: np.ndarray, k: int = 3, drop_top_percent: float | None = None,
                    device: str = "cpu", batch: int = 10000) -> torch.Tensor:
-    """Squared distance of each point to its k-th nearest other point. With `clamp_percentile`, radii above the
-    (100 - clamp) percentile are set to 0 (those points then cover nothing); OpenAI's evaluator clamps none."""
+    """Squared distance of each point to its k-th nearest other point. With `drop_top_percent`, the radii above the
+    (100 - drop_top_percent) percentile are set to 0 (those points then cover nothing; OpenAI's evaluator's
+    clamp_to_percentile=95 is drop_top_percent=5, and it clamps none by default)."""
     x = torch.as_tensor(feats_ND, dtype=torch.float32, device=device)
     if len(x) <= k:
         raise ValueError(f"need more than k={k} points for the k-NN radii, got {len(x)}")
     radii = torch.cat([_sq_dists(x[i:i + batch], x).kthvalue(k + 1, dim=1).values  # +1: the point itself
                        for i in range(0, len(x), batch)])
-    if clamp_percentile is not None:
-        limit = torch.quantile(radii.double(), 1 - clamp_percentile / 100).float()
+    if drop_top_percent is not None:
+        limit = torch.quantile(radii.double(), 1 - drop_top_percent / 100).float()
         radii[radii > limit] = 0
     return radii
 
@@ -123,18 +147,18 @@ def manifold_radii(feats_ND: np.ndarray, k: int = 3, clamp_percentile: float | N
 def _coverage(points_ND: torch.Tensor, centers_MD: torch.Tensor, radii_M: torch.Tensor, batch: int) -> float:
     inside = [(_sq_dists(points_ND[i:i + batch], centers_MD) <= radii_M[None]).any(dim=1)
               for i in range(0, len(points_ND), batch)]
-    return torch.cat(inside).float().mean().item()
+    return torch.cat(inside).double().mean().item()
 
 
 def precision_recall(ref_feats: np.ndarray, sample_feats: np.ndarray, k: int = 3,
-                     clamp_percentile: float | None = None, device: str = "cpu",
+                     drop_top_percent: float | None = None, device: str = "cpu",
                      batch: int = 10000) -> tuple[float, float]:
     """Precision: share of samples inside the reference manifold; recall: share of references inside the
     sample manifold (manifold = union of k-NN balls)."""
     ref = torch.as_tensor(ref_feats, dtype=torch.float32, device=device)
     smp = torch.as_tensor(sample_feats, dtype=torch.float32, device=device)
-    ref_radii = manifold_radii(ref_feats, k, clamp_percentile, device, batch)
-    smp_radii = manifold_radii(sample_feats, k, clamp_percentile, device, batch)
+    ref_radii = manifold_radii(ref_feats, k, drop_top_percent, device, batch)
+    smp_radii = manifold_radii(sample_feats, k, drop_top_percent, device, batch)
     return _coverage(smp, ref, ref_radii, batch), _coverage(ref, smp, smp_radii, batch)
 
 
@@ -162,6 +186,8 @@ def open_npz_array(npz_path: Path, key: str = "arr_0") -> np.ndarray:
     with zipfile.ZipFile(npz_path) as zf:
         info = zf.getinfo(f"{key}.npy")
         if info.compress_type != zipfile.ZIP_STORED:
+            logger.warning("%s: `%s` is compressed, so it is read into memory whole (%.1f GB); np.savez (sample.py's "
+                           "dump) writes it memory-mappable", npz_path, key, info.file_size / 1e9)
             return np.load(npz_path)[key]
         with open(npz_path, "rb") as raw:  # the member's data starts after its local file header
             raw.seek(info.header_offset)
@@ -270,6 +296,10 @@ def load_reference(path: Path) -> dict[str, np.ndarray]:
                              f"({D}, {D}), the Inception pool3 width")
         if not (np.isfinite(out["mu"]).all() and np.isfinite(out["sigma"]).all()):
             raise ValueError(f"{path}: mu/sigma hold NaN or Inf; expected finite statistics")
+        sigma = out["sigma"]
+        if (np.diag(sigma) < 0).any() or np.abs(sigma - sigma.T).max() > 1e-6 * np.abs(sigma).max():
+            raise ValueError(f"{path}: sigma is not a covariance (not symmetric, or a negative variance on its "
+                             f"diagonal); expected the pool3 features' covariance")
     if "arr_0" in keys:
         check_images_npz(path)
         out["arr_0"] = open_npz_array(path, "arr_0")
@@ -295,8 +325,8 @@ def check_comparison(sample: Path, n: int, hw: tuple[int, int], ref: Path, refer
     if with_pr and not 1 <= k < min(n, len(ref_images)):
         raise ValueError(f"k={k}: precision/recall need 1 <= k < the smaller image count ({n} in {sample}, "
                          f"{len(ref_images)} in {ref})")
-    counts = [(sample, n)] + ([(ref, len(ref_images))] if ref_images is not None and "mu" not in reference else [])
-    for path, count in counts:
+    counts = {sample: n} | ({ref: len(ref_images)} if ref_images is not None and "mu" not in reference else {})
+    for path, count in counts.items():  # one warning for a file given as both
         if count < MIN_FID_IMAGES:
             logger.warning("%s holds %d images, fewer than %d (the Inception feature width): its FID is biased upward "
                            "and comparable only with FIDs of as many images (the paper's: 50,000)", path, count,
@@ -308,27 +338,39 @@ def check_comparison(sample: Path, n: int, hw: tuple[int, int], ref: Path, refer
     return with_pr
 
 
+def finite_features(feats_ND: np.ndarray, net_path: Path, what: str) -> np.ndarray:
+    """`feats_ND`, or a ValueError naming the network when a feature is NaN or Inf (no score comes of them)."""
+    if not np.isfinite(feats_ND).all():
+        raise ValueError(f"{net_path} gave non-finite features for the {what} images: is it an Inception port?")
+    return feats_ND
+
+
 def evaluate(sample: Path, ref: Path, inception_path: str | None, batch_size: int, device: str,
-             k: int = 3, with_pr: bool = True) -> dict[str, float]:
-    """FID, IS (when the Inception port has its classifier) and precision/recall of `sample` against `ref`."""
+             k: int = 3, with_pr: bool = True) -> dict[str, Any]:
+    """FID, IS (when the Inception port has its classifier) and precision/recall of `sample` against `ref`, with
+    what they were computed from (the inputs, the Inception file, k)."""
     reference = load_reference(ref)  # validate both inputs before the slow parts
     n, hw, batches = image_batches(sample, batch_size)
     with_pr = check_comparison(sample, n, hw, ref, reference, k, with_pr)
     net = load_inception(inception_path, device)
     logger.info("features of %d sample images", n)
     feats, probs = net.extract(batches)
-    results: dict[str, float] = {"num_samples": n}
+    feats = finite_features(feats, net.path, "sample")
+    results: dict[str, Any] = {"sample": str(sample), "ref": str(ref), "inception": str(net.path), "num_samples": n}
     ref_feats = None
     if "arr_0" in reference and (with_pr or "mu" not in reference):
         logger.info("features of %d reference images", len(reference["arr_0"]))
         ref_feats, _ = net.extract(np.ascontiguousarray(reference["arr_0"][i:i + batch_size])
                                    for i in range(0, len(reference["arr_0"]), batch_size))
+        ref_feats = finite_features(ref_feats, net.path, "reference")
     mu_ref, sigma_ref = (reference["mu"], reference["sigma"]) if "mu" in reference else feature_stats(ref_feats)
     results["fid"] = frechet_distance(*feature_stats(feats), mu_ref, sigma_ref)
-    if probs is not None:
-        results["inception_score"] = inception_score(probs)
+    if probs is not None:  # an npz in its row order, as OpenAI's evaluator; a folder in the dump's npz order
+        results["inception_score"] = inception_score(probs[npz_order(n)] if Path(sample).is_dir() else probs,
+                                                     shuffle_seed=None)
     else:
         logger.warning("Inception Score skipped: %s has no classifier layer (use inception-2015-12-05.pt)", net.path)
     if with_pr and ref_feats is not None:
         results["precision"], results["recall"] = precision_recall(ref_feats, feats, k=k, device=device)
+        results["k"] = k
     return results

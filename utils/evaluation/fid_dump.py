@@ -42,7 +42,7 @@ import numpy as np
 from PIL import Image
 
 from models.loading import CHECKPOINT_SUFFIXES
-from utils.evaluation.fid import read_npz_header
+from utils.evaluation.fid import npz_order, read_npz_header
 from utils.run.checkpoint import DiskFullError, allocate, disk_full_is_an_error, write_text_atomic
 from utils.sample_io import save_image
 
@@ -94,15 +94,6 @@ class DumpPlan:
 
     def labels(self, indices: Iterable[int]) -> np.ndarray:
         return np.asarray([i // self.num_per_class for i in indices], dtype=np.int64)
-
-
-NPZ_ORDER_SEED = 0
-
-
-def npz_order(total: int) -> np.ndarray:
-    """Which PNG index each npz row holds: a permutation of [0, total) fixed by `NPZ_ORDER_SEED` (see the module
-    docstring: it mixes the classes within every split of the Inception Score)."""
-    return np.random.default_rng(NPZ_ORDER_SEED).permutation(total)
 
 
 def chunk_seed(seed: int, chunk: int) -> int:

