@@ -93,6 +93,9 @@ def test_stale_temp_files_of_killed_saves_are_removed_at_start(tmp_path):
     file and every other file stay."""
     dead_pid = 2**22 + 12345  # above the kernel's largest pid (2**22): no such process
     stale = [temp_path(tmp_path / name, dead_pid) for name in ("tokenizer-last.pth", "tokenizer-best.pth")]
+    # a review: a requeue onto another host kept a dead writer's file (GBs) whenever its pid was alive here
+    stale += [temp_path(tmp_path / "tokenizer-last.pth", os.getppid(), host="gpu-a99"),
+              tmp_path / f".tokenizer-prev.pth.tmp{dead_pid}"]  # a name from before the host was in it
     other_run = temp_path(tmp_path / "tokenizer-last.pth", os.getppid())  # a live process (our parent)
     other_prefix = temp_path(tmp_path / "ar-ckpt-last.pth", dead_pid)  # another trainer's checkpoint name
     kept = [other_run, other_prefix, tmp_path / "tokenizer-last.pth.tmp1",
@@ -101,7 +104,7 @@ def test_stale_temp_files_of_killed_saves_are_removed_at_start(tmp_path):
         p.write_bytes(b"x")
     train_tokenizer(tiny_args("--steps=1", f"--out_dir={tmp_path}"))
     assert not any(p.exists() for p in stale) and all(p.exists() for p in kept)
-    assert "removed 2 temporary file(s) of interrupted saves" in (tmp_path / "log.txt").read_text()
+    assert "removed 4 temporary file(s) of interrupted saves" in (tmp_path / "log.txt").read_text()
     assert RunFolder(tmp_path, "ar-ckpt").remove_stale_temp_files() == [other_prefix]
 
 

@@ -215,10 +215,10 @@ def pack_bytes(plan: DumpPlan, image_hw: tuple[int, int]) -> int:
 
 def remove_interrupted_writes(folder: Path) -> list[Path]:
     """Delete the temporary files a killed dump left (SIGKILL skips their clean-up): its PNGs' and settings file's
-    (`utils.run.checkpoint.temp_path`, hidden, named after the file and its writer's pid) and a packing's `.npy` /
+    (`utils.run.checkpoint.temp_path`, hidden, named after the file and its writer) and a packing's `.npy` /
     `.npz`. Only for rank 0 holding the folder's run lock before any rank samples: no writer is alive then."""
     folder = Path(folder)
-    temp_name = re.compile(rf"\.(\d{{6,}}\.png|{re.escape(SETTINGS_NAME)})\.tmp\d+")
+    temp_name = re.compile(rf"\.(\d{{6,}}\.png|{re.escape(SETTINGS_NAME)})\.tmp\d+(@.+)?")
     stale = [p for p in folder.iterdir() if temp_name.fullmatch(p.name)]
     stale += [p for p in pack_temp_paths(default_npz(folder)) if p.exists()]
     for path in stale:

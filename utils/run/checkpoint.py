@@ -25,6 +25,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 import tempfile
 import time
 import uuid
@@ -63,18 +64,22 @@ def position(ckpt: dict[str, Any] | None) -> tuple | None:
     return None if ckpt is None else tuple(ckpt.get(k) for k in POSITION_KEYS)
 
 
-def temp_path(path: Path, pid: int | None = None) -> Path:
-    """Where `save_atomic` writes `path` before renaming it: a hidden file named after it and the writer's pid."""
-    return path.with_name(f".{path.name}.tmp{os.getpid() if pid is None else pid}")
+def temp_path(path: Path, pid: int | None = None, host: str | None = None) -> Path:
+    """Where `save_atomic` writes `path` before renaming it: a hidden file named after it and its writer (pid and
+    host: on a shared disk a pid says nothing about another host's processes)."""
+    return path.with_name(f".{path.name}.tmp{os.getpid() if pid is None else pid}@{host or socket.gethostname()}")
 
 
-def temp_file_pid(path: Path, names: tuple[str, ...]) -> int | None:
-    """The writer's pid if `path` is a `temp_path` of one of the file names `names`, else None."""
+def temp_file_is_stale(path: Path, names: tuple[str, ...]) -> bool:
+    """Whether `path` is a `temp_path` of one of the file names `names` whose writer is gone: this process (a
+    killed save's pid, reused), a pid not alive on this host, or another host's writer (the caller holds the
+    folder's run lock: no other run writes there). A name without a host (older saves) is judged by its pid."""
     for name in names:
-        m = re.fullmatch(rf"\.{re.escape(name)}\.tmp(\d+)", path.name)
+        m = re.fullmatch(rf"\.{re.escape(name)}\.tmp(\d+)(?:@(.+))?", path.name)
         if m:
-            return int(m.group(1))
-    return None
+            pid, host = int(m.group(1)), m.group(2)
+            return (host is not None and host != socket.gethostname()) or pid == os.getpid() or not pid_alive(pid)
+    return False
 
 
 class DiskFullError(RuntimeError):
@@ -239,8 +244,7 @@ class RunFolder:
         names = tuple(p.name for p in (self.last, self.prev, self.best))
         removed = []
         for path in self.dir.iterdir():
-            pid = temp_file_pid(path, names)
-            if pid is not None and (pid == os.getpid() or not pid_alive(pid)):
+            if temp_file_is_stale(path, names):
                 path.unlink(missing_ok=True)
                 removed.append(path)
         if removed:
