@@ -118,7 +118,8 @@ def get_local_rank() -> int:
 
 
 def is_main_process() -> bool:
-    """True on global rank 0, the process that logs and writes files."""
+    """True on global rank 0, the process that logs and writes the run's files (node-local output folders also have
+    a checkpoint writer per node: utils.run.checkpoint.is_checkpoint_writer)."""
     return get_rank() == 0
 
 
