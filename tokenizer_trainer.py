@@ -354,11 +354,15 @@ class TokenizerTrainer:
             (d_loss if self.disc_scaler is None else self.disc_scaler.scale(d_loss)).backward()
             d_mean = dist.all_reduce_mean(d_loss.detach().clone()).item()
             if reason is None and not overflow and math.isfinite(d_mean):
-                if self.disc_scaler is None:
-                    self.disc_opt.step()
-                else:  # an overflow of its own gradients: GradScaler skips its update and lowers its scale
+                if self.disc_scaler is not None:
                     self.disc_scaler.unscale_(self.disc_opt)
-                    d_norm = nn.utils.clip_grad_norm_(self.disc.parameters(), math.inf).item()  # the norm only
+                d_norm = nn.utils.clip_grad_norm_(self.disc.parameters(), math.inf).item()  # the norm only
+                if self.disc_scaler is None and math.isfinite(d_norm):
+                    self.disc_opt.step()
+                elif self.disc_scaler is None:  # a finite loss, a non-finite gradient: NaN would enter its weights
+                    logger.warning("step %d's discriminator gradient is not finite: its update is skipped",
+                                   self.step + 1)
+                else:  # an overflow of its own gradients: GradScaler skips its update and lowers its scale
                     self.disc_scaler.step(self.disc_opt)
                     self.disc_scaler.update_capped()
                     if self.disc_scaler.is_overflow(d_mean, d_norm):

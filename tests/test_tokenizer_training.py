@@ -721,3 +721,18 @@ def test_a_gan_that_never_starts_is_named(tmp_path):
     """A review: --gan_start at or past --steps trained no GAN term without a word."""
     train(tiny_args("--steps=1", "--w_gan=0.1", "--gan_start=1", "--disc_layers=1", f"--out_dir={tmp_path}"))
     assert "--gan_start=1 >= --steps=1: this run trains no GAN term" in (tmp_path / "log.txt").read_text()
+
+
+def test_a_non_finite_discriminator_gradient_under_a_finite_loss_updates_nothing():
+    """A review: in fp32/bf16 only the discriminator's loss was judged, so a non-finite gradient under a finite loss
+    would have written NaN into it, after which every generator step is skipped until the run stops."""
+    args = tiny_args("--steps=2", "--w_gan=0.1", "--disc_ch=16", "--disc_layers=1")
+    trainer = TokenizerTrainer(build_vae(args), args, torch.device("cpu"))
+    weight = next(trainer.disc.parameters())
+    before = [p.detach().clone() for p in trainer.disc.parameters()]
+    hook = weight.register_hook(lambda grad: torch.full_like(grad, math.inf))
+    trainer.train_step(mnist_batch())
+    assert all(torch.equal(a, p) for a, p in zip(before, trainer.disc.parameters(), strict=True))
+    hook.remove()
+    trainer.train_step(mnist_batch())
+    assert not torch.equal(before[0], weight) and weight.isfinite().all()
