@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_backend_flags(p)
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0: every interface)")
-    p.add_argument("--port", type=int, default=7860, help="port (0: a free one)")
+    p.add_argument("--port", type=int, default=7860, help="port (0: the first free one of 7860-7959, Gradio's "
+                   "search)")
     p.add_argument("--share", action="store_true", help="also ask Gradio for a public share link")
     p.add_argument("--queue_size", type=int, default=8, help="requests that may wait for the one running")
     p.add_argument("--max_upload_mb", type=float, default=20, help="largest upload accepted (MB)")
@@ -91,7 +92,13 @@ def launch(argv: Sequence[str] | None = None, block: bool = True):
     """Parse, load, build the page and serve it -> (the Gradio app, its URL); `block=False` returns at once
     (tests), else it serves until interrupted (Ctrl-C or SIGTERM: `kill`, `docker stop`, schedulers), then deletes
     its workspace."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for flag, ok, expected in (("port", 0 <= args.port <= 65535, "0 to 65535"), ("queue_size", args.queue_size >= 1,
+                               "at least 1 (0 refuses every request)"), ("max_upload_mb", args.max_upload_mb > 0,
+                               "above 0 (0 refuses every upload)")):
+        if not ok:
+            parser.error(f"--{flag}={getattr(args, flag)}: expected {expected}")
     session = open_session(args)
     try:
         with sigterm_raises():
@@ -103,9 +110,14 @@ def launch(argv: Sequence[str] | None = None, block: bool = True):
             title = f"M-VAR: {Path(session.base_argv[1]).name} ({session.mvar.num_classes} classes, " \
                     f"{session.mvar.image_size} px)"
             demo = build_ui(session, title, args.queue_size)
-            _, url, _ = demo.launch(server_name=args.host, server_port=args.port or None, share=args.share,
-                                    max_file_size=int(args.max_upload_mb * 1e6), ssr_mode=False, quiet=not block,
-                                    css=CSS, prevent_thread_lock=not block)
+            try:
+                _, url, _ = demo.launch(server_name=args.host, server_port=args.port or None, share=args.share,
+                                        max_file_size=int(args.max_upload_mb * 1e6), ssr_mode=False,
+                                        quiet=not block, css=CSS, prevent_thread_lock=not block)
+            except OSError as e:
+                reason = str(e).split(". You can")[0]  # Gradio's advice names its own launch() parameter
+                raise SystemExit(f"error: --host={args.host} --port={args.port}: cannot listen there ({reason}): "
+                                 "choose another --port") from e
             if block:
                 demo.block_thread()
     finally:

@@ -7,6 +7,7 @@ classes, `MAX_PIXELS` per uploaded image) and checked before any work.
 """
 import argparse
 import contextlib
+import re
 import shlex
 import shutil
 import tempfile
@@ -25,9 +26,10 @@ from models.mvar import MVAR
 from utils.sample_io import open_image, read_edit_image, save_folder, save_grid, to_uint8_BHW3
 
 RANDOM = "random"  # the class picker's entry for one class drawn from the seed (the command names the class drawn)
-PAPER = {"cfg": 1.5, "top_k": 900, "top_p": 0.96, "more_smooth": False}  # sample.py --preset fid
+PAPER = sample.PRESETS["fid"]  # the page's "paper settings" button: sample.py --preset fid
 MAX_ROWS = 16  # classes (grid rows) per request: with 16 images per class at most, a request's work stays bounded
 MAX_PIXELS = 50_000_000  # pixels of an uploaded image (a 50 MP photo); PIL's own guard lets 179 MP through
+BUSY_WAIT_S = 600.0  # how long a request waits for a cancelled one that still holds the model (`generating`)
 
 
 @dataclass
@@ -110,8 +112,9 @@ class Session:
             if entry == RANDOM:
                 ids.append(int(rng.integers(self.mvar.num_classes)))
                 continue
-            head = str(entry).split(":", 1)[0].strip()
-            if not head.isdigit() or int(head) >= self.mvar.num_classes:
+            head, colon, _ = str(entry).partition(":")
+            known = re.fullmatch(r"\d+", head.strip(), re.ASCII) and int(head) < self.mvar.num_classes
+            if not known or (colon and str(entry) != self.class_label(int(head))):  # an id, or the list's entry
                 raise ValueError(f"unknown class {entry!r}: pick one of the list")
             ids.append(int(head))
         return ids
@@ -195,11 +198,13 @@ class Session:
 
     @contextlib.contextmanager
     def generating(self) -> Iterator[None]:
-        """Hold the model for one request. Gradio's queue runs one at a time, but a request it cancelled (or whose
-        page closed) still finishes its work in its thread: the next is refused meanwhile (ValueError), instead of
-        waiting in a thread of its own, uncounted by the queue."""
-        if not self.lock.acquire(blocking=False):
-            raise ValueError("the previous request (perhaps a cancelled one) is still running: try again in a moment")
+        """Hold the model for one request. Gradio's queue runs one generation at a time, but an edit it cancelled (or
+        whose page closed) still finishes its work in its thread (a cancelled sampling stops at its next batch): the
+        next request waits for it, up to BUSY_WAIT_S, holding the queue's one slot, so the requests behind it stay
+        queued (refusing at once failed every queued request, one after the other); then a ValueError."""
+        if not self.lock.acquire(timeout=BUSY_WAIT_S):
+            raise ValueError(f"the previous request (perhaps a cancelled one) still runs after {BUSY_WAIT_S:g} s of "
+                             "waiting: try again later")
         try:
             yield
         finally:
@@ -229,13 +234,15 @@ def parse_sample_args(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def write_command(argv: Sequence[str], folder: Path) -> Path:
-    """command.sh: `python sample.py ARGV`, with the request folder's files named relative to it (they are
-    downloaded beside it)."""
+    """command.sh: `python /path/to/sample.py ARGV`, with the request folder's files named relative to it (they are
+    downloaded beside it) and its output renamed NAME-rerun.png, so that a rerun keeps the downloaded result."""
     prefix = f"{folder}/"
     words = [a.removeprefix(prefix) for a in argv]
+    out = words.index("--out") + 1
+    words[out] = str(Path(words[out]).with_stem(f"{Path(words[out]).stem}-rerun"))
     path = folder / "command.sh"
     path.write_text("# run from the folder of the downloaded files, in this project's environment\n"
-                    f"python sample.py {shlex.join(words)}\n")
+                    f"python {shlex.quote(str(Path(sample.__file__).resolve()))} {shlex.join(words)}\n")
     return path
 
 

@@ -15,6 +15,7 @@ the page; the server keeps serving. For scripts the two endpoints are `/sample` 
 layers (None with a box), box "x0,y0,x1,y1", then the same settings without the batch size.)
 """
 import contextlib
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,13 +32,14 @@ PAGE_ERRORS = (ValueError, FileNotFoundError, NonFiniteValueError)  # what a req
 
 
 @contextlib.contextmanager
-def page_errors() -> Iterator[None]:
-    """A request's errors as messages in the page (the server keeps serving): PAGE_ERRORS, and running out of
-    memory, whose cached blocks go back to the GPU's other users."""
+def page_errors(workspace: Path) -> Iterator[None]:
+    """A request's errors as messages in the page (the server keeps serving): PAGE_ERRORS, the files of the private
+    `workspace` named by their names only, and running out of memory, whose cached blocks go back to the GPU's other
+    users."""
     try:
         yield
     except PAGE_ERRORS as e:
-        raise gr.Error(str(e), print_exception=False) from e
+        raise gr.Error(re.sub(re.escape(str(workspace)) + r"/(?:[^\s:]*/)?", "", str(e)), print_exception=False) from e
     except torch.cuda.OutOfMemoryError as e:  # torch.OutOfMemoryError, under its name of every supported torch
         torch.cuda.empty_cache()
         raise gr.Error("out of memory: lower the batch size, the images per class or the classes",
@@ -62,11 +64,24 @@ def knob_inputs(session: Session, num_label: str, num_default: int, tab: str) ->
     return [classes, num, cfg, top_k, top_p, seed, smooth]
 
 
+def whole(value, name: str) -> int:
+    """A count or seed from the page or an API call: an int, a float without a fraction (a slider's 4.0) or a string
+    of digits, exactly (a seed up to 2**64 - 1), else ValueError naming the field (1.5 was taken as 1)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and re.fullmatch(r"\s*-?\d+\s*", value, re.ASCII):
+        return int(value)
+    raise ValueError(f"{name}={value!r}: expected a whole number")
+
+
 def knobs_of(classes, num, cfg, top_k, top_p, seed, smooth, bs: int = Knobs.bs) -> Knobs:
     """The page's values (or an API call's: one class may come as a bare string or number) -> Knobs."""
     classes = [classes] if isinstance(classes, (str, int)) else list(classes or [])
-    return Knobs(classes=classes, num_per_class=int(num), cfg=float(cfg), top_k=int(top_k or 0),
-                 top_p=float(top_p), seed=int(seed or 0), more_smooth=bool(smooth), bs=int(bs))
+    return Knobs(classes=classes, num_per_class=whole(num, "images per class"), cfg=float(cfg),
+                 top_k=whole(top_k or 0, "top-k"), top_p=float(top_p), seed=whole(seed or 0, "seed"),
+                 more_smooth=bool(smooth), bs=whole(bs, "batch size"))
 
 
 def gallery(session: Session, result: Result) -> list[tuple[str, str]]:
@@ -103,7 +118,7 @@ def build_ui(session: Session, title: str, queue_size: int) -> gr.Blocks:
     """The page over `session`, its queue bounded at `queue_size` waiting requests."""
 
     def on_sample(classes, num, cfg, top_k, top_p, seed, smooth, bs, progress=PROGRESS):
-        with page_errors():
+        with page_errors(session.workspace.root):
             knobs = knobs_of(classes, num, cfg, top_k, top_p, seed, smooth, bs)
             for k, r in enumerate(session.sample(knobs, on_scale=progress_bar(progress))):
                 status = f"{len(r.images)} images" + (" (done)" if r.files else ", more coming")
@@ -114,7 +129,7 @@ def build_ui(session: Session, title: str, queue_size: int) -> gr.Blocks:
     def on_preview(path):
         if not path:
             return None, ""
-        with page_errors():
+        with page_errors(session.workspace.root):
             img, (H, W) = session.preview(Path(path))
         value = {"background": img, "layers": [], "composite": img}
         return gr.ImageEditor(value=value, brush=brush(img.shape[1])), \
@@ -123,7 +138,7 @@ def build_ui(session: Session, title: str, queue_size: int) -> gr.Blocks:
     def on_edit(image, drawing, box, classes, num, cfg, top_k, top_p, seed, smooth, progress=PROGRESS):
         if not image:
             raise gr.Error("upload an image first (or send a generated one over)", print_exception=False)
-        with page_errors():
+        with page_errors(session.workspace.root):
             knobs = knobs_of(classes, num, cfg, top_k, top_p, seed, smooth)
             drawn = mask_from_layers((drawing or {}).get("layers") or [])
             r, before, mask_img = session.edit(Path(image), knobs, drawn_hw=drawn, box=(box or "").strip() or None,
