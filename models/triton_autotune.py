@@ -135,7 +135,8 @@ def compile_all(fn, args: list, kwargs: dict, configs: list, threads: int) -> No
             fn = fn.fn
         for kernel_cache, *_ in fn.device_caches.values():  # failed ones would re-raise at every launch
             for key, kernel in list(kernel_cache.items()):
-                if isinstance(kernel, FutureKernel) and kernel.future.exception() is not None:
+                if isinstance(kernel, FutureKernel) and kernel.future is not None and \
+                        kernel.future.exception() is not None:  # newer Triton drops .future once it has a result
                     del kernel_cache[key]
     except Exception as err:  # the benchmark compiles what is missing, one config after another
         _log_fallback(type(err).__name__, str(err)[:200])

@@ -97,7 +97,10 @@ if compgen -G "$WHEELS/*.whl" >/dev/null; then
 else
     echo "dry run without $WHEELS/*.whl: mamba_ssm / mlxtend only if already importable"
 fi
-export PYTHONPATH="$REPO:$SITE${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TRITON_CACHE_AUTOTUNING=1
+# TRITON_F32_DEFAULT=tf32x3 (the numerics' fp32: three TF32 products per fp32 dot) for every stage: Triton keys its
+# compile and autotune caches on it, so set in one stage only it would have every other compile mamba_ssm again
+export PYTHONPATH="$REPO:$SITE${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TRITON_CACHE_AUTOTUNING=1 \
+    TRITON_F32_DEFAULT=tf32x3
 timeout 15 nvidia-smi 2>/dev/null || echo "nvidia-smi: not available"
 stage environment 40 "$PY" scripts/gpu_env.py --out "$OUT/env.json" "${DRY[@]}"
 if wanted pytest; then

@@ -72,7 +72,7 @@ def resolved_kernels(device: torch.device) -> list[list[str]]:
 
 def build_tools() -> str:
     """The C compiler and Python headers Triton builds its kernel launcher with, at its first kernel on a GPU."""
-    compiler = os.environ.get("CC") or next(filter(None, map(shutil.which, ("cc", "gcc", "clang"))), None)
+    compiler = os.environ.get("CC") or next(filter(None, map(shutil.which, ("gcc", "clang"))), None)  # Triton's order
     headers = Path(sysconfig.get_paths()["include"]) / "Python.h"
     return f"C compiler {compiler or 'none found'}, {headers} {'present' if headers.is_file() else 'absent'}"
 

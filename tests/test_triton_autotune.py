@@ -90,7 +90,7 @@ def warm_double() -> set[str]:
     return {k.hash for k in _double.fn.device_caches[0][0].values()}
 
 
-def test_configs_compile_in_worker_threads_to_the_same_binaries(compiles, monkeypatch):
+def test_configs_compile_in_worker_threads_to_the_same_binaries(compiles, monkeypatch, caplog):
     sequential = warm_double()
     assert [thread for thread, _ in compiles] == ["MainThread"] * len(CONFIGS)
     compiles.clear()
@@ -100,6 +100,9 @@ def test_configs_compile_in_worker_threads_to_the_same_binaries(compiles, monkey
     assert warm_double() == sequential and len(sequential) == len(CONFIGS)
     # each config once, in the pool: the autotuner's own pass found them compiled
     assert len(compiles) == len(CONFIGS) and all(t.startswith("triton-compile") for t, _ in compiles), compiles
+    # a review: Triton 3.8 drops a FutureKernel's .future once it has a result, and the clean-up's AttributeError
+    # logged a fallback that did not happen
+    assert "one by one" not in caplog.text
 
 
 def test_a_failing_hook_falls_back_to_tritons_sequential_path(compiles, monkeypatch, caplog):
