@@ -133,13 +133,18 @@ def compile_all(fn, args: list, kwargs: dict, configs: list, threads: int) -> No
                 fn.run(*args, **{**kwargs, **config.all_kwargs(), "warmup": True})
         while not isinstance(fn, JITFunction):  # heuristics and other wrappers hold the JITFunction as .fn
             fn = fn.fn
-        for kernel_cache, *_ in fn.device_caches.values():  # failed ones would re-raise at every launch
-            for key, kernel in list(kernel_cache.items()):
-                if isinstance(kernel, FutureKernel) and kernel.future is not None and \
-                        kernel.future.exception() is not None:  # newer Triton drops .future once it has a result
-                    del kernel_cache[key]
+        drop_failed_compiles(fn.device_caches, FutureKernel)
     except Exception as err:  # the benchmark compiles what is missing, one config after another
         _log_fallback(type(err).__name__, str(err)[:200])
+
+
+def drop_failed_compiles(device_caches: dict, future_kernel: type) -> None:
+    """Remove the configs whose parallel compilation failed from a JITFunction's caches (they would re-raise at every
+    launch); a FutureKernel whose `future` a newer Triton has dropped once it had its result is a finished one."""
+    for kernel_cache, *_ in device_caches.values():
+        for key, kernel in list(kernel_cache.items()):
+            if isinstance(kernel, future_kernel) and kernel.future is not None and kernel.future.exception():
+                del kernel_cache[key]
 
 
 _PARSE_LOCK = threading.Lock()

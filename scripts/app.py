@@ -100,6 +100,7 @@ def launch(argv: Sequence[str] | None = None, block: bool = True):
         if not ok:
             parser.error(f"--{flag}={getattr(args, flag)}: expected {expected}")
     session = open_session(args)
+    served, temp_dir = False, os.environ.get("GRADIO_TEMP_DIR")
     try:
         with sigterm_raises():
             # Gradio's copies of uploads and results: in the private workspace (its default is /tmp/gradio, readable
@@ -118,13 +119,16 @@ def launch(argv: Sequence[str] | None = None, block: bool = True):
                 reason = str(e).split(". You can")[0]  # Gradio's advice names its own launch() parameter
                 raise SystemExit(f"error: --host={args.host} --port={args.port}: cannot listen there ({reason}): "
                                  "choose another --port") from e
+            served = True
             if block:
                 demo.block_thread()
     finally:
-        if block:
+        if block or not served:  # a server that did not start leaves nothing behind either
             session.workspace.close()
-            if USER_GRADIO_TEMP_DIR is None:  # not left pointing at the deleted workspace (children inherit it)
+            if temp_dir is None:  # not left pointing at the deleted workspace (children inherit it)
                 os.environ.pop("GRADIO_TEMP_DIR", None)
+            else:  # the user's, or a server running in this process (tests)
+                os.environ["GRADIO_TEMP_DIR"] = temp_dir
     return demo, session, url
 
 

@@ -54,9 +54,10 @@ def knob_inputs(session: Session, num_label: str, num_default: int, tab: str) ->
                           max_choices=MAX_ROWS, elem_id=f"{tab}-classes")
     num = gr.Slider(1, 16, value=num_default, step=1, label=num_label)
     cfg = gr.Slider(0, 10, value=Knobs.cfg, step=0.1, label="cfg (classifier-free guidance)")
-    top_k = gr.Number(Knobs.top_k, precision=0, minimum=0, label="top-k (0: all tokens)")
+    # precision=None: the value as sent, for knobs_of's whole-number check (precision=0 rounded 1.5 to 2)
+    top_k = gr.Number(Knobs.top_k, precision=None, minimum=0, label="top-k (0: all tokens)")
     top_p = gr.Slider(0.01, 1, value=Knobs.top_p, step=0.01, label="top-p (1: no nucleus filter)")
-    seed = gr.Number(Knobs.seed, precision=0, minimum=0, label="seed", elem_id=f"{tab}-seed")
+    seed = gr.Number(Knobs.seed, precision=None, minimum=0, label="seed", elem_id=f"{tab}-seed")
     smooth = gr.Checkbox(Knobs.more_smooth, label="smoothing (--more_smooth: smoother pictures, not for FID)")
     paper = gr.Button("the paper's settings (cfg 1.5, top-k 900, top-p 0.96, no smoothing)", size="sm")
     paper.click(lambda: (PAPER["cfg"], PAPER["top_k"], PAPER["top_p"], PAPER["more_smooth"]),

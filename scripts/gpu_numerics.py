@@ -156,7 +156,8 @@ def exact_fp32() -> None:
 
 def exact_fp32_line(device: torch.device) -> CheckLine:
     return CheckLine("fp32 without TF32 (torch, cuDNN, Triton dots)", "INFO", device.type,
-                     note="TRITON_F32_DEFAULT=tf32x3 here; the recipe's --tf32=1 runs in the training stage")
+                     note="TRITON_F32_DEFAULT=tf32x3 (gpu_check.sh: every stage; Triton's default is TF32); the "
+                     "recipe's --tf32=1 (torch's matmuls) runs in the training stage")
 
 
 def tokenizer_line(ref_ids: torch.Tensor, vae_dev: VQVAE, img: torch.Tensor, device: torch.device) -> CheckLine:

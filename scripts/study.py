@@ -202,6 +202,8 @@ def check_folder(out: Path, plan: dict) -> None:
     path = out / "plan.json"
     if path.is_file():
         old = json.loads(path.read_text())
+        if "recipe" not in old and "tokenizer_config" in old:  # a folder from before the recipe was compared
+            old["recipe"] = dict(train_flags=old["train_flags"][:len(TRAIN_FLAGS)], tokenizer=old["tokenizer_config"])
         differ = [k for k in plan if old.get(k) != json.loads(json.dumps(plan[k]))]
         if differ:
             raise ValueError(f"{out} holds a study made with other settings ({', '.join(differ)} differ): run with "

@@ -504,12 +504,8 @@ def test_strokes_drawn_over_another_shape_than_the_uploads_are_refused(tiny_sess
 
 
 def model_is_held(session) -> bool:
-    """Whether a request now would be refused because another holds the model."""
-    try:
-        with session.generating():
-            return False
-    except ValueError:
-        return True
+    """Whether a request now would have to wait because another holds the model."""
+    return session.lock.locked()
 
 
 def test_a_request_holds_the_model_through_all_its_work(tiny_session, tmp_path):
@@ -639,9 +635,16 @@ def test_the_pages_settings_become_the_sample_py_flags_of_the_same_values():
                            more_smooth=smooth, bs=5)
 
 
-def test_counts_and_seeds_must_be_whole_numbers():
-    """A review: an API call's num_per_class=1.5 ran as 1. A slider's 4.0 and a seed of 2**64 - 1, exactly, pass."""
+def test_counts_and_seeds_must_be_whole_numbers(client):
+    """A review: an API call's num_per_class=1.5 ran as 1, and a seed of 1.5 as 2 (Gradio's precision=0 rounded it
+    before the check). A slider's 4.0 and a seed of 2**64 - 1, exactly, pass."""
+    from gradio_client.exceptions import AppError
+
     from scripts.app_ui import knobs_of
+
+    for i, field in ((5, "seed=1.5"), (3, "top-k=1.5"), (1, "images per class=1.5")):
+        with pytest.raises(AppError, match=re.escape(f"{field}: expected a whole number")):
+            client.predict(*SAMPLE[:i], 1.5, *SAMPLE[i + 1:], api_name="/sample")
 
     knobs = knobs_of(["1"], 4.0, 1.5, "900", 0.9, str(2**64 - 1), False, 2.0)
     assert (knobs.num_per_class, knobs.top_k, knobs.seed, knobs.bs) == (4, 900, 2**64 - 1, 2)

@@ -69,7 +69,8 @@ def shown(elements) -> list[np.ndarray]:
 
 def command_argv(driver, elem_id: str, **paths) -> list[str]:
     """The sample.py command shown in the page's code box `elem_id`, with the files it names put at `paths`."""
-    line = next(t for t in driver.find_element(By.ID, elem_id).text.splitlines() if t.startswith("python sample.py"))
+    line = next(t for t in driver.find_element(By.ID, elem_id).text.splitlines()
+                if t.startswith("python ") and shlex.split(t)[1].endswith("sample.py"))
     argv = shlex.split(line)[2:]
     for flag, path in paths.items():
         argv[argv.index(f"--{flag}") + 1] = str(path)

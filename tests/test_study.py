@@ -169,6 +169,11 @@ def test_a_folder_of_another_recipe_is_refused(tmp_path, monkeypatch):
     plan = study.make_plan(study.build_parser().parse_args(["--quick"]))
     study.save_json(plan, tmp_path / "plan.json")
     study.check_folder(tmp_path, plan)
+    # a folder made before the recipe was compared (train_flags and tokenizer_config written by `prepare`) resumes
+    older = {k: v for k, v in plan.items() if k != "recipe"}
+    older.update(train_flags=[*study.TRAIN_FLAGS, "--pn=1_2"], tokenizer_config=study.TOKENIZER)
+    study.save_json(older, tmp_path / "plan.json")
+    study.check_folder(tmp_path, plan)
     monkeypatch.setattr(study, "TRAIN_FLAGS", [*study.TRAIN_FLAGS, "--alng=1e-4"])
     with pytest.raises(ValueError, match="other settings \\(recipe differ\\)"):
         study.check_folder(tmp_path, study.make_plan(study.build_parser().parse_args(["--quick"])))

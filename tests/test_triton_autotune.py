@@ -100,9 +100,23 @@ def test_configs_compile_in_worker_threads_to_the_same_binaries(compiles, monkey
     assert warm_double() == sequential and len(sequential) == len(CONFIGS)
     # each config once, in the pool: the autotuner's own pass found them compiled
     assert len(compiles) == len(CONFIGS) and all(t.startswith("triton-compile") for t, _ in compiles), compiles
-    # a review: Triton 3.8 drops a FutureKernel's .future once it has a result, and the clean-up's AttributeError
-    # logged a fallback that did not happen
-    assert "one by one" not in caplog.text
+    assert "one by one" not in caplog.text  # no fallback was logged
+
+
+def test_the_clean_up_drops_failed_compiles_only_and_takes_a_finished_kernel_without_its_future():
+    """A review: newer Triton sets a FutureKernel's .future to None once it has its result, and the clean-up's
+    AttributeError would have sent every compile to the one-by-one fallback."""
+    from concurrent.futures import Future
+
+    from triton.runtime._async_compile import FutureKernel
+
+    failed, done, finished = Future(), Future(), FutureKernel(lambda kernel: None, None)
+    failed.set_exception(RuntimeError("ptxas error"))
+    done.set_result("binary")
+    cache = {"a": FutureKernel(lambda kernel: None, failed), "b": FutureKernel(lambda kernel: None, done),
+             "c": finished, "d": "a compiled kernel"}
+    triton_autotune.drop_failed_compiles({0: (cache, None)}, FutureKernel)
+    assert sorted(cache) == ["b", "c", "d"]
 
 
 def test_a_failing_hook_falls_back_to_tritons_sequential_path(compiles, monkeypatch, caplog):

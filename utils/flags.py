@@ -203,7 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--wp", type=float, default=0.0, help="warm-up epochs (0 = ep/50)")
     g.add_argument("--wp0", type=float, default=0.005, help="lr ratio at the start of warm-up")
     g.add_argument("--wpe", type=float, default=0.01, help="lr ratio at the end of training")
-    g.add_argument("--sche", default="lin0", help="lr schedule after warm-up: lin0, lin, lin00, cos, exp, lin<T>")
+    g.add_argument("--sche", default="lin0", help="lr schedule after warm-up: lin0, lin, lin00, cos, exp, const, "
+                   "lin<T>")
     g.add_argument("--afuse", default=True, **b, help="fused AdamW (one pass per parameter; CUDA and CPU)")
     g.add_argument("--tclip", type=float, default=2.0, help="gradient-norm clip; <=0 disables (norm still logged)")
     g.add_argument("--ls", type=float, default=0.0, help="label smoothing of the token cross-entropy")

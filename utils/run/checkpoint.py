@@ -294,14 +294,15 @@ class RunFolder:
         Resumed from -prev, the next save replaces -last without keeping it (it is ahead of the other nodes')."""
         held = {position(ckpt): path}
         with dist.raised_on_every_rank(CheckpointError):
-            if path == self.last and self.prev.is_file():
-                held.setdefault(position(load_checkpoint(self.prev)), self.prev)
+            if path == self.last and self.prev.is_file():  # its position only: no digest (it reads every tensor)
+                held.setdefault(position(load_checkpoint(self.prev, verify=False)), self.prev)
         common = set.intersection(*(set(h) for h in dist.all_gather_object(list(held))))
         if not common:
             return path, ckpt
         newest = max(common, key=lambda pos: tuple(-1 if v is None else v for v in pos))
-        if held[newest] != path:
-            path, ckpt, self.last_damaged = self.prev, load_checkpoint(self.prev), True
+        with dist.raised_on_every_rank(CheckpointError):
+            if held[newest] != path:
+                path, ckpt, self.last_damaged = self.prev, load_checkpoint(self.prev), True
         logger.warning("the nodes' own copies of %s are not at one position %s (a save that failed or was cut on "
                        "some node): resuming from %s, the newest every node holds", self.dir, positions,
                        position_text(ckpt), extra=SAME_ON_ALL_RANKS)
