@@ -39,6 +39,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for flag in ("sample", "ref"):
         if not Path(getattr(args, flag)).exists():
             parser.error(f"--{flag}={getattr(args, flag)}: no such file or folder")
+    if Path(args.ref).is_dir():  # it was "not a readable .npz file"
+        parser.error(f"--ref={args.ref} is a folder; expected a reference .npz (OpenAI's batch, or any npz with "
+                     "mu/sigma and/or images arr_0): pack a folder of images with numpy.savez(path, arr_0=images)")
     for flag in ("bs", "k"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")

@@ -224,6 +224,7 @@ def fid_main(*argv):
 
 
 @pytest.mark.parametrize("flags, message", [(("--k", 0), "--k must be >= 1, got 0"),
+                                            (("--ref", "."), "--ref=. is a folder; expected a reference .npz"),
                                             (("--out", "."), "--out=. is a folder"),
                                             (("--out", "/proc/x.json"), "--out=/proc/x.json: cannot write")])
 def test_fid_flags_are_checked_before_the_feature_pass(no_features, good_inputs, capsys, flags, message):
