@@ -295,8 +295,8 @@ def load_checked(args: argparse.Namespace, device: torch.device) -> tuple[MVAR, 
     else:
         ckpt_path = Path(args.ckpt)
     ckpt, config, ours = read_model_file(ckpt_path, args.arch, args.pn)
-    if not ours and config.arch == "var" and not args.arch:
-        logger.warning(attention_only_note(ckpt_path.name), extra=SAME_ON_ALL_RANKS)
+    if note := attention_only_note(ckpt_path.name, ours, config.arch, args.arch):
+        logger.warning(note, extra=SAME_ON_ALL_RANKS)
     check_against_config(args, config, ckpt_path.name)
     vae, vae_id = model_file_tokenizer(ckpt, ckpt_path, config, args.vae_ckpt, args.allow_other_tokenizer, device)
     mvar = load_mvar(ckpt, device=device, vae=vae, patch_nums=args.pn, attn_backend=args.attn_backend,

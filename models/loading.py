@@ -304,9 +304,12 @@ def recorded_class_names(ckpt: Mapping[str, Any]) -> list[str] | None:
     return [str(n) for n in names] if names else None
 
 
-def attention_only_note(name: str) -> str:
-    """What to say of the raw file `name` read as VAR (`config_from_state_dict` without `arch`): its keys would be
-    the same for the intra-scale ablation."""
+def attention_only_note(name: str, ours: bool, arch: str, asked_arch: str | None) -> str | None:
+    """What to say of the file `name` when its architecture `arch` was guessed: a raw file (not `ours`) read as VAR
+    without `asked_arch` (`config_from_state_dict`), whose keys would be the same for the intra-scale ablation; else
+    None."""
+    if ours or arch != "var" or asked_arch:
+        return None
     return (f"{name} has attention and no Mamba: read as VAR (--arch=intra for the intra-scale ablation, whose keys "
             "are the same; --arch=var says it is VAR)")
 

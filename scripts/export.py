@@ -76,8 +76,8 @@ def main(argv: list[str] | None = None) -> Path:
         ckpt, config, ours = read_model_file(ckpt_path, args.arch, patch_nums)
         if ours and (args.arch or args.pn):
             raise ValueError(f"--arch/--pn are for official files; {ckpt_path.name} carries its own config")
-        if not ours and config.arch == "var" and not args.arch:  # config.json would record the guess for good
-            raise ValueError(attention_only_note(ckpt_path.name) + ": pass --arch, which the export records")
+        if note := attention_only_note(ckpt_path.name, ours, config.arch, args.arch):  # config.json would keep it
+            raise ValueError(note + ": pass --arch, which the export records")
         vae, vae_id = model_file_tokenizer(ckpt, ckpt_path, config, args.vae_ckpt, args.allow_other_tokenizer)
         mvar = load_mvar(ckpt, vae=vae, patch_nums=patch_nums, model_cls=MVARHF, name=str(ckpt_path),
                          arch=config.arch)
