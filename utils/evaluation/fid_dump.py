@@ -43,7 +43,7 @@ from PIL import Image
 
 from models.loading import CHECKPOINT_SUFFIXES
 from utils.evaluation.fid import npz_order, read_npz_header
-from utils.run.checkpoint import DiskFullError, allocate, disk_full_is_an_error, write_text_atomic
+from utils.run.checkpoint import TEMP_SUFFIX, DiskFullError, allocate, disk_full_is_an_error, write_text_atomic
 from utils.sample_io import save_image
 
 logger = logging.getLogger(__name__)
@@ -218,7 +218,7 @@ def remove_interrupted_writes(folder: Path) -> list[Path]:
     (`utils.run.checkpoint.temp_path`, hidden, named after the file and its writer) and a packing's `.npy` /
     `.npz`. Only for rank 0 holding the folder's run lock before any rank samples: no writer is alive then."""
     folder = Path(folder)
-    temp_name = re.compile(rf"\.(\d{{6,}}\.png|{re.escape(SETTINGS_NAME)})\.tmp\d+(@.+)?")
+    temp_name = re.compile(rf"\.(\d{{6,}}\.png|{re.escape(SETTINGS_NAME)}){TEMP_SUFFIX}")
     stale = [p for p in folder.iterdir() if temp_name.fullmatch(p.name)]
     stale += [p for p in pack_temp_paths(default_npz(folder)) if p.exists()]
     for path in stale:

@@ -64,6 +64,9 @@ def position(ckpt: dict[str, Any] | None) -> tuple | None:
     return None if ckpt is None else tuple(ckpt.get(k) for k in POSITION_KEYS)
 
 
+TEMP_SUFFIX = r"\.tmp(\d+)(?:@(.+))?"  # `temp_path`'s ending: the writer's pid and @host (older names: no host)
+
+
 def temp_path(path: Path, pid: int | None = None, host: str | None = None) -> Path:
     """Where `save_atomic` writes `path` before renaming it: a hidden file named after it and its writer (pid and
     host: on a shared disk a pid says nothing about another host's processes)."""
@@ -75,7 +78,7 @@ def temp_file_is_stale(path: Path, names: tuple[str, ...]) -> bool:
     killed save's pid, reused), a pid not alive on this host, or another host's writer (the caller holds the
     folder's run lock: no other run writes there). A name without a host (older saves) is judged by its pid."""
     for name in names:
-        m = re.fullmatch(rf"\.{re.escape(name)}\.tmp(\d+)(?:@(.+))?", path.name)
+        m = re.fullmatch(rf"\.{re.escape(name)}{TEMP_SUFFIX}", path.name)
         if m:
             pid, host = int(m.group(1)), m.group(2)
             return (host is not None and host != socket.gethostname()) or pid == os.getpid() or not pid_alive(pid)
