@@ -54,7 +54,7 @@ logger = logging.getLogger("study")
 # ~1.5 h on 2 cores: every row x 2 seeds, 9,600 training images each (150 steps of 64)
 FULL = dict(reso=32, pn="1_2_3_4_5_6_8", tok=["--ch_mult=1_2_2", "--steps=500", "--bs=64", "--val_limit=1000"],
             clf_epochs=2, depth=4, width=128, heads=2, train_limit=3200, ep=3, bs=64, val_limit=1000, val_every=1,
-            num_samples=5000, real_n=10000, inception_n=500, seeds=2, eval_every=0)
+            num_samples=5000, real_n=10000, inception_n=500, seeds=2, eval_every=0, eval_n=500)
 PRESETS = {
     "full": FULL,
     # learning curves (--curves): M-VAR to 38,400 images, VAR to twice that (about M-VAR's CPU time), an evaluation
@@ -450,13 +450,18 @@ def prepare(args: argparse.Namespace, out: Path, plan: dict) -> tuple[dict, bool
     data = [f"--pn={preset['pn']}", f"--train_limit={preset['train_limit']}", f"--val_limit={preset['val_limit']}",
             f"--val_every={preset['val_every']}", f"--bs={preset['bs']}", f"--tlr={preset['tlr']}",
             f"--vae_ckpt={tok_ckpt}", f"--tokens={tokens}", *fmnist]
-    s = plan["sampling"]  # evaluations inside a run: the final scoring's settings, fewer images, fp32
-    evals = [f"--eval_n={preset['eval_n']}", f"--eval_net={clf_path.resolve()}", f"--eval_cfg={s['cfg']}",
-             f"--eval_top_k={s['top_k']}", f"--eval_top_p={s['top_p']}"] if preset["eval_every"] else []
-    plan = dict(plan, train_flags=TRAIN_FLAGS + data + evals, tokenizer=tok_ckpt,
+    plan = dict(plan, train_flags=TRAIN_FLAGS + data + eval_flags(plan, clf_path), tokenizer=tok_ckpt,
                 fmnist_dir=args.fmnist_dir, inception=args.inception, jobs=args.jobs, base=args.base)
     save_json(plan, out / "plan.json")
     return plan, worked
+
+
+def eval_flags(plan: dict, clf_path: Path) -> list[str]:
+    """train.py's flags for the evaluations inside a run (none without --eval_every): the final scoring's sampling
+    settings on fewer images (the preset's eval_n)."""
+    s = plan["sampling"]
+    return [f"--eval_n={plan['preset']['eval_n']}", f"--eval_net={clf_path.resolve()}", f"--eval_cfg={s['cfg']}",
+            f"--eval_top_k={s['top_k']}", f"--eval_top_p={s['top_p']}"] if plan["preset"]["eval_every"] else []
 
 
 def extract_study_tokens(out: Path, preset: dict, tok_ckpt: str, fmnist: list[str]) -> Path:

@@ -5,6 +5,7 @@ import math
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -203,6 +204,16 @@ def test_curves_plan_evaluates_the_equal_parameter_rows_once():
     off = study.make_plan(study.build_parser().parse_args(["--curves", "--eval_every=0"]))
     assert {spec["eval_every"] for spec in off["runs"].values()} == {0}
     assert "M-VAR-W" in study_report.evaluations(plan) and "once, at the end" in study_report.evaluations(plan)
+
+
+@pytest.mark.parametrize("preset", ["--quick", "--curves", "--seeds=2"])  # the last: the default preset
+def test_every_preset_may_evaluate_inside_its_runs(preset):
+    """--eval_every on the default preset planned evaluations of no size: a KeyError once the tokenizer had trained."""
+    plan = study.make_plan(study.build_parser().parse_args([preset, "--eval_every=1"]))
+    flags = study.eval_flags(plan, Path("classifier.pt"))
+    assert f"--eval_n={plan['preset']['eval_n']}" in flags and plan["preset"]["eval_n"] >= 10
+    assert study.eval_flags(study.make_plan(study.build_parser().parse_args([preset, "--eval_every=0"])),
+                            Path("classifier.pt")) == []
 
 
 def test_a_base_may_differ_only_in_the_tokenizers_validation_size():
