@@ -102,7 +102,14 @@ fi
 export PYTHONPATH="$REPO:$SITE${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TRITON_CACHE_AUTOTUNING=1 \
     TRITON_F32_DEFAULT=tf32x3
 timeout 15 nvidia-smi 2>/dev/null || echo "nvidia-smi: not available"
-stage environment 40 "$PY" scripts/gpu_env.py --out "$OUT/env.json" "${DRY[@]}"
+stage environment 40 "$PY" scripts/gpu_env.py --out "$OUT/env.json" --fallback_file "$WORK/fallback" "${DRY[@]}"
+# where no Triton kernel launches, "auto" in the later stages would pick mamba_ssm and fail at every call: the
+# training and timings then run the portable Mamba2 (env.json says so; the numerics still try mamba_ssm, and fail)
+FALLBACK=$(cat "$WORK/fallback" 2>/dev/null)
+if [[ $FALLBACK ]]; then
+    export MVAR_MAMBA_BACKEND=$FALLBACK
+    echo "=== the later stages run with MVAR_MAMBA_BACKEND=$FALLBACK: no Triton kernel launches on this GPU ==="
+fi
 if wanted pytest; then
     GPU_TESTS=$(grep -l "pytest.mark.gpu" tests/test_*.py)  # the files with GPU tests: no time collecting the rest
     box_of pytest

@@ -3,7 +3,9 @@
     python scripts/gpu_env.py --out env.json [--dry-run]
 
 Prints what it finds and writes it as check lines (scripts.gpu_results) plus the raw facts. Without --dry-run a
-missing CUDA device is a FAIL (the check was started on a GPU machine for nothing); with it, a SKIP.
+missing CUDA device is a FAIL (the check was started on a GPU machine for nothing); with it, a SKIP. With
+--fallback_file, writes there the Mamba2 kernel the later stages must run instead of "auto"'s pick (the portable one
+when no Triton kernel launches on the GPU), or nothing: gpu_check.sh exports it as $MVAR_MAMBA_BACKEND.
 """
 import argparse
 import importlib.metadata
@@ -117,6 +119,13 @@ def kernel_lines(gpu: bool, versions: dict[str, str], launch_problem: str | None
     return lines
 
 
+def portable_fallback(gpu: bool, launch_problem: str | None) -> str | None:
+    """The Mamba2 kernel the later stages' "auto" must run: the portable one where no Triton kernel launches on the
+    GPU (mamba_ssm's would import, be picked, then fail at every call, and with them every training run and timing),
+    else None ("auto" picks for itself)."""
+    return MAMBA.portable if gpu and launch_problem else None
+
+
 def check_lines(dry_run: bool, gpu: dict[str, str], versions: dict[str, str]) -> list[CheckLine]:
     lines = [CheckLine("torch", "INFO", torch.__version__, note=f"Python {platform.python_version()}")]
     if gpu:
@@ -149,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="JSON file for the check lines and the raw facts")
     p.add_argument("--dry-run", action="store_true", help="on a CPU: no CUDA device is a SKIP, not a FAIL")
+    p.add_argument("--fallback_file", help="where to write the Mamba2 kernel the later stages must run (empty: "
+                                           "their own choice)")
     args = p.parse_args(argv)
     versions, gpu = package_versions(), gpu_facts()
     device = torch.device("cuda" if gpu else "cpu")
@@ -166,6 +177,13 @@ def main(argv: list[str] | None = None) -> int:
         launch_problem = "Triton is not installed" if versions["triton"] == "absent" else triton_launch_problem(device)
     lines = check_lines(args.dry_run, gpu, versions) + kernel_lines(bool(gpu), versions, launch_problem,
                                                                     mamba2.load_kernels())
+    fallback = portable_fallback(bool(gpu), launch_problem)
+    if fallback:
+        lines.append(CheckLine("Mamba2 kernel of the later stages", "INFO", fallback,
+                               note=f"{MAMBA.env}={fallback}: no Triton kernel launches here, so mamba_ssm's would "
+                                    "fail at every call (the numerics still try it, and fail)"))
+    if args.fallback_file:
+        Path(args.fallback_file).write_text(fallback or "")
     for line in lines:
         print(line.text())
     write_lines(args.out, lines, packages=versions, gpu=gpu, kernels=kernels, torch_features=features,

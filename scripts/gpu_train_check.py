@@ -7,11 +7,13 @@ token statistics of real digits): --fp16=1 (fp16 + GradScaler, 5 epochs) and --f
 epochs, as every later run), loss finite and falling; the bf16 run again, stopped by SIGTERM a third of the way in
 and relaunched: exit status 143, a checkpoint, and final weights bit-identical to the uninterrupted run (a second
 uninterrupted run says whether training itself is deterministic here); a world-size-1 torchrun launch (NCCL on a
-GPU, dist.core); last --fp16=2 --tfast=1 (torch.compile, the slowest to start) with torch's graph-break and
-recompile logs: how whole its graph was.
---dry-run: a depth-1 model on 48 images on the CPU (bf16 may run as fp32 there, models.precision says so).
+GPU, dist.core); and beside them all, from the stage's start, --fp16=2 --tfast=1 (torch.compile, whose cold
+compilation is the slowest part: it keeps the GPU machine's idle CPU cores busy while the others run) with torch's
+graph-break and recompile logs: how whole its graph was.
+--dry-run: a depth-1 model on 48 images on the CPU, without --tfast (bf16 may run as fp32 there, models.precision
+says so).
 Time: each run may take --run_timeout seconds (the first, which compiles the Triton kernels, 1.5 times that; the
---tfast run whatever is left), none past the stage's --box; a run that fails prints its output's last lines.
+--tfast run the whole box), none past the stage's --box; a run that fails prints its output's last lines.
 """
 import argparse
 import dataclasses
@@ -24,6 +26,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,7 +73,6 @@ class Recipe:
 # 5 x 63 = 315 steps for fp16, 126 for the others (the resume's three runs and the compile)
 GPU_RECIPE = Recipe(depth=4, embed_dim=256, bs=64, train_limit=0, ep=5, short_ep=2, log_every=10, on_gpu=True)
 DRY_RECIPE = Recipe(depth=1, embed_dim=32, bs=8, train_limit=48, ep=2, short_ep=2, log_every=1, on_gpu=False)
-TFAST_MIN_S = 60  # the --tfast run's least time: inductor compiling a depth-4 model's steps cold, then 126 steps
 FAILED_TAIL_LINES = 150  # of a failed run's output, printed (check.log keeps it; the scratch folder is deleted)
 
 
@@ -230,6 +232,26 @@ def check(work: Path, dry_run: bool, clock: Clock, save: Callable[[list[CheckLin
     """Every line of the stage; `save` gets them after each run."""
     recipe = DRY_RECIPE if dry_run else GPU_RECIPE
     write_tokenizer(work / "vae.pth")
+    with ThreadPoolExecutor(max_workers=1) as beside:
+        # --tfast from the start, in parallel: inductor compiles on the CPU for a minute or more, cold; run last, it
+        # was left what the others had not used of the box. No validation: evaluation mode would compile the model
+        # a second time and record other CUDA graphs. The dry run skips it: inductor on the CPU compiles C++ for
+        # minutes; tests/test_trainer.py covers --tfast on the CPU
+        tfast = None if dry_run else beside.submit(
+            run, train_cmd(work, "tfast", recipe.short, "--fp16=2", "--tfast=1", "--val_every=0"),
+            clock.timeout(math.inf), env=COMPILE_LOGS)
+        lines = sequential_lines(work, recipe, clock, save)
+        if tfast is None:
+            lines.append(CheckLine("train.py --fp16=2 --tfast=1 (torch.compile)", "SKIP", note="dry run: GPU run only"))
+        else:
+            rc, log, seconds = tfast.result()
+            lines += [falling_line("train.py --fp16=2 --tfast=1 (torch.compile)", rc, log, seconds), compile_line(log)]
+    return lines
+
+
+def sequential_lines(work: Path, recipe: Recipe, clock: Clock, save: Callable[[list[CheckLine]], None]
+                     ) -> list[CheckLine]:
+    """fp16 and bf16 training, then the SIGTERM, resume and bit-identical checks, one run after the other."""
     lines, logs, codes = [], {}, {}
     # the first run compiles Triton's kernels: 1.5 x --run_timeout
     runs = (("train.py --fp16=1 (fp16 + GradScaler)", "fp16", ["--fp16=1"], recipe, 1.5),
@@ -245,17 +267,6 @@ def check(work: Path, dry_run: bool, clock: Clock, save: Callable[[list[CheckLin
         lines.append(CheckLine("SIGTERM, resume and bit-identical weights", "FAIL",
                                note="not run: the bf16 run they are compared with did not finish"))
     save(lines)
-    if dry_run:  # inductor on the CPU compiles C++ for minutes; tests/test_trainer.py covers --tfast on the CPU
-        lines.append(CheckLine("train.py --fp16=2 --tfast=1 (torch.compile)", "SKIP", note="dry run: GPU run only"))
-    elif clock.left() < TFAST_MIN_S:  # a run that cannot finish: its seconds go to the stages still to run
-        lines.append(CheckLine("train.py --fp16=2 --tfast=1 (torch.compile)", "FAIL",
-                               note=f"not started: {clock.left():.0f} s left of the stage's box, under the "
-                                    f"{TFAST_MIN_S} s a cold compilation takes (rerun: --only train)"))
-    else:  # last: the compilation is the slowest part and must not starve the resume checks of the stage's box.
-        # No validation: evaluation mode would compile the model a second time and record other CUDA graphs
-        rc, log, seconds = run(train_cmd(work, "tfast", recipe.short, "--fp16=2", "--tfast=1", "--val_every=0"),
-                               clock.timeout(math.inf), env=COMPILE_LOGS)
-        lines += [falling_line("train.py --fp16=2 --tfast=1 (torch.compile)", rc, log, seconds), compile_line(log)]
     return lines
 
 

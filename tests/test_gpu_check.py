@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import types
 from pathlib import Path
 
@@ -327,6 +328,30 @@ def test_the_budget_is_split_by_weight_among_the_stages_still_to_run(tmp_path):
     boxes(480, ["numerics", "timings"])
 
 
+@pytest.mark.parametrize("launches", [True, False])
+def test_where_no_triton_kernel_launches_the_later_stages_run_the_portable_mamba2(tmp_path, launches):
+    """A review: a GPU machine without a C compiler or Python's headers launches no Triton kernel, yet "auto" picked
+    mamba_ssm (it imports), so every training run and timing would have failed with it, the check's few minutes
+    spent on one finding. gpu_env then writes the portable kernel into --fallback_file, and gpu_check.sh exports it
+    as $MVAR_MAMBA_BACKEND to the stages after; where Triton launches, "auto" is left to choose."""
+    assert gpu_env.portable_fallback(True, "RuntimeError: Failed to find C compiler") == "torch"
+    assert gpu_env.portable_fallback(True, None) is None and gpu_env.portable_fallback(False, "x") is None
+    fake = tmp_path / "python"  # the environment stage writes the file as gpu_env would; the others log the variable
+    write = "torch" if not launches else ""
+    fake.write_text("#!/usr/bin/env bash\nif [[ $1 == scripts/gpu_env.py ]]; then\n"
+                    f"    while (($#)); do [[ $1 == --fallback_file ]] && printf '{write}' >\"$2\"; shift; done\n"
+                    f"else echo \"$1 ${{MVAR_MAMBA_BACKEND:-auto}}\" >>{tmp_path}/calls; fi\nexit 0\n")
+    fake.chmod(0o755)
+    env = {k: v for k, v in SUBPROCESS_ENV.items() if k != "MVAR_MAMBA_BACKEND"}
+    proc = subprocess.run([str(REPO / "scripts/gpu_check.sh"), "--dry-run", "--out", str(tmp_path / "out"),
+                           "--python", str(fake)], cwd=REPO, env={**env, "GPU_WHEELS": str(tmp_path / "none")},
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    calls = dict(line.split() for line in (tmp_path / "calls").read_text().splitlines() if line.startswith("scr"))
+    assert {calls[f"scripts/{name}.py"] for name in ("gpu_numerics", "gpu_train_check", "gpu_timings")} == \
+        {"auto" if launches else "torch"}
+
+
 def test_the_environment_without_cuda_or_wheels_fails_outside_a_dry_run():
     """gpu_env's lines: no CUDA device, a travelling wheel (mamba_ssm) or a package of the image the stages import
     absent, is a FAIL on the GPU machine and a SKIP / INFO in a dry run. The device as a SKIP and the absent wheel
@@ -538,35 +563,51 @@ def test_a_failing_training_run_prints_its_last_lines(capsys):
 
 
 def test_each_training_run_gets_its_cap_within_the_stages_box(monkeypatch, tmp_path):
-    """The first run (Triton's compilation) 1.5 x --run_timeout, the tfast run all that is left (without validation:
-    its evaluation mode compiled the model again) and not started with less than TFAST_MIN_S left, none past the
-    box; when the bf16 run fails, the resume checks say so instead of comparing with a missing checkpoint."""
+    """The first run (Triton's compilation) 1.5 x --run_timeout, the tfast run the whole box (without validation:
+    its evaluation mode compiled the model again), none past the box; when the bf16 run fails, the resume checks
+    say so instead of comparing with a missing checkpoint."""
     clock = gpu_train_check.Clock(box=100, run_timeout=40)
     assert clock.timeout() == 40 and clock.timeout(1.5) == 60 and 95 < clock.timeout(math.inf) <= 97
     assert gpu_train_check.Clock(box=10, run_timeout=40).timeout() <= 7
 
-    timeouts, cmds = [], []
+    timeouts = {}
 
     def failing(cmd, timeout, stop_at_line=0, env=None):
-        timeouts.append(timeout)
-        cmds.append(cmd)
+        out = next(arg for arg in cmd if arg.startswith("--local_out_dir_path=")).rsplit("/", 1)[1]
+        timeouts[out] = timeout
+        if out == "tfast":
+            assert "--tfast=1" in cmd and cmd[-1] == "--val_every=0"  # the last of the flags wins
         return 1, "Traceback ...", 1.0
 
     monkeypatch.setattr(gpu_train_check, "run", failing)
     monkeypatch.setattr(gpu_train_check, "GPU_RECIPE", gpu_train_check.DRY_RECIPE)
     lines = gpu_train_check.check(tmp_path, False, gpu_train_check.Clock(300, 40), lambda lines: None)
-    assert timeouts[:2] == [60, 40] and timeouts[2] > 250  # fp16, bf16, then tfast
-    assert "--tfast=1" in cmds[2] and cmds[2][-1] == "--val_every=0"  # the last of the flags wins
+    assert timeouts["fp16"] == 60 and timeouts["bf16"] == 40 and timeouts["tfast"] > 250 and len(timeouts) == 3
     checks = {line.check: line for line in lines}
     assert checks["SIGTERM, resume and bit-identical weights"].status == "FAIL"
     assert "did not finish" in checks["SIGTERM, resume and bit-identical weights"].note
+    assert checks["train.py --fp16=2 --tfast=1 (torch.compile)"].status == "FAIL"
 
-    cmds.clear()
-    lines = gpu_train_check.check(tmp_path, False, gpu_train_check.Clock(gpu_train_check.TFAST_MIN_S - 5, 40),
-                                  lambda lines: None)
-    assert len(cmds) == 2 and not any("--tfast=1" in cmd for cmd in cmds)
-    tfast = next(line for line in lines if "--tfast=1" in line.check)
-    assert tfast.status == "FAIL" and tfast.note.startswith("not started: 5") and "--only train" in tfast.note
+
+def test_the_compiled_run_trains_beside_the_others_from_the_stage_start(monkeypatch, tmp_path):
+    """--tfast's cold compilation (a minute or more of CPU work) runs while the other runs train, not after them:
+    run last, it was started only with a minute of the box left, which a GPU check's box might not leave. Here the
+    first run waits (at most 20 s) for the compiled one to start."""
+    started = threading.Event()
+
+    def fake(cmd, timeout, stop_at_line=0, env=None):
+        if "--tfast=1" in cmd:
+            started.set()
+            return 0, "", 1.0
+        if "--fp16=1" in cmd:
+            assert started.wait(20), "the first run finished before the compiled one started"
+        return 1, "Traceback ...", 1.0
+
+    monkeypatch.setattr(gpu_train_check, "run", fake)
+    monkeypatch.setattr(gpu_train_check, "GPU_RECIPE", gpu_train_check.DRY_RECIPE)
+    lines = gpu_train_check.check(tmp_path, False, gpu_train_check.Clock(300, 40), lambda lines: None)
+    assert [line.check for line in lines][-2:] == ["train.py --fp16=2 --tfast=1 (torch.compile)",
+                                                   "torch.compile: one graph"]
 
 
 def test_a_failing_timing_section_keeps_the_others_numbers(monkeypatch, tmp_path, capsys):
