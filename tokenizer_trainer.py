@@ -35,7 +35,8 @@ from models.tokenizer import VQVAE, VQVAEConfig
 from models.vq_losses import PatchDiscriminator, adaptive_gan_weight, build_perceptual_loss, hinge_d_loss, \
     hinge_g_loss, perceptual_loss_problem
 from utils.data.loaders import build_datasets, build_loaders, image_source_problem, mid_reso_problem
-from utils.flags import DefaultsHelpFormatter, add_image_source_flags, changed_flags, str2bool
+from utils.flags import DefaultsHelpFormatter, add_dist_timeout_flag, add_image_source_flags, changed_flags, \
+    str2bool
 from utils.run.agreement import refuse_disagreement, run_facts
 from utils.run.checkpoint import RunFolder
 from utils.run.divergence import DivergenceGuard
@@ -113,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save_every", type=int, default=500, help="checkpoint every N steps (and at the end)")
     g.add_argument("--seed", type=int, default=0, help="global seed (initial weights; then rank r of W "
                    "uses seed * W + r)")
+    add_dist_timeout_flag(g)
     return p
 
 
@@ -467,7 +469,7 @@ def evaluate(vae: VQVAE, loader, device: torch.device) -> dict[str, float]:
 
 def train(args: argparse.Namespace) -> Path:
     """Train, checkpoint to `args.out_dir`, and return the path of the final checkpoint."""
-    device = dist.initialize()
+    device = dist.initialize(timeout_min=args.dist_timeout_min)
     rank, world = dist.get_rank(), dist.get_world_size()
     config = check_flags(args, world)
     setup_logging(rank)  # log.txt once the folder's run lock is ours (as train.py)

@@ -407,7 +407,7 @@ def cudnn_benchmark(args: argparse.Namespace, device: torch.device) -> bool:
 
 
 def main(args: argparse.Namespace) -> None:
-    device = dist.initialize()
+    device = dist.initialize(timeout_min=args.dist_timeout_min)
     rank, world = dist.get_rank(), dist.get_world_size()
     args = finalize_args(args, world)
     check_writable(Path(args.local_out_dir_path), "--local_out_dir_path")

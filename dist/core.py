@@ -70,6 +70,10 @@ def initialize(backend: str = "auto", timeout_min: float = 30.0) -> torch.device
         try:
             tdist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_min),
                                      device_id=device if backend == "nccl" else None)
+        except tdist.DistStoreError as e:  # the ranks did not all meet in time: one error line, not a traceback
+            raise LaunchError(f"rank {os.environ['RANK']}: the {os.environ['WORLD_SIZE']} ranks did not all meet at "
+                              f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} within {timeout_min:g} min "
+                              f"({e}); was every node launched, with the same --nnodes and master address?") from e
         finally:
             notice.cancel()
     logger.debug("rank %d/%d (local %d) on %s with %s", get_rank(), get_world_size(), local_rank, device, backend)

@@ -46,6 +46,18 @@ def str2bool(v: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected a boolean (1/0, true/false), got {v!r}")
 
 
+def add_dist_timeout_flag(parser: argparse._ActionsContainer) -> None:
+    """--dist_timeout_min: how long the ranks wait for each other at a collective (torch.distributed's timeout)."""
+    def minutes(v: str) -> float:
+        if not (math.isfinite(m := float(v)) and m > 0):
+            raise argparse.ArgumentTypeError(f"expected minutes > 0, got {v!r}")
+        return m
+
+    parser.add_argument("--dist_timeout_min", type=minutes, default=30.0, help="minutes the ranks wait for each "
+                        "other at a collective before the job fails (VAR's 30); raise it where one rank may work that "
+                        "long alone between two (a slow filesystem's checkpoint write)")
+
+
 def add_backend_flags(parser: argparse._ActionsContainer, default: str | None = "auto") -> None:
     """--attn_backend / --mamba_backend, spelled the same in every CLI (resolved by models.backends)."""
     parser.add_argument("--attn_backend", default=default, choices=("auto", *ATTN_KERNELS),
@@ -256,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--log_every", type=int, default=50, help="log line every this many iterations")
     g.add_argument("--sample_every", type=int, default=10, help="sample grid to TensorBoard every this many epochs "
                    "(0 = off)")
+    add_dist_timeout_flag(g)
     g.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # old launchers
     return p
 
