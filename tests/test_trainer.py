@@ -322,6 +322,27 @@ def test_a_good_step_between_fp16_overflows_resets_their_count():
         assert not tr.micro_step(inp, label).skipped and tr.overflows_in_a_row == 0
 
 
+def test_fp16_overflows_in_a_row_resume_with_the_run():
+    """A run saved inside a streak of fp16 overflows counts on after its resume, as the guard's bad steps do: the
+    count restarted at 0, so a resumed run tolerated up to twice --max_nonfinite overflows in a row before it
+    stopped. A checkpoint from before the count was kept resumes at 0."""
+    tr = tiny(fp16=1, max_nonfinite=2)
+    inp, label = batch()
+    tr.micro_step(inp, label)
+    tr.scaler.update(new_scale=1e38)  # the scaled gradients overflow
+    assert tr.micro_step(inp, label).skipped and tr.overflows_in_a_row == 1
+    state = tr.state_dict()
+    resumed = tiny(fp16=1, max_nonfinite=2)
+    resumed.load_state_dict(state)
+    assert resumed.overflows_in_a_row == 1 and resumed.scaler.get_scale() == tr.scaler.get_scale()
+    resumed.load_state_dict({**state, "scaler": {**state["scaler"], "scale": 1e38}})  # overflows again
+    with pytest.raises(NonFiniteError, match="2 fp16 steps in a row overflowed"):
+        resumed.micro_step(inp, label)
+    older = tiny(fp16=1, max_nonfinite=2)
+    older.load_state_dict({**state, "scaler": {k: v for k, v in state["scaler"].items() if k != "overflows_in_a_row"}})
+    assert older.overflows_in_a_row == 0 and older.scaler.get_scale() == tr.scaler.get_scale()
+
+
 def test_the_fp16_loss_scale_is_capped_at_32768_as_vars():
     """VAR caps GradScaler's scale at 2**15 after each step (a higher one overflows the fp16 gradients more often);
     the cap left out passed the suite. The step logs the scale it ran at, as VAR does (it logged the next one)."""

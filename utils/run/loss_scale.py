@@ -35,6 +35,16 @@ class LossScaler(torch.amp.GradScaler):
         to CAP when it had grown past it."""
         self.update(new_scale=self.CAP if self.get_scale() > self.CAP else None)
 
+    def state_dict(self) -> dict:
+        """GradScaler's state and the overflows in a row (a resume inside a run of them counts on, as the guard's
+        bad steps do)."""
+        return {**super().state_dict(), "overflows_in_a_row": self.overflows_in_a_row}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """`state_dict`'s; one saved before the count was kept starts it at 0."""
+        super().load_state_dict({k: v for k, v in state_dict.items() if k != "overflows_in_a_row"})
+        self.overflows_in_a_row = state_dict.get("overflows_in_a_row", 0)
+
     def skipped(self, what: str) -> None:
         """Log an overflowed `what` (GradScaler skipped it); NonFiniteError once --max_nonfinite came in a row."""
         logger.info("fp16 overflow: GradScaler skipped %s, loss scale now %g", what, self.get_scale())
