@@ -166,6 +166,7 @@ def test_another_nodes_first_rank_writes_only_into_a_folder_of_its_own(tmp_path,
     race on its files. The multi-node tests give each node its own folder, so a writer whenever `local rank 0 or
     not shared` passed the suite."""
     monkeypatch.setattr(utils.run.checkpoint.dist, "is_main_process", lambda: False)
+    monkeypatch.setattr(utils.run.checkpoint.dist, "initialized", lambda: True)
     monkeypatch.setattr(utils.run.checkpoint.dist, "broadcast_object", lambda obj: "rank 0's token")
     monkeypatch.setattr(utils.run.checkpoint.dist, "barrier", lambda: None)
     monkeypatch.setattr(utils.run.checkpoint.dist, "get_local_rank", lambda: local_rank)

@@ -12,10 +12,13 @@ import dist
 from conftest import REPO, SUBPROCESS_ENV
 
 WORKER = textwrap.dedent("""
+    import tempfile
+    from pathlib import Path
     import torch
     from torch import nn
     import dist
     from trainer import param_groups
+    from utils.run.checkpoint import is_checkpoint_writer
 
     def main():
         device = dist.initialize()
@@ -81,7 +84,11 @@ WORKER = textwrap.dedent("""
         if rank == 0:
             assert all(torch.equal(back["state"][k][m], plain_sd["state"][k][m]) for k in ref
                        for m in ("exp_avg", "exp_avg_sq"))
+
+        folder = Path(dist.broadcast_object(tempfile.mkdtemp() if rank == 0 else None))  # a shared output folder
+        assert is_checkpoint_writer(folder) == (rank == 0)  # rank 1: local rank 1 of this one node
         dist.barrier()
+        assert not list(folder.iterdir())  # rank 0's token, read by every rank, is gone again
         return rank
 
     rank = main()

@@ -180,15 +180,20 @@ def is_disk_full(e: BaseException) -> bool:
 
 def is_checkpoint_writer(out_dir: Path) -> bool:
     """Rank 0 writes checkpoints; on other nodes, local rank 0 also writes when the output folder is not shared
-    (so every node can resume from its own copy). Collective."""
+    (so every node can resume from its own copy: rank 0's token file is not there). Collective; the token file is
+    gone again when it returns."""
+    if not dist.initialized():
+        return True
     token = dist.broadcast_object(uuid.uuid4().hex if dist.is_main_process() else None)
     marker = out_dir / ".run_token"
     if dist.is_main_process():
         marker.write_text(token)
     dist.barrier()
-    if dist.is_main_process():
-        return True
     shared = marker.is_file() and marker.read_text() == token
+    dist.barrier()  # every rank has looked
+    if dist.is_main_process():
+        marker.unlink()
+        return True
     return dist.get_local_rank() == 0 and not shared
 
 
