@@ -419,15 +419,21 @@ class MVAR(nn.Module):
         self, B: int, label_B: int | torch.LongTensor | None, rng: torch.Generator | None,
     ) -> torch.LongTensor:
         """Class ids (B,) on the model's device from a tensor, an int for all (negative = null class), or None
-        (uniformly random classes drawn from `rng`)."""
+        (uniformly random classes drawn from `rng`). Ids are in [0, num_classes], the last being the null class
+        (VAR's); others are a ValueError (they were an index error on the CPU and a device-side assert, which
+        leaves the process's CUDA context unusable, on a GPU)."""
         device = self.pos_1LC.device
         if label_B is None:
             uniform = torch.full((1, self.num_classes), 1.0 / self.num_classes, device=device)
             return torch.multinomial(uniform, num_samples=B, replacement=True, generator=rng).view(B)
         if isinstance(label_B, int):
-            return torch.full((B,), self.num_classes if label_B < 0 else label_B, device=device)
+            label_B = torch.full((B,), self.num_classes if label_B < 0 else label_B, device=device)
         if tuple(label_B.shape) != (B,):
             raise ValueError(f"label_B: expected {B} class ids (B,), one per image, got shape {tuple(label_B.shape)}")
+        bad = label_B[(label_B < 0) | (label_B > self.num_classes)]
+        if bad.numel():
+            raise ValueError(f"label_B: class ids {bad.unique()[:5].tolist()} outside [0, {self.num_classes - 1}] "
+                             f"(or {self.num_classes}, the null class; an int < 0: the null class for all)")
         return label_B.to(device)
 
     @contextlib.contextmanager

@@ -369,6 +369,19 @@ def test_cached_sampling_equals_prefix_recompute(monkeypatch):
     torch.testing.assert_close(img_cached, img_ref)
 
 
+@pytest.mark.parametrize("label", [torch.tensor([11, 0]), torch.tensor([-1, 0]), 11])
+def test_a_class_id_outside_the_classes_and_the_null_class_is_refused_naming_it(label):
+    """A review: the Python API took any id; past the null class (id num_classes = 10) it was an index error deep
+    in the embedding, and on a GPU a device-side assert that leaves the process's CUDA context unusable (a web
+    app or notebook passing a user's label). The null class itself (VAR's idiom) and an int < 0 stay allowed."""
+    vae, mvar = build_tiny()
+    mvar.eval()
+    with pytest.raises(ValueError, match=r"label_B: class ids \[-?1+\] outside \[0, 9\]"):
+        mvar.autoregressive_infer_cfg(2, label, g_seed=5, cfg=1.5)
+    for fine in (torch.tensor([10, 0]), -1):
+        assert mvar.autoregressive_infer_cfg(2, fine, g_seed=5, cfg=1.5).shape[0] == 2
+
+
 def test_sampling_is_deterministic_given_seed_and_smooth_mode_runs():
     vae, mvar = build_tiny()
     a = mvar.autoregressive_infer_cfg(3, None, g_seed=5, cfg=2.0, top_k=10, top_p=0.8)
