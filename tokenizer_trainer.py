@@ -43,7 +43,7 @@ from utils.run.divergence import DivergenceGuard
 from utils.run.log import SAME_ON_ALL_RANKS, TBLogger, setup_logging
 from utils.run.loss_scale import LossScaler
 from utils.run.preemption import Preemption
-from utils.run.rng import gather_rng_states, resolve_seed, restore_rng_states, seed_everything
+from utils.run.rng import gather_rng_states, resolve_seed, restore_rng_states, seed_everything, seed_problem
 from utils.run.schedule import lr_factor, schedule_problem
 
 logger = logging.getLogger(__name__)
@@ -154,6 +154,8 @@ def check_flags(args: argparse.Namespace, world: int) -> VQVAEConfig:
     if args.bs % world:
         problems.append(f"--bs={args.bs} is not divisible by the {world} processes")
     if problem := mid_reso_problem(args.mid_reso):
+        problems.append(problem)
+    if problem := seed_problem(args.seed):
         problems.append(problem)
     if problem := image_source_problem(args.data_path, args.dataset):
         problems.append(problem)

@@ -8,9 +8,10 @@ import torch
 from PIL import Image
 from torch.utils.data import TensorDataset
 
-from utils.data.loaders import DistributedBatchSampler, EvalDistributedSampler, PaddedEvalDataset, SafeImageFolder, \
-    SeededDataset, build_datasets, build_loaders, build_transforms, first_items, normalize_01_into_pm1
+from utils.data.loaders import DataError, DistributedBatchSampler, EvalDistributedSampler, PaddedEvalDataset, \
+    SafeImageFolder, SeededDataset, build_datasets, build_loaders, build_transforms, first_items, normalize_01_into_pm1
 from utils.data.views import crop_box
+from utils.evaluation.fid import image_files
 
 
 def make_folder(root, classes=2, per_class=3, size=(20, 14)):
@@ -257,3 +258,30 @@ def test_validation_workers_do_not_outlive_validation():
             loader._iterator._shutdown_workers()
     assert counts == [2, 2]
 
+
+
+def test_hidden_files_such_as_macos_appledouble_are_not_images(tmp_path):
+    """A review: a tar made on a Mac holds a `._x.png` beside every image; torchvision listed them, each was
+    skipped as unreadable and stood in for by the next readable image (the class's first): the epoch doubled and
+    one image per class came ~1,300 times per ImageNet epoch. An FID folder listed them too, and refused itself."""
+    root = make_folder(tmp_path / "train")
+    for f in list(root.glob("c*/*.png")):
+        (f.parent / f"._{f.name}").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        ")
+    ds = SafeImageFolder(str(root))
+    assert len(ds) == 6 and not any(Path(p).name.startswith(".") for p, _ in ds.samples)
+    assert [p.name for p in image_files(root / "c0")] == ["0.png", "1.png", "2.png"]
+
+
+def test_a_16_bit_grey_image_keeps_its_tones_and_a_32_bit_one_is_refused_naming_it(tmp_path):
+    """A review: PIL's convert("RGB") clips a 16-bit grey PNG at 255, so a ramp over 0..65535 read 95% white.
+    Its top 8 bits are kept now; 32-bit integer and float pixels have no agreed range and are a DataError (not an
+    unreadable image stood in for by the next one)."""
+    (tmp_path / "train" / "c0").mkdir(parents=True)
+    ramp = np.linspace(0, 65535, 64).astype(np.uint16).reshape(8, 8)
+    Image.fromarray(ramp).save(tmp_path / "train" / "c0" / "a.png")
+    Image.fromarray(np.full((8, 8), 0.5, np.float32)).save(tmp_path / "train" / "c0" / "b.tiff")
+    ds = SafeImageFolder(str(tmp_path / "train"))
+    grey = np.asarray(ds.read(0))
+    assert grey.shape == (8, 8, 3) and (grey[..., 0] == (ramp >> 8)).all() and (grey[..., 1] == grey[..., 0]).all()
+    with pytest.raises(DataError, match=r"b\.tiff: image mode 'F'"):
+        ds.read(1)

@@ -42,7 +42,10 @@ from utils.run.lock import LOCK_NAME, RunLock, RunLockError, read_owner
                                   "--eval_top_p=2 --eval_every=1", "--eval_cfg=-2 --eval_every=1",
                                   "--eval_top_k=-1 --eval_every=1", "--eval_net=/no/such/clf.pt --eval_every=1",
                                   # --pn and --vae_ckpt default to the cache's: read before any work
-                                  "--tokens=/no/such/cache"])
+                                  "--tokens=/no/such/cache",
+                                  # a review of the data path: failed at the first batch (the data order's seed past
+                                  # 64 bits) or in the transforms' build, after the model
+                                  "--seed=1152921504606846976", "--seed=-1099511627776", "--mid_reso=inf"])
 def test_flags_that_train_nothing_are_refused(flag):
     with pytest.raises(ValueError, match=flag.split("=")[0]):
         finalize_args(parse_args(flag.split()), world_size=1)

@@ -18,6 +18,7 @@ from models.presets import ARCH_BRANCHES, ATTN_KERNELS, MAMBA_KERNELS, MVAR_mode
 from utils.data.embedded import EMBEDDED_DATASETS
 from utils.data.loaders import image_source_problem, mid_reso_problem
 from utils.data.token_cache import TokenCacheError, read_manifest
+from utils.run.rng import seed_problem
 from utils.run.schedule import schedule_problem
 
 # MVARConfig field of a `--model` entry -> (train.py flag, its value)
@@ -317,6 +318,8 @@ def finalize_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
                  "diverge_tol"):
         if getattr(args, name) < 0:
             raise FlagError(f"--{name}={getattr(args, name)}: expected >= 0 (0 = off)")
+    if problem := seed_problem(args.seed):
+        raise FlagError(problem)
     if args.eval_every and args.eval_n < 2:
         raise FlagError(f"--eval_n={args.eval_n}: expected at least 2 images per evaluation")
     if args.eval_every and (problems := sampling_problems(args.eval_cfg, args.eval_top_k, args.eval_top_p,

@@ -7,11 +7,13 @@ ranks or workers, and a run resumed mid-epoch continues with exactly the images 
 import hashlib
 import io
 import logging
+import math
 import os
 import signal
 from pathlib import Path
 from collections.abc import Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
@@ -38,10 +40,10 @@ def normalize_01_into_pm1(x: torch.Tensor) -> torch.Tensor:
 
 def mid_reso_problem(mid_reso: float) -> str:
     """Why `--mid_reso` cannot crop ("" when it can): the crop needs the resized side at least the image size."""
-    if mid_reso >= 1:
+    if 1 <= mid_reso < math.inf:
         return ""
-    return (f"--mid_reso={mid_reso}: expected >= 1 (the shorter side is resized to mid_reso x the image size, then "
-            "cropped to the image size)")
+    return (f"--mid_reso={mid_reso}: expected a finite number >= 1 (the shorter side is resized to mid_reso x the "
+            "image size, then cropped to the image size)")
 
 
 def image_source_problem(data_path: str, dataset: str | None) -> str:
@@ -73,6 +75,24 @@ def check_folder(root: str | Path, flag: str = "--data_path") -> None:
                                 f"per class)")
 
 
+def is_image_name(path: str) -> bool:
+    """An image's extension, and not a hidden file: macOS's AppleDouble `._x.JPEG` (a tar made on a Mac holds one
+    per image) was listed, skipped as unreadable and stood in for by the class's first image, doubling the epoch."""
+    return has_file_allowed_extension(path, IMG_EXTENSIONS) and not os.path.basename(path).startswith(".")
+
+
+def rgb(img: Image.Image, path: str) -> Image.Image:
+    """`img` as 8-bit RGB. Single-channel 16-bit images (PNG, TIFF) keep their top 8 bits: PIL's convert("RGB")
+    clips them at 255, nearly white. 32-bit integer or float images have no agreed range: a DataError naming the
+    file."""
+    if img.mode.startswith("I;16"):
+        img = Image.fromarray((np.asarray(img).astype(np.uint32) >> 8).astype(np.uint8), "L")
+    elif img.mode in ("I", "F"):
+        raise DataError(f"{path}: image mode {img.mode!r} (32-bit integer or float pixels, of no agreed range); "
+                        "expected 8- or 16-bit images: convert the data set first")
+    return img.convert("RGB")
+
+
 class SafeImageFolder(ImageFolder):
     """ImageFolder that skips images that do not decode (broken, truncated): one warning per file (naming it, with
     the count so far in this process), and the next readable image in index order is returned in its place: the
@@ -82,12 +102,11 @@ class SafeImageFolder(ImageFolder):
     def __init__(self, root: str, transform: Callable | None = None, flag: str = "--data_path"):
         check_folder(root, flag)
         try:
-            super().__init__(root, transform=transform)  # images are read by `read`
+            super().__init__(root, transform=transform, is_valid_file=is_image_name)  # images are read by `read`
         except FileNotFoundError as e:  # no class folders / a class folder without images
             classes = [d for d in Path(root).iterdir() if d.is_dir()]
             empty = sorted(d.name for d in classes if not any(
-                has_file_allowed_extension(f, IMG_EXTENSIONS) for _, _, files in os.walk(d, followlinks=True)
-                for f in files))
+                is_image_name(f) for _, _, files in os.walk(d, followlinks=True) for f in files))
             what = (f"has class folders without images: {name_list(empty, f' of {len(classes)}')}"
                     if 0 < len(empty) < len(classes)
                     else "holds no images in class sub-folders")
@@ -105,7 +124,9 @@ class SafeImageFolder(ImageFolder):
         data = Path(path).read_bytes()
         try:
             with Image.open(io.BytesIO(data)) as img:
-                return img.convert("RGB")
+                return rgb(img, path)
+        except DataError:
+            raise
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # PIL: broken, truncated
             self.bad_paths.add(path)
             logger.warning("skipping unreadable image %s (%s: %s); %d skipped so far in this process",

@@ -228,9 +228,9 @@ def check_images_npz(path: Path, key: str = "arr_0") -> int:
 
 
 def image_files(folder: Path) -> list[Path]:
-    """The images of `folder`, each checked first (header and integrity, not decoded): unreadable or truncated
-    files, 16-bit or float images and mixed sizes are errors naming the file."""
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS)
+    """The images of `folder` (not hidden files: macOS's `._x.png`), each checked first (header and integrity, not
+    decoded): unreadable or truncated files, 16-bit or float images and mixed sizes are errors naming the file."""
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS and not p.name.startswith("."))
     if len(files) < 2:
         raise FileNotFoundError(f"{folder}: expected at least 2 {'/'.join(IMAGE_EXTS)} files, found {len(files)}")
     size = None

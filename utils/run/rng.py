@@ -15,6 +15,17 @@ from utils.run.log import SAME_ON_ALL_RANKS
 logger = logging.getLogger(__name__)
 
 
+SEED_LIMIT = 2**40  # the data order's seed (seed * 1_000_003 + epoch) and the re-initialisation's must fit 63 bits
+
+
+def seed_problem(seed: int | None) -> str:
+    """Why `--seed` cannot seed a run ("" when it can): torch's generators take 64 bits, and the seeds derived from it
+    multiply it by about a million (it failed at the first batch, after the model was built)."""
+    if seed is None or abs(seed) < SEED_LIMIT:
+        return ""
+    return f"--seed={seed}: expected |seed| < 2**40"
+
+
 def seed_everything(seed: int, rank: int, world_size: int) -> None:
     """Different, reproducible streams per rank (seed * world + rank), as VAR."""
     s = seed * world_size + rank
