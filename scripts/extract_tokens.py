@@ -26,7 +26,7 @@ from models.precision import set_tf32
 from models.presets import parse_patch_nums
 from models.tokenizer import VQVAE
 from utils.data.loaders import SafeImageFolder, check_same_classes, file_list_digest, first_items, \
-    image_source_problem, open_split
+    image_source_problem, mid_reso_problem, open_split
 from utils.data.token_cache import FORMAT, SPLITS, ShardWriter, TokenCacheError, identity_problems, read_manifest, \
     shard_bounds, shard_name, tokenizer_digest, write_json
 from utils.data.views import parse_views, render_views
@@ -182,11 +182,11 @@ def main(args: argparse.Namespace) -> None:
     device = dist.initialize(timeout_min=dist.SHARDED_JOB_WAIT_MIN)  # shards are ranges of classes: hours apart
     rank, world = dist.get_rank(), dist.get_world_size()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="[%(levelname)s] %(message)s")
-    lowest = {"batch": 1, "encode_batch": 1, "workers": 0, "mid_reso": 1, "limit": 0}
+    lowest = {"batch": 1, "encode_batch": 1, "workers": 0, "limit": 0}
     problems = [f"--{flag} must be >= {low}, got {getattr(args, flag)}" for flag, low in lowest.items()
                 if getattr(args, flag) < low]
-    if problem := image_source_problem(args.data_path, args.dataset):
-        problems.append(problem)
+    problems += [p for p in (mid_reso_problem(args.mid_reso), image_source_problem(args.data_path, args.dataset))
+                 if p]
     if problems:
         raise ValueError("; ".join(problems))
     views, patch_nums = parse_views(args.views), parse_patch_nums(args.pn or default_pn(args.vae_ckpt))

@@ -47,7 +47,9 @@ FALLING = 0.95  # the last quarter's mean loss below 95% of the first quarter's
 # The bf16 run that the resume is compared with, the resumed one and the control: deterministic kernels, since on a
 # GPU mamba_ssm's backward and some of torch's add with atomics, in a varying order.
 DETERMINISTIC = ("--fp16=2", "--deterministic=1")
-COMPILE_LOGS = {"TORCH_LOGS": "graph_breaks,recompiles"}  # the --tfast run's: dynamo's lines, counted below
+# the --tfast run's environment: dynamo's lines, counted below; and no autotuning results kept on disk, since it
+# benchmarks the bf16 kernels' configs beside the other runs, on a shared GPU, and the timings would reuse its picks
+COMPILE_ENV = {"TORCH_LOGS": "graph_breaks,recompiles", "TRITON_CACHE_AUTOTUNING": "0"}
 GRAPH_BREAK_RE = re.compile(r"Graph break in user code at (\S+)")
 
 
@@ -169,7 +171,7 @@ def falling_line(name: str, rc: int, log: str, seconds: float) -> CheckLine:
 
 
 def compile_line(log: str) -> CheckLine:
-    """How whole --tfast's compiled model was, from dynamo's logs (`COMPILE_LOGS`): PASS with no graph break and
+    """How whole --tfast's compiled model was, from dynamo's logs (`COMPILE_ENV`): PASS with no graph break and
     no recompile limit hit (past it a frame runs eagerly). Where the run's log says mamba_ssm's Mamba2 ran outside
     the graph on purpose (models.mamba2 warns so on the torches of `torch_features.compiled_function_gradients_wrong`),
     breaks in models/mamba2.py alone are INFO."""
@@ -239,7 +241,7 @@ def check(work: Path, dry_run: bool, clock: Clock, save: Callable[[list[CheckLin
         # minutes; tests/test_trainer.py covers --tfast on the CPU
         tfast = None if dry_run else beside.submit(
             run, train_cmd(work, "tfast", recipe.short, "--fp16=2", "--tfast=1", "--val_every=0"),
-            clock.timeout(math.inf), env=COMPILE_LOGS)
+            clock.timeout(math.inf), env=COMPILE_ENV)
         lines = sequential_lines(work, recipe, clock, save)
         if tfast is None:
             lines.append(CheckLine("train.py --fp16=2 --tfast=1 (torch.compile)", "SKIP", note="dry run: GPU run only"))

@@ -204,6 +204,7 @@ def check_folder(out: Path, plan: dict) -> None:
         old = json.loads(path.read_text())
         if "recipe" not in old and "tokenizer_config" in old:  # a folder from before the recipe was compared
             old["recipe"] = dict(train_flags=old["train_flags"][:len(TRAIN_FLAGS)], tokenizer=old["tokenizer_config"])
+        old.get("preset", {}).setdefault("eval_n", FULL["eval_n"])  # the default preset's, before it had one
         differ = [k for k in plan if old.get(k) != json.loads(json.dumps(plan[k]))]
         if differ:
             raise ValueError(f"{out} holds a study made with other settings ({', '.join(differ)} differ): run with "

@@ -9,7 +9,8 @@ from PIL import Image
 from torch.utils.data import TensorDataset
 
 from utils.data.loaders import DataError, DistributedBatchSampler, EvalDistributedSampler, PaddedEvalDataset, \
-    SafeImageFolder, SeededDataset, build_datasets, build_loaders, build_transforms, first_items, normalize_01_into_pm1
+    SafeImageFolder, SeededDataset, build_datasets, build_loaders, build_transforms, first_items, \
+    normalize_01_into_pm1, rgb
 from utils.data.views import crop_box
 from utils.evaluation.fid import image_files
 
@@ -272,18 +273,23 @@ def test_hidden_files_such_as_macos_appledouble_are_not_images(tmp_path):
     assert [p.name for p in image_files(root / "c0")] == ["0.png", "1.png", "2.png"]
 
 
-def test_a_16_bit_grey_image_keeps_its_tones_and_a_float_one_is_refused_naming_it(tmp_path):
+def test_a_16_bit_grey_image_keeps_its_tones_and_a_32_bit_one_is_refused_naming_it(tmp_path):
     """A review: PIL's convert("RGB") clips a 16-bit grey PNG at 255, so a ramp over 0..65535 read 95% white.
-    Its top 8 bits are kept now, also as mode I (older Pillow's reading of such a PNG; the edit path's range); float
-    pixels have no agreed range and are a DataError (not an unreadable image stood in for by the next one)."""
+    Its top 8 bits are kept now (also from a PNG read as mode I, as older Pillow reads them); 32-bit integer (a
+    TIFF's I) and float pixels have no agreed range and are a DataError (not an unreadable image stood in for by
+    the next one)."""
     (tmp_path / "train" / "c0").mkdir(parents=True)
     ramp = np.linspace(0, 65535, 64).astype(np.uint16).reshape(8, 8)
     Image.fromarray(ramp).save(tmp_path / "train" / "c0" / "a.png")
     Image.fromarray(ramp.astype(np.int32)).save(tmp_path / "train" / "c0" / "b.tiff")  # mode I
     Image.fromarray(np.full((8, 8), 0.5, np.float32)).save(tmp_path / "train" / "c0" / "c.tiff")
     ds = SafeImageFolder(str(tmp_path / "train"))
-    for i in (0, 1):
-        grey = np.asarray(ds.read(i))
-        assert grey.shape == (8, 8, 3) and (grey[..., 0] == ramp >> 8).all() and (grey[..., 1] == grey[..., 0]).all()
-    with pytest.raises(DataError, match=r"c\.tiff: a floating-point image \(mode F\)"):
-        ds.read(2)
+    grey = np.asarray(ds.read(0))
+    assert grey.shape == (8, 8, 3) and (grey[..., 0] == ramp >> 8).all() and (grey[..., 1] == grey[..., 0]).all()
+    with Image.open(tmp_path / "train" / "c0" / "a.png") as png:
+        older = Image.fromarray(np.asarray(png).astype(np.int32))  # mode I, as Pillow before 10 opened it
+        older.format = "PNG"
+        assert (np.asarray(rgb(older, "a.png"))[..., 0] == ramp >> 8).all()
+    for i, name, mode in ((1, "b.tiff", "I"), (2, "c.tiff", "F")):
+        with pytest.raises(DataError, match=rf"{name}: image mode '{mode}' \(32-bit integer or float"):
+            ds.read(i)

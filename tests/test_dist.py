@@ -13,6 +13,7 @@ from conftest import REPO, SUBPROCESS_ENV
 
 WORKER = textwrap.dedent("""
     import tempfile
+    import time
     from pathlib import Path
     import torch
     from torch import nn
@@ -86,7 +87,12 @@ WORKER = textwrap.dedent("""
                        for m in ("exp_avg", "exp_avg_sq"))
 
         folder = Path(dist.broadcast_object(tempfile.mkdtemp() if rank == 0 else None))  # a shared output folder
-        assert is_checkpoint_writer(folder) == (rank == 0)  # rank 1: local rank 1 of this one node
+        dist.get_local_rank = lambda: 0  # each rank its node's first: a writer unless it finds rank 0's token
+        is_file = Path.is_file
+        if rank == 1:  # a slow look: rank 0 must not remove the token before every rank has looked
+            Path.is_file = lambda self: time.sleep(0.5) or is_file(self)
+        assert is_checkpoint_writer(folder) == (rank == 0)
+        Path.is_file = is_file
         dist.barrier()
         assert not list(folder.iterdir())  # rank 0's token, read by every rank, is gone again
         return rank

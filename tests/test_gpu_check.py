@@ -352,6 +352,17 @@ def test_where_no_triton_kernel_launches_the_later_stages_run_the_portable_mamba
         {"auto" if launches else "torch"}
 
 
+def test_timings_with_a_forced_portable_mamba2_are_reported_not_judged(monkeypatch):
+    """A review: under the fallback the timings ran the portable Mamba2 and were judged against the paper's
+    targets, which assume mamba_ssm's kernels (a FAIL would have read as M-VAR being slow)."""
+    monkeypatch.delenv("MVAR_MAMBA_BACKEND", raising=False)
+    assert gpu_timings.unjudged_because(False) == "" and "dry run" in gpu_timings.unjudged_because(True)
+    monkeypatch.setenv("MVAR_MAMBA_BACKEND", "mamba_ssm")
+    assert gpu_timings.unjudged_because(False) == ""
+    monkeypatch.setenv("MVAR_MAMBA_BACKEND", "torch")
+    assert "Mamba2 ran as 'torch'" in gpu_timings.unjudged_because(False)
+
+
 def test_the_environment_without_cuda_or_wheels_fails_outside_a_dry_run():
     """gpu_env's lines: no CUDA device, a travelling wheel (mamba_ssm) or a package of the image the stages import
     absent, is a FAIL on the GPU machine and a SKIP / INFO in a dry run. The device as a SKIP and the absent wheel

@@ -216,6 +216,18 @@ def test_every_preset_may_evaluate_inside_its_runs(preset):
                             Path("classifier.pt")) == []
 
 
+def test_a_default_preset_folder_from_before_its_evaluation_size_resumes(tmp_path):
+    """A review: giving the default preset an eval_n changed its plan, so its folders from before were refused."""
+    plan = study.make_plan(study.build_parser().parse_args([]))
+    older = json.loads(json.dumps(plan))
+    del older["preset"]["eval_n"]
+    study.save_json(older, tmp_path / "plan.json")
+    study.check_folder(tmp_path, plan)
+    study.save_json(dict(older, preset=dict(older["preset"], ep=4)), tmp_path / "plan.json")
+    with pytest.raises(ValueError, match="preset differ"):
+        study.check_folder(tmp_path, plan)
+
+
 def test_a_base_may_differ_only_in_the_tokenizers_validation_size():
     """--base compares the tokenizer's training flags without --val_limit (it sizes a logged check, not weights)."""
     preset = study.PRESETS["curves"]

@@ -20,10 +20,11 @@ SEED_LIMIT = 2**40  # the data order's seed (seed * 1_000_003 + epoch) and the r
 
 def seed_problem(seed: int | None) -> str:
     """Why `--seed` cannot seed a run ("" when it can): torch's generators take 64 bits, and the seeds derived from it
-    multiply it by about a million (it failed at the first batch, after the model was built)."""
-    if seed is None or abs(seed) < SEED_LIMIT:
+    multiply it by about a million (it failed at the first batch, after the model was built); the evaluations' image
+    seeds (NumPy's SeedSequence) take no negative one."""
+    if seed is None or 0 <= seed < SEED_LIMIT:
         return ""
-    return f"--seed={seed}: expected |seed| < 2**40"
+    return f"--seed={seed}: expected 0 <= seed < 2**40"
 
 
 def seed_everything(seed: int, rank: int, world_size: int) -> None:
