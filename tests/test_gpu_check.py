@@ -533,9 +533,9 @@ for n in (2, 3, 4):
 
 def test_the_compile_line_reads_dynamos_own_logs():
     """The --tfast run's "one graph" line counts graph breaks, recompiles and a hit recompile limit in the log
-    lines this torch writes under `COMPILE_LOGS` (their wording is torch's, so a real probe writes them)."""
+    lines this torch writes under `COMPILE_ENV` (their wording is torch's, so a real probe writes them)."""
     rc, log, _ = gpu_train_check.run([sys.executable, "-c", DYNAMO_PROBE], timeout=120,
-                                     env={**SUBPROCESS_ENV, **gpu_train_check.COMPILE_LOGS})
+                                     env={**SUBPROCESS_ENV, **gpu_train_check.COMPILE_ENV})
     assert rc == 0, log[-2000:]
     line = gpu_train_check.compile_line(log)
     assert line.status == "FAIL" and line.value.startswith("1 graph break site(s), ") and \
