@@ -300,7 +300,7 @@ def load_checked(args: argparse.Namespace, device: torch.device) -> tuple[MVAR, 
     check_against_config(args, config, ckpt_path.name)
     vae, vae_id = model_file_tokenizer(ckpt, ckpt_path, config, args.vae_ckpt, args.allow_other_tokenizer, device)
     mvar = load_mvar(ckpt, device=device, vae=vae, patch_nums=args.pn, attn_backend=args.attn_backend,
-                     mamba_backend=args.mamba_backend, arch=config.arch)
+                     mamba_backend=args.mamba_backend, name=str(ckpt_path), arch=config.arch)
     check_finite_weights(mvar, f"M-VAR checkpoint {ckpt_path}")
     check_finite_weights(vae, f"tokenizer ({'embedded in --ckpt' if vae_id == 'embedded' else vae_id})")
     return mvar, ckpt_path, vae_id

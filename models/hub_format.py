@@ -35,9 +35,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from models.loading import CHECKPOINT_SUFFIXES, DIGEST_KEY, MVAR_REPO, VAR_REPO, CheckpointError, check_digest, \
-    config_from_state_dict, embedded_vae, existing_file, hf_offline, load_mvar, load_mvar_checkpoint, load_vae, \
-    resolve_checkpoint, vae_from_state_dict, weights_digest
+from models.loading import CHECKPOINT_SUFFIXES, DIGEST_KEY, MVAR_REPO, NO_INTERNET_HINT, VAR_REPO, CheckpointError, \
+    check_digest, config_from_state_dict, embedded_vae, existing_file, hf_offline, load_mvar, load_mvar_checkpoint, \
+    load_vae, resolve_checkpoint, vae_from_state_dict, weights_digest
 from models.mvar import MVAR, MVARConfig
 from models.presets import format_patch_nums
 from models.tokenizer import VQVAE
@@ -45,6 +45,7 @@ from models.tokenizer import VQVAE
 CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_DIR = "config.json", "model.safetensors", "tokenizer"
 TOKENIZER_KEY = "tokenizer_weights"  # model.safetensors metadata: weights_digest of its tokenizer
 CLASS_NAMES_KEY = "class_names"  # model.safetensors metadata: the training run's class names, a JSON list
+CONFIG_KEY = "config"  # model.safetensors metadata: the config.json it was saved with (sorted JSON)
 PAPER_URL = "https://arxiv.org/abs/2411.10433"
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 OFFICIAL_DATA = "ImageNet-1k train set (the official release)"
@@ -118,7 +119,8 @@ class HubSource:
                 f"{self.flag}={self.source}: no such local folder, and {name} of the Hugging Face repo "
                 f"{self.source} is neither in the cache at {cache} nor downloadable{offline}{cause}.\n"
                 f"On a machine with internet access run `hf download {self.source}` (copy the cache folder over "
-                f"if needed), or point {self.flag} at a folder written by scripts/export.py.") from e
+                f"if needed), or point {self.flag} at a folder written by scripts/export.py."
+                f"{'' if hf_offline() else NO_INTERNET_HINT}") from e
 
     def json(self, name: str) -> dict[str, Any]:
         path = self.file(name)
@@ -163,7 +165,8 @@ def save_weights(module: nn.Module, folder: Path, config: dict[str, Any], metada
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     state_dict = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
     save_file(state_dict, folder / WEIGHTS_FILE,
-              metadata={"format": "pt", DIGEST_KEY: weights_digest(state_dict), **(metadata or {})})
+              metadata={"format": "pt", DIGEST_KEY: weights_digest(state_dict),
+                        CONFIG_KEY: json.dumps(config, sort_keys=True), **(metadata or {})})
     (folder / WEIGHTS_FILE).chmod(0o666 & ~current_umask())  # safetensors creates it 0600: others could not read it
 
 
@@ -313,6 +316,10 @@ class MVARHF(MVAR, PyTorchModelHubMixin, library_name="mvar", paper_url=PAPER_UR
             vae = VQVAEHF.from_pretrained(src, subfolder=TOKENIZER_DIR, device=device,
                                           v_patch_nums=config["patch_nums"])
         metadata = src.metadata(WEIGHTS_FILE)
+        if CONFIG_KEY in metadata and MVARConfig.from_dict(json.loads(metadata[CONFIG_KEY])) != \
+                MVARConfig.from_dict(config):
+            raise CheckpointError(f"{src.file(CONFIG_FILE)} is not the config {src.file(WEIGHTS_FILE)} was saved "
+                                  f"with ({metadata[CONFIG_KEY]}): a half-written export, or an edited config")
         check_own_tokenizer(vae, metadata.get(TOKENIZER_KEY), what, f"{src}/{WEIGHTS_FILE}", allow_other_tokenizer,
                             (config["V"], config["Cvae"]))
         ckpt = {"config": config, "model": src.weights(WEIGHTS_FILE)}
@@ -328,10 +335,11 @@ class MVARHF(MVAR, PyTorchModelHubMixin, library_name="mvar", paper_url=PAPER_UR
 
 
 def training_data(ckpt: dict) -> str:
-    """What a checkpoint says it was trained on: our train.py flags, else the official release."""
+    """What a checkpoint says it was trained on: our train.py flags; "not recorded" for a file of ours without them
+    (`mvar_checkpoint`'s); else the official release."""
     flags = ckpt.get("args")
     if not isinstance(flags, dict):
-        return OFFICIAL_DATA
+        return "not recorded" if "config" in ckpt and "model" in ckpt else OFFICIAL_DATA
     if flags.get("tokens"):  # trained on the cache's ids (--data_path then gives only the validation images)
         data = f"the token cache {flags['tokens']} (scripts/extract_tokens.py)"
     else:

@@ -11,6 +11,9 @@ Then: `python sample.py --ckpt hub/mvar-d16 ...`, or in Python
 """
 import argparse
 import logging
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 from models.hub_format import MVARHF, OFFICIAL_DATA, model_file_tokenizer, read_model_file, training_data
@@ -89,13 +92,29 @@ def main(argv: list[str] | None = None) -> Path:
     card = dict(repo_id=args.repo_id, training_data=args.training_data or training_data(ckpt),
                 metrics=dict(m.split("=", 1) for m in args.metric), source=ckpt_path.name,
                 fid_sample=fid_sample_name(args))
-    (out / "README.md").unlink(missing_ok=True)  # huggingface_hub keeps a card it finds: this model's replaces it
-    mvar.save_pretrained(out, model_card_kwargs=card)
+    write_export(mvar, out, card)
     logger.info("wrote %s: %s", out, ", ".join(sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())))
     if args.push:
         url = mvar.push_to_hub(args.repo_id, model_card_kwargs=card)
         logger.info("pushed to %s", url)
     return out
+
+
+def write_export(mvar: MVARHF, out: Path, card: dict) -> None:
+    """save_pretrained into a temporary folder beside `out`, then each file into `out` by an atomic rename, the
+    weights and config.json last: a failed write (a full disk, an interrupt) leaves an earlier export whole."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))  # same file system as `out`
+    try:
+        mvar.save_pretrained(tmp, model_card_kwargs=card)  # a fresh card: huggingface_hub keeps one it finds
+        order = {"model.safetensors": 1, "config.json": 2}  # the weights, then their config, last
+        for f in sorted((p for p in tmp.rglob("*") if p.is_file()), key=lambda p: order.get(p.name, 0)
+                        if p.parent == tmp else 0):
+            target = out / f.relative_to(tmp)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(f, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def fid_sample_name(args: argparse.Namespace) -> str:

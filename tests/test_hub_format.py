@@ -9,6 +9,7 @@ import pytest
 import torch
 from huggingface_hub import HfApi
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import sample
@@ -102,11 +103,29 @@ def test_a_save_without_a_tokenizer_leaves_no_earlier_tokenizer_behind(tmp_path)
 
 
 def test_strict_loading_names_the_bad_keys(tmp_path):
+    """An export of before the config was recorded in the weights' metadata, its config.json edited: the strict
+    load names the missing keys."""
     mvar, _ = hub_model()
     mvar.save_pretrained(tmp_path / "m")
+    weights = tmp_path / "m" / "model.safetensors"
+    with safe_open(weights, "pt") as f:
+        metadata = {k: v for k, v in f.metadata().items() if k != "config"}
+    save_file(load_file(weights), weights, metadata=metadata)
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     (tmp_path / "m" / "config.json").write_text(json.dumps({**config, "depth": 3}))
     with pytest.raises(RuntimeError, match=r"model\.safetensors.*missing key.*blocks\.2"):
+        MVARHF.from_pretrained(tmp_path / "m")
+
+
+def test_a_config_json_that_is_not_the_weights_own_is_refused(tmp_path):
+    """A review: nothing tied config.json to model.safetensors, so a VAR export whose config said "intra" (same
+    keys: a hand edit, a half-written overwrite, a Hub commit of the config alone) loaded as another model and
+    sampled other images. The weights' metadata records the config they were saved with."""
+    mvar, _ = hub_model("var")
+    mvar.save_pretrained(tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**config, "arch": "intra"}))
+    with pytest.raises(CheckpointError, match=r"config\.json is not the config .*model\.safetensors was saved with"):
         MVARHF.from_pretrained(tmp_path / "m")
 
 
@@ -281,6 +300,31 @@ def test_our_checkpoint_exports_with_its_tokenizer_and_training_flags(tmp_path):
         with pytest.raises(SystemExit, match=message):
             export.main(["--ckpt", str(tmp_path / "ar-ckpt-best.pth"), "--out", str(tmp_path / target), "--overwrite"])
     assert (tmp_path / "project" / "README.md").read_text() == "ours"
+
+
+def test_an_overwrite_that_fails_midway_leaves_the_earlier_export_whole(tmp_path, monkeypatch):
+    """A review: --overwrite deleted the card and wrote straight into the folder, so a full disk between
+    config.json and the weights left a new config beside old weights. Now the export is written beside the folder
+    and moved in when complete. A file of ours without training flags has "not recorded" as its training data (it
+    claimed the official ImageNet release)."""
+    vae, mvar = build_tiny()
+    torch.save(mvar_checkpoint(mvar, vae), tmp_path / "a.pth")
+    out = export.main(["--ckpt", str(tmp_path / "a.pth"), "--out", str(tmp_path / "hub")])
+    assert "| training data | not recorded |" in (out / "README.md").read_text()
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    torch.manual_seed(1)
+    _, other = build_tiny()
+    torch.save(mvar_checkpoint(other, vae), tmp_path / "b.pth")
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("models.hub_format.save_file", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        export.main(["--ckpt", str(tmp_path / "b.pth"), "--out", str(out), "--overwrite"])
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary folder left
+    assert_same_model(load_mvar(tmp_path / "a.pth", vae=vae), MVARHF.from_pretrained(out))
 
 
 def test_export_refuses_non_finite_weights_and_writes_readable_files(tmp_path, monkeypatch):

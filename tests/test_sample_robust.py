@@ -70,6 +70,16 @@ def test_nan_cfg_is_a_flag_error(capsys):
     assert e.value.code == 2 and "--cfg must be >= 0 and finite" in capsys.readouterr().err
 
 
+def test_a_checkpoint_missing_a_weight_is_named_in_the_error(ckpt, tmp_path):  # noqa: F811
+    """A review: the strict load's message said "M-VAR checkpoint state dict does not match", naming no file (with
+    --depth the file comes from the Hugging Face cache, unseen)."""
+    def drop(ck):
+        del ck["model"]["head.weight"]
+    bad = variant(ckpt, tmp_path / "gap.pth", drop)
+    with pytest.raises(SystemExit, match=r"gap\.pth does not match the model: 1 missing key\(s\): head\.weight"):
+        run(bad, "--classes", 1, "--out", tmp_path / "x.png")
+
+
 def test_nan_weights_name_the_tensor_before_sampling(ckpt, tmp_path):  # noqa: F811
     def poison(ck):
         ck["model"]["head.weight"][0, 0] = math.nan
