@@ -43,7 +43,9 @@ def check_edit_inputs(img_B3HW: torch.Tensor, mask: torch.Tensor, image_size: in
     if img_B3HW.ndim != 4 or img_B3HW.shape[1] != 3 or img_B3HW.shape[-2:] != (image_size, image_size):
         raise ValueError(f"image: expected (B, 3, {image_size}, {image_size}) (the tokenizer's size), "
                          f"got {tuple(img_B3HW.shape)}")
-    if not img_B3HW.is_floating_point() or img_B3HW.amin() < 0 or img_B3HW.amax() > 1:
+    if img_B3HW.shape[0] == 0:
+        raise ValueError("image: an empty batch (B = 0)")
+    if not img_B3HW.is_floating_point() or not bool(((img_B3HW >= 0) & (img_B3HW <= 1)).all()):  # NaN fails too
         raise ValueError("image: expected floats in [0, 1] (what autoregressive_infer_cfg returns)")
     if mask.dtype != torch.bool:
         if not bool(((mask == 0) | (mask == 1)).all()):

@@ -193,7 +193,7 @@ class Session:
         """The image to draw on, as sample.py reads it (reduced, at least twice the model's size) -> (uint8
         (h, w, 3), the full size (H, W) that masks and boxes refer to); ValueError when it cannot be read."""
         check_upload(Path(image))
-        img_3hw, full_HW = read_edit_image(Path(image), self.mvar.image_size)
+        img_3hw, full_HW, _ = read_edit_image(Path(image), self.mvar.image_size)
         return to_uint8_BHW3(img_3hw[None])[0], full_HW
 
     @contextlib.contextmanager

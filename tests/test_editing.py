@@ -137,6 +137,10 @@ def test_full_mask_is_plain_sampling(arch):
     (torch.rand(2, 3, IMG, IMG) * 2 - 1, torch.zeros(IMG, IMG), r"\[0, 1\]"),
     (torch.rand(2, 3, IMG, IMG), torch.full((IMG, IMG), 0.5), "binary"),
     (torch.rand(2, 3, IMG, IMG), torch.zeros(3, 1, IMG, IMG), "mask: expected"),
+    # a review: a NaN pixel passed the range check (comparisons with NaN are false) and was edited from garbage
+    # tokens; an empty batch was torch's reduction error
+    (torch.rand(2, 3, IMG, IMG).index_fill_(2, torch.tensor([3]), float("nan")), torch.zeros(IMG, IMG), r"\[0, 1\]"),
+    (torch.rand(0, 3, IMG, IMG), torch.zeros(IMG, IMG), r"an empty batch"),
 ])
 def test_bad_inputs_are_clear_errors(img, mask, message):
     _, mvar = build_tiny()
@@ -292,3 +296,39 @@ def test_a_coarse_token_is_regenerated_when_any_latent_cell_of_its_bin_is_masked
     known = token_masks(mask, (1, 2, 3, 4))
     assert [k.view(-1).tolist().index(False) for k in known] == [0, 0, 0, 0]
     assert [int((~k).sum()) for k in known] == [1, 1, 1, 1]
+
+
+def test_a_mask_png_marks_the_cells_the_reduced_image_put_its_pixels_in(tmp_path):
+    """A review: a large image is reduced by PIL's reduce (blocks of `factor` from the origin), but the mask was
+    pooled over blocks of H/h: on a 1045 px PNG (factor 2) a mask from row 65 on left model row 15 (and latent row 0)
+    known, where --box for the same rows masks it."""
+    from models.editing import token_masks
+
+    side = 1045
+    Image.new("RGB", (side, side), (128, 128, 128)).save(tmp_path / "img.png")
+    mask = np.zeros((side, side), np.uint8)
+    mask[65:300] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    _, from_png = load_edit_inputs(tmp_path / "img.png", 256, mask_path=tmp_path / "mask.png")
+    _, from_box = load_edit_inputs(tmp_path / "img.png", 256, box=(0, 65, side, 300))
+    assert torch.equal(from_png, from_box) and from_png[0, 0, 15].all()
+    assert not token_masks(from_png, [16])[0].view(16, 16)[0].any()
+
+
+def test_a_box_marks_the_model_rows_its_pixels_went_into(tmp_path):
+    """A review: PIL's reduce of a 1600 px image by 3 (534 rows, the last of 1) puts rows 798-800 in reduced row 266,
+    which resizes into model row 127 at 256 px; the box was scaled by 534/1600 and masked from row 128 on."""
+    Image.new("RGB", (1600, 1600), (128, 128, 128)).save(tmp_path / "img.png")
+    _, mask = load_edit_inputs(tmp_path / "img.png", 256, box=(0, 800, 1600, 1600))
+    assert mask[0, 0, 127].all()
+
+
+def test_a_32_bit_integer_tiff_is_refused_and_a_16_bit_png_read(tmp_path):
+    """A review: a TIFF of 32-bit integers (mode I) was divided by 65535 as if 16-bit: pixels of 200 read as 0.003,
+    a black image edited without a word. 16-bit PNGs keep their range."""
+    Image.fromarray(np.full((IMG, IMG), 200, np.int32)).save(tmp_path / "wide.tiff")
+    with pytest.raises(ValueError, match=r"wide\.tiff: mode I \(32-bit integer or float pixels"):
+        load_edit_inputs(tmp_path / "wide.tiff", IMG, box=(0, 0, IMG, IMG))
+    Image.fromarray(np.full((IMG, IMG), 65535, np.uint16)).save(tmp_path / "white.png")
+    img, _ = load_edit_inputs(tmp_path / "white.png", IMG, box=(0, 0, IMG, IMG))
+    assert torch.allclose(img, torch.ones_like(img))

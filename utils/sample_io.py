@@ -32,16 +32,22 @@ EDIT_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF", "PPM")
 # ---------------------------------------------------------------------------------------------------------------------
 # Edit inputs
 # ---------------------------------------------------------------------------------------------------------------------
-def box_mask(height: int, width: int, box: Sequence[int], size: tuple[int, int] | None = None) -> torch.Tensor:
-    """A (1, 1, H, W) bool mask that is True inside the pixel box (x0, y0, x1, y1) of a `width` x `height` image,
-    ends exclusive; with `size` (h, w) it is built on that grid instead (the box scaled outwards: never smaller)."""
+def check_box(height: int, width: int, box: Sequence[int]) -> None:
+    """A ValueError unless the pixel box (x0, y0, x1, y1), ends exclusive, lies inside a `width` x `height` image
+    and holds a pixel."""
     x0, y0, x1, y1 = (int(v) for v in box)
     if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
         raise ValueError(f"box {tuple(box)} (x0, y0, x1, y1) must satisfy 0 <= x0 < x1 <= {width} and "
                          f"0 <= y0 < y1 <= {height} for a {width}x{height} image")
-    h, w = size or (height, width)
-    mask = torch.zeros(1, 1, h, w, dtype=torch.bool)
-    mask[..., y0 * h // height:-(-y1 * h // height), x0 * w // width:-(-x1 * w // width)] = True
+
+
+def box_mask(height: int, width: int, box: Sequence[int]) -> torch.Tensor:
+    """A (1, 1, H, W) bool mask that is True inside the pixel box (x0, y0, x1, y1) of a `width` x `height` image,
+    ends exclusive."""
+    check_box(height, width, box)
+    x0, y0, x1, y1 = (int(v) for v in box)
+    mask = torch.zeros(1, 1, height, width, dtype=torch.bool)
+    mask[..., y0:y1, x0:x1] = True
     return mask
 
 
@@ -77,11 +83,29 @@ def _mask_to_model_size(mask_HW: torch.Tensor, reso: int) -> torch.Tensor:
     return TF.center_crop(m_11HW, [reso, reso]) > 0
 
 
-def _any_pool(mask_HW: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
-    """Bool (H, W) -> (h, w) <= (H, W): a cell is True when any pixel of its block is (blocks partition the image)."""
-    (H, W), (h, w) = mask_HW.shape, size
-    rows = np.logical_or.reduceat(mask_HW, np.arange(h) * H // h, axis=0)
-    return torch.from_numpy(np.logical_or.reduceat(rows, np.arange(w) * W // w, axis=1))
+def _any_pool(mask_HW: np.ndarray, cells: tuple[np.ndarray, np.ndarray]) -> torch.Tensor:
+    """Bool (H, W) -> (h, w): a cell is True when any pixel the reading put in it is (`cells`: per row and per
+    column of the full image, its cell of the reduced image, non-decreasing; see `_reduced_cells`)."""
+    rows = np.logical_or.reduceat(mask_HW, np.searchsorted(cells[0], np.arange(cells[0][-1] + 1)), axis=0)
+    return torch.from_numpy(np.logical_or.reduceat(rows, np.searchsorted(cells[1], np.arange(cells[1][-1] + 1)),
+                                                   axis=1))
+
+
+# EXIF orientation -> (displayed rows come from stored columns, displayed rows reversed, displayed columns reversed)
+_ORIENTATION_AXES = {1: (False, False, False), 2: (False, False, True), 3: (False, True, True),
+                     4: (False, True, False), 5: (True, False, False), 6: (True, False, True),
+                     7: (True, True, True), 8: (True, True, False)}
+
+
+def _reduced_cells(n: int, draft: int, reverse: bool, reduce: int) -> np.ndarray:
+    """Per pixel of one displayed axis of n pixels, its cell after a JPEG draft by `draft` (blocks anchored at the
+    stored image's origin, which the EXIF orientation may put at this axis's end) then PIL's reduce by `reduce`
+    (anchored at the displayed origin)."""
+    p = np.arange(n)
+    drafted = (n - 1 - p) // draft if reverse else p // draft
+    if reverse:
+        drafted = -(-n // draft) - 1 - drafted
+    return drafted // reduce
 
 
 def open_image(path: Path, flag: str) -> Image.Image:
@@ -93,36 +117,45 @@ def open_image(path: Path, flag: str) -> Image.Image:
                          f"{e}") from e
 
 
-def read_edit_image(path: Path, reso: int) -> tuple[torch.Tensor, tuple[int, int]]:
-    """The image as displayed (EXIF orientation applied) -> ((3, h, w) float in [0, 1], its full size (H, W)).
+def read_edit_image(path: Path, reso: int) -> tuple[torch.Tensor, tuple[int, int], tuple[np.ndarray, np.ndarray]]:
+    """The image as displayed (EXIF orientation applied) -> ((3, h, w) float in [0, 1], its full size (H, W), cells).
 
     Large images are reduced while they are read (JPEG: decoded at 1/2 to 1/8 scale; then PIL's box reduce), to a
     shorter side of at least twice `reso`, so memory follows the model's size, not the file's. 16-bit images keep
-    their range (I;16 / I: 0-65535), palette and other modes are converted to RGB; float (F) images are refused.
+    their range (I;16, and a PNG's I: 0-65535), palette and other modes are converted to RGB; float (F) and other
+    32-bit images are refused. `cells`: per row and per column of the full image, the row or column of the returned
+    image it went into (a mask or box marks those: the reduction's blocks are anchored at the file's origin).
     """
     with open_image(path, "--edit") as im:
         try:  # the pixels (and EXIF) are decoded here: a damaged file fails now
-            H, W = (im.width, im.height) if im.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8) \
-                else (im.height, im.width)  # orientations 5-8 turn the stored image by 90 degrees
+            orientation = im.getexif().get(ExifTags.Base.Orientation, 1)
+            swap, rev_y, rev_x = _ORIENTATION_AXES.get(orientation, _ORIENTATION_AXES[1])
+            H, W = (im.width, im.height) if swap else (im.height, im.width)  # 5-8 turn the stored image by 90 deg
             factor = max(1, min(H, W) // (EDIT_REDUCE_TO * reso))
+            stored_w, fmt = im.width, im.format
             im.draft(None, (im.width // factor, im.height // factor))  # JPEG only: a smaller decode, at least this
+            draft = next(d for d in (1, 2, 4, 8) if -(-stored_w // d) == im.width)
             shown = ImageOps.exif_transpose(im)
             shown.load()
         except (OSError, SyntaxError, EOFError, struct.error) as e:  # PIL's errors for truncated or damaged data
             raise ValueError(f"--edit={path}: the image is damaged ({type(e).__name__}: {e})") from e
-    if shown.mode == "F":
-        raise ValueError(f"--edit={path}: a floating-point image (mode F): save it as an 8- or 16-bit PNG or a JPEG")
+    if shown.mode == "F" or (shown.mode == "I" and fmt not in ("PNG", "PPM")):  # a TIFF's I: 32-bit, no range
+        raise ValueError(f"--edit={path}: mode {shown.mode} (32-bit integer or float pixels, of no agreed range): "
+                         "save it as an 8- or 16-bit PNG or a JPEG")
     sixteen = shown.mode.startswith("I")  # I;16, I;16B, ..., or I (how older Pillow reads 16-bit PNGs)
     if shown.mode not in ("RGB", "L", "I"):
         shown = shown.convert("I" if sixteen else "RGB")
     factor = max(1, min(shown.size) // (EDIT_REDUCE_TO * reso))
     if factor > 1:
         shown = shown.reduce(factor)
+    cells = (_reduced_cells(H, draft, rev_y, factor), _reduced_cells(W, draft, rev_x, factor))
+    if (cells[0][-1] + 1, cells[1][-1] + 1) != (shown.height, shown.width):  # the cells' rule does not fit PIL's
+        raise RuntimeError(f"--edit={path}: reduced to {shown.size}, cells {cells[1][-1] + 1}x{cells[0][-1] + 1}")
     if sixteen:
         img_3HW = torch.from_numpy(np.asarray(shown, dtype=np.float32) / 65535).clamp(0, 1).expand(3, -1, -1)
     else:
         img_3HW = torch.from_numpy(np.array(shown.convert("RGB"))).permute(2, 0, 1).float().div(255)
-    return img_3HW, (H, W)
+    return img_3HW, (H, W), cells
 
 
 def _over_black(image: Image.Image) -> Image.Image:
@@ -146,9 +179,12 @@ def read_edit_inputs(image_path: str | Path, reso: int, mask_path: str | Path | 
     image_path = Path(image_path)
     if not image_path.is_file():
         raise FileNotFoundError(f"--edit={image_path}: no such file")
-    img_3hw, (H, W) = read_edit_image(image_path, reso)
+    img_3hw, (H, W), cells = read_edit_image(image_path, reso)
     if box is not None:
-        mask_hw = box_mask(H, W, box, size=tuple(img_3hw.shape[-2:]))[0, 0]
+        check_box(H, W, box)
+        (x0, y0, x1, y1), (rows, cols) = box, cells
+        mask_hw = torch.zeros(rows[-1] + 1, cols[-1] + 1, dtype=torch.bool)
+        mask_hw[rows[y0]:rows[y1 - 1] + 1, cols[x0]:cols[x1 - 1] + 1] = True  # the cells its pixels went into
     else:
         if not Path(mask_path).is_file():
             raise FileNotFoundError(f"--mask={mask_path}: no such file")
@@ -157,7 +193,7 @@ def read_edit_inputs(image_path: str | Path, reso: int, mask_path: str | Path | 
         if mask_HW.shape != (H, W):
             raise ValueError(f"--mask={mask_path} is {mask_HW.shape[1]}x{mask_HW.shape[0]} px, --edit={image_path} "
                              f"is {W}x{H} px: the mask must have the image's size")
-        mask_hw = _any_pool(mask_HW, tuple(img_3hw.shape[-2:]))
+        mask_hw = _any_pool(mask_HW, cells)
     if not mask_hw.any():
         raise ValueError("the mask covers no pixel of the image (black everywhere): nothing to regenerate")
     return img_3hw, mask_hw
