@@ -82,10 +82,10 @@ def is_image_name(path: str) -> bool:
 
 
 def rgb(img: Image.Image, path: str) -> Image.Image:
-    """`img` as 8-bit RGB. Single-channel 16-bit images (modes I;16*, and a PNG's I, as older Pillow reads 16-bit
-    PNGs; 0-65535, as the edit path reads them) keep their top 8 bits: PIL's convert("RGB") clips them at 255,
+    """`img` as 8-bit RGB. Single-channel 16-bit images (modes I;16*, and a PNG's or PGM's I, as Pillow reads some
+    of them; 0-65535, as the edit path reads them) keep their top 8 bits: PIL's convert("RGB") clips them at 255,
     nearly white. Other 32-bit integer images and float ones have no agreed range: a DataError naming the file."""
-    if img.mode.startswith("I;16") or (img.mode == "I" and img.format == "PNG"):
+    if img.mode.startswith("I;16") or (img.mode == "I" and img.format in ("PNG", "PPM")):
         img = Image.fromarray((np.asarray(img).clip(0, 65535).astype(np.uint32) >> 8).astype(np.uint8), "L")
     elif img.mode in ("I", "F"):
         raise DataError(f"{path}: image mode {img.mode!r} (32-bit integer or float pixels, of no agreed range); "
