@@ -383,9 +383,9 @@ def test_bad_extraction_flags_are_named_before_any_work(tmp_path, monkeypatch):
                               "--limit=-1") == "--batch must be >= 1, got 0; --encode_batch must be >= 1, got 0; " \
         "--workers must be >= 0, got -1; --limit must be >= 0, got -1; --mid_reso=0.5: expected a finite number " \
         ">= 1 (the shorter side is resized to mid_reso x the image size, then cropped to the image size); " + NO_IMAGES
+    assert waits == [24 * 60]
     for bad in ("inf", "nan"):  # a review: they passed, and failed on every image inside the loader's workers
         assert extraction_refusal(tmp_path, f"--mid_reso={bad}").startswith(f"--mid_reso={bad}: expected a finite")
-    assert waits == [24 * 60]
     assert extraction_refusal(tmp_path, "--batch=1", "--encode_batch=1", "--workers=0", "--mid_reso=1",
                               "--limit=0") == NO_IMAGES  # it used to read MNIST
     assert not (tmp_path / "cache").exists()
