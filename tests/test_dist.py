@@ -147,15 +147,15 @@ def test_a_bad_launch_is_one_error_line_and_a_lonely_rank_says_what_it_waits_for
         in proc.stderr
 
 
-@pytest.mark.parametrize("script", ["train.py", "scripts/train_tokenizer.py"])
-def test_the_ranks_wait_for_each_other_as_long_as_the_flag_says(tmp_path, script):
+def test_the_ranks_wait_for_each_other_as_long_as_the_flag_says(tmp_path, monkeypatch):
     """--dist_timeout_min (VAR's 30 minutes by default): a lone rank of two gives up after it, in one error line
-    naming where it waited (it was torch's DistStoreError traceback, after a fixed 30 minutes)."""
+    naming where it waited (it was torch's DistStoreError traceback, after a fixed 30 minutes); the tokenizer's
+    trainer passes its flag the same way."""
     env = {k: v for k, v in SUBPROCESS_ENV.items() if k not in dist.core.TORCHRUN_VARS}
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.run([sys.executable, str(REPO / script), "--dataset=mnist", "--dist_timeout_min=0.02"],
+    proc = subprocess.run([sys.executable, str(REPO / "train.py"), "--dataset=mnist", "--dist_timeout_min=0.02"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=120, env={
                               **env, "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
                               "MASTER_PORT": str(port)})
@@ -163,6 +163,15 @@ def test_the_ranks_wait_for_each_other_as_long_as_the_flag_says(tmp_path, script
     assert proc.returncode == 1 and len(lines) == 1, proc.stderr[-2000:]
     assert lines[0].startswith(f"error: rank 0: the 2 ranks did not all meet at 127.0.0.1:{port} within 0.02 min (")
     assert not list(tmp_path.iterdir())  # no output folder: nothing was started
+
+    import tokenizer_trainer
+
+    def initialize(timeout_min: float = 30.0):
+        raise dist.LaunchError(f"waited {timeout_min} min")
+
+    monkeypatch.setattr(dist, "initialize", initialize)
+    with pytest.raises(dist.LaunchError, match="waited 0.02 min"):
+        tokenizer_trainer.train(tokenizer_trainer.build_parser().parse_args(["--dist_timeout_min=0.02"]))
 
 
 def test_unwrap_model_removes_compile_wrapper():
