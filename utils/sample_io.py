@@ -22,6 +22,7 @@ from torch import nn
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
+from utils.data.loaders import pixel_bits
 from utils.run.checkpoint import write_atomic
 
 EDIT_REDUCE_TO = 2  # --edit images are reduced while read to a shorter side of at least this times the model's
@@ -139,10 +140,11 @@ def read_edit_image(path: Path, reso: int) -> tuple[torch.Tensor, tuple[int, int
             shown.load()
         except (OSError, SyntaxError, EOFError, struct.error) as e:  # PIL's errors for truncated or damaged data
             raise ValueError(f"--edit={path}: the image is damaged ({type(e).__name__}: {e})") from e
-    if shown.mode == "F" or (shown.mode == "I" and fmt not in ("PNG", "PPM")):  # a TIFF's I: 32-bit, no range
+    bits = pixel_bits(shown.mode, fmt)
+    if bits is None:  # e.g. a TIFF's I: 32-bit integers
         raise ValueError(f"--edit={path}: mode {shown.mode} (32-bit integer or float pixels, of no agreed range): "
                          "save it as an 8- or 16-bit PNG or a JPEG")
-    sixteen = shown.mode.startswith("I")  # I;16, I;16B, ..., or I (how older Pillow reads 16-bit PNGs)
+    sixteen = bits == 16  # I;16, I;16B, ..., or I (how Pillow reads some 16-bit PNGs and PGMs)
     if shown.mode not in ("RGB", "L", "I"):
         shown = shown.convert("I" if sixteen else "RGB")
     factor = max(1, min(shown.size) // (EDIT_REDUCE_TO * reso))

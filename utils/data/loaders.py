@@ -81,15 +81,24 @@ def is_image_name(path: str) -> bool:
     return has_file_allowed_extension(path, IMG_EXTENSIONS) and not os.path.basename(path).startswith(".")
 
 
+def pixel_bits(mode: str, fmt: str | None) -> int | None:
+    """The depth an image of PIL `mode` read from a file of format `fmt` is taken at: 16 for single-channel 16-bit
+    images (modes I;16*, and a PNG's or PGM's I, as Pillow reads some of them: 0-65535), None for other 32-bit
+    integer images and float ones (no agreed range: refused), else 8. The training and the edit paths' one rule."""
+    if mode.startswith("I;16") or (mode == "I" and fmt in ("PNG", "PPM")):
+        return 16
+    return None if mode in ("I", "F") else 8
+
+
 def rgb(img: Image.Image, path: str) -> Image.Image:
-    """`img` as 8-bit RGB. Single-channel 16-bit images (modes I;16*, and a PNG's or PGM's I, as Pillow reads some
-    of them; 0-65535, as the edit path reads them) keep their top 8 bits: PIL's convert("RGB") clips them at 255,
-    nearly white. Other 32-bit integer images and float ones have no agreed range: a DataError naming the file."""
-    if img.mode.startswith("I;16") or (img.mode == "I" and img.format in ("PNG", "PPM")):
-        img = Image.fromarray((np.asarray(img).clip(0, 65535).astype(np.uint32) >> 8).astype(np.uint8), "L")
-    elif img.mode in ("I", "F"):
+    """`img` as 8-bit RGB. 16-bit images (`pixel_bits`) keep their top 8 bits: PIL's convert("RGB") clips them at
+    255, nearly white. Images of no agreed range are a DataError naming the file."""
+    bits = pixel_bits(img.mode, img.format)
+    if bits is None:
         raise DataError(f"{path}: image mode {img.mode!r} (32-bit integer or float pixels, of no agreed range); "
                         "expected 8- or 16-bit images: convert the data set first")
+    if bits == 16:
+        img = Image.fromarray((np.asarray(img).clip(0, 65535).astype(np.uint32) >> 8).astype(np.uint8), "L")
     return img.convert("RGB")
 
 
