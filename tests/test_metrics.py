@@ -64,7 +64,7 @@ def test_inception_score_extremes():
     K = 10
     confident = np.full((1000, K), 1e-12)
     confident[np.arange(1000), np.arange(1000) % K] = 1.0
-    assert inception_score(confident, split_size=500, shuffle_seed=None) == pytest.approx(K, rel=1e-6)
+    assert inception_score(confident, split_size=500) == pytest.approx(K, rel=1e-6)
     same = np.tile(np.linspace(1, 2, K) / np.linspace(1, 2, K).sum(), (100, 1))
     assert inception_score(same) == pytest.approx(1.0, abs=1e-12)
     one_hot = np.eye(K)[np.arange(200) % K]  # exact zeros: 0 log 0 = 0, no NaN
@@ -75,8 +75,8 @@ def test_inception_score_of_class_ordered_samples_is_not_deflated():
     """A review measured IS 36 instead of 144 on a class-ordered 1,000 x 50 dump: each split of 5,000 held 100 classes.
     Here 10 classes x 1,000 in class order: each split of 5,000 holds 5 of them."""
     probs = np.eye(10)[np.repeat(np.arange(10), 1000)]
-    assert inception_score(probs, shuffle_seed=None) == pytest.approx(5.0, rel=1e-12)  # OpenAI's evaluator
-    assert inception_score(probs) == pytest.approx(10.0, rel=2e-3)  # shuffled first: every split sees ~all 10
+    assert inception_score(probs) == pytest.approx(5.0, rel=1e-12)  # OpenAI's evaluator
+    assert inception_score(probs[npz_order(len(probs))]) == pytest.approx(10.0, rel=2e-3)  # every split sees ~all 10
 
 
 def test_precision_recall_by_hand():
@@ -340,7 +340,7 @@ def test_inception_score_averages_exp_kl_over_every_split():
     """IS is the mean over splits of exp(mean KL) (OpenAI's evaluator): here splits scoring 2 and 4 give 3, where
     exp of the mean KL gives 2.83, the first split alone 2 and the set as one split 5.66."""
     probs = np.eye(6)[[0, 1, 0, 1, 2, 3, 4, 5]]  # split 1: two classes (IS 2); split 2: four classes (IS 4)
-    assert inception_score(probs, split_size=4, shuffle_seed=None) == pytest.approx(3.0, rel=1e-12)
+    assert inception_score(probs, split_size=4) == pytest.approx(3.0, rel=1e-12)
 
 
 def test_inception_probabilities_are_a_softmax_over_each_images_classes(tmp_path):
@@ -475,7 +475,7 @@ def test_the_inception_score_reads_an_npz_in_row_order_and_a_folder_in_the_dumps
     np.savez(tmp_path / "ref.npz", arr_0=imgs[::-1].copy())
     orders = []
     monkeypatch.setattr(utils.evaluation.fid, "load_inception", lambda path, device: StubInception())
-    monkeypatch.setattr(utils.evaluation.fid, "inception_score", lambda probs, shuffle_seed: orders.append(
+    monkeypatch.setattr(utils.evaluation.fid, "inception_score", lambda probs: orders.append(
         (probs.argmax(1) // 20).tolist()) or 1.0)
     results = evaluate(tmp_path / "s.npz", tmp_path / "ref.npz", None, batch_size=5, device="cpu", k=2)
     evaluate(tmp_path / "folder", tmp_path / "ref.npz", None, batch_size=5, device="cpu", k=2)

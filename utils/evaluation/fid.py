@@ -94,15 +94,11 @@ def frechet_distance_of_features(a_ND: np.ndarray, b_MD: np.ndarray) -> float:
     return float(diff @ diff + (A_ND * A_ND).sum() + (B_MD * B_MD).sum() - 2 * tr_covmean)
 
 
-def inception_score(probs_NK: np.ndarray, split_size: int = 5000, shuffle_seed: int | None = 0) -> float:
-    """exp(E[KL(p(y|x) || p(y))]) per split of `split_size` samples, averaged over splits (as OpenAI's evaluator).
-
-    The rows are first shuffled with `shuffle_seed` (as torch-fidelity does; None keeps their order, as OpenAI's
-    evaluator does): splits of a class-ordered input would each see a few classes only, and score far lower.
-    """
+def inception_score(probs_NK: np.ndarray, split_size: int = 5000) -> float:
+    """exp(E[KL(p(y|x) || p(y))]) per split of `split_size` consecutive samples, averaged over splits (as OpenAI's
+    evaluator). The rows are taken in their order: splits of a class-ordered input would each see a few classes
+    only, and score far lower, so permute such an input first (`npz_order`)."""
     probs_NK = np.asarray(probs_NK, dtype=np.float64)
-    if shuffle_seed is not None:
-        probs_NK = probs_NK[np.random.default_rng(shuffle_seed).permutation(len(probs_NK))]
     scores = []
     for start in range(0, len(probs_NK), split_size):
         part = probs_NK[start:start + split_size]
@@ -366,8 +362,7 @@ def evaluate(sample: Path, ref: Path, inception_path: str | None, batch_size: in
     mu_ref, sigma_ref = (reference["mu"], reference["sigma"]) if "mu" in reference else feature_stats(ref_feats)
     results["fid"] = frechet_distance(*feature_stats(feats), mu_ref, sigma_ref)
     if probs is not None:  # an npz in its row order, as OpenAI's evaluator; a folder in the dump's npz order
-        results["inception_score"] = inception_score(probs[npz_order(n)] if Path(sample).is_dir() else probs,
-                                                     shuffle_seed=None)
+        results["inception_score"] = inception_score(probs[npz_order(n)] if Path(sample).is_dir() else probs)
     else:
         logger.warning("Inception Score skipped: %s has no classifier layer (use inception-2015-12-05.pt)", net.path)
     if with_pr and ref_feats is not None:

@@ -47,7 +47,7 @@ def classifier_scores(sample: ClassifierView, labels_N: np.ndarray, ref: Classif
     precision, recall = precision_recall(ref.feats_ND, sample.feats_ND, drop_top_percent=5.0)
     return {
         "fd_clf": frechet_distance_of_features(sample.feats_ND, ref.feats_ND),
-        "is_clf": inception_score(sample.probs_NK, split_size=len(sample.probs_NK), shuffle_seed=None),
+        "is_clf": inception_score(sample.probs_NK, split_size=len(sample.probs_NK)),
         "precision": precision, "recall": recall,
         "consistency": float((sample.probs_NK.argmax(1) == np.asarray(labels_N)).mean()),
     }
