@@ -60,20 +60,20 @@ def initialize(backend: str = "auto", timeout_min: float = 30.0) -> torch.device
     if backend == "auto":
         backend = "nccl" if use_cuda else "gloo"
     if not tdist.is_initialized():
+        rank, ranks = f"rank {os.environ['RANK']}", f"the {os.environ['WORLD_SIZE']} ranks"
+        where = f"at {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
         notice = threading.Timer(RENDEZVOUS_NOTICE_S, print, (
-            f"rank {os.environ['RANK']}: still waiting, after {RENDEZVOUS_NOTICE_S:g} s, for the "
-            f"{os.environ['WORLD_SIZE']} ranks to meet at {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} "
-            f"(every node launched, with the same --nnodes and master address?); giving up after {timeout_min:g} "
-            "min",), dict(file=sys.stderr, flush=True))
+            f"{rank}: still waiting, after {RENDEZVOUS_NOTICE_S:g} s, for {ranks} to meet {where} (every node "
+            f"launched, with the same --nnodes and master address?); giving up after {timeout_min:g} min",),
+            dict(file=sys.stderr, flush=True))
         notice.daemon = True
         notice.start()
         try:
             tdist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_min),
                                      device_id=device if backend == "nccl" else None)
         except tdist.DistStoreError as e:  # the ranks did not all meet in time: one error line, not a traceback
-            raise LaunchError(f"rank {os.environ['RANK']}: the {os.environ['WORLD_SIZE']} ranks did not all meet at "
-                              f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} within {timeout_min:g} min "
-                              f"({e}); was every node launched, with the same --nnodes and master address?") from e
+            raise LaunchError(f"{rank}: {ranks} did not all meet {where} within {timeout_min:g} min ({e}); was every "
+                              "node launched, with the same --nnodes and master address?") from e
         finally:
             notice.cancel()
     logger.debug("rank %d/%d (local %d) on %s with %s", get_rank(), get_world_size(), local_rank, device, backend)
