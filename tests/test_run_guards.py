@@ -20,6 +20,7 @@ from test_trainer_e2e import TINY, run_train, setup  # noqa: F401  (setup: the t
 from models.loading import CheckpointError
 from scripts.gpu_train_check import write_tokenizer
 from utils.flags import changed_flags, finalize_args, parse_args
+from utils.data.loaders import image_source_problem
 from utils.run import lock as run_lock
 from utils.run.checkpoint import RunFolder, save_atomic
 from utils.run.lock import LOCK_NAME, RunLock, RunLockError, read_owner
@@ -408,6 +409,7 @@ def test_resume_logs_changed_flags_and_an_incompatible_one_is_an_error_line(setu
     (["--dataset=mnist", "--init_from={tmp}/nope.pth"], "error: --init_from=.*nope.pth: no such file"),
     (["--dataset=mnist", "--num_classes=2"], "error: --num_classes=2 is below the data's 10 classes"),  # trained
     # before, with label 2 = null; a command without --data_path (VAR's official ones) trained on MNIST
+    (["--data_path={tmp}", "--dataset=mnist"], "error: --data_path=.* and --dataset=mnist both name the images"),
     ([], "error: --data_path: expected an ImageFolder root with train/ and val/ class folders .* --dataset=mnist"),
 ])
 def test_a_bad_flag_or_file_is_one_error_line_before_training(flags, message, tmp_path):
@@ -570,3 +572,14 @@ def test_unusable_folders_end_in_one_error_line(setup, tmp_path):  # noqa: F811
     proc = run_train(setup, tmp_path / "out", f"--data_path={data}", check=False)
     assert f"error: --data_path: {data / 'train'} has class folders without images: class3 (1 of 4) (torchvision: " \
         in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("data_path, dataset, needed, message", [
+    ("/in", "mnist", False, "--data_path=/in and --dataset=mnist both name the images"),  # with --tokens too
+    ("", None, True, "--data_path: expected an ImageFolder root"),
+    ("", None, False, ""), ("/in", None, True, ""), ("", "fmnist", True, ""),
+])
+def test_one_image_source_is_named(data_path, dataset, needed, message):
+    """train.py, the tokenizer trainer and extract_tokens share this rule: --dataset beside --data_path was ignored."""
+    got = image_source_problem(data_path, dataset, needed)
+    assert got.startswith(message) and bool(got) == bool(message), got

@@ -559,7 +559,8 @@ def test_ranks_with_other_data_or_flags_are_refused_before_training(tmp_path):
     wrapper = tmp_path / "per_rank.py"
     wrapper.write_text(PER_RANK.format(repo=str(REPO), train=str(REPO / "scripts/train_tokenizer.py"),
                                        flag_1=f"--data_path={tmp_path / 'copy'}", extra_1=["--steps=7"]))
-    proc = launch(wrapper, *TINY, "--steps=3", "--log_every=1", f"--data_path={tmp_path / 'data'}",
+    folder_flags = [f for f in TINY if f != "--dataset=mnist"]  # the folder is the data, not MNIST
+    proc = launch(wrapper, *folder_flags, "--steps=3", "--log_every=1", f"--data_path={tmp_path / 'data'}",
                   f"--out_dir={tmp_path / 'out'}", nproc=2, check=False, timeout=120)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0 and "the ranks do not train alike" in out, out[-3000:]

@@ -374,8 +374,9 @@ def finalize_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
     for name in ("tblr", "tlr"):
         if not math.isfinite(getattr(args, name)) or getattr(args, name) <= 0:
             raise FlagError(f"--{name}={getattr(args, name)}: expected a positive learning rate")
-    if (not args.tokens or args.eval_every) and (problem := image_source_problem(args.data_path, args.dataset)):
-        raise FlagError(problem + (" (--eval_every with --tokens scores against real images)" if args.tokens else ""))
+    if problem := image_source_problem(args.data_path, args.dataset, needed=not args.tokens or args.eval_every):
+        missing = args.tokens and not (args.data_path or args.dataset)
+        raise FlagError(problem + (" (--eval_every with --tokens scores against real images)" if missing else ""))
     return args
 
 

@@ -46,10 +46,15 @@ def mid_reso_problem(mid_reso: float) -> str:
             "image size, then cropped to the image size)")
 
 
-def image_source_problem(data_path: str, dataset: str | None) -> str:
-    """Why no images can be opened ("" when they can): with no `--data_path`, an embedded data set must be named.
-    A command without `--data_path` (VAR's own launch commands, which need it) used to train on MNIST."""
-    if data_path or dataset:
+def image_source_problem(data_path: str, dataset: str | None, needed: bool = True) -> str:
+    """Why the image flags are wrong ("" when they are right): `--data_path` and `--dataset` name one source, never
+    both (the embedded set was ignored without a word); with no `--data_path`, an embedded data set must be named
+    where images are `needed`. A command without `--data_path` (VAR's own launch commands, which need it) used to
+    train on MNIST."""
+    if data_path and dataset:
+        return (f"--data_path={data_path} and --dataset={dataset} both name the images: pass one (the ImageFolder "
+                "root or the embedded data set)")
+    if data_path or dataset or not needed:
         return ""
     return ("--data_path: expected an ImageFolder root with train/ and val/ class folders (ImageNet's layout); "
             f"for an embedded data set instead, name it: --dataset={'|'.join(EMBEDDED_DATASETS)}")
