@@ -74,6 +74,10 @@ def initialize(backend: str = "auto", timeout_min: float = 30.0) -> torch.device
         except tdist.DistStoreError as e:  # the ranks did not all meet in time: one error line, not a traceback
             raise LaunchError(f"{rank}: {ranks} did not all meet {where} within {timeout_min:g} min ({e}); was every "
                               "node launched, with the same --nnodes and master address?") from e
+        except tdist.DistNetworkError as e:  # rank 0 cannot listen there (a port in use), or a rank cannot reach it
+            raise LaunchError(f"{rank}: no connection {where} ({e}); is the port free on the master node (else pick "
+                              "another with torchrun --master_port), and is its address reachable from this node?"
+                              ) from e
         finally:
             notice.cancel()
     logger.debug("rank %d/%d (local %d) on %s with %s", get_rank(), get_world_size(), local_rank, device, backend)

@@ -174,6 +174,22 @@ def test_the_ranks_wait_for_each_other_as_long_as_the_flag_says(tmp_path, monkey
         tokenizer_trainer.train(tokenizer_trainer.build_parser().parse_args(["--dist_timeout_min=0.02"]))
 
 
+def test_a_port_in_use_is_one_error_line_naming_it(monkeypatch):
+    """Rank 0 of a launch without torchrun's agent listens at MASTER_ADDR:MASTER_PORT itself; a port another run
+    holds was torch's DistNetworkError traceback (EADDRINUSE), and is now a LaunchError saying what to change."""
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        for k, v in dict(WORLD_SIZE="1", RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                         TORCHELASTIC_USE_AGENT_STORE="False").items():
+            monkeypatch.setenv(k, v)
+        with pytest.raises(dist.LaunchError, match=f"rank 0: no connection at 127.0.0.1:{port} .*address already in "
+                           "use.*pick another with torchrun --master_port"):
+            dist.initialize(backend="gloo", timeout_min=0.05)
+    assert not torch.distributed.is_initialized()
+
+
 def test_unwrap_model_removes_compile_wrapper():
     model = nn.Linear(2, 2)
     assert dist.unwrap_model(torch.compile(model)) is model
