@@ -230,7 +230,7 @@ class _MixedChunkScan(torch.autograd.Function):
          decay_BcGh11, h_BcGhPN, y_off_BcGQX, e_BcHQ, D) = ctx.saved_tensors
         Bsz, c, G, Hg, Q, P = xdt_BcGhQP.shape
         H, N, L, mdt, acc = G * Hg, B_BcGQN.shape[-1], ctx.L, x.dtype, e_BcHQ.dtype
-        dy = dy_BLHP.to(acc)
+        dy = dy_BLHP.to(acc).contiguous()  # y.sum() gives an expanded gradient; `to` may return it as it is
         dy_BcQGhP = (F.pad(dy, (0, 0, 0, 0, 0, c * Q - L)) if c * Q != L else dy).reshape(Bsz, c, Q, G, Hg, P)
 
         # the state part, y_off * exp(cs_l): d(y_off) = dy exp(cs_l); its products with C and with the states

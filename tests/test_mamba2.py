@@ -509,6 +509,27 @@ def test_mixed_chunk_scan_gradients_match_float64(G, dtype, tol):
         assert rel_err(low.grad, ref.grad) < tol
 
 
+@pytest.mark.parametrize("layout", ["expanded", "transposed"])
+def test_the_scan_backward_takes_a_gradient_of_any_layout(layout):
+    """`y.sum()` hands the backward an expanded (zero-stride) gradient, a consumer of `y.transpose(1, 2)` a transposed
+    one; at a length of whole chunks nothing padded (copied) it, and a view in the backward failed (a review). The
+    gradients equal those of a contiguous gradient."""
+    x, dt, A, B, C, D, h0 = scan_inputs(L=8, H=6, P=4, G=2, N=5, dtype=torch.float32)  # the hand-written backward
+    grads = []
+    for how in (layout, "contiguous"):
+        leaves = [t.clone().requires_grad_() for t in (x, dt, B, C)]
+        y_BLHP = ssd_chunk_scan(*leaves[:2], A, *leaves[2:], 4, D, h0)[0]
+        if how == "expanded":
+            y_BLHP.sum().backward()
+        elif how == "transposed":
+            y_BLHP.transpose(1, 2).contiguous().sum().backward()
+        else:
+            y_BLHP.backward(torch.ones_like(y_BLHP))
+        grads.append([t.grad for t in leaves])
+    for a, b in zip(*grads, strict=True):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("L,Q,G,D_shape,with_h0", [(11, 4, 2, (6,), True), (8, 4, 1, (6, 3), False),
                                                    (5, 8, 3, (6,), True)])
 def test_mixed_chunk_scan_backward_gradcheck(L, Q, G, D_shape, with_h0):
