@@ -37,8 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "tokenizer embedded in --ckpt (refused otherwise: the model was trained with its own)")
     p.add_argument("--pn", default=None, help="patch schedule of an official file whose L is not a preset")
     p.add_argument("--arch", default=None, choices=list(ARCH_BRANCHES), help="official files: the architecture they "
-                   "must hold (needed for attention-only weights: var or intra, the intra-scale ablation, have the same keys); "
-                   "without --ckpt, var picks VAR's official var_d{--depth}.pth")
+                   "must hold (needed for attention-only weights: var or intra, the intra-scale ablation, have the "
+                   "same keys); without --ckpt, var picks VAR's official var_d{--depth}.pth")
     p.add_argument("--out", required=True, help="the folder to write (new or empty, unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace the export already in --out (its model card "
                    "included, which huggingface_hub would otherwise keep)")
