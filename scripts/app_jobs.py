@@ -169,7 +169,7 @@ class Session:
             elif drawn_hw is not None:
                 H, W = self.preview(source)[1]
                 h, w = drawn_hw.shape
-                if abs(h * W / H - w) > 1:  # strokes drawn on the previous upload, whose preview was still shown
+                if not drawn_at_some_scale(h, w, H, W):  # strokes drawn on the previous upload, still on screen
                     raise ValueError(f"the drawing ({w}x{h}) is not of this image's shape ({W}x{H}): draw again "
                                      "over it")
                 Image.fromarray(drawn_hw.astype(np.uint8) * 255).resize((W, H), Image.NEAREST).save(mask_file)
@@ -209,6 +209,13 @@ class Session:
             yield
         finally:
             self.lock.release()
+
+
+def drawn_at_some_scale(h: int, w: int, H: int, W: int) -> bool:
+    """Whether an h x w drawing can be of the H x W image: some scale s puts both H*s and W*s within less than a
+    pixel of h and w (the preview rounds each side; a rounding of the height, times W/H, could move the width by
+    more than a pixel, and previews of 4000x3001 were refused)."""
+    return (h - 1) * W < (w + 1) * H and (w - 1) * H < (h + 1) * W
 
 
 def check_upload(image: Path) -> None:

@@ -503,6 +503,21 @@ def test_strokes_drawn_over_another_shape_than_the_uploads_are_refused(tiny_sess
         tiny_session.edit(edit_photo(tmp_path), Knobs(classes=["1"], num_per_class=1), drawn_hw=np.ones((16, 14), bool))
 
 
+@pytest.mark.parametrize("W, H", [(200, 33), (300, 47)])
+def test_strokes_drawn_over_the_preview_of_any_shape_are_taken(tiny_session, tmp_path, W, H):
+    """The preview of a 200x33 image is 100x17: its height rounded up, times W/H, put the width 1.06 px from the
+    preview's, and such drawings were refused ("draw again", which could not help)."""
+    from scripts.app_jobs import Knobs, drawn_at_some_scale
+
+    photo = edit_photo(tmp_path, hw=(H, W))
+    preview = tiny_session.preview(photo)[0]
+    drawn_hw = np.zeros(preview.shape[:2], bool)
+    drawn_hw[:, : preview.shape[1] // 2] = True
+    result, _, mask = tiny_session.edit(photo, Knobs(classes=["1"], num_per_class=1), drawn_hw=drawn_hw)
+    assert len(result.images) == 1 and mask.any() and not mask.all()
+    assert drawn_at_some_scale(16, 16, 16, 16) and not drawn_at_some_scale(16, 14, 16, 16)
+
+
 def model_is_held(session) -> bool:
     """Whether a request now would have to wait because another holds the model."""
     return session.lock.locked()

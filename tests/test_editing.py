@@ -203,6 +203,21 @@ def test_edit_box_is_in_the_pixels_of_the_image_as_displayed(tmp_path):
     assert mask[0, 0, :, 0].tolist() == [False] * 4 + [True] * 4
 
 
+def test_an_edit_image_longer_than_the_aspect_bound_is_refused_before_decoding(tmp_path):
+    """The resize before the centre crop holds reso x reso * W/H pixels: a 59 kB 200000 x 100 PNG took 2.4 GB at
+    256 px (a review). Past EDIT_MAX_ASPECT (16:1, either way) the image is refused; at it, it is edited."""
+    from utils.sample_io import EDIT_MAX_ASPECT, read_edit_image
+
+    for W, H in ((IMG * (EDIT_MAX_ASPECT + 1), IMG), (3, 3 * EDIT_MAX_ASPECT + 1)):
+        Image.new("RGB", (W, H)).save(tmp_path / "long.png")
+        with pytest.raises(ValueError, match=f"{W}x{H} px, longer than {EDIT_MAX_ASPECT}:1 .* crop it first"):
+            read_edit_image(tmp_path / "long.png", IMG)
+    Image.new("RGB", (IMG * EDIT_MAX_ASPECT, IMG)).save(tmp_path / "ok.png")
+    middle = IMG * EDIT_MAX_ASPECT // 2  # a box in the centre square, which the model sees
+    img, _ = load_edit_inputs(tmp_path / "ok.png", IMG, box=(middle, 0, middle + 1, 1))
+    assert img.shape[-2:] == (IMG, IMG)
+
+
 def test_large_edit_image_is_reduced_while_it_is_read(tmp_path, monkeypatch):
     """Issue 23: an 8000x8000 input for a 16 px model took 2.75 GB; the image reaching the resize is now about twice
     the model's size, and the result is that of the full-size image (a smooth one) within rounding."""

@@ -26,6 +26,9 @@ from utils.data.loaders import pixel_bits
 from utils.run.checkpoint import write_atomic
 
 EDIT_REDUCE_TO = 2  # --edit images are reduced while read to a shorter side of at least this times the model's
+# the longest side of an --edit image over its shortest: the model sees the centre square, and the resize before the
+# crop holds reso x reso * ratio pixels (a 200000 x 100 PNG of 59 kB took 2.4 GB at 256 px)
+EDIT_MAX_ASPECT = 16
 # of --edit and --mask files (not EPS: PIL renders it with Ghostscript); JPEG's opener also opens phones' MPO files
 EDIT_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF", "PPM")
 
@@ -132,6 +135,9 @@ def read_edit_image(path: Path, reso: int) -> tuple[torch.Tensor, tuple[int, int
             orientation = im.getexif().get(ExifTags.Base.Orientation, 1)
             swap, rev_y, rev_x = _ORIENTATION_AXES.get(orientation, _ORIENTATION_AXES[1])
             H, W = (im.width, im.height) if swap else (im.height, im.width)  # 5-8 turn the stored image by 90 deg
+            if max(H, W) > EDIT_MAX_ASPECT * min(H, W):
+                raise ValueError(f"--edit={path}: {W}x{H} px, longer than {EDIT_MAX_ASPECT}:1 (the model sees its "
+                                 "centre square only): crop it first")
             factor = max(1, min(H, W) // (EDIT_REDUCE_TO * reso))
             stored_w, fmt = im.width, im.format
             im.draft(None, (im.width // factor, im.height // factor))  # JPEG only: a smaller decode, at least this
