@@ -11,7 +11,7 @@ from PIL import Image
 
 import utils.evaluation.fid
 from utils.evaluation.fid import evaluate, feature_stats, frechet_distance, frechet_distance_of_features, \
-    image_batches, inception_score, load_reference, manifold_radii, npz_order, precision_recall
+    image_batches, image_files, inception_score, load_reference, manifold_radii, npz_order, precision_recall
 from utils.evaluation.inception import FEATURE_DIM, find_inception, load_inception, tf_resize_bilinear
 
 
@@ -486,6 +486,17 @@ def test_the_inception_score_reads_an_npz_in_row_order_and_a_folder_in_the_dumps
     monkeypatch.setattr(utils.evaluation.fid, "load_inception", lambda path, device: StubInception(np.inf))
     with pytest.raises(ValueError, match="stub-inception.pt gave non-finite features for the sample images"):
         evaluate(tmp_path / "s.npz", tmp_path / "ref.npz", None, batch_size=5, device="cpu")
+
+
+def test_a_folder_lists_numbered_images_by_number_past_six_digits(tmp_path):
+    """A review: a dump of more than 999,999 images names its last files with 7 digits, which sort by name among
+    the 6-digit ones (1000000.png before 100001.png), so the folder's Inception Score read them out of the dump's
+    order; numbered names now sort by number, other names after them."""
+    names = ["1000001.png", "b.png", "999999.png", "000002.png", "1000000.png", "a.png", "100001.png"]
+    for name in names:
+        Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / name)
+    assert [p.name for p in image_files(tmp_path)] == [
+        "000002.png", "100001.png", "999999.png", "1000000.png", "1000001.png", "a.png", "b.png"]
 
 
 def test_an_inception_file_that_is_not_torchscript_is_one_error_line(tmp_path, good_inputs):

@@ -223,10 +223,18 @@ def check_images_npz(path: Path, key: str = "arr_0") -> int:
     return shape[0]
 
 
+def listing_order(path: Path) -> tuple[int, int, str]:
+    """Sort key of a folder's images: numbered names (sample.py's `{idx:06d}.png`, 7 digits past 999,999) by
+    number, before any other name, which sort by name. The dump's index order is the one `npz_order` permutes."""
+    return (0, int(path.stem), path.name) if path.stem.isdigit() else (1, 0, path.name)
+
+
 def image_files(folder: Path) -> list[Path]:
-    """The images of `folder` (not hidden files: macOS's `._x.png`), each checked first (header and integrity, not
-    decoded): unreadable or truncated files, 16-bit or float images and mixed sizes are errors naming the file."""
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS and not p.name.startswith("."))
+    """The images of `folder` (not hidden files: macOS's `._x.png`) in `listing_order`, each checked first (header
+    and integrity, not decoded): unreadable or truncated files, 16-bit or float images and mixed sizes are errors
+    naming the file."""
+    files = sorted((p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS and not p.name.startswith(".")),
+                   key=listing_order)
     if len(files) < 2:
         raise FileNotFoundError(f"{folder}: expected at least 2 {'/'.join(IMAGE_EXTS)} files, found {len(files)}")
     size = None
