@@ -37,7 +37,7 @@ from torch import nn
 
 from models.loading import CHECKPOINT_SUFFIXES, DIGEST_KEY, MVAR_REPO, NO_INTERNET_HINT, VAR_REPO, CheckpointError, \
     check_digest, config_from_state_dict, embedded_vae, existing_file, hf_offline, load_mvar, load_mvar_checkpoint, \
-    load_vae, resolve_checkpoint, vae_from_state_dict, weights_digest
+    load_vae, resolve_checkpoint, trained_tokenizer_step, vae_from_state_dict, weights_digest
 from models.mvar import MVAR, MVARConfig
 from models.presets import format_patch_nums
 from models.tokenizer import VQVAE
@@ -246,6 +246,15 @@ def model_file_tokenizer(ckpt: dict[str, Any], path: Path, config: MVARConfig, v
     embedded = "vae" in ckpt and "vae_config" in ckpt
     if vae_ckpt is None and embedded:
         return embedded_vae(ckpt, path, device), "embedded"
+    official = not ("config" in ckpt and "model" in ckpt)  # raw weights, which record no tokenizer: VAR's is theirs
+    if official and (step := trained_tokenizer_step(vae_ckpt)) is not None:
+        message = (f"--vae_ckpt={vae_ckpt} is a tokenizer trained here (tokenizer training, step {step}), but "
+                   f"--ckpt={path} holds official weights, trained with VAR's vae_ch160v4096z32.pth: the model's "
+                   "tokens would decode into noise")
+        if not allow_other:
+            raise TokenizerMismatchError(f"{message}. Leave --vae_ckpt out (VAR's, from the Hugging Face cache) or "
+                                         "pass VAR's file; --allow_other_tokenizer if this is meant")
+        logger.warning("%s (--allow_other_tokenizer)", message)
     vae = load_vae(vae_ckpt, device=device, v_patch_nums=config.patch_nums)
     check_own_tokenizer(vae, weights_digest(ckpt["vae"]) if embedded else None,
                         f"--vae_ckpt={vae_ckpt}" if vae_ckpt else "VAR's tokenizer (Hugging Face cache)",

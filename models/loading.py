@@ -298,6 +298,22 @@ def recorded_patch_nums(path: PathLike | None) -> tuple[int, ...] | None:
     return tuple(config["v_patch_nums"]) if isinstance(config, dict) and config.get("v_patch_nums") else None
 
 
+def trained_tokenizer_step(path: PathLike | None) -> int | None:
+    """The step of a tokenizer file written by tokenizer training (tokenizer_trainer.py: {"vae_config", "vae",
+    "step", ...}, trained from scratch, so never VAR's tokenizer), or None: no file, VAR's raw file, a tokenizer
+    re-saved by `vae_checkpoint`, an M-VAR checkpoint, or a file that does not read (its loading says why).
+    Memory-mapped and unverified: the tensors are not read."""
+    if path is None or not Path(path).is_file():
+        return None
+    try:
+        ckpt = load_checkpoint(path, verify=False)
+    except CheckpointError:
+        return None
+    if isinstance(ckpt, dict) and "vae_config" in ckpt and "model" not in ckpt and isinstance(ckpt.get("step"), int):
+        return ckpt["step"]
+    return None
+
+
 def recorded_class_names(ckpt: Mapping[str, Any]) -> list[str] | None:
     """The class names train.py records in its checkpoints (`data.classes`), or None (official files have none)."""
     names = (ckpt.get("data") or {}).get("classes")

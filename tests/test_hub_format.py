@@ -369,6 +369,31 @@ def test_foreign_tokenizer_folder_is_refused_unless_allowed(tmp_path):
     MVARHF.from_pretrained(out)  # the folder records the tokenizer it was exported with
 
 
+def test_a_tokenizer_trained_here_is_refused_for_official_weights_unless_allowed(tmp_path):
+    """An official raw file records no tokenizer, so a tokenizer of this project's tokenizer training with its V and
+    Cvae (trained from scratch: never VAR's) decoded its tokens into other images without a word, and an export
+    recorded that tokenizer as the folder's own."""
+    from tokenizer_trainer import TokenizerTrainer, build_parser, build_vae
+
+    _, mvar = build_tiny()
+    torch.save(official_style_state_dict(mvar), tmp_path / "d2.pth")
+    args = build_parser().parse_args(["--reso=8", "--ch=32", "--ch_mult=1_2", "--z_channels=8", "--vocab_size=64",
+                                      "--pn=1_2_3_4", "--dataset=mnist"])  # the tiny model's V=64, Cvae=8
+    torch.save(TokenizerTrainer(build_vae(args), args, torch.device("cpu")).state_dict(), tmp_path / "tok.pth")
+    flags = ["--ckpt", str(tmp_path / "d2.pth"), "--vae_ckpt", str(tmp_path / "tok.pth")]
+    refused = r"--vae_ckpt=.*tok.pth is a tokenizer trained here .* but --ckpt=.*d2.pth holds official weights"
+    with pytest.raises(SystemExit, match=refused):
+        sample.main([*flags, "--device", "cpu", "--classes", "1", "--out", str(tmp_path / "x.png")])
+    with pytest.raises(SystemExit, match=refused):
+        export.main([*flags, "--out", str(tmp_path / "hub")])
+    assert not (tmp_path / "hub").exists()
+    assert export.main([*flags, "--allow_other_tokenizer", "--out", str(tmp_path / "hub")]).is_dir()
+    vae, _ = build_tiny()
+    torch.save(vae_checkpoint(vae), tmp_path / "vae.pth")  # a re-saved tokenizer may be VAR's: not refused
+    assert sample.main(["--ckpt", str(tmp_path / "d2.pth"), "--vae_ckpt", str(tmp_path / "vae.pth"), "--device",
+                        "cpu", "--classes", "1", "--out", str(tmp_path / "y.png")]).is_file()
+
+
 @pytest.mark.parametrize("damage, message", [
     (lambda m: (m / "model.safetensors").write_bytes((m / "model.safetensors").read_bytes()[:-100]),
      r"m/model.safetensors is unreadable .*expected a complete safetensors file"),
