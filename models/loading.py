@@ -67,10 +67,11 @@ def hf_download_url(repo_id: str, filename: str) -> str:
 
 
 def existing_file(path: str | os.PathLike, flag: str, hint: str = "") -> Path:
-    """`path` (the value of `flag`) as a Path; FileNotFoundError "FLAG=PATH: no such file" + `hint` if it is none."""
+    """`path` (the value of `flag`) as a Path; FileNotFoundError "FLAG=PATH: no such file" (or "a folder, not a
+    file") + `hint` if it is none."""
     p = Path(path).expanduser()
     if not p.is_file():
-        raise FileNotFoundError(f"{flag}={path}: no such file{hint}")
+        raise FileNotFoundError(f"{flag}={path}: {'a folder, not a file' if p.is_dir() else 'no such file'}{hint}")
     return p
 
 

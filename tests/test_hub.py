@@ -53,6 +53,9 @@ def test_explicit_path_wins(offline_cache, tmp_path):
 def test_explicit_missing_path_names_the_flag(offline_cache, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"--vae_ckpt=.*nope\.pth: no such file"):
         resolve_checkpoint(tmp_path / "nope.pth", REPO, FILE, flag="vae_ckpt")
+    (tmp_path / "tokenizer").mkdir()  # a review: a Hub folder's tokenizer/ was "no such file"
+    with pytest.raises(FileNotFoundError, match=r"--vae_ckpt=.*tokenizer: a folder, not a file\. Point --vae_ckpt"):
+        resolve_checkpoint(tmp_path / "tokenizer", REPO, FILE, flag="vae_ckpt")
 
 
 def test_cache_hit(offline_cache):
