@@ -49,12 +49,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def base_argv(args: argparse.Namespace, ckpt: str) -> list[str]:
-    """The app's own flags as sample.py flags (a local checkpoint file or folder by its absolute path)."""
-    argv = ["--ckpt", str(Path(ckpt).resolve()) if Path(ckpt).exists() else ckpt]  # else a Hub id, or an error
+    """The app's own flags as sample.py flags (a local checkpoint file or folder by its absolute path, its symbolic
+    links kept: the Hugging Face cache's snapshots/<rev>/model.safetensors links to blobs/<hash>, a name without its
+    folder's config.json)."""
+    argv = ["--ckpt", os.path.abspath(ckpt) if Path(ckpt).exists() else ckpt]  # else a Hub id, or an error
     for flag in ("vae_ckpt", "attn_backend", "mamba_backend", "device"):
         value = getattr(args, flag)
         if value is not None and value != "auto":
-            argv += [f"--{flag}", str(Path(value).resolve()) if flag == "vae_ckpt" else value]
+            argv += [f"--{flag}", os.path.abspath(value) if flag == "vae_ckpt" else value]
     return argv + [f"--{f}" for f in ("allow_other_tokenizer", "fp16", "bf16") if getattr(args, f)]
 
 

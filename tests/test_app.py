@@ -718,6 +718,15 @@ def test_the_apps_own_flags_reach_sample_py_and_a_1000_class_model_gets_imagenet
 
     for flag in ("--bf16", "--fp16", "--allow_other_tokenizer"):
         assert flag in base_argv(build_parser().parse_args([flag]), "hub/id")
+    # a review: a model in the Hugging Face cache's layout (snapshots/<rev>/model.safetensors, a link into blobs/) was
+    # offered by the link's target, blobs/<hash>, which sample.py then read as a .pth
+    (tmp_path / "blobs").mkdir()
+    (tmp_path / "blobs" / "h123").write_bytes(b"weights")
+    (tmp_path / "snapshots" / "rev").mkdir(parents=True)
+    link = tmp_path / "snapshots" / "rev" / "model.safetensors"
+    link.symlink_to(tmp_path / "blobs" / "h123")
+    assert base_argv(build_parser().parse_args(["--vae_ckpt", str(link)]), str(link)) == [
+        "--ckpt", str(link), "--vae_ckpt", str(link)]
     names = class_names(tmp_path / "absent.pth", SimpleNamespace(num_classes=1000))
     assert len(names) == 1000 and names[0] == "tench" and names[999] == "toilet tissue"
     assert class_names(tmp_path / "absent.pth", SimpleNamespace(num_classes=10)) is None
