@@ -1,4 +1,5 @@
 """Loading M-VAR weights: official raw state dicts (derived buffers dropped), our checkpoints, clear errors."""
+import logging
 from pathlib import Path
 
 import pytest
@@ -116,6 +117,22 @@ def test_a_narrow_model_without_attention_loads_from_its_raw_state_dict():
     sd = MVAR(MVARConfig(**{**TINY, "embed_dim": 32, "num_heads": 1}, arch="mamba", patch_nums=(1, 2, 3))).state_dict()
     config = config_from_state_dict(sd, patch_nums=(1, 2, 3))
     assert (config.arch, config.embed_dim, config.num_heads) == ("mamba", 32, 1)
+
+
+def test_a_head_count_nothing_records_is_said_to_be_assumed(caplog):
+    """A review: without attn_l2_norm's scale_mul, weights of 4 heads of 32 loaded as 2 of 64 without a word (logits
+    1e-4 apart); official VAR and M-VAR files record it (l2 norm on), and an override silences the warning."""
+    config = MVARConfig(**{**TINY, "embed_dim": 128, "num_heads": 4}, attn_l2_norm=False, patch_nums=(1, 2, 3))
+    sd = MVAR(config).state_dict()
+    with caplog.at_level(logging.WARNING, logger="models.loading"):
+        assert config_from_state_dict(sd, patch_nums=(1, 2, 3)).num_heads == 2
+    assert "record no attention head count: assumed 2" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="models.loading"):
+        assert config_from_state_dict(sd, patch_nums=(1, 2, 3), num_heads=4).num_heads == 4
+        assert config_from_state_dict(MVAR(MVARConfig(**{**TINY, "embed_dim": 128, "num_heads": 4}, patch_nums=(
+            1, 2, 3))).state_dict(), patch_nums=(1, 2, 3)).num_heads == 4
+    assert "head count" not in caplog.text
 
 
 def test_unknown_schedule_and_garbage_files_are_clear_errors(tmp_path):
