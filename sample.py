@@ -209,6 +209,9 @@ def edit_flag_problems(args: argparse.Namespace) -> list[str]:
         problems.append("--edit needs --classes (one row per class) and no --fid")
     if Path(args.out).suffix.lower() != ".png":
         problems.append(f"--edit writes one grid: --out must end in .png, got {args.out}")
+    problems += [f"--out={args.out} is the --{f} file: the grid would replace it; name another --out"
+                 for f in ("edit", "mask") if getattr(args, f) is not None
+                 and Path(args.out).resolve() == Path(getattr(args, f)).resolve()]
     problems += [f"--{f}={getattr(args, f)}: no such file" for f in ("edit", "mask")
                  if getattr(args, f) is not None and not Path(getattr(args, f)).is_file()]
     if args.box is not None:

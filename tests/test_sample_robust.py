@@ -154,6 +154,20 @@ def test_bad_edit_inputs_are_named_before_the_model_loads(ckpt, tmp_path, monkey
     assert re.search(message, capsys.readouterr().err)
 
 
+@pytest.mark.parametrize("over", ["edit", "mask"])
+def test_an_out_that_is_the_edits_image_or_mask_is_refused(ckpt, tmp_path, monkeypatch, capsys, over):  # noqa: F811
+    """A review: --out naming the --edit image (or the --mask) replaced it with the grid, without a word."""
+    image = edit_image(tmp_path)
+    Image.fromarray(np.full((8, 8), 255, np.uint8)).save(tmp_path / "mask.png")
+    before = {p: p.read_bytes() for p in (image, tmp_path / "mask.png")}
+    out = image if over == "edit" else tmp_path / "sub" / ".." / "mask.png"  # the same file, spelled otherwise
+    monkeypatch.setattr(sample, "load_checked", lambda *a: pytest.fail("the model loaded before the check"))
+    with pytest.raises(SystemExit):
+        run(ckpt, "--edit", image, "--mask", tmp_path / "mask.png", "--classes", 1, "--out", out)
+    assert f"is the --{over} file: the grid would replace it" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in before} == before
+
+
 def test_whether_the_centre_crop_keeps_the_mask_is_judged_at_the_models_resolution(
         ckpt, tmp_path, monkeypatch):  # noqa: F811
     """A review: the flags' check cropped at a stand-in 16 px, whose rounding moves the crop by several percent of
