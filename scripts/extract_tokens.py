@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 import dist
-from models.loading import load_vae
+from models.loading import CheckpointError, load_vae
 from models.precision import set_tf32
 from models.presets import parse_patch_nums
 from models.tokenizer import VQVAE
@@ -32,6 +32,7 @@ from utils.data.token_cache import FORMAT, SPLITS, ShardWriter, TokenCacheError,
 from utils.data.views import parse_views, render_views
 from utils.flags import DefaultsHelpFormatter, add_image_source_flags, default_pn
 from utils.run.agreement import refuse_disagreement, run_facts
+from utils.run.checkpoint import check_writable
 
 logger = logging.getLogger("extract_tokens")
 
@@ -196,6 +197,8 @@ def main(args: argparse.Namespace) -> None:
         check_same_classes(images["train"].classes, images["val"].classes, args.data_path)
     for split, dataset in images.items():  # --limit takes the first images: an ImageFolder's first classes
         first_items(dataset, args.limit, f"--limit ({split})")
+    out = Path(args.out)
+    check_writable(out, f"--out={args.out}")  # a file there, or no permission: an error line now, before the tokenizer
     vae = load_vae(args.vae_ckpt, device, v_patch_nums=patch_nums)
     if vae.vocab_size > 2**16:
         raise ValueError(f"the tokenizer's vocabulary ({vae.vocab_size}) does not fit uint16 ids")
@@ -204,7 +207,6 @@ def main(args: argparse.Namespace) -> None:
                 "mid_reso": args.mid_reso, "views": views, "classes": list(images["train"].classes)}
     sources = {s: ViewSource(d, views if s == "train" else ["center"], reso, args.mid_reso, args.seed, args.limit)
                for s, d in images.items()}
-    out = Path(args.out)
     manifest = plan(args, identity, {s: len(d) for s, d in sources.items()}, world)
     manifest["tf32"] = args.tf32 and device.type == "cuda"  # whether the ids were encoded with TF32
     manifest["files"] = {s: file_list_digest(d) for s, d in images.items()}  # None for an embedded data set
@@ -258,5 +260,5 @@ def build_parser() -> argparse.ArgumentParser:
 if __name__ == "__main__":
     try:
         dist.run_then_finalize(main, build_parser().parse_args())
-    except (TokenCacheError, ValueError, FileNotFoundError, ModuleNotFoundError) as e:
+    except (TokenCacheError, ValueError, FileNotFoundError, ModuleNotFoundError, CheckpointError) as e:
         raise SystemExit(f"error: {e}") from e

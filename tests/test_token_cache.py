@@ -272,6 +272,21 @@ def test_extraction_refuses_val_class_folders_other_than_trains_before_loading(s
     assert not (tmp_path / "cache").exists()
 
 
+def test_an_out_that_is_a_file_and_a_vae_ckpt_that_is_no_checkpoint_are_one_error_line(setup, tmp_path):
+    """A review: --out naming a file (or a path under one) ended in a FileExistsError / NotADirectoryError traceback
+    from mkdir, after the images were listed and the tokenizer loaded; a --vae_ckpt that is no torch file in a
+    CheckpointError traceback."""
+    (tmp_path / "file").write_text("not a folder")
+    (tmp_path / "image.png").write_bytes(b"not a checkpoint")
+    for out, vae, says in ((tmp_path / "file", setup / "vae.pth", f"error: --out={tmp_path / 'file'}: cannot write"),
+                           (tmp_path / "file" / "sub", setup / "vae.pth", f"error: --out={tmp_path / 'file' / 'sub'}"),
+                           (tmp_path / "cache", tmp_path / "image.png", "error: checkpoint")):
+        proc = launch(EXTRACT, *extract_flags(setup, out, f"--vae_ckpt={vae}"), nproc=1, check=False)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert says in proc.stderr, proc.stderr[-2000:]
+    assert (tmp_path / "file").read_text() == "not a folder"
+
+
 def test_a_shard_other_than_its_manifest_plans_is_damaged(centre_cache, tmp_path):
     """Rows or labels the manifest does not plan (a shard of another data set) are refused, not trained on: a label
     past the classes would be read as the unconditional class."""
