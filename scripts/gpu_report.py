@@ -18,6 +18,9 @@ from scripts.gpu_results import STATUSES, CheckLine, markdown, read_lines
 PYTEST_STATUS = {"PASSED": "PASS", "FAILED": "FAIL", "ERROR": "FAIL", "SKIPPED": "SKIP", "XFAIL": "INFO",
                  "XPASS": "INFO"}
 VERBOSE_RE = re.compile(rf"^(\S+::\S+) ({'|'.join(PYTEST_STATUS)})\b", re.MULTILINE)
+# pytest's closing line ("=== 6 passed, 2 skipped in 75.31s (0:01:15) ===", "=== no tests ran in 0.01s ==="): absent
+# when its time box killed it, and then the tests after its last verbose line did not run
+FINISHED_RE = re.compile(r"^=+ .* in \d+(\.\d+)?s\b.*=+\s*$", re.MULTILINE)
 STAGES = {"env": "environment", "pytest": "pytest -m gpu", "numerics": "numerics: device vs CPU fp32",
           "train": "training through train.py", "timings": "timings (scripts/bench.py)"}
 
@@ -41,7 +44,10 @@ def stage_lines(folder: Path, key: str) -> tuple[list[CheckLine], dict] | None:
     """The lines and raw numbers of one stage, None when it wrote nothing."""
     if key == "pytest":
         path = folder / "pytest.log"
-        return (pytest_lines(path.read_text()), {}) if path.exists() else None
+        if not path.exists():
+            return None
+        log = path.read_text()
+        return pytest_lines(log), {"complete": bool(FINISHED_RE.search(log))}
     path = folder / f"{key}.json"
     return read_lines(path) if path.exists() else None
 

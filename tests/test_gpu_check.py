@@ -158,6 +158,23 @@ def test_pytest_killed_before_its_summary_still_reports_its_verbose_lines():
         ("tests/test_a.py::test_x", "PASS"), ("tests/test_a.py::test_y[bf16]", "FAIL")]
 
 
+def test_pytest_cut_short_by_its_time_box_fails_the_report(tmp_path):
+    """pytest killed at its box has no closing "in N s" line: the tests after the last verbose line never ran. Its
+    lines alone (all PASS) passed the report; like a JSON stage left unfinished, it is a FAIL naming the stage."""
+    write_lines(tmp_path / "env.json", [CheckLine("CUDA device", "PASS", "H100")])
+    (tmp_path / "pytest.log").write_text(
+        "collected 95 items / 87 deselected / 8 selected\n\n"
+        "tests/test_attention.py::test_gpu_sdpa_fp32 PASSED                       [ 62%]\n"
+        "tests/test_mamba2.py::test_gpu_mamba_ssm_matches_torch[dtype0-0.01] ")  # killed in the middle of a test
+    text, ok = gpu_report.report(tmp_path, dry_run=False, stages=["env", "pytest"])
+    assert not ok and "stages without results or cut short: pytest (unfinished)" in text
+    assert "tests/test_attention.py::test_gpu_sdpa_fp32" in text
+    finished = "tests/test_a.py::test_x PASSED [100%]\n\nPASSED tests/test_a.py::test_x\n" \
+               "============= 1 passed, 87 deselected in 75.31s (0:01:15) =============\n"
+    (tmp_path / "pytest.log").write_text(finished)
+    assert gpu_report.report(tmp_path, dry_run=False, stages=["env", "pytest"])[1]
+
+
 def test_a_pytest_error_is_a_fail():
     """pytest's ERROR (a fixture that raised: a CUDA context that cannot start) fails the check as FAILED does, in
     the summary and in the verbose lines. ERROR read as INFO passed the suite."""
