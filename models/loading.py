@@ -285,17 +285,23 @@ def vae_from_state_dict(config: dict[str, Any], state_dict: dict[str, torch.Tens
 # ---------------------------------------------------------------------------------------------------------------------
 # M-VAR / VAR
 # ---------------------------------------------------------------------------------------------------------------------
+def peek_checkpoint(path: PathLike | None) -> dict[str, Any]:
+    """A checkpoint file's dict, memory-mapped and unverified (its tensors not read), for a look at its records;
+    {} for no file, one that does not read (its loading says why) or one that holds no dict."""
+    if path is None or not Path(path).is_file():
+        return {}
+    try:
+        ckpt = load_checkpoint(path, verify=False)
+    except CheckpointError:
+        return {}
+    return ckpt if isinstance(ckpt, dict) else {}
+
+
 def recorded_patch_nums(path: PathLike | None) -> tuple[int, ...] | None:
     """The patch schedule a tokenizer file of ours was trained at (`vae_config.v_patch_nums`; an M-VAR checkpoint's
     embedded one too), or None: no file given, an official raw file (VAR's records none), or one that does not read
     (its loading says why)."""
-    if path is None or not Path(path).is_file():
-        return None
-    try:
-        ckpt = load_checkpoint(path, verify=False)
-    except CheckpointError:
-        return None
-    config = ckpt.get("vae_config") if isinstance(ckpt, dict) else None
+    config = peek_checkpoint(path).get("vae_config")
     return tuple(config["v_patch_nums"]) if isinstance(config, dict) and config.get("v_patch_nums") else None
 
 
@@ -304,15 +310,8 @@ def trained_tokenizer_step(path: PathLike | None) -> int | None:
     "step", ...}, trained from scratch, so never VAR's tokenizer), or None: no file, VAR's raw file, a tokenizer
     re-saved by `vae_checkpoint`, an M-VAR checkpoint, or a file that does not read (its loading says why).
     Memory-mapped and unverified: the tensors are not read."""
-    if path is None or not Path(path).is_file():
-        return None
-    try:
-        ckpt = load_checkpoint(path, verify=False)
-    except CheckpointError:
-        return None
-    if isinstance(ckpt, dict) and "vae_config" in ckpt and "model" not in ckpt and isinstance(ckpt.get("step"), int):
-        return ckpt["step"]
-    return None
+    ckpt = peek_checkpoint(path)
+    return ckpt["step"] if "vae_config" in ckpt and "model" not in ckpt and isinstance(ckpt.get("step"), int) else None
 
 
 def recorded_class_names(ckpt: Mapping[str, Any]) -> list[str] | None:
