@@ -302,7 +302,9 @@ def file_list_digest(dataset: Dataset) -> str | None:
 
 # ---- samplers ---------------------------------------------------------------------------------------------------
 def sample_seed(seed: int, epoch: int, pos: int) -> int:
-    """Augmentation seed of the item at position `pos` of epoch `epoch` (deterministic, < 2**63)."""
+    """Augmentation seed of the item at position `pos` of epoch `epoch` (deterministic, < 2**63). Positions from
+    1,000,003 on (ImageNet's last 280k) share seeds with the next epoch's first ones: other images, so their crops
+    and flips stay unrelated; kept, as token caches and resumed runs depend on these seeds."""
     return ((seed * 1_000_003 + epoch) * 1_000_003 + pos) % (2**63)
 
 
