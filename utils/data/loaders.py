@@ -264,8 +264,8 @@ def warn_limit_coverage(targets: Sequence[int], n: int, flag: str) -> None:
     --train_limit=10000 of ImageNet is its first 8 classes."""
     kept, every = len(set(map(int, targets[:n]))), len(set(map(int, targets)))
     if kept < every:
-        logger.warning("%s=%d keeps the data set's first %d images, which cover %d of its %d classes (an ImageFolder "
-                       "lists its images class by class): the model still has every class, and their losses "
+        logger.warning("%s=%d keeps the data set's first %d images, which cover %d of its %d classes (in the set's "
+                       "order; an ImageFolder's is class by class): the model still has every class, and their losses "
                        "measure those %d only", flag, n, min(n, len(targets)), kept, every, kept,
                        extra=SAME_ON_ALL_RANKS)
 
