@@ -21,9 +21,11 @@ from pathlib import Path
 
 import gradio as gr
 import torch
+from gradio.components.image_editor import EditorData
+from gradio.data_classes import FileData
 
 from scripts.app_jobs import MAX_ROWS, PAPER, RANDOM, Knobs, Result, Session, mask_from_layers
-from utils.sample_io import NonFiniteValueError
+from utils.sample_io import NonFiniteValueError, edit_preview_max_pixels, open_image
 
 PROGRESS = gr.Progress()  # Gradio gives each call its own tracker in place of this default
 # small model images (8-64 px) fill their boxes, their pixels kept sharp
@@ -115,6 +117,31 @@ def progress_bar(progress: gr.Progress):
     return lambda done, total: progress((done, total), desc="scales", unit="scales")
 
 
+def checked_drawing(drawing: dict | None, max_pixels: int) -> EditorData | None:
+    """The editor's raw value with its layers checked by their headers before anything decodes them (Gradio's own
+    preprocessing decodes every image it is sent, of any number, up to PIL's 179 MP guard: 3 layers of 81 MP took
+    2 GB): one layer at most (the page draws on one), each of at most `max_pixels`, else a page error; the
+    background and composite (the preview sent back) dropped."""
+    if not drawing:
+        return None
+    value = EditorData.model_validate(drawing)
+    if value.id is not None:  # Gradio's blob upload, which this Gradio's page does not use: its images are not here
+        raise gr.Error("the drawing came as blobs, which this app does not read: draw again or use a box",
+                       print_exception=False)
+    if len(value.layers) > 1:
+        raise gr.Error(f"{len(value.layers)} drawing layers: one only", print_exception=False)
+    for layer in value.layers:
+        try:
+            with open_image(Path(layer.path), "drawing") as im:
+                width, height = im.size
+        except ValueError as e:
+            raise gr.Error("the drawing is not an image", print_exception=False) from e
+        if width * height > max_pixels:
+            raise gr.Error(f"the drawing is {width}x{height} px: at most {max_pixels:,} pixels, the largest preview "
+                           "of this model", print_exception=False)
+    return value.model_copy(update={"background": None, "composite": None})
+
+
 def build_ui(session: Session, title: str, queue_size: int) -> gr.Blocks:
     """The page over `session`, its queue bounded at `queue_size` waiting requests."""
 
@@ -136,14 +163,19 @@ def build_ui(session: Session, title: str, queue_size: int) -> gr.Blocks:
         return gr.ImageEditor(value=value, brush=brush(img.shape[1])), \
             f"{W}x{H} px (a box is in these pixels); draw over what to regenerate"
 
-    def on_edit(image, drawing, box, classes, num, cfg, top_k, top_p, seed, smooth, progress=PROGRESS):
+    def on_edit(image, drawing, box_text, *knob_values, progress=PROGRESS):
+        # the event skips Gradio's preprocessing (below), done here: the drawing's images only after their headers
+        # were checked, and of them only the layers (the background and composite are the preview, unused)
+        image, box_text = upload.preprocess(FileData.model_validate(image) if image else None), box.preprocess(box_text)
+        drawing = editor.preprocess(checked_drawing(drawing, edit_preview_max_pixels(session.mvar.image_size)))
+        knob_values = [component.preprocess(value) for component, value in zip(edit_knobs, knob_values, strict=True)]
         if not image:
             raise gr.Error("upload an image first (or send a generated one over)", print_exception=False)
         with page_errors(session.workspace.root):
-            knobs = knobs_of(classes, num, cfg, top_k, top_p, seed, smooth)
+            knobs = knobs_of(*knob_values)
             drawn = mask_from_layers((drawing or {}).get("layers") or [])
-            r, before, mask_img = session.edit(Path(image), knobs, drawn_hw=drawn, box=(box or "").strip() or None,
-                                               on_scale=progress_bar(progress))
+            r, before, mask_img = session.edit(Path(image), knobs, drawn_hw=drawn,
+                                               box=(box_text or "").strip() or None, on_scale=progress_bar(progress))
         return (before, mask_img, gallery(session, r), f"{len(r.images)} edits", r.command_text,
                 [str(p) for p in r.files])
 
@@ -196,6 +228,6 @@ def build_ui(session: Session, title: str, queue_size: int) -> gr.Blocks:
                       concurrency_id="preview")
         run_edit.click(on_edit, [upload, editor, box, *edit_knobs],
                        [before, mask, after, edit_status, edit_command, edit_files], api_name="edit",
-                       concurrency_limit=1, concurrency_id="generate")
+                       concurrency_limit=1, concurrency_id="generate", preprocess=False)
     demo.queue(max_size=queue_size, default_concurrency_limit=1)
     return demo

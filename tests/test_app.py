@@ -2,6 +2,7 @@
 that keep what lies outside the box, bad uploads answered with a message while the server keeps serving, no file
 of the server reachable from the page, refused checkpoints refused before any server starts. The real-browser
 test is tests/test_app_browser.py; both use this file's `app` fixture."""
+import math
 import re
 import shlex
 import socket
@@ -285,6 +286,47 @@ def test_a_drawn_mark_edits_like_the_same_box(client, tmp_path):
     Image.fromarray(strokes[:, :8]).save(layer)
     with pytest.raises(gradio_client.exceptions.AppError, match=r"the drawing \(8x16\) is not of this image's shape"):
         client.predict(gradio_client.handle_file(str(photo)), drawing, "", *EDIT, api_name="/edit")
+
+
+def test_drawings_larger_than_any_preview_or_of_several_layers_are_refused_before_decoding(app, client, tmp_path,
+                                                                                           monkeypatch):
+    """A review: Gradio's editor decoded every image of a drawing, of any number, up to PIL's 179 MP guard (3 layers
+    of 81 MP: +2 GB). Each layer is now checked by its header against the model's largest preview, one layer only,
+    and the background and composite sent back (the preview) are not decoded at all."""
+    from utils.sample_io import edit_preview_max_pixels
+
+    photo = edit_photo(tmp_path)
+    bound = edit_preview_max_pixels(app[3].mvar.image_size)
+    side = math.isqrt(bound) + 1
+    huge, small, bomb = tmp_path / "huge.png", tmp_path / "small.png", tmp_path / "bomb.png"
+    Image.new("RGBA", (side, side)).save(huge)
+    Image.new("RGBA", (16, 16)).save(small)
+    bomb_png(bomb)
+    refusals = [([huge], f"the drawing is {side}x{side} px: at most {bound:,} pixels"),
+                ([bomb], "the drawing is not an image"), ([small, small], "2 drawing layers: one only")]
+    for layers, message in refusals:
+        drawing = {"background": None, "layers": [gradio_client.handle_file(str(p)) for p in layers], "composite": None}
+        with pytest.raises(gradio_client.exceptions.AppError, match=message):
+            client.predict(gradio_client.handle_file(str(photo)), drawing, "", *EDIT, api_name="/edit")
+    decoded = []
+    monkeypatch.setattr(Image.Image, "load", lambda im, load=Image.Image.load: decoded.append(im.size) or load(im))
+    drawing = {"background": gradio_client.handle_file(str(huge)), "layers": [],
+               "composite": gradio_client.handle_file(str(huge))}
+    assert len(client.predict(gradio_client.handle_file(str(photo)), drawing, "0,0,8,8", *EDIT, api_name="/edit")[2])
+    assert decoded and (side, side) not in decoded  # the edit decoded its photo, never the preview sent back
+
+
+def test_the_largest_preview_is_within_its_bound(tmp_path):
+    """edit_preview_max_pixels bounds what read_edit_image returns, and closely: the longest, widest image just
+    short of a reduction comes within 7% of it."""
+    from utils.sample_io import EDIT_MAX_ASPECT, edit_preview_max_pixels, read_edit_image
+
+    reso, pixels = 8, []
+    for short in (1, 15, 16, 31, 32, 33, 63, 64, 95):
+        for ratio in (1, 3, EDIT_MAX_ASPECT):
+            Image.new("RGB", (short * ratio, short)).save(tmp_path / "x.png")
+            pixels.append(read_edit_image(tmp_path / "x.png", reso)[0][0].numel())
+    assert max(pixels) <= edit_preview_max_pixels(reso) < 1.07 * max(pixels)
 
 
 def test_bf16_falls_back_to_fp32_in_the_session_as_in_sample_py(monkeypatch, tiny_mvar, tmp_path):

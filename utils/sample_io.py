@@ -121,6 +121,12 @@ def open_image(path: Path, flag: str) -> Image.Image:
                          f"{e}") from e
 
 
+def edit_preview_max_pixels(reso: int) -> int:
+    """The most pixels `read_edit_image` returns at model size `reso`: a shorter side below 2 * EDIT_REDUCE_TO * reso
+    (reduced by a whole factor from at least EDIT_REDUCE_TO * reso), the longer one at most EDIT_MAX_ASPECT times it."""
+    return EDIT_MAX_ASPECT * (2 * EDIT_REDUCE_TO * reso) ** 2
+
+
 def read_edit_image(path: Path, reso: int) -> tuple[torch.Tensor, tuple[int, int], tuple[np.ndarray, np.ndarray]]:
     """The image as displayed (EXIF orientation applied) -> ((3, h, w) float in [0, 1], its full size (H, W), cells).
 
