@@ -38,7 +38,7 @@ from utils.data.loaders import build_datasets, build_loaders, image_source_probl
 from utils.flags import DefaultsHelpFormatter, add_dist_timeout_flag, add_image_source_flags, changed_flags, \
     str2bool
 from utils.run.agreement import refuse_disagreement, run_facts
-from utils.run.checkpoint import RunFolder
+from utils.run.checkpoint import RunFolder, check_writable
 from utils.run.divergence import DivergenceGuard
 from utils.run.log import SAME_ON_ALL_RANKS, TBLogger, setup_logging
 from utils.run.loss_scale import LossScaler
@@ -477,6 +477,7 @@ def train(args: argparse.Namespace) -> Path:
     device = dist.initialize(timeout_min=args.dist_timeout_min)
     rank, world = dist.get_rank(), dist.get_world_size()
     config = check_flags(args, world)
+    check_writable(Path(args.out_dir), "--out_dir")  # an OutputFolderError line, not rank 0's traceback at mkdir
     setup_logging(rank)  # log.txt once the folder's run lock is ours (as train.py)
     folder = RunFolder(args.out_dir, "tokenizer")
     folder.open(on_locked=lambda: setup_logging(rank, Path(args.out_dir)))

@@ -33,6 +33,7 @@ class LaunchError(ValueError):
 # minutes would fail the job just before its end. A rank that fails ends the others at once (torchrun), so the long
 # wait never hides one.
 SHARDED_JOB_WAIT_MIN = 24 * 60
+_timeout = datetime.timedelta(minutes=30.0)  # `initialize`'s timeout_min, for the groups made after it (`timeout`)
 
 
 def initialize(backend: str = "auto", timeout_min: float = 30.0) -> torch.device:
@@ -41,6 +42,8 @@ def initialize(backend: str = "auto", timeout_min: float = 30.0) -> torch.device
     backend "auto" picks NCCL when CUDA is available and gloo otherwise. LOCAL_RANK selects the GPU, so nodes
     may hold different numbers of GPUs. Without WORLD_SIZE (a plain `python train.py`) nothing is initialised.
     """
+    global _timeout
+    _timeout = datetime.timedelta(minutes=timeout_min)
     use_cuda = torch.cuda.is_available()
     if "WORLD_SIZE" not in os.environ:
         return torch.device("cuda", 0) if use_cuda else torch.device("cpu")
@@ -69,7 +72,7 @@ def initialize(backend: str = "auto", timeout_min: float = 30.0) -> torch.device
         notice.daemon = True
         notice.start()
         try:
-            tdist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_min),
+            tdist.init_process_group(backend=backend, timeout=_timeout,
                                      device_id=device if backend == "nccl" else None)
         except tdist.DistStoreError as e:  # the ranks did not all meet in time: one error line, not a traceback
             raise LaunchError(f"{rank}: {ranks} did not all meet {where} within {timeout_min:g} min ({e}); was every "
@@ -107,6 +110,12 @@ def run_then_finalize(main: Callable[..., T], *args: Any) -> T:
         raise
     finally:
         finalize()
+
+
+def timeout() -> datetime.timedelta:
+    """How long the ranks wait for each other at a collective (`initialize`'s timeout_min): a group made later with
+    `tdist.new_group` must be given it, else it takes torch's default (30 min) whatever --dist_timeout_min says."""
+    return _timeout
 
 
 def initialized() -> bool:

@@ -243,3 +243,26 @@ def test_a_signal_during_an_evaluation_and_the_resume_give_the_uninterrupted_run
     assert again["best_val"] == whole["best_val"] and not again["epoch_end_pending"]
     drop_time = lambda curve: [{k: v for k, v in p.items() if k != "train_s"} for p in curve]  # noqa: E731
     assert drop_time(again["eval_history"]) == drop_time(whole["eval_history"]) and len(whole["eval_history"]) == 2
+
+
+def test_the_gloo_group_of_the_stop_check_waits_as_long_as_dist_timeout_min(monkeypatch):
+    """Under NCCL the per-step stop check runs on a gloo group of its own: made without a timeout, it would wait
+    torch's default 30 minutes whatever --dist_timeout_min says (a 2-rank check: 40 s for a 5 s timeout)."""
+    import datetime
+
+    import torch.distributed as tdist
+
+    import dist
+    from utils.run import preemption
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    dist.initialize(timeout_min=2.5)  # no process group: only the timeout is recorded
+    made = {}
+    monkeypatch.setattr(preemption.dist, "initialized", lambda: True)
+    monkeypatch.setattr(tdist, "get_backend", lambda group=None: "nccl")
+    monkeypatch.setattr(tdist, "new_group", lambda **kw: made.update(kw))
+    try:
+        preemption.Preemption().close()
+        assert made["backend"] == "gloo" and made["timeout"] == datetime.timedelta(minutes=2.5)
+    finally:
+        dist.initialize()  # back to the default

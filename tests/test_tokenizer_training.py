@@ -738,3 +738,13 @@ def test_a_non_finite_discriminator_gradient_under_a_finite_loss_updates_nothing
     hook.remove()
     trainer.train_step(mnist_batch())
     assert not torch.equal(before[0], weight) and weight.isfinite().all()
+
+
+def test_an_unwritable_out_dir_is_one_error_line(tmp_path):
+    """As train.py's --local_out_dir_path: an OutputFolderError (printed as one line by scripts/train_tokenizer.py)
+    before any work, not an OSError traceback from rank 0's mkdir while the other ranks wait at a barrier."""
+    from utils.run.checkpoint import OutputFolderError
+
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(OutputFolderError, match="--out_dir: cannot write into"):
+        train(tiny_args(f"--out_dir={tmp_path / 'a_file' / 'run'}", "--steps=1"))

@@ -44,7 +44,7 @@ class Preemption:
         self._t_first = 0.0
         self._group = None
         if dist.initialized() and tdist.get_backend() != "gloo":
-            self._group = tdist.new_group(backend="gloo")
+            self._group = tdist.new_group(backend="gloo", timeout=dist.timeout())  # --dist_timeout_min
         self._previous = {s: signal.signal(s, self._on_signal) for s in signals}
 
     def _on_signal(self, signum: int, frame) -> None:
