@@ -29,6 +29,7 @@ RANDOM = "random"  # the class picker's entry for one class drawn from the seed 
 PAPER = sample.PRESETS["fid"]  # the page's "paper settings" button: sample.py --preset fid
 MAX_ROWS = 16  # classes (grid rows) per request: with 16 images per class at most, a request's work stays bounded
 MAX_PIXELS = 50_000_000  # pixels of an uploaded image (a 50 MP photo); PIL's own guard lets 179 MP through
+MAX_REMEMBERED = 64  # uploads whose full size Session remembers from their previews
 BUSY_WAIT_S = 600.0  # how long a request waits for a cancelled one that still holds the model (`generating`)
 
 
@@ -92,6 +93,7 @@ class Session:
         self.mvar, self.base_argv, self.device, self.workspace = mvar, list(base_argv), device, workspace
         self.names = class_names if class_names and len(class_names) == mvar.num_classes else None
         self.lock = threading.Lock()  # one generation at a time per process, whatever calls it (see `generating`)
+        self.full_sizes: dict[tuple[str, int, int], tuple[int, int]] = {}  # `full_size`'s, of the newest previews
 
     def class_choices(self) -> list[str]:
         """The class picker's entries: "random", then "id: name" (or the id where no names are recorded)."""
@@ -167,7 +169,7 @@ class Session:
             if box:
                 region, inputs = [f"--box={box.replace(' ', '')}"], [source]  # "=": a box may start with "-"
             elif drawn_hw is not None:
-                H, W = self.preview(source)[1]
+                H, W = self.full_size(Path(image))
                 h, w = drawn_hw.shape
                 if not drawn_at_some_scale(h, w, H, W):  # strokes drawn on the previous upload, still on screen
                     raise ValueError(f"the drawing ({w}x{h}) is not of this image's shape ({W}x{H}): draw again "
@@ -194,7 +196,15 @@ class Session:
         (h, w, 3), the full size (H, W) that masks and boxes refer to); ValueError when it cannot be read."""
         check_upload(Path(image))
         img_3hw, full_HW, _ = read_edit_image(Path(image), self.mvar.image_size)
+        self.full_sizes[file_key(image)] = full_HW
+        while len(self.full_sizes) > MAX_REMEMBERED:
+            del self.full_sizes[next(iter(self.full_sizes))]
         return to_uint8_BHW3(img_3hw[None])[0], full_HW
+
+    def full_size(self, image: Path) -> tuple[int, int]:
+        """(H, W) of an upload as displayed (EXIF orientation applied): its preview's, else read (a PNG's EXIF is
+        read only by decoding it, so without the preview an edit with a drawing decodes the upload twice)."""
+        return self.full_sizes.get(file_key(image)) or self.preview(image)[1]
 
     @contextlib.contextmanager
     def generating(self) -> Iterator[None]:
@@ -209,6 +219,12 @@ class Session:
             yield
         finally:
             self.lock.release()
+
+
+def file_key(path: Path) -> tuple[str, int, int]:
+    """A file's identity for a cache: its absolute path, size and modification time."""
+    stat = Path(path).stat()
+    return str(Path(path).absolute()), stat.st_size, stat.st_mtime_ns
 
 
 def drawn_at_some_scale(h: int, w: int, H: int, W: int) -> bool:

@@ -560,6 +560,25 @@ def test_strokes_drawn_over_the_preview_of_any_shape_are_taken(tiny_session, tmp
     assert drawn_at_some_scale(16, 16, 16, 16) and not drawn_at_some_scale(16, 14, 16, 16)
 
 
+def test_an_edit_with_a_drawing_takes_the_uploads_size_from_its_preview(tiny_session, tmp_path, monkeypatch):
+    """The size a drawing is checked against and its mask saved at came from decoding the upload again (a PNG's EXIF
+    orientation is read only by decoding it): with its preview's, an edit decodes the upload once, in sample.py."""
+    import scripts.app_jobs
+    from scripts.app_jobs import Knobs
+
+    reads = []
+    read = scripts.app_jobs.read_edit_image
+    monkeypatch.setattr(scripts.app_jobs, "read_edit_image", lambda path, reso: reads.append(path) or read(path, reso))
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+    photos = [edit_photo(tmp_path / name, hw=(24, 40)) for name in ("a", "b")]
+    drawn_hw = np.zeros(tiny_session.preview(photos[0])[0].shape[:2], bool)
+    drawn_hw[:, drawn_hw.shape[1] // 2:] = True  # the right half: inside the centre square the model sees
+    masks = [tiny_session.edit(photo, Knobs(classes=["1"], num_per_class=1), drawn_hw=drawn_hw)[2] for photo in photos]
+    assert reads == [photos[0], photos[1]]  # the preview of a, none for its edit; b's edit without a preview reads it
+    assert np.array_equal(masks[0], masks[1]) and masks[0].any() and not masks[0].all()
+
+
 def model_is_held(session) -> bool:
     """Whether a request now would have to wait because another holds the model."""
     return session.lock.locked()
