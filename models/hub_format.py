@@ -36,8 +36,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from models.loading import CHECKPOINT_SUFFIXES, DIGEST_KEY, MVAR_REPO, NO_INTERNET_HINT, VAR_REPO, CheckpointError, \
-    check_digest, config_from_state_dict, embedded_vae, existing_file, hf_offline, load_mvar, load_mvar_checkpoint, \
-    load_vae, resolve_checkpoint, trained_tokenizer_step, vae_from_state_dict, weights_digest
+    check_digest, config_from_state_dict, embedded_vae, existing_file, hf_offline, is_ours, load_mvar, \
+    load_mvar_checkpoint, load_vae, resolve_checkpoint, trained_tokenizer_step, vae_from_state_dict, weights_digest
 from models.mvar import MVAR, MVARConfig
 from models.presets import format_patch_nums
 from models.tokenizer import VQVAE
@@ -229,7 +229,7 @@ def read_model_file(path: Path, arch: str | None = None, patch_nums: Sequence[in
     ours). Ours records its config; an official raw state dict's is read off the tensor shapes, with `arch` (its
     attention-only keys cannot tell VAR from the intra ablation) and `patch_nums` where they cannot tell."""
     ckpt = load_mvar_checkpoint(path, flag)
-    ours = "config" in ckpt and "model" in ckpt
+    ours = is_ours(ckpt)
     try:
         config = MVARConfig.from_dict(ckpt["config"]) if ours else \
             config_from_state_dict(ckpt, patch_nums, **({"arch": arch} if arch else {}))
@@ -246,8 +246,7 @@ def model_file_tokenizer(ckpt: dict[str, Any], path: Path, config: MVARConfig, v
     embedded = "vae" in ckpt and "vae_config" in ckpt
     if vae_ckpt is None and embedded:
         return embedded_vae(ckpt, path, device), "embedded"
-    official = not ("config" in ckpt and "model" in ckpt)  # raw weights, which record no tokenizer: VAR's is theirs
-    if official and (step := trained_tokenizer_step(vae_ckpt)) is not None:
+    if not is_ours(ckpt) and (step := trained_tokenizer_step(vae_ckpt)) is not None:  # official: VAR's tokenizer
         message = (f"--vae_ckpt={vae_ckpt} is a tokenizer trained here (tokenizer training, step {step}), but "
                    f"--ckpt={path} holds official weights, trained with VAR's vae_ch160v4096z32.pth: the model's "
                    "tokens would decode into noise")
@@ -270,7 +269,7 @@ def read_model_weights(source: str | os.PathLike, flag: str) -> tuple[dict[str, 
         src = HubSource(source, flag=flag)
         return src.weights(WEIGHTS_FILE), src.metadata(WEIGHTS_FILE).get(TOKENIZER_KEY)
     ckpt = load_mvar_checkpoint(existing_file(source, flag), flag)  # a tokenizer's file is refused here
-    if "model" in ckpt and "config" in ckpt:  # ours embeds the tokenizer it was trained with (official files do not)
+    if is_ours(ckpt):  # ours embeds the tokenizer it was trained with (official files do not)
         return ckpt["model"], weights_digest(ckpt["vae"]) if "vae" in ckpt else None
     return ckpt, None
 
@@ -348,7 +347,7 @@ def training_data(ckpt: dict) -> str:
     (`mvar_checkpoint`'s); else the official release."""
     flags = ckpt.get("args")
     if not isinstance(flags, dict):
-        return "not recorded" if "config" in ckpt and "model" in ckpt else OFFICIAL_DATA
+        return "not recorded" if is_ours(ckpt) else OFFICIAL_DATA
     if flags.get("tokens"):  # trained on the cache's ids (--data_path then gives only the validation images)
         data = f"the token cache {flags['tokens']} (scripts/extract_tokens.py)"
     else:

@@ -314,6 +314,12 @@ def trained_tokenizer_step(path: PathLike | None) -> int | None:
     return ckpt["step"] if "vae_config" in ckpt and "model" not in ckpt and isinstance(ckpt.get("step"), int) else None
 
 
+def is_ours(ckpt: Mapping[str, Any]) -> bool:
+    """Whether a model checkpoint's dict is ours (train.py's or `mvar_checkpoint`'s: its config beside its weights),
+    not an official raw state dict (which records no config, no tokenizer and no training data)."""
+    return "config" in ckpt and "model" in ckpt
+
+
 def recorded_class_names(ckpt: Mapping[str, Any]) -> list[str] | None:
     """The class names train.py records in its checkpoints (`data.classes`), or None (official files have none)."""
     names = (ckpt.get("data") or {}).get("classes")
@@ -409,7 +415,7 @@ def load_mvar(
     """
     ckpt = load_checkpoint(src) if isinstance(src, (str, Path)) else src
     name = name or (str(src) if isinstance(src, (str, Path)) else "state dict")
-    if "config" in ckpt and "model" in ckpt:
+    if is_ours(ckpt):
         config = MVARConfig.from_dict(ckpt["config"], **config_overrides)
         state_dict = ckpt["model"]
     else:
@@ -456,7 +462,7 @@ def load_mvar_checkpoint(path: PathLike, flag: str) -> dict[str, Any]:
     if "model" not in ckpt and "vae" in ckpt:
         raise CheckpointError(f"{flag}={path} is a tokenizer checkpoint (no M-VAR weights): pass it as --vae_ckpt, "
                               f"and an M-VAR checkpoint as {flag}")
-    if "config" in ckpt and "model" in ckpt:
+    if is_ours(ckpt):
         return {k: ckpt[k] for k in KEPT_KEYS if k in ckpt}
     return ckpt
 
