@@ -166,11 +166,12 @@ def build_ui(session: Session, title: str, queue_size: int) -> gr.Blocks:
     def on_edit(image, drawing, box_text, *knob_values, progress=PROGRESS):
         # the event skips Gradio's preprocessing (below), done here: the drawing's images only after their headers
         # were checked, and of them only the layers (the background and composite are the preview, unused)
-        image, box_text = upload.preprocess(FileData.model_validate(image) if image else None), box.preprocess(box_text)
+        image = upload.preprocess(FileData.model_validate(image) if image else None)
+        if not image:  # before the drawing is read
+            raise gr.Error("upload an image first (or send a generated one over)", print_exception=False)
+        box_text = box.preprocess(box_text)
         drawing = editor.preprocess(checked_drawing(drawing, edit_preview_max_pixels(session.mvar.image_size)))
         knob_values = [component.preprocess(value) for component, value in zip(edit_knobs, knob_values, strict=True)]
-        if not image:
-            raise gr.Error("upload an image first (or send a generated one over)", print_exception=False)
         with page_errors(session.workspace.root):
             knobs = knobs_of(*knob_values)
             drawn = mask_from_layers((drawing or {}).get("layers") or [])
