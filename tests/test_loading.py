@@ -1,13 +1,18 @@
 """Loading M-VAR weights: official raw state dicts (derived buffers dropped), our checkpoints, clear errors."""
+import fnmatch
 import logging
+import threading
 from pathlib import Path
 
 import pytest
 import torch
 
 from models import MVAR, MVARConfig
-from models.loading import CheckpointError, StateDictMismatchError, check_digest, config_from_state_dict, \
-    load_checkpoint, load_mvar, load_mvar_checkpoint, load_state_dict_checked, mvar_checkpoint, weights_digest
+from models.loading import DERIVED_KEYS, CheckpointError, StateDictMismatchError, check_digest, \
+    config_from_state_dict, load_checkpoint, load_mvar, load_mvar_checkpoint, load_state_dict_checked, \
+    mvar_checkpoint, uninitialized_parameters, vae_checkpoint, vae_from_state_dict, weights_digest
+from models.presets import ARCH_BRANCHES
+from models.tokenizer import VQVAE
 
 TINY = dict(depth=2, embed_dim=64, num_heads=2, V=64, Cvae=8, num_classes=10, d_state=16)
 
@@ -50,6 +55,81 @@ def test_our_checkpoint_roundtrip_through_a_file(tmp_path):
     loaded = load_mvar(tmp_path / "ckpt.pth")
     label_B, x = torch.tensor([1, 2]), torch.randn(2, src.L - 1, 8)
     assert torch.equal(loaded(label_B, x), src(label_B, x))
+
+
+@pytest.mark.parametrize("arch", sorted(ARCH_BRANCHES))
+def test_a_loaded_model_skips_the_init_and_equals_its_source(arch):
+    """load_mvar builds with `uninitialized_parameters` (a d30's init took 18 s of two cores): every parameter then
+    comes from the file, so none may be a derived key the load leaves to the model, and the result is the source's
+    weights, buffers, attributes and logits exactly."""
+    torch.manual_seed(0)
+    src = MVAR(MVARConfig(**TINY, arch=arch, patch_nums=(1, 2, 3)), attn_backend="sdpa",
+               mamba_backend="torch").eval()
+    src.init_weights()
+    assert not [n for n, _ in src.named_parameters() if any(fnmatch.fnmatchcase(n, p) for p in DERIVED_KEYS)]
+    loaded = load_mvar(mvar_checkpoint(src), attn_backend="sdpa", mamba_backend="torch")
+    assert not [n for n, t in [*loaded.named_parameters(), *loaded.named_buffers()] if t.is_meta]
+    own, theirs = dict(loaded.named_parameters()), dict(src.named_parameters())
+    assert own.keys() == theirs.keys()
+    for name, param in theirs.items():
+        assert torch.equal(own[name], param) and own[name].dtype == param.dtype, name
+        assert own[name].requires_grad and vars(own[name]) == vars(param), name  # e.g. Mamba2's _no_weight_decay
+    for name, buf in src.named_buffers():  # the non-persistent ones (lvl_1L, drop path) are built, not loaded
+        assert torch.equal(dict(loaded.named_buffers())[name], buf), name
+    label_B, x = torch.tensor([1, 2]), torch.randn(2, src.L - 1, 8)
+    assert torch.equal(loaded(label_B, x), src(label_B, x))
+
+
+def test_uninitialized_parameters_runs_no_init_and_keeps_a_shared_parameter_shared():
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Linear(64, 64)
+            self.b = torch.nn.Linear(64, 64)
+            self.b.weight = self.a.weight
+            self.frozen = torch.nn.Parameter(torch.ones(3), requires_grad=False)
+
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    with uninitialized_parameters():
+        tied = Tied()
+        assert tied.a.weight.is_meta  # the init calls ran on meta tensors: no memory, no random draws
+    assert torch.equal(torch.get_rng_state(), before)
+    assert not any(p.is_meta for p in tied.parameters()) and tied.b.weight is tied.a.weight
+    assert tied.a.weight.requires_grad and not tied.frozen.requires_grad and tied.frozen.dtype == torch.float32
+    tied.load_state_dict({k: torch.full_like(v, 2.0) for k, v in tied.state_dict().items()})
+    assert all(torch.equal(p, torch.full_like(p, 2.0)) for p in tied.parameters())
+
+
+def test_uninitialized_parameters_leaves_other_threads_alone():
+    """The registration hook is process-wide: a model another thread builds meanwhile (the web app's jobs) keeps its
+    initialisation."""
+    built, entered, go = {}, threading.Event(), threading.Event()
+
+    def other():
+        entered.wait()
+        built["meta"] = torch.nn.Linear(4, 4).weight.is_meta
+        go.set()
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    with uninitialized_parameters():
+        entered.set()
+        go.wait(timeout=30)
+    thread.join()
+    assert built == {"meta": False}
+
+
+def test_a_loaded_tokenizer_equals_its_source():
+    torch.manual_seed(0)
+    src = VQVAE(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 2), v_patch_nums=(1, 2, 4), test_mode=True)
+    stored = vae_checkpoint(src)
+    loaded = vae_from_state_dict(stored["vae_config"], stored["vae"], "a test tokenizer")
+    for (name, a), (_, b) in zip(src.state_dict().items(), loaded.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    assert not any(p.requires_grad for p in loaded.parameters()) and not loaded.training
+    img = torch.rand(1, 3, 8, 8) * 2 - 1
+    assert torch.equal(loaded.img_to_idxBl(img)[-1], src.img_to_idxBl(img)[-1])
 
 
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads the process's memory maps (Linux)")
