@@ -142,13 +142,17 @@ def build_model(args: argparse.Namespace, vae: VQVAE, num_classes: int, device: 
     mvar.init_weights(init_adaln=args.aln, init_adaln_gamma=args.alng, init_head=args.hd, init_std=args.ini,
                       gamma_rows=args.alng_rows)
     if args.init_from:
-        state, tokenizer_digest = read_model_weights(args.init_from, "--init_from")
+        weights = read_model_weights(args.init_from, "--init_from")
         try:  # the tokenizer the weights were trained with, where recorded (official files do not), as a resume
-            check_own_tokenizer(vae, tokenizer_digest, f"the tokenizer (--vae_ckpt={args.vae_ckpt})",
+            check_own_tokenizer(vae, weights.tokenizer_digest, f"the tokenizer (--vae_ckpt={args.vae_ckpt})",
                                 f"--init_from={args.init_from}", args.allow_other_tokenizer, (config.V, config.Cvae))
         except TokenizerMismatchError as e:
             raise CheckpointError(str(e)) from None
-        load_state_dict_checked(mvar, state, ignore=DERIVED_KEYS, what=f"--init_from={args.init_from}")
+        load_state_dict_checked(mvar, weights.state, ignore=DERIVED_KEYS, what=f"--init_from={args.init_from}")
+        changed = weights.config.design_differences(config) if weights.config else []
+        if changed:  # the same names and shapes: a warm start into another design (an ablation's), or a flag missed
+            logger.warning("--init_from=%s was trained as another design: %s (its weights loaded: their names and "
+                           "shapes are this run's)", args.init_from, ", ".join(changed))
         logger.info("initialised the weights from %s", args.init_from)
     return mvar
 

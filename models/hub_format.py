@@ -26,7 +26,7 @@ import re
 import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from huggingface_hub import ModelCard, PyTorchModelHubMixin
@@ -261,17 +261,26 @@ def model_file_tokenizer(ckpt: dict[str, Any], path: Path, config: MVARConfig, v
     return vae, "official" if vae_ckpt is None else Path(vae_ckpt).name
 
 
-def read_model_weights(source: str | os.PathLike, flag: str) -> tuple[dict[str, torch.Tensor], str | None]:
-    """(state dict, weights_digest of the tokenizer it was trained with, None when not recorded) of a model in any
-    of its formats: a Hub model folder, its model.safetensors or a repo id; our checkpoint (a training one too); an
-    official raw state dict. `flag` names the source in errors (e.g. train.py's --init_from)."""
+class ModelWeights(NamedTuple):
+    """A model's weights as --init_from reads them, with what the file records of their training: the weights_digest
+    of the tokenizer and the config (None where not recorded: official raw files)."""
+    state: dict[str, torch.Tensor]
+    tokenizer_digest: str | None
+    config: MVARConfig | None
+
+
+def read_model_weights(source: str | os.PathLike, flag: str) -> ModelWeights:
+    """The weights of a model in any of its formats: a Hub model folder, its model.safetensors or a repo id; our
+    checkpoint (a training one too); an official raw state dict. `flag` names the source in errors (e.g. train.py's
+    --init_from)."""
     if is_hub_source(source):
         src = HubSource(source, flag=flag)
-        return src.weights(WEIGHTS_FILE), src.metadata(WEIGHTS_FILE).get(TOKENIZER_KEY)
+        return ModelWeights(src.weights(WEIGHTS_FILE), src.metadata(WEIGHTS_FILE).get(TOKENIZER_KEY), read_config(src))
     ckpt = load_mvar_checkpoint(existing_file(source, flag), flag)  # a tokenizer's file is refused here
     if is_ours(ckpt):  # ours embeds the tokenizer it was trained with (official files do not)
-        return ckpt["model"], weights_digest(ckpt["vae"]) if "vae" in ckpt else None
-    return ckpt, None
+        return ModelWeights(ckpt["model"], weights_digest(ckpt["vae"]) if "vae" in ckpt else None,
+                            MVARConfig.from_dict(ckpt["config"]))
+    return ModelWeights(ckpt, None, None)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ M-VAR": 0 = all M-VAR, depth = all VAR).
 import contextlib
 import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -35,6 +35,7 @@ from models.sampling import gumbel_softmax_with_rng, sample_with_top_k_top_p_
 GAMMA_ROWS = ("official", "all")
 # Config keys of checkpoints written before the kernel choice left the config (models.backends): ignored on load.
 LEGACY_KERNEL_KEYS = ("attn_backend", "mamba_backend")
+TRAINING_ONLY = ("drop_rate", "attn_drop_rate", "drop_path_rate", "cond_drop_rate")  # regularisation, not the function
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -98,6 +99,12 @@ class MVARConfig:
         if self.shared_aln and len({len(self.block_branches(i)) for i in range(self.depth)}) > 1:
             raise ValueError(f"shared_aln needs one adaLN layout for all blocks; var_blocks={self.var_blocks} mixes "
                              f"VAR (6C) and {self.arch} ({3 * len(ARCH_BRANCHES[self.arch])}C) blocks")
+
+    def design_differences(self, other: "MVARConfig") -> list[str]:
+        """'field=mine -> theirs' for each field that differs, the regularisation (`TRAINING_ONLY`) aside: what
+        makes the same weights compute another function (e.g. arch var / intra, num_heads) or have other shapes."""
+        mine, theirs = asdict(self), asdict(other)
+        return [f"{k}={mine[k]} -> {theirs[k]}" for k in mine if k not in TRAINING_ONLY and mine[k] != theirs[k]]
 
     def block_arch(self, block_idx: int) -> str:
         return "var" if block_idx < self.var_blocks else self.arch

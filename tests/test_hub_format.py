@@ -539,8 +539,9 @@ def test_init_from_reads_a_model_in_each_of_its_formats(tmp_path):
     digest = weights_digest(vae.state_dict())
     for source, recorded in ((tmp_path / "m", digest), (tmp_path / "m" / "model.safetensors", digest),
                              (tmp_path / "ours.pth", digest), (tmp_path / "official.pth", None)):
-        state, tokenizer_digest = read_model_weights(source, "--init_from")
+        state, tokenizer_digest, config = read_model_weights(source, "--init_from")
         assert tokenizer_digest == recorded, source
+        assert config == (mvar.config if recorded else None), source
         _, fresh = build_tiny()
         load_state_dict_checked(fresh, state, ignore=DERIVED_KEYS, what=str(source))
         assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in mvar.state_dict().items()), source

@@ -695,6 +695,33 @@ def test_models_are_built_on_their_device(builder, monkeypatch):
     assert built.value.args[0] == meta
 
 
+def test_init_from_weights_of_another_design_is_said_in_the_log(tmp_path, caplog):
+    """--init_from ignored the design its file records: weights of --arch=var loaded into --arch=intra (the same
+    names and shapes, another attention mask), as they did under another --num_heads (--anorm=0: no per-head
+    scale), without a word. A warm start
+    may mean that (an ablation's), so they load, and the log names each field that differs."""
+    import train
+    from models.loading import mvar_checkpoint
+    from models.tokenizer import VQVAE
+
+    vae = VQVAE(vocab_size=32, z_channels=8, ch=32, ch_mult=(1, 2), v_patch_nums=(1, 2, 4))
+
+    def build(*flags: str):
+        flags = ["--pn=1_2_4", "--dataset=mnist", "--depth=2", "--anorm=0", *flags]
+        return train.build_model(train.finalize_args(train.parse_args(flags), 1), vae, 4, torch.device("cpu"))
+
+    torch.save(mvar_checkpoint(build("--arch=var", "--drop_path_rate=0.05")), tmp_path / "var.pth")
+    cases = {("--arch=var",): [], ("--arch=intra",): ["arch=var -> intra"],
+             ("--arch=intra", "--num_heads=4"): ["arch=var -> intra", "num_heads=2 -> 4"]}
+    for flags, said in cases.items():
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="train"):
+            build(*flags, f"--init_from={tmp_path / 'var.pth'}")
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert [w for w in warnings if "another design" in w] == ([] if not said else warnings[:1]), flags
+        assert all(field in warnings[0] for field in said) and "drop_path_rate" not in "".join(warnings), flags
+
+
 def test_training_time_samples_take_the_training_precision_only_when_the_forced_kernel_needs_it(monkeypatch):
     """A review: with --attn_backend=flash_attn (fp16/bf16 only) training ran, but the epoch's sample grid and
     --eval_every sampled in fp32, which that kernel refuses: the run failed at its first epoch's end, before the

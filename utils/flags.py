@@ -187,7 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "checkpoints then use this one")
     g.add_argument("--init_from", default=None, help="initialise the model weights from this checkpoint (ours or "
                    "official M-VAR/VAR) or Hub model folder (scripts/export.py's, or a repo id); optimizer and "
-                   "schedule start fresh")
+                   "schedule start fresh; the design is the flags' (a file recording another, e.g. --arch=var "
+                   "weights into --arch=intra, is a warning naming the fields)")
     g.add_argument("--tfast", type=int, default=0, choices=(0, 1, 2, 3), help="torch.compile the model: "
                    "0 off, 1 reduce-overhead, 2 max-autotune, 3 default")
     g.add_argument("--vfast", type=int, default=0, choices=(0, 1, 2, 3), help="torch.compile the tokenizer "
