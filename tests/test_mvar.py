@@ -236,26 +236,31 @@ def layer_norm(x, eps):
     return centred / (centred.pow(2).mean(-1, keepdim=True) + eps).sqrt()
 
 
-def test_block_and_head_modulate_each_branch_as_var_in_float64():
+@pytest.mark.parametrize("shared_aln", [False, True])
+def test_block_and_head_modulate_each_branch_as_var_in_float64(shared_aln):
     """One M-VAR block by hand in float64: x += gamma_i * branch_i(LN(x) * (1 + scale_i) + shift_i) for attention,
     then Mamba2, then the FFN, ada_lin's 9 chunks being gamma_1..3, scale_1..3, shift_1..3 (VAR's order); and the
     head's adaLN, LN(x) * (1 + scale) + shift with ada_lin's chunks (scale, shift). A swapped scale/shift in a block
-    or in the head, or another branch order, still loaded official checkpoints and ran."""
-    _, mvar = build_tiny()
+    or in the head, or another branch order, still loaded official checkpoints and ran. Under shared_aln the chunks
+    are shared_ada_lin's output viewed as (B, 1, 9, C) plus the block's ada_gss (VAR's saln: chunk j is rows
+    j*C..(j+1)*C); a (B, 1, C, 9) view interleaved the chunks and still trained."""
+    _, mvar = build_tiny(shared_aln=shared_aln)
     mvar.double().eval()
     block, C, eps = mvar.blocks[1], mvar.C, mvar.config.norm_eps
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, mvar.L, C, generator=g, dtype=torch.float64)
     cond = torch.randn(2, C, generator=g, dtype=torch.float64)
-    lin = block.ada_lin[1]
+    lin = mvar.shared_ada_lin[1] if shared_aln else block.ada_lin[1]
     mods = torch.nn.functional.linear(torch.nn.functional.silu(cond), lin.weight, lin.bias).view(2, 1, 9, C)
+    if shared_aln:
+        mods = mods + block.ada_gss
     branches = {"attn": lambda h: block.attn(h, mvar.seg_lens), "mamba": block.mamba, "ffn": block.ffn}
     want = x
     for i, name in enumerate(("attn", "mamba", "ffn")):
         gamma, scale, shift = mods[:, :, i], mods[:, :, 3 + i], mods[:, :, 6 + i]
         want = want + gamma * branches[name](layer_norm(want, eps) * (1 + scale) + shift)
     with torch.no_grad():
-        got = block(x, cond, mvar.seg_lens)
+        got = block(x, mvar.shared_ada_lin(cond), mvar.seg_lens)  # shared_ada_lin: Identity unless shared
         torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
         lin = mvar.head_nm.ada_lin[1]
         scale, shift = torch.nn.functional.linear(torch.nn.functional.silu(cond), lin.weight, lin.bias).view(
@@ -388,7 +393,10 @@ def test_sampling_is_deterministic_given_seed_and_smooth_mode_runs():
     b = mvar.autoregressive_infer_cfg(3, None, g_seed=5, cfg=2.0, top_k=10, top_p=0.8)
     assert torch.equal(a, b)
     c = mvar.autoregressive_infer_cfg(3, 2, g_seed=5, more_smooth=True)
-    assert c.shape == a.shape and torch.isfinite(c).all() and not torch.equal(c, a)
+    assert c.shape == a.shape and torch.isfinite(c).all()
+    assert torch.equal(c, mvar.autoregressive_infer_cfg(3, 2, g_seed=5, more_smooth=True))
+    # the same draws of tokens (the smoothing test below): only the mixing of codes makes the pictures differ
+    assert not torch.equal(c, mvar.autoregressive_infer_cfg(3, 2, g_seed=5))
 
 
 def test_smoothing_draws_tokens_first_as_the_official_sampler(monkeypatch):
@@ -434,6 +442,46 @@ def test_smoothing_temperature_follows_vars_schedule(monkeypatch):
     mvar.autoregressive_infer_cfg(2, 1, g_seed=5, more_smooth=True)
     K = len(TINY_PN)
     assert taus == pytest.approx([max(0.27 * (1 - 0.95 * si / (K - 1)), 0.005) for si in range(K)], rel=1e-12)
+
+
+def test_smoothing_mixes_codes_by_the_filtered_guided_logits_sharpened_by_1_plus_ratio(monkeypatch):
+    """more_smooth: scale si's Gumbel-softmax takes the guided logits as the top-k filter left them (-inf outside the
+    top 3), multiplied by 1 + si / (K - 1) (VAR's `logits_BlV.mul(1 + ratio)`): logits without the factor, or the
+    unfiltered ones, still gave pictures (the temperature test above sees only tau)."""
+    _, mvar = build_tiny()
+    mvar.eval()
+    calls, smoothed = record_sampling(monkeypatch), []
+    original = mvar_module.gumbel_softmax_with_rng
+
+    def recording(logits, tau=1.0, **kw):
+        smoothed.append(logits.clone())
+        return original(logits, tau=tau, **kw)
+
+    monkeypatch.setattr(mvar_module, "gumbel_softmax_with_rng", recording)
+    mvar.autoregressive_infer_cfg(2, torch.tensor([1, 3]), g_seed=5, cfg=1.5, top_k=3, more_smooth=True)
+    K = len(TINY_PN)
+    assert len(smoothed) == len(calls) == K
+    for si, ((logits, _), got) in enumerate(zip(calls, smoothed, strict=True)):
+        want = sampling_module.filter_top_k_top_p_(logits.clone(), top_k=3).mul(1 + si / (K - 1))
+        assert torch.equal(got, want), si  # the same float32 ops on the same logits: bit-identical
+
+
+def test_random_labels_are_uniform_over_the_classes_never_the_null_class():
+    """label_B=None draws the classes uniformly from [0, num_classes): 4,000 seeded draws hit every class, each within
+    0.03 of 1/10, and never the null class (id num_classes), which is the unconditional model, not a class."""
+    _, mvar = build_tiny()
+    labels = mvar.sampling_labels(4000, None, torch.Generator().manual_seed(0))
+    assert labels.shape == (4000,) and 0 <= labels.min() and labels.max() < mvar.num_classes
+    freq = torch.bincount(labels, minlength=mvar.num_classes).double() / labels.numel()
+    assert (freq - 1 / mvar.num_classes).abs().max() < 0.03, freq
+
+
+def test_an_int_label_is_that_class_for_all_and_a_negative_one_the_null_class():
+    """label_B as an int: class 0 is a class like any other (only an int < 0 means the null class for all)."""
+    _, mvar = build_tiny()
+    assert mvar.sampling_labels(3, 0, None).tolist() == [0, 0, 0]
+    assert mvar.sampling_labels(3, 7, None).tolist() == [7, 7, 7]
+    assert mvar.sampling_labels(3, -1, None).tolist() == [mvar.num_classes] * 3
 
 
 def test_config_roundtrip_and_state_dict_reload_give_identical_logits(tmp_path):

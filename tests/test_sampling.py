@@ -27,6 +27,24 @@ def test_top_p_keeps_the_smallest_nucleus_reaching_p():
     assert kept(1e-6) == [True, False, False, False]  # the most likely token always stays
 
 
+def test_top_p_at_an_exact_threshold_keeps_the_nucleus_only():
+    """Four equally likely tokens (probabilities 1/4: exact in binary, as are their sums and 1 - top_p here): the
+    nucleus reaching top_p = 0.25 / 0.5 / 0.75 has 1 / 2 / 3 tokens (VAR drops a token while its tail mass is
+    <= 1 - top_p). A strict < kept one token more at every threshold, and the filter tests above have no tie."""
+    logits = torch.zeros(1, 1, 4)
+    kept = [int(torch.isfinite(filter_top_k_top_p_(logits.clone(), top_p=p)).sum()) for p in (0.25, 0.5, 0.75)]
+    assert kept == [1, 2, 3]
+
+
+def test_top_p_nucleus_is_taken_over_the_top_k_tokens_renormalised():
+    """VAR filters top-k first, then takes the nucleus of the softmax over the k kept tokens: of probabilities
+    (0.5, 0.3, 0.2), top_k=2 leaves (0.625, 0.375), whose nucleus at top_p=0.6 is the top token alone; the nucleus
+    of the unfiltered distribution (top-p first) keeps the 0.5 and 0.3 tokens."""
+    logits = torch.tensor([0.5, 0.3, 0.2]).log().view(1, 1, 3)
+    kept = torch.isfinite(filter_top_k_top_p_(logits.clone(), top_k=2, top_p=0.6)).view(-1).tolist()
+    assert kept == [True, False, False]
+
+
 def test_sampling_respects_the_filters_and_the_generator():
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(4, 50, 100, generator=g)
