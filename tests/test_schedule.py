@@ -156,6 +156,20 @@ def test_official_command_parses_and_derives_vars_values():
     assert args.patch_nums == (1, 2, 3, 4, 5, 6, 8, 10, 13, 16) and args.sche == "lin0"
 
 
+def test_the_runs_schedule_takes_its_warm_ups_in_epochs_of_iterations():
+    """train.build_schedule: --wp and --pgwp are epochs, the Schedule's wp_it and pgwp_it iterations (x the
+    iterations per epoch), max_it = --ep x them. Passing --wp through as iterations (VAR's 4-epoch warm-up over 4
+    iterations) passed the suite, whose runs have 2 epochs: wp = 0.04 epochs rounds to no warm-up either way."""
+    import train
+
+    args = finalize_args(parse_args([*OFFICIAL, "--pg=0.5"]), world_size=8)
+    sched = train.build_schedule(args, iters_per_epoch=1668)
+    assert (sched.max_it, sched.wp_it) == (200 * 1668, 4 * 1668)
+    assert sched.pgwp_it == pytest.approx(200 / 300 * 1668, rel=1e-12)
+    assert (sched.tlr, sched.wp0, sched.wpe, sched.twd, sched.twde) == (args.tlr, 0.005, 0.1, 0.05, 0.05)
+    assert sched.at(2 * 1668).lr == pytest.approx(args.tlr * (0.005 + 0.995 / 2), rel=1e-12)  # mid-warm-up
+
+
 def test_accumulation_and_progressive_derivations():
     args = finalize_args(parse_args(["--bs=1024", "--ac=4", "--pg=0.5", "--pn=512", "--twde=0.08",
                                          "--dataset=mnist"]), world_size=8)

@@ -22,7 +22,7 @@ from test_trainer_e2e import KILL_AFTER_FIRST_SAVE, TINY, logged_losses, model_s
 from models.loading import load_vae, vae_checkpoint
 from scripts.extract_tokens import ViewSource, extract_shard, finish, plan, start
 from trainer import data_problems
-from utils.data.loaders import DataError, sample_seed
+from utils.data.loaders import DataError, build_transforms, sample_seed
 from utils.data.token_cache import TokenCacheError, TokenDataset, content_digest, gaps, open_cache, pick_view, \
     read_manifest, ShardWriter, shard_bounds, shard_name, tokenizer_digest, write_json
 from utils.data.views import parse_views, render_views
@@ -700,6 +700,29 @@ def test_an_images_random_crops_follow_its_index_and_a_limit_stops_at_the_split(
     (_, first, _), (i, second, label) = source[0], source[1]
     assert (i, label) == (1, 1) and torch.equal(second, render_views(img, ["rand0"], 4, 3.0, 0, 1))
     assert not torch.equal(first, second)
+
+
+def test_a_flipped_view_mirrors_its_own_crop():
+    """`_flip` mirrors the view's crop (LlamaGen's "a crop and its flip"): tl_flip is tl mirrored and rand0_flip
+    the same random crop mirrored. Cropping the mirrored image at the same box instead (tl_flip = tr mirrored,
+    rand0_flip another region) passed the suite, whose caches flip the centre crop only, which is symmetric."""
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (9, 14, 3), dtype=np.uint8))  # not square
+    views = ["tl", "tl_flip", "br", "br_flip", "rand0", "rand0_flip"]
+    got = render_views(img, views, 4, 2.0, 0, 3)  # resized to 8 x 12: crops at many offsets
+    for plain, flipped in zip(got[0::2], got[1::2], strict=True):
+        assert torch.equal(flipped, plain.flip(-1))
+    assert not torch.equal(got[0], got[2])  # the image has distinct corners
+
+
+def test_the_centre_view_is_the_validation_transforms_crop_also_for_odd_margins():
+    """The "center" view is VAR's validation transform (torchvision's CenterCrop, which rounds a half-pixel margin
+    as Python's round does), so a cache's val split validates as the images do. A floor (//) crop, one pixel off
+    where the margin is 3, 7, ... pixels, passed the suite, whose images leave even margins."""
+    _, val_tf = build_transforms(8, mid_reso=1.125)  # the shorter side resized to 9
+    rng = np.random.default_rng(0)
+    for h, w in ((9, 11), (11, 9), (9, 15), (20, 14)):  # margins 3, 3, 7 and an even one
+        img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        assert torch.equal(render_views(img, ["center"], 8, 1.125, 0, 0)[0], val_tf(img)), (h, w)
 
 
 @pytest.mark.parametrize("manifest, message", [

@@ -325,6 +325,15 @@ def test_discriminator_loss_gets_real_logits_first_and_fake_second(monkeypatch):
     assert not torch.equal(real, fake)
 
 
+def test_the_hinge_losses_by_hand():
+    """VQGAN's hinge: the discriminator's 0.5 * (mean relu(1 - D(real)) + mean relu(1 + D(fake))), the generator's
+    -mean D(fake). A sign flipped on the fake term (relu(1 - D(fake)): reconstructions pushed towards "real") was
+    caught only by the two-rank test's tolerance, as the GAN's chaos amplified float noise; values by hand here."""
+    real, fake = torch.tensor([2.0, 0.0]), torch.tensor([-2.0, 0.5])
+    assert hinge_d_loss(real, fake).item() == 0.5 * ((0.0 + 1.0) / 2 + (0.0 + 1.5) / 2)
+    assert hinge_g_loss(fake).item() == 0.75
+
+
 def test_total_loss_weights_the_vq_term_by_w_vq():
     """The returned loss is w_l1 * l1 + w_l2 * l2 + w_vq * vq (no GAN, no LPIPS): a --w_vq left out of the sum
     trained with weight 1 whatever the flag said."""

@@ -67,6 +67,16 @@ def test_every_1d_parameter_gets_no_weight_decay():
     assert one_d <= no_decay and not one_d & decay
 
 
+def test_shared_adaln_gammas_get_no_weight_decay():
+    """--saln: each block's `ada_gss` (its learnt shift of the shared modulation, 4-D, so the ndim rule does not spare
+    it) is in VAR's no-decay list; dropping it from NO_WD_KEYS decayed it and passed the suite, whose models have no
+    shared adaLN."""
+    _, mvar = build_tiny_mvar(patch_nums=PN, num_classes=4, shared_aln=True)
+    names = {id(p): n for n, p in mvar.named_parameters()}
+    decay, no_decay = ({names[id(p)] for p in g["params"]} for g in param_groups(mvar))
+    assert {"blocks.0.ada_gss", "blocks.1.ada_gss"} <= no_decay and "shared_ada_lin.1.weight" in decay
+
+
 def test_loss_is_uniform_token_cross_entropy():
     tr = tiny()
     logits_BLV, gt_BL = torch.randn(3, 21, 64), torch.randint(0, 64, (3, 21))
@@ -354,6 +364,25 @@ def test_the_fp16_loss_scale_is_capped_at_32768_as_vars():
     assert not res.skipped and res.loss_scale == 65536.0 and tr.scaler.get_scale() == 32768.0
 
 
+def test_the_fp16_loss_scale_doubles_after_1000_steps_without_an_overflow_as_vars():
+    """VAR's GradScaler grows its scale from 2**11 every 1000 good steps (growth_interval=1000); another interval
+    (2000) passed the suite, whose fp16 runs take a dozen steps. 1000 steps of the scaler alone on one weight."""
+    from utils.run.loss_scale import LossScaler
+
+    w = torch.nn.Parameter(torch.ones(2))
+    opt = torch.optim.SGD([w], lr=0.0)
+    scaler = LossScaler("cpu", max_nonfinite=2, hint="")
+    scales = []
+    for _ in range(1000):
+        scaler.scale(w.sum()).backward()
+        scaler.unscale_(opt)
+        scaler.step(opt)
+        scaler.update_capped()
+        opt.zero_grad(set_to_none=True)
+        scales.append(scaler.get_scale())
+    assert scales[0] == scales[998] == 2048.0 and scales[999] == 4096.0
+
+
 def test_with_accumulation_the_guard_judges_the_windows_mean_loss():
     """--ac=2: the update holds both micro-steps' gradients, so the guard judges both losses (their mean), not the
     last micro-step's alone, which let a spike in an earlier micro-step through; a far too high window is skipped."""
@@ -440,6 +469,22 @@ def test_evaluate_reports_per_scale_metrics_with_cond_dropout_off():
     assert torch.equal(labels_seen[0], loader[0][1])  # no label replaced by the null class
 
 
+def test_validations_tail_metrics_are_the_last_scales():
+    """vL_tail / vacc_tail (VAR's last-scale numbers: the best checkpoint's criterion, logged every validation) are
+    the last scale's. A vacc_tail read from the scale before passed the suite, where a fresh model's accuracy is 0
+    on every scale; here the logits are right on the last scale only."""
+    tr = tiny()
+    inp, lab = batch(4, seed=1)
+    gt_BL, _ = tr.targets(inp)
+    bg, _ = tr.mvar.begin_ends[-1]
+    logits_BLV = F.one_hot((gt_BL + 1) % tr.mvar.V, tr.mvar.V).float() * 5  # wrong everywhere
+    logits_BLV[:, bg:] = F.one_hot(gt_BL[:, bg:], tr.mvar.V).float() * 5  # but on the last scale
+    tr.mvar.forward = lambda label_B, x_BLCv, prog_si=-1: logits_BLV
+    got = tr.evaluate([(inp, lab)], resos=(2, 4, 8))
+    assert (got["vacc_tail"], got["vacc_8"], got["vacc_4"], got["vacc_2"]) == (100.0, 100.0, 0.0, 0.0)
+    assert got["vL_tail"] == got["vL_8"] < got["vL_4"] - 1 and got["vL_4"] == pytest.approx(got["vL_2"], rel=1e-6)
+
+
 @pytest.mark.parametrize("fp16", [0, 1, 2])
 def test_evaluate_equals_a_direct_computation_over_the_valid_samples(fp16):
     """Per-sample means over all samples (not per batch: the batches hold 4 and 2), padding (valid False) left out;
@@ -463,6 +508,28 @@ def test_evaluate_equals_a_direct_computation_over_the_valid_samples(fp16):
     for reso, (bg, ed) in zip((2, 4, 8), tr.mvar.begin_ends, strict=True):
         assert got[f"vL_{reso}"] == pytest.approx(ce_BL[:, bg:ed].mean().item(), rel=1e-5), reso
         assert got[f"vacc_{reso}"] == pytest.approx(hit_BL[:, bg:ed].mean().item(), rel=1e-5), reso
+
+
+def test_validation_and_the_logged_losses_are_the_unsmoothed_cross_entropy_under_label_smoothing():
+    """--ls smooths the optimised loss only: VAR's validation and its logged Lm/Lt use a CrossEntropyLoss without
+    smoothing (val_loss), so val losses stay comparable across --ls. Smoothing them too (token_ce given
+    label_smooth) passed the suite, whose validation runs without --ls."""
+    tr = tiny(label_smooth=0.1)
+    with torch.no_grad():
+        tr.mvar.head.weight.mul_(300)  # confident logits, where smoothing moves the loss by far more than rounding
+    inp, lab = batch(4, seed=1)
+    got = tr.evaluate([(inp, lab)], resos=(2, 4, 8))
+    tr.mvar.eval()
+    with torch.no_grad():
+        gt_BL, x_BLCv = tr.targets(inp)
+        logits_BLV = tr.mvar(lab, x_BLCv)
+    plain = F.cross_entropy(logits_BLV.flatten(0, 1), gt_BL.flatten()).item()
+    smoothed = F.cross_entropy(logits_BLV.flatten(0, 1), gt_BL.flatten(), label_smoothing=0.1).item()
+    assert abs(smoothed - plain) > 1e-3 * plain  # 100x the tolerance below: the checks can tell them apart
+    assert got["vL_mean"] == pytest.approx(plain, rel=1e-5)
+    assert tr.scale_metrics(logits_BLV, gt_BL)["Lm"] == pytest.approx(plain, rel=1e-5)
+    # the optimised loss is the smoothed one
+    assert tr.token_loss(logits_BLV, gt_BL, -1, 1.0).item() == pytest.approx(smoothed, rel=1e-5)
 
 
 def test_trainer_state_round_trip_gives_identical_next_step():
@@ -564,6 +631,22 @@ def test_a_resume_continues_from_the_checkpoints_position_weights_and_best_val_l
     assert all(torch.equal(p, q) for p, q in zip(tr.mvar.parameters(), other.mvar.parameters(), strict=True))
     del ckpt["best_val"]
     assert tiny().resume(ckpt, Path("ar-ckpt-last.pth"), args, {}) == (2, 3, math.inf)
+
+
+def test_a_resume_restores_the_rng_state_the_checkpoint_was_written_with():
+    """`resume` restores this rank's generators from the checkpoint (the label dropout and drop path draw from
+    them), so the resumed run draws what the uninterrupted one would. A resume that left them at the fresh seed
+    passed this file; only the end-to-end SIGKILL test (a whole run, test_trainer_e2e.py) told it by its weights."""
+    tr = tiny()
+    tr.micro_step(*batch())
+    args = {"glb_batch_size": 4, "ac": 1, "vae_ckpt": "vae.pth", "allow_other_tokenizer": False}
+    torch.manual_seed(123)
+    ckpt = copy.deepcopy(tr.checkpoint(epoch=0, iter=1, args=args, data=None))
+    expected = torch.rand(4)  # the uninterrupted run's next draws
+    other = tiny()
+    torch.manual_seed(0)  # the resumed process's fresh seed
+    other.resume(ckpt, Path("ar-ckpt-last.pth"), args, {})
+    assert torch.equal(torch.rand(4), expected)
 
 
 def val_set(n=7):
