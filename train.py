@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 import dist
 from models import backends
 from models.attention import resolve_backend
-from models.hub_format import TokenizerMismatchError, check_own_tokenizer, read_model_weights
+from models.hub_format import ModelWeights, TokenizerMismatchError, check_own_tokenizer, read_model_weights
 from models.loading import DERIVED_KEYS, CheckpointError, load_state_dict_checked, load_vae
 from models.mamba2 import resolve_kernels
 from models.mvar import MVAR, MVARConfig
@@ -34,7 +34,7 @@ from utils.data.loaders import DataError, build_datasets, build_loaders, build_v
     file_list_digest
 from utils.data.token_cache import TokenCacheError, TokenDataset, content_digest, gaps, open_cache, read_manifest, \
     tokenizer_digest
-from utils.evaluation.during_training import TrainingEval
+from utils.evaluation.during_training import TrainingEval, load_classifier_file
 from utils.flags import FlagError, changed_flags, finalize_args, model_shape, parse_args
 from utils.run.agreement import refuse_disagreement, run_facts
 from utils.run.checkpoint import OutputFolderError, RunFolder, check_writable, position_text
@@ -44,6 +44,7 @@ from utils.run.log import SAME_ON_ALL_RANKS, TBLogger, setup_logging
 from utils.run.preemption import Preemption, Stopped
 from utils.run.rng import resolve_seed, seed_everything
 from utils.run.schedule import Schedule
+from utils.sample_io import nonfinite_weights_problem
 
 logger = logging.getLogger("train")
 COMPILE_MODES = {1: "reduce-overhead", 2: "max-autotune", 3: "default"}
@@ -126,8 +127,35 @@ def build_data(args: argparse.Namespace, vae: VQVAE, reso: int
         val_set, val_images, views
 
 
-def build_model(args: argparse.Namespace, vae: VQVAE, num_classes: int, device: torch.device) -> MVAR:
-    """A freshly initialised model (VAR's init) whose config comes from the flags and the tokenizer."""
+def read_init_from(path: str) -> ModelWeights:
+    """--init_from's weights, read before the tokenizer and the data: a missing, unreadable or non-finite file is
+    refused before minutes of listing images."""
+    weights = read_model_weights(path, "--init_from")
+    if problem := nonfinite_weights_problem(weights.state.items(), f"--init_from={path}"):
+        raise CheckpointError(problem)
+    return weights
+
+
+def read_start_files(args: argparse.Namespace, ckpt: dict[str, Any] | None, resume_path: Path | None
+                     ) -> ModelWeights | None:
+    """Collective, before the tokenizer and the data (minutes of listing ImageNet): refuse a resume checkpoint with
+    non-finite weights (it would train NaN steps until --max_nonfinite) and an --eval_net that is no classifier; the
+    weights of --init_from, which a resume's checkpoint replaces (then not read)."""
+    with dist.raised_on_every_rank(CheckpointError, FileNotFoundError):
+        if ckpt is not None and (problem := nonfinite_weights_problem(ckpt["model"].items(), str(resume_path))):
+            raise CheckpointError(problem)
+        init = read_init_from(args.init_from) if args.init_from and ckpt is None else None
+    if ckpt is not None and args.init_from:
+        logger.info("--init_from=%s not read: resuming from %s", args.init_from, resume_path)
+    if args.eval_every and args.eval_net != "inception":
+        load_classifier_file(args.eval_net)
+    return init
+
+
+def build_model(args: argparse.Namespace, vae: VQVAE, num_classes: int, device: torch.device,
+                weights: ModelWeights | None = None) -> MVAR:
+    """A freshly initialised model (VAR's init) whose config comes from the flags and the tokenizer, its weights
+    then --init_from's (`weights`) where given."""
     config = MVARConfig(
         depth=args.depth, num_classes=num_classes, V=vae.vocab_size, Cvae=vae.Cvae, patch_nums=args.patch_nums,
         arch=args.arch, var_blocks=args.var_blocks, embed_dim=args.embed_dim, num_heads=args.num_heads,
@@ -141,8 +169,7 @@ def build_model(args: argparse.Namespace, vae: VQVAE, num_classes: int, device: 
     mvar.grad_ckpt = args.grad_ckpt
     mvar.init_weights(init_adaln=args.aln, init_adaln_gamma=args.alng, init_head=args.hd, init_std=args.ini,
                       gamma_rows=args.alng_rows)
-    if args.init_from:
-        weights = read_model_weights(args.init_from, "--init_from")
+    if weights is not None:
         try:  # the tokenizer the weights were trained with, where recorded (official files do not), as a resume
             check_own_tokenizer(vae, weights.tokenizer_digest, f"the tokenizer (--vae_ckpt={args.vae_ckpt})",
                                 f"--init_from={args.init_from}", args.allow_other_tokenizer, (config.V, config.Cvae))
@@ -439,6 +466,7 @@ def main(args: argparse.Namespace) -> None:
     changed = changed_flags(ckpt.get("args", {}), vars(args)) if ckpt is not None else []
     if changed:
         logger.info("resuming %s with changed flags: %s", resume_path, ", ".join(changed))
+    init = read_start_files(args, ckpt, resume_path)
     torch.manual_seed(args.seed)  # the same initial weights for any world size
 
     # build: tokenizer (frozen, fp32) -> image size; data; model; trainer
@@ -464,7 +492,7 @@ def main(args: argparse.Namespace) -> None:
                                                       world, args.seed, pin_memory=device.type == "cuda",
                                                       pad_eval=True,  # equal val batch counts: FSDP2, stop checks
                                                       seeded=not args.tokens)  # a cache's view: from the seed
-    mvar = build_model(args, vae, num_classes, device)
+    mvar = build_model(args, vae, num_classes, device, init)
     seed_everything(args.seed, rank, world)
     logger.info("%d train / %d val images at %dpx, %d classes; model %s: %.2fM params", len(train_set),
                 len(val_set), reso, num_classes, mvar.extra_repr(), sum(p.numel() for p in mvar.parameters()) / 1e6)

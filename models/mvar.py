@@ -75,6 +75,7 @@ class MVARConfig:
     def __post_init__(self):
         self.patch_nums = tuple(int(p) for p in self.patch_nums)
         bad = [f"{k}={getattr(self, k)}" for k in ("depth", "num_classes", "V", "Cvae") if getattr(self, k) < 1]
+        bad += [f"{k}={v}" for k in ("embed_dim", "num_heads") if (v := getattr(self, k)) is not None and v < 1]
         bad += [f"patch_nums={self.patch_nums}"] if min(self.patch_nums, default=0) < 1 else []
         if bad:
             raise ValueError(f"{', '.join(bad)}: expected sizes >= 1")

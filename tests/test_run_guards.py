@@ -17,7 +17,8 @@ import torch
 
 from conftest import PER_RANK, REPO, launch
 from test_trainer_e2e import TINY, run_train, setup  # noqa: F401  (setup: the tiny data + tokenizer fixture)
-from models.loading import CheckpointError
+from models import MVAR, MVARConfig
+from models.loading import CheckpointError, mvar_checkpoint
 from scripts.gpu_train_check import write_tokenizer
 from utils.flags import changed_flags, finalize_args, parse_args
 from utils.data.loaders import image_source_problem
@@ -46,7 +47,16 @@ from utils.run.lock import LOCK_NAME, RunLock, RunLockError, read_owner
                                   "--tokens=/no/such/cache",
                                   # a review of the data path: failed at the first batch (the data order's seed past
                                   # 64 bits) or in the transforms' build, after the model
-                                  "--seed=1152921504606846976", "--seed=-1099511627776", "--mid_reso=inf"])
+                                  "--seed=1152921504606846976", "--seed=-1099511627776", "--mid_reso=inf",
+                                  # a sweep of bad values: NaN passed every range check (--ini=nan drew the weights
+                                  # uniformly in [-2, 2], --tclip=nan trained unclipped, --save_every_min=nan and
+                                  # --diverge_tol=nan turned their checks off, --aln=nan trained NaN steps); the
+                                  # others failed after the data, or trained a warm-up that never ended
+                                  "--ini=nan", "--hd=nan", "--aln=nan", "--alng=inf", "--tclip=nan",
+                                  "--save_every_min=nan", "--diverge_tol=nan", "--max_nonfinite=0",
+                                  "--num_classes=-1", "--workers=-3", "--wp=5 --ep=1", "--wp=2 --ep=2",
+                                  # an empty path was the current folder ("" is no path, not "off")
+                                  "--local_out_dir_path=", "--vae_ckpt=", "--init_from=", "--resume="])
 def test_flags_that_train_nothing_are_refused(flag):
     with pytest.raises(ValueError, match=flag.split("=")[0]):
         finalize_args(parse_args(flag.split()), world_size=1)
@@ -75,6 +85,8 @@ def test_flags_of_vars_train_py_that_this_one_does_not_take_say_why(capsys):
     (["--depth=2", "--var_blocks=5"], "var_blocks=5"),
     # a walkthrough: Mamba2's constraint was a traceback once the data were read (attention alone takes it)
     (["--embed_dim=100"], "embed_dim=100: Mamba2's expand x embed_dim = 200 must be a multiple of its head size 64"),
+    # a sweep: a ZeroDivisionError traceback (finalize_args catches ValueError)
+    (["--num_heads=0"], "num_heads=0: expected sizes >= 1"), (["--embed_dim=0"], "embed_dim=0: expected sizes >= 1"),
 ])
 def test_model_flags_that_make_no_model_are_refused_before_any_work(flags, message):
     """They were a ValueError traceback once the tokenizer and the data were read."""
@@ -411,16 +423,30 @@ def test_resume_logs_changed_flags_and_an_incompatible_one_is_an_error_line(setu
     # before, with label 2 = null; a command without --data_path (VAR's official ones) trained on MNIST
     (["--data_path={tmp}", "--dataset=mnist"], "error: --data_path=.* and --dataset=mnist both name the images"),
     ([], "error: --data_path: expected an ImageFolder root with train/ and val/ class folders .* --dataset=mnist"),
+    # a sweep: these trained NaN steps until --max_nonfinite stopped the run with advice on the lr (or a traceback
+    # in the epoch's sample grid), or failed once the tokenizer, the data and the model were built; now they are
+    # refused before the tokenizer loads
+    (["--dataset=mnist", "--init_from={tmp}/nan.pth"], r"error: --init_from=.*nan.pth has non-finite weights"),
+    (["--dataset=mnist", "--resume={tmp}/nan.pth"], r"error: .*nan.pth has non-finite weights .*\['head.weight'\]"),
+    (["--dataset=mnist", "--eval_every=1", "--eval_n=4", "--eval_net={tmp}/nan.pth"],
+     r"error: --eval_net=.*nan.pth: expected 'inception' or a SmallCNN state dict file"),
 ])
 def test_a_bad_flag_or_file_is_one_error_line_before_training(flags, message, tmp_path):
     vae = tmp_path / "vae.pth"
     write_tokenizer(vae)
+    if any("nan.pth" in f for f in flags):  # a model checkpoint with one NaN weight
+        mvar = MVAR(MVARConfig(depth=1, embed_dim=64, num_heads=1, V=32, Cvae=8, num_classes=10, patch_nums=(1, 2)))
+        with torch.no_grad():
+            mvar.head.weight[0, 0] = float("nan")
+        torch.save({**mvar_checkpoint(mvar), "epoch": 0, "iter": 1}, tmp_path / "nan.pth")
     proc = launch(REPO / "train.py", f"--vae_ckpt={vae}", "--pn=1_2_3_4", "--depth=1", "--embed_dim=32",
                   "--num_heads=1", f"--local_out_dir_path={tmp_path / 'out'}",
                   *(f.format(tmp=tmp_path) for f in flags), nproc=1, check=False, timeout=120)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert re.search(message, proc.stderr.strip().splitlines()[-1]), proc.stderr[-500:]
     assert not (tmp_path / "out" / "ar-ckpt-last.pth").exists()
+    if any("nan.pth" in f for f in flags):
+        assert "loaded tokenizer" not in proc.stdout + proc.stderr
 
 
 def test_the_launchers_resolve_relative_paths_from_the_callers_folder(tmp_path):

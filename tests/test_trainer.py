@@ -789,9 +789,9 @@ def test_init_from_weights_of_another_design_is_said_in_the_log(tmp_path, caplog
 
     vae = VQVAE(vocab_size=32, z_channels=8, ch=32, ch_mult=(1, 2), v_patch_nums=(1, 2, 4))
 
-    def build(*flags: str):
+    def build(*flags: str, weights=None):
         flags = ["--pn=1_2_4", "--dataset=mnist", "--depth=2", "--anorm=0", *flags]
-        return train.build_model(train.finalize_args(train.parse_args(flags), 1), vae, 4, torch.device("cpu"))
+        return train.build_model(train.finalize_args(train.parse_args(flags), 1), vae, 4, torch.device("cpu"), weights)
 
     torch.save(mvar_checkpoint(build("--arch=var", "--drop_path_rate=0.05")), tmp_path / "var.pth")
     cases = {("--arch=var",): [], ("--arch=intra",): ["arch=var -> intra"],
@@ -799,7 +799,7 @@ def test_init_from_weights_of_another_design_is_said_in_the_log(tmp_path, caplog
     for flags, said in cases.items():
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="train"):
-            build(*flags, f"--init_from={tmp_path / 'var.pth'}")
+            build(*flags, weights=train.read_init_from(str(tmp_path / "var.pth")))
         warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
         assert [w for w in warnings if "another design" in w] == ([] if not said else warnings[:1]), flags
         assert all(field in warnings[0] for field in said) and "drop_path_rate" not in "".join(warnings), flags

@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "cropping")
     g.add_argument("--hflip", default=False, **b, help="random horizontal flip")
     g.add_argument("--workers", type=int, default=0, help="data-loader processes per rank (0: load in the main "
-                   "process, VAR's default; use 8-12 per GPU for ImageNet)")
+                   "process, VAR's default; -1, VAR's no-multiprocessing, is 0 too; use 8-12 per GPU for ImageNet)")
     g.add_argument("--train_limit", type=int, default=0, help="train on the first N training images only, in the data "
                    "set's order (an ImageFolder's is class by class: a warning says when they miss classes); 0 = all; "
                    "short studies, scripts/study.py")
@@ -310,15 +310,26 @@ def default_pn(vae_ckpt: str | None) -> str:
     return format_patch_nums(trained_at) if trained_at else "256"
 
 
+PATH_FLAGS = ("local_out_dir_path", "vae_ckpt", "resume", "init_from", "eval_net")  # "" is no path: not "off"
+
+
 def finalize_args(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
     """Derived settings, as VAR computes them: per-rank micro-batch, peak lr, schedule defaults, patch_nums."""
-    for name in ("bs", "ac", "ep", "val_every", "log_every", "depth"):
+    if not_finite := [f"--{k}={v}" for k, v in vars(args).items() if isinstance(v, float) and not math.isfinite(v)]:
+        raise FlagError(f"{', '.join(not_finite)}: expected a finite number")  # NaN passes every range check below
+    if empty := [f"--{k}=" for k in PATH_FLAGS if getattr(args, k) == ""]:
+        raise FlagError(f"{', '.join(empty)}: expected a path (an empty one would be the current folder)")
+    for name in ("bs", "ac", "ep", "val_every", "log_every", "depth", "max_nonfinite"):
         if getattr(args, name) < 1:
             raise FlagError(f"--{name}={getattr(args, name)}: expected a positive integer")
     for name in ("save_every", "save_every_min", "sample_every", "train_limit", "val_limit", "eval_every",
                  "diverge_tol"):
         if getattr(args, name) < 0:
             raise FlagError(f"--{name}={getattr(args, name)}: expected >= 0 (0 = off)")
+    if args.num_classes < 0:
+        raise FlagError(f"--num_classes={args.num_classes}: expected >= 0 (0 = the data set's)")
+    if args.workers < -1:
+        raise FlagError(f"--workers={args.workers}: expected >= 0 (-1, VAR's 'no worker processes', is taken as 0)")
     if problem := seed_problem(args.seed):
         raise FlagError(problem)
     if args.eval_every and args.eval_n < 2:
@@ -361,6 +372,9 @@ def finalize_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
     args.twde = args.twde or args.twd
     args.wp = args.wp or args.ep / 50
     args.pgwp = args.pgwp or args.ep / 300
+    if args.wp >= args.ep:
+        raise FlagError(f"--wp={args.wp:g}: the warm-up is as long as the run (--ep={args.ep}) or longer, so the lr "
+                        f"never reaches its peak --tlr: expected fewer epochs than --ep")
     if args.pg > 0:
         args.sche = f"lin{args.pg:g}"
     if problem := schedule_problem(args.sche, args.wp0, args.wpe):

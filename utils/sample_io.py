@@ -318,13 +318,20 @@ def nonfinite_tensors(named: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
     return [name for name, t in named if t.is_floating_point() and not bool(torch.isfinite(t).all())]
 
 
+def nonfinite_weights_problem(named: Iterable[tuple[str, torch.Tensor]], what: str) -> str | None:
+    """What is wrong with weights (of `what`) that hold NaN/Inf, naming the tensors; None when all are finite."""
+    bad = nonfinite_tensors(named)
+    if not bad:
+        return None
+    more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+    return f"{what} has non-finite weights (NaN/Inf) in {bad[:5]}{more}: the file is damaged or comes from a run " \
+           "that diverged"
+
+
 def check_finite_weights(module: nn.Module, what: str) -> None:
     """NonFiniteValueError naming the parameters and buffers of `module` (described by `what`) that hold NaN/Inf."""
-    bad = nonfinite_tensors(module.state_dict().items())
-    if bad:
-        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
-        raise NonFiniteValueError(f"{what} has non-finite weights (NaN/Inf) in {bad[:5]}{more}: the file is "
-                                  "damaged or comes from a run that diverged")
+    if problem := nonfinite_weights_problem(module.state_dict().items(), what):
+        raise NonFiniteValueError(problem)
 
 
 def check_finite_images(img: torch.Tensor, where: str) -> None:

@@ -41,6 +41,17 @@ CHUNK = 50  # images per generation call
 FeatureFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray | None]]  # uint8 (N,H,W,3) -> (N, D), classes (N,)
 
 
+def load_classifier_file(name: str) -> SmallCNN:
+    """The SmallCNN of an --eval_net file; FlagError when it is not one (train.py checks it before any work)."""
+    try:
+        state = torch.load(name, map_location="cpu", weights_only=True)
+        clf = SmallCNN(state["head.weight"].shape[0], ch=state["features.0.weight"].shape[0])
+        clf.load_state_dict(state)
+    except Exception as e:  # not a file, not a state dict, another network
+        raise FlagError(f"--eval_net={name}: {EVAL_NET_EXPECTED}: {type(e).__name__}: {e}") from e
+    return clf
+
+
 def feature_network(name: str, device: torch.device) -> tuple[str, FeatureFn, str]:
     """(metric name, features and predicted classes of uint8 images, which network: its file's name, and the
     digest of a classifier's) for `--eval_net`: "inception" (no classes: its 1008 are not the data set's) or a
@@ -48,12 +59,7 @@ def feature_network(name: str, device: torch.device) -> tuple[str, FeatureFn, st
     if name == "inception":
         net = load_inception(None, device=device, flag="--eval_net")
         return "fid", lambda imgs: (net.extract([imgs])[0], None), f"inception {Path(net.path).name}"
-    try:
-        state = torch.load(name, map_location="cpu", weights_only=True)
-        clf = SmallCNN(state["head.weight"].shape[0], ch=state["features.0.weight"].shape[0])
-        clf.load_state_dict(state)
-    except Exception as e:  # not a file, not a state dict, another network
-        raise FlagError(f"--eval_net={name}: {EVAL_NET_EXPECTED}: {type(e).__name__}: {e}") from e
+    clf = load_classifier_file(name)
 
     def features(imgs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         view = classifier_view(clf, imgs)
