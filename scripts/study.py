@@ -19,6 +19,7 @@ Stages (each resumable: a re-run skips what is finished and continues what was i
 import argparse
 import json
 import logging
+import math
 import multiprocessing
 import os
 import shutil
@@ -33,7 +34,7 @@ import torch
 import tokenizer_trainer
 import train
 from models.flops import COUNT_VERSION, model_flops, train_step_flops
-from models.loading import load_checkpoint, load_mvar, load_vae
+from models.loading import CheckpointError, load_checkpoint, load_mvar, load_vae
 from models.mvar import MVAR, MVARConfig
 from models.precision import effective_amp_dtype
 from models.presets import ARCH_BRANCHES
@@ -45,7 +46,9 @@ from utils.evaluation.classifier import SmallCNN, accuracy, train_classifier
 from utils.evaluation.inception import find_inception, load_inception
 from utils.evaluation.scores import classifier_scores, classifier_view, inception_features, inception_fid
 from utils.flags import DefaultsHelpFormatter, parse_args as parse_train_args
-from utils.run.checkpoint import LAST, write_atomic, write_text_atomic
+from utils.run.checkpoint import LAST, check_writable, write_atomic, write_text_atomic
+from utils.run.divergence import NonFiniteError
+from utils.run.lock import RunLockError
 from utils.run.log import setup_logging
 from utils.sample_io import to_uint8_BHW3
 
@@ -160,8 +163,11 @@ def study_preset(args: argparse.Namespace) -> dict:
         if getattr(args, key) is not None:
             preset[key] = getattr(args, key)
     minimum = {"seeds": 1, "num_samples": 10, "inception_n": 0, "ep": 1, "train_limit": 1, "depth": 2, "width": 64,
-               "eval_every": 0, "tlr": 1e-9, "first_seed": 0}
+               "eval_every": 0, "first_seed": 0}
     bad = [f"--{k}={preset[k]} (expected >= {m})" for k, m in minimum.items() if preset[k] < m]
+    # the float flags: nan passed a `< minimum` test, inf trained every row at an infinite learning rate
+    bad += [f"--{k}={preset[k]} (expected a finite value > 0)" for k in ("tlr",)
+            if not (math.isfinite(preset[k]) and preset[k] > 0)]
     bad += [f"--{k}={preset[k]} (expected a multiple of {m})" for k, m in (("num_samples", 10), ("width", 64))
             if preset[k] % m]
     if preset["train_limit"] > FMNIST_TRAIN_IMAGES:  # the loader would take all, and the report count too many
@@ -367,6 +373,10 @@ def job_process(out: Path, job: str) -> None:
     job_model(out, json.loads((out / "plan.json").read_text()), job)
 
 
+class StudyJobError(RuntimeError):
+    """A study job (training, sampling, scoring a run) that failed; the message names its log."""
+
+
 def run_job(server: multiprocessing.context.ForkServerContext, out: Path, job: str) -> None:
     """Run one job to its end; a failure raises naming its log."""
     t0 = time.time()
@@ -374,7 +384,7 @@ def run_job(server: multiprocessing.context.ForkServerContext, out: Path, job: s
     proc.start()
     proc.join()
     if proc.exitcode:
-        raise RuntimeError(f"study job {job} failed (exit {proc.exitcode}); see {out / 'logs' / f'{job}.log'}")
+        raise StudyJobError(f"study job {job} failed (exit {proc.exitcode}); see {out / 'logs' / f'{job}.log'}")
     logger.info("job %s done in %.0fs", job, time.time() - t0)
 
 
@@ -388,7 +398,7 @@ def run_parallel(out: Path, jobs: list[str], parallel: int) -> None:
         futures = {job: pool.submit(run_job, server, out, job) for job in jobs}
     failed = [str(f.exception()) for f in futures.values() if f.exception() is not None]
     if failed:
-        raise RuntimeError("\n".join(failed))
+        raise StudyJobError("\n".join(failed))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -485,6 +495,8 @@ def main(args: argparse.Namespace) -> Path:
         find_inception(args.inception)
     fashion_mnist_dir(args.fmnist_dir or None)
     check_folder(out, plan)
+    if args.report_dir:  # written after the whole study: an unwritable one would fail hours from now
+        check_writable(Path(args.report_dir), f"--report_dir={args.report_dir}")
     if args.base and not (out / "plan.json").is_file():
         adopt_base(Path(args.base), out, plan)
     for sub in ("sets", "scores", "runs", "logs"):
@@ -510,8 +522,19 @@ def main(args: argparse.Namespace) -> Path:
     return report
 
 
+def cli(argv: list[str] | None = None) -> Path:
+    """The command line: `main` with the script's own errors as one `error: ...` line (exit status 1)."""
+    args = build_parser().parse_args(argv)
+    try:
+        return main(args)
+    except (ValueError, FileNotFoundError, CheckpointError, RunLockError, NonFiniteError, StudyJobError) as e:
+        # a bad flag, missing data or weights, another study in the folder (ValueError: the token cache's and output
+        # folder's errors too), an unwritable folder, a diverged tokenizer, a failed job (its log named)
+        raise SystemExit(f"error: {e}") from e
+
+
 if __name__ == "__main__":
     # `python -m scripts.study` as `python scripts/study.py`: the fork server's children re-run this file by its
     # path as __mp_main__; by its name, runpy warns in each that the preloaded scripts.study is imported already
     __spec__ = None
-    main(build_parser().parse_args())
+    cli()

@@ -151,11 +151,39 @@ def study_in_process(out, *flags: str):
 
 
 @pytest.mark.parametrize("flag", ["--width=96", "--num_samples=15", "--seeds=0", "--inception_n=1", "--jobs=0",
-                                  "--train_limit=60001"])  # Fashion-MNIST's 60,000: the report counted the flag
+                                  "--train_limit=60001",  # Fashion-MNIST's 60,000: the report counted the flag
+                                  "--tlr=nan", "--tlr=inf", "--tlr=0.0"])  # nan passed `tlr < 1e-9`, inf too
 def test_study_refuses_bad_settings_before_any_work(tmp_path, flag):
     with pytest.raises(ValueError, match=re.escape(flag)):
         study_in_process(tmp_path / "study", flag)
     assert not (tmp_path / "study").exists()
+
+
+def test_an_unwritable_report_dir_is_refused_before_any_work(tmp_path, monkeypatch):
+    """A review: --report_dir was first written after the whole study (hours), and failed there."""
+    monkeypatch.setattr(study, "fashion_mnist_dir", lambda *a: tmp_path)  # whether the data set is here or not
+    monkeypatch.setattr(study, "prepare", lambda *a: pytest.fail("work started before the check"))
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match=re.escape(f"--report_dir={tmp_path / 'file' / 'report'}: cannot write")):
+        study_in_process(tmp_path / "study", "--inception_n=0", f"--report_dir={tmp_path / 'file' / 'report'}")
+    assert not (tmp_path / "study").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--seeds=0"], "error: bad study settings: --seeds=0 (expected >= 1)"),
+    (["--jobs=0"], "error: --jobs=0: expected at least 1"),
+    (["--num_samples=7"], "error: bad study settings: --num_samples=7 (expected >= 10), --num_samples=7 (expected a "
+                          "multiple of 10)"),
+    (["--inception_n=0", "--fmnist_dir=/nonexist"], "error: Fashion-MNIST: /nonexist lacks "),
+])
+def test_the_cli_ends_a_bad_flag_in_one_error_line(flags, message, tmp_path):
+    """A review: these ended in tracebacks (the script caught none of its own errors); `cli` is what running the
+    script calls."""
+    with pytest.raises(SystemExit) as e:
+        study.cli(["--quick", f"--out_dir={tmp_path / 'study'}", *flags])
+    assert str(e.value).startswith(message) and "\n" not in str(e.value), e.value
+    assert not (tmp_path / "study").exists()
+    assert "\n    cli()\n" in STUDY.read_text()
 
 
 def test_quick_study_refuses_other_settings_in_the_same_folder(quick_study):
