@@ -33,6 +33,7 @@ from utils.data.views import parse_views, render_views
 from utils.flags import DefaultsHelpFormatter, add_image_source_flags, default_pn
 from utils.run.agreement import refuse_disagreement, run_facts
 from utils.run.checkpoint import check_writable
+from utils.run.rng import seed_problem
 
 logger = logging.getLogger("extract_tokens")
 
@@ -186,22 +187,31 @@ def main(args: argparse.Namespace) -> None:
     lowest = {"batch": 1, "encode_batch": 1, "workers": 0, "limit": 0}
     problems = [f"--{flag} must be >= {low}, got {getattr(args, flag)}" for flag, low in lowest.items()
                 if getattr(args, flag) < low]
-    problems += [p for p in (mid_reso_problem(args.mid_reso), image_source_problem(args.data_path, args.dataset))
-                 if p]
+    problems += [p for p in (mid_reso_problem(args.mid_reso), image_source_problem(args.data_path, args.dataset),
+                             seed_problem(args.seed)) if p]  # the seed: as train.py's (rand<i> crops take it)
+    problems += [f"--{flag}=: expected a {what} (an empty path would be the current folder)"
+                 for flag, what in (("out", "cache folder"), ("vae_ckpt", "tokenizer file"))
+                 if getattr(args, flag) == ""]
     if problems:
         raise ValueError("; ".join(problems))
-    views, patch_nums = parse_views(args.views), parse_patch_nums(args.pn or default_pn(args.vae_ckpt))
+    try:
+        patch_nums = parse_patch_nums(args.pn or default_pn(args.vae_ckpt))
+    except ValueError as e:
+        raise ValueError(f"--pn={args.pn}: {e}") from None
+    views = parse_views(args.views)
     set_tf32(device, args.tf32)  # the encoder's precision as train.py's on-the-fly tokenization (and VAR's)
+    # the output folder and the tokenizer before the images are listed (minutes on ImageNet): a file there, no
+    # permission, a missing or unreadable --vae_ckpt are an error line now
+    out = Path(args.out)
+    check_writable(out, f"--out={args.out}")
+    vae = load_vae(args.vae_ckpt, device, v_patch_nums=patch_nums)
+    if vae.vocab_size > 2**16:
+        raise ValueError(f"the tokenizer's vocabulary ({vae.vocab_size}) does not fit uint16 ids")
     images = {s: open_split(args.data_path, args.dataset, s, None, args.fmnist_dir or None) for s in SPLITS}
     if args.data_path:  # the manifest's classes (train/'s) are what every label of both splits means
         check_same_classes(images["train"].classes, images["val"].classes, args.data_path)
     for split, dataset in images.items():  # --limit takes the first images: an ImageFolder's first classes
         first_items(dataset, args.limit, f"--limit ({split})")
-    out = Path(args.out)
-    check_writable(out, f"--out={args.out}")  # a file there, or no permission: an error line now, before the tokenizer
-    vae = load_vae(args.vae_ckpt, device, v_patch_nums=patch_nums)
-    if vae.vocab_size > 2**16:
-        raise ValueError(f"the tokenizer's vocabulary ({vae.vocab_size}) does not fit uint16 ids")
     reso = patch_nums[-1] * vae.downsample
     identity = {"tokenizer_digest": tokenizer_digest(vae), "patch_nums": list(patch_nums), "reso": reso,
                 "mid_reso": args.mid_reso, "views": views, "classes": list(images["train"].classes)}

@@ -260,16 +260,16 @@ def test_pn_defaults_to_the_schedule_the_tokenizer_was_trained_at(setup, tmp_pat
     assert read_manifest(tmp_path / "cache")["patch_nums"] == [1, 2, 4]
 
 
-def test_extraction_refuses_val_class_folders_other_than_trains_before_loading(setup, tmp_path):
+def test_extraction_refuses_val_class_folders_other_than_trains_before_extracting(setup, tmp_path):
     """Each split's labels index its own sorted class folders, and the manifest says they mean train/'s: a val/
-    without class1 would store class2's images as class1."""
+    without class1 would store class2's images as class1. (The tokenizer and --out are checked before: the folder
+    is made, empty.)"""
     shutil.copytree(setup / "data", tmp_path / "data")
     shutil.rmtree(tmp_path / "data" / "val" / "class1")
-    proc = launch(EXTRACT, *extract_flags(setup, tmp_path / "cache", "--vae_ckpt=missing.pth", data=tmp_path / "data"),
-                  nproc=1, check=False)
+    proc = launch(EXTRACT, *extract_flags(setup, tmp_path / "cache", data=tmp_path / "data"), nproc=1, check=False)
     assert proc.returncode == 1
     assert "error: --data_path=" in proc.stderr and "same class folders; only in train/: class1 (1)" in proc.stderr
-    assert not (tmp_path / "cache").exists()
+    assert list((tmp_path / "cache").iterdir()) == []
 
 
 def test_an_out_that_is_a_file_and_a_vae_ckpt_that_is_no_checkpoint_are_one_error_line(setup, tmp_path):
@@ -404,6 +404,54 @@ def test_bad_extraction_flags_are_named_before_any_work(tmp_path, monkeypatch):
     assert extraction_refusal(tmp_path, "--batch=1", "--encode_batch=1", "--workers=0", "--mid_reso=1",
                               "--limit=0") == NO_IMAGES  # it used to read MNIST
     assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--views=rand0", "--seed=-1"], "--seed=-1: expected 0 <= seed < 2\\*\\*40"),  # train.py refuses it too
+    (["--out="], "--out=: expected a cache folder \\(an empty path would be the current folder\\)"),
+    (["--vae_ckpt="], "--vae_ckpt=: expected a tokenizer file"),
+    (["--pn=abc"], "--pn=abc: bad patch schedule 'abc'"),
+])
+def test_bad_seed_and_empty_paths_are_refused(flags, message, setup, tmp_path, monkeypatch):
+    """A review: a negative seed drew the rand<i> crops (train.py refuses it), an empty --out wrote the cache into
+    the current folder."""
+    import dist
+    import scripts.extract_tokens as extract_tokens
+
+    monkeypatch.setattr(dist, "initialize", lambda timeout_min=30.0: torch.device("cpu"))
+    monkeypatch.setattr(extract_tokens, "open_split", lambda *a, **k: pytest.fail("images listed before the check"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=message):
+        extract_tokens.main(extract_tokens.build_parser().parse_args(
+            extract_flags(setup, tmp_path / "cache", *flags)))
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("problem", ["missing", "unreadable", "out under a file"])
+def test_the_tokenizer_and_out_are_checked_before_the_images_are_listed(problem, setup, tmp_path, monkeypatch):
+    """A review: a missing or unreadable --vae_ckpt and an unwritable --out were found only after both splits were
+    listed (minutes on ImageNet)."""
+    import dist
+    import scripts.extract_tokens as extract_tokens
+    from models.loading import CheckpointError
+    from utils.run.checkpoint import OutputFolderError
+
+    monkeypatch.setattr(dist, "initialize", lambda timeout_min=30.0: torch.device("cpu"))
+    monkeypatch.setattr(extract_tokens, "open_split", lambda *a, **k: pytest.fail("images listed before the check"))
+    (tmp_path / "file").write_bytes(b"not a checkpoint")
+    vae, out = setup / "vae.pth", tmp_path / "cache"
+    error, message = {"missing": (FileNotFoundError, "--vae_ckpt=.*nope.pth: no such file"),
+                      "unreadable": (CheckpointError, "checkpoint .*file is unreadable"),
+                      "out under a file": (OutputFolderError, "--out=.*file/cache: cannot write into")}[problem]
+    if problem == "missing":
+        vae = tmp_path / "nope.pth"
+    elif problem == "unreadable":
+        vae = tmp_path / "file"
+    else:
+        out = tmp_path / "file" / "cache"
+    flags = [f if not f.startswith("--vae_ckpt=") else f"--vae_ckpt={vae}" for f in extract_flags(setup, out)]
+    with pytest.raises(error, match=message):
+        extract_tokens.main(extract_tokens.build_parser().parse_args(flags))
 
 
 def test_a_tokenizer_whose_ids_overflow_uint16_is_refused(setup, tmp_path, monkeypatch):
