@@ -30,6 +30,7 @@ import functools
 import logging
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -44,7 +45,8 @@ from models.precision import effective_amp_dtype
 from models.presets import ARCH_BRANCHES, MVAR_models, format_patch_nums, parse_patch_nums
 from scripts import timing as bm
 from trainer import Trainer
-from utils.flags import add_backend_flags
+from utils.flags import add_backend_flags, sampling_problems
+from utils.run.checkpoint import OutputFolderError, check_writable
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16/fp16 tensor-core peaks, quoted beside
 TRAIN_FP16 = {"fp32": 0, "fp16": 1, "bf16": 2}  # train.py --fp16 of each --train_dtypes
@@ -522,11 +524,47 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def flag_problems(args: argparse.Namespace) -> list[str]:
+    """What is wrong with the flags, before any section runs (each named): sizes, the patch schedule, the models
+    they make, the sampling settings (sample.py's rule: --top_p in (0, 1], --cfg finite and >= 0)."""
+    problems = [f"--{flag} must be >= 1, got {getattr(args, flag)}" for flag in ("depth", "bs", "repeats", "V")
+                if getattr(args, flag) < 1]
+    problems += [f"--{flag} must be >= 0, got {getattr(args, flag)}"
+                 for flag in ("warmup", "threads", "width", "heads", "paper_width") if getattr(args, flag) < 0]
+    problems += [f"--paper_bs must be >= 1, got {b}" for b in args.paper_bs if b < 1][:1]
+    if args.vae_ch < 1 or args.vae_ch % 32:
+        problems.append(f"--vae_ch must be a positive multiple of 32 (GroupNorm groups), got {args.vae_ch}")
+    try:
+        patch_nums = parse_patch_nums(args.pn)
+    except ValueError as e:
+        problems.append(f"--pn={args.pn}: {e}")
+        patch_nums = None
+    if patch_nums and not problems:  # the models of the sections: --width/--heads (train, ckpt), --paper_width
+        sizes = [(f"--archs={arch} --depth={args.depth} --width={args.width} --heads={args.heads}",
+                  dict(arch=arch, depth=args.depth, embed_dim=args.width or None, num_heads=args.heads or None))
+                 for arch in args.archs]
+        sizes += [(f"--paper_width={args.paper_width}", dict(depth=1, embed_dim=args.paper_width, num_heads=1))
+                  ] if args.paper_width else []
+        for flags, size in sizes:
+            try:
+                MVARConfig(patch_nums=patch_nums, V=args.V, **size)
+            except ValueError as e:
+                problems.append(f"{flags} make no model: {e}")
+                break  # the next --archs would say the same
+    return problems + sampling_problems(args.cfg, args.top_k, args.top_p)
+
+
 def main(argv: list[str] | None = None) -> str:
     args = build_parser().parse_args(argv)
-    for flag in ("depth", "bs", "repeats"):
-        if getattr(args, flag) < 1:
-            raise SystemExit(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    if problems := flag_problems(args):
+        raise SystemExit("error: " + "; ".join(problems))
+    if args.out:  # written after every section ran: an unwritable place is an error now
+        try:
+            if Path(args.out).is_dir():
+                raise OutputFolderError(f"--out={args.out} is a folder: expected a markdown file")
+            check_writable(Path(args.out).parent, f"--out={args.out}")
+        except OutputFolderError as e:
+            raise SystemExit(f"error: {e}") from e
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -609,6 +609,34 @@ def test_a_zero_size_flag_is_refused_before_any_section_runs(flag):
         bench.main(["--only", "attn", flag, "0"])
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--warmup=-1"], "--warmup must be >= 0, got -1"), (["--threads=-2"], "--threads must be >= 0, got -2"),
+    (["--pn=abc"], "--pn=abc: bad patch schedule 'abc'"), (["--only", "sample", "--V=0"], "--V must be >= 1, got 0"),
+    (["--only", "train", "--width=-64"], "--width must be >= 0, got -64"),
+    (["--only", "train", "--heads=3"], "--archs=mvar --depth=16 --width=0 --heads=3 make no model: embed_dim=1024 is "
+                                       "not divisible by num_heads=3"),
+    (["--only", "sample", "--cfg=nan"], "--cfg must be >= 0 and finite"),
+    (["--only", "sample", "--top_p=0"], r"--top_p must be in \(0, 1\]"),  # as sample.py: a nucleus of no mass
+    (["--vae_ch=40"], "--vae_ch must be a positive multiple of 32"),
+])
+def test_bad_flags_are_one_error_line_before_any_section_runs(flags, message, monkeypatch):
+    """A review: these ended in tracebacks inside a section (--top_p=0 was accepted)."""
+    monkeypatch.setattr(bm, "devices", lambda args: pytest.fail("a section ran before the check"))
+    with pytest.raises(SystemExit, match=f"^error: {message}"):
+        bench.main(flags)
+
+
+@pytest.mark.parametrize("out", ["file/bench.md", "folder"])
+def test_an_unwritable_out_is_refused_before_any_section_runs(out, tmp_path, monkeypatch):
+    """A review: --out under a regular file raised NotADirectoryError after every section ran."""
+    (tmp_path / "file").write_text("")
+    (tmp_path / "folder").mkdir()
+    monkeypatch.setattr(bm, "devices", lambda args: pytest.fail("a section ran before the check"))
+    with pytest.raises(SystemExit, match=f"^error: --out={re.escape(str(tmp_path / out))}"):
+        bench.main(["--only", "attn", "--out", str(tmp_path / out)])
+    assert (tmp_path / "file").read_text() == ""
+
+
 def test_each_section_runs_on_each_device_and_out_gets_the_printed_text(monkeypatch, tmp_path):
     """--device auto on a machine with a GPU: every section once per device (the CPU and the GPU), in --only's order;
     --out holds what main returns."""
