@@ -17,10 +17,11 @@ import tempfile
 from pathlib import Path
 
 from models.hub_format import MVARHF, OFFICIAL_DATA, model_file_tokenizer, read_model_file, training_data
-from models.loading import CheckpointError, attention_only_note, load_mvar, recorded_class_names, \
-    resolve_mvar_checkpoint
+from models.loading import VAR_PUBLISHED_DEPTHS, CheckpointError, attention_only_note, load_mvar, official_file, \
+    recorded_class_names, resolve_mvar_checkpoint
 from models.presets import ARCH_BRANCHES, parse_patch_nums
 from utils.evaluation.fid_dump import fid_folder_name
+from utils.run.checkpoint import OutputFolderError, check_writable
 from utils.run.log import setup_logging
 from utils.sample_io import NonFiniteValueError, check_finite_weights
 
@@ -63,6 +64,16 @@ def main(argv: list[str] | None = None) -> Path:
     bad = [m for m in args.metric if "=" not in m]
     if bad:
         raise SystemExit(f"error: --metric {bad}: expected NAME=VALUE")
+    if args.depth is not None and args.depth < 1:  # it used to ask the Hub for d0.pth (~30 s without internet)
+        raise SystemExit(f"error: --depth={args.depth}: expected a depth >= 1 (the official OliverRen/M-VAR "
+                         f"d{{N}}.pth; with --arch=var VAR's var_d{{{','.join(map(str, VAR_PUBLISHED_DEPTHS))}}}.pth)")
+    if args.depth is not None and args.arch is not None:
+        try:
+            official_file(args.depth, args.arch)  # no such published file: said now, not after trying the Hub
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from e
+    if not args.out:
+        raise SystemExit("error: --out=: expected the folder to write (an empty path would be the current folder)")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise SystemExit(f"error: --out={out} is a file: expected a folder to write")
@@ -73,8 +84,13 @@ def main(argv: list[str] | None = None) -> Path:
         if not ((out / "config.json").is_file() and (out / "model.safetensors").is_file()):
             raise SystemExit(f"error: --out={out} holds no earlier export (config.json and model.safetensors): "
                              "--overwrite replaces an export only; choose an empty or new folder")
+    try:  # a missing --ckpt, then a file above --out or no permission: error lines now, before the checkpoint is read
+        ckpt_path = resolve_mvar_checkpoint(args.ckpt, None) if args.ckpt else None
+        check_out_writable(out, f"--out={args.out}")
+    except (FileNotFoundError, OutputFolderError) as e:
+        raise SystemExit(f"error: {e}") from e
     try:
-        ckpt_path = resolve_mvar_checkpoint(args.ckpt, args.depth, arch=args.arch or "mvar")
+        ckpt_path = ckpt_path or resolve_mvar_checkpoint(None, args.depth, arch=args.arch or "mvar")
         patch_nums = parse_patch_nums(args.pn) if args.pn else None
         ckpt, config, ours = read_model_file(ckpt_path, args.arch, patch_nums)
         if ours and (args.arch or args.pn):
@@ -98,6 +114,20 @@ def main(argv: list[str] | None = None) -> Path:
         url = mvar.push_to_hub(args.repo_id, model_card_kwargs=card)
         logger.info("pushed to %s", url)
     return out
+
+
+def check_out_writable(out: Path, flag: str) -> None:
+    """OutputFolderError naming `flag` unless the folder `out` can be written (a file above it, no permission), made
+    nothing: a failed export leaves no folder behind (probed in `out` if it exists, else in its nearest ancestor)."""
+    if out.is_dir():
+        check_writable(out, flag)
+        return
+    ancestor = out.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:  # False under a regular file too
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise OutputFolderError(f"{flag}: cannot write into {out} ({ancestor} is a file, not a folder)")
+    check_writable(ancestor, flag)
 
 
 def write_export(mvar: MVARHF, out: Path, card: dict) -> None:

@@ -302,6 +302,32 @@ def test_our_checkpoint_exports_with_its_tokenizer_and_training_flags(tmp_path):
     assert (tmp_path / "project" / "README.md").read_text() == "ours"
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--depth=0"], r"--depth=0: expected a depth >= 1 \(the official OliverRen/M-VAR d\{N\}.pth; with --arch=var "
+                    r"VAR's var_d\{16,20,24,30,36\}.pth\)"),
+    (["--depth=-5"], "--depth=-5: expected a depth >= 1"),
+    (["--depth=12", "--arch=var"], "VAR published no depth-12 weights"),
+    (["--ckpt=CKPT", "--out=FILE/sub/hub"],
+     r"--out=FILE/sub/hub: cannot write into FILE/sub/hub \(FILE is a file, not a folder\)"),
+    (["--ckpt=CKPT", "--out="], "--out=: expected the folder to write"),
+])
+def test_bad_flags_are_errors_before_the_hub_or_the_checkpoint_is_read(flags, message, tmp_path, monkeypatch):
+    """A review: --depth=0 spent 28 s trying the Hub for d0.pth; an --out under a regular file was a FileExistsError
+    traceback after the checkpoint was read."""
+    monkeypatch.setattr(export, "read_model_file", lambda *a, **k: pytest.fail("checkpoint read before the check"))
+    import models.loading
+
+    monkeypatch.setattr(models.loading, "resolve_checkpoint", lambda *a, **k: pytest.fail("Hub tried"))
+    (tmp_path / "file").write_text("")
+    (tmp_path / "x.pth").write_text("")
+    sub = {"CKPT": str(tmp_path / "x.pth"), "FILE": str(tmp_path / "file")}
+    for key, value in sub.items():
+        flags, message = [f.replace(key, value) for f in flags], message.replace(key, value)
+    with pytest.raises(SystemExit, match=f"^error: {message}"):
+        export.main([*flags] + ([] if any(f.startswith("--out") for f in flags) else ["--out", str(tmp_path / "o")]))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "x.pth"]
+
+
 def test_an_overwrite_that_fails_midway_leaves_the_earlier_export_whole(tmp_path, monkeypatch):
     """A review: --overwrite deleted the card and wrote straight into the folder, so a full disk between
     config.json and the weights left a new config beside old weights. Now the export is written beside the folder
