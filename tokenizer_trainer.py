@@ -32,6 +32,7 @@ from models.precision import AMP_DTYPES, amp_autocast, effective_amp_dtype
 from models.presets import parse_patch_nums
 from models.quantizer import USAGE_MARGIN
 from models.tokenizer import VQVAE, VQVAEConfig
+from models.vae_nets import NORM_GROUPS
 from models.vq_losses import PatchDiscriminator, adaptive_gan_weight, build_perceptual_loss, hinge_d_loss, \
     hinge_g_loss, perceptual_loss_problem
 from utils.data.loaders import build_datasets, build_loaders, image_source_problem, mid_reso_problem
@@ -137,8 +138,20 @@ def check_flags(args: argparse.Namespace, world: int) -> VQVAEConfig:
         "bs", "steps", "log_every", "save_every", "max_nonfinite", "vocab_size", "z_channels") if getattr(args, k) < 1]
     if min(args.ch_mult) < 1:
         problems.append(f"--ch_mult={'_'.join(map(str, args.ch_mult))}: expected positive width multipliers")
-    if not math.isfinite(args.quant_resi):
-        problems.append(f"--quant_resi={args.quant_resi}: expected a finite mixing ratio (VAR: 0.5)")
+    problems += [f"--{k}={getattr(args, k)}: expected >= 0{what}" for k, what in (
+        ("workers", " (0: load in the main process)"), ("val_limit", " (0 = all)"),
+        ("share_quant_resi", " (0 one phi per scale, 1 one for all, K >= 2 K shared)")) if getattr(args, k) < 0]
+    if args.ch < 1 or args.ch % NORM_GROUPS:
+        problems.append(f"--ch={args.ch}: expected a positive multiple of {NORM_GROUPS} (the GroupNorm groups)")
+    # phi(h) = (1 - |r|) h + |r| conv(h) (models.quantizer.Phi: VAR's abs): a mix for |r| <= 1 (0: no phi), beyond it
+    # an extrapolation that scales h by a negative factor
+    if not (math.isfinite(args.quant_resi) and abs(args.quant_resi) <= 1):
+        problems.append(f"--quant_resi={args.quant_resi}: expected a finite mixing ratio in [-1, 1] (phi mixes "
+                        f"(1 - |r|) h + |r| conv(h); 0: no phi; VAR: 0.5)")
+    try:
+        parse_patch_nums(args.pn)
+    except ValueError as e:
+        problems.append(f"--pn={args.pn}: {e}")
     problems += [f"--{k}={getattr(args, k)}: expected a finite number >= 0" for k in (
         "w_l1", "w_l2", "w_vq", "w_percep", "w_gan", "wd", "clip", "beta", "gan_start", "reinit_every")
         if not getattr(args, k) >= 0 or not math.isfinite(getattr(args, k))]
@@ -169,9 +182,10 @@ def check_flags(args: argparse.Namespace, world: int) -> VQVAEConfig:
         problems.append(problem)
     if problems:  # before the networks are built from the flags (a size of 0 builds a tensor of nothing)
         raise ValueError("; ".join(problems))
+    with torch.device("meta"):
+        config = build_vae(args).config
     try:
         with torch.device("meta"):
-            config = build_vae(args).config
             if args.w_gan > 0 and disc_ok:
                 PatchDiscriminator(ch=args.disc_ch, n_layers=args.disc_layers)(torch.zeros(1, 3, args.reso, args.reso))
     except RuntimeError as e:

@@ -420,7 +420,7 @@ def test_zero_periods_are_errors_before_training(tmp_path):
 @pytest.mark.parametrize("flag, message", [
     ("--sche=cosine", "--sche='cosine': expected one of"),
     ("--wp=2", "--wp=2.0: the warm-up is a fraction of --steps, in \\[0, 1\\)"),
-    ("--ch=48", "VAE widths must be multiples of 32"),
+    ("--ch=48", "--ch=48: expected a positive multiple of 32 \\(the GroupNorm groups\\)"),
     ("--mid_reso=0.9", "--mid_reso=0.9: expected a finite number >= 1"), ("--mid_reso=inf", "--mid_reso=inf: "),
     ("--seed=1099511627776", "--seed=1099511627776: expected 0 <= seed < 2\\*\\*40"),
     ("--disc_layers=3", "--disc_layers=3 does not fit --reso=8"),  # with --w_gan: a PatchGAN deeper than 8 px
@@ -697,6 +697,15 @@ def test_dead_codes_get_distinct_residuals_and_a_code_at_the_margin_lives():
     ("--z_channels=0", "--z_channels=0: expected a positive integer"),
     ("--ch_mult=1_0", "--ch_mult=1_0: expected positive width multipliers"),
     ("--quant_resi=nan", "--quant_resi=nan: expected a finite mixing ratio"),
+    # a review: --ch=0 failed in the first train step, --ch=-32 blamed --disc_layers, --ch=33 and --pn=abc named no
+    # flag, --workers=-1 gave torch's message, --val_limit=-1 named a --train_limit this CLI lacks, --quant_resi=-5
+    # trained phi(h) = -4 h + 5 conv(h) (|r| is the mix: models.quantizer.Phi)
+    ("--ch=0", "--ch=0: expected a positive multiple of 32"), ("--ch=-32", "--ch=-32: expected a positive multiple"),
+    ("--ch=33", "--ch=33: expected a positive multiple of 32"), ("--pn=abc", "--pn=abc: bad patch schedule 'abc'"),
+    ("--workers=-1", "--workers=-1: expected >= 0"), ("--val_limit=-1", "--val_limit=-1: expected >= 0 \\(0 = all\\)"),
+    ("--quant_resi=-5", "--quant_resi=-5.0: expected a finite mixing ratio in \\[-1, 1\\]"),
+    ("--quant_resi=1.5", "--quant_resi=1.5: expected a finite mixing ratio in \\[-1, 1\\]"),
+    ("--share_quant_resi=-1", "--share_quant_resi=-1: expected >= 0"),
 ])
 def test_tokenizer_sizes_are_checked_before_the_data_is_read(flag, message, tmp_path, monkeypatch):
     """A review: these failed inside torch after the data was listed and the run folder made (vocab 0: argmin of
