@@ -9,7 +9,9 @@ The checkpoint is chosen here only; the page uploads images (at most --max_uploa
 """
 import argparse
 import logging
+import math
 import os
+import socket
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -90,6 +92,19 @@ def open_session(args: argparse.Namespace) -> Session:
     return Session(mvar, argv, device, class_names(ckpt_path, mvar), Workspace())
 
 
+def host_problem(host: str) -> str | None:
+    """Why a server cannot listen on `host` (None: it can), tried on a free port before the model loads: a name that
+    does not resolve or an address of another machine (Gradio's error would blame the port)."""
+    try:
+        family, _, _, _, address = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((address[0], 0, *address[2:]))
+    except (OSError, UnicodeError) as e:  # socket.gaierror is an OSError
+        return (f"--host={host}: cannot listen on that address ({getattr(e, 'strerror', None) or e}): pass an address "
+                "of this machine (127.0.0.1: this machine only, 0.0.0.0: every interface)")
+    return None
+
+
 def launch(argv: Sequence[str] | None = None, block: bool = True):
     """Parse, load, build the page and serve it -> (the Gradio app, its URL); `block=False` returns at once
     (tests), else it serves until interrupted (Ctrl-C or SIGTERM: `kill`, `docker stop`, schedulers), then deletes
@@ -97,10 +112,13 @@ def launch(argv: Sequence[str] | None = None, block: bool = True):
     parser = build_parser()
     args = parser.parse_args(argv)
     for flag, ok, expected in (("port", 0 <= args.port <= 65535, "0 to 65535"), ("queue_size", args.queue_size >= 1,
-                               "at least 1 (0 refuses every request)"), ("max_upload_mb", args.max_upload_mb > 0,
-                               "above 0 (0 refuses every upload)")):
+                               "at least 1 (0 refuses every request)"),
+                               ("max_upload_mb", math.isfinite(args.max_upload_mb) and args.max_upload_mb > 0,
+                               "a finite size above 0 (0 refuses every upload)")):
         if not ok:
             parser.error(f"--{flag}={getattr(args, flag)}: expected {expected}")
+    if problem := host_problem(args.host):
+        parser.error(problem)
     session = open_session(args)
     served, temp_dir = False, os.environ.get("GRADIO_TEMP_DIR")
     try:
