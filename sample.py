@@ -138,9 +138,14 @@ def parse_args(argv: Sequence[str] | None = None,
     if preset is not None:
         parser.set_defaults(**PRESETS[preset])
     args = parser.parse_args(argv)
-    problems = []
+    problems = [f"--{flag}=: expected {what} (an empty path would be the current folder)"
+                for flag, what in (("ckpt", "a checkpoint file, Hub folder or repo id"), ("out", "an image or folder"),
+                                   ("fid_dir", "a folder"), ("vae_ckpt", "a tokenizer file"), ("edit", "an image"),
+                                   ("mask", "an image")) if getattr(args, flag) == ""]
+    args.from_model = ()  # the fields --model set (its checks against --ckpt name --model, not --depth or --arch)
     if args.model is not None:  # its depth and arch, where not given: the official file and the checks follow
         named = MVAR_models[args.model]
+        args.from_model = tuple(f for f in ("depth", "arch") if getattr(args, f) is None)
         args.depth = args.depth if args.depth is not None else named["depth"]
         args.arch = args.arch if args.arch is not None else named.get("arch", MVARConfig.arch)
     if args.ckpt is None and args.depth is None:
@@ -160,7 +165,7 @@ def parse_args(argv: Sequence[str] | None = None,
         value = getattr(args, flag)
         if value is not None and value < 1:
             problems.append(f"--{flag} must be >= 1, got {value}")
-    if args.device is not None and (problem := device_problem(args.device)):
+    if args.device is not None and (problem := device_problem(args.device) or meta_device_problem(args.device)):
         problems.append(problem)
     if args.fid:
         problems += [f"--{flag} is for pictures; --fid {does}" for flag, does in PICTURE_ONLY_FLAGS.items()
@@ -183,6 +188,15 @@ def parse_args(argv: Sequence[str] | None = None,
     if problems:
         parser.error("\n  ".join(problems))
     return args
+
+
+def meta_device_problem(value: str) -> str | None:
+    """torch allocates on the meta device (shapes, no data), so utils.flags.device_problem lets it pass: sampling
+    there failed after the model loaded."""
+    if torch.device(value).type == "meta":
+        return f"--device={value}: the meta device holds shapes and no data, nothing can be sampled there: pass cpu " \
+               "or cuda"
+    return None
 
 
 def official_seed_problems(args: argparse.Namespace) -> list[str]:
@@ -230,10 +244,12 @@ def edit_flag_problems(args: argparse.Namespace) -> list[str]:
 def check_against_config(args: argparse.Namespace, config: MVARConfig, ckpt: str) -> None:
     """Flags that need the checkpoint's config; raises ValueError naming the flag."""
     problems = []
+    said = {f: f"--model={args.model} has {f}=" if f in getattr(args, "from_model", ()) else f"--{f}="
+            for f in ("depth", "arch")}  # the flag the user passed
     if args.depth is not None and args.depth != config.depth:
-        problems.append(f"--depth={args.depth}, but {ckpt} holds a depth-{config.depth} model")
+        problems.append(f"{said['depth']}{args.depth}, but {ckpt} holds a depth-{config.depth} model")
     if args.arch is not None and args.arch != config.arch:
-        problems.append(f"--arch={args.arch}, but {ckpt} holds arch={config.arch}")
+        problems.append(f"{said['arch']}{args.arch}, but {ckpt} holds arch={config.arch}")
     for field, value in MVAR_models[args.model].items() if args.model else ():
         if field not in ("depth", "arch") and getattr(config, field) != value:
             problems.append(f"--model={args.model} has {field}={value}, but {ckpt} holds {getattr(config, field)}")

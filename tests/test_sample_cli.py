@@ -94,6 +94,12 @@ def test_tf32_flag_sets_cudas_matmuls_and_convolutions_only_there():
     (("--fid_num_per_class", 7), "--fid_num_per_class is for an FID dump: add --fid"),
     (("--fid_dir", "dumps", "--classes", 1), "--fid_dir is for an FID dump: add --fid"),
     (("--official_seed", "--seed", 2 ** 64), "--seed must be in \\[0, 2\\*\\*64\\), got 18446744073709551616"),
+    # a review: empty paths wrote into the current folder (--ckpt= blamed a missing config.json), --device=meta failed
+    # after loading
+    (("--out", ""), "--out=: expected an image or folder \\(an empty path would be the current folder\\)"),
+    (("--fid", "--fid_dir", ""), "--fid_dir=: expected a folder \\(an empty path"),
+    (("--ckpt", ""), "--ckpt=: expected a checkpoint file, Hub folder or repo id"),
+    (("--device", "meta"), "--device=meta: the meta device holds shapes and no data"),
 ])
 def test_bad_flags_fail_before_reading_anything(flags, message, capsys, tmp_path):
     with pytest.raises(SystemExit) as e:
@@ -108,6 +114,9 @@ def test_bad_flags_fail_before_reading_anything(flags, message, capsys, tmp_path
     (("--classes", 3, NUM_CLASSES), f"--classes \\[{NUM_CLASSES}\\] outside the model's classes \\[0, 9\\]"),
     (("--depth", 3), "--depth=3, but tiny.pth holds a depth-2 model"),
     (("--arch", "var"), "--arch=var, but tiny.pth holds arch=mvar"),
+    # a review: --model's depth was reported as a --depth the user never passed
+    (("--model", "M-VAR-d16"), "error: --model=M-VAR-d16 has depth=16, but tiny.pth holds a depth-2 model$"),
+    (("--model", "VAR-d16", "--depth", "2"), "error: --model=VAR-d16 has arch=var, but tiny.pth holds arch=mvar$"),
 ])
 def test_checkpoint_mismatch_fails_before_building(flags, message, ckpt, monkeypatch, tmp_path):
     def must_not_run(*a, **k):
@@ -172,7 +181,7 @@ def test_named_model_picks_the_official_file_and_is_checked_against_the_checkpoi
         == (16, "var")
     config = MVARConfig(depth=16, embed_dim=1024)
     sample.check_against_config(sample.parse_args(["--model", "M-VAR-d16", "--ckpt", "x.pth"]), MVARConfig(), "x")
-    with pytest.raises(ValueError, match="--arch=mvar, but x.pth holds arch=var"):
+    with pytest.raises(ValueError, match="--model=M-VAR-d16 has arch=mvar, but x.pth holds arch=var"):
         sample.check_against_config(sample.parse_args(["--model", "M-VAR-d16"]), MVARConfig(arch="var"), "x.pth")
     with pytest.raises(ValueError, match="--model=M-VAR-W has embed_dim=768, but x.pth holds 1024"):
         sample.check_against_config(sample.parse_args(["--model", "M-VAR-W", "--ckpt", "x.pth"]), config, "x.pth")
