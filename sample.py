@@ -165,7 +165,7 @@ def parse_args(argv: Sequence[str] | None = None,
         value = getattr(args, flag)
         if value is not None and value < 1:
             problems.append(f"--{flag} must be >= 1, got {value}")
-    if args.device is not None and (problem := device_problem(args.device) or meta_device_problem(args.device)):
+    if args.device is not None and (problem := device_problem(args.device)):
         problems.append(problem)
     if args.fid:
         problems += [f"--{flag} is for pictures; --fid {does}" for flag, does in PICTURE_ONLY_FLAGS.items()
@@ -188,15 +188,6 @@ def parse_args(argv: Sequence[str] | None = None,
     if problems:
         parser.error("\n  ".join(problems))
     return args
-
-
-def meta_device_problem(value: str) -> str | None:
-    """torch allocates on the meta device (shapes, no data), so utils.flags.device_problem lets it pass: sampling
-    there failed after the model loaded."""
-    if torch.device(value).type == "meta":
-        return f"--device={value}: the meta device holds shapes and no data, nothing can be sampled there: pass cpu " \
-               "or cuda"
-    return None
 
 
 def official_seed_problems(args: argparse.Namespace) -> list[str]:

@@ -99,8 +99,8 @@ def sampling_problems(cfg: float, top_k: int, top_p: float, prefix: str = "--") 
 
 def device_problem(value: str, flag: str = "--device") -> str | None:
     """Why torch cannot run on the device `value` names (None: it can). A CUDA device is checked against the GPUs
-    seen without touching one (each rank would otherwise open a context on GPU 0); any other is tried with an empty
-    tensor (mps or xpu in a build without them, a misspelt name)."""
+    seen without touching one (each rank would otherwise open a context on GPU 0); meta holds no data; any other is
+    tried with an empty tensor (mps or xpu in a build without them, a misspelt name)."""
     try:
         device = torch.device(value)
     except RuntimeError as e:
@@ -112,6 +112,8 @@ def device_problem(value: str, flag: str = "--device") -> str | None:
         if device.index is not None and device.index >= count:
             return f"{flag}={value}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}"
         return None
+    if device.type == "meta":  # torch allocates there (shapes, no data): a run failed once the model had loaded
+        return f"{flag}={value}: the meta device holds shapes and no data, nothing can run there: pass cpu or cuda"
     try:
         torch.empty(0, device=device)
     except Exception as e:  # torch raises RuntimeError, NotImplementedError, AssertionError, ... by backend
