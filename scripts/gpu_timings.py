@@ -53,20 +53,28 @@ def cell_number(cell: str) -> float:
 
 
 def paper_lines(text: str, batch: int, judged: bool) -> list[CheckLine]:
-    """The pair ratios of the paper section, the target pair at `batch` judged when `judged`."""
+    """The pair ratios of the paper section, the target pair at `batch` judged when `judged` (a FAIL when that row
+    is missing: the other rows are INFO, and the report would pass without the target judged)."""
     lines = []
     for row in (r for table in read_tables(text) for r in table if "pair" in r and " / " in r["pair"]):
         target = PAPER_RATIO if judged and row["pair"] == PAPER_PAIR and int(row["batch"]) == batch else None
         lines.append(within(f"sampling time {row['pair']}, {row['dtype']}, batch {row['batch']}",
                             cell_number(row["time ratio"]), target, fmt=".2f",
                             note="paper " + row["paper's time ratio"]))
-    return lines or [CheckLine("paper section", "FAIL", "no pair table in bench.py's output")]
+    if not lines:
+        return [CheckLine("paper section", "FAIL", "no pair table in bench.py's output")]
+    if judged and not any(line.target for line in lines):
+        lines.append(CheckLine(f"sampling time {PAPER_PAIR}, batch {batch}", "FAIL",
+                               "not in bench.py's table: the target was not judged"))
+    return lines
 
 
 def train_line(text: str, batch: int, judged: bool) -> CheckLine:
-    row = next((r for table in read_tables(text) for r in table if r.get("arch") == "mvar"), None)
+    """The M-VAR bf16 row of the train section, judged against TRAIN_SHARE when `judged`."""
+    rows = (r for table in read_tables(text) for r in table if (r.get("arch"), r.get("dtype")) == ("mvar", "bf16"))
+    row = next(rows, None)
     if row is None:
-        return CheckLine("train section", "FAIL", "no mvar row in bench.py's output")
+        return CheckLine("train section", "FAIL", "no mvar bf16 row in bench.py's output")
     return within(f"M-VAR training step, batch {batch}, {row['dtype']}: % of the measured matmul rate",
                   float(row["% of peak"]), TRAIN_SHARE if judged else None, at_least=True, fmt=".1f",
                   note=f"{row['images / s']} images/s, {row['GFLOP/s']} model GFLOP/s")

@@ -676,6 +676,10 @@ def test_the_paper_ratio_is_judged_for_its_pair_at_batch_64_only():
     assert [ln.status for ln in gpu_timings.paper_lines(paper_table(0.83), 64, True)] == ["INFO", "PASS", "INFO"]
     assert {ln.status for ln in gpu_timings.paper_lines(paper_table(0.88), 64, False)} == {"INFO"}
     assert [ln.status for ln in gpu_timings.paper_lines("### paper: no pair timed\n", 64, True)] == ["FAIL"]
+    # the judged row missing (batch 64 not timed, the pair renamed): the other rows alone passed the report
+    missing = gpu_timings.paper_lines(paper_table(0.83), 8, True)
+    assert [ln.status for ln in missing] == ["INFO", "INFO", "INFO", "FAIL"] and "not judged" in missing[-1].value
+    assert "FAIL" not in {ln.status for ln in gpu_timings.paper_lines(paper_table(0.83), 8, False)}
 
 
 def test_the_training_share_is_at_least_35_percent_of_the_matmul_rate():
@@ -691,6 +695,9 @@ def test_the_training_share_is_at_least_35_percent_of_the_matmul_rate():
                                                         for s in ("36.0", "34.0"))] == [
         ("PASS", "36.0", ">= 35.0"), ("FAIL", "34.0", ">= 35.0")]
     assert gpu_timings.train_line(table("34.0").replace("mvar", "var"), 96, True).status == "FAIL"
+    fp32_first = table("10.0").replace("bf16", "fp32") + table("36.0").split("\n", 2)[2]  # the bf16 row is judged
+    assert (gpu_timings.train_line(fp32_first, 96, True).status, gpu_timings.train_line(fp32_first, 96, True).value) \
+        == ("PASS", "36.0")
 
 
 def test_only_running_out_of_memory_tries_a_smaller_batch(monkeypatch):
@@ -711,3 +718,182 @@ def test_only_running_out_of_memory_tries_a_smaller_batch(monkeypatch):
     assert gpu_timings.out_of_memory(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate"))
     assert gpu_timings.out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
     assert not gpu_timings.out_of_memory(RuntimeError("CUDA error: an illegal memory access was encountered"))
+
+
+# Tests added by a mutation review of the check's judging (each names the mutant it kills).
+def test_the_training_loss_error_is_relative_to_the_cpus_loss():
+    """compare()'s loss line: |device - CPU| over the CPU's loss, worst step. At a loss of 10, 5e-3 apart is 5e-4
+    relative (fp32 PASS at 1e-3), 0.02 apart is 2e-3 (FAIL). The absolute error (5e-3: FAIL) passed the suite,
+    since the suite's losses differed where the CPU's loss was 1.0."""
+    tokens = torch.zeros(1, 4, dtype=torch.long)
+    ref = gpu_numerics.Outputs(torch.ones(1, 2), tokens, [10.0, 8.0])
+    for losses, status, value in (([10.0, 8.004], "PASS", "5.00e-04"), ([10.02, 8.0], "FAIL", "2.00e-03")):
+        got = gpu_numerics.Outputs(torch.ones(1, 2), tokens, losses)
+        assert [(ln.status, ln.value) for ln in gpu_numerics.compare("x", "fp32", ref, got)][2] == (status, value)
+
+
+def test_each_combination_is_compared_with_the_cpu_reference_not_the_other_way():
+    """check() passes compare() the CPU fp32 run as the reference and the combination's run as the one judged (the
+    logits' scale and the losses' denominators are the reference's). The two swapped passed the suite: the dry run
+    compares equal runs."""
+    outputs, seen = [], []
+
+    def run(vae, model, data, ids, device, dtype_name):
+        outputs.append(gpu_numerics.Outputs(torch.ones(1, 2), torch.zeros(1, 2, dtype=torch.long), [1.0]))
+        return outputs[-1]
+
+    def compare(name, dtype_name, ref, got):
+        seen.append((ref, got))
+        return []
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gpu_numerics, "run", run)
+        mp.setattr(gpu_numerics, "compare", compare)
+        mp.setattr(gpu_numerics, "tokenizer_step_lines", lambda *args: [])
+        gpu_numerics.check(gpu_numerics.DRY_SHAPES, torch.device("cpu"), ["fp32"], lambda *a: None)
+    assert seen and all(ref is outputs[0] and got is not outputs[0] for ref, got in seen)
+
+
+def test_the_numerics_other_targets_are_the_ones_stated_before_the_run():
+    """The tokenizer's 95% equal indices ("at least": 137 of 2720 differing fails), the training losses' and the
+    tokenizer step's targets per precision. The tokenizer at 90% and fp16's losses at 5e-1 each passed the suite."""
+    assert (gpu_numerics.TOKENIZER_TARGET, gpu_numerics.LOSS_TARGET, gpu_numerics.GAN_WEIGHT_TARGET) == (
+        0.95, {"fp32": 1e-3, "bf16": 5e-2, "fp16": 5e-2}, {"fp32": 1e-3, "bf16": 0.15, "fp16": 0.05})
+    ref = torch.zeros(4, 680, dtype=torch.long)
+    got = ref.clone()
+    got.view(-1)[:137] = 1
+    vae = types.SimpleNamespace(img_to_idxBl=lambda img: [got])
+    line = gpu_numerics.tokenizer_line(ref, vae, torch.zeros(1), torch.device("cpu"))
+    assert (line.status, line.value, line.target) == ("FAIL", "0.9496", ">= 0.9500")
+    tokens = torch.zeros(1, 4, dtype=torch.long)
+    ref_out = gpu_numerics.Outputs(torch.ones(1, 2), tokens, [1.0])
+    got_out = gpu_numerics.Outputs(torch.ones(1, 2), tokens, [1.06])
+    assert gpu_numerics.compare("x", "fp16", ref_out, got_out)[2].status == "FAIL"
+
+
+def test_the_gpu_timings_measure_the_targets_models_batch_and_precision():
+    """The GPU run's bench.py flags: the paper section samples M-VAR-d24 and VAR-d30 in bf16 at PAPER_BATCH on
+    CUDA (without the batch-64 row paper_lines judges nothing: every line INFO, the report "all checks passed"), the
+    train section an M-VAR-d16 step in bf16. Batch 8 for 64, fp32 for bf16 and d24 for d16 each passed the suite."""
+    paper = bench.build_parser().parse_args(["--only", "paper", *gpu_timings.COMMON,
+                                             *gpu_timings.GPU_FLAGS["paper"]])
+    assert (paper.device, paper.paper_dtypes, gpu_timings.PAPER_BATCH) == ("cuda", ["bf16"], 64)
+    assert gpu_timings.PAPER_BATCH in paper.paper_bs and "M-VAR-d24" in paper.paper_pairs
+    assert ("M-VAR-d24", "VAR-d30") in [(m, v) for m, v, _ in bench.PAPER_PAIRS]
+    assert gpu_timings.PAPER_PAIR == "M-VAR-d24 / VAR-d30" and gpu_timings.PAPER_RATIO == 0.86
+    train = bench.build_parser().parse_args(["--only", "train", *gpu_timings.COMMON, *gpu_timings.GPU_FLAGS["train"]])
+    assert (train.device, train.depth, train.archs, train.train_dtypes) == ("cuda", 16, ["mvar"], ["bf16"])
+
+
+def test_a_fail_in_a_finished_stage_fails_the_report_and_skips_are_counted_apart(tmp_path):
+    """Every stage written and complete, one FAIL line among them: "some checks FAILED" and exit 1, the summary
+    counting each status as it is. The verdict read from the missing stages alone, and SKIP lines counted as PASS,
+    each passed the suite."""
+    write_lines(tmp_path / "env.json", [CheckLine("CUDA device", "PASS", "H100"), CheckLine("torch", "INFO", "2.9")])
+    write_lines(tmp_path / "numerics.json", [CheckLine("cuda sdpa+mamba_ssm bf16 logits", "FAIL", "3e-2", "<= 2e-2"),
+                                             CheckLine("cuda flash_attn+torch fp32", "SKIP", note="not installed")])
+    assert gpu_report.main(["--out", str(tmp_path), "--stages", "env,numerics"]) == 1
+    summary = (tmp_path / "report.md").read_text().splitlines()[2]
+    assert summary == "**some checks FAILED**: 1 PASS, 1 FAIL, 1 SKIP, 1 INFO"
+
+
+def test_pytest_killed_after_its_session_header_is_unfinished(tmp_path):
+    """pytest's log opens with a "=== test session starts ===" line: only the closing "... in N s ===" line says it
+    finished. Any "=== ... ===" line read as finished passed the suite (its cut log had no header)."""
+    write_lines(tmp_path / "env.json", [CheckLine("CUDA device", "PASS", "H100")])
+    (tmp_path / "pytest.log").write_text(
+        "============================= test session starts ==============================\n"
+        "platform linux -- Python 3.11.7, pytest-8.3.3, pluggy-1.5.0\n"
+        "collected 95 items / 87 deselected / 8 selected\n\n"
+        "tests/test_attention.py::test_gpu_sdpa_fp32 PASSED                       [ 12%]\n"
+        "tests/test_mamba2.py::test_gpu_mamba_ssm_matches_torch[dtype0-0.01] ")
+    text, ok = gpu_report.report(tmp_path, dry_run=False, stages=["env", "pytest"])
+    assert not ok and "stages without results or cut short: pytest (unfinished)" in text
+
+
+def test_the_resume_is_compared_with_the_uninterrupted_run_and_the_control_with_a_second(monkeypatch, tmp_path):
+    """The resumed run's weights against the uninterrupted bf16 run's (not against themselves), and after a
+    difference the control run against that same bf16 run. Either compared with itself passed the suite (the
+    suite's stand-in for max_difference looked at one of its two paths)."""
+    runs = iter([(143, STOPPED), (0, RESUMED), (0, "")])
+
+    def run(cmd, timeout, stop_at_line=0, env=None):
+        if stop_at_line:
+            (tmp_path / "resumed").mkdir()
+            (tmp_path / "resumed" / gpu_train_check.LAST).touch()
+        rc, log = next(runs)
+        return rc, log.format(work=tmp_path), 1.0
+
+    differences = {("bf16", "resumed"): 1e-9, ("bf16", "bf16_again"): 2e-9}
+    monkeypatch.setattr(gpu_train_check, "run", run)
+    monkeypatch.setattr(gpu_train_check, "max_difference",
+                        lambda a, b: differences.get((a.parent.name, b.parent.name), 0.0))
+    lines = []
+    gpu_train_check.resume_lines(tmp_path, gpu_train_check.GPU_RECIPE.short, gpu_train_check.Clock(300, 40), 9,
+                                 lines, lambda lines: None)
+    assert (lines[-1].status, lines[-1].value) == ("FAIL", "max |difference| 1e-09")
+    assert lines[-1].note == "two uninterrupted runs differ by 2e-09: not deterministic here"
+
+
+def test_each_stage_marks_its_file_unfinished_until_its_end(monkeypatch, tmp_path):
+    """The numerics, training and timings stages save their lines after each step with "complete": false, and true
+    only at their end: a stage killed by its time box is then reported as cut short. A save marked complete in any
+    of the three passed the suite (their tests replaced the stage's steps, never reading a file mid-stage)."""
+    seen = {}
+
+    def numerics_check(shapes, device, dtypes, save):
+        save([CheckLine("cpu sdpa+torch fp32 logits", "PASS")], {})
+        seen["numerics"] = read_lines(tmp_path / "numerics.json")[1]["complete"]
+        return [CheckLine("cpu sdpa+torch fp32 logits", "PASS")], {}
+
+    def train_check(work, dry_run, clock, save):
+        save([CheckLine("train.py --fp16=1 (fp16 + GradScaler)", "PASS")])
+        seen["train"] = read_lines(tmp_path / "train.json")[1]["complete"]
+        return [CheckLine("train.py --fp16=1 (fp16 + GradScaler)", "PASS")]
+
+    def bench_main(argv):
+        if "train" in argv:
+            seen["timings"] = read_lines(tmp_path / "timings.json")[1]["complete"]
+        if "paper" in argv:
+            return "| dtype | batch | pair | time ratio | paper's time ratio |\n|---|---|---|---|---|\n" \
+                   "| bf16 | 2 | M-VAR-d24 / VAR-d30 | **0.80x** | 0.86x |\n"
+        return "| arch | dtype | images / s | GFLOP/s | % of peak |\n|---|---|---|---|---|\n" \
+               "| mvar | bf16 | 1 | 1 | 40 |\n"
+
+    monkeypatch.setattr(gpu_numerics, "check", numerics_check)
+    monkeypatch.setattr(gpu_train_check, "check", train_check)
+    monkeypatch.setattr(gpu_timings.bench, "main", bench_main)
+    monkeypatch.setenv("TRITON_F32_DEFAULT", "tf32x3")  # exact_fp32 sets it, and torch's TF32 flags (restored)
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        assert gpu_numerics.main(["--out", str(tmp_path / "numerics.json"), "--dry-run"]) == 0
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+    assert gpu_train_check.main(["--work", str(tmp_path / "work"), "--out", str(tmp_path / "train.json"),
+                                 "--dry-run"]) == 0
+    assert gpu_timings.main(["--out", str(tmp_path / "timings.json"), "--dry-run"]) == 0
+    assert seen == {"numerics": False, "train": False, "timings": False}
+    assert all(read_lines(tmp_path / f"{stage}.json")[1]["complete"] for stage in ("numerics", "train", "timings"))
+
+
+def test_a_stage_file_of_an_earlier_run_is_not_reported(tmp_path):
+    """A re-run into the same --out folder (`--only timings`, the lease's last minutes) whose stage writes nothing
+    (it crashed at its start) reports the stage as without results: its JSON file (and pytest.log) of the earlier
+    run is deleted first, not read as this run's. Keeping them passed the suite (each test wrote into a new folder)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("env", "timings"):  # the earlier run's, all passed
+        write_lines(out / f"{name}.json", [CheckLine(f"stale {name} line", "PASS")])
+    (out / "pytest.log").write_text("PASSED tests/test_a.py::test_x\n=== 1 passed in 1.00s ===\n")
+    fake = tmp_path / "python"  # the stages crash at their start, writing nothing; the report is the real one
+    fake.write_text(f"#!/usr/bin/env bash\n[[ $1 == scripts/gpu_report.py || $1 == -S ]] && exec {sys.executable} "
+                    "\"$@\"\nexit 1\n")
+    fake.chmod(0o755)
+    for only in ("timings", "pytest"):
+        proc = subprocess.run([str(REPO / "scripts/gpu_check.sh"), "--dry-run", "--out", str(out), "--python",
+                               str(fake), "--only", only], cwd=REPO,
+                              env={**SUBPROCESS_ENV, "GPU_WHEELS": str(tmp_path / "none")}, capture_output=True,
+                              text=True, timeout=60)
+        text = (out / "report.md").read_text()
+        assert proc.returncode == 1 and "stale" not in text, proc.stdout[-2000:] + proc.stderr[-2000:]
+        assert f"stages without results or cut short: env, {only}" in text
