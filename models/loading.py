@@ -427,7 +427,8 @@ def config_from_state_dict(
         shared_aln="shared_ada_lin.1.weight" in state_dict, attn_l2_norm=scale_mul is not None,
     )
     fields.update(overrides)
-    if has_attn and scale_mul is None and "num_heads" not in overrides:  # nothing records the head count
+    any_attn = any(k.endswith(".attn.mat_qkv.weight") for k in state_dict)  # a VAR+Mamba mix: the leading blocks
+    if any_attn and scale_mul is None and "num_heads" not in overrides:  # nothing records the head count
         heads = MVARConfig(**fields).num_heads
         logger.warning("weights without attn_l2_norm record no attention head count: assumed %d (head dim 64, as "
                        "VAR's and M-VAR's); if they were trained with another, pass num_heads (the logits differ)",

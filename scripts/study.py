@@ -312,7 +312,7 @@ def flops_per_image(mvar: MVAR, s: dict) -> dict[str, float]:
     """Model FLOPs (models.flops: linear layers, attention scores, Mamba2 mixing) per training image (one training
     step's) and per generated image (sampling with cfg: two sequences), with the count's version."""
     label_B = torch.arange(10)
-    x_BLC = torch.randn(10, sum(p * p for p in mvar.patch_nums) - 1, mvar.Cvae)
+    x_BLC = torch.randn(10, mvar.L - mvar.first_l, mvar.Cvae)  # the teacher input: every scale after the first
     train = train_step_flops(mvar, label_B, x_BLC) / 10
     with torch.inference_mode():
         gen = model_flops(mvar, lambda: mvar.autoregressive_infer_cfg(

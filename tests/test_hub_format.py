@@ -619,3 +619,16 @@ def test_export_refuses_a_tokenizer_with_non_finite_weights(tmp_path):
                                          r"post_quant_conv\.weight"):
         export.main(["--ckpt", str(tmp_path / "bad.pth"), "--out", str(tmp_path / "hub")])
     assert not (tmp_path / "hub").exists()
+
+
+def test_official_intra_weights_export_as_the_arch_asked_for(tmp_path, offline_cache):
+    """--arch intra on an official-layout file (VAR's keys): the folder records intra and computes the intra model's
+    logits. The export's load was not checked to take --arch (only var, the default reading, was exported), so a
+    load that dropped it wrote arch=var for the intra ablation, silently."""
+    vae, intra = build_tiny("intra")
+    torch.save(official_style_state_dict(intra), tmp_path / "intra.pth")
+    torch.save(vae_checkpoint(vae), tmp_path / "vae.pth")
+    out = export.main(["--ckpt", str(tmp_path / "intra.pth"), "--arch", "intra", "--vae_ckpt",
+                       str(tmp_path / "vae.pth"), "--out", str(tmp_path / "hub")])
+    assert json.loads((out / "config.json").read_text())["arch"] == "intra"
+    assert_same_model(load_mvar(tmp_path / "intra.pth", vae=vae, arch="intra"), MVARHF.from_pretrained(out))

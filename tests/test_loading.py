@@ -208,6 +208,12 @@ def test_a_head_count_nothing_records_is_said_to_be_assumed(caplog):
         assert config_from_state_dict(sd, patch_nums=(1, 2, 3)).num_heads == 2
     assert "record no attention head count: assumed 2" in caplog.text
     caplog.clear()
+    mix = MVARConfig(**{**TINY, "embed_dim": 128, "num_heads": 4}, arch="mamba", var_blocks=1, attn_l2_norm=False,
+                     patch_nums=(1, 2, 3))  # its attention is in the leading VAR block only: was assumed unsaid
+    with caplog.at_level(logging.WARNING, logger="models.loading"):
+        assert config_from_state_dict(MVAR(mix).state_dict(), patch_nums=(1, 2, 3)).num_heads == 2
+    assert "record no attention head count: assumed 2" in caplog.text
+    caplog.clear()
     with caplog.at_level(logging.WARNING, logger="models.loading"):
         assert config_from_state_dict(sd, patch_nums=(1, 2, 3), num_heads=4).num_heads == 4
         assert config_from_state_dict(MVAR(MVARConfig(**{**TINY, "embed_dim": 128, "num_heads": 4}, patch_nums=(
@@ -301,3 +307,14 @@ def test_intra_is_refused_for_weights_that_hold_mamba():
     sd = MVAR(MVARConfig(**TINY, patch_nums=(1, 2, 3))).state_dict()
     with pytest.raises(ValueError, match="arch=intra was asked for .* weights hold attention and Mamba2: arch=mvar"):
         config_from_state_dict(sd, patch_nums=(1, 2, 3), arch="intra")
+
+
+@pytest.mark.parametrize("fields", [dict(shared_aln=True), dict(attn_l2_norm=False),
+                                    dict(arch="var", shared_aln=True, d_state=64),  # no Mamba2: d_state unread
+                                    dict(arch="mamba", var_blocks=1), dict(var_blocks=1, d_state=8)])
+def test_a_raw_state_dict_gives_back_the_config_it_was_built_with(fields):
+    """Every field the tensor shapes decide is read back as the source's: shared_aln (the shared adaLN's weights) and
+    attn_l2_norm (scale_mul present) were never varied, so reading either as its default passed the suite."""
+    config = MVARConfig(**{**TINY, **fields}, patch_nums=(1, 2, 3))
+    heads = {} if config.attn_l2_norm else {"num_heads": config.num_heads}  # nothing records it without the l2 norm
+    assert config_from_state_dict(MVAR(config).state_dict(), patch_nums=(1, 2, 3), **heads) == config

@@ -413,3 +413,49 @@ def test_a_rows_throughput_is_its_first_seeds_and_the_seed_count_is_the_plans(tm
     assert study_report.seeds_text(plan) == "3 seeds per row"
     plan["runs"] = {"var-s3": plan["runs"]["var-s3"]}
     assert study_report.seeds_text(plan) == "1 seed per row"
+
+
+def test_a_family_counts_only_the_tests_that_ran():
+    """`families` gives who_leads (Holm-adjusted p, tests that ran): counting the tests that did not run (one seed on
+    a side, unequal budgets) in N of "Holm over N tests", or calling one test that ran alone a family, passed the
+    suite."""
+    assert study_curves.families([0.01, None, 0.04]) == [(0.02, 2), None, (0.04, 2)]
+    assert study_curves.families([0.01, None, None]) == [None, None, None]
+
+
+def test_flops_per_image_are_one_images_training_step_and_cfg_sample():
+    """timing.json's FLOPs per image (the curves' FLOP axis, the table's columns) are one image's training step
+    (forward and backward, models/flops.py) and one image's cfg sampling. The count of the 10 images not divided,
+    the forward alone, or half the sampling passed the suite: the quick study checks only that a FLOP axis exists."""
+    import torch
+    from conftest import build_tiny_mvar
+    from models.flops import model_flops, train_step_flops
+
+    _, mvar = build_tiny_mvar(arch="mvar")
+    s = dict(cfg=1.5, top_k=5, top_p=0.96)
+    got = study.flops_per_image(mvar.eval(), s)
+    x_BLCv = torch.randn(1, mvar.L - mvar.first_l, mvar.Cvae)
+    with torch.inference_mode():
+        one_sample = model_flops(mvar, lambda: mvar.autoregressive_infer_cfg(1, torch.arange(1), g_seed=0, **s))
+    assert got == dict(train_flops_per_image=train_step_flops(mvar, torch.arange(1), x_BLCv),
+                       sample_flops_per_image=one_sample, flops_count=COUNT_VERSION)
+
+
+def test_the_flop_axis_and_the_table_read_the_training_flops(tmp_path):
+    """The curves' FLOP axis is images x training FLOPs per image, and the table's GFLOP/img columns are training and
+    sampling, each from its field of timing.json. Reading the sampling field for the axis or the training column
+    passed the suite, the quick study included."""
+    timing = {"train_flops_per_image": 3e9, "sample_flops_per_image": 7e9, "sample_images_per_s": 2.0}
+    plan = {"runs": {"var-s0": {"row": "var"}}, "preset": {"inception_n": 10}}
+    (run := tmp_path / "runs" / "var-s0").mkdir(parents=True)
+    (run / "timing.json").write_text(json.dumps(timing))
+    (run / "curve.json").write_text(json.dumps([{"images": n, "train_s": 30.0 * n, "fd_clf": 5.0, "consistency": 0.5}
+                                                for n in (100, 200)]))
+    assert study_curves.collect_curves(tmp_path, plan)["var"][0]["flops"].tolist() == [3e11, 6e11]
+    score = {"fd_clf": 5.0, "is_clf": 9.0, "precision": 0.9, "recall": 0.9, "consistency": 0.95}
+    (tmp_path / "scores").mkdir()
+    for key in study_report.REFERENCE_ROWS:
+        (tmp_path / "scores" / f"{key}.json").write_text(json.dumps(score))
+    rows = {"var": dict(label="VAR", params=2e6, images=200, scores=[score], timings=[timing], train_images_per_s=10.0)}
+    line = next(line for line in study_report.table(tmp_path, rows, plan).splitlines() if line.startswith("| VAR |"))
+    assert line.split(" | ")[3:5] == ["3.00", "7.00"]
