@@ -796,3 +796,16 @@ def test_the_apps_own_flags_reach_sample_py_and_a_1000_class_model_gets_imagenet
     names = class_names(tmp_path / "absent.pth", SimpleNamespace(num_classes=1000))
     assert len(names) == 1000 and names[0] == "tench" and names[999] == "toilet tissue"
     assert class_names(tmp_path / "absent.pth", SimpleNamespace(num_classes=10)) is None
+
+
+def test_a_seed_past_32_bits_reaches_sample_py_whole():
+    """The page takes seeds up to 2**64 - 1 (`whole`), and sample.py's --seed as well: the command line carries it
+    digit for digit. A seed reduced on its way (say modulo 2**32) gave the page and its command the same pixels, of
+    another seed than the one shown, and passed the suite, whose seeds were all small."""
+    from types import SimpleNamespace
+
+    from scripts.app_jobs import Knobs, Session, parse_sample_args
+
+    session = Session(SimpleNamespace(num_classes=10), ["--ckpt", "x.pth"], torch.device("cpu"), NAMES, None)
+    for seed in (2**32, 2**64 - 1):
+        assert parse_sample_args(session.argv(Knobs(classes=["3"], seed=seed), "out.png")).seed == seed

@@ -347,3 +347,40 @@ def test_a_32_bit_integer_tiff_is_refused_and_a_16_bit_png_read(tmp_path):
     Image.fromarray(np.full((IMG, IMG), 65535, np.uint16)).save(tmp_path / "white.png")
     img, _ = load_edit_inputs(tmp_path / "white.png", IMG, box=(0, 0, IMG, IMG))
     assert torch.allclose(img, torch.ones_like(img))
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_a_box_on_a_turned_jpeg_decoded_at_an_eighth_marks_the_cell_its_pixels_went_into(tmp_path, orientation):
+    """A JPEG decoded at 1/8 scale (its draft) averages 8x8 blocks anchored at the stored image's origin, which an
+    EXIF orientation puts at another corner of the image as displayed: a box over the displayed pixels of one white
+    block marks the one cell that block became, for each orientation. The table of orientations with 6 and 8 (the
+    two 90-degree turns) swapped passed the suite, whose turned images were read at full size (no draft)."""
+    from PIL import ImageOps
+
+    from utils.sample_io import read_edit_inputs
+
+    stored = np.zeros((130, 138), np.uint8)  # neither side a multiple of 8: the blocks' anchor matters
+    stored[:8, :8] = 255  # block (0, 0): one pixel of the draft
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = orientation
+    Image.fromarray(stored).save(tmp_path / "turned.jpg", exif=exif, quality=95)
+    shown = Image.fromarray(stored)
+    shown.info["exif"] = exif.tobytes()
+    ys, xs = np.nonzero(np.asarray(ImageOps.exif_transpose(shown)))  # where the block is displayed
+    img, mask = read_edit_inputs(tmp_path / "turned.jpg", IMG, box=(xs.min(), ys.min(), xs.max() + 1, ys.max() + 1))
+    assert img.shape[-2:] == ((17, 18) if orientation < 5 else (18, 17))  # read at 1/8
+    assert torch.equal(mask, img.mean(0) > 0.5) and mask.sum() == 1
+
+
+def test_a_mask_png_is_in_the_pixels_of_the_image_as_displayed(tmp_path):
+    """A mask PNG with an EXIF orientation is turned as a viewer shows it, like the image (and the box): a mask read
+    as stored (a 12x16 mask for a 16x12 image) passed the suite, whose masks carried no orientation."""
+    Image.new("RGB", (16, 12), (200, 200, 200)).save(tmp_path / "img.png")
+    stored = np.zeros((16, 12), np.uint8)  # orientation 6: shown turned 90 degrees clockwise, 16 wide, 12 high
+    stored[:, :6] = 255  # the stored left half is the upper half on screen
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = 6
+    Image.fromarray(stored).save(tmp_path / "mask.png", exif=exif)
+    _, from_png = load_edit_inputs(tmp_path / "img.png", IMG, mask_path=tmp_path / "mask.png")
+    _, from_box = load_edit_inputs(tmp_path / "img.png", IMG, box=(0, 0, 16, 6))
+    assert torch.equal(from_png, from_box) and from_png[0, 0, :, 0].tolist() == [True] * 4 + [False] * 4

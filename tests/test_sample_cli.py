@@ -320,3 +320,30 @@ def test_to_uint8_rounds_to_nearest_clamps_and_keeps_the_pixel_layout():
     assert out[0, :, :, 0].tolist() == [[0, 10, 11], [255, 0, 255]]
     assert out[0, :, :, 1].tolist() == [[128, 64, 191], [30, 201, 127]]
     assert out[0, :, :, 2].tolist() == [[2, 4, 255], [0, 0, 255]]
+
+
+def test_an_fid_dumps_ranks_each_write_their_own_chunks_and_rank_0_packs_them_all(ckpt, tmp_path):
+    """sample_fid passes its rank and the rank count to the dump: rank r of 2 writes the PNGs of chunks r, r + 2, ...
+    only, and their union packs into the npz of a one-rank dump. Every rank writing every chunk (the same images,
+    twice the work, two writers per file) passed the suite, whose dumps all ran in one process."""
+    flags = ["--ckpt", str(ckpt), "--device", "cpu", "--fid", "--top_k", "20", "--fid_num_per_class", "2", "--bs", "3"]
+    one = run(ckpt, *flags[4:], "--fid_dir", tmp_path / "one")
+    args = sample.parse_args([*flags, "--fid_dir", str(tmp_path / "two")])
+    mvar, ckpt_path, vae_id = sample.open_model(args, torch.device("cpu"))
+    generate = sample.make_generate(mvar, args, torch.device("cpu"))
+    folder = tmp_path / "two" / one.stem
+    (tmp_path / "two").mkdir()
+
+    def pngs():
+        return sorted(int(p.stem) for p in folder.glob("*.png"))
+
+    def chunks(r):  # 20 images in chunks of 3: rank r of 2 holds chunks r, r + 2, ...
+        return [i for c in range(r, 7, 2) for i in range(3 * c, min(3 * c + 3, 2 * NUM_CLASSES))]
+    with pytest.raises(FileNotFoundError, match="9 of the 20 PNGs"):  # rank 0 packs before rank 1 dumped its share
+        sample.sample_fid(args, mvar, ckpt_path, vae_id, generate, rank=0, world_size=2)
+    assert pngs() == chunks(0)
+    assert sample.sample_fid(args, mvar, ckpt_path, vae_id, generate, rank=1, world_size=2) is None
+    assert pngs() == list(range(2 * NUM_CLASSES))
+    npz = sample.sample_fid(args, mvar, ckpt_path, vae_id, generate, rank=0, world_size=2)  # the resume packs
+    with np.load(npz) as a, np.load(one) as b:
+        assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["arr_1"], b["arr_1"])

@@ -560,3 +560,40 @@ def test_outside_original_pastes_the_images_own_pixels_outside_the_mask_only(ckp
     assert (mask[4:] == 255).all() and (mask[:4] == 0).all()  # the box: rows 4-7
     assert (edit[4:] == 64).all()  # round(0.25 * 255): the edit inside the box
     assert np.array_equal(edit[:4], before[:4]) and len(np.unique(before[:4])) > 2  # the image's own pixels outside
+
+
+def test_an_interrupted_grid_keeps_its_rows_of_num_per_class_when_bs_differs(ckpt, tmp_path, monkeypatch):  # noqa: F811
+    """The grid a Ctrl-C writes has --num_per_class images per row, as the finished run's: its test used --bs equal
+    to --num_per_class, so a grid of --bs per row passed it. Here the first batch of 4 is two rows of 2, the cells
+    those of a folder run."""
+    flags = ("--classes", 1, 2, 3, "--num_per_class", 2, "--bs", 4)
+    folder = run(ckpt, *flags, "--out", tmp_path / "cells")
+    monkeypatch.setattr(sample, "make_generate", interrupted_after_one_batch(sample.make_generate, ctrl_c))
+    with pytest.raises(KeyboardInterrupt):
+        run(ckpt, *flags, "--out", tmp_path / "grid.png")
+    with Image.open(tmp_path / "grid.png") as im:
+        g = np.asarray(im)
+    assert g.shape == (2 * 10 + 2, 2 * 10 + 2, 3)  # 2 rows (classes 1, 2) of 2 images of 8 px, padding 2
+    for r, cls in enumerate((1, 2)):
+        for k in range(2):
+            cell = np.asarray(Image.open(folder / f"class{cls:04d}_{k:03d}.png"))
+            assert np.array_equal(cell, g[2 + r * 10:10 + r * 10, 2 + k * 10:10 + k * 10])
+
+
+def test_fp16_and_bf16_sample_pictures_and_edits_in_their_own_dtype(ckpt, tmp_path, monkeypatch):  # noqa: F811
+    """--fp16 samples under float16 and --bf16 under bfloat16 (fp32 where this CPU has no bf16 instructions), for
+    pictures and edits: the two dtypes swapped passed the suite (the overflow advice named the flag, not the dtype)."""
+    from models.mvar import MVAR
+    from models.precision import effective_amp_dtype
+
+    seen, real = [], MVAR.inference_precision
+    monkeypatch.setattr(MVAR, "inference_precision", lambda self, dtype: seen.append(dtype) or real(self, None))
+    monkeypatch.setattr(MVAR, "autoregressive_infer_cfg", lambda self, B, *a, **k: torch.full((B, 3, 8, 8), 0.5))
+    monkeypatch.setattr(MVAR, "autoregressive_edit_cfg", lambda self, img, *a, **k: img.clone())
+    bf16 = torch.bfloat16 if effective_amp_dtype(torch.device("cpu"), torch.bfloat16) is not None else None
+    for precision, dtype in (((), None), (("--fp16",), torch.float16), (("--bf16",), bf16)):
+        seen.clear()
+        run(ckpt, "--classes", 1, "--num_per_class", 1, *precision, "--out", tmp_path / "p")
+        run(ckpt, "--edit", edit_image(tmp_path), "--box", "0,4,8,8", "--classes", 1, "--num_per_class", 1,
+            *precision, "--out", tmp_path / "e.png")
+        assert seen == [dtype, dtype], (precision, seen)
