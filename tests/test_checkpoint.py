@@ -278,3 +278,18 @@ def test_the_best_checkpoint_follows_the_last_scales_val_loss_not_the_mean(monke
         best = saved[-1][1] if saved else float("inf")
         train.end_epoch(ep, 3, args, trainer, None, tb, saver, None, best)
     assert saved == [(1, 2.0, True), (2, 2.0, False), (3, 1.9, True)]
+
+
+def test_save_atomic_syncs_the_file_before_its_renames_and_the_folder_after(tmp_path, monkeypatch):
+    """The new file's bytes reach the disk before it is renamed over `-last` (a crash right after the rename
+    otherwise leaves an empty or partial `-last`, the old one already renamed to `-prev`), and the folder is synced
+    after the renames. Every test passed with either fsync removed."""
+    real_fsync, real_replace, events = os.fsync, os.replace, []
+    monkeypatch.setattr(utils.run.checkpoint.os, "fsync", lambda fd: events.append("fsync") or real_fsync(fd))
+    monkeypatch.setattr(utils.run.checkpoint.os, "replace",
+                        lambda src, dst: events.append(f"replace -> {os.path.basename(dst)}") or real_replace(src, dst))
+    last, prev = tmp_path / "ar-ckpt-last.pth", tmp_path / "ar-ckpt-prev.pth"
+    save_atomic({"v": 1}, last, keep_previous=prev)
+    events.clear()
+    save_atomic({"v": 2}, last, keep_previous=prev)
+    assert events == ["fsync", f"replace -> {prev.name}", f"replace -> {last.name}", "fsync"]

@@ -29,6 +29,7 @@ WORKER = textwrap.dedent("""
         assert dist.all_reduce_sum(torch.tensor([1.0 + rank])).item() == 3.0
         assert dist.all_gather_object({"r": rank}) == [{"r": 0}, {"r": 1}]
         assert dist.broadcast_object("x" if rank == 0 else None) == "x"
+        assert dist.broadcast_object("y" if rank == 1 else None, src=1) == "y"  # another rank's object
         assert dist.broadcast(torch.tensor([1.0 + rank])).item() == 1.0
         try:  # one rank's error (a damaged checkpoint on its node) is raised on every rank, no rank left waiting
             with dist.raised_on_every_rank(OSError):

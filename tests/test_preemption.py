@@ -266,3 +266,48 @@ def test_the_gloo_group_of_the_stop_check_waits_as_long_as_dist_timeout_min(monk
         assert made["backend"] == "gloo" and made["timeout"] == datetime.timedelta(minutes=2.5)
     finally:
         dist.initialize()  # back to the default
+
+
+def test_a_signal_on_one_rank_stops_every_rank(monkeypatch):
+    """The per-step stop check is a MAX over the ranks (faked: this rank and another): a rank that got no signal
+    stops too, on the other's, so both save the same step. A MIN, or no reduction at all, passed the suite: the
+    2-rank test signals torchrun, which forwards the signal to both workers, so each rank has one of its own."""
+    import torch.distributed as tdist
+
+    from utils.run import preemption
+
+    other = {"signum": 0}  # the other rank's flag
+
+    def all_reduce(t, op=None, group=None):
+        values = [int(t.item()), other["signum"]]
+        t.fill_({tdist.ReduceOp.MAX: max, tdist.ReduceOp.MIN: min}.get(op, sum)(values))
+
+    monkeypatch.setattr(preemption.dist, "initialized", lambda: True)
+    monkeypatch.setattr(tdist, "get_backend", lambda group=None: "gloo")
+    monkeypatch.setattr(tdist, "all_reduce", all_reduce)
+    p = preemption.Preemption(signals=(signal.SIGUSR1,))
+    try:
+        assert not p.requested()
+        other["signum"] = signal.SIGTERM  # only the other rank got one
+        assert p.requested() and p.agreed == signal.SIGTERM and not p.signum
+    finally:
+        p.close()
+
+
+def test_close_puts_the_previous_handlers_back():
+    """After training (`close`), a signal is the previous handler's again: ours would only set a flag that nobody
+    reads any more, and the final evaluation would run on until a SIGKILL. A close that kept ours passed the
+    suite."""
+    from utils.run.preemption import Preemption
+
+    def previous(signum, frame):
+        pass
+
+    old = signal.signal(signal.SIGUSR1, previous)
+    try:
+        p = Preemption(signals=(signal.SIGUSR1,))
+        assert signal.getsignal(signal.SIGUSR1) == p._on_signal
+        p.close()
+        assert signal.getsignal(signal.SIGUSR1) is previous
+    finally:
+        signal.signal(signal.SIGUSR1, old)

@@ -41,3 +41,36 @@ def test_a_resumed_run_keeps_its_checkpoints_seed(caplog):
     assert "--seed=5 ignored: resuming with the checkpoint's seed 3" in caplog.text
     assert resolve_seed(None, {"args": {"seed": 3}}) == 3 and resolve_seed(5, None) == 5
     assert resolve_seed(5, {"args": {}}) == 5  # a checkpoint without a recorded seed
+
+
+def test_the_states_of_another_world_size_are_not_restored(monkeypatch, request, caplog):
+    """A checkpoint of 4 ranks resumed on 2: rank r's stream of 4 is not rank r's of 2 (seed * world + rank), so no
+    state is restored and the run says it is not bit-exact; restoring states[rank] whenever the list was long enough
+    passed the suite."""
+    saved = get_rng_state()
+    request.addfinalizer(lambda: set_rng_state(saved))
+    states = []
+    for seed in (10, 11, 12, 13):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed)
+        states.append(get_rng_state())
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    torch.manual_seed(0)
+    random.seed(0)
+    np.random.seed(0)
+    before = get_rng_state()
+    with caplog.at_level(logging.WARNING, logger="utils.run.rng"):
+        restore_rng_states(states)
+    assert torch.equal(torch.get_rng_state(), before["torch"]) and random.getstate() == before["python"]
+    assert "RNG states of 4 ranks, this run has 2: not restoring them" in caplog.text
+
+
+def test_a_drawn_seed_is_rank_0s_on_every_rank(monkeypatch):
+    """Without --seed (and no checkpoint's) rank 0 draws one and every rank takes it (faked here: rank 1, whose
+    broadcast brings rank 0's 1234): seeds drawn per rank would give each rank another initialisation and data
+    order. A draw on each rank passed the suite."""
+    monkeypatch.setattr(dist, "is_main_process", lambda: False)
+    monkeypatch.setattr(dist, "broadcast_object", lambda obj, src=0: 1234)
+    assert resolve_seed(None, None) == 1234 and resolve_seed(None, {"args": {}}) == 1234

@@ -180,6 +180,24 @@ def test_other_ranks_log_their_own_warnings_and_leave_those_alike_on_every_rank_
     assert "[rank1]" in out.split("own 1")[0].splitlines()[-1]
 
 
+def test_only_rank_0_writes_the_runs_log_file(tmp_path):
+    """The output folder is shared by every rank of a node (and often by every node): log.txt is rank 0's alone; a
+    rank 1 that opened it too appended its warnings into rank 0's file. The log test above passes no folder."""
+    log, root = logging.getLogger("mvar.test"), logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        for rank in (1, 0):
+            setup_logging(rank, tmp_path / f"rank{rank}")
+            log.warning("own %d", rank)
+    finally:
+        for h in root.handlers:
+            if h not in handlers:
+                h.close()
+        root.handlers[:], root.level = handlers, level
+    assert not (tmp_path / "rank1" / "log.txt").exists()
+    assert "own 0" in (tmp_path / "rank0" / "log.txt").read_text()
+
+
 def test_the_best_checkpoint_is_the_lowest_last_scale_val_loss_as_vars(reference_run):
     """VAR keeps the epoch of the lowest tail (last-scale) validation loss; we kept the lowest mean, another epoch
     whenever the two rank epochs otherwise. The seed drawn or given is logged."""
