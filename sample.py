@@ -43,7 +43,8 @@ from models.precision import effective_amp_dtype, set_tf32
 from models.presets import ARCH_BRANCHES, MVAR_models, format_patch_nums, parse_patch_nums
 from utils.evaluation.fid_dump import DumpFolderError, DumpPlan, check_or_write_settings, check_pack_space, \
     chunk_seed, dump_shard, fid_folder_name, pack_npz, remove_interrupted_writes
-from utils.flags import ExamplesHelpFormatter, add_backend_flags, add_model_flag, device_problem, sampling_problems
+from utils.flags import ExamplesHelpFormatter, add_backend_flags, add_model_flag, device_problem, \
+    empty_path_problems, sampling_problems
 from utils.run.checkpoint import DiskFullError, OutputFolderError, check_writable, write_text_atomic
 from utils.run.agreement import refuse_disagreement
 from utils.run.lock import LOCK_NAME, RunLockError, lock_output_folder, read_owner
@@ -138,10 +139,9 @@ def parse_args(argv: Sequence[str] | None = None,
     if preset is not None:
         parser.set_defaults(**PRESETS[preset])
     args = parser.parse_args(argv)
-    problems = [f"--{flag}=: expected {what} (an empty path would be the current folder)"
-                for flag, what in (("ckpt", "a checkpoint file, Hub folder or repo id"), ("out", "an image or folder"),
-                                   ("fid_dir", "a folder"), ("vae_ckpt", "a tokenizer file"), ("edit", "an image"),
-                                   ("mask", "an image")) if getattr(args, flag) == ""]
+    problems = empty_path_problems(args, {
+        "ckpt": "a checkpoint file, Hub folder or repo id", "out": "an image or folder", "fid_dir": "a folder",
+        "vae_ckpt": "a tokenizer file", "edit": "an image", "mask": "an image"})
     args.from_model = ()  # the fields --model set (its checks against --ckpt name --model, not --depth or --arch)
     if args.model is not None:  # its depth and arch, where not given: the official file and the checks follow
         named = MVAR_models[args.model]

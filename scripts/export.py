@@ -21,6 +21,7 @@ from models.loading import VAR_PUBLISHED_DEPTHS, CheckpointError, attention_only
     recorded_class_names, resolve_mvar_checkpoint
 from models.presets import ARCH_BRANCHES, parse_patch_nums
 from utils.evaluation.fid_dump import fid_folder_name
+from utils.flags import empty_path_problems
 from utils.run.checkpoint import OutputFolderError, check_writable
 from utils.run.log import setup_logging
 from utils.sample_io import NonFiniteValueError, check_finite_weights
@@ -72,8 +73,8 @@ def main(argv: list[str] | None = None) -> Path:
             official_file(args.depth, args.arch)  # no such published file: said now, not after trying the Hub
         except ValueError as e:
             raise SystemExit(f"error: {e}") from e
-    if not args.out:
-        raise SystemExit("error: --out=: expected the folder to write (an empty path would be the current folder)")
+    if empty := empty_path_problems(args, {"out": "the folder to write"}):
+        raise SystemExit(f"error: {empty[0]}")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise SystemExit(f"error: --out={out} is a file: expected a folder to write")

@@ -30,7 +30,7 @@ from utils.data.loaders import SafeImageFolder, check_same_classes, file_list_di
 from utils.data.token_cache import FORMAT, SPLITS, ShardWriter, TokenCacheError, identity_problems, read_manifest, \
     shard_bounds, shard_name, tokenizer_digest, write_json
 from utils.data.views import parse_views, render_views
-from utils.flags import DefaultsHelpFormatter, add_image_source_flags, default_pn
+from utils.flags import DefaultsHelpFormatter, add_image_source_flags, default_pn, empty_path_problems
 from utils.run.agreement import refuse_disagreement, run_facts
 from utils.run.checkpoint import check_writable
 from utils.run.rng import seed_problem
@@ -189,9 +189,7 @@ def main(args: argparse.Namespace) -> None:
                 if getattr(args, flag) < low]
     problems += [p for p in (mid_reso_problem(args.mid_reso), image_source_problem(args.data_path, args.dataset),
                              seed_problem(args.seed)) if p]  # the seed: as train.py's (rand<i> crops take it)
-    problems += [f"--{flag}=: expected a {what} (an empty path would be the current folder)"
-                 for flag, what in (("out", "cache folder"), ("vae_ckpt", "tokenizer file"))
-                 if getattr(args, flag) == ""]
+    problems += empty_path_problems(args, {"out": "a cache folder", "vae_ckpt": "a tokenizer file"})
     if problems:
         raise ValueError("; ".join(problems))
     try:

@@ -97,6 +97,13 @@ def sampling_problems(cfg: float, top_k: int, top_p: float, prefix: str = "--") 
     return problems
 
 
+def empty_path_problems(args: argparse.Namespace, expected: dict[str, str]) -> list[str]:
+    """One line per path flag given as "" ("--out="), saying what it expects: an empty path is the current folder,
+    not "off" (`expected`: flag name -> what it takes, e.g. {"out": "a cache folder"})."""
+    return [f"--{flag}=: expected {what} (an empty path would be the current folder)"
+            for flag, what in expected.items() if getattr(args, flag) == ""]
+
+
 def device_problem(value: str, flag: str = "--device") -> str | None:
     """Why torch cannot run on the device `value` names (None: it can). A CUDA device is checked against the GPUs
     seen without touching one (each rank would otherwise open a context on GPU 0); meta holds no data; any other is
@@ -312,15 +319,16 @@ def default_pn(vae_ckpt: str | None) -> str:
     return format_patch_nums(trained_at) if trained_at else "256"
 
 
-PATH_FLAGS = ("local_out_dir_path", "vae_ckpt", "resume", "init_from", "eval_net")  # "" is no path: not "off"
+PATH_FLAGS = {"local_out_dir_path": "an output folder", "vae_ckpt": "a tokenizer file", "resume": "a checkpoint",
+              "init_from": "a model file or folder", "eval_net": "'inception' or a classifier file"}
 
 
 def finalize_args(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
     """Derived settings, as VAR computes them: per-rank micro-batch, peak lr, schedule defaults, patch_nums."""
     if not_finite := [f"--{k}={v}" for k, v in vars(args).items() if isinstance(v, float) and not math.isfinite(v)]:
         raise FlagError(f"{', '.join(not_finite)}: expected a finite number")  # NaN passes every range check below
-    if empty := [f"--{k}=" for k in PATH_FLAGS if getattr(args, k) == ""]:
-        raise FlagError(f"{', '.join(empty)}: expected a path (an empty one would be the current folder)")
+    if empty := empty_path_problems(args, PATH_FLAGS):
+        raise FlagError("; ".join(empty))
     for name in ("bs", "ac", "ep", "val_every", "log_every", "depth", "max_nonfinite"):
         if getattr(args, name) < 1:
             raise FlagError(f"--{name}={getattr(args, name)}: expected a positive integer")
