@@ -3,11 +3,12 @@
     python scripts/gpu_timings.py --out timings.json [--dry-run]
 
 paper: sampling latency with cfg in bf16 at batch 1 and 64, 256 px, random weights, M-VAR-d24 vs VAR-d30, M-VAR-D
-and M-VAR-d16 vs VAR-d16, the models of a pair alternated in one process. train: an M-VAR-d16 training step with
-the best kernels ("auto") in bf16 at the largest batch of BATCHES that fits, as a share of the bf16 matmul rate
-measured in the same run. bench.py's tables travel in the JSON file ("tables"). --dry-run: the same sections
-on the CPU at width 32 and tiny patch schedules; the targets are then reported, not judged (INFO), as they are
-when $MVAR_MAMBA_BACKEND forces the portable Mamba2 (gpu_check.sh's fallback where no Triton kernel launches).
+and M-VAR-d16 vs VAR-d16, the models of a pair alternated in one process. train: an M-VAR-d16 training step with the
+best kernels ("auto") in bf16 at the largest batch that fits, as a share of the bf16 matmul rate measured in the
+same run; the batches tried start at what a fit of two small batches' peak memory predicts (`probed_batches`).
+bench.py's tables travel in the JSON file ("tables"). --dry-run: the same sections on the CPU at width 32 and tiny
+patch schedules; the targets are then reported, not judged (INFO), as they are when $MVAR_MAMBA_BACKEND forces the
+portable Mamba2 (gpu_check.sh's fallback where no Triton kernel launches).
 """
 import argparse
 import gc
@@ -19,14 +20,19 @@ import torch
 from models import triton_autotune
 from models.backends import MAMBA
 from scripts import bench
+from scripts import timing as bm
 from scripts.gpu_results import CheckLine, any_failed, failure, within, write_lines
 from scripts.markdown import read_tables
 
 # Targets stated in issue 19 before any run.
 PAPER_PAIR, PAPER_BATCH, PAPER_RATIO = "M-VAR-d24 / VAR-d30", 64, 0.86  # the paper: 14% faster
 TRAIN_SHARE = 35.0  # % of the measured bf16 matmul rate
-# tried in turn for the train section, the first that fits counts: VAR trains d16 at 96 per 80 GB GPU (768 on 8)
+# tried in turn for the train section after the batch the memory fit predicts, the first that fits counts: VAR
+# trains d16 at 96 per 80 GB GPU (768 on 8)
 BATCHES = (96, 64, 48, 32, 16, 8)
+PROBE_BATCHES = (8, 16)  # a training step's memory at these two batches gives its cost per image and its fixed cost
+FIT_SHARE = 0.9  # of the device's memory, the rest left to the allocator's fragmentation and cuBLAS workspaces
+MAX_BATCH = 1024
 COMMON = ["--repeats", "3", "--warmup", "1"]
 GPU_FLAGS = {"paper": ["--device", "cuda", "--paper_dtypes", "bf16", "--paper_bs", "1", str(PAPER_BATCH)],
              "train": ["--device", "cuda", "--depth", "16", "--archs", "mvar", "--train_dtypes", "bf16"]}
@@ -86,6 +92,61 @@ def out_of_memory(err: Exception) -> bool:
         isinstance(err, RuntimeError) and any(s in str(err) for s in ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED")))
 
 
+def free_memory() -> None:
+    """Give the CUDA memory of a finished or failed try back before the next."""
+    triton_autotune.drop_arguments()  # an autotuner that ran out of memory in its benchmark keeps the batch
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def train_memory_mib(flags: list[str], batch: int, device: torch.device) -> float:
+    """MiB a training step of bench.py's train section (`flags`, first --archs and --train_dtypes) at `batch` holds
+    at its peak: the tensors kept between steps (weights, buffers, AdamW's state, made by a first step) plus the
+    second step's own peak above them (activations, gradients)."""
+    args = bench.build_parser().parse_args([*flags, "--bs", str(batch)])
+    mvar, trainer, step = bench.random_train_step(args.archs[0], args.depth, (args.train_dtypes or [args.dtype])[0],
+                                                  device, args)
+    step()
+    kept = {t.data_ptr(): t.nbytes for t in (*mvar.parameters(), *mvar.buffers(),
+                                             *(v for state in trainer.optimizer.state.values()
+                                               for v in state.values() if torch.is_tensor(v)))}
+    return sum(kept.values()) / 2**20 + bm.peak_mib(step, device)
+
+
+def fit_batch(mib_of: dict[int, float], total_mib: float) -> int:
+    """The largest multiple of 8 (at most MAX_BATCH) whose memory, linear in the batch through the two measured
+    points of `mib_of` (batch -> MiB), stays within FIT_SHARE of `total_mib`; 0 when not even batch 8 does."""
+    (b0, m0), (b1, m1) = sorted(mib_of.items())
+    per_image = max(m1 - m0, 0.0) / (b1 - b0)
+    fixed = m0 - per_image * b0
+    room = FIT_SHARE * total_mib - fixed
+    if per_image == 0:
+        return MAX_BATCH if room > 0 else 0
+    return min(MAX_BATCH, int(room / per_image) // 8 * 8) if room > 0 else 0
+
+
+def probed_batches(flags: list[str], device: torch.device) -> tuple[int, ...]:
+    """The batches largest_batch_train tries on `device`: the memory fit's (`fit_batch` of PROBE_BATCHES' peaks and
+    the device's memory), three quarters of it, then the smaller of BATCHES; BATCHES alone when the probe fails or
+    fits less than 8."""
+    try:
+        mib_of = {}
+        for batch in PROBE_BATCHES:
+            mib_of[batch] = train_memory_mib(flags, batch, device)
+            free_memory()
+        total_mib = torch.cuda.get_device_properties(device).total_memory / 2**20
+    except RuntimeError as err:
+        print(f"train section: the memory probe failed ({type(err).__name__}: {err}); trying {BATCHES}", flush=True)
+        free_memory()
+        return BATCHES
+    fit = fit_batch(mib_of, total_mib)
+    print(f"train section: a step holds {mib_of} MiB at batches {PROBE_BATCHES}; of {total_mib:.0f} MiB, batch {fit} "
+          f"would use {FIT_SHARE:.0%}", flush=True)
+    if fit < 8:
+        return BATCHES
+    return tuple(dict.fromkeys((fit, max(8, fit * 3 // 4 // 8 * 8), *(b for b in BATCHES if b < fit))))
+
+
 def largest_batch_train(flags: list[str], batches: tuple[int, ...]) -> tuple[int, str]:
     """(batch, markdown) of the train section at the first batch of `batches` that does not run out of memory."""
     for batch in batches:
@@ -95,10 +156,7 @@ def largest_batch_train(flags: list[str], batches: tuple[int, ...]) -> tuple[int
             if not out_of_memory(err):
                 raise
             print(f"train section: batch {batch} does not fit ({type(err).__name__})", flush=True)
-        # after the except block, whose traceback held the model and batch: free them before the next try
-        triton_autotune.drop_arguments()  # an autotuner that ran out of memory in its benchmark keeps the batch
-        gc.collect()
-        torch.cuda.empty_cache()
+        free_memory()  # after the except block, whose traceback held the model and batch
     raise RuntimeError(f"no batch of {batches} fits")
 
 
@@ -117,7 +175,9 @@ def main(argv: list[str] | None = None) -> int:
         return paper_lines(tables["paper"], 2 if args.dry_run else PAPER_BATCH, judged)
 
     def train() -> list[CheckLine]:
-        batch, tables["train"] = largest_batch_train([*COMMON, *flags["train"]], (2,) if args.dry_run else BATCHES)
+        train_flags = [*COMMON, *flags["train"]]
+        batches = (2,) if args.dry_run else probed_batches(train_flags, torch.device("cuda"))
+        batch, tables["train"] = largest_batch_train(train_flags, batches)
         return [train_line(tables["train"], batch, judged)]
 
     for section, measure in (("paper", paper), ("train", train)):

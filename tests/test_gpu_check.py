@@ -720,6 +720,58 @@ def test_only_running_out_of_memory_tries_a_smaller_batch(monkeypatch):
     assert not gpu_timings.out_of_memory(RuntimeError("CUDA error: an illegal memory access was encountered"))
 
 
+def test_the_memory_fit_takes_the_largest_multiple_of_8_within_the_share():
+    """fit_batch: 1000 MiB fixed and 100 MiB per image (measured at 8 and 16) on a 10000 MiB device leave 0.9 * 10000
+    - 1000 = 8000 MiB, 80 images; 8500 MiB of room is 85 images, rounded down to 80; capped at MAX_BATCH; 0 when
+    the fixed cost alone is over the share."""
+    def measured(fixed, per_image):
+        return {8: fixed + 8 * per_image, 16: fixed + 16 * per_image}
+
+    assert gpu_timings.fit_batch(measured(1000, 100), 10_000) == 80
+    assert gpu_timings.fit_batch(measured(500, 100), 10_000) == 80
+    assert gpu_timings.fit_batch(measured(1000, 100), 20_000) == 168
+    assert gpu_timings.fit_batch(measured(1000, 0.001), 1e9) == gpu_timings.MAX_BATCH
+    assert gpu_timings.fit_batch(measured(9500, 100), 10_000) == 0
+
+
+def test_the_batches_tried_start_at_the_memory_fit(monkeypatch):
+    """probed_batches: the fit's batch (here 200 on a 80 GiB device), three quarters of it, then the smaller of
+    BATCHES, each step measured at PROBE_BATCHES; BATCHES alone when the probe fails or fits less than 8."""
+    measured = []
+
+    def memory(flags, batch, device):
+        measured.append(batch)
+        return 2000.0 + batch * per_image
+
+    monkeypatch.setattr(gpu_timings, "train_memory_mib", memory)
+    monkeypatch.setattr(gpu_timings, "free_memory", lambda: None)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: types.SimpleNamespace(total_memory=80 * 2**30))
+    per_image = (0.9 * 80 * 1024 - 2000) / 200
+    assert gpu_timings.probed_batches([], torch.device("cuda")) == (200, 144, 96, 64, 48, 32, 16, 8)
+    assert measured == list(gpu_timings.PROBE_BATCHES)
+    per_image = 0.9 * 80 * 1024 / 4
+    assert gpu_timings.probed_batches([], torch.device("cuda")) == gpu_timings.BATCHES
+
+    def out_of_memory(flags, batch, device):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(gpu_timings, "train_memory_mib", out_of_memory)
+    assert gpu_timings.probed_batches([], torch.device("cuda")) == gpu_timings.BATCHES
+
+
+def test_a_training_steps_memory_counts_what_it_keeps_and_its_peak():
+    """train_memory_mib on the CPU with the dry run's train flags (the GPU runs the same code): at least the weights,
+    their gradients and AdamW's two moments, alive together at the optimizer step (4x the weights' bytes); a larger
+    batch needs at least the fp32 logits and their gradient per image more (2 * 4 bytes * L * V)."""
+    flags = [*gpu_timings.COMMON, *gpu_timings.DRY_FLAGS["train"]]
+    args = bench.build_parser().parse_args(flags)
+    mvar = bench.random_train_step("mvar", args.depth, "fp32", torch.device("cpu"), args)[0]
+    weights_mib = sum(p.nbytes for p in mvar.parameters()) / 2**20
+    mib = {b: gpu_timings.train_memory_mib(flags, b, torch.device("cpu")) for b in (2, 4)}
+    assert mib[2] >= 4 * weights_mib
+    assert mib[4] - mib[2] >= 2 * (2 * 4 * mvar.L * mvar.V) / 2**20
+
+
 # Tests added by a mutation review of the check's judging (each names the mutant it kills).
 def test_the_training_loss_error_is_relative_to_the_cpus_loss():
     """compare()'s loss line: |device - CPU| over the CPU's loss, worst step. At a loss of 10, 5e-3 apart is 5e-4
