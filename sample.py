@@ -262,7 +262,7 @@ def check_outputs(args: argparse.Namespace) -> None:
     """The output folder of this mode must be writable; a picture folder that holds images already gets a warning
     (this run's replace those of the same names, the others stay: two runs' images in one folder)."""
     if args.fid:
-        check_writable(Path(args.fid_dir), f"--fid_dir={args.fid_dir}")
+        check_writable(Path(args.fid_dir), f"--fid_dir={args.fid_dir}", create=False)  # made when images are written
     else:
         out = Path(args.out)
         if is_image_file(out) and out.is_dir():
@@ -270,7 +270,7 @@ def check_outputs(args: argparse.Namespace) -> None:
                                     "or a folder without an image suffix for one PNG per image")
         if is_image_file(out) and (problem := grid_format_problem(out)):
             raise OutputFolderError(f"--out={problem}")
-        check_writable(out.parent if is_image_file(out) else out, f"--out={args.out}")
+        check_writable(out.parent if is_image_file(out) else out, f"--out={args.out}", create=False)
         if not is_image_file(out) and (old := len(list(out.glob("class*.png")))):
             logger.warning("--out=%s already holds %d class*.png images: this run's replace those of the same "
                            "names and the others stay, so the folder may mix two runs (choose an empty folder to "

@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> Path:
                              "--overwrite replaces an export only; choose an empty or new folder")
     try:  # a missing --ckpt, then a file above --out or no permission: error lines now, before the checkpoint is read
         ckpt_path = resolve_mvar_checkpoint(args.ckpt, None) if args.ckpt else None
-        check_out_writable(out, f"--out={args.out}")
+        check_writable(out, f"--out={args.out}", create=False)  # a failed export leaves no folder
     except (FileNotFoundError, OutputFolderError) as e:
         raise SystemExit(f"error: {e}") from e
     try:
@@ -115,20 +115,6 @@ def main(argv: list[str] | None = None) -> Path:
         url = mvar.push_to_hub(args.repo_id, model_card_kwargs=card)
         logger.info("pushed to %s", url)
     return out
-
-
-def check_out_writable(out: Path, flag: str) -> None:
-    """OutputFolderError naming `flag` unless the folder `out` can be written (a file above it, no permission), made
-    nothing: a failed export leaves no folder behind (probed in `out` if it exists, else in its nearest ancestor)."""
-    if out.is_dir():
-        check_writable(out, flag)
-        return
-    ancestor = out.parent
-    while not ancestor.exists() and ancestor != ancestor.parent:  # False under a regular file too
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise OutputFolderError(f"{flag}: cannot write into {out} ({ancestor} is a file, not a folder)")
-    check_writable(ancestor, flag)
 
 
 def write_export(mvar: MVARHF, out: Path, card: dict) -> None:

@@ -201,7 +201,7 @@ def main(args: argparse.Namespace) -> None:
     # the output folder and the tokenizer before the images are listed (minutes on ImageNet): a file there, no
     # permission, a missing or unreadable --vae_ckpt are an error line now
     out = Path(args.out)
-    check_writable(out, f"--out={args.out}")
+    check_writable(out, f"--out={args.out}", create=False)  # made by `start`: a failed check leaves no folder
     vae = load_vae(args.vae_ckpt, device, v_patch_nums=patch_nums)
     if vae.vocab_size > 2**16:
         raise ValueError(f"the tokenizer's vocabulary ({vae.vocab_size}) does not fit uint16 ids")

@@ -220,6 +220,12 @@ def test_unwritable_out_fails_before_sampling(ckpt, tmp_path, monkeypatch):  # n
         run(ckpt, "--out", blocker / "grid.png")
     with pytest.raises(SystemExit, match="--fid_dir=.*a_file: cannot write into"):
         run(ckpt, "--fid", "--fid_dir", blocker)
+    # a writable place is probed, not made: a run that fails later leaves no empty folder behind
+    for flags in (["--out", tmp_path / "new" / "grid.png"], ["--out", tmp_path / "pngs"],
+                  ["--fid", "--fid_dir", tmp_path / "fid" / "dump"]):
+        with pytest.raises(AssertionError, match="sampled before checking"):
+            run(ckpt, *flags)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
 
 
 def test_read_only_out_fails_before_sampling(ckpt, tmp_path, monkeypatch):  # noqa: F811

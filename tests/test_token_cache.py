@@ -285,6 +285,7 @@ def test_an_out_that_is_a_file_and_a_vae_ckpt_that_is_no_checkpoint_are_one_erro
         assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
         assert says in proc.stderr, proc.stderr[-2000:]
     assert (tmp_path / "file").read_text() == "not a folder"
+    assert not (tmp_path / "cache").exists()  # probed, not made: the failed extraction leaves no empty folder
 
 
 def test_a_shard_other_than_its_manifest_plans_is_damaged(centre_cache, tmp_path):

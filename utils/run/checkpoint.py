@@ -201,11 +201,19 @@ class OutputFolderError(ValueError):
     """An output folder that cannot be created or written into (the scripts print it as one error line)."""
 
 
-def check_writable(folder: Path, flag: str) -> None:
-    """Create `folder` and write a probe file there, so an unwritable output fails before any work."""
+def check_writable(folder: Path, flag: str, create: bool = True) -> None:
+    """Write a probe file in `folder`, so an unwritable output fails before any work (OutputFolderError naming
+    `flag`). `create`: make the folder first; else a missing one is probed in its nearest existing ancestor and
+    nothing is made, so a run that fails a later check leaves no empty folder (the writer makes it)."""
+    probed = folder
+    if not create:
+        while not probed.exists() and probed != probed.parent:  # False under a regular file too
+            probed = probed.parent
+        if not probed.is_dir():
+            raise OutputFolderError(f"{flag}: cannot write into {folder} ({probed} is a file, not a folder)")
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
+        probed.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=probed):
             pass
     except OSError as e:
         raise OutputFolderError(f"{flag}: cannot write into {folder} ({e.strerror or e})") from e
