@@ -306,6 +306,24 @@ def test_an_fp16_overflow_is_gradscalers_skip_not_a_bad_step():
         tr.micro_step(inp, label)
 
 
+def test_an_fp16_step_with_a_non_finite_loss_is_a_bad_step_not_an_overflow():
+    """utils.run.loss_scale's rule in the generator's trainer (the tokenizer trainer's test pinned it alone): a NaN
+    loss under --fp16=1 also makes the gradients non-finite, but it is a bad step, skipped and counted by the guard,
+    which blocks a save; not GradScaler's overflow, whose count stays 0 (GradScaler still halves its scale, as in
+    VAR, since the gradients it unscaled were non-finite)."""
+    tr = tiny(fp16=1, max_nonfinite=2)
+    inp, label = batch()
+    tr.micro_step(inp, label)
+    scale = tr.scaler.get_scale()
+    with torch.no_grad():
+        tr.mvar.head.bias[0] = float("nan")
+    before = {k: v.clone() for k, v in tr.mvar.state_dict().items()}
+    res = tr.micro_step(inp, label)
+    assert res.skipped and not math.isfinite(res.loss.item()) and tr.guard.bad_in_a_row == 1
+    assert tr.overflows_in_a_row == 0 and tr.scaler.get_scale() == scale / 2 and tr.save_blocker() is not None
+    assert all(torch.equal(before[k], v) for k, v in tr.mvar.state_dict().items() if k != "head.bias")
+
+
 def test_fp16_gradients_are_unscaled_before_the_clip():
     """--fp16=1: GradScaler's scaled gradients are unscaled before the clip, so the logged norm is the true one and
     the clip binds at --tclip (here 1e-3); clipping the scaled gradients (unscale_ left to scaler.step) clipped them
