@@ -31,6 +31,8 @@ WORKER = textwrap.dedent("""
         assert dist.broadcast_object("x" if rank == 0 else None) == "x"
         assert dist.broadcast_object("y" if rank == 1 else None, src=1) == "y"  # another rank's object
         assert dist.broadcast(torch.tensor([1.0 + rank])).item() == 1.0
+        gathered = dist.all_gather_cat(torch.tensor([[rank, 10 + rank]]))  # rows in rank order (a mutant reversed)
+        assert torch.equal(gathered, torch.tensor([[0, 10], [1, 11]]))
         try:  # one rank's error (a damaged checkpoint on its node) is raised on every rank, no rank left waiting
             with dist.raised_on_every_rank(OSError):
                 if rank == 1:
@@ -191,6 +193,30 @@ def test_a_port_in_use_is_one_error_line_naming_it(monkeypatch):
     assert not torch.distributed.is_initialized()
 
 
+def test_a_group_that_forms_says_nothing_of_waiting(monkeypatch, capsys):
+    """The rendezvous notice is for a group that has not formed: one that forms cancels it, so no "still waiting"
+    line follows a launch that went well (a review of the mutants: a notice left running passed the suite, whose
+    only group formed in-process is refused). A one-rank gloo group, the notice due after 0.2 s."""
+    import time
+
+    import dist.core
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for k, v in dict(WORLD_SIZE="1", RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                     TORCHELASTIC_USE_AGENT_STORE="False").items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(dist.core, "RENDEZVOUS_NOTICE_S", 0.2)
+    try:
+        dist.initialize(backend="gloo", timeout_min=0.5)
+        assert dist.get_world_size() == 1
+        time.sleep(0.5)
+    finally:
+        dist.finalize()
+    assert "still waiting" not in capsys.readouterr().err and not torch.distributed.is_initialized()
+
+
 def test_unwrap_model_removes_compile_wrapper():
     model = nn.Linear(2, 2)
     assert dist.unwrap_model(torch.compile(model)) is model
@@ -207,6 +233,55 @@ def test_the_local_rank_is_torchruns(monkeypatch):
     assert dist.get_local_rank() == 0  # no process group: a single process
     monkeypatch.setattr(dist.core, "initialized", lambda: True)
     assert dist.get_local_rank() == 3
+
+
+def test_the_main_process_is_global_rank_0_not_each_nodes_first(monkeypatch):
+    """Rank 4, the first of its node (faked), is no main process: one process of the job logs and writes its files.
+    The tests run one node, where local and global ranks agree, so a check of the local rank passed them (a review
+    of the mutants)."""
+    import dist.core
+
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setattr(dist.core, "initialized", lambda: True)
+    monkeypatch.setattr(dist.core.tdist, "get_rank", lambda: 4)
+    assert (dist.get_rank(), dist.get_local_rank(), dist.is_main_process()) == (4, 0, False)
+    monkeypatch.setattr(dist.core.tdist, "get_rank", lambda: 0)
+    assert dist.is_main_process()
+
+
+def test_the_other_ranks_raise_the_first_failing_ranks_message(monkeypatch):
+    """Ranks 1 and 2 of three failed (faked gather): a rank that did not raises rank 1's message, as the first
+    type given. Two ranks, one failing, cannot tell the first from the last, so the last passed the suite (a review
+    of the mutants)."""
+    import dist.core
+
+    monkeypatch.setattr(dist.core, "all_gather_object", lambda obj: [obj, "rank 1: disk full", "rank 2: damaged"])
+    with pytest.raises(OSError, match="^rank 1: disk full$"), dist.raised_on_every_rank(OSError, ValueError):
+        pass
+
+
+def test_a_local_rank_past_the_visible_gpus_is_a_launch_error(monkeypatch):
+    """Two GPUs visible (faked): LOCAL_RANK=2 is a LaunchError saying what to lower; LOCAL_RANK=1 takes cuda:1. An
+    off-by-one (>) let LOCAL_RANK=2 through to CUDA's own error and passed the CPU-only suite (a review of the
+    mutants)."""
+    class Picked(Exception):
+        pass
+
+    def set_device(device):
+        raise Picked(device)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
+    for k, v in dict(WORLD_SIZE="2", RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="1").items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    with pytest.raises(dist.LaunchError, match=r"^LOCAL_RANK=2 but only 2 GPUs are visible: lower --nproc_per_node$"):
+        dist.initialize()
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(Picked) as picked:
+        dist.initialize()
+    assert picked.value.args[0] == torch.device("cuda", 1)
 
 
 def test_fsdp2_gradient_sync_follows_the_accumulation_window(monkeypatch):

@@ -1,6 +1,8 @@
 """Zero-shot editing: known tokens are the image's own at every scale and feed the model like generated ones, and
 the unmasked region is the tokenizer's reconstruction (that a learned model's in-painting follows the class it is
 given: tests/test_demo.py, on the demo's model)."""
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -146,6 +148,30 @@ def test_bad_inputs_are_clear_errors(img, mask, message):
     _, mvar = build_tiny()
     with pytest.raises(ValueError, match=message):
         mvar.autoregressive_edit_cfg(img, mask, 0)
+
+
+def test_edit_inputs_take_every_value_of_0_1_and_refuse_other_shapes_naming_them():
+    """check_edit_inputs directly: a white or black image (exactly 1.0 or 0.0, what a decoded PNG holds) is an
+    image; a grey one-channel image, a (B, H, W) mask, an RGB mask and a mask of another batch size are ValueErrors
+    naming the shapes; the mask comes back bool, one per image (B, 1, H, W). A review of the mutants: a range check
+    of < 1, and each shape check dropped (some then failed inside torch, others broadcast), passed the suite."""
+    from models.editing import check_edit_inputs
+
+    mask = torch.zeros(IMG, IMG)
+    mask[4:] = 1
+    for fill in (0.0, 1.0):
+        got = check_edit_inputs(torch.full((3, 3, IMG, IMG), fill), mask, IMG)
+        assert got.dtype == torch.bool and got.shape == (3, 1, IMG, IMG)
+        assert torch.equal(got, (mask == 1).expand(3, 1, IMG, IMG))
+    with pytest.raises(ValueError, match=r"image: expected \(B, 3, 8, 8\) \(the tokenizer's size\), "
+                                         r"got \(2, 1, 8, 8\)"):
+        check_edit_inputs(torch.rand(2, 1, IMG, IMG), mask, IMG)
+    img = torch.rand(3, 3, IMG, IMG)
+    with pytest.raises(ValueError, match=r"mask: expected \(H, W\) or \(1 or B, 1, H, W\), got \(3, 8, 8\)"):
+        check_edit_inputs(img, torch.zeros(3, IMG, IMG), IMG)
+    for shape in ((1, 3, IMG, IMG), (2, 1, IMG, IMG)):
+        with pytest.raises(ValueError, match=rf"mask: expected .* with H, W = \(8, 8\), got {re.escape(str(shape))}"):
+            check_edit_inputs(img, torch.zeros(shape), IMG)
 
 
 def test_box_outside_the_image_is_a_clear_error():

@@ -3,6 +3,8 @@ cache, official-layout .pth -> folder with bit-identical logits, sample.py --ckp
 import dataclasses
 import json
 import pickle
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 import sample
 from models.hub_format import MVARHF, VQVAEHF, HubSource, TokenizerMismatchError, check_own_tokenizer, is_hub_source, \
-    read_config, read_model_weights, training_data
+    model_card_text, model_file_tokenizer, model_folder, read_config, read_model_weights, training_data
 from conftest import damage_tensor_data
 from models.loading import DERIVED_KEYS, VAR_REPO, CheckpointError, load_checkpoint, load_mvar, \
     load_state_dict_checked, mvar_checkpoint, vae_checkpoint, weights_digest
@@ -86,6 +88,12 @@ def test_a_folders_model_safetensors_names_its_folder(tmp_path):
     loose.write_bytes(weights.read_bytes())
     with pytest.raises(CheckpointError, match="safetensors file of the Hub format: pass the model folder"):
         load_checkpoint(loose)
+    alone = tmp_path / "alone" / "model.safetensors"  # its name, but no config.json beside it: no model folder (a
+    alone.parent.mkdir()  # review of the mutants: one without the config.json check passed the suite)
+    alone.write_bytes(weights.read_bytes())
+    assert model_folder(alone) is None and not is_hub_source(alone)
+    with pytest.raises(CheckpointError, match="safetensors file of the Hub format: pass the model folder"):
+        load_checkpoint(alone)
 
 
 def test_a_save_without_a_tokenizer_leaves_no_earlier_tokenizer_behind(tmp_path):
@@ -100,6 +108,19 @@ def test_a_save_without_a_tokenizer_leaves_no_earlier_tokenizer_behind(tmp_path)
     with pytest.raises(FileNotFoundError):
         MVARHF.from_pretrained(tmp_path / "m")
     assert MVARHF.from_pretrained(tmp_path / "m", vae=mvar.vae).class_names is None
+
+
+def test_the_tokenizer_is_built_at_the_models_schedule_whatever_its_folder_records(tmp_path):
+    """A tokenizer's weights serve any patch schedule: tokenizer/ saved at another one (VQVAEHF.save_pretrained of
+    a tokenizer loaded at its default, put beside a model of another schedule) is built at the model's. A review of
+    the mutants: from_pretrained without v_patch_nums passed the suite (a folder always records the model's)."""
+    mvar, _ = hub_model()
+    mvar.save_pretrained(tmp_path / "m")
+    config = tmp_path / "m" / "tokenizer" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "v_patch_nums": [1, 2, 4]}))
+    loaded = MVARHF.from_pretrained(tmp_path / "m")
+    assert tuple(loaded.vae.quantize.v_patch_nums) == tuple(mvar.patch_nums) == (1, 2, 3, 4)
+    assert_same_model(mvar.eval(), loaded)
 
 
 def test_strict_loading_names_the_bad_keys(tmp_path):
@@ -310,6 +331,8 @@ def test_our_checkpoint_exports_with_its_tokenizer_and_training_flags(tmp_path):
     (["--ckpt=CKPT", "--out=FILE/sub/hub"],
      r"--out=FILE/sub/hub: cannot write into FILE/sub/hub \(FILE is a file, not a folder\)"),
     (["--ckpt=CKPT", "--out="], "--out=: expected the folder to write"),
+    (["--ckpt=CKPT", "--push"], "--push needs --repo_id=org/name"),  # these two: a review of the mutants
+    (["--ckpt=CKPT", "--metric=FID=3.1", "--metric=FID"], r"--metric \['FID'\]: expected NAME=VALUE"),
 ])
 def test_bad_flags_are_errors_before_the_hub_or_the_checkpoint_is_read(flags, message, tmp_path, monkeypatch):
     """A review: --depth=0 spent 28 s trying the Hub for d0.pth; an --out under a regular file was a FileExistsError
@@ -351,6 +374,102 @@ def test_an_overwrite_that_fails_midway_leaves_the_earlier_export_whole(tmp_path
     assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary folder left
     assert_same_model(load_mvar(tmp_path / "a.pth", vae=vae), MVARHF.from_pretrained(out))
+
+
+def test_the_export_is_written_beside_out_and_moved_in_weights_then_config_last(tmp_path, monkeypatch):
+    """write_export saves into a temporary folder beside --out (the same file system: each move is an atomic rename)
+    and moves model.safetensors, then config.json, last, so an interrupted overwrite never pairs a new config with
+    old weights; an existing --out is probed for writing itself. A review of the mutants: the other order, a
+    temporary folder elsewhere (the system's), and the probe of --out's parent instead passed the suite."""
+    mvar, _ = hub_model()
+    out = tmp_path / "exports" / "hub"
+    out.mkdir(parents=True)
+    probed, moved, replace = [], [], export.os.replace
+    monkeypatch.setattr(export, "check_writable", lambda folder, flag: probed.append(folder))
+    export.check_out_writable(out, "--out")
+    export.check_out_writable(tmp_path / "new" / "hub", "--out")
+    assert probed == [out, tmp_path]  # an existing --out itself; else its nearest existing ancestor
+    monkeypatch.setattr(export.os, "replace",
+                        lambda src, dst: moved.append((Path(src), Path(dst))) or replace(src, dst))
+    export.write_export(mvar, out, {})
+    assert all(src.parent.parent == out.parent and src.parent.name.startswith(".hub.export-")
+               for src, _ in moved if src.parent.name != "tokenizer")
+    assert [str(dst.relative_to(out)) for _, dst in moved][-2:] == ["model.safetensors", "config.json"]
+    assert sorted(str(dst.relative_to(out)) for _, dst in moved) == sorted(
+        str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert [p.name for p in out.parent.iterdir()] == ["hub"]  # the temporary folder is gone
+
+
+def test_our_checkpoint_refuses_arch_and_pn_and_a_metric_value_may_hold_an_equals_sign(tmp_path):
+    """--arch and --pn describe official files; our checkpoint records its config, so they are refused rather than
+    ignored. A metric is split at its first "=" only. A review of the mutants: both passed the suite."""
+    vae, mvar = build_tiny()
+    torch.save(mvar_checkpoint(mvar, vae), tmp_path / "ours.pth")
+    for flag in ("--arch=var", "--pn=1_2_3_4"):
+        with pytest.raises(SystemExit, match=r"^error: --arch/--pn are for official files; ours\.pth carries its own "
+                                             r"config$"):
+            export.main(["--ckpt", str(tmp_path / "ours.pth"), flag, "--out", str(tmp_path / "hub")])
+    assert not (tmp_path / "hub").exists()
+    out = export.main(["--ckpt", str(tmp_path / "ours.pth"), "--metric", "FID=3.1 (cfg=1.5)", "--out",
+                       str(tmp_path / "hub")])
+    assert "| FID | 3.1 (cfg=1.5) |" in (out / "README.md").read_text()
+
+
+def test_an_overwrite_needs_both_files_of_an_earlier_export(tmp_path, monkeypatch):
+    """--overwrite replaces an export: a folder with config.json alone (or model.safetensors alone) is no export
+    of ours and is left as it is. Either file alone passed the check under a mutant (a review of the mutants)."""
+    monkeypatch.setattr(export, "read_model_file", lambda *a, **k: pytest.fail("checkpoint read before the check"))
+    (tmp_path / "x.pth").write_text("")
+    for name in ("config.json", "model.safetensors"):
+        folder = tmp_path / name.split(".")[0]
+        folder.mkdir()
+        (folder / name).write_text("mine")
+        with pytest.raises(SystemExit, match=rf"^error: --out={folder} holds no earlier export \(config.json and "
+                                             r"model.safetensors\)"):
+            export.main(["--ckpt", str(tmp_path / "x.pth"), "--out", str(folder), "--overwrite"])
+        assert (folder / name).read_text() == "mine"
+
+
+def test_a_tokenizer_file_given_is_named_by_its_file_in_errors(tmp_path):
+    """model_file_tokenizer names the tokenizer it returns: "embedded", "official" (VAR's, from the cache) or the
+    --vae_ckpt file's name, which export.py's checks name (a review of the mutants: "official" for any file passed
+    the suite)."""
+    vae, mvar = build_tiny()
+    torch.save(vae_checkpoint(vae), tmp_path / "my-vae.pth")
+    ckpt = mvar_checkpoint(mvar, vae)
+    config = mvar.config
+    assert model_file_tokenizer(ckpt, tmp_path / "m.pth", config, None, False)[1] == "embedded"
+    assert model_file_tokenizer(ckpt, tmp_path / "m.pth", config, str(tmp_path / "my-vae.pth"), False)[1] == \
+        "my-vae.pth"
+    bad = vae_checkpoint(vae)
+    bad["vae"] = {k: v.clone() for k, v in bad["vae"].items()}
+    bad["vae"]["post_quant_conv.weight"].fill_(float("nan"))
+    torch.save(bad, tmp_path / "nan-vae.pth")
+    torch.save(official_style_state_dict(mvar), tmp_path / "d2.pth")
+    with pytest.raises(SystemExit, match=r"error: tokenizer \(nan-vae\.pth\) has non-finite weights"):
+        export.main(["--ckpt", str(tmp_path / "d2.pth"), "--vae_ckpt", str(tmp_path / "nan-vae.pth"), "--out",
+                     str(tmp_path / "hub")])
+
+
+def test_the_model_card_gives_an_imagenet_models_fid_reference_and_at_most_four_classes():
+    """The FID commands appear for 1000-class 256 or 512 px models only, each with its resolution's reference
+    batch; the sampling command names at most four classes; a VAR/M-VAR hybrid names its VAR blocks. A review of
+    the mutants: a 256 px reference for 512 px, FID commands for any classes, every class id listed, and the hybrid
+    unsaid passed the suite (the tiny models have 8 px and few classes)."""
+    def card(num_classes, reso, var_blocks=0):
+        config = SimpleNamespace(arch="var1+mvar" if var_blocks else "mvar", var_blocks=var_blocks, depth=16,
+                                 embed_dim=1024, num_heads=16, num_classes=num_classes, patch_nums=(1, 2, 4), V=4096,
+                                 Cvae=32)
+        mvar = SimpleNamespace(config=config, image_size=reso, vae_proxy=[object()], parameters=lambda: [])
+        return model_card_text(mvar, repo_id="me/m", fid_sample="m.npz")
+
+    assert "python scripts/fid.py --sample samples/m.npz --ref VIRTUAL_imagenet512.npz" in card(1000, 512)
+    assert "python scripts/fid.py --sample samples/m.npz --ref VIRTUAL_imagenet256_labeled.npz" in card(1000, 256)
+    assert "scripts/fid.py" not in card(10, 256) and "scripts/fid.py" not in card(1000, 64)
+    assert "--classes 0 1 2 3 --num_per_class 4" in card(1000, 256) and "--classes 0 1 --num_per_class" in card(2, 8)
+    assert "--box 0,256,512,512 --classes 0 --out edit.png" in card(1000, 512)
+    assert "| architecture | `var1+mvar`, first 2 blocks VAR, depth 16" in card(10, 256, var_blocks=2)
+    assert "| architecture | `mvar`, depth 16, width 1024, 16 heads |" in card(10, 256)
 
 
 def test_export_refuses_non_finite_weights_and_writes_readable_files(tmp_path, monkeypatch):

@@ -2,6 +2,8 @@
 byte-identical, 2 ranks == 1, unreadable images skipped) and train.py --tokens (bit-identical to training from the
 images' centre crop, kill + resume bit-identical, a cache of other settings refused)."""
 import errno
+import json
+import logging
 import os
 import pickle
 import re
@@ -196,6 +198,22 @@ def test_ranks_compare_what_their_caches_ids_are(setup, centre_cache, tmp_path):
     assert "the training images:" not in out and "ep 1/" not in out  # equal sizes: the digest alone tells them apart
 
 
+def test_the_content_digest_does_not_depend_on_the_manifests_key_order():
+    """Ranks compare node-local caches by content_digest: the same content written in another key order (by
+    another version of extract_tokens.py, or a tool that rewrote the JSON) is the same cache. A digest of the JSON
+    as ordered passed the suite (a review of the mutants)."""
+    manifest = {"format": 1, "tokenizer_digest": "abc", "patch_nums": [1, 2], "reso": 4, "mid_reso": 1.0,
+                "views": ["center"], "classes": ["a", "b"], "L": 5, "seed": 0, "tf32": False,
+                "files": {"train": "1", "val": "2"}, "complete": True,
+                "splits": {"train": {"images": 3, "views": ["center"], "shards": [[0, 3]], "skipped": [1]},
+                           "val": {"images": 2, "views": ["center"], "shards": [[0, 2]], "skipped": []}}}
+    reordered = {k: manifest[k] for k in reversed(manifest)}
+    reordered["splits"] = {s: {k: i[k] for k in reversed(i)} for s, i in reversed(manifest["splits"].items())}
+    reordered["files"] = {"val": "2", "train": "1"}
+    assert json.dumps(reordered) != json.dumps(manifest)
+    assert content_digest(reordered) == content_digest(manifest)
+
+
 def test_tokens_with_data_path_read_trains_class_folders_not_its_images(setup, centre_cache, tmp_path):
     """A review: validating a token-cache run on --data_path's val/ images listed all of train/ (1.28M files of
     ImageNet, on every rank) for its class names. train/ needs its class folders only; they must still be val/'s."""
@@ -358,6 +376,24 @@ def test_an_unfinished_extraction_resumes_only_with_the_same_tf32_and_batch(cent
     with pytest.raises(TokenCacheError, match="--batch"):
         start(out, {**manifest, "complete": False, "batch": manifest["batch"] + 1})
     assert not start(out, {**manifest, "complete": False})
+
+
+def test_only_an_unfinished_extraction_must_be_relaunched_on_as_many_ranks(tmp_path):
+    """A relaunch on another number of ranks cuts other shards: refused while the cache is unfinished (the ranks
+    would continue in other ranges than their progress files count), not once it is complete (it serves any number
+    of ranks). Comparing the shards never, or always, passed the fast tests (a review of the mutants)."""
+    identity = {"tokenizer_digest": "abc", "patch_nums": [1, 2, 4], "reso": 8, "mid_reso": 1.0, "views": ["center"],
+                "classes": ["a", "b"]}
+    args = SimpleNamespace(seed=0, batch=2, limit=0, data_path="/data", dataset="")
+    one, two = ({**plan(args, identity, {"train": 8, "val": 4}, world=w), "tf32": False, "files": None}
+                for w in (1, 2))
+    assert not start(tmp_path, one)  # writes the manifest of a 1-rank extraction
+    with pytest.raises(TokenCacheError, match=re.escape("the images or ranks: cache /data: train 8 images x 1 view(s) "
+                                                        "in 1 shard(s), val 4 images x 1 view(s) in 1 shard(s), this "
+                                                        "run /data: train 8 images x 1 view(s) in 2 shard(s)")):
+        start(tmp_path, two)
+    write_json(tmp_path / "manifest.json", {**one, "complete": True})
+    assert start(tmp_path, two)
 
 
 def test_shard_files_take_their_disk_space_when_created(tmp_path, monkeypatch):
@@ -591,6 +627,15 @@ def test_views_follow_the_seed():
     assert counts.min() > 900 and pick_view(123, 10) == pick_view(123, 10)
 
 
+def test_the_view_of_a_seed_is_splitmix64s_output():
+    """pick_view is splitmix64's output for the state `seed` (its published first outputs from state 0), so a run
+    resumed under this code takes the views it took before: a finaliser with a shift or a 64-bit mask changed
+    (a review of the mutants) still covered the views evenly and passed the suite."""
+    assert pick_view(0, 2**64) == 0xE220A8397B1DCDAF and pick_view(0x9E3779B97F4A7C15, 2**64) == 0x6E789E6AA1B965F4
+    assert [pick_view(s, 10) for s in range(8)] == [5, 5, 0, 3, 8, 8, 2, 7]
+    assert [pick_view(s, 3) for s in range(8)] == [1, 2, 1, 0, 1, 2, 2, 0]
+
+
 def ids_of(i: int, K: int = 2, L: int = 3) -> np.ndarray:
     """Image i's ids (K, L) in a hand-written shard: view v holds 100 * i + 10 * v + (0..L)."""
     return (100 * i + 10 * np.arange(K)[:, None] + np.arange(L)).astype(np.uint16)
@@ -623,6 +668,20 @@ def test_a_limited_split_takes_the_samplers_items(centre_cache):
     assert len(ds) == 5 and ds.targets == [0] * 5
     ids_L, label = ds[(4, 123)]
     assert ids_L.dtype == torch.int64 and ids_L.shape == (21,) and torch.equal(ids_L, ds[4][0]) and label == 0
+
+
+def test_a_limit_that_leaves_out_only_the_last_image_warns_when_its_class_goes(tmp_path, caplog):
+    """--train_limit=2 of images of classes 0, 1, 2 (the last one alone in its class) keeps 2 of the 3 classes:
+    warned, naming the flag, as for any limit; a limit of all the images is not. A review of the mutants: a
+    warning skipped for a limit one short of the split passed the suite."""
+    commit(ShardWriter(tmp_path, "train", 0, 1, [0, 3], K=2, L=3), 0, 3)
+    manifest = split_manifest([[0, 3]], ["a", "b", "c"])
+    ds = TokenDataset(tmp_path, manifest, "train", limit=2, limit_flag="--train_limit")
+    assert ds.targets == [0, 1]
+    assert "--train_limit=2 keeps the data set's first 2 images, which cover 2 of its 3 classes" in caplog.text
+    caplog.clear()
+    assert len(TokenDataset(tmp_path, manifest, "train", limit=3, limit_flag="--train_limit")) == 3
+    assert "keeps the data set's first" not in caplog.text
 
 
 def test_a_split_pickles_without_its_ids_for_spawned_loader_workers(centre_cache):
@@ -676,13 +735,16 @@ def split_manifest(shards: list[list[int]], classes: list[str], K: int = 2, L: i
 
 def test_a_relaunched_shard_continues_after_its_last_commit_and_keeps_what_was_committed(tmp_path):
     """Rank 1's range [4, 9), killed after its first chunk (image 5 unreadable): the relaunch continues at 6,
-    refuses a chunk elsewhere, and the shard ends holding every image's ids and label in its row, zeros and -1
-    for the unreadable one, which its progress records."""
+    refuses a chunk elsewhere, before or after it (a review of the mutants: a chunk past it, which leaves rows
+    of zeros counted as done, passed the suite), and the shard ends holding every image's ids and label in its
+    row, zeros and -1 for the unreadable one, which its progress records."""
     commit(ShardWriter(tmp_path, "train", 1, 2, [4, 9], K=2, L=3), 4, 6, unreadable=(5,))
     writer = ShardWriter(tmp_path, "train", 1, 2, [4, 9], K=2, L=3)  # the relaunch
     assert writer.next == 6
     with pytest.raises(ValueError, match="chunk starts at 4, the shard continues at 6"):
         commit(writer, 4, 6)
+    with pytest.raises(ValueError, match="chunk starts at 7, the shard continues at 6"):
+        commit(writer, 7, 9)
     commit(writer, 6, 9)
     ids, labels = shard_arrays(tmp_path, 1, 2)
     assert np.array_equal(ids, np.stack([ids_of(4), np.zeros((2, 3)), ids_of(6), ids_of(7), ids_of(8)]))
@@ -713,6 +775,19 @@ def test_extract_shard_encodes_the_ranks_range_chunk_by_chunk_to_its_end(tmp_pat
     ids, labels = shard_arrays(tmp_path, 0, 1)
     assert ids[:, 0].tolist() == [[100 * i, 100 * i, 200 * i] for i in range(4)] + [[0, 0, 0]]
     assert labels.tolist() == [0, 1, 2, 0, -1] and writer.progress == {"done": 5, "skipped": [4]}
+
+
+def test_log_every_logs_the_last_chunk_of_a_shard_too(tmp_path, caplog):
+    """--log_every=2 at --batch=2 over 5 images logs after 4 images and at the shard's end (5 of 5), so a log
+    without a terminal shows each shard finished: a last chunk off the log interval went unlogged and passed the
+    suite (a review of the mutants), whose extraction logs every chunk of an even shard."""
+    caplog.set_level(logging.INFO, logger="extract_tokens")
+    source = [(i, torch.full((1, 3, 1, 1), float(i)), 0) for i in range(5)]
+    writer = ShardWriter(tmp_path, "train", 0, 1, [0, 5], K=1, L=3)
+    extract_shard(FirstPixelTokenizer(), source, writer, SimpleNamespace(batch=2, workers=0, encode_batch=8,
+                                                                          log_every=2), "train")
+    assert [r.getMessage() for r in caplog.records if r.name == "extract_tokens"] == [
+        "train: committed 4/5 images of shard 0", "train: committed 5/5 images of shard 0"]
 
 
 FD_LIMITED_EXTRACTION = """import resource, sys
@@ -778,6 +853,7 @@ def test_the_centre_view_is_the_validation_transforms_crop_also_for_odd_margins(
     (None, "is not a token cache (no manifest.json)"),
     ("{", "manifest.json is unreadable"),
     ('{"format": 2}', "format 2, this code reads format 1"),
+    ('{"complete": true}', "format None, this code reads format 1"),  # no format at all (a mutant passed it)
     ('{"format": 1, "complete": false}', "is unfinished: relaunch scripts/extract_tokens.py"),
 ])
 def test_a_cache_without_a_finished_manifest_of_this_format_is_refused(tmp_path, manifest, message):
