@@ -25,6 +25,7 @@ import test_hub
 from test_hub import put_in_hf_cache
 from test_loading import official_style_state_dict
 from test_mvar import build_tiny, teacher_input
+from utils.run import checkpoint
 
 REPO = "someone/mvar-tiny"
 offline_cache = test_hub.offline_cache  # the fixture: HF_HUB_OFFLINE=1, an empty hub cache under tmp_path
@@ -385,10 +386,12 @@ def test_the_export_is_written_beside_out_and_moved_in_weights_then_config_last(
     out = tmp_path / "exports" / "hub"
     out.mkdir(parents=True)
     probed, moved, replace = [], [], export.os.replace
-    monkeypatch.setattr(export, "check_writable", lambda folder, flag: probed.append(folder))
-    export.check_out_writable(out, "--out")
-    export.check_out_writable(tmp_path / "new" / "hub", "--out")
-    assert probed == [out, tmp_path]  # an existing --out itself; else its nearest existing ancestor
+    temporary_file = checkpoint.tempfile.TemporaryFile
+    monkeypatch.setattr(checkpoint.tempfile, "TemporaryFile",
+                        lambda dir: probed.append(Path(dir)) or temporary_file(dir=dir))
+    for folder in (out, tmp_path / "new" / "hub"):
+        checkpoint.check_writable(folder, "--out", create=False)  # export.py's check of --out
+    assert probed == [out, tmp_path] and not (tmp_path / "new").exists()  # --out itself; else its nearest ancestor
     monkeypatch.setattr(export.os, "replace",
                         lambda src, dst: moved.append((Path(src), Path(dst))) or replace(src, dst))
     export.write_export(mvar, out, {})

@@ -280,14 +280,14 @@ def test_pn_defaults_to_the_schedule_the_tokenizer_was_trained_at(setup, tmp_pat
 
 def test_extraction_refuses_val_class_folders_other_than_trains_before_extracting(setup, tmp_path):
     """Each split's labels index its own sorted class folders, and the manifest says they mean train/'s: a val/
-    without class1 would store class2's images as class1. (The tokenizer and --out are checked before: the folder
-    is made, empty.)"""
+    without class1 would store class2's images as class1. (The tokenizer and --out are checked before; --out is
+    probed, not made.)"""
     shutil.copytree(setup / "data", tmp_path / "data")
     shutil.rmtree(tmp_path / "data" / "val" / "class1")
     proc = launch(EXTRACT, *extract_flags(setup, tmp_path / "cache", data=tmp_path / "data"), nproc=1, check=False)
     assert proc.returncode == 1
     assert "error: --data_path=" in proc.stderr and "same class folders; only in train/: class1 (1)" in proc.stderr
-    assert list((tmp_path / "cache").iterdir()) == []
+    assert not (tmp_path / "cache").exists()  # probed, not made
 
 
 def test_an_out_that_is_a_file_and_a_vae_ckpt_that_is_no_checkpoint_are_one_error_line(setup, tmp_path):
