@@ -75,6 +75,14 @@ def test_sdpa_packing_keeps_score_count_near_sum_of_squares():
     assert packed < 1.05 * sum(n * n for n in SEG_512) < 0.5 * sum(SEG_512) ** 2
 
 
+
+def test_sdpa_packs_scales_up_to_exactly_the_token_budget():
+    """A packed group may hold exactly SDPA_PACK_TOKENS tokens (consecutive scales are packed "while their total
+    stays within" it); closing the group one scale early at the boundary passed the suite (mutant: `>` as `>=`)."""
+    n = A.SDPA_PACK_TOKENS
+    assert A._pack_groups((n // 2, n // 2, 1)) == ((0, n, (n // 2, n // 2)), (n, n + 1, (1,)))
+    assert A._pack_groups((1, n - 1, 2)) == ((0, n, (1, n - 1)), (n, n + 2, (2,)))
+
 @pytest.mark.parametrize("seg_lens", [SEG_256, (4, 9, 16)])
 def test_block_causal_equals_dense_reference(seg_lens):
     inputs = qkv(2, sum(seg_lens), 2, 16)
@@ -119,6 +127,17 @@ def test_forced_flash_error_names_the_reason():
     with pytest.raises(ValueError, match="sum to the sequence length 5"):
         intra_scale_attention(q, k, v, (1, 3), 1.0, backend="sdpa")
 
+
+
+def test_an_empty_scale_is_refused_by_both_attentions():
+    """A scale of 0 tokens is a caller's mistake (the scales of M-VAR have pn*pn >= 1 tokens) and raises, in the
+    intra-scale and the block-causal attention; accepting it (mutant: `< 1` as `< 0` in the check) passed the suite,
+    and the sdpa kernel then ran on without a word."""
+    q, k, v = qkv(1, 5, 1, 8)
+    with pytest.raises(ValueError, match=r"seg_lens=\(0, 5\) must be positive and sum to the sequence length 5"):
+        intra_scale_attention(q, k, v, (0, 5), 1.0, backend="sdpa")
+    with pytest.raises(ValueError, match=r"seg_lens=\(1, 0, 4\) must be positive"):
+        block_causal_attention(q, k, v, (1, 0, 4), 1.0)
 
 def test_env_var_overrides_auto_only(monkeypatch):
     q, k, v = qkv(1, 5, 1, 8)
@@ -261,6 +280,20 @@ def test_auto_passes_over_flash_kernels_on_pre_ampere_gpus_and_for_wide_heads(mo
         A.resolve_backend("flash_attn", cuda, half, head_dim=512)
     A._resolve.cache_clear()
 
+
+
+def test_a_capability_passed_in_is_the_one_judged(monkeypatch):
+    """`backend_unavailable_reason(..., capability=...)` judges the compute capability it is given (resolution
+    passes the one it looked up for the device); looking it up again from the device instead (mutant: the argument
+    ignored) passed the suite, since the tests faked the lookup and passed nothing."""
+    cuda, half = torch.device("cuda"), torch.bfloat16
+    monkeypatch.setattr(A, "_flash_attn_varlen_func", lambda: object())
+    monkeypatch.setattr(A, "_torch_varlen_attn", lambda: object())
+    monkeypatch.setattr(A, "_cuda_capability", lambda device: (8, 6))  # what a lookup would say
+    assert A.backend_unavailable_reason("flash_attn", cuda, half, capability=(7, 5)) == (
+        "flash_attn needs a GPU of compute capability 8.0 or newer (Ampere), this one has 7.5")
+    monkeypatch.setattr(A, "_cuda_capability", lambda device: (7, 0))
+    assert A.backend_unavailable_reason("torch_varlen", cuda, half, capability=(9, 0)) is None
 
 def test_deterministic_mode_asks_flash_attn_for_it_and_passes_over_torch_varlen(monkeypatch):
     """train.py --deterministic (torch.use_deterministic_algorithms with warn_only): flash-attn is asked for its

@@ -88,3 +88,16 @@ def test_a_torch_feature_missing_from_this_torch_is_reported_with_its_release_an
     finally:
         monkeypatch.undo()
         tf.available.cache_clear()
+
+
+def test_the_feature_table_says_yes_exactly_where_the_feature_is_available(monkeypatch):
+    """The GPU check prints `torch_features.table()`: one row per feature with its release, its user and whether
+    this torch has it. Swapping "yes" and "no" (mutant) passed the suite."""
+    from models import torch_features as tf
+    monkeypatch.setattr(tf, "available", lambda key: key == "fully_shard")
+    rows = {row[0]: row for row in tf.table()}
+    assert list(rows) == [f.name for f in tf.FEATURES.values()]
+    assert rows["torch.distributed.fsdp.fully_shard"] == ["torch.distributed.fsdp.fully_shard", "2.6",
+                                                          "train.py --fsdp=1 (FSDP2)", "yes"]
+    assert rows["torch.nn.attention.varlen.varlen_attn"] == ["torch.nn.attention.varlen.varlen_attn", "2.9",
+                                                             "--attn_backend=torch_varlen", "no"]

@@ -47,7 +47,7 @@ def naive_layer(m: Mamba2, u, conv_window=None, h0=None):
         x = xBC[:, :m.d_ssm].view(Bsz, H, P)
         Bt = xBC[:, m.d_ssm:m.d_ssm + G * N].view(Bsz, G, N).repeat_interleave(H // G, dim=1)
         Ct = xBC[:, m.d_ssm + G * N:].view(Bsz, G, N).repeat_interleave(H // G, dim=1)
-        dt = F.softplus(dt + m.dt_bias)
+        dt = F.softplus(dt + m.dt_bias).clamp(*m.dt_limit)
         h = h * torch.exp(dt * A)[..., None, None] + (dt[..., None] * x)[..., None] * Bt[:, :, None]
         y = ((h @ Ct[..., None]).squeeze(-1) + m.D.view(H, -1) * x).reshape(Bsz, -1)
         if m.rmsnorm:
@@ -104,8 +104,11 @@ def test_chunk_scan_per_head_D():
     torch.testing.assert_close(y, naive_scan(x, dt, A, B, C, D_HP, h0)[0], rtol=0, atol=1e-8)
 
 
-@pytest.mark.parametrize("options", [{}, dict(norm_before_gate=True, D_has_hdim=True), dict(rmsnorm=False)])
+@pytest.mark.parametrize("options", [{}, dict(norm_before_gate=True, D_has_hdim=True), dict(rmsnorm=False),
+                                     dict(dt_limit=(0.02, 0.05))])
 def test_layer_matches_token_by_token_reference(options):
+    """dt_limit: the step sizes clamped after the softplus (some fall below 0.02, some above 0.05 here); the
+    unclamped layer (mutant) passed the suite but for the slow Triton interpreter test."""
     m = randomise_(Mamba2(**{**SMALL, **options})).double()
     u = torch.randn(2, 21, 32, dtype=torch.float64)
     with torch.no_grad():
@@ -129,6 +132,19 @@ def test_default_gated_norm_gates_before_the_norm_as_mamba_ssm():
     ref = (v / torch.sqrt(v.square().mean(-1, keepdim=True) + 1e-5)).flatten(-2) * m.norm.weight
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
 
+
+
+def test_chunks_are_of_equal_length_with_less_than_one_padded_position_per_chunk():
+    """`_pad_to_chunks`: L=155 at chunk_size 64 is 3 chunks of 52 (one position padded, dt 0 there), not 3 of 64
+    (37 padded); chunks of chunk_size (mutant) gave the same numbers for a quarter more work and passed the suite.
+    A length of whole chunks is not padded."""
+    g = torch.Generator().manual_seed(0)
+    x, dt = torch.randn(1, 155, 2, 3, generator=g), torch.rand(1, 155, 2, generator=g) + 0.1
+    B = C = torch.randn(1, 155, 1, 4, generator=g)
+    xp, dtp, Bp, Cp, Q, c = m2._pad_to_chunks(x, dt, B, C, 64)
+    assert (Q, c) == (52, 3) and [t.shape[1] for t in (xp, dtp, Bp, Cp)] == [156] * 4
+    assert torch.equal(dtp[:, :155], dt) and torch.equal(dtp[:, 155:], torch.zeros(1, 1, 2))
+    assert m2._pad_to_chunks(x[:, :128], dt[:, :128], B[:, :128], C[:, :128], 64)[4:] == (64, 2)
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-10)])
 def test_state_carrying_matches_full_forward(dtype, tol):
@@ -249,6 +265,42 @@ def test_parameter_names_count_and_init():
     assert torch.equal(small.D.detach(), torch.ones(64)) and torch.equal(small.norm.weight.detach(), torch.ones(512))
 
 
+
+def test_init_options_dt_floor_equal_A_range_and_conv_init():
+    """mamba_ssm's init options: step sizes drawn below `dt_init_floor` are raised to it (dropping the clamp passed
+    the suite: the default draws never reach it); A_init_range=(4, 4) is a valid range, low <= high (mutant: refused
+    with low < high); conv_init=c draws the conv weights from U(-c, c) (mutant: U(0, c))."""
+    torch.manual_seed(0)
+    m = Mamba2(d_model=32, d_state=16, headdim=8, dt_min=1e-6, dt_max=1e-5, dt_init_floor=1e-4, A_init_range=(4, 4),
+               conv_init=0.2)
+    torch.testing.assert_close(F.softplus(m.dt_bias.detach()), torch.full((8,), 1e-4), rtol=1e-3, atol=0)
+    torch.testing.assert_close(torch.exp(m.A_log.detach()), torch.full((8,), 4.0))
+    w = m.conv1d.weight.detach()
+    assert w.abs().max() <= 0.2 and w.min() < -0.1 and w.max() > 0.1
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(d_model=20, headdim=16), r"expand\*d_model=40 must be a multiple of headdim=16"),
+    (dict(ngroups=3), r"nheads=8 must be a multiple of ngroups=3"),
+    (dict(A_init_range=(0, 1)), r"A_init_range=\(0, 1\) must satisfy 0 < low <= high"),
+    (dict(A_init_range=(5, 4)), r"A_init_range=\(5, 4\)"),
+    (dict(d_ssm=32), r"d_ssm=32 \(SSM on part of the channels\) is not supported"),
+])
+def test_unsupported_shapes_and_ranges_are_refused_with_the_reason(options, message):
+    """Each refusal names the option; without the headdim or the ngroups check (mutants) the layer was built with
+    a head count that does not divide the channels, or groups that do not divide the heads, and the suite passed."""
+    with pytest.raises(ValueError, match=message):
+        Mamba2(**{"d_model": 32, "d_state": 16, "headdim": 8, **options})
+
+
+def test_a_low_precision_layer_keeps_its_ssm_state_in_float32():
+    """`allocate_state`: the conv window in the layer's dtype, the SSM state in float32 at least (float64 stays);
+    a bf16 state (mutant: the parameters' dtype for both) passed the suite, whose layers are float32 or float64."""
+    m = Mamba2(**SMALL).to(torch.bfloat16)
+    state = m.allocate_state(2)
+    assert state.conv_state.dtype == torch.bfloat16 and state.ssm_state.dtype == torch.float32
+    assert m.allocate_state(2, dtype=torch.float64).ssm_state.dtype == torch.float64
+
 # ---- backends --------------------------------------------------------------------------------------------------
 class FakeKernels:
     """Stand-ins for the Triton/CUDA kernels that check their arguments and compute with the torch reference."""
@@ -323,6 +375,29 @@ def test_kernel_dispatch_with_fake_kernels(fake_cuda, backend):
         assert fake.calls == ["chunk_scan", "rmsnorm_fn"] * 2
         torch.testing.assert_close(state.ssm_state, ref_state.ssm_state, rtol=1e-5, atol=1e-6)
 
+
+
+def test_with_gradients_the_scan_kernel_gets_a_copy_of_the_carried_state(fake_cuda):
+    """mamba_ssm's scan saves `initial_states` for its backward, and the layer overwrites the carried SSM state in
+    place after the call: with gradients on, the kernel must get a copy. Handing it the state itself (mutant: no
+    clone) passed the suite; the fake kernel here keeps what it was given, as the real one does."""
+    m = randomise_(Mamba2(**{**SMALL, "backend": "mamba_ssm"}))
+    fake, kept = FakeKernels(m), []
+    scan = fake.chunk_scan
+
+    def keeping(*args, initial_states=None, **kwargs):
+        kept.append((initial_states, initial_states.clone()))
+        return scan(*args, initial_states=initial_states, **kwargs)
+    fake.chunk_scan = keeping
+    fake_cuda(fake.kernels())
+    state = m.allocate_state(2)
+    u = torch.randn(2, 9, 32)
+    with torch.no_grad():
+        m(u[:, :4], state)
+    m(u[:, 4:], state).sum().backward()
+    given, at_the_call = kept[-1]
+    assert not torch.equal(state.ssm_state, at_the_call)  # the state moved on
+    assert torch.equal(given, at_the_call)  # and what the kernel kept did not
 
 @pytest.mark.parametrize("shape", [dict(d_model=24, headdim=16, ngroups=1), dict(d_conv=5)])
 def test_kernel_path_takes_any_in_proj_width_and_conv_width(fake_cuda, shape):

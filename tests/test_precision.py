@@ -140,6 +140,31 @@ def test_env_forces_bf16_or_fp32_whatever_the_cpu(monkeypatch, flags):
         precision.effective_amp_dtype(cpu, BF16)
 
 
+
+@pytest.mark.parametrize("value, runs_bf16", [("", False), (" AUTO ", False), ("1 ", True), ("\t0", False)])
+def test_env_value_is_read_trimmed_and_case_blind_and_empty_is_auto(monkeypatch, value, runs_bf16):
+    """MVAR_CPU_BF16 set but empty means auto (here: a CPU without the flags, so fp32), and the value is read with
+    spaces trimmed and in any case. Refusing the empty value (mutant: "" left out of the accepted values) or reading
+    it untrimmed (mutant: no .strip().lower()) passed the suite."""
+    monkeypatch.setattr(precision, "cpu_bf16_flags", lambda: ())
+    monkeypatch.setenv(precision.CPU_BF16_ENV, value)
+    assert precision.cpu_runs_bf16() is runs_bf16
+    assert precision.effective_amp_dtype(torch.device("cpu"), BF16) is (BF16 if runs_bf16 else None)
+
+
+@pytest.mark.parametrize("flags, found", [("fpu sse2 avx512f avx512_bf16", ("avx512_bf16",)),
+                                          ("amx_tile amx_bf16 avx512_bf16", ("amx_bf16", "avx512_bf16")),
+                                          ("avx2 avx512f avx512_fp16", ())])
+def test_either_bf16_instruction_set_in_cpuinfo_counts(monkeypatch, flags, found):
+    """/proc/cpuinfo's flags: AVX512-BF16 alone (Cooper Lake, Zen 4) is a bf16 CPU as well as AMX-BF16; looking for
+    the first flag only (mutant) passed the suite, which fakes the result of this function, not its input."""
+    monkeypatch.setattr(precision, "cpu_info", lambda: {"model name": "a test CPU", "flags": flags})
+    precision.cpu_bf16_flags.cache_clear()
+    try:
+        assert precision.cpu_bf16_flags() == found
+    finally:
+        precision.cpu_bf16_flags.cache_clear()
+
 def test_sample_cli_bf16_writes_pictures_and_records_the_precision(tmp_path, monkeypatch):
     """`sample.py --bf16` end to end on the CPU (bf16 forced: emulated on a CPU without bf16 instructions): the FID
     dump's settings say bf16; pictures come out."""

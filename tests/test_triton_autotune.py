@@ -3,6 +3,7 @@
 No GPU here: a stand-in Triton driver names an sm_90 target, so the kernels are really compiled for a Hopper GPU
 (Triton's code generator and ptxas run on the CPU); their launches do nothing and the benchmark times nothing."""
 import contextlib
+import os
 import sys
 import threading
 import time
@@ -247,6 +248,45 @@ def test_threads_from_the_environment(monkeypatch):
     monkeypatch.delenv(triton_autotune.ENV)
     assert 1 <= triton_autotune.compile_threads() <= triton_autotune.MAX_DEFAULT_THREADS
 
+
+
+def test_default_threads_are_the_usable_cpus_at_most_16(monkeypatch):
+    """Unset, the threads are the CPUs this process may use, capped at 16; taking the larger of the two (mutant:
+    max for min) passed the suite, whose check (1 <= threads <= 16) holds on a small machine either way."""
+    monkeypatch.delenv(triton_autotune.ENV, raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(40)), raising=False)
+    assert triton_autotune.compile_threads() == triton_autotune.MAX_DEFAULT_THREADS == 16
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 2, 5})
+    assert triton_autotune.compile_threads() == 3
+
+
+def test_one_thread_or_fewer_hooks_nothing(monkeypatch):
+    """One compile thread is Triton's own sequential path: nothing is hooked (mutant: `threads <= 1` as
+    `threads < 1` hooked the autotuners for a pool of one); a negative count reads as 0 (mutant: kept negative)."""
+    before = _double.prune_configs
+    monkeypatch.setattr(_double, "prune_configs", before)  # undone after the test, were it hooked
+    assert triton_autotune.compile_configs_in_parallel(__name__, threads=1) == 0
+    assert _double.prune_configs is before
+    monkeypatch.setenv(triton_autotune.ENV, "-2")
+    assert triton_autotune.compile_threads() == 0
+
+
+def test_a_packages_autotuners_are_its_modules_not_those_of_a_namesake(monkeypatch):
+    """`autotuners(cls, "pkg")` takes the modules pkg and pkg.* only: matching by prefix (mutant) also hooked a
+    package whose name starts with it (here pkg_extra, as mamba_ssm_extra would be for mamba_ssm)."""
+    class Tuner:
+        pass
+
+    class Other:
+        pass
+
+    tuners = {}
+    for name in ("pkg", "pkg.ops.kernels", "pkg_extra", "other"):
+        module = types.ModuleType(name)
+        module.tuner, module.not_a_tuner = tuners.setdefault(name, Tuner()), Other()
+        monkeypatch.setitem(sys.modules, name, module)
+    found = triton_autotune.autotuners(Tuner, "pkg")
+    assert sorted(map(id, found)) == sorted(id(tuners[n]) for n in ("pkg", "pkg.ops.kernels"))
 
 def test_off_under_the_interpreter(monkeypatch):
     from triton import knobs
