@@ -218,6 +218,8 @@ def main(args: argparse.Namespace) -> None:
     manifest = plan(args, identity, {s: len(d) for s, d in sources.items()}, world)
     manifest["tf32"] = args.tf32 and device.type == "cuda"  # whether the ids were encoded with TF32
     manifest["files"] = {s: file_list_digest(d) for s, d in images.items()}  # None for an embedded data set
+    for split, dataset in images.items():  # whether --limit cut the split (a split of exactly --limit images is whole)
+        manifest["splits"][split]["source_images"] = len(dataset)
     # which tokenizer file (train.py names it when its --vae_ckpt is missing; the digest above is what is checked)
     manifest["vae_ckpt"] = str(Path(args.vae_ckpt).resolve()) if args.vae_ckpt else None
     complete = start(out, manifest)

@@ -161,8 +161,13 @@ def test_extraction_warns_that_limit_keeps_the_first_classes_and_training_says_i
     train.build_data(args, vae, reso=8)
     assert f"the token cache holds only the first 3 images of its train and val split(s) of {setup / 'data'} " \
            f"(extracted with --limit=3)" in caplog.text
+    assert manifest["splits"]["train"]["source_images"] == len(list((setup / "data" / "train").rglob("*.png"))) > 3
     short_val = {**manifest, "splits": {**manifest["splits"], "val": {"images": 2}}}  # fewer than --limit: all of it
     assert "only the first 3 images of its train split(s)" in gaps(short_val)[0]
+    whole_val = {**manifest, "splits": {**manifest["splits"], "val": {"images": 3, "source_images": 3}}}
+    assert "only the first 3 images of its train split(s)" in gaps(whole_val)[0]  # as many as --limit, none cut
+    old_format = {**manifest, "splits": {s: {"images": 3} for s in manifest["splits"]}}  # no source_images recorded
+    assert "of its train and val split(s)" in gaps(old_format)[0]
     manifest["splits"]["val"]["skipped"] = [0, 2]
     assert gaps({**manifest, "limit": 0}) == [f"2 val image(s) of {setup / 'data'} were unreadable at extraction "
                                               f"and are left out (their indices: manifest.json, splits.val.skipped)"]

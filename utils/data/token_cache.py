@@ -118,10 +118,16 @@ def content_digest(manifest: dict[str, Any]) -> str:
 
 
 def gaps(manifest: dict[str, Any]) -> list[str]:
-    """What a finished cache leaves out of its images, in words: the images past its --limit (when a split had more),
-    the unreadable ones."""
+    """What a finished cache leaves out of its images, in words: the images past its --limit (when a split had more:
+    its `source_images`), the unreadable ones."""
     limit, splits = manifest.get("limit", 0), manifest["splits"]
-    cut = [split for split, info in splits.items() if limit and info["images"] == limit]
+
+    def cut_short(info: dict[str, Any]) -> bool:
+        if "source_images" in info:
+            return info["images"] < info["source_images"]
+        return info["images"] == limit  # a manifest from before the split's size was kept: one of --limit images
+
+    cut = [split for split, info in splits.items() if limit and cut_short(info)]
     lines = [f"the token cache holds only the first {limit} images of its {' and '.join(cut)} split(s) of "
              f"{manifest['source']} (extracted with --limit={limit})"] if cut else []
     for split, info in splits.items():
