@@ -1,5 +1,6 @@
 """Multi-scale VQVAE tokenizer: VAR layout, quantizer round trips, training loss, loading."""
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -7,7 +8,9 @@ import torch.nn.functional as F
 
 from models.loading import StateDictMismatchError, load_state_dict_checked, load_vae, vae_checkpoint
 from models.presets import PATCH_NUMS, parse_patch_nums
+from models.quantizer import Phi
 from models.tokenizer import VQVAE, VQVAEConfig
+from models.vae_nets import AttnBlock, Downsample2x, ResnetBlock, Upsample2x
 from models.vq_losses import PatchDiscriminator, hinge_d_loss, hinge_g_loss
 
 pytestmark = pytest.mark.numerics  # rerun by `make test` at the lowest ISA level
@@ -399,3 +402,207 @@ def test_usage_margin_counts_one_steps_last_scale_tokens_on_all_ranks(tiny):
     with torch.no_grad():
         _, usages, _ = tiny(torch.rand(5, 3, 16, 16) * 2 - 1, ret_usages=True)
     assert usages == [50.0] * 4  # > margin: 46.875; all scales: 31.25; one rank: 87.5
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Pinned by a mutation review (each test names the mutant that passed the suite before it)
+# ----------------------------------------------------------------------------------------------------------------------
+
+def test_a_negative_quant_resi_mixes_by_its_absolute_value():
+    """VAR's phi takes |quant_resi|: r = -0.2 blends 0.8 h + 0.2 conv(h), as +0.2 does (check_flags allows [-1, 1]).
+    A Phi using the signed ratio (1.2 h - 0.2 conv(h)), or a negative ratio built as no phi at all, passed the
+    suite."""
+    phi = VQVAE(**{**TINY, "quant_resi": -0.2}).quantize.phi(0, 4)
+    assert isinstance(phi, Phi) and phi.ratio == pytest.approx(0.2)
+    with torch.no_grad():
+        phi.weight.zero_()
+        phi.weight[range(8), range(8), 1, 1] = 1.0  # conv = identity + 2
+        phi.bias.fill_(2.0)
+        h = torch.randn(1, 8, 4, 4, generator=torch.Generator().manual_seed(0))
+        torch.testing.assert_close(phi(h), 0.8 * h + 0.2 * (h + 2), rtol=0, atol=1e-6)
+    assert isinstance(VQVAE(**{**TINY, "quant_resi": 0.0}).quantize.phi(0, 4), torch.nn.Identity)
+
+
+def test_a_negative_share_quant_resi_is_refused_by_name():
+    """share_quant_resi < 0 is a ValueError naming it; `< -1` as the check passed the suite, and -1 then failed with a
+    ZeroDivisionError in phi_ticks."""
+    with pytest.raises(ValueError, match="share_quant_resi must be >= 0, got -1"):
+        VQVAE(**TINY, share_quant_resi=-1)
+
+
+def test_a_single_scale_pass_uses_the_phi_at_position_0(tiny, images):
+    """A schedule of one scale (a `v_patch_nums=(8,)` override) has no position si / (SN - 1): it takes the phi at 0,
+    the first of the four shared ones. Taking the one at 1 (the last) passed the suite."""
+    q = tiny.quantize
+    with torch.no_grad():
+        f = tiny.img_to_f(images)
+        (idx_Bl,) = q.f_to_idxBl_or_fhat(f, to_fhat=False, v_patch_nums=(8,))
+        (f_hat,) = q.f_to_idxBl_or_fhat(f, to_fhat=True, v_patch_nums=(8,))
+        first, last = q.quant_resi.qresi_ls[0], q.quant_resi.qresi_ls[3]
+        assert q.phi(0, 1) is first
+        assert torch.equal(f_hat, first(q.idxBl_to_h(idx_Bl, 8, 8)))
+        assert not torch.equal(f_hat, last(q.idxBl_to_h(idx_Bl, 8, 8)))
+
+
+def test_a_loaded_usage_buffer_is_blended_on_a_new_processs_first_step():
+    """Only a fresh (all-zero) usage EMA is overwritten by the first step's hits; a buffer loaded from a checkpoint
+    (fine-tuning from step 0) is blended at the 0.9 decay. Copying on every first step passed the suite."""
+    q = VQVAE(**TINY, test_mode=False).quantize
+    q.ema_vocab_hit_SV.fill_(1.0)  # as loaded
+    q._record_hits(torch.zeros(4, 32))
+    assert torch.equal(q.ema_vocab_hit_SV, torch.full((4, 32), 0.9))
+    fresh = VQVAE(**TINY, test_mode=False).quantize
+    fresh._record_hits(torch.full((4, 32), 3.0))
+    assert torch.equal(fresh.ema_vocab_hit_SV, torch.full((4, 32), 3.0))
+
+
+def test_set_hit_steps_refuses_a_negative_count():
+    """A negative step count would pick decays from records below 0; `< -1` as the check passed the suite."""
+    q = VQVAE(**TINY).quantize
+    with pytest.raises(ValueError, match="steps must be >= 0, got -1"):
+        q.set_hit_steps(-1)
+    q.set_hit_steps(0)
+    assert q._hit_steps == 0
+
+
+def test_a_single_scale_schedule_has_an_empty_teacher_forcing_input():
+    """With one scale there is no next scale to feed: the input is (B, 0, Cvae), which concatenates after the start
+    token as any other; a (B, Cvae, 0) tensor passed the suite."""
+    q = VQVAE(**{**TINY, "v_patch_nums": (8,)}).quantize
+    var_in = q.idxBl_to_var_input([torch.zeros(2, 64, dtype=torch.long)])
+    assert var_in.shape == (2, 0, 8) and var_in.dtype == torch.float32
+
+
+def test_embed_to_fhat_at_each_scales_size_grows_f_hat_bicubically_through_the_phis(tiny, images):
+    """all_to_max_scale=False (VAR's experimental path, idxBl_to_img(same_shape=False)): f_hat starts at the first
+    scale's size and, scale by scale, is bicubic-resized to the next and gets phi(codes) added. Area or bilinear
+    resizing, or codes added without their phi, passed the suite (only the shapes were checked)."""
+    q = tiny.quantize
+    with torch.no_grad():
+        hs = [q.idxBl_to_h(idx, pn, pn) for idx, pn in zip(tiny.img_to_idxBl(images), tiny.v_patch_nums, strict=True)]
+        out = q.embed_to_fhat(hs, all_to_max_scale=False)
+        f_hat = torch.zeros(2, 8, 1, 1)
+        for si, (h, got) in enumerate(zip(hs, out, strict=True)):
+            f_hat = F.interpolate(f_hat, size=h.shape[-2:], mode="bicubic") + q.phi(si, 4)(h)
+            assert torch.equal(got, f_hat), si
+        assert torch.equal(q.embed_to_fhat(hs, all_to_max_scale=False, last_one=True), f_hat)
+
+
+def test_usage_buffer_with_fewer_scales_keeps_ours_too(tiny):
+    """A stored usage EMA with fewer scales than the model (2 of 4) is replaced by the model's own, like one with more:
+    keeping it only when it had more scales passed the suite (the load then failed on a size mismatch)."""
+    sd = tiny.state_dict()
+    sd["quantize.ema_vocab_hit_SV"] = torch.ones(2, 32)
+    other = VQVAE(**TINY)
+    other.load_state_dict(sd)
+    assert torch.equal(other.quantize.ema_vocab_hit_SV, torch.zeros(4, 32))
+    assert torch.equal(other.quantize.embedding.weight, tiny.quantize.embedding.weight)
+
+
+def test_a_1x1_quant_conv_keeps_the_latent_size(tiny, images):
+    """quant_conv_ks=1 pads by 0 (ks // 2), so the latent stays 8x8 and the schedule still ends at it; a padding of
+    1 whatever the kernel passed the suite (its 10x10 latent then fails the last-scale check)."""
+    vae = VQVAE(**TINY, quant_conv_ks=1)
+    assert vae.quant_conv.padding == vae.post_quant_conv.padding == (0, 0)
+    with torch.no_grad():
+        assert vae.img_to_f(images).shape == (2, 8, 8, 8)
+        assert vae.img_to_reconstructed_img(images, last_one=True).shape == images.shape
+
+
+# ---------------------------------------------------------------- the VAE's layers, by hand
+
+def test_downsample_pads_right_and_bottom_and_upsample_is_nearest():
+    """VAR's resamplers: Downsample2x pads one zero column/row on the right/bottom before its stride-2 3x3 conv;
+    Upsample2x repeats each pixel 2x2 (nearest) before its 3x3 conv. With one-tap / identity kernels their outputs
+    are known exactly. Bilinear upsampling passed the suite; left/top padding was caught only incidentally (a precision
+    test's tolerance, a count of codes in use)."""
+    x = torch.arange(16.0).view(1, 1, 4, 4)
+    down, up = Downsample2x(1), Upsample2x(1)
+    with torch.no_grad():
+        for conv in (down.conv, up.conv):
+            conv.weight.zero_()
+            conv.bias.zero_()
+        down.conv.weight[0, 0, 2, 2] = 1.0  # out[i, j] = padded[2i + 2, 2j + 2]
+        up.conv.weight[0, 0, 1, 1] = 1.0  # identity
+        assert torch.equal(down(x), torch.tensor([[[[10.0, 0.0], [0.0, 0.0]]]]))
+        assert torch.equal(up(x), x.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3))
+
+
+def test_resnet_block_is_vars_norm_silu_conv_twice_with_dropout_before_conv2():
+    """h = conv2(dropout(silu(norm2(conv1(silu(norm1(x))))))), plus x (or its 1x1 nin_shortcut when the width
+    changes); GroupNorm(32) with eps 1e-6, which a small-variance input makes visible. torch's default eps 1e-5 and
+    dropout before norm2 passed the suite; no residual was caught only incidentally (as the padding above)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 32, 4, 4, generator=gen) * 1e-3  # variance 1e-6: eps 1e-5 would change the norm by 5x
+
+    def by_hand(block, x):
+        def norm(m, t):
+            return F.group_norm(t, 32, m.weight, m.bias, eps=1e-6)
+        h = block.conv1(F.silu(norm(block.norm1, x)))
+        return block.nin_shortcut(x) + block.conv2(F.dropout(F.silu(norm(block.norm2, h)), p=0.5, training=True))
+
+    for out_ch in (32, 64):
+        block = ResnetBlock(32, out_ch, dropout=0.5).train()
+        with torch.no_grad():
+            for m in (block.norm1, block.norm2):  # not the identity affine of a fresh GroupNorm
+                m.weight.normal_(generator=gen)
+                m.bias.normal_(generator=gen)
+            torch.manual_seed(1)
+            got = block(x)
+            torch.manual_seed(1)
+            torch.testing.assert_close(got, by_hand(block, x), rtol=1e-5, atol=1e-6)
+    assert isinstance(ResnetBlock(32, 64).nin_shortcut, torch.nn.Conv2d)
+
+
+def test_attention_block_is_vars_single_head_attention():
+    """x + proj_out(v softmax(q^T k / sqrt(C))^T) with q, k, v the qkv conv's three C-channel slices in that order
+    (VAR's layout, which its published weights need), on a non-square map. Another slicing, scale or output reshape
+    was caught only incidentally (a precision test's tolerance, a code-index test)."""
+    gen = torch.Generator().manual_seed(0)
+    block = AttnBlock(32)
+    x = torch.randn(2, 32, 3, 5, generator=gen)
+    with torch.no_grad():
+        qkv = block.qkv(block.norm(x)).flatten(2)  # (B, 3C, L)
+        q, k, v = qkv[:, :32], qkv[:, 32:64], qkv[:, 64:]
+        w = torch.softmax(q.transpose(1, 2) @ k / 32**0.5, dim=2)  # (B, L, L)
+        expected = x + block.proj_out((v @ w.transpose(1, 2)).view(2, 32, 3, 5))
+        torch.testing.assert_close(block(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_encoder_and_decoder_run_their_layers_in_vars_order():
+    """Attention follows every ResNet block of the lowest-resolution level, and each `mid` is block - attention -
+    block; the decoder runs `up` from the last level to the first. Attention after a level's last block only, or a
+    `mid` without attention, was caught only by the two-process test's tolerance."""
+    vae = VQVAE(**TINY)
+    layer = re.compile(r"(conv_in|conv_out|norm_out|mid\.\w+|(down|up)\.\d+\.((block|attn)\.\d+|downsample|upsample))")
+    calls = []
+    for part in ("encoder", "decoder"):
+        for name, m in getattr(vae, part).named_modules():
+            if layer.fullmatch(name):
+                m.register_forward_hook(lambda *_, name=f"{part}.{name}": calls.append(name))
+    with torch.no_grad():
+        vae.img_to_reconstructed_img(torch.zeros(1, 3, 16, 16), last_one=True)
+    enc = ["conv_in", "down.0.block.0", "down.0.block.1", "down.0.downsample", "down.1.block.0", "down.1.attn.0",
+           "down.1.block.1", "down.1.attn.1", "mid.block_1", "mid.attn_1", "mid.block_2", "norm_out", "conv_out"]
+    dec = ["conv_in", "mid.block_1", "mid.attn_1", "mid.block_2", "up.1.block.0", "up.1.attn.0", "up.1.block.1",
+           "up.1.attn.1", "up.1.block.2", "up.1.attn.2", "up.1.upsample", "up.0.block.0", "up.0.block.1",
+           "up.0.block.2", "norm_out", "conv_out"]
+    assert calls == [f"encoder.{n}" for n in enc] + [f"decoder.{n}" for n in dec]
+
+
+def test_vae_widths_off_the_groupnorm_groups_are_refused_by_name():
+    """A width that is not a multiple of 32 is a ValueError saying so; without the check torch's GroupNorm said only
+    'num_channels must be divisible by num_groups'."""
+    with pytest.raises(ValueError, match="VAE widths must be multiples of 32 \\(GroupNorm groups\\); got 48 channels"):
+        VQVAE(**{**TINY, "ch": 48})
+
+
+def test_patch_discriminator_convs_before_a_groupnorm_have_no_bias():
+    """pix2pix's PatchGAN: the convs followed by a norm have no bias (the norm's own shift replaces it), the first and
+    the logit conv have one; each bias-free conv is followed by its GroupNorm. Biases on every conv (other state-dict
+    keys, so another discriminator on resume) passed the suite."""
+    disc = PatchDiscriminator(ch=8, n_layers=3)
+    layers = list(disc.main)
+    convs = [m for m in layers if isinstance(m, torch.nn.Conv2d)]
+    assert [c.bias is not None for c in convs] == [True, False, False, False, True]
+    assert all(isinstance(layers[layers.index(c) + 1], torch.nn.GroupNorm) for c in convs if c.bias is None)

@@ -7,6 +7,7 @@ import functools
 import math
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +17,8 @@ import torch.nn.functional as F
 from conftest import PER_RANK, REPO, launch, write_image_folder
 from models.loading import load_vae
 from models.vq_losses import adaptive_gan_weight, build_perceptual_loss, hinge_d_loss, hinge_g_loss
-from tokenizer_trainer import TokenizerTrainer, build_parser, build_vae, quantizer_residuals, train
+from tokenizer_trainer import TokenizerTrainer, build_parser, build_vae, check_flags, check_resume, evaluate, \
+    quantizer_residuals, train
 from utils.data.loaders import build_datasets
 from utils.run.divergence import NonFiniteError
 from utils.run.log import read_scalars
@@ -428,6 +430,11 @@ def test_zero_periods_are_errors_before_training(tmp_path):
     ("--w_l1=-1", "--w_l1=-1.0: expected a finite number >= 0"), ("--w_vq=nan", "--w_vq=nan: expected"),
     ("--lr=0", "--lr=0.0: expected a positive learning rate"), ("--clip=-2", "--clip=-2.0: expected"),
     ("--disc_ch=1", "--disc_ch=1 --disc_layers=3: the discriminator needs a width of at least 2"),
+    # a mutation review: dropping any of these checks passed the suite (--wp=1 is a warm-up as long as the run)
+    ("--steps=0", "--steps=0: expected a positive integer"), ("--bs=0", "--bs=0: expected a positive integer"),
+    ("--gan_start=-1", "--gan_start=-1: expected a finite number >= 0"),
+    ("--reinit_every=-1", "--reinit_every=-1: expected a finite number >= 0"),
+    ("--wp=1", "--wp=1.0: the warm-up is a fraction of --steps, in \\[0, 1\\)"),
 ])
 def test_bad_flags_fail_before_the_data_is_read(flag, message, tmp_path, monkeypatch):
     import tokenizer_trainer
@@ -766,3 +773,162 @@ def test_an_unwritable_out_dir_is_one_error_line(tmp_path):
     (tmp_path / "a_file").write_text("")
     with pytest.raises(OutputFolderError, match="--out_dir: cannot write into"):
         train(tiny_args(f"--out_dir={tmp_path / 'a_file' / 'run'}", "--steps=1"))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Pinned by a mutation review (each test names the mutant that passed the suite before it)
+# ----------------------------------------------------------------------------------------------------------------------
+
+def test_the_mixing_ratio_may_be_plus_or_minus_one_and_the_batch_must_split_over_the_ranks():
+    """--quant_resi in [-1, 1] includes its ends (|r| = 1: phi is the conv alone); --bs must divide by the processes.
+    Refusing |r| = 1, or not checking --bs against the world size, passed the suite."""
+    for r in (1.0, -1.0):
+        assert check_flags(tiny_args(f"--quant_resi={r}"), 1).quant_resi == r
+    with pytest.raises(ValueError, match="--bs=15 is not divisible by the 2 processes"):
+        check_flags(tiny_args("--bs=15"), 2)
+    assert check_flags(tiny_args("--bs=16"), 2).vocab_size == 64
+
+
+def test_a_resume_may_change_a_non_zero_wd():
+    """Only a change across --wd=0 and --wd > 0 (one AdamW group vs two) is refused on resume; 0.05 -> 0.1 keeps the
+    groups and resumes. Refusing any change of --wd passed the suite."""
+    args = tiny_args("--wd=0.1")
+    config = check_flags(args, 1)
+    ckpt = {"args": vars(tiny_args("--wd=0.05")), "vae_config": dataclasses.asdict(config)}
+    check_resume(ckpt, config, Path("tokenizer-last.pth"), args)
+    with pytest.raises(ValueError, match="--wd=0: tokenizer-last.pth was trained with --wd=0.05"):
+        check_resume(ckpt, config, Path("tokenizer-last.pth"), tiny_args("--wd=0"))
+
+
+def test_quantizer_residuals_are_the_vectors_the_codes_were_matched_against():
+    """quantizer_residuals (what dead codes are re-drawn from) gives, scale by scale, f minus the earlier scales'
+    f_hat, area-pooled: the nearest code of each row is the index the quantizer chose there. Rows of f itself at
+    every scale passed the suite (the re-init test draws from this same function)."""
+    torch.manual_seed(0)
+    vae = build_vae(tiny_args()).eval()
+    vae.quantize.embedding.weight.data.normal_(0, 0.3)  # codes at the latents' scale: many in use
+    img = mnist_batch(4)
+    with torch.no_grad():
+        rows = quantizer_residuals(vae, img)
+        idx = torch.cat([i.flatten() for i in vae.img_to_idxBl(img)])
+    assert rows.shape == (4 * (1 + 4 + 16), 8) and len(idx.unique()) > 10
+    assert torch.equal(vae.quantize._nearest_code(rows), idx)
+
+
+def test_phis_no_scale_uses_are_frozen_and_the_others_train():
+    """--pn=1_2_4 with 4 shared phis: scales 0, 1, 2 sit at 0, 0.5, 1 and pick phis 0, 2, 3 (0.5 is a tie of ticks
+    1 and 2, decided by rounding); phi 1 serves none and is frozen (DDP rejects parameters without a gradient). Also
+    freezing the last scale's phi passed the suite: it then never trained."""
+    args = tiny_args()
+    trainer = TokenizerTrainer(build_vae(args), args, torch.device("cpu"))
+    q = trainer.vae.quantize
+    phis = list(q.quant_resi.qresi_ls)
+    used = [phis.index(q.phi(si, 3)) for si in range(3)]
+    assert used == [0, 2, 3]
+    assert [all(p.requires_grad for p in phi.parameters()) for phi in phis] == [True, False, True, True]
+    trainer.train_step(mnist_batch(4))
+    assert all(phis[i].weight.grad.abs().sum() > 0 for i in used) and phis[1].weight.grad is None
+
+
+def test_the_optimisers_are_vqgans_adamw():
+    """AdamW with betas (0.5, 0.9) for the tokenizer and the discriminator (VQGAN's). torch's default (0.9, 0.999)
+    for the tokenizer passed the suite."""
+    args = tiny_args("--w_gan=0.1", "--disc_ch=16", "--disc_layers=1")
+    trainer = TokenizerTrainer(build_vae(args), args, torch.device("cpu"))
+    for opt in (trainer.opt, trainer.disc_opt):
+        assert isinstance(opt, torch.optim.AdamW) and {g["betas"] for g in opt.param_groups} == {(0.5, 0.9)}
+
+
+def test_total_loss_weights_each_reconstruction_term_by_its_flag():
+    """loss = w_l1 * l1 + w_l2 * l2 + w_vq * vq: a --w_l1 left out of the sum (the other tests keep it at 1) passed
+    the suite."""
+    args = tiny_args("--w_l1=0.7", "--w_l2=0.4", "--w_vq=0.3")
+    out = TokenizerTrainer(build_vae(args), args, torch.device("cpu")).train_step(mnist_batch(8))
+    torch.testing.assert_close(out["loss"], 0.7 * out["l1"] + 0.4 * out["l2"] + 0.3 * out["vq"], rtol=1e-6, atol=0)
+
+
+def test_dead_codes_are_drawn_by_the_seed_and_step_with_noise_and_their_adam_moments_cleared():
+    """The re-init draws, from torch.Generator(seed * 1_000_003 + step), the residual rows to copy and a Gaussian
+    nudge of 1e-3 of their std (so two codes on one row do not stay twins): exactly reproducible, on any world size.
+    Both Adam moments of a reset code are zeroed. Rows copied without the nudge, or a stale exp_avg_sq (Adam's step
+    for the new code scaled by the old code's history), passed the suite; a seed without the step was caught only by
+    the two-process test's tolerance."""
+    args = tiny_args("--steps=10", "--seed=3")
+    trainer = TokenizerTrainer(build_vae(args), args, torch.device("cpu"))
+    img = mnist_batch()
+    trainer.train_step(img)  # fills the Adam state of the codes in use
+    trainer.step = 5
+    quantize = trainer.vae.quantize
+    state = trainer.opt.state[quantize.embedding.weight]
+    quantize.ema_vocab_hit_SV.fill_(10.0)
+    quantize.ema_vocab_hit_SV[:, :32] = 0.0  # codes 0..31 dead, used ones (non-zero Adam moments) among them
+    dead = torch.arange(64) < 32
+    assert all(state[key][dead].abs().sum() > 0 for key in ("exp_avg", "exp_avg_sq"))
+    rows = quantizer_residuals(trainer.vae.eval(), img)
+    trainer.vae.train()
+    g = torch.Generator().manual_seed(3 * 1_000_003 + 5)
+    pick = torch.randint(len(rows), (int(dead.sum()),), generator=g)
+    noise = torch.randn((int(dead.sum()), 8), generator=g)
+    assert trainer.reinit_dead_codes(img, tokens_per_step=336) == int(dead.sum())
+    assert torch.equal(quantize.embedding.weight[dead], rows[pick] + 1e-3 * rows.std() * noise)
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert state[key][dead].abs().sum() == 0 and state[key][~dead].abs().sum() > 0, key
+
+
+def test_resume_restores_the_count_of_bad_steps_in_a_row():
+    """A run stopped after a skipped non-finite step resumes with that count: --max_nonfinite counts across the
+    restart. Resuming with a fresh guard passed the suite."""
+    args = tiny_args("--steps=3")
+    trainer = TokenizerTrainer(build_vae(args), args, torch.device("cpu"))
+    bad = mnist_batch(4).clone()
+    bad[0, 0, 0, 0] = math.nan
+    trainer.train_step(bad)
+    assert trainer.guard.bad_in_a_row == 1
+    resumed = TokenizerTrainer(build_vae(args), args, torch.device("cpu"))
+    resumed.load_state_dict(trainer.state_dict())
+    assert resumed.guard.bad_in_a_row == 1
+
+
+def test_a_discriminator_saved_at_exactly_gan_start_steps_may_change_shape(caplog):
+    """A checkpoint at step == --gan_start has run steps 0 .. gan_start - 1, none with the GAN: its discriminator
+    never trained, so a resume may rebuild it with other shapes. `<` as the rule (refusing this resume) passed the
+    suite."""
+    args = tiny_args("--steps=4", "--w_gan=0.1", "--gan_start=2", "--disc_ch=16", "--disc_layers=1")
+    trainer = TokenizerTrainer(build_vae(args), args, torch.device("cpu"))
+    before = [p.detach().clone() for p in trainer.disc.parameters()]
+    for _ in range(2):
+        trainer.train_step(mnist_batch(4))
+    assert all(torch.equal(b, p) for b, p in zip(before, trainer.disc.parameters(), strict=True))
+    other = tiny_args("--steps=4", "--w_gan=0.1", "--gan_start=2", "--disc_ch=32", "--disc_layers=1")
+    resumed = TokenizerTrainer(build_vae(other), other, torch.device("cpu"))
+    resumed.load_state_dict(trainer.state_dict())
+    assert resumed.step == 2 and "never trained: step 2 <= its run's --gan_start=2" in caplog.text
+
+
+def test_evaluate_reports_l1_in_model_units_and_psnr_of_images_in_0_1():
+    """Validation: the mean L1 of reconstructions in [-1, 1] and the PSNR of the images mapped to [0, 1]: an error of
+    0.2 everywhere is L1 0.2 and, 0.1 in [0, 1], PSNR 20 dB; the tokenizer is left in train mode. PSNR of the [-1, 1]
+    images (14 dB here), a halved L1, or a tokenizer left in eval mode passed the suite."""
+
+    class Shifted(torch.nn.Module):  # a tokenizer whose reconstruction is the image + 0.2
+        def img_to_reconstructed_img(self, img, last_one):
+            assert last_one and not self.training
+            return img + 0.2
+
+    vae = Shifted()
+    img = torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(0)) - 0.5
+    metrics = evaluate(vae, [(img[:2], None), (img[2:], None)], torch.device("cpu"))
+    assert metrics["val_l1"] == pytest.approx(0.2, rel=1e-5) and metrics["val_psnr"] == pytest.approx(20, rel=1e-5)
+    assert vae.training
+
+
+def test_clip_leaves_the_discriminators_gradient_alone():
+    """--clip bounds the tokenizer's gradient only: the discriminator steps with its full gradient (its norm is taken
+    just to see that it is finite). Clipping it too was caught only by the two-process test's tolerance."""
+    args = tiny_args("--steps=2", "--clip=0.01", "--w_gan=0.1", "--disc_ch=16", "--disc_layers=1")
+    trainer = TokenizerTrainer(build_vae(args), args, torch.device("cpu"))
+    trainer.train_step(mnist_batch(4))
+    disc_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in trainer.disc.parameters()]))
+    vae_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in trainer.vae.parameters()
+                                                     if p.grad is not None]))
+    assert disc_norm > 1.0 and vae_norm == pytest.approx(0.01, rel=1e-5)
