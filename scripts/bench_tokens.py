@@ -103,7 +103,7 @@ def bench_setup(name: str, bs: int, n: int, rounds: int, work: Path) -> list:
     return rows
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--threads", type=int, default=1)
@@ -111,7 +111,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--bs", type=int, default=64, help="batch of the study set-up")
     p.add_argument("--bs_256", type=int, default=4, help="batch of the 256 px set-up")
     p.add_argument("--rounds", type=int, default=5, help="timed rounds per path (one more warms up)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     torch.set_num_threads(args.threads)
     rows = []
     for name in args.setups:

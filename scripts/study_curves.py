@@ -7,6 +7,7 @@ Inputs under the study's work folder: runs/<run>/curve.json (the run's `eval_his
 A point inside a run comes from that run's schedule: the learning rate there has not decayed as it would in a run
 that ends at that point, so a curve's early points understate what a run of that length would reach.
 """
+import argparse
 import json
 import math
 import statistics
@@ -244,13 +245,15 @@ def plot_curves(rows: dict[str, dict], curves: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Print the verdicts a published study_data.json gives with this code (a re-reading needs no work folder)."""
-    import argparse
-
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=main.__doc__)
     p.add_argument("data", type=Path, help="a study's study_data.json (e.g. docs/study_data.json)")
-    data = json.loads(p.parse_args(argv).data.read_text())
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Print the verdicts a published study_data.json gives with this code (a re-reading needs no work folder)."""
+    data = json.loads(build_parser().parse_args(argv).data.read_text())
     print(verdicts(data["plan"]["rows"], curves_from_data(data)))
 
 
