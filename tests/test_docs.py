@@ -79,3 +79,19 @@ def test_each_documented_make_target_exists():
     documented = {words[1] for doc in DOCS for line in shell_lines(doc.read_text())
                   if len(words := shlex.split(line, comments=True)) > 1 and words[0] == "make"}
     assert documented and documented <= targets, documented - targets
+
+
+RECIPES = sorted((REPO / "scripts").glob("train_*.sh"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[r.name for r in RECIPES])
+def test_each_training_recipes_flags_parse_with_train_pys(recipe):
+    """scripts/train_d16.sh etc.: the flags each passes to torchrun.sh (train.py) before the user's ("$@")."""
+    text = re.sub(r"\\\n\s*", " ", recipe.read_text())
+    words = next(shlex.split(line, comments=True) for line in text.splitlines() if "torchrun.sh" in line
+                 and not line.lstrip().startswith("#"))
+    argv = words[[i for i, w in enumerate(words) if w.endswith("torchrun.sh")][0] + 1:words.index("$@")]
+    parser = importlib.import_module(SCRIPTS["train.py"]).build_parser()
+    parser.allow_abbrev = False
+    parser.parse_args([a.replace("$VAE", "vae.pth") for a in argv])
+    assert argv and all(a.startswith("--") for a in argv)
