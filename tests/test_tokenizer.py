@@ -597,6 +597,17 @@ def test_vae_widths_off_the_groupnorm_groups_are_refused_by_name():
         VQVAE(**{**TINY, "ch": 48})
 
 
+def test_patch_discriminator_runs_conv_norm_leaky_relu_in_order_and_draws_convs_at_std_0_02():
+    """The layer sequence itself (a missing LeakyReLU after the first conv was caught only by a training test's
+    tolerance) and pix2pix's init N(0, 0.02) of every conv weight (0.2 likewise)."""
+    torch.manual_seed(0)
+    disc = PatchDiscriminator(ch=64, n_layers=3)
+    kinds = {torch.nn.Conv2d: "conv", torch.nn.GroupNorm: "norm", torch.nn.LeakyReLU: "lrelu"}
+    assert [kinds[type(m)] for m in disc.main] == ["conv", "lrelu"] + ["conv", "norm", "lrelu"] * 3 + ["conv"]
+    for conv in (m for m in disc.main if isinstance(m, torch.nn.Conv2d)):
+        assert conv.weight.mean().abs() < 0.005 and 0.018 < conv.weight.std() < 0.022, conv
+
+
 def test_patch_discriminator_convs_before_a_groupnorm_have_no_bias():
     """pix2pix's PatchGAN: the convs followed by a norm have no bias (the norm's own shift replaces it), the first and
     the logit conv have one; each bias-free conv is followed by its GroupNorm. Biases on every conv (other state-dict
