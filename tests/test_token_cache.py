@@ -25,8 +25,8 @@ from models.loading import load_vae, vae_checkpoint
 from scripts.extract_tokens import ViewSource, extract_shard, finish, plan, start
 from trainer import data_problems
 from utils.data.loaders import DataError, build_transforms, sample_seed
-from utils.data.token_cache import TokenCacheError, TokenDataset, content_digest, gaps, open_cache, pick_view, \
-    read_manifest, ShardWriter, shard_bounds, shard_name, tokenizer_digest, write_json
+from utils.data.token_cache import IDENTITY, TokenCacheError, TokenDataset, content_digest, gaps, open_cache, \
+    pick_view, read_manifest, ShardWriter, shard_bounds, shard_name, tokenizer_digest, write_json
 from utils.data.views import parse_views, render_views
 from utils.run.checkpoint import LAST
 
@@ -854,19 +854,26 @@ def test_the_centre_view_is_the_validation_transforms_crop_also_for_odd_margins(
         assert torch.equal(render_views(img, ["center"], 8, 1.125, 0, 0)[0], val_tf(img)), (h, w)
 
 
+WHOLE_MANIFEST = {"format": 1, "tokenizer_digest": "0", "patch_nums": [1, 2], "reso": 32, "mid_reso": 1.125,
+                  "views": ["center"], "classes": ["a"], "L": 5, "seed": 0, "batch": 64, "splits": {}, "complete": True}
+
+
 @pytest.mark.parametrize("manifest, message", [
     (None, "is not a token cache (no manifest.json)"),
     ("{", "manifest.json is unreadable"),
     ('{"format": 2}', "format 2, this code reads format 1"),
     ('{"complete": true}', "format None, this code reads format 1"),  # no format at all (a mutant passed it)
-    ('{"format": 1, "complete": false}', "is unfinished: relaunch scripts/extract_tokens.py"),
+    (json.dumps({**WHOLE_MANIFEST, "complete": False}), "is unfinished: relaunch scripts/extract_tokens.py"),
+    (json.dumps({k: v for k, v in WHOLE_MANIFEST.items() if k != "mid_reso"}),
+     "was made for other settings: --mid_reso: not recorded in the cache's manifest"),
 ])
 def test_a_cache_without_a_finished_manifest_of_this_format_is_refused(tmp_path, manifest, message):
-    """Training from a partial cache would read rows never written (zeros, as class 0)."""
+    """Training from a partial cache would read rows never written (zeros, as class 0). A manifest without a field
+    the checks read was a KeyError traceback."""
     if manifest is not None:
         (tmp_path / "manifest.json").write_text(manifest)
     with pytest.raises(TokenCacheError, match=re.escape(message)):
-        open_cache(tmp_path, {})
+        open_cache(tmp_path, {k: WHOLE_MANIFEST[k] for k in IDENTITY})
 
 
 def test_the_tokenizer_digest_ignores_its_usage_statistics():

@@ -86,9 +86,11 @@ def identity_problems(manifest: dict[str, Any], expected: dict[str, Any]) -> lis
     """What differs between the cache's IDENTITY fields and `expected` (only the fields `expected` names)."""
     problems = []
     for key, what in IDENTITY.items():
-        if key not in expected or manifest[key] == expected[key]:
+        if key not in expected or (key in manifest and manifest[key] == expected[key]):
             continue
-        if key == "classes":  # only in the cache / this run, or another order
+        if key not in manifest:  # a hand-edited or damaged manifest: what its ids mean cannot be checked
+            problems.append(f"{what}: not recorded in the cache's manifest")
+        elif key == "classes":  # only in the cache / this run, or another order
             problems.append(f"{what}: {class_difference(manifest[key], expected[key], ('the cache', 'this run'))}")
         else:
             problems.append(f"{what}: cache {manifest[key]!r}, this run {expected[key]!r}")
