@@ -232,17 +232,21 @@ def test_phi_formula():
         torch.testing.assert_close(phi(h), 0.5 * h + 0.5 * (3 * h + 1))
 
 
-def test_phi_blend_weights_the_conv_by_the_ratio():
+@pytest.mark.parametrize("quant_resi", [0.2, -0.2])
+def test_phi_blend_weights_the_conv_by_the_ratios_absolute_value(quant_resi):
     """VAR's phi is h * (1 - r) + conv(h) * r: at the default r = 0.5 a blend with the weights swapped gives the same
-    values, so a quant_resi of 0.2 tells the two apart (0.8 h + 0.2 conv(h), not 0.2 h + 0.8 conv(h))."""
-    phi = VQVAE(**{**TINY, "quant_resi": 0.2}).quantize.phi(0, 4)
-    assert phi.ratio == pytest.approx(0.2)
+    values, so a quant_resi of 0.2 tells the two apart (0.8 h + 0.2 conv(h), not 0.2 h + 0.8 conv(h)). r is
+    |quant_resi|: -0.2 blends as +0.2 (check_flags allows [-1, 1]); 0 is no phi. A Phi using the signed ratio
+    (1.2 h - 0.2 conv(h)), or a negative ratio built as no phi at all, passed the suite (a mutation review)."""
+    phi = VQVAE(**{**TINY, "quant_resi": quant_resi}).quantize.phi(0, 4)
+    assert isinstance(phi, Phi) and phi.ratio == pytest.approx(0.2)
     with torch.no_grad():
         phi.weight.zero_()
         phi.weight[range(8), range(8), 1, 1] = 1.0  # conv = identity + 2
         phi.bias.fill_(2.0)
         h = torch.randn(1, 8, 4, 4, generator=torch.Generator().manual_seed(0))
         torch.testing.assert_close(phi(h), 0.8 * h + 0.2 * (h + 2), rtol=0, atol=1e-6)
+    assert isinstance(VQVAE(**{**TINY, "quant_resi": 0.0}).quantize.phi(0, 4), torch.nn.Identity)
 
 
 def test_hinge_losses_values_and_signs():
@@ -407,21 +411,6 @@ def test_usage_margin_counts_one_steps_last_scale_tokens_on_all_ranks(tiny):
 # ----------------------------------------------------------------------------------------------------------------------
 # Pinned by a mutation review (each test names the mutant that passed the suite before it)
 # ----------------------------------------------------------------------------------------------------------------------
-
-def test_a_negative_quant_resi_mixes_by_its_absolute_value():
-    """VAR's phi takes |quant_resi|: r = -0.2 blends 0.8 h + 0.2 conv(h), as +0.2 does (check_flags allows [-1, 1]).
-    A Phi using the signed ratio (1.2 h - 0.2 conv(h)), or a negative ratio built as no phi at all, passed the
-    suite."""
-    phi = VQVAE(**{**TINY, "quant_resi": -0.2}).quantize.phi(0, 4)
-    assert isinstance(phi, Phi) and phi.ratio == pytest.approx(0.2)
-    with torch.no_grad():
-        phi.weight.zero_()
-        phi.weight[range(8), range(8), 1, 1] = 1.0  # conv = identity + 2
-        phi.bias.fill_(2.0)
-        h = torch.randn(1, 8, 4, 4, generator=torch.Generator().manual_seed(0))
-        torch.testing.assert_close(phi(h), 0.8 * h + 0.2 * (h + 2), rtol=0, atol=1e-6)
-    assert isinstance(VQVAE(**{**TINY, "quant_resi": 0.0}).quantize.phi(0, 4), torch.nn.Identity)
-
 
 def test_a_negative_share_quant_resi_is_refused_by_name():
     """share_quant_resi < 0 is a ValueError naming it; `< -1` as the check passed the suite, and -1 then failed with a
