@@ -109,3 +109,62 @@ def test_inpainting_follows_the_class_it_is_given(quick_demo):
     # the wrong class pulls the digit towards itself: far more often read as that class than when the own class
     # was asked for (which would be the case if the label were ignored)
     assert wrong_consistency > (own == wrong_B).float().mean().item() + 0.05
+
+
+def test_the_grid_shows_each_digits_own_samples_and_consistency_is_counted_per_digit(tmp_path, monkeypatch):
+    """demo.main's bookkeeping, its stages stubbed (no training): sample i of the 10 x 10 drawn (class i // 10) is
+    drawn with pixel value i, and the stub classifier reads sample k of digit c right when k < c. Grid row c shows
+    digit c's first --grid_cols samples; summary.json's per-digit consistency is c / 10 and the whole 0.45. A
+    mutation review: the grid picking samples 3c ... 3c + 2 (other digits' samples) and the consistency averaged
+    per sample position instead of per digit passed the suite (the quick demo checks a grid cell is not blank and
+    that 10 values are reported)."""
+    from types import SimpleNamespace
+
+    num_classes, per_class = 10, demo.PRESETS["quick"]["per_class"]
+    drawn, trained = [], {}
+
+    class Val(list):  # 4 validation digits: (image, label) items and .targets
+        targets = [0, 1, 2, 3]
+
+    def train_tokenizer(args):
+        trained["tok"] = args
+        return tmp_path / "t.pth"
+
+    def sample_digits(mvar, label_B, args, dtype):
+        drawn.append(label_B.clone())
+        return torch.arange(len(label_B), dtype=torch.float32).div(255).view(-1, 1, 1, 1).expand(-1, 3, DIGIT_PX,
+                                                                                                 DIGIT_PX)
+
+    def predict(classifier, img_B3HW):
+        if len(img_B3HW) == len(Val.targets):  # the validation digits' reconstructions: all right
+            return torch.tensor(Val.targets)
+        i = img_B3HW[:, 0, 0, 0].add(1).mul(255 / 2).round().long()  # generated images come as [-1, 1]
+        c, k = i // per_class, i % per_class
+        return torch.where(k < c, c, (c + 1) % num_classes)
+
+    monkeypatch.setattr(demo, "setup_logging", lambda *a: None)
+    monkeypatch.setattr(demo.tokenizer_trainer, "train", train_tokenizer)
+    monkeypatch.setattr(demo.train, "main", lambda args: trained.setdefault("mvar", args))
+    monkeypatch.setattr(demo, "load_vae", lambda p: SimpleNamespace(img_to_reconstructed_img=lambda x, last_one: x))
+    monkeypatch.setattr(demo, "load_mvar", lambda p, vae: None)
+    monkeypatch.setattr(demo, "build_datasets", lambda *a: (num_classes, None, Val(
+        (torch.zeros(3, DIGIT_PX, DIGIT_PX), t) for t in Val.targets)))
+    monkeypatch.setattr(demo, "effective_amp_dtype", lambda *a: None)  # no bf16 sampling beside fp32
+    monkeypatch.setattr(demo, "sample_digits", sample_digits)
+    monkeypatch.setattr(demo, "train_classifier", lambda *a, **k: "clf")
+    monkeypatch.setattr(demo, "accuracy", lambda clf, data: 0.9)
+    monkeypatch.setattr(demo, "predict", predict)
+    summary = demo.main(demo.build_parser().parse_args(["--quick", f"--out_dir={tmp_path / 'demo'}",
+                                                        "--grid_cols=3"]))
+
+    (label_B,) = drawn
+    assert label_B.tolist() == [c for c in range(num_classes) for _ in range(per_class)]
+    assert (trained["tok"].reso, trained["tok"].out_dir) == (DIGIT_PX, str(tmp_path / "demo" / "tokenizer"))
+    assert trained["mvar"].vae_ckpt == str(tmp_path / "t.pth") and trained["mvar"].seed == 0
+    assert summary["per_class_consistency"] == [c / 10 for c in range(num_classes)]
+    assert summary["class_consistency"] == pytest.approx(0.45) and summary["n_generated"] == 100
+    assert summary["classifier_val_acc_reconstructed"] == 1.0 and summary["class_consistency_bf16"] is None
+    grid = np.asarray(Image.open(summary["grid"]))
+    assert grid.shape == (2 + num_classes * (DIGIT_PX + 2), 2 + 3 * (DIGIT_PX + 2), 3)
+    cells = [[int(grid[2 + r * (DIGIT_PX + 2), 2 + k * (DIGIT_PX + 2), 0]) for k in range(3)] for r in range(10)]
+    assert cells == [[per_class * c + k for k in range(3)] for c in range(num_classes)]

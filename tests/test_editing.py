@@ -179,6 +179,29 @@ def test_box_outside_the_image_is_a_clear_error():
         box_mask(IMG, IMG, (0, 6, 8, 9))
 
 
+def test_a_box_of_no_pixel_is_an_error_and_its_ends_are_exclusive():
+    """x1 = x0 or y1 = y0 is an empty box (ends exclusive): refused, as one reaching the image's edge is not. A
+    mutation review: a check of x0 <= x1 (a box of no pixel, then "the mask covers no pixel") passed the suite."""
+    for box in ((2, 2, 2, 5), (2, 3, 5, 3)):
+        with pytest.raises(ValueError, match=re.escape(f"box {box} (x0, y0, x1, y1) must satisfy 0 <= x0 < x1 <= 8")):
+            box_mask(IMG, IMG, box)
+    mask = box_mask(IMG, IMG, (7, 0, 8, 8))[0, 0]
+    assert mask.sum() == 8 and mask[:, 7].all()
+
+
+def test_an_edits_resize_size_is_torchvisions_truncated_one():
+    """_resized_hw is the size torchvision's resize to a shorter side of `reso` gives (the longer side truncated):
+    the mask is resized to it with the image, and the two must agree. A 3x4 image to 8 px is 8x10 (10.67
+    truncated); rounding (8x11) passed the suite, whose edit images scale to whole sizes."""
+    from torchvision.transforms import functional as TF
+
+    from utils.sample_io import _resized_hw
+
+    for h, w in ((3, 4), (4, 3), (12, 17), (7, 7)):
+        assert _resized_hw(h, w, IMG) == tuple(TF.resize(torch.zeros(1, h, w), [IMG]).shape[-2:]), (h, w)
+    assert _resized_hw(3, 4, IMG) == (8, 10) and _resized_hw(4, 3, IMG) == (10, 8)
+
+
 def test_edit_inputs_from_a_mask_png_or_a_box(tmp_path):
     Image.fromarray(np.full((12, 16, 3), 200, np.uint8)).save(tmp_path / "img.png")  # 16x12: resized, cropped
     mask = np.zeros((12, 16), np.uint8)

@@ -20,7 +20,7 @@ from test_trainer_e2e import TINY, run_train, setup  # noqa: F401  (setup: the t
 from models import MVAR, MVARConfig
 from models.loading import CheckpointError, mvar_checkpoint
 from scripts.gpu_train_check import write_tokenizer
-from utils.flags import changed_flags, finalize_args, parse_args
+from utils.flags import FlagError, changed_flags, finalize_args, parse_args, sampling_problems
 from utils.data.loaders import image_source_problem
 from utils.run import lock as run_lock
 from utils.run.checkpoint import RunFolder, save_atomic
@@ -60,6 +60,50 @@ from utils.run.lock import LOCK_NAME, RunLock, RunLockError, read_owner
 def test_flags_that_train_nothing_are_refused(flag):
     with pytest.raises(ValueError, match=flag.split("=")[0]):
         finalize_args(parse_args(flag.split()), world_size=1)
+
+
+@pytest.mark.parametrize("flags, message", [
+    ("--ac=0", "--ac=0: expected a positive integer"),  # unchecked: a ZeroDivisionError traceback
+    ("--train_limit=-1", "--train_limit=-1: expected >= 0 (0 = off)"),
+    ("--pg=0.5 --pg0=10", "--pg0=10: expected a scale index in [0, 9]"),  # 256's schedule has scales 0 to 9
+    ("--tokens=/no/cache --pn=1_2 --vae_ckpt=/no/vae.pth --eval_every=1",
+     "--data_path: expected an ImageFolder root with train/ and val/ class folders (ImageNet's layout); for an "
+     "embedded data set instead, name it: --dataset=mnist|imagenet20|fmnist (--eval_every with --tokens scores "
+     "against real images)"),
+])
+def test_a_refusal_says_what_the_flag_expects(flags, message):
+    """The whole error line, for refusals the list above did not cover: a mutation review found that --ac=0 (a
+    ZeroDivisionError), a negative --train_limit, --pg0 one past the last scale, and --eval_every over a token cache
+    with no images to score against all trained or failed later without the suite noticing."""
+    with pytest.raises(FlagError) as e:
+        finalize_args(parse_args(flags.split()), world_size=1)
+    assert str(e.value) == message
+
+
+def test_the_boundary_values_that_train_are_accepted():
+    """The ranges' closed ends train: guidance 0 and top-k 0 (no guidance, no filter) in the evaluation's sampling,
+    --cond_drop_rate=1, --wp0=0 (a warm-up from zero), --pg0 at the last scale, and VAR's --workers=-1, taken as 0.
+    A mutation review: refusing each of them (cfg <= 0, top_k <= 0, cond_drop_rate < 1, wp0 > 0, workers < 0, the
+    workers passed on as -1) passed the suite."""
+    args = finalize_args(parse_args(["--dataset=mnist", "--eval_every=1", "--eval_cfg=0", "--eval_top_k=0",
+                                     "--cond_drop_rate=1", "--wp0=0", "--pg=0.5", "--pg0=9", "--workers=-1"]), 1)
+    assert (args.eval_cfg, args.eval_top_k, args.cond_drop_rate, args.wp0, args.pg0, args.workers) == \
+        (0.0, 0, 1.0, 0.0, 9, 0)
+    assert sampling_problems(0.0, 0, 1.0) == []
+    assert sampling_problems(-0.5, -1, 0.0, prefix="--eval_") == [
+        "--eval_top_p must be in (0, 1] (1 disables the nucleus filter), got 0.0",
+        "--eval_cfg must be >= 0 and finite (0: no guidance), got -0.5",
+        "--eval_top_k must be >= 0 (0 disables the filter), got -1"]
+
+
+def test_dist_timeout_takes_positive_minutes_and_defaults_to_vars_30(capsys):
+    """torch.distributed's timeout: VAR's 30 minutes, and 0 (every collective would time out at once) a usage error.
+    A mutation review: a timeout of 0 accepted passed the suite."""
+    assert parse_args([]).dist_timeout_min == 30.0 and parse_args(["--dist_timeout_min=0.5"]).dist_timeout_min == 0.5
+    for bad in ("0", "-1", "inf"):
+        with pytest.raises(SystemExit):
+            parse_args([f"--dist_timeout_min={bad}"])
+        assert f"argument --dist_timeout_min: expected minutes > 0, got '{bad}'" in capsys.readouterr().err
 
 
 def test_flags_of_vars_train_py_that_this_one_does_not_take_say_why(capsys):

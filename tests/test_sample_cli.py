@@ -322,6 +322,32 @@ def test_to_uint8_rounds_to_nearest_clamps_and_keeps_the_pixel_layout():
     assert out[0, :, :, 2].tolist() == [[2, 4, 255], [0, 0, 255]]
 
 
+def test_to_uint8_rounds_halves_up_as_torchvisions_save_image():
+    """k + 0.5 (exact in float32 for these) goes to k + 1, as torchvision.utils.save_image's `mul(255).add_(0.5)`
+    then truncation: the FID dump's PNG-equivalent pixels. A mutation review: torch.round (halves to even: 2.5 -> 2)
+    passed the suite."""
+    k = torch.arange(255, dtype=torch.float32)
+    img = ((k + 0.5) / 255).view(1, 1, 1, 255).expand(1, 3, 1, 255)
+    assert to_uint8_BHW3(img)[0, 0, :, 0].tolist() == list(range(1, 256))
+
+
+def test_a_grid_is_images_in_rows_of_ncol_on_white_padding(tmp_path):
+    """save_grid: row r holds images r*ncol ... r*ncol+ncol-1, each framed by 2 px of white (255, as VAR's demo
+    grid); an incomplete last row is padded with white cells. A mutation review: black padding passed the suite,
+    which compares the cells only."""
+    from utils.sample_io import save_grid
+
+    imgs = np.stack([np.full((3, 4, 3), 10 * (i + 1), np.uint8) for i in range(5)])  # 5 images of 3x4 px
+    grid = np.asarray(Image.open(save_grid(imgs, tmp_path / "g.png", ncol=2)))
+    assert grid.shape == (3 * (3 + 2) + 2, 2 * (4 + 2) + 2, 3)
+    cells = np.zeros(grid.shape[:2], bool)
+    for i in range(5):
+        y, x = 2 + (i // 2) * 5, 2 + (i % 2) * 6
+        assert (grid[y:y + 3, x:x + 4] == 10 * (i + 1)).all(), i
+        cells[y:y + 3, x:x + 4] = True
+    assert (grid[~cells] == 255).all()
+
+
 def test_an_fid_dumps_ranks_each_write_their_own_chunks_and_rank_0_packs_them_all(ckpt, tmp_path):
     """sample_fid passes its rank and the rank count to the dump: rank r of 2 writes the PNGs of chunks r, r + 2, ...
     only, and their union packs into the npz of a one-rank dump. Every rank writing every chunk (the same images,

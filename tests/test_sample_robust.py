@@ -494,6 +494,44 @@ def test_a_grid_its_format_cannot_hold_is_refused_before_sampling(ckpt, tmp_path
     assert grid_size_problem(tmp_path / "ok.webp", 1, 1638, 8) is None  # 16,382 px
 
 
+def test_a_grid_of_exactly_its_formats_limit_is_written_one_pixel_more_is_refused(tmp_path):
+    """WebP takes 16,383 px a side: a grid of exactly that is fine, 16,384 refused (with the padding: 1 image of
+    16,379 px is 2 + 16,379 + 2). A mutation review: refusing the limit itself passed the suite (16,382 and 17,002
+    px were its cases)."""
+    from utils.sample_io import grid_size_problem
+
+    assert grid_size_problem(tmp_path / "g.webp", 1, 1, 16_379) is None
+    assert grid_size_problem(tmp_path / "g.webp", 1, 1, 16_380) == (
+        f"{tmp_path / 'g.webp'}: the grid would be 16384x16384 px (1 rows of 1 images of 16380 px), over WEBP's "
+        "16383 px: write a .png, fewer images per row or class, or a folder (an --out without an image suffix)")
+    assert grid_size_problem(tmp_path / "g.jpg", 6549, 1, 8) is None  # JPEG's 65,500 px: 6,549 rows of 10 px + 2
+    assert "would be 12x65502 px (6550 rows of 1 images of 8 px), over JPEG's 65500 px" in \
+        grid_size_problem(tmp_path / "g.jpg", 6550, 1, 8)
+
+
+def test_an_out_suffix_is_an_image_only_where_pil_writes_that_format():
+    """--out names an image file where PIL can write its suffix's format, else a folder: .psd is a format PIL only
+    reads, so `--out=x.psd` is a folder, as an unknown suffix. A mutation review: any registered suffix taken for an
+    image (the grid then failed to save after sampling) passed the suite."""
+    from utils.sample_io import is_image_file
+
+    assert [is_image_file(p) for p in ("a.png", "a.JPG", "a.webp", "a.tif")] == [True] * 4
+    assert [is_image_file(p) for p in ("a.psd", "a.xyz", "samples", "run.d16")] == [False] * 4
+
+
+def test_non_finite_pixels_are_counted_by_kind():
+    """The error counts NaN and Inf apart (NaN: an invalid operation, Inf: an overflow; the advice differs). A
+    mutation review: the two counts swapped passed the suite, whose broken batches held one kind only."""
+    from utils.sample_io import NonFiniteValueError, check_finite_images
+
+    check_finite_images(torch.zeros(2, 3), "fine")
+    img = torch.tensor([[math.nan, math.nan, 0.5], [math.inf, -math.inf, math.nan]])
+    with pytest.raises(NonFiniteValueError) as e:
+        check_finite_images(img, "the decoder")
+    assert str(e.value) == "the decoder produced non-finite pixels (3 NaN, 2 Inf of 6 values); no image of this " \
+        "batch was written"
+
+
 def test_pictures_are_written_atomically(tmp_path, monkeypatch):
     """A review: the grid and the folder's PNGs were written in place, so a kill while writing left a truncated image
     under the final name, taken for a result later. A write that fails now leaves the old file and no temporary one."""

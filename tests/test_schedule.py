@@ -178,6 +178,45 @@ def test_accumulation_and_progressive_derivations():
     assert args.sche == "lin0.5" and args.twde == 0.08 and args.patch_nums[-1] == 32
 
 
+def test_a_batch_the_ranks_do_not_divide_is_rounded_as_vars_and_the_lr_follows_the_batch_trained():
+    """VAR: batch_size = round(bs / ac / world_size) per rank, and the peak lr from the global batch that is trained
+    (ac * tblr * glb_batch_size / 256), not from --bs. 768 over 5 ranks is 153.6: 154 per rank, 770 a step. A
+    mutation review: flooring (153) or the lr from --bs passed the suite, whose batches all divide."""
+    args = finalize_args(parse_args(["--bs=768", "--dataset=mnist"]), world_size=5)
+    assert (args.batch_size, args.glb_batch_size, args.bs_effective) == (154, 770, 770)
+    assert args.tlr == pytest.approx(1e-4 * 770 / 256, rel=1e-12)
+    args = finalize_args(parse_args(["--bs=1000", "--ac=3", "--dataset=mnist"]), world_size=1)
+    assert (args.batch_size, args.glb_batch_size, args.bs_effective) == (333, 333, 999)
+    assert args.tlr == pytest.approx(3 * 1e-4 * 333 / 256, rel=1e-12)
+    assert finalize_args(parse_args(["--bs=2", "--dataset=mnist"]), world_size=8).batch_size == 1  # never 0
+
+
+def test_evaluation_sampling_defaults_are_the_papers_fid_settings_and_the_label_drop_vars():
+    """--eval_every samples with the paper's FID settings (sample.py's --fid preset: cfg 1.5, top-k 900, top-p
+    0.96) and VAR drops 10% of the labels for guidance. A mutation review: the picture settings (cfg 4, top-p 0.95)
+    or no label drop as defaults passed the suite."""
+    import sample
+
+    d = parse_args([])
+    fid = sample.PRESETS["fid"]
+    assert (d.eval_cfg, d.eval_top_k, d.eval_top_p) == (fid["cfg"], fid["top_k"], fid["top_p"]) == (1.5, 900, 0.96)
+    assert (d.cond_drop_rate, d.eval_n, d.drop_path_rate) == (0.1, 1000, -1.0)
+
+
+def test_every_named_size_sets_the_papers_depth_width_architecture_and_schedule():
+    """The registry in full as train.py reads it (models.presets.MVAR_models: the paper's Tables 1 and 5, VAR's
+    sizes): a mutation review found M-VAR-d24-512's depth unchecked (its schedule alone was)."""
+    def shape(name):
+        a = parse_args([f"--model={name}"])
+        return a.depth, a.embed_dim, a.arch, a.pn
+
+    assert {name: shape(name) for name in MVAR_models} == {
+        **{f"M-VAR-d{d}": (d, None, "mvar", None) for d in (12, 16, 20, 24, 30, 32)},
+        **{f"VAR-d{d}": (d, None, "var", None) for d in (12, 16, 20, 24, 30)},
+        "M-VAR-W": (16, 768, "mvar", None), "M-VAR-D": (12, 1024, "mvar", None),
+        "M-VAR-d24-512": (24, None, "mvar", "1_2_3_4_6_9_13_18_24_32")}
+
+
 @pytest.mark.parametrize("flag", ["--val_every=0", "--log_every=0", "--save_every=-1", "--sample_every=-2",
                                   "--save_every_min=-1", "--ep=0"])
 def test_bad_periods_are_errors_at_start(flag):

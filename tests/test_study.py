@@ -459,3 +459,109 @@ def test_the_flop_axis_and_the_table_read_the_training_flops(tmp_path):
     rows = {"var": dict(label="VAR", params=2e6, images=200, scores=[score], timings=[timing], train_images_per_s=10.0)}
     line = next(line for line in study_report.table(tmp_path, rows, plan).splitlines() if line.startswith("| VAR |"))
     assert line.split(" | ")[3:5] == ["3.00", "7.00"]
+
+
+def test_every_table_cell_is_read_from_its_own_field(tmp_path):
+    """study.md's table, a value per field (none shared, so no two columns can trade): the reference rows'
+    precision and recall, a row's training minutes (images / img/s / 60), sampling img/s (the mean over the
+    timings), the first seed's Inception FID, IS_clf and the other means; every line has the header's 14 cells, an
+    unfinished row too. A mutation review: precision and recall swapped, hours for minutes, the last timing's
+    speed, the IS_clf column dropped passed the suite (its cases share values between columns)."""
+    (tmp_path / "scores").mkdir()
+    floor = dict(fd_clf=1.25, fid_inception=12.34, is_clf=9.5, precision=0.812, recall=0.634, consistency=0.975)
+    ceiling = dict(fd_clf=2.5, is_clf=8.25, precision=0.701, recall=0.523, consistency=0.912)
+    for key, score in (("floor", floor), ("ceiling", ceiling)):
+        (tmp_path / "scores" / f"{key}.json").write_text(json.dumps(score))
+    seeds = [dict(fd_clf=4.0, fid_inception=33.33, is_clf=8.0, precision=0.6, recall=0.3, consistency=0.9),
+             dict(fd_clf=5.0, is_clf=9.0, precision=0.7, recall=0.5, consistency=0.8)]
+    timings = [dict(train_flops_per_image=3e9, sample_flops_per_image=7e9, sample_images_per_s=s) for s in (2.0, 4.0)]
+    rows = {"mvar": dict(label="M-VAR", params=2.5e6, images=1200, scores=seeds, timings=timings,
+                         train_images_per_s=10.0),
+            "var": dict(label="VAR", params=1e6, images=1200, scores=[], timings=[], train_images_per_s=math.nan)}
+    lines = study_report.table(tmp_path, rows, {"preset": {"inception_n": 10}}).splitlines()
+    assert lines[2:] == [
+        "| real training images (floor) | | | | | | | | 1.25 | 12.3 | 9.50 | 0.812 | 0.634 | 0.975 |",
+        "| tokenizer reconstructions (ceiling) | | | | | | | | 2.50 | - | 8.25 | 0.701 | 0.523 | 0.912 |",
+        "| M-VAR | 2.50 | 1,200 | 3.00 | 7.00 | 10.0 | 2.0 | 3.0 | 4.50 ± 0.50 | 33.3 | 8.50 | 0.650 | 0.400 | 0.850 |",
+        "| VAR | 1.00 | not finished |" + " |" * 11]
+    assert lines[0].count("|") == 15 and all(line.count("|") == 15 for line in lines[2:]), lines
+
+
+def test_the_reading_ranks_by_mean_fd_and_names_each_claims_rows_in_the_papers_order():
+    """Rows ordered as the paper finds them (M-VAR < M-VAR-W < M-VAR-D < half VAR < VAR < Mamba < intra-scale
+    attention, each many seeds' spreads apart) reproduce every claim, ranked best first. A mutation review: the
+    ranking reversed, and Table 6's Mamba-over-intra and Figure 5's claims tested the wrong way round (then "not
+    reproduced" where the paper holds) passed the suite."""
+    fd = {"mvar": [3.00, 3.02], "mvar-w": [3.50, 3.52], "mvar-d": [3.60, 3.62], "var-half": [3.70, 3.72],
+          "var": [4.00, 4.02], "mamba": [5.00, 5.02], "intra": [6.00, 6.02]}
+    rows = {k: dict(label=k.upper(), images=100, scores=[{"fd_clf": v} for v in f]) for k, f in fd.items()}
+    lines = study_report.reading(rows).splitlines()
+    assert lines[0] == "Ranking by mean FD_clf (lower is better): MVAR 3.01, MVAR-W 3.51, MVAR-D 3.61, " \
+        "VAR-HALF 3.71, VAR 4.01, MAMBA 5.01, INTRA 6.01."
+    claims = [("Table 6: M-VAR better than VAR", "MVAR 3.01 vs VAR 4.01"),
+              ("Table 6: M-VAR better than intra-scale attention alone", "MVAR 3.01 vs INTRA 6.01"),
+              ("Table 6: M-VAR better than Mamba alone", "MVAR 3.01 vs MAMBA 5.01"),
+              ("Table 6: VAR better than Mamba alone", "VAR 4.01 vs MAMBA 5.01"),
+              ("Table 6: VAR better than intra-scale attention alone", "VAR 4.01 vs INTRA 6.01"),
+              ("Table 6: Mamba alone better than intra-scale attention alone", "MAMBA 5.01 vs INTRA 6.01"),
+              ("Table 5: M-VAR-W (VAR's params) better than VAR", "MVAR-W 3.51 vs VAR 4.01"),
+              ("Table 5: M-VAR-D (VAR's params) better than VAR", "MVAR-D 3.61 vs VAR 4.01"),
+              ("Figure 5: replacing VAR blocks by M-VAR blocks helps", "VAR-HALF 3.71 vs VAR 4.01")]
+    assert [line.split("; ")[0] for line in lines[1:]] == [f"- {claim}: reproduced ({both}" for claim, both in claims]
+    assert all("Holm over 9 tests" in line for line in lines[1:])
+
+
+def test_the_budget_sentence_counts_epochs_over_the_training_images():
+    """Equal budgets: images and epochs (images / --train_limit); unequal: each row's images. A mutation review:
+    epochs counted in batches (images / bs) passed the suite."""
+    preset = {"train_limit": 1200, "bs": 64}
+    same = {k: dict(label=k, images=4800) for k in ("VAR", "M-VAR")}
+    assert study_report.budgets(same, preset) == \
+        "**equal training images** (4,800 = 4 epochs over the first 1,200 training images)"
+    assert study_report.budgets(dict(same, VAR=dict(label="VAR", images=9600)), preset) == \
+        "training images per row (VAR 9,600, M-VAR 4,800; epochs over the first 1,200 training images)"
+
+
+def test_the_learned_reading_compares_with_the_ceilings_fd(tmp_path, monkeypatch):
+    """The learning-curves section judges "learned" against the tokenizer reconstructions' FD_clf (the ceiling),
+    not the real images' (the floor). A mutation review: the floor's read there passed the suite."""
+    monkeypatch.setattr(study_report, "plot_curves", lambda *a: None)
+    (tmp_path / "scores").mkdir()
+    for key, fd_clf in (("floor", 1.0), ("ceiling", 2.0)):
+        (tmp_path / "scores" / f"{key}.json").write_text(json.dumps({"fd_clf": fd_clf}))
+    (run := tmp_path / "runs" / "var-s0").mkdir(parents=True)
+    (run / "timing.json").write_text(json.dumps({"train_flops_per_image": 1e9}))
+    (run / "curve.json").write_text(json.dumps([{"images": 100, "train_s": 60.0, "fd_clf": 6.0, "consistency": 0.5}]))
+    plan = {"preset": {"eval_every": 1, "eval_n": 10, "val_limit": 100}, "rows": {"var": {"label": "VAR"}},
+            "runs": {"var-s0": {"row": "var"}}}
+    rows = {"var": dict(label="VAR", scores=[{"consistency": 0.9, "fd_clf": 4.5}])}
+    text = study_report.curves_section(tmp_path, rows, plan, tmp_path)
+    assert "- VAR: class consistency 0.900 (needed >= 0.80), FD_clf 4.50 = 2.2x the ceiling's 2.00 (needed <= 2.5x): " \
+        "learned." in text
+
+
+def test_curves_reread_from_study_data_skip_a_run_without_its_timing():
+    """A run of study_data.json without timing.json (its FLOP axis unknown) has no curve, as in the work folder.
+    A mutation review: reading it anyway (a TypeError on None) passed the suite."""
+    points = [{"images": n, "train_s": 6.0 * n, "fd_clf": 5.0, "consistency": 0.5} for n in (100, 200)]
+    data = {"plan": {"runs": {"var-s0": {"row": "var"}, "var-s1": {"row": "var"}, "mvar-s0": {"row": "mvar"}}},
+            "runs": {"var-s0": {"evaluations": points, "timing": {"train_flops_per_image": 2.0}},
+                     "var-s1": {"evaluations": points, "timing": None}, "mvar-s0": {"evaluations": [], "timing": {}}}}
+    curves = study_curves.curves_from_data(data)
+    assert list(curves) == ["var"] and len(curves["var"]) == 1
+    assert curves["var"][0]["flops"].tolist() == [200.0, 400.0] and curves["var"][0]["minutes"].tolist() == [10.0, 20.0]
+
+
+def test_an_axis_on_which_the_curves_do_not_overlap_says_so():
+    """verdicts: a pair's axis without a common point says "the curves do not overlap" instead of nothing. A
+    mutation review: dropping that line (the axis then missing from the report) passed the suite."""
+    def curve(images, minutes):
+        return dict(images=np.array(images), flops=np.array(images) * 1e9, minutes=np.array(minutes),
+                    fd_clf=np.array([6.0, 5.0]), consistency=np.array([0.5, 0.6]))
+
+    rows = {"mvar": dict(label="M-VAR"), "var": dict(label="VAR")}
+    curves = {"mvar": [curve([100.0, 200.0], [1.0, 2.0])], "var": [curve([100.0, 200.0], [3.0, 4.0])]}
+    lines = study_curves.verdicts(rows, curves).splitlines()
+    assert lines[0] == "- **M-VAR vs VAR**" and lines[-1] == "  - at equal training time on this CPU: the curves do " \
+        "not overlap."
+    assert len(lines) == 1 + 2 + 2 + 1  # half and all of the budget on images and FLOPs (a quarter: no curve yet)
