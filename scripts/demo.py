@@ -31,9 +31,10 @@ from models.mvar import MVAR
 from models.precision import effective_amp_dtype
 from utils.data.loaders import build_datasets
 from utils.evaluation.classifier import accuracy, predict, train_classifier
-from utils.flags import DefaultsHelpFormatter, parse_args as parse_train_args
+from utils.flags import DefaultsHelpFormatter, parse_args as parse_train_args, sampling_problems
 from utils.run.checkpoint import LAST, write_text_atomic
 from utils.run.log import setup_logging
+from utils.run.rng import seed_problem
 from utils.sample_io import save_grid, to_uint8_BHW3
 
 logger = logging.getLogger("demo")
@@ -96,6 +97,12 @@ class Stages:
         return time.time() - self.t0
 
 
+def flag_problems(args: argparse.Namespace) -> list[str]:
+    """What is wrong with the flags, said before any stage trains (--grid_cols=0 failed at the grid, minutes in)."""
+    problems = [f"--grid_cols must be >= 1, got {args.grid_cols}"] if args.grid_cols < 1 else []
+    return problems + sampling_problems(args.cfg, 0, 0.96) + [p for p in (seed_problem(args.seed),) if p]
+
+
 def check_folder(out: Path, preset: dict) -> None:
     """Refuse a folder holding a demo made with other settings (the other preset, or an older version's): its
     checkpoints would be resumed into models of another shape. Records the settings in a new folder."""
@@ -113,6 +120,8 @@ def main(args: argparse.Namespace) -> dict:
     """Run the demo; returns the summary that is also written to out_dir/summary.json."""
     out = Path(args.out_dir or ("local_output/demo-quick" if args.quick else "local_output/demo"))
     preset = PRESETS["quick" if args.quick else "full"]
+    if problems := flag_problems(args):
+        raise ValueError("; ".join(problems))
     check_folder(out, preset)
     setup_logging(0, out)
     stages = Stages(4)

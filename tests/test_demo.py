@@ -2,6 +2,7 @@
 model then edits digits (in-painting follows the class it is given)."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -81,6 +82,18 @@ def test_a_folder_from_other_settings_is_refused_before_any_work(tmp_path):
     demo.check_folder(quick, demo.PRESETS["quick"])  # the same settings again: a re-run
     with pytest.raises(ValueError, match="other settings"):
         demo.main(demo.build_parser().parse_args([f"--out_dir={quick}"]))  # the full preset into a quick folder
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--grid_cols=0"], "--grid_cols must be >= 1, got 0"),
+    (["--cfg=nan"], "--cfg must be >= 0 and finite"),
+    (["--cfg=-1", "--seed=-1"], "--cfg must be >= 0 and finite (0: no guidance), got -1.0; --seed=-1: expected"),
+])
+def test_bad_flags_are_refused_before_any_stage(flags, message, tmp_path):
+    """--grid_cols=0 trained for two minutes, then divided by zero at the grid; a NaN --cfg sampled NaN images."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        demo.main(demo.build_parser().parse_args([*flags, f"--out_dir={tmp_path / 'demo'}"]))
+    assert not (tmp_path / "demo").exists()
 
 
 # ---- the demo's model edits: in-painting follows the class it is given -------------------------------------------
