@@ -4,6 +4,7 @@ import os
 import re
 import subprocess
 import sys
+import types
 from itertools import accumulate
 from pathlib import Path
 
@@ -750,3 +751,162 @@ def test_bench_tokens_times_both_data_paths_of_the_study_set_up(capsys):
         step_ms = float(r["data ms/step"]) + float(r["model ms/step"])
         assert 2e3 / (step_ms + 1) - 0.05 <= float(r["train img/s"]) <= 2e3 / max(step_ms - 1, 0.5) + 0.05, r
     assert rows[1]["cache bytes/img/view"] == "310" and float(rows[1]["extraction img/s"]) > 0
+
+
+# Tests added by a mutation review of the benchmarks and the GPU check's runners (each names the mutant it kills).
+class _FakeEvent:
+    """An event of torch.profiler's kineto results: a "[memory]" record of `nbytes` at `start_ns`."""
+
+    def __init__(self, start_ns, nbytes, name="[memory]", device_type=torch.autograd.DeviceType.CPU):
+        self._start, self._nbytes, self._name, self._device = start_ns, nbytes, name, device_type
+
+    def start_ns(self):
+        return self._start
+
+    def nbytes(self):
+        return self._nbytes
+
+    def name(self):
+        return self._name
+
+    def device_type(self):
+        return self._device
+
+
+def test_cpu_peak_memory_replays_the_records_in_time_order(monkeypatch):
+    """The profiler lists its records thread by thread: thread 1 allocates 8 MiB at t=1 and frees it at t=4, thread 2
+    holds 4 MiB from t=2 to t=3, so 12 MiB are live at once; an op that is no memory record, and a CUDA record, are
+    not the CPU's. Replayed in the listed order (`sorted` dropped: it read 8 MiB) passed the suite."""
+    mib = 2**20
+    events = [_FakeEvent(1, 8 * mib), _FakeEvent(4, -8 * mib), _FakeEvent(2, 4 * mib), _FakeEvent(3, -4 * mib),
+              _FakeEvent(2, 100 * mib, name="aten::add"),
+              _FakeEvent(2, 100 * mib, device_type=torch.autograd.DeviceType.CUDA)]
+
+    class Profile:
+        def __init__(self, activities, profile_memory):
+            assert profile_memory
+            self.profiler = types.SimpleNamespace(kineto_results=types.SimpleNamespace(events=lambda: events))
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(torch.profiler, "profile", Profile)
+    assert bm.peak_mib(lambda: None, torch.device("cpu")) == 12
+
+
+def test_autocast_runs_fp16_in_fp16():
+    """--dtype fp16 (the attention kernels' and the layers' sections) runs under fp16 autocast, as bf16 does under
+    bf16. Autocast for bf16 alone (fp16 timed in fp32) passed the suite, which asked bf16 and fp32 only."""
+    with bm.autocast(torch.device("cpu"), torch.float16):
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.float16
+
+
+def test_a_bf16_only_row_that_ran_fp32_still_gets_its_share_of_the_fp32_rate(monkeypatch):
+    """--train_dtypes bf16 alone (the GPU check's dry run) on a CPU that runs bf16 as fp32: the fp32 matmul rate is
+    measured all the same, so the row's "% of peak" is a number (fp32's), not "-". Measuring only the --train_dtypes'
+    rates passed the suite (its fallback test also timed fp32)."""
+    monkeypatch.setenv("MVAR_CPU_BF16", "0")
+    fake_train_costs(monkeypatch)
+    fake_timing(monkeypatch, lambda key: 500.0)
+    text = run_section(bench.bench_train, "--bs", "2", "--archs", "mvar", "--train_dtypes", "bf16")
+    assert columns(text, "dtype", "GFLOP/s", "% of peak") == [["bf16 (ran fp32)", "30.0", "30.0"]]
+
+
+def test_the_compiled_steps_first_call_is_its_compilation_timed_apart(monkeypatch):
+    """--compiled: the compiled copy's first step (the compilation) runs before the timed rounds and its seconds are
+    reported; here that first step takes 7 s of a fake clock. Not running it before the timing (the compilation
+    timed as a warm-up round, "0 s" reported) passed the suite."""
+    clock, compiled, events = [0.0], [], []
+    monkeypatch.setattr(bench, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(bench.MVAR, "compile_for_training", lambda self, mode: compiled.append(self))
+    real = bench.Trainer.micro_step_tokens
+
+    def step(self, *args):
+        if self.mvar in compiled and "compiled" not in events:
+            clock[0] += 7.0
+            events.append("compiled")
+        return real(self, *args)
+
+    monkeypatch.setattr(bench.Trainer, "micro_step_tokens", step)
+    fake_train_costs(monkeypatch)
+    calls, _ = fake_timing(monkeypatch, lambda key: events.append("timed") or 10.0)
+    text = run_section(bench.bench_train, "--archs", "mvar", "--train_dtypes", "fp32", "--compiled")
+    assert "first compiled step (compilation) mvar, compiled (default) fp32 7 s" in text
+    assert events[0] == "compiled" and calls[0][0] == [("mvar", "fp32"), ("mvar, compiled (default)", "fp32")]
+
+
+def test_the_training_flop_count_leaves_no_gradient_behind():
+    """train_step_flops runs a backward for the count: its gradients are cleared, or the first training step of
+    the counted model (the train section's, the study's) would add them into its own. Leaving them passed the
+    suite."""
+    from conftest import build_tiny_mvar
+
+    _, mvar = build_tiny_mvar(arch="mvar")
+    train_step_flops(mvar, torch.arange(2), torch.randn(2, mvar.L - mvar.first_l, mvar.config.Cvae))
+    assert all(p.grad is None for p in mvar.parameters())
+
+
+@needs_fmnist
+def test_bench_tokens_rates_are_medians_of_the_rounds_after_the_warm_up(monkeypatch, tmp_path):
+    """bench_setup's row arithmetic on a fake clock (the study set-up at batch 2, 2 timed rounds): the first round
+    warms up (1 s data, 2 s step, on both paths) and is not in the medians; images/s is the batch over data + step
+    ms, the data share data / (data + step), the extraction rate both splits' 2 x 6 images over its 4 s. The warm-up
+    in the medians, one split's images in the extraction rate, and the share over the step alone each passed the
+    suite."""
+    from scripts import bench_tokens
+
+    clock, calls = [0.0], []
+    data_ms = {"images": (1000, 10, 30), "tokens": (1000, 2, 6)}  # per round; the first warms up
+    step_ms = {"images": (2000, 40, 60), "tokens": (2000, 40, 60)}
+    monkeypatch.setattr(bench_tokens, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    extract = bench_tokens.extract_tokens.main
+
+    def timed_extract(args):
+        extract(args)
+        clock[0] += 4.0
+
+    monkeypatch.setattr(bench_tokens.extract_tokens, "main", timed_extract)
+    targets = bench_tokens.Trainer.targets
+
+    def timed_targets(self, inp):
+        path = ("images", "tokens")[len(calls) % 2]
+        clock[0] += data_ms[path][len(calls) // 2] / 1e3
+        return targets(self, inp)
+
+    def timed_step(self, gt_BL, x_BLCv, label_B):
+        path = ("images", "tokens")[len(calls) % 2]
+        clock[0] += step_ms[path][len(calls) // 2] / 1e3
+        calls.append(path)
+
+    monkeypatch.setattr(bench_tokens.Trainer, "targets", timed_targets)
+    monkeypatch.setattr(bench_tokens.Trainer, "micro_step_tokens", timed_step)
+    rows = bench_tokens.bench_setup("study", 2, 6, 2, tmp_path)
+    assert calls == ["images", "tokens"] * 3
+    assert rows == [["study", "images", 2, "28.6", "20", "50", "29%", "", ""],
+                    ["study", "tokens", 2, "37.0", "4", "50", "7%", "3.0", 310]]
+
+
+def test_the_apps_first_image_is_its_first_partial_result(monkeypatch):
+    """bench_app's /sample client: the first image's time is when the first partial result arrives, the whole
+    batch's when the last does, each from the submit; the app is asked the FLAGS sample.py runs. The last partial
+    taken as the first (the app's first-image latency read as its whole time) passed the suite: no test ran it."""
+    from scripts import bench_app
+
+    clock, submitted = [10.0], []
+    monkeypatch.setattr(bench_app, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+
+    class Client:
+        def submit(self, *args, api_name):
+            submitted.append((args, api_name))
+            for wait in (1.5, 2.0, 3.0):  # two batches of 4, then the grid
+                clock[0] += wait
+                yield f"after {wait} s"
+
+    assert bench_app.app_run(Client()) == (1.5, 6.5)
+    flags = dict(zip(bench_app.FLAGS[::2], bench_app.FLAGS[1::2], strict=False))
+    assert submitted == [(([flags["--classes"]], int(flags["--num_per_class"]), float(flags["--cfg"]),
+                           int(flags["--top_k"]), float(flags["--top_p"]), int(flags["--seed"]), False,
+                           int(flags["--bs"])), "/sample")]
