@@ -34,7 +34,9 @@ app: $(VENV)/.installed
 # only on one CPU fails on every CPU. On torch 2.14 ATEN_CPU_CAPABILITY
 # changes ATen's kernels (matmul, conv, softmax, gelu, sums, exp, layer norm, bicubic), ONEDNN_MAX_CPU_ISA oneDNN's
 # convolutions and MKL_CBWR=COMPATIBLE MKL's matmuls; MKL_ENABLE_INSTRUCTIONS changes no result, so it is not set.
-LOW_ISA := ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41 MKL_CBWR=COMPATIBLE
+# MVAR_CPU_BF16=0 takes bf16 as fp32, as on a CPU without bf16 instructions (models/precision.py), where pass 1 on
+# an AVX512-BF16 or AMX CPU ran it in bf16: both paths run on every CPU that has them.
+LOW_ISA := ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41 MKL_CBWR=COMPATIBLE MVAR_CPU_BF16=0
 NUMERICS_FILES := $(shell grep -l "pytest.mark.numerics" tests/test_*.py)  # pass 2 collects only these files
 test: $(VENV)/.installed .whl/site/.installed
 	MVAR_TEST_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=15
