@@ -122,9 +122,9 @@ def fit_batch(mib_of: dict[int, float], total_mib: float) -> int:
     per_image = max(m1 - m0, 0.0) / (b1 - b0)
     fixed = m0 - per_image * b0
     room = FIT_SHARE * total_mib - fixed
-    if per_image == 0:
-        return MAX_BATCH if room > 0 else 0
-    return min(MAX_BATCH, int(room / per_image) // 8 * 8) if room > 0 else 0
+    if room <= 0:
+        return 0
+    return MAX_BATCH if per_image == 0 else min(MAX_BATCH, int(room / per_image) // 8 * 8)
 
 
 def probed_batches(flags: list[str], device: torch.device) -> tuple[int, ...]:
