@@ -7,8 +7,9 @@ and M-VAR-d16 vs VAR-d16, the models of a pair alternated in one process. train:
 best kernels ("auto") in bf16 at the largest batch that fits, as a share of the bf16 matmul rate measured in the
 same run; the batches tried start at what a fit of two small batches' peak memory predicts (`probed_batches`).
 bench.py's tables travel in the JSON file ("tables"). --dry-run: the same sections on the CPU at width 32 and tiny
-patch schedules; the targets are then reported, not judged (INFO), as they are when $MVAR_MAMBA_BACKEND forces the
-portable Mamba2 (gpu_check.sh's fallback where no Triton kernel launches).
+patch schedules, the memory probe against the CPU's memory with the batch capped at DRY_MAX_BATCH; the targets are
+then reported, not judged (INFO), as they are when $MVAR_MAMBA_BACKEND forces the portable Mamba2 (gpu_check.sh's
+fallback where no Triton kernel launches).
 """
 import argparse
 import gc
@@ -33,6 +34,7 @@ BATCHES = (96, 64, 48, 32, 16, 8)
 PROBE_BATCHES = (8, 16)  # a training step's memory at these two batches gives its cost per image and its fixed cost
 FIT_SHARE = 0.9  # of the device's memory, the rest left to the allocator's fragmentation and cuBLAS workspaces
 MAX_BATCH = 1024
+DRY_MAX_BATCH = 8  # the dry run's fit on the CPU's memory, capped: its train section runs the probe, then batch 8
 COMMON = ["--repeats", "3", "--warmup", "1"]
 GPU_FLAGS = {"paper": ["--device", "cuda", "--paper_dtypes", "bf16", "--paper_bs", "1", str(PAPER_BATCH)],
              "train": ["--device", "cuda", "--depth", "16", "--archs", "mvar", "--train_dtypes", "bf16"]}
@@ -127,23 +129,30 @@ def fit_batch(mib_of: dict[int, float], total_mib: float) -> int:
     return MAX_BATCH if per_image == 0 else min(MAX_BATCH, int(room / per_image) // 8 * 8)
 
 
-def probed_batches(flags: list[str], device: torch.device) -> tuple[int, ...]:
+def device_memory_mib(device: torch.device) -> float:
+    """The memory of `device` in MiB: a GPU's total, or the machine's physical memory for the CPU (the dry run)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory / 2**20
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20
+
+
+def probed_batches(flags: list[str], device: torch.device, max_batch: int = MAX_BATCH) -> tuple[int, ...]:
     """The batches largest_batch_train tries on `device`: the memory fit's (`fit_batch` of PROBE_BATCHES' peaks and
-    the device's memory), three quarters of it, then the smaller of BATCHES; BATCHES alone when the probe fails or
-    fits less than 8."""
+    the device's memory, at most `max_batch`), three quarters of it, then the smaller of BATCHES; BATCHES alone when
+    the probe fails or fits less than 8."""
     try:
         mib_of = {}
         for batch in PROBE_BATCHES:
             mib_of[batch] = train_memory_mib(flags, batch, device)
             free_memory()
-        total_mib = torch.cuda.get_device_properties(device).total_memory / 2**20
+        total_mib = device_memory_mib(device)
     except RuntimeError as err:
         print(f"train section: the memory probe failed ({type(err).__name__}: {err}); trying {BATCHES}", flush=True)
         free_memory()
         return BATCHES
-    fit = fit_batch(mib_of, total_mib)
+    fit = min(max_batch, fit_batch(mib_of, total_mib))
     print(f"train section: a step holds {mib_of} MiB at batches {PROBE_BATCHES}; of {total_mib:.0f} MiB, batch {fit} "
-          f"would use {FIT_SHARE:.0%}", flush=True)
+          f"would use at most {FIT_SHARE:.0%}", flush=True)
     if fit < 8:
         return BATCHES
     return tuple(dict.fromkeys((fit, max(8, fit * 3 // 4 // 8 * 8), *(b for b in BATCHES if b < fit))))
@@ -178,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def train() -> list[CheckLine]:
         train_flags = [*COMMON, *flags["train"]]
-        batches = (2,) if args.dry_run else probed_batches(train_flags, torch.device("cuda"))
+        batches = probed_batches(train_flags, torch.device("cpu" if args.dry_run else "cuda"),
+                                 DRY_MAX_BATCH if args.dry_run else MAX_BATCH)
         batch, tables["train"] = largest_batch_train(train_flags, batches)
         return [train_line(tables["train"], batch, judged)]
 

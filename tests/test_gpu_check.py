@@ -83,7 +83,10 @@ def test_stage_lines(dry_run):
     assert train["resumed weights bit-identical to the uninterrupted run"] == "PASS"
     assert train["SIGTERM: exit 143 and a checkpoint"] == "PASS"
     timings = [line.check for line in lines["timings.json"]]
-    assert any("M-VAR-d24 / VAR-d30" in c for c in timings) and any("training step" in c for c in timings)
+    assert any("M-VAR-d24 / VAR-d30" in c for c in timings)
+    # the train section's memory probe ran on the CPU and its fit, capped, is the batch that trained
+    assert any(c.startswith(f"M-VAR training step, batch {gpu_timings.DRY_MAX_BATCH},") for c in timings), timings
+    assert "train section: a step holds" in (out / "check.log").read_text()
     env = json.loads((out / "env.json").read_text())
     assert env["kernels"] and "torch_features" in env and "Python.h" in env["build_tools"]
     assert {line.check: line.status for line in lines["env.json"]}["Triton kernel on the GPU"] == "SKIP"
@@ -653,7 +656,7 @@ def test_a_failing_timing_section_keeps_the_others_numbers(monkeypatch, tmp_path
     assert gpu_timings.main(["--out", str(tmp_path / "t.json"), "--dry-run"]) == 1
     lines, _ = read_lines(tmp_path / "t.json")
     assert [(line.check, line.status) for line in lines] == [
-        ("paper section", "FAIL"), ("M-VAR training step, batch 2, bf16: % of the measured matmul rate", "INFO")]
+        ("paper section", "FAIL"), ("M-VAR training step, batch 8, bf16: % of the measured matmul rate", "INFO")]
     assert "a stand-in" in lines[0].note and "Traceback" in capsys.readouterr().out
 
 
@@ -1225,13 +1228,14 @@ def test_the_gpu_train_section_tries_the_probed_batches(monkeypatch, tmp_path):
     """Outside a dry run the train section tries the batches probed_batches gives (the memory fit's first), on
     CUDA, with the GPU flags; the line names the batch that ran. Trying the fixed BATCHES passed the suite."""
     probed, tried = [], []
-    monkeypatch.setattr(gpu_timings, "probed_batches", lambda flags, device: probed.append((flags, device.type))
-                        or (200, 144))
+    monkeypatch.setattr(gpu_timings, "probed_batches", lambda flags, device, max_batch: probed.append(
+        (flags, device.type, max_batch)) or (200, 144))
     table = "| arch | dtype | images / s | GFLOP/s | % of peak |\n|---|---|---|---|---|\n| mvar | bf16 | 1 | 1 | 40 |\n"
     monkeypatch.setattr(gpu_timings, "largest_batch_train", lambda flags, batches: tried.append(batches)
                         or (batches[-1], table))
     gpu_timings.main(["--out", str(tmp_path / "timings.json"), "--only", "train"])
-    assert probed == [([*gpu_timings.COMMON, *gpu_timings.GPU_FLAGS["train"]], "cuda")] and tried == [(200, 144)]
+    assert probed == [([*gpu_timings.COMMON, *gpu_timings.GPU_FLAGS["train"]], "cuda", gpu_timings.MAX_BATCH)]
+    assert tried == [(200, 144)]
     assert read_lines(tmp_path / "timings.json")[0][-1].check.startswith("M-VAR training step, batch 144, bf16")
 
 
@@ -1260,5 +1264,5 @@ def test_the_timings_dry_run_on_a_cpu_without_bf16_reports_the_row_that_ran_fp32
     assert gpu_timings.main(["--out", str(tmp_path / "timings.json"), "--dry-run", "--only", "train"]) == 0
     lines = read_lines(tmp_path / "timings.json")[0]
     assert [(ln.check, ln.status) for ln in lines] == [
-        ("M-VAR training step, batch 2, bf16 (ran fp32): % of the measured matmul rate", "INFO")]
+        ("M-VAR training step, batch 8, bf16 (ran fp32): % of the measured matmul rate", "INFO")]
     assert float(lines[0].value) > 0
