@@ -428,9 +428,30 @@ def test_disk_full_while_saving_names_the_folder_and_keeps_the_previous_file(tmp
 
 
 def test_other_write_errors_are_not_called_disk_full(tmp_path, monkeypatch):
+    """An I/O error (or a read-only folder, a stale NFS handle) is a CheckpointError naming the file, the folder and
+    the error, not "disk full"; it was an OSError, which train.py ended in a traceback."""
+    save_atomic({"step": 1}, tmp_path / "x.pth")
     monkeypatch.setattr(torch, "save", lambda obj, f: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
-    with pytest.raises(OSError, match="I/O error"):
-        save_atomic({}, tmp_path / "x.pth")
+    with pytest.raises(CheckpointError, match=f"^cannot write x.pth into {tmp_path} \\(OSError: .*I/O error\\)\\. "
+                                              "The previous checkpoint there is kept") as raised:
+        save_atomic({"step": 2}, tmp_path / "x.pth", keep_previous=tmp_path / "x-prev.pth")
+    assert "disk full" not in str(raised.value) and torch.load(tmp_path / "x.pth") == {"step": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.pth"]
+
+
+def test_a_failed_save_stops_training_with_one_error_line(setup, tmp_path):  # noqa: F811
+    """A save that fails other than by a full disk (here the rename of -last to -prev, which is a folder: the same
+    for root, whom a read-only folder would not stop) ends train.py with one error line naming the file, the folder
+    and the error, and the checkpoint saved before is kept. It ended in a traceback."""
+    out = tmp_path / "out"
+    run_train(setup, out, "--ep=1")
+    before = (out / "ar-ckpt-last.pth").read_bytes()
+    (out / "ar-ckpt-prev.pth").mkdir()
+    (out / "ar-ckpt-prev.pth" / "x").touch()
+    run = run_train(setup, out, "--ep=2", check=False)
+    assert run.returncode != 0 and "Traceback" not in run.stderr, run.stderr[-2000:]
+    assert f"error: cannot write ar-ckpt-last.pth into {out} (IsADirectoryError" in run.stderr, run.stderr[-2000:]
+    assert (out / "ar-ckpt-last.pth").read_bytes() == before
 
 
 # ---- resuming: changed flags, incompatible checkpoints -------------------------------------------------------

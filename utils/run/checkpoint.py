@@ -144,14 +144,15 @@ def save_atomic(obj: Any, path: PathLike, keep_previous: PathLike | None = None)
 
     With `keep_previous`, an existing `path` is first renamed to that name, so a good older file always
     survives. A kill at any moment leaves either the old or the new file complete, never a partial one; a full
-    disk is a CheckpointError naming the folder, with the old files untouched.
+    disk, or any other failed write (a read-only folder, an I/O error, a stale NFS handle), is a CheckpointError
+    naming the folder, with the old files kept.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path)
-    kept = "The previous checkpoint there is kept: free some space and re-run to resume from it"
+    kept = "The previous checkpoint there is kept"
     try:
-        with disk_full_is_an_error(path, kept, CheckpointError):
+        with disk_full_is_an_error(path, f"{kept}: free some space and re-run to resume from it", CheckpointError):
+            path.parent.mkdir(parents=True, exist_ok=True)
             with open(tmp, "wb") as f:
                 torch.save(obj, f)
                 f.flush()
@@ -159,9 +160,11 @@ def save_atomic(obj: Any, path: PathLike, keep_previous: PathLike | None = None)
             if keep_previous is not None and path.exists():
                 os.replace(path, keep_previous)
             os.replace(tmp, path)
+    except OSError as e:
+        raise CheckpointError(f"cannot write {path.name} into {path.parent} ({type(e).__name__}: {e}). {kept}: "
+                              "make the folder writable and re-run to resume from it") from e
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
