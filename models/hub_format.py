@@ -36,7 +36,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from models.loading import CHECKPOINT_SUFFIXES, DIGEST_KEY, MVAR_REPO, NO_INTERNET_HINT, VAR_REPO, CheckpointError, \
-    check_digest, config_from_state_dict, embedded_vae, existing_file, hf_offline, is_ours, load_mvar, \
+    check_digest, config_from_state_dict, embedded_vae, existing_file, file_digest, hf_offline, is_ours, load_mvar, \
     load_mvar_checkpoint, load_vae, resolve_checkpoint, trained_tokenizer_step, vae_from_state_dict, weights_digest
 from models.mvar import MVAR, MVARConfig
 from models.presets import format_patch_nums
@@ -165,7 +165,7 @@ def save_weights(module: nn.Module, folder: Path, config: dict[str, Any], metada
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     state_dict = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
     save_file(state_dict, folder / WEIGHTS_FILE,
-              metadata={"format": "pt", DIGEST_KEY: weights_digest(state_dict),
+              metadata={"format": "pt", DIGEST_KEY: file_digest(state_dict),
                         CONFIG_KEY: json.dumps(config, sort_keys=True), **(metadata or {})})
     (folder / WEIGHTS_FILE).chmod(0o666 & ~current_umask())  # safetensors creates it 0600: others could not read it
 

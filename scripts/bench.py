@@ -11,6 +11,7 @@ Sections (`--only`, default all):
     sample  sampling per image: Mamba2 state cached, the official prefix re-run, VAR's KV cache; tokens per block
     paper   the paper's speed claims: M-VAR-d24 vs VAR-d30, M-VAR-D and M-VAR-d16 (also with the prefix re-run) vs
             VAR-d16, fp32 and bf16, batch 1 and 8: time and model-FLOP ratios beside the paper's
+    digest  a checkpoint's digest at every save and load: weights_digest (one core) vs file_digest (threads), GB/s
 Shapes follow --depth (width 64*depth, depth heads) and --pn; timing, memory and tables come from scripts.timing
 (variants alternated over rounds in one process, median). Weights are random: speed does not depend on them.
 
@@ -24,6 +25,7 @@ Shapes follow --depth (width 64*depth, depth heads) and --pn; timing, memory and
     python scripts/bench.py --only ckpt --depth 2 --width 256 --bs 2 --dtype bf16 --device cpu --threads 1
     python scripts/bench.py --device cuda --dtype bf16 --depth 16 --bs 32 --out docs/gpu.md
     python scripts/bench.py --only paper --device cpu --threads 1 --pn 1_2_3_4_5 --repeats 1 --warmup 1  # a quick look
+    python scripts/bench.py --only digest --device cpu --digest_mib 1024
 """
 import argparse
 import functools
@@ -38,6 +40,7 @@ from torch import nn
 from models import build_vae_mvar
 from models.attention import ScaleAttention, block_causal_attention, intra_scale_attention, resolve_backend
 from models.flops import model_flops, train_step_flops
+from models.loading import file_digest, hash_threads, weights_digest
 from models import mamba2
 from models.mamba2 import Mamba2
 from models.mvar import FFN, MVAR, HybridBlock, MVARConfig
@@ -477,9 +480,30 @@ def d30_fit(fits: dict[tuple[str, bool], tuple[float, float]], L: int) -> str:
                                          "images per 80 GB GPU", "per 141 GB GPU"], rows)])
 
 
+DIGEST_TENSOR_FLOATS = 4 << 20  # the digest section's state: fp32 tensors of 16 MiB
+
+
+def bench_digest(device: torch.device, args: argparse.Namespace) -> str:
+    """The digest a checkpoint records at every save and verifies at every load: `weights_digest` (the weights'
+    identity, one core) against `file_digest` (what files record, on `hash_threads()` threads), alternated, over
+    --digest_mib MiB of random fp32 tensors on `device` (a GPU's are copied to the CPU tensor by tensor, as at a
+    save)."""
+    floats = args.digest_mib * 2**20 // 4
+    state = {f"t{i}": torch.randn(min(DIGEST_TENSOR_FLOATS, floats - start), device=device)
+             for i, start in enumerate(range(0, floats, DIGEST_TENSOR_FLOATS))}
+    fns = {"weights_digest": functools.partial(weights_digest, state),
+           "file_digest": functools.partial(file_digest, state)}
+    ms = bm.time_alternating(fns, device, args.warmup, args.repeats)
+    rows = [[device.type, name, f"{ms[name]:.0f}", f"{floats * 4 / 1e6 / ms[name]:.2f}",
+             f"{ms['weights_digest'] / ms[name]:.2f}x"] for name in fns]
+    return "\n".join([f"### digest: {args.digest_mib} MiB in {len(state)} fp32 tensors on {device.type}, "
+                      f"file_digest on {hash_threads()} threads", "",
+                      bm.markdown_table(["device", "digest", "ms", "GB/s", "speed-up"], rows)])
+
+
 SECTIONS: dict[str, Callable[[torch.device, argparse.Namespace], str]] = {
     "attn": bench_attn, "block": bench_block, "mamba": bench_mamba, "train": bench_train, "ckpt": bench_ckpt,
-    "sample": bench_sample, "paper": bench_paper}
+    "sample": bench_sample, "paper": bench_paper, "digest": bench_digest}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -521,14 +545,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--paper_bs", nargs="+", type=int, default=[1, 8], help="images per sampling call")
     g.add_argument("--paper_width", type=int, default=0, help="every model at this width, one head, depths kept "
                    "(0: the named sizes; a small width makes a quick dry run)")
+    p.add_argument("--digest_mib", type=int, default=512, help="digest section: MiB of tensors hashed")
     return p
 
 
 def flag_problems(args: argparse.Namespace) -> list[str]:
     """What is wrong with the flags, before any section runs (each named): sizes, the patch schedule, the models
     they make, the sampling settings (sample.py's rule: --top_p in (0, 1], --cfg finite and >= 0)."""
-    problems = [f"--{flag} must be >= 1, got {getattr(args, flag)}" for flag in ("depth", "bs", "repeats", "V")
-                if getattr(args, flag) < 1]
+    problems = [f"--{flag} must be >= 1, got {getattr(args, flag)}"
+                for flag in ("depth", "bs", "repeats", "V", "digest_mib") if getattr(args, flag) < 1]
     problems += [f"--{flag} must be >= 0, got {getattr(args, flag)}"
                  for flag in ("warmup", "threads", "width", "heads", "paper_width") if getattr(args, flag) < 0]
     problems += [f"--paper_bs must be >= 1, got {b}" for b in args.paper_bs if b < 1][:1]

@@ -910,3 +910,17 @@ def test_the_apps_first_image_is_its_first_partial_result(monkeypatch):
     assert submitted == [(([flags["--classes"]], int(flags["--num_per_class"]), float(flags["--cfg"]),
                            int(flags["--top_k"]), float(flags["--top_p"]), int(flags["--seed"]), False,
                            int(flags["--bs"])), "/sample")]
+
+
+def test_digest_section_rates_each_digest_over_the_whole_state(monkeypatch):
+    """Both digests hash the same --digest_mib MiB (tensors of 16 MiB, the last one short), timed alternated in one
+    call; GB/s = bytes / time and the speed-up is weights_digest's time over each row's."""
+    hashed = []
+    monkeypatch.setattr(bench, "weights_digest", lambda state: hashed.append(sum(t.nbytes for t in state.values())))
+    monkeypatch.setattr(bench, "file_digest", lambda state: hashed.append([t.numel() for t in state.values()]))
+    calls, _ = fake_timing(monkeypatch, {"weights_digest": 100.0, "file_digest": 25.0}.get)
+    text = run_section(bench.bench_digest, "--digest_mib", "40", "--warmup", "0", "--repeats", "2")
+    assert hashed == [40 * 2**20, [4 << 20, 4 << 20, 2 << 20]]
+    assert calls == [(["weights_digest", "file_digest"], 0, 2)]
+    assert columns(text, "digest", "ms", "GB/s", "speed-up") == [["weights_digest", "100", "0.42", "1.00x"],
+                                                                 ["file_digest", "25", "1.68", "4.00x"]]

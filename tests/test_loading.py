@@ -8,9 +8,12 @@ import pytest
 import torch
 
 from models import MVAR, MVARConfig
+import hashlib
+
+from models import loading
 from models.loading import DERIVED_KEYS, CheckpointError, StateDictMismatchError, check_digest, \
-    config_from_state_dict, load_checkpoint, load_mvar, load_mvar_checkpoint, load_state_dict_checked, \
-    mvar_checkpoint, uninitialized_parameters, vae_checkpoint, vae_from_state_dict, weights_digest
+    config_from_state_dict, file_digest, load_checkpoint, load_mvar, load_mvar_checkpoint, load_state_dict_checked, \
+    mvar_checkpoint, uninitialized_parameters, vae_checkpoint, vae_from_state_dict, weights_digest, with_digest
 from models.presets import ARCH_BRANCHES
 from models.tokenizer import VQVAE
 
@@ -279,19 +282,70 @@ def test_a_mismatch_counts_what_it_does_not_list_and_hints_at_a_wrapper_only_for
     assert str(err.value).endswith("2 unexpected key(s): module.extra, extra.")
 
 
-def test_the_digest_covers_names_dtypes_shapes_and_every_byte():
+@pytest.mark.parametrize("digest", [weights_digest, file_digest])
+def test_the_digest_covers_names_dtypes_shapes_and_every_byte(digest, monkeypatch):
     """A digest blind to names passes two same-shaped tensors swapped between keys; blind to dtype, the same bytes
-    read as another type; the order the keys come in does not matter (safetensors returns them sorted)."""
+    read as another type; the order the keys come in does not matter (safetensors returns them sorted). file_digest
+    in pieces of 4 bytes: the nudged float is in a tensor's last piece."""
+    monkeypatch.setattr(loading, "FILE_DIGEST_CHUNK", 4)
     a, b = torch.arange(4.0), torch.arange(4.0) + 10
-    recorded = weights_digest({"x": a, "y": b})
-    assert weights_digest({"y": b.clone(), "x": a.clone()}) == recorded
+    recorded = digest({"x": a, "y": b})
+    assert digest({"y": b.clone(), "x": a.clone()}) == recorded
     nudged = b.clone()
     nudged[3] = torch.nextafter(nudged[3], torch.tensor(float("inf")))
     for other in ({"x": b, "y": a}, {"x": a, "z": b}, {"x": a.view(torch.int32), "y": b}, {"x": a.view(2, 2), "y": b},
-                  {"x": a, "y": nudged}):
-        assert weights_digest(other) != recorded, other
+                  {"x": a, "y": nudged}, {"x": a, "y": b.flip(0)}):
+        assert digest(other) != recorded, other
     with pytest.raises(CheckpointError, match=r"w\.pth is damaged"):
         check_digest({"x": b, "y": a}, recorded, "w.pth")
+
+
+def test_the_digests_values_never_change():
+    """Files and run records hold these digests: a changed definition would call every earlier file damaged (a
+    file_digest) or every earlier tokenizer, token cache and FID dump another one (weights_digest)."""
+    state = {"w": torch.arange(6.0).view(2, 3), "b": torch.tensor([1, -2], dtype=torch.int64)}
+    assert weights_digest(state) == "f1a288fa668a562b3aff6d326aa4e45a"
+    assert file_digest(state) == "b2tree:85acd732895d3e729f2a6e0ae0245a6d"
+
+
+def test_file_digest_hashes_the_pieces_digests_in_order_whatever_the_threads(monkeypatch):
+    """file_digest = BLAKE2b over each tensor's header, then the 128-bit BLAKE2b of each FILE_DIGEST_CHUNK piece of
+    its bytes, in order; the same value on one thread or several."""
+    monkeypatch.setattr(loading, "FILE_DIGEST_CHUNK", 8)
+    t = torch.arange(5.0)  # 20 bytes: pieces of 8, 8 and 4
+    data = t.numpy().tobytes()
+    h = hashlib.blake2b(digest_size=16)
+    h.update(b"t:torch.float32:(5,);")
+    for i in range(0, 20, 8):
+        h.update(hashlib.blake2b(data[i:i + 8], digest_size=16).digest())
+    expected = "b2tree:" + h.hexdigest()
+    for threads in (1, 3):
+        monkeypatch.setattr(loading, "hash_threads", lambda threads=threads: threads)
+        assert file_digest({"t": t}) == expected
+
+
+def test_file_digest_hashes_pieces_on_several_threads(monkeypatch):
+    """The pieces of one tensor are hashed concurrently: each of the first two waits for the other at a barrier,
+    which times out (BrokenBarrierError) when they run one after another."""
+    monkeypatch.setattr(loading, "FILE_DIGEST_CHUNK", 8)
+    monkeypatch.setattr(loading, "hash_threads", lambda: 2)
+    barrier, real = threading.Barrier(2, timeout=10), loading._piece_digest
+    monkeypatch.setattr(loading, "_piece_digest", lambda piece: barrier.wait() is None or real(piece))
+    file_digest({"t": torch.arange(4.0)})  # two pieces
+
+
+def test_a_file_verifies_under_either_digest(tmp_path):
+    """Checkpoints record a file_digest (with_digest); those written before it recorded a weights_digest, and both
+    verify: a damaged tensor is an error under each."""
+    state = {"model": {"w": torch.arange(6.0)}, "step": 3}
+    assert with_digest(state)[loading.DIGEST_KEY] == file_digest(state)
+    for recorded in (file_digest(state), weights_digest(state)):
+        torch.save({**state, loading.DIGEST_KEY: recorded}, tmp_path / "c.pth")
+        assert load_checkpoint(tmp_path / "c.pth")["step"] == 3
+        damaged = {"model": {"w": torch.arange(6.0) + 1}, "step": 3, loading.DIGEST_KEY: recorded}
+        torch.save(damaged, tmp_path / "d.pth")
+        with pytest.raises(CheckpointError, match="d.pth is damaged"):
+            load_checkpoint(tmp_path / "d.pth")
 
 
 def test_a_var_plus_mamba_mix_is_inferred_from_a_raw_state_dict():
