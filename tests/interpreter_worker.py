@@ -66,6 +66,15 @@ def stub_cuda_for_interpreter() -> None:
     # int overflow checks on every integer op: debug-only on a GPU, and half the interpreter's time
     builder = interpreter.interpreter_builder
     builder.options = dataclasses.replace(builder.options, sanitize_overflow=False)
+    # triton 3.6 (torch 2.11's, the GPU image's) reads a scalar's index as int() of its 1-element 1-d array, which
+    # NumPy 2.4 and 2.5 refuse ("only 0-dimensional arrays ...") at the kernels' first loop; 3.8 squeezes it first
+    patch_tensor = getattr(interpreter, "_patch_lang_tensor", None)
+    if patch_tensor is not None:
+        def patch_tensor_index_squeezed(tensor, scope) -> None:
+            patch_tensor(tensor, scope)
+            scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+        interpreter._patch_lang_tensor = patch_tensor_index_squeezed
 
 
 def _block_elements(config) -> int:
