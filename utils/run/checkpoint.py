@@ -162,7 +162,7 @@ def save_atomic(obj: Any, path: PathLike, keep_previous: PathLike | None = None)
             os.replace(tmp, path)
     except OSError as e:
         raise CheckpointError(f"cannot write {path.name} into {path.parent} ({type(e).__name__}: {e}). {kept}: "
-                              "make the folder writable and re-run to resume from it") from e
+                              "once the folder can be written again, re-run to resume from it") from e
     finally:
         tmp.unlink(missing_ok=True)
     dir_fd = os.open(path.parent, os.O_RDONLY)
