@@ -17,8 +17,9 @@ import math
 import os
 import pickle
 import threading
+from collections import deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -215,20 +216,35 @@ def _piece_digest(piece: Any) -> bytes:
 
 def file_digest(obj: Any) -> str:
     """The digest a file records of its tensors (`with_digest`, the Hub format's metadata): like `weights_digest`, the
-    names, dtypes, shapes and every byte, but each tensor's bytes hashed in FILE_DIGEST_CHUNK pieces on
-    `hash_threads()` threads and the pieces' digests hashed in order (a hash tree), so it scales with the cores: a
-    34 GB d30 training checkpoint took ~35-100 s on one core at every save and resume. Another value than
-    `weights_digest`, marked by FILE_DIGEST_PREFIX."""
+    names, dtypes, shapes and every byte, but the bytes hashed in FILE_DIGEST_CHUNK pieces on `hash_threads()`
+    threads, the pieces of all tensors in one queue, and the pieces' digests hashed in order (a hash tree), so it
+    scales with the cores: a 34 GB d30 training checkpoint took ~35-100 s on one core at every save and resume.
+    Another value than `weights_digest`, marked by FILE_DIGEST_PREFIX."""
     h = hashlib.blake2b(digest_size=16)
     state = named_tensors(obj)
-    with ThreadPoolExecutor(hash_threads()) as pool:
+    threads = hash_threads()
+    window = 4 * threads * FILE_DIGEST_CHUNK  # bytes queued: bounds the CPU copies a GPU state makes
+    queued: deque[tuple[bytes | Future, int]] = deque()  # headers and the pieces' digests, in hashing order
+    in_flight = 0
+
+    def settle(limit: int) -> None:
+        nonlocal in_flight
+        while queued and (in_flight > limit or isinstance(queued[0][0], bytes)):
+            item, size = queued.popleft()
+            h.update(item if isinstance(item, bytes) else item.result())
+            in_flight -= size
+
+    with ThreadPoolExecutor(threads) as pool:
         for name in sorted(state):
             t = state[name]
-            data = tensor_bytes(t)  # one tensor at a time: a GPU state dict is not held twice on the CPU
-            h.update(tensor_header(name, t))
-            pieces = [data[i:i + FILE_DIGEST_CHUNK] for i in range(0, len(data), FILE_DIGEST_CHUNK)]
-            for piece in (pool.map(_piece_digest, pieces) if len(pieces) > 1 else map(_piece_digest, pieces)):
-                h.update(piece)  # a one-piece tensor (a bias, a norm) on this thread: no hop to the pool
+            queued.append((tensor_header(name, t), 0))
+            data = tensor_bytes(t)
+            for i in range(0, len(data), FILE_DIGEST_CHUNK):
+                piece = data[i:i + FILE_DIGEST_CHUNK]
+                queued.append((pool.submit(_piece_digest, piece), len(piece)))
+                in_flight += len(piece)
+                settle(window)
+        settle(-1)
     return FILE_DIGEST_PREFIX + h.hexdigest()
 
 
