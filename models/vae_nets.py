@@ -78,7 +78,8 @@ class AttnBlock(nn.Module):
         qkv_B3CL = self.qkv(self.norm(x_BCHW)).view(B, 3, C, H * W)
         q_BLC, k_BLC, v_BLC = qkv_B3CL.transpose(2, 3).unbind(1)
         h_BLC = F.scaled_dot_product_attention(q_BLC, k_BLC, v_BLC)  # softmax scale C**-0.5
-        return x_BCHW + self.proj_out(h_BLC.transpose(1, 2).reshape(B, C, H, W))
+        # contiguous, as VAR's: a channels-last view gave proj_out's weight gradient strides DDP warns about
+        return x_BCHW + self.proj_out(h_BLC.transpose(1, 2).contiguous().view(B, C, H, W))
 
 
 class MidBlock(nn.Module):

@@ -207,6 +207,18 @@ def test_training_forward_loss_and_gradients(tiny, images):
         assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0, name
 
 
+def test_every_gradient_has_its_parameters_strides(tiny, images):
+    """DDP copies each gradient into a bucket laid out as its parameter and warns "Grad strides do not match bucket
+    view strides" where they differ: the attention blocks fed proj_out a channels-last view of their output (a
+    transposed (B, L, C) read as (B, C, H, W)), whose 1x1 conv weight gradient came out (C, 1, C, C)-strided, so
+    every torchrun of scripts/train_tokenizer.py printed that warning on each rank."""
+    rec, _, vq_loss = tiny(images)
+    (F.mse_loss(rec, images) + vq_loss).backward()
+    odd = [(n, p.stride(), p.grad.stride()) for n, p in tiny.named_parameters()
+           if p.grad is not None and p.grad.stride() != p.stride()]
+    assert not odd, odd
+
+
 def test_quantizer_commitment_and_straight_through_gradients(tiny):
     q = tiny.quantize
     f = (torch.randn(2, 8, 8, 8) * 0.5).requires_grad_()
