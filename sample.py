@@ -323,7 +323,8 @@ def load_hub_checked(args: argparse.Namespace, device: torch.device) -> tuple[MV
     check_against_config(args, config, args.ckpt)
     vae = None if args.vae_ckpt is None else load_vae(args.vae_ckpt, device=device, v_patch_nums=config.patch_nums)
     mvar = MVARHF.from_pretrained(source, device=device, vae=vae, attn_backend=args.attn_backend,
-                                  mamba_backend=args.mamba_backend, allow_other_tokenizer=args.allow_other_tokenizer)
+                                  mamba_backend=args.mamba_backend, allow_other_tokenizer=args.allow_other_tokenizer,
+                                  vae_name=f"--vae_ckpt={args.vae_ckpt}")
     vae_id = "embedded" if vae is None else Path(args.vae_ckpt).name
     check_finite_weights(mvar, f"M-VAR {args.ckpt}")
     check_finite_weights(mvar.vae, f"tokenizer ({'of ' + args.ckpt if vae is None else vae_id})")

@@ -320,15 +320,16 @@ class MVARHF(MVAR, PyTorchModelHubMixin, library_name="mvar", paper_url=PAPER_UR
                         cache_dir: str | os.PathLike | None = None, vae: VQVAE | None = None, flag: str = "--ckpt",
                         allow_other_tokenizer: bool = False, revision: str | None = None,
                         token: str | bool | None = None, local_files_only: bool = False,
-                        **config_overrides: Any) -> "MVARHF":
+                        vae_name: str = "the given tokenizer", **config_overrides: Any) -> "MVARHF":
         """A model folder or repo id (`revision`: a branch, tag or commit to pin; `token`, `local_files_only` as in
-        huggingface_hub) -> the model in eval mode with its tokenizer attached (or `vae` when given).
-        A tokenizer other than the one it was saved with is a TokenizerMismatchError unless
-        `allow_other_tokenizer`. `config_overrides` change non-weight settings (attn_backend, mamba_backend, ...)."""
+        huggingface_hub) -> the model in eval mode with its tokenizer attached (or `vae` when given; `vae_name` names
+        it in errors, e.g. the flag that gave it). A tokenizer other than the one it was saved with is a
+        TokenizerMismatchError unless `allow_other_tokenizer`. `config_overrides` change non-weight settings
+        (attn_backend, mamba_backend, ...)."""
         src = source if isinstance(source, HubSource) else HubSource(source, cache_dir, flag, revision, token,
                                                                      local_files_only)
         config = src.json(CONFIG_FILE)
-        what = "the given tokenizer" if vae is not None else f"{src}/{TOKENIZER_DIR}"
+        what = vae_name if vae is not None else f"{src}/{TOKENIZER_DIR}"
         if vae is None:
             vae = VQVAEHF.from_pretrained(src, subfolder=TOKENIZER_DIR, device=device,
                                           v_patch_nums=config["patch_nums"])

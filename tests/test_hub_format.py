@@ -510,6 +510,10 @@ def test_foreign_tokenizer_folder_is_refused_unless_allowed(tmp_path):
 
     torch.save(mvar_checkpoint(mvar, vae), tmp_path / "ours.pth")
     torch.save({"vae_config": dataclasses.asdict(vae.config), "vae": other.state_dict()}, tmp_path / "other.pth")
+    # a folder's --vae_ckpt is named as a .pth's is (it was "the given tokenizer", which named no flag or file)
+    with pytest.raises(SystemExit, match=r"error: --vae_ckpt=.*other.pth is not the tokenizer .*m/model.safetensors"):
+        sample.main(["--ckpt", str(tmp_path / "m"), "--vae_ckpt", str(tmp_path / "other.pth"), "--device", "cpu",
+                     "--classes", "1", "--out", str(tmp_path / "y.png")])
     flags = ["--ckpt", str(tmp_path / "ours.pth"), "--vae_ckpt", str(tmp_path / "other.pth")]
     with pytest.raises(SystemExit, match=r"--vae_ckpt=.*other.pth is not the tokenizer --ckpt=.*ours.pth"):
         export.main([*flags, "--out", str(tmp_path / "hub")])
