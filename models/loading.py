@@ -184,9 +184,8 @@ def weights_digest(obj: Any) -> str:
     h = hashlib.blake2b(digest_size=16)
     state = named_tensors(obj)
     for name in sorted(state):
-        t = state[name].detach()
-        h.update(tensor_header(name, t))
-        h.update(tensor_bytes(t))
+        h.update(tensor_header(name, state[name]))
+        h.update(tensor_bytes(state[name]))
     return h.hexdigest()
 
 
